@@ -1,0 +1,47 @@
+"""Typed configs owned by the data package: data preparation, and the training-time loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenizerConfig:
+    # Hugging Face hub id, a local directory, a tokenizer.json, or a SentencePiece .model.
+    model: str = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
+    kind: str = "auto"  # auto | huggingface | sentencepiece
+    add_bos: bool = False
+    add_eos: bool = True
+
+
+@dataclass
+class DataPrepConfig:
+    blend_path: str = "data_blend_raw.json"  # relative names resolve against the recipe directory
+    output_dir: str = "output/nano3/stage0_pretrain"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_shards: int = 128
+    valid_shards: int = 1
+    test_shards: int = 1
+    # Fraction of each dataset's documents routed to valid/test (deterministic by document hash).
+    valid_fraction: float = 0.001
+    test_fraction: float = 0.001
+    text_field: str = "text"
+    min_doc_chars: int | None = None
+    max_doc_tokens: int | None = None
+    sample: int | None = None
+    num_workers: int | None = None  # None = every core
+    max_bad_record_fraction: float = 0.01
+    force: bool = False
+
+
+@dataclass
+class DataConfig:
+    """What training reads: the per-split blend written by data prep, and the phase curriculum."""
+
+    blend: str | None = None  # path to blend.json (phase 1)
+    phase2_blend: str | None = None  # optional blend.json for phase 2
+    phase2_start_fraction: float = 0.94  # switch point, as a fraction of total tokens
+    cache_dir: str | None = None  # index cache; default: <blend dir>/cache
+    num_workers: int = 0
+    # Synthetic uniform-random tokens instead of a blend (benchmarks only).
+    mock: bool = False

@@ -1,0 +1,70 @@
+"""Typed configs owned by the training package (sections `train`, `optimizer`, `scheduler`,
+`checkpoint`, `logger` of a pretraining recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    # Length of training: exactly one of train_iters / train_tokens (tokens is what the recipe states).
+    train_iters: int | None = None
+    train_tokens: int | None = None
+    global_batch_size: int = 3072
+    micro_batch_size: int = 1
+    seq_length: int = 8192
+    seed: int = 1234
+    eval_interval: int = 1000
+    eval_iters: int = 32
+    log_interval: int = 1
+    precision: str = "bf16"  # bf16 | fp32 (bf16 = autocast with fp32 master weights)
+    device: str = "auto"  # auto | cpu | cuda
+    grad_clip: float = 1.0
+    max_consecutive_nonfinite: int = 5
+    # Balancing (FACTS.md section 2)
+    expert_bias_update_rate: float = 1e-3
+    # Fast paths (Triton kernels, chunked LM-head loss, compile) where available
+    fused_kernels: bool = True
+    activation_recompute: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    style: str = "wsd"  # wsd | constant
+    warmup_tokens: int = 8_400_000_000
+    # WSD: the decay starts once this fraction of the total tokens is consumed.
+    stable_fraction_end: float = 0.8
+    decay_style: str = "cosine"  # cosine | linear | 1-sqrt
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 1000
+    keep_last: int | None = None
+    async_save: bool = False
+    # Resume automatically when `save` already holds a complete checkpoint.
+    auto_resume: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: str = "offline"  # online | offline | disabled
+    progress_bar: bool = True
