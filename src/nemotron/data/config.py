@@ -12,6 +12,10 @@ class TokenizerConfig:
     kind: str = "auto"  # auto | huggingface | sentencepiece
     add_bos: bool = False
     add_eos: bool = True
+    revision: str | None = None  # hub revision (branch, tag or commit); resolved to a commit
+    # Special tokens by their text; None = read tokenizer_config.json / the SentencePiece model.
+    bos_token: str | None = None
+    eos_token: str | None = None
 
 
 @dataclass
@@ -32,6 +36,9 @@ class DataPrepConfig:
     num_workers: int | None = None  # None = every core
     max_bad_record_fraction: float = 0.01
     force: bool = False
+    # Size of one unit of parallel work (a byte range of a plain jsonl file). Output bytes do
+    # not depend on it; it only sets the granularity of parallelism and of resume.
+    work_unit_mb: float = 64.0
 
 
 @dataclass

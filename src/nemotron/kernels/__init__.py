@@ -1,0 +1,54 @@
+"""Fused kernels, each beside its PyTorch reference, with a dispatching function the model calls.
+
+Triton is optional: it is imported lazily, only when a CUDA tensor (or the Triton interpreter,
+``TRITON_INTERPRET=1``) asks for a kernel, so this package imports on any CPU machine.
+
+The dispatchers live in their modules: ``nemotron.kernels.ssd.ssd``,
+``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}`` and
+``nemotron.kernels.cross_entropy.linear_cross_entropy`` (``ssd`` and ``rmsnorm`` are also the
+module names, so the package re-exports only names that do not clash with a submodule).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+__all__ = [
+    "triton_available",
+    "ssd_chunked_reference",
+    "ssd_recurrent_reference",
+    "gated_rmsnorm",
+    "gated_rmsnorm_reference",
+    "rmsnorm_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+]
+
+_LAZY = {
+    "ssd_chunked_reference": "nemotron.kernels.ssd",
+    "ssd_recurrent_reference": "nemotron.kernels.ssd",
+    "gated_rmsnorm": "nemotron.kernels.rmsnorm",
+    "gated_rmsnorm_reference": "nemotron.kernels.rmsnorm",
+    "rmsnorm_reference": "nemotron.kernels.rmsnorm",
+    "linear_cross_entropy": "nemotron.kernels.cross_entropy",
+    "linear_cross_entropy_reference": "nemotron.kernels.cross_entropy",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` imports (it may still have no GPU to run on)."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # ImportError, or a broken install raising anything at import time
+        return False
+    return True
+
+
+def __getattr__(name: str):
+    # Lazy re-exports keep `import nemotron.kernels` free of heavy imports.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nemotron.kernels' has no attribute {name!r}")

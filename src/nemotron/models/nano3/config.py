@@ -7,6 +7,7 @@ residual block: `M` Mamba-2, `E` mixture-of-experts, `*` attention, `-` dense ML
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 NANO3_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -78,6 +79,12 @@ class Nano3Config:
     @property
     def mamba_d_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def output_init_std(self) -> float:
+        """Init std of the projections that write into the residual stream (out_proj, o_proj,
+        down_proj): Megatron's scaled init for hybrid models, `init_std / sqrt(num_layers)`."""
+        return self.init_std / math.sqrt(self.num_layers)
 
     def validate(self) -> None:
         kinds = self.block_kinds

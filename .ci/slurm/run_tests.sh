@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CI stage "slurm": start a one-node Slurm cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd)
+# on this machine, run the tests marked `slurm` (tests/launch/test_slurm.py: submission path,
+# tiny data prep and pretrain attached, detached pretrain), and stop the daemons whatever happens.
+# Needs root (apt-get and the daemons). Typical time: about 5 minutes (2 CPU cores).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+
+trap '"$ROOT/.ci/slurm/teardown.sh"' EXIT
+"$ROOT/.ci/slurm/setup.sh"
+cd "$ROOT"
+NEMOTRON_SLURM_REQUIRED=1 "$PYTHON" -m pytest tests/launch -m slurm -q -p no:cacheprovider --timeout=900 "$@"

@@ -1,0 +1,269 @@
+"""What every stage command shares: options, errors as one line, job dirs, plans, summaries.
+
+Library code raises; this module turns exceptions into one `error: ...` line on stderr and a
+non-zero exit code (1 for bad input or a failed run, 2 for contradictory options, 130 for Ctrl-C).
+Set NEMOTRON_DEBUG=1 to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from nemotron.config import ConfigError
+
+CONFIG_PANEL = "Configuration"
+EXEC_PANEL = "Execution"
+JOB_DIR_ENV = "NEMOTRON_JOB_DIR"  # set by `--run/--batch` submissions for the job-side CLI
+
+console = Console(highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[
+    str,
+    typer.Option(
+        "--config", "-c", metavar="NAME|PATH", rich_help_panel=CONFIG_PANEL,
+        help="Recipe name shipped with the package (default, tiny, ...) or a YAML path.",
+    ),
+]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[KEY=VALUE]...", show_default=False,
+        help="Dotted config overrides applied last, e.g. train.train_iters=100 model.num_experts=8.",
+    ),
+]
+RunOpt = Annotated[
+    Optional[str],
+    typer.Option("--run", "-r", metavar="PROFILE", rich_help_panel=EXEC_PANEL,
+                 help="Submit with the env.toml PROFILE, wait and stream logs (attached)."),
+]
+BatchOpt = Annotated[
+    Optional[str],
+    typer.Option("--batch", "-b", metavar="PROFILE", rich_help_panel=EXEC_PANEL,
+                 help="Submit with the env.toml PROFILE and return at once (detached)."),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", "-d", rich_help_panel=EXEC_PANEL,
+                 help="Print the resolved config and the execution plan; write nothing."),
+]
+JobDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--job-dir", metavar="DIR", rich_help_panel=EXEC_PANEL, envvar=JOB_DIR_ENV,
+                 show_envvar=False,
+                 help="Job directory for provenance and outputs (default: runs/<stage>/<UTC time>-<id>)."),
+]
+
+
+class CliError(Exception):
+    """A problem with the command line itself (exit code 2)."""
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one error line; return the Exit to raise."""
+    message = " ".join(str(message).split())  # one line, whatever the exception text held
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn any exception raised before a run starts into one error line and an exit code."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except CliError as exc:
+        raise fail(str(exc), 2) from None
+    except Exception as exc:  # noqa: BLE001 - the CLI's job is exactly this translation
+        if os.environ.get("NEMOTRON_DEBUG"):
+            traceback.print_exc()
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, (ConfigError, FileNotFoundError)) and type(exc).__name__ not in text:
+            text = f"{type(exc).__name__}: {text}"
+        raise fail(text, 1) from None
+
+
+def check_exclusive(run: str | None, batch: str | None) -> None:
+    if run is not None and batch is not None:
+        raise CliError("--run and --batch are mutually exclusive: pass one profile, attached or detached")
+
+
+def process_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def absolute(path: str | None) -> str | None:
+    """Local paths made absolute against the working directory (URIs and None unchanged)."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def reproduce_command(stage_words: list[str], config: str, overrides: list[str]) -> str:
+    import shlex
+
+    return " ".join(["nemotron", *stage_words, "-c", shlex.quote(config), *map(shlex.quote, overrides)])
+
+
+def print_config(yaml_text: str, title: str) -> None:
+    console.rule(f"[bold]{title}")
+    console.print(Syntax(yaml_text, "yaml", theme="ansi_dark", background_color="default"))
+
+
+def print_plan(title: str, rows: list[tuple[str, Any]]) -> None:
+    """Aligned `key  value` lines, never wrapped (paths stay copy-pasteable)."""
+    from rich.text import Text
+
+    console.print(Text(title, style="bold"))
+    width = max((len(key) for key, _ in rows), default=0)
+    for key, value in rows:
+        line = Text(f"{key:<{width}}", style="bold cyan")
+        line.append(f"  {value}")
+        console.print(line)
+
+
+def as_dict(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    if isinstance(result, dict):
+        return dict(result)
+    return {k: v for k, v in vars(result).items() if not k.startswith("_")} if hasattr(result, "__dict__") else {"result": result}
+
+
+def submit_remote(
+    *, stage: str, profile: str, attached: bool, config_yaml: str, job_dir: Path,
+    overrides: list[str], config_source: str, dry_run: bool,
+) -> None:
+    """`--run/--batch PROFILE`: plan the job with `nemotron.launch`, then render or submit it.
+
+    The resolved config is written to the job dir (on a dry run: to a temporary file that is
+    removed again) and the job runs `nemotron <stage> -c <that config>` with $NEMOTRON_JOB_DIR set.
+    """
+    try:
+        from nemotron import launch
+    except ImportError as exc:
+        flag = "--run" if attached else "--batch"
+        raise CliError(
+            f"{flag} {profile}: submitting to an execution profile is not supported in this "
+            f"install ({exc}); run locally without --run/--batch"
+        ) from None
+    from nemotron.artifacts import jobdir
+
+    prof, env = launch.load_profile(profile)
+    flag = "--run" if attached else "--batch"
+    if dry_run:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nemotron-dryrun-") as tmp:
+            config_path = Path(tmp) / jobdir.CONFIG_FILE
+            config_path.write_text(config_yaml)
+            plan = launch.build_launch_plan(stage, config_path, prof, job_dir, env.wandb)
+            text = launch.render(plan).replace(str(config_path), str(job_dir / jobdir.CONFIG_FILE))
+        print_config(config_yaml, "resolved config")
+        print_plan("plan (dry run: nothing written)", [
+            ("stage", stage),
+            ("where", f"profile '{prof.name}' from {env.path} ({flag}, executor {prof.executor})"),
+            ("processes", f"{plan.nodes} node(s) x {plan.nproc_per_node}"),
+            ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
+            ("job dir", str(job_dir)),
+        ])
+        console.rule("[bold]submission")
+        console.print(text, markup=False)
+        return
+    info = jobdir.provenance(stage, argv(), overrides, config_source,
+                             extra={"profile": prof.name, "attached": attached})
+    job_dir = jobdir.create_job_dir(job_dir, config_yaml=config_yaml, info=info)
+    plan = launch.build_launch_plan(stage, job_dir / jobdir.CONFIG_FILE, prof, job_dir, env.wandb)
+    console.print(f"[bold]job dir[/] {job_dir}")
+    console.print(f"submitting {stage} with profile '{prof.name}' ({flag})")
+    result = launch.submit(plan, attached, lambda line: print(line, flush=True))
+    values = as_dict(result)
+    print_plan("submitted" if not attached else "job finished", [
+        (k.replace("_", " "), str(v)) for k, v in values.items()
+    ])
+    if attached and not getattr(result, "succeeded", True):
+        raise fail(f"job {getattr(result, 'job_id', '')} ended {getattr(result, 'state', 'unsuccessfully')}; "
+                   f"logs: {getattr(result, 'log_dir', job_dir)}", 1)
+
+
+def argv() -> list[str]:
+    return list(sys.argv)
+
+
+def open_job_dir(
+    path: Path, *, stage: str, config_yaml: str, overrides: list[str], config_source: str,
+) -> Path:
+    """Create the job dir (config.yaml + job.json, atomically), or join one a submission made.
+
+    A job started by `--run/--batch` finds its directory in $NEMOTRON_JOB_DIR, already holding
+    the submission's config.yaml and job.json; the job side then adds run.json (its own host,
+    start time and argv). Only rank 0 writes.
+    """
+    from nemotron.artifacts import jobdir
+
+    info = jobdir.provenance(stage, argv(), overrides, config_source)
+    path = Path(path).absolute()
+    from_submission = os.environ.get(JOB_DIR_ENV) and Path(os.environ[JOB_DIR_ENV]).absolute() == path
+    if from_submission and path.is_dir():
+        if process_rank() == 0:
+            if not (path / jobdir.CONFIG_FILE).exists():
+                (path / jobdir.CONFIG_FILE).write_text(config_yaml)
+            tmp = path / ".run.json.tmp"
+            import json
+
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+            tmp.replace(path / "run.json")
+        return path
+    if process_rank() != 0:
+        return path
+    return jobdir.create_job_dir(path, config_yaml=config_yaml, info=info)
+
+
+def record_failure(job_dir: Path, exc: BaseException) -> None:
+    """result.json (status failed/interrupted) and error.txt with the traceback, best effort."""
+    from nemotron.artifacts import jobdir
+
+    if process_rank() != 0 or not job_dir.is_dir():
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    try:
+        (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        jobdir.finish_job_dir(job_dir, status, {"error": f"{type(exc).__name__}: {exc}"})
+    except OSError:
+        pass
+
+
+def run_stage(fn, job_dir: Path):
+    """Run the library entry point; on failure record it in the job dir and exit with one line."""
+    try:
+        return fn()
+    except KeyboardInterrupt as exc:
+        record_failure(job_dir, exc)
+        raise fail(f"interrupted; job dir {job_dir}", 130) from None
+    except Exception as exc:  # noqa: BLE001
+        record_failure(job_dir, exc)
+        if os.environ.get("NEMOTRON_DEBUG"):
+            traceback.print_exc()
+        where = job_dir / "error.txt"
+        note = f" (traceback: {where})" if where.exists() else ""
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, (ConfigError, FileNotFoundError)):
+            text = f"{type(exc).__name__}: {text}"
+        raise fail(f"{text}{note}", 1) from None

@@ -1,0 +1,60 @@
+"""`nemotron nano3 export hf CKPT OUT` and `nemotron nano3 import hf DIR OUT`: checkpoints to and
+from a Hugging Face transformers `NemotronHForCausalLM` directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nemotron.cli.common import CliError, console, user_errors
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def _export_hf(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="A training checkpoint (iter_N dir) or a save dir (its latest).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write (config.json + safetensors).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype on disk: bf16 | fp32 | fp16 (router stays fp32).")] = "bf16",
+    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="Largest safetensors file, in GiB.")] = 5.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a transformers NemotronHForCausalLM directory from a nemotron checkpoint."""
+    with user_errors():
+        import torch
+
+        from nemotron.models.nano3.checkpoint import load_model_checkpoint, resolve_model_checkpoint
+        from nemotron.models.nano3.hf import save_hf
+
+        if dtype not in DTYPES:
+            raise CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        source = resolve_model_checkpoint(checkpoint)
+        config, model = load_model_checkpoint(source)
+        written = save_hf(model.state_dict(), config, out, dtype=getattr(torch, DTYPES[dtype]),
+                          max_shard_bytes=int(max_shard_gb * 1024**3), overwrite=overwrite)
+        console.print(f"exported {source} -> {written} ({dtype}, NemotronHForCausalLM)")
+
+
+def _import_hf(
+    hf_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A NemotronHForCausalLM directory (config.json + safetensors).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Model-only checkpoint directory to write (DCP + config.json).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Read a transformers NemotronH directory into a nemotron model checkpoint (float32)."""
+    with user_errors():
+        from nemotron.models.nano3.checkpoint import save_model_checkpoint
+        from nemotron.models.nano3.hf import load_hf
+
+        model = load_hf(hf_dir)
+        written = save_model_checkpoint(model, model.config, out, overwrite=overwrite)
+        console.print(f"imported {hf_dir} -> {written} (model weights, float32)")
+
+
+def register(nano3_app: typer.Typer) -> None:
+    export_app = typer.Typer(help="Export a checkpoint to another format.", no_args_is_help=True)
+    export_app.command("hf")(_export_hf)
+    import_app = typer.Typer(help="Import a checkpoint from another format.", no_args_is_help=True)
+    import_app.command("hf")(_import_hf)
+    nano3_app.add_typer(export_app, name="export", rich_help_panel="Conversion")
+    nano3_app.add_typer(import_app, name="import", rich_help_panel="Conversion")

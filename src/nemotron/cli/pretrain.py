@@ -1,0 +1,178 @@
+"""`nemotron nano3 pretrain`: train on a recipe, locally (in this process) or through a profile."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from nemotron.cli import common
+from nemotron.cli.common import (
+    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, OverridesArg, RunOpt, console,
+)
+
+STAGE = "pretrain"
+STAGE_WORDS = ["nano3", "pretrain"]
+
+
+def _localize(cfg, job_dir: Path):
+    """Absolute local paths, and the checkpoint default (`null` = <job dir>/checkpoints)."""
+    ckpt = cfg.checkpoint
+    data = cfg.data
+    return dataclasses.replace(
+        cfg,
+        checkpoint=dataclasses.replace(
+            ckpt,
+            save=common.absolute(ckpt.save) if ckpt.save is not None else str(job_dir / "checkpoints"),
+            load=common.absolute(ckpt.load),
+        ),
+        data=dataclasses.replace(
+            data,
+            blend=common.absolute(data.blend),
+            phase2_blend=common.absolute(data.phase2_blend),
+            cache_dir=common.absolute(data.cache_dir),
+        ),
+    )
+
+
+def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str) -> list[tuple[str, str]]:
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_length
+    if t.train_iters is not None:
+        length = f"{t.train_iters:,} steps ({t.train_iters * tokens_per_step:,} tokens)"
+    else:
+        length = f"{t.train_tokens:,} tokens (~{-(-t.train_tokens // tokens_per_step):,} steps)"
+    p = cfg.model.parallel()
+    blend = cfg.data.blend
+    blend_note = "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
+    return [
+        ("stage", "pretrain: nemotron.train.pretrain(cfg, job_dir)"),
+        ("where", where),
+        ("command", common.reproduce_command(STAGE_WORDS, config_arg, overrides)),
+        ("config", str(config_path)),
+        ("model", f"{cfg.model.num_layers} blocks '{cfg.model.hybrid_pattern}', hidden {cfg.model.hidden_size}, "
+                  f"{cfg.model.num_experts} experts top-{cfg.model.moe_top_k}"),
+        ("parallel", f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
+                     f"EP{p.expert_model_parallel_size} CP{p.context_parallel_size} "
+                     f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size"),
+        ("length", length),
+        ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"),
+        ("device", f"{t.device}, {t.precision}"),
+        ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
+        ("phase 2", f"{cfg.data.phase2_blend} from {cfg.data.phase2_start_fraction:.0%} of tokens"
+                    if cfg.data.phase2_blend else "none"),
+        ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
+        ("resume from", cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
+        ("job dir", str(job_dir)),
+    ]
+
+
+def _summary_rows(summary) -> list[tuple[str, str]]:
+    values = common.as_dict(summary)
+    rows = []
+    for label, keys in (
+        ("steps", ("steps", "step", "iteration", "iterations")),
+        ("tokens", ("tokens", "consumed_tokens", "tokens_seen")),
+        ("final loss", ("final_loss", "loss", "last_loss")),
+        ("checkpoint", ("checkpoint", "checkpoint_path", "last_checkpoint", "checkpoint_dir")),
+    ):
+        values.pop("status", None)
+        for key in keys:
+            if values.get(key) is not None:
+                value = values.pop(key)
+                if isinstance(value, float):
+                    value = f"{value:.4f}"
+                elif isinstance(value, int):
+                    value = f"{value:,}"
+                rows.append((label, str(value)))
+                break
+    for key, value in values.items():
+        if isinstance(value, float):
+            rows.append((key.replace("_", " "), f"{value:.4g}"))
+        elif isinstance(value, (str, int, bool)) or value is None:
+            rows.append((key.replace("_", " "), str(value)))
+    return rows
+
+
+def _entry_point():
+    """`nemotron.train.pretrain(cfg, job_dir) -> TrainSummary`, the training library's entry."""
+    try:
+        from nemotron.train import pretrain as entry
+    except ImportError as exc:
+        raise RuntimeError(f"training is not available in this install: {exc}") from None
+    if not callable(entry):  # a submodule named `pretrain`: take its function
+        entry = getattr(entry, "pretrain")
+    return entry
+
+
+def pretrain(
+    overrides: OverridesArg = None,
+    config: ConfigOpt = "default",
+    run: RunOpt = None,
+    batch: BatchOpt = None,
+    dry_run: DryRunOpt = False,
+    job_dir: JobDirOpt = None,
+) -> None:
+    """Pretrain Nemotron 3 Nano (or a smaller relative) on a prepared data blend.
+
+    Examples: [bold]nemotron nano3 pretrain -c tiny[/] (CPU, minutes),
+    [bold]nemotron nano3 pretrain train.train_iters=5000 checkpoint.save=/ckpt[/].
+    """
+    from nemotron.artifacts.jobdir import default_job_dir, finish_job_dir
+    from nemotron.config import PretrainConfig, dump_config, load_config, resolve_config_path
+
+    overrides = list(overrides or [])
+    with common.user_errors():
+        common.check_exclusive(run, batch)
+        config_path = resolve_config_path(config, PretrainConfig)
+        cfg = load_config(config_path, overrides, PretrainConfig)
+        target = Path(job_dir) if job_dir is not None else default_job_dir(STAGE)
+        target = target.absolute()
+        profile = run if run is not None else batch
+        if profile is None:
+            cfg = _localize(cfg, target)
+        config_yaml = dump_config(cfg)
+
+        if profile is not None:
+            common.submit_remote(
+                stage=STAGE, profile=profile, attached=run is not None, config_yaml=config_yaml,
+                job_dir=target, overrides=overrides, config_source=str(config_path),
+                dry_run=dry_run,
+            )
+            return
+        if dry_run:
+            common.print_config(config_yaml, f"resolved config ({config_path})")
+            common.print_plan("plan (dry run: nothing written)",
+                              _plan_rows(cfg, target, config, config_path, overrides, "this machine, this process"))
+            return
+        if not cfg.data.mock and not Path(cfg.data.blend).is_file():
+            raise FileNotFoundError(
+                f"data.blend: {cfg.data.blend} does not exist; prepare it first "
+                f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"
+            )
+        run_pretrain = _entry_point()
+        target = common.open_job_dir(
+            target, stage=STAGE, config_yaml=config_yaml, overrides=overrides,
+            config_source=str(config_path),
+        )
+        if common.process_rank() == 0:
+            console.print(f"[bold]job dir[/] {target}")
+
+    summary = common.run_stage(lambda: run_pretrain(cfg, target), target)
+    rows = _summary_rows(summary)
+    status = getattr(summary, "status", None) or "completed"
+    if common.process_rank() == 0:
+        finish_job_dir(target, status, common.as_dict(summary))
+    rows.append(("job dir", str(target)))
+    if common.process_rank() == 0:
+        common.print_plan(f"pretrain {status}", rows)
+    if status != "completed":
+        # e.g. stopped by a signal after saving a checkpoint: resumable, but not finished
+        ckpt = getattr(summary, "checkpoint", None)
+        hint = f"; resume with checkpoint.load={ckpt}" if ckpt else ""
+        raise common.fail(f"pretrain {status} after {getattr(summary, 'steps', '?')} steps{hint}", 1)
+
+
+def register(nano3_app: typer.Typer) -> None:
+    nano3_app.command("pretrain", rich_help_panel="Stages")(pretrain)

@@ -1,0 +1,393 @@
+"""`env.toml`: execution profiles for `--run PROFILE` / `--batch PROFILE`.
+
+The file is found by walking up from the working directory, stopping at the project root (the
+first directory holding `pyproject.toml` or `.git`). `[wandb]` holds `project` / `entity`, which
+are exported to every job as `WANDB_PROJECT` / `WANDB_ENTITY`; every other table is a profile.
+A profile may `extends = "other"`: it starts from the other profile's keys (recursively) and
+overrides them; `env_vars` tables are merged, every other key is replaced whole.
+
+Every problem raises `EnvTomlError` naming the file, the profile and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nemotron.config.errors import ConfigError
+
+ENV_TOML_NAME = "env.toml"
+WANDB_SECTION = "wandb"
+EXECUTORS = ("local", "slurm")
+TUNNELS = ("local", "ssh")
+
+# Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+# Slurm's --mem: a positive integer with an optional K/M/G/T unit.
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+
+
+class EnvTomlError(ConfigError):
+    """A missing, unreadable or invalid env.toml, or an unknown profile."""
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    project: str | None = None
+    entity: str | None = None
+
+    def env_vars(self) -> dict[str, str]:
+        """The variables a job needs so that W&B logs to this project/entity."""
+        out = {}
+        if self.project:
+            out["WANDB_PROJECT"] = self.project
+        if self.entity:
+            out["WANDB_ENTITY"] = self.entity
+        return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One resolved execution profile (after `extends`)."""
+
+    name: str
+    executor: str = "local"
+    # local: processes torchrun starts on this machine; slurm: torchrun processes per node
+    # (defaults to gpus_per_node, else ntasks_per_node).
+    nproc_per_node: int | None = None
+    # Slurm allocation.
+    account: str | None = None
+    partition: str | None = None
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    time: str = "01:00:00"
+    mem: str | None = None
+    exclusive: bool = False
+    # Container (Pyxis/enroot) image and "host:container[:flags]" mounts.
+    container_image: str | None = None
+    mounts: tuple[str, ...] = ()
+    # How the submitting machine reaches the cluster.
+    tunnel: str = "local"
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    identity: str | None = None
+    remote_job_dir: str | None = None
+    # Startup: shell lines run in the job script before the job starts, and exported variables.
+    setup: tuple[str, ...] = ()
+    env_vars: dict[str, str] = field(default_factory=dict)
+    # Interpreter that runs `-m nemotron.cli.main` in the job (default: this interpreter when the
+    # job runs on this machine's filesystem without a container, else `python`).
+    python: str | None = None
+    # Working directory of the job (default: the submitting directory when the job shares this
+    # machine's filesystem, else NeMo-Run's job code directory).
+    workdir: str | None = None
+
+    @property
+    def is_slurm(self) -> bool:
+        return self.executor == "slurm"
+
+
+# Keys that only make sense on Slurm; a local profile that sets one is almost certainly a mistake.
+SLURM_ONLY_KEYS = (
+    "account",
+    "partition",
+    "nodes",
+    "ntasks_per_node",
+    "gpus_per_node",
+    "cpus_per_task",
+    "time",
+    "mem",
+    "exclusive",
+    "container_image",
+    "mounts",
+    "tunnel",
+    "host",
+    "port",
+    "user",
+    "identity",
+    "remote_job_dir",
+    "setup",
+    "workdir",
+)
+SSH_KEYS = ("host", "port", "user", "identity", "remote_job_dir")
+PROFILE_KEYS = tuple(f.name for f in dataclasses.fields(Profile) if f.name != "name") + ("extends",)
+WANDB_KEYS = ("project", "entity")
+
+
+@dataclass(frozen=True)
+class EnvToml:
+    """A parsed env.toml: W&B settings and the raw profile tables (resolved on demand)."""
+
+    path: Path
+    wandb: WandbSettings
+    raw_profiles: dict[str, dict[str, Any]]
+
+    @property
+    def profile_names(self) -> list[str]:
+        return sorted(self.raw_profiles)
+
+    def profile(self, name: str) -> Profile:
+        """Resolve `name` (following `extends`) into a validated `Profile`."""
+        if name not in self.raw_profiles:
+            raise EnvTomlError(
+                f"{self.path}: no profile '{name}'{_suggest(name, self.raw_profiles)}; "
+                f"profiles defined: {_listing(self.profile_names)}"
+            )
+        merged = self._merged(name, chain=())
+        return _build_profile(self.path, name, merged)
+
+    def _merged(self, name: str, chain: tuple[str, ...]) -> dict[str, Any]:
+        if name in chain:
+            cycle = " -> ".join((*chain, name))
+            raise EnvTomlError(f"{self.path}: profile '{chain[0]}': 'extends' cycle {cycle}")
+        table = self.raw_profiles[name]
+        parent = table.get("extends")
+        if parent is None:
+            return dict(table)
+        if not isinstance(parent, str):
+            raise EnvTomlError(
+                f"{self.path}: profile '{name}': key 'extends' must be a profile name (string), "
+                f"got {parent!r}"
+            )
+        if parent not in self.raw_profiles:
+            raise EnvTomlError(
+                f"{self.path}: profile '{name}': key 'extends' names unknown profile '{parent}'"
+                f"{_suggest(parent, self.raw_profiles)}; profiles defined: "
+                f"{_listing(self.profile_names)}"
+            )
+        base = self._merged(parent, chain=(*chain, name))
+        out = {k: v for k, v in base.items() if k != "extends"}
+        for key, value in table.items():
+            if key == "extends":
+                continue
+            if key == "env_vars" and isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+        return out
+
+
+def find_env_toml(start: Path | str | None = None) -> Path:
+    """The nearest env.toml from `start` (default: cwd) upward, up to the project root."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    searched = []
+    for directory in (here, *here.parents):
+        searched.append(directory)
+        candidate = directory / ENV_TOML_NAME
+        if candidate.is_file():
+            return candidate
+        if (directory / "pyproject.toml").exists() or (directory / ".git").exists():
+            break
+    raise EnvTomlError(
+        f"no {ENV_TOML_NAME} found in {here} or its parents up to the project root "
+        f"(searched: {', '.join(str(d) for d in searched)}); create one with your profiles "
+        f"(see docs/execution.md)"
+    )
+
+
+def load_env_toml(path: Path | str) -> EnvToml:
+    """Parse and check the structure of one env.toml (each profile is validated when resolved,
+    and `validate_all` resolves every one)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EnvTomlError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise EnvTomlError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise EnvTomlError(f"{path}: invalid TOML: {exc}") from None
+
+    wandb = WandbSettings()
+    profiles: dict[str, dict[str, Any]] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise EnvTomlError(
+                f"{path}: top-level key '{section}' is not a table; write profiles as "
+                f"[{section}] sections"
+            )
+        if section == WANDB_SECTION:
+            wandb = _build_wandb(path, table)
+        else:
+            profiles[section] = table
+    return EnvToml(path=path, wandb=wandb, raw_profiles=profiles)
+
+
+def load_profile(name: str, start: Path | str | None = None) -> tuple[Profile, EnvToml]:
+    """Find env.toml from `start` upward and resolve profile `name`."""
+    env = load_env_toml(find_env_toml(start))
+    return env.profile(name), env
+
+
+def validate_all(env: EnvToml) -> dict[str, Profile]:
+    """Resolve every profile (so that an error anywhere in the file is reported)."""
+    return {name: env.profile(name) for name in env.profile_names}
+
+
+def _build_wandb(path: Path, table: dict[str, Any]) -> WandbSettings:
+    for key, value in table.items():
+        if key not in WANDB_KEYS:
+            raise EnvTomlError(
+                f"{path}: [wandb]: unknown key '{key}'{_suggest(key, WANDB_KEYS)}; "
+                f"allowed: {_listing(WANDB_KEYS)}"
+            )
+        if not isinstance(value, str) or not value:
+            raise EnvTomlError(f"{path}: [wandb]: key '{key}' must be a non-empty string")
+    return WandbSettings(project=table.get("project"), entity=table.get("entity"))
+
+
+def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
+    where = f"{path}: profile '{name}'"
+    for key in table:
+        if key not in PROFILE_KEYS:
+            raise EnvTomlError(
+                f"{where}: unknown key '{key}'{_suggest(key, PROFILE_KEYS)}; "
+                f"allowed: {_listing(PROFILE_KEYS)}"
+            )
+
+    def get(key: str, kind: str) -> Any:
+        if key not in table:
+            return None
+        value = table[key]
+        checker, expected = _CHECKS[kind]
+        if not checker(value):
+            raise EnvTomlError(f"{where}: key '{key}' must be {expected}, got {value!r}")
+        return value
+
+    values: dict[str, Any] = {}
+    for key, kind in _KEY_KINDS.items():
+        value = get(key, kind)
+        if value is not None:
+            if kind == "str_list":
+                value = tuple(value)
+            elif kind == "str_map":
+                value = {k: _toml_scalar_str(x) for k, x in value.items()}
+            values[key] = value
+
+    executor = values.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise EnvTomlError(
+            f"{where}: key 'executor' must be one of {_listing(EXECUTORS)}, got {executor!r}"
+        )
+    if executor == "local":
+        stray = [k for k in SLURM_ONLY_KEYS if k in table]
+        if stray:
+            raise EnvTomlError(
+                f"{where}: key '{stray[0]}' only applies to executor = \"slurm\" "
+                f'(this profile has executor = "local")'
+            )
+    tunnel = values.get("tunnel", "local")
+    if tunnel not in TUNNELS:
+        raise EnvTomlError(
+            f"{where}: key 'tunnel' must be one of {_listing(TUNNELS)}, got {tunnel!r}"
+        )
+    if tunnel == "ssh":
+        for key in ("host", "remote_job_dir"):
+            if key not in values:
+                raise EnvTomlError(f"{where}: key '{key}' is required when tunnel = \"ssh\"")
+    else:
+        stray = [k for k in SSH_KEYS if k in table]
+        if stray:
+            raise EnvTomlError(
+                f"{where}: key '{stray[0]}' only applies to tunnel = \"ssh\" "
+                f'(this profile\'s tunnel is "local")'
+            )
+    if "time" in values and not _SLURM_TIME.match(values["time"]):
+        raise EnvTomlError(
+            f"{where}: key 'time' must be a Slurm time such as \"04:00:00\" or "
+            f'"1-00:00:00", got {values["time"]!r}'
+        )
+    if "mem" in values and not _SLURM_MEM.match(values["mem"]):
+        raise EnvTomlError(
+            f'{where}: key \'mem\' must be a Slurm memory size such as "0", "64G" or '
+            f'"512000M", got {values["mem"]!r}'
+        )
+    for i, mount in enumerate(values.get("mounts", ())):
+        parts = mount.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise EnvTomlError(
+                f"{where}: key 'mounts'[{i}] must be \"host_path:container_path[:flags]\", "
+                f"got {mount!r}"
+            )
+    if "mounts" in values and "container_image" not in values:
+        raise EnvTomlError(f"{where}: key 'mounts' needs 'container_image' (mounts are into it)")
+    return Profile(name=name, **values)
+
+
+def _toml_scalar_str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_str(x) for x in v)
+
+
+def _is_str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, (str, int, float, bool)) for k, x in v.items()
+    )
+
+
+_CHECKS = {
+    "pos_int": (_is_pos_int, "a positive integer"),
+    "str": (_is_str, "a non-empty string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str_list": (_is_str_list, "a list of non-empty strings"),
+    "str_map": (_is_str_map, "a table of NAME = value"),
+}
+_KEY_KINDS = {
+    "executor": "str",
+    "nproc_per_node": "pos_int",
+    "account": "str",
+    "partition": "str",
+    "nodes": "pos_int",
+    "ntasks_per_node": "pos_int",
+    "gpus_per_node": "pos_int",
+    "cpus_per_task": "pos_int",
+    "time": "str",
+    "mem": "str",
+    "exclusive": "bool",
+    "container_image": "str",
+    "mounts": "str_list",
+    "tunnel": "str",
+    "host": "str",
+    "port": "pos_int",
+    "user": "str",
+    "identity": "str",
+    "remote_job_dir": "str",
+    "setup": "str_list",
+    "env_vars": "str_map",
+    "python": "str",
+    "workdir": "str",
+}
+assert set(_KEY_KINDS) == set(PROFILE_KEYS) - {"extends"}, "every profile key has a kind"
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _listing(names) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "(none)"

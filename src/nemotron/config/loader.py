@@ -1,0 +1,317 @@
+"""Load a YAML recipe, apply dotted `key=value` overrides last, validate into typed configs.
+
+OmegaConf reads the YAML, parses override values (ints, floats such as `1e-3`, bools, `null`,
+lists such as `[1,2]`) and resolves `${...}` interpolations. The conversion into dataclasses is
+done here, field by field, so that every error names the file and the full dotted key, and an
+unknown key suggests the nearest valid one (the public recipe silently ignores such typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nemotron.config.errors import ConfigError
+from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, model_error
+from nemotron.models.nano3.config import ModelConfigError
+
+T = TypeVar("T")
+
+RECIPE_PACKAGE = "nemotron.recipes.nano3.stage0_pretrain"
+
+
+@dataclass(frozen=True)
+class Override:
+    """One parsed `key=value` token: the dotted key, the typed value, the original token."""
+
+    key: str
+    value: Any
+    token: str
+
+
+def recipe_config_dir(schema: type | None = None) -> Path:
+    """The package directory holding the shipped recipes for `schema` (e.g. `config/data_prep`)."""
+    base = Path(str(resources.files(RECIPE_PACKAGE).joinpath("config")))
+    sub = RECIPE_SUBDIRS.get(schema, "") if schema is not None else ""
+    return base / sub if sub else base
+
+
+def available_configs(schema: type) -> list[str]:
+    directory = recipe_config_dir(schema)
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path, schema: type) -> Path:
+    """`-c NAME`: a shipped recipe name (`default`, `tiny`, ...) if one exists, else a path."""
+    text = str(name_or_path)
+    if text and "/" not in text and not text.endswith((".yaml", ".yml")):
+        candidate = recipe_config_dir(schema) / f"{text}.yaml"
+        if candidate.is_file():
+            return candidate
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    known = available_configs(schema)
+    hint = difflib.get_close_matches(text, known, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(
+        f"config {text!r} not found: neither a recipe name ({', '.join(known)}) nor an existing "
+        f"file{suggestion}"
+    )
+
+
+def parse_override(token: str) -> Override:
+    """Parse `a.b.c=value`; the value is YAML (OmegaConf's loader: `1e-3` is a float)."""
+    key, sep, raw = token.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {token!r}: expected dotted key=value, e.g. train.train_iters=100")
+    parts = key.split(".")
+    if any(not p.isidentifier() for p in parts):
+        raise ConfigError(f"override {token!r}: {key!r} is not a dotted key")
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={raw}"])
+        value = OmegaConf.to_container(parsed, resolve=False)["value"]
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {exc}") from None
+    return Override(key=key, value=value, token=token)
+
+
+def parse_overrides(tokens: list[str] | tuple[str, ...] | None) -> list[Override]:
+    return [parse_override(t) for t in tokens or ()]
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ConfigError(f"{path}: malformed YAML: {detail}") from None
+    if loaded is None or not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(where: str, dotted: str, name: str, valid: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    prefix = dotted.rpartition(".")[0]
+    if hint:
+        nearest = f"{prefix}.{hint[0]}" if prefix else hint[0]
+        suggestion = f"; did you mean {nearest!r}?"
+    else:
+        suggestion = f"; valid keys here: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key {dotted!r}{suggestion}")
+
+
+def _resolve_key(schema: type, key: str, where: str) -> Any:
+    """Check that a dotted key names a field of `schema` (sections and leaves); return its type."""
+    cls: Any = schema
+    walked: list[str] = []
+    for part in key.split("."):
+        walked.append(part)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"{where}: {'.'.join(walked[:-1])!r} is a value, not a section")
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown_key(where, ".".join(walked), part, list(fields))
+        cls = fields[part]
+    return cls
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Coerce one YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: {key} must not be null (expected {_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if value is None and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        value = {}  # an empty section (`logger:` with nothing below) keeps the defaults
+    if value is None:
+        raise ConfigError(f"{where}: {key} must not be null (expected {_type_name(tp)})")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a section (mapping), got {value!r}")
+        return _build(tp, value, key, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _convert(v, item, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # e.g. train_tokens: 25e12
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], tree: dict, prefix: str, where: str) -> T:
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in tree.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key(where, dotted, str(name), list(fields))
+        kwargs[name] = _convert(value, fields[name], dotted, where)
+    try:
+        return cls(**kwargs)
+    except ModelConfigError as exc:
+        raise ConfigError(f"{where}: {model_error(exc)}") from None
+
+
+def to_typed(tree: dict, schema: type[T], where: str = "<config>") -> T:
+    """Validate a plain nested dict (already resolved) into `schema`; raises ConfigError."""
+    cfg = _build(schema, tree, "", where)
+    validator = VALIDATORS.get(schema)
+    if validator is not None:
+        try:
+            validator(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return cfg
+
+
+def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, schema: type) -> dict:
+    """The merged, interpolation-resolved plain dict of a recipe plus overrides (not validated)."""
+    path = Path(path)
+    where = str(path)
+    tree = _load_yaml(path)
+    # Catch unknown keys in the file before overrides can mask them.
+    _check_tree_keys(tree, schema, "", where)
+    for ov in overrides or []:
+        ov = ov if isinstance(ov, Override) else parse_override(ov)
+        where_ov = f"override {ov.token!r}"
+        leaf_type = _resolve_key(schema, ov.key, where_ov)
+        if not _is_interpolation(ov.value):
+            _convert(ov.value, leaf_type, ov.key, where_ov)  # a precise error for a bad value
+        _set(tree, ov.key, ov.value)
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{where}: cannot resolve interpolation: {message}") from None
+    return resolved  # type: ignore[return-value]
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _check_tree_keys(tree: dict, cls: type, prefix: str, where: str) -> None:
+    fields = _fields(cls)
+    for name, value in tree.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key(where, dotted, str(name), list(fields))
+        tp = fields[name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            _check_tree_keys(value, tp, dotted, where)
+
+
+def load_config(
+    path_or_name: str | Path,
+    overrides: list[str] | list[Override] | None = None,
+    schema: type[T] = None,  # type: ignore[assignment]
+) -> T:
+    """Load recipe `path_or_name` (a shipped name or a YAML path), apply overrides, validate.
+
+    Raises ConfigError (one line naming the file and the dotted key) on any problem.
+    """
+    if schema is None:
+        from nemotron.config.schema import PretrainConfig
+
+        schema = PretrainConfig  # type: ignore[assignment]
+    path = resolve_config_path(path_or_name, schema)
+    tree = load_tree(path, overrides, schema)
+    return to_typed(tree, schema, str(path))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a typed config (the `model` section stays flat)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path | None = None) -> str:
+    """The resolved config as YAML (loadable again by `load_config`); written atomically if `path`."""
+    text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)), sort_keys=False)
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return text

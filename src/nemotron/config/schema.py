@@ -1,0 +1,189 @@
+"""Typed composition of the recipe sections; each section's dataclass is owned by its package.
+
+`PretrainConfig` is what `nemotron nano3 pretrain` reads (recipe `config/<name>.yaml`),
+`DataPrepJobConfig` what `nemotron nano3 data prep pretrain` reads (`config/data_prep/<name>.yaml`).
+Beyond the per-field types, `validate_pretrain` / `validate_data_prep` check the values that no
+single section can judge alone; they raise `ConfigError` naming the full dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from nemotron.config.errors import ConfigError
+from nemotron.data.config import DataConfig, DataPrepConfig
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.models.nano3.config import ModelConfigError, Nano3Config
+from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
+from nemotron.train.schedule import DECAY_STYLES
+from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
+from nemotron.train.config import (
+    CheckpointConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+)
+
+
+@dataclass
+class ModelConfig(ParallelismConfig, Nano3Config):
+    """The flat `model` section: architecture and parallel sizes side by side (Megatron style).
+
+    It is a `Nano3Config` (so it can be passed where one is expected); `arch()` and `parallel()`
+    return the two plain section objects.
+    """
+
+    def arch(self) -> Nano3Config:
+        return Nano3Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Nano3Config)})
+
+    def parallel(self) -> ParallelismConfig:
+        return ParallelismConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ParallelismConfig)}
+        )
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# The data-prep recipe is the data package's DataPrepConfig itself (no extra sections).
+DataPrepJobConfig = DataPrepConfig
+
+# Where `-c NAME` looks for each schema, relative to the package's stage-0 recipe config dir.
+RECIPE_SUBDIRS: dict[type, str] = {PretrainConfig: "", DataPrepConfig: "data_prep"}
+
+# Enumerated string fields, checked at load time so that the error names the key. Where the
+# owning package defines the allowed values, they are taken from it (one source of truth).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.precision": ("bf16", "fp32"),  # documented in train/config.py
+    "train.device": ("auto", "cpu", "cuda"),
+    "scheduler.style": SCHEDULE_STYLES,
+    "scheduler.decay_style": DECAY_STYLES,
+    "logger.wandb_mode": ("online", "offline", "disabled"),
+    "tokenizer.kind": TOKENIZER_KINDS,
+}
+
+
+def _get(cfg: object, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_choices(cfg: object) -> None:
+    """Enumerated fields (CHOICES); keys of other schemas are skipped."""
+    for key, allowed in CHOICES.items():
+        try:
+            value = _get(cfg, key)
+        except AttributeError:
+            continue
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _qualify_model_error(message: str) -> str:
+    """Prefix the Nano3Config field names in a ModelConfigError message with `model.`."""
+    names = sorted((f.name for f in dataclasses.fields(Nano3Config)), key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\b")
+    return pattern.sub(lambda m: "model." + m.group(1), message)
+
+
+def model_error(exc: ModelConfigError) -> ConfigError:
+    return ConfigError(_qualify_model_error(str(exc)))
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Cross-field checks of a pretraining recipe; raises ConfigError naming the dotted key."""
+    try:
+        cfg.model.validate()
+    except ModelConfigError as exc:
+        raise model_error(exc) from None
+    for f in dataclasses.fields(ParallelismConfig):
+        value = getattr(cfg.model, f.name)
+        if not isinstance(value, bool):
+            _require(value >= 1, f"model.{f.name}", f"must be >= 1, got {value}")
+
+    t = cfg.train
+    if (t.train_iters is None) == (t.train_tokens is None):
+        raise ConfigError(
+            "train.train_iters / train.train_tokens: set exactly one of them "
+            f"(got train_iters={t.train_iters}, train_tokens={t.train_tokens})"
+        )
+    for key in ("train_iters", "train_tokens", "global_batch_size", "micro_batch_size",
+                "seq_length", "eval_interval", "log_interval", "max_consecutive_nonfinite"):
+        value = getattr(t, key)
+        if value is not None:
+            _require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
+    )
+    _require(t.expert_bias_update_rate >= 0, "train.expert_bias_update_rate",
+             f"must be >= 0, got {t.expert_bias_update_rate}")
+
+    o = cfg.optimizer
+    _require(o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")
+    _require(o.min_lr >= 0, "optimizer.min_lr", f"must be >= 0, got {o.min_lr}")
+    _require(o.min_lr <= o.lr, "optimizer.min_lr", f"({o.min_lr}) must not exceed optimizer.lr ({o.lr})")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0 <= value < 1, f"optimizer.{key}", f"must be in [0, 1), got {value}")
+    _require(o.eps > 0, "optimizer.eps", f"must be positive, got {o.eps}")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+
+    s = cfg.scheduler
+    _require(s.warmup_tokens >= 0, "scheduler.warmup_tokens", f"must be >= 0, got {s.warmup_tokens}")
+    _require(0 <= s.stable_fraction_end <= 1, "scheduler.stable_fraction_end",
+             f"must be in [0, 1], got {s.stable_fraction_end}")
+
+    c = cfg.checkpoint
+    _require(c.save_interval > 0, "checkpoint.save_interval", f"must be positive, got {c.save_interval}")
+    if c.keep_last is not None:
+        _require(c.keep_last > 0, "checkpoint.keep_last", f"must be positive or null, got {c.keep_last}")
+
+    d = cfg.data
+    _require(0 < d.phase2_start_fraction <= 1, "data.phase2_start_fraction",
+             f"must be in (0, 1], got {d.phase2_start_fraction}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.mock or d.blend is not None, "data.blend",
+             "is null: point it at the blend.json written by data prep (or set data.mock=true)")
+    _check_choices(cfg)
+
+
+def validate_data_prep(cfg: DataPrepConfig) -> None:
+    """Value checks of a data-prep recipe; raises ConfigError naming the dotted key."""
+    for key in ("num_shards", "valid_shards", "test_shards"):
+        value = getattr(cfg, key)
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    for key in ("valid_fraction", "test_fraction", "max_bad_record_fraction"):
+        value = getattr(cfg, key)
+        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+    _require(cfg.valid_fraction + cfg.test_fraction < 1, "valid_fraction",
+             "valid_fraction + test_fraction must be < 1")
+    for key in ("min_doc_chars", "max_doc_tokens", "sample", "num_workers"):
+        value = getattr(cfg, key)
+        if value is not None:
+            _require(value > 0, key, f"must be positive or null, got {value}")
+    _require(bool(cfg.tokenizer.model), "tokenizer.model", "must not be empty")
+    _check_choices(cfg)
+
+
+VALIDATORS = {PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}

@@ -1,0 +1,327 @@
+"""GPT training samples with Megatron-Core's semantics, read from indexed bin/idx datasets.
+
+What a Megatron user expects (FACTS.md section 4), for one dataset (one bin/idx prefix):
+
+- the number of epochs E is the smallest with E * tokens >= num_samples * seq_length + 1;
+- the document order is E copies of the document ids, shuffled once with
+  `numpy.random.RandomState(seed)`;
+- sample j is the seq_length + 1 consecutive tokens starting at token j * seq_length of the
+  stream of shuffled documents (neighbouring samples share one token): tokens = t[:-1],
+  labels = t[1:];
+- the order in which samples are served is a permutation of them drawn from the same RandomState.
+
+The three index arrays are built once (by rank 0 when torch.distributed is initialised) and
+cached as .npy files under a key hashing everything that shapes them; every rank memory-maps
+them. Blending of several datasets lives in `blended.py`; `build_split_dataset` is the entry
+point that reads a per-split `blend.json` and returns the dataset of one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+INDEX_FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+class GPTDatasetError(ValueError):
+    """A blend file, split or dataset that cannot produce the requested samples."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Index rules (pure functions; tests compare them with a direct implementation)
+
+
+def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> int:
+    """Smallest E with E * tokens_per_epoch >= num_samples * seq_length + 1."""
+    if tokens_per_epoch <= 0:
+        raise GPTDatasetError("the dataset has no tokens")
+    requested = num_samples * seq_length + 1
+    return max(1, -(-requested // tokens_per_epoch))
+
+
+def build_document_index(
+    document_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """E copies of the document ids, shuffled once (in place, consuming `rng`)."""
+    document_index = np.tile(np.asarray(document_ids, dtype=np.int64), num_epochs)
+    rng.shuffle(document_index)
+    return document_index
+
+
+def build_sample_index(
+    sequence_lengths: np.ndarray, document_index: np.ndarray, seq_length: int
+) -> np.ndarray:
+    """[N + 1, 2] int64: row j = (position in document_index, token offset) where sample j starts.
+
+    Sample j covers the stream tokens j*seq_length .. (j+1)*seq_length inclusive, so row j + 1
+    is also where sample j's last token (the extra label token) sits. Starts never fall on an
+    empty document: a position on a document boundary belongs to the next non-empty document,
+    as in Megatron's builder.
+    """
+    lengths = np.asarray(sequence_lengths, dtype=np.int64)[document_index]
+    ends = np.cumsum(lengths)
+    total_tokens = int(ends[-1]) if len(ends) else 0
+    num_samples = (total_tokens - 1) // seq_length
+    if num_samples <= 0:
+        raise GPTDatasetError(
+            f"{total_tokens} tokens cannot make one sample of seq_length {seq_length} + 1"
+        )
+    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    starts = np.concatenate([[0], ends[:-1]])
+    doc_pos = np.searchsorted(ends, positions, side="right")
+    sample_index = np.empty((num_samples + 1, 2), dtype=np.int64)
+    sample_index[:, 0] = doc_pos
+    sample_index[:, 1] = positions - starts[doc_pos]
+    return sample_index
+
+
+def build_shuffle_index(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
+    """A permutation of range(num_samples) from `rng` (Megatron's dtype choice, same draws)."""
+    dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
+    shuffle_index = np.arange(num_samples, dtype=dtype)
+    rng.shuffle(shuffle_index)
+    return shuffle_index
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache helpers
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def cache_key(description: dict[str, Any]) -> str:
+    text = json.dumps(description, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def cached_arrays(
+    cache_dir: Path, description: dict[str, Any], names: tuple[str, ...], build
+) -> dict[str, np.ndarray]:
+    """Load arrays `names` cached under the hash of `description`, building them (rank 0) if absent.
+
+    The description JSON is written last, so its presence marks a complete cache entry.
+    """
+    cache_dir = Path(cache_dir)
+    key = cache_key(description)
+    paths = {name: cache_dir / f"{key}-{name}.npy" for name in names}
+    marker = cache_dir / f"{key}-description.json"
+    if _is_rank_zero() and not marker.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        arrays = build()
+        for name in names:
+            _save_npy_atomic(paths[name], arrays[name])
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(description, indent=2, sort_keys=True))
+        os.replace(tmp, marker)
+    _barrier()
+    if not marker.exists():
+        raise GPTDatasetError(
+            f"index cache {marker} is missing after rank 0 built it: is {cache_dir} on a "
+            "filesystem every rank shares?"
+        )
+    return {name: np.load(paths[name], mmap_mode="r") for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# One dataset
+
+
+def open_indexed(prefix: str):
+    from nemotron.data.indexed import IndexedDataset
+
+    return IndexedDataset(prefix)
+
+
+def sample_dict(tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(len(t) - 1)}
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Megatron GPT samples of one indexed dataset (every sequence of it is one document)."""
+
+    def __init__(
+        self,
+        prefix: str,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: str | Path,
+        split: str = "train",
+    ) -> None:
+        if num_samples <= 0 or seq_length <= 0:
+            raise GPTDatasetError(
+                f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive"
+            )
+        self.prefix = str(prefix)
+        self.indexed = open_indexed(self.prefix)
+        self.seq_length = seq_length
+        sequence_lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
+        tokens_per_epoch = int(sequence_lengths.sum())
+        if tokens_per_epoch < seq_length + 1:
+            raise GPTDatasetError(
+                f"dataset {self.prefix} has {tokens_per_epoch} tokens, fewer than one sample "
+                f"of seq_length {seq_length} + 1"
+            )
+        self.num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
+        bin_path = Path(self.prefix + ".bin")
+        self.description = {
+            "class": "GPTDataset",
+            "format": INDEX_FORMAT_VERSION,
+            "prefix": str(Path(self.prefix).resolve()),
+            "bin_bytes": bin_path.stat().st_size,
+            "num_sequences": len(sequence_lengths),
+            "num_tokens": tokens_per_epoch,
+            "split": split,
+            "num_samples": num_samples,
+            "seq_length": seq_length,
+            "seed": seed,
+        }
+
+        def build() -> dict[str, np.ndarray]:
+            rng = np.random.RandomState(seed)
+            document_index = build_document_index(
+                np.arange(len(sequence_lengths)), self.num_epochs, rng
+            )
+            sample_index = build_sample_index(sequence_lengths, document_index, seq_length)
+            shuffle_index = build_shuffle_index(len(sample_index) - 1, rng)
+            return {
+                "document_index": document_index,
+                "sample_index": sample_index,
+                "shuffle_index": shuffle_index,
+            }
+
+        arrays = cached_arrays(
+            Path(cache_dir), self.description,
+            ("document_index", "sample_index", "shuffle_index"), build,
+        )
+        self.document_index = arrays["document_index"]
+        self.sample_index = arrays["sample_index"]
+        self.shuffle_index = arrays["shuffle_index"]
+
+    def __len__(self) -> int:
+        return len(self.shuffle_index)
+
+    def sample_tokens(self, idx: int) -> np.ndarray:
+        """The seq_length + 1 tokens of served sample `idx` (after the shuffle)."""
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range 0..{len(self) - 1} of {self.prefix}")
+        j = int(self.shuffle_index[idx])
+        doc_beg, off_beg = (int(v) for v in self.sample_index[j])
+        doc_end, off_end = (int(v) for v in self.sample_index[j + 1])
+        if doc_beg == doc_end:
+            return np.asarray(
+                self.indexed.get(int(self.document_index[doc_beg]), off_beg, off_end - off_beg + 1)
+            )
+        parts = [np.asarray(self.indexed.get(int(self.document_index[doc_beg]), off_beg))]
+        for k in range(doc_beg + 1, doc_end):
+            parts.append(np.asarray(self.indexed.get(int(self.document_index[k]), 0)))
+        parts.append(np.asarray(self.indexed.get(int(self.document_index[doc_end]), 0, off_end + 1)))
+        return np.concatenate(parts)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return sample_dict(self.sample_tokens(idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blend files
+
+
+def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], list[str]]:
+    """(weights, prefixes) of one split of a per-split blend.json, checked.
+
+    Weights are returned as written (the blend normalises them). Relative prefixes resolve
+    against the blend file's directory when that exists, else against the working directory
+    (what Megatron does).
+    """
+    path = Path(blend_json_path)
+    if split not in SPLITS:
+        raise GPTDatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    try:
+        blend = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GPTDatasetError(f"blend file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise GPTDatasetError(f"blend file {path} is not valid JSON: {e}") from None
+    if not isinstance(blend, dict) or split not in blend:
+        raise GPTDatasetError(f"blend file {path} has no {split!r} split")
+    entries = blend[split]
+    if not isinstance(entries, list) or not entries or len(entries) % 2:
+        raise GPTDatasetError(
+            f"blend file {path}: {split!r} must be a non-empty list of weight, prefix pairs"
+        )
+    weights, prefixes = [], []
+    for k in range(0, len(entries), 2):
+        raw_weight, raw_prefix = entries[k], entries[k + 1]
+        try:
+            weight = float(raw_weight)
+        except (TypeError, ValueError):
+            raise GPTDatasetError(
+                f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a number"
+            ) from None
+        if not math.isfinite(weight) or weight < 0:
+            raise GPTDatasetError(f"blend file {path}: {split}[{k}] weight {weight} is negative")
+        prefix = Path(str(raw_prefix))
+        if not prefix.is_absolute():
+            beside = path.parent / prefix
+            prefix = beside if Path(str(beside) + ".idx").exists() else prefix
+        for suffix in (".bin", ".idx"):
+            if not Path(str(prefix) + suffix).exists():
+                raise GPTDatasetError(
+                    f"blend file {path}: {split}[{k + 1}] names {raw_prefix!r} but "
+                    f"{prefix}{suffix} does not exist"
+                )
+        weights.append(weight)
+        prefixes.append(str(prefix))
+    if sum(weights) <= 0:
+        raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to zero")
+    return weights, prefixes
+
+
+def build_split_dataset(
+    blend_json_path: str | Path,
+    split: str,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+) -> torch.utils.data.Dataset:
+    """The `num_samples`-sample dataset of one split of a blend.json (Megatron semantics).
+
+    One prefix gives its GPTDataset directly (as Megatron does); several are blended
+    deterministically (see `blended.py`). Items are {"tokens", "labels", "loss_mask"}.
+    """
+    from nemotron.data.blended import BlendedDataset
+
+    if num_samples <= 0:
+        raise GPTDatasetError(f"num_samples must be positive, got {num_samples}")
+    weights, prefixes = read_blend(blend_json_path, split)
+    cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
+    if len(prefixes) == 1:
+        return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split)
+    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split)

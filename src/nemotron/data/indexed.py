@@ -1,0 +1,295 @@
+"""Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``): writer and memory-mapped reader.
+
+Byte layout (little-endian, no padding), as Megatron-Core's ``IndexedDataset`` reads it:
+
+- ``.bin``: the token ids of every sequence, concatenated, no header.
+- ``.idx``: magic ``MMIDIDX\\x00\\x00`` (9 bytes); version u64 = 1; dtype code u8;
+  sequence count S u64; document-index count D u64 (documents + 1);
+  sequence lengths int32[S]; sequence byte offsets into ``.bin`` int64[S];
+  document indices int64[D] (starts at 0, last = S).
+
+The writer streams: tokens go straight to the ``.bin`` file and sequence lengths to a spool
+file, so memory stays bounded however large the shard grows. Everything is written under
+temporary names and renamed only when complete (``.bin`` first, ``.idx`` last), so a
+half-written shard never looks finished: a prefix is complete exactly when its ``.idx`` exists.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
+
+DTYPE_CODES: dict[type, int] = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
+CODE_DTYPES: dict[int, type] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+# Largest vocabulary stored as uint16 (Megatron's rule: uint16 when vocab < 65500, else int32).
+UINT16_VOCAB_LIMIT = 65500
+
+_CHUNK_ELEMENTS = 1 << 20  # elements per chunk when streaming the index arrays
+
+
+class IndexedDatasetError(ValueError):
+    """A ``.bin/.idx`` pair is missing, truncated or not in Megatron's indexed format."""
+
+
+def token_dtype_for_vocab(vocab_size: int) -> type:
+    """Token dtype Megatron uses for a vocabulary: uint16 below 65500 entries, else int32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32
+
+
+def dtype_code(dtype) -> int:
+    """Megatron's one-byte code for a numpy dtype."""
+    key = np.dtype(dtype).type
+    if key not in DTYPE_CODES:
+        raise ValueError(f"dtype {np.dtype(dtype)} has no Megatron indexed-dataset code")
+    return DTYPE_CODES[key]
+
+
+def bin_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def idx_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def prefix_exists(prefix: str | os.PathLike) -> bool:
+    """True when both files of a finished prefix are present."""
+    return bin_path(prefix).is_file() and idx_path(prefix).is_file()
+
+
+def _temp_name(path: Path) -> Path:
+    # Unique per writer, so two writers of the same prefix (a resumed run racing an orphaned
+    # worker of a killed one) never interleave bytes in one file.
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+class IndexedDatasetWriter:
+    """Streams documents into a Megatron ``.bin/.idx`` pair.
+
+    Each ``add_document(tokens)`` appends one sequence that forms one document.
+    ``finalize()`` writes the index and renames the files into place; until then only
+    temporary files exist. Use as a context manager to discard the temporaries on error.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype=np.int32):
+        self.prefix = Path(os.fspath(prefix))
+        self.dtype = np.dtype(dtype)
+        self._code = dtype_code(self.dtype)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._bin_tmp = _temp_name(bin_path(self.prefix))
+        self._len_tmp = _temp_name(self.prefix.with_name(self.prefix.name + ".lengths"))
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths = open(self._len_tmp, "wb")
+        self._pending_lengths: list[int] = []
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self._closed = False
+
+    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
+        array = np.asarray(tokens)
+        if array.ndim != 1:
+            raise ValueError(f"a document must be a 1-D token sequence, got shape {array.shape}")
+        if array.size and array.dtype != self.dtype:
+            if np.issubdtype(array.dtype, np.integer):
+                info = np.iinfo(self.dtype)
+                if array.min() < info.min or array.max() > info.max:
+                    raise ValueError(
+                        f"token ids out of range for {self.dtype} in {self.prefix}: "
+                        f"[{array.min()}, {array.max()}]"
+                    )
+            array = array.astype(self.dtype)
+        self._bin.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self._pending_lengths.append(int(array.size))
+        self.num_sequences += 1
+        self.num_tokens += int(array.size)
+        if len(self._pending_lengths) >= 65536:
+            self._flush_lengths()
+
+    def add_documents(self, documents: Iterable[Sequence[int] | np.ndarray]) -> None:
+        for tokens in documents:
+            self.add_document(tokens)
+
+    def add_raw(self, token_bytes: bytes | memoryview, lengths: np.ndarray) -> None:
+        """Append pre-encoded sequences (bytes in this writer's dtype) with their lengths."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) * self.dtype.itemsize != len(token_bytes):
+            raise ValueError("add_raw: byte count does not match the sum of lengths")
+        self._flush_lengths()
+        self._bin.write(token_bytes)
+        self._lengths.write(lengths.astype("<i4").tobytes())
+        self.num_sequences += int(lengths.size)
+        self.num_tokens += int(lengths.sum())
+
+    def _flush_lengths(self) -> None:
+        if self._pending_lengths:
+            self._lengths.write(np.asarray(self._pending_lengths, dtype="<i4").tobytes())
+            self._pending_lengths.clear()
+
+    def finalize(self) -> Path:
+        """Write the ``.idx``, rename both files into place; returns the prefix."""
+        if self._closed:
+            raise RuntimeError(f"writer for {self.prefix} is already closed")
+        self._flush_lengths()
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        self._lengths.close()
+        idx_final = idx_path(self.prefix)
+        idx_tmp = _temp_name(idx_final)
+        count = self.num_sequences
+        with open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
+            out.write(INDEX_MAGIC)
+            out.write(struct.pack("<Q", INDEX_VERSION))
+            out.write(struct.pack("<B", self._code))
+            out.write(struct.pack("<Q", count))
+            out.write(struct.pack("<Q", count + 1))
+            # Lengths, streamed from the spool in chunks.
+            while chunk := lengths_in.read(4 * _CHUNK_ELEMENTS):
+                out.write(chunk)
+            # Byte offsets: running sum of lengths * itemsize, in chunks.
+            lengths_in.seek(0)
+            offset = 0
+            while chunk := lengths_in.read(4 * _CHUNK_ELEMENTS):
+                lens = np.frombuffer(chunk, dtype="<i4").astype(np.int64) * self.dtype.itemsize
+                pointers = np.empty_like(lens)
+                pointers[0] = offset
+                np.cumsum(lens[:-1], out=pointers[1:])
+                pointers[1:] += offset
+                offset += int(lens.sum())
+                out.write(pointers.astype("<i8").tobytes())
+            # One sequence per document: document indices 0..S.
+            for start in range(0, count + 1, _CHUNK_ELEMENTS):
+                stop = min(count + 1, start + _CHUNK_ELEMENTS)
+                out.write(np.arange(start, stop, dtype="<i8").tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.unlink(self._len_tmp)
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(idx_tmp, idx_final)
+        self._closed = True
+        return self.prefix
+
+    def discard(self) -> None:
+        """Close and delete the temporary files without producing a dataset."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in (self._bin, self._lengths):
+            handle.close()
+        for path in (self._bin_tmp, self._len_tmp):
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        elif not self._closed:
+            self.finalize()
+
+
+class IndexedDataset:
+    """Memory-mapped reader of a Megatron ``.bin/.idx`` pair."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = Path(os.fspath(prefix))
+        index_file, data_file = idx_path(self.prefix), bin_path(self.prefix)
+        for path in (index_file, data_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"indexed dataset file not found: {path}")
+        size = index_file.stat().st_size
+        if size < HEADER_SIZE:
+            raise IndexedDatasetError(f"{index_file}: {size} bytes is shorter than the header")
+        with open(index_file, "rb") as handle:
+            header = handle.read(HEADER_SIZE)
+        if header[:9] != INDEX_MAGIC:
+            raise IndexedDatasetError(f"{index_file}: bad magic {header[:9]!r}, not a Megatron index")
+        (version,) = struct.unpack_from("<Q", header, 9)
+        if version != INDEX_VERSION:
+            raise IndexedDatasetError(f"{index_file}: unsupported index version {version}")
+        (code,) = struct.unpack_from("<B", header, 17)
+        if code not in CODE_DTYPES:
+            raise IndexedDatasetError(f"{index_file}: unknown dtype code {code}")
+        self.dtype = np.dtype(CODE_DTYPES[code])
+        (count,) = struct.unpack_from("<Q", header, 18)
+        (doc_count,) = struct.unpack_from("<Q", header, 26)
+        expected = HEADER_SIZE + count * 4 + count * 8 + doc_count * 8
+        if size != expected:
+            raise IndexedDatasetError(
+                f"{index_file}: {size} bytes, expected {expected} for {count} sequences"
+            )
+        self._index = np.memmap(index_file, dtype=np.uint8, mode="r")
+        offset = HEADER_SIZE
+        self.sequence_lengths = np.frombuffer(self._index, dtype="<i4", count=count, offset=offset)
+        offset += count * 4
+        self.sequence_pointers = np.frombuffer(self._index, dtype="<i8", count=count, offset=offset)
+        offset += count * 8
+        self.document_indices = np.frombuffer(self._index, dtype="<i8", count=doc_count, offset=offset)
+        data_size = data_file.stat().st_size
+        needed = (
+            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            if count
+            else 0
+        )
+        if data_size < needed:
+            raise IndexedDatasetError(f"{data_file}: {data_size} bytes, index needs {needed}")
+        if data_size:
+            self._data = np.memmap(data_file, dtype=self.dtype, mode="r")
+        else:
+            self._data = np.zeros(0, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return int(self.sequence_lengths.size)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def _start(self, i: int) -> int:
+        return int(self.sequence_pointers[i]) // self.dtype.itemsize
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"IndexedDataset indices must be integers, got {type(i).__name__}")
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences in {self.prefix}")
+        start = self._start(i)
+        return self._data[start : start + int(self.sequence_lengths[i])]
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end if length is None)."""
+        sequence = self[i]
+        if offset < 0 or offset > sequence.size:
+            raise IndexError(f"offset {offset} out of range for sequence {i} of {sequence.size} tokens")
+        stop = sequence.size if length is None else offset + length
+        if stop > sequence.size:
+            raise IndexError(f"offset {offset} + length {length} beyond sequence {i} of {sequence.size}")
+        return sequence[offset:stop]
+
+    def __repr__(self) -> str:
+        return f"IndexedDataset({str(self.prefix)!r}, sequences={len(self)}, dtype={self.dtype})"

@@ -1,0 +1,119 @@
+"""Device meshes for a `ParallelDims` layout, built on torch.distributed.DeviceMesh.
+
+One world mesh is unflattened twice, so both views share a root (FSDP2 and DTensor need that):
+  dense  ("pp", "dp", "cp", "tp"): attention, Mamba, shared expert, embeddings, LM head
+  expert ("pp", "edp", "ep"):      routed experts (EP innermost: an EP group spans TP first)
+Every process must call `build_mesh` with the same arguments (it creates process groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+
+
+@dataclass
+class ParallelMesh:
+    dims: ParallelDims
+    world: DeviceMesh
+    dense: DeviceMesh
+    expert: DeviceMesh
+    dense_dp_tp: DeviceMesh  # dense["dp", "tp"] flattened
+
+    # -- sub-meshes -----------------------------------------------------------------------------
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """Mesh FSDP2 shards dense parameters over (DP; CP joins it once CP exists)."""
+        return self.dense["dp"]
+
+    @property
+    def dp_tp_mesh(self) -> DeviceMesh:
+        """DP x TP flattened: FSDP2 shards weights that every TP rank holds whole but computes
+        with only in part (Mamba in_proj / conv1d) over it."""
+        return self.dense_dp_tp
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.dense["tp"]
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        return self.expert["ep"]
+
+    @property
+    def edp_mesh(self) -> DeviceMesh:
+        """Mesh FSDP2 shards routed-expert parameters over."""
+        return self.expert["edp"]
+
+    # -- what the training loop needs ---------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        """Which slice of the global batch this rank loads (all TP ranks of a group share it)."""
+        return self.dense["dp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def loss_group(self) -> dist.ProcessGroup:
+        """Ranks holding different samples: sum token losses and token counts over it."""
+        return self.dense["dp"].get_group()
+
+    @property
+    def balancing_group(self) -> dist.ProcessGroup:
+        """Ranks that routed different tokens (DP x CP x TP of one pipeline stage): expert
+        counts are summed over it before the bias update (with sequence parallel, each TP rank
+        routes its own sequence shard)."""
+        return self.world.get_group()
+
+
+def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
+    """Build the dense and expert meshes. Needs an initialised default process group whose
+    size equals `dims.world_size`; `device_type` defaults to "cuda" when available."""
+    if not dist.is_initialized():
+        raise ParallelLayoutError("build_mesh needs torch.distributed to be initialised "
+                                  "(run under torchrun, or call init_process_group)")
+    if dist.get_world_size() != dims.world_size:
+        raise ParallelLayoutError(f"layout was resolved for world size {dims.world_size} but "
+                                  f"the process group has {dist.get_world_size()} ranks")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    world = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
+    dense = world._unflatten(0, (dims.pp, dims.dp, dims.cp, dims.tp), ("pp", "dp", "cp", "tp"))
+    expert = world._unflatten(0, (dims.pp, dims.edp, dims.ep), ("pp", "edp", "ep"))
+    dp_tp = dense["dp", "tp"]._flatten("dp_tp")  # creates a group: on every rank, here
+    return ParallelMesh(dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp)
+
+
+def global_token_count(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> torch.Tensor:
+    """Number of loss tokens in the global batch (one micro-batch or a whole step): the loop
+    backpropagates `local_loss_sum / global_tokens`, so that gradients summed over ranks are
+    the gradient of the mean over tokens, not the mean of per-rank means."""
+    count = loss_mask.detach().sum().to(torch.float64)
+    if mesh is not None and mesh.dims.dp > 1:
+        count = count.to(_comm_device(mesh))
+        dist.all_reduce(count, group=mesh.loss_group)
+    return count.cpu()
+
+
+def reduce_token_loss(loss_sum: torch.Tensor, tokens: torch.Tensor,
+                      mesh: ParallelMesh | None) -> float:
+    """Global token-mean loss for logging, from per-rank sums (not a mean of rank means)."""
+    pair = torch.stack([loss_sum.detach().to(torch.float64).reshape(()),
+                        torch.as_tensor(tokens, dtype=torch.float64).reshape(())])
+    if mesh is not None and mesh.dims.dp > 1:
+        pair = pair.to(_comm_device(mesh))
+        dist.all_reduce(pair, group=mesh.loss_group)
+    return float(pair[0] / pair[1])
+
+
+def _comm_device(mesh: ParallelMesh) -> torch.device:
+    if mesh.world.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

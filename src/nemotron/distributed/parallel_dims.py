@@ -1,0 +1,151 @@
+"""Parallel sizes resolved against a world size, validated before anything is built.
+
+`ParallelDims` turns the Megatron-named sizes of `ParallelismConfig` into the sizes of every
+mesh dimension (data parallel is derived: world / (TP * CP * PP)) and rejects layouts that
+cannot work, showing the arithmetic.
+
+Expert layers see a different split of the same ranks: the ranks of one pipeline stage are
+regrouped as (expert data parallel, expert parallel) with EP innermost, so an EP group spans
+the tensor-parallel ranks first (as in Megatron with expert tensor parallel size 1):
+  dense:  world = PP * DP * CP * TP
+  expert: world = PP * EDP * EP,  EDP = DP * CP * TP / EP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nemotron.distributed.config import ParallelismConfig
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that cannot be built for this world size or model."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    dp: int
+    tp: int
+    cp: int
+    pp: int
+    ep: int
+    sequence_parallel: bool
+
+    @classmethod
+    def from_config(
+        cls, parallel: ParallelismConfig, world_size: int, model_config: object | None = None
+    ) -> "ParallelDims":
+        """Derive data parallel from `world_size` and validate. `model_config` (a `Nano3Config`)
+        adds the model checks: experts % EP, attention/KV/Mamba heads % TP, ..."""
+        tp = parallel.tensor_model_parallel_size
+        pp = parallel.pipeline_model_parallel_size
+        ep = parallel.expert_model_parallel_size
+        cp = parallel.context_parallel_size
+        for key, value in [
+            ("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+            ("expert_model_parallel_size", ep), ("context_parallel_size", cp),
+        ]:
+            if not isinstance(value, int) or value < 1:
+                raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
+        if world_size < 1:
+            raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
+        if pp > 1:
+            raise ParallelLayoutError(
+                f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
+                "implemented yet; use pipeline_model_parallel_size=1"
+            )
+        if cp > 1:
+            raise ParallelLayoutError(
+                f"model.context_parallel_size={cp}: context parallelism is not implemented yet; "
+                "use context_parallel_size=1"
+            )
+        model_parallel = tp * cp * pp
+        if world_size % model_parallel:
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by TP*CP*PP = {tp}*{cp}*{pp} = "
+                f"{model_parallel}"
+            )
+        dp = world_size // model_parallel
+        stage_size = dp * cp * tp
+        if stage_size % ep:
+            raise ParallelLayoutError(
+                f"expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, "
+                f"DP*CP*TP = {dp}*{cp}*{tp} = {stage_size} (world {world_size} / PP {pp})"
+            )
+        if tp > 1 and not parallel.sequence_parallel:
+            raise ParallelLayoutError(
+                f"tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
+                "route each rank's own sequence shard (Megatron requires the same for MoE with TP)"
+            )
+        dims = cls(world_size=world_size, dp=dp, tp=tp, cp=cp, pp=pp, ep=ep,
+                   sequence_parallel=bool(parallel.sequence_parallel))
+        if model_config is not None:
+            dims.validate_model(model_config)
+        return dims
+
+    @property
+    def edp(self) -> int:
+        """Expert data parallel: ranks holding the same experts and seeing different tokens."""
+        return self.dp * self.cp * self.tp // self.ep
+
+    def validate_model(self, cfg: object) -> None:
+        """Reject model/layout combinations that cannot be sharded, showing the arithmetic."""
+        kinds = set(cfg.block_kinds)
+        checks: list[tuple[str, int, str, int]] = []
+        if "moe" in kinds:
+            checks.append(("num_experts", cfg.num_experts, "expert_model_parallel_size", self.ep))
+        if "attention" in kinds:
+            checks.append(("num_attention_heads", cfg.num_attention_heads,
+                           "tensor_model_parallel_size", self.tp))
+            kv = cfg.num_key_value_heads
+            if kv % self.tp and self.tp % kv:
+                # fewer KV heads than TP ranks is fine (each rank uses the one its queries need)
+                raise ParallelLayoutError(
+                    f"model.num_key_value_heads={kv} and model.tensor_model_parallel_size="
+                    f"{self.tp} must divide one another ({kv} % {self.tp} = {kv % self.tp}, "
+                    f"{self.tp} % {kv} = {self.tp % kv})"
+                )
+        if "mamba" in kinds:
+            checks.append(("mamba_num_heads", cfg.mamba_num_heads,
+                           "tensor_model_parallel_size", self.tp))
+            checks.append(("mamba_num_groups", cfg.mamba_num_groups,
+                           "tensor_model_parallel_size", self.tp))
+        if self.tp > 1:
+            checks.append(("vocab_size", cfg.vocab_size, "tensor_model_parallel_size", self.tp))
+            if "moe" in kinds and cfg.moe_shared_expert_hidden_size:
+                checks.append(("moe_shared_expert_hidden_size", cfg.moe_shared_expert_hidden_size,
+                               "tensor_model_parallel_size", self.tp))
+            if "mlp" in kinds:
+                checks.append(("ffn_hidden_size", cfg.ffn_hidden_size,
+                               "tensor_model_parallel_size", self.tp))
+        for name, value, key, size in checks:
+            if value % size:
+                raise ParallelLayoutError(
+                    f"model.{name}={value} is not divisible by model.{key}={size} "
+                    f"({value} % {size} = {value % size})"
+                )
+
+    def validate_batch(self, global_batch_size: int, micro_batch_size: int, seq_length: int) -> None:
+        """The global batch must split into whole micro-batches per data-parallel rank, and
+        the sequence into whole shards per tensor-parallel rank (sequence parallel)."""
+        per_step = micro_batch_size * self.dp
+        if global_batch_size % per_step:
+            raise ParallelLayoutError(
+                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * DP "
+                f"= {micro_batch_size}*{self.dp} = {per_step}"
+            )
+        if seq_length % (self.tp * self.cp):
+            raise ParallelLayoutError(
+                f"seq_length={seq_length} is not divisible by TP*CP = {self.tp}*{self.cp} "
+                f"(sequence parallel splits every sequence across those ranks)"
+            )
+
+    def gradient_accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
+        self.validate_batch(global_batch_size, micro_batch_size, self.tp * self.cp)
+        return global_batch_size // (micro_batch_size * self.dp)
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = PP {self.pp} x DP {self.dp} x CP {self.cp} x TP "
+                f"{self.tp}; experts: EDP {self.edp} x EP {self.ep}"
+                + ("; sequence parallel" if self.sequence_parallel else ""))

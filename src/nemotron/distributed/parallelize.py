@@ -1,0 +1,218 @@
+"""Apply the parallel layout to a single-device `Nano3ForCausalLM`, from outside the model.
+
+Order (torchtitan-style): tensor/sequence parallel (DTensor) -> expert parallel (experts
+split on the EP mesh, all-to-all dispatcher) -> FSDP2 (`fully_shard`) per block, with the
+routed experts sharded on their own expert-data-parallel mesh.
+
+Gradient convention: like DDP, each parameter's gradient is the MEAN over data-parallel ranks
+of the per-rank gradients (FSDP2's default for dense parameters; expert parameters, which are
+reduced over the expert-data-parallel mesh, are given the same divisor DP). Contributions of
+tensor- and expert-parallel peers to one rank's loss are summed. To weight by tokens rather
+than ranks, multiply each rank's loss by `token_loss_weight(...)` (1 for equal token counts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.expert_parallel import AllToAllDispatcher
+from nemotron.distributed.local_view import run_on_local_params
+from nemotron.distributed.mesh import ParallelMesh
+from nemotron.distributed.parallel_dims import ParallelLayoutError
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfig | None = None,
+                *, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `model` (a `Nano3ForCausalLM`) in place for `mesh` and return it.
+
+    The model is either materialised and identical on every rank (same seed), or built on the
+    meta device: then call `model.to_empty(device=...)` and `model.reset_parameters()`, which
+    is replaced here by an initialisation that gives every rank its shards of exactly the
+    weights `reset_parameters()` gives a single-device model under the same seed.
+    `parallel`, if given, must be the config `mesh` was built from (checked).
+    `mixed_precision`: bf16 parameters for compute, fp32 gradient reduction (FSDP2
+    MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
+    dims = mesh.dims
+    if dims.pp > 1 or dims.cp > 1:
+        raise NotImplementedError("pipeline and context parallelism are not implemented")
+    if parallel is not None:
+        given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
+                 parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
+        if given != (dims.tp, dims.ep, dims.pp, dims.cp):
+            raise ParallelLayoutError(
+                f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
+                f"{(dims.tp, dims.ep, dims.pp, dims.cp)}")
+    install_single_device_init(model)
+    if dims.tp > 1:
+        from nemotron.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh)
+    apply_expert_parallel(model, mesh)
+    apply_fsdp(model, mesh, mixed_precision=mixed_precision,
+               reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.moe_layers())
+
+
+def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Split every MoE layer's routed experts over the EP mesh (rank r keeps experts
+    [r*E/EP, (r+1)*E/EP) as a DTensor Shard(0) of the global [E, ...] weights, so checkpoints
+    keep the global layout) and swap in the all-to-all dispatcher."""
+    if mesh.dims.ep == 1:
+        return
+    ep_mesh = mesh.ep_mesh
+    for moe in _moe_layers(model):
+        experts = moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        run_on_local_params(experts)
+        moe.dispatcher = AllToAllDispatcher(moe.router.num_experts, ep_mesh.get_group())
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
+               reshard_after_forward: bool = True) -> None:
+    """FSDP2 per block; routed experts on the expert-data-parallel mesh, everything else on DP."""
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision else None,
+        reduce_dtype=torch.float32,
+    )
+    dims = mesh.dims
+    common = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for moe in _moe_layers(model):
+        experts = fully_shard(moe.experts, mesh=mesh.edp_mesh,
+                              shard_placement_fn=_expert_shard_placement(dims.edp), **common)
+        # Mean over data-parallel ranks, like the dense parameters (EDP also spans EP/TP peers,
+        # whose contributions belong to the same loss and are summed).
+        experts.set_gradient_divide_factor(float(dims.dp))
+        if dims.edp > 1 and dist.get_backend(mesh.edp_mesh.get_group()) == "gloo":
+            # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2's own fallback; not
+            # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
+            experts.set_force_sum_reduction_for_comms(True)
+    if dims.tp > 1:
+        from nemotron.distributed.tensor_parallel import packed_tp_modules
+
+        for module in packed_tp_modules(model):
+            packed = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
+            # summed over TP (partial gradients of one loss), averaged over DP
+            packed.set_gradient_divide_factor(float(dims.dp))
+            if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
+                packed.set_force_sum_reduction_for_comms(True)
+    backbone = model.backbone
+    fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
+    for block in backbone.layers:
+        fully_shard(block, mesh=mesh.dp_mesh, **common)
+    # The LM head stays in the root unit: the fused loss reads `lm_head.weight` without calling
+    # the module, so only the root's pre-forward hook would unshard it in time.
+    fully_shard(model, mesh=mesh.dp_mesh, **common)
+
+
+def _expert_shard_placement(edp: int):
+    """FSDP2 shards dim 0 (experts) by default; with fewer local experts than EDP ranks that
+    leaves ranks empty, so shard the first dimension that splits evenly (dim 0 if none: FSDP2
+    pads uneven dim-0 shards but rejects uneven shards of other dims)."""
+
+    def placement(param: torch.Tensor) -> Shard:
+        shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
+        for dim, size in enumerate(shape):
+            if size % edp == 0:
+                return Shard(dim)
+        return Shard(0)
+
+    return placement
+
+
+def token_loss_weight(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> float:
+    """Factor for this rank's token-mean loss so that the DP-averaged gradient is the gradient
+    of the mean over all tokens of the global batch: DP * local_tokens / global_tokens."""
+    local = loss_mask.detach().sum().to(torch.float64)
+    if mesh is None or mesh.dims.dp == 1:
+        return 1.0
+    total = local.clone().cpu() if mesh.world.device_type == "cpu" else local.clone()
+    dist.all_reduce(total, group=mesh.loss_group)
+    return float(mesh.dims.dp * local.cpu() / total.cpu().clamp(min=1.0))
+
+
+# -- initialisation -----------------------------------------------------------------------------
+
+def install_single_device_init(model: nn.Module) -> None:
+    """Replace `model.reset_parameters` (for use after `to_empty`) by `init_like_single_device`,
+    remembering the model's class before FSDP2 swaps it."""
+    cls = type(model)
+    model.reset_parameters = lambda: init_like_single_device(model, cls)
+
+
+def _owner_unit(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+@torch.no_grad()
+def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
+    """Initialise a sharded `Nano3ForCausalLM` to exactly the weights `reset_parameters()` gives
+    the single-device model under the current RNG state: a meta-device twin is materialised one
+    unit (embeddings, one block, ...) at a time on this rank's device, initialised in the
+    same order as `Nano3ForCausalLM.reset_parameters`, and each rank keeps its shards. Peak
+    extra memory: one block's full weights."""
+    cls = cls or type(model)
+    cfg = model.config
+    device = next(p for p in model.parameters()).device
+    if isinstance(next(model.parameters()), DTensor):
+        device = next(model.parameters()).to_local().device
+    with torch.device("meta"):
+        twin = cls(cfg)
+    real_params = dict(model.named_parameters())
+    real_buffers = dict(model.named_buffers())
+
+    def commit(prefix: str, unit: nn.Module) -> None:
+        for name, value in unit.named_parameters(prefix=prefix):
+            _copy_full_into(real_params[name], value)
+        for name, value in unit.named_buffers(prefix=prefix):
+            real_buffers[name].copy_(value)
+        unit.to_empty(device="meta")
+
+    # Nano3ForCausalLM.reset_parameters: embeddings, LM head, then every backbone module that
+    # initialises itself (plain Linear / Embedding / Conv1d are initialised by their owner).
+    twin.backbone.embeddings.to_empty(device=device)
+    nn.init.normal_(twin.backbone.embeddings.weight, std=cfg.init_std)
+    if not cfg.tie_word_embeddings:
+        twin.lm_head.to_empty(device=device)
+        nn.init.normal_(twin.lm_head.weight, std=cfg.init_std)
+        commit("lm_head", twin.lm_head)
+    current: str | None = None
+    units = dict(twin.backbone.named_modules())
+    for name, module in twin.backbone.named_modules():
+        if not name or not hasattr(module, "reset_parameters") or isinstance(
+                module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+            continue
+        unit = _owner_unit(name)
+        if unit != current:
+            if current is not None:
+                commit(f"backbone.{current}", units[current])
+            current = unit
+            units[unit].to_empty(device=device)
+        module.reset_parameters()
+    if current is not None:
+        commit(f"backbone.{current}", units[current])
+    for unit_name in ("embeddings", "norm_f"):
+        if unit_name != current and units[unit_name].weight.device.type != "meta":
+            commit(f"backbone.{unit_name}", units[unit_name])
+    leftover = [n for n, p in twin.named_parameters() if p.device.type != "meta"]
+    if leftover:
+        raise RuntimeError(f"init_like_single_device: parameters not copied: {leftover}")
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        param.to_local().copy_(replicated.redistribute(mesh, param.placements).to_local())
+    else:
+        param.copy_(full)

@@ -1,0 +1,383 @@
+"""Hugging Face interchange: our model <-> a transformers `NemotronHForCausalLM` directory.
+
+A directory holds `config.json` (written by transformers' own `NemotronHConfig`) and safetensors
+weights with the names transformers' `save_pretrained` writes: `backbone.*`, `lm_head.weight`, and
+one pair of 2-D tensors per routed expert (`mixer.experts.{k}.up_proj.weight` [ffn, hidden],
+`mixer.experts.{k}.down_proj.weight` [hidden, ffn]). Weights over `max_shard_bytes` are split into
+`model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`, as transformers does.
+
+Name mapping (all other names are identical on both sides):
+
+| ours (in memory)                             | Hugging Face (on disk)                                     |
+|----------------------------------------------|------------------------------------------------------------|
+| `...mixer.router.weight`                     | `...mixer.gate.weight`                                     |
+| `...mixer.router.expert_bias`                | `...mixer.gate.e_score_correction_bias`                    |
+| `...mixer.experts.up_proj` [E, ffn, hidden]  | `...mixer.experts.{k}.up_proj.weight` [ffn, hidden], k<E   |
+| `...mixer.experts.down_proj` [E, hidden, ffn]| `...mixer.experts.{k}.down_proj.weight` [hidden, ffn], k<E |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from nemotron.models.nano3.config import ModelConfigError, Nano3Config
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+# Our block kinds <-> transformers' `layers_block_type` entries (and their legacy spellings).
+HF_BLOCK_TYPE = {"mamba": "linear_attention", "attention": "full_attention", "moe": "moe", "mlp": "mlp"}
+_FROM_HF_BLOCK_TYPE = {
+    "linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "moe": "E", "mlp": "-",
+}
+# Tensors transformers keeps in float32 whatever the checkpoint dtype.
+_FP32_SUFFIXES = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
+# Multi-token-prediction heads some hub checkpoints carry; transformers ignores them too.
+_IGNORED_PREFIXES = ("mtp.",)
+
+
+class HFInteropError(ValueError):
+    """A Hugging Face directory or config that cannot be converted, with the file and key."""
+
+
+def _transformers_config_class():
+    try:
+        from transformers import NemotronHConfig
+    except ImportError as err:  # transformers is the optional `hf` extra
+        raise HFInteropError(
+            "Hugging Face interchange needs transformers>=5.3 (pip install 'nemotron[hf]')"
+        ) from err
+    return NemotronHConfig
+
+
+# ----------------------------------------------------------------------------- configs
+
+def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
+    """The transformers `NemotronHConfig` describing the same architecture."""
+    NemotronHConfig = _transformers_config_class()
+    kinds = config.block_kinds
+    has_moe = "moe" in kinds
+    if has_moe and config.moe_shared_expert_hidden_size == 0:
+        raise HFInteropError("NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0")
+    hf = NemotronHConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        layers_block_type=[HF_BLOCK_TYPE[k] for k in kinds],
+        tie_word_embeddings=config.tie_word_embeddings,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        attention_bias=False,
+        intermediate_size=config.ffn_hidden_size,
+        mlp_hidden_act="relu2",
+        mlp_bias=False,
+        ssm_state_size=config.mamba_state_size,
+        mamba_num_heads=config.mamba_num_heads,
+        mamba_head_dim=config.mamba_head_dim,
+        mamba_hidden_act="silu",
+        n_groups=config.mamba_num_groups,
+        conv_kernel=config.mamba_conv_kernel,
+        use_conv_bias=True,
+        chunk_size=config.mamba_chunk_size,
+        mamba_proj_bias=False,
+        time_step_min=config.mamba_dt_min,
+        time_step_max=config.mamba_dt_max,
+        time_step_floor=config.mamba_dt_init_floor,
+        time_step_limit=(0.0, float("inf")),
+        n_routed_experts=config.num_experts,
+        num_experts_per_tok=config.moe_top_k,
+        moe_intermediate_size=config.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=config.moe_shared_expert_hidden_size,
+        n_shared_experts=1,
+        routed_scaling_factor=config.moe_routed_scaling_factor,
+        norm_topk_prob=True,
+        n_group=1,
+        topk_group=1,
+        use_bias=False,
+        initializer_range=config.init_std,
+        layer_norm_epsilon=config.norm_eps,
+        residual_in_fp32=False,
+    )
+    hf.architectures = ["NemotronHForCausalLM"]
+    if dtype is not None:
+        hf.dtype = dtype
+    return hf
+
+
+def _read_config_json(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise HFInteropError(f"{path}: not found (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HFInteropError(f"{path}: invalid JSON ({err})") from err
+    if raw.get("model_type") != "nemotron_h":
+        raise HFInteropError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'nemotron_h'")
+    return raw
+
+
+def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
+    """Read `config.json` of a NemotronH directory (`layers_block_type` or the older
+    `hybrid_override_pattern`, and the older `mamba_*` key spellings) into a `Nano3Config`."""
+    hf_dir = Path(hf_dir)
+    where = hf_dir / "config.json"
+    raw = _read_config_json(hf_dir)
+    # transformers resolves legacy keys and defaults exactly as it would when loading the model.
+    hf = _transformers_config_class().from_pretrained(str(hf_dir))
+    try:
+        pattern = "".join(_FROM_HF_BLOCK_TYPE[t] for t in hf.layers_block_type)
+    except KeyError as err:
+        raise HFInteropError(f"{where}: unknown layer type {err.args[0]!r} in layers_block_type") from err
+    has_moe = "E" in pattern
+    unsupported = {
+        "mlp_hidden_act": (hf.mlp_hidden_act, "relu2"),
+        "mamba_hidden_act": (hf.mamba_hidden_act, "silu"),
+        "use_bias": (hf.use_bias, False),
+        "mamba_proj_bias": (hf.mamba_proj_bias, False),
+        "attention_bias": (hf.attention_bias, False),
+        "mlp_bias": (hf.mlp_bias, False),
+        "use_conv_bias": (hf.use_conv_bias, True),
+        "residual_in_fp32": (hf.residual_in_fp32, False),
+    }
+    if has_moe:
+        unsupported.update({
+            "norm_topk_prob": (hf.norm_topk_prob, True),
+            "n_group": (hf.n_group, 1),
+            "moe_latent_size": (hf.moe_latent_size, None),
+            "n_shared_experts": (hf.n_shared_experts, 1),
+        })
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise HFInteropError(f"{where}: {key}={value!r} is not supported (Nemotron 3 Nano uses {supported!r})")
+    head_dim = hf.head_dim if hf.head_dim is not None else hf.hidden_size // hf.num_attention_heads
+    try:
+        return Nano3Config(
+            hybrid_pattern=pattern,
+            num_layers=len(pattern),
+            hidden_size=hf.hidden_size,
+            vocab_size=hf.vocab_size,
+            norm_eps=hf.layer_norm_epsilon,
+            init_std=hf.initializer_range,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", hf.tie_word_embeddings)),
+            num_attention_heads=hf.num_attention_heads,
+            num_key_value_heads=hf.num_key_value_heads,
+            head_dim=head_dim,
+            mamba_num_heads=hf.mamba_num_heads,
+            mamba_head_dim=hf.mamba_head_dim,
+            mamba_state_size=hf.ssm_state_size,
+            mamba_num_groups=hf.n_groups,
+            mamba_conv_kernel=hf.conv_kernel,
+            mamba_chunk_size=hf.chunk_size,
+            mamba_dt_min=hf.time_step_min,
+            mamba_dt_max=hf.time_step_max,
+            mamba_dt_init_floor=hf.time_step_floor,
+            num_experts=hf.n_routed_experts,
+            moe_top_k=hf.num_experts_per_tok,
+            moe_ffn_hidden_size=hf.moe_intermediate_size,
+            moe_shared_expert_hidden_size=hf.moe_shared_expert_intermediate_size,
+            moe_routed_scaling_factor=float(hf.routed_scaling_factor),
+            ffn_hidden_size=hf.intermediate_size,
+        )
+    except ModelConfigError as err:
+        raise HFInteropError(f"{where}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _moe_prefixes(config: Nano3Config) -> list[str]:
+    return [f"backbone.layers.{i}.mixer." for i, kind in enumerate(config.block_kinds) if kind == "moe"]
+
+
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: Nano3Config) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF on-disk names. Per-expert tensors are views of the fused ones."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # transformers writes a tied head once, as the embedding
+        prefix, _, leaf = name.rpartition("mixer.")
+        if leaf in ("experts.up_proj", "experts.down_proj"):
+            which = leaf.split(".")[1]
+            for k in range(tensor.shape[0]):
+                out[f"{prefix}mixer.experts.{k}.{which}.weight"] = tensor[k]
+        elif leaf == "router.weight":
+            out[f"{prefix}mixer.gate.weight"] = tensor
+        elif leaf == "router.expert_bias":
+            out[f"{prefix}mixer.gate.e_score_correction_bias"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def from_hf_state_dict(hf_tensors: Mapping[str, torch.Tensor], config: Nano3Config,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """HF on-disk names -> our state dict (fused experts stacked to 3-D). Every parameter and
+    persistent buffer of the model must be present with the right shape; `mtp.*` is ignored."""
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+
+    with torch.device("meta"):
+        expected = Nano3ForCausalLM(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    wanted = to_hf_state_dict(expected, config)  # hf name -> meta tensor of the expected shape
+
+    unexpected = sorted(k for k in hf_tensors if k not in wanted and not k.startswith(_IGNORED_PREFIXES))
+    missing = sorted(k for k in wanted if k not in hf_tensors)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:5]}")
+        raise HFInteropError(f"{source}: does not match the architecture in config.json: " + "; ".join(parts))
+    for key, ref in wanted.items():
+        got = tuple(hf_tensors[key].shape)
+        if got != tuple(ref.shape):
+            raise HFInteropError(f"{source}: {key} has shape {got}, expected {tuple(ref.shape)}")
+
+    state: dict[str, torch.Tensor] = {}
+    for name in expected:
+        prefix, _, leaf = name.rpartition("mixer.")
+        if leaf in ("experts.up_proj", "experts.down_proj"):
+            which = leaf.split(".")[1]
+            state[name] = torch.stack(
+                [hf_tensors[f"{prefix}mixer.experts.{k}.{which}.weight"] for k in range(config.num_experts)]
+            )
+        elif leaf == "router.weight":
+            state[name] = hf_tensors[f"{prefix}mixer.gate.weight"]
+        elif leaf == "router.expert_bias":
+            state[name] = hf_tensors[f"{prefix}mixer.gate.e_score_correction_bias"]
+        else:
+            state[name] = hf_tensors[name]
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    return state
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, dtype_of) -> list[list[str]]:
+    """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * dtype_of(name, t).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Nano3Config,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = torch.bfloat16,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers `NemotronHForCausalLM` directory from our model's state dict.
+
+    `dtype`: the checkpoint dtype (None keeps each tensor's own); the router weight and expert
+    bias stay float32, as transformers keeps them. Written to a temporary sibling directory and
+    renamed, so a partial export never looks complete.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    hf_tensors = to_hf_state_dict(state_dict, config)
+
+    def dtype_of(name: str, t: torch.Tensor) -> torch.dtype:
+        if name.endswith(_FP32_SUFFIXES):
+            return torch.float32
+        return t.dtype if dtype is None else dtype
+
+    model_dtype = dtype or next(iter(state_dict.values())).dtype
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        to_hf_config(config, dtype=model_dtype).save_pretrained(str(tmp))
+        shards = _shards(hf_tensors, max_shard_bytes, dtype_of)
+        n = len(shards)
+        weight_map, total = {}, 0
+        for i, names in enumerate(shards, start=1):
+            filename = SAFE_WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            # Fresh, contiguous copies: safetensors refuses tensors that share storage (expert views).
+            chunk = {
+                k: hf_tensors[k].detach().to(device="cpu", dtype=dtype_of(k, hf_tensors[k]), copy=True).contiguous()
+                for k in names
+            }
+            save_file(chunk, str(tmp / filename), metadata={"format": "pt"})
+            for k, t in chunk.items():
+                weight_map[k] = filename
+                total += t.numel() * t.element_size()
+            del chunk
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _iter_hf_weight_files(hf_dir: Path) -> list[Path]:
+    index = hf_dir / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise HFInteropError(f"{index}: not a safetensors index ({err})") from err
+        files = sorted({hf_dir / f for f in weight_map.values()})
+    elif (hf_dir / SAFE_WEIGHTS_NAME).is_file():
+        files = [hf_dir / SAFE_WEIGHTS_NAME]
+    else:
+        raise HFInteropError(f"{hf_dir}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+    for f in files:
+        if not f.is_file():
+            raise HFInteropError(f"{f}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
+    return files
+
+
+def _read_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in _iter_hf_weight_files(hf_dir):
+        with safe_open(str(f), framework="pt") as reader:
+            for key in reader.keys():
+                yield key, reader.get_tensor(key)
+
+
+def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str, torch.Tensor]]:
+    """Read a NemotronH directory: its config and our state dict (tensors in their stored dtype)."""
+    hf_dir = Path(hf_dir)
+    config = from_hf_config(hf_dir)
+    hf_tensors = {k: v for k, v in _read_hf_tensors(hf_dir) if not k.startswith(_IGNORED_PREFIXES)}
+    return config, from_hf_state_dict(hf_tensors, config, source=str(hf_dir))
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A `Nano3ForCausalLM` with the weights of a NemotronH directory."""
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+
+    config, state = load_hf_state_dict(hf_dir)
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(config)
+    model.to_empty(device=device)
+    model.reset_parameters()  # non-persistent buffers (the token counters)
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
+

@@ -1,0 +1,233 @@
+"""Mixture of experts: router + dispatcher + experts (+ the shared expert), each swappable.
+
+- `Router`: float32 sigmoid scores; the top-k experts are *chosen* on `scores + expert_bias`
+  (the aux-loss-free balancing bias, updated outside the forward pass by
+  `nemotron.train.balancing`) but *weighted* by the unbiased scores of the chosen experts,
+  renormalised to sum 1 and times `routed_scaling_factor`.
+- `LocalDispatcher`: sorts the (token, expert) assignments by expert, no token dropping. The
+  expert-parallel all-to-all dispatcher in `nemotron.distributed` has the same interface.
+- `GroupedExperts`: all routed experts' weights as 3-D tensors, computed with one grouped GEMM
+  per projection where PyTorch has one for the device and dtype, else a per-expert loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron.models.nano3.config import Nano3Config
+from nemotron.models.nano3.mlp import MLP, relu2
+
+
+def _inside_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a non-reentrant activation recompute).
+    A compiled graph never re-runs Python in backward, so there the answer is always False."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def count_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [num_experts]: how many (token, slot) pairs chose each expert. Static-shape (unlike
+    `bincount`, so `torch.compile` keeps it in the graph); integer adds are deterministic."""
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+class RouterOutput(NamedTuple):
+    topk_idx: torch.Tensor  # [tokens, k] int64, chosen experts
+    topk_weight: torch.Tensor  # [tokens, k] float32, their combine weights
+    scores: torch.Tensor  # [tokens, experts] float32 sigmoid scores (unbiased)
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float,
+                 init_std: float) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.routed_scaling_factor = routed_scaling_factor
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        # Saved in checkpoints (HF: gate.e_score_correction_bias); only used to choose experts.
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last balancing update; not saved.
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32),
+                             persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+        self.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` / `.double()` must not change the balancing state's precision:
+        # bias updates of 1e-3 vanish in bfloat16. Device moves still apply.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "tokens_per_expert"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x [tokens, hidden] -> RouterOutput."""
+        # The router is always float32, autocast or not.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = torch.sigmoid(logits)
+        with torch.no_grad():
+            topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, topk_idx)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        # Count only real training forward passes: not eval, not no_grad, not a recompute.
+        if self.training and torch.is_grad_enabled() and not _inside_backward():
+            with torch.no_grad():
+                self.tokens_per_expert += count_per_expert(topk_idx, self.num_experts).to(
+                    self.tokens_per_expert.dtype
+                )
+        return RouterOutput(topk_idx, weights, scores)
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (coefficient not applied).
+
+    Per sequence of length S with E experts: `sum_i f_i * P_i` where `f_i = E / (k S) * #tokens
+    choosing expert i` and `P_i = mean over tokens of scores_i / sum_j scores_j`. It is 1 when
+    routing is perfectly uniform.
+
+    scores [batch, seq, E] float32; topk_idx [batch, seq, k].
+    """
+    b, s, e = scores.shape
+    probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    with torch.no_grad():
+        counts = torch.zeros(b, e, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, topk_idx.reshape(b, -1), torch.ones_like(topk_idx.reshape(b, -1), dtype=scores.dtype))
+        f = counts * (e / (top_k * s))
+    return (f * probs.mean(1)).sum(-1).mean()
+
+
+def _scatter_rows(src: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """out[dest[i]] = src[i] for a permutation `dest`. Its backward is a plain gather (an
+    advanced-indexing gather would need a sorting scatter-add backward instead)."""
+    return src.new_empty(src.shape).index_copy_(0, dest, src)
+
+
+class DispatchContext(NamedTuple):
+    order: torch.Tensor  # sorted row j holds (token, slot) pair order[j] (pair = token * k + slot)
+    topk_weight: torch.Tensor  # [tokens, k]
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort (token, slot) pairs by expert; combine un-sorts and weights."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+        """x [tokens, hidden] -> (rows sorted by expert [tokens*k, hidden], counts [E] int64, ctx)."""
+        tokens, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # stable: within an expert, tokens stay in order
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        pairs = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, -1)
+        counts = count_per_expert(flat, self.num_experts)
+        return _scatter_rows(pairs, position), counts, DispatchContext(order, topk_weight)
+
+    def combine(self, expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        """expert_out [tokens*k, hidden] (sorted rows) -> [tokens, hidden], weighted sum over k."""
+        tokens, k = ctx.topk_weight.shape
+        per_slot = _scatter_rows(expert_out, ctx.order).view(tokens, k, -1)
+        # A batched [1, k] x [k, hidden] product per token: no [tokens, k, hidden] temporary.
+        return torch.bmm(ctx.topk_weight.unsqueeze(1).to(per_slot.dtype), per_slot).squeeze(1)
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _can_use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
+    # PyTorch's grouped GEMM kernels: CUDA, bfloat16, 16-byte aligned rows.
+    return (
+        x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+        and all(d % 8 == 0 for d in dims)
+    )
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` squared-ReLU MLPs: up_proj [E, ffn, hidden], down_proj [E, hidden, ffn]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
+                 output_init_std: float) -> None:
+        super().__init__()
+        self.init_std = init_std
+        self.output_init_std = output_init_std
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.up_proj, std=self.init_std)
+        nn.init.normal_(self.down_proj, std=self.output_init_std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
+        up, down = self.up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
+        if _can_use_grouped_mm(x, up.shape[1], up.shape[2]) and up.dtype == down.dtype == x.dtype:
+            grouped_mm = _grouped_mm_fn()
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            # Operands are already in the compute dtype; keep autocast from re-casting them.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                h = relu2(grouped_mm(x, up.transpose(-2, -1), offs=offs))
+                return grouped_mm(h, down.transpose(-2, -1), offs=offs)
+        return self._forward_loop(x, counts, up, down)
+
+    @staticmethod
+    def _forward_loop(x: torch.Tensor, counts: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+                      ) -> torch.Tensor:
+        outs = [
+            F.linear(relu2(F.linear(rows, up[e])), down[e])
+            for e, rows in enumerate(torch.split(x, counts.tolist()))
+        ]
+        return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
+
+
+class MoE(nn.Module):
+    """Routed experts plus the always-on shared expert."""
+
+    def __init__(self, config: Nano3Config) -> None:
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.router = Router(config.hidden_size, config.num_experts, config.moe_top_k,
+                             config.moe_routed_scaling_factor, config.init_std)
+        self.dispatcher = LocalDispatcher(config.num_experts)
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.moe_ffn_hidden_size,
+                                      config.init_std, config.output_init_std)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_shared_expert_hidden_size, config.init_std, config.output_init_std)
+            if config.moe_shared_expert_hidden_size > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar)."""
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        route = self.router(flat)
+        rows, counts, ctx = self.dispatcher.dispatch(flat, route.topk_idx, route.topk_weight)
+        y = self.dispatcher.combine(self.experts(rows, counts), ctx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        aux = sequence_balance_loss(route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1), self.top_k)
+        return y.view(b, s, h), aux

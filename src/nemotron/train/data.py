@@ -1,0 +1,254 @@
+"""Training-time data: the batch plan, the phase curriculum and the sample loader.
+
+The loader's whole state is the number of samples consumed per split (plus, for training, the
+sample at which phase 2 began), so a resumed run reads exactly the samples an uninterrupted one
+would: nothing re-read, nothing skipped. Batches are cut Megatron-style: a step consumes
+`global_batch_size` consecutive samples; micro-step m of data-parallel rank r takes samples
+`start + m * micro * dp + r * micro ...` (+ micro).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nemotron.data.config import DataConfig
+from nemotron.data.gpt_dataset import build_split_dataset
+from nemotron.train.config import TrainConfig
+
+
+class TrainDataError(ValueError):
+    """Batch sizes or data settings that cannot form a training run."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int
+    dp_size: int
+    seq_length: int
+    total_steps: int
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.tokens_per_step
+
+
+def plan_batches(train: TrainConfig, dp_size: int = 1) -> BatchPlan:
+    """Derive gradient accumulation and the number of steps (from iters or tokens)."""
+    per_micro_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_micro_step:
+        raise TrainDataError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})"
+        )
+    if (train.train_iters is None) == (train.train_tokens is None):
+        raise TrainDataError("set exactly one of train.train_iters and train.train_tokens")
+    tokens_per_step = train.global_batch_size * train.seq_length
+    steps = train.train_iters if train.train_iters is not None else math.ceil(
+        train.train_tokens / tokens_per_step)
+    if steps <= 0:
+        raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
+    return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,
+                     train.seq_length, steps)
+
+
+def phase2_start_step(plan: BatchPlan, data: DataConfig) -> int | None:
+    """First step trained on the phase-2 blend: the first whose starting token count reaches
+    phase2_start_fraction of the run's tokens (None without a phase-2 blend)."""
+    if not data.phase2_blend:
+        return None
+    return min(plan.total_steps, math.ceil(data.phase2_start_fraction * plan.total_steps - 1e-9))
+
+
+@dataclass
+class LoaderState:
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    phase: int = 1
+    phase2_start_sample: int | None = None  # consumed_train_samples when phase 2 began
+
+
+class MockDataset(torch.utils.data.Dataset):
+    """Uniform-random tokens, a pure function of (seed, index): for benchmarks only."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
+        self.num_samples, self.seq_length = num_samples, seq_length
+        self.vocab_size, self.seed = vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        t = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=gen)
+        return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(self.seq_length)}
+
+
+def blend_has_split(blend_json: str | Path, split: str) -> bool:
+    try:
+        return split in json.loads(Path(blend_json).read_text())
+    except (OSError, json.JSONDecodeError):
+        return True  # let build_split_dataset raise its precise error
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class TrainingData:
+    """Datasets of a run (built lazily) and the loader position."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        train: TrainConfig,
+        plan: BatchPlan,
+        vocab_size: int,
+        dp_rank: int = 0,
+        state: LoaderState | None = None,
+    ) -> None:
+        self.data, self.train, self.plan = data, train, plan
+        self.vocab_size = vocab_size
+        self.dp_rank = dp_rank
+        self.state = state or LoaderState()
+        self.switch_step = phase2_start_step(plan, data)
+        self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
+
+    # -- datasets -------------------------------------------------------------------------
+
+    def _build(self, key: str, blend: str | None, split: str, num_samples: int):
+        if key not in self._datasets:
+            if num_samples <= 0:
+                self._datasets[key] = None
+            elif self.data.mock:
+                seed = self.train.seed + {"train1": 0, "train2": 1, "valid": 2, "test": 3}[key]
+                self._datasets[key] = MockDataset(num_samples, self.plan.seq_length,
+                                                  self.vocab_size, seed)
+            elif blend is None or not blend_has_split(blend, split):
+                self._datasets[key] = None
+            else:
+                self._datasets[key] = build_split_dataset(
+                    blend, split, num_samples, self.plan.seq_length, self.train.seed,
+                    self.data.cache_dir,
+                )
+        return self._datasets[key]
+
+    def phase_samples(self, phase: int) -> int:
+        gbs = self.plan.global_batch_size
+        if self.switch_step is None:
+            return self.plan.total_steps * gbs if phase == 1 else 0
+        start = self.switch_step if self.state.phase2_start_sample is None else (
+            self.state.phase2_start_sample // gbs)
+        return start * gbs if phase == 1 else (self.plan.total_steps - start) * gbs
+
+    def train_dataset(self, phase: int):
+        blend = self.data.blend if phase == 1 else self.data.phase2_blend
+        return self._build(f"train{phase}", blend, "train", self.phase_samples(phase))
+
+    def eval_dataset(self, split: str):
+        eval_iters = self.train.eval_iters
+        if split == "valid":
+            evals = self.plan.total_steps // self.train.eval_interval + 1
+            num = evals * eval_iters * self.plan.global_batch_size
+        else:
+            num = eval_iters * self.plan.global_batch_size
+        # Always the phase-1 blend's split, so every evaluation of a run is comparable.
+        return self._build(split, self.data.blend, split, num)
+
+    # -- batches --------------------------------------------------------------------------
+
+    def maybe_switch_phase(self, step: int) -> bool:
+        """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched."""
+        if self.state.phase == 1 and self.switch_step is not None and step >= self.switch_step:
+            self.state.phase = 2
+            self.state.phase2_start_sample = self.state.consumed_train_samples
+            return True
+        return False
+
+    def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
+        micro, dp = self.plan.micro_batch_size, self.plan.dp_size
+        batches = []
+        for first in range(start, start + count, micro * dp):
+            begin = first + self.dp_rank * micro
+            batches.append(collate([dataset[i] for i in range(begin, begin + micro)]))
+        return batches
+
+    def next_train_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next step; advances the loader position."""
+        phase = self.state.phase
+        dataset = self.train_dataset(phase)
+        phase_start = self.state.phase2_start_sample if phase == 2 else 0
+        offset = self.state.consumed_train_samples - phase_start
+        batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+        self.state.consumed_train_samples += self.plan.global_batch_size
+        return batches
+
+    def next_valid_batches(self) -> list[dict[str, torch.Tensor]] | None:
+        """eval_iters global batches of the valid split (continuing where the last eval stopped)."""
+        dataset = self.eval_dataset("valid")
+        if dataset is None:
+            return None
+        count = self.train.eval_iters * self.plan.global_batch_size
+        batches = self._micro_batches(dataset, self.state.consumed_valid_samples, count)
+        self.state.consumed_valid_samples += count
+        return batches
+
+    def test_batches(self) -> list[dict[str, torch.Tensor]] | None:
+        dataset = self.eval_dataset("test")
+        if dataset is None:
+            return None
+        return self._micro_batches(dataset, 0, self.train.eval_iters * self.plan.global_batch_size)
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    @staticmethod
+    def state_from(d: dict) -> LoaderState:
+        return LoaderState(**d)
+
+
+def unigram_entropy(blend_json: str | Path | None, split: str = "train",
+                    max_tokens: int = 200_000_000) -> float | None:
+    """Entropy (nats/token) of the blend's unigram token distribution (weights applied), the
+    loss of a model that ignores context: training loss should fall well below it.
+    None when there is no blend or it holds more than `max_tokens` tokens (too costly)."""
+    import numpy as np
+
+    from nemotron.data.gpt_dataset import open_indexed, read_blend
+
+    if blend_json is None:
+        return None
+    weights, prefixes = read_blend(blend_json, split)
+    datasets = [open_indexed(p) for p in prefixes]
+    sizes = [int(np.asarray(d.sequence_lengths, dtype=np.int64).sum()) for d in datasets]
+    if sum(sizes) > max_tokens or sum(sizes) == 0:
+        return None
+    mixture = None
+    total_weight = sum(w for w, n in zip(weights, sizes) if n)
+    for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):
+        if not n:
+            continue
+        # The .bin file is every sequence's tokens back to back (FACTS.md section 4).
+        tokens = np.memmap(str(prefix) + ".bin", dtype=dataset.dtype, mode="r")
+        counts = np.bincount(tokens.astype(np.int64)).astype(np.float64)
+        p = counts / counts.sum() * (weight / total_weight)
+        if mixture is None:
+            mixture = p
+        else:
+            size = max(len(mixture), len(p))
+            mixture = np.pad(mixture, (0, size - len(mixture))) + np.pad(p, (0, size - len(p)))
+    nz = mixture[mixture > 0]
+    return float(-(nz * np.log(nz)).sum())

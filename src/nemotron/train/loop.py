@@ -1,0 +1,482 @@
+"""`pretrain(cfg, job_dir)`: the Nemotron 3 Nano pretraining loop.
+
+One step: pick the phase and learning rate from the tokens consumed, run the micro-batches
+(gradient accumulation), sync and clip gradients, step AdamW (or skip a non-finite step), update
+the expert biases from the step's routing counts, log, evaluate, checkpoint. Everything a
+resumed run needs is in the checkpoint, so a run killed at any point continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemotron.artifacts.model import (
+    MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
+)
+from nemotron.train import balancing, flops
+from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
+from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
+from nemotron.train.metrics import EventHook, MetricsLogger
+from nemotron.train.optimizer import build_optimizer, set_learning_rate
+from nemotron.train.schedule import learning_rate, validate_schedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    tokens: int
+    final_loss: float | None
+    checkpoint: str | None
+    status: str = "completed"  # completed | interrupted (signal: checkpoint saved, run resumable)
+    valid_loss: float | None = None
+    test_loss: float | None = None
+    skipped_steps: int = 0
+    balance_max_over_mean: float | None = None  # worst layer, last step
+    balance_bias_range: float | None = None
+    unigram_entropy: float | None = None
+    tokens_per_second: float | None = None
+    resumed_from: str | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean training loss (incl. the balance loss term) over the step's micro-batches
+    lm_loss: float
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class Parallel:
+    """What the loop needs to know about the layout (single process: all defaults)."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None  # reduce gradients and losses over it
+    balancing_group: Any = None
+    mesh: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        index = 0
+        if dist.is_available() and dist.is_initialized():
+            index = dist.get_rank() % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+def apply_activation_recompute(model: torch.nn.Module) -> None:
+    """Recompute each residual block's activations in backward (non-reentrant checkpointing,
+    during which the MoE routers do not count tokens again)."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
+    )
+
+    from nemotron.models.nano3.model import Block
+
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
+                                                checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, Block),
+    )
+
+
+def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, Parallel]:
+    """The model on `device` in fp32 (master weights), parallelised when distributed."""
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+
+    arch = cfg.model.arch()
+    torch.manual_seed(cfg.train.seed)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        with torch.device(device):
+            model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
+        # Initialise through reset_parameters under the seed, exactly as the sharded path does,
+        # so one process and N data-parallel ranks start from the same weights.
+        torch.manual_seed(cfg.train.seed)
+        model.reset_parameters()
+        if cfg.train.activation_recompute:
+            apply_activation_recompute(model)
+        return model, Parallel()
+    from nemotron.distributed.mesh import build_mesh
+    from nemotron.distributed.parallel_dims import ParallelDims
+
+    if mesh is None:
+        dims = ParallelDims.from_config(cfg.model.parallel(), world, arch)
+        mesh = build_mesh(dims, device.type)
+    parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
+                        balancing_group=mesh.balancing_group, mesh=mesh)
+    from nemotron.distributed.parallelize import parallelize
+
+    # Built on the meta device and materialised shard by shard: a rank never holds the full model.
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
+    if cfg.train.activation_recompute:  # before sharding, as torchtitan does
+        apply_activation_recompute(model)
+    mixed = cfg.train.precision == "bf16" and device.type == "cuda"
+    model = parallelize(model, mesh, cfg.model.parallel(), mixed_precision=mixed)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.train.seed)
+    model.reset_parameters()  # the same weights as one process under this seed
+    return model, parallel
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"train.precision {precision!r} is not one of ('bf16', 'fp32')")
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Tensor]]:
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    return by_mesh
+
+
+def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of all gradients. Sharded (DTensor) gradients may live on different
+    meshes (dense on DP, routed experts on expert-DP): each mesh's norm is reduced over its
+    own mesh, then the squares are summed."""
+    squares = []
+    for grads in _grads_by_mesh(params).values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    if not squares:
+        return torch.zeros(())
+    return torch.stack(squares).sum().sqrt()
+
+
+def _mean_over_dp(value: torch.Tensor, parallel: Parallel) -> float:
+    if parallel.distributed and parallel.dp_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=parallel.dp_group)
+        value /= parallel.dp_size
+    return float(value)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str,
+    grad_clip: float,
+    parallel: Parallel | None = None,
+) -> StepResult:
+    """Forward/backward over the micro-batches, gradient sync + clip, and the AdamW step unless
+    the loss or gradient norm is non-finite (then the parameters are left untouched)."""
+    parallel = parallel or Parallel()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = len(micro_batches)
+    for batch in micro_batches:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        with autocast_context(precision, device):
+            out = model(tokens, labels=labels, loss_mask=loss_mask)
+        (out.loss / n).backward()
+        loss_sum += out.loss.detach().double()
+        lm_sum += out.lm_loss.detach().double()
+    # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = float(total_grad_norm(params))
+    if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
+        scale = grad_clip / (norm + 1e-6)
+        for group in _grads_by_mesh(params).values():  # one mesh per foreach call
+            torch._foreach_mul_(group, scale)
+    loss = _mean_over_dp(loss_sum / n, parallel)
+    lm_loss = _mean_over_dp(lm_sum / n, parallel)
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, lm_loss, norm, finite)
+
+
+@torch.no_grad()
+def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | None = None) -> float:
+    """Mean LM loss over the batches. Grad-free, so routers count nothing; the counters are
+    also restored afterwards, so evaluation can never leak into the balance update."""
+    parallel = parallel or Parallel()
+    moe = model.moe_layers() if hasattr(model, "moe_layers") else []
+    saved = [layer.router.tokens_per_expert.clone() for layer in moe]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        with autocast_context(precision, device):
+            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+                        loss_mask=batch["loss_mask"].to(device))
+        total += out.lm_loss.double()
+    for layer, counts in zip(moe, saved):
+        layer.router.tokens_per_expert.copy_(counts)
+    model.train(was_training)
+    return _mean_over_dp(total / max(len(micro_batches), 1), parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and return."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, parallel: Parallel) -> bool:
+        """True on every rank once any rank got a signal (so all save together)."""
+        flag = torch.tensor(1 if self.signum is not None else 0)
+        if parallel.distributed:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _config_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+
+
+def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mesh=None) -> TrainSummary:
+    """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
+    `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
+    checkpoint / end events (the CLI draws its progress bar from them)."""
+    job_dir = Path(job_dir)
+    validate_schedule(cfg.scheduler, cfg.optimizer)
+    device = resolve_device(cfg.train.device)
+    model, parallel = build_model(cfg, device, mesh)
+    rank0 = not parallel.distributed or dist.get_rank() == 0
+    plan = plan_batches(cfg.train, parallel.dp_size)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    train_model = torch.compile(model) if cfg.train.compile else model
+
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0}
+    loader_state = LoaderState()
+    resumed_from = None
+    ckpt_cfg = cfg.checkpoint
+    source = ckpt_cfg.load
+    if source is None and ckpt_cfg.save and ckpt_cfg.auto_resume:
+        found = resolve_checkpoint(ckpt_cfg.save, must_exist=False)
+        source = str(found) if found is not None else None
+    if source is not None:
+        loaded = load_checkpoint(source, model, optimizer)
+        resumed_from = str(loaded.path)
+        saved = loaded.train_state
+        loader_state = TrainingData.state_from(saved.pop("loader"))
+        state.update({k: saved[k] for k in state if k in saved})
+
+    data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
+                        loader_state)
+    arch = cfg.model.arch()
+    flops_per_token = flops.training_flops_per_token(arch, plan.seq_length)
+    world = dist.get_world_size() if parallel.distributed else 1
+    data_record = data_artifact_record(cfg.data.blend) if rank0 and not cfg.data.mock else None
+    config_json = json.dumps(_config_dict(cfg), indent=2, default=str)
+
+    metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
+                            run_config=_config_dict(cfg))
+    checkpointer = None
+    if ckpt_cfg.save:
+        checkpointer = Checkpointer(
+            ckpt_cfg.save, ckpt_cfg.keep_last, ckpt_cfg.async_save,
+            on_complete=lambda path, step: metrics.event("checkpoint", {"path": str(path), "step": step}),
+        )
+
+    def save() -> str | None:
+        if checkpointer is None:
+            return None
+        train_state = dict(state, loader=data.state_dict())
+        manifest = build_model_artifact(
+            step=state["step"], tokens=state["tokens"], model_config=dataclasses.asdict(arch),
+            data=data_record, phase=data.state.phase,
+            extra={"config": CONFIG_FILE, "phase2_blend": cfg.data.phase2_blend},
+        )
+        files = {CONFIG_FILE: config_json, MODEL_ARTIFACT_FILE: manifest_json(manifest)}
+        return str(checkpointer.save(state["step"], model, optimizer, train_state, files))
+
+    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    rate = cfg.train.expert_bias_update_rate
+    last: StepResult | None = None
+    last_balance: balancing.BalanceStats | None = None
+    valid_loss = test_loss = None
+    status = "completed"
+    last_checkpoint = resumed_from
+    saved_step = state["step"] if resumed_from else None
+    run_start, run_tokens = time.perf_counter(), 0
+    entropy = unigram_entropy(cfg.data.blend) if rank0 and not cfg.data.mock else None
+    metrics.event("start", {"total_steps": plan.total_steps, "step": state["step"],
+                            "resumed_from": resumed_from, "grad_accumulation": plan.grad_accumulation,
+                            "unigram_entropy": entropy})
+    if entropy is not None:
+        metrics.log("run", state["step"], {"unigram_entropy": entropy})
+    try:
+        with StopRequest() as stop:
+            while state["step"] < plan.total_steps:
+                step_start = time.perf_counter()
+                if data.maybe_switch_phase(state["step"]):
+                    metrics.event("phase", {"step": state["step"], "phase": 2})
+                lr = learning_rate(state["tokens"], plan.total_tokens, cfg.scheduler, cfg.optimizer)
+                set_learning_rate(optimizer, lr)
+                data_start = time.perf_counter()
+                batches = data.next_train_batches()
+                data_time = time.perf_counter() - data_start
+                last = train_step(train_model, optimizer, batches, device=device,
+                                  precision=cfg.train.precision, grad_clip=cfg.train.grad_clip,
+                                  parallel=parallel)
+                if last.finite:
+                    last_balance = balancing.update_expert_biases(
+                        moe_layers, rate, group=parallel.balancing_group)
+                    state["consecutive_nonfinite"] = 0
+                else:
+                    balancing.reset_expert_counts(moe_layers)
+                    state["skipped_steps"] += 1
+                    state["consecutive_nonfinite"] += 1
+                state["step"] += 1
+                state["tokens"] += plan.tokens_per_step
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - step_start
+                run_tokens += plan.tokens_per_step
+                tps = plan.tokens_per_step / elapsed
+                values = {
+                    "loss": last.loss, "lm_loss": last.lm_loss, "lr": lr,
+                    "grad_norm": last.grad_norm, "tokens": state["tokens"],
+                    "phase": data.state.phase, "step_time": elapsed, "data_time": data_time,
+                    "tokens_per_second": tps,
+                    "tflops": tps * flops_per_token / 1e12 / world,
+                    "mfu": flops.mfu(tps, arch, plan.seq_length, num_gpus=world),
+                    "memory_gb": _memory_gb(device), "skipped": not last.finite,
+                    "skipped_steps": state["skipped_steps"],
+                }
+                if last.finite and last_balance is not None:
+                    values.update(last_balance.summary())
+                    values["balance/per_layer_max_over_mean"] = last_balance.max_over_mean
+                if state["step"] % cfg.train.log_interval == 0 or state["step"] == plan.total_steps:
+                    metrics.log("train", state["step"], values)
+                if state["consecutive_nonfinite"] > cfg.train.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{state['consecutive_nonfinite']} consecutive steps (up to step "
+                        f"{state['step']}) had a non-finite loss or gradient norm (loss "
+                        f"{last.loss}, grad norm {last.grad_norm}); stopping. Updates of those "
+                        f"steps were skipped; the last good checkpoint is {last_checkpoint}"
+                    )
+                if checkpointer is not None:
+                    checkpointer.poll()
+                if cfg.train.eval_iters and state["step"] % cfg.train.eval_interval == 0:
+                    valid_loss = _run_eval(data.next_valid_batches(), model, device, cfg, parallel,
+                                           metrics, "eval", state["step"], valid_loss)
+                stopping = stop.requested(parallel)
+                if state["step"] % ckpt_cfg.save_interval == 0 or stopping or (
+                        state["step"] == plan.total_steps):
+                    if saved_step != state["step"]:
+                        last_checkpoint = save() or last_checkpoint
+                        saved_step = state["step"]
+                if stopping:
+                    status = "interrupted"
+                    metrics.event("stop", {"step": state["step"], "signal": stop.signum})
+                    break
+            if status == "completed" and cfg.train.eval_iters:
+                test_loss = _run_eval(data.test_batches(), model, device, cfg, parallel,
+                                      metrics, "test", state["step"], None)
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait()
+        metrics.close()
+
+    wall = time.perf_counter() - run_start
+    summary = TrainSummary(
+        steps=state["step"], tokens=state["tokens"],
+        final_loss=last.lm_loss if last is not None else None,
+        checkpoint=last_checkpoint, status=status, valid_loss=valid_loss, test_loss=test_loss,
+        skipped_steps=state["skipped_steps"],
+        balance_max_over_mean=last_balance.worst_max_over_mean if last_balance else None,
+        balance_bias_range=last_balance.bias_range if last_balance else None,
+        unigram_entropy=entropy,
+        tokens_per_second=run_tokens / wall if run_tokens and wall > 0 else None,
+        resumed_from=resumed_from,
+    )
+    metrics.event("end", dataclasses.asdict(summary))
+    return summary
+
+
+def _run_eval(batches, model, device, cfg, parallel, metrics, kind, step, previous):
+    if batches is None:
+        return previous
+    loss = evaluate(model, batches, device=device, precision=cfg.train.precision, parallel=parallel)
+    metrics.log(kind, step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
+    return loss

@@ -1,0 +1,137 @@
+"""Where training metrics go: a JSONL file in the job dir, Python logging, an event hook for the
+CLI (progress bar), and TensorBoard / W&B when configured. Only rank 0 writes.
+
+Every record of `metrics.jsonl` is one JSON object per line with `kind` (train | eval | test |
+run: facts about the run, e.g. the corpus's unigram entropy),
+`step`, `time` (unix seconds) and the values. A resumed run appends; for a step that was run
+twice (after a crash) the later record wins (`read_metrics` applies that rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from nemotron.train.config import LoggerConfig
+
+METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("nemotron.train")
+
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+class MetricsConfigError(ValueError):
+    """A logger section that cannot be honoured (e.g. W&B asked for but not installed)."""
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable
+    return value
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        job_dir: str | Path,
+        cfg: LoggerConfig,
+        *,
+        enabled: bool = True,
+        on_event: EventHook | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.on_event = on_event
+        self.job_dir = Path(job_dir)
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.job_dir / METRICS_FILE, "a", buffering=1)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise MetricsConfigError(
+                    "logger.tensorboard=true needs tensorboard: pip install 'nemotron[tensorboard]'"
+                ) from e
+            self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError as e:
+                raise MetricsConfigError(
+                    "logger.wandb=true needs wandb: pip install 'nemotron[wandb]' "
+                    "(or set logger.wandb=false)"
+                ) from e
+            self._wandb = wandb.init(
+                project=cfg.wandb_project or "nemotron", entity=cfg.wandb_entity,
+                mode=cfg.wandb_mode, dir=str(self.job_dir), config=run_config,
+                name=self.job_dir.name, resume="allow", id=self.job_dir.name,
+            )
+
+    def event(self, kind: str, payload: dict[str, Any]) -> None:
+        """A non-metric event (start, checkpoint, end, warning) for the CLI hook."""
+        if self.enabled and self.on_event is not None:
+            self.on_event(kind, payload)
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in numeric.items()}, step=step)
+        if kind == "run":
+            log.info("run: %s", values)
+        elif kind == "train":
+            log.info("step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", step,
+                     values.get("loss", float("nan")), values.get("lr", float("nan")),
+                     values.get("grad_norm", float("nan")), values.get("tokens_per_second", 0.0))
+        else:
+            log.info("step %d %s loss %.4f", step, kind, values.get("loss", float("nan")))
+        if self.on_event is not None:
+            self.on_event(kind, {"step": step, **values})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(job_dir: str | Path) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl, one per (kind, step): the last written wins (after a resume)."""
+    path = Path(job_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a training job dir")
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed mid-write can leave a torn last line; anything else is corrupt.
+                if f.readline() == "":
+                    break
+                raise ValueError(f"{path}:{lineno} is not valid JSON") from None
+            latest[(record.get("kind", "train"), int(record["step"]))] = record
+    return sorted(latest.values(), key=lambda r: (r["step"], r.get("kind", "")))

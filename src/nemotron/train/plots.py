@@ -1,0 +1,81 @@
+"""Training curves from a job dir's metrics.jsonl, drawn to PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemotron.train.metrics import read_metrics
+
+
+def _series(records, kind: str, key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for r in records:
+        value = r.get(key)
+        if r.get("kind") == kind and isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps.append(r["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write loss.png, lr.png and balance.png (when the run logged balance) for a job dir.
+
+    Returns the written paths. Raises FileNotFoundError when the dir has no metrics.jsonl and
+    ValueError when it holds no training records yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not any(r.get("kind") == "train" for r in records):
+        raise ValueError(f"{run_dir}/metrics.jsonl has no training records yet")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = out / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(*_series(records, "train", "lm_loss"), label="train (cross-entropy)", lw=1)
+    for kind, marker in (("eval", "o"), ("test", "s")):
+        steps, values = _series(records, kind, "loss")
+        if steps:
+            ax.plot(steps, values, marker=marker, ls="-" if kind == "eval" else "", label=kind)
+    entropy = _series(records, "run", "unigram_entropy")[1]
+    if entropy:
+        ax.axhline(entropy[-1], color="grey", lw=0.8, ls="--", label="unigram entropy of the data")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"loss: {run_dir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(*_series(records, "train", "lr"), lw=1)
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.grid(alpha=0.3)
+    save(fig, "lr.png")
+
+    worst = _series(records, "train", "balance/max_over_mean")
+    if worst[0]:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        top.plot(*worst, lw=1, label="worst layer")
+        top.plot(*_series(records, "train", "balance/mean_max_over_mean"), lw=1, label="layer mean")
+        top.axhline(1.0, color="grey", lw=0.8, ls="--")
+        top.set(ylabel="max / mean expert load", title="MoE load balance")
+        top.legend()
+        top.grid(alpha=0.3)
+        bottom.plot(*_series(records, "train", "balance/bias_range"), lw=1)
+        bottom.set(xlabel="step", ylabel="expert bias range")
+        bottom.grid(alpha=0.3)
+        save(fig, "balance.png")
+    return written

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from nemotron.artifacts.model import (
+    MODEL_ARTIFACT_KIND, ArtifactError, build_model_artifact, data_artifact_record,
+    read_model_artifact, write_model_artifact,
+)
+
+
+def test_manifest_records_the_data_artifact(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blend.json").write_text(json.dumps({"train": ["1", "/x/shard_0"]}))
+    (data / "metadata.json").write_text(json.dumps({"kind": "DataBlendsArtifact-pretrain", "docs": 3}))
+    record = data_artifact_record(data / "blend.json")
+    assert record["content"] == {"kind": "DataBlendsArtifact-pretrain", "docs": 3}
+    assert record["metadata"] == str(data / "metadata.json") and len(record["metadata_sha256"]) == 64
+
+    ckpt = tmp_path / "iter_0000010"
+    ckpt.mkdir()
+    manifest = build_model_artifact(step=10, tokens=640, model_config={"num_layers": 4},
+                                    data=record, phase=1)
+    write_model_artifact(ckpt, manifest)
+    read = read_model_artifact(ckpt)
+    assert read["kind"] == MODEL_ARTIFACT_KIND and read["step"] == 10
+    assert read["data"]["metadata_sha256"] == record["metadata_sha256"]
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_blend_without_metadata_and_bad_manifests(tmp_path):
+    (tmp_path / "blend.json").write_text("{}")
+    assert data_artifact_record(tmp_path / "blend.json")["metadata"] is None
+    assert data_artifact_record(None) is None
+    with pytest.raises(ArtifactError, match="does not exist"):
+        read_model_artifact(tmp_path)
+    (tmp_path / "ModelArtifact-pretrain.json").write_text('{"kind": "other"}')
+    with pytest.raises(ArtifactError, match="kind 'other'"):
+        read_model_artifact(tmp_path)
+    (tmp_path / "metadata.json").write_text("{broken")
+    with pytest.raises(ArtifactError, match="metadata.json is not valid JSON"):
+        data_artifact_record(tmp_path / "blend.json")

@@ -1,0 +1,293 @@
+"""The `nemotron` CLI up to the library calls: dry runs, job dirs, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+import pytest
+import typer
+
+import nemotron
+import nemotron.train
+from nemotron.cli.main import register_commands
+from nemotron.config import DataPrepJobConfig, PretrainConfig, load_config, recipe_config_dir
+
+
+@dataclasses.dataclass
+class FakeSummary:
+    steps: int
+    tokens: int
+    final_loss: float
+    checkpoint: str
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*"))
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ---------------------------------------------------------------- help, registration
+
+
+def test_help_lists_stages(cli):
+    result = cli("nano3", "--help")
+    assert result.exit_code == 0
+    assert "pretrain" in result.output and "data" in result.output
+    result = cli("nano3", "data", "prep", "pretrain", "--help")
+    assert result.exit_code == 0 and "--sample" in result.output and "--force" in result.output
+    assert cli("--version").output.strip() == f"nemotron {nemotron.__version__}"
+
+
+def test_register_commands_skips_modules_not_installed():
+    target = typer.Typer()
+    done = register_commands(target, ("nemotron.cli.pretrain", "nemotron.cli.not_a_module_yet"))
+    assert done == ["nemotron.cli.pretrain"]
+    assert [c.name for c in target.registered_commands] == ["pretrain"]
+
+
+# ---------------------------------------------------------------- dry run
+
+
+def test_pretrain_dry_run_prints_config_and_plan_and_writes_nothing(cli, tmp_path):
+    result = cli("nano3", "pretrain", "-c", "tiny", "--dry-run", "train.train_iters=3", "optimizer.lr=5e-4")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "train_iters: 3" in out and "lr: 0.0005" in out
+    assert "hybrid_pattern: MEM*EM" in out
+    for label in ("stage", "where", "command", "checkpoints", "job dir", "data"):
+        assert re.search(rf"^{label}\s", out, re.M), label
+    assert "train.train_iters=3" in out  # the command line that reproduces the run
+    assert all_files(cli.work) == [] and not (tmp_path / "cache").exists()
+
+
+def test_data_prep_dry_run_writes_nothing(cli, tmp_path):
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "--sample", "7", "num_shards=3")
+    assert result.exit_code == 0, result.output
+    assert "sample: 7" in result.output and "num_shards: 3" in result.output
+    assert "embedded://stdlib-code" in result.output
+    assert all_files(cli.work) == [] and not (tmp_path / "cache").exists()
+
+
+def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
+    (cli.work / "env.toml").write_text('[here]\nexecutor = "local"\nnproc_per_node = 2\n')
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "--run", "here")
+    assert result.exit_code == 0, result.output
+    assert "torchrun" in result.output and "--nproc-per-node 2" in result.output
+    assert all_files(cli.work) == [cli.work / "env.toml"]
+
+
+# ---------------------------------------------------------------- real runs (library mocked)
+
+
+def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    calls = []
+
+    def fake_pretrain(cfg, job_dir):
+        calls.append((cfg, job_dir))
+        assert (job_dir / "config.yaml").is_file() and (job_dir / "job.json").is_file()
+        return FakeSummary(steps=3, tokens=6144, final_loss=2.5, checkpoint=f"{job_dir}/checkpoints/step_3")
+
+    monkeypatch.setattr(nemotron.train, "pretrain", fake_pretrain, raising=False)
+    job_dir = tmp_path / "jobs" / "one"
+    overrides = ["train.train_iters=3", f"data.blend={blend}"]
+    before = dt.datetime.now(dt.timezone.utc)
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), *overrides)
+    assert result.exit_code == 0, result.output
+
+    (cfg, passed_dir), = calls
+    assert passed_dir == job_dir
+    assert isinstance(cfg, PretrainConfig) and cfg.train.train_iters == 3
+    assert cfg.checkpoint.save == str(job_dir / "checkpoints")  # null = <job dir>/checkpoints
+    assert load_config(job_dir / "config.yaml", [], PretrainConfig) == cfg
+
+    job = json.loads((job_dir / "job.json").read_text())
+    assert job["stage"] == "pretrain"
+    assert job["overrides"] == overrides
+    assert job["argv"] and isinstance(job["argv"], list)
+    assert job["config_source"].endswith("tiny.yaml")
+    assert job["package_version"] == nemotron.__version__
+    assert job["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", job["git_commit"])
+    assert before <= dt.datetime.fromisoformat(job["start_time"]) <= dt.datetime.now(dt.timezone.utc)
+
+    done = json.loads((job_dir / "result.json").read_text())
+    assert done["status"] == "completed" and done["steps"] == 3 and done["final_loss"] == 2.5
+    out = result.output
+    assert re.search(r"steps\s+3", out) and re.search(r"tokens\s+6,144", out)
+    assert re.search(r"final loss\s+2\.5000", out) and "checkpoints/step_3" in out
+    assert not [p for p in job_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_pretrain_default_job_dir_under_runs(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    seen = []
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda cfg, job_dir: seen.append(job_dir), raising=False)
+    result = cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}")
+    assert result.exit_code == 0, result.output
+    (job_dir,) = seen
+    assert job_dir.parent == cli.work / "runs" / "pretrain"
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", job_dir.name)
+
+
+def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+
+    def boom(cfg, job_dir):
+        raise RuntimeError("loss is nan at step 4")
+
+    monkeypatch.setattr(nemotron.train, "pretrain", boom, raising=False)
+    job_dir = tmp_path / "job"
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert result.exit_code == 1
+    assert_one_line_error(result, "RuntimeError: loss is nan at step 4", "error.txt")
+    assert json.loads((job_dir / "result.json").read_text())["status"] == "failed"
+    assert "Traceback" in (job_dir / "error.txt").read_text()
+
+
+def test_pretrain_missing_blend_is_one_line(cli, monkeypatch):
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda *a: pytest.fail("must not run"), raising=False)
+    result = cli("nano3", "pretrain", "-c", "tiny")
+    assert_one_line_error(result, "data.blend", "data prep")
+    assert all_files(cli.work) == []
+
+
+def test_existing_job_dir_is_refused(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda *a: pytest.fail("must not run"), raising=False)
+    job_dir = tmp_path / "taken"
+    job_dir.mkdir()
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert_one_line_error(result, "already exists")
+
+
+def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_module):
+    calls = []
+
+    @dataclasses.dataclass
+    class FakeResult:
+        output_dir: str
+        documents: int
+
+    def run_data_prep(cfg, recipe_dir):
+        calls.append((cfg, Path(recipe_dir)))
+        return FakeResult(output_dir=cfg.output_dir, documents=12)
+
+    fake_module("nemotron.data.prep", run_data_prep=run_data_prep)
+    job_dir = tmp_path / "prep-job"
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--sample", "5", "--force",
+                 "--job-dir", str(job_dir), "num_shards=3")
+    assert result.exit_code == 0, result.output
+    (cfg, recipe_dir), = calls
+    assert isinstance(cfg, DataPrepJobConfig)
+    assert cfg.sample == 5 and cfg.force is True and cfg.num_shards == 3
+    assert recipe_dir.name == "data_prep" and (recipe_dir / "tiny.yaml").is_file()
+    assert cfg.output_dir == str(cli.work / "output/nano3/stage0_pretrain_tiny")
+    # embedded:// names became local files: the tokenizer and a rewritten blend in the job dir
+    assert Path(cfg.tokenizer.model).name == "tokenizer.json" and Path(cfg.tokenizer.model).is_file()
+    blend = json.loads(Path(cfg.blend_path).read_text())
+    assert Path(cfg.blend_path).parent == job_dir
+    assert all(Path(d["path"]).is_file() and d["path"].endswith(".jsonl") for d in blend["datasets"])
+    job = json.loads((job_dir / "job.json").read_text())
+    assert job["stage"] == "data_prep" and job["overrides"] == ["num_shards=3", "sample=5", "force=true"]
+    assert json.loads((job_dir / "result.json").read_text())["documents"] == 12
+    assert re.search(r"documents\s+12", result.output)
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero
+
+
+def test_missing_config_file(cli):
+    assert_one_line_error(cli("nano3", "pretrain", "-c", "nowhere.yaml"), "nowhere.yaml", "not found")
+
+
+def test_unknown_recipe_name_suggests(cli):
+    assert_one_line_error(cli("nano3", "pretrain", "-c", "tinny", "-d"), "did you mean 'tiny'")
+
+
+def test_malformed_yaml(cli):
+    (cli.work / "bad.yaml").write_text("train:\n  train_iters: [1,\n")
+    assert_one_line_error(cli("nano3", "pretrain", "-c", "bad.yaml", "-d"), "bad.yaml", "malformed YAML")
+
+
+def test_unknown_override_key(cli):
+    err = assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "-d", "train.trian_iters=5"))
+    assert "did you mean 'train.train_iters'" in err
+
+
+def test_bad_value(cli):
+    assert_one_line_error(
+        cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "num_shards=zero"),
+        "num_shards must be an integer",
+    )
+
+
+def test_run_and_batch_are_exclusive(cli):
+    for stage in (["pretrain"], ["data", "prep", "pretrain"]):
+        result = cli("nano3", *stage, "-c", "tiny", "--run", "a", "--batch", "b")
+        assert result.exit_code == 2
+        assert_one_line_error(result, "--run and --batch are mutually exclusive")
+    assert all_files(cli.work) == []
+
+
+def test_unknown_profile(cli):
+    (cli.work / "env.toml").write_text('[cluster]\nexecutor = "local"\n')
+    assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "--run", "clustr"), "clustr", "did you mean 'cluster'")
+    assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "--batch", "nope", "-d"), "nope")
+    assert all_files(cli.work) == [cli.work / "env.toml"]
+
+
+# ---------------------------------------------------------------- the job side of --run/--batch
+
+
+def test_job_side_joins_the_submission_job_dir(cli, tmp_path, monkeypatch):
+    """A submitted job runs `nemotron ... -c <job dir>/config.yaml` with $NEMOTRON_JOB_DIR set."""
+    from nemotron.artifacts import jobdir
+    from nemotron.config import dump_config
+
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    cfg = load_config("tiny", [f"data.blend={blend}"], PretrainConfig)
+    job_dir = jobdir.create_job_dir(tmp_path / "submitted", config_yaml=dump_config(cfg),
+                                    info={"stage": "pretrain", "profile": "cluster"})
+    seen = []
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda c, d: seen.append((c, d)), raising=False)
+    monkeypatch.setenv("NEMOTRON_JOB_DIR", str(job_dir))
+    result = cli("nano3", "pretrain", "-c", str(job_dir / "config.yaml"))
+    assert result.exit_code == 0, result.output
+    ((ran, where),) = seen
+    assert where == job_dir and ran.checkpoint.save == str(job_dir / "checkpoints")
+    assert jobdir.read_job(job_dir)["profile"] == "cluster"  # the submission's record is kept
+    assert json.loads((job_dir / "run.json").read_text())["stage"] == "pretrain"
+    assert json.loads((job_dir / "result.json").read_text())["status"] == "completed"
+
+
+def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
+    """A data-prep config copied elsewhere still resolves `data_blend_raw.json` (shipped)."""
+    from nemotron.config import dump_config
+
+    copied = tmp_path / "elsewhere" / "config.yaml"
+    copied.parent.mkdir()
+    dump_config(load_config("default", [], DataPrepJobConfig), copied)
+    seen = []
+    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir: seen.append(Path(recipe_dir)))
+    result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
+    assert result.exit_code == 0, result.output
+    assert seen == [recipe_config_dir(DataPrepJobConfig)]

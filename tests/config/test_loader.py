@@ -1,0 +1,306 @@
+"""Recipe loading: overrides (nested keys, types, lists), unknown keys, bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from nemotron.config import (
+    ConfigError,
+    DataPrepJobConfig,
+    ModelConfig,
+    PretrainConfig,
+    dump_config,
+    load_config,
+    parse_override,
+    recipe_config_dir,
+    resolve_config_path,
+)
+from nemotron.data.config import DataPrepConfig, TokenizerConfig
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.models.nano3.config import NANO3_PATTERN, Nano3Config
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+MINIMAL = textwrap.dedent("""
+    model:
+      hybrid_pattern: "M*E"
+      num_layers: 3
+      hidden_size: 32
+    train:
+      train_iters: 10
+      global_batch_size: 4
+      micro_batch_size: 2
+    data:
+      blend: /data/blend.json
+""")
+
+
+# ---------------------------------------------------------------- override parsing
+
+
+@pytest.mark.parametrize(
+    "token, key, value",
+    [
+        ("train.train_iters=5000", "train.train_iters", 5000),
+        ("optimizer.lr=1e-3", "optimizer.lr", 1e-3),
+        ("optimizer.lr=3.0e-4", "optimizer.lr", 3e-4),
+        ("model.sequence_parallel=true", "model.sequence_parallel", True),
+        ("model.sequence_parallel=False", "model.sequence_parallel", False),
+        ("checkpoint.load=null", "checkpoint.load", None),
+        ("checkpoint.save=/x/y", "checkpoint.save", "/x/y"),
+        ("a.b=[1,2]", "a.b", [1, 2]),
+        ("a.b=[x, 0.5]", "a.b", ["x", 0.5]),
+        ("model.hybrid_pattern=M*E", "model.hybrid_pattern", "M*E"),
+        ("x='a=b'", "x", "a=b"),
+    ],
+)
+def test_parse_override_types(token, key, value):
+    ov = parse_override(token)
+    assert ov.key == key
+    assert ov.value == value and type(ov.value) is type(value)
+
+
+@pytest.mark.parametrize("token", ["train.train_iters", "=3", "a..b=1", "a.b c=1"])
+def test_parse_override_rejects_malformed(token):
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(token)
+
+
+def test_overrides_apply_last_to_nested_keys(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(
+        path,
+        ["train.train_iters=7", "optimizer.lr=2e-3", "model.num_experts=4", "model.moe_top_k=2",
+         "model.tensor_model_parallel_size=2", "model.sequence_parallel=true"],
+        PretrainConfig,
+    )
+    assert cfg.train.train_iters == 7
+    assert cfg.optimizer.lr == 2e-3
+    assert cfg.model.num_experts == 4
+    assert cfg.model.tensor_model_parallel_size == 2 and cfg.model.sequence_parallel is True
+    # untouched values come from the file, then the dataclass defaults
+    assert cfg.train.global_batch_size == 4 and cfg.train.seq_length == 8192
+
+
+def test_later_override_wins_and_sections_nest(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train.train_iters=1", "train.train_iters=2"], PretrainConfig)
+    assert cfg.train.train_iters == 2
+    prep = load_config(
+        write(tmp_path, "num_shards: 4\n", "prep.yaml"),
+        ["tokenizer.model=/tok/tokenizer.json", "tokenizer.add_bos=true", "sample=10"],
+        DataPrepJobConfig,
+    )
+    assert isinstance(prep.tokenizer, TokenizerConfig)
+    assert prep.tokenizer.model == "/tok/tokenizer.json" and prep.tokenizer.add_bos is True
+    assert prep.sample == 10 and prep.num_shards == 4
+
+
+@dataclasses.dataclass
+class ListSection:
+    sizes: list[int] = dataclasses.field(default_factory=list)
+    names: list[str] | None = None
+
+
+@dataclasses.dataclass
+class ListSchema:
+    section: ListSection = dataclasses.field(default_factory=ListSection)
+
+
+def test_list_override_into_list_field(tmp_path):
+    path = write(tmp_path, "section:\n  sizes: [3]\n")
+    cfg = load_config(path, ["section.sizes=[1,2]", "section.names=[a,b]"], ListSchema)
+    assert cfg.section.sizes == [1, 2] and cfg.section.names == ["a", "b"]
+    assert load_config(path, [], ListSchema).section.sizes == [3]
+    with pytest.raises(ConfigError, match=r"section\.sizes\[1\] must be an integer"):
+        load_config(path, ["section.sizes=[1,x]"], ListSchema)
+
+
+def test_interpolation_is_resolved(tmp_path):
+    path = write(tmp_path, MINIMAL + "checkpoint:\n  load: ${checkpoint.save}\n  save: /ckpt\n")
+    cfg = load_config(path, [], PretrainConfig)
+    assert cfg.checkpoint.load == "/ckpt"
+    cfg = load_config(path, ["checkpoint.save=/other"], PretrainConfig)
+    assert cfg.checkpoint.load == "/other"
+    cfg = load_config(path, ["checkpoint.load=${data.blend}"], PretrainConfig)
+    assert cfg.checkpoint.load == "/data/blend.json"
+    with pytest.raises(ConfigError, match="cannot resolve interpolation"):
+        load_config(path, ["checkpoint.load=${data.nothing}"], PretrainConfig)
+
+
+def test_empty_section_keeps_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "logger:\n"), [], PretrainConfig)
+    assert cfg.logger == PretrainConfig().logger
+
+
+def test_integer_valued_float_accepted_for_int(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("train_iters: 10", "train_tokens: 25e12"))
+    assert load_config(path, [], PretrainConfig).train.train_tokens == 25_000_000_000_000
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_override_key_suggests_nearest(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.trian_iters=5"], PretrainConfig)
+    message = str(err.value)
+    assert "'train.trian_iters'" in message and "did you mean 'train.train_iters'" in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="did you mean 'optimizer'"):
+        load_config(path, ["optimiser.lr=1"], PretrainConfig)
+    with pytest.raises(ConfigError, match="did you mean 'model.num_experts'"):
+        load_config(path, ["model.num_expert=8"], PretrainConfig)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write(tmp_path, MINIMAL + "scheduler:\n  warmup_token: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [], PretrainConfig)
+    message = str(err.value)
+    assert str(path) in message
+    assert "'scheduler.warmup_token'" in message and "'scheduler.warmup_tokens'" in message
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="valid keys here: .*save_interval"):
+        load_config(path, ["checkpoint.zzzzzz=1"], PretrainConfig)
+
+
+def test_override_below_a_value_is_an_error(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="'train.seed' is a value, not a section"):
+        load_config(path, ["train.seed.x=1"], PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.seq_length=abc", r"train\.seq_length must be an integer, got 'abc'"),
+        ("train.seq_length=1.5", r"train\.seq_length must be an integer"),
+        ("model.sequence_parallel=3", r"model\.sequence_parallel must be true or false"),
+        ("optimizer.lr=fast", r"optimizer\.lr must be a number"),
+        ("train.global_batch_size=null", r"train\.global_batch_size must not be null"),
+        ("model.hybrid_pattern=[1,2]", r"model\.hybrid_pattern must be a string"),
+        ("train=5", r"train must be a section"),
+    ],
+)
+def test_wrong_types(tmp_path, override, pattern):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path, [override], PretrainConfig)
+    assert override in str(err.value)  # names the override token that caused it
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("micro_batch_size: 2", "micro_batch_size: two"))
+    with pytest.raises(ConfigError, match=rf"{path}: train\.micro_batch_size must be an integer"):
+        load_config(path, [], PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["train.global_batch_size=5"], r"train\.global_batch_size: 5 is not divisible by train\.micro_batch_size=2"),
+        (["train.train_tokens=100"], r"set exactly one of them"),
+        (["train.train_iters=null"], r"set exactly one of them"),
+        (["train.seq_length=-8"], r"train\.seq_length: must be positive, got -8"),
+        (["train.micro_batch_size=0"], r"train\.micro_batch_size: must be positive"),
+        (["model.tensor_model_parallel_size=0"], r"model\.tensor_model_parallel_size: must be >= 1"),
+        (["optimizer.min_lr=1", "optimizer.lr=0.1"], r"optimizer\.min_lr: \(1\.0\) must not exceed"),
+        (["optimizer.beta2=1.5"], r"optimizer\.beta2: must be in \[0, 1\)"),
+        (["scheduler.stable_fraction_end=2"], r"scheduler\.stable_fraction_end"),
+        (["train.precision=fp8"], r"train\.precision='fp8' is not one of"),
+        (["data.blend=null"], r"data\.blend: is null"),
+        (["checkpoint.save_interval=0"], r"checkpoint\.save_interval: must be positive"),
+    ],
+)
+def test_impossible_values(tmp_path, overrides, pattern):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path, overrides, PretrainConfig)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["model.num_layers=4"], r"model\.hybrid_pattern has 3 blocks but model\.num_layers=4"),
+        (["model.num_attention_heads=3", "model.num_key_value_heads=2"],
+         r"model\.num_attention_heads \(3\) must be divisible by model\.num_key_value_heads"),
+        (["model.hybrid_pattern=MXE"], r"model\.hybrid_pattern has unknown symbol"),
+        (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
+    ],
+)
+def test_model_errors_name_model_keys(tmp_path, overrides, pattern):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path, overrides, PretrainConfig)
+
+
+def test_data_prep_values(tmp_path):
+    path = write(tmp_path, "num_shards: 4\n", "prep.yaml")
+    with pytest.raises(ConfigError, match=r"num_shards: must be >= 1, got 0"):
+        load_config(path, ["num_shards=0"], DataPrepJobConfig)
+    with pytest.raises(ConfigError, match=r"valid_fraction: must be in \[0, 1\)"):
+        load_config(path, ["valid_fraction=1.5"], DataPrepJobConfig)
+    with pytest.raises(ConfigError, match=r"did you mean 'tokenizer.add_eos'"):
+        load_config(path, ["tokenizer.add_eoss=false"], DataPrepJobConfig)
+
+
+def test_malformed_yaml_names_file(tmp_path):
+    path = write(tmp_path, "train: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{path}: malformed YAML") as err:
+        load_config(path, [], PretrainConfig)
+    assert "\n" not in str(err.value)
+    path = write(tmp_path, "- a\n- b\n", "list.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path, [], PretrainConfig)
+
+
+# ---------------------------------------------------------------- names, schema, dump
+
+
+def test_config_name_resolution(tmp_path):
+    assert resolve_config_path("default", PretrainConfig) == recipe_config_dir(PretrainConfig) / "default.yaml"
+    assert resolve_config_path("tiny", DataPrepJobConfig).parent.name == "data_prep"
+    path = write(tmp_path, MINIMAL)
+    assert resolve_config_path(str(path), PretrainConfig) == path
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        resolve_config_path("tinyy", PretrainConfig)
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config_path(str(tmp_path / "missing.yaml"), PretrainConfig)
+
+
+def test_model_section_is_flat_and_splits():
+    model = ModelConfig(tensor_model_parallel_size=8, expert_model_parallel_size=8, sequence_parallel=True)
+    assert isinstance(model, Nano3Config)
+    arch, parallel = model.arch(), model.parallel()
+    assert type(arch) is Nano3Config and arch.hybrid_pattern == NANO3_PATTERN
+    assert parallel == ParallelismConfig(tensor_model_parallel_size=8, expert_model_parallel_size=8,
+                                         sequence_parallel=True)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert names == {f.name for f in dataclasses.fields(Nano3Config)} | {
+        f.name for f in dataclasses.fields(ParallelismConfig)}
+    assert DataPrepJobConfig is DataPrepConfig
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config("tiny", ["train.train_iters=3", "checkpoint.save=/c"], PretrainConfig)
+    out = tmp_path / "resolved.yaml"
+    text = dump_config(cfg, out)
+    assert out.read_text() == text
+    assert load_config(out, [], PretrainConfig) == cfg
+    prep = load_config("tiny", ["sample=5"], DataPrepJobConfig)
+    dump_config(prep, tmp_path / "prep.yaml")
+    assert load_config(tmp_path / "prep.yaml", [], DataPrepJobConfig) == prep

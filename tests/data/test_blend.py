@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from nemotron.data.blend import (
+    BlendError,
+    ShardWeight,
+    load_blend,
+    parse_blend,
+    shard_weights,
+    write_split_blend,
+)
+
+
+def _write(tmp_path, datasets, **top):
+    path = tmp_path / "data_blend_raw.json"
+    path.write_text(json.dumps({"datasets": datasets, **top}))
+    return path
+
+
+GOOD = {"name": "cc", "path": "hf://nvidia/Nemotron-CC-v2.1", "subset": "High-Quality", "weight": 1.0}
+
+
+def test_valid_blend_parses(tmp_path):
+    blend = load_blend(_write(tmp_path, [GOOD, {"name": "code", "path": "code/*.jsonl", "weight": 3,
+                                                  "text_field": "content", "split": {"valid": 0.01},
+                                                  "min_doc_chars": 5}]))
+    assert [e.name for e in blend] == ["cc", "code"]
+    assert blend.entries[1].text_field == "content"
+    assert blend.entries[1].valid_fraction == 0.01 and blend.entries[1].test_fraction == 0.0
+    assert blend.normalised_weights == {"cc": 0.25, "code": 0.75}
+
+
+@pytest.mark.parametrize(
+    "entry,pattern",
+    [
+        ({"name": "x", "weight": 1}, r"datasets\[1\] \('x'\): missing required field 'path'"),
+        ({"name": "x", "path": "p", "weight": 0}, r"datasets\[1\] \('x'\): field 'weight' must be > 0"),
+        ({"name": "x", "path": "p", "weight": -2}, r"field 'weight' must be > 0"),
+        ({"name": "x", "path": "p", "weight": "1.0"}, r"field 'weight' must be a number"),
+        ({"name": "x", "path": "p", "weight": True}, r"field 'weight' must be a number"),
+        ({"name": "x", "path": "p", "weight": float("nan")}, r"field 'weight' must be finite"),
+        ({"name": "cc", "path": "p", "weight": 1}, r"datasets\[1\] \('cc'\): duplicate name 'cc' \(also datasets\[0\]\)"),
+        ({"name": "x", "path": "p", "weight": 1, "wieght": 2}, r"unknown key 'wieght' \(did you mean 'weight'\?\)"),
+        ({"name": "a b", "path": "p", "weight": 1}, r"field 'name' must use only"),
+        ({"name": "x", "path": "", "weight": 1}, r"field 'path' must be a non-empty string"),
+        ({"name": "x", "path": "p", "weight": 1, "split": {"valid": 0.6, "test": 0.5}}, r"leaves no training"),
+        ({"name": "x", "path": "p", "weight": 1, "split": {"dev": 0.1}}, r"unknown key 'dev'"),
+        ({"name": "x", "path": "p", "weight": 1, "max_doc_tokens": 1.5}, r"'max_doc_tokens' must be an integer"),
+        ("not an object", r"datasets\[1\]: each entry must be an object"),
+    ],
+)
+def test_validation_errors_name_file_entry_and_field(tmp_path, entry, pattern):
+    path = _write(tmp_path, [GOOD, entry])
+    with pytest.raises(BlendError, match=pattern) as info:
+        load_blend(path)
+    assert str(path) in str(info.value)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(BlendError, match="not found"):
+        load_blend(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"datasets": [')
+    with pytest.raises(BlendError, match=r"bad.json: invalid JSON at line 1"):
+        load_blend(bad)
+    with pytest.raises(BlendError, match="unknown top-level key 'dataset'"):
+        load_blend(_write(tmp_path, [GOOD], dataset=[]))
+    with pytest.raises(BlendError, match="non-empty list"):
+        parse_blend({"datasets": []}, "b.json")
+
+
+def test_shard_weights_follow_dataset_weight_not_shard_count():
+    shards = [ShardWeight("a", f"a_{i}", 100) for i in range(128)] + [ShardWeight("b", "b_0", 50)]
+    weighted = shard_weights({"a": 0.5, "b": 0.5}, shards)
+    share_a = sum(w.weight for w in weighted if w.dataset == "a")
+    assert share_a == pytest.approx(0.5)
+    assert sum(w.weight for w in weighted) == pytest.approx(1.0)
+    # Within a dataset, shards are drawn in proportion to their tokens.
+    uneven = shard_weights({"a": 1.0}, [ShardWeight("a", "a_0", 300), ShardWeight("a", "a_1", 100),
+                                        ShardWeight("a", "a_2", 0)])
+    assert [w.weight for w in uneven] == pytest.approx([0.75, 0.25])
+
+
+def test_split_blend_file_format(tmp_path):
+    path = write_split_blend(
+        tmp_path / "blend.json",
+        {"train": [ShardWeight("a", "/x/train/a_00000", 10, 0.25), ShardWeight("b", "/x/train/b_00000", 5, 0.75)],
+         "valid": [ShardWeight("a", "/x/valid/a_00000", 1, 1.0)]},
+    )
+    data = json.loads(path.read_text())
+    assert data == {
+        "train": ["0.25", "/x/train/a_00000", "0.75", "/x/train/b_00000"],
+        "valid": ["1.0", "/x/valid/a_00000"],
+        "test": [],
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["blend.json"]
+
+
+def test_shipped_nano3_blends_are_valid():
+    from importlib import resources
+
+    directory = resources.files("nemotron") / "recipes" / "nano3" / "stage0_pretrain" / "config" / "data_prep"
+    phase1 = load_blend(directory / "data_blend_raw.json")
+    phase2 = load_blend(directory / "data_blend_phase2.json")
+    families = {e.path for e in phase1}
+    assert {"hf://nvidia/Nemotron-CC-v2.1", "hf://nvidia/Nemotron-CC-Math-v1",
+            "hf://nvidia/Nemotron-Pretraining-Specialized-v1", "hf://nvidia/Nemotron-CC-Code-v1"} <= families
+    # Phase 2 upweights the specialised STEM data relative to phase 1.
+    share = lambda blend: sum(w for n, w in blend.normalised_weights.items() if "pretraining" in n)  # noqa: E731
+    assert share(phase2) > share(phase1)

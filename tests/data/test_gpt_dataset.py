@@ -1,0 +1,120 @@
+"""GPT dataset and blending against a direct (slow, obvious) implementation of Megatron's rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nemotron.data.blended import build_blending_indices
+from nemotron.data.gpt_dataset import GPTDataset, GPTDatasetError, build_split_dataset
+from nemotron.data.indexed import IndexedDatasetWriter
+
+
+def write_dataset(prefix, docs, dtype=np.uint16):
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        for doc in docs:
+            writer.add_document(np.asarray(doc, dtype=dtype))
+
+
+def random_docs(rng, count, max_len, vocab=1000, allow_empty=False):
+    low = 0 if allow_empty else 1
+    return [rng.integers(0, vocab, size=int(rng.integers(low, max_len + 1))) for _ in range(count)]
+
+
+def direct_samples(docs, num_samples, seq_length, seed):
+    """Megatron's rules spelled out: epochs, shuffled docs, a flat token stream, shuffled samples."""
+    tokens_per_epoch = sum(len(d) for d in docs)
+    epochs = 1
+    while epochs * tokens_per_epoch < num_samples * seq_length + 1:
+        epochs += 1
+    rng = np.random.RandomState(seed)
+    order = np.array([d for _ in range(epochs) for d in range(len(docs))], dtype=np.int32)
+    rng.shuffle(order)
+    stream = np.concatenate([np.asarray(docs[d], dtype=np.int64) for d in order])
+    count = (len(stream) - 1) // seq_length
+    samples = [stream[j * seq_length : j * seq_length + seq_length + 1] for j in range(count)]
+    perm = np.arange(count, dtype=np.uint32)
+    rng.shuffle(perm)
+    return [samples[p] for p in perm]
+
+
+def direct_blend(weights, size):
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    drawn = np.zeros(len(w))
+    out = []
+    for i in range(size):
+        d = int(np.argmax(w * max(i, 1) - drawn))  # argmax returns the first of ties
+        out.append((d, int(drawn[d])))
+        drawn[d] += 1
+    return out
+
+
+@pytest.mark.parametrize("seed,seq_length,num_samples,allow_empty", [
+    (1234, 16, 40, False), (7, 5, 300, True), (0, 64, 3, False),
+])
+def test_gpt_dataset_matches_direct_rules(tmp_path, seed, seq_length, num_samples, allow_empty):
+    rng = np.random.default_rng(seed)
+    docs = random_docs(rng, 23, 40, allow_empty=allow_empty)
+    write_dataset(tmp_path / "shard", docs)
+    ds = GPTDataset(str(tmp_path / "shard"), num_samples, seq_length, seed, tmp_path / "cache")
+    expected = direct_samples(docs, num_samples, seq_length, seed)
+    assert len(ds) == len(expected) >= num_samples
+    for i in range(len(ds)):
+        item = ds[i]
+        np.testing.assert_array_equal(item["tokens"].numpy(), expected[i][:-1])
+        np.testing.assert_array_equal(item["labels"].numpy(), expected[i][1:])
+        assert item["loss_mask"].shape == (seq_length,) and item["loss_mask"].sum() == seq_length
+
+
+def test_blending_indices_match_direct_rule():
+    for weights, size in [([0.5, 0.3, 0.2], 500), ([1, 1], 77), ([3.0, 1.0, 1.0, 5.0], 1000)]:
+        dataset_index, sample_index = build_blending_indices(weights, size)
+        assert list(zip(dataset_index.tolist(), sample_index.tolist())) == direct_blend(weights, size)
+
+
+def test_split_dataset_blends_per_split_json(tmp_path):
+    rng = np.random.default_rng(3)
+    docs_a, docs_b = random_docs(rng, 30, 30), random_docs(rng, 10, 50)
+    write_dataset(tmp_path / "a", docs_a)
+    write_dataset(tmp_path / "b", docs_b)
+    blend = tmp_path / "blend.json"
+    # Relative prefixes resolve beside the blend file; weights may be strings.
+    blend.write_text(json.dumps({"train": ["3", "a", "1", str(tmp_path / "b")]}))
+    n, s, seed = 60, 8, 99
+    ds = build_split_dataset(blend, "train", n, s, seed, tmp_path / "cache")
+    assert len(ds) == n
+    per_dataset = {
+        0: direct_samples(docs_a, int(np.ceil(n * 0.75 * 1.005)), s, seed),
+        1: direct_samples(docs_b, int(np.ceil(n * 0.25 * 1.005)), s, seed),
+    }
+    for i, (d, k) in enumerate(direct_blend([3, 1], n)):
+        np.testing.assert_array_equal(ds[i]["tokens"].numpy(), per_dataset[d][k][:-1])
+
+
+def test_index_cache_is_reused_and_keyed(tmp_path):
+    rng = np.random.default_rng(5)
+    write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
+    cache = tmp_path / "cache"
+    first = GPTDataset(str(tmp_path / "a"), 10, 8, 1, cache)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 4  # three index arrays + the description marking completeness
+    second = GPTDataset(str(tmp_path / "a"), 10, 8, 1, cache)
+    assert sorted(p.name for p in cache.iterdir()) == files
+    assert isinstance(second.shuffle_index, np.memmap)
+    np.testing.assert_array_equal(first.shuffle_index, second.shuffle_index)
+    GPTDataset(str(tmp_path / "a"), 10, 8, 2, cache)  # another seed is another key
+    assert len(list(cache.iterdir())) == 8
+
+
+def test_blend_errors_name_file_and_entry(tmp_path):
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1.0", str(tmp_path / "missing")]}))
+    with pytest.raises(GPTDatasetError, match=r"blend.json.*train\[1\].*missing"):
+        build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
+    with pytest.raises(GPTDatasetError, match="no 'valid' split"):
+        build_split_dataset(blend, "valid", 4, 8, 1, tmp_path / "cache")
+    blend.write_text(json.dumps({"train": ["heavy", str(tmp_path / "x")]}))
+    with pytest.raises(GPTDatasetError, match="'heavy' is not a number"):
+        build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")

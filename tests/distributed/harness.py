@@ -1,0 +1,136 @@
+"""Train a tiny Nano3 for a few steps single-process and under a parallel layout; compare."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
+from nemotron.distributed.parallelize import token_loss_weight
+from nemotron.distributed.utils import clip_grad_norm_
+from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
+from nemotron.train.balancing import update_expert_biases
+
+GLOBAL_BATCH, SEQ, LR, BIAS_RATE = 4, 8, 0.05, 0.01
+
+
+def tiny_config(**overrides) -> Nano3Config:
+    fields = dict(
+        hybrid_pattern="ME*EM-", num_layers=6, hidden_size=32, vocab_size=96,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        mamba_num_heads=4, mamba_head_dim=8, mamba_state_size=8, mamba_num_groups=2,
+        mamba_conv_kernel=4, mamba_chunk_size=4,
+        num_experts=8, moe_top_k=3, moe_ffn_hidden_size=16, moe_shared_expert_hidden_size=24,
+        ffn_hidden_size=40, init_std=0.05,
+    )
+    fields.update(overrides)
+    return Nano3Config(**fields)
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, 96, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
+    return tokens[:, :-1], tokens[:, 1:], loss_mask
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        out[name.replace("_orig_mod.", "")] = g.detach().clone()
+    return out
+
+
+def train_step(model, opt, ids, labels, mask, weight=1.0):
+    opt.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, loss_mask=mask)
+    (out.loss * weight).backward()
+    return out
+
+
+def compare_with_single_process(rank: int, world_size: int, parallel_kw: dict,
+                                model_kw: dict | None = None, steps: int = 3):
+    torch.manual_seed(0)
+    reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
+    model = copy.deepcopy(reference)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+
+    dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, model.config)
+    mesh = build_mesh(dims, "cpu")
+    parallelize(model, mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    per_rank = GLOBAL_BATCH // dims.dp
+    lo = mesh.dp_rank * per_rank
+
+    for step in range(steps):
+        ids, labels, mask = batch(step)
+        ref_out = train_step(reference, ref_opt, ids, labels, mask)
+        ref_grads = full_grads(reference)
+        ref_opt.step()
+        update_expert_biases(reference.moe_layers(), BIAS_RATE)
+
+        sl = slice(lo, lo + per_rank)
+        weight = token_loss_weight(mask[sl], mesh)
+        out = train_step(model, opt, ids[sl], labels[sl], mask[sl], weight)
+        lm = out.lm_loss.detach() * mask[sl].sum()
+        pair = torch.stack([lm, mask[sl].sum()])
+        dist.all_reduce(pair, group=mesh.loss_group)
+        torch.testing.assert_close(pair[0] / pair[1], ref_out.lm_loss.detach(), rtol=1e-5, atol=1e-6)
+        grads = full_grads(model)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+        norm = clip_grad_norm_(model.parameters(), float("inf"))
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-7)
+        opt.step()
+        update_expert_biases(model.moe_layers(), BIAS_RATE, mesh.balancing_group)
+        for ref_moe, moe in zip(reference.moe_layers(), model.moe_layers()):
+            torch.testing.assert_close(moe.router.expert_bias, ref_moe.router.expert_bias)
+    return float(ref_out.lm_loss)
+
+
+def meta_init_matches_single_device(rank: int, world_size: int, parallel_kw: dict):
+    """Build on meta, parallelize, to_empty + reset_parameters: every rank's shards equal the
+    single-device reset_parameters() weights; then one bf16 mixed-precision step runs."""
+    cfg = tiny_config()
+    with torch.device("meta"):
+        reference = Nano3ForCausalLM(cfg)
+    reference.to_empty(device="cpu")
+    torch.manual_seed(7)
+    reference.reset_parameters()
+
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, cfg)
+    mesh = build_mesh(dims, "cpu")
+    parallelize(model, mesh, ParallelismConfig(**parallel_kw), mixed_precision=True)
+    model.to_empty(device="cpu")
+    torch.manual_seed(7)
+    model.reset_parameters()
+    ref_state = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        torch.testing.assert_close(full, ref_state[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, labels, mask = batch(0)
+    per_rank = GLOBAL_BATCH // dims.dp
+    sl = slice(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank)
+    out = train_step(model, opt, ids[sl], labels[sl], mask[sl])
+    ref_loss = reference(ids, labels=labels, loss_mask=mask).lm_loss
+    assert abs(float(out.lm_loss) - float(ref_loss)) < 0.05  # bf16 compute
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32  # fp32 master + grads
+        assert torch.isfinite(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).all()
+    before = clip_grad_norm_(model.parameters(), max_norm=0.01)
+    after = clip_grad_norm_(model.parameters(), max_norm=float("inf"))
+    assert float(before) > 0.02 and abs(float(after) - 0.01) < 1e-4
+    opt.step()
+    return float(out.lm_loss)

@@ -1,0 +1,58 @@
+import pytest
+
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+from nemotron.models.nano3.config import Nano3Config
+
+
+def cfg(**kw):
+    return ParallelismConfig(**kw)
+
+
+def test_dp_is_derived_and_expert_view():
+    dims = ParallelDims.from_config(
+        cfg(tensor_model_parallel_size=8, expert_model_parallel_size=8, sequence_parallel=True),
+        world_size=64, model_config=Nano3Config())
+    assert (dims.dp, dims.tp, dims.ep, dims.edp) == (8, 8, 8, 8)
+    assert "DP 8" in dims.describe()
+
+
+@pytest.mark.parametrize("kw, world, needle", [
+    (dict(tensor_model_parallel_size=3, sequence_parallel=True), 8, "TP*CP*PP = 3*1*1 = 3"),
+    (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
+    (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
+    (dict(pipeline_model_parallel_size=2), 4, "pipeline parallelism is not implemented"),
+    (dict(context_parallel_size=2), 4, "context parallelism is not implemented"),
+    (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
+    (dict(tensor_model_parallel_size=0), 4, ">= 1"),
+])
+def test_impossible_layouts_are_rejected_with_arithmetic(kw, world, needle):
+    if needle is None:
+        assert ParallelDims.from_config(cfg(**kw), world).edp == 2
+        return
+    with pytest.raises(ParallelLayoutError, match=needle.replace("*", r"\*")):
+        ParallelDims.from_config(cfg(**kw), world)
+
+
+def test_model_divisibility():
+    nano = Nano3Config()
+    with pytest.raises(ParallelLayoutError, match=r"num_experts=128 is not divisible by "
+                       r"model.expert_model_parallel_size=3 \(128 % 3 = 2\)"):
+        ParallelDims.from_config(cfg(expert_model_parallel_size=3), 3, nano)
+    with pytest.raises(ParallelLayoutError, match=r"num_key_value_heads=2 .*3 % 2 = 1"):
+        ParallelDims.from_config(cfg(tensor_model_parallel_size=3, sequence_parallel=True), 3,
+                                 Nano3Config(num_attention_heads=6, mamba_num_heads=48,
+                                             mamba_num_groups=3, vocab_size=131073))
+    with pytest.raises(ParallelLayoutError, match=r"mamba_num_groups=8 .* % 16 = 8"):
+        ParallelDims.from_config(cfg(tensor_model_parallel_size=16, sequence_parallel=True), 16,
+                                 nano)
+    ParallelDims.from_config(cfg(tensor_model_parallel_size=2, sequence_parallel=True), 2, nano)
+
+
+def test_batch_validation():
+    dims = ParallelDims.from_config(cfg(tensor_model_parallel_size=2, sequence_parallel=True), 8)
+    assert dims.gradient_accumulation_steps(global_batch_size=16, micro_batch_size=2) == 2
+    with pytest.raises(ParallelLayoutError, match=r"micro_batch_size \* DP = 3\*4 = 12"):
+        dims.validate_batch(16, 3, 64)
+    with pytest.raises(ParallelLayoutError, match="seq_length=63"):
+        dims.validate_batch(16, 1, 63)

@@ -1,0 +1,70 @@
+"""Loss, gradients, gradient norm and balancing biases under DP / EP / TP+SP layouts match a
+single process on the same global batch, step after step. Layouts of one world size share a
+launch (process start-up dominates on CPU)."""
+
+from ._spawn import run_distributed
+from .harness import compare_with_single_process, meta_init_matches_single_device
+
+TP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+
+LAYOUTS_2 = {
+    "dp2": (dict(), None),                                   # FSDP2 data parallel
+    "ep2": (dict(expert_model_parallel_size=2), None),       # EP2 (EDP 1), all-to-all dispatcher
+    "tp2": (TP, None),                                       # TP2 + SP
+}
+LAYOUTS_4 = {
+    # DP4 x (EDP2 x EP2); 3 local experts over 2 EDP ranks: FSDP shards expert dim 1
+    "dp4-ep2": (dict(expert_model_parallel_size=2), dict(num_experts=6)),
+    "dp2-tp2-ep2": (dict(TP, expert_model_parallel_size=2), None),
+    # TP4: one query head per rank, 2 KV heads shared by rank pairs; 4 Mamba groups
+    "tp4-kv2": (dict(TP, tensor_model_parallel_size=4), dict(mamba_num_groups=4)),
+}
+
+
+def _run_layouts(rank, world_size, layouts):
+    losses = {}
+    for name, (parallel_kw, model_kw) in layouts.items():
+        try:
+            losses[name] = compare_with_single_process(rank, world_size, parallel_kw, model_kw)
+        except AssertionError as err:
+            raise AssertionError(f"layout {name}: {err}") from err
+    return losses
+
+
+def _token_reductions(rank, world_size):
+    """Token-weighted, not rank-averaged: rank 0 has 1 loss token (loss 10), rank 1 has 3
+    (loss 2 each): the mean is 4, not 6."""
+    import torch
+
+    from nemotron.distributed import (
+        ParallelDims, ParallelismConfig, build_mesh, global_token_count, reduce_token_loss,
+        token_loss_weight,
+    )
+
+    mesh = build_mesh(ParallelDims.from_config(ParallelismConfig(), world_size), "cpu")
+    mask = torch.tensor([1.0, 0, 0, 0]) if rank == 0 else torch.ones(3)
+    loss_sum = torch.tensor(10.0) if rank == 0 else torch.tensor(6.0)
+    assert float(global_token_count(mask, mesh)) == 4
+    assert reduce_token_loss(loss_sum, mask.sum(), mesh) == 4.0
+    assert token_loss_weight(mask, mesh) == (0.5 if rank == 0 else 1.5)
+
+
+def _run_2(rank, world_size):
+    _token_reductions(rank, world_size)
+    return _run_layouts(rank, world_size, LAYOUTS_2)
+
+
+def _run_4(rank, world_size):
+    losses = _run_layouts(rank, world_size, LAYOUTS_4)
+    meta_init_matches_single_device(rank, world_size, dict(TP, expert_model_parallel_size=2))
+    return losses
+
+
+def test_layouts_and_token_reductions_on_2_ranks():
+    results = run_distributed(_run_2, 2)
+    assert set(results[0]) == set(LAYOUTS_2) and results[0] == results[1]
+
+
+def test_layouts_on_4_ranks_and_meta_init_mixed_precision():
+    results = run_distributed(_run_4, 4)
+    assert set(results[0]) == set(LAYOUTS_4) and all(r == results[0] for r in results)

@@ -1,0 +1,91 @@
+"""Fast paths == references on a CUDA device, at bf16 tolerance (skipped without a GPU).
+
+Errors are ||out - ref|| / ||ref|| against a float64 reference on the same (bf16-rounded) inputs.
+The bounds are those measured at the full Nano3 shape (docs/kernels.md) with some headroom.
+"""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+def test_ssd_triton_matches_reference_bf16():
+    pytest.importorskip("triton")
+    from nemotron.kernels.ssd import ssd, ssd_chunked_reference
+
+    b, l, h, p, g, n = 2, 1000, 8, 64, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, l, h, p, device="cuda", generator=gen).bfloat16()
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda", generator=gen) * 0.5 - 4.0)
+    A = -torch.empty(h, device="cuda").uniform_(1.0, 16.0, generator=gen)
+    B = torch.randn(b, l, g, n, device="cuda", generator=gen).bfloat16()
+    C = torch.randn(b, l, g, n, device="cuda", generator=gen).bfloat16()
+    s0 = torch.randn(b, h, p, n, device="cuda", generator=gen)
+    gy = torch.randn(b, l, h, p, device="cuda", generator=gen)
+    gs = torch.randn(b, h, p, n, device="cuda", generator=gen)
+
+    def run(fn, cast):
+        # float64 run: every input upcast; bf16 run: inputs as given (x/B/C bf16, dt/A/state fp32)
+        leaves = [(t.double() if cast == torch.float64 else t).detach().requires_grad_(True)
+                  for t in (x, dt, A, B, C, s0)]
+        y, s = fn(*leaves[:5], 128, leaves[5])
+        torch.autograd.backward([y, s], [gy.to(y.dtype), gs.to(s.dtype)])
+        return [y, s] + [t.grad for t in leaves]
+
+    got = run(ssd, torch.bfloat16)
+    want = run(ssd_chunked_reference, torch.float64)
+    names = ["y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"]
+    errs = {k: rel(a, w) for k, a, w in zip(names, got, want)}
+    assert max(v for k, v in errs.items() if k != "dA") < 1e-2, errs
+    assert errs["dA"] < 4e-2, errs
+
+
+def test_gated_rmsnorm_triton_matches_reference_bf16():
+    pytest.importorskip("triton")
+    from nemotron.kernels.rmsnorm import gated_rmsnorm, gated_rmsnorm_reference
+
+    y = torch.randn(3, 333, 1024, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn_like(y)
+    w = (1 + 0.1 * torch.randn(1024, device="cuda")).bfloat16()
+    gout = torch.randn_like(y)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (y, z, w)]
+        out = fn(*leaves, 128)
+        out.backward(gout.to(cast))
+        return [out] + [t.grad for t in leaves]
+
+    for a, b in zip(run(gated_rmsnorm, torch.bfloat16), run(gated_rmsnorm_reference, torch.float64)):
+        assert rel(a, b) < 1e-2
+
+
+def test_linear_cross_entropy_triton_matches_full_logits():
+    pytest.importorskip("triton")
+    from nemotron.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    n, h, v = 1500, 256, 5000
+    hidden = torch.randn(n, h, device="cuda").bfloat16()
+    weight = (torch.randn(v, h, device="cuda") * 0.05).bfloat16()
+    labels = torch.randint(0, v, (n,), device="cuda")
+    labels[::7] = -100
+    mask = (torch.rand(n, device="cuda") > 0.2).float()
+
+    def run(fn, **kw):
+        hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fn(hh, ww, labels, mask, **kw)
+        loss.backward()
+        return [loss, hh.grad, ww.grad]
+
+    want = run(linear_cross_entropy_reference)
+    for kw in ({}, {"grad_in_forward": False}, {"chunk_size": 256}):
+        for a, b in zip(run(linear_cross_entropy, **kw), want):
+            assert rel(a, b) < 1e-2, kw

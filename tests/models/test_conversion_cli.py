@@ -1,0 +1,76 @@
+"""`nemotron nano3 export hf` / `import hf` on a checkpoint written by the training checkpointer."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nemotron.models.nano3 import Nano3ForCausalLM
+from nemotron.models.nano3.checkpoint import ModelCheckpointError, load_model_checkpoint
+
+
+pytest.importorskip("transformers")
+train_checkpoint = pytest.importorskip("nemotron.train.checkpoint")
+cli_main = pytest.importorskip("nemotron.cli.main")
+schema = pytest.importorskip("nemotron.config.schema")
+
+
+def training_checkpoint(tmp_path, config):
+    """A checkpoint as `nemotron nano3 pretrain` writes it (model + optimizer + run config)."""
+    model = Nano3ForCausalLM(config)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.expert_bias.uniform_(-0.01, 0.01)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run_config = schema.PretrainConfig(model=schema.ModelConfig(**dataclasses.asdict(config)))
+    saver = train_checkpoint.Checkpointer(tmp_path / "save")
+    saver.save(7, model, optimizer, {"step": 7, "tokens": 0},
+               files={"config.json": json.dumps(dataclasses.asdict(run_config), default=str)})
+    return model.eval()
+
+
+def run(*args):
+    result = CliRunner().invoke(cli_main.app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_export_then_import_round_trip(tmp_path, config):
+    from transformers import NemotronHForCausalLM
+
+    model = training_checkpoint(tmp_path, config)
+    code, out = run("nano3", "export", "hf", tmp_path / "save", tmp_path / "hf", "--dtype", "fp32")
+    assert code == 0, out
+    hf = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    with torch.no_grad():
+        reference = model(ids).logits
+        torch.testing.assert_close(hf(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+    code, out = run("nano3", "import", "hf", tmp_path / "hf", tmp_path / "imported")
+    assert code == 0, out
+    loaded_config, loaded = load_model_checkpoint(tmp_path / "imported")
+    assert loaded_config == config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # and the imported checkpoint exports again
+    code, out = run("nano3", "export", "hf", tmp_path / "imported", tmp_path / "hf2")
+    assert code == 0, out
+
+
+def test_cli_errors_are_one_line(tmp_path, config):
+    code, out = run("nano3", "export", "hf", tmp_path / "nothing", tmp_path / "hf")
+    assert code == 1 and out.startswith("error:") and "does not exist" in out
+    training_checkpoint(tmp_path, config)
+    code, out = run("nano3", "export", "hf", tmp_path / "save", tmp_path / "hf", "--dtype", "int8")
+    assert code == 2 and "--dtype" in out
+    code, out = run("nano3", "import", "hf", tmp_path / "save", tmp_path / "x")
+    assert code == 1 and ("nemotron_h" in out or "config.json" in out)
+
+
+def test_missing_config_is_named(tmp_path, config):
+    training_checkpoint(tmp_path, config)
+    (tmp_path / "save" / "iter_0000007" / "config.json").unlink()
+    with pytest.raises(ModelCheckpointError, match="config.json: not found"):
+        load_model_checkpoint(tmp_path / "save")

@@ -1,0 +1,75 @@
+"""Fast paths on CUDA against the reference path (skipped without a GPU)."""
+
+import pytest
+import torch
+
+from nemotron.models.nano3 import Nano3ForCausalLM
+from nemotron.models.nano3 import moe as moe_module
+
+from .tiny import tiny_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_grouped_gemm_experts_match_loop_at_nano3_width():
+    if moe_module._grouped_mm_fn() is None:
+        pytest.skip("no grouped_mm in this torch")
+    torch.manual_seed(0)
+    experts = moe_module.GroupedExperts(128, 2688, 1856, 0.0173, 0.0024).cuda()
+    counts = torch.bincount(torch.randint(0, 128, (4096 * 6,), device="cuda"), minlength=128)
+    counts[5] = 0  # an expert with no tokens
+    x = torch.randn(int(counts.sum()), 2688, device="cuda")
+    grad = torch.randn_like(x)
+
+    x_fast = x.bfloat16().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert moe_module._can_use_grouped_mm(x_fast, 1856, 2688)
+        fast = experts(x_fast, counts)
+    fast.backward(grad.bfloat16())
+    fast_grads = (x_fast.grad.float(), experts.up_proj.grad.clone(), experts.down_proj.grad.clone())
+    experts.zero_grad()
+
+    x_ref = x.clone().requires_grad_()
+    ref = experts._forward_loop(x_ref, counts, experts.up_proj, experts.down_proj)
+    ref.backward(grad)
+    ref_grads = (x_ref.grad, experts.up_proj.grad, experts.down_proj.grad)
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(fast, ref) < 1e-2
+    for got, want in zip(fast_grads, ref_grads):
+        assert rel(got, want) < 2e-2
+
+
+def test_model_bf16_autocast_matches_float64_reference():
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=64, moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=48,
+                      ffn_hidden_size=64, mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=16,
+                      head_dim=16, vocab_size=128)
+    model = Nano3ForCausalLM(cfg).cuda().train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda")
+
+    model.fused_loss = False
+    ref_model = Nano3ForCausalLM(cfg).cuda().double()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.fused_loss = False
+    ref = ref_model(ids, labels=ids)
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = model(ids, labels=ids)
+    rel = ((fast.logits.double() - ref.logits).norm() / ref.logits.norm()).item()
+    assert rel < 3e-2, rel
+    assert abs(fast.lm_loss.item() - ref.lm_loss.item()) < 2e-2
+    fast.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.moe_layers()[0].router.tokens_per_expert.sum() == 2 * 40 * cfg.moe_top_k
+
+    model.fused_loss = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = model(ids, labels=ids)
+    assert fused.logits is None
+    assert abs(fused.lm_loss.item() - ref.lm_loss.item()) < 2e-2

@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemotron.models.nano3 import MoE, Nano3Config, Nano3ForCausalLM, parameter_counts
+from nemotron.models.nano3.attention import Attention
+from nemotron.models.nano3.mamba2 import Mamba2Mixer
+from nemotron.models.nano3.mlp import MLP
+
+from .tiny import tiny_config
+
+
+def test_blocks_follow_the_pattern(config):
+    model = Nano3ForCausalLM(config)
+    kinds = [type(layer.mixer) for layer in model.backbone.layers]
+    assert kinds == [Mamba2Mixer, MoE, Attention, MoE, Mamba2Mixer, MLP]
+    assert model.moe_layers() == [model.backbone.layers[1].mixer, model.backbone.layers[3].mixer]
+    assert model.lm_head.weight is not model.backbone.embeddings.weight
+
+
+def test_forward_loss_and_mask(config):
+    model = Nano3ForCausalLM(config).double()
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    labels = torch.randint(0, config.vocab_size, (2, 7))
+    mask = torch.ones(2, 7)
+    mask[0, 4:] = 0
+    mask[1, 0] = 0
+    model.eval()
+    out = model(ids, labels=labels, loss_mask=mask)
+    logits = model(ids).logits
+    assert logits.shape == (2, 7, config.vocab_size)
+    token = F.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1), reduction="none")
+    expected = (token * mask.reshape(-1)).sum() / mask.sum()
+    torch.testing.assert_close(out.lm_loss, expected)
+    # eval: no balance term in the loss; it is still reported
+    torch.testing.assert_close(out.loss, out.lm_loss)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(model(ids, labels=labels).lm_loss, token.mean())
+    assert out.logits is None  # the fused (chunked) loss path holds no logits
+    model.fused_loss = False
+    unfused = model(ids, labels=labels, loss_mask=mask)
+    torch.testing.assert_close(unfused.lm_loss, expected)
+    torch.testing.assert_close(unfused.logits, logits)
+    # -100 labels are ignored on both paths
+    ignored = labels.clone()
+    ignored[0, 4:] = -100
+    for fused in (True, False):
+        model.fused_loss = fused
+        torch.testing.assert_close(model(ids, labels=ignored, loss_mask=mask).lm_loss, expected)
+        kept = (ignored != -100).reshape(-1)
+        torch.testing.assert_close(model(ids, labels=ignored).lm_loss, token[kept].mean())
+
+
+def test_training_loss_adds_balance_term(config):
+    model = Nano3ForCausalLM(config).double().train()
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss + config.moe_seq_aux_loss_coeff * out.aux_loss)
+    # aux_loss sums the per-layer losses: each is >= ~1 for 2 MoE layers
+    assert out.aux_loss > 1.5
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_meta_build_then_materialise(config):
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(config)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(3)
+    model.reset_parameters()
+    router = model.moe_layers()[0].router
+    assert torch.equal(router.expert_bias, torch.zeros_like(router.expert_bias))
+    assert torch.equal(router.tokens_per_expert, torch.zeros_like(router.tokens_per_expert))
+    mixer = model.backbone.layers[0].mixer
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+    assert torch.equal(model.backbone.norm_f.weight, torch.ones_like(model.backbone.norm_f.weight))
+    ids = torch.randint(0, config.vocab_size, (1, 6))
+    assert torch.isfinite(model(ids).logits).all()
+    # reset_parameters is deterministic under a seed
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    model.reset_parameters()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, first[k]), k
+
+
+def test_full_nano3_parameter_counts():
+    counts = parameter_counts(Nano3Config())
+    assert round(counts["total"] / 1e9, 2) == 31.58
+    assert round(counts["active"] / 1e9, 2) == 3.23
+    assert round(counts["active_with_embeddings"] / 1e9, 2) == 3.58
+    kinds = counts["per_block_kind"]
+    assert (kinds["mamba"]["layers"], kinds["moe"]["layers"], kinds["attention"]["layers"]) == (23, 23, 6)
+    assert round(kinds["mamba"]["params_per_layer"] / 1e6, 2) == 38.74
+    assert round(kinds["attention"]["params_per_layer"] / 1e6, 2) == 23.40
+    assert round(kinds["moe"]["params_per_layer"] / 1e9, 3) == 1.297
+    assert round(kinds["moe"]["active_per_layer"] / 1e6, 1) == 80.2
+
+
+def test_parameter_counts_match_a_real_model(config):
+    model = Nano3ForCausalLM(config)
+    counts = parameter_counts(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    routed = sum(m.experts.up_proj.numel() + m.experts.down_proj.numel() for m in model.moe_layers())
+    inactive = routed * (config.num_experts - config.moe_top_k) // config.num_experts
+    assert counts["active_with_embeddings"] == counts["total"] - inactive
+
+
+def test_tied_embeddings():
+    cfg = tiny_config(tie_word_embeddings=True)
+    model = Nano3ForCausalLM(cfg)
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_bad_pattern_rejected():
+    from nemotron.models.nano3 import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="unknown symbol"):
+        tiny_config(hybrid_pattern="ME*EMX")

@@ -1,0 +1,180 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nemotron.models.nano3 import MoE, sequence_balance_loss
+from nemotron.models.nano3 import moe as moe_module
+
+
+def per_token_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE written token by token, straight from the definition."""
+    r, ex = moe.router, moe.experts
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            t = x[b, s]
+            # The router is float32 by design, whatever the model dtype.
+            scores = torch.sigmoid(r.weight.float() @ t.float())
+            chosen = torch.topk(scores + r.expert_bias, r.top_k).indices
+            weights = (scores[chosen] / scores[chosen].sum() * r.routed_scaling_factor).to(t.dtype)
+            for w, e in zip(weights, chosen):
+                out[b, s] += w * (ex.down_proj[e] @ F.relu(ex.up_proj[e] @ t) ** 2)
+            sh = moe.shared_experts
+            out[b, s] += sh.down_proj.weight @ F.relu(sh.up_proj.weight @ t) ** 2
+    return out
+
+
+@pytest.fixture
+def moe(config):
+    m = MoE(config).double()
+    with torch.no_grad():
+        m.router.expert_bias.copy_(torch.randn(config.num_experts) * 0.3)
+    return m
+
+
+def test_moe_equals_per_token_loop(moe, config):
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    y, aux = moe(x)
+    # float32 routing weights (by design) bound the agreement at float32 precision.
+    torch.testing.assert_close(y, per_token_moe(moe, x), rtol=1e-6, atol=1e-9)
+    assert aux.ndim == 0
+
+
+def test_grouped_mm_path_matches_loop(config, monkeypatch):
+    if moe_module._grouped_mm_fn() is None:
+        pytest.skip("no grouped_mm in this torch")
+    experts = moe_module.GroupedExperts(6, 16, 24, 0.1, 0.1)
+    counts = torch.tensor([3, 0, 5, 1, 0, 4])
+    x = torch.randn(int(counts.sum()), 16)
+    with torch.no_grad():
+        loop = experts(x, counts)
+        monkeypatch.setattr(moe_module, "_can_use_grouped_mm", lambda *a: True)
+        grouped = experts(x, counts)
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_router_chooses_with_bias_but_weights_without(moe, config):
+    r = moe.router
+    x = torch.randn(7, config.hidden_size, dtype=torch.float64)
+    favoured = torch.tensor([1, 4, 6])
+    outs = []
+    for push in (5.0, 50.0):
+        with torch.no_grad():
+            r.expert_bias.zero_()
+            r.expert_bias[favoured] = push
+        outs.append(r(x))
+    for out in outs:
+        assert torch.equal(out.topk_idx.sort(-1).values, favoured.expand(7, 3))
+    # The weights come from the unbiased scores: identical whatever the bias magnitude ...
+    torch.testing.assert_close(outs[0].topk_weight, outs[1].topk_weight)
+    # ... and equal to the renormalised sigmoid scores times the scaling factor.
+    scores = torch.sigmoid(x.float() @ r.weight.float().T)
+    chosen = scores.gather(-1, outs[0].topk_idx)
+    expected = chosen / chosen.sum(-1, keepdim=True) * config.moe_routed_scaling_factor
+    torch.testing.assert_close(outs[0].topk_weight, expected)
+    assert outs[0].topk_weight.dtype == torch.float32
+
+
+def test_router_without_bias_picks_highest_scores(moe, config):
+    r = moe.router
+    with torch.no_grad():
+        r.expert_bias.zero_()
+    x = torch.randn(9, config.hidden_size, dtype=torch.float64)
+    out = r(x)
+    top = torch.topk(out.scores, config.moe_top_k).indices
+    assert torch.equal(out.topk_idx.sort(-1).values, top.sort(-1).values)
+
+
+def test_counters_count_only_grad_enabled_training_forward(moe, config):
+    r = moe.router
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    moe.train()
+    _, _ = moe(x)
+    first = r.tokens_per_expert.clone()
+    assert first.sum() == 2 * 5 * config.moe_top_k
+    expected = torch.bincount(r(x.view(-1, config.hidden_size)).topk_idx.flatten(), minlength=config.num_experts)
+    torch.testing.assert_close(r.tokens_per_expert - first, expected.float())
+    r.tokens_per_expert.zero_()
+
+    with torch.no_grad():
+        moe(x)
+    assert r.tokens_per_expert.sum() == 0
+    moe.eval()
+    moe(x)
+    assert r.tokens_per_expert.sum() == 0
+
+
+def test_counters_not_incremented_by_activation_recompute(moe, config):
+    moe.train()
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    y, aux = checkpoint(moe, x, use_reentrant=False)
+    assert moe.router.tokens_per_expert.sum() == 2 * 5 * config.moe_top_k
+    (y.sum() + aux).backward()  # recomputes the forward inside backward
+    assert moe.router.tokens_per_expert.sum() == 2 * 5 * config.moe_top_k
+    assert x.grad is not None
+
+
+def test_buffers_persistence(moe):
+    state = moe.state_dict()
+    assert "router.expert_bias" in state
+    assert "router.tokens_per_expert" not in state
+    assert moe.router.expert_bias.dtype == torch.float32
+
+
+def test_sequence_balance_loss_definition():
+    torch.manual_seed(1)
+    b, s, e, k = 3, 7, 5, 2
+    scores = torch.rand(b, s, e, dtype=torch.float64)
+    idx = torch.topk(scores, k).indices
+    loss = sequence_balance_loss(scores, idx, k)
+    expected = 0.0
+    for i in range(b):
+        probs = scores[i] / scores[i].sum(-1, keepdim=True)
+        for j in range(e):
+            f = (idx[i] == j).sum() * e / (k * s)
+            expected += f * probs[:, j].mean()
+    torch.testing.assert_close(loss, expected / b)
+    # Perfectly uniform routing and scores give exactly 1.
+    uniform = torch.ones(1, 4, 4, dtype=torch.float64)
+    idx = torch.tensor([[[0], [1], [2], [3]]])
+    torch.testing.assert_close(sequence_balance_loss(uniform, idx, 1), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_balance_loss_has_gradient_to_router(moe, config):
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    _, aux = moe(x)
+    aux.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    assert moe.experts.up_proj.grad is None
+
+
+def test_dispatch_sorts_rows_by_expert_and_combine_undoes_it():
+    torch.manual_seed(2)
+    tokens, k, e, h = 9, 3, 5, 4
+    x = torch.randn(tokens, h, dtype=torch.float64, requires_grad=True)
+    topk_idx = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, dtype=torch.float64)
+    disp = moe_module.LocalDispatcher(e)
+    rows, counts, ctx = disp.dispatch(x, topk_idx, weights)
+    assert counts.tolist() == [int((topk_idx == i).sum()) for i in range(e)]
+    # rows of expert i form the i-th contiguous block, tokens in ascending order inside it
+    start = 0
+    for i in range(e):
+        want = [t for t in range(tokens) if i in topk_idx[t].tolist()]
+        block = rows[start:start + counts[i]]
+        torch.testing.assert_close(block, x[want])
+        start += int(counts[i])
+    # identity experts: combine gives sum_k w_k * x
+    y = disp.combine(rows, ctx)
+    torch.testing.assert_close(y, weights.sum(-1, keepdim=True) * x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, weights.sum(-1, keepdim=True).expand(tokens, h))
+
+
+def test_relu2_gradient():
+    from nemotron.models.nano3.mlp import relu2
+
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(relu2(x), torch.relu(x) ** 2)
+    assert torch.autograd.gradcheck(relu2, (x,))

@@ -1,0 +1,78 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from nemotron.train.balancing import reset_expert_counts, update_expert_biases
+
+from .conftest import free_port
+
+
+
+class FakeRouter(nn.Module):
+    def __init__(self, counts):
+        super().__init__()
+        self.register_buffer("expert_bias", torch.zeros(len(counts)))
+        self.register_buffer("tokens_per_expert", torch.tensor(counts, dtype=torch.float32),
+                             persistent=False)
+
+
+class FakeMoE(nn.Module):
+    def __init__(self, counts):
+        super().__init__()
+        self.router = FakeRouter(counts)
+
+
+def test_sign_rate_and_reset():
+    layers = [FakeMoE([10.0, 2.0, 4.0, 0.0]), FakeMoE([1.0, 1.0, 1.0, 1.0])]
+    stats = update_expert_biases(layers, rate=1e-3)
+    # mean 4: overloaded expert 0 goes down, under-loaded 1 and 3 go up, exactly-mean 2 stays.
+    torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([-1e-3, 1e-3, 0.0, 1e-3]))
+    torch.testing.assert_close(layers[1].router.expert_bias, torch.zeros(4))
+    assert all(layer.router.tokens_per_expert.sum() == 0 for layer in layers)
+    assert stats.max_over_mean == pytest.approx([2.5, 1.0])
+    assert stats.worst_max_over_mean == pytest.approx(2.5)
+    assert stats.bias_range == pytest.approx(2e-3)
+    assert stats.tokens == [16.0, 4.0]
+    # Second update with fresh counts accumulates on the bias, at the given rate.
+    layers[0].router.tokens_per_expert.copy_(torch.tensor([0.0, 9.0, 3.0, 0.0]))
+    update_expert_biases(layers, rate=0.5)
+    torch.testing.assert_close(layers[0].router.expert_bias,
+                               torch.tensor([0.499, -0.499, 0.0, 0.501]))
+
+
+def test_reset_without_update():
+    layer = FakeMoE([3.0, 1.0])
+    reset_expert_counts([layer])
+    assert layer.router.tokens_per_expert.sum() == 0 and layer.router.expert_bias.sum() == 0
+
+
+def _dp_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # Rank 0 alone would push expert 0 up; summed over ranks expert 0 is overloaded.
+        local = [[1.0, 5.0, 2.0, 0.0], [11.0, 1.0, 2.0, 0.0]][rank]
+        layer = FakeMoE(local)
+        stats = update_expert_biases([layer], rate=1e-3)
+        queue.put((rank, layer.router.expert_bias.tolist(), layer.router.tokens_per_expert.tolist(),
+                   stats.tokens))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_counts_are_summed_over_data_parallel_ranks():
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    mp.spawn(_dp_worker, args=(2, port, queue), nprocs=2, join=True)
+    results = sorted(queue.get() for _ in range(2))
+    # summed counts [12, 6, 4, 0], mean 5.5
+    expected = pytest.approx([-1e-3, -1e-3, 1e-3, 1e-3])
+    for rank, bias, counts, tokens in results:
+        assert bias == expected, rank
+        assert counts == [0.0, 0.0, 0.0, 0.0]
+        assert tokens == [22.0]

@@ -1,0 +1,203 @@
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from nemotron.artifacts.model import MODEL_ARTIFACT_FILE, read_model_artifact
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.train import NonFiniteLossError, pretrain
+from nemotron.train.checkpoint import LATEST_FILE
+from nemotron.train.data import TrainDataError, TrainingData, phase2_start_step, plan_batches
+from nemotron.train.loop import evaluate
+from nemotron.train.metrics import read_metrics
+
+from .conftest import make_config
+
+
+def losses(job_dir):
+    return {(r["kind"], r["step"]): r["loss"] for r in read_metrics(job_dir) if r["kind"] != "run"}
+
+
+def test_run_writes_metrics_checkpoints_and_lineage(tmp_path, corpus):
+    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1])
+    events = []
+    summary = pretrain(cfg, tmp_path / "job", on_event=lambda kind, p: events.append(kind))
+    assert (summary.steps, summary.tokens, summary.status) == (8, 8 * 4 * 16, "completed")
+    assert summary.checkpoint.endswith("iter_0000008") and summary.test_loss is not None
+    assert summary.unigram_entropy > 3 and summary.balance_max_over_mean >= 1.0
+    assert events[0] == "start" and events[-1] == "end" and "checkpoint" in events and "phase" in events
+
+    records = read_metrics(tmp_path / "job")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_second", "tflops", "mfu",
+                "memory_gb", "balance/max_over_mean", "balance/bias_range", "phase"):
+        assert key in train[-1], key
+    assert [r["phase"] for r in train] == [1] * 4 + [2] * 4
+    assert train[0]["lr"] == 0.0 and train[1]["lr"] > 0  # warmup from 0 in tokens
+    assert {r["kind"] for r in records} == {"run", "train", "eval", "test"}
+    assert records[0]["unigram_entropy"] == summary.unigram_entropy
+
+    save = tmp_path / "ckpt"
+    assert sorted(p.name for p in save.iterdir()) == [
+        "iter_0000003", "iter_0000006", "iter_0000008", LATEST_FILE]
+    manifest = read_model_artifact(save / "iter_0000008")
+    assert manifest["step"] == 8 and manifest["phase"] == 2
+    assert manifest["data"]["content"]["kind"] == "DataBlendsArtifact-pretrain"
+    assert manifest["model_config"]["num_experts"] == 8
+    config = json.loads((save / "iter_0000008" / "config.json").read_text())
+    assert config["model"]["hybrid_pattern"] == "ME*E"
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus):
+    reference = make_config(tmp_path / "ref", blend=corpus[0], phase2_blend=corpus[1])
+    pretrain(reference, tmp_path / "ref" / "job")
+
+    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1])
+
+    def preempt(kind, payload):
+        if kind == "train" and payload["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    first = pretrain(cfg, tmp_path / "job", on_event=preempt)
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+    assert first.status == "interrupted" and first.steps == 5
+    assert first.checkpoint.endswith("iter_0000005")
+    assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000005"
+
+    second = pretrain(cfg, tmp_path / "job")
+    assert second.resumed_from.endswith("iter_0000005") and second.steps == 8
+    assert losses(tmp_path / "job") == losses(tmp_path / "ref" / "job")
+
+
+def _nan_after(monkeypatch, first_bad_step, micro_batches_per_step=2):
+    calls = {"n": 0}
+    original = Nano3ForCausalLM.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            step = (calls["n"] - 1) // micro_batches_per_step + 1
+            if step in first_bad_step:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Nano3ForCausalLM, "forward", forward)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, monkeypatch):
+    _nan_after(monkeypatch, {3})
+    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": None})
+    summary = pretrain(cfg, tmp_path / "job")
+    assert summary.steps == 8 and summary.skipped_steps == 1
+    train = {r["step"]: r for r in read_metrics(tmp_path / "job") if r["kind"] == "train"}
+    assert train[3]["skipped"] is True and train[3]["loss"] == "nan"
+    assert not train[4]["skipped"] and train[4]["skipped_steps"] == 1
+
+
+def test_too_many_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    _nan_after(monkeypatch, set(range(4, 100)))
+    cfg = make_config(tmp_path, blend=corpus[0], train={"max_consecutive_nonfinite": 2})
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps.*iter_0000003"):
+        pretrain(cfg, tmp_path / "job")
+    save = tmp_path / "ckpt"
+    assert (save / LATEST_FILE).read_text().strip() == "iter_0000003"
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000003", LATEST_FILE]
+
+
+def test_eval_does_not_touch_balance_counters(tmp_path, corpus):
+    cfg = make_config(tmp_path, blend=corpus[0])
+    torch.manual_seed(0)
+    model = Nano3ForCausalLM(cfg.model.arch())
+    batch = {"tokens": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16)),
+             "loss_mask": torch.ones(2, 16)}
+    layers = model.moe_layers()
+    model(batch["tokens"], labels=batch["labels"])  # a training forward counts...
+    counts = [layer.router.tokens_per_expert.clone() for layer in layers]
+    assert all(c.sum() > 0 for c in counts)
+    biases = [layer.router.expert_bias.clone() for layer in layers]
+    loss = evaluate(model, [batch, batch], device=torch.device("cpu"), precision="fp32")
+    assert loss > 0 and model.training
+    for layer, c, b in zip(layers, counts, biases):  # ...evaluation does not
+        assert torch.equal(layer.router.tokens_per_expert, c)
+        assert torch.equal(layer.router.expert_bias, b)
+
+
+def test_batch_plan_from_iters_or_tokens(tmp_path):
+    cfg = make_config(tmp_path)
+    plan = plan_batches(dataclasses.replace(cfg.train, global_batch_size=12, micro_batch_size=2), 3)
+    assert plan.grad_accumulation == 2 and plan.total_steps == 8
+    by_tokens = dataclasses.replace(cfg.train, train_iters=None, train_tokens=1000)
+    assert plan_batches(by_tokens).total_steps == 16  # ceil(1000 / (4 * 16))
+    with pytest.raises(TrainDataError, match="divisible"):
+        plan_batches(cfg.train, dp_size=3)
+    # The recipe: 25T tokens, 3072 x 8192 per step, phase 2 from 94% of tokens.
+    recipe = dataclasses.replace(cfg.train, train_iters=None, train_tokens=25 * 10**12,
+                                 global_batch_size=3072, seq_length=8192)
+    plan = plan_batches(recipe, dp_size=64)
+    assert plan.total_steps == 993_411  # ceil(25e12 / 25,165,824)
+    switch = phase2_start_step(plan, dataclasses.replace(cfg.data, phase2_blend="p2.json",
+                                                         phase2_start_fraction=0.94))
+    assert (switch - 1) * plan.tokens_per_step < 0.94 * plan.total_tokens <= switch * plan.tokens_per_step
+
+
+def test_data_parallel_ranks_split_each_global_batch(tmp_path, corpus):
+    cfg = make_config(tmp_path, blend=corpus[0],
+                      train={"global_batch_size": 8, "micro_batch_size": 2})
+    plan = plan_batches(cfg.train, dp_size=2)
+    ranks = [TrainingData(cfg.data, cfg.train, plan, 64, dp_rank=r) for r in range(2)]
+    dataset = ranks[0].train_dataset(1)
+    for step in range(2):
+        per_rank = [d.next_train_batches() for d in ranks]
+        assert all(len(b) == plan.grad_accumulation == 2 for b in per_rank)
+        got = []
+        for micro in range(2):
+            for r in range(2):
+                got.extend(per_rank[r][micro]["tokens"])
+        expected = [dataset[i]["tokens"] for i in range(step * 8, step * 8 + 8)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 8
+    assert ranks[0].state.consumed_train_samples == 16
+
+
+def test_tensorboard_and_offline_wandb(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": None},
+                      train={"train_iters": 2, "eval_iters": 0},
+                      logger={"tensorboard": True, "wandb": True, "wandb_mode": "offline",
+                              "wandb_project": "nemotron-test"})
+    pretrain(cfg, tmp_path / "job")
+    assert list((tmp_path / "job" / "tensorboard").glob("events.out.tfevents.*"))
+    runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_activation_recompute_same_step_and_counts(tmp_path, corpus):
+    from nemotron.train.loop import apply_activation_recompute, train_step
+    from nemotron.train.optimizer import build_optimizer
+
+    cfg = make_config(tmp_path, blend=corpus[0])
+    batch = {"tokens": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16)),
+             "loss_mask": torch.ones(2, 16)}
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = Nano3ForCausalLM(cfg.model.arch())
+        if recompute:
+            apply_activation_recompute(model)
+        opt = build_optimizer(model, cfg.optimizer)
+        step = train_step(model, opt, [batch, batch], device=torch.device("cpu"),
+                          precision="fp32", grad_clip=1.0)
+        counts = [layer.router.tokens_per_expert.clone() for layer in model.moe_layers()]
+        results.append((step, counts, {k: v.clone() for k, v in model.state_dict().items()}))
+    (plain, plain_counts, plain_state), (recomputed, re_counts, re_state) = results
+    assert recomputed.loss == pytest.approx(plain.loss, rel=1e-6)
+    assert recomputed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(plain_counts, re_counts))  # no double counting
+    assert plain_counts[0].sum() == 2 * 2 * 16 * 2  # 2 micro-batches x 32 tokens x top-2
+    assert re_state.keys() == plain_state.keys()  # checkpoints stay layout-independent

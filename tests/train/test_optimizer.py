@@ -1,0 +1,69 @@
+import torch
+
+from nemotron.config.schema import ModelConfig
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.train.config import OptimizerConfig
+from nemotron.train.optimizer import build_optimizer, set_learning_rate
+
+from .conftest import TINY_MODEL
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Nano3ForCausalLM(ModelConfig(**TINY_MODEL).arch())
+
+
+def groups_by_decay(optimizer):
+    return {g["weight_decay"]: set(g["names"]) for g in optimizer.param_groups}
+
+
+def test_recipe_defaults():
+    cfg = OptimizerConfig()
+    assert (cfg.lr, cfg.min_lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay) == (
+        1e-3, 1e-5, 0.9, 0.95, 1e-8, 0.1)
+    opt = build_optimizer(tiny_model(), cfg)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_no_decay_on_norms_biases_and_1d_params():
+    model = tiny_model()
+    groups = groups_by_decay(build_optimizer(model, OptimizerConfig()))
+    assert set(groups) == {0.1, 0.0}
+    params = dict(model.named_parameters())
+    assert groups[0.1] | groups[0.0] == set(params)  # every parameter in exactly one group
+    assert not groups[0.1] & groups[0.0]
+    for name in groups[0.0]:
+        assert params[name].ndim < 2 or name.endswith("bias") or "norm" in name, name
+    for name in groups[0.1]:
+        assert params[name].ndim >= 2 and not name.endswith("bias"), name
+    # Spot checks: norms, Mamba's 1-D parameters and the conv bias never decay; matrices do.
+    assert "backbone.norm_f.weight" in groups[0.0]
+    assert any(n.endswith("A_log") for n in groups[0.0])
+    assert any(n.endswith("conv1d.bias") for n in groups[0.0])
+    assert "lm_head.weight" in groups[0.1] and "backbone.embeddings.weight" in groups[0.1]
+
+
+def test_expert_bias_is_not_optimised():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimizerConfig())
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
+    biases = [layer.router.expert_bias for layer in model.moe_layers()]
+    assert biases and all(id(b) not in optimised for b in biases)
+
+
+def test_weight_decay_really_is_0_1():
+    """With zero gradients AdamW's update is pure decay: p <- p * (1 - lr * wd)."""
+    model = tiny_model()
+    opt = build_optimizer(model, OptimizerConfig())
+    set_learning_rate(opt, 0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    decayed = groups_by_decay(opt)[0.1]
+    for name, p in model.named_parameters():
+        factor = 1 - 0.01 * 0.1 if name in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=0, atol=1e-7)
+    w = dict(model.named_parameters())["lm_head.weight"]
+    ratio = (w.detach() / before["lm_head.weight"]).mean().item()
+    assert abs(ratio - 0.999) < 1e-6

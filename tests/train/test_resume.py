@@ -1,0 +1,89 @@
+"""kill -9 at an arbitrary step, resume: same per-step losses and final state, bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from nemotron.train import pretrain
+from nemotron.train.checkpoint import LATEST_FILE
+from nemotron.train.metrics import read_metrics
+
+from .conftest import make_config
+
+RUNNER = Path(__file__).with_name("_kill_runner.py")
+
+
+def run(cfg, job_dir: Path, kill_at: str | None = None) -> int:
+    cfg_file = job_dir.parent / f"{job_dir.name}.pkl"
+    cfg_file.write_bytes(pickle.dumps(cfg))
+    args = [sys.executable, str(RUNNER), str(cfg_file), str(job_dir)]
+    if kill_at is not None:
+        args.append(kill_at)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if kill_at is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode
+
+
+def final_state(save_dir: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{save_dir.parent.name}-final.pt"
+    dcp_to_torch_save(save_dir / "iter_0000008", out)
+    return torch.load(out, weights_only=False)
+
+
+def losses(job_dir: Path) -> dict:
+    return {(r["kind"], r["step"]): (r["loss"], r.get("lr"), r.get("phase"))
+            for r in read_metrics(job_dir) if r["kind"] != "run"}
+
+
+def assert_same_state(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    cfg = make_config(root, blend=corpus[0], phase2_blend=corpus[1])
+    pretrain(cfg, root / "job")  # in this process: same code and thread count as the runner
+    return cfg, losses(root / "job"), final_state(root / "ckpt", root)
+
+
+@pytest.mark.parametrize("async_save,kill_at,resumes_from", [
+    # killed with the async save of step 6 in flight (it must not count); resumes before the
+    # phase switch (step 4) and crosses it again
+    (True, "train:7", 3),
+    # killed once the async save of step 6 completed: resumes in phase 2 from it
+    (True, "checkpoint:6", 6),
+])
+def test_kill9_resume_is_bit_exact(tmp_path, corpus, reference, async_save, kill_at, resumes_from):
+    _, ref_losses, ref_state = reference
+    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1])
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, async_save=async_save)
+    job, save = tmp_path / "job", tmp_path / "ckpt"
+
+    assert run(cfg, job, kill_at=kill_at) == -9
+    assert (save / LATEST_FILE).read_text().strip() == f"iter_{resumes_from:07d}"
+    if kill_at == "train:7":
+        assert (save / ".tmp-iter_0000006").exists() and not (save / "iter_0000006").exists()
+
+    run(cfg, tmp_path / "job")  # auto-resumes from the save dir
+    state = json.loads((save / "iter_0000008" / "train_state.json").read_text())
+    assert state["loader"]["phase"] == 2 and state["loader"]["phase2_start_sample"] == 16
+    assert losses(job) == ref_losses
+    assert_same_state(final_state(save, tmp_path), ref_state)

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+
+from nemotron.train.config import OptimizerConfig, SchedulerConfig
+from nemotron.train.schedule import ScheduleConfigError, learning_rate, validate_schedule
+
+OPT = OptimizerConfig(lr=1e-3, min_lr=1e-5)
+TOTAL = 25_000_000_000_000
+WARMUP = 8_400_000_000
+
+
+def lr(tokens, **sched):
+    return learning_rate(tokens, TOTAL, SchedulerConfig(**sched), OPT)
+
+
+def test_recipe_defaults_are_the_published_wsd():
+    s = SchedulerConfig()
+    assert (s.style, s.warmup_tokens, s.stable_fraction_end, s.decay_style) == (
+        "wsd", WARMUP, 0.8, "cosine")
+
+
+def test_warmup_is_linear_in_tokens_from_zero():
+    assert lr(0) == 0.0
+    assert lr(WARMUP // 4) == pytest.approx(0.25e-3)
+    assert lr(WARMUP // 2) == pytest.approx(0.5e-3)
+    assert lr(WARMUP - 1) == pytest.approx(1e-3, rel=1e-9) and lr(WARMUP - 1) < 1e-3
+    assert lr(WARMUP) == 1e-3
+
+
+def test_stable_until_80_percent_then_decays_to_min():
+    decay_start = int(0.8 * TOTAL)
+    assert lr(WARMUP + 1) == 1e-3
+    assert lr(decay_start - 1) == 1e-3
+    assert lr(decay_start) == 1e-3  # decay factor 1 at its first token
+    assert lr(decay_start + 10**9) < 1e-3
+    assert lr(decay_start + 1, decay_style="linear") < 1e-3
+    assert lr(TOTAL) == pytest.approx(1e-5)
+    assert lr(TOTAL + 10**12) == pytest.approx(1e-5)  # never below min after the end
+
+
+@pytest.mark.parametrize("style,factor_at_quarter", [
+    ("cosine", 0.5 * (1 + math.cos(math.pi * 0.25))),
+    ("linear", 0.75),
+    ("1-sqrt", 1 - math.sqrt(0.25)),
+])
+def test_decay_styles(style, factor_at_quarter):
+    decay_start = 0.8 * TOTAL
+    quarter = int(decay_start + 0.25 * (TOTAL - decay_start))
+    expected = 1e-5 + (1e-3 - 1e-5) * factor_at_quarter
+    assert lr(quarter, decay_style=style) == pytest.approx(expected, rel=1e-6)
+    midpoint = int(decay_start + 0.5 * (TOTAL - decay_start))
+    values = [lr(t, decay_style=style) for t in (int(decay_start), quarter, midpoint, TOTAL)]
+    assert values == sorted(values, reverse=True)
+    assert values[-1] == pytest.approx(1e-5)
+
+
+def test_constant_mode_for_long_context_phase():
+    opt = OptimizerConfig(lr=1e-5, min_lr=1e-5)
+    for t in (0, 1, 10**9, 121 * 10**9):
+        assert learning_rate(t, 121 * 10**9, SchedulerConfig(style="constant"), opt) == 1e-5
+
+
+def test_zero_warmup_and_full_stable():
+    assert lr(0, warmup_tokens=0) == 1e-3
+    assert lr(TOTAL - 1, stable_fraction_end=1.0) == 1e-3
+
+
+def test_bad_schedule_is_rejected():
+    with pytest.raises(ScheduleConfigError, match="decay_style"):
+        validate_schedule(SchedulerConfig(decay_style="cos"), OPT)
+    with pytest.raises(ScheduleConfigError, match="style"):
+        validate_schedule(SchedulerConfig(style="cosine"), OPT)
+    with pytest.raises(ScheduleConfigError, match="min_lr"):
+        validate_schedule(SchedulerConfig(), OptimizerConfig(lr=1e-5, min_lr=1e-3))
