@@ -97,3 +97,15 @@ def test_bad_shapes_raise():
         ssd_chunked_reference(x, dt[:, :-1], A, B, C)
     with pytest.raises(ValueError, match="initial_state"):
         ssd_chunked_reference(x, dt, A, B, C, initial_state=torch.zeros(1))
+
+
+def test_triton_path_only_for_chunks_it_supports():
+    from types import SimpleNamespace
+
+    from nemotron.kernels.ssd import triton_supports
+
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert not triton_supports(torch.empty(0), 128)  # CPU: reference path
+    assert not triton_supports(SimpleNamespace(is_cuda=True, dtype=torch.float64), 128)
+    for chunk, ok in [(8, False), (16, True), (24, False), (64, True), (128, True), (0, False)]:
+        assert triton_supports(cuda_bf16, chunk) == ok, chunk

@@ -180,6 +180,12 @@ def _triton_available() -> bool:
     return triton_available()
 
 
+def triton_supports(x: torch.Tensor, chunk_size: int) -> bool:
+    """The Triton kernel needs a CUDA tensor below float64 and a power-of-two chunk of at least 16."""
+    power_of_two = chunk_size > 0 and chunk_size & (chunk_size - 1) == 0
+    return x.is_cuda and x.dtype != torch.float64 and power_of_two and chunk_size >= 16
+
+
 def ssd(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -190,7 +196,7 @@ def ssd(
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSD scan the Mamba-2 mixer calls: Triton on CUDA (if available), chunked reference elsewhere."""
-    if x.is_cuda and x.dtype != torch.float64 and _triton_available():
+    if triton_supports(x, chunk_size) and _triton_available():
         from nemotron.kernels.ssd_triton import ssd_triton
 
         return ssd_triton(x, dt, A, B, C, chunk_size, initial_state)
