@@ -98,7 +98,7 @@ def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
     blend.write_text("{}")
     calls = []
 
-    def fake_pretrain(cfg, job_dir):
+    def fake_pretrain(cfg, job_dir, **kwargs):
         calls.append((cfg, job_dir))
         assert (job_dir / "config.yaml").is_file() and (job_dir / "job.json").is_file()
         return FakeSummary(steps=3, tokens=6144, final_loss=2.5, checkpoint=f"{job_dir}/checkpoints/step_3")
@@ -137,7 +137,7 @@ def test_pretrain_default_job_dir_under_runs(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")
     seen = []
-    monkeypatch.setattr(nemotron.train, "pretrain", lambda cfg, job_dir: seen.append(job_dir), raising=False)
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda cfg, job_dir, **kwargs: seen.append(job_dir), raising=False)
     result = cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}")
     assert result.exit_code == 0, result.output
     (job_dir,) = seen
@@ -149,7 +149,7 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")
 
-    def boom(cfg, job_dir):
+    def boom(cfg, job_dir, **kwargs):
         raise RuntimeError("loss is nan at step 4")
 
     monkeypatch.setattr(nemotron.train, "pretrain", boom, raising=False)
@@ -268,7 +268,7 @@ def test_job_side_joins_the_submission_job_dir(cli, tmp_path, monkeypatch):
     job_dir = jobdir.create_job_dir(tmp_path / "submitted", config_yaml=dump_config(cfg),
                                     info={"stage": "pretrain", "profile": "cluster"})
     seen = []
-    monkeypatch.setattr(nemotron.train, "pretrain", lambda c, d: seen.append((c, d)), raising=False)
+    monkeypatch.setattr(nemotron.train, "pretrain", lambda c, d, **kwargs: seen.append((c, d)), raising=False)
     monkeypatch.setenv("NEMOTRON_JOB_DIR", str(job_dir))
     result = cli("nano3", "pretrain", "-c", str(job_dir / "config.yaml"))
     assert result.exit_code == 0, result.output

@@ -159,7 +159,14 @@ def pretrain(
         if common.process_rank() == 0:
             console.print(f"[bold]job dir[/] {target}")
 
-    summary = common.run_stage(lambda: run_pretrain(cfg, target), target)
+    on_event = None
+    if common.process_rank() == 0:
+        from nemotron.cli.progress import TrainProgress
+
+        on_event = TrainProgress(console, show_bar=cfg.logger.progress_bar)
+    summary = common.run_stage(lambda: run_pretrain(cfg, target, on_event=on_event), target)
+    if on_event is not None:
+        on_event.progress.stop()
     rows = _summary_rows(summary)
     status = getattr(summary, "status", None) or "completed"
     if common.process_rank() == 0:

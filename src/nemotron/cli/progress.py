@@ -1,0 +1,40 @@
+"""Rich rendering of the training loop's events (the library only emits them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    """An `on_event` hook for `nemotron.train.pretrain`: a progress bar plus one line per milestone."""
+
+    def __init__(self, console: Console, show_bar: bool = True):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"), console=console, disable=not show_bar, transient=False,
+        )
+        self.task = None
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
+        elif kind == "train" and self.task is not None:
+            desc = f"loss {payload['loss']:.4f}  lr {payload['lr']:.2e}"
+            if payload.get("tokens_per_second"):
+                desc += f"  {payload['tokens_per_second']:,.0f} tok/s"
+            self.progress.update(self.task, completed=payload["step"], description=desc)
+        elif kind in ("valid", "test"):
+            self.console.log(f"{kind} loss {payload['loss']:.4f} at step {payload['step']}")
+        elif kind == "checkpoint":
+            self.console.log(f"checkpoint saved: {payload['path']}")
+        elif kind == "phase":
+            self.console.log(f"switched to the phase-{payload['phase']} blend at step {payload['step']}")
+        elif kind == "stop":
+            self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
+        elif kind == "end":
+            self.progress.stop()

@@ -1,0 +1,18 @@
+from rich.console import Console
+
+from nemotron.cli.progress import TrainProgress
+
+
+def test_train_progress_renders_bar_and_milestones():
+    console = Console(record=True, width=140, force_terminal=False)
+    hook = TrainProgress(console)
+    hook("start", {"total_steps": 4, "step": 0})
+    for step in (1, 2, 3, 4):
+        hook("train", {"step": step, "loss": 5.0 - step, "lr": 1e-3, "tokens_per_second": 1234.0})
+    hook("valid", {"step": 4, "loss": 1.5})
+    hook("checkpoint", {"step": 4, "path": "/ckpt/iter_0000004"})
+    hook("end", {})
+    text = console.export_text()
+    assert "4/4" in text and "loss 1.0000" in text and "1,234 tok/s" in text
+    assert "valid loss 1.5000 at step 4" in text
+    assert "checkpoint saved: /ckpt/iter_0000004" in text
