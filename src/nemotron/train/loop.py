@@ -26,6 +26,7 @@ import torch.distributed as dist
 from nemotron.artifacts.model import (
     MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
 )
+from nemotron.distributed.utils import grad_norm
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -175,21 +176,6 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
     return by_mesh
 
 
-def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of all gradients. Sharded (DTensor) gradients may live on different
-    meshes (dense on DP, routed experts on expert-DP): each mesh's norm is reduced over its
-    own mesh, then the squares are summed."""
-    squares = []
-    for grads in _grads_by_mesh(params).values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
-    if not squares:
-        return torch.zeros(())
-    return torch.stack(squares).sum().sqrt()
-
-
 def _mean_over_dp(value: torch.Tensor, parallel: Parallel) -> float:
     if parallel.distributed and parallel.dp_size > 1:
         value = value.clone()
@@ -227,7 +213,7 @@ def train_step(
         lm_sum += out.lm_loss.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(total_grad_norm(params))
+    norm = float(grad_norm(params))
     if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
         scale = grad_clip / (norm + 1e-6)
         for group in _grads_by_mesh(params).values():  # one mesh per foreach call
