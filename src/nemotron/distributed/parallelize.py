@@ -110,8 +110,12 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
     for block in backbone.layers:
         fully_shard(block, mesh=mesh.dp_mesh, **common)
     # The LM head stays in the root unit: the fused loss reads `lm_head.weight` without calling
-    # the module, so only the root's pre-forward hook would unshard it in time.
-    fully_shard(model, mesh=mesh.dp_mesh, **common)
+    # the module, so only the root's pre-forward hook would unshard it in time. The root is
+    # not resharded after forward: its parameters are used again at the very start of backward,
+    # and on torch < 2.13 FSDP2 finds no tensors in the model's dataclass output to hook a
+    # re-gather on, so backward would read the freed LM-head weight (illegal memory access on
+    # CUDA, seen on 2 H200s).
+    fully_shard(model, mesh=mesh.dp_mesh, **dict(common, reshard_after_forward=False))
 
 
 def _expert_shard_placement(edp: int):

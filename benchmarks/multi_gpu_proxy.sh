@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 10: the Nano3 proxy (first 14 blocks, 64 experts, vocab 131072, seq 8192) on 1 and 2 GPUs
+# of one host, loss parity and tokens/s per GPU per layout, then full-width (128 expert) blocks.
+# Run on the device machine (nvidia-h200-x2) from the repo root with .whl carried (omegaconf).
+# Each run writes $OUT/NAME.json (benchmarks/multi_gpu.py); a failed run does not stop the rest.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+nvidia-smi -L
+N=${NGPU:-2}
+STEPS=${STEPS:-6}
+P="model.hybrid_pattern=MEMEM*EMEMEM*E model.num_layers=14 model.num_experts=64 data.mock=true
+   train.train_tokens=null train.train_iters=$STEPS train.global_batch_size=$N train.micro_batch_size=1
+   scheduler.warmup_tokens=16384 model.tensor_model_parallel_size=1 model.expert_model_parallel_size=1
+   model.sequence_parallel=false logger.progress_bar=false"
+one() { name=$1; shift; echo "== $name"; timeout ${RUN_TIMEOUT:-240} "$@" --name $name --out $OUT 2>&1 | grep -v Warning | tail -3; }
+one g1 python3 benchmarks/multi_gpu.py $P
+one dp$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P
+one dp${N}ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.expert_model_parallel_size=$N
+one tp${N}sp_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tensor_model_parallel_size=$N \
+  model.sequence_parallel=true model.expert_model_parallel_size=$N
+# Full width: 128 routed experts, the first 14 and then 20 blocks of the Nano3 pattern, FSDP x EP.
+one full14_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
+  model.expert_model_parallel_size=$N
+one full20_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
+  model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*' model.num_layers=20
