@@ -171,9 +171,7 @@ def packed_tp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for mixer in model.modules() for m in getattr(mixer, "_nemotron_packed_tp", ())]
 
 
-def _moe(moe: nn.Module, tp_mesh) -> None:
-    from nemotron.models.nano3.moe import sequence_balance_loss
-
+def _moe(moe: nn.Module, tp_mesh, cp=None) -> None:
     router = moe.router
     _distribute(router, "weight", tp_mesh, Replicate())
     router_forward = router.forward
@@ -185,9 +183,17 @@ def _moe(moe: nn.Module, tp_mesh) -> None:
     router.forward = route
     if moe.shared_experts is not None:
         _mlp(moe.shared_experts, tp_mesh, token_dim=0)
+    install_sequence_sharded_moe_forward(moe, tp_mesh, cp)
+
+
+def install_sequence_sharded_moe_forward(moe: nn.Module, tp_mesh=None, cp=None) -> None:
+    """MoE forward for a rank holding part of each sequence (its sequence-parallel shard over
+    `tp_mesh` and/or its context-parallel chunks, `cp` a `ContextParallel`): routes only its own
+    tokens, but computes the sequence balance loss on the whole sequence's scores."""
+    from nemotron.models.nano3.moe import sequence_balance_loss
 
     def forward(x):
-        """x: this rank's sequence shard [batch, seq/TP, hidden] (routes only its own tokens)."""
+        """x: this rank's part of the sequences [batch, seq_local, hidden]."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         r = moe.router(flat)
@@ -195,10 +201,18 @@ def _moe(moe: nn.Module, tp_mesh) -> None:
         y = moe.dispatcher.combine(moe.experts(rows, counts), ctx)
         if moe.shared_experts is not None:
             y = y + moe.shared_experts(flat)
-        # the balance loss is per whole sequence: gather the scores (identical on TP peers)
-        scores = DTensor.from_local(r.scores.view(b, s, -1), tp_mesh, [Shard(1)]).full_tensor()
-        with torch.no_grad():
-            topk = DTensor.from_local(r.topk_idx.view(b, s, -1), tp_mesh, [Shard(1)]).full_tensor()
+        scores, topk = r.scores.view(b, s, -1), r.topk_idx.view(b, s, -1)
+        if tp_mesh is not None:
+            # identical on TP peers; each one's gradient covers its own shard (summed over TP)
+            scores = DTensor.from_local(scores, tp_mesh, [Shard(1)]).full_tensor()
+            with torch.no_grad():
+                topk = DTensor.from_local(topk, tp_mesh, [Shard(1)]).full_tensor()
+        if cp is not None:
+            # every CP rank computes the whole loss; the gather's backward sums their gradients
+            # (FSDP2 then averages over DP x CP)
+            scores = cp.gather_sequence(scores)
+            with torch.no_grad():
+                topk = cp.gather_sequence(topk)
         return y.view(b, s, h), sequence_balance_loss(scores, topk, moe.top_k)
 
     moe.forward = forward
@@ -270,8 +284,9 @@ def _causal_lm_forward(model: nn.Module, tp_mesh) -> None:
     model.forward = forward
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc)."""
+def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh, cp=None) -> None:
+    """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc);
+    `cp`: the `ContextParallel` of this rank, if any (for the MoE balance loss)."""
     from nemotron.models.nano3.attention import Attention
     from nemotron.models.nano3.mamba2 import Mamba2Mixer
     from nemotron.models.nano3.mlp import MLP
@@ -290,7 +305,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
         elif isinstance(mixer, Mamba2Mixer):
             _mamba(mixer, tp_mesh)
         elif isinstance(mixer, MoE):
-            _moe(mixer, tp_mesh)
+            _moe(mixer, tp_mesh, cp)
         elif isinstance(mixer, MLP):
             _mlp(mixer, tp_mesh, token_dim=1)
         else:
