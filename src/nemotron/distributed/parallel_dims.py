@@ -22,6 +22,17 @@ class ParallelLayoutError(ValueError):
     """A parallel layout that cannot be built for this world size or model."""
 
 
+def reject_pipeline_parallel(parallel: ParallelismConfig) -> None:
+    """Pipeline parallelism does not exist yet: refuse PP > 1 before anything is built (a
+    recipe may still declare it, e.g. the long-context phase's PP4, for a dry run)."""
+    pp = parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ParallelLayoutError(
+            f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
+            "implemented yet; use pipeline_model_parallel_size=1"
+        )
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     world_size: int
@@ -50,11 +61,7 @@ class ParallelDims:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
         if world_size < 1:
             raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
-        if pp > 1:
-            raise ParallelLayoutError(
-                f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
-                "implemented yet; use pipeline_model_parallel_size=1"
-            )
+        reject_pipeline_parallel(parallel)
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(

@@ -178,8 +178,9 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
         device = next(model.parameters()).to_local().device
     with torch.device("meta"):
         twin = cls(cfg)
-    real_params = dict(model.named_parameters())
-    real_buffers = dict(model.named_buffers())
+    # names without the activation-checkpoint wrapper's level (train.activation_recompute)
+    real_params = {_unwrapped_name(n): p for n, p in model.named_parameters()}
+    real_buffers = {_unwrapped_name(n): b for n, b in model.named_buffers()}
 
     def commit(prefix: str, unit: nn.Module) -> None:
         for name, value in unit.named_parameters(prefix=prefix):
@@ -217,6 +218,10 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     leftover = [n for n, p in twin.named_parameters() if p.device.type != "meta"]
     if leftover:
         raise RuntimeError(f"init_like_single_device: parameters not copied: {leftover}")
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
