@@ -9,8 +9,9 @@ Counted per GPU (bytes per locally held parameter element):
   master weights fp32 (4) + gradients fp32 (4) + AdamW exp_avg/exp_avg_sq fp32 (8) = 16;
   FSDP2 transient: the unsharded bf16 parameters and bf16 gradients of the largest FSDP unit,
   twice (the unit computing and the one prefetched);
-  LM-head loss buffers: fp32 vocab-shard logits and softmax for one micro-batch (of this
-  rank's 1/CP of each sequence under context parallelism);
+  LM-head loss buffers: fp32 vocab-shard logits and softmax of one piece of the vocab-parallel
+  loss (at most `tensor_parallel.LOSS_CHUNK_TOKENS` tokens of this rank's 1/CP of the
+  micro-batch's sequences);
   with context parallelism, the all-gathered bf16 K and V of the whole sequence that one
   attention layer holds (each TP rank the KV heads its query heads read).
 Not counted: other activations (depend on micro-batch, recompute and kernels: measure them on
@@ -86,7 +87,9 @@ def estimate(world_size: int, tp: int, ep: int, seq_length: int, micro_batch: in
     states = 16 * local
     transient = 2 * largest_unit * (2 + 2)
     tokens = micro_batch * seq_length // cp  # this rank's part of each sequence
-    loss_buffers = 2 * 4 * tokens * config.vocab_size // tp
+    from nemotron.distributed.tensor_parallel import LOSS_CHUNK_TOKENS
+
+    loss_buffers = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size // tp
     kv_heads = max(1, config.num_key_value_heads // tp)
     kv_gather = (2 * 2 * micro_batch * seq_length * kv_heads * config.head_dim) if cp > 1 else 0
     return {

@@ -108,6 +108,10 @@ LAYOUTS_4 = {
 
 
 def _model_layouts(rank, world_size, layouts):
+    from nemotron.distributed import tensor_parallel
+
+    # the vocab-parallel loss in several recomputed pieces (6 here under TP2 x CP2)
+    tensor_parallel.LOSS_CHUNK_TOKENS = 8
     losses = {}
     for name, (parallel_kw, model_kw) in layouts.items():
         try:
