@@ -160,3 +160,14 @@ def test_tiny_long_context_recipe_trains_with_cp2_under_torchrun(tmp_path, corpu
         # two ranks wrote their shards: one distributed run, not two single ones
         assert (job / "ckpt" / "iter_0000003" / "__1_0.distcp").exists() == torchrun
     assert results["cp2"] == pytest.approx(results["single"], rel=1e-4)
+
+
+def test_pipeline_parallel_is_refused_before_anything_is_built(tmp_path, corpus):
+    from nemotron.distributed.parallel_dims import ParallelLayoutError
+
+    cfg = make_config(tmp_path, blend=corpus[0])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pipeline_model_parallel_size=4))
+    with pytest.raises(ParallelLayoutError, match="pipeline_model_parallel_size=4: pipeline "
+                                                  "parallelism is not implemented"):
+        pretrain(cfg, tmp_path / "job")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
