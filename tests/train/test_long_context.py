@@ -171,3 +171,27 @@ def test_pipeline_parallel_is_refused_before_anything_is_built(tmp_path, corpus)
                                                   "parallelism is not implemented"):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
+
+
+def test_mock_data_mixes_lengths_too(tmp_path):
+    cfg = make_config(tmp_path, train={"micro_batch_size": 1, "global_batch_size": 4})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, mock=True, blend_weight=1.0,
+        mixed_length_blends=[SequenceLengthBlend(blend="", seq_length=4, weight=3.0)]))
+    data = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1, cfg.data), 64)
+    assert sorted(b["tokens"].shape[1] for b in data.next_train_batches()) == [4, 4, 4, 16]
+    assert data.last_step_tokens == 28
+
+
+def test_mixed_length_config_errors_name_the_key():
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+    from nemotron.config.errors import ConfigError
+
+    path = resolve_config_path("long_context_tiny", PretrainConfig)
+    with pytest.raises(ConfigError, match=r"data.mixed_length_blends\[0\].seq_length: must be "
+                                          r"positive, got 0"):
+        load_config(path, ["data.mixed_length_blends=[{blend: b.json, seq_length: 0}]"],
+                    PretrainConfig)
+    with pytest.raises(ConfigError, match=r"data.mixed_length_blends\[0\].weight: must be >= 0"):
+        load_config(path, ["data.mixed_length_blends=[{blend: b.json, weight: -1}]"],
+                    PretrainConfig)

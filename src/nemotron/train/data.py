@@ -129,6 +129,28 @@ class MockDataset(torch.utils.data.Dataset):
         return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(self.seq_length)}
 
 
+class MixedMockDataset(torch.utils.data.Dataset):
+    """Mock samples of several lengths, interleaved by the blending rule on `weights` (so a
+    benchmark sees the long-context phase's mix of lengths)."""
+
+    def __init__(self, num_samples: int, seq_lengths: list[int], weights: list[float],
+                 vocab_size: int, seed: int) -> None:
+        from nemotron.data.blended import build_blending_indices
+
+        self.parts = [MockDataset(num_samples, n, vocab_size, seed + 7919 * k)
+                      for k, n in enumerate(seq_lengths)]
+        self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def sample_length(self, idx: int) -> int:
+        return self.parts[int(self.dataset_index[idx])].seq_length
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.parts[int(self.dataset_index[idx])][int(self.sample_index[idx])]
+
+
 def blend_has_split(blend_json: str | Path, split: str) -> bool:
     try:
         return split in json.loads(Path(blend_json).read_text())
@@ -196,6 +218,12 @@ class TrainingData:
                 seed = self.train.seed + {"train1": 0, "train2": 1, "valid": 2, "test": 3}[key]
                 self._datasets[key] = MockDataset(num_samples, self.plan.seq_length,
                                                   self.vocab_size, seed)
+                if key.startswith("train") and self.data.mixed_length_blends:
+                    self._datasets[key] = MixedMockDataset(
+                        num_samples, [self.plan.seq_length] + [
+                            m.seq_length for m in self.data.mixed_length_blends],
+                        [self.data.blend_weight] + [m.weight for m in self.data.mixed_length_blends],
+                        self.vocab_size, seed)
             elif blend is None or not blend_has_split(blend, split):
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
