@@ -39,6 +39,11 @@ from torch.nn.attention.bias import causal_lower_right
 from nemotron.kernels.ssd import ssd as ssd_scan
 
 
+# torch >= 2.13 names it all_gather_single_autograd (the older name warns)
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or \
+    funcol.all_gather_tensor_autograd
+
+
 class ContextParallelError(ValueError):
     """A sequence that cannot be split over the context-parallel ranks."""
 
@@ -97,7 +102,7 @@ class ContextParallel:
     def all_gather(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every rank's `x`, in rank order; the backward reduce-scatters (sums every rank's
         gradient into the owner). PyTorch's functional collectives, autograd variant."""
-        gathered = funcol.all_gather_tensor_autograd(x.unsqueeze(0).contiguous(), 0, self.group)
+        gathered = _all_gather_autograd(x.unsqueeze(0).contiguous(), 0, self.group)
         if isinstance(gathered, funcol.AsyncCollectiveTensor):
             gathered = gathered.wait()
         return tuple(gathered.unbind(0))
