@@ -89,11 +89,6 @@ def _modules(rank, world_size):
     return True
 
 
-@pytest.mark.parametrize("cp_size", [2, 4])
-def test_attention_and_mamba_match_single_rank(cp_size):
-    assert all(run_distributed(_modules, cp_size))
-
-
 CP = dict(context_parallel_size=2)
 LAYOUTS_2 = {
     "cp2": (CP, dict(moe_seq_aux_loss_coeff=0.1)),  # a large balance loss: gathered over CP
@@ -107,8 +102,12 @@ LAYOUTS_4 = {
 }
 
 
-def _model_layouts(rank, world_size, layouts):
+def _modules_then_model_layouts(rank, world_size, layouts):
+    """One launch per world size (process start-up dominates): first the modules with CP =
+    world size, then the whole model under each layout."""
     from nemotron.distributed import tensor_parallel
+
+    _modules(rank, world_size)
 
     # the vocab-parallel loss in several recomputed pieces (6 here under TP2 x CP2)
     tensor_parallel.LOSS_CHUNK_TOKENS = 8
@@ -123,9 +122,10 @@ def _model_layouts(rank, world_size, layouts):
 
 
 @pytest.mark.parametrize("world_size,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)],
-                         ids=["2-ranks", "4-ranks"])
-def test_whole_model_loss_and_grads_match_single_process(world_size, layouts):
-    results = run_distributed(_model_layouts, world_size, layouts)
+                         ids=["cp2", "cp4"])
+def test_modules_and_whole_model_match_single_process(world_size, layouts):
+    """Attention and Mamba-2 with CP = world size, then the whole model under each layout."""
+    results = run_distributed(_modules_then_model_layouts, world_size, layouts)
     assert set(results[0]) == set(layouts) and all(r == results[0] for r in results)
 
 
