@@ -74,6 +74,18 @@ def test_pretrain_dry_run_prints_config_and_plan_and_writes_nothing(cli, tmp_pat
     assert all_files(cli.work) == [] and not (tmp_path / "cache").exists()
 
 
+def test_long_context_dry_run_shows_the_spec_layout(cli):
+    result = cli("nano3", "pretrain", "-c", "long_context", "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # the plan table may wrap long rows
+    assert "TP8 PP4 EP8 CP8 SP on" in out and "PP > 1 is not implemented" in out
+    assert "48 x 524288 tokens (micro-batch 1) mixed with 4096-token samples" in out
+    assert "121,000,000,000 tokens (~9,542 steps)" in out
+    assert "weights only of" in out and "style: constant" in out and "lr: 1.0e-05" in out
+    assert "activation_recompute: true" in out
+    assert all_files(cli.work) == []
+
+
 def test_data_prep_dry_run_writes_nothing(cli, tmp_path):
     result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "--sample", "7", "num_shards=3")
     assert result.exit_code == 0, result.output

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
+from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallelize import token_loss_weight
 from nemotron.distributed.utils import clip_grad_norm_
 from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
@@ -30,10 +31,10 @@ def tiny_config(**overrides) -> Nano3Config:
     return Nano3Config(**fields)
 
 
-def batch(step: int):
+def batch(step: int, seq: int = SEQ):
     g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, 96, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
+    tokens = torch.randint(0, 96, (GLOBAL_BATCH, seq + 1), generator=g)
+    loss_mask = torch.ones(GLOBAL_BATCH, seq)
     return tokens[:, :-1], tokens[:, 1:], loss_mask
 
 
@@ -54,8 +55,15 @@ def train_step(model, opt, ids, labels, mask, weight=1.0):
     return out
 
 
+def rank_slice(mesh, *tensors):
+    """This rank's part of global-batch tensors: its DP rows, its CP chunks of each sequence."""
+    per_rank = GLOBAL_BATCH // mesh.dp_size
+    rows = slice(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank)
+    return [cp_shard(t[rows], mesh.cp_rank, mesh.cp_size) for t in tensors]
+
+
 def compare_with_single_process(rank: int, world_size: int, parallel_kw: dict,
-                                model_kw: dict | None = None, steps: int = 3):
+                                model_kw: dict | None = None, steps: int = 3, seq: int = SEQ):
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
     model = copy.deepcopy(reference)
@@ -65,21 +73,19 @@ def compare_with_single_process(rank: int, world_size: int, parallel_kw: dict,
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    per_rank = GLOBAL_BATCH // dims.dp
-    lo = mesh.dp_rank * per_rank
 
     for step in range(steps):
-        ids, labels, mask = batch(step)
+        ids, labels, mask = batch(step, seq)
         ref_out = train_step(reference, ref_opt, ids, labels, mask)
         ref_grads = full_grads(reference)
         ref_opt.step()
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
 
-        sl = slice(lo, lo + per_rank)
-        weight = token_loss_weight(mask[sl], mesh)
-        out = train_step(model, opt, ids[sl], labels[sl], mask[sl], weight)
-        lm = out.lm_loss.detach() * mask[sl].sum()
-        pair = torch.stack([lm, mask[sl].sum()])
+        local_ids, local_labels, local_mask = rank_slice(mesh, ids, labels, mask)
+        weight = token_loss_weight(local_mask, mesh)
+        out = train_step(model, opt, local_ids, local_labels, local_mask, weight)
+        lm = out.lm_loss.detach() * local_mask.sum()
+        pair = torch.stack([lm, local_mask.sum()])
         dist.all_reduce(pair, group=mesh.loss_group)
         torch.testing.assert_close(pair[0] / pair[1], ref_out.lm_loss.detach(), rtol=1e-5, atol=1e-6)
         grads = full_grads(model)

@@ -22,7 +22,7 @@ def test_dp_is_derived_and_expert_view():
     (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
     (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
     (dict(pipeline_model_parallel_size=2), 4, "pipeline parallelism is not implemented"),
-    (dict(context_parallel_size=2), 4, "context parallelism is not implemented"),
+    (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
     (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
     (dict(tensor_model_parallel_size=0), 4, ">= 1"),
 ])
@@ -56,3 +56,14 @@ def test_batch_validation():
         dims.validate_batch(16, 3, 64)
     with pytest.raises(ParallelLayoutError, match="seq_length=63"):
         dims.validate_batch(16, 1, 63)
+
+
+def test_context_parallel_layout_and_sequence_split():
+    dims = ParallelDims.from_config(
+        cfg(tensor_model_parallel_size=2, context_parallel_size=2, expert_model_parallel_size=4,
+            sequence_parallel=True), world_size=8, model_config=Nano3Config())
+    assert (dims.dp, dims.cp, dims.tp, dims.edp) == (2, 2, 2, 2)
+    assert dims.sequence_shards == 8  # 2*CP load-balanced chunks, each split over TP
+    dims.validate_batch(4, 1, 8192)
+    with pytest.raises(ParallelLayoutError, match=r"not divisible by 2\*CP\*TP = 2\*2\*2 = 8"):
+        dims.validate_batch(4, 1, 4100)

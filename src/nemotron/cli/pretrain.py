@@ -32,18 +32,27 @@ def _localize(cfg, job_dir: Path):
             blend=common.absolute(data.blend),
             phase2_blend=common.absolute(data.phase2_blend),
             cache_dir=common.absolute(data.cache_dir),
+            mixed_length_blends=[dataclasses.replace(m, blend=common.absolute(m.blend))
+                                 for m in data.mixed_length_blends],
         ),
     )
 
 
 def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str) -> list[tuple[str, str]]:
+    from nemotron.train.data import mean_sample_length
+
     t = cfg.train
-    tokens_per_step = t.global_batch_size * t.seq_length
+    mean_length = mean_sample_length(cfg.data, t.seq_length)
+    tokens_per_step = round(t.global_batch_size * (mean_length or t.seq_length))
     if t.train_iters is not None:
         length = f"{t.train_iters:,} steps ({t.train_iters * tokens_per_step:,} tokens)"
     else:
         length = f"{t.train_tokens:,} tokens (~{-(-t.train_tokens // tokens_per_step):,} steps)"
     p = cfg.model.parallel()
+    per_replica = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
+    layout_note = f"; {per_replica} ranks (GPUs) per model replica (TP*CP*PP)"
+    if p.pipeline_model_parallel_size > 1:
+        layout_note += "; PP > 1 is not implemented: training stops with an error"
     blend = cfg.data.blend
     blend_note = "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
     return [
@@ -55,15 +64,21 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
                   f"{cfg.model.num_experts} experts top-{cfg.model.moe_top_k}"),
         ("parallel", f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
                      f"EP{p.expert_model_parallel_size} CP{p.context_parallel_size} "
-                     f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size"),
+                     f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size"
+                     + layout_note),
         ("length", length),
-        ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"),
+        ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"
+                  + "".join(f" mixed with {m.seq_length}-token samples (weight {m.weight:g} : "
+                            f"{cfg.data.blend_weight:g}) from {m.blend}"
+                            for m in cfg.data.mixed_length_blends)),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
         ("phase 2", f"{cfg.data.phase2_blend} from {cfg.data.phase2_start_fraction:.0%} of tokens"
                     if cfg.data.phase2_blend else "none"),
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
-        ("resume from", cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
+        ("resume from", (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
+                         "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
+         else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
     ]
 

@@ -165,6 +165,15 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.mock or d.blend is not None, "data.blend",
              "is null: point it at the blend.json written by data prep (or set data.mock=true)")
+    _require(d.blend_weight >= 0, "data.blend_weight", f"must be >= 0, got {d.blend_weight}")
+    for i, m in enumerate(d.mixed_length_blends):
+        key = f"data.mixed_length_blends[{i}]"
+        _require(d.mock or bool(m.blend), f"{key}.blend", "must name a blend.json")
+        _require(m.seq_length > 0, f"{key}.seq_length", f"must be positive, got {m.seq_length}")
+        _require(m.weight >= 0, f"{key}.weight", f"must be >= 0, got {m.weight}")
+    if d.mixed_length_blends:
+        _require(d.blend_weight + sum(m.weight for m in d.mixed_length_blends) > 0,
+                 "data.blend_weight", "and the data.mixed_length_blends weights sum to 0")
     _check_choices(cfg)
 
 

@@ -58,6 +58,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.datasets = datasets
         self.weights = normalise_weights(weights)
         self.size = size
+        self.description = description
 
         def build() -> dict[str, np.ndarray]:
             dataset_index, sample_index = build_blending_indices(self.weights, size)
@@ -105,3 +106,50 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {idx} out of range 0..{self.size - 1} of the blend")
         dataset = self.datasets[int(self.dataset_index[idx])]
         return dataset[int(self.dataset_sample_index[idx])]
+
+    def sample_length(self, idx: int) -> int:
+        """Tokens of sample `idx`, without reading it (blends may mix sample lengths)."""
+        dataset = self.datasets[int(self.dataset_index[idx])]
+        return dataset.sample_length(int(self.dataset_sample_index[idx]))
+
+
+def build_mixed_length_dataset(
+    parts: list[tuple[str | Path, int, float]],
+    split: str,
+    num_samples: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+) -> BlendedDataset:
+    """Samples of several per-split blends, each at its own sequence length: `parts` are
+    (blend.json, seq_length, weight). Within a part, samples keep Megatron's semantics (each
+    is seq_length + 1 consecutive tokens of its blend); across parts, sample i comes from the
+    part chosen by the blending rule above on the weights (samples, not tokens, are weighted).
+    Each part is asked for `ceil(num_samples * w * 1.005)` samples, as a blend asks its
+    datasets. Items may differ in length: `sample_length(i)` tells without reading."""
+    from nemotron.data.gpt_dataset import build_split_dataset
+
+    if num_samples <= 0:
+        raise GPTDatasetError(f"num_samples must be positive, got {num_samples}")
+    if not parts:
+        raise GPTDatasetError("a mixed-length dataset needs at least one blend")
+    for blend, seq_length, weight in parts:
+        if seq_length <= 0 or not math.isfinite(weight) or weight < 0:
+            raise GPTDatasetError(
+                f"mixed-length blend {blend}: seq_length ({seq_length}) must be positive and "
+                f"weight ({weight}) >= 0")
+    normalised = normalise_weights([w for _, _, w in parts])
+    datasets = []
+    for (blend, seq_length, _), weight in zip(parts, normalised):
+        wanted = int(math.ceil(num_samples * weight * 1.005))
+        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir)
+                        if wanted else None)
+    description = {
+        "class": "MixedLengthDataset",
+        "parts": [d.description if d is not None else None for d in datasets],
+        "seq_lengths": [int(n) for _, n, _ in parts],
+        "weights": normalised,
+        "size": num_samples,
+        "split": split,
+    }
+    cache = Path(cache_dir) if cache_dir is not None else Path(parts[0][0]).parent / "cache"
+    return BlendedDataset(datasets, normalised, num_samples, cache, description)

@@ -42,10 +42,27 @@ class DataPrepConfig:
 
 
 @dataclass
+class SequenceLengthBlend:
+    """A per-split blend.json whose training samples have their own length (e.g. the 4K
+    sequences mixed into the long-context phase's 512K ones)."""
+
+    blend: str = ""
+    seq_length: int = 4096
+    weight: float = 1.0  # per-sample weight against `DataConfig.blend_weight`
+
+
+@dataclass
 class DataConfig:
     """What training reads: the per-split blend written by data prep, and the phase curriculum."""
 
     blend: str | None = None  # path to blend.json (phase 1)
+    # Mixed sequence lengths (long-context phase): training samples of `blend` (or
+    # `phase2_blend`) have train.seq_length tokens; each entry here adds a blend whose samples
+    # have its own seq_length. The two kinds are interleaved per sample, deterministically, by
+    # Megatron's blending rule on the weights (`blend_weight` for the main blend). Evaluation
+    # reads the main blend only.
+    blend_weight: float = 1.0
+    mixed_length_blends: list[SequenceLengthBlend] = field(default_factory=list)
     phase2_blend: str | None = None  # optional blend.json for phase 2
     phase2_start_fraction: float = 0.94  # switch point, as a fraction of total tokens
     cache_dir: str | None = None  # index cache; default: <blend dir>/cache

@@ -227,6 +227,10 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shuffle_index)
 
+    def sample_length(self, idx: int) -> int:
+        """Tokens (= labels) of sample `idx`: every sample of one dataset has seq_length."""
+        return self.seq_length
+
     def sample_tokens(self, idx: int) -> np.ndarray:
         """The seq_length + 1 tokens of served sample `idx` (after the shuffle)."""
         if not 0 <= idx < len(self):

@@ -3,6 +3,9 @@
 One world mesh is unflattened twice, so both views share a root (FSDP2 and DTensor need that):
   dense  ("pp", "dp", "cp", "tp"): attention, Mamba, shared expert, embeddings, LM head
   expert ("pp", "edp", "ep"):      routed experts (EP innermost: an EP group spans TP first)
+With context parallelism, DP and CP ranks hold different tokens of the batch: dense parameters
+are sharded (and their gradients reduced) over the flattened DP x CP mesh, as torchtitan does
+with dp_shard_cp, and losses / token counts are summed over it.
 Every process must call `build_mesh` with the same arguments (it creates process groups).
 """
 
@@ -23,23 +26,37 @@ class ParallelMesh:
     world: DeviceMesh
     dense: DeviceMesh
     expert: DeviceMesh
-    dense_dp_tp: DeviceMesh  # dense["dp", "tp"] flattened
+    dense_dp_tp: DeviceMesh  # dense["dp", "cp", "tp"] flattened
+    dense_dp_cp: DeviceMesh  # dense["dp", "cp"] flattened (dense["dp"] when CP is 1)
 
     # -- sub-meshes -----------------------------------------------------------------------------
     @property
     def dp_mesh(self) -> DeviceMesh:
-        """Mesh FSDP2 shards dense parameters over (DP; CP joins it once CP exists)."""
-        return self.dense["dp"]
+        """Mesh FSDP2 shards dense parameters over: DP x CP (ranks seeing different tokens)."""
+        return self.dense_dp_cp
 
     @property
     def dp_tp_mesh(self) -> DeviceMesh:
-        """DP x TP flattened: FSDP2 shards weights that every TP rank holds whole but computes
-        with only in part (Mamba in_proj / conv1d) over it."""
+        """DP x CP x TP flattened: FSDP2 shards weights that every TP rank holds whole but
+        computes with only in part (Mamba in_proj / conv1d) over it."""
         return self.dense_dp_tp
 
     @property
     def tp_mesh(self) -> DeviceMesh:
         return self.dense["tp"]
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        return self.dense["cp"]
+
+    @property
+    def cp_rank(self) -> int:
+        """Which chunks of every sequence this rank holds (`context_parallel.cp_shard`)."""
+        return self.dense["cp"].get_local_rank()
+
+    @property
+    def cp_size(self) -> int:
+        return self.dims.cp
 
     @property
     def ep_mesh(self) -> DeviceMesh:
@@ -53,7 +70,8 @@ class ParallelMesh:
     # -- what the training loop needs ---------------------------------------------------------
     @property
     def dp_rank(self) -> int:
-        """Which slice of the global batch this rank loads (all TP ranks of a group share it)."""
+        """Which slice of the global batch this rank loads (all CP and TP ranks of a group
+        share it)."""
         return self.dense["dp"].get_local_rank()
 
     @property
@@ -62,8 +80,13 @@ class ParallelMesh:
 
     @property
     def loss_group(self) -> dist.ProcessGroup:
-        """Ranks holding different samples: sum token losses and token counts over it."""
-        return self.dense["dp"].get_group()
+        """Ranks holding different tokens (DP x CP): sum token losses and token counts over
+        it; FSDP2 averages dense gradients over the same ranks."""
+        return self.dense_dp_cp.get_group()
+
+    @property
+    def loss_group_size(self) -> int:
+        return self.dims.dp * self.dims.cp
 
     @property
     def balancing_group(self) -> dist.ProcessGroup:
@@ -87,8 +110,14 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     world = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
     dense = world._unflatten(0, (dims.pp, dims.dp, dims.cp, dims.tp), ("pp", "dp", "cp", "tp"))
     expert = world._unflatten(0, (dims.pp, dims.edp, dims.ep), ("pp", "edp", "ep"))
-    dp_tp = dense["dp", "tp"]._flatten("dp_tp")  # creates a group: on every rank, here
-    return ParallelMesh(dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp)
+    # _flatten creates process groups: on every rank, here
+    if dims.cp == 1:
+        dp_tp, dp_cp = dense["dp", "tp"]._flatten("dp_tp"), dense["dp"]
+    else:
+        dp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
+        dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+    return ParallelMesh(dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp,
+                        dense_dp_cp=dp_cp)
 
 
 def global_token_count(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> torch.Tensor:
@@ -96,7 +125,7 @@ def global_token_count(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> to
     backpropagates `local_loss_sum / global_tokens`, so that gradients summed over ranks are
     the gradient of the mean over tokens, not the mean of per-rank means."""
     count = loss_mask.detach().sum().to(torch.float64)
-    if mesh is not None and mesh.dims.dp > 1:
+    if mesh is not None and mesh.loss_group_size > 1:
         count = count.to(_comm_device(mesh))
         dist.all_reduce(count, group=mesh.loss_group)
     return count.cpu()
@@ -107,7 +136,7 @@ def reduce_token_loss(loss_sum: torch.Tensor, tokens: torch.Tensor,
     """Global token-mean loss for logging, from per-rank sums (not a mean of rank means)."""
     pair = torch.stack([loss_sum.detach().to(torch.float64).reshape(()),
                         torch.as_tensor(tokens, dtype=torch.float64).reshape(())])
-    if mesh is not None and mesh.dims.dp > 1:
+    if mesh is not None and mesh.loss_group_size > 1:
         pair = pair.to(_comm_device(mesh))
         dist.all_reduce(pair, group=mesh.loss_group)
     return float(pair[0] / pair[1])

@@ -22,6 +22,17 @@ class ParallelLayoutError(ValueError):
     """A parallel layout that cannot be built for this world size or model."""
 
 
+def reject_pipeline_parallel(parallel: ParallelismConfig) -> None:
+    """Pipeline parallelism does not exist yet: refuse PP > 1 before anything is built (a
+    recipe may still declare it, e.g. the long-context phase's PP4, for a dry run)."""
+    pp = parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ParallelLayoutError(
+            f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
+            "implemented yet; use pipeline_model_parallel_size=1"
+        )
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     world_size: int
@@ -50,16 +61,7 @@ class ParallelDims:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
         if world_size < 1:
             raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
-        if pp > 1:
-            raise ParallelLayoutError(
-                f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
-                "implemented yet; use pipeline_model_parallel_size=1"
-            )
-        if cp > 1:
-            raise ParallelLayoutError(
-                f"model.context_parallel_size={cp}: context parallelism is not implemented yet; "
-                "use context_parallel_size=1"
-            )
+        reject_pipeline_parallel(parallel)
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(
@@ -135,14 +137,23 @@ class ParallelDims:
                 f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * DP "
                 f"= {micro_batch_size}*{self.dp} = {per_step}"
             )
-        if seq_length % (self.tp * self.cp):
+        # context parallel cuts a sequence into 2*CP chunks (load balance), then TP splits
+        # each rank's part
+        shards = self.sequence_shards
+        if seq_length % shards:
+            what = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else f"TP = {self.tp}"
             raise ParallelLayoutError(
-                f"seq_length={seq_length} is not divisible by TP*CP = {self.tp}*{self.cp} "
-                f"(sequence parallel splits every sequence across those ranks)"
+                f"seq_length={seq_length} is not divisible by {what} = {shards} "
+                f"(every sequence is split across those ranks)"
             )
 
+    @property
+    def sequence_shards(self) -> int:
+        """Pieces every sequence is cut into (sequence lengths must be multiples of it)."""
+        return self.tp * (2 * self.cp if self.cp > 1 else 1)
+
     def gradient_accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
-        self.validate_batch(global_batch_size, micro_batch_size, self.tp * self.cp)
+        self.validate_batch(global_batch_size, micro_batch_size, self.sequence_shards)
         return global_batch_size // (micro_batch_size * self.dp)
 
     def describe(self) -> str:

@@ -4,10 +4,14 @@ Order (torchtitan-style): tensor/sequence parallel (DTensor) -> expert parallel 
 split on the EP mesh, all-to-all dispatcher) -> FSDP2 (`fully_shard`) per block, with the
 routed experts sharded on their own expert-data-parallel mesh.
 
-Gradient convention: like DDP, each parameter's gradient is the MEAN over data-parallel ranks
-of the per-rank gradients (FSDP2's default for dense parameters; expert parameters, which are
-reduced over the expert-data-parallel mesh, are given the same divisor DP). Contributions of
-tensor- and expert-parallel peers to one rank's loss are summed. To weight by tokens rather
+Context parallel (`context_parallel.py`) goes first: it sets the hook object on the attention
+and Mamba-2 mixers, before TP wraps their forwards.
+
+Gradient convention: like DDP, each parameter's gradient is the MEAN over data- and
+context-parallel ranks (DP x CP) of the per-rank gradients (FSDP2's default for dense
+parameters, sharded over DP x CP; expert parameters, which are reduced over the
+expert-data-parallel mesh, are given the same divisor DP*CP). Contributions of tensor- and
+expert-parallel peers to one rank's loss are summed. To weight by tokens rather
 than ranks, multiply each rank's loss by `token_loss_weight(...)` (1 for equal token counts).
 """
 
@@ -37,8 +41,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfi
     `mixed_precision`: bf16 parameters for compute, fp32 gradient reduction (FSDP2
     MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
     dims = mesh.dims
-    if dims.pp > 1 or dims.cp > 1:
-        raise NotImplementedError("pipeline and context parallelism are not implemented")
+    if dims.pp > 1:
+        raise NotImplementedError("pipeline parallelism is not implemented")
     if parallel is not None:
         given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
                  parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
@@ -47,10 +51,16 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfi
                 f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
                 f"{(dims.tp, dims.ep, dims.pp, dims.cp)}")
     install_single_device_init(model)
+    cp = None
+    if dims.cp > 1:
+        from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
+
+        cp = ContextParallel(mesh.cp_mesh.get_group())
+        apply_context_parallel(model, cp, moe_forward=dims.tp == 1)
     if dims.tp > 1:
         from nemotron.distributed.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh)
+        apply_tensor_parallel(model, mesh, cp)
     apply_expert_parallel(model, mesh)
     apply_fsdp(model, mesh, mixed_precision=mixed_precision,
                reshard_after_forward=reshard_after_forward)
@@ -89,9 +99,9 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
     for moe in _moe_layers(model):
         experts = fully_shard(moe.experts, mesh=mesh.edp_mesh,
                               shard_placement_fn=_expert_shard_placement(dims.edp), **common)
-        # Mean over data-parallel ranks, like the dense parameters (EDP also spans EP/TP peers,
-        # whose contributions belong to the same loss and are summed).
-        experts.set_gradient_divide_factor(float(dims.dp))
+        # Mean over data- (and context-) parallel ranks, like the dense parameters (EDP also
+        # spans EP/TP peers, whose contributions belong to the same loss and are summed).
+        experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
         if dims.edp > 1 and dist.get_backend(mesh.edp_mesh.get_group()) == "gloo":
             # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2's own fallback; not
             # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
@@ -101,8 +111,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
 
         for module in packed_tp_modules(model):
             packed = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
-            # summed over TP (partial gradients of one loss), averaged over DP
-            packed.set_gradient_divide_factor(float(dims.dp))
+            # summed over TP (partial gradients of one loss), averaged over DP x CP
+            packed.set_gradient_divide_factor(float(dims.dp * dims.cp))
             if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
                 packed.set_force_sum_reduction_for_comms(True)
     backbone = model.backbone
@@ -137,11 +147,11 @@ def token_loss_weight(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> flo
     """Factor for this rank's token-mean loss so that the DP-averaged gradient is the gradient
     of the mean over all tokens of the global batch: DP * local_tokens / global_tokens."""
     local = loss_mask.detach().sum().to(torch.float64)
-    if mesh is None or mesh.dims.dp == 1:
+    if mesh is None or mesh.loss_group_size == 1:  # loss group: DP x CP
         return 1.0
     total = local.clone().cpu() if mesh.world.device_type == "cpu" else local.clone()
     dist.all_reduce(total, group=mesh.loss_group)
-    return float(mesh.dims.dp * local.cpu() / total.cpu().clamp(min=1.0))
+    return float(mesh.loss_group_size * local.cpu() / total.cpu().clamp(min=1.0))
 
 
 # -- initialisation -----------------------------------------------------------------------------
@@ -172,8 +182,9 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
         device = next(model.parameters()).to_local().device
     with torch.device("meta"):
         twin = cls(cfg)
-    real_params = dict(model.named_parameters())
-    real_buffers = dict(model.named_buffers())
+    # names without the activation-checkpoint wrapper's level (train.activation_recompute)
+    real_params = {_unwrapped_name(n): p for n, p in model.named_parameters()}
+    real_buffers = {_unwrapped_name(n): b for n, b in model.named_buffers()}
 
     def commit(prefix: str, unit: nn.Module) -> None:
         for name, value in unit.named_parameters(prefix=prefix):
@@ -211,6 +222,10 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     leftover = [n for n, p in twin.named_parameters() if p.device.type != "meta"]
     if leftover:
         raise RuntimeError(f"init_like_single_device: parameters not copied: {leftover}")
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:

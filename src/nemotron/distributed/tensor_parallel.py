@@ -28,6 +28,7 @@ import types
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -171,9 +172,7 @@ def packed_tp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for mixer in model.modules() for m in getattr(mixer, "_nemotron_packed_tp", ())]
 
 
-def _moe(moe: nn.Module, tp_mesh) -> None:
-    from nemotron.models.nano3.moe import sequence_balance_loss
-
+def _moe(moe: nn.Module, tp_mesh, cp=None) -> None:
     router = moe.router
     _distribute(router, "weight", tp_mesh, Replicate())
     router_forward = router.forward
@@ -185,9 +184,17 @@ def _moe(moe: nn.Module, tp_mesh) -> None:
     router.forward = route
     if moe.shared_experts is not None:
         _mlp(moe.shared_experts, tp_mesh, token_dim=0)
+    install_sequence_sharded_moe_forward(moe, tp_mesh, cp)
+
+
+def install_sequence_sharded_moe_forward(moe: nn.Module, tp_mesh=None, cp=None) -> None:
+    """MoE forward for a rank holding part of each sequence (its sequence-parallel shard over
+    `tp_mesh` and/or its context-parallel chunks, `cp` a `ContextParallel`): routes only its own
+    tokens, but computes the sequence balance loss on the whole sequence's scores."""
+    from nemotron.models.nano3.moe import sequence_balance_loss
 
     def forward(x):
-        """x: this rank's sequence shard [batch, seq/TP, hidden] (routes only its own tokens)."""
+        """x: this rank's part of the sequences [batch, seq_local, hidden]."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         r = moe.router(flat)
@@ -195,10 +202,18 @@ def _moe(moe: nn.Module, tp_mesh) -> None:
         y = moe.dispatcher.combine(moe.experts(rows, counts), ctx)
         if moe.shared_experts is not None:
             y = y + moe.shared_experts(flat)
-        # the balance loss is per whole sequence: gather the scores (identical on TP peers)
-        scores = DTensor.from_local(r.scores.view(b, s, -1), tp_mesh, [Shard(1)]).full_tensor()
-        with torch.no_grad():
-            topk = DTensor.from_local(r.topk_idx.view(b, s, -1), tp_mesh, [Shard(1)]).full_tensor()
+        scores, topk = r.scores.view(b, s, -1), r.topk_idx.view(b, s, -1)
+        if tp_mesh is not None:
+            # identical on TP peers; each one's gradient covers its own shard (summed over TP)
+            scores = DTensor.from_local(scores, tp_mesh, [Shard(1)]).full_tensor()
+            with torch.no_grad():
+                topk = DTensor.from_local(topk, tp_mesh, [Shard(1)]).full_tensor()
+        if cp is not None:
+            # every CP rank computes the whole loss; the gather's backward sums their gradients
+            # (FSDP2 then averages over DP x CP)
+            scores = cp.gather_sequence(scores)
+            with torch.no_grad():
+                topk = cp.gather_sequence(topk)
         return y.view(b, s, h), sequence_balance_loss(scores, topk, moe.top_k)
 
     moe.forward = forward
@@ -243,25 +258,52 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, labels: torch.Tenso
     return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_start, group)
 
 
+# Tokens (gathered over TP) whose vocab-shard logits one piece of the loss materialises: at
+# V/TP = 16K, 512 MiB of fp32 logits, whatever the sequence length (the long-context phase has
+# 64K tokens per rank under TP8 CP8).
+LOSS_CHUNK_TOKENS = 8192
+
+
 def _causal_lm_forward(model: nn.Module, tp_mesh) -> None:
     from nemotron.models.nano3.model import Nano3Output
 
     group = tp_mesh.get_group()
-    vocab_start = tp_mesh.get_local_rank() * (model.config.vocab_size // tp_mesh.size())
+    tp = tp_mesh.size()
+    vocab_start = tp_mesh.get_local_rank() * (model.config.vocab_size // tp)
+
+    def piece_loss(hidden_piece, piece_labels):
+        logits_local = model.lm_head(hidden_piece)  # gathers the piece over TP: [b, TP*c, V/TP]
+        return vocab_parallel_cross_entropy(
+            logits_local.flatten(0, -2), piece_labels.reshape(-1), vocab_start, group)
 
     def forward(input_ids, labels=None, loss_mask=None):
-        hidden, aux_loss = model.backbone(input_ids)
-        logits_local = model.lm_head(hidden)  # [b, s, V/TP]
+        hidden, aux_loss = model.backbone(input_ids)  # [b, s/TP, h]: this rank's sequence shard
         if labels is None:
+            logits_local = model.lm_head(hidden)  # [b, s, V/TP]
             logits = DTensor.from_local(logits_local, tp_mesh, [Shard(-1)]).full_tensor()
             return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
-        flat_labels = labels.reshape(-1)
-        token_loss = vocab_parallel_cross_entropy(
-            logits_local.flatten(0, -2), flat_labels, vocab_start, group)
-        weights = (flat_labels != IGNORE_INDEX).to(token_loss.dtype)
+        weights = (labels != IGNORE_INDEX).to(torch.float32)
         if loss_mask is not None:
-            weights = weights * loss_mask.reshape(-1).to(token_loss.dtype)
-        lm_loss = (token_loss * weights).sum() / weights.sum().clamp(min=1.0)
+            weights = weights * loss_mask.to(torch.float32)
+        # The loss in pieces of the local sequence shard, each recomputed in backward
+        # (activation checkpointing), so only one piece's logits are ever alive. Piece i
+        # gathers local positions [i*c, (i+1)*c) of every TP rank: global positions
+        # r*s/TP + i*c + t, rank-major, which is how labels and weights are cut too.
+        b, local = hidden.shape[0], hidden.shape[1]
+        c = max(1, LOSS_CHUNK_TOKENS // (b * tp))
+        by_rank = lambda t: t.reshape(b, tp, local)  # noqa: E731
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, local, c):
+            end = min(start + c, local)
+            piece_labels = by_rank(labels)[:, :, start:end]
+            piece_weights = by_rank(weights)[:, :, start:end].reshape(-1)
+            if local > c:
+                token_loss = torch.utils.checkpoint.checkpoint(
+                    piece_loss, hidden[:, start:end], piece_labels, use_reentrant=False)
+            else:
+                token_loss = piece_loss(hidden, piece_labels)
+            loss_sum = loss_sum + (token_loss * piece_weights).sum()
+        lm_loss = loss_sum / weights.sum().clamp(min=1.0)
         loss = lm_loss
         if model.training and aux_loss is not None and model.config.moe_seq_aux_loss_coeff > 0:
             loss = lm_loss + model.config.moe_seq_aux_loss_coeff * aux_loss
@@ -270,8 +312,9 @@ def _causal_lm_forward(model: nn.Module, tp_mesh) -> None:
     model.forward = forward
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc)."""
+def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh, cp=None) -> None:
+    """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc);
+    `cp`: the `ContextParallel` of this rank, if any (for the MoE balance loss)."""
     from nemotron.models.nano3.attention import Attention
     from nemotron.models.nano3.mamba2 import Mamba2Mixer
     from nemotron.models.nano3.mlp import MLP
@@ -290,7 +333,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
         elif isinstance(mixer, Mamba2Mixer):
             _mamba(mixer, tp_mesh)
         elif isinstance(mixer, MoE):
-            _moe(mixer, tp_mesh)
+            _moe(mixer, tp_mesh, cp)
         elif isinstance(mixer, MLP):
             _mlp(mixer, tp_mesh, token_dim=1)
         else:

@@ -58,6 +58,11 @@ class CheckpointConfig:
     async_save: bool = False
     # Resume automatically when `save` already holds a complete checkpoint.
     auto_resume: bool = True
+    # Megatron's --finetune: take only the model weights (and expert biases) from `load`; the
+    # optimizer, step, token count and data position start fresh (a new phase, e.g. long
+    # context, from a pretraining checkpoint). A checkpoint of this run in `save` still resumes
+    # it fully (auto_resume).
+    finetune: bool = False
 
 
 @dataclass

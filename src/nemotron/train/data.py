@@ -4,7 +4,13 @@ The loader's whole state is the number of samples consumed per split (plus, for 
 sample at which phase 2 began), so a resumed run reads exactly the samples an uninterrupted one
 would: nothing re-read, nothing skipped. Batches are cut Megatron-style: a step consumes
 `global_batch_size` consecutive samples; micro-step m of data-parallel rank r takes samples
-`start + m * micro * dp + r * micro ...` (+ micro).
+`start + m * micro * dp + r * micro ...` (+ micro). Under context parallelism every CP rank of a
+data-parallel rank loads the same samples and keeps its chunks of each sequence (`cp_shard`).
+
+Mixed sequence lengths (`data.mixed_length_blends`, the long-context phase): samples of
+different lengths may share a step; a micro-batch is right-padded to its longest sample with
+labels ignored and loss_mask 0 (the model is causal, so padding changes nothing before it), and
+the loop normalises the loss over the step's tokens.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from pathlib import Path
 
 import torch
 
+from nemotron.data.blended import build_mixed_length_dataset
 from nemotron.data.config import DataConfig
 from nemotron.data.gpt_dataset import build_split_dataset
+from nemotron.distributed.context_parallel import cp_shard
+from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 
 
@@ -32,6 +41,8 @@ class BatchPlan:
     dp_size: int
     seq_length: int
     total_steps: int
+    # Mean sample length (tokens) when samples of several lengths are mixed; None: seq_length.
+    mean_sample_length: float | None = None
 
     @property
     def grad_accumulation(self) -> int:
@@ -39,15 +50,32 @@ class BatchPlan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_length
+        """Tokens of a step (on average, with mixed sequence lengths)."""
+        if self.mean_sample_length is None:
+            return self.global_batch_size * self.seq_length
+        return round(self.global_batch_size * self.mean_sample_length)
 
     @property
     def total_tokens(self) -> int:
         return self.total_steps * self.tokens_per_step
 
 
-def plan_batches(train: TrainConfig, dp_size: int = 1) -> BatchPlan:
-    """Derive gradient accumulation and the number of steps (from iters or tokens)."""
+def mean_sample_length(data: DataConfig | None, seq_length: int) -> float | None:
+    """Mean training-sample length under `data.mixed_length_blends` (the blending rule keeps
+    the per-sample weights exactly, up to rounding), None without them."""
+    if data is None or not data.mixed_length_blends:
+        return None
+    pairs = [(data.blend_weight, seq_length)] + [
+        (m.weight, m.seq_length) for m in data.mixed_length_blends]
+    total = sum(w for w, _ in pairs)
+    if total <= 0:
+        raise TrainDataError("data.blend_weight and data.mixed_length_blends weights sum to 0")
+    return sum(w * n for w, n in pairs) / total
+
+
+def plan_batches(train: TrainConfig, dp_size: int = 1, data: DataConfig | None = None) -> BatchPlan:
+    """Derive gradient accumulation and the number of steps (from iters or tokens; with mixed
+    sequence lengths in `data`, tokens count at the mean sample length)."""
     per_micro_step = train.micro_batch_size * dp_size
     if train.global_batch_size % per_micro_step:
         raise TrainDataError(
@@ -56,13 +84,14 @@ def plan_batches(train: TrainConfig, dp_size: int = 1) -> BatchPlan:
         )
     if (train.train_iters is None) == (train.train_tokens is None):
         raise TrainDataError("set exactly one of train.train_iters and train.train_tokens")
-    tokens_per_step = train.global_batch_size * train.seq_length
+    mean = mean_sample_length(data, train.seq_length)
+    tokens_per_step = train.global_batch_size * (train.seq_length if mean is None else mean)
     steps = train.train_iters if train.train_iters is not None else math.ceil(
         train.train_tokens / tokens_per_step)
     if steps <= 0:
         raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
     return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,
-                     train.seq_length, steps)
+                     train.seq_length, steps, mean)
 
 
 def phase2_start_step(plan: BatchPlan, data: DataConfig) -> int | None:
@@ -91,10 +120,35 @@ class MockDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def sample_length(self, idx: int) -> int:
+        return self.seq_length
+
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
         t = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=gen)
         return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(self.seq_length)}
+
+
+class MixedMockDataset(torch.utils.data.Dataset):
+    """Mock samples of several lengths, interleaved by the blending rule on `weights` (so a
+    benchmark sees the long-context phase's mix of lengths)."""
+
+    def __init__(self, num_samples: int, seq_lengths: list[int], weights: list[float],
+                 vocab_size: int, seed: int) -> None:
+        from nemotron.data.blended import build_blending_indices
+
+        self.parts = [MockDataset(num_samples, n, vocab_size, seed + 7919 * k)
+                      for k, n in enumerate(seq_lengths)]
+        self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def sample_length(self, idx: int) -> int:
+        return self.parts[int(self.dataset_index[idx])].seq_length
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.parts[int(self.dataset_index[idx])][int(self.sample_index[idx])]
 
 
 def blend_has_split(blend_json: str | Path, split: str) -> bool:
@@ -104,8 +158,19 @@ def blend_has_split(blend_json: str | Path, split: str) -> bool:
         return True  # let build_split_dataset raise its precise error
 
 
+PAD_VALUES = {"tokens": 0, "labels": IGNORE_INDEX, "loss_mask": 0}
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """Stack samples; shorter ones are right-padded to the longest (labels ignored, loss_mask
+    0), so a micro-batch may mix sequence lengths."""
+    length = max(s["tokens"].shape[0] for s in samples)
+    batch = {}
+    for key in samples[0]:
+        rows = [s[key] if s[key].shape[0] == length else torch.nn.functional.pad(
+            s[key], (0, length - s[key].shape[0]), value=PAD_VALUES[key]) for s in samples]
+        batch[key] = torch.stack(rows)
+    return batch
 
 
 class TrainingData:
@@ -119,13 +184,29 @@ class TrainingData:
         vocab_size: int,
         dp_rank: int = 0,
         state: LoaderState | None = None,
+        *,
+        cp_rank: int = 0,
+        cp_size: int = 1,
+        sequence_multiple: int = 1,
     ) -> None:
+        """`cp_rank`/`cp_size`: keep only this context-parallel rank's chunks of each sequence;
+        `sequence_multiple`: every sample length must divide into this many pieces (2*CP*TP)."""
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.state = state or LoaderState()
         self.switch_step = phase2_start_step(plan, data)
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
+        self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
+        lengths = {"train.seq_length": plan.seq_length} | {
+            f"data.mixed_length_blends[{i}].seq_length": m.seq_length
+            for i, m in enumerate(data.mixed_length_blends)}
+        for key, length in lengths.items():
+            if length <= 0 or length % sequence_multiple:
+                raise TrainDataError(
+                    f"{key}={length} must be a positive multiple of {sequence_multiple} (every "
+                    f"sequence is split into 2*CP*TP pieces under context/tensor parallelism)")
 
     # -- datasets -------------------------------------------------------------------------
 
@@ -137,8 +218,19 @@ class TrainingData:
                 seed = self.train.seed + {"train1": 0, "train2": 1, "valid": 2, "test": 3}[key]
                 self._datasets[key] = MockDataset(num_samples, self.plan.seq_length,
                                                   self.vocab_size, seed)
+                if key.startswith("train") and self.data.mixed_length_blends:
+                    self._datasets[key] = MixedMockDataset(
+                        num_samples, [self.plan.seq_length] + [
+                            m.seq_length for m in self.data.mixed_length_blends],
+                        [self.data.blend_weight] + [m.weight for m in self.data.mixed_length_blends],
+                        self.vocab_size, seed)
             elif blend is None or not blend_has_split(blend, split):
                 self._datasets[key] = None
+            elif key.startswith("train") and self.data.mixed_length_blends:
+                parts = [(blend, self.plan.seq_length, self.data.blend_weight)] + [
+                    (m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
+                self._datasets[key] = build_mixed_length_dataset(
+                    parts, split, num_samples, self.train.seed, self.data.cache_dir)
             else:
                 self._datasets[key] = build_split_dataset(
                     blend, split, num_samples, self.plan.seq_length, self.train.seed,
@@ -183,7 +275,10 @@ class TrainingData:
         batches = []
         for first in range(start, start + count, micro * dp):
             begin = first + self.dp_rank * micro
-            batches.append(collate([dataset[i] for i in range(begin, begin + micro)]))
+            batch = collate([dataset[i] for i in range(begin, begin + micro)])
+            if self.cp_size > 1:
+                batch = {k: cp_shard(v, self.cp_rank, self.cp_size) for k, v in batch.items()}
+            batches.append(batch)
         return batches
 
     def next_train_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -193,6 +288,8 @@ class TrainingData:
         phase_start = self.state.phase2_start_sample if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
         batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+        self.last_step_tokens = sum(dataset.sample_length(i) for i in range(
+            offset, offset + self.plan.global_batch_size))
         self.state.consumed_train_samples += self.plan.global_batch_size
         return batches
 

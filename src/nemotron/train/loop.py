@@ -54,6 +54,7 @@ class TrainSummary:
     unigram_entropy: float | None = None
     tokens_per_second: float | None = None
     resumed_from: str | None = None
+    finetuned_from: str | None = None  # checkpoint.finetune: the weights this run started from
 
 
 @dataclass
@@ -70,9 +71,16 @@ class Parallel:
 
     dp_rank: int = 0
     dp_size: int = 1
-    dp_group: Any = None  # reduce gradients and losses over it
+    dp_group: Any = None  # ranks holding different tokens (DP x CP): reduce losses over it
     balancing_group: Any = None
     mesh: Any = None
+    cp_rank: int = 0
+    cp_size: int = 1
+    sequence_multiple: int = 1  # sequence lengths must split into this many pieces (2*CP*TP)
+
+    @property
+    def loss_group_size(self) -> int:
+        return self.dp_size * self.cp_size
 
     @property
     def distributed(self) -> bool:
@@ -81,6 +89,20 @@ class Parallel:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
+
+
+def init_process_group_from_env(device_name: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment, no process group yet) initialise the
+    default process group: NCCL when training on CUDA, gloo otherwise. True if it did."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +162,8 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         dims = ParallelDims.from_config(cfg.model.parallel(), world, arch)
         mesh = build_mesh(dims, device.type)
     parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
-                        balancing_group=mesh.balancing_group, mesh=mesh)
+                        balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
+                        cp_size=mesh.cp_size, sequence_multiple=mesh.dims.sequence_shards)
     from nemotron.distributed.parallelize import parallelize
 
     # Built on the meta device and materialised shard by shard: a rank never holds the full model.
@@ -177,11 +200,27 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
 
 
 def _mean_over_dp(value: torch.Tensor, parallel: Parallel) -> float:
-    if parallel.distributed and parallel.dp_size > 1:
+    """Mean over the ranks holding different tokens (DP x CP)."""
+    if parallel.distributed and parallel.loss_group_size > 1:
         value = value.clone()
         dist.all_reduce(value, group=parallel.dp_group)
-        value /= parallel.dp_size
+        value /= parallel.loss_group_size
     return float(value)
+
+
+def _token_weights(micro_batches: list[dict[str, torch.Tensor]], parallel: Parallel) -> list[float]:
+    """Factor for each micro-batch's token-mean loss so that the gradient, averaged over the
+    DP x CP ranks by FSDP2, is that of the mean over every loss token of the step: ranks *
+    micro-batch tokens / step tokens (1 / micro-batches when all hold the same count; not so
+    with mixed sequence lengths or masked tokens)."""
+    from nemotron.distributed.mesh import global_token_count
+
+    counts = torch.stack([b["loss_mask"].detach().sum().to(torch.float64) for b in micro_batches])
+    mesh = parallel.mesh if parallel.distributed else None
+    total = float(global_token_count(counts, mesh))
+    if total <= 0:
+        return [1.0 / len(micro_batches)] * len(micro_batches)
+    return [parallel.loss_group_size * float(c) / total for c in counts]
 
 
 def train_step(
@@ -201,16 +240,16 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = len(micro_batches)
-    for batch in micro_batches:
+    weights = _token_weights(micro_batches, parallel)
+    for batch, weight in zip(micro_batches, weights):
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         with autocast_context(precision, device):
             out = model(tokens, labels=labels, loss_mask=loss_mask)
-        (out.loss / n).backward()
-        loss_sum += out.loss.detach().double()
-        lm_sum += out.lm_loss.detach().double()
+        (out.loss * weight).backward()
+        loss_sum += out.loss.detach().double() * weight
+        lm_sum += out.lm_loss.detach().double() * weight
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
     norm = float(grad_norm(params))
@@ -218,8 +257,8 @@ def train_step(
         scale = grad_clip / (norm + 1e-6)
         for group in _grads_by_mesh(params).values():  # one mesh per foreach call
             torch._foreach_mul_(group, scale)
-    loss = _mean_over_dp(loss_sum / n, parallel)
-    lm_loss = _mean_over_dp(lm_sum / n, parallel)
+    loss = _mean_over_dp(loss_sum, parallel)
+    lm_loss = _mean_over_dp(lm_sum, parallel)
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
@@ -237,15 +276,16 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro_batches:
+    weights = _token_weights(micro_batches, parallel) if micro_batches else []
+    for batch, weight in zip(micro_batches, weights):
         with autocast_context(precision, device):
             out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
                         loss_mask=batch["loss_mask"].to(device))
-        total += out.lm_loss.double()
+        total += out.lm_loss.double() * weight
     for layer, counts in zip(moe, saved):
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)
-    return _mean_over_dp(total / max(len(micro_batches), 1), parallel)
+    return _mean_over_dp(total, parallel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,23 +342,38 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
     `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
     checkpoint / end events (the CLI draws its progress bar from them)."""
+    from nemotron.distributed.parallel_dims import reject_pipeline_parallel
+
     job_dir = Path(job_dir)
     validate_schedule(cfg.scheduler, cfg.optimizer)
+    reject_pipeline_parallel(cfg.model.parallel())
+    owns_group = init_process_group_from_env(cfg.train.device)
+    try:
+        return _pretrain(cfg, job_dir, on_event, mesh)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg, job_dir: Path, on_event: EventHook | None, mesh) -> TrainSummary:
     device = resolve_device(cfg.train.device)
     model, parallel = build_model(cfg, device, mesh)
     rank0 = not parallel.distributed or dist.get_rank() == 0
-    plan = plan_batches(cfg.train, parallel.dp_size)
+    plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
     optimizer = build_optimizer(model, cfg.optimizer)
     train_model = torch.compile(model) if cfg.train.compile else model
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0}
     loader_state = LoaderState()
-    resumed_from = None
+    resumed_from = finetuned_from = None
     ckpt_cfg = cfg.checkpoint
-    source = ckpt_cfg.load
+    source = None if ckpt_cfg.finetune else ckpt_cfg.load
     if source is None and ckpt_cfg.save and ckpt_cfg.auto_resume:
         found = resolve_checkpoint(ckpt_cfg.save, must_exist=False)
         source = str(found) if found is not None else None
+    if source is None and ckpt_cfg.finetune and ckpt_cfg.load is not None:
+        # weights only: optimizer, step and data position start fresh
+        finetuned_from = str(load_checkpoint(ckpt_cfg.load, model, None, restore_rng=False).path)
     if source is not None:
         loaded = load_checkpoint(source, model, optimizer)
         resumed_from = str(loaded.path)
@@ -327,7 +382,8 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
         state.update({k: saved[k] for k in state if k in saved})
 
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
-                        loader_state)
+                        loader_state, cp_rank=parallel.cp_rank, cp_size=parallel.cp_size,
+                        sequence_multiple=parallel.sequence_multiple)
     arch = cfg.model.arch()
     flops_per_token = flops.training_flops_per_token(arch, plan.seq_length)
     world = dist.get_world_size() if parallel.distributed else 1
@@ -366,7 +422,7 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     run_start, run_tokens = time.perf_counter(), 0
     entropy = unigram_entropy(cfg.data.blend) if rank0 and not cfg.data.mock else None
     metrics.event("start", {"total_steps": plan.total_steps, "step": state["step"],
-                            "resumed_from": resumed_from, "grad_accumulation": plan.grad_accumulation,
+                            "resumed_from": resumed_from, "finetuned_from": finetuned_from, "grad_accumulation": plan.grad_accumulation,
                             "unigram_entropy": entropy})
     if entropy is not None:
         metrics.log("run", state["step"], {"unigram_entropy": entropy})
@@ -393,12 +449,12 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
                     state["skipped_steps"] += 1
                     state["consecutive_nonfinite"] += 1
                 state["step"] += 1
-                state["tokens"] += plan.tokens_per_step
+                state["tokens"] += data.last_step_tokens  # mixed lengths: fewer than planned
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - step_start
-                run_tokens += plan.tokens_per_step
-                tps = plan.tokens_per_step / elapsed
+                run_tokens += data.last_step_tokens
+                tps = data.last_step_tokens / elapsed
                 values = {
                     "loss": last.loss, "lm_loss": last.lm_loss, "lr": lr,
                     "grad_norm": last.grad_norm, "tokens": state["tokens"],
@@ -454,7 +510,7 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
         balance_bias_range=last_balance.bias_range if last_balance else None,
         unigram_entropy=entropy,
         tokens_per_second=run_tokens / wall if run_tokens and wall > 0 else None,
-        resumed_from=resumed_from,
+        resumed_from=resumed_from, finetuned_from=finetuned_from,
     )
     metrics.event("end", dataclasses.asdict(summary))
     return summary

@@ -25,6 +25,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        # Set by `nemotron.distributed.parallelize` under context parallelism (x is then this
+        # rank's part of each sequence and attention runs over the whole sequence).
+        self.context_parallel = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -40,5 +43,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         # Tensor parallelism shards heads, so the head counts come from the tensors, not the config.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if self.context_parallel is not None:
+            out = self.context_parallel.attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

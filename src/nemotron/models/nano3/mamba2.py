@@ -54,6 +54,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.num_groups, eps=config.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=False)
+        # Set by `nemotron.distributed.parallelize` under context parallelism: u is then this
+        # rank's part of each sequence; the conv1d and the scan take their left context from it.
+        self.context_parallel = None
         # The SSM parameters are excluded from weight decay (as in Megatron / mamba_ssm).
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
@@ -83,7 +86,10 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
         # Causal: padding (k-1) on both sides, keep the first s outputs.
-        xBC = self.conv1d(xBC.transpose(1, 2))[..., :s].transpose(1, 2)
+        if self.context_parallel is not None:
+            xBC = self.context_parallel.causal_conv1d(self.conv1d, xBC)
+        else:
+            xBC = self.conv1d(xBC.transpose(1, 2))[..., :s].transpose(1, 2)
         xBC = F.silu(xBC)
         x, B, C = torch.split(
             xBC, [self.d_inner, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
@@ -92,7 +98,8 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(upcast(dt) + upcast(self.dt_bias)).clamp(*DT_LIMIT)
         A = -torch.exp(upcast(self.A_log))
         x = x.reshape(b, s, self.num_heads, self.head_dim)
-        y, _ = ssd(
+        scan = ssd if self.context_parallel is None else self.context_parallel.ssd
+        y, _ = scan(
             x, dt, A,
             B.reshape(b, s, self.num_groups, self.state_size),
             C.reshape(b, s, self.num_groups, self.state_size),
