@@ -90,7 +90,60 @@ def _cross_entropy_check(grad_in_forward, masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"loss/dh/dw {i}: {m}")
 
 
+def _conv1d_check(silu, with_bias, strided, b=2, t=37, c=20, k=4):
+    from nemotron.kernels.conv1d import causal_conv1d_reference
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG, causal_conv1d_triton
+
+    # Small tiles: several step and channel tiles, a ragged last tile of each.
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=8)
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(b, t, c + 7, generator=gen)
+    x = wide[..., 3:3 + c] if strided else wide[..., :c].contiguous()  # a slice, as in the mixer
+    w = torch.randn(c, 1, k, generator=gen)
+    bias = torch.randn(c, generator=gen) if with_bias else None
+    gy = torch.randn(b, t, c, generator=gen)
+    act = "silu" if silu else None
+
+    def run(fn):
+        leaves = [a.clone().requires_grad_(True) for a in (x, w, bias) if a is not None]
+        xx, ww = leaves[0], leaves[1]
+        bb = leaves[2] if with_bias else None
+        y = fn(xx, ww, bb, act)
+        (y * gy).sum().backward()
+        return [y] + [a.grad for a in leaves]
+
+    for i, (got, want) in enumerate(zip(run(causal_conv1d_triton), run(causal_conv1d_reference))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"y/dx/dw/db {i}: {m}")
+
+
+def _moe_combine_check(tokens=7, k=3, hidden=40):
+    from nemotron.kernels.moe_combine import weighted_combine_reference
+    from nemotron.kernels.moe_combine_triton import MOE_COMBINE_TRITON_CONFIG, weighted_combine_triton
+
+    MOE_COMBINE_TRITON_CONFIG["block_h"] = 16  # several channel blocks and a ragged last one
+    gen = torch.Generator().manual_seed(6)
+    experts = torch.stack([torch.randperm(5, generator=gen)[:k] for _ in range(tokens)])
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    rows = torch.randn(tokens * k, hidden, generator=gen)
+    weight = torch.rand(tokens, k, generator=gen)
+    gy = torch.randn(tokens, hidden, generator=gen)
+
+    def run(fn):
+        r, w = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        y = fn(r, order, position, w)
+        (y * gy).sum().backward()
+        return [y, r.grad, w.grad]
+
+    for i, (got, want) in enumerate(zip(run(weighted_combine_triton), run(weighted_combine_reference))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw {i}: {m}")
+
+
 CHECKS = {
+    "moe_weighted_combine": _moe_combine_check,
+    "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
+    "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
     "gated_rmsnorm": lambda: _rmsnorm_check(gated=True),

@@ -11,11 +11,15 @@ module names, so the package re-exports only names that do not clash with a subm
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+from collections.abc import Iterator
 
 __all__ = [
     "triton_available",
+    "fast_paths_enabled",
+    "fast_paths",
     "ssd_chunked_reference",
     "ssd_recurrent_reference",
     "gated_rmsnorm",
@@ -45,6 +49,27 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising anything at import time
         return False
     return True
+
+
+_FAST_PATHS = {"enabled": True}
+
+
+def fast_paths_enabled() -> bool:
+    """False inside ``fast_paths(False)``: every dispatcher (SSD, norms, LM-head loss, the MoE
+    grouped GEMM) then takes its PyTorch reference path, also on CUDA."""
+    return _FAST_PATHS["enabled"]
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool) -> Iterator[None]:
+    """Switch the fused/Triton/grouped-GEMM paths on or off for the code inside (process-wide,
+    not thread-local): the reference-versus-fast comparisons of benchmarks and GPU tests."""
+    previous = _FAST_PATHS["enabled"]
+    _FAST_PATHS["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_PATHS["enabled"] = previous
 
 
 def __getattr__(name: str):

@@ -179,9 +179,10 @@ def linear_cross_entropy(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"linear_cross_entropy: backend must be auto, torch or triton, got {backend!r}")
     if backend == "auto":
-        from nemotron.kernels import triton_available
+        from nemotron.kernels import fast_paths_enabled, triton_available
 
-        use_triton = hidden.is_cuda and hidden.dtype != torch.float64 and triton_available()
+        use_triton = (hidden.is_cuda and hidden.dtype != torch.float64 and fast_paths_enabled()
+                      and triton_available())
     else:
         use_triton = backend == "triton"
     device = hidden.device.type

@@ -72,9 +72,9 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    from nemotron.kernels import triton_available
+    from nemotron.kernels import fast_paths_enabled, triton_available
 
-    return t.is_cuda and t.dtype != torch.float64 and triton_available()
+    return t.is_cuda and t.dtype != torch.float64 and fast_paths_enabled() and triton_available()
 
 
 def gated_rmsnorm(

@@ -16,8 +16,10 @@ __all__ = ["GatedRMSNormFunction", "RMSNORM_TRITON_CONFIG"]
 @triton.jit
 def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps,
                 HAS_GATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    grp = tl.program_id(0)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Token tiles on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535, which a
+    # 128K-token sequence with small tiles exceeds).
+    grp = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < T) & (cols[None, :] < GS)
     offs = rows[:, None] * D + grp * GS + cols[None, :]
@@ -35,8 +37,8 @@ def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps,
 @triton.jit
 def _bwd_kernel(Y, Z, W, DOUT, RSTD, DY, DZ, DW_PART, T, D, GS,
                 HAS_GATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    grp = tl.program_id(0)
-    tile = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(1)
+    tile = tl.program_id(0).to(tl.int64)
     rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < T) & (cols[None, :] < GS)
@@ -86,7 +88,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         out = torch.empty_like(y2)
         rstd = torch.empty((t, groups), device=y.device, dtype=torch.float32)
         block_t, block_c = _tiles(group_size)
-        _fwd_kernel[(groups, triton.cdiv(t, block_t))](
+        _fwd_kernel[(triton.cdiv(t, block_t), groups)](
             y2, z2 if z2 is not None else y2, weight, out, rstd, t, d, group_size, eps,
             HAS_GATE=z is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=RMSNORM_TRITON_CONFIG["num_warps"],
         )
@@ -106,7 +108,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dy = torch.empty_like(y2)
         dz = torch.empty_like(z2) if z2 is not None else None
         dw_part = torch.empty((n_tiles, d), device=y2.device, dtype=torch.float32)
-        _bwd_kernel[(d // gs, n_tiles)](
+        _bwd_kernel[(n_tiles, d // gs)](
             y2, z2 if z2 is not None else y2, weight, dout2, rstd, dy, dz if dz is not None else dy, dw_part,
             t, d, gs, HAS_GATE=z2 is not None, BLOCK_T=block_t, BLOCK_C=block_c,
             num_warps=RMSNORM_TRITON_CONFIG["num_warps"],

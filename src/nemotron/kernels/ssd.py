@@ -175,9 +175,9 @@ def ssd_chunked_reference(
 
 
 def _triton_available() -> bool:
-    from nemotron.kernels import triton_available
+    from nemotron.kernels import fast_paths_enabled, triton_available
 
-    return triton_available()
+    return fast_paths_enabled() and triton_available()
 
 
 def triton_supports(x: torch.Tensor, chunk_size: int) -> bool:

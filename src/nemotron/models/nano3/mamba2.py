@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels.conv1d import causal_conv1d
 from nemotron.kernels.ssd import ssd
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.norm import GatedRMSNorm, upcast
@@ -85,12 +86,15 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
-        # Causal: padding (k-1) on both sides, keep the first s outputs.
         if self.context_parallel is not None:
-            xBC = self.context_parallel.causal_conv1d(self.conv1d, xBC)
+            # Context parallelism: each local chunk takes its left context from the chunk before it.
+            xBC = F.silu(self.context_parallel.causal_conv1d(self.conv1d, xBC))
+        elif "forward" in vars(self.conv1d):
+            # The conv module's forward was replaced from outside (tensor parallelism computes
+            # a rank's channel slice): call it. Causal: pad k-1 both sides, keep the first s.
+            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :s].transpose(1, 2))
         else:
-            xBC = self.conv1d(xBC.transpose(1, 2))[..., :s].transpose(1, 2)
-        xBC = F.silu(xBC)
+            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu")
         x, B, C = torch.split(
             xBC, [self.d_inner, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
         )
@@ -105,7 +109,8 @@ class Mamba2Mixer(nn.Module):
             C.reshape(b, s, self.num_groups, self.state_size),
             self.chunk_size,
         )
-        # D skip and the gated norm in float32; back to the activation dtype for out_proj.
-        y = upcast(y) + upcast(x) * upcast(self.D)[:, None]
+        # D skip added in float32 and rounded once to the activation dtype (as mamba_ssm's
+        # kernels output y); the gated norm computes its statistics in float32 internally.
+        y = (upcast(y) + upcast(x) * upcast(self.D)[:, None]).to(x.dtype)
         y = self.norm(y.reshape(b, s, self.d_inner), z)
         return self.out_proj(y.to(z.dtype))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels.moe_combine import weighted_combine
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
 
@@ -114,15 +115,39 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: i
     return (f * probs.mean(1)).sum(-1).mean()
 
 
-def _scatter_rows(src: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-    """out[dest[i]] = src[i] for a permutation `dest`. Its backward is a plain gather (an
-    advanced-indexing gather would need a sorting scatter-add backward instead)."""
-    return src.new_empty(src.shape).index_copy_(0, dest, src)
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """`position` with position[order[j]] = j."""
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position
+
+
+class _GatherTokenRows(torch.autograd.Function):
+    """rows[j] = x[order[j] // k] (each token copied once per chosen expert, in expert order).
+
+    One row gather forward; backward gathers the k copies of each token back into place and
+    sums them (deterministic: no scatter-add). Replaces expand + permute-copy, whose backward
+    was an element-indexed gather with an int64 index as large as the activations."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, position: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(position)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (position,) = ctx.saved_tensors
+        tokens = position.numel() // ctx.k
+        # The sum of each token's k row gradients: the combine with unit weights.
+        ones = torch.ones(tokens, ctx.k, device=grad.device, dtype=torch.float32)
+        return weighted_combine(grad, None, position, ones), None, None, None
 
 
 class DispatchContext(NamedTuple):
     order: torch.Tensor  # sorted row j holds (token, slot) pair order[j] (pair = token * k + slot)
     topk_weight: torch.Tensor  # [tokens, k]
+    position: torch.Tensor | None = None  # inverse of `order`: pair p sits in sorted row position[p]
 
 
 class LocalDispatcher:
@@ -137,18 +162,15 @@ class LocalDispatcher:
         tokens, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # stable: within an expert, tokens stay in order
-        position = torch.empty_like(order)
-        position[order] = torch.arange(order.numel(), device=order.device)
-        pairs = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, -1)
+        position = inverse_permutation(order)
         counts = count_per_expert(flat, self.num_experts)
-        return _scatter_rows(pairs, position), counts, DispatchContext(order, topk_weight)
+        rows = _GatherTokenRows.apply(x, order, position, k)
+        return rows, counts, DispatchContext(order, topk_weight, position)
 
     def combine(self, expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """expert_out [tokens*k, hidden] (sorted rows) -> [tokens, hidden], weighted sum over k."""
-        tokens, k = ctx.topk_weight.shape
-        per_slot = _scatter_rows(expert_out, ctx.order).view(tokens, k, -1)
-        # A batched [1, k] x [k, hidden] product per token: no [tokens, k, hidden] temporary.
-        return torch.bmm(ctx.topk_weight.unsqueeze(1).to(per_slot.dtype), per_slot).squeeze(1)
+        position = ctx.position if ctx.position is not None else inverse_permutation(ctx.order)
+        return weighted_combine(expert_out, ctx.order, position, ctx.topk_weight)
 
 
 def _grouped_mm_fn():
@@ -156,10 +178,13 @@ def _grouped_mm_fn():
 
 
 def _can_use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
-    # PyTorch's grouped GEMM kernels: CUDA, bfloat16, 16-byte aligned rows.
+    # PyTorch's grouped GEMM kernels: CUDA, bfloat16, 16-byte aligned rows; off under
+    # `nemotron.kernels.fast_paths(False)` (the per-expert loop is the reference path).
+    from nemotron.kernels import fast_paths_enabled
+
     return (
         x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
-        and all(d % 8 == 0 for d in dims)
+        and all(d % 8 == 0 for d in dims) and fast_paths_enabled()
     )
 
 

@@ -1,0 +1,550 @@
+"""Training throughput of the Nano3 proxy on one GPU, through the project's own training step
+(issue 8).
+
+The proxy is the first 14 blocks of the Nano3 pattern (`MEMEM*EMEMEM*E`: 6 Mamba-2, 6 MoE,
+2 attention) at every Nano3 width, 64 routed experts (top-6, shared expert kept), vocab 131072.
+Each timed step is exactly what `nemotron.train.pretrain` runs per step: the loader's next
+batches (synthetic tokens, or a real `blend.json`), `train.loop.train_step` (forward and
+backward per micro-batch, gradient norm and clipping, fused AdamW) and the expert-bias update
+(`train.balancing.update_expert_biases`), then a device synchronisation.
+
+Parameter modes (`--params`):
+- `fp32` (default): `train.loop.build_model`'s single-process model: fp32 parameters (the
+  master weights) cast by bf16 autocast inside every forward;
+- `bf16`: fp32 master weights and AdamW state, bf16 compute weights: FSDP2's mixed-precision
+  policy on a one-GPU mesh (`nemotron.distributed.parallelize(..., mixed_precision=True)`, as
+  the multi-GPU path does). Measured slower on one H200 (docs/performance.md): FSDP2 still
+  copies the weights in and out of its all-gather and gradient reduce buffers on one rank.
+
+Reported: tokens/s, step time, model TFLOP/s and MFU against 989 TFLOP/s (`train/flops.py`, the
+formula training logs use), peak memory, and a split of one step's GPU time by block type
+(CUDA events at block boundaries in forward and backward, plus the optimizer step) and the
+top kernels from a `torch.profiler` pass. `--check-numerics N` compares the loss of the first N
+steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
+same data. `--peer hf` also trains the same proxy through transformers' `NemotronHForCausalLM`
+(same tokens, AdamW groups, clipping and bf16 autocast) and prints the tokens/s ratio.
+
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --out tt.json [--append-row docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    append_table_row, environment, median, peak_memory_gib, synchronize,
+)
+
+from nemotron.config.schema import ModelConfig, PretrainConfig  # noqa: E402
+from nemotron.data.config import DataConfig  # noqa: E402
+from nemotron.kernels import fast_paths  # noqa: E402
+from nemotron.models.nano3.config import NANO3_PATTERN  # noqa: E402
+from nemotron.train import balancing, flops  # noqa: E402
+from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
+from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
+from nemotron.train.loop import Parallel, build_model, train_step  # noqa: E402
+from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
+
+# Small widths with the proxy's structure, for the CPU smoke test.
+TINY_SIZES = dict(hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16,
+                  mamba_num_groups=2, mamba_chunk_size=16, moe_ffn_hidden_size=32,
+                  moe_shared_expert_hidden_size=48, num_experts=8, moe_top_k=2)
+
+
+def proxy_model_config(num_layers: int = 14, num_experts: int = 64, tiny: bool = False) -> ModelConfig:
+    """The Nano3 proxy: the first `num_layers` blocks of the Nano3 pattern, Nano3 widths."""
+    sizes = dict(TINY_SIZES) if tiny else {"num_experts": num_experts}
+    return ModelConfig(hybrid_pattern=NANO3_PATTERN[:num_layers], num_layers=num_layers, **sizes)
+
+
+def pretrain_config(args, seq: int, micro_batch: int) -> PretrainConfig:
+    model = proxy_model_config(args.layers, args.experts, args.tiny)
+    steps = args.warmup + args.steps + 2  # + the profiled step and spare
+    train = TrainConfig(
+        train_iters=steps, global_batch_size=micro_batch * args.grad_accum,
+        micro_batch_size=micro_batch, seq_length=seq, seed=1234, eval_iters=0,
+        precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
+        activation_recompute=args.recompute,
+    )
+    data = DataConfig(blend=args.blend, mock=args.blend is None)
+    return PretrainConfig(model=model, train=train, data=data,
+                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_group(device: torch.device) -> bool:
+    """A one-rank default process group (for a one-GPU FSDP2 mesh); True if created here."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1, device_id=device if device.type == "cuda" else None)
+    return True
+
+
+def build_bf16_model(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, Parallel]:
+    """fp32 master weights sharded (trivially) by FSDP2 on a one-rank mesh; bf16 compute weights.
+    The same construction as `train.loop.build_model`'s distributed branch."""
+    from nemotron.distributed.mesh import build_mesh
+    from nemotron.distributed.parallel_dims import ParallelDims
+    from nemotron.distributed.parallelize import parallelize
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+    from nemotron.train.loop import apply_activation_recompute
+
+    arch = cfg.model.arch()
+    dims = ParallelDims.from_config(cfg.model.parallel(), 1, arch)
+    mesh = build_mesh(dims, device.type)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
+    if cfg.train.activation_recompute:
+        apply_activation_recompute(model)
+    # One GPU: nothing to save by resharding after forward; keep the bf16 weights for backward.
+    model = parallelize(model, mesh, cfg.model.parallel(), mixed_precision=device.type == "cuda",
+                        reshard_after_forward=False)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.train.seed)
+    model.reset_parameters()
+    return model, Parallel(dp_rank=0, dp_size=1, dp_group=mesh.loss_group,
+                           balancing_group=mesh.balancing_group, mesh=mesh)
+
+
+def build(cfg: PretrainConfig, device: torch.device, params: str) -> tuple[nn.Module, Parallel]:
+    if params == "bf16":
+        return build_bf16_model(cfg, device)
+    if params == "fp32":
+        return build_model(cfg, device)
+    raise ValueError(f"--params must be bf16 or fp32, got {params!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing of one step by block type
+
+
+def _block_kind(layer: nn.Module) -> str:
+    inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+    return inner.kind
+
+
+class StepSplit:
+    """Records device events at block boundaries (forward: around each block; backward: when
+    the gradient of the block's output arrives and when that of its input is complete) and
+    around the optimizer step; `summary()` attributes one step's time to block kinds."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device = device
+        self.active = False
+        self.spans: list[tuple[str, object, object]] = []
+        self.handles = []
+        layers = model.backbone.layers
+        for layer in layers:
+            kind = _block_kind(layer)
+            self.handles.append(layer.register_forward_pre_hook(self._pre(kind)))
+            self.handles.append(layer.register_forward_hook(self._post(kind)))
+        self.handles.append(optimizer.register_step_pre_hook(self._opt_pre))
+        self.handles.append(optimizer.register_step_post_hook(self._opt_post))
+        self._pending: dict[int, tuple] = {}
+
+    def _event(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        import time
+
+        return time.perf_counter()
+
+    @staticmethod
+    def _elapsed_ms(a, b) -> float:
+        if isinstance(a, float):
+            return (b - a) * 1e3
+        return a.elapsed_time(b)
+
+    def _recording(self) -> bool:
+        return self.active and torch._C._current_graph_task_id() == -1  # not in a recompute
+
+    def _pre(self, kind):
+        def hook(module, args):
+            if not self._recording():
+                return
+            module._split_fwd_start = self._event()
+            x = args[0]
+            if x.requires_grad:
+                key = id(module)
+
+                def input_grad_done(grad):
+                    start = self._pending.pop(key, None)
+                    if start is not None:
+                        self.spans.append((f"{kind}/bwd", start, self._event()))
+                x.register_hook(input_grad_done)
+        return hook
+
+    def _post(self, kind):
+        def hook(module, args, out):
+            if not self._recording():
+                return
+            self.spans.append((f"{kind}/fwd", module._split_fwd_start, self._event()))
+            y = out[0] if isinstance(out, tuple) else out
+            if y.requires_grad:
+                key = id(module)
+
+                def output_grad_arrived(grad):
+                    self._pending[key] = self._event()
+                y.register_hook(output_grad_arrived)
+        return hook
+
+    def _opt_pre(self, optimizer, args, kwargs):
+        if self.active:
+            self._opt_start = self._event()
+
+    def _opt_post(self, optimizer, args, kwargs):
+        if self.active:
+            self.spans.append(("optimizer", self._opt_start, self._event()))
+
+    def begin(self):
+        self.spans.clear()
+        self._pending.clear()
+        self.active = True
+        self.step_start = self._event()
+
+    def end(self) -> dict:
+        self.step_end = self._event()
+        self.active = False
+        synchronize(self.device)
+        total = self._elapsed_ms(self.step_start, self.step_end)
+        out: dict[str, float] = {}
+        for label, a, b in self.spans:
+            out[label] = out.get(label, 0.0) + self._elapsed_ms(a, b)
+        out["other (embedding, LM head + loss, grad norm/clip, balancing, launch gaps)"] = (
+            total - sum(out.values()))
+        out["total"] = total
+        return {k: round(v, 3) for k, v in out.items()}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def top_kernels(prof, limit: int = 25) -> list[dict]:
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0)
+        if t and t > 0:
+            rows.append({"name": evt.key[:120], "ms": t / 1e3, "calls": evt.count})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclasses.dataclass
+class RunResult:
+    name: str
+    params: str
+    seq: int
+    micro_batch: int
+    grad_accum: int
+    tokens_per_step: int
+    step_ms: float
+    step_ms_all: list
+    tokens_per_s: float
+    tflops: float
+    mfu: float
+    peak_gib: float | None
+    losses: list
+    split_ms: dict | None = None
+    kernels: list | None = None
+    error: str | None = None
+
+
+def _batches_to_device(batches, device):
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: int, warmup: int,
+                 profile: bool, model_and_parallel=None, name: str = "nemotron") -> RunResult:
+    """Build the model (unless given), then time `warmup + steps` training steps."""
+    model, parallel = model_and_parallel or build(cfg, device, params)
+    arch = cfg.model.arch()
+    plan = plan_batches(cfg.train, 1)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    set_learning_rate(optimizer, cfg.optimizer.lr)
+    data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, 0)
+    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    times, losses = [], []
+    import time
+
+    def one_step():
+        t0 = time.perf_counter()
+        batches = data.next_train_batches()
+        res = train_step(model, optimizer, batches, device=device, precision=cfg.train.precision,
+                         grad_clip=cfg.train.grad_clip, parallel=parallel)
+        if res.finite:
+            balancing.update_expert_biases(moe_layers, cfg.train.expert_bias_update_rate,
+                                           group=parallel.balancing_group)
+        else:
+            balancing.reset_expert_counts(moe_layers)
+        synchronize(device)
+        return (time.perf_counter() - t0) * 1e3, res
+
+    for i in range(warmup + steps):
+        ms, res = one_step()
+        losses.append(res.lm_loss)
+        if i >= warmup:
+            times.append(ms)
+    split = kernels = None
+    if profile and hasattr(model, "backbone"):
+        splitter = StepSplit(model, optimizer, device)
+        splitter.begin()
+        one_step()
+        split = splitter.end()
+        splitter.remove()
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                one_step()
+            kernels = top_kernels(prof)
+    step_ms = median(times)
+    tps = plan.tokens_per_step / (step_ms * 1e-3)
+    fpt = flops.training_flops_per_token(arch, plan.seq_length)
+    peak = peak_memory_gib(device)
+    result = RunResult(
+        name=name, params=params, seq=plan.seq_length, micro_batch=plan.micro_batch_size,
+        grad_accum=plan.grad_accumulation, tokens_per_step=plan.tokens_per_step, step_ms=step_ms,
+        step_ms_all=[round(t, 2) for t in times], tokens_per_s=tps, tflops=tps * fpt / 1e12,
+        mfu=flops.mfu(tps, arch, plan.seq_length), peak_gib=peak, losses=losses,
+        split_ms=split, kernels=kernels,
+    )
+    del model, optimizer, data
+    return result
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def check_numerics(args, device: torch.device, steps: int) -> dict:
+    """Losses of the first `steps` steps: fast path (the benchmarked mode) vs the reference path
+    (fp32 weights under bf16 autocast, PyTorch reference kernels, full-logits loss, per-expert
+    MoE loop) from the same initial weights on the same tokens."""
+    seq = args.seq
+    cfg = pretrain_config(args, seq, args.micro_batch)
+    fast = run_training(cfg, device, args.params, steps, 0, False, name="fast").losses
+    _release(device)
+    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False))
+    with fast_paths(False):
+        ref = run_training(ref_cfg, device, "fp32", steps, 0, False, name="reference").losses
+    _release(device)
+    diffs = [abs(a - b) for a, b in zip(fast, ref)]
+    return {"steps": steps, "fast_losses": fast, "reference_losses": ref, "max_abs_diff": max(diffs),
+            "tolerance": args.numerics_tol, "ok": max(diffs) <= args.numerics_tol}
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformers peer
+
+
+class HFPeer(nn.Module):
+    """transformers' `NemotronHForCausalLM` behind the interface `train_step` calls: the loss is
+    the mean token cross-entropy of its logits (upcast to fp32, as transformers' own loss does)
+    against our already-shifted labels."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids, labels=None, loss_mask=None):
+        from nemotron.models.nano3.model import Nano3Output
+
+        logits = self.hf(input_ids=input_ids).logits
+        token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.reshape(-1),
+                                                 reduction="none")
+        w = loss_mask.reshape(-1).float()
+        loss = (token_loss * w).sum() / w.sum().clamp(min=1.0)
+        return Nano3Output(loss=loss, lm_loss=loss, aux_loss=None, logits=None)
+
+
+def build_hf_peer(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, Parallel]:
+    from nemotron.models.nano3.hf import to_hf_config
+    from transformers import NemotronHForCausalLM
+
+    hf_cfg = to_hf_config(cfg.model.arch(), dtype=torch.float32)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = NemotronHForCausalLM(hf_cfg)
+    model.float()
+    return HFPeer(model), Parallel()
+
+
+def run_peer(args, device: torch.device, ours: dict[int, RunResult]) -> dict:
+    """Train the proxy through transformers at `args.seq` (falling back to 4096 on OOM), with
+    our run at the same sequence length for the ratio."""
+    import transformers
+
+    out: dict = {"transformers": transformers.__version__, "attempts": []}
+    for seq in dict.fromkeys([args.seq, 4096]):
+        cfg = pretrain_config(args, seq, args.micro_batch)
+        try:
+            peer = run_training(cfg, device, "fp32", args.peer_steps, 1, False,
+                                model_and_parallel=build_hf_peer(cfg, device), name="hf")
+        except Exception as err:  # OOM is the expected failure; report any other
+            _release(device)
+            out["attempts"].append({"seq": seq, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            print(f"hf peer at seq {seq} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            if is_oom(err):
+                continue
+            break
+        _release(device)
+        if seq not in ours:
+            ours[seq] = run_training(pretrain_config(args, seq, args.micro_batch), device, args.params,
+                                     args.steps, args.warmup, False)
+            _release(device)
+        ratio = ours[seq].tokens_per_s / peer.tokens_per_s
+        out["attempts"].append({"seq": seq, "peer": dataclasses.asdict(peer)})
+        out.update(seq=seq, ratio=ratio, peer_tokens_per_s=peer.tokens_per_s,
+                   ours_tokens_per_s=ours[seq].tokens_per_s, peer_mfu=peer.mfu)
+        print(f"hf peer at seq {seq}: {peer.tokens_per_s:,.0f} tokens/s (MFU {peer.mfu:.3f}, peak "
+              f"{peer.peak_gib or 0:.1f} GiB); nemotron {ours[seq].tokens_per_s:,.0f} tokens/s; "
+              f"ratio {ratio:.1f}x", flush=True)
+        break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--params", choices=("bf16", "fp32"), default="fp32",
+                    help="fp32 weights under bf16 autocast, or bf16 compute weights with fp32 master (FSDP2)")
+    ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
+    ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--check-numerics", type=int, default=0, metavar="N",
+                    help="also compare the first N steps' losses with the reference path")
+    ap.add_argument("--numerics-tol", type=float, default=0.05)
+    ap.add_argument("--peer", choices=("hf",), default=None)
+    ap.add_argument("--peer-steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--append-row", default=None, help="append a result row to this Markdown file")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created_pg = args.params == "bf16" and ensure_single_process_group(device)
+    env = environment(device)
+    command = "python3 benchmarks/train_throughput.py " + " ".join(argv)
+    print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}", flush=True)
+    result: dict = {"env": env, "command": command, "args": vars(args)}
+    try:
+        cfg = pretrain_config(args, args.seq, args.micro_batch)
+        result["model"] = {"hybrid_pattern": cfg.model.hybrid_pattern, "num_experts": cfg.model.num_experts,
+                           "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq)}
+        main_run = run_training(cfg, device, args.params, args.steps, args.warmup, not args.no_profile)
+        _release(device)
+        result["run"] = dataclasses.asdict(main_run)
+        print(f"proxy {args.params} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
+              f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
+              f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
+              f"{main_run.peak_gib or 0:.1f} GiB", flush=True)
+        if main_run.split_ms:
+            print("split (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in main_run.split_ms.items()), flush=True)
+        for k in (main_run.kernels or [])[:15]:
+            print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}", flush=True)
+        if args.check_numerics:
+            result["numerics"] = check_numerics(args, device, args.check_numerics)
+            n = result["numerics"]
+            print(f"numerics: max |loss fast - loss reference| over {n['steps']} steps = "
+                  f"{n['max_abs_diff']:.4f} (tol {n['tolerance']}) {'OK' if n['ok'] else 'FAILED'}", flush=True)
+        if args.peer:
+            result["peer"] = run_peer(args, device, {args.seq: main_run})
+    finally:
+        if created_pg:
+            dist.destroy_process_group()
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    if args.append_row:
+        record_row(args.append_row, result)
+    return result
+
+
+def record_row(path: str, result: dict) -> None:
+    run, env = result["run"], result["env"]
+    split = run.get("split_ms") or {}
+    def part(prefix):
+        return sum(v for k, v in split.items() if k.startswith(prefix))
+    split_text = "-" if not split else (
+        f"mamba {part('mamba'):.0f} / moe {part('moe'):.0f} / attn {part('attention'):.0f} / "
+        f"opt {part('optimizer'):.0f} / other {part('other'):.0f}")
+    peer = result.get("peer") or {}
+    ratio = "-" if "ratio" not in peer else f"{peer['ratio']:.1f}x (seq {peer['seq']})"
+    numerics = result.get("numerics")
+    num_text = "-" if not numerics else f"{numerics['max_abs_diff']:.3f} over {numerics['steps']} steps"
+    append_table_row(
+        path, "Training throughput: Nano3 proxy, one GPU",
+        ["date", "GPU", "weights", "seq x mb x accum", "tokens/s", "step ms", "TFLOP/s", "MFU",
+         "peak GiB", "step split ms", "vs HF", "loss vs ref", "software", "command"],
+        [env["date"], env["device"], run["params"], f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
+         f"{run['tokens_per_s']:,.0f}", f"{run['step_ms']:.1f}", f"{run['tflops']:.0f}", f"{run['mfu']:.3f}",
+         "-" if run["peak_gib"] is None else f"{run['peak_gib']:.1f}", split_text, ratio, num_text,
+         f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
+        intro="`benchmarks/train_throughput.py`: the proxy (first 14 Nano3 blocks `MEMEM*EMEMEM*E`, "
+              "Nano3 widths, 64 experts top-6 + shared, vocab 131072) trained through "
+              "`train.loop.train_step` + the expert-bias update; median step; MFU by `train/flops.py` "
+              "against 989 TFLOP/s.")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()

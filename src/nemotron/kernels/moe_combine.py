@@ -1,0 +1,76 @@
+"""The MoE combine: each token's expert outputs (rows sorted by expert) gathered back and summed
+with the router's weights.
+
+    y[t] = sum_s weight[t, s] * rows[position[t*k + s]]
+
+``position[p]`` is the sorted row of (token, slot) pair ``p``; ``order`` is its inverse (sorted
+row ``j`` holds pair ``order[j]``). ``weighted_combine`` runs the Triton kernel
+(``nemotron.kernels.moe_combine_triton``: one pass over the rows forward, one backward giving
+both the row and the weight gradients, fp32 arithmetic) on CUDA when Triton imports and fast paths
+are on, else ``weighted_combine_reference`` (row gathers and broadcast products in PyTorch).
+Both are deterministic: every output element is written by exactly one program, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["weighted_combine", "weighted_combine_reference"]
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """Reference: row gathers and broadcast products; the weight gradient is taken in the rows'
+    dtype (as a bf16 matmul would), then returned in the weights' dtype."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        tokens, k = weight.shape
+        if order is None and ctx.needs_input_grad[0]:
+            order = torch.empty_like(position)
+            order[position] = torch.arange(position.numel(), device=position.device)
+        w = weight.to(rows.dtype)
+        per_slot = rows.index_select(0, position).view(tokens, k, -1)
+        ctx.save_for_backward(rows, order, position, w)
+        ctx.weight_dtype = weight.dtype
+        return (per_slot * w.unsqueeze(-1)).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, order, position, w = ctx.saved_tensors
+        tokens, k = w.shape
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_slots = grad.unsqueeze(1) * w.unsqueeze(-1)  # [tokens, k, hidden]
+            grad_rows = grad_slots.view(tokens * k, -1).index_select(0, order)
+        if ctx.needs_input_grad[3]:
+            per_slot = rows.index_select(0, position).view(tokens, k, -1)
+            grad_weight = (per_slot * grad.unsqueeze(1)).sum(-1).to(ctx.weight_dtype)
+        return grad_rows, None, None, grad_weight
+
+
+def weighted_combine_reference(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
+                               weight: torch.Tensor) -> torch.Tensor:
+    """rows [tokens*k, hidden] (expert order), order/position [tokens*k] int64 (order may be None:
+    it is derived when a row gradient is needed), weight [tokens, k] -> [tokens, hidden] in rows'
+    dtype."""
+    return _WeightedCombine.apply(rows, order, position, weight)
+
+
+def _use_triton(rows: torch.Tensor) -> bool:
+    from nemotron.kernels import fast_paths_enabled, triton_available
+
+    return rows.is_cuda and rows.dtype != torch.float64 and fast_paths_enabled() and triton_available()
+
+
+def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
+                     weight: torch.Tensor) -> torch.Tensor:
+    """The combine the local MoE dispatcher calls: Triton on CUDA, the reference elsewhere."""
+    if rows.dim() != 2 or weight.dim() != 2 or rows.shape[0] != weight.numel():
+        raise ValueError(f"weighted_combine: rows [{weight.numel()}, hidden] expected for weight "
+                         f"{tuple(weight.shape)}, got {tuple(rows.shape)}")
+    if _use_triton(rows):
+        from nemotron.kernels.moe_combine_triton import weighted_combine_triton
+
+        return weighted_combine_triton(rows, order, position, weight)
+    return weighted_combine_reference(rows, order, position, weight)

@@ -1,0 +1,121 @@
+"""The GPU benchmarks run end to end at tiny sizes on CPU, so they cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_train_throughput_runs_the_training_step_and_records(tmp_path):
+    bench = load("train_throughput")
+    out, md = tmp_path / "r.json", tmp_path / "bench.md"
+    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--warmup", "1",
+                         "--params", "fp32", "--check-numerics", "2", "--out", str(out),
+                         "--append-row", str(md)])
+    run = result["run"]
+    assert json.loads(out.read_text())["run"]["tokens_per_step"] == 32
+    assert run["tokens_per_s"] > 0 and len(run["losses"]) == 3
+    # Every block kind of the proxy pattern got forward and backward time.
+    for kind in ("mamba", "moe", "attention"):
+        assert run["split_ms"][f"{kind}/fwd"] > 0 and run["split_ms"][f"{kind}/bwd"] > 0
+    assert run["split_ms"]["optimizer"] > 0
+    assert result["model"]["hybrid_pattern"] == "MEMEM*EMEMEM*E"
+    assert result["numerics"]["ok"]
+    text = md.read_text()
+    assert "## Training throughput: Nano3 proxy, one GPU" in text and "32 x 1 x 1" in text
+    # A second run appends to the same table.
+    bench.record_row(str(md), result)
+    assert md.read_text().count("32 x 1 x 1") == 2
+
+
+def test_train_throughput_bf16_fsdp_path_with_accumulation(tmp_path):
+    bench = load("train_throughput")
+    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "1",
+                         "--params", "bf16", "--grad-accum", "2", "--no-profile"])
+    run = result["run"]
+    assert run["grad_accum"] == 2 and run["tokens_per_step"] == 64
+    assert all(torch.isfinite(torch.tensor(run["losses"])))
+    assert not torch.distributed.is_initialized()  # the benchmark's one-rank group is gone
+
+
+def test_train_throughput_hf_peer_ratio(tmp_path):
+    pytest.importorskip("transformers")
+    bench = load("train_throughput")
+    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "1",
+                         "--params", "fp32", "--no-profile", "--peer", "hf", "--peer-steps", "1"])
+    peer = result["peer"]
+    assert peer["seq"] == 32 and peer["ratio"] > 0 and peer["peer_tokens_per_s"] > 0
+
+
+def test_blocks_reference_and_fast_paths(tmp_path):
+    bench = load("blocks")
+    md = tmp_path / "bench.md"
+    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--warmup", "0", "--iters", "1",
+                         "--experts", "8", "--append-row", str(md)])
+    paths = {(r["block"], r["path"]) for r in result["rows"]}
+    for kind in ("mamba", "attention", "moe"):
+        assert {(kind, "reference"), (kind, "fast"), (kind, "fast-fp32w")} <= paths
+    fast = [r for r in result["rows"] if r["path"] == "fast"]
+    assert all(r["rel_err_dparams"] < 5e-2 for r in fast)  # bf16 weights vs fp32 reference
+    assert md.read_text().count("| fast |") == 3
+
+
+def test_mamba_floor_counts_gemms_and_bytes():
+    bench = load("blocks")
+    cfg = bench.block_config("mamba")
+    floor = bench.mamba_block_floor(cfg, 1, 8192, 4e12, 800e12)
+    # in_proj 2688 -> 10304 and out_proj 4096 -> 2688, x3 for training
+    assert floor["gemm_flops"] == 3 * 2 * 8192 * (2688 * 10304 + 4096 * 2688)
+    assert floor["floor_ms"] == pytest.approx(floor["gemm_ms"] + floor["memory_ms"])
+    assert 0.3 < floor["memory_ms"] < 2.0
+
+
+def test_long_context_ascends_with_recompute(tmp_path):
+    bench = load("long_context")
+    md = tmp_path / "bench.md"
+    result = bench.main(["--tiny", "--device", "cpu", "--seqs", "32,64", "--steps", "1", "--warmup", "0",
+                         "--append-row", str(md)])
+    assert result["longest_trained"] == 64
+    assert [r["seq"] for r in result["runs"]] == [32, 64]
+    text = md.read_text()
+    assert "CP 1, per-block recompute" in text and "out of memory" not in text
+
+
+def test_train_throughput_reads_a_real_blend(tmp_path):
+    """`--blend` trains on tokens from a prepared blend.json instead of synthetic ones."""
+    # The training tests' tiny Megatron-format corpus writer, loaded by path (not by module name).
+    path = Path(__file__).resolve().parents[1] / "train" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("bench_train_corpus", path)
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+
+    blend = corpus.write_corpus(tmp_path / "corpus")
+    bench = load("train_throughput")
+    result = bench.main(["--tiny", "--device", "cpu", "--seq", "16", "--steps", "1", "--warmup", "1",
+                         "--params", "fp32", "--no-profile", "--blend", str(blend)])
+    assert result["args"]["blend"] == str(blend)
+    assert all(torch.isfinite(torch.tensor(result["run"]["losses"])))
