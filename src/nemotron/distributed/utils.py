@@ -1,12 +1,52 @@
-"""Training-loop helpers that must see every shard: the global gradient norm."""
+"""Training-loop helpers that must see every shard: joining the launcher's process group and
+the global gradient norm."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launcher_process_group(device_type: str) -> Iterator[bool]:
+    """Join the process group that `torchrun` (or `srun ... torchrun`) describes in the
+    environment, for the duration of the block; yields whether the run is distributed.
+
+    Without it, N processes started by torchrun would each train alone as "rank 0" and race
+    on the same checkpoint files. Nothing happens when WORLD_SIZE is unset or 1, or when the
+    caller already initialised torch.distributed (that group is used and left alone).
+    `device_type` "cuda" uses NCCL for tensors on the GPU and gloo for CPU tensors (which
+    async checkpointing and small control messages need); anything else uses gloo.
+    """
+    if dist.is_initialized():
+        yield True
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield False
+        return
+    missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                           f"processes with torchrun (it sets all of them)")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
 
 
 @torch.no_grad()

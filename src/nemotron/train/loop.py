@@ -26,7 +26,7 @@ import torch.distributed as dist
 from nemotron.artifacts.model import (
     MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
 )
-from nemotron.distributed.utils import grad_norm
+from nemotron.distributed.utils import grad_norm, launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -301,7 +301,17 @@ def _config_dict(cfg) -> dict[str, Any]:
 def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mesh=None) -> TrainSummary:
     """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
     `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
-    checkpoint / end events (the CLI draws its progress bar from them)."""
+    checkpoint / end events (the CLI draws its progress bar from them).
+
+    Under torchrun the processes join one process group here (unless the caller already did)."""
+    device_type = cfg.train.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    with launcher_process_group(device_type):
+        return _pretrain(cfg, job_dir, on_event=on_event, mesh=mesh)
+
+
+def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> TrainSummary:
     job_dir = Path(job_dir)
     validate_schedule(cfg.scheduler, cfg.optimizer)
     device = resolve_device(cfg.train.device)
