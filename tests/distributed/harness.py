@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
-from nemotron.distributed.parallelize import token_loss_weight
+from nemotron.distributed.utils import token_loss_weight
 from nemotron.distributed.utils import clip_grad_norm_
 from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases

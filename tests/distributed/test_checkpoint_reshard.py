@@ -8,7 +8,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
-from nemotron.distributed.parallelize import token_loss_weight
+from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from nemotron.artifacts.model import (
     MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
 )
-from nemotron.distributed.utils import grad_norm, launcher_process_group
+from nemotron.distributed.utils import (
+    grad_norm, launcher_process_group, loss_tokens, reduce_token_loss, token_loss_weights,
+)
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -176,14 +178,6 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
     return by_mesh
 
 
-def _mean_over_dp(value: torch.Tensor, parallel: Parallel) -> float:
-    if parallel.distributed and parallel.dp_size > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=parallel.dp_group)
-        value /= parallel.dp_size
-    return float(value)
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -195,22 +189,29 @@ def train_step(
     parallel: Parallel | None = None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, gradient sync + clip, and the AdamW step unless
-    the loss or gradient norm is non-finite (then the parameters are left untouched)."""
+    the loss or gradient norm is non-finite (then the parameters are left untouched).
+
+    The LM loss (gradient and logged value) is the mean over every loss token of the step's
+    global batch, all micro-batches and data-parallel ranks together (`token_loss_weights`);
+    the sequence balance loss, a mean over sequences, is averaged over micro-batches."""
     parallel = parallel or Parallel()
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
+    weights, _ = token_loss_weights(counts, parallel.mesh)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
+    balance_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = len(micro_batches)
-    for batch in micro_batches:
+    for batch, weight, count in zip(micro_batches, weights, counts):
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         with autocast_context(precision, device):
             out = model(tokens, labels=labels, loss_mask=loss_mask)
-        (out.loss / n).backward()
-        loss_sum += out.loss.detach().double()
-        lm_sum += out.lm_loss.detach().double()
+        balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
+        (out.lm_loss * weight + balance / n).backward()
+        lm_sum += out.lm_loss.detach().double() * float(count)
+        balance_sum += balance.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
     norm = float(grad_norm(params))
@@ -218,8 +219,9 @@ def train_step(
         scale = grad_clip / (norm + 1e-6)
         for group in _grads_by_mesh(params).values():  # one mesh per foreach call
             torch._foreach_mul_(group, scale)
-    loss = _mean_over_dp(loss_sum / n, parallel)
-    lm_loss = _mean_over_dp(lm_sum / n, parallel)
+    lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
+    # The balance term is a mean over sequences: average it over all micro-batches of all ranks.
+    loss = lm_loss + reduce_token_loss(balance_sum, n, parallel.mesh)
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
@@ -229,23 +231,27 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | None = None) -> float:
-    """Mean LM loss over the batches. Grad-free, so routers count nothing; the counters are
+    """LM loss averaged over every loss token of the batches (on all data-parallel ranks
+    together). Grad-free, so routers count nothing; the counters are
     also restored afterwards, so evaluation can never leak into the balance update."""
     parallel = parallel or Parallel()
     moe = model.moe_layers() if hasattr(model, "moe_layers") else []
     saved = [layer.router.tokens_per_expert.clone() for layer in moe]
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
+    tokens = 0.0
     for batch in micro_batches:
         with autocast_context(precision, device):
             out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
                         loss_mask=batch["loss_mask"].to(device))
-        total += out.lm_loss.double()
+        count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
+        total += out.lm_loss.double() * count
+        tokens += count
     for layer, counts in zip(moe, saved):
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)
-    return _mean_over_dp(total / max(len(micro_batches), 1), parallel)
+    return reduce_token_loss(total, tokens, parallel.mesh)
 
 
 # ---------------------------------------------------------------------------------------------
