@@ -236,6 +236,47 @@ def open_job_dir(
     return jobdir.create_job_dir(path, config_yaml=config_yaml, info=info)
 
 
+@dataclasses.dataclass
+class StageRun:
+    """Where a stage command runs and records itself: the job dir (given or default), and the
+    execution profile when submitted with --run (attached) or --batch (detached)."""
+
+    stage: str
+    job_dir: Path
+    profile: str | None
+    attached: bool
+    overrides: list[str]
+    config_source: str
+
+    @classmethod
+    def from_options(cls, stage: str, job_dir: Path | None, run: str | None, batch: str | None,
+                     overrides: list[str], config_source: str | Path) -> "StageRun":
+        from nemotron.artifacts.jobdir import default_job_dir
+
+        target = (Path(job_dir) if job_dir is not None else default_job_dir(stage)).absolute()
+        return cls(stage=stage, job_dir=target, profile=run if run is not None else batch,
+                   attached=run is not None, overrides=list(overrides),
+                   config_source=str(config_source))
+
+    @property
+    def local(self) -> bool:
+        return self.profile is None
+
+    def submit(self, config_yaml: str, dry_run: bool) -> None:
+        """Hand the job to its profile (see `submit_remote`)."""
+        submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
+                      config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
+                      config_source=self.config_source, dry_run=dry_run)
+
+    def open(self, config_yaml: str) -> Path:
+        """Create (or join) the job dir for a local run and say where it is (rank 0)."""
+        self.job_dir = open_job_dir(self.job_dir, stage=self.stage, config_yaml=config_yaml,
+                                    overrides=self.overrides, config_source=self.config_source)
+        if process_rank() == 0:
+            console.print(f"[bold]job dir[/] {self.job_dir}")
+        return self.job_dir
+
+
 def record_failure(job_dir: Path, exc: BaseException) -> None:
     """result.json (status failed/interrupted) and error.txt with the traceback, best effort."""
     from nemotron.artifacts import jobdir
