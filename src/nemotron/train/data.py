@@ -5,12 +5,20 @@ sample at which phase 2 began), so a resumed run reads exactly the samples an un
 would: nothing re-read, nothing skipped. Batches are cut Megatron-style: a step consumes
 `global_batch_size` consecutive samples; micro-step m of data-parallel rank r takes samples
 `start + m * micro * dp + r * micro ...` (+ micro).
+
+With `data.num_workers` > 0, training micro-batches come from a torch DataLoader whose batch
+sampler walks exactly those indices from the consumed-samples position: N worker processes
+read and collate the next steps' samples while the current step trains (pinned memory on
+CUDA). What was prefetched but not yet taken is not part of the state: a resumed run starts a
+new stream at the consumed-samples position and reads the same samples.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +116,43 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
+def micro_batch_indices(plan: BatchPlan, dp_rank: int, start: int, stop: int) -> Iterator[list[int]]:
+    """Sample indices of this rank's micro-batches for the global batches in [start, stop)."""
+    micro, dp = plan.micro_batch_size, plan.dp_size
+    for first in range(start, stop, micro * dp):
+        begin = first + dp_rank * micro
+        yield list(range(begin, begin + micro))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """A DataLoader batch sampler over `micro_batch_indices`: the rank's micro-batches of every
+    step from sample `start` up to `stop` (whole global batches), in training order."""
+
+    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int) -> None:
+        self.plan, self.dp_rank, self.start, self.stop = plan, dp_rank, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop)
+
+    def __len__(self) -> int:
+        step = self.plan.micro_batch_size * self.plan.dp_size
+        return max(0, -(-(self.stop - self.start) // step))
+
+
+@dataclass
+class _Stream:
+    """A DataLoader iterator reading one phase's samples ahead of the loop."""
+
+    phase: int
+    next_offset: int  # the phase-relative sample its next micro-batch starts a step at
+    batches: Iterator[dict[str, torch.Tensor]]
+
+
+def _worker_context() -> str | None:
+    # fork: workers share the parent's memory maps instead of pickling the dataset.
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 class TrainingData:
     """Datasets of a run (built lazily) and the loader position."""
 
@@ -119,13 +164,18 @@ class TrainingData:
         vocab_size: int,
         dp_rank: int = 0,
         state: LoaderState | None = None,
+        pin_memory: bool = False,
     ) -> None:
+        if data.num_workers < 0:
+            raise TrainDataError(f"data.num_workers must be >= 0, got {data.num_workers}")
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
         self.state = state or LoaderState()
+        self.pin_memory = pin_memory
         self.switch_step = phase2_start_step(plan, data)
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
+        self._stream: _Stream | None = None
 
     # -- datasets -------------------------------------------------------------------------
 
@@ -179,11 +229,23 @@ class TrainingData:
         return False
 
     def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
-        micro, dp = self.plan.micro_batch_size, self.plan.dp_size
-        batches = []
-        for first in range(start, start + count, micro * dp):
-            begin = first + self.dp_rank * micro
-            batches.append(collate([dataset[i] for i in range(begin, begin + micro)]))
+        return [collate([dataset[i] for i in indices])
+                for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)]
+
+    def _prefetched(self, phase: int, dataset, offset: int) -> list[dict[str, torch.Tensor]]:
+        """The step at `offset` from the background stream, (re)started there if needed."""
+        stream = self._stream
+        if stream is None or stream.phase != phase or stream.next_offset != offset:
+            self.close()
+            loader = torch.utils.data.DataLoader(
+                dataset, num_workers=self.data.num_workers, collate_fn=collate,
+                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset,
+                                               self.phase_samples(phase)),
+                pin_memory=self.pin_memory, multiprocessing_context=_worker_context(),
+            )
+            stream = self._stream = _Stream(phase, offset, iter(loader))
+        batches = [next(stream.batches) for _ in range(self.plan.grad_accumulation)]
+        stream.next_offset = offset + self.plan.global_batch_size
         return batches
 
     def next_train_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -192,9 +254,16 @@ class TrainingData:
         dataset = self.train_dataset(phase)
         phase_start = self.state.phase2_start_sample if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
-        batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+        if self.data.num_workers > 0:
+            batches = self._prefetched(phase, dataset, offset)
+        else:
+            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
         self.state.consumed_train_samples += self.plan.global_batch_size
         return batches
+
+    def close(self) -> None:
+        """Stop the background workers (prefetched batches are dropped, the state is kept)."""
+        self._stream = None  # the DataLoader iterator shuts its workers down when released
 
     def next_valid_batches(self) -> list[dict[str, torch.Tensor]] | None:
         """eval_iters global batches of the valid split (continuing where the last eval stopped)."""

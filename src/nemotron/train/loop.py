@@ -343,7 +343,7 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
         state.update({k: saved[k] for k in state if k in saved})
 
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
-                        loader_state)
+                        loader_state, pin_memory=device.type == "cuda")
     arch = cfg.model.arch()
     flops_per_token = flops.training_flops_per_token(arch, plan.seq_length)
     world = dist.get_world_size() if parallel.distributed else 1
@@ -456,6 +456,7 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                 test_loss = _run_eval(data.test_batches(), model, device, cfg, parallel,
                                       metrics, "test", state["step"], None)
     finally:
+        data.close()
         if checkpointer is not None:
             checkpointer.wait()
         metrics.close()
