@@ -12,8 +12,10 @@ from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
+from models.tiny import tiny_config
+
 from ._spawn import run_distributed
-from .harness import GLOBAL_BATCH, batch, tiny_config
+from .harness import GLOBAL_BATCH, batch
 
 SAVED_STEPS, RESUMED_STEPS = 2, 2
 
