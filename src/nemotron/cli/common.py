@@ -3,6 +3,9 @@
 Library code raises; this module turns exceptions into one `error: ...` line on stderr and a
 non-zero exit code (1 for bad input or a failed run, 2 for contradictory options, 130 for Ctrl-C).
 Set NEMOTRON_DEBUG=1 to see the traceback as well.
+
+Heavy modules (torch, the configs, the library) are imported inside the commands, so that
+`nemotron --help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
-
-from nemotron.config import ConfigError
 
 CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
@@ -90,9 +91,18 @@ def user_errors() -> Iterator[None]:
         if os.environ.get("NEMOTRON_DEBUG"):
             traceback.print_exc()
         text = str(exc) or type(exc).__name__
-        if not isinstance(exc, (ConfigError, FileNotFoundError)) and type(exc).__name__ not in text:
+        if not _self_explaining(exc) and type(exc).__name__ not in text:
             text = f"{type(exc).__name__}: {text}"
         raise fail(text, 1) from None
+
+
+def _self_explaining(exc: BaseException) -> bool:
+    """Errors whose message needs no exception class in front of it."""
+    # Imported here: `nemotron.config` pulls in every section's config (and torch with them),
+    # which `nemotron --help` must not pay for.
+    from nemotron.config import ConfigError
+
+    return isinstance(exc, (ConfigError, FileNotFoundError))
 
 
 def check_exclusive(run: str | None, batch: str | None) -> None:
@@ -305,6 +315,6 @@ def run_stage(fn, job_dir: Path):
         where = job_dir / "error.txt"
         note = f" (traceback: {where})" if where.exists() else ""
         text = str(exc) or type(exc).__name__
-        if not isinstance(exc, (ConfigError, FileNotFoundError)):
+        if not _self_explaining(exc):
             text = f"{type(exc).__name__}: {text}"
         raise fail(f"{text}{note}", 1) from None
