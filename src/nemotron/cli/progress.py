@@ -29,8 +29,9 @@ class TrainProgress:
             if payload.get("tokens_per_second"):
                 desc += f"  {payload['tokens_per_second']:,.0f} tok/s"
             self.progress.update(self.task, completed=payload["step"], description=desc)
-        elif kind in ("valid", "test"):
-            self.console.log(f"{kind} loss {payload['loss']:.4f} at step {payload['step']}")
+        elif kind in ("eval", "valid", "test"):  # the loop logs validation as "eval"
+            split = "test" if kind == "test" else "valid"
+            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}")
         elif kind == "checkpoint":
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
