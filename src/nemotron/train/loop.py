@@ -231,9 +231,9 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | None = None) -> float:
-    """LM loss averaged over every loss token of the batches (on all data-parallel ranks
-    together). Grad-free, so routers count nothing; the counters are
-    also restored afterwards, so evaluation can never leak into the balance update."""
+    """LM loss averaged over every loss token of the batches (of all data-parallel ranks
+    together). Grad-free, so routers count nothing; the counters are also restored
+    afterwards, so evaluation can never leak into the balance update."""
     parallel = parallel or Parallel()
     moe = model.moe_layers() if hasattr(model, "moe_layers") else []
     saved = [layer.router.tokens_per_expert.clone() for layer in moe]
