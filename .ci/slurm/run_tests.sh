@@ -2,6 +2,8 @@
 # CI stage "slurm": start a one-node Slurm cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd)
 # on this machine, run the tests marked `slurm` (tests/launch/test_slurm.py: submission path,
 # tiny data prep and pretrain attached, detached pretrain), and stop the daemons whatever happens.
+# The tests' profile starts distributed stages with 2 torchrun ranks on the node (pretrain: data
+# parallel 2, both ranks checked to take part); data prep runs as one process.
 # Needs root (apt-get and the daemons). Typical time: about 5 minutes (2 CPU cores).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -198,7 +198,7 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
         output_dir: str
         documents: int
 
-    def run_data_prep(cfg, recipe_dir):
+    def run_data_prep(cfg, recipe_dir, progress=None):
         calls.append((cfg, Path(recipe_dir)))
         return FakeResult(output_dir=cfg.output_dir, documents=12)
 
@@ -299,7 +299,42 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     copied.parent.mkdir()
     dump_config(load_config("default", [], DataPrepJobConfig), copied)
     seen = []
-    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir: seen.append(Path(recipe_dir)))
+    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None: seen.append(Path(recipe_dir)))
     result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
+
+
+def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_module):
+    """The CLI passes a progress callback to the library and renders its reports, then the
+    per-dataset summary (the library itself prints nothing)."""
+    from nemotron.data.prep import DatasetSplitSummary, PrepProgress
+
+    @dataclasses.dataclass
+    class FakeResult:
+        output_dir: str
+        summary: list
+        bad_records: dict
+
+    def run_data_prep(cfg, recipe_dir, progress=None):
+        assert progress is not None
+        progress(PrepProgress(phase="plan", message="planning 2 datasets"))
+        progress(PrepProgress(phase="tokenize", units_done=1, units_total=2, documents=5,
+                              tokens=700, elapsed_s=1.0, message="2 of 2 work units to tokenize"))
+        progress(PrepProgress(phase="done", units_done=2, units_total=2, documents=9,
+                              tokens=1234, elapsed_s=2.0, message="data prep complete"))
+        return FakeResult(cfg.output_dir, [
+            DatasetSplitSummary("wiki", "train", 6, 1000, 0.75, 2),
+            DatasetSplitSummary("code", "train", 2, 200, 0.25, 1),
+            DatasetSplitSummary("wiki", "valid", 1, 34, 1.0, 1),
+        ], {"code": {"non_utf8": 3}})
+
+    fake_module("nemotron.data.prep", run_data_prep=run_data_prep)
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--job-dir", str(tmp_path / "j"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "planning 2 datasets" in out and "data prep complete" in out
+    assert re.search(r"train\s*│\s*wiki\s*│\s*6\s*│\s*1,000\s*│\s*75\.0%\s*│\s*2", out), out
+    assert re.search(r"train\s*│\s*all\s*│\s*8\s*│\s*1,200", out)
+    assert re.search(r"valid\s*│\s*all\s*│\s*1\s*│\s*34", out)
+    assert "bad records skipped: code: 3 non_utf8" in out

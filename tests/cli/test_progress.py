@@ -9,7 +9,7 @@ def test_train_progress_renders_bar_and_milestones():
     hook("start", {"total_steps": 4, "step": 0})
     for step in (1, 2, 3, 4):
         hook("train", {"step": step, "loss": 5.0 - step, "lr": 1e-3, "tokens_per_second": 1234.0})
-    hook("valid", {"step": 4, "loss": 1.5})
+    hook("eval", {"step": 4, "loss": 1.5, "ppl": 4.48})  # what pretrain's metrics emit
     hook("checkpoint", {"step": 4, "path": "/ckpt/iter_0000004"})
     hook("end", {})
     text = console.export_text()

@@ -10,25 +10,13 @@ from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.distributed.context_parallel import cp_shard
-from nemotron.distributed.parallelize import token_loss_weight
-from nemotron.distributed.utils import clip_grad_norm_
-from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
+from nemotron.distributed.utils import clip_grad_norm_, token_loss_weight
+from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
+from models.tiny import tiny_config  # the one tiny Nano3 of the test suite (tests/models/tiny.py)
+
 GLOBAL_BATCH, SEQ, LR, BIAS_RATE = 4, 8, 0.05, 0.01
-
-
-def tiny_config(**overrides) -> Nano3Config:
-    fields = dict(
-        hybrid_pattern="ME*EM-", num_layers=6, hidden_size=32, vocab_size=96,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        mamba_num_heads=4, mamba_head_dim=8, mamba_state_size=8, mamba_num_groups=2,
-        mamba_conv_kernel=4, mamba_chunk_size=4,
-        num_experts=8, moe_top_k=3, moe_ffn_hidden_size=16, moe_shared_expert_hidden_size=24,
-        ffn_hidden_size=40, init_std=0.05,
-    )
-    fields.update(overrides)
-    return Nano3Config(**fields)
 
 
 def batch(step: int, seq: int = SEQ):

@@ -8,12 +8,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
-from nemotron.distributed.parallelize import token_loss_weight
+from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
+from models.tiny import tiny_config
+
 from ._spawn import run_distributed
-from .harness import GLOBAL_BATCH, batch, tiny_config
+from .harness import GLOBAL_BATCH, batch
 
 SAVED_STEPS, RESUMED_STEPS = 2, 2
 

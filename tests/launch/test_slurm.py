@@ -44,6 +44,8 @@ def write_env(path: Path, cluster: dict[str, str], extra: str = "") -> Path:
             partition = "{cluster["partition"]}"
             time = "00:15:00"
             cpus_per_task = 2
+            # Distributed stages (pretrain) start 2 ranks under torchrun; data prep stays 1.
+            nproc_per_node = 2
             """
         )
         + textwrap.dedent(extra)
@@ -211,6 +213,7 @@ SHORT_PRETRAIN = [
     "train.eval_iters=1",
     "train.log_interval=1",
     "scheduler.warmup_tokens=4096",
+    "train.micro_batch_size=8",  # global batch 16 = 2 data-parallel ranks x 8
 ]
 
 
@@ -231,6 +234,9 @@ def check_pretrain_outputs(job_dir: Path, steps: int = 4) -> None:
     assert [m["step"] for m in train] == list(range(1, steps + 1))
     assert all(m["loss"] == m["loss"] and m["loss"] > 0 for m in train)  # finite, positive
     assert json.loads((job_dir / "result.json").read_text())["status"] == "completed"
+    # Both torchrun ranks took part in one run (each saved its RNG state into the checkpoint).
+    rng = sorted(p.name for p in (job_dir / "checkpoints" / "iter_0000004" / "rng").iterdir())
+    assert rng == ["rank_00000.pt", "rank_00001.pt"]
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,32 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
     sharded, plain = loaded(tmp_path / "ckpt"), loaded(tmp_path / "single" / "ckpt")
     for name, value in plain.items():
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _torchrun_like_worker(rank, world, port, cfg_bytes, job_dir, queue):
+    """What torchrun gives a process: the environment only; nobody calls init_process_group."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    summary = pretrain(pickle.loads(cfg_bytes), job_dir)
+    queue.put((rank, summary.final_loss, summary.checkpoint, dist.is_initialized()))
+
+
+def test_processes_started_by_torchrun_train_as_one_job(tmp_path, corpus):
+    """Regression: under torchrun each process used to train alone as "rank 0", both writing
+    the same checkpoint files (FileNotFoundError on .metadata.tmp, FileExistsError on rng/).
+    Async save with a checkpoint in flight across steps exercises the checkpoint's own group."""
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 4, "eval_iters": 0},
+                      checkpoint={"save_interval": 2, "async_save": True})
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.spawn(_torchrun_like_worker, nprocs=2,
+             args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "job"), queue))
+    results = sorted(queue.get() for _ in range(2))
+    assert results[0][1:] == results[1][1:]
+    assert results[0][3] is False  # the group it created is gone again
+    for step in (2, 4):
+        rng = tmp_path / "ckpt" / f"iter_{step:07d}" / "rng"
+        assert sorted(p.name for p in rng.iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    train = [r for r in read_metrics(tmp_path / "job") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer, not two runs interleaved

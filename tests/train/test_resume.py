@@ -64,17 +64,22 @@ def reference(corpus, tmp_path_factory):
     return cfg, losses(root / "job"), final_state(root / "ckpt", root)
 
 
-@pytest.mark.parametrize("async_save,kill_at,resumes_from", [
+@pytest.mark.parametrize("async_save,kill_at,resumes_from,num_workers", [
     # killed with the async save of step 6 in flight (it must not count); resumes before the
     # phase switch (step 4) and crosses it again
-    (True, "train:7", 3),
+    (True, "train:7", 3, 0),
     # killed once the async save of step 6 completed: resumes in phase 2 from it
-    (True, "checkpoint:6", 6),
+    (True, "checkpoint:6", 6, 0),
+    # background loader workers had read ahead past step 7 when killed: the resumed run (and
+    # the whole run) still reads what the synchronous reference read
+    (True, "train:7", 3, 2),
 ])
-def test_kill9_resume_is_bit_exact(tmp_path, corpus, reference, async_save, kill_at, resumes_from):
+def test_kill9_resume_is_bit_exact(tmp_path, corpus, reference, async_save, kill_at, resumes_from,
+                                   num_workers):
     _, ref_losses, ref_state = reference
     cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1])
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, async_save=async_save)
+    cfg.data = dataclasses.replace(cfg.data, num_workers=num_workers)
     job, save = tmp_path / "job", tmp_path / "ckpt"
 
     assert run(cfg, job, kill_at=kill_at) == -9

@@ -3,6 +3,9 @@
 Library code raises; this module turns exceptions into one `error: ...` line on stderr and a
 non-zero exit code (1 for bad input or a failed run, 2 for contradictory options, 130 for Ctrl-C).
 Set NEMOTRON_DEBUG=1 to see the traceback as well.
+
+Heavy modules (torch, the configs, the library) are imported inside the commands, so that
+`nemotron --help` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
-
-from nemotron.config import ConfigError
 
 CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
@@ -90,9 +91,18 @@ def user_errors() -> Iterator[None]:
         if os.environ.get("NEMOTRON_DEBUG"):
             traceback.print_exc()
         text = str(exc) or type(exc).__name__
-        if not isinstance(exc, (ConfigError, FileNotFoundError)) and type(exc).__name__ not in text:
+        if not _self_explaining(exc) and type(exc).__name__ not in text:
             text = f"{type(exc).__name__}: {text}"
         raise fail(text, 1) from None
+
+
+def _self_explaining(exc: BaseException) -> bool:
+    """Errors whose message needs no exception class in front of it."""
+    # Imported here: `nemotron.config` pulls in every section's config (and torch with them),
+    # which `nemotron --help` must not pay for.
+    from nemotron.config import ConfigError
+
+    return isinstance(exc, (ConfigError, FileNotFoundError))
 
 
 def check_exclusive(run: str | None, batch: str | None) -> None:
@@ -236,6 +246,47 @@ def open_job_dir(
     return jobdir.create_job_dir(path, config_yaml=config_yaml, info=info)
 
 
+@dataclasses.dataclass
+class StageRun:
+    """Where a stage command runs and records itself: the job dir (given or default), and the
+    execution profile when submitted with --run (attached) or --batch (detached)."""
+
+    stage: str
+    job_dir: Path
+    profile: str | None
+    attached: bool
+    overrides: list[str]
+    config_source: str
+
+    @classmethod
+    def from_options(cls, stage: str, job_dir: Path | None, run: str | None, batch: str | None,
+                     overrides: list[str], config_source: str | Path) -> "StageRun":
+        from nemotron.artifacts.jobdir import default_job_dir
+
+        target = (Path(job_dir) if job_dir is not None else default_job_dir(stage)).absolute()
+        return cls(stage=stage, job_dir=target, profile=run if run is not None else batch,
+                   attached=run is not None, overrides=list(overrides),
+                   config_source=str(config_source))
+
+    @property
+    def local(self) -> bool:
+        return self.profile is None
+
+    def submit(self, config_yaml: str, dry_run: bool) -> None:
+        """Hand the job to its profile (see `submit_remote`)."""
+        submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
+                      config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
+                      config_source=self.config_source, dry_run=dry_run)
+
+    def open(self, config_yaml: str) -> Path:
+        """Create (or join) the job dir for a local run and say where it is (rank 0)."""
+        self.job_dir = open_job_dir(self.job_dir, stage=self.stage, config_yaml=config_yaml,
+                                    overrides=self.overrides, config_source=self.config_source)
+        if process_rank() == 0:
+            console.print(f"[bold]job dir[/] {self.job_dir}")
+        return self.job_dir
+
+
 def record_failure(job_dir: Path, exc: BaseException) -> None:
     """result.json (status failed/interrupted) and error.txt with the traceback, best effort."""
     from nemotron.artifacts import jobdir
@@ -264,6 +315,6 @@ def run_stage(fn, job_dir: Path):
         where = job_dir / "error.txt"
         note = f" (traceback: {where})" if where.exists() else ""
         text = str(exc) or type(exc).__name__
-        if not isinstance(exc, (ConfigError, FileNotFoundError)):
+        if not _self_explaining(exc):
             text = f"{type(exc).__name__}: {text}"
         raise fail(f"{text}{note}", 1) from None

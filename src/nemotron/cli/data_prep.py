@@ -76,7 +76,7 @@ def data_prep_pretrain(
     Examples: [bold]nemotron nano3 data prep pretrain -c tiny[/] (embedded corpus, no network),
     [bold]nemotron nano3 data prep pretrain --sample 1000[/].
     """
-    from nemotron.artifacts.jobdir import default_job_dir, finish_job_dir
+    from nemotron.artifacts.jobdir import finish_job_dir
     from nemotron.config import DataPrepJobConfig, dump_config, load_config, resolve_config_path
     from nemotron.data import embedded
 
@@ -91,21 +91,17 @@ def data_prep_pretrain(
         config_path = resolve_config_path(config, DataPrepJobConfig)
         cfg = load_config(config_path, overrides, DataPrepJobConfig)
         recipe_dir = _recipe_dir(cfg, config_path)
-        target = (Path(job_dir) if job_dir is not None else default_job_dir(STAGE)).absolute()
-        profile = run if run is not None else batch
-        if profile is None:
+        stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
+        target = stage.job_dir
+        if stage.local:
             cfg = dataclasses.replace(cfg, output_dir=common.absolute(cfg.output_dir))
         elif not Path(cfg.blend_path).expanduser().is_absolute():
             # The job reads its config from its own directory, not the recipe's.
             cfg = dataclasses.replace(cfg, blend_path=str(recipe_dir / cfg.blend_path))
         config_yaml = dump_config(cfg)
 
-        if profile is not None:
-            common.submit_remote(
-                stage=STAGE, profile=profile, attached=run is not None, config_yaml=config_yaml,
-                job_dir=target, overrides=overrides, config_source=str(config_path),
-                dry_run=dry_run,
-            )
+        if not stage.local:
+            stage.submit(config_yaml, dry_run)
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")
@@ -129,19 +125,21 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
-        target = common.open_job_dir(
-            target, stage=STAGE, config_yaml=config_yaml, overrides=overrides,
-            config_source=str(config_path),
-        )
-        if common.process_rank() == 0:
-            console.print(f"[bold]job dir[/] {target}")
+        target = stage.open(config_yaml)
+
+    from nemotron.cli.progress import PrepProgressView
+
+    view = PrepProgressView(console)
 
     def prepare():
         local = cfg
         if embedded.uses_embedded(cfg, recipe_dir):
             console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
-        return run_data_prep(local, recipe_dir)
+        try:
+            return run_data_prep(local, recipe_dir, progress=view)
+        finally:
+            view.stop()
 
     result = common.run_stage(prepare, target)
     values = common.as_dict(result)
@@ -149,23 +147,44 @@ def data_prep_pretrain(
         finish_job_dir(target, "completed", values)
     rows = [(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else str(v))
             for k, v in values.items() if isinstance(v, (str, int, float, bool, Path)) or v is None]
-    rows.extend(_split_totals(values.get("summary")))
     rows.append(("job dir", str(target)))
     if common.process_rank() == 0:
         common.print_plan("data prep finished", rows)
+        table = summary_table(values.get("summary"), values.get("bad_records"))
+        if table is not None:
+            console.print(table)
 
 
-def _split_totals(summary) -> list[tuple[str, str]]:
-    """Documents and tokens per split from DataPrepResult.summary (per dataset and split)."""
-    if not isinstance(summary, list):
-        return []
+def summary_table(summary, bad_records=None):
+    """A Rich table of DataPrepResult.summary: one row per dataset and split (documents,
+    tokens, share of the split's blend weight, shard files), split totals, bad records."""
+    from rich.table import Table
+
+    rows = [r for r in summary or [] if isinstance(r, dict)
+            and {"dataset", "split", "documents", "tokens"} <= set(r)]
+    if not rows:
+        return None
+    table = Table(title="datasets", title_justify="left", caption_justify="left")
+    for header, justify in (("split", "left"), ("dataset", "left"), ("documents", "right"),
+                            ("tokens", "right"), ("share", "right"), ("files", "right")):
+        table.add_column(header, justify=justify)
+    bad = [f"{name}: " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
+           for name, kinds in sorted((bad_records or {}).items()) if any(kinds.values())]
+    if bad:
+        table.caption = "bad records skipped: " + "; ".join(bad)
     totals: dict[str, list[int]] = {}
-    for row in summary:
-        if isinstance(row, dict) and {"split", "documents", "tokens"} <= set(row):
-            docs_tokens = totals.setdefault(row["split"], [0, 0])
-            docs_tokens[0] += row["documents"]
-            docs_tokens[1] += row["tokens"]
-    return [(split, f"{d:,} documents, {t:,} tokens") for split, (d, t) in totals.items()]
+    for r in sorted(rows, key=lambda r: (("train", "valid", "test").index(r["split"])
+                                         if r["split"] in ("train", "valid", "test") else 3,
+                                         r["dataset"])):
+        table.add_row(r["split"], r["dataset"], f"{r['documents']:,}", f"{r['tokens']:,}",
+                      f"{r.get('share', 0.0):.1%}", str(r.get("files", "")))
+        docs_tokens = totals.setdefault(r["split"], [0, 0])
+        docs_tokens[0] += r["documents"]
+        docs_tokens[1] += r["tokens"]
+    table.add_section()
+    for split, (docs, tokens) in totals.items():
+        table.add_row(split, "[bold]all[/]", f"{docs:,}", f"{tokens:,}", "100.0%", "")
+    return table
 
 
 def register(nano3_app: typer.Typer) -> None:

@@ -134,7 +134,7 @@ def pretrain(
     Examples: [bold]nemotron nano3 pretrain -c tiny[/] (CPU, minutes),
     [bold]nemotron nano3 pretrain train.train_iters=5000 checkpoint.save=/ckpt[/].
     """
-    from nemotron.artifacts.jobdir import default_job_dir, finish_job_dir
+    from nemotron.artifacts.jobdir import finish_job_dir
     from nemotron.config import PretrainConfig, dump_config, load_config, resolve_config_path
 
     overrides = list(overrides or [])
@@ -142,19 +142,14 @@ def pretrain(
         common.check_exclusive(run, batch)
         config_path = resolve_config_path(config, PretrainConfig)
         cfg = load_config(config_path, overrides, PretrainConfig)
-        target = Path(job_dir) if job_dir is not None else default_job_dir(STAGE)
-        target = target.absolute()
-        profile = run if run is not None else batch
-        if profile is None:
+        stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
+        target = stage.job_dir
+        if stage.local:
             cfg = _localize(cfg, target)
         config_yaml = dump_config(cfg)
 
-        if profile is not None:
-            common.submit_remote(
-                stage=STAGE, profile=profile, attached=run is not None, config_yaml=config_yaml,
-                job_dir=target, overrides=overrides, config_source=str(config_path),
-                dry_run=dry_run,
-            )
+        if not stage.local:
+            stage.submit(config_yaml, dry_run)
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")
@@ -167,12 +162,7 @@ def pretrain(
                 f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"
             )
         run_pretrain = _entry_point()
-        target = common.open_job_dir(
-            target, stage=STAGE, config_yaml=config_yaml, overrides=overrides,
-            config_source=str(config_path),
-        )
-        if common.process_rank() == 0:
-            console.print(f"[bold]job dir[/] {target}")
+        target = stage.open(config_yaml)
 
     on_event = None
     if common.process_rank() == 0:

@@ -1,4 +1,5 @@
-"""Rich rendering of the training loop's events (the library only emits them)."""
+"""Rich rendering of the library's progress reports: the training loop's events and data prep's
+progress callback (the library only emits them)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class TrainProgress:
             if payload.get("tokens_per_second"):
                 desc += f"  {payload['tokens_per_second']:,.0f} tok/s"
             self.progress.update(self.task, completed=payload["step"], description=desc)
-        elif kind in ("valid", "test"):
-            self.console.log(f"{kind} loss {payload['loss']:.4f} at step {payload['step']}")
+        elif kind in ("eval", "valid", "test"):  # the loop logs validation as "eval"
+            split = "test" if kind == "test" else "valid"
+            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}")
         elif kind == "checkpoint":
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
@@ -38,3 +40,37 @@ class TrainProgress:
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
         elif kind == "end":
             self.progress.stop()
+
+
+class PrepProgressView:
+    """A `progress=` callback for `nemotron.data.prep.run_data_prep`: a bar over the work
+    units, documents / tokens / throughput beside it, and one line per phase message."""
+
+    def __init__(self, console: Console, show_bar: bool = True):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[phase]}[/]"), BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+            disable=not show_bar, transient=False,
+        )
+        self.task = None
+        self._message = ""
+
+    def __call__(self, report: Any) -> None:
+        if report.message and report.message != self._message:
+            self._message = report.message
+            self.console.log(report.message)
+        if self.task is None and report.units_total:
+            self.progress.start()
+            self.task = self.progress.add_task("", total=report.units_total, phase=report.phase)
+        if self.task is not None:
+            self.progress.update(
+                self.task, completed=report.units_done, phase=report.phase,
+                description=f"{report.documents:,} docs  {report.tokens:,} tokens  "
+                            f"{report.tokens_per_s:,.0f} tok/s",
+            )
+        if report.phase == "done":
+            self.stop()
+
+    def stop(self) -> None:
+        self.progress.stop()

@@ -118,31 +118,3 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
         dp_cp = dense["dp", "cp"]._flatten("dp_cp")
     return ParallelMesh(dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp,
                         dense_dp_cp=dp_cp)
-
-
-def global_token_count(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> torch.Tensor:
-    """Number of loss tokens in the global batch (one micro-batch or a whole step): the loop
-    backpropagates `local_loss_sum / global_tokens`, so that gradients summed over ranks are
-    the gradient of the mean over tokens, not the mean of per-rank means."""
-    count = loss_mask.detach().sum().to(torch.float64)
-    if mesh is not None and mesh.loss_group_size > 1:
-        count = count.to(_comm_device(mesh))
-        dist.all_reduce(count, group=mesh.loss_group)
-    return count.cpu()
-
-
-def reduce_token_loss(loss_sum: torch.Tensor, tokens: torch.Tensor,
-                      mesh: ParallelMesh | None) -> float:
-    """Global token-mean loss for logging, from per-rank sums (not a mean of rank means)."""
-    pair = torch.stack([loss_sum.detach().to(torch.float64).reshape(()),
-                        torch.as_tensor(tokens, dtype=torch.float64).reshape(())])
-    if mesh is not None and mesh.loss_group_size > 1:
-        pair = pair.to(_comm_device(mesh))
-        dist.all_reduce(pair, group=mesh.loss_group)
-    return float(pair[0] / pair[1])
-
-
-def _comm_device(mesh: ParallelMesh) -> torch.device:
-    if mesh.world.device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

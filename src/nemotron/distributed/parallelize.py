@@ -11,8 +11,8 @@ Gradient convention: like DDP, each parameter's gradient is the MEAN over data- 
 context-parallel ranks (DP x CP) of the per-rank gradients (FSDP2's default for dense
 parameters, sharded over DP x CP; expert parameters, which are reduced over the
 expert-data-parallel mesh, are given the same divisor DP*CP). Contributions of tensor- and
-expert-parallel peers to one rank's loss are summed. To weight by tokens rather
-than ranks, multiply each rank's loss by `token_loss_weight(...)` (1 for equal token counts).
+expert-parallel peers to one rank's loss are summed. To weight by tokens rather than ranks,
+weight each micro-batch's loss by `distributed.utils.token_loss_weights(...)`.
 """
 
 from __future__ import annotations
@@ -141,17 +141,6 @@ def _expert_shard_placement(edp: int):
         return Shard(0)
 
     return placement
-
-
-def token_loss_weight(loss_mask: torch.Tensor, mesh: ParallelMesh | None) -> float:
-    """Factor for this rank's token-mean loss so that the DP-averaged gradient is the gradient
-    of the mean over all tokens of the global batch: DP * local_tokens / global_tokens."""
-    local = loss_mask.detach().sum().to(torch.float64)
-    if mesh is None or mesh.loss_group_size == 1:  # loss group: DP x CP
-        return 1.0
-    total = local.clone().cpu() if mesh.world.device_type == "cpu" else local.clone()
-    dist.all_reduce(total, group=mesh.loss_group)
-    return float(mesh.loss_group_size * local.cpu() / total.cpu().clamp(min=1.0))
 
 
 # -- initialisation -----------------------------------------------------------------------------

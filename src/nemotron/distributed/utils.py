@@ -1,12 +1,52 @@
-"""Training-loop helpers that must see every shard: the global gradient norm."""
+"""Training-loop helpers that must see every shard: joining the launcher's process group and
+the global gradient norm."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launcher_process_group(device_type: str) -> Iterator[bool]:
+    """Join the process group that `torchrun` (or `srun ... torchrun`) describes in the
+    environment, for the duration of the block; yields whether the run is distributed.
+
+    Without it, N processes started by torchrun would each train alone as "rank 0" and race
+    on the same checkpoint files. Nothing happens when WORLD_SIZE is unset or 1, or when the
+    caller already initialised torch.distributed (that group is used and left alone).
+    `device_type` "cuda" uses NCCL for tensors on the GPU and gloo for CPU tensors (which
+    async checkpointing and small control messages need); anything else uses gloo.
+    """
+    if dist.is_initialized():
+        yield True
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield False
+        return
+    missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                           f"processes with torchrun (it sets all of them)")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -53,3 +93,66 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
+
+
+# -- loss averaged over tokens -------------------------------------------------------------------
+# The training loss of a step is the mean over every loss token of the global batch (all
+# micro-batches, all data-parallel ranks), as Megatron's calculate_per_token_loss makes it; not
+# a mean of per-rank or per-micro-batch means, which overweights tokens of sparse batches.
+
+
+def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Weight sum a micro-batch's token-mean loss divides by (the rule of the model's
+    cross-entropy: loss_mask weights, labels == IGNORE_INDEX excluded); float64 scalar."""
+    from nemotron.kernels.cross_entropy import IGNORE_INDEX
+
+    weights = (labels != IGNORE_INDEX).to(torch.float64)
+    if loss_mask is not None:
+        weights = weights * loss_mask.to(torch.float64)
+    return weights.sum().cpu()
+
+
+def _sum_over_loss_group(values: torch.Tensor, mesh) -> torch.Tensor:
+    """Sum a small float64 CPU tensor over the ranks holding different tokens (DP x CP)."""
+    if mesh is None or mesh.loss_group_size == 1:
+        return values
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if mesh.world.device_type == "cuda" else torch.device("cpu"))
+    values = values.to(device)
+    dist.all_reduce(values, group=mesh.loss_group)
+    return values.cpu()
+
+
+def token_loss_weights(token_counts: list[torch.Tensor | float], mesh) -> tuple[list[float], float]:
+    """Loss weights for the micro-batches of one step on this rank, and the step's global
+    token count N (summed over micro-batches and the DP x CP ranks of `mesh`, which hold
+    different tokens).
+
+    With `token_counts[i]` = n_i (see `loss_tokens`), w_i = R * n_i / N, R = DP * CP.
+    Backpropagating sum_i w_i * loss_i (each loss_i a token mean) on every rank gives, once
+    FSDP2 has averaged gradients over the R ranks, exactly the gradient of the global
+    token-mean loss.
+    Collective over the loss group (every rank calls it with its own counts)."""
+    counts = torch.stack([torch.as_tensor(c, dtype=torch.float64).reshape(()) for c in token_counts])
+    total = float(_sum_over_loss_group(counts.sum().reshape(1), mesh)[0])
+    ranks = 1 if mesh is None else mesh.loss_group_size
+    denominator = max(total, 1.0)
+    return [ranks * float(c) / denominator for c in counts], total
+
+
+def token_loss_weight(loss_mask: torch.Tensor, mesh) -> float:
+    """`token_loss_weights` for a step of one micro-batch whose loss tokens are `loss_mask`."""
+    return token_loss_weights([loss_mask.detach().to(torch.float64).sum().cpu()], mesh)[0][0]
+
+
+def global_token_count(loss_mask: torch.Tensor, mesh) -> torch.Tensor:
+    """Number of loss tokens in the global batch (one micro-batch or a whole step)."""
+    return _sum_over_loss_group(loss_mask.detach().to(torch.float64).sum().cpu().reshape(1), mesh)[0]
+
+
+def reduce_token_loss(loss_sum: torch.Tensor, tokens: torch.Tensor | float, mesh) -> float:
+    """Global token-mean loss from per-rank sums of token losses and token counts."""
+    pair = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64).detach().cpu().reshape(()),
+                        torch.as_tensor(tokens, dtype=torch.float64).cpu().reshape(())])
+    pair = _sum_over_loss_group(pair, mesh)
+    return float(pair[0] / pair[1].clamp(min=1.0))

@@ -251,8 +251,37 @@ class _PendingSave:
     step: int
 
 
+def _group_rank(group) -> int:
+    return dist.get_rank(group) if _distributed() else 0
+
+
+def _flag_device(group) -> torch.device:
+    """Where a small control tensor must live for a collective on `group` (CUDA under NCCL)."""
+    backend = dist.get_backend(group)
+    if "gloo" in backend or "cpu" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_ranks_true(value: bool, group) -> bool:
+    if not _distributed():
+        return value
+    flag = torch.tensor([1 if value else 0], device=_flag_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 class Checkpointer:
-    """Writes checkpoints into one save directory; at most one async save in flight."""
+    """Writes checkpoints into one save directory; at most one async save in flight.
+
+    Every rank of `group` (default: all ranks) calls `save`, `poll` and `wait` at the same
+    points. Rank 0 of the group owns the directory moves (stale-tmp cleanup, tmp -> final
+    rename, `latest`, pruning); the other ranks only write their shards and RNG state, inside
+    barriers, so no rank touches the temporary directory while another removes or renames
+    it, and every rank returns from a save only once the checkpoint is complete and visible.
+    Async saves write through a gloo process group of their own: the background thread's
+    collectives must not interleave with the training loop's collectives on the same group.
+    """
 
     def __init__(
         self,
@@ -268,10 +297,30 @@ class Checkpointer:
         self.group = group
         self.on_complete = on_complete
         self._pending: _PendingSave | None = None
+        self._async_group = None
+        if async_save and _distributed():  # collective: every rank constructs its Checkpointer
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            self._async_group = dist.new_group(ranks=ranks, backend="gloo")
 
     @property
     def in_flight(self) -> bool:
         return self._pending is not None
+
+    @property
+    def _owner(self) -> bool:
+        return _group_rank(self.group) == 0
+
+    def _check_same_path(self, path: Path) -> None:
+        """Ranks that disagree on the directory (e.g. a relative path under different working
+        directories) would each write a partial checkpoint: refuse up front."""
+        if not _distributed():
+            return
+        paths: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(paths, str(path.absolute()), group=self.group)
+        if len(set(paths)) > 1:
+            listing = ", ".join(f"rank {r}: {p}" for r, p in enumerate(paths))
+            raise CheckpointError(f"ranks disagree on the checkpoint directory ({listing}); "
+                                  f"give checkpoint.save as one absolute path on shared storage")
 
     def save(
         self,
@@ -286,21 +335,23 @@ class Checkpointer:
         name = checkpoint_name(step)
         final = self.save_dir / name
         tmp = self.save_dir / f"{TMP_PREFIX}{name}"
-        if _rank() == 0:
-            if tmp.exists():
+        self._check_same_path(tmp)
+        if self._owner:
+            if tmp.exists():  # left by a run killed mid-save
                 shutil.rmtree(tmp)
             (tmp / RNG_DIR).mkdir(parents=True)
-        _barrier(self.group)
+        _barrier(self.group)  # the directory exists, and nobody removes it any more
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt")
-        if _rank() == 0:
+        if self._owner:
             (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2, sort_keys=True))
             for file_name, text in (files or {}).items():
                 (tmp / file_name).write_text(text)
         state = training_state_dict(model, optimizer)
         if self.async_save:
             # Stages a copy of the state synchronously, writes it in a background thread.
+            group = self._async_group if self._async_group is not None else self.group
             with _quiet_dcp():
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
             self._pending = _PendingSave(future, tmp, final, step)
         else:
             with _quiet_dcp():
@@ -309,8 +360,9 @@ class Checkpointer:
         return final
 
     def poll(self) -> None:
-        """Finish an async save whose writes are done (cheap; call once per step)."""
-        if self._pending is not None and self._pending.future.done():
+        """Finish an async save once its writes are done on every rank (call once per step on
+        every rank: ranks must agree, or one would finalize while another trains on)."""
+        if self._pending is not None and _all_ranks_true(self._pending.future.done(), self.group):
             self.wait()
 
     def wait(self) -> None:
@@ -325,9 +377,13 @@ class Checkpointer:
         self._finalize(pending.tmp, pending.final, pending.step)
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
-        if _rank() == 0:
+        # DCP returns on every rank only after the coordinator wrote .metadata, so all shards
+        # are in `tmp` here; the barrier below keeps other ranks from racing ahead of the rename.
+        if self._owner:
             if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
                 old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+                if old.exists():
+                    shutil.rmtree(old)
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old)
@@ -337,6 +393,7 @@ class Checkpointer:
             self._prune()
             if self.on_complete is not None:
                 self.on_complete(final, step)
+        _barrier(self.group)
 
     def _prune(self) -> None:
         if not self.keep_last:

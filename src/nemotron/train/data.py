@@ -11,12 +11,20 @@ Mixed sequence lengths (`data.mixed_length_blends`, the long-context phase): sam
 different lengths may share a step; a micro-batch is right-padded to its longest sample with
 labels ignored and loss_mask 0 (the model is causal, so padding changes nothing before it), and
 the loop normalises the loss over the step's tokens.
+
+With `data.num_workers` > 0, training micro-batches come from a torch DataLoader whose batch
+sampler walks exactly those indices from the consumed-samples position: N worker processes
+read and collate the next steps' samples while the current step trains (pinned memory on
+CUDA). What was prefetched but not yet taken is not part of the state: a resumed run starts a
+new stream at the consumed-samples position and reads the same samples.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,6 +181,43 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def micro_batch_indices(plan: BatchPlan, dp_rank: int, start: int, stop: int) -> Iterator[list[int]]:
+    """Sample indices of this rank's micro-batches for the global batches in [start, stop)."""
+    micro, dp = plan.micro_batch_size, plan.dp_size
+    for first in range(start, stop, micro * dp):
+        begin = first + dp_rank * micro
+        yield list(range(begin, begin + micro))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """A DataLoader batch sampler over `micro_batch_indices`: the rank's micro-batches of every
+    step from sample `start` up to `stop` (whole global batches), in training order."""
+
+    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int) -> None:
+        self.plan, self.dp_rank, self.start, self.stop = plan, dp_rank, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop)
+
+    def __len__(self) -> int:
+        step = self.plan.micro_batch_size * self.plan.dp_size
+        return max(0, -(-(self.stop - self.start) // step))
+
+
+@dataclass
+class _Stream:
+    """A DataLoader iterator reading one phase's samples ahead of the loop."""
+
+    phase: int
+    next_offset: int  # the phase-relative sample its next micro-batch starts a step at
+    batches: Iterator[dict[str, torch.Tensor]]
+
+
+def _worker_context() -> str | None:
+    # fork: workers share the parent's memory maps instead of pickling the dataset.
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 class TrainingData:
     """Datasets of a run (built lazily) and the loader position."""
 
@@ -188,14 +233,19 @@ class TrainingData:
         cp_rank: int = 0,
         cp_size: int = 1,
         sequence_multiple: int = 1,
+        pin_memory: bool = False,
     ) -> None:
         """`cp_rank`/`cp_size`: keep only this context-parallel rank's chunks of each sequence;
-        `sequence_multiple`: every sample length must divide into this many pieces (2*CP*TP)."""
+        `sequence_multiple`: every sample length must divide into this many pieces (2*CP*TP);
+        `pin_memory`: page-locked batches from the loader workers (CUDA)."""
+        if data.num_workers < 0:
+            raise TrainDataError(f"data.num_workers must be >= 0, got {data.num_workers}")
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.state = state or LoaderState()
+        self.pin_memory = pin_memory
         self.switch_step = phase2_start_step(plan, data)
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
         self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
@@ -207,6 +257,7 @@ class TrainingData:
                 raise TrainDataError(
                     f"{key}={length} must be a positive multiple of {sequence_multiple} (every "
                     f"sequence is split into 2*CP*TP pieces under context/tensor parallelism)")
+        self._stream: _Stream | None = None
 
     # -- datasets -------------------------------------------------------------------------
 
@@ -271,14 +322,29 @@ class TrainingData:
         return False
 
     def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
-        micro, dp = self.plan.micro_batch_size, self.plan.dp_size
-        batches = []
-        for first in range(start, start + count, micro * dp):
-            begin = first + self.dp_rank * micro
-            batch = collate([dataset[i] for i in range(begin, begin + micro)])
-            if self.cp_size > 1:
-                batch = {k: cp_shard(v, self.cp_rank, self.cp_size) for k, v in batch.items()}
-            batches.append(batch)
+        return [self._local(collate([dataset[i] for i in indices]))
+                for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)]
+
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch: its chunks of every sequence under CP."""
+        if self.cp_size == 1:
+            return batch
+        return {k: cp_shard(v, self.cp_rank, self.cp_size) for k, v in batch.items()}
+
+    def _prefetched(self, phase: int, dataset, offset: int) -> list[dict[str, torch.Tensor]]:
+        """The step at `offset` from the background stream, (re)started there if needed."""
+        stream = self._stream
+        if stream is None or stream.phase != phase or stream.next_offset != offset:
+            self.close()
+            loader = torch.utils.data.DataLoader(
+                dataset, num_workers=self.data.num_workers, collate_fn=collate,
+                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset,
+                                               self.phase_samples(phase)),
+                pin_memory=self.pin_memory, multiprocessing_context=_worker_context(),
+            )
+            stream = self._stream = _Stream(phase, offset, iter(loader))
+        batches = [self._local(next(stream.batches)) for _ in range(self.plan.grad_accumulation)]
+        stream.next_offset = offset + self.plan.global_batch_size
         return batches
 
     def next_train_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -287,11 +353,18 @@ class TrainingData:
         dataset = self.train_dataset(phase)
         phase_start = self.state.phase2_start_sample if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
-        batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+        if self.data.num_workers > 0:
+            batches = self._prefetched(phase, dataset, offset)
+        else:
+            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
         self.last_step_tokens = sum(dataset.sample_length(i) for i in range(
             offset, offset + self.plan.global_batch_size))
         self.state.consumed_train_samples += self.plan.global_batch_size
         return batches
+
+    def close(self) -> None:
+        """Stop the background workers (prefetched batches are dropped, the state is kept)."""
+        self._stream = None  # the DataLoader iterator shuts its workers down when released
 
     def next_valid_batches(self) -> list[dict[str, torch.Tensor]] | None:
         """eval_iters global batches of the valid split (continuing where the last eval stopped)."""

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from nemotron.artifacts.model import (
     MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
 )
-from nemotron.distributed.utils import grad_norm
+from nemotron.distributed.utils import (
+    grad_norm, launcher_process_group, loss_tokens, reduce_token_loss, token_loss_weights,
+)
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -89,20 +91,6 @@ class Parallel:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
-
-
-def init_process_group_from_env(device_name: str) -> bool:
-    """Under torchrun (WORLD_SIZE > 1 in the environment, no process group yet) initialise the
-    default process group: NCCL when training on CUDA, gloo otherwise. True if it did."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,30 +187,6 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
     return by_mesh
 
 
-def _mean_over_dp(value: torch.Tensor, parallel: Parallel) -> float:
-    """Mean over the ranks holding different tokens (DP x CP)."""
-    if parallel.distributed and parallel.loss_group_size > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=parallel.dp_group)
-        value /= parallel.loss_group_size
-    return float(value)
-
-
-def _token_weights(micro_batches: list[dict[str, torch.Tensor]], parallel: Parallel) -> list[float]:
-    """Factor for each micro-batch's token-mean loss so that the gradient, averaged over the
-    DP x CP ranks by FSDP2, is that of the mean over every loss token of the step: ranks *
-    micro-batch tokens / step tokens (1 / micro-batches when all hold the same count; not so
-    with mixed sequence lengths or masked tokens)."""
-    from nemotron.distributed.mesh import global_token_count
-
-    counts = torch.stack([b["loss_mask"].detach().sum().to(torch.float64) for b in micro_batches])
-    mesh = parallel.mesh if parallel.distributed else None
-    total = float(global_token_count(counts, mesh))
-    if total <= 0:
-        return [1.0 / len(micro_batches)] * len(micro_batches)
-    return [parallel.loss_group_size * float(c) / total for c in counts]
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -234,22 +198,29 @@ def train_step(
     parallel: Parallel | None = None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, gradient sync + clip, and the AdamW step unless
-    the loss or gradient norm is non-finite (then the parameters are left untouched)."""
+    the loss or gradient norm is non-finite (then the parameters are left untouched).
+
+    The LM loss (gradient and logged value) is the mean over every loss token of the step's
+    global batch, all micro-batches and data-parallel ranks together (`token_loss_weights`);
+    the sequence balance loss, a mean over sequences, is averaged over micro-batches."""
     parallel = parallel or Parallel()
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    weights = _token_weights(micro_batches, parallel)
-    for batch, weight in zip(micro_batches, weights):
+    counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
+    weights, _ = token_loss_weights(counts, parallel.mesh)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
+    balance_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = len(micro_batches)
+    for batch, weight, count in zip(micro_batches, weights, counts):
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         with autocast_context(precision, device):
             out = model(tokens, labels=labels, loss_mask=loss_mask)
-        (out.loss * weight).backward()
-        loss_sum += out.loss.detach().double() * weight
-        lm_sum += out.lm_loss.detach().double() * weight
+        balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
+        (out.lm_loss * weight + balance / n).backward()
+        lm_sum += out.lm_loss.detach().double() * float(count)
+        balance_sum += balance.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
     norm = float(grad_norm(params))
@@ -257,8 +228,9 @@ def train_step(
         scale = grad_clip / (norm + 1e-6)
         for group in _grads_by_mesh(params).values():  # one mesh per foreach call
             torch._foreach_mul_(group, scale)
-    loss = _mean_over_dp(loss_sum, parallel)
-    lm_loss = _mean_over_dp(lm_sum, parallel)
+    lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
+    # The balance term is a mean over sequences: average it over all micro-batches of all ranks.
+    loss = lm_loss + reduce_token_loss(balance_sum, n, parallel.mesh)
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
@@ -268,24 +240,27 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | None = None) -> float:
-    """Mean LM loss over the batches. Grad-free, so routers count nothing; the counters are
-    also restored afterwards, so evaluation can never leak into the balance update."""
+    """LM loss averaged over every loss token of the batches (of all data-parallel ranks
+    together). Grad-free, so routers count nothing; the counters are also restored
+    afterwards, so evaluation can never leak into the balance update."""
     parallel = parallel or Parallel()
     moe = model.moe_layers() if hasattr(model, "moe_layers") else []
     saved = [layer.router.tokens_per_expert.clone() for layer in moe]
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    weights = _token_weights(micro_batches, parallel) if micro_batches else []
-    for batch, weight in zip(micro_batches, weights):
+    total = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
+    tokens = 0.0
+    for batch in micro_batches:
         with autocast_context(precision, device):
             out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
                         loss_mask=batch["loss_mask"].to(device))
-        total += out.lm_loss.double() * weight
+        count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
+        total += out.lm_loss.double() * count
+        tokens += count
     for layer, counts in zip(moe, saved):
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)
-    return _mean_over_dp(total, parallel)
+    return reduce_token_loss(total, tokens, parallel.mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,21 +316,22 @@ def _config_dict(cfg) -> dict[str, Any]:
 def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mesh=None) -> TrainSummary:
     """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
     `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
-    checkpoint / end events (the CLI draws its progress bar from them)."""
+    checkpoint / end events (the CLI draws its progress bar from them).
+
+    Under torchrun the processes join one process group here (unless the caller already did)."""
     from nemotron.distributed.parallel_dims import reject_pipeline_parallel
 
+    reject_pipeline_parallel(cfg.model.parallel())  # before any process group or model exists
+    device_type = cfg.train.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    with launcher_process_group(device_type):
+        return _pretrain(cfg, job_dir, on_event=on_event, mesh=mesh)
+
+
+def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> TrainSummary:
     job_dir = Path(job_dir)
     validate_schedule(cfg.scheduler, cfg.optimizer)
-    reject_pipeline_parallel(cfg.model.parallel())
-    owns_group = init_process_group_from_env(cfg.train.device)
-    try:
-        return _pretrain(cfg, job_dir, on_event, mesh)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
-
-
-def _pretrain(cfg, job_dir: Path, on_event: EventHook | None, mesh) -> TrainSummary:
     device = resolve_device(cfg.train.device)
     model, parallel = build_model(cfg, device, mesh)
     rank0 = not parallel.distributed or dist.get_rank() == 0
@@ -383,7 +359,8 @@ def _pretrain(cfg, job_dir: Path, on_event: EventHook | None, mesh) -> TrainSumm
 
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
                         loader_state, cp_rank=parallel.cp_rank, cp_size=parallel.cp_size,
-                        sequence_multiple=parallel.sequence_multiple)
+                        sequence_multiple=parallel.sequence_multiple,
+                        pin_memory=device.type == "cuda")
     arch = cfg.model.arch()
     flops_per_token = flops.training_flops_per_token(arch, plan.seq_length)
     world = dist.get_world_size() if parallel.distributed else 1
@@ -496,6 +473,7 @@ def _pretrain(cfg, job_dir: Path, on_event: EventHook | None, mesh) -> TrainSumm
                 test_loss = _run_eval(data.test_batches(), model, device, cfg, parallel,
                                       metrics, "test", state["step"], None)
     finally:
+        data.close()
         if checkpointer is not None:
             checkpointer.wait()
         metrics.close()

@@ -1,0 +1,63 @@
+"""The training loader with background workers (data.num_workers > 0): the same micro-batches
+as the synchronous loader, across the phase switch and across a resume from any position; the
+state stays the consumed-samples count."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+
+import pytest
+import torch
+
+from nemotron.train.data import LoaderState, TrainDataError, TrainingData, plan_batches
+
+from .conftest import make_config
+
+
+def stream(cfg, plan, steps, state=None, dp_rank=0):
+    data = TrainingData(cfg.data, cfg.train, plan, 64, dp_rank=dp_rank, state=state)
+    out = []
+    for step in range(len(steps)):
+        data.maybe_switch_phase(steps[step])
+        out.append(data.next_train_batches())
+        # Background worker processes read ahead only when asked for.
+        assert bool(multiprocessing.active_children()) == (cfg.data.num_workers > 0)
+    snapshot = LoaderState(**data.state_dict())
+    data.close()
+    assert not multiprocessing.active_children()
+    return out, snapshot
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for step_a, step_b in zip(a, b):
+        assert len(step_a) == len(step_b)
+        for micro_a, micro_b in zip(step_a, step_b):
+            assert micro_a.keys() == micro_b.keys()
+            for key in micro_a:
+                assert torch.equal(micro_a[key], micro_b[key]), key
+
+
+@pytest.mark.parametrize("dp_rank", [0, 1])
+def test_workers_give_the_same_batches_and_state_across_phase_switch_and_resume(
+        tmp_path, corpus, dp_rank):
+    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1],
+                      train={"global_batch_size": 8, "micro_batch_size": 2})
+    plan = plan_batches(cfg.train, dp_size=2)  # 2 micro-batches per step on each rank
+    steps = list(range(plan.total_steps))  # the phase switch happens at step 4 of 8
+    sync, sync_state = stream(cfg, plan, steps, dp_rank=dp_rank)
+
+    workers = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=2))
+    first, state = stream(workers, plan, steps[:3], dp_rank=dp_rank)  # "killed" after step 3
+    assert state.consumed_train_samples == 24  # only what was taken, not what was prefetched
+    rest, final_state = stream(workers, plan, steps[3:], state=state, dp_rank=dp_rank)
+    assert_same(first + rest, sync)
+    assert final_state == sync_state and final_state.phase == 2
+
+
+def test_negative_workers_are_refused(tmp_path, corpus):
+    cfg = make_config(tmp_path, blend=corpus[0])
+    cfg.data = dataclasses.replace(cfg.data, num_workers=-1)
+    with pytest.raises(TrainDataError, match="data.num_workers must be >= 0"):
+        TrainingData(cfg.data, cfg.train, plan_batches(cfg.train), 64)
