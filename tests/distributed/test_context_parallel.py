@@ -15,7 +15,7 @@ from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, pa
 from nemotron.distributed.context_parallel import (
     ContextParallel, ContextParallelError, cp_shard, cp_unshard,
 )
-from nemotron.distributed.parallelize import token_loss_weight
+from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
