@@ -16,3 +16,11 @@ def test_train_progress_renders_bar_and_milestones():
     assert "4/4" in text and "loss 1.0000" in text and "1,234 tok/s" in text
     assert "valid loss 1.5000 at step 4" in text
     assert "checkpoint saved: /ckpt/iter_0000004" in text
+
+
+def test_single_process_says_which_layout_it_does_not_apply():
+    console = Console(record=True, width=160, force_terminal=False)
+    hook = TrainProgress(console, show_bar=False)
+    hook("start", {"total_steps": 1, "step": 0, "ignored_layout": "TP8 EP8 SP"})
+    hook("end", {})
+    assert "one process: TP8 EP8 SP not applied" in console.export_text()

@@ -201,3 +201,15 @@ def test_activation_recompute_same_step_and_counts(tmp_path, corpus):
     assert all(torch.equal(a, b) for a, b in zip(plain_counts, re_counts))  # no double counting
     assert plain_counts[0].sum() == 2 * 2 * 16 * 2  # 2 micro-batches x 32 tokens x top-2
     assert re_state.keys() == plain_state.keys()  # checkpoints stay layout-independent
+
+
+def test_ignored_layout_names_the_sizes_one_process_cannot_apply():
+    from nemotron.config.loader import load_config
+    from nemotron.config.schema import PretrainConfig
+    from nemotron.train.loop import ignored_layout
+
+    assert ignored_layout(load_config("default", [], PretrainConfig)) == "TP8 EP8 SP"
+    assert ignored_layout(load_config("tiny", [], PretrainConfig)) is None
+    cp = load_config("tiny", ["model.context_parallel_size=2", "model.sequence_parallel=true"],
+                     PretrainConfig)
+    assert ignored_layout(cp) == "CP2"  # SP means nothing without TP

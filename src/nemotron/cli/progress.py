@@ -22,6 +22,9 @@ class TrainProgress:
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "start":
+            if payload.get("ignored_layout"):
+                self.console.log(f"one process: {payload['ignored_layout']} not applied (the whole "
+                                 "model trains on one device; start with torchrun for the layout)")
             self.progress.start()
             self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
         elif kind == "train" and self.task is not None:

@@ -93,6 +93,18 @@ class Parallel:
 # Setup
 
 
+def ignored_layout(cfg) -> str | None:
+    """The model-parallel sizes a single process cannot apply (it trains the whole model on one
+    device), e.g. "TP8 EP8 SP", or None when there are none."""
+    p = cfg.model.parallel()
+    sizes = [f"{name}{size}" for name, size in (
+        ("TP", p.tensor_model_parallel_size), ("EP", p.expert_model_parallel_size),
+        ("CP", p.context_parallel_size)) if size > 1]
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
+        sizes.append("SP")
+    return " ".join(sizes) or None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,8 +411,10 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
     run_start, run_tokens = time.perf_counter(), 0
     entropy = unigram_entropy(cfg.data.blend) if rank0 and not cfg.data.mock else None
     metrics.event("start", {"total_steps": plan.total_steps, "step": state["step"],
-                            "resumed_from": resumed_from, "finetuned_from": finetuned_from, "grad_accumulation": plan.grad_accumulation,
-                            "unigram_entropy": entropy})
+                            "resumed_from": resumed_from, "finetuned_from": finetuned_from,
+                            "grad_accumulation": plan.grad_accumulation,
+                            "unigram_entropy": entropy,
+                            "ignored_layout": None if parallel.distributed else ignored_layout(cfg)})
     if entropy is not None:
         metrics.log("run", state["step"], {"unigram_entropy": entropy})
     try:
