@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import append_table_row, environment  # noqa: E402
 from train_throughput import (  # noqa: E402
-    _release, is_oom, parse_args as throughput_args, pretrain_config, run_training,
+    _release, is_oom, one_rank_group, parse_args as throughput_args, pretrain_config, run_training,
 )
 
 
@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
     targs = throughput_args(["--recompute", "--params", args.params, "--device", args.device,
                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--no-profile"]
                             + (["--tiny"] if args.tiny else []))
-    if args.params == "bf16":
-        from train_throughput import ensure_single_process_group
+    with one_rank_group(device, args.params):
+        return _run(args, targs, device, argv)
 
-        ensure_single_process_group(device)
+
+def _run(args, targs, device, argv) -> dict:
     env = environment(device)
     command = "python3 benchmarks/long_context.py " + " ".join(argv)
     result = {"env": env, "command": command, "runs": [], "longest_trained": None}
@@ -88,8 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
                 intro="`benchmarks/long_context.py`: the proxy of the throughput table, micro batch 1, "
                       "`train.activation_recompute=true` (every block recomputed in backward), "
                       "ascending lengths until the first out-of-memory.")
-    if args.params == "bf16" and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return result
 
 

@@ -12,9 +12,10 @@ Parameter modes (`--params`):
 - `fp32` (default): `train.loop.build_model`'s single-process model: fp32 parameters (the
   master weights) cast by bf16 autocast inside every forward;
 - `bf16`: fp32 master weights and AdamW state, bf16 compute weights: FSDP2's mixed-precision
-  policy on a one-GPU mesh (`nemotron.distributed.parallelize(..., mixed_precision=True)`, as
-  the multi-GPU path does). Measured slower on one H200 (docs/performance.md): FSDP2 still
-  copies the weights in and out of its all-gather and gradient reduce buffers on one rank.
+  policy on a one-GPU mesh, i.e. `train.compute_weights=bf16` of the library
+  (`train.loop.build_model` in a one-rank process group, as the multi-GPU path does). With
+  gradient accumulation the weights are gathered and the gradients reduced once per step
+  (`train.fsdp_accumulate_unsharded`, on by default in `train_step`).
 
 Reported: tokens/s, step time, model TFLOP/s and MFU against 989 TFLOP/s (`train/flops.py`, the
 formula training logs use), peak memory, and a split of one step's GPU time by block type
@@ -35,12 +36,10 @@ import dataclasses
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +49,7 @@ from bench_common import (  # noqa: E402
 
 from nemotron.config.schema import ModelConfig, PretrainConfig  # noqa: E402
 from nemotron.data.config import DataConfig  # noqa: E402
+from nemotron.distributed.utils import launcher_process_group  # noqa: E402
 from nemotron.kernels import fast_paths  # noqa: E402
 from nemotron.models.nano3.config import NANO3_PATTERN  # noqa: E402
 from nemotron.train import balancing, flops  # noqa: E402
@@ -89,55 +89,17 @@ def pretrain_config(args, seq: int, micro_batch: int) -> PretrainConfig:
 # Model construction
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_single_process_group(device: torch.device) -> bool:
-    """A one-rank default process group (for a one-GPU FSDP2 mesh); True if created here."""
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1, device_id=device if device.type == "cuda" else None)
-    return True
-
-
-def build_bf16_model(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, Parallel]:
-    """fp32 master weights sharded (trivially) by FSDP2 on a one-rank mesh; bf16 compute weights.
-    The same construction as `train.loop.build_model`'s distributed branch."""
-    from nemotron.distributed.mesh import build_mesh
-    from nemotron.distributed.parallel_dims import ParallelDims
-    from nemotron.distributed.parallelize import parallelize
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-    from nemotron.train.loop import apply_activation_recompute
-
-    arch = cfg.model.arch()
-    dims = ParallelDims.from_config(cfg.model.parallel(), 1, arch)
-    mesh = build_mesh(dims, device.type)
-    torch.manual_seed(cfg.train.seed)
-    with torch.device("meta"):
-        model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
-    if cfg.train.activation_recompute:
-        apply_activation_recompute(model)
-    # One GPU: nothing to save by resharding after forward; keep the bf16 weights for backward.
-    model = parallelize(model, mesh, cfg.model.parallel(), mixed_precision=device.type == "cuda",
-                        reshard_after_forward=False)
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.train.seed)
-    model.reset_parameters()
-    return model, Parallel(dp_rank=0, dp_size=1, dp_group=mesh.loss_group,
-                           balancing_group=mesh.balancing_group, mesh=mesh)
-
-
 def build(cfg: PretrainConfig, device: torch.device, params: str) -> tuple[nn.Module, Parallel]:
-    if params == "bf16":
-        return build_bf16_model(cfg, device)
-    if params == "fp32":
-        return build_model(cfg, device)
-    raise ValueError(f"--params must be bf16 or fp32, got {params!r}")
+    """The library's model for `train.compute_weights=params` (bf16: inside `one_rank_group`)."""
+    if params not in ("bf16", "fp32"):
+        raise ValueError(f"--params must be bf16 or fp32, got {params!r}")
+    return build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_weights=params)),
+                       device)
+
+
+def one_rank_group(device: torch.device, params: str):
+    """The one-rank process group bf16 compute weights need (FSDP2 on a one-GPU mesh)."""
+    return launcher_process_group(device.type, one_rank=params == "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,12 +444,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    created_pg = args.params == "bf16" and ensure_single_process_group(device)
     env = environment(device)
     command = "python3 benchmarks/train_throughput.py " + " ".join(argv)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}", flush=True)
     result: dict = {"env": env, "command": command, "args": vars(args)}
-    try:
+    with one_rank_group(device, args.params):
         cfg = pretrain_config(args, args.seq, args.micro_batch)
         result["model"] = {"hybrid_pattern": cfg.model.hybrid_pattern, "num_experts": cfg.model.num_experts,
                            "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq)}
@@ -509,9 +470,6 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{n['max_abs_diff']:.4f} (tol {n['tolerance']}) {'OK' if n['ok'] else 'FAILED'}", flush=True)
         if args.peer:
             result["peer"] = run_peer(args, device, {args.seq: main_run})
-    finally:
-        if created_pg:
-            dist.destroy_process_group()
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     if args.append_row:

@@ -1,4 +1,5 @@
-"""`launcher_process_group`: joins torchrun's group only when the environment describes one."""
+"""`launcher_process_group`: joins torchrun's group only when the environment describes one
+(or a one-rank group on request)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ def test_single_process_needs_no_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with launcher_process_group("cpu") as distributed:
         assert distributed is False and not dist.is_initialized()
+
+
+def test_one_rank_group_on_request(monkeypatch):
+    """FSDP2 on a one-device mesh (train.compute_weights=bf16) needs a group even alone."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with launcher_process_group("cpu", one_rank=True) as distributed:
+        assert distributed is True and dist.get_world_size() == 1 and dist.get_rank() == 0
+        with launcher_process_group("cpu", one_rank=True) as inner:  # an existing group is used
+            assert inner is True
+        assert dist.is_initialized()
+    assert not dist.is_initialized()
 
 
 def test_incomplete_launcher_environment_is_refused(monkeypatch):

@@ -20,6 +20,7 @@ from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
 from nemotron.train.schedule import DECAY_STYLES
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (
+    COMPUTE_WEIGHTS,
     CheckpointConfig,
     LoggerConfig,
     OptimizerConfig,
@@ -67,6 +68,7 @@ RECIPE_SUBDIRS: dict[type, str] = {PretrainConfig: "", DataPrepConfig: "data_pre
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("bf16", "fp32"),  # documented in train/config.py
     "train.device": ("auto", "cpu", "cuda"),
+    "train.compute_weights": COMPUTE_WEIGHTS,
     "scheduler.style": SCHEDULE_STYLES,
     "scheduler.decay_style": DECAY_STYLES,
     "logger.wandb_mode": ("online", "offline", "disabled"),
@@ -138,6 +140,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     )
     _require(t.expert_bias_update_rate >= 0, "train.expert_bias_update_rate",
              f"must be >= 0, got {t.expert_bias_update_rate}")
+    _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
+             "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)")
 
     o = cfg.optimizer
     _require(o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")

@@ -126,6 +126,14 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
     # re-gather on, so backward would read the freed LM-head weight (illegal memory access on
     # CUDA, seen on 2 H200s).
     fully_shard(model, mesh=mesh.dp_mesh, **dict(common, reshard_after_forward=False))
+    model.fsdp_reshard_after_forward = reshard_after_forward  # FSDP2 has no getter for it
+
+
+def restore_reshard_after_forward(model: nn.Module) -> None:
+    """Undo `model.set_reshard_after_forward(...)` on a model built by `apply_fsdp`: every unit
+    back to the configured setting, the root to never (see `apply_fsdp`)."""
+    model.set_reshard_after_forward(model.fsdp_reshard_after_forward)
+    model.set_reshard_after_forward(False, recurse=False)
 
 
 def _expert_shard_placement(edp: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,37 +17,46 @@ LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextlib.contextmanager
-def launcher_process_group(device_type: str) -> Iterator[bool]:
+def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Iterator[bool]:
     """Join the process group that `torchrun` (or `srun ... torchrun`) describes in the
-    environment, for the duration of the block; yields whether the run is distributed.
+    environment, for the duration of the block; yields whether a process group is in use.
 
     Without it, N processes started by torchrun would each train alone as "rank 0" and race
-    on the same checkpoint files. Nothing happens when WORLD_SIZE is unset or 1, or when the
-    caller already initialised torch.distributed (that group is used and left alone).
+    on the same checkpoint files. Nothing happens when WORLD_SIZE is unset or 1 (unless
+    `one_rank`: then a one-rank group on a free local port, for FSDP2 on a one-device mesh), or
+    when the caller already initialised torch.distributed (that group is used and left alone).
     `device_type` "cuda" uses NCCL for tensors on the GPU and gloo for CPU tensors (which
     async checkpointing and small control messages need); anything else uses gloo.
     """
     if dist.is_initialized():
         yield True
         return
+    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
-        yield False
-        return
-    missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
-    if missing:
-        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
-                           f"processes with torchrun (it sets all of them)")
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "cpu:gloo,cuda:nccl"
+        if not one_rank:
+            yield False
+            return
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1)
     else:
-        backend = "gloo"
-    dist.init_process_group(backend)
+        missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
+        if missing:
+            raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                               f"processes with torchrun (it sets all of them)")
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
     try:
         yield True
     finally:
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @torch.no_grad()

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# train.compute_weights: the weights the matmuls read (the master weights are fp32 either way).
+#   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);
+#   bf16: bf16 copies made by FSDP2's mixed-precision policy, also in one process (a one-rank
+#         mesh and process group), fp32 gradients and master weights; needs precision bf16;
+#   auto: bf16 when distributed on CUDA with precision bf16, fp32 otherwise.
+COMPUTE_WEIGHTS = ("auto", "fp32", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -28,6 +35,12 @@ class TrainConfig:
     fused_kernels: bool = True
     activation_recompute: bool = False
     compile: bool = False
+    compute_weights: str = "auto"  # auto | fp32 | bf16 (COMPUTE_WEIGHTS above)
+    # Gradient accumulation under FSDP2 (micro-batches before a step's last): keep the gathered
+    # (bf16) weights and accumulate unsharded fp32 gradients, so weights are gathered once per
+    # step and gradients reduce-scattered once; costs the unsharded weights and gradients in
+    # memory for the whole step. Off: gather/reshard and reduce-scatter every micro-batch.
+    fsdp_accumulate_unsharded: bool = True
 
 
 @dataclass

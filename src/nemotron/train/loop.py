@@ -31,6 +31,7 @@ from nemotron.distributed.utils import (
 )
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
+from nemotron.train.config import COMPUTE_WEIGHTS
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
 from nemotron.train.metrics import EventHook, MetricsLogger
 from nemotron.train.optimizer import build_optimizer, set_learning_rate
@@ -138,14 +139,37 @@ def apply_activation_recompute(model: torch.nn.Module) -> None:
     )
 
 
+def check_compute_weights(train) -> None:
+    """`train.compute_weights` (a TrainConfig's) is a known value that fits `train.precision`."""
+    value = train.compute_weights
+    if value not in COMPUTE_WEIGHTS:
+        raise ValueError(f"train.compute_weights={value!r} is not one of {list(COMPUTE_WEIGHTS)}")
+    if value == "bf16" and train.precision != "bf16":
+        raise ValueError(f"train.compute_weights=bf16 needs train.precision=bf16, got "
+                         f"{train.precision!r} (bf16 compute weights run under bf16 autocast)")
+
+
+def resolve_compute_weights(train, device: torch.device, world: int) -> str:
+    """"fp32" or "bf16": `train.compute_weights`, with "auto" = bf16 when distributed on CUDA
+    with precision bf16, fp32 otherwise."""
+    check_compute_weights(train)
+    if train.compute_weights != "auto":
+        return train.compute_weights
+    return "bf16" if world > 1 and device.type == "cuda" and train.precision == "bf16" else "fp32"
+
+
 def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, Parallel]:
-    """The model on `device` in fp32 (master weights), parallelised when distributed."""
+    """The model on `device` with fp32 master weights: one process with fp32 compute weights
+    trains a plain module; otherwise FSDP2 (`distributed.parallelize`) shards it, with bf16
+    compute weights per `train.compute_weights`. One process with bf16 compute weights uses a
+    one-rank mesh and needs a (one-rank) process group, which `pretrain` creates."""
     from nemotron.models.nano3.model import Nano3ForCausalLM
 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
+    weights = resolve_compute_weights(cfg.train, device, world)
+    if world == 1 and weights == "fp32":
         with torch.device(device):
             model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
         # Initialise through reset_parameters under the seed, exactly as the sharded path does,
@@ -155,11 +179,19 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         if cfg.train.activation_recompute:
             apply_activation_recompute(model)
         return model, Parallel()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "train.compute_weights=bf16 in one process needs a one-rank process group (FSDP2 on "
+            "a one-device mesh): run through pretrain(), or inside "
+            "nemotron.distributed.utils.launcher_process_group(device_type, one_rank=True)")
+    from nemotron.distributed.config import ParallelismConfig
     from nemotron.distributed.mesh import build_mesh
     from nemotron.distributed.parallel_dims import ParallelDims
 
+    # One process trains the whole model: the configured model-parallel sizes do not apply.
+    layout = cfg.model.parallel() if world > 1 else ParallelismConfig()
     if mesh is None:
-        dims = ParallelDims.from_config(cfg.model.parallel(), world, arch)
+        dims = ParallelDims.from_config(layout, world, arch)
         mesh = build_mesh(dims, device.type)
     parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
                         balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
@@ -171,8 +203,9 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
-    mixed = cfg.train.precision == "bf16" and device.type == "cuda"
-    model = parallelize(model, mesh, cfg.model.parallel(), mixed_precision=mixed)
+    # One rank: resharding after forward would only re-gather (copy) the weights in backward.
+    model = parallelize(model, mesh, layout, mixed_precision=weights == "bf16",
+                        reshard_after_forward=world > 1)
     model.to_empty(device=device)
     torch.manual_seed(cfg.train.seed)
     model.reset_parameters()  # the same weights as one process under this seed
@@ -199,6 +232,44 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
     return by_mesh
 
 
+@contextlib.contextmanager
+def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded: bool = True):
+    """Yields `prepare(i)`, to call before micro-batch i of a step of `count` micro-batches.
+
+    Under FSDP2 with `accumulate_unsharded` (train.fsdp_accumulate_unsharded) and count > 1,
+    the micro-batches before the last keep every unit's gathered (bf16) weights after forward
+    and backward and accumulate unsharded fp32 gradients without reducing them; the last
+    reduce-scatters the accumulated gradients and reshards after backward, so the step ends as
+    without this (sharded parameters, reduced sharded gradients), having gathered the weights
+    and reduced the gradients once instead of once per micro-batch. The last micro-batch's
+    forward keeps the (already gathered) weights too, so its backward gathers nothing; the
+    configured reshard-after-forward is back after the step. Otherwise `prepare` does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = getattr(model, "_orig_mod", model)  # under torch.compile
+    if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
+        yield lambda index: None
+        return
+    from nemotron.distributed.parallelize import restore_reshard_after_forward
+
+    def prepare(index: int) -> None:
+        last = index == count - 1
+        root.set_requires_gradient_sync(last)
+        root.set_reshard_after_backward(last)
+
+    # Only for a model built by `distributed.parallelize`, which records what to restore.
+    keep_after_forward = hasattr(root, "fsdp_reshard_after_forward")
+    if keep_after_forward:
+        root.set_reshard_after_forward(False)
+    try:
+        yield prepare
+    finally:
+        root.set_requires_gradient_sync(True)
+        root.set_reshard_after_backward(True)
+        if keep_after_forward:
+            restore_reshard_after_forward(root)
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -208,13 +279,15 @@ def train_step(
     precision: str,
     grad_clip: float,
     parallel: Parallel | None = None,
+    fsdp_accumulate_unsharded: bool = True,
 ) -> StepResult:
     """Forward/backward over the micro-batches, gradient sync + clip, and the AdamW step unless
     the loss or gradient norm is non-finite (then the parameters are left untouched).
 
     The LM loss (gradient and logged value) is the mean over every loss token of the step's
     global batch, all micro-batches and data-parallel ranks together (`token_loss_weights`);
-    the sequence balance loss, a mean over sequences, is averaged over micro-batches."""
+    the sequence balance loss, a mean over sequences, is averaged over micro-batches.
+    `fsdp_accumulate_unsharded`: see `fsdp_micro_batches`."""
     parallel = parallel or Parallel()
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -223,16 +296,18 @@ def train_step(
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
     balance_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = len(micro_batches)
-    for batch, weight, count in zip(micro_batches, weights, counts):
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-        with autocast_context(precision, device):
-            out = model(tokens, labels=labels, loss_mask=loss_mask)
-        balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
-        (out.lm_loss * weight + balance / n).backward()
-        lm_sum += out.lm_loss.detach().double() * float(count)
-        balance_sum += balance.detach().double()
+    with fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare:
+        for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
+            prepare(index)
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+            with autocast_context(precision, device):
+                out = model(tokens, labels=labels, loss_mask=loss_mask)
+            balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
+            (out.lm_loss * weight + balance / n).backward()
+            lm_sum += out.lm_loss.detach().double() * float(count)
+            balance_sum += balance.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
     norm = float(grad_norm(params))
@@ -337,7 +412,10 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    with launcher_process_group(device_type):
+    check_compute_weights(cfg.train)
+    # bf16 compute weights in one process: FSDP2 on a one-rank mesh needs a process group.
+    one_rank = cfg.train.compute_weights == "bf16"
+    with launcher_process_group(device_type, one_rank=one_rank):
         return _pretrain(cfg, job_dir, on_event=on_event, mesh=mesh)
 
 
@@ -414,7 +492,7 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                             "resumed_from": resumed_from, "finetuned_from": finetuned_from,
                             "grad_accumulation": plan.grad_accumulation,
                             "unigram_entropy": entropy,
-                            "ignored_layout": None if parallel.distributed else ignored_layout(cfg)})
+                            "ignored_layout": None if world > 1 else ignored_layout(cfg)})
     if entropy is not None:
         metrics.log("run", state["step"], {"unigram_entropy": entropy})
     try:
@@ -430,7 +508,8 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                 data_time = time.perf_counter() - data_start
                 last = train_step(train_model, optimizer, batches, device=device,
                                   precision=cfg.train.precision, grad_clip=cfg.train.grad_clip,
-                                  parallel=parallel)
+                                  parallel=parallel,
+                                  fsdp_accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded)
                 if last.finite:
                     last_balance = balancing.update_expert_biases(
                         moe_layers, rate, group=parallel.balancing_group)
