@@ -23,7 +23,8 @@ def _config(tmp_path, blend, compute_weights, **checkpoint):
     # 4 micro-batches of 1 per step: accumulation on the one-rank mesh
     return make_config(tmp_path, blend=blend, train={
         "train_iters": 4, "eval_iters": 0, "precision": "bf16", "compute_weights": compute_weights,
-        "global_batch_size": 4, "micro_batch_size": 1}, checkpoint={"save_interval": 2, **checkpoint})
+        "global_batch_size": 4, "micro_batch_size": 1},
+        checkpoint={"save_interval": 2, **checkpoint})
 
 
 @pytest.mark.timeout(300)
@@ -39,7 +40,8 @@ def test_one_process_bf16_compute_weights_train_like_fp32_and_resume_exactly(tmp
     assert ours != ref  # really bf16 weights: not the fp32 path
     assert all(abs(ours[s] - ref[s]) < 0.02 for s in ours)  # within bf16 tolerance
 
-    resumed = _config(tmp_path / "bf16", corpus[0], "bf16", load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
+    resumed = _config(tmp_path / "bf16", corpus[0], "bf16",
+                      load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
                       save=str(tmp_path / "bf16" / "ckpt2"))
     assert pretrain(resumed, tmp_path / "bf16" / "resumed").resumed_from.endswith("iter_0000002")
     again = _losses(tmp_path / "bf16" / "resumed")
@@ -56,7 +58,7 @@ def test_resolution_and_errors(tmp_path):
     assert resolve_compute_weights(cfg, cuda, 8) == "fp32"
     with pytest.raises(ValueError, match=r"train\.compute_weights='fp16' is not one of"):
         pretrain(make_config(tmp_path, train={"compute_weights": "fp16"}), tmp_path / "job")
-    with pytest.raises(ValueError, match=r"train\.compute_weights=bf16 needs train\.precision=bf16"):
+    with pytest.raises(ValueError, match=r"compute_weights=bf16 needs train\.precision=bf16"):
         pretrain(make_config(tmp_path, train={"compute_weights": "bf16"}), tmp_path / "job")
     assert not dist.is_initialized()
     # bf16 outside pretrain without a process group: says what to do

@@ -148,7 +148,8 @@ def held_after_first_micro_batch(cfg, accumulate: bool) -> bool:
         for index, batch in enumerate(batches):
             prepare(index)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"]).loss.backward()
+                out = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+            out.loss.backward()
             held.append(not any(_is_sharded(p) for p in model.parameters()))
     assert all(_is_sharded(p) for p in model.parameters())
     assert all(_is_sharded(p.grad) and p.grad.dtype == torch.float32 for p in model.parameters()
@@ -196,7 +197,8 @@ def test_two_rank_run_with_accumulation_resumes_exactly(tmp_path, corpus):
         checkpoint={"save_interval": 2})  # 2 ranks x 2 micro-batches of 2
     resumed = run_distributed(_resume_worker, 2, pickle.dumps(cfg), str(tmp_path))
     assert resumed[0].endswith("iter_0000002")
-    full = {r["step"]: r["lm_loss"] for r in read_metrics(tmp_path / "full") if r["kind"] == "train"}
-    again = {r["step"]: r["lm_loss"] for r in read_metrics(tmp_path / "resumed")
-             if r["kind"] == "train"}
+    def losses(job):
+        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+    full, again = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(again) == [3, 4] and all(again[s] == full[s] for s in again)

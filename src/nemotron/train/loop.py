@@ -258,7 +258,8 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
         root.set_reshard_after_backward(last)
 
     # Only for a model built by `distributed.parallelize`, which records what to restore.
-    keep_after_forward = hasattr(root, "fsdp_reshard_after_forward")
+    keep_after_forward = (hasattr(root, "fsdp_reshard_after_forward")
+                          and hasattr(root, "set_reshard_after_forward"))
     if keep_after_forward:
         root.set_reshard_after_forward(False)
     try:
