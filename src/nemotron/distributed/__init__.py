@@ -1,17 +1,43 @@
 """Parallelism on torch.distributed: layout validation, device meshes, FSDP2 / expert / tensor
-parallel sharding applied from outside the single-device model (docs/parallelism.md)."""
+parallel sharding applied from outside the single-device model (docs/parallelism.md).
 
-from nemotron.distributed.config import ParallelismConfig
-from nemotron.distributed.expert_parallel import AllToAllDispatcher
-from nemotron.distributed.mesh import ParallelMesh, build_mesh
-from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
-from nemotron.distributed.parallelize import parallelize
-from nemotron.distributed.utils import (
-    global_token_count, loss_tokens, reduce_token_loss, token_loss_weight, token_loss_weights,
-)
+The names below are imported on first use, so that `nemotron.distributed.config` (a plain
+dataclass the config schema needs) does not import torch."""
 
-__all__ = [
-    "AllToAllDispatcher", "ParallelDims", "ParallelLayoutError", "ParallelMesh",
-    "ParallelismConfig", "build_mesh", "global_token_count", "loss_tokens", "parallelize",
-    "reduce_token_loss", "token_loss_weight", "token_loss_weights",
-]
+import sys
+import types
+from importlib import import_module
+
+_EXPORTS = {
+    "ParallelismConfig": "config",
+    "AllToAllDispatcher": "expert_parallel",
+    "ParallelMesh": "mesh", "build_mesh": "mesh",
+    "ParallelDims": "parallel_dims", "ParallelLayoutError": "parallel_dims",
+    "parallelize": "parallelize",
+    "global_token_count": "utils", "loss_tokens": "utils", "reduce_token_loss": "utils",
+    "token_loss_weight": "utils", "token_loss_weights": "utils",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """`parallelize` is both a submodule and the function it defines: importing the submodule
+    (`from nemotron.distributed.parallelize import ...`) must not rebind the package's
+    `parallelize` to the module, whichever is imported first."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "parallelize" and isinstance(value, types.ModuleType):
+            value = value.parallelize
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

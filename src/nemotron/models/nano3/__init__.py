@@ -1,17 +1,28 @@
-"""Nemotron 3 Nano: config, blocks, model, parameter counts, Hugging Face interchange."""
+"""Nemotron 3 Nano: config, blocks, model, parameter counts, Hugging Face interchange.
 
-from nemotron.models.nano3.attention import Attention
-from nemotron.models.nano3.config import NANO3_PATTERN, ModelConfigError, Nano3Config, parse_pattern
-from nemotron.models.nano3.mamba2 import Mamba2Mixer
-from nemotron.models.nano3.mlp import MLP
-from nemotron.models.nano3.model import Block, Nano3ForCausalLM, Nano3Model, Nano3Output, cross_entropy
-from nemotron.models.nano3.moe import MoE, GroupedExperts, LocalDispatcher, Router, sequence_balance_loss
-from nemotron.models.nano3.norm import GatedRMSNorm, RMSNorm
-from nemotron.models.nano3.params import parameter_counts
+The names below are imported on first use, so that `nemotron.models.nano3.config` (what the
+config schema needs) does not import torch."""
 
-__all__ = [
-    "NANO3_PATTERN", "ModelConfigError", "Nano3Config", "parse_pattern",
-    "Attention", "Mamba2Mixer", "MLP", "MoE", "GroupedExperts", "LocalDispatcher", "Router",
-    "sequence_balance_loss", "GatedRMSNorm", "RMSNorm",
-    "Block", "Nano3Model", "Nano3ForCausalLM", "Nano3Output", "cross_entropy", "parameter_counts",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "NANO3_PATTERN": "config", "ModelConfigError": "config", "Nano3Config": "config",
+    "parse_pattern": "config",
+    "Attention": "attention", "Mamba2Mixer": "mamba2", "MLP": "mlp",
+    "Block": "model", "Nano3Model": "model", "Nano3ForCausalLM": "model", "Nano3Output": "model",
+    "cross_entropy": "model",
+    "MoE": "moe", "GroupedExperts": "moe", "LocalDispatcher": "moe", "Router": "moe",
+    "sequence_balance_loss": "moe",
+    "GatedRMSNorm": "norm", "RMSNorm": "norm",
+    "parameter_counts": "params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
