@@ -22,6 +22,12 @@ for argv in (["--help"], ["nano3", "pretrain", "--help"], ["nano3", "data", "pre
     except SystemExit as exit:
         assert exit.code == 0, (argv, exit.code)
     assert "torch" not in sys.modules, f"nemotron {' '.join(argv)} imported torch"
+# A dry run shows the whole plan (config, layout, steps) without the training stack.
+try:
+    main.app(["nano3", "pretrain", "-c", "default", "--dry-run"])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+assert "torch" not in sys.modules, "nemotron nano3 pretrain --dry-run imported torch"
 """
 
 

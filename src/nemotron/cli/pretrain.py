@@ -39,7 +39,7 @@ def _localize(cfg, job_dir: Path):
 
 
 def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str) -> list[tuple[str, str]]:
-    from nemotron.train.data import mean_sample_length
+    from nemotron.train.plan import mean_sample_length
 
     t = cfg.train
     mean_length = mean_sample_length(cfg.data, t.seq_length)

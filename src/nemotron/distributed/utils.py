@@ -114,12 +114,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
 def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
     """Weight sum a micro-batch's token-mean loss divides by (the rule of the model's
     cross-entropy: loss_mask weights, labels == IGNORE_INDEX excluded); float64 scalar."""
-    from nemotron.kernels.cross_entropy import IGNORE_INDEX
+    from nemotron.kernels.cross_entropy import token_weights
 
-    weights = (labels != IGNORE_INDEX).to(torch.float64)
-    if loss_mask is not None:
-        weights = weights * loss_mask.to(torch.float64)
-    return weights.sum().cpu()
+    return token_weights(labels, loss_mask, torch.float64).sum().cpu()
 
 
 def _sum_over_loss_group(values: torch.Tensor, mesh) -> torch.Tensor:

@@ -21,11 +21,19 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_IND
 IGNORE_INDEX = -100
 
 
-def _token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token weights of the mean (0 for ignored tokens) and the denominator (>= 1)."""
-    w = (labels != IGNORE_INDEX).to(torch.float32)
+def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The LM loss's per-token weights (the one rule, also for counting loss tokens across
+    ranks): 0 where labels == IGNORE_INDEX, times `loss_mask` (0/1 or weights) if given."""
+    w = (labels != IGNORE_INDEX).to(dtype)
     if loss_mask is not None:
-        w = w * loss_mask.to(torch.float32)
+        w = w * loss_mask.to(dtype)
+    return w
+
+
+def _token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights of the mean and the denominator (>= 1)."""
+    w = token_weights(labels, loss_mask)
     return w, w.sum().clamp_min(1.0)
 
 

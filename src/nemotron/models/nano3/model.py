@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from nemotron.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, token_weights
 from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
@@ -49,9 +49,8 @@ def cross_entropy(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor
     flat_labels = labels.reshape(-1)
     token_loss = F.cross_entropy(upcast(logits.flatten(0, -2)), flat_labels, ignore_index=IGNORE_INDEX,
                                  reduction="none")
-    weights = (flat_labels != IGNORE_INDEX).to(token_loss.dtype)
-    if loss_mask is not None:
-        weights = weights * loss_mask.reshape(-1).to(token_loss.dtype)
+    weights = token_weights(flat_labels, None if loss_mask is None else loss_mask.reshape(-1),
+                            token_loss.dtype)
     return (token_loss * weights).sum() / weights.sum().clamp(min=1.0), logits
 
 

@@ -1,0 +1,82 @@
+"""How a run is cut into steps and micro-batches: a pure function of the train and data
+configs, free of torch so that dry runs and launch plans can show it at once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nemotron.data.config import DataConfig
+from nemotron.train.config import TrainConfig
+
+
+class TrainDataError(ValueError):
+    """Batch sizes or data settings that cannot form a training run."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int
+    dp_size: int
+    seq_length: int
+    total_steps: int
+    # Mean sample length (tokens) when samples of several lengths are mixed; None: seq_length.
+    mean_sample_length: float | None = None
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of a step (on average, with mixed sequence lengths)."""
+        if self.mean_sample_length is None:
+            return self.global_batch_size * self.seq_length
+        return round(self.global_batch_size * self.mean_sample_length)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.tokens_per_step
+
+
+def mean_sample_length(data: DataConfig | None, seq_length: int) -> float | None:
+    """Mean training-sample length under `data.mixed_length_blends` (the blending rule keeps
+    the per-sample weights exactly, up to rounding), None without them."""
+    if data is None or not data.mixed_length_blends:
+        return None
+    pairs = [(data.blend_weight, seq_length)] + [
+        (m.weight, m.seq_length) for m in data.mixed_length_blends]
+    total = sum(w for w, _ in pairs)
+    if total <= 0:
+        raise TrainDataError("data.blend_weight and data.mixed_length_blends weights sum to 0")
+    return sum(w * n for w, n in pairs) / total
+
+
+def plan_batches(train: TrainConfig, dp_size: int = 1, data: DataConfig | None = None) -> BatchPlan:
+    """Derive gradient accumulation and the number of steps (from iters or tokens; with mixed
+    sequence lengths in `data`, tokens count at the mean sample length)."""
+    per_micro_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_micro_step:
+        raise TrainDataError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})"
+        )
+    if (train.train_iters is None) == (train.train_tokens is None):
+        raise TrainDataError("set exactly one of train.train_iters and train.train_tokens")
+    mean = mean_sample_length(data, train.seq_length)
+    tokens_per_step = train.global_batch_size * (train.seq_length if mean is None else mean)
+    steps = train.train_iters if train.train_iters is not None else math.ceil(
+        train.train_tokens / tokens_per_step)
+    if steps <= 0:
+        raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
+    return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,
+                     train.seq_length, steps, mean)
+
+
+def phase2_start_step(plan: BatchPlan, data: DataConfig) -> int | None:
+    """First step trained on the phase-2 blend: the first whose starting token count reaches
+    phase2_start_fraction of the run's tokens (None without a phase-2 blend)."""
+    if not data.phase2_blend:
+        return None
+    return min(plan.total_steps, math.ceil(data.phase2_start_fraction * plan.total_steps - 1e-9))
