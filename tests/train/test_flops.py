@@ -25,3 +25,18 @@ def test_mfu_against_h200_peak():
     tokens_per_s = 989e12 / training_flops_per_token(cfg, 8192)
     assert mfu(tokens_per_s, cfg, 8192) == pytest.approx(1.0)
     assert mfu(tokens_per_s, cfg, 8192, num_gpus=2) == pytest.approx(0.5)
+
+
+def test_mixed_length_batches_count_each_sample_at_its_own_length():
+    from nemotron.models.nano3 import Nano3Config
+    from nemotron.train.flops import training_flops, training_flops_per_token
+
+    cfg = Nano3Config()
+    long, short = 524288, 4096
+    mixed = training_flops(cfg, [long, short, short])
+    assert mixed == long * training_flops_per_token(cfg, long) + \
+        2 * short * training_flops_per_token(cfg, short)
+    # the mean length would miss the long sample's quadratic attention work
+    mean = (long + 2 * short) / 3
+    assert mixed > 3 * mean * training_flops_per_token(cfg, int(mean))
+    assert training_flops(cfg, [8192] * 4) == 4 * 8192 * training_flops_per_token(cfg, 8192)

@@ -179,6 +179,7 @@ class TrainingData:
         self.switch_step = phase2_start_step(plan, data)
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
         self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
+        self.last_step_lengths: list[int] = []  # its samples' lengths (FLOPs depend on them)
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)}
@@ -287,8 +288,9 @@ class TrainingData:
             batches = self._prefetched(phase, dataset, offset)
         else:
             batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
-        self.last_step_tokens = sum(dataset.sample_length(i) for i in range(
-            offset, offset + self.plan.global_batch_size))
+        self.last_step_lengths = [dataset.sample_length(i) for i in range(
+            offset, offset + self.plan.global_batch_size)]
+        self.last_step_tokens = sum(self.last_step_lengths)
         self.state.consumed_train_samples += self.plan.global_batch_size
         return batches
 

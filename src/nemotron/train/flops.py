@@ -8,6 +8,9 @@ hardware FLOPs), so MFU is comparable across runs.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 from nemotron.models.nano3.config import Nano3Config
 
 H200_BF16_PEAK_FLOPS = 989e12  # dense BF16 datasheet peak (same compute as H100 SXM)
@@ -64,6 +67,13 @@ def forward_flops_per_token(cfg: Nano3Config, seq_length: int) -> float:
 def training_flops_per_token(cfg: Nano3Config, seq_length: int) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward)."""
     return 3.0 * forward_flops_per_token(cfg, seq_length)
+
+
+def training_flops(cfg: Nano3Config, sample_lengths: Iterable[int]) -> float:
+    """Model FLOPs to train on samples of these lengths, every token at its own sample's length
+    (a batch mixing 512K- and 4K-token samples costs more than its mean length says)."""
+    return sum(count * length * training_flops_per_token(cfg, length)
+               for length, count in Counter(sample_lengths).items())
 
 
 def mfu(tokens_per_second: float, cfg: Nano3Config, seq_length: int, num_gpus: int = 1,

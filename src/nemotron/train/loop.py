@@ -453,7 +453,6 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                         sequence_multiple=parallel.sequence_multiple,
                         pin_memory=device.type == "cuda")
     arch = cfg.model.arch()
-    flops_per_token = flops.training_flops_per_token(arch, plan.seq_length)
     world = dist.get_world_size() if parallel.distributed else 1
     data_record = data_artifact_record(cfg.data.blend) if rank0 and not cfg.data.mock else None
     config_json = json.dumps(_config_dict(cfg), indent=2, default=str)
@@ -526,13 +525,14 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                 elapsed = time.perf_counter() - step_start
                 run_tokens += data.last_step_tokens
                 tps = data.last_step_tokens / elapsed
+                step_flops = flops.training_flops(arch, data.last_step_lengths)
                 values = {
                     "loss": last.loss, "lm_loss": last.lm_loss, "lr": lr,
                     "grad_norm": last.grad_norm, "tokens": state["tokens"],
                     "phase": data.state.phase, "step_time": elapsed, "data_time": data_time,
                     "tokens_per_second": tps,
-                    "tflops": tps * flops_per_token / 1e12 / world,
-                    "mfu": flops.mfu(tps, arch, plan.seq_length, num_gpus=world),
+                    "tflops": step_flops / elapsed / 1e12 / world,
+                    "mfu": step_flops / elapsed / (flops.H200_BF16_PEAK_FLOPS * world),
                     "memory_gb": _memory_gb(device), "skipped": not last.finite,
                     "skipped_steps": state["skipped_steps"],
                 }
