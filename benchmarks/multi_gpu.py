@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,17 +26,9 @@ import torch.distributed as dist
 
 from nemotron.config.loader import load_config
 from nemotron.config.schema import PretrainConfig
+from nemotron.distributed.utils import launcher_process_group
 from nemotron.train.loop import pretrain
 from nemotron.train.metrics import read_metrics
-
-
-def _init_distributed() -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return world
 
 
 def _peak_memory(world: int) -> list[dict[str, float]]:
@@ -63,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    world = _init_distributed()
     cfg = load_config(args.config, args.overrides, PretrainConfig)
     cfg.checkpoint.save = None
     cfg.checkpoint.load = None
     cfg.train.eval_iters = 0
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # Joined here, not inside pretrain, so that the peak memory of every rank can be gathered after.
+    with launcher_process_group(device_type):
+        _run(args, cfg)
+    return 0
+
+
+def _run(args: argparse.Namespace, cfg: PretrainConfig) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
     job_dir = args.out / f"{args.name}-job"
     summary = pretrain(cfg, job_dir)
     memory = _peak_memory(world)
@@ -89,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: result[k] for k in ("name", "losses", "tokens_per_second_per_gpu",
                                                   "mfu", "peak_memory_per_gpu")}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10: the Nano3 proxy (first 14 blocks, 64 experts, vocab 131072, seq 8192) on 1 and 2 GPUs
-# of one host, loss parity and tokens/s per GPU per layout, then full-width (128 expert) blocks.
+# of one host, loss parity and tokens/s per GPU per layout (DP, EP, TP+SP, CP), then full-width
+# (128 expert) blocks.
 # Run on the device machine (nvidia-h200-x2) from the repo root with .whl carried (omegaconf).
 # Each run writes $OUT/NAME.json (benchmarks/multi_gpu.py); a failed run does not stop the rest.
 set -o pipefail
@@ -16,10 +17,13 @@ P="model.hybrid_pattern=MEMEM*EMEMEM*E model.num_layers=14 model.num_experts=64 
    model.sequence_parallel=false logger.progress_bar=false"
 one() { name=$1; shift; echo "== $name"; timeout ${RUN_TIMEOUT:-240} "$@" --name $name --out $OUT 2>&1 | grep -v Warning | tail -3; }
 one g1 python3 benchmarks/multi_gpu.py $P
+# the same bf16 compute weights (FSDP2, one-rank mesh) as the multi-GPU runs use
+one g1_bf16 python3 benchmarks/multi_gpu.py $P train.compute_weights=bf16
 one dp$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P
 one dp${N}ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.expert_model_parallel_size=$N
 one tp${N}sp_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tensor_model_parallel_size=$N \
   model.sequence_parallel=true model.expert_model_parallel_size=$N
+one cp$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.context_parallel_size=$N
 # Full width: 128 routed experts, the first 14 and then 20 blocks of the Nano3 pattern, FSDP x EP.
 one full14_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
   model.expert_model_parallel_size=$N

@@ -119,3 +119,13 @@ def test_train_throughput_reads_a_real_blend(tmp_path):
                          "--params", "fp32", "--no-profile", "--blend", str(blend)])
     assert result["args"]["blend"] == str(blend)
     assert all(torch.isfinite(torch.tensor(result["run"]["losses"])))
+
+
+def test_multi_gpu_run_records_losses_and_throughput(tmp_path):
+    bench = load("multi_gpu")
+    assert bench.main(["--config", "tiny", "--name", "g1", "--out", str(tmp_path),
+                       "train.train_iters=3", "data.mock=true", "train.global_batch_size=2",
+                       "train.micro_batch_size=1", "train.device=cpu", "train.log_interval=1"]) == 0
+    result = json.loads((tmp_path / "g1.json").read_text())
+    assert len(result["losses"]) == 3 and result["world_size"] == 1
+    assert result["tokens_per_second_per_gpu"] > 0 and 0 < result["mfu"] < 1
