@@ -3,7 +3,7 @@
 # of one host, loss parity and tokens/s per GPU per layout (DP, EP, TP+SP, CP), then full-width
 # (128 expert) blocks.
 # Run on the device machine (nvidia-h200-x2) from the repo root with .whl carried (omegaconf).
-# Each run writes $OUT/NAME.json (benchmarks/multi_gpu.py); a failed run does not stop the rest.
+# A failed run does not stop the rest.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -15,7 +15,16 @@ P="model.hybrid_pattern=MEMEM*EMEMEM*E model.num_layers=14 model.num_experts=64 
    train.train_tokens=null train.train_iters=$STEPS train.global_batch_size=$N train.micro_batch_size=1
    scheduler.warmup_tokens=16384 model.tensor_model_parallel_size=1 model.expert_model_parallel_size=1
    model.sequence_parallel=false logger.progress_bar=false"
-one() { name=$1; shift; echo "== $name"; timeout ${RUN_TIMEOUT:-240} "$@" --name $name --out $OUT 2>&1 | grep -v Warning | tail -3; }
+# Per-run JSON and logs go to $RUNS; $OUT gets two files (the device tool returns at most 8):
+# results.jsonl (one line per finished run) and logs.txt (every run's full output).
+RUNS=${RUNS:-/tmp/multi_gpu_runs}; mkdir -p $RUNS
+one() {
+  name=$1; shift; echo "== $name"
+  timeout ${RUN_TIMEOUT:-240} "$@" --name $name --out $RUNS > $RUNS/$name.log 2>&1
+  echo "rc=$?"; grep '^{' $RUNS/$name.log || tail -n 15 $RUNS/$name.log
+  { echo "===== $name"; cat $RUNS/$name.log; } >> $OUT/logs.txt
+  [ -f $RUNS/$name.json ] && python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" $RUNS/$name.json >> $OUT/results.jsonl
+}
 one g1 python3 benchmarks/multi_gpu.py $P
 # the same bf16 compute weights (FSDP2, one-rank mesh) as the multi-GPU runs use
 one g1_bf16 python3 benchmarks/multi_gpu.py $P train.compute_weights=bf16
