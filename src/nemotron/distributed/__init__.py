@@ -6,7 +6,8 @@ dataclass the config schema needs) does not import torch."""
 
 import sys
 import types
-from importlib import import_module
+
+from nemotron._lazy import lazy_exports
 
 _EXPORTS = {
     "ParallelismConfig": "config",
@@ -20,13 +21,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

@@ -3,7 +3,7 @@
 The names below are imported on first use, so that `nemotron.models.nano3.config` (what the
 config schema needs) does not import torch."""
 
-from importlib import import_module
+from nemotron._lazy import lazy_exports
 
 _EXPORTS = {
     "NANO3_PATTERN": "config", "ModelConfigError": "config", "Nano3Config": "config",
@@ -19,10 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
