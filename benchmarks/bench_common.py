@@ -94,6 +94,18 @@ def peak_memory_reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    """CUDA memory one call of `fn` allocates at its peak beyond what was allocated before it
+    (MiB), after one warm-up call (autotuning, caches)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

@@ -15,6 +15,7 @@ import time
 
 import torch
 import triton
+from bench_common import peak_extra_mib
 
 from nemotron.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from nemotron.kernels.rmsnorm import gated_rmsnorm_reference, gated_rmsnorm_triton
@@ -27,13 +28,7 @@ def rel(a, b):
 
 
 def peak_and_time(fb, leaves):
-    fb()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fb()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_extra_mib(fb)
     ms = triton.testing.do_bench(fb, warmup=25, rep=200, grad_to_none=leaves, return_mode="median")
     return {"fwd_bwd_ms": ms, "peak_extra_MiB": peak}
 

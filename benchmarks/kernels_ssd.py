@@ -18,6 +18,7 @@ import time
 
 import torch
 import triton
+from bench_common import peak_extra_mib
 
 from nemotron.kernels.ssd import ssd_chunked_reference
 from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG, ssd_triton
@@ -109,13 +110,7 @@ def bench(fn, shape, chunk, dtype):
         y, s = fn(*inputs[:5], chunk, inputs[5])
         torch.autograd.backward([y, s], [gy, gs])
 
-    fb()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fb()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_extra_mib(fb)
     t_f = time_fn(fwd, leaves)
     t_fb = time_fn(fb, leaves)
     return {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f, "peak_extra_MiB": peak}
