@@ -44,25 +44,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Wall time of `fn()` in milliseconds, each call synchronised (CUDA events on a GPU)."""
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+            sync_each: bool = False) -> list[float]:
+    """Time of each of `iters` calls of `fn()` in milliseconds.
+
+    On a GPU the calls run back to back between CUDA events and synchronise once at the end
+    (as triton.testing.do_bench does): the CPU queues the next call's kernels while the GPU runs,
+    as it does in a training loop, so each time is GPU execution, not kernel-launch latency.
+    `sync_each=True` waits for every call before launching the next (the latency of one call
+    from an idle GPU, launch gaps included)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    out = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
+    if device.type != "cuda":
+        out = []
+        for _ in range(iters):
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        return out
+    events = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        if sync_each:
+            end.synchronize()
+        events.append((start, end))
+    synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def median(values: list[float]) -> float:

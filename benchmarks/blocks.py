@@ -15,7 +15,9 @@ Paths:
   kernels; attention on SDPA's default choice;
 - attention only: `fast-<backend>` for SDPA's flash / cuDNN / efficient backends.
 
-Reported per path: median ms, model TFLOP/s (train/flops.py's per-block formula x 3 x tokens),
+Reported per path: median ms of back-to-back calls (the CPU queues the next call while the GPU
+runs, as in training; `ms_synced` in the JSON is the median with every call synchronised, launch
+gaps included), model TFLOP/s (train/flops.py's per-block formula x 3 x tokens),
 MFU against 989 TFLOP/s, peak memory above the block's weights, and the relative error of the
 output and input gradient against the reference. The Mamba-2 block is also compared with its
 floor: its GEMMs at the measured bf16 matmul rate plus the bytes its other operations must
@@ -130,7 +132,7 @@ def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
 
 def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.device,
               warmup: int, iters: int, caps: dict, only: list[str] | None = None,
-              profile: bool = False) -> list[dict]:
+              profile: bool = False, profile_top: int = 15) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         master = Block(cfg, 0)
@@ -170,8 +172,9 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
                 base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 times = time_ms(step, device, warmup, iters)
                 peak = peak_memory_gib(device)
+                synced = time_ms(step, device, 1, iters, sync_each=True)
                 if profile and path["name"] == "fast" and device.type == "cuda":
-                    row["kernels"] = profile_kernels(step, 3)
+                    row["kernels"] = profile_kernels(step, 3, limit=profile_top)
         except (RuntimeError, NotImplementedError) as err:  # a backend that refuses the shape
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             rows.append(row)
@@ -179,7 +182,8 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             continue
         ms = median(times)
         row.update({
-            "ms": ms, "ms_min": min(times), "tflops": total_flops / (ms * 1e-3) / 1e12,
+            "ms": ms, "ms_min": min(times), "ms_synced": median(synced),
+            "tflops": total_flops / (ms * 1e-3) / 1e12,
             "mfu": total_flops / (ms * 1e-3) / flops.H200_BF16_PEAK_FLOPS,
             "peak_extra_gib": None if peak is None else peak - base / 2**30,
         })
@@ -194,7 +198,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             row["floor"] = floor
             row["x_floor"] = ms / floor["floor_ms"]
         rows.append(row)
-        print(f"{kind:9s} {path['name']:12s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
+        print(f"{kind:9s} {path['name']:12s} {ms:8.3f} ms (synced {row['ms_synced']:.3f}) {row['tflops']:7.1f} TFLOP/s "
               f"MFU {row['mfu']:.3f} peak+ {row['peak_extra_gib'] or 0:.2f} GiB "
               f"err out/dx/dW {row.get('rel_err_out', 0):.1e}/{row.get('rel_err_dx', 0):.1e}"
               f"/{row.get('rel_err_dparams', 0):.1e}"
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--paths", default=None, help="comma list of paths to run besides the reference")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--profile", action="store_true", help="top kernels of each block's fast path")
+    ap.add_argument("--profile-top", type=int, default=15, help="how many kernels --profile lists")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in args.blocks.split(","):
         cfg = block_config(kind, **sizes)
         result["rows"] += run_block(kind, cfg, args.batch, args.seq, device, args.warmup, args.iters, caps, only,
-                                    args.profile)
+                                    args.profile, args.profile_top)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.append_row:

@@ -16,8 +16,8 @@ TT="python3 benchmarks/train_throughput.py"
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    blocks)     timeout 300 python3 benchmarks/blocks.py --profile --out $OUT/blocks.json --append-row $OUT/rows.md ;;
-    blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
+    blocks)     timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --out $OUT/blocks.json --append-row $OUT/rows.md ;;
+    blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
     gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py ;;
     train-*)
       # train-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec]: one proxy run
