@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
-# Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, train-<fp32|bf16>[-mbN][-accumN]
-# [-prof][-rec], numerics-<fp32|bf16>, peer-<fp32|bf16>, long,
+# Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
+# [-accumN][-prof][-rec] (peer: also the transformers peer), numerics-<fp32|bf16>, long,
 # blocks-<kinds>, gpu-tests); results and logs go to $OUT (default
 # ./bench_out).
 set -o pipefail
@@ -18,10 +18,10 @@ for stage in "$@"; do
   case $stage in
     blocks)     timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --out $OUT/blocks.json --append-row $OUT/rows.md ;;
     blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
-    gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py ;;
-    train-*)
-      # train-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec]: one proxy run
-      IFS=- read -r _ params rest <<< "$stage"
+    gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py ;;
+    train-*|peer-*)
+      # <train|peer>-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec]: one proxy run (peer: + the HF peer)
+      IFS=- read -r kind params rest <<< "$stage"
       extra=(--params "$params"); prof=(--no-profile)
       for opt in ${rest//-/ }; do
         case $opt in
@@ -31,9 +31,12 @@ for stage in "$@"; do
           rec) extra+=(--recompute) ;;
         esac
       done
-      timeout 240 $TT "${extra[@]}" "${prof[@]}" --out $OUT/$stage.json --append-row $OUT/rows.md ;;
+      if [ "$kind" = peer ]; then
+        [[ " ${extra[*]} " == *" --grad-accum "* ]] || extra+=(--grad-accum 4 --steps 5)
+        extra+=(--peer hf --peer-steps "${PEER_STEPS:-2}"); limit=420
+      else limit=240; fi
+      timeout $limit $TT "${extra[@]}" "${prof[@]}" --out $OUT/$stage.json --append-row $OUT/rows.md ;;
     numerics-*) timeout 200 $TT --params "${stage#numerics-}" --steps 0 --warmup 0 --no-profile --check-numerics 3 --out $OUT/$stage.json ;;
-    peer-*)     timeout 300 $TT --params "${stage#peer-}" --steps 5 --no-profile --grad-accum 4 --peer hf --out $OUT/$stage.json --append-row $OUT/rows.md ;;
     long)       timeout 300 python3 benchmarks/long_context.py --seqs "${LONG_SEQS:-32768,65536,131072,262144}" --steps "${LONG_STEPS:-2}" --out $OUT/long.json --append-row $OUT/rows.md ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

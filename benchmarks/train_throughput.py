@@ -23,7 +23,9 @@ formula training logs use), peak memory, and a split of one step's GPU time by b
 top kernels from a `torch.profiler` pass. `--check-numerics N` compares the loss of the first N
 steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
 same data. `--peer hf` also trains the same proxy through transformers' `NemotronHForCausalLM`
-(same tokens, AdamW groups, clipping and bf16 autocast) and prints the tokens/s ratio.
+(same tokens per optimizer step, AdamW groups, clipping and bf16 autocast; at sequence 4096
+if the peer runs out of memory at `--seq`; each side at the largest micro batch that fits, the
+accumulation keeping the tokens per step equal) and prints the tokens/s ratio.
 
     PYTHONPATH=src python3 benchmarks/train_throughput.py --out tt.json [--append-row docs/benchmarks.md]
 """
@@ -71,11 +73,11 @@ def proxy_model_config(num_layers: int = 14, num_experts: int = 64, tiny: bool =
     return ModelConfig(hybrid_pattern=NANO3_PATTERN[:num_layers], num_layers=num_layers, **sizes)
 
 
-def pretrain_config(args, seq: int, micro_batch: int) -> PretrainConfig:
+def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = None) -> PretrainConfig:
     model = proxy_model_config(args.layers, args.experts, args.tiny)
     steps = args.warmup + args.steps + 2  # + the profiled step and spare
     train = TrainConfig(
-        train_iters=steps, global_batch_size=micro_batch * args.grad_accum,
+        train_iters=steps, global_batch_size=micro_batch * (grad_accum or args.grad_accum),
         micro_batch_size=micro_batch, seq_length=seq, seed=1234, eval_iters=0,
         precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
         activation_recompute=args.recompute,
@@ -375,36 +377,50 @@ def build_hf_peer(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module,
 
 
 def run_peer(args, device: torch.device, ours: dict[int, RunResult]) -> dict:
-    """Train the proxy through transformers at `args.seq` (falling back to 4096 on OOM), with
-    our run at the same sequence length for the ratio."""
+    """Train the proxy through transformers with the same tokens per optimizer step as our run
+    (`seq x micro batch x accumulation`), at `args.seq` or, if the peer runs out of memory there,
+    4096; at each length the peer takes the largest micro batch that fits (ours, then 1, with
+    the accumulation raised to keep the tokens per step). Our run is repeated at the peer's
+    sequence length with our micro batch holding the same tokens as the main run's."""
     import transformers
 
     out: dict = {"transformers": transformers.__version__, "attempts": []}
+    tokens_per_step = args.seq * args.micro_batch * args.grad_accum
     for seq in dict.fromkeys([args.seq, 4096]):
-        cfg = pretrain_config(args, seq, args.micro_batch)
-        try:
-            peer = run_training(cfg, device, "fp32", args.peer_steps, 1, False,
-                                model_and_parallel=build_hf_peer(cfg, device), name="hf")
-        except Exception as err:  # OOM is the expected failure; report any other
+        ours_mb = max(1, args.micro_batch * args.seq // seq)
+        for peer_mb in dict.fromkeys([ours_mb, 1]):
+            peer_accum = max(1, tokens_per_step // (seq * peer_mb))
+            cfg = pretrain_config(args, seq, peer_mb, peer_accum)
+            try:
+                peer = run_training(cfg, device, "fp32", args.peer_steps, 1, False,
+                                    model_and_parallel=build_hf_peer(cfg, device), name="hf")
+            except Exception as err:  # OOM is the expected failure; report any other
+                _release(device)
+                out["attempts"].append({"seq": seq, "micro_batch": peer_mb, "grad_accum": peer_accum,
+                                        "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                print(f"hf peer at seq {seq} mb {peer_mb} failed: {type(err).__name__}: {str(err)[:200]}",
+                      flush=True)
+                if is_oom(err):
+                    continue
+                return out
             _release(device)
-            out["attempts"].append({"seq": seq, "error": f"{type(err).__name__}: {str(err)[:200]}"})
-            print(f"hf peer at seq {seq} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-            if is_oom(err):
-                continue
-            break
-        _release(device)
-        if seq not in ours:
-            ours[seq] = run_training(pretrain_config(args, seq, args.micro_batch), device, args.params,
-                                     args.steps, args.warmup, False)
-            _release(device)
-        ratio = ours[seq].tokens_per_s / peer.tokens_per_s
-        out["attempts"].append({"seq": seq, "peer": dataclasses.asdict(peer)})
-        out.update(seq=seq, ratio=ratio, peer_tokens_per_s=peer.tokens_per_s,
-                   ours_tokens_per_s=ours[seq].tokens_per_s, peer_mfu=peer.mfu)
-        print(f"hf peer at seq {seq}: {peer.tokens_per_s:,.0f} tokens/s (MFU {peer.mfu:.3f}, peak "
-              f"{peer.peak_gib or 0:.1f} GiB); nemotron {ours[seq].tokens_per_s:,.0f} tokens/s; "
-              f"ratio {ratio:.1f}x", flush=True)
-        break
+            if seq not in ours:
+                ours_accum = max(1, tokens_per_step // (seq * ours_mb))
+                ours[seq] = run_training(pretrain_config(args, seq, ours_mb, ours_accum), device, args.params,
+                                         args.steps, args.warmup, False)
+                _release(device)
+            ratio = ours[seq].tokens_per_s / peer.tokens_per_s
+            out["attempts"].append({"seq": seq, "micro_batch": peer_mb, "grad_accum": peer_accum,
+                                    "peer": dataclasses.asdict(peer)})
+            out.update(seq=seq, ratio=ratio, peer_tokens_per_s=peer.tokens_per_s,
+                       peer_micro_batch=peer_mb, peer_grad_accum=peer_accum,
+                       ours_micro_batch=ours[seq].micro_batch, ours_grad_accum=ours[seq].grad_accum,
+                       ours_tokens_per_s=ours[seq].tokens_per_s, ours_mfu=ours[seq].mfu, peer_mfu=peer.mfu)
+            print(f"hf peer at seq {seq} mb {peer_mb} x accum {peer_accum}: {peer.tokens_per_s:,.0f} tokens/s "
+                  f"(MFU {peer.mfu:.3f}, peak {peer.peak_gib or 0:.1f} GiB); nemotron mb "
+                  f"{ours[seq].micro_batch} x accum {ours[seq].grad_accum}: {ours[seq].tokens_per_s:,.0f} "
+                  f"tokens/s (MFU {ours[seq].mfu:.3f}); ratio {ratio:.1f}x", flush=True)
+            return out
     return out
 
 
@@ -486,7 +502,10 @@ def record_row(path: str, result: dict) -> None:
         f"mamba {part('mamba'):.0f} / moe {part('moe'):.0f} / attn {part('attention'):.0f} / "
         f"opt {part('optimizer'):.0f} / other {part('other'):.0f}")
     peer = result.get("peer") or {}
-    ratio = "-" if "ratio" not in peer else f"{peer['ratio']:.1f}x (seq {peer['seq']})"
+    ratio = "-" if "ratio" not in peer else (
+        f"{peer['ratio']:.1f}x (seq {peer['seq']}; ours {peer['ours_tokens_per_s']:,.0f} at mb "
+        f"{peer['ours_micro_batch']} x {peer['ours_grad_accum']}, HF {peer['peer_tokens_per_s']:,.0f} at mb "
+        f"{peer['peer_micro_batch']} x {peer['peer_grad_accum']})")
     numerics = result.get("numerics")
     num_text = "-" if not numerics else f"{numerics['max_abs_diff']:.3f} over {numerics['steps']} steps"
     append_table_row(

@@ -66,9 +66,13 @@ def test_train_throughput_hf_peer_ratio(tmp_path):
     pytest.importorskip("transformers")
     bench = load("train_throughput")
     result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "1",
-                         "--params", "fp32", "--no-profile", "--peer", "hf", "--peer-steps", "1"])
+                         "--params", "fp32", "--no-profile", "--peer", "hf", "--peer-steps", "1",
+                         "--micro-batch", "2", "--grad-accum", "2"])
     peer = result["peer"]
     assert peer["seq"] == 32 and peer["ratio"] > 0 and peer["peer_tokens_per_s"] > 0
+    # the same tokens per optimizer step on both sides (the peer fits micro batch 2 here)
+    assert (peer["peer_micro_batch"], peer["peer_grad_accum"]) == (2, 2)
+    assert (peer["ours_micro_batch"], peer["ours_grad_accum"]) == (2, 2)
 
 
 def test_blocks_reference_and_fast_paths(tmp_path):

@@ -52,7 +52,10 @@ def test_resolution_and_errors(tmp_path):
     cfg = make_config(tmp_path).train  # precision fp32
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16 = make_config(tmp_path, train={"precision": "bf16"}).train
-    assert resolve_compute_weights(bf16, cuda, 1) == "fp32"  # today's single-process path
+    assert resolve_compute_weights(bf16, cuda, 1) == "fp32"  # one micro-batch per step
+    assert resolve_compute_weights(bf16, cuda, 1, grad_accumulation=4) == "bf16"
+    assert resolve_compute_weights(bf16, cpu, 1, grad_accumulation=4) == "fp32"
+    assert resolve_compute_weights(cfg, cuda, 1, grad_accumulation=4) == "fp32"
     assert resolve_compute_weights(bf16, cuda, 8) == "bf16"
     assert resolve_compute_weights(bf16, cpu, 8) == "fp32"
     assert resolve_compute_weights(cfg, cuda, 8) == "fp32"

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 #   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);
 #   bf16: bf16 copies made by FSDP2's mixed-precision policy, also in one process (a one-rank
 #         mesh and process group), fp32 gradients and master weights; needs precision bf16;
-#   auto: bf16 when distributed on CUDA with precision bf16, fp32 otherwise.
+#   auto: bf16 on CUDA with precision bf16 when distributed or accumulating over micro-batches,
+#         fp32 otherwise (resolve_compute_weights in train/loop.py says why).
 COMPUTE_WEIGHTS = ("auto", "fp32", "bf16")
 
 

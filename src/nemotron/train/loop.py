@@ -149,13 +149,27 @@ def check_compute_weights(train) -> None:
                          f"{train.precision!r} (bf16 compute weights run under bf16 autocast)")
 
 
-def resolve_compute_weights(train, device: torch.device, world: int) -> str:
-    """"fp32" or "bf16": `train.compute_weights`, with "auto" = bf16 when distributed on CUDA
-    with precision bf16, fp32 otherwise."""
+def resolve_compute_weights(train, device: torch.device, world: int, grad_accumulation: int = 1) -> str:
+    """"fp32" or "bf16": `train.compute_weights`, with "auto" = bf16 on CUDA with precision bf16
+    when distributed or accumulating gradients over micro-batches, fp32 otherwise.
+
+    Why the accumulation matters in one process: bf16 weights are gathered (copied and cast)
+    once per step and gradients accumulate unsharded in fp32 (`fsdp_micro_batches`), which beats
+    autocast's per-micro-batch weight casts from 2 micro-batches per step on; with one
+    micro-batch per step FSDP2's own copies cost more than the casts they save (measured on an
+    H200, docs/performance.md)."""
     check_compute_weights(train)
     if train.compute_weights != "auto":
         return train.compute_weights
-    return "bf16" if world > 1 and device.type == "cuda" and train.precision == "bf16" else "fp32"
+    if device.type != "cuda" or train.precision != "bf16":
+        return "fp32"
+    return "bf16" if world > 1 or grad_accumulation > 1 else "fp32"
+
+
+def _one_process_accumulation(cfg) -> int:
+    """Micro-batches per step when one process trains (what `auto` compute weights look at
+    there; with several ranks it is bf16 anyway)."""
+    return max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size))
 
 
 def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, Parallel]:
@@ -168,7 +182,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    weights = resolve_compute_weights(cfg.train, device, world)
+    weights = resolve_compute_weights(cfg.train, device, world, _one_process_accumulation(cfg))
     if world == 1 and weights == "fp32":
         with torch.device(device):
             model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
@@ -413,9 +427,9 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    check_compute_weights(cfg.train)
     # bf16 compute weights in one process: FSDP2 on a one-rank mesh needs a process group.
-    one_rank = cfg.train.compute_weights == "bf16"
+    one_rank = resolve_compute_weights(cfg.train, torch.device(device_type), 1,
+                                       _one_process_accumulation(cfg)) == "bf16"
     with launcher_process_group(device_type, one_rank=one_rank):
         return _pretrain(cfg, job_dir, on_event=on_event, mesh=mesh)
 
@@ -491,6 +505,8 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
     metrics.event("start", {"total_steps": plan.total_steps, "step": state["step"],
                             "resumed_from": resumed_from, "finetuned_from": finetuned_from,
                             "grad_accumulation": plan.grad_accumulation,
+                            "compute_weights": resolve_compute_weights(
+                                cfg.train, device, world, _one_process_accumulation(cfg)),
                             "unigram_entropy": entropy,
                             "ignored_layout": None if world > 1 else ignored_layout(cfg)})
     if entropy is not None:
