@@ -139,3 +139,24 @@ def test_moe_weighted_combine_triton_matches_reference():
     want = run(weighted_combine_reference, torch.float64)
     errs = [rel(a, b) for a, b in zip(got, want)]
     assert max(errs) < 1e-2, errs
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_router_fp32_linear_on_bf16_tensor_cores_is_float32_accurate(weight_dtype):
+    from nemotron.kernels.fp32_linear import fp32_linear, fp32_linear_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2688, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+    w = (torch.randn(128, 2688, device="cuda", generator=gen) * 0.0173).to(weight_dtype).requires_grad_(True)
+    g = torch.randn(4096, 128, device="cuda", generator=gen)
+    out = fp32_linear(x, w)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    ref = fp32_linear_reference(x.double(), w.double())
+    rx, rw = torch.autograd.grad(ref, (x, w), g.double())
+    bar = fp32_linear_reference(x, w)
+    bx, bw = torch.autograd.grad(bar, (x, w), g)
+    assert rel(out, ref) < 8 * max(rel(bar, ref), 1e-7)
+    if weight_dtype == torch.float32:
+        assert rel(gw, rw) < 8 * max(rel(bw, rw), 1e-7)
+    # x's gradient is rounded to bf16 on both paths: equal to bf16 rounding
+    assert rel(gx, rx) < 8e-3 and rel(gx, bx) < 8e-3

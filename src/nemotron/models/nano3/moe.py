@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
@@ -80,9 +81,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x [tokens, hidden] -> RouterOutput."""
-        # The router is always float32, autocast or not.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+        # The router is always float32, autocast or not (on CUDA: float32-accurate bf16 GEMMs).
+        logits = fp32_linear(x, self.weight)
         scores = torch.sigmoid(logits)
         with torch.no_grad():
             topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
