@@ -48,12 +48,14 @@ def _ssd_check(l, chunk, with_state, g=2, h=4, final_grad=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _rmsnorm_check(gated, t=37, d=48, group_size=16):
+def _rmsnorm_check(gated, t=37, d=48, group_size=16, strided_gate=False):
     from nemotron.kernels.rmsnorm import gated_rmsnorm_reference, gated_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(2)
     y = torch.randn(t, d, generator=gen)
     z = torch.randn(t, d, generator=gen) if gated else None
+    if strided_gate:  # the gate as a row-strided slice of a wider buffer (the in-projection output)
+        z = torch.cat([torch.randn(t, 5, generator=gen), z, torch.randn(t, 3, generator=gen)], 1)[:, 5:5 + d]
     w = torch.randn(d, generator=gen)
     gout = torch.randn(t, d, generator=gen)
 
@@ -140,7 +142,69 @@ def _moe_combine_check(tokens=7, k=3, hidden=40):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw {i}: {m}")
 
 
+def _graph_nodes(fn, limit=4):
+    """The autograd nodes within `limit` steps of fn."""
+    seen, frontier = [], [fn]
+    for _ in range(limit):
+        frontier = [n for f in frontier for n, _ in f.next_functions if n is not None]
+        seen += frontier
+    return seen
+
+
+def _mamba_chain_check(seq, batch=2, with_autocast=False):
+    """The mixer with the fused chain (forced on CPU tensors) against the mixer's reference path:
+    output and the gradients of the input and of every parameter."""
+    import nemotron.kernels.mamba_chain as chain
+    from nemotron.kernels import fast_paths
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+    from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
+                      mamba_conv_kernel=4, mamba_chunk_size=16, num_experts=2, moe_top_k=1,
+                      moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    torch.manual_seed(7)
+    m = Mamba2Mixer(cfg)
+    with torch.no_grad():  # parameters away from their initial constants, so every gradient counts
+        m.D.uniform_(0.5, 1.5)
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.conv1d.bias.uniform_(-0.5, 0.5)
+        m.in_proj.weight.mul_(10.0)
+    gen = torch.Generator().manual_seed(8)
+    u = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+    gy = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+
+    def run(forced):
+        m.zero_grad(set_to_none=True)
+        uu = u.clone().requires_grad_(True)
+        original = chain.chain_supported
+        if forced:
+            chain.chain_supported = lambda *a: True
+        try:
+            with fast_paths(forced):
+                out = m(uu)
+        finally:
+            chain.chain_supported = original
+        fused = any("MambaChainFunction" in type(n).__name__ for n in _graph_nodes(out.grad_fn))
+        assert fused == forced, f"fused chain ran: {fused}, forced: {forced}"
+        (out * gy).sum().backward()
+        return {"out": out, "du": uu.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+    got, want = run(True), run(False)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}")
+
+
 CHECKS = {
+    "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
+    "mamba_chain_one_chunk_batch1": lambda: _mamba_chain_check(seq=16, batch=1),
+    "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),
     "moe_weighted_combine": _moe_combine_check,
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
