@@ -201,7 +201,46 @@ def _mamba_chain_check(seq, batch=2, with_autocast=False):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}")
 
 
+def _mamba_chain_direct_check(dt_limit, seq=40):
+    """mamba_chain_triton against mamba_chain_reference with a dt clamp that bites and dt_bias
+    values on both softplus thresholds (> 20: identity; < -15: exp)."""
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    shape = MambaChainShape(num_heads=6, head_dim=16, num_groups=3, state_size=16, chunk_size=16,
+                            eps=1e-5, dt_limit=dt_limit)
+    gen = torch.Generator().manual_seed(9)
+    # The gate z read from a wider buffer: zxbcdt itself a row-strided slice.
+    wide = torch.randn(2, seq, shape.in_proj_dim + 6, generator=gen)
+    zxbcdt = wide[..., 2:2 + shape.in_proj_dim]
+    leaves = dict(
+        zxbcdt=zxbcdt, conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
+        dt_bias=torch.tensor([-1.0, -3.0, 0.5, 22.0, -18.0, -2.0]),
+        # head 3 (dt ~ 22 unclamped): a small |A| keeps its decays in a realistic range
+        A_log=torch.rand(6, generator=gen) - 6.0 * (torch.arange(6) == 3),
+        D=torch.rand(6, generator=gen) + 0.5, norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    gy = torch.randn(2, seq, shape.d_inner, generator=gen)
+
+    def run(fn):
+        ls = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton), run(mamba_chain_reference)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 CHECKS = {
+    "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
+    "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
     "mamba_chain_one_chunk_batch1": lambda: _mamba_chain_check(seq=16, batch=1),
     "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),

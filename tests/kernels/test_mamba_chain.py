@@ -51,3 +51,22 @@ def test_argument_errors(over, match):
         a["zxbcdt"] = torch.randn(1, 5, over["shape"].in_proj_dim)
     with pytest.raises(ValueError, match=match):
         mamba_chain(**a)
+
+
+def test_reference_chain_is_the_mixer_between_its_projections():
+    from nemotron.kernels.mamba_chain import mamba_chain_reference
+    from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+
+    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=16, vocab_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      mamba_num_heads=4, mamba_head_dim=8, mamba_state_size=8, mamba_num_groups=2,
+                      mamba_chunk_size=16, num_experts=2, moe_top_k=1, moe_ffn_hidden_size=8,
+                      moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    m = Mamba2Mixer(cfg).double()
+    with torch.no_grad():
+        m.D.uniform_(0.5, 1.5)
+        m.norm.weight.uniform_(0.5, 1.5)
+    u = torch.randn(2, 21, 16, dtype=torch.float64)
+    y = mamba_chain_reference(m.in_proj(u), m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D,
+                              m.norm.weight, m.chain_shape)
+    torch.testing.assert_close(m.out_proj(y), m(u), rtol=1e-12, atol=1e-12)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MambaChainShape", "chain_supported", "mamba_chain"]
+__all__ = ["MambaChainShape", "chain_supported", "mamba_chain", "mamba_chain_reference"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,38 @@ def mamba_chain(
     from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
 
     return mamba_chain_triton(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape)
+
+
+def mamba_chain_reference(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    shape: MambaChainShape,
+) -> torch.Tensor:
+    """The chain from the PyTorch references, op by op (what the mixer's reference path computes
+    between its projections): the ground truth ``mamba_chain`` is tested against."""
+    import torch.nn.functional as F
+
+    from nemotron.kernels.conv1d import causal_conv1d_reference
+    from nemotron.kernels.rmsnorm import gated_rmsnorm_reference
+    from nemotron.kernels.ssd import ssd_chunked_reference
+
+    _check(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape)
+    b, s, _ = zxbcdt.shape
+    di, gn = shape.d_inner, shape.num_groups * shape.state_size
+    z, xbc, dt = torch.split(zxbcdt, [di, shape.conv_dim, shape.num_heads], dim=-1)
+    xbc = causal_conv1d_reference(xbc, conv_weight, conv_bias, "silu")
+    x, B, C = torch.split(xbc, [di, gn, gn], dim=-1)
+    cd = torch.float64 if zxbcdt.dtype == torch.float64 else torch.float32
+    dt = F.softplus(dt.to(cd) + dt_bias.to(cd)).clamp(*shape.dt_limit)
+    x = x.reshape(b, s, shape.num_heads, shape.head_dim)
+    y, _ = ssd_chunked_reference(
+        x, dt, -torch.exp(A_log.to(cd)), B.reshape(b, s, shape.num_groups, shape.state_size),
+        C.reshape(b, s, shape.num_groups, shape.state_size), shape.chunk_size,
+    )
+    y = (y.to(cd) + x.to(cd) * D.to(cd)[:, None]).to(x.dtype)
+    return gated_rmsnorm_reference(y.reshape(b, s, di), z, norm_weight, di // shape.num_groups, shape.eps)

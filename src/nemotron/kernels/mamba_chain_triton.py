@@ -12,16 +12,19 @@ What this saves against the step-by-step fast path (one autograd node per op):
   buffer, so autograd never concatenates split gradients; the D skip's ``dx += D dy`` and ``dD``
   come out of the SSD dx kernel.
 
-The dt path (``softplus(dt_raw + dt_bias)``, clamp, the per-chunk cumulative decays) works on
-[batch, heads, seq] tensors, 1/64 the size of the activations: it runs in PyTorch, and its
-backward recomputes those few ops under autograd to carry the SSD's dt and decay gradients to
-dt_raw, dt_bias and A_log.
+The dt path (``softplus(dt_raw + dt_bias)``, clamp, the per-chunk cumulative decays
+``cumsum(dt * A)``) is one small kernel each way on [batch, heads, seq] values, in place of
+some 30 launch-bound PyTorch ops: the forward reads dt_raw where it lies in zxbcdt and writes
+dt and the decays in the SSD kernels' [b, h, chunks * Q] layout; the backward takes the SSD's dt
+and decay gradients (reverse cumsum within the chunk) to d(dt_raw), written into its slice of
+d(zxbcdt), and per-chunk partial sums of dA and d(dt_bias).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from nemotron.kernels.conv1d_triton import conv1d_backward, conv1d_forward
 from nemotron.kernels.mamba_chain import MambaChainShape
@@ -41,17 +44,88 @@ def _split_xbc(xbc: torch.Tensor, shape: MambaChainShape):
     return x, B, C
 
 
-def _decays(dt_raw, dt_bias, A_log, shape: MambaChainShape):
-    """dt [b, h, padded seq] (float32, zero past the end) and its within-chunk cumulative log
-    decays ``cumsum(dt * A)``: the SSD kernels' layout. Differentiable (the backward re-runs it)."""
-    b, s, h = dt_raw.shape
+@triton.jit
+def _softplus(pre):
+    """torch's softplus (threshold 20), with log1p(e) ~ e for tiny e."""
+    e = tl.exp(tl.minimum(pre, 20.0))
+    return tl.where(pre > 20.0, pre, tl.where(pre < -15.0, e, tl.log(1.0 + e)))
+
+
+@triton.jit
+def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.constexpr):
+    """One chunk of one (batch, head): dt = clamp(softplus(raw + bias)) (0 past the end) and the
+    within-chunk cumulative log decays cumsum(dt * A), A = -exp(A_log), both [b, h, NC * Q]."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, Q)
+    t = c * Q + offs
+    valid = t < L
+    pre = tl.load(RAW + b * srb + t * srl + h, mask=valid, other=0.0).to(tl.float32) + tl.load(BIAS + h).to(tl.float32)
+    dt = tl.minimum(tl.maximum(_softplus(pre), lo), hi)
+    dt = tl.where(valid, dt, 0.0)
+    a = -tl.exp(tl.load(ALOG + h).to(tl.float32))
+    base = bh * NC * Q + c * Q + offs
+    tl.store(DT + base, dt)
+    tl.store(ACS + base, tl.cumsum(dt * a, axis=0))
+
+
+@triton.jit
+def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DACS, DRAW, DA_PART, DBIAS_PART, L, H, NC, srb, srl, sdb, sdl,
+                   lo, hi, Q: tl.constexpr):
+    """The dt path's backward for one chunk of one (batch, head): from the SSD's dt gradient and
+    cumulative-decay gradient to d(raw) (written into its slice of d(zxbcdt)) and this chunk's
+    partial sums of dA and d(bias)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, Q)
+    t = c * Q + offs
+    valid = t < L
+    pre = tl.load(RAW + b * srb + t * srl + h, mask=valid, other=0.0).to(tl.float32) + tl.load(BIAS + h).to(tl.float32)
+    sp = _softplus(pre)
+    a = -tl.exp(tl.load(ALOG + h).to(tl.float32))
+    base = bh * NC * Q + c * Q + offs
+    # acs_t = sum_{k<=t} dt_k a  =>  d(dt_t a) = sum_{k>=t} dacs_k
+    g = tl.cumsum(tl.load(DACS + base), axis=0, reverse=True)
+    dt = tl.load(DT + base)
+    ddt = tl.load(DDT + base) + g * a
+    keep = valid & (sp >= lo) & (sp <= hi)  # clamp passes the gradient inside [lo, hi], as torch's
+    dpre = tl.where(keep, ddt * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre)), 0.0)
+    tl.store(DRAW + b * sdb + t * sdl + h, dpre.to(DRAW.dtype.element_ty), mask=valid)
+    tl.store(DA_PART + bh * NC + c, tl.sum(tl.where(valid, g * dt, 0.0), axis=0))
+    tl.store(DBIAS_PART + bh * NC + c, tl.sum(dpre, axis=0))
+
+
+def _dt_forward(raw, dt_bias, A_log, shape: MambaChainShape):
+    """raw [b, s, h] (a strided slice) -> dt, acs [b, h, NC * Q] float32 (the SSD kernels' layout)."""
+    b, s, h = raw.shape
     q = shape.chunk_size
     nc = max(1, -(-s // q))
-    dt = F.softplus(dt_raw.float() + dt_bias.float()).clamp(*shape.dt_limit)
-    dt_p = F.pad(dt.transpose(1, 2), (0, nc * q - s)).contiguous()
+    dt = torch.empty((b, h, nc * q), device=raw.device, dtype=torch.float32)
+    acs = torch.empty_like(dt)
+    lo, hi = shape.dt_limit
+    _dt_fwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, acs, s, h, nc, raw.stride(0), raw.stride(1),
+                                float(lo), float(hi), Q=q)
+    return dt, acs
+
+
+def _dt_backward(raw, dt_bias, A_log, dt, ddt, dacs, draw, shape: MambaChainShape):
+    """Writes d(raw) into ``draw`` (a strided slice); returns (d dt_bias, d A_log) in the parameters' dtypes."""
+    b, s, h = raw.shape
+    q = shape.chunk_size
+    nc = dt.shape[-1] // q
+    da_part = torch.empty((b, h, nc), device=raw.device, dtype=torch.float32)
+    dbias_part = torch.empty_like(da_part)
+    lo, hi = shape.dt_limit
+    _dt_bwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, ddt, dacs, draw, da_part, dbias_part, s, h, nc,
+                                raw.stride(0), raw.stride(1), draw.stride(0), draw.stride(1),
+                                float(lo), float(hi), Q=q)
     A = -torch.exp(A_log.float())
-    acs = (dt_p * A[None, :, None]).view(b, h, nc, q).cumsum(-1).view(b, h, nc * q)
-    return dt_p, acs
+    dA_log = da_part.sum((0, 2)) * A  # A = -exp(A_log): dA/dA_log = A
+    return dbias_part.sum((0, 2)).to(dt_bias.dtype), dA_log.to(A_log.dtype)
 
 
 class MambaChainFunction(torch.autograd.Function):
@@ -66,7 +140,7 @@ class MambaChainFunction(torch.autograd.Function):
         w = conv_weight.reshape(cd, -1).contiguous()
         xbc = conv1d_forward(zxbcdt[..., di:di + cd], w, conv_bias, True, conv_dtype)
         x, B, C = _split_xbc(xbc, shape)
-        dt_p, acs = _decays(zxbcdt[..., di + cd:], dt_bias, A_log, shape)
+        dt_p, acs = _dt_forward(zxbcdt[..., di + cd:], dt_bias, A_log, shape)
         dims = SSDDims(x, B, shape.chunk_size)
         y, states = ssd_forward(x, dt_p, acs, B, C, None, dims, D=D)
         out, rstd = gated_rmsnorm_forward(y.view(b * s, di), z.reshape(b * s, di), norm_weight,
@@ -106,14 +180,9 @@ class MambaChainFunction(torch.autograd.Function):
         _, dw, dbias = conv1d_backward(zxbcdt[..., di:di + cd], w, conv_bias, dxbc, True,
                                        dx=dzxbcdt[..., di:di + cd])
 
-        # dt path: re-run the small [b, h, seq] ops under autograd.
-        with torch.enable_grad():
-            raw = zxbcdt[..., di + cd:].detach().requires_grad_(True)
-            bias_leaf = dt_bias.detach().requires_grad_(True)
-            alog_leaf = A_log.detach().requires_grad_(True)
-            dt_p2, acs2 = _decays(raw, bias_leaf, alog_leaf, shape)
-            draw, ddt_bias, dA_log = torch.autograd.grad((dt_p2, acs2), (raw, bias_leaf, alog_leaf), (ddt, dacs))
-        dzxbcdt[..., di + cd:].copy_(draw)
+        # dt path: d(dt_raw) straight into its slice of d(zxbcdt).
+        ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dacs,
+                                        dzxbcdt[..., di + cd:], shape)
 
         return (
             dzxbcdt,
