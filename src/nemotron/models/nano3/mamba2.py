@@ -59,10 +59,6 @@ class Mamba2Mixer(nn.Module):
         # Set by `nemotron.distributed.parallelize` under context parallelism: u is then this
         # rank's part of each sequence; the conv1d and the scan take their left context from it.
         self.context_parallel = None
-        self.chain_shape = mamba_chain.MambaChainShape(
-            num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
-            state_size=self.state_size, chunk_size=self.chunk_size, eps=config.norm_eps, dt_limit=DT_LIMIT,
-        )
         # The SSM parameters are excluded from weight decay (as in Megatron / mamba_ssm).
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
@@ -84,6 +80,14 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty(self.num_heads, device=device).uniform_(*A_INIT_RANGE)))
         nn.init.ones_(self.D)
         self.norm.reset_parameters()
+
+    @property
+    def chain_shape(self) -> mamba_chain.MambaChainShape:
+        """The sizes the fused chain needs, read at call time (tensor parallelism narrows them)."""
+        return mamba_chain.MambaChainShape(
+            num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
+            state_size=self.state_size, chunk_size=self.chunk_size, eps=self.norm.eps, dt_limit=DT_LIMIT,
+        )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u [batch, seq, hidden] -> [batch, seq, hidden]."""
