@@ -72,11 +72,11 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
 
 
 @triton.jit
-def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DACS, DRAW, DA_PART, DBIAS_PART, L, H, NC, srb, srl, sdb, sdl,
-                   lo, hi, Q: tl.constexpr):
-    """The dt path's backward for one chunk of one (batch, head): from the SSD's dt gradient and
-    cumulative-decay gradient to d(raw) (written into its slice of d(zxbcdt)) and this chunk's
-    partial sums of dA and d(bias)."""
+def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DYY, DA_LAST, DRAW, DA_PART, DBIAS_PART, L, H, NC, srb, srl,
+                   sdb, sdl, lo, hi, Q: tl.constexpr):
+    """The dt path's backward for one chunk of one (batch, head): from the SSD's direct dt
+    gradient and its decay-gradient terms to d(raw) (written into its slice of d(zxbcdt)) and
+    this chunk's partial sums of dA and d(bias)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -88,10 +88,13 @@ def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DACS, DRAW, DA_PART, DBIAS_PART, L,
     sp = _softplus(pre)
     a = -tl.exp(tl.load(ALOG + h).to(tl.float32))
     base = bh * NC * Q + c * Q + offs
-    # acs_t = sum_{k<=t} dt_k a  =>  d(dt_t a) = sum_{k>=t} dacs_k
-    g = tl.cumsum(tl.load(DACS + base), axis=0, reverse=True)
     dt = tl.load(DT + base)
-    ddt = tl.load(DDT + base) + g * a
+    ddt = tl.load(DDT + base)
+    # The SSD's decay gradient (ssd_triton): dacs = dy.y - dt ddt, plus <G, S> at the chunk's end.
+    dacs = tl.load(DYY + base) - dt * ddt + tl.where(offs == Q - 1, tl.load(DA_LAST + bh * NC + c), 0.0)
+    # acs_t = sum_{k<=t} dt_k a  =>  d(dt_t a) = sum_{k>=t} dacs_k
+    g = tl.cumsum(dacs, axis=0, reverse=True)
+    ddt = ddt + g * a
     keep = valid & (sp >= lo) & (sp <= hi)  # clamp passes the gradient inside [lo, hi], as torch's
     dpre = tl.where(keep, ddt * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre)), 0.0)
     tl.store(DRAW + b * sdb + t * sdl + h, dpre.to(DRAW.dtype.element_ty), mask=valid)
@@ -112,7 +115,7 @@ def _dt_forward(raw, dt_bias, A_log, shape: MambaChainShape):
     return dt, acs
 
 
-def _dt_backward(raw, dt_bias, A_log, dt, ddt, dacs, draw, shape: MambaChainShape):
+def _dt_backward(raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, shape: MambaChainShape):
     """Writes d(raw) into ``draw`` (a strided slice); returns (d dt_bias, d A_log) in the parameters' dtypes."""
     b, s, h = raw.shape
     q = shape.chunk_size
@@ -120,7 +123,7 @@ def _dt_backward(raw, dt_bias, A_log, dt, ddt, dacs, draw, shape: MambaChainShap
     da_part = torch.empty((b, h, nc), device=raw.device, dtype=torch.float32)
     dbias_part = torch.empty_like(da_part)
     lo, hi = shape.dt_limit
-    _dt_bwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, ddt, dacs, draw, da_part, dbias_part, s, h, nc,
+    _dt_bwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, da_part, dbias_part, s, h, nc,
                                 raw.stride(0), raw.stride(1), draw.stride(0), draw.stride(1),
                                 float(lo), float(hi), Q=q)
     A = -torch.exp(A_log.float())
@@ -172,8 +175,9 @@ class MambaChainFunction(torch.autograd.Function):
         x, B, C = _split_xbc(xbc, shape)
         dxbc = torch.empty_like(xbc)
         dx, dB, dC = _split_xbc(dxbc, shape)
-        _, ddt, dacs, _, _, _, dD = ssd_backward(
+        _, ddt, (dyy, da_last), _, _, _, dD = ssd_backward(
             x, dt_p, acs, B, C, states, dy.view(x.shape), None, ctx.dims, D=D, dx=dx, dB=dB, dC=dC,
+            decay_terms=True,
         )
 
         # Conv + SiLU: d(xBC) straight into its slice of d(zxbcdt).
@@ -181,7 +185,7 @@ class MambaChainFunction(torch.autograd.Function):
                                        dx=dzxbcdt[..., di:di + cd])
 
         # dt path: d(dt_raw) straight into its slice of d(zxbcdt).
-        ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dacs,
+        ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dyy, da_last,
                                         dzxbcdt[..., di + cd:], shape)
 
         return (

@@ -385,8 +385,12 @@ def ssd_forward(x, dt_p, acs, B, C, init, d: SSDDims, D=None):
     return y, states
 
 
-def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, dx=None, dB=None, dC=None):
+def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, dx=None, dB=None, dC=None,
+                 decay_terms=False):
     """Launch the backward kernels; returns ``(dx, ddt, dacs, dB, dC, dinit, dD)``.
+
+    ``decay_terms=True`` returns ``(dy.y [b, h, L], <G, S> [b, h, nc])`` in place of ``dacs``,
+    for a caller that forms ``dacs = dy.y - dt ddt (+ <G, S> at each chunk's last step)`` itself.
 
     ``dy`` may have any strides (last dim contiguous). ``dx`` / ``dB`` / ``dC``, when given, are
     written in place and must have x's / B's / C's strides (slices of one gradient buffer laid out
@@ -442,8 +446,11 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
         IEEE=d.ieee, num_warps=warps, num_stages=stages,
     )
     # dL/da_j = dy_j.y_j - u_j.du_j + [j last in chunk] <G_{c+1}, S_{c+1}>
-    dacs = dyy - dt_p * ddt
-    dacs.view(d.b, d.h, d.nc, d.Q)[..., -1] += da_last
+    if decay_terms:
+        dacs = (dyy, da_last)
+    else:
+        dacs = dyy - dt_p * ddt
+        dacs.view(d.b, d.h, d.nc, d.Q)[..., -1] += da_last
     dD = dd_part.sum((0, 1, 2)) if D is not None else None
     return dx, ddt, dacs, dB, dC, dinit, dD
 
