@@ -238,7 +238,40 @@ def _mamba_chain_direct_check(dt_limit, seq=40):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _mamba_chain_half_check():
+    """The chain in float16 (the interpreter has no bfloat16; float16 exercises the same
+    low-precision loads, stores and gradient dtypes) against a float64 reference run."""
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    shape = MambaChainShape(num_heads=4, head_dim=16, num_groups=2, state_size=16, chunk_size=16, eps=1e-5)
+    gen = torch.Generator().manual_seed(10)
+    leaves = dict(
+        zxbcdt=torch.randn(2, 40, shape.in_proj_dim, generator=gen),
+        conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3, dt_bias=torch.randn(4, generator=gen) - 1,
+        A_log=torch.rand(4, generator=gen), D=torch.rand(4, generator=gen) + 0.5,
+        norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    gy = torch.randn(2, 40, shape.d_inner, generator=gen, dtype=torch.float64)
+
+    def run(fn, dtype):
+        ls = {k: v.to(dtype).requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out.double() * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton, torch.float16), run(mamba_chain_reference, torch.float64)
+    for name in want:
+        assert got[name].dtype == torch.float16, (name, got[name].dtype)
+        err = ((got[name].double() - want[name]).norm() / want[name].norm()).item()
+        assert err < 1e-2, (name, err)
+
+
 CHECKS = {
+    "mamba_chain_float16": _mamba_chain_half_check,
     "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
