@@ -148,14 +148,14 @@ def _mixer_grads(mixer, u, gy, *, fused, autocast):
 
     mixer.zero_grad(set_to_none=True)
     uu = u.detach().clone().requires_grad_(True)
-    original = chain.chain_supported
-    if not fused:
-        chain.chain_supported = lambda *a: False
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = mixer(uu)
-    finally:
-        chain.chain_supported = original
+    with chain.fused_chain(fused), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = mixer(uu)
+    nodes, frontier = [], [out.grad_fn]
+    for _ in range(6):  # the autograd nodes within 6 steps of the output
+        frontier = [n for f in frontier for n, _ in f.next_functions if n is not None]
+        nodes += frontier
+    fused_ran = any("MambaChainFunction" in type(n).__name__ for n in nodes)
+    assert fused_ran == fused, f"fused chain ran: {fused_ran}, asked: {fused}"
     out.backward(gy.to(out.dtype))
     return {"out": out, "du": uu.grad, **{n: p.grad for n, p in mixer.named_parameters()}}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nemotron.kernels import fast_paths
-from nemotron.kernels.mamba_chain import MambaChainShape, chain_supported, mamba_chain
+from nemotron.kernels.mamba_chain import MambaChainShape, chain_supported, fused_chain, mamba_chain
 
 SHAPE = MambaChainShape(num_heads=4, head_dim=8, num_groups=2, state_size=8, chunk_size=16, eps=1e-5)
 
@@ -29,7 +29,10 @@ def test_not_supported_on_cpu_or_without_fast_paths_or_odd_chunk():
     assert not chain_supported(x, 16)  # CPU tensor: the mixer keeps its step-by-step path
     if torch.cuda.is_available():
         xc = x.cuda()
+        assert chain_supported(xc, 16) == __import__("nemotron.kernels").kernels.triton_available()
         with fast_paths(False):
+            assert not chain_supported(xc, 16)
+        with fused_chain(False):
             assert not chain_supported(xc, 16)
         assert not chain_supported(xc, 24) and not chain_supported(xc, 8)
         assert not chain_supported(xc.double(), 16)
@@ -70,3 +73,14 @@ def test_reference_chain_is_the_mixer_between_its_projections():
     y = mamba_chain_reference(m.in_proj(u), m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D,
                               m.norm.weight, m.chain_shape)
     torch.testing.assert_close(m.out_proj(y), m(u), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_chain_switch_restores():
+    import nemotron.kernels.mamba_chain as chain
+
+    with fused_chain(False):
+        assert not chain._FUSED_CHAIN["enabled"]
+        with fused_chain(True):
+            assert chain._FUSED_CHAIN["enabled"]
+        assert not chain._FUSED_CHAIN["enabled"]
+    assert chain._FUSED_CHAIN["enabled"]

@@ -93,17 +93,11 @@ def test_mamba_mixer_fused_chain_matches_step_by_step_at_nano3_width():
     def run(fused):
         mixer.zero_grad(set_to_none=True)
         uu = u.clone().requires_grad_(True)
-        original = chain.chain_supported
-        if not fused:
-            chain.chain_supported = lambda *a: False
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = mixer(uu)
-        finally:
-            chain.chain_supported = original
+        with chain.fused_chain(fused), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = mixer(uu)
         out.backward(gy)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base

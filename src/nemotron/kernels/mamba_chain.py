@@ -16,11 +16,28 @@ ground truth this is tested against.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MambaChainShape", "chain_supported", "mamba_chain", "mamba_chain_reference"]
+__all__ = ["MambaChainShape", "chain_supported", "fused_chain", "mamba_chain", "mamba_chain_reference"]
+
+_FUSED_CHAIN = {"enabled": True}
+
+
+@contextlib.contextmanager
+def fused_chain(enabled: bool) -> Iterator[None]:
+    """Switch the fused chain off (``False``) for the code inside, leaving the other fast paths
+    on: the mixer then runs its step-by-step fast path (process-wide; benchmarks and GPU tests
+    compare the two)."""
+    previous = _FUSED_CHAIN["enabled"]
+    _FUSED_CHAIN["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_CHAIN["enabled"] = previous
 
 
 @dataclass(frozen=True)
@@ -50,11 +67,12 @@ class MambaChainShape:
 
 def chain_supported(zxbcdt: torch.Tensor, chunk_size: int) -> bool:
     """True where the fused chain runs: a CUDA tensor below float64, Triton importable, fast
-    paths on, and a power-of-two chunk of at least 16 (the SSD kernel's tiles)."""
+    paths on, ``fused_chain`` not switched off, and a power-of-two chunk of at least 16 (the
+    SSD kernel's tiles)."""
     from nemotron.kernels import fast_paths_enabled, triton_available
 
     power_of_two = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    return (zxbcdt.is_cuda and zxbcdt.dtype != torch.float64 and power_of_two
+    return (_FUSED_CHAIN["enabled"] and zxbcdt.is_cuda and zxbcdt.dtype != torch.float64 and power_of_two
             and fast_paths_enabled() and triton_available())
 
 
