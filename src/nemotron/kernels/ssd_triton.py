@@ -272,7 +272,8 @@ def _bwd_dx_db_kernel(
             tl.store(DD_PART + ((b * NC + c) * tl.num_programs(0) + jb) * H + h, tl.sum(tl.sum(dy_j * x_f, axis=1), axis=0))
         tl.store(DX + b * sxb + t_j[:, None] * sxl + h * sxh + offs_p[None, :] * sxp,
                  dx.to(DX.dtype.element_ty), mask=mask_jp)
-        tl.store(DDT + bh * NC * Q + c * Q + offs_j, tl.sum(du * x_f, axis=1), mask=valid_j)
+        # Unmasked: past the sequence end du and x are 0, so the padded tail gets its zeros here.
+        tl.store(DDT + bh * NC * Q + c * Q + offs_j, tl.sum(du * x_f, axis=1))
     tl.store(DB + b * sbb + t_j[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
              db_acc.to(DB.dtype.element_ty), mask=mask_jn)
 
@@ -327,7 +328,7 @@ def _bwd_dc_kernel(
             decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
             s = _mm(dy_i, tl.trans(x_j), IEEE) * (decay * dt_j[None, :])
             head += _mm(s.to(b_j.dtype), b_j, IEEE)
-        tl.store(DYY + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1), mask=valid_i)
+        tl.store(DYY + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1))  # 0 past the end
         dc_acc += head
     tl.store(DC + b * sbb + t_i[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
              dc_acc.to(DC.dtype.element_ty), mask=valid_i[:, None] & (offs_n[None, :] < N))
@@ -357,6 +358,8 @@ def ssd_forward(x, dt_p, acs, B, C, init, d: SSDDims, D=None):
     """Launch the forward kernels. x [b,l,h,p], B/C [b,l,g,n] may be strided views (last dim
     contiguous; B and C with equal strides); ``D`` [h] fuses the skip ``y += D x``. Returns y
     (contiguous, x's dtype) and the entering states [b, nc+1, h, p, n] (fp32)."""
+    if B.stride() != C.stride():
+        raise ValueError(f"ssd_forward: B and C must have equal strides, got {B.stride()} and {C.stride()}")
     dev = x.device
     pn = d.p * d.n
     warps, stages = SSD_TRITON_CONFIG["num_warps"], SSD_TRITON_CONFIG["num_stages"]
@@ -426,7 +429,7 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
         dC = torch.empty_like(C)
     if dx.stride() != x.stride() or dB.stride() != B.stride() or dC.stride() != C.stride():
         raise ValueError("ssd_backward: dx, dB, dC must have the strides of x, B, C")
-    ddt = torch.zeros((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
+    ddt = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
     grid = (triton.cdiv(d.Q, d.block_m), d.nc, d.b * d.g)
     dd_part = (torch.empty((d.b, d.nc, grid[0], d.h), device=dev, dtype=torch.float32)
                if D is not None else ddt)
@@ -437,7 +440,7 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
         Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
         IEEE=d.ieee, HAS_D=D is not None, num_warps=warps, num_stages=stages,
     )
-    dyy = torch.zeros((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
+    dyy = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
     _bwd_dc_kernel[grid](
         x, dt_p, acs, B, C, dy, states, dC, dyy,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
