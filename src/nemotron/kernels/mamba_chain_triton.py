@@ -179,10 +179,12 @@ class MambaChainFunction(torch.autograd.Function):
             x, dt_p, acs, B, C, states, dy.view(x.shape), None, ctx.dims, D=D, dx=dx, dB=dB, dC=dC,
             decay_terms=True,
         )
+        del dy, dx, dB, dC  # free d(y) before the conv backward's fp32 buffer is allocated
 
         # Conv + SiLU: d(xBC) straight into its slice of d(zxbcdt).
         _, dw, dbias = conv1d_backward(zxbcdt[..., di:di + cd], w, conv_bias, dxbc, True,
                                        dx=dzxbcdt[..., di:di + cd])
+        del dxbc
 
         # dt path: d(dt_raw) straight into its slice of d(zxbcdt).
         ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dyy, da_last,
