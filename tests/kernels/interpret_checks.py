@@ -270,7 +270,79 @@ def _mamba_chain_half_check():
         assert err < 1e-2, (name, err)
 
 
+def _mamba_chain_no_glue_check(fused=True):
+    """With the fused chain, one mixer forward+backward runs no PyTorch op on an activation-sized
+    tensor other than the projections' matmuls (and views / allocations): every copy, cast,
+    concatenation, elementwise op and reduction of the step-by-step path is gone. (Ops inside
+    the Triton kernels, which the interpreter runs with numpy/torch, are not counted.)"""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import nemotron.kernels.mamba_chain as chain
+    from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+
+    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
+                      mamba_chunk_size=16, num_experts=2, moe_top_k=1, moe_ffn_hidden_size=8,
+                      moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    m = Mamba2Mixer(cfg)
+    seq = 64
+    big = seq * m.d_inner  # elements of one [seq, d_inner] activation
+    allowed = {"mm", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
+               "_unsafe_view", "_reshape_alias", "slice", "t", "transpose", "as_strided", "detach", "alias",
+               "expand", "unsqueeze", "squeeze", "split_with_sizes", "split", "permute"}
+    inside, glue = [0], []
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        inside[0] += 1
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            if not inside[0] and name not in allowed and any(t.numel() >= big for t in tensors):
+                glue.append(f"{func}{[tuple(t.shape) for t in tensors]}")
+            return out
+
+    import nemotron.kernels.conv1d as conv_module
+    import nemotron.kernels.rmsnorm as norm_module
+    import nemotron.kernels.ssd as ssd_module
+
+    patched = [(chain, "chain_supported", lambda *a: fused),
+               # the step-by-step fast path on CPU tensors (its dispatchers test is_cuda)
+               (ssd_module, "triton_supports", lambda x, c: True),
+               (conv_module, "_use_triton", lambda x: True),
+               (norm_module, "_use_triton", lambda x: True)]
+    originals = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    u = torch.randn(1, seq, cfg.hidden_size, requires_grad=True)
+    gy = torch.randn(1, seq, cfg.hidden_size)
+    try:
+        for mod, name, value in patched:
+            setattr(mod, name, value)
+        interpreter.InterpretedFunction.run = counted_run
+        with Census():
+            m(u).backward(gy)
+    finally:
+        interpreter.InterpretedFunction.run = run
+        for mod, name, value in originals:
+            setattr(mod, name, value)
+    if fused:
+        assert not glue, glue
+    else:  # the census sees the step-by-step path's glue (so it would see a regression)
+        assert any("cat" in g for g in glue) and any("clone" in g for g in glue), glue
+
+
 CHECKS = {
+    "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
+    "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,
     "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
