@@ -13,7 +13,10 @@ Paths:
   single-GPU training path did before bf16 compute weights);
 - `fast`: bf16 compute parameters (what FSDP2's mixed precision hands the blocks) and the fast
   kernels; attention on SDPA's default choice;
-- attention only: `fast-<backend>` for SDPA's flash / cuDNN / efficient backends.
+- attention only: `fast-<backend>` for SDPA's flash / cuDNN / efficient backends;
+- Mamba-2 only: `fast-stepwise`, `fast` without the fused chain
+  (`nemotron.kernels.mamba_chain.fused_chain(False)`): each kernel its own autograd node with
+  PyTorch glue between them (what `fast` was before the chain).
 
 Reported per path: median ms of back-to-back calls (the CPU queues the next call while the GPU
 runs, as in training; `ms_synced` in the JSON is the median with every call synchronised, launch
@@ -43,6 +46,7 @@ from bench_common import (  # noqa: E402
 )
 
 from nemotron.kernels import fast_paths  # noqa: E402
+from nemotron.kernels.mamba_chain import fused_chain  # noqa: E402
 from nemotron.models.nano3.config import Nano3Config  # noqa: E402
 from nemotron.models.nano3.model import Block  # noqa: E402
 from nemotron.train import flops  # noqa: E402
@@ -105,6 +109,9 @@ def paths_for(kind: str, device: torch.device) -> list[dict]:
     if kind == "attention" and device.type == "cuda":
         paths += [{"name": f"fast-{b}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": b}
                   for b in ("flash", "cudnn", "efficient")]
+    if kind == "mamba":  # the Triton kernels one autograd node each, without the fused chain
+        paths += [{"name": "fast-stepwise", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
+                   "fused_chain": False}]
     return paths
 
 
@@ -162,7 +169,8 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
         row = {"block": kind, "path": path["name"], "batch": batch, "seq": seq,
                "experts": cfg.num_experts if kind == "moe" else None}
         try:
-            with fast_paths(path["fast"]), sdpa_backend(path["sdpa"]):
+            with fast_paths(path["fast"]), sdpa_backend(path["sdpa"]), \
+                    fused_chain(path.get("fused_chain", True)):
                 out = step().detach()
                 dx = x.grad.detach().clone()
                 # Every parameter gradient, flattened in float32 (the residual dominates the

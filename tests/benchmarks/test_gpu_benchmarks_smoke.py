@@ -83,6 +83,7 @@ def test_blocks_reference_and_fast_paths(tmp_path):
     paths = {(r["block"], r["path"]) for r in result["rows"]}
     for kind in ("mamba", "attention", "moe"):
         assert {(kind, "reference"), (kind, "fast"), (kind, "fast-fp32w")} <= paths
+    assert ("mamba", "fast-stepwise") in paths
     fast = [r for r in result["rows"] if r["path"] == "fast"]
     assert all(r["rel_err_dparams"] < 5e-2 for r in fast)  # bf16 weights vs fp32 reference
     assert md.read_text().count("| fast |") == 3

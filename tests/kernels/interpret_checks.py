@@ -48,12 +48,14 @@ def _ssd_check(l, chunk, with_state, g=2, h=4, final_grad=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _rmsnorm_check(gated, t=37, d=48, group_size=16):
+def _rmsnorm_check(gated, t=37, d=48, group_size=16, strided_gate=False):
     from nemotron.kernels.rmsnorm import gated_rmsnorm_reference, gated_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(2)
     y = torch.randn(t, d, generator=gen)
     z = torch.randn(t, d, generator=gen) if gated else None
+    if strided_gate:  # the gate as a row-strided slice of a wider buffer (the in-projection output)
+        z = torch.cat([torch.randn(t, 5, generator=gen), z, torch.randn(t, 3, generator=gen)], 1)[:, 5:5 + d]
     w = torch.randn(d, generator=gen)
     gout = torch.randn(t, d, generator=gen)
 
@@ -140,7 +142,213 @@ def _moe_combine_check(tokens=7, k=3, hidden=40):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw {i}: {m}")
 
 
+def _graph_nodes(fn, limit=4):
+    """The autograd nodes within `limit` steps of fn."""
+    seen, frontier = [], [fn]
+    for _ in range(limit):
+        frontier = [n for f in frontier for n, _ in f.next_functions if n is not None]
+        seen += frontier
+    return seen
+
+
+def _mamba_chain_check(seq, batch=2, with_autocast=False):
+    """The mixer with the fused chain (forced on CPU tensors) against the mixer's reference path:
+    output and the gradients of the input and of every parameter."""
+    import nemotron.kernels.mamba_chain as chain
+    from nemotron.kernels import fast_paths
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+    from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
+                      mamba_conv_kernel=4, mamba_chunk_size=16, num_experts=2, moe_top_k=1,
+                      moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    torch.manual_seed(7)
+    m = Mamba2Mixer(cfg)
+    with torch.no_grad():  # parameters away from their initial constants, so every gradient counts
+        m.D.uniform_(0.5, 1.5)
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.conv1d.bias.uniform_(-0.5, 0.5)
+        m.in_proj.weight.mul_(10.0)
+    gen = torch.Generator().manual_seed(8)
+    u = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+    gy = torch.randn(batch, seq, cfg.hidden_size, generator=gen)
+
+    def run(forced):
+        m.zero_grad(set_to_none=True)
+        uu = u.clone().requires_grad_(True)
+        original = chain.chain_supported
+        if forced:
+            chain.chain_supported = lambda *a: True
+        try:
+            with fast_paths(forced):
+                out = m(uu)
+        finally:
+            chain.chain_supported = original
+        fused = any("MambaChainFunction" in type(n).__name__ for n in _graph_nodes(out.grad_fn))
+        assert fused == forced, f"fused chain ran: {fused}, forced: {forced}"
+        (out * gy).sum().backward()
+        return {"out": out, "du": uu.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+    got, want = run(True), run(False)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}")
+
+
+def _mamba_chain_direct_check(dt_limit, seq=40):
+    """mamba_chain_triton against mamba_chain_reference with a dt clamp that bites and dt_bias
+    values on both softplus thresholds (> 20: identity; < -15: exp)."""
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    shape = MambaChainShape(num_heads=6, head_dim=16, num_groups=3, state_size=16, chunk_size=16,
+                            eps=1e-5, dt_limit=dt_limit)
+    gen = torch.Generator().manual_seed(9)
+    # The gate z read from a wider buffer: zxbcdt itself a row-strided slice.
+    wide = torch.randn(2, seq, shape.in_proj_dim + 6, generator=gen)
+    zxbcdt = wide[..., 2:2 + shape.in_proj_dim]
+    leaves = dict(
+        zxbcdt=zxbcdt, conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
+        dt_bias=torch.tensor([-1.0, -3.0, 0.5, 22.0, -18.0, -2.0]),
+        # head 3 (dt ~ 22 unclamped): a small |A| keeps its decays in a realistic range
+        A_log=torch.rand(6, generator=gen) - 6.0 * (torch.arange(6) == 3),
+        D=torch.rand(6, generator=gen) + 0.5, norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    gy = torch.randn(2, seq, shape.d_inner, generator=gen)
+
+    def run(fn):
+        ls = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton), run(mamba_chain_reference)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _mamba_chain_half_check():
+    """The chain in float16 (the interpreter has no bfloat16; float16 exercises the same
+    low-precision loads, stores and gradient dtypes) against a float64 reference run."""
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    shape = MambaChainShape(num_heads=4, head_dim=16, num_groups=2, state_size=16, chunk_size=16, eps=1e-5)
+    gen = torch.Generator().manual_seed(10)
+    leaves = dict(
+        zxbcdt=torch.randn(2, 40, shape.in_proj_dim, generator=gen),
+        conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3, dt_bias=torch.randn(4, generator=gen) - 1,
+        A_log=torch.rand(4, generator=gen), D=torch.rand(4, generator=gen) + 0.5,
+        norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    gy = torch.randn(2, 40, shape.d_inner, generator=gen, dtype=torch.float64)
+
+    def run(fn, dtype):
+        ls = {k: v.to(dtype).requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out.double() * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton, torch.float16), run(mamba_chain_reference, torch.float64)
+    for name in want:
+        assert got[name].dtype == torch.float16, (name, got[name].dtype)
+        err = ((got[name].double() - want[name]).norm() / want[name].norm()).item()
+        assert err < 1e-2, (name, err)
+
+
+def _mamba_chain_no_glue_check(fused=True):
+    """With the fused chain, one mixer forward+backward runs no PyTorch op on an activation-sized
+    tensor other than the projections' matmuls (and views / allocations): every copy, cast,
+    concatenation, elementwise op and reduction of the step-by-step path is gone. (Ops inside
+    the Triton kernels, which the interpreter runs with numpy/torch, are not counted.)"""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import nemotron.kernels.mamba_chain as chain
+    from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+
+    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
+                      mamba_chunk_size=16, num_experts=2, moe_top_k=1, moe_ffn_hidden_size=8,
+                      moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    m = Mamba2Mixer(cfg)
+    seq = 64
+    big = seq * m.d_inner  # elements of one [seq, d_inner] activation
+    allowed = {"mm", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
+               "_unsafe_view", "_reshape_alias", "slice", "t", "transpose", "as_strided", "detach", "alias",
+               "expand", "unsqueeze", "squeeze", "split_with_sizes", "split", "permute"}
+    inside, glue = [0], []
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        inside[0] += 1
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            if not inside[0] and name not in allowed and any(t.numel() >= big for t in tensors):
+                glue.append(f"{func}{[tuple(t.shape) for t in tensors]}")
+            return out
+
+    import nemotron.kernels.conv1d as conv_module
+    import nemotron.kernels.rmsnorm as norm_module
+    import nemotron.kernels.ssd as ssd_module
+
+    patched = [(chain, "chain_supported", lambda *a: fused),
+               # the step-by-step fast path on CPU tensors (its dispatchers test is_cuda)
+               (ssd_module, "triton_supports", lambda x, c: True),
+               (conv_module, "_use_triton", lambda x: True),
+               (norm_module, "_use_triton", lambda x: True)]
+    originals = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    u = torch.randn(1, seq, cfg.hidden_size, requires_grad=True)
+    gy = torch.randn(1, seq, cfg.hidden_size)
+    try:
+        for mod, name, value in patched:
+            setattr(mod, name, value)
+        interpreter.InterpretedFunction.run = counted_run
+        with Census():
+            m(u).backward(gy)
+    finally:
+        interpreter.InterpretedFunction.run = run
+        for mod, name, value in originals:
+            setattr(mod, name, value)
+    if fused:
+        assert not glue, glue
+    else:  # the census sees the step-by-step path's glue (so it would see a regression)
+        assert any("cat" in g for g in glue) and any("clone" in g for g in glue), glue
+
+
 CHECKS = {
+    "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
+    "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
+    "mamba_chain_float16": _mamba_chain_half_check,
+    "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
+    "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
+    "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
+    "mamba_chain_one_chunk_batch1": lambda: _mamba_chain_check(seq=16, batch=1),
+    "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),
     "moe_weighted_combine": _moe_combine_check,
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),

@@ -20,6 +20,13 @@ assert torch.equal(y, ssd_chunked_reference(x, dt, A, B, B, 4)[0])
 h = torch.randn(6, 4); w = torch.randn(4)
 rmsnorm(h, w); gated_rmsnorm(h, h, w, 2)
 linear_cross_entropy(h, torch.randn(7, 4), torch.randint(0, 7, (6,)))
+from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
+mixer = Mamba2Mixer(Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=16, vocab_size=8,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                mamba_num_heads=4, mamba_head_dim=4, mamba_state_size=4,
+                                mamba_num_groups=2, mamba_chunk_size=16, num_experts=2, moe_top_k=1,
+                                moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8))
+mixer(torch.randn(1, 5, 16)).sum().backward()
 loaded = [m for m in sys.modules if m == "triton" or m.endswith("_triton")]
 assert not loaded, loaded
 print("ok")

@@ -4,7 +4,8 @@ Triton is optional: it is imported lazily, only when a CUDA tensor (or the Trito
 ``TRITON_INTERPRET=1``) asks for a kernel, so this package imports on any CPU machine.
 
 The dispatchers live in their modules: ``nemotron.kernels.ssd.ssd``,
-``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}`` and
+``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}``,
+``nemotron.kernels.mamba_chain.mamba_chain`` (the fused Mamba-2 mixer between its projections) and
 ``nemotron.kernels.cross_entropy.linear_cross_entropy`` (``ssd`` and ``rmsnorm`` are also the
 module names, so the package re-exports only names that do not clash with a submodule).
 """

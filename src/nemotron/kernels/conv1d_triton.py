@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["causal_conv1d_triton", "CONV1D_TRITON_CONFIG"]
+__all__ = ["causal_conv1d_triton", "conv1d_forward", "conv1d_backward", "CONV1D_TRITON_CONFIG"]
 
 CONV1D_TRITON_CONFIG = {"block_t": 32, "block_c": 128, "num_warps": 4}
 
@@ -109,48 +109,64 @@ def _grid(s, c, b, cfg):
     return (triton.cdiv(s, cfg["block_t"]), triton.cdiv(c, cfg["block_c"]), b)
 
 
+def conv1d_forward(x, w, bias, silu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [b, s, c] (row-strided, last dim contiguous), w [c, K] contiguous -> y [b, s, c] contiguous."""
+    b, s, c = x.shape
+    y = torch.empty(b, s, c, device=x.device, dtype=out_dtype)
+    cfg = CONV1D_TRITON_CONFIG
+    has_bias = bias is not None
+    _fwd_kernel[_grid(s, c, b, cfg)](
+        x, w, bias if has_bias else w, y, s, c, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        K=w.shape[1], SILU=silu, HAS_BIAS=has_bias, BLOCK_T=cfg["block_t"], BLOCK_C=cfg["block_c"],
+        num_warps=cfg["num_warps"],
+    )
+    return y
+
+
+def conv1d_backward(x, w, bias, dy, silu: bool, dx=None):
+    """Gradients ``(dx, dw [c, K] float32, dbias float32 or None)``. ``dy`` and ``dx`` may be
+    row-strided (last dim contiguous); ``dx``, when given, is written in place (a slice of the
+    in-projection's gradient), else allocated in x's dtype."""
+    b, s, c = x.shape
+    k = w.shape[1]
+    cfg = CONV1D_TRITON_CONFIG
+    n_tiles = triton.cdiv(s, cfg["block_t"])
+    if dx is None:
+        dx = torch.empty(b, s, c, device=x.device, dtype=x.dtype)
+    dpre = torch.empty(b, s, c, device=x.device, dtype=torch.float32)
+    dw_part = torch.empty(b * n_tiles, c, k, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(b * n_tiles, c, device=x.device, dtype=torch.float32)
+    meta = dict(BLOCK_T=cfg["block_t"], BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"])
+    has_bias = bias is not None
+    _bwd_dpre_kernel[_grid(s, c, b, cfg)](
+        x, w, bias if has_bias else w, dy, dpre, dw_part, db_part, s, c, n_tiles,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        K=k, SILU=silu, HAS_BIAS=has_bias, **meta,
+    )
+    _bwd_dx_kernel[_grid(s, c, b, cfg)](dpre, w, dx, s, c, dx.stride(0), dx.stride(1), K=k, **meta)
+    return dx, dw_part.sum(0), db_part.sum(0) if has_bias else None
+
+
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool, out_dtype: torch.dtype):
-        b, s, c = x.shape
+        c = x.shape[-1]
         if x.stride(-1) != 1:
             x = x.contiguous()
         w = weight.reshape(c, -1).contiguous()
-        k = w.shape[1]
-        y = torch.empty(b, s, c, device=x.device, dtype=out_dtype)
-        cfg = CONV1D_TRITON_CONFIG
-        has_bias = bias is not None
-        _fwd_kernel[_grid(s, c, b, cfg)](
-            x, w, bias if has_bias else w, y, s, c, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            K=k, SILU=silu, HAS_BIAS=has_bias, BLOCK_T=cfg["block_t"], BLOCK_C=cfg["block_c"],
-            num_warps=cfg["num_warps"],
-        )
+        y = conv1d_forward(x, w, bias, silu, out_dtype)
         ctx.save_for_backward(x, w, bias)
-        ctx.silu, ctx.has_bias, ctx.weight_shape = silu, has_bias, weight.shape
+        ctx.silu, ctx.has_bias, ctx.weight_shape = silu, bias is not None, weight.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w, bias = ctx.saved_tensors
-        b, s, c = x.shape
-        k = w.shape[1]
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        cfg = CONV1D_TRITON_CONFIG
-        n_tiles = triton.cdiv(s, cfg["block_t"])
-        dx = torch.empty(b, s, c, device=x.device, dtype=x.dtype)
-        dpre = torch.empty(b, s, c, device=x.device, dtype=torch.float32)
-        dw_part = torch.empty(b * n_tiles, c, k, device=x.device, dtype=torch.float32)
-        db_part = torch.empty(b * n_tiles, c, device=x.device, dtype=torch.float32)
-        meta = dict(BLOCK_T=cfg["block_t"], BLOCK_C=cfg["block_c"], num_warps=cfg["num_warps"])
-        _bwd_dpre_kernel[_grid(s, c, b, cfg)](
-            x, w, bias if ctx.has_bias else w, dy, dpre, dw_part, db_part, s, c, n_tiles,
-            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            K=k, SILU=ctx.silu, HAS_BIAS=ctx.has_bias, **meta,
-        )
-        _bwd_dx_kernel[_grid(s, c, b, cfg)](dpre, w, dx, s, c, dx.stride(0), dx.stride(1), K=k, **meta)
-        dw = dw_part.sum(0).to(w.dtype).reshape(ctx.weight_shape)
-        db = db_part.sum(0).to(bias.dtype) if ctx.has_bias else None
+        dx, dw, db = conv1d_backward(x, w, bias, dy, ctx.silu)
+        dw = dw.to(w.dtype).reshape(ctx.weight_shape)
+        db = db.to(bias.dtype) if ctx.has_bias else None
         return dx, dw, db, None, None
 
 

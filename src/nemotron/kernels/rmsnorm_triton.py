@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GatedRMSNormFunction", "RMSNORM_TRITON_CONFIG"]
+__all__ = ["GatedRMSNormFunction", "gated_rmsnorm_forward", "gated_rmsnorm_backward", "RMSNORM_TRITON_CONFIG"]
 
 
 @triton.jit
-def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps,
+def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps, szt,
                 HAS_GATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # Token tiles on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535, which a
     # 128K-token sequence with small tiles exceeds).
@@ -25,7 +25,7 @@ def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps,
     offs = rows[:, None] * D + grp * GS + cols[None, :]
     h = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z + rows[:, None] * szt + grp * GS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = h * z * tl.sigmoid(z)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / GS + eps)
     w = tl.load(W + grp * GS + cols, mask=cols < GS, other=0.0)
@@ -35,7 +35,7 @@ def _fwd_kernel(Y, Z, W, OUT, RSTD, T, D, GS, eps,
 
 
 @triton.jit
-def _bwd_kernel(Y, Z, W, DOUT, RSTD, DY, DZ, DW_PART, T, D, GS,
+def _bwd_kernel(Y, Z, W, DOUT, RSTD, DY, DZ, DW_PART, T, D, GS, szt, sdzt,
                 HAS_GATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     grp = tl.program_id(1)
     tile = tl.program_id(0).to(tl.int64)
@@ -46,7 +46,7 @@ def _bwd_kernel(Y, Z, W, DOUT, RSTD, DY, DZ, DW_PART, T, D, GS,
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     h = y
     if HAS_GATE:
-        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z + rows[:, None] * szt + grp * GS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         h = y * z * sig
     rstd = tl.load(RSTD + rows * (D // GS) + grp, mask=rows < T, other=0.0)
@@ -61,7 +61,7 @@ def _bwd_kernel(Y, Z, W, DOUT, RSTD, DY, DZ, DW_PART, T, D, GS,
     if HAS_GATE:
         tl.store(DY + offs, (dh * z * sig).to(DY.dtype.element_ty), mask=mask)
         dsilu = sig * (1.0 + z * (1.0 - sig))
-        tl.store(DZ + offs, (dh * y * dsilu).to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DZ + rows[:, None] * sdzt + grp * GS + cols[None, :], (dh * y * dsilu).to(DZ.dtype.element_ty), mask=mask)
     else:
         tl.store(DY + offs, dh.to(DY.dtype.element_ty), mask=mask)
 
@@ -76,43 +76,65 @@ def _tiles(group_size: int) -> tuple[int, int]:
     return block_t, block_c
 
 
+def _rows(t: torch.Tensor | None, d: int) -> torch.Tensor | None:
+    """[..., d] -> [T, d] with a contiguous last dim; a row-strided view (the gate sliced out of
+    the in-projection output) stays a view."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def gated_rmsnorm_forward(y2, z2, weight, group_size, eps):
+    """y2 [T, d] contiguous, z2 [T, d] row-strided or None -> (out [T, d] in y's dtype, rstd [T, groups])."""
+    t, d = y2.shape
+    groups = d // group_size
+    out = torch.empty_like(y2)
+    rstd = torch.empty((t, groups), device=y2.device, dtype=torch.float32)
+    block_t, block_c = _tiles(group_size)
+    _fwd_kernel[(triton.cdiv(t, block_t), groups)](
+        y2, z2 if z2 is not None else y2, weight, out, rstd, t, d, group_size, eps,
+        z2.stride(0) if z2 is not None else d,
+        HAS_GATE=z2 is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=RMSNORM_TRITON_CONFIG["num_warps"],
+    )
+    return out, rstd
+
+
+def gated_rmsnorm_backward(y2, z2, weight, rstd, dout2, group_size, dz=None):
+    """Gradients (dy [T, d] contiguous, dz, dweight in weight's dtype). ``dz``, when given, is a
+    row-strided [T, d] view written in place (a slice of the in-projection's gradient)."""
+    t, d = y2.shape
+    block_t, block_c = _tiles(group_size)
+    n_tiles = triton.cdiv(t, block_t)
+    dy = torch.empty_like(y2)
+    if z2 is not None and dz is None:
+        dz = torch.empty((t, d), device=y2.device, dtype=z2.dtype)
+    dw_part = torch.empty((n_tiles, d), device=y2.device, dtype=torch.float32)
+    _bwd_kernel[(n_tiles, d // group_size)](
+        y2, z2 if z2 is not None else y2, weight, dout2, rstd, dy, dz if dz is not None else dy, dw_part,
+        t, d, group_size, z2.stride(0) if z2 is not None else d, dz.stride(0) if dz is not None else d,
+        HAS_GATE=z2 is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=RMSNORM_TRITON_CONFIG["num_warps"],
+    )
+    return dy, dz, dw_part.sum(0).to(weight.dtype)
+
+
 class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, weight, group_size, eps):
-        shape = y.shape
-        d = shape[-1]
+        d = y.shape[-1]
         y2 = y.reshape(-1, d).contiguous()
-        z2 = z.reshape(-1, d).contiguous() if z is not None else None
-        t = y2.shape[0]
-        groups = d // group_size
-        out = torch.empty_like(y2)
-        rstd = torch.empty((t, groups), device=y.device, dtype=torch.float32)
-        block_t, block_c = _tiles(group_size)
-        _fwd_kernel[(triton.cdiv(t, block_t), groups)](
-            y2, z2 if z2 is not None else y2, weight, out, rstd, t, d, group_size, eps,
-            HAS_GATE=z is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=RMSNORM_TRITON_CONFIG["num_warps"],
-        )
+        z2 = _rows(z, d)
+        out, rstd = gated_rmsnorm_forward(y2, z2, weight, group_size, eps)
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.group_size = group_size
-        ctx.shape = shape
-        return out.reshape(shape)
+        ctx.shape = y.shape
+        return out.reshape(y.shape)
 
     @staticmethod
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
-        t, d = y2.shape
-        gs = ctx.group_size
-        block_t, block_c = _tiles(gs)
-        n_tiles = triton.cdiv(t, block_t)
-        dout2 = dout.reshape(-1, d).contiguous()
-        dy = torch.empty_like(y2)
-        dz = torch.empty_like(z2) if z2 is not None else None
-        dw_part = torch.empty((n_tiles, d), device=y2.device, dtype=torch.float32)
-        _bwd_kernel[(n_tiles, d // gs)](
-            y2, z2 if z2 is not None else y2, weight, dout2, rstd, dy, dz if dz is not None else dy, dw_part,
-            t, d, gs, HAS_GATE=z2 is not None, BLOCK_T=block_t, BLOCK_C=block_c,
-            num_warps=RMSNORM_TRITON_CONFIG["num_warps"],
-        )
-        dw = dw_part.sum(0).to(weight.dtype)
+        dout2 = dout.reshape(-1, y2.shape[1]).contiguous()
+        dy, dz, dw = gated_rmsnorm_backward(y2, z2, weight, rstd, dout2, ctx.group_size)
         dz_out = dz.reshape(ctx.shape) if dz is not None else None
         return dy.reshape(ctx.shape), dz_out, dw, None, None

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from nemotron.kernels.ssd import DEFAULT_CHUNK_SIZE, check_ssd_shapes
 
-__all__ = ["ssd_triton", "SSD_TRITON_CONFIG"]
+__all__ = ["ssd_triton", "ssd_forward", "ssd_backward", "SSDDims", "SSD_TRITON_CONFIG"]
 
 # Block sizes / warps; the benchmark may override these to sweep.
 SSD_TRITON_CONFIG = {"block_rows": 64, "num_warps": 4, "num_stages": 2, "state_block": 512}
@@ -151,14 +151,16 @@ def _state_pass_bwd_kernel(
 
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    X, DT, ACS, B, C, STATES, Y,
+    X, DT, ACS, B, C, STATES, Y, DSKIP,
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
     syb, syl, syh, syp,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_D: tl.constexpr,
 ):
+    """y rows of one chunk and head; with HAS_D the skip D[h] * x_i is added in fp32 before
+    the single rounding to y's dtype (the mixer's D skip, fused)."""
     mb = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -194,20 +196,27 @@ def _chunk_scan_fwd_kernel(
         decay = tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf")))
         w = cb * decay * dt_k[None, :]
         acc += _mm(w.to(x_k.dtype), x_k, IEEE)
+    if HAS_D:
+        x_m = tl.load(X + b * sxb + t_m[:, None] * sxl + h * sxh + offs_p[None, :] * sxp,
+                      mask=valid_m[:, None] & (offs_p[None, :] < P), other=0.0)
+        acc += x_m.to(tl.float32) * tl.load(DSKIP + h).to(tl.float32)
     tl.store(Y + b * syb + t_m[:, None] * syl + h * syh + offs_p[None, :] * syp,
              acc.to(Y.dtype.element_ty), mask=valid_m[:, None] & (offs_p[None, :] < P))
 
 
 @triton.jit
 def _bwd_dx_db_kernel(
-    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB,
+    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB, DSKIP, DD_PART,
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
+    sdyb, sdyl, sdyh, sdyp,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_D: tl.constexpr,
 ):
-    """Rows j of a chunk, one group: dx_j, ddt_j (direct part) for every head of the group, dB_j."""
+    """Rows j of a chunk, one group: dx_j, ddt_j (direct part) for every head of the group, dB_j.
+    DX has X's strides and DB has B's. With HAS_D (the fused D skip y += D x): dx_j += D dy_j and
+    DD_PART[b, c, row block, h] = sum over the block's rows of dy_j . x_j (summed by the caller)."""
     jb = tl.program_id(0)
     c = tl.program_id(1)
     bg = tl.program_id(2).to(tl.int64)
@@ -239,7 +248,7 @@ def _bwd_dx_db_kernel(
             a_i = tl.load(acs_base + i0 + offs_i)
             c_i = tl.load(C + b * sbb + t_i[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
                           mask=valid_i[:, None] & (offs_n[None, :] < N), other=0.0)
-            dy_i = tl.load(DY + b * sxb + t_i[:, None] * sxl + h * sxh + offs_p[None, :] * sxp,
+            dy_i = tl.load(DY + b * sdyb + t_i[:, None] * sdyl + h * sdyh + offs_p[None, :] * sdyp,
                            mask=valid_i[:, None] & (offs_p[None, :] < P), other=0.0)
             causal = (i0 + offs_i)[None, :] >= offs_j[:, None]
             decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))  # [j, i]
@@ -255,9 +264,16 @@ def _bwd_dx_db_kernel(
         du += _mm(b_j, tl.trans(g_pn).to(b_j.dtype), IEEE) * to_end[:, None]
         db_acc += _mm(u_j, g_pn.to(u_j.dtype), IEEE) * to_end[:, None]
         x_f = x_j.to(tl.float32)
+        dx = du * dt_j[:, None]
+        if HAS_D:
+            dy_j = tl.load(DY + b * sdyb + t_j[:, None] * sdyl + h * sdyh + offs_p[None, :] * sdyp,
+                           mask=mask_jp, other=0.0).to(tl.float32)
+            dx += dy_j * tl.load(DSKIP + h).to(tl.float32)
+            tl.store(DD_PART + ((b * NC + c) * tl.num_programs(0) + jb) * H + h, tl.sum(tl.sum(dy_j * x_f, axis=1), axis=0))
         tl.store(DX + b * sxb + t_j[:, None] * sxl + h * sxh + offs_p[None, :] * sxp,
-                 (du * dt_j[:, None]).to(DX.dtype.element_ty), mask=mask_jp)
-        tl.store(DDT + bh * NC * Q + c * Q + offs_j, tl.sum(du * x_f, axis=1), mask=valid_j)
+                 dx.to(DX.dtype.element_ty), mask=mask_jp)
+        # Unmasked: past the sequence end du and x are 0, so the padded tail gets its zeros here.
+        tl.store(DDT + bh * NC * Q + c * Q + offs_j, tl.sum(du * x_f, axis=1))
     tl.store(DB + b * sbb + t_j[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
              db_acc.to(DB.dtype.element_ty), mask=mask_jn)
 
@@ -268,6 +284,7 @@ def _bwd_dc_kernel(
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
+    sdyb, sdyl, sdyh, sdyp,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -292,7 +309,7 @@ def _bwd_dc_kernel(
         bh = b * H + h
         acs_base = ACS + bh * NC * Q + c * Q
         a_i = tl.load(acs_base + offs_i)
-        dy_i = tl.load(DY + b * sxb + t_i[:, None] * sxl + h * sxh + offs_p[None, :] * sxp,
+        dy_i = tl.load(DY + b * sdyb + t_i[:, None] * sdyl + h * sdyh + offs_p[None, :] * sdyp,
                        mask=valid_i[:, None] & (offs_p[None, :] < P), other=0.0)
         s_ptr = STATES + ((b * (NC + 1) + c) * H + h) * P * N
         s_pn = tl.load(s_ptr + offs_p[:, None] * N + offs_n[None, :],
@@ -311,7 +328,7 @@ def _bwd_dc_kernel(
             decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
             s = _mm(dy_i, tl.trans(x_j), IEEE) * (decay * dt_j[None, :])
             head += _mm(s.to(b_j.dtype), b_j, IEEE)
-        tl.store(DYY + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1), mask=valid_i)
+        tl.store(DYY + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1))  # 0 past the end
         dc_acc += head
     tl.store(DC + b * sbb + t_i[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
              dc_acc.to(DC.dtype.element_ty), mask=valid_i[:, None] & (offs_n[None, :] < N))
@@ -321,7 +338,9 @@ def _pow2(v: int) -> int:
     return max(16, triton.next_power_of_2(v))
 
 
-class _Dims:
+class SSDDims:
+    """Sizes, block sizes and the dot precision of one SSD call."""
+
     def __init__(self, x, B, chunk_size):
         self.b, self.l, self.h, self.p = x.shape
         self.g, self.n = B.shape[2], B.shape[3]
@@ -335,7 +354,12 @@ class _Dims:
         self.ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def _forward(x, dt_p, acs, B, C, init, d: _Dims):
+def ssd_forward(x, dt_p, acs, B, C, init, d: SSDDims, D=None):
+    """Launch the forward kernels. x [b,l,h,p], B/C [b,l,g,n] may be strided views (last dim
+    contiguous; B and C with equal strides); ``D`` [h] fuses the skip ``y += D x``. Returns y
+    (contiguous, x's dtype) and the entering states [b, nc+1, h, p, n] (fp32)."""
+    if B.stride() != C.stride():
+        raise ValueError(f"ssd_forward: B and C must have equal strides, got {B.stride()} and {C.stride()}")
     dev = x.device
     pn = d.p * d.n
     warps, stages = SSD_TRITON_CONFIG["num_warps"], SSD_TRITON_CONFIG["num_stages"]
@@ -353,24 +377,94 @@ def _forward(x, dt_p, acs, B, C, init, d: _Dims):
         local, states, init if init is not None else local, acs, d.h, d.nc, pn,
         Q=d.Q, BLOCK=sblock, HAS_INIT=init is not None,
     )
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty((d.b, d.l, d.h, d.p), device=dev, dtype=x.dtype)
     _chunk_scan_fwd_kernel[(triton.cdiv(d.Q, d.block_m), d.nc, d.b * d.h)](
-        x, dt_p, acs, B, C, states, y,
+        x, dt_p, acs, B, C, states, y, D if D is not None else acs,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
         *x.stride(), *B.stride(), *y.stride(),
         Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
-        IEEE=d.ieee, num_warps=warps, num_stages=stages,
+        IEEE=d.ieee, HAS_D=D is not None, num_warps=warps, num_stages=stages,
     )
     return y, states
+
+
+def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, dx=None, dB=None, dC=None,
+                 decay_terms=False):
+    """Launch the backward kernels; returns ``(dx, ddt, dacs, dB, dC, dinit, dD)``.
+
+    ``decay_terms=True`` returns ``(dy.y [b, h, L], <G, S> [b, h, nc])`` in place of ``dacs``,
+    for a caller that forms ``dacs = dy.y - dt ddt (+ <G, S> at each chunk's last step)`` itself.
+
+    ``dy`` may have any strides (last dim contiguous). ``dx`` / ``dB`` / ``dC``, when given, are
+    written in place and must have x's / B's / C's strides (slices of one gradient buffer laid out
+    like the x|B|C buffer); by default they are allocated. ``D`` given: the fused skip's gradients
+    (``dx += D dy``, ``dD`` in float32); else ``dD`` is None. ``dinit`` is float32."""
+    dev = x.device
+    pn = d.p * d.n
+    warps, stages = SSD_TRITON_CONFIG["num_warps"], SSD_TRITON_CONFIG["num_stages"]
+    # (1) each chunk's outputs -> gradient of the state entering it
+    dstate = torch.empty((d.b, d.nc, d.h, d.p, d.n), device=dev, dtype=torch.float32)
+    _chunk_state_kernel[(d.nc, d.b * d.h)](
+        dy, C, dt_p, acs, dstate,
+        d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
+        *dy.stride(), *C.stride(),
+        Q=d.Q, BLOCK_K=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
+        BACKWARD=True, IEEE=d.ieee, num_warps=warps, num_stages=stages,
+    )
+    # (2) reverse pass over chunks
+    dinit = torch.empty((d.b, d.h, d.p, d.n), device=dev, dtype=torch.float32)
+    da_last = torch.zeros((d.b, d.h, d.nc), device=dev, dtype=torch.float32)
+    dfinal_c = dfinal.contiguous() if dfinal is not None else None
+    sblock = min(SSD_TRITON_CONFIG["state_block"], triton.next_power_of_2(pn))
+    _state_pass_bwd_kernel[(d.b * d.h, triton.cdiv(pn, sblock))](
+        dstate, states, dfinal_c if dfinal_c is not None else dinit, dinit, acs, da_last,
+        d.h, d.nc, pn, Q=d.Q, BLOCK=sblock, HAS_DFINAL=dfinal_c is not None,
+    )
+    # (3) dx, ddt (direct), dB ; dC
+    if dx is None:
+        dx = torch.empty_like(x)
+    if dB is None:
+        dB = torch.empty_like(B)
+    if dC is None:
+        dC = torch.empty_like(C)
+    if dx.stride() != x.stride() or dB.stride() != B.stride() or dC.stride() != C.stride():
+        raise ValueError("ssd_backward: dx, dB, dC must have the strides of x, B, C")
+    ddt = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(d.Q, d.block_m), d.nc, d.b * d.g)
+    dd_part = (torch.empty((d.b, d.nc, grid[0], d.h), device=dev, dtype=torch.float32)
+               if D is not None else ddt)
+    _bwd_dx_db_kernel[grid](
+        x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB, D if D is not None else ddt, dd_part,
+        d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
+        *x.stride(), *B.stride(), *dy.stride(),
+        Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
+        IEEE=d.ieee, HAS_D=D is not None, num_warps=warps, num_stages=stages,
+    )
+    dyy = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
+    _bwd_dc_kernel[grid](
+        x, dt_p, acs, B, C, dy, states, dC, dyy,
+        d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
+        *x.stride(), *B.stride(), *dy.stride(),
+        Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
+        IEEE=d.ieee, num_warps=warps, num_stages=stages,
+    )
+    # dL/da_j = dy_j.y_j - u_j.du_j + [j last in chunk] <G_{c+1}, S_{c+1}>
+    if decay_terms:
+        dacs = (dyy, da_last)
+    else:
+        dacs = dyy - dt_p * ddt
+        dacs.view(d.b, d.h, d.nc, d.Q)[..., -1] += da_last
+    dD = dd_part.sum((0, 1, 2)) if D is not None else None
+    return dx, ddt, dacs, dB, dC, dinit, dD
 
 
 class _SSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt_p, acs, B, C, init, chunk_size):
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-        d = _Dims(x, B, chunk_size)
+        d = SSDDims(x, B, chunk_size)
         init_c = init.contiguous() if init is not None else None
-        y, states = _forward(x, dt_p, acs, B, C, init_c, d)
+        y, states = ssd_forward(x, dt_p, acs, B, C, init_c, d)
         final = states[:, d.nc].clone()
         ctx.save_for_backward(x, dt_p, acs, B, C, states)
         ctx.dims = d
@@ -381,55 +475,12 @@ class _SSDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt_p, acs, B, C, states = ctx.saved_tensors
-        d: _Dims = ctx.dims
-        dev = x.device
-        pn = d.p * d.n
-        warps, stages = SSD_TRITON_CONFIG["num_warps"], SSD_TRITON_CONFIG["num_stages"]
+        d: SSDDims = ctx.dims
         if dy is None:
             dy = torch.zeros_like(x)
-        dy = dy.contiguous()
-        # (1) each chunk's outputs -> gradient of the state entering it
-        dstate = torch.empty((d.b, d.nc, d.h, d.p, d.n), device=dev, dtype=torch.float32)
-        _chunk_state_kernel[(d.nc, d.b * d.h)](
-            dy, C, dt_p, acs, dstate,
-            d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
-            *dy.stride(), *C.stride(),
-            Q=d.Q, BLOCK_K=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
-            BACKWARD=True, IEEE=d.ieee, num_warps=warps, num_stages=stages,
-        )
-        # (2) reverse pass over chunks
-        dinit = torch.empty((d.b, d.h, d.p, d.n), device=dev, dtype=torch.float32)
-        da_last = torch.zeros((d.b, d.h, d.nc), device=dev, dtype=torch.float32)
-        dfinal_c = dfinal.contiguous() if dfinal is not None else None
-        sblock = min(SSD_TRITON_CONFIG["state_block"], triton.next_power_of_2(pn))
-        _state_pass_bwd_kernel[(d.b * d.h, triton.cdiv(pn, sblock))](
-            dstate, states, dfinal_c if dfinal_c is not None else dinit, dinit, acs, da_last,
-            d.h, d.nc, pn, Q=d.Q, BLOCK=sblock, HAS_DFINAL=dfinal_c is not None,
-        )
-        # (3) dx, ddt (direct), dB ; dC
-        dx = torch.empty_like(x)
-        ddt = torch.zeros((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
-        dB = torch.empty_like(B)
-        dC = torch.empty_like(C)
-        grid = (triton.cdiv(d.Q, d.block_m), d.nc, d.b * d.g)
-        _bwd_dx_db_kernel[grid](
-            x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB,
-            d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
-            *x.stride(), *B.stride(),
-            Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
-            IEEE=d.ieee, num_warps=warps, num_stages=stages,
-        )
-        dyy = torch.zeros((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
-        _bwd_dc_kernel[grid](
-            x, dt_p, acs, B, C, dy, states, dC, dyy,
-            d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
-            *x.stride(), *B.stride(),
-            Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
-            IEEE=d.ieee, num_warps=warps, num_stages=stages,
-        )
-        # dL/da_j = dy_j.y_j - u_j.du_j + [j last in chunk] <G_{c+1}, S_{c+1}>
-        dacs = dyy - dt_p * ddt
-        dacs.view(d.b, d.h, d.nc, d.Q)[..., -1] += da_last
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dx, ddt, dacs, dB, dC, dinit, _ = ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d)
         dinit_out = dinit.to(ctx.init_dtype) if ctx.has_init else None
         return dx, ddt, dacs, dB, dC, dinit_out, None
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels import mamba_chain
 from nemotron.kernels.conv1d import causal_conv1d
 from nemotron.kernels.ssd import ssd
 from nemotron.models.nano3.config import Nano3Config
@@ -80,10 +81,26 @@ class Mamba2Mixer(nn.Module):
         nn.init.ones_(self.D)
         self.norm.reset_parameters()
 
+    @property
+    def chain_shape(self) -> mamba_chain.MambaChainShape:
+        """The sizes the fused chain needs, read at call time (tensor parallelism narrows them)."""
+        return mamba_chain.MambaChainShape(
+            num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
+            state_size=self.state_size, chunk_size=self.chunk_size, eps=self.norm.eps, dt_limit=DT_LIMIT,
+        )
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u [batch, seq, hidden] -> [batch, seq, hidden]."""
         b, s, _ = u.shape
         zxbcdt = self.in_proj(u)
+        if (self.context_parallel is None and "forward" not in vars(self.conv1d)
+                and mamba_chain.chain_supported(zxbcdt, self.chunk_size)):
+            # The fused fast path: conv, SSD, D skip and gated norm in one autograd node.
+            y = mamba_chain.mamba_chain(
+                zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+                self.norm.weight, self.chain_shape,
+            )
+            return self.out_proj(y.to(zxbcdt.dtype))
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
         if self.context_parallel is not None:
