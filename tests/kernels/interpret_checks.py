@@ -140,7 +140,38 @@ def _moe_combine_check(tokens=7, k=3, hidden=40):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw {i}: {m}")
 
 
+def _relu2_check(dtype, shape=(5, 77), block=64):
+    from nemotron.kernels.relu2 import relu2_reference, relu2_triton
+    from nemotron.kernels.relu2_triton import RELU2_TRITON_CONFIG
+
+    RELU2_TRITON_CONFIG["block"] = block  # several blocks and a ragged last one
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    x.view(-1)[:3] = torch.tensor([0.0, float("nan"), -0.0])  # relu's edge cases
+    if dtype == torch.float64:
+        leaf = x.detach().clone().requires_grad_(True)
+        leaf.data.view(-1)[1] = 0.5  # gradcheck needs finite inputs
+        assert torch.autograd.gradcheck(relu2_triton, (leaf,)), "gradcheck"
+    gy = torch.randn(shape, generator=gen).to(dtype)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        y = fn(leaf)
+        y.backward(gy)
+        return [y, leaf.grad]
+
+    # the interpreter rounds fp32 -> bf16 by truncation (CUDA rounds to nearest: bitwise equal)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=0, atol=0)
+    for i, (got, want) in enumerate(zip(run(relu2_triton), run(relu2_reference))):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        assert got.isnan().view(-1)[1] and want.isnan().view(-1)[1], "NaN must propagate"
+        torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=lambda m, i=i: f"y/dx {i}: {m}")
+
+
 CHECKS = {
+    "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
+    "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
+    "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),
     "moe_weighted_combine": _moe_combine_check,
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),

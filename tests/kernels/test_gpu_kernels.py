@@ -139,3 +139,43 @@ def test_moe_weighted_combine_triton_matches_reference():
     want = run(weighted_combine_reference, torch.float64)
     errs = [rel(a, b) for a, b in zip(got, want)]
     assert max(errs) < 1e-2, errs
+
+
+def test_relu2_triton_bitwise_equal_to_reference_bf16():
+    pytest.importorskip("triton")
+    from nemotron.kernels.relu2 import _use_triton, relu2, relu2_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(4096 * 6 + 13, 1856, device="cuda", generator=gen).bfloat16()  # ragged tail
+    x.view(-1)[:2] = torch.tensor([float("nan"), 0.0])
+    gy = torch.randn(x.shape, device="cuda", generator=gen).bfloat16()
+    assert _use_triton(x)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        y = fn(leaf)
+        y.backward(gy)
+        return [y, leaf.grad]
+
+    # each element is one fp32 product rounded to bf16 on both paths
+    for got, want in zip(run(relu2), run(relu2_reference)):
+        assert torch.equal(got.nan_to_num(1.0), want.nan_to_num(1.0))
+        assert got.view(-1)[0].isnan()
+
+
+def test_relu2_triton_indexes_past_2_pow_31_elements():
+    pytest.importorskip("triton")
+    from nemotron.kernels.relu2 import relu2_reference, relu2_triton
+
+    n = 2**31 + 4099  # int32 offsets would wrap in the last programs
+    if torch.cuda.get_device_properties(0).total_memory < 5 * 2 * n:
+        pytest.skip("needs ~22 GB of GPU memory")
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    y = relu2_triton(x)
+    tail = slice(n - 10000, n)
+    assert torch.equal(y[tail], relu2_reference(x.detach()[tail]))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xt = x.detach()[tail].clone().requires_grad_(True)
+    relu2_reference(xt).backward(gy[tail])
+    assert torch.equal(x.grad[tail], xt.grad)

@@ -20,6 +20,9 @@ assert torch.equal(y, ssd_chunked_reference(x, dt, A, B, B, 4)[0])
 h = torch.randn(6, 4); w = torch.randn(4)
 rmsnorm(h, w); gated_rmsnorm(h, h, w, 2)
 linear_cross_entropy(h, torch.randn(7, 4), torch.randint(0, 7, (6,)))
+from nemotron.kernels.relu2 import relu2
+relu2(h)
+from nemotron.models.nano3 import Nano3Config
 loaded = [m for m in sys.modules if m == "triton" or m.endswith("_triton")]
 assert not loaded, loaded
 print("ok")

@@ -4,8 +4,9 @@ Triton is optional: it is imported lazily, only when a CUDA tensor (or the Trito
 ``TRITON_INTERPRET=1``) asks for a kernel, so this package imports on any CPU machine.
 
 The dispatchers live in their modules: ``nemotron.kernels.ssd.ssd``,
-``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}`` and
-``nemotron.kernels.cross_entropy.linear_cross_entropy`` (``ssd`` and ``rmsnorm`` are also the
+``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}``,
+``nemotron.kernels.cross_entropy.linear_cross_entropy``, ``nemotron.kernels.relu2.relu2`` and
+``nemotron.kernels.moe_combine.weighted_combine`` (``ssd`` and ``rmsnorm`` are also the
 module names, so the package re-exports only names that do not clash with a submodule).
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "rmsnorm_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "relu2_reference",
 ]
 
 _LAZY = {
@@ -37,6 +39,7 @@ _LAZY = {
     "rmsnorm_reference": "nemotron.kernels.rmsnorm",
     "linear_cross_entropy": "nemotron.kernels.cross_entropy",
     "linear_cross_entropy_reference": "nemotron.kernels.cross_entropy",
+    "relu2_reference": "nemotron.kernels.relu2",
 }
 
 
@@ -56,7 +59,8 @@ _FAST_PATHS = {"enabled": True}
 
 def fast_paths_enabled() -> bool:
     """False inside ``fast_paths(False)``: every dispatcher (SSD, norms, LM-head loss, the MoE
-    grouped GEMM) then takes its PyTorch reference path, also on CUDA."""
+    grouped GEMM, squared ReLU, attention's one-GEMM q/k/v projection) then takes its PyTorch
+    reference path, also on CUDA."""
     return _FAST_PATHS["enabled"]
 
 
