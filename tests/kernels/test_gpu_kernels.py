@@ -179,3 +179,43 @@ def test_relu2_triton_indexes_past_2_pow_31_elements():
     xt = x.detach()[tail].clone().requires_grad_(True)
     relu2_reference(xt).backward(gy[tail])
     assert torch.equal(x.grad[tail], xt.grad)
+
+
+def test_add_n_triton_bitwise_equal_to_reference():
+    pytest.importorskip("triton")
+    from nemotron.kernels.add_n import _use_triton, add_n, add_n_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    shape = (8192 + 3, 2688)
+    ins = [torch.randn(shape, device="cuda", generator=gen),  # the router's fp32 gradient
+           torch.randn(shape, device="cuda", generator=gen).bfloat16(),
+           torch.randn(shape, device="cuda", generator=gen).bfloat16()]
+    assert _use_triton(ins)
+    for n in (2, 3):
+        assert torch.equal(add_n(ins[:n], torch.bfloat16), add_n_reference(ins[:n], torch.bfloat16))
+
+
+def test_moe_weighted_combine_with_add_matches_reference():
+    pytest.importorskip("triton")
+    from nemotron.kernels.moe_combine import weighted_combine, weighted_combine_reference
+
+    tokens, k, hidden = 2048, 6, 2688
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    order = torch.argsort(torch.randint(0, 128, (tokens * k,), device="cuda", generator=gen), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device="cuda")
+    rows = torch.randn(tokens * k, hidden, device="cuda", generator=gen).bfloat16()
+    add = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    w = torch.rand(tokens, k, device="cuda", generator=gen)
+    gy = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+
+    def run(fn, dtype):
+        r, a = rows.to(dtype).requires_grad_(True), add.to(dtype).requires_grad_(True)
+        ww = w.to(torch.float64 if dtype == torch.float64 else w.dtype).requires_grad_(True)
+        y = fn(r, order, position, ww, a)
+        y.backward(gy.to(y.dtype))
+        return [y, r.grad, ww.grad, a.grad]
+
+    errs = [rel(a, b) for a, b in zip(run(weighted_combine, torch.bfloat16),
+                                      run(weighted_combine_reference, torch.float64))]
+    assert max(errs) < 1e-2, errs

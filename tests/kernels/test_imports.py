@@ -22,6 +22,8 @@ rmsnorm(h, w); gated_rmsnorm(h, h, w, 2)
 linear_cross_entropy(h, torch.randn(7, 4), torch.randint(0, 7, (6,)))
 from nemotron.kernels.relu2 import relu2
 relu2(h)
+from nemotron.kernels.add_n import add_n
+add_n([h, h.bfloat16(), h], torch.bfloat16)
 from nemotron.models.nano3 import Nano3Config
 loaded = [m for m in sys.modules if m == "triton" or m.endswith("_triton")]
 assert not loaded, loaded

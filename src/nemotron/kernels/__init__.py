@@ -5,8 +5,8 @@ Triton is optional: it is imported lazily, only when a CUDA tensor (or the Trito
 
 The dispatchers live in their modules: ``nemotron.kernels.ssd.ssd``,
 ``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}``,
-``nemotron.kernels.cross_entropy.linear_cross_entropy``, ``nemotron.kernels.relu2.relu2`` and
-``nemotron.kernels.moe_combine.weighted_combine`` (``ssd`` and ``rmsnorm`` are also the
+``nemotron.kernels.cross_entropy.linear_cross_entropy``, ``nemotron.kernels.relu2.relu2``,
+``nemotron.kernels.add_n.add_n`` and ``nemotron.kernels.moe_combine.weighted_combine`` (``ssd`` and ``rmsnorm`` are also the
 module names, so the package re-exports only names that do not clash with a submodule).
 """
 
@@ -29,6 +29,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "relu2_reference",
+    "add_n_reference",
 ]
 
 _LAZY = {
@@ -40,6 +41,7 @@ _LAZY = {
     "linear_cross_entropy": "nemotron.kernels.cross_entropy",
     "linear_cross_entropy_reference": "nemotron.kernels.cross_entropy",
     "relu2_reference": "nemotron.kernels.relu2",
+    "add_n_reference": "nemotron.kernels.add_n",
 }
 
 
