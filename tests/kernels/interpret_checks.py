@@ -118,7 +118,7 @@ def _conv1d_check(silu, with_bias, strided, b=2, t=37, c=20, k=4):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"y/dx/dw/db {i}: {m}")
 
 
-def _moe_combine_check(tokens=7, k=3, hidden=40):
+def _moe_combine_check(tokens=7, k=3, hidden=40, with_add=False):
     from nemotron.kernels.moe_combine import weighted_combine_reference
     from nemotron.kernels.moe_combine_triton import MOE_COMBINE_TRITON_CONFIG, weighted_combine_triton
 
@@ -130,16 +130,64 @@ def _moe_combine_check(tokens=7, k=3, hidden=40):
     position[order] = torch.arange(order.numel())
     rows = torch.randn(tokens * k, hidden, generator=gen)
     weight = torch.rand(tokens, k, generator=gen)
+    add = torch.randn(tokens, hidden, generator=gen) if with_add else None
     gy = torch.randn(tokens, hidden, generator=gen)
 
     def run(fn):
         r, w = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        y = fn(r, order, position, w)
+        a = add.clone().requires_grad_(True) if with_add else None
+        y = fn(r, order, position, w, a)
         (y * gy).sum().backward()
-        return [y, r.grad, w.grad]
+        return [y, r.grad, w.grad] + ([a.grad] if with_add else [])
 
     for i, (got, want) in enumerate(zip(run(weighted_combine_triton), run(weighted_combine_reference))):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw {i}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw/dadd {i}: {m}")
+
+
+def _relu2_check(dtype, shape=(5, 77), block=64):
+    from nemotron.kernels.relu2 import relu2_reference, relu2_triton
+    from nemotron.kernels.relu2_triton import RELU2_TRITON_CONFIG
+
+    RELU2_TRITON_CONFIG["block"] = block  # several blocks and a ragged last one
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    x.view(-1)[:3] = torch.tensor([0.0, float("nan"), -0.0])  # relu's edge cases
+    if dtype == torch.float64:
+        leaf = x.detach().clone().requires_grad_(True)
+        leaf.data.view(-1)[1] = 0.5  # gradcheck needs finite inputs
+        assert torch.autograd.gradcheck(relu2_triton, (leaf,)), "gradcheck"
+    gy = torch.randn(shape, generator=gen).to(dtype)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        y = fn(leaf)
+        y.backward(gy)
+        return [y, leaf.grad]
+
+    # the interpreter rounds fp32 -> bf16 by truncation (CUDA rounds to nearest: bitwise equal)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=0, atol=0)
+    for i, (got, want) in enumerate(zip(run(relu2_triton), run(relu2_reference))):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        assert got.isnan().view(-1)[1] and want.isnan().view(-1)[1], "NaN must propagate"
+        torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=lambda m, i=i: f"y/dx {i}: {m}")
+
+
+def _add_n_check(three, block=64):
+    from nemotron.kernels.add_n import add_n_reference, add_n_triton
+    from nemotron.kernels.add_n_triton import ADD_N_TRITON_CONFIG
+
+    ADD_N_TRITON_CONFIG["block"] = block  # several blocks and a ragged last one
+    gen = torch.Generator().manual_seed(8)
+    shape = (7, 45)
+    # fp32 arithmetic (fp32 + bf16 [+ fp16] inputs, fp32 out: the interpreter truncates bf16
+    # stores) and float64 arithmetic (a float64 input)
+    ins = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen).bfloat16()]
+    if three:
+        ins.append(torch.randn(shape, generator=gen).half())
+    for inputs in (ins, [ins[0].double()] + ins[1:]):
+        got, want = add_n_triton(inputs, inputs[0].dtype), add_n_reference(inputs, inputs[0].dtype)
+        assert got.dtype == inputs[0].dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def _graph_nodes(fn, limit=4):
@@ -349,7 +397,13 @@ CHECKS = {
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
     "mamba_chain_one_chunk_batch1": lambda: _mamba_chain_check(seq=16, batch=1),
     "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),
+    "add_n_three_mixed_dtypes": lambda: _add_n_check(True),
+    "add_n_two": lambda: _add_n_check(False),
+    "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
+    "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
+    "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),
     "moe_weighted_combine": _moe_combine_check,
+    "moe_weighted_combine_with_add": lambda: _moe_combine_check(with_add=True),
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),

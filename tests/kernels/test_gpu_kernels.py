@@ -212,3 +212,83 @@ def test_mamba_chain_matches_reference_bf16():
     for name, (e_fused, e_unfused) in errs.items():
         assert e_fused <= max(1.5 * e_unfused, 5e-3), (name, errs)
     assert max(e for k, (e, _) in errs.items() if k not in ("A_log", "dt_bias")) < 2e-2, errs
+
+
+def test_relu2_triton_bitwise_equal_to_reference_bf16():
+    pytest.importorskip("triton")
+    from nemotron.kernels.relu2 import _use_triton, relu2, relu2_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(4096 * 6 + 13, 1856, device="cuda", generator=gen).bfloat16()  # ragged tail
+    x.view(-1)[:2] = torch.tensor([float("nan"), 0.0])
+    gy = torch.randn(x.shape, device="cuda", generator=gen).bfloat16()
+    assert _use_triton(x)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        y = fn(leaf)
+        y.backward(gy)
+        return [y, leaf.grad]
+
+    # each element is one fp32 product rounded to bf16 on both paths
+    for got, want in zip(run(relu2), run(relu2_reference)):
+        assert torch.equal(got.nan_to_num(1.0), want.nan_to_num(1.0))
+        assert got.view(-1)[0].isnan()
+
+
+def test_relu2_triton_indexes_past_2_pow_31_elements():
+    pytest.importorskip("triton")
+    from nemotron.kernels.relu2 import relu2_reference, relu2_triton
+
+    n = 2**31 + 4099  # int32 offsets would wrap in the last programs
+    if torch.cuda.get_device_properties(0).total_memory < 5 * 2 * n:
+        pytest.skip("needs ~22 GB of GPU memory")
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    y = relu2_triton(x)
+    tail = slice(n - 10000, n)
+    assert torch.equal(y[tail], relu2_reference(x.detach()[tail]))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xt = x.detach()[tail].clone().requires_grad_(True)
+    relu2_reference(xt).backward(gy[tail])
+    assert torch.equal(x.grad[tail], xt.grad)
+
+
+def test_add_n_triton_bitwise_equal_to_reference():
+    pytest.importorskip("triton")
+    from nemotron.kernels.add_n import _use_triton, add_n, add_n_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    shape = (8192 + 3, 2688)
+    ins = [torch.randn(shape, device="cuda", generator=gen),  # the router's fp32 gradient
+           torch.randn(shape, device="cuda", generator=gen).bfloat16(),
+           torch.randn(shape, device="cuda", generator=gen).bfloat16()]
+    assert _use_triton(ins)
+    for n in (2, 3):
+        assert torch.equal(add_n(ins[:n], torch.bfloat16), add_n_reference(ins[:n], torch.bfloat16))
+
+
+def test_moe_weighted_combine_with_add_matches_reference():
+    pytest.importorskip("triton")
+    from nemotron.kernels.moe_combine import weighted_combine, weighted_combine_reference
+
+    tokens, k, hidden = 2048, 6, 2688
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    order = torch.argsort(torch.randint(0, 128, (tokens * k,), device="cuda", generator=gen), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device="cuda")
+    rows = torch.randn(tokens * k, hidden, device="cuda", generator=gen).bfloat16()
+    add = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    w = torch.rand(tokens, k, device="cuda", generator=gen)
+    gy = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+
+    def run(fn, dtype):
+        r, a = rows.to(dtype).requires_grad_(True), add.to(dtype).requires_grad_(True)
+        ww = w.to(torch.float64 if dtype == torch.float64 else w.dtype).requires_grad_(True)
+        y = fn(r, order, position, ww, a)
+        y.backward(gy.to(y.dtype))
+        return [y, r.grad, ww.grad, a.grad]
+
+    errs = [rel(a, b) for a, b in zip(run(weighted_combine, torch.bfloat16),
+                                      run(weighted_combine_reference, torch.float64))]
+    assert max(errs) < 1e-2, errs

@@ -27,6 +27,11 @@ mixer = Mamba2Mixer(Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=16
                                 mamba_num_groups=2, mamba_chunk_size=16, num_experts=2, moe_top_k=1,
                                 moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8))
 mixer(torch.randn(1, 5, 16)).sum().backward()
+from nemotron.kernels.relu2 import relu2
+relu2(h)
+from nemotron.kernels.add_n import add_n
+add_n([h, h.bfloat16(), h], torch.bfloat16)
+from nemotron.models.nano3 import Nano3Config
 loaded = [m for m in sys.modules if m == "triton" or m.endswith("_triton")]
 assert not loaded, loaded
 print("ok")

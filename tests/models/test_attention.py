@@ -36,3 +36,63 @@ def test_attention_has_no_position_embedding():
     x = torch.randn(1, 5, 32, dtype=torch.float64)
     shuffled = torch.cat([x[:, [2, 0, 3, 1]], x[:, 4:]], dim=1)
     torch.testing.assert_close(attn(x)[:, -1], attn(shuffled)[:, -1])
+
+
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix multiplications dispatched to ATen (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _run(attn, x, gy, fast):
+    from nemotron.kernels import fast_paths
+
+    attn.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    with fast_paths(fast), _CountMatmuls() as counter:
+        y = attn(xx)
+        y.backward(gy)
+    grads = [xx.grad] + [p.grad.clone() for p in (attn.q_proj.weight, attn.k_proj.weight,
+                                                 attn.v_proj.weight, attn.o_proj.weight)]
+    return y, grads, counter.count
+
+
+def test_fused_qkv_projection_matches_three_linears_with_fewer_gemms():
+    for kv_heads in (2, 1):
+        attn = Attention(tiny_config(num_key_value_heads=kv_heads)).double()
+        gen = torch.Generator().manual_seed(kv_heads)
+        x = torch.randn(2, 6, 32, dtype=torch.float64, generator=gen)
+        gy = torch.randn(2, 6, 32, dtype=torch.float64, generator=gen)
+        y, grads, fused_mms = _run(attn, x, gy, fast=True)
+        y_ref, grads_ref, ref_mms = _run(attn, x, gy, fast=False)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-13)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-13)
+        # three-Linear path: 4 projections forward, dgrad + wgrad each backward = 12 GEMMs;
+        # fused q/k/v: 2 projections forward, 4 GEMMs backward
+        assert (fused_mms, ref_mms) == (6, 12)
+
+
+def test_fused_qkv_projection_under_autocast_keeps_parameter_names_and_grads():
+    attn = Attention(tiny_config())
+    names = [n for n, _ in attn.named_parameters()]
+    x = torch.randn(1, 5, 32)
+    gy = torch.randn(1, 5, 32)
+    outs = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, grads, _ = _run(attn, x, gy, fast)
+        assert y.dtype == torch.bfloat16
+        assert all(g.dtype == torch.float32 for g in grads[1:])  # fp32 master weights' grads
+        outs.append([y] + grads)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert names == ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    assert set(attn.state_dict()) == set(names)

@@ -198,3 +198,72 @@ def test_dispatch_and_combine_gradients_float64():
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
     w = torch.rand(tokens, k, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(roundtrip, (x, w))
+
+
+def _moe_step(moe, x, gy, fast):
+    from nemotron.kernels import fast_paths
+
+    moe.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    with fast_paths(fast):
+        y, aux = moe(xx)
+        (y * gy).sum().add(aux).backward()
+    return [y, xx.grad] + [p.grad.clone() for p in moe.parameters()]
+
+
+def test_moe_fused_glue_matches_reference_and_runs_one_gradient_sum(moe, config, monkeypatch):
+    """Fast paths: the input's three gradients (router fp32, dispatch, shared expert) are summed by
+    one add_n call and the shared expert's output is added inside the combine; same values as
+    the reference path (separate adds), gradcheck-exact in float64."""
+    from nemotron.kernels.add_n import add_n
+    from nemotron.kernels.moe_combine import weighted_combine
+
+    sums, adds = [], []
+
+    def add_n_spy(tensors, dtype):
+        sums.append(([t.dtype for t in tensors], dtype))
+        return add_n(tensors, dtype)
+
+    def combine_spy(rows, order, position, weight, add=None):
+        adds.append(add is not None)
+        return weighted_combine(rows, order, position, weight, add)
+
+    monkeypatch.setattr(moe_module, "add_n", add_n_spy)
+    monkeypatch.setattr(moe_module, "weighted_combine", combine_spy)
+
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    gy = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    fast = _moe_step(moe, x, gy, fast=True)
+    assert sums == [([torch.float32, torch.float64, torch.float64], torch.float64)]
+    assert adds == [True, False]  # forward combine + shared output; dispatch backward (unit weights)
+    sums.clear()
+    adds.clear()
+    ref = _moe_step(moe, x, gy, fast=False)
+    assert sums == []
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # the fan-out's gradient sum is exact
+    flat = x.reshape(-1, config.hidden_size).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: [o.double() if o.dtype == torch.float32 else o for o in moe_module._FanOutInput.apply(t)][1:],
+        (flat,))
+
+
+def test_moe_fused_glue_bf16_close_to_reference(config):
+    torch.manual_seed(1)
+    moe = MoE(config).bfloat16()
+    x = torch.randn(2, 7, config.hidden_size).bfloat16()
+    gy = torch.randn(2, 7, config.hidden_size).bfloat16()
+    fast = _moe_step(moe, x, gy, fast=True)
+    ref = _moe_step(moe, x, gy, fast=False)
+    assert fast[1].dtype == torch.bfloat16
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_moe_fan_out_without_shared_expert(config):
+    moe = MoE(config.__class__(**{**config.__dict__, "moe_shared_expert_hidden_size": 0})).double()
+    x = torch.randn(1, 4, config.hidden_size, dtype=torch.float64)
+    gy = torch.randn(1, 4, config.hidden_size, dtype=torch.float64)
+    for a, b in zip(_moe_step(moe, x, gy, fast=True), _moe_step(moe, x, gy, fast=False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -5,8 +5,10 @@ Triton is optional: it is imported lazily, only when a CUDA tensor (or the Trito
 
 The dispatchers live in their modules: ``nemotron.kernels.ssd.ssd``,
 ``nemotron.kernels.rmsnorm.{rmsnorm, gated_rmsnorm}``,
-``nemotron.kernels.mamba_chain.mamba_chain`` (the fused Mamba-2 mixer between its projections) and
-``nemotron.kernels.cross_entropy.linear_cross_entropy`` (``ssd`` and ``rmsnorm`` are also the
+``nemotron.kernels.mamba_chain.mamba_chain`` (the fused Mamba-2 mixer between its projections),
+``nemotron.kernels.cross_entropy.linear_cross_entropy``, ``nemotron.kernels.relu2.relu2``,
+``nemotron.kernels.add_n.add_n``, ``nemotron.kernels.moe_combine.weighted_combine`` and
+``nemotron.kernels.fp32_linear.fp32_linear`` (``ssd`` and ``rmsnorm`` are also the
 module names, so the package re-exports only names that do not clash with a submodule).
 """
 
@@ -28,6 +30,8 @@ __all__ = [
     "rmsnorm_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "relu2_reference",
+    "add_n_reference",
 ]
 
 _LAZY = {
@@ -38,6 +42,8 @@ _LAZY = {
     "rmsnorm_reference": "nemotron.kernels.rmsnorm",
     "linear_cross_entropy": "nemotron.kernels.cross_entropy",
     "linear_cross_entropy_reference": "nemotron.kernels.cross_entropy",
+    "relu2_reference": "nemotron.kernels.relu2",
+    "add_n_reference": "nemotron.kernels.add_n",
 }
 
 
@@ -57,7 +63,8 @@ _FAST_PATHS = {"enabled": True}
 
 def fast_paths_enabled() -> bool:
     """False inside ``fast_paths(False)``: every dispatcher (SSD, norms, LM-head loss, the MoE
-    grouped GEMM) then takes its PyTorch reference path, also on CUDA."""
+    grouped GEMM, squared ReLU, attention's one-GEMM q/k/v projection) then takes its PyTorch
+    reference path, also on CUDA."""
     return _FAST_PATHS["enabled"]
 
 

@@ -1,7 +1,7 @@
 """The MoE combine: each token's expert outputs (rows sorted by expert) gathered back and summed
 with the router's weights.
 
-    y[t] = sum_s weight[t, s] * rows[position[t*k + s]]
+    y[t] = sum_s weight[t, s] * rows[position[t*k + s]]  (+ add[t])
 
 ``position[p]`` is the sorted row of (token, slot) pair ``p``; ``order`` is its inverse (sorted
 row ``j`` holds pair ``order[j]``). ``weighted_combine`` runs the Triton kernel
@@ -9,6 +9,9 @@ row ``j`` holds pair ``order[j]``). ``weighted_combine`` runs the Triton kernel
 both the row and the weight gradients, fp32 arithmetic) on CUDA when Triton imports and fast paths
 are on, else ``weighted_combine_reference`` (row gathers and broadcast products in PyTorch).
 Both are deterministic: every output element is written by exactly one program, no atomics.
+The optional ``add`` [tokens, hidden] (the MoE's shared-expert output) is summed in: by the
+Triton kernel in fp32 before the one rounding (no separate add pass over the output), by the
+reference as ``y + add`` in the rows' dtype (the model's unfused numerics).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class _WeightedCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
+                weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         tokens, k = weight.shape
         if order is None and ctx.needs_input_grad[0]:
             order = torch.empty_like(position)
@@ -33,7 +36,8 @@ class _WeightedCombine(torch.autograd.Function):
         per_slot = rows.index_select(0, position).view(tokens, k, -1)
         ctx.save_for_backward(rows, order, position, w)
         ctx.weight_dtype = weight.dtype
-        return (per_slot * w.unsqueeze(-1)).sum(1)
+        y = (per_slot * w.unsqueeze(-1)).sum(1)
+        return y if add is None else y + add
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -46,15 +50,15 @@ class _WeightedCombine(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             per_slot = rows.index_select(0, position).view(tokens, k, -1)
             grad_weight = (per_slot * grad.unsqueeze(1)).sum(-1).to(ctx.weight_dtype)
-        return grad_rows, None, None, grad_weight
+        return grad_rows, None, None, grad_weight, (grad if ctx.needs_input_grad[4] else None)
 
 
 def weighted_combine_reference(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                               weight: torch.Tensor) -> torch.Tensor:
+                               weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """rows [tokens*k, hidden] (expert order), order/position [tokens*k] int64 (order may be None:
-    it is derived when a row gradient is needed), weight [tokens, k] -> [tokens, hidden] in rows'
-    dtype."""
-    return _WeightedCombine.apply(rows, order, position, weight)
+    it is derived when a row gradient is needed), weight [tokens, k], optional add [tokens, hidden]
+    -> [tokens, hidden] in rows' dtype."""
+    return _WeightedCombine.apply(rows, order, position, weight, add)
 
 
 def _use_triton(rows: torch.Tensor) -> bool:
@@ -64,13 +68,16 @@ def _use_triton(rows: torch.Tensor) -> bool:
 
 
 def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                     weight: torch.Tensor) -> torch.Tensor:
+                     weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """The combine the local MoE dispatcher calls: Triton on CUDA, the reference elsewhere."""
     if rows.dim() != 2 or weight.dim() != 2 or rows.shape[0] != weight.numel():
         raise ValueError(f"weighted_combine: rows [{weight.numel()}, hidden] expected for weight "
                          f"{tuple(weight.shape)}, got {tuple(rows.shape)}")
+    if add is not None and (add.shape != (weight.shape[0], rows.shape[1]) or add.dtype != rows.dtype):
+        raise ValueError(f"weighted_combine: add must be [{weight.shape[0]}, {rows.shape[1]}] in "
+                         f"{rows.dtype}, got {tuple(add.shape)} in {add.dtype}")
     if _use_triton(rows):
         from nemotron.kernels.moe_combine_triton import weighted_combine_triton
 
-        return weighted_combine_triton(rows, order, position, weight)
-    return weighted_combine_reference(rows, order, position, weight)
+        return weighted_combine_triton(rows, order, position, weight, add)
+    return weighted_combine_reference(rows, order, position, weight, add)

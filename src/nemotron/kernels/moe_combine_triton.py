@@ -1,7 +1,7 @@
 """Triton MoE combine; see ``nemotron.kernels.moe_combine`` for the maths.
 
-Forward: one program per (token, block of hidden channels) reads the token's k rows and writes
-the weighted sum once (fp32 accumulation). Backward: one program per token; for each of its k
+Forward: one program per (token, block of hidden channels) reads the token's k rows (and the
+optional addend row) and writes the weighted sum once (fp32 accumulation, one rounding). Backward: one program per token; for each of its k
 slots it streams the hidden dimension once, writing ``grad_rows[position] = w * dy`` and
 accumulating ``grad_w = <dy, row>`` in fp32. Each output element has one writer: deterministic.
 """
@@ -18,11 +18,15 @@ MOE_COMBINE_TRITON_CONFIG = {"block_h": 1024, "num_warps": 4}
 
 
 @triton.jit
-def _combine_fwd_kernel(ROWS, POS, W, Y, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_fwd_kernel(ROWS, POS, W, ADD, Y, H, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                        HAS_ADD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
-    acc = tl.zeros([BLOCK_H], tl.float32)
+    if HAS_ADD:
+        acc = tl.load(ADD + t * H + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H], tl.float32)
     for s in tl.static_range(K):
         p = tl.load(POS + t * K + s).to(tl.int64)
         w = tl.load(W + t * K + s).to(tl.float32)
@@ -53,7 +57,7 @@ def _combine_bwd_kernel(ROWS, POS, W, DY, DROWS, DW, H, K: tl.constexpr, BLOCK_H
 
 class WeightedCombineFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, position, weight):
+    def forward(ctx, rows, position, weight, add):
         tokens, k = weight.shape
         h = rows.shape[1]
         rows = rows.contiguous()
@@ -62,7 +66,8 @@ class WeightedCombineFunction(torch.autograd.Function):
         y = torch.empty(tokens, h, device=rows.device, dtype=rows.dtype)
         cfg = MOE_COMBINE_TRITON_CONFIG
         _combine_fwd_kernel[(tokens, triton.cdiv(h, cfg["block_h"]))](
-            rows, pos, w, y, h, K=k, BLOCK_H=cfg["block_h"], num_warps=cfg["num_warps"])
+            rows, pos, w, y if add is None else add.contiguous(), y, h, K=k,
+            BLOCK_H=cfg["block_h"], HAS_ADD=add is not None, num_warps=cfg["num_warps"])
         ctx.save_for_backward(rows, pos, w)
         return y
 
@@ -78,11 +83,14 @@ class WeightedCombineFunction(torch.autograd.Function):
         _combine_bwd_kernel[(tokens,)](
             rows, pos, w, dy.contiguous(), drows, dw, h, K=k, BLOCK_H=cfg["block_h"],
             NEED_DROWS=need_rows, NEED_DW=need_w, num_warps=cfg["num_warps"])
-        return (drows if need_rows else None), None, (dw.to(w.dtype) if need_w else None)
+        # the addend's gradient is dy itself (no copy)
+        dadd = dy if ctx.needs_input_grad[3] else None
+        return (drows if need_rows else None), None, (dw.to(w.dtype) if need_w else None), dadd
 
 
 def weighted_combine_triton(rows: torch.Tensor, order: torch.Tensor, position: torch.Tensor,
-                            weight: torch.Tensor) -> torch.Tensor:
-    """rows [tokens*k, hidden] (expert order), position [tokens*k], weight [tokens, k] -> y.
-    (`order` is not needed: the backward writes each row's gradient at its position.)"""
-    return WeightedCombineFunction.apply(rows, position, weight)
+                            weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [tokens*k, hidden] (expert order), position [tokens*k], weight [tokens, k], optional
+    add [tokens, hidden] -> y. (`order` is not needed: the backward writes each row's gradient at
+    its position.)"""
+    return WeightedCombineFunction.apply(rows, position, weight, add)

@@ -1,5 +1,13 @@
 """Causal grouped-query attention with no positional embedding (the Mamba-2 layers carry
-position), computed by PyTorch's scaled_dot_product_attention."""
+position), computed by PyTorch's scaled_dot_product_attention.
+
+The query/key/value projections are three `nn.Linear` modules (the parameter names of the
+checkpoint, the HF layout and the tensor-parallel plan), but when their weights are plain tensors
+(one device, or FSDP2, whose unsharded parameters are plain tensors inside forward) the forward
+computes them with one GEMM against the concatenated weight and splits the output: one input
+gradient GEMM instead of three and no bf16 adds of three input gradients in backward. Sharded
+(DTensor) weights and ``nemotron.kernels.fast_paths(False)`` keep the three-Linear path.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron.models.nano3.config import Nano3Config
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()
 
 
 class Attention(nn.Module):
@@ -35,13 +48,36 @@ class Attention(nn.Module):
             nn.init.normal_(proj.weight, std=self.init_std)
         nn.init.normal_(self.o_proj.weight, std=self.output_init_std)
 
+    def fused_qkv_enabled(self) -> bool:
+        """True when forward computes q, k and v with one GEMM: fast paths on and no projection
+        weight sharded (tensor parallelism makes them DTensors and may patch their forward)."""
+        from nemotron.kernels import fast_paths_enabled
+
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        return fast_paths_enabled() and not any(isinstance(w, DTensor) for w in weights)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused_qkv_enabled():
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast before concatenating (as autocast would cast each weight for its own Linear):
+            # the concatenation then moves compute-dtype bytes. Autocast leaves float64 alone.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            weights = [w.to(dtype) if w.is_floating_point() and w.dtype != torch.float64 else w
+                       for w in weights]
+        sizes = [w.shape[0] for w in weights]
+        # split's backward concatenates q/k/v's gradients, so the input gradient is one GEMM.
+        return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, seq, hidden] -> [batch, seq, hidden]."""
         b, s, _ = x.shape
+        q, k, v = self._project_qkv(x)
         # [b, s, heads * d] -> [b, heads, s, d], the layout SDPA expects.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         # Tensor parallelism shards heads, so the head counts come from the tensors, not the config.
         if self.context_parallel is not None:
             out = self.context_parallel.attention(q, k, v)

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+# The squared ReLU of every MLP and expert: Triton on CUDA, PyTorch elsewhere.
+from nemotron.kernels.relu2 import relu2
 
-class _SquaredReLU(torch.autograd.Function):
-    # Saves only the input (autograd through relu then square would also keep relu's output,
-    # one more [tokens x ffn] activation per MLP) and needs fewer elementwise passes.
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return F.relu(x).square_()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * F.relu(x).mul_(2)
-
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """Squared ReLU, `relu(x)^2`, the activation of every Nano3 MLP and expert."""
-    return _SquaredReLU.apply(x)
+__all__ = ["MLP", "relu2"]
 
 
 class MLP(nn.Module):

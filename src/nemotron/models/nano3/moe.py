@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels.add_n import add_n
 from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
 from nemotron.models.nano3.config import Nano3Config
@@ -144,6 +145,27 @@ class _GatherTokenRows(torch.autograd.Function):
         return weighted_combine(grad, None, position, ones), None, None, None
 
 
+class _FanOutInput(torch.autograd.Function):
+    """x -> (float32 copy for the router, x for the dispatch, x for the shared expert).
+
+    The same values as using x three times; the backward sums the three input gradients with one
+    `add_n` pass (fp32, rounded once to x's dtype) instead of autograd's cast of the router's
+    fp32 gradient to bf16 and two bf16 adds (three passes over [tokens, hidden])."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output gives None, not a zero tensor
+        ctx.dtype = x.dtype
+        return x.float(), x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> torch.Tensor | None:
+        present = [g for g in grads if g is not None]
+        if len(present) <= 1:
+            return present[0].to(ctx.dtype) if present else None
+        return add_n(present, ctx.dtype)
+
+
 class DispatchContext(NamedTuple):
     order: torch.Tensor  # sorted row j holds (token, slot) pair order[j] (pair = token * k + slot)
     topk_weight: torch.Tensor  # [tokens, k]
@@ -167,10 +189,12 @@ class LocalDispatcher:
         rows = _GatherTokenRows.apply(x, order, position, k)
         return rows, counts, DispatchContext(order, topk_weight, position)
 
-    def combine(self, expert_out: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
-        """expert_out [tokens*k, hidden] (sorted rows) -> [tokens, hidden], weighted sum over k."""
+    def combine(self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """expert_out [tokens*k, hidden] (sorted rows) -> [tokens, hidden], weighted sum over k,
+        plus `add` [tokens, hidden] (the shared expert's output) in the same pass when given."""
         position = ctx.position if ctx.position is not None else inverse_permutation(ctx.order)
-        return weighted_combine(expert_out, ctx.order, position, ctx.topk_weight)
+        return weighted_combine(expert_out, ctx.order, position, ctx.topk_weight, add)
 
 
 def _grouped_mm_fn():
@@ -247,12 +271,25 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar)."""
+        from nemotron.kernels import fast_paths_enabled
+
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        route = self.router(flat)
-        rows, counts, ctx = self.dispatcher.dispatch(flat, route.topk_idx, route.topk_weight)
-        y = self.dispatcher.combine(self.experts(rows, counts), ctx)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+        if fast_paths_enabled():
+            # one fused pass sums the input's three gradients in backward
+            router_in, dispatch_in, shared_in = _FanOutInput.apply(flat)
+        else:
+            router_in = dispatch_in = shared_in = flat
+        route = self.router(router_in)
+        rows, counts, ctx = self.dispatcher.dispatch(dispatch_in, route.topk_idx, route.topk_weight)
+        expert_out = self.experts(rows, counts)
+        shared = self.shared_experts(shared_in) if self.shared_experts is not None else None
+        if isinstance(self.dispatcher, LocalDispatcher):
+            # the shared expert's output is added inside the combine pass
+            y = self.dispatcher.combine(expert_out, ctx, add=shared)
+        else:
+            y = self.dispatcher.combine(expert_out, ctx)
+            if shared is not None:
+                y = y + shared
         aux = sequence_balance_loss(route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1), self.top_k)
         return y.view(b, s, h), aux

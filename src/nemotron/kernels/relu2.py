@@ -1,0 +1,56 @@
+"""Squared ReLU, ``relu(x)^2``: the activation of every Nano3 MLP and routed expert.
+
+``relu2`` runs the Triton kernels (``nemotron.kernels.relu2_triton``: forward one read and one
+write, backward ``grad * 2 * relu(x)`` in one pass, two reads and one write, fp32 arithmetic) on
+CUDA when Triton imports and fast paths are on, else ``relu2_reference`` (PyTorch elementwise
+ops: relu + square forward, relu + scale + product backward). Both save only the input for
+backward. In bf16 the two agree bit for bit: the product of two bf16 values is exact in fp32, so
+each output element is one rounding of the exact value on both paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["relu2", "relu2_reference", "relu2_triton"]
+
+
+class _SquaredReLU(torch.autograd.Function):
+    # Saves only the input (autograd through relu then square would also keep relu's output,
+    # one more [tokens x ffn] activation per MLP) and needs fewer elementwise passes.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return F.relu(x).square_()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * F.relu(x).mul_(2)
+
+
+def relu2_reference(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2`` in PyTorch elementwise ops (any device and dtype)."""
+    return _SquaredReLU.apply(x)
+
+
+def relu2_triton(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2`` with the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    from nemotron.kernels.relu2_triton import SquaredReLUFunction
+
+    return SquaredReLUFunction.apply(x)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    from nemotron.kernels import fast_paths_enabled, triton_available
+
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and fast_paths_enabled() and triton_available())
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """The squared ReLU the model calls: Triton on CUDA, the reference elsewhere."""
+    if _use_triton(x):
+        return relu2_triton(x)
+    return relu2_reference(x)
