@@ -47,7 +47,8 @@ def test_cp_attention_matches_full_causal_attention_without_materialising_masks(
         expected = cp_shard(ref, rank, size, dim=2)
         err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
         assert err < 1e-2, f"rank {rank}/{size}: relative error {err}"
-        # A materialised bias for one chunk alone is >= chunk x 32K x 2 bytes per head (>= 2 GiB
-        # summed over 32 heads at CP2); fused kernels need only the outputs and their gradients.
-        assert peak_gib < 1.0, f"rank {rank}/{size}: {peak_gib:.2f} GiB extra (a mask was materialised?)"
+        # A fallback that materialises the [chunk x prefix] scores needs 32 heads x 8192 x 32768 x
+        # 4 bytes = 32 GiB at CP2 (16 GiB at CP4); a fused kernel needs the outputs, gradients and at
+        # most GQA-expanded K/V and their gradients (1.2 GiB measured at CP2 on an H200).
+        assert peak_gib < 4.0, f"rank {rank}/{size}: {peak_gib:.2f} GiB extra (scores materialised?)"
         assert q_local.grad is not None and k_full.grad is not None and v_full.grad is not None

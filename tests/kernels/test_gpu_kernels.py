@@ -143,23 +143,33 @@ def test_moe_weighted_combine_triton_matches_reference():
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_router_fp32_linear_on_bf16_tensor_cores_is_float32_accurate(weight_dtype):
+    """The emulated router GEMMs against float64, beside true float32 GEMMs (cuBLAS SGEMM) and
+    plain bf16 GEMMs; the errors are printed (pytest -s) for docs/kernels.md."""
     from nemotron.kernels.fp32_linear import fp32_linear, fp32_linear_reference
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 2688, device="cuda", generator=gen).bfloat16().requires_grad_(True)
     w = (torch.randn(128, 2688, device="cuda", generator=gen) * 0.0173).to(weight_dtype).requires_grad_(True)
     g = torch.randn(4096, 128, device="cuda", generator=gen)
-    out = fp32_linear(x, w)
-    gx, gw = torch.autograd.grad(out, (x, w), g)
-    ref = fp32_linear_reference(x.double(), w.double())
-    rx, rw = torch.autograd.grad(ref, (x, w), g.double())
-    bar = fp32_linear_reference(x, w)
-    bx, bw = torch.autograd.grad(bar, (x, w), g)
-    assert rel(out, ref) < 8 * max(rel(bar, ref), 1e-7)
-    if weight_dtype == torch.float32:
-        assert rel(gw, rw) < 8 * max(rel(bw, rw), 1e-7)
-    # x's gradient is rounded to bf16 on both paths: equal to bf16 rounding
-    assert rel(gx, rx) < 8e-3 and rel(gx, bx) < 8e-3
+
+    def run(fn, xx, ww, gg):
+        out = fn(xx, ww)
+        return (out, *torch.autograd.grad(out, (xx, ww), gg.to(out.dtype)))
+
+    emulated = run(fp32_linear, x, w, g)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    exact = run(lambda a, b: a @ b.t(), x64, w64, g.double())
+    sgemm = run(fp32_linear_reference, x, w, g)
+    bf16 = run(lambda a, b: (a @ b.bfloat16().t()).float(), x, w, g)
+    names = ("logits", "grad x", "grad w")
+    errors = {n: (rel(e, r), rel(s, r), rel(b, r)) for n, e, s, b, r in zip(names, emulated, sgemm, bf16, exact)}
+    print(f"router GEMMs, weight {weight_dtype}: relative error vs float64 (emulated, SGEMM, bf16): {errors}")
+    # logits (and the weight gradient of float32 weights) are float32 on every path: near SGEMM,
+    # far below bf16; gradients of bf16 tensors are rounded to bf16 on every path
+    for name in ("logits", "grad w") if weight_dtype == torch.float32 else ("logits",):
+        e, s_err, b_err = errors[name]
+        assert e < max(10 * s_err, 1e-5) and e < b_err / 50, (name, errors)
+    assert errors["grad x"][0] < 8e-3, errors
 
 
 def _mixer_grads(mixer, u, gy, *, fused, autocast):
