@@ -146,17 +146,18 @@ class _GatherTokenRows(torch.autograd.Function):
 
 
 class _FanOutInput(torch.autograd.Function):
-    """x -> (float32 copy for the router, x for the dispatch, x for the shared expert).
+    """x -> (x for the router, x for the dispatch, x for the shared expert): three views.
 
     The same values as using x three times; the backward sums the three input gradients with one
-    `add_n` pass (fp32, rounded once to x's dtype) instead of autograd's cast of the router's
-    fp32 gradient to bf16 and two bf16 adds (three passes over [tokens, hidden])."""
+    `add_n` pass (fp32, rounded once to x's dtype) instead of two autograd adds. The router
+    takes x itself, not a float32 copy: `fp32_linear` computes in float32 from bf16 operands
+    (a float32 copy of bf16 values would be split into three bf16 terms, two of them zero)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # an unused output gives None, not a zero tensor
         ctx.dtype = x.dtype
-        return x.float(), x.view_as(x), x.view_as(x)
+        return x.view_as(x), x.view_as(x), x.view_as(x)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> torch.Tensor | None:
