@@ -293,8 +293,9 @@ def test_moe_weighted_combine_with_add_matches_reference():
     gy = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
 
     def run(fn, dtype):
-        r, a = rows.to(dtype).requires_grad_(True), add.to(dtype).requires_grad_(True)
-        ww = w.to(torch.float64 if dtype == torch.float64 else w.dtype).requires_grad_(True)
+        # detach(): fresh leaves each run (`.to` of a same-dtype tensor returns the tensor itself)
+        r, a = rows.detach().to(dtype).requires_grad_(True), add.detach().to(dtype).requires_grad_(True)
+        ww = w.detach().to(torch.float64 if dtype == torch.float64 else w.dtype).requires_grad_(True)
         y = fn(r, order, position, ww, a)
         y.backward(gy.to(y.dtype))
         return [y, r.grad, ww.grad, a.grad]

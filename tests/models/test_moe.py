@@ -212,7 +212,7 @@ def _moe_step(moe, x, gy, fast):
 
 
 def test_moe_fused_glue_matches_reference_and_runs_one_gradient_sum(moe, config, monkeypatch):
-    """Fast paths: the input's three gradients (router fp32, dispatch, shared expert) are summed by
+    """Fast paths: the input's three gradients (router, dispatch, shared expert) are summed by
     one add_n call and the shared expert's output is added inside the combine; same values as
     the reference path (separate adds), gradcheck-exact in float64."""
     from nemotron.kernels.add_n import add_n
@@ -234,7 +234,7 @@ def test_moe_fused_glue_matches_reference_and_runs_one_gradient_sum(moe, config,
     x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
     gy = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
     fast = _moe_step(moe, x, gy, fast=True)
-    assert sums == [([torch.float32, torch.float64, torch.float64], torch.float64)]
+    assert sums == [([torch.float64] * 3, torch.float64)]  # router, dispatch, shared expert
     assert adds == [True, False]  # forward combine + shared output; dispatch backward (unit weights)
     sums.clear()
     adds.clear()
