@@ -49,6 +49,7 @@ from nemotron.kernels import fast_paths  # noqa: E402
 from nemotron.kernels.mamba_chain import fused_chain  # noqa: E402
 from nemotron.models.nano3.config import Nano3Config  # noqa: E402
 from nemotron.models.nano3.model import Block  # noqa: E402
+from nemotron.models.nano3.moe import set_shared_expert_overlap  # noqa: E402
 from nemotron.train import flops  # noqa: E402
 
 SYMBOL = {"mamba": "M", "attention": "*", "moe": "E"}
@@ -112,6 +113,9 @@ def paths_for(kind: str, device: torch.device) -> list[dict]:
     if kind == "mamba":  # the Triton kernels one autograd node each, without the fused chain
         paths += [{"name": "fast-stepwise", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
                    "fused_chain": False}]
+    if kind == "moe" and device.type == "cuda":  # the shared expert on a side stream
+        paths += [{"name": "fast-overlap", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
+                   "shared_expert_overlap": True}]
     return paths
 
 
@@ -154,6 +158,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
         block = Block(cfg, 0).to(device)
         block.load_state_dict(master.state_dict())
         block.to(path["param_dtype"])  # the router's balancing buffers stay float32
+        set_shared_expert_overlap(block, path.get("shared_expert_overlap", False))
         params = list(block.parameters())
         x = x0.clone().requires_grad_(True)
 
@@ -181,7 +186,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
                 times = time_ms(step, device, warmup, iters)
                 peak = peak_memory_gib(device)
                 synced = time_ms(step, device, 1, iters, sync_each=True)
-                if profile and path["name"] == "fast" and device.type == "cuda":
+                if profile and path["name"] in ("fast", "fast-overlap") and device.type == "cuda":
                     row["kernels"] = profile_kernels(step, 3, limit=profile_top)
         except (RuntimeError, NotImplementedError) as err:  # a backend that refuses the shape
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"

@@ -2,7 +2,7 @@
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
-# [-accumN][-prof][-rec] (peer: also the transformers peer), numerics-<fp32|bf16>, long,
+# [-accumN][-prof][-rec][-ovl] (peer: also the transformers peer; ovl: MoE shared-expert overlap), numerics-<fp32|bf16>, long,
 # blocks-<kinds>, gpu-tests); results and logs go to $OUT (default
 # ./bench_out).
 set -o pipefail
@@ -20,7 +20,7 @@ for stage in "$@"; do
     blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
     gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py tests/distributed/test_gpu_context_parallel.py ;;
     train-*|peer-*)
-      # <train|peer>-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec]: one proxy run (peer: + the HF peer)
+      # <train|peer>-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec][-ovl]: one proxy run (peer: + the HF peer)
       IFS=- read -r kind params rest <<< "$stage"
       extra=(--params "$params"); prof=(--no-profile)
       for opt in ${rest//-/ }; do
@@ -29,6 +29,7 @@ for stage in "$@"; do
           accum*) extra+=(--grad-accum "${opt#accum}" --steps 5) ;;
           prof) prof=() ;;
           rec) extra+=(--recompute) ;;
+          ovl) extra+=(--shared-expert-overlap) ;;
         esac
       done
       if [ "$kind" = peer ]; then

@@ -81,6 +81,7 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
         micro_batch_size=micro_batch, seq_length=seq, seed=1234, eval_iters=0,
         precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
         activation_recompute=args.recompute,
+        moe_shared_expert_overlap=args.shared_expert_overlap,
     )
     data = DataConfig(blend=args.blend, mock=args.blend is None)
     return PretrainConfig(model=model, train=train, data=data,
@@ -437,6 +438,8 @@ def parse_args(argv):
     ap.add_argument("--params", choices=("bf16", "fp32"), default="fp32",
                     help="fp32 weights under bf16 autocast, or bf16 compute weights with fp32 master (FSDP2)")
     ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
+    ap.add_argument("--shared-expert-overlap", action="store_true",
+                    help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream")
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -267,3 +267,25 @@ def test_moe_fan_out_without_shared_expert(config):
     gy = torch.randn(1, 4, config.hidden_size, dtype=torch.float64)
     for a, b in zip(_moe_step(moe, x, gy, fast=True), _moe_step(moe, x, gy, fast=False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_shared_expert_overlap_switch_and_cpu_fallback(moe, config):
+    """`set_shared_expert_overlap` reaches every MoE layer; the side stream exists only on CUDA
+    with fast paths and the local dispatcher, so on CPU the switch changes nothing."""
+    from nemotron.kernels import fast_paths
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    model = Nano3ForCausalLM(config)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert layers and not any(m.shared_expert_overlap for m in layers)  # off by default
+    assert moe_module.set_shared_expert_overlap(model, True) == len(layers)
+    assert all(m.shared_expert_overlap for m in layers)
+    x = torch.randn(2, 5, config.hidden_size, dtype=next(moe.parameters()).dtype)
+    moe_module.set_shared_expert_overlap(moe, True)
+    assert moe._overlap_stream(x.reshape(-1, config.hidden_size)) is None  # CPU: no side stream
+    with fast_paths(True):
+        on, _ = moe(x)
+    moe_module.set_shared_expert_overlap(moe, False)
+    off, _ = moe(x)
+    assert torch.equal(on, off)
+

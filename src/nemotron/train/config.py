@@ -42,6 +42,9 @@ class TrainConfig:
     # step and gradients reduce-scattered once; costs the unsharded weights and gradients in
     # memory for the whole step. Off: gather/reshard and reduce-scatter every micro-batch.
     fsdp_accumulate_unsharded: bool = True
+    # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
+    # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
+    moe_shared_expert_overlap: bool = False
 
 
 @dataclass

@@ -178,6 +178,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     compute weights per `train.compute_weights`. One process with bf16 compute weights uses a
     one-rank mesh and needs a (one-rank) process group, which `pretrain` creates."""
     from nemotron.models.nano3.model import Nano3ForCausalLM
+    from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
@@ -190,6 +191,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         # so one process and N data-parallel ranks start from the same weights.
         torch.manual_seed(cfg.train.seed)
         model.reset_parameters()
+        set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
         if cfg.train.activation_recompute:
             apply_activation_recompute(model)
         return model, Parallel()
@@ -215,6 +217,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     # Built on the meta device and materialised shard by shard: a rank never holds the full model.
     with torch.device("meta"):
         model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
+    set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.

@@ -154,17 +154,28 @@ class _FanOutInput(torch.autograd.Function):
     (a float32 copy of bf16 values would be split into three bf16 terms, two of them zero)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, side_stream=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # an unused output gives None, not a zero tensor
         ctx.dtype = x.dtype
+        ctx.side_stream = side_stream
         return x.view_as(x), x.view_as(x), x.view_as(x)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor | None) -> torch.Tensor | None:
-        present = [g for g in grads if g is not None]
-        if len(present) <= 1:
-            return present[0].to(ctx.dtype) if present else None
-        return add_n(present, ctx.dtype)
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        if ctx.side_stream is not None:
+            # The shared expert's backward ran on the side stream (autograd runs each backward
+            # op on its forward op's stream), its weight gradients possibly after the input
+            # gradient this node waited for: join them all before anything downstream (FSDP2's
+            # gradient reduction, the optimizer) reads them.
+            torch.cuda.current_stream(ctx.side_stream.device).wait_stream(ctx.side_stream)
+        return _sum_gradients(grads, ctx.dtype), None
+
+
+def _sum_gradients(grads, dtype: torch.dtype) -> torch.Tensor | None:
+    present = [g for g in grads if g is not None]
+    if len(present) <= 1:
+        return present[0].to(dtype) if present else None
+    return add_n(present, dtype)
 
 
 class DispatchContext(NamedTuple):
@@ -269,6 +280,8 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.moe_shared_expert_hidden_size, config.init_std, config.output_init_std)
             if config.moe_shared_expert_hidden_size > 0 else None
         )
+        # Off by default; `set_shared_expert_overlap` / train.moe_shared_expert_overlap switch it.
+        self.shared_expert_overlap = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar)."""
@@ -276,15 +289,29 @@ class MoE(nn.Module):
 
         b, s, h = x.shape
         flat = x.reshape(-1, h)
+        side = self._overlap_stream(flat)
         if fast_paths_enabled():
             # one fused pass sums the input's three gradients in backward
-            router_in, dispatch_in, shared_in = _FanOutInput.apply(flat)
+            router_in, dispatch_in, shared_in = _FanOutInput.apply(flat, side)
         else:
             router_in = dispatch_in = shared_in = flat
+        shared = None
+        if side is not None:
+            # The shared expert on a side stream, beside the routed path's chain of small
+            # latency-bound kernels (router, top-k, sort, gathers); joined before the combine.
+            main = torch.cuda.current_stream(flat.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                shared = self.shared_experts(shared_in)
+            flat.record_stream(side)  # read on the side stream: keep its memory until then
         route = self.router(router_in)
         rows, counts, ctx = self.dispatcher.dispatch(dispatch_in, route.topk_idx, route.topk_weight)
         expert_out = self.experts(rows, counts)
-        shared = self.shared_experts(shared_in) if self.shared_experts is not None else None
+        if side is not None:
+            main.wait_stream(side)
+            shared.record_stream(main)  # made on the side stream, used and freed on this one
+        elif self.shared_experts is not None:
+            shared = self.shared_experts(shared_in)
         if isinstance(self.dispatcher, LocalDispatcher):
             # the shared expert's output is added inside the combine pass
             y = self.dispatcher.combine(expert_out, ctx, add=shared)
@@ -294,3 +321,34 @@ class MoE(nn.Module):
                 y = y + shared
         aux = sequence_balance_loss(route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1), self.top_k)
         return y.view(b, s, h), aux
+
+    def _overlap_stream(self, x: torch.Tensor):
+        """The side stream for the shared expert when `shared_expert_overlap` is on and applies
+        (CUDA, fast paths, the local dispatcher, not while compiling), else None."""
+        from nemotron.kernels import fast_paths_enabled
+
+        if not (self.shared_expert_overlap and x.is_cuda and self.shared_experts is not None
+                and fast_paths_enabled() and isinstance(self.dispatcher, LocalDispatcher)
+                and not torch.compiler.is_compiling()):
+            return None
+        return _side_stream(x.device)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device, shared by every MoE layer (they run one after another)."""
+    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def set_shared_expert_overlap(model: nn.Module, enabled: bool) -> int:
+    """Switch the shared-expert/routed-path stream overlap on or off in every MoE layer of
+    `model` (a block or a whole model); returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        layer.shared_expert_overlap = bool(enabled)
+    return len(layers)
