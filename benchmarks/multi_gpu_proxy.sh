@@ -29,6 +29,8 @@ one g1 python3 benchmarks/multi_gpu.py $P
 # the same bf16 compute weights (FSDP2, one-rank mesh) as the multi-GPU runs use
 one g1_bf16 python3 benchmarks/multi_gpu.py $P train.compute_weights=bf16
 one dp$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P
+# the MoE shared expert on a side stream under FSDP2 across ranks: losses must match dp$N's
+one dp${N}_overlap torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P train.moe_shared_expert_overlap=true
 one dp${N}ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.expert_model_parallel_size=$N
 one tp${N}sp_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tensor_model_parallel_size=$N \
   model.sequence_parallel=true model.expert_model_parallel_size=$N
