@@ -289,3 +289,12 @@ def test_shared_expert_overlap_switch_and_cpu_fallback(moe, config):
     off, _ = moe(x)
     assert torch.equal(on, off)
 
+
+
+@pytest.mark.parametrize("num_experts", [8, 256, 300, 40000])
+def test_narrow_expert_ids_sort_like_int64(num_experts):
+    ids = torch.randint(0, num_experts, (4096,), generator=torch.Generator().manual_seed(num_experts))
+    keys = moe_module.narrow_expert_ids(ids, num_experts)
+    assert keys.element_size() == (1 if num_experts <= 256 else 2 if num_experts <= 32768 else 8)
+    assert torch.equal(keys.long(), ids)  # no id changes value
+    assert torch.equal(torch.argsort(keys, stable=True), torch.argsort(ids, stable=True))
