@@ -52,9 +52,9 @@ def _softplus(pre):
 
 
 @triton.jit
-def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.constexpr):
-    """One chunk of one (batch, head): dt = clamp(softplus(raw + bias)) (0 past the end) and the
-    within-chunk cumulative log decays cumsum(dt * A), A = -exp(A_log), both [b, h, NC * Q]."""
+def _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q: tl.constexpr):
+    """This program's (chunk, batch x head): its rows' validity, raw + bias in fp32, A = -exp(A_log)
+    and the offsets of its Q entries in the [b, h, NC * Q] dt / decay buffers."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -63,10 +63,18 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
     t = c * Q + offs
     valid = t < L
     pre = tl.load(RAW + b * srb + t * srl + h, mask=valid, other=0.0).to(tl.float32) + tl.load(BIAS + h).to(tl.float32)
-    dt = tl.minimum(tl.maximum(_softplus(pre), lo), hi)
-    dt = tl.where(valid, dt, 0.0)
     a = -tl.exp(tl.load(ALOG + h).to(tl.float32))
     base = bh * NC * Q + c * Q + offs
+    return c, bh, b, h, offs, t, valid, pre, a, base
+
+
+@triton.jit
+def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.constexpr):
+    """One chunk of one (batch, head): dt = clamp(softplus(raw + bias)) (0 past the end) and the
+    within-chunk cumulative log decays cumsum(dt * A), A = -exp(A_log), both [b, h, NC * Q]."""
+    c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
+    dt = tl.minimum(tl.maximum(_softplus(pre), lo), hi)
+    dt = tl.where(valid, dt, 0.0)
     tl.store(DT + base, dt)
     tl.store(ACS + base, tl.cumsum(dt * a, axis=0))
 
@@ -77,17 +85,8 @@ def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DYY, DA_LAST, DRAW, DA_PART, DBIAS_
     """The dt path's backward for one chunk of one (batch, head): from the SSD's direct dt
     gradient and its decay-gradient terms to d(raw) (written into its slice of d(zxbcdt)) and
     this chunk's partial sums of dA and d(bias)."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs = tl.arange(0, Q)
-    t = c * Q + offs
-    valid = t < L
-    pre = tl.load(RAW + b * srb + t * srl + h, mask=valid, other=0.0).to(tl.float32) + tl.load(BIAS + h).to(tl.float32)
+    c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
     sp = _softplus(pre)
-    a = -tl.exp(tl.load(ALOG + h).to(tl.float32))
-    base = bh * NC * Q + c * Q + offs
     dt = tl.load(DT + base)
     ddt = tl.load(DDT + base)
     # The SSD's decay gradient (ssd_triton): dacs = dy.y - dt ddt, plus <G, S> at the chunk's end.
