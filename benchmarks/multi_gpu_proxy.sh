@@ -18,8 +18,11 @@ P="model.hybrid_pattern=MEMEM*EMEMEM*E model.num_layers=14 model.num_experts=64 
 # Per-run JSON and logs go to $RUNS; $OUT gets two files (the device tool returns at most 8):
 # results.jsonl (one line per finished run) and logs.txt (every run's full output).
 RUNS=${RUNS:-/tmp/multi_gpu_runs}; mkdir -p $RUNS
+# ONLY="g1 dp2 ..." runs just those names (one device call may not hold every run).
 one() {
-  name=$1; shift; echo "== $name"
+  name=$1; shift
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  echo "== $name"
   timeout ${RUN_TIMEOUT:-240} "$@" --name $name --out $RUNS > $RUNS/$name.log 2>&1
   echo "rc=$?"; grep '^{' $RUNS/$name.log || tail -n 15 $RUNS/$name.log
   { echo "===== $name"; cat $RUNS/$name.log; } >> $OUT/logs.txt
@@ -40,3 +43,13 @@ one full14_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.nu
   model.expert_model_parallel_size=$N
 one full20_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
   model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*' model.num_layers=20
+# Throughput at a production-like batch: micro batch 2 x 4 accumulation steps per GPU, bf16
+# compute weights (what `compute_weights=auto` picks on CUDA with accumulation), the shared
+# expert on a side stream; the one-GPU run has the same per-GPU work.
+ACC="train.micro_batch_size=2 train.moe_shared_expert_overlap=true"
+one g1_acc python3 benchmarks/multi_gpu.py $P $ACC train.global_batch_size=8
+one dp${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC train.global_batch_size=$((8 * N))
+one dp${N}ep${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC \
+  train.global_batch_size=$((8 * N)) model.expert_model_parallel_size=$N
+one full14_ep${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC \
+  train.global_batch_size=$((8 * N)) model.num_experts=128 model.expert_model_parallel_size=$N

@@ -49,8 +49,63 @@ def _token_reductions(rank, world_size):
     assert token_loss_weight(mask, mesh) == (0.5 if rank == 0 else 1.5)
 
 
+def _tp_kernel_launches_get_plain_tensors(rank, world_size):
+    """Under TP+SP, DTensor hands some activations and gradients over as pending collective
+    results (`AsyncCollectiveTensor`, data_ptr 0); on 2 H200s the Triton RMSNorm read one (the
+    embedding output) and faulted. Here the Triton RMSNorm and add_n paths run on CPU with
+    their launchers replaced by spies that record the argument types and compute with torch."""
+    import torch
+
+    from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
+    from nemotron.kernels import add_n as add_n_module
+    from nemotron.kernels import add_n_triton, rmsnorm, rmsnorm_triton
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    from .harness import batch
+    from models.tiny import tiny_config
+
+    seen = []
+
+    def record(*args):
+        seen.extend(type(a) for a in args if isinstance(a, torch.Tensor))
+
+    def norm_forward(y2, z2, weight, group_size, eps):
+        record(y2, z2, weight)
+        rstd = torch.rsqrt(y2.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (y2.float() * rstd * weight.float()).to(y2.dtype), rstd
+
+    def norm_backward(y2, z2, weight, rstd, dout2, group_size, dz=None):
+        record(y2, z2, weight, rstd, dout2)  # the gradient values do not matter here
+        return torch.zeros_like(y2), None, torch.zeros_like(weight)
+
+    def add_n_launch(tensors, dtype, compute):
+        record(*tensors)
+        return add_n_module.add_n_reference(tensors, dtype)
+
+    patches = [(rmsnorm, "_use_triton", lambda t: True),
+               (rmsnorm_triton, "gated_rmsnorm_forward", norm_forward),
+               (rmsnorm_triton, "gated_rmsnorm_backward", norm_backward),
+               (add_n_module, "_use_triton", lambda tensors: True),
+               (add_n_triton, "add_n_kernel_call", add_n_launch)]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+    try:
+        for m, n, v in patches:
+            setattr(m, n, v)
+        torch.manual_seed(0)
+        model = Nano3ForCausalLM(tiny_config())
+        dims = ParallelDims.from_config(ParallelismConfig(**TP), world_size, model.config)
+        parallelize(model, build_mesh(dims, "cpu"))
+        ids, labels, mask = batch(0)
+        model(ids[:2], labels=labels[:2], loss_mask=mask[:2]).loss.backward()
+    finally:
+        for m, n, v in saved:
+            setattr(m, n, v)
+    assert len(seen) > 3 * model.config.num_layers and set(seen) == {torch.Tensor}, set(seen)
+
+
 def _run_2(rank, world_size):
     _token_reductions(rank, world_size)
+    _tp_kernel_launches_get_plain_tensors(rank, world_size)
     return _run_layouts(rank, world_size, LAYOUTS_2)
 
 

@@ -40,8 +40,11 @@ def add_n_reference(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torc
 
 def add_n_triton(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     from nemotron.kernels.add_n_triton import add_n_kernel_call
+    from nemotron.kernels.dense import dense
 
     _check(tensors)
+    # gradients (add_n is a backward helper), possibly still-pending collective results
+    tensors = [dense(t) for t in tensors]
     return add_n_kernel_call(tensors, dtype, _compute_dtype(tensors))
 
 

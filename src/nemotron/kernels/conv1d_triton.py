@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemotron.kernels.dense import dense_inputs
+
 __all__ = ["causal_conv1d_triton", "conv1d_forward", "conv1d_backward", "CONV1D_TRITON_CONFIG"]
 
 CONV1D_TRITON_CONFIG = {"block_t": 32, "block_c": 128, "num_warps": 4}
@@ -149,6 +151,7 @@ def conv1d_backward(x, w, bias, dy, silu: bool, dx=None):
 
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, x, weight, bias, silu: bool, out_dtype: torch.dtype):
         c = x.shape[-1]
         if x.stride(-1) != 1:
@@ -160,6 +163,7 @@ class CausalConv1dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, dy):
         x, w, bias = ctx.saved_tensors
         if dy.stride(-1) != 1:

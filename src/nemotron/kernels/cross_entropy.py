@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels.dense import dense_inputs
+
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -109,6 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     # Matmuls run in `compute` dtype with autocast off (autocast's choice is made by the caller),
     # so forward and backward agree whether or not the backward runs under autocast.
     @staticmethod
+    @dense_inputs
     def forward(ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute):
         n = hidden.shape[0]
         acc = torch.float64 if compute == torch.float64 else torch.float32
@@ -143,6 +146,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total * inv_denom
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, grad_out):
         nones = (None,) * 7
         if ctx.grad_in_forward:

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from nemotron.kernels.conv1d_triton import conv1d_backward, conv1d_forward
+from nemotron.kernels.dense import dense_inputs
 from nemotron.kernels.mamba_chain import MambaChainShape
 from nemotron.kernels.rmsnorm_triton import gated_rmsnorm_backward, gated_rmsnorm_forward
 from nemotron.kernels.ssd_triton import SSDDims, ssd_backward, ssd_forward
@@ -132,6 +133,7 @@ def _dt_backward(raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, shape: MambaC
 
 class MambaChainFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight,
                 shape: MambaChainShape, conv_dtype: torch.dtype):
         if zxbcdt.stride(-1) != 1:
@@ -153,6 +155,7 @@ class MambaChainFunction(torch.autograd.Function):
         return out.view(b, s, di)
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, dout):
         (zxbcdt, conv_weight, w, conv_bias, dt_bias, A_log, D, norm_weight,
          xbc, dt_p, acs, states, y, rstd) = ctx.saved_tensors

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemotron.kernels.dense import dense_inputs
+
 __all__ = ["weighted_combine_triton", "MOE_COMBINE_TRITON_CONFIG"]
 
 MOE_COMBINE_TRITON_CONFIG = {"block_h": 1024, "num_warps": 4}
@@ -57,6 +59,7 @@ def _combine_bwd_kernel(ROWS, POS, W, DY, DROWS, DW, H, K: tl.constexpr, BLOCK_H
 
 class WeightedCombineFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, rows, position, weight, add):
         tokens, k = weight.shape
         h = rows.shape[1]
@@ -72,6 +75,7 @@ class WeightedCombineFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, dy):
         rows, pos, w = ctx.saved_tensors
         tokens, k = w.shape

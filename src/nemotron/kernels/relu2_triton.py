@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemotron.kernels.dense import dense_inputs
+
 __all__ = ["SquaredReLUFunction", "RELU2_TRITON_CONFIG"]
 
 RELU2_TRITON_CONFIG = {"block": 4096, "num_warps": 8}
@@ -53,6 +55,7 @@ def _launch(kernel, n: int, *tensors: torch.Tensor) -> None:
 
 class SquaredReLUFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
@@ -61,6 +64,7 @@ class SquaredReLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         grad = grad.contiguous()

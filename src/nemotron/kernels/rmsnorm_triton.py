@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemotron.kernels.dense import dense_inputs
+
 __all__ = ["GatedRMSNormFunction", "gated_rmsnorm_forward", "gated_rmsnorm_backward", "RMSNORM_TRITON_CONFIG"]
 
 
@@ -121,6 +123,7 @@ def gated_rmsnorm_backward(y2, z2, weight, rstd, dout2, group_size, dz=None):
 
 class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, y, z, weight, group_size, eps):
         d = y.shape[-1]
         y2 = y.reshape(-1, d).contiguous()
@@ -132,6 +135,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         return out.reshape(y.shape)
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
         dout2 = dout.reshape(-1, y2.shape[1]).contiguous()

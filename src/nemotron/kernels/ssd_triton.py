@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from nemotron.kernels.dense import dense_inputs
 from nemotron.kernels.ssd import DEFAULT_CHUNK_SIZE, check_ssd_shapes
 
 __all__ = ["ssd_triton", "ssd_forward", "ssd_backward", "SSDDims", "SSD_TRITON_CONFIG"]
@@ -460,6 +461,7 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
 
 class _SSDFunction(torch.autograd.Function):
     @staticmethod
+    @dense_inputs
     def forward(ctx, x, dt_p, acs, B, C, init, chunk_size):
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
         d = SSDDims(x, B, chunk_size)
@@ -473,6 +475,7 @@ class _SSDFunction(torch.autograd.Function):
         return y, final
 
     @staticmethod
+    @dense_inputs
     def backward(ctx, dy, dfinal):
         x, dt_p, acs, B, C, states = ctx.saved_tensors
         d: SSDDims = ctx.dims
