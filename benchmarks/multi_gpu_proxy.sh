@@ -53,3 +53,8 @@ one dp${N}ep${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $AC
   train.global_batch_size=$((8 * N)) model.expert_model_parallel_size=$N
 one full14_ep${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC \
   train.global_batch_size=$((8 * N)) model.num_experts=128 model.expert_model_parallel_size=$N
+# full width without expert parallelism (FSDP2 shards the experts), and the most blocks that fit
+one full14_dp${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC \
+  train.global_batch_size=$((8 * N)) model.num_experts=128
+one full27_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
+  model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*' model.num_layers=27

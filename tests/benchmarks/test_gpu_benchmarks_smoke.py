@@ -134,3 +134,25 @@ def test_multi_gpu_run_records_losses_and_throughput(tmp_path):
     result = json.loads((tmp_path / "g1.json").read_text())
     assert len(result["losses"]) == 3 and result["world_size"] == 1
     assert result["tokens_per_second_per_gpu"] > 0 and 0 < result["mfu"] < 1
+
+
+def test_multi_gpu_report_compares_each_layout_with_the_one_gpu_run(tmp_path, capsys):
+    report = load("multi_gpu_report")
+    base = ["model.num_layers=14", "train.global_batch_size=2"]
+
+    def run(name, world, losses, extra=()):
+        return {"name": name, "world_size": world, "overrides": base + list(extra), "losses": losses,
+                "tokens_per_second_per_gpu": 1000.0, "mfu": 0.4,
+                "peak_memory_per_gpu": [{"allocated_gib": 1.0, "reserved_gib": 2.0}] * world}
+
+    runs = [run("g1", 1, [12.0, 11.0, 10.0, 9.0]),
+            run("dp2", 2, [12.0, 11.0005, 10.001, 5.0]),  # step 4 is outside the compared steps
+            run("tp2", 2, [12.0, 11.0, 10.01], ["model.tensor_model_parallel_size=2"]),
+            run("big", 2, [1.0], ["model.num_layers=27"])]  # no one-GPU run of that model
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in runs) + "\n")
+    assert report.main([str(path)]) == 1  # tp2 is 1e-2 off
+    table = capsys.readouterr().out
+    assert "1.0e-03 vs `g1` (pass)" in table and "1.0e-02 vs `g1` (FAIL)" in table
+    assert "| `big` | 2 | 1,000 | 0.400 | 1.0 / 2.0 | - |" in table
+    assert report.main([str(path), "--tol", "0.02"]) == 0

@@ -388,7 +388,42 @@ def _mamba_chain_no_glue_check(fused=True):
         assert any("cat" in g for g in glue) and any("clone" in g for g in glue), glue
 
 
+def _route_topk_check(tokens=37, experts=20, k=6, block_t=8, grads=("scores", "weights")):
+    """Fused routing == the reference: same experts in the same order, scores, weights, and the
+    logits' gradient from the scores' (balance loss) and/or the weights' (combine) gradients."""
+    from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
+    from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
+
+    ROUTER_TRITON_CONFIG["block_t"] = block_t  # several token tiles and a ragged last one
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(tokens, experts, generator=gen) * 2
+    bias = torch.randn(experts, generator=gen) * 0.3  # changes which experts win
+    g_scores = torch.randn(tokens, experts, generator=gen)
+    g_weights = torch.randn(tokens, k, generator=gen)
+
+    def run(fn):
+        leaf = logits.clone().requires_grad_(True)
+        scores, idx, weights = fn(leaf, bias, k, 2.5)
+        loss = 0
+        if "scores" in grads:
+            loss = loss + (scores * g_scores).sum()
+        if "weights" in grads:
+            loss = loss + (weights * g_weights).sum()
+        loss.backward()
+        return scores, idx, weights, leaf.grad
+
+    got, want = run(route_topk_triton), run(route_topk_reference)
+    assert torch.equal(got[1], want[1]), "expert indices differ"
+    assert not torch.equal(want[1], torch.topk(logits, k).indices), "the bias should matter here"
+    for i, name in [(0, "scores"), (2, "weights"), (3, "dlogits")]:
+        torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 CHECKS = {
+    "route_topk_scores_and_weights_grads": _route_topk_check,
+    "route_topk_weights_grad_only_nano3_width": lambda: _route_topk_check(
+        tokens=9, experts=128, k=6, block_t=16, grads=("weights",)),
+    "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,

@@ -37,6 +37,7 @@ TRITON_FUNCTIONS = [
     ("nemotron.kernels.cross_entropy", "_LinearCrossEntropy"),
     ("nemotron.kernels.mamba_chain_triton", "MambaChainFunction"),
     ("nemotron.kernels.moe_combine_triton", "WeightedCombineFunction"),
+    ("nemotron.kernels.moe_router_triton", "RouteTopKFunction"),
     ("nemotron.kernels.relu2_triton", "SquaredReLUFunction"),
     ("nemotron.kernels.rmsnorm_triton", "GatedRMSNormFunction"),
     ("nemotron.kernels.ssd_triton", "_SSDFunction"),

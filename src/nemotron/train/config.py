@@ -44,7 +44,7 @@ class TrainConfig:
     fsdp_accumulate_unsharded: bool = True
     # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
     # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
-    moe_shared_expert_overlap: bool = False
+    moe_shared_expert_overlap: bool = True
 
 
 @dataclass

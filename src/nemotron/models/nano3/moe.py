@@ -21,6 +21,7 @@ from torch import nn
 from nemotron.kernels.add_n import add_n
 from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
+from nemotron.kernels.moe_router import route_topk
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
 
@@ -84,11 +85,8 @@ class Router(nn.Module):
         """x [tokens, hidden] -> RouterOutput."""
         # The router is always float32, autocast or not (on CUDA: float32-accurate bf16 GEMMs).
         logits = fp32_linear(x, self.weight)
-        scores = torch.sigmoid(logits)
-        with torch.no_grad():
-            topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
-        weights = scores.gather(-1, topk_idx)
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        scores, topk_idx, weights = route_topk(logits, self.expert_bias, self.top_k,
+                                               self.routed_scaling_factor)
         # Count only real training forward passes: not eval, not no_grad, not a recompute.
         if self.training and torch.is_grad_enabled() and not _inside_backward():
             with torch.no_grad():

@@ -1,0 +1,56 @@
+"""MoE routing after the router GEMM: sigmoid scores, top-k experts by biased score, and the
+combine weights (unbiased scores of the chosen experts, renormalised, times the scaling factor).
+
+``route_topk`` runs the Triton kernels (``nemotron.kernels.moe_router_triton``: forward one read
+of the logits, the top-k found in registers, scores / indices / weights written once; backward
+one pass giving the logits' gradient from the scores' and the weights' gradients) on CUDA when
+Triton imports and fast paths are on, else ``route_topk_reference`` (PyTorch ops: about eight
+kernels forward and ten backward, each a launch of a few microseconds on [tokens x experts]).
+
+The expert bias only chooses the experts (aux-loss-free balancing); it gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "WEIGHT_EPS"]
+
+# Added to the sum of the chosen scores before dividing (sigmoid scores are > 0; this only
+# guards a sum that underflows).
+WEIGHT_EPS = 1e-20
+
+
+def route_topk_reference(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [tokens, experts] float32 -> (scores [tokens, experts] float32, topk_idx [tokens, k]
+    int64 in descending biased score, topk_weight [tokens, k] float32)."""
+    scores = torch.sigmoid(logits)
+    with torch.no_grad():
+        topk_idx = torch.topk(scores + expert_bias, top_k, dim=-1).indices
+    weights = scores.gather(-1, topk_idx)
+    weights = weights / (weights.sum(-1, keepdim=True) + WEIGHT_EPS) * scale
+    return scores, topk_idx, weights
+
+
+def route_topk_triton(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route_topk_reference` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    from nemotron.kernels.moe_router_triton import RouteTopKFunction
+
+    return RouteTopKFunction.apply(logits, expert_bias, top_k, float(scale))
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    from nemotron.kernels import fast_paths_enabled, triton_available
+
+    return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
+            and fast_paths_enabled() and triton_available())
+
+
+def route_topk(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing the MoE router calls: Triton on CUDA, the reference elsewhere."""
+    if _use_triton(logits):
+        return route_topk_triton(logits, expert_bias, top_k, scale)
+    return route_topk_reference(logits, expert_bias, top_k, scale)
