@@ -58,3 +58,7 @@ one full14_dp${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $A
   train.global_batch_size=$((8 * N)) model.num_experts=128
 one full27_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
   model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*' model.num_layers=27
+# the whole Nano3 (52 blocks, 31.6B parameters) where N GPUs hold it
+one full52_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
+  model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME' \
+  model.num_layers=52

@@ -30,25 +30,29 @@ def rank_inputs(rank: int, skew: bool):
 
 
 def _worker(rank, world_size, skew):
+    """Same outputs and gradients (input, combine weights, the added shared-expert output) as
+    the local dispatcher, bit for bit: the EP path sorts, gathers and combines with the same
+    functions, only the rows travel."""
     x, idx, w = rank_inputs(rank, skew)
-    x_ref = x.clone().requires_grad_()
-    local = LocalDispatcher(NUM_EXPERTS)
-    rows, counts, ctx = local.dispatch(x_ref, idx, w)
-    y_ref = local.combine(expert_fn(rows, counts, 0), ctx)
-    y_ref.square().sum().backward()
+    shared = torch.randn(x.shape, generator=torch.Generator().manual_seed(7 + rank))
 
+    def run(dispatcher, first_expert):
+        leaves = [t.clone().requires_grad_() for t in (x, w, shared)]
+        rows, counts, ctx = dispatcher.dispatch(leaves[0], idx, leaves[1])
+        y = dispatcher.combine(expert_fn(rows, counts, first_expert(dispatcher)), ctx, add=leaves[2])
+        y.square().sum().backward()
+        return counts, [y] + [t.grad for t in leaves]
+
+    _, want = run(LocalDispatcher(NUM_EXPERTS), lambda d: 0)
     ep = AllToAllDispatcher(NUM_EXPERTS, dist.group.WORLD)
-    x_ep = x.clone().requires_grad_()
-    rows, counts, ctx = ep.dispatch(x_ep, idx, w)
+    counts, got = run(ep, lambda d: d.local_expert_offset)
     assert counts.numel() == NUM_EXPERTS // world_size
     # every row that arrived belongs to one of this rank's experts
     total = torch.tensor([counts.sum().item(), idx.numel()])
     dist.all_reduce(total)
     assert total[0] == total[1], "tokens were dropped or duplicated"
-    y = ep.combine(expert_fn(rows, counts, ep.local_expert_offset), ctx)
-    y.square().sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(["y", "dx", "dweight", "dshared"], got, want):
+        assert torch.equal(a, b), name
     return int(counts.sum())
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nemotron.data.gpt_dataset import GPTDataset, GPTDatasetError, cached_arrays
+from nemotron.data.mapped import PicklesByReference
 
 
 def normalise_weights(weights: list[float]) -> list[float]:
@@ -44,7 +45,7 @@ def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray,
     return dataset_index, sample_index
 
 
-class BlendedDataset(torch.utils.data.Dataset):
+class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
     """Serves sample i from datasets[dataset_index[i]][dataset_sample_index[i]]."""
 
     def __init__(

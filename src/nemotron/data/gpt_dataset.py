@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemotron.data.mapped import PicklesByReference
+
 INDEX_FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 
@@ -162,7 +164,7 @@ def sample_dict(tokens: np.ndarray) -> dict[str, torch.Tensor]:
     return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(len(t) - 1)}
 
 
-class GPTDataset(torch.utils.data.Dataset):
+class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
     """Megatron GPT samples of one indexed dataset (every sequence of it is one document)."""
 
     def __init__(

@@ -260,6 +260,13 @@ class IndexedDataset:
         else:
             self._data = np.zeros(0, dtype=self.dtype)
 
+    def __getstate__(self) -> dict:
+        # Re-opened (and re-validated) from the files in another process, never copied.
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return int(self.sequence_lengths.size)
 

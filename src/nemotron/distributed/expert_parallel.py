@@ -46,18 +46,39 @@ def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
     return _AllToAll.apply(x, list(send_splits), list(recv_splits), group)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[j] = x[perm[j]] for a permutation `perm` with inverse `inverse`: the backward is the
+    inverse gather (index_select's own backward would be an atomic index_add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 @dataclass
 class _RouteContext:
-    order: torch.Tensor          # [T*K] position in the flattened (token, k) list of each sorted row
+    order: torch.Tensor          # [T*K] (token, k) pair of each expert-sorted row sent
+    position: torch.Tensor       # inverse of `order`
     send_splits: list[int]       # rows sent to each EP rank
     recv_splits: list[int]       # rows received from each EP rank
     local_order: torch.Tensor    # received row feeding each expert-sorted row
+    local_position: torch.Tensor  # inverse of `local_order`
     topk_weight: torch.Tensor    # [T, K]
-    num_tokens: int
 
 
 class AllToAllDispatcher:
-    """Token exchange for experts split over `group` (size EP); `num_experts` is the global E."""
+    """Token exchange for experts split over `group` (size EP); `num_experts` is the global E.
+
+    The rows sent are sorted by global expert exactly as `LocalDispatcher` sorts them, so the
+    dispatch gather and the weighted combine are the local path's (deterministic backward,
+    Triton combine on CUDA). The split sizes of the all-to-all must be known on the host: one
+    device-to-host copy per dispatch (both lists at once)."""
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -76,41 +97,48 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
         """x [T, H], topk_idx/topk_weight [T, K] -> rows for this rank's experts sorted by local
         expert, their counts [E/EP], and the route back."""
-        num_tokens, top_k = topk_idx.shape
-        flat_expert = topk_idx.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)  # grouped by expert, hence by EP rank
-        send_x = x.index_select(0, order // top_k)
+        from nemotron.models.nano3.moe import (
+            count_per_expert, gather_token_rows, inverse_permutation, narrow_expert_ids,
+        )
 
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        top_k = topk_idx.shape[1]
+        flat_expert = topk_idx.reshape(-1)
+        # grouped by expert, hence by EP rank
+        order = torch.argsort(narrow_expert_ids(flat_expert, self.num_experts), stable=True)
+        position = inverse_permutation(order)
+        send_x = gather_token_rows(x, order, position, top_k)
+
+        counts = count_per_expert(flat_expert, self.num_experts)
         recv_counts = torch.empty_like(counts)
         # counts first: everyone learns how many rows each peer sends to each local expert
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        send_splits = counts.view(self.ep_size, -1).sum(1).tolist()
         recv_per_source = recv_counts.view(self.ep_size, self.num_local_experts)
-        recv_splits = recv_per_source.sum(1).tolist()
+        splits = torch.cat([counts.view(self.ep_size, -1).sum(1), recv_per_source.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:self.ep_size], splits[self.ep_size:]
 
         recv_x = all_to_all(send_x, send_splits, recv_splits, self.group)
 
         # received rows come grouped by (source rank, local expert): regroup by local expert
         chunk = torch.repeat_interleave(
-            torch.arange(recv_per_source.numel(), device=recv_x.device), recv_per_source.reshape(-1)
+            torch.arange(recv_per_source.numel(), device=recv_x.device), recv_per_source.reshape(-1),
+            output_size=sum(recv_splits),
         )
         source, local_expert = chunk // self.num_local_experts, chunk % self.num_local_experts
-        local_order = torch.argsort(local_expert * self.ep_size + source, stable=True)
-        sorted_x = recv_x.index_select(0, local_order)
-        local_counts = recv_per_source.sum(0)
-        ctx = _RouteContext(order=order, send_splits=send_splits, recv_splits=recv_splits,
-                            local_order=local_order, topk_weight=topk_weight, num_tokens=num_tokens)
-        return sorted_x, local_counts, ctx
+        key = narrow_expert_ids(local_expert * self.ep_size + source, self.num_experts)
+        local_order = torch.argsort(key, stable=True)
+        local_position = inverse_permutation(local_order)
+        sorted_x = _PermuteRows.apply(recv_x, local_order, local_position)
+        ctx = _RouteContext(order=order, position=position, send_splits=send_splits,
+                            recv_splits=recv_splits, local_order=local_order,
+                            local_position=local_position, topk_weight=topk_weight)
+        return sorted_x, recv_per_source.sum(0), ctx
 
-    def combine(self, expert_out: torch.Tensor, ctx: _RouteContext) -> torch.Tensor:
-        """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight."""
-        back = torch.empty_like(ctx.local_order)
-        back[ctx.local_order] = torch.arange(ctx.local_order.numel(), device=back.device)
-        recv_out = expert_out.index_select(0, back)
+    def combine(self, expert_out: torch.Tensor, ctx: _RouteContext,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight,
+        plus `add` [T, H] (the shared expert's output) in the same pass when given."""
+        from nemotron.kernels.moe_combine import weighted_combine
+
+        recv_out = _PermuteRows.apply(expert_out, ctx.local_position, ctx.local_order)
         send_out = all_to_all(recv_out, ctx.recv_splits, ctx.send_splits, self.group)
-        unsort = torch.empty_like(ctx.order)
-        unsort[ctx.order] = torch.arange(ctx.order.numel(), device=unsort.device)
-        per_choice = send_out.index_select(0, unsort).view(ctx.num_tokens, -1, send_out.shape[-1])
-        weight = ctx.topk_weight.to(per_choice.dtype).unsqueeze(-1)
-        return (per_choice * weight).sum(1)
+        return weighted_combine(send_out, ctx.order, ctx.position, ctx.topk_weight, add)

@@ -24,13 +24,19 @@ ROUTER_TRITON_CONFIG = {"block_t": 16, "num_warps": 4}
 
 
 @triton.jit
-def _route_fwd_kernel(LOGITS, BIAS, SCORES, IDX, W, T, E, K, scale, eps,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _token_tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_T tokens x all experts (and the k slots), with the bounds mask."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
     row_ok = rows < T
-    mask = row_ok[:, None] & (cols[None, :] < E)
+    return rows, cols, kcols, row_ok, row_ok[:, None] & (cols[None, :] < E)
+
+
+@triton.jit
+def _route_fwd_kernel(LOGITS, BIAS, SCORES, IDX, W, T, E, K, scale, eps,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows, cols, kcols, row_ok, mask = _token_tile(T, E, BLOCK_T, BLOCK_E, BLOCK_K)
     logits = tl.load(LOGITS + rows[:, None] * E + cols[None, :], mask=mask, other=0.0)
     s = tl.sigmoid(logits)
     tl.store(SCORES + rows[:, None] * E + cols[None, :], s, mask=mask)
@@ -58,11 +64,7 @@ def _route_fwd_kernel(LOGITS, BIAS, SCORES, IDX, W, T, E, K, scale, eps,
 def _route_bwd_kernel(SCORES, IDX, DSCORES, DW, DLOGITS, T, E, K, scale, eps,
                       HAS_DSCORES: tl.constexpr, HAS_DW: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    kcols = tl.arange(0, BLOCK_K)
-    row_ok = rows < T
-    mask = row_ok[:, None] & (cols[None, :] < E)
+    rows, cols, kcols, row_ok, mask = _token_tile(T, E, BLOCK_T, BLOCK_E, BLOCK_K)
     offs = rows[:, None] * E + cols[None, :]
     s = tl.load(SCORES + offs, mask=mask, other=0.0)
     if HAS_DSCORES:

@@ -22,7 +22,6 @@ new stream at the consumed-samples position and reads the same samples.
 from __future__ import annotations
 
 import json
-import multiprocessing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,9 +142,13 @@ class _Stream:
     batches: Iterator[dict[str, torch.Tensor]]
 
 
-def _worker_context() -> str | None:
-    # fork: workers share the parent's memory maps instead of pickling the dataset.
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+# Not fork: a training process holds a process group (gloo/NCCL and TCP-store threads), and a
+# worker forked from it crashed at start-up now and then (SIGSEGV before any worker code ran,
+# reproduced on CPU). Not forkserver: its workers are the server's children, so they outlive a
+# training process that is killed (their parent-death check watches the server), holding its
+# output pipes open. Spawned workers start clean and exit with their parent; the datasets pickle
+# their memory maps by file reference (`nemotron.data.mapped`).
+WORKER_START_METHOD = "spawn"
 
 
 class TrainingData:
@@ -271,7 +274,7 @@ class TrainingData:
                 dataset, num_workers=self.data.num_workers, collate_fn=collate,
                 batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset,
                                                self.phase_samples(phase)),
-                pin_memory=self.pin_memory, multiprocessing_context=_worker_context(),
+                pin_memory=self.pin_memory, multiprocessing_context=WORKER_START_METHOD,
             )
             stream = self._stream = _Stream(phase, offset, iter(loader))
         batches = [self._local(next(stream.batches)) for _ in range(self.plan.grad_accumulation)]

@@ -151,6 +151,12 @@ class _GatherTokenRows(torch.autograd.Function):
         return weighted_combine(grad, None, position, ones), None, None, None
 
 
+def gather_token_rows(x: torch.Tensor, order: torch.Tensor, position: torch.Tensor, k: int) -> torch.Tensor:
+    """rows[j] = x[order[j] // k] with a deterministic backward (`position` = inverse of `order`):
+    the dispatch gather of the local and the expert-parallel dispatchers."""
+    return _GatherTokenRows.apply(x, order, position, k)
+
+
 class _FanOutInput(torch.autograd.Function):
     """x -> (x for the router, x for the dispatch, x for the shared expert): three views.
 
@@ -205,7 +211,7 @@ class LocalDispatcher:
         order = torch.argsort(narrow_expert_ids(flat, self.num_experts), stable=True)
         position = inverse_permutation(order)
         counts = count_per_expert(flat, self.num_experts)
-        rows = _GatherTokenRows.apply(x, order, position, k)
+        rows = gather_token_rows(x, order, position, k)
         return rows, counts, DispatchContext(order, topk_weight, position)
 
     def combine(self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
@@ -319,13 +325,8 @@ class MoE(nn.Module):
             shared.record_stream(main)  # made on the side stream, used and freed on this one
         elif self.shared_experts is not None:
             shared = self.shared_experts(shared_in)
-        if isinstance(self.dispatcher, LocalDispatcher):
-            # the shared expert's output is added inside the combine pass
-            y = self.dispatcher.combine(expert_out, ctx, add=shared)
-        else:
-            y = self.dispatcher.combine(expert_out, ctx)
-            if shared is not None:
-                y = y + shared
+        # the shared expert's output is added inside the combine pass
+        y = self.dispatcher.combine(expert_out, ctx, add=shared)
         aux = sequence_balance_loss(route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1), self.top_k)
         return y.view(b, s, h), aux
 
