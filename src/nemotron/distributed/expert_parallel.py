@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nemotron.kernels.moe_combine import weighted_combine
+from nemotron.models.nano3.moe import (
+    count_per_expert,
+    gather_token_rows,
+    inverse_permutation,
+    narrow_expert_ids,
+)
+
 
 class _AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits (the backward is the reverse route)."""
@@ -80,6 +88,8 @@ class AllToAllDispatcher:
     Triton combine on CUDA). The split sizes of the all-to-all must be known on the host: one
     device-to-host copy per dispatch (both lists at once)."""
 
+    collective = True  # the MoE keeps the shared expert on the main stream
+
     def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
@@ -97,10 +107,6 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
         """x [T, H], topk_idx/topk_weight [T, K] -> rows for this rank's experts sorted by local
         expert, their counts [E/EP], and the route back."""
-        from nemotron.models.nano3.moe import (
-            count_per_expert, gather_token_rows, inverse_permutation, narrow_expert_ids,
-        )
-
         top_k = topk_idx.shape[1]
         flat_expert = topk_idx.reshape(-1)
         # grouped by expert, hence by EP rank
@@ -137,8 +143,6 @@ class AllToAllDispatcher:
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight,
         plus `add` [T, H] (the shared expert's output) in the same pass when given."""
-        from nemotron.kernels.moe_combine import weighted_combine
-
         recv_out = _PermuteRows.apply(expert_out, ctx.local_position, ctx.local_order)
         send_out = all_to_all(recv_out, ctx.recv_splits, ctx.send_splits, self.group)
         return weighted_combine(send_out, ctx.order, ctx.position, ctx.topk_weight, add)

@@ -1,12 +1,14 @@
 """Nemotron 3 Nano: a stack of pre-norm residual blocks (Mamba-2, attention, MoE, dense MLP)
 chosen by the hybrid pattern, an untied LM head, and the training loss.
 
-Single-device and readable; sharding is applied from outside (`nemotron.distributed`).
-Build on the meta device and materialise with `to_empty(...)` + `reset_parameters()`.
+Single-device and readable; sharding is applied from outside (`nemotron.distributed`),
+through the extension points listed in `nemotron.models.nano3.parallel`. Build on the meta
+device and materialise with `to_empty(...)` + `reset_parameters()`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from nemotron.models.nano3.mamba2 import Mamba2Mixer
 from nemotron.models.nano3.mlp import MLP
 from nemotron.models.nano3.moe import MoE
 from nemotron.models.nano3.norm import RMSNorm, upcast
+from nemotron.models.nano3.parallel import VocabParallelOps
 
 
 @dataclass
@@ -120,10 +123,20 @@ class Nano3ForCausalLM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        # Extension points (models/nano3/parallel.py), set by a parallel layout: the LM head's
+        # output sharded over the vocabulary (tensor parallel), and how to initialise sharded
+        # parameters to exactly the single-device weights (`reset_parameters` calls it).
+        self.vocab_parallel: VocabParallelOps | None = None
+        self.parallel_init: Callable[[nn.Module], None] | None = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """(Re-)initialise every parameter and buffer per the Megatron recipe (docs/model.md)."""
+        """(Re-)initialise every parameter and buffer per the Megatron recipe (docs/model.md).
+        Sharded by a parallel layout: its `parallel_init`, which gives every rank its shards of
+        the weights this method gives one device under the same seed."""
+        if self.parallel_init is not None:
+            self.parallel_init(self)
+            return
         nn.init.normal_(self.backbone.embeddings.weight, std=self.config.init_std)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight  # to_empty() unties them
@@ -140,9 +153,15 @@ class Nano3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None) -> Nano3Output:
         hidden, aux_loss = self.backbone(input_ids)
+        vocab_parallel = self.vocab_parallel
         if labels is None:
-            return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=self.lm_head(hidden))
-        lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+            logits = (self.lm_head(hidden) if vocab_parallel is None
+                      else vocab_parallel.logits(hidden, self.lm_head))
+            return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
+        if vocab_parallel is None:
+            lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+        else:
+            lm_loss, logits = vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
         loss = lm_loss
         if self.training and aux_loss is not None and self.config.moe_seq_aux_loss_coeff > 0:
             loss = lm_loss + self.config.moe_seq_aux_loss_coeff * aux_loss
