@@ -1,5 +1,5 @@
 """Per-GPU memory of the full Nemotron 3 Nano under a parallel layout, computed by running the
-real sharding code (`nemotron.distributed.parallelize`) on a meta-device model inside a fake
+real sharding code (`nemotron.distributed.apply.parallelize`) on a meta-device model inside a fake
 process group of the target world size: every parameter's local shard shape is exactly what
 rank 0 would hold on the cluster.
 

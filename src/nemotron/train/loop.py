@@ -174,7 +174,7 @@ def _one_process_accumulation(cfg) -> int:
 
 def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, Parallel]:
     """The model on `device` with fp32 master weights: one process with fp32 compute weights
-    trains a plain module; otherwise FSDP2 (`distributed.parallelize`) shards it, with bf16
+    trains a plain module; otherwise FSDP2 (`distributed.apply.parallelize`) shards it, with bf16
     compute weights per `train.compute_weights`. One process with bf16 compute weights uses a
     one-rank mesh and needs a (one-rank) process group, which `pretrain` creates."""
     from nemotron.models.nano3.model import Nano3ForCausalLM
@@ -212,7 +212,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
                         balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
                         cp_size=mesh.cp_size, sequence_multiple=mesh.dims.sequence_shards)
-    from nemotron.distributed.parallelize import parallelize
+    from nemotron.distributed.apply import parallelize
 
     # Built on the meta device and materialised shard by shard: a rank never holds the full model.
     with torch.device("meta"):
@@ -267,14 +267,14 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
     if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
         yield lambda index: None
         return
-    from nemotron.distributed.parallelize import restore_reshard_after_forward
+    from nemotron.distributed.apply import restore_reshard_after_forward
 
     def prepare(index: int) -> None:
         last = index == count - 1
         root.set_requires_gradient_sync(last)
         root.set_reshard_after_backward(last)
 
-    # Only for a model built by `distributed.parallelize`, which records what to restore.
+    # Only for a model built by `distributed.apply.parallelize`, which records what to restore.
     keep_after_forward = (hasattr(root, "fsdp_reshard_after_forward")
                           and hasattr(root, "set_reshard_after_forward"))
     if keep_after_forward:
