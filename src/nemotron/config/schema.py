@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.parallel_dims import check_global_batch
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
 from nemotron.train.schedule import DECAY_STYLES
@@ -133,11 +134,10 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
-    _require(
-        t.global_batch_size % t.micro_batch_size == 0,
-        "train.global_batch_size",
-        f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
-    )
+    # the batch rule of nemotron.distributed.parallel_dims with what is known before the world
+    # size (one data-parallel rank); sequence lengths are checked once the layout applies (a
+    # single process ignores the configured TP / CP)
+    check_global_batch(t.global_batch_size, t.micro_batch_size, error=ConfigError)
     _require(t.expert_bias_update_rate >= 0, "train.expert_bias_update_rate",
              f"must be >= 0, got {t.expert_bias_update_rate}")
     _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",

@@ -13,6 +13,7 @@ the tensor-parallel ranks first (as in Megatron with expert tensor parallel size
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nemotron.distributed.config import ParallelismConfig
@@ -20,6 +21,38 @@ from nemotron.distributed.config import ParallelismConfig
 
 class ParallelLayoutError(ValueError):
     """A parallel layout that cannot be built for this world size or model."""
+
+
+# -- the batch and sequence divisibility rules: their one home ----------------------------------
+# The config schema checks what it knows (DP = 1, the configured TP and CP), the batch plan the
+# data-parallel size, the loader every sample length, `ParallelDims.validate_batch` all of it;
+# each calls these functions and names the error type its callers expect.
+
+def sequence_shards(tp: int, cp: int) -> int:
+    """Pieces every sequence is cut into: context parallel cuts it into 2*CP chunks (load
+    balance), then TP splits each rank's part (sequence parallel)."""
+    return tp * (2 * cp if cp > 1 else 1)
+
+
+def check_global_batch(global_batch_size: int, micro_batch_size: int, dp: int = 1,
+                       error: type[Exception] = ParallelLayoutError) -> None:
+    """The global batch must split into whole micro-batches on every data-parallel rank."""
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        by = (f"train.micro_batch_size={micro_batch_size}" if dp == 1 else
+              f"train.micro_batch_size * DP = {micro_batch_size}*{dp} = {per_step}")
+        raise error(f"train.global_batch_size: {global_batch_size} is not divisible by {by}")
+
+
+def check_sequence_lengths(lengths: Mapping[str, int], shards: int, how: str = "2*CP*TP",
+                           error: type[Exception] = ParallelLayoutError) -> None:
+    """Every sample length (`lengths`: config key -> length) must split into `shards` pieces
+    (`sequence_shards`; `how` spells out the product for the message)."""
+    for key, length in lengths.items():
+        if length <= 0 or length % shards:
+            raise error(
+                f"{key}={length} must be a positive multiple of {shards}: not divisible by "
+                f"{how} = {shards} (every sequence is split across those ranks)")
 
 
 def reject_pipeline_parallel(parallel: ParallelismConfig) -> None:
@@ -128,29 +161,21 @@ class ParallelDims:
                     f"({value} % {size} = {value % size})"
                 )
 
-    def validate_batch(self, global_batch_size: int, micro_batch_size: int, seq_length: int) -> None:
+    def validate_batch(self, global_batch_size: int, micro_batch_size: int,
+                       seq_lengths: int | Mapping[str, int]) -> None:
         """The global batch must split into whole micro-batches per data-parallel rank, and
-        the sequence into whole shards per tensor-parallel rank (sequence parallel)."""
-        per_step = micro_batch_size * self.dp
-        if global_batch_size % per_step:
-            raise ParallelLayoutError(
-                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * DP "
-                f"= {micro_batch_size}*{self.dp} = {per_step}"
-            )
-        # context parallel cuts a sequence into 2*CP chunks (load balance), then TP splits
-        # each rank's part
-        shards = self.sequence_shards
-        if seq_length % shards:
-            what = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else f"TP = {self.tp}"
-            raise ParallelLayoutError(
-                f"seq_length={seq_length} is not divisible by {what} = {shards} "
-                f"(every sequence is split across those ranks)"
-            )
+        every sequence length (`train.seq_length`, or key -> length) into whole shards per
+        context- and tensor-parallel rank."""
+        check_global_batch(global_batch_size, micro_batch_size, self.dp)
+        if isinstance(seq_lengths, int):
+            seq_lengths = {"train.seq_length": seq_lengths}
+        how = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else "TP"
+        check_sequence_lengths(seq_lengths, self.sequence_shards, how)
 
     @property
     def sequence_shards(self) -> int:
         """Pieces every sequence is cut into (sequence lengths must be multiples of it)."""
-        return self.tp * (2 * self.cp if self.cp > 1 else 1)
+        return sequence_shards(self.tp, self.cp)
 
     def gradient_accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
         self.validate_batch(global_batch_size, micro_batch_size, self.sequence_shards)

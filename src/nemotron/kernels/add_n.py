@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from nemotron.kernels import use_triton
+
 __all__ = ["add_n", "add_n_reference", "add_n_triton"]
 
 
@@ -49,10 +51,7 @@ def add_n_triton(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.T
 
 
 def _use_triton(tensors: Sequence[torch.Tensor]) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return (all(t.is_cuda and t.dtype != torch.float64 for t in tensors)
-            and fast_paths_enabled() and triton_available())
+    return use_triton(*tensors)
 
 
 def add_n(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import use_triton
 from nemotron.kernels.dense import dense_inputs
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
@@ -191,12 +192,9 @@ def linear_cross_entropy(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"linear_cross_entropy: backend must be auto, torch or triton, got {backend!r}")
     if backend == "auto":
-        from nemotron.kernels import fast_paths_enabled, triton_available
-
-        use_triton = (hidden.is_cuda and hidden.dtype != torch.float64 and fast_paths_enabled()
-                      and triton_available())
+        triton = use_triton(hidden)
     else:
-        use_triton = backend == "triton"
+        triton = backend == "triton"
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
@@ -207,5 +205,5 @@ def linear_cross_entropy(
     if grad_in_forward is None:
         grad_in_forward = needs_grad
     return _LinearCrossEntropy.apply(
-        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), use_triton, compute
+        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from nemotron.kernels import use_triton
+
 __all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "WEIGHT_EPS"]
 
 # Added to the sum of the chosen scores before dividing (sigmoid scores are > 0; this only
@@ -42,10 +44,9 @@ def route_topk_triton(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: in
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
-            and fast_paths_enabled() and triton_available())
+    """The package's dispatch rule (`nemotron.kernels.use_triton`), and the kernel's input:
+    2-D float32 logits."""
+    return logits.dtype == torch.float32 and logits.dim() == 2 and use_triton(logits)
 
 
 def route_topk(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float

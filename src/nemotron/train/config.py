@@ -32,7 +32,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     # Balancing (FACTS.md section 2)
     expert_bias_update_rate: float = 1e-3
-    # Fast paths (Triton kernels, chunked LM-head loss, compile) where available
+    # The chunked LM-head cross-entropy (`Nano3ForCausalLM(fused_loss=...)`: never holds the
+    # float32 [tokens x vocab] logits). The Triton kernels are chosen per call by
+    # `nemotron.kernels.use_triton` (off only under `nemotron.kernels.fast_paths(False)`);
+    # torch.compile is `compile` below.
     fused_kernels: bool = True
     activation_recompute: bool = False
     compile: bool = False

@@ -32,6 +32,7 @@ from nemotron.data.blended import build_mixed_length_dataset
 from nemotron.data.config import DataConfig
 from nemotron.data.gpt_dataset import build_split_dataset
 from nemotron.distributed.context_parallel import cp_shard
+from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
@@ -186,11 +187,7 @@ class TrainingData:
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)}
-        for key, length in lengths.items():
-            if length <= 0 or length % sequence_multiple:
-                raise TrainDataError(
-                    f"{key}={length} must be a positive multiple of {sequence_multiple} (every "
-                    f"sequence is split into 2*CP*TP pieces under context/tensor parallelism)")
+        check_sequence_lengths(lengths, sequence_multiple, error=TrainDataError)
         self._stream: _Stream | None = None
 
     # -- datasets -------------------------------------------------------------------------
