@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,7 +130,6 @@ def absolute(path: str | None) -> str | None:
 
 
 def reproduce_command(stage_words: list[str], config: str, overrides: list[str]) -> str:
-    import shlex
 
     return " ".join(["nemotron", *stage_words, "-c", shlex.quote(config), *map(shlex.quote, overrides)])
 
@@ -182,8 +183,6 @@ def submit_remote(
     prof, env = launch.load_profile(profile)
     flag = "--run" if attached else "--batch"
     if dry_run:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="nemotron-dryrun-") as tmp:
             config_path = Path(tmp) / jobdir.CONFIG_FILE
             config_path.write_text(config_yaml)

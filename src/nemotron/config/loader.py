@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemotron.config.errors import ConfigError
-from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, model_error
+from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, PretrainConfig, model_error
 from nemotron.models.nano3.config import ModelConfigError
 from nemotron.utils.fs import atomic_write_text
 
@@ -294,8 +294,6 @@ def load_config(
     Raises ConfigError (one line naming the file and the dotted key) on any problem.
     """
     if schema is None:
-        from nemotron.config.schema import PretrainConfig
-
         schema = PretrainConfig  # type: ignore[assignment]
     path = resolve_config_path(path_or_name, schema)
     tree = load_tree(path, overrides, schema)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemotron.data.indexed import IndexedDataset
 from nemotron.data.mapped import PicklesByReference
 from nemotron.utils.fs import atomic_path, atomic_write_text
 
@@ -150,8 +151,6 @@ def cached_arrays(
 
 
 def open_indexed(prefix: str):
-    from nemotron.data.indexed import IndexedDataset
-
     return IndexedDataset(prefix)
 
 
@@ -318,6 +317,7 @@ def build_split_dataset(
     One prefix gives its GPTDataset directly (as Megatron does); several are blended
     deterministically (see `blended.py`). Items are {"tokens", "labels", "loss_mask"}.
     """
+    # blended.py builds on this module (GPTDataset, the cache): imported here, not at the top
     from nemotron.data.blended import BlendedDataset
 
     if num_samples <= 0:

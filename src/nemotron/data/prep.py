@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from nemotron import __version__
 from nemotron.data import sources as src
 from nemotron.data.blend import (
     SPLITS,
@@ -787,8 +788,6 @@ def run_data_prep(
             )
     elapsed = time.monotonic() - started
     cpu_seconds = time.process_time() - cpu_started + worker_cpu
-    from nemotron import __version__
-
     sources_meta = []
     for plan, report in zip(plans, source_reports):
         sources_meta.append(

@@ -61,6 +61,7 @@ def _detect_local(path: Path, kind: str) -> tuple[str, Path] | None:
 
 
 def _download_from_hub(repo: str, revision: str | None, kind: str) -> tuple[str, Path, Path | None, str]:
+    # Imported where used: the config schema imports this module (CLI start-up, dry runs)
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -133,7 +134,7 @@ class Tokenizer:
         self.resolved = resolved
         self.kind = resolved.kind
         if resolved.kind == "huggingface":
-            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers import Tokenizer as HFTokenizer  # not on the config path
 
             try:
                 self._hf = HFTokenizer.from_file(resolved.path)
@@ -144,7 +145,7 @@ class Tokenizer:
             self.eos_id = self._special_id(resolved.eos_token, "eos_token", _EOS_CANDIDATES, resolved.add_eos)
             self._fast = hasattr(self._hf, "encode_batch_fast")
         else:
-            import sentencepiece
+            import sentencepiece  # not on the config path
 
             self._sp = sentencepiece.SentencePieceProcessor()
             try:

@@ -58,6 +58,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The mixer's convolution: Triton on CUDA, the reference elsewhere. Output in the dtype the
     reference gives (autocast's under autocast, else x's)."""
     if _use_triton(x):
+        # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.conv1d_triton import causal_conv1d_triton
 
         _check(x, weight, bias, activation)

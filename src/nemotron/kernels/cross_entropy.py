@@ -84,6 +84,7 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Ten
 
 def _rows_triton(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None):
     """Triton path: one fused row kernel; the gradient overwrites the logits buffer."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.cross_entropy_triton import cross_entropy_rows
 
     loss, lse = cross_entropy_rows(logits, labels, row_scale)

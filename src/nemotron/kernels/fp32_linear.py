@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import fast_paths_enabled
+
 __all__ = ["fp32_linear", "fp32_linear_reference", "split_bf16"]
 
 TERMS = 3  # bf16 terms of a float32 operand (3 x 8 significand bits >= float32's 24)
@@ -113,8 +115,6 @@ def _has_mixed_dtype_mm() -> bool:
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Float32 logits of x [T, H] against weight [E, H] (see the module docstring)."""
-    from nemotron.kernels import fast_paths_enabled
-
     if (x.is_cuda and fast_paths_enabled() and x.dtype in (torch.bfloat16, torch.float32)
             and weight.dtype in (torch.bfloat16, torch.float32) and _has_mixed_dtype_mm()
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)):

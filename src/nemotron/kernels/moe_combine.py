@@ -78,6 +78,7 @@ def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: t
         raise ValueError(f"weighted_combine: add must be [{weight.shape[0]}, {rows.shape[1]}] in "
                          f"{rows.dtype}, got {tuple(add.shape)} in {add.dtype}")
     if _use_triton(rows):
+        # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.moe_combine_triton import weighted_combine_triton
 
         return weighted_combine_triton(rows, order, position, weight, add)

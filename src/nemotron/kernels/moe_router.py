@@ -38,6 +38,7 @@ def route_topk_reference(logits: torch.Tensor, expert_bias: torch.Tensor, top_k:
 def route_topk_triton(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_topk_reference` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.moe_router_triton import RouteTopKFunction
 
     return RouteTopKFunction.apply(logits, expert_bias, top_k, float(scale))

@@ -39,6 +39,7 @@ def relu2_reference(x: torch.Tensor) -> torch.Tensor:
 
 def relu2_triton(x: torch.Tensor) -> torch.Tensor:
     """``relu(x)^2`` with the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.relu2_triton import SquaredReLUFunction
 
     return SquaredReLUFunction.apply(x)

@@ -64,6 +64,7 @@ def gated_rmsnorm_triton(
 ) -> torch.Tensor:
     """Fused Triton gated grouped RMSNorm, forward and backward."""
     _check(y, z, weight, group_size)
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.rmsnorm_triton import GatedRMSNormFunction
 
     return GatedRMSNormFunction.apply(y, z, weight, group_size, eps)

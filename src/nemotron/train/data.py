@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from nemotron.data.blended import build_mixed_length_dataset
+from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
-from nemotron.data.gpt_dataset import build_split_dataset
+from nemotron.data.gpt_dataset import build_split_dataset, open_indexed, read_blend
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
@@ -73,8 +74,6 @@ class MixedMockDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int, seq_lengths: list[int], weights: list[float],
                  vocab_size: int, seed: int) -> None:
-        from nemotron.data.blended import build_blending_indices
-
         self.parts = [MockDataset(num_samples, n, vocab_size, seed + 7919 * k)
                       for k, n in enumerate(seq_lengths)]
         self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
@@ -327,10 +326,6 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
     """Entropy (nats/token) of the blend's unigram token distribution (weights applied), the
     loss of a model that ignores context: training loss should fall well below it.
     None when there is no blend or it holds more than `max_tokens` tokens (too costly)."""
-    import numpy as np
-
-    from nemotron.data.gpt_dataset import open_indexed, read_blend
-
     if blend_json is None:
         return None
     weights, prefixes = read_blend(blend_json, split)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from nemotron.models.nano3.config import Nano3Config
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.models.nano3.moe import MoE
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -23,9 +25,6 @@ def _numel(module: torch.nn.Module) -> int:
 def parameter_counts(config: Nano3Config) -> dict:
     """-> {"total", "active", "active_with_embeddings", "embedding", "lm_head", "final_norm",
     "per_block_kind": {kind: {"layers", "params_per_layer", "active_per_layer"}}}."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-    from nemotron.models.nano3.moe import MoE
-
     with torch.device("meta"):
         model = Nano3ForCausalLM(config)
 
