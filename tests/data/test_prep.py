@@ -114,7 +114,7 @@ def test_every_token_of_a_known_corpus(tmp_path, bpe_dir, corpus):
 
 
 def _megatron_blend_counts(weights, num_samples):
-    """Megatron's deterministic blending (FACTS.md 4): sample i -> argmax w_d * max(i,1) - drawn_d."""
+    """Megatron's deterministic blending (docs/reference.md §4): sample i -> argmax w_d * max(i,1) - drawn_d."""
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     drawn = np.zeros(len(weights))
     for i in range(num_samples):

@@ -1,6 +1,6 @@
 """GPT training samples with Megatron-Core's semantics, read from indexed bin/idx datasets.
 
-What a Megatron user expects (FACTS.md section 4), for one dataset (one bin/idx prefix):
+What a Megatron user expects (docs/reference.md §4), for one dataset (one bin/idx prefix):
 
 - the number of epochs E is the smallest with E * tokens >= num_samples * seq_length + 1;
 - the document order is E copies of the document ids, shuffled once with

@@ -1,6 +1,6 @@
 """A float32-accurate linear layer on bf16 tensor cores, for the MoE router.
 
-The router's logits are computed in float32 (FACTS.md): on an H200 a float32 GEMM runs on the
+The router's logits are computed in float32 (docs/reference.md §1): on an H200 a float32 GEMM runs on the
 CUDA cores (~50 TFLOP/s), so the router's three GEMMs (forward, input and weight gradients)
 took ~0.4 ms of a 10 ms MoE block. Every float32 number is the sum of three bfloat16 numbers
 to within 2^-24 of its value (`split_bf16`), and the product of two bfloat16 numbers is exact

@@ -30,7 +30,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     grad_clip: float = 1.0
     max_consecutive_nonfinite: int = 5
-    # Balancing (FACTS.md section 2)
+    # Balancing (docs/reference.md §2)
     expert_bias_update_rate: float = 1e-3
     # The chunked LM-head cross-entropy (`Nano3ForCausalLM(fused_loss=...)`: never holds the
     # float32 [tokens x vocab] logits). The Triton kernels are chosen per call by

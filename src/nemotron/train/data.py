@@ -338,7 +338,7 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
     for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):
         if not n:
             continue
-        # The .bin file is every sequence's tokens back to back (FACTS.md section 4).
+        # The .bin file is every sequence's tokens back to back (docs/reference.md §4).
         tokens = np.memmap(str(prefix) + ".bin", dtype=dataset.dtype, mode="r")
         counts = np.bincount(tokens.astype(np.int64)).astype(np.float64)
         p = counts / counts.sum() * (weight / total_weight)

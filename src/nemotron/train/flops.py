@@ -1,4 +1,4 @@
-"""The one model-FLOP formula (FACTS.md section 6), shared by training logs and benchmarks.
+"""The one model-FLOP formula (docs/reference.md §6), shared by training logs and benchmarks.
 
 Counts matrix multiplications only (2 FLOPs per multiply-add), per token, forward pass;
 training is 3x forward (backward = 2x forward). Attention's score/value products are counted
