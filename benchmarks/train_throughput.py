@@ -33,7 +33,6 @@ accumulation keeping the tokens per step equal) and prints the tokens/s ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -309,7 +308,7 @@ def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: 
         mfu=flops.mfu(tps, arch, plan.seq_length), peak_gib=peak, losses=losses,
         split_ms=split, kernels=kernels,
     )
-    del model, optimizer, data
+    model = optimizer = data = None  # free the run's memory before the next one
     return result
 
 

@@ -19,7 +19,7 @@ import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional, overload
 
 import typer
 from rich.console import Console
@@ -122,6 +122,10 @@ def process_rank() -> int:
         return 0
 
 
+@overload
+def absolute(path: str) -> str: ...
+@overload
+def absolute(path: None) -> None: ...
 def absolute(path: str | None) -> str | None:
     """Local paths made absolute against the working directory (URIs and None unchanged)."""
     if path is None or "://" in path:
@@ -272,6 +276,7 @@ class StageRun:
 
     def submit(self, config_yaml: str, dry_run: bool) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
+        assert self.profile is not None  # only a non-local stage submits
         submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
                       config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
                       config_source=self.config_source, dry_run=dry_run)

@@ -156,7 +156,7 @@ def pretrain(
             common.print_plan("plan (dry run: nothing written)",
                               _plan_rows(cfg, target, config, config_path, overrides, "this machine, this process"))
             return
-        if not cfg.data.mock and not Path(cfg.data.blend).is_file():
+        if not cfg.data.mock and (cfg.data.blend is None or not Path(cfg.data.blend).is_file()):
             raise FileNotFoundError(
                 f"data.blend: {cfg.data.blend} does not exist; prepare it first "
                 f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"

@@ -82,7 +82,9 @@ def parse_override(token: str) -> Override:
         raise ConfigError(f"override {token!r}: {key!r} is not a dotted key")
     try:
         parsed = OmegaConf.from_dotlist([f"value={raw}"])
-        value = OmegaConf.to_container(parsed, resolve=False)["value"]
+        container = OmegaConf.to_container(parsed, resolve=False)
+        assert isinstance(container, dict)
+        value = container["value"]
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {exc}") from None
     return Override(key=key, value=value, token=token)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
@@ -199,4 +201,5 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
     _check_choices(cfg)
 
 
-VALIDATORS = {PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}
+VALIDATORS: dict[type, Callable[[Any], None]] = {
+    PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}

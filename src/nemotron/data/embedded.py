@@ -300,6 +300,7 @@ def materialize_for_prep(
             entry = dict(entry)
             path = entry.get("path")
             if is_embedded(path):
+                assert isinstance(path, str)
                 name = path.removeprefix(SCHEME)
                 if name not in CORPORA:
                     raise EmbeddedDataError(

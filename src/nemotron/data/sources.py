@@ -208,9 +208,12 @@ def resolve_hub_revision(repo: str, revision: str | None) -> str:
     from huggingface_hub import HfApi  # hub sources only
 
     try:
-        return HfApi().dataset_info(repo, revision=revision).sha
+        sha = HfApi().dataset_info(repo, revision=revision).sha
     except Exception as error:  # offline, private, missing: name the dataset
         raise SourceError(f"cannot resolve hf://{repo} revision {revision or 'main'}: {error}") from error
+    if sha is None:
+        raise SourceError(f"cannot resolve hf://{repo} revision {revision or 'main'}: the hub gave no commit")
+    return sha
 
 
 def _load_hub(repo: str, subset: str | None, revision: str | None, hf_split: str):
@@ -330,6 +333,7 @@ def _iter_parquet(piece: Piece, text_field: str) -> Iterator[Record]:
     if text_field not in parquet.schema_arrow.names:
         raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
+    assert piece.end is not None  # parquet pieces always carry their row-group range
     groups = list(range(piece.start, piece.end))
     for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
         for text in batch.column(0).to_pylist():
@@ -352,6 +356,7 @@ def _iter_txt(piece: Piece) -> Iterator[Record]:
 
 
 def _iter_hub(piece: Piece, text_field: str) -> Iterator[Record]:
+    assert piece.repo is not None  # hub pieces always name their repository
     dataset = _load_hub(piece.repo, piece.subset, piece.revision, piece.hf_split)
     if piece.num_shards > 1:
         dataset = dataset.shard(num_shards=piece.num_shards, index=piece.shard_index)

@@ -66,12 +66,15 @@ def _download_from_hub(repo: str, revision: str | None, kind: str) -> tuple[str,
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
+        commit: str | None
         if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
             commit = revision  # already a commit: no hub call (works offline from the cache)
         else:
             commit = HfApi().model_info(repo, revision=revision).sha
     except Exception as error:  # network, auth or missing repo: say which tokenizer
         raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: {error}") from error
+    if commit is None:
+        raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: it gave no commit")
     names = ["tokenizer.json", "tokenizer.model"] if kind == "auto" else (
         ["tokenizer.json"] if kind == "huggingface" else ["tokenizer.model"]
     )
@@ -92,6 +95,7 @@ def resolve_tokenizer(cfg: TokenizerConfig) -> ResolvedTokenizer:
     if cfg.kind not in KINDS:
         raise TokenizerError(f"tokenizer.kind must be one of {KINDS}, got {cfg.kind!r}")
     local = _detect_local(Path(cfg.model).expanduser(), cfg.kind)
+    config: Path | None
     if local is not None:
         kind, file = local
         config = file.parent / "tokenizer_config.json"

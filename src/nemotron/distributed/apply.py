@@ -18,11 +18,12 @@ weight each micro-batch's loss by `distributed.utils.token_loss_weights(...)`.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from nemotron.distributed.config import ParallelismConfig
@@ -35,10 +36,13 @@ from nemotron.distributed.tensor_parallel import (
     apply_tensor_parallel,
     tensor_parallel_submodules,
 )
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.models.nano3.moe import MoE
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfig | None = None,
-                *, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
+                parallel: ParallelismConfig | None = None, *, mixed_precision: bool = False,
+                reshard_after_forward: bool = True) -> Nano3ForCausalLM:
     """Shard `model` (a `Nano3ForCausalLM`) in place for `mesh` and return it.
 
     The model is either materialised and identical on every rank (same seed), or built on the
@@ -77,11 +81,11 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfi
     return model
 
 
-def _moe_layers(model: nn.Module) -> list[nn.Module]:
+def _moe_layers(model: Nano3ForCausalLM) -> list[MoE]:
     return list(model.moe_layers())
 
 
-def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
+def apply_expert_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     """Split every MoE layer's routed experts over the EP mesh (rank r keeps experts
     [r*E/EP, (r+1)*E/EP) as a DTensor Shard(0) of the global [E, ...] weights, so checkpoints
     keep the global layout) and swap in the all-to-all dispatcher."""
@@ -96,7 +100,7 @@ def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
         moe.dispatcher = AllToAllDispatcher(moe.router.num_experts, ep_mesh.get_group())
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
+def apply_fsdp(model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: bool,
                reshard_after_forward: bool = True) -> None:
     """FSDP2 per block; routed experts on the expert-data-parallel mesh, everything else on DP."""
     mp_policy = MixedPrecisionPolicy(
@@ -104,7 +108,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
         reduce_dtype=torch.float32,
     )
     dims = mesh.dims
-    common = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    common: dict[str, Any] = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for moe in _moe_layers(model):
         experts = fully_shard(moe.experts, mesh=mesh.edp_mesh,
                               shard_placement_fn=_expert_shard_placement(dims.edp), **common)
@@ -136,10 +140,11 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
     # re-gather on, so backward would read the freed LM-head weight (illegal memory access on
     # CUDA, seen on 2 H200s).
     fully_shard(model, mesh=mesh.dp_mesh, **dict(common, reshard_after_forward=False))
-    model.fsdp_reshard_after_forward = reshard_after_forward  # FSDP2 has no getter for it
+    # FSDP2 has no getter for it; `restore_reshard_after_forward` (and the loop) read it
+    setattr(model, "fsdp_reshard_after_forward", reshard_after_forward)
 
 
-def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict) -> None:
+def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict[str, Any]) -> None:
     """FSDP2 over DP x TP for parameters of which every TP rank computes a partial gradient:
     summed over TP, averaged over DP x CP."""
     unit = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
@@ -148,10 +153,10 @@ def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict) -> Non
         unit.set_force_sum_reduction_for_comms(True)
 
 
-def restore_reshard_after_forward(model: nn.Module) -> None:
+def restore_reshard_after_forward(model: FSDPModule) -> None:
     """Undo `model.set_reshard_after_forward(...)` on a model built by `apply_fsdp`: every unit
     back to the configured setting, the root to never (see `apply_fsdp`)."""
-    model.set_reshard_after_forward(model.fsdp_reshard_after_forward)
+    model.set_reshard_after_forward(getattr(model, "fsdp_reshard_after_forward"))
     model.set_reshard_after_forward(False, recurse=False)
 
 
@@ -178,7 +183,8 @@ def _owner_unit(name: str) -> str:
 
 
 @torch.no_grad()
-def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
+def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM] | None = None
+                            ) -> None:
     """Initialise a sharded `Nano3ForCausalLM` to exactly the weights `reset_parameters()` gives
     the single-device model under the current RNG state (what `parallelize` sets as the model's
     `parallel_init`, so `model.reset_parameters()` calls it): a meta-device twin is materialised one
@@ -187,9 +193,8 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     extra memory: one block's full weights."""
     cls = cls or type(model)
     cfg = model.config
-    device = next(p for p in model.parameters()).device
-    if isinstance(next(model.parameters()), DTensor):
-        device = next(model.parameters()).to_local().device
+    first = next(model.parameters())
+    device = first.to_local().device if isinstance(first, DTensor) else first.device
     with torch.device("meta"):
         twin = cls(cfg)
     # names without the activation-checkpoint wrapper's level (train.activation_recompute)
@@ -197,10 +202,10 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     real_buffers = {_unwrapped_name(n): b for n, b in model.named_buffers()}
 
     def commit(prefix: str, unit: nn.Module) -> None:
-        for name, value in unit.named_parameters(prefix=prefix):
-            _copy_full_into(real_params[name], value)
-        for name, value in unit.named_buffers(prefix=prefix):
-            real_buffers[name].copy_(value)
+        for name, param in unit.named_parameters(prefix=prefix):
+            _copy_full_into(real_params[name], param)
+        for name, buffer in unit.named_buffers(prefix=prefix):
+            real_buffers[name].copy_(buffer)
         unit.to_empty(device="meta")
 
     # Nano3ForCausalLM.reset_parameters: embeddings, LM head, then every backbone module that

@@ -30,6 +30,8 @@ parameters over DP x CP (mean), and every collective above sums gradients in bac
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -88,7 +90,7 @@ def cp_unshard(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 
         first, second = cp_chunk_ids(rank, cp_size)
         chunks[first] = part.narrow(dim, 0, half)
         chunks[second] = part.narrow(dim, half, half)
-    return torch.cat(chunks, dim=dim)
+    return torch.cat(cast(list[torch.Tensor], chunks), dim=dim)  # every chunk is filled
 
 
 # -- the hook object ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nemotron.distributed.config import ParallelismConfig
+from nemotron.models.nano3.config import Nano3Config
 
 
 class ParallelLayoutError(ValueError):
@@ -78,7 +79,7 @@ class ParallelDims:
 
     @classmethod
     def from_config(
-        cls, parallel: ParallelismConfig, world_size: int, model_config: object | None = None
+        cls, parallel: ParallelismConfig, world_size: int, model_config: Nano3Config | None = None
     ) -> "ParallelDims":
         """Derive data parallel from `world_size` and validate. `model_config` (a `Nano3Config`)
         adds the model checks: experts % EP, attention/KV/Mamba heads % TP, ..."""
@@ -124,7 +125,7 @@ class ParallelDims:
         """Expert data parallel: ranks holding the same experts and seeing different tokens."""
         return self.dp * self.cp * self.tp // self.ep
 
-    def validate_model(self, cfg: object) -> None:
+    def validate_model(self, cfg: Nano3Config) -> None:
         """Reject model/layout combinations that cannot be sharded, showing the arithmetic."""
         kinds = set(cfg.block_kinds)
         checks: list[tuple[str, int, str, int]] = []

@@ -44,6 +44,7 @@ from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
 from nemotron.models.nano3.mlp import MLP
+from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.models.nano3.moe import MoE
 
 
@@ -106,7 +107,9 @@ class KeepKVHead(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # no partition_fn: distribute_module replicates the parameters
-        return distribute_module(module, device_mesh, output_fn=self._keep_head)
+        # (torch annotates output_fn as returning None; what it returns replaces the output)
+        return distribute_module(module, device_mesh,
+                                 output_fn=self._keep_head)  # type: ignore[arg-type]
 
 
 def _attention_plan(attn: Attention, tp: int, rank: int) -> dict[str, ParallelStyle]:
@@ -132,7 +135,7 @@ def _gather_tokens(token_dim: int) -> PrepareModuleInput:
                               desired_input_layouts=(Replicate(),))
 
 
-def tensor_parallel_submodules(model: nn.Module) -> list[nn.Module]:
+def tensor_parallel_submodules(model: Nano3ForCausalLM) -> list[nn.Module]:
     """The submodules of the blocks whose parameters are DTensor-parallel (FSDP2 shards them
     over DP in their own units; the rest of a block is rank-local and sharded over DP x TP)."""
     out: list[nn.Module] = []
@@ -248,7 +251,7 @@ class VocabParallelLoss:
         return loss_sum / weights.sum().clamp(min=1.0)
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
+def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc)."""
     tp_mesh = mesh.tp_mesh
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()

@@ -91,7 +91,7 @@ def _rows_triton(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Te
     return loss, lse, (logits if row_scale is not None else None)
 
 
-_FP32_OUT_ADDMM = {"ok": None}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
+_FP32_OUT_ADDMM: dict[str, bool | None] = {"ok": None}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
 
 
 def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:

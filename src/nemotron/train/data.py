@@ -208,8 +208,9 @@ class TrainingData:
             elif blend is None or not blend_has_split(blend, split):
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
-                parts = [(blend, self.plan.seq_length, self.data.blend_weight)] + [
-                    (m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
+                parts: list[tuple[str | Path, int, float]] = [
+                    (blend, self.plan.seq_length, self.data.blend_weight)]
+                parts += [(m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
                 self._datasets[key] = build_mixed_length_dataset(
                     parts, split, num_samples, self.train.seed, self.data.cache_dir)
             else:
@@ -281,7 +282,7 @@ class TrainingData:
         """This rank's micro-batches of the next step; advances the loader position."""
         phase = self.state.phase
         dataset = self.train_dataset(phase)
-        phase_start = self.state.phase2_start_sample if phase == 2 else 0
+        phase_start = (self.state.phase2_start_sample or 0) if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
@@ -347,5 +348,7 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
         else:
             size = max(len(mixture), len(p))
             mixture = np.pad(mixture, (0, size - len(mixture))) + np.pad(p, (0, size - len(p)))
+    if mixture is None:  # no dataset in the split
+        return None
     nz = mixture[mixture > 0]
     return float(-(nz * np.log(nz)).sum())

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from nemotron.train.config import LoggerConfig
 
@@ -47,7 +47,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.on_event = on_event
         self.job_dir = Path(job_dir)
-        self._file = None
+        self._file: TextIO | None = None
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -72,7 +72,8 @@ class MetricsLogger:
                 ) from e
             self._wandb = wandb.init(
                 project=cfg.wandb_project or "nemotron", entity=cfg.wandb_entity,
-                mode=cfg.wandb_mode, dir=str(self.job_dir), config=run_config,
+                mode=cfg.wandb_mode,  # type: ignore[arg-type]  # one of wandb's, checked by the schema
+                dir=str(self.job_dir), config=run_config,
                 name=self.job_dir.name, resume="allow", id=self.job_dir.name,
             )
 
@@ -86,6 +87,7 @@ class MetricsLogger:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in values.items()})
+        assert self._file is not None  # enabled
         self._file.write(json.dumps(record) + "\n")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:

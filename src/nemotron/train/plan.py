@@ -62,8 +62,11 @@ def plan_batches(train: TrainConfig, dp_size: int = 1, data: DataConfig | None =
         raise TrainDataError("set exactly one of train.train_iters and train.train_tokens")
     mean = mean_sample_length(data, train.seq_length)
     tokens_per_step = train.global_batch_size * (train.seq_length if mean is None else mean)
-    steps = train.train_iters if train.train_iters is not None else math.ceil(
-        train.train_tokens / tokens_per_step)
+    if train.train_iters is not None:
+        steps = train.train_iters
+    else:
+        assert train.train_tokens is not None  # exactly one is set (checked above)
+        steps = math.ceil(train.train_tokens / tokens_per_step)
     if steps <= 0:
         raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
     return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,

@@ -70,7 +70,7 @@ class Mamba2Mixer(nn.Module):
         self.tensor_parallel: HeadParallelOps | None = None
         # The SSM parameters are excluded from weight decay (as in Megatron / mamba_ssm).
         for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
+            setattr(p, "_no_weight_decay", True)  # a marker train/optimizer.py reads
         self.reset_parameters()
 
     @torch.no_grad()

@@ -144,8 +144,9 @@ class Nano3ForCausalLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
         for module in self.backbone.modules():
             # Plain Linear / Conv1d / Embedding layers are initialised by the module that owns them.
-            if hasattr(module, "reset_parameters") and not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None and not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+                reset()
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mixer for layer in self.backbone.layers if isinstance(layer.mixer, MoE)]

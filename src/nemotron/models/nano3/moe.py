@@ -62,6 +62,9 @@ class RouterOutput(NamedTuple):
 
 
 class Router(nn.Module):
+    expert_bias: torch.Tensor  # buffers, registered in __init__
+    tokens_per_expert: torch.Tensor
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float,
                  init_std: float) -> None:
         super().__init__()
@@ -359,6 +362,7 @@ class MoE(nn.Module):
             # latency-bound kernels (router, top-k, sort, gathers); joined before the combine.
             main = torch.cuda.current_stream(flat.device)
             side.wait_stream(main)
+            assert self.shared_experts is not None  # `_overlap_stream` checked it
             with torch.cuda.stream(side):
                 shared = self.shared_experts(shared_in)
             flat.record_stream(side)  # read on the side stream: keep its memory until then
@@ -367,6 +371,7 @@ class MoE(nn.Module):
         expert_out = self.experts(rows, counts)
         if side is not None:
             main.wait_stream(side)
+            assert shared is not None
             shared.record_stream(main)  # made on the side stream, used and freed on this one
         elif self.shared_experts is not None:
             shared = self.shared_experts(shared_in)
