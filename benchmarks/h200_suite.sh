@@ -3,7 +3,7 @@
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
 # [-accumN][-prof][-rec][-ovl] (peer: also the transformers peer; ovl: MoE shared-expert overlap), numerics-<fp32|bf16>, long,
-# blocks-<kinds>, gpu-tests); results and logs go to $OUT (default
+# blocks-<kinds>, gpu-tests, grad-audit, dynamics); results and logs go to $OUT (default
 # ./bench_out).
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -37,6 +37,15 @@ for stage in "$@"; do
         extra+=(--peer hf --peer-steps "${PEER_STEPS:-2}"); limit=420
       else limit=240; fi
       timeout $limit $TT "${extra[@]}" "${prof[@]}" --out $OUT/$stage.json --append-row $OUT/rows.md ;;
+    grad-audit) timeout 300 python3 benchmarks/grad_audit.py --seqs "${AUDIT_SEQS:-4096,8192}" --batches "${AUDIT_BATCHES:-1,2}" --out $OUT/grad_audit.json ;;
+    dynamics)
+      # DYN_BLEND: a prepared blend.json (nemotron nano3 data prep pretrain -c tiny); the three
+      # paths run side by side on the GPU (their losses do not depend on timing), then compared.
+      for p in fast reference reference-fp32; do
+        timeout 420 python3 benchmarks/train_dynamics.py --blend "$DYN_BLEND" --path $p --steps "${DYN_STEPS:-200}" --out $OUT/dyn_$p.json > $OUT/dyn_$p.log 2>&1 &
+      done; wait
+      tail -n 2 $OUT/dyn_*.log
+      python3 benchmarks/train_dynamics.py --compare $OUT/dyn_*.json --out $OUT/dyn_compare.json ;;
     numerics-*) timeout 200 $TT --params "${stage#numerics-}" --steps 0 --warmup 0 --no-profile --check-numerics 3 --out $OUT/$stage.json ;;
     long)       timeout 300 python3 benchmarks/long_context.py --seqs "${LONG_SEQS:-32768,65536,131072,262144}" --steps "${LONG_STEPS:-2}" --out $OUT/long.json --append-row $OUT/rows.md ;;
     *) echo "unknown stage $stage"; exit 2 ;;
