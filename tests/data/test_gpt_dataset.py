@@ -138,3 +138,14 @@ def test_blend_errors_name_file_and_entry(tmp_path):
     blend.write_text(json.dumps({"train": ["heavy", str(tmp_path / "x")]}))
     with pytest.raises(GPTDatasetError, match="'heavy' is not a number"):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
+
+
+def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():
+    # Megatron rejects a zero weight; here its entry is left out of the rule. Before, a leading
+    # zero weight won the tie at i = 1 and a sample was read from a dataset never built.
+    dataset_index, sample_index = build_blending_indices([0, 1], 5)
+    assert dataset_index.tolist() == [1] * 5 and sample_index.tolist() == list(range(5))
+    dataset_index, sample_index = build_blending_indices([0.0, 3.0, 0.0, 1.0], 200)
+    without = direct_blend([3.0, 1.0], 200)
+    assert list(zip(dataset_index.tolist(), sample_index.tolist())) == [
+        ({0: 1, 1: 3}[d], k) for d, k in without]
