@@ -125,6 +125,11 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
+        use_wandb = cfg.wandb and cfg.wandb_mode != "disabled"
+        if use_wandb:
+            from nemotron.artifacts import wandb_lineage
+
+            wandb_lineage.require_wandb()
         target = stage.open(config_yaml)
 
     from nemotron.cli.progress import PrepProgressView
@@ -137,9 +142,17 @@ def data_prep_pretrain(
             console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
-            return run_data_prep(local, recipe_dir, progress=view)
+            result = run_data_prep(local, recipe_dir, progress=view)
         finally:
             view.stop()
+        if use_wandb and common.process_rank() == 0:
+            logged = wandb_lineage.record_data_prep(
+                result.blend_path, job_dir=target, project=cfg.wandb_project,
+                entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
+            note = (f"; upload it with: wandb sync {logged['run_dir']}"
+                    if cfg.wandb_mode == "offline" and logged["run_dir"] else "")
+            console.print(f"W&B ({cfg.wandb_mode}): logged {logged['artifact']}{note}")
+        return result
 
     result = common.run_stage(prepare, target)
     values = common.as_dict(result)

@@ -41,6 +41,8 @@ class TrainProgress:
             self.console.log(f"switched to the phase-{payload['phase']} blend at step {payload['step']}")
         elif kind == "stop":
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
+        elif kind == "warning":
+            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "end":
             self.progress.stop()
 
