@@ -102,6 +102,30 @@ def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
     assert all_files(cli.work) == [cli.work / "env.toml"]
 
 
+def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
+    """The default recipe switches to a phase-2 blend at 94%: a plan that reads one that does
+    not exist yet says so (it may still be prepared while phase 1 trains)."""
+    result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert re.search(r"phase 2 \S*p2/blend.json from 94% of tokens \(missing: prepare it before "
+                     r"the phase-2 switch", out), out
+    (tmp_path / "p2").mkdir()
+    (tmp_path / "p2" / "blend.json").write_text("{}")
+    result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
+    out = " ".join(result.output.split())
+    assert "from 94% of tokens" in out and "missing: prepare" not in out
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d")
+    assert re.search(r"^phase 2\s+none", result.output, re.M)
+
+
+def test_data_prep_help_shows_data_prep_keys(cli):
+    result = cli("nano3", "data", "prep", "pretrain", "-h")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0 and "num_shards=8" in out
+    assert "train.train_iters" not in out and "model.num_experts" not in out
+
+
 # ---------------------------------------------------------------- real runs (library mocked)
 
 
@@ -141,7 +165,7 @@ def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
     assert done["status"] == "completed" and done["steps"] == 3 and done["final_loss"] == 2.5
     out = result.output
     assert re.search(r"steps\s+3", out) and re.search(r"tokens\s+6,144", out)
-    assert re.search(r"final loss\s+2\.5000", out) and "checkpoints/step_3" in out
+    assert re.search(r"final LM loss \(last step\)\s+2\.5000", out) and "checkpoints/step_3" in out
     assert not [p for p in job_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 

@@ -11,12 +11,21 @@ import typer
 
 from nemotron.cli import common
 from nemotron.cli.common import (
-    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, OverridesArg, RunOpt, console,
+    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, RunOpt, console,
 )
 
 STAGE = "data_prep"
 STAGE_WORDS = ["nano3", "data", "prep", "pretrain"]
 
+# Not common.OverridesArg: its example keys are the pretraining recipe's.
+PrepOverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[KEY=VALUE]...", show_default=False,
+        help="Dotted data-prep overrides applied last, e.g. num_shards=8 tokenizer.add_bos=true "
+             "output_dir=/data/prep.",
+    ),
+]
 SampleOpt = Annotated[
     Optional[int],
     typer.Option("--sample", metavar="N", min=1, rich_help_panel=common.CONFIG_PANEL,
@@ -62,7 +71,7 @@ def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
 
 
 def data_prep_pretrain(
-    overrides: OverridesArg = None,
+    overrides: PrepOverridesArg = None,
     config: ConfigOpt = "default",
     run: RunOpt = None,
     batch: BatchOpt = None,
@@ -139,7 +148,8 @@ def data_prep_pretrain(
     def prepare():
         local = cfg
         if embedded.uses_embedded(cfg, recipe_dir):
-            console.print("building the embedded corpus and tokenizer (cached after the first run)...")
+            if not embedded.is_materialized(embedded.prep_vocab_size(cfg)):
+                console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
             result = run_data_prep(local, recipe_dir, progress=view)
