@@ -131,7 +131,10 @@ def export_hf(
     with_tokenizer: bool = True,
 ) -> HFExport:
     """Write a self-contained transformers directory for a training checkpoint (or save dir)."""
-    from transformers import GenerationConfig
+    try:
+        from transformers import GenerationConfig
+    except ImportError as err:  # transformers is the optional `hf` extra
+        raise HFInteropError("export hf needs transformers>=5.3 (pip install 'nemotron[hf]')") from err
 
     from nemotron.models.nano3.checkpoint import load_model_checkpoint, resolve_model_checkpoint
     from nemotron.models.nano3.hf import DEFAULT_MAX_SHARD_BYTES
