@@ -12,6 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from nemotron.artifacts.wandb_lineage import WANDB_MODES
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
@@ -71,7 +72,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.compute_weights": COMPUTE_WEIGHTS,
     "scheduler.style": SCHEDULE_STYLES,
     "scheduler.decay_style": DECAY_STYLES,
-    "logger.wandb_mode": ("online", "offline", "disabled"),
+    "logger.wandb_mode": WANDB_MODES,
+    "wandb_mode": WANDB_MODES,  # data prep's
     "tokenizer.kind": TOKENIZER_KINDS,
 }
 

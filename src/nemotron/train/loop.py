@@ -476,11 +476,14 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
 
     metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
                             run_config=_config_dict(cfg))
+    if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
+        metrics.use_data_artifacts([cfg.data.blend, cfg.data.phase2_blend,
+                                    *(m.blend for m in cfg.data.mixed_length_blends)])
     checkpointer = None
     if ckpt_cfg.save:
         checkpointer = Checkpointer(
             ckpt_cfg.save, ckpt_cfg.keep_last, ckpt_cfg.async_save,
-            on_complete=lambda path, step: metrics.event("checkpoint", {"path": str(path), "step": step}),
+            on_complete=metrics.checkpoint_saved,
         )
 
     def save() -> str | None:
