@@ -221,7 +221,13 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summ
     from torchao.float8.float8_linear import Float8Linear
 
     linears = [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
-    if fp8.compile and not emulate:
+    if fp8.compile and not emulate and linears:
+        # One compiled forward per distinct linear shape and module; dynamo's default limit of
+        # 8 recompiles per code object would send the rest back to eager.
+        import torch._dynamo
+
+        limit = max(64, 2 * len(linears))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         for name in linears:
             model.get_submodule(name).compile(dynamic=False)
     experts = []
