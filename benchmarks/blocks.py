@@ -156,7 +156,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
     total_flops = block_train_flops(cfg, kind, batch, seq)
     rows, ref_out = [], None
     for path in paths_for(kind, device, fp8_recipes):
-        if only and path["name"] not in only and path["name"] != "reference":
+        if only and path["name"] not in only and path["name"] != "reference" and not path.get("fp8"):
             continue
         block = Block(cfg, 0).to(device)
         block.load_state_dict(master.state_dict())

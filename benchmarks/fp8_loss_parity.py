@@ -42,6 +42,8 @@ from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa:
 
 def config(args, fp8: Fp8Config) -> PretrainConfig:
     model = proxy_model_config(args.layers, args.experts, args.tiny)
+    if args.tiny:  # the tiny widths' vocabulary is smaller than the embedded corpus's 4096 tokens
+        model = dataclasses.replace(model, vocab_size=4096)
     train = TrainConfig(
         train_iters=args.steps, global_batch_size=args.micro_batch * args.grad_accum,
         micro_batch_size=args.micro_batch, seq_length=args.seq, seed=1234, eval_iters=0,
