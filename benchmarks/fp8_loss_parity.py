@@ -35,7 +35,7 @@ from nemotron.data.config import DataConfig  # noqa: E402
 from nemotron.train import balancing  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
-from nemotron.train.fp8 import Fp8Config  # noqa: E402
+from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
 from nemotron.train.loop import build_model, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blend", default=None, help="blend.json of prepared data (default: synthetic tokens)")
     ap.add_argument("--recipes", default="tensorwise", help="comma list of train.fp8 recipes")
+    ap.add_argument("--fp8-layers", dest="layers_fp8", default=None,
+                    help="comma list of train.fp8.layers (default: every FP8-capable layer, experts included)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(device)
     result = {"env": env, "command": "python3 benchmarks/fp8_loss_parity.py " + " ".join(argv or sys.argv[1:]),
               "args": vars(args), "runs": {}}
+    layers = args.layers_fp8.split(",") if args.layers_fp8 else list(FP8_LAYERS)
     runs = [("bf16", Fp8Config())] + [
-        (f"fp8-{r}", Fp8Config(enabled=True, recipe=r)) for r in args.recipes.split(",") if r]
+        (f"fp8-{r}", Fp8Config(enabled=True, recipe=r, layers=layers)) for r in args.recipes.split(",") if r]
     with one_rank_group(device, args.params):
         for name, fp8 in runs:
             print(f"{name}:", flush=True)

@@ -454,7 +454,8 @@ def parse_args(argv):
     ap.add_argument("--fp8", choices=("off",) + FP8_RECIPES, default="off",
                     help="train.fp8: FP8 GEMMs with this recipe for the dense linears (experts: rowwise)")
     ap.add_argument("--fp8-layers", default=None,
-                    help="comma list of train.fp8.layers (default: all of mamba,attention,shared_expert,mlp,experts)")
+                    help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
+                         "(default: train.fp8's, the dense linears)")
     ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)

@@ -120,7 +120,7 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
 
     model = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = apply_fp8(model, Fp8Config(enabled=True), CPU)
+    summary = apply_fp8(model, Fp8Config(enabled=True, layers=list(fp8_mod.FP8_LAYERS)), CPU)
     assert summary.emulated
     fp8_names = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     # TINY_MODEL "ME*E": Mamba out_proj (in_proj's 100 outputs are not a multiple of 16: skipped),
@@ -130,8 +130,7 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
         f"backbone.layers.{i}.mixer.shared_experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")}
     assert fp8_names == want and set(summary.linears) == want
     assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
-    assert summary.experts == ["backbone.layers.1.mixer", "backbone.layers.3.mixer"] or summary.experts == [
-        "backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
+    assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
     for i in (1, 3):
         assert isinstance(model.backbone.layers[i].mixer.experts, fp8_mod.Float8GroupedExperts)
     assert type(model.lm_head) is nn.Linear and type(model.backbone.embeddings) is nn.Embedding
@@ -145,6 +144,11 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     assert set(summary.linears) == {f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"}
     assert summary.experts == [] and summary.skipped == []
     assert type(only.backbone.layers[1].mixer.experts) is GroupedExperts
+
+    default = _tiny()  # the default: dense linears only, routed experts stay bf16
+    summary = apply_fp8(default, Fp8Config(enabled=True), CPU)
+    assert set(summary.linears) == want and summary.experts == []
+    assert type(default.backbone.layers[1].mixer.experts) is GroupedExperts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +283,8 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
     def config(name, fp8_on, **checkpoint):
         return make_config(tmp_path / name, blend=corpus[0], train={
             "train_iters": 4, "eval_iters": 0, "precision": "bf16",
-            "fp8": Fp8Config(enabled=fp8_on)}, checkpoint={"save_interval": 2, **checkpoint})
+            "fp8": Fp8Config(enabled=fp8_on, layers=list(fp8_mod.FP8_LAYERS))},
+            checkpoint={"save_interval": 2, **checkpoint})
 
     pretrain(config("bf16", False), tmp_path / "bf16" / "job")
     pretrain(config("fp8", True), tmp_path / "fp8" / "job")

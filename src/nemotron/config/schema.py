@@ -17,7 +17,7 @@ from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
-from nemotron.train.fp8 import check_fp8_config
+from nemotron.train.fp8_config import check_fp8_config
 from nemotron.train.schedule import DECAY_STYLES
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (

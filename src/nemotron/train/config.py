@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nemotron.train.fp8 import Fp8Config
+from nemotron.train.fp8_config import Fp8Config
 
 # train.compute_weights: the weights the matmuls read (the master weights are fp32 either way).
 #   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);

@@ -30,23 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nemotron.kernels.relu2 import relu2
 from nemotron.models.nano3.moe import GroupedExperts
+from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
+    DEFAULT_FP8_LAYERS, FP8_LAYERS, RECIPES, Fp8Config, check_fp8_config,
+)
 
-# Which layers `train.fp8.layers` may name; the router, norms, embeddings and LM head always
-# stay in higher precision.
-FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts")
-# torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
-#   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
-#   rowwise: one scale per row of each operand, scales rounded to powers of two (CUTLASS);
-#   rowwise_with_gw_hp: rowwise, but the weight gradient GEMM in bf16 (most accurate).
-# Routed experts always use rowwise scales (torchao's FP8 grouped GEMM).
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 MIN_TORCHAO = (0, 18)
 # torch._scaled_mm / _scaled_grouped_mm: both GEMM dimensions of an operand multiples of 16;
 # the grouped GEMM also needs each expert's row group aligned to 16 rows.
@@ -56,20 +50,6 @@ FLOAT8 = torch.float8_e4m3fn
 
 class Fp8Unavailable(RuntimeError):
     """train.fp8 is on but torchao (>= 0.18) is not installed."""
-
-
-@dataclass
-class Fp8Config:
-    """`train.fp8`: off by default."""
-
-    enabled: bool = False
-    recipe: str = "tensorwise"  # dense linears: one of RECIPES
-    layers: list[str] = field(default_factory=lambda: list(FP8_LAYERS))  # subset of FP8_LAYERS
-    # FSDP2 all-gathers the float8 weights instead of bf16 (half the bytes; tensorwise only).
-    # Pays with several data-parallel ranks; on one GPU there is no all-gather to shrink.
-    fsdp_float8_all_gather: bool = False
-    # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
-    compile: bool = True
 
 
 @dataclass
@@ -122,32 +102,6 @@ def require_torchao() -> None:
         raise Fp8Unavailable(
             f"train.fp8.enabled=true needs torchao >= {'.'.join(map(str, MIN_TORCHAO))}, which "
             f"{have}: pip install 'nemotron[fp8]' (or set train.fp8.enabled=false)")
-
-
-def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> list[tuple[str, str]]:
-    """Problems with `train.fp8` as (dotted key, message) pairs; empty when it is valid.
-    Checked whether or not it is enabled, except what only matters when it is."""
-    problems = []
-    if fp8.recipe not in RECIPES:
-        problems.append(("train.fp8.recipe", f"{fp8.recipe!r} is not one of {list(RECIPES)}"))
-    unknown = [name for name in fp8.layers if name not in FP8_LAYERS]
-    if unknown:
-        problems.append(("train.fp8.layers", f"unknown layer kinds {unknown}; choose from {list(FP8_LAYERS)} "
-                                             "(router, norms, embeddings and LM head stay higher precision)"))
-    if len(set(fp8.layers)) != len(fp8.layers):
-        problems.append(("train.fp8.layers", f"names a layer kind twice: {fp8.layers}"))
-    if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":
-        problems.append(("train.fp8.fsdp_float8_all_gather",
-                         f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
-                         "are gathered with one scale per tensor"))
-    if fp8.enabled:
-        if precision != "bf16":
-            problems.append(("train.fp8.enabled", f"needs train.precision=bf16, got {precision!r} (the "
-                                                  "layers FP8 leaves out compute in bf16)"))
-        if tensor_parallel > 1:
-            problems.append(("train.fp8.enabled", f"is not supported with tensor parallelism yet "
-                                                  f"(model.tensor_model_parallel_size={tensor_parallel})"))
-    return problems
 
 
 def fp8_hardware(device: torch.device) -> bool:
