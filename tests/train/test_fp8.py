@@ -97,15 +97,17 @@ def test_aligned_group_rows_matches_a_loop_and_round_trips():
     assert dest.tolist() == want
     assert ends.tolist() == [16, 16, 32, 48, 48, 96] and ends.dtype == torch.int32
     assert capacity >= int(ends[-1]) and capacity % 16 == 0
-    x = torch.randn(rows, 8, requires_grad=True)
+    x = torch.randn(rows, 8, dtype=torch.bfloat16, requires_grad=True)  # moved as int64 words
     padded = fp8_mod._ScatterRows.apply(x, dest, capacity)
     assert padded.shape == (capacity, 8)
     pad_rows = torch.ones(capacity, dtype=torch.bool)
     pad_rows[dest] = False
     assert padded[pad_rows].abs().sum() == 0  # padding rows are zeros
     back = fp8_mod._GatherRows.apply(padded * 3, dest)
-    assert torch.equal(back, x * 3)
-    g = torch.randn(rows, 8)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, x * 3)
+    odd = torch.randn(rows, 3, dtype=torch.bfloat16)  # 6-byte rows: copied element by element
+    assert torch.equal(fp8_mod._GatherRows.apply(fp8_mod._ScatterRows.apply(odd, dest, capacity), dest), odd)
+    g = torch.randn(rows, 8, dtype=torch.bfloat16)
     back.backward(g)
     assert torch.equal(x.grad, g * 3)
 

@@ -255,18 +255,40 @@ def aligned_group_rows(counts: torch.Tensor, rows: int, align: int
     return index + shift[expert], padded_ends.to(torch.int32), capacity
 
 
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous [rows, cols] tensor viewed as 8-byte words per row where the row allows it:
+    PyTorch's row copies (`index_copy_`) run element by element, so 2-byte elements cost 4x
+    the work of the same bytes as int64 (measured on an H200: index_copy_ of [148K, 2688]
+    bf16 rows took 1.2 ms, ~1/3 of copy bandwidth)."""
+    t = t.contiguous()
+    if t.dim() == 2 and (t.shape[1] * t.element_size()) % 8 == 0 and t.element_size() < 8:
+        return t.view(torch.int64)
+    return t
+
+
+def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, rows: int) -> torch.Tensor:
+    """zeros [rows, cols] with out[dest] = x."""
+    out = x.new_zeros(rows, x.shape[1])
+    _as_words(out).index_copy_(0, dest, _as_words(x))
+    return out
+
+
+def _gather_rows(x: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    return _as_words(x).index_select(0, dest).view(x.dtype)
+
+
 class _ScatterRows(torch.autograd.Function):
     """out = zeros [capacity, cols]; out[dest] = x. Backward gathers the rows back."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dest: torch.Tensor, capacity: int) -> torch.Tensor:
         ctx.save_for_backward(dest)
-        return x.new_zeros(capacity, x.shape[1]).index_copy_(0, dest, x)
+        return _scatter_rows(x, dest, capacity)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dest,) = ctx.saved_tensors
-        return grad.index_select(0, dest), None, None
+        return _gather_rows(grad, dest), None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -277,12 +299,12 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(dest)
         ctx.rows = x.shape[0]
-        return x.index_select(0, dest)
+        return _gather_rows(x, dest)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dest,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, dest, grad.contiguous()), None
+        return _scatter_rows(grad, dest, ctx.rows), None
 
 
 # ---------------------------------------------------------------------------------------------
