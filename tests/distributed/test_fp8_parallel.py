@@ -20,7 +20,7 @@ from ._spawn import run_distributed
 pytestmark = pytest.mark.skipif(not torchao_available(), reason="torchao >= 0.18 is not installed")
 
 
-def _compare(rank, world_size, parallel_kw, layers, exact):
+def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
     import torch
     import torch.distributed as dist
 
@@ -35,10 +35,15 @@ def _compare(rank, world_size, parallel_kw, layers, exact):
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config())
     model = copy.deepcopy(reference)
-    fp8 = Fp8Config(enabled=True, layers=layers)
+    fp8 = Fp8Config(enabled=True, layers=layers, **fp8_kw)
     apply_fp8(reference, fp8, torch.device("cpu"))
     summary = apply_fp8(model, fp8, torch.device("cpu"))
     assert summary.emulated and (summary.experts if "experts" in layers else summary.linears)
+    if fp8_kw.get("fsdp_float8_all_gather"):
+        from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+        # the weights FSDP2 will shard are torchao's float8-gathering tensors
+        assert isinstance(model.backbone.layers[0].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor)
     dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, model.config)
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
@@ -74,9 +79,13 @@ def _compare(rank, world_size, parallel_kw, layers, exact):
 def _run(rank, world_size):
     ep = _compare(rank, world_size, dict(expert_model_parallel_size=2), ["experts"], True)
     dp = _compare(rank, world_size, dict(), ["mamba", "attention", "shared_expert", "mlp", "experts"], False)
-    return ep, dp
+    # FSDP2 gathers the dense linears' weights as float8 (tensorwise); the single process casts
+    # the same weights itself: the same roundings up to the DP differences above
+    gather = _compare(rank, world_size, dict(), ["mamba", "attention"], False, fsdp_float8_all_gather=True)
+    return ep, dp, gather
 
 
 def test_fp8_experts_under_ep2_match_one_process_and_all_layers_train_under_fsdp2():
+    """Also FSDP2's float8 all-gather of the dense weights (train.fp8.fsdp_float8_all_gather)."""
     results = run_distributed(_run, 2)
     assert results[0] == results[1]  # every rank reports the same global loss
