@@ -72,7 +72,8 @@ def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
             print(f"  step {step + 1}: loss {res.lm_loss:.4f} grad norm {res.grad_norm:.3f} "
                   f"({times[-1]:.0f} ms)", flush=True)
     summary = getattr(model, "fp8_summary", None)
-    out = {"losses": losses, "step_ms_median": sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else None,
+    timed = times[2:] or times  # the first steps compile and warm up
+    out = {"losses": losses, "step_ms_median": sorted(timed)[len(timed) // 2],
            "peak_gib": peak_memory_gib(device), "fp8": None if summary is None else summary.describe()}
     del model, optimizer, data
     return out

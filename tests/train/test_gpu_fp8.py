@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from nemotron.models.nano3.moe import GroupedExperts
-from nemotron.train.fp8 import Float8GroupedExperts, Fp8Config, apply_fp8, fp8_hardware, torchao_available
+from nemotron.train.fp8 import (
+    FP8_LAYERS, Float8GroupedExperts, Fp8Config, apply_fp8, fp8_hardware, torchao_available,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -92,7 +94,7 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
     ref = Block(cfg, 0).to(CUDA, torch.bfloat16)
     block = Block(cfg, 0).to(CUDA, torch.bfloat16)
     block.load_state_dict(ref.state_dict())
-    summary = apply_fp8(block, Fp8Config(enabled=True), CUDA)
+    summary = apply_fp8(block, Fp8Config(enabled=True, layers=list(FP8_LAYERS)), CUDA)
     assert not summary.emulated and len(summary.linears) == 2 and len(summary.experts) == 1
     x = torch.randn(2, 512, 256, device=CUDA, dtype=torch.bfloat16)
     outs = []
