@@ -288,9 +288,17 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
             "fp8": Fp8Config(enabled=fp8_on, layers=list(fp8_mod.FP8_LAYERS))},
             checkpoint={"save_interval": 2, **checkpoint})
 
-    pretrain(config("bf16", False), tmp_path / "bf16" / "job")
-    pretrain(config("fp8", True), tmp_path / "fp8" / "job")
+    starts = []
+
+    def on_event(kind, payload):
+        if kind == "start":
+            starts.append(payload["fp8"])
+
+    pretrain(config("bf16", False), tmp_path / "bf16" / "job", on_event=on_event)
+    pretrain(config("fp8", True), tmp_path / "fp8" / "job", on_event=on_event)
     bf16, f8 = losses(tmp_path / "bf16" / "job"), losses(tmp_path / "fp8" / "job")
+    # the start event (the CLI prints it) says what was converted
+    assert starts[0] is None and starts[1].startswith("fp8: 9 linears, 2 expert groups, emulated"), starts
     assert sorted(f8) == [1, 2, 3, 4]
     assert f8 != bf16  # FP8 really ran
     assert all(abs(f8[s] - bf16[s]) < 0.05 * bf16[s] for s in f8), (f8, bf16)

@@ -525,6 +525,8 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                             "compute_weights": resolve_compute_weights(
                                 cfg.train, device, world, _one_process_accumulation(cfg)),
                             "unigram_entropy": entropy,
+                            "fp8": (None if getattr(model, "fp8_summary", None) is None
+                                    else model.fp8_summary.describe()),
                             "ignored_layout": None if world > 1 else ignored_layout(cfg)})
     if entropy is not None:
         metrics.log("run", state["step"], {"unigram_entropy": entropy})
