@@ -8,8 +8,9 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   subclass of `nn.Linear` with the same `weight` parameter. Each forward casts its input and
   weight to float8 e4m3 with dynamic scales (`recipe`: one scale per tensor, or one per row),
   runs the FP8 GEMM (`torch._scaled_mm`), and backward does the same for the output gradient.
-  On CUDA each converted linear is compiled (`nn.Module.compile`) so that the scale and cast
-  ops fuse into a few kernels; eager, they cost about as much as the GEMM saves.
+  On CUDA each converted linear is compiled (`nn.Module.compile`) so that the amax, scale and
+  cast ops fuse into a few kernels (eager, each is its own elementwise pass over the tensor;
+  torchao's documentation recommends compiling).
 - routed experts become `Float8GroupedExperts`, a subclass of the model's `GroupedExperts`
   holding the same `up_proj` / `down_proj` parameters, whose forward runs torchao's FP8
   grouped GEMM (rowwise scales; `torch._scaled_grouped_mm`) for the forward, input-gradient
@@ -65,7 +66,7 @@ class Fp8Summary:
         mode = "emulated (no FP8 tensor cores)" if self.emulated else "FP8 tensor cores"
         text = f"fp8: {len(self.linears)} linears, {len(self.experts)} expert groups, {mode}"
         if self.skipped:
-            text += f"; kept bf16 (dims not multiples of {FP8_ALIGN}): {', '.join(self.skipped)}"
+            text += f"; not converted (dims not multiples of {FP8_ALIGN}): {', '.join(self.skipped)}"
         return text
 
 
