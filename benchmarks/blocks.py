@@ -146,7 +146,8 @@ def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
 
 def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.device,
               warmup: int, iters: int, caps: dict, only: list[str] | None = None,
-              profile: bool = False, profile_top: int = 15, fp8_recipes: tuple[str, ...] = ()) -> list[dict]:
+              profile: bool = False, profile_top: int = 15, fp8_recipes: tuple[str, ...] = (),
+              fp8_layers: tuple[str, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         master = Block(cfg, 0)
@@ -164,7 +165,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
         if path.get("fp8"):
             from nemotron.train.fp8 import Fp8Config, apply_fp8
 
-            apply_fp8(block, Fp8Config(enabled=True, recipe=path["fp8"]), device)
+            apply_fp8(block, Fp8Config(enabled=True, recipe=path["fp8"], layers=list(fp8_layers)), device)
         set_shared_expert_overlap(block, path.get("shared_expert_overlap", False))
         params = list(block.parameters())
         x = x0.clone().requires_grad_(True)
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true", help="top kernels of each block's fast path")
     ap.add_argument("--profile-top", type=int, default=15, help="how many kernels --profile lists")
     ap.add_argument("--fp8", default="", help="comma list of train.fp8 recipes to time as paths fast-fp8-<recipe>")
+    ap.add_argument("--fp8-layers", default="mamba,attention,shared_expert,mlp,experts",
+                    help="train.fp8.layers of the fast-fp8 paths (default: every FP8-capable layer)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = block_config(kind, **sizes)
         result["rows"] += run_block(kind, cfg, args.batch, args.seq, device, args.warmup, args.iters, caps, only,
                                     args.profile, args.profile_top,
-                                    tuple(r for r in args.fp8.split(",") if r))
+                                    tuple(r for r in args.fp8.split(",") if r),
+                                    tuple(x for x in args.fp8_layers.split(",") if x))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.append_row:
