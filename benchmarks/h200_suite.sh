@@ -2,8 +2,12 @@
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
-# [-accumN][-prof][-rec][-ovl] (peer: also the transformers peer; ovl: MoE shared-expert overlap), numerics-<fp32|bf16>, long,
-# blocks-<kinds>, gpu-tests, grad-audit, dynamics); results and logs go to $OUT (default
+# [-accumN][-prof][-rec][-ovl][-fp8t|-fp8r|-fp8g] (peer: also the transformers peer; ovl: MoE shared-expert overlap;
+# fp8t/r/g: train.fp8 with the tensorwise / rowwise / rowwise_with_gw_hp recipe), numerics-<fp32|bf16>, long,
+# blocks-<kinds>, blocks-fp8, gpu-tests, grad-audit, dynamics (DYN_BLEND=blend.json), fp8-tests, fp8-parity
+# (FP8_BLEND=blend.json, FP8_RECIPES, FP8_LAYERS a comma list of train.fp8.layers for the fp8 stages: train-*
+# default to train.fp8's (dense), blocks-fp8 and fp8-parity to all));
+# FP8 needs torchao (carried as a wheel like omegaconf); results and logs go to $OUT (default
 # ./bench_out).
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -30,6 +34,9 @@ for stage in "$@"; do
           prof) prof=() ;;
           rec) extra+=(--recompute) ;;
           ovl) extra+=(--shared-expert-overlap) ;;
+          fp8t) extra+=(--fp8 tensorwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
+          fp8r) extra+=(--fp8 rowwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
+          fp8g) extra+=(--fp8 rowwise_with_gw_hp ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
         esac
       done
       if [ "$kind" = peer ]; then
@@ -46,6 +53,9 @@ for stage in "$@"; do
       done; wait
       tail -n 2 $OUT/dyn_*.log
       python3 benchmarks/train_dynamics.py --compare $OUT/dyn_*.json --out $OUT/dyn_compare.json ;;
+    blocks-fp8) timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --paths fast,fast-overlap --fp8 ${FP8_RECIPES:-tensorwise,rowwise} ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} --warmup 2 --iters 5 --out $OUT/blocks-fp8.json --append-row $OUT/rows.md ;;
+    fp8-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu_fp8.py tests/train/test_fp8.py ;;
+    fp8-parity) timeout 400 python3 benchmarks/fp8_loss_parity.py --blend "$FP8_BLEND" --recipes ${FP8_RECIPES:-tensorwise} --steps ${PARITY_STEPS:-300} --seq 2048 ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} --out $OUT/fp8-parity.json ;;
     numerics-*) timeout 200 $TT --params "${stage#numerics-}" --steps 0 --warmup 0 --no-profile --check-numerics 3 --out $OUT/$stage.json ;;
     long)       timeout 300 python3 benchmarks/long_context.py --seqs "${LONG_SEQS:-32768,65536,131072,262144}" --steps "${LONG_STEPS:-2}" --out $OUT/long.json --append-row $OUT/rows.md ;;
     *) echo "unknown stage $stage"; exit 2 ;;

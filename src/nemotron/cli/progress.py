@@ -25,6 +25,8 @@ class TrainProgress:
             if payload.get("ignored_layout"):
                 self.console.log(f"one process: {payload['ignored_layout']} not applied (the whole "
                                  "model trains on one device; start with torchrun for the layout)")
+            if payload.get("fp8"):
+                self.console.log(payload["fp8"])
             self.progress.start()
             self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
         elif kind == "train" and self.task is not None:

@@ -18,6 +18,7 @@ from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
+from nemotron.train.fp8_config import check_fp8_config
 from nemotron.train.schedule import DECAY_STYLES
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (
@@ -144,6 +145,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
              f"must be >= 0, got {t.expert_bias_update_rate}")
     _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
              "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)")
+    for key, message in check_fp8_config(t.fp8, t.precision, cfg.model.tensor_model_parallel_size):
+        raise ConfigError(f"{key}: {message}")
 
     o = cfg.optimizer
     _require(o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")

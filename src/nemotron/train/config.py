@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nemotron.train.fp8_config import Fp8Config
 
 # train.compute_weights: the weights the matmuls read (the master weights are fp32 either way).
 #   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);
@@ -45,6 +47,8 @@ class TrainConfig:
     # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
     # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
     moe_shared_expert_overlap: bool = True
+    # FP8 GEMMs on Hopper for the chosen layers (train/fp8.py; off by default).
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass
