@@ -80,7 +80,24 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
          else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
+        *_prediction_rows(cfg),
     ]
+
+
+def _prediction_rows(cfg) -> list[tuple[str, str]]:
+    """Memory and speed the performance model predicts for a GPU run (docs/parallelism.md
+    "Performance model"), at torchrun's WORLD_SIZE or the fewest GPUs the layout needs."""
+    import os
+
+    if cfg.train.device == "cpu":
+        return []
+    from nemotron.cli.plan import plan_rows
+    from nemotron.train import perf_model as pm
+
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if world <= 1:
+        world = pm.smallest_world(pm.layout_from_config(cfg, 1))
+    return plan_rows(cfg, world)
 
 
 def _summary_rows(summary) -> list[tuple[str, str]]:

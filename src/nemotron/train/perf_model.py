@@ -56,6 +56,10 @@ class Layout:
     pp: int = 1
     micro_batch: int = 1
     recompute: bool = False
+    # train.fsdp_accumulate_unsharded: with several micro-batches per step, gather the weights
+    # once and accumulate unsharded gradients (fast, memory for the unsharded copies) or
+    # gather / reduce-scatter every micro-batch (slow, sharded memory)
+    accumulate_unsharded: bool = True
 
     @property
     def dp(self) -> int:
@@ -72,7 +76,8 @@ class Layout:
             if value > 1:
                 parts.append(f"{name}{value}")
         text = " ".join(parts) + f" mb{self.micro_batch}"
-        return text + (" +recompute" if self.recompute else "")
+        text += " +recompute" if self.recompute else ""
+        return text + ("" if self.accumulate_unsharded else " +reshard")
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,6 @@ class RunShape:
     global_batch_size: int = 3072
     # MoE shared expert on a side CUDA stream (train.moe_shared_expert_overlap)
     shared_expert_overlap: bool = True
-    # train.fsdp_accumulate_unsharded: gather weights once per step, accumulate unsharded grads
-    fsdp_accumulate_unsharded: bool = True
     # train.compute_weights resolved: "bf16" (FSDP2 mixed precision) or "fp32" (one process,
     # fp32 weights cast by autocast, no FSDP)
     compute_weights: str = "bf16"
@@ -207,64 +210,97 @@ CALIBRATION = Calibration()
 
 @dataclass(frozen=True)
 class Unit:
-    """One FSDP2 unit on one rank: `unsharded` elements after TP/EP splitting (what an
+    """One FSDP2 unit on one rank: its parameters' shapes after TP/EP splitting (what an
     all-gather materialises), sharded over `group` ranks (`stride` apart in rank order)."""
 
     name: str
-    unsharded: int
+    shapes: tuple[tuple[int, ...], ...]
     group: int
     stride: int
     kind: str  # "dense", "experts", "packed" (Mamba in_proj/conv1d under TP), "root", "embed"
     block: int | None = None
 
     @property
+    def unsharded(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
     def sharded(self) -> int:
-        return -(-self.unsharded // self.group)
+        """Elements rank 0 keeps: FSDP2 shards dim 0 (experts: the first dim that splits
+        evenly, `parallelize._expert_shard_placement`), padding an uneven dim 0."""
+        g, total = self.group, 0
+        for shape in self.shapes:
+            dim = 0
+            if self.kind == "experts":
+                dim = next((d for d, n in enumerate(shape) if n % g == 0), 0)
+            rest = math.prod(shape) // shape[dim]
+            total += -(-shape[dim] // g) * rest
+        return total
 
 
-def _block_params(cfg: Nano3Config, kind: str, tp: int) -> tuple[int, int, int]:
-    """(dense params of the block's own unit, params of its packed TP units, routed expert
-    params) on one TP rank, before FSDP."""
+Shapes = list[tuple[int, ...]]
+
+
+def _block_params(cfg: Nano3Config, kind: str, tp: int) -> tuple[Shapes, Shapes, Shapes]:
+    """Parameter shapes on one TP rank, before FSDP: (the block's own unit, its packed TP
+    units, its routed experts before EP)."""
     h = cfg.hidden_size
-    norm = h
+    norm = [(h,)]
     if kind == "attention":
-        q = cfg.num_attention_heads * cfg.head_dim
-        kv_heads = max(1, cfg.num_key_value_heads // tp)
-        return norm + 2 * h * q // tp + 2 * h * kv_heads * cfg.head_dim, 0, 0
+        q = cfg.num_attention_heads * cfg.head_dim // tp
+        # fewer KV heads than TP ranks: k/v stay whole on every rank (each uses its head)
+        kv = cfg.num_key_value_heads
+        kv_dim = (kv // tp if kv >= tp else kv) * cfg.head_dim
+        return norm + [(q, h), (kv_dim, h), (kv_dim, h), (h, q)], [], []
     if kind == "mamba":
         d_inner, heads = cfg.mamba_d_inner, cfg.mamba_num_heads
         gn = cfg.mamba_num_groups * cfg.mamba_state_size
-        in_proj = h * (2 * d_inner + 2 * gn + heads)
-        conv = (d_inner + 2 * gn) * (cfg.mamba_conv_kernel + 1)
-        own = norm + (d_inner * h + d_inner + 3 * heads) // tp
+        packed = [(2 * d_inner + 2 * gn + heads, h), (d_inner + 2 * gn, 1, cfg.mamba_conv_kernel),
+                  (d_inner + 2 * gn,)]
+        own = norm + [(heads // tp,)] * 3 + [(d_inner // tp,), (h, d_inner // tp)]
         if tp == 1:
-            return own + in_proj + conv, 0, 0
-        return own, in_proj + conv, 0  # packed units: gathered whole over DP x TP
+            return own + packed, [], []
+        return own, packed, []  # in_proj/conv1d: their own units, gathered whole over DP x TP
     if kind == "moe":
-        router = h * cfg.num_experts
-        shared = 2 * h * cfg.moe_shared_expert_hidden_size // tp
-        return norm + router + shared, 0, cfg.num_experts * 2 * h * cfg.moe_ffn_hidden_size
+        shared = cfg.moe_shared_expert_hidden_size // tp
+        experts = [(cfg.num_experts, cfg.moe_ffn_hidden_size, h),
+                   (cfg.num_experts, h, cfg.moe_ffn_hidden_size)]
+        return norm + [(cfg.num_experts, h), (shared, h), (h, shared)], [], experts
     if kind == "mlp":
-        return norm + 2 * h * cfg.ffn_hidden_size // tp, 0, 0
+        f = cfg.ffn_hidden_size // tp
+        return norm + [(f, h), (h, f)], [], []
     raise PlanError(f"unknown block kind {kind!r}")
 
 
 def fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
-    """The FSDP2 units of one rank of the first pipeline stage that holds each block, as
-    `nemotron.distributed.parallelize.apply_fsdp` builds them."""
+    """The FSDP2 units of one rank, as `nemotron.distributed.parallelize.apply_fsdp` builds
+    them (every block; `stage_units` keeps a pipeline stage's)."""
+    key = (dataclasses.astuple(cfg), layout.tp, layout.ep, layout.dp, layout.cp)
+    if key not in _UNITS:
+        if len(_UNITS) > 4096:
+            _UNITS.clear()
+        _UNITS[key] = _fsdp_units(cfg, layout)
+    return _UNITS[key]
+
+
+_UNITS: dict[tuple, list[Unit]] = {}
+
+
+def _fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
     tp, ep = layout.tp, layout.ep
     dense_group, dense_stride = layout.dp * layout.cp, tp
-    units = [Unit("embeddings", cfg.vocab_size * cfg.hidden_size // tp, dense_group, dense_stride,
-                  "embed")]
+    vocab = (cfg.vocab_size // tp, cfg.hidden_size)
+    units = [Unit("embeddings", (vocab,), dense_group, dense_stride, "embed")]
     for i, kind in enumerate(cfg.block_kinds):
         own, packed, experts = _block_params(cfg, kind, tp)
-        units.append(Unit(f"layers.{i}", own, dense_group, dense_stride, "dense", i))
+        units.append(Unit(f"layers.{i}", tuple(own), dense_group, dense_stride, "dense", i))
         if packed:
-            units.append(Unit(f"layers.{i}.packed", packed, dense_group * tp, 1, "packed", i))
+            units.append(Unit(f"layers.{i}.packed", tuple(packed), dense_group * tp, 1,
+                              "packed", i))
         if experts:
-            units.append(Unit(f"layers.{i}.experts", experts // ep, layout.edp, ep, "experts", i))
-    head = cfg.hidden_size + (0 if cfg.tie_word_embeddings
-                              else cfg.vocab_size * cfg.hidden_size // tp)
+            local = tuple((e // ep, *rest) for e, *rest in experts)
+            units.append(Unit(f"layers.{i}.experts", local, layout.edp, ep, "experts", i))
+    head = ((cfg.hidden_size,),) + (() if cfg.tie_word_embeddings else (vocab,))
     units.append(Unit("root", head, dense_group, dense_stride, "root"))
     return units
 
@@ -507,7 +543,7 @@ def estimate_step(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardwar
     # forward, again in backward (not the root unit) and reduce-scatters
     units = stage_units(cfg, layout, 0 if pp == 1 else pp - 1)
     fsdp = 0.0
-    once = n_micro > 1 and shape.fsdp_accumulate_unsharded
+    once = n_micro > 1 and layout.accumulate_unsharded
     for u in units:
         gathers = 1 if (once or u.kind == "root") else 2
         rounds = 1 if once else n_micro
@@ -564,7 +600,7 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
         acts += 2 * 2 * layout.micro_batch * shape.seq_length * max(
             1, cfg.num_key_value_heads // tp) * cfg.head_dim
     fp32_single = shape.compute_weights == "fp32" and layout.world == 1
-    accumulate = accum > 1 and shape.fsdp_accumulate_unsharded and not fp32_single
+    accumulate = accum > 1 and layout.accumulate_unsharded and not fp32_single
     weights, adam = 4 * sharded, 8 * sharded
     largest = max(u.unsharded for u in units)
     if accumulate:
@@ -577,8 +613,9 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
         # gradients appear unit by unit during backward while activations are freed; FSDP2
         # holds the gathered bf16 weights and bf16 gradients of about two units at a time
         transient = 0.0 if fp32_single else 2 * (2 + 2) * largest
-        if fp32_single and accum > 1:
-            grads = 4 * sharded  # plain autograd accumulation: .grad persists
+        if accum > 1:
+            # sharded fp32 gradients (or plain .grad in one fp32 process) accumulate in place
+            grads = 4 * sharded
             backward = weights + adam + grads + acts + loss
         else:
             grads, acts, loss = _backward_sweep(units, acts, loss)
@@ -628,8 +665,10 @@ def layout_warnings(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
             f"TP{layout.tp} + SP has no communication overlap here (no async TP): every block "
             f"gathers and reduce-scatters its activations on the critical path. Measured on 2 "
             f"H200s: TP2+SP+EP2 12,284 tokens/s per GPU vs FSDP2 DP2 31,473 at the same batch "
-            f"(docs/benchmarks.md). Use FSDP + EP without TP (model.tensor_model_parallel_size=1,"
-            f" model.sequence_parallel=false) unless a layer does not fit.")
+            f"(docs/benchmarks.md); TP above 2 is extrapolated from that one run (a fixed cost "
+            f"per block and micro-batch). Use FSDP + EP without TP "
+            f"(model.tensor_model_parallel_size=1 model.sequence_parallel=false) unless a layer "
+            f"does not fit.")
     if layout.pp > 1:
         out.append(f"PP{layout.pp}: pipeline parallelism is not implemented in training yet "
                    "(the plan models a 1F1B schedule)")
@@ -652,20 +691,25 @@ def candidate_layouts(cfg: Nano3Config, world: int, shape: RunShape, *,
     micro batch 1..max, with and without recomputation), PP only if `include_pp`."""
     out = []
     pows = [2**i for i in range(0, 12) if 2**i <= world]
+    # CP only for long sequences (measured: CP2 at 8192 tokens costs 39% per GPU)
+    cps = [c for c in pows if c <= 8] if shape.seq_length > 16384 else [1]
     for tp in [t for t in pows if t <= 8]:
-        for cp in [c for c in pows if c <= 8]:
+        for cp in cps:
             for pp in ([p for p in pows if p <= 8] if include_pp else [1]):
                 if world % (tp * cp * pp):
                     continue
                 for ep in [e for e in pows if e <= cfg.num_experts]:
                     for mb in range(1, max_micro_batch + 1):
                         for recompute in (False, True):
-                            layout = Layout(world, tp, ep, cp, pp, mb, recompute)
-                            try:
-                                validate_layout(cfg, layout, shape)
-                            except PlanError:
-                                continue
-                            out.append(layout)
+                            for unsharded in (True, False):
+                                layout = Layout(world, tp, ep, cp, pp, mb, recompute, unsharded)
+                                try:
+                                    accum = validate_layout(cfg, layout, shape)
+                                except PlanError:
+                                    continue
+                                if accum == 1 and not unsharded:
+                                    continue  # the same run as accumulate_unsharded
+                                out.append(layout)
     return out
 
 
@@ -673,10 +717,16 @@ def recommend(cfg: Nano3Config, world: int, shape: RunShape, hw: Hardware = H200
               cal: Calibration = CALIBRATION, *, include_pp: bool = False) -> list[Plan]:
     """Plans of the layouts that fit, fastest first (tokens/s per GPU)."""
     plans = []
+    fitted_plain: set[tuple] = set()  # layouts that fit without recompute or resharding
     for layout in candidate_layouts(cfg, world, shape, include_pp=include_pp):
+        key = (layout.tp, layout.ep, layout.cp, layout.pp, layout.micro_batch)
+        if key in fitted_plain:
+            continue  # recomputation or per-micro-batch resharding would only be slower
         plan = estimate(cfg, layout, shape, hw, cal)
         if plan.memory.fits:
             plans.append(plan)
+            if not layout.recompute and layout.accumulate_unsharded:
+                fitted_plain.add(key)
     plans.sort(key=lambda p: (-p.tokens_per_second_per_gpu, p.memory.total))
     return plans
 
@@ -686,7 +736,6 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
     t = cfg.train
     return RunShape(seq_length=t.seq_length, global_batch_size=t.global_batch_size,
                     shared_expert_overlap=t.moe_shared_expert_overlap,
-                    fsdp_accumulate_unsharded=t.fsdp_accumulate_unsharded,
                     compute_weights="fp32" if t.compute_weights == "fp32" else "bf16")
 
 
@@ -695,7 +744,8 @@ def layout_from_config(cfg, world: int) -> Layout:
     return Layout(world=world, tp=p.tensor_model_parallel_size,
                   ep=p.expert_model_parallel_size, cp=p.context_parallel_size,
                   pp=p.pipeline_model_parallel_size, micro_batch=cfg.train.micro_batch_size,
-                  recompute=cfg.train.activation_recompute)
+                  recompute=cfg.train.activation_recompute,
+                  accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded)
 
 
 def with_world(layout: Layout, world: int) -> Layout:
