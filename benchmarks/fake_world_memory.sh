@@ -29,6 +29,4 @@ one full52_dp8_rc 8 train.global_batch_size=8 train.activation_recompute=true
 one full52_dp8_acc_reshard_rc 8 train.global_batch_size=32 train.fsdp_accumulate_unsharded=false train.activation_recompute=true
 # DP16: the 16-GPU (two-node) FSDP layout
 one full52_dp16_rc 16 train.global_batch_size=16 train.activation_recompute=true
-# the plan's predictions for the same layouts, for the comparison
-python3 -m nemotron.cli.main nano3 plan --gpus 8 --gpus 16 --top 1 model.tensor_model_parallel_size=1 \
-  model.expert_model_parallel_size=1 model.sequence_parallel=false train.global_batch_size=32 | tee -a $OUT/logs.txt
+# each JSON line holds the plan's prediction for its layout ("predicted")

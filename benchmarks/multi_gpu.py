@@ -83,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _prediction(cfg: PretrainConfig, world: int) -> dict:
+    """What `nemotron.train.perf_model` (`nemotron nano3 plan`) predicts for this run."""
+    from nemotron.train import perf_model as pm
+
+    try:
+        plan = pm.estimate(cfg.model.arch(), pm.layout_from_config(cfg, world),
+                           pm.shape_from_config(cfg))
+    except pm.PlanError as exc:
+        return {"error": str(exc)}
+    return {"peak_allocated_gib": round(plan.memory.total, 2),
+            "tokens_per_second_per_gpu": round(plan.tokens_per_second_per_gpu),
+            "step_time_s": round(plan.step.total, 3), "fits": plan.memory.fits}
+
+
 def _allocated_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -129,6 +143,7 @@ def _run_fake(args: argparse.Namespace, cfg: PretrainConfig) -> None:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "note": "fake process group: memory is real, losses and speed are not",
+        "predicted": _prediction(cfg, args.fake_world),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
@@ -177,7 +192,7 @@ def _run(args: argparse.Namespace, cfg: PretrainConfig) -> None:
             "tflops_per_gpu": statistics.median(r["tflops"] for r in timed),
             "mfu": statistics.median(r["mfu"] for r in timed),
             "peak_memory_per_gpu": memory, "final_loss": summary.final_loss,
-            **phases.times,
+            **phases.times, "predicted": _prediction(cfg, world),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
         }
         args.out.mkdir(parents=True, exist_ok=True)
