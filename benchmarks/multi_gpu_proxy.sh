@@ -78,6 +78,11 @@ if [ -z "$ONLY" ] || [[ " $ONLY " == *" ep_overlap "* ]]; then
     [ -f $RUNS/ep_overlap_mb$MB.json ] && python3 -c "import json,sys; print(json.dumps(dict(json.load(open(sys.argv[1])), name='ep_overlap_mb$MB')))" $RUNS/ep_overlap_mb$MB.json >> $OUT/results.jsonl
   done
 fi
+# TP + SP without EP (calibrates the TP cost alone; the plan extrapolates TP > 2 from these)
+one tp${N}sp torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tensor_model_parallel_size=$N \
+  model.sequence_parallel=true
+one tp${N}sp_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC train.global_batch_size=8 \
+  model.tensor_model_parallel_size=$N model.sequence_parallel=true
 FULL52="model.num_experts=128 model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME model.num_layers=52"
 # The whole Nano3 (31.6B parameters). `nemotron nano3 plan -g 4 -g 8` predicts, per GPU:
 #  4 GPUs EP4 mb1 + recompute (global batch 4): 122.3 GiB (fits, tight); without recompute
