@@ -69,6 +69,8 @@ def load_rows() -> list[Row]:
         session = path.parent.name
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            if "overrides" not in r or r.get("fake_world") or "tokens_per_second_per_gpu" not in r:
+                continue  # microbenchmarks (ep_overlap, nccl) and one-GPU fake-world memory runs
             o = _parse_overrides(r["overrides"])
             cfg = Nano3Config(hybrid_pattern=o["model.hybrid_pattern"],
                               num_layers=int(o["model.num_layers"]),

@@ -83,6 +83,13 @@ one tp${N}sp torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tenso
   model.sequence_parallel=true
 one tp${N}sp_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC train.global_batch_size=8 \
   model.tensor_model_parallel_size=$N model.sequence_parallel=true
+# NCCL bus bandwidth per collective and size (replaces the plan's assumed bandwidths)
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" nccl "* ]]; then
+  echo "== nccl bandwidth"
+  torchrun --nproc-per-node $N benchmarks/nccl_bandwidth.py --out $RUNS/nccl$N.json > $RUNS/nccl.log 2>&1
+  echo "rc=$?"; cat $RUNS/nccl.log | grep '^{' ; { echo "===== nccl"; cat $RUNS/nccl.log; } >> $OUT/logs.txt
+  [ -f $RUNS/nccl$N.json ] && python3 -c "import json,sys; print(json.dumps(dict(json.load(open(sys.argv[1])), name='nccl$N')))" $RUNS/nccl$N.json >> $OUT/results.jsonl
+fi
 FULL52="model.num_experts=128 model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME model.num_layers=52"
 # The whole Nano3 (31.6B parameters). `nemotron nano3 plan -g 4 -g 8` predicts, per GPU:
 #  4 GPUs EP4 mb1 + recompute (global batch 4): 122.3 GiB (fits, tight); without recompute
