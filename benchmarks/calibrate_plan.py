@@ -33,6 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 MOE_BEFORE_1322 = {"moe": 9.140, "moe_no_overlap": 9.063}
 # rows measured after the fused routing kernel (the others of the 2x session ran before it)
 AFTER_1322 = {"full14_dp2_acc", "full27_ep2"}
+# the expert-parallel dispatcher each session ran (later sessions: the current one)
+DISPATCHER = {"2026-11-29-h200x2": "legacy", "2026-11-29-h200x4": "sync"}
 
 
 @dataclasses.dataclass
@@ -86,14 +88,14 @@ def load_rows() -> list[Row]:
             if weights == "auto":
                 weights = "bf16" if (world > 1 or accum > 1) else "fp32"
             # the 2x session ran before the shared-expert overlap became the default (cde3239)
-            default_overlap = "h200x4" in session
+            default_overlap = session != "2026-11-29-h200x2"
             overlap = _bool(o["train.moe_shared_expert_overlap"]) if (
                 "train.moe_shared_expert_overlap" in o) else default_overlap
             shape = pm.RunShape(seq_length=8192, global_batch_size=gb,
                                 shared_expert_overlap=overlap, compute_weights=weights,
-                                ep_dispatcher="sync" if "h200x4" in session else "legacy")
+                                ep_dispatcher=DISPATCHER.get(session, "overlap"))
             block_ms = dict(pm.MEASURED_BLOCK_MS)
-            if "h200x2" in session and r["name"] not in AFTER_1322:
+            if session == "2026-11-29-h200x2" and r["name"] not in AFTER_1322:
                 block_ms.update(MOE_BEFORE_1322)
             peak = max(m["allocated_gib"] for m in r["peak_memory_per_gpu"])
             rows.append(Row(f"{r['name']} ({world}x)" if world == 1 else r["name"], session, cfg,
