@@ -406,9 +406,9 @@ def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
     try:
         dims = ParallelDims.from_config(parallel, layout.world // layout.pp, cfg)
         dims.validate_batch(shape.global_batch_size, layout.micro_batch, shape.seq_length)
+        return dims.gradient_accumulation_steps(shape.global_batch_size, layout.micro_batch)
     except ParallelLayoutError as exc:
         raise PlanError(str(exc)) from None
-    return shape.global_batch_size // (layout.micro_batch * layout.dp)
 
 
 def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overlap: bool) -> float:
