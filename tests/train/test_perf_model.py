@@ -97,7 +97,7 @@ def test_every_multi_gpu_measurement_within_15_percent():
 
     rows = load_rows()
     multi = [r for r in rows if r.multi_gpu]
-    assert len(multi) == 15  # docs/benchmarks.md: 12 rows on 2 H200s, 3 on 4
+    assert len(multi) >= 15  # docs/benchmarks.md: 12 rows on 2 H200s, 3 on 4 (and any since)
     for row, (tps, mem) in zip(rows, errors(rows, pm.CALIBRATION)):
         assert abs(tps) <= 0.15, (row.name, "tokens/s", tps)
         assert abs(mem) <= 0.15, (row.name, "peak memory", mem)

@@ -420,6 +420,7 @@ def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overl
                       flops_mod.attention_forward_flops(ref, 8192)),
         "mamba": (flops_mod.mamba_forward_flops(cfg), flops_mod.mamba_forward_flops(ref)),
         "moe": (flops_mod.moe_forward_flops(cfg), flops_mod.moe_forward_flops(ref)),
+        # no dense-MLP block in Nano3 was measured: the MoE block's rate per FLOP stands in
         "mlp": (flops_mod.mlp_forward_flops(cfg), flops_mod.moe_forward_flops(ref)),
     }
     mine, theirs = per_kind[kind]
@@ -434,10 +435,11 @@ def _head_seconds(cfg: Nano3Config, cal: Calibration) -> float:
         ref.hidden_size * ref.vocab_size)
 
 
-def _busbw(hw: Hardware, size: int, stride: int, a2a: bool = False) -> float:
-    """Bus bandwidth of a collective over `size` ranks `stride` apart in rank order."""
+def _busbw(hw: Hardware, size: int, stride: int) -> float:
+    """All-gather / reduce-scatter bus bandwidth over `size` ranks `stride` apart in rank order
+    (TP innermost, then CP, DP; in the expert view EP innermost): NVLink if inside a node."""
     if size * stride <= hw.gpus_per_node:
-        return hw.nvlink_a2a_busbw if a2a else hw.nvlink_busbw
+        return hw.nvlink_busbw
     return hw.network_busbw
 
 
