@@ -128,13 +128,19 @@ class AllToAllDispatcher:
     sorted and gathered; the rows travel while the receiving side's regrouping permutation is
     computed; and the MoE layer may run its shared expert on a side CUDA stream
     (`shared_expert_side_stream`) across the whole dispatch, the host sync included, and its
-    backward beside the backward exchanges."""
+    backward beside the backward exchanges. With `early_splits` (CUDA) the split sizes reach
+    the host from a copy stream that waits for the counts alone, so the host blocks only until
+    the counts have arrived while the GPU is still sorting and gathering the rows (without it
+    the copy waits behind that work and the GPU idles until the host launches the next
+    kernels)."""
 
     # MoE may run the shared expert on a side stream beside dispatch/combine (models/nano3/moe.py)
     shared_expert_side_stream = True
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, *,
+                 early_splits: bool = True) -> None:
         self.group = group
+        self.early_splits = early_splits
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
@@ -161,12 +167,18 @@ class AllToAllDispatcher:
         # counts first (everyone learns how many rows each peer sends to each local expert),
         # while the rows to send are sorted by expert (hence by EP rank) and gathered
         counts_sent = dist.all_to_all_single(recv_counts, counts, group=self.group, async_op=True)
+        early = self._start_split_copy(counts, recv_counts, counts_sent)
         order = torch.argsort(narrow_expert_ids(flat_expert, self.num_experts), stable=True)
         position = inverse_permutation(order)
         send_x = gather_token_rows(x, order, position, top_k)
         counts_sent.wait()
         recv_per_source = recv_counts.view(self.ep_size, self.num_local_experts)
-        splits = torch.cat([counts.view(self.ep_size, -1).sum(1), recv_per_source.sum(1)]).tolist()
+        if early is not None:
+            host, copied = early
+            copied.synchronize()  # the counts' path only: the gather may still be running
+            splits = host.tolist()
+        else:
+            splits = self._split_sizes(counts, recv_counts).tolist()
         send_splits, recv_splits = splits[:self.ep_size], splits[self.ep_size:]
 
         recv_x, rows_sent = all_to_all_start(send_x, send_splits, recv_splits, self.group)
@@ -187,6 +199,29 @@ class AllToAllDispatcher:
                             local_position=local_position, topk_weight=topk_weight)
         return sorted_x, recv_per_source.sum(0), ctx
 
+    def _split_sizes(self, counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
+        """[rows sent to each EP rank..., rows received from each...]: one tensor, one copy."""
+        return torch.cat([counts.view(self.ep_size, -1).sum(1),
+                          recv_counts.view(self.ep_size, -1).sum(1)])
+
+    def _start_split_copy(self, counts: torch.Tensor, recv_counts: torch.Tensor, counts_sent):
+        """On CUDA with `early_splits`: copy the split sizes to pinned host memory on a copy
+        stream ordered after the counts' exchange only; returns (host tensor, event) or None."""
+        if not (self.early_splits and counts.is_cuda):
+            return None
+        stream = _copy_stream(counts.device)
+        stream.wait_stream(torch.cuda.current_stream(counts.device))  # counts are computed
+        with torch.cuda.stream(stream):
+            counts_sent.wait()  # NCCL: this stream waits for the exchange; the host does not
+            sizes = self._split_sizes(counts, recv_counts)
+            host = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
+            host.copy_(sizes, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        # `counts`/`recv_counts` (made on the current stream) stay referenced until the caller
+        # has synchronised `copied`, so the copy stream is done with them before they are freed
+        return host, copied
+
     def combine(self, expert_out: torch.Tensor, ctx: _RouteContext,
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight,
@@ -196,3 +231,16 @@ class AllToAllDispatcher:
         recv_out = _PermuteRows.apply(expert_out, ctx.local_position, ctx.local_order)
         send_out = all_to_all(recv_out, ctx.recv_splits, ctx.send_splits, self.group)
         return weighted_combine(send_out, ctx.order, ctx.position, ctx.topk_weight, add)
+
+
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One stream per device for the split-size copies (not the MoE side stream, which may be
+    busy with the shared expert)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device("cuda", index)
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _COPY_STREAMS[key]
