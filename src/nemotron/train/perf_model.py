@@ -71,7 +71,7 @@ class Layout:
         return self.dp * self.cp * self.tp // self.ep
 
     def describe(self) -> str:
-        parts = [f"DP{self.dp}"]
+        parts = [f"DP{self.dp}"] if self.world % (self.tp * self.cp * self.pp) == 0 else []
         for name, value in (("TP", self.tp), ("EP", self.ep), ("CP", self.cp), ("PP", self.pp)):
             if value > 1:
                 parts.append(f"{name}{value}")
