@@ -196,3 +196,20 @@ def test_multi_gpu_report_compares_each_layout_with_the_one_gpu_run(tmp_path, ca
     assert "1.0e-03 vs `g1` (pass)" in table and "1.0e-02 vs `g1` (FAIL)" in table
     assert "| `big` | 2 | 1,000 | 0.400 | 1.0 / 2.0 | - |" in table
     assert report.main([str(path), "--tol", "0.02"]) == 0
+
+
+def test_multi_gpu_fake_world_records_memory_time_to_first_step_and_prediction(tmp_path):
+    """`--fake-world`: rank 0 of a fake 4-rank group (one GPU measures a cluster layout's
+    memory); on CPU the run must complete and record the phases and the plan's prediction."""
+    import torch.distributed as dist
+
+    bench = load("multi_gpu")
+    assert bench.main(["--config", "tiny", "--name", "fake4", "--out", str(tmp_path),
+                       "--fake-world", "4", "train.train_iters=2", "data.mock=true",
+                       "train.global_batch_size=8", "train.micro_batch_size=1",
+                       "train.device=cpu"]) == 0
+    assert not dist.is_initialized()
+    result = json.loads((tmp_path / "fake4.json").read_text())
+    assert result["fake_world"] == 4 and result["grad_accumulation"] == 2
+    assert 0 < result["start_s"] < result["first_step_s"]
+    assert result["predicted"]["fits"] is True and result["predicted"]["peak_allocated_gib"] > 0
