@@ -150,3 +150,21 @@ def test_smallest_world():
     assert pm.smallest_world(pm.Layout(1, tp=8, ep=8)) == 8
     assert pm.smallest_world(pm.Layout(1, tp=2, ep=8)) == 8
     assert pm.smallest_world(pm.Layout(1, tp=8, cp=8, pp=4, ep=8)) == 256
+
+
+def test_loss_chunk_is_the_tensor_parallel_one():
+    from nemotron.distributed.tensor_parallel import LOSS_CHUNK_TOKENS
+
+    assert pm.LOSS_CHUNK_TOKENS == LOSS_CHUNK_TOKENS
+
+
+def test_pipeline_stages_pace_and_bubble():
+    """PP (modelled, not implemented): the slowest stage sets the pace, (PP-1) idle slots."""
+    cfg, shape = Nano3Config(), pm.RunShape(global_batch_size=256)
+    one = pm.estimate(cfg, pm.Layout(64, ep=8), shape)
+    four = pm.estimate(cfg, pm.Layout(256, ep=8, pp=4), shape)
+    assert not four.implemented and any("PP4" in w for w in four.warnings)
+    assert four.grad_accumulation == one.grad_accumulation
+    # a quarter of the blocks per stage (+ the head on the last), plus the bubble
+    assert 0.25 * one.step.compute < four.step.compute < 0.4 * one.step.compute
+    assert four.step.pipeline_bubble > 0

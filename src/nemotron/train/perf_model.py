@@ -37,6 +37,9 @@ from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 
 GIB = 1024**3
+# tokens per piece of the vocab-parallel LM-head loss (distributed/tensor_parallel.py, which
+# imports torch; tests/train/test_perf_model.py checks the two agree)
+LOSS_CHUNK_TOKENS = 8192
 
 
 class PlanError(ValueError):
@@ -485,16 +488,22 @@ def estimate_step(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardwar
     tp, cp, ep, pp = layout.tp, layout.cp, layout.ep, layout.pp
     seq, mb = shape.seq_length, layout.micro_batch
     kinds = cfg.block_kinds
-    # the slowest stage sets the pace; blocks split evenly
-    stage_kinds = [kinds[i] for i in _stage_blocks(cfg, pp)[0]] if pp > 1 else kinds
     tokens_rank = mb * seq / cp  # tokens of this rank's part of the micro-batch's sequences
     scale = tokens_rank / 8192 / tp
     overlap = shape.shared_expert_overlap and (ep == 1 or shape.ep_dispatcher == "overlap")
-    block_s = sum(_kind_seconds(cfg, k, seq, cal, overlap) for k in stage_kinds) * scale
     head_s = _head_seconds(cfg, cal) * scale
-    compute_mb = cal.micro_batch_overhead_s + cal.compute_scale * (block_s + head_s)
-    if layout.recompute:
-        compute_mb += cal.compute_scale * block_s / 3  # the forward again
+
+    def stage_compute(blocks: range) -> float:
+        block_s = sum(_kind_seconds(cfg, kinds[i], seq, cal, overlap) for i in blocks) * scale
+        last = blocks.stop == cfg.num_layers  # the LM head and its loss
+        t = cal.compute_scale * (block_s + (head_s if last else 0.0))
+        return t + (cal.compute_scale * block_s / 3 if layout.recompute else 0.0)  # + forward
+
+    # the slowest pipeline stage sets the pace (blocks split evenly; the last has the head)
+    stages = _stage_blocks(cfg, pp)
+    slowest = max(range(pp), key=lambda i: stage_compute(stages[i]))
+    stage_kinds = [kinds[i] for i in stages[slowest]]
+    compute_mb = cal.micro_batch_overhead_s + stage_compute(stages[slowest])
     h = cfg.hidden_size
     n_moe = sum(k == "moe" for k in stage_kinds)
     n_seq_layers = sum(k in ("mamba", "attention") for k in stage_kinds)
@@ -596,7 +605,7 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
     tokens = layout.micro_batch * shape.seq_length / cp
     in_flight = min(pp, accum) if pp > 1 else 1
     acts = in_flight * activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
-    chunk = min(tokens, 8192)  # tensor_parallel.LOSS_CHUNK_TOKENS
+    chunk = min(tokens, LOSS_CHUNK_TOKENS)
     loss = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp
     if cp > 1:
         acts += 2 * 2 * layout.micro_batch * shape.seq_length * max(
