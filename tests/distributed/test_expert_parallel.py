@@ -116,8 +116,7 @@ def _moe_layer_worker(rank, world_size):
     return sorted(grads_ep)
 
 
-def test_moe_layer_with_expert_parallel_two_and_four_ranks():
-    for world in (2, 4):
-        names = run_distributed(_moe_layer_worker, world)[0]
-        assert "experts.up_proj" in names and "router.weight" in names
-        assert "shared_experts.up_proj.weight" in names
+def test_moe_layer_with_expert_parallel_four_ranks():
+    names = run_distributed(_moe_layer_worker, 4)[0]
+    assert "experts.up_proj" in names and "router.weight" in names
+    assert "shared_experts.up_proj.weight" in names
