@@ -31,7 +31,8 @@ def _layer(cfg, mode: str, rank: int, world: int, reference: nn.Module) -> nn.Mo
     from nemotron.distributed.expert_parallel import AllToAllDispatcher
     from nemotron.models.nano3.moe import MoE
 
-    layer = MoE(cfg).cuda()
+    with torch.device("cuda"):  # initialised on the GPU (fast), then given the reference weights
+        layer = MoE(cfg)
     layer.load_state_dict(reference.state_dict())
     if mode != "local":
         per = cfg.num_experts // world
@@ -89,7 +90,10 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = Nano3Config()
     torch.manual_seed(0)
-    reference = MoE(cfg).cuda()  # the same weights on every rank
+    with torch.device("cuda"):
+        reference = MoE(cfg)  # the same weights on every rank (same seed, same GPU model)
+    for p in reference.parameters():  # make sure of it: rank 0's weights everywhere
+        dist.broadcast(p.data, 0)
     g = torch.Generator(device="cuda").manual_seed(1000 + rank)  # each rank its own tokens
     x = torch.randn(args.micro_batch, args.seq, cfg.hidden_size, device="cuda", generator=g,
                     dtype=torch.bfloat16)
