@@ -54,3 +54,15 @@ def test_profile_dry_run_predicts_for_the_profiles_gpus(cli):
     assert result.exit_code == 0, result.output
     predicted = next(l for l in result.output.splitlines() if l.startswith("predicted"))
     assert "64 GPUs, DP8 TP8 EP8" in predicted
+
+
+def test_plan_json(cli):
+    import json
+
+    result = cli("nano3", "plan", "--gpus", "8", "--top", "1", "--json")
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)
+    recipe = next(p for p in plans if p.get("role") == "recipe")
+    assert recipe["layout"]["tp"] == 8 and recipe["memory_fits"] is True
+    fastest = next(p for p in plans if p.get("role") == "fastest")
+    assert fastest["tokens_per_second_per_gpu"] > recipe["tokens_per_second_per_gpu"]

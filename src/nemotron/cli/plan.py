@@ -102,6 +102,7 @@ def plan(
                                      help="Fastest layouts that fit to show per GPU count.")] = 3,
     include_pp: Annotated[bool, typer.Option(
         "--pp", help="Also consider pipeline parallelism (not implemented in training yet).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
 ) -> None:
     """Predict memory per GPU and step time of the recipe's layout at several GPU counts, and
     recommend the fastest layout that fits (calibrated on the measured H200 runs)."""
@@ -125,6 +126,19 @@ def plan(
             if not found:
                 notes.append(f"{world} GPUs: no layout fits")
             best.extend(found[:top])
+    if as_json:
+        import dataclasses
+        import json
+
+        def record(p, role):
+            return {"role": role, **dataclasses.asdict(p), "memory_total_gib": p.memory.total,
+                    "memory_fits": p.memory.fits, "step_total_s": p.step.total,
+                    "overrides": _overrides(p.layout)}
+
+        print(json.dumps([record(p, "recipe") for p in recipe]
+                         + [record(p, "fastest") for p in best] + [{"note": n} for n in notes],
+                         indent=1))
+        return
     console.print(f"[bold]{model.num_layers} blocks, {cfg.model.num_experts} experts, "
                   f"global batch {shape.global_batch_size} x {shape.seq_length} tokens, "
                   f"on {pm.H200.name}[/]")
