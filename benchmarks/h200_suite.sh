@@ -22,7 +22,7 @@ for stage in "$@"; do
   case $stage in
     blocks)     timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --out $OUT/blocks.json --append-row $OUT/rows.md ;;
     blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
-    gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py tests/distributed/test_gpu_context_parallel.py ;;
+    gpu-tests)  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py tests/distributed/test_gpu_context_parallel.py tests/distributed/test_gpu_expert_parallel.py ;;
     train-*|peer-*)
       # <train|peer>-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec][-ovl]: one proxy run (peer: + the HF peer)
       IFS=- read -r kind params rest <<< "$stage"

@@ -217,3 +217,20 @@ def test_fp8_options_of_the_benchmarks(tmp_path):
     run = out["runs"]["fp8-tensorwise"]
     assert len(run["losses"]) == 2 and run["losses"] != out["runs"]["bf16"]["losses"] and run["ok"]
     assert "6 expert groups" in run["fp8"]  # the parity run converts every FP8-capable layer
+
+
+def test_multi_gpu_fake_world_records_memory_time_to_first_step_and_prediction(tmp_path):
+    """`--fake-world`: rank 0 of a fake 4-rank group (one GPU measures a cluster layout's
+    memory); on CPU the run must complete and record the phases and the plan's prediction."""
+    import torch.distributed as dist
+
+    bench = load("multi_gpu")
+    assert bench.main(["--config", "tiny", "--name", "fake4", "--out", str(tmp_path),
+                       "--fake-world", "4", "train.train_iters=2", "data.mock=true",
+                       "train.global_batch_size=8", "train.micro_batch_size=1",
+                       "train.device=cpu"]) == 0
+    assert not dist.is_initialized()
+    result = json.loads((tmp_path / "fake4.json").read_text())
+    assert result["fake_world"] == 4 and result["grad_accumulation"] == 2
+    assert 0 < result["start_s"] < result["first_step_s"]
+    assert result["predicted"]["fits"] is True and result["predicted"]["peak_allocated_gib"] > 0

@@ -89,7 +89,26 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
          else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
+        *_prediction_rows(cfg),
     ]
+
+
+def _prediction_rows(cfg, world: int | None = None) -> list[tuple[str, str]]:
+    """Memory and speed the performance model predicts for a GPU run (docs/parallelism.md
+    "Performance model") at `world` GPUs (a profile's nodes x processes), else torchrun's
+    WORLD_SIZE, else the fewest GPUs the layout needs."""
+    import os
+
+    if cfg.train.device == "cpu":
+        return []
+    from nemotron.cli.plan import plan_rows
+    from nemotron.train import perf_model as pm
+
+    if not world or world <= 1:
+        world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if world <= 1:
+        world = pm.smallest_world(pm.layout_from_config(cfg, 1))
+    return plan_rows(cfg, world)
 
 
 def _summary_rows(summary) -> list[tuple[str, str]]:
@@ -162,7 +181,8 @@ def pretrain(
         config_yaml = dump_config(cfg)
 
         if not stage.local:
-            stage.submit(config_yaml, dry_run)
+            stage.submit(config_yaml, dry_run,
+                         predict=lambda world: _prediction_rows(cfg, world))
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")

@@ -45,7 +45,8 @@ class TrainConfig:
     # memory for the whole step. Off: gather/reshard and reduce-scatter every micro-batch.
     fsdp_accumulate_unsharded: bool = True
     # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
-    # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
+    # kernels and the expert-parallel all-to-all (models/nano3/moe.py
+    # `set_shared_expert_overlap`); CUDA only.
     moe_shared_expert_overlap: bool = True
     # FP8 GEMMs on Hopper for the chosen layers (train/fp8.py; off by default).
     fp8: Fp8Config = field(default_factory=Fp8Config)
