@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from nemotron.utils.fs import atomic_write_text
+
 
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -149,6 +151,4 @@ def append_table_row(path: str | Path, section: str, header: list[str], row: lis
             lines[end:end] = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             insert_at = end + 2
         lines.insert(insert_at, line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")

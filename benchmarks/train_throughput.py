@@ -56,6 +56,8 @@ from nemotron.models.nano3.config import NANO3_PATTERN  # noqa: E402
 from nemotron.train import balancing, flops  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
+from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
+from nemotron.train.fp8 import Fp8Config  # noqa: E402
 from nemotron.train.loop import Parallel, build_model, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -81,10 +83,19 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
         precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
         activation_recompute=args.recompute,
         moe_shared_expert_overlap=args.shared_expert_overlap,
+        fp8=fp8_config(args),
     )
     data = DataConfig(blend=args.blend, mock=args.blend is None)
     return PretrainConfig(model=model, train=train, data=data,
                           optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr))
+
+
+def fp8_config(args) -> Fp8Config:
+    """`train.fp8` from `--fp8 RECIPE` (`off`: disabled) and `--fp8-layers`."""
+    if args.fp8 == "off":
+        return Fp8Config()
+    layers = args.fp8_layers.split(",") if args.fp8_layers else Fp8Config().layers
+    return Fp8Config(enabled=True, recipe=args.fp8, layers=layers, compile=not args.fp8_eager)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +342,7 @@ def check_numerics(args, device: torch.device, steps: int) -> dict:
     cfg = pretrain_config(args, seq, args.micro_batch)
     fast = run_training(cfg, device, args.params, steps, 0, False, name="fast").losses
     _release(device)
-    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False))
+    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False, fp8=Fp8Config()))
     with fast_paths(False):
         ref = run_training(ref_cfg, device, "fp32", steps, 0, False, name="reference").losses
     _release(device)
@@ -439,6 +450,12 @@ def parse_args(argv):
     ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
     ap.add_argument("--shared-expert-overlap", action="store_true",
                     help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream")
+    ap.add_argument("--fp8", choices=("off",) + FP8_RECIPES, default="off",
+                    help="train.fp8: FP8 GEMMs with this recipe for the dense linears (experts: rowwise)")
+    ap.add_argument("--fp8-layers", default=None,
+                    help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
+                         "(default: train.fp8's, the dense linears)")
+    ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -471,9 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["model"] = {"hybrid_pattern": cfg.model.hybrid_pattern, "num_experts": cfg.model.num_experts,
                            "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq)}
         main_run = run_training(cfg, device, args.params, args.steps, args.warmup, not args.no_profile)
+        if args.fp8 != "off":
+            main_run.name = f"fp8-{args.fp8}" + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
         _release(device)
         result["run"] = dataclasses.asdict(main_run)
-        print(f"proxy {args.params} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
+        print(f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
               f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
               f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
               f"{main_run.peak_gib or 0:.1f} GiB", flush=True)
@@ -514,7 +533,7 @@ def record_row(path: str, result: dict) -> None:
         path, "Training throughput: Nano3 proxy, one GPU",
         ["date", "GPU", "weights", "seq x mb x accum", "tokens/s", "step ms", "TFLOP/s", "MFU",
          "peak GiB", "step split ms", "vs HF", "loss vs ref", "software", "command"],
-        [env["date"], env["device"], run["params"], f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
+        [env["date"], env["device"], run["params"] + ("" if run["name"] == "nemotron" else f" {run['name']}"), f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
          f"{run['tokens_per_s']:,.0f}", f"{run['step_ms']:.1f}", f"{run['tflops']:.0f}", f"{run['mfu']:.3f}",
          "-" if run["peak_gib"] is None else f"{run['peak_gib']:.1f}", split_text, ratio, num_text,
          f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],

@@ -167,12 +167,13 @@ def as_dict(result: Any) -> dict[str, Any]:
 
 def submit_remote(
     *, stage: str, profile: str, attached: bool, config_yaml: str, job_dir: Path,
-    overrides: list[str], config_source: str, dry_run: bool,
+    overrides: list[str], config_source: str, dry_run: bool, predict=None,
 ) -> None:
     """`--run/--batch PROFILE`: plan the job with `nemotron.launch`, then render or submit it.
 
     The resolved config is written to the job dir (on a dry run: to a temporary file that is
     removed again) and the job runs `nemotron <stage> -c <that config>` with $NEMOTRON_JOB_DIR set.
+    `predict(world_size)`, if given, adds plan rows for the profile's process count (dry run).
     """
     try:
         from nemotron import launch
@@ -199,6 +200,7 @@ def submit_remote(
             ("processes", f"{plan.nodes} node(s) x {plan.nproc_per_node}"),
             ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
             ("job dir", str(job_dir)),
+            *(predict(plan.nodes * plan.nproc_per_node) if predict is not None else []),
         ])
         console.rule("[bold]submission")
         console.print(text, markup=False)
@@ -274,12 +276,12 @@ class StageRun:
     def local(self) -> bool:
         return self.profile is None
 
-    def submit(self, config_yaml: str, dry_run: bool) -> None:
+    def submit(self, config_yaml: str, dry_run: bool, predict=None) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
         assert self.profile is not None  # only a non-local stage submits
         submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
                       config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
-                      config_source=self.config_source, dry_run=dry_run)
+                      config_source=self.config_source, dry_run=dry_run, predict=predict)
 
     def open(self, config_yaml: str) -> Path:
         """Create (or join) the job dir for a local run and say where it is (rank 0)."""

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemotron.artifacts.wandb_lineage import WANDB_MODES
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.parallel_dims import check_global_batch
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
+from nemotron.train.fp8_config import check_fp8_config
 from nemotron.train.schedule import DECAY_STYLES
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (
@@ -74,7 +76,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.compute_weights": COMPUTE_WEIGHTS,
     "scheduler.style": SCHEDULE_STYLES,
     "scheduler.decay_style": DECAY_STYLES,
-    "logger.wandb_mode": ("online", "offline", "disabled"),
+    "logger.wandb_mode": WANDB_MODES,
+    "wandb_mode": WANDB_MODES,  # data prep's
     "tokenizer.kind": TOKENIZER_KINDS,
 }
 
@@ -144,6 +147,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
              f"must be >= 0, got {t.expert_bias_update_rate}")
     _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
              "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)")
+    for key, message in check_fp8_config(t.fp8, t.precision, cfg.model.tensor_model_parallel_size):
+        raise ConfigError(f"{key}: {message}")
 
     o = cfg.optimizer
     _require(o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")

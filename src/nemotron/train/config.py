@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nemotron.train.fp8_config import Fp8Config
 
 # train.compute_weights: the weights the matmuls read (the master weights are fp32 either way).
 #   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);
@@ -46,8 +48,11 @@ class TrainConfig:
     # memory for the whole step. Off: gather/reshard and reduce-scatter every micro-batch.
     fsdp_accumulate_unsharded: bool = True
     # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
-    # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
+    # kernels and the expert-parallel all-to-all (models/nano3/moe.py
+    # `set_shared_expert_overlap`); CUDA only.
     moe_shared_expert_overlap: bool = True
+    # FP8 GEMMs on Hopper for the chosen layers (train/fp8.py; off by default).
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass

@@ -192,6 +192,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         torch.manual_seed(cfg.train.seed)
         model.reset_parameters()
         set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
+        apply_fp8_if_enabled(model, cfg, device)
         if cfg.train.activation_recompute:
             apply_activation_recompute(model)
         return model, Parallel()
@@ -218,6 +219,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     with torch.device("meta"):
         model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
     set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
+    apply_fp8_if_enabled(model, cfg, device)  # module swaps, before sharding (as torchao needs)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.
@@ -227,6 +229,18 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     torch.manual_seed(cfg.train.seed)
     model.reset_parameters()  # the same weights as one process under this seed
     return model, parallel
+
+
+def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
+    """`train.fp8`: swap the chosen layers for their FP8 versions (train/fp8.py); the
+    summary is kept on the model as `fp8_summary` (None when FP8 is off)."""
+    summary = None
+    if cfg.train.fp8.enabled:
+        from nemotron.train.fp8 import apply_fp8
+
+        summary = apply_fp8(model, cfg.train.fp8, device)
+    model.fp8_summary = summary
+    return summary
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -476,11 +490,14 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
 
     metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
                             run_config=_config_dict(cfg))
+    if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
+        metrics.use_data_artifacts([cfg.data.blend, cfg.data.phase2_blend,
+                                    *(m.blend for m in cfg.data.mixed_length_blends)])
     checkpointer = None
     if ckpt_cfg.save:
         checkpointer = Checkpointer(
             ckpt_cfg.save, ckpt_cfg.keep_last, ckpt_cfg.async_save,
-            on_complete=lambda path, step: metrics.event("checkpoint", {"path": str(path), "step": step}),
+            on_complete=metrics.checkpoint_saved,
         )
 
     def save() -> str | None:
@@ -511,6 +528,8 @@ def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> 
                             "compute_weights": resolve_compute_weights(
                                 cfg.train, device, world, _one_process_accumulation(cfg)),
                             "unigram_entropy": entropy,
+                            "fp8": (None if getattr(model, "fp8_summary", None) is None
+                                    else model.fp8_summary.describe()),
                             "ignored_layout": None if world > 1 else ignored_layout(cfg)})
     if entropy is not None:
         metrics.log("run", state["step"], {"unigram_entropy": entropy})

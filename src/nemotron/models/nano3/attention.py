@@ -48,8 +48,11 @@ class Attention(nn.Module):
         nn.init.normal_(self.o_proj.weight, std=self.output_init_std)
 
     def fused_qkv_enabled(self) -> bool:
-        """True when forward computes q, k and v with one GEMM: `fuse_qkv` and fast paths on."""
-        return self.fuse_qkv and fast_paths_enabled()
+        """True when forward computes q, k and v with one GEMM: `fuse_qkv` and fast paths on, and
+        the projections plain `nn.Linear`s (a swapped-in subclass, e.g. FP8's, computes itself)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return (self.fuse_qkv and fast_paths_enabled()
+                and all(type(p) is nn.Linear for p in projections))
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv_enabled():

@@ -215,9 +215,8 @@ class Dispatcher(Protocol):
     """Moves token rows to their experts and back (`LocalDispatcher`, or the expert-parallel
     `nemotron.distributed.expert_parallel.AllToAllDispatcher`)."""
 
-    # True when dispatch/combine run collectives: the shared expert then stays on the main
-    # stream (collectives are issued in one order on one stream on every rank).
-    collective: bool
+    # Whether the MoE may run its shared expert on a side CUDA stream beside dispatch/combine.
+    shared_expert_side_stream: bool
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -233,7 +232,8 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """Single-device dispatch: sort (token, slot) pairs by expert; combine un-sorts and weights."""
 
-    collective = False
+    # the shared expert may run on a side CUDA stream beside dispatch/combine (MoE.forward)
+    shared_expert_side_stream = True
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -387,11 +387,11 @@ class MoE(nn.Module):
 
     def _overlap_stream(self, x: torch.Tensor):
         """The side stream for the shared expert when `shared_expert_overlap` is on and applies
-        (CUDA, fast paths, not while compiling, and no collective in the layer: a dispatcher
-        without collectives and tokens not sharded over ranks, where the shared expert itself
-        is tensor parallel), else None."""
+        (CUDA, fast paths, a dispatcher that allows it, tokens not sharded over ranks (under
+        sequence parallelism the shared expert itself is tensor parallel), not while compiling),
+        else None."""
         if not (self.shared_expert_overlap and x.is_cuda and self.shared_experts is not None
-                and fast_paths_enabled() and not self.dispatcher.collective
+                and fast_paths_enabled() and self.dispatcher.shared_expert_side_stream
                 and self.sequence_gather is None and not torch.compiler.is_compiling()):
             return None
         return _side_stream(x.device)
