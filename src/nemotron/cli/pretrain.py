@@ -180,10 +180,15 @@ def pretrain(
     if common.process_rank() == 0:
         common.print_plan(f"pretrain {status}", rows)
     if status != "completed":
-        # e.g. stopped by a signal after saving a checkpoint: resumable, but not finished
+        # stopped by a signal after saving a checkpoint (resumable, but not finished), or
+        # finished with more skipped steps than train.max_skipped_steps allows
         ckpt = getattr(summary, "checkpoint", None)
-        hint = f"; resume with checkpoint.load={ckpt}" if ckpt else ""
-        raise common.fail(f"pretrain {status} after {getattr(summary, 'steps', '?')} steps{hint}", 1)
+        problem = getattr(summary, "problem", None)
+        text = f"pretrain {status} after {getattr(summary, 'steps', '?')} steps"
+        text += f": {problem}" if problem else ""
+        if status == "interrupted" and ckpt:
+            text += f"; resume with checkpoint.load={ckpt}"
+        raise common.fail(text, 1)
 
 
 def register(nano3_app: typer.Typer) -> None:
