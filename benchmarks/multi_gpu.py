@@ -27,7 +27,7 @@ import torch.distributed as dist
 from nemotron.config.loader import load_config
 from nemotron.config.schema import PretrainConfig
 from nemotron.distributed.utils import launcher_process_group
-from nemotron.train.loop import pretrain
+from nemotron.train import pretrain
 from nemotron.train.metrics import read_metrics
 
 
