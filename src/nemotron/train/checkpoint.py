@@ -627,11 +627,17 @@ class Checkpointer:
             self._fail(tmp, errors[0])
 
     def _fail(self, tmp: Path, reason: str) -> None:
-        """Remove the unfinished save (its space may be what is missing) and raise."""
+        """Remove the unfinished save (its space may be what is missing) and raise. The free
+        space is part of the message: a full disk does not always surface as ENOSPC (torch's
+        zip writer reports a short write as "unexpected pos")."""
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:,.1f} MiB were free there"
+        except OSError:
+            free = ""
         if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"checkpoint {tmp.name[len(TMP_PREFIX):]} could not be "
-                                   f"written to {tmp.parent}: {reason}")
+                                   f"written to {tmp.parent}: {reason}{free}")
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         # DCP returns on every rank only after the coordinator wrote .metadata, so all shards

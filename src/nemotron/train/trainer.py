@@ -27,7 +27,7 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ class TrainSummary:
     resumed_from: str | None = None
     finetuned_from: str | None = None  # checkpoint.finetune: the weights this run started from
     problem: str | None = None  # why the status is not "completed", in one sentence
+    warnings: list[str] = field(default_factory=list)  # damaged checkpoints skipped, ...
 
 
 @dataclass
@@ -272,7 +273,11 @@ class Trainer:
         self.rank0 = not parallel.distributed or dist.get_rank() == 0
         self.world = dist.get_world_size() if parallel.distributed else 1
         self.schedule = LRSchedule.from_config(cfg.scheduler, cfg.optimizer, self.plan.total_tokens)
-        self.last_checkpoint = self.restored.resumed_from  # verified at load, or written by us
+        # The newest checkpoint (verified at load, or written and read back by us), and the
+        # newest one a finite step followed: weights that a step after them could train from.
+        self.last_checkpoint = self.restored.resumed_from
+        self.good_checkpoint: str | None = None
+        self._unconfirmed_checkpoint = self.restored.resumed_from
         self._saved_step = self.state.step if self.restored.resumed_from else None
         self._save_pending = False
         self._first_step = self.state.step  # the step this process started at
@@ -280,6 +285,7 @@ class Trainer:
         self.last_balance: balancing.BalanceStats | None = None
         self.valid_loss: float | None = None
         self.test_loss: float | None = None
+        self.warnings: list[str] = []
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -335,8 +341,15 @@ class Trainer:
             self.warn(change)
 
     def warn(self, message: str) -> None:
-        log.warning(message)
-        self.metrics.event("warning", {"message": message, "step": self.state.step})
+        """Rank 0 tells the caller's event hook (the CLI prints it), else the log; the summary
+        keeps every warning (result.json)."""
+        self.warnings.append(message)
+        if not self.rank0:
+            return
+        if self.metrics.on_event is not None:
+            self.metrics.event("warning", {"message": message, "step": self.state.step})
+        else:
+            log.warning(message)
 
     # ----------------------------------------------------------------------------- one step
 
@@ -362,6 +375,8 @@ class Trainer:
         else:
             balancing.reset_expert_counts(self.moe_layers)
         self.state.advance(result.finite, self.data.last_step_tokens)
+        if result.finite and self._unconfirmed_checkpoint:
+            self.good_checkpoint, self._unconfirmed_checkpoint = self._unconfirmed_checkpoint, None
         self.last = result
         return StepOutcome(result, lr, data_time, balance, switched)
 
@@ -403,6 +418,7 @@ class Trainer:
                         if self.last_checkpoint else "no earlier checkpoint of this run exists")
             raise CheckpointWriteError(f"{e}; {previous}") from None
         self.last_checkpoint, self._saved_step, self._save_pending = str(path), self.state.step, False
+        self._unconfirmed_checkpoint = self.last_checkpoint
         return self.last_checkpoint
 
     def _train_state(self) -> dict[str, Any]:
@@ -512,8 +528,12 @@ class Trainer:
                     f"the initial weights saturate or overflow the model (model.init_std="
                     f"{self.cfg.model.init_std})")
         if self.state.consecutive_nonfinite > self.cfg.train.max_consecutive_nonfinite:
-            good = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                    else "no checkpoint of this run was written from a good step")
+            good = (f"the last good checkpoint (a finite step followed it) is "
+                    f"{self.good_checkpoint}" if self.good_checkpoint else
+                    "no checkpoint of this run was followed by a finite step")
+            if self._unconfirmed_checkpoint:
+                good += (f"; {self._unconfirmed_checkpoint} directly precedes these steps and may "
+                         f"hold the weights that caused them")
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} consecutive steps (up to step "
                 f"{self.state.step}) had a non-finite loss or gradient norm (loss {result.loss}, "
@@ -555,7 +575,7 @@ class Trainer:
             balance_bias_range=balance.bias_range if balance else None,
             unigram_entropy=entropy, tokens_per_second=tokens_per_second,
             resumed_from=self.restored.resumed_from, finetuned_from=self.restored.finetuned_from,
-            problem=problem,
+            problem=problem, warnings=list(self.warnings),
         )
 
 
