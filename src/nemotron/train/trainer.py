@@ -406,9 +406,10 @@ class Trainer:
         elif not weights_finite(self.model, self.parallel):
             why_not = "the weights are not finite"
         if why_not:
+            if not self._save_pending:  # once, not at every step of a streak
+                self.warn(f"no checkpoint at step {self.state.step}: {why_not}; the next good "
+                          f"step saves instead")
             self._save_pending = True
-            self.warn(f"no checkpoint at step {self.state.step}: {why_not}; the next good step "
-                      f"saves instead")
             return None
         try:
             path = self.checkpointer.save(self.state.step, self.model, self.optimizer,
