@@ -26,9 +26,8 @@ from typer.testing import CliRunner
 from nemotron.cli.main import app
 from nemotron.config import dump_config
 from nemotron.train import pretrain
-from nemotron.train.checkpoint import LATEST_FILE, MANIFEST_FILE, verify_checkpoint
+from nemotron.train.checkpoint import LATEST_FILE
 from nemotron.train.metrics import read_metrics
-from nemotron.train.schedule import LRSchedule
 
 from .conftest import make_config
 
@@ -113,6 +112,8 @@ damages = pytest.mark.parametrize("part,how", [
 
 @damages
 def test_verify_names_the_damaged_file(saved_run, tmp_path, part, how):
+    from nemotron.train.checkpoint import MANIFEST_FILE, verify_checkpoint
+
     save = copy_save(saved_run, tmp_path)
     manifest = json.loads((save / "iter_0000008" / MANIFEST_FILE).read_text())["files"]
     every_file = {str(p.relative_to(save / "iter_0000008")) for p in (save / "iter_0000008").rglob("*")
@@ -143,6 +144,8 @@ def test_damaged_checkpoint_given_by_name_fails_in_one_line(cli, corpus, saved_r
 @damages
 def test_auto_resume_falls_back_to_the_newest_intact_checkpoint(cli, corpus, saved_run, tmp_path,
                                                                 part, how):
+    from nemotron.train.checkpoint import verify_checkpoint
+
     save = copy_save(saved_run, tmp_path)
     target = damage(save / "iter_0000008", part, how)
     intact = tree_hashes(save / "iter_0000006")
@@ -192,6 +195,8 @@ def mounted_tmpfs(path: Path, options: str):
 @pytest.mark.parametrize("limit", ["full-filesystem", "file-size-limit"])
 def test_full_disk_during_save_fails_in_one_line_and_keeps_the_previous_checkpoint(
         cli, corpus, saved_run, tmp_path, limit):
+    from nemotron.train.checkpoint import verify_checkpoint
+
     with contextlib.ExitStack() as stack:
         if limit == "full-filesystem":  # room for iter_3 and part of the next checkpoint only
             size = sum(p.stat().st_size for p in (saved_run / "iter_0000003").rglob("*") if p.is_file())
@@ -266,6 +271,8 @@ def test_changed_schedule_on_resume_is_refused_by_default(cli, corpus, saved_run
 
 @pytest.mark.parametrize("policy", ["checkpoint", "config"])
 def test_changed_schedule_on_resume_policies(corpus, saved_run, tmp_path, policy):
+    from nemotron.train.schedule import LRSchedule
+
     save = copy_save(saved_run, tmp_path)
     cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)},
                       train={"train_iters": 12}, scheduler={"on_resume": policy})
