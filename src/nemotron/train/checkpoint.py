@@ -49,6 +49,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from nemotron.utils.fs import atomic_write_text
+
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
@@ -114,13 +116,6 @@ def _rank() -> int:
 def _barrier(group=None) -> None:
     if _distributed():
         dist.barrier(group=group)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # TODO(#18): the project's one atomic-write helper, once it exists.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _owner_rank(group) -> int:
@@ -649,7 +644,7 @@ class Checkpointer:
         manifest = json.dumps({"format": 1, "step": step, "files": table}, indent=1)
 
         def publish() -> None:
-            _write_text_atomic(tmp / MANIFEST_FILE, manifest)  # last: marks the save complete
+            atomic_write_text(tmp / MANIFEST_FILE, manifest)  # last: marks the save complete
             if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
                 old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
                 if old.exists():
@@ -659,7 +654,7 @@ class Checkpointer:
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, final)
-            _write_text_atomic(self.save_dir / LATEST_FILE, final.name + "\n")
+            atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
 
         self._together(tmp, publish, owner_only=True)
         if self._owner:
