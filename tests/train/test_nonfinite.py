@@ -47,6 +47,21 @@ def test_non_finite_or_non_positive_rates_are_config_errors(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blend.json"]  # nothing written
 
 
+@pytest.mark.parametrize("section,values", [
+    ("optimizer", {"lr": float("inf")}),
+    ("optimizer", {"lr": float("nan"), "min_lr": 0.0}),
+    ("optimizer", {"min_lr": float("nan")}),
+    ("scheduler", {"stable_fraction_end": float("nan")}),
+])
+def test_the_library_refuses_non_finite_rates_too(corpus, tmp_path, section, values):
+    from nemotron.train.schedule import ScheduleConfigError
+
+    cfg = make_config(tmp_path, blend=corpus[0], **{section: values})
+    with pytest.raises(ScheduleConfigError, match=rf"{section}\.{next(iter(values))} must .*(nan|inf)"):
+        pretrain(cfg, tmp_path / "job")
+    assert not (tmp_path / "job").exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_a_checkpoint_is_never_written_during_a_skipped_streak(corpus, tmp_path):
     """lr 1e30: step 2 (the first with a non-zero rate) leaves finite but ~1e30 weights, and
     every later step is non-finite. The save due at step 4 is not written, and the checkpoint of

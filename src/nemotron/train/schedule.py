@@ -46,6 +46,10 @@ def validate_schedule(sched: SchedulerConfig, opt: OptimizerConfig) -> None:
         raise ScheduleConfigError(
             f"scheduler.stable_fraction_end must be in [0, 1], got {sched.stable_fraction_end}"
         )
+    for key, value in (("optimizer.lr", opt.lr), ("optimizer.min_lr", opt.min_lr),
+                       ("scheduler.stable_fraction_end", sched.stable_fraction_end)):
+        if not math.isfinite(value):
+            raise ScheduleConfigError(f"{key} must be a finite number, got {value}")
     if opt.lr < 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         raise ScheduleConfigError(
             f"need 0 <= optimizer.min_lr ({opt.min_lr}) <= optimizer.lr ({opt.lr})"

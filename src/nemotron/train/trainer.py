@@ -137,15 +137,6 @@ class Restored:
 # Set-up helpers
 
 
-def validate_config(cfg) -> None:
-    """The recipe's own checks (the CLI ran them already; a library caller may not have)."""
-    from nemotron.config.schema import PretrainConfig, validate_pretrain
-
-    if isinstance(cfg, PretrainConfig):
-        validate_pretrain(cfg)
-    validate_schedule(cfg.scheduler, cfg.optimizer)
-
-
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's global generators from `train.seed` (a resumed run then
     restores all three from the checkpoint)."""
@@ -294,7 +285,9 @@ class Trainer:
                 on_event: EventHook | None = None, mesh=None) -> "Trainer":
         """Everything `pretrain` trains with. Fails before any step for a bad config, an
         unwritable `checkpoint.save`, a damaged checkpoint or a refused schedule change."""
-        validate_config(cfg)
+        # The recipe's checks (config/schema.py) ran when the CLI loaded it; a library caller's
+        # typed config gets the schedule's own (finite, 0 <= min_lr <= lr: lr 0 freezes weights).
+        validate_schedule(cfg.scheduler, cfg.optimizer)
         device = resolve_device(cfg.train.device)
         if cfg.checkpoint.save:
             check_writable(cfg.checkpoint.save)
