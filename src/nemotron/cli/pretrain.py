@@ -78,7 +78,8 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
         ("resume from", (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
-         else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
+         else cfg.checkpoint.load or ("the newest intact checkpoint in the save dir, if any"
+                                         if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
     ]
 
