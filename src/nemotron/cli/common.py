@@ -11,6 +11,7 @@ Heavy modules (torch, the configs, the library) are imported inside the commands
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import traceback
@@ -21,6 +22,8 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+
+from nemotron.utils.fs import atomic_write_text
 
 CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
@@ -237,11 +240,7 @@ def open_job_dir(
         if process_rank() == 0:
             if not (path / jobdir.CONFIG_FILE).exists():
                 (path / jobdir.CONFIG_FILE).write_text(config_yaml)
-            tmp = path / ".run.json.tmp"
-            import json
-
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            tmp.replace(path / "run.json")
+            atomic_write_text(path / "run.json", json.dumps(info, indent=2) + "\n")
         return path
     if process_rank() != 0:
         return path
@@ -310,13 +309,17 @@ def run_stage(fn, job_dir: Path):
     except KeyboardInterrupt as exc:
         record_failure(job_dir, exc)
         raise fail(f"interrupted; job dir {job_dir}", 130) from None
-    except Exception as exc:  # noqa: BLE001
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - also torch's BaseException-derived errors
         record_failure(job_dir, exc)
         if os.environ.get("NEMOTRON_DEBUG"):
             traceback.print_exc()
         where = job_dir / "error.txt"
         note = f" (traceback: {where})" if where.exists() else ""
         text = str(exc) or type(exc).__name__
+        if not isinstance(exc, Exception):  # e.g. DCP's CheckpointException: a traceback dump
+            text = text.strip().splitlines()[0]
         if not _self_explaining(exc):
             text = f"{type(exc).__name__}: {text}"
         raise fail(f"{text}{note}", 1) from None
