@@ -48,12 +48,17 @@ def real_shards(cfg: Nano3Config, layout: pm.Layout) -> tuple[dict[str, int], fl
         for name, p in model.named_parameters():
             local = (p.to_local() if isinstance(p, DTensor) else p).numel()
             parts = name.split(".")
+            # under TP, parameters FSDP2 sharded over the flattened DP x TP mesh are rank-local
+            rank_local = layout.tp > 1 and isinstance(p, DTensor) and any(
+                n.endswith("_tp") for n in p.device_mesh.mesh_dim_names)
             if parts[:2] == ["backbone", "layers"]:
                 unit = "layers." + parts[2]
                 if ".experts." in name and "shared_experts" not in name:
                     unit += ".experts"
-                elif layout.tp > 1 and (".in_proj." in name or ".conv1d." in name):
-                    unit += ".packed"
+                elif rank_local:
+                    unit += ".local"
+            elif rank_local:
+                unit = "norm_f"
             else:
                 unit = "embeddings" if parts[:2] == ["backbone", "embeddings"] else "root"
             counts[unit] = counts.get(unit, 0) + local

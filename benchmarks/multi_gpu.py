@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from nemotron.config.loader import load_config  # noqa: E402
 from nemotron.config.schema import PretrainConfig  # noqa: E402
 from nemotron.distributed.utils import launcher_process_group  # noqa: E402
-from nemotron.train.loop import pretrain  # noqa: E402
+from nemotron.train import pretrain  # noqa: E402
 from nemotron.train.metrics import read_metrics  # noqa: E402
 
 

@@ -3,10 +3,10 @@
 
 The proxy is the first 14 blocks of the Nano3 pattern (`MEMEM*EMEMEM*E`: 6 Mamba-2, 6 MoE,
 2 attention) at every Nano3 width, 64 routed experts (top-6, shared expert kept), vocab 131072.
-Each timed step is exactly what `nemotron.train.pretrain` runs per step: the loader's next
-batches (synthetic tokens, or a real `blend.json`), `train.loop.train_step` (forward and
-backward per micro-batch, gradient norm and clipping, fused AdamW) and the expert-bias update
-(`train.balancing.update_expert_biases`), then a device synchronisation.
+Each timed step is `train.trainer.Trainer.step()`, exactly what `nemotron.train.pretrain` runs
+per step: the loader's next batches (synthetic tokens, or a real `blend.json`),
+`train.loop.train_step` (forward and backward per micro-batch, gradient norm and clipping, fused
+AdamW) and the expert-bias update, then a device synchronisation.
 
 Parameter modes (`--params`):
 - `fp32` (default): `train.loop.build_model`'s single-process model: fp32 parameters (the
@@ -53,13 +53,13 @@ from nemotron.data.config import DataConfig  # noqa: E402
 from nemotron.distributed.utils import launcher_process_group  # noqa: E402
 from nemotron.kernels import fast_paths  # noqa: E402
 from nemotron.models.nano3.config import NANO3_PATTERN  # noqa: E402
-from nemotron.train import balancing, flops  # noqa: E402
-from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
+from nemotron.train import flops  # noqa: E402
+from nemotron.train.config import OptimizerConfig, SchedulerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
 from nemotron.train.fp8 import Fp8Config  # noqa: E402
-from nemotron.train.loop import Parallel, build_model, train_step  # noqa: E402
-from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
+from nemotron.train.loop import Parallel, build_model  # noqa: E402
+from nemotron.train.trainer import Trainer  # noqa: E402
 
 # Small widths with the proxy's structure, for the CPU smoke test.
 TINY_SIZES = dict(hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -86,8 +86,11 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
         fp8=fp8_config(args),
     )
     data = DataConfig(blend=args.blend, mock=args.blend is None)
+    # A constant learning rate: the timed steps run at --lr (the recipe's WSD would still be
+    # warming up from 0 after a few steps).
     return PretrainConfig(model=model, train=train, data=data,
-                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr))
+                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
+                          scheduler=SchedulerConfig(style="constant"))
 
 
 def fp8_config(args) -> Fp8Config:
@@ -265,27 +268,20 @@ def _batches_to_device(batches, device):
 
 def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: int, warmup: int,
                  profile: bool, model_and_parallel=None, name: str = "nemotron") -> RunResult:
-    """Build the model (unless given), then time `warmup + steps` training steps."""
+    """Build the model (unless given), then time `warmup + steps` steps of the library's
+    `Trainer.step()` (batches, `train_step`, expert-bias update) plus a device sync."""
     model, parallel = model_and_parallel or build(cfg, device, params)
     arch = cfg.model.arch()
     plan = plan_batches(cfg.train, 1)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    set_learning_rate(optimizer, cfg.optimizer.lr)
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, 0)
-    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    trainer = Trainer(cfg, model, parallel, data, device=device)
+    optimizer = trainer.optimizer
     times, losses = [], []
     import time
 
     def one_step():
         t0 = time.perf_counter()
-        batches = data.next_train_batches()
-        res = train_step(model, optimizer, batches, device=device, precision=cfg.train.precision,
-                         grad_clip=cfg.train.grad_clip, parallel=parallel)
-        if res.finite:
-            balancing.update_expert_biases(moe_layers, cfg.train.expert_bias_update_rate,
-                                           group=parallel.balancing_group)
-        else:
-            balancing.reset_expert_counts(moe_layers)
+        res = trainer.step().result
         synchronize(device)
         return (time.perf_counter() - t0) * 1e3, res
 
@@ -319,7 +315,8 @@ def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: 
         mfu=flops.mfu(tps, arch, plan.seq_length), peak_gib=peak, losses=losses,
         split_ms=split, kernels=kernels,
     )
-    model = optimizer = data = None  # free the run's memory before the next one
+    trainer.close()
+    model = optimizer = data = trainer = None  # free the run's memory before the next one
     return result
 
 
@@ -539,7 +536,7 @@ def record_row(path: str, result: dict) -> None:
          f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
         intro="`benchmarks/train_throughput.py`: the proxy (first 14 Nano3 blocks `MEMEM*EMEMEM*E`, "
               "Nano3 widths, 64 experts top-6 + shared, vocab 131072) trained through "
-              "`train.loop.train_step` + the expert-bias update; median step; MFU by `train/flops.py` "
+              "`Trainer.step()` (`train_step` + the expert-bias update); median step; MFU by `train/flops.py` "
               "against 989 TFLOP/s.")
 
 

@@ -313,13 +313,17 @@ def run_stage(fn, job_dir: Path):
     except KeyboardInterrupt as exc:
         record_failure(job_dir, exc)
         raise fail(f"interrupted; job dir {job_dir}", 130) from None
-    except Exception as exc:  # noqa: BLE001
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - also torch's BaseException-derived errors
         record_failure(job_dir, exc)
         if os.environ.get("NEMOTRON_DEBUG"):
             traceback.print_exc()
         where = job_dir / "error.txt"
         note = f" (traceback: {where})" if where.exists() else ""
         text = str(exc) or type(exc).__name__
+        if not isinstance(exc, Exception):  # e.g. DCP's CheckpointException: a traceback dump
+            text = text.strip().splitlines()[0]
         if not _self_explaining(exc):
             text = f"{type(exc).__name__}: {text}"
         raise fail(f"{text}{note}", 1) from None

@@ -75,7 +75,7 @@ def _table(title: str, plans, *, show_overrides: bool = False):
                           ("activations", "right"), ("total GiB", "right"), ("fits", "left"),
                           ("step s", "right"), ("compute", "right"), ("comm exposed", "right"),
                           ("tokens/s/GPU", "right"), ("MFU", "right")):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify="right" if justify == "right" else "left")
     if show_overrides:
         table.add_column("overrides", overflow="fold")
     for plan in plans:

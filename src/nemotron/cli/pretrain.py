@@ -87,7 +87,8 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
         ("resume from", (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
-         else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
+         else cfg.checkpoint.load or ("the newest intact checkpoint in the save dir, if any"
+                                         if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
         *_prediction_rows(cfg),
     ]
@@ -217,10 +218,15 @@ def pretrain(
     if common.process_rank() == 0:
         common.print_plan(f"pretrain {status}", rows)
     if status != "completed":
-        # e.g. stopped by a signal after saving a checkpoint: resumable, but not finished
+        # stopped by a signal after saving a checkpoint (resumable, but not finished), or
+        # finished with more skipped steps than train.max_skipped_steps allows
         ckpt = getattr(summary, "checkpoint", None)
-        hint = f"; resume with checkpoint.load={ckpt}" if ckpt else ""
-        raise common.fail(f"pretrain {status} after {getattr(summary, 'steps', '?')} steps{hint}", 1)
+        problem = getattr(summary, "problem", None)
+        text = f"pretrain {status} after {getattr(summary, 'steps', '?')} steps"
+        text += f": {problem}" if problem else ""
+        if status == "interrupted" and ckpt:
+            text += f"; resume with checkpoint.load={ckpt}"
+        raise common.fail(text, 1)
 
 
 def register(nano3_app: typer.Typer) -> None:

@@ -44,6 +44,8 @@ class TrainProgress:
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
             self.console.log(f"switched to the phase-{payload['phase']} blend at step {payload['step']}")
+        elif kind == "warning":
+            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "stop":
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
         elif kind == "warning":
