@@ -289,7 +289,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
-        up, down = _local_experts(self.up_proj), _local_experts(self.down_proj)
+        up, down = local_experts(self.up_proj), local_experts(self.down_proj)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
@@ -312,11 +312,12 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
 
 
-def _local_experts(weight: torch.Tensor) -> torch.Tensor:
+def local_experts(weight: torch.Tensor) -> torch.Tensor:
     """This rank's experts' weights. Under expert parallelism the weights are a DTensor (Shard(0)
     of the global [E, ...] tensor, so checkpoints keep the global layout) and the dispatcher
     sends each rank only rows for its own experts; the grouped GEMM runs on the local shard (as
-    torchtitan's GroupedExperts does)."""
+    torchtitan's GroupedExperts does). Every experts module (e.g. train/fp8.py's) reads its weights
+    through this."""
     return weight.to_local() if isinstance(weight, DTensor) else weight  # type: ignore[union-attr]
 
 
