@@ -9,17 +9,34 @@ checkpoints, signals) is `train/trainer.py`'s `Trainer`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from nemotron.distributed.utils import (
-    grad_norm, loss_tokens, reduce_token_loss, token_loss_weights,
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
 )
+from torch.distributed.fsdp import FSDPModule
+
+from nemotron.distributed.apply import parallelize, restore_reshard_after_forward
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.mesh import build_mesh
+from nemotron.distributed.parallel_dims import ParallelDims
+from nemotron.distributed.utils import (
+    grad_norm,
+    loss_tokens,
+    reduce_token_loss,
+    token_loss_weights,
+)
+from nemotron.models.nano3.model import Block, Nano3ForCausalLM
+from nemotron.models.nano3.moe import set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
+from nemotron.train.fp8 import apply_fp8
 
 
 @dataclass
@@ -85,14 +102,6 @@ def resolve_device(name: str) -> torch.device:
 def apply_activation_recompute(model: torch.nn.Module) -> None:
     """Recompute each residual block's activations in backward (non-reentrant checkpointing,
     during which the MoE routers do not count tokens again)."""
-    import functools
-
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
-    )
-
-    from nemotron.models.nano3.model import Block
-
     apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
@@ -135,8 +144,6 @@ def build_model(cfg, device: torch.device, mesh=None,
     compute weights per `compute_weights` ("fp32" | "bf16"; None: resolve
     `train.compute_weights` here). One process with bf16 compute weights uses a one-rank mesh
     and needs a (one-rank) process group, which `pretrain` creates."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-    from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
@@ -160,9 +167,6 @@ def build_model(cfg, device: torch.device, mesh=None,
             "train.compute_weights=bf16 in one process needs a one-rank process group (FSDP2 on "
             "a one-device mesh): run through pretrain(), or inside "
             "nemotron.distributed.utils.launcher_process_group(device_type, one_rank=True)")
-    from nemotron.distributed.config import ParallelismConfig
-    from nemotron.distributed.mesh import build_mesh
-    from nemotron.distributed.parallel_dims import ParallelDims
 
     # One process trains the whole model: the configured model-parallel sizes do not apply.
     layout = cfg.model.parallel() if world > 1 else ParallelismConfig()
@@ -172,7 +176,6 @@ def build_model(cfg, device: torch.device, mesh=None,
     parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
                         balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
                         cp_size=mesh.cp_size, sequence_multiple=mesh.dims.sequence_shards)
-    from nemotron.distributed.apply import parallelize
 
     # Built on the meta device and materialised shard by shard: a rank never holds the full model.
     with torch.device("meta"):
@@ -195,8 +198,6 @@ def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
     summary is kept on the model as `fp8_summary` (None when FP8 is off)."""
     summary = None
     if cfg.train.fp8.enabled:
-        from nemotron.train.fp8 import apply_fp8
-
         summary = apply_fp8(model, cfg.train.fp8, device)
     model.fp8_summary = summary
     return summary
@@ -234,14 +235,10 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
     and reduced the gradients once instead of once per micro-batch. The last micro-batch's
     forward keeps the (already gathered) weights too, so its backward gathers nothing; the
     configured reshard-after-forward is back after the step. Otherwise `prepare` does nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
     root = getattr(model, "_orig_mod", model)  # under torch.compile
     if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
         yield lambda index: None
         return
-    from nemotron.distributed.apply import restore_reshard_after_forward
-
     def prepare(index: int) -> None:
         last = index == count - 1
         root.set_requires_gradient_sync(last)

@@ -33,6 +33,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 
@@ -408,9 +410,6 @@ class Plan:
 
 def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
     """Check divisibility (the rules of `ParallelDims`, plus PP); returns gradient accumulation."""
-    from nemotron.distributed.config import ParallelismConfig
-    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
-
     parallel = ParallelismConfig(tensor_model_parallel_size=layout.tp,
                                  expert_model_parallel_size=layout.ep,
                                  context_parallel_size=layout.cp, sequence_parallel=layout.tp > 1)

@@ -26,8 +26,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
+from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.utils.fs import apply_default_modes
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -197,8 +200,6 @@ def from_hf_state_dict(hf_tensors: Mapping[str, torch.Tensor], config: Nano3Conf
                        source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF on-disk names -> our state dict (fused experts stacked to 3-D). Every parameter and
     persistent buffer of the model must be present with the right shape; `mtp.*` is ignored."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-
     with torch.device("meta"):
         expected = Nano3ForCausalLM(config).state_dict()
     if config.tie_word_embeddings:
@@ -280,8 +281,6 @@ def save_hf(
     generation config). Written to a temporary sibling directory, given ordinary modes (0644 /
     0755 under umask 022) and renamed, so a partial export never looks complete.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty")
@@ -351,8 +350,6 @@ def _iter_hf_weight_files(hf_dir: Path) -> list[Path]:
 
 
 def _read_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     for f in _iter_hf_weight_files(hf_dir):
         with safe_open(str(f), framework="pt") as reader:
             for key in reader.keys():
@@ -369,8 +366,6 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str
 
 def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A `Nano3ForCausalLM` with the weights of a NemotronH directory."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-
     config, state = load_hf_state_dict(hf_dir)
     with torch.device("meta"):
         model = Nano3ForCausalLM(config)
