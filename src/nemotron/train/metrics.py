@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from nemotron.artifacts import wandb_lineage
 from nemotron.train.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,8 +64,6 @@ class MetricsLogger:
                 ) from e
             self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
         if cfg.wandb and cfg.wandb_mode != "disabled":
-            from nemotron.artifacts import wandb_lineage
-
             try:
                 self._wandb = wandb_lineage.start_run(
                     job_dir=self.job_dir, job_type="pretrain", project=cfg.wandb_project,
@@ -82,8 +81,6 @@ class MetricsLogger:
         its input. A blend without data-prep metadata (hand-written) is reported, not fatal."""
         if self._wandb is None:
             return
-        from nemotron.artifacts import wandb_lineage
-
         for blend in dict.fromkeys(b for b in blends if b):
             try:
                 wandb_lineage.use_data_artifact(self._wandb, blend)
@@ -93,8 +90,6 @@ class MetricsLogger:
     def checkpoint_saved(self, path: str | Path, step: int) -> None:
         """A checkpoint is complete: tell the CLI, and log it to W&B as `ModelArtifact-pretrain`."""
         if self._wandb is not None:
-            from nemotron.artifacts import wandb_lineage
-
             try:
                 wandb_lineage.log_model_artifact(self._wandb, path)
             except wandb_lineage.ArtifactError as e:
