@@ -51,7 +51,7 @@ def estimate(world_size: int, tp: int, ep: int, seq_length: int, micro_batch: in
             model = Nano3ForCausalLM(config)
         total_params = sum(p.numel() for p in model.parameters())
         unit_full = {}  # FSDP unit -> parameters it all-gathers on this rank (TP/EP-local)
-        for i, block in enumerate(model.backbone.layers):
+        for i, block in enumerate(model.backbone.layers.values()):
             experts = [m for n, m in block.named_modules() if n.endswith("experts") and
                        not n.endswith("shared_experts")]
             unit_full[f"layers.{i}"] = block

@@ -14,7 +14,7 @@ def test_blocks_follow_the_pattern(config):
     model = Nano3ForCausalLM(config)
     kinds = [type(layer.mixer) for layer in model.backbone.layers]
     assert kinds == [Mamba2Mixer, MoE, Attention, MoE, Mamba2Mixer, MLP]
-    assert model.moe_layers() == [model.backbone.layers[1].mixer, model.backbone.layers[3].mixer]
+    assert model.moe_layers() == [model.backbone.layers["1"].mixer, model.backbone.layers["3"].mixer]
     assert model.lm_head.weight is not model.backbone.embeddings.weight
 
 
@@ -73,7 +73,7 @@ def test_meta_build_then_materialise(config):
     router = model.moe_layers()[0].router
     assert torch.equal(router.expert_bias, torch.zeros_like(router.expert_bias))
     assert torch.equal(router.tokens_per_expert, torch.zeros_like(router.tokens_per_expert))
-    mixer = model.backbone.layers[0].mixer
+    mixer = model.backbone.layers["0"].mixer
     assert torch.equal(mixer.D, torch.ones_like(mixer.D))
     assert torch.equal(model.backbone.norm_f.weight, torch.ones_like(model.backbone.norm_f.weight))
     ids = torch.randint(0, config.vocab_size, (1, 6))
