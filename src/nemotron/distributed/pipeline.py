@@ -65,6 +65,8 @@ class LocalStages(nn.Module):
             if part.lm_head is not None:
                 self.lm_head = part.lm_head
 
+    is_pipeline_part = True  # checkpoints hold other stages' parameters too
+
     def moe_layers(self) -> list[nn.Module]:
         from nemotron.models.nano3.moe import MoE
 
