@@ -50,15 +50,18 @@ def make_config(parallel_kw: dict, model_kw: dict | None = None, seq: int = 8,
         data=DataConfig(mock=True))
 
 
-def global_batch(step: int, size: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+def global_batch(step: int, size: int, seq: int, vocab: int, short: int | None = None
+                 ) -> list[dict[str, torch.Tensor]]:
     """`size` samples of length `seq` with random loss masks (token counts differ per sample,
-    so a mean of per-sample means would differ from the token mean)."""
+    so a mean of per-sample means would differ from the token mean); with `short`, samples
+    1, 4, 5 (mod 6) have that length instead (lengths mixed within a step, the LC phase)."""
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(0, vocab, (size, seq + 1), generator=g)
     mask = (torch.rand(size, seq, generator=g) < 0.7).float()
     mask[:, 0] = 1.0
-    return [{"tokens": tokens[i:i + 1, :-1], "labels": tokens[i:i + 1, 1:],
-             "loss_mask": mask[i:i + 1]} for i in range(size)]
+    lengths = [short if short is not None and i % 6 in (1, 4, 5) else seq for i in range(size)]
+    return [{"tokens": tokens[i:i + 1, :n], "labels": tokens[i:i + 1, 1:n + 1],
+             "loss_mask": mask[i:i + 1, :n]} for i, n in enumerate(lengths)]
 
 
 def rank_micro_batches(samples, parallel: Parallel):
@@ -70,7 +73,8 @@ def rank_micro_batches(samples, parallel: Parallel):
 
 def compare_pipeline_with_single_process(rank: int, world_size: int, parallel_kw: dict,
                                          model_kw: dict | None = None, steps: int = 3,
-                                         seq: int = 8) -> tuple[list[float], list[str]]:
+                                         seq: int = 8, short: int | None = None,
+                                         recompute: bool = False) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained."""
     cfg = make_config(parallel_kw, model_kw, seq)
     arch = cfg.model.arch()
@@ -80,12 +84,13 @@ def compare_pipeline_with_single_process(rank: int, world_size: int, parallel_kw
     reference.reset_parameters()  # what build_model gives one process
     ref_opt = RecordingSGD(reference, LR)
 
+    cfg.train.activation_recompute = recompute
     model, parallel = build_model(cfg, torch.device("cpu"))
     assert parallel.pipeline is not None
     opt = RecordingSGD(model, LR)
     losses = []
     for step in range(steps):
-        samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size)
+        samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
         ref = train_step(reference, ref_opt, samples, device=torch.device("cpu"),
                          precision="fp32", grad_clip=0.0)
         update_expert_biases(reference.moe_layers(), BIAS_RATE)

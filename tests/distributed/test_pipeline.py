@@ -13,6 +13,11 @@ LAYOUTS_2 = {  # (parallel sizes, sequence length)
     "pp2-gpipe": (dict(PP2, pipeline_schedule="GPipe"), 8),
     "pp2-interleaved-1f1b": (dict(PP2, pipeline_schedule="Interleaved1F1B"), 8),
     "pp2-zbv-zero-bubble": (dict(PP2, pipeline_schedule="ZBVZeroBubble"), 8),
+    # 8- and 4-token samples in one step (the long-context mix): one schedule run per length
+    "pp2-1f1b-mixed-lengths": (dict(PP2, pipeline_schedule="1F1B"), 8, dict(short=4)),
+    # per-block activation recomputation inside the stages
+    "pp2-interleaved-1f1b-recompute": (dict(PP2, pipeline_schedule="Interleaved1F1B"), 8,
+                                       dict(recompute=True)),
 }
 LAYOUTS_4 = {
     "pp2-dp2-1f1b": (dict(PP2, pipeline_schedule="1F1B"), 8),
@@ -30,9 +35,10 @@ LAYOUTS_4 = {
 
 def _run_layouts(rank, world_size, layouts):
     out = {}
-    for name, (parallel_kw, seq) in layouts.items():
+    for name, (parallel_kw, seq, *extra) in layouts.items():
         try:
-            out[name] = compare_pipeline_with_single_process(rank, world_size, parallel_kw, seq=seq)
+            out[name] = compare_pipeline_with_single_process(rank, world_size, parallel_kw, seq=seq,
+                                                             **(extra[0] if extra else {}))
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err
     return out

@@ -175,6 +175,11 @@ class Pipeline:
         self.loss.lm, self.loss.aux = {}, {}
         for group in self._groups(micro_batches):
             batch, seq = micro_batches[group[0]]["tokens"].shape
+            # A schedule's first step clears the stage parameters' gradients (torch 2.13's
+            # post-initialisation clean-up), which would drop the gradients of the step's
+            # earlier groups: keep them aside and add them back.
+            fresh = (len(group), batch, seq, training) not in self._schedules
+            kept = self._take_gradients() if fresh and training else {}
             schedule = self._schedule(len(group), batch, seq, training)
             args, kwargs, target = (), {}, None
             if self.has_first:
@@ -185,7 +190,19 @@ class Pipeline:
                 target = torch.tensor(group)  # chunked with the micro-batches: each its index
             run = schedule.step if training else schedule.eval
             run(*args, target=target, return_outputs=False, **kwargs)
+            self._add_gradients(kept)
         return {i: (self.loss.lm[i], self.loss.aux[i]) for i in self.loss.lm}
+
+    def _take_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        kept = {p: p.grad for p in self.local.parameters() if p.grad is not None}
+        for p in kept:
+            p.grad = None
+        return kept
+
+    @torch.no_grad()
+    def _add_gradients(self, kept: dict[nn.Parameter, torch.Tensor]) -> None:
+        for p, grad in kept.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
 
     # -- reductions over the pipeline ---------------------------------------------------------
 
