@@ -44,11 +44,11 @@ def _finetune_source(ckpt, save: str, dry_run: bool) -> str | None:
     """`checkpoint.load` of a run that starts from another run's weights (`finetune`) and left
     `load` null: the main run's checkpoint (`main_run_checkpoint`), unless this run resumes
     from its own save dir. A real run without either stops here with one line."""
-    from nemotron.config import ConfigError
-    from nemotron.train.checkpoint import resolve_checkpoint
-
     if not ckpt.finetune or ckpt.load is not None:
         return common.absolute(ckpt.load)
+    # imported only here: the other dry runs must not pay for torch (tests/cli/test_imports.py)
+    from nemotron.config import ConfigError
+    from nemotron.train.checkpoint import resolve_checkpoint
     if ckpt.auto_resume and resolve_checkpoint(save, must_exist=False) is not None:
         return None  # resumes this run; the weights it started from do not matter any more
     found = main_run_checkpoint()
