@@ -102,7 +102,7 @@ def sdpa_backend(name: str | None):
                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
-def paths_for(kind: str, device: torch.device) -> list[dict]:
+def paths_for(kind: str, device: torch.device, fp8_recipes: tuple[str, ...] = ()) -> list[dict]:
     ref = {"name": "reference", "param_dtype": torch.float32, "fast": False, "sdpa": "math" if kind == "attention" else None}
     paths = [ref,
              {"name": "fast-fp32w", "param_dtype": torch.float32, "fast": True, "sdpa": None},
@@ -116,6 +116,9 @@ def paths_for(kind: str, device: torch.device) -> list[dict]:
     if kind == "moe" and device.type == "cuda":  # the shared expert on a side stream
         paths += [{"name": "fast-overlap", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
                    "shared_expert_overlap": True}]
+    for recipe in fp8_recipes:  # train.fp8: the block's GEMMs in FP8 (train/fp8.py)
+        paths += [{"name": f"fast-fp8-{recipe}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
+                   "fp8": recipe, "shared_expert_overlap": kind == "moe" and device.type == "cuda"}]
     return paths
 
 
@@ -161,7 +164,8 @@ def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
 
 def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.device,
               warmup: int, iters: int, caps: dict, only: list[str] | None = None,
-              profile: bool = False, profile_top: int = 15) -> list[dict]:
+              profile: bool = False, profile_top: int = 15, fp8_recipes: tuple[str, ...] = (),
+              fp8_layers: tuple[str, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         master = Block(cfg, 0)
@@ -171,12 +175,16 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
     total_flops = block_train_flops(cfg, kind, batch, seq)
     rows, ref_out = [], None
     truth = block_gradients_fp32(cfg, master, x0, gy, device)  # per-tensor ground truth
-    for path in paths_for(kind, device):
-        if only and path["name"] not in only and path["name"] != "reference":
+    for path in paths_for(kind, device, fp8_recipes):
+        if only and path["name"] not in only and path["name"] != "reference" and not path.get("fp8"):
             continue
         block = Block(cfg, 0).to(device)
         block.load_state_dict(master.state_dict())
         block.to(path["param_dtype"])  # the router's balancing buffers stay float32
+        if path.get("fp8"):
+            from nemotron.train.fp8 import Fp8Config, apply_fp8
+
+            apply_fp8(block, Fp8Config(enabled=True, recipe=path["fp8"], layers=list(fp8_layers)), device)
         set_shared_expert_overlap(block, path.get("shared_expert_overlap", False))
         params = list(block.parameters())
         x = x0.clone().requires_grad_(True)
@@ -206,7 +214,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
                 times = time_ms(step, device, warmup, iters)
                 peak = peak_memory_gib(device)
                 synced = time_ms(step, device, 1, iters, sync_each=True)
-                if profile and path["name"] in ("fast", "fast-overlap") and device.type == "cuda":
+                if profile and (path["name"] in ("fast", "fast-overlap") or path.get("fp8")) and device.type == "cuda":
                     row["kernels"] = profile_kernels(step, 3, limit=profile_top)
         except (RuntimeError, NotImplementedError) as err:  # a backend that refuses the shape
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -259,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--profile", action="store_true", help="top kernels of each block's fast path")
     ap.add_argument("--profile-top", type=int, default=15, help="how many kernels --profile lists")
+    ap.add_argument("--fp8", default="", help="comma list of train.fp8 recipes to time as paths fast-fp8-<recipe>")
+    ap.add_argument("--fp8-layers", default="mamba,attention,shared_expert,mlp,experts",
+                    help="train.fp8.layers of the fast-fp8 paths (default: every FP8-capable layer)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -283,7 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in args.blocks.split(","):
         cfg = block_config(kind, **sizes)
         result["rows"] += run_block(kind, cfg, args.batch, args.seq, device, args.warmup, args.iters, caps, only,
-                                    args.profile, args.profile_top)
+                                    args.profile, args.profile_top,
+                                    tuple(r for r in args.fp8.split(",") if r),
+                                    tuple(x for x in args.fp8_layers.split(",") if x))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.append_row:

@@ -13,7 +13,7 @@ larger: bf16 is allowed its own rounding, never a worse gradient than the refere
 from the same bf16 activations. One aggregate error over all tensors would hide a wrong small
 tensor (it hid a 40-140% error on ``A_log`` and ``dt_bias``), so there is none here.
 
-    PYTHONPATH=src python3 benchmarks/grad_audit.py --seqs 4096,8192 --batches 1,2 --out audit.json
+    PYTHONPATH=src python3 benchmarks/grad_audit.py --seqs 4096,8192 --batches 1,2 --init ours,hf --out audit.json
 """
 
 from __future__ import annotations
@@ -59,6 +59,28 @@ def audit_config(pattern: str = "MEM*E", experts: int = 16, tiny: bool = False) 
     return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), num_experts=experts)
 
 
+def build_model(cfg: Nano3Config, device: torch.device, init: str, seed: int) -> Nano3ForCausalLM:
+    """The model in float32 with this project's initialisation (`ours`) or with transformers'
+    own `NemotronHForCausalLM` initialisation (`hf`: saved and read back through
+    `models.nano3.hf.load_hf`, as a user converting a transformers model would)."""
+    torch.manual_seed(seed)
+    if init == "ours":
+        with torch.device(device):
+            return Nano3ForCausalLM(cfg)
+    import tempfile
+
+    from transformers import NemotronHForCausalLM
+
+    from nemotron.models.nano3.hf import load_hf, to_hf_config
+
+    with torch.device(device):
+        peer = NemotronHForCausalLM(to_hf_config(cfg, dtype=torch.float32))
+    with tempfile.TemporaryDirectory() as tmp:
+        peer.save_pretrained(tmp)
+        del peer
+        return load_hf(tmp, dtype=torch.float32, device=device)
+
+
 def gradients(model: Nano3ForCausalLM, tokens: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
     """Every parameter's gradient of the mean next-token loss on `tokens` along `path`."""
     fast, chain, bf16 = PATHS[path]
@@ -76,17 +98,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def audit_case(cfg: Nano3Config, seq: int, batch: int, device: torch.device, seed: int = 0,
-               paths: tuple[str, ...] = ("fast-bf16", "fast-stepwise-bf16")) -> dict:
+               paths: tuple[str, ...] = ("fast-bf16", "fast-stepwise-bf16"), init: str = "ours") -> dict:
     """One (sequence, micro batch) case: per-tensor errors of each path and the reference bf16
     path against the float32 reference, and the tensors that fail the rule."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Nano3ForCausalLM(cfg)
+    model = build_model(cfg, device, init, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=gen)
     truth = gradients(model, tokens, "reference-fp32")
     ref = {n: rel(g, truth[n]) for n, g in gradients(model, tokens, "reference-bf16").items()}
-    result = {"seq": seq, "batch": batch, "tensors": {}, "failures": {}}
+    result = {"seq": seq, "batch": batch, "init": init, "tensors": {}, "failures": {}}
     for path in paths:
         got = gradients(model, tokens, path)
         missing = sorted(set(truth) - set(got))
@@ -110,7 +130,7 @@ def audit_case(cfg: Nano3Config, seq: int, batch: int, device: torch.device, see
 
 
 def print_case(case: dict, paths: tuple[str, ...]) -> None:
-    print(f"== seq {case['seq']} micro batch {case['batch']}", flush=True)
+    print(f"== seq {case['seq']} micro batch {case['batch']} init {case['init']}", flush=True)
     print(f"  {'tensor':52s} {'ref-bf16':>9s} " + " ".join(f"{p:>18s}" for p in paths))
     for name, row in case["tensors"].items():
         flag = " FAIL" if any(name in case["failures"][p] for p in paths) else ""
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seqs", default="4096,8192")
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--paths", default="fast-bf16,fast-stepwise-bf16")
+    ap.add_argument("--init", default="ours", help="comma list of initialisations: ours, hf (transformers')")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -137,11 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     paths = tuple(args.paths.split(","))
     result = {"when": now_utc(), "env": environment(device), "pattern": args.pattern, "experts": cfg.num_experts,
               "rule": f"fast error <= max({RATIO} x reference-bf16 error, {FLOOR})", "cases": []}
-    for seq in map(int, args.seqs.split(",")):
-        for batch in map(int, args.batches.split(",")):
-            case = audit_case(cfg, seq, batch, device, paths=paths)
-            print_case(case, paths)
-            result["cases"].append(case)
+    for init in args.init.split(","):
+        for seq in map(int, args.seqs.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                case = audit_case(cfg, seq, batch, device, paths=paths, init=init)
+                print_case(case, paths)
+                result["cases"].append(case)
     result["ok"] = not any(f for c in result["cases"] for f in c["failures"].values())
     print(f"audit {'passed' if result['ok'] else 'FAILED'}", flush=True)
     if args.out:

@@ -112,7 +112,9 @@ def compare(runs: list[dict]) -> dict:
         n = min(len(ra["lm_loss"]), len(rb["lm_loss"]))
         tail = range(max(0, n - 50), n)
         out = {"last50_mean_abs_loss_diff": sum(abs(ra["lm_loss"][i] - rb["lm_loss"][i]) for i in tail) / len(tail),
-               "final_loss": (ra["lm_loss"][n - 1], rb["lm_loss"][n - 1])}
+               "final_loss": (ra["lm_loss"][n - 1], rb["lm_loss"][n - 1]),
+               # The two LM-loss curves every 10 steps, for the docs' table.
+               "curves": {str(i): (ra["lm_loss"][i], rb["lm_loss"][i]) for i in range(0, n, 10)}}
         for kind in ("A_log", "dt_bias"):
             pa = [{k: v for k, v in p.items() if k.endswith(kind)} for p in ra["params"]]
             pb = [{k: v for k, v in p.items() if k.endswith(kind)} for p in rb["params"]]

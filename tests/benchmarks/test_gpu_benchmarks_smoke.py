@@ -196,3 +196,41 @@ def test_multi_gpu_report_compares_each_layout_with_the_one_gpu_run(tmp_path, ca
     assert "1.0e-03 vs `g1` (pass)" in table and "1.0e-02 vs `g1` (FAIL)" in table
     assert "| `big` | 2 | 1,000 | 0.400 | 1.0 / 2.0 | - |" in table
     assert report.main([str(path), "--tol", "0.02"]) == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_fp8_options_of_the_benchmarks(tmp_path):
+    """`--fp8` of train_throughput and blocks, and the loss-parity script, at tiny sizes (FP8
+    emulated on CPU)."""
+    tt = load("train_throughput")
+    result = tt.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "0",
+                      "--params", "fp32", "--no-profile", "--fp8", "rowwise", "--fp8-layers", "attention,experts"])
+    assert result["run"]["name"] == "fp8-rowwise[attention,experts]"
+    blocks = load("blocks")
+    rows = blocks.main(["--tiny", "--device", "cpu", "--seq", "32", "--blocks", "moe", "--paths", "fast",
+                        "--fp8", "tensorwise", "--warmup", "0", "--iters", "1"])["rows"]
+    fp8_row = next(r for r in rows if r["path"] == "fast-fp8-tensorwise")
+    assert 0 < fp8_row["rel_err_out"] < 0.1  # FP8 roundings: not the reference's values, close to them
+    parity = load("fp8_loss_parity")
+    out = parity.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1",
+                       "--params", "fp32", "--tolerance", "1.0"])
+    run = out["runs"]["fp8-tensorwise"]
+    assert len(run["losses"]) == 2 and run["losses"] != out["runs"]["bf16"]["losses"] and run["ok"]
+    assert "6 expert groups" in run["fp8"]  # the parity run converts every FP8-capable layer
+
+
+def test_multi_gpu_fake_world_records_memory_time_to_first_step_and_prediction(tmp_path):
+    """`--fake-world`: rank 0 of a fake 4-rank group (one GPU measures a cluster layout's
+    memory); on CPU the run must complete and record the phases and the plan's prediction."""
+    import torch.distributed as dist
+
+    bench = load("multi_gpu")
+    assert bench.main(["--config", "tiny", "--name", "fake4", "--out", str(tmp_path),
+                       "--fake-world", "4", "train.train_iters=2", "data.mock=true",
+                       "train.global_batch_size=8", "train.micro_batch_size=1",
+                       "train.device=cpu"]) == 0
+    assert not dist.is_initialized()
+    result = json.loads((tmp_path / "fake4.json").read_text())
+    assert result["fake_world"] == 4 and result["grad_accumulation"] == 2
+    assert 0 < result["start_s"] < result["first_step_s"]
+    assert result["predicted"]["fits"] is True and result["predicted"]["peak_allocated_gib"] > 0

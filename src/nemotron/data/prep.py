@@ -53,11 +53,11 @@ from nemotron.data.blend import (
     load_blend,
     shard_weights,
     write_split_blend,
-    write_text_atomic,
 )
 from nemotron.data.config import DataPrepConfig
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
+from nemotron.utils.fs import atomic_write_text
 
 ARTIFACT_TYPE = "DataBlendsArtifact-pretrain"
 FORMAT_VERSION = 1
@@ -405,7 +405,7 @@ def _process_unit(spec: UnitSpec) -> dict:
         raise
     if report is not None and any(pending.values()):
         report.put(dict(pending))
-    write_text_atomic(spec.marker, json.dumps(stats, sort_keys=True))
+    atomic_write_text(spec.marker, json.dumps(stats, sort_keys=True))
     # The worker's CPU time so far (start-up included) is returned but not written to the
     # marker: markers are deterministic.
     return {**stats, "pid": os.getpid(), "process_cpu_s": time.process_time()}
@@ -725,7 +725,7 @@ def run_data_prep(
     else:
         (output_dir / "metadata.json").unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(current, fingerprint + "\n")
+    atomic_write_text(current, fingerprint + "\n")
 
     units = _units(plans, cfg.sample, work_dir)
     completed = {u.unit_id for u in units if u.marker.is_file()}
@@ -841,7 +841,7 @@ def run_data_prep(
         "elapsed_s": elapsed,
         "cpu_s": cpu_seconds,
     }
-    write_text_atomic(output_dir / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
+    atomic_write_text(output_dir / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
     shutil.rmtree(work_root, ignore_errors=True)
     emit("done", message="data prep complete")
     result = _result_from_metadata(output_dir, metadata, cached=False, elapsed=elapsed, reused=len(completed))

@@ -17,20 +17,23 @@ Forward: (1) per-chunk local states, (2) a sequential pass over chunks for the e
 so the group-shared B and C gradients are summed in registers.
 
 The gradient of the per-step log decays ``dA_t = dt_t A`` (``a`` is their within-chunk cumsum)
-is formed from its terms, never as a difference of large quantities::
+is summed from its terms, each computed once in float32::
 
-    ddA_k =   sum_{j < k <= i} M_ij                   M_ij = (dy_i . x_j)(C_i . B_j) exp(a_i - a_j) dt_j
+    ddA_k =   sum_{j < k <= i} M_ji                   M_ji = (dy_i . x_j)(C_i . B_j) exp(a_i - a_j) dt_j
             + sum_{i >= k} dy_i . y_i^inter           y_i^inter = exp(a_i) C_i . S_c
             + sum_{j < k} e_j                         e_j = exp(a_Q - a_j) dt_j x_j . (G_{c+1} B_j)
             + exp(a_Q) <G_{c+1}, S_c>
 
 (``exp(a_i - a_j)`` depends on ``dA_k`` for ``j < k <= i``; ``exp(a_i)`` and ``exp(a_Q)`` on every
-``k`` up to ``i`` / the chunk's end). The shorter closed form ``dL/da_j = dy_j.y_j - u_j.du_j``
-is exact in real numbers, but its two terms are large and nearly cancel once summed over a
-chunk, so their low-precision rounding (bf16 dots) swamped the result: the decay gradients of a
-bf16 model were wrong by 40-140% (issue 16). ``M`` is formed in the dx/dB kernel from products it
-already has (``x_j . dy_i``, ``B_j . C_i``), reduced per row block to partial sums over the
-rectangle ``j < k <= i``; ``_decay_grad_kernel`` adds the four parts per chunk.
+``k`` up to ``i`` / the chunk's end). Since ``M`` is causal (``M_ji = 0`` for ``i < j``), its
+rectangle sum is ``sum_{t<k} (source_t - target_t)`` with ``source_t = sum_i M_ti`` and
+``target_t = sum_j M_jt``: the dx/dB kernel forms ``M`` in float32 from the two dot products it
+already has and keeps both sums; ``_decay_grad_kernel`` adds the parts per chunk. The shorter
+closed form ``dL/da_j = dy_j.y_j - u_j.du_j`` is the same sum in real numbers, but its two terms
+came from different bf16-rounded dot products: large, nearly cancelling over a chunk, and no
+longer equal after rounding, so the rounding swamped the result and the decay gradients of a
+bf16 model were wrong by 40-140% (issue 16). Here source and target are sums of the very same
+float32 ``M_ji``, so they cancel to float32 rounding.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _bwd_dx_db_kernel(
-    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB, DSKIP, DD_PART, DDA_INTRA, E_STATE,
+    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB, DSKIP, DD_PART, COLS, SOURCE,
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
@@ -227,9 +230,9 @@ def _bwd_dx_db_kernel(
     IEEE: tl.constexpr, HAS_D: tl.constexpr,
 ):
     """Rows j of a chunk, one group: dx_j, ddt_j (direct part) for every head of the group, dB_j,
-    and the decay-gradient parts that start at these rows:
-    DDA_INTRA[b, h, row block, c*Q + k] = sum over this block's rows j < k and all i >= k of M_ij,
-    E_STATE[b, h, c*Q + j] = e_j (module docstring). DX has X's strides and DB has B's. With HAS_D
+    and the decay gradient's per-position sums (module docstring): SOURCE[b, h, c*Q + j] =
+    sum_i M_ji + e_j and COLS[b, h, row block, c*Q + i] = sum over this block's rows j of M_ji.
+    DX has X's strides and DB has B's. With HAS_D
     (the fused D skip y += D x): dx_j += D dy_j and DD_PART[b, c, row block, h] = sum over the
     block's rows of dy_j . x_j (summed by the caller)."""
     jb = tl.program_id(0)
@@ -251,17 +254,14 @@ def _bwd_dx_db_kernel(
         h = grp * HPG + hh
         bh = b * H + h
         acs_base = ACS + bh * NC * Q + c * Q
-        dda_base = DDA_INTRA + (bh * (Q // BLOCK_M) + jb) * NC * Q + c * Q
+        cols_base = COLS + (bh * (Q // BLOCK_M) + jb) * NC * Q + c * Q
         a_j = tl.load(acs_base + offs_j)
         a_last = tl.load(acs_base + Q - 1)
         dt_j = tl.load(DT + bh * NC * Q + c * Q + offs_j)
         x_j = tl.load(X + b * sxb + t_j[:, None] * sxl + h * sxh + offs_p[None, :] * sxp, mask=mask_jp, other=0.0)
         du = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        # Row blocks i from the chunk's end down to this one, so that `later` (sum over the
-        # blocks after this one of M_ij, per row j) is known when a block's k are reduced.
-        later = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for step in range(0, Q // BLOCK_M - jb):
-            i0 = Q - BLOCK_M - step * BLOCK_M
+        rows_m = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum over i of M_ji
+        for i0 in range(jb * BLOCK_M, Q, BLOCK_M):
             t_i = c * Q + i0 + offs_i
             valid_i = t_i < L
             a_i = tl.load(acs_base + i0 + offs_i)
@@ -275,13 +275,11 @@ def _bwd_dx_db_kernel(
             du += _mm((cb * decay).to(dy_i.dtype), dy_i, IEEE)
             s_t = _mm(x_j, tl.trans(dy_i), IEEE) * (decay * dt_j[:, None])  # u_j . dy_i exp(a_i - a_j)
             db_acc += _mm(s_t.to(c_i.dtype), c_i, IEEE)
-            # Decay gradient, inside the chunk: M[j, i] = s_t * cb; for this block's k = i0 + k',
-            # sum over rows j < k of (sum over i >= k of M[j, i]).
+            # The decay gradient inside the chunk, from M[j, i] = s_t * cb: its row sums (j the
+            # source) here, its column sums (i the target) per row block for the caller to add.
             m = s_t * cb
-            from_k = tl.cumsum(m, axis=1, reverse=True) + later[:, None]
-            k_abs = i0 + offs_i
-            tl.store(dda_base + k_abs, tl.sum(tl.where(offs_j[:, None] < k_abs[None, :], from_k, 0.0), axis=0))
-            later += tl.sum(m, axis=1)
+            rows_m += tl.sum(m, axis=1)
+            tl.store(cols_base + i0 + offs_i, tl.sum(m, axis=0))
         # Through the state leaving this chunk: G = dL/dS_{c+1}, [p, n].
         g_ptr = GSTATE + ((b * NC + c) * H + h) * P * N
         g_pn = tl.load(g_ptr + offs_p[:, None] * N + offs_n[None, :],
@@ -291,7 +289,7 @@ def _bwd_dx_db_kernel(
         db_acc += _mm(x_j, g_pn.to(x_j.dtype), IEEE) * (to_end * dt_j)[:, None]
         x_f = x_j.to(tl.float32)
         # e_j = dt_j x_j . du_state_j (0 past the sequence end, where dt and x are 0).
-        tl.store(E_STATE + bh * NC * Q + c * Q + offs_j, tl.sum(du_state * x_f, axis=1) * dt_j)
+        tl.store(SOURCE + bh * NC * Q + c * Q + offs_j, rows_m + tl.sum(du_state * x_f, axis=1) * dt_j)
         du += du_state
         dx = du * dt_j[:, None]
         if HAS_D:
@@ -365,21 +363,21 @@ def _bwd_dc_kernel(
 
 
 @triton.jit
-def _decay_grad_kernel(DDA_INTRA, DYY_INTER, E_STATE, DA_STATE, DDA, NC, NSB,
+def _decay_grad_kernel(COLS, SOURCE, DYY_INTER, DA_STATE, DDA, NC, NSB,
                        Q: tl.constexpr, NRB: tl.constexpr, BLOCK_S: tl.constexpr):
-    """ddA for one chunk of one (batch, head), from its four parts (module docstring): the row
-    blocks' partial sums inside the chunk, the reverse cumsum of dy.y^inter, the exclusive cumsum
-    of e, and the state-carry term (summed over NSB state blocks)."""
+    """ddA for one chunk of one (batch, head) from its per-position sums (module docstring):
+    ddA_k = sum_{t<k} (source_t - target_t) + sum_{i>=k} dy_i.y_i^inter + exp(a_Q) <G, S_c>,
+    source_t = sum_i M_ti + e_t and target_t = sum_j M_jt (summed over the NRB row blocks)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, Q)
     base = bh * NC * Q + c * Q + offs
-    g = tl.zeros((Q,), dtype=tl.float32)
+    target = tl.zeros((Q,), dtype=tl.float32)
     for rb in range(0, NRB):
-        g += tl.load(DDA_INTRA + (bh * NRB + rb) * NC * Q + c * Q + offs)
+        target += tl.load(COLS + (bh * NRB + rb) * NC * Q + c * Q + offs)
+    net = tl.load(SOURCE + base) - target
+    g = tl.cumsum(net, axis=0) - net
     g += tl.cumsum(tl.load(DYY_INTER + base), axis=0, reverse=True)
-    e = tl.load(E_STATE + base)
-    g += tl.cumsum(e, axis=0) - e
     offs_s = tl.arange(0, BLOCK_S)
     g += tl.sum(tl.load(DA_STATE + (bh * NC + c) * NSB + offs_s, mask=offs_s < NSB, other=0.0), axis=0)
     tl.store(DDA + base, g)
@@ -486,11 +484,11 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
     row_blocks = triton.cdiv(d.Q, d.block_m)
     grid = (row_blocks, d.nc, d.b * d.g)
     dd_part = torch.empty((d.b, d.nc, grid[0], d.h), **f32) if D is not None else ddt
-    # Row block jb writes only the k of blocks >= jb: the rest must read as zero.
-    dda_intra = torch.zeros((d.b, d.h, row_blocks, d.nc * d.Q), **f32)
-    e_state = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
+    # Row block jb writes the column sums of the i of blocks >= jb only: the rest must read as zero.
+    cols = torch.zeros((d.b, d.h, row_blocks, d.nc * d.Q), **f32)
+    source = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
     _bwd_dx_db_kernel[grid](
-        x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB, D if D is not None else ddt, dd_part, dda_intra, e_state,
+        x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB, D if D is not None else ddt, dd_part, cols, source,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
         *x.stride(), *B.stride(), *dy.stride(),
         Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
@@ -507,7 +505,7 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
     # (4) the decay gradient from its parts, per chunk
     dda = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
     _decay_grad_kernel[(d.nc, d.b * d.h)](
-        dda_intra, dyy_inter, e_state, da_state, dda, d.nc, nsb,
+        cols, source, dyy_inter, da_state, dda, d.nc, nsb,
         Q=d.Q, NRB=row_blocks, BLOCK_S=triton.next_power_of_2(nsb),
     )
     dD = dd_part.sum((0, 1, 2)) if D is not None else None
