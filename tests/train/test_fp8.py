@@ -134,7 +134,7 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
     assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
     for i in (1, 3):
-        assert isinstance(model.backbone.layers[i].mixer.experts, fp8_mod.Float8GroupedExperts)
+        assert isinstance(model.backbone.layers[str(i)].mixer.experts, fp8_mod.Float8GroupedExperts)
     assert type(model.lm_head) is nn.Linear and type(model.backbone.embeddings) is nn.Embedding
     assert not model.backbone.layers["2"].mixer.fused_qkv_enabled()  # q/k/v run as their modules
     # same parameter names and values: checkpoints and `export hf` see the BF16 model

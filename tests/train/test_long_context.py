@@ -200,9 +200,10 @@ def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch
         d = tmp_path / "runs" / "pretrain" / name
         save = d / "checkpoints"
         (save / "iter_0000004").mkdir(parents=True)
-        if complete:
-            (save / "iter_0000004" / ".metadata").write_text("")
-            (save / "iter_0000004" / "train_state.json").write_text("{}")
+        if complete:  # complete = its manifest (written last) exists
+            from nemotron.train.checkpoint import MANIFEST_FILE
+
+            (save / "iter_0000004" / MANIFEST_FILE).write_text("{}")
         (d / "config.yaml").write_text(
             f"checkpoint:\n  save: {save}\n  finetune: {str(finetune).lower()}\n")
         return save / "iter_0000004"
@@ -210,8 +211,7 @@ def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch
     main = job("20260101-000000-aaaaaa", finetune=False, complete=True)
     job("20260102-000000-bbbbbb", finetune=True, complete=True)   # an earlier LC run: skipped
     job("20260103-000000-cccccc", finetune=False, complete=False)  # no complete checkpoint yet
-    assert main_run_checkpoint() == Path("runs/pretrain/20260101-000000-aaaaaa/checkpoints/iter_0000004").absolute() or \
-        main_run_checkpoint().resolve() == main.resolve()
+    assert main_run_checkpoint().resolve() == main.resolve()
     assert Path(_finetune_source(lc, lc.save, dry_run=False)).resolve() == main.resolve()
     # an explicit checkpoint.load wins
     chosen = dataclasses.replace(lc, load=str(tmp_path / "elsewhere"))
