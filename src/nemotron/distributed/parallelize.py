@@ -37,12 +37,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfi
     meta device: then call `model.to_empty(device=...)` and `model.reset_parameters()`, which
     is replaced here by an initialisation that gives every rank its shards of exactly the
     weights `reset_parameters()` gives a single-device model under the same seed.
+    With pipeline parallelism `model` is this rank's pipeline part (`Nano3ForCausalLM(...,
+    blocks=...)`, see `distributed.pipeline`); the mesh's DP/CP/TP/EP dimensions are those of
+    its stage.
     `parallel`, if given, must be the config `mesh` was built from (checked).
     `mixed_precision`: bf16 parameters for compute, fp32 gradient reduction (FSDP2
     MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
     dims = mesh.dims
-    if dims.pp > 1:
-        raise NotImplementedError("pipeline parallelism is not implemented")
     if parallel is not None:
         given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
                  parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
@@ -116,8 +117,9 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
             if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
                 packed.set_force_sum_reduction_for_comms(True)
     backbone = model.backbone
-    fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
-    for block in backbone.layers:
+    if backbone.embeddings is not None:  # a pipeline part past the first has none
+        fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
+    for block in backbone.layers.values():
         fully_shard(block, mesh=mesh.dp_mesh, **common)
     # The LM head stays in the root unit: the fused loss reads `lm_head.weight` without calling
     # the module, so only the root's pre-forward hook would unshard it in time. The root is
@@ -174,6 +176,7 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     extra memory: one block's full weights."""
     cls = cls or type(model)
     cfg = model.config
+    # A pipeline part draws the whole model's initialisation in order and keeps its own units.
     device = next(p for p in model.parameters()).device
     if isinstance(next(model.parameters()), DTensor):
         device = next(model.parameters()).to_local().device
@@ -185,9 +188,11 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
 
     def commit(prefix: str, unit: nn.Module) -> None:
         for name, value in unit.named_parameters(prefix=prefix):
-            _copy_full_into(real_params[name], value)
+            if name in real_params:  # else another pipeline stage holds it
+                _copy_full_into(real_params[name], value)
         for name, value in unit.named_buffers(prefix=prefix):
-            real_buffers[name].copy_(value)
+            if name in real_buffers:
+                real_buffers[name].copy_(value)
         unit.to_empty(device="meta")
 
     # Nano3ForCausalLM.reset_parameters: embeddings, LM head, then every backbone module that

@@ -325,7 +325,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: ParallelMesh, cp=None) -> None
         raise NotImplementedError("tensor parallel with tied embeddings is not supported")
     parallelize_module(model.backbone.embeddings, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
-    for block in model.backbone.layers:
+    for block in model.backbone.layers.values():
         _norm_on_local_tokens(block.norm, tp_mesh)
         mixer = block.mixer
         if isinstance(mixer, Attention):

@@ -31,7 +31,7 @@ def parameter_counts(config: Nano3Config) -> dict:
 
     per_kind: dict[str, dict[str, int]] = {}
     blocks_total = blocks_active = 0
-    for layer in model.backbone.layers:
+    for layer in model.backbone.layers.values():
         params = _numel(layer)
         active = params
         if isinstance(layer.mixer, MoE):
