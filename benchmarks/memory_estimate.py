@@ -1,6 +1,6 @@
 """Per-GPU memory of the full Nemotron 3 Nano under a parallel layout: the performance model's
 breakdown (`nemotron.train.perf_model`, also shown by `nemotron nano3 plan`), checked against
-the real sharding code: `nemotron.distributed.parallelize` runs on a meta-device model inside a
+the real sharding code: `nemotron.distributed.parallelize` (distributed/apply.py) runs on a meta-device model inside a
 fake process group of the target world size, and rank 0's shard of every FSDP unit must hold
 exactly the elements the model counts. Also reports how long building and sharding the model
 on the meta device takes (the first part of a run's time to first step).

@@ -137,8 +137,7 @@ class StepSplit:
         self.active = False
         self.spans: list[tuple[str, object, object]] = []
         self.handles = []
-        layers = model.backbone.layers
-        for layer in layers:
+        for layer in model.backbone.layers.values():
             kind = _block_kind(layer)
             self.handles.append(layer.register_forward_pre_hook(self._pre(kind)))
             self.handles.append(layer.register_forward_hook(self._post(kind)))

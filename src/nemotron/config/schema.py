@@ -133,6 +133,19 @@ def model_error(exc: ModelConfigError) -> ConfigError:
     return ConfigError(_qualify_model_error(str(exc)))
 
 
+def _check_pipeline(parallel: ParallelismConfig, arch) -> None:
+    """The pipeline keys: a known schedule, stages per rank that fit it, a manual split that
+    covers the blocks (the one home of these rules is `distributed.pipeline_split`)."""
+    from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
+
+    if parallel.pipeline_model_parallel_size < 1:
+        return
+    try:
+        split_stages(arch, parallel, [(8192, 1.0)])
+    except PipelineSplitError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Cross-field checks of a pretraining recipe; raises ConfigError naming the dotted key."""
     _check_finite(cfg)
@@ -142,8 +155,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise model_error(exc) from None
     for f in dataclasses.fields(ParallelismConfig):
         value = getattr(cfg.model, f.name)
-        if not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
             _require(value >= 1, f"model.{f.name}", f"must be >= 1, got {value}")
+    _check_pipeline(cfg.model.parallel(), cfg.model)
 
     t = cfg.train
     if (t.train_iters is None) == (t.train_tokens is None):

@@ -50,12 +50,13 @@ def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
     is replaced here by an initialisation that gives every rank its shards of exactly the
     weights `reset_parameters()` gives a single-device model under the same seed (the model's
     `parallel_init` extension point).
+    With pipeline parallelism `model` is this rank's pipeline part (`Nano3ForCausalLM(...,
+    blocks=...)`, see `distributed.pipeline`); the mesh's DP/CP/TP/EP dimensions are those of
+    its stage.
     `parallel`, if given, must be the config `mesh` was built from (checked).
     `mixed_precision`: bf16 parameters for compute, fp32 gradient reduction (FSDP2
     MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
     dims = mesh.dims
-    if dims.pp > 1:
-        raise NotImplementedError("pipeline parallelism is not implemented")
     if parallel is not None:
         given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
                  parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
@@ -120,9 +121,10 @@ def apply_fsdp(model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: 
             # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
             experts.set_force_sum_reduction_for_comms(True)
     backbone = model.backbone
-    fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
+    if backbone.embeddings is not None:  # a pipeline part past the first has none
+        fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
     if dims.tp == 1:
-        for block in backbone.layers:
+        for block in backbone.layers.values():
             fully_shard(block, mesh=mesh.dp_mesh, **common)
     else:
         # DTensor-parallel submodules in their own units over DP; the rest of each block (norms,
@@ -131,7 +133,8 @@ def apply_fsdp(model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: 
         # DP x TP, whose reduce-scatter sums the TP parts (see `tensor_parallel`).
         for module in tensor_parallel_submodules(model):
             fully_shard(module, mesh=mesh.dp_mesh, **common)
-        for unit in [*backbone.layers, backbone.norm_f]:
+        units = [*backbone.layers.values()] + ([backbone.norm_f] if backbone.norm_f is not None else [])
+        for unit in units:
             _rank_local_unit(unit, mesh, common)
     # The LM head stays in the root unit: the fused loss reads `lm_head.weight` without calling
     # the module, so only the root's pre-forward hook would unshard it in time. The root is
@@ -193,6 +196,7 @@ def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM]
     extra memory: one block's full weights."""
     cls = cls or type(model)
     cfg = model.config
+    # A pipeline part draws the whole model's initialisation in order and keeps its own units.
     first = next(model.parameters())
     device = first.to_local().device if isinstance(first, DTensor) else first.device
     with torch.device("meta"):
@@ -203,13 +207,17 @@ def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM]
 
     def commit(prefix: str, unit: nn.Module) -> None:
         for name, param in unit.named_parameters(prefix=prefix):
-            _copy_full_into(real_params[name], param)
+            if name in real_params:  # else another pipeline stage holds it
+                _copy_full_into(real_params[name], param)
         for name, buffer in unit.named_buffers(prefix=prefix):
-            real_buffers[name].copy_(buffer)
+            if name in real_buffers:
+                real_buffers[name].copy_(buffer)
         unit.to_empty(device="meta")
 
     # Nano3ForCausalLM.reset_parameters: embeddings, LM head, then every backbone module that
     # initialises itself (plain Linear / Embedding / Conv1d are initialised by their owner).
+    # the twin is the whole model
+    assert twin.backbone.embeddings is not None and twin.lm_head is not None
     twin.backbone.embeddings.to_empty(device=device)
     nn.init.normal_(twin.backbone.embeddings.weight, std=cfg.init_std)
     if not cfg.tie_word_embeddings:

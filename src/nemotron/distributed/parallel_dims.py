@@ -56,15 +56,25 @@ def check_sequence_lengths(lengths: Mapping[str, int], shards: int, how: str = "
                 f"{how} = {shards} (every sequence is split across those ranks)")
 
 
-def reject_pipeline_parallel(parallel: ParallelismConfig) -> None:
-    """Pipeline parallelism does not exist yet: refuse PP > 1 before anything is built (a
-    recipe may still declare it, e.g. the long-context phase's PP4, for a dry run)."""
+def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config | None = None) -> None:
+    """What pipeline parallelism cannot do (yet), before anything is built: refuse it with
+    tensor parallelism (the TP loss path is not a pipeline part yet), and layouts whose stage
+    split is impossible (schedule, stages per rank, manual split)."""
     pp = parallel.pipeline_model_parallel_size
-    if pp > 1:
+    if pp == 1:
+        return
+    if parallel.tensor_model_parallel_size > 1:
         raise ParallelLayoutError(
-            f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
-            "implemented yet; use pipeline_model_parallel_size=1"
-        )
+            f"model.pipeline_model_parallel_size={pp} with model.tensor_model_parallel_size="
+            f"{parallel.tensor_model_parallel_size}: pipeline parallelism does not compose with "
+            "tensor parallelism yet; use TP 1 (DP, EP and CP compose with PP)")
+    if model_config is not None:
+        from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
+
+        try:
+            split_stages(model_config, parallel, [(8192, 1.0)])
+        except PipelineSplitError as err:
+            raise ParallelLayoutError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ class ParallelDims:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
         if world_size < 1:
             raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
-        reject_pipeline_parallel(parallel)
+        check_pipeline(parallel, model_config)
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(

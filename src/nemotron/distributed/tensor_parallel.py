@@ -139,7 +139,7 @@ def tensor_parallel_submodules(model: Nano3ForCausalLM) -> list[nn.Module]:
     """The submodules of the blocks whose parameters are DTensor-parallel (FSDP2 shards them
     over DP in their own units; the rest of a block is rank-local and sharded over DP x TP)."""
     out: list[nn.Module] = []
-    for block in model.backbone.layers:
+    for block in model.backbone.layers.values():
         mixer = block.mixer
         if isinstance(mixer, (Attention, MLP)):
             out.append(mixer)
@@ -257,9 +257,11 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     if model.config.tie_word_embeddings:
         raise NotImplementedError("tensor parallel with tied embeddings is not supported")
+    # the whole model: pipeline parts are refused with TP (parallel_dims.check_pipeline)
+    assert model.backbone.embeddings is not None and model.lm_head is not None
     parallelize_module(model.backbone.embeddings, tp_mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
-    for block in model.backbone.layers:
+    for block in model.backbone.layers.values():
         mixer = block.mixer
         if isinstance(mixer, Attention):
             mixer.fuse_qkv = False  # q, k and v are sharded by their own plans

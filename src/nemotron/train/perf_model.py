@@ -693,8 +693,9 @@ def layout_warnings(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
             f"(model.tensor_model_parallel_size=1 model.sequence_parallel=false) unless a layer "
             f"does not fit.")
     if layout.pp > 1:
-        out.append(f"PP{layout.pp}: pipeline parallelism is not implemented in training yet "
-                   "(the plan models a 1F1B schedule)")
+        out.append(f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
+                   "training splits the stages by FLOPs (docs/parallelism.md \"Pipeline "
+                   "parallel\") and does not compose PP with TP yet")
     if layout.cp > 1 and shape.seq_length <= 65536:
         out.append(f"CP{layout.cp} at {shape.seq_length} tokens: measured CP2 at 8192 tokens "
                    "19,265 tokens/s per GPU vs DP2 31,473; CP pays off only where a sequence's "

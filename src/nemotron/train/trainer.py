@@ -42,7 +42,7 @@ from nemotron.artifacts.model import (
     data_artifact_record,
     manifest_json,
 )
-from nemotron.distributed.parallel_dims import reject_pipeline_parallel
+from nemotron.distributed.parallel_dims import check_pipeline
 from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
@@ -606,7 +606,7 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     phase / checkpoint / warning / stop / end events (the CLI draws its progress from them).
 
     Under torchrun the processes join one process group here (unless the caller already did)."""
-    reject_pipeline_parallel(cfg.model.parallel())  # before any process group or model exists
+    check_pipeline(cfg.model.parallel(), cfg.model.arch())  # before any process group or model exists
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,7 +30,7 @@ def parameter_counts(config: Nano3Config) -> dict:
 
     per_kind: dict[str, dict[str, int]] = {}
     blocks_total = blocks_active = 0
-    for layer in model.backbone.layers:
+    for layer in model.backbone.layers.values():
         params = _numel(layer)
         active = params
         if isinstance(layer.mixer, MoE):
@@ -41,6 +41,9 @@ def parameter_counts(config: Nano3Config) -> dict:
         blocks_total += params
         blocks_active += active
 
+    # the whole model: every part exists
+    assert model.backbone.embeddings is not None and model.backbone.norm_f is not None
+    assert model.lm_head is not None
     embedding = model.backbone.embeddings.weight.numel()
     lm_head = 0 if config.tie_word_embeddings else model.lm_head.weight.numel()
     final_norm = _numel(model.backbone.norm_f)
