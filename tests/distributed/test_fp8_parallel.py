@@ -43,7 +43,7 @@ def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
         from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
         # the weights FSDP2 will shard are torchao's float8-gathering tensors
-        assert isinstance(model.backbone.layers[0].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor)
+        assert isinstance(model.backbone.layers["0"].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor)
     dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, model.config)
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
