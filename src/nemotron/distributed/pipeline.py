@@ -45,6 +45,7 @@ from nemotron.distributed.apply import parallelize
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm
+from nemotron.models.nano3.model import Nano3ForCausalLM
 
 
 class LocalStages(nn.Module):
@@ -52,7 +53,7 @@ class LocalStages(nn.Module):
     `lm_head`, ...): the same module objects the parts run, so parameters, buffers and
     state dicts are those of the whole model restricted to what this rank holds."""
 
-    def __init__(self, config, parts: Sequence[nn.Module]) -> None:
+    def __init__(self, config, parts: Sequence[Nano3ForCausalLM]) -> None:
         super().__init__()
         self.config = config
         self.backbone = nn.Module()
@@ -60,7 +61,8 @@ class LocalStages(nn.Module):
         for part in parts:
             if part.backbone.embeddings is not None:
                 self.backbone.embeddings = part.backbone.embeddings
-            self.backbone.layers.update(part.backbone.layers)
+            # ModuleDict.update takes a ModuleDict too; its annotation says only Mapping
+            self.backbone.layers.update(part.backbone.layers)  # type: ignore[arg-type]
             if part.backbone.norm_f is not None:
                 self.backbone.norm_f = part.backbone.norm_f
             if part.lm_head is not None:
@@ -71,7 +73,9 @@ class LocalStages(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         from nemotron.models.nano3.moe import MoE
 
-        return [block.mixer for block in self.backbone.layers.values() if isinstance(block.mixer, MoE)]
+        layers = self.backbone.layers
+        assert isinstance(layers, nn.ModuleDict)  # set in __init__
+        return [block.mixer for block in layers.values() if isinstance(block.mixer, MoE)]
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("pipeline parts run through their schedule (Pipeline.train_step)")
@@ -104,7 +108,7 @@ class Pipeline:
     """This rank's stages and the schedules that run them (one per micro-batch shape, made on
     first use: a `PipelineStage` fixes the shapes it exchanges)."""
 
-    def __init__(self, parts: list[nn.Module], stage_ids: list[int], split: StageSplit,
+    def __init__(self, parts: list[Nano3ForCausalLM], stage_ids: list[int], split: StageSplit,
                  schedule: str, mesh: ParallelMesh, device: torch.device,
                  activation_dtype: torch.dtype, hidden_size: int) -> None:
         self.parts, self.stage_ids, self.split = parts, stage_ids, split
@@ -182,7 +186,9 @@ class Pipeline:
             fresh = (len(group), batch, seq, training) not in self._schedules
             kept = self._take_gradients() if fresh and training else {}
             schedule = self._schedule(len(group), batch, seq, training)
-            args, kwargs, target = (), {}, None
+            args: tuple[torch.Tensor, ...] = ()
+            kwargs: dict[str, torch.Tensor] = {}
+            target: torch.Tensor | None = None
             if self.has_first:
                 args = (torch.cat([micro_batches[i]["tokens"] for i in group]).to(self.device),)
             if self.has_last:
@@ -227,7 +233,7 @@ class Pipeline:
 
 
 def build_pipeline(config, parallel, mesh: ParallelMesh, device: torch.device, *,
-                   lengths: list[tuple[int, float]], make_part: Callable[[range], nn.Module],
+                   lengths: list[tuple[int, float]], make_part: Callable[[range], Nano3ForCausalLM],
                    mixed_precision: bool, seed: int) -> Pipeline:
     """This rank's parts of the split of `config` for `parallel` (a `ParallelismConfig`),
     each made on the meta device by `make_part(blocks)`, parallelised on the stage mesh and

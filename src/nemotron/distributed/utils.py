@@ -8,7 +8,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -144,7 +144,7 @@ def _sum_over_loss_group(values: torch.Tensor, mesh) -> torch.Tensor:
     return values.cpu()
 
 
-def token_loss_weights(token_counts: list[torch.Tensor | float], mesh) -> tuple[list[float], float]:
+def token_loss_weights(token_counts: Sequence[torch.Tensor | float], mesh) -> tuple[list[float], float]:
     """Loss weights for the micro-batches of one step on this rank, and the step's global
     token count N (summed over micro-batches and the DP x CP ranks of `mesh`, which hold
     different tokens).

@@ -588,6 +588,8 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
             self._fail(tmp, failure_reason(e))
         if self.async_save:
+            # an AsyncSaveResponse comes only with an `async_stager`, which is not passed
+            assert isinstance(future, Future)
             self._pending = _PendingSave(future, tmp, final, step)
         else:
             self._finalize(tmp, final, step)

@@ -167,7 +167,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summ
 
     emulate = not fp8_hardware(device)
     chosen, moes = _selected_modules(model, fp8.layers)
-    by_id = {id(m): m for m in model.modules()}
+    by_id = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}  # what `chosen` names
     skipped = sorted(name for i, name in chosen.items() if not _aligned(by_id[i]))
     convert = {i for i in chosen if _aligned(by_id[i])}
     if convert:
@@ -188,6 +188,8 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summ
     experts = []
     for name, moe in moes.items():
         if not isinstance(moe.experts, Float8GroupedExperts):
+            # before EP sharding, the experts are still the model's own
+            assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
             moe.experts = Float8GroupedExperts(moe.experts, emulate=emulate)
         experts.append(f"{name}.experts")
     return Fp8Summary(linears=linears, experts=experts, skipped=skipped, emulated=emulate)

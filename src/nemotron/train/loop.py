@@ -203,7 +203,8 @@ def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
     summary = None
     if cfg.train.fp8.enabled:
         summary = apply_fp8(model, cfg.train.fp8, device)
-    model.fp8_summary = summary
+    # nn.Module.__setattr__ is annotated for tensors and modules; other values are kept as-is
+    model.fp8_summary = summary  # type: ignore[assignment]
     return summary
 
 
@@ -220,7 +221,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
         raise ValueError("train.compile with model.pipeline_model_parallel_size > 1 is not "
                          "supported; set train.compile=false")
 
-    def make_part(blocks: range) -> torch.nn.Module:
+    def make_part(blocks: range) -> Nano3ForCausalLM:
         with torch.device("meta"):
             part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels,
                                     blocks=blocks)

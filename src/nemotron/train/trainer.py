@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -173,6 +173,7 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     if loaded is None and ckpt.finetune and ckpt.load is not None:
         # weights only: optimizer, step and data position start fresh
         weights = load_checkpoint(ckpt.load, model, None, restore_rng=False, checksums=checksums)
+        assert weights is not None  # must_exist: a missing checkpoint raises
         return Restored(RunState(), LoaderState(), finetuned_from=str(weights.path),
                         loaded=weights)
     if loaded is None:
@@ -207,7 +208,9 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def _config_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    return dict(vars(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +270,10 @@ class Trainer:
         self.plan = data.plan
         self.device = device
         self.optimizer = optimizer or build_optimizer(model, cfg.optimizer)
-        self.train_model = torch.compile(model) if cfg.train.compile else model
-        self.moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        # torch.compile of a module is a module (OptimizedModule); its stub says only Callable
+        self.train_model = cast(torch.nn.Module, torch.compile(model)) if cfg.train.compile else model
+        moe_layers = getattr(model, "moe_layers", None)  # a Nano3ForCausalLM's or LocalStages'
+        self.moe_layers = moe_layers() if moe_layers is not None else []
         self.restored = restored or Restored(RunState(), LoaderState())
         self.state = self.restored.state
         self.metrics = metrics or MetricsLogger(Path("."), cfg.logger, enabled=False)
@@ -341,6 +346,7 @@ class Trainer:
             self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
         if self.restored.schedule is None:  # a fresh run, or a checkpoint from before schedules
             return
+        assert self.restored.resumed_from is not None  # a schedule comes from a checkpoint
         saved = LRSchedule.from_dict(self.restored.schedule)
         self.schedule, change = resume_schedule(
             saved, self.schedule, self.cfg.scheduler.on_resume, self.state.tokens,
@@ -483,14 +489,14 @@ class Trainer:
     def _announce_start(self) -> float | None:
         cfg = self.cfg
         entropy = unigram_entropy(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
+        fp8_summary = getattr(self.model, "fp8_summary", None)  # set by apply_fp8_if_enabled
         self.metrics.event("start", {
             "total_steps": self.plan.total_steps, "step": self.state.step,
             "resumed_from": self.restored.resumed_from,
             "finetuned_from": self.restored.finetuned_from,
             "grad_accumulation": self.plan.grad_accumulation,
             "compute_weights": self.compute_weights, "unigram_entropy": entropy,
-            "fp8": (None if getattr(self.model, "fp8_summary", None) is None
-                    else self.model.fp8_summary.describe()),
+            "fp8": None if fp8_summary is None else fp8_summary.describe(),
             "ignored_layout": None if self.world > 1 else ignored_layout(cfg)})
         if entropy is not None:
             self.metrics.log("run", self.state.step, {"unigram_entropy": entropy})
@@ -508,7 +514,7 @@ class Trainer:
         step_tokens = self.data.last_step_tokens
         step_flops = flops.training_flops(self.cfg.model.arch(), self.data.last_step_lengths)
         result = outcome.result
-        values = {
+        values: dict[str, Any] = {
             "loss": result.loss, "lm_loss": result.lm_loss, "lr": outcome.lr,
             "grad_norm": result.grad_norm, "tokens": self.state.tokens,
             "phase": self.data.state.phase, "step_time": elapsed, "data_time": outcome.data_time,

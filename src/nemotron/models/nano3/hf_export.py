@@ -38,7 +38,7 @@ def trained_tokenizer_record(checkpoint_dir: str | os.PathLike) -> dict[str, Any
     if not (Path(checkpoint_dir) / MODEL_ARTIFACT_FILE).is_file():
         return None  # e.g. a checkpoint imported from Hugging Face
     try:
-        manifest = read_model_artifact(checkpoint_dir)
+        manifest = read_model_artifact(Path(checkpoint_dir))
     except ArtifactError as err:
         raise HFInteropError(str(err)) from err
     content = (manifest.get("data") or {}).get("content") or {}
@@ -97,7 +97,8 @@ def load_tokenizer_for_export(spec: str | None, record: dict[str, Any] | None):
     except HFInteropError:
         raise
     except Exception as err:  # transformers/hub errors: say which tokenizer
-        what = spec or record.get("source") or record.get("path")
+        known = record or {}
+        what = spec or known.get("source") or known.get("path")
         raise HFInteropError(f"cannot load tokenizer {what!r}: {err}") from err
     raise HFInteropError(
         f"the tokenizer the model was trained with ({record.get('source') or record.get('path')}) "
