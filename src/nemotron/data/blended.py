@@ -81,6 +81,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         seed: int,
         cache_dir: str | Path,
         split: str,
+        vocab_size: int | None = None,
     ) -> "BlendedDataset":
         normalised = normalise_weights(weights)
         datasets: list[GPTDataset | None] = []
@@ -88,7 +89,8 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
             wanted = int(math.ceil(num_samples * weight * 1.005))
             datasets.append(
-                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split) if wanted else None
+                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size)
+                if wanted else None
             )
         description = {
             "class": "BlendedDataset",
@@ -120,6 +122,7 @@ def build_mixed_length_dataset(
     num_samples: int,
     seed: int,
     cache_dir: str | Path | None = None,
+    vocab_size: int | None = None,
 ) -> BlendedDataset:
     """Samples of several per-split blends, each at its own sequence length: `parts` are
     (blend.json, seq_length, weight). Within a part, samples keep Megatron's semantics (each
@@ -142,8 +145,8 @@ def build_mixed_length_dataset(
     datasets = []
     for (blend, seq_length, _), weight in zip(parts, normalised):
         wanted = int(math.ceil(num_samples * weight * 1.005))
-        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir)
-                        if wanted else None)
+        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir,
+                                            vocab_size) if wanted else None)
     description = {
         "class": "MixedLengthDataset",
         "parts": [d.description if d is not None else None for d in datasets],
