@@ -61,6 +61,30 @@ def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def sample_output_dir(cfg, overrides: list[str]):
+    """A sample run (`--sample N` / `sample=N`) writes to `<output_dir>-sample<N>` unless
+    `output_dir` is given on the command line: a quick look never replaces the full build."""
+    if cfg.sample is None or any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        return cfg
+    return dataclasses.replace(cfg, output_dir=f"{str(cfg.output_dir).rstrip('/')}-sample{cfg.sample}")
+
+
+def slurm_task():
+    """This process's task when a multi-task Slurm job step runs the prep (the launcher sets
+    NEMOTRON_PREP_TASKS=slurm); None for a single process. RANK follows the task, so that
+    only task 0 records the job."""
+    import os
+
+    from nemotron.data.prep import PrepTask
+    from nemotron.launch.plan import PREP_TASKS_ENV
+
+    if os.environ.get(PREP_TASKS_ENV) != "slurm":
+        return None
+    task = PrepTask.from_slurm(dict(os.environ))
+    os.environ["RANK"] = str(task.rank)
+    return task
+
+
 def data_prep_pretrain(
     overrides: OverridesArg = None,
     config: ConfigOpt = "default",
@@ -90,6 +114,7 @@ def data_prep_pretrain(
         common.check_exclusive(run, batch)
         config_path = resolve_config_path(config, DataPrepJobConfig)
         cfg = load_config(config_path, overrides, DataPrepJobConfig)
+        cfg = sample_output_dir(cfg, overrides)
         recipe_dir = _recipe_dir(cfg, config_path)
         stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
         target = stage.job_dir
@@ -125,6 +150,7 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
+        task = slurm_task()
         target = stage.open(config_yaml)
 
     from nemotron.cli.progress import PrepProgressView
@@ -137,11 +163,15 @@ def data_prep_pretrain(
             console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
-            return run_data_prep(local, recipe_dir, progress=view)
+            return run_data_prep(local, recipe_dir, progress=view, task=task)
         finally:
             view.stop()
 
     result = common.run_stage(prepare, target)
+    if task is not None and not task.leader:
+        console.print(f"task {task.rank} of {task.world} on {task.host}: "
+                      f"{getattr(result, 'units_done_here', 0)} work units done")
+        return
     values = common.as_dict(result)
     if common.process_rank() == 0:
         finish_job_dir(target, "completed", values)

@@ -311,7 +311,7 @@ def materialize_for_prep(
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / blend.name
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # tasks of one job may race here
         tmp.write_text(json.dumps({**data, "datasets": rewritten}, indent=2) + "\n")
         tmp.replace(out)
         blend_path = str(out.resolve())

@@ -1198,8 +1198,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
     }
     write_text_atomic(staging / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
     _swap_in(output_dir, work_dir)
-    if task.world > 1:
-        _wait_for_followers(board)
+    _announce(output_dir, task, status="done")  # the other tasks wait for this to exit
     shutil.rmtree(work_root, ignore_errors=True)
     emit("done", message="data prep complete")
     result = _result_from_metadata(output_dir, metadata, cached=False, elapsed=elapsed, reused=len(completed))
@@ -1250,13 +1249,21 @@ def _wait_for_units(units: list[UnitSpec], board: _TaskBoard, emit: _Emitter) ->
         time.sleep(POLL_SECONDS)
 
 
-def _wait_for_followers(board: _TaskBoard, timeout_s: float = 60.0) -> None:
-    """Before the work directory goes: give the other tasks a moment to report and exit."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rows = board.read()
-        if len(rows) >= board.task.world and all(row.get("state") != "running" for row in rows):
+def _wait_for_leader(attempt: Path) -> None:
+    """A task other than 0, its units done: stay until task 0 has assembled the output (srun
+    ends a step's remaining tasks soon after its first task exits). Task 0 announces the end,
+    then removes the work directory (with this file)."""
+    while True:
+        try:
+            status = json.loads(attempt.read_text()).get("status")
+        except FileNotFoundError:
             return
+        except (OSError, ValueError):
+            status = None  # being replaced
+        if status == "done":
+            return
+        if status == "failed":
+            raise DataPrepError(f"task 0 failed: {json.loads(attempt.read_text()).get('error')}")
         time.sleep(POLL_SECONDS)
 
 
@@ -1305,7 +1312,9 @@ def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitte
         board.record("failed", error=str(error) or type(error).__name__, force=True)
         raise
     board.record("done", force=True)
-    emit("done", message=f"task {task.rank}: {done} work units done; task 0 assembles the output")
+    emit("assemble", message=f"task {task.rank}: {done} work units done; waiting for task 0 to assemble the output")
+    _wait_for_leader(attempt)
+    emit("done", message=f"task {task.rank}: {done} work units done; output assembled by task 0")
     result.units_done_here = done
     result.elapsed_s = time.monotonic() - started
     return result
