@@ -198,7 +198,7 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
         output_dir: str
         documents: int
 
-    def run_data_prep(cfg, recipe_dir, progress=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         calls.append((cfg, Path(recipe_dir)))
         return FakeResult(output_dir=cfg.output_dir, documents=12)
 
@@ -211,7 +211,8 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
     assert isinstance(cfg, DataPrepJobConfig)
     assert cfg.sample == 5 and cfg.force is True and cfg.num_shards == 3
     assert recipe_dir.name == "data_prep" and (recipe_dir / "tiny.yaml").is_file()
-    assert cfg.output_dir == str(cli.work / "output/nano3/stage0_pretrain_tiny")
+    # A sample run gets its own output_dir: it never replaces the full build.
+    assert cfg.output_dir == str(cli.work / "output/nano3/stage0_pretrain_tiny-sample5")
     # embedded:// names became local files: the tokenizer and a rewritten blend in the job dir
     assert Path(cfg.tokenizer.model).name == "tokenizer.json" and Path(cfg.tokenizer.model).is_file()
     blend = json.loads(Path(cfg.blend_path).read_text())
@@ -299,7 +300,7 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     copied.parent.mkdir()
     dump_config(load_config("default", [], DataPrepJobConfig), copied)
     seen = []
-    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None: seen.append(Path(recipe_dir)))
+    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: seen.append(Path(recipe_dir)))
     result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
@@ -316,7 +317,7 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
         summary: list
         bad_records: dict
 
-    def run_data_prep(cfg, recipe_dir, progress=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         assert progress is not None
         progress(PrepProgress(phase="plan", message="planning 2 datasets"))
         progress(PrepProgress(phase="tokenize", units_done=1, units_total=2, documents=5,

@@ -75,11 +75,12 @@ def slurm_task():
     only task 0 records the job."""
     import os
 
-    from nemotron.data.prep import PrepTask
     from nemotron.launch.plan import PREP_TASKS_ENV
 
     if os.environ.get(PREP_TASKS_ENV) != "slurm":
         return None
+    from nemotron.data.prep import PrepTask
+
     task = PrepTask.from_slurm(dict(os.environ))
     os.environ["RANK"] = str(task.rank)
     return task
