@@ -125,7 +125,7 @@ class DataPrepResult:
     units_reused: int = 0  # work units found complete from an interrupted run
     cpu_s: float = 0.0  # CPU seconds of this run: the calling process plus the worker processes
     warnings: list[str] = field(default_factory=list)  # e.g. a plan that leaves cores idle
-    units_done_here: int = 0  # a task other than 0: the work units it tokenized (no summary)
+    units_done_here: int = 0  # work units this process (task) tokenized; other tasks: no summary
 
     def totals(self, split: str = "train") -> tuple[int, int]:
         rows = [row for row in self.summary if row.split == split]
@@ -1204,6 +1204,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
     result = _result_from_metadata(output_dir, metadata, cached=False, elapsed=elapsed, reused=len(completed))
     result.cpu_s = cpu_seconds
     result.warnings = warnings
+    result.units_done_here = done_here
     return result
 
 
