@@ -5,21 +5,27 @@ Pipeline
    tokenizer, and compute the fingerprint of sources (paths, revisions, file sizes and mtimes),
    tokenizer identity and prep config. If ``metadata.json`` in the output directory carries
    the same fingerprint and its shards exist, nothing is done (``DataPrepResult.cached``).
-2. Tokenize: each *work unit* (a piece of one dataset) is processed by a pool of worker
-   processes (every core by default). A worker reads its piece, skips and counts bad records,
-   applies the filters, tokenizes in batches, routes each document to train/valid/test by a hash
-   of its text, and streams the tokens into per-unit ``.bin/.idx`` files under
-   ``<output>/.work/<fingerprint>/``; when the unit is complete it writes a completion marker
-   atomically. Memory per worker is one batch, independent of dataset size.
-3. Assemble: per dataset and split, the units' documents are concatenated in unit order and
-   cut into shards of near-equal tokens (``<split>/<dataset>_<k>.bin/.idx``), each written to
-   a temporary name and renamed when complete; then ``blend.json`` (weights as documented in
-   ``blend.py``) and finally ``metadata.json``, whose presence marks the output complete.
+   Otherwise the input is cut into *work units* of about equal text (``UNITS_PER_WORKER``
+   units per worker of all tasks; large files split, small ones grouped), recorded in
+   ``.work/<fingerprint>/plan.json`` so that a rerun reuses the same units.
+2. Tokenize: each work unit is processed by a pool of single-core worker processes (every
+   CPU of the process by default). A worker reads its pieces, skips and counts bad records,
+   applies the filters, tokenizes in batches, routes each document to train/valid/test by a
+   hash of its text, and streams the tokens into per-unit ``.bin/.idx`` files under
+   ``<output>/.work/<fingerprint>/units/``; when the unit is complete it writes a completion
+   marker atomically. Memory per worker is one batch, independent of dataset size. Several
+   processes (Slurm tasks on many nodes, ``PrepTask``) share the units by claiming them.
+3. Assemble (task 0): per dataset and split, the units' documents are concatenated in unit
+   order and cut into shards of near-equal tokens, written with ``blend.json`` and
+   ``metadata.json`` into ``.work/<fingerprint>/staging/``. Only then is the new build swapped
+   in place of the old one (journaled; ``metadata.json`` moved last, its presence marks the
+   output complete): a failed prep never touches the previous output.
 
-Resume: a rerun after an interruption (even kill -9) reuses completed units and shards and
-redoes the rest. Because the document order and the assignment of documents to shards depend
-only on the inputs and the config (never on timing or the number of workers), the result is
-byte-identical to an uninterrupted run.
+Resume: a rerun after an interruption (even kill -9, of one task or all) reuses completed units
+and staged shards, redoes the rest and finishes an interrupted swap. Because the document order
+and the assignment of documents to shards depend only on the inputs and the config (never on
+timing, the number of workers or tasks, or the unit sizes), the result is byte-identical to an
+uninterrupted one-process run.
 """
 
 from __future__ import annotations
