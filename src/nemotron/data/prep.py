@@ -960,6 +960,7 @@ def _drain(progress_queue, emit) -> None:
 
 def _idle_core_warnings(cfg: DataPrepConfig, task: PrepTask, workers: int, units: int,
                         pending: int) -> list[str]:
+    """``workers``: the worker processes of this task before the plan was known."""
     warnings = []
     cpus = available_cpus()
     if cfg.num_workers is not None and cfg.num_workers < cpus:
@@ -1078,7 +1079,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
     completed = {u.unit_id for u in units if u.marker.is_file()}
     pending = len(units) - len(completed)
     workers = min(workers_here, max(1, pending))
-    warnings = _idle_core_warnings(cfg, task, workers, len(units), pending)
+    warnings = _idle_core_warnings(cfg, task, workers_here, len(units), pending)
     for warning in warnings:
         emit(warning=warning)
     emit.state.units_total = len(units)
