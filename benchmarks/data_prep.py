@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,17 @@ def _pinned(command: list[str], cpus: list[int]) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, cpus)), *command]
 
 
+def _run_timed(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(process, wall seconds, CPU seconds of it and every descendant it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, elapsed, cpu
+
+
 CEILING_SCRIPT = """
 import json, os, sys, time
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as a data-prep worker
@@ -156,6 +168,7 @@ def measure_ceiling(tokenizer_path: Path, corpus: list[Path], batch_docs: int, c
     row = json.loads(subprocess.run(_pinned(command, [cpu]), capture_output=True, text=True,
                                     check=True).stdout.strip().splitlines()[-1])
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
+    row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_seconds"]
     return row
 
 
@@ -169,17 +182,17 @@ def measure_cli(tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: 
     nemotron = Path(sys.executable).with_name("nemotron")
     command = [str(nemotron), "nano3", "data", "prep", "pretrain", "-c", str(recipe), "--force",
                "--job-dir", str(out.parent / f"job-{time.time_ns()}")]
-    start = time.perf_counter()
-    proc = subprocess.run(_pinned(command, cpus), capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    proc, elapsed, cpu = _run_timed(_pinned(command, cpus))
     if proc.returncode != 0:
         raise SystemExit(f"data prep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metadata = json.loads((out / "metadata.json").read_text())
     tokens = sum(split["tokens"] for split in metadata["counts"].values())
     documents = sum(split["documents"] for split in metadata["counts"].values())
-    return {"tokens": tokens, "documents": documents, "seconds": elapsed, "cpu_seconds": metadata["cpu_s"],
-            "workers": metadata["producer"]["workers"], "units": sum(s["work_units"] for s in metadata["sources"]),
-            "tokens_per_s": tokens / elapsed}
+    # CPU: the CLI process and its descendants (rusage); metadata's cpu_s counts the prep itself.
+    return {"tokens": tokens, "documents": documents, "seconds": elapsed, "cpu_seconds": cpu,
+            "prep_cpu_seconds": metadata["cpu_s"], "workers": metadata["producer"]["workers"],
+            "units": sum(s["work_units"] for s in metadata["sources"]), "tokens_per_s": tokens / elapsed,
+            "tokens_per_cpu_s": tokens / cpu}
 
 
 def measure_megatron(megatron: Path, tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: Path) -> dict:
@@ -194,17 +207,16 @@ def measure_megatron(megatron: Path, tokenizer_path: Path, corpus: list[Path], c
                "--output-prefix", str(out / "mt"), "--tokenizer-type", "HuggingFaceTokenizer",
                "--tokenizer-model", str(tokenizer_path.parent), "--json-keys", "text", "--append-eod",
                "--workers", str(len(cpus)), "--log-interval", "100000"]
-    start = time.perf_counter()
-    proc = subprocess.run(_pinned(command, cpus), capture_output=True, text=True, cwd=megatron)
-    elapsed = time.perf_counter() - start
+    proc, elapsed, cpu = _run_timed(_pinned(command, cpus), cwd=megatron)
     if proc.returncode != 0:
         raise SystemExit(f"Megatron preprocess_data.py failed:\n{proc.stderr[-3000:]}")
     from nemotron.data.indexed import IndexedDataset
 
     (prefix,) = {p.with_suffix("") for p in out.glob("*.idx")}
     dataset = IndexedDataset(prefix)
-    return {"tokens": dataset.num_tokens, "documents": len(dataset), "seconds": elapsed,
-            "workers": len(cpus), "tokens_per_s": dataset.num_tokens / elapsed, "prefix": str(prefix)}
+    return {"tokens": dataset.num_tokens, "documents": len(dataset), "seconds": elapsed, "cpu_seconds": cpu,
+            "workers": len(cpus), "tokens_per_s": dataset.num_tokens / elapsed,
+            "tokens_per_cpu_s": dataset.num_tokens / cpu, "prefix": str(prefix)}
 
 
 def _document_hashes(prefixes: list[str]) -> list[str]:
@@ -274,20 +286,26 @@ def main() -> None:
     cores = len(cpus)
     best_ceiling, median_ceiling = _summary(ceiling)
     best_prep, median_prep = _summary(prep)
+    cpu_ceiling = statistics.median(r["tokens_per_cpu_s"] for r in ceiling)
+
+    def row(name: str, rows: list[dict]) -> str:
+        best, median = _summary(rows)
+        per_cpu = statistics.median(r["tokens_per_cpu_s"] for r in rows)
+        return (f"| {name} | {rows[0]['tokens']:,} | {best:,.0f} | {median:,.0f} | {best / cores:,.0f} | "
+                f"{median / cores:,.0f} | {median / cores / median_ceiling:.1%} | {per_cpu:,.0f} | "
+                f"{per_cpu / cpu_ceiling:.1%} |")
+
     print()
-    print(f"| run ({cores} cores) | tokens | tokens/s best | tokens/s median | per core best | "
-          f"per core median | per core vs ceiling (median) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| run ({cores} cores) | tokens | tokens/s best | tokens/s median | per core best | per core median | "
+          f"per core vs ceiling (median, wall) | tokens per CPU-s (median) | vs ceiling (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| `encode_batch_fast` ceiling, 1 process, 1 core | {ceiling[0]['tokens']:,} | {best_ceiling:,.0f} | "
-          f"{median_ceiling:,.0f} | {best_ceiling:,.0f} | {median_ceiling:,.0f} | - |")
-    print(f"| `nemotron nano3 data prep pretrain` (defaults: {prep[0]['workers']} workers, "
-          f"{prep[0]['units']} units) | {prep[0]['tokens']:,} | {best_prep:,.0f} | {median_prep:,.0f} | "
-          f"{best_prep / cores:,.0f} | {median_prep / cores:,.0f} | {median_prep / cores / median_ceiling:.1%} |")
+          f"{median_ceiling:,.0f} | {best_ceiling:,.0f} | {median_ceiling:,.0f} | - | {cpu_ceiling:,.0f} | - |")
+    print(row(f"`nemotron nano3 data prep pretrain` (defaults: {prep[0]['workers']} workers, "
+              f"{prep[0]['units']} units)", prep))
     if megatron:
         best_mt, median_mt = _summary(megatron)
-        print(f"| Megatron-LM `preprocess_data.py --workers {cores}` | {megatron[0]['tokens']:,} | {best_mt:,.0f} | "
-              f"{median_mt:,.0f} | {best_mt / cores:,.0f} | {median_mt / cores:,.0f} | "
-              f"{median_mt / cores / median_ceiling:.1%} |")
+        print(row(f"Megatron-LM `preprocess_data.py --workers {cores}`", megatron))
         print(f"\nCLI / Megatron tokens/s: best {best_prep / best_mt:.2f}x, median {median_prep / median_mt:.2f}x; "
               f"same token sequences: {same}")
     print(f"load average before {load_before}, after {report['load_avg_after']}")

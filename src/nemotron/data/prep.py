@@ -606,6 +606,17 @@ def _write_shard(plan: _ShardPlan, dtype) -> None:
                 doc = stop
 
 
+SHARD_WRITER_THREADS = 8
+
+
+def _write_shards(shards: list[_ShardPlan], dtype) -> None:
+    """Shards are copies of unit files, bound by I/O and by the fsync of each file: a few
+    threads overlap those waits (the GIL is released in both)."""
+    with futures.ThreadPoolExecutor(max_workers=SHARD_WRITER_THREADS) as pool:
+        for done in [pool.submit(_write_shard, shard, dtype) for shard in shards]:
+            done.result()  # in order: the first error is raised
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes (Slurm tasks, one per node or more) sharing one data prep
 
@@ -1114,9 +1125,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
             )
     if not split_shards["train"]:
         raise DataPrepError("no training documents were produced")
-    for split in SPLITS:
-        for shard in split_shards[split]:
-            _write_shard(shard, tokenizer.dtype)
+    _write_shards([shard for split in SPLITS for shard in split_shards[split]], tokenizer.dtype)
 
     weights = blend.normalised_weights
     weighted = {
