@@ -172,13 +172,13 @@ KILLED_PREP = textwrap.dedent(
             return real_finalize(self)
         indexed.IndexedDatasetWriter.finalize = finalize
     elif where == "metadata":  # kill -9 with metadata.json's temporary file written
-        real_write = prep.write_text_atomic
+        real_write = prep.atomic_write_text
         def write(path, text):
             if Path(path).name == "metadata.json":
-                Path(path).with_name(f".metadata.json.{os.getpid()}.tmp").write_text(text)
+                Path(path).with_name(f".metadata.json.{os.getpid()}-0badc0de.tmp").write_text(text)
                 die()
-            real_write(path, text)
-        prep.write_text_atomic = write
+            return real_write(path, text)
+        prep.atomic_write_text = write
     elif where == "swap":  # kill -9 half-way through swapping the new build in
         real_move, moves = prep._move, []
         def move(source, target):
@@ -226,7 +226,8 @@ def test_stray_temporary_files_of_an_older_version_are_removed(project):
     """Before the staging directory, killed writers left their temporaries beside the shards."""
     assert _prep().exit_code == 0
     out = project / "out"
-    strays = [out / "train" / ".web_00001.bin.999999.1a2b3c4d.tmp", out / ".metadata.json.999999.tmp"]
+    strays = [out / "train" / ".web_00001.bin.999999.1a2b3c4d.tmp", out / ".metadata.json.999999.tmp",
+              out / ".blend.json.999999-1a2b3c4d.tmp"]
     for path in strays:
         path.write_text("partial")
     assert _prep("--force").exit_code == 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import nemotron
+from nemotron.utils.fs import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 JOB_FILE = "job.json"
@@ -111,12 +112,6 @@ def provenance(
     return info
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def create_job_dir(
     path: str | Path,
     *,
@@ -153,7 +148,7 @@ def finish_job_dir(path: str | Path, status: str, result: dict[str, Any] | None 
     """Record how the run ended (`status`: completed | failed | interrupted) in result.json."""
     out = Path(path) / RESULT_FILE
     payload = {"status": status, "end_time": (end or utc_now()).isoformat(), **(result or {})}
-    _write_atomic(out, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")
     return out
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from nemotron.utils.fs import atomic_write_text
 
 MODEL_ARTIFACT_KIND = "ModelArtifact-pretrain"
 MODEL_ARTIFACT_FILE = "ModelArtifact-pretrain.json"
@@ -82,10 +83,7 @@ def build_model_artifact(
 def write_model_artifact(checkpoint_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write `ModelArtifact-pretrain.json` into `checkpoint_dir` (temp name, then rename)."""
     path = Path(checkpoint_dir) / MODEL_ARTIFACT_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest_json(manifest))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, manifest_json(manifest))
 
 
 def read_model_artifact(checkpoint_dir: str | Path) -> dict[str, Any]:

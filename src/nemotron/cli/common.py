@@ -11,6 +11,7 @@ Heavy modules (torch, the configs, the library) are imported inside the commands
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import traceback
@@ -21,6 +22,8 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+
+from nemotron.utils.fs import atomic_write_text
 
 CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
@@ -236,11 +239,7 @@ def open_job_dir(
         if process_rank() == 0:
             if not (path / jobdir.CONFIG_FILE).exists():
                 (path / jobdir.CONFIG_FILE).write_text(config_yaml)
-            tmp = path / ".run.json.tmp"
-            import json
-
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            tmp.replace(path / "run.json")
+            atomic_write_text(path / "run.json", json.dumps(info, indent=2) + "\n")
         return path
     if process_rank() != 0:
         return path

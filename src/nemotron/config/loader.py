@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from nemotron.config.errors import ConfigError
 from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, model_error
 from nemotron.models.nano3.config import ModelConfigError
+from nemotron.utils.fs import atomic_write_text
 
 T = TypeVar("T")
 
@@ -310,8 +311,5 @@ def dump_config(cfg: Any, path: str | Path | None = None) -> str:
     """The resolved config as YAML (loadable again by `load_config`); written atomically if `path`."""
     text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)), sort_keys=False)
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     return text

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nemotron.utils.fs import atomic_write_text
+
 SPLITS = ("train", "valid", "test")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -222,15 +224,7 @@ def write_split_blend(path: str | os.PathLike, splits: Mapping[str, Sequence[Sha
     for split in SPLITS:
         entries = splits.get(split, ())
         blend[split] = [item for shard in entries for item in (format_weight(shard.weight), shard.prefix)]
-    write_text_atomic(path, json.dumps(blend, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(blend, indent=2) + "\n")
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

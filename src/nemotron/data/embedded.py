@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemotron.data.config import DataPrepConfig
+from nemotron.utils.fs import atomic_write_text
 
 SCHEME = "embedded://"
 CORPORA = ("stdlib-docstrings", "stdlib-code")
@@ -311,8 +312,6 @@ def materialize_for_prep(
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / blend.name
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # tasks of one job may race here
-        tmp.write_text(json.dumps({**data, "datasets": rewritten}, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps({**data, "datasets": rewritten}, indent=2) + "\n")
         blend_path = str(out.resolve())
     return dataclasses.replace(cfg, tokenizer=tokenizer, blend_path=blend_path)

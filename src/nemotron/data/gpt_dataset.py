@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from nemotron.data.mapped import PicklesByReference
+from nemotron.utils.fs import atomic_path, atomic_write_text
 
 INDEX_FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -115,10 +115,8 @@ def cache_key(description: dict[str, Any]) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def cached_arrays(
@@ -137,9 +135,7 @@ def cached_arrays(
         arrays = build()
         for name in names:
             _save_npy_atomic(paths[name], arrays[name])
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(description, indent=2, sort_keys=True))
-        os.replace(tmp, marker)
+        atomic_write_text(marker, json.dumps(description, indent=2, sort_keys=True))
     _barrier()
     if not marker.exists():
         raise GPTDatasetError(

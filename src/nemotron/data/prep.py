@@ -60,11 +60,11 @@ from nemotron.data.blend import (
     load_blend,
     shard_weights,
     write_split_blend,
-    write_text_atomic,
 )
 from nemotron.data.config import DataPrepConfig
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
+from nemotron.utils.fs import atomic_write_text
 
 ARTIFACT_TYPE = "DataBlendsArtifact-pretrain"
 FORMAT_VERSION = 1
@@ -74,8 +74,8 @@ BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 20
 COPY_CHUNK_BYTES = 64 << 20
 SHARD_NAME = re.compile(r"^.+_\d{5}\.(bin|idx)$")
-# Temporary files of the atomic writers (``.NAME.<pid>[.<hex>].tmp``), left only by a kill.
-TEMP_NAME = re.compile(r"^\..+\.\d+(\.[0-9a-f]+)?\.tmp$")
+# Temporary files of the atomic writers (``.NAME.<pid>[.-<hex>].tmp``), left only by a kill.
+TEMP_NAME = re.compile(r"^\..+\.\d+([.-][0-9a-f]+)?\.tmp$")
 UNITS_PER_WORKER = 8
 MIN_UNIT_BYTES = 1 << 20
 
@@ -329,7 +329,7 @@ def _group_pieces(pieces: list[src.Piece], unit_bytes: int) -> list[tuple[src.Pi
 
 def _save_units(path: Path, units: list[UnitSpec]) -> None:
     rows = [{**asdict(unit), "out_dir": None} for unit in units]
-    write_text_atomic(path, json.dumps({"units": rows}, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps({"units": rows}, sort_keys=True) + "\n")
 
 
 def _load_units(path: Path, out_dir: Path) -> list[UnitSpec]:
@@ -493,7 +493,7 @@ def _process_unit(spec: UnitSpec) -> dict:
         raise
     if report is not None and any(pending.values()):
         report.put(dict(pending))
-    write_text_atomic(spec.marker, json.dumps(stats, sort_keys=True))
+    atomic_write_text(spec.marker, json.dumps(stats, sort_keys=True))
     # The worker's CPU time so far (start-up included) is returned but not written to the
     # marker: markers are deterministic.
     return {**stats, "pid": os.getpid(), "process_cpu_s": time.process_time()}
@@ -667,7 +667,7 @@ def _attempt_file(output_dir: Path, task: PrepTask) -> Path:
 def _announce(output_dir: Path, task: PrepTask, **fields) -> None:
     """Task 0 tells the other tasks of this attempt what to do (nothing for one task)."""
     if task.world > 1:
-        write_text_atomic(_attempt_file(output_dir, task), json.dumps(fields, sort_keys=True) + "\n")
+        atomic_write_text(_attempt_file(output_dir, task), json.dumps(fields, sort_keys=True) + "\n")
 
 
 def _claimer(work_dir: Path, task: PrepTask) -> Callable[[UnitSpec], bool] | None:
@@ -712,7 +712,7 @@ class _TaskBoard:
         if not force and now - self._written < 1.0:
             return
         self._written = now
-        write_text_atomic(self.directory / f"{self.task.rank:05d}.json", json.dumps({
+        atomic_write_text(self.directory / f"{self.task.rank:05d}.json", json.dumps({
             "rank": self.task.rank, "host": self.task.host, "workers": self.workers,
             "units": self.units, "tokens": self.tokens, "state": state, "error": error,
         }))
@@ -743,7 +743,7 @@ def _swap_in(output_dir: Path, work_dir: Path) -> None:
     Journaled, so that a kill at any moment is finished by the next run (``_finish_swap``):
     the older build is moved aside (metadata.json first: from then on it no longer looks
     complete), the new files are moved in, and the new metadata.json is moved in last."""
-    write_text_atomic(work_dir / "swap.json", json.dumps({"state": "move_old"}) + "\n")
+    atomic_write_text(work_dir / "swap.json", json.dumps({"state": "move_old"}) + "\n")
     _finish_swap(output_dir, work_dir)
 
 
@@ -758,7 +758,7 @@ def _finish_swap(output_dir: Path, work_dir: Path) -> None:
             for path in sorted(directory.iterdir()) if directory.is_dir() else []:
                 if path.is_file() and SHARD_NAME.match(path.name):
                     _move(path, previous / split / path.name)
-        write_text_atomic(journal, json.dumps({"state": "move_new"}) + "\n")
+        atomic_write_text(journal, json.dumps({"state": "move_new"}) + "\n")
     for split in SPLITS:
         directory = staging / split
         for path in sorted(directory.iterdir()) if directory.is_dir() else []:
@@ -1072,7 +1072,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
             if child.is_dir() and child.name != "attempts":
                 shutil.rmtree(child, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(current, fingerprint + "\n")
+    atomic_write_text(current, fingerprint + "\n")
 
     workers_here = cfg.num_workers or available_cpus()
     plan_file = work_dir / "plan.json"
@@ -1212,7 +1212,7 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
         "elapsed_s": elapsed,
         "cpu_s": cpu_seconds,
     }
-    write_text_atomic(staging / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
+    atomic_write_text(staging / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
     _swap_in(output_dir, work_dir)
     _announce(output_dir, task, status="done")  # the other tasks wait for this to exit
     shutil.rmtree(work_root, ignore_errors=True)

@@ -39,6 +39,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from nemotron.utils.fs import atomic_write_text
+
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
@@ -79,12 +81,6 @@ def _rank() -> int:
 def _barrier(group=None) -> None:
     if _distributed():
         dist.barrier(group=group)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_complete(path: Path) -> bool:
@@ -389,7 +385,7 @@ class Checkpointer:
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, final)
-            _write_text_atomic(self.save_dir / LATEST_FILE, final.name + "\n")
+            atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
             self._prune()
             if self.on_complete is not None:
                 self.on_complete(final, step)

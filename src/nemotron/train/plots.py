@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemotron.train.metrics import read_metrics
+from nemotron.utils.fs import atomic_path
 
 
 def _series(records, kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -38,10 +39,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     def save(fig, name: str) -> None:
         path = out / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
         plt.close(fig)
-        tmp.replace(path)
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
