@@ -102,7 +102,7 @@ def sdpa_backend(name: str | None):
                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
-def paths_for(kind: str, device: torch.device) -> list[dict]:
+def paths_for(kind: str, device: torch.device, fp8_recipes: tuple[str, ...] = ()) -> list[dict]:
     ref = {"name": "reference", "param_dtype": torch.float32, "fast": False, "sdpa": "math" if kind == "attention" else None}
     paths = [ref,
              {"name": "fast-fp32w", "param_dtype": torch.float32, "fast": True, "sdpa": None},
@@ -116,12 +116,33 @@ def paths_for(kind: str, device: torch.device) -> list[dict]:
     if kind == "moe" and device.type == "cuda":  # the shared expert on a side stream
         paths += [{"name": "fast-overlap", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
                    "shared_expert_overlap": True}]
+    for recipe in fp8_recipes:  # train.fp8: the block's GEMMs in FP8 (train/fp8.py)
+        paths += [{"name": f"fast-fp8-{recipe}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
+                   "fp8": recipe, "shared_expert_overlap": kind == "moe" and device.type == "cuda"}]
     return paths
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+# The per-tensor gradient rule of benchmarks/grad_audit.py: a fast path's error may be at most
+# GRAD_RATIO x the reference path's bf16 error of the same tensor, or GRAD_FLOOR.
+GRAD_RATIO, GRAD_FLOOR = 1.5, 1e-2
+
+
+def block_gradients_fp32(cfg: Nano3Config, master: Block, x0: torch.Tensor, gy: torch.Tensor, device: torch.device) -> dict:
+    """Every parameter's gradient of the block along the reference path in float32, no autocast."""
+    block = Block(cfg, 0).to(device)
+    block.load_state_dict(master.state_dict())
+    x = x0.float().requires_grad_(True)
+    with fast_paths(False):
+        y, _ = block(x)
+    y.backward(gy.float())
+    grads = {n: p.grad.detach().float().clone() for n, p in block.named_parameters() if p.grad is not None}
+    del block, x, y
+    return grads
 
 
 def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
@@ -143,7 +164,8 @@ def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
 
 def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.device,
               warmup: int, iters: int, caps: dict, only: list[str] | None = None,
-              profile: bool = False, profile_top: int = 15) -> list[dict]:
+              profile: bool = False, profile_top: int = 15, fp8_recipes: tuple[str, ...] = (),
+              fp8_layers: tuple[str, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         master = Block(cfg, 0)
@@ -152,12 +174,17 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
     gy = torch.randn(batch, seq, cfg.hidden_size, device=device, generator=gen).bfloat16()
     total_flops = block_train_flops(cfg, kind, batch, seq)
     rows, ref_out = [], None
-    for path in paths_for(kind, device):
-        if only and path["name"] not in only and path["name"] != "reference":
+    truth = block_gradients_fp32(cfg, master, x0, gy, device)  # per-tensor ground truth
+    for path in paths_for(kind, device, fp8_recipes):
+        if only and path["name"] not in only and path["name"] != "reference" and not path.get("fp8"):
             continue
         block = Block(cfg, 0).to(device)
         block.load_state_dict(master.state_dict())
         block.to(path["param_dtype"])  # the router's balancing buffers stay float32
+        if path.get("fp8"):
+            from nemotron.train.fp8 import Fp8Config, apply_fp8
+
+            apply_fp8(block, Fp8Config(enabled=True, recipe=path["fp8"], layers=list(fp8_layers)), device)
         set_shared_expert_overlap(block, path.get("shared_expert_overlap", False))
         params = list(block.parameters())
         x = x0.clone().requires_grad_(True)
@@ -178,15 +205,16 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
                     fused_chain(path.get("fused_chain", True)):
                 out = step().detach()
                 dx = x.grad.detach().clone()
-                # Every parameter gradient, flattened in float32 (the residual dominates the
-                # block output and dx, so these show the mixer's own error).
-                dparams = torch.cat([p.grad.float().flatten() for p in params if p.grad is not None])
+                # Every parameter's gradient, tensor by tensor (the residual dominates the block
+                # output and dx, so these show the mixer's own error; one aggregate over all
+                # tensors would hide a wrong small one).
+                dparams = {n: rel(p.grad, truth[n]) for n, p in block.named_parameters() if p.grad is not None}
                 peak_memory_reset(device)
                 base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 times = time_ms(step, device, warmup, iters)
                 peak = peak_memory_gib(device)
                 synced = time_ms(step, device, 1, iters, sync_each=True)
-                if profile and path["name"] in ("fast", "fast-overlap") and device.type == "cuda":
+                if profile and (path["name"] in ("fast", "fast-overlap") or path.get("fp8")) and device.type == "cuda":
                     row["kernels"] = profile_kernels(step, 3, limit=profile_top)
         except (RuntimeError, NotImplementedError) as err:  # a backend that refuses the shape
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -200,12 +228,16 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             "mfu": total_flops / (ms * 1e-3) / flops.H200_BF16_PEAK_FLOPS,
             "peak_extra_gib": None if peak is None else peak - base / 2**30,
         })
+        row["param_errors"] = dparams  # vs the fp32 reference without autocast
         if path["name"] == "reference":
             ref_out = (out, dx, dparams)
         else:
             row["rel_err_out"] = rel(out, ref_out[0])
             row["rel_err_dx"] = rel(dx, ref_out[1])
-            row["rel_err_dparams"] = rel(dparams, ref_out[2])
+            # The tensor whose error is largest against the reference path's own bf16 error.
+            worst = max(dparams, key=lambda n: dparams[n] / max(ref_out[2][n], GRAD_FLOOR / GRAD_RATIO))
+            row["worst_param"] = {"tensor": worst, "error": dparams[worst], "reference_bf16": ref_out[2][worst],
+                                  "ok": dparams[worst] <= max(GRAD_RATIO * ref_out[2][worst], GRAD_FLOOR)}
         if kind == "mamba" and caps.get("copy_GBps"):
             floor = mamba_block_floor(cfg, batch, seq, caps["copy_GBps"] * 1e9, caps["bf16_matmul_TFLOPs"] * 1e12)
             row["floor"] = floor
@@ -213,8 +245,9 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
         rows.append(row)
         print(f"{kind:9s} {path['name']:12s} {ms:8.3f} ms (synced {row['ms_synced']:.3f}) {row['tflops']:7.1f} TFLOP/s "
               f"MFU {row['mfu']:.3f} peak+ {row['peak_extra_gib'] or 0:.2f} GiB "
-              f"err out/dx/dW {row.get('rel_err_out', 0):.1e}/{row.get('rel_err_dx', 0):.1e}"
-              f"/{row.get('rel_err_dparams', 0):.1e}"
+              f"err out/dx {row.get('rel_err_out', 0):.1e}/{row.get('rel_err_dx', 0):.1e}"
+              + (f" worst dW {row['worst_param']['tensor']} {row['worst_param']['error']:.1e}"
+                 f" (ref {row['worst_param']['reference_bf16']:.1e})" if "worst_param" in row else "")
               + (f" floor x{row['x_floor']:.2f}" if "x_floor" in row else ""), flush=True)
         for k in row.get("kernels", []):
             print(f"    {k['ms_per_call']:7.3f} ms {k['count']:3d}x {k['name']}", flush=True)
@@ -234,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--profile", action="store_true", help="top kernels of each block's fast path")
     ap.add_argument("--profile-top", type=int, default=15, help="how many kernels --profile lists")
+    ap.add_argument("--fp8", default="", help="comma list of train.fp8 recipes to time as paths fast-fp8-<recipe>")
+    ap.add_argument("--fp8-layers", default="mamba,attention,shared_expert,mlp,experts",
+                    help="train.fp8.layers of the fast-fp8 paths (default: every FP8-capable layer)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -258,12 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in args.blocks.split(","):
         cfg = block_config(kind, **sizes)
         result["rows"] += run_block(kind, cfg, args.batch, args.seq, device, args.warmup, args.iters, caps, only,
-                                    args.profile, args.profile_top)
+                                    args.profile, args.profile_top,
+                                    tuple(r for r in args.fp8.split(",") if r),
+                                    tuple(x for x in args.fp8_layers.split(",") if x))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.append_row:
         header = ["date", "GPU", "block", "path", "batch x seq", "ms", "TFLOP/s", "MFU", "peak extra GiB",
-                  "rel err out / dx / dW", "vs floor", "software", "command"]
+                  "rel err out / dx", "worst dW tensor: err (ref bf16)", "vs floor", "software", "command"]
         for r in result["rows"]:
             if "ms" not in r:
                 continue
@@ -273,7 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
                 [env["date"], env["device"], name, r["path"], f"{r['batch']}x{r['seq']}", f"{r['ms']:.2f}",
                  f"{r['tflops']:.0f}", f"{r['mfu']:.3f}",
                  "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}",
-                 "-" if "rel_err_out" not in r else f"{r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e} / {r['rel_err_dparams']:.1e}",
+                 "-" if "rel_err_out" not in r else f"{r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e}",
+                 "-" if "worst_param" not in r else
+                 f"`{r['worst_param']['tensor']}`: {r['worst_param']['error']:.1e} ({r['worst_param']['reference_bf16']:.1e})",
                  "-" if "x_floor" not in r else f"{r['x_floor']:.2f}x of {r['floor']['floor_ms']:.2f} ms",
                  f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
                 intro="`benchmarks/blocks.py`: one residual block (pre-norm + mixer + residual), "

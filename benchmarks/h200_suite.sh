@@ -2,8 +2,12 @@
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
-# [-accumN][-prof][-rec][-ovl] (peer: also the transformers peer; ovl: MoE shared-expert overlap), numerics-<fp32|bf16>, long,
-# blocks-<kinds>, gpu-tests); results and logs go to $OUT (default
+# [-accumN][-prof][-rec][-ovl][-fp8t|-fp8r|-fp8g] (peer: also the transformers peer; ovl: MoE shared-expert overlap;
+# fp8t/r/g: train.fp8 with the tensorwise / rowwise / rowwise_with_gw_hp recipe), numerics-<fp32|bf16>, long,
+# blocks-<kinds>, blocks-fp8, gpu-tests, grad-audit, dynamics (DYN_BLEND=blend.json), fp8-tests, fp8-parity
+# (FP8_BLEND=blend.json, FP8_RECIPES, FP8_LAYERS a comma list of train.fp8.layers for the fp8 stages: train-*
+# default to train.fp8's (dense), blocks-fp8 and fp8-parity to all));
+# FP8 needs torchao (carried as a wheel like omegaconf); results and logs go to $OUT (default
 # ./bench_out).
 set -o pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -18,7 +22,7 @@ for stage in "$@"; do
   case $stage in
     blocks)     timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --out $OUT/blocks.json --append-row $OUT/rows.md ;;
     blocks-*)   timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --blocks "${stage#blocks-}" --out $OUT/blocks.json --append-row $OUT/rows.md ;;
-    gpu-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py tests/distributed/test_gpu_context_parallel.py ;;
+    gpu-tests)  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py tests/models/test_gpu.py tests/distributed/test_fsdp_lifetime.py tests/train/test_gpu_pretrain.py tests/distributed/test_gpu_context_parallel.py tests/distributed/test_gpu_expert_parallel.py ;;
     train-*|peer-*)
       # <train|peer>-<fp32|bf16>[-mb<N>][-accum<N>][-prof][-rec][-ovl]: one proxy run (peer: + the HF peer)
       IFS=- read -r kind params rest <<< "$stage"
@@ -30,6 +34,9 @@ for stage in "$@"; do
           prof) prof=() ;;
           rec) extra+=(--recompute) ;;
           ovl) extra+=(--shared-expert-overlap) ;;
+          fp8t) extra+=(--fp8 tensorwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
+          fp8r) extra+=(--fp8 rowwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
+          fp8g) extra+=(--fp8 rowwise_with_gw_hp ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
         esac
       done
       if [ "$kind" = peer ]; then
@@ -37,6 +44,18 @@ for stage in "$@"; do
         extra+=(--peer hf --peer-steps "${PEER_STEPS:-2}"); limit=420
       else limit=240; fi
       timeout $limit $TT "${extra[@]}" "${prof[@]}" --out $OUT/$stage.json --append-row $OUT/rows.md ;;
+    grad-audit) timeout 300 python3 benchmarks/grad_audit.py --seqs "${AUDIT_SEQS:-4096,8192}" --batches "${AUDIT_BATCHES:-1,2}" --out $OUT/grad_audit.json ;;
+    dynamics)
+      # DYN_BLEND: a prepared blend.json (nemotron nano3 data prep pretrain -c tiny); the three
+      # paths run side by side on the GPU (their losses do not depend on timing), then compared.
+      for p in fast reference reference-fp32; do
+        timeout 420 python3 benchmarks/train_dynamics.py --blend "$DYN_BLEND" --path $p --steps "${DYN_STEPS:-200}" --out $OUT/dyn_$p.json > $OUT/dyn_$p.log 2>&1 &
+      done; wait
+      tail -n 2 $OUT/dyn_*.log
+      python3 benchmarks/train_dynamics.py --compare $OUT/dyn_*.json --out $OUT/dyn_compare.json ;;
+    blocks-fp8) timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --paths fast,fast-overlap --fp8 ${FP8_RECIPES:-tensorwise,rowwise} ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} --warmup 2 --iters 5 --out $OUT/blocks-fp8.json --append-row $OUT/rows.md ;;
+    fp8-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu_fp8.py tests/train/test_fp8.py ;;
+    fp8-parity) timeout 400 python3 benchmarks/fp8_loss_parity.py --blend "$FP8_BLEND" --recipes ${FP8_RECIPES:-tensorwise} --steps ${PARITY_STEPS:-300} --seq 2048 ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} --out $OUT/fp8-parity.json ;;
     numerics-*) timeout 200 $TT --params "${stage#numerics-}" --steps 0 --warmup 0 --no-profile --check-numerics 3 --out $OUT/$stage.json ;;
     long)       timeout 300 python3 benchmarks/long_context.py --seqs "${LONG_SEQS:-32768,65536,131072,262144}" --steps "${LONG_STEPS:-2}" --out $OUT/long.json --append-row $OUT/rows.md ;;
     *) echo "unknown stage $stage"; exit 2 ;;

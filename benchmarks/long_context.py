@@ -2,8 +2,8 @@
 activation recomputation (`train.activation_recompute`), micro batch 1.
 
 For each sequence length (default 32K, 64K, 128K, 256K, ascending) trains a few steps through
-the same path as `benchmarks/train_throughput.py` (`train.loop.train_step` + the expert-bias
-update) and reports tokens/s, model TFLOP/s, MFU (`train/flops.py`, which counts the causal
+the same path as `benchmarks/train_throughput.py` (`Trainer.step()`: `train_step` + the
+expert-bias update) and reports tokens/s, model TFLOP/s, MFU (`train/flops.py`, which counts the causal
 attention work growing with the sequence) and peak memory. Stops at the first length that runs
 out of memory: the longest length that trained is the single-GPU limit.
 

@@ -1,27 +1,22 @@
-"""Per-GPU memory of the full Nemotron 3 Nano under a parallel layout, computed by running the
-real sharding code (`nemotron.distributed.parallelize`) on a meta-device model inside a fake
-process group of the target world size: every parameter's local shard shape is exactly what
-rank 0 would hold on the cluster.
+"""Per-GPU memory of the full Nemotron 3 Nano under a parallel layout: the performance model's
+breakdown (`nemotron.train.perf_model`, also shown by `nemotron nano3 plan`), checked against
+the real sharding code: `nemotron.distributed.parallelize` runs on a meta-device model inside a
+fake process group of the target world size, and rank 0's shard of every FSDP unit must hold
+exactly the elements the model counts. Also reports how long building and sharding the model
+on the meta device takes (the first part of a run's time to first step).
 
-    .venv/bin/python benchmarks/memory_estimate.py --world-size 64 --tp 8 --ep 8
+    .venv/bin/python benchmarks/memory_estimate.py --world-size 4 8 64 --tp 1 --ep 8 [--recompute]
 
-Counted per GPU (bytes per locally held parameter element):
-  master weights fp32 (4) + gradients fp32 (4) + AdamW exp_avg/exp_avg_sq fp32 (8) = 16;
-  FSDP2 transient: the unsharded bf16 parameters and bf16 gradients of the largest FSDP unit,
-  twice (the unit computing and the one prefetched);
-  LM-head loss buffers: fp32 vocab-shard logits and softmax of one piece of the vocab-parallel
-  loss (at most `tensor_parallel.LOSS_CHUNK_TOKENS` tokens of this rank's 1/CP of the
-  micro-batch's sequences);
-  with context parallelism, the all-gathered bf16 K and V of the whole sequence that one
-  attention layer holds (each TP rank the KV heads its query heads read).
-Not counted: other activations (depend on micro-batch, recompute and kernels: measure them on
-a GPU), CUDA context and allocator fragmentation.
+Model memory (bytes per parameter, activations per block kind, FSDP buffers): see
+`perf_model.estimate_memory`. What a fake process group cannot show (activations, allocator
+fragmentation) is measured on one GPU by benchmarks/fake_world_memory.sh.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,82 +24,42 @@ from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
-
-GIB = 1024**3
-
-
-def _local_numel(t: torch.Tensor) -> int:
-    return (t.to_local() if isinstance(t, DTensor) else t).numel()
+from nemotron.train import perf_model as pm
 
 
-def estimate(world_size: int, tp: int, ep: int, seq_length: int, micro_batch: int,
-             cp: int = 1) -> dict:
+def real_shards(cfg: Nano3Config, layout: pm.Layout) -> tuple[dict[str, int], float]:
+    """Rank 0's local elements per FSDP unit after the real `parallelize` (fake process group),
+    and the seconds that building on meta + parallelize took."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.world)
     try:
-        config = Nano3Config()
-        parallel = ParallelismConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                     context_parallel_size=cp, sequence_parallel=tp > 1)
-        dims = ParallelDims.from_config(parallel, world_size, config)
+        start = time.perf_counter()
+        parallel = ParallelismConfig(tensor_model_parallel_size=layout.tp,
+                                     expert_model_parallel_size=layout.ep,
+                                     context_parallel_size=layout.cp,
+                                     sequence_parallel=layout.tp > 1)
+        mesh = build_mesh(ParallelDims.from_config(parallel, layout.world, cfg), "cpu")
         with torch.device("meta"):
-            model = Nano3ForCausalLM(config)
-        total_params = sum(p.numel() for p in model.parameters())
-        unit_full = {}  # FSDP unit -> parameters it all-gathers on this rank (TP/EP-local)
-        for i, block in enumerate(model.backbone.layers):
-            experts = [m for n, m in block.named_modules() if n.endswith("experts") and
-                       not n.endswith("shared_experts")]
-            unit_full[f"layers.{i}"] = block
-            if experts:
-                unit_full[f"layers.{i}.experts"] = experts[0]
-        mesh = build_mesh(dims, "cpu")
+            model = Nano3ForCausalLM(cfg)
         parallelize(model, mesh, parallel, mixed_precision=True)
-        local = sum(_local_numel(p) for p in model.parameters())
-
-        def unsharded_numel(module) -> int:
-            # what FSDP all-gathers for this unit: the TP/EP-local part of each parameter
-            # (mesh dim 0 of a sharded parameter is FSDP's; the others are TP or EP)
-            n = 0
-            for p in module.parameters(recurse=True):
-                split = 1
-                for i in range(1, p.device_mesh.ndim):
-                    if p.placements[i].is_shard():
-                        split *= p.device_mesh.size(i)
-                n += p.numel() // split
-            return n
-
-        blocks = {name: unsharded_numel(m) for name, m in unit_full.items()
-                  if not name.endswith("experts")}
-        experts = {name: unsharded_numel(m) for name, m in unit_full.items()
-                   if name.endswith("experts")}
-        # a MoE block's own unit excludes its experts (they are their own unit)
-        for name in experts:
-            blocks[name.rsplit(".", 1)[0]] -= experts[name]
-        largest_unit = max(list(blocks.values()) + list(experts.values()))
+        seconds = time.perf_counter() - start
+        counts: dict[str, int] = {}
+        for name, p in model.named_parameters():
+            local = (p.to_local() if isinstance(p, DTensor) else p).numel()
+            parts = name.split(".")
+            if parts[:2] == ["backbone", "layers"]:
+                unit = "layers." + parts[2]
+                if ".experts." in name and "shared_experts" not in name:
+                    unit += ".experts"
+                elif layout.tp > 1 and (".in_proj." in name or ".conv1d." in name):
+                    unit += ".packed"
+            else:
+                unit = "embeddings" if parts[:2] == ["backbone", "embeddings"] else "root"
+            counts[unit] = counts.get(unit, 0) + local
+        return counts, seconds
     finally:
         dist.destroy_process_group()
-
-    states = 16 * local
-    transient = 2 * largest_unit * (2 + 2)
-    tokens = micro_batch * seq_length // cp  # this rank's part of each sequence
-    from nemotron.distributed.tensor_parallel import LOSS_CHUNK_TOKENS
-
-    loss_buffers = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size // tp
-    kv_heads = max(1, config.num_key_value_heads // tp)
-    kv_gather = (2 * 2 * micro_batch * seq_length * kv_heads * config.head_dim) if cp > 1 else 0
-    return {
-        "layout": dims.describe(),
-        "total_params": total_params,
-        "local_params": local,
-        "model_states_gib": states / GIB,
-        "fsdp_transient_gib": transient / GIB,
-        "largest_fsdp_unit_params": largest_unit,
-        "loss_buffers_gib": loss_buffers / GIB,
-        "cp_kv_gather_gib": kv_gather / GIB,
-        "total_counted_gib": (states + transient + loss_buffers + kv_gather) / GIB,
-        "micro_batch": micro_batch,
-        "seq_length": seq_length,
-    }
 
 
 def main() -> None:
@@ -115,23 +70,44 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="default: one micro-batch per GPU per step")
+    parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--no-check", action="store_true", help="skip the fake-PG sharding check")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = [estimate(w, args.tp, args.ep, args.seq_length, args.micro_batch, args.cp)
-            for w in args.world_size]
+    cfg = Nano3Config()
+    rows = []
+    for world in args.world_size:
+        layout = pm.Layout(world, tp=args.tp, ep=args.ep, cp=args.cp,
+                           micro_batch=args.micro_batch, recompute=args.recompute)
+        shape = pm.RunShape(seq_length=args.seq_length,
+                            global_batch_size=args.global_batch or layout.dp * args.micro_batch)
+        plan = pm.estimate(cfg, layout, shape)
+        row = {"world": world, "layout": layout.describe(), "accumulation": plan.grad_accumulation,
+               **{k: round(v, 2) for k, v in vars(plan.memory).items() if isinstance(v, float)},
+               "total_gib": round(plan.memory.total, 2), "fits": plan.memory.fits,
+               "local_params": sum(u.sharded for u in pm.fsdp_units(cfg, layout))}
+        if not args.no_check:
+            real, seconds = real_shards(cfg, layout)
+            model = {u.name: u.sharded for u in pm.fsdp_units(cfg, layout)}
+            row["sharding_matches_parallelize"] = real == model
+            row["meta_build_and_parallelize_s"] = round(seconds, 2)
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"Nemotron 3 Nano, {rows[0]['total_params'] / 1e9:.2f}B parameters; TP{args.tp} "
-          f"EP{args.ep} CP{args.cp}, micro-batch {args.micro_batch} x {args.seq_length} tokens")
-    print("| GPUs | layout | params/GPU | weights+grads+AdamW | FSDP transient | loss buffers "
-          "| CP K/V gather | total counted |")
-    print("|---|---|---|---|---|---|---|---|")
-    for w, r in zip(args.world_size, rows):
-        print(f"| {w} | {r['layout']} | {r['local_params'] / 1e9:.3f}B | "
-              f"{r['model_states_gib']:.1f} GiB | {r['fsdp_transient_gib']:.1f} GiB | "
-              f"{r['loss_buffers_gib']:.1f} GiB | {r['cp_kv_gather_gib']:.2f} GiB | "
-              f"{r['total_counted_gib']:.1f} GiB |")
+    print(f"Nemotron 3 Nano; micro-batch {args.micro_batch} x {args.seq_length} tokens"
+          + (", per-block recompute" if args.recompute else ""))
+    print("| GPUs | layout | params/GPU | weights+grads+AdamW | FSDP buffers | activations + loss "
+          "| total | fits | sharding = parallelize | meta build + parallelize |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world']} | {r['layout']} x{r['accumulation']} | {r['local_params'] / 1e9:.3f}B | "
+              f"{r['weights'] + r['gradients'] + r['optimizer']:.1f} GiB | {r['fsdp_buffers']:.1f} GiB | "
+              f"{r['activations'] + r['loss_buffers']:.1f} GiB | {r['total_gib']:.1f} GiB | "
+              f"{'yes' if r['fits'] else 'no'} | {r.get('sharding_matches_parallelize', '-')} | "
+              f"{r.get('meta_build_and_parallelize_s', '-')} s |")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,47 @@ one full27_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.nu
 one full52_ep$N torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.num_experts=128 \
   model.expert_model_parallel_size=$N 'model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME' \
   model.num_layers=52
+
+# ---- issue 21: expert-parallel overlap A/B, the whole model (run with RUN_TIMEOUT=600) ----
+# The same EP run with the shared expert on the same stream as the exchange ("sync"): compare
+# with dp${N}ep${N}_acc (the overlap, on by default since issue 21) and dp${N}_acc (no EP).
+one dp${N}ep${N}_acc_sync torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC \
+  train.global_batch_size=$((8 * N)) model.expert_model_parallel_size=$N train.moe_shared_expert_overlap=false
+# One full-width MoE layer: local vs EP sync vs EP overlap, per-GPU ms and bit-equality
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" ep_overlap "* ]]; then
+  for MB in 1 2; do
+    echo "== ep_overlap mb$MB"
+    torchrun --nproc-per-node $N benchmarks/ep_overlap.py --micro-batch $MB --out $RUNS/ep_overlap_mb$MB.json \
+      > $RUNS/ep_overlap_mb$MB.log 2>&1; echo "rc=$?"; tail -n 3 $RUNS/ep_overlap_mb$MB.log
+    { echo "===== ep_overlap_mb$MB"; cat $RUNS/ep_overlap_mb$MB.log; } >> $OUT/logs.txt
+    [ -f $RUNS/ep_overlap_mb$MB.json ] && python3 -c "import json,sys; print(json.dumps(dict(json.load(open(sys.argv[1])), name='ep_overlap_mb$MB')))" $RUNS/ep_overlap_mb$MB.json >> $OUT/results.jsonl
+  done
+fi
+# TP + SP without EP (calibrates the TP cost alone; the plan extrapolates TP > 2 from these)
+one tp${N}sp torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P model.tensor_model_parallel_size=$N \
+  model.sequence_parallel=true
+one tp${N}sp_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $ACC train.global_batch_size=8 \
+  model.tensor_model_parallel_size=$N model.sequence_parallel=true
+# NCCL bus bandwidth per collective and size (replaces the plan's assumed bandwidths)
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" nccl "* ]]; then
+  echo "== nccl bandwidth"
+  torchrun --nproc-per-node $N benchmarks/nccl_bandwidth.py --out $RUNS/nccl$N.json > $RUNS/nccl.log 2>&1
+  echo "rc=$?"; cat $RUNS/nccl.log | grep '^{' ; { echo "===== nccl"; cat $RUNS/nccl.log; } >> $OUT/logs.txt
+  [ -f $RUNS/nccl$N.json ] && python3 -c "import json,sys; print(json.dumps(dict(json.load(open(sys.argv[1])), name='nccl$N')))" $RUNS/nccl$N.json >> $OUT/results.jsonl
+fi
+FULL52="model.num_experts=128 model.hybrid_pattern=MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME model.num_layers=52"
+# The whole Nano3 (31.6B parameters). `nemotron nano3 plan -g 4 -g 8` predicts, per GPU:
+#  4 GPUs EP4 mb1 + recompute (global batch 4): 122.3 GiB (fits, tight); without recompute
+#    133.1 GiB: over the 125.8 usable, the likely cause of the 4-GPU stall (an OOM on one rank
+#    whose NCCL teardown waited for its peers; launcher_process_group no longer waits);
+#  8 GPUs EP8 mb1 (global batch 8): 88.6 GiB; with 8 micro-batches per GPU 118.5 GiB.
+# Each run prints "[t s] start" (model built, sharded, initialised) and "[t s] train step=1"
+# (time to first step) as it goes, so a run cut off by the limit shows how far it got.
+one full52_ep${N}_rc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $FULL52 \
+  model.expert_model_parallel_size=$N train.activation_recompute=true
+one full52_ep${N} torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $FULL52 \
+  model.expert_model_parallel_size=$N
+one full52_ep${N}_acc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $FULL52 \
+  model.expert_model_parallel_size=$N train.global_batch_size=$((8 * N))
+one full52_ep${N}_acc_rc torchrun --nproc-per-node $N benchmarks/multi_gpu.py $P $FULL52 \
+  model.expert_model_parallel_size=$N train.global_batch_size=$((8 * N)) train.activation_recompute=true

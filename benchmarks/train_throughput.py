@@ -3,10 +3,10 @@
 
 The proxy is the first 14 blocks of the Nano3 pattern (`MEMEM*EMEMEM*E`: 6 Mamba-2, 6 MoE,
 2 attention) at every Nano3 width, 64 routed experts (top-6, shared expert kept), vocab 131072.
-Each timed step is exactly what `nemotron.train.pretrain` runs per step: the loader's next
-batches (synthetic tokens, or a real `blend.json`), `train.loop.train_step` (forward and
-backward per micro-batch, gradient norm and clipping, fused AdamW) and the expert-bias update
-(`train.balancing.update_expert_biases`), then a device synchronisation.
+Each timed step is `train.trainer.Trainer.step()`, exactly what `nemotron.train.pretrain` runs
+per step: the loader's next batches (synthetic tokens, or a real `blend.json`),
+`train.loop.train_step` (forward and backward per micro-batch, gradient norm and clipping, fused
+AdamW) and the expert-bias update, then a device synchronisation.
 
 Parameter modes (`--params`):
 - `fp32` (default): `train.loop.build_model`'s single-process model: fp32 parameters (the
@@ -54,11 +54,13 @@ from nemotron.data.config import DataConfig  # noqa: E402
 from nemotron.distributed.utils import launcher_process_group  # noqa: E402
 from nemotron.kernels import fast_paths  # noqa: E402
 from nemotron.models.nano3.config import NANO3_PATTERN  # noqa: E402
-from nemotron.train import balancing, flops  # noqa: E402
-from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
+from nemotron.train import flops  # noqa: E402
+from nemotron.train.config import OptimizerConfig, SchedulerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
-from nemotron.train.loop import Parallel, build_model, train_step  # noqa: E402
-from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
+from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
+from nemotron.train.fp8 import Fp8Config  # noqa: E402
+from nemotron.train.loop import Parallel, build_model  # noqa: E402
+from nemotron.train.trainer import Trainer  # noqa: E402
 
 # Small widths with the proxy's structure, for the CPU smoke test.
 TINY_SIZES = dict(hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -82,10 +84,22 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
         precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
         activation_recompute=args.recompute,
         moe_shared_expert_overlap=args.shared_expert_overlap,
+        fp8=fp8_config(args),
     )
     data = DataConfig(blend=args.blend, mock=args.blend is None)
+    # A constant learning rate: the timed steps run at --lr (the recipe's WSD would still be
+    # warming up from 0 after a few steps).
     return PretrainConfig(model=model, train=train, data=data,
-                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr))
+                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
+                          scheduler=SchedulerConfig(style="constant"))
+
+
+def fp8_config(args) -> Fp8Config:
+    """`train.fp8` from `--fp8 RECIPE` (`off`: disabled) and `--fp8-layers`."""
+    if args.fp8 == "off":
+        return Fp8Config()
+    layers = args.fp8_layers.split(",") if args.fp8_layers else Fp8Config().layers
+    return Fp8Config(enabled=True, recipe=args.fp8, layers=layers, compile=not args.fp8_eager)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,27 +269,20 @@ def _batches_to_device(batches, device):
 
 def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: int, warmup: int,
                  profile: bool, model_and_parallel=None, name: str = "nemotron") -> RunResult:
-    """Build the model (unless given), then time `warmup + steps` training steps."""
+    """Build the model (unless given), then time `warmup + steps` steps of the library's
+    `Trainer.step()` (batches, `train_step`, expert-bias update) plus a device sync."""
     model, parallel = model_and_parallel or build(cfg, device, params)
     arch = cfg.model.arch()
     plan = plan_batches(cfg.train, 1)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    set_learning_rate(optimizer, cfg.optimizer.lr)
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, 0)
-    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    trainer = Trainer(cfg, model, parallel, data, device=device)
+    optimizer = trainer.optimizer
     times, losses = [], []
     import time
 
     def one_step():
         t0 = time.perf_counter()
-        batches = data.next_train_batches()
-        res = train_step(model, optimizer, batches, device=device, precision=cfg.train.precision,
-                         grad_clip=cfg.train.grad_clip, parallel=parallel)
-        if res.finite:
-            balancing.update_expert_biases(moe_layers, cfg.train.expert_bias_update_rate,
-                                           group=parallel.balancing_group)
-        else:
-            balancing.reset_expert_counts(moe_layers)
+        res = trainer.step().result
         synchronize(device)
         return (time.perf_counter() - t0) * 1e3, res
 
@@ -309,7 +316,8 @@ def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: 
         mfu=flops.mfu(tps, arch, plan.seq_length), peak_gib=peak, losses=losses,
         split_ms=split, kernels=kernels,
     )
-    del model, optimizer, data
+    trainer.close()
+    del model, optimizer, data, trainer
     return result
 
 
@@ -332,7 +340,7 @@ def check_numerics(args, device: torch.device, steps: int) -> dict:
     cfg = pretrain_config(args, seq, args.micro_batch)
     fast = run_training(cfg, device, args.params, steps, 0, False, name="fast").losses
     _release(device)
-    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False))
+    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False, fp8=Fp8Config()))
     with fast_paths(False):
         ref = run_training(ref_cfg, device, "fp32", steps, 0, False, name="reference").losses
     _release(device)
@@ -440,6 +448,12 @@ def parse_args(argv):
     ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
     ap.add_argument("--shared-expert-overlap", action="store_true",
                     help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream")
+    ap.add_argument("--fp8", choices=("off",) + FP8_RECIPES, default="off",
+                    help="train.fp8: FP8 GEMMs with this recipe for the dense linears (experts: rowwise)")
+    ap.add_argument("--fp8-layers", default=None,
+                    help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
+                         "(default: train.fp8's, the dense linears)")
+    ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -472,9 +486,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["model"] = {"hybrid_pattern": cfg.model.hybrid_pattern, "num_experts": cfg.model.num_experts,
                            "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq)}
         main_run = run_training(cfg, device, args.params, args.steps, args.warmup, not args.no_profile)
+        if args.fp8 != "off":
+            main_run.name = f"fp8-{args.fp8}" + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
         _release(device)
         result["run"] = dataclasses.asdict(main_run)
-        print(f"proxy {args.params} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
+        print(f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
               f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
               f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
               f"{main_run.peak_gib or 0:.1f} GiB", flush=True)
@@ -515,13 +531,13 @@ def record_row(path: str, result: dict) -> None:
         path, "Training throughput: Nano3 proxy, one GPU",
         ["date", "GPU", "weights", "seq x mb x accum", "tokens/s", "step ms", "TFLOP/s", "MFU",
          "peak GiB", "step split ms", "vs HF", "loss vs ref", "software", "command"],
-        [env["date"], env["device"], run["params"], f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
+        [env["date"], env["device"], run["params"] + ("" if run["name"] == "nemotron" else f" {run['name']}"), f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
          f"{run['tokens_per_s']:,.0f}", f"{run['step_ms']:.1f}", f"{run['tflops']:.0f}", f"{run['mfu']:.3f}",
          "-" if run["peak_gib"] is None else f"{run['peak_gib']:.1f}", split_text, ratio, num_text,
          f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
         intro="`benchmarks/train_throughput.py`: the proxy (first 14 Nano3 blocks `MEMEM*EMEMEM*E`, "
               "Nano3 widths, 64 experts top-6 + shared, vocab 131072) trained through "
-              "`train.loop.train_step` + the expert-bias update; median step; MFU by `train/flops.py` "
+              "`Trainer.step()` (`train_step` + the expert-bias update); median step; MFU by `train/flops.py` "
               "against 989 TFLOP/s.")
 
 

@@ -45,6 +45,11 @@ def test_prep_train_checkpoint_resume(tmp_path, monkeypatch):
                   "--job-dir", str(tmp_path / "prep"))
     blend = tmp_path / "output/nano3/stage0_pretrain_tiny/blend.json"
     assert blend.is_file(), out
+    assert "building the embedded corpus" in out
+    # Again: the embedded assets and the output are cached, and the CLI does not claim to build.
+    again = run_cli("nano3", "data", "prep", "pretrain", "-c", "tiny",
+                    "--job-dir", str(tmp_path / "prep-again"))
+    assert "building the embedded corpus" not in again and result_of(tmp_path / "prep-again")["cached"]
     splits = json.loads(blend.read_text())
     assert set(splits) == {"train", "valid", "test"}
     for prefixes in splits.values():
@@ -76,3 +81,11 @@ def test_prep_train_checkpoint_resume(tmp_path, monkeypatch):
     for job in (straight, first, resumed):
         job_info = json.loads((job / "job.json").read_text())
         assert job_info["stage"] == "pretrain" and (job / "config.yaml").is_file()
+
+    # README's job-directory table names everything a run (and `plot`) leaves there.
+    run_cli("nano3", "plot", str(straight))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Job directories", 1)[1].split("\n## ", 1)[0]
+    for entry in straight.iterdir():
+        name = entry.name + ("/" if entry.is_dir() else "")
+        assert f"`{name}`" in table, f"README's job-directory table does not list {name}"

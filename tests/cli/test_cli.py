@@ -102,6 +102,30 @@ def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
     assert all_files(cli.work) == [cli.work / "env.toml"]
 
 
+def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
+    """The default recipe switches to a phase-2 blend at 94%: a plan that reads one that does
+    not exist yet says so (it may still be prepared while phase 1 trains)."""
+    result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert re.search(r"phase 2 \S*p2/blend.json from 94% of tokens \(missing: prepare it before "
+                     r"the phase-2 switch", out), out
+    (tmp_path / "p2").mkdir()
+    (tmp_path / "p2" / "blend.json").write_text("{}")
+    result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
+    out = " ".join(result.output.split())
+    assert "from 94% of tokens" in out and "missing: prepare" not in out
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d")
+    assert re.search(r"^phase 2\s+none", result.output, re.M)
+
+
+def test_data_prep_help_shows_data_prep_keys(cli):
+    result = cli("nano3", "data", "prep", "pretrain", "-h")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0 and "num_shards=8" in out
+    assert "train.train_iters" not in out and "model.num_experts" not in out
+
+
 # ---------------------------------------------------------------- real runs (library mocked)
 
 
@@ -141,7 +165,7 @@ def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
     assert done["status"] == "completed" and done["steps"] == 3 and done["final_loss"] == 2.5
     out = result.output
     assert re.search(r"steps\s+3", out) and re.search(r"tokens\s+6,144", out)
-    assert re.search(r"final loss\s+2\.5000", out) and "checkpoints/step_3" in out
+    assert re.search(r"final LM loss \(last step\)\s+2\.5000", out) and "checkpoints/step_3" in out
     assert not [p for p in job_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
@@ -339,3 +363,44 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
     assert re.search(r"train\s*│\s*all\s*│\s*8\s*│\s*1,200", out)
     assert re.search(r"valid\s*│\s*all\s*│\s*1\s*│\s*34", out)
     assert "bad records skipped: code: 3 non_utf8" in out
+
+
+def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_module, monkeypatch):
+    """wandb=true: the finished output is logged as DataBlendsArtifact-pretrain from the job's
+    own offline W&B run, and the CLI says how to sync it."""
+    pytest.importorskip("wandb")
+    import numpy as np
+
+    from artifacts.wandb_records import artifact_records
+    from nemotron.data.indexed import IndexedDatasetWriter
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    out.mkdir()
+    with IndexedDatasetWriter(out / "data_00000", np.uint16) as writer:
+        writer.add_document(np.arange(1, 50, dtype=np.uint16))
+    (out / "blend.json").write_text(json.dumps({"train": ["1.0", str(out / "data_00000")]}))
+    (out / "metadata.json").write_text(json.dumps({"fingerprint": "0123456789abcdef" * 4}))
+
+    @dataclasses.dataclass
+    class FakeResult:
+        blend_path: Path
+        cached: bool
+
+    fake_module("nemotron.data.prep",
+                run_data_prep=lambda cfg, recipe_dir, progress=None: FakeResult(out / "blend.json", True))
+    config = tmp_path / "prep.yaml"
+    config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
+    job_dir = tmp_path / "prep-job"
+    result = cli("nano3", "data", "prep", "pretrain", "-c", str(config), "--job-dir", str(job_dir),
+                 "wandb_project=nemotron-test")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (job_dir / "wandb").glob("offline-run-*")
+    assert "DataBlendsArtifact-pretrain:fp-0123456789abcdef" in result.output
+    assert f"wandb sync {run_dir}" in " ".join(result.output.split())
+    (record,) = artifact_records(run_dir)
+    assert record.name == "DataBlendsArtifact-pretrain"
+    assert {e.path for e in record.manifest.contents} == {
+        "metadata.json", "blend.json", "data_00000.bin", "data_00000.idx"}
+    bad = cli("nano3", "data", "prep", "pretrain", "-c", str(config), "wandb_mode=sometimes")
+    assert_one_line_error(bad, "wandb_mode='sometimes'")

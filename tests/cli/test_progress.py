@@ -8,12 +8,15 @@ def test_train_progress_renders_bar_and_milestones():
     hook = TrainProgress(console)
     hook("start", {"total_steps": 4, "step": 0})
     for step in (1, 2, 3, 4):
-        hook("train", {"step": step, "loss": 5.0 - step, "lr": 1e-3, "tokens_per_second": 1234.0})
+        hook("train", {"step": step, "loss": 5.5 - step, "lm_loss": 5.0 - step, "lr": 1e-3,
+                       "tokens_per_second": 1234.0})
     hook("eval", {"step": 4, "loss": 1.5, "ppl": 4.48})  # what pretrain's metrics emit
     hook("checkpoint", {"step": 4, "path": "/ckpt/iter_0000004"})
     hook("end", {})
     text = console.export_text()
-    assert "4/4" in text and "loss 1.0000" in text and "1,234 tok/s" in text
+    # The LM loss (as the summary's final LM loss), not the loss with the balance term.
+    assert "4/4" in text and "LM loss 1.0000" in text and "1,234 tok/s (last step)" in text
+    assert "loss 1.5000  lr" not in text
     assert "valid loss 1.5000 at step 4" in text
     assert "checkpoint saved: /ckpt/iter_0000004" in text
 

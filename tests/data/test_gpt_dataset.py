@@ -24,19 +24,37 @@ def random_docs(rng, count, max_len, vocab=1000, allow_empty=False):
 
 
 def direct_samples(docs, num_samples, seq_length, seed):
-    """Megatron's rules spelled out: epochs, shuffled docs, a flat token stream, shuffled samples."""
+    """Megatron's rules spelled out: epochs, shuffled docs (the last epoch apart when it is
+    short), a flat token stream, shuffled samples (the last epoch's apart)."""
     tokens_per_epoch = sum(len(d) for d in docs)
     epochs = 1
     while epochs * tokens_per_epoch < num_samples * seq_length + 1:
         epochs += 1
+    before_last = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    apart = epochs > 1 and num_samples - before_last < int(0.8 * per_epoch)
     rng = np.random.RandomState(seed)
-    order = np.array([d for _ in range(epochs) for d in range(len(docs))], dtype=np.int32)
-    rng.shuffle(order)
+    if apart:
+        order = np.array([d for _ in range(epochs - 1) for d in range(len(docs))], dtype=np.int32)
+        rng.shuffle(order)
+        last = np.arange(len(docs), dtype=np.int32)
+        rng.shuffle(last)
+        order = np.concatenate([order, last])
+    else:
+        order = np.array([d for _ in range(epochs) for d in range(len(docs))], dtype=np.int32)
+        rng.shuffle(order)
     stream = np.concatenate([np.asarray(docs[d], dtype=np.int64) for d in order])
     count = (len(stream) - 1) // seq_length
     samples = [stream[j * seq_length : j * seq_length + seq_length + 1] for j in range(count)]
-    perm = np.arange(count, dtype=np.uint32)
-    rng.shuffle(perm)
+    if apart:
+        perm = np.arange(before_last, dtype=np.uint32)
+        rng.shuffle(perm)
+        rest = np.arange(before_last, count, dtype=np.uint32)
+        rng.shuffle(rest)
+        perm = np.concatenate([perm, rest])
+    else:
+        perm = np.arange(count, dtype=np.uint32)
+        rng.shuffle(perm)
     return [samples[p] for p in perm]
 
 
@@ -52,7 +70,7 @@ def direct_blend(weights, size):
 
 
 @pytest.mark.parametrize("seed,seq_length,num_samples,allow_empty", [
-    (1234, 16, 40, False), (7, 5, 300, True), (0, 64, 3, False),
+    (1234, 16, 40, False), (7, 5, 300, True), (0, 64, 3, False), (3, 8, 260, True),
 ])
 def test_gpt_dataset_matches_direct_rules(tmp_path, seed, seq_length, num_samples, allow_empty):
     rng = np.random.default_rng(seed)
@@ -82,14 +100,16 @@ def test_split_dataset_blends_per_split_json(tmp_path):
     blend = tmp_path / "blend.json"
     # Relative prefixes resolve beside the blend file; weights may be strings.
     blend.write_text(json.dumps({"train": ["3", "a", "1", str(tmp_path / "b")]}))
-    n, s, seed = 60, 8, 99
+    n, s, seed = 61, 8, 99
     ds = build_split_dataset(blend, "train", n, s, seed, tmp_path / "cache")
-    assert len(ds) == n
+    # Dataset d serves ceil(n * w_d) samples, is asked for ceil(ceil(n * w_d) * 1.005) (46 ->
+    # 47, 16 -> 17), and the blend is as long as the samples served: 46 + 16 = 62 >= n.
+    assert len(ds) == 62
     per_dataset = {
-        0: direct_samples(docs_a, int(np.ceil(n * 0.75 * 1.005)), s, seed),
-        1: direct_samples(docs_b, int(np.ceil(n * 0.25 * 1.005)), s, seed),
+        0: direct_samples(docs_a, 47, s, seed),
+        1: direct_samples(docs_b, 17, s, seed),
     }
-    for i, (d, k) in enumerate(direct_blend([3, 1], n)):
+    for i, (d, k) in enumerate(direct_blend([3, 1], 62)):
         np.testing.assert_array_equal(ds[i]["tokens"].numpy(), per_dataset[d][k][:-1])
 
 
@@ -118,3 +138,14 @@ def test_blend_errors_name_file_and_entry(tmp_path):
     blend.write_text(json.dumps({"train": ["heavy", str(tmp_path / "x")]}))
     with pytest.raises(GPTDatasetError, match="'heavy' is not a number"):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
+
+
+def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():
+    # Megatron rejects a zero weight; here its entry is left out of the rule. Before, a leading
+    # zero weight won the tie at i = 1 and a sample was read from a dataset never built.
+    dataset_index, sample_index = build_blending_indices([0, 1], 5)
+    assert dataset_index.tolist() == [1] * 5 and sample_index.tolist() == list(range(5))
+    dataset_index, sample_index = build_blending_indices([0.0, 3.0, 0.0, 1.0], 200)
+    without = direct_blend([3.0, 1.0], 200)
+    assert list(zip(dataset_index.tolist(), sample_index.tolist())) == [
+        ({0: 1, 1: 3}[d], k) for d, k in without]

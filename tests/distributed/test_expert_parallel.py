@@ -65,3 +65,58 @@ def test_all_to_all_four_ranks_skewed():
     received = run_distributed(_worker, 4, True)
     assert sum(received) == (3 + 7 + 11 + 15) * TOP_K
     assert received[-1] > received[0]  # rank 0 sent all its slots to the last rank's experts
+
+
+def _moe_layer_worker(rank, world_size):
+    """A whole MoE layer (router, routed experts, shared expert) with its experts split over
+    the ranks and the all-to-all dispatcher gives, on every rank's own tokens, the output and
+    the input gradient of the same layer with every expert local, bit for bit; the router and
+    shared-expert gradients are the local ones of this rank's tokens, and each rank's expert
+    gradients are its slice of the local gradients summed over the ranks' tokens."""
+    import torch.nn as nn
+
+    from nemotron.models.nano3.moe import MoE
+    from tests.models.tiny import tiny_config
+
+    cfg = tiny_config(num_experts=8, moe_top_k=3)
+    torch.manual_seed(0)  # the same weights on every rank
+    local = MoE(cfg)
+    ep = MoE(cfg)
+    ep.load_state_dict(local.state_dict())
+    per_rank = cfg.num_experts // world_size
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    for name in ("up_proj", "down_proj"):
+        setattr(ep.experts, name, nn.Parameter(getattr(local.experts, name).detach()[lo:hi].clone()))
+    ep.dispatcher = AllToAllDispatcher(cfg.num_experts, dist.group.WORLD)
+    assert ep.dispatcher.shared_expert_side_stream  # the layer may overlap its shared expert
+
+    g = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(1, 5 + 3 * rank, cfg.hidden_size, generator=g)  # uneven token counts
+
+    def run(layer):
+        leaf = x.clone().requires_grad_()
+        y, aux = layer(leaf)
+        (y.square().sum() + aux).backward()
+        return y.detach(), leaf.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+    y_local, dx_local, grads_local = run(local)
+    y_ep, dx_ep, grads_ep = run(ep)
+    # An expert's GEMM sees this rank's rows (local) or every rank's rows (EP): a CPU matmul may
+    # block a different row count differently, so equal to float32 rounding, not bit for bit.
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_ep, y_local, **close, msg="y")
+    torch.testing.assert_close(dx_ep, dx_local, **close, msg="dx")
+    for name, grad in grads_ep.items():
+        want = grads_local[name]
+        if name.startswith("experts."):
+            want = want.clone()
+            dist.all_reduce(want)  # every rank's tokens reach these experts
+            want = want[lo:hi]
+        torch.testing.assert_close(grad, want, **close, msg=name)
+    return sorted(grads_ep)
+
+
+def test_moe_layer_with_expert_parallel_four_ranks():
+    names = run_distributed(_moe_layer_worker, 4)[0]
+    assert "experts.up_proj" in names and "router.weight" in names
+    assert "shared_experts.up_proj.weight" in names

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import nemotron
+from nemotron.fsutil import apply_default_modes
 from nemotron.utils.fs import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -133,7 +134,7 @@ def create_job_dir(
     try:
         (tmp / CONFIG_FILE).write_text(config_yaml)
         (tmp / JOB_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
+        apply_default_modes(tmp)  # mkdtemp made it 0700
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

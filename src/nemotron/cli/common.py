@@ -162,12 +162,13 @@ def as_dict(result: Any) -> dict[str, Any]:
 
 def submit_remote(
     *, stage: str, profile: str, attached: bool, config_yaml: str, job_dir: Path,
-    overrides: list[str], config_source: str, dry_run: bool,
+    overrides: list[str], config_source: str, dry_run: bool, predict=None,
 ) -> None:
     """`--run/--batch PROFILE`: plan the job with `nemotron.launch`, then render or submit it.
 
     The resolved config is written to the job dir (on a dry run: to a temporary file that is
     removed again) and the job runs `nemotron <stage> -c <that config>` with $NEMOTRON_JOB_DIR set.
+    `predict(world_size)`, if given, adds plan rows for the profile's process count (dry run).
     """
     try:
         from nemotron import launch
@@ -197,6 +198,7 @@ def submit_remote(
                           f"{plan.nproc_per_node if plan.spec.distributed else plan.tasks_per_node}"),
             ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
             ("job dir", str(job_dir)),
+            *(predict(plan.nodes * plan.nproc_per_node) if predict is not None else []),
         ])
         console.rule("[bold]submission")
         console.print(text, markup=False)
@@ -272,11 +274,11 @@ class StageRun:
     def local(self) -> bool:
         return self.profile is None
 
-    def submit(self, config_yaml: str, dry_run: bool) -> None:
+    def submit(self, config_yaml: str, dry_run: bool, predict=None) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
         submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
                       config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
-                      config_source=self.config_source, dry_run=dry_run)
+                      config_source=self.config_source, dry_run=dry_run, predict=predict)
 
     def open(self, config_yaml: str) -> Path:
         """Create (or join) the job dir for a local run and say where it is (rank 0)."""
@@ -308,13 +310,17 @@ def run_stage(fn, job_dir: Path):
     except KeyboardInterrupt as exc:
         record_failure(job_dir, exc)
         raise fail(f"interrupted; job dir {job_dir}", 130) from None
-    except Exception as exc:  # noqa: BLE001
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - also torch's BaseException-derived errors
         record_failure(job_dir, exc)
         if os.environ.get("NEMOTRON_DEBUG"):
             traceback.print_exc()
         where = job_dir / "error.txt"
         note = f" (traceback: {where})" if where.exists() else ""
         text = str(exc) or type(exc).__name__
+        if not isinstance(exc, Exception):  # e.g. DCP's CheckpointException: a traceback dump
+            text = text.strip().splitlines()[0]
         if not _self_explaining(exc):
             text = f"{type(exc).__name__}: {text}"
         raise fail(f"{text}{note}", 1) from None

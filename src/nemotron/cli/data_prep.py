@@ -11,12 +11,21 @@ import typer
 
 from nemotron.cli import common
 from nemotron.cli.common import (
-    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, OverridesArg, RunOpt, console,
+    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, RunOpt, console,
 )
 
 STAGE = "data_prep"
 STAGE_WORDS = ["nano3", "data", "prep", "pretrain"]
 
+# Not common.OverridesArg: its example keys are the pretraining recipe's.
+PrepOverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[KEY=VALUE]...", show_default=False,
+        help="Dotted data-prep overrides applied last, e.g. num_shards=8 tokenizer.add_bos=true "
+             "output_dir=/data/prep.",
+    ),
+]
 SampleOpt = Annotated[
     Optional[int],
     typer.Option("--sample", metavar="N", min=1, rich_help_panel=common.CONFIG_PANEL,
@@ -87,7 +96,7 @@ def slurm_task():
 
 
 def data_prep_pretrain(
-    overrides: OverridesArg = None,
+    overrides: PrepOverridesArg = None,
     config: ConfigOpt = "default",
     run: RunOpt = None,
     batch: BatchOpt = None,
@@ -152,6 +161,11 @@ def data_prep_pretrain(
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
         task = slurm_task()
+        use_wandb = cfg.wandb and cfg.wandb_mode != "disabled"
+        if use_wandb:
+            from nemotron.artifacts import wandb_lineage
+
+            wandb_lineage.require_wandb()
         target = stage.open(config_yaml)
 
     from nemotron.cli.progress import PrepProgressView
@@ -161,12 +175,21 @@ def data_prep_pretrain(
     def prepare():
         local = cfg
         if embedded.uses_embedded(cfg, recipe_dir):
-            console.print("building the embedded corpus and tokenizer (cached after the first run)...")
+            if not embedded.is_materialized(embedded.prep_vocab_size(cfg)):
+                console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
-            return run_data_prep(local, recipe_dir, progress=view, task=task)
+            result = run_data_prep(local, recipe_dir, progress=view, task=task)
         finally:
             view.stop()
+        if use_wandb and common.process_rank() == 0:
+            logged = wandb_lineage.record_data_prep(
+                result.blend_path, job_dir=target, project=cfg.wandb_project,
+                entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
+            note = (f"; upload it with: wandb sync {logged['run_dir']}"
+                    if cfg.wandb_mode == "offline" and logged["run_dir"] else "")
+            console.print(f"W&B ({cfg.wandb_mode}): logged {logged['artifact']}{note}")
+        return result
 
     result = common.run_stage(prepare, target)
     if task is not None and not task.leader:

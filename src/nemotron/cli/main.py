@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "nemotron.cli.pretrain",  # nano3 pretrain
     "nemotron.cli.export",  # nano3 export hf / nano3 import hf
     "nemotron.cli.plot",  # nano3 plot
+    "nemotron.cli.plan",  # nano3 plan
 )
 
 app = typer.Typer(

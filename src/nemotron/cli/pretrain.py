@@ -38,6 +38,11 @@ def _localize(cfg, job_dir: Path):
     )
 
 
+# The phase-2 blend may be prepared while phase 1 trains; until then the plan says so.
+PHASE2_MISSING = ("prepare it before the phase-2 switch, e.g. nemotron nano3 data prep pretrain "
+                  "-c phase2; the run stops with an error at the switch otherwise")
+
+
 def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str) -> list[tuple[str, str]]:
     from nemotron.train.plan import mean_sample_length
 
@@ -55,6 +60,9 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         layout_note += "; PP > 1 is not implemented: training stops with an error"
     blend = cfg.data.blend
     blend_note = "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
+    phase2 = cfg.data.phase2_blend
+    phase2_note = "" if cfg.data.mock or not phase2 or Path(phase2).is_file() else (
+        f"  (missing: {PHASE2_MISSING})")
     return [
         ("stage", "pretrain: nemotron.train.pretrain(cfg, job_dir)"),
         ("where", where),
@@ -70,17 +78,38 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"
                   + "".join(f" mixed with {m.seq_length}-token samples (weight {m.weight:g} : "
                             f"{cfg.data.blend_weight:g}) from {m.blend}"
+                            + ("" if cfg.data.mock or Path(m.blend).is_file() else " (missing)")
                             for m in cfg.data.mixed_length_blends)),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
-        ("phase 2", f"{cfg.data.phase2_blend} from {cfg.data.phase2_start_fraction:.0%} of tokens"
-                    if cfg.data.phase2_blend else "none"),
+        ("phase 2", f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens{phase2_note}"
+                    if phase2 else "none"),
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
         ("resume from", (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
-         else cfg.checkpoint.load or ("latest in save dir, if any" if cfg.checkpoint.auto_resume else "none")),
+         else cfg.checkpoint.load or ("the newest intact checkpoint in the save dir, if any"
+                                         if cfg.checkpoint.auto_resume else "none")),
         ("job dir", str(job_dir)),
+        *_prediction_rows(cfg),
     ]
+
+
+def _prediction_rows(cfg, world: int | None = None) -> list[tuple[str, str]]:
+    """Memory and speed the performance model predicts for a GPU run (docs/parallelism.md
+    "Performance model") at `world` GPUs (a profile's nodes x processes), else torchrun's
+    WORLD_SIZE, else the fewest GPUs the layout needs."""
+    import os
+
+    if cfg.train.device == "cpu":
+        return []
+    from nemotron.cli.plan import plan_rows
+    from nemotron.train import perf_model as pm
+
+    if not world or world <= 1:
+        world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if world <= 1:
+        world = pm.smallest_world(pm.layout_from_config(cfg, 1))
+    return plan_rows(cfg, world)
 
 
 def _summary_rows(summary) -> list[tuple[str, str]]:
@@ -89,14 +118,18 @@ def _summary_rows(summary) -> list[tuple[str, str]]:
     for label, keys in (
         ("steps", ("steps", "step", "iteration", "iterations")),
         ("tokens", ("tokens", "consumed_tokens", "tokens_seen")),
-        ("final loss", ("final_loss", "loss", "last_loss")),
+        # The progress bar shows the same two figures, labelled the same way.
+        ("final LM loss (last step)", ("final_loss", "loss", "last_loss")),
+        ("tokens/s (run average)", ("tokens_per_second",)),
         ("checkpoint", ("checkpoint", "checkpoint_path", "last_checkpoint", "checkpoint_dir")),
     ):
         values.pop("status", None)
         for key in keys:
             if values.get(key) is not None:
                 value = values.pop(key)
-                if isinstance(value, float):
+                if key == "tokens_per_second":
+                    value = f"{value:,.0f}"
+                elif isinstance(value, float):
                     value = f"{value:.4f}"
                 elif isinstance(value, int):
                     value = f"{value:,}"
@@ -149,7 +182,8 @@ def pretrain(
         config_yaml = dump_config(cfg)
 
         if not stage.local:
-            stage.submit(config_yaml, dry_run)
+            stage.submit(config_yaml, dry_run,
+                         predict=lambda world: _prediction_rows(cfg, world))
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")
@@ -163,6 +197,10 @@ def pretrain(
             )
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)
+        phase2 = cfg.data.phase2_blend
+        if not cfg.data.mock and phase2 and not Path(phase2).is_file() and common.process_rank() == 0:
+            console.print(f"[yellow]warning[/]: data.phase2_blend {phase2} does not exist yet: "
+                          f"{PHASE2_MISSING}")
 
     on_event = None
     if common.process_rank() == 0:
@@ -180,10 +218,15 @@ def pretrain(
     if common.process_rank() == 0:
         common.print_plan(f"pretrain {status}", rows)
     if status != "completed":
-        # e.g. stopped by a signal after saving a checkpoint: resumable, but not finished
+        # stopped by a signal after saving a checkpoint (resumable, but not finished), or
+        # finished with more skipped steps than train.max_skipped_steps allows
         ckpt = getattr(summary, "checkpoint", None)
-        hint = f"; resume with checkpoint.load={ckpt}" if ckpt else ""
-        raise common.fail(f"pretrain {status} after {getattr(summary, 'steps', '?')} steps{hint}", 1)
+        problem = getattr(summary, "problem", None)
+        text = f"pretrain {status} after {getattr(summary, 'steps', '?')} steps"
+        text += f": {problem}" if problem else ""
+        if status == "interrupted" and ckpt:
+            text += f"; resume with checkpoint.load={ckpt}"
+        raise common.fail(text, 1)
 
 
 def register(nano3_app: typer.Typer) -> None:

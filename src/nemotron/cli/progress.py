@@ -25,12 +25,17 @@ class TrainProgress:
             if payload.get("ignored_layout"):
                 self.console.log(f"one process: {payload['ignored_layout']} not applied (the whole "
                                  "model trains on one device; start with torchrun for the layout)")
+            if payload.get("fp8"):
+                self.console.log(payload["fp8"])
             self.progress.start()
             self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
         elif kind == "train" and self.task is not None:
-            desc = f"loss {payload['loss']:.4f}  lr {payload['lr']:.2e}"
+            # The LM loss (cross-entropy, without the balance-loss term) and the last step's
+            # throughput; the end-of-run summary shows the final LM loss and the run average.
+            loss = payload.get("lm_loss", payload["loss"])
+            desc = f"LM loss {loss:.4f}  lr {payload['lr']:.2e}"
             if payload.get("tokens_per_second"):
-                desc += f"  {payload['tokens_per_second']:,.0f} tok/s"
+                desc += f"  {payload['tokens_per_second']:,.0f} tok/s (last step)"
             self.progress.update(self.task, completed=payload["step"], description=desc)
         elif kind in ("eval", "valid", "test"):  # the loop logs validation as "eval"
             split = "test" if kind == "test" else "valid"
@@ -39,8 +44,12 @@ class TrainProgress:
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
             self.console.log(f"switched to the phase-{payload['phase']} blend at step {payload['step']}")
+        elif kind == "warning":
+            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "stop":
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
+        elif kind == "warning":
+            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "end":
             self.progress.stop()
 

@@ -9,15 +9,18 @@ single section can judge alone; they raise `ConfigError` naming the full dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
+from nemotron.artifacts.wandb_lineage import WANDB_MODES
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
-from nemotron.train.schedule import DECAY_STYLES
+from nemotron.train.fp8_config import check_fp8_config
+from nemotron.train.schedule import DECAY_STYLES, ON_RESUME
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (
     COMPUTE_WEIGHTS,
@@ -71,7 +74,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.compute_weights": COMPUTE_WEIGHTS,
     "scheduler.style": SCHEDULE_STYLES,
     "scheduler.decay_style": DECAY_STYLES,
-    "logger.wandb_mode": ("online", "offline", "disabled"),
+    "scheduler.on_resume": ON_RESUME,
+    "logger.wandb_mode": WANDB_MODES,
+    "wandb_mode": WANDB_MODES,  # data prep's
     "tokenizer.kind": TOKENIZER_KINDS,
 }
 
@@ -98,6 +103,22 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_finite(cfg: object, prefix: str = "") -> None:
+    """Every float of the config is a number: an `.inf` or `.nan` (YAML) learning rate, clip or
+    fraction would otherwise pass the range checks below (inf > 0) and train to NaN weights."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_finite(item, f"{key}[{i}].")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+
+
 def _qualify_model_error(message: str) -> str:
     """Prefix the Nano3Config field names in a ModelConfigError message with `model.`."""
     names = sorted((f.name for f in dataclasses.fields(Nano3Config)), key=len, reverse=True)
@@ -111,6 +132,7 @@ def model_error(exc: ModelConfigError) -> ConfigError:
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Cross-field checks of a pretraining recipe; raises ConfigError naming the dotted key."""
+    _check_finite(cfg)
     try:
         cfg.model.validate()
     except ModelConfigError as exc:
@@ -131,6 +153,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         value = getattr(t, key)
         if value is not None:
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps",
+             f"must be >= 0, got {t.max_skipped_steps}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     _require(
@@ -142,9 +166,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
              f"must be >= 0, got {t.expert_bias_update_rate}")
     _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
              "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)")
+    for key, message in check_fp8_config(t.fp8, t.precision, cfg.model.tensor_model_parallel_size):
+        raise ConfigError(f"{key}: {message}")
 
     o = cfg.optimizer
-    _require(o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")
+    _require(o.lr > 0, "optimizer.lr", f"must be positive, got {o.lr}")
     _require(o.min_lr >= 0, "optimizer.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.min_lr <= o.lr, "optimizer.min_lr", f"({o.min_lr}) must not exceed optimizer.lr ({o.lr})")
     for key in ("beta1", "beta2"):

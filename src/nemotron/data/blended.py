@@ -1,9 +1,18 @@
-"""Deterministic blending of several GPT datasets, with Megatron-Core's rule.
+"""Deterministic blending of several GPT datasets, with Megatron-Core 0.16's rules.
 
-Sample i of the blend goes to the dataset d maximising `w_d * max(i, 1) - drawn_d` (weights
-normalised to sum 1, `drawn_d` = samples already taken from d, the first dataset wins ties) and
-is that dataset's sample number `drawn_d`. Each dataset is asked for
-`ceil(num_samples * w_d * 1.005)` samples, as Megatron does, which shapes its epoch count.
+For a blend of datasets with weights w (normalised to sum 1) asked for N samples:
+
+- dataset d is expected to serve ceil(N * w_d) samples and is asked for
+  ceil(ceil(N * w_d) * 1.005) (Megatron's 0.5% `mid_level_dataset_surplus`), which shapes its
+  epoch count and so its sample order;
+- the blend has sum_d ceil(N * w_d) samples (at least N; a run reads the first N);
+- sample i of the blend goes to the dataset d maximising `w_d * max(i, 1) - drawn_d` (`drawn_d`
+  = samples already taken from d, the first dataset wins ties) and is that dataset's sample
+  number `drawn_d`.
+
+Weights are normalised the way Megatron does (float64 numpy division by the numpy sum: once
+for the per-dataset sizes, once more inside the blend), so the blend indices match bit for bit.
+A zero-weight entry is left out (Megatron rejects one); the others blend as if it were absent.
 """
 
 from __future__ import annotations
@@ -14,32 +23,68 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemotron.data.gpt_dataset import GPTDataset, GPTDatasetError, cached_arrays
+from nemotron.data.gpt_dataset import (
+    INDEX_FORMAT_VERSION, GPTDataset, GPTDatasetError, cached_arrays,
+)
 from nemotron.data.mapped import PicklesByReference
+
+# Megatron-Core's `mid_level_dataset_surplus`: each dataset builds 0.5% more than its share.
+DATASET_SURPLUS = 0.005
 
 
 def normalise_weights(weights: list[float]) -> list[float]:
-    total = float(sum(weights))
-    if total <= 0:
+    """w / sum(w) in float64 numpy, as Megatron's `normalize` (the sum is numpy's, pairwise)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = np.sum(w)
+    if not total > 0:
         raise GPTDatasetError("blend weights sum to zero")
-    return [float(w) / total for w in weights]
+    return (w / total).tolist()
+
+
+def blend_sizes(num_samples: int, weights: list[float]) -> tuple[list[float], list[int], list[int]]:
+    """(normalised weights, served, requested) per dataset of a blend of `num_samples`.
+
+    Served is ceil(N * w) and requested ceil(ceil(N * w) * 1.005), with Megatron's inner ceil;
+    the blend has sum(served) samples. Zero weights are left out of the normalisation (and
+    serve and request 0), so the others come out exactly as in a blend without them.
+    """
+    if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights):
+        raise GPTDatasetError(f"blend weights must be finite and >= 0, got {list(weights)}")
+    positive = [d for d, w in enumerate(weights) if float(w) > 0]
+    if not positive:
+        raise GPTDatasetError("blend weights sum to zero")
+    normalised = [0.0] * len(weights)
+    for d, w in zip(positive, normalise_weights([weights[d] for d in positive])):
+        normalised[d] = w
+    served = [int(math.ceil(num_samples * w)) if w > 0 else 0 for w in normalised]
+    requested = [int(math.ceil(n * (1 + DATASET_SURPLUS))) for n in served]
+    return normalised, served, requested
 
 
 def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index[size], dataset_sample_index[size]) by the largest-deficit rule."""
-    weights = normalise_weights(weights)
-    num = len(weights)
+    """(dataset_index[size], dataset_sample_index[size]) by the largest-deficit rule.
+
+    The weights are normalised here (once, as Megatron's BlendedDataset does, usually on
+    weights the builder already normalised). Zero weights are never drawn: their datasets are
+    left out of the rule, which runs on the positive weights."""
+    if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights):
+        raise GPTDatasetError(f"blend weights must be finite and >= 0, got {list(weights)}")
+    positive = [d for d, w in enumerate(weights) if float(w) > 0]
+    if not positive:
+        raise GPTDatasetError("blend weights sum to zero")
+    normalised = normalise_weights([weights[d] for d in positive])
+    num = len(normalised)
     drawn = [0] * num
-    dataset_index = np.empty(size, dtype=np.int16 if num < 2**15 else np.int64)
+    dataset_index = np.empty(size, dtype=np.int16 if len(weights) < 2**15 else np.int64)
     sample_index = np.empty(size, dtype=np.int64)
     for i in range(size):
         scale = float(max(i, 1))
-        best, best_error = 0, weights[0] * scale - drawn[0]
+        best, best_error = 0, normalised[0] * scale - drawn[0]
         for d in range(1, num):
-            error = weights[d] * scale - drawn[d]
+            error = normalised[d] * scale - drawn[d]
             if error > best_error:
                 best, best_error = d, error
-        dataset_index[i] = best
+        dataset_index[i] = positive[best]
         sample_index[i] = drawn[best]
         drawn[best] += 1
     return dataset_index, sample_index
@@ -57,7 +102,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         description: dict,
     ) -> None:
         self.datasets = datasets
-        self.weights = normalise_weights(weights)
+        self.weights = list(weights)
         self.size = size
         self.description = description
 
@@ -83,23 +128,23 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         split: str,
         vocab_size: int | None = None,
     ) -> "BlendedDataset":
-        normalised = normalise_weights(weights)
+        normalised, served, requested = blend_sizes(num_samples, weights)
         datasets: list[GPTDataset | None] = []
-        for prefix, weight in zip(prefixes, normalised):
+        for prefix, wanted in zip(prefixes, requested):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
-            wanted = int(math.ceil(num_samples * weight * 1.005))
             datasets.append(
                 GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size)
                 if wanted else None
             )
         description = {
             "class": "BlendedDataset",
+            "format": INDEX_FORMAT_VERSION,
             "datasets": [d.description if d is not None else None for d in datasets],
             "weights": normalised,
-            "size": num_samples,
+            "size": sum(served),
             "split": split,
         }
-        return cls(datasets, normalised, num_samples, cache_dir, description)
+        return cls(datasets, normalised, sum(served), cache_dir, description)
 
     def __len__(self) -> int:
         return self.size
@@ -128,8 +173,8 @@ def build_mixed_length_dataset(
     (blend.json, seq_length, weight). Within a part, samples keep Megatron's semantics (each
     is seq_length + 1 consecutive tokens of its blend); across parts, sample i comes from the
     part chosen by the blending rule above on the weights (samples, not tokens, are weighted).
-    Each part is asked for `ceil(num_samples * w * 1.005)` samples, as a blend asks its
-    datasets. Items may differ in length: `sample_length(i)` tells without reading."""
+    Each part is asked for `ceil(ceil(num_samples * w) * 1.005)` samples and the mix has
+    sum(ceil(num_samples * w)) samples, as a blend of datasets. Items may differ in length: `sample_length(i)` tells without reading."""
     from nemotron.data.gpt_dataset import build_split_dataset
 
     if num_samples <= 0:
@@ -141,19 +186,19 @@ def build_mixed_length_dataset(
             raise GPTDatasetError(
                 f"mixed-length blend {blend}: seq_length ({seq_length}) must be positive and "
                 f"weight ({weight}) >= 0")
-    normalised = normalise_weights([w for _, _, w in parts])
+    normalised, served, requested = blend_sizes(num_samples, [w for _, _, w in parts])
     datasets = []
-    for (blend, seq_length, _), weight in zip(parts, normalised):
-        wanted = int(math.ceil(num_samples * weight * 1.005))
+    for (blend, seq_length, _), wanted in zip(parts, requested):
         datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir,
                                             vocab_size) if wanted else None)
     description = {
         "class": "MixedLengthDataset",
+        "format": INDEX_FORMAT_VERSION,
         "parts": [d.description if d is not None else None for d in datasets],
         "seq_lengths": [int(n) for _, n, _ in parts],
         "weights": normalised,
-        "size": num_samples,
+        "size": sum(served),
         "split": split,
     }
     cache = Path(cache_dir) if cache_dir is not None else Path(parts[0][0]).parent / "cache"
-    return BlendedDataset(datasets, normalised, num_samples, cache, description)
+    return BlendedDataset(datasets, normalised, sum(served), cache, description)

@@ -43,6 +43,12 @@ class DataPrepConfig:
     # (plain jsonl byte ranges), small ones grouped. Output bytes do not depend on it; it sets
     # the granularity of parallelism and of resume.
     work_unit_mb: float = 64.0
+    # W&B: log the output as the artifact `DataBlendsArtifact-pretrain` (the same keys as the
+    # pretraining recipe's logger.wandb*; the project defaults to $WANDB_PROJECT, then nemotron).
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: str = "offline"  # online | offline | disabled
 
 
 @dataclass

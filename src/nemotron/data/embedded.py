@@ -199,6 +199,23 @@ def train_tokenizer(corpus_files: list[Path], vocab_size: int, directory: Path) 
     return path
 
 
+def _assets_dir(vocab_size: int, cache_dir: str | Path | None, corpus_chars: int) -> Path:
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return base / _cache_key(stdlib_dir(), corpus_chars, vocab_size)
+
+
+def is_materialized(vocab_size: int = 4096, cache_dir: str | Path | None = None,
+                    corpus_chars: int = DEFAULT_CORPUS_CHARS) -> bool:
+    """Whether `materialize` would reuse a complete cached build (and so build nothing)."""
+    return (_assets_dir(vocab_size, cache_dir, corpus_chars) / "manifest.json").is_file()
+
+
+def prep_vocab_size(cfg: DataPrepConfig) -> int:
+    """The embedded tokenizer's vocabulary size a data-prep config asks for (4096 if it names
+    only embedded corpora)."""
+    return parse_tokenizer_name(cfg.tokenizer.model) if is_embedded(cfg.tokenizer.model) else 4096
+
+
 def materialize(
     vocab_size: int = 4096,
     cache_dir: str | Path | None = None,
@@ -207,7 +224,7 @@ def materialize(
     """Build (or reuse) the embedded corpora and tokenizer; safe against interrupted builds."""
     root = stdlib_dir()
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = base / _cache_key(root, corpus_chars, vocab_size)
+    final = _assets_dir(vocab_size, base, corpus_chars)
     manifest = final / "manifest.json"
     if not manifest.is_file():
         base.mkdir(parents=True, exist_ok=True)
@@ -274,7 +291,7 @@ def materialize_for_prep(
     (relative local paths made absolute against `recipe_dir`).
     """
     recipe_dir = Path(recipe_dir)
-    vocab_size = parse_tokenizer_name(cfg.tokenizer.model) if is_embedded(cfg.tokenizer.model) else 4096
+    vocab_size = prep_vocab_size(cfg)
     assets: EmbeddedAssets | None = None
 
     def get_assets() -> EmbeddedAssets:

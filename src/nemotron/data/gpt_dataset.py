@@ -1,14 +1,22 @@
-"""GPT training samples with Megatron-Core's semantics, read from indexed bin/idx datasets.
+"""GPT training samples with Megatron-Core 0.16's semantics, read from indexed bin/idx datasets.
 
-What a Megatron user expects (FACTS.md section 4), for one dataset (one bin/idx prefix):
+What a Megatron user expects (FACTS.md section 4), for one dataset (one bin/idx prefix) asked
+for N samples of seq_length tokens; the arrays match Megatron-Core 0.16.1's `GPTDataset`
+element for element (tests/data/test_megatron_order.py compares them with indices Megatron-Core
+itself built):
 
-- the number of epochs E is the smallest with E * tokens >= num_samples * seq_length + 1;
-- the document order is E copies of the document ids, shuffled once with
+- the number of epochs E is the smallest with E * tokens >= N * seq_length + 1;
+- the separate final epoch: when E > 1 and the last epoch contributes fewer than
+  int(0.8 * samples per epoch) of the N samples, the last epoch is shuffled on its own (its
+  documents after the first E - 1 epochs' documents, its samples after theirs), so a dataset
+  read 1.1 times does not spread the 0.1 over the whole run;
+- the document order: E (or E - 1, then 1) copies of the document ids, shuffled with
   `numpy.random.RandomState(seed)`;
 - sample j is the seq_length + 1 consecutive tokens starting at token j * seq_length of the
   stream of shuffled documents (neighbouring samples share one token): tokens = t[:-1],
-  labels = t[1:];
-- the order in which samples are served is a permutation of them drawn from the same RandomState.
+  labels = t[1:]; (E * tokens - 1) // seq_length samples are built, at least N;
+- the order in which samples are served is a permutation of them drawn next from the same
+  RandomState (with a separate final epoch: its samples permuted apart, after the others).
 
 The three index arrays are built once (by rank 0 when torch.distributed is initialised) and
 cached as .npy files under a key hashing everything that shapes them; every rank memory-maps
@@ -30,7 +38,8 @@ import torch
 from nemotron.data.mapped import PicklesByReference
 from nemotron.utils.fs import atomic_path, atomic_write_text
 
-INDEX_FORMAT_VERSION = 1
+# 2: Megatron-Core 0.16's separate final epoch and blend sizes (version 1 caches are not reused).
+INDEX_FORMAT_VERSION = 2
 SPLITS = ("train", "valid", "test")
 
 
@@ -50,11 +59,37 @@ def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) 
     return max(1, -(-requested // tokens_per_epoch))
 
 
+# Megatron keeps the last epoch apart when it contributes fewer than this share of an epoch.
+SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
+
+
+def separate_final_epoch(
+    tokens_per_epoch: int, num_samples: int, seq_length: int, num_epochs: int
+) -> tuple[bool, int]:
+    """(whether the last epoch is shuffled apart, samples built before the last epoch).
+
+    With E epochs, (E - 1) epochs hold S_pre = ((E - 1) * tokens - 1) // seq_length samples;
+    the last epoch is separate when N - S_pre < int(0.8 * ((tokens - 1) // seq_length)).
+    """
+    if num_epochs == 1:
+        return False, 0
+    before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    from_last = num_samples - before_last
+    return from_last < int(SEPARATE_FINAL_EPOCH_THRESHOLD * per_epoch), before_last
+
+
 def build_document_index(
-    document_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState
+    document_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState,
+    separate_last: bool = False,
 ) -> np.ndarray:
-    """E copies of the document ids, shuffled once (in place, consuming `rng`)."""
-    document_index = np.tile(np.asarray(document_ids, dtype=np.int64), num_epochs)
+    """E copies of the document ids shuffled together (consuming `rng`), or with
+    `separate_last`: E - 1 copies shuffled, then one copy shuffled, concatenated."""
+    ids = np.asarray(document_ids, dtype=np.int64)
+    if separate_last and num_epochs > 1:
+        first = build_document_index(ids, num_epochs - 1, rng)
+        return np.concatenate([first, build_document_index(ids, 1, rng)])
+    document_index = np.tile(ids, num_epochs)
     rng.shuffle(document_index)
     return document_index
 
@@ -65,9 +100,9 @@ def build_sample_index(
     """[N + 1, 2] int64: row j = (position in document_index, token offset) where sample j starts.
 
     Sample j covers the stream tokens j*seq_length .. (j+1)*seq_length inclusive, so row j + 1
-    is also where sample j's last token (the extra label token) sits. Starts never fall on an
-    empty document: a position on a document boundary belongs to the next non-empty document,
-    as in Megatron's builder.
+    is also where sample j's last token (the extra label token) sits. A start on a document
+    boundary belongs to the next non-empty document, except row 0, which is always (0, 0)
+    (Megatron's builder starts there even when the first document is empty).
     """
     lengths = np.asarray(sequence_lengths, dtype=np.int64)[document_index]
     ends = np.cumsum(lengths)
@@ -83,15 +118,27 @@ def build_sample_index(
     sample_index = np.empty((num_samples + 1, 2), dtype=np.int64)
     sample_index[:, 0] = doc_pos
     sample_index[:, 1] = positions - starts[doc_pos]
+    sample_index[0] = 0
     return sample_index
 
 
-def build_shuffle_index(num_samples: int, rng: np.random.RandomState) -> np.ndarray:
-    """A permutation of range(num_samples) from `rng` (Megatron's dtype choice, same draws)."""
+def build_shuffle_index(
+    num_samples: int, rng: np.random.RandomState, first_part: int | None = None
+) -> np.ndarray:
+    """A permutation of range(num_samples) from `rng` (Megatron's dtype choice, same draws).
+
+    With `first_part` (a separate final epoch), [0, first_part) and [first_part, num_samples)
+    are permuted separately, in that order, and concatenated.
+    """
     dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
-    shuffle_index = np.arange(num_samples, dtype=dtype)
-    rng.shuffle(shuffle_index)
-    return shuffle_index
+    split = num_samples if first_part is None else first_part
+    first = np.arange(split, dtype=dtype)
+    rng.shuffle(first)
+    if split == num_samples:
+        return first
+    last = np.arange(split, num_samples, dtype=dtype)
+    rng.shuffle(last)
+    return np.concatenate([first, last])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,13 +251,19 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             "seed": seed,
         }
 
+        separate, before_last = separate_final_epoch(
+            tokens_per_epoch, num_samples, seq_length, self.num_epochs)
+        self.separate_final_epoch = separate
+
         def build() -> dict[str, np.ndarray]:
             rng = np.random.RandomState(seed)
             document_index = build_document_index(
-                np.arange(len(sequence_lengths)), self.num_epochs, rng
+                np.arange(len(sequence_lengths)), self.num_epochs, rng, separate
             )
             sample_index = build_sample_index(sequence_lengths, document_index, seq_length)
-            shuffle_index = build_shuffle_index(len(sample_index) - 1, rng)
+            shuffle_index = build_shuffle_index(
+                len(sample_index) - 1, rng, before_last if separate else None
+            )
             return {
                 "document_index": document_index,
                 "sample_index": sample_index,

@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -49,7 +50,20 @@ def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Itera
         dist.init_process_group(backend)
     try:
         yield True
-    finally:
+    except BaseException as exc:
+        if world > 1 and device_type == "cuda":
+            # A failing rank must not wait for its peers: they are blocked in a collective this
+            # rank will never join, and NCCL's teardown (destroy_process_group) then waits for
+            # them, so the error was never printed and the job hung until the launcher's limit
+            # (the 4-GPU whole-model run of docs/benchmarks.md). Say which rank failed at once
+            # and leave the communicators to be aborted when the process exits.
+            rank = os.environ.get("RANK", "?")
+            print(f"rank {rank} failed: {type(exc).__name__}: {exc}".split("\n")[0],
+                  file=sys.stderr, flush=True)
+            raise
+        dist.destroy_process_group()
+        raise
+    else:
         dist.destroy_process_group()
 
 

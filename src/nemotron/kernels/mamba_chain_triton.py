@@ -16,7 +16,7 @@ The dt path (``softplus(dt_raw + dt_bias)``, clamp, the per-chunk cumulative dec
 ``cumsum(dt * A)``) is one small kernel each way on [batch, heads, seq] values, in place of
 some 30 launch-bound PyTorch ops: the forward reads dt_raw where it lies in zxbcdt and writes
 dt and the decays in the SSD kernels' [b, h, chunks * Q] layout; the backward takes the SSD's dt
-and decay gradients (reverse cumsum within the chunk) to d(dt_raw), written into its slice of
+and log-decay gradients to d(dt_raw), written into its slice of
 d(zxbcdt), and per-chunk partial sums of dA and d(dt_bias).
 """
 
@@ -81,24 +81,20 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
 
 
 @triton.jit
-def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DYY, DA_LAST, DRAW, DA_PART, DBIAS_PART, L, H, NC, srb, srl,
+def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DDA, DRAW, DA_PART, DBIAS_PART, L, H, NC, srb, srl,
                    sdb, sdl, lo, hi, Q: tl.constexpr):
     """The dt path's backward for one chunk of one (batch, head): from the SSD's direct dt
-    gradient and its decay-gradient terms to d(raw) (written into its slice of d(zxbcdt)) and
-    this chunk's partial sums of dA and d(bias)."""
+    gradient and its log-decay gradient ddA (``dA_t = dt_t A``) to d(raw) (written into its slice
+    of d(zxbcdt)) and this chunk's partial sums of dA and d(bias)."""
     c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
     sp = _softplus(pre)
     dt = tl.load(DT + base)
-    ddt = tl.load(DDT + base)
-    # The SSD's decay gradient (ssd_triton): dacs = dy.y - dt ddt, plus <G, S> at the chunk's end.
-    dacs = tl.load(DYY + base) - dt * ddt + tl.where(offs == Q - 1, tl.load(DA_LAST + bh * NC + c), 0.0)
-    # acs_t = sum_{k<=t} dt_k a  =>  d(dt_t a) = sum_{k>=t} dacs_k
-    g = tl.cumsum(dacs, axis=0, reverse=True)
-    ddt = ddt + g * a
+    dda = tl.load(DDA + base)
+    ddt = tl.load(DDT + base) + dda * a
     keep = valid & (sp >= lo) & (sp <= hi)  # clamp passes the gradient inside [lo, hi], as torch's
     dpre = tl.where(keep, ddt * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre)), 0.0)
     tl.store(DRAW + b * sdb + t * sdl + h, dpre.to(DRAW.dtype.element_ty), mask=valid)
-    tl.store(DA_PART + bh * NC + c, tl.sum(tl.where(valid, g * dt, 0.0), axis=0))
+    tl.store(DA_PART + bh * NC + c, tl.sum(tl.where(valid, dda * dt, 0.0), axis=0))
     tl.store(DBIAS_PART + bh * NC + c, tl.sum(dpre, axis=0))
 
 
@@ -115,7 +111,7 @@ def _dt_forward(raw, dt_bias, A_log, shape: MambaChainShape):
     return dt, acs
 
 
-def _dt_backward(raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, shape: MambaChainShape):
+def _dt_backward(raw, dt_bias, A_log, dt, ddt, dda, draw, shape: MambaChainShape):
     """Writes d(raw) into ``draw`` (a strided slice); returns (d dt_bias, d A_log) in the parameters' dtypes."""
     b, s, h = raw.shape
     q = shape.chunk_size
@@ -123,7 +119,7 @@ def _dt_backward(raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, shape: MambaC
     da_part = torch.empty((b, h, nc), device=raw.device, dtype=torch.float32)
     dbias_part = torch.empty_like(da_part)
     lo, hi = shape.dt_limit
-    _dt_bwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, ddt, dyy, da_last, draw, da_part, dbias_part, s, h, nc,
+    _dt_bwd_kernel[(nc, b * h)](raw, dt_bias, A_log, dt, ddt, dda, draw, da_part, dbias_part, s, h, nc,
                                 raw.stride(0), raw.stride(1), draw.stride(0), draw.stride(1),
                                 float(lo), float(hi), Q=q)
     A = -torch.exp(A_log.float())
@@ -177,9 +173,8 @@ class MambaChainFunction(torch.autograd.Function):
         x, B, C = _split_xbc(xbc, shape)
         dxbc = torch.empty_like(xbc)
         dx, dB, dC = _split_xbc(dxbc, shape)
-        _, ddt, (dyy, da_last), _, _, _, dD = ssd_backward(
+        _, ddt, dda, _, _, _, dD = ssd_backward(
             x, dt_p, acs, B, C, states, dy.view(x.shape), None, ctx.dims, D=D, dx=dx, dB=dB, dC=dC,
-            decay_terms=True,
         )
         del dy, dx, dB, dC  # free d(y) before the conv backward's fp32 buffer is allocated
 
@@ -189,7 +184,7 @@ class MambaChainFunction(torch.autograd.Function):
         del dxbc
 
         # dt path: d(dt_raw) straight into its slice of d(zxbcdt).
-        ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dyy, da_last,
+        ddt_bias, dA_log = _dt_backward(zxbcdt[..., di + cd:], dt_bias, A_log, dt_p, ddt, dda,
                                         dzxbcdt[..., di + cd:], shape)
 
         return (

@@ -16,13 +16,24 @@ Forward: (1) per-chunk local states, (2) a sequential pass over chunks for the e
 ``i >= j`` and dC from one over ``j <= i``; the B and C kernels loop over the heads of a group
 so the group-shared B and C gradients are summed in registers.
 
-The gradient of the cumulative decays has a closed form that needs no extra kernel::
+The gradient of the per-step log decays ``dA_t = dt_t A`` (``a`` is their within-chunk cumsum)
+is summed from its terms, each computed once in float32::
 
-    dL/da_j = dy_j . y_j - u_j . du_j + [j == Q] <G_{c+1}, S_{c+1}>
+    ddA_k =   sum_{j < k <= i} M_ji                   M_ji = (dy_i . x_j)(C_i . B_j) exp(a_i - a_j) dt_j
+            + sum_{i >= k} dy_i . y_i^inter           y_i^inter = exp(a_i) C_i . S_c
+            + sum_{j < k} e_j                         e_j = exp(a_Q - a_j) dt_j x_j . (G_{c+1} B_j)
+            + exp(a_Q) <G_{c+1}, S_c>
 
-(a_i enters every output term as exp(a_i - .) and every input term as exp(. - a_j)); the dC
-kernel gets ``dy_j . y_j`` exactly as ``C_j . (the head's share of dC_j)``, so ``y`` is not kept
-for the backward. Autograd carries dL/da through the cumsum to dt and A.
+(``exp(a_i - a_j)`` depends on ``dA_k`` for ``j < k <= i``; ``exp(a_i)`` and ``exp(a_Q)`` on every
+``k`` up to ``i`` / the chunk's end). Since ``M`` is causal (``M_ji = 0`` for ``i < j``), its
+rectangle sum is ``sum_{t<k} (source_t - target_t)`` with ``source_t = sum_i M_ti`` and
+``target_t = sum_j M_jt``: the dx/dB kernel forms ``M`` in float32 from the two dot products it
+already has and keeps both sums; ``_decay_grad_kernel`` adds the parts per chunk. The shorter
+closed form ``dL/da_j = dy_j.y_j - u_j.du_j`` is the same sum in real numbers, but its two terms
+came from different bf16-rounded dot products: large, nearly cancelling over a chunk, and no
+longer equal after rounding, so the rounding swamped the result and the decay gradients of a
+bf16 model were wrong by 40-140% (issue 16). Here source and target are sums of the very same
+float32 ``M_ji``, so they cancel to float32 rounding.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import triton.language as tl
 from nemotron.kernels.dense import dense_inputs
 from nemotron.kernels.ssd import DEFAULT_CHUNK_SIZE, check_ssd_shapes
 
-__all__ = ["ssd_triton", "ssd_forward", "ssd_backward", "SSDDims", "SSD_TRITON_CONFIG"]
+__all__ = ["ssd_triton", "ssd_forward", "ssd_backward", "chunk_decays", "SSDDims", "SSD_TRITON_CONFIG"]
 
 # Block sizes / warps; the benchmark may override these to sweep.
 SSD_TRITON_CONFIG = {"block_rows": 64, "num_warps": 4, "num_stages": 2, "state_block": 512}
@@ -124,15 +135,18 @@ def _state_pass_fwd_kernel(
 
 @triton.jit
 def _state_pass_bwd_kernel(
-    DS, STATES, DFINAL, DINIT, ACS, DA_LAST, H, NC, PN,
+    DS, STATES, DFINAL, DINIT, ACS, DA_STATE, H, NC, PN,
     Q: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     """Reverse pass. In: DS[b,c] = dL/dS_c from chunk c's outputs. Out (in place): DS[b,c] = G_{c+1},
-    the total gradient of the state leaving chunk c; DINIT = G_0; DA_LAST[b,h,c] += <G_{c+1}, S_{c+1}>."""
+    the total gradient of the state leaving chunk c; DINIT = G_0; DA_STATE[b,h,c,block] =
+    exp(a_Q) <G_{c+1}, S_c> over this program's block of the state (summed by the caller)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    blk = tl.program_id(1)
+    nblk = tl.num_programs(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     if HAS_DFINAL:
         g = tl.load(DFINAL + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
@@ -142,10 +156,10 @@ def _state_pass_bwd_kernel(
         c = NC - 1 - ci
         ds_ptr = DS + ((b * NC + c) * H + h) * PN + offs
         ds = tl.load(ds_ptr, mask=mask, other=0.0)
-        s_next = tl.load(STATES + ((b * (NC + 1) + c + 1) * H + h) * PN + offs, mask=mask, other=0.0)
-        tl.atomic_add(DA_LAST + bh * NC + c, tl.sum(g * s_next, axis=0))
-        tl.store(ds_ptr, g, mask=mask)
+        s_c = tl.load(STATES + ((b * (NC + 1) + c) * H + h) * PN + offs, mask=mask, other=0.0)
         decay = tl.exp(tl.load(ACS + bh * NC * Q + c * Q + Q - 1))
+        tl.store(DA_STATE + (bh * NC + c) * nblk + blk, decay * tl.sum(g * s_c, axis=0))
+        tl.store(ds_ptr, g, mask=mask)
         g = ds + decay * g
     tl.store(DINIT + bh * PN + offs, g, mask=mask)
 
@@ -207,7 +221,7 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _bwd_dx_db_kernel(
-    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB, DSKIP, DD_PART,
+    X, DT, ACS, B, C, DY, GSTATE, DX, DDT, DB, DSKIP, DD_PART, COLS, SOURCE,
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
@@ -215,9 +229,12 @@ def _bwd_dx_db_kernel(
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_D: tl.constexpr,
 ):
-    """Rows j of a chunk, one group: dx_j, ddt_j (direct part) for every head of the group, dB_j.
-    DX has X's strides and DB has B's. With HAS_D (the fused D skip y += D x): dx_j += D dy_j and
-    DD_PART[b, c, row block, h] = sum over the block's rows of dy_j . x_j (summed by the caller)."""
+    """Rows j of a chunk, one group: dx_j, ddt_j (direct part) for every head of the group, dB_j,
+    and the decay gradient's per-position sums (module docstring): SOURCE[b, h, c*Q + j] =
+    sum_i M_ji + e_j and COLS[b, h, row block, c*Q + i] = sum over this block's rows j of M_ji.
+    DX has X's strides and DB has B's. With HAS_D
+    (the fused D skip y += D x): dx_j += D dy_j and DD_PART[b, c, row block, h] = sum over the
+    block's rows of dy_j . x_j (summed by the caller)."""
     jb = tl.program_id(0)
     c = tl.program_id(1)
     bg = tl.program_id(2).to(tl.int64)
@@ -237,12 +254,13 @@ def _bwd_dx_db_kernel(
         h = grp * HPG + hh
         bh = b * H + h
         acs_base = ACS + bh * NC * Q + c * Q
+        cols_base = COLS + (bh * (Q // BLOCK_M) + jb) * NC * Q + c * Q
         a_j = tl.load(acs_base + offs_j)
         a_last = tl.load(acs_base + Q - 1)
         dt_j = tl.load(DT + bh * NC * Q + c * Q + offs_j)
         x_j = tl.load(X + b * sxb + t_j[:, None] * sxl + h * sxh + offs_p[None, :] * sxp, mask=mask_jp, other=0.0)
-        u_j = (x_j.to(tl.float32) * dt_j[:, None]).to(x_j.dtype)
         du = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        rows_m = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum over i of M_ji
         for i0 in range(jb * BLOCK_M, Q, BLOCK_M):
             t_i = c * Q + i0 + offs_i
             valid_i = t_i < L
@@ -253,18 +271,26 @@ def _bwd_dx_db_kernel(
                            mask=valid_i[:, None] & (offs_p[None, :] < P), other=0.0)
             causal = (i0 + offs_i)[None, :] >= offs_j[:, None]
             decay = tl.exp(tl.where(causal, a_i[None, :] - a_j[:, None], float("-inf")))  # [j, i]
-            cb_t = _mm(b_j, tl.trans(c_i), IEEE) * decay
-            du += _mm(cb_t.to(dy_i.dtype), dy_i, IEEE)
-            s_t = _mm(u_j, tl.trans(dy_i), IEEE) * decay
+            cb = _mm(b_j, tl.trans(c_i), IEEE)  # B_j . C_i
+            du += _mm((cb * decay).to(dy_i.dtype), dy_i, IEEE)
+            s_t = _mm(x_j, tl.trans(dy_i), IEEE) * (decay * dt_j[:, None])  # u_j . dy_i exp(a_i - a_j)
             db_acc += _mm(s_t.to(c_i.dtype), c_i, IEEE)
+            # The decay gradient inside the chunk, from M[j, i] = s_t * cb: its row sums (j the
+            # source) here, its column sums (i the target) per row block for the caller to add.
+            m = s_t * cb
+            rows_m += tl.sum(m, axis=1)
+            tl.store(cols_base + i0 + offs_i, tl.sum(m, axis=0))
         # Through the state leaving this chunk: G = dL/dS_{c+1}, [p, n].
         g_ptr = GSTATE + ((b * NC + c) * H + h) * P * N
         g_pn = tl.load(g_ptr + offs_p[:, None] * N + offs_n[None, :],
                        mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)
         to_end = tl.exp(a_last - a_j)
-        du += _mm(b_j, tl.trans(g_pn).to(b_j.dtype), IEEE) * to_end[:, None]
-        db_acc += _mm(u_j, g_pn.to(u_j.dtype), IEEE) * to_end[:, None]
+        du_state = _mm(b_j, tl.trans(g_pn).to(b_j.dtype), IEEE) * to_end[:, None]
+        db_acc += _mm(x_j, g_pn.to(x_j.dtype), IEEE) * (to_end * dt_j)[:, None]
         x_f = x_j.to(tl.float32)
+        # e_j = dt_j x_j . du_state_j (0 past the sequence end, where dt and x are 0).
+        tl.store(SOURCE + bh * NC * Q + c * Q + offs_j, rows_m + tl.sum(du_state * x_f, axis=1) * dt_j)
+        du += du_state
         dx = du * dt_j[:, None]
         if HAS_D:
             dy_j = tl.load(DY + b * sdyb + t_j[:, None] * sdyl + h * sdyh + offs_p[None, :] * sdyp,
@@ -281,7 +307,7 @@ def _bwd_dx_db_kernel(
 
 @triton.jit
 def _bwd_dc_kernel(
-    X, DT, ACS, B, C, DY, STATES, DC, DYY,
+    X, DT, ACS, B, C, DY, STATES, DC, DYY_INTER,
     L, H, G, HPG, P, N, NC,
     sxb, sxl, sxh, sxp,
     sbb, sbl, sbg, sbn,
@@ -290,7 +316,8 @@ def _bwd_dc_kernel(
     IEEE: tl.constexpr,
 ):
     """Rows i of a chunk, one group: dC_i summed over the heads of the group, and per head
-    dy_i . y_i (= C_i . the head's share of dC_i, exact in fp32, for the decay gradient)."""
+    dy_i . y_i^inter (the part of y_i from the entering state, = C_i . that part's share of dC_i)
+    for the decay gradient."""
     ib = tl.program_id(0)
     c = tl.program_id(1)
     bg = tl.program_id(2).to(tl.int64)
@@ -316,6 +343,7 @@ def _bwd_dc_kernel(
         s_pn = tl.load(s_ptr + offs_p[:, None] * N + offs_n[None, :],
                        mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)
         head = _mm(dy_i, s_pn.to(dy_i.dtype), IEEE) * tl.exp(a_i)[:, None]
+        tl.store(DYY_INTER + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1))  # 0 past the end
         for j0 in range(0, (ib + 1) * BLOCK_M, BLOCK_M):
             t_j = c * Q + j0 + offs_j
             valid_j = t_j < L
@@ -329,10 +357,30 @@ def _bwd_dc_kernel(
             decay = tl.exp(tl.where(causal, a_i[:, None] - a_j[None, :], float("-inf")))
             s = _mm(dy_i, tl.trans(x_j), IEEE) * (decay * dt_j[None, :])
             head += _mm(s.to(b_j.dtype), b_j, IEEE)
-        tl.store(DYY + bh * NC * Q + c * Q + offs_i, tl.sum(head * c_i, axis=1))  # 0 past the end
         dc_acc += head
     tl.store(DC + b * sbb + t_i[:, None] * sbl + grp * sbg + offs_n[None, :] * sbn,
              dc_acc.to(DC.dtype.element_ty), mask=valid_i[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _decay_grad_kernel(COLS, SOURCE, DYY_INTER, DA_STATE, DDA, NC, NSB,
+                       Q: tl.constexpr, NRB: tl.constexpr, BLOCK_S: tl.constexpr):
+    """ddA for one chunk of one (batch, head) from its per-position sums (module docstring):
+    ddA_k = sum_{t<k} (source_t - target_t) + sum_{i>=k} dy_i.y_i^inter + exp(a_Q) <G, S_c>,
+    source_t = sum_i M_ti + e_t and target_t = sum_j M_jt (summed over the NRB row blocks)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, Q)
+    base = bh * NC * Q + c * Q + offs
+    target = tl.zeros((Q,), dtype=tl.float32)
+    for rb in range(0, NRB):
+        target += tl.load(COLS + (bh * NRB + rb) * NC * Q + c * Q + offs)
+    net = tl.load(SOURCE + base) - target
+    g = tl.cumsum(net, axis=0) - net
+    g += tl.cumsum(tl.load(DYY_INTER + base), axis=0, reverse=True)
+    offs_s = tl.arange(0, BLOCK_S)
+    g += tl.sum(tl.load(DA_STATE + (bh * NC + c) * NSB + offs_s, mask=offs_s < NSB, other=0.0), axis=0)
+    tl.store(DDA + base, g)
 
 
 def _pow2(v: int) -> int:
@@ -389,12 +437,12 @@ def ssd_forward(x, dt_p, acs, B, C, init, d: SSDDims, D=None):
     return y, states
 
 
-def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, dx=None, dB=None, dC=None,
-                 decay_terms=False):
-    """Launch the backward kernels; returns ``(dx, ddt, dacs, dB, dC, dinit, dD)``.
+def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, dx=None, dB=None, dC=None):
+    """Launch the backward kernels; returns ``(dx, ddt, ddA, dB, dC, dinit, dD)``.
 
-    ``decay_terms=True`` returns ``(dy.y [b, h, L], <G, S> [b, h, nc])`` in place of ``dacs``,
-    for a caller that forms ``dacs = dy.y - dt ddt (+ <G, S> at each chunk's last step)`` itself.
+    ``ddt`` [b, h, nc*Q] is the direct gradient of ``dt`` (through ``u = dt x``); ``ddA`` [b, h, nc*Q]
+    the gradient of the per-step log decays ``dA_t = dt_t A`` (module docstring), so that the total
+    gradients are ``ddt + A ddA`` for dt and ``sum dt ddA`` for A. Both are float32.
 
     ``dy`` may have any strides (last dim contiguous). ``dx`` / ``dB`` / ``dC``, when given, are
     written in place and must have x's / B's / C's strides (slices of one gradient buffer laid out
@@ -403,8 +451,9 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
     dev = x.device
     pn = d.p * d.n
     warps, stages = SSD_TRITON_CONFIG["num_warps"], SSD_TRITON_CONFIG["num_stages"]
+    f32 = dict(device=dev, dtype=torch.float32)
     # (1) each chunk's outputs -> gradient of the state entering it
-    dstate = torch.empty((d.b, d.nc, d.h, d.p, d.n), device=dev, dtype=torch.float32)
+    dstate = torch.empty((d.b, d.nc, d.h, d.p, d.n), **f32)
     _chunk_state_kernel[(d.nc, d.b * d.h)](
         dy, C, dt_p, acs, dstate,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
@@ -413,15 +462,16 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
         BACKWARD=True, IEEE=d.ieee, num_warps=warps, num_stages=stages,
     )
     # (2) reverse pass over chunks
-    dinit = torch.empty((d.b, d.h, d.p, d.n), device=dev, dtype=torch.float32)
-    da_last = torch.zeros((d.b, d.h, d.nc), device=dev, dtype=torch.float32)
+    dinit = torch.empty((d.b, d.h, d.p, d.n), **f32)
     dfinal_c = dfinal.contiguous() if dfinal is not None else None
     sblock = min(SSD_TRITON_CONFIG["state_block"], triton.next_power_of_2(pn))
-    _state_pass_bwd_kernel[(d.b * d.h, triton.cdiv(pn, sblock))](
-        dstate, states, dfinal_c if dfinal_c is not None else dinit, dinit, acs, da_last,
+    nsb = triton.cdiv(pn, sblock)
+    da_state = torch.empty((d.b, d.h, d.nc, nsb), **f32)
+    _state_pass_bwd_kernel[(d.b * d.h, nsb)](
+        dstate, states, dfinal_c if dfinal_c is not None else dinit, dinit, acs, da_state,
         d.h, d.nc, pn, Q=d.Q, BLOCK=sblock, HAS_DFINAL=dfinal_c is not None,
     )
-    # (3) dx, ddt (direct), dB ; dC
+    # (3) dx, ddt (direct), dB and the decay gradient's inner parts ; dC and dy.y^inter
     if dx is None:
         dx = torch.empty_like(x)
     if dB is None:
@@ -430,45 +480,57 @@ def ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d: SSDDims, *, D=None, 
         dC = torch.empty_like(C)
     if dx.stride() != x.stride() or dB.stride() != B.stride() or dC.stride() != C.stride():
         raise ValueError("ssd_backward: dx, dB, dC must have the strides of x, B, C")
-    ddt = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(d.Q, d.block_m), d.nc, d.b * d.g)
-    dd_part = (torch.empty((d.b, d.nc, grid[0], d.h), device=dev, dtype=torch.float32)
-               if D is not None else ddt)
+    ddt = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
+    row_blocks = triton.cdiv(d.Q, d.block_m)
+    grid = (row_blocks, d.nc, d.b * d.g)
+    dd_part = torch.empty((d.b, d.nc, grid[0], d.h), **f32) if D is not None else ddt
+    # Row block jb writes the column sums of the i of blocks >= jb only: the rest must read as zero.
+    cols = torch.zeros((d.b, d.h, row_blocks, d.nc * d.Q), **f32)
+    source = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
     _bwd_dx_db_kernel[grid](
-        x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB, D if D is not None else ddt, dd_part,
+        x, dt_p, acs, B, C, dy, dstate, dx, ddt, dB, D if D is not None else ddt, dd_part, cols, source,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
         *x.stride(), *B.stride(), *dy.stride(),
         Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
         IEEE=d.ieee, HAS_D=D is not None, num_warps=warps, num_stages=stages,
     )
-    dyy = torch.empty((d.b, d.h, d.nc * d.Q), device=dev, dtype=torch.float32)
+    dyy_inter = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
     _bwd_dc_kernel[grid](
-        x, dt_p, acs, B, C, dy, states, dC, dyy,
+        x, dt_p, acs, B, C, dy, states, dC, dyy_inter,
         d.l, d.h, d.g, d.hpg, d.p, d.n, d.nc,
         *x.stride(), *B.stride(), *dy.stride(),
         Q=d.Q, BLOCK_M=d.block_m, BLOCK_P=d.block_p, BLOCK_N=d.block_n,
         IEEE=d.ieee, num_warps=warps, num_stages=stages,
     )
-    # dL/da_j = dy_j.y_j - u_j.du_j + [j last in chunk] <G_{c+1}, S_{c+1}>
-    if decay_terms:
-        dacs = (dyy, da_last)
-    else:
-        dacs = dyy - dt_p * ddt
-        dacs.view(d.b, d.h, d.nc, d.Q)[..., -1] += da_last
+    # (4) the decay gradient from its parts, per chunk
+    dda = torch.empty((d.b, d.h, d.nc * d.Q), **f32)
+    _decay_grad_kernel[(d.nc, d.b * d.h)](
+        cols, source, dyy_inter, da_state, dda, d.nc, nsb,
+        Q=d.Q, NRB=row_blocks, BLOCK_S=triton.next_power_of_2(nsb),
+    )
     dD = dd_part.sum((0, 1, 2)) if D is not None else None
-    return dx, ddt, dacs, dB, dC, dinit, dD
+    return dx, ddt, dda, dB, dC, dinit, dD
+
+
+def chunk_decays(dt_p: torch.Tensor, A: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The within-chunk cumulative log decays ``cumsum(dt * A)`` [b, h, nc*Q] (float32) of
+    ``dt_p`` [b, h, nc*Q] (the kernels' layout) and ``A`` [h]."""
+    b, h, lp = dt_p.shape
+    dA = dt_p * A.float()[None, :, None]
+    return dA.view(b, h, lp // chunk_size, chunk_size).cumsum(-1).view(b, h, lp).contiguous()
 
 
 class _SSDFunction(torch.autograd.Function):
     @staticmethod
     @dense_inputs
-    def forward(ctx, x, dt_p, acs, B, C, init, chunk_size):
+    def forward(ctx, x, dt_p, A, B, C, init, chunk_size):
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
         d = SSDDims(x, B, chunk_size)
+        acs = chunk_decays(dt_p, A, chunk_size)
         init_c = init.contiguous() if init is not None else None
         y, states = ssd_forward(x, dt_p, acs, B, C, init_c, d)
         final = states[:, d.nc].clone()
-        ctx.save_for_backward(x, dt_p, acs, B, C, states)
+        ctx.save_for_backward(x, dt_p, A, acs, B, C, states)
         ctx.dims = d
         ctx.has_init = init is not None
         ctx.init_dtype = init.dtype if init is not None else None
@@ -477,15 +539,18 @@ class _SSDFunction(torch.autograd.Function):
     @staticmethod
     @dense_inputs
     def backward(ctx, dy, dfinal):
-        x, dt_p, acs, B, C, states = ctx.saved_tensors
+        x, dt_p, A, acs, B, C, states = ctx.saved_tensors
         d: SSDDims = ctx.dims
         if dy is None:
             dy = torch.zeros_like(x)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        dx, ddt, dacs, dB, dC, dinit, _ = ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d)
+        dx, ddt, dda, dB, dC, dinit, _ = ssd_backward(x, dt_p, acs, B, C, states, dy, dfinal, d)
+        # dA_t = dt_t A: dt gets A ddA on top of its direct gradient, A gets sum dt ddA.
+        ddt_total = torch.addcmul(ddt, dda, A.float()[None, :, None])
+        dA = (dda * dt_p).sum((0, 2)).to(A.dtype)
         dinit_out = dinit.to(ctx.init_dtype) if ctx.has_init else None
-        return dx, ddt, dacs, dB, dC, dinit_out, None
+        return dx, ddt_total, dA, dB, dC, dinit_out, None
 
 
 def ssd_triton(
@@ -512,7 +577,6 @@ def ssd_triton(
         raise TypeError(f"ssd_triton: B and C must have x's dtype {x.dtype}, got {B.dtype}, {C.dtype}")
     nc = max(1, -(-l // chunk_size))
     pad = nc * chunk_size - l
-    # Small [b, h, l] tensors: autograd carries the decay gradient through cumsum to dt and A.
+    # dt in the kernels' [b, h, nc*Q] layout, zero-padded (no decay, no input past the end).
     dt_p = F.pad(dt.float().transpose(1, 2), (0, pad)).contiguous()
-    acs = (dt_p * A.float()[None, :, None]).view(b, h, nc, chunk_size).cumsum(-1).view(b, h, nc * chunk_size)
-    return _SSDFunction.apply(x, dt_p, acs.contiguous(), B, C, initial_state, chunk_size)
+    return _SSDFunction.apply(x, dt_p, A, B, C, initial_state, chunk_size)

@@ -11,17 +11,26 @@ Layout of a save directory:
         rng/rank_00000.pt         python, numpy, torch (and CUDA) RNG states of each rank
         config.json               the run's config (export rebuilds the model from it)
         ModelArtifact-pretrain.json   lineage manifest (artifacts/model.py)
+        manifest.json             size and SHA-256 of every other file; written last
     SAVE/latest                 name of the newest complete checkpoint
     SAVE/.tmp-iter_0000200/     a save in progress: never looked at by resume
 
-A checkpoint is written under `.tmp-<name>`, renamed to `<name>` once every file is written,
-and only then does `latest` (itself written to a temporary name and renamed) point at it.
-A process killed at any moment leaves the previous checkpoint and `latest` intact.
+A checkpoint is written under `.tmp-<name>`; once every file is written their sizes and
+checksums go into `manifest.json` (the work spread over the ranks), the directory is renamed to
+`<name>`, and only then does `latest` (itself written to a temporary name and renamed) point at
+it. A process killed at any moment leaves the previous checkpoint and `latest` intact.
+
+Before a checkpoint is loaded its files are checked against its manifest (`verify_checkpoint`).
+A damaged checkpoint given by name is an error naming the file; a save directory resumes from
+its newest intact checkpoint, reporting the damaged ones it skipped (`find_checkpoint`). A save
+that fails (a full disk, an unwritable directory) raises `CheckpointWriteError` naming the file
+and removes its temporary directory; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -29,7 +38,7 @@ import re
 import shutil
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.utils.fs import atomic_write_text
@@ -46,8 +56,8 @@ LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
+MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
-
 
 
 @contextlib.contextmanager
@@ -64,6 +74,31 @@ class CheckpointError(RuntimeError):
 
 class CheckpointShapeError(CheckpointError):
     """A checkpoint whose model parameters do not match the model being loaded."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint whose files do not match its manifest (truncated, zeroed, missing)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save that could not be completed (full disk, unwritable directory); the previous
+    checkpoint is untouched."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for an error of a checkpoint read or write: the file (when known) and the cause.
+    DCP reports failures as a `CheckpointException` (a BaseException) holding each rank's
+    exception and traceback: the first rank's exception is what matters."""
+    if isinstance(exc, CheckpointException):
+        for rank, failure in sorted(exc.failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            suffix = f" (rank {rank})" if _distributed() else ""
+            return failure_reason(inner) + suffix
+        return "DCP reported a failure without details"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
 
 
 def checkpoint_name(step: int) -> str:
@@ -83,36 +118,70 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def is_complete(path: Path) -> bool:
+def _owner_rank(group) -> int:
+    """The global rank of rank 0 of `group` (what broadcasts take as their source)."""
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+def _from_owner(value: Any, group=None) -> Any:
+    """Rank 0's `value` on every rank of `group` (so that all ranks decide alike)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=_owner_rank(group), group=group)
+    return box[0]
+
+
+def _gathered(value: Any, group=None) -> list[Any]:
+    """Every rank's `value`, on every rank of `group`."""
+    if not _distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory that is (or claims to be) one checkpoint, complete or not."""
     path = Path(path)
-    return (
-        not path.name.startswith(".")
-        and (path / ".metadata").is_file()
-        and (path / TRAIN_STATE_FILE).is_file()
-    )
+    return path.is_dir() and any(
+        (path / name).exists() for name in (MANIFEST_FILE, ".metadata", TRAIN_STATE_FILE))
 
 
-def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint in save_dir, oldest first."""
+def is_complete(path: Path) -> bool:
+    """Finished saving: its manifest, written last, exists (whether the files still match it is
+    `verify_checkpoint`'s question)."""
+    path = Path(path)
+    return not path.name.startswith(".") and (path / MANIFEST_FILE).is_file()
+
+
+def _checkpoint_dirs(save_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `iter_*` directory of a save dir, complete or not, oldest first."""
     found = []
     if Path(save_dir).is_dir():
         for child in Path(save_dir).iterdir():
             match = CHECKPOINT_PATTERN.match(child.name)
-            if match and is_complete(child):
+            if match and child.is_dir():
                 found.append((int(match.group(1)), child))
     return sorted(found)
 
 
+def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in save_dir, oldest first."""
+    return [(step, path) for step, path in _checkpoint_dirs(save_dir) if is_complete(path)]
+
+
 def resolve_checkpoint(path: str | Path, must_exist: bool = True) -> Path | None:
-    """A checkpoint directory itself, or the latest complete checkpoint of a save directory.
+    """A checkpoint directory itself, or the latest complete checkpoint of a save directory
+    (not verified: see `find_checkpoint`).
 
     Returns None when `path` holds no checkpoint and `must_exist` is False.
     """
     path = Path(path)
     if is_complete(path):
         return path
-    if path.is_dir() and (path / ".metadata").exists():
-        raise CheckpointError(f"{path} is an incomplete checkpoint (no {TRAIN_STATE_FILE})")
+    if is_checkpoint_dir(path):
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {MANIFEST_FILE})")
     marker = path / LATEST_FILE
     if marker.is_file():
         target = path / marker.read_text().strip()
@@ -126,6 +195,144 @@ def resolve_checkpoint(path: str | Path, must_exist: bool = True) -> Path | None
             raise CheckpointError(f"checkpoint path {path} does not exist")
         raise CheckpointError(f"{path} holds no complete checkpoint")
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest: sizes and checksums
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """Every file of a checkpoint directory but the manifest, relative, sorted."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _describe(path: Path, checksums: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"size": path.stat().st_size}
+    if checksums:
+        with open(path, "rb") as f:
+            entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return entry
+
+
+def describe_files(directory: Path, checksums: bool = True, group=None) -> dict[str, dict]:
+    """Size (and SHA-256) of every file of `directory`, read back from storage; each rank of
+    `group` reads its share of the files, every rank returns the whole table (or raises
+    `CheckpointError` if any rank could not read its share)."""
+    names = _from_owner(_checkpoint_files(directory) if _group_rank(group) == 0 else None, group)
+    world = dist.get_world_size(group) if _distributed() else 1
+    mine: dict[str, dict] | str
+    try:
+        mine = {name: _describe(directory / name, checksums)
+                for name in names[_group_rank(group)::world]}
+    except OSError as e:
+        mine = failure_reason(e)
+    parts = _gathered(mine, group)
+    errors = [part for part in parts if isinstance(part, str)]
+    if errors:
+        raise CheckpointError(f"cannot read back {errors[0]}")
+    return dict(sorted((name, entry) for part in parts for name, entry in part.items()))
+
+
+def _check_file(path: Path, expected: dict[str, Any], checksums: bool) -> str | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    if size != expected.get("size"):
+        return f"{path} has {size:,} bytes, its manifest says {expected.get('size'):,}"
+    if checksums and "sha256" in expected:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != expected["sha256"]:
+            return f"{path} does not match the SHA-256 in its manifest (its content changed)"
+    return None
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> list[str]:
+    """What is wrong with a checkpoint's files against its manifest (empty: intact). Each rank
+    of `group` checks its share of the files; every rank returns the same list."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    files: Any = None
+    problem = None
+    if _group_rank(group) == 0:
+        try:
+            files = json.loads(manifest_file.read_text())["files"]
+            if not isinstance(files, dict):
+                raise ValueError("'files' is not a table")
+        except FileNotFoundError:
+            problem = (f"{manifest_file} is missing (the save did not finish, or the checkpoint "
+                       f"predates manifests)")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{manifest_file} is unreadable ({failure_reason(e)})"
+    files, problem = _from_owner((files, problem), group)
+    if problem is not None:
+        return [problem]
+    world = dist.get_world_size(group) if _distributed() else 1
+    names = sorted(files)[_group_rank(group)::world]
+    mine = [p for p in (_check_file(path / n, files[n], checksums) for n in names) if p]
+    return [p for part in _gathered(mine, group) for p in part]
+
+
+@dataclass
+class Skipped:
+    """A checkpoint that resume passed over, and why."""
+
+    path: Path
+    problem: str
+
+
+def find_checkpoint(path: str | Path, *, checksums: bool = True, must_exist: bool = True,
+                    group=None) -> tuple[Path | None, list[Skipped]]:
+    """The checkpoint to resume from, verified against its manifest, and the damaged ones
+    passed over. `path` is a checkpoint (damaged: `CheckpointCorruptError` naming the file) or
+    a save directory (its newest intact checkpoint, `latest`'s target first; none intact while
+    some exist: `CheckpointCorruptError`, a run must not silently start over). None when `path`
+    holds no checkpoint at all and `must_exist` is False."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        problems = verify_checkpoint(path, checksums, group)
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint {path} is damaged: {problems[0]}")
+        return path, []
+    candidates = [p for _, p in reversed(_checkpoint_dirs(path))]
+    marker = path / LATEST_FILE
+    latest = marker.read_text().strip() if marker.is_file() else None
+    candidates.sort(key=lambda p: p.name != latest)  # stable: latest first, then newest first
+    candidates = _from_owner(candidates, group)
+    skipped: list[Skipped] = []
+    for candidate in candidates:
+        problems = verify_checkpoint(candidate, checksums, group)
+        if not problems:
+            return candidate, skipped
+        skipped.append(Skipped(candidate, problems[0]))
+    if skipped:
+        listing = "; ".join(f"{s.path.name}: {s.problem}" for s in skipped)
+        raise CheckpointCorruptError(
+            f"{path} holds no intact checkpoint ({listing}); move the damaged checkpoints "
+            f"away to start over, or set checkpoint.load to one that is intact")
+    if must_exist:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint path {path} does not exist")
+        raise CheckpointError(f"{path} holds no checkpoint")
+    return None, []
+
+
+def check_writable(directory: str | Path, key: str = "checkpoint.save", group=None) -> None:
+    """Fail now, not at the first save, when `directory` cannot be created or written."""
+    directory = Path(directory)
+    probe = directory / f".write-test-{os.getpid()}-{_rank()}"
+    error = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        error = failure_reason(e)
+    errors = [e for e in _gathered(error, group) if e]
+    if errors:
+        raise CheckpointWriteError(f"{key}={directory} is not writable: {errors[0]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +373,11 @@ def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def check_model_shapes(checkpoint: Path, model_state: dict[str, Any]) -> None:
     """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped."""
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    try:
+        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    except Exception as e:  # a damaged .metadata of a checkpoint without manifest
+        raise CheckpointCorruptError(
+            f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
     saved = {
         key[len("model."):]: tuple(value.size)
         for key, value in metadata.items()
@@ -200,6 +411,7 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any]) -> None:
 class LoadedCheckpoint:
     path: Path
     train_state: dict[str, Any]
+    skipped: list[Skipped] = field(default_factory=list)  # damaged checkpoints passed over
 
 
 def load_checkpoint(
@@ -209,16 +421,24 @@ def load_checkpoint(
     *,
     restore_rng: bool = True,
     group=None,
-) -> LoadedCheckpoint:
-    """Load `path` (a checkpoint, or a save dir: its latest complete one) into model/optimizer."""
-    checkpoint = resolve_checkpoint(path)
+    checksums: bool = True,
+    must_exist: bool = True,
+) -> LoadedCheckpoint | None:
+    """Load `path` (a checkpoint, or a save dir: its newest intact one, `find_checkpoint`) into
+    model/optimizer, after checking its files against its manifest. None only when `path` holds
+    no checkpoint and `must_exist` is False."""
+    checkpoint, skipped = find_checkpoint(path, checksums=checksums, must_exist=must_exist,
+                                          group=group)
+    if checkpoint is None:
+        return None
     state = training_state_dict(model, optimizer)
     check_model_shapes(checkpoint, state["model"])
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
-    except Exception as e:  # DCP raises assorted errors for corrupt or foreign files
-        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {e}") from e
+    except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
+        raise CheckpointCorruptError(
+            f"cannot read checkpoint {checkpoint}: {failure_reason(e)}") from None
     set_state_dict(
         model,
         optimizer if optimizer is not None else [],
@@ -231,8 +451,12 @@ def load_checkpoint(
         raise CheckpointError(f"{checkpoint / TRAIN_STATE_FILE} is not valid JSON: {e}") from None
     rng_file = checkpoint / RNG_DIR / f"rank_{_rank():05d}.pt"
     if restore_rng and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return LoadedCheckpoint(checkpoint, train_state)
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except Exception as e:
+            raise CheckpointCorruptError(f"cannot read {rng_file}: {failure_reason(e)}") from None
+        set_rng_state(rng)
+    return LoadedCheckpoint(checkpoint, train_state, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,8 +510,10 @@ class Checkpointer:
         async_save: bool = False,
         group=None,
         on_complete: Callable[[Path, int], None] | None = None,
+        checksums: bool = True,
     ) -> None:
         self.save_dir = Path(save_dir)
+        self.checksums = checksums  # SHA-256 of every file in the manifest (else sizes only)
         self.keep_last = keep_last
         self.async_save = async_save
         self.group = group
@@ -326,32 +552,42 @@ class Checkpointer:
         train_state: dict[str, Any],
         files: dict[str, str] | None = None,
     ) -> Path:
-        """Checkpoint at `step`; returns its final path (complete once `wait` returns, if async)."""
+        """Checkpoint at `step`; returns its final path (complete once `wait` returns, if async).
+        A failed write raises `CheckpointWriteError` on every rank and leaves no trace."""
         self.wait()
         name = checkpoint_name(step)
         final = self.save_dir / name
         tmp = self.save_dir / f"{TMP_PREFIX}{name}"
         self._check_same_path(tmp)
-        if self._owner:
+
+        def prepare() -> None:
             if tmp.exists():  # left by a run killed mid-save
                 shutil.rmtree(tmp)
             (tmp / RNG_DIR).mkdir(parents=True)
-        _barrier(self.group)  # the directory exists, and nobody removes it any more
-        torch.save(rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt")
-        if self._owner:
+
+        self._together(tmp, prepare, owner_only=True)  # the directory exists, nobody removes it
+        self._together(tmp, lambda: torch.save(rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt"))
+
+        def write_files() -> None:
             (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2, sort_keys=True))
             for file_name, text in (files or {}).items():
                 (tmp / file_name).write_text(text)
+
+        self._together(tmp, write_files, owner_only=True)
         state = training_state_dict(model, optimizer)
-        if self.async_save:
-            # Stages a copy of the state synchronously, writes it in a background thread.
-            group = self._async_group if self._async_group is not None else self.group
+        try:
             with _quiet_dcp():
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
+                if self.async_save:
+                    # Stages a copy of the state synchronously, writes it in a background thread.
+                    group = self._async_group if self._async_group is not None else self.group
+                    future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
+                else:
+                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+        except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
+            self._fail(tmp, failure_reason(e))
+        if self.async_save:
             self._pending = _PendingSave(future, tmp, final, step)
         else:
-            with _quiet_dcp():
-                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
             self._finalize(tmp, final, step)
         return final
 
@@ -368,14 +604,47 @@ class Checkpointer:
             return
         try:
             pending.future.result()
-        except Exception as e:
-            raise CheckpointError(f"async checkpoint save to {pending.tmp} failed: {e}") from e
+        except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
+            self._fail(pending.tmp, failure_reason(e))
         self._finalize(pending.tmp, pending.final, pending.step)
+
+    def _together(self, tmp: Path, write: Callable[[], None], owner_only: bool = False) -> None:
+        """Run one write on every rank (or the owner only); if it failed anywhere, every rank
+        raises, so that none goes on to a collective the others never reach."""
+        error = None
+        if self._owner or not owner_only:
+            try:
+                write()
+            except OSError as e:
+                error = failure_reason(e)
+        errors = [e for e in _gathered(error, self.group) if e]
+        if errors:
+            self._fail(tmp, errors[0])
+
+    def _fail(self, tmp: Path, reason: str) -> None:
+        """Remove the unfinished save (its space may be what is missing) and raise. The free
+        space is part of the message: a full disk does not always surface as ENOSPC (torch's
+        zip writer reports a short write as "unexpected pos")."""
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:,.1f} MiB were free there"
+        except OSError:
+            free = ""
+        if self._owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"checkpoint {tmp.name[len(TMP_PREFIX):]} could not be "
+                                   f"written to {tmp.parent}: {reason}{free}")
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         # DCP returns on every rank only after the coordinator wrote .metadata, so all shards
-        # are in `tmp` here; the barrier below keeps other ranks from racing ahead of the rename.
-        if self._owner:
+        # are in `tmp` here; the manifest is read back from storage (every rank its share).
+        try:
+            table = describe_files(tmp, self.checksums, self.group)
+        except CheckpointError as e:
+            self._fail(tmp, str(e))
+        manifest = json.dumps({"format": 1, "step": step, "files": table}, indent=1)
+
+        def publish() -> None:
+            atomic_write_text(tmp / MANIFEST_FILE, manifest)  # last: marks the save complete
             if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
                 old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
                 if old.exists():
@@ -386,6 +655,9 @@ class Checkpointer:
             else:
                 os.replace(tmp, final)
             atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
+
+        self._together(tmp, publish, owner_only=True)
+        if self._owner:
             self._prune()
             if self.on_complete is not None:
                 self.on_complete(final, step)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nemotron.train.fp8_config import Fp8Config
 
 # train.compute_weights: the weights the matmuls read (the master weights are fp32 either way).
 #   fp32: fp32 weights cast by bf16 autocast inside every forward (one process: no FSDP);
@@ -29,7 +31,12 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (bf16 = autocast with fp32 master weights)
     device: str = "auto"  # auto | cpu | cuda
     grad_clip: float = 1.0
+    # A step whose loss or gradient norm is not finite is skipped (no update); more than this
+    # many in a row stop the run (NonFiniteLossError, naming the last good checkpoint).
     max_consecutive_nonfinite: int = 5
+    # Skipped steps a run may have (in all, over resumes) and still end "completed"; with more
+    # it ends "completed_with_skipped_steps" and the CLI exits non-zero.
+    max_skipped_steps: int = 0
     # Balancing (FACTS.md section 2)
     expert_bias_update_rate: float = 1e-3
     # Fast paths (Triton kernels, chunked LM-head loss, compile) where available
@@ -43,8 +50,11 @@ class TrainConfig:
     # memory for the whole step. Off: gather/reshard and reduce-scatter every micro-batch.
     fsdp_accumulate_unsharded: bool = True
     # Run each MoE layer's shared expert on a side CUDA stream beside the routed path's small
-    # kernels (models/nano3/moe.py `set_shared_expert_overlap`); CUDA, local experts only.
+    # kernels and the expert-parallel all-to-all (models/nano3/moe.py
+    # `set_shared_expert_overlap`); CUDA only.
     moe_shared_expert_overlap: bool = True
+    # FP8 GEMMs on Hopper for the chosen layers (train/fp8.py; off by default).
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass
@@ -64,6 +74,11 @@ class SchedulerConfig:
     # WSD: the decay starts once this fraction of the total tokens is consumed.
     stable_fraction_end: float = 0.8
     decay_style: str = "cosine"  # cosine | linear | 1-sqrt
+    # Resuming with a config whose schedule gives a different rate to a step still to run
+    # (e.g. a longer train.train_iters moves the decay): strict = refuse, naming the change
+    # (Megatron's default); checkpoint = keep the checkpoint's schedule; config = take this
+    # config's (Megatron's --use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler).
+    on_resume: str = "strict"  # strict | checkpoint | config (train/schedule.py ON_RESUME)
 
 
 @dataclass
@@ -73,8 +88,13 @@ class CheckpointConfig:
     save_interval: int = 1000
     keep_last: int | None = None
     async_save: bool = False
-    # Resume automatically when `save` already holds a complete checkpoint.
+    # Resume automatically from the newest intact checkpoint `save` holds (damaged ones are
+    # skipped with a warning naming them).
     auto_resume: bool = True
+    # Each checkpoint's manifest.json holds every file's size and SHA-256, written at save
+    # (every rank reads back its share) and checked before a resume. false: sizes only (for
+    # checkpoints too large to read back at every save).
+    verify_checksums: bool = True
     # Megatron's --finetune: take only the model weights (and expert biases) from `load`; the
     # optimizer, step, token count and data position start fresh (a new phase, e.g. long
     # context, from a pretraining checkpoint). A checkpoint of this run in `save` still resumes

@@ -1,63 +1,25 @@
-"""`pretrain(cfg, job_dir)`: the Nemotron 3 Nano pretraining loop.
+"""The pieces a training step is made of: the model as training builds it (`build_model`,
+compute weights, recomputation), `train_step` (micro-batches with gradient accumulation,
+gradient sync and clipping, AdamW or a skipped non-finite step) and `evaluate`.
 
-One step: pick the phase and learning rate from the tokens consumed, run the micro-batches
-(gradient accumulation), sync and clip gradients, step AdamW (or skip a non-finite step), update
-the expert biases from the step's routing counts, log, evaluate, checkpoint. Everything a
-resumed run needs is in the checkpoint, so a run killed at any point continues bit for bit.
+The run that puts them together (resume, schedule, expert-bias update, logging, evaluation,
+checkpoints, signals) is `train/trainer.py`'s `Trainer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import resource
-import signal
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nemotron.artifacts.model import (
-    MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
-)
 from nemotron.distributed.utils import (
-    grad_norm, launcher_process_group, loss_tokens, reduce_token_loss, token_loss_weights,
+    grad_norm, loss_tokens, reduce_token_loss, token_loss_weights,
 )
-from nemotron.train import balancing, flops
-from nemotron.train.checkpoint import CONFIG_FILE, Checkpointer, load_checkpoint, resolve_checkpoint
 from nemotron.train.config import COMPUTE_WEIGHTS
-from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
-from nemotron.train.metrics import EventHook, MetricsLogger
-from nemotron.train.optimizer import build_optimizer, set_learning_rate
-from nemotron.train.schedule import learning_rate, validate_schedule
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
-
-
-@dataclass
-class TrainSummary:
-    steps: int
-    tokens: int
-    final_loss: float | None
-    checkpoint: str | None
-    status: str = "completed"  # completed | interrupted (signal: checkpoint saved, run resumable)
-    valid_loss: float | None = None
-    test_loss: float | None = None
-    skipped_steps: int = 0
-    balance_max_over_mean: float | None = None  # worst layer, last step
-    balance_bias_range: float | None = None
-    unigram_entropy: float | None = None
-    tokens_per_second: float | None = None
-    resumed_from: str | None = None
-    finetuned_from: str | None = None  # checkpoint.finetune: the weights this run started from
 
 
 @dataclass
@@ -166,24 +128,21 @@ def resolve_compute_weights(train, device: torch.device, world: int, grad_accumu
     return "bf16" if world > 1 or grad_accumulation > 1 else "fp32"
 
 
-def _one_process_accumulation(cfg) -> int:
-    """Micro-batches per step when one process trains (what `auto` compute weights look at
-    there; with several ranks it is bf16 anyway)."""
-    return max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size))
-
-
-def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, Parallel]:
+def build_model(cfg, device: torch.device, mesh=None,
+                compute_weights: str | None = None) -> tuple[torch.nn.Module, Parallel]:
     """The model on `device` with fp32 master weights: one process with fp32 compute weights
     trains a plain module; otherwise FSDP2 (`distributed.parallelize`) shards it, with bf16
-    compute weights per `train.compute_weights`. One process with bf16 compute weights uses a
-    one-rank mesh and needs a (one-rank) process group, which `pretrain` creates."""
+    compute weights per `compute_weights` ("fp32" | "bf16"; None: resolve
+    `train.compute_weights` here). One process with bf16 compute weights uses a one-rank mesh
+    and needs a (one-rank) process group, which `pretrain` creates."""
     from nemotron.models.nano3.model import Nano3ForCausalLM
     from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    weights = resolve_compute_weights(cfg.train, device, world, _one_process_accumulation(cfg))
+    weights = compute_weights or resolve_compute_weights(
+        cfg.train, device, world, max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size)))
     if world == 1 and weights == "fp32":
         with torch.device(device):
             model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
@@ -192,6 +151,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
         torch.manual_seed(cfg.train.seed)
         model.reset_parameters()
         set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
+        apply_fp8_if_enabled(model, cfg, device)
         if cfg.train.activation_recompute:
             apply_activation_recompute(model)
         return model, Parallel()
@@ -218,6 +178,7 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     with torch.device("meta"):
         model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
     set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
+    apply_fp8_if_enabled(model, cfg, device)  # module swaps, before sharding (as torchao needs)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.
@@ -227,6 +188,18 @@ def build_model(cfg, device: torch.device, mesh=None) -> tuple[torch.nn.Module, 
     torch.manual_seed(cfg.train.seed)
     model.reset_parameters()  # the same weights as one process under this seed
     return model, parallel
+
+
+def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
+    """`train.fp8`: swap the chosen layers for their FP8 versions (train/fp8.py); the
+    summary is kept on the model as `fp8_summary` (None when FP8 is off)."""
+    summary = None
+    if cfg.train.fp8.enabled:
+        from nemotron.train.fp8 import apply_fp8
+
+        summary = apply_fp8(model, cfg.train.fp8, device)
+    model.fp8_summary = summary
+    return summary
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -366,250 +339,3 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)
     return reduce_token_loss(total, tokens, parallel.mesh)
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and return."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self, parallel: Parallel) -> bool:
-        """True on every rank once any rank got a signal (so all save together)."""
-        flag = torch.tensor(1 if self.signum is not None else 0)
-        if parallel.distributed:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def _config_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-
-
-def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mesh=None) -> TrainSummary:
-    """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
-    `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
-    checkpoint / end events (the CLI draws its progress bar from them).
-
-    Under torchrun the processes join one process group here (unless the caller already did)."""
-    from nemotron.distributed.parallel_dims import reject_pipeline_parallel
-
-    reject_pipeline_parallel(cfg.model.parallel())  # before any process group or model exists
-    device_type = cfg.train.device
-    if device_type == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    # bf16 compute weights in one process: FSDP2 on a one-rank mesh needs a process group.
-    one_rank = resolve_compute_weights(cfg.train, torch.device(device_type), 1,
-                                       _one_process_accumulation(cfg)) == "bf16"
-    with launcher_process_group(device_type, one_rank=one_rank):
-        return _pretrain(cfg, job_dir, on_event=on_event, mesh=mesh)
-
-
-def _pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None, mesh) -> TrainSummary:
-    job_dir = Path(job_dir)
-    validate_schedule(cfg.scheduler, cfg.optimizer)
-    device = resolve_device(cfg.train.device)
-    model, parallel = build_model(cfg, device, mesh)
-    rank0 = not parallel.distributed or dist.get_rank() == 0
-    plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    train_model = torch.compile(model) if cfg.train.compile else model
-
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0}
-    loader_state = LoaderState()
-    resumed_from = finetuned_from = None
-    ckpt_cfg = cfg.checkpoint
-    source = None if ckpt_cfg.finetune else ckpt_cfg.load
-    if source is None and ckpt_cfg.save and ckpt_cfg.auto_resume:
-        found = resolve_checkpoint(ckpt_cfg.save, must_exist=False)
-        source = str(found) if found is not None else None
-    if source is None and ckpt_cfg.finetune and ckpt_cfg.load is not None:
-        # weights only: optimizer, step and data position start fresh
-        finetuned_from = str(load_checkpoint(ckpt_cfg.load, model, None, restore_rng=False).path)
-    if source is not None:
-        loaded = load_checkpoint(source, model, optimizer)
-        resumed_from = str(loaded.path)
-        saved = loaded.train_state
-        loader_state = TrainingData.state_from(saved.pop("loader"))
-        state.update({k: saved[k] for k in state if k in saved})
-
-    data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
-                        loader_state, cp_rank=parallel.cp_rank, cp_size=parallel.cp_size,
-                        sequence_multiple=parallel.sequence_multiple,
-                        pin_memory=device.type == "cuda")
-    arch = cfg.model.arch()
-    world = dist.get_world_size() if parallel.distributed else 1
-    data_record = data_artifact_record(cfg.data.blend) if rank0 and not cfg.data.mock else None
-    config_json = json.dumps(_config_dict(cfg), indent=2, default=str)
-
-    metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
-                            run_config=_config_dict(cfg))
-    checkpointer = None
-    if ckpt_cfg.save:
-        checkpointer = Checkpointer(
-            ckpt_cfg.save, ckpt_cfg.keep_last, ckpt_cfg.async_save,
-            on_complete=lambda path, step: metrics.event("checkpoint", {"path": str(path), "step": step}),
-        )
-
-    def save() -> str | None:
-        if checkpointer is None:
-            return None
-        train_state = dict(state, loader=data.state_dict())
-        manifest = build_model_artifact(
-            step=state["step"], tokens=state["tokens"], model_config=dataclasses.asdict(arch),
-            data=data_record, phase=data.state.phase,
-            extra={"config": CONFIG_FILE, "phase2_blend": cfg.data.phase2_blend},
-        )
-        files = {CONFIG_FILE: config_json, MODEL_ARTIFACT_FILE: manifest_json(manifest)}
-        return str(checkpointer.save(state["step"], model, optimizer, train_state, files))
-
-    moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-    rate = cfg.train.expert_bias_update_rate
-    last: StepResult | None = None
-    last_balance: balancing.BalanceStats | None = None
-    valid_loss = test_loss = None
-    status = "completed"
-    last_checkpoint = resumed_from
-    saved_step = state["step"] if resumed_from else None
-    run_start, run_tokens = time.perf_counter(), 0
-    entropy = unigram_entropy(cfg.data.blend) if rank0 and not cfg.data.mock else None
-    metrics.event("start", {"total_steps": plan.total_steps, "step": state["step"],
-                            "resumed_from": resumed_from, "finetuned_from": finetuned_from,
-                            "grad_accumulation": plan.grad_accumulation,
-                            "compute_weights": resolve_compute_weights(
-                                cfg.train, device, world, _one_process_accumulation(cfg)),
-                            "unigram_entropy": entropy,
-                            "ignored_layout": None if world > 1 else ignored_layout(cfg)})
-    if entropy is not None:
-        metrics.log("run", state["step"], {"unigram_entropy": entropy})
-    try:
-        with StopRequest() as stop:
-            while state["step"] < plan.total_steps:
-                step_start = time.perf_counter()
-                if data.maybe_switch_phase(state["step"]):
-                    metrics.event("phase", {"step": state["step"], "phase": 2})
-                lr = learning_rate(state["tokens"], plan.total_tokens, cfg.scheduler, cfg.optimizer)
-                set_learning_rate(optimizer, lr)
-                data_start = time.perf_counter()
-                batches = data.next_train_batches()
-                data_time = time.perf_counter() - data_start
-                last = train_step(train_model, optimizer, batches, device=device,
-                                  precision=cfg.train.precision, grad_clip=cfg.train.grad_clip,
-                                  parallel=parallel,
-                                  fsdp_accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded)
-                if last.finite:
-                    last_balance = balancing.update_expert_biases(
-                        moe_layers, rate, group=parallel.balancing_group)
-                    state["consecutive_nonfinite"] = 0
-                else:
-                    balancing.reset_expert_counts(moe_layers)
-                    state["skipped_steps"] += 1
-                    state["consecutive_nonfinite"] += 1
-                state["step"] += 1
-                state["tokens"] += data.last_step_tokens  # mixed lengths: fewer than planned
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - step_start
-                run_tokens += data.last_step_tokens
-                tps = data.last_step_tokens / elapsed
-                step_flops = flops.training_flops(arch, data.last_step_lengths)
-                values = {
-                    "loss": last.loss, "lm_loss": last.lm_loss, "lr": lr,
-                    "grad_norm": last.grad_norm, "tokens": state["tokens"],
-                    "phase": data.state.phase, "step_time": elapsed, "data_time": data_time,
-                    "tokens_per_second": tps,
-                    "tflops": step_flops / elapsed / 1e12 / world,
-                    "mfu": step_flops / elapsed / (flops.H200_BF16_PEAK_FLOPS * world),
-                    "memory_gb": _memory_gb(device), "skipped": not last.finite,
-                    "skipped_steps": state["skipped_steps"],
-                }
-                if last.finite and last_balance is not None:
-                    values.update(last_balance.summary())
-                    values["balance/per_layer_max_over_mean"] = last_balance.max_over_mean
-                if state["step"] % cfg.train.log_interval == 0 or state["step"] == plan.total_steps:
-                    metrics.log("train", state["step"], values)
-                if state["consecutive_nonfinite"] > cfg.train.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{state['consecutive_nonfinite']} consecutive steps (up to step "
-                        f"{state['step']}) had a non-finite loss or gradient norm (loss "
-                        f"{last.loss}, grad norm {last.grad_norm}); stopping. Updates of those "
-                        f"steps were skipped; the last good checkpoint is {last_checkpoint}"
-                    )
-                if checkpointer is not None:
-                    checkpointer.poll()
-                if cfg.train.eval_iters and state["step"] % cfg.train.eval_interval == 0:
-                    valid_loss = _run_eval(data.next_valid_batches(), model, device, cfg, parallel,
-                                           metrics, "eval", state["step"], valid_loss)
-                stopping = stop.requested(parallel)
-                if state["step"] % ckpt_cfg.save_interval == 0 or stopping or (
-                        state["step"] == plan.total_steps):
-                    if saved_step != state["step"]:
-                        last_checkpoint = save() or last_checkpoint
-                        saved_step = state["step"]
-                if stopping:
-                    status = "interrupted"
-                    metrics.event("stop", {"step": state["step"], "signal": stop.signum})
-                    break
-            if status == "completed" and cfg.train.eval_iters:
-                test_loss = _run_eval(data.test_batches(), model, device, cfg, parallel,
-                                      metrics, "test", state["step"], None)
-    finally:
-        data.close()
-        if checkpointer is not None:
-            checkpointer.wait()
-        metrics.close()
-
-    wall = time.perf_counter() - run_start
-    summary = TrainSummary(
-        steps=state["step"], tokens=state["tokens"],
-        final_loss=last.lm_loss if last is not None else None,
-        checkpoint=last_checkpoint, status=status, valid_loss=valid_loss, test_loss=test_loss,
-        skipped_steps=state["skipped_steps"],
-        balance_max_over_mean=last_balance.worst_max_over_mean if last_balance else None,
-        balance_bias_range=last_balance.bias_range if last_balance else None,
-        unigram_entropy=entropy,
-        tokens_per_second=run_tokens / wall if run_tokens and wall > 0 else None,
-        resumed_from=resumed_from, finetuned_from=finetuned_from,
-    )
-    metrics.event("end", dataclasses.asdict(summary))
-    return summary
-
-
-def _run_eval(batches, model, device, cfg, parallel, metrics, kind, step, previous):
-    if batches is None:
-        return previous
-    loss = evaluate(model, batches, device=device, precision=cfg.train.precision, parallel=parallel)
-    metrics.log(kind, step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
-    return loss

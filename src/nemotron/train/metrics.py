@@ -63,23 +63,43 @@ class MetricsLogger:
                 ) from e
             self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
         if cfg.wandb and cfg.wandb_mode != "disabled":
+            from nemotron.artifacts import wandb_lineage
+
             try:
-                import wandb
-            except ImportError as e:
-                raise MetricsConfigError(
-                    "logger.wandb=true needs wandb: pip install 'nemotron[wandb]' "
-                    "(or set logger.wandb=false)"
-                ) from e
-            self._wandb = wandb.init(
-                project=cfg.wandb_project or "nemotron", entity=cfg.wandb_entity,
-                mode=cfg.wandb_mode, dir=str(self.job_dir), config=run_config,
-                name=self.job_dir.name, resume="allow", id=self.job_dir.name,
-            )
+                self._wandb = wandb_lineage.start_run(
+                    job_dir=self.job_dir, job_type="pretrain", project=cfg.wandb_project,
+                    entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=run_config)
+            except wandb_lineage.WandbUnavailable as e:
+                raise MetricsConfigError(str(e)) from e
 
     def event(self, kind: str, payload: dict[str, Any]) -> None:
         """A non-metric event (start, checkpoint, end, warning) for the CLI hook."""
         if self.enabled and self.on_event is not None:
             self.on_event(kind, payload)
+
+    def use_data_artifacts(self, blends: list[str | None]) -> None:
+        """W&B: declare each data-prep output this run reads (`DataBlendsArtifact-pretrain`) as
+        its input. A blend without data-prep metadata (hand-written) is reported, not fatal."""
+        if self._wandb is None:
+            return
+        from nemotron.artifacts import wandb_lineage
+
+        for blend in dict.fromkeys(b for b in blends if b):
+            try:
+                wandb_lineage.use_data_artifact(self._wandb, blend)
+            except wandb_lineage.ArtifactError as e:
+                self.event("warning", {"message": f"W&B data lineage not recorded: {e}"})
+
+    def checkpoint_saved(self, path: str | Path, step: int) -> None:
+        """A checkpoint is complete: tell the CLI, and log it to W&B as `ModelArtifact-pretrain`."""
+        if self._wandb is not None:
+            from nemotron.artifacts import wandb_lineage
+
+            try:
+                wandb_lineage.log_model_artifact(self._wandb, path)
+            except wandb_lineage.ArtifactError as e:
+                self.event("warning", {"message": f"W&B model artifact not logged: {e}"})
+        self.event("checkpoint", {"path": str(path), "step": step})
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,17 +1,30 @@
 """Learning-rate schedule: warmup-stable-decay (WSD) in tokens, or constant.
 
-The learning rate is a pure function of the tokens consumed before the step, so a resumed run
-gets exactly the same rates (nothing about the schedule needs saving but the token count).
+The learning rate is a pure function of the tokens consumed before the step and of the run's
+length in tokens. A checkpoint records the schedule it was trained with (`LRSchedule.as_dict`),
+so that a resumed run whose config would give different rates (e.g. a longer
+`train.train_iters` moves the decay) is noticed: `scheduler.on_resume` decides what happens
+(`resume_schedule`), with Megatron's three choices.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from nemotron.train.config import OptimizerConfig, SchedulerConfig
 
 DECAY_STYLES = ("cosine", "linear", "1-sqrt")
 STYLES = ("wsd", "constant")
+# scheduler.on_resume: what a resumed run does when the checkpoint's schedule and the config's
+# give a different rate to a step still to run. strict: refuse (Megatron's default, which
+# asserts that the scheduler's values match the checkpoint's); checkpoint: keep the
+# checkpoint's (--use-checkpoint-opt_param-scheduler); config: take the config's
+# (--override-opt_param-scheduler).
+ON_RESUME = ("strict", "checkpoint", "config")
 
 
 class ScheduleConfigError(ValueError):
@@ -25,12 +38,18 @@ def validate_schedule(sched: SchedulerConfig, opt: OptimizerConfig) -> None:
         raise ScheduleConfigError(
             f"scheduler.decay_style {sched.decay_style!r} is not one of {DECAY_STYLES}"
         )
+    if sched.on_resume not in ON_RESUME:
+        raise ScheduleConfigError(f"scheduler.on_resume {sched.on_resume!r} is not one of {ON_RESUME}")
     if sched.warmup_tokens < 0:
         raise ScheduleConfigError(f"scheduler.warmup_tokens must be >= 0, got {sched.warmup_tokens}")
     if not 0.0 <= sched.stable_fraction_end <= 1.0:
         raise ScheduleConfigError(
             f"scheduler.stable_fraction_end must be in [0, 1], got {sched.stable_fraction_end}"
         )
+    for key, value in (("optimizer.lr", opt.lr), ("optimizer.min_lr", opt.min_lr),
+                       ("scheduler.stable_fraction_end", sched.stable_fraction_end)):
+        if not math.isfinite(value):
+            raise ScheduleConfigError(f"{key} must be a finite number, got {value}")
     if opt.lr < 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         raise ScheduleConfigError(
             f"need 0 <= optimizer.min_lr ({opt.min_lr}) <= optimizer.lr ({opt.lr})"
@@ -71,3 +90,81 @@ def learning_rate(
         return opt.min_lr
     progress = (tokens - decay_start) / decay_tokens
     return opt.min_lr + (opt.lr - opt.min_lr) * decay_factor(progress, sched.decay_style)
+
+
+class ScheduleChangeError(ValueError):
+    """A resumed run whose config changes the learning rate of steps still to run, under
+    `scheduler.on_resume=strict`."""
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Everything the learning rate of a step depends on besides the tokens consumed."""
+
+    style: str
+    lr: float
+    min_lr: float
+    warmup_tokens: int
+    stable_fraction_end: float
+    decay_style: str
+    total_tokens: int
+
+    @classmethod
+    def from_config(cls, sched: SchedulerConfig, opt: OptimizerConfig, total_tokens: int) -> "LRSchedule":
+        return cls(sched.style, opt.lr, opt.min_lr, sched.warmup_tokens, sched.stable_fraction_end,
+                   sched.decay_style, int(total_tokens))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LRSchedule":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @functools.cached_property
+    def _configs(self) -> tuple[SchedulerConfig, OptimizerConfig]:
+        return (SchedulerConfig(style=self.style, warmup_tokens=self.warmup_tokens,
+                                stable_fraction_end=self.stable_fraction_end,
+                                decay_style=self.decay_style),
+                OptimizerConfig(lr=self.lr, min_lr=self.min_lr))
+
+    def rate(self, tokens: int) -> float:
+        """The learning rate of a step that starts after `tokens` tokens."""
+        sched, opt = self._configs
+        return learning_rate(tokens, self.total_tokens, sched, opt)
+
+    def first_difference(self, other: "LRSchedule", token_points: Iterable[int]) -> int | None:
+        """The first of `token_points` at which the two schedules give different rates."""
+        if self == other:
+            return None
+        for tokens in token_points:
+            if self.rate(tokens) != other.rate(tokens):
+                return tokens
+        return None
+
+
+def resume_schedule(saved: LRSchedule, config: LRSchedule, policy: str, tokens: int,
+                    tokens_per_step: int, where: str) -> tuple[LRSchedule, str | None]:
+    """The schedule a run resumed after `tokens` tokens continues with, and the announcement of
+    a change (None when the two give the same rate to every step still to run, at the planned
+    `tokens_per_step`). `where` names the checkpoint in messages."""
+    remaining = range(tokens, max(tokens, config.total_tokens), max(1, tokens_per_step))
+    at = saved.first_difference(config, remaining)
+    if at is None:
+        return config, None
+    changed = ", ".join(f"{key} {a} -> {b}" for key, a, b in (
+        (f.name, getattr(saved, f.name), getattr(config, f.name))
+        for f in dataclasses.fields(LRSchedule)) if a != b)
+    change = (f"the learning-rate schedule differs from the one {where} was trained with "
+              f"({changed}): after {at:,} tokens the rate would be {config.rate(at):.4g} "
+              f"instead of {saved.rate(at):.4g}")
+    if policy == "strict":
+        raise ScheduleChangeError(
+            f"{change}; set scheduler.on_resume=checkpoint to keep the checkpoint's schedule or "
+            f"scheduler.on_resume=config to take this config's (Megatron's "
+            f"--use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler)")
+    if policy == "checkpoint":
+        return saved, f"{change}; keeping the checkpoint's schedule (scheduler.on_resume=checkpoint)"
+    if policy == "config":
+        return config, f"{change}; taking this config's schedule (scheduler.on_resume=config)"
+    raise ScheduleConfigError(f"scheduler.on_resume {policy!r} is not one of {ON_RESUME}")

@@ -49,12 +49,15 @@ class Attention(nn.Module):
         nn.init.normal_(self.o_proj.weight, std=self.output_init_std)
 
     def fused_qkv_enabled(self) -> bool:
-        """True when forward computes q, k and v with one GEMM: fast paths on and no projection
-        weight sharded (tensor parallelism makes them DTensors and may patch their forward)."""
+        """True when forward computes q, k and v with one GEMM: fast paths on, the projections
+        plain `nn.Linear`s and no projection weight sharded (tensor parallelism makes them
+        DTensors and may patch their forward)."""
         from nemotron.kernels import fast_paths_enabled
 
-        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        return fast_paths_enabled() and not any(isinstance(w, DTensor) for w in weights)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        # Only plain Linears: a swapped-in subclass (e.g. FP8, train/fp8.py) computes itself.
+        return fast_paths_enabled() and all(
+            type(p) is nn.Linear and not isinstance(p.weight, DTensor) for p in projections)
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv_enabled():

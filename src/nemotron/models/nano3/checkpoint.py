@@ -92,6 +92,8 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
 
 def save_model_checkpoint(model, config: Nano3Config, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed)."""
+    from nemotron.fsutil import apply_default_modes
+
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty")
@@ -100,6 +102,7 @@ def save_model_checkpoint(model, config: Nano3Config, out: str | os.PathLike, ov
     try:
         dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps({MODEL_KEY: dataclasses.asdict(config)}, indent=2) + "\n")
+        apply_default_modes(tmp)  # mkdtemp made it 0700
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -177,7 +177,7 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
             mamba_num_groups=hf.n_groups,
             mamba_conv_kernel=hf.conv_kernel,
             mamba_chunk_size=hf.chunk_size,
-            mamba_dt_min=hf.time_step_min,
+            mamba_dt_min=float(raw.get(INIT_TIME_STEP_MIN_KEY, hf.time_step_min)),
             mamba_dt_max=hf.time_step_max,
             mamba_dt_init_floor=hf.time_step_floor,
             num_experts=hf.n_routed_experts,
@@ -276,6 +276,15 @@ def _shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, dtype_of)
     return shards
 
 
+# transformers' NemotronH clamps dt from below at `config.time_step_min` (its chunked/prefill
+# path; not its one-token decode path) and ignores `time_step_limit`. Ours, like Megatron, does
+# not clamp (limit [0, inf]). An export writes the smallest normal float32 there, so the clamp
+# changes nothing a float32/bfloat16 model computes, and keeps our dt init minimum (which
+# transformers also reads from `time_step_min`) under its own key, for the import.
+EXPORT_TIME_STEP_MIN = float(torch.finfo(torch.float32).tiny)
+INIT_TIME_STEP_MIN_KEY = "nemotron_init_time_step_min"
+
+
 def save_hf(
     state_dict: Mapping[str, torch.Tensor],
     config: Nano3Config,
@@ -283,13 +292,19 @@ def save_hf(
     dtype: torch.dtype | None = torch.bfloat16,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    *,
+    config_fields: Mapping[str, object] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a transformers `NemotronHForCausalLM` directory from our model's state dict.
 
     `dtype`: the checkpoint dtype (None keeps each tensor's own); the router weight and expert
-    bias stay float32, as transformers keeps them. Written to a temporary sibling directory and
-    renamed, so a partial export never looks complete.
+    bias stay float32, as transformers keeps them. `config_fields` are set on the config
+    (e.g. the tokenizer's bos/eos/pad ids); `write_extra(dir)` adds files (tokenizer,
+    generation config). Written to a temporary sibling directory, given ordinary modes (0644 /
+    0755 under umask 022) and renamed, so a partial export never looks complete.
     """
+    from nemotron.fsutil import apply_default_modes
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -306,7 +321,12 @@ def save_hf(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        to_hf_config(config, dtype=model_dtype).save_pretrained(str(tmp))
+        hf_config = to_hf_config(config, dtype=model_dtype)
+        hf_config.time_step_min = EXPORT_TIME_STEP_MIN
+        setattr(hf_config, INIT_TIME_STEP_MIN_KEY, config.mamba_dt_min)
+        for key, value in (config_fields or {}).items():
+            setattr(hf_config, key, value)
+        hf_config.save_pretrained(str(tmp))
         shards = _shards(hf_tensors, max_shard_bytes, dtype_of)
         n = len(shards)
         weight_map, total = {}, 0
@@ -325,6 +345,9 @@ def save_hf(
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+        apply_default_modes(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

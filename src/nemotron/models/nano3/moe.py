@@ -199,6 +199,9 @@ class DispatchContext(NamedTuple):
 class LocalDispatcher:
     """Single-device dispatch: sort (token, slot) pairs by expert; combine un-sorts and weights."""
 
+    # the shared expert may run on a side CUDA stream beside dispatch/combine (MoE.forward)
+    shared_expert_side_stream = True
+
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
@@ -332,11 +335,12 @@ class MoE(nn.Module):
 
     def _overlap_stream(self, x: torch.Tensor):
         """The side stream for the shared expert when `shared_expert_overlap` is on and applies
-        (CUDA, fast paths, the local dispatcher, not while compiling), else None."""
+        (CUDA, fast paths, a dispatcher that allows it, not while compiling), else None."""
         from nemotron.kernels import fast_paths_enabled
 
         if not (self.shared_expert_overlap and x.is_cuda and self.shared_experts is not None
-                and fast_paths_enabled() and isinstance(self.dispatcher, LocalDispatcher)
+                and fast_paths_enabled()
+                and getattr(self.dispatcher, "shared_expert_side_stream", False)
                 and not torch.compiler.is_compiling()):
             return None
         return _side_stream(x.device)

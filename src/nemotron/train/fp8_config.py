@@ -1,0 +1,61 @@
+"""`train.fp8`'s typed config and its checks (no torch import: config loading stays light).
+What the keys do is in `nemotron.train.fp8`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Which layers `train.fp8.layers` may name; the router, norms, embeddings and LM head always
+# stay in higher precision.
+FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts")
+# The default: the dense linears. The routed experts' FP8 grouped GEMMs are 1.6x faster than
+# bf16's, but torchao's quantization kernels and the per-expert padding around them cost more
+# than that saves at the proxy's shapes (H200, 2026-12-03: docs/performance.md "FP8"), so they
+# are opt-in (`train.fp8.layers=[mamba,attention,shared_expert,mlp,experts]`).
+DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
+# torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
+#   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
+#   rowwise: one scale per row of each operand, scales rounded to powers of two (CUTLASS);
+#   rowwise_with_gw_hp: rowwise, but the weight gradient GEMM in bf16 (most accurate).
+# Routed experts always use rowwise scales (torchao's FP8 grouped GEMM).
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+@dataclass
+class Fp8Config:
+    """`train.fp8`: off by default."""
+
+    enabled: bool = False
+    recipe: str = "tensorwise"  # dense linears: one of RECIPES
+    layers: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_LAYERS))  # subset of FP8_LAYERS
+    # FSDP2 all-gathers the float8 weights instead of bf16 (half the bytes; tensorwise only).
+    # Pays with several data-parallel ranks; on one GPU there is no all-gather to shrink.
+    fsdp_float8_all_gather: bool = False
+    # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
+    compile: bool = True
+
+
+def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> list[tuple[str, str]]:
+    """Problems with `train.fp8` as (dotted key, message) pairs; empty when it is valid.
+    Checked whether or not it is enabled, except what only matters when it is."""
+    problems = []
+    if fp8.recipe not in RECIPES:
+        problems.append(("train.fp8.recipe", f"{fp8.recipe!r} is not one of {list(RECIPES)}"))
+    unknown = [name for name in fp8.layers if name not in FP8_LAYERS]
+    if unknown:
+        problems.append(("train.fp8.layers", f"unknown layer kinds {unknown}; choose from {list(FP8_LAYERS)} "
+                                             "(router, norms, embeddings and LM head stay higher precision)"))
+    if len(set(fp8.layers)) != len(fp8.layers):
+        problems.append(("train.fp8.layers", f"names a layer kind twice: {fp8.layers}"))
+    if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":
+        problems.append(("train.fp8.fsdp_float8_all_gather",
+                         f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
+                         "are gathered with one scale per tensor"))
+    if fp8.enabled:
+        if precision != "bf16":
+            problems.append(("train.fp8.enabled", f"needs train.precision=bf16, got {precision!r} (the "
+                                                  "layers FP8 leaves out compute in bf16)"))
+        if tensor_parallel > 1:
+            problems.append(("train.fp8.enabled", f"is not supported with tensor parallelism yet "
+                                                  f"(model.tensor_model_parallel_size={tensor_parallel})"))
+    return problems

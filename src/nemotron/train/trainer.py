@@ -1,0 +1,612 @@
+"""The `Trainer`: one pretraining run of Nemotron 3 Nano, from set-up to summary.
+
+    Trainer.for_run(cfg, job_dir, ...)  set-up: config and storage checks, seeds, model,
+                                        optimizer, resume (or finetune), data, metrics, saves
+    trainer.step()                      one optimizer step: phase, learning rate, batches,
+                                        forward/backward/clip/AdamW (`loop.train_step`), then
+                                        the expert-bias update (or, if skipped, a counter reset)
+    trainer.evaluate(kind)              the valid or test loss
+    trainer.save()                      a checkpoint, only from finite weights after a good step
+    trainer.run()                       the loop: steps, logs, fault policy, evaluation, saves,
+                                        preemption signals; returns a `TrainSummary`
+
+`pretrain(cfg, job_dir)` runs `Trainer.for_run(...).run()` inside the launcher's process group.
+The benchmarks build a Trainer around their own model and data and time `step()`. Everything a
+resumed run needs is in the checkpoint, so a run killed at any point continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemotron.artifacts.model import (
+    MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
+)
+from nemotron.distributed.utils import launcher_process_group
+from nemotron.train import balancing, flops
+from nemotron.train.checkpoint import (
+    CONFIG_FILE, Checkpointer, CheckpointWriteError, LoadedCheckpoint, check_writable,
+    load_checkpoint,
+)
+from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
+from nemotron.train.loop import (
+    Parallel, StepResult, build_model, evaluate, ignored_layout, resolve_compute_weights,
+    resolve_device, train_step,
+)
+from nemotron.train.metrics import EventHook, MetricsLogger
+from nemotron.train.optimizer import build_optimizer, set_learning_rate
+from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule
+
+log = logging.getLogger("nemotron.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class InitializationError(RuntimeError):
+    """The first step of a run from freshly initialised weights cannot train: every gradient
+    is zero, or the loss or gradient norm is not finite."""
+
+
+# TrainSummary.status values; anything but "completed" makes the CLI exit non-zero.
+COMPLETED = "completed"
+INTERRUPTED = "interrupted"  # stopped by a signal after saving: resumable
+SKIPPED_STEPS = "completed_with_skipped_steps"  # more than train.max_skipped_steps were skipped
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    tokens: int
+    final_loss: float | None
+    checkpoint: str | None
+    status: str = COMPLETED  # COMPLETED | INTERRUPTED | SKIPPED_STEPS
+    valid_loss: float | None = None
+    test_loss: float | None = None
+    skipped_steps: int = 0
+    balance_max_over_mean: float | None = None  # worst layer, last step
+    balance_bias_range: float | None = None
+    unigram_entropy: float | None = None
+    tokens_per_second: float | None = None
+    resumed_from: str | None = None
+    finetuned_from: str | None = None  # checkpoint.finetune: the weights this run started from
+    problem: str | None = None  # why the status is not "completed", in one sentence
+    warnings: list[str] = field(default_factory=list)  # damaged checkpoints skipped, ...
+
+
+@dataclass
+class RunState:
+    """The counters a checkpoint carries (train_state.json, beside the loader and schedule)."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+    def advance(self, finite: bool, tokens: int) -> None:
+        """A step consumed its data and tokens, whether or not its update was applied (as in
+        Megatron, a skipped step still counts)."""
+        self.step += 1
+        self.tokens += tokens
+        if finite:
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+
+
+@dataclass
+class StepOutcome:
+    result: StepResult
+    lr: float
+    data_time: float
+    balance: balancing.BalanceStats | None  # None when the step was skipped
+    phase_switched: bool
+
+
+@dataclass
+class Restored:
+    """What set-up took from a checkpoint (all defaults: a fresh run)."""
+
+    state: RunState
+    loader: LoaderState
+    schedule: dict[str, Any] | None = None  # the schedule the checkpoint was trained with
+    resumed_from: str | None = None
+    finetuned_from: str | None = None
+    loaded: LoadedCheckpoint | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators from `train.seed` (a resumed run then
+    restores all three from the checkpoint)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore(cfg, model, optimizer, group=None) -> Restored:
+    """Resume from `checkpoint.load`, or from the newest intact checkpoint of `checkpoint.save`
+    (`auto_resume`); or, with `checkpoint.finetune`, take only the weights of `load`."""
+    ckpt = cfg.checkpoint
+    checksums = ckpt.verify_checksums
+    loaded = None
+    if ckpt.load is not None and not ckpt.finetune:
+        loaded = load_checkpoint(ckpt.load, model, optimizer, checksums=checksums)
+    elif ckpt.save and ckpt.auto_resume:
+        loaded = load_checkpoint(ckpt.save, model, optimizer, checksums=checksums, must_exist=False)
+    if loaded is None and ckpt.finetune and ckpt.load is not None:
+        # weights only: optimizer, step and data position start fresh
+        weights = load_checkpoint(ckpt.load, model, None, restore_rng=False, checksums=checksums)
+        return Restored(RunState(), LoaderState(), finetuned_from=str(weights.path),
+                        loaded=weights)
+    if loaded is None:
+        return Restored(RunState(), LoaderState())
+    saved = dict(loaded.train_state)
+    loader = TrainingData.state_from(saved.pop("loader"))
+    fields = {f.name for f in dataclasses.fields(RunState)}
+    state = RunState(**{k: v for k, v in saved.items() if k in fields})
+    return Restored(state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded)
+
+
+def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
+    """Every parameter and buffer (expert biases included) finite on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    checks = []
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if local.is_floating_point() and local.numel():
+                checks.append(torch.isfinite(local).all())
+    flag = torch.stack(checks).all().to(torch.int32) if checks else torch.ones((), dtype=torch.int32)
+    if parallel.distributed:
+        if dist.get_backend() == "nccl" and flag.device.type != "cuda":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _config_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and return."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, parallel: Parallel) -> bool:
+        """True on every rank once any rank got a signal (so all save together)."""
+        flag = torch.tensor(1 if self.signum is not None else 0)
+        if parallel.distributed:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """A model, its optimizer and data, and the rules of one run (see the module docstring).
+
+    Built directly (benchmarks), a Trainer has no metrics, checkpoints or job dir: `step()` and
+    `evaluate()` work, `run()` logs nowhere and saves nothing."""
+
+    def __init__(self, cfg, model: torch.nn.Module, parallel: Parallel, data: TrainingData, *,
+                 device: torch.device, optimizer: torch.optim.Optimizer | None = None,
+                 restored: Restored | None = None, metrics: MetricsLogger | None = None,
+                 checkpointer: Checkpointer | None = None, compute_weights: str | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.parallel = parallel
+        self.data = data
+        self.plan = data.plan
+        self.device = device
+        self.optimizer = optimizer or build_optimizer(model, cfg.optimizer)
+        self.train_model = torch.compile(model) if cfg.train.compile else model
+        self.moe_layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        self.restored = restored or Restored(RunState(), LoaderState())
+        self.state = self.restored.state
+        self.metrics = metrics or MetricsLogger(Path("."), cfg.logger, enabled=False)
+        self.checkpointer = checkpointer
+        self.compute_weights = compute_weights
+        self.rank0 = not parallel.distributed or dist.get_rank() == 0
+        self.world = dist.get_world_size() if parallel.distributed else 1
+        self.schedule = LRSchedule.from_config(cfg.scheduler, cfg.optimizer, self.plan.total_tokens)
+        # The newest checkpoint (verified at load, or written and read back by us), and the
+        # newest one a finite step followed: weights that a step after them could train from.
+        self.last_checkpoint = self.restored.resumed_from
+        self.good_checkpoint: str | None = None
+        self._unconfirmed_checkpoint = self.restored.resumed_from
+        self._saved_step = self.state.step if self.restored.resumed_from else None
+        self._save_pending = False
+        self._first_step = self.state.step  # the step this process started at
+        self.last: StepResult | None = None
+        self.last_balance: balancing.BalanceStats | None = None
+        self.valid_loss: float | None = None
+        self.test_loss: float | None = None
+        self.warnings: list[str] = []
+
+    # ----------------------------------------------------------------------------- set-up
+
+    @classmethod
+    def for_run(cls, cfg, job_dir: str | Path, *, compute_weights: str | None = None,
+                on_event: EventHook | None = None, mesh=None) -> "Trainer":
+        """Everything `pretrain` trains with. Fails before any step for a bad config, an
+        unwritable `checkpoint.save`, a damaged checkpoint or a refused schedule change."""
+        # The recipe's checks (config/schema.py) ran when the CLI loaded it; a library caller's
+        # typed config gets the schedule's own (finite, 0 <= min_lr <= lr: lr 0 freezes weights).
+        validate_schedule(cfg.scheduler, cfg.optimizer)
+        device = resolve_device(cfg.train.device)
+        if cfg.checkpoint.save:
+            check_writable(cfg.checkpoint.save)
+        seed_everything(cfg.train.seed)
+        model, parallel = build_model(cfg, device, mesh, compute_weights=compute_weights)
+        plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
+        optimizer = build_optimizer(model, cfg.optimizer)
+        restored = restore(cfg, model, optimizer)
+        data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
+                            restored.loader, cp_rank=parallel.cp_rank, cp_size=parallel.cp_size,
+                            sequence_multiple=parallel.sequence_multiple,
+                            pin_memory=device.type == "cuda")
+        rank0 = not parallel.distributed or dist.get_rank() == 0
+        metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
+                                run_config=_config_dict(cfg))
+        if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
+            metrics.use_data_artifacts([cfg.data.blend, cfg.data.phase2_blend,
+                                        *(m.blend for m in cfg.data.mixed_length_blends)])
+        checkpointer = None
+        if cfg.checkpoint.save:
+            checkpointer = Checkpointer(
+                cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                checksums=cfg.checkpoint.verify_checksums,
+                on_complete=metrics.checkpoint_saved)
+        trainer = cls(cfg, model, parallel, data, device=device, optimizer=optimizer,
+                      restored=restored, metrics=metrics, checkpointer=checkpointer,
+                      compute_weights=compute_weights)
+        try:
+            trainer._resume_schedule()
+        except BaseException:
+            trainer.close()
+            raise
+        return trainer
+
+    def _resume_schedule(self) -> None:
+        """Keep or replace the checkpoint's schedule per `scheduler.on_resume`; announce it."""
+        for skipped in (self.restored.loaded.skipped if self.restored.loaded else []):
+            self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
+        if self.restored.schedule is None:  # a fresh run, or a checkpoint from before schedules
+            return
+        saved = LRSchedule.from_dict(self.restored.schedule)
+        self.schedule, change = resume_schedule(
+            saved, self.schedule, self.cfg.scheduler.on_resume, self.state.tokens,
+            self.plan.tokens_per_step, self.restored.resumed_from)
+        if change:
+            self.warn(change)
+
+    def warn(self, message: str) -> None:
+        """Rank 0 tells the caller's event hook (the CLI prints it), else the log; the summary
+        keeps every warning (result.json)."""
+        self.warnings.append(message)
+        if not self.rank0:
+            return
+        if self.metrics.on_event is not None:
+            self.metrics.event("warning", {"message": message, "step": self.state.step})
+        else:
+            log.warning(message)
+
+    # ----------------------------------------------------------------------------- one step
+
+    def step(self) -> StepOutcome:
+        """One optimizer step over the next global batch, and the expert-bias update (skipped,
+        with the routing counts dropped, when the loss or gradient norm is not finite)."""
+        switched = self.data.maybe_switch_phase(self.state.step)
+        lr = self.schedule.rate(self.state.tokens)
+        set_learning_rate(self.optimizer, lr)
+        data_start = time.perf_counter()
+        batches = self.data.next_train_batches()
+        data_time = time.perf_counter() - data_start
+        train = self.cfg.train
+        result = train_step(self.train_model, self.optimizer, batches, device=self.device,
+                            precision=train.precision, grad_clip=train.grad_clip,
+                            parallel=self.parallel,
+                            fsdp_accumulate_unsharded=train.fsdp_accumulate_unsharded)
+        balance = None
+        if result.finite:
+            balance = balancing.update_expert_biases(self.moe_layers, train.expert_bias_update_rate,
+                                                     group=self.parallel.balancing_group)
+            self.last_balance = balance
+        else:
+            balancing.reset_expert_counts(self.moe_layers)
+        self.state.advance(result.finite, self.data.last_step_tokens)
+        if result.finite and self._unconfirmed_checkpoint:
+            self.good_checkpoint, self._unconfirmed_checkpoint = self._unconfirmed_checkpoint, None
+        self.last = result
+        return StepOutcome(result, lr, data_time, balance, switched)
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, kind: str) -> float | None:
+        """Loss on the next valid batches ("eval") or the test batches ("test"); None when the
+        blend has no such split."""
+        batches = self.data.next_valid_batches() if kind == "eval" else self.data.test_batches()
+        if batches is None:
+            return None
+        loss = evaluate(self.model, batches, device=self.device, precision=self.cfg.train.precision,
+                        parallel=self.parallel)
+        self.metrics.log(kind, self.state.step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
+        return loss
+
+    # ----------------------------------------------------------------------------- saving
+
+    def save(self) -> str | None:
+        """Checkpoint the state after the last step, if that step was good and every weight is
+        finite; otherwise the save waits for the next good step (and None is returned)."""
+        if self.checkpointer is None or self._saved_step == self.state.step:
+            return None
+        why_not = None
+        if self.state.consecutive_nonfinite:
+            why_not = "its update was skipped (non-finite loss or gradient norm)"
+        elif not weights_finite(self.model, self.parallel):
+            why_not = "the weights are not finite"
+        if why_not:
+            if not self._save_pending:  # once, not at every step of a streak
+                self.warn(f"no checkpoint at step {self.state.step}: {why_not}; the next good "
+                          f"step saves instead")
+            self._save_pending = True
+            return None
+        try:
+            path = self.checkpointer.save(self.state.step, self.model, self.optimizer,
+                                          self._train_state(), self._checkpoint_files())
+        except CheckpointWriteError as e:
+            previous = (f"the previous checkpoint {self.last_checkpoint} is intact"
+                        if self.last_checkpoint else "no earlier checkpoint of this run exists")
+            raise CheckpointWriteError(f"{e}; {previous}") from None
+        self.last_checkpoint, self._saved_step, self._save_pending = str(path), self.state.step, False
+        self._unconfirmed_checkpoint = self.last_checkpoint
+        return self.last_checkpoint
+
+    def _train_state(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self.state), loader=self.data.state_dict(),
+                    schedule=self.schedule.as_dict())
+
+    def _checkpoint_files(self) -> dict[str, str]:
+        cfg = self.cfg
+        data_record = data_artifact_record(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
+        manifest = build_model_artifact(
+            step=self.state.step, tokens=self.state.tokens,
+            model_config=dataclasses.asdict(cfg.model.arch()), data=data_record,
+            phase=self.data.state.phase,
+            extra={"config": CONFIG_FILE, "phase2_blend": cfg.data.phase2_blend},
+        )
+        config_json = json.dumps(_config_dict(cfg), indent=2, default=str)
+        return {CONFIG_FILE: config_json, MODEL_ARTIFACT_FILE: manifest_json(manifest)}
+
+    # ----------------------------------------------------------------------------- the run
+
+    def run(self) -> TrainSummary:
+        """Train to `plan.total_steps` (or a stop signal); evaluate, checkpoint, log."""
+        status = COMPLETED
+        run_start, start_tokens = time.perf_counter(), self.state.tokens
+        entropy = self._announce_start()
+        try:
+            with StopRequest() as stop:
+                while self.state.step < self.plan.total_steps:
+                    outcome = self._timed_step()
+                    self._check_health(outcome.result)
+                    if self.checkpointer is not None:
+                        self.checkpointer.poll()
+                    if self.cfg.train.eval_iters and self.state.step % self.cfg.train.eval_interval == 0:
+                        loss = self.evaluate("eval")
+                        self.valid_loss = loss if loss is not None else self.valid_loss
+                    stopping = stop.requested(self.parallel)
+                    if stopping or self._save_due():
+                        self.save()
+                    if stopping:
+                        status = INTERRUPTED
+                        self.metrics.event("stop", {"step": self.state.step, "signal": stop.signum})
+                        break
+            if status == COMPLETED and self.cfg.train.eval_iters:
+                self.test_loss = self.evaluate("test")
+        finally:
+            self.close()
+        run_tokens = self.state.tokens - start_tokens
+        wall = time.perf_counter() - run_start
+        summary = self._summary(status, entropy, run_tokens / wall if run_tokens and wall > 0 else None)
+        self.metrics.event("end", dataclasses.asdict(summary))
+        return summary
+
+    def _announce_start(self) -> float | None:
+        cfg = self.cfg
+        entropy = unigram_entropy(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
+        self.metrics.event("start", {
+            "total_steps": self.plan.total_steps, "step": self.state.step,
+            "resumed_from": self.restored.resumed_from,
+            "finetuned_from": self.restored.finetuned_from,
+            "grad_accumulation": self.plan.grad_accumulation,
+            "compute_weights": self.compute_weights, "unigram_entropy": entropy,
+            "fp8": (None if getattr(self.model, "fp8_summary", None) is None
+                    else self.model.fp8_summary.describe()),
+            "ignored_layout": None if self.world > 1 else ignored_layout(cfg)})
+        if entropy is not None:
+            self.metrics.log("run", self.state.step, {"unigram_entropy": entropy})
+        return entropy
+
+    def _timed_step(self) -> StepOutcome:
+        """`step()`, timed to the device, and its train record."""
+        start = time.perf_counter()
+        outcome = self.step()
+        if outcome.phase_switched:
+            self.metrics.event("phase", {"step": self.state.step - 1, "phase": 2})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        step_tokens = self.data.last_step_tokens
+        step_flops = flops.training_flops(self.cfg.model.arch(), self.data.last_step_lengths)
+        result = outcome.result
+        values = {
+            "loss": result.loss, "lm_loss": result.lm_loss, "lr": outcome.lr,
+            "grad_norm": result.grad_norm, "tokens": self.state.tokens,
+            "phase": self.data.state.phase, "step_time": elapsed, "data_time": outcome.data_time,
+            "tokens_per_second": step_tokens / elapsed,
+            "tflops": step_flops / elapsed / 1e12 / self.world,
+            "mfu": step_flops / elapsed / (flops.H200_BF16_PEAK_FLOPS * self.world),
+            "memory_gb": _memory_gb(self.device), "skipped": not result.finite,
+            "skipped_steps": self.state.skipped_steps,
+        }
+        if outcome.balance is not None:
+            values.update(outcome.balance.summary())
+            values["balance/per_layer_max_over_mean"] = outcome.balance.max_over_mean
+        step = self.state.step
+        if step % self.cfg.train.log_interval == 0 or step == self.plan.total_steps:
+            self.metrics.log("train", step, values)
+        return outcome
+
+    def _check_health(self, result: StepResult) -> None:
+        """Stop a run that cannot train: a first step from fresh weights with no usable
+        gradient, or more than `train.max_consecutive_nonfinite` non-finite steps in a row."""
+        if self.state.step == 1 and self._first_step == 0 and not self.restored.finetuned_from:
+            if not result.finite or result.grad_norm == 0.0:
+                what = ("every gradient is zero (gradient norm 0)" if result.finite else
+                        f"the loss or gradient norm is not finite (loss {result.loss}, gradient "
+                        f"norm {result.grad_norm})")
+                raise InitializationError(
+                    f"the first step from freshly initialised weights cannot train: {what}; "
+                    f"the initial weights saturate or overflow the model (model.init_std="
+                    f"{self.cfg.model.init_std})")
+        if self.state.consecutive_nonfinite > self.cfg.train.max_consecutive_nonfinite:
+            good = (f"the last good checkpoint (a finite step followed it) is "
+                    f"{self.good_checkpoint}" if self.good_checkpoint else
+                    "no checkpoint of this run was followed by a finite step")
+            if self._unconfirmed_checkpoint:
+                good += (f"; {self._unconfirmed_checkpoint} directly precedes these steps and may "
+                         f"hold the weights that caused them")
+            raise NonFiniteLossError(
+                f"{self.state.consecutive_nonfinite} consecutive steps (up to step "
+                f"{self.state.step}) had a non-finite loss or gradient norm (loss {result.loss}, "
+                f"grad norm {result.grad_norm}); stopping (train.max_consecutive_nonfinite="
+                f"{self.cfg.train.max_consecutive_nonfinite}). Updates of those steps were "
+                f"skipped; {good}")
+
+    def _save_due(self) -> bool:
+        step = self.state.step
+        return (step % self.cfg.checkpoint.save_interval == 0 or step == self.plan.total_steps
+                or self._save_pending)
+
+    def close(self) -> None:
+        """Stop the loader workers, finish an in-flight save, close the metrics."""
+        try:
+            self.data.close()
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+        finally:
+            self.metrics.close()
+
+    def _summary(self, status: str, entropy: float | None, tokens_per_second: float | None) -> TrainSummary:
+        problem = None
+        allowed = self.cfg.train.max_skipped_steps
+        if status == COMPLETED and self.state.skipped_steps > allowed:
+            status = SKIPPED_STEPS
+            problem = (f"{self.state.skipped_steps} of {self.state.step} steps were skipped "
+                       f"(non-finite loss or gradient norm); train.max_skipped_steps={allowed} "
+                       f"allows {allowed}")
+        elif status == INTERRUPTED:
+            problem = "stopped by a signal after saving a checkpoint"
+        balance = self.last_balance
+        return TrainSummary(
+            steps=self.state.step, tokens=self.state.tokens,
+            final_loss=self.last.lm_loss if self.last is not None else None,
+            checkpoint=self.last_checkpoint, status=status, valid_loss=self.valid_loss,
+            test_loss=self.test_loss, skipped_steps=self.state.skipped_steps,
+            balance_max_over_mean=balance.worst_max_over_mean if balance else None,
+            balance_bias_range=balance.bias_range if balance else None,
+            unigram_entropy=entropy, tokens_per_second=tokens_per_second,
+            resumed_from=self.restored.resumed_from, finetuned_from=self.restored.finetuned_from,
+            problem=problem, warnings=list(self.warnings),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _one_process_accumulation(cfg) -> int:
+    """Micro-batches per step when one process trains (what `auto` compute weights look at
+    there; with several ranks it is bf16 anyway)."""
+    return max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size))
+
+
+def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mesh=None) -> TrainSummary:
+    """Train per `cfg` (a PretrainConfig), writing metrics into `job_dir` and checkpoints into
+    `cfg.checkpoint.save`. `on_event(kind, payload)` receives start / train / eval / test /
+    phase / checkpoint / warning / stop / end events (the CLI draws its progress from them).
+
+    Under torchrun the processes join one process group here (unless the caller already did)."""
+    from nemotron.distributed.parallel_dims import reject_pipeline_parallel
+
+    reject_pipeline_parallel(cfg.model.parallel())  # before any process group or model exists
+    device_type = cfg.train.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # Resolved once: bf16 compute weights in one process need a (one-rank) process group.
+    weights = resolve_compute_weights(cfg.train, torch.device(device_type), world,
+                                      _one_process_accumulation(cfg))
+    with launcher_process_group(device_type, one_rank=weights == "bf16"):
+        trainer = Trainer.for_run(cfg, job_dir, compute_weights=weights, on_event=on_event,
+                                  mesh=mesh)
+        return trainer.run()

@@ -1,0 +1,68 @@
+"""`nemotron nano3 plan` and the performance rows of `pretrain --dry-run`."""
+
+from __future__ import annotations
+
+
+def test_plan_prints_the_recipe_layout_warnings_and_a_recommendation(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    result = cli("nano3", "plan", "--gpus", "8", "--gpus", "64", "--top", "1")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "recipe layout" in out and "DP1 TP8 EP8 mb1" in out and "DP8 TP8 EP8 mb1" in out
+    assert "warning: TP8 + SP has no communication overlap" in out
+    assert "recommended for 8 GPUs:" in out and "recommended for 64 GPUs:" in out
+    line = next(l for l in out.splitlines() if l.startswith("recommended for 8 GPUs"))
+    assert "model.tensor_model_parallel_size=1" in line  # FSDP (+ EP) without TP
+    assert "assumptions, not measurements" in out
+
+
+def test_plan_reports_layouts_that_cannot_be_built(cli):
+    result = cli("nano3", "plan", "--gpus", "12", "--top", "1")
+    assert result.exit_code == 0, result.output
+    assert "12 GPUs, recipe layout" in result.output and "not divisible by TP*CP*PP" in result.output
+
+
+def test_plan_bad_override_is_one_error_line(cli):
+    result = cli("nano3", "plan", "model.tensor_model_parallel_sise=2")
+    assert result.exit_code != 0
+    assert "unknown key" in result.output and "Traceback" not in result.output
+
+
+def test_pretrain_dry_run_predicts_memory_and_speed(cli, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = cli("nano3", "pretrain", "-d")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    predicted = next(l for l in out.splitlines() if l.startswith("predicted"))
+    assert "8 GPUs, DP1 TP8 EP8 mb1" in predicted and "GiB per GPU (fits" in predicted
+    assert any(l.startswith("warning") and "TP8" in l for l in out.splitlines())
+    faster = next(l for l in out.splitlines() if l.startswith("faster"))
+    assert "model.tensor_model_parallel_size=1" in faster
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    result = cli("nano3", "pretrain", "-d")
+    assert "64 GPUs, DP8 TP8 EP8" in result.output
+    # a CPU recipe gets no GPU prediction
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d")
+    assert result.exit_code == 0 and "predicted" not in result.output
+
+
+def test_profile_dry_run_predicts_for_the_profiles_gpus(cli):
+    (cli.work / "env.toml").write_text(
+        '[cluster]\nexecutor = "slurm"\nnodes = 8\ngpus_per_node = 8\naccount = "a"\n'
+        'partition = "p"\ntunnel = "local"\n')
+    result = cli("nano3", "pretrain", "-d", "--batch", "cluster")
+    assert result.exit_code == 0, result.output
+    predicted = next(l for l in result.output.splitlines() if l.startswith("predicted"))
+    assert "64 GPUs, DP8 TP8 EP8" in predicted
+
+
+def test_plan_json(cli):
+    import json
+
+    result = cli("nano3", "plan", "--gpus", "8", "--top", "1", "--json")
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)
+    recipe = next(p for p in plans if p.get("role") == "recipe")
+    assert recipe["layout"]["tp"] == 8 and recipe["memory_fits"] is True
+    fastest = next(p for p in plans if p.get("role") == "fastest")
+    assert fastest["tokens_per_second_per_gpu"] > recipe["tokens_per_second_per_gpu"]

@@ -1,0 +1,199 @@
+"""Regenerate tests/data/fixtures/megatron_order/: sample orders built by Megatron-Core itself.
+
+    pip install megatron-core==0.16.1     # CPU is enough: the wheel ships its compiled helpers
+    python tests/data/make_megatron_fixtures.py
+
+Three small token datasets (one with empty documents, the first among them) are written with
+Megatron's own `IndexedDatasetBuilder`; Megatron's `BlendedMegatronDatasetBuilder` then builds,
+for each case, the train split of a per-split blend (what `--per-split-data-args-path` gives):
+one prefix (a `GPTDataset`) asked for 1, 2, 5 and 7 epochs with the separate final epoch on
+both sides of its threshold, and three-prefix blends whose datasets run several epochs, where
+Megatron's inner ceil (`ceil(ceil(N * w) * 1.005)`) asks a dataset for one sample more than
+`ceil(N * w * 1.005)` would. The fixtures keep the documents, every index array Megatron built
+and the tokens of every sample a run reads, so tests/data/test_megatron_order.py needs neither
+Megatron nor this script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "fixtures" / "megatron_order"
+THRESHOLD = 0.80  # Megatron's separate-final-epoch threshold
+
+
+def make_documents() -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(20260322)
+
+    def docs(count, low, high, vocab=60000):
+        return [rng.integers(0, vocab, size=int(rng.integers(low, high + 1))).astype(np.uint16)
+                for _ in range(count)]
+
+    with_empty = docs(17, 0, 90)
+    with_empty[0] = with_empty[0][:0]  # an empty first document (sample 0 still starts at it)
+    with_empty[5] = with_empty[5][:0]
+    return {"a": docs(41, 1, 60), "b": with_empty, "c": docs(29, 3, 45)}
+
+
+def epoch_counts(tokens: int, num_samples: int, seq_length: int) -> tuple[int, bool]:
+    """(epochs, separate final epoch) by Megatron's rules, to document and check each case."""
+    epochs = max(1, -(-(num_samples * seq_length + 1) // tokens))
+    if epochs == 1:
+        return 1, False
+    before_last = ((epochs - 1) * tokens - 1) // seq_length
+    per_epoch = (tokens - 1) // seq_length
+    return epochs, num_samples - before_last < int(THRESHOLD * per_epoch)
+
+
+def single_cases(tokens: dict[str, int]) -> list[dict]:
+    """One-prefix cases named by what they exercise; N chosen from the dataset's token count."""
+    cases = []
+
+    def add(name, dataset, seq_length, seed, num_samples, epochs, separate):
+        assert epoch_counts(tokens[dataset], num_samples, seq_length) == (epochs, separate), name
+        cases.append({"name": name, "kind": "dataset", "prefixes": [dataset], "weights": [1.0],
+                      "seq_length": seq_length, "seed": seed, "num_samples": num_samples,
+                      "epochs": [epochs], "separate_final_epoch": [separate]})
+
+    for dataset, s, seed in (("a", 16, 1234), ("b", 7, 5)):
+        t = tokens[dataset]
+        per_epoch = (t - 1) // s
+        def before(e):
+            return ((e - 1) * t - 1) // s
+        at = int(THRESHOLD * per_epoch)
+        add(f"{dataset}_1epoch", dataset, s, seed, per_epoch // 2, 1, False)
+        add(f"{dataset}_2epochs_separate", dataset, s, seed, before(2) + at - 1, 2, True)
+        add(f"{dataset}_2epochs_at_threshold", dataset, s, seed, before(2) + at, 2, False)
+        add(f"{dataset}_5epochs_separate", dataset, s, seed, before(5) + 3, 5, True)
+        add(f"{dataset}_7epochs_whole", dataset, s, seed, before(7) + per_epoch, 7, False)
+    return cases
+
+
+def blend_cases(tokens: dict[str, int]) -> list[dict]:
+    cases = []
+    for name, weights, s, seed, low in (
+        ("blend_abc", [0.5, 0.3, 0.2], 16, 42, 150),
+        ("blend_cab_unnormalised", [3.0, 1.0, 2.0], 9, 7, 400),
+    ):
+        prefixes = ["a", "b", "c"] if name == "blend_abc" else ["c", "a", "b"]
+        w = np.asarray(weights, dtype=np.float64)
+        w = (w / w.sum()).tolist()
+        # The first N >= low where the inner ceil asks some dataset for one sample more.
+        n = low
+        while all(math.ceil(math.ceil(n * x) * 1.005) == math.ceil(n * x * 1.005) for x in w):
+            n += 1
+        requested = [math.ceil(math.ceil(n * x) * 1.005) for x in w]
+        counts = [epoch_counts(tokens[p], r, s) for p, r in zip(prefixes, requested)]
+        assert any(e > 1 for e, _ in counts), name
+        cases.append({"name": name, "kind": "blend", "prefixes": prefixes, "weights": weights,
+                      "seq_length": s, "seed": seed, "num_samples": n,
+                      "requested": requested, "epochs": [e for e, _ in counts],
+                      "separate_final_epoch": [sep for _, sep in counts]})
+    return cases
+
+
+class FixtureTokenizer:
+    """What Megatron's dataset config asks of a tokenizer (ids come pre-tokenized)."""
+
+    vocab_size = 60000
+    eod = 0
+    unique_identifiers = {"class": "FixtureTokenizer"}
+
+
+def build_with_megatron(work: Path, case: dict):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = [str(work / p) for p in case["prefixes"]]
+    weights = case["weights"] if case["kind"] == "blend" else None
+    config = GPTDatasetConfig(
+        random_seed=case["seed"], sequence_length=case["seq_length"],
+        blend_per_split=[(prefixes, weights), None, None], split=None,
+        path_to_cache=str(work / "cache" / case["name"]), tokenizer=FixtureTokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mmap_bin_files=True,
+    )
+    sizes = [case["num_samples"], None, None]
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return train
+
+
+def gpt_arrays(dataset, prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + "document_index": np.asarray(dataset.document_index, dtype=np.int64),
+            prefix + "sample_index": np.asarray(dataset.sample_index, dtype=np.int64),
+            prefix + "shuffle_index": np.asarray(dataset.shuffle_index, dtype=np.int64)}
+
+
+def served_tokens(dataset, count: int) -> np.ndarray:
+    """[count, seq_length + 1]: the tokens of samples 0..count-1 as Megatron serves them."""
+    rows = []
+    for i in range(count):
+        item = dataset[i]
+        rows.append(np.concatenate([item["tokens"].numpy(), item["labels"].numpy()[-1:]]))
+    return np.stack(rows).astype(np.uint16)
+
+
+def main() -> int:
+    import megatron.core
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    version = megatron.core.__version__
+    if version != "0.16.1":
+        print(f"warning: megatron-core {version}, the fixtures describe 0.16.1", file=sys.stderr)
+    documents = make_documents()
+    tokens = {name: int(sum(len(d) for d in docs)) for name, docs in documents.items()}
+    cases = single_cases(tokens) + blend_cases(tokens)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
+        for name, docs in documents.items():
+            builder = IndexedDatasetBuilder(str(work / f"{name}.bin"), dtype=np.uint16)
+            for doc in docs:
+                builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+                builder.end_document()
+            builder.finalize(str(work / f"{name}.idx"))
+        for case in cases:
+            train = build_with_megatron(work, case)
+            arrays = {}
+            if case["kind"] == "dataset":
+                arrays |= gpt_arrays(train)
+            else:
+                arrays["dataset_index"] = np.asarray(train.dataset_index, dtype=np.int64)
+                arrays["dataset_sample_index"] = np.asarray(
+                    train.dataset_sample_index, dtype=np.int64)
+                for k, dataset in enumerate(train.datasets):
+                    arrays |= gpt_arrays(dataset, f"dataset{k}_")
+                case["blend_length"] = len(train)
+            case["length"] = len(train)
+            arrays["tokens"] = served_tokens(train, case["num_samples"])
+            np.savez_compressed(OUT / f"{case['name']}.npz", **arrays)
+            print(f"{case['name']}: N={case['num_samples']} length={len(train)} "
+                  f"epochs={case['epochs']} separate={case['separate_final_epoch']}")
+        torch.distributed.destroy_process_group()
+    np.savez_compressed(
+        OUT / "documents.npz",
+        **{f"{name}_lengths": np.array([len(d) for d in docs], dtype=np.int32)
+           for name, docs in documents.items()},
+        **{f"{name}_tokens": np.concatenate(docs) for name, docs in documents.items()})
+    manifest = {"megatron_core": version, "generator": "tests/data/make_megatron_fixtures.py",
+                "cases": cases}
+    tmp_manifest = OUT / f".cases.json.{os.getpid()}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp_manifest, OUT / "cases.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

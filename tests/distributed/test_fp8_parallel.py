@@ -1,0 +1,91 @@
+"""`train.fp8` under FSDP2 and expert parallelism (gloo, FP8 emulated on CPU) against one
+process with the same FP8 layers, on the same global batch.
+
+FP8 experts alone under EP2 must match one process to float tolerance: every scale is taken
+over the same values (a row, or one expert's rows, which EP gathers on the expert's rank).
+Dense FP8 linears under data parallelism cannot match exactly (a tensorwise scale, or a
+per-column scale of the weight-gradient GEMM, is taken over a rank's tokens only), so there
+the loss must agree to FP8 tolerance."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from nemotron.train.fp8 import torchao_available
+
+from ._spawn import run_distributed
+
+pytestmark = pytest.mark.skipif(not torchao_available(), reason="torchao >= 0.18 is not installed")
+
+
+def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
+    import torch
+    import torch.distributed as dist
+
+    from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
+    from nemotron.distributed.utils import token_loss_weight
+    from nemotron.models.nano3 import Nano3ForCausalLM
+    from nemotron.train.fp8 import Float8GroupedExperts, Fp8Config, apply_fp8
+
+    from .harness import LR, batch, full_grads, rank_slice, train_step
+    from models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    reference = Nano3ForCausalLM(tiny_config())
+    model = copy.deepcopy(reference)
+    fp8 = Fp8Config(enabled=True, layers=layers, **fp8_kw)
+    apply_fp8(reference, fp8, torch.device("cpu"))
+    summary = apply_fp8(model, fp8, torch.device("cpu"))
+    assert summary.emulated and (summary.experts if "experts" in layers else summary.linears)
+    if fp8_kw.get("fsdp_float8_all_gather"):
+        from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+        # the weights FSDP2 will shard are torchao's float8-gathering tensors
+        assert isinstance(model.backbone.layers[0].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor)
+    dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, model.config)
+    mesh = build_mesh(dims, "cpu")
+    parallelize(model, mesh)
+    assert all(isinstance(m, Float8GroupedExperts) for m in (moe.experts for moe in model.moe_layers())) \
+        == ("experts" in layers)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(2):
+        ids, labels, mask = batch(step)
+        ref_out = train_step(reference, ref_opt, ids, labels, mask)
+        ref_grads = full_grads(reference)
+        ref_opt.step()
+        local_ids, local_labels, local_mask = rank_slice(mesh, ids, labels, mask)
+        out = train_step(model, opt, local_ids, local_labels, local_mask, token_loss_weight(local_mask, mesh))
+        pair = torch.stack([out.lm_loss.detach() * local_mask.sum(), local_mask.sum()])
+        dist.all_reduce(pair, group=mesh.loss_group)
+        loss, ref_loss = pair[0] / pair[1], ref_out.lm_loss.detach()
+        grads = full_grads(model)
+        assert grads.keys() == ref_grads.keys()
+        if exact:
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+            for name, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        else:
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+            assert all(torch.isfinite(g).all() for g in grads.values())
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _run(rank, world_size):
+    ep = _compare(rank, world_size, dict(expert_model_parallel_size=2), ["experts"], True)
+    dp = _compare(rank, world_size, dict(), ["mamba", "attention", "shared_expert", "mlp", "experts"], False)
+    # FSDP2 gathers the dense linears' weights as float8 (tensorwise); the single process casts
+    # the same weights itself: the same roundings up to the DP differences above
+    gather = _compare(rank, world_size, dict(), ["mamba", "attention"], False, fsdp_float8_all_gather=True)
+    return ep, dp, gather
+
+
+def test_fp8_experts_under_ep2_match_one_process_and_all_layers_train_under_fsdp2():
+    """Also FSDP2's float8 all-gather of the dense weights (train.fp8.fsdp_float8_all_gather)."""
+    results = run_distributed(_run, 2)
+    assert results[0] == results[1]  # every rank reports the same global loss

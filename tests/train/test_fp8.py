@@ -1,0 +1,317 @@
+"""`train.fp8` (train/fp8.py): config checks, which modules are swapped, the FP8 roundings of
+dense linears and routed experts against independent references (torchao's emulation mode
+on CPU), the padded expert-row layout, and checkpoints interchangeable with BF16 runs.
+
+Tests that need torchao skip with the reason when it is not installed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from nemotron.config.errors import ConfigError
+from nemotron.config.schema import validate_pretrain
+from nemotron.models.nano3.config import Nano3Config
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.models.nano3.moe import GroupedExperts
+from nemotron.train import fp8 as fp8_mod
+from nemotron.train.fp8 import (
+    Fp8Config, Fp8Unavailable, aligned_group_rows, apply_fp8, check_fp8_config, torchao_available,
+)
+
+from .conftest import TINY_MODEL, make_config
+
+needs_torchao = pytest.mark.skipif(not torchao_available(),
+                                   reason="torchao >= 0.18 is not installed (pip install 'nemotron[fp8]')")
+CPU = torch.device("cpu")
+E4M3_MAX = 448.0
+
+
+def _tiny(**kw) -> Nano3ForCausalLM:
+    torch.manual_seed(0)
+    return Nano3ForCausalLM(Nano3Config(**{**TINY_MODEL, **kw}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_checks_name_the_key(tmp_path):
+    ok = Fp8Config(enabled=True)
+    assert check_fp8_config(ok, "bf16", 1) == []
+    cases = {
+        "train.fp8.recipe": Fp8Config(recipe="blockwise"),
+        "train.fp8.layers": Fp8Config(layers=["mamba", "lm_head"]),
+        "train.fp8.fsdp_float8_all_gather": Fp8Config(recipe="rowwise", fsdp_float8_all_gather=True),
+    }
+    for key, cfg in cases.items():
+        problems = check_fp8_config(cfg, "bf16", 1)
+        assert [k for k, _ in problems] == [key], (key, problems)
+    assert check_fp8_config(Fp8Config(layers=["mamba", "mamba"]), "bf16", 1)[0][0] == "train.fp8.layers"
+    # only when enabled: precision and tensor parallelism
+    assert check_fp8_config(Fp8Config(), "fp32", 2) == []
+    keys = [k for k, _ in check_fp8_config(ok, "fp32", 2)]
+    assert keys == ["train.fp8.enabled", "train.fp8.enabled"]
+
+    cfg = make_config(tmp_path, train={"fp8": Fp8Config(enabled=True, recipe="nope"), "precision": "bf16"})
+    cfg.data = dataclasses.replace(cfg.data, mock=True)
+    with pytest.raises(ConfigError, match=r"train\.fp8\.recipe: 'nope' is not one of"):
+        validate_pretrain(cfg)
+
+
+def test_recipe_keys_load_from_overrides(tmp_path):
+    from nemotron.config.loader import load_config
+    from nemotron.config.schema import PretrainConfig
+
+    cfg = load_config("tiny", ["train.fp8.enabled=true", "train.fp8.recipe=rowwise",
+                               "train.fp8.layers=[mamba,experts]", "train.precision=bf16"], PretrainConfig)
+    assert cfg.train.fp8 == Fp8Config(enabled=True, recipe="rowwise", layers=["mamba", "experts"])
+    with pytest.raises(ConfigError, match=r"train\.fp8\.recipie"):
+        load_config("tiny", ["train.fp8.recipie=rowwise"], PretrainConfig)
+
+
+def test_missing_torchao_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(fp8_mod, "torchao_version", lambda: None)
+    with pytest.raises(Fp8Unavailable, match=r"torchao >= 0\.18, which is not installed: pip install 'nemotron\[fp8\]'"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+    monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 15))
+    with pytest.raises(Fp8Unavailable, match=r"which is 0\.15"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded expert rows (no torchao needed)
+
+
+def test_aligned_group_rows_matches_a_loop_and_round_trips():
+    counts = torch.tensor([5, 0, 16, 1, 0, 33])
+    rows = int(counts.sum())
+    dest, ends, capacity = aligned_group_rows(counts, rows, 16)
+    want, start = [], 0
+    for c in counts.tolist():
+        want += list(range(start, start + c))
+        start += -(-c // 16) * 16
+    assert dest.tolist() == want
+    assert ends.tolist() == [16, 16, 32, 48, 48, 96] and ends.dtype == torch.int32
+    assert capacity >= int(ends[-1]) and capacity % 16 == 0
+    x = torch.randn(rows, 8, dtype=torch.bfloat16, requires_grad=True)  # moved as int64 words
+    padded = fp8_mod._ScatterRows.apply(x, dest, capacity)
+    assert padded.shape == (capacity, 8)
+    pad_rows = torch.ones(capacity, dtype=torch.bool)
+    pad_rows[dest] = False
+    assert padded[pad_rows].abs().sum() == 0  # padding rows are zeros
+    back = fp8_mod._GatherRows.apply(padded * 3, dest)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, x * 3)
+    odd = torch.randn(rows, 3, dtype=torch.bfloat16)  # 6-byte rows: copied element by element
+    assert torch.equal(fp8_mod._GatherRows.apply(fp8_mod._ScatterRows.apply(odd, dest, capacity), dest), odd)
+    g = torch.randn(rows, 8, dtype=torch.bfloat16)
+    back.backward(g)
+    assert torch.equal(x.grad, g * 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+
+
+@needs_torchao
+def test_apply_fp8_swaps_the_chosen_layers_only():
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = apply_fp8(model, Fp8Config(enabled=True, layers=list(fp8_mod.FP8_LAYERS)), CPU)
+    assert summary.emulated
+    fp8_names = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    # TINY_MODEL "ME*E": Mamba out_proj (in_proj's 100 outputs are not a multiple of 16: skipped),
+    # attention q/k/v/o, both shared experts
+    want = {"backbone.layers.0.mixer.out_proj"} | {
+        f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"} | {
+        f"backbone.layers.{i}.mixer.shared_experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")}
+    assert fp8_names == want and set(summary.linears) == want
+    assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
+    assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
+    for i in (1, 3):
+        assert isinstance(model.backbone.layers[i].mixer.experts, fp8_mod.Float8GroupedExperts)
+    assert type(model.lm_head) is nn.Linear and type(model.backbone.embeddings) is nn.Embedding
+    assert not model.backbone.layers[2].mixer.fused_qkv_enabled()  # q/k/v run as their modules
+    # same parameter names and values: checkpoints and `export hf` see the BF16 model
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+    only = _tiny()
+    summary = apply_fp8(only, Fp8Config(enabled=True, layers=["attention"]), CPU)
+    assert set(summary.linears) == {f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"}
+    assert summary.experts == [] and summary.skipped == []
+    assert type(only.backbone.layers[1].mixer.experts) is GroupedExperts
+
+    default = _tiny()  # the default: dense linears only, routed experts stay bf16
+    summary = apply_fp8(default, Fp8Config(enabled=True), CPU)
+    assert set(summary.linears) == want and summary.experts == []
+    assert type(default.backbone.layers[1].mixer.experts) is GroupedExperts
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: independent references
+
+
+FP8_MAX = {torch.float8_e4m3fn: E4M3_MAX, torch.float8_e5m2: 57344.0}
+
+
+def _round_fp8(x: torch.Tensor, amax: torch.Tensor, power_of_2: bool,
+               dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Reference float8 rounding written out: scale = max / amax (optionally rounded down to a
+    power of two), saturate, round to `dtype`, unscale; float64 result."""
+    fmax = FP8_MAX[dtype]
+    scale = fmax / amax.double().clamp(min=1e-12)
+    if power_of_2:
+        scale = 2.0 ** torch.floor(torch.log2(scale))
+    q = (x.double() * scale).clamp(-fmax, fmax).float().to(dtype)
+    return q.double() / scale
+
+
+def _rows(x: torch.Tensor, pow2: bool) -> torch.Tensor:
+    return _round_fp8(x, x.abs().amax(dim=-1, keepdim=True), pow2)
+
+
+def _cols(x: torch.Tensor, pow2: bool) -> torch.Tensor:
+    return _round_fp8(x, x.abs().amax(dim=0, keepdim=True), pow2)
+
+
+def _tensor(x: torch.Tensor, pow2: bool, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    return _round_fp8(x, x.abs().amax(), pow2, dtype)
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@needs_torchao
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_linear_matches_the_reference_roundings(recipe):
+    """out = q(x) q(W)^T, dx = q(g) q(W), dW = q(g)^T q(x); tensorwise: one scale per tensor,
+    the output gradient in e5m2 (range over precision); rowwise (all e4m3, scales rounded to
+    powers of two): x and g per row and W per row for the output, W per column for dx, g and
+    x per column for dW."""
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 48, bias=False)
+    model = nn.Sequential(lin)
+    x = torch.randn(40, 64) * torch.logspace(-2, 1, 40)[:, None]  # rows of very different size
+    x.requires_grad_(True)
+    g = torch.randn(40, 48)
+    from torchao.float8 import convert_to_float8_training
+
+    convert_to_float8_training(model, config=fp8_mod.float8_linear_config(Fp8Config(recipe=recipe), emulate=True))
+    out = model(x)
+    out.backward(g)
+    w = lin.weight.detach()
+    xd = x.detach()
+    if recipe == "tensorwise":
+        ref = _tensor(xd, False) @ _tensor(w, False).T
+        e5m2 = torch.float8_e5m2
+        ref_dx = _tensor(g, False, e5m2) @ _tensor(w, False)
+        ref_dw = _tensor(g, False, e5m2).T @ _tensor(xd, False)
+    else:
+        ref = _rows(xd, True) @ _rows(w, True).T
+        ref_dx = _rows(g, True) @ _cols(w, True)
+        ref_dw = _cols(g, True).T @ _cols(xd, True)
+    exact = xd.double() @ w.double().T
+    assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    assert _rel(x.grad, ref_dx) < 1e-6
+    assert _rel(lin.weight.grad, ref_dw) < 1e-6
+    assert 1e-3 < _rel(out, exact) < 0.08  # really rounded to float8, and still close
+
+
+@needs_torchao
+def test_float8_grouped_experts_match_a_per_expert_reference():
+    torch.manual_seed(2)
+    experts = GroupedExperts(num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1,
+                             output_init_std=0.05)
+    ref_up = experts.up_proj.detach().clone()
+    ref_down = experts.down_proj.detach().clone()
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    assert f8.up_proj is experts.up_proj  # shared, not copied
+    counts = torch.tensor([7, 0, 19, 2])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    g = torch.randn(int(counts.sum()), 32)
+    out = f8(x, counts)
+    out.backward(g)
+
+    # reference: per expert, rowwise roundings with power-of-2 scales, float64 products
+    outs, dxs, dups, ddowns, lo = [], [], [], [], 0
+    for e, c in enumerate(counts.tolist()):
+        xe, ge = x.detach()[lo:lo + c], g[lo:lo + c]
+        up_t, down_t = ref_up[e].T, ref_down[e].T  # [K, N] per expert
+        pre = _rows(xe, True) @ _cols(up_t, True)
+        h = torch.relu(pre) ** 2
+        hq = h.float()
+        outs.append(_rows(hq, True) @ _cols(down_t, True))
+        # backward: dh = q(g) q(down_t)^T per row / per column of down_t over N
+        dh = _rows(ge, True) @ _rows(down_t, True).T
+        ddown = _cols(hq, True).T @ _cols(ge, True) if c else torch.zeros_like(down_t, dtype=torch.float64)
+        dpre = (dh.float() * 2 * torch.relu(pre.float())).float()
+        dxs.append(_rows(dpre, True) @ _rows(up_t, True).T)
+        dup = _cols(xe, True).T @ _cols(dpre, True) if c else torch.zeros_like(up_t, dtype=torch.float64)
+        dups.append(dup.T)
+        ddowns.append(ddown.T)
+        lo += c
+    assert _rel(out, torch.cat(outs)) < 1e-5
+    assert _rel(x.grad, torch.cat(dxs)) < 1e-5
+    assert _rel(experts.up_proj.grad, torch.stack(dups)) < 1e-5
+    assert _rel(experts.down_proj.grad, torch.stack(ddowns)) < 1e-5
+    assert experts.up_proj.grad[1].abs().sum() == 0  # the expert with no rows
+    exact = experts.__class__.forward(experts, x.detach(), counts)
+    assert 1e-3 < _rel(out, exact) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and checkpoints
+
+
+@needs_torchao
+@pytest.mark.timeout(300)
+def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
+    """A BF16 run's checkpoint resumes under FP8 and an FP8 run's under BF16: the saved
+    tensors are the master weights either way. Losses stay within FP8's tolerance of BF16's."""
+    from nemotron.train import pretrain
+    from nemotron.train.metrics import read_metrics
+
+    def losses(job):
+        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+    def config(name, fp8_on, **checkpoint):
+        return make_config(tmp_path / name, blend=corpus[0], train={
+            "train_iters": 4, "eval_iters": 0, "precision": "bf16",
+            "fp8": Fp8Config(enabled=fp8_on, layers=list(fp8_mod.FP8_LAYERS))},
+            checkpoint={"save_interval": 2, **checkpoint})
+
+    starts = []
+
+    def on_event(kind, payload):
+        if kind == "start":
+            starts.append(payload["fp8"])
+
+    pretrain(config("bf16", False), tmp_path / "bf16" / "job", on_event=on_event)
+    pretrain(config("fp8", True), tmp_path / "fp8" / "job", on_event=on_event)
+    bf16, f8 = losses(tmp_path / "bf16" / "job"), losses(tmp_path / "fp8" / "job")
+    # the start event (the CLI prints it) says what was converted
+    assert starts[0] is None and starts[1].startswith("fp8: 9 linears, 2 expert groups, emulated"), starts
+    assert sorted(f8) == [1, 2, 3, 4]
+    assert f8 != bf16  # FP8 really ran
+    assert all(abs(f8[s] - bf16[s]) < 0.05 * bf16[s] for s in f8), (f8, bf16)
+
+    # FP8 -> BF16 and BF16 -> FP8 from step 2, each saving into its own directory
+    into_bf16 = config("fp8", False, load=str(tmp_path / "fp8" / "ckpt" / "iter_0000002"),
+                       save=str(tmp_path / "x1"))
+    assert pretrain(into_bf16, tmp_path / "x1job").resumed_from.endswith("iter_0000002")
+    into_fp8 = config("bf16", True, load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
+                      save=str(tmp_path / "x2"))
+    assert pretrain(into_fp8, tmp_path / "x2job").resumed_from.endswith("iter_0000002")
+    # the resumed runs start from the same weights as the runs they came from: step 3's loss
+    # is the same forward on the same batch, in the other precision
+    a, b = losses(tmp_path / "x1job"), losses(tmp_path / "x2job")
+    assert sorted(a) == sorted(b) == [3, 4]
+    assert abs(a[3] - f8[3]) < 0.05 * f8[3] and abs(b[3] - bf16[3]) < 0.05 * bf16[3]

@@ -1,0 +1,170 @@
+"""The performance and memory model (`nemotron.train.perf_model`): parameter counts per FSDP unit
+against the real `parallelize` on a fake process group, the calibration against every measured
+multi-GPU run, the block times against the benchmark JSON, and the advice it gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemotron.models.nano3 import Nano3Config
+from nemotron.train import perf_model as pm
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# rank 0's local element count per FSDP unit after the real parallelize, on a fake process group
+FAKE_PG_COUNTS = r"""
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
+from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
+cfg_kw, layouts = json.loads(sys.argv[1])
+out = []
+for world, tp, ep in layouts:
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    cfg = Nano3Config(**cfg_kw)
+    parallel = ParallelismConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                 sequence_parallel=tp > 1)
+    mesh = build_mesh(ParallelDims.from_config(parallel, world, cfg), "cpu")
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    parallelize(model, mesh, parallel, mixed_precision=True)
+    counts = {}
+    for name, p in model.named_parameters():
+        local = (p.to_local() if isinstance(p, DTensor) else p).numel()
+        parts = name.split(".")
+        if parts[0] == "backbone" and parts[1] == "layers":
+            unit = "layers." + parts[2] + (".experts" if ".experts." in name and "shared" not in name else "")
+        elif parts[0] == "backbone" and parts[1] == "embeddings":
+            unit = "embeddings"
+        else:
+            unit = "root"
+        if tp > 1 and (".in_proj." in name or ".conv1d." in name):
+            unit = "layers." + parts[2] + ".packed"
+        counts[unit] = counts.get(unit, 0) + local
+    out.append(counts)
+    dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+SMALL = dict(hybrid_pattern="MEM*E", num_layers=5, hidden_size=256, vocab_size=1024,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=8,
+             mamba_head_dim=32, mamba_state_size=16, mamba_num_groups=8, num_experts=16,
+             moe_top_k=2, moe_ffn_hidden_size=64, moe_shared_expert_hidden_size=128)
+
+
+def test_parameter_counts_per_unit_match_the_real_sharding():
+    layouts = [(4, 1, 1), (4, 1, 4), (8, 2, 4), (8, 8, 8), (16, 2, 8)]
+    proc = subprocess.run([sys.executable, "-c", FAKE_PG_COUNTS, json.dumps([SMALL, layouts])],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = Nano3Config(**SMALL)
+    for (world, tp, ep), real in zip(layouts, measured):
+        units = {u.name: u.sharded for u in pm.fsdp_units(cfg, pm.Layout(world, tp=tp, ep=ep))}
+        assert units == real, (world, tp, ep, {k: (units.get(k), real.get(k))
+                                               for k in set(units) | set(real)
+                                               if units.get(k) != real.get(k)})
+
+
+def test_full_model_totals():
+    cfg = Nano3Config()
+    units = pm.fsdp_units(cfg, pm.Layout(1))
+    assert sum(u.unsharded for u in units) == 31_577_937_344  # the model's parameter count
+    # TP8 EP8 on 8 GPUs: docs/parallelism.md's memory table said 3.962B parameters per GPU
+    local = sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8)))
+    assert abs(local - 3.962e9) < 0.001e9
+
+
+def test_block_times_are_the_benchmark_results():
+    results = ROOT / "benchmarks" / "results" / "2026-11-29-h200"
+    for key, (file, block, path) in pm.BLOCK_MS_SOURCES.items():
+        rows = json.loads((results / file).read_text())["rows"]
+        ms = next(r["ms"] for r in rows if r["block"] == block and r["path"] == path)
+        assert pm.MEASURED_BLOCK_MS[key] == pytest.approx(ms, abs=5e-4), key
+
+
+def test_every_multi_gpu_measurement_within_15_percent():
+    from calibrate_plan import errors, load_rows
+
+    rows = load_rows()
+    multi = [r for r in rows if r.multi_gpu]
+    assert len(multi) >= 15  # docs/benchmarks.md: 12 rows on 2 H200s, 3 on 4 (and any since)
+    for row, (tps, mem) in zip(rows, errors(rows, pm.CALIBRATION)):
+        assert abs(tps) <= 0.15, (row.name, "tokens/s", tps)
+        assert abs(mem) <= 0.15, (row.name, "peak memory", mem)
+
+
+def test_memory_accounting_of_unsharded_accumulation():
+    """Accumulating unsharded: 12 bytes per sharded parameter (fp32 weight + AdamW) and 6 per
+    unsharded one (bf16 weight + fp32 accumulated gradient), no sharded gradients yet."""
+    cfg = Nano3Config(**SMALL)
+    layout = pm.Layout(4, ep=4, micro_batch=1)
+    shape = pm.RunShape(seq_length=1024, global_batch_size=16)
+    plan = pm.estimate(cfg, layout, shape)
+    units = pm.fsdp_units(cfg, layout)
+    sharded = sum(u.sharded for u in units)
+    unsharded = sum(u.unsharded for u in units)
+    assert plan.grad_accumulation == 4
+    assert plan.memory.weights == pytest.approx(4 * sharded / pm.GIB)
+    assert plan.memory.optimizer == pytest.approx(8 * sharded / pm.GIB)
+    assert plan.memory.fsdp_buffers == pytest.approx(6 * unsharded / pm.GIB)
+    assert plan.memory.gradients == 0
+    # resharding every micro-batch: sharded gradients accumulate in place instead
+    resharded = pm.estimate(cfg, pm.Layout(4, ep=4, accumulate_unsharded=False), shape)
+    assert resharded.memory.gradients == pytest.approx(4 * sharded / pm.GIB)
+    assert resharded.step.fsdp > plan.step.fsdp
+
+
+def test_recipe_layout_warns_and_a_faster_one_is_recommended():
+    cfg, shape = Nano3Config(), pm.RunShape()
+    recipe = pm.estimate(cfg, pm.Layout(8, tp=8, ep=8), shape)
+    assert any("TP8" in w and "tensor_model_parallel_size=1" in w for w in recipe.warnings)
+    best = pm.recommend(cfg, 8, shape)
+    assert best and all(p.memory.fits for p in best)
+    assert best[0].layout.tp == 1
+    assert best[0].tokens_per_second_per_gpu > recipe.tokens_per_second_per_gpu
+    # the whole model does not fit 2 GPUs with any layout, nor 4 without recomputation at mb 1
+    assert not pm.estimate(cfg, pm.Layout(2, ep=2), shape).memory.fits
+    assert not pm.estimate(cfg, pm.Layout(4, ep=4), shape).memory.fits
+    assert pm.recommend(cfg, 2, shape) == []
+
+
+def test_layout_errors_are_plan_errors():
+    cfg = Nano3Config()
+    with pytest.raises(pm.PlanError, match="not divisible"):
+        pm.estimate(cfg, pm.Layout(12, tp=8), pm.RunShape())
+    with pytest.raises(pm.PlanError, match="num_experts=128 is not divisible"):
+        pm.estimate(cfg, pm.Layout(24, ep=3), pm.RunShape())
+
+
+def test_smallest_world():
+    assert pm.smallest_world(pm.Layout(1, tp=8, ep=8)) == 8
+    assert pm.smallest_world(pm.Layout(1, tp=2, ep=8)) == 8
+    assert pm.smallest_world(pm.Layout(1, tp=8, cp=8, pp=4, ep=8)) == 256
+
+
+def test_loss_chunk_is_the_tensor_parallel_one():
+    from nemotron.distributed.tensor_parallel import LOSS_CHUNK_TOKENS
+
+    assert pm.LOSS_CHUNK_TOKENS == LOSS_CHUNK_TOKENS
+
+
+def test_pipeline_stages_pace_and_bubble():
+    """PP (modelled, not implemented): the slowest stage sets the pace, (PP-1) idle slots."""
+    cfg, shape = Nano3Config(), pm.RunShape(global_batch_size=256)
+    one = pm.estimate(cfg, pm.Layout(64, ep=8), shape)
+    four = pm.estimate(cfg, pm.Layout(256, ep=8, pp=4), shape)
+    assert not four.implemented and any("PP4" in w for w in four.warnings)
+    assert four.grad_accumulation == one.grad_accumulation
+    # a quarter of the blocks per stage (+ the head on the last), plus the bubble
+    assert 0.25 * one.step.compute < four.step.compute < 0.4 * one.step.compute
+    assert four.step.pipeline_bubble > 0
