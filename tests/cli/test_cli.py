@@ -388,7 +388,7 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
         cached: bool
 
     fake_module("nemotron.data.prep",
-                run_data_prep=lambda cfg, recipe_dir, progress=None: FakeResult(out / "blend.json", True))
+                run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: FakeResult(out / "blend.json", True))
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
     job_dir = tmp_path / "prep-job"
