@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -136,15 +135,31 @@ def _pinned(command: list[str], cpus: list[int]) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, cpus)), *command]
 
 
+# Runs a command as a child subreaper: every descendant (the CLI's forkserver and its workers,
+# Megatron's pool) is reaped here, so RUSAGE_CHILDREN counts the CPU time of the whole tree.
+REAPER_SCRIPT = """
+import ctypes, json, os, resource, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:], stdout=sys.stdout, stderr=sys.stderr)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": code, "wall": time.perf_counter() - start,
+                  "cpu": usage.ru_utime + usage.ru_stime}), file=sys.stderr)
+"""
+
+
 def _run_timed(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
-    """(process, wall seconds, CPU seconds of it and every descendant it waited for)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc, elapsed, cpu
+    """(process, wall seconds, CPU seconds of the command and all its descendants)."""
+    proc = subprocess.run([sys.executable, "-c", REAPER_SCRIPT, *command], capture_output=True,
+                          text=True, **kwargs)
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    proc.returncode = report["rc"]
+    return proc, report["wall"], report["cpu"]
 
 
 CEILING_SCRIPT = """
@@ -188,7 +203,7 @@ def measure_cli(tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: 
     metadata = json.loads((out / "metadata.json").read_text())
     tokens = sum(split["tokens"] for split in metadata["counts"].values())
     documents = sum(split["documents"] for split in metadata["counts"].values())
-    # CPU: the CLI process and its descendants (rusage); metadata's cpu_s counts the prep itself.
+    # CPU: the CLI process and all its descendants; metadata's cpu_s counts run_data_prep only.
     return {"tokens": tokens, "documents": documents, "seconds": elapsed, "cpu_seconds": cpu,
             "prep_cpu_seconds": metadata["cpu_s"], "workers": metadata["producer"]["workers"],
             "units": sum(s["work_units"] for s in metadata["sources"]), "tokens_per_s": tokens / elapsed,

@@ -84,7 +84,7 @@ def slurm_task():
     only task 0 records the job."""
     import os
 
-    from nemotron.launch.plan import PREP_TASKS_ENV
+    from nemotron.data.config import PREP_TASKS_ENV
 
     if os.environ.get(PREP_TASKS_ENV) != "slurm":
         return None

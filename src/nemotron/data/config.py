@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Set to "slurm" by the launcher when several Slurm tasks share one data prep (each then takes
+# its rank from SLURM_PROCID). Here, not in nemotron.launch: the job reads it without importing
+# NeMo-Run (and torch with it).
+PREP_TASKS_ENV = "NEMOTRON_PREP_TASKS"
+
+
 @dataclass
 class TokenizerConfig:
     # Hugging Face hub id, a local directory, a tokenizer.json, or a SentencePiece .model.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemotron.config.env_toml import Profile, WandbSettings
+from nemotron.data.config import PREP_TASKS_ENV
 
 
 class LaunchError(RuntimeError):
@@ -40,8 +41,7 @@ EXPERIMENT_TITLE = "nemotron"
 # Variables the CLI inside the job reads: the submission's job dir and the profile that ran it.
 JOB_DIR_ENV = "NEMOTRON_JOB_DIR"
 PROFILE_ENV = "NEMOTRON_PROFILE"
-# Set ("slurm") when several Slurm tasks share one data prep: each reads its rank from Slurm.
-PREP_TASKS_ENV = "NEMOTRON_PREP_TASKS"
+
 
 
 @dataclass(frozen=True)
