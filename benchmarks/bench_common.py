@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from nemotron.utils.fs import atomic_write_text
+
 
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -89,12 +91,12 @@ def ceilings(device: torch.device) -> dict:
     y = torch.empty_like(x)
     t = median(time_ms(lambda: y.copy_(x), device, 5, 20))
     copy = 2 * x.numel() * 4 / (t * 1e-3)
-    del x, y
+    x = y = None  # free the 4 GiB before the matmul (rebinding: the lambdas above are done)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     t = median(time_ms(lambda: a @ b, device, 5, 20))
     mm = 2 * 8192**3 / (t * 1e-3)
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     return {"copy_GBps": copy / 1e9, "bf16_matmul_TFLOPs": mm / 1e12}
 
@@ -149,6 +151,4 @@ def append_table_row(path: str | Path, section: str, header: list[str], row: lis
             lines[end:end] = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             insert_at = end + 2
         lines.insert(insert_at, line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -251,7 +251,7 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
               + (f" floor x{row['x_floor']:.2f}" if "x_floor" in row else ""), flush=True)
         for k in row.get("kernels", []):
             print(f"    {k['ms_per_call']:7.3f} ms {k['count']:3d}x {k['name']}", flush=True)
-        del block, params, x, out, dx, dparams
+        block = params = x = out = dx = dparams = None  # free this path's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

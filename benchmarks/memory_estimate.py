@@ -1,6 +1,6 @@
 """Per-GPU memory of the full Nemotron 3 Nano under a parallel layout: the performance model's
 breakdown (`nemotron.train.perf_model`, also shown by `nemotron nano3 plan`), checked against
-the real sharding code: `nemotron.distributed.parallelize` runs on a meta-device model inside a
+the real sharding code: `nemotron.distributed.parallelize` (distributed/apply.py) runs on a meta-device model inside a
 fake process group of the target world size, and rank 0's shard of every FSDP unit must hold
 exactly the elements the model counts. Also reports how long building and sharding the model
 on the meta device takes (the first part of a run's time to first step).
@@ -48,12 +48,17 @@ def real_shards(cfg: Nano3Config, layout: pm.Layout) -> tuple[dict[str, int], fl
         for name, p in model.named_parameters():
             local = (p.to_local() if isinstance(p, DTensor) else p).numel()
             parts = name.split(".")
+            # under TP, parameters FSDP2 sharded over the flattened DP x TP mesh are rank-local
+            rank_local = layout.tp > 1 and isinstance(p, DTensor) and any(
+                n.endswith("_tp") for n in p.device_mesh.mesh_dim_names)
             if parts[:2] == ["backbone", "layers"]:
                 unit = "layers." + parts[2]
                 if ".experts." in name and "shared_experts" not in name:
                     unit += ".experts"
-                elif layout.tp > 1 and (".in_proj." in name or ".conv1d." in name):
-                    unit += ".packed"
+                elif rank_local:
+                    unit += ".local"
+            elif rank_local:
+                unit = "norm_f"
             else:
                 unit = "embeddings" if parts[:2] == ["backbone", "embeddings"] else "root"
             counts[unit] = counts.get(unit, 0) + local

@@ -33,7 +33,6 @@ accumulation keeping the tokens per step equal) and prints the tokens/s ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -138,8 +137,7 @@ class StepSplit:
         self.active = False
         self.spans: list[tuple[str, object, object]] = []
         self.handles = []
-        layers = model.backbone.layers
-        for layer in layers:
+        for layer in model.backbone.layers.values():
             kind = _block_kind(layer)
             self.handles.append(layer.register_forward_pre_hook(self._pre(kind)))
             self.handles.append(layer.register_forward_hook(self._post(kind)))
@@ -317,7 +315,7 @@ def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: 
         split_ms=split, kernels=kernels,
     )
     trainer.close()
-    del model, optimizer, data, trainer
+    model = optimizer = data = trainer = None  # free the run's memory before the next one
     return result
 
 

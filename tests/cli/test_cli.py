@@ -78,7 +78,12 @@ def test_long_context_dry_run_shows_the_spec_layout(cli):
     result = cli("nano3", "pretrain", "-c", "long_context", "--dry-run")
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())  # the plan table may wrap long rows
-    assert "TP8 PP4 EP8 CP8 SP on" in out and "PP > 1 is not implemented" in out
+    assert "TP8 PP4 EP8 CP8 SP on" in out and "pipeline: 1F1B, 4 stages" in out
+    assert "PP with TP > 1 is not supported yet" in out
+    # every stage's blocks and share of the FLOPs; the LM head on the last stage
+    assert "stage 0 (PP rank 0): blocks 0-11 'MEMEM*EMEMEM' + embeddings:" in out
+    assert re.search(r"stage 3 \(PP rank 3\): blocks \d+-51 '\S+' \+ LM head \+ loss", out)
+    assert "none found under runs/pretrain; set checkpoint.load" in out
     assert "48 x 524288 tokens (micro-batch 1) mixed with 4096-token samples" in out
     assert "121,000,000,000 tokens (~9,542 steps)" in out
     assert "weights only of" in out and "style: constant" in out and "lr: 1.0e-05" in out

@@ -24,13 +24,13 @@ nemotron.distributed.ParallelDims  # the lazy names still resolve
 assert nemotron.models.nano3.Nano3ForCausalLM.__name__ == "Nano3ForCausalLM"
 """
 
-# `parallelize` names both a submodule and its function; the package must give the function
-# however the two are imported.
+# `parallelize` is a function only (its module is `apply`): importing the submodule first must
+# not change what the package gives.
 CLASH = """
-import nemotron.distributed.parallelize
-from nemotron.distributed.parallelize import restore_reshard_after_forward
+import nemotron.distributed.apply
+from nemotron.distributed.apply import restore_reshard_after_forward
 from nemotron.distributed import parallelize
-assert callable(parallelize) and parallelize.__module__ == "nemotron.distributed.parallelize"
+assert callable(parallelize) and parallelize.__module__ == "nemotron.distributed.apply"
 """
 
 

@@ -1,5 +1,5 @@
 """An independent reader of Megatron's indexed format, written from the format description
-(FACTS.md section 4) with ``struct`` only, so tests do not check the library against itself."""
+(docs/reference.md §4) with ``struct`` only, so tests do not check the library against itself."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def test_every_token_of_a_known_corpus(tmp_path, bpe_dir, corpus):
 
 
 def _megatron_blend_counts(weights, num_samples):
-    """Megatron's deterministic blending (FACTS.md 4): sample i -> argmax w_d * max(i,1) - drawn_d."""
+    """Megatron's deterministic blending (docs/reference.md §4): sample i -> argmax w_d * max(i,1) - drawn_d."""
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     drawn = np.zeros(len(weights))
     for i in range(num_samples):
@@ -196,7 +196,7 @@ def test_cache_noop_change_detection_and_force(tmp_path, bpe_dir, corpus):
     bos = run_data_prep(dataclasses.replace(cfg, tokenizer=TokenizerConfig(model=str(bpe_dir), add_bos=True)),
                         recipe_dir=tmp_path)
     assert not bos.cached and bos.fingerprint != changed.fingerprint
-    fewer = run_data_prep(dataclasses.replace(cfg, num_shards=2), recipe_dir=tmp_path)
+    run_data_prep(dataclasses.replace(cfg, num_shards=2), recipe_dir=tmp_path)
     assert len(_prefixes(out, "train", "a")) == 2  # no stale shards of the older build remain
 
 

@@ -76,7 +76,7 @@ def _moe_layer_worker(rank, world_size):
     import torch.nn as nn
 
     from nemotron.models.nano3.moe import MoE
-    from tests.models.tiny import tiny_config
+    from models.tiny import tiny_config  # tests/ is on the path (as in harness.py)
 
     cfg = tiny_config(num_experts=8, moe_top_k=3)
     torch.manual_seed(0)  # the same weights on every rank

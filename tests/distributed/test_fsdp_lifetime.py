@@ -33,7 +33,7 @@ def _gathered_after_forward(rank: int, world_size: int) -> dict[str, bool]:
     # gathered plain tensors while it is unsharded.
     gathered = {"lm_head": not isinstance(model.lm_head.weight, DTensor),
                 "first_block": not any(isinstance(p, DTensor)
-                                       for p in model.backbone.layers[0].parameters())}
+                                       for p in model.backbone.layers["0"].parameters())}
     out.loss.backward()
     return gathered
 

@@ -21,7 +21,11 @@ def test_dp_is_derived_and_expert_view():
     (dict(tensor_model_parallel_size=3, sequence_parallel=True), 8, "TP*CP*PP = 3*1*1 = 3"),
     (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
     (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
-    (dict(pipeline_model_parallel_size=2), 4, "pipeline parallelism is not implemented"),
+    (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
+    (dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True),
+     4, "does not compose with tensor parallelism yet"),
+    (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4,
+     "DP*CP*TP = 2*1*1 = 2"),
     (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
     (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
     (dict(tensor_model_parallel_size=0), 4, ">= 1"),

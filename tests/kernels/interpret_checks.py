@@ -435,7 +435,7 @@ def _model_mixer_grads(seq, chunk, heads, head_dim, state, groups, seed=0):
                       init_std=0.02)
     torch.manual_seed(seed)
     model = Nano3ForCausalLM(cfg).double()
-    mixer = model.backbone.layers[0].mixer
+    mixer = model.backbone.layers["0"].mixer
     seen = {}
     mixer.in_proj.register_forward_hook(lambda mod, inp, out: seen.setdefault("zxbcdt", out))
 

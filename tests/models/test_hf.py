@@ -81,7 +81,7 @@ def test_import_from_transformers_same_logits(tmp_path, config):
     ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.backbone.layers[1].mixer.router.expert_bias,
+    torch.testing.assert_close(model.backbone.layers["1"].mixer.router.expert_bias,
                                hf.model.layers[1].mixer.gate.e_score_correction_bias)
 
 

@@ -12,9 +12,9 @@ from .tiny import tiny_config
 
 def test_blocks_follow_the_pattern(config):
     model = Nano3ForCausalLM(config)
-    kinds = [type(layer.mixer) for layer in model.backbone.layers]
+    kinds = [type(layer.mixer) for layer in model.backbone.layers.values()]
     assert kinds == [Mamba2Mixer, MoE, Attention, MoE, Mamba2Mixer, MLP]
-    assert model.moe_layers() == [model.backbone.layers[1].mixer, model.backbone.layers[3].mixer]
+    assert model.moe_layers() == [model.backbone.layers["1"].mixer, model.backbone.layers["3"].mixer]
     assert model.lm_head.weight is not model.backbone.embeddings.weight
 
 
@@ -73,7 +73,7 @@ def test_meta_build_then_materialise(config):
     router = model.moe_layers()[0].router
     assert torch.equal(router.expert_bias, torch.zeros_like(router.expert_bias))
     assert torch.equal(router.tokens_per_expert, torch.zeros_like(router.tokens_per_expert))
-    mixer = model.backbone.layers[0].mixer
+    mixer = model.backbone.layers["0"].mixer
     assert torch.equal(mixer.D, torch.ones_like(mixer.D))
     assert torch.equal(model.backbone.norm_f.weight, torch.ones_like(model.backbone.norm_f.weight))
     ids = torch.randint(0, config.vocab_size, (1, 6))
@@ -120,3 +120,35 @@ def test_bad_pattern_rejected():
 
     with pytest.raises(ModelConfigError, match="unknown symbol"):
         tiny_config(hybrid_pattern="ME*EMX")
+
+
+def test_pipeline_parts_chained_give_the_whole_model(config):
+    """Parts [0, 2), [2, 5), [5, 6) with the whole model's weights, each fed what the previous
+    returned: the same LM loss and balance loss, and the same gradients; parameter names are
+    the whole model's."""
+    torch.manual_seed(0)
+    whole = Nano3ForCausalLM(config)
+    parts = [Nano3ForCausalLM(config, blocks=range(a, b)) for a, b in ((0, 2), (2, 5), (5, 6))]
+    state = whole.state_dict()
+    for part in parts:
+        assert set(part.state_dict()) <= set(state)
+        part.load_state_dict({k: state[k] for k in part.state_dict()})
+    assert parts[0].lm_head is None and parts[1].backbone.embeddings is None
+    assert set().union(*(p.state_dict() for p in parts)) == set(state)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=g)
+    mask = torch.ones(2, 8)
+    mask[1, 5:] = 0
+    out = whole(ids[:, :-1], labels=ids[:, 1:], loss_mask=mask)
+    hidden, aux = parts[0](ids[:, :-1])
+    hidden, aux = parts[1](hidden, aux)
+    lm_loss, aux = parts[2](hidden, aux, labels=ids[:, 1:], loss_mask=mask)
+    torch.testing.assert_close(lm_loss, out.lm_loss)
+    torch.testing.assert_close(aux, out.aux_loss)
+    (out.lm_loss + aux.new_tensor(0.3) * out.aux_loss).backward()
+    (lm_loss + 0.3 * aux).backward()
+    grads = {n: p.grad for part in parts for n, p in part.named_parameters()}
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    with pytest.raises(ValueError, match="not a non-empty contiguous range"):
+        Nano3ForCausalLM(config, blocks=range(3, 3))

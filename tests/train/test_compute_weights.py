@@ -79,7 +79,7 @@ def test_build_model_one_rank_mesh_shards_in_bf16_compute(tmp_path):
         assert parallel.mesh is not None and parallel.dp_size == 1
         assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
         seen = []
-        hook = model.backbone.layers[0].register_forward_pre_hook(
+        hook = model.backbone.layers["0"].register_forward_pre_hook(
             lambda m, args: seen.append(next(m.parameters()).dtype))
         batch = torch.randint(0, 64, (1, 9))
         model(batch[:, :-1], labels=batch[:, 1:])

@@ -134,9 +134,9 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
     assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
     for i in (1, 3):
-        assert isinstance(model.backbone.layers[i].mixer.experts, fp8_mod.Float8GroupedExperts)
+        assert isinstance(model.backbone.layers[str(i)].mixer.experts, fp8_mod.Float8GroupedExperts)
     assert type(model.lm_head) is nn.Linear and type(model.backbone.embeddings) is nn.Embedding
-    assert not model.backbone.layers[2].mixer.fused_qkv_enabled()  # q/k/v run as their modules
+    assert not model.backbone.layers["2"].mixer.fused_qkv_enabled()  # q/k/v run as their modules
     # same parameter names and values: checkpoints and `export hf` see the BF16 model
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
@@ -145,12 +145,12 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     summary = apply_fp8(only, Fp8Config(enabled=True, layers=["attention"]), CPU)
     assert set(summary.linears) == {f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"}
     assert summary.experts == [] and summary.skipped == []
-    assert type(only.backbone.layers[1].mixer.experts) is GroupedExperts
+    assert type(only.backbone.layers["1"].mixer.experts) is GroupedExperts
 
     default = _tiny()  # the default: dense linears only, routed experts stay bf16
     summary = apply_fp8(default, Fp8Config(enabled=True), CPU)
     assert set(summary.linears) == want and summary.experts == []
-    assert type(default.backbone.layers[1].mixer.experts) is GroupedExperts
+    assert type(default.backbone.layers["1"].mixer.experts) is GroupedExperts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,43 +134,88 @@ def _cli(args: list[str], cwd: Path, torchrun: bool) -> subprocess.CompletedProc
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_tiny_long_context_recipe_trains_with_cp2_under_torchrun(tmp_path, corpus):
-    """`-c long_context_tiny` from a tiny pretraining checkpoint: CP 2 on two processes gives
-    the losses of the same recipe in one process (which has no context parallelism)."""
+def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_path, corpus):
+    """`-c long_context_tiny` (PP2 by default) from a tiny pretraining checkpoint, mixed 48- and
+    16-token samples: PP2 and CP2 on two processes give the losses of the same recipe in one
+    process (which has neither)."""
     pre = make_config(tmp_path / "pre", blend=corpus[0], train={"train_iters": 1, "eval_iters": 0},
                       checkpoint={"save_interval": 1})
     pretrain(pre, tmp_path / "pre" / "job")
     args = ["-c", "long_context_tiny", *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
-            "train.train_iters=3", "train.seq_length=48", "train.eval_iters=0",
-            "train.global_batch_size=4", "logger.progress_bar=false",
+            "train.train_iters=3", "train.seq_length=48", "train.eval_iters=1",
+            "train.eval_interval=3", "train.global_batch_size=4", "logger.progress_bar=false",
             f"data.blend={corpus[0]}", f"data.cache_dir={tmp_path / 'cache'}",
             f"data.mixed_length_blends=[{{blend: {corpus[0]}, seq_length: 16, weight: 1}}]",
             f"checkpoint.load={pre.checkpoint.save}"]
+    layouts = {"pp2": ([], True),
+               "cp2": (["model.pipeline_model_parallel_size=1", "model.context_parallel_size=2"], True),
+               "single": ([], False)}
     results = {}
-    for name, torchrun in (("cp2", True), ("single", False)):
+    for name, (extra, torchrun) in layouts.items():
         job = tmp_path / name
-        run = _cli(args + [f"checkpoint.save={job / 'ckpt'}", "--job-dir", str(job / "job")],
+        run = _cli(args + extra + [f"checkpoint.save={job / 'ckpt'}", "--job-dir", str(job / "job")],
                    tmp_path, torchrun)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        train = [r for r in read_metrics(job / "job") if r["kind"] == "train"]
+        metrics = read_metrics(job / "job")
+        train = [r for r in metrics if r["kind"] == "train"]
         assert [r["step"] for r in train] == [1, 2, 3]
-        results[name] = [r["lm_loss"] for r in train]
+        results[name] = ([r["lm_loss"] for r in train] + [r["loss"] for r in train]
+                         + [r["loss"] for r in metrics if r["kind"] in ("eval", "test")])
         config = json.loads((job / "ckpt" / "iter_0000003" / "config.json").read_text())
-        assert config["model"]["context_parallel_size"] == 2
+        assert config["model"]["pipeline_model_parallel_size"] == (2 if name != "cp2" else 1)
         # two ranks wrote their shards: one distributed run, not two single ones
         assert (job / "ckpt" / "iter_0000003" / "__1_0.distcp").exists() == torchrun
+    assert len(results["single"]) == 8  # 3 steps x (LM loss, loss), one eval, one test
+    assert results["pp2"] == pytest.approx(results["single"], rel=1e-4)
     assert results["cp2"] == pytest.approx(results["single"], rel=1e-4)
 
 
-def test_pipeline_parallel_is_refused_before_anything_is_built(tmp_path, corpus):
+def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_path, corpus):
     from nemotron.distributed.parallel_dims import ParallelLayoutError
 
     cfg = make_config(tmp_path, blend=corpus[0])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pipeline_model_parallel_size=4))
-    with pytest.raises(ParallelLayoutError, match="pipeline_model_parallel_size=4: pipeline "
-                                                  "parallelism is not implemented"):
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2,
+        sequence_parallel=True))
+    with pytest.raises(ParallelLayoutError, match="pipeline_model_parallel_size=2 with "
+                                                  "model.tensor_model_parallel_size=2"):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
+
+
+def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch):
+    """`checkpoint.load: null` with finetune: the newest job under runs/pretrain/ that trained
+    from scratch and has a complete checkpoint; none: one error line naming the key."""
+    from nemotron.cli.pretrain import _finetune_source, main_run_checkpoint
+    from nemotron.config import ConfigError
+    from nemotron.train.config import CheckpointConfig
+
+    monkeypatch.chdir(tmp_path)
+    lc = CheckpointConfig(load=None, finetune=True, save=str(tmp_path / "lc"))
+    with pytest.raises(ConfigError, match=r"^checkpoint.load: null, and no main pretraining run"):
+        _finetune_source(lc, lc.save, dry_run=False)
+    assert _finetune_source(lc, lc.save, dry_run=True) is None
+
+    def job(name: str, finetune: bool, complete: bool) -> Path:
+        d = tmp_path / "runs" / "pretrain" / name
+        save = d / "checkpoints"
+        (save / "iter_0000004").mkdir(parents=True)
+        if complete:  # complete = its manifest (written last) exists
+            from nemotron.train.checkpoint import MANIFEST_FILE
+
+            (save / "iter_0000004" / MANIFEST_FILE).write_text("{}")
+        (d / "config.yaml").write_text(
+            f"checkpoint:\n  save: {save}\n  finetune: {str(finetune).lower()}\n")
+        return save / "iter_0000004"
+
+    main = job("20260101-000000-aaaaaa", finetune=False, complete=True)
+    job("20260102-000000-bbbbbb", finetune=True, complete=True)   # an earlier LC run: skipped
+    job("20260103-000000-cccccc", finetune=False, complete=False)  # no complete checkpoint yet
+    assert main_run_checkpoint().resolve() == main.resolve()
+    assert Path(_finetune_source(lc, lc.save, dry_run=False)).resolve() == main.resolve()
+    # an explicit checkpoint.load wins
+    chosen = dataclasses.replace(lc, load=str(tmp_path / "elsewhere"))
+    assert _finetune_source(chosen, lc.save, dry_run=False) == str(tmp_path / "elsewhere")
 
 
 def test_mock_data_mixes_lengths_too(tmp_path):

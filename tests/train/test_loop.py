@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from nemotron.artifacts.model import MODEL_ARTIFACT_FILE, read_model_artifact
+from nemotron.artifacts.model import read_model_artifact
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train import NonFiniteLossError, pretrain
 from nemotron.train.checkpoint import LATEST_FILE

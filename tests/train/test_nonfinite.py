@@ -4,15 +4,12 @@ exit status, and an initialisation that cannot train."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from nemotron.cli.main import app
-from nemotron.config import dump_config
 from nemotron.train import pretrain
 
 from .conftest import make_config

@@ -46,8 +46,9 @@ for world, tp, ep in layouts:
             unit = "embeddings"
         else:
             unit = "root"
-        if tp > 1 and (".in_proj." in name or ".conv1d." in name):
-            unit = "layers." + parts[2] + ".packed"
+        # under TP, parameters FSDP2 sharded over the flattened DP x TP mesh are rank-local
+        if tp > 1 and any(n.endswith("_tp") for n in p.device_mesh.mesh_dim_names):
+            unit = "norm_f" if parts[1] == "norm_f" else "layers." + parts[2] + ".local"
         counts[unit] = counts.get(unit, 0) + local
     out.append(counts)
     dist.destroy_process_group()
@@ -79,9 +80,10 @@ def test_full_model_totals():
     cfg = Nano3Config()
     units = pm.fsdp_units(cfg, pm.Layout(1))
     assert sum(u.unsharded for u in units) == 31_577_937_344  # the model's parameter count
-    # TP8 EP8 on 8 GPUs: docs/parallelism.md's memory table said 3.962B parameters per GPU
+    # TP8 EP8 on 8 GPUs: 3.954B parameters per GPU (docs/parallelism.md; 3.962B while the norms
+    # and routers were replicated over TP instead of sharded over DP x TP)
     local = sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8)))
-    assert abs(local - 3.962e9) < 0.001e9
+    assert abs(local - 3.954e9) < 0.001e9
 
 
 def test_block_times_are_the_benchmark_results():

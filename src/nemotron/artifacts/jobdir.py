@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import nemotron
-from nemotron.fsutil import apply_default_modes
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import apply_default_modes, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 JOB_FILE = "job.json"

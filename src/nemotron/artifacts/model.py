@@ -66,7 +66,7 @@ def build_model_artifact(
     data: dict[str, Any] | None,
     phase: int,
     extra: dict[str, Any] | None = None,
-) -> Path:
+) -> dict[str, Any]:
     """The manifest of a checkpoint (written into it as MODEL_ARTIFACT_FILE)."""
     return {
         "kind": MODEL_ARTIFACT_KIND,

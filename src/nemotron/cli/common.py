@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional, overload
 
 import typer
 from rich.console import Console
@@ -120,6 +122,10 @@ def process_rank() -> int:
         return 0
 
 
+@overload
+def absolute(path: str) -> str: ...
+@overload
+def absolute(path: None) -> None: ...
 def absolute(path: str | None) -> str | None:
     """Local paths made absolute against the working directory (URIs and None unchanged)."""
     if path is None or "://" in path:
@@ -128,7 +134,6 @@ def absolute(path: str | None) -> str | None:
 
 
 def reproduce_command(stage_words: list[str], config: str, overrides: list[str]) -> str:
-    import shlex
 
     return " ".join(["nemotron", *stage_words, "-c", shlex.quote(config), *map(shlex.quote, overrides)])
 
@@ -183,8 +188,6 @@ def submit_remote(
     prof, env = launch.load_profile(profile)
     flag = "--run" if attached else "--batch"
     if dry_run:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="nemotron-dryrun-") as tmp:
             config_path = Path(tmp) / jobdir.CONFIG_FILE
             config_path.write_text(config_yaml)
@@ -276,6 +279,7 @@ class StageRun:
 
     def submit(self, config_yaml: str, dry_run: bool, predict=None) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
+        assert self.profile is not None  # only a non-local stage submits
         submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
                       config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
                       config_source=self.config_source, dry_run=dry_run, predict=predict)

@@ -75,7 +75,7 @@ def _table(title: str, plans, *, show_overrides: bool = False):
                           ("activations", "right"), ("total GiB", "right"), ("fits", "left"),
                           ("step s", "right"), ("compute", "right"), ("comm exposed", "right"),
                           ("tokens/s/GPU", "right"), ("MFU", "right")):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify="right" if justify == "right" else "left")
     if show_overrides:
         table.add_column("overrides", overflow="fold")
     for plan in plans:
@@ -101,7 +101,7 @@ def plan(
     top: Annotated[int, typer.Option("--top", metavar="K",
                                      help="Fastest layouts that fit to show per GPU count.")] = 3,
     include_pp: Annotated[bool, typer.Option(
-        "--pp", help="Also consider pipeline parallelism (not implemented in training yet).")] = False,
+        "--pp", help="Also consider pipeline parallelism (not composed with TP in training yet).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
 ) -> None:
     """Predict memory per GPU and step time of the recipe's layout at several GPU counts, and

@@ -16,16 +16,61 @@ STAGE = "pretrain"
 STAGE_WORDS = ["nano3", "pretrain"]
 
 
-def _localize(cfg, job_dir: Path):
-    """Absolute local paths, and the checkpoint default (`null` = <job dir>/checkpoints)."""
+RUNS_DIR = Path("runs")  # where job dirs go by default (`runs/<stage>/<time>-<id>`)
+
+
+def main_run_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
+    """The newest complete checkpoint of a main pretraining run: a job under
+    `runs_dir/pretrain/` (newest first: job dir names sort by time) whose config trained from
+    scratch (`checkpoint.finetune` false). None if there is none."""
+    import yaml
+
+    from nemotron.train.checkpoint import resolve_checkpoint
+
+    for job in sorted((runs_dir / STAGE).glob("*"), reverse=True):
+        try:
+            ckpt = (yaml.safe_load((job / "config.yaml").read_text()) or {}).get("checkpoint") or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if ckpt.get("finetune") or not ckpt.get("save"):
+            continue
+        found = resolve_checkpoint(ckpt["save"], must_exist=False)
+        if found is not None:
+            return found
+    return None
+
+
+def _finetune_source(ckpt, save: str, dry_run: bool) -> str | None:
+    """`checkpoint.load` of a run that starts from another run's weights (`finetune`) and left
+    `load` null: the main run's checkpoint (`main_run_checkpoint`), unless this run resumes
+    from its own save dir. A real run without either stops here with one line."""
+    if not ckpt.finetune or ckpt.load is not None:
+        return common.absolute(ckpt.load)
+    # imported only here: the other dry runs must not pay for torch (tests/cli/test_imports.py)
+    from nemotron.config import ConfigError
+    from nemotron.train.checkpoint import resolve_checkpoint
+    if ckpt.auto_resume and resolve_checkpoint(save, must_exist=False) is not None:
+        return None  # resumes this run; the weights it started from do not matter any more
+    found = main_run_checkpoint()
+    if found is None and not dry_run:
+        raise ConfigError(
+            f"checkpoint.load: null, and no main pretraining run with a checkpoint was found under "
+            f"{(RUNS_DIR / STAGE).absolute()} (checkpoint.finetune=true starts from its weights); "
+            "set checkpoint.load=<the main run's checkpoints dir>, or checkpoint.finetune=false "
+            "to start from fresh weights")
+    return str(found) if found is not None else None
+
+
+def _localize(cfg, job_dir: Path, dry_run: bool = False):
+    """Absolute local paths, and the checkpoint defaults (`save: null` = <job dir>/checkpoints;
+    `load: null` with `finetune` = the main run's checkpoint)."""
     ckpt = cfg.checkpoint
     data = cfg.data
+    save = common.absolute(ckpt.save) if ckpt.save is not None else str(job_dir / "checkpoints")
     return dataclasses.replace(
         cfg,
         checkpoint=dataclasses.replace(
-            ckpt,
-            save=common.absolute(ckpt.save) if ckpt.save is not None else str(job_dir / "checkpoints"),
-            load=common.absolute(ckpt.load),
+            ckpt, save=save, load=_finetune_source(ckpt, save, dry_run),
         ),
         data=dataclasses.replace(
             data,
@@ -56,8 +101,18 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
     p = cfg.model.parallel()
     per_replica = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
     layout_note = f"; {per_replica} ranks (GPUs) per model replica (TP*CP*PP)"
+    pipeline_rows = []
     if p.pipeline_model_parallel_size > 1:
-        layout_note += "; PP > 1 is not implemented: training stops with an error"
+        from nemotron.distributed.pipeline_split import run_lengths, split_stages
+
+        split = split_stages(cfg.model.arch(), p, run_lengths(t.seq_length, cfg.data))
+        layout_note += (f"; pipeline: {p.pipeline_schedule}, {split.num_stages} stages, split "
+                        + ("by model.pipeline_blocks_per_stage" if split.manual
+                           else "balanced by FLOPs at the run's sequence lengths"))
+        if p.tensor_model_parallel_size > 1:
+            layout_note += "; PP with TP > 1 is not supported yet: training stops with an error"
+        pipeline_rows = [("pipeline" if i == 0 else "", line)
+                         for i, line in enumerate(split.describe(cfg.model.arch()))]
     blend = cfg.data.blend
     blend_note = "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
     phase2 = cfg.data.phase2_blend
@@ -74,6 +129,7 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
                      f"EP{p.expert_model_parallel_size} CP{p.context_parallel_size} "
                      f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size"
                      + layout_note),
+        *pipeline_rows,
         ("length", length),
         ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"
                   + "".join(f" mixed with {m.seq_length}-token samples (weight {m.weight:g} : "
@@ -85,7 +141,10 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         ("phase 2", f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens{phase2_note}"
                     if phase2 else "none"),
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
-        ("resume from", (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
+        ("resume from", "weights only of the main run's checkpoint (finetune): none found under "
+                        f"{RUNS_DIR / STAGE}; set checkpoint.load"
+         if cfg.checkpoint.finetune and not cfg.checkpoint.load else
+         (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
                          "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
          else cfg.checkpoint.load or ("the newest intact checkpoint in the save dir, if any"
                                          if cfg.checkpoint.auto_resume else "none")),
@@ -178,7 +237,7 @@ def pretrain(
         stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
         target = stage.job_dir
         if stage.local:
-            cfg = _localize(cfg, target)
+            cfg = _localize(cfg, target, dry_run)
         config_yaml = dump_config(cfg)
 
         if not stage.local:
@@ -190,7 +249,7 @@ def pretrain(
             common.print_plan("plan (dry run: nothing written)",
                               _plan_rows(cfg, target, config, config_path, overrides, "this machine, this process"))
             return
-        if not cfg.data.mock and not Path(cfg.data.blend).is_file():
+        if not cfg.data.mock and (cfg.data.blend is None or not Path(cfg.data.blend).is_file()):
             raise FileNotFoundError(
                 f"data.blend: {cfg.data.blend} does not exist; prepare it first "
                 f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"

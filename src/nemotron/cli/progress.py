@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 
 class TrainProgress:
@@ -18,7 +18,7 @@ class TrainProgress:
             TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.description}"), console=console, disable=not show_bar, transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "start":
@@ -65,7 +65,7 @@ class PrepProgressView:
             TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
             disable=not show_bar, transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self._message = ""
         self._tasks: dict[str, int] = {}
 

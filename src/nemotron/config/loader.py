@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemotron.config.errors import ConfigError
-from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, model_error
+from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, PretrainConfig, model_error
 from nemotron.models.nano3.config import ModelConfigError
 from nemotron.utils.fs import atomic_write_text
 
@@ -82,7 +82,9 @@ def parse_override(token: str) -> Override:
         raise ConfigError(f"override {token!r}: {key!r} is not a dotted key")
     try:
         parsed = OmegaConf.from_dotlist([f"value={raw}"])
-        value = OmegaConf.to_container(parsed, resolve=False)["value"]
+        container = OmegaConf.to_container(parsed, resolve=False)
+        assert isinstance(container, dict)
+        value = container["value"]
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {exc}") from None
     return Override(key=key, value=value, token=token)
@@ -294,8 +296,6 @@ def load_config(
     Raises ConfigError (one line naming the file and the dotted key) on any problem.
     """
     if schema is None:
-        from nemotron.config.schema import PretrainConfig
-
         schema = PretrainConfig  # type: ignore[assignment]
     path = resolve_config_path(path_or_name, schema)
     tree = load_tree(path, overrides, schema)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nemotron.artifacts.wandb_lineage import WANDB_MODES
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
 from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.parallel_dims import check_global_batch
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
 from nemotron.train.fp8_config import check_fp8_config
@@ -103,7 +106,7 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _check_finite(cfg: object, prefix: str = "") -> None:
+def _check_finite(cfg: Any, prefix: str = "") -> None:
     """Every float of the config is a number: an `.inf` or `.nan` (YAML) learning rate, clip or
     fraction would otherwise pass the range checks below (inf > 0) and train to NaN weights."""
     for f in dataclasses.fields(cfg):
@@ -130,6 +133,19 @@ def model_error(exc: ModelConfigError) -> ConfigError:
     return ConfigError(_qualify_model_error(str(exc)))
 
 
+def _check_pipeline(parallel: ParallelismConfig, arch) -> None:
+    """The pipeline keys: a known schedule, stages per rank that fit it, a manual split that
+    covers the blocks (the one home of these rules is `distributed.pipeline_split`)."""
+    from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
+
+    if parallel.pipeline_model_parallel_size < 1:
+        return
+    try:
+        split_stages(arch, parallel, [(8192, 1.0)])
+    except PipelineSplitError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Cross-field checks of a pretraining recipe; raises ConfigError naming the dotted key."""
     _check_finite(cfg)
@@ -139,8 +155,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise model_error(exc) from None
     for f in dataclasses.fields(ParallelismConfig):
         value = getattr(cfg.model, f.name)
-        if not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
             _require(value >= 1, f"model.{f.name}", f"must be >= 1, got {value}")
+    _check_pipeline(cfg.model.parallel(), cfg.model)
 
     t = cfg.train
     if (t.train_iters is None) == (t.train_tokens is None):
@@ -157,11 +174,10 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
              f"must be >= 0, got {t.max_skipped_steps}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
-    _require(
-        t.global_batch_size % t.micro_batch_size == 0,
-        "train.global_batch_size",
-        f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
-    )
+    # the batch rule of nemotron.distributed.parallel_dims with what is known before the world
+    # size (one data-parallel rank); sequence lengths are checked once the layout applies (a
+    # single process ignores the configured TP / CP)
+    check_global_batch(t.global_batch_size, t.micro_batch_size, error=ConfigError)
     _require(t.expert_bias_update_rate >= 0, "train.expert_bias_update_rate",
              f"must be >= 0, got {t.expert_bias_update_rate}")
     _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
@@ -225,4 +241,5 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
     _check_choices(cfg)
 
 
-VALIDATORS = {PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}
+VALIDATORS: dict[type, Callable[[Any], None]] = {
+    PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}

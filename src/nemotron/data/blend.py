@@ -19,6 +19,7 @@ documents from every dataset.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -82,8 +83,6 @@ class Blend:
 
 
 def _nearest(key: str, options: Sequence[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(options)})"
 

@@ -172,6 +172,7 @@ def _iter_texts(paths: list[Path]):
 
 def train_tokenizer(corpus_files: list[Path], vocab_size: int, directory: Path) -> Path:
     """Train a byte-level BPE on the corpus; write tokenizer.json + tokenizer_config.json."""
+    # only when the embedded default data is first built (once per machine)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -316,6 +317,7 @@ def materialize_for_prep(
             entry = dict(entry)
             path = entry.get("path")
             if is_embedded(path):
+                assert isinstance(path, str)
                 name = path.removeprefix(SCHEME)
                 if name not in CORPORA:
                     raise EmbeddedDataError(

@@ -1,6 +1,6 @@
 """GPT training samples with Megatron-Core 0.16's semantics, read from indexed bin/idx datasets.
 
-What a Megatron user expects (FACTS.md section 4), for one dataset (one bin/idx prefix) asked
+What a Megatron user expects (docs/reference.md §4), for one dataset (one bin/idx prefix) asked
 for N samples of seq_length tokens; the arrays match Megatron-Core 0.16.1's `GPTDataset`
 element for element (tests/data/test_megatron_order.py compares them with indices Megatron-Core
 itself built):
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemotron.data.indexed import IndexedDataset
 from nemotron.data.mapped import PicklesByReference
 from nemotron.utils.fs import atomic_path, atomic_write_text
 
@@ -199,8 +200,6 @@ def cached_arrays(
 def open_indexed(prefix: str, vocab_size: int | None = None):
     """The indexed dataset of `prefix`, validated at open; with `vocab_size`, every sequence
     read is checked to hold ids inside the vocabulary (error naming the file otherwise)."""
-    from nemotron.data.indexed import IndexedDataset
-
     return IndexedDataset(prefix, vocab_size=vocab_size)
 
 
@@ -375,6 +374,7 @@ def build_split_dataset(
     One prefix gives its GPTDataset directly (as Megatron does); several are blended
     deterministically (see `blended.py`). Items are {"tokens", "labels", "loss_mask"}.
     """
+    # blended.py builds on this module (GPTDataset, the cache): imported here, not at the top
     from nemotron.data.blended import BlendedDataset
 
     if num_samples <= 0:

@@ -26,7 +26,8 @@ class _Mapping:
     mode: str
 
     def open(self) -> np.memmap:
-        return np.memmap(self.filename, dtype=self.dtype, mode=self.mode, offset=self.offset,
+        return np.memmap(self.filename, dtype=self.dtype, mode=self.mode,  # type: ignore[call-overload]
+                         offset=self.offset,
                          shape=self.shape, order=self.order)
 
 

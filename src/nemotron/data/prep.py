@@ -51,6 +51,7 @@ from typing import Callable
 
 import numpy as np
 
+from nemotron import __version__
 from nemotron.data import sources as src
 from nemotron.data.blend import (
     SPLITS,
@@ -1154,8 +1155,6 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
             )
     elapsed = time.monotonic() - started
     cpu_seconds = time.process_time() - cpu_started + worker_cpu
-    from nemotron import __version__
-
     sources_meta = []
     for plan, report in zip(plans, source_reports):
         sources_meta.append(

@@ -61,16 +61,20 @@ def _detect_local(path: Path, kind: str) -> tuple[str, Path] | None:
 
 
 def _download_from_hub(repo: str, revision: str | None, kind: str) -> tuple[str, Path, Path | None, str]:
+    # Imported where used: the config schema imports this module (CLI start-up, dry runs)
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
+        commit: str | None
         if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
             commit = revision  # already a commit: no hub call (works offline from the cache)
         else:
             commit = HfApi().model_info(repo, revision=revision).sha
     except Exception as error:  # network, auth or missing repo: say which tokenizer
         raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: {error}") from error
+    if commit is None:
+        raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: it gave no commit")
     names = ["tokenizer.json", "tokenizer.model"] if kind == "auto" else (
         ["tokenizer.json"] if kind == "huggingface" else ["tokenizer.model"]
     )
@@ -91,6 +95,7 @@ def resolve_tokenizer(cfg: TokenizerConfig) -> ResolvedTokenizer:
     if cfg.kind not in KINDS:
         raise TokenizerError(f"tokenizer.kind must be one of {KINDS}, got {cfg.kind!r}")
     local = _detect_local(Path(cfg.model).expanduser(), cfg.kind)
+    config: Path | None
     if local is not None:
         kind, file = local
         config = file.parent / "tokenizer_config.json"
@@ -133,7 +138,7 @@ class Tokenizer:
         self.resolved = resolved
         self.kind = resolved.kind
         if resolved.kind == "huggingface":
-            from tokenizers import Tokenizer as HFTokenizer
+            from tokenizers import Tokenizer as HFTokenizer  # not on the config path
 
             try:
                 self._hf = HFTokenizer.from_file(resolved.path)
@@ -144,7 +149,7 @@ class Tokenizer:
             self.eos_id = self._special_id(resolved.eos_token, "eos_token", _EOS_CANDIDATES, resolved.add_eos)
             self._fast = hasattr(self._hf, "encode_batch_fast")
         else:
-            import sentencepiece
+            import sentencepiece  # not on the config path
 
             self._sp = sentencepiece.SentencePieceProcessor()
             try:

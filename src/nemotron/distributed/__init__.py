@@ -1,11 +1,9 @@
-"""Parallelism on torch.distributed: layout validation, device meshes, FSDP2 / expert / tensor
-parallel sharding applied from outside the single-device model (docs/parallelism.md).
+"""Parallelism on torch.distributed: layout validation, device meshes, FSDP2 / expert / tensor /
+context parallel sharding applied from outside the single-device model (docs/parallelism.md).
 
 The names below are imported on first use, so that `nemotron.distributed.config` (a plain
-dataclass the config schema needs) does not import torch."""
-
-import sys
-import types
+dataclass the config schema needs) does not import torch. `parallelize` is defined in
+`nemotron.distributed.apply` (a submodule of the same name would shadow the function)."""
 
 from nemotron._lazy import lazy_exports
 
@@ -14,7 +12,7 @@ _EXPORTS = {
     "AllToAllDispatcher": "expert_parallel",
     "ParallelMesh": "mesh", "build_mesh": "mesh",
     "ParallelDims": "parallel_dims", "ParallelLayoutError": "parallel_dims",
-    "parallelize": "parallelize",
+    "parallelize": "apply",
     "global_token_count": "utils", "loss_tokens": "utils", "reduce_token_loss": "utils",
     "token_loss_weight": "utils", "token_loss_weights": "utils",
 }
@@ -22,17 +20,3 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)
-
-
-class _Package(types.ModuleType):
-    """`parallelize` is both a submodule and the function it defines: importing the submodule
-    (`from nemotron.distributed.parallelize import ...`) must not rebind the package's
-    `parallelize` to the module, whichever is imported first."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "parallelize" and isinstance(value, types.ModuleType):
-            value = value.parallelize
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -7,7 +7,8 @@ two separate stretches of the sequence, which the attention and Mamba-2 operatio
 as such. Embeddings, norms, MLP/MoE and the LM-head loss are token-local and need nothing.
 
 The single-device modules call into a `ContextParallel` object that `parallelize` sets as their
-`context_parallel` attribute (None by default):
+`context_parallel` attribute (None by default; the extension points are listed in
+`nemotron.models.nano3.parallel`):
 
 - attention: K and V of the local chunks are all-gathered over the CP group (autograd-correct:
   the backward sums every rank's K/V gradient back to the owner), put in sequence order, and
@@ -29,6 +30,8 @@ parameters over DP x CP (mean), and every collective above sums gradients in bac
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -36,7 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from nemotron.kernels.conv1d import causal_conv1d
 from nemotron.kernels.ssd import ssd as ssd_scan
+from nemotron.models.nano3.attention import Attention
+from nemotron.models.nano3.mamba2 import Mamba2Mixer
 
 
 # torch >= 2.13 names it all_gather_single_autograd (the older name warns)
@@ -84,7 +90,7 @@ def cp_unshard(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 
         first, second = cp_chunk_ids(rank, cp_size)
         chunks[first] = part.narrow(dim, 0, half)
         chunks[second] = part.narrow(dim, half, half)
-    return torch.cat(chunks, dim=dim)
+    return torch.cat(cast(list[torch.Tensor], chunks), dim=dim)  # every chunk is filled
 
 
 # -- the hook object ----------------------------------------------------------------------------
@@ -133,13 +139,14 @@ class ContextParallel:
 
     # -- Mamba-2 --------------------------------------------------------------------------------
 
-    def causal_conv1d(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The mixer's causal depthwise conv over the local chunks, each fed the kernel-1
-        positions before it in the sequence. `conv` is called like the mixer calls it (a
-        Conv1d padded by kernel-1 on both sides); x [b, s_local, channels] -> same shape."""
+    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """The mixer's depthwise causal conv (no activation) over the local chunks, each fed the
+        kernel-1 positions before it in the sequence. x [b, s_local, channels], weight
+        [channels, 1, kernel] (nn.Conv1d's), bias [channels] -> [b, s_local, channels]."""
         b, s, ch = x.shape
         chunk = s // 2
-        halo = conv.kernel_size[0] - 1
+        halo = weight.shape[-1] - 1
         if chunk < halo:
             raise ContextParallelError(
                 f"context parallel: chunks of {chunk} tokens are shorter than the conv1d "
@@ -155,8 +162,10 @@ class ContextParallel:
             left = by_chunk[chunk_id - 1] if chunk_id > 0 else x.new_zeros(b, halo, ch)
             padded.append(torch.cat([left, chunks[:, i]], dim=1))
         inp = torch.stack(padded, dim=1).reshape(2 * b, halo + chunk, ch)
-        out = conv(inp.transpose(1, 2))[..., halo:halo + chunk]
-        return out.transpose(1, 2).reshape(b, s, -1)
+        # causal: output position t reads inputs t-halo..t, so past the halo every output has
+        # its real left context
+        out = causal_conv1d(inp, weight, bias, activation=None)[:, halo:]
+        return out.reshape(b, s, -1)
 
     def ssd(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             C: torch.Tensor, chunk_size: int, initial_state: torch.Tensor | None = None
@@ -200,18 +209,10 @@ class ContextParallel:
 
 # -- applying it to a model ---------------------------------------------------------------------
 
-def apply_context_parallel(model: nn.Module, cp: ContextParallel, *, moe_forward: bool = True) -> None:
-    """Set `cp` on every attention and Mamba-2 mixer of a `Nano3ForCausalLM`; with
-    `moe_forward`, give MoE layers a forward whose balance loss sees the whole sequence (tensor
-    parallel installs its own, given `cp`)."""
-    from nemotron.models.nano3.attention import Attention
-    from nemotron.models.nano3.mamba2 import Mamba2Mixer
-    from nemotron.models.nano3.moe import MoE
-
+def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
+    """Give every attention and Mamba-2 mixer of a `Nano3ForCausalLM` the object `cp` (their
+    `context_parallel` extension point). The MoE balance loss's gather is set by `parallelize`
+    (it composes with tensor parallelism's)."""
     for module in model.modules():
         if isinstance(module, (Attention, Mamba2Mixer)):
             module.context_parallel = cp
-        elif isinstance(module, MoE) and moe_forward:
-            from nemotron.distributed.tensor_parallel import install_sequence_sharded_moe_forward
-
-            install_sequence_sharded_moe_forward(module, tp_mesh=None, cp=cp)

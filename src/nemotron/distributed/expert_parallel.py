@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nemotron.kernels.moe_combine import weighted_combine
+from nemotron.models.nano3.moe import (
+    count_per_expert,
+    gather_token_rows,
+    inverse_permutation,
+    narrow_expert_ids,
+)
+
 
 class _AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits (the backward is the reverse route)."""
@@ -156,10 +164,6 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
         """x [T, H], topk_idx/topk_weight [T, K] -> rows for this rank's experts sorted by local
         expert, their counts [E/EP], and the route back."""
-        from nemotron.models.nano3.moe import (
-            count_per_expert, gather_token_rows, inverse_permutation, narrow_expert_ids,
-        )
-
         top_k = topk_idx.shape[1]
         flat_expert = topk_idx.reshape(-1)
         counts = count_per_expert(flat_expert, self.num_experts)
@@ -226,8 +230,6 @@ class AllToAllDispatcher:
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight,
         plus `add` [T, H] (the shared expert's output) in the same pass when given."""
-        from nemotron.kernels.moe_combine import weighted_combine
-
         recv_out = _PermuteRows.apply(expert_out, ctx.local_position, ctx.local_order)
         send_out = all_to_all(recv_out, ctx.recv_splits, ctx.send_splits, self.group)
         return weighted_combine(send_out, ctx.order, ctx.position, ctx.topk_weight, add)

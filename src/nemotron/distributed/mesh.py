@@ -42,6 +42,18 @@ class ParallelMesh:
         return self.dense_dp_tp
 
     @property
+    def pp_mesh(self) -> DeviceMesh:
+        return self.dense["pp"]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.dense["pp"].get_local_rank()
+
+    @property
+    def pp_size(self) -> int:
+        return self.dims.pp
+
+    @property
     def tp_mesh(self) -> DeviceMesh:
         return self.dense["tp"]
 
@@ -92,8 +104,8 @@ class ParallelMesh:
     def balancing_group(self) -> dist.ProcessGroup:
         """Ranks that routed different tokens (DP x CP x TP of one pipeline stage): expert
         counts are summed over it before the bias update (with sequence parallel, each TP rank
-        routes its own sequence shard)."""
-        return self.world.get_group()
+        routes its own sequence shard). Other pipeline stages hold other MoE layers."""
+        return self.dense_dp_tp.get_group()
 
 
 def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:

@@ -13,24 +13,68 @@ the tensor-parallel ranks first (as in Megatron with expert tensor parallel size
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nemotron.distributed.config import ParallelismConfig
+from nemotron.models.nano3.config import Nano3Config
 
 
 class ParallelLayoutError(ValueError):
     """A parallel layout that cannot be built for this world size or model."""
 
 
-def reject_pipeline_parallel(parallel: ParallelismConfig) -> None:
-    """Pipeline parallelism does not exist yet: refuse PP > 1 before anything is built (a
-    recipe may still declare it, e.g. the long-context phase's PP4, for a dry run)."""
+# -- the batch and sequence divisibility rules: their one home ----------------------------------
+# The config schema checks what it knows (DP = 1, the configured TP and CP), the batch plan the
+# data-parallel size, the loader every sample length, `ParallelDims.validate_batch` all of it;
+# each calls these functions and names the error type its callers expect.
+
+def sequence_shards(tp: int, cp: int) -> int:
+    """Pieces every sequence is cut into: context parallel cuts it into 2*CP chunks (load
+    balance), then TP splits each rank's part (sequence parallel)."""
+    return tp * (2 * cp if cp > 1 else 1)
+
+
+def check_global_batch(global_batch_size: int, micro_batch_size: int, dp: int = 1,
+                       error: type[Exception] = ParallelLayoutError) -> None:
+    """The global batch must split into whole micro-batches on every data-parallel rank."""
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        by = (f"train.micro_batch_size={micro_batch_size}" if dp == 1 else
+              f"train.micro_batch_size * DP = {micro_batch_size}*{dp} = {per_step}")
+        raise error(f"train.global_batch_size: {global_batch_size} is not divisible by {by}")
+
+
+def check_sequence_lengths(lengths: Mapping[str, int], shards: int, how: str = "2*CP*TP",
+                           error: type[Exception] = ParallelLayoutError) -> None:
+    """Every sample length (`lengths`: config key -> length) must split into `shards` pieces
+    (`sequence_shards`; `how` spells out the product for the message)."""
+    for key, length in lengths.items():
+        if length <= 0 or length % shards:
+            raise error(
+                f"{key}={length} must be a positive multiple of {shards}: not divisible by "
+                f"{how} = {shards} (every sequence is split across those ranks)")
+
+
+def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config | None = None) -> None:
+    """What pipeline parallelism cannot do (yet), before anything is built: refuse it with
+    tensor parallelism (the TP loss path is not a pipeline part yet), and layouts whose stage
+    split is impossible (schedule, stages per rank, manual split)."""
     pp = parallel.pipeline_model_parallel_size
-    if pp > 1:
+    if pp == 1:
+        return
+    if parallel.tensor_model_parallel_size > 1:
         raise ParallelLayoutError(
-            f"model.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
-            "implemented yet; use pipeline_model_parallel_size=1"
-        )
+            f"model.pipeline_model_parallel_size={pp} with model.tensor_model_parallel_size="
+            f"{parallel.tensor_model_parallel_size}: pipeline parallelism does not compose with "
+            "tensor parallelism yet; use TP 1 (DP, EP and CP compose with PP)")
+    if model_config is not None:
+        from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
+
+        try:
+            split_stages(model_config, parallel, [(8192, 1.0)])
+        except PipelineSplitError as err:
+            raise ParallelLayoutError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -45,7 +89,7 @@ class ParallelDims:
 
     @classmethod
     def from_config(
-        cls, parallel: ParallelismConfig, world_size: int, model_config: object | None = None
+        cls, parallel: ParallelismConfig, world_size: int, model_config: Nano3Config | None = None
     ) -> "ParallelDims":
         """Derive data parallel from `world_size` and validate. `model_config` (a `Nano3Config`)
         adds the model checks: experts % EP, attention/KV/Mamba heads % TP, ..."""
@@ -61,7 +105,7 @@ class ParallelDims:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
         if world_size < 1:
             raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
-        reject_pipeline_parallel(parallel)
+        check_pipeline(parallel, model_config)
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(
@@ -91,7 +135,7 @@ class ParallelDims:
         """Expert data parallel: ranks holding the same experts and seeing different tokens."""
         return self.dp * self.cp * self.tp // self.ep
 
-    def validate_model(self, cfg: object) -> None:
+    def validate_model(self, cfg: Nano3Config) -> None:
         """Reject model/layout combinations that cannot be sharded, showing the arithmetic."""
         kinds = set(cfg.block_kinds)
         checks: list[tuple[str, int, str, int]] = []
@@ -128,29 +172,21 @@ class ParallelDims:
                     f"({value} % {size} = {value % size})"
                 )
 
-    def validate_batch(self, global_batch_size: int, micro_batch_size: int, seq_length: int) -> None:
+    def validate_batch(self, global_batch_size: int, micro_batch_size: int,
+                       seq_lengths: int | Mapping[str, int]) -> None:
         """The global batch must split into whole micro-batches per data-parallel rank, and
-        the sequence into whole shards per tensor-parallel rank (sequence parallel)."""
-        per_step = micro_batch_size * self.dp
-        if global_batch_size % per_step:
-            raise ParallelLayoutError(
-                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size * DP "
-                f"= {micro_batch_size}*{self.dp} = {per_step}"
-            )
-        # context parallel cuts a sequence into 2*CP chunks (load balance), then TP splits
-        # each rank's part
-        shards = self.sequence_shards
-        if seq_length % shards:
-            what = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else f"TP = {self.tp}"
-            raise ParallelLayoutError(
-                f"seq_length={seq_length} is not divisible by {what} = {shards} "
-                f"(every sequence is split across those ranks)"
-            )
+        every sequence length (`train.seq_length`, or key -> length) into whole shards per
+        context- and tensor-parallel rank."""
+        check_global_batch(global_batch_size, micro_batch_size, self.dp)
+        if isinstance(seq_lengths, int):
+            seq_lengths = {"train.seq_length": seq_lengths}
+        how = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else "TP"
+        check_sequence_lengths(seq_lengths, self.sequence_shards, how)
 
     @property
     def sequence_shards(self) -> int:
         """Pieces every sequence is cut into (sequence lengths must be multiples of it)."""
-        return self.tp * (2 * self.cp if self.cp > 1 else 1)
+        return sequence_shards(self.tp, self.cp)
 
     def gradient_accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
         self.validate_batch(global_batch_size, micro_batch_size, self.sequence_shards)

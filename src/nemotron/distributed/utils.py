@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from nemotron.kernels.cross_entropy import token_weights
+
 LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -128,8 +130,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
 def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
     """Weight sum a micro-batch's token-mean loss divides by (the rule of the model's
     cross-entropy: loss_mask weights, labels == IGNORE_INDEX excluded); float64 scalar."""
-    from nemotron.kernels.cross_entropy import token_weights
-
     return token_weights(labels, loss_mask, torch.float64).sum().cpu()
 
 

@@ -19,7 +19,10 @@ import functools
 import importlib
 from collections.abc import Iterator
 
+import torch
+
 __all__ = [
+    "use_triton",
     "triton_available",
     "fast_paths_enabled",
     "fast_paths",
@@ -60,12 +63,25 @@ def triton_available() -> bool:
 
 _FAST_PATHS = {"enabled": True}
 
+# The dtypes the Triton kernels compute in. float64 always takes the PyTorch reference path:
+# the tests' float64 oracle, and no kernel here is written (or fast) for it.
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
 
 def fast_paths_enabled() -> bool:
     """False inside ``fast_paths(False)``: every dispatcher (SSD, norms, LM-head loss, the MoE
     grouped GEMM, squared ReLU, attention's one-GEMM q/k/v projection) then takes its PyTorch
     reference path, also on CUDA."""
     return _FAST_PATHS["enabled"]
+
+
+def use_triton(*tensors) -> bool:
+    """The one dispatch rule of the kernels package: a dispatcher runs its Triton kernel when
+    every input tensor is on CUDA in a dtype of `TRITON_DTYPES`, fast paths are on and Triton
+    imports; otherwise its PyTorch reference. A kernel's own input limits (the router kernel:
+    2-D float32 logits) are checked by its dispatcher in addition."""
+    return (all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
+            and fast_paths_enabled() and triton_available())
 
 
 @contextlib.contextmanager

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from nemotron.kernels import use_triton
+from nemotron.kernels.dense import dense
+
 __all__ = ["add_n", "add_n_reference", "add_n_triton"]
 
 
@@ -39,8 +42,8 @@ def add_n_reference(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torc
 
 
 def add_n_triton(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.add_n_triton import add_n_kernel_call
-    from nemotron.kernels.dense import dense
 
     _check(tensors)
     # gradients (add_n is a backward helper), possibly still-pending collective results
@@ -49,10 +52,7 @@ def add_n_triton(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.T
 
 
 def _use_triton(tensors: Sequence[torch.Tensor]) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return (all(t.is_cuda and t.dtype != torch.float64 for t in tensors)
-            and fast_paths_enabled() and triton_available())
+    return use_triton(*tensors)
 
 
 def add_n(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import use_triton
+
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
 ACTIVATIONS = (None, "silu")
@@ -46,10 +48,9 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return F.silu(y) if activation == "silu" else y
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return x.is_cuda and x.dtype != torch.float64 and fast_paths_enabled() and triton_available()
+# The package's one dispatch rule (`nemotron.kernels.use_triton`), as a module attribute so a
+# test can force the Triton path on CPU under the interpreter.
+_use_triton = use_triton
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -57,6 +58,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The mixer's convolution: Triton on CUDA, the reference elsewhere. Output in the dtype the
     reference gives (autocast's under autocast, else x's)."""
     if _use_triton(x):
+        # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.conv1d_triton import causal_conv1d_triton
 
         _check(x, weight, bias, activation)

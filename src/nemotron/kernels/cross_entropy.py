@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import use_triton
 from nemotron.kernels.dense import dense_inputs
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
@@ -83,13 +84,14 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Ten
 
 def _rows_triton(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None):
     """Triton path: one fused row kernel; the gradient overwrites the logits buffer."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.cross_entropy_triton import cross_entropy_rows
 
     loss, lse = cross_entropy_rows(logits, labels, row_scale)
     return loss, lse, (logits if row_scale is not None else None)
 
 
-_FP32_OUT_ADDMM = {"ok": None}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
+_FP32_OUT_ADDMM: dict[str, bool | None] = {"ok": None}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
 
 
 def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
@@ -191,12 +193,9 @@ def linear_cross_entropy(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"linear_cross_entropy: backend must be auto, torch or triton, got {backend!r}")
     if backend == "auto":
-        from nemotron.kernels import fast_paths_enabled, triton_available
-
-        use_triton = (hidden.is_cuda and hidden.dtype != torch.float64 and fast_paths_enabled()
-                      and triton_available())
+        triton = use_triton(hidden)
     else:
-        use_triton = backend == "triton"
+        triton = backend == "triton"
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
@@ -207,5 +206,5 @@ def linear_cross_entropy(
     if grad_in_forward is None:
         grad_in_forward = needs_grad
     return _LinearCrossEntropy.apply(
-        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), use_triton, compute
+        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute
     )

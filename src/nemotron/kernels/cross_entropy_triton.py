@@ -60,7 +60,7 @@ def cross_entropy_rows(
     loss = torch.empty(m, device=logits.device, dtype=torch.float32)
     lse = torch.empty(m, device=logits.device, dtype=torch.float32)
     write = row_scale is not None
-    scale = row_scale.to(torch.float32).contiguous() if write else loss
+    scale = loss if row_scale is None else row_scale.to(torch.float32).contiguous()
     block = min(4096, triton.next_power_of_2(v))
     _ce_rows_kernel[(m,)](logits, labels.contiguous(), scale, loss, lse, v, logits.stride(0),
                           WRITE_GRAD=write, BLOCK_V=block, num_warps=8)

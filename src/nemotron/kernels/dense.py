@@ -16,18 +16,24 @@ from typing import TypeVar
 
 import torch
 
+try:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+except ImportError:  # a torch build without torch.distributed: no pending collectives exist
+    AsyncCollectiveTensor = ()  # type: ignore[assignment,misc]
+
 F = TypeVar("F", bound=Callable)
 
 
 def dense(t):
-    """`t` itself, or for a pending collective result the plain tensor it wraps, waited for.
-    Below autograd only (inside an autograd function or on gradients): the plain tensor has no
-    autograd history of its own."""
+    """`t` as a plain `torch.Tensor`: for a pending collective result the tensor it wraps,
+    waited for; for a parameter (a norm weight FSDP2 has gathered) a detached view of it, so a
+    launcher only ever sees one tensor type. Below autograd only (inside an autograd function or
+    on gradients): the plain tensor has no autograd history of its own."""
     if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
-        from torch.distributed._functional_collectives import AsyncCollectiveTensor
-
         if isinstance(t, AsyncCollectiveTensor):
             return t.wait()
+        if isinstance(t, torch.nn.Parameter):
+            return t.detach()
     return t
 
 

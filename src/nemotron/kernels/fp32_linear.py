@@ -1,6 +1,6 @@
 """A float32-accurate linear layer on bf16 tensor cores, for the MoE router.
 
-The router's logits are computed in float32 (FACTS.md): on an H200 a float32 GEMM runs on the
+The router's logits are computed in float32 (docs/reference.md §1): on an H200 a float32 GEMM runs on the
 CUDA cores (~50 TFLOP/s), so the router's three GEMMs (forward, input and weight gradients)
 took ~0.4 ms of a 10 ms MoE block. Every float32 number is the sum of three bfloat16 numbers
 to within 2^-24 of its value (`split_bf16`), and the product of two bfloat16 numbers is exact
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nemotron.kernels import fast_paths_enabled
 
 __all__ = ["fp32_linear", "fp32_linear_reference", "split_bf16"]
 
@@ -113,8 +115,6 @@ def _has_mixed_dtype_mm() -> bool:
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Float32 logits of x [T, H] against weight [E, H] (see the module docstring)."""
-    from nemotron.kernels import fast_paths_enabled
-
     if (x.is_cuda and fast_paths_enabled() and x.dtype in (torch.bfloat16, torch.float32)
             and weight.dtype in (torch.bfloat16, torch.float32) and _has_mixed_dtype_mm()
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from nemotron.kernels import use_triton
+
 __all__ = ["weighted_combine", "weighted_combine_reference"]
 
 
@@ -61,10 +63,9 @@ def weighted_combine_reference(rows: torch.Tensor, order: torch.Tensor | None, p
     return _WeightedCombine.apply(rows, order, position, weight, add)
 
 
-def _use_triton(rows: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return rows.is_cuda and rows.dtype != torch.float64 and fast_paths_enabled() and triton_available()
+# The package's one dispatch rule (`nemotron.kernels.use_triton`), as a module attribute so a
+# test can force the Triton path on CPU under the interpreter.
+_use_triton = use_triton
 
 
 def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
@@ -77,6 +78,7 @@ def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: t
         raise ValueError(f"weighted_combine: add must be [{weight.shape[0]}, {rows.shape[1]}] in "
                          f"{rows.dtype}, got {tuple(add.shape)} in {add.dtype}")
     if _use_triton(rows):
+        # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.moe_combine_triton import weighted_combine_triton
 
         return weighted_combine_triton(rows, order, position, weight, add)

@@ -92,7 +92,7 @@ class WeightedCombineFunction(torch.autograd.Function):
         return (drows if need_rows else None), None, (dw.to(w.dtype) if need_w else None), dadd
 
 
-def weighted_combine_triton(rows: torch.Tensor, order: torch.Tensor, position: torch.Tensor,
+def weighted_combine_triton(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
                             weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """rows [tokens*k, hidden] (expert order), position [tokens*k], weight [tokens, k], optional
     add [tokens, hidden] -> y. (`order` is not needed: the backward writes each row's gradient at

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from nemotron.kernels import use_triton
+
 __all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "WEIGHT_EPS"]
 
 # Added to the sum of the chosen scores before dividing (sigmoid scores are > 0; this only
@@ -36,16 +38,16 @@ def route_topk_reference(logits: torch.Tensor, expert_bias: torch.Tensor, top_k:
 def route_topk_triton(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_topk_reference` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.moe_router_triton import RouteTopKFunction
 
     return RouteTopKFunction.apply(logits, expert_bias, top_k, float(scale))
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
-            and fast_paths_enabled() and triton_available())
+    """The package's dispatch rule (`nemotron.kernels.use_triton`), and the kernel's input:
+    2-D float32 logits."""
+    return logits.dtype == torch.float32 and logits.dim() == 2 and use_triton(logits)
 
 
 def route_topk(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import use_triton
+
 __all__ = ["relu2", "relu2_reference", "relu2_triton"]
 
 
@@ -37,16 +39,15 @@ def relu2_reference(x: torch.Tensor) -> torch.Tensor:
 
 def relu2_triton(x: torch.Tensor) -> torch.Tensor:
     """``relu(x)^2`` with the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.relu2_triton import SquaredReLUFunction
 
     return SquaredReLUFunction.apply(x)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and fast_paths_enabled() and triton_available())
+# The package's one dispatch rule (`nemotron.kernels.use_triton`), as a module attribute so a
+# test can force the Triton path on CPU under the interpreter.
+_use_triton = use_triton
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemotron.kernels import use_triton
+
 __all__ = [
     "gated_rmsnorm",
     "gated_rmsnorm_reference",
@@ -62,6 +64,7 @@ def gated_rmsnorm_triton(
 ) -> torch.Tensor:
     """Fused Triton gated grouped RMSNorm, forward and backward."""
     _check(y, z, weight, group_size)
+    # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.rmsnorm_triton import GatedRMSNormFunction
 
     return GatedRMSNormFunction.apply(y, z, weight, group_size, eps)
@@ -71,10 +74,8 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
     return gated_rmsnorm_triton(x, None, weight, x.shape[-1], eps)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    from nemotron.kernels import fast_paths_enabled, triton_available
-
-    return t.is_cuda and t.dtype != torch.float64 and fast_paths_enabled() and triton_available()
+# The dispatch rule (a module attribute, so a test can force the Triton path on CPU).
+_use_triton = use_triton
 
 
 def gated_rmsnorm(

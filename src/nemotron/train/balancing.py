@@ -1,4 +1,4 @@
-"""Aux-loss-free MoE load balancing (DeepSeek-V3 style, FACTS.md section 2).
+"""Aux-loss-free MoE load balancing (DeepSeek-V3 style, docs/reference.md §2).
 
 Each MoE router counts the tokens it routes to each expert during grad-enabled forwards. Once
 per optimiser step, after every micro-batch, the counts are summed over the ranks that saw

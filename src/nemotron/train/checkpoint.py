@@ -371,8 +371,10 @@ def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def check_model_shapes(checkpoint: Path, model_state: dict[str, Any]) -> None:
-    """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped."""
+def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool = False) -> None:
+    """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped.
+    `part`: the model is one pipeline rank's part, so the checkpoint's other entries belong to
+    other stages."""
     try:
         metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     except Exception as e:  # a damaged .metadata of a checkpoint without manifest
@@ -385,7 +387,7 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any]) -> None:
     }
     ours = {key: tuple(value.shape) for key, value in model_state.items() if torch.is_tensor(value)}
     missing = sorted(set(ours) - set(saved))
-    unexpected = sorted(set(saved) - set(ours))
+    unexpected = [] if part else sorted(set(saved) - set(ours))
     reshaped = sorted(k for k in set(ours) & set(saved) if ours[k] != saved[k])
     if not (missing or unexpected or reshaped):
         return
@@ -432,7 +434,7 @@ def load_checkpoint(
     if checkpoint is None:
         return None
     state = training_state_dict(model, optimizer)
-    check_model_shapes(checkpoint, state["model"])
+    check_model_shapes(checkpoint, state["model"], part=getattr(model, "is_pipeline_part", False))
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)

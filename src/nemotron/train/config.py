@@ -37,9 +37,12 @@ class TrainConfig:
     # Skipped steps a run may have (in all, over resumes) and still end "completed"; with more
     # it ends "completed_with_skipped_steps" and the CLI exits non-zero.
     max_skipped_steps: int = 0
-    # Balancing (FACTS.md section 2)
+    # Balancing (docs/reference.md §2)
     expert_bias_update_rate: float = 1e-3
-    # Fast paths (Triton kernels, chunked LM-head loss, compile) where available
+    # The chunked LM-head cross-entropy (`Nano3ForCausalLM(fused_loss=...)`: never holds the
+    # float32 [tokens x vocab] logits). The Triton kernels are chosen per call by
+    # `nemotron.kernels.use_triton` (off only under `nemotron.kernels.fast_paths(False)`);
+    # torch.compile is `compile` below.
     fused_kernels: bool = True
     activation_recompute: bool = False
     compile: bool = False

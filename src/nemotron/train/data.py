@@ -26,12 +26,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from nemotron.data.blended import build_mixed_length_dataset
+from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
-from nemotron.data.gpt_dataset import build_split_dataset
+from nemotron.data.gpt_dataset import build_split_dataset, open_indexed, read_blend
 from nemotron.distributed.context_parallel import cp_shard
+from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
@@ -72,8 +74,6 @@ class MixedMockDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int, seq_lengths: list[int], weights: list[float],
                  vocab_size: int, seed: int) -> None:
-        from nemotron.data.blended import build_blending_indices
-
         self.parts = [MockDataset(num_samples, n, vocab_size, seed + 7919 * k)
                       for k, n in enumerate(seq_lengths)]
         self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
@@ -186,11 +186,7 @@ class TrainingData:
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)}
-        for key, length in lengths.items():
-            if length <= 0 or length % sequence_multiple:
-                raise TrainDataError(
-                    f"{key}={length} must be a positive multiple of {sequence_multiple} (every "
-                    f"sequence is split into 2*CP*TP pieces under context/tensor parallelism)")
+        check_sequence_lengths(lengths, sequence_multiple, error=TrainDataError)
         self._stream: _Stream | None = None
 
     # -- datasets -------------------------------------------------------------------------
@@ -212,8 +208,9 @@ class TrainingData:
             elif blend is None or not blend_has_split(blend, split):
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
-                parts = [(blend, self.plan.seq_length, self.data.blend_weight)] + [
-                    (m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
+                parts: list[tuple[str | Path, int, float]] = [
+                    (blend, self.plan.seq_length, self.data.blend_weight)]
+                parts += [(m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
                 self._datasets[key] = build_mixed_length_dataset(
                     parts, split, num_samples, self.train.seed, self.data.cache_dir,
                     vocab_size=self.vocab_size)
@@ -286,7 +283,7 @@ class TrainingData:
         """This rank's micro-batches of the next step; advances the loader position."""
         phase = self.state.phase
         dataset = self.train_dataset(phase)
-        phase_start = self.state.phase2_start_sample if phase == 2 else 0
+        phase_start = (self.state.phase2_start_sample or 0) if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
@@ -331,10 +328,6 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
     """Entropy (nats/token) of the blend's unigram token distribution (weights applied), the
     loss of a model that ignores context: training loss should fall well below it.
     None when there is no blend or it holds more than `max_tokens` tokens (too costly)."""
-    import numpy as np
-
-    from nemotron.data.gpt_dataset import open_indexed, read_blend
-
     if blend_json is None:
         return None
     weights, prefixes = read_blend(blend_json, split)
@@ -347,7 +340,7 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
     for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):
         if not n:
             continue
-        # The .bin file is every sequence's tokens back to back (FACTS.md section 4).
+        # The .bin file is every sequence's tokens back to back (docs/reference.md §4).
         tokens = np.memmap(str(prefix) + ".bin", dtype=dataset.dtype, mode="r")
         counts = np.bincount(tokens.astype(np.int64)).astype(np.float64)
         p = counts / counts.sum() * (weight / total_weight)
@@ -356,5 +349,7 @@ def unigram_entropy(blend_json: str | Path | None, split: str = "train",
         else:
             size = max(len(mixture), len(p))
             mixture = np.pad(mixture, (0, size - len(mixture))) + np.pad(p, (0, size - len(p)))
+    if mixture is None:  # no dataset in the split
+        return None
     nz = mixture[mixture > 0]
     return float(-(nz * np.log(nz)).sum())

@@ -1,4 +1,4 @@
-"""The one model-FLOP formula (FACTS.md section 6), shared by training logs and benchmarks.
+"""The one model-FLOP formula (docs/reference.md §6), shared by training logs and benchmarks.
 
 Counts matrix multiplications only (2 FLOPs per multiply-add), per token, forward pass;
 training is 3x forward (backward = 2x forward). Attention's score/value products are counted
@@ -52,16 +52,26 @@ def mlp_forward_flops(cfg: Nano3Config) -> float:
     return float(4 * cfg.hidden_size * cfg.ffn_hidden_size)
 
 
+def block_forward_flops(cfg: Nano3Config, kind: str, seq_length: int) -> float:
+    """Forward FLOPs per token of one block of `kind` ("attention", "mamba", "moe", "mlp")."""
+    if kind == "attention":
+        return attention_forward_flops(cfg, seq_length)
+    if kind == "mamba":
+        return mamba_forward_flops(cfg)
+    if kind == "moe":
+        return moe_forward_flops(cfg)
+    if kind == "mlp":
+        return mlp_forward_flops(cfg)
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def lm_head_forward_flops(cfg: Nano3Config) -> float:
+    return float(2 * cfg.hidden_size * cfg.vocab_size)
+
+
 def forward_flops_per_token(cfg: Nano3Config, seq_length: int) -> float:
-    per_kind = {
-        "attention": attention_forward_flops(cfg, seq_length),
-        "mamba": mamba_forward_flops(cfg),
-        "moe": moe_forward_flops(cfg),
-        "mlp": mlp_forward_flops(cfg),
-    }
-    blocks = sum(per_kind[kind] for kind in cfg.block_kinds)
-    lm_head = 2 * cfg.hidden_size * cfg.vocab_size
-    return blocks + lm_head
+    blocks = sum(block_forward_flops(cfg, kind, seq_length) for kind in cfg.block_kinds)
+    return blocks + lm_head_forward_flops(cfg)
 
 
 def training_flops_per_token(cfg: Nano3Config, seq_length: int) -> float:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from nemotron.kernels.relu2 import relu2
-from nemotron.models.nano3.moe import GroupedExperts
+from nemotron.models.nano3.moe import GroupedExperts, local_experts
 from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
     DEFAULT_FP8_LAYERS, FP8_LAYERS, RECIPES, Fp8Config, check_fp8_config,
 )
@@ -215,7 +215,7 @@ class Float8GroupedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
-        up, down = self.up_proj, self.down_proj
+        up, down = local_experts(self.up_proj), local_experts(self.down_proj)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)

@@ -9,17 +9,34 @@ checkpoints, signals) is `train/trainer.py`'s `Trainer`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from nemotron.distributed.utils import (
-    grad_norm, loss_tokens, reduce_token_loss, token_loss_weights,
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
 )
+from torch.distributed.fsdp import FSDPModule
+
+from nemotron.distributed.apply import parallelize, restore_reshard_after_forward
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.mesh import build_mesh
+from nemotron.distributed.parallel_dims import ParallelDims
+from nemotron.distributed.utils import (
+    grad_norm,
+    loss_tokens,
+    reduce_token_loss,
+    token_loss_weights,
+)
+from nemotron.models.nano3.model import Block, Nano3ForCausalLM
+from nemotron.models.nano3.moe import set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
+from nemotron.train.fp8 import apply_fp8
 
 
 @dataclass
@@ -42,6 +59,7 @@ class Parallel:
     cp_rank: int = 0
     cp_size: int = 1
     sequence_multiple: int = 1  # sequence lengths must split into this many pieces (2*CP*TP)
+    pipeline: Any = None  # distributed.pipeline.Pipeline: this rank's stages (PP > 1)
 
     @property
     def loss_group_size(self) -> int:
@@ -61,8 +79,8 @@ def ignored_layout(cfg) -> str | None:
     device), e.g. "TP8 EP8 SP", or None when there are none."""
     p = cfg.model.parallel()
     sizes = [f"{name}{size}" for name, size in (
-        ("TP", p.tensor_model_parallel_size), ("EP", p.expert_model_parallel_size),
-        ("CP", p.context_parallel_size)) if size > 1]
+        ("TP", p.tensor_model_parallel_size), ("PP", p.pipeline_model_parallel_size),
+        ("EP", p.expert_model_parallel_size), ("CP", p.context_parallel_size)) if size > 1]
     if p.sequence_parallel and p.tensor_model_parallel_size > 1:
         sizes.append("SP")
     return " ".join(sizes) or None
@@ -85,14 +103,6 @@ def resolve_device(name: str) -> torch.device:
 def apply_activation_recompute(model: torch.nn.Module) -> None:
     """Recompute each residual block's activations in backward (non-reentrant checkpointing,
     during which the MoE routers do not count tokens again)."""
-    import functools
-
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
-    )
-
-    from nemotron.models.nano3.model import Block
-
     apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
@@ -131,12 +141,10 @@ def resolve_compute_weights(train, device: torch.device, world: int, grad_accumu
 def build_model(cfg, device: torch.device, mesh=None,
                 compute_weights: str | None = None) -> tuple[torch.nn.Module, Parallel]:
     """The model on `device` with fp32 master weights: one process with fp32 compute weights
-    trains a plain module; otherwise FSDP2 (`distributed.parallelize`) shards it, with bf16
+    trains a plain module; otherwise FSDP2 (`distributed.apply.parallelize`) shards it, with bf16
     compute weights per `compute_weights` ("fp32" | "bf16"; None: resolve
     `train.compute_weights` here). One process with bf16 compute weights uses a one-rank mesh
     and needs a (one-rank) process group, which `pretrain` creates."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-    from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     arch = cfg.model.arch()
     torch.manual_seed(cfg.train.seed)
@@ -160,9 +168,6 @@ def build_model(cfg, device: torch.device, mesh=None,
             "train.compute_weights=bf16 in one process needs a one-rank process group (FSDP2 on "
             "a one-device mesh): run through pretrain(), or inside "
             "nemotron.distributed.utils.launcher_process_group(device_type, one_rank=True)")
-    from nemotron.distributed.config import ParallelismConfig
-    from nemotron.distributed.mesh import build_mesh
-    from nemotron.distributed.parallel_dims import ParallelDims
 
     # One process trains the whole model: the configured model-parallel sizes do not apply.
     layout = cfg.model.parallel() if world > 1 else ParallelismConfig()
@@ -172,7 +177,9 @@ def build_model(cfg, device: torch.device, mesh=None,
     parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
                         balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
                         cp_size=mesh.cp_size, sequence_multiple=mesh.dims.sequence_shards)
-    from nemotron.distributed.parallelize import parallelize
+    if mesh.dims.pp > 1:
+        parallel.pipeline = _build_pipeline(cfg, device, mesh, layout, weights == "bf16")
+        return parallel.pipeline.local, parallel
 
     # Built on the meta device and materialised shard by shard: a rank never holds the full model.
     with torch.device("meta"):
@@ -195,11 +202,38 @@ def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
     summary is kept on the model as `fp8_summary` (None when FP8 is off)."""
     summary = None
     if cfg.train.fp8.enabled:
-        from nemotron.train.fp8 import apply_fp8
-
         summary = apply_fp8(model, cfg.train.fp8, device)
     model.fp8_summary = summary
     return summary
+
+
+def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bool):
+    """This rank's pipeline stages (`distributed.pipeline`): each part is built like the whole
+    model below (meta device, recompute, shared-expert overlap), parallelised on the stage's
+    mesh and initialised to its share of the single-process weights."""
+    from nemotron.distributed.pipeline import build_pipeline
+    from nemotron.distributed.pipeline_split import run_lengths
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+    from nemotron.models.nano3.moe import set_shared_expert_overlap
+
+    if cfg.train.compile:
+        raise ValueError("train.compile with model.pipeline_model_parallel_size > 1 is not "
+                         "supported; set train.compile=false")
+
+    def make_part(blocks: range) -> torch.nn.Module:
+        with torch.device("meta"):
+            part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels,
+                                    blocks=blocks)
+        set_shared_expert_overlap(part, cfg.train.moe_shared_expert_overlap)
+        apply_fp8_if_enabled(part, cfg, device)
+        if cfg.train.activation_recompute:
+            apply_activation_recompute(part)
+        return part
+
+    return build_pipeline(cfg.model.arch(), layout, mesh, device,
+                          lengths=run_lengths(cfg.train.seq_length, cfg.data),
+                          make_part=make_part, mixed_precision=mixed_precision,
+                          seed=cfg.train.seed)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -234,20 +268,16 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
     and reduced the gradients once instead of once per micro-batch. The last micro-batch's
     forward keeps the (already gathered) weights too, so its backward gathers nothing; the
     configured reshard-after-forward is back after the step. Otherwise `prepare` does nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
     root = getattr(model, "_orig_mod", model)  # under torch.compile
     if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
         yield lambda index: None
         return
-    from nemotron.distributed.parallelize import restore_reshard_after_forward
-
     def prepare(index: int) -> None:
         last = index == count - 1
         root.set_requires_gradient_sync(last)
         root.set_reshard_after_backward(last)
 
-    # Only for a model built by `distributed.parallelize`, which records what to restore.
+    # Only for a model built by `distributed.apply.parallelize`, which records what to restore.
     keep_after_forward = (hasattr(root, "fsdp_reshard_after_forward")
                           and hasattr(root, "set_reshard_after_forward"))
     if keep_after_forward:
@@ -287,21 +317,26 @@ def train_step(
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
     balance_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = len(micro_batches)
-    with fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare:
-        for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
-            prepare(index)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-            with autocast_context(precision, device):
-                out = model(tokens, labels=labels, loss_mask=loss_mask)
-            balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
-            (out.lm_loss * weight + balance / n).backward()
-            lm_sum += out.lm_loss.detach().double() * float(count)
-            balance_sum += balance.detach().double()
+    pipeline = parallel.pipeline
+    if pipeline is not None:
+        lm_sum, balance_sum = pipeline_forward_backward(pipeline, micro_batches, weights, counts,
+                                                        device, precision, training=True)
+    else:
+        with fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare:
+            for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
+                prepare(index)
+                tokens = batch["tokens"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+                with autocast_context(precision, device):
+                    out = model(tokens, labels=labels, loss_mask=loss_mask)
+                balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
+                (out.lm_loss * weight + balance / n).backward()
+                lm_sum += out.lm_loss.detach().double() * float(count)
+                balance_sum += balance.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(grad_norm(params))
+    norm = float(grad_norm(params)) if pipeline is None else pipeline.grad_norm(params)
     if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
         scale = grad_clip / (norm + 1e-6)
         for group in _grads_by_mesh(params).values():  # one mesh per foreach call
@@ -309,6 +344,8 @@ def train_step(
     lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
     # The balance term is a mean over sequences: average it over all micro-batches of all ranks.
     loss = lm_loss + reduce_token_loss(balance_sum, n, parallel.mesh)
+    if pipeline is not None:  # the values of the last stage, on every rank
+        lm_loss, loss = pipeline.from_last_stage([lm_loss, loss])
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
         optimizer.step()
@@ -328,14 +365,39 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
     tokens = 0.0
-    for batch in micro_batches:
-        with autocast_context(precision, device):
-            out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
-                        loss_mask=batch["loss_mask"].to(device))
-        count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
-        total += out.lm_loss.double() * count
-        tokens += count
+    if parallel.pipeline is not None:
+        counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
+        total, _ = pipeline_forward_backward(parallel.pipeline, micro_batches, [0.0] * len(counts),
+                                             counts, device, precision, training=False)
+        tokens = float(sum(counts))
+    else:
+        for batch in micro_batches:
+            with autocast_context(precision, device):
+                out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+                            loss_mask=batch["loss_mask"].to(device))
+            count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
+            total += out.lm_loss.double() * count
+            tokens += count
     for layer, counts in zip(moe, saved):
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)
-    return reduce_token_loss(total, tokens, parallel.mesh)
+    loss = reduce_token_loss(total, tokens, parallel.mesh)
+    if parallel.pipeline is not None:
+        loss = parallel.pipeline.from_last_stage([loss])[0]
+    return loss
+
+
+def pipeline_forward_backward(pipeline, micro_batches, weights, counts, device, precision, *,
+                              training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches through the pipeline's stages (forward + backward when `training`):
+    -> (sum of token losses, sum of coefficient x balance loss), nonzero on the last stage."""
+    coeff = pipeline.parts[0].config.moe_seq_aux_loss_coeff if training else 0.0
+    n = len(micro_batches)
+    with autocast_context(precision, device):
+        scores = pipeline.run(micro_batches, weights, coeff / n, training)
+    lm_sum = torch.zeros((), dtype=torch.float64)
+    balance_sum = torch.zeros((), dtype=torch.float64)
+    for i, (lm_loss, aux_loss) in scores.items():
+        lm_sum += lm_loss.double().cpu() * float(counts[i])
+        balance_sum += coeff * aux_loss.double().cpu()
+    return lm_sum, balance_sum

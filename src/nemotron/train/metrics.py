@@ -14,8 +14,9 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
+from nemotron.artifacts import wandb_lineage
 from nemotron.train.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -47,7 +48,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.on_event = on_event
         self.job_dir = Path(job_dir)
-        self._file = None
+        self._file: TextIO | None = None
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -63,8 +64,6 @@ class MetricsLogger:
                 ) from e
             self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
         if cfg.wandb and cfg.wandb_mode != "disabled":
-            from nemotron.artifacts import wandb_lineage
-
             try:
                 self._wandb = wandb_lineage.start_run(
                     job_dir=self.job_dir, job_type="pretrain", project=cfg.wandb_project,
@@ -82,8 +81,6 @@ class MetricsLogger:
         its input. A blend without data-prep metadata (hand-written) is reported, not fatal."""
         if self._wandb is None:
             return
-        from nemotron.artifacts import wandb_lineage
-
         for blend in dict.fromkeys(b for b in blends if b):
             try:
                 wandb_lineage.use_data_artifact(self._wandb, blend)
@@ -93,8 +90,6 @@ class MetricsLogger:
     def checkpoint_saved(self, path: str | Path, step: int) -> None:
         """A checkpoint is complete: tell the CLI, and log it to W&B as `ModelArtifact-pretrain`."""
         if self._wandb is not None:
-            from nemotron.artifacts import wandb_lineage
-
             try:
                 wandb_lineage.log_model_artifact(self._wandb, path)
             except wandb_lineage.ArtifactError as e:
@@ -106,6 +101,7 @@ class MetricsLogger:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in values.items()})
+        assert self._file is not None  # enabled
         self._file.write(json.dumps(record) + "\n")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:

@@ -33,6 +33,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 
@@ -220,7 +222,7 @@ class Unit:
     shapes: tuple[tuple[int, ...], ...]
     group: int
     stride: int
-    kind: str  # "dense", "experts", "packed" (Mamba in_proj/conv1d under TP), "root", "embed"
+    kind: str  # "dense", "experts", "local" (rank-local parameters under TP), "root", "embed"
     block: int | None = None
 
     @property
@@ -245,39 +247,46 @@ Shapes = list[tuple[int, ...]]
 
 
 def _block_params(cfg: Nano3Config, kind: str, tp: int) -> tuple[Shapes, Shapes, Shapes]:
-    """Parameter shapes on one TP rank, before FSDP: (the block's own unit, its packed TP
-    units, its routed experts before EP)."""
+    """Parameter shapes on one TP rank, before FSDP: (the block's unit: with TP its
+    DTensor-parallel parameters, split over TP; its rank-local unit: with TP the parameters every
+    TP rank holds whole and computes with in part, gathered whole over DP x TP; its routed
+    experts before EP). Without TP everything but the experts is the block's unit."""
     h = cfg.hidden_size
-    norm = [(h,)]
+    norm: Shapes = [(h,)]
+    split: Shapes
+    local: Shapes
+    experts: Shapes = []
     if kind == "attention":
         q = cfg.num_attention_heads * cfg.head_dim // tp
         # fewer KV heads than TP ranks: k/v stay whole on every rank (each uses its head)
         kv = cfg.num_key_value_heads
         kv_dim = (kv // tp if kv >= tp else kv) * cfg.head_dim
-        return norm + [(q, h), (kv_dim, h), (kv_dim, h), (h, q)], [], []
-    if kind == "mamba":
+        split, local = [(q, h), (kv_dim, h), (kv_dim, h), (h, q)], norm
+    elif kind == "mamba":
         d_inner, heads = cfg.mamba_d_inner, cfg.mamba_num_heads
         gn = cfg.mamba_num_groups * cfg.mamba_state_size
-        packed = [(2 * d_inner + 2 * gn + heads, h), (d_inner + 2 * gn, 1, cfg.mamba_conv_kernel),
-                  (d_inner + 2 * gn,)]
-        own = norm + [(heads // tp,)] * 3 + [(d_inner // tp,), (h, d_inner // tp)]
-        if tp == 1:
-            return own + packed, [], []
-        return own, packed, []  # in_proj/conv1d: their own units, gathered whole over DP x TP
-    if kind == "moe":
+        split = [(h, d_inner // tp)]  # out_proj
+        local = norm + [(2 * d_inner + 2 * gn + heads, h), (d_inner + 2 * gn, 1, cfg.mamba_conv_kernel),
+                        (d_inner + 2 * gn,), (heads,), (heads,), (heads,), (d_inner,)]
+    elif kind == "moe":
         shared = cfg.moe_shared_expert_hidden_size // tp
+        split, local = [(shared, h), (h, shared)], norm + [(cfg.num_experts, h)]
         experts = [(cfg.num_experts, cfg.moe_ffn_hidden_size, h),
                    (cfg.num_experts, h, cfg.moe_ffn_hidden_size)]
-        return norm + [(cfg.num_experts, h), (shared, h), (h, shared)], [], experts
-    if kind == "mlp":
+    elif kind == "mlp":
         f = cfg.ffn_hidden_size // tp
-        return norm + [(f, h), (h, f)], [], []
-    raise PlanError(f"unknown block kind {kind!r}")
+        split, local = [(f, h), (h, f)], norm
+    else:
+        raise PlanError(f"unknown block kind {kind!r}")
+    if tp == 1:
+        return local + split, [], experts
+    return split, local, experts
 
 
 def fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
-    """The FSDP2 units of one rank, as `nemotron.distributed.parallelize.apply_fsdp` builds
-    them (every block; `stage_units` keeps a pipeline stage's)."""
+    """The FSDP2 units of one rank, as `nemotron.distributed.apply.apply_fsdp` builds them
+    (every block; `stage_units` keeps a pipeline stage's). Under TP a block's DTensor-parallel
+    submodules are several FSDP units over DP; they are counted as one here."""
     key = (dataclasses.astuple(cfg), layout.tp, layout.ep, layout.dp, layout.cp)
     if key not in _UNITS:
         if len(_UNITS) > 4096:
@@ -295,16 +304,21 @@ def _fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
     vocab = (cfg.vocab_size // tp, cfg.hidden_size)
     units = [Unit("embeddings", (vocab,), dense_group, dense_stride, "embed")]
     for i, kind in enumerate(cfg.block_kinds):
-        own, packed, experts = _block_params(cfg, kind, tp)
+        own, local, experts = _block_params(cfg, kind, tp)
         units.append(Unit(f"layers.{i}", tuple(own), dense_group, dense_stride, "dense", i))
-        if packed:
-            units.append(Unit(f"layers.{i}.packed", tuple(packed), dense_group * tp, 1,
-                              "packed", i))
+        if local:
+            units.append(Unit(f"layers.{i}.local", tuple(local), dense_group * tp, 1,
+                              "local", i))
         if experts:
-            local = tuple((e // ep, *rest) for e, *rest in experts)
-            units.append(Unit(f"layers.{i}.experts", local, layout.edp, ep, "experts", i))
-    head = ((cfg.hidden_size,),) + (() if cfg.tie_word_embeddings else (vocab,))
-    units.append(Unit("root", head, dense_group, dense_stride, "root"))
+            on_rank = tuple((e // ep, *rest) for e, *rest in experts)
+            units.append(Unit(f"layers.{i}.experts", on_rank, layout.edp, ep, "experts", i))
+    norm_f: tuple[tuple[int, ...], ...] = ((cfg.hidden_size,),)
+    head: tuple[tuple[int, ...], ...] = () if cfg.tie_word_embeddings else (vocab,)
+    if tp == 1:
+        units.append(Unit("root", norm_f + head, dense_group, dense_stride, "root"))
+    else:  # the final norm is rank-local (on the sequence shard): its own unit over DP x TP
+        units.append(Unit("norm_f", norm_f, dense_group * tp, 1, "local"))
+        units.append(Unit("root", head, dense_group, dense_stride, "root"))
     return units
 
 
@@ -320,7 +334,8 @@ def stage_units(cfg: Nano3Config, layout: Layout, stage: int) -> list[Unit]:
         if u.block is not None:
             if u.block in blocks:
                 keep.append(u)
-        elif (u.kind == "embed" and stage == 0) or (u.kind == "root" and stage == layout.pp - 1):
+        elif (u.kind == "embed" and stage == 0) or (
+                u.name in ("root", "norm_f") and stage == layout.pp - 1):
             keep.append(u)
     return keep
 
@@ -395,9 +410,6 @@ class Plan:
 
 def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
     """Check divisibility (the rules of `ParallelDims`, plus PP); returns gradient accumulation."""
-    from nemotron.distributed.config import ParallelismConfig
-    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
-
     parallel = ParallelismConfig(tensor_model_parallel_size=layout.tp,
                                  expert_model_parallel_size=layout.ep,
                                  context_parallel_size=layout.cp, sequence_parallel=layout.tp > 1)
@@ -604,20 +616,20 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
     unsharded = sum(u.unsharded for u in units)
     tokens = layout.micro_batch * shape.seq_length / cp
     in_flight = min(pp, accum) if pp > 1 else 1
-    acts = in_flight * activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
+    acts: float = in_flight * activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
-    loss = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp
+    loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp
     if cp > 1:
         acts += 2 * 2 * layout.micro_batch * shape.seq_length * max(
             1, cfg.num_key_value_heads // tp) * cfg.head_dim
     fp32_single = shape.compute_weights == "fp32" and layout.world == 1
     accumulate = accum > 1 and layout.accumulate_unsharded and not fp32_single
-    weights, adam = 4 * sharded, 8 * sharded
+    weights, adam = 4.0 * sharded, 8.0 * sharded
     largest = max(u.unsharded for u in units)
     if accumulate:
         # every unit's bf16 weights stay gathered and its fp32 gradients accumulate unsharded
         # for the whole step; the sharded gradients exist only after the last reduce-scatter
-        buffers = (2 + 4) * unsharded
+        buffers: float = (2 + 4) * unsharded
         grads = 0.0
         backward = weights + adam + buffers + acts + loss
     else:
@@ -626,7 +638,7 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
         transient = 0.0 if fp32_single else 2 * (2 + 2) * largest
         if accum > 1:
             # sharded fp32 gradients (or plain .grad in one fp32 process) accumulate in place
-            grads = 4 * sharded
+            grads = 4.0 * sharded
             backward = weights + adam + grads + acts + loss
         else:
             grads, acts, loss = _backward_sweep(units, acts, loss)
@@ -636,7 +648,7 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
     optimizer_phase = 16 * sharded
     peak_phase = "backward" if backward >= optimizer_phase else "optimizer step"
     if peak_phase == "optimizer step":
-        grads, buffers, acts, loss = 4 * sharded, 0.0, 0.0, 0.0
+        grads, buffers, acts, loss = 4.0 * sharded, 0.0, 0.0, 0.0
     return MemoryEstimate(
         weights=weights / GIB, gradients=grads / GIB, optimizer=adam / GIB,
         fsdp_buffers=buffers / GIB, activations=acts / GIB, loss_buffers=loss / GIB,
@@ -681,8 +693,9 @@ def layout_warnings(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
             f"(model.tensor_model_parallel_size=1 model.sequence_parallel=false) unless a layer "
             f"does not fit.")
     if layout.pp > 1:
-        out.append(f"PP{layout.pp}: pipeline parallelism is not implemented in training yet "
-                   "(the plan models a 1F1B schedule)")
+        out.append(f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
+                   "training splits the stages by FLOPs (docs/parallelism.md \"Pipeline "
+                   "parallel\") and does not compose PP with TP yet")
     if layout.cp > 1 and shape.seq_length <= 65536:
         out.append(f"CP{layout.cp} at {shape.seq_length} tokens: measured CP2 at 8192 tokens "
                    "19,265 tokens/s per GPU vs DP2 31,473; CP pays off only where a sequence's "

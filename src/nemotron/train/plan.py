@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from nemotron.data.config import DataConfig
+from nemotron.distributed.parallel_dims import check_global_batch
 from nemotron.train.config import TrainConfig
 
 
@@ -56,18 +57,16 @@ def mean_sample_length(data: DataConfig | None, seq_length: int) -> float | None
 def plan_batches(train: TrainConfig, dp_size: int = 1, data: DataConfig | None = None) -> BatchPlan:
     """Derive gradient accumulation and the number of steps (from iters or tokens; with mixed
     sequence lengths in `data`, tokens count at the mean sample length)."""
-    per_micro_step = train.micro_batch_size * dp_size
-    if train.global_batch_size % per_micro_step:
-        raise TrainDataError(
-            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
-            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})"
-        )
+    check_global_batch(train.global_batch_size, train.micro_batch_size, dp_size, TrainDataError)
     if (train.train_iters is None) == (train.train_tokens is None):
         raise TrainDataError("set exactly one of train.train_iters and train.train_tokens")
     mean = mean_sample_length(data, train.seq_length)
     tokens_per_step = train.global_batch_size * (train.seq_length if mean is None else mean)
-    steps = train.train_iters if train.train_iters is not None else math.ceil(
-        train.train_tokens / tokens_per_step)
+    if train.train_iters is not None:
+        steps = train.train_iters
+    else:
+        assert train.train_tokens is not None  # exactly one is set (checked above)
+        steps = math.ceil(train.train_tokens / tokens_per_step)
     if steps <= 0:
         raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
     return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,

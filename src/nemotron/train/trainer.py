@@ -34,20 +34,35 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from nemotron.artifacts.model import (
-    MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
+    MODEL_ARTIFACT_FILE,
+    build_model_artifact,
+    data_artifact_record,
+    manifest_json,
 )
+from nemotron.distributed.parallel_dims import check_pipeline
 from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
-    CONFIG_FILE, Checkpointer, CheckpointWriteError, LoadedCheckpoint, check_writable,
+    CONFIG_FILE,
+    Checkpointer,
+    CheckpointWriteError,
+    LoadedCheckpoint,
+    check_writable,
     load_checkpoint,
 )
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
 from nemotron.train.loop import (
-    Parallel, StepResult, build_model, evaluate, ignored_layout, resolve_compute_weights,
-    resolve_device, train_step,
+    Parallel,
+    StepResult,
+    build_model,
+    evaluate,
+    ignored_layout,
+    resolve_compute_weights,
+    resolve_device,
+    train_step,
 )
 from nemotron.train.metrics import EventHook, MetricsLogger
 from nemotron.train.optimizer import build_optimizer, set_learning_rate
@@ -171,8 +186,6 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
 
 def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
     """Every parameter and buffer (expert biases included) finite on every rank."""
-    from torch.distributed.tensor import DTensor
-
     checks = []
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
@@ -593,9 +606,7 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     phase / checkpoint / warning / stop / end events (the CLI draws its progress from them).
 
     Under torchrun the processes join one process group here (unless the caller already did)."""
-    from nemotron.distributed.parallel_dims import reject_pipeline_parallel
-
-    reject_pipeline_parallel(cfg.model.parallel())  # before any process group or model exists
+    check_pipeline(cfg.model.parallel(), cfg.model.arch())  # before any process group or model exists
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

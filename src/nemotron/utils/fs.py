@@ -6,18 +6,20 @@ file systems: a reader sees the previous complete file or the new complete file,
 half-written one, and a writer killed mid-write leaves only a hidden `.NAME.*.tmp` file behind.
 
 Directories that are built up file by file (checkpoints, exported models, job directories)
-follow the same rule at their own level: built under a temporary name, renamed when complete.
+follow the same rule at their own level: built under a temporary name, renamed when complete;
+`apply_default_modes` gives such a directory the modes a plain mkdir/open would have.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["apply_default_modes", "atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask"]
 
 
 def _temporary_name(path: Path) -> Path:
@@ -60,3 +62,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = True) -> Path:
     """Write `text` (UTF-8) to `path` atomically (see the module docstring); returns `path`."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_default_modes(root: str | os.PathLike[str]) -> None:
+    """Give `root` and everything under it the modes a plain mkdir/open would have: 0777 for
+    directories and 0666 for files, less the umask (0755 / 0644 under the usual 022).
+
+    `tempfile.mkdtemp` creates its directory 0700 (and some writers create files 0600); a
+    directory assembled there and renamed into place would otherwise stay private."""
+    mask = current_umask()
+    root = Path(root)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)

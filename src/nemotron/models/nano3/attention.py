@@ -2,11 +2,11 @@
 position), computed by PyTorch's scaled_dot_product_attention.
 
 The query/key/value projections are three `nn.Linear` modules (the parameter names of the
-checkpoint, the HF layout and the tensor-parallel plan), but when their weights are plain tensors
-(one device, or FSDP2, whose unsharded parameters are plain tensors inside forward) the forward
-computes them with one GEMM against the concatenated weight and splits the output: one input
-gradient GEMM instead of three and no bf16 adds of three input gradients in backward. Sharded
-(DTensor) weights and ``nemotron.kernels.fast_paths(False)`` keep the three-Linear path.
+checkpoint, the HF layout and the tensor-parallel plan). With `fuse_qkv` (the default) and fast
+paths on, the forward computes them with one GEMM against the concatenated weight and splits
+the output: one input-gradient GEMM instead of three and no bf16 adds of three input gradients
+in backward. A layout that gives each projection its own plan (tensor parallel) sets
+`fuse_qkv = False`; ``nemotron.kernels.fast_paths(False)`` also keeps the three-Linear path.
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels import fast_paths_enabled
 from nemotron.models.nano3.config import Nano3Config
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without torch.distributed
-    DTensor = ()
+from nemotron.models.nano3.parallel import ContextParallelOps
 
 
 class Attention(nn.Module):
     """GQA: `num_attention_heads` query heads share `num_key_value_heads` key/value heads."""
 
-    def __init__(self, config: Nano3Config) -> None:
+    def __init__(self, config: Nano3Config, fuse_qkv: bool = True) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -38,9 +35,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
-        # Set by `nemotron.distributed.parallelize` under context parallelism (x is then this
-        # rank's part of each sequence and attention runs over the whole sequence).
-        self.context_parallel = None
+        # Extension points (models/nano3/parallel.py): one GEMM for q/k/v (a tensor-parallel
+        # plan sets False: the projections are sharded differently), and under context
+        # parallelism the object that attends the local chunks over the whole sequence.
+        self.fuse_qkv = fuse_qkv
+        self.context_parallel: ContextParallelOps | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,15 +48,11 @@ class Attention(nn.Module):
         nn.init.normal_(self.o_proj.weight, std=self.output_init_std)
 
     def fused_qkv_enabled(self) -> bool:
-        """True when forward computes q, k and v with one GEMM: fast paths on, the projections
-        plain `nn.Linear`s and no projection weight sharded (tensor parallelism makes them
-        DTensors and may patch their forward)."""
-        from nemotron.kernels import fast_paths_enabled
-
+        """True when forward computes q, k and v with one GEMM: `fuse_qkv` and fast paths on, and
+        the projections plain `nn.Linear`s (a swapped-in subclass, e.g. FP8's, computes itself)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        # Only plain Linears: a swapped-in subclass (e.g. FP8, train/fp8.py) computes itself.
-        return fast_paths_enabled() and all(
-            type(p) is nn.Linear and not isinstance(p.weight, DTensor) for p in projections)
+        return (self.fuse_qkv and fast_paths_enabled()
+                and all(type(p) is nn.Linear for p in projections))
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv_enabled():

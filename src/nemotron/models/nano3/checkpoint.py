@@ -21,6 +21,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.train.checkpoint import resolve_checkpoint
+from nemotron.utils.fs import apply_default_modes
 
 CONFIG_FILE = "config.json"
 MODEL_KEY = "model"
@@ -40,17 +43,12 @@ def resolve_model_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if not path.exists():
         raise ModelCheckpointError(f"{path}: does not exist")
-    try:
-        from nemotron.train.checkpoint import resolve_checkpoint
-    except ImportError:
-        resolve_checkpoint = None
-    if resolve_checkpoint is not None:
-        try:
-            found = resolve_checkpoint(path, must_exist=False)
-        except Exception as err:  # the training package's own precise error
-            raise ModelCheckpointError(str(err)) from err
-        if found is not None:
-            return Path(found)
+    try:  # a training save dir: its latest complete checkpoint
+        found = resolve_checkpoint(path, must_exist=False)
+    except Exception as err:  # the training package's own precise error
+        raise ModelCheckpointError(str(err)) from err
+    if found is not None:
+        return Path(found)
     raise ModelCheckpointError(f"{path}: no DCP checkpoint (.metadata) found")
 
 
@@ -73,8 +71,6 @@ def config_from_checkpoint(checkpoint: str | os.PathLike) -> Nano3Config:
 
 def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """-> (Nano3Config, Nano3ForCausalLM with the checkpoint's weights, float32)."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-
     checkpoint = resolve_model_checkpoint(path)
     config = config_from_checkpoint(checkpoint)
     with torch.device("meta"):
@@ -92,7 +88,6 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
 
 def save_model_checkpoint(model, config: Nano3Config, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed)."""
-    from nemotron.fsutil import apply_default_modes
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

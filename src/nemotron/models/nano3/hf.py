@@ -26,8 +26,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.utils.fs import apply_default_modes
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -60,51 +64,57 @@ def _transformers_config_class():
 
 # ----------------------------------------------------------------------------- configs
 
+# The one field table of the two configs: `Nano3Config` field <-> `NemotronHConfig` attribute.
+# `to_hf_config` writes it, `from_hf_config` reads it back (after transformers has resolved
+# legacy key spellings and defaults).
+HF_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "norm_eps": "layer_norm_epsilon",
+    "init_std": "initializer_range",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "mamba_num_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+    "mamba_state_size": "ssm_state_size",
+    "mamba_num_groups": "n_groups",
+    "mamba_conv_kernel": "conv_kernel",
+    "mamba_chunk_size": "chunk_size",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_dt_init_floor": "time_step_floor",
+    "num_experts": "n_routed_experts",
+    "moe_top_k": "num_experts_per_tok",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_shared_expert_hidden_size": "moe_shared_expert_intermediate_size",
+    "moe_routed_scaling_factor": "routed_scaling_factor",
+    "ffn_hidden_size": "intermediate_size",
+}
+# NemotronH settings Nano3 fixes: written as these values, and a config with other values is
+# rejected on import (the MoE ones only when the model has MoE blocks).
+HF_FIXED = {
+    "attention_bias": False, "mlp_hidden_act": "relu2", "mlp_bias": False,
+    "mamba_hidden_act": "silu", "use_conv_bias": True, "mamba_proj_bias": False,
+    "use_bias": False, "residual_in_fp32": False,
+}
+HF_FIXED_MOE = {"norm_topk_prob": True, "n_group": 1, "n_shared_experts": 1, "moe_latent_size": None}
+# Written only (transformers' defaults differ; not a property of the checkpoint we check).
+_HF_WRITE_ONLY = {"topk_group": 1, "time_step_limit": (0.0, float("inf"))}
+
+
 def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
     """The transformers `NemotronHConfig` describing the same architecture."""
     NemotronHConfig = _transformers_config_class()
     kinds = config.block_kinds
-    has_moe = "moe" in kinds
-    if has_moe and config.moe_shared_expert_hidden_size == 0:
+    if "moe" in kinds and config.moe_shared_expert_hidden_size == 0:
         raise HFInteropError("NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0")
+    fixed = {k: v for k, v in HF_FIXED_MOE.items() if k != "moe_latent_size"}
     hf = NemotronHConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
         layers_block_type=[HF_BLOCK_TYPE[k] for k in kinds],
         tie_word_embeddings=config.tie_word_embeddings,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        attention_bias=False,
-        intermediate_size=config.ffn_hidden_size,
-        mlp_hidden_act="relu2",
-        mlp_bias=False,
-        ssm_state_size=config.mamba_state_size,
-        mamba_num_heads=config.mamba_num_heads,
-        mamba_head_dim=config.mamba_head_dim,
-        mamba_hidden_act="silu",
-        n_groups=config.mamba_num_groups,
-        conv_kernel=config.mamba_conv_kernel,
-        use_conv_bias=True,
-        chunk_size=config.mamba_chunk_size,
-        mamba_proj_bias=False,
-        time_step_min=config.mamba_dt_min,
-        time_step_max=config.mamba_dt_max,
-        time_step_floor=config.mamba_dt_init_floor,
-        time_step_limit=(0.0, float("inf")),
-        n_routed_experts=config.num_experts,
-        num_experts_per_tok=config.moe_top_k,
-        moe_intermediate_size=config.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=config.moe_shared_expert_hidden_size,
-        n_shared_experts=1,
-        routed_scaling_factor=config.moe_routed_scaling_factor,
-        norm_topk_prob=True,
-        n_group=1,
-        topk_group=1,
-        use_bias=False,
-        initializer_range=config.init_std,
-        layer_norm_epsilon=config.norm_eps,
-        residual_in_fp32=False,
+        **{hf_key: getattr(config, ours) for ours, hf_key in HF_CONFIG_FIELDS.items()},
+        **HF_FIXED, **fixed, **_HF_WRITE_ONLY,
     )
     hf.architectures = ["NemotronHForCausalLM"]
     if dtype is not None:
@@ -137,55 +147,24 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
         pattern = "".join(_FROM_HF_BLOCK_TYPE[t] for t in hf.layers_block_type)
     except KeyError as err:
         raise HFInteropError(f"{where}: unknown layer type {err.args[0]!r} in layers_block_type") from err
-    has_moe = "E" in pattern
-    unsupported = {
-        "mlp_hidden_act": (hf.mlp_hidden_act, "relu2"),
-        "mamba_hidden_act": (hf.mamba_hidden_act, "silu"),
-        "use_bias": (hf.use_bias, False),
-        "mamba_proj_bias": (hf.mamba_proj_bias, False),
-        "attention_bias": (hf.attention_bias, False),
-        "mlp_bias": (hf.mlp_bias, False),
-        "use_conv_bias": (hf.use_conv_bias, True),
-        "residual_in_fp32": (hf.residual_in_fp32, False),
-    }
-    if has_moe:
-        unsupported.update({
-            "norm_topk_prob": (hf.norm_topk_prob, True),
-            "n_group": (hf.n_group, 1),
-            "moe_latent_size": (hf.moe_latent_size, None),
-            "n_shared_experts": (hf.n_shared_experts, 1),
-        })
-    for key, (value, supported) in unsupported.items():
+    fixed = HF_FIXED | (HF_FIXED_MOE if "E" in pattern else {})
+    for key, supported in fixed.items():
+        value = getattr(hf, key)
         if value != supported:
             raise HFInteropError(f"{where}: {key}={value!r} is not supported (Nemotron 3 Nano uses {supported!r})")
-    head_dim = hf.head_dim if hf.head_dim is not None else hf.hidden_size // hf.num_attention_heads
+    fields = {ours: getattr(hf, hf_key) for ours, hf_key in HF_CONFIG_FIELDS.items()}
+    if fields["head_dim"] is None:
+        fields["head_dim"] = hf.hidden_size // hf.num_attention_heads
+    fields["moe_routed_scaling_factor"] = float(fields["moe_routed_scaling_factor"])
+    # our export writes transformers' dt clamp into time_step_min and keeps the init minimum
+    # under its own key (see INIT_TIME_STEP_MIN_KEY below)
+    fields["mamba_dt_min"] = float(raw.get(INIT_TIME_STEP_MIN_KEY, fields["mamba_dt_min"]))
     try:
         return Nano3Config(
             hybrid_pattern=pattern,
             num_layers=len(pattern),
-            hidden_size=hf.hidden_size,
-            vocab_size=hf.vocab_size,
-            norm_eps=hf.layer_norm_epsilon,
-            init_std=hf.initializer_range,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", hf.tie_word_embeddings)),
-            num_attention_heads=hf.num_attention_heads,
-            num_key_value_heads=hf.num_key_value_heads,
-            head_dim=head_dim,
-            mamba_num_heads=hf.mamba_num_heads,
-            mamba_head_dim=hf.mamba_head_dim,
-            mamba_state_size=hf.ssm_state_size,
-            mamba_num_groups=hf.n_groups,
-            mamba_conv_kernel=hf.conv_kernel,
-            mamba_chunk_size=hf.chunk_size,
-            mamba_dt_min=float(raw.get(INIT_TIME_STEP_MIN_KEY, hf.time_step_min)),
-            mamba_dt_max=hf.time_step_max,
-            mamba_dt_init_floor=hf.time_step_floor,
-            num_experts=hf.n_routed_experts,
-            moe_top_k=hf.num_experts_per_tok,
-            moe_ffn_hidden_size=hf.moe_intermediate_size,
-            moe_shared_expert_hidden_size=hf.moe_shared_expert_intermediate_size,
-            moe_routed_scaling_factor=float(hf.routed_scaling_factor),
-            ffn_hidden_size=hf.intermediate_size,
+            **fields,
         )
     except ModelConfigError as err:
         raise HFInteropError(f"{where}: {err}") from err
@@ -221,8 +200,6 @@ def from_hf_state_dict(hf_tensors: Mapping[str, torch.Tensor], config: Nano3Conf
                        source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """HF on-disk names -> our state dict (fused experts stacked to 3-D). Every parameter and
     persistent buffer of the model must be present with the right shape; `mtp.*` is ignored."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-
     with torch.device("meta"):
         expected = Nano3ForCausalLM(config).state_dict()
     if config.tie_word_embeddings:
@@ -304,9 +281,6 @@ def save_hf(
     generation config). Written to a temporary sibling directory, given ordinary modes (0644 /
     0755 under umask 022) and renamed, so a partial export never looks complete.
     """
-    from nemotron.fsutil import apply_default_modes
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty")
@@ -376,8 +350,6 @@ def _iter_hf_weight_files(hf_dir: Path) -> list[Path]:
 
 
 def _read_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     for f in _iter_hf_weight_files(hf_dir):
         with safe_open(str(f), framework="pt") as reader:
             for key in reader.keys():
@@ -394,8 +366,6 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str
 
 def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A `Nano3ForCausalLM` with the weights of a NemotronH directory."""
-    from nemotron.models.nano3.model import Nano3ForCausalLM
-
     config, state = load_hf_state_dict(hf_dir)
     with torch.device("meta"):
         model = Nano3ForCausalLM(config)

@@ -6,6 +6,11 @@
     A      = -exp(A_log)                          float32
     y      = SSD(x, dt, A, B, C) + D * x          per head
     out    = out_proj(gated_rmsnorm(y, z))        norm(y * silu(z)) over groups
+
+Under tensor parallelism (`tensor_parallel`, models/nano3/parallel.py) a rank computes its
+slice of the heads and groups: it gathers the whole sequence, takes its rows of every packed
+parameter (in_proj packs z|x|B|C|dt, conv1d x|B|C) and hands its partial output to `out_proj`,
+whose row-parallel plan sums the ranks' parts and scatters the sequence again.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from torch import nn
 
 from nemotron.kernels import mamba_chain
 from nemotron.kernels.conv1d import causal_conv1d
+from nemotron.kernels.rmsnorm import gated_rmsnorm
 from nemotron.kernels.ssd import ssd
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.norm import GatedRMSNorm, upcast
+from nemotron.models.nano3.parallel import ContextParallelOps, HeadParallelOps
 
 # The released model's dt limit: softplus output is never clamped in practice.
 DT_LIMIT = (0.0, float("inf"))
@@ -56,12 +63,14 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.num_groups, eps=config.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=False)
-        # Set by `nemotron.distributed.parallelize` under context parallelism: u is then this
-        # rank's part of each sequence; the conv1d and the scan take their left context from it.
-        self.context_parallel = None
+        # Extension points (models/nano3/parallel.py), None on one device. Context parallel: u
+        # is this rank's part of each sequence; the conv1d and the scan take their left context
+        # from the object. Tensor parallel: this rank computes a slice of the heads.
+        self.context_parallel: ContextParallelOps | None = None
+        self.tensor_parallel: HeadParallelOps | None = None
         # The SSM parameters are excluded from weight decay (as in Megatron / mamba_ssm).
         for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
+            setattr(p, "_no_weight_decay", True)  # a marker train/optimizer.py reads
         self.reset_parameters()
 
     @torch.no_grad()
@@ -83,51 +92,78 @@ class Mamba2Mixer(nn.Module):
 
     @property
     def chain_shape(self) -> mamba_chain.MambaChainShape:
-        """The sizes the fused chain needs, read at call time (tensor parallelism narrows them)."""
+        """The sizes the fused chain needs (it runs on one device or under FSDP only)."""
         return mamba_chain.MambaChainShape(
             num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
             state_size=self.state_size, chunk_size=self.chunk_size, eps=self.norm.eps, dt_limit=DT_LIMIT,
         )
 
+    def _rows(self, param: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """This rank's 1/TP slice of each segment of a packed parameter's first dimension
+        (the whole parameter without tensor parallelism)."""
+        tp = self.tensor_parallel
+        if tp is None:
+            return param
+        parts, start = [], 0
+        for size in segments:
+            part = size // tp.size
+            parts.append(param[start + tp.rank * part:start + (tp.rank + 1) * part])
+            start += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u [batch, seq, hidden] -> [batch, seq, hidden]."""
+        """u [batch, seq, hidden] -> [batch, seq, hidden] (under tensor parallelism: this rank's
+        sequence shard in, its shard of the partial sums out, which `out_proj`'s plan reduces)."""
+        tp, cp = self.tensor_parallel, self.context_parallel
+        if tp is not None:
+            u = tp.gather_sequence(u)  # this rank's heads need every position
+        shards = 1 if tp is None else tp.size
+        heads, groups = self.num_heads // shards, self.num_groups // shards
+        d_inner, gn = self.d_inner // shards, groups * self.state_size
+        full_gn = self.num_groups * self.state_size
         b, s, _ = u.shape
-        zxbcdt = self.in_proj(u)
-        if (self.context_parallel is None and "forward" not in vars(self.conv1d)
-                and mamba_chain.chain_supported(zxbcdt, self.chunk_size)):
+
+        if tp is None:
+            zxbcdt = self.in_proj(u)
+        else:
+            in_rows = [self.d_inner, self.d_inner, full_gn, full_gn, self.num_heads]
+            zxbcdt = F.linear(u, self._rows(self.in_proj.weight, in_rows))
+        if tp is None and cp is None and mamba_chain.chain_supported(zxbcdt, self.chunk_size):
             # The fused fast path: conv, SSD, D skip and gated norm in one autograd node.
             y = mamba_chain.mamba_chain(
                 zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
                 self.norm.weight, self.chain_shape,
             )
             return self.out_proj(y.to(zxbcdt.dtype))
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gn, heads], dim=-1)
 
-        if self.context_parallel is not None:
-            # Context parallelism: each local chunk takes its left context from the chunk before it.
-            xBC = F.silu(self.context_parallel.causal_conv1d(self.conv1d, xBC))
-        elif "forward" in vars(self.conv1d):
-            # The conv module's forward was replaced from outside (tensor parallelism computes
-            # a rank's channel slice): call it. Causal: pad k-1 both sides, keep the first s.
-            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :s].transpose(1, 2))
+        conv_rows = [self.d_inner, full_gn, full_gn]
+        conv_weight = self._rows(self.conv1d.weight, conv_rows)
+        conv_bias = None if self.conv1d.bias is None else self._rows(self.conv1d.bias, conv_rows)
+        if cp is not None:
+            # each local chunk takes its left context from the chunk before it in the sequence
+            xBC = F.silu(cp.causal_conv1d(xBC, conv_weight, conv_bias))
         else:
-            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, activation="silu")
-        x, B, C = torch.split(
-            xBC, [self.d_inner, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
-        )
+            xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu")
+        x, B, C = torch.split(xBC, [d_inner, gn, gn], dim=-1)
 
-        dt = F.softplus(upcast(dt) + upcast(self.dt_bias)).clamp(*DT_LIMIT)
-        A = -torch.exp(upcast(self.A_log))
-        x = x.reshape(b, s, self.num_heads, self.head_dim)
-        scan = ssd if self.context_parallel is None else self.context_parallel.ssd
+        dt_bias, A_log, D = (self._rows(p, [self.num_heads]) for p in (self.dt_bias, self.A_log, self.D))
+        dt = F.softplus(upcast(dt) + upcast(dt_bias)).clamp(*DT_LIMIT)
+        A = -torch.exp(upcast(A_log))
+        x = x.reshape(b, s, heads, self.head_dim)
+        scan = ssd if cp is None else cp.ssd
         y, _ = scan(
             x, dt, A,
-            B.reshape(b, s, self.num_groups, self.state_size),
-            C.reshape(b, s, self.num_groups, self.state_size),
+            B.reshape(b, s, groups, self.state_size),
+            C.reshape(b, s, groups, self.state_size),
             self.chunk_size,
         )
         # D skip added in float32 and rounded once to the activation dtype (as mamba_ssm's
         # kernels output y); the gated norm computes its statistics in float32 internally.
-        y = (upcast(y) + upcast(x) * upcast(self.D)[:, None]).to(x.dtype)
-        y = self.norm(y.reshape(b, s, self.d_inner), z)
+        y = (upcast(y) + upcast(x) * upcast(D)[:, None]).to(x.dtype).reshape(b, s, d_inner)
+        if tp is None:
+            y = self.norm(y, z)
+        else:
+            y = gated_rmsnorm(y, z, self._rows(self.norm.weight, [self.d_inner]),
+                              self.d_inner // self.num_groups, self.norm.eps)
         return self.out_proj(y.to(z.dtype))

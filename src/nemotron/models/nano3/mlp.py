@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 # The squared ReLU of every MLP and expert: Triton on CUDA, PyTorch elsewhere.

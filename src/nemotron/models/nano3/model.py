@@ -1,12 +1,26 @@
 """Nemotron 3 Nano: a stack of pre-norm residual blocks (Mamba-2, attention, MoE, dense MLP)
 chosen by the hybrid pattern, an untied LM head, and the training loss.
 
-Single-device and readable; sharding is applied from outside (`nemotron.distributed`).
-Build on the meta device and materialise with `to_empty(...)` + `reset_parameters()`.
+Single-device and readable; sharding is applied from outside (`nemotron.distributed`),
+through the extension points listed in `nemotron.models.nano3.parallel`. Build on the meta
+device and materialise with `to_empty(...)` + `reset_parameters()`.
+
+Pipeline parts: `Nano3ForCausalLM(config, blocks=range(a, b))` builds only blocks [a, b) of
+the stack, the embeddings only if a == 0, the final norm and LM head only if b == num_layers
+(one pipeline stage's part; parameter names are those of the whole model, so checkpoints are
+the same whatever the split). A part takes what the part before it returned and speaks in
+tensors only, as `torch.distributed.pipelining` sends them between ranks:
+  forward(inputs, aux_loss, labels=None, loss_mask=None)
+    inputs:   token ids [batch, seq] for the first part, hidden states [batch, seq, hidden] after
+    aux_loss: sum of the MoE balance losses of the blocks before this part (scalar)
+  -> (hidden, aux_loss) for the next part, or (lm_loss, aux_loss) from the last part.
+The sum of the balance losses travels with the hidden states, so the last part holds the
+whole model's value and its gradient reaches every MoE layer through the pipeline's backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +34,7 @@ from nemotron.models.nano3.mamba2 import Mamba2Mixer
 from nemotron.models.nano3.mlp import MLP
 from nemotron.models.nano3.moe import MoE
 from nemotron.models.nano3.norm import RMSNorm, upcast
+from nemotron.models.nano3.parallel import VocabParallelOps
 
 
 @dataclass
@@ -84,66 +99,139 @@ class Block(nn.Module):
         return x + out, aux
 
 
-class Nano3Model(nn.Module):
-    """The backbone: embeddings, blocks, final norm."""
+def check_blocks(config: Nano3Config, blocks: range) -> range:
+    """`blocks` is a non-empty, contiguous range of the model's block indices."""
+    if blocks.step != 1 or len(blocks) == 0 or blocks.start < 0 or blocks.stop > config.num_layers:
+        raise ValueError(f"blocks {blocks} is not a non-empty contiguous range of the "
+                         f"{config.num_layers} blocks")
+    if config.tie_word_embeddings and len(blocks) != config.num_layers:
+        raise ValueError("tied word embeddings cannot be split over pipeline parts (the "
+                         "embedding and the LM head would live on different stages)")
+    return blocks
 
-    def __init__(self, config: Nano3Config) -> None:
+
+class Nano3Model(nn.Module):
+    """The backbone: embeddings, blocks, final norm (of a pipeline part: the blocks in
+    `blocks`, the embeddings if it starts the stack, the final norm if it ends it).
+
+    `layers` is keyed by the block's index in the whole model ("0", "1", ...), so parameter
+    names do not depend on the part."""
+
+    def __init__(self, config: Nano3Config, blocks: range | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        nn.init.normal_(self.embeddings.weight, std=config.init_std)
+        blocks = check_blocks(config, range(config.num_layers) if blocks is None else blocks)
+        self.embeddings = (nn.Embedding(config.vocab_size, config.hidden_size)
+                           if blocks.start == 0 else None)
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in blocks})
+        self.norm_f = (RMSNorm(config.hidden_size, eps=config.norm_eps)
+                       if blocks.stop == config.num_layers else None)
+        if self.embeddings is not None:
+            nn.init.normal_(self.embeddings.weight, std=config.init_std)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids [batch, seq] -> (hidden [batch, seq, hidden], summed MoE aux loss or None)."""
-        x = self.embeddings(input_ids)
-        aux_total = None
-        for layer in self.layers:
+    def forward(self, inputs: torch.Tensor, aux_loss: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """inputs: token ids [batch, seq] (with embeddings) or hidden states [batch, seq, hidden];
+        `aux_loss`: balance losses of earlier blocks. -> (hidden [batch, seq, hidden] (after
+        the final norm if this ends the stack), MoE aux losses summed, or None)."""
+        x = self.embeddings(inputs) if self.embeddings is not None else inputs
+        aux_total = aux_loss
+        for layer in self.layers.values():
             x, aux = layer(x)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.norm_f(x), aux_total
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        return x, aux_total
 
 
 class Nano3ForCausalLM(nn.Module):
     """`fused_loss`: with labels, compute the loss with the chunked LM-head loss and return no
-    logits (the memory-light training path); set False to get logits alongside the loss."""
+    logits (the memory-light training path); set False to get logits alongside the loss.
+    `blocks`: build only this pipeline part of the model (module docstring); None: the whole
+    model, whose forward returns a `Nano3Output`."""
 
-    def __init__(self, config: Nano3Config, fused_loss: bool = True) -> None:
+    def __init__(self, config: Nano3Config, fused_loss: bool = True, blocks: range | None = None) -> None:
         super().__init__()
         self.config = config
         self.fused_loss = fused_loss
-        self.backbone = Nano3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.blocks = check_blocks(config, range(config.num_layers) if blocks is None else blocks)
+        self.backbone = Nano3Model(config, self.blocks)
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if self.blocks.stop == config.num_layers else None)
+        if config.tie_word_embeddings:  # the whole model (check_blocks)
+            assert self.lm_head is not None and self.backbone.embeddings is not None
             self.lm_head.weight = self.backbone.embeddings.weight
-        else:
+        elif self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        # Extension points (models/nano3/parallel.py), set by a parallel layout: the LM head's
+        # output sharded over the vocabulary (tensor parallel), and how to initialise sharded
+        # parameters to exactly the single-device weights (`reset_parameters` calls it).
+        self.vocab_parallel: VocabParallelOps | None = None
+        self.parallel_init: Callable[[nn.Module], None] | None = None
+
+    @property
+    def is_pipeline_part(self) -> bool:
+        """True when this holds only part of the blocks (and speaks the pipeline's tensors)."""
+        return len(self.blocks) != self.config.num_layers
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """(Re-)initialise every parameter and buffer per the Megatron recipe (docs/model.md)."""
-        nn.init.normal_(self.backbone.embeddings.weight, std=self.config.init_std)
+        """(Re-)initialise every parameter and buffer per the Megatron recipe (docs/model.md).
+        Sharded by a parallel layout: its `parallel_init`, which gives every rank its shards of
+        the weights this method gives one device under the same seed (a pipeline part gets the
+        weights of the whole model's init only that way: it draws the whole model's order)."""
+        if self.parallel_init is not None:
+            self.parallel_init(self)
+            return
+        if self.backbone.embeddings is not None:
+            nn.init.normal_(self.backbone.embeddings.weight, std=self.config.init_std)
         if self.config.tie_word_embeddings:
+            assert self.lm_head is not None and self.backbone.embeddings is not None
             self.lm_head.weight = self.backbone.embeddings.weight  # to_empty() unties them
-        else:
+        elif self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
         for module in self.backbone.modules():
             # Plain Linear / Conv1d / Embedding layers are initialised by the module that owns them.
-            if hasattr(module, "reset_parameters") and not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None and not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+                reset()
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.mixer for layer in self.backbone.layers if isinstance(layer.mixer, MoE)]
+        return [layer.mixer for layer in self.backbone.layers.values() if isinstance(layer.mixer, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> Nano3Output:
-        hidden, aux_loss = self.backbone(input_ids)
+    def forward(self, input_ids: torch.Tensor, aux_loss: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
+                ) -> Nano3Output | tuple[torch.Tensor, torch.Tensor]:
+        """The whole model: token ids -> `Nano3Output`. A pipeline part: see the module
+        docstring (`input_ids` then holds hidden states on every part but the first)."""
+        hidden, aux_loss = self.backbone(input_ids, aux_loss)
+        if self.is_pipeline_part:
+            return self._pipeline_outputs(hidden, aux_loss, labels, loss_mask)
+        assert self.lm_head is not None  # the whole model has one
+        vocab_parallel = self.vocab_parallel
         if labels is None:
-            return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=self.lm_head(hidden))
-        lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+            logits = (self.lm_head(hidden) if vocab_parallel is None
+                      else vocab_parallel.logits(hidden, self.lm_head))
+            return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
+        if vocab_parallel is None:
+            lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+        else:
+            lm_loss, logits = vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
         loss = lm_loss
         if self.training and aux_loss is not None and self.config.moe_seq_aux_loss_coeff > 0:
             loss = lm_loss + self.config.moe_seq_aux_loss_coeff * aux_loss
         return Nano3Output(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits)
+
+    def _pipeline_outputs(self, hidden: torch.Tensor, aux_loss: torch.Tensor | None,
+                          labels: torch.Tensor | None, loss_mask: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a pipeline part hands on: tensors only, the balance-loss sum always present."""
+        if aux_loss is None:  # no MoE block so far
+            aux_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if self.lm_head is None:
+            return hidden, aux_loss
+        if labels is None:
+            raise ValueError("the last pipeline part needs labels (it returns the loss)")
+        lm_loss, _ = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+        return lm_loss, aux_loss

@@ -5,25 +5,37 @@
   `nemotron.train.balancing`) but *weighted* by the unbiased scores of the chosen experts,
   renormalised to sum 1 and times `routed_scaling_factor`.
 - `LocalDispatcher`: sorts the (token, expert) assignments by expert, no token dropping. The
-  expert-parallel all-to-all dispatcher in `nemotron.distributed` has the same interface.
+  expert-parallel all-to-all dispatcher in `nemotron.distributed` has the same interface
+  (`Dispatcher`); `MoE(config, dispatcher=...)` takes either.
 - `GroupedExperts`: all routed experts' weights as 3-D tensors, computed with one grouped GEMM
   per projection where PyTorch has one for the device and dtype, else a per-expert loop.
+
+`MoE.sequence_gather` (models/nano3/parallel.py) is the one extension point a parallel layout
+sets: when a rank holds only part of each sequence, the balance loss gathers the router's
+scores of the whole sequence through it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.kernels import fast_paths_enabled
 from nemotron.kernels.add_n import add_n
 from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
 from nemotron.kernels.moe_router import route_topk
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
+from nemotron.models.nano3.parallel import SequenceGather
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no expert parallelism either
+    DTensor = ()  # type: ignore[assignment,misc]
 
 
 def _inside_backward() -> bool:
@@ -50,6 +62,9 @@ class RouterOutput(NamedTuple):
 
 
 class Router(nn.Module):
+    expert_bias: torch.Tensor  # buffers, registered in __init__
+    tokens_per_expert: torch.Tensor
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float,
                  init_std: float) -> None:
         super().__init__()
@@ -196,6 +211,24 @@ class DispatchContext(NamedTuple):
     position: torch.Tensor | None = None  # inverse of `order`: pair p sits in sorted row position[p]
 
 
+class Dispatcher(Protocol):
+    """Moves token rows to their experts and back (`LocalDispatcher`, or the expert-parallel
+    `nemotron.distributed.expert_parallel.AllToAllDispatcher`)."""
+
+    # Whether the MoE may run its shared expert on a side CUDA stream beside dispatch/combine.
+    shared_expert_side_stream: bool
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x [tokens, hidden] -> (rows sorted by local expert, rows per local expert, context)."""
+        ...
+
+    def combine(self, expert_out: torch.Tensor, ctx: Any, add: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Expert outputs -> [tokens, hidden], weighted over the k choices, plus `add`."""
+        ...
+
+
 class LocalDispatcher:
     """Single-device dispatch: sort (token, slot) pairs by expert; combine un-sorts and weights."""
 
@@ -232,8 +265,6 @@ def _grouped_mm_fn():
 def _can_use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
     # PyTorch's grouped GEMM kernels: CUDA, bfloat16, 16-byte aligned rows; off under
     # `nemotron.kernels.fast_paths(False)` (the per-expert loop is the reference path).
-    from nemotron.kernels import fast_paths_enabled
-
     return (
         x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
         and all(d % 8 == 0 for d in dims) and fast_paths_enabled()
@@ -258,7 +289,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
-        up, down = self.up_proj, self.down_proj
+        up, down = local_experts(self.up_proj), local_experts(self.down_proj)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
@@ -281,28 +312,43 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
 
 
-class MoE(nn.Module):
-    """Routed experts plus the always-on shared expert."""
+def local_experts(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's experts' weights. Under expert parallelism the weights are a DTensor (Shard(0)
+    of the global [E, ...] tensor, so checkpoints keep the global layout) and the dispatcher
+    sends each rank only rows for its own experts; the grouped GEMM runs on the local shard (as
+    torchtitan's GroupedExperts does). Every experts module (e.g. train/fp8.py's) reads its weights
+    through this."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight  # type: ignore[union-attr]
 
-    def __init__(self, config: Nano3Config) -> None:
+
+class MoE(nn.Module):
+    """Routed experts plus the always-on shared expert. `router`, `dispatcher` and `experts` are
+    the three swappable components (defaults from `config`)."""
+
+    def __init__(self, config: Nano3Config, *, router: Router | None = None,
+                 dispatcher: Dispatcher | None = None, experts: nn.Module | None = None) -> None:
         super().__init__()
         self.top_k = config.moe_top_k
-        self.router = Router(config.hidden_size, config.num_experts, config.moe_top_k,
-                             config.moe_routed_scaling_factor, config.init_std)
-        self.dispatcher = LocalDispatcher(config.num_experts)
-        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.moe_ffn_hidden_size,
-                                      config.init_std, config.output_init_std)
+        self.router = router or Router(config.hidden_size, config.num_experts, config.moe_top_k,
+                                       config.moe_routed_scaling_factor, config.init_std)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(config.num_experts)
+        self.experts = experts or GroupedExperts(
+            config.num_experts, config.hidden_size, config.moe_ffn_hidden_size, config.init_std,
+            config.output_init_std)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_shared_expert_hidden_size, config.init_std, config.output_init_std)
             if config.moe_shared_expert_hidden_size > 0 else None
         )
         # Off by default; `set_shared_expert_overlap` / train.moe_shared_expert_overlap switch it.
         self.shared_expert_overlap = False
+        # Extension point (models/nano3/parallel.py): set when this rank holds part of every
+        # sequence (sequence / context parallel); the balance loss then sees whole sequences.
+        self.sequence_gather: SequenceGather | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar)."""
-        from nemotron.kernels import fast_paths_enabled
-
+        """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar).
+        Under sequence / context parallelism x is this rank's part of the sequences; it routes
+        its own tokens."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         side = self._overlap_stream(flat)
@@ -317,6 +363,7 @@ class MoE(nn.Module):
             # latency-bound kernels (router, top-k, sort, gathers); joined before the combine.
             main = torch.cuda.current_stream(flat.device)
             side.wait_stream(main)
+            assert self.shared_experts is not None  # `_overlap_stream` checked it
             with torch.cuda.stream(side):
                 shared = self.shared_experts(shared_in)
             flat.record_stream(side)  # read on the side stream: keep its memory until then
@@ -325,23 +372,28 @@ class MoE(nn.Module):
         expert_out = self.experts(rows, counts)
         if side is not None:
             main.wait_stream(side)
+            assert shared is not None
             shared.record_stream(main)  # made on the side stream, used and freed on this one
         elif self.shared_experts is not None:
             shared = self.shared_experts(shared_in)
         # the shared expert's output is added inside the combine pass
         y = self.dispatcher.combine(expert_out, ctx, add=shared)
-        aux = sequence_balance_loss(route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1), self.top_k)
-        return y.view(b, s, h), aux
+        scores, topk_idx = route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1)
+        if self.sequence_gather is not None:
+            # A whole-sequence statistic: every rank computes it on the gathered sequences.
+            scores = self.sequence_gather.gather_sequence(scores)
+            with torch.no_grad():
+                topk_idx = self.sequence_gather.gather_sequence(topk_idx)
+        return y.view(b, s, h), sequence_balance_loss(scores, topk_idx, self.top_k)
 
     def _overlap_stream(self, x: torch.Tensor):
         """The side stream for the shared expert when `shared_expert_overlap` is on and applies
-        (CUDA, fast paths, a dispatcher that allows it, not while compiling), else None."""
-        from nemotron.kernels import fast_paths_enabled
-
+        (CUDA, fast paths, a dispatcher that allows it, tokens not sharded over ranks (under
+        sequence parallelism the shared expert itself is tensor parallel), not while compiling),
+        else None."""
         if not (self.shared_expert_overlap and x.is_cuda and self.shared_experts is not None
-                and fast_paths_enabled()
-                and getattr(self.dispatcher, "shared_expert_side_stream", False)
-                and not torch.compiler.is_compiling()):
+                and fast_paths_enabled() and self.dispatcher.shared_expert_side_stream
+                and self.sequence_gather is None and not torch.compiler.is_compiling()):
             return None
         return _side_stream(x.device)
 

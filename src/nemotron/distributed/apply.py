@@ -1,11 +1,11 @@
 """Apply the parallel layout to a single-device `Nano3ForCausalLM`, from outside the model.
 
-Order (torchtitan-style): tensor/sequence parallel (DTensor) -> expert parallel (experts
-split on the EP mesh, all-to-all dispatcher) -> FSDP2 (`fully_shard`) per block, with the
-routed experts sharded on their own expert-data-parallel mesh.
-
-Context parallel (`context_parallel.py`) goes first: it sets the hook object on the attention
-and Mamba-2 mixers, before TP wraps their forwards.
+Order (torchtitan-style): context parallel (the `ContextParallel` object given to the
+attention and Mamba-2 mixers) -> tensor/sequence parallel (DTensor plans, `tensor_parallel.py`)
+-> the MoE balance loss's sequence gather -> expert parallel (experts split on the EP mesh, the
+all-to-all dispatcher) -> FSDP2 (`fully_shard`) per block, with the routed experts sharded on
+their own expert-data-parallel mesh. Nothing here replaces a method: the model is given objects
+through its extension points (`nemotron.models.nano3.parallel`).
 
 Gradient convention: like DDP, each parameter's gradient is the MEAN over data- and
 context-parallel ranks (DP x CP) of the per-rank gradients (FSDP2's default for dense
@@ -17,32 +17,46 @@ weight each micro-batch's loss by `distributed.utils.token_loss_weights(...)`.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from nemotron.distributed.config import ParallelismConfig
+from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
 from nemotron.distributed.expert_parallel import AllToAllDispatcher
-from nemotron.distributed.local_view import run_on_local_params
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.parallel_dims import ParallelLayoutError
+from nemotron.distributed.tensor_parallel import (
+    SequenceGather,
+    apply_tensor_parallel,
+    tensor_parallel_submodules,
+)
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.models.nano3.moe import MoE
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfig | None = None,
-                *, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+
+def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
+                parallel: ParallelismConfig | None = None, *, mixed_precision: bool = False,
+                reshard_after_forward: bool = True) -> Nano3ForCausalLM:
     """Shard `model` (a `Nano3ForCausalLM`) in place for `mesh` and return it.
 
     The model is either materialised and identical on every rank (same seed), or built on the
     meta device: then call `model.to_empty(device=...)` and `model.reset_parameters()`, which
     is replaced here by an initialisation that gives every rank its shards of exactly the
-    weights `reset_parameters()` gives a single-device model under the same seed.
+    weights `reset_parameters()` gives a single-device model under the same seed (the model's
+    `parallel_init` extension point).
+    With pipeline parallelism `model` is this rank's pipeline part (`Nano3ForCausalLM(...,
+    blocks=...)`, see `distributed.pipeline`); the mesh's DP/CP/TP/EP dimensions are those of
+    its stage.
     `parallel`, if given, must be the config `mesh` was built from (checked).
     `mixed_precision`: bf16 parameters for compute, fp32 gradient reduction (FSDP2
     MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
     dims = mesh.dims
-    if dims.pp > 1:
-        raise NotImplementedError("pipeline parallelism is not implemented")
     if parallel is not None:
         given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
                  parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
@@ -50,28 +64,29 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, parallel: ParallelismConfi
             raise ParallelLayoutError(
                 f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
                 f"{(dims.tp, dims.ep, dims.pp, dims.cp)}")
-    install_single_device_init(model)
+    model.parallel_init = functools.partial(init_like_single_device, cls=type(model))
     cp = None
     if dims.cp > 1:
-        from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
-
         cp = ContextParallel(mesh.cp_mesh.get_group())
-        apply_context_parallel(model, cp, moe_forward=dims.tp == 1)
+        apply_context_parallel(model, cp)
     if dims.tp > 1:
-        from nemotron.distributed.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, mesh, cp)
+        apply_tensor_parallel(model, mesh)
+    if dims.tp > 1 or cp is not None:
+        # a rank holds part of every sequence: the balance loss gathers whole sequences
+        gather = SequenceGather(mesh.tp_mesh if dims.tp > 1 else None, cp)
+        for moe in _moe_layers(model):
+            moe.sequence_gather = gather
     apply_expert_parallel(model, mesh)
     apply_fsdp(model, mesh, mixed_precision=mixed_precision,
                reshard_after_forward=reshard_after_forward)
     return model
 
 
-def _moe_layers(model: nn.Module) -> list[nn.Module]:
+def _moe_layers(model: Nano3ForCausalLM) -> list[MoE]:
     return list(model.moe_layers())
 
 
-def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
+def apply_expert_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     """Split every MoE layer's routed experts over the EP mesh (rank r keeps experts
     [r*E/EP, (r+1)*E/EP) as a DTensor Shard(0) of the global [E, ...] weights, so checkpoints
     keep the global layout) and swap in the all-to-all dispatcher."""
@@ -83,11 +98,10 @@ def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
         for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        run_on_local_params(experts)
         moe.dispatcher = AllToAllDispatcher(moe.router.num_experts, ep_mesh.get_group())
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
+def apply_fsdp(model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: bool,
                reshard_after_forward: bool = True) -> None:
     """FSDP2 per block; routed experts on the expert-data-parallel mesh, everything else on DP."""
     mp_policy = MixedPrecisionPolicy(
@@ -95,7 +109,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
         reduce_dtype=torch.float32,
     )
     dims = mesh.dims
-    common = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    common: dict[str, Any] = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for moe in _moe_layers(model):
         experts = fully_shard(moe.experts, mesh=mesh.edp_mesh,
                               shard_placement_fn=_expert_shard_placement(dims.edp), **common)
@@ -106,19 +120,22 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
             # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2's own fallback; not
             # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
             experts.set_force_sum_reduction_for_comms(True)
-    if dims.tp > 1:
-        from nemotron.distributed.tensor_parallel import packed_tp_modules
-
-        for module in packed_tp_modules(model):
-            packed = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
-            # summed over TP (partial gradients of one loss), averaged over DP x CP
-            packed.set_gradient_divide_factor(float(dims.dp * dims.cp))
-            if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
-                packed.set_force_sum_reduction_for_comms(True)
     backbone = model.backbone
-    fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
-    for block in backbone.layers:
-        fully_shard(block, mesh=mesh.dp_mesh, **common)
+    if backbone.embeddings is not None:  # a pipeline part past the first has none
+        fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
+    if dims.tp == 1:
+        for block in backbone.layers.values():
+            fully_shard(block, mesh=mesh.dp_mesh, **common)
+    else:
+        # DTensor-parallel submodules in their own units over DP; the rest of each block (norms,
+        # router, the Mamba mixer's packed and per-head parameters) is rank-local: every TP rank
+        # holds it whole and contributes a partial gradient, so its unit is sharded over
+        # DP x TP, whose reduce-scatter sums the TP parts (see `tensor_parallel`).
+        for module in tensor_parallel_submodules(model):
+            fully_shard(module, mesh=mesh.dp_mesh, **common)
+        units = [*backbone.layers.values()] + ([backbone.norm_f] if backbone.norm_f is not None else [])
+        for unit in units:
+            _rank_local_unit(unit, mesh, common)
     # The LM head stays in the root unit: the fused loss reads `lm_head.weight` without calling
     # the module, so only the root's pre-forward hook would unshard it in time. The root is
     # not resharded after forward: its parameters are used again at the very start of backward,
@@ -126,13 +143,23 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, mixed_precision: bool,
     # re-gather on, so backward would read the freed LM-head weight (illegal memory access on
     # CUDA, seen on 2 H200s).
     fully_shard(model, mesh=mesh.dp_mesh, **dict(common, reshard_after_forward=False))
-    model.fsdp_reshard_after_forward = reshard_after_forward  # FSDP2 has no getter for it
+    # FSDP2 has no getter for it; `restore_reshard_after_forward` (and the loop) read it
+    setattr(model, "fsdp_reshard_after_forward", reshard_after_forward)
 
 
-def restore_reshard_after_forward(model: nn.Module) -> None:
+def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict[str, Any]) -> None:
+    """FSDP2 over DP x TP for parameters of which every TP rank computes a partial gradient:
+    summed over TP, averaged over DP x CP."""
+    unit = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
+    unit.set_gradient_divide_factor(float(mesh.dims.dp * mesh.dims.cp))
+    if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
+        unit.set_force_sum_reduction_for_comms(True)
+
+
+def restore_reshard_after_forward(model: FSDPModule) -> None:
     """Undo `model.set_reshard_after_forward(...)` on a model built by `apply_fsdp`: every unit
     back to the configured setting, the root to never (see `apply_fsdp`)."""
-    model.set_reshard_after_forward(model.fsdp_reshard_after_forward)
+    model.set_reshard_after_forward(getattr(model, "fsdp_reshard_after_forward"))
     model.set_reshard_after_forward(False, recurse=False)
 
 
@@ -153,30 +180,25 @@ def _expert_shard_placement(edp: int):
 
 # -- initialisation -----------------------------------------------------------------------------
 
-def install_single_device_init(model: nn.Module) -> None:
-    """Replace `model.reset_parameters` (for use after `to_empty`) by `init_like_single_device`,
-    remembering the model's class before FSDP2 swaps it."""
-    cls = type(model)
-    model.reset_parameters = lambda: init_like_single_device(model, cls)
-
-
 def _owner_unit(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
 
 @torch.no_grad()
-def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
+def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM] | None = None
+                            ) -> None:
     """Initialise a sharded `Nano3ForCausalLM` to exactly the weights `reset_parameters()` gives
-    the single-device model under the current RNG state: a meta-device twin is materialised one
+    the single-device model under the current RNG state (what `parallelize` sets as the model's
+    `parallel_init`, so `model.reset_parameters()` calls it): a meta-device twin is materialised one
     unit (embeddings, one block, ...) at a time on this rank's device, initialised in the
     same order as `Nano3ForCausalLM.reset_parameters`, and each rank keeps its shards. Peak
     extra memory: one block's full weights."""
     cls = cls or type(model)
     cfg = model.config
-    device = next(p for p in model.parameters()).device
-    if isinstance(next(model.parameters()), DTensor):
-        device = next(model.parameters()).to_local().device
+    # A pipeline part draws the whole model's initialisation in order and keeps its own units.
+    first = next(model.parameters())
+    device = first.to_local().device if isinstance(first, DTensor) else first.device
     with torch.device("meta"):
         twin = cls(cfg)
     # names without the activation-checkpoint wrapper's level (train.activation_recompute)
@@ -184,14 +206,18 @@ def init_like_single_device(model: nn.Module, cls: type | None = None) -> None:
     real_buffers = {_unwrapped_name(n): b for n, b in model.named_buffers()}
 
     def commit(prefix: str, unit: nn.Module) -> None:
-        for name, value in unit.named_parameters(prefix=prefix):
-            _copy_full_into(real_params[name], value)
-        for name, value in unit.named_buffers(prefix=prefix):
-            real_buffers[name].copy_(value)
+        for name, param in unit.named_parameters(prefix=prefix):
+            if name in real_params:  # else another pipeline stage holds it
+                _copy_full_into(real_params[name], param)
+        for name, buffer in unit.named_buffers(prefix=prefix):
+            if name in real_buffers:
+                real_buffers[name].copy_(buffer)
         unit.to_empty(device="meta")
 
     # Nano3ForCausalLM.reset_parameters: embeddings, LM head, then every backbone module that
     # initialises itself (plain Linear / Embedding / Conv1d are initialised by their owner).
+    # the twin is the whole model
+    assert twin.backbone.embeddings is not None and twin.lm_head is not None
     twin.backbone.embeddings.to_empty(device=device)
     nn.init.normal_(twin.backbone.embeddings.weight, std=cfg.init_std)
     if not cfg.tie_word_embeddings:

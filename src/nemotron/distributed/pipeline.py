@@ -1,0 +1,250 @@
+"""Pipeline parallelism on torch.distributed.pipelining: stages, schedules, one training step.
+
+Each pipeline rank builds its model parts (`Nano3ForCausalLM(config, blocks=...)`, the split
+of `pipeline_split.split_stages`), each part is parallelised on its stage's DP/CP/EP mesh like a
+whole model (`distributed.apply.parallelize`), and wrapped in a `PipelineStage`; a schedule of
+torch.distributed.pipelining (1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble,
+ZBVZeroBubble) runs the micro-batches of a step through them.
+
+What crosses stages, and how it stays exact:
+- activations: the hidden states and the running sum of the MoE balance losses (a scalar);
+  the last stage therefore holds the whole model's balance loss of every micro-batch, and its
+  gradient reaches every MoE layer through the pipeline's own backward.
+- the loss: the last stage scores micro-batch i as `w_i * lm_loss_i + c/n * aux_i` with the
+  token weights of `utils.token_loss_weights` (the step's token-mean LM loss over every
+  micro-batch and DP x CP rank) and c the balance-loss coefficient (a mean over the n
+  micro-batches): the same objective as one process. `scale_grads=False`: nothing rescales it.
+- logged values, gradient norm: summed over the loss group of the last stage, then over the
+  pipeline ranks (every rank logs the same numbers; the norm is the whole model's).
+- expert-bias counts: each stage's MoE layers count their own tokens; the bias update sums
+  them over the stage's ranks only (`ParallelMesh.balancing_group`).
+
+Data: every stage reads the same micro-batches (their shapes set what the stages exchange);
+only the first stage moves token ids to the device, only the last stage labels and the loss
+mask. Micro-batches of different lengths (the long-context mix) are run as one schedule step
+per length, in the order of their first micro-batch; gradients accumulate across them.
+
+`LocalStages` gathers this rank's parts under the whole model's parameter names: the
+optimizer, checkpoints (DCP reshards across pipeline sizes, since names and global shapes do
+not depend on the split), train/eval mode and the expert-bias update use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from nemotron.distributed.apply import parallelize
+from nemotron.distributed.mesh import ParallelMesh
+from nemotron.distributed.pipeline_split import StageSplit, split_stages
+from nemotron.distributed.utils import grad_norm
+
+
+class LocalStages(nn.Module):
+    """This rank's pipeline parts, registered under the whole model's names (`backbone.layers.7`,
+    `lm_head`, ...): the same module objects the parts run, so parameters, buffers and
+    state dicts are those of the whole model restricted to what this rank holds."""
+
+    def __init__(self, config, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = nn.Module()
+        self.backbone.layers = nn.ModuleDict()
+        for part in parts:
+            if part.backbone.embeddings is not None:
+                self.backbone.embeddings = part.backbone.embeddings
+            self.backbone.layers.update(part.backbone.layers)
+            if part.backbone.norm_f is not None:
+                self.backbone.norm_f = part.backbone.norm_f
+            if part.lm_head is not None:
+                self.lm_head = part.lm_head
+
+    is_pipeline_part = True  # checkpoints hold other stages' parameters too
+
+    def moe_layers(self) -> list[nn.Module]:
+        from nemotron.models.nano3.moe import MoE
+
+        return [block.mixer for block in self.backbone.layers.values() if isinstance(block.mixer, MoE)]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("pipeline parts run through their schedule (Pipeline.train_step)")
+
+
+@dataclass
+class PipelineStepResult:
+    lm_sum: float  # sum over the step's micro-batches (this rank's stage group) of lm_loss * tokens
+    balance_sum: float  # sum over micro-batches of coefficient * balance loss
+
+
+class _StepLoss:
+    """The schedule's loss function: scores micro-batch i (the schedule's `target` carries
+    its index in the step) and records its LM and balance losses."""
+
+    def __init__(self) -> None:
+        self.weights: list[float] = []
+        self.aux_weight = 0.0
+        self.lm: dict[int, torch.Tensor] = {}
+        self.aux: dict[int, torch.Tensor] = {}
+
+    def __call__(self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        lm_loss, aux_loss = output
+        index = int(target.reshape(-1)[0])
+        self.lm[index], self.aux[index] = lm_loss.detach(), aux_loss.detach()
+        return lm_loss * self.weights[index] + aux_loss * self.aux_weight
+
+
+class Pipeline:
+    """This rank's stages and the schedules that run them (one per micro-batch shape, made on
+    first use: a `PipelineStage` fixes the shapes it exchanges)."""
+
+    def __init__(self, parts: list[nn.Module], stage_ids: list[int], split: StageSplit,
+                 schedule: str, mesh: ParallelMesh, device: torch.device,
+                 activation_dtype: torch.dtype, hidden_size: int) -> None:
+        self.parts, self.stage_ids, self.split = parts, stage_ids, split
+        self.schedule_name = schedule
+        self.mesh, self.device = mesh, device
+        self.activation_dtype, self.hidden_size = activation_dtype, hidden_size
+        self.num_stages = split.num_stages
+        self.group = mesh.pp_mesh.get_group()
+        self.has_first = 0 in stage_ids
+        self.has_last = self.num_stages - 1 in stage_ids
+        self.local = LocalStages(parts[0].config, parts)
+        self.loss = _StepLoss()
+        self._schedules: dict[tuple, object] = {}
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _stage_args(self, stage_id: int, batch: int, seq: int):
+        """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq]."""
+        meta = torch.device("meta")
+        # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
+        hidden = torch.empty(batch, seq, self.hidden_size, dtype=self.activation_dtype,
+                             device=meta, requires_grad=True)
+        scalar = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
+        inputs = (torch.empty(batch, seq, dtype=torch.long, device=meta),) if stage_id == 0 \
+            else (hidden, scalar)
+        outputs = (scalar, scalar) if stage_id == self.num_stages - 1 else (hidden, scalar)
+        return inputs, outputs
+
+    def _schedule(self, count: int, batch: int, seq: int, training: bool):
+        key = (count, batch, seq, training)
+        if key not in self._schedules:
+            stages = []
+            for part, stage_id in zip(self.parts, self.stage_ids):
+                inputs, outputs = self._stage_args(stage_id, batch, seq)
+                stages.append(PipelineStage(part, stage_id, self.num_stages, self.device,
+                                            input_args=inputs, output_args=outputs,
+                                            group=self.group))
+            cls = self._schedule_class(count)
+            if issubclass(cls, PipelineScheduleSingle):
+                self._schedules[key] = cls(stages[0], n_microbatches=count, loss_fn=self.loss,
+                                           scale_grads=False)
+            else:
+                self._schedules[key] = cls(stages, n_microbatches=count, loss_fn=self.loss,
+                                           scale_grads=False)
+        return self._schedules[key]
+
+    def _schedule_class(self, count: int):
+        """The configured schedule; GPipe for a group of fewer micro-batches than stages,
+        which 1F1B refuses (with so few micro-batches the two run the same order)."""
+        if self.schedule_name == "1F1B" and count < self.num_stages:
+            return get_schedule_class("GPipe")
+        return get_schedule_class(self.schedule_name)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _groups(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+        """Micro-batch indices grouped by shape, in order of first appearance."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, b in enumerate(micro_batches):
+            groups.setdefault(tuple(b["tokens"].shape), []).append(i)
+        return list(groups.values())
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], weights: list[float],
+            aux_weight: float, training: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Forward (and backward when `training`) of every micro-batch through the pipeline.
+        `weights[i]`: the LM-loss weight of micro-batch i; `aux_weight`: the balance loss's.
+        Returns {i: (lm_loss_i, balance_loss_i)} on ranks holding the last stage, else {}."""
+        self.loss.weights, self.loss.aux_weight = weights, aux_weight
+        self.loss.lm, self.loss.aux = {}, {}
+        for group in self._groups(micro_batches):
+            batch, seq = micro_batches[group[0]]["tokens"].shape
+            # A schedule's first step clears the stage parameters' gradients (torch 2.13's
+            # post-initialisation clean-up), which would drop the gradients of the step's
+            # earlier groups: keep them aside and add them back.
+            fresh = (len(group), batch, seq, training) not in self._schedules
+            kept = self._take_gradients() if fresh and training else {}
+            schedule = self._schedule(len(group), batch, seq, training)
+            args, kwargs, target = (), {}, None
+            if self.has_first:
+                args = (torch.cat([micro_batches[i]["tokens"] for i in group]).to(self.device),)
+            if self.has_last:
+                kwargs = {key: torch.cat([micro_batches[i][key] for i in group]).to(self.device)
+                          for key in ("labels", "loss_mask")}
+                target = torch.tensor(group)  # chunked with the micro-batches: each its index
+            run = schedule.step if training else schedule.eval
+            run(*args, target=target, return_outputs=False, **kwargs)
+            self._add_gradients(kept)
+        return {i: (self.loss.lm[i], self.loss.aux[i]) for i in self.loss.lm}
+
+    def _take_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        kept = {p: p.grad for p in self.local.parameters() if p.grad is not None}
+        for p in kept:
+            p.grad = None
+        return kept
+
+    @torch.no_grad()
+    def _add_gradients(self, kept: dict[nn.Parameter, torch.Tensor]) -> None:
+        for p, grad in kept.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+
+    # -- reductions over the pipeline ---------------------------------------------------------
+
+    def _sum_over_pipeline(self, values: torch.Tensor) -> torch.Tensor:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if self.mesh.world.device_type == "cuda" else torch.device("cpu"))
+        values = values.to(device)
+        dist.all_reduce(values, group=self.group)
+        return values.cpu()
+
+    def from_last_stage(self, values: list[float]) -> list[float]:
+        """`values` as the ranks holding the last stage have them, on every pipeline rank."""
+        mine = torch.tensor(values if self.has_last else [0.0] * len(values), dtype=torch.float64)
+        return self._sum_over_pipeline(mine).tolist()
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> float:
+        """The whole model's gradient norm (every stage's parameters)."""
+        local = float(grad_norm(params))  # inf or nan anywhere makes the total so everywhere
+        total = self._sum_over_pipeline(torch.tensor([local * local], dtype=torch.float64))
+        return math.sqrt(float(total[0]))
+
+
+def build_pipeline(config, parallel, mesh: ParallelMesh, device: torch.device, *,
+                   lengths: list[tuple[int, float]], make_part: Callable[[range], nn.Module],
+                   mixed_precision: bool, seed: int) -> Pipeline:
+    """This rank's parts of the split of `config` for `parallel` (a `ParallelismConfig`),
+    each made on the meta device by `make_part(blocks)`, parallelised on the stage mesh and
+    initialised to the weights the whole single-device model gets under `seed`.
+    `lengths`: the run's (sequence length, share of samples), for the cost-balanced split."""
+    split = split_stages(config, parallel, lengths)
+    stage_ids = [s for s, rank in enumerate(split.ranks) if rank == mesh.pp_rank]
+    parts = []
+    for stage_id in stage_ids:
+        part = make_part(split.blocks[stage_id])
+        # Weights stay gathered between the micro-batches of a step (torchtitan does the same
+        # under PP): resharding would re-gather them for every micro-batch's forward.
+        parallelize(part, mesh, parallel, mixed_precision=mixed_precision,
+                    reshard_after_forward=False)
+        part.to_empty(device=device)
+        torch.manual_seed(seed)
+        part.reset_parameters()  # its share of the whole model's init under this seed
+        parts.append(part)
+    return Pipeline(parts, stage_ids, split, parallel.pipeline_schedule, mesh, device,
+                    torch.bfloat16 if mixed_precision else torch.float32, config.hidden_size)
