@@ -5,7 +5,8 @@
 # (teardown.sh removes everything setup.sh created; setup.sh refuses to run beside a Slurm
 # cluster that already runs here).
 # The tests' profile starts distributed stages with 2 torchrun ranks on the node (pretrain: data
-# parallel 2, both ranks checked to take part); data prep runs as one process.
+# parallel 2, both ranks checked to take part); data prep runs as one process, and as 2 Slurm
+# tasks sharing the work units (byte-identical to a local run; a killed task's units redone).
 # Needs root (apt-get and the daemons). Typical time: about 5 minutes (2 CPU cores).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -227,7 +227,7 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
         output_dir: str
         documents: int
 
-    def run_data_prep(cfg, recipe_dir, progress=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         calls.append((cfg, Path(recipe_dir)))
         return FakeResult(output_dir=cfg.output_dir, documents=12)
 
@@ -240,7 +240,8 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
     assert isinstance(cfg, DataPrepJobConfig)
     assert cfg.sample == 5 and cfg.force is True and cfg.num_shards == 3
     assert recipe_dir.name == "data_prep" and (recipe_dir / "tiny.yaml").is_file()
-    assert cfg.output_dir == str(cli.work / "output/nano3/stage0_pretrain_tiny")
+    # A sample run gets its own output_dir: it never replaces the full build.
+    assert cfg.output_dir == str(cli.work / "output/nano3/stage0_pretrain_tiny-sample5")
     # embedded:// names became local files: the tokenizer and a rewritten blend in the job dir
     assert Path(cfg.tokenizer.model).name == "tokenizer.json" and Path(cfg.tokenizer.model).is_file()
     blend = json.loads(Path(cfg.blend_path).read_text())
@@ -328,7 +329,7 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     copied.parent.mkdir()
     dump_config(load_config("default", [], DataPrepJobConfig), copied)
     seen = []
-    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None: seen.append(Path(recipe_dir)))
+    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: seen.append(Path(recipe_dir)))
     result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
@@ -345,7 +346,7 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
         summary: list
         bad_records: dict
 
-    def run_data_prep(cfg, recipe_dir, progress=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         assert progress is not None
         progress(PrepProgress(phase="plan", message="planning 2 datasets"))
         progress(PrepProgress(phase="tokenize", units_done=1, units_total=2, documents=5,
@@ -392,7 +393,7 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
         cached: bool
 
     fake_module("nemotron.data.prep",
-                run_data_prep=lambda cfg, recipe_dir, progress=None: FakeResult(out / "blend.json", True))
+                run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: FakeResult(out / "blend.json", True))
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
     job_dir = tmp_path / "prep-job"

@@ -27,3 +27,20 @@ def test_single_process_says_which_layout_it_does_not_apply():
     hook("start", {"total_steps": 1, "step": 0, "ignored_layout": "TP8 EP8 SP"})
     hook("end", {})
     assert "one process: TP8 EP8 SP not applied" in console.export_text()
+
+
+def test_prep_progress_shows_warnings_and_units_done_per_task():
+    from nemotron.cli.progress import PrepProgressView
+    from nemotron.data.prep import PrepProgress
+
+    console = Console(record=True, width=160, force_terminal=False)
+    view = PrepProgressView(console, show_bar=False)
+    view(PrepProgress(phase="plan", warning="num_workers=1 leaves 3 of the 4 CPUs this process may use idle"))
+    view(PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1}))
+    view(PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1}))
+    view(PrepProgress(phase="tokenize", units_done=5, units_total=10, tasks={"task 0 (a)": 3, "task 1 (b)": 2}))
+    view.stop()
+    text = console.export_text()
+    assert "warning: num_workers=1 leaves 3 of the 4 CPUs" in text
+    assert text.count("units done per task: task 0 (a) 2, task 1 (b) 1") == 1  # only when it changes
+    assert "units done per task: task 0 (a) 3, task 1 (b) 2" in text

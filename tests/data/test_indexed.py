@@ -130,3 +130,66 @@ def test_dtype_from_vocab_size():
     assert token_dtype_for_vocab(65499) is np.uint16
     assert token_dtype_for_vocab(65500) is np.int32
     assert token_dtype_for_vocab(131072) is np.int32
+
+
+# --- validation at open: a corrupt index is one error naming the file --------------------------
+
+
+def _good_pair(tmp_path, dtype=np.uint16):
+    prefix = tmp_path / "shard"
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        for doc in ([5, 6, 7], [8, 9], [10, 11, 12, 13]):
+            writer.add_document(doc)
+    return prefix
+
+
+def _patch_index(prefix, field, position, value):
+    """Overwrite one entry of the .idx arrays (lengths int32, pointers/documents int64)."""
+    raw = bytearray((prefix.parent / (prefix.name + ".idx")).read_bytes())
+    count = struct.unpack_from("<Q", raw, 18)[0]
+    offsets = {"length": (34, "<i", 4), "pointer": (34 + 4 * count, "<q", 8),
+               "document": (34 + 12 * count, "<q", 8)}
+    start, fmt, size = offsets[field]
+    struct.pack_into(fmt, raw, start + size * position, value)
+    (prefix.parent / (prefix.name + ".idx")).write_bytes(bytes(raw))
+
+
+CORRUPTIONS = {
+    # name: (change, words the error must contain)
+    "negative length": (lambda p: _patch_index(p, "length", 1, -2), "sequence 1 has negative length -2"),
+    "length past the end": (lambda p: _patch_index(p, "length", 2, 400), "ends past the end of"),
+    "offset past the end": (lambda p: _patch_index(p, "pointer", 2, 1 << 40), "ends past the end of"),
+    "offsets decrease": (lambda p: _patch_index(p, "pointer", 2, 2), "not a non-decreasing"),
+    "odd offset": (lambda p: _patch_index(p, "pointer", 1, 7), "not a non-decreasing multiple"),
+    "document indices": (lambda p: _patch_index(p, "document", 3, 2), "document indices"),
+    "truncated bin": (lambda p: p.with_name("shard.bin").write_bytes(
+        p.with_name("shard.bin").read_bytes()[:-1]), "whole number"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupt_index_is_rejected_at_open_naming_the_file(tmp_path, name):
+    prefix = _good_pair(tmp_path)
+    change, words = CORRUPTIONS[name]
+    change(prefix)
+    with pytest.raises(IndexedDatasetError, match=r"shard\.(idx|bin)") as info:
+        IndexedDataset(prefix)
+    assert words in str(info.value)
+
+
+def test_token_ids_are_checked_against_the_vocabulary(tmp_path):
+    prefix = _good_pair(tmp_path)
+    dataset = IndexedDataset(prefix, vocab_size=12)
+    assert dataset[0].tolist() == [5, 6, 7] and dataset.get(2, 0, 2).tolist() == [10, 11]
+    with pytest.raises(IndexedDatasetError, match=r"shard\.bin: sequence 2 holds token id 13, outside the vocabulary \[0, 12\)"):
+        dataset.get(2, 1)
+    with pytest.raises(IndexedDatasetError, match="shard.bin: sequence 2"):
+        dataset[2]
+    with pytest.raises(IndexedDatasetError, match="token id 13"):
+        dataset.check_vocab(12)
+    IndexedDataset(prefix, vocab_size=14).check_vocab(14)
+    # Re-opened in another process (DataLoader worker) with the same check.
+    import pickle
+
+    with pytest.raises(IndexedDatasetError):
+        pickle.loads(pickle.dumps(dataset))[2]

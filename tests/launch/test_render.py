@@ -161,18 +161,43 @@ def test_multi_node_gpu_sbatch_script_field_by_field(env, job, tmp_path):
 
 def test_data_prep_takes_a_whole_node_without_torchrun(env, job):
     job_dir, config = job
-    plan = build_launch_plan("data_prep", config, env.profile("cluster"), job_dir, env.wandb)
+    plan = build_launch_plan("data_prep", config, env.profile("bare"), job_dir, env.wandb)
     script = render(plan)
     flags = sbatch_flags(script)
     assert flags["exclusive"] is True and flags["nodes"] == "1"
+    assert flags["ntasks-per-node"] == "1"
     assert "gpus-per-node" not in flags and "cpus-per-task" not in flags
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_ON_NODE" in script.splitlines()
+    assert "NEMOTRON_PREP_TASKS" not in script  # one task: the prep runs alone
     argv = srun_line(script)
     assert "torchrun" not in argv
-    assert argv[-9:] == [
-        "python", "-m", "nemotron.cli.main", "nano3", "data", "prep", "pretrain",
-        "-c", "/nemo_run/code/config.yaml",
+    assert argv[-8:] == [
+        "-m", "nemotron.cli.main", "nano3", "data", "prep", "pretrain",
+        "-c", f"{plan.task_dir}/code/config.yaml",
     ]  # fmt: skip
+
+
+def test_data_prep_spreads_over_every_node_and_task(env, job):
+    """nodes x ntasks_per_node Slurm tasks share the units; CPUs of a node split between its
+    tasks; one failed task ends the step (a rerun redoes only its units)."""
+    job_dir, config = job
+    plan = build_launch_plan("data_prep", config, env.profile("cluster"), job_dir, env.wandb)
+    assert (plan.nodes, plan.tasks_per_node, plan.tasks) == (2, 8, 16)
+    script = render(plan)
+    flags = sbatch_flags(script)
+    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "8" and flags["exclusive"] is True
+    assert "gpus-per-node" not in flags
+    lines = script.splitlines()
+    assert "export SRUN_CPUS_PER_TASK=16" in lines  # the profile's cpus_per_task
+    assert "export NEMOTRON_PREP_TASKS=slurm" in lines
+    argv = srun_line(script)
+    # NeMo-Run's srun flags: a failed task ends the step (a rerun redoes only its units); the
+    # other tasks get 60 s after the first one ends, so tasks stay until task 0 has finished.
+    assert "--kill-on-bad-exit=1" in argv and "--wait=60" in argv and "torchrun" not in argv
+    assert argv[-2:] == ["-c", "/nemo_run/code/config.yaml"]
+    without_cpus = env.profile("cluster").__class__(**{**vars(env.profile("cluster")), "cpus_per_task": None})
+    script = render(build_launch_plan("data_prep", config, without_cpus, job_dir, env.wandb))
+    assert "export SRUN_CPUS_PER_TASK=$((SLURM_CPUS_ON_NODE/8))" in script.splitlines()
 
 
 def test_slurm_without_container_runs_in_place_with_this_interpreter(

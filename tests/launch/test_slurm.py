@@ -276,3 +276,93 @@ def test_tiny_pretrain_detached(tiny_workdir):
     job_id = re.search(r"job id\s+(\d+)", proc.stdout).group(1)
     assert wait_for_job(job_id, 600) == "COMPLETED"
     check_pretrain_outputs(job_dir)
+
+
+# --- data prep spread over several Slurm tasks ---------------------------------------------
+
+PREP_TASKS_PROFILE = """
+[ci-tasks]
+extends = "ci"
+ntasks_per_node = 2   # data prep: 2 tasks share the node (and its work units)
+cpus_per_task = 1
+"""
+# Small work units, so that both tasks get several.
+PREP_ARGS = ["nano3", "data", "prep", "pretrain", "-c", "tiny", "work_unit_mb=0.1"]
+
+
+def comparable(root: Path) -> dict[str, bytes]:
+    """Output bytes, with the output path itself (in blend.json) and metadata.json left out."""
+    return {
+        str(path.relative_to(root)): path.read_bytes().replace(str(root).encode(), b"OUT")
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "metadata.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def prep_workdir(tmp_path_factory, slurm_cluster):
+    """A working directory with the 2-task profile and a local (one-process) tiny data prep."""
+    work = tmp_path_factory.mktemp("slurm-prep-tasks")
+    write_env(work / "env.toml", slurm_cluster, PREP_TASKS_PROFILE)
+    nemotron([*PREP_ARGS, f"output_dir={work / 'local'}", "num_workers=1"], work)
+    return work
+
+
+def test_data_prep_on_two_tasks_matches_a_local_run(prep_workdir):
+    out = prep_workdir / "two-tasks"
+    proc = nemotron([*PREP_ARGS, "--run", "ci-tasks", f"output_dir={out}",
+                     "--job-dir", str(prep_workdir / "runs" / "two-tasks")], prep_workdir)
+    assert "SUCCEEDED" in proc.stdout
+    metadata = json.loads((out / "metadata.json").read_text())
+    tasks = metadata["producer"]["tasks"]
+    assert sorted(t["rank"] for t in tasks) == [0, 1] and all(t["units"] > 0 for t in tasks), tasks
+    assert sum(t["units"] for t in tasks) == sum(s["work_units"] for s in metadata["sources"])
+    assert "units done per task" in proc.stdout  # progress per task in the job's log
+    assert comparable(out) == comparable(prep_workdir / "local")
+
+
+def _task_pids(job_id: str, rank: int) -> list[int]:
+    """Processes of one task of a job (the one-node CI cluster runs them on this machine)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(
+                item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) \
+                and env.get("NEMOTRON_PREP_TASKS") == "slurm":
+            pids.append(int(environ.parent.name))
+    return pids
+
+
+def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
+    out = prep_workdir / "killed"
+    args = [*PREP_ARGS, f"output_dir={out}"]
+    proc = nemotron([*args, "--batch", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-1")],
+                    prep_workdir, timeout=120)
+    job_id = re.search(r"job id\s+(\d+)", proc.stdout).group(1)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = list(out.glob(".work/*/units/*.done.json"))
+        pids = _task_pids(job_id, 1)
+        if len(done) >= 2 and pids:
+            break
+        assert sacct_state(job_id) not in TERMINAL, "the job ended before a task could be killed"
+        time.sleep(0.1)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # task 1 dies; srun ends the step (--kill-on-bad-exit)
+    assert wait_for_job(job_id, 300) in ("FAILED", "CANCELLED")
+    assert not (out / "metadata.json").exists()
+    finished = len(list(out.glob(".work/*/units/*.done.json")))
+
+    rerun = nemotron([*args, "--run", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-2")],
+                     prep_workdir)
+    assert "SUCCEEDED" in rerun.stdout
+    assert re.search(rf"units reused\s+{finished}\b", rerun.stdout), rerun.stdout[-3000:]
+    metadata = json.loads((out / "metadata.json").read_text())
+    redone = sum(t["units"] for t in metadata["producer"]["tasks"])
+    assert redone == sum(s["work_units"] for s in metadata["sources"]) - finished
+    assert comparable(out) == comparable(prep_workdir / "local")

@@ -197,7 +197,8 @@ def submit_remote(
         print_plan("plan (dry run: nothing written)", [
             ("stage", stage),
             ("where", f"profile '{prof.name}' from {env.path} ({flag}, executor {prof.executor})"),
-            ("processes", f"{plan.nodes} node(s) x {plan.nproc_per_node}"),
+            ("processes", f"{plan.nodes} node(s) x "
+                          f"{plan.nproc_per_node if plan.spec.distributed else plan.tasks_per_node}"),
             ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
             ("job dir", str(job_dir)),
             *(predict(plan.nodes * plan.nproc_per_node) if predict is not None else []),

@@ -70,6 +70,31 @@ def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def sample_output_dir(cfg, overrides: list[str]):
+    """A sample run (`--sample N` / `sample=N`) writes to `<output_dir>-sample<N>` unless
+    `output_dir` is given on the command line: a quick look never replaces the full build."""
+    if cfg.sample is None or any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        return cfg
+    return dataclasses.replace(cfg, output_dir=f"{str(cfg.output_dir).rstrip('/')}-sample{cfg.sample}")
+
+
+def slurm_task():
+    """This process's task when a multi-task Slurm job step runs the prep (the launcher sets
+    NEMOTRON_PREP_TASKS=slurm); None for a single process. RANK follows the task, so that
+    only task 0 records the job."""
+    import os
+
+    from nemotron.data.config import PREP_TASKS_ENV
+
+    if os.environ.get(PREP_TASKS_ENV) != "slurm":
+        return None
+    from nemotron.data.prep import PrepTask
+
+    task = PrepTask.from_slurm(dict(os.environ))
+    os.environ["RANK"] = str(task.rank)
+    return task
+
+
 def data_prep_pretrain(
     overrides: PrepOverridesArg = None,
     config: ConfigOpt = "default",
@@ -99,6 +124,7 @@ def data_prep_pretrain(
         common.check_exclusive(run, batch)
         config_path = resolve_config_path(config, DataPrepJobConfig)
         cfg = load_config(config_path, overrides, DataPrepJobConfig)
+        cfg = sample_output_dir(cfg, overrides)
         recipe_dir = _recipe_dir(cfg, config_path)
         stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
         target = stage.job_dir
@@ -134,6 +160,7 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
+        task = slurm_task()
         use_wandb = cfg.wandb and cfg.wandb_mode != "disabled"
         if use_wandb:
             from nemotron.artifacts import wandb_lineage
@@ -152,7 +179,7 @@ def data_prep_pretrain(
                 console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
-            result = run_data_prep(local, recipe_dir, progress=view)
+            result = run_data_prep(local, recipe_dir, progress=view, task=task)
         finally:
             view.stop()
         if use_wandb and common.process_rank() == 0:
@@ -165,6 +192,10 @@ def data_prep_pretrain(
         return result
 
     result = common.run_stage(prepare, target)
+    if task is not None and not task.leader:
+        console.print(f"task {task.rank} of {task.world} on {task.host}: "
+                      f"{getattr(result, 'units_done_here', 0)} work units done")
+        return
     values = common.as_dict(result)
     if common.process_rank() == 0:
         finish_job_dir(target, "completed", values)

@@ -67,11 +67,19 @@ class PrepProgressView:
         )
         self.task: TaskID | None = None
         self._message = ""
+        self._tasks: dict[str, int] = {}
 
     def __call__(self, report: Any) -> None:
         if report.message and report.message != self._message:
             self._message = report.message
             self.console.log(report.message)
+        if getattr(report, "warning", ""):
+            self.console.log(f"[yellow]warning:[/] {report.warning}")
+        tasks = getattr(report, "tasks", None) or {}
+        if tasks and tasks != self._tasks:
+            # Several tasks (nodes) share the prep: units done by each, when it changes.
+            self._tasks = dict(tasks)
+            self.console.log("units done per task: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
         if self.task is None and report.units_total:
             self.progress.start()
             self.task = self.progress.add_task("", total=report.units_total, phase=report.phase)

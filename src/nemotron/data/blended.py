@@ -126,13 +126,15 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         seed: int,
         cache_dir: str | Path,
         split: str,
+        vocab_size: int | None = None,
     ) -> "BlendedDataset":
         normalised, served, requested = blend_sizes(num_samples, weights)
         datasets: list[GPTDataset | None] = []
         for prefix, wanted in zip(prefixes, requested):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
             datasets.append(
-                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split) if wanted else None
+                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size)
+                if wanted else None
             )
         description = {
             "class": "BlendedDataset",
@@ -165,6 +167,7 @@ def build_mixed_length_dataset(
     num_samples: int,
     seed: int,
     cache_dir: str | Path | None = None,
+    vocab_size: int | None = None,
 ) -> BlendedDataset:
     """Samples of several per-split blends, each at its own sequence length: `parts` are
     (blend.json, seq_length, weight). Within a part, samples keep Megatron's semantics (each
@@ -186,8 +189,8 @@ def build_mixed_length_dataset(
     normalised, served, requested = blend_sizes(num_samples, [w for _, _, w in parts])
     datasets = []
     for (blend, seq_length, _), wanted in zip(parts, requested):
-        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir)
-                        if wanted else None)
+        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir,
+                                            vocab_size) if wanted else None)
     description = {
         "class": "MixedLengthDataset",
         "format": INDEX_FORMAT_VERSION,

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Set to "slurm" by the launcher when several Slurm tasks share one data prep (each then takes
+# its rank from SLURM_PROCID). Here, not in nemotron.launch: the job reads it without importing
+# NeMo-Run (and torch with it).
+PREP_TASKS_ENV = "NEMOTRON_PREP_TASKS"
+
+
 @dataclass
 class TokenizerConfig:
     # Hugging Face hub id, a local directory, a tokenizer.json, or a SentencePiece .model.
@@ -33,11 +39,15 @@ class DataPrepConfig:
     min_doc_chars: int | None = None
     max_doc_tokens: int | None = None
     sample: int | None = None
-    num_workers: int | None = None  # None = every core
+    # Worker processes, each on one core (the tokenizer's thread pool is off); None = every CPU
+    # this process may use (its Slurm task's, its taskset). Fewer than the CPUs is warned about.
+    num_workers: int | None = None
     max_bad_record_fraction: float = 0.01
     force: bool = False
-    # Size of one unit of parallel work (a byte range of a plain jsonl file). Output bytes do
-    # not depend on it; it only sets the granularity of parallelism and of resume.
+    # Largest unit of parallel work, in MB of text. Units are sized from the input and the
+    # number of workers (8 per worker, at least 1 MB, at most this): large files are split
+    # (plain jsonl byte ranges), small ones grouped. Output bytes do not depend on it; it sets
+    # the granularity of parallelism and of resume.
     work_unit_mb: float = 64.0
     # W&B: log the output as the artifact `DataBlendsArtifact-pretrain` (the same keys as the
     # pretraining recipe's logger.wandb*; the project defaults to $WANDB_PROJECT, then nemotron).

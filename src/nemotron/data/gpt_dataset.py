@@ -197,8 +197,10 @@ def cached_arrays(
 # One dataset
 
 
-def open_indexed(prefix: str):
-    return IndexedDataset(prefix)
+def open_indexed(prefix: str, vocab_size: int | None = None):
+    """The indexed dataset of `prefix`, validated at open; with `vocab_size`, every sequence
+    read is checked to hold ids inside the vocabulary (error naming the file otherwise)."""
+    return IndexedDataset(prefix, vocab_size=vocab_size)
 
 
 def sample_dict(tokens: np.ndarray) -> dict[str, torch.Tensor]:
@@ -217,13 +219,14 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         seed: int,
         cache_dir: str | Path,
         split: str = "train",
+        vocab_size: int | None = None,
     ) -> None:
         if num_samples <= 0 or seq_length <= 0:
             raise GPTDatasetError(
                 f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive"
             )
         self.prefix = str(prefix)
-        self.indexed = open_indexed(self.prefix)
+        self.indexed = open_indexed(self.prefix, vocab_size)
         self.seq_length = seq_length
         sequence_lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
         tokens_per_epoch = int(sequence_lengths.sum())
@@ -364,6 +367,7 @@ def build_split_dataset(
     seq_length: int,
     seed: int,
     cache_dir: str | Path | None = None,
+    vocab_size: int | None = None,
 ) -> torch.utils.data.Dataset:
     """The `num_samples`-sample dataset of one split of a blend.json (Megatron semantics).
 
@@ -378,5 +382,6 @@ def build_split_dataset(
     weights, prefixes = read_blend(blend_json_path, split)
     cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
     if len(prefixes) == 1:
-        return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split)
-    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split)
+        return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split, vocab_size)
+    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split,
+                                vocab_size)

@@ -211,10 +211,19 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Memory-mapped reader of a Megatron ``.bin/.idx`` pair."""
+    """Memory-mapped reader of a Megatron ``.bin/.idx`` pair.
 
-    def __init__(self, prefix: str | os.PathLike):
+    The index is validated when the pair is opened (see ``_validate``): a file that would make
+    a reader return wrong tokens or fail later with a bare ``IndexError`` is rejected at once
+    with an ``IndexedDatasetError`` naming it. With ``vocab_size`` every sequence handed out is
+    also checked to hold token ids in ``[0, vocab_size)`` (a check over the tokens read, so it
+    costs nothing next to using them; scanning a whole ``.bin`` at open would cost a read of
+    the dataset).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int | None = None):
         self.prefix = Path(os.fspath(prefix))
+        self.vocab_size = vocab_size
         index_file, data_file = idx_path(self.prefix), bin_path(self.prefix)
         for path in (index_file, data_file):
             if not path.is_file():
@@ -248,24 +257,71 @@ class IndexedDataset:
         offset += count * 8
         self.document_indices = np.frombuffer(self._index, dtype="<i8", count=doc_count, offset=offset)
         data_size = data_file.stat().st_size
-        needed = (
-            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-            if count
-            else 0
-        )
-        if data_size < needed:
-            raise IndexedDatasetError(f"{data_file}: {data_size} bytes, index needs {needed}")
+        self._validate(index_file, data_file, data_size)
         if data_size:
             self._data = np.memmap(data_file, dtype=self.dtype, mode="r")
         else:
             self._data = np.zeros(0, dtype=self.dtype)
 
+    def _validate(self, index_file: Path, data_file: Path, data_size: int) -> None:
+        """Structure of the index against itself and the ``.bin`` size, in bounded memory.
+
+        Lengths are non-negative; byte offsets are multiples of the item size, non-decreasing,
+        and each sequence ends inside the ``.bin``; document indices start at 0, never
+        decrease and end at the sequence count. (Megatron writes sequences back to back, but
+        only these properties are needed to read every sequence correctly.)
+        """
+        itemsize = self.dtype.itemsize
+        if data_size % itemsize:
+            raise IndexedDatasetError(
+                f"{data_file}: {data_size} bytes is not a whole number of {self.dtype} tokens"
+            )
+        count = self.sequence_lengths.size
+        previous = 0
+        for start in range(0, count, _CHUNK_ELEMENTS):
+            stop = min(count, start + _CHUNK_ELEMENTS)
+            lengths = self.sequence_lengths[start:stop].astype(np.int64)
+            pointers = self.sequence_pointers[start:stop]
+            bad = np.flatnonzero(lengths < 0)
+            if bad.size:
+                i = start + int(bad[0])
+                raise IndexedDatasetError(
+                    f"{index_file}: sequence {i} has negative length {int(lengths[bad[0]])}"
+                )
+            steps = np.diff(pointers, prepend=np.int64(previous))
+            bad = np.flatnonzero((pointers < 0) | (steps < 0) | (pointers % itemsize != 0))
+            if bad.size:
+                i = start + int(bad[0])
+                raise IndexedDatasetError(
+                    f"{index_file}: sequence {i} starts at byte offset {int(pointers[bad[0]])}, "
+                    "not a non-decreasing multiple of the token size"
+                )
+            ends = pointers + lengths * itemsize
+            bad = np.flatnonzero(ends > data_size)
+            if bad.size:
+                i = start + int(bad[0])
+                raise IndexedDatasetError(
+                    f"{index_file}: sequence {i} (offset {int(pointers[bad[0]])}, "
+                    f"{int(lengths[bad[0]])} tokens) ends past the end of {data_file} "
+                    f"({data_size} bytes)"
+                )
+            previous = int(pointers[-1])
+        documents = self.document_indices
+        if documents.size == 0 or int(documents[0]) != 0 or int(documents[-1]) != count:
+            raise IndexedDatasetError(
+                f"{index_file}: document indices must run from 0 to the sequence count {count}"
+            )
+        for start in range(0, documents.size, _CHUNK_ELEMENTS):
+            chunk = documents[max(0, start - 1) : start + _CHUNK_ELEMENTS]
+            if chunk.size > 1 and bool((np.diff(chunk) < 0).any()):
+                raise IndexedDatasetError(f"{index_file}: document indices decrease")
+
     def __getstate__(self) -> dict:
         # Re-opened (and re-validated) from the files in another process, never copied.
-        return {"prefix": self.prefix}
+        return {"prefix": self.prefix, "vocab_size": self.vocab_size}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"])
+        self.__init__(state["prefix"], state.get("vocab_size"))
 
     def __len__(self) -> int:
         return int(self.sequence_lengths.size)
@@ -277,7 +333,7 @@ class IndexedDataset:
     def _start(self, i: int) -> int:
         return int(self.sequence_pointers[i]) // self.dtype.itemsize
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def _sequence(self, i: int) -> np.ndarray:
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"IndexedDataset indices must be integers, got {type(i).__name__}")
         n = len(self)
@@ -288,15 +344,42 @@ class IndexedDataset:
         start = self._start(i)
         return self._data[start : start + int(self.sequence_lengths[i])]
 
+    def _checked(self, i: int, tokens: np.ndarray) -> np.ndarray:
+        if self.vocab_size is not None and tokens.size:
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise IndexedDatasetError(
+                    f"{bin_path(self.prefix)}: sequence {i} holds token id "
+                    f"{low if low < 0 else high}, outside the vocabulary [0, {self.vocab_size})"
+                )
+        return tokens
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._checked(i, self._sequence(i))
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end if length is None)."""
-        sequence = self[i]
+        sequence = self._sequence(i)
         if offset < 0 or offset > sequence.size:
             raise IndexError(f"offset {offset} out of range for sequence {i} of {sequence.size} tokens")
         stop = sequence.size if length is None else offset + length
         if stop > sequence.size:
             raise IndexError(f"offset {offset} + length {length} beyond sequence {i} of {sequence.size}")
-        return sequence[offset:stop]
+        return self._checked(i, sequence[offset:stop])
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Scan every token of the ``.bin`` (in chunks) for ids outside ``[0, vocab_size)``.
+
+        Reads the whole file: for tools and tests; training checks the sequences it reads."""
+        step = max(1, (64 << 20) // self.dtype.itemsize)
+        for begin in range(0, self._data.size, step):
+            chunk = self._data[begin : begin + step]
+            low, high = int(chunk.min()), int(chunk.max())
+            if low < 0 or high >= vocab_size:
+                raise IndexedDatasetError(
+                    f"{bin_path(self.prefix)}: token id {low if low < 0 else high} outside the "
+                    f"vocabulary [0, {vocab_size})"
+                )
 
     def __repr__(self) -> str:
         return f"IndexedDataset({str(self.prefix)!r}, sequences={len(self)}, dtype={self.dtype})"

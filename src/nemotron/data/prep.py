@@ -5,26 +5,33 @@ Pipeline
    tokenizer, and compute the fingerprint of sources (paths, revisions, file sizes and mtimes),
    tokenizer identity and prep config. If ``metadata.json`` in the output directory carries
    the same fingerprint and its shards exist, nothing is done (``DataPrepResult.cached``).
-2. Tokenize: each *work unit* (a piece of one dataset) is processed by a pool of worker
-   processes (every core by default). A worker reads its piece, skips and counts bad records,
-   applies the filters, tokenizes in batches, routes each document to train/valid/test by a hash
-   of its text, and streams the tokens into per-unit ``.bin/.idx`` files under
-   ``<output>/.work/<fingerprint>/``; when the unit is complete it writes a completion marker
-   atomically. Memory per worker is one batch, independent of dataset size.
-3. Assemble: per dataset and split, the units' documents are concatenated in unit order and
-   cut into shards of near-equal tokens (``<split>/<dataset>_<k>.bin/.idx``), each written to
-   a temporary name and renamed when complete; then ``blend.json`` (weights as documented in
-   ``blend.py``) and finally ``metadata.json``, whose presence marks the output complete.
+   Otherwise the input is cut into *work units* of about equal text (``UNITS_PER_WORKER``
+   units per worker of all tasks; large files split, small ones grouped), recorded in
+   ``.work/<fingerprint>/plan.json`` so that a rerun reuses the same units.
+2. Tokenize: each work unit is processed by a pool of single-core worker processes (every
+   CPU of the process by default). A worker reads its pieces, skips and counts bad records,
+   applies the filters, tokenizes in batches, routes each document to train/valid/test by a
+   hash of its text, and streams the tokens into per-unit ``.bin/.idx`` files under
+   ``<output>/.work/<fingerprint>/units/``; when the unit is complete it writes a completion
+   marker atomically. Memory per worker is one batch, independent of dataset size. Several
+   processes (Slurm tasks on many nodes, ``PrepTask``) share the units by claiming them.
+3. Assemble (task 0): per dataset and split, the units' documents are concatenated in unit
+   order and cut into shards of near-equal tokens, written with ``blend.json`` and
+   ``metadata.json`` into ``.work/<fingerprint>/staging/``. Only then is the new build swapped
+   in place of the old one (journaled; ``metadata.json`` moved last, its presence marks the
+   output complete): a failed prep never touches the previous output.
 
-Resume: a rerun after an interruption (even kill -9) reuses completed units and shards and
-redoes the rest. Because the document order and the assignment of documents to shards depend
-only on the inputs and the config (never on timing or the number of workers), the result is
-byte-identical to an uninterrupted run.
+Resume: a rerun after an interruption (even kill -9, of one task or all) reuses completed units
+and staged shards, redoes the rest and finishes an interrupted swap. Because the document order
+and the assignment of documents to shards depend only on the inputs and the config (never on
+timing, the number of workers or tasks, or the unit sizes), the result is byte-identical to an
+uninterrupted one-process run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -68,6 +75,10 @@ BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 20
 COPY_CHUNK_BYTES = 64 << 20
 SHARD_NAME = re.compile(r"^.+_\d{5}\.(bin|idx)$")
+# Temporary files of the atomic writers (``.NAME.<pid>[.-<hex>].tmp``), left only by a kill.
+TEMP_NAME = re.compile(r"^\..+\.\d+([.-][0-9a-f]+)?\.tmp$")
+UNITS_PER_WORKER = 8
+MIN_UNIT_BYTES = 1 << 20
 
 
 class DataPrepError(ValueError):
@@ -86,6 +97,8 @@ class PrepProgress:
     bytes_read: int = 0
     elapsed_s: float = 0.0
     message: str = ""
+    warning: str = ""  # e.g. a plan that leaves cores idle
+    tasks: dict[str, int] = field(default_factory=dict)  # several tasks: units done by each
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,6 +131,8 @@ class DataPrepResult:
     elapsed_s: float
     units_reused: int = 0  # work units found complete from an interrupted run
     cpu_s: float = 0.0  # CPU seconds of this run: the calling process plus the worker processes
+    warnings: list[str] = field(default_factory=list)  # e.g. a plan that leaves cores idle
+    units_done_here: int = 0  # work units this process (task) tokenized; other tasks: no summary
 
     def totals(self, split: str = "train") -> tuple[int, int]:
         rows = [row for row in self.summary if row.split == split]
@@ -250,13 +265,27 @@ def _fingerprint(cfg: DataPrepConfig, plans: list[_DatasetPlan], tokenizer_ident
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _units(plans: list[_DatasetPlan], sample: int | None, work_dir: Path) -> list[UnitSpec]:
+def unit_bytes_for(total_bytes: int, workers: int, cap_mb: float) -> int:
+    """Target bytes of one work unit: the input spread over UNITS_PER_WORKER units per worker
+    (so that uneven units even out and every core stays busy to the end), at least
+    MIN_UNIT_BYTES (per-unit overhead) and at most ``work_unit_mb`` (resume granularity)."""
+    cap = max(1, int(cap_mb * (1 << 20)))
+    per_unit = -(-max(0, total_bytes) // (UNITS_PER_WORKER * max(1, workers)))
+    return min(cap, max(MIN_UNIT_BYTES, per_unit))
+
+
+def _units(plans: list[_DatasetPlan], sample: int | None, out_dir: Path, unit_bytes: int) -> list[UnitSpec]:
+    """Work units: large pieces split (plain jsonl byte ranges), small ones grouped, each unit
+    about ``unit_bytes`` of text. Units hold consecutive pieces of one dataset, so reading the
+    units in order reads the dataset in order, however it was cut."""
     units = []
-    out_dir = str(work_dir / "units")
     for dataset_index, plan in enumerate(plans):
-        # With --sample the first N rows of the dataset are wanted: one unit reads the pieces
-        # in order and stops after N rows.
-        groups = [tuple(plan.source.pieces)] if sample else [(piece,) for piece in plan.source.pieces]
+        if sample:
+            # The first N rows of the dataset are wanted: one unit reads the pieces in order
+            # and stops after N rows.
+            groups = [tuple(plan.source.pieces)]
+        else:
+            groups = _group_pieces(src.split_pieces(plan.source.pieces, unit_bytes), unit_bytes)
         for unit_index, pieces in enumerate(groups):
             key = hashlib.sha1(repr((pieces, sample)).encode()).hexdigest()[:12]
             units.append(
@@ -272,10 +301,48 @@ def _units(plans: list[_DatasetPlan], sample: int | None, work_dir: Path) -> lis
                     test_fraction=plan.test_fraction,
                     min_doc_chars=plan.min_doc_chars,
                     max_doc_tokens=plan.max_doc_tokens,
-                    out_dir=out_dir,
+                    out_dir=str(out_dir),
                 )
             )
     return units
+
+
+def _group_pieces(pieces: list[src.Piece], unit_bytes: int) -> list[tuple[src.Piece, ...]]:
+    """Consecutive pieces grouped up to ``unit_bytes``; a piece of unknown size (a hub shard)
+    is a unit of its own."""
+    groups: list[tuple[src.Piece, ...]] = []
+    current: list[src.Piece] = []
+    size = 0
+    for piece in pieces:
+        if piece.size < 0 or (current and size + piece.size > unit_bytes):
+            if current:
+                groups.append(tuple(current))
+            current, size = [], 0
+        if piece.size < 0:
+            groups.append((piece,))
+            continue
+        current.append(piece)
+        size += piece.size
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
+def _save_units(path: Path, units: list[UnitSpec]) -> None:
+    rows = [{**asdict(unit), "out_dir": None} for unit in units]
+    atomic_write_text(path, json.dumps({"units": rows}, sort_keys=True) + "\n")
+
+
+def _load_units(path: Path, out_dir: Path) -> list[UnitSpec]:
+    try:
+        rows = json.loads(path.read_text())["units"]
+        units = []
+        for row in rows:
+            pieces = tuple(src.Piece(**{**piece, "files": tuple(piece["files"])}) for piece in row["pieces"])
+            units.append(UnitSpec(**{**row, "pieces": pieces, "out_dir": str(out_dir)}))
+        return units
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataPrepError(f"{path}: unreadable work plan ({error}); rerun with --force") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,11 +351,32 @@ def _units(plans: list[_DatasetPlan], sample: int | None, work_dir: Path) -> lis
 _WORKER: dict = {}
 
 
+# A worker is one process on one core: the tokenizer's own thread pool stays off (HF
+# tokenizers reads TOKENIZERS_PARALLELISM at every batch call; rayon reads RAYON_NUM_THREADS
+# when its pool starts).
+SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+
+
 def _init_worker(resolved: ResolvedTokenizer | Tokenizer, progress_queue, single_threaded: bool = True) -> None:
     if single_threaded:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+        os.environ.update(SINGLE_THREAD_ENV)
     _WORKER["tokenizer"] = resolved if isinstance(resolved, Tokenizer) else Tokenizer(resolved)
     _WORKER["queue"] = progress_queue
+
+
+@contextlib.contextmanager
+def _single_threaded_here():
+    """The calling process as one single-core worker; its environment is restored after."""
+    saved = {key: os.environ.get(key) for key in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _DirectReport:
@@ -427,7 +515,8 @@ class _Segment:
 class _ShardPlan:
     dataset: str
     split: str
-    prefix: Path  # final output prefix
+    prefix: Path  # final output prefix (what blend.json and metadata.json name)
+    staged: Path = Path()  # where it is written: the build's staging directory
     segments: list[_Segment] = field(default_factory=list)
     documents: int = 0
     tokens: int = 0
@@ -463,7 +552,7 @@ def _ensure_coverage(segments: dict[str, list[_Segment]], fractions: dict[str, f
 
 
 def _cut_into_shards(dataset: str, split: str, segments: list[_Segment], num_shards: int,
-                     output_dir: Path) -> list[_ShardPlan]:
+                     output_dir: Path, staging_dir: Path) -> list[_ShardPlan]:
     """Contiguous shards of near-equal tokens: a document goes to shard floor(tokens_before * n / total)."""
     def lengths_of(segment: _Segment) -> np.ndarray:
         return IndexedDataset(segment.prefix).sequence_lengths[segment.start : segment.stop].astype(np.int64)
@@ -493,13 +582,14 @@ def _cut_into_shards(dataset: str, split: str, segments: list[_Segment], num_sha
     ordered = [shards[k] for k in sorted(shards)]
     for number, plan in enumerate(ordered):  # empty shards are dropped; numbering stays dense
         plan.prefix = output_dir / split / f"{dataset}_{number:05d}"
+        plan.staged = staging_dir / split / f"{dataset}_{number:05d}"
     return ordered
 
 
 def _write_shard(plan: _ShardPlan, dtype) -> None:
-    if prefix_exists(plan.prefix):
+    if prefix_exists(plan.staged):
         return  # written by an interrupted run of the same fingerprint (renamed only when complete)
-    with IndexedDatasetWriter(plan.prefix, dtype) as writer:
+    with IndexedDatasetWriter(plan.staged, dtype) as writer:
         for segment in plan.segments:
             source = IndexedDataset(segment.prefix)
             itemsize = source.dtype.itemsize
@@ -517,19 +607,183 @@ def _write_shard(plan: _ShardPlan, dtype) -> None:
                 doc = stop
 
 
+SHARD_WRITER_THREADS = 8
+
+
+def _write_shards(shards: list[_ShardPlan], dtype) -> None:
+    """Shards are copies of unit files, bound by I/O and by the fsync of each file: a few
+    threads overlap those waits (the GIL is released in both)."""
+    with futures.ThreadPoolExecutor(max_workers=SHARD_WRITER_THREADS) as pool:
+        for done in [pool.submit(_write_shard, shard, dtype) for shard in shards]:
+            done.result()  # in order: the first error is raised
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (Slurm tasks, one per node or more) sharing one data prep
+
+
+@dataclass(frozen=True)
+class PrepTask:
+    """This process's place among the processes that share one data prep.
+
+    All tasks tokenize: each claims work units one at a time (an exclusive create of a claim
+    file on the shared filesystem), so faster nodes take more units. Task 0 also plans (and
+    announces the plan to the others), waits for every unit, then assembles and swaps the
+    output in. ``attempt`` is shared by the tasks of one launch (claims are per attempt: a
+    rerun reclaims the units a failed attempt left unfinished and reuses the finished ones).
+    """
+
+    rank: int = 0
+    world: int = 1
+    attempt: str = ""
+    host: str = field(default_factory=socket.gethostname)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_slurm(cls, environ: dict[str, str]) -> "PrepTask":
+        """The task of a Slurm job step (``srun``): SLURM_PROCID of SLURM_NTASKS, attempt =
+        job and step id."""
+        try:
+            rank = int(environ["SLURM_PROCID"])
+            world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"])
+            attempt = f"slurm-{environ['SLURM_JOB_ID']}.{environ.get('SLURM_STEP_ID', '0')}"
+        except (KeyError, ValueError) as error:
+            raise DataPrepError(f"not inside a Slurm job step (srun): missing or bad {error}") from None
+        if not 0 <= rank < world:
+            raise DataPrepError(f"SLURM_PROCID {rank} is outside the {world} tasks of the step")
+        return cls(rank=rank, world=world, attempt=attempt)
+
+
+POLL_SECONDS = 0.5
+FOLLOWER_WAIT_S = 3600.0  # how long a task waits for task 0's plan (hub planning can be slow)
+
+
+def _attempt_file(output_dir: Path, task: PrepTask) -> Path:
+    return output_dir / WORK_DIR / "attempts" / f"{task.attempt}.json"
+
+
+def _announce(output_dir: Path, task: PrepTask, **fields) -> None:
+    """Task 0 tells the other tasks of this attempt what to do (nothing for one task)."""
+    if task.world > 1:
+        atomic_write_text(_attempt_file(output_dir, task), json.dumps(fields, sort_keys=True) + "\n")
+
+
+def _claimer(work_dir: Path, task: PrepTask) -> Callable[[UnitSpec], bool] | None:
+    if task.world == 1:
+        return None
+    claims = work_dir / "claims" / task.attempt
+    claims.mkdir(parents=True, exist_ok=True)
+
+    def claim(unit: UnitSpec) -> bool:
+        try:
+            os.close(os.open(claims / unit.unit_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    return claim
+
+
+class _TaskBoard:
+    """Per-task status files (units done, tokens, state), the source of the per-node
+    progress and of a failed task's error for the others."""
+
+    def __init__(self, work_dir: Path, task: PrepTask, workers: int):
+        self.directory = work_dir / "tasks" / task.attempt
+        self.task, self.workers = task, workers
+        self.units = self.tokens = 0
+        self._written = 0.0
+
+    def counting(self, emit: Callable[..., None]) -> Callable[..., None]:
+        """``emit`` that also counts this task's units and tokens."""
+        def counted(*args, **kwargs) -> None:
+            self.units += kwargs.get("units", 0)
+            self.tokens += kwargs.get("tokens", 0)
+            emit(*args, **kwargs)
+
+        return counted
+
+    def record(self, state: str = "running", error: str = "", force: bool = False) -> None:
+        if self.task.world == 1:
+            return
+        now = time.monotonic()
+        if not force and now - self._written < 1.0:
+            return
+        self._written = now
+        atomic_write_text(self.directory / f"{self.task.rank:05d}.json", json.dumps({
+            "rank": self.task.rank, "host": self.task.host, "workers": self.workers,
+            "units": self.units, "tokens": self.tokens, "state": state, "error": error,
+        }))
+
+    def read(self) -> list[dict]:
+        rows = []
+        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
+            try:
+                rows.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # being replaced; next poll
+        return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 
 
-def _clear_outputs(output_dir: Path) -> None:
-    for name in ("metadata.json", "blend.json"):
-        (output_dir / name).unlink(missing_ok=True)
+def _move(source: Path, target: Path) -> None:
+    if source.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
+
+def _swap_in(output_dir: Path, work_dir: Path) -> None:
+    """Put the complete build staged in ``work_dir/staging`` in place of the output.
+
+    Journaled, so that a kill at any moment is finished by the next run (``_finish_swap``):
+    the older build is moved aside (metadata.json first: from then on it no longer looks
+    complete), the new files are moved in, and the new metadata.json is moved in last."""
+    atomic_write_text(work_dir / "swap.json", json.dumps({"state": "move_old"}) + "\n")
+    _finish_swap(output_dir, work_dir)
+
+
+def _finish_swap(output_dir: Path, work_dir: Path) -> None:
+    journal = work_dir / "swap.json"
+    staging, previous = work_dir / "staging", work_dir / "previous"
+    if json.loads(journal.read_text()).get("state") == "move_old":
+        for name in ("metadata.json", "blend.json"):
+            _move(output_dir / name, previous / name)
+        for split in SPLITS:
+            directory = output_dir / split
+            for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+                if path.is_file() and SHARD_NAME.match(path.name):
+                    _move(path, previous / split / path.name)
+        atomic_write_text(journal, json.dumps({"state": "move_new"}) + "\n")
     for split in SPLITS:
-        directory = output_dir / split
-        if directory.is_dir():
-            for path in directory.iterdir():
-                if path.is_file() and (SHARD_NAME.match(path.name) or path.name.endswith(".tmp")):
-                    path.unlink()
+        directory = staging / split
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            if SHARD_NAME.match(path.name):
+                _move(path, output_dir / split / path.name)
+    _move(staging / "blend.json", output_dir / "blend.json")
+    _move(staging / "metadata.json", output_dir / "metadata.json")
+    _remove_stray_temps(output_dir)
+
+
+def _remove_stray_temps(output_dir: Path) -> None:
+    """Temporary files a killed writer left beside the output (older versions wrote them there)."""
+    for directory in (output_dir, *(output_dir / split for split in SPLITS)):
+        for path in directory.iterdir() if directory.is_dir() else []:
+            if path.is_file() and TEMP_NAME.match(path.name):
+                path.unlink(missing_ok=True)
+
+
+def _finish_pending_swaps(output_dir: Path) -> None:
+    """A build killed while being swapped in was complete: finish its swap."""
+    work_root = output_dir / WORK_DIR
+    for journal in sorted(work_root.glob("*/swap.json"), key=lambda p: p.stat().st_mtime):
+        _finish_swap(output_dir, journal.parent)
+        shutil.rmtree(journal.parent, ignore_errors=True)
 
 
 def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
@@ -544,6 +798,23 @@ def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
         if not all(prefix_exists(shard["prefix"]) for shard in shards):
             return None
     return _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
+
+
+def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> None:
+    """A sample run (``sample``) must not replace a complete full build unless forced."""
+    if cfg.sample is None or cfg.force:
+        return
+    try:
+        metadata = json.loads((output_dir / "metadata.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if (metadata.get("config") or {}).get("sample") is None:
+        documents = (metadata.get("counts") or {}).get("train", {}).get("documents", "?")
+        raise DataPrepError(
+            f"{output_dir} holds a complete full build ({output_dir / 'metadata.json'}: "
+            f"{documents} train documents); a sample run (sample={cfg.sample}) would replace it: "
+            f"give the sample its own output_dir, or add --force (force=true) to replace it"
+        )
 
 
 def _result_from_metadata(output_dir: Path, metadata: dict, cached: bool, elapsed: float,
@@ -604,43 +875,71 @@ def _source_checks(cfg: DataPrepConfig, plan: _DatasetPlan, stats: list[dict]) -
     }
 
 
-def _run_units(pending: list[UnitSpec], tokenizer: Tokenizer, workers: int,
-               emit: Callable[..., None]) -> float:
-    """Process the units; returns the CPU seconds spent in worker processes (0 when inline)."""
-    if not pending:
-        return 0.0
+def _run_units(units: list[UnitSpec], tokenizer: Tokenizer, workers: int, emit: Callable[..., None],
+               claim: Callable[[UnitSpec], bool] | None = None,
+               tick: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    """Process the units that are not complete (and that this task claims, when tasks share the
+    work), ``workers`` single-core processes at a time. Returns (CPU seconds spent in worker
+    processes, 0 when inline; units processed here)."""
+
+    def todo():
+        for unit in units:
+            if unit.marker.is_file() or (claim is not None and not claim(unit)):
+                continue
+            yield unit
+
+    queue_ = todo()
+    first = next(queue_, None)
+    if first is None:
+        return 0.0, 0
+    queue_ = itertools.chain([first], queue_)
+    done = 0
     if workers == 1:
-        # In the calling process: no process start-up cost, and its environment is left alone.
-        _init_worker(tokenizer, _DirectReport(emit), single_threaded=False)
-        try:
-            for unit in pending:
-                _process_unit(unit)
-                emit(units=1)
-        finally:
-            _WORKER.clear()
-        return 0.0
+        # In the calling process: no process start-up cost; one core, like a worker.
+        with _single_threaded_here():
+            _init_worker(tokenizer, _DirectReport(emit), single_threaded=False)
+            try:
+                for unit in queue_:
+                    _process_unit(unit)
+                    done += 1
+                    emit(units=1)
+                    tick()
+            finally:
+                _WORKER.clear()
+        return 0.0, done
     context = _worker_context()
     progress_queue = context.Queue()
     with futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer.resolved, progress_queue)
     ) as pool:
-        running = {pool.submit(_process_unit, unit) for unit in pending}
+        # Units are claimed and submitted as workers free up (two per worker in flight), so
+        # that tasks sharing the work take units at the pace they finish them.
+        running = set()
         worker_cpu: dict[int, float] = {}
         try:
-            while running:
-                done, running = futures.wait(running, timeout=0.25, return_when=futures.FIRST_COMPLETED)
+            while True:
+                while len(running) < 2 * workers:
+                    unit = next(queue_, None)
+                    if unit is None:
+                        break
+                    running.add(pool.submit(_process_unit, unit))
+                if not running:
+                    break
+                finished, running = futures.wait(running, timeout=0.25, return_when=futures.FIRST_COMPLETED)
                 _drain(progress_queue, emit)
-                for future in done:
+                for future in finished:
                     stats = future.result()  # re-raises a worker's error here
                     worker_cpu[stats["pid"]] = max(worker_cpu.get(stats["pid"], 0.0), stats["process_cpu_s"])
+                    done += 1
                     emit(units=1)
+                tick()
         except BaseException:
             for future in running:
                 future.cancel()
             raise
         finally:
             _drain(progress_queue, emit)
-    return sum(worker_cpu.values())
+    return sum(worker_cpu.values()), done
 
 
 def available_cpus() -> int:
@@ -671,71 +970,140 @@ def _drain(progress_queue, emit) -> None:
         emit(documents=item["documents"], tokens=item["tokens"], bytes_read=item["bytes"])
 
 
-def run_data_prep(
-    cfg: DataPrepConfig,
-    recipe_dir: Path | str | None = None,
-    progress: ProgressCallback | None = None,
-) -> DataPrepResult:
-    """Prepare the blend described by ``cfg``; see the module docstring for the pipeline."""
-    started, cpu_started = time.monotonic(), time.process_time()
-    _validate_config(cfg)
-    blend_path = _resolve_blend_path(cfg, Path(recipe_dir) if recipe_dir is not None else None)
-    blend = load_blend(blend_path)
-    base_dir = Path(recipe_dir) if recipe_dir is not None else blend_path.parent
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
+def _idle_core_warnings(cfg: DataPrepConfig, task: PrepTask, workers: int, units: int,
+                        pending: int) -> list[str]:
+    """``workers``: the worker processes of this task before the plan was known."""
+    warnings = []
+    cpus = available_cpus()
+    if cfg.num_workers is not None and cfg.num_workers < cpus:
+        warnings.append(
+            f"num_workers={cfg.num_workers} leaves {cpus - cfg.num_workers} of the {cpus} CPUs "
+            f"this process may use idle (null = every CPU)"
+        )
+    total_workers = workers * task.world
+    if 0 < pending < total_workers:
+        warnings.append(
+            f"only {pending} work units to do for {total_workers} workers: "
+            f"{total_workers - pending} of them will be idle (the input is small, or "
+            f"work_unit_mb={cfg.work_unit_mb:g} is too large for it)"
+        )
+    return warnings
 
-    state = PrepProgress(phase="plan")
 
-    def emit(phase: str | None = None, units: int = 0, documents: int = 0, tokens: int = 0,
-             bytes_read: int = 0, message: str = "") -> None:
+class _Emitter:
+    """Builds PrepProgress reports from increments (the library never prints)."""
+
+    def __init__(self, progress: ProgressCallback | None, started: float):
+        self.progress, self.started = progress, started
+        self.state = PrepProgress(phase="plan")
+
+    def __call__(self, phase: str | None = None, units: int = 0, documents: int = 0, tokens: int = 0,
+                 bytes_read: int = 0, message: str = "", warning: str = "") -> None:
+        state = self.state
         if phase:
             state.phase = phase
         state.units_done += units
         state.documents += documents
         state.tokens += tokens
         state.bytes_read += bytes_read
-        state.elapsed_s = time.monotonic() - started
+        state.elapsed_s = time.monotonic() - self.started
         state.message = message
-        if progress is not None:
-            progress(dataclasses.replace(state))
+        state.warning = warning
+        if self.progress is not None:
+            self.progress(dataclasses.replace(state, tasks=dict(state.tasks)))
+
+
+def run_data_prep(
+    cfg: DataPrepConfig,
+    recipe_dir: Path | str | None = None,
+    progress: ProgressCallback | None = None,
+    task: PrepTask | None = None,
+) -> DataPrepResult:
+    """Prepare the blend described by ``cfg``; see the module docstring for the pipeline.
+
+    ``task``: this process's share when several processes (Slurm tasks) run the same prep
+    into the same ``output_dir`` on a shared filesystem; None = the only one.
+    """
+    task = task or PrepTask()
+    started, cpu_started = time.monotonic(), time.process_time()
+    _validate_config(cfg)
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    emit = _Emitter(progress, started)
+    if not task.leader:
+        return _follow(cfg, output_dir, task, emit, started)
+    try:
+        return _lead(cfg, recipe_dir, output_dir, task, emit, started, cpu_started)
+    except BaseException as error:
+        _announce(output_dir, task, status="failed", error=str(error) or type(error).__name__)
+        raise
+
+
+def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emit: _Emitter,
+          started: float, cpu_started: float) -> DataPrepResult:
+    blend_path = _resolve_blend_path(cfg, Path(recipe_dir) if recipe_dir is not None else None)
+    blend = load_blend(blend_path)
+    base_dir = Path(recipe_dir) if recipe_dir is not None else blend_path.parent
 
     emit("plan", message=f"planning {len(blend)} datasets")
+    _finish_pending_swaps(output_dir)
     plans = _plan_datasets(cfg, blend, base_dir)
     resolved = resolve_tokenizer(cfg.tokenizer)
     tokenizer = Tokenizer(resolved)
     fingerprint = _fingerprint(cfg, plans, tokenizer.identity())
+    work_root = output_dir / WORK_DIR
 
     if not cfg.force:
         cached = _cached_result(output_dir, fingerprint)
         if cached is not None:
-            shutil.rmtree(output_dir / WORK_DIR, ignore_errors=True)  # left by a kill after the last write
+            _announce(output_dir, task, status="cached")
+            if task.world == 1:
+                shutil.rmtree(work_root, ignore_errors=True)  # left by a kill after the last write
             emit("done", message="output is up to date; nothing to do")
             return cached
+    _refuse_sample_over_full_build(cfg, output_dir)
 
-    work_root = output_dir / WORK_DIR
+    # The new build is made beside the current output (under .work/<fingerprint>/) and swapped
+    # in only when complete: a failure leaves the current output as it was.
     work_dir = work_root / fingerprint[:16]
     current = work_root / "CURRENT"
     previous = current.read_text().strip() if current.is_file() else None
     if cfg.force or previous != fingerprint:
-        # A different (or forced) build: nothing of an older output may survive to look valid.
-        _clear_outputs(output_dir)
-        if work_root.is_dir():
-            for child in work_root.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-    else:
-        (output_dir / "metadata.json").unlink(missing_ok=True)
+        # Another (or a forced) build: units of an older unfinished build are not reused.
+        for child in work_root.iterdir() if work_root.is_dir() else []:
+            if child.is_dir() and child.name != "attempts":
+                shutil.rmtree(child, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(current, fingerprint + "\n")
 
-    units = _units(plans, cfg.sample, work_dir)
+    workers_here = cfg.num_workers or available_cpus()
+    plan_file = work_dir / "plan.json"
+    if plan_file.is_file():
+        # Resume: the units of the first attempt, whatever the number of tasks and workers now.
+        units = _load_units(plan_file, work_dir / "units")
+    else:
+        total_bytes = sum(max(0, piece.size) for plan in plans for piece in plan.source.pieces)
+        unit_bytes = unit_bytes_for(total_bytes, workers_here * task.world, cfg.work_unit_mb)
+        units = _units(plans, cfg.sample, work_dir / "units", unit_bytes)
+        _save_units(plan_file, units)
+    _announce(output_dir, task, status="run", fingerprint=fingerprint, work_dir=str(work_dir),
+              tokenizer_revision=resolved.revision, tokenizer_identity=tokenizer.identity())
+
     completed = {u.unit_id for u in units if u.marker.is_file()}
-    pending = [u for u in units if u.unit_id not in completed]
-    workers = min(cfg.num_workers or available_cpus(), max(1, len(pending)))
-    state.units_total = len(units)
-    state.units_done = len(completed)
-    emit("tokenize", message=f"{len(pending)} of {len(units)} work units to tokenize with {workers} workers")
-    worker_cpu = _run_units(pending, tokenizer, workers, emit)
+    pending = len(units) - len(completed)
+    workers = min(workers_here, max(1, pending))
+    warnings = _idle_core_warnings(cfg, task, workers_here, len(units), pending)
+    for warning in warnings:
+        emit(warning=warning)
+    emit.state.units_total = len(units)
+    emit.state.units_done = len(completed)
+    where = f"{task.world} tasks x " if task.world > 1 else ""
+    emit("tokenize", message=f"{pending} of {len(units)} work units to tokenize with {where}{workers} workers")
+    board = _TaskBoard(work_dir, task, workers)
+    worker_cpu, done_here = _run_units(units, tokenizer, workers, board.counting(emit),
+                                       _claimer(work_dir, task), _progress_ticker(units, board, emit))
+    board.record("done", force=True)
+    if task.world > 1:
+        _wait_for_units(units, board, emit)
 
     # Per-source accounting and the bad-record policy.
     emit("assemble", message="checking sources and writing shards")
@@ -744,7 +1112,8 @@ def run_data_prep(
         stats_by_dataset[unit.dataset].append(json.loads(unit.marker.read_text()))
     source_reports = [_source_checks(cfg, plan, stats_by_dataset[plan.entry.name]) for plan in plans]
 
-    # Shards per dataset and split.
+    # Shards per dataset and split, written into the staging directory.
+    staging = work_dir / "staging"
     split_shards: dict[str, list[_ShardPlan]] = {split: [] for split in SPLITS}
     counts = {"train": cfg.num_shards, "valid": cfg.valid_shards, "test": cfg.test_shards}
     for plan in plans:
@@ -753,13 +1122,11 @@ def run_data_prep(
         _ensure_coverage(segments, {"valid": plan.valid_fraction, "test": plan.test_fraction})
         for split in SPLITS:
             split_shards[split].extend(
-                _cut_into_shards(plan.entry.name, split, segments[split], counts[split], output_dir)
+                _cut_into_shards(plan.entry.name, split, segments[split], counts[split], output_dir, staging)
             )
     if not split_shards["train"]:
         raise DataPrepError("no training documents were produced")
-    for split in SPLITS:
-        for shard in split_shards[split]:
-            _write_shard(shard, tokenizer.dtype)
+    _write_shards([shard for split in SPLITS for shard in split_shards[split]], tokenizer.dtype)
 
     weights = blend.normalised_weights
     weighted = {
@@ -768,7 +1135,7 @@ def run_data_prep(
         )
         for split in SPLITS
     }
-    write_split_blend(output_dir / "blend.json", weighted)
+    write_split_blend(staging / "blend.json", weighted)
 
     summary = []
     for split in SPLITS:
@@ -803,6 +1170,9 @@ def run_data_prep(
                 "work_units": sum(1 for u in units if u.dataset == plan.entry.name),
             }
         )
+    tasks = board.read() if task.world > 1 else [
+        {"rank": 0, "host": task.host, "workers": workers, "units": done_here}
+    ]
     metadata = {
         "type": ARTIFACT_TYPE,
         "format_version": FORMAT_VERSION,
@@ -813,7 +1183,8 @@ def run_data_prep(
             "version": __version__,
             "python": platform.python_version(),
             "host": socket.gethostname(),
-            "workers": workers,
+            "workers": sum(int(t.get("workers", 0)) for t in tasks),
+            "tasks": [{k: t.get(k) for k in ("rank", "host", "workers", "units")} for t in tasks],
         },
         "blend_definition": str(blend_path),
         "config": asdict(cfg),
@@ -840,9 +1211,126 @@ def run_data_prep(
         "elapsed_s": elapsed,
         "cpu_s": cpu_seconds,
     }
-    atomic_write_text(output_dir / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
+    atomic_write_text(staging / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
+    _swap_in(output_dir, work_dir)
+    _announce(output_dir, task, status="done")  # the other tasks wait for this to exit
     shutil.rmtree(work_root, ignore_errors=True)
     emit("done", message="data prep complete")
     result = _result_from_metadata(output_dir, metadata, cached=False, elapsed=elapsed, reused=len(completed))
     result.cpu_s = cpu_seconds
+    result.warnings = warnings
+    result.units_done_here = done_here
+    return result
+
+
+def _progress_ticker(units: list[UnitSpec], board: _TaskBoard, emit: _Emitter) -> Callable[[], None]:
+    """Called while units run: this task's status file, and (several tasks) the units done by
+    every task, from the completion markers and the other tasks' status files."""
+    last = [0.0]
+    markers = {unit.marker.name for unit in units}
+    directory = Path(units[0].out_dir) if units else None
+
+    def tick() -> None:
+        board.record()
+        now = time.monotonic()
+        if board.task.world == 1 or now - last[0] < 1.0 or directory is None:
+            return
+        last[0] = now
+        done = len(markers.intersection(os.listdir(directory))) if directory.is_dir() else 0
+        emit.state.units_done = done
+        emit.state.tasks = {f"task {row['rank']} ({row['host']})": int(row["units"]) for row in board.read()}
+        emit()
+
+    return tick
+
+
+def _wait_for_units(units: list[UnitSpec], board: _TaskBoard, emit: _Emitter) -> None:
+    """Task 0: wait until every unit is complete; a failed task's error ends the wait."""
+    directory = Path(units[0].out_dir)
+    markers = {unit.marker.name for unit in units}
+    reported = ""
+    while True:
+        done = len(markers.intersection(os.listdir(directory))) if directory.is_dir() else 0
+        rows = board.read()
+        emit.state.units_done = done
+        emit.state.tasks = {f"task {row['rank']} ({row['host']})": int(row["units"]) for row in rows}
+        message = f"waiting for {len(markers) - done} work units of the other tasks"
+        emit(message=message if message != reported else "")
+        reported = message
+        if done == len(markers):
+            return
+        for row in rows:
+            if row.get("state") == "failed":
+                raise DataPrepError(f"task {row['rank']} on {row['host']} failed: {row.get('error')}")
+        time.sleep(POLL_SECONDS)
+
+
+def _wait_for_leader(attempt: Path) -> None:
+    """A task other than 0, its units done: stay until task 0 has assembled the output (srun
+    ends a step's remaining tasks soon after its first task exits). Task 0 announces the end,
+    then removes the work directory (with this file)."""
+    while True:
+        try:
+            status = json.loads(attempt.read_text()).get("status")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            status = None  # being replaced
+        if status == "done":
+            return
+        if status == "failed":
+            raise DataPrepError(f"task 0 failed: {json.loads(attempt.read_text()).get('error')}")
+        time.sleep(POLL_SECONDS)
+
+
+def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitter,
+            started: float) -> DataPrepResult:
+    """A task other than 0: wait for task 0's plan, then tokenize the units it can claim."""
+    attempt = _attempt_file(output_dir, task)
+    emit("plan", message=f"task {task.rank} of {task.world}: waiting for task 0's plan")
+    deadline = time.monotonic() + FOLLOWER_WAIT_S
+    while True:
+        try:
+            announced = json.loads(attempt.read_text())
+            break
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise DataPrepError(f"{attempt}: task 0 announced no plan within {FOLLOWER_WAIT_S:.0f} s") from None
+            time.sleep(POLL_SECONDS)
+    status = announced.get("status")
+    result = DataPrepResult(
+        output_dir=output_dir, blend_path=output_dir / "blend.json",
+        metadata_path=output_dir / "metadata.json", fingerprint=announced.get("fingerprint", ""),
+        cached=status == "cached", summary=[], bad_records={}, bad_locations={}, elapsed_s=0.0,
+    )
+    if status == "failed":
+        raise DataPrepError(f"task 0 failed: {announced.get('error')}")
+    if status == "cached":
+        emit("done", message="output is up to date; nothing to do")
+        return result
+    work_dir = Path(announced["work_dir"])
+    units = _load_units(work_dir / "plan.json", work_dir / "units")
+    tokenizer_cfg = dataclasses.replace(cfg.tokenizer, revision=announced.get("tokenizer_revision") or cfg.tokenizer.revision)
+    tokenizer = Tokenizer(resolve_tokenizer(tokenizer_cfg))
+    if tokenizer.identity() != announced.get("tokenizer_identity"):
+        raise DataPrepError(
+            f"task {task.rank} on {task.host}: tokenizer {cfg.tokenizer.model} differs from task 0's "
+            f"(not the same files on every node?)"
+        )
+    workers = cfg.num_workers or available_cpus()
+    board = _TaskBoard(work_dir, task, workers)
+    emit.state.units_total = len(units)
+    emit("tokenize", message=f"task {task.rank} of {task.world} on {task.host}: tokenizing with {workers} workers")
+    try:
+        _, done = _run_units(units, tokenizer, workers, board.counting(emit), _claimer(work_dir, task),
+                             _progress_ticker(units, board, emit))
+    except BaseException as error:
+        board.record("failed", error=str(error) or type(error).__name__, force=True)
+        raise
+    board.record("done", force=True)
+    emit("assemble", message=f"task {task.rank}: {done} work units done; waiting for task 0 to assemble the output")
+    _wait_for_leader(attempt)
+    emit("done", message=f"task {task.rank}: {done} work units done; output assembled by task 0")
+    result.units_done_here = done
+    result.elapsed_s = time.monotonic() - started
     return result

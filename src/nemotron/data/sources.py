@@ -23,6 +23,7 @@ of local jsonl files never pays for them.
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import gzip
 import hashlib
@@ -38,6 +39,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSIONS = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 PARQUET_ROWS_PER_PIECE = 200_000
 TXT_FILES_PER_PIECE = 256
+# Compressed jsonl holds about this many times its size in text (sizing estimate only).
+COMPRESSED_TEXT_RATIO = 4
 
 # Kinds of bad records (counted per source, first few locations reported).
 MALFORMED_JSON = "malformed_json"
@@ -67,6 +70,9 @@ class Piece:
     hf_split: str = "train"
     shard_index: int = 0
     num_shards: int = 1
+    # Estimated bytes of text to read (compressed files and parquet: uncompressed size); -1
+    # when unknown (hub shards). Sizes the work units; never affects the output.
+    size: int = -1
 
     def key(self) -> str:
         """Stable short id of this piece (used in completion-marker names)."""
@@ -136,10 +142,13 @@ def _file_info(path: Path) -> dict:
 def _jsonl_pieces(path: Path, piece_bytes: int) -> list[Piece]:
     compression = _compression(path)
     size = path.stat().st_size
-    if compression or size <= piece_bytes:
-        return [Piece("jsonl", (str(path),), compression)]
+    if compression:
+        return [Piece("jsonl", (str(path),), compression, size=size * COMPRESSED_TEXT_RATIO)]
+    if size <= piece_bytes:
+        return [Piece("jsonl", (str(path),), None, size=size)]
     return [
-        Piece("jsonl", (str(path),), None, start, min(start + piece_bytes, size))
+        Piece("jsonl", (str(path),), None, start, min(start + piece_bytes, size),
+              size=min(start + piece_bytes, size) - start)
         for start in range(0, size, piece_bytes)
     ]
 
@@ -151,15 +160,20 @@ def _parquet_pieces(path: Path) -> list[Piece]:
         metadata = pq.ParquetFile(path).metadata
     except Exception as error:
         raise SourceError(f"{path}: not a readable parquet file: {error}") from error
-    pieces, start, rows = [], 0, 0
+    pieces, start, rows, size = [], 0, 0, 0
     for group in range(metadata.num_row_groups):
         rows += metadata.row_group(group).num_rows
+        size += metadata.row_group(group).total_byte_size
         if rows >= PARQUET_ROWS_PER_PIECE:
-            pieces.append(Piece("parquet", (str(path),), None, start, group + 1))
-            start, rows = group + 1, 0
+            pieces.append(Piece("parquet", (str(path),), None, start, group + 1, size=size))
+            start, rows, size = group + 1, 0, 0
     if start < metadata.num_row_groups or not pieces:
-        pieces.append(Piece("parquet", (str(path),), None, start, metadata.num_row_groups))
+        pieces.append(Piece("parquet", (str(path),), None, start, metadata.num_row_groups, size=size))
     return pieces
+
+
+def _txt_piece(files: list[str]) -> Piece:
+    return Piece("txt", tuple(files), size=sum(Path(f).stat().st_size for f in files))
 
 
 def plan_local(path_spec: str, base_dir: Path | None, piece_bytes: int) -> SourcePlan:
@@ -171,17 +185,33 @@ def plan_local(path_spec: str, base_dir: Path | None, piece_bytes: int) -> Sourc
         if kind == "txt":
             txt_batch.append(str(file))
             if len(txt_batch) >= TXT_FILES_PER_PIECE:
-                pieces.append(Piece("txt", tuple(txt_batch)))
+                pieces.append(_txt_piece(txt_batch))
                 txt_batch = []
             continue
         if txt_batch:
-            pieces.append(Piece("txt", tuple(txt_batch)))
+            pieces.append(_txt_piece(txt_batch))
             txt_batch = []
         pieces.extend(_jsonl_pieces(file, piece_bytes) if kind == "jsonl" else _parquet_pieces(file))
     if txt_batch:
-        pieces.append(Piece("txt", tuple(txt_batch)))
+        pieces.append(_txt_piece(txt_batch))
     description = {"path": path_spec, "kind": "local", "revision": None, "files": [_file_info(f) for f in files]}
     return SourcePlan(pieces, description)
+
+
+def split_pieces(pieces: list[Piece], piece_bytes: int) -> list[Piece]:
+    """Plain jsonl pieces larger than ``piece_bytes`` cut into byte ranges of at most that
+    size (reading the ranges in order yields the same records as the whole piece); other
+    pieces unchanged."""
+    out: list[Piece] = []
+    for piece in pieces:
+        if piece.kind != "jsonl" or piece.compression or piece.size <= piece_bytes:
+            out.append(piece)
+            continue
+        end = piece.end if piece.end is not None else piece.start + piece.size
+        for start in range(piece.start, end, piece_bytes):
+            stop = min(start + piece_bytes, end)
+            out.append(dataclasses.replace(piece, start=start, end=stop, size=stop - start))
+    return out
 
 
 def _hub_repo(path_spec: str) -> str:

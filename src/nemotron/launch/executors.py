@@ -47,9 +47,15 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
         flag = "--container-workdir" if profile.container_image else "--chdir"
         srun_args += [flag, plan.workdir]
     if plan.spec.whole_node:
-        # One process that may use every CPU of its exclusive node (srun reads this variable;
-        # the job script exports it unquoted, so Slurm's value is substituted).
-        env["SRUN_CPUS_PER_TASK"] = "$SLURM_CPUS_ON_NODE"
+        # The node's tasks share every CPU of the exclusive node (srun reads this variable; the
+        # job script exports it unquoted, so Slurm's value is substituted).
+        if plan.tasks_per_node == 1:
+            env["SRUN_CPUS_PER_TASK"] = "$SLURM_CPUS_ON_NODE"
+        else:
+            env["SRUN_CPUS_PER_TASK"] = (
+                str(profile.cpus_per_task) if profile.cpus_per_task
+                else f"$((SLURM_CPUS_ON_NODE/{plan.tasks_per_node}))"
+            )
 
     return run.SlurmExecutor(
         account=profile.account,
@@ -57,7 +63,7 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
         job_name_prefix="nemotron-",
         time=profile.time,
         nodes=plan.nodes,
-        ntasks_per_node=1,  # torchrun (or the one data-prep process) is the node's only task
+        ntasks_per_node=plan.tasks_per_node,  # torchrun is the node's only task; data prep: see plan
         torchrun_nproc_per_node=plan.nproc_per_node if plan.spec.distributed else None,
         gpus_per_node=None if plan.spec.whole_node else profile.gpus_per_node,
         cpus_per_task=None if plan.spec.whole_node else profile.cpus_per_task,

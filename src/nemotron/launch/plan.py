@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemotron.config.env_toml import Profile, WandbSettings
+from nemotron.data.config import PREP_TASKS_ENV
 
 
 class LaunchError(RuntimeError):
@@ -42,6 +43,7 @@ JOB_DIR_ENV = "NEMOTRON_JOB_DIR"
 PROFILE_ENV = "NEMOTRON_PROFILE"
 
 
+
 @dataclass(frozen=True)
 class LaunchPlan:
     stage: str
@@ -54,6 +56,13 @@ class LaunchPlan:
     env_vars: dict[str, str] = field(default_factory=dict)
     workdir: str | None = None  # None: NeMo-Run's job code directory
     rdzv_id: int = 0
+    # Slurm tasks per node: 1 for torchrun stages (torchrun starts the processes); for data
+    # prep, the profile's ntasks_per_node tasks share each node's CPUs.
+    tasks_per_node: int = 1
+
+    @property
+    def tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
 
     @property
     def spec(self) -> StageSpec:
@@ -131,9 +140,14 @@ def build_launch_plan(
     )
     python = profile.python or (sys.executable if on_this_filesystem else "python")
 
+    tasks_per_node = 1
     if spec.distributed:
         nproc = profile.nproc_per_node or profile.gpus_per_node or profile.ntasks_per_node
         nodes = profile.nodes
+    elif profile.is_slurm:
+        # Data prep: nodes x ntasks_per_node tasks share the work units (claims on the shared
+        # filesystem); task 0 assembles the output.
+        nproc, nodes, tasks_per_node = 1, profile.nodes, profile.ntasks_per_node
     else:
         nproc, nodes = 1, 1
 
@@ -164,7 +178,10 @@ def build_launch_plan(
         workdir=workdir,
         # A fixed rendezvous id per job dir keeps the rendered script reproducible.
         rdzv_id=zlib.crc32(str(job_dir).encode()) % 100000,
+        tasks_per_node=tasks_per_node,
     )
+    if plan.tasks > 1:
+        plan.env_vars[PREP_TASKS_ENV] = "slurm"
     if on_this_filesystem:
         plan.env_vars[JOB_DIR_ENV] = str(job_dir)
     elif profile.container_image is not None:

@@ -212,11 +212,12 @@ class TrainingData:
                     (blend, self.plan.seq_length, self.data.blend_weight)]
                 parts += [(m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
                 self._datasets[key] = build_mixed_length_dataset(
-                    parts, split, num_samples, self.train.seed, self.data.cache_dir)
+                    parts, split, num_samples, self.train.seed, self.data.cache_dir,
+                    vocab_size=self.vocab_size)
             else:
                 self._datasets[key] = build_split_dataset(
                     blend, split, num_samples, self.plan.seq_length, self.train.seed,
-                    self.data.cache_dir,
+                    self.data.cache_dir, vocab_size=self.vocab_size,
                 )
         return self._datasets[key]
 

@@ -1,0 +1,234 @@
+"""What data prep guarantees about earlier output, through the CLI as users run it.
+
+- A prep that fails (bad records, records without the text field, an empty input) leaves the
+  previous complete output of the same `output_dir` byte for byte as it was.
+- `--sample N` never replaces a full build: by default it writes to `<output_dir>-sample<N>`;
+  with the same `output_dir` it is refused unless `--force`.
+- A prep killed late (writing a shard, writing metadata.json, swapping the build in) is
+  finished by the rerun, with no temporary file left anywhere and the bytes of a clean run.
+Bad input ends with exit code 1 and one error line naming the dataset and its file, no traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nemotron.cli.main import app
+
+from .conftest import make_docs, write_jsonl
+
+PREP = ["nano3", "data", "prep", "pretrain"]
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (the work directory excluded)."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and ".work" not in path.relative_to(root).parts
+    }
+
+
+def _comparable(root: Path) -> dict[str, bytes]:
+    """Output bytes, with the output path itself (in blend.json) and metadata.json left out."""
+    return {
+        str(path.relative_to(root)): path.read_bytes().replace(str(root).encode(), b"OUT")
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "metadata.json"
+    }
+
+
+@pytest.fixture
+def project(tmp_path, bpe_dir, monkeypatch):
+    """A working directory with a two-dataset blend and a data-prep recipe file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NEMOTRON_JOB_DIR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    write_jsonl(tmp_path / "web.jsonl", make_docs(200, seed=70, prefix="W "))
+    write_jsonl(tmp_path / "code.jsonl", make_docs(60, seed=71, prefix="C "))
+    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
+        {"name": "web", "path": "web.jsonl", "weight": 2},
+        {"name": "code", "path": "code.jsonl", "weight": 1},
+    ]}))
+    (tmp_path / "prep.yaml").write_text(textwrap.dedent(f"""
+        blend_path: blend.json
+        output_dir: {tmp_path / "out"}
+        tokenizer:
+          model: {bpe_dir}
+        num_shards: 3
+        valid_fraction: 0.05
+        test_fraction: 0.05
+        num_workers: 1
+        work_unit_mb: 0.004
+    """))
+    return tmp_path
+
+
+def _prep(*args: str):
+    return CliRunner().invoke(app, [*PREP, "-c", "prep.yaml", *args])
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _bad_records(root: Path) -> str:
+    lines = [json.dumps({"text": d}) for d in make_docs(30, seed=72)]
+    lines[2] = '{"text": "unterminated'
+    lines[5] = "[1, 2]"
+    (root / "web.jsonl").write_text("\n".join(lines) + "\n")
+    return "2 of 30 records are bad"
+
+
+def _no_text_field(root: Path) -> str:
+    write_jsonl(root / "web.jsonl", make_docs(30, seed=73), field="body")
+    return "30 of 30 records are bad (missing_text_field 30)"
+
+
+def _empty_input(root: Path) -> str:
+    (root / "web.jsonl").write_text("")
+    return "yielded no records"
+
+
+@pytest.mark.parametrize("breakage", [_bad_records, _no_text_field, _empty_input])
+def test_failed_prep_keeps_the_previous_output(project, breakage):
+    first = _prep()
+    assert first.exit_code == 0, first.output
+    out = project / "out"
+    before = _tree_hashes(out)
+    assert "metadata.json" in before and "blend.json" in before
+    assert any(name.startswith("train/web_") for name in before)
+
+    expected = breakage(project)
+    result = _prep()
+    _assert_one_line_error(result, "dataset 'web'", "web.jsonl", expected)
+    assert _tree_hashes(out) == before
+
+
+def test_sample_goes_to_its_own_directory(project):
+    assert _prep().exit_code == 0
+    out = project / "out"
+    before = _tree_hashes(out)
+    full_train = json.loads((out / "metadata.json").read_text())["counts"]["train"]["documents"]
+
+    result = _prep("--sample", "5")
+    assert result.exit_code == 0, result.output
+    sample = project / "out-sample5"
+    metadata = json.loads((sample / "metadata.json").read_text())
+    assert metadata["config"]["sample"] == 5 and metadata["config"]["output_dir"] == str(sample)
+    assert [s["rows"] for s in metadata["sources"]] == [5, 5]
+    assert _tree_hashes(out) == before
+    assert json.loads((out / "metadata.json").read_text())["counts"]["train"]["documents"] == full_train
+
+
+def test_sample_into_the_full_builds_directory_is_refused_unless_forced(project):
+    assert _prep().exit_code == 0
+    out = project / "out"
+    before = _tree_hashes(out)
+    result = _prep("--sample", "5", f"output_dir={out}")
+    _assert_one_line_error(result, str(out), "complete full build", "--force")
+    assert _tree_hashes(out) == before
+
+    forced = _prep("--sample", "5", f"output_dir={out}", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "metadata.json").read_text())["config"]["sample"] == 5
+    # A full build may replace a sample build (it is what the sample stood in for).
+    assert _prep().exit_code == 0
+    assert json.loads((out / "metadata.json").read_text())["config"]["sample"] is None
+
+
+KILLED_PREP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from nemotron.data import indexed, prep
+    from nemotron.data.config import DataPrepConfig, TokenizerConfig
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    where = sys.argv[4]
+    if where == "shard":  # kill -9 while the second output shard is being written
+        real_finalize, shards = indexed.IndexedDatasetWriter.finalize, []
+        def finalize(self):
+            if "units" not in self.prefix.parts:
+                shards.append(self.prefix)
+                if len(shards) == 2:
+                    die()
+            return real_finalize(self)
+        indexed.IndexedDatasetWriter.finalize = finalize
+    elif where == "metadata":  # kill -9 with metadata.json's temporary file written
+        real_write = prep.atomic_write_text
+        def write(path, text):
+            if Path(path).name == "metadata.json":
+                Path(path).with_name(f".metadata.json.{os.getpid()}-0badc0de.tmp").write_text(text)
+                die()
+            return real_write(path, text)
+        prep.atomic_write_text = write
+    elif where == "swap":  # kill -9 half-way through swapping the new build in
+        real_move, moves = prep._move, []
+        def move(source, target):
+            if Path(source).exists():
+                moves.append(source)
+                if len(moves) == 6:
+                    die()
+            real_move(source, target)
+        prep._move = move
+
+    root, out, tokenizer = sys.argv[1:4]
+    cfg = DataPrepConfig(blend_path=root + "/blend.json", output_dir=out,
+                         tokenizer=TokenizerConfig(model=tokenizer), num_shards=int(sys.argv[5]),
+                         num_workers=1, work_unit_mb=0.004)
+    prep.run_data_prep(cfg)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["shard", "metadata", "swap"])
+def test_prep_killed_late_then_rerun_leaves_no_temporary_files(project, bpe_dir, where):
+    script = project / "killed_prep.py"
+    script.write_text(KILLED_PREP)
+    out, clean = project / "killed", project / "clean"
+
+    def run(target: Path, kill_at: str, shards: int = 3) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(script), str(project), str(target), str(bpe_dir), kill_at, str(shards)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert run(clean, "nowhere").returncode == 0
+    assert run(out, "nowhere", shards=2).returncode == 0  # an earlier, different complete build
+    earlier = _tree_hashes(out)
+    killed = run(out, where)
+    assert killed.returncode == -9, killed.stderr
+    if where != "swap":
+        assert _tree_hashes(out) == earlier  # the earlier build is untouched until the swap
+    rerun = run(out, "nowhere")
+    assert rerun.returncode == 0, rerun.stderr
+    leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == ".work"]
+    assert leftovers == []
+    assert _comparable(out) == _comparable(clean)  # the new build, whole, nothing of the earlier one
+
+
+def test_stray_temporary_files_of_an_older_version_are_removed(project):
+    """Before the staging directory, killed writers left their temporaries beside the shards."""
+    assert _prep().exit_code == 0
+    out = project / "out"
+    strays = [out / "train" / ".web_00001.bin.999999.1a2b3c4d.tmp", out / ".metadata.json.999999.tmp",
+              out / ".blend.json.999999-1a2b3c4d.tmp"]
+    for path in strays:
+        path.write_text("partial")
+    assert _prep("--force").exit_code == 0
+    assert not any(path.exists() for path in strays)
