@@ -46,8 +46,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
-            sync_each: bool = False) -> list[float]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, warmup: int, iters: int, sync_each: bool = False
+) -> list[float]:
     """Time of each of `iters` calls of `fn()` in milliseconds.
 
     On a GPU the calls run back to back between CUDA events and synchronise once at the end
@@ -125,8 +126,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def append_table_row(path: str | Path, section: str, header: list[str], row: list[str],
-                     intro: str = "") -> None:
+def append_table_row(
+    path: str | Path, section: str, header: list[str], row: list[str], intro: str = ""
+) -> None:
     """Append `row` to the table under `## section` of a Markdown file, creating the section
     (heading, optional intro paragraph, table header) at the end of the file if it is missing.
     Writes to a temporary name and renames, so the file is never half-written."""

@@ -42,7 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    append_table_row, ceilings, environment, median, peak_memory_gib, peak_memory_reset, time_ms,
+    append_table_row,
+    ceilings,
+    environment,
+    median,
+    peak_memory_gib,
+    peak_memory_reset,
+    time_ms,
 )
 
 from nemotron.kernels import fast_paths  # noqa: E402
@@ -61,8 +67,7 @@ def block_config(kind: str, **sizes) -> Nano3Config:
 
 
 def block_train_flops(cfg: Nano3Config, kind: str, batch: int, seq: int) -> float:
-    per_token = (flops.attention_forward_flops(cfg, seq) if kind == "attention"
-                 else FORWARD_FLOPS[kind](cfg))
+    per_token = flops.attention_forward_flops(cfg, seq) if kind == "attention" else FORWARD_FLOPS[kind](cfg)
     return 3.0 * per_token * batch * seq
 
 
@@ -78,18 +83,30 @@ def mamba_block_floor(cfg: Nano3Config, batch: int, seq: int, copy_bps: float, m
     proj_out = 2 * di + 2 * gn + nh
     gemm_flops = 3 * 2 * t * (h * proj_out + di * h)
     bf = 2
-    fwd_bytes = t * bf * (
-        2 * h                # pre-norm: read x, write normed
-        + 2 * (di + 2 * gn)  # conv + SiLU: read xBC, write xBC
-        + (di + 2 * gn) + di  # SSD: read x, B, C; write y
-        + 3 * di + di        # D skip + gated norm: read y, x, z; write normed
-        + 3 * h              # residual: read x and mixer out, write sum
-    ) + t * nh * 4 * 2       # dt: read raw, write softplus (fp32)
+    fwd_bytes = (
+        t
+        * bf
+        * (
+            2 * h  # pre-norm: read x, write normed
+            + 2 * (di + 2 * gn)  # conv + SiLU: read xBC, write xBC
+            + (di + 2 * gn)
+            + di  # SSD: read x, B, C; write y
+            + 3 * di
+            + di  # D skip + gated norm: read y, x, z; write normed
+            + 3 * h  # residual: read x and mixer out, write sum
+        )
+        + t * nh * 4 * 2
+    )  # dt: read raw, write softplus (fp32)
     bwd_bytes = 2 * fwd_bytes
     gemm_s = gemm_flops / matmul_fps
     mem_s = (fwd_bytes + bwd_bytes) / copy_bps
-    return {"gemm_flops": gemm_flops, "other_bytes": fwd_bytes + bwd_bytes,
-            "gemm_ms": gemm_s * 1e3, "memory_ms": mem_s * 1e3, "floor_ms": (gemm_s + mem_s) * 1e3}
+    return {
+        "gemm_flops": gemm_flops,
+        "other_bytes": fwd_bytes + bwd_bytes,
+        "gemm_ms": gemm_s * 1e3,
+        "memory_ms": mem_s * 1e3,
+        "floor_ms": (gemm_s + mem_s) * 1e3,
+    }
 
 
 def sdpa_backend(name: str | None):
@@ -97,28 +114,64 @@ def sdpa_backend(name: str | None):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
+    return sdpa_kernel(
+        {
+            "math": SDPBackend.MATH,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        }[name]
+    )
 
 
 def paths_for(kind: str, device: torch.device, fp8_recipes: tuple[str, ...] = ()) -> list[dict]:
-    ref = {"name": "reference", "param_dtype": torch.float32, "fast": False, "sdpa": "math" if kind == "attention" else None}
-    paths = [ref,
-             {"name": "fast-fp32w", "param_dtype": torch.float32, "fast": True, "sdpa": None},
-             {"name": "fast", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None}]
+    ref = {
+        "name": "reference",
+        "param_dtype": torch.float32,
+        "fast": False,
+        "sdpa": "math" if kind == "attention" else None,
+    }
+    paths = [
+        ref,
+        {"name": "fast-fp32w", "param_dtype": torch.float32, "fast": True, "sdpa": None},
+        {"name": "fast", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None},
+    ]
     if kind == "attention" and device.type == "cuda":
-        paths += [{"name": f"fast-{b}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": b}
-                  for b in ("flash", "cudnn", "efficient")]
+        paths += [
+            {"name": f"fast-{b}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": b}
+            for b in ("flash", "cudnn", "efficient")
+        ]
     if kind == "mamba":  # the Triton kernels one autograd node each, without the fused chain
-        paths += [{"name": "fast-stepwise", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
-                   "fused_chain": False}]
+        paths += [
+            {
+                "name": "fast-stepwise",
+                "param_dtype": torch.bfloat16,
+                "fast": True,
+                "sdpa": None,
+                "fused_chain": False,
+            }
+        ]
     if kind == "moe" and device.type == "cuda":  # the shared expert on a side stream
-        paths += [{"name": "fast-overlap", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
-                   "shared_expert_overlap": True}]
+        paths += [
+            {
+                "name": "fast-overlap",
+                "param_dtype": torch.bfloat16,
+                "fast": True,
+                "sdpa": None,
+                "shared_expert_overlap": True,
+            }
+        ]
     for recipe in fp8_recipes:  # train.fp8: the block's GEMMs in FP8 (train/fp8.py)
-        paths += [{"name": f"fast-fp8-{recipe}", "param_dtype": torch.bfloat16, "fast": True, "sdpa": None,
-                   "fp8": recipe, "shared_expert_overlap": kind == "moe" and device.type == "cuda"}]
+        paths += [
+            {
+                "name": f"fast-fp8-{recipe}",
+                "param_dtype": torch.bfloat16,
+                "fast": True,
+                "sdpa": None,
+                "fp8": recipe,
+                "shared_expert_overlap": kind == "moe" and device.type == "cuda",
+            }
+        ]
     return paths
 
 
@@ -132,7 +185,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 GRAD_RATIO, GRAD_FLOOR = 1.5, 1e-2
 
 
-def block_gradients_fp32(cfg: Nano3Config, master: Block, x0: torch.Tensor, gy: torch.Tensor, device: torch.device) -> dict:
+def block_gradients_fp32(
+    cfg: Nano3Config, master: Block, x0: torch.Tensor, gy: torch.Tensor, device: torch.device
+) -> dict:
     """Every parameter's gradient of the block along the reference path in float32, no autocast."""
     block = Block(cfg, 0).to(device)
     block.load_state_dict(master.state_dict())
@@ -162,10 +217,21 @@ def profile_kernels(fn, iters: int, limit: int = 15) -> list[dict]:
     return rows[:limit]
 
 
-def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.device,
-              warmup: int, iters: int, caps: dict, only: list[str] | None = None,
-              profile: bool = False, profile_top: int = 15, fp8_recipes: tuple[str, ...] = (),
-              fp8_layers: tuple[str, ...] = ()) -> list[dict]:
+def run_block(
+    kind: str,
+    cfg: Nano3Config,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    caps: dict,
+    only: list[str] | None = None,
+    profile: bool = False,
+    profile_top: int = 15,
+    fp8_recipes: tuple[str, ...] = (),
+    fp8_layers: tuple[str, ...] = (),
+) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         master = Block(cfg, 0)
@@ -198,23 +264,37 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             y.backward(gy)
             return y
 
-        row = {"block": kind, "path": path["name"], "batch": batch, "seq": seq,
-               "experts": cfg.num_experts if kind == "moe" else None}
+        row = {
+            "block": kind,
+            "path": path["name"],
+            "batch": batch,
+            "seq": seq,
+            "experts": cfg.num_experts if kind == "moe" else None,
+        }
         try:
-            with fast_paths(path["fast"]), sdpa_backend(path["sdpa"]), \
-                    fused_chain(path.get("fused_chain", True)):
+            with (
+                fast_paths(path["fast"]),
+                sdpa_backend(path["sdpa"]),
+                fused_chain(path.get("fused_chain", True)),
+            ):
                 out = step().detach()
                 dx = x.grad.detach().clone()
                 # Every parameter's gradient, tensor by tensor (the residual dominates the block
                 # output and dx, so these show the mixer's own error; one aggregate over all
                 # tensors would hide a wrong small one).
-                dparams = {n: rel(p.grad, truth[n]) for n, p in block.named_parameters() if p.grad is not None}
+                dparams = {
+                    n: rel(p.grad, truth[n]) for n, p in block.named_parameters() if p.grad is not None
+                }
                 peak_memory_reset(device)
                 base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 times = time_ms(step, device, warmup, iters)
                 peak = peak_memory_gib(device)
                 synced = time_ms(step, device, 1, iters, sync_each=True)
-                if profile and (path["name"] in ("fast", "fast-overlap") or path.get("fp8")) and device.type == "cuda":
+                if (
+                    profile
+                    and (path["name"] in ("fast", "fast-overlap") or path.get("fp8"))
+                    and device.type == "cuda"
+                ):
                     row["kernels"] = profile_kernels(step, 3, limit=profile_top)
         except (RuntimeError, NotImplementedError) as err:  # a backend that refuses the shape
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -222,12 +302,16 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             print(f"{kind:9s} {path['name']:12s} failed: {row['error']}", flush=True)
             continue
         ms = median(times)
-        row.update({
-            "ms": ms, "ms_min": min(times), "ms_synced": median(synced),
-            "tflops": total_flops / (ms * 1e-3) / 1e12,
-            "mfu": total_flops / (ms * 1e-3) / flops.H200_BF16_PEAK_FLOPS,
-            "peak_extra_gib": None if peak is None else peak - base / 2**30,
-        })
+        row.update(
+            {
+                "ms": ms,
+                "ms_min": min(times),
+                "ms_synced": median(synced),
+                "tflops": total_flops / (ms * 1e-3) / 1e12,
+                "mfu": total_flops / (ms * 1e-3) / flops.H200_BF16_PEAK_FLOPS,
+                "peak_extra_gib": None if peak is None else peak - base / 2**30,
+            }
+        )
         row["param_errors"] = dparams  # vs the fp32 reference without autocast
         if path["name"] == "reference":
             ref_out = (out, dx, dparams)
@@ -236,19 +320,32 @@ def run_block(kind: str, cfg: Nano3Config, batch: int, seq: int, device: torch.d
             row["rel_err_dx"] = rel(dx, ref_out[1])
             # The tensor whose error is largest against the reference path's own bf16 error.
             worst = max(dparams, key=lambda n: dparams[n] / max(ref_out[2][n], GRAD_FLOOR / GRAD_RATIO))
-            row["worst_param"] = {"tensor": worst, "error": dparams[worst], "reference_bf16": ref_out[2][worst],
-                                  "ok": dparams[worst] <= max(GRAD_RATIO * ref_out[2][worst], GRAD_FLOOR)}
+            row["worst_param"] = {
+                "tensor": worst,
+                "error": dparams[worst],
+                "reference_bf16": ref_out[2][worst],
+                "ok": dparams[worst] <= max(GRAD_RATIO * ref_out[2][worst], GRAD_FLOOR),
+            }
         if kind == "mamba" and caps.get("copy_GBps"):
-            floor = mamba_block_floor(cfg, batch, seq, caps["copy_GBps"] * 1e9, caps["bf16_matmul_TFLOPs"] * 1e12)
+            floor = mamba_block_floor(
+                cfg, batch, seq, caps["copy_GBps"] * 1e9, caps["bf16_matmul_TFLOPs"] * 1e12
+            )
             row["floor"] = floor
             row["x_floor"] = ms / floor["floor_ms"]
         rows.append(row)
-        print(f"{kind:9s} {path['name']:12s} {ms:8.3f} ms (synced {row['ms_synced']:.3f}) {row['tflops']:7.1f} TFLOP/s "
-              f"MFU {row['mfu']:.3f} peak+ {row['peak_extra_gib'] or 0:.2f} GiB "
-              f"err out/dx {row.get('rel_err_out', 0):.1e}/{row.get('rel_err_dx', 0):.1e}"
-              + (f" worst dW {row['worst_param']['tensor']} {row['worst_param']['error']:.1e}"
-                 f" (ref {row['worst_param']['reference_bf16']:.1e})" if "worst_param" in row else "")
-              + (f" floor x{row['x_floor']:.2f}" if "x_floor" in row else ""), flush=True)
+        print(
+            f"{kind:9s} {path['name']:12s} {ms:8.3f} ms (synced {row['ms_synced']:.3f}) {row['tflops']:7.1f} TFLOP/s "
+            f"MFU {row['mfu']:.3f} peak+ {row['peak_extra_gib'] or 0:.2f} GiB "
+            f"err out/dx {row.get('rel_err_out', 0):.1e}/{row.get('rel_err_dx', 0):.1e}"
+            + (
+                f" worst dW {row['worst_param']['tensor']} {row['worst_param']['error']:.1e}"
+                f" (ref {row['worst_param']['reference_bf16']:.1e})"
+                if "worst_param" in row
+                else ""
+            )
+            + (f" floor x{row['x_floor']:.2f}" if "x_floor" in row else ""),
+            flush=True,
+        )
         for k in row.get("kernels", []):
             print(f"    {k['ms_per_call']:7.3f} ms {k['count']:3d}x {k['name']}", flush=True)
         block = params = x = out = dx = dparams = None  # free this path's memory
@@ -267,9 +364,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--profile", action="store_true", help="top kernels of each block's fast path")
     ap.add_argument("--profile-top", type=int, default=15, help="how many kernels --profile lists")
-    ap.add_argument("--fp8", default="", help="comma list of train.fp8 recipes to time as paths fast-fp8-<recipe>")
-    ap.add_argument("--fp8-layers", default="mamba,attention,shared_expert,mlp,experts",
-                    help="train.fp8.layers of the fast-fp8 paths (default: every FP8-capable layer)")
+    ap.add_argument(
+        "--fp8", default="", help="comma list of train.fp8 recipes to time as paths fast-fp8-<recipe>"
+    )
+    ap.add_argument(
+        "--fp8-layers",
+        default="mamba,attention,shared_expert,mlp,experts",
+        help="train.fp8.layers of the fast-fp8 paths (default: every FP8-capable layer)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -281,45 +383,98 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)
     sizes = {"num_experts": args.experts}
     if args.tiny:
-        sizes.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
-                     mamba_chunk_size=16, moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=48,
-                     moe_top_k=2, vocab_size=256)
+        sizes.update(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            mamba_state_size=16,
+            mamba_num_groups=2,
+            mamba_chunk_size=16,
+            moe_ffn_hidden_size=32,
+            moe_shared_expert_hidden_size=48,
+            moe_top_k=2,
+            vocab_size=256,
+        )
     caps = ceilings(device)
     env = environment(device)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}; ceilings: {caps}", flush=True)
-    result = {"env": env, "ceilings": caps, "command": "python3 benchmarks/blocks.py " + " ".join(argv or sys.argv[1:]),
-              "rows": []}
+    result = {
+        "env": env,
+        "ceilings": caps,
+        "command": "python3 benchmarks/blocks.py " + " ".join(argv or sys.argv[1:]),
+        "rows": [],
+    }
     only = args.paths.split(",") if args.paths else None
     for kind in args.blocks.split(","):
         cfg = block_config(kind, **sizes)
-        result["rows"] += run_block(kind, cfg, args.batch, args.seq, device, args.warmup, args.iters, caps, only,
-                                    args.profile, args.profile_top,
-                                    tuple(r for r in args.fp8.split(",") if r),
-                                    tuple(x for x in args.fp8_layers.split(",") if x))
+        result["rows"] += run_block(
+            kind,
+            cfg,
+            args.batch,
+            args.seq,
+            device,
+            args.warmup,
+            args.iters,
+            caps,
+            only,
+            args.profile,
+            args.profile_top,
+            tuple(r for r in args.fp8.split(",") if r),
+            tuple(x for x in args.fp8_layers.split(",") if x),
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.append_row:
-        header = ["date", "GPU", "block", "path", "batch x seq", "ms", "TFLOP/s", "MFU", "peak extra GiB",
-                  "rel err out / dx", "worst dW tensor: err (ref bf16)", "vs floor", "software", "command"]
+        header = [
+            "date",
+            "GPU",
+            "block",
+            "path",
+            "batch x seq",
+            "ms",
+            "TFLOP/s",
+            "MFU",
+            "peak extra GiB",
+            "rel err out / dx",
+            "worst dW tensor: err (ref bf16)",
+            "vs floor",
+            "software",
+            "command",
+        ]
         for r in result["rows"]:
             if "ms" not in r:
                 continue
             name = r["block"] + (f" ({r['experts']} experts)" if r["experts"] else "")
             append_table_row(
-                args.append_row, "Per-block forward+backward (full Nano3 width)", header,
-                [env["date"], env["device"], name, r["path"], f"{r['batch']}x{r['seq']}", f"{r['ms']:.2f}",
-                 f"{r['tflops']:.0f}", f"{r['mfu']:.3f}",
-                 "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}",
-                 "-" if "rel_err_out" not in r else f"{r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e}",
-                 "-" if "worst_param" not in r else
-                 f"`{r['worst_param']['tensor']}`: {r['worst_param']['error']:.1e} ({r['worst_param']['reference_bf16']:.1e})",
-                 "-" if "x_floor" not in r else f"{r['x_floor']:.2f}x of {r['floor']['floor_ms']:.2f} ms",
-                 f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
+                args.append_row,
+                "Per-block forward+backward (full Nano3 width)",
+                header,
+                [
+                    env["date"],
+                    env["device"],
+                    name,
+                    r["path"],
+                    f"{r['batch']}x{r['seq']}",
+                    f"{r['ms']:.2f}",
+                    f"{r['tflops']:.0f}",
+                    f"{r['mfu']:.3f}",
+                    "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}",
+                    "-" if "rel_err_out" not in r else f"{r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e}",
+                    "-"
+                    if "worst_param" not in r
+                    else f"`{r['worst_param']['tensor']}`: {r['worst_param']['error']:.1e} ({r['worst_param']['reference_bf16']:.1e})",
+                    "-" if "x_floor" not in r else f"{r['x_floor']:.2f}x of {r['floor']['floor_ms']:.2f} ms",
+                    f"torch {env['torch']}, triton {env['triton']}",
+                    f"`{result['command']}`",
+                ],
                 intro="`benchmarks/blocks.py`: one residual block (pre-norm + mixer + residual), "
-                      "forward + backward, median of timed calls. MFU against 989 TFLOP/s. "
-                      "Mamba-2 floor: GEMMs at the measured bf16 matmul rate + other bytes at the "
-                      "measured copy bandwidth (see the script).")
+                "forward + backward, median of timed calls. MFU against 989 TFLOP/s. "
+                "Mamba-2 floor: GEMMs at the measured bf16 matmul rate + other bytes at the "
+                "measured copy bandwidth (see the script).",
+            )
     return result
 
 

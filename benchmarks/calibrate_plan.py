@@ -74,14 +74,19 @@ def load_rows() -> list[Row]:
             if "overrides" not in r or r.get("fake_world") or "tokens_per_second_per_gpu" not in r:
                 continue  # microbenchmarks (ep_overlap, nccl) and one-GPU fake-world memory runs
             o = _parse_overrides(r["overrides"])
-            cfg = Nano3Config(hybrid_pattern=o["model.hybrid_pattern"],
-                              num_layers=int(o["model.num_layers"]),
-                              num_experts=int(o["model.num_experts"]))
+            cfg = Nano3Config(
+                hybrid_pattern=o["model.hybrid_pattern"],
+                num_layers=int(o["model.num_layers"]),
+                num_experts=int(o["model.num_experts"]),
+            )
             world = r["world_size"]
-            layout = pm.Layout(world=world, tp=int(o["model.tensor_model_parallel_size"]),
-                               ep=int(o["model.expert_model_parallel_size"]),
-                               cp=int(o.get("model.context_parallel_size", 1)),
-                               micro_batch=int(o["train.micro_batch_size"]))
+            layout = pm.Layout(
+                world=world,
+                tp=int(o["model.tensor_model_parallel_size"]),
+                ep=int(o["model.expert_model_parallel_size"]),
+                cp=int(o.get("model.context_parallel_size", 1)),
+                micro_batch=int(o["train.micro_batch_size"]),
+            )
             gb = int(o["train.global_batch_size"])
             accum = gb // (layout.micro_batch * layout.dp)
             weights = o.get("train.compute_weights", "auto")
@@ -89,27 +94,57 @@ def load_rows() -> list[Row]:
                 weights = "bf16" if (world > 1 or accum > 1) else "fp32"
             # the 2x session ran before the shared-expert overlap became the default (cde3239)
             default_overlap = session != "2026-11-29-h200x2"
-            overlap = _bool(o["train.moe_shared_expert_overlap"]) if (
-                "train.moe_shared_expert_overlap" in o) else default_overlap
-            shape = pm.RunShape(seq_length=8192, global_batch_size=gb,
-                                shared_expert_overlap=overlap, compute_weights=weights,
-                                ep_dispatcher=DISPATCHER.get(session, "overlap"))
+            overlap = (
+                _bool(o["train.moe_shared_expert_overlap"])
+                if ("train.moe_shared_expert_overlap" in o)
+                else default_overlap
+            )
+            shape = pm.RunShape(
+                seq_length=8192,
+                global_batch_size=gb,
+                shared_expert_overlap=overlap,
+                compute_weights=weights,
+                ep_dispatcher=DISPATCHER.get(session, "overlap"),
+            )
             block_ms = dict(pm.MEASURED_BLOCK_MS)
             if session == "2026-11-29-h200x2" and r["name"] not in AFTER_1322:
                 block_ms.update(MOE_BEFORE_1322)
             peak = max(m["allocated_gib"] for m in r["peak_memory_per_gpu"])
-            rows.append(Row(f"{r['name']} ({world}x)" if world == 1 else r["name"], session, cfg,
-                            layout, shape, r["tokens_per_second_per_gpu"], peak, block_ms))
+            rows.append(
+                Row(
+                    f"{r['name']} ({world}x)" if world == 1 else r["name"],
+                    session,
+                    cfg,
+                    layout,
+                    shape,
+                    r["tokens_per_second_per_gpu"],
+                    peak,
+                    block_ms,
+                )
+            )
     # the best one-GPU run (train_step directly, bf16 compute weights, mb 3 x 4, overlap)
     one = json.loads((RESULTS / "2026-11-29-h200" / "train-bf16-mb3-accum4-ovl_1325.json").read_text())
     a = one["args"]
-    cfg = Nano3Config(hybrid_pattern=one["model"]["hybrid_pattern"], num_layers=a["layers"],
-                      num_experts=a["experts"])
-    rows.append(Row("train_mb3x4_ovl (1x)", "2026-11-29-h200", cfg,
-                    pm.Layout(world=1, micro_batch=a["micro_batch"]),
-                    pm.RunShape(seq_length=a["seq"], global_batch_size=a["micro_batch"] * a["grad_accum"],
-                                shared_expert_overlap=True, compute_weights="bf16"),
-                    one["run"]["tokens_per_s"], one["run"]["peak_gib"], dict(pm.MEASURED_BLOCK_MS)))
+    cfg = Nano3Config(
+        hybrid_pattern=one["model"]["hybrid_pattern"], num_layers=a["layers"], num_experts=a["experts"]
+    )
+    rows.append(
+        Row(
+            "train_mb3x4_ovl (1x)",
+            "2026-11-29-h200",
+            cfg,
+            pm.Layout(world=1, micro_batch=a["micro_batch"]),
+            pm.RunShape(
+                seq_length=a["seq"],
+                global_batch_size=a["micro_batch"] * a["grad_accum"],
+                shared_expert_overlap=True,
+                compute_weights="bf16",
+            ),
+            one["run"]["tokens_per_s"],
+            one["run"]["peak_gib"],
+            dict(pm.MEASURED_BLOCK_MS),
+        )
+    )
     return rows
 
 
@@ -122,14 +157,28 @@ def errors(rows: list[Row], cal: pm.Calibration) -> list[tuple[float, float]]:
     out = []
     for row in rows:
         plan = predict(row, cal)
-        out.append((plan.tokens_per_second_per_gpu / row.tokens_per_second_per_gpu - 1,
-                    plan.memory.total / row.peak_allocated_gib - 1))
+        out.append(
+            (
+                plan.tokens_per_second_per_gpu / row.tokens_per_second_per_gpu - 1,
+                plan.memory.total / row.peak_allocated_gib - 1,
+            )
+        )
     return out
 
 
-TIME_PARAMS = ["compute_scale", "micro_batch_overhead_s", "step_overhead_s",
-               "optimizer_s_per_param", "fsdp_exposed", "a2a_exposed", "ep_dispatch_s.sync",
-               "ep_dispatch_s.legacy", "tp_block_s", "cp_layer_s", "allocator_pressure_slowdown"]
+TIME_PARAMS = [
+    "compute_scale",
+    "micro_batch_overhead_s",
+    "step_overhead_s",
+    "optimizer_s_per_param",
+    "fsdp_exposed",
+    "a2a_exposed",
+    "ep_dispatch_s.sync",
+    "ep_dispatch_s.legacy",
+    "tp_block_s",
+    "cp_layer_s",
+    "allocator_pressure_slowdown",
+]
 MEMORY_PARAMS = ["activation_scale", "loss_buffer_factor", "memory_overhead_gib"]
 
 
@@ -181,16 +230,20 @@ def fit(rows: list[Row], cal: pm.Calibration, rounds: int = 30) -> pm.Calibratio
 
 
 def table(rows: list[Row], cal: pm.Calibration, loo: dict[str, tuple[float, float]] | None = None) -> str:
-    head = ("| run | GPUs | layout | measured tokens/s/GPU | predicted | error | measured peak GiB "
-            "| predicted | error |" + (" held-out error (tokens/s, GiB) |" if loo else ""))
+    head = (
+        "| run | GPUs | layout | measured tokens/s/GPU | predicted | error | measured peak GiB "
+        "| predicted | error |" + (" held-out error (tokens/s, GiB) |" if loo else "")
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row, (et, em) in zip(rows, errors(rows, cal)):
         plan = predict(row, cal)
         flag = lambda e: f"{e:+.1%}" + ("" if abs(e) <= 0.15 else " **>15%**")
-        line = (f"| `{row.name}` | {row.layout.world} | {row.layout.describe()} x"
-                f"{plan.grad_accumulation} | {row.tokens_per_second_per_gpu:,.0f} | "
-                f"{plan.tokens_per_second_per_gpu:,.0f} | {flag(et)} | {row.peak_allocated_gib:.1f} | "
-                f"{plan.memory.total:.1f} | {flag(em)} |")
+        line = (
+            f"| `{row.name}` | {row.layout.world} | {row.layout.describe()} x"
+            f"{plan.grad_accumulation} | {row.tokens_per_second_per_gpu:,.0f} | "
+            f"{plan.tokens_per_second_per_gpu:,.0f} | {flag(et)} | {row.peak_allocated_gib:.1f} | "
+            f"{plan.memory.total:.1f} | {flag(em)} |"
+        )
         if loo:
             lt, lm = loo[row.name]
             line += f" {lt:+.1%}, {lm:+.1%} |"
@@ -216,21 +269,36 @@ def main(argv=None) -> int:
     if args.loo:
         loo = {}
         for i, row in enumerate(rows):
-            rest = rows[:i] + rows[i + 1:]
+            rest = rows[:i] + rows[i + 1 :]
             held = fit(rest, cal, rounds=15)
             loo[row.name] = errors([row], held)[0]
     print(table(rows, cal, loo))
     errs = errors(rows, cal)
     multi = [e for r, e in zip(rows, errs) if r.multi_gpu]
-    print(f"\nmulti-GPU rows: {len(multi)}; within 15%: tokens/s "
-          f"{sum(abs(e[0]) <= 0.15 for e in multi)}, memory {sum(abs(e[1]) <= 0.15 for e in multi)}; "
-          f"max |error| tokens/s {max(abs(e[0]) for e in multi):.1%}, memory "
-          f"{max(abs(e[1]) for e in multi):.1%}")
+    print(
+        f"\nmulti-GPU rows: {len(multi)}; within 15%: tokens/s "
+        f"{sum(abs(e[0]) <= 0.15 for e in multi)}, memory {sum(abs(e[1]) <= 0.15 for e in multi)}; "
+        f"max |error| tokens/s {max(abs(e[0]) for e in multi):.1%}, memory "
+        f"{max(abs(e[1]) for e in multi):.1%}"
+    )
     if args.json:
-        args.json.write_text(json.dumps([
-            {"name": r.name, "world": r.layout.world, "layout": r.layout.describe(),
-             "measured_tps": r.tokens_per_second_per_gpu, "measured_gib": r.peak_allocated_gib,
-             "error_tps": e[0], "error_gib": e[1]} for r, e in zip(rows, errs)], indent=1))
+        args.json.write_text(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "world": r.layout.world,
+                        "layout": r.layout.describe(),
+                        "measured_tps": r.tokens_per_second_per_gpu,
+                        "measured_gib": r.peak_allocated_gib,
+                        "error_tps": e[0],
+                        "error_gib": e[1],
+                    }
+                    for r, e in zip(rows, errs)
+                ],
+                indent=1,
+            )
+        )
     return 0
 
 

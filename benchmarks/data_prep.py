@@ -109,8 +109,12 @@ def build_tokenizer(directory: Path, corpus: list[Path], vocab_size: int) -> Pat
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(sample(), trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
@@ -120,8 +124,9 @@ def build_tokenizer(directory: Path, corpus: list[Path], vocab_size: int) -> Pat
 
 def _write_tokenizer_config(directory: Path) -> None:
     # eos/bos for data prep; tokenizer_class for transformers' AutoTokenizer (Megatron's HF path).
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "</s>", "bos_token": "<s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "bos_token": "<s>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
 
 
 def _cpu_set(cores: int) -> list[int]:
@@ -155,8 +160,9 @@ print(json.dumps({"rc": code, "wall": time.perf_counter() - start,
 
 def _run_timed(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
     """(process, wall seconds, CPU seconds of the command and all its descendants)."""
-    proc = subprocess.run([sys.executable, "-c", REAPER_SCRIPT, *command], capture_output=True,
-                          text=True, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-c", REAPER_SCRIPT, *command], capture_output=True, text=True, **kwargs
+    )
     report = json.loads(proc.stderr.strip().splitlines()[-1])
     proc.returncode = report["rc"]
     return proc, report["wall"], report["cpu"]
@@ -180,8 +186,11 @@ print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - start,
 def measure_ceiling(tokenizer_path: Path, corpus: list[Path], batch_docs: int, cpu: int) -> dict:
     """`encode_batch_fast` in one single-threaded process pinned to one core."""
     command = [sys.executable, "-c", CEILING_SCRIPT, str(tokenizer_path), str(batch_docs), *map(str, corpus)]
-    row = json.loads(subprocess.run(_pinned(command, [cpu]), capture_output=True, text=True,
-                                    check=True).stdout.strip().splitlines()[-1])
+    row = json.loads(
+        subprocess.run(_pinned(command, [cpu]), capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
     row["tokens_per_cpu_s"] = row["tokens"] / row["cpu_seconds"]
     return row
@@ -195,8 +204,18 @@ def measure_cli(tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: 
     blend.write_text(json.dumps({"datasets": [{"name": "stdlib", "path": pattern, "weight": 1.0}]}))
     recipe.write_text(f"blend_path: {blend}\noutput_dir: {out}\ntokenizer:\n  model: {tokenizer_path}\n")
     nemotron = Path(sys.executable).with_name("nemotron")
-    command = [str(nemotron), "nano3", "data", "prep", "pretrain", "-c", str(recipe), "--force",
-               "--job-dir", str(out.parent / f"job-{time.time_ns()}")]
+    command = [
+        str(nemotron),
+        "nano3",
+        "data",
+        "prep",
+        "pretrain",
+        "-c",
+        str(recipe),
+        "--force",
+        "--job-dir",
+        str(out.parent / f"job-{time.time_ns()}"),
+    ]
     proc, elapsed, cpu = _run_timed(_pinned(command, cpus))
     if proc.returncode != 0:
         raise SystemExit(f"data prep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -204,13 +223,22 @@ def measure_cli(tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: 
     tokens = sum(split["tokens"] for split in metadata["counts"].values())
     documents = sum(split["documents"] for split in metadata["counts"].values())
     # CPU: the CLI process and all its descendants; metadata's cpu_s counts run_data_prep only.
-    return {"tokens": tokens, "documents": documents, "seconds": elapsed, "cpu_seconds": cpu,
-            "prep_cpu_seconds": metadata["cpu_s"], "workers": metadata["producer"]["workers"],
-            "units": sum(s["work_units"] for s in metadata["sources"]), "tokens_per_s": tokens / elapsed,
-            "tokens_per_cpu_s": tokens / cpu}
+    return {
+        "tokens": tokens,
+        "documents": documents,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "prep_cpu_seconds": metadata["cpu_s"],
+        "workers": metadata["producer"]["workers"],
+        "units": sum(s["work_units"] for s in metadata["sources"]),
+        "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / cpu,
+    }
 
 
-def measure_megatron(megatron: Path, tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: Path) -> dict:
+def measure_megatron(
+    megatron: Path, tokenizer_path: Path, corpus: list[Path], cpus: list[int], out: Path
+) -> dict:
     """Megatron-LM's preprocess_data.py on the same jsonl (one input: the corpus concatenated)."""
     merged = out.parent / "megatron-input.jsonl"
     if not merged.is_file():
@@ -218,10 +246,25 @@ def measure_megatron(megatron: Path, tokenizer_path: Path, corpus: list[Path], c
             for path in corpus:
                 handle.write(path.read_bytes())
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(megatron / "tools" / "preprocess_data.py"), "--input", str(merged),
-               "--output-prefix", str(out / "mt"), "--tokenizer-type", "HuggingFaceTokenizer",
-               "--tokenizer-model", str(tokenizer_path.parent), "--json-keys", "text", "--append-eod",
-               "--workers", str(len(cpus)), "--log-interval", "100000"]
+    command = [
+        sys.executable,
+        str(megatron / "tools" / "preprocess_data.py"),
+        "--input",
+        str(merged),
+        "--output-prefix",
+        str(out / "mt"),
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(tokenizer_path.parent),
+        "--json-keys",
+        "text",
+        "--append-eod",
+        "--workers",
+        str(len(cpus)),
+        "--log-interval",
+        "100000",
+    ]
     proc, elapsed, cpu = _run_timed(_pinned(command, cpus), cwd=megatron)
     if proc.returncode != 0:
         raise SystemExit(f"Megatron preprocess_data.py failed:\n{proc.stderr[-3000:]}")
@@ -229,9 +272,16 @@ def measure_megatron(megatron: Path, tokenizer_path: Path, corpus: list[Path], c
 
     (prefix,) = {p.with_suffix("") for p in out.glob("*.idx")}
     dataset = IndexedDataset(prefix)
-    return {"tokens": dataset.num_tokens, "documents": len(dataset), "seconds": elapsed, "cpu_seconds": cpu,
-            "workers": len(cpus), "tokens_per_s": dataset.num_tokens / elapsed,
-            "tokens_per_cpu_s": dataset.num_tokens / cpu, "prefix": str(prefix)}
+    return {
+        "tokens": dataset.num_tokens,
+        "documents": len(dataset),
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "workers": len(cpus),
+        "tokens_per_s": dataset.num_tokens / elapsed,
+        "tokens_per_cpu_s": dataset.num_tokens / cpu,
+        "prefix": str(prefix),
+    }
 
 
 def _document_hashes(prefixes: list[str]) -> list[str]:
@@ -240,8 +290,10 @@ def _document_hashes(prefixes: list[str]) -> list[str]:
     hashes = []
     for prefix in prefixes:
         dataset = IndexedDataset(prefix)
-        hashes += [hashlib.blake2b(dataset[i].astype("<i8").tobytes(), digest_size=12).hexdigest()
-                   for i in range(len(dataset))]
+        hashes += [
+            hashlib.blake2b(dataset[i].astype("<i8").tobytes(), digest_size=12).hexdigest()
+            for i in range(len(dataset))
+        ]
     return sorted(hashes)
 
 
@@ -257,7 +309,9 @@ def _summary(rows: list[dict], key: str = "tokens_per_s") -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=100)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nemotron-bench-data-prep"))
     parser.add_argument("--vocab-size", type=int, default=32768)
@@ -265,7 +319,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-docs", type=int, default=1024)
     parser.add_argument("--megatron", type=Path, help="a Megatron-LM checkout (tools/preprocess_data.py)")
-    parser.add_argument("--prepare-only", action="store_true", help="build the corpus and tokenizer, measure nothing")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="build the corpus and tokenizer, measure nothing"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(args.workdir, args.size_mb)
@@ -281,14 +337,19 @@ def main() -> None:
         ceiling.append(measure_ceiling(tokenizer_path, corpus, args.batch_docs, cpus[0]))
         prep.append(measure_cli(tokenizer_path, corpus, cpus, args.workdir / "out-cli"))
         if args.megatron:
-            megatron.append(measure_megatron(args.megatron, tokenizer_path, corpus, cpus, args.workdir / "out-megatron"))
-        print(f"repeat {repeat + 1}: ceiling {ceiling[-1]['tokens_per_s']:,.0f} tok/s/core, "
-              f"CLI {prep[-1]['tokens_per_s']:,.0f} tok/s"
-              + (f", Megatron {megatron[-1]['tokens_per_s']:,.0f} tok/s" if megatron else ""), flush=True)
+            megatron.append(
+                measure_megatron(args.megatron, tokenizer_path, corpus, cpus, args.workdir / "out-megatron")
+            )
+        print(
+            f"repeat {repeat + 1}: ceiling {ceiling[-1]['tokens_per_s']:,.0f} tok/s/core, "
+            f"CLI {prep[-1]['tokens_per_s']:,.0f} tok/s"
+            + (f", Megatron {megatron[-1]['tokens_per_s']:,.0f} tok/s" if megatron else ""),
+            flush=True,
+        )
     same = same_sequences(args.workdir / "out-cli", megatron[-1]["prefix"]) if megatron else None
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"pinned to {cpus}",
+        f"pinned to {cpus}",
         "load_avg_before": load_before,
         "load_avg_after": os.getloadavg(),
         "corpus_bytes": corpus_bytes,
@@ -306,23 +367,36 @@ def main() -> None:
     def row(name: str, rows: list[dict]) -> str:
         best, median = _summary(rows)
         per_cpu = statistics.median(r["tokens_per_cpu_s"] for r in rows)
-        return (f"| {name} | {rows[0]['tokens']:,} | {best:,.0f} | {median:,.0f} | {best / cores:,.0f} | "
-                f"{median / cores:,.0f} | {median / cores / median_ceiling:.1%} | {per_cpu:,.0f} | "
-                f"{per_cpu / cpu_ceiling:.1%} |")
+        return (
+            f"| {name} | {rows[0]['tokens']:,} | {best:,.0f} | {median:,.0f} | {best / cores:,.0f} | "
+            f"{median / cores:,.0f} | {median / cores / median_ceiling:.1%} | {per_cpu:,.0f} | "
+            f"{per_cpu / cpu_ceiling:.1%} |"
+        )
 
     print()
-    print(f"| run ({cores} cores) | tokens | tokens/s best | tokens/s median | per core best | per core median | "
-          f"per core vs ceiling (median, wall) | tokens per CPU-s (median) | vs ceiling (CPU) |")
+    print(
+        f"| run ({cores} cores) | tokens | tokens/s best | tokens/s median | per core best | per core median | "
+        f"per core vs ceiling (median, wall) | tokens per CPU-s (median) | vs ceiling (CPU) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| `encode_batch_fast` ceiling, 1 process, 1 core | {ceiling[0]['tokens']:,} | {best_ceiling:,.0f} | "
-          f"{median_ceiling:,.0f} | {best_ceiling:,.0f} | {median_ceiling:,.0f} | - | {cpu_ceiling:,.0f} | - |")
-    print(row(f"`nemotron nano3 data prep pretrain` (defaults: {prep[0]['workers']} workers, "
-              f"{prep[0]['units']} units)", prep))
+    print(
+        f"| `encode_batch_fast` ceiling, 1 process, 1 core | {ceiling[0]['tokens']:,} | {best_ceiling:,.0f} | "
+        f"{median_ceiling:,.0f} | {best_ceiling:,.0f} | {median_ceiling:,.0f} | - | {cpu_ceiling:,.0f} | - |"
+    )
+    print(
+        row(
+            f"`nemotron nano3 data prep pretrain` (defaults: {prep[0]['workers']} workers, "
+            f"{prep[0]['units']} units)",
+            prep,
+        )
+    )
     if megatron:
         best_mt, median_mt = _summary(megatron)
         print(row(f"Megatron-LM `preprocess_data.py --workers {cores}`", megatron))
-        print(f"\nCLI / Megatron tokens/s: best {best_prep / best_mt:.2f}x, median {median_prep / median_mt:.2f}x; "
-              f"same token sequences: {same}")
+        print(
+            f"\nCLI / Megatron tokens/s: best {best_prep / best_mt:.2f}x, median {median_prep / median_mt:.2f}x; "
+            f"same token sequences: {same}"
+        )
     print(f"load average before {load_before}, after {report['load_avg_after']}")
 
 

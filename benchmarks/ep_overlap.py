@@ -38,9 +38,10 @@ def _layer(cfg, mode: str, rank: int, world: int, reference: nn.Module) -> nn.Mo
         per = cfg.num_experts // world
         for name in ("up_proj", "down_proj"):
             full = getattr(reference.experts, name).detach()
-            setattr(layer.experts, name, nn.Parameter(full[rank * per:(rank + 1) * per].clone()))
-        layer.dispatcher = AllToAllDispatcher(cfg.num_experts, dist.group.WORLD,
-                                              early_splits=mode == "overlap")
+            setattr(layer.experts, name, nn.Parameter(full[rank * per : (rank + 1) * per].clone()))
+        layer.dispatcher = AllToAllDispatcher(
+            cfg.num_experts, dist.group.WORLD, early_splits=mode == "overlap"
+        )
     layer.shared_expert_overlap = mode != "sync"
     return layer.to(torch.bfloat16)
 
@@ -95,10 +96,17 @@ def main(argv=None) -> int:
     for p in reference.parameters():  # make sure of it: rank 0's weights everywhere
         dist.broadcast(p.data, 0)
     g = torch.Generator(device="cuda").manual_seed(1000 + rank)  # each rank its own tokens
-    x = torch.randn(args.micro_batch, args.seq, cfg.hidden_size, device="cuda", generator=g,
-                    dtype=torch.bfloat16)
-    result = {"world": world, "micro_batch": args.micro_batch, "seq": args.seq,
-              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "ms": {}}
+    x = torch.randn(
+        args.micro_batch, args.seq, cfg.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16
+    )
+    result = {
+        "world": world,
+        "micro_batch": args.micro_batch,
+        "seq": args.seq,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "ms": {},
+    }
     outs = {}
     for mode in ("local", "sync", "side", "overlap"):
         layer = _layer(cfg, mode, rank, world, reference)
@@ -110,20 +118,29 @@ def main(argv=None) -> int:
         del layer
         torch.cuda.empty_cache()
     y_s, dx_s, g_s = outs["sync"]
-    same = all(torch.equal(y_s, outs[m][0]) and torch.equal(dx_s, outs[m][1])
-               and all(torch.equal(g_s[n], outs[m][2][n]) for n in g_s) for m in ("side", "overlap"))
+    same = all(
+        torch.equal(y_s, outs[m][0])
+        and torch.equal(dx_s, outs[m][1])
+        and all(torch.equal(g_s[n], outs[m][2][n]) for n in g_s)
+        for m in ("side", "overlap")
+    )
     flags = torch.tensor([float(same)], device="cuda")
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     y_l, dx_l, _ = outs["local"]
-    rel = torch.tensor([((y_s.float() - y_l.float()).norm() / y_l.float().norm()).item(),
-                        ((dx_s.float() - dx_l.float()).norm() / dx_l.float().norm()).item()],
-                       device="cuda")
+    rel = torch.tensor(
+        [
+            ((y_s.float() - y_l.float()).norm() / y_l.float().norm()).item(),
+            ((dx_s.float() - dx_l.float()).norm() / dx_l.float().norm()).item(),
+        ],
+        device="cuda",
+    )
     dist.all_reduce(rel, op=dist.ReduceOp.MAX)
     result["ep_modes_bit_equal"] = bool(flags.item())
     result["ep_vs_local_rel_err_y_dx"] = [round(v, 6) for v in rel.tolist()]
     local = result["ms"]["local"]
-    result["ep_cost_over_local"] = {m: round(result["ms"][m] / local - 1, 4)
-                                    for m in ("sync", "side", "overlap")}
+    result["ep_cost_over_local"] = {
+        m: round(result["ms"][m] / local - 1, 4) for m in ("sync", "side", "overlap")
+    }
     if rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -45,11 +45,24 @@ def config(args, fp8: Fp8Config) -> PretrainConfig:
     if args.tiny:  # the tiny widths' vocabulary is smaller than the embedded corpus's 4096 tokens
         model = dataclasses.replace(model, vocab_size=4096)
     train = TrainConfig(
-        train_iters=args.steps, global_batch_size=args.micro_batch * args.grad_accum,
-        micro_batch_size=args.micro_batch, seq_length=args.seq, seed=1234, eval_iters=0,
-        precision="bf16", device=args.device, grad_clip=1.0, compute_weights=args.params, fp8=fp8)
-    return PretrainConfig(model=model, train=train, data=DataConfig(blend=args.blend, mock=args.blend is None),
-                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr))
+        train_iters=args.steps,
+        global_batch_size=args.micro_batch * args.grad_accum,
+        micro_batch_size=args.micro_batch,
+        seq_length=args.seq,
+        seed=1234,
+        eval_iters=0,
+        precision="bf16",
+        device=args.device,
+        grad_clip=1.0,
+        compute_weights=args.params,
+        fp8=fp8,
+    )
+    return PretrainConfig(
+        model=model,
+        train=train,
+        data=DataConfig(blend=args.blend, mock=args.blend is None),
+        optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
+    )
 
 
 def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
@@ -61,20 +74,35 @@ def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
     for step in range(args.steps):
         set_learning_rate(optimizer, args.lr * min(1.0, (step + 1) / max(1, args.lr_warmup)))
         t0 = time.perf_counter()
-        res = train_step(model, optimizer, data.next_train_batches(), device=device,
-                         precision="bf16", grad_clip=cfg.train.grad_clip, parallel=parallel)
-        balancing.update_expert_biases(moe_layers, cfg.train.expert_bias_update_rate,
-                                       group=parallel.balancing_group)
+        res = train_step(
+            model,
+            optimizer,
+            data.next_train_batches(),
+            device=device,
+            precision="bf16",
+            grad_clip=cfg.train.grad_clip,
+            parallel=parallel,
+        )
+        balancing.update_expert_biases(
+            moe_layers, cfg.train.expert_bias_update_rate, group=parallel.balancing_group
+        )
         synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
         losses.append(res.lm_loss)
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"  step {step + 1}: loss {res.lm_loss:.4f} grad norm {res.grad_norm:.3f} "
-                  f"({times[-1]:.0f} ms)", flush=True)
+            print(
+                f"  step {step + 1}: loss {res.lm_loss:.4f} grad norm {res.grad_norm:.3f} "
+                f"({times[-1]:.0f} ms)",
+                flush=True,
+            )
     summary = getattr(model, "fp8_summary", None)
     timed = times[2:] or times  # the first steps compile and warm up
-    out = {"losses": losses, "step_ms_median": sorted(timed)[len(timed) // 2],
-           "peak_gib": peak_memory_gib(device), "fp8": None if summary is None else summary.describe()}
+    out = {
+        "losses": losses,
+        "step_ms_median": sorted(timed)[len(timed) // 2],
+        "peak_gib": peak_memory_gib(device),
+        "fp8": None if summary is None else summary.describe(),
+    }
     del model, optimizer, data
     return out
 
@@ -83,8 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blend", default=None, help="blend.json of prepared data (default: synthetic tokens)")
     ap.add_argument("--recipes", default="tensorwise", help="comma list of train.fp8 recipes")
-    ap.add_argument("--fp8-layers", dest="layers_fp8", default=None,
-                    help="comma list of train.fp8.layers (default: every FP8-capable layer, experts included)")
+    ap.add_argument(
+        "--fp8-layers",
+        dest="layers_fp8",
+        default=None,
+        help="comma list of train.fp8.layers (default: every FP8-capable layer, experts included)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -95,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup", type=int, default=30)
     ap.add_argument("--window", type=int, default=20, help="final loss = mean over the last N steps")
-    ap.add_argument("--tolerance", type=float, default=0.02,
-                    help="allowed |final loss FP8 - BF16| (absolute, nats)")
+    ap.add_argument(
+        "--tolerance", type=float, default=0.02, help="allowed |final loss FP8 - BF16| (absolute, nats)"
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -105,11 +138,16 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     env = environment(device)
-    result = {"env": env, "command": "python3 benchmarks/fp8_loss_parity.py " + " ".join(argv or sys.argv[1:]),
-              "args": vars(args), "runs": {}}
+    result = {
+        "env": env,
+        "command": "python3 benchmarks/fp8_loss_parity.py " + " ".join(argv or sys.argv[1:]),
+        "args": vars(args),
+        "runs": {},
+    }
     layers = args.layers_fp8.split(",") if args.layers_fp8 else list(FP8_LAYERS)
     runs = [("bf16", Fp8Config())] + [
-        (f"fp8-{r}", Fp8Config(enabled=True, recipe=r, layers=layers)) for r in args.recipes.split(",") if r]
+        (f"fp8-{r}", Fp8Config(enabled=True, recipe=r, layers=layers)) for r in args.recipes.split(",") if r
+    ]
     with one_rank_group(device, args.params):
         for name, fp8 in runs:
             print(f"{name}:", flush=True)
@@ -122,13 +160,19 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         diffs = [a - b for a, b in zip(run["losses"], base)]
         final = sum(run["losses"][-w:]) / w - sum(base[-w:]) / w
-        run.update(final_loss_diff=final, max_step_diff=max(abs(d) for d in diffs),
-                   final_loss=sum(run["losses"][-w:]) / w, ok=abs(final) <= args.tolerance)
-        print(f"{name}: final loss (mean of last {w}) {run['final_loss']:.4f} vs bf16 "
-              f"{sum(base[-w:]) / w:.4f}: diff {final:+.4f} (tolerance {args.tolerance}) "
-              f"{'OK' if run['ok'] else 'FAILED'}; max per-step |diff| {run['max_step_diff']:.4f}; "
-              f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
-              flush=True)
+        run.update(
+            final_loss_diff=final,
+            max_step_diff=max(abs(d) for d in diffs),
+            final_loss=sum(run["losses"][-w:]) / w,
+            ok=abs(final) <= args.tolerance,
+        )
+        print(
+            f"{name}: final loss (mean of last {w}) {run['final_loss']:.4f} vs bf16 "
+            f"{sum(base[-w:]) / w:.4f}: diff {final:+.4f} (tolerance {args.tolerance}) "
+            f"{'OK' if run['ok'] else 'FAILED'}; max per-step |diff| {run['max_step_diff']:.4f}; "
+            f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     return result

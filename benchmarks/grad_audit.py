@@ -51,11 +51,25 @@ def audit_config(pattern: str = "MEM*E", experts: int = 16, tiny: bool = False) 
     """Nano3's widths (hidden 2688, 64 Mamba heads x 64, state 128, 8 groups, chunk 128, 32/2
     attention heads x 128, vocab 131072) with `experts` routed experts (top-6)."""
     if tiny:  # CPU smoke test of the script itself
-        return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), hidden_size=64, vocab_size=128,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=4,
-                           mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2, mamba_chunk_size=16,
-                           num_experts=4, moe_top_k=2, moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=32,
-                           ffn_hidden_size=64)
+        return Nano3Config(
+            hybrid_pattern=pattern,
+            num_layers=len(pattern),
+            hidden_size=64,
+            vocab_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            mamba_state_size=16,
+            mamba_num_groups=2,
+            mamba_chunk_size=16,
+            num_experts=4,
+            moe_top_k=2,
+            moe_ffn_hidden_size=32,
+            moe_shared_expert_hidden_size=32,
+            ffn_hidden_size=64,
+        )
     return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), num_experts=experts)
 
 
@@ -85,11 +99,16 @@ def gradients(model: Nano3ForCausalLM, tokens: torch.Tensor, path: str) -> dict[
     """Every parameter's gradient of the mean next-token loss on `tokens` along `path`."""
     fast, chain, bf16 = PATHS[path]
     model.zero_grad(set_to_none=True)
-    with fast_paths(fast), fused_chain(chain), torch.autocast(tokens.device.type, dtype=torch.bfloat16,
-                                                              enabled=bf16):
+    with (
+        fast_paths(fast),
+        fused_chain(chain),
+        torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16),
+    ):
         out = model(tokens[:, :-1], labels=tokens[:, 1:])
     out.loss.backward()
-    return {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {
+        name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,8 +116,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
-def audit_case(cfg: Nano3Config, seq: int, batch: int, device: torch.device, seed: int = 0,
-               paths: tuple[str, ...] = ("fast-bf16", "fast-stepwise-bf16"), init: str = "ours") -> dict:
+def audit_case(
+    cfg: Nano3Config,
+    seq: int,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    paths: tuple[str, ...] = ("fast-bf16", "fast-stepwise-bf16"),
+    init: str = "ours",
+) -> dict:
     """One (sequence, micro batch) case: per-tensor errors of each path and the reference bf16
     path against the float32 reference, and the tensors that fail the rule."""
     model = build_model(cfg, device, init, seed)
@@ -122,7 +148,10 @@ def audit_case(cfg: Nano3Config, seq: int, batch: int, device: torch.device, see
         result["failures"][path] = failures
         worst = max(got, key=lambda n: result["tensors"][n][path] / max(ref[n], FLOOR / RATIO))
         result.setdefault("worst", {})[path] = {
-            "tensor": worst, "error": result["tensors"][worst][path], "reference_bf16": ref[worst]}
+            "tensor": worst,
+            "error": result["tensors"][worst][path],
+            "reference_bf16": ref[worst],
+        }
     del model, truth
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -134,11 +163,16 @@ def print_case(case: dict, paths: tuple[str, ...]) -> None:
     print(f"  {'tensor':52s} {'ref-bf16':>9s} " + " ".join(f"{p:>18s}" for p in paths))
     for name, row in case["tensors"].items():
         flag = " FAIL" if any(name in case["failures"][p] for p in paths) else ""
-        print(f"  {name:52s} {row['reference-bf16']:9.2e} " + " ".join(f"{row[p]:18.2e}" for p in paths) + flag)
+        print(
+            f"  {name:52s} {row['reference-bf16']:9.2e} " + " ".join(f"{row[p]:18.2e}" for p in paths) + flag
+        )
     for p in paths:
         w = case["worst"][p]
-        print(f"  worst {p}: {w['tensor']} {w['error']:.2e} (reference bf16 {w['reference_bf16']:.2e}); "
-              f"failures: {case['failures'][p] or 'none'}", flush=True)
+        print(
+            f"  worst {p}: {w['tensor']} {w['error']:.2e} (reference bf16 {w['reference_bf16']:.2e}); "
+            f"failures: {case['failures'][p] or 'none'}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,8 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     cfg = audit_config(args.pattern, args.experts, args.tiny)
     paths = tuple(args.paths.split(","))
-    result = {"when": now_utc(), "env": environment(device), "pattern": args.pattern, "experts": cfg.num_experts,
-              "rule": f"fast error <= max({RATIO} x reference-bf16 error, {FLOOR})", "cases": []}
+    result = {
+        "when": now_utc(),
+        "env": environment(device),
+        "pattern": args.pattern,
+        "experts": cfg.num_experts,
+        "rule": f"fast error <= max({RATIO} x reference-bf16 error, {FLOOR})",
+        "cases": [],
+    }
     for init in args.init.split(","):
         for seq in map(int, args.seqs.split(",")):
             for batch in map(int, args.batches.split(",")):

@@ -57,7 +57,8 @@ def norm_section():
     for elems, warps in [(8192, 4), (4096, 4), (8192, 8), (16384, 8), (2048, 4)]:
         RMSNORM_TRITON_CONFIG.update(elements_per_program=elems, num_warps=warps)
         res[f"triton_e{elems}_w{warps}"] = peak_and_time(
-            lambda: gated_rmsnorm_triton(y, z, w, gs).backward(gout), [y, z, w])
+            lambda: gated_rmsnorm_triton(y, z, w, gs).backward(gout), [y, z, w]
+        )
     RMSNORM_TRITON_CONFIG.update(default)
     # Floor: read y, z, w; write out (fwd); read y, z, dout; write dy, dz (bwd).
     res["bytes_min"] = t * d * 2 * (3 + 5)
@@ -77,21 +78,32 @@ def loss_section():
         return [loss.detach(), hh.grad, ww.grad]
 
     ref = run(linear_cross_entropy_reference)
-    res = {"rel_err_loss_dh_dw": {
-        "triton_grad_in_forward": [rel(a, b) for a, b in zip(run(linear_cross_entropy), ref)],
-        "triton_recompute": [rel(a, b) for a, b in zip(run(linear_cross_entropy, grad_in_forward=False), ref)],
-        "torch_grad_in_forward": [rel(a, b) for a, b in zip(run(linear_cross_entropy, backend="torch"), ref)],
-    }}
+    res = {
+        "rel_err_loss_dh_dw": {
+            "triton_grad_in_forward": [rel(a, b) for a, b in zip(run(linear_cross_entropy), ref)],
+            "triton_recompute": [
+                rel(a, b) for a, b in zip(run(linear_cross_entropy, grad_in_forward=False), ref)
+            ],
+            "torch_grad_in_forward": [
+                rel(a, b) for a, b in zip(run(linear_cross_entropy, backend="torch"), ref)
+            ],
+        }
+    }
     del ref
     torch.cuda.empty_cache()
-    for name, kw in [("triton_grad_in_forward_4096", {}), ("triton_recompute_4096", {"grad_in_forward": False}),
-                     ("triton_grad_in_forward_2048", {"chunk_size": 2048}),
-                     ("triton_grad_in_forward_8192", {"chunk_size": 8192}),
-                     ("torch_grad_in_forward_4096", {"backend": "torch"})]:
-        res[name] = peak_and_time(lambda kw=kw: linear_cross_entropy(hidden, weight, labels, **kw).backward(),
-                                  [hidden, weight])
+    for name, kw in [
+        ("triton_grad_in_forward_4096", {}),
+        ("triton_recompute_4096", {"grad_in_forward": False}),
+        ("triton_grad_in_forward_2048", {"chunk_size": 2048}),
+        ("triton_grad_in_forward_8192", {"chunk_size": 8192}),
+        ("torch_grad_in_forward_4096", {"backend": "torch"}),
+    ]:
+        res[name] = peak_and_time(
+            lambda kw=kw: linear_cross_entropy(hidden, weight, labels, **kw).backward(), [hidden, weight]
+        )
     res["full_logits_reference"] = peak_and_time(
-        lambda: linear_cross_entropy_reference(hidden, weight, labels).backward(), [hidden, weight])
+        lambda: linear_cross_entropy_reference(hidden, weight, labels).backward(), [hidden, weight]
+    )
     res["matmul_flops"] = 3 * 2 * n * h * v
     from nemotron.kernels.cross_entropy import _FP32_OUT_ADDMM
 
@@ -103,8 +115,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     result["gated_rmsnorm"] = norm_section()
     print("gated_rmsnorm:", json.dumps(result["gated_rmsnorm"]), flush=True)
     result["linear_cross_entropy"] = loss_section()
@@ -114,14 +130,18 @@ def main():
     ce = result["linear_cross_entropy"]
     for k, v in ce.items():
         if isinstance(v, dict) and "fwd_bwd_ms" in v:
-            print(f"LM head {k:30s} {v['fwd_bwd_ms']:8.2f} ms  {ce['matmul_flops']/v['fwd_bwd_ms']/1e9:6.0f} TFLOP/s "
-                  f"peak +{v['peak_extra_MiB']:.0f} MiB")
+            print(
+                f"LM head {k:30s} {v['fwd_bwd_ms']:8.2f} ms  {ce['matmul_flops'] / v['fwd_bwd_ms'] / 1e9:6.0f} TFLOP/s "
+                f"peak +{v['peak_extra_MiB']:.0f} MiB"
+            )
     gn = result["gated_rmsnorm"]
     for k, v in gn.items():
         if not (isinstance(v, dict) and "fwd_bwd_ms" in v):
             continue
-        print(f"gated norm {k:18s} {v['fwd_bwd_ms']*1e3:8.0f} us  {gn['bytes_min']/v['fwd_bwd_ms']/1e6:6.0f} GB/s(eff) "
-              f"peak +{v['peak_extra_MiB']:.0f} MiB")
+        print(
+            f"gated norm {k:18s} {v['fwd_bwd_ms'] * 1e3:8.0f} us  {gn['bytes_min'] / v['fwd_bwd_ms'] / 1e6:6.0f} GB/s(eff) "
+            f"peak +{v['peak_extra_MiB']:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

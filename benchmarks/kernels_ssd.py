@@ -64,10 +64,17 @@ def check(shape, chunk, dtype, seed):
     b, l, h, p, g, n = shape
     gy = torch.randn(b, l, h, p, device="cuda", generator=gen)
     gs = torch.randn(b, h, p, n, device="cuda", generator=gen)
-    ref = fwd_bwd(ssd_chunked_reference, [t.double() if t is not None else None for t in inputs],
-                  gy.double(), gs.double(), chunk)
+    ref = fwd_bwd(
+        ssd_chunked_reference,
+        [t.double() if t is not None else None for t in inputs],
+        gy.double(),
+        gs.double(),
+        chunk,
+    )
     res = {"triton": rel_errors(fwd_bwd(ssd_triton, inputs, gy, gs, chunk), ref)}
-    res["chunked_reference_same_dtype"] = rel_errors(fwd_bwd(ssd_chunked_reference, inputs, gy, gs, chunk), ref)
+    res["chunked_reference_same_dtype"] = rel_errors(
+        fwd_bwd(ssd_chunked_reference, inputs, gy, gs, chunk), ref
+    )
     del ref
     torch.cuda.empty_cache()
     return res
@@ -84,8 +91,13 @@ def check_triton_only(shape, chunk, seed=5):
         b, l, h, p, g, n = shape
         gy = torch.randn(b, l, h, p, device="cuda", generator=gen)
         gs = torch.randn(b, h, p, n, device="cuda", generator=gen)
-        ref = fwd_bwd(ssd_chunked_reference, [t.double() if t is not None else None for t in inputs],
-                      gy.double(), gs.double(), chunk)
+        ref = fwd_bwd(
+            ssd_chunked_reference,
+            [t.double() if t is not None else None for t in inputs],
+            gy.double(),
+            gs.double(),
+            chunk,
+        )
         _REF_CACHE[shape] = (inputs, gy, gs, ref)
     inputs, gy, gs, ref = _REF_CACHE[shape]
     return rel_errors(fwd_bwd(ssd_triton, inputs, gy, gs, chunk), ref)
@@ -124,7 +136,8 @@ def profile(fn, shape, chunk, dtype):
     b, l, h, p, g, n = shape
     gy = torch.randn(b, l, h, p, device="cuda").to(dtype)
     gs = torch.randn(b, h, p, n, device="cuda")
-    from torch.profiler import ProfilerActivity, profile as tprof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
 
     for _ in range(2):
         y, s = fn(*inputs[:5], chunk, inputs[5])
@@ -172,8 +185,10 @@ def floors(shape, chunk, copy_bw):
     # chunk states (p x Q) @ (Q x n) and the state read-out (Q x n) @ (n x p) per head.
     fwd_flops = b * nc * (2 * g * Q * Q * n + h * (Q * Q * p + 2 * Q * p * n + 2 * Q * n * p))
     return {
-        "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes,
-        "fwd_floor_ms": fwd_bytes / copy_bw * 1e3, "fwd_bwd_floor_ms": (fwd_bytes + bwd_bytes) / copy_bw * 1e3,
+        "fwd_bytes": fwd_bytes,
+        "bwd_bytes": bwd_bytes,
+        "fwd_floor_ms": fwd_bytes / copy_bw * 1e3,
+        "fwd_bwd_floor_ms": (fwd_bytes + bwd_bytes) / copy_bw * 1e3,
         "fwd_flops_min": fwd_flops,
     }
 
@@ -187,17 +202,25 @@ def main():
     chunk = 128
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "shape_b_l_h_p_g_n": shape, "chunk": chunk,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "shape_b_l_h_p_g_n": shape,
+        "chunk": chunk,
     }
     copy_bw, mm = ceilings()
     result["copy_GBps"] = copy_bw / 1e9
     result["bf16_matmul_TFLOPs"] = mm / 1e12
     result["floor"] = floors(shape, chunk, copy_bw)
-    print(f"ceilings: copy {copy_bw/1e9:.0f} GB/s, bf16 matmul {mm/1e12:.0f} TFLOP/s", flush=True)
+    print(f"ceilings: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
 
     result["check_fp32"] = check(shape, chunk, torch.float32, seed=1)
-    print("check fp32 (rel err vs fp64 chunked reference):", json.dumps(result["check_fp32"], indent=1), flush=True)
+    print(
+        "check fp32 (rel err vs fp64 chunked reference):",
+        json.dumps(result["check_fp32"], indent=1),
+        flush=True,
+    )
     result["check_bf16"] = check(shape, chunk, torch.bfloat16, seed=2)
     print("check bf16:", json.dumps(result["check_bf16"], indent=1), flush=True)
     result["check_ragged_bf16"] = check((2, 1000, 16, 64, 2, 128), chunk, torch.bfloat16, seed=3)
@@ -207,8 +230,15 @@ def main():
     timings["chunked_reference_bf16"] = bench(ssd_chunked_reference, shape, chunk, torch.bfloat16)
     print("reference:", timings["chunked_reference_bf16"], flush=True)
     default = dict(SSD_TRITON_CONFIG)
-    variants = [(64, 4, 2, 1024), (64, 4, 3, 1024), (64, 4, 1, 1024), (64, 8, 2, 1024), (128, 8, 2, 1024),
-                (64, 4, 2, 256), (64, 4, 2, 512)]
+    variants = [
+        (64, 4, 2, 1024),
+        (64, 4, 3, 1024),
+        (64, 4, 1, 1024),
+        (64, 8, 2, 1024),
+        (128, 8, 2, 1024),
+        (64, 4, 2, 256),
+        (64, 4, 2, 512),
+    ]
     for rows, warps, stages, sblock in variants:
         SSD_TRITON_CONFIG.update(block_rows=rows, num_warps=warps, num_stages=stages, state_block=sblock)
         key = f"triton_bf16_rows{rows}_warps{warps}_stages{stages}_sblock{sblock}"
@@ -235,17 +265,21 @@ def main():
         json.dump(result, f, indent=1)
 
     fl = result["floor"]
-    print(f"\nSSD b,l,h,p,g,n={shape} chunk={chunk}  floor fwd {fl['fwd_floor_ms']*1e3:.0f} us, "
-          f"fwd+bwd {fl['fwd_bwd_floor_ms']*1e3:.0f} us (bytes / measured copy bandwidth)")
+    print(
+        f"\nSSD b,l,h,p,g,n={shape} chunk={chunk}  floor fwd {fl['fwd_floor_ms'] * 1e3:.0f} us, "
+        f"fwd+bwd {fl['fwd_bwd_floor_ms'] * 1e3:.0f} us (bytes / measured copy bandwidth)"
+    )
     cols = ["fwd ms", "bwd ms", "f+b ms", "x floor", "peak MiB", "max err"]
     print(f"{'variant':46s} " + " ".join(f"{c:>8s}" for c in cols))
     for k, v in timings.items():
         if "error" in v:
             print(f"{k:46s} error {v['error'][:80]}")
             continue
-        print(f"{k:46s} {v['fwd_ms']:8.3f} {v['bwd_ms']:8.3f} {v['fwd_bwd_ms']:8.3f} "
-              f"{v['fwd_bwd_ms']/fl['fwd_bwd_floor_ms']:8.1f} {v['peak_extra_MiB']:9.0f} "
-              f"{v.get('max_rel_err_vs_fp64', float('nan')):8.1e}")
+        print(
+            f"{k:46s} {v['fwd_ms']:8.3f} {v['bwd_ms']:8.3f} {v['fwd_bwd_ms']:8.3f} "
+            f"{v['fwd_bwd_ms'] / fl['fwd_bwd_floor_ms']:8.1f} {v['peak_extra_MiB']:9.0f} "
+            f"{v.get('max_rel_err_vs_fp64', float('nan')):8.1e}"
+        )
     print("profile (ms/iter):")
     for name, ms, cnt in result["profile_triton_bf16_fwd_bwd_ms_per_iter"]:
         print(f"  {ms:7.3f} x{cnt} {name}")

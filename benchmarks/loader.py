@@ -60,13 +60,18 @@ def prepare_blend(workdir: Path) -> Path:
     blend_raw = workdir / "data_blend_raw.json"
     blend_raw.write_text(json.dumps({"datasets": datasets}, indent=2))
     cfg = DataPrepConfig(
-        blend_path=str(blend_raw), output_dir=str(workdir / "prepared"),
+        blend_path=str(blend_raw),
+        output_dir=str(workdir / "prepared"),
         tokenizer=TokenizerConfig(model=str(assets.tokenizer), kind="huggingface"),
-        num_shards=2, valid_fraction=0.01, test_fraction=0.01,
+        num_shards=2,
+        valid_fraction=0.01,
+        test_fraction=0.01,
     )
     result = run_data_prep(cfg)
-    print(f"data prep: {result.totals('train')[1]:,} train tokens in {len(datasets)} datasets "
-          f"({'cached' if result.cached else f'{result.elapsed_s:.1f} s'})")
+    print(
+        f"data prep: {result.totals('train')[1]:,} train tokens in {len(datasets)} datasets "
+        f"({'cached' if result.cached else f'{result.elapsed_s:.1f} s'})"
+    )
     return result.blend_path
 
 
@@ -75,17 +80,25 @@ def loader(blend: Path, cache: Path, micro: int, steps: int, workers: int):
     from nemotron.train.config import TrainConfig
     from nemotron.train.data import TrainingData, plan_batches
 
-    train = TrainConfig(train_iters=steps, global_batch_size=micro, micro_batch_size=micro,
-                        seq_length=SEQ, device="cpu", eval_iters=0)
+    train = TrainConfig(
+        train_iters=steps,
+        global_batch_size=micro,
+        micro_batch_size=micro,
+        seq_length=SEQ,
+        device="cpu",
+        eval_iters=0,
+    )
     data = DataConfig(blend=str(blend), cache_dir=str(cache), num_workers=workers)
     return TrainingData(data, train, plan_batches(train), vocab_size=4096)
 
 
 def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
-    return {"median_ms": 1e3 * statistics.median(ordered),
-            "p90_ms": 1e3 * ordered[int(0.9 * (len(ordered) - 1))],
-            "max_ms": 1e3 * ordered[-1]}
+    return {
+        "median_ms": 1e3 * statistics.median(ordered),
+        "p90_ms": 1e3 * ordered[int(0.9 * (len(ordered) - 1))],
+        "max_ms": 1e3 * ordered[-1],
+    }
 
 
 def measure(blend: Path, workdir: Path, micro: int, steps: int, workers: int, step_s: float):
@@ -113,9 +126,12 @@ def measure(blend: Path, workdir: Path, micro: int, steps: int, workers: int, st
         time.sleep(step_s)  # the GPU step the workers overlap with
     background.close()
     # The first wait includes starting the workers (once per run and after a resume).
-    return {"micro_batch_size": micro, "index_build_s": index_s,
-            "synchronous": summary(sync_times),
-            "workers": {"num_workers": workers, "first_ms": 1e3 * waits[0], **summary(waits[1:])}}
+    return {
+        "micro_batch_size": micro,
+        "index_build_s": index_s,
+        "synchronous": summary(sync_times),
+        "workers": {"num_workers": workers, "first_ms": 1e3 * waits[0], **summary(waits[1:])},
+    }
 
 
 def main() -> None:
@@ -124,31 +140,43 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--step-s", type=float, default=0.5, help="simulated GPU step (workers run)")
-    parser.add_argument("--gpu-step-s", type=float, default=0.5,
-                        help="GPU step time of the Nano3 proxy on one H200 (denominator)")
+    parser.add_argument(
+        "--gpu-step-s",
+        type=float,
+        default=0.5,
+        help="GPU step time of the Nano3 proxy on one H200 (denominator)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     blend = prepare_blend(args.workdir)
-    results = [measure(blend, args.workdir, micro, args.steps, args.workers, args.step_s)
-               for micro in (1, 2)]
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-              "load_average": os.getloadavg(), "torch": torch.__version__,
-              "seq_length": SEQ, "steps": args.steps, "gpu_step_s": args.gpu_step_s,
-              "results": results}
-    print(f"\n| micro batch | index build (once) | synchronous median / p90 / max | "
-          f"of a {args.gpu_step_s:g} s GPU step | {args.workers} workers: exposed median / p90 / max "
-          f"(first) | of a GPU step |")
+    results = [measure(blend, args.workdir, micro, args.steps, args.workers, args.step_s) for micro in (1, 2)]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "seq_length": SEQ,
+        "steps": args.steps,
+        "gpu_step_s": args.gpu_step_s,
+        "results": results,
+    }
+    print(
+        f"\n| micro batch | index build (once) | synchronous median / p90 / max | "
+        f"of a {args.gpu_step_s:g} s GPU step | {args.workers} workers: exposed median / p90 / max "
+        f"(first) | of a GPU step |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         s, w = r["synchronous"], r["workers"]
-        print(f"| {r['micro_batch_size']} x {SEQ} | {r['index_build_s']:.2f} s | "
-              f"{s['median_ms']:.2f} / {s['p90_ms']:.2f} / {s['max_ms']:.2f} ms | "
-              f"{s['median_ms'] / 1e3 / args.gpu_step_s:.3%} | "
-              f"{w['median_ms']:.3f} / {w['p90_ms']:.3f} / {w['max_ms']:.3f} ms "
-              f"({w['first_ms']:.0f} ms) | {w['median_ms'] / 1e3 / args.gpu_step_s:.4%} |")
+        print(
+            f"| {r['micro_batch_size']} x {SEQ} | {r['index_build_s']:.2f} s | "
+            f"{s['median_ms']:.2f} / {s['p90_ms']:.2f} / {s['max_ms']:.2f} ms | "
+            f"{s['median_ms'] / 1e3 / args.gpu_step_s:.3%} | "
+            f"{w['median_ms']:.3f} / {w['p90_ms']:.3f} / {w['max_ms']:.3f} ms "
+            f"({w['first_ms']:.0f} ms) | {w['median_ms'] / 1e3 / args.gpu_step_s:.4%} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import append_table_row, environment  # noqa: E402
-from train_throughput import (  # noqa: E402
-    _release, is_oom, one_rank_group, parse_args as throughput_args, pretrain_config, run_training,
-)
+from train_throughput import _release, is_oom, one_rank_group, pretrain_config, run_training  # noqa: E402
+from train_throughput import parse_args as throughput_args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,9 +42,21 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # The throughput benchmark's settings, with recomputation on and our step counts.
-    targs = throughput_args(["--recompute", "--params", args.params, "--device", args.device,
-                             "--steps", str(args.steps), "--warmup", str(args.warmup), "--no-profile"]
-                            + (["--tiny"] if args.tiny else []))
+    targs = throughput_args(
+        [
+            "--recompute",
+            "--params",
+            args.params,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--no-profile",
+        ]
+        + (["--tiny"] if args.tiny else [])
+    )
     with one_rank_group(device, args.params):
         return _run(args, targs, device, argv)
 
@@ -57,8 +68,7 @@ def _run(args, targs, device, argv) -> dict:
     for seq in [int(s) for s in args.seqs.split(",")]:
         cfg = pretrain_config(targs, seq, 1)
         try:
-            run = run_training(cfg, device, args.params, args.steps, args.warmup, False,
-                               name=f"seq{seq}")
+            run = run_training(cfg, device, args.params, args.steps, args.warmup, False, name=f"seq{seq}")
         except Exception as err:
             _release(device)
             if not is_oom(err):
@@ -69,26 +79,49 @@ def _run(args, targs, device, argv) -> dict:
         _release(device)
         result["runs"].append(dataclasses.asdict(run))
         result["longest_trained"] = seq
-        print(f"seq {seq}: {run.tokens_per_s:,.0f} tokens/s, step {run.step_ms / 1e3:.2f} s, "
-              f"{run.tflops:.0f} TFLOP/s, MFU {run.mfu:.3f}, peak {run.peak_gib or 0:.1f} GiB", flush=True)
+        print(
+            f"seq {seq}: {run.tokens_per_s:,.0f} tokens/s, step {run.step_ms / 1e3:.2f} s, "
+            f"{run.tflops:.0f} TFLOP/s, MFU {run.mfu:.3f}, peak {run.peak_gib or 0:.1f} GiB",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     if args.append_row:
         for r in result["runs"]:
             ok = r.get("error") is None
             append_table_row(
-                args.append_row, "Long context: Nano3 proxy, one GPU, CP 1, per-block recompute",
-                ["date", "GPU", "weights", "seq", "tokens/s", "step s", "TFLOP/s", "MFU", "peak GiB",
-                 "software", "command"],
-                [env["date"], env["device"], args.params, str(r["seq"]),
-                 f"{r['tokens_per_s']:,.0f}" if ok else "out of memory",
-                 f"{r['step_ms'] / 1e3:.2f}" if ok else "-", f"{r['tflops']:.0f}" if ok else "-",
-                 f"{r['mfu']:.3f}" if ok else "-",
-                 "-" if not ok or r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
-                 f"torch {env['torch']}, triton {env['triton']}", f"`{command}`"],
+                args.append_row,
+                "Long context: Nano3 proxy, one GPU, CP 1, per-block recompute",
+                [
+                    "date",
+                    "GPU",
+                    "weights",
+                    "seq",
+                    "tokens/s",
+                    "step s",
+                    "TFLOP/s",
+                    "MFU",
+                    "peak GiB",
+                    "software",
+                    "command",
+                ],
+                [
+                    env["date"],
+                    env["device"],
+                    args.params,
+                    str(r["seq"]),
+                    f"{r['tokens_per_s']:,.0f}" if ok else "out of memory",
+                    f"{r['step_ms'] / 1e3:.2f}" if ok else "-",
+                    f"{r['tflops']:.0f}" if ok else "-",
+                    f"{r['mfu']:.3f}" if ok else "-",
+                    "-" if not ok or r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                    f"torch {env['torch']}, triton {env['triton']}",
+                    f"`{command}`",
+                ],
                 intro="`benchmarks/long_context.py`: the proxy of the throughput table, micro batch 1, "
-                      "`train.activation_recompute=true` (every block recomputed in backward), "
-                      "ascending lengths until the first out-of-memory.")
+                "`train.activation_recompute=true` (every block recomputed in backward), "
+                "ascending lengths until the first out-of-memory.",
+            )
     return result
 
 

@@ -35,10 +35,12 @@ def real_shards(cfg: Nano3Config, layout: pm.Layout) -> tuple[dict[str, int], fl
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.world)
     try:
         start = time.perf_counter()
-        parallel = ParallelismConfig(tensor_model_parallel_size=layout.tp,
-                                     expert_model_parallel_size=layout.ep,
-                                     context_parallel_size=layout.cp,
-                                     sequence_parallel=layout.tp > 1)
+        parallel = ParallelismConfig(
+            tensor_model_parallel_size=layout.tp,
+            expert_model_parallel_size=layout.ep,
+            context_parallel_size=layout.cp,
+            sequence_parallel=layout.tp > 1,
+        )
         mesh = build_mesh(ParallelDims.from_config(parallel, layout.world, cfg), "cpu")
         with torch.device("meta"):
             model = Nano3ForCausalLM(cfg)
@@ -49,8 +51,11 @@ def real_shards(cfg: Nano3Config, layout: pm.Layout) -> tuple[dict[str, int], fl
             local = (p.to_local() if isinstance(p, DTensor) else p).numel()
             parts = name.split(".")
             # under TP, parameters FSDP2 sharded over the flattened DP x TP mesh are rank-local
-            rank_local = layout.tp > 1 and isinstance(p, DTensor) and any(
-                n.endswith("_tp") for n in p.device_mesh.mesh_dim_names)
+            rank_local = (
+                layout.tp > 1
+                and isinstance(p, DTensor)
+                and any(n.endswith("_tp") for n in p.device_mesh.mesh_dim_names)
+            )
             if parts[:2] == ["backbone", "layers"]:
                 unit = "layers." + parts[2]
                 if ".experts." in name and "shared_experts" not in name:
@@ -75,8 +80,9 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="default: one micro-batch per GPU per step")
+    parser.add_argument(
+        "--global-batch", type=int, default=None, help="default: one micro-batch per GPU per step"
+    )
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--no-check", action="store_true", help="skip the fake-PG sharding check")
     parser.add_argument("--json", action="store_true")
@@ -84,15 +90,22 @@ def main() -> None:
     cfg = Nano3Config()
     rows = []
     for world in args.world_size:
-        layout = pm.Layout(world, tp=args.tp, ep=args.ep, cp=args.cp,
-                           micro_batch=args.micro_batch, recompute=args.recompute)
-        shape = pm.RunShape(seq_length=args.seq_length,
-                            global_batch_size=args.global_batch or layout.dp * args.micro_batch)
+        layout = pm.Layout(
+            world, tp=args.tp, ep=args.ep, cp=args.cp, micro_batch=args.micro_batch, recompute=args.recompute
+        )
+        shape = pm.RunShape(
+            seq_length=args.seq_length, global_batch_size=args.global_batch or layout.dp * args.micro_batch
+        )
         plan = pm.estimate(cfg, layout, shape)
-        row = {"world": world, "layout": layout.describe(), "accumulation": plan.grad_accumulation,
-               **{k: round(v, 2) for k, v in vars(plan.memory).items() if isinstance(v, float)},
-               "total_gib": round(plan.memory.total, 2), "fits": plan.memory.fits,
-               "local_params": sum(u.sharded for u in pm.fsdp_units(cfg, layout))}
+        row = {
+            "world": world,
+            "layout": layout.describe(),
+            "accumulation": plan.grad_accumulation,
+            **{k: round(v, 2) for k, v in vars(plan.memory).items() if isinstance(v, float)},
+            "total_gib": round(plan.memory.total, 2),
+            "fits": plan.memory.fits,
+            "local_params": sum(u.sharded for u in pm.fsdp_units(cfg, layout)),
+        }
         if not args.no_check:
             real, seconds = real_shards(cfg, layout)
             model = {u.name: u.sharded for u in pm.fsdp_units(cfg, layout)}
@@ -102,17 +115,23 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"Nemotron 3 Nano; micro-batch {args.micro_batch} x {args.seq_length} tokens"
-          + (", per-block recompute" if args.recompute else ""))
-    print("| GPUs | layout | params/GPU | weights+grads+AdamW | FSDP buffers | activations + loss "
-          "| total | fits | sharding = parallelize | meta build + parallelize |")
+    print(
+        f"Nemotron 3 Nano; micro-batch {args.micro_batch} x {args.seq_length} tokens"
+        + (", per-block recompute" if args.recompute else "")
+    )
+    print(
+        "| GPUs | layout | params/GPU | weights+grads+AdamW | FSDP buffers | activations + loss "
+        "| total | fits | sharding = parallelize | meta build + parallelize |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['world']} | {r['layout']} x{r['accumulation']} | {r['local_params'] / 1e9:.3f}B | "
-              f"{r['weights'] + r['gradients'] + r['optimizer']:.1f} GiB | {r['fsdp_buffers']:.1f} GiB | "
-              f"{r['activations'] + r['loss_buffers']:.1f} GiB | {r['total_gib']:.1f} GiB | "
-              f"{'yes' if r['fits'] else 'no'} | {r.get('sharding_matches_parallelize', '-')} | "
-              f"{r.get('meta_build_and_parallelize_s', '-')} s |")
+        print(
+            f"| {r['world']} | {r['layout']} x{r['accumulation']} | {r['local_params'] / 1e9:.3f}B | "
+            f"{r['weights'] + r['gradients'] + r['optimizer']:.1f} GiB | {r['fsdp_buffers']:.1f} GiB | "
+            f"{r['activations'] + r['loss_buffers']:.1f} GiB | {r['total_gib']:.1f} GiB | "
+            f"{'yes' if r['fits'] else 'no'} | {r.get('sharding_matches_parallelize', '-')} | "
+            f"{r.get('meta_build_and_parallelize_s', '-')} s |"
+        )
 
 
 if __name__ == "__main__":

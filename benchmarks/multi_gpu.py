@@ -38,15 +38,15 @@ from nemotron.train.metrics import read_metrics  # noqa: E402
 def _peak_memory(world: int) -> list[dict[str, float]]:
     if not torch.cuda.is_available():
         return []
-    mine = torch.tensor([torch.cuda.max_memory_allocated() / 2**30,
-                         torch.cuda.max_memory_reserved() / 2**30], device="cuda")
+    mine = torch.tensor(
+        [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30], device="cuda"
+    )
     if world == 1:
         rows = [mine]
     else:
         rows = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(rows, mine)
-    return [{"allocated_gib": round(r[0].item(), 2), "reserved_gib": round(r[1].item(), 2)}
-            for r in rows]
+    return [{"allocated_gib": round(r[0].item(), 2), "reserved_gib": round(r[1].item(), 2)} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default="default")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    parser.add_argument("--fake-world", type=int, default=0, metavar="W",
-                        help="one GPU as rank 0 of W ranks (torch's fake process group: "
-                             "collectives do nothing, so losses and speed are meaningless, but "
-                             "every buffer is allocated as on the cluster): real peak memory "
-                             "of a layout on one GPU. Not with expert parallelism (the "
-                             "all-to-all needs the peers' counts)")
+    parser.add_argument(
+        "--fake-world",
+        type=int,
+        default=0,
+        metavar="W",
+        help="one GPU as rank 0 of W ranks (torch's fake process group: "
+        "collectives do nothing, so losses and speed are meaningless, but "
+        "every buffer is allocated as on the cluster): real peak memory "
+        "of a layout on one GPU. Not with expert parallelism (the "
+        "all-to-all needs the peers' counts)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -88,13 +93,15 @@ def _prediction(cfg: PretrainConfig, world: int) -> dict:
     from nemotron.train import perf_model as pm
 
     try:
-        plan = pm.estimate(cfg.model.arch(), pm.layout_from_config(cfg, world),
-                           pm.shape_from_config(cfg))
+        plan = pm.estimate(cfg.model.arch(), pm.layout_from_config(cfg, world), pm.shape_from_config(cfg))
     except pm.PlanError as exc:
         return {"error": str(exc)}
-    return {"peak_allocated_gib": round(plan.memory.total, 2),
-            "tokens_per_second_per_gpu": round(plan.tokens_per_second_per_gpu),
-            "step_time_s": round(plan.step.total, 3), "fits": plan.memory.fits}
+    return {
+        "peak_allocated_gib": round(plan.memory.total, 2),
+        "tokens_per_second_per_gpu": round(plan.tokens_per_second_per_gpu),
+        "step_time_s": round(plan.step.total, 3),
+        "fits": plan.memory.fits,
+    }
 
 
 def _allocated_gib() -> float:
@@ -122,22 +129,40 @@ def _run_fake(args: argparse.Namespace, cfg: PretrainConfig) -> None:
     shape = (t.micro_batch_size, t.seq_length)
     step_times, first = [], None
     for _ in range(max(cfg.train.train_iters or 2, 2)):
-        batches = [{"tokens": torch.randint(0, cfg.model.vocab_size, shape),
-                    "labels": torch.randint(0, cfg.model.vocab_size, shape),
-                    "loss_mask": torch.ones(shape)} for _ in range(accum)]
+        batches = [
+            {
+                "tokens": torch.randint(0, cfg.model.vocab_size, shape),
+                "labels": torch.randint(0, cfg.model.vocab_size, shape),
+                "loss_mask": torch.ones(shape),
+            }
+            for _ in range(accum)
+        ]
         start = time.time()
-        train_step(model, optimizer, batches, device=device, precision=t.precision,
-                   grad_clip=t.grad_clip, parallel=parallel,
-                   fsdp_accumulate_unsharded=t.fsdp_accumulate_unsharded)
+        train_step(
+            model,
+            optimizer,
+            batches,
+            device=device,
+            precision=t.precision,
+            grad_clip=t.grad_clip,
+            parallel=parallel,
+            fsdp_accumulate_unsharded=t.fsdp_accumulate_unsharded,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.time() - start)
         first = first or time.time() - PROCESS_START
-        print(f"[{time.time() - PROCESS_START:8.2f} s] step, peak allocated "
-              f"{_allocated_gib():.1f} GiB", flush=True)
+        print(
+            f"[{time.time() - PROCESS_START:8.2f} s] step, peak allocated {_allocated_gib():.1f} GiB",
+            flush=True,
+        )
     result = {
-        "name": args.name, "fake_world": args.fake_world, "overrides": args.overrides,
-        "grad_accumulation": accum, "start_s": round(built, 2), "first_step_s": round(first, 2),
+        "name": args.name,
+        "fake_world": args.fake_world,
+        "overrides": args.overrides,
+        "grad_accumulation": accum,
+        "start_s": round(built, 2),
+        "first_step_s": round(first, 2),
         "step_time_s": statistics.median(step_times[1:] or step_times),
         "peak_memory_per_gpu": _peak_memory(1),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -169,8 +194,7 @@ class _Phases:
         else:
             return
         memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        print(f"[{now:8.2f} s] {kind} step={payload.get('step')} peak allocated "
-              f"{memory:.1f} GiB", flush=True)
+        print(f"[{now:8.2f} s] {kind} step={payload.get('step')} peak allocated {memory:.1f} GiB", flush=True)
 
 
 def _run(args: argparse.Namespace, cfg: PretrainConfig) -> None:
@@ -182,24 +206,43 @@ def _run(args: argparse.Namespace, cfg: PretrainConfig) -> None:
     memory = _peak_memory(world)
     if world == 1 or dist.get_rank() == 0:
         steps = [r for r in read_metrics(job_dir) if r["kind"] == "train"]
-        timed = steps[args.warmup:] or steps
+        timed = steps[args.warmup :] or steps
         tps = statistics.median(r["tokens_per_second"] for r in timed)
         result = {
-            "name": args.name, "world_size": world, "overrides": args.overrides,
+            "name": args.name,
+            "world_size": world,
+            "overrides": args.overrides,
             "losses": [r["loss"] for r in steps],
-            "tokens_per_second": tps, "tokens_per_second_per_gpu": tps / world,
+            "tokens_per_second": tps,
+            "tokens_per_second_per_gpu": tps / world,
             "step_time_s": statistics.median(r["step_time"] for r in timed),
             "tflops_per_gpu": statistics.median(r["tflops"] for r in timed),
             "mfu": statistics.median(r["mfu"] for r in timed),
-            "peak_memory_per_gpu": memory, "final_loss": summary.final_loss,
-            **phases.times, "predicted": _prediction(cfg, world),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "peak_memory_per_gpu": memory,
+            "final_loss": summary.final_loss,
+            **phases.times,
+            "predicted": _prediction(cfg, world),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
         }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps({k: result.get(k) for k in ("name", "losses", "tokens_per_second_per_gpu",
-                                                      "mfu", "peak_memory_per_gpu", "start_s",
-                                                      "first_step_s")}))
+        print(
+            json.dumps(
+                {
+                    k: result.get(k)
+                    for k in (
+                        "name",
+                        "losses",
+                        "tokens_per_second_per_gpu",
+                        "mfu",
+                        "peak_memory_per_gpu",
+                        "start_s",
+                        "first_step_s",
+                    )
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

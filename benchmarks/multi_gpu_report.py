@@ -16,9 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-LAYOUT_KEYS = ("model.tensor_model_parallel_size", "model.expert_model_parallel_size",
-               "model.context_parallel_size", "model.sequence_parallel", "train.compute_weights",
-               "train.moe_shared_expert_overlap")
+LAYOUT_KEYS = (
+    "model.tensor_model_parallel_size",
+    "model.expert_model_parallel_size",
+    "model.context_parallel_size",
+    "model.sequence_parallel",
+    "train.compute_weights",
+    "train.moe_shared_expert_overlap",
+)
 
 
 def _workload(run: dict) -> tuple:
@@ -29,8 +34,11 @@ def _workload(run: dict) -> tuple:
 
 def report(runs: list[dict], steps: int, tol: float) -> tuple[str, bool]:
     singles = {_workload(r): r for r in runs if r["world_size"] == 1}
-    lines = ["| run | GPUs | tokens/s per GPU | MFU | peak allocated / reserved per GPU (GiB) "
-             f"| max loss diff vs 1 GPU, steps 1-{steps} |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | GPUs | tokens/s per GPU | MFU | peak allocated / reserved per GPU (GiB) "
+        f"| max loss diff vs 1 GPU, steps 1-{steps} |",
+        "|---|---|---|---|---|---|",
+    ]
     ok = True
     for r in runs:
         ref = singles.get(_workload(r))
@@ -42,8 +50,10 @@ def report(runs: list[dict], steps: int, tol: float) -> tuple[str, bool]:
             ok &= passed
             parity = f"{diff:.1e} vs `{ref['name']}` ({'pass' if passed else 'FAIL'})"
         mem = max(r["peak_memory_per_gpu"], key=lambda m: m["allocated_gib"])
-        lines.append(f"| `{r['name']}` | {r['world_size']} | {r['tokens_per_second_per_gpu']:,.0f} "
-                     f"| {r['mfu']:.3f} | {mem['allocated_gib']:.1f} / {mem['reserved_gib']:.1f} | {parity} |")
+        lines.append(
+            f"| `{r['name']}` | {r['world_size']} | {r['tokens_per_second_per_gpu']:,.0f} "
+            f"| {r['mfu']:.3f} | {mem['allocated_gib']:.1f} / {mem['reserved_gib']:.1f} | {parity} |"
+        )
     return "\n".join(lines), ok
 
 
@@ -53,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tol", type=float, default=2e-3)
     args = parser.parse_args(argv)
-    runs = [json.loads(line) for path in args.results for line in path.read_text().splitlines() if line.strip()]
+    runs = [
+        json.loads(line) for path in args.results for line in path.read_text().splitlines() if line.strip()
+    ]
     table, ok = report(runs, args.steps, args.tol)
     print(table)
     return 0 if ok else 1

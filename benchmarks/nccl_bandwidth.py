@@ -69,10 +69,12 @@ def main(argv=None) -> int:
     rows_out = []
     for mb in args.sizes_mb:
         size = mb * 2**20
-        for name, dtype in (("all_gather_into_tensor", torch.bfloat16),
-                            ("reduce_scatter_tensor", torch.float32),
-                            ("all_to_all_single", torch.bfloat16),
-                            ("all_to_all_single_uneven", torch.bfloat16)):
+        for name, dtype in (
+            ("all_gather_into_tensor", torch.bfloat16),
+            ("reduce_scatter_tensor", torch.float32),
+            ("all_to_all_single", torch.bfloat16),
+            ("all_to_all_single_uneven", torch.bfloat16),
+        ):
             elems = size // torch.tensor([], dtype=dtype).element_size()
             if name == "all_gather_into_tensor":
                 full = torch.empty(elems // n * n, dtype=dtype, device="cuda")
@@ -91,20 +93,35 @@ def main(argv=None) -> int:
                     send = recv = [rows // n] * (n - 1) + [rows - rows // n * (n - 1)]
                 out = torch.empty(sum(recv), args.hidden, dtype=dtype, device="cuda")
                 fn = lambda out=out, x=x, send=send, recv=recv: dist.all_to_all_single(
-                    out, x, output_split_sizes=recv, input_split_sizes=send)
+                    out, x, output_split_sizes=recv, input_split_sizes=send
+                )
             seconds = _time(fn, args.iters, args.warmup)
             busbw = size * (n - 1) / n / seconds
-            row = {"collective": name, "world": n, "size_mb": mb, "dtype": str(dtype),
-                   "seconds": seconds, "busbw_GBps": round(busbw / 1e9, 1)}
+            row = {
+                "collective": name,
+                "world": n,
+                "size_mb": mb,
+                "dtype": str(dtype),
+                "seconds": seconds,
+                "busbw_GBps": round(busbw / 1e9, 1),
+            }
             rows_out.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)
     if rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "world": n,
-                                        "torch": torch.__version__,
-                                        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-                                        "rows": rows_out}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "gpu": torch.cuda.get_device_name(),
+                    "world": n,
+                    "torch": torch.__version__,
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+                    "rows": rows_out,
+                },
+                indent=2,
+            )
+        )
     dist.destroy_process_group()
     return 0
 

@@ -46,17 +46,34 @@ PATHS = {"fast": (True, True), "reference": (False, True), "reference-fp32": (Fa
 
 def model_config(pattern: str, experts: int, vocab: int, tiny: bool) -> Nano3Config:
     if tiny:  # CPU smoke test of the script
-        return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), hidden_size=32, vocab_size=vocab,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_num_heads=2,
-                           mamba_head_dim=16, mamba_state_size=8, mamba_num_groups=1, mamba_chunk_size=16,
-                           num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, moe_shared_expert_hidden_size=16,
-                           ffn_hidden_size=32)
+        return Nano3Config(
+            hybrid_pattern=pattern,
+            num_layers=len(pattern),
+            hidden_size=32,
+            vocab_size=vocab,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            mamba_num_heads=2,
+            mamba_head_dim=16,
+            mamba_state_size=8,
+            mamba_num_groups=1,
+            mamba_chunk_size=16,
+            num_experts=4,
+            moe_top_k=2,
+            moe_ffn_hidden_size=16,
+            moe_shared_expert_hidden_size=16,
+            ffn_hidden_size=32,
+        )
     return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), num_experts=experts, vocab_size=vocab)
 
 
 def mamba_params(model: Nano3ForCausalLM) -> dict[str, list[float]]:
-    return {name: p.detach().float().cpu().tolist() for name, p in model.named_parameters()
-            if name.endswith(("mixer.A_log", "mixer.dt_bias"))}
+    return {
+        name: p.detach().float().cpu().tolist()
+        for name, p in model.named_parameters()
+        if name.endswith(("mixer.A_log", "mixer.dt_bias"))
+    }
 
 
 def train(args, path: str) -> dict:
@@ -67,16 +84,33 @@ def train(args, path: str) -> dict:
     with torch.device(device):
         model = Nano3ForCausalLM(cfg)
     opt_cfg = OptimizerConfig(lr=args.lr, min_lr=args.lr / 10)
-    sched = SchedulerConfig(style="wsd", warmup_tokens=args.warmup * args.batch * args.seq, stable_fraction_end=0.8)
+    sched = SchedulerConfig(
+        style="wsd", warmup_tokens=args.warmup * args.batch * args.seq, stable_fraction_end=0.8
+    )
     optimizer = build_optimizer(model, opt_cfg)
-    data = build_split_dataset(args.blend, "train", args.steps * args.batch, args.seq, args.seed,
-                               cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    data = build_split_dataset(
+        args.blend,
+        "train",
+        args.steps * args.batch,
+        args.seq,
+        args.seed,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
     tokens_per_step, total = args.batch * args.seq, args.steps * args.batch * args.seq
-    record = {"path": path, "loss": [], "lm_loss": [], "grad_norm": [], "lr": [], "params": [mamba_params(model)]}
+    record = {
+        "path": path,
+        "loss": [],
+        "lm_loss": [],
+        "grad_norm": [],
+        "lr": [],
+        "params": [mamba_params(model)],
+    }
     start = time.perf_counter()
     for step in range(args.steps):
         items = [data[step * args.batch + i] for i in range(args.batch)]
-        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("tokens", "labels", "loss_mask")}
+        batch = {
+            k: torch.stack([it[k] for it in items]).to(device) for k in ("tokens", "labels", "loss_mask")
+        }
         lr = learning_rate(step * tokens_per_step, total, sched, opt_cfg)
         set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
@@ -92,7 +126,10 @@ def train(args, path: str) -> dict:
         record["lr"].append(lr)
         record["params"].append(mamba_params(model))
         if step % 20 == 0 or step == args.steps - 1:
-            print(f"{path:15s} step {step:4d} loss {out.lm_loss.item():.4f} grad norm {grad_norm.item():.3f}", flush=True)
+            print(
+                f"{path:15s} step {step:4d} loss {out.lm_loss.item():.4f} grad norm {grad_norm.item():.3f}",
+                flush=True,
+            )
     record["seconds"] = time.perf_counter() - start
     return record
 
@@ -111,18 +148,23 @@ def compare(runs: list[dict]) -> dict:
         ra, rb = by[a], by[b]
         n = min(len(ra["lm_loss"]), len(rb["lm_loss"]))
         tail = range(max(0, n - 50), n)
-        out = {"last50_mean_abs_loss_diff": sum(abs(ra["lm_loss"][i] - rb["lm_loss"][i]) for i in tail) / len(tail),
-               "final_loss": (ra["lm_loss"][n - 1], rb["lm_loss"][n - 1]),
-               # The two LM-loss curves every 10 steps, for the docs' table.
-               "curves": {str(i): (ra["lm_loss"][i], rb["lm_loss"][i]) for i in range(0, n, 10)}}
+        out = {
+            "last50_mean_abs_loss_diff": sum(abs(ra["lm_loss"][i] - rb["lm_loss"][i]) for i in tail)
+            / len(tail),
+            "final_loss": (ra["lm_loss"][n - 1], rb["lm_loss"][n - 1]),
+            # The two LM-loss curves every 10 steps, for the docs' table.
+            "curves": {str(i): (ra["lm_loss"][i], rb["lm_loss"][i]) for i in range(0, n, 10)},
+        }
         for kind in ("A_log", "dt_bias"):
             pa = [{k: v for k, v in p.items() if k.endswith(kind)} for p in ra["params"]]
             pb = [{k: v for k, v in p.items() if k.endswith(kind)} for p in rb["params"]]
             moved = [_distance(pb[t], pb[0]) for t in range(len(pb))]
             apart = [_distance(pa[t], pb[t]) for t in range(len(pb))]
             checkpoints = [t for t in (10, 50, 100, 150, n) if t < len(pb)]
-            out[kind] = {str(t): {"apart": apart[t], "moved": moved[t], "ratio": apart[t] / max(moved[t], 1e-30)}
-                         for t in checkpoints}
+            out[kind] = {
+                str(t): {"apart": apart[t], "moved": moved[t], "ratio": apart[t] / max(moved[t], 1e-30)}
+                for t in checkpoints
+            }
         return out
 
     result = {}
@@ -162,8 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if not args.blend:
             ap.error("--blend is required to train")
-        result = {"when": now_utc(), "env": environment(torch.device(args.device)),
-                  "args": {k: v for k, v in vars(args).items() if k != "compare"}, **train(args, args.path)}
+        result = {
+            "when": now_utc(),
+            "env": environment(torch.device(args.device)),
+            "args": {k: v for k, v in vars(args).items() if k != "compare"},
+            **train(args, args.path),
+        }
         if args.label:
             result["path"] = args.label
     if args.out:

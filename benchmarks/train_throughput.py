@@ -44,9 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
-    append_table_row, environment, median, peak_memory_gib, synchronize,
-)
+from bench_common import append_table_row, environment, median, peak_memory_gib, synchronize  # noqa: E402
 
 from nemotron.config.schema import ModelConfig, PretrainConfig  # noqa: E402
 from nemotron.data.config import DataConfig  # noqa: E402
@@ -62,10 +60,22 @@ from nemotron.train.loop import Parallel, build_model  # noqa: E402
 from nemotron.train.trainer import Trainer  # noqa: E402
 
 # Small widths with the proxy's structure, for the CPU smoke test.
-TINY_SIZES = dict(hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16,
-                  mamba_num_groups=2, mamba_chunk_size=16, moe_ffn_hidden_size=32,
-                  moe_shared_expert_hidden_size=48, num_experts=8, moe_top_k=2)
+TINY_SIZES = dict(
+    hidden_size=64,
+    vocab_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    mamba_state_size=16,
+    mamba_num_groups=2,
+    mamba_chunk_size=16,
+    moe_ffn_hidden_size=32,
+    moe_shared_expert_hidden_size=48,
+    num_experts=8,
+    moe_top_k=2,
+)
 
 
 def proxy_model_config(num_layers: int = 14, num_experts: int = 64, tiny: bool = False) -> ModelConfig:
@@ -78,9 +88,16 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
     model = proxy_model_config(args.layers, args.experts, args.tiny)
     steps = args.warmup + args.steps + 2  # + the profiled step and spare
     train = TrainConfig(
-        train_iters=steps, global_batch_size=micro_batch * (grad_accum or args.grad_accum),
-        micro_batch_size=micro_batch, seq_length=seq, seed=1234, eval_iters=0,
-        precision="bf16", device=args.device, grad_clip=1.0, fused_kernels=True,
+        train_iters=steps,
+        global_batch_size=micro_batch * (grad_accum or args.grad_accum),
+        micro_batch_size=micro_batch,
+        seq_length=seq,
+        seed=1234,
+        eval_iters=0,
+        precision="bf16",
+        device=args.device,
+        grad_clip=1.0,
+        fused_kernels=True,
         activation_recompute=args.recompute,
         moe_shared_expert_overlap=args.shared_expert_overlap,
         fp8=fp8_config(args),
@@ -88,9 +105,13 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
     data = DataConfig(blend=args.blend, mock=args.blend is None)
     # A constant learning rate: the timed steps run at --lr (the recipe's WSD would still be
     # warming up from 0 after a few steps).
-    return PretrainConfig(model=model, train=train, data=data,
-                          optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
-                          scheduler=SchedulerConfig(style="constant"))
+    return PretrainConfig(
+        model=model,
+        train=train,
+        data=data,
+        optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
+        scheduler=SchedulerConfig(style="constant"),
+    )
 
 
 def fp8_config(args) -> Fp8Config:
@@ -109,8 +130,9 @@ def build(cfg: PretrainConfig, device: torch.device, params: str) -> tuple[nn.Mo
     """The library's model for `train.compute_weights=params` (bf16: inside `one_rank_group`)."""
     if params not in ("bf16", "fp32"):
         raise ValueError(f"--params must be bf16 or fp32, got {params!r}")
-    return build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_weights=params)),
-                       device)
+    return build_model(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_weights=params)), device
+    )
 
 
 def one_rank_group(device: torch.device, params: str):
@@ -176,7 +198,9 @@ class StepSplit:
                     start = self._pending.pop(key, None)
                     if start is not None:
                         self.spans.append((f"{kind}/bwd", start, self._event()))
+
                 x.register_hook(input_grad_done)
+
         return hook
 
     def _post(self, kind):
@@ -190,7 +214,9 @@ class StepSplit:
 
                 def output_grad_arrived(grad):
                     self._pending[key] = self._event()
+
                 y.register_hook(output_grad_arrived)
+
         return hook
 
     def _opt_pre(self, optimizer, args, kwargs):
@@ -215,8 +241,9 @@ class StepSplit:
         out: dict[str, float] = {}
         for label, a, b in self.spans:
             out[label] = out.get(label, 0.0) + self._elapsed_ms(a, b)
-        out["other (embedding, LM head + loss, grad norm/clip, balancing, launch gaps)"] = (
-            total - sum(out.values()))
+        out["other (embedding, LM head + loss, grad norm/clip, balancing, launch gaps)"] = total - sum(
+            out.values()
+        )
         out["total"] = total
         return {k: round(v, 3) for k, v in out.items()}
 
@@ -265,8 +292,16 @@ def _batches_to_device(batches, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: int, warmup: int,
-                 profile: bool, model_and_parallel=None, name: str = "nemotron") -> RunResult:
+def run_training(
+    cfg: PretrainConfig,
+    device: torch.device,
+    params: str,
+    steps: int,
+    warmup: int,
+    profile: bool,
+    model_and_parallel=None,
+    name: str = "nemotron",
+) -> RunResult:
     """Build the model (unless given), then time `warmup + steps` steps of the library's
     `Trainer.step()` (batches, `train_step`, expert-bias update) plus a device sync."""
     model, parallel = model_and_parallel or build(cfg, device, params)
@@ -308,11 +343,21 @@ def run_training(cfg: PretrainConfig, device: torch.device, params: str, steps: 
     fpt = flops.training_flops_per_token(arch, plan.seq_length)
     peak = peak_memory_gib(device)
     result = RunResult(
-        name=name, params=params, seq=plan.seq_length, micro_batch=plan.micro_batch_size,
-        grad_accum=plan.grad_accumulation, tokens_per_step=plan.tokens_per_step, step_ms=step_ms,
-        step_ms_all=[round(t, 2) for t in times], tokens_per_s=tps, tflops=tps * fpt / 1e12,
-        mfu=flops.mfu(tps, arch, plan.seq_length), peak_gib=peak, losses=losses,
-        split_ms=split, kernels=kernels,
+        name=name,
+        params=params,
+        seq=plan.seq_length,
+        micro_batch=plan.micro_batch_size,
+        grad_accum=plan.grad_accumulation,
+        tokens_per_step=plan.tokens_per_step,
+        step_ms=step_ms,
+        step_ms_all=[round(t, 2) for t in times],
+        tokens_per_s=tps,
+        tflops=tps * fpt / 1e12,
+        mfu=flops.mfu(tps, arch, plan.seq_length),
+        peak_gib=peak,
+        losses=losses,
+        split_ms=split,
+        kernels=kernels,
     )
     trainer.close()
     model = optimizer = data = trainer = None  # free the run's memory before the next one
@@ -338,13 +383,21 @@ def check_numerics(args, device: torch.device, steps: int) -> dict:
     cfg = pretrain_config(args, seq, args.micro_batch)
     fast = run_training(cfg, device, args.params, steps, 0, False, name="fast").losses
     _release(device)
-    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_kernels=False, fp8=Fp8Config()))
+    ref_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, fused_kernels=False, fp8=Fp8Config())
+    )
     with fast_paths(False):
         ref = run_training(ref_cfg, device, "fp32", steps, 0, False, name="reference").losses
     _release(device)
     diffs = [abs(a - b) for a, b in zip(fast, ref)]
-    return {"steps": steps, "fast_losses": fast, "reference_losses": ref, "max_abs_diff": max(diffs),
-            "tolerance": args.numerics_tol, "ok": max(diffs) <= args.numerics_tol}
+    return {
+        "steps": steps,
+        "fast_losses": fast,
+        "reference_losses": ref,
+        "max_abs_diff": max(diffs),
+        "tolerance": args.numerics_tol,
+        "ok": max(diffs) <= args.numerics_tol,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,16 +417,18 @@ class HFPeer(nn.Module):
         from nemotron.models.nano3.model import Nano3Output
 
         logits = self.hf(input_ids=input_ids).logits
-        token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.reshape(-1),
-                                                 reduction="none")
+        token_loss = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.reshape(-1), reduction="none"
+        )
         w = loss_mask.reshape(-1).float()
         loss = (token_loss * w).sum() / w.sum().clamp(min=1.0)
         return Nano3Output(loss=loss, lm_loss=loss, aux_loss=None, logits=None)
 
 
 def build_hf_peer(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, Parallel]:
-    from nemotron.models.nano3.hf import to_hf_config
     from transformers import NemotronHForCausalLM
+
+    from nemotron.models.nano3.hf import to_hf_config
 
     hf_cfg = to_hf_config(cfg.model.arch(), dtype=torch.float32)
     torch.manual_seed(cfg.train.seed)
@@ -399,34 +454,73 @@ def run_peer(args, device: torch.device, ours: dict[int, RunResult]) -> dict:
             peer_accum = max(1, tokens_per_step // (seq * peer_mb))
             cfg = pretrain_config(args, seq, peer_mb, peer_accum)
             try:
-                peer = run_training(cfg, device, "fp32", args.peer_steps, 1, False,
-                                    model_and_parallel=build_hf_peer(cfg, device), name="hf")
+                peer = run_training(
+                    cfg,
+                    device,
+                    "fp32",
+                    args.peer_steps,
+                    1,
+                    False,
+                    model_and_parallel=build_hf_peer(cfg, device),
+                    name="hf",
+                )
             except Exception as err:  # OOM is the expected failure; report any other
                 _release(device)
-                out["attempts"].append({"seq": seq, "micro_batch": peer_mb, "grad_accum": peer_accum,
-                                        "error": f"{type(err).__name__}: {str(err)[:200]}"})
-                print(f"hf peer at seq {seq} mb {peer_mb} failed: {type(err).__name__}: {str(err)[:200]}",
-                      flush=True)
+                out["attempts"].append(
+                    {
+                        "seq": seq,
+                        "micro_batch": peer_mb,
+                        "grad_accum": peer_accum,
+                        "error": f"{type(err).__name__}: {str(err)[:200]}",
+                    }
+                )
+                print(
+                    f"hf peer at seq {seq} mb {peer_mb} failed: {type(err).__name__}: {str(err)[:200]}",
+                    flush=True,
+                )
                 if is_oom(err):
                     continue
                 return out
             _release(device)
             if seq not in ours:
                 ours_accum = max(1, tokens_per_step // (seq * ours_mb))
-                ours[seq] = run_training(pretrain_config(args, seq, ours_mb, ours_accum), device, args.params,
-                                         args.steps, args.warmup, False)
+                ours[seq] = run_training(
+                    pretrain_config(args, seq, ours_mb, ours_accum),
+                    device,
+                    args.params,
+                    args.steps,
+                    args.warmup,
+                    False,
+                )
                 _release(device)
             ratio = ours[seq].tokens_per_s / peer.tokens_per_s
-            out["attempts"].append({"seq": seq, "micro_batch": peer_mb, "grad_accum": peer_accum,
-                                    "peer": dataclasses.asdict(peer)})
-            out.update(seq=seq, ratio=ratio, peer_tokens_per_s=peer.tokens_per_s,
-                       peer_micro_batch=peer_mb, peer_grad_accum=peer_accum,
-                       ours_micro_batch=ours[seq].micro_batch, ours_grad_accum=ours[seq].grad_accum,
-                       ours_tokens_per_s=ours[seq].tokens_per_s, ours_mfu=ours[seq].mfu, peer_mfu=peer.mfu)
-            print(f"hf peer at seq {seq} mb {peer_mb} x accum {peer_accum}: {peer.tokens_per_s:,.0f} tokens/s "
-                  f"(MFU {peer.mfu:.3f}, peak {peer.peak_gib or 0:.1f} GiB); nemotron mb "
-                  f"{ours[seq].micro_batch} x accum {ours[seq].grad_accum}: {ours[seq].tokens_per_s:,.0f} "
-                  f"tokens/s (MFU {ours[seq].mfu:.3f}); ratio {ratio:.1f}x", flush=True)
+            out["attempts"].append(
+                {
+                    "seq": seq,
+                    "micro_batch": peer_mb,
+                    "grad_accum": peer_accum,
+                    "peer": dataclasses.asdict(peer),
+                }
+            )
+            out.update(
+                seq=seq,
+                ratio=ratio,
+                peer_tokens_per_s=peer.tokens_per_s,
+                peer_micro_batch=peer_mb,
+                peer_grad_accum=peer_accum,
+                ours_micro_batch=ours[seq].micro_batch,
+                ours_grad_accum=ours[seq].grad_accum,
+                ours_tokens_per_s=ours[seq].tokens_per_s,
+                ours_mfu=ours[seq].mfu,
+                peer_mfu=peer.mfu,
+            )
+            print(
+                f"hf peer at seq {seq} mb {peer_mb} x accum {peer_accum}: {peer.tokens_per_s:,.0f} tokens/s "
+                f"(MFU {peer.mfu:.3f}, peak {peer.peak_gib or 0:.1f} GiB); nemotron mb "
+                f"{ours[seq].micro_batch} x accum {ours[seq].grad_accum}: {ours[seq].tokens_per_s:,.0f} "
+                f"tokens/s (MFU {ours[seq].mfu:.3f}); ratio {ratio:.1f}x",
+                flush=True,
+            )
             return out
     return out
 
@@ -441,24 +535,43 @@ def parse_args(argv):
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--params", choices=("bf16", "fp32"), default="fp32",
-                    help="fp32 weights under bf16 autocast, or bf16 compute weights with fp32 master (FSDP2)")
+    ap.add_argument(
+        "--params",
+        choices=("bf16", "fp32"),
+        default="fp32",
+        help="fp32 weights under bf16 autocast, or bf16 compute weights with fp32 master (FSDP2)",
+    )
     ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
-    ap.add_argument("--shared-expert-overlap", action="store_true",
-                    help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream")
-    ap.add_argument("--fp8", choices=("off",) + FP8_RECIPES, default="off",
-                    help="train.fp8: FP8 GEMMs with this recipe for the dense linears (experts: rowwise)")
-    ap.add_argument("--fp8-layers", default=None,
-                    help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
-                         "(default: train.fp8's, the dense linears)")
+    ap.add_argument(
+        "--shared-expert-overlap",
+        action="store_true",
+        help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream",
+    )
+    ap.add_argument(
+        "--fp8",
+        choices=("off",) + FP8_RECIPES,
+        default="off",
+        help="train.fp8: FP8 GEMMs with this recipe for the dense linears (experts: rowwise)",
+    )
+    ap.add_argument(
+        "--fp8-layers",
+        default=None,
+        help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
+        "(default: train.fp8's, the dense linears)",
+    )
     ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--check-numerics", type=int, default=0, metavar="N",
-                    help="also compare the first N steps' losses with the reference path")
+    ap.add_argument(
+        "--check-numerics",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare the first N steps' losses with the reference path",
+    )
     ap.add_argument("--numerics-tol", type=float, default=0.05)
     ap.add_argument("--peer", choices=("hf",), default=None)
     ap.add_argument("--peer-steps", type=int, default=3)
@@ -481,26 +594,37 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"env": env, "command": command, "args": vars(args)}
     with one_rank_group(device, args.params):
         cfg = pretrain_config(args, args.seq, args.micro_batch)
-        result["model"] = {"hybrid_pattern": cfg.model.hybrid_pattern, "num_experts": cfg.model.num_experts,
-                           "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq)}
+        result["model"] = {
+            "hybrid_pattern": cfg.model.hybrid_pattern,
+            "num_experts": cfg.model.num_experts,
+            "flops_per_token": flops.training_flops_per_token(cfg.model.arch(), args.seq),
+        }
         main_run = run_training(cfg, device, args.params, args.steps, args.warmup, not args.no_profile)
         if args.fp8 != "off":
             main_run.name = f"fp8-{args.fp8}" + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
         _release(device)
         result["run"] = dataclasses.asdict(main_run)
-        print(f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
-              f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
-              f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
-              f"{main_run.peak_gib or 0:.1f} GiB", flush=True)
+        print(
+            f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
+            f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
+            f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
+            f"{main_run.peak_gib or 0:.1f} GiB",
+            flush=True,
+        )
         if main_run.split_ms:
-            print("split (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in main_run.split_ms.items()), flush=True)
+            print(
+                "split (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in main_run.split_ms.items()), flush=True
+            )
         for k in (main_run.kernels or [])[:15]:
             print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}", flush=True)
         if args.check_numerics:
             result["numerics"] = check_numerics(args, device, args.check_numerics)
             n = result["numerics"]
-            print(f"numerics: max |loss fast - loss reference| over {n['steps']} steps = "
-                  f"{n['max_abs_diff']:.4f} (tol {n['tolerance']}) {'OK' if n['ok'] else 'FAILED'}", flush=True)
+            print(
+                f"numerics: max |loss fast - loss reference| over {n['steps']} steps = "
+                f"{n['max_abs_diff']:.4f} (tol {n['tolerance']}) {'OK' if n['ok'] else 'FAILED'}",
+                flush=True,
+            )
         if args.peer:
             result["peer"] = run_peer(args, device, {args.seq: main_run})
     if args.out:
@@ -513,30 +637,70 @@ def main(argv: list[str] | None = None) -> dict:
 def record_row(path: str, result: dict) -> None:
     run, env = result["run"], result["env"]
     split = run.get("split_ms") or {}
+
     def part(prefix):
         return sum(v for k, v in split.items() if k.startswith(prefix))
-    split_text = "-" if not split else (
-        f"mamba {part('mamba'):.0f} / moe {part('moe'):.0f} / attn {part('attention'):.0f} / "
-        f"opt {part('optimizer'):.0f} / other {part('other'):.0f}")
+
+    split_text = (
+        "-"
+        if not split
+        else (
+            f"mamba {part('mamba'):.0f} / moe {part('moe'):.0f} / attn {part('attention'):.0f} / "
+            f"opt {part('optimizer'):.0f} / other {part('other'):.0f}"
+        )
+    )
     peer = result.get("peer") or {}
-    ratio = "-" if "ratio" not in peer else (
-        f"{peer['ratio']:.1f}x (seq {peer['seq']}; ours {peer['ours_tokens_per_s']:,.0f} at mb "
-        f"{peer['ours_micro_batch']} x {peer['ours_grad_accum']}, HF {peer['peer_tokens_per_s']:,.0f} at mb "
-        f"{peer['peer_micro_batch']} x {peer['peer_grad_accum']})")
+    ratio = (
+        "-"
+        if "ratio" not in peer
+        else (
+            f"{peer['ratio']:.1f}x (seq {peer['seq']}; ours {peer['ours_tokens_per_s']:,.0f} at mb "
+            f"{peer['ours_micro_batch']} x {peer['ours_grad_accum']}, HF {peer['peer_tokens_per_s']:,.0f} at mb "
+            f"{peer['peer_micro_batch']} x {peer['peer_grad_accum']})"
+        )
+    )
     numerics = result.get("numerics")
     num_text = "-" if not numerics else f"{numerics['max_abs_diff']:.3f} over {numerics['steps']} steps"
     append_table_row(
-        path, "Training throughput: Nano3 proxy, one GPU",
-        ["date", "GPU", "weights", "seq x mb x accum", "tokens/s", "step ms", "TFLOP/s", "MFU",
-         "peak GiB", "step split ms", "vs HF", "loss vs ref", "software", "command"],
-        [env["date"], env["device"], run["params"] + ("" if run["name"] == "nemotron" else f" {run['name']}"), f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
-         f"{run['tokens_per_s']:,.0f}", f"{run['step_ms']:.1f}", f"{run['tflops']:.0f}", f"{run['mfu']:.3f}",
-         "-" if run["peak_gib"] is None else f"{run['peak_gib']:.1f}", split_text, ratio, num_text,
-         f"torch {env['torch']}, triton {env['triton']}", f"`{result['command']}`"],
+        path,
+        "Training throughput: Nano3 proxy, one GPU",
+        [
+            "date",
+            "GPU",
+            "weights",
+            "seq x mb x accum",
+            "tokens/s",
+            "step ms",
+            "TFLOP/s",
+            "MFU",
+            "peak GiB",
+            "step split ms",
+            "vs HF",
+            "loss vs ref",
+            "software",
+            "command",
+        ],
+        [
+            env["date"],
+            env["device"],
+            run["params"] + ("" if run["name"] == "nemotron" else f" {run['name']}"),
+            f"{run['seq']} x {run['micro_batch']} x {run['grad_accum']}",
+            f"{run['tokens_per_s']:,.0f}",
+            f"{run['step_ms']:.1f}",
+            f"{run['tflops']:.0f}",
+            f"{run['mfu']:.3f}",
+            "-" if run["peak_gib"] is None else f"{run['peak_gib']:.1f}",
+            split_text,
+            ratio,
+            num_text,
+            f"torch {env['torch']}, triton {env['triton']}",
+            f"`{result['command']}`",
+        ],
         intro="`benchmarks/train_throughput.py`: the proxy (first 14 Nano3 blocks `MEMEM*EMEMEM*E`, "
-              "Nano3 widths, 64 experts top-6 + shared, vocab 131072) trained through "
-              "`Trainer.step()` (`train_step` + the expert-bias update); median step; MFU by `train/flops.py` "
-              "against 989 TFLOP/s.")
+        "Nano3 widths, 64 experts top-6 + shared, vocab 131072) trained through "
+        "`Trainer.step()` (`train_step` + the expert-bias update); median step; MFU by `train/flops.py` "
+        "against 989 TFLOP/s.",
+    )
 
 
 if __name__ == "__main__":

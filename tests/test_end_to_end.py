@@ -41,14 +41,14 @@ def test_prep_train_checkpoint_resume(tmp_path, monkeypatch):
     monkeypatch.delenv("NEMOTRON_JOB_DIR", raising=False)
 
     # data prep on the tiny recipe: embedded corpus + tokenizer, no network
-    out = run_cli("nano3", "data", "prep", "pretrain", "-c", "tiny",
-                  "--job-dir", str(tmp_path / "prep"))
+    out = run_cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--job-dir", str(tmp_path / "prep"))
     blend = tmp_path / "output/nano3/stage0_pretrain_tiny/blend.json"
     assert blend.is_file(), out
     assert "building the embedded corpus" in out
     # Again: the embedded assets and the output are cached, and the CLI does not claim to build.
-    again = run_cli("nano3", "data", "prep", "pretrain", "-c", "tiny",
-                    "--job-dir", str(tmp_path / "prep-again"))
+    again = run_cli(
+        "nano3", "data", "prep", "pretrain", "-c", "tiny", "--job-dir", str(tmp_path / "prep-again")
+    )
     assert "building the embedded corpus" not in again and result_of(tmp_path / "prep-again")["cached"]
     splits = json.loads(blend.read_text())
     assert set(splits) == {"train", "valid", "test"}
@@ -65,15 +65,26 @@ def test_prep_train_checkpoint_resume(tmp_path, monkeypatch):
 
     # ... against 4 steps, a checkpoint, and a resume to 6
     first = tmp_path / "first"
-    out = run_cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(first), "train.train_iters=4", *TINY_TRAIN)
+    out = run_cli(
+        "nano3", "pretrain", "-c", "tiny", "--job-dir", str(first), "train.train_iters=4", *TINY_TRAIN
+    )
     part = result_of(first)
     assert part["steps"] == 4 and part["checkpoint"], out
     assert Path(part["checkpoint"]).exists()
     assert Path(part["checkpoint"]).is_relative_to(first / "checkpoints")
 
     resumed = tmp_path / "resumed"
-    out = run_cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(resumed), "train.train_iters=6",
-                  f"checkpoint.load={first / 'checkpoints'}", *TINY_TRAIN)
+    out = run_cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "--job-dir",
+        str(resumed),
+        "train.train_iters=6",
+        f"checkpoint.load={first / 'checkpoints'}",
+        *TINY_TRAIN,
+    )
     rest = result_of(resumed)
     assert rest["steps"] == 6 and rest["tokens"] == full["tokens"], out
     assert rest.get("resumed_from"), out

@@ -3,8 +3,12 @@ import json
 import pytest
 
 from nemotron.artifacts.model import (
-    MODEL_ARTIFACT_KIND, ArtifactError, build_model_artifact, data_artifact_record,
-    read_model_artifact, write_model_artifact,
+    MODEL_ARTIFACT_KIND,
+    ArtifactError,
+    build_model_artifact,
+    data_artifact_record,
+    read_model_artifact,
+    write_model_artifact,
 )
 
 
@@ -19,8 +23,7 @@ def test_manifest_records_the_data_artifact(tmp_path):
 
     ckpt = tmp_path / "iter_0000010"
     ckpt.mkdir()
-    manifest = build_model_artifact(step=10, tokens=640, model_config={"num_layers": 4},
-                                    data=record, phase=1)
+    manifest = build_model_artifact(step=10, tokens=640, model_config={"num_layers": 4}, data=record, phase=1)
     write_model_artifact(ckpt, manifest)
     read = read_model_artifact(ckpt)
     assert read["kind"] == MODEL_ARTIFACT_KIND and read["step"] == 10

@@ -12,7 +12,11 @@ from nemotron.config.schema import ModelConfig, PretrainConfig
 from nemotron.data.config import DataConfig
 from nemotron.data.indexed import IndexedDatasetWriter
 from nemotron.train.config import (
-    CheckpointConfig, LoggerConfig, OptimizerConfig, SchedulerConfig, TrainConfig,
+    CheckpointConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
 )
 
 from .wandb_records import artifact_records
@@ -30,13 +34,23 @@ def write_output(root, fingerprint="ab" * 32):
         with IndexedDatasetWriter(root / name, np.uint16) as writer:
             for k in range(5):
                 writer.add_document((np.arange(40) * (k + 1)) % 63 + 1)
-    blend = {"train": ["0.6", str(root / "train/data_00000"), "0.4", "train/data_00001"],
-             "valid": ["1.0", str(root / "valid/data_00000")]}
+    blend = {
+        "train": ["0.6", str(root / "train/data_00000"), "0.4", "train/data_00001"],
+        "valid": ["1.0", str(root / "valid/data_00000")],
+    }
     (root / "blend.json").write_text(json.dumps(blend))
-    (root / "metadata.json").write_text(json.dumps({
-        "type": "DataBlendsArtifact-pretrain", "fingerprint": fingerprint, "format_version": 1,
-        "tokenizer": {"model": "bpe"}, "counts": {"train": {"tokens": 16}},
-        "sources": [{"name": "web", "path": "/raw/web", "weight": 1.0}]}))
+    (root / "metadata.json").write_text(
+        json.dumps(
+            {
+                "type": "DataBlendsArtifact-pretrain",
+                "fingerprint": fingerprint,
+                "format_version": 1,
+                "tokenizer": {"model": "bpe"},
+                "counts": {"train": {"tokens": 16}},
+                "sources": [{"name": "web", "path": "/raw/web", "weight": 1.0}],
+            }
+        )
+    )
     return root / "blend.json"
 
 
@@ -49,15 +63,17 @@ def test_data_artifact_references_every_shard_and_the_blend(tmp_path):
     artifact = wandb_lineage.data_blends_artifact(blend)
     assert artifact.name == "DataBlendsArtifact-pretrain" and artifact.type == "dataset"
     found = entries(artifact)
-    expected_refs = {f"{s}/data_0000{k}.{x}" for s, k in (("train", 0), ("train", 1), ("valid", 0))
-                     for x in ("bin", "idx")} | {"blend.json"}
+    expected_refs = {
+        f"{s}/data_0000{k}.{x}" for s, k in (("train", 0), ("train", 1), ("valid", 0)) for x in ("bin", "idx")
+    } | {"blend.json"}
     assert {p for p, (ref, _) in found.items() if ref} == expected_refs
     for path in expected_refs:
         assert found[path][0] == (tmp_path / "out" / path).as_uri()
     assert found["metadata.json"][0] is None  # the metadata itself is stored, by content
     assert artifact.metadata["fingerprint"] == "ab" * 32
     assert artifact.metadata["datasets"] == [
-        {"name": "web", "path": "/raw/web", "subset": None, "revision": None, "weight": 1.0}]
+        {"name": "web", "path": "/raw/web", "subset": None, "revision": None, "weight": 1.0}
+    ]
     # Rebuilt from the same files: the same digest, so W&B resolves it to the same version.
     assert wandb_lineage.data_blends_artifact(blend).digest == artifact.digest
     # Another fingerprint (new data at the same paths) is another version.
@@ -75,15 +91,22 @@ def test_data_artifact_errors_name_the_file(tmp_path):
     with pytest.raises(ArtifactError, match=r"data-prep metadata .*metadata.json does not exist"):
         wandb_lineage.data_blends_artifact(blend)
     with pytest.raises(ArtifactError, match="mode 'sometimes'"):
-        wandb_lineage.start_run(job_dir=tmp_path / "job", job_type="x", project=None,
-                                entity=None, mode="sometimes")
+        wandb_lineage.start_run(
+            job_dir=tmp_path / "job", job_type="x", project=None, entity=None, mode="sometimes"
+        )
 
 
 def test_record_data_prep_offline_writes_the_artifact_for_sync(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     blend = write_output(tmp_path / "out")
-    logged = wandb_lineage.record_data_prep(blend, job_dir=tmp_path / "job", project="nemotron-test",
-                                            entity=None, mode="offline", config={"num_shards": 2})
+    logged = wandb_lineage.record_data_prep(
+        blend,
+        job_dir=tmp_path / "job",
+        project="nemotron-test",
+        entity=None,
+        mode="offline",
+        config={"num_shards": 2},
+    )
     assert logged["artifact"] == f"DataBlendsArtifact-pretrain:fp-{'ab' * 8}"
     (run_dir,) = (tmp_path / "job" / "wandb").glob("offline-run-*")
     assert logged["run_dir"] == str(run_dir)
@@ -99,18 +122,40 @@ def test_record_data_prep_offline_writes_the_artifact_for_sync(tmp_path, monkeyp
 def tiny_pretrain_config(tmp_path, blend) -> PretrainConfig:
     return PretrainConfig(
         model=ModelConfig(
-            hybrid_pattern="ME*E", num_layers=4, hidden_size=32, vocab_size=64,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=4,
-            mamba_head_dim=8, mamba_state_size=8, mamba_num_groups=2, mamba_conv_kernel=4,
-            mamba_chunk_size=4, num_experts=8, moe_top_k=2, moe_ffn_hidden_size=16,
-            moe_shared_expert_hidden_size=16, ffn_hidden_size=32),
-        train=TrainConfig(train_iters=2, global_batch_size=2, micro_batch_size=2, seq_length=16,
-                          eval_iters=0, precision="fp32", device="cpu"),
+            hybrid_pattern="ME*E",
+            num_layers=4,
+            hidden_size=32,
+            vocab_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            mamba_state_size=8,
+            mamba_num_groups=2,
+            mamba_conv_kernel=4,
+            mamba_chunk_size=4,
+            num_experts=8,
+            moe_top_k=2,
+            moe_ffn_hidden_size=16,
+            moe_shared_expert_hidden_size=16,
+            ffn_hidden_size=32,
+        ),
+        train=TrainConfig(
+            train_iters=2,
+            global_batch_size=2,
+            micro_batch_size=2,
+            seq_length=16,
+            eval_iters=0,
+            precision="fp32",
+            device="cpu",
+        ),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4),
         scheduler=SchedulerConfig(warmup_tokens=16),
         checkpoint=CheckpointConfig(save=str(tmp_path / "ckpt"), save_interval=1),
-        logger=LoggerConfig(progress_bar=False, wandb=True, wandb_mode="offline",
-                            wandb_project="nemotron-test"),
+        logger=LoggerConfig(
+            progress_bar=False, wandb=True, wandb_mode="offline", wandb_project="nemotron-test"
+        ),
         data=DataConfig(blend=str(blend), cache_dir=str(tmp_path / "cache")),
     )
 
@@ -123,12 +168,16 @@ def test_pretrain_uses_the_data_artifact_and_logs_each_checkpoint(tmp_path, monk
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     blend = write_output(tmp_path / "out")
-    prep = wandb_lineage.record_data_prep(blend, job_dir=tmp_path / "prep", project="nemotron-test",
-                                          entity=None, mode="offline")
+    prep = wandb_lineage.record_data_prep(
+        blend, job_dir=tmp_path / "prep", project="nemotron-test", entity=None, mode="offline"
+    )
     (prep_record,) = artifact_records(prep["run_dir"])
     events = []
-    pretrain(tiny_pretrain_config(tmp_path, blend), tmp_path / "job",
-             on_event=lambda kind, payload: events.append((kind, payload)))
+    pretrain(
+        tiny_pretrain_config(tmp_path, blend),
+        tmp_path / "job",
+        on_event=lambda kind, payload: events.append((kind, payload)),
+    )
     assert not [e for e in events if e[0] == "warning"]
     (run_dir,) = (tmp_path / "job" / "wandb").glob("offline-run-*")
     data_record, *model_records = artifact_records(run_dir)
@@ -148,8 +197,11 @@ def test_pretrain_uses_the_data_artifact_and_logs_each_checkpoint(tmp_path, monk
         contents = {e.path: e.ref for e in record.manifest.contents}
         assert contents[MODEL_ARTIFACT_FILE] == ""  # stored by content
         assert f"checkpoint/{MODEL_ARTIFACT_FILE}" in contents
-        assert all(ref.startswith(checkpoint.as_uri()) for path, ref in contents.items()
-                   if path.startswith("checkpoint/"))
+        assert all(
+            ref.startswith(checkpoint.as_uri())
+            for path, ref in contents.items()
+            if path.startswith("checkpoint/")
+        )
 
 
 def test_a_blend_without_prep_metadata_is_a_warning_not_a_failure(tmp_path, monkeypatch):
@@ -159,8 +211,11 @@ def test_a_blend_without_prep_metadata_is_a_warning_not_a_failure(tmp_path, monk
     blend = write_output(tmp_path / "out")
     (tmp_path / "out" / "metadata.json").unlink()  # a hand-written blend
     events = []
-    metrics = MetricsLogger(tmp_path / "job", LoggerConfig(wandb=True, wandb_mode="offline"),
-                            on_event=lambda kind, payload: events.append((kind, payload)))
+    metrics = MetricsLogger(
+        tmp_path / "job",
+        LoggerConfig(wandb=True, wandb_mode="offline"),
+        on_event=lambda kind, payload: events.append((kind, payload)),
+    )
     try:
         metrics.use_data_artifacts([str(blend), None, str(blend)])
     finally:

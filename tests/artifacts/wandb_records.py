@@ -30,7 +30,7 @@ def raw_records(path: str | Path):
             continue
         if pos + 7 + length > len(data):  # a chunk still being written
             return
-        chunk = data[pos + 7: pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
             yield chunk

@@ -33,9 +33,27 @@ def _few_threads():
 def test_train_throughput_runs_the_training_step_and_records(tmp_path):
     bench = load("train_throughput")
     out, md = tmp_path / "r.json", tmp_path / "bench.md"
-    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--warmup", "1",
-                         "--params", "fp32", "--check-numerics", "2", "--out", str(out),
-                         "--append-row", str(md)])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--params",
+            "fp32",
+            "--check-numerics",
+            "2",
+            "--out",
+            str(out),
+            "--append-row",
+            str(md),
+        ]
+    )
     run = result["run"]
     assert json.loads(out.read_text())["run"]["tokens_per_step"] == 32
     assert run["tokens_per_s"] > 0 and len(run["losses"]) == 3
@@ -54,8 +72,24 @@ def test_train_throughput_runs_the_training_step_and_records(tmp_path):
 
 def test_train_throughput_bf16_fsdp_path_with_accumulation(tmp_path):
     bench = load("train_throughput")
-    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "1",
-                         "--params", "bf16", "--grad-accum", "2", "--no-profile"])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--params",
+            "bf16",
+            "--grad-accum",
+            "2",
+            "--no-profile",
+        ]
+    )
     run = result["run"]
     assert run["grad_accum"] == 2 and run["tokens_per_step"] == 64
     assert all(torch.isfinite(torch.tensor(run["losses"])))
@@ -65,9 +99,30 @@ def test_train_throughput_bf16_fsdp_path_with_accumulation(tmp_path):
 def test_train_throughput_hf_peer_ratio(tmp_path):
     pytest.importorskip("transformers")
     bench = load("train_throughput")
-    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "1",
-                         "--params", "fp32", "--no-profile", "--peer", "hf", "--peer-steps", "1",
-                         "--micro-batch", "2", "--grad-accum", "2"])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--params",
+            "fp32",
+            "--no-profile",
+            "--peer",
+            "hf",
+            "--peer-steps",
+            "1",
+            "--micro-batch",
+            "2",
+            "--grad-accum",
+            "2",
+        ]
+    )
     peer = result["peer"]
     assert peer["seq"] == 32 and peer["ratio"] > 0 and peer["peer_tokens_per_s"] > 0
     # the same tokens per optimizer step on both sides (the peer fits micro batch 2 here)
@@ -78,8 +133,23 @@ def test_train_throughput_hf_peer_ratio(tmp_path):
 def test_blocks_reference_and_fast_paths(tmp_path):
     bench = load("blocks")
     md = tmp_path / "bench.md"
-    result = bench.main(["--tiny", "--device", "cpu", "--seq", "32", "--warmup", "0", "--iters", "1",
-                         "--experts", "8", "--append-row", str(md)])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--experts",
+            "8",
+            "--append-row",
+            str(md),
+        ]
+    )
     paths = {(r["block"], r["path"]) for r in result["rows"]}
     for kind in ("mamba", "attention", "moe"):
         assert {(kind, "reference"), (kind, "fast"), (kind, "fast-fp32w")} <= paths
@@ -117,8 +187,29 @@ def test_train_dynamics_runs_each_path_and_compares(tmp_path):
     files = []
     for path in ("fast", "reference", "reference-fp32"):
         files.append(tmp_path / f"{path}.json")
-        run = bench.main(["--tiny", "--device", "cpu", "--blend", str(blend), "--path", path, "--vocab", "64",
-                          "--seq", "16", "--batch", "2", "--steps", "4", "--warmup", "1", "--out", str(files[-1])])
+        run = bench.main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--blend",
+                str(blend),
+                "--path",
+                path,
+                "--vocab",
+                "64",
+                "--seq",
+                "16",
+                "--batch",
+                "2",
+                "--steps",
+                "4",
+                "--warmup",
+                "1",
+                "--out",
+                str(files[-1]),
+            ]
+        )
         assert len(run["lm_loss"]) == 4 and len(run["params"]) == 5  # the initial values + one per step
         assert any(k.endswith("A_log") for k in run["params"][0])
         assert run["params"][4] != run["params"][0]  # the decay parameters trained
@@ -142,8 +233,21 @@ def test_mamba_floor_counts_gemms_and_bytes():
 def test_long_context_ascends_with_recompute(tmp_path):
     bench = load("long_context")
     md = tmp_path / "bench.md"
-    result = bench.main(["--tiny", "--device", "cpu", "--seqs", "32,64", "--steps", "1", "--warmup", "0",
-                         "--append-row", str(md)])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seqs",
+            "32,64",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--append-row",
+            str(md),
+        ]
+    )
     assert result["longest_trained"] == 64
     assert [r["seq"] for r in result["runs"]] == [32, 64]
     text = md.read_text()
@@ -160,17 +264,49 @@ def test_train_throughput_reads_a_real_blend(tmp_path):
 
     blend = corpus.write_corpus(tmp_path / "corpus")
     bench = load("train_throughput")
-    result = bench.main(["--tiny", "--device", "cpu", "--seq", "16", "--steps", "1", "--warmup", "1",
-                         "--params", "fp32", "--no-profile", "--blend", str(blend)])
+    result = bench.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--params",
+            "fp32",
+            "--no-profile",
+            "--blend",
+            str(blend),
+        ]
+    )
     assert result["args"]["blend"] == str(blend)
     assert all(torch.isfinite(torch.tensor(result["run"]["losses"])))
 
 
 def test_multi_gpu_run_records_losses_and_throughput(tmp_path):
     bench = load("multi_gpu")
-    assert bench.main(["--config", "tiny", "--name", "g1", "--out", str(tmp_path),
-                       "train.train_iters=3", "data.mock=true", "train.global_batch_size=2",
-                       "train.micro_batch_size=1", "train.device=cpu", "train.log_interval=1"]) == 0
+    assert (
+        bench.main(
+            [
+                "--config",
+                "tiny",
+                "--name",
+                "g1",
+                "--out",
+                str(tmp_path),
+                "train.train_iters=3",
+                "data.mock=true",
+                "train.global_batch_size=2",
+                "train.micro_batch_size=1",
+                "train.device=cpu",
+                "train.log_interval=1",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "g1.json").read_text())
     assert len(result["losses"]) == 3 and result["world_size"] == 1
     assert result["tokens_per_second_per_gpu"] > 0 and 0 < result["mfu"] < 1
@@ -181,14 +317,22 @@ def test_multi_gpu_report_compares_each_layout_with_the_one_gpu_run(tmp_path, ca
     base = ["model.num_layers=14", "train.global_batch_size=2"]
 
     def run(name, world, losses, extra=()):
-        return {"name": name, "world_size": world, "overrides": base + list(extra), "losses": losses,
-                "tokens_per_second_per_gpu": 1000.0, "mfu": 0.4,
-                "peak_memory_per_gpu": [{"allocated_gib": 1.0, "reserved_gib": 2.0}] * world}
+        return {
+            "name": name,
+            "world_size": world,
+            "overrides": base + list(extra),
+            "losses": losses,
+            "tokens_per_second_per_gpu": 1000.0,
+            "mfu": 0.4,
+            "peak_memory_per_gpu": [{"allocated_gib": 1.0, "reserved_gib": 2.0}] * world,
+        }
 
-    runs = [run("g1", 1, [12.0, 11.0, 10.0, 9.0]),
-            run("dp2", 2, [12.0, 11.0005, 10.001, 5.0]),  # step 4 is outside the compared steps
-            run("tp2", 2, [12.0, 11.0, 10.01], ["model.tensor_model_parallel_size=2"]),
-            run("big", 2, [1.0], ["model.num_layers=27"])]  # no one-GPU run of that model
+    runs = [
+        run("g1", 1, [12.0, 11.0, 10.0, 9.0]),
+        run("dp2", 2, [12.0, 11.0005, 10.001, 5.0]),  # step 4 is outside the compared steps
+        run("tp2", 2, [12.0, 11.0, 10.01], ["model.tensor_model_parallel_size=2"]),
+        run("big", 2, [1.0], ["model.num_layers=27"]),
+    ]  # no one-GPU run of that model
     path = tmp_path / "results.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in runs) + "\n")
     assert report.main([str(path)]) == 1  # tp2 is 1e-2 off
@@ -203,17 +347,67 @@ def test_fp8_options_of_the_benchmarks(tmp_path):
     """`--fp8` of train_throughput and blocks, and the loss-parity script, at tiny sizes (FP8
     emulated on CPU)."""
     tt = load("train_throughput")
-    result = tt.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "1", "--warmup", "0",
-                      "--params", "fp32", "--no-profile", "--fp8", "rowwise", "--fp8-layers", "attention,experts"])
+    result = tt.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--params",
+            "fp32",
+            "--no-profile",
+            "--fp8",
+            "rowwise",
+            "--fp8-layers",
+            "attention,experts",
+        ]
+    )
     assert result["run"]["name"] == "fp8-rowwise[attention,experts]"
     blocks = load("blocks")
-    rows = blocks.main(["--tiny", "--device", "cpu", "--seq", "32", "--blocks", "moe", "--paths", "fast",
-                        "--fp8", "tensorwise", "--warmup", "0", "--iters", "1"])["rows"]
+    rows = blocks.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--blocks",
+            "moe",
+            "--paths",
+            "fast",
+            "--fp8",
+            "tensorwise",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+        ]
+    )["rows"]
     fp8_row = next(r for r in rows if r["path"] == "fast-fp8-tensorwise")
     assert 0 < fp8_row["rel_err_out"] < 0.1  # FP8 roundings: not the reference's values, close to them
     parity = load("fp8_loss_parity")
-    out = parity.main(["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1",
-                       "--params", "fp32", "--tolerance", "1.0"])
+    out = parity.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq",
+            "32",
+            "--steps",
+            "2",
+            "--window",
+            "1",
+            "--params",
+            "fp32",
+            "--tolerance",
+            "1.0",
+        ]
+    )
     run = out["runs"]["fp8-tensorwise"]
     assert len(run["losses"]) == 2 and run["losses"] != out["runs"]["bf16"]["losses"] and run["ok"]
     assert "6 expert groups" in run["fp8"]  # the parity run converts every FP8-capable layer
@@ -225,10 +419,26 @@ def test_multi_gpu_fake_world_records_memory_time_to_first_step_and_prediction(t
     import torch.distributed as dist
 
     bench = load("multi_gpu")
-    assert bench.main(["--config", "tiny", "--name", "fake4", "--out", str(tmp_path),
-                       "--fake-world", "4", "train.train_iters=2", "data.mock=true",
-                       "train.global_batch_size=8", "train.micro_batch_size=1",
-                       "train.device=cpu"]) == 0
+    assert (
+        bench.main(
+            [
+                "--config",
+                "tiny",
+                "--name",
+                "fake4",
+                "--out",
+                str(tmp_path),
+                "--fake-world",
+                "4",
+                "train.train_iters=2",
+                "data.mock=true",
+                "train.global_batch_size=8",
+                "train.micro_batch_size=1",
+                "train.device=cpu",
+            ]
+        )
+        == 0
+    )
     assert not dist.is_initialized()
     result = json.loads((tmp_path / "fake4.json").read_text())
     assert result["fake_world"] == 4 and result["grad_accumulation"] == 2

@@ -64,10 +64,22 @@ def test_pretrain_on_a_corrupt_shard_fails_with_one_line_naming_it(cli, tmp_path
     (data / "blend.json").write_text(json.dumps(blend))
     expected = corrupt(data / "train_00000")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
-    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(tmp_path / "job"),
-                 f"data.blend={data / 'blend.json'}", "train.train_iters=2", "train.eval_iters=1",
-                 "train.eval_interval=1", "train.global_batch_size=2", "train.micro_batch_size=2",
-                 "train.seq_length=32", f"data.cache_dir={tmp_path / 'cache'}")
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "--job-dir",
+        str(tmp_path / "job"),
+        f"data.blend={data / 'blend.json'}",
+        "train.train_iters=2",
+        "train.eval_iters=1",
+        "train.eval_interval=1",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=2",
+        "train.seq_length=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     assert result.exit_code == 1
     assert_one_line_error(result, expected)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()} == before

@@ -113,8 +113,11 @@ def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
     result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
-    assert re.search(r"phase 2 \S*p2/blend.json from 94% of tokens \(missing: prepare it before "
-                     r"the phase-2 switch", out), out
+    assert re.search(
+        r"phase 2 \S*p2/blend.json from 94% of tokens \(missing: prepare it before "
+        r"the phase-2 switch",
+        out,
+    ), out
     (tmp_path / "p2").mkdir()
     (tmp_path / "p2" / "blend.json").write_text("{}")
     result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
@@ -151,7 +154,7 @@ def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
     result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), *overrides)
     assert result.exit_code == 0, result.output
 
-    (cfg, passed_dir), = calls
+    ((cfg, passed_dir),) = calls
     assert passed_dir == job_dir
     assert isinstance(cfg, PretrainConfig) and cfg.train.train_iters == 3
     assert cfg.checkpoint.save == str(job_dir / "checkpoints")  # null = <job dir>/checkpoints
@@ -178,7 +181,9 @@ def test_pretrain_default_job_dir_under_runs(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")
     seen = []
-    monkeypatch.setattr(nemotron.train, "pretrain", lambda cfg, job_dir, **kwargs: seen.append(job_dir), raising=False)
+    monkeypatch.setattr(
+        nemotron.train, "pretrain", lambda cfg, job_dir, **kwargs: seen.append(job_dir), raising=False
+    )
     result = cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}")
     assert result.exit_code == 0, result.output
     (job_dir,) = seen
@@ -233,10 +238,22 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
 
     fake_module("nemotron.data.prep", run_data_prep=run_data_prep)
     job_dir = tmp_path / "prep-job"
-    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--sample", "5", "--force",
-                 "--job-dir", str(job_dir), "num_shards=3")
+    result = cli(
+        "nano3",
+        "data",
+        "prep",
+        "pretrain",
+        "-c",
+        "tiny",
+        "--sample",
+        "5",
+        "--force",
+        "--job-dir",
+        str(job_dir),
+        "num_shards=3",
+    )
     assert result.exit_code == 0, result.output
-    (cfg, recipe_dir), = calls
+    ((cfg, recipe_dir),) = calls
     assert isinstance(cfg, DataPrepJobConfig)
     assert cfg.sample == 5 and cfg.force is True and cfg.num_shards == 3
     assert recipe_dir.name == "data_prep" and (recipe_dir / "tiny.yaml").is_file()
@@ -291,7 +308,9 @@ def test_run_and_batch_are_exclusive(cli):
 
 def test_unknown_profile(cli):
     (cli.work / "env.toml").write_text('[cluster]\nexecutor = "local"\n')
-    assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "--run", "clustr"), "clustr", "did you mean 'cluster'")
+    assert_one_line_error(
+        cli("nano3", "pretrain", "-c", "tiny", "--run", "clustr"), "clustr", "did you mean 'cluster'"
+    )
     assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "--batch", "nope", "-d"), "nope")
     assert all_files(cli.work) == [cli.work / "env.toml"]
 
@@ -307,8 +326,9 @@ def test_job_side_joins_the_submission_job_dir(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")
     cfg = load_config("tiny", [f"data.blend={blend}"], PretrainConfig)
-    job_dir = jobdir.create_job_dir(tmp_path / "submitted", config_yaml=dump_config(cfg),
-                                    info={"stage": "pretrain", "profile": "cluster"})
+    job_dir = jobdir.create_job_dir(
+        tmp_path / "submitted", config_yaml=dump_config(cfg), info={"stage": "pretrain", "profile": "cluster"}
+    )
     seen = []
     monkeypatch.setattr(nemotron.train, "pretrain", lambda c, d, **kwargs: seen.append((c, d)), raising=False)
     monkeypatch.setenv("NEMOTRON_JOB_DIR", str(job_dir))
@@ -329,7 +349,10 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     copied.parent.mkdir()
     dump_config(load_config("default", [], DataPrepJobConfig), copied)
     seen = []
-    fake_module("nemotron.data.prep", run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: seen.append(Path(recipe_dir)))
+    fake_module(
+        "nemotron.data.prep",
+        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: seen.append(Path(recipe_dir)),
+    )
     result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
@@ -349,15 +372,37 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
     def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         assert progress is not None
         progress(PrepProgress(phase="plan", message="planning 2 datasets"))
-        progress(PrepProgress(phase="tokenize", units_done=1, units_total=2, documents=5,
-                              tokens=700, elapsed_s=1.0, message="2 of 2 work units to tokenize"))
-        progress(PrepProgress(phase="done", units_done=2, units_total=2, documents=9,
-                              tokens=1234, elapsed_s=2.0, message="data prep complete"))
-        return FakeResult(cfg.output_dir, [
-            DatasetSplitSummary("wiki", "train", 6, 1000, 0.75, 2),
-            DatasetSplitSummary("code", "train", 2, 200, 0.25, 1),
-            DatasetSplitSummary("wiki", "valid", 1, 34, 1.0, 1),
-        ], {"code": {"non_utf8": 3}})
+        progress(
+            PrepProgress(
+                phase="tokenize",
+                units_done=1,
+                units_total=2,
+                documents=5,
+                tokens=700,
+                elapsed_s=1.0,
+                message="2 of 2 work units to tokenize",
+            )
+        )
+        progress(
+            PrepProgress(
+                phase="done",
+                units_done=2,
+                units_total=2,
+                documents=9,
+                tokens=1234,
+                elapsed_s=2.0,
+                message="data prep complete",
+            )
+        )
+        return FakeResult(
+            cfg.output_dir,
+            [
+                DatasetSplitSummary("wiki", "train", 6, 1000, 0.75, 2),
+                DatasetSplitSummary("code", "train", 2, 200, 0.25, 1),
+                DatasetSplitSummary("wiki", "valid", 1, 34, 1.0, 1),
+            ],
+            {"code": {"non_utf8": 3}},
+        )
 
     fake_module("nemotron.data.prep", run_data_prep=run_data_prep)
     result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--job-dir", str(tmp_path / "j"))
@@ -375,8 +420,8 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
     own offline W&B run, and the CLI says how to sync it."""
     pytest.importorskip("wandb")
     import numpy as np
-
     from artifacts.wandb_records import artifact_records
+
     from nemotron.data.indexed import IndexedDatasetWriter
 
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -392,13 +437,24 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
         blend_path: Path
         cached: bool
 
-    fake_module("nemotron.data.prep",
-                run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: FakeResult(out / "blend.json", True))
+    fake_module(
+        "nemotron.data.prep",
+        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: FakeResult(out / "blend.json", True),
+    )
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
     job_dir = tmp_path / "prep-job"
-    result = cli("nano3", "data", "prep", "pretrain", "-c", str(config), "--job-dir", str(job_dir),
-                 "wandb_project=nemotron-test")
+    result = cli(
+        "nano3",
+        "data",
+        "prep",
+        "pretrain",
+        "-c",
+        str(config),
+        "--job-dir",
+        str(job_dir),
+        "wandb_project=nemotron-test",
+    )
     assert result.exit_code == 0, result.output
     (run_dir,) = (job_dir / "wandb").glob("offline-run-*")
     assert "DataBlendsArtifact-pretrain:fp-0123456789abcdef" in result.output
@@ -406,6 +462,10 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
     (record,) = artifact_records(run_dir)
     assert record.name == "DataBlendsArtifact-pretrain"
     assert {e.path for e in record.manifest.contents} == {
-        "metadata.json", "blend.json", "data_00000.bin", "data_00000.idx"}
+        "metadata.json",
+        "blend.json",
+        "data_00000.bin",
+        "data_00000.idx",
+    }
     bad = cli("nano3", "data", "prep", "pretrain", "-c", str(config), "wandb_mode=sometimes")
     assert_one_line_error(bad, "wandb_mode='sometimes'")

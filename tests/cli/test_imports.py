@@ -33,8 +33,7 @@ assert "torch" not in sys.modules, "nemotron nano3 pretrain --dry-run imported t
 
 def test_cli_and_help_do_not_import_torch():
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -61,15 +60,23 @@ def test_a_data_prep_run_does_not_import_torch_or_nemo_run(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "{d}"}}\n' for d in docs))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
-                                                            show_progress=False))
+    tokenizer.train_from_iterator(
+        docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False)
+    )
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "blend.json").write_text('{"datasets": [{"name": "a", "path": "a.jsonl", "weight": 1}]}')
     (tmp_path / "prep.yaml").write_text(
         f"blend_path: {tmp_path / 'blend.json'}\noutput_dir: {tmp_path / 'out'}\n"
-        f"tokenizer:\n  model: {tmp_path / 'tokenizer.json'}\n  eos_token: '</s>'\nnum_shards: 2\nnum_workers: 1\n")
+        f"tokenizer:\n  model: {tmp_path / 'tokenizer.json'}\n  eos_token: '</s>'\nnum_shards: 2\nnum_workers: 1\n"
+    )
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("NEMOTRON_JOB_DIR", None)
-    proc = subprocess.run([sys.executable, "-c", PREP_CHECK, str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", PREP_CHECK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -49,7 +49,8 @@ def test_pretrain_dry_run_predicts_memory_and_speed(cli, monkeypatch):
 def test_profile_dry_run_predicts_for_the_profiles_gpus(cli):
     (cli.work / "env.toml").write_text(
         '[cluster]\nexecutor = "slurm"\nnodes = 8\ngpus_per_node = 8\naccount = "a"\n'
-        'partition = "p"\ntunnel = "local"\n')
+        'partition = "p"\ntunnel = "local"\n'
+    )
     result = cli("nano3", "pretrain", "-d", "--batch", "cluster")
     assert result.exit_code == 0, result.output
     predicted = next(l for l in result.output.splitlines() if l.startswith("predicted"))

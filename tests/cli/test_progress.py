@@ -8,8 +8,16 @@ def test_train_progress_renders_bar_and_milestones():
     hook = TrainProgress(console)
     hook("start", {"total_steps": 4, "step": 0})
     for step in (1, 2, 3, 4):
-        hook("train", {"step": step, "loss": 5.5 - step, "lm_loss": 5.0 - step, "lr": 1e-3,
-                       "tokens_per_second": 1234.0})
+        hook(
+            "train",
+            {
+                "step": step,
+                "loss": 5.5 - step,
+                "lm_loss": 5.0 - step,
+                "lr": 1e-3,
+                "tokens_per_second": 1234.0,
+            },
+        )
     hook("eval", {"step": 4, "loss": 1.5, "ppl": 4.48})  # what pretrain's metrics emit
     hook("checkpoint", {"step": 4, "path": "/ckpt/iter_0000004"})
     hook("end", {})
@@ -36,9 +44,15 @@ def test_prep_progress_shows_warnings_and_units_done_per_task():
     console = Console(record=True, width=160, force_terminal=False)
     view = PrepProgressView(console, show_bar=False)
     view(PrepProgress(phase="plan", warning="num_workers=1 leaves 3 of the 4 CPUs this process may use idle"))
-    view(PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1}))
-    view(PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1}))
-    view(PrepProgress(phase="tokenize", units_done=5, units_total=10, tasks={"task 0 (a)": 3, "task 1 (b)": 2}))
+    view(
+        PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1})
+    )
+    view(
+        PrepProgress(phase="tokenize", units_done=3, units_total=10, tasks={"task 0 (a)": 2, "task 1 (b)": 1})
+    )
+    view(
+        PrepProgress(phase="tokenize", units_done=5, units_total=10, tasks={"task 0 (a)": 3, "task 1 (b)": 2})
+    )
     view.stop()
     text = console.export_text()
     assert "warning: num_workers=1 leaves 3 of the 4 CPUs" in text

@@ -78,8 +78,14 @@ def test_overrides_apply_last_to_nested_keys(tmp_path):
     path = write(tmp_path, MINIMAL)
     cfg = load_config(
         path,
-        ["train.train_iters=7", "optimizer.lr=2e-3", "model.num_experts=4", "model.moe_top_k=2",
-         "model.tensor_model_parallel_size=2", "model.sequence_parallel=true"],
+        [
+            "train.train_iters=7",
+            "optimizer.lr=2e-3",
+            "model.num_experts=4",
+            "model.moe_top_k=2",
+            "model.tensor_model_parallel_size=2",
+            "model.sequence_parallel=true",
+        ],
         PretrainConfig,
     )
     assert cfg.train.train_iters == 7
@@ -211,7 +217,10 @@ def test_wrong_type_in_file(tmp_path):
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
-        (["train.global_batch_size=5"], r"train\.global_batch_size: 5 is not divisible by train\.micro_batch_size=2"),
+        (
+            ["train.global_batch_size=5"],
+            r"train\.global_batch_size: 5 is not divisible by train\.micro_batch_size=2",
+        ),
         (["train.train_tokens=100"], r"set exactly one of them"),
         (["train.train_iters=null"], r"set exactly one of them"),
         (["train.seq_length=-8"], r"train\.seq_length: must be positive, got -8"),
@@ -222,8 +231,10 @@ def test_wrong_type_in_file(tmp_path):
         (["scheduler.stable_fraction_end=2"], r"scheduler\.stable_fraction_end"),
         (["train.precision=fp8"], r"train\.precision='fp8' is not one of"),
         (["train.compute_weights=fp16"], r"train\.compute_weights='fp16' is not one of"),
-        (["train.compute_weights=bf16", "train.precision=fp32"],
-         r"train\.compute_weights: bf16 needs train\.precision=bf16"),
+        (
+            ["train.compute_weights=bf16", "train.precision=fp32"],
+            r"train\.compute_weights: bf16 needs train\.precision=bf16",
+        ),
         (["data.blend=null"], r"data\.blend: is null"),
         (["checkpoint.save_interval=0"], r"checkpoint\.save_interval: must be positive"),
     ],
@@ -239,8 +250,10 @@ def test_impossible_values(tmp_path, overrides, pattern):
     "overrides, pattern",
     [
         (["model.num_layers=4"], r"model\.hybrid_pattern has 3 blocks but model\.num_layers=4"),
-        (["model.num_attention_heads=3", "model.num_key_value_heads=2"],
-         r"model\.num_attention_heads \(3\) must be divisible by model\.num_key_value_heads"),
+        (
+            ["model.num_attention_heads=3", "model.num_key_value_heads=2"],
+            r"model\.num_attention_heads \(3\) must be divisible by model\.num_key_value_heads",
+        ),
         (["model.hybrid_pattern=MXE"], r"model\.hybrid_pattern has unknown symbol"),
         (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
     ],
@@ -275,7 +288,9 @@ def test_malformed_yaml_names_file(tmp_path):
 
 
 def test_config_name_resolution(tmp_path):
-    assert resolve_config_path("default", PretrainConfig) == recipe_config_dir(PretrainConfig) / "default.yaml"
+    assert (
+        resolve_config_path("default", PretrainConfig) == recipe_config_dir(PretrainConfig) / "default.yaml"
+    )
     assert resolve_config_path("tiny", DataPrepJobConfig).parent.name == "data_prep"
     path = write(tmp_path, MINIMAL)
     assert resolve_config_path(str(path), PretrainConfig) == path
@@ -290,11 +305,13 @@ def test_model_section_is_flat_and_splits():
     assert isinstance(model, Nano3Config)
     arch, parallel = model.arch(), model.parallel()
     assert type(arch) is Nano3Config and arch.hybrid_pattern == NANO3_PATTERN
-    assert parallel == ParallelismConfig(tensor_model_parallel_size=8, expert_model_parallel_size=8,
-                                         sequence_parallel=True)
+    assert parallel == ParallelismConfig(
+        tensor_model_parallel_size=8, expert_model_parallel_size=8, sequence_parallel=True
+    )
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     assert names == {f.name for f in dataclasses.fields(Nano3Config)} | {
-        f.name for f in dataclasses.fields(ParallelismConfig)}
+        f.name for f in dataclasses.fields(ParallelismConfig)
+    }
     assert DataPrepJobConfig is DataPrepConfig
 
 

@@ -17,8 +17,7 @@ WORDS = (
 def make_docs(n: int, seed: int = 0, prefix: str = "") -> list[str]:
     rng = random.Random(seed)
     return [
-        prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + f" {i}"
-        for i in range(n)
+        prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + f" {i}" for i in range(n)
     ]
 
 

@@ -33,8 +33,10 @@ def make_documents() -> dict[str, list[np.ndarray]]:
     rng = np.random.default_rng(20260322)
 
     def docs(count, low, high, vocab=60000):
-        return [rng.integers(0, vocab, size=int(rng.integers(low, high + 1))).astype(np.uint16)
-                for _ in range(count)]
+        return [
+            rng.integers(0, vocab, size=int(rng.integers(low, high + 1))).astype(np.uint16)
+            for _ in range(count)
+        ]
 
     with_empty = docs(17, 0, 90)
     with_empty[0] = with_empty[0][:0]  # an empty first document (sample 0 still starts at it)
@@ -58,15 +60,27 @@ def single_cases(tokens: dict[str, int]) -> list[dict]:
 
     def add(name, dataset, seq_length, seed, num_samples, epochs, separate):
         assert epoch_counts(tokens[dataset], num_samples, seq_length) == (epochs, separate), name
-        cases.append({"name": name, "kind": "dataset", "prefixes": [dataset], "weights": [1.0],
-                      "seq_length": seq_length, "seed": seed, "num_samples": num_samples,
-                      "epochs": [epochs], "separate_final_epoch": [separate]})
+        cases.append(
+            {
+                "name": name,
+                "kind": "dataset",
+                "prefixes": [dataset],
+                "weights": [1.0],
+                "seq_length": seq_length,
+                "seed": seed,
+                "num_samples": num_samples,
+                "epochs": [epochs],
+                "separate_final_epoch": [separate],
+            }
+        )
 
     for dataset, s, seed in (("a", 16, 1234), ("b", 7, 5)):
         t = tokens[dataset]
         per_epoch = (t - 1) // s
+
         def before(e):
             return ((e - 1) * t - 1) // s
+
         at = int(THRESHOLD * per_epoch)
         add(f"{dataset}_1epoch", dataset, s, seed, per_epoch // 2, 1, False)
         add(f"{dataset}_2epochs_separate", dataset, s, seed, before(2) + at - 1, 2, True)
@@ -92,10 +106,20 @@ def blend_cases(tokens: dict[str, int]) -> list[dict]:
         requested = [math.ceil(math.ceil(n * x) * 1.005) for x in w]
         counts = [epoch_counts(tokens[p], r, s) for p, r in zip(prefixes, requested)]
         assert any(e > 1 for e, _ in counts), name
-        cases.append({"name": name, "kind": "blend", "prefixes": prefixes, "weights": weights,
-                      "seq_length": s, "seed": seed, "num_samples": n,
-                      "requested": requested, "epochs": [e for e, _ in counts],
-                      "separate_final_epoch": [sep for _, sep in counts]})
+        cases.append(
+            {
+                "name": name,
+                "kind": "blend",
+                "prefixes": prefixes,
+                "weights": weights,
+                "seq_length": s,
+                "seed": seed,
+                "num_samples": n,
+                "requested": requested,
+                "epochs": [e for e, _ in counts],
+                "separate_final_epoch": [sep for _, sep in counts],
+            }
+        )
     return cases
 
 
@@ -108,19 +132,23 @@ class FixtureTokenizer:
 
 
 def build_with_megatron(work: Path, case: dict):
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prefixes = [str(work / p) for p in case["prefixes"]]
     weights = case["weights"] if case["kind"] == "blend" else None
     config = GPTDatasetConfig(
-        random_seed=case["seed"], sequence_length=case["seq_length"],
-        blend_per_split=[(prefixes, weights), None, None], split=None,
-        path_to_cache=str(work / "cache" / case["name"]), tokenizer=FixtureTokenizer(),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, mmap_bin_files=True,
+        random_seed=case["seed"],
+        sequence_length=case["seq_length"],
+        blend_per_split=[(prefixes, weights), None, None],
+        split=None,
+        path_to_cache=str(work / "cache" / case["name"]),
+        tokenizer=FixtureTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
     )
     sizes = [case["num_samples"], None, None]
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
@@ -128,9 +156,11 @@ def build_with_megatron(work: Path, case: dict):
 
 
 def gpt_arrays(dataset, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + "document_index": np.asarray(dataset.document_index, dtype=np.int64),
-            prefix + "sample_index": np.asarray(dataset.sample_index, dtype=np.int64),
-            prefix + "shuffle_index": np.asarray(dataset.shuffle_index, dtype=np.int64)}
+    return {
+        prefix + "document_index": np.asarray(dataset.document_index, dtype=np.int64),
+        prefix + "sample_index": np.asarray(dataset.sample_index, dtype=np.int64),
+        prefix + "shuffle_index": np.asarray(dataset.shuffle_index, dtype=np.int64),
+    }
 
 
 def served_tokens(dataset, count: int) -> np.ndarray:
@@ -157,7 +187,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         torch.distributed.init_process_group(
-            "gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
+            "gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1
+        )
         for name, docs in documents.items():
             builder = IndexedDatasetBuilder(str(work / f"{name}.bin"), dtype=np.uint16)
             for doc in docs:
@@ -171,24 +202,27 @@ def main() -> int:
                 arrays |= gpt_arrays(train)
             else:
                 arrays["dataset_index"] = np.asarray(train.dataset_index, dtype=np.int64)
-                arrays["dataset_sample_index"] = np.asarray(
-                    train.dataset_sample_index, dtype=np.int64)
+                arrays["dataset_sample_index"] = np.asarray(train.dataset_sample_index, dtype=np.int64)
                 for k, dataset in enumerate(train.datasets):
                     arrays |= gpt_arrays(dataset, f"dataset{k}_")
                 case["blend_length"] = len(train)
             case["length"] = len(train)
             arrays["tokens"] = served_tokens(train, case["num_samples"])
             np.savez_compressed(OUT / f"{case['name']}.npz", **arrays)
-            print(f"{case['name']}: N={case['num_samples']} length={len(train)} "
-                  f"epochs={case['epochs']} separate={case['separate_final_epoch']}")
+            print(
+                f"{case['name']}: N={case['num_samples']} length={len(train)} "
+                f"epochs={case['epochs']} separate={case['separate_final_epoch']}"
+            )
         torch.distributed.destroy_process_group()
     np.savez_compressed(
         OUT / "documents.npz",
-        **{f"{name}_lengths": np.array([len(d) for d in docs], dtype=np.int32)
-           for name, docs in documents.items()},
-        **{f"{name}_tokens": np.concatenate(docs) for name, docs in documents.items()})
-    manifest = {"megatron_core": version, "generator": "tests/data/make_megatron_fixtures.py",
-                "cases": cases}
+        **{
+            f"{name}_lengths": np.array([len(d) for d in docs], dtype=np.int32)
+            for name, docs in documents.items()
+        },
+        **{f"{name}_tokens": np.concatenate(docs) for name, docs in documents.items()},
+    )
+    manifest = {"megatron_core": version, "generator": "tests/data/make_megatron_fixtures.py", "cases": cases}
     tmp_manifest = OUT / f".cases.json.{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp_manifest, OUT / "cases.json")

@@ -22,9 +22,22 @@ GOOD = {"name": "cc", "path": "hf://nvidia/Nemotron-CC-v2.1", "subset": "High-Qu
 
 
 def test_valid_blend_parses(tmp_path):
-    blend = load_blend(_write(tmp_path, [GOOD, {"name": "code", "path": "code/*.jsonl", "weight": 3,
-                                                  "text_field": "content", "split": {"valid": 0.01},
-                                                  "min_doc_chars": 5}]))
+    blend = load_blend(
+        _write(
+            tmp_path,
+            [
+                GOOD,
+                {
+                    "name": "code",
+                    "path": "code/*.jsonl",
+                    "weight": 3,
+                    "text_field": "content",
+                    "split": {"valid": 0.01},
+                    "min_doc_chars": 5,
+                },
+            ],
+        )
+    )
     assert [e.name for e in blend] == ["cc", "code"]
     assert blend.entries[1].text_field == "content"
     assert blend.entries[1].valid_fraction == 0.01 and blend.entries[1].test_fraction == 0.0
@@ -40,13 +53,25 @@ def test_valid_blend_parses(tmp_path):
         ({"name": "x", "path": "p", "weight": "1.0"}, r"field 'weight' must be a number"),
         ({"name": "x", "path": "p", "weight": True}, r"field 'weight' must be a number"),
         ({"name": "x", "path": "p", "weight": float("nan")}, r"field 'weight' must be finite"),
-        ({"name": "cc", "path": "p", "weight": 1}, r"datasets\[1\] \('cc'\): duplicate name 'cc' \(also datasets\[0\]\)"),
-        ({"name": "x", "path": "p", "weight": 1, "wieght": 2}, r"unknown key 'wieght' \(did you mean 'weight'\?\)"),
+        (
+            {"name": "cc", "path": "p", "weight": 1},
+            r"datasets\[1\] \('cc'\): duplicate name 'cc' \(also datasets\[0\]\)",
+        ),
+        (
+            {"name": "x", "path": "p", "weight": 1, "wieght": 2},
+            r"unknown key 'wieght' \(did you mean 'weight'\?\)",
+        ),
         ({"name": "a b", "path": "p", "weight": 1}, r"field 'name' must use only"),
         ({"name": "x", "path": "", "weight": 1}, r"field 'path' must be a non-empty string"),
-        ({"name": "x", "path": "p", "weight": 1, "split": {"valid": 0.6, "test": 0.5}}, r"leaves no training"),
+        (
+            {"name": "x", "path": "p", "weight": 1, "split": {"valid": 0.6, "test": 0.5}},
+            r"leaves no training",
+        ),
         ({"name": "x", "path": "p", "weight": 1, "split": {"dev": 0.1}}, r"unknown key 'dev'"),
-        ({"name": "x", "path": "p", "weight": 1, "max_doc_tokens": 1.5}, r"'max_doc_tokens' must be an integer"),
+        (
+            {"name": "x", "path": "p", "weight": 1, "max_doc_tokens": 1.5},
+            r"'max_doc_tokens' must be an integer",
+        ),
         ("not an object", r"datasets\[1\]: each entry must be an object"),
     ],
 )
@@ -77,16 +102,22 @@ def test_shard_weights_follow_dataset_weight_not_shard_count():
     assert share_a == pytest.approx(0.5)
     assert sum(w.weight for w in weighted) == pytest.approx(1.0)
     # Within a dataset, shards are drawn in proportion to their tokens.
-    uneven = shard_weights({"a": 1.0}, [ShardWeight("a", "a_0", 300), ShardWeight("a", "a_1", 100),
-                                        ShardWeight("a", "a_2", 0)])
+    uneven = shard_weights(
+        {"a": 1.0}, [ShardWeight("a", "a_0", 300), ShardWeight("a", "a_1", 100), ShardWeight("a", "a_2", 0)]
+    )
     assert [w.weight for w in uneven] == pytest.approx([0.75, 0.25])
 
 
 def test_split_blend_file_format(tmp_path):
     path = write_split_blend(
         tmp_path / "blend.json",
-        {"train": [ShardWeight("a", "/x/train/a_00000", 10, 0.25), ShardWeight("b", "/x/train/b_00000", 5, 0.75)],
-         "valid": [ShardWeight("a", "/x/valid/a_00000", 1, 1.0)]},
+        {
+            "train": [
+                ShardWeight("a", "/x/train/a_00000", 10, 0.25),
+                ShardWeight("b", "/x/train/b_00000", 5, 0.75),
+            ],
+            "valid": [ShardWeight("a", "/x/valid/a_00000", 1, 1.0)],
+        },
     )
     data = json.loads(path.read_text())
     assert data == {
@@ -104,8 +135,12 @@ def test_shipped_nano3_blends_are_valid():
     phase1 = load_blend(directory / "data_blend_raw.json")
     phase2 = load_blend(directory / "data_blend_phase2.json")
     families = {e.path for e in phase1}
-    assert {"hf://nvidia/Nemotron-CC-v2.1", "hf://nvidia/Nemotron-CC-Math-v1",
-            "hf://nvidia/Nemotron-Pretraining-Specialized-v1", "hf://nvidia/Nemotron-CC-Code-v1"} <= families
+    assert {
+        "hf://nvidia/Nemotron-CC-v2.1",
+        "hf://nvidia/Nemotron-CC-Math-v1",
+        "hf://nvidia/Nemotron-Pretraining-Specialized-v1",
+        "hf://nvidia/Nemotron-CC-Code-v1",
+    } <= families
     # Phase 2 upweights the specialised STEM data relative to phase 1.
     share = lambda blend: sum(w for n, w in blend.normalised_weights.items() if "pretraining" in n)  # noqa: E731
     assert share(phase2) > share(phase1)

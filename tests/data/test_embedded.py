@@ -66,11 +66,22 @@ def test_materialize_for_prep_rewrites_uris(tmp_path, monkeypatch, assets):
     recipe = tmp_path / "recipe"
     recipe.mkdir()
     (recipe / "local.jsonl").write_text('{"text": "hello"}\n')
-    (recipe / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "code", "path": "embedded://stdlib-code", "weight": 2.0},
-        {"name": "mine", "path": "local.jsonl", "weight": 1.0},
-        {"name": "hub", "path": "hf://nvidia/Nemotron-CC-v2.1", "subset": "High-Quality", "weight": 1.0},
-    ]}))
+    (recipe / "blend.json").write_text(
+        json.dumps(
+            {
+                "datasets": [
+                    {"name": "code", "path": "embedded://stdlib-code", "weight": 2.0},
+                    {"name": "mine", "path": "local.jsonl", "weight": 1.0},
+                    {
+                        "name": "hub",
+                        "path": "hf://nvidia/Nemotron-CC-v2.1",
+                        "subset": "High-Quality",
+                        "weight": 1.0,
+                    },
+                ]
+            }
+        )
+    )
     cfg = DataPrepConfig(blend_path="blend.json", tokenizer=TokenizerConfig(model="embedded://bpe-512"))
     assert embedded.uses_embedded(cfg, recipe)
     work = tmp_path / "job"
@@ -86,16 +97,18 @@ def test_materialize_for_prep_rewrites_uris(tmp_path, monkeypatch, assets):
 
 def test_unknown_corpus_is_an_error(tmp_path, monkeypatch, assets):
     monkeypatch.setattr(embedded, "materialize", lambda **kw: assets)
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "x", "path": "embedded://wikipedia", "weight": 1.0}]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps({"datasets": [{"name": "x", "path": "embedded://wikipedia", "weight": 1.0}]})
+    )
     cfg = DataPrepConfig(blend_path=str(tmp_path / "blend.json"))
     with pytest.raises(embedded.EmbeddedDataError, match="unknown embedded corpus 'embedded://wikipedia'"):
         embedded.materialize_for_prep(cfg, tmp_path, tmp_path / "job")
 
 
 def test_plain_config_is_untouched(tmp_path):
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "x", "path": "hf://nvidia/Nemotron-CC-v2", "weight": 1.0}]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps({"datasets": [{"name": "x", "path": "hf://nvidia/Nemotron-CC-v2", "weight": 1.0}]})
+    )
     cfg = DataPrepConfig(blend_path="blend.json")
     assert not embedded.uses_embedded(cfg, tmp_path)
     assert embedded.materialize_for_prep(cfg, tmp_path, tmp_path / "job") == cfg

@@ -69,9 +69,10 @@ def direct_blend(weights, size):
     return out
 
 
-@pytest.mark.parametrize("seed,seq_length,num_samples,allow_empty", [
-    (1234, 16, 40, False), (7, 5, 300, True), (0, 64, 3, False), (3, 8, 260, True),
-])
+@pytest.mark.parametrize(
+    "seed,seq_length,num_samples,allow_empty",
+    [(1234, 16, 40, False), (7, 5, 300, True), (0, 64, 3, False), (3, 8, 260, True)],
+)
 def test_gpt_dataset_matches_direct_rules(tmp_path, seed, seq_length, num_samples, allow_empty):
     rng = np.random.default_rng(seed)
     docs = random_docs(rng, 23, 40, allow_empty=allow_empty)
@@ -105,10 +106,7 @@ def test_split_dataset_blends_per_split_json(tmp_path):
     # Dataset d serves ceil(n * w_d) samples, is asked for ceil(ceil(n * w_d) * 1.005) (46 ->
     # 47, 16 -> 17), and the blend is as long as the samples served: 46 + 16 = 62 >= n.
     assert len(ds) == 62
-    per_dataset = {
-        0: direct_samples(docs_a, 47, s, seed),
-        1: direct_samples(docs_b, 17, s, seed),
-    }
+    per_dataset = {0: direct_samples(docs_a, 47, s, seed), 1: direct_samples(docs_b, 17, s, seed)}
     for i, (d, k) in enumerate(direct_blend([3, 1], 62)):
         np.testing.assert_array_equal(ds[i]["tokens"].numpy(), per_dataset[d][k][:-1])
 
@@ -148,4 +146,5 @@ def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():
     dataset_index, sample_index = build_blending_indices([0.0, 3.0, 0.0, 1.0], 200)
     without = direct_blend([3.0, 1.0], 200)
     assert list(zip(dataset_index.tolist(), sample_index.tolist())) == [
-        ({0: 1, 1: 3}[d], k) for d, k in without]
+        ({0: 1, 1: 3}[d], k) for d, k in without
+    ]

@@ -147,8 +147,11 @@ def _patch_index(prefix, field, position, value):
     """Overwrite one entry of the .idx arrays (lengths int32, pointers/documents int64)."""
     raw = bytearray((prefix.parent / (prefix.name + ".idx")).read_bytes())
     count = struct.unpack_from("<Q", raw, 18)[0]
-    offsets = {"length": (34, "<i", 4), "pointer": (34 + 4 * count, "<q", 8),
-               "document": (34 + 12 * count, "<q", 8)}
+    offsets = {
+        "length": (34, "<i", 4),
+        "pointer": (34 + 4 * count, "<q", 8),
+        "document": (34 + 12 * count, "<q", 8),
+    }
     start, fmt, size = offsets[field]
     struct.pack_into(fmt, raw, start + size * position, value)
     (prefix.parent / (prefix.name + ".idx")).write_bytes(bytes(raw))
@@ -162,8 +165,10 @@ CORRUPTIONS = {
     "offsets decrease": (lambda p: _patch_index(p, "pointer", 2, 2), "not a non-decreasing"),
     "odd offset": (lambda p: _patch_index(p, "pointer", 1, 7), "not a non-decreasing multiple"),
     "document indices": (lambda p: _patch_index(p, "document", 3, 2), "document indices"),
-    "truncated bin": (lambda p: p.with_name("shard.bin").write_bytes(
-        p.with_name("shard.bin").read_bytes()[:-1]), "whole number"),
+    "truncated bin": (
+        lambda p: p.with_name("shard.bin").write_bytes(p.with_name("shard.bin").read_bytes()[:-1]),
+        "whole number",
+    ),
 }
 
 
@@ -181,7 +186,10 @@ def test_token_ids_are_checked_against_the_vocabulary(tmp_path):
     prefix = _good_pair(tmp_path)
     dataset = IndexedDataset(prefix, vocab_size=12)
     assert dataset[0].tolist() == [5, 6, 7] and dataset.get(2, 0, 2).tolist() == [10, 11]
-    with pytest.raises(IndexedDatasetError, match=r"shard\.bin: sequence 2 holds token id 13, outside the vocabulary \[0, 12\)"):
+    with pytest.raises(
+        IndexedDatasetError,
+        match=r"shard\.bin: sequence 2 holds token id 13, outside the vocabulary \[0, 12\)",
+    ):
         dataset.get(2, 1)
     with pytest.raises(IndexedDatasetError, match="shard.bin: sequence 2"):
         dataset[2]

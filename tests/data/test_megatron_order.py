@@ -38,8 +38,10 @@ def prefixes(tmp_path_factory) -> Path:
 def assert_same_indices(ours: GPTDataset, expected, prefix: str = "") -> None:
     for name in ("document_index", "sample_index", "shuffle_index"):
         np.testing.assert_array_equal(
-            np.asarray(getattr(ours, name), dtype=np.int64), expected[prefix + name],
-            err_msg=f"{prefix}{name}")
+            np.asarray(getattr(ours, name), dtype=np.int64),
+            expected[prefix + name],
+            err_msg=f"{prefix}{name}",
+        )
 
 
 def served(dataset, count: int) -> np.ndarray:
@@ -57,11 +59,9 @@ def test_fixtures_cover_the_cases_the_issue_names():
     # Two epochs, one sample either side of the separate-final-epoch threshold.
     assert CASES["a_2epochs_separate"]["separate_final_epoch"] == [True]
     assert CASES["a_2epochs_at_threshold"]["separate_final_epoch"] == [False]
-    assert CASES["a_2epochs_at_threshold"]["num_samples"] == (
-        CASES["a_2epochs_separate"]["num_samples"] + 1)
+    assert CASES["a_2epochs_at_threshold"]["num_samples"] == (CASES["a_2epochs_separate"]["num_samples"] + 1)
     blends = [c for c in CASES.values() if c["kind"] == "blend"]
-    assert any(any(e > 1 for e in c["epochs"]) and any(c["separate_final_epoch"])
-               for c in blends)
+    assert any(any(e > 1 for e in c["epochs"]) and any(c["separate_final_epoch"]) for c in blends)
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "dataset"])
@@ -71,8 +71,9 @@ def test_one_dataset_matches_megatron(prefixes, tmp_path, name):
     # Through the per-split blend file, as a run reads it (one prefix: the dataset itself).
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": ["1.0", str(prefixes / case["prefixes"][0])]}))
-    ds = build_split_dataset(blend, "train", case["num_samples"], case["seq_length"],
-                             case["seed"], tmp_path / "cache")
+    ds = build_split_dataset(
+        blend, "train", case["num_samples"], case["seq_length"], case["seed"], tmp_path / "cache"
+    )
     assert isinstance(ds, GPTDataset)
     assert ds.num_epochs == case["epochs"][0]
     assert ds.separate_final_epoch == case["separate_final_epoch"][0]
@@ -90,13 +91,13 @@ def test_blend_matches_megatron(prefixes, tmp_path, name):
         entries += [str(weight), str(prefixes / prefix)]  # weights as strings, as prep writes
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": entries}))
-    ds = build_split_dataset(blend, "train", case["num_samples"], case["seq_length"],
-                             case["seed"], tmp_path / "cache")
+    ds = build_split_dataset(
+        blend, "train", case["num_samples"], case["seq_length"], case["seed"], tmp_path / "cache"
+    )
     assert isinstance(ds, BlendedDataset)
     # The blend is sum(ceil(N * w)) long, more than N when some N * w is fractional.
     assert len(ds) == case["blend_length"] > case["num_samples"]
-    np.testing.assert_array_equal(np.asarray(ds.dataset_index, dtype=np.int64),
-                                  expected["dataset_index"])
+    np.testing.assert_array_equal(np.asarray(ds.dataset_index, dtype=np.int64), expected["dataset_index"])
     np.testing.assert_array_equal(ds.dataset_sample_index, expected["dataset_sample_index"])
     for k, dataset in enumerate(ds.datasets):
         assert dataset.num_epochs == case["epochs"][k]

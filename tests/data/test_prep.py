@@ -69,10 +69,10 @@ def corpus(tmp_path):
     docs_b = make_docs(40, seed=11, prefix="B ")
     write_jsonl(tmp_path / "a.jsonl", docs_a)
     pq.write_table(pa.table({"text": docs_b}), tmp_path / "b.parquet", row_group_size=7)
-    _blend(tmp_path, [
-        {"name": "a", "path": "a.jsonl", "weight": 1.0},
-        {"name": "b", "path": "b.parquet", "weight": 3.0},
-    ])
+    _blend(
+        tmp_path,
+        [{"name": "a", "path": "a.jsonl", "weight": 1.0}, {"name": "b", "path": "b.parquet", "weight": 3.0}],
+    )
     return {"a": docs_a, "b": docs_b}
 
 
@@ -83,8 +83,10 @@ def test_every_token_of_a_known_corpus(tmp_path, bpe_dir, corpus):
     assert not (out / ".work").exists()
     for name, docs in corpus.items():
         expected = _encode(bpe_dir, docs)
-        got = {split: [seq for p in _prefixes(out, split, name) for seq in read_sequences(p)] for split in
-               ("train", "valid", "test")}
+        got = {
+            split: [seq for p in _prefixes(out, split, name) for seq in read_sequences(p)]
+            for split in ("train", "valid", "test")
+        }
         # Every document appears exactly once across the splits, token for token...
         assert sorted(map(tuple, got["train"] + got["valid"] + got["test"])) == sorted(map(tuple, expected))
         # ...train keeps the source order, and valid/test hold documents of every dataset.
@@ -127,10 +129,13 @@ def test_token_shares_follow_weights_regardless_of_shard_count(tmp_path, bpe_dir
     big, small = make_docs(400, seed=12, prefix="BIG "), make_docs(10, seed=13, prefix="SMALL ")
     write_jsonl(tmp_path / "big.jsonl", big)
     write_jsonl(tmp_path / "small.jsonl", small)
-    _blend(tmp_path, [
-        {"name": "big", "path": "big.jsonl", "weight": 1.0},
-        {"name": "small", "path": "small.jsonl", "weight": 3.0},
-    ])
+    _blend(
+        tmp_path,
+        [
+            {"name": "big", "path": "big.jsonl", "weight": 1.0},
+            {"name": "small", "path": "small.jsonl", "weight": 3.0},
+        ],
+    )
     result = run_data_prep(_cfg(tmp_path, bpe_dir, num_shards=16), recipe_dir=tmp_path)
     rows = {(r.dataset, r.split): r for r in result.summary}
     assert rows[("big", "train")].files == 16
@@ -157,19 +162,22 @@ def test_valid_and_test_cover_every_dataset(tmp_path, bpe_dir):
     for split in ("valid", "test"):
         names = {Path(p).name.rsplit("_", 1)[0] for p in blend[split][1::2]}
         assert names == {"d0", "d1", "d2"}, split
-        weights = dict(zip([Path(p).name.rsplit("_", 1)[0] for p in blend[split][1::2]],
-                           map(float, blend[split][::2])))
+        weights = dict(
+            zip([Path(p).name.rsplit("_", 1)[0] for p in blend[split][1::2]], map(float, blend[split][::2]))
+        )
         assert weights["d2"] == pytest.approx(0.5)
 
 
 def test_same_bytes_with_any_number_of_workers(tmp_path, bpe_dir, corpus):
     one = run_data_prep(_cfg(tmp_path, bpe_dir, output_dir=str(tmp_path / "one")), recipe_dir=tmp_path)
-    two = run_data_prep(_cfg(tmp_path, bpe_dir, output_dir=str(tmp_path / "two"), num_workers=2),
-                        recipe_dir=tmp_path)
+    two = run_data_prep(
+        _cfg(tmp_path, bpe_dir, output_dir=str(tmp_path / "two"), num_workers=2), recipe_dir=tmp_path
+    )
     assert one.fingerprint == two.fingerprint
     first, second = _output_bytes(tmp_path / "one"), _output_bytes(tmp_path / "two")
-    assert {k: v.replace(b"/one", b"") for k, v in first.items()} == \
-        {k: v.replace(b"/two", b"") for k, v in second.items()}
+    assert {k: v.replace(b"/one", b"") for k, v in first.items()} == {
+        k: v.replace(b"/two", b"") for k, v in second.items()
+    }
 
 
 def test_cache_noop_change_detection_and_force(tmp_path, bpe_dir, corpus):
@@ -193,8 +201,10 @@ def test_cache_noop_change_detection_and_force(tmp_path, bpe_dir, corpus):
         handle.write(json.dumps({"text": "a brand new document"}) + "\n")
     changed = run_data_prep(cfg, recipe_dir=tmp_path)
     assert not changed.cached and changed.fingerprint != first.fingerprint
-    bos = run_data_prep(dataclasses.replace(cfg, tokenizer=TokenizerConfig(model=str(bpe_dir), add_bos=True)),
-                        recipe_dir=tmp_path)
+    bos = run_data_prep(
+        dataclasses.replace(cfg, tokenizer=TokenizerConfig(model=str(bpe_dir), add_bos=True)),
+        recipe_dir=tmp_path,
+    )
     assert not bos.cached and bos.fingerprint != changed.fingerprint
     run_data_prep(dataclasses.replace(cfg, num_shards=2), recipe_dir=tmp_path)
     assert len(_prefixes(out, "train", "a")) == 2  # no stale shards of the older build remain
@@ -221,7 +231,9 @@ def test_sample_and_filters(tmp_path, bpe_dir, corpus):
     max_tokens = 12
     capped = run_data_prep(_cfg(tmp_path, bpe_dir, max_doc_tokens=max_tokens), recipe_dir=tmp_path)
     lengths = [len(t) for t in _encode(bpe_dir, corpus["a"])]
-    assert sum(r.documents for r in capped.summary if r.dataset == "a") == sum(n <= max_tokens for n in lengths)
+    assert sum(r.documents for r in capped.summary if r.dataset == "a") == sum(
+        n <= max_tokens for n in lengths
+    )
     for split in ("train", "valid", "test"):
         for prefix in _prefixes(out, split, "a"):
             assert max(read_index(prefix)["lengths"]) <= max_tokens
@@ -240,16 +252,24 @@ def test_bad_records_skipped_counted_and_located(tmp_path, bpe_dir):
     good = make_docs(60, seed=30)
     _bad_corpus(tmp_path / "bad.jsonl", good)
     write_jsonl(tmp_path / "ok.jsonl", make_docs(20, seed=31))
-    _blend(tmp_path, [{"name": "bad", "path": "bad.jsonl", "weight": 1},
-                      {"name": "ok", "path": "ok.jsonl", "weight": 1}])
+    _blend(
+        tmp_path,
+        [{"name": "bad", "path": "bad.jsonl", "weight": 1}, {"name": "ok", "path": "ok.jsonl", "weight": 1}],
+    )
     result = run_data_prep(_cfg(tmp_path, bpe_dir, max_bad_record_fraction=0.1), recipe_dir=tmp_path)
-    assert result.bad_records["bad"] == {"malformed_json": 1, "missing_text_field": 1, "non_utf8": 1,
-                                         "empty_document": 1}
+    assert result.bad_records["bad"] == {
+        "malformed_json": 1,
+        "missing_text_field": 1,
+        "non_utf8": 1,
+        "empty_document": 1,
+    }
     assert result.bad_records["ok"] == {k: 0 for k in result.bad_records["bad"]}
     bad_file = str(tmp_path / "bad.jsonl")
     assert result.bad_locations["bad"] == [
-        f"{bad_file}:4 (malformed_json)", f"{bad_file}:8 (missing_text_field)",
-        f"{bad_file}:12 (non_utf8)", f"{bad_file}:16 (empty_document)",
+        f"{bad_file}:4 (malformed_json)",
+        f"{bad_file}:8 (missing_text_field)",
+        f"{bad_file}:12 (non_utf8)",
+        f"{bad_file}:16 (empty_document)",
     ]
     assert sum(r.documents for r in result.summary if r.dataset == "bad") == 56
 
@@ -261,8 +281,13 @@ def test_bad_records_skipped_counted_and_located(tmp_path, bpe_dir):
 def test_source_without_documents_is_an_error(tmp_path, bpe_dir):
     write_jsonl(tmp_path / "ok.jsonl", make_docs(20, seed=32))
     (tmp_path / "empty.jsonl").write_text("")
-    _blend(tmp_path, [{"name": "ok", "path": "ok.jsonl", "weight": 1},
-                      {"name": "hollow", "path": "empty.jsonl", "weight": 1}])
+    _blend(
+        tmp_path,
+        [
+            {"name": "ok", "path": "ok.jsonl", "weight": 1},
+            {"name": "hollow", "path": "empty.jsonl", "weight": 1},
+        ],
+    )
     with pytest.raises(DataPrepError, match=r"dataset 'hollow' \(empty.jsonl\) yielded no records"):
         run_data_prep(_cfg(tmp_path, bpe_dir), recipe_dir=tmp_path)
     write_jsonl(tmp_path / "empty.jsonl", ["x", "y"])
@@ -275,19 +300,31 @@ def test_hub_layout_and_sentencepiece_end_to_end(tmp_path, sp_model):
 
     hq, low = make_docs(30, seed=40, prefix="HQ "), make_docs(10, seed=41, prefix="LOW ")
     _hub_layout(tmp_path / "repo", hq, low)
-    _blend(tmp_path, [
-        {"name": "hq", "path": f"hf://{tmp_path / 'repo'}", "subset": "High-Quality", "weight": 2},
-        {"name": "low", "path": f"hf://{tmp_path / 'repo'}", "subset": "Low", "weight": 1},
-    ])
-    cfg = DataPrepConfig(blend_path=str(tmp_path / "data_blend_raw.json"), output_dir=str(tmp_path / "out"),
-                         tokenizer=TokenizerConfig(model=str(sp_model)), num_shards=2, num_workers=1)
+    _blend(
+        tmp_path,
+        [
+            {"name": "hq", "path": f"hf://{tmp_path / 'repo'}", "subset": "High-Quality", "weight": 2},
+            {"name": "low", "path": f"hf://{tmp_path / 'repo'}", "subset": "Low", "weight": 1},
+        ],
+    )
+    cfg = DataPrepConfig(
+        blend_path=str(tmp_path / "data_blend_raw.json"),
+        output_dir=str(tmp_path / "out"),
+        tokenizer=TokenizerConfig(model=str(sp_model)),
+        num_shards=2,
+        num_workers=1,
+    )
     result = run_data_prep(cfg)
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
     expected = sorted(tuple(sp.encode(d) + [2]) for d in hq)
-    got = sorted(tuple(s) for split in ("train", "valid", "test")
-                 for p in _prefixes(tmp_path / "out", split, "hq") for s in read_sequences(p))
+    got = sorted(
+        tuple(s)
+        for split in ("train", "valid", "test")
+        for p in _prefixes(tmp_path / "out", split, "hq")
+        for s in read_sequences(p)
+    )
     assert got == expected
     metadata = json.loads(result.metadata_path.read_text())
     assert metadata["sources"][0]["revision"].startswith("local-")
@@ -314,7 +351,9 @@ def test_interrupted_assembly_resumes_to_identical_output(tmp_path, bpe_dir, cor
     resumed = run_data_prep(cfg, recipe_dir=tmp_path)
     assert resumed.units_reused > 0 and not resumed.cached
     strip = lambda files, name: {k: v.replace(f"/{name}".encode(), b"") for k, v in files.items()}  # noqa: E731
-    assert strip(_output_bytes(tmp_path / "clean"), "clean") == strip(_output_bytes(tmp_path / "resumed"), "resumed")
+    assert strip(_output_bytes(tmp_path / "clean"), "clean") == strip(
+        _output_bytes(tmp_path / "resumed"), "resumed"
+    )
     assert clean.summary == resumed.summary
 
 
@@ -338,8 +377,13 @@ def test_kill_minus_nine_then_rerun_gives_identical_bytes(tmp_path, bpe_dir):
     docs = make_docs(12000, seed=50)
     write_jsonl(tmp_path / "big.jsonl", docs)
     write_jsonl(tmp_path / "small.jsonl", make_docs(300, seed=51))
-    _blend(tmp_path, [{"name": "big", "path": "big.jsonl", "weight": 1},
-                      {"name": "small", "path": "small.jsonl", "weight": 1}])
+    _blend(
+        tmp_path,
+        [
+            {"name": "big", "path": "big.jsonl", "weight": 1},
+            {"name": "small", "path": "small.jsonl", "weight": 1},
+        ],
+    )
     script = tmp_path / "prep_job.py"
     script.write_text(KILL_SCRIPT)
     killed_out = tmp_path / "killed"
@@ -358,8 +402,13 @@ def test_kill_minus_nine_then_rerun_gives_identical_bytes(tmp_path, bpe_dir):
 
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    cfg = DataPrepConfig(blend_path=str(tmp_path / "data_blend_raw.json"), output_dir=str(tmp_path / "clean"),
-                         tokenizer=TokenizerConfig(model=str(bpe_dir)), num_shards=3, num_workers=1)
+    cfg = DataPrepConfig(
+        blend_path=str(tmp_path / "data_blend_raw.json"),
+        output_dir=str(tmp_path / "clean"),
+        tokenizer=TokenizerConfig(model=str(bpe_dir)),
+        num_shards=3,
+        num_workers=1,
+    )
     run_data_prep(cfg)
     strip = lambda files, name: {k: v.replace(f"/{name}".encode(), b"") for k, v in files.items()}  # noqa: E731
     assert strip(_output_bytes(killed_out), "killed") == strip(_output_bytes(tmp_path / "clean"), "clean")
@@ -386,7 +435,9 @@ def test_config_and_source_errors_name_the_problem(tmp_path, bpe_dir, corpus):
     with pytest.raises(DataPrepError, match=r"dataset 'b': .*b.parquet: no column 'body'"):
         run_data_prep(_cfg(tmp_path, bpe_dir), recipe_dir=tmp_path)
     _blend(tmp_path, [{"name": "gone", "path": "nowhere/*.jsonl", "weight": 1}])
-    with pytest.raises(DataPrepError, match=r"data_blend_raw.json: dataset 'gone': glob 'nowhere/\*.jsonl' matches no"):
+    with pytest.raises(
+        DataPrepError, match=r"data_blend_raw.json: dataset 'gone': glob 'nowhere/\*.jsonl' matches no"
+    ):
         run_data_prep(_cfg(tmp_path, bpe_dir), recipe_dir=tmp_path)
 
 

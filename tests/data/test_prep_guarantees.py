@@ -55,11 +55,18 @@ def project(tmp_path, bpe_dir, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     write_jsonl(tmp_path / "web.jsonl", make_docs(200, seed=70, prefix="W "))
     write_jsonl(tmp_path / "code.jsonl", make_docs(60, seed=71, prefix="C "))
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "web", "path": "web.jsonl", "weight": 2},
-        {"name": "code", "path": "code.jsonl", "weight": 1},
-    ]}))
-    (tmp_path / "prep.yaml").write_text(textwrap.dedent(f"""
+    (tmp_path / "blend.json").write_text(
+        json.dumps(
+            {
+                "datasets": [
+                    {"name": "web", "path": "web.jsonl", "weight": 2},
+                    {"name": "code", "path": "code.jsonl", "weight": 1},
+                ]
+            }
+        )
+    )
+    (tmp_path / "prep.yaml").write_text(
+        textwrap.dedent(f"""
         blend_path: blend.json
         output_dir: {tmp_path / "out"}
         tokenizer:
@@ -69,7 +76,8 @@ def project(tmp_path, bpe_dir, monkeypatch):
         test_fraction: 0.05
         num_workers: 1
         work_unit_mb: 0.004
-    """))
+    """)
+    )
     return tmp_path
 
 
@@ -217,7 +225,9 @@ def test_prep_killed_late_then_rerun_leaves_no_temporary_files(project, bpe_dir,
         assert _tree_hashes(out) == earlier  # the earlier build is untouched until the swap
     rerun = run(out, "nowhere")
     assert rerun.returncode == 0, rerun.stderr
-    leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == ".work"]
+    leftovers = [
+        str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == ".work"
+    ]
     assert leftovers == []
     assert _comparable(out) == _comparable(clean)  # the new build, whole, nothing of the earlier one
 
@@ -226,8 +236,11 @@ def test_stray_temporary_files_of_an_older_version_are_removed(project):
     """Before the staging directory, killed writers left their temporaries beside the shards."""
     assert _prep().exit_code == 0
     out = project / "out"
-    strays = [out / "train" / ".web_00001.bin.999999.1a2b3c4d.tmp", out / ".metadata.json.999999.tmp",
-              out / ".blend.json.999999-1a2b3c4d.tmp"]
+    strays = [
+        out / "train" / ".web_00001.bin.999999.1a2b3c4d.tmp",
+        out / ".metadata.json.999999.tmp",
+        out / ".blend.json.999999-1a2b3c4d.tmp",
+    ]
     for path in strays:
         path.write_text("partial")
     assert _prep("--force").exit_code == 0

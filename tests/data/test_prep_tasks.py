@@ -54,19 +54,34 @@ def _comparable(root: Path) -> dict[str, bytes]:
 def corpus(tmp_path):
     write_jsonl(tmp_path / "big.jsonl", make_docs(4000, seed=80))
     write_jsonl(tmp_path / "small.jsonl", make_docs(300, seed=81))
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "big", "path": "big.jsonl", "weight": 1},
-        {"name": "small", "path": "small.jsonl", "weight": 2},
-    ]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps(
+            {
+                "datasets": [
+                    {"name": "big", "path": "big.jsonl", "weight": 1},
+                    {"name": "small", "path": "small.jsonl", "weight": 2},
+                ]
+            }
+        )
+    )
     (tmp_path / "task.py").write_text(TASK_SCRIPT)
     return tmp_path
 
 
 def _start(root: Path, out: Path, bpe_dir: Path, rank: int, world: int, attempt: str) -> subprocess.Popen:
-    command = [sys.executable, str(root / "task.py"), str(root), str(out), str(bpe_dir),
-               str(rank), str(world), attempt]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    command = [
+        sys.executable,
+        str(root / "task.py"),
+        str(root),
+        str(out),
+        str(bpe_dir),
+        str(rank),
+        str(world),
+        attempt,
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> dict:
@@ -76,9 +91,15 @@ def _finish(process: subprocess.Popen) -> dict:
 
 
 def _one_process(root: Path, bpe_dir: Path, out: Path) -> None:
-    run_data_prep(DataPrepConfig(blend_path=str(root / "blend.json"), output_dir=str(out),
-                                 tokenizer=TokenizerConfig(model=str(bpe_dir)), num_shards=3,
-                                 num_workers=2))
+    run_data_prep(
+        DataPrepConfig(
+            blend_path=str(root / "blend.json"),
+            output_dir=str(out),
+            tokenizer=TokenizerConfig(model=str(bpe_dir)),
+            num_shards=3,
+            num_workers=2,
+        )
+    )
 
 
 def test_two_tasks_share_the_units_and_write_the_same_bytes(corpus, bpe_dir):

@@ -28,8 +28,12 @@ def test_unit_size_spreads_the_input_over_every_worker():
 
 
 def _plan(tmp_path: Path, workers: int, work_unit_mb: float = 64.0):
-    cfg = DataPrepConfig(blend_path=str(tmp_path / "blend.json"), output_dir=str(tmp_path / "out"),
-                         tokenizer=TokenizerConfig(model="unused"), work_unit_mb=work_unit_mb)
+    cfg = DataPrepConfig(
+        blend_path=str(tmp_path / "blend.json"),
+        output_dir=str(tmp_path / "out"),
+        tokenizer=TokenizerConfig(model="unused"),
+        work_unit_mb=work_unit_mb,
+    )
     blend = prep_module.load_blend(tmp_path / "blend.json")
     plans = prep_module._plan_datasets(cfg, blend, tmp_path)
     total = sum(max(0, p.size) for plan in plans for p in plan.source.pieces)
@@ -42,10 +46,16 @@ def test_large_files_are_split_and_small_ones_grouped(tmp_path):
     small_dir = tmp_path / "small"
     for k in range(40):
         write_jsonl(small_dir / f"part-{k:03d}.jsonl", make_docs(30, seed=100 + k))  # ~1 KB each
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "big", "path": "big.jsonl", "weight": 1},
-        {"name": "small", "path": "small", "weight": 1},
-    ]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps(
+            {
+                "datasets": [
+                    {"name": "big", "path": "big.jsonl", "weight": 1},
+                    {"name": "small", "path": "small", "weight": 1},
+                ]
+            }
+        )
+    )
     units, unit_bytes, total = _plan(tmp_path, workers=2, work_unit_mb=0.25)
     assert unit_bytes == MB // 4
     big_units = [u for u in units if u.dataset == "big"]
@@ -58,7 +68,8 @@ def test_large_files_are_split_and_small_ones_grouped(tmp_path):
     # The 40 small files become one unit (they fit in one), read in file order.
     assert len(small_units) == 1 and len(small_units[0].pieces) == 40
     assert [Path(p.files[0]).name for p in small_units[0].pieces] == sorted(
-        f"part-{k:03d}.jsonl" for k in range(40))
+        f"part-{k:03d}.jsonl" for k in range(40)
+    )
     # Reading the cut pieces yields the file's records, in order, once each.
     texts = [r.text for u in big_units for p in u.pieces for r in src.iter_records(p, "text")]
     assert texts == make_docs(60000, seed=90)
@@ -66,8 +77,9 @@ def test_large_files_are_split_and_small_ones_grouped(tmp_path):
 
 def test_many_more_units_than_workers_by_default(tmp_path):
     write_jsonl(tmp_path / "big.jsonl", make_docs(150000, seed=91))  # ~23 MB
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [
-        {"name": "big", "path": "big.jsonl", "weight": 1}]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps({"datasets": [{"name": "big", "path": "big.jsonl", "weight": 1}]})
+    )
     units, unit_bytes, total = _plan(tmp_path, workers=2)  # shipped work_unit_mb: 64
     assert total > 16 * MB and len(units) == UNITS_PER_WORKER * 2
     # Before, the default cut at 64 MB made this one unit: one busy core out of two.
@@ -76,13 +88,20 @@ def test_many_more_units_than_workers_by_default(tmp_path):
 @pytest.fixture
 def small_corpus(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", make_docs(80, seed=92))
-    (tmp_path / "blend.json").write_text(json.dumps({"datasets": [{"name": "a", "path": "a.jsonl", "weight": 1}]}))
+    (tmp_path / "blend.json").write_text(
+        json.dumps({"datasets": [{"name": "a", "path": "a.jsonl", "weight": 1}]})
+    )
     return tmp_path
 
 
 def _cfg(root: Path, bpe_dir: Path, **overrides) -> DataPrepConfig:
-    return DataPrepConfig(blend_path=str(root / "blend.json"), output_dir=str(root / "out"),
-                          tokenizer=TokenizerConfig(model=str(bpe_dir)), num_shards=2, **overrides)
+    return DataPrepConfig(
+        blend_path=str(root / "blend.json"),
+        output_dir=str(root / "out"),
+        tokenizer=TokenizerConfig(model=str(bpe_dir)),
+        num_shards=2,
+        **overrides,
+    )
 
 
 def test_one_worker_in_process_uses_one_core_and_restores_the_environment(small_corpus, bpe_dir, monkeypatch):

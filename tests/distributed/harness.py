@@ -6,6 +6,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from models.tiny import tiny_config  # the one tiny Nano3 of the test suite (tests/models/tiny.py)
 from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
@@ -13,8 +14,6 @@ from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.utils import clip_grad_norm_, token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
-
-from models.tiny import tiny_config  # the one tiny Nano3 of the test suite (tests/models/tiny.py)
 
 GLOBAL_BATCH, SEQ, LR, BIAS_RATE = 4, 8, 0.05, 0.01
 
@@ -50,8 +49,14 @@ def rank_slice(mesh, *tensors):
     return [cp_shard(t[rows], mesh.cp_rank, mesh.cp_size) for t in tensors]
 
 
-def compare_with_single_process(rank: int, world_size: int, parallel_kw: dict,
-                                model_kw: dict | None = None, steps: int = 3, seq: int = SEQ):
+def compare_with_single_process(
+    rank: int,
+    world_size: int,
+    parallel_kw: dict,
+    model_kw: dict | None = None,
+    steps: int = 3,
+    seq: int = SEQ,
+):
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
     model = copy.deepcopy(reference)

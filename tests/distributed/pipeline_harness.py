@@ -5,6 +5,7 @@ parameter's gradient and the expert biases, step after step."""
 from __future__ import annotations
 
 import torch
+from models.tiny import tiny_config  # the one tiny Nano3 of the test suite (tests/models/tiny.py)
 from torch.distributed.tensor import DTensor
 
 from nemotron.config.schema import ModelConfig, PretrainConfig
@@ -14,8 +15,6 @@ from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 from nemotron.train.config import TrainConfig
 from nemotron.train.loop import Parallel, build_model, train_step
-
-from models.tiny import tiny_config  # the one tiny Nano3 of the test suite (tests/models/tiny.py)
 
 SEED, LR, BIAS_RATE = 5, 0.05, 0.01
 
@@ -38,20 +37,31 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def make_config(parallel_kw: dict, model_kw: dict | None = None, seq: int = 8,
-                global_batch: int = 8) -> PretrainConfig:
+def make_config(
+    parallel_kw: dict, model_kw: dict | None = None, seq: int = 8, global_batch: int = 8
+) -> PretrainConfig:
     arch = tiny_config(**{"moe_seq_aux_loss_coeff": 0.1, **(model_kw or {})})
     fields = {f: getattr(arch, f) for f in arch.__dataclass_fields__}
     return PretrainConfig(
         model=ModelConfig(**fields, **parallel_kw),
-        train=TrainConfig(train_iters=3, global_batch_size=global_batch, micro_batch_size=1,
-                          seq_length=seq, seed=SEED, precision="fp32", device="cpu",
-                          grad_clip=0.0, compute_weights="fp32"),
-        data=DataConfig(mock=True))
+        train=TrainConfig(
+            train_iters=3,
+            global_batch_size=global_batch,
+            micro_batch_size=1,
+            seq_length=seq,
+            seed=SEED,
+            precision="fp32",
+            device="cpu",
+            grad_clip=0.0,
+            compute_weights="fp32",
+        ),
+        data=DataConfig(mock=True),
+    )
 
 
-def global_batch(step: int, size: int, seq: int, vocab: int, short: int | None = None
-                 ) -> list[dict[str, torch.Tensor]]:
+def global_batch(
+    step: int, size: int, seq: int, vocab: int, short: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     """`size` samples of length `seq` with random loss masks (token counts differ per sample,
     so a mean of per-sample means would differ from the token mean); with `short`, samples
     1, 4, 5 (mod 6) have that length instead (lengths mixed within a step, the LC phase)."""
@@ -60,21 +70,33 @@ def global_batch(step: int, size: int, seq: int, vocab: int, short: int | None =
     mask = (torch.rand(size, seq, generator=g) < 0.7).float()
     mask[:, 0] = 1.0
     lengths = [short if short is not None and i % 6 in (1, 4, 5) else seq for i in range(size)]
-    return [{"tokens": tokens[i:i + 1, :n], "labels": tokens[i:i + 1, 1:n + 1],
-             "loss_mask": mask[i:i + 1, :n]} for i, n in enumerate(lengths)]
+    return [
+        {
+            "tokens": tokens[i : i + 1, :n],
+            "labels": tokens[i : i + 1, 1 : n + 1],
+            "loss_mask": mask[i : i + 1, :n],
+        }
+        for i, n in enumerate(lengths)
+    ]
 
 
 def rank_micro_batches(samples, parallel: Parallel):
     """This rank's micro-batches (Megatron order: micro-step m of DP rank r takes sample
     m * DP + r) with its CP chunks of every sequence."""
-    mine = samples[parallel.dp_rank::parallel.dp_size]
+    mine = samples[parallel.dp_rank :: parallel.dp_size]
     return [{k: cp_shard(v, parallel.cp_rank, parallel.cp_size) for k, v in b.items()} for b in mine]
 
 
-def compare_pipeline_with_single_process(rank: int, world_size: int, parallel_kw: dict,
-                                         model_kw: dict | None = None, steps: int = 3,
-                                         seq: int = 8, short: int | None = None,
-                                         recompute: bool = False) -> tuple[list[float], list[str]]:
+def compare_pipeline_with_single_process(
+    rank: int,
+    world_size: int,
+    parallel_kw: dict,
+    model_kw: dict | None = None,
+    steps: int = 3,
+    seq: int = 8,
+    short: int | None = None,
+    recompute: bool = False,
+) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained."""
     cfg = make_config(parallel_kw, model_kw, seq)
     arch = cfg.model.arch()
@@ -91,12 +113,19 @@ def compare_pipeline_with_single_process(rank: int, world_size: int, parallel_kw
     losses = []
     for step in range(steps):
         samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
-        ref = train_step(reference, ref_opt, samples, device=torch.device("cpu"),
-                         precision="fp32", grad_clip=0.0)
+        ref = train_step(
+            reference, ref_opt, samples, device=torch.device("cpu"), precision="fp32", grad_clip=0.0
+        )
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
-        ours = train_step(model, opt, rank_micro_batches(samples, parallel),
-                          device=torch.device("cpu"), precision="fp32", grad_clip=0.0,
-                          parallel=parallel)
+        ours = train_step(
+            model,
+            opt,
+            rank_micro_batches(samples, parallel),
+            device=torch.device("cpu"),
+            precision="fp32",
+            grad_clip=0.0,
+            parallel=parallel,
+        )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)
         where = f"step {step}"
         torch.testing.assert_close(ours.lm_loss, ref.lm_loss, rtol=1e-5, atol=1e-6, msg=where)
@@ -105,13 +134,13 @@ def compare_pipeline_with_single_process(rank: int, world_size: int, parallel_kw
         torch.testing.assert_close(ours.grad_norm, ref.grad_norm, rtol=1e-5, atol=1e-7, msg=where)
         assert opt.grads, "no gradients on this rank"
         for name, grad in opt.grads.items():
-            torch.testing.assert_close(grad, ref_opt.grads[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{where}, {name}: {m}")
+            torch.testing.assert_close(
+                grad, ref_opt.grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{where}, {name}: {m}"
+            )
         by_name = dict(reference.named_modules())
         for name, module in model.named_modules():
             if hasattr(module, "expert_bias") and hasattr(module, "tokens_per_expert"):
                 ref_router = by_name[name.replace("_checkpoint_wrapped_module.", "")]
-                torch.testing.assert_close(module.expert_bias, ref_router.expert_bias,
-                                           msg=f"{where}, {name}")
+                torch.testing.assert_close(module.expert_bias, ref_router.expert_bias, msg=f"{where}, {name}")
         losses.append(ours.loss)
     return losses, sorted(opt.grads)

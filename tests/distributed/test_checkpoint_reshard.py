@@ -5,14 +5,13 @@ training continues with the same loss, through DCP and DTensor state dicts."""
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from models.tiny import tiny_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
-
-from models.tiny import tiny_config
 
 from ._spawn import run_distributed
 from .harness import GLOBAL_BATCH, batch
@@ -23,8 +22,9 @@ SAVED_STEPS, RESUMED_STEPS = 2, 2
 def _build(world_size: int, ep: int, seed: int, tp: int = 1):
     torch.manual_seed(seed)
     model = Nano3ForCausalLM(tiny_config())
-    parallel = ParallelismConfig(expert_model_parallel_size=ep, tensor_model_parallel_size=tp,
-                                 sequence_parallel=tp > 1)
+    parallel = ParallelismConfig(
+        expert_model_parallel_size=ep, tensor_model_parallel_size=tp, sequence_parallel=tp > 1
+    )
     dims = ParallelDims.from_config(parallel, world_size, model.config)
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
@@ -74,5 +74,4 @@ def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
     torch.testing.assert_close(torch.tensor(single), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     # tensor parallel: TP2 + SP with EP2 on 2 ranks (DP 1), weights and AdamW state resharded
     tensor_parallel = run_distributed(_resume, 2, ckpt, 2, 2)[0]
-    torch.testing.assert_close(torch.tensor(tensor_parallel), torch.tensor(expected), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(torch.tensor(tensor_parallel), torch.tensor(expected), rtol=1e-5, atol=1e-6)

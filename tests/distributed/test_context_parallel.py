@@ -12,9 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
-from nemotron.distributed.context_parallel import (
-    ContextParallel, ContextParallelError, cp_shard, cp_unshard,
-)
+from nemotron.distributed.context_parallel import ContextParallel, ContextParallelError, cp_shard, cp_unshard
 from nemotron.distributed.utils import token_loss_weight
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.models.nano3.attention import Attention
@@ -59,14 +57,18 @@ def _check_module(module: torch.nn.Module, cp: ContextParallel, hidden: int, seq
     out = module(x_local)
     (out * cp_shard(upstream, cp.rank, cp.size)).sum().backward()
     torch.testing.assert_close(out, cp_shard(out_ref, cp.rank, cp.size), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_local.grad, cp_shard(x_ref.grad, cp.rank, cp.size),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_local.grad, cp_shard(x_ref.grad, cp.rank, cp.size), rtol=1e-4, atol=1e-5)
     ref_grads = dict(reference.named_parameters())
     for name, p in module.named_parameters():
         grad = p.grad.clone()
         dist.all_reduce(grad, group=cp.group)  # each CP rank holds part of the gradient
-        torch.testing.assert_close(grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{type(module).__name__}.{name}: {m}")
+        torch.testing.assert_close(
+            grad,
+            ref_grads[name].grad,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"{type(module).__name__}.{name}: {m}",
+        )
 
 
 def _modules(rank, world_size):
@@ -97,8 +99,10 @@ LAYOUTS_2 = {
 LAYOUTS_4 = {
     "cp4": (dict(context_parallel_size=4), dict(moe_seq_aux_loss_coeff=0.1)),
     "dp2-cp2": (CP, None),
-    "cp2-tp2-ep2": (dict(CP, tensor_model_parallel_size=2, sequence_parallel=True,
-                         expert_model_parallel_size=2), dict(moe_seq_aux_loss_coeff=0.1)),
+    "cp2-tp2-ep2": (
+        dict(CP, tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2),
+        dict(moe_seq_aux_loss_coeff=0.1),
+    ),
 }
 
 
@@ -114,15 +118,15 @@ def _modules_then_model_layouts(rank, world_size, layouts):
     losses = {}
     for name, (parallel_kw, model_kw) in layouts.items():
         try:
-            losses[name] = compare_with_single_process(rank, world_size, parallel_kw, model_kw,
-                                                       steps=2, seq=CP_SEQ)
+            losses[name] = compare_with_single_process(
+                rank, world_size, parallel_kw, model_kw, steps=2, seq=CP_SEQ
+            )
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err
     return losses
 
 
-@pytest.mark.parametrize("world_size,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)],
-                         ids=["cp2", "cp4"])
+@pytest.mark.parametrize("world_size,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["cp2", "cp4"])
 def test_modules_and_whole_model_match_single_process(world_size, layouts):
     """Attention and Mamba-2 with CP = world size, then the whole model under each layout."""
     results = run_distributed(_modules_then_model_layouts, world_size, layouts)
@@ -131,11 +135,11 @@ def test_modules_and_whole_model_match_single_process(world_size, layouts):
 
 # -- checkpoints --------------------------------------------------------------------------------
 
+
 def _build(world_size: int, cp: int, seed: int):
     torch.manual_seed(seed)
     model = Nano3ForCausalLM(tiny_config())
-    dims = ParallelDims.from_config(ParallelismConfig(context_parallel_size=cp), world_size,
-                                    model.config)
+    dims = ParallelDims.from_config(ParallelismConfig(context_parallel_size=cp), world_size, model.config)
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2), mesh

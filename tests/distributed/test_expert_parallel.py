@@ -74,9 +74,9 @@ def _moe_layer_worker(rank, world_size):
     shared-expert gradients are the local ones of this rank's tokens, and each rank's expert
     gradients are its slice of the local gradients summed over the ranks' tokens."""
     import torch.nn as nn
+    from models.tiny import tiny_config  # tests/ is on the path (as in harness.py)
 
     from nemotron.models.nano3.moe import MoE
-    from models.tiny import tiny_config  # tests/ is on the path (as in harness.py)
 
     cfg = tiny_config(num_experts=8, moe_top_k=3)
     torch.manual_seed(0)  # the same weights on every rank

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not torchao_available(), reason="torchao >= 0.18
 def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
     import torch
     import torch.distributed as dist
+    from models.tiny import tiny_config
 
     from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
     from nemotron.distributed.utils import token_loss_weight
@@ -30,7 +31,6 @@ def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
     from nemotron.train.fp8 import Float8GroupedExperts, Fp8Config, apply_fp8
 
     from .harness import LR, batch, full_grads, rank_slice, train_step
-    from models.tiny import tiny_config
 
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config())
@@ -43,12 +43,15 @@ def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
         from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
         # the weights FSDP2 will shard are torchao's float8-gathering tensors
-        assert isinstance(model.backbone.layers["0"].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor)
+        assert isinstance(
+            model.backbone.layers["0"].mixer.out_proj.weight.data, WeightWithDynamicFloat8CastTensor
+        )
     dims = ParallelDims.from_config(ParallelismConfig(**parallel_kw), world_size, model.config)
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
-    assert all(isinstance(m, Float8GroupedExperts) for m in (moe.experts for moe in model.moe_layers())) \
-        == ("experts" in layers)
+    assert all(isinstance(m, Float8GroupedExperts) for m in (moe.experts for moe in model.moe_layers())) == (
+        "experts" in layers
+    )
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
@@ -67,7 +70,9 @@ def _compare(rank, world_size, parallel_kw, layers, exact, **fp8_kw):
         if exact:
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
             for name, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(
+                    g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+                )
         else:
             torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
             assert all(torch.isfinite(g).all() for g in grads.values())

@@ -16,6 +16,7 @@ from ._spawn import run_distributed
 def _gathered_after_forward(rank: int, world_size: int) -> dict[str, bool]:
     from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
     from nemotron.models.nano3.model import Nano3ForCausalLM
+
     from .harness import tiny_config
 
     arch = tiny_config()
@@ -31,9 +32,10 @@ def _gathered_after_forward(rank: int, world_size: int) -> dict[str, bool]:
     out = model(ids, labels=ids)
     # FSDP2 registers the sharded DTensor parameters on a module once it is resharded and the
     # gathered plain tensors while it is unsharded.
-    gathered = {"lm_head": not isinstance(model.lm_head.weight, DTensor),
-                "first_block": not any(isinstance(p, DTensor)
-                                       for p in model.backbone.layers["0"].parameters())}
+    gathered = {
+        "lm_head": not isinstance(model.lm_head.weight, DTensor),
+        "first_block": not any(isinstance(p, DTensor) for p in model.backbone.layers["0"].parameters()),
+    }
     out.loss.backward()
     return gathered
 
@@ -77,8 +79,12 @@ for fused in (False, True):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_two_rank_fsdp_reads_no_freed_weight_on_gpu():
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1",
-               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", FAKE_TWO_RANKS], capture_output=True, text=True,
-                          env=env, timeout=300)
+    env = dict(
+        os.environ,
+        CUDA_LAUNCH_BLOCKING="1",
+        PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", FAKE_TWO_RANKS], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

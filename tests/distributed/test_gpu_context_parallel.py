@@ -28,8 +28,7 @@ def _rank_view(rank: int, size: int, gathered: dict[int, torch.Tensor]) -> Conte
 def test_cp_attention_matches_full_causal_attention_without_materialising_masks(size):
     b, hq, hkv, d, total = 1, 32, 2, 128, 32768  # Nano3 heads; a 32K sequence
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, h, total, d, device="cuda", generator=gen).bfloat16()
-               for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(b, h, total, d, device="cuda", generator=gen).bfloat16() for h in (hq, hkv, hkv))
     grad = torch.randn(b, hq, total, d, device="cuda", generator=gen).bfloat16()
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     for rank in range(size):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def _run(layer, x):
@@ -36,15 +38,18 @@ def test_ep_dispatcher_cuda_streams_match_local_dispatch_bit_for_bit():
     x = torch.randn(1, 4096, cfg.hidden_size, device="cuda").bfloat16()
     with launcher_process_group("cuda", one_rank=True):
         results = {}
-        for name, ep, side, early in (("local", False, True, False), ("sync", True, False, False),
-                                      ("side", True, True, False), ("early", True, False, True),
-                                      ("overlap", True, True, True)):
+        for name, ep, side, early in (
+            ("local", False, True, False),
+            ("sync", True, False, False),
+            ("side", True, True, False),
+            ("early", True, False, True),
+            ("overlap", True, True, True),
+        ):
             layer = MoE(cfg)
             layer.load_state_dict(reference.state_dict())
             layer = layer.cuda().to(torch.bfloat16)
             if ep:
-                layer.dispatcher = AllToAllDispatcher(cfg.num_experts, dist.group.WORLD,
-                                                      early_splits=early)
+                layer.dispatcher = AllToAllDispatcher(cfg.num_experts, dist.group.WORLD, early_splits=early)
             layer.shared_expert_overlap = side
             for _ in range(2):  # the second pass reuses the streams and pinned buffers
                 results[name] = _run(layer, x)

@@ -12,24 +12,31 @@ def cfg(**kw):
 def test_dp_is_derived_and_expert_view():
     dims = ParallelDims.from_config(
         cfg(tensor_model_parallel_size=8, expert_model_parallel_size=8, sequence_parallel=True),
-        world_size=64, model_config=Nano3Config())
+        world_size=64,
+        model_config=Nano3Config(),
+    )
     assert (dims.dp, dims.tp, dims.ep, dims.edp) == (8, 8, 8, 8)
     assert "DP 8" in dims.describe()
 
 
-@pytest.mark.parametrize("kw, world, needle", [
-    (dict(tensor_model_parallel_size=3, sequence_parallel=True), 8, "TP*CP*PP = 3*1*1 = 3"),
-    (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
-    (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
-    (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
-    (dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True),
-     4, "does not compose with tensor parallelism yet"),
-    (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4,
-     "DP*CP*TP = 2*1*1 = 2"),
-    (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
-    (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
-    (dict(tensor_model_parallel_size=0), 4, ">= 1"),
-])
+@pytest.mark.parametrize(
+    "kw, world, needle",
+    [
+        (dict(tensor_model_parallel_size=3, sequence_parallel=True), 8, "TP*CP*PP = 3*1*1 = 3"),
+        (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
+        (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
+        (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
+        (
+            dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True),
+            4,
+            "does not compose with tensor parallelism yet",
+        ),
+        (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4, "DP*CP*TP = 2*1*1 = 2"),
+        (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
+        (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
+        (dict(tensor_model_parallel_size=0), 4, ">= 1"),
+    ],
+)
 def test_impossible_layouts_are_rejected_with_arithmetic(kw, world, needle):
     if needle is None:
         assert ParallelDims.from_config(cfg(**kw), world).edp == 2
@@ -40,16 +47,20 @@ def test_impossible_layouts_are_rejected_with_arithmetic(kw, world, needle):
 
 def test_model_divisibility():
     nano = Nano3Config()
-    with pytest.raises(ParallelLayoutError, match=r"num_experts=128 is not divisible by "
-                       r"model.expert_model_parallel_size=3 \(128 % 3 = 2\)"):
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"num_experts=128 is not divisible by "
+        r"model.expert_model_parallel_size=3 \(128 % 3 = 2\)",
+    ):
         ParallelDims.from_config(cfg(expert_model_parallel_size=3), 3, nano)
     with pytest.raises(ParallelLayoutError, match=r"num_key_value_heads=2 .*3 % 2 = 1"):
-        ParallelDims.from_config(cfg(tensor_model_parallel_size=3, sequence_parallel=True), 3,
-                                 Nano3Config(num_attention_heads=6, mamba_num_heads=48,
-                                             mamba_num_groups=3, vocab_size=131073))
+        ParallelDims.from_config(
+            cfg(tensor_model_parallel_size=3, sequence_parallel=True),
+            3,
+            Nano3Config(num_attention_heads=6, mamba_num_heads=48, mamba_num_groups=3, vocab_size=131073),
+        )
     with pytest.raises(ParallelLayoutError, match=r"mamba_num_groups=8 .* % 16 = 8"):
-        ParallelDims.from_config(cfg(tensor_model_parallel_size=16, sequence_parallel=True), 16,
-                                 nano)
+        ParallelDims.from_config(cfg(tensor_model_parallel_size=16, sequence_parallel=True), 16, nano)
     ParallelDims.from_config(cfg(tensor_model_parallel_size=2, sequence_parallel=True), 2, nano)
 
 
@@ -64,8 +75,15 @@ def test_batch_validation():
 
 def test_context_parallel_layout_and_sequence_split():
     dims = ParallelDims.from_config(
-        cfg(tensor_model_parallel_size=2, context_parallel_size=2, expert_model_parallel_size=4,
-            sequence_parallel=True), world_size=8, model_config=Nano3Config())
+        cfg(
+            tensor_model_parallel_size=2,
+            context_parallel_size=2,
+            expert_model_parallel_size=4,
+            sequence_parallel=True,
+        ),
+        world_size=8,
+        model_config=Nano3Config(),
+    )
     assert (dims.dp, dims.cp, dims.tp, dims.edp) == (2, 2, 2, 2)
     assert dims.sequence_shards == 8  # 2*CP load-balanced chunks, each split over TP
     dims.validate_batch(4, 1, 8192)

@@ -8,9 +8,9 @@ from .harness import compare_with_single_process, meta_init_matches_single_devic
 TP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
 
 LAYOUTS_2 = {
-    "dp2": (dict(), None),                                   # FSDP2 data parallel
-    "ep2": (dict(expert_model_parallel_size=2), None),       # EP2 (EDP 1), all-to-all dispatcher
-    "tp2": (TP, None),                                       # TP2 + SP
+    "dp2": (dict(), None),  # FSDP2 data parallel
+    "ep2": (dict(expert_model_parallel_size=2), None),  # EP2 (EDP 1), all-to-all dispatcher
+    "tp2": (TP, None),  # TP2 + SP
 }
 LAYOUTS_4 = {
     # DP4 x (EDP2 x EP2); 3 local experts over 2 EDP ranks: FSDP shards expert dim 1
@@ -37,7 +37,11 @@ def _token_reductions(rank, world_size):
     import torch
 
     from nemotron.distributed import (
-        ParallelDims, ParallelismConfig, build_mesh, global_token_count, reduce_token_loss,
+        ParallelDims,
+        ParallelismConfig,
+        build_mesh,
+        global_token_count,
+        reduce_token_loss,
         token_loss_weight,
     )
 
@@ -55,6 +59,7 @@ def _tp_kernel_launches_get_plain_tensors(rank, world_size):
     embedding output) and faulted. Here the Triton RMSNorm and add_n paths run on CPU with
     their launchers replaced by spies that record the argument types and compute with torch."""
     import torch
+    from models.tiny import tiny_config
 
     from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
     from nemotron.kernels import add_n as add_n_module
@@ -62,7 +67,6 @@ def _tp_kernel_launches_get_plain_tensors(rank, world_size):
     from nemotron.models.nano3 import Nano3ForCausalLM
 
     from .harness import batch
-    from models.tiny import tiny_config
 
     seen = []
 
@@ -82,11 +86,13 @@ def _tp_kernel_launches_get_plain_tensors(rank, world_size):
         record(*tensors)
         return add_n_module.add_n_reference(tensors, dtype)
 
-    patches = [(rmsnorm, "_use_triton", lambda t: True),
-               (rmsnorm_triton, "gated_rmsnorm_forward", norm_forward),
-               (rmsnorm_triton, "gated_rmsnorm_backward", norm_backward),
-               (add_n_module, "_use_triton", lambda tensors: True),
-               (add_n_triton, "add_n_kernel_call", add_n_launch)]
+    patches = [
+        (rmsnorm, "_use_triton", lambda t: True),
+        (rmsnorm_triton, "gated_rmsnorm_forward", norm_forward),
+        (rmsnorm_triton, "gated_rmsnorm_backward", norm_backward),
+        (add_n_module, "_use_triton", lambda tensors: True),
+        (add_n_triton, "add_n_kernel_call", add_n_launch),
+    ]
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
     try:
         for m, n, v in patches:

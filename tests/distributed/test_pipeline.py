@@ -16,8 +16,11 @@ LAYOUTS_2 = {  # (parallel sizes, sequence length)
     # 8- and 4-token samples in one step (the long-context mix): one schedule run per length
     "pp2-1f1b-mixed-lengths": (dict(PP2, pipeline_schedule="1F1B"), 8, dict(short=4)),
     # per-block activation recomputation inside the stages
-    "pp2-interleaved-1f1b-recompute": (dict(PP2, pipeline_schedule="Interleaved1F1B"), 8,
-                                       dict(recompute=True)),
+    "pp2-interleaved-1f1b-recompute": (
+        dict(PP2, pipeline_schedule="Interleaved1F1B"),
+        8,
+        dict(recompute=True),
+    ),
 }
 LAYOUTS_4 = {
     "pp2-dp2-1f1b": (dict(PP2, pipeline_schedule="1F1B"), 8),
@@ -25,11 +28,12 @@ LAYOUTS_4 = {
     # EP2 inside each stage (its 2 ranks are DP2): all-to-all dispatch within a stage
     "pp2-dp2-ep2-1f1b": (dict(PP2, expert_model_parallel_size=2, pipeline_schedule="1F1B"), 8),
     "pp2-dp2-ep2-interleaved-zero-bubble": (
-        dict(PP2, expert_model_parallel_size=2, pipeline_schedule="InterleavedZeroBubble"), 8),
+        dict(PP2, expert_model_parallel_size=2, pipeline_schedule="InterleavedZeroBubble"),
+        8,
+    ),
     # CP2: 16 tokens = 4 chunks of 4 (a chunk must hold the conv1d's 3-token context)
     "pp2-cp2-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="1F1B"), 16),
-    "pp2-cp2-interleaved-1f1b": (
-        dict(PP2, context_parallel_size=2, pipeline_schedule="Interleaved1F1B"), 16),
+    "pp2-cp2-interleaved-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="Interleaved1F1B"), 16),
 }
 
 
@@ -37,8 +41,9 @@ def _run_layouts(rank, world_size, layouts):
     out = {}
     for name, (parallel_kw, seq, *extra) in layouts.items():
         try:
-            out[name] = compare_pipeline_with_single_process(rank, world_size, parallel_kw, seq=seq,
-                                                             **(extra[0] if extra else {}))
+            out[name] = compare_pipeline_with_single_process(
+                rank, world_size, parallel_kw, seq=seq, **(extra[0] if extra else {})
+            )
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err
     return out

@@ -4,9 +4,9 @@ global shapes do not depend on the stage split)."""
 
 import torch
 
+from nemotron.train.balancing import update_expert_biases
 from nemotron.train.checkpoint import Checkpointer, load_checkpoint
 from nemotron.train.loop import build_model, train_step
-from nemotron.train.balancing import update_expert_biases
 from nemotron.train.optimizer import build_optimizer
 
 from ._spawn import run_distributed
@@ -18,11 +18,16 @@ SAVED, RESUMED = 2, 2
 def _steps(model, opt, parallel, cfg, first: int, count: int) -> list[float]:
     losses = []
     for step in range(first, first + count):
-        samples = global_batch(step, cfg.train.global_batch_size, cfg.train.seq_length,
-                               cfg.model.vocab_size)
-        result = train_step(model, opt, rank_micro_batches(samples, parallel),
-                            device=torch.device("cpu"), precision="fp32", grad_clip=1.0,
-                            parallel=parallel)
+        samples = global_batch(step, cfg.train.global_batch_size, cfg.train.seq_length, cfg.model.vocab_size)
+        result = train_step(
+            model,
+            opt,
+            rank_micro_batches(samples, parallel),
+            device=torch.device("cpu"),
+            precision="fp32",
+            grad_clip=1.0,
+            parallel=parallel,
+        )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)
         losses.append(result.loss)
     return losses

@@ -6,9 +6,7 @@ import itertools
 import pytest
 
 from nemotron.distributed.config import ParallelismConfig
-from nemotron.distributed.pipeline_split import (
-    PipelineSplitError, block_costs, split_stages, stage_ranks,
-)
+from nemotron.distributed.pipeline_split import PipelineSplitError, block_costs, split_stages, stage_ranks
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops
 
@@ -28,8 +26,9 @@ def _brute_force_largest(costs, stages, head):
 @pytest.mark.parametrize("pp,schedule", [(2, "1F1B"), (4, "1F1B"), (2, "Interleaved1F1B")])
 def test_split_minimises_the_most_expensive_stage(pattern, lengths, pp, schedule):
     cfg = Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern))
-    split = split_stages(cfg, ParallelismConfig(pipeline_model_parallel_size=pp,
-                                                pipeline_schedule=schedule), lengths)
+    split = split_stages(
+        cfg, ParallelismConfig(pipeline_model_parallel_size=pp, pipeline_schedule=schedule), lengths
+    )
     costs = block_costs(cfg, lengths)
     head = flops.lm_head_forward_flops(cfg)
     assert [b.start for b in split.blocks][0] == 0 and split.blocks[-1].stop == len(pattern)
@@ -52,25 +51,38 @@ def test_nano3_split_and_description():
 
 def test_manual_split_and_placement():
     cfg = Nano3Config(hybrid_pattern="ME*EM-", num_layers=6)
-    parallel = ParallelismConfig(pipeline_model_parallel_size=2, pipeline_schedule="ZBVZeroBubble",
-                                 pipeline_blocks_per_stage=[1, 2, 2, 1])
+    parallel = ParallelismConfig(
+        pipeline_model_parallel_size=2,
+        pipeline_schedule="ZBVZeroBubble",
+        pipeline_blocks_per_stage=[1, 2, 2, 1],
+    )
     split = split_stages(cfg, parallel, [(64, 1.0)])
     assert [(b.start, b.stop) for b in split.blocks] == [(0, 1), (1, 3), (3, 5), (5, 6)]
     assert split.manual and split.ranks == (0, 1, 1, 0)  # a V: rank 0 holds the first and last
     assert stage_ranks(6, 3, "Interleaved1F1B") == [0, 1, 2, 0, 1, 2]
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(pipeline_schedule="Foo"), r"model.pipeline_schedule='Foo' is not one of"),
-    (dict(pipeline_blocks_per_stage=[3, 2]), r"pipeline_blocks_per_stage=\[3, 2\] must list 2 "
-                                             r"stages .* summing to model.num_layers=6"),
-    (dict(pipeline_blocks_per_stage=[6, 0]), r"at least one block each"),
-    (dict(virtual_pipeline_model_parallel_size=2), r"1F1B runs one stage per rank"),
-    (dict(pipeline_schedule="ZBVZeroBubble", virtual_pipeline_model_parallel_size=3),
-     r"exactly 2 stages per rank"),
-    (dict(pipeline_model_parallel_size=4, pipeline_schedule="Interleaved1F1B"),
-     r"8 pipeline stages \(PP 4 x 2 per rank\) need at least one block each"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(pipeline_schedule="Foo"), r"model.pipeline_schedule='Foo' is not one of"),
+        (
+            dict(pipeline_blocks_per_stage=[3, 2]),
+            r"pipeline_blocks_per_stage=\[3, 2\] must list 2 "
+            r"stages .* summing to model.num_layers=6",
+        ),
+        (dict(pipeline_blocks_per_stage=[6, 0]), r"at least one block each"),
+        (dict(virtual_pipeline_model_parallel_size=2), r"1F1B runs one stage per rank"),
+        (
+            dict(pipeline_schedule="ZBVZeroBubble", virtual_pipeline_model_parallel_size=3),
+            r"exactly 2 stages per rank",
+        ),
+        (
+            dict(pipeline_model_parallel_size=4, pipeline_schedule="Interleaved1F1B"),
+            r"8 pipeline stages \(PP 4 x 2 per rank\) need at least one block each",
+        ),
+    ],
+)
 def test_impossible_layouts_name_the_key(kw, message):
     cfg = Nano3Config(hybrid_pattern="ME*EM-", num_layers=6)
     parallel = ParallelismConfig(**{"pipeline_model_parallel_size": 2, **kw})

@@ -60,7 +60,8 @@ def test_failing_gpu_rank_reports_and_does_not_wait_for_its_peers(monkeypatch, c
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
     assert calls == [("init", "cpu:gloo,cuda:nccl")]
     assert capsys.readouterr().err.strip() == (
-        "rank 1 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        "rank 1 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
     calls.clear()
     with launcher_process_group("cuda"):
         pass

@@ -55,7 +55,9 @@ def _rmsnorm_check(gated, t=37, d=48, group_size=16, strided_gate=False):
     y = torch.randn(t, d, generator=gen)
     z = torch.randn(t, d, generator=gen) if gated else None
     if strided_gate:  # the gate as a row-strided slice of a wider buffer (the in-projection output)
-        z = torch.cat([torch.randn(t, 5, generator=gen), z, torch.randn(t, 3, generator=gen)], 1)[:, 5:5 + d]
+        z = torch.cat([torch.randn(t, 5, generator=gen), z, torch.randn(t, 3, generator=gen)], 1)[
+            :, 5 : 5 + d
+        ]
     w = torch.randn(d, generator=gen)
     gout = torch.randn(t, d, generator=gen)
 
@@ -67,7 +69,9 @@ def _rmsnorm_check(gated, t=37, d=48, group_size=16, strided_gate=False):
         return [out] + [a.grad for a in leaves]
 
     for i, (got, want) in enumerate(zip(run(gated_rmsnorm_triton), run(gated_rmsnorm_reference))):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"output/grad {i}: {m}")
+        torch.testing.assert_close(
+            got, want, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"output/grad {i}: {m}"
+        )
 
 
 def _cross_entropy_check(grad_in_forward, masked):
@@ -100,7 +104,7 @@ def _conv1d_check(silu, with_bias, strided, b=2, t=37, c=20, k=4):
     CONV1D_TRITON_CONFIG.update(block_t=16, block_c=8)
     gen = torch.Generator().manual_seed(5)
     wide = torch.randn(b, t, c + 7, generator=gen)
-    x = wide[..., 3:3 + c] if strided else wide[..., :c].contiguous()  # a slice, as in the mixer
+    x = wide[..., 3 : 3 + c] if strided else wide[..., :c].contiguous()  # a slice, as in the mixer
     w = torch.randn(c, 1, k, generator=gen)
     bias = torch.randn(c, generator=gen) if with_bias else None
     gy = torch.randn(b, t, c, generator=gen)
@@ -141,7 +145,9 @@ def _moe_combine_check(tokens=7, k=3, hidden=40, with_add=False):
         return [y, r.grad, w.grad] + ([a.grad] if with_add else [])
 
     for i, (got, want) in enumerate(zip(run(weighted_combine_triton), run(weighted_combine_reference))):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw/dadd {i}: {m}")
+        torch.testing.assert_close(
+            got, want, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"y/drows/dw/dadd {i}: {m}"
+        )
 
 
 def _relu2_check(dtype, shape=(5, 77), block=64):
@@ -210,11 +216,26 @@ def _mamba_chain_check(seq, batch=2, with_autocast=False):
 
     SSD_TRITON_CONFIG["block_rows"] = 16
     CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
-    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
-                      mamba_conv_kernel=4, mamba_chunk_size=16, num_experts=2, moe_top_k=1,
-                      moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    cfg = Nano3Config(
+        hybrid_pattern="M",
+        num_layers=1,
+        hidden_size=24,
+        vocab_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_state_size=16,
+        mamba_num_groups=2,
+        mamba_conv_kernel=4,
+        mamba_chunk_size=16,
+        num_experts=2,
+        moe_top_k=1,
+        moe_ffn_hidden_size=8,
+        moe_shared_expert_hidden_size=8,
+        ffn_hidden_size=8,
+    )
     torch.manual_seed(7)
     m = Mamba2Mixer(cfg)
     with torch.no_grad():  # parameters away from their initial constants, so every gradient counts
@@ -246,7 +267,9 @@ def _mamba_chain_check(seq, batch=2, with_autocast=False):
     assert set(got) == set(want)
     for name in want:
         assert got[name] is not None, name
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}")
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}"
+        )
 
 
 def _mamba_chain_direct_check(dt_limit, seq=40):
@@ -259,19 +282,22 @@ def _mamba_chain_direct_check(dt_limit, seq=40):
 
     SSD_TRITON_CONFIG["block_rows"] = 16
     CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
-    shape = MambaChainShape(num_heads=6, head_dim=16, num_groups=3, state_size=16, chunk_size=16,
-                            eps=1e-5, dt_limit=dt_limit)
+    shape = MambaChainShape(
+        num_heads=6, head_dim=16, num_groups=3, state_size=16, chunk_size=16, eps=1e-5, dt_limit=dt_limit
+    )
     gen = torch.Generator().manual_seed(9)
     # The gate z read from a wider buffer: zxbcdt itself a row-strided slice.
     wide = torch.randn(2, seq, shape.in_proj_dim + 6, generator=gen)
-    zxbcdt = wide[..., 2:2 + shape.in_proj_dim]
+    zxbcdt = wide[..., 2 : 2 + shape.in_proj_dim]
     leaves = dict(
-        zxbcdt=zxbcdt, conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        zxbcdt=zxbcdt,
+        conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
         conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
         dt_bias=torch.tensor([-1.0, -3.0, 0.5, 22.0, -18.0, -2.0]),
         # head 3 (dt ~ 22 unclamped): a small |A| keeps its decays in a realistic range
         A_log=torch.rand(6, generator=gen) - 6.0 * (torch.arange(6) == 3),
-        D=torch.rand(6, generator=gen) + 0.5, norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+        D=torch.rand(6, generator=gen) + 0.5,
+        norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
     )
     gy = torch.randn(2, seq, shape.d_inner, generator=gen)
 
@@ -283,7 +309,9 @@ def _mamba_chain_direct_check(dt_limit, seq=40):
 
     got, want = run(mamba_chain_triton), run(mamba_chain_reference)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def _mamba_chain_half_check():
@@ -299,8 +327,10 @@ def _mamba_chain_half_check():
     leaves = dict(
         zxbcdt=torch.randn(2, 40, shape.in_proj_dim, generator=gen),
         conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
-        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3, dt_bias=torch.randn(4, generator=gen) - 1,
-        A_log=torch.rand(4, generator=gen), D=torch.rand(4, generator=gen) + 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
+        dt_bias=torch.randn(4, generator=gen) - 1,
+        A_log=torch.rand(4, generator=gen),
+        D=torch.rand(4, generator=gen) + 0.5,
         norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
     )
     gy = torch.randn(2, 40, shape.d_inner, generator=gen, dtype=torch.float64)
@@ -329,17 +359,51 @@ def _mamba_chain_no_glue_check(fused=True):
     import nemotron.kernels.mamba_chain as chain
     from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
 
-    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=24, vocab_size=32,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                      mamba_num_heads=4, mamba_head_dim=16, mamba_state_size=16, mamba_num_groups=2,
-                      mamba_chunk_size=16, num_experts=2, moe_top_k=1, moe_ffn_hidden_size=8,
-                      moe_shared_expert_hidden_size=8, ffn_hidden_size=8)
+    cfg = Nano3Config(
+        hybrid_pattern="M",
+        num_layers=1,
+        hidden_size=24,
+        vocab_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_state_size=16,
+        mamba_num_groups=2,
+        mamba_chunk_size=16,
+        num_experts=2,
+        moe_top_k=1,
+        moe_ffn_hidden_size=8,
+        moe_shared_expert_hidden_size=8,
+        ffn_hidden_size=8,
+    )
     m = Mamba2Mixer(cfg)
     seq = 64
     big = seq * m.d_inner  # elements of one [seq, d_inner] activation
-    allowed = {"mm", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
-               "_unsafe_view", "_reshape_alias", "slice", "t", "transpose", "as_strided", "detach", "alias",
-               "expand", "unsqueeze", "squeeze", "split_with_sizes", "split", "permute"}
+    allowed = {
+        "mm",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "new_empty",
+        "new_empty_strided",
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "slice",
+        "t",
+        "transpose",
+        "as_strided",
+        "detach",
+        "alias",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "split_with_sizes",
+        "split",
+        "permute",
+    }
     inside, glue = [0], []
     run = interpreter.InterpretedFunction.run
 
@@ -355,7 +419,9 @@ def _mamba_chain_no_glue_check(fused=True):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            tensors += [
+                t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)
+            ]
             if not inside[0] and name not in allowed and any(t.numel() >= big for t in tensors):
                 glue.append(f"{func}{[tuple(t.shape) for t in tensors]}")
             return out
@@ -364,11 +430,13 @@ def _mamba_chain_no_glue_check(fused=True):
     import nemotron.kernels.rmsnorm as norm_module
     import nemotron.kernels.ssd as ssd_module
 
-    patched = [(chain, "chain_supported", lambda *a: fused),
-               # the step-by-step fast path on CPU tensors (its dispatchers test is_cuda)
-               (ssd_module, "triton_supports", lambda x, c: True),
-               (conv_module, "_use_triton", lambda x: True),
-               (norm_module, "_use_triton", lambda x: True)]
+    patched = [
+        (chain, "chain_supported", lambda *a: fused),
+        # the step-by-step fast path on CPU tensors (its dispatchers test is_cuda)
+        (ssd_module, "triton_supports", lambda x, c: True),
+        (conv_module, "_use_triton", lambda x: True),
+        (norm_module, "_use_triton", lambda x: True),
+    ]
     originals = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
     u = torch.randn(1, seq, cfg.hidden_size, requires_grad=True)
     gy = torch.randn(1, seq, cfg.hidden_size)
@@ -419,7 +487,6 @@ def _route_topk_check(tokens=37, experts=20, k=6, block_t=8, grads=("scores", "w
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-
 def _model_mixer_grads(seq, chunk, heads, head_dim, state, groups, seed=0):
     """A real mixer's chain input and output gradient: a two-Mamba-block model (the released
     initialisation: dt log-uniform in [1e-3, 0.1], A = -U(1, 16)) in float64, next-token loss on
@@ -427,12 +494,27 @@ def _model_mixer_grads(seq, chunk, heads, head_dim, state, groups, seed=0):
     gradient's terms cancel across a chunk in this regime (they do not for random dy)."""
     from nemotron.models.nano3 import Nano3Config, Nano3ForCausalLM
 
-    cfg = Nano3Config(hybrid_pattern="MM", num_layers=2, hidden_size=4 * heads * head_dim // 2, vocab_size=256,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                      mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_state_size=state,
-                      mamba_num_groups=groups, mamba_conv_kernel=4, mamba_chunk_size=chunk, num_experts=2,
-                      moe_top_k=1, moe_ffn_hidden_size=8, moe_shared_expert_hidden_size=8, ffn_hidden_size=8,
-                      init_std=0.02)
+    cfg = Nano3Config(
+        hybrid_pattern="MM",
+        num_layers=2,
+        hidden_size=4 * heads * head_dim // 2,
+        vocab_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        mamba_num_heads=heads,
+        mamba_head_dim=head_dim,
+        mamba_state_size=state,
+        mamba_num_groups=groups,
+        mamba_conv_kernel=4,
+        mamba_chunk_size=chunk,
+        num_experts=2,
+        moe_top_k=1,
+        moe_ffn_hidden_size=8,
+        moe_shared_expert_hidden_size=8,
+        ffn_hidden_size=8,
+        init_std=0.02,
+    )
     torch.manual_seed(seed)
     model = Nano3ForCausalLM(cfg).double()
     mixer = model.backbone.layers["0"].mixer
@@ -473,13 +555,21 @@ def _decay_grads_check(path, seq=128, chunk=32, heads=4, head_dim=16, state=16, 
     SSD_TRITON_CONFIG["block_rows"] = 16  # several row blocks per chunk
     mixer, zxbcdt, dout = _model_mixer_grads(seq, chunk, heads, head_dim, state, groups)
     shape = mixer.chain_shape
-    params = dict(conv_weight=mixer.conv1d.weight, conv_bias=mixer.conv1d.bias, dt_bias=mixer.dt_bias,
-                  A_log=mixer.A_log, D=mixer.D, norm_weight=mixer.norm.weight)
+    params = dict(
+        conv_weight=mixer.conv1d.weight,
+        conv_bias=mixer.conv1d.bias,
+        dt_bias=mixer.dt_bias,
+        A_log=mixer.A_log,
+        D=mixer.D,
+        norm_weight=mixer.norm.weight,
+    )
     if path == "chain":
         leaves = dict(zxbcdt=zxbcdt, **{k: v.detach() for k, v in params.items()})
 
         def run(fn, act, cd):
-            ls = {k: v.to(act if k == "zxbcdt" else cd).clone().requires_grad_(True) for k, v in leaves.items()}
+            ls = {
+                k: v.to(act if k == "zxbcdt" else cd).clone().requires_grad_(True) for k, v in leaves.items()
+            }
             # The reference in low precision runs as the model's reference path does: under
             # autocast (the conv in float16 from float32 parameters).
             low = fn is mamba_chain_reference and act != torch.float64
@@ -496,18 +586,37 @@ def _decay_grads_check(path, seq=128, chunk=32, heads=4, head_dim=16, state=16, 
             x, B, C = torch.split(xbc, [di, gn, gn], dim=-1)
             dt = F.softplus(dt_raw + mixer.dt_bias)
             A = -torch.exp(mixer.A_log)
-        y = ssd_chunked_reference(x.reshape(b, s, heads, head_dim), dt, A,
-                                  B.reshape(b, s, groups, state), C.reshape(b, s, groups, state), chunk)[0]
+        y = ssd_chunked_reference(
+            x.reshape(b, s, heads, head_dim),
+            dt,
+            A,
+            B.reshape(b, s, groups, state),
+            C.reshape(b, s, groups, state),
+            chunk,
+        )[0]
         y = y.detach().requires_grad_(True)
-        out = gated_rmsnorm_reference((y + x.reshape(y.shape) * mixer.D[:, None]).reshape(b, s, di), z,
-                                      mixer.norm.weight, di // groups, shape.eps)
+        out = gated_rmsnorm_reference(
+            (y + x.reshape(y.shape) * mixer.D[:, None]).reshape(b, s, di),
+            z,
+            mixer.norm.weight,
+            di // groups,
+            shape.eps,
+        )
         (out * dout).sum().backward()
         dy = y.grad
-        leaves = dict(x=x.reshape(y.shape), dt=dt, A=A, B=B.reshape(b, s, groups, state),
-                      C=C.reshape(b, s, groups, state))
+        leaves = dict(
+            x=x.reshape(y.shape),
+            dt=dt,
+            A=A,
+            B=B.reshape(b, s, groups, state),
+            C=C.reshape(b, s, groups, state),
+        )
 
         def run(fn, act, cd):
-            ls = {k: v.to(cd if k in ("dt", "A") else act).clone().requires_grad_(True) for k, v in leaves.items()}
+            ls = {
+                k: v.to(cd if k in ("dt", "A") else act).clone().requires_grad_(True)
+                for k, v in leaves.items()
+            }
             yy = fn(ls["x"], ls["dt"], ls["A"], ls["B"], ls["C"], chunk)[0]
             (yy.double() * dy.to(act).double()).sum().backward()
             return {k: v.grad for k, v in ls.items()}
@@ -528,7 +637,8 @@ def _decay_grads_check(path, seq=128, chunk=32, heads=4, head_dim=16, state=16, 
 CHECKS = {
     "route_topk_scores_and_weights_grads": _route_topk_check,
     "route_topk_weights_grad_only_nano3_width": lambda: _route_topk_check(
-        tokens=9, experts=128, k=6, block_t=16, grads=("weights",)),
+        tokens=9, experts=128, k=6, block_t=16, grads=("weights",)
+    ),
     "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),

@@ -38,7 +38,9 @@ def test_chunked_equals_full_logits(grad_in_forward, chunk, masked):
     labels[3] = -100
     mask = (torch.arange(labels.numel()) % 3 != 0).to(torch.float64) if masked else None
     want = grads(linear_cross_entropy_reference, hidden, weight, labels, mask)
-    got = grads(linear_cross_entropy, hidden, weight, labels, mask, chunk_size=chunk, grad_in_forward=grad_in_forward)
+    got = grads(
+        linear_cross_entropy, hidden, weight, labels, mask, chunk_size=chunk, grad_in_forward=grad_in_forward
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -54,7 +56,9 @@ def test_no_grad_forward_and_bf16():
 
 def test_all_masked_gives_zero_loss_and_grad():
     hidden, weight, labels = make()
-    loss, gh, gw = grads(linear_cross_entropy, hidden, weight, labels, torch.zeros(labels.shape, dtype=torch.float64))
+    loss, gh, gw = grads(
+        linear_cross_entropy, hidden, weight, labels, torch.zeros(labels.shape, dtype=torch.float64)
+    )
     assert loss == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
 
 

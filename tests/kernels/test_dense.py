@@ -65,6 +65,9 @@ def test_the_list_above_names_every_triton_autograd_function():
         if "triton" not in source or "_kernel[" not in source and "kernel_call" not in source:
             continue
         for attr, obj in vars(mod).items():
-            if (isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
-                    and obj.__module__ == mod.__name__):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, torch.autograd.Function)
+                and obj.__module__ == mod.__name__
+            ):
                 assert (mod.__name__, attr) in listed, f"{mod.__name__}.{attr} is not listed"

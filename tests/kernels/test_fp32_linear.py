@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemotron.kernels.fp32_linear import (
-    fp32_linear, fp32_linear_emulated, fp32_linear_reference, split_bf16,
-)
+from nemotron.kernels.fp32_linear import fp32_linear, fp32_linear_emulated, fp32_linear_reference, split_bf16
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,7 +19,7 @@ def test_split_bf16_sums_back_to_float32():
     terms = split_bf16(t)
     assert len(terms) == 3 and all(term.dtype == torch.bfloat16 for term in terms)
     back = sum(term.double() for term in terms)
-    assert ((back - t.double()).abs() <= t.double().abs() * 2.0 ** -24).all()
+    assert ((back - t.double()).abs() <= t.double().abs() * 2.0**-24).all()
     assert len(split_bf16(t.bfloat16())) == 1  # a bf16 operand is its own exact term
 
 
@@ -51,7 +49,9 @@ def test_emulated_linear_is_float32_accurate_forward_and_backward(x_dtype, weigh
     if weight_dtype == torch.float32:
         assert _rel(w.grad, w64.grad) < 8 * max(_rel(w32.grad, w64.grad), 1e-7)
     # ... while one bf16 GEMM of bf16-rounded operands is three orders of magnitude worse
-    assert _rel((x.detach().bfloat16().float() @ w.detach().bfloat16().float().t()).bfloat16(), ref) > 100 * bar
+    assert (
+        _rel((x.detach().bfloat16().float() @ w.detach().bfloat16().float().t()).bfloat16(), ref) > 100 * bar
+    )
 
 
 def test_dispatcher_takes_the_reference_on_cpu():

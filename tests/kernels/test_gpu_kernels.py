@@ -35,8 +35,10 @@ def test_ssd_triton_matches_reference_bf16():
 
     def run(fn, cast):
         # float64 run: every input upcast; bf16 run: inputs as given (x/B/C bf16, dt/A/state fp32)
-        leaves = [(t.double() if cast == torch.float64 else t).detach().requires_grad_(True)
-                  for t in (x, dt, A, B, C, s0)]
+        leaves = [
+            (t.double() if cast == torch.float64 else t).detach().requires_grad_(True)
+            for t in (x, dt, A, B, C, s0)
+        ]
         y, s = fn(*leaves[:5], 128, leaves[5])
         torch.autograd.backward([y, s], [gy.to(y.dtype), gs.to(s.dtype)])
         return [y, s] + [t.grad for t in leaves]
@@ -97,7 +99,7 @@ def test_causal_conv1d_triton_matches_reference_bf16():
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     wide = torch.randn(2, 1000, 6144 + 64, device="cuda", generator=gen).bfloat16()
-    x = wide[..., 32:32 + 6144]  # a strided slice, as the mixer passes it
+    x = wide[..., 32 : 32 + 6144]  # a strided slice, as the mixer passes it
     w = torch.randn(6144, 1, 4, device="cuda", generator=gen) * 0.5
     bias = torch.randn(6144, device="cuda", generator=gen)
     gy = torch.randn(2, 1000, 6144, device="cuda", generator=gen).bfloat16()
@@ -162,7 +164,9 @@ def test_router_fp32_linear_on_bf16_tensor_cores_is_float32_accurate(weight_dtyp
     sgemm = run(fp32_linear_reference, x, w, g)
     bf16 = run(lambda a, b: (a @ b.bfloat16().t()).float(), x, w, g)
     names = ("logits", "grad x", "grad w")
-    errors = {n: (rel(e, r), rel(s, r), rel(b, r)) for n, e, s, b, r in zip(names, emulated, sgemm, bf16, exact)}
+    errors = {
+        n: (rel(e, r), rel(s, r), rel(b, r)) for n, e, s, b, r in zip(names, emulated, sgemm, bf16, exact)
+    }
     print(f"router GEMMs, weight {weight_dtype}: relative error vs float64 (emulated, SGEMM, bf16): {errors}")
     # logits (and the weight gradient of float32 weights) are float32 on every path: near SGEMM,
     # far below bf16; gradients of bf16 tensors are rounded to bf16 on every path
@@ -199,11 +203,25 @@ def test_mamba_chain_matches_reference_bf16():
 
     from nemotron.models.nano3 import Mamba2Mixer, Nano3Config
 
-    cfg = Nano3Config(hybrid_pattern="M", num_layers=1, hidden_size=512, vocab_size=64,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      mamba_num_heads=16, mamba_head_dim=64, mamba_state_size=128, mamba_num_groups=2,
-                      mamba_chunk_size=128, num_experts=2, moe_top_k=1, moe_ffn_hidden_size=64,
-                      moe_shared_expert_hidden_size=64, ffn_hidden_size=64)
+    cfg = Nano3Config(
+        hybrid_pattern="M",
+        num_layers=1,
+        hidden_size=512,
+        vocab_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        mamba_num_heads=16,
+        mamba_head_dim=64,
+        mamba_state_size=128,
+        mamba_num_groups=2,
+        mamba_chunk_size=128,
+        num_experts=2,
+        moe_top_k=1,
+        moe_ffn_hidden_size=64,
+        moe_shared_expert_hidden_size=64,
+        ffn_hidden_size=64,
+    )
     torch.manual_seed(0)
     ref = Mamba2Mixer(cfg).cuda()
     with torch.no_grad():
@@ -270,9 +288,11 @@ def test_add_n_triton_bitwise_equal_to_reference():
 
     gen = torch.Generator(device="cuda").manual_seed(6)
     shape = (8192 + 3, 2688)
-    ins = [torch.randn(shape, device="cuda", generator=gen),  # the router's fp32 gradient
-           torch.randn(shape, device="cuda", generator=gen).bfloat16(),
-           torch.randn(shape, device="cuda", generator=gen).bfloat16()]
+    ins = [
+        torch.randn(shape, device="cuda", generator=gen),  # the router's fp32 gradient
+        torch.randn(shape, device="cuda", generator=gen).bfloat16(),
+        torch.randn(shape, device="cuda", generator=gen).bfloat16(),
+    ]
     assert _use_triton(ins)
     for n in (2, 3):
         assert torch.equal(add_n(ins[:n], torch.bfloat16), add_n_reference(ins[:n], torch.bfloat16))
@@ -300,8 +320,10 @@ def test_moe_weighted_combine_with_add_matches_reference():
         y.backward(gy.to(y.dtype))
         return [y, r.grad, ww.grad, a.grad]
 
-    errs = [rel(a, b) for a, b in zip(run(weighted_combine, torch.bfloat16),
-                                      run(weighted_combine_reference, torch.float64))]
+    errs = [
+        rel(a, b)
+        for a, b in zip(run(weighted_combine, torch.bfloat16), run(weighted_combine_reference, torch.float64))
+    ]
     assert max(errs) < 1e-2, errs
 
 

@@ -39,8 +39,9 @@ print("ok")
 
 
 def test_cpu_paths_do_not_import_triton():
-    proc = subprocess.run([sys.executable, "-c", f"SRC = {SRC!r}\n" + CODE], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"SRC = {SRC!r}\n" + CODE], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
 

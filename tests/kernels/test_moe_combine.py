@@ -23,9 +23,13 @@ def test_combine_matches_per_token_sum_and_gradcheck():
     y = weighted_combine(rows, order, position, w)
     want = torch.stack([sum(w[t, s] * rows[position[t * k + s]] for s in range(k)) for t in range(tokens)])
     torch.testing.assert_close(y, want)
-    assert torch.autograd.gradcheck(lambda r, ww: weighted_combine_reference(r, order, position, ww), (rows, w))
+    assert torch.autograd.gradcheck(
+        lambda r, ww: weighted_combine_reference(r, order, position, ww), (rows, w)
+    )
     # `order` may be omitted: derived from `position` for the row gradient
-    assert torch.autograd.gradcheck(lambda r: weighted_combine_reference(r, None, position, w.detach()), (rows,))
+    assert torch.autograd.gradcheck(
+        lambda r: weighted_combine_reference(r, None, position, w.detach()), (rows,)
+    )
 
 
 def test_combine_adds_the_addend_with_identity_gradient():
@@ -34,10 +38,12 @@ def test_combine_adds_the_addend_with_identity_gradient():
     rows = torch.randn(tokens * k, hidden, dtype=torch.float64, requires_grad=True)
     w = torch.rand(tokens, k, dtype=torch.float64, requires_grad=True)
     add = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(weighted_combine(rows, order, position, w, add),
-                               weighted_combine(rows, order, position, w) + add)
-    assert torch.autograd.gradcheck(lambda r, ww, a: weighted_combine_reference(r, order, position, ww, a),
-                                    (rows, w, add))
+    torch.testing.assert_close(
+        weighted_combine(rows, order, position, w, add), weighted_combine(rows, order, position, w) + add
+    )
+    assert torch.autograd.gradcheck(
+        lambda r, ww, a: weighted_combine_reference(r, order, position, ww, a), (rows, w, add)
+    )
     with pytest.raises(ValueError, match="add must be"):
         weighted_combine(rows, order, position, w, add[:, :2])
 

@@ -15,9 +15,9 @@ def test_gated_grouped_matches_explicit_formula():
     out = gated_rmsnorm_reference(y, z, w, group_size=4, eps=1e-5)
     h = y * z * torch.sigmoid(z)
     for g in range(2):
-        part = h[..., 4 * g: 4 * g + 4]
-        want = part / torch.sqrt((part**2).mean(-1, keepdim=True) + 1e-5) * w[4 * g: 4 * g + 4]
-        torch.testing.assert_close(out[..., 4 * g: 4 * g + 4], want)
+        part = h[..., 4 * g : 4 * g + 4]
+        want = part / torch.sqrt((part**2).mean(-1, keepdim=True) + 1e-5) * w[4 * g : 4 * g + 4]
+        torch.testing.assert_close(out[..., 4 * g : 4 * g + 4], want)
 
 
 def test_groups_are_independent():
@@ -33,7 +33,9 @@ def test_groups_are_independent():
 def test_plain_rmsnorm_and_cpu_dispatch():
     x = torch.randn(5, 6)
     w = torch.randn(6)
-    torch.testing.assert_close(rmsnorm_reference(x, w), F.rms_norm(x, (6,), w, eps=1e-5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rmsnorm_reference(x, w), F.rms_norm(x, (6,), w, eps=1e-5), rtol=1e-5, atol=1e-6
+    )
     assert torch.equal(rmsnorm(x, w), rmsnorm_reference(x, w))
     z = torch.randn(5, 6)
     assert torch.equal(gated_rmsnorm(x, z, w, 3), gated_rmsnorm_reference(x, z, w, 3))

@@ -50,8 +50,14 @@ def test_chunked_gradients_equal_recurrent(with_state):
     base = make_inputs(l=11, with_state=with_state, seed=3)
     gen = torch.Generator().manual_seed(7)
     gy = torch.randn(base[0].shape, generator=gen, dtype=torch.float64)
-    gs = torch.randn(base[0].shape[0], base[0].shape[2], base[0].shape[3], base[3].shape[3],
-                     generator=gen, dtype=torch.float64)
+    gs = torch.randn(
+        base[0].shape[0],
+        base[0].shape[2],
+        base[0].shape[3],
+        base[3].shape[3],
+        generator=gen,
+        dtype=torch.float64,
+    )
 
     def grads(fn, **kw):
         leaves = [t.clone().requires_grad_(True) if t is not None else None for t in base]

@@ -157,12 +157,8 @@ def test_unknown_key_names_file_profile_key_and_suggestion(tmp_path):
 
 
 def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
-    path = write(
-        tmp_path / "env.toml", '[p]\nexecutor = "slurm"\ngpus_per_nod = 8\n[c]\nextends = "p"\n'
-    )
-    with pytest.raises(
-        EnvTomlError, match=r"profile 'c': unknown key 'gpus_per_nod'.*gpus_per_node"
-    ):
+    path = write(tmp_path / "env.toml", '[p]\nexecutor = "slurm"\ngpus_per_nod = 8\n[c]\nextends = "p"\n')
+    with pytest.raises(EnvTomlError, match=r"profile 'c': unknown key 'gpus_per_nod'.*gpus_per_node"):
         load_env_toml(path).profile("c")
 
 
@@ -184,10 +180,7 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"', "remote_job_dir"),
         ('executor = "slurm"\nhost = "h"', "host"),
         ('executor = "slurm"\nport = 2222', "port"),
-        (
-            'executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = "22"',
-            "port",
-        ),
+        ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = "22"', "port"),
         ('executor = "local"\npartition = "batch"', "partition"),
         ('nproc_per_node = 2\nsetup = ["x"]', "setup"),
         ('executor = "slurm"\nsetup = "module load x"', "setup"),

@@ -38,9 +38,7 @@ def _plan(tmp_path, fake_python, name="job1"):
 def test_local_run_streams_logs_and_returns_the_state(tmp_path, fake_python, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env, job_dir = _plan(tmp_path, fake_python)
-    plan = build_launch_plan(
-        "data_prep", job_dir / "config.yaml", env.profile("laptop"), job_dir, env.wandb
-    )
+    plan = build_launch_plan("data_prep", job_dir / "config.yaml", env.profile("laptop"), job_dir, env.wandb)
     lines: list[str] = []
     result = submit(plan, attached=True, log_sink=lines.append)
     assert result.state == "SUCCEEDED" and result.succeeded
@@ -56,8 +54,6 @@ def test_local_run_streams_logs_and_returns_the_state(tmp_path, fake_python, mon
 def test_local_run_reports_failure(tmp_path, fake_python, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env, job_dir = _plan(tmp_path, fake_python, "job2")
-    plan = build_launch_plan(
-        "data_prep", job_dir / "config.yaml", env.profile("failing"), job_dir, env.wandb
-    )
+    plan = build_launch_plan("data_prep", job_dir / "config.yaml", env.profile("failing"), job_dir, env.wandb)
     result = submit(plan, attached=True)
     assert result.state == "FAILED" and not result.succeeded

@@ -100,10 +100,7 @@ def test_multi_node_gpu_sbatch_script_field_by_field(env, job, tmp_path):
     assert render(plan) == script, "the rendering is reproducible"
 
     task_dir = plan.task_dir
-    assert (
-        task_dir
-        == job_dir / "launch" / "experiments" / "nemotron" / plan.experiment_id / "pretrain"
-    )
+    assert task_dir == job_dir / "launch" / "experiments" / "nemotron" / plan.experiment_id / "pretrain"
     assert sbatch_flags(script) == {
         "account": "llm",
         "partition": "batch",
@@ -130,9 +127,7 @@ def test_multi_node_gpu_sbatch_script_field_by_field(env, job, tmp_path):
         assert expected in exports
     assert "module load cuda/12.8" in script.splitlines()
     # The head node's address is resolved in the script for the rendezvous endpoint.
-    assert (
-        'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
-    )
+    assert 'head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)' in script
 
     argv = srun_line(script)
     assert option(argv, "--container-image") == "nvcr.io/nvidia/pytorch:25.01-py3"
@@ -142,10 +137,7 @@ def test_multi_node_gpu_sbatch_script_field_by_field(env, job, tmp_path):
         f"{task_dir}:/nemo_run",
     ]
     assert option(argv, "--container-workdir") == "/nemo_run/code"
-    assert (
-        option(argv, "--output")
-        == f"{task_dir}/log-nemotron-pretrain_%j_${{SLURM_RESTART_COUNT:-0}}.out"
-    )
+    assert option(argv, "--output") == f"{task_dir}/log-nemotron-pretrain_%j_${{SLURM_RESTART_COUNT:-0}}.out"
     cmd = argv[argv.index("torchrun") :]
     assert option(cmd, "--nnodes") == "2"
     assert option(cmd, "--nproc-per-node") == "8"
@@ -200,9 +192,7 @@ def test_data_prep_spreads_over_every_node_and_task(env, job):
     assert "export SRUN_CPUS_PER_TASK=$((SLURM_CPUS_ON_NODE/8))" in script.splitlines()
 
 
-def test_slurm_without_container_runs_in_place_with_this_interpreter(
-    env, job, monkeypatch, tmp_path
-):
+def test_slurm_without_container_runs_in_place_with_this_interpreter(env, job, monkeypatch, tmp_path):
     job_dir, config = job
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -294,8 +284,6 @@ def test_plan_errors(env, job, tmp_path):
 
 def test_wandb_settings_are_exported(env, job):
     job_dir, config = job
-    plan = build_launch_plan(
-        "pretrain", config, env.profile("laptop"), job_dir, WandbSettings(project="p")
-    )
+    plan = build_launch_plan("pretrain", config, env.profile("laptop"), job_dir, WandbSettings(project="p"))
     assert plan.env_vars["WANDB_PROJECT"] == "p" and "WANDB_ENTITY" not in plan.env_vars
     assert os.path.isabs(plan.python)

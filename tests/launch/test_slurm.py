@@ -86,14 +86,10 @@ def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int
     job_dir = tmp_path / "runs" / name
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text(f"name: {name}\n")
-    return build_launch_plan(
-        "data_prep", job_dir / "config.yaml", env.profile("fake"), job_dir, env.wandb
-    )
+    return build_launch_plan("data_prep", job_dir / "config.yaml", env.profile("fake"), job_dir, env.wandb)
 
 
-def test_attached_job_streams_logs_and_uses_the_whole_node(
-    tmp_path, slurm_cluster, fake_python, monkeypatch
-):
+def test_attached_job_streams_logs_and_uses_the_whole_node(tmp_path, slurm_cluster, fake_python, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = fake_plan(tmp_path, slurm_cluster, fake_python, "ok")
     rendered = render(plan)
@@ -109,9 +105,7 @@ def test_attached_job_streams_logs_and_uses_the_whole_node(
     # Data prep gets every CPU of its exclusive node.
     cpus = int(subprocess.run(["nproc", "--all"], capture_output=True, text=True).stdout)
     node_cpus = int(
-        subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[
-            0
-        ]
+        subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
     )
     assert f"CPUS {min(cpus, node_cpus)}" in text
     # What ran is what --dry-run showed.
@@ -191,9 +185,7 @@ def test_ssh_tunnel_ships_the_job_and_follows_it(
     job_dir = tmp_path / "runs" / "ssh"
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text("name: over-ssh\n")
-    plan = build_launch_plan(
-        "data_prep", job_dir / "config.yaml", env.profile("remote"), job_dir, None
-    )
+    plan = build_launch_plan("data_prep", job_dir / "config.yaml", env.profile("remote"), job_dir, None)
     lines: list[str] = []
     result = submit(plan, attached=True, log_sink=lines.append)
     text = "\n".join(lines)
@@ -310,8 +302,17 @@ def prep_workdir(tmp_path_factory, slurm_cluster):
 
 def test_data_prep_on_two_tasks_matches_a_local_run(prep_workdir):
     out = prep_workdir / "two-tasks"
-    proc = nemotron([*PREP_ARGS, "--run", "ci-tasks", f"output_dir={out}",
-                     "--job-dir", str(prep_workdir / "runs" / "two-tasks")], prep_workdir)
+    proc = nemotron(
+        [
+            *PREP_ARGS,
+            "--run",
+            "ci-tasks",
+            f"output_dir={out}",
+            "--job-dir",
+            str(prep_workdir / "runs" / "two-tasks"),
+        ],
+        prep_workdir,
+    )
     assert "SUCCEEDED" in proc.stdout
     metadata = json.loads((out / "metadata.json").read_text())
     tasks = metadata["producer"]["tasks"]
@@ -327,13 +328,17 @@ def _task_pids(job_id: str, rank: int) -> list[int]:
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             env = dict(
-                item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                item.split("=", 1)
+                for item in environ.read_bytes().decode(errors="replace").split("\0")
                 if "=" in item
             )
         except OSError:
             continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) \
-                and env.get("NEMOTRON_PREP_TASKS") == "slurm":
+        if (
+            env.get("SLURM_JOB_ID") == job_id
+            and env.get("SLURM_PROCID") == str(rank)
+            and env.get("NEMOTRON_PREP_TASKS") == "slurm"
+        ):
             pids.append(int(environ.parent.name))
     return pids
 
@@ -341,8 +346,11 @@ def _task_pids(job_id: str, rank: int) -> list[int]:
 def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
     out = prep_workdir / "killed"
     args = [*PREP_ARGS, f"output_dir={out}"]
-    proc = nemotron([*args, "--batch", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-1")],
-                    prep_workdir, timeout=120)
+    proc = nemotron(
+        [*args, "--batch", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-1")],
+        prep_workdir,
+        timeout=120,
+    )
     job_id = re.search(r"job id\s+(\d+)", proc.stdout).group(1)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -358,8 +366,9 @@ def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
     assert not (out / "metadata.json").exists()
     finished = len(list(out.glob(".work/*/units/*.done.json")))
 
-    rerun = nemotron([*args, "--run", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-2")],
-                     prep_workdir)
+    rerun = nemotron(
+        [*args, "--run", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-2")], prep_workdir
+    )
     assert "SUCCEEDED" in rerun.stdout
     assert re.search(rf"units reused\s+{finished}\b", rerun.stdout), rerun.stdout[-3000:]
     metadata = json.loads((out / "metadata.json").read_text())

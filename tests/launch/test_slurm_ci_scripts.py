@@ -17,8 +17,11 @@ CI = Path(__file__).resolve().parents[2] / ".ci" / "slurm"
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "SLURM_CI_STATE": str(tmp_path / "state"),
-            "SLURM_CI_SSH_DIR": str(tmp_path / "ssh")}
+    return {
+        **os.environ,
+        "SLURM_CI_STATE": str(tmp_path / "state"),
+        "SLURM_CI_SSH_DIR": str(tmp_path / "ssh"),
+    }
 
 
 def fake_daemon(tmp_path: Path, name: str) -> subprocess.Popen:
@@ -51,19 +54,22 @@ def test_teardown_removes_what_setup_recorded_and_stops_only_its_daemons(tmp_pat
     (ssh / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest nemotron-ci\n")
     (state / "run" / "slurmdbd.pid").write_text(str(ours.pid))
     (state / "run" / "slurmctld.pid").write_text(str(foreign.pid))
-    (state / "pids").write_text(f"{state}/run/slurmdbd.pid slurmdbd\n"
-                                f"{state}/run/slurmctld.pid slurmd\n")  # name does not match
+    (state / "pids").write_text(
+        f"{state}/run/slurmdbd.pid slurmdbd\n{state}/run/slurmctld.pid slurmd\n"
+    )  # name does not match
     (state / "created").write_text(f"{created_dir}\n{created_conf}\n{ssh}\n")
     try:
-        done = subprocess.run([str(CI / "teardown.sh")], capture_output=True, text=True,
-                              env=env_for(tmp_path), timeout=60)
+        done = subprocess.run(
+            [str(CI / "teardown.sh")], capture_output=True, text=True, env=env_for(tmp_path), timeout=60
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert ours.wait(timeout=20) == -signal.SIGTERM
         assert foreign.poll() is None  # not the recorded daemon: left alone
         assert not state.exists() and not created_dir.exists() and not ssh.exists()
         assert bystander.read_text() == "someone else's"
-        again = subprocess.run([str(CI / "teardown.sh")], capture_output=True, text=True,
-                               env=env_for(tmp_path), timeout=60)
+        again = subprocess.run(
+            [str(CI / "teardown.sh")], capture_output=True, text=True, env=env_for(tmp_path), timeout=60
+        )
         assert again.returncode == 0 and "nothing to do" in again.stdout
     finally:
         for proc in (ours, foreign):
@@ -76,8 +82,9 @@ def test_teardown_removes_what_setup_recorded_and_stops_only_its_daemons(tmp_pat
 def test_setup_refuses_to_run_beside_a_running_cluster(tmp_path):
     running = fake_daemon(tmp_path, "slurmd")
     try:
-        done = subprocess.run([str(CI / "setup.sh")], capture_output=True, text=True,
-                              env=env_for(tmp_path), timeout=60)
+        done = subprocess.run(
+            [str(CI / "setup.sh")], capture_output=True, text=True, env=env_for(tmp_path), timeout=60
+        )
         assert done.returncode == 1
         assert f"slurmd already runs on this machine (pid {running.pid})" in done.stderr
         assert running.poll() is None  # not stopped

@@ -59,8 +59,10 @@ def _run(attn, x, gy, fast):
     with fast_paths(fast), _CountMatmuls() as counter:
         y = attn(xx)
         y.backward(gy)
-    grads = [xx.grad] + [p.grad.clone() for p in (attn.q_proj.weight, attn.k_proj.weight,
-                                                 attn.v_proj.weight, attn.o_proj.weight)]
+    grads = [xx.grad] + [
+        p.grad.clone()
+        for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight)
+    ]
     return y, grads, counter.count
 
 

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.models.nano3.checkpoint import ModelCheckpointError, load_model_checkpoint
 
-
 pytest.importorskip("transformers")
 train_checkpoint = pytest.importorskip("nemotron.train.checkpoint")
 cli_main = pytest.importorskip("nemotron.cli.main")
@@ -26,8 +25,13 @@ def training_checkpoint(tmp_path, config):
     optimizer = torch.optim.AdamW(model.parameters())
     run_config = schema.PretrainConfig(model=schema.ModelConfig(**dataclasses.asdict(config)))
     saver = train_checkpoint.Checkpointer(tmp_path / "save")
-    saver.save(7, model, optimizer, {"step": 7, "tokens": 0},
-               files={"config.json": json.dumps(dataclasses.asdict(run_config), default=str)})
+    saver.save(
+        7,
+        model,
+        optimizer,
+        {"step": 7, "tokens": 0},
+        files={"config.json": json.dumps(dataclasses.asdict(run_config), default=str)},
+    )
     return model.eval()
 
 
@@ -42,8 +46,9 @@ def test_export_then_import_round_trip(tmp_path, config):
     model = training_checkpoint(tmp_path, config)
     # No data-prep lineage in this checkpoint, so no tokenizer to include (test_hf_export.py
     # covers the tokenizer).
-    code, out = run("nano3", "export", "hf", tmp_path / "save", tmp_path / "hf", "--dtype", "fp32",
-                    "--no-tokenizer")
+    code, out = run(
+        "nano3", "export", "hf", tmp_path / "save", tmp_path / "hf", "--dtype", "fp32", "--no-tokenizer"
+    )
     assert code == 0, out
     hf = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids = torch.randint(0, config.vocab_size, (1, 8))

@@ -51,10 +51,14 @@ print(json.dumps({
 
 def test_parallelize_replaces_no_method_and_fills_the_extension_points():
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", NOTHING_PATCHED], capture_output=True,
-                          text=True, timeout=300, env=env)
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTHING_PATCHED], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["patched"] == []
@@ -76,8 +80,9 @@ def test_moe_takes_its_components_from_the_constructor():
     cfg = tiny_config()
     torch.manual_seed(0)
     default = MoE(cfg)
-    given = MoE(cfg, dispatcher=_CountingDispatcher(cfg.num_experts), router=default.router,
-                experts=default.experts)
+    given = MoE(
+        cfg, dispatcher=_CountingDispatcher(cfg.num_experts), router=default.router, experts=default.experts
+    )
     given.shared_experts.load_state_dict(default.shared_experts.state_dict())
     assert given.router is default.router and given.experts is default.experts
     x = torch.randn(2, 6, cfg.hidden_size)
@@ -107,8 +112,9 @@ def test_moe_balance_loss_sees_the_gathered_sequence():
     route = moe.router(x.reshape(-1, cfg.hidden_size))
     scores = route.scores.view(2, 6, -1)
     topk = route.topk_idx.view(2, 6, -1)
-    expected = sequence_balance_loss(torch.cat([scores, scores], 1), torch.cat([topk, topk], 1),
-                                     cfg.moe_top_k)
+    expected = sequence_balance_loss(
+        torch.cat([scores, scores], 1), torch.cat([topk, topk], 1), cfg.moe_top_k
+    )
     moe.sequence_gather = _MirrorGather()
     _, aux = moe(x)
     assert moe.sequence_gather.calls == [torch.float32, torch.int64]  # scores, then the choices

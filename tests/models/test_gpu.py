@@ -49,9 +49,17 @@ def test_grouped_gemm_experts_match_loop_at_nano3_width():
 
 def test_model_bf16_autocast_matches_float64_reference():
     torch.manual_seed(0)
-    cfg = tiny_config(hidden_size=64, moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=48,
-                      ffn_hidden_size=64, mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=16,
-                      head_dim=16, vocab_size=128)
+    cfg = tiny_config(
+        hidden_size=64,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_hidden_size=48,
+        ffn_hidden_size=64,
+        mamba_head_dim=16,
+        mamba_state_size=16,
+        mamba_chunk_size=16,
+        head_dim=16,
+        vocab_size=128,
+    )
     model = Nano3ForCausalLM(cfg).cuda().train()
     ids = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda")
 
@@ -110,7 +118,11 @@ def test_mamba_mixer_fused_chain_matches_step_by_step_at_nano3_width():
         out.backward(gy.to(out.dtype))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        grads = {"out": out.detach(), "du": uu.grad, **{n: p.grad.clone() for n, p in module.named_parameters()}}
+        grads = {
+            "out": out.detach(),
+            "du": uu.grad,
+            **{n: p.grad.clone() for n, p in module.named_parameters()},
+        }
         return grads, peak
 
     run(mixer, True), run(mixer, False)  # warm-up: Triton compilation, cuBLAS workspace
@@ -146,7 +158,7 @@ def test_fused_qkv_attention_matches_three_linears_bf16(backend):
     def run(fast):
         attn.zero_grad()
         xx = x.clone().requires_grad_(True)
-        with fast_paths(fast), (sdpa_kernel([chosen]) if chosen else contextlib.nullcontext()):
+        with fast_paths(fast), sdpa_kernel([chosen]) if chosen else contextlib.nullcontext():
             assert attn.fused_qkv_enabled() == fast
             y = attn(xx)
             y.backward(gy)
@@ -166,8 +178,15 @@ def test_moe_shared_expert_overlap_gives_the_same_results():
     from nemotron.models.nano3.model import Block
     from nemotron.models.nano3.moe import set_shared_expert_overlap
 
-    cfg = tiny_config(hybrid_pattern="E", num_layers=1, hidden_size=2688, num_experts=128, moe_top_k=6,
-                      moe_ffn_hidden_size=1856, moe_shared_expert_hidden_size=3712)
+    cfg = tiny_config(
+        hybrid_pattern="E",
+        num_layers=1,
+        hidden_size=2688,
+        num_experts=128,
+        moe_top_k=6,
+        moe_ffn_hidden_size=1856,
+        moe_shared_expert_hidden_size=3712,
+    )
     torch.manual_seed(0)
     block = Block(cfg, 0).cuda().bfloat16()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -183,7 +202,9 @@ def test_moe_shared_expert_overlap_gives_the_same_results():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y, _ = block(xx)
             y.backward(gy)
-            results += [y.detach(), xx.grad] + [p.grad.clone() for p in block.parameters() if p.grad is not None]
+            results += [y.detach(), xx.grad] + [
+                p.grad.clone() for p in block.parameters() if p.grad is not None
+            ]
         torch.cuda.synchronize()
         return results
 

@@ -27,14 +27,27 @@ def _audit_module():
     return module
 
 
-@pytest.mark.parametrize("seq,batch,init", [(4096, 1, "ours"), (4096, 2, "ours"), (8192, 1, "ours"), (8192, 2, "ours"),
-                                            (4096, 1, "hf"), (8192, 2, "hf")])
+@pytest.mark.parametrize(
+    "seq,batch,init",
+    [
+        (4096, 1, "ours"),
+        (4096, 2, "ours"),
+        (8192, 1, "ours"),
+        (8192, 2, "ours"),
+        (4096, 1, "hf"),
+        (8192, 2, "hf"),
+    ],
+)
 def test_every_parameter_gradient_within_the_reference_bf16_error(seq, batch, init):
     if init == "hf":
         pytest.importorskip("transformers")
     audit = _audit_module()
-    case = audit.audit_case(audit.audit_config("MEM*E", experts=16), seq, batch, torch.device("cuda"), init=init)
-    report = {p: (w["tensor"], f"{w['error']:.2e}", f"{w['reference_bf16']:.2e}") for p, w in case["worst"].items()}
+    case = audit.audit_case(
+        audit.audit_config("MEM*E", experts=16), seq, batch, torch.device("cuda"), init=init
+    )
+    report = {
+        p: (w["tensor"], f"{w['error']:.2e}", f"{w['reference_bf16']:.2e}") for p, w in case["worst"].items()
+    }
     assert not any(case["failures"].values()), (case["failures"], report)
     # The decay parameters, named: the tensors this audit was written for.
     for name, row in case["tensors"].items():

@@ -5,13 +5,7 @@ import torch
 from safetensors import safe_open
 
 from nemotron.models.nano3 import Nano3ForCausalLM
-from nemotron.models.nano3.hf import (
-    HFInteropError,
-    from_hf_config,
-    load_hf,
-    load_hf_state_dict,
-    save_hf,
-)
+from nemotron.models.nano3.hf import HFInteropError, from_hf_config, load_hf, load_hf_state_dict, save_hf
 
 from .tiny import tiny_config
 
@@ -63,7 +57,14 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, config):
     assert ours_on_disk["backbone.layers.1.mixer.experts.7.down_proj.weight"].shape == (32, 16)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "nemotron_h" and cfg["architectures"] == ["NemotronHForCausalLM"]
-    assert cfg["layers_block_type"] == ["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"]
+    assert cfg["layers_block_type"] == [
+        "linear_attention",
+        "moe",
+        "full_attention",
+        "moe",
+        "linear_attention",
+        "mlp",
+    ]
 
 
 def test_import_from_transformers_same_logits(tmp_path, config):
@@ -81,8 +82,10 @@ def test_import_from_transformers_same_logits(tmp_path, config):
     ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.backbone.layers["1"].mixer.router.expert_bias,
-                               hf.model.layers[1].mixer.gate.e_score_correction_bias)
+    torch.testing.assert_close(
+        model.backbone.layers["1"].mixer.router.expert_bias,
+        hf.model.layers[1].mixer.gate.e_score_correction_bias,
+    )
 
 
 def test_round_trip_is_lossless_and_sharded(tmp_path, config):

@@ -23,7 +23,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from nemotron.artifacts.model import (  # noqa: E402
-    MODEL_ARTIFACT_FILE, build_model_artifact, data_artifact_record, manifest_json,
+    MODEL_ARTIFACT_FILE,
+    build_model_artifact,
+    data_artifact_record,
+    manifest_json,
 )
 from nemotron.data.config import TokenizerConfig  # noqa: E402
 from nemotron.data.tokenizers import load_tokenizer  # noqa: E402
@@ -44,8 +47,11 @@ def bare_tokenizer(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(docs, trainer=trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tokenizer.save(str(path))
@@ -78,15 +84,27 @@ def training_checkpoint(tmp_path: Path, tokenizer_json: Path, model: Nano3ForCau
     data = tmp_path / "data"
     data.mkdir(parents=True)
     (data / "blend.json").write_text(json.dumps({"train": ["1.0", str(data / "shard")]}))
-    (data / "metadata.json").write_text(json.dumps({"fingerprint": "f" * 64,
-                                                    "tokenizer": tokenizer.describe()}))
-    manifest = build_model_artifact(step=3, tokens=96, model_config=dataclasses.asdict(model.config),
-                                    data=data_artifact_record(data / "blend.json"), phase=1)
+    (data / "metadata.json").write_text(
+        json.dumps({"fingerprint": "f" * 64, "tokenizer": tokenizer.describe()})
+    )
+    manifest = build_model_artifact(
+        step=3,
+        tokens=96,
+        model_config=dataclasses.asdict(model.config),
+        data=data_artifact_record(data / "blend.json"),
+        phase=1,
+    )
     run_config = PretrainConfig(model=ModelConfig(**dataclasses.asdict(model.config)))
     Checkpointer(tmp_path / "save").save(
-        3, model, torch.optim.AdamW(model.parameters()), {"step": 3, "tokens": 96},
-        files={"config.json": json.dumps(dataclasses.asdict(run_config), default=str),
-               MODEL_ARTIFACT_FILE: manifest_json(manifest)})
+        3,
+        model,
+        torch.optim.AdamW(model.parameters()),
+        {"step": 3, "tokens": 96},
+        files={
+            "config.json": json.dumps(dataclasses.asdict(run_config), default=str),
+            MODEL_ARTIFACT_FILE: manifest_json(manifest),
+        },
+    )
     return tmp_path / "save"
 
 
@@ -104,7 +122,7 @@ def greedy(model: Nano3ForCausalLM, ids: torch.Tensor, steps: int) -> list[int]:
         for _ in range(steps):
             next_id = model(out).logits[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, next_id], dim=1)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def modes(root: Path) -> set[tuple[str, int]]:
@@ -144,11 +162,10 @@ def test_export_loads_alone_and_generates_like_ours(tmp_path, bare_tokenizer, um
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     # Generation (transformers' cached decode path) continues exactly as our greedy decode.
-    generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                            do_sample=False)
-    assert generated[0, ids.shape[1]:].tolist() == greedy(model, ids, 6)
+    generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert generated[0, ids.shape[1] :].tolist() == greedy(model, ids, 6)
     assert hf.generation_config.eos_token_id == ours.eos_id
-    assert tokenizer.decode(generated[0, :ids.shape[1]]) == PROMPT
+    assert tokenizer.decode(generated[0, : ids.shape[1]]) == PROMPT
 
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == ours.eos_id == generation["pad_token_id"]
@@ -157,8 +174,13 @@ def test_export_loads_alone_and_generates_like_ours(tmp_path, bare_tokenizer, um
     assert (hf_config["eos_token_id"], hf_config["bos_token_id"]) == (ours.eos_id, ours.bos_id)
     assert hf_config["time_step_min"] == torch.finfo(torch.float32).tiny
     assert hf_config["nemotron_init_time_step_min"] == config.mamba_dt_min
-    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
-            "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "config.json",
+        "model.safetensors",
+    } <= {p.name for p in out.iterdir()}
     assert modes(out) == {("dir", 0o755), ("file", 0o644)}
 
 
@@ -167,16 +189,18 @@ def test_time_step_min_is_the_exact_choice(tmp_path, bare_tokenizer):
     dt falls below it gives other logits. The export's value leaves dt alone."""
     config = tiny_config(vocab_size=320)
     model = small_dt_model(config)
-    code, output = export(training_checkpoint(tmp_path, bare_tokenizer, model), tmp_path / "hf",
-                          "--dtype", "fp32")
+    code, output = export(
+        training_checkpoint(tmp_path, bare_tokenizer, model), tmp_path / "hf", "--dtype", "fp32"
+    )
     assert code == 0, output
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         ours = model(ids).logits
         exact = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
         torch.testing.assert_close(exact.eval()(ids).logits, ours, rtol=1e-5, atol=1e-5)
-        clamped = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
-                                                       time_step_min=1e-3)
+        clamped = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "hf"), dtype=torch.float32, time_step_min=1e-3
+        )
         assert (clamped.eval()(ids).logits - ours).abs().max() > 1e-4  # 10x the tolerance above
 
 
@@ -192,8 +216,9 @@ def test_modes_follow_the_umask_and_import_keeps_the_init_range(tmp_path, bare_t
         assert modes(tmp_path / "hf") == {("dir", 0o750), ("file", 0o640)}
         from nemotron.cli.main import app
 
-        result = CliRunner().invoke(app, ["nano3", "import", "hf", str(tmp_path / "hf"),
-                                          str(tmp_path / "imported")])
+        result = CliRunner().invoke(
+            app, ["nano3", "import", "hf", str(tmp_path / "hf"), str(tmp_path / "imported")]
+        )
         assert result.exit_code == 0, result.output
         assert modes(tmp_path / "imported") <= {("dir", 0o750), ("file", 0o640)}
     finally:

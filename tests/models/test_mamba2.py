@@ -16,8 +16,8 @@ def naive_mixer(m: Mamba2Mixer, u: torch.Tensor) -> torch.Tensor:
     proj = u @ m.in_proj.weight.T
     # in_proj split order: z, x, B, C, dt.
     z = proj[..., :d_inner]
-    xBC = proj[..., d_inner:2 * d_inner + 2 * G * N]
-    dt_raw = proj[..., 2 * d_inner + 2 * G * N:]
+    xBC = proj[..., d_inner : 2 * d_inner + 2 * G * N]
+    dt_raw = proj[..., 2 * d_inner + 2 * G * N :]
     assert dt_raw.shape[-1] == H
     conv = torch.zeros_like(xBC)
     for t in range(s):
@@ -28,8 +28,8 @@ def naive_mixer(m: Mamba2Mixer, u: torch.Tensor) -> torch.Tensor:
                 conv[:, t] += m.conv1d.weight[:, 0, j] * xBC[:, src]
     xBC = F.silu(conv)
     x = xBC[..., :d_inner].reshape(b, s, H, P)
-    B = xBC[..., d_inner:d_inner + G * N].reshape(b, s, G, N)
-    C = xBC[..., d_inner + G * N:].reshape(b, s, G, N)
+    B = xBC[..., d_inner : d_inner + G * N].reshape(b, s, G, N)
+    C = xBC[..., d_inner + G * N :].reshape(b, s, G, N)
     dt = F.softplus(dt_raw + m.dt_bias)
     A = -torch.exp(m.A_log)
     y = torch.zeros(b, s, H, P, dtype=u.dtype)
@@ -38,7 +38,10 @@ def naive_mixer(m: Mamba2Mixer, u: torch.Tensor) -> torch.Tensor:
         state = torch.zeros(b, P, N, dtype=u.dtype)
         for t in range(s):
             decay = torch.exp(dt[:, t, h] * A[h])
-            state = state * decay[:, None, None] + dt[:, t, h, None, None] * x[:, t, h, :, None] * B[:, t, g, None, :]
+            state = (
+                state * decay[:, None, None]
+                + dt[:, t, h, None, None] * x[:, t, h, :, None] * B[:, t, g, None, :]
+            )
             y[:, t, h] = torch.einsum("bpn,bn->bp", state, C[:, t, g]) + m.D[h] * x[:, t, h]
     gated = y.reshape(b, s, d_inner) * F.silu(z)
     groups = gated.view(b, s, G, d_inner // G)
@@ -75,8 +78,14 @@ def test_mixer_megatron_init():
 
 
 def test_dt_floor():
-    cfg = tiny_config(mamba_num_heads=64, mamba_num_groups=8, mamba_head_dim=4,
-                      mamba_dt_min=1e-6, mamba_dt_max=1e-5, mamba_dt_init_floor=1e-4)
+    cfg = tiny_config(
+        mamba_num_heads=64,
+        mamba_num_groups=8,
+        mamba_head_dim=4,
+        mamba_dt_min=1e-6,
+        mamba_dt_max=1e-5,
+        mamba_dt_init_floor=1e-4,
+    )
     dt = F.softplus(Mamba2Mixer(cfg).dt_bias.double())
     torch.testing.assert_close(dt, torch.full_like(dt, 1e-4), rtol=1e-4, atol=0)
 

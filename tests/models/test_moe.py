@@ -93,7 +93,9 @@ def test_counters_count_only_grad_enabled_training_forward(moe, config):
     _, _ = moe(x)
     first = r.tokens_per_expert.clone()
     assert first.sum() == 2 * 5 * config.moe_top_k
-    expected = torch.bincount(r(x.view(-1, config.hidden_size)).topk_idx.flatten(), minlength=config.num_experts)
+    expected = torch.bincount(
+        r(x.view(-1, config.hidden_size)).topk_idx.flatten(), minlength=config.num_experts
+    )
     torch.testing.assert_close(r.tokens_per_expert - first, expected.float())
     r.tokens_per_expert.zero_()
 
@@ -162,7 +164,7 @@ def test_dispatch_sorts_rows_by_expert_and_combine_undoes_it():
     start = 0
     for i in range(e):
         want = [t for t in range(tokens) if i in topk_idx[t].tolist()]
-        block = rows[start:start + counts[i]]
+        block = rows[start : start + counts[i]]
         torch.testing.assert_close(block, x[want])
         start += int(counts[i])
     # identity experts: combine gives sum_k w_k * x
@@ -245,8 +247,11 @@ def test_moe_fused_glue_matches_reference_and_runs_one_gradient_sum(moe, config,
     # the fan-out's gradient sum is exact
     flat = x.reshape(-1, config.hidden_size).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda t: [o.double() if o.dtype == torch.float32 else o for o in moe_module._FanOutInput.apply(t)][1:],
-        (flat,))
+        lambda t: [o.double() if o.dtype == torch.float32 else o for o in moe_module._FanOutInput.apply(t)][
+            1:
+        ],
+        (flat,),
+    )
 
 
 def test_moe_fused_glue_bf16_close_to_reference(config):
@@ -288,7 +293,6 @@ def test_shared_expert_overlap_switch_and_cpu_fallback(moe, config):
     moe_module.set_shared_expert_overlap(moe, False)
     off, _ = moe(x)
     assert torch.equal(on, off)
-
 
 
 @pytest.mark.parametrize("num_experts", [8, 256, 300, 40000])

@@ -11,13 +11,11 @@ from nemotron.train.balancing import reset_expert_counts, update_expert_biases
 from .conftest import free_port
 
 
-
 class FakeRouter(nn.Module):
     def __init__(self, counts):
         super().__init__()
         self.register_buffer("expert_bias", torch.zeros(len(counts)))
-        self.register_buffer("tokens_per_expert", torch.tensor(counts, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("tokens_per_expert", torch.tensor(counts, dtype=torch.float32), persistent=False)
 
 
 class FakeMoE(nn.Module):
@@ -40,8 +38,7 @@ def test_sign_rate_and_reset():
     # Second update with fresh counts accumulates on the bias, at the given rate.
     layers[0].router.tokens_per_expert.copy_(torch.tensor([0.0, 9.0, 3.0, 0.0]))
     update_expert_biases(layers, rate=0.5)
-    torch.testing.assert_close(layers[0].router.expert_bias,
-                               torch.tensor([0.499, -0.499, 0.0, 0.501]))
+    torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([0.499, -0.499, 0.0, 0.501]))
 
 
 def test_reset_without_update():
@@ -58,8 +55,9 @@ def _dp_worker(rank: int, world: int, port: int, queue) -> None:
         local = [[1.0, 5.0, 2.0, 0.0], [11.0, 1.0, 2.0, 0.0]][rank]
         layer = FakeMoE(local)
         stats = update_expert_biases([layer], rate=1e-3)
-        queue.put((rank, layer.router.expert_bias.tolist(), layer.router.tokens_per_expert.tolist(),
-                   stats.tokens))
+        queue.put(
+            (rank, layer.router.expert_bias.tolist(), layer.router.tokens_per_expert.tolist(), stats.tokens)
+        )
     finally:
         dist.destroy_process_group()
 

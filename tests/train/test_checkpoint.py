@@ -6,8 +6,13 @@ import torch
 from nemotron.config.schema import ModelConfig
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
-    LATEST_FILE, CheckpointError, Checkpointer, CheckpointShapeError, complete_checkpoints,
-    load_checkpoint, resolve_checkpoint,
+    LATEST_FILE,
+    Checkpointer,
+    CheckpointError,
+    CheckpointShapeError,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
 )
 from nemotron.train.config import OptimizerConfig
 from nemotron.train.optimizer import build_optimizer

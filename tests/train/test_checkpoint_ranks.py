@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed._spawn import run_distributed
 
 from nemotron.train import checkpoint as ckpt_module
 from nemotron.train.checkpoint import (
-    CheckpointError, Checkpointer, is_complete, load_checkpoint, resolve_checkpoint,
+    Checkpointer,
+    CheckpointError,
+    is_complete,
+    load_checkpoint,
+    resolve_checkpoint,
 )
-
-from distributed._spawn import run_distributed
 
 
 def _model():

@@ -21,10 +21,19 @@ def _losses(job) -> dict[int, float]:
 
 def _config(tmp_path, blend, compute_weights, **checkpoint):
     # 4 micro-batches of 1 per step: accumulation on the one-rank mesh
-    return make_config(tmp_path, blend=blend, train={
-        "train_iters": 4, "eval_iters": 0, "precision": "bf16", "compute_weights": compute_weights,
-        "global_batch_size": 4, "micro_batch_size": 1},
-        checkpoint={"save_interval": 2, **checkpoint})
+    return make_config(
+        tmp_path,
+        blend=blend,
+        train={
+            "train_iters": 4,
+            "eval_iters": 0,
+            "precision": "bf16",
+            "compute_weights": compute_weights,
+            "global_batch_size": 4,
+            "micro_batch_size": 1,
+        },
+        checkpoint={"save_interval": 2, **checkpoint},
+    )
 
 
 @pytest.mark.timeout(300)
@@ -40,9 +49,13 @@ def test_one_process_bf16_compute_weights_train_like_fp32_and_resume_exactly(tmp
     assert ours != ref  # really bf16 weights: not the fp32 path
     assert all(abs(ours[s] - ref[s]) < 0.02 for s in ours)  # within bf16 tolerance
 
-    resumed = _config(tmp_path / "bf16", corpus[0], "bf16",
-                      load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
-                      save=str(tmp_path / "bf16" / "ckpt2"))
+    resumed = _config(
+        tmp_path / "bf16",
+        corpus[0],
+        "bf16",
+        load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
+        save=str(tmp_path / "bf16" / "ckpt2"),
+    )
     assert pretrain(resumed, tmp_path / "bf16" / "resumed").resumed_from.endswith("iter_0000002")
     again = _losses(tmp_path / "bf16" / "resumed")
     assert sorted(again) == [3, 4] and all(again[s] == ours[s] for s in again)
@@ -80,7 +93,8 @@ def test_build_model_one_rank_mesh_shards_in_bf16_compute(tmp_path):
         assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
         seen = []
         hook = model.backbone.layers["0"].register_forward_pre_hook(
-            lambda m, args: seen.append(next(m.parameters()).dtype))
+            lambda m, args: seen.append(next(m.parameters()).dtype)
+        )
         batch = torch.randint(0, 64, (1, 9))
         model(batch[:, :-1], labels=batch[:, 1:])
         hook.remove()

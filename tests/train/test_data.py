@@ -40,10 +40,13 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("dp_rank", [0, 1])
-def test_workers_give_the_same_batches_and_state_across_phase_switch_and_resume(
-        tmp_path, corpus, dp_rank):
-    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1],
-                      train={"global_batch_size": 8, "micro_batch_size": 2})
+def test_workers_give_the_same_batches_and_state_across_phase_switch_and_resume(tmp_path, corpus, dp_rank):
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        phase2_blend=corpus[1],
+        train={"global_batch_size": 8, "micro_batch_size": 2},
+    )
     plan = plan_batches(cfg.train, dp_size=2)  # 2 micro-batches per step on each rank
     steps = list(range(plan.total_steps))  # the phase switch happens at step 4 of 8
     sync, sync_state = stream(cfg, plan, steps, dp_rank=dp_rank)

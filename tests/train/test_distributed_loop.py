@@ -18,11 +18,15 @@ from nemotron.train.optimizer import build_optimizer
 from .conftest import free_port, make_config
 
 
-
 def _worker(rank, world, port, cfg_bytes, job_dir, queue):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         summary = pretrain(pickle.loads(cfg_bytes), job_dir)
@@ -32,10 +36,15 @@ def _worker(rank, world, port, cfg_bytes, job_dir, queue):
 
 
 def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
-    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 4, "eval_iters": 0},
-                      checkpoint={"save_interval": 4})
-    single = make_config(tmp_path / "single", blend=corpus[0],
-                         train={"train_iters": 4, "eval_iters": 0}, checkpoint={"save_interval": 4})
+    cfg = make_config(
+        tmp_path, blend=corpus[0], train={"train_iters": 4, "eval_iters": 0}, checkpoint={"save_interval": 4}
+    )
+    single = make_config(
+        tmp_path / "single",
+        blend=corpus[0],
+        train={"train_iters": 4, "eval_iters": 0},
+        checkpoint={"save_interval": 4},
+    )
     pretrain(single, tmp_path / "single" / "job")
 
     ctx = mp.get_context("spawn")
@@ -50,7 +59,6 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
     ours = [r["lm_loss"] for r in read_metrics(tmp_path / "job") if r["kind"] == "train"]
     ref = [r["lm_loss"] for r in read_metrics(tmp_path / "single" / "job") if r["kind"] == "train"]
     assert ours == pytest.approx(ref, rel=1e-4)
-
 
     # The FSDP2 checkpoint of two ranks loads into one process (DCP reshards) and holds the
     # weights the single-process run reached.
@@ -70,8 +78,13 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
 def _torchrun_like_worker(rank, world, port, cfg_bytes, job_dir, queue):
     """What torchrun gives a process: the environment only; nobody calls init_process_group."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     summary = pretrain(pickle.loads(cfg_bytes), job_dir)
     queue.put((rank, summary.final_loss, summary.checkpoint, dist.is_initialized()))
 
@@ -80,12 +93,19 @@ def test_processes_started_by_torchrun_train_as_one_job(tmp_path, corpus):
     """Regression: under torchrun each process used to train alone as "rank 0", both writing
     the same checkpoint files (FileNotFoundError on .metadata.tmp, FileExistsError on rng/).
     Async save with a checkpoint in flight across steps exercises the checkpoint's own group."""
-    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 4, "eval_iters": 0},
-                      checkpoint={"save_interval": 2, "async_save": True})
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        train={"train_iters": 4, "eval_iters": 0},
+        checkpoint={"save_interval": 2, "async_save": True},
+    )
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_torchrun_like_worker, nprocs=2,
-             args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "job"), queue))
+    mp.spawn(
+        _torchrun_like_worker,
+        nprocs=2,
+        args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "job"), queue),
+    )
     results = sorted(queue.get() for _ in range(2))
     assert results[0][1:] == results[1][1:]
     assert results[0][3] is False  # the group it created is gone again

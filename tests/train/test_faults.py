@@ -35,8 +35,11 @@ FSIZE_RUNNER = Path(__file__).with_name("_fsize_runner.py")
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -50,8 +53,10 @@ def cli(tmp_path, monkeypatch):
     def invoke(cfg, job: Path, *overrides: str):
         recipe = job.parent / f"{job.name}.yaml"
         recipe.write_text(dump_config(cfg))
-        return CliRunner().invoke(app, ["nano3", "pretrain", "-c", str(recipe), "--job-dir",
-                                        str(job), *overrides])
+        return CliRunner().invoke(
+            app, ["nano3", "pretrain", "-c", str(recipe), "--job-dir", str(job), *overrides]
+        )
+
     return invoke
 
 
@@ -102,8 +107,9 @@ def damage(checkpoint: Path, part: str, how: str) -> Path:
     return target
 
 
-damages = pytest.mark.parametrize("part,how", [
-    (part, how) for part in DAMAGE for how in ("truncated", "zeroed")])
+damages = pytest.mark.parametrize(
+    "part,how", [(part, how) for part in DAMAGE for how in ("truncated", "zeroed")]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +122,11 @@ def test_verify_names_the_damaged_file(saved_run, tmp_path, part, how):
 
     save = copy_save(saved_run, tmp_path)
     manifest = json.loads((save / "iter_0000008" / MANIFEST_FILE).read_text())["files"]
-    every_file = {str(p.relative_to(save / "iter_0000008")) for p in (save / "iter_0000008").rglob("*")
-                  if p.is_file() and p.name != MANIFEST_FILE}
+    every_file = {
+        str(p.relative_to(save / "iter_0000008"))
+        for p in (save / "iter_0000008").rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
     assert set(manifest) == every_file  # the manifest, written last, covers every other file
     assert verify_checkpoint(save / "iter_0000008") == []
     target = damage(save / "iter_0000008", part, how)
@@ -127,23 +136,23 @@ def test_verify_names_the_damaged_file(saved_run, tmp_path, part, how):
 
 
 @damages
-def test_damaged_checkpoint_given_by_name_fails_in_one_line(cli, corpus, saved_run, tmp_path,
-                                                            part, how):
+def test_damaged_checkpoint_given_by_name_fails_in_one_line(cli, corpus, saved_run, tmp_path, part, how):
     save = copy_save(saved_run, tmp_path)
     target = damage(save / "iter_0000008", part, how)
     before = tree_hashes(save)
-    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={
-        "load": str(save / "iter_0000008"), "save": str(tmp_path / "new")})
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"load": str(save / "iter_0000008"), "save": str(tmp_path / "new")},
+    )
     job = tmp_path / "job"
     assert_one_line_failure(cli(cfg, job), job, str(target), "damaged")
     assert tree_hashes(save) == before
-    assert not (job / "metrics.jsonl").exists() or not [
-        r for r in read_metrics(job) if r["kind"] == "train"]
+    assert not (job / "metrics.jsonl").exists() or not [r for r in read_metrics(job) if r["kind"] == "train"]
 
 
 @damages
-def test_auto_resume_falls_back_to_the_newest_intact_checkpoint(cli, corpus, saved_run, tmp_path,
-                                                                part, how):
+def test_auto_resume_falls_back_to_the_newest_intact_checkpoint(cli, corpus, saved_run, tmp_path, part, how):
     from nemotron.train.checkpoint import verify_checkpoint
 
     save = copy_save(saved_run, tmp_path)
@@ -169,8 +178,9 @@ def test_no_intact_checkpoint_refuses_to_start_over(cli, corpus, saved_run, tmp_
     before = tree_hashes(save)
     cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)})
     job = tmp_path / "job"
-    assert_one_line_failure(cli(cfg, job), job, "no intact checkpoint", "iter_0000003",
-                            "iter_0000006", "iter_0000008")
+    assert_one_line_failure(
+        cli(cfg, job), job, "no intact checkpoint", "iter_0000003", "iter_0000006", "iter_0000008"
+    )
     assert tree_hashes(save) == before
 
 
@@ -182,8 +192,9 @@ def test_no_intact_checkpoint_refuses_to_start_over(cli, corpus, saved_run, tmp_
 def mounted_tmpfs(path: Path, options: str):
     """A tmpfs at `path` (root with mount rights only; the test is skipped otherwise)."""
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -194,7 +205,8 @@ def mounted_tmpfs(path: Path, options: str):
 
 @pytest.mark.parametrize("limit", ["full-filesystem", "file-size-limit"])
 def test_full_disk_during_save_fails_in_one_line_and_keeps_the_previous_checkpoint(
-        cli, corpus, saved_run, tmp_path, limit):
+    cli, corpus, saved_run, tmp_path, limit
+):
     from nemotron.train.checkpoint import verify_checkpoint
 
     with contextlib.ExitStack() as stack:
@@ -216,15 +228,33 @@ def test_full_disk_during_save_fails_in_one_line_and_keeps_the_previous_checkpoi
         shard = next(saved_run.glob("iter_0000003/__*.distcp")).stat().st_size
         max_bytes = shard // 2 if limit == "file-size-limit" else 0
         proc = subprocess.run(
-            [sys.executable, str(FSIZE_RUNNER), str(max_bytes), "nano3", "pretrain", "-c",
-             str(recipe), "--job-dir", str(job)],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-            env={**os.environ, "NEMOTRON_CACHE_DIR": str(tmp_path / "cli-cache")})
+            [
+                sys.executable,
+                str(FSIZE_RUNNER),
+                str(max_bytes),
+                "nano3",
+                "pretrain",
+                "-c",
+                str(recipe),
+                "--job-dir",
+                str(job),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={**os.environ, "NEMOTRON_CACHE_DIR": str(tmp_path / "cli-cache")},
+        )
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stdout + proc.stderr
         (line,) = proc.stderr.strip().splitlines()
-        for needle in ("error: ", "iter_0000006", str(save), "MiB were free there",
-                       f"the previous checkpoint {save / 'iter_0000003'} is intact"):
+        for needle in (
+            "error: ",
+            "iter_0000006",
+            str(save),
+            "MiB were free there",
+            f"the previous checkpoint {save / 'iter_0000003'} is intact",
+        ):
             assert needle in line, line
         if limit == "full-filesystem":  # (torch's zip writer reports EFBIG as a bad position)
             assert "No space left on device" in line, line
@@ -261,11 +291,16 @@ def test_unwritable_save_dir_fails_before_any_step(cli, corpus, tmp_path, where)
 def test_changed_schedule_on_resume_is_refused_by_default(cli, corpus, saved_run, tmp_path):
     save = copy_save(saved_run, tmp_path)
     before = tree_hashes(save)
-    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)},
-                      train={"train_iters": 12})
+    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)}, train={"train_iters": 12})
     job = tmp_path / "job"
-    assert_one_line_failure(cli(cfg, job), job, str(save / "iter_0000008"), "total_tokens 512 -> 768",
-                            "scheduler.on_resume=checkpoint", "scheduler.on_resume=config")
+    assert_one_line_failure(
+        cli(cfg, job),
+        job,
+        str(save / "iter_0000008"),
+        "total_tokens 512 -> 768",
+        "scheduler.on_resume=checkpoint",
+        "scheduler.on_resume=config",
+    )
     assert tree_hashes(save) == before
 
 
@@ -274,8 +309,13 @@ def test_changed_schedule_on_resume_policies(corpus, saved_run, tmp_path, policy
     from nemotron.train.schedule import LRSchedule
 
     save = copy_save(saved_run, tmp_path)
-    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)},
-                      train={"train_iters": 12}, scheduler={"on_resume": policy})
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"save": str(save)},
+        train={"train_iters": 12},
+        scheduler={"on_resume": policy},
+    )
     summary = pretrain(cfg, tmp_path / "job")
     assert summary.steps == 12 and summary.resumed_from.endswith("iter_0000008")
     (warning,) = summary.warnings
@@ -294,11 +334,17 @@ def test_changed_schedule_on_resume_policies(corpus, saved_run, tmp_path, policy
 def test_unchanged_rates_resume_without_a_word(corpus, saved_run, tmp_path):
     """A longer run whose remaining steps get the same rates (here: a constant schedule)."""
     save = tmp_path / "ckpt"
-    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)},
-                      scheduler={"style": "constant"})
+    cfg = make_config(
+        tmp_path, blend=corpus[0], checkpoint={"save": str(save)}, scheduler={"style": "constant"}
+    )
     pretrain(cfg, tmp_path / "job")
-    longer = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)},
-                         scheduler={"style": "constant"}, train={"train_iters": 10})
+    longer = make_config(
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"save": str(save)},
+        scheduler={"style": "constant"},
+        train={"train_iters": 10},
+    )
     summary = pretrain(longer, tmp_path / "job2")
     assert summary.steps == 10 and summary.warnings == []
 
@@ -313,8 +359,9 @@ def test_python_and_numpy_rngs_are_seeded_by_train_seed_and_restored(corpus, tmp
         np.random.seed(disturbance)
         cfg = make_config(tmp_path / name, blend=corpus[0], train={"seed": seed, "train_iters": 3})
         pretrain(cfg, tmp_path / name / "job")
-        return torch.load(tmp_path / name / "ckpt" / "iter_0000003" / "rng" / "rank_00000.pt",
-                          weights_only=False)
+        return torch.load(
+            tmp_path / name / "ckpt" / "iter_0000003" / "rng" / "rank_00000.pt", weights_only=False
+        )
 
     a, b, other = rng_after_run("a", 1234, 1), rng_after_run("b", 1234, 2), rng_after_run("c", 7, 1)
     assert a["python"] == b["python"] and a["python"] != other["python"]
@@ -324,8 +371,12 @@ def test_python_and_numpy_rngs_are_seeded_by_train_seed_and_restored(corpus, tmp
     # A resumed run continues from the saved states, not from the seed.
     random.seed(99)
     np.random.seed(99)
-    cfg = make_config(tmp_path / "a", blend=corpus[0], train={"seed": 1234, "train_iters": 3},
-                      checkpoint={"save": str(tmp_path / "a" / "ckpt")})
+    cfg = make_config(
+        tmp_path / "a",
+        blend=corpus[0],
+        train={"seed": 1234, "train_iters": 3},
+        checkpoint={"save": str(tmp_path / "a" / "ckpt")},
+    )
     from nemotron.models.nano3.model import Nano3ForCausalLM
     from nemotron.train.checkpoint import load_checkpoint
 

@@ -1,9 +1,7 @@
 import pytest
 
 from nemotron.models.nano3.config import Nano3Config
-from nemotron.train.flops import (
-    attention_forward_flops, mfu, ssd_forward_flops, training_flops_per_token,
-)
+from nemotron.train.flops import attention_forward_flops, mfu, ssd_forward_flops, training_flops_per_token
 
 
 def test_full_nano3_at_8192_is_about_20_8_gflop_per_token():
@@ -34,8 +32,9 @@ def test_mixed_length_batches_count_each_sample_at_its_own_length():
     cfg = Nano3Config()
     long, short = 524288, 4096
     mixed = training_flops(cfg, [long, short, short])
-    assert mixed == long * training_flops_per_token(cfg, long) + \
-        2 * short * training_flops_per_token(cfg, short)
+    assert mixed == long * training_flops_per_token(cfg, long) + 2 * short * training_flops_per_token(
+        cfg, short
+    )
     # the mean length would miss the long sample's quadratic attention work
     mean = (long + 2 * short) / 3
     assert mixed > 3 * mean * training_flops_per_token(cfg, int(mean))

@@ -19,13 +19,19 @@ from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.models.nano3.moe import GroupedExperts
 from nemotron.train import fp8 as fp8_mod
 from nemotron.train.fp8 import (
-    Fp8Config, Fp8Unavailable, aligned_group_rows, apply_fp8, check_fp8_config, torchao_available,
+    Fp8Config,
+    Fp8Unavailable,
+    aligned_group_rows,
+    apply_fp8,
+    check_fp8_config,
+    torchao_available,
 )
 
 from .conftest import TINY_MODEL, make_config
 
-needs_torchao = pytest.mark.skipif(not torchao_available(),
-                                   reason="torchao >= 0.18 is not installed (pip install 'nemotron[fp8]')")
+needs_torchao = pytest.mark.skipif(
+    not torchao_available(), reason="torchao >= 0.18 is not installed (pip install 'nemotron[fp8]')"
+)
 CPU = torch.device("cpu")
 E4M3_MAX = 448.0
 
@@ -66,8 +72,16 @@ def test_recipe_keys_load_from_overrides(tmp_path):
     from nemotron.config.loader import load_config
     from nemotron.config.schema import PretrainConfig
 
-    cfg = load_config("tiny", ["train.fp8.enabled=true", "train.fp8.recipe=rowwise",
-                               "train.fp8.layers=[mamba,experts]", "train.precision=bf16"], PretrainConfig)
+    cfg = load_config(
+        "tiny",
+        [
+            "train.fp8.enabled=true",
+            "train.fp8.recipe=rowwise",
+            "train.fp8.layers=[mamba,experts]",
+            "train.precision=bf16",
+        ],
+        PretrainConfig,
+    )
     assert cfg.train.fp8 == Fp8Config(enabled=True, recipe="rowwise", layers=["mamba", "experts"])
     with pytest.raises(ConfigError, match=r"train\.fp8\.recipie"):
         load_config("tiny", ["train.fp8.recipie=rowwise"], PretrainConfig)
@@ -75,7 +89,9 @@ def test_recipe_keys_load_from_overrides(tmp_path):
 
 def test_missing_torchao_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fp8_mod, "torchao_version", lambda: None)
-    with pytest.raises(Fp8Unavailable, match=r"torchao >= 0\.18, which is not installed: pip install 'nemotron\[fp8\]'"):
+    with pytest.raises(
+        Fp8Unavailable, match=r"torchao >= 0\.18, which is not installed: pip install 'nemotron\[fp8\]'"
+    ):
         apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
     monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 15))
     with pytest.raises(Fp8Unavailable, match=r"which is 0\.15"):
@@ -127,9 +143,11 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     fp8_names = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     # TINY_MODEL "ME*E": Mamba out_proj (in_proj's 100 outputs are not a multiple of 16: skipped),
     # attention q/k/v/o, both shared experts
-    want = {"backbone.layers.0.mixer.out_proj"} | {
-        f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"} | {
-        f"backbone.layers.{i}.mixer.shared_experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")}
+    want = (
+        {"backbone.layers.0.mixer.out_proj"}
+        | {f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"}
+        | {f"backbone.layers.{i}.mixer.shared_experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")}
+    )
     assert fp8_names == want and set(summary.linears) == want
     assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
     assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
@@ -160,8 +178,9 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
 FP8_MAX = {torch.float8_e4m3fn: E4M3_MAX, torch.float8_e5m2: 57344.0}
 
 
-def _round_fp8(x: torch.Tensor, amax: torch.Tensor, power_of_2: bool,
-               dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+def _round_fp8(
+    x: torch.Tensor, amax: torch.Tensor, power_of_2: bool, dtype: torch.dtype = torch.float8_e4m3fn
+) -> torch.Tensor:
     """Reference float8 rounding written out: scale = max / amax (optionally rounded down to a
     power of two), saturate, round to `dtype`, unscale; float64 result."""
     fmax = FP8_MAX[dtype]
@@ -204,7 +223,9 @@ def test_float8_linear_matches_the_reference_roundings(recipe):
     g = torch.randn(40, 48)
     from torchao.float8 import convert_to_float8_training
 
-    convert_to_float8_training(model, config=fp8_mod.float8_linear_config(Fp8Config(recipe=recipe), emulate=True))
+    convert_to_float8_training(
+        model, config=fp8_mod.float8_linear_config(Fp8Config(recipe=recipe), emulate=True)
+    )
     out = model(x)
     out.backward(g)
     w = lin.weight.detach()
@@ -228,8 +249,9 @@ def test_float8_linear_matches_the_reference_roundings(recipe):
 @needs_torchao
 def test_float8_grouped_experts_match_a_per_expert_reference():
     torch.manual_seed(2)
-    experts = GroupedExperts(num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1,
-                             output_init_std=0.05)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
     ref_up = experts.up_proj.detach().clone()
     ref_down = experts.down_proj.detach().clone()
     f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
@@ -243,7 +265,7 @@ def test_float8_grouped_experts_match_a_per_expert_reference():
     # reference: per expert, rowwise roundings with power-of-2 scales, float64 products
     outs, dxs, dups, ddowns, lo = [], [], [], [], 0
     for e, c in enumerate(counts.tolist()):
-        xe, ge = x.detach()[lo:lo + c], g[lo:lo + c]
+        xe, ge = x.detach()[lo : lo + c], g[lo : lo + c]
         up_t, down_t = ref_up[e].T, ref_down[e].T  # [K, N] per expert
         pre = _rows(xe, True) @ _cols(up_t, True)
         h = torch.relu(pre) ** 2
@@ -283,10 +305,17 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
         return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
 
     def config(name, fp8_on, **checkpoint):
-        return make_config(tmp_path / name, blend=corpus[0], train={
-            "train_iters": 4, "eval_iters": 0, "precision": "bf16",
-            "fp8": Fp8Config(enabled=fp8_on, layers=list(fp8_mod.FP8_LAYERS))},
-            checkpoint={"save_interval": 2, **checkpoint})
+        return make_config(
+            tmp_path / name,
+            blend=corpus[0],
+            train={
+                "train_iters": 4,
+                "eval_iters": 0,
+                "precision": "bf16",
+                "fp8": Fp8Config(enabled=fp8_on, layers=list(fp8_mod.FP8_LAYERS)),
+            },
+            checkpoint={"save_interval": 2, **checkpoint},
+        )
 
     starts = []
 
@@ -304,11 +333,13 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
     assert all(abs(f8[s] - bf16[s]) < 0.05 * bf16[s] for s in f8), (f8, bf16)
 
     # FP8 -> BF16 and BF16 -> FP8 from step 2, each saving into its own directory
-    into_bf16 = config("fp8", False, load=str(tmp_path / "fp8" / "ckpt" / "iter_0000002"),
-                       save=str(tmp_path / "x1"))
+    into_bf16 = config(
+        "fp8", False, load=str(tmp_path / "fp8" / "ckpt" / "iter_0000002"), save=str(tmp_path / "x1")
+    )
     assert pretrain(into_bf16, tmp_path / "x1job").resumed_from.endswith("iter_0000002")
-    into_fp8 = config("bf16", True, load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"),
-                      save=str(tmp_path / "x2"))
+    into_fp8 = config(
+        "bf16", True, load=str(tmp_path / "bf16" / "ckpt" / "iter_0000002"), save=str(tmp_path / "x2")
+    )
     assert pretrain(into_fp8, tmp_path / "x2job").resumed_from.endswith("iter_0000002")
     # the resumed runs start from the same weights as the runs they came from: step 3's loss
     # is the same forward on the same batch, in the other precision

@@ -13,14 +13,13 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from distributed._spawn import run_distributed
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from nemotron.train import pretrain
 from nemotron.train.loop import build_model, evaluate, fsdp_micro_batches, train_step
 from nemotron.train.metrics import read_metrics
-
-from distributed._spawn import run_distributed
 
 from .conftest import VOCAB, make_config
 
@@ -35,8 +34,10 @@ def micro_batches(step: int, rows: list[int]) -> list[dict[str, torch.Tensor]]:
     count = 2 * max(STEPS)
     tokens = torch.randint(0, VOCAB, (count, SEQ + 1), generator=g)
     mask = (torch.rand(count, SEQ, generator=g) < torch.linspace(0.1, 1.0, count)[:, None]).float()
-    return [{"tokens": tokens[r:r + 1, :-1], "labels": tokens[r:r + 1, 1:],
-             "loss_mask": mask[r:r + 1]} for r in rows]
+    return [
+        {"tokens": tokens[r : r + 1, :-1], "labels": tokens[r : r + 1, 1:], "loss_mask": mask[r : r + 1]}
+        for r in rows
+    ]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,9 @@ def run_steps(cfg, rank: int, world: int, accumulate: bool, check_sharding: bool
     model, parallel = build_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     grads: dict[str, torch.Tensor] = {}
-    optimizer.register_step_pre_hook(lambda *_: grads.update(
-        {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}))
+    optimizer.register_step_pre_hook(
+        lambda *_: grads.update({n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    )
     gathers = _Counter("all_gather_single", "all_gather_into_tensor")
     reduces = _Counter("reduce_scatter_single", "reduce_scatter_tensor")
     out = {"steps": [], "gathers": [], "reduces": []}
@@ -79,20 +81,32 @@ def run_steps(cfg, rank: int, world: int, accumulate: bool, check_sharding: bool
         for step, n in enumerate(STEPS):
             rows = list(range(rank * n, (rank + 1) * n)) if world > 1 else list(range(2 * n))
             before = (gathers.calls, reduces.calls)
-            result = train_step(model, optimizer, micro_batches(step, rows),
-                                device=torch.device("cpu"), precision=cfg.train.precision,
-                                grad_clip=0.0, parallel=parallel,
-                                fsdp_accumulate_unsharded=accumulate)
+            result = train_step(
+                model,
+                optimizer,
+                micro_batches(step, rows),
+                device=torch.device("cpu"),
+                precision=cfg.train.precision,
+                grad_clip=0.0,
+                parallel=parallel,
+                fsdp_accumulate_unsharded=accumulate,
+            )
             out["gathers"].append(gathers.calls - before[0])
             out["reduces"].append(reduces.calls - before[1])
-            out["steps"].append((result.loss, result.lm_loss, result.grad_norm,
-                                 {k: v.numpy() for k, v in grads.items()}))
+            out["steps"].append(
+                (result.loss, result.lm_loss, result.grad_norm, {k: v.numpy() for k, v in grads.items()})
+            )
             if check_sharding:
                 assert all(_is_sharded(p) for p in model.parameters())  # resharded after the step
                 assert all(p.grad is None for p in model.parameters())
                 # reshard-after-forward is back: blocks reshard after an eval forward
-                evaluate(model, micro_batches(step, rows[:1]), device=torch.device("cpu"),
-                         precision=cfg.train.precision, parallel=parallel)
+                evaluate(
+                    model,
+                    micro_batches(step, rows[:1]),
+                    device=torch.device("cpu"),
+                    precision=cfg.train.precision,
+                    parallel=parallel,
+                )
                 blocks = model.backbone.layers.parameters()
                 assert all(_is_sharded(p) for p in blocks) == (world > 1)
     finally:
@@ -107,8 +121,11 @@ def _rank_run(rank, world, cfg):
 
 
 def _config(tmp_path, **model):
-    return make_config(tmp_path, model=model, train={
-        "global_batch_size": 4, "micro_batch_size": 1, "seq_length": SEQ, "precision": "fp32"})
+    return make_config(
+        tmp_path,
+        model=model,
+        train={"global_batch_size": 4, "micro_batch_size": 1, "seq_length": SEQ, "precision": "fp32"},
+    )
 
 
 def assert_steps_close(ours, ref, rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-7):
@@ -117,14 +134,18 @@ def assert_steps_close(ours, ref, rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-7):
         assert norm == pytest.approx(r_norm, rel=grad_rtol)
         assert grads.keys() == r_grads.keys()
         for name, grad in r_grads.items():
-            torch.testing.assert_close(torch.from_numpy(grads[name]), torch.from_numpy(grad),
-                                       rtol=grad_rtol, atol=grad_atol, msg=name)
+            torch.testing.assert_close(
+                torch.from_numpy(grads[name]),
+                torch.from_numpy(grad),
+                rtol=grad_rtol,
+                atol=grad_atol,
+                msg=name,
+            )
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", [{}, {"expert_model_parallel_size": 2}], ids=["dp2", "dp2xep2"])
-def test_two_ranks_accumulating_unsharded_match_per_micro_batch_sync_and_one_process(
-        tmp_path, layout):
+def test_two_ranks_accumulating_unsharded_match_per_micro_batch_sync_and_one_process(tmp_path, layout):
     cfg = _config(tmp_path, **layout)
     reference = run_steps(cfg, 0, 1, accumulate=True, check_sharding=False)["steps"]  # no FSDP
     for ranks in run_distributed(_rank_run, 2, cfg):
@@ -152,8 +173,11 @@ def held_after_first_micro_batch(cfg, accumulate: bool) -> bool:
             out.loss.backward()
             held.append(not any(_is_sharded(p) for p in model.parameters()))
     assert all(_is_sharded(p) for p in model.parameters())
-    assert all(_is_sharded(p.grad) and p.grad.dtype == torch.float32 for p in model.parameters()
-               if p.grad is not None)
+    assert all(
+        _is_sharded(p.grad) and p.grad.dtype == torch.float32
+        for p in model.parameters()
+        if p.grad is not None
+    )
     return held[0]
 
 
@@ -185,18 +209,26 @@ def test_one_rank_bf16_compute_weights_accumulate_in_fp32(tmp_path):
 def _resume_worker(rank, world, cfg_bytes, job):
     cfg = pickle.loads(cfg_bytes)
     pretrain(cfg, f"{job}/full")  # 4 steps, checkpoints at 2 and 4
-    resumed = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-        cfg.checkpoint, load=f"{cfg.checkpoint.save}/iter_0000002", save=f"{job}/ckpt2"))
+    resumed = dataclasses.replace(
+        cfg,
+        checkpoint=dataclasses.replace(
+            cfg.checkpoint, load=f"{cfg.checkpoint.save}/iter_0000002", save=f"{job}/ckpt2"
+        ),
+    )
     return pretrain(resumed, f"{job}/resumed").resumed_from
 
 
 @pytest.mark.timeout(300)
 def test_two_rank_run_with_accumulation_resumes_exactly(tmp_path, corpus):
-    cfg = make_config(tmp_path, blend=corpus[0], train={
-        "train_iters": 4, "eval_iters": 0, "global_batch_size": 8, "micro_batch_size": 2},
-        checkpoint={"save_interval": 2})  # 2 ranks x 2 micro-batches of 2
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        train={"train_iters": 4, "eval_iters": 0, "global_batch_size": 8, "micro_batch_size": 2},
+        checkpoint={"save_interval": 2},
+    )  # 2 ranks x 2 micro-batches of 2
     resumed = run_distributed(_resume_worker, 2, pickle.dumps(cfg), str(tmp_path))
     assert resumed[0].endswith("iter_0000002")
+
     def losses(job):
         return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
 

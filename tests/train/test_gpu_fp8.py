@@ -11,13 +11,20 @@ from torch import nn
 
 from nemotron.models.nano3.moe import GroupedExperts
 from nemotron.train.fp8 import (
-    FP8_LAYERS, Float8GroupedExperts, Fp8Config, apply_fp8, fp8_hardware, torchao_available,
+    FP8_LAYERS,
+    Float8GroupedExperts,
+    Fp8Config,
+    apply_fp8,
+    fp8_hardware,
+    torchao_available,
 )
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or not fp8_hardware(torch.device("cuda")),
-                       reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not fp8_hardware(torch.device("cuda")),
+        reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)",
+    ),
     pytest.mark.skipif(not torchao_available(), reason="torchao >= 0.18 is not installed"),
 ]
 CUDA = torch.device("cuda")
@@ -30,8 +37,9 @@ def _rel(a, b) -> float:
 
 def test_fp8_grouped_experts_match_emulation_with_uneven_groups():
     torch.manual_seed(0)
-    experts = GroupedExperts(num_experts=16, hidden_size=256, ffn_hidden_size=384, init_std=0.02,
-                             output_init_std=0.01).to(CUDA, torch.bfloat16)
+    experts = GroupedExperts(
+        num_experts=16, hidden_size=256, ffn_hidden_size=384, init_std=0.02, output_init_std=0.01
+    ).to(CUDA, torch.bfloat16)
     counts = torch.tensor([37, 0, 16, 1, 250, 0, 3, 64, 15, 17, 100, 0, 2, 31, 48, 9], device=CUDA)
     x = torch.randn(int(counts.sum()), 256, device=CUDA, dtype=torch.bfloat16)
     g = torch.randn_like(x)
@@ -43,7 +51,9 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups():
         xi = x.clone().requires_grad_(True)
         out = layer(xi, counts)
         out.backward(g)
-        results.append((out.float(), xi.grad.float(), layer.up_proj.grad.float(), layer.down_proj.grad.float()))
+        results.append(
+            (out.float(), xi.grad.float(), layer.up_proj.grad.float(), layer.down_proj.grad.float())
+        )
         assert torch.isfinite(out).all() and torch.isfinite(xi.grad).all()
     for name, emulated, real in zip(("out", "dx", "d_up", "d_down"), *results):
         assert _rel(real, emulated) < 2e-2, (name, _rel(real, emulated))
@@ -80,7 +90,11 @@ def test_compiled_float8_linears_match_emulation(recipe):
     # casts) is as close to BF16 as the emulated roundings are, and near them (measured on an
     # H200: output 2.5% from emulation with tensorwise scales through two linears).
     for name, exact, emulated, real in zip(("out", "dx", "dW"), *outs):
-        assert _rel(real, exact) < 1.5 * _rel(emulated, exact) + 1e-3, (name, _rel(real, exact), _rel(emulated, exact))
+        assert _rel(real, exact) < 1.5 * _rel(emulated, exact) + 1e-3, (
+            name,
+            _rel(real, exact),
+            _rel(emulated, exact),
+        )
         assert _rel(real, emulated) < 0.05, (name, _rel(real, emulated))
 
 
@@ -88,8 +102,15 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
     from nemotron.models.nano3.config import Nano3Config
     from nemotron.models.nano3.model import Block
 
-    cfg = Nano3Config(hybrid_pattern="E", num_layers=1, hidden_size=256, num_experts=16, moe_top_k=4,
-                      moe_ffn_hidden_size=128, moe_shared_expert_hidden_size=256)
+    cfg = Nano3Config(
+        hybrid_pattern="E",
+        num_layers=1,
+        hidden_size=256,
+        num_experts=16,
+        moe_top_k=4,
+        moe_ffn_hidden_size=128,
+        moe_shared_expert_hidden_size=256,
+    )
     torch.manual_seed(0)
     ref = Block(cfg, 0).to(CUDA, torch.bfloat16)
     block = Block(cfg, 0).to(CUDA, torch.bfloat16)

@@ -17,10 +17,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _run(tmp_path, blend, name, **checkpoint):
-    cfg = make_config(tmp_path, blend=blend, train={
-        "train_iters": 4, "eval_iters": 1, "eval_interval": 2, "precision": "bf16",
-        "device": "cuda", "global_batch_size": 4, "micro_batch_size": 1},
-        checkpoint={"save_interval": 2, **checkpoint})
+    cfg = make_config(
+        tmp_path,
+        blend=blend,
+        train={
+            "train_iters": 4,
+            "eval_iters": 1,
+            "eval_interval": 2,
+            "precision": "bf16",
+            "device": "cuda",
+            "global_batch_size": 4,
+            "micro_batch_size": 1,
+        },
+        checkpoint={"save_interval": 2, **checkpoint},
+    )
     events = []
     summary = pretrain(cfg, tmp_path / name, on_event=lambda kind, payload: events.append((kind, payload)))
     losses = {r["step"]: r["lm_loss"] for r in read_metrics(tmp_path / name) if r["kind"] == "train"}
@@ -35,9 +45,13 @@ def test_auto_compute_weights_train_in_bf16_on_one_gpu_and_resume(tmp_path, corp
     assert summary.steps == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert losses[4] < losses[1]
     json.dumps(start)  # the event payload stays serialisable
-    resumed_summary, resumed, _ = _run(tmp_path, corpus[0], "resumed",
-                                       load=str(tmp_path / "ckpt" / "iter_0000002"),
-                                       save=str(tmp_path / "ckpt2"))
+    resumed_summary, resumed, _ = _run(
+        tmp_path,
+        corpus[0],
+        "resumed",
+        load=str(tmp_path / "ckpt" / "iter_0000002"),
+        save=str(tmp_path / "ckpt2"),
+    )
     assert resumed_summary.resumed_from.endswith("iter_0000002") and sorted(resumed) == [3, 4]
     # GPU kernels with atomics are not bitwise deterministic: equal within bf16 noise
     assert all(abs(resumed[s] - losses[s]) < 2e-3 for s in resumed)

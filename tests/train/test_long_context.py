@@ -31,8 +31,10 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def mixed(cfg, corpus_blend, short: int = 4, weight: float = 1.0):
-    data = dataclasses.replace(cfg.data, mixed_length_blends=[
-        SequenceLengthBlend(blend=str(corpus_blend), seq_length=short, weight=weight)])
+    data = dataclasses.replace(
+        cfg.data,
+        mixed_length_blends=[SequenceLengthBlend(blend=str(corpus_blend), seq_length=short, weight=weight)],
+    )
     return dataclasses.replace(cfg, data=data)
 
 
@@ -47,8 +49,10 @@ def test_collate_pads_shorter_samples():
 
 
 def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
-    cfg = mixed(make_config(tmp_path, blend=corpus[0],
-                            train={"micro_batch_size": 1, "global_batch_size": 4}), corpus[0])
+    cfg = mixed(
+        make_config(tmp_path, blend=corpus[0], train={"micro_batch_size": 1, "global_batch_size": 4}),
+        corpus[0],
+    )
     plan = plan_batches(cfg.train, 1, cfg.data)
     assert plan.tokens_per_step == 4 * (16 + 4) // 2  # the mean sample length at weights 1:1
     full = TrainingData(cfg.data, cfg.train, plan, 64)
@@ -56,13 +60,15 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
     assert sorted(b["tokens"].shape[1] for b in batches) == [4, 4, 16, 16]
     assert full.last_step_tokens == 40
     for cp_rank in range(2):
-        part = TrainingData(cfg.data, cfg.train, plan, 64, cp_rank=cp_rank, cp_size=2,
-                            sequence_multiple=4)
+        part = TrainingData(cfg.data, cfg.train, plan, 64, cp_rank=cp_rank, cp_size=2, sequence_multiple=4)
         for whole, mine in zip(batches, part.next_train_batches()):
             for key in whole:
                 assert torch.equal(mine[key], cp_shard(whole[key], cp_rank, 2))
-    with pytest.raises(TrainDataError, match=r"mixed_length_blends\[0\].seq_length=4 must be a "
-                                             r"positive multiple of 8"):
+    with pytest.raises(
+        TrainDataError,
+        match=r"mixed_length_blends\[0\].seq_length=4 must be a "
+        r"positive multiple of 8",
+    ):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=4, sequence_multiple=8)
 
 
@@ -78,11 +84,12 @@ def test_step_loss_is_the_mean_over_tokens_of_mixed_lengths():
     reference.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
     t_long, t_short = torch.randint(0, 64, (1, 13), generator=g), torch.randint(0, 64, (1, 5), generator=g)
-    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, t.shape[1] - 1)}
-               for t in (t_long, t_short)]
+    batches = [
+        {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(1, t.shape[1] - 1)}
+        for t in (t_long, t_short)
+    ]
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    result = train_step(model, opt, batches, device=torch.device("cpu"), precision="fp32",
-                        grad_clip=0.0)
+    result = train_step(model, opt, batches, device=torch.device("cpu"), precision="fp32", grad_clip=0.0)
     # train_step clears the gradients after stepping: recompute the reference ones and compare
     # the reported loss (the token mean) and, through a second copy, the gradient direction.
     sums = []
@@ -94,18 +101,27 @@ def test_step_loss_is_the_mean_over_tokens_of_mixed_lengths():
     assert result.lm_loss != pytest.approx(float((sums[0] / 12 + sums[1] / 4) / 2), rel=1e-4)
     token_mean.backward()
     expected_norm = torch.linalg.vector_norm(
-        torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]))
+        torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None])
+    )
     assert result.grad_norm == pytest.approx(float(expected_norm), rel=1e-5)
 
 
 def test_finetune_takes_weights_only(tmp_path, corpus):
-    source = make_config(tmp_path / "pre", blend=corpus[0], train={"train_iters": 2, "eval_iters": 0},
-                         checkpoint={"save_interval": 2})
+    source = make_config(
+        tmp_path / "pre",
+        blend=corpus[0],
+        train={"train_iters": 2, "eval_iters": 0},
+        checkpoint={"save_interval": 2},
+    )
     pretrain(source, tmp_path / "pre" / "job")
-    cfg = make_config(tmp_path / "lc", blend=corpus[0], train={"train_iters": 1, "eval_iters": 0},
-                      checkpoint={"load": source.checkpoint.save, "finetune": True,
-                                  "save_interval": 1},
-                      optimizer={"lr": 0.0, "min_lr": 0.0}, scheduler={"style": "constant"})
+    cfg = make_config(
+        tmp_path / "lc",
+        blend=corpus[0],
+        train={"train_iters": 1, "eval_iters": 0},
+        checkpoint={"load": source.checkpoint.save, "finetune": True, "save_interval": 1},
+        optimizer={"lr": 0.0, "min_lr": 0.0},
+        scheduler={"style": "constant"},
+    )
     summary = pretrain(cfg, tmp_path / "lc" / "job")
     assert summary.finetuned_from.endswith("iter_0000002") and summary.resumed_from is None
     assert summary.steps == 1  # the step count started from zero, not from the source's 2
@@ -124,43 +140,74 @@ def test_finetune_takes_weights_only(tmp_path, corpus):
 
 
 def _cli(args: list[str], cwd: Path, torchrun: bool) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    return subprocess.run(launcher + ["-m", "nemotron.cli.main", "nano3", "pretrain"] + args,
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.run(
+        launcher + ["-m", "nemotron.cli.main", "nano3", "pretrain"] + args,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_path, corpus):
     """`-c long_context_tiny` (PP2 by default) from a tiny pretraining checkpoint, mixed 48- and
     16-token samples: PP2 and CP2 on two processes give the losses of the same recipe in one
     process (which has neither)."""
-    pre = make_config(tmp_path / "pre", blend=corpus[0], train={"train_iters": 1, "eval_iters": 0},
-                      checkpoint={"save_interval": 1})
+    pre = make_config(
+        tmp_path / "pre",
+        blend=corpus[0],
+        train={"train_iters": 1, "eval_iters": 0},
+        checkpoint={"save_interval": 1},
+    )
     pretrain(pre, tmp_path / "pre" / "job")
-    args = ["-c", "long_context_tiny", *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
-            "train.train_iters=3", "train.seq_length=48", "train.eval_iters=1",
-            "train.eval_interval=3", "train.global_batch_size=4", "logger.progress_bar=false",
-            f"data.blend={corpus[0]}", f"data.cache_dir={tmp_path / 'cache'}",
-            f"data.mixed_length_blends=[{{blend: {corpus[0]}, seq_length: 16, weight: 1}}]",
-            f"checkpoint.load={pre.checkpoint.save}"]
-    layouts = {"pp2": ([], True),
-               "cp2": (["model.pipeline_model_parallel_size=1", "model.context_parallel_size=2"], True),
-               "single": ([], False)}
+    args = [
+        "-c",
+        "long_context_tiny",
+        *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
+        "train.train_iters=3",
+        "train.seq_length=48",
+        "train.eval_iters=1",
+        "train.eval_interval=3",
+        "train.global_batch_size=4",
+        "logger.progress_bar=false",
+        f"data.blend={corpus[0]}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.mixed_length_blends=[{{blend: {corpus[0]}, seq_length: 16, weight: 1}}]",
+        f"checkpoint.load={pre.checkpoint.save}",
+    ]
+    layouts = {
+        "pp2": ([], True),
+        "cp2": (["model.pipeline_model_parallel_size=1", "model.context_parallel_size=2"], True),
+        "single": ([], False),
+    }
     results = {}
     for name, (extra, torchrun) in layouts.items():
         job = tmp_path / name
-        run = _cli(args + extra + [f"checkpoint.save={job / 'ckpt'}", "--job-dir", str(job / "job")],
-                   tmp_path, torchrun)
+        run = _cli(
+            args + extra + [f"checkpoint.save={job / 'ckpt'}", "--job-dir", str(job / "job")],
+            tmp_path,
+            torchrun,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         metrics = read_metrics(job / "job")
         train = [r for r in metrics if r["kind"] == "train"]
         assert [r["step"] for r in train] == [1, 2, 3]
-        results[name] = ([r["lm_loss"] for r in train] + [r["loss"] for r in train]
-                         + [r["loss"] for r in metrics if r["kind"] in ("eval", "test")])
+        results[name] = (
+            [r["lm_loss"] for r in train]
+            + [r["loss"] for r in train]
+            + [r["loss"] for r in metrics if r["kind"] in ("eval", "test")]
+        )
         config = json.loads((job / "ckpt" / "iter_0000003" / "config.json").read_text())
         assert config["model"]["pipeline_model_parallel_size"] == (2 if name != "cp2" else 1)
         # two ranks wrote their shards: one distributed run, not two single ones
@@ -174,11 +221,15 @@ def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_p
     from nemotron.distributed.parallel_dims import ParallelLayoutError
 
     cfg = make_config(tmp_path, blend=corpus[0])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2,
-        sequence_parallel=True))
-    with pytest.raises(ParallelLayoutError, match="pipeline_model_parallel_size=2 with "
-                                                  "model.tensor_model_parallel_size=2"):
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True
+        ),
+    )
+    with pytest.raises(
+        ParallelLayoutError, match="pipeline_model_parallel_size=2 with model.tensor_model_parallel_size=2"
+    ):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
 
@@ -204,12 +255,11 @@ def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch
             from nemotron.train.checkpoint import MANIFEST_FILE
 
             (save / "iter_0000004" / MANIFEST_FILE).write_text("{}")
-        (d / "config.yaml").write_text(
-            f"checkpoint:\n  save: {save}\n  finetune: {str(finetune).lower()}\n")
+        (d / "config.yaml").write_text(f"checkpoint:\n  save: {save}\n  finetune: {str(finetune).lower()}\n")
         return save / "iter_0000004"
 
     main = job("20260101-000000-aaaaaa", finetune=False, complete=True)
-    job("20260102-000000-bbbbbb", finetune=True, complete=True)   # an earlier LC run: skipped
+    job("20260102-000000-bbbbbb", finetune=True, complete=True)  # an earlier LC run: skipped
     job("20260103-000000-cccccc", finetune=False, complete=False)  # no complete checkpoint yet
     assert main_run_checkpoint().resolve() == main.resolve()
     assert Path(_finetune_source(lc, lc.save, dry_run=False)).resolve() == main.resolve()
@@ -220,9 +270,15 @@ def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch
 
 def test_mock_data_mixes_lengths_too(tmp_path):
     cfg = make_config(tmp_path, train={"micro_batch_size": 1, "global_batch_size": 4})
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, mock=True, blend_weight=1.0,
-        mixed_length_blends=[SequenceLengthBlend(blend="", seq_length=4, weight=3.0)]))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            mock=True,
+            blend_weight=1.0,
+            mixed_length_blends=[SequenceLengthBlend(blend="", seq_length=4, weight=3.0)],
+        ),
+    )
     data = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1, cfg.data), 64)
     assert sorted(b["tokens"].shape[1] for b in data.next_train_batches()) == [4, 4, 4, 16]
     assert data.last_step_tokens == 28
@@ -233,10 +289,11 @@ def test_mixed_length_config_errors_name_the_key():
     from nemotron.config.errors import ConfigError
 
     path = resolve_config_path("long_context_tiny", PretrainConfig)
-    with pytest.raises(ConfigError, match=r"data.mixed_length_blends\[0\].seq_length: must be "
-                                          r"positive, got 0"):
-        load_config(path, ["data.mixed_length_blends=[{blend: b.json, seq_length: 0}]"],
-                    PretrainConfig)
+    with pytest.raises(
+        ConfigError,
+        match=r"data.mixed_length_blends\[0\].seq_length: must be "
+        r"positive, got 0",
+    ):
+        load_config(path, ["data.mixed_length_blends=[{blend: b.json, seq_length: 0}]"], PretrainConfig)
     with pytest.raises(ConfigError, match=r"data.mixed_length_blends\[0\].weight: must be >= 0"):
-        load_config(path, ["data.mixed_length_blends=[{blend: b.json, weight: -1}]"],
-                    PretrainConfig)
+        load_config(path, ["data.mixed_length_blends=[{blend: b.json, weight: -1}]"], PretrainConfig)

@@ -33,8 +33,19 @@ def test_run_writes_metrics_checkpoints_and_lineage(tmp_path, corpus):
     records = read_metrics(tmp_path / "job")
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9))
-    for key in ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_second", "tflops", "mfu",
-                "memory_gb", "balance/max_over_mean", "balance/bias_range", "phase"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+        "tflops",
+        "mfu",
+        "memory_gb",
+        "balance/max_over_mean",
+        "balance/bias_range",
+        "phase",
+    ):
         assert key in train[-1], key
     assert [r["phase"] for r in train] == [1] * 4 + [2] * 4
     assert train[0]["lr"] == 0.0 and train[1]["lr"] > 0  # warmup from 0 in tokens
@@ -43,7 +54,11 @@ def test_run_writes_metrics_checkpoints_and_lineage(tmp_path, corpus):
 
     save = tmp_path / "ckpt"
     assert sorted(p.name for p in save.iterdir()) == [
-        "iter_0000003", "iter_0000006", "iter_0000008", LATEST_FILE]
+        "iter_0000003",
+        "iter_0000006",
+        "iter_0000008",
+        LATEST_FILE,
+    ]
     manifest = read_model_artifact(save / "iter_0000008")
     assert manifest["step"] == 8 and manifest["phase"] == 2
     assert manifest["data"]["content"]["kind"] == "DataBlendsArtifact-pretrain"
@@ -114,8 +129,11 @@ def test_eval_does_not_touch_balance_counters(tmp_path, corpus):
     cfg = make_config(tmp_path, blend=corpus[0])
     torch.manual_seed(0)
     model = Nano3ForCausalLM(cfg.model.arch())
-    batch = {"tokens": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16)),
-             "loss_mask": torch.ones(2, 16)}
+    batch = {
+        "tokens": torch.randint(0, 64, (2, 16)),
+        "labels": torch.randint(0, 64, (2, 16)),
+        "loss_mask": torch.ones(2, 16),
+    }
     layers = model.moe_layers()
     model(batch["tokens"], labels=batch["labels"])  # a training forward counts...
     counts = [layer.router.tokens_per_expert.clone() for layer in layers]
@@ -137,18 +155,19 @@ def test_batch_plan_from_iters_or_tokens(tmp_path):
     with pytest.raises(TrainDataError, match="divisible"):
         plan_batches(cfg.train, dp_size=3)
     # The recipe: 25T tokens, 3072 x 8192 per step, phase 2 from 94% of tokens.
-    recipe = dataclasses.replace(cfg.train, train_iters=None, train_tokens=25 * 10**12,
-                                 global_batch_size=3072, seq_length=8192)
+    recipe = dataclasses.replace(
+        cfg.train, train_iters=None, train_tokens=25 * 10**12, global_batch_size=3072, seq_length=8192
+    )
     plan = plan_batches(recipe, dp_size=64)
     assert plan.total_steps == 993_411  # ceil(25e12 / 25,165,824)
-    switch = phase2_start_step(plan, dataclasses.replace(cfg.data, phase2_blend="p2.json",
-                                                         phase2_start_fraction=0.94))
+    switch = phase2_start_step(
+        plan, dataclasses.replace(cfg.data, phase2_blend="p2.json", phase2_start_fraction=0.94)
+    )
     assert (switch - 1) * plan.tokens_per_step < 0.94 * plan.total_tokens <= switch * plan.tokens_per_step
 
 
 def test_data_parallel_ranks_split_each_global_batch(tmp_path, corpus):
-    cfg = make_config(tmp_path, blend=corpus[0],
-                      train={"global_batch_size": 8, "micro_batch_size": 2})
+    cfg = make_config(tmp_path, blend=corpus[0], train={"global_batch_size": 8, "micro_batch_size": 2})
     plan = plan_batches(cfg.train, dp_size=2)
     ranks = [TrainingData(cfg.data, cfg.train, plan, 64, dp_rank=r) for r in range(2)]
     dataset = ranks[0].train_dataset(1)
@@ -167,10 +186,18 @@ def test_data_parallel_ranks_split_each_global_batch(tmp_path, corpus):
 def test_tensorboard_and_offline_wandb(tmp_path, corpus, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": None},
-                      train={"train_iters": 2, "eval_iters": 0},
-                      logger={"tensorboard": True, "wandb": True, "wandb_mode": "offline",
-                              "wandb_project": "nemotron-test"})
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"save": None},
+        train={"train_iters": 2, "eval_iters": 0},
+        logger={
+            "tensorboard": True,
+            "wandb": True,
+            "wandb_mode": "offline",
+            "wandb_project": "nemotron-test",
+        },
+    )
     pretrain(cfg, tmp_path / "job")
     assert list((tmp_path / "job" / "tensorboard").glob("events.out.tfevents.*"))
     runs = list((tmp_path / "job" / "wandb").glob("offline-run-*"))
@@ -182,8 +209,11 @@ def test_activation_recompute_same_step_and_counts(tmp_path, corpus):
     from nemotron.train.optimizer import build_optimizer
 
     cfg = make_config(tmp_path, blend=corpus[0])
-    batch = {"tokens": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16)),
-             "loss_mask": torch.ones(2, 16)}
+    batch = {
+        "tokens": torch.randint(0, 64, (2, 16)),
+        "labels": torch.randint(0, 64, (2, 16)),
+        "loss_mask": torch.ones(2, 16),
+    }
     results = []
     for recompute in (False, True):
         torch.manual_seed(0)
@@ -191,8 +221,9 @@ def test_activation_recompute_same_step_and_counts(tmp_path, corpus):
         if recompute:
             apply_activation_recompute(model)
         opt = build_optimizer(model, cfg.optimizer)
-        step = train_step(model, opt, [batch, batch], device=torch.device("cpu"),
-                          precision="fp32", grad_clip=1.0)
+        step = train_step(
+            model, opt, [batch, batch], device=torch.device("cpu"), precision="fp32", grad_clip=1.0
+        )
         counts = [layer.router.tokens_per_expert.clone() for layer in model.moe_layers()]
         results.append((step, counts, {k: v.clone() for k, v in model.state_dict().items()}))
     (plain, plain_counts, plain_state), (recomputed, re_counts, re_state) = results
@@ -210,6 +241,7 @@ def test_ignored_layout_names_the_sizes_one_process_cannot_apply():
 
     assert ignored_layout(load_config("default", [], PretrainConfig)) == "TP8 EP8 SP"
     assert ignored_layout(load_config("tiny", [], PretrainConfig)) is None
-    cp = load_config("tiny", ["model.context_parallel_size=2", "model.sequence_parallel=true"],
-                     PretrainConfig)
+    cp = load_config(
+        "tiny", ["model.context_parallel_size=2", "model.sequence_parallel=true"], PretrainConfig
+    )
     assert ignored_layout(cp) == "CP2"  # SP means nothing without TP

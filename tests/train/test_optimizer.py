@@ -20,7 +20,13 @@ def groups_by_decay(optimizer):
 def test_recipe_defaults():
     cfg = OptimizerConfig()
     assert (cfg.lr, cfg.min_lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay) == (
-        1e-3, 1e-5, 0.9, 0.95, 1e-8, 0.1)
+        1e-3,
+        1e-5,
+        0.9,
+        0.95,
+        1e-8,
+        0.1,
+    )
     opt = build_optimizer(tiny_model(), cfg)
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
 

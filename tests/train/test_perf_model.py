@@ -55,25 +55,45 @@ for world, tp, ep in layouts:
 print(json.dumps(out))
 """
 
-SMALL = dict(hybrid_pattern="MEM*E", num_layers=5, hidden_size=256, vocab_size=1024,
-             num_attention_heads=8, num_key_value_heads=2, head_dim=32, mamba_num_heads=8,
-             mamba_head_dim=32, mamba_state_size=16, mamba_num_groups=8, num_experts=16,
-             moe_top_k=2, moe_ffn_hidden_size=64, moe_shared_expert_hidden_size=128)
+SMALL = dict(
+    hybrid_pattern="MEM*E",
+    num_layers=5,
+    hidden_size=256,
+    vocab_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_num_heads=8,
+    mamba_head_dim=32,
+    mamba_state_size=16,
+    mamba_num_groups=8,
+    num_experts=16,
+    moe_top_k=2,
+    moe_ffn_hidden_size=64,
+    moe_shared_expert_hidden_size=128,
+)
 
 
 def test_parameter_counts_per_unit_match_the_real_sharding():
     layouts = [(4, 1, 1), (4, 1, 4), (8, 2, 4), (8, 8, 8), (16, 2, 8)]
-    proc = subprocess.run([sys.executable, "-c", FAKE_PG_COUNTS, json.dumps([SMALL, layouts])],
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, "-c", FAKE_PG_COUNTS, json.dumps([SMALL, layouts])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     cfg = Nano3Config(**SMALL)
     for (world, tp, ep), real in zip(layouts, measured):
         units = {u.name: u.sharded for u in pm.fsdp_units(cfg, pm.Layout(world, tp=tp, ep=ep))}
-        assert units == real, (world, tp, ep, {k: (units.get(k), real.get(k))
-                                               for k in set(units) | set(real)
-                                               if units.get(k) != real.get(k)})
+        assert units == real, (
+            world,
+            tp,
+            ep,
+            {k: (units.get(k), real.get(k)) for k in set(units) | set(real) if units.get(k) != real.get(k)},
+        )
 
 
 def test_full_model_totals():

@@ -41,8 +41,11 @@ def final_state(save_dir: Path, tmp_path: Path) -> dict:
 
 
 def losses(job_dir: Path) -> dict:
-    return {(r["kind"], r["step"]): (r["loss"], r.get("lr"), r.get("phase"))
-            for r in read_metrics(job_dir) if r["kind"] != "run"}
+    return {
+        (r["kind"], r["step"]): (r["loss"], r.get("lr"), r.get("phase"))
+        for r in read_metrics(job_dir)
+        if r["kind"] != "run"
+    }
 
 
 def assert_same_state(a, b, where=""):
@@ -64,18 +67,22 @@ def reference(corpus, tmp_path_factory):
     return cfg, losses(root / "job"), final_state(root / "ckpt", root)
 
 
-@pytest.mark.parametrize("async_save,kill_at,resumes_from,num_workers", [
-    # killed with the async save of step 6 in flight (it must not count); resumes before the
-    # phase switch (step 4) and crosses it again
-    (True, "train:7", 3, 0),
-    # killed once the async save of step 6 completed: resumes in phase 2 from it
-    (True, "checkpoint:6", 6, 0),
-    # background loader workers had read ahead past step 7 when killed: the resumed run (and
-    # the whole run) still reads what the synchronous reference read
-    (True, "train:7", 3, 2),
-])
-def test_kill9_resume_is_bit_exact(tmp_path, corpus, reference, async_save, kill_at, resumes_from,
-                                   num_workers):
+@pytest.mark.parametrize(
+    "async_save,kill_at,resumes_from,num_workers",
+    [
+        # killed with the async save of step 6 in flight (it must not count); resumes before the
+        # phase switch (step 4) and crosses it again
+        (True, "train:7", 3, 0),
+        # killed once the async save of step 6 completed: resumes in phase 2 from it
+        (True, "checkpoint:6", 6, 0),
+        # background loader workers had read ahead past step 7 when killed: the resumed run (and
+        # the whole run) still reads what the synchronous reference read
+        (True, "train:7", 3, 2),
+    ],
+)
+def test_kill9_resume_is_bit_exact(
+    tmp_path, corpus, reference, async_save, kill_at, resumes_from, num_workers
+):
     _, ref_losses, ref_state = reference
     cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=corpus[1])
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, async_save=async_save)

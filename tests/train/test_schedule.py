@@ -16,8 +16,7 @@ def lr(tokens, **sched):
 
 def test_recipe_defaults_are_the_published_wsd():
     s = SchedulerConfig()
-    assert (s.style, s.warmup_tokens, s.stable_fraction_end, s.decay_style) == (
-        "wsd", WARMUP, 0.8, "cosine")
+    assert (s.style, s.warmup_tokens, s.stable_fraction_end, s.decay_style) == ("wsd", WARMUP, 0.8, "cosine")
 
 
 def test_warmup_is_linear_in_tokens_from_zero():
@@ -39,11 +38,10 @@ def test_stable_until_80_percent_then_decays_to_min():
     assert lr(TOTAL + 10**12) == pytest.approx(1e-5)  # never below min after the end
 
 
-@pytest.mark.parametrize("style,factor_at_quarter", [
-    ("cosine", 0.5 * (1 + math.cos(math.pi * 0.25))),
-    ("linear", 0.75),
-    ("1-sqrt", 1 - math.sqrt(0.25)),
-])
+@pytest.mark.parametrize(
+    "style,factor_at_quarter",
+    [("cosine", 0.5 * (1 + math.cos(math.pi * 0.25))), ("linear", 0.75), ("1-sqrt", 1 - math.sqrt(0.25))],
+)
 def test_decay_styles(style, factor_at_quarter):
     decay_start = 0.8 * TOTAL
     quarter = int(decay_start + 0.25 * (TOTAL - decay_start))

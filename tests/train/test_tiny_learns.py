@@ -8,9 +8,18 @@ from .conftest import make_config
 
 def test_loss_falls_below_unigram_entropy_with_balanced_experts(tmp_path, corpus):
     cfg = make_config(
-        tmp_path, blend=corpus[0], checkpoint={"save": None},
-        train=dict(train_iters=60, global_batch_size=8, micro_batch_size=4, seq_length=32,
-                   eval_interval=30, eval_iters=1, expert_bias_update_rate=1e-2),
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"save": None},
+        train=dict(
+            train_iters=60,
+            global_batch_size=8,
+            micro_batch_size=4,
+            seq_length=32,
+            eval_interval=30,
+            eval_iters=1,
+            expert_bias_update_rate=1e-2,
+        ),
         optimizer=dict(lr=1e-2, min_lr=1e-4),
         scheduler=dict(warmup_tokens=5 * 8 * 32, stable_fraction_end=0.8),
     )

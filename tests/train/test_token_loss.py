@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed._spawn import run_distributed
 from torch.distributed.tensor import DTensor
 
 from nemotron.train.loop import build_model, evaluate, train_step
-
-from distributed._spawn import run_distributed
 
 from .conftest import VOCAB, make_config
 
@@ -30,21 +29,27 @@ def global_batch():
 
 def micro_batches(rows):
     batch = global_batch()
-    return [{k: v[r:r + 1] for k, v in batch.items()} for r in rows]
+    return [{k: v[r : r + 1] for k, v in batch.items()} for r in rows]
 
 
 def run(cfg, batches, eval_batches, parallel_ranks=False):
     model, parallel = build_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train_step(model, optimizer, batches, device=torch.device("cpu"), precision="fp32",
-                        grad_clip=0.0, parallel=parallel)
+    result = train_step(
+        model,
+        optimizer,
+        batches,
+        device=torch.device("cpu"),
+        precision="fp32",
+        grad_clip=0.0,
+        parallel=parallel,
+    )
     grads = {}  # lr 1: the update is minus the gradient
     for name, p in model.named_parameters():
         delta = before[name] - p.detach()
         grads[name] = delta.full_tensor() if isinstance(delta, DTensor) else delta
-    eval_loss = evaluate(model, eval_batches, device=torch.device("cpu"), precision="fp32",
-                         parallel=parallel)
+    eval_loss = evaluate(model, eval_batches, device=torch.device("cpu"), precision="fp32", parallel=parallel)
     return result.loss, result.lm_loss, result.grad_norm, grads, eval_loss
 
 
@@ -56,8 +61,7 @@ def _rank_run(rank, world, cfg):
 
 
 def _config(tmp_path):
-    return make_config(tmp_path, train={"global_batch_size": 4, "micro_batch_size": 1,
-                                        "seq_length": SEQ})
+    return make_config(tmp_path, train={"global_batch_size": 4, "micro_batch_size": 1, "seq_length": SEQ})
 
 
 @pytest.mark.timeout(300)
@@ -76,8 +80,7 @@ def test_two_ranks_with_uneven_masks_match_one_process_on_the_global_batch(tmp_p
         assert norm == pytest.approx(ref_norm, rel=1e-4)
         assert eval_loss == pytest.approx(ref_eval, rel=1e-5)
         for name, grad in ref_grads.items():
-            torch.testing.assert_close(torch.from_numpy(grads[name]), grad, rtol=1e-4, atol=1e-7,
-                                       msg=name)
+            torch.testing.assert_close(torch.from_numpy(grads[name]), grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_micro_batches_of_one_process_are_weighted_by_tokens(tmp_path):

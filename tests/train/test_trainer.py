@@ -25,8 +25,9 @@ def test_trainer_step_is_train_step_plus_the_expert_bias_update(corpus, tmp_path
     torch.manual_seed(0)
     model = Nano3ForCausalLM(cfg.model.arch())
     by_hand = copy.deepcopy(model)
-    trainer = Trainer(cfg, model, Parallel(), TrainingData(cfg.data, cfg.train, plan, 64, 0),
-                      device=torch.device("cpu"))
+    trainer = Trainer(
+        cfg, model, Parallel(), TrainingData(cfg.data, cfg.train, plan, 64, 0), device=torch.device("cpu")
+    )
     optimizer = build_optimizer(by_hand, cfg.optimizer)
     data = TrainingData(cfg.data, cfg.train, plan, 64, 0)
     tokens = 0
@@ -34,8 +35,14 @@ def test_trainer_step_is_train_step_plus_the_expert_bias_update(corpus, tmp_path
         outcome = trainer.step()
         lr = learning_rate(tokens, plan.total_tokens, cfg.scheduler, cfg.optimizer)
         set_learning_rate(optimizer, lr)
-        result = train_step(by_hand, optimizer, data.next_train_batches(), device=torch.device("cpu"),
-                            precision="fp32", grad_clip=cfg.train.grad_clip)
+        result = train_step(
+            by_hand,
+            optimizer,
+            data.next_train_batches(),
+            device=torch.device("cpu"),
+            precision="fp32",
+            grad_clip=cfg.train.grad_clip,
+        )
         stats = balancing.update_expert_biases(by_hand.moe_layers(), cfg.train.expert_bias_update_rate)
         tokens += data.last_step_tokens
         assert outcome.result == result and outcome.lr == lr
@@ -48,8 +55,11 @@ def test_trainer_step_is_train_step_plus_the_expert_bias_update(corpus, tmp_path
 def test_compute_weights_are_resolved_once_per_run(corpus, tmp_path, monkeypatch):
     calls = []
     original = loop_module.check_compute_weights
-    monkeypatch.setattr(loop_module, "check_compute_weights",
-                        lambda train: calls.append(train.compute_weights) or original(train))
+    monkeypatch.setattr(
+        loop_module,
+        "check_compute_weights",
+        lambda train: calls.append(train.compute_weights) or original(train),
+    )
     events = []
     cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 2})
     pretrain(cfg, tmp_path / "job", on_event=lambda kind, p: events.append((kind, p)))

@@ -59,11 +59,17 @@ def git_info(path: str | Path | None = None) -> GitInfo | None:
     try:
         commit = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -112,12 +118,7 @@ def provenance(
     return info
 
 
-def create_job_dir(
-    path: str | Path,
-    *,
-    config_yaml: str,
-    info: dict[str, Any],
-) -> Path:
+def create_job_dir(path: str | Path, *, config_yaml: str, info: dict[str, Any]) -> Path:
     """Create the job directory `path` with config.yaml and job.json, atomically.
 
     Raises JobDirError if `path` already exists or cannot be written.
@@ -143,8 +144,9 @@ def create_job_dir(
     return path
 
 
-def finish_job_dir(path: str | Path, status: str, result: dict[str, Any] | None = None,
-                   end: _dt.datetime | None = None) -> Path:
+def finish_job_dir(
+    path: str | Path, status: str, result: dict[str, Any] | None = None, end: _dt.datetime | None = None
+) -> Path:
     """Record how the run ended (`status`: completed | failed | interrupted) in result.json."""
     out = Path(path) / RESULT_FILE
     payload = {"status": status, "end_time": (end or utc_now()).isoformat(), **(result or {})}

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from nemotron.artifacts.model import (
-    DATA_METADATA_FILE, MODEL_ARTIFACT_FILE, ArtifactError, read_model_artifact,
+    DATA_METADATA_FILE,
+    MODEL_ARTIFACT_FILE,
+    ArtifactError,
+    read_model_artifact,
 )
 
 DATA_ARTIFACT_NAME = "DataBlendsArtifact-pretrain"
@@ -52,8 +55,15 @@ def _wandb():
     return wandb
 
 
-def start_run(*, job_dir: str | Path, job_type: str, project: str | None, entity: str | None,
-              mode: str, config: dict[str, Any] | None = None):
+def start_run(
+    *,
+    job_dir: str | Path,
+    job_type: str,
+    project: str | None,
+    entity: str | None,
+    mode: str,
+    config: dict[str, Any] | None = None,
+):
     """A W&B run for one job directory: id and name are the job dir's name (unique, and the
     same run again when a job resumes), its files under `<job dir>/wandb/`. The project is
     `project`, else $WANDB_PROJECT (what env.toml's [wandb] exports to jobs), else 'nemotron'."""
@@ -64,8 +74,14 @@ def start_run(*, job_dir: str | Path, job_type: str, project: str | None, entity
     job_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        entity=entity or None, mode=mode, dir=str(job_dir), config=config,
-        job_type=job_type, name=job_dir.name, id=job_dir.name, resume="allow",
+        entity=entity or None,
+        mode=mode,
+        dir=str(job_dir),
+        config=config,
+        job_type=job_type,
+        name=job_dir.name,
+        id=job_dir.name,
+        resume="allow",
     )
 
 
@@ -112,7 +128,8 @@ def data_artifact_metadata(metadata: dict[str, Any], blend_path: Path) -> dict[s
         "counts": metadata.get("counts"),
         "datasets": [
             {k: s.get(k) for k in ("name", "path", "subset", "revision", "weight")}
-            for s in metadata.get("sources", []) if isinstance(s, dict)
+            for s in metadata.get("sources", [])
+            if isinstance(s, dict)
         ],
     }
 
@@ -131,7 +148,8 @@ def data_blends_artifact(blend_json: str | Path):
     if not isinstance(metadata, dict) or "fingerprint" not in metadata:
         raise ArtifactError(f"data-prep metadata {metadata_path} has no fingerprint")
     artifact = wandb.Artifact(
-        DATA_ARTIFACT_NAME, type=DATA_ARTIFACT_TYPE,
+        DATA_ARTIFACT_NAME,
+        type=DATA_ARTIFACT_TYPE,
         description="Tokenized pretraining blend: Megatron bin/idx shards and blend.json",
         metadata=data_artifact_metadata(metadata, blend_path),
     )
@@ -170,8 +188,7 @@ def use_data_artifact(run, blend_json: str | Path):
         # W&B's use_artifact raises in offline mode. For an artifact built here it would log
         # it with use_after_commit=True and wait for the server; offline, the same record is
         # written to the run file and `wandb sync` performs the use after the commit.
-        run._log_artifact(artifact, aliases=aliases, is_user_created=True,
-                          use_after_commit=True)
+        run._log_artifact(artifact, aliases=aliases, is_user_created=True, use_after_commit=True)
     else:
         run.use_artifact(artifact, aliases=aliases)
     return artifact
@@ -189,7 +206,8 @@ def model_artifact(checkpoint_dir: str | Path):
     data = manifest.get("data") or {}
     content = data.get("content") or {}
     artifact = wandb.Artifact(
-        MODEL_ARTIFACT_NAME, type=MODEL_ARTIFACT_TYPE,
+        MODEL_ARTIFACT_NAME,
+        type=MODEL_ARTIFACT_TYPE,
         description="Pretraining checkpoint (DCP) with its lineage manifest",
         metadata={
             "checkpoint": str(checkpoint_dir),
@@ -221,18 +239,28 @@ def require_wandb() -> None:
     _wandb()
 
 
-def record_data_prep(blend_json: str | Path, *, job_dir: str | Path, project: str | None,
-                     entity: str | None, mode: str, config: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def record_data_prep(
+    blend_json: str | Path,
+    *,
+    job_dir: str | Path,
+    project: str | None,
+    entity: str | None,
+    mode: str,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Log a finished data-prep output as `DataBlendsArtifact-pretrain` from a W&B run of its
     own (job type `data-prep`, files under `<job dir>/wandb/`). Returns what to tell the user:
     the artifact name and alias, the mode, and the run directory (`wandb sync` it if offline)."""
-    run = start_run(job_dir=job_dir, job_type="data-prep", project=project, entity=entity,
-                    mode=mode, config=config)
+    run = start_run(
+        job_dir=job_dir, job_type="data-prep", project=project, entity=entity, mode=mode, config=config
+    )
     try:
         artifact = log_data_artifact(run, blend_json)
         run_dir = str(Path(run.dir).parent) if getattr(run, "dir", None) else None
     finally:
         run.finish()
-    return {"artifact": f"{DATA_ARTIFACT_NAME}:{fingerprint_alias(artifact)}", "mode": mode,
-            "run_dir": run_dir}
+    return {
+        "artifact": f"{DATA_ARTIFACT_NAME}:{fingerprint_alias(artifact)}",
+        "mode": mode,
+        "run_dir": run_dir,
+    }

@@ -36,37 +36,60 @@ console = Console(highlight=False, soft_wrap=True)
 ConfigOpt = Annotated[
     str,
     typer.Option(
-        "--config", "-c", metavar="NAME|PATH", rich_help_panel=CONFIG_PANEL,
+        "--config",
+        "-c",
+        metavar="NAME|PATH",
+        rich_help_panel=CONFIG_PANEL,
         help="Recipe name shipped with the package (default, tiny, ...) or a YAML path.",
     ),
 ]
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="[KEY=VALUE]...", show_default=False,
+        metavar="[KEY=VALUE]...",
+        show_default=False,
         help="Dotted config overrides applied last, e.g. train.train_iters=100 model.num_experts=8.",
     ),
 ]
 RunOpt = Annotated[
     Optional[str],
-    typer.Option("--run", "-r", metavar="PROFILE", rich_help_panel=EXEC_PANEL,
-                 help="Submit with the env.toml PROFILE, wait and stream logs (attached)."),
+    typer.Option(
+        "--run",
+        "-r",
+        metavar="PROFILE",
+        rich_help_panel=EXEC_PANEL,
+        help="Submit with the env.toml PROFILE, wait and stream logs (attached).",
+    ),
 ]
 BatchOpt = Annotated[
     Optional[str],
-    typer.Option("--batch", "-b", metavar="PROFILE", rich_help_panel=EXEC_PANEL,
-                 help="Submit with the env.toml PROFILE and return at once (detached)."),
+    typer.Option(
+        "--batch",
+        "-b",
+        metavar="PROFILE",
+        rich_help_panel=EXEC_PANEL,
+        help="Submit with the env.toml PROFILE and return at once (detached).",
+    ),
 ]
 DryRunOpt = Annotated[
     bool,
-    typer.Option("--dry-run", "-d", rich_help_panel=EXEC_PANEL,
-                 help="Print the resolved config and the execution plan; write nothing."),
+    typer.Option(
+        "--dry-run",
+        "-d",
+        rich_help_panel=EXEC_PANEL,
+        help="Print the resolved config and the execution plan; write nothing.",
+    ),
 ]
 JobDirOpt = Annotated[
     Optional[Path],
-    typer.Option("--job-dir", metavar="DIR", rich_help_panel=EXEC_PANEL, envvar=JOB_DIR_ENV,
-                 show_envvar=False,
-                 help="Job directory for provenance and outputs (default: runs/<stage>/<UTC time>-<id>)."),
+    typer.Option(
+        "--job-dir",
+        metavar="DIR",
+        rich_help_panel=EXEC_PANEL,
+        envvar=JOB_DIR_ENV,
+        show_envvar=False,
+        help="Job directory for provenance and outputs (default: runs/<stage>/<UTC time>-<id>).",
+    ),
 ]
 
 
@@ -162,12 +185,24 @@ def as_dict(result: Any) -> dict[str, Any]:
         return dataclasses.asdict(result)
     if isinstance(result, dict):
         return dict(result)
-    return {k: v for k, v in vars(result).items() if not k.startswith("_")} if hasattr(result, "__dict__") else {"result": result}
+    return (
+        {k: v for k, v in vars(result).items() if not k.startswith("_")}
+        if hasattr(result, "__dict__")
+        else {"result": result}
+    )
 
 
 def submit_remote(
-    *, stage: str, profile: str, attached: bool, config_yaml: str, job_dir: Path,
-    overrides: list[str], config_source: str, dry_run: bool, predict=None,
+    *,
+    stage: str,
+    profile: str,
+    attached: bool,
+    config_yaml: str,
+    job_dir: Path,
+    overrides: list[str],
+    config_source: str,
+    dry_run: bool,
+    predict=None,
 ) -> None:
     """`--run/--batch PROFILE`: plan the job with `nemotron.launch`, then render or submit it.
 
@@ -194,32 +229,43 @@ def submit_remote(
             plan = launch.build_launch_plan(stage, config_path, prof, job_dir, env.wandb)
             text = launch.render(plan).replace(str(config_path), str(job_dir / jobdir.CONFIG_FILE))
         print_config(config_yaml, "resolved config")
-        print_plan("plan (dry run: nothing written)", [
-            ("stage", stage),
-            ("where", f"profile '{prof.name}' from {env.path} ({flag}, executor {prof.executor})"),
-            ("processes", f"{plan.nodes} node(s) x "
-                          f"{plan.nproc_per_node if plan.spec.distributed else plan.tasks_per_node}"),
-            ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
-            ("job dir", str(job_dir)),
-            *(predict(plan.nodes * plan.nproc_per_node) if predict is not None else []),
-        ])
+        print_plan(
+            "plan (dry run: nothing written)",
+            [
+                ("stage", stage),
+                ("where", f"profile '{prof.name}' from {env.path} ({flag}, executor {prof.executor})"),
+                (
+                    "processes",
+                    f"{plan.nodes} node(s) x "
+                    f"{plan.nproc_per_node if plan.spec.distributed else plan.tasks_per_node}",
+                ),
+                ("config", f"{job_dir / jobdir.CONFIG_FILE} (written at submission)"),
+                ("job dir", str(job_dir)),
+                *(predict(plan.nodes * plan.nproc_per_node) if predict is not None else []),
+            ],
+        )
         console.rule("[bold]submission")
         console.print(text, markup=False)
         return
-    info = jobdir.provenance(stage, argv(), overrides, config_source,
-                             extra={"profile": prof.name, "attached": attached})
+    info = jobdir.provenance(
+        stage, argv(), overrides, config_source, extra={"profile": prof.name, "attached": attached}
+    )
     job_dir = jobdir.create_job_dir(job_dir, config_yaml=config_yaml, info=info)
     plan = launch.build_launch_plan(stage, job_dir / jobdir.CONFIG_FILE, prof, job_dir, env.wandb)
     console.print(f"[bold]job dir[/] {job_dir}")
     console.print(f"submitting {stage} with profile '{prof.name}' ({flag})")
     result = launch.submit(plan, attached, lambda line: print(line, flush=True))
     values = as_dict(result)
-    print_plan("submitted" if not attached else "job finished", [
-        (k.replace("_", " "), str(v)) for k, v in values.items()
-    ])
+    print_plan(
+        "submitted" if not attached else "job finished",
+        [(k.replace("_", " "), str(v)) for k, v in values.items()],
+    )
     if attached and not getattr(result, "succeeded", True):
-        raise fail(f"job {getattr(result, 'job_id', '')} ended {getattr(result, 'state', 'unsuccessfully')}; "
-                   f"logs: {getattr(result, 'log_dir', job_dir)}", 1)
+        raise fail(
+            f"job {getattr(result, 'job_id', '')} ended {getattr(result, 'state', 'unsuccessfully')}; "
+            f"logs: {getattr(result, 'log_dir', job_dir)}",
+            1,
+        )
 
 
 def argv() -> list[str]:
@@ -227,7 +273,7 @@ def argv() -> list[str]:
 
 
 def open_job_dir(
-    path: Path, *, stage: str, config_yaml: str, overrides: list[str], config_source: str,
+    path: Path, *, stage: str, config_yaml: str, overrides: list[str], config_source: str
 ) -> Path:
     """Create the job dir (config.yaml + job.json, atomically), or join one a submission made.
 
@@ -264,14 +310,26 @@ class StageRun:
     config_source: str
 
     @classmethod
-    def from_options(cls, stage: str, job_dir: Path | None, run: str | None, batch: str | None,
-                     overrides: list[str], config_source: str | Path) -> "StageRun":
+    def from_options(
+        cls,
+        stage: str,
+        job_dir: Path | None,
+        run: str | None,
+        batch: str | None,
+        overrides: list[str],
+        config_source: str | Path,
+    ) -> "StageRun":
         from nemotron.artifacts.jobdir import default_job_dir
 
         target = (Path(job_dir) if job_dir is not None else default_job_dir(stage)).absolute()
-        return cls(stage=stage, job_dir=target, profile=run if run is not None else batch,
-                   attached=run is not None, overrides=list(overrides),
-                   config_source=str(config_source))
+        return cls(
+            stage=stage,
+            job_dir=target,
+            profile=run if run is not None else batch,
+            attached=run is not None,
+            overrides=list(overrides),
+            config_source=str(config_source),
+        )
 
     @property
     def local(self) -> bool:
@@ -280,14 +338,27 @@ class StageRun:
     def submit(self, config_yaml: str, dry_run: bool, predict=None) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
         assert self.profile is not None  # only a non-local stage submits
-        submit_remote(stage=self.stage, profile=self.profile, attached=self.attached,
-                      config_yaml=config_yaml, job_dir=self.job_dir, overrides=self.overrides,
-                      config_source=self.config_source, dry_run=dry_run, predict=predict)
+        submit_remote(
+            stage=self.stage,
+            profile=self.profile,
+            attached=self.attached,
+            config_yaml=config_yaml,
+            job_dir=self.job_dir,
+            overrides=self.overrides,
+            config_source=self.config_source,
+            dry_run=dry_run,
+            predict=predict,
+        )
 
     def open(self, config_yaml: str) -> Path:
         """Create (or join) the job dir for a local run and say where it is (rank 0)."""
-        self.job_dir = open_job_dir(self.job_dir, stage=self.stage, config_yaml=config_yaml,
-                                    overrides=self.overrides, config_source=self.config_source)
+        self.job_dir = open_job_dir(
+            self.job_dir,
+            stage=self.stage,
+            config_yaml=config_yaml,
+            overrides=self.overrides,
+            config_source=self.config_source,
+        )
         if process_rank() == 0:
             console.print(f"[bold]job dir[/] {self.job_dir}")
         return self.job_dir

@@ -10,9 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nemotron.cli import common
-from nemotron.cli.common import (
-    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, RunOpt, console,
-)
+from nemotron.cli.common import BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, RunOpt, console
 
 STAGE = "data_prep"
 STAGE_WORDS = ["nano3", "data", "prep", "pretrain"]
@@ -21,20 +19,29 @@ STAGE_WORDS = ["nano3", "data", "prep", "pretrain"]
 PrepOverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="[KEY=VALUE]...", show_default=False,
+        metavar="[KEY=VALUE]...",
+        show_default=False,
         help="Dotted data-prep overrides applied last, e.g. num_shards=8 tokenizer.add_bos=true "
-             "output_dir=/data/prep.",
+        "output_dir=/data/prep.",
     ),
 ]
 SampleOpt = Annotated[
     Optional[int],
-    typer.Option("--sample", metavar="N", min=1, rich_help_panel=common.CONFIG_PANEL,
-                 help="Read at most N rows per dataset (quick tests); same as sample=N."),
+    typer.Option(
+        "--sample",
+        metavar="N",
+        min=1,
+        rich_help_panel=common.CONFIG_PANEL,
+        help="Read at most N rows per dataset (quick tests); same as sample=N.",
+    ),
 ]
 ForceOpt = Annotated[
     bool,
-    typer.Option("--force", rich_help_panel=common.CONFIG_PANEL,
-                 help="Rebuild even if the output is complete; same as force=true."),
+    typer.Option(
+        "--force",
+        rich_help_panel=common.CONFIG_PANEL,
+        help="Rebuild even if the output is complete; same as force=true.",
+    ),
 ]
 
 
@@ -59,14 +66,23 @@ def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
     rows = [("blend", str(blend))]
     try:
         datasets = json.loads(blend.read_text()).get("datasets", [])
-        names = [f"{d.get('name')} ({d.get('path')}{':' + d['subset'] if d.get('subset') else ''}, "
-                 f"w={d.get('weight')})" for d in datasets if isinstance(d, dict)]
+        names = [
+            f"{d.get('name')} ({d.get('path')}{':' + d['subset'] if d.get('subset') else ''}, "
+            f"w={d.get('weight')})"
+            for d in datasets
+            if isinstance(d, dict)
+        ]
         rows.append(("datasets", f"{len(names)}: " + "; ".join(names)))
     except (OSError, ValueError, AttributeError) as exc:
         rows.append(("datasets", f"unreadable blend: {exc}"))
     if embedded.uses_embedded(cfg, recipe_dir):
-        rows.append(("embedded", f"corpus + tokenizer built from the Python standard library under "
-                                 f"{embedded.default_cache_dir()} (no network)"))
+        rows.append(
+            (
+                "embedded",
+                f"corpus + tokenizer built from the Python standard library under "
+                f"{embedded.default_cache_dir()} (no network)",
+            )
+        )
     return rows
 
 
@@ -142,15 +158,24 @@ def data_prep_pretrain(
             common.print_config(config_yaml, f"resolved config ({config_path})")
             rows = [
                 ("stage", "data prep: nemotron.data.prep.run_data_prep(cfg, recipe_dir)"),
-                ("where", "this machine, this process"
-                          + (f", {cfg.num_workers} workers" if cfg.num_workers else ", every core")),
+                (
+                    "where",
+                    "this machine, this process"
+                    + (f", {cfg.num_workers} workers" if cfg.num_workers else ", every core"),
+                ),
                 ("command", common.reproduce_command(STAGE_WORDS, config, overrides)),
                 ("config", str(config_path)),
                 ("recipe dir", str(recipe_dir)),
                 *_blend_rows(cfg, recipe_dir),
-                ("tokenizer", f"{cfg.tokenizer.model} (bos {cfg.tokenizer.add_bos}, eos {cfg.tokenizer.add_eos})"),
-                ("output", f"{cfg.output_dir}/{{train,valid,test}}/, blend.json "
-                           f"({cfg.num_shards} train / {cfg.valid_shards} valid / {cfg.test_shards} test shards)"),
+                (
+                    "tokenizer",
+                    f"{cfg.tokenizer.model} (bos {cfg.tokenizer.add_bos}, eos {cfg.tokenizer.add_eos})",
+                ),
+                (
+                    "output",
+                    f"{cfg.output_dir}/{{train,valid,test}}/, blend.json "
+                    f"({cfg.num_shards} train / {cfg.valid_shards} valid / {cfg.test_shards} test shards)",
+                ),
                 ("sample", f"{cfg.sample} rows per dataset" if cfg.sample else "all rows"),
                 ("job dir", str(target)),
             ]
@@ -184,23 +209,36 @@ def data_prep_pretrain(
             view.stop()
         if use_wandb and common.process_rank() == 0:
             logged = wandb_lineage.record_data_prep(
-                result.blend_path, job_dir=target, project=cfg.wandb_project,
-                entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
-            note = (f"; upload it with: wandb sync {logged['run_dir']}"
-                    if cfg.wandb_mode == "offline" and logged["run_dir"] else "")
+                result.blend_path,
+                job_dir=target,
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                mode=cfg.wandb_mode,
+                config=dataclasses.asdict(cfg),
+            )
+            note = (
+                f"; upload it with: wandb sync {logged['run_dir']}"
+                if cfg.wandb_mode == "offline" and logged["run_dir"]
+                else ""
+            )
             console.print(f"W&B ({cfg.wandb_mode}): logged {logged['artifact']}{note}")
         return result
 
     result = common.run_stage(prepare, target)
     if task is not None and not task.leader:
-        console.print(f"task {task.rank} of {task.world} on {task.host}: "
-                      f"{getattr(result, 'units_done_here', 0)} work units done")
+        console.print(
+            f"task {task.rank} of {task.world} on {task.host}: "
+            f"{getattr(result, 'units_done_here', 0)} work units done"
+        )
         return
     values = common.as_dict(result)
     if common.process_rank() == 0:
         finish_job_dir(target, "completed", values)
-    rows = [(k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else str(v))
-            for k, v in values.items() if isinstance(v, (str, int, float, bool, Path)) or v is None]
+    rows = [
+        (k.replace("_", " "), f"{v:.4g}" if isinstance(v, float) else str(v))
+        for k, v in values.items()
+        if isinstance(v, (str, int, float, bool, Path)) or v is None
+    ]
     rows.append(("job dir", str(target)))
     if common.process_rank() == 0:
         common.print_plan("data prep finished", rows)
@@ -214,24 +252,46 @@ def summary_table(summary, bad_records=None):
     tokens, share of the split's blend weight, shard files), split totals, bad records."""
     from rich.table import Table
 
-    rows = [r for r in summary or [] if isinstance(r, dict)
-            and {"dataset", "split", "documents", "tokens"} <= set(r)]
+    rows = [
+        r
+        for r in summary or []
+        if isinstance(r, dict) and {"dataset", "split", "documents", "tokens"} <= set(r)
+    ]
     if not rows:
         return None
     table = Table(title="datasets", title_justify="left", caption_justify="left")
-    for header, justify in (("split", "left"), ("dataset", "left"), ("documents", "right"),
-                            ("tokens", "right"), ("share", "right"), ("files", "right")):
+    for header, justify in (
+        ("split", "left"),
+        ("dataset", "left"),
+        ("documents", "right"),
+        ("tokens", "right"),
+        ("share", "right"),
+        ("files", "right"),
+    ):
         table.add_column(header, justify=justify)
-    bad = [f"{name}: " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
-           for name, kinds in sorted((bad_records or {}).items()) if any(kinds.values())]
+    bad = [
+        f"{name}: " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
+        for name, kinds in sorted((bad_records or {}).items())
+        if any(kinds.values())
+    ]
     if bad:
         table.caption = "bad records skipped: " + "; ".join(bad)
     totals: dict[str, list[int]] = {}
-    for r in sorted(rows, key=lambda r: (("train", "valid", "test").index(r["split"])
-                                         if r["split"] in ("train", "valid", "test") else 3,
-                                         r["dataset"])):
-        table.add_row(r["split"], r["dataset"], f"{r['documents']:,}", f"{r['tokens']:,}",
-                      f"{r.get('share', 0.0):.1%}", str(r.get("files", "")))
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            ("train", "valid", "test").index(r["split"]) if r["split"] in ("train", "valid", "test") else 3,
+            r["dataset"],
+        ),
+    ):
+        table.add_row(
+            r["split"],
+            r["dataset"],
+            f"{r['documents']:,}",
+            f"{r['tokens']:,}",
+            f"{r.get('share', 0.0):.1%}",
+            str(r.get("files", "")),
+        )
         docs_tokens = totals.setdefault(r["split"], [0, 0])
         docs_tokens[0] += r["documents"]
         docs_tokens[1] += r["tokens"]

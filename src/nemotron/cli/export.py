@@ -14,13 +14,38 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def _export_hf(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="A training checkpoint (iter_N dir) or a save dir (its latest).")],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write (config.json, safetensors, tokenizer, generation_config.json).")],
-    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype on disk: bf16 | fp32 | fp16 (router stays fp32).")] = "bf16",
-    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="Largest safetensors file, in GiB.")] = 5.0,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(metavar="CKPT", help="A training checkpoint (iter_N dir) or a save dir (its latest)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT",
+            help="Directory to write (config.json, safetensors, tokenizer, generation_config.json).",
+        ),
+    ],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weight dtype on disk: bf16 | fp32 | fp16 (router stays fp32).")
+    ] = "bf16",
+    max_shard_gb: Annotated[
+        float, typer.Option("--max-shard-gb", help="Largest safetensors file, in GiB.")
+    ] = 5.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="DIR|FILE|HUB_ID", help="Tokenizer to include (default: the one the checkpoint's training data was tokenized with, from its lineage manifest).")] = None,
-    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Write weights and config only (AutoTokenizer will not load OUT).")] = False,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokenizer",
+            metavar="DIR|FILE|HUB_ID",
+            help="Tokenizer to include (default: the one the checkpoint's training data was tokenized with, from its lineage manifest).",
+        ),
+    ] = None,
+    no_tokenizer: Annotated[
+        bool,
+        typer.Option(
+            "--no-tokenizer", help="Write weights and config only (AutoTokenizer will not load OUT)."
+        ),
+    ] = False,
 ) -> None:
     """Write a transformers NemotronHForCausalLM directory (weights, tokenizer, generation config)
     from a nemotron checkpoint: AutoTokenizer and AutoModelForCausalLM load it on their own."""
@@ -33,16 +58,30 @@ def _export_hf(
             raise CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if tokenizer is not None and no_tokenizer:
             raise CliError("--tokenizer and --no-tokenizer are mutually exclusive")
-        result = export_hf(checkpoint, out, dtype=getattr(torch, DTYPES[dtype]),
-                           max_shard_bytes=int(max_shard_gb * 1024**3), overwrite=overwrite,
-                           tokenizer=tokenizer, with_tokenizer=not no_tokenizer)
+        result = export_hf(
+            checkpoint,
+            out,
+            dtype=getattr(torch, DTYPES[dtype]),
+            max_shard_bytes=int(max_shard_gb * 1024**3),
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            with_tokenizer=not no_tokenizer,
+        )
         with_what = f"tokenizer {result.tokenizer}" if result.tokenizer else "no tokenizer"
-        console.print(f"exported {result.checkpoint} -> {result.out} ({dtype}, NemotronHForCausalLM, {with_what})")
+        console.print(
+            f"exported {result.checkpoint} -> {result.out} ({dtype}, NemotronHForCausalLM, {with_what})"
+        )
 
 
 def _import_hf(
-    hf_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A NemotronHForCausalLM directory (config.json + safetensors).")],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Model-only checkpoint directory to write (DCP + config.json).")],
+    hf_dir: Annotated[
+        Path,
+        typer.Argument(metavar="DIR", help="A NemotronHForCausalLM directory (config.json + safetensors)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(metavar="OUT", help="Model-only checkpoint directory to write (DCP + config.json)."),
+    ],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Read a transformers NemotronH directory into a nemotron model checkpoint (float32)."""

@@ -27,15 +27,21 @@ def plan_rows(cfg, world: int) -> list[tuple[str, str]]:
         plan = pm.estimate(model, layout, shape)
     except pm.PlanError as exc:
         return [("predicted", f"{world} GPUs: {exc}")]
-    rows.append(("predicted", f"{world} GPUs, {plan.layout.describe()} x{plan.grad_accumulation} "
-                              f"accumulation: {_memory_text(plan)}; {_speed_text(plan)}"))
+    rows.append(
+        (
+            "predicted",
+            f"{world} GPUs, {plan.layout.describe()} x{plan.grad_accumulation} "
+            f"accumulation: {_memory_text(plan)}; {_speed_text(plan)}",
+        )
+    )
     for warning in plan.warnings:
         rows.append(("warning", warning))
     best = pm.recommend(model, world, shape)
     if best and best[0].layout != layout:
         b = best[0]
-        rows.append(("faster", f"{b.layout.describe()}: {_memory_text(b)}; {_speed_text(b)} "
-                               f"({_overrides(b.layout)})"))
+        rows.append(
+            ("faster", f"{b.layout.describe()}: {_memory_text(b)}; {_speed_text(b)} ({_overrides(b.layout)})")
+        )
     elif not best:
         rows.append(("faster", f"no layout fits {world} GPUs"))
     return rows
@@ -48,17 +54,21 @@ def _memory_text(plan) -> str:
 
 
 def _speed_text(plan) -> str:
-    return (f"{plan.step.total:.2f} s per step, {plan.tokens_per_second_per_gpu:,.0f} tokens/s "
-            f"per GPU, MFU {plan.mfu:.3f}")
+    return (
+        f"{plan.step.total:.2f} s per step, {plan.tokens_per_second_per_gpu:,.0f} tokens/s "
+        f"per GPU, MFU {plan.mfu:.3f}"
+    )
 
 
 def _overrides(layout) -> str:
-    parts = [f"model.tensor_model_parallel_size={layout.tp}",
-             f"model.expert_model_parallel_size={layout.ep}",
-             f"model.context_parallel_size={layout.cp}",
-             f"model.sequence_parallel={'true' if layout.tp > 1 else 'false'}",
-             f"train.micro_batch_size={layout.micro_batch}",
-             f"train.activation_recompute={'true' if layout.recompute else 'false'}"]
+    parts = [
+        f"model.tensor_model_parallel_size={layout.tp}",
+        f"model.expert_model_parallel_size={layout.ep}",
+        f"model.context_parallel_size={layout.cp}",
+        f"model.sequence_parallel={'true' if layout.tp > 1 else 'false'}",
+        f"train.micro_batch_size={layout.micro_batch}",
+        f"train.activation_recompute={'true' if layout.recompute else 'false'}",
+    ]
     if not layout.accumulate_unsharded:
         parts.append("train.fsdp_accumulate_unsharded=false")
     if layout.pp > 1:
@@ -70,11 +80,21 @@ def _table(title: str, plans, *, show_overrides: bool = False):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_lines=False)
-    for name, justify in (("GPUs", "right"), ("layout", "left"), ("accum", "right"),
-                          ("weights+grads+Adam", "right"), ("FSDP bufs", "right"),
-                          ("activations", "right"), ("total GiB", "right"), ("fits", "left"),
-                          ("step s", "right"), ("compute", "right"), ("comm exposed", "right"),
-                          ("tokens/s/GPU", "right"), ("MFU", "right")):
+    for name, justify in (
+        ("GPUs", "right"),
+        ("layout", "left"),
+        ("accum", "right"),
+        ("weights+grads+Adam", "right"),
+        ("FSDP bufs", "right"),
+        ("activations", "right"),
+        ("total GiB", "right"),
+        ("fits", "left"),
+        ("step s", "right"),
+        ("compute", "right"),
+        ("comm exposed", "right"),
+        ("tokens/s/GPU", "right"),
+        ("MFU", "right"),
+    ):
         table.add_column(name, justify="right" if justify == "right" else "left")
     if show_overrides:
         table.add_column("overrides", overflow="fold")
@@ -82,11 +102,21 @@ def _table(title: str, plans, *, show_overrides: bool = False):
         m, s = plan.memory, plan.step
         comm = s.fsdp + s.expert_parallel + s.tensor_parallel + s.context_parallel
         fits = ("yes" if m.fits else "[red]no[/]") + ("" if plan.implemented else " (PP: n/a)")
-        row = [str(plan.layout.world), plan.layout.describe(), str(plan.grad_accumulation),
-               f"{m.weights + m.gradients + m.optimizer:.1f}", f"{m.fsdp_buffers:.1f}",
-               f"{m.activations + m.loss_buffers:.1f}", f"{m.total:.1f}", fits,
-               f"{s.total:.2f}", f"{s.compute:.2f}", f"{comm:.2f}",
-               f"{plan.tokens_per_second_per_gpu:,.0f}", f"{plan.mfu:.3f}"]
+        row = [
+            str(plan.layout.world),
+            plan.layout.describe(),
+            str(plan.grad_accumulation),
+            f"{m.weights + m.gradients + m.optimizer:.1f}",
+            f"{m.fsdp_buffers:.1f}",
+            f"{m.activations + m.loss_buffers:.1f}",
+            f"{m.total:.1f}",
+            fits,
+            f"{s.total:.2f}",
+            f"{s.compute:.2f}",
+            f"{comm:.2f}",
+            f"{plan.tokens_per_second_per_gpu:,.0f}",
+            f"{plan.mfu:.3f}",
+        ]
         if show_overrides:
             row.append(_overrides(plan.layout))
         table.add_row(*row)
@@ -96,12 +126,21 @@ def _table(title: str, plans, *, show_overrides: bool = False):
 def plan(
     overrides: OverridesArg = None,
     config: ConfigOpt = "default",
-    gpus: Annotated[Optional[list[int]], typer.Option(
-        "--gpus", "-g", metavar="N", help="GPU counts to plan for (repeat; default 8 64 512 1024).")] = None,
-    top: Annotated[int, typer.Option("--top", metavar="K",
-                                     help="Fastest layouts that fit to show per GPU count.")] = 3,
-    include_pp: Annotated[bool, typer.Option(
-        "--pp", help="Also consider pipeline parallelism (not composed with TP in training yet).")] = False,
+    gpus: Annotated[
+        Optional[list[int]],
+        typer.Option(
+            "--gpus", "-g", metavar="N", help="GPU counts to plan for (repeat; default 8 64 512 1024)."
+        ),
+    ] = None,
+    top: Annotated[
+        int, typer.Option("--top", metavar="K", help="Fastest layouts that fit to show per GPU count.")
+    ] = 3,
+    include_pp: Annotated[
+        bool,
+        typer.Option(
+            "--pp", help="Also consider pipeline parallelism (not composed with TP in training yet)."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
 ) -> None:
     """Predict memory per GPU and step time of the recipe's layout at several GPU counts, and
@@ -110,8 +149,7 @@ def plan(
     from nemotron.train import perf_model as pm
 
     with common.user_errors():
-        cfg = load_config(resolve_config_path(config, PretrainConfig), list(overrides or []),
-                          PretrainConfig)
+        cfg = load_config(resolve_config_path(config, PretrainConfig), list(overrides or []), PretrainConfig)
         model = cfg.model.arch()
         shape = pm.shape_from_config(cfg)
         counts = list(gpus or DEFAULT_GPUS)
@@ -131,17 +169,29 @@ def plan(
         import json
 
         def record(p, role):
-            return {"role": role, **dataclasses.asdict(p), "memory_total_gib": p.memory.total,
-                    "memory_fits": p.memory.fits, "step_total_s": p.step.total,
-                    "overrides": _overrides(p.layout)}
+            return {
+                "role": role,
+                **dataclasses.asdict(p),
+                "memory_total_gib": p.memory.total,
+                "memory_fits": p.memory.fits,
+                "step_total_s": p.step.total,
+                "overrides": _overrides(p.layout),
+            }
 
-        print(json.dumps([record(p, "recipe") for p in recipe]
-                         + [record(p, "fastest") for p in best] + [{"note": n} for n in notes],
-                         indent=1))
+        print(
+            json.dumps(
+                [record(p, "recipe") for p in recipe]
+                + [record(p, "fastest") for p in best]
+                + [{"note": n} for n in notes],
+                indent=1,
+            )
+        )
         return
-    console.print(f"[bold]{model.num_layers} blocks, {cfg.model.num_experts} experts, "
-                  f"global batch {shape.global_batch_size} x {shape.seq_length} tokens, "
-                  f"on {pm.H200.name}[/]")
+    console.print(
+        f"[bold]{model.num_layers} blocks, {cfg.model.num_experts} experts, "
+        f"global batch {shape.global_batch_size} x {shape.seq_length} tokens, "
+        f"on {pm.H200.name}[/]"
+    )
     if recipe:
         console.print(_table("recipe layout", recipe))
         seen = set()
@@ -155,12 +205,15 @@ def plan(
         for world in counts:
             first = next((p for p in best if p.layout.world == world), None)
             if first is not None:
-                console.print(f"recommended for {world} GPUs: {first.layout.describe()}: "
-                              f"{_overrides(first.layout)}")
+                console.print(
+                    f"recommended for {world} GPUs: {first.layout.describe()}: {_overrides(first.layout)}"
+                )
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print("Calibrated on 2x/4x H200 runs within one node (docs/parallelism.md, "
-                  "'Performance model'); inter-node bandwidths are assumptions, not measurements.")
+    console.print(
+        "Calibrated on 2x/4x H200 runs within one node (docs/parallelism.md, "
+        "'Performance model'); inter-node bandwidths are assumptions, not measurements."
+    )
 
 
 def register(nano3_app: typer.Typer) -> None:

@@ -12,10 +12,13 @@ from nemotron.cli.common import console
 
 
 def plot(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
-                                            help="Job dir of a pretraining run (holds metrics.jsonl).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR",
-                                                help="Where to write the PNGs (default: RUN_DIR/plots).")] = None,
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Job dir of a pretraining run (holds metrics.jsonl).")
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", metavar="DIR", help="Where to write the PNGs (default: RUN_DIR/plots)."),
+    ] = None,
 ) -> None:
     """Draw a run's loss, learning-rate and expert-balance curves to PNG files."""
     from nemotron.train.plots import plot_run

@@ -8,9 +8,7 @@ from pathlib import Path
 import typer
 
 from nemotron.cli import common
-from nemotron.cli.common import (
-    BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, OverridesArg, RunOpt, console,
-)
+from nemotron.cli.common import BatchOpt, ConfigOpt, DryRunOpt, JobDirOpt, OverridesArg, RunOpt, console
 
 STAGE = "pretrain"
 STAGE_WORDS = ["nano3", "pretrain"]
@@ -49,6 +47,7 @@ def _finetune_source(ckpt, save: str, dry_run: bool) -> str | None:
     # imported only here: the other dry runs must not pay for torch (tests/cli/test_imports.py)
     from nemotron.config import ConfigError
     from nemotron.train.checkpoint import resolve_checkpoint
+
     if ckpt.auto_resume and resolve_checkpoint(save, must_exist=False) is not None:
         return None  # resumes this run; the weights it started from do not matter any more
     found = main_run_checkpoint()
@@ -57,7 +56,8 @@ def _finetune_source(ckpt, save: str, dry_run: bool) -> str | None:
             f"checkpoint.load: null, and no main pretraining run with a checkpoint was found under "
             f"{(RUNS_DIR / STAGE).absolute()} (checkpoint.finetune=true starts from its weights); "
             "set checkpoint.load=<the main run's checkpoints dir>, or checkpoint.finetune=false "
-            "to start from fresh weights")
+            "to start from fresh weights"
+        )
     return str(found) if found is not None else None
 
 
@@ -69,26 +69,29 @@ def _localize(cfg, job_dir: Path, dry_run: bool = False):
     save = common.absolute(ckpt.save) if ckpt.save is not None else str(job_dir / "checkpoints")
     return dataclasses.replace(
         cfg,
-        checkpoint=dataclasses.replace(
-            ckpt, save=save, load=_finetune_source(ckpt, save, dry_run),
-        ),
+        checkpoint=dataclasses.replace(ckpt, save=save, load=_finetune_source(ckpt, save, dry_run)),
         data=dataclasses.replace(
             data,
             blend=common.absolute(data.blend),
             phase2_blend=common.absolute(data.phase2_blend),
             cache_dir=common.absolute(data.cache_dir),
-            mixed_length_blends=[dataclasses.replace(m, blend=common.absolute(m.blend))
-                                 for m in data.mixed_length_blends],
+            mixed_length_blends=[
+                dataclasses.replace(m, blend=common.absolute(m.blend)) for m in data.mixed_length_blends
+            ],
         ),
     )
 
 
 # The phase-2 blend may be prepared while phase 1 trains; until then the plan says so.
-PHASE2_MISSING = ("prepare it before the phase-2 switch, e.g. nemotron nano3 data prep pretrain "
-                  "-c phase2; the run stops with an error at the switch otherwise")
+PHASE2_MISSING = (
+    "prepare it before the phase-2 switch, e.g. nemotron nano3 data prep pretrain "
+    "-c phase2; the run stops with an error at the switch otherwise"
+)
 
 
-def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str) -> list[tuple[str, str]]:
+def _plan_rows(
+    cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str
+) -> list[tuple[str, str]]:
     from nemotron.train.plan import mean_sample_length
 
     t = cfg.train
@@ -106,48 +109,78 @@ def _plan_rows(cfg, job_dir: Path, config_arg: str, config_path: Path, overrides
         from nemotron.distributed.pipeline_split import run_lengths, split_stages
 
         split = split_stages(cfg.model.arch(), p, run_lengths(t.seq_length, cfg.data))
-        layout_note += (f"; pipeline: {p.pipeline_schedule}, {split.num_stages} stages, split "
-                        + ("by model.pipeline_blocks_per_stage" if split.manual
-                           else "balanced by FLOPs at the run's sequence lengths"))
+        layout_note += f"; pipeline: {p.pipeline_schedule}, {split.num_stages} stages, split " + (
+            "by model.pipeline_blocks_per_stage"
+            if split.manual
+            else "balanced by FLOPs at the run's sequence lengths"
+        )
         if p.tensor_model_parallel_size > 1:
             layout_note += "; PP with TP > 1 is not supported yet: training stops with an error"
-        pipeline_rows = [("pipeline" if i == 0 else "", line)
-                         for i, line in enumerate(split.describe(cfg.model.arch()))]
+        pipeline_rows = [
+            ("pipeline" if i == 0 else "", line) for i, line in enumerate(split.describe(cfg.model.arch()))
+        ]
     blend = cfg.data.blend
-    blend_note = "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
+    blend_note = (
+        "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
+    )
     phase2 = cfg.data.phase2_blend
-    phase2_note = "" if cfg.data.mock or not phase2 or Path(phase2).is_file() else (
-        f"  (missing: {PHASE2_MISSING})")
+    phase2_note = (
+        "" if cfg.data.mock or not phase2 or Path(phase2).is_file() else (f"  (missing: {PHASE2_MISSING})")
+    )
     return [
         ("stage", "pretrain: nemotron.train.pretrain(cfg, job_dir)"),
         ("where", where),
         ("command", common.reproduce_command(STAGE_WORDS, config_arg, overrides)),
         ("config", str(config_path)),
-        ("model", f"{cfg.model.num_layers} blocks '{cfg.model.hybrid_pattern}', hidden {cfg.model.hidden_size}, "
-                  f"{cfg.model.num_experts} experts top-{cfg.model.moe_top_k}"),
-        ("parallel", f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
-                     f"EP{p.expert_model_parallel_size} CP{p.context_parallel_size} "
-                     f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size"
-                     + layout_note),
+        (
+            "model",
+            f"{cfg.model.num_layers} blocks '{cfg.model.hybrid_pattern}', hidden {cfg.model.hidden_size}, "
+            f"{cfg.model.num_experts} experts top-{cfg.model.moe_top_k}",
+        ),
+        (
+            "parallel",
+            f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
+            f"EP{p.expert_model_parallel_size} CP{p.context_parallel_size} "
+            f"SP {'on' if p.sequence_parallel else 'off'}; DP from world size" + layout_note,
+        ),
         *pipeline_rows,
         ("length", length),
-        ("batch", f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"
-                  + "".join(f" mixed with {m.seq_length}-token samples (weight {m.weight:g} : "
-                            f"{cfg.data.blend_weight:g}) from {m.blend}"
-                            + ("" if cfg.data.mock or Path(m.blend).is_file() else " (missing)")
-                            for m in cfg.data.mixed_length_blends)),
+        (
+            "batch",
+            f"{t.global_batch_size} x {t.seq_length} tokens (micro-batch {t.micro_batch_size})"
+            + "".join(
+                f" mixed with {m.seq_length}-token samples (weight {m.weight:g} : "
+                f"{cfg.data.blend_weight:g}) from {m.blend}"
+                + ("" if cfg.data.mock or Path(m.blend).is_file() else " (missing)")
+                for m in cfg.data.mixed_length_blends
+            ),
+        ),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
-        ("phase 2", f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens{phase2_note}"
-                    if phase2 else "none"),
+        (
+            "phase 2",
+            f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens{phase2_note}"
+            if phase2
+            else "none",
+        ),
         ("checkpoints", f"{cfg.checkpoint.save} every {cfg.checkpoint.save_interval} steps"),
-        ("resume from", "weights only of the main run's checkpoint (finetune): none found under "
-                        f"{RUNS_DIR / STAGE}; set checkpoint.load"
-         if cfg.checkpoint.finetune and not cfg.checkpoint.load else
-         (f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
-                         "holds a checkpoint of this run") if cfg.checkpoint.finetune and cfg.checkpoint.load
-         else cfg.checkpoint.load or ("the newest intact checkpoint in the save dir, if any"
-                                         if cfg.checkpoint.auto_resume else "none")),
+        (
+            "resume from",
+            "weights only of the main run's checkpoint (finetune): none found under "
+            f"{RUNS_DIR / STAGE}; set checkpoint.load"
+            if cfg.checkpoint.finetune and not cfg.checkpoint.load
+            else (
+                f"weights only of {cfg.checkpoint.load} (finetune), unless the save dir "
+                "holds a checkpoint of this run"
+            )
+            if cfg.checkpoint.finetune and cfg.checkpoint.load
+            else cfg.checkpoint.load
+            or (
+                "the newest intact checkpoint in the save dir, if any"
+                if cfg.checkpoint.auto_resume
+                else "none"
+            ),
+        ),
         ("job dir", str(job_dir)),
         *_prediction_rows(cfg),
     ]
@@ -241,13 +274,14 @@ def pretrain(
         config_yaml = dump_config(cfg)
 
         if not stage.local:
-            stage.submit(config_yaml, dry_run,
-                         predict=lambda world: _prediction_rows(cfg, world))
+            stage.submit(config_yaml, dry_run, predict=lambda world: _prediction_rows(cfg, world))
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")
-            common.print_plan("plan (dry run: nothing written)",
-                              _plan_rows(cfg, target, config, config_path, overrides, "this machine, this process"))
+            common.print_plan(
+                "plan (dry run: nothing written)",
+                _plan_rows(cfg, target, config, config_path, overrides, "this machine, this process"),
+            )
             return
         if not cfg.data.mock and (cfg.data.blend is None or not Path(cfg.data.blend).is_file()):
             raise FileNotFoundError(
@@ -258,8 +292,9 @@ def pretrain(
         target = stage.open(config_yaml)
         phase2 = cfg.data.phase2_blend
         if not cfg.data.mock and phase2 and not Path(phase2).is_file() and common.process_rank() == 0:
-            console.print(f"[yellow]warning[/]: data.phase2_blend {phase2} does not exist yet: "
-                          f"{PHASE2_MISSING}")
+            console.print(
+                f"[yellow]warning[/]: data.phase2_blend {phase2} does not exist yet: {PHASE2_MISSING}"
+            )
 
     on_event = None
     if common.process_rank() == 0:

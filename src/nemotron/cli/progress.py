@@ -15,16 +15,24 @@ class TrainProgress:
     def __init__(self, console: Console, show_bar: bool = True):
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.description}"), console=console, disable=not show_bar, transient=False,
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            disable=not show_bar,
+            transient=False,
         )
         self.task: TaskID | None = None
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "start":
             if payload.get("ignored_layout"):
-                self.console.log(f"one process: {payload['ignored_layout']} not applied (the whole "
-                                 "model trains on one device; start with torchrun for the layout)")
+                self.console.log(
+                    f"one process: {payload['ignored_layout']} not applied (the whole "
+                    "model trains on one device; start with torchrun for the layout)"
+                )
             if payload.get("fp8"):
                 self.console.log(payload["fp8"])
             self.progress.start()
@@ -61,9 +69,14 @@ class PrepProgressView:
     def __init__(self, console: Console, show_bar: bool = True):
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[phase]}[/]"), BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-            disable=not show_bar, transient=False,
+            TextColumn("[bold]{task.fields[phase]}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            disable=not show_bar,
+            transient=False,
         )
         self.task: TaskID | None = None
         self._message = ""
@@ -85,9 +98,11 @@ class PrepProgressView:
             self.task = self.progress.add_task("", total=report.units_total, phase=report.phase)
         if self.task is not None:
             self.progress.update(
-                self.task, completed=report.units_done, phase=report.phase,
+                self.task,
+                completed=report.units_done,
+                phase=report.phase,
                 description=f"{report.documents:,} docs  {report.tokens:,} tokens  "
-                            f"{report.tokens_per_s:,.0f} tok/s",
+                f"{report.tokens_per_s:,.0f} tok/s",
             )
         if report.phase == "done":
             self.stop()

@@ -213,8 +213,7 @@ def load_env_toml(path: Path | str) -> EnvToml:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise EnvTomlError(
-                f"{path}: top-level key '{section}' is not a table; write profiles as "
-                f"[{section}] sections"
+                f"{path}: top-level key '{section}' is not a table; write profiles as [{section}] sections"
             )
         if section == WANDB_SECTION:
             wandb = _build_wandb(path, table)
@@ -276,9 +275,7 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
 
     executor = values.get("executor", "local")
     if executor not in EXECUTORS:
-        raise EnvTomlError(
-            f"{where}: key 'executor' must be one of {_listing(EXECUTORS)}, got {executor!r}"
-        )
+        raise EnvTomlError(f"{where}: key 'executor' must be one of {_listing(EXECUTORS)}, got {executor!r}")
     if executor == "local":
         stray = [k for k in SLURM_ONLY_KEYS if k in table]
         if stray:
@@ -288,9 +285,7 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
             )
     tunnel = values.get("tunnel", "local")
     if tunnel not in TUNNELS:
-        raise EnvTomlError(
-            f"{where}: key 'tunnel' must be one of {_listing(TUNNELS)}, got {tunnel!r}"
-        )
+        raise EnvTomlError(f"{where}: key 'tunnel' must be one of {_listing(TUNNELS)}, got {tunnel!r}")
     if tunnel == "ssh":
         for key in ("host", "remote_job_dir"):
             if key not in values:
@@ -316,8 +311,7 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
         parts = mount.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
             raise EnvTomlError(
-                f"{where}: key 'mounts'[{i}] must be \"host_path:container_path[:flags]\", "
-                f"got {mount!r}"
+                f"{where}: key 'mounts'[{i}] must be \"host_path:container_path[:flags]\", got {mount!r}"
             )
     if "mounts" in values and "container_image" not in values:
         raise EnvTomlError(f"{where}: key 'mounts' needs 'container_image' (mounts are into it)")

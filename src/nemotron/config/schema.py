@@ -18,13 +18,10 @@ from typing import Any
 from nemotron.artifacts.wandb_lineage import WANDB_MODES
 from nemotron.config.errors import ConfigError
 from nemotron.data.config import DataConfig, DataPrepConfig
+from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.parallel_dims import check_global_batch
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
-from nemotron.data.tokenizers import KINDS as TOKENIZER_KINDS
-from nemotron.train.fp8_config import check_fp8_config
-from nemotron.train.schedule import DECAY_STYLES, ON_RESUME
-from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 from nemotron.train.config import (
     COMPUTE_WEIGHTS,
     CheckpointConfig,
@@ -33,6 +30,9 @@ from nemotron.train.config import (
     SchedulerConfig,
     TrainConfig,
 )
+from nemotron.train.fp8_config import check_fp8_config
+from nemotron.train.schedule import DECAY_STYLES, ON_RESUME
+from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 
 
 @dataclass
@@ -165,23 +165,36 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             "train.train_iters / train.train_tokens: set exactly one of them "
             f"(got train_iters={t.train_iters}, train_tokens={t.train_tokens})"
         )
-    for key in ("train_iters", "train_tokens", "global_batch_size", "micro_batch_size",
-                "seq_length", "eval_interval", "log_interval", "max_consecutive_nonfinite"):
+    for key in (
+        "train_iters",
+        "train_tokens",
+        "global_batch_size",
+        "micro_batch_size",
+        "seq_length",
+        "eval_interval",
+        "log_interval",
+        "max_consecutive_nonfinite",
+    ):
         value = getattr(t, key)
         if value is not None:
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
-    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps",
-             f"must be >= 0, got {t.max_skipped_steps}")
+    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps", f"must be >= 0, got {t.max_skipped_steps}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     # the batch rule of nemotron.distributed.parallel_dims with what is known before the world
     # size (one data-parallel rank); sequence lengths are checked once the layout applies (a
     # single process ignores the configured TP / CP)
     check_global_batch(t.global_batch_size, t.micro_batch_size, error=ConfigError)
-    _require(t.expert_bias_update_rate >= 0, "train.expert_bias_update_rate",
-             f"must be >= 0, got {t.expert_bias_update_rate}")
-    _require(t.compute_weights != "bf16" or t.precision == "bf16", "train.compute_weights",
-             "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)")
+    _require(
+        t.expert_bias_update_rate >= 0,
+        "train.expert_bias_update_rate",
+        f"must be >= 0, got {t.expert_bias_update_rate}",
+    )
+    _require(
+        t.compute_weights != "bf16" or t.precision == "bf16",
+        "train.compute_weights",
+        "bf16 needs train.precision=bf16 (bf16 compute weights run under bf16 autocast)",
+    )
     for key, message in check_fp8_config(t.fp8, t.precision, cfg.model.tensor_model_parallel_size):
         raise ConfigError(f"{key}: {message}")
 
@@ -197,8 +210,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 
     s = cfg.scheduler
     _require(s.warmup_tokens >= 0, "scheduler.warmup_tokens", f"must be >= 0, got {s.warmup_tokens}")
-    _require(0 <= s.stable_fraction_end <= 1, "scheduler.stable_fraction_end",
-             f"must be in [0, 1], got {s.stable_fraction_end}")
+    _require(
+        0 <= s.stable_fraction_end <= 1,
+        "scheduler.stable_fraction_end",
+        f"must be in [0, 1], got {s.stable_fraction_end}",
+    )
 
     c = cfg.checkpoint
     _require(c.save_interval > 0, "checkpoint.save_interval", f"must be positive, got {c.save_interval}")
@@ -206,11 +222,17 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         _require(c.keep_last > 0, "checkpoint.keep_last", f"must be positive or null, got {c.keep_last}")
 
     d = cfg.data
-    _require(0 < d.phase2_start_fraction <= 1, "data.phase2_start_fraction",
-             f"must be in (0, 1], got {d.phase2_start_fraction}")
+    _require(
+        0 < d.phase2_start_fraction <= 1,
+        "data.phase2_start_fraction",
+        f"must be in (0, 1], got {d.phase2_start_fraction}",
+    )
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(d.mock or d.blend is not None, "data.blend",
-             "is null: point it at the blend.json written by data prep (or set data.mock=true)")
+    _require(
+        d.mock or d.blend is not None,
+        "data.blend",
+        "is null: point it at the blend.json written by data prep (or set data.mock=true)",
+    )
     _require(d.blend_weight >= 0, "data.blend_weight", f"must be >= 0, got {d.blend_weight}")
     for i, m in enumerate(d.mixed_length_blends):
         key = f"data.mixed_length_blends[{i}]"
@@ -218,8 +240,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         _require(m.seq_length > 0, f"{key}.seq_length", f"must be positive, got {m.seq_length}")
         _require(m.weight >= 0, f"{key}.weight", f"must be >= 0, got {m.weight}")
     if d.mixed_length_blends:
-        _require(d.blend_weight + sum(m.weight for m in d.mixed_length_blends) > 0,
-                 "data.blend_weight", "and the data.mixed_length_blends weights sum to 0")
+        _require(
+            d.blend_weight + sum(m.weight for m in d.mixed_length_blends) > 0,
+            "data.blend_weight",
+            "and the data.mixed_length_blends weights sum to 0",
+        )
     _check_choices(cfg)
 
 
@@ -231,8 +256,11 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
     for key in ("valid_fraction", "test_fraction", "max_bad_record_fraction"):
         value = getattr(cfg, key)
         _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
-    _require(cfg.valid_fraction + cfg.test_fraction < 1, "valid_fraction",
-             "valid_fraction + test_fraction must be < 1")
+    _require(
+        cfg.valid_fraction + cfg.test_fraction < 1,
+        "valid_fraction",
+        "valid_fraction + test_fraction must be < 1",
+    )
     for key in ("min_doc_chars", "max_doc_tokens", "sample", "num_workers"):
         value = getattr(cfg, key)
         if value is not None:
@@ -242,4 +270,6 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
 
 
 VALIDATORS: dict[type, Callable[[Any], None]] = {
-    PretrainConfig: validate_pretrain, DataPrepConfig: validate_data_prep}
+    PretrainConfig: validate_pretrain,
+    DataPrepConfig: validate_data_prep,
+}

@@ -87,8 +87,15 @@ def _nearest(key: str, options: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(options)})"
 
 
-def _check_number(where: str, key: str, value: Any, *, integer: bool = False, positive: bool = True,
-                  maximum: float | None = None) -> float | int:
+def _check_number(
+    where: str,
+    key: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    positive: bool = True,
+    maximum: float | None = None,
+) -> float | int:
     wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
     if integer and not wrong_type and not isinstance(value, int):
         wrong_type = True
@@ -159,10 +166,14 @@ def parse_blend(data: Any, source: str = "<blend>") -> Blend:
         if raw.get("split") is not None:
             split = raw["split"]
             if not isinstance(split, dict):
-                raise BlendError(f"{label}: field 'split' must be an object like {{\"valid\": 0.01, \"test\": 0.01}}")
+                raise BlendError(
+                    f'{label}: field \'split\' must be an object like {{"valid": 0.01, "test": 0.01}}'
+                )
             for key in split:
                 if key not in ("valid", "test"):
-                    raise BlendError(f"{label}: field 'split' has unknown key {key!r}{_nearest(key, ['valid', 'test'])}")
+                    raise BlendError(
+                        f"{label}: field 'split' has unknown key {key!r}{_nearest(key, ['valid', 'test'])}"
+                    )
             valid = _check_number(label, "split.valid", split.get("valid", 0.0), positive=False, maximum=1.0)
             test = _check_number(label, "split.test", split.get("test", 0.0), positive=False, maximum=1.0)
             if valid + test >= 1.0:
@@ -182,7 +193,9 @@ def load_blend(path: str | os.PathLike) -> Blend:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise BlendError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+        raise BlendError(
+            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
     return parse_blend(data, source=str(path))
 
 
@@ -196,9 +209,7 @@ class ShardWeight:
     weight: float = field(default=0.0)
 
 
-def shard_weights(
-    dataset_weights: Mapping[str, float], shards: Sequence[ShardWeight]
-) -> list[ShardWeight]:
+def shard_weights(dataset_weights: Mapping[str, float], shards: Sequence[ShardWeight]) -> list[ShardWeight]:
     """Assign each shard ``dataset_weight * shard_tokens / dataset_tokens``, normalised to sum 1.
 
     Datasets without tokens in this split (and empty shards) get no prefix: they cannot be drawn.
@@ -225,5 +236,3 @@ def write_split_blend(path: str | os.PathLike, splits: Mapping[str, Sequence[Sha
         blend[split] = [item for shard in entries for item in (format_weight(shard.weight), shard.prefix)]
     atomic_write_text(path, json.dumps(blend, indent=2) + "\n")
     return path
-
-

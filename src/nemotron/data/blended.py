@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemotron.data.gpt_dataset import (
-    INDEX_FORMAT_VERSION, GPTDataset, GPTDatasetError, cached_arrays,
-)
+from nemotron.data.gpt_dataset import INDEX_FORMAT_VERSION, GPTDataset, GPTDatasetError, cached_arrays
 from nemotron.data.mapped import PicklesByReference
 
 # Megatron-Core's `mid_level_dataset_surplus`: each dataset builds 0.5% more than its share.
@@ -110,9 +108,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
             dataset_index, sample_index = build_blending_indices(self.weights, size)
             return {"dataset_index": dataset_index, "dataset_sample_index": sample_index}
 
-        arrays = cached_arrays(
-            Path(cache_dir), description, ("dataset_index", "dataset_sample_index"), build
-        )
+        arrays = cached_arrays(Path(cache_dir), description, ("dataset_index", "dataset_sample_index"), build)
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
 
@@ -133,8 +129,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         for prefix, wanted in zip(prefixes, requested):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
             datasets.append(
-                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size)
-                if wanted else None
+                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size) if wanted else None
             )
         description = {
             "class": "BlendedDataset",
@@ -185,12 +180,16 @@ def build_mixed_length_dataset(
         if seq_length <= 0 or not math.isfinite(weight) or weight < 0:
             raise GPTDatasetError(
                 f"mixed-length blend {blend}: seq_length ({seq_length}) must be positive and "
-                f"weight ({weight}) >= 0")
+                f"weight ({weight}) >= 0"
+            )
     normalised, served, requested = blend_sizes(num_samples, [w for _, _, w in parts])
     datasets = []
     for (blend, seq_length, _), wanted in zip(parts, requested):
-        datasets.append(build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir,
-                                            vocab_size) if wanted else None)
+        datasets.append(
+            build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir, vocab_size)
+            if wanted
+            else None
+        )
     description = {
         "class": "MixedLengthDataset",
         "format": INDEX_FORMAT_VERSION,

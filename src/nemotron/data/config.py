@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 # Set to "slurm" by the launcher when several Slurm tasks share one data prep (each then takes
 # its rank from SLURM_PROCID). Here, not in nemotron.launch: the job reads it without importing
 # NeMo-Run (and torch with it).

@@ -44,8 +44,19 @@ MAX_DOC_CHARS = 3_000
 MIN_DOCSTRING_CHARS = 80
 # Not representative of ordinary Python text (tests, tables, demos, vendored code).
 _SKIP_DIRS = {
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "lib2to3",
-    "turtledemo", "encodings", "__pycache__", "ensurepip", "config-3", "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "encodings",
+    "__pycache__",
+    "ensurepip",
+    "config-3",
+    "pydoc_data",
 }
 
 
@@ -205,8 +216,9 @@ def _assets_dir(vocab_size: int, cache_dir: str | Path | None, corpus_chars: int
     return base / _cache_key(stdlib_dir(), corpus_chars, vocab_size)
 
 
-def is_materialized(vocab_size: int = 4096, cache_dir: str | Path | None = None,
-                    corpus_chars: int = DEFAULT_CORPUS_CHARS) -> bool:
+def is_materialized(
+    vocab_size: int = 4096, cache_dir: str | Path | None = None, corpus_chars: int = DEFAULT_CORPUS_CHARS
+) -> bool:
     """Whether `materialize` would reuse a complete cached build (and so build nothing)."""
     return (_assets_dir(vocab_size, cache_dir, corpus_chars) / "manifest.json").is_file()
 
@@ -218,9 +230,7 @@ def prep_vocab_size(cfg: DataPrepConfig) -> int:
 
 
 def materialize(
-    vocab_size: int = 4096,
-    cache_dir: str | Path | None = None,
-    corpus_chars: int = DEFAULT_CORPUS_CHARS,
+    vocab_size: int = 4096, cache_dir: str | Path | None = None, corpus_chars: int = DEFAULT_CORPUS_CHARS
 ) -> EmbeddedAssets:
     """Build (or reuse) the embedded corpora and tokenizer; safe against interrupted builds."""
     root = stdlib_dir()
@@ -241,7 +251,8 @@ def materialize(
                 "generator": GENERATOR_VERSION,
                 "files": {
                     p.relative_to(tmp).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                    for p in sorted(tmp.rglob("*")) if p.is_file()
+                    for p in sorted(tmp.rglob("*"))
+                    if p.is_file()
                 },
             }
             (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -280,10 +291,7 @@ def uses_embedded(cfg: DataPrepConfig, recipe_dir: str | Path) -> bool:
 
 
 def materialize_for_prep(
-    cfg: DataPrepConfig,
-    recipe_dir: str | Path,
-    work_dir: str | Path,
-    cache_dir: str | Path | None = None,
+    cfg: DataPrepConfig, recipe_dir: str | Path, work_dir: str | Path, cache_dir: str | Path | None = None
 ) -> DataPrepConfig:
     """A copy of `cfg` with every `embedded://` URI replaced by a local path.
 

@@ -81,8 +81,7 @@ def separate_final_epoch(
 
 
 def build_document_index(
-    document_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState,
-    separate_last: bool = False,
+    document_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate_last: bool = False
 ) -> np.ndarray:
     """E copies of the document ids shuffled together (consuming `rng`), or with
     `separate_last`: E - 1 copies shuffled, then one copy shuffled, concatenated."""
@@ -110,9 +109,7 @@ def build_sample_index(
     total_tokens = int(ends[-1]) if len(ends) else 0
     num_samples = (total_tokens - 1) // seq_length
     if num_samples <= 0:
-        raise GPTDatasetError(
-            f"{total_tokens} tokens cannot make one sample of seq_length {seq_length} + 1"
-        )
+        raise GPTDatasetError(f"{total_tokens} tokens cannot make one sample of seq_length {seq_length} + 1")
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
     starts = np.concatenate([[0], ends[:-1]])
     doc_pos = np.searchsorted(ends, positions, side="right")
@@ -251,7 +248,8 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         }
 
         separate, before_last = separate_final_epoch(
-            tokens_per_epoch, num_samples, seq_length, self.num_epochs)
+            tokens_per_epoch, num_samples, seq_length, self.num_epochs
+        )
         self.separate_final_epoch = separate
 
         def build() -> dict[str, np.ndarray]:
@@ -260,9 +258,7 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
                 np.arange(len(sequence_lengths)), self.num_epochs, rng, separate
             )
             sample_index = build_sample_index(sequence_lengths, document_index, seq_length)
-            shuffle_index = build_shuffle_index(
-                len(sample_index) - 1, rng, before_last if separate else None
-            )
+            shuffle_index = build_shuffle_index(len(sample_index) - 1, rng, before_last if separate else None)
             return {
                 "document_index": document_index,
                 "sample_index": sample_index,
@@ -270,8 +266,7 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             }
 
         arrays = cached_arrays(
-            Path(cache_dir), self.description,
-            ("document_index", "sample_index", "shuffle_index"), build,
+            Path(cache_dir), self.description, ("document_index", "sample_index", "shuffle_index"), build
         )
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
@@ -383,5 +378,4 @@ def build_split_dataset(
     cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
     if len(prefixes) == 1:
         return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split, vocab_size)
-    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split,
-                                vocab_size)
+    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split, vocab_size)

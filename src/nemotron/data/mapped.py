@@ -26,19 +26,24 @@ class _Mapping:
     mode: str
 
     def open(self) -> np.memmap:
-        return np.memmap(self.filename, dtype=self.dtype, mode=self.mode,  # type: ignore[call-overload]
-                         offset=self.offset,
-                         shape=self.shape, order=self.order)
+        return np.memmap(
+            self.filename,
+            dtype=self.dtype,
+            mode=self.mode,  # type: ignore[call-overload]
+            offset=self.offset,
+            shape=self.shape,
+            order=self.order,
+        )
 
 
 def _as_mapping(value: Any) -> Any:
     # Only whole mappings (np.memmap / np.load(mmap_mode=...) results): a slice's `offset`
     # attribute is its parent's, so slices are left to pickle by value.
-    if (isinstance(value, np.memmap) and value.filename is not None
-            and isinstance(value.base, mmap.mmap)):
+    if isinstance(value, np.memmap) and value.filename is not None and isinstance(value.base, mmap.mmap):
         order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
-        return _Mapping(str(value.filename), value.dtype, tuple(value.shape), int(value.offset),
-                        order, value.mode)
+        return _Mapping(
+            str(value.filename), value.dtype, tuple(value.shape), int(value.offset), order, value.mode
+        )
     return value
 
 
@@ -49,5 +54,6 @@ class PicklesByReference:
         return {name: _as_mapping(value) for name, value in self.__dict__.items()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({name: value.open() if isinstance(value, _Mapping) else value
-                              for name, value in state.items()})
+        self.__dict__.update(
+            {name: value.open() if isinstance(value, _Mapping) else value for name, value in state.items()}
+        )

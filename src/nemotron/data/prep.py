@@ -232,7 +232,9 @@ def _plan_datasets(cfg: DataPrepConfig, blend: Blend, base_dir: Path) -> list[_D
                 valid_fraction=cfg.valid_fraction if entry.valid_fraction is None else entry.valid_fraction,
                 test_fraction=cfg.test_fraction if entry.test_fraction is None else entry.test_fraction,
                 min_doc_chars=entry.min_doc_chars if entry.min_doc_chars is not None else cfg.min_doc_chars,
-                max_doc_tokens=entry.max_doc_tokens if entry.max_doc_tokens is not None else cfg.max_doc_tokens,
+                max_doc_tokens=entry.max_doc_tokens
+                if entry.max_doc_tokens is not None
+                else cfg.max_doc_tokens,
             )
         )
     return plans
@@ -245,8 +247,16 @@ def _fingerprint(cfg: DataPrepConfig, plans: list[_DatasetPlan], tokenizer_ident
         "config": {
             key: getattr(cfg, key)
             for key in (
-                "num_shards", "valid_shards", "test_shards", "valid_fraction", "test_fraction",
-                "text_field", "min_doc_chars", "max_doc_tokens", "sample", "max_bad_record_fraction",
+                "num_shards",
+                "valid_shards",
+                "test_shards",
+                "valid_fraction",
+                "test_fraction",
+                "text_field",
+                "min_doc_chars",
+                "max_doc_tokens",
+                "sample",
+                "max_bad_record_fraction",
             )
         },
         "datasets": [
@@ -357,7 +367,9 @@ _WORKER: dict = {}
 SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 
 
-def _init_worker(resolved: ResolvedTokenizer | Tokenizer, progress_queue, single_threaded: bool = True) -> None:
+def _init_worker(
+    resolved: ResolvedTokenizer | Tokenizer, progress_queue, single_threaded: bool = True
+) -> None:
     if single_threaded:
         os.environ.update(SINGLE_THREAD_ENV)
     _WORKER["tokenizer"] = resolved if isinstance(resolved, Tokenizer) else Tokenizer(resolved)
@@ -551,9 +563,11 @@ def _ensure_coverage(segments: dict[str, list[_Segment]], fractions: dict[str, f
             train.pop(0)
 
 
-def _cut_into_shards(dataset: str, split: str, segments: list[_Segment], num_shards: int,
-                     output_dir: Path, staging_dir: Path) -> list[_ShardPlan]:
+def _cut_into_shards(
+    dataset: str, split: str, segments: list[_Segment], num_shards: int, output_dir: Path, staging_dir: Path
+) -> list[_ShardPlan]:
     """Contiguous shards of near-equal tokens: a document goes to shard floor(tokens_before * n / total)."""
+
     def lengths_of(segment: _Segment) -> np.ndarray:
         return IndexedDataset(segment.prefix).sequence_lengths[segment.start : segment.stop].astype(np.int64)
 
@@ -576,7 +590,9 @@ def _cut_into_shards(dataset: str, split: str, segments: list[_Segment], num_sha
         for run_start, run_stop in zip(starts.tolist(), stops.tolist()):
             shard = int(assignment[run_start])
             plan = shards.setdefault(shard, _ShardPlan(dataset, split, Path()))
-            plan.segments.append(_Segment(segment.prefix, segment.start + run_start, segment.start + run_stop))
+            plan.segments.append(
+                _Segment(segment.prefix, segment.start + run_start, segment.start + run_stop)
+            )
             plan.documents += run_stop - run_start
             plan.tokens += int(lengths[run_start:run_stop].sum())
     ordered = [shards[k] for k in sorted(shards)]
@@ -699,6 +715,7 @@ class _TaskBoard:
 
     def counting(self, emit: Callable[..., None]) -> Callable[..., None]:
         """``emit`` that also counts this task's units and tokens."""
+
         def counted(*args, **kwargs) -> None:
             self.units += kwargs.get("units", 0)
             self.tokens += kwargs.get("tokens", 0)
@@ -713,10 +730,20 @@ class _TaskBoard:
         if not force and now - self._written < 1.0:
             return
         self._written = now
-        atomic_write_text(self.directory / f"{self.task.rank:05d}.json", json.dumps({
-            "rank": self.task.rank, "host": self.task.host, "workers": self.workers,
-            "units": self.units, "tokens": self.tokens, "state": state, "error": error,
-        }))
+        atomic_write_text(
+            self.directory / f"{self.task.rank:05d}.json",
+            json.dumps(
+                {
+                    "rank": self.task.rank,
+                    "host": self.task.host,
+                    "workers": self.workers,
+                    "units": self.units,
+                    "tokens": self.tokens,
+                    "state": state,
+                    "error": error,
+                }
+            ),
+        )
 
     def read(self) -> list[dict]:
         rows = []
@@ -817,8 +844,9 @@ def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> Non
         )
 
 
-def _result_from_metadata(output_dir: Path, metadata: dict, cached: bool, elapsed: float,
-                          reused: int) -> DataPrepResult:
+def _result_from_metadata(
+    output_dir: Path, metadata: dict, cached: bool, elapsed: float, reused: int
+) -> DataPrepResult:
     return DataPrepResult(
         output_dir=output_dir,
         blend_path=output_dir / "blend.json",
@@ -875,9 +903,14 @@ def _source_checks(cfg: DataPrepConfig, plan: _DatasetPlan, stats: list[dict]) -
     }
 
 
-def _run_units(units: list[UnitSpec], tokenizer: Tokenizer, workers: int, emit: Callable[..., None],
-               claim: Callable[[UnitSpec], bool] | None = None,
-               tick: Callable[[], None] = lambda: None) -> tuple[float, int]:
+def _run_units(
+    units: list[UnitSpec],
+    tokenizer: Tokenizer,
+    workers: int,
+    emit: Callable[..., None],
+    claim: Callable[[UnitSpec], bool] | None = None,
+    tick: Callable[[], None] = lambda: None,
+) -> tuple[float, int]:
     """Process the units that are not complete (and that this task claims, when tasks share the
     work), ``workers`` single-core processes at a time. Returns (CPU seconds spent in worker
     processes, 0 when inline; units processed here)."""
@@ -910,7 +943,10 @@ def _run_units(units: list[UnitSpec], tokenizer: Tokenizer, workers: int, emit: 
     context = _worker_context()
     progress_queue = context.Queue()
     with futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer.resolved, progress_queue)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(tokenizer.resolved, progress_queue),
     ) as pool:
         # Units are claimed and submitted as workers free up (two per worker in flight), so
         # that tasks sharing the work take units at the pace they finish them.
@@ -970,8 +1006,9 @@ def _drain(progress_queue, emit) -> None:
         emit(documents=item["documents"], tokens=item["tokens"], bytes_read=item["bytes"])
 
 
-def _idle_core_warnings(cfg: DataPrepConfig, task: PrepTask, workers: int, units: int,
-                        pending: int) -> list[str]:
+def _idle_core_warnings(
+    cfg: DataPrepConfig, task: PrepTask, workers: int, units: int, pending: int
+) -> list[str]:
     """``workers``: the worker processes of this task before the plan was known."""
     warnings = []
     cpus = available_cpus()
@@ -997,8 +1034,16 @@ class _Emitter:
         self.progress, self.started = progress, started
         self.state = PrepProgress(phase="plan")
 
-    def __call__(self, phase: str | None = None, units: int = 0, documents: int = 0, tokens: int = 0,
-                 bytes_read: int = 0, message: str = "", warning: str = "") -> None:
+    def __call__(
+        self,
+        phase: str | None = None,
+        units: int = 0,
+        documents: int = 0,
+        tokens: int = 0,
+        bytes_read: int = 0,
+        message: str = "",
+        warning: str = "",
+    ) -> None:
         state = self.state
         if phase:
             state.phase = phase
@@ -1038,8 +1083,15 @@ def run_data_prep(
         raise
 
 
-def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emit: _Emitter,
-          started: float, cpu_started: float) -> DataPrepResult:
+def _lead(
+    cfg: DataPrepConfig,
+    recipe_dir,
+    output_dir: Path,
+    task: PrepTask,
+    emit: _Emitter,
+    started: float,
+    cpu_started: float,
+) -> DataPrepResult:
     blend_path = _resolve_blend_path(cfg, Path(recipe_dir) if recipe_dir is not None else None)
     blend = load_blend(blend_path)
     base_dir = Path(recipe_dir) if recipe_dir is not None else blend_path.parent
@@ -1085,8 +1137,15 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
         unit_bytes = unit_bytes_for(total_bytes, workers_here * task.world, cfg.work_unit_mb)
         units = _units(plans, cfg.sample, work_dir / "units", unit_bytes)
         _save_units(plan_file, units)
-    _announce(output_dir, task, status="run", fingerprint=fingerprint, work_dir=str(work_dir),
-              tokenizer_revision=resolved.revision, tokenizer_identity=tokenizer.identity())
+    _announce(
+        output_dir,
+        task,
+        status="run",
+        fingerprint=fingerprint,
+        work_dir=str(work_dir),
+        tokenizer_revision=resolved.revision,
+        tokenizer_identity=tokenizer.identity(),
+    )
 
     completed = {u.unit_id for u in units if u.marker.is_file()}
     pending = len(units) - len(completed)
@@ -1097,10 +1156,18 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
     emit.state.units_total = len(units)
     emit.state.units_done = len(completed)
     where = f"{task.world} tasks x " if task.world > 1 else ""
-    emit("tokenize", message=f"{pending} of {len(units)} work units to tokenize with {where}{workers} workers")
+    emit(
+        "tokenize", message=f"{pending} of {len(units)} work units to tokenize with {where}{workers} workers"
+    )
     board = _TaskBoard(work_dir, task, workers)
-    worker_cpu, done_here = _run_units(units, tokenizer, workers, board.counting(emit),
-                                       _claimer(work_dir, task), _progress_ticker(units, board, emit))
+    worker_cpu, done_here = _run_units(
+        units,
+        tokenizer,
+        workers,
+        board.counting(emit),
+        _claimer(work_dir, task),
+        _progress_ticker(units, board, emit),
+    )
     board.record("done", force=True)
     if task.world > 1:
         _wait_for_units(units, board, emit)
@@ -1170,9 +1237,11 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
                 "work_units": sum(1 for u in units if u.dataset == plan.entry.name),
             }
         )
-    tasks = board.read() if task.world > 1 else [
-        {"rank": 0, "host": task.host, "workers": workers, "units": done_here}
-    ]
+    tasks = (
+        board.read()
+        if task.world > 1
+        else [{"rank": 0, "host": task.host, "workers": workers, "units": done_here}]
+    )
     metadata = {
         "type": ARTIFACT_TYPE,
         "format_version": FORMAT_VERSION,
@@ -1201,8 +1270,13 @@ def _lead(cfg: DataPrepConfig, recipe_dir, output_dir: Path, task: PrepTask, emi
         },
         "splits": {
             split: [
-                {"dataset": w.dataset, "prefix": w.prefix, "tokens": w.tokens, "weight": w.weight,
-                 "documents": s.documents}
+                {
+                    "dataset": w.dataset,
+                    "prefix": w.prefix,
+                    "tokens": w.tokens,
+                    "weight": w.weight,
+                    "documents": s.documents,
+                }
                 for w, s in zip(weighted[split], [s for s in split_shards[split] if s.tokens > 0])
             ]
             for split in SPLITS
@@ -1283,8 +1357,9 @@ def _wait_for_leader(attempt: Path) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitter,
-            started: float) -> DataPrepResult:
+def _follow(
+    cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitter, started: float
+) -> DataPrepResult:
     """A task other than 0: wait for task 0's plan, then tokenize the units it can claim."""
     attempt = _attempt_file(output_dir, task)
     emit("plan", message=f"task {task.rank} of {task.world}: waiting for task 0's plan")
@@ -1295,13 +1370,21 @@ def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitte
             break
         except (OSError, ValueError):
             if time.monotonic() > deadline:
-                raise DataPrepError(f"{attempt}: task 0 announced no plan within {FOLLOWER_WAIT_S:.0f} s") from None
+                raise DataPrepError(
+                    f"{attempt}: task 0 announced no plan within {FOLLOWER_WAIT_S:.0f} s"
+                ) from None
             time.sleep(POLL_SECONDS)
     status = announced.get("status")
     result = DataPrepResult(
-        output_dir=output_dir, blend_path=output_dir / "blend.json",
-        metadata_path=output_dir / "metadata.json", fingerprint=announced.get("fingerprint", ""),
-        cached=status == "cached", summary=[], bad_records={}, bad_locations={}, elapsed_s=0.0,
+        output_dir=output_dir,
+        blend_path=output_dir / "blend.json",
+        metadata_path=output_dir / "metadata.json",
+        fingerprint=announced.get("fingerprint", ""),
+        cached=status == "cached",
+        summary=[],
+        bad_records={},
+        bad_locations={},
+        elapsed_s=0.0,
     )
     if status == "failed":
         raise DataPrepError(f"task 0 failed: {announced.get('error')}")
@@ -1310,7 +1393,9 @@ def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitte
         return result
     work_dir = Path(announced["work_dir"])
     units = _load_units(work_dir / "plan.json", work_dir / "units")
-    tokenizer_cfg = dataclasses.replace(cfg.tokenizer, revision=announced.get("tokenizer_revision") or cfg.tokenizer.revision)
+    tokenizer_cfg = dataclasses.replace(
+        cfg.tokenizer, revision=announced.get("tokenizer_revision") or cfg.tokenizer.revision
+    )
     tokenizer = Tokenizer(resolve_tokenizer(tokenizer_cfg))
     if tokenizer.identity() != announced.get("tokenizer_identity"):
         raise DataPrepError(
@@ -1320,15 +1405,27 @@ def _follow(cfg: DataPrepConfig, output_dir: Path, task: PrepTask, emit: _Emitte
     workers = cfg.num_workers or available_cpus()
     board = _TaskBoard(work_dir, task, workers)
     emit.state.units_total = len(units)
-    emit("tokenize", message=f"task {task.rank} of {task.world} on {task.host}: tokenizing with {workers} workers")
+    emit(
+        "tokenize",
+        message=f"task {task.rank} of {task.world} on {task.host}: tokenizing with {workers} workers",
+    )
     try:
-        _, done = _run_units(units, tokenizer, workers, board.counting(emit), _claimer(work_dir, task),
-                             _progress_ticker(units, board, emit))
+        _, done = _run_units(
+            units,
+            tokenizer,
+            workers,
+            board.counting(emit),
+            _claimer(work_dir, task),
+            _progress_ticker(units, board, emit),
+        )
     except BaseException as error:
         board.record("failed", error=str(error) or type(error).__name__, force=True)
         raise
     board.record("done", force=True)
-    emit("assemble", message=f"task {task.rank}: {done} work units done; waiting for task 0 to assemble the output")
+    emit(
+        "assemble",
+        message=f"task {task.rank}: {done} work units done; waiting for task 0 to assemble the output",
+    )
     _wait_for_leader(attempt)
     emit("done", message=f"task {task.rank}: {done} work units done; output assembled by task 0")
     result.units_done_here = done

@@ -123,7 +123,9 @@ def _local_files(path_spec: str, base_dir: Path | None) -> list[Path]:
             raise SourceError(f"glob {path_spec!r} matches no .jsonl/.parquet/.txt files")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _data_kind(p) and not p.name.startswith("."))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and _data_kind(p) and not p.name.startswith(".")
+        )
         if not files:
             raise SourceError(f"directory {path} holds no .jsonl/.parquet/.txt files")
         return files
@@ -147,8 +149,14 @@ def _jsonl_pieces(path: Path, piece_bytes: int) -> list[Piece]:
     if size <= piece_bytes:
         return [Piece("jsonl", (str(path),), None, size=size)]
     return [
-        Piece("jsonl", (str(path),), None, start, min(start + piece_bytes, size),
-              size=min(start + piece_bytes, size) - start)
+        Piece(
+            "jsonl",
+            (str(path),),
+            None,
+            start,
+            min(start + piece_bytes, size),
+            size=min(start + piece_bytes, size) - start,
+        )
         for start in range(0, size, piece_bytes)
     ]
 
@@ -194,7 +202,12 @@ def plan_local(path_spec: str, base_dir: Path | None, piece_bytes: int) -> Sourc
         pieces.extend(_jsonl_pieces(file, piece_bytes) if kind == "jsonl" else _parquet_pieces(file))
     if txt_batch:
         pieces.append(_txt_piece(txt_batch))
-    description = {"path": path_spec, "kind": "local", "revision": None, "files": [_file_info(f) for f in files]}
+    description = {
+        "path": path_spec,
+        "kind": "local",
+        "revision": None,
+        "files": [_file_info(f) for f in files],
+    }
     return SourcePlan(pieces, description)
 
 
@@ -215,7 +228,7 @@ def split_pieces(pieces: list[Piece], piece_bytes: int) -> list[Piece]:
 
 
 def _hub_repo(path_spec: str) -> str:
-    repo = path_spec[len(HUB_SCHEME):]
+    repo = path_spec[len(HUB_SCHEME) :]
     if not repo:
         raise SourceError(f"{path_spec!r}: expected hf://org/name")
     return repo
@@ -265,7 +278,15 @@ def plan_hub(path_spec: str, subset: str | None, revision: str | None, hf_split:
     dataset = _load_hub(repo, subset, commit, hf_split)
     shards = max(1, int(dataset.n_shards))
     pieces = [
-        Piece("hub", repo=repo, subset=subset, revision=commit, hf_split=hf_split, shard_index=i, num_shards=shards)
+        Piece(
+            "hub",
+            repo=repo,
+            subset=subset,
+            revision=commit,
+            hf_split=hf_split,
+            shard_index=i,
+            num_shards=shards,
+        )
         for i in range(shards)
     ]
     description = {
@@ -280,9 +301,15 @@ def plan_hub(path_spec: str, subset: str | None, revision: str | None, hf_split:
     return SourcePlan(pieces, description)
 
 
-def plan_source(path_spec: str, *, subset: str | None = None, revision: str | None = None,
-                hf_split: str = "train", base_dir: Path | None = None,
-                piece_bytes: int = 64 << 20) -> SourcePlan:
+def plan_source(
+    path_spec: str,
+    *,
+    subset: str | None = None,
+    revision: str | None = None,
+    hf_split: str = "train",
+    base_dir: Path | None = None,
+    piece_bytes: int = 64 << 20,
+) -> SourcePlan:
     if path_spec.startswith(HUB_SCHEME):
         return plan_hub(path_spec, subset, revision, hf_split)
     if "://" in path_spec:
@@ -361,7 +388,9 @@ def _iter_parquet(piece: Piece, text_field: str) -> Iterator[Record]:
     path = piece.files[0]
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:
-        raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise SourceError(
+            f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})"
+        )
     row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
     assert piece.end is not None  # parquet pieces always carry their row-group range
     groups = list(range(piece.start, piece.end))
@@ -390,7 +419,9 @@ def _iter_hub(piece: Piece, text_field: str) -> Iterator[Record]:
     dataset = _load_hub(piece.repo, piece.subset, piece.revision, piece.hf_split)
     if piece.num_shards > 1:
         dataset = dataset.shard(num_shards=piece.num_shards, index=piece.shard_index)
-    where = f"hf://{piece.repo}" + (f"[{piece.subset}]" if piece.subset else "") + f"#shard{piece.shard_index}"
+    where = (
+        f"hf://{piece.repo}" + (f"[{piece.subset}]" if piece.subset else "") + f"#shard{piece.shard_index}"
+    )
     for row_number, row in enumerate(dataset):
         if text_field not in row and row_number == 0:
             raise SourceError(f"{where}: no field {text_field!r} (fields: {', '.join(row)})")

@@ -75,8 +75,10 @@ def _download_from_hub(repo: str, revision: str | None, kind: str) -> tuple[str,
         raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: {error}") from error
     if commit is None:
         raise TokenizerError(f"cannot resolve tokenizer {repo!r} on the Hugging Face hub: it gave no commit")
-    names = ["tokenizer.json", "tokenizer.model"] if kind == "auto" else (
-        ["tokenizer.json"] if kind == "huggingface" else ["tokenizer.model"]
+    names = (
+        ["tokenizer.json", "tokenizer.model"]
+        if kind == "auto"
+        else (["tokenizer.json"] if kind == "huggingface" else ["tokenizer.model"])
     )
     for name in names:
         try:
@@ -143,7 +145,9 @@ class Tokenizer:
             try:
                 self._hf = HFTokenizer.from_file(resolved.path)
             except Exception as error:
-                raise TokenizerError(f"{resolved.path}: not a Hugging Face tokenizer.json: {error}") from error
+                raise TokenizerError(
+                    f"{resolved.path}: not a Hugging Face tokenizer.json: {error}"
+                ) from error
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.bos_id = self._special_id(resolved.bos_token, "bos_token", _BOS_CANDIDATES, resolved.add_bos)
             self.eos_id = self._special_id(resolved.eos_token, "eos_token", _EOS_CANDIDATES, resolved.add_eos)
@@ -181,7 +185,9 @@ class Tokenizer:
         if explicit:
             token_id = self._sp.piece_to_id(explicit)
             if token_id == self._sp.unk_id() and explicit != self._sp.id_to_piece(token_id):
-                raise TokenizerError(f"{self.resolved.path}: {name}_token {explicit!r} is not in the vocabulary")
+                raise TokenizerError(
+                    f"{self.resolved.path}: {name}_token {explicit!r} is not in the vocabulary"
+                )
             return token_id
         if builtin >= 0:
             return builtin

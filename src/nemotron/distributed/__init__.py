@@ -10,11 +10,16 @@ from nemotron._lazy import lazy_exports
 _EXPORTS = {
     "ParallelismConfig": "config",
     "AllToAllDispatcher": "expert_parallel",
-    "ParallelMesh": "mesh", "build_mesh": "mesh",
-    "ParallelDims": "parallel_dims", "ParallelLayoutError": "parallel_dims",
+    "ParallelMesh": "mesh",
+    "build_mesh": "mesh",
+    "ParallelDims": "parallel_dims",
+    "ParallelLayoutError": "parallel_dims",
     "parallelize": "apply",
-    "global_token_count": "utils", "loss_tokens": "utils", "reduce_token_loss": "utils",
-    "token_loss_weight": "utils", "token_loss_weights": "utils",
+    "global_token_count": "utils",
+    "loss_tokens": "utils",
+    "reduce_token_loss": "utils",
+    "token_loss_weight": "utils",
+    "token_loss_weights": "utils",
 }
 
 __all__ = sorted(_EXPORTS)

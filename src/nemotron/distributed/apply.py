@@ -40,9 +40,14 @@ from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.models.nano3.moe import MoE
 
 
-def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
-                parallel: ParallelismConfig | None = None, *, mixed_precision: bool = False,
-                reshard_after_forward: bool = True) -> Nano3ForCausalLM:
+def parallelize(
+    model: Nano3ForCausalLM,
+    mesh: ParallelMesh,
+    parallel: ParallelismConfig | None = None,
+    *,
+    mixed_precision: bool = False,
+    reshard_after_forward: bool = True,
+) -> Nano3ForCausalLM:
     """Shard `model` (a `Nano3ForCausalLM`) in place for `mesh` and return it.
 
     The model is either materialised and identical on every rank (same seed), or built on the
@@ -58,12 +63,17 @@ def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
     MixedPrecisionPolicy); the sharded master weights and optimizer state stay fp32."""
     dims = mesh.dims
     if parallel is not None:
-        given = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
-                 parallel.pipeline_model_parallel_size, parallel.context_parallel_size)
+        given = (
+            parallel.tensor_model_parallel_size,
+            parallel.expert_model_parallel_size,
+            parallel.pipeline_model_parallel_size,
+            parallel.context_parallel_size,
+        )
         if given != (dims.tp, dims.ep, dims.pp, dims.cp):
             raise ParallelLayoutError(
                 f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
-                f"{(dims.tp, dims.ep, dims.pp, dims.cp)}")
+                f"{(dims.tp, dims.ep, dims.pp, dims.cp)}"
+            )
     model.parallel_init = functools.partial(init_like_single_device, cls=type(model))
     cp = None
     if dims.cp > 1:
@@ -77,8 +87,7 @@ def parallelize(model: Nano3ForCausalLM, mesh: ParallelMesh,
         for moe in _moe_layers(model):
             moe.sequence_gather = gather
     apply_expert_parallel(model, mesh)
-    apply_fsdp(model, mesh, mixed_precision=mixed_precision,
-               reshard_after_forward=reshard_after_forward)
+    apply_fsdp(model, mesh, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -101,18 +110,19 @@ def apply_expert_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
         moe.dispatcher = AllToAllDispatcher(moe.router.num_experts, ep_mesh.get_group())
 
 
-def apply_fsdp(model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: bool,
-               reshard_after_forward: bool = True) -> None:
+def apply_fsdp(
+    model: Nano3ForCausalLM, mesh: ParallelMesh, *, mixed_precision: bool, reshard_after_forward: bool = True
+) -> None:
     """FSDP2 per block; routed experts on the expert-data-parallel mesh, everything else on DP."""
     mp_policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if mixed_precision else None,
-        reduce_dtype=torch.float32,
+        param_dtype=torch.bfloat16 if mixed_precision else None, reduce_dtype=torch.float32
     )
     dims = mesh.dims
     common: dict[str, Any] = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for moe in _moe_layers(model):
-        experts = fully_shard(moe.experts, mesh=mesh.edp_mesh,
-                              shard_placement_fn=_expert_shard_placement(dims.edp), **common)
+        experts = fully_shard(
+            moe.experts, mesh=mesh.edp_mesh, shard_placement_fn=_expert_shard_placement(dims.edp), **common
+        )
         # Mean over data- (and context-) parallel ranks, like the dense parameters (EDP also
         # spans EP/TP peers, whose contributions belong to the same loss and are summed).
         experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
@@ -180,14 +190,14 @@ def _expert_shard_placement(edp: int):
 
 # -- initialisation -----------------------------------------------------------------------------
 
+
 def _owner_unit(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
 
 @torch.no_grad()
-def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM] | None = None
-                            ) -> None:
+def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM] | None = None) -> None:
     """Initialise a sharded `Nano3ForCausalLM` to exactly the weights `reset_parameters()` gives
     the single-device model under the current RNG state (what `parallelize` sets as the model's
     `parallel_init`, so `model.reset_parameters()` calls it): a meta-device twin is materialised one
@@ -227,8 +237,11 @@ def init_like_single_device(model: Nano3ForCausalLM, cls: type[Nano3ForCausalLM]
     current: str | None = None
     units = dict(twin.backbone.named_modules())
     for name, module in twin.backbone.named_modules():
-        if not name or not hasattr(module, "reset_parameters") or isinstance(
-                module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+        if (
+            not name
+            or not hasattr(module, "reset_parameters")
+            or isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d))
+        ):
             continue
         unit = _owner_unit(name)
         if unit != current:

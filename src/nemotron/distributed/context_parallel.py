@@ -44,10 +44,10 @@ from nemotron.kernels.ssd import ssd as ssd_scan
 from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
 
-
 # torch >= 2.13 names it all_gather_single_autograd (the older name warns)
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or \
-    funcol.all_gather_tensor_autograd
+_all_gather_autograd = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
 
 
 class ContextParallelError(ValueError):
@@ -55,6 +55,7 @@ class ContextParallelError(ValueError):
 
 
 # -- layout -------------------------------------------------------------------------------------
+
 
 def cp_chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
     """Global chunk indices (of 2*cp_size) held by `cp_rank`, in local order."""
@@ -65,7 +66,8 @@ def _check_divisible(length: int, cp_size: int) -> int:
     if length % (2 * cp_size):
         raise ContextParallelError(
             f"sequence length {length} is not divisible by 2 * context_parallel_size = "
-            f"{2 * cp_size} (each CP rank holds two equal chunks)")
+            f"{2 * cp_size} (each CP rank holds two equal chunks)"
+        )
     return length // (2 * cp_size)
 
 
@@ -75,8 +77,7 @@ def cp_shard(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch
         return x
     chunk = _check_divisible(x.shape[dim], cp_size)
     first, second = cp_chunk_ids(cp_rank, cp_size)
-    return torch.cat([x.narrow(dim, first * chunk, chunk), x.narrow(dim, second * chunk, chunk)],
-                     dim=dim)
+    return torch.cat([x.narrow(dim, first * chunk, chunk), x.narrow(dim, second * chunk, chunk)], dim=dim)
 
 
 def cp_unshard(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 1) -> torch.Tensor:
@@ -94,6 +95,7 @@ def cp_unshard(parts: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int = 
 
 
 # -- the hook object ----------------------------------------------------------------------------
+
 
 class ContextParallel:
     """Collective operations of one CP group, called by the model's attention / Mamba-2 / MoE
@@ -132,15 +134,20 @@ class ContextParallel:
         outs = []
         for i, chunk_id in enumerate(self.chunk_ids):
             end = (chunk_id + 1) * chunk  # keys [0, end): the causal prefix ending at this chunk
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, i * chunk:(i + 1) * chunk], k_full[:, :, :end], v_full[:, :, :end],
-                attn_mask=causal_lower_right(chunk, end), enable_gqa=gqa))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, i * chunk : (i + 1) * chunk],
+                    k_full[:, :, :end],
+                    v_full[:, :, :end],
+                    attn_mask=causal_lower_right(chunk, end),
+                    enable_gqa=gqa,
+                )
+            )
         return torch.cat(outs, dim=2)
 
     # -- Mamba-2 --------------------------------------------------------------------------------
 
-    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The mixer's depthwise causal conv (no activation) over the local chunks, each fed the
         kernel-1 positions before it in the sequence. x [b, s_local, channels], weight
         [channels, 1, kernel] (nn.Conv1d's), bias [channels] -> [b, s_local, channels]."""
@@ -150,9 +157,10 @@ class ContextParallel:
         if chunk < halo:
             raise ContextParallelError(
                 f"context parallel: chunks of {chunk} tokens are shorter than the conv1d "
-                f"context of {halo}; use a longer sequence or a smaller context_parallel_size")
+                f"context of {halo}; use a longer sequence or a smaller context_parallel_size"
+            )
         chunks = x.view(b, 2, chunk, ch)
-        tails = self.all_gather(chunks[:, :, chunk - halo:])  # per rank [b, 2, halo, ch]
+        tails = self.all_gather(chunks[:, :, chunk - halo :])  # per rank [b, 2, halo, ch]
         by_chunk: dict[int, torch.Tensor] = {}
         for rank, tail in enumerate(tails):
             for i, chunk_id in enumerate(cp_chunk_ids(rank, self.size)):
@@ -167,9 +175,16 @@ class ContextParallel:
         out = causal_conv1d(inp, weight, bias, activation=None)[:, halo:]
         return out.reshape(b, s, -1)
 
-    def ssd(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            C: torch.Tensor, chunk_size: int, initial_state: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def ssd(
+        self,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        chunk_size: int,
+        initial_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`kernels.ssd.ssd` over the whole sequence, given this rank's two chunks of it (shapes
         as `ssd` with the local length). Returns (y of the local chunks, the state at the end
         of the sequence)."""
@@ -208,6 +223,7 @@ class ContextParallel:
 
 
 # -- applying it to a model ---------------------------------------------------------------------
+
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
     """Give every attention and Mamba-2 mixer of a `Nano3ForCausalLM` the object `cp` (their

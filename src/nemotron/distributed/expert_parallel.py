@@ -29,8 +29,9 @@ class _AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits (the backward is the reverse route)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+    ) -> torch.Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         return _all_to_all(x, send_splits, recv_splits, group)
 
@@ -39,17 +40,18 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
 
 
-def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
+def _all_to_all(
+    x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=recv_splits,
-                           input_split_sizes=send_splits, group=group)
+    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
     return out
 
 
-def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-               group: dist.ProcessGroup) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
     """Send rows `x[sum(send_splits[:j]) : ...]` to rank j of `group`, differentiably."""
     return _AllToAll.apply(x, list(send_splits), list(recv_splits), group)
 
@@ -73,24 +75,30 @@ class _AllToAllStart(torch.autograd.Function):
     on something else, then waits on `pending`); the backward is the synchronous reverse route."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                group: dist.ProcessGroup, pending: PendingExchange) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        group: dist.ProcessGroup,
+        pending: PendingExchange,
+    ) -> torch.Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         x = x.contiguous()
         out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-        pending.work = dist.all_to_all_single(out, x, output_split_sizes=recv_splits,
-                                              input_split_sizes=send_splits, group=group,
-                                              async_op=True)
+        pending.work = dist.all_to_all_single(
+            out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group, async_op=True
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return (_all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group),
-                None, None, None, None)
+        return (_all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None, None)
 
 
-def all_to_all_start(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-                     group: dist.ProcessGroup) -> tuple[torch.Tensor, PendingExchange]:
+def all_to_all_start(
+    x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup
+) -> tuple[torch.Tensor, PendingExchange]:
     """`all_to_all`, launched asynchronously: returns (received rows, pending); call
     `pending.wait()` before the rows are read."""
     pending = PendingExchange()
@@ -115,13 +123,13 @@ class _PermuteRows(torch.autograd.Function):
 
 @dataclass
 class _RouteContext:
-    order: torch.Tensor          # [T*K] (token, k) pair of each expert-sorted row sent
-    position: torch.Tensor       # inverse of `order`
-    send_splits: list[int]       # rows sent to each EP rank
-    recv_splits: list[int]       # rows received from each EP rank
-    local_order: torch.Tensor    # received row feeding each expert-sorted row
+    order: torch.Tensor  # [T*K] (token, k) pair of each expert-sorted row sent
+    position: torch.Tensor  # inverse of `order`
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    local_order: torch.Tensor  # received row feeding each expert-sorted row
     local_position: torch.Tensor  # inverse of `local_order`
-    topk_weight: torch.Tensor    # [T, K]
+    topk_weight: torch.Tensor  # [T, K]
 
 
 class AllToAllDispatcher:
@@ -145,15 +153,15 @@ class AllToAllDispatcher:
     # MoE may run the shared expert on a side stream beside dispatch/combine (models/nano3/moe.py)
     shared_expert_side_stream = True
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup, *,
-                 early_splits: bool = True) -> None:
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, *, early_splits: bool = True) -> None:
         self.group = group
         self.early_splits = early_splits
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel "
-                             f"group size {self.ep_size}")
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel group size {self.ep_size}"
+            )
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
 
@@ -183,14 +191,15 @@ class AllToAllDispatcher:
             splits = host.tolist()
         else:
             splits = self._split_sizes(counts, recv_counts).tolist()
-        send_splits, recv_splits = splits[:self.ep_size], splits[self.ep_size:]
+        send_splits, recv_splits = splits[: self.ep_size], splits[self.ep_size :]
 
         recv_x, rows_sent = all_to_all_start(send_x, send_splits, recv_splits, self.group)
         # while the rows travel: received rows come grouped by (source rank, local expert), so
         # the permutation regrouping them by local expert depends on the counts alone
         chunk = torch.repeat_interleave(
             torch.arange(recv_per_source.numel(), device=recv_counts.device),
-            recv_per_source.reshape(-1), output_size=sum(recv_splits),
+            recv_per_source.reshape(-1),
+            output_size=sum(recv_splits),
         )
         source, local_expert = chunk // self.num_local_experts, chunk % self.num_local_experts
         key = narrow_expert_ids(local_expert * self.ep_size + source, self.num_experts)
@@ -198,15 +207,20 @@ class AllToAllDispatcher:
         local_position = inverse_permutation(local_order)
         rows_sent.wait()
         sorted_x = _PermuteRows.apply(recv_x, local_order, local_position)
-        ctx = _RouteContext(order=order, position=position, send_splits=send_splits,
-                            recv_splits=recv_splits, local_order=local_order,
-                            local_position=local_position, topk_weight=topk_weight)
+        ctx = _RouteContext(
+            order=order,
+            position=position,
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            local_order=local_order,
+            local_position=local_position,
+            topk_weight=topk_weight,
+        )
         return sorted_x, recv_per_source.sum(0), ctx
 
     def _split_sizes(self, counts: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
         """[rows sent to each EP rank..., rows received from each...]: one tensor, one copy."""
-        return torch.cat([counts.view(self.ep_size, -1).sum(1),
-                          recv_counts.view(self.ep_size, -1).sum(1)])
+        return torch.cat([counts.view(self.ep_size, -1).sum(1), recv_counts.view(self.ep_size, -1).sum(1)])
 
     def _start_split_copy(self, counts: torch.Tensor, recv_counts: torch.Tensor, counts_sent):
         """On CUDA with `early_splits`: copy the split sizes to pinned host memory on a copy
@@ -226,8 +240,9 @@ class AllToAllDispatcher:
         # has synchronised `copied`, so the copy stream is done with them before they are freed
         return host, copied
 
-    def combine(self, expert_out: torch.Tensor, ctx: _RouteContext,
-                add: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(
+        self, expert_out: torch.Tensor, ctx: _RouteContext, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Expert outputs (in `dispatch`'s sorted order) -> y [T, H], weighted by topk_weight,
         plus `add` [T, H] (the shared expert's output) in the same pass when given."""
         recv_out = _PermuteRows.apply(expert_out, ctx.local_position, ctx.local_order)

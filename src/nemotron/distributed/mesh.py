@@ -112,11 +112,15 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     """Build the dense and expert meshes. Needs an initialised default process group whose
     size equals `dims.world_size`; `device_type` defaults to "cuda" when available."""
     if not dist.is_initialized():
-        raise ParallelLayoutError("build_mesh needs torch.distributed to be initialised "
-                                  "(run under torchrun, or call init_process_group)")
+        raise ParallelLayoutError(
+            "build_mesh needs torch.distributed to be initialised "
+            "(run under torchrun, or call init_process_group)"
+        )
     if dist.get_world_size() != dims.world_size:
-        raise ParallelLayoutError(f"layout was resolved for world size {dims.world_size} but "
-                                  f"the process group has {dist.get_world_size()} ranks")
+        raise ParallelLayoutError(
+            f"layout was resolved for world size {dims.world_size} but "
+            f"the process group has {dist.get_world_size()} ranks"
+        )
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
@@ -128,5 +132,6 @@ def build_mesh(dims: ParallelDims, device_type: str | None = None) -> ParallelMe
     else:
         dp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
         dp_cp = dense["dp", "cp"]._flatten("dp_cp")
-    return ParallelMesh(dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp,
-                        dense_dp_cp=dp_cp)
+    return ParallelMesh(
+        dims=dims, world=world, dense=dense, expert=expert, dense_dp_tp=dp_tp, dense_dp_cp=dp_cp
+    )

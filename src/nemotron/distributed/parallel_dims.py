@@ -29,31 +29,41 @@ class ParallelLayoutError(ValueError):
 # data-parallel size, the loader every sample length, `ParallelDims.validate_batch` all of it;
 # each calls these functions and names the error type its callers expect.
 
+
 def sequence_shards(tp: int, cp: int) -> int:
     """Pieces every sequence is cut into: context parallel cuts it into 2*CP chunks (load
     balance), then TP splits each rank's part (sequence parallel)."""
     return tp * (2 * cp if cp > 1 else 1)
 
 
-def check_global_batch(global_batch_size: int, micro_batch_size: int, dp: int = 1,
-                       error: type[Exception] = ParallelLayoutError) -> None:
+def check_global_batch(
+    global_batch_size: int, micro_batch_size: int, dp: int = 1, error: type[Exception] = ParallelLayoutError
+) -> None:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
     per_step = micro_batch_size * dp
     if global_batch_size % per_step:
-        by = (f"train.micro_batch_size={micro_batch_size}" if dp == 1 else
-              f"train.micro_batch_size * DP = {micro_batch_size}*{dp} = {per_step}")
+        by = (
+            f"train.micro_batch_size={micro_batch_size}"
+            if dp == 1
+            else f"train.micro_batch_size * DP = {micro_batch_size}*{dp} = {per_step}"
+        )
         raise error(f"train.global_batch_size: {global_batch_size} is not divisible by {by}")
 
 
-def check_sequence_lengths(lengths: Mapping[str, int], shards: int, how: str = "2*CP*TP",
-                           error: type[Exception] = ParallelLayoutError) -> None:
+def check_sequence_lengths(
+    lengths: Mapping[str, int],
+    shards: int,
+    how: str = "2*CP*TP",
+    error: type[Exception] = ParallelLayoutError,
+) -> None:
     """Every sample length (`lengths`: config key -> length) must split into `shards` pieces
     (`sequence_shards`; `how` spells out the product for the message)."""
     for key, length in lengths.items():
         if length <= 0 or length % shards:
             raise error(
                 f"{key}={length} must be a positive multiple of {shards}: not divisible by "
-                f"{how} = {shards} (every sequence is split across those ranks)")
+                f"{how} = {shards} (every sequence is split across those ranks)"
+            )
 
 
 def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config | None = None) -> None:
@@ -67,7 +77,8 @@ def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config | None
         raise ParallelLayoutError(
             f"model.pipeline_model_parallel_size={pp} with model.tensor_model_parallel_size="
             f"{parallel.tensor_model_parallel_size}: pipeline parallelism does not compose with "
-            "tensor parallelism yet; use TP 1 (DP, EP and CP compose with PP)")
+            "tensor parallelism yet; use TP 1 (DP, EP and CP compose with PP)"
+        )
     if model_config is not None:
         from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
 
@@ -98,8 +109,10 @@ class ParallelDims:
         ep = parallel.expert_model_parallel_size
         cp = parallel.context_parallel_size
         for key, value in [
-            ("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-            ("expert_model_parallel_size", ep), ("context_parallel_size", cp),
+            ("tensor_model_parallel_size", tp),
+            ("pipeline_model_parallel_size", pp),
+            ("expert_model_parallel_size", ep),
+            ("context_parallel_size", cp),
         ]:
             if not isinstance(value, int) or value < 1:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
@@ -109,8 +122,7 @@ class ParallelDims:
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(
-                f"world size {world_size} is not divisible by TP*CP*PP = {tp}*{cp}*{pp} = "
-                f"{model_parallel}"
+                f"world size {world_size} is not divisible by TP*CP*PP = {tp}*{cp}*{pp} = {model_parallel}"
             )
         dp = world_size // model_parallel
         stage_size = dp * cp * tp
@@ -124,8 +136,15 @@ class ParallelDims:
                 f"tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
                 "route each rank's own sequence shard (Megatron requires the same for MoE with TP)"
             )
-        dims = cls(world_size=world_size, dp=dp, tp=tp, cp=cp, pp=pp, ep=ep,
-                   sequence_parallel=bool(parallel.sequence_parallel))
+        dims = cls(
+            world_size=world_size,
+            dp=dp,
+            tp=tp,
+            cp=cp,
+            pp=pp,
+            ep=ep,
+            sequence_parallel=bool(parallel.sequence_parallel),
+        )
         if model_config is not None:
             dims.validate_model(model_config)
         return dims
@@ -142,8 +161,9 @@ class ParallelDims:
         if "moe" in kinds:
             checks.append(("num_experts", cfg.num_experts, "expert_model_parallel_size", self.ep))
         if "attention" in kinds:
-            checks.append(("num_attention_heads", cfg.num_attention_heads,
-                           "tensor_model_parallel_size", self.tp))
+            checks.append(
+                ("num_attention_heads", cfg.num_attention_heads, "tensor_model_parallel_size", self.tp)
+            )
             kv = cfg.num_key_value_heads
             if kv % self.tp and self.tp % kv:
                 # fewer KV heads than TP ranks is fine (each rank uses the one its queries need)
@@ -153,18 +173,21 @@ class ParallelDims:
                     f"{self.tp} % {kv} = {self.tp % kv})"
                 )
         if "mamba" in kinds:
-            checks.append(("mamba_num_heads", cfg.mamba_num_heads,
-                           "tensor_model_parallel_size", self.tp))
-            checks.append(("mamba_num_groups", cfg.mamba_num_groups,
-                           "tensor_model_parallel_size", self.tp))
+            checks.append(("mamba_num_heads", cfg.mamba_num_heads, "tensor_model_parallel_size", self.tp))
+            checks.append(("mamba_num_groups", cfg.mamba_num_groups, "tensor_model_parallel_size", self.tp))
         if self.tp > 1:
             checks.append(("vocab_size", cfg.vocab_size, "tensor_model_parallel_size", self.tp))
             if "moe" in kinds and cfg.moe_shared_expert_hidden_size:
-                checks.append(("moe_shared_expert_hidden_size", cfg.moe_shared_expert_hidden_size,
-                               "tensor_model_parallel_size", self.tp))
+                checks.append(
+                    (
+                        "moe_shared_expert_hidden_size",
+                        cfg.moe_shared_expert_hidden_size,
+                        "tensor_model_parallel_size",
+                        self.tp,
+                    )
+                )
             if "mlp" in kinds:
-                checks.append(("ffn_hidden_size", cfg.ffn_hidden_size,
-                               "tensor_model_parallel_size", self.tp))
+                checks.append(("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_model_parallel_size", self.tp))
         for name, value, key, size in checks:
             if value % size:
                 raise ParallelLayoutError(
@@ -172,8 +195,9 @@ class ParallelDims:
                     f"({value} % {size} = {value % size})"
                 )
 
-    def validate_batch(self, global_batch_size: int, micro_batch_size: int,
-                       seq_lengths: int | Mapping[str, int]) -> None:
+    def validate_batch(
+        self, global_batch_size: int, micro_batch_size: int, seq_lengths: int | Mapping[str, int]
+    ) -> None:
         """The global batch must split into whole micro-batches per data-parallel rank, and
         every sequence length (`train.seq_length`, or key -> length) into whole shards per
         context- and tensor-parallel rank."""
@@ -193,6 +217,8 @@ class ParallelDims:
         return global_batch_size // (micro_batch_size * self.dp)
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = PP {self.pp} x DP {self.dp} x CP {self.cp} x TP "
-                f"{self.tp}; experts: EDP {self.edp} x EP {self.ep}"
-                + ("; sequence parallel" if self.sequence_parallel else ""))
+        return (
+            f"world {self.world_size} = PP {self.pp} x DP {self.dp} x CP {self.cp} x TP "
+            f"{self.tp}; experts: EDP {self.edp} x EP {self.ep}"
+            + ("; sequence parallel" if self.sequence_parallel else "")
+        )

@@ -108,9 +108,17 @@ class Pipeline:
     """This rank's stages and the schedules that run them (one per micro-batch shape, made on
     first use: a `PipelineStage` fixes the shapes it exchanges)."""
 
-    def __init__(self, parts: list[Nano3ForCausalLM], stage_ids: list[int], split: StageSplit,
-                 schedule: str, mesh: ParallelMesh, device: torch.device,
-                 activation_dtype: torch.dtype, hidden_size: int) -> None:
+    def __init__(
+        self,
+        parts: list[Nano3ForCausalLM],
+        stage_ids: list[int],
+        split: StageSplit,
+        schedule: str,
+        mesh: ParallelMesh,
+        device: torch.device,
+        activation_dtype: torch.dtype,
+        hidden_size: int,
+    ) -> None:
         self.parts, self.stage_ids, self.split = parts, stage_ids, split
         self.schedule_name = schedule
         self.mesh, self.device = mesh, device
@@ -129,11 +137,13 @@ class Pipeline:
         """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq]."""
         meta = torch.device("meta")
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
-        hidden = torch.empty(batch, seq, self.hidden_size, dtype=self.activation_dtype,
-                             device=meta, requires_grad=True)
+        hidden = torch.empty(
+            batch, seq, self.hidden_size, dtype=self.activation_dtype, device=meta, requires_grad=True
+        )
         scalar = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
-        inputs = (torch.empty(batch, seq, dtype=torch.long, device=meta),) if stage_id == 0 \
-            else (hidden, scalar)
+        inputs = (
+            (torch.empty(batch, seq, dtype=torch.long, device=meta),) if stage_id == 0 else (hidden, scalar)
+        )
         outputs = (scalar, scalar) if stage_id == self.num_stages - 1 else (hidden, scalar)
         return inputs, outputs
 
@@ -143,16 +153,24 @@ class Pipeline:
             stages = []
             for part, stage_id in zip(self.parts, self.stage_ids):
                 inputs, outputs = self._stage_args(stage_id, batch, seq)
-                stages.append(PipelineStage(part, stage_id, self.num_stages, self.device,
-                                            input_args=inputs, output_args=outputs,
-                                            group=self.group))
+                stages.append(
+                    PipelineStage(
+                        part,
+                        stage_id,
+                        self.num_stages,
+                        self.device,
+                        input_args=inputs,
+                        output_args=outputs,
+                        group=self.group,
+                    )
+                )
             cls = self._schedule_class(count)
             if issubclass(cls, PipelineScheduleSingle):
-                self._schedules[key] = cls(stages[0], n_microbatches=count, loss_fn=self.loss,
-                                           scale_grads=False)
+                self._schedules[key] = cls(
+                    stages[0], n_microbatches=count, loss_fn=self.loss, scale_grads=False
+                )
             else:
-                self._schedules[key] = cls(stages, n_microbatches=count, loss_fn=self.loss,
-                                           scale_grads=False)
+                self._schedules[key] = cls(stages, n_microbatches=count, loss_fn=self.loss, scale_grads=False)
         return self._schedules[key]
 
     def _schedule_class(self, count: int):
@@ -171,8 +189,13 @@ class Pipeline:
             groups.setdefault(tuple(b["tokens"].shape), []).append(i)
         return list(groups.values())
 
-    def run(self, micro_batches: list[dict[str, torch.Tensor]], weights: list[float],
-            aux_weight: float, training: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def run(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        weights: list[float],
+        aux_weight: float,
+        training: bool,
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Forward (and backward when `training`) of every micro-batch through the pipeline.
         `weights[i]`: the LM-loss weight of micro-batch i; `aux_weight`: the balance loss's.
         Returns {i: (lm_loss_i, balance_loss_i)} on ranks holding the last stage, else {}."""
@@ -192,8 +215,10 @@ class Pipeline:
             if self.has_first:
                 args = (torch.cat([micro_batches[i]["tokens"] for i in group]).to(self.device),)
             if self.has_last:
-                kwargs = {key: torch.cat([micro_batches[i][key] for i in group]).to(self.device)
-                          for key in ("labels", "loss_mask")}
+                kwargs = {
+                    key: torch.cat([micro_batches[i][key] for i in group]).to(self.device)
+                    for key in ("labels", "loss_mask")
+                }
                 target = torch.tensor(group)  # chunked with the micro-batches: each its index
             run = schedule.step if training else schedule.eval
             run(*args, target=target, return_outputs=False, **kwargs)
@@ -214,8 +239,11 @@ class Pipeline:
     # -- reductions over the pipeline ---------------------------------------------------------
 
     def _sum_over_pipeline(self, values: torch.Tensor) -> torch.Tensor:
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if self.mesh.world.device_type == "cuda" else torch.device("cpu"))
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.mesh.world.device_type == "cuda"
+            else torch.device("cpu")
+        )
         values = values.to(device)
         dist.all_reduce(values, group=self.group)
         return values.cpu()
@@ -232,9 +260,17 @@ class Pipeline:
         return math.sqrt(float(total[0]))
 
 
-def build_pipeline(config, parallel, mesh: ParallelMesh, device: torch.device, *,
-                   lengths: list[tuple[int, float]], make_part: Callable[[range], Nano3ForCausalLM],
-                   mixed_precision: bool, seed: int) -> Pipeline:
+def build_pipeline(
+    config,
+    parallel,
+    mesh: ParallelMesh,
+    device: torch.device,
+    *,
+    lengths: list[tuple[int, float]],
+    make_part: Callable[[range], Nano3ForCausalLM],
+    mixed_precision: bool,
+    seed: int,
+) -> Pipeline:
     """This rank's parts of the split of `config` for `parallel` (a `ParallelismConfig`),
     each made on the meta device by `make_part(blocks)`, parallelised on the stage mesh and
     initialised to the weights the whole single-device model gets under `seed`.
@@ -246,11 +282,18 @@ def build_pipeline(config, parallel, mesh: ParallelMesh, device: torch.device, *
         part = make_part(split.blocks[stage_id])
         # Weights stay gathered between the micro-batches of a step (torchtitan does the same
         # under PP): resharding would re-gather them for every micro-batch's forward.
-        parallelize(part, mesh, parallel, mixed_precision=mixed_precision,
-                    reshard_after_forward=False)
+        parallelize(part, mesh, parallel, mixed_precision=mixed_precision, reshard_after_forward=False)
         part.to_empty(device=device)
         torch.manual_seed(seed)
         part.reset_parameters()  # its share of the whole model's init under this seed
         parts.append(part)
-    return Pipeline(parts, stage_ids, split, parallel.pipeline_schedule, mesh, device,
-                    torch.bfloat16 if mixed_precision else torch.float32, config.hidden_size)
+    return Pipeline(
+        parts,
+        stage_ids,
+        split,
+        parallel.pipeline_schedule,
+        mesh,
+        device,
+        torch.bfloat16 if mixed_precision else torch.float32,
+        config.hidden_size,
+    )

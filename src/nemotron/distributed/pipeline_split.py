@@ -44,28 +44,31 @@ def stages_per_rank(parallel: ParallelismConfig) -> int:
     """Model parts each pipeline rank holds (`virtual_pipeline_model_parallel_size`)."""
     schedule = parallel.pipeline_schedule
     if schedule not in SCHEDULES:
-        raise PipelineSplitError(
-            f"model.pipeline_schedule={schedule!r} is not one of {list(SCHEDULES)}")
+        raise PipelineSplitError(f"model.pipeline_schedule={schedule!r} is not one of {list(SCHEDULES)}")
     default, placement = SCHEDULES[schedule]
     virtual = parallel.virtual_pipeline_model_parallel_size
     if virtual is None:
         return default
     if not isinstance(virtual, int) or virtual < 1:
         raise PipelineSplitError(
-            f"model.virtual_pipeline_model_parallel_size must be an integer >= 1, got {virtual!r}")
+            f"model.virtual_pipeline_model_parallel_size must be an integer >= 1, got {virtual!r}"
+        )
     if schedule in SINGLE_STAGE_SCHEDULES and virtual != 1:
         raise PipelineSplitError(
             f"model.pipeline_schedule={schedule} runs one stage per rank; "
             f"model.virtual_pipeline_model_parallel_size={virtual} needs Interleaved1F1B, "
-            "InterleavedZeroBubble or ZBVZeroBubble")
+            "InterleavedZeroBubble or ZBVZeroBubble"
+        )
     if schedule not in SINGLE_STAGE_SCHEDULES and virtual < 2:
         raise PipelineSplitError(
             f"model.pipeline_schedule={schedule} needs at least 2 stages per rank; "
-            f"model.virtual_pipeline_model_parallel_size={virtual}")
+            f"model.virtual_pipeline_model_parallel_size={virtual}"
+        )
     if placement == "v" and virtual != 2:
         raise PipelineSplitError(
             f"model.pipeline_schedule={schedule} places exactly 2 stages per rank (a V); "
-            f"model.virtual_pipeline_model_parallel_size={virtual}")
+            f"model.virtual_pipeline_model_parallel_size={virtual}"
+        )
     return virtual
 
 
@@ -81,8 +84,10 @@ def block_costs(config: Nano3Config, lengths: list[tuple[int, float]]) -> list[f
     (sequence length, share of samples) pairs (attention's cost grows with the length)."""
     token_weights = [(length, share * length) for length, share in lengths]
     total = sum(w for _, w in token_weights)
-    return [sum(w * flops.block_forward_flops(config, kind, length) for length, w in token_weights)
-            / total for kind in config.block_kinds]
+    return [
+        sum(w * flops.block_forward_flops(config, kind, length) for length, w in token_weights) / total
+        for kind in config.block_kinds
+    ]
 
 
 @dataclass(frozen=True)
@@ -112,14 +117,14 @@ class StageSplit:
             ends = (["embeddings"] if stage == 0 else []) + (["LM head + loss"] if stage == last else [])
             lines.append(
                 f"stage {stage} (PP rank {rank}): blocks {blocks.start}-{blocks.stop - 1} "
-                f"'{pattern[blocks.start:blocks.stop]}'"
+                f"'{pattern[blocks.start : blocks.stop]}'"
                 + (f" + {' + '.join(ends)}" if ends else "")
-                + f": {share:.1%} of the FLOPs")
+                + f": {share:.1%} of the FLOPs"
+            )
         return lines
 
 
-def _balanced_partition(costs: list[float], stages: int, first_extra: float, last_extra: float
-                        ) -> list[int]:
+def _balanced_partition(costs: list[float], stages: int, first_extra: float, last_extra: float) -> list[int]:
     """Sizes of the contiguous split of `costs` into `stages` non-empty pieces (the first
     carrying `first_extra`, the last `last_extra`): the most expensive piece as cheap as
     possible, then, among such splits, the pieces as even as possible (least sum of squares)."""
@@ -158,8 +163,9 @@ def _balanced_partition(costs: list[float], stages: int, first_extra: float, las
     return sizes
 
 
-def split_stages(config: Nano3Config, parallel: ParallelismConfig,
-                 lengths: list[tuple[int, float]]) -> StageSplit:
+def split_stages(
+    config: Nano3Config, parallel: ParallelismConfig, lengths: list[tuple[int, float]]
+) -> StageSplit:
     """The stage split of a run: `lengths` are its (sequence length, share of samples) pairs
     (`[(train.seq_length, 1.0)]` unless lengths are mixed)."""
     pp = parallel.pipeline_model_parallel_size
@@ -171,27 +177,31 @@ def split_stages(config: Nano3Config, parallel: ParallelismConfig,
     manual = parallel.pipeline_blocks_per_stage
     if manual is not None:
         sizes = list(manual)
-        if len(sizes) != stages or any(not isinstance(s, int) or s < 1 for s in sizes) \
-                or sum(sizes) != n:
+        if len(sizes) != stages or any(not isinstance(s, int) or s < 1 for s in sizes) or sum(sizes) != n:
             raise PipelineSplitError(
                 f"model.pipeline_blocks_per_stage={sizes} must list {stages} stages (PP "
                 f"{pp} x {virtual} per rank) of at least one block each, summing to "
-                f"model.num_layers={n} (sums to {sum(s for s in sizes if isinstance(s, int))})")
+                f"model.num_layers={n} (sums to {sum(s for s in sizes if isinstance(s, int))})"
+            )
     else:
         if stages > n:
             raise PipelineSplitError(
                 f"{stages} pipeline stages (PP {pp} x {virtual} per rank) need at least one "
-                f"block each, but the model has {n} blocks")
+                f"block each, but the model has {n} blocks"
+            )
         sizes = _balanced_partition(costs, stages, 0.0, head)
     blocks, start = [], 0
     for size in sizes:
         blocks.append(range(start, start + size))
         start += size
-    stage_costs = [sum(costs[b.start:b.stop]) for b in blocks]
+    stage_costs = [sum(costs[b.start : b.stop]) for b in blocks]
     stage_costs[-1] += head
-    return StageSplit(tuple(blocks), tuple(stage_costs),
-                      tuple(stage_ranks(stages, pp, parallel.pipeline_schedule)),
-                      manual=manual is not None)
+    return StageSplit(
+        tuple(blocks),
+        tuple(stage_costs),
+        tuple(stage_ranks(stages, pp, parallel.pipeline_schedule)),
+        manual=manual is not None,
+    )
 
 
 def run_lengths(seq_length: int, data) -> list[tuple[int, float]]:
@@ -199,7 +209,6 @@ def run_lengths(seq_length: int, data) -> list[tuple[int, float]]:
     and `data.mixed_length_blends` by weight."""
     if data is None or not data.mixed_length_blends:
         return [(seq_length, 1.0)]
-    pairs = [(seq_length, data.blend_weight)] + [(m.seq_length, m.weight)
-                                                 for m in data.mixed_length_blends]
+    pairs = [(seq_length, data.blend_weight)] + [(m.seq_length, m.weight) for m in data.mixed_length_blends]
     total = sum(w for _, w in pairs)
     return [(length, w / total) for length, w in pairs if w > 0]

@@ -47,8 +47,8 @@ from nemotron.models.nano3.mlp import MLP
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.models.nano3.moe import MoE
 
-
 # -- sequence-shard collectives -----------------------------------------------------------------
+
 
 def gather_from_shards(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
     """Local shard (of `dim`) -> full tensor on every rank; the gradient each rank sends back is
@@ -91,6 +91,7 @@ class SequenceGather:
 
 # -- plans ----------------------------------------------------------------------------------------
 
+
 class KeepKVHead(ParallelStyle):
     """k_proj / v_proj when there are fewer KV heads than TP ranks: the weight is replicated,
     every rank computes all KV heads (a small GEMM) and keeps `head`, the one its query heads
@@ -108,8 +109,7 @@ class KeepKVHead(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # no partition_fn: distribute_module replicates the parameters
         # (torch annotates output_fn as returning None; what it returns replaces the output)
-        return distribute_module(module, device_mesh,
-                                 output_fn=self._keep_head)  # type: ignore[arg-type]
+        return distribute_module(module, device_mesh, output_fn=self._keep_head)  # type: ignore[arg-type]
 
 
 def _attention_plan(attn: Attention, tp: int, rank: int) -> dict[str, ParallelStyle]:
@@ -126,13 +126,11 @@ def _attention_plan(attn: Attention, tp: int, rank: int) -> dict[str, ParallelSt
 
 
 def _mlp_plan(token_dim: int) -> dict[str, ParallelStyle]:
-    return {"up_proj": ColwiseParallel(),
-            "down_proj": RowwiseParallel(output_layouts=Shard(token_dim))}
+    return {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel(output_layouts=Shard(token_dim))}
 
 
 def _gather_tokens(token_dim: int) -> PrepareModuleInput:
-    return PrepareModuleInput(input_layouts=(Shard(token_dim),),
-                              desired_input_layouts=(Replicate(),))
+    return PrepareModuleInput(input_layouts=(Shard(token_dim),), desired_input_layouts=(Replicate(),))
 
 
 def tensor_parallel_submodules(model: Nano3ForCausalLM) -> list[nn.Module]:
@@ -151,6 +149,7 @@ def tensor_parallel_submodules(model: Nano3ForCausalLM) -> list[nn.Module]:
 
 
 # -- vocab-parallel loss ------------------------------------------------------------------------
+
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Token cross-entropy from vocab-sharded logits [N, V/TP]: three all-reduces of [N]
@@ -183,8 +182,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor,
-                                 vocab_start: int, group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_local: torch.Tensor, labels: torch.Tensor, vocab_start: int, group
+) -> torch.Tensor:
     """Per-token loss [N] (identical on every TP rank) from local logits [N, V/TP]."""
     return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_start, group)
 
@@ -216,14 +216,17 @@ class VocabParallelLoss:
         logits_local = lm_head(hidden)  # [b, s, V/TP]
         return DTensor.from_local(logits_local, self.mesh, [Shard(-1)]).full_tensor()
 
-    def _piece_loss(self, lm_head: nn.Module, hidden_piece: torch.Tensor,
-                    piece_labels: torch.Tensor) -> torch.Tensor:
+    def _piece_loss(
+        self, lm_head: nn.Module, hidden_piece: torch.Tensor, piece_labels: torch.Tensor
+    ) -> torch.Tensor:
         logits_local = lm_head(hidden_piece)  # gathers the piece over TP: [b, TP*c, V/TP]
         return vocab_parallel_cross_entropy(
-            logits_local.flatten(0, -2), piece_labels.reshape(-1), self.vocab_start, self.group)
+            logits_local.flatten(0, -2), piece_labels.reshape(-1), self.vocab_start, self.group
+        )
 
-    def loss(self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-             loss_mask: torch.Tensor | None) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """hidden: this rank's sequence shard [b, s/TP, h]; labels, loss_mask: [b, s]."""
         weights = (labels != IGNORE_INDEX).to(torch.float32)
         if loss_mask is not None:
@@ -243,8 +246,8 @@ class VocabParallelLoss:
             piece_weights = weights_by_rank[:, :, start:end].reshape(-1)
             if local > c:
                 token_loss = torch.utils.checkpoint.checkpoint(
-                    self._piece_loss, lm_head, hidden[:, start:end], piece_labels,
-                    use_reentrant=False)
+                    self._piece_loss, lm_head, hidden[:, start:end], piece_labels, use_reentrant=False
+                )
             else:
                 token_loss = self._piece_loss(lm_head, hidden, piece_labels)
             loss_sum = loss_sum + (token_loss * piece_weights).sum()
@@ -259,8 +262,11 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
         raise NotImplementedError("tensor parallel with tied embeddings is not supported")
     # the whole model: pipeline parts are refused with TP (parallel_dims.check_pipeline)
     assert model.backbone.embeddings is not None and model.lm_head is not None
-    parallelize_module(model.backbone.embeddings, tp_mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+    parallelize_module(
+        model.backbone.embeddings,
+        tp_mesh,
+        RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+    )
     for block in model.backbone.layers.values():
         mixer = block.mixer
         if isinstance(mixer, Attention):

@@ -40,13 +40,14 @@ def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Itera
         if not one_rank:
             yield False
             return
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     else:
         missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
         if missing:
-            raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
-                               f"processes with torchrun (it sets all of them)")
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                f"processes with torchrun (it sets all of them)"
+            )
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -60,8 +61,9 @@ def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Itera
             # (the 4-GPU whole-model run of docs/benchmarks.md). Say which rank failed at once
             # and leave the communicators to be aborted when the process exits.
             rank = os.environ.get("RANK", "?")
-            print(f"rank {rank} failed: {type(exc).__name__}: {exc}".split("\n")[0],
-                  file=sys.stderr, flush=True)
+            print(
+                f"rank {rank} failed: {type(exc).__name__}: {exc}".split("\n")[0], file=sys.stderr, flush=True
+            )
             raise
         dist.destroy_process_group()
         raise
@@ -105,8 +107,9 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
     """Drop-in for `torch.nn.utils.clip_grad_norm_` on a parallelised model; returns the
     total norm (a plain tensor, identical on every rank)."""
     params = [p for p in parameters if p.grad is not None]
@@ -137,8 +140,11 @@ def _sum_over_loss_group(values: torch.Tensor, mesh) -> torch.Tensor:
     """Sum a small float64 CPU tensor over the ranks holding different tokens (DP x CP)."""
     if mesh is None or mesh.loss_group_size == 1:
         return values
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if mesh.world.device_type == "cuda" else torch.device("cpu"))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if mesh.world.device_type == "cuda"
+        else torch.device("cpu")
+    )
     values = values.to(device)
     dist.all_reduce(values, group=mesh.loss_group)
     return values.cpu()
@@ -173,7 +179,11 @@ def global_token_count(loss_mask: torch.Tensor, mesh) -> torch.Tensor:
 
 def reduce_token_loss(loss_sum: torch.Tensor, tokens: torch.Tensor | float, mesh) -> float:
     """Global token-mean loss from per-rank sums of token losses and token counts."""
-    pair = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64).detach().cpu().reshape(()),
-                        torch.as_tensor(tokens, dtype=torch.float64).cpu().reshape(())])
+    pair = torch.stack(
+        [
+            torch.as_tensor(loss_sum, dtype=torch.float64).detach().cpu().reshape(()),
+            torch.as_tensor(tokens, dtype=torch.float64).cpu().reshape(()),
+        ]
+    )
     pair = _sum_over_loss_group(pair, mesh)
     return float(pair[0] / pair[1].clamp(min=1.0))

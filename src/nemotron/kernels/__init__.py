@@ -80,8 +80,11 @@ def use_triton(*tensors) -> bool:
     every input tensor is on CUDA in a dtype of `TRITON_DTYPES`, fast paths are on and Triton
     imports; otherwise its PyTorch reference. A kernel's own input limits (the router kernel:
     2-D float32 logits) are checked by its dispatcher in addition."""
-    return (all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
-            and fast_paths_enabled() and triton_available())
+    return (
+        all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
+        and fast_paths_enabled()
+        and triton_available()
+    )
 
 
 @contextlib.contextmanager

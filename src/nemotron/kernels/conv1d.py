@@ -30,16 +30,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     if weight.dim() == 3:
         weight = weight.squeeze(1)
     if weight.dim() != 2 or weight.shape[0] != channels:
-        raise ValueError(f"causal_conv1d: weight must be [{channels}, K] (or [{channels}, 1, K]), "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"causal_conv1d: weight must be [{channels}, K] (or [{channels}, 1, K]), "
+            f"got {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (channels,):
         raise ValueError(f"causal_conv1d: bias must be [{channels}], got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"causal_conv1d: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            activation: str | None = "silu") -> torch.Tensor:
+def causal_conv1d_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = "silu"
+) -> torch.Tensor:
     """x [b, t, c], weight [c, K] or [c, 1, K] (nn.Conv1d's), bias [c] -> [b, t, c]."""
     _check(x, weight, bias, activation)
     w = weight if weight.dim() == 3 else weight.unsqueeze(1)
@@ -53,8 +56,9 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 _use_triton = use_triton
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  activation: str | None = "silu") -> torch.Tensor:
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = "silu"
+) -> torch.Tensor:
     """The mixer's convolution: Triton on CUDA, the reference elsewhere. Output in the dtype the
     reference gives (autocast's under autocast, else x's)."""
     if _use_triton(x):

@@ -24,8 +24,9 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_IND
 IGNORE_INDEX = -100
 
 
-def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def token_weights(
+    labels: torch.Tensor, loss_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The LM loss's per-token weights (the one rule, also for counting loss tokens across
     ranks): 0 where labels == IGNORE_INDEX, times `loss_mask` (0/1 or weights) if given."""
     w = (labels != IGNORE_INDEX).to(dtype)
@@ -47,18 +48,19 @@ def _check(hidden, weight, labels, loss_mask, chunk_size):
             f"got {tuple(hidden.shape)}, {tuple(weight.shape)}"
         )
     if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_cross_entropy: labels must be [{hidden.shape[0]}], got {tuple(labels.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: labels must be [{hidden.shape[0]}], got {tuple(labels.shape)}"
+        )
     if loss_mask is not None and loss_mask.shape != labels.shape:
-        raise ValueError(f"linear_cross_entropy: loss_mask must be [{labels.shape[0]}], got {tuple(loss_mask.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: loss_mask must be [{labels.shape[0]}], got {tuple(loss_mask.shape)}"
+        )
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
 
 
 def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    loss_mask: torch.Tensor | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy from full float32 logits (``F.cross_entropy``); the ground truth."""
     logits = (hidden @ weight.t()).float() if hidden.dtype != torch.float64 else hidden @ weight.t()
@@ -91,7 +93,9 @@ def _rows_triton(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Te
     return loss, lse, (logits if row_scale is not None else None)
 
 
-_FP32_OUT_ADDMM: dict[str, bool | None] = {"ok": None}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
+_FP32_OUT_ADDMM: dict[str, bool | None] = {
+    "ok": None
+}  # does this build's addmm take out_dtype (CUDA bf16 -> fp32)?
 
 
 def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
@@ -114,7 +118,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     # so forward and backward agree whether or not the backward runs under autocast.
     @staticmethod
     @dense_inputs
-    def forward(ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute):
+    def forward(
+        ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute
+    ):
         n = hidden.shape[0]
         acc = torch.float64 if compute == torch.float64 else torch.float32
         rows = _rows_triton if use_triton else _rows_torch
@@ -154,7 +160,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grad_in_forward:
             dhidden, dweight = ctx.saved_tensors
             g = grad_out.to(dweight.dtype)
-            return (dhidden * g.to(dhidden.dtype)).to(ctx.hidden_dtype), (dweight * g).to(ctx.weight_dtype), *nones
+            return (
+                (dhidden * g.to(dhidden.dtype)).to(ctx.hidden_dtype),
+                (dweight * g).to(ctx.weight_dtype),
+                *nones,
+            )
         hidden, weight, labels, token_w, inv_denom = ctx.saved_tensors
         rows = _rows_triton if ctx.use_triton else _rows_torch
         with torch.autocast(hidden.device.type, enabled=False):

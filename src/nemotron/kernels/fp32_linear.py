@@ -84,7 +84,7 @@ class _Fp32Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
-        xs, ws = list(saved[:ctx.n_x]), list(saved[ctx.n_x:])
+        xs, ws = list(saved[: ctx.n_x]), list(saved[ctx.n_x :])
         gs = split_bf16(grad.float())
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -115,8 +115,14 @@ def _has_mixed_dtype_mm() -> bool:
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Float32 logits of x [T, H] against weight [E, H] (see the module docstring)."""
-    if (x.is_cuda and fast_paths_enabled() and x.dtype in (torch.bfloat16, torch.float32)
-            and weight.dtype in (torch.bfloat16, torch.float32) and _has_mixed_dtype_mm()
-            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)):
+    if (
+        x.is_cuda
+        and fast_paths_enabled()
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and weight.dtype in (torch.bfloat16, torch.float32)
+        and _has_mixed_dtype_mm()
+        and type(x) is torch.Tensor
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+    ):
         return fp32_linear_emulated(x, weight)
     return fp32_linear_reference(x, weight)

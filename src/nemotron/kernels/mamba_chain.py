@@ -72,25 +72,39 @@ def chain_supported(zxbcdt: torch.Tensor, chunk_size: int) -> bool:
     from nemotron.kernels import fast_paths_enabled, triton_available
 
     power_of_two = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    return (_FUSED_CHAIN["enabled"] and zxbcdt.is_cuda and zxbcdt.dtype != torch.float64 and power_of_two
-            and fast_paths_enabled() and triton_available())
+    return (
+        _FUSED_CHAIN["enabled"]
+        and zxbcdt.is_cuda
+        and zxbcdt.dtype != torch.float64
+        and power_of_two
+        and fast_paths_enabled()
+        and triton_available()
+    )
 
 
 def _check(zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, shape: MambaChainShape) -> None:
     if zxbcdt.dim() != 3 or zxbcdt.shape[-1] != shape.in_proj_dim:
-        raise ValueError(f"mamba_chain: zxbcdt must be [batch, seq, {shape.in_proj_dim}], got {tuple(zxbcdt.shape)}")
+        raise ValueError(
+            f"mamba_chain: zxbcdt must be [batch, seq, {shape.in_proj_dim}], got {tuple(zxbcdt.shape)}"
+        )
     if conv_weight.numel() % shape.conv_dim or conv_weight.shape[0] != shape.conv_dim:
-        raise ValueError(f"mamba_chain: conv weight must be [{shape.conv_dim}, (1,) K], got {tuple(conv_weight.shape)}")
+        raise ValueError(
+            f"mamba_chain: conv weight must be [{shape.conv_dim}, (1,) K], got {tuple(conv_weight.shape)}"
+        )
     if conv_bias is not None and tuple(conv_bias.shape) != (shape.conv_dim,):
         raise ValueError(f"mamba_chain: conv bias must be [{shape.conv_dim}], got {tuple(conv_bias.shape)}")
     for name, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
         if tuple(t.shape) != (shape.num_heads,):
             raise ValueError(f"mamba_chain: {name} must be [{shape.num_heads}], got {tuple(t.shape)}")
     if tuple(norm_weight.shape) != (shape.d_inner,):
-        raise ValueError(f"mamba_chain: norm weight must be [{shape.d_inner}], got {tuple(norm_weight.shape)}")
+        raise ValueError(
+            f"mamba_chain: norm weight must be [{shape.d_inner}], got {tuple(norm_weight.shape)}"
+        )
     if shape.d_inner % shape.num_groups or shape.num_heads % shape.num_groups:
-        raise ValueError(f"mamba_chain: {shape.num_groups} groups must divide the heads ({shape.num_heads}) "
-                         f"and channels ({shape.d_inner})")
+        raise ValueError(
+            f"mamba_chain: {shape.num_groups} groups must divide the heads ({shape.num_heads}) "
+            f"and channels ({shape.d_inner})"
+        )
     if shape.chunk_size < 16 or shape.chunk_size & (shape.chunk_size - 1):
         raise ValueError(f"mamba_chain: chunk_size must be a power of two >= 16, got {shape.chunk_size}")
 
@@ -142,8 +156,12 @@ def mamba_chain_reference(
     dt = F.softplus(dt.to(cd) + dt_bias.to(cd)).clamp(*shape.dt_limit)
     x = x.reshape(b, s, shape.num_heads, shape.head_dim)
     y, _ = ssd_chunked_reference(
-        x, dt, -torch.exp(A_log.to(cd)), B.reshape(b, s, shape.num_groups, shape.state_size),
-        C.reshape(b, s, shape.num_groups, shape.state_size), shape.chunk_size,
+        x,
+        dt,
+        -torch.exp(A_log.to(cd)),
+        B.reshape(b, s, shape.num_groups, shape.state_size),
+        C.reshape(b, s, shape.num_groups, shape.state_size),
+        shape.chunk_size,
     )
     y = (y.to(cd) + x.to(cd) * D.to(cd)[:, None]).to(x.dtype)
     return gated_rmsnorm_reference(y.reshape(b, s, di), z, norm_weight, di // shape.num_groups, shape.eps)

@@ -28,8 +28,14 @@ class _WeightedCombine(torch.autograd.Function):
     dtype (as a bf16 matmul would), then returned in the weights' dtype."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        ctx,
+        rows: torch.Tensor,
+        order: torch.Tensor | None,
+        position: torch.Tensor,
+        weight: torch.Tensor,
+        add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         tokens, k = weight.shape
         if order is None and ctx.needs_input_grad[0]:
             order = torch.empty_like(position)
@@ -55,8 +61,13 @@ class _WeightedCombine(torch.autograd.Function):
         return grad_rows, None, None, grad_weight, (grad if ctx.needs_input_grad[4] else None)
 
 
-def weighted_combine_reference(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                               weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_combine_reference(
+    rows: torch.Tensor,
+    order: torch.Tensor | None,
+    position: torch.Tensor,
+    weight: torch.Tensor,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """rows [tokens*k, hidden] (expert order), order/position [tokens*k] int64 (order may be None:
     it is derived when a row gradient is needed), weight [tokens, k], optional add [tokens, hidden]
     -> [tokens, hidden] in rows' dtype."""
@@ -68,15 +79,24 @@ def weighted_combine_reference(rows: torch.Tensor, order: torch.Tensor | None, p
 _use_triton = use_triton
 
 
-def weighted_combine(rows: torch.Tensor, order: torch.Tensor | None, position: torch.Tensor,
-                     weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_combine(
+    rows: torch.Tensor,
+    order: torch.Tensor | None,
+    position: torch.Tensor,
+    weight: torch.Tensor,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The combine the local MoE dispatcher calls: Triton on CUDA, the reference elsewhere."""
     if rows.dim() != 2 or weight.dim() != 2 or rows.shape[0] != weight.numel():
-        raise ValueError(f"weighted_combine: rows [{weight.numel()}, hidden] expected for weight "
-                         f"{tuple(weight.shape)}, got {tuple(rows.shape)}")
+        raise ValueError(
+            f"weighted_combine: rows [{weight.numel()}, hidden] expected for weight "
+            f"{tuple(weight.shape)}, got {tuple(rows.shape)}"
+        )
     if add is not None and (add.shape != (weight.shape[0], rows.shape[1]) or add.dtype != rows.dtype):
-        raise ValueError(f"weighted_combine: add must be [{weight.shape[0]}, {rows.shape[1]}] in "
-                         f"{rows.dtype}, got {tuple(add.shape)} in {add.dtype}")
+        raise ValueError(
+            f"weighted_combine: add must be [{weight.shape[0]}, {rows.shape[1]}] in "
+            f"{rows.dtype}, got {tuple(add.shape)} in {add.dtype}"
+        )
     if _use_triton(rows):
         # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.moe_combine_triton import weighted_combine_triton

@@ -23,8 +23,9 @@ __all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "WEIGHT_EP
 WEIGHT_EPS = 1e-20
 
 
-def route_topk_reference(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_topk_reference(
+    logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [tokens, experts] float32 -> (scores [tokens, experts] float32, topk_idx [tokens, k]
     int64 in descending biased score, topk_weight [tokens, k] float32)."""
     scores = torch.sigmoid(logits)
@@ -35,8 +36,9 @@ def route_topk_reference(logits: torch.Tensor, expert_bias: torch.Tensor, top_k:
     return scores, topk_idx, weights
 
 
-def route_topk_triton(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_topk_triton(
+    logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route_topk_reference` with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
     # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
     from nemotron.kernels.moe_router_triton import RouteTopKFunction
@@ -50,8 +52,9 @@ def _use_triton(logits: torch.Tensor) -> bool:
     return logits.dtype == torch.float32 and logits.dim() == 2 and use_triton(logits)
 
 
-def route_topk(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_topk(
+    logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The routing the MoE router calls: Triton on CUDA, the reference elsewhere."""
     if _use_triton(logits):
         return route_topk_triton(logits, expert_bias, top_k, scale)

@@ -33,7 +33,9 @@ __all__ = [
 def _check(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int) -> None:
     d = y.shape[-1]
     if z is not None and z.shape != y.shape:
-        raise ValueError(f"gated_rmsnorm: gate shape {tuple(z.shape)} must equal input shape {tuple(y.shape)}")
+        raise ValueError(
+            f"gated_rmsnorm: gate shape {tuple(z.shape)} must equal input shape {tuple(y.shape)}"
+        )
     if weight.shape != (d,):
         raise ValueError(f"rmsnorm: weight must be ({d},), got {tuple(weight.shape)}")
     if group_size < 1 or d % group_size != 0:

@@ -13,13 +13,7 @@ from nemotron.config.env_toml import (
     load_env_toml,
     load_profile,
 )
-from nemotron.launch.plan import (
-    STAGES,
-    LaunchError,
-    LaunchPlan,
-    build_launch_plan,
-    select_profile,
-)
+from nemotron.launch.plan import STAGES, LaunchError, LaunchPlan, build_launch_plan, select_profile
 from nemotron.launch.submit import JobResult, render, submit
 
 __all__ = [

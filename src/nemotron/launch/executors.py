@@ -22,9 +22,7 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
     launcher = run.Torchrun(rdzv_id=plan.rdzv_id) if plan.spec.distributed else None
     if not profile.is_slurm:
         return run.LocalExecutor(
-            ntasks_per_node=plan.nproc_per_node,
-            launcher=launcher,
-            env_vars=dict(plan.env_vars),
+            ntasks_per_node=plan.nproc_per_node, launcher=launcher, env_vars=dict(plan.env_vars)
         )
 
     base_dir = str(plan.nemo_run_dir / "experiments")
@@ -53,7 +51,8 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
             env["SRUN_CPUS_PER_TASK"] = "$SLURM_CPUS_ON_NODE"
         else:
             env["SRUN_CPUS_PER_TASK"] = (
-                str(profile.cpus_per_task) if profile.cpus_per_task
+                str(profile.cpus_per_task)
+                if profile.cpus_per_task
                 else f"$((SLURM_CPUS_ON_NODE/{plan.tasks_per_node}))"
             )
 

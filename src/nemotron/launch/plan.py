@@ -32,16 +32,13 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec(cli=("nano3", "pretrain"), distributed=True, whole_node=False),
-    "data_prep": StageSpec(
-        cli=("nano3", "data", "prep", "pretrain"), distributed=False, whole_node=True
-    ),
+    "data_prep": StageSpec(cli=("nano3", "data", "prep", "pretrain"), distributed=False, whole_node=True),
 }
 
 EXPERIMENT_TITLE = "nemotron"
 # Variables the CLI inside the job reads: the submission's job dir and the profile that ran it.
 JOB_DIR_ENV = "NEMOTRON_JOB_DIR"
 PROFILE_ENV = "NEMOTRON_PROFILE"
-
 
 
 @dataclass(frozen=True)
@@ -86,13 +83,7 @@ class LaunchPlan:
     @property
     def task_dir(self) -> Path:
         """The job's own directory on this machine (logs, sbatch script, packaged config)."""
-        return (
-            self.nemo_run_dir
-            / "experiments"
-            / EXPERIMENT_TITLE
-            / self.experiment_id
-            / self.task_name
-        )
+        return self.nemo_run_dir / "experiments" / EXPERIMENT_TITLE / self.experiment_id / self.task_name
 
     @property
     def remote_task_dir(self) -> str:

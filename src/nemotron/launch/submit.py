@@ -162,9 +162,7 @@ def _state(exp: run.Experiment, handle: str) -> str:
 def _follow(exp: run.Experiment, handle: str, plan: LaunchPlan, sink: LogSink) -> str:
     """Stream logs until the job reaches a terminal state; cancel it on Ctrl-C (or SIGTERM)."""
     stop = threading.Event()
-    streamer = threading.Thread(
-        target=_stream_logs, args=(exp, handle, plan, sink, stop), daemon=True
-    )
+    streamer = threading.Thread(target=_stream_logs, args=(exp, handle, plan, sink, stop), daemon=True)
     streamer.start()
     try:
         with _sigterm_as_interrupt():

@@ -68,7 +68,8 @@ def update_expert_biases(moe_layers, rate: float, group=None) -> BalanceStats:
             bias.add_(delta.to(device=bias.device, dtype=bias.dtype))
             layer.router.tokens_per_expert.zero_()
         max_over_mean = torch.where(
-            mean.squeeze(1) > 0, counts.max(dim=1).values / mean.squeeze(1).clamp_min(1e-12),
+            mean.squeeze(1) > 0,
+            counts.max(dim=1).values / mean.squeeze(1).clamp_min(1e-12),
             torch.zeros_like(mean.squeeze(1)),
         )
         biases = torch.stack([layer.router.expert_bias.float() for layer in layers])

@@ -145,7 +145,8 @@ def is_checkpoint_dir(path: Path) -> bool:
     """A directory that is (or claims to be) one checkpoint, complete or not."""
     path = Path(path)
     return path.is_dir() and any(
-        (path / name).exists() for name in (MANIFEST_FILE, ".metadata", TRAIN_STATE_FILE))
+        (path / name).exists() for name in (MANIFEST_FILE, ".metadata", TRAIN_STATE_FILE)
+    )
 
 
 def is_complete(path: Path) -> bool:
@@ -203,8 +204,9 @@ def resolve_checkpoint(path: str | Path, must_exist: bool = True) -> Path | None
 
 def _checkpoint_files(directory: Path) -> list[str]:
     """Every file of a checkpoint directory but the manifest, relative, sorted."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST_FILE)
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+    )
 
 
 def _describe(path: Path, checksums: bool) -> dict[str, Any]:
@@ -223,8 +225,7 @@ def describe_files(directory: Path, checksums: bool = True, group=None) -> dict[
     world = dist.get_world_size(group) if _distributed() else 1
     mine: dict[str, dict] | str
     try:
-        mine = {name: _describe(directory / name, checksums)
-                for name in names[_group_rank(group)::world]}
+        mine = {name: _describe(directory / name, checksums) for name in names[_group_rank(group) :: world]}
     except OSError as e:
         mine = failure_reason(e)
     parts = _gathered(mine, group)
@@ -262,15 +263,16 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             if not isinstance(files, dict):
                 raise ValueError("'files' is not a table")
         except FileNotFoundError:
-            problem = (f"{manifest_file} is missing (the save did not finish, or the checkpoint "
-                       f"predates manifests)")
+            problem = (
+                f"{manifest_file} is missing (the save did not finish, or the checkpoint predates manifests)"
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"{manifest_file} is unreadable ({failure_reason(e)})"
     files, problem = _from_owner((files, problem), group)
     if problem is not None:
         return [problem]
     world = dist.get_world_size(group) if _distributed() else 1
-    names = sorted(files)[_group_rank(group)::world]
+    names = sorted(files)[_group_rank(group) :: world]
     mine = [p for p in (_check_file(path / n, files[n], checksums) for n in names) if p]
     return [p for part in _gathered(mine, group) for p in part]
 
@@ -283,8 +285,9 @@ class Skipped:
     problem: str
 
 
-def find_checkpoint(path: str | Path, *, checksums: bool = True, must_exist: bool = True,
-                    group=None) -> tuple[Path | None, list[Skipped]]:
+def find_checkpoint(
+    path: str | Path, *, checksums: bool = True, must_exist: bool = True, group=None
+) -> tuple[Path | None, list[Skipped]]:
     """The checkpoint to resume from, verified against its manifest, and the damaged ones
     passed over. `path` is a checkpoint (damaged: `CheckpointCorruptError` naming the file) or
     a save directory (its newest intact checkpoint, `latest`'s target first; none intact while
@@ -311,7 +314,8 @@ def find_checkpoint(path: str | Path, *, checksums: bool = True, must_exist: boo
         listing = "; ".join(f"{s.path.name}: {s.problem}" for s in skipped)
         raise CheckpointCorruptError(
             f"{path} holds no intact checkpoint ({listing}); move the damaged checkpoints "
-            f"away to start over, or set checkpoint.load to one that is intact")
+            f"away to start over, or set checkpoint.load to one that is intact"
+        )
     if must_exist:
         if not path.exists():
             raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -340,11 +344,7 @@ def check_writable(directory: str | Path, key: str = "checkpoint.save", group=No
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -378,10 +378,9 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool
     try:
         metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     except Exception as e:  # a damaged .metadata of a checkpoint without manifest
-        raise CheckpointCorruptError(
-            f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
+        raise CheckpointCorruptError(f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
     saved = {
-        key[len("model."):]: tuple(value.size)
+        key[len("model.") :]: tuple(value.size)
         for key, value in metadata.items()
         if key.startswith("model.") and hasattr(value, "size")
     }
@@ -398,15 +397,15 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool
 
     problems = []
     if reshaped:
-        problems.append("shape mismatch: " + listing(
-            reshaped, lambda k: f"{k} (checkpoint {list(saved[k])}, model {list(ours[k])})"))
+        problems.append(
+            "shape mismatch: "
+            + listing(reshaped, lambda k: f"{k} (checkpoint {list(saved[k])}, model {list(ours[k])})")
+        )
     if missing:
         problems.append("missing from checkpoint: " + listing(missing))
     if unexpected:
         problems.append("not in model: " + listing(unexpected))
-    raise CheckpointShapeError(
-        f"checkpoint {checkpoint} does not fit this model; " + "; ".join(problems)
-    )
+    raise CheckpointShapeError(f"checkpoint {checkpoint} does not fit this model; " + "; ".join(problems))
 
 
 @dataclass
@@ -429,8 +428,7 @@ def load_checkpoint(
     """Load `path` (a checkpoint, or a save dir: its newest intact one, `find_checkpoint`) into
     model/optimizer, after checking its files against its manifest. None only when `path` holds
     no checkpoint and `must_exist` is False."""
-    checkpoint, skipped = find_checkpoint(path, checksums=checksums, must_exist=must_exist,
-                                          group=group)
+    checkpoint, skipped = find_checkpoint(path, checksums=checksums, must_exist=must_exist, group=group)
     if checkpoint is None:
         return None
     state = training_state_dict(model, optimizer)
@@ -439,8 +437,7 @@ def load_checkpoint(
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
     except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
-        raise CheckpointCorruptError(
-            f"cannot read checkpoint {checkpoint}: {failure_reason(e)}") from None
+        raise CheckpointCorruptError(f"cannot read checkpoint {checkpoint}: {failure_reason(e)}") from None
     set_state_dict(
         model,
         optimizer if optimizer is not None else [],
@@ -543,8 +540,10 @@ class Checkpointer:
         dist.all_gather_object(paths, str(path.absolute()), group=self.group)
         if len(set(paths)) > 1:
             listing = ", ".join(f"rank {r}: {p}" for r, p in enumerate(paths))
-            raise CheckpointError(f"ranks disagree on the checkpoint directory ({listing}); "
-                                  f"give checkpoint.save as one absolute path on shared storage")
+            raise CheckpointError(
+                f"ranks disagree on the checkpoint directory ({listing}); "
+                f"give checkpoint.save as one absolute path on shared storage"
+            )
 
     def save(
         self,
@@ -635,8 +634,9 @@ class Checkpointer:
             free = ""
         if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"checkpoint {tmp.name[len(TMP_PREFIX):]} could not be "
-                                   f"written to {tmp.parent}: {reason}{free}")
+        raise CheckpointWriteError(
+            f"checkpoint {tmp.name[len(TMP_PREFIX) :]} could not be written to {tmp.parent}: {reason}{free}"
+        )
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         # DCP returns on every rank only after the coordinator wrote .metadata, so all shards

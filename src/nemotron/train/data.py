@@ -36,9 +36,7 @@ from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
-from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
-    BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches,
-)
+from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
 
 
 @dataclass
@@ -72,10 +70,12 @@ class MixedMockDataset(torch.utils.data.Dataset):
     """Mock samples of several lengths, interleaved by the blending rule on `weights` (so a
     benchmark sees the long-context phase's mix of lengths)."""
 
-    def __init__(self, num_samples: int, seq_lengths: list[int], weights: list[float],
-                 vocab_size: int, seed: int) -> None:
-        self.parts = [MockDataset(num_samples, n, vocab_size, seed + 7919 * k)
-                      for k, n in enumerate(seq_lengths)]
+    def __init__(
+        self, num_samples: int, seq_lengths: list[int], weights: list[float], vocab_size: int, seed: int
+    ) -> None:
+        self.parts = [
+            MockDataset(num_samples, n, vocab_size, seed + 7919 * k) for k, n in enumerate(seq_lengths)
+        ]
         self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
 
     def __len__(self) -> int:
@@ -104,8 +104,12 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     length = max(s["tokens"].shape[0] for s in samples)
     batch = {}
     for key in samples[0]:
-        rows = [s[key] if s[key].shape[0] == length else torch.nn.functional.pad(
-            s[key], (0, length - s[key].shape[0]), value=PAD_VALUES[key]) for s in samples]
+        rows = [
+            s[key]
+            if s[key].shape[0] == length
+            else torch.nn.functional.pad(s[key], (0, length - s[key].shape[0]), value=PAD_VALUES[key])
+            for s in samples
+        ]
         batch[key] = torch.stack(rows)
     return batch
 
@@ -185,7 +189,8 @@ class TrainingData:
         self.last_step_lengths: list[int] = []  # its samples' lengths (FLOPs depend on them)
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
-            for i, m in enumerate(data.mixed_length_blends)}
+            for i, m in enumerate(data.mixed_length_blends)
+        }
         check_sequence_lengths(lengths, sequence_multiple, error=TrainDataError)
         self._stream: _Stream | None = None
 
@@ -197,27 +202,39 @@ class TrainingData:
                 self._datasets[key] = None
             elif self.data.mock:
                 seed = self.train.seed + {"train1": 0, "train2": 1, "valid": 2, "test": 3}[key]
-                self._datasets[key] = MockDataset(num_samples, self.plan.seq_length,
-                                                  self.vocab_size, seed)
+                self._datasets[key] = MockDataset(num_samples, self.plan.seq_length, self.vocab_size, seed)
                 if key.startswith("train") and self.data.mixed_length_blends:
                     self._datasets[key] = MixedMockDataset(
-                        num_samples, [self.plan.seq_length] + [
-                            m.seq_length for m in self.data.mixed_length_blends],
+                        num_samples,
+                        [self.plan.seq_length] + [m.seq_length for m in self.data.mixed_length_blends],
                         [self.data.blend_weight] + [m.weight for m in self.data.mixed_length_blends],
-                        self.vocab_size, seed)
+                        self.vocab_size,
+                        seed,
+                    )
             elif blend is None or not blend_has_split(blend, split):
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
                 parts: list[tuple[str | Path, int, float]] = [
-                    (blend, self.plan.seq_length, self.data.blend_weight)]
+                    (blend, self.plan.seq_length, self.data.blend_weight)
+                ]
                 parts += [(m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
                 self._datasets[key] = build_mixed_length_dataset(
-                    parts, split, num_samples, self.train.seed, self.data.cache_dir,
-                    vocab_size=self.vocab_size)
+                    parts,
+                    split,
+                    num_samples,
+                    self.train.seed,
+                    self.data.cache_dir,
+                    vocab_size=self.vocab_size,
+                )
             else:
                 self._datasets[key] = build_split_dataset(
-                    blend, split, num_samples, self.plan.seq_length, self.train.seed,
-                    self.data.cache_dir, vocab_size=self.vocab_size,
+                    blend,
+                    split,
+                    num_samples,
+                    self.plan.seq_length,
+                    self.train.seed,
+                    self.data.cache_dir,
+                    vocab_size=self.vocab_size,
                 )
         return self._datasets[key]
 
@@ -225,8 +242,11 @@ class TrainingData:
         gbs = self.plan.global_batch_size
         if self.switch_step is None:
             return self.plan.total_steps * gbs if phase == 1 else 0
-        start = self.switch_step if self.state.phase2_start_sample is None else (
-            self.state.phase2_start_sample // gbs)
+        start = (
+            self.switch_step
+            if self.state.phase2_start_sample is None
+            else (self.state.phase2_start_sample // gbs)
+        )
         return start * gbs if phase == 1 else (self.plan.total_steps - start) * gbs
 
     def train_dataset(self, phase: int):
@@ -254,8 +274,10 @@ class TrainingData:
         return False
 
     def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
-        return [self._local(collate([dataset[i] for i in indices]))
-                for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)]
+        return [
+            self._local(collate([dataset[i] for i in indices]))
+            for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)
+        ]
 
     def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a micro-batch: its chunks of every sequence under CP."""
@@ -269,10 +291,12 @@ class TrainingData:
         if stream is None or stream.phase != phase or stream.next_offset != offset:
             self.close()
             loader = torch.utils.data.DataLoader(
-                dataset, num_workers=self.data.num_workers, collate_fn=collate,
-                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset,
-                                               self.phase_samples(phase)),
-                pin_memory=self.pin_memory, multiprocessing_context=WORKER_START_METHOD,
+                dataset,
+                num_workers=self.data.num_workers,
+                collate_fn=collate,
+                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset, self.phase_samples(phase)),
+                pin_memory=self.pin_memory,
+                multiprocessing_context=WORKER_START_METHOD,
             )
             stream = self._stream = _Stream(phase, offset, iter(loader))
         batches = [self._local(next(stream.batches)) for _ in range(self.plan.grad_accumulation)]
@@ -289,8 +313,9 @@ class TrainingData:
             batches = self._prefetched(phase, dataset, offset)
         else:
             batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
-        self.last_step_lengths = [dataset.sample_length(i) for i in range(
-            offset, offset + self.plan.global_batch_size)]
+        self.last_step_lengths = [
+            dataset.sample_length(i) for i in range(offset, offset + self.plan.global_batch_size)
+        ]
         self.last_step_tokens = sum(self.last_step_lengths)
         self.state.consumed_train_samples += self.plan.global_batch_size
         return batches
@@ -323,8 +348,9 @@ class TrainingData:
         return LoaderState(**d)
 
 
-def unigram_entropy(blend_json: str | Path | None, split: str = "train",
-                    max_tokens: int = 200_000_000) -> float | None:
+def unigram_entropy(
+    blend_json: str | Path | None, split: str = "train", max_tokens: int = 200_000_000
+) -> float | None:
     """Entropy (nats/token) of the blend's unigram token distribution (weights applied), the
     loss of a model that ignores context: training loss should fall well below it.
     None when there is no blend or it holds more than `max_tokens` tokens (too costly)."""

@@ -34,8 +34,7 @@ def ssd_forward_flops(cfg: Nano3Config) -> float:
 
 def mamba_forward_flops(cfg: Nano3Config) -> float:
     h, d_inner = cfg.hidden_size, cfg.mamba_d_inner
-    in_proj = 2 * h * (2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_size
-                       + cfg.mamba_num_heads)
+    in_proj = 2 * h * (2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_size + cfg.mamba_num_heads)
     out_proj = 2 * d_inner * h
     return float(in_proj + out_proj) + ssd_forward_flops(cfg)
 
@@ -82,12 +81,19 @@ def training_flops_per_token(cfg: Nano3Config, seq_length: int) -> float:
 def training_flops(cfg: Nano3Config, sample_lengths: Iterable[int]) -> float:
     """Model FLOPs to train on samples of these lengths, every token at its own sample's length
     (a batch mixing 512K- and 4K-token samples costs more than its mean length says)."""
-    return sum(count * length * training_flops_per_token(cfg, length)
-               for length, count in Counter(sample_lengths).items())
+    return sum(
+        count * length * training_flops_per_token(cfg, length)
+        for length, count in Counter(sample_lengths).items()
+    )
 
 
-def mfu(tokens_per_second: float, cfg: Nano3Config, seq_length: int, num_gpus: int = 1,
-        peak_flops_per_gpu: float = H200_BF16_PEAK_FLOPS) -> float:
+def mfu(
+    tokens_per_second: float,
+    cfg: Nano3Config,
+    seq_length: int,
+    num_gpus: int = 1,
+    peak_flops_per_gpu: float = H200_BF16_PEAK_FLOPS,
+) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak of `num_gpus` GPUs."""
     achieved = tokens_per_second * training_flops_per_token(cfg, seq_length)
     return achieved / (peak_flops_per_gpu * num_gpus)

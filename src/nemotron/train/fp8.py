@@ -38,9 +38,7 @@ from torch import nn
 
 from nemotron.kernels.relu2 import relu2
 from nemotron.models.nano3.moe import GroupedExperts, local_experts
-from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
-    DEFAULT_FP8_LAYERS, FP8_LAYERS, RECIPES, Fp8Config, check_fp8_config,
-)
+from nemotron.train.fp8_config import DEFAULT_FP8_LAYERS, FP8_LAYERS, RECIPES, Fp8Config, check_fp8_config  # noqa: F401  (re-exported: one import for users)
 
 MIN_TORCHAO = (0, 18)
 # torch._scaled_mm / _scaled_grouped_mm: both GEMM dimensions of an operand multiples of 16;
@@ -102,7 +100,8 @@ def require_torchao() -> None:
         have = "is not installed" if found is None else f"is {'.'.join(map(str, found))}"
         raise Fp8Unavailable(
             f"train.fp8.enabled=true needs torchao >= {'.'.join(map(str, MIN_TORCHAO))}, which "
-            f"{have}: pip install 'nemotron[fp8]' (or set train.fp8.enabled=false)")
+            f"{have}: pip install 'nemotron[fp8]' (or set train.fp8.enabled=false)"
+        )
 
 
 def fp8_hardware(device: torch.device) -> bool:
@@ -136,7 +135,9 @@ def _selected_modules(model: nn.Module, layers: list[str]) -> tuple[dict[int, st
         elif module.kind == "moe":
             picks = {}
             if "shared_expert" in wanted and mixer.shared_experts is not None:
-                picks = {f"shared_experts.{p}": getattr(mixer.shared_experts, p) for p in ("up_proj", "down_proj")}
+                picks = {
+                    f"shared_experts.{p}": getattr(mixer.shared_experts, p) for p in ("up_proj", "down_proj")
+                }
             if "experts" in wanted:
                 moes[prefix] = mixer
         else:
@@ -154,8 +155,9 @@ def float8_linear_config(fp8: Fp8Config, emulate: bool):
     from torchao.float8 import Float8LinearConfig
 
     config = Float8LinearConfig.from_recipe_name(fp8.recipe)
-    return dataclasses.replace(config, emulate=emulate,
-                               enable_fsdp_float8_all_gather=fp8.fsdp_float8_all_gather)
+    return dataclasses.replace(
+        config, emulate=emulate, enable_fsdp_float8_all_gather=fp8.fsdp_float8_all_gather
+    )
 
 
 def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summary:
@@ -171,8 +173,11 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summ
     skipped = sorted(name for i, name in chosen.items() if not _aligned(by_id[i]))
     convert = {i for i in chosen if _aligned(by_id[i])}
     if convert:
-        convert_to_float8_training(model, config=float8_linear_config(fp8, emulate),
-                                   module_filter_fn=lambda module, fqn: id(module) in convert)
+        convert_to_float8_training(
+            model,
+            config=float8_linear_config(fp8, emulate),
+            module_filter_fn=lambda module, fqn: id(module) in convert,
+        )
     from torchao.float8.float8_linear import Float8Linear
 
     linears = [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
@@ -234,15 +239,18 @@ class Float8GroupedExperts(GroupedExperts):
 
             dest, padded_ends, capacity = aligned_group_rows(counts, x.shape[0], FP8_ALIGN)
             xp = _ScatterRows.apply(x, dest, capacity)
-            h = relu2(fp8_grouped_mm(xp, up.transpose(-2, -1), padded_ends, x.dtype,
-                                     pad_token_groups_for_grouped_mm=False))
-            out = fp8_grouped_mm(h, down.transpose(-2, -1), padded_ends, x.dtype,
-                                 pad_token_groups_for_grouped_mm=False)
+            h = relu2(
+                fp8_grouped_mm(
+                    xp, up.transpose(-2, -1), padded_ends, x.dtype, pad_token_groups_for_grouped_mm=False
+                )
+            )
+            out = fp8_grouped_mm(
+                h, down.transpose(-2, -1), padded_ends, x.dtype, pad_token_groups_for_grouped_mm=False
+            )
             return _GatherRows.apply(out, dest)
 
 
-def aligned_group_rows(counts: torch.Tensor, rows: int, align: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def aligned_group_rows(counts: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Where each row of an expert-sorted [rows, ...] tensor goes when every expert's group is
     padded to a multiple of `align` rows: (dest [rows] int64, padded group ends [E] int32,
     capacity). Static shapes, no host synchronisation: capacity is the most any routing can

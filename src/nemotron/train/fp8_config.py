@@ -43,19 +43,38 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
         problems.append(("train.fp8.recipe", f"{fp8.recipe!r} is not one of {list(RECIPES)}"))
     unknown = [name for name in fp8.layers if name not in FP8_LAYERS]
     if unknown:
-        problems.append(("train.fp8.layers", f"unknown layer kinds {unknown}; choose from {list(FP8_LAYERS)} "
-                                             "(router, norms, embeddings and LM head stay higher precision)"))
+        problems.append(
+            (
+                "train.fp8.layers",
+                f"unknown layer kinds {unknown}; choose from {list(FP8_LAYERS)} "
+                "(router, norms, embeddings and LM head stay higher precision)",
+            )
+        )
     if len(set(fp8.layers)) != len(fp8.layers):
         problems.append(("train.fp8.layers", f"names a layer kind twice: {fp8.layers}"))
     if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":
-        problems.append(("train.fp8.fsdp_float8_all_gather",
-                         f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
-                         "are gathered with one scale per tensor"))
+        problems.append(
+            (
+                "train.fp8.fsdp_float8_all_gather",
+                f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
+                "are gathered with one scale per tensor",
+            )
+        )
     if fp8.enabled:
         if precision != "bf16":
-            problems.append(("train.fp8.enabled", f"needs train.precision=bf16, got {precision!r} (the "
-                                                  "layers FP8 leaves out compute in bf16)"))
+            problems.append(
+                (
+                    "train.fp8.enabled",
+                    f"needs train.precision=bf16, got {precision!r} (the "
+                    "layers FP8 leaves out compute in bf16)",
+                )
+            )
         if tensor_parallel > 1:
-            problems.append(("train.fp8.enabled", f"is not supported with tensor parallelism yet "
-                                                  f"(model.tensor_model_parallel_size={tensor_parallel})"))
+            problems.append(
+                (
+                    "train.fp8.enabled",
+                    f"is not supported with tensor parallelism yet "
+                    f"(model.tensor_model_parallel_size={tensor_parallel})",
+                )
+            )
     return problems

@@ -27,12 +27,7 @@ from nemotron.distributed.apply import parallelize, restore_reshard_after_forwar
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.mesh import build_mesh
 from nemotron.distributed.parallel_dims import ParallelDims
-from nemotron.distributed.utils import (
-    grad_norm,
-    loss_tokens,
-    reduce_token_loss,
-    token_loss_weights,
-)
+from nemotron.distributed.utils import grad_norm, loss_tokens, reduce_token_loss, token_loss_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
@@ -78,9 +73,16 @@ def ignored_layout(cfg) -> str | None:
     """The model-parallel sizes a single process cannot apply (it trains the whole model on one
     device), e.g. "TP8 EP8 SP", or None when there are none."""
     p = cfg.model.parallel()
-    sizes = [f"{name}{size}" for name, size in (
-        ("TP", p.tensor_model_parallel_size), ("PP", p.pipeline_model_parallel_size),
-        ("EP", p.expert_model_parallel_size), ("CP", p.context_parallel_size)) if size > 1]
+    sizes = [
+        f"{name}{size}"
+        for name, size in (
+            ("TP", p.tensor_model_parallel_size),
+            ("PP", p.pipeline_model_parallel_size),
+            ("EP", p.expert_model_parallel_size),
+            ("CP", p.context_parallel_size),
+        )
+        if size > 1
+    ]
     if p.sequence_parallel and p.tensor_model_parallel_size > 1:
         sizes.append("SP")
     return " ".join(sizes) or None
@@ -105,8 +107,9 @@ def apply_activation_recompute(model: torch.nn.Module) -> None:
     during which the MoE routers do not count tokens again)."""
     apply_activation_checkpointing(
         model,
-        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper,
-                                                checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
         check_fn=lambda module: isinstance(module, Block),
     )
 
@@ -117,12 +120,14 @@ def check_compute_weights(train) -> None:
     if value not in COMPUTE_WEIGHTS:
         raise ValueError(f"train.compute_weights={value!r} is not one of {list(COMPUTE_WEIGHTS)}")
     if value == "bf16" and train.precision != "bf16":
-        raise ValueError(f"train.compute_weights=bf16 needs train.precision=bf16, got "
-                         f"{train.precision!r} (bf16 compute weights run under bf16 autocast)")
+        raise ValueError(
+            f"train.compute_weights=bf16 needs train.precision=bf16, got "
+            f"{train.precision!r} (bf16 compute weights run under bf16 autocast)"
+        )
 
 
 def resolve_compute_weights(train, device: torch.device, world: int, grad_accumulation: int = 1) -> str:
-    """"fp32" or "bf16": `train.compute_weights`, with "auto" = bf16 on CUDA with precision bf16
+    """ "fp32" or "bf16": `train.compute_weights`, with "auto" = bf16 on CUDA with precision bf16
     when distributed or accumulating gradients over micro-batches, fp32 otherwise.
 
     Why the accumulation matters in one process: bf16 weights are gathered (copied and cast)
@@ -138,8 +143,9 @@ def resolve_compute_weights(train, device: torch.device, world: int, grad_accumu
     return "bf16" if world > 1 or grad_accumulation > 1 else "fp32"
 
 
-def build_model(cfg, device: torch.device, mesh=None,
-                compute_weights: str | None = None) -> tuple[torch.nn.Module, Parallel]:
+def build_model(
+    cfg, device: torch.device, mesh=None, compute_weights: str | None = None
+) -> tuple[torch.nn.Module, Parallel]:
     """The model on `device` with fp32 master weights: one process with fp32 compute weights
     trains a plain module; otherwise FSDP2 (`distributed.apply.parallelize`) shards it, with bf16
     compute weights per `compute_weights` ("fp32" | "bf16"; None: resolve
@@ -150,7 +156,8 @@ def build_model(cfg, device: torch.device, mesh=None,
     torch.manual_seed(cfg.train.seed)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     weights = compute_weights or resolve_compute_weights(
-        cfg.train, device, world, max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size)))
+        cfg.train, device, world, max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size))
+    )
     if world == 1 and weights == "fp32":
         with torch.device(device):
             model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
@@ -167,16 +174,24 @@ def build_model(cfg, device: torch.device, mesh=None,
         raise RuntimeError(
             "train.compute_weights=bf16 in one process needs a one-rank process group (FSDP2 on "
             "a one-device mesh): run through pretrain(), or inside "
-            "nemotron.distributed.utils.launcher_process_group(device_type, one_rank=True)")
+            "nemotron.distributed.utils.launcher_process_group(device_type, one_rank=True)"
+        )
 
     # One process trains the whole model: the configured model-parallel sizes do not apply.
     layout = cfg.model.parallel() if world > 1 else ParallelismConfig()
     if mesh is None:
         dims = ParallelDims.from_config(layout, world, arch)
         mesh = build_mesh(dims, device.type)
-    parallel = Parallel(dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, dp_group=mesh.loss_group,
-                        balancing_group=mesh.balancing_group, mesh=mesh, cp_rank=mesh.cp_rank,
-                        cp_size=mesh.cp_size, sequence_multiple=mesh.dims.sequence_shards)
+    parallel = Parallel(
+        dp_rank=mesh.dp_rank,
+        dp_size=mesh.dp_size,
+        dp_group=mesh.loss_group,
+        balancing_group=mesh.balancing_group,
+        mesh=mesh,
+        cp_rank=mesh.cp_rank,
+        cp_size=mesh.cp_size,
+        sequence_multiple=mesh.dims.sequence_shards,
+    )
     if mesh.dims.pp > 1:
         parallel.pipeline = _build_pipeline(cfg, device, mesh, layout, weights == "bf16")
         return parallel.pipeline.local, parallel
@@ -189,8 +204,9 @@ def build_model(cfg, device: torch.device, mesh=None,
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.
-    model = parallelize(model, mesh, layout, mixed_precision=weights == "bf16",
-                        reshard_after_forward=world > 1)
+    model = parallelize(
+        model, mesh, layout, mixed_precision=weights == "bf16", reshard_after_forward=world > 1
+    )
     model.to_empty(device=device)
     torch.manual_seed(cfg.train.seed)
     model.reset_parameters()  # the same weights as one process under this seed
@@ -218,23 +234,30 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
     from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     if cfg.train.compile:
-        raise ValueError("train.compile with model.pipeline_model_parallel_size > 1 is not "
-                         "supported; set train.compile=false")
+        raise ValueError(
+            "train.compile with model.pipeline_model_parallel_size > 1 is not "
+            "supported; set train.compile=false"
+        )
 
     def make_part(blocks: range) -> Nano3ForCausalLM:
         with torch.device("meta"):
-            part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels,
-                                    blocks=blocks)
+            part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels, blocks=blocks)
         set_shared_expert_overlap(part, cfg.train.moe_shared_expert_overlap)
         apply_fp8_if_enabled(part, cfg, device)
         if cfg.train.activation_recompute:
             apply_activation_recompute(part)
         return part
 
-    return build_pipeline(cfg.model.arch(), layout, mesh, device,
-                          lengths=run_lengths(cfg.train.seq_length, cfg.data),
-                          make_part=make_part, mixed_precision=mixed_precision,
-                          seed=cfg.train.seed)
+    return build_pipeline(
+        cfg.model.arch(),
+        layout,
+        mesh,
+        device,
+        lengths=run_lengths(cfg.train.seq_length, cfg.data),
+        make_part=make_part,
+        mixed_precision=mixed_precision,
+        seed=cfg.train.seed,
+    )
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -273,14 +296,16 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
     if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
         yield lambda index: None
         return
+
     def prepare(index: int) -> None:
         last = index == count - 1
         root.set_requires_gradient_sync(last)
         root.set_reshard_after_backward(last)
 
     # Only for a model built by `distributed.apply.parallelize`, which records what to restore.
-    keep_after_forward = (hasattr(root, "fsdp_reshard_after_forward")
-                          and hasattr(root, "set_reshard_after_forward"))
+    keep_after_forward = hasattr(root, "fsdp_reshard_after_forward") and hasattr(
+        root, "set_reshard_after_forward"
+    )
     if keep_after_forward:
         root.set_reshard_after_forward(False)
     try:
@@ -320,8 +345,9 @@ def train_step(
     n = len(micro_batches)
     pipeline = parallel.pipeline
     if pipeline is not None:
-        lm_sum, balance_sum = pipeline_forward_backward(pipeline, micro_batches, weights, counts,
-                                                        device, precision, training=True)
+        lm_sum, balance_sum = pipeline_forward_backward(
+            pipeline, micro_batches, weights, counts, device, precision, training=True
+        )
     else:
         with fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare:
             for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
@@ -368,14 +394,18 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
     tokens = 0.0
     if parallel.pipeline is not None:
         counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
-        total, _ = pipeline_forward_backward(parallel.pipeline, micro_batches, [0.0] * len(counts),
-                                             counts, device, precision, training=False)
+        total, _ = pipeline_forward_backward(
+            parallel.pipeline, micro_batches, [0.0] * len(counts), counts, device, precision, training=False
+        )
         tokens = float(sum(counts))
     else:
         for batch in micro_batches:
             with autocast_context(precision, device):
-                out = model(batch["tokens"].to(device), labels=batch["labels"].to(device),
-                            loss_mask=batch["loss_mask"].to(device))
+                out = model(
+                    batch["tokens"].to(device),
+                    labels=batch["labels"].to(device),
+                    loss_mask=batch["loss_mask"].to(device),
+                )
             count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
             total += out.lm_loss.double() * count
             tokens += count
@@ -388,8 +418,9 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
     return loss
 
 
-def pipeline_forward_backward(pipeline, micro_batches, weights, counts, device, precision, *,
-                              training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pipeline_forward_backward(
+    pipeline, micro_batches, weights, counts, device, precision, *, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batches through the pipeline's stages (forward + backward when `training`):
     -> (sum of token losses, sum of coefficient x balance loss), nonzero on the last stage."""
     coeff = pipeline.parts[0].config.moe_seq_aux_loss_coeff if training else 0.0

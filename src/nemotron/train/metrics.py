@@ -66,8 +66,13 @@ class MetricsLogger:
         if cfg.wandb and cfg.wandb_mode != "disabled":
             try:
                 self._wandb = wandb_lineage.start_run(
-                    job_dir=self.job_dir, job_type="pretrain", project=cfg.wandb_project,
-                    entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=run_config)
+                    job_dir=self.job_dir,
+                    job_type="pretrain",
+                    project=cfg.wandb_project,
+                    entity=cfg.wandb_entity,
+                    mode=cfg.wandb_mode,
+                    config=run_config,
+                )
             except wandb_lineage.WandbUnavailable as e:
                 raise MetricsConfigError(str(e)) from e
 
@@ -112,9 +117,14 @@ class MetricsLogger:
         if kind == "run":
             log.info("run: %s", values)
         elif kind == "train":
-            log.info("step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", step,
-                     values.get("loss", float("nan")), values.get("lr", float("nan")),
-                     values.get("grad_norm", float("nan")), values.get("tokens_per_second", 0.0))
+            log.info(
+                "step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+                step,
+                values.get("loss", float("nan")),
+                values.get("lr", float("nan")),
+                values.get("grad_norm", float("nan")),
+                values.get("tokens_per_second", 0.0),
+            )
         else:
             log.info("step %d %s loss %.4f", step, kind, values.get("loss", float("nan")))
         if self.on_event is not None:

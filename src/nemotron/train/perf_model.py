@@ -50,6 +50,7 @@ class PlanError(ValueError):
 
 # -- inputs --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Layout:
     """How `world` GPUs split the work. DP is derived: world / (TP * CP * PP)."""
@@ -135,16 +136,15 @@ H200 = Hardware(
     sources={
         "memory_gib": "measured: torch.cuda.get_device_properties on the H200s of docs/benchmarks.md",
         "usable_fraction": "assumption: the largest measured peak allocation is 127.3 GiB "
-                           "(reserved 138.0 GiB of 139.8) on one H200; 90% leaves that margin",
+        "(reserved 138.0 GiB of 139.8) on one H200; 90% leaves that margin",
         "peak_flops": "datasheet dense BF16 (the MFU denominator of nemotron.train.flops)",
         "nvlink_busbw": "ASSUMPTION, not measured here: NCCL all-gather/reduce-scatter bus "
-                        "bandwidth of H100/H200 HGX boards (450 GB/s per direction; nccl-tests "
-                        "report ~360 GB/s for large messages)",
+        "bandwidth of H100/H200 HGX boards (450 GB/s per direction; nccl-tests "
+        "report ~360 GB/s for large messages)",
         "nvlink_a2a_busbw": "ASSUMPTION, not measured here: NCCL all-to-all inside an NVSwitch node",
-        "network_busbw": "ASSUMPTION, not measured here: one 400 Gb/s NDR NIC per GPU, ~90% "
-                         "of 50 GB/s",
+        "network_busbw": "ASSUMPTION, not measured here: one 400 Gb/s NDR NIC per GPU, ~90% of 50 GB/s",
         "pressure_fraction": "measured: the two runs at 121.7-122.1 GiB allocated (137.7-138.0 "
-                             "reserved) are the ones slower than the model without it",
+        "reserved) are the ones slower than the model without it",
         "latency_s": "ASSUMPTION: NCCL launch + small-message latency per collective",
     },
 )
@@ -172,12 +172,7 @@ BLOCK_MS_SOURCES = {
 # tensors each block's autograd graph keeps with the fast kernels: block input and normed input,
 # projections' inputs and outputs, the MoE's dispatched rows, expert hidden states and outputs);
 # scaled by Calibration.activation_scale, fitted to the measured peaks.
-ACTIVATION_BYTES_PER_TOKEN = {
-    "mamba": 48_000,
-    "attention": 28_000,
-    "moe": 136_000,
-    "mlp": 40_000,
-}
+ACTIVATION_BYTES_PER_TOKEN = {"mamba": 48_000, "attention": 28_000, "moe": 136_000, "mlp": 40_000}
 
 
 @dataclass(frozen=True)
@@ -196,8 +191,9 @@ class Calibration:
     a2a_exposed: float = 3.375  # the EP all-to-all runs at ~89 GB/s effective on 2-4 H200s
     # per dispatch (one MoE layer, one micro-batch): the host sync for the split sizes and the
     # launch queue refilling after it; "legacy" made two syncs and unfused permutations
-    ep_dispatch_s: dict[str, float] = field(default_factory=lambda: {
-        "overlap": 0.003375, "sync": 0.003375, "legacy": 0.00675})
+    ep_dispatch_s: dict[str, float] = field(
+        default_factory=lambda: {"overlap": 0.003375, "sync": 0.003375, "legacy": 0.00675}
+    )
     tp_block_s: float = 0.012  # per block per micro-batch under TP + SP, beyond bandwidth
     cp_layer_s: float = 0.0135  # per Mamba/attention layer per micro-batch under CP
     # Step time x (1 + this) when the predicted peak exceeds Hardware.pressure_fraction of the
@@ -212,6 +208,7 @@ CALIBRATION = Calibration()
 
 
 # -- parameter counts per FSDP unit ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -266,13 +263,22 @@ def _block_params(cfg: Nano3Config, kind: str, tp: int) -> tuple[Shapes, Shapes,
         d_inner, heads = cfg.mamba_d_inner, cfg.mamba_num_heads
         gn = cfg.mamba_num_groups * cfg.mamba_state_size
         split = [(h, d_inner // tp)]  # out_proj
-        local = norm + [(2 * d_inner + 2 * gn + heads, h), (d_inner + 2 * gn, 1, cfg.mamba_conv_kernel),
-                        (d_inner + 2 * gn,), (heads,), (heads,), (heads,), (d_inner,)]
+        local = norm + [
+            (2 * d_inner + 2 * gn + heads, h),
+            (d_inner + 2 * gn, 1, cfg.mamba_conv_kernel),
+            (d_inner + 2 * gn,),
+            (heads,),
+            (heads,),
+            (heads,),
+            (d_inner,),
+        ]
     elif kind == "moe":
         shared = cfg.moe_shared_expert_hidden_size // tp
         split, local = [(shared, h), (h, shared)], norm + [(cfg.num_experts, h)]
-        experts = [(cfg.num_experts, cfg.moe_ffn_hidden_size, h),
-                   (cfg.num_experts, h, cfg.moe_ffn_hidden_size)]
+        experts = [
+            (cfg.num_experts, cfg.moe_ffn_hidden_size, h),
+            (cfg.num_experts, h, cfg.moe_ffn_hidden_size),
+        ]
     elif kind == "mlp":
         f = cfg.ffn_hidden_size // tp
         split, local = [(f, h), (h, f)], norm
@@ -307,8 +313,7 @@ def _fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
         own, local, experts = _block_params(cfg, kind, tp)
         units.append(Unit(f"layers.{i}", tuple(own), dense_group, dense_stride, "dense", i))
         if local:
-            units.append(Unit(f"layers.{i}.local", tuple(local), dense_group * tp, 1,
-                              "local", i))
+            units.append(Unit(f"layers.{i}.local", tuple(local), dense_group * tp, 1, "local", i))
         if experts:
             on_rank = tuple((e // ep, *rest) for e, *rest in experts)
             units.append(Unit(f"layers.{i}.experts", on_rank, layout.edp, ep, "experts", i))
@@ -334,8 +339,7 @@ def stage_units(cfg: Nano3Config, layout: Layout, stage: int) -> list[Unit]:
         if u.block is not None:
             if u.block in blocks:
                 keep.append(u)
-        elif (u.kind == "embed" and stage == 0) or (
-                u.name in ("root", "norm_f") and stage == layout.pp - 1):
+        elif (u.kind == "embed" and stage == 0) or (u.name in ("root", "norm_f") and stage == layout.pp - 1):
             keep.append(u)
     return keep
 
@@ -347,6 +351,7 @@ def _stage_blocks(cfg: Nano3Config, pp: int) -> list[range]:
 
 
 # -- outputs -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -364,8 +369,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.fsdp_buffers
-                + self.activations + self.loss_buffers + self.other)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.fsdp_buffers
+            + self.activations
+            + self.loss_buffers
+            + self.other
+        )
 
     @property
     def fits(self) -> bool:
@@ -388,9 +400,16 @@ class StepEstimate:
 
     @property
     def total(self) -> float:
-        return (self.compute + self.optimizer + self.fsdp + self.expert_parallel
-                + self.tensor_parallel + self.context_parallel + self.pipeline_bubble
-                + self.allocator)
+        return (
+            self.compute
+            + self.optimizer
+            + self.fsdp
+            + self.expert_parallel
+            + self.tensor_parallel
+            + self.context_parallel
+            + self.pipeline_bubble
+            + self.allocator
+        )
 
 
 @dataclass(frozen=True)
@@ -408,14 +427,19 @@ class Plan:
 
 # -- the model -----------------------------------------------------------------------------------
 
+
 def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
     """Check divisibility (the rules of `ParallelDims`, plus PP); returns gradient accumulation."""
-    parallel = ParallelismConfig(tensor_model_parallel_size=layout.tp,
-                                 expert_model_parallel_size=layout.ep,
-                                 context_parallel_size=layout.cp, sequence_parallel=layout.tp > 1)
+    parallel = ParallelismConfig(
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.tp > 1,
+    )
     if layout.world % (layout.tp * layout.cp * layout.pp):
-        raise PlanError(f"{layout.world} GPUs are not divisible by TP*CP*PP = "
-                        f"{layout.tp}*{layout.cp}*{layout.pp}")
+        raise PlanError(
+            f"{layout.world} GPUs are not divisible by TP*CP*PP = {layout.tp}*{layout.cp}*{layout.pp}"
+        )
     if layout.pp > cfg.num_layers:
         raise PlanError(f"PP{layout.pp} is more stages than the {cfg.num_layers} blocks")
     try:
@@ -431,23 +455,32 @@ def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overl
     the measured Nano3 time scaled by the FLOP ratio (one FLOP formula)."""
     ref = Nano3Config()
     per_kind = {
-        "attention": (flops_mod.attention_forward_flops(cfg, seq),
-                      flops_mod.attention_forward_flops(ref, 8192)),
+        "attention": (
+            flops_mod.attention_forward_flops(cfg, seq),
+            flops_mod.attention_forward_flops(ref, 8192),
+        ),
         "mamba": (flops_mod.mamba_forward_flops(cfg), flops_mod.mamba_forward_flops(ref)),
         "moe": (flops_mod.moe_forward_flops(cfg), flops_mod.moe_forward_flops(ref)),
         # no dense-MLP block in Nano3 was measured: the MoE block's rate per FLOP stands in
         "mlp": (flops_mod.mlp_forward_flops(cfg), flops_mod.moe_forward_flops(ref)),
     }
     mine, theirs = per_kind[kind]
-    key = "moe" if kind in ("moe", "mlp") and overlap else (
-        "moe_no_overlap" if kind in ("moe", "mlp") else kind)
+    key = (
+        "moe"
+        if kind in ("moe", "mlp") and overlap
+        else ("moe_no_overlap" if kind in ("moe", "mlp") else kind)
+    )
     return cal.block_ms[key] * 1e-3 * mine / theirs
 
 
 def _head_seconds(cfg: Nano3Config, cal: Calibration) -> float:
     ref = Nano3Config()
-    return cal.block_ms["lm_head_loss"] * 1e-3 * (cfg.hidden_size * cfg.vocab_size) / (
-        ref.hidden_size * ref.vocab_size)
+    return (
+        cal.block_ms["lm_head_loss"]
+        * 1e-3
+        * (cfg.hidden_size * cfg.vocab_size)
+        / (ref.hidden_size * ref.vocab_size)
+    )
 
 
 def _busbw(hw: Hardware, size: int, stride: int) -> float:
@@ -478,8 +511,13 @@ def _all_to_all_s(hw: Hardware, bytes_per_rank: float, size: int, stride: int) -
     return hw.latency_s + max(inter / hw.network_busbw, intra / hw.nvlink_a2a_busbw)
 
 
-def estimate(cfg: Nano3Config, layout: Layout, shape: RunShape = RunShape(),
-             hw: Hardware = H200, cal: Calibration = CALIBRATION) -> Plan:
+def estimate(
+    cfg: Nano3Config,
+    layout: Layout,
+    shape: RunShape = RunShape(),
+    hw: Hardware = H200,
+    cal: Calibration = CALIBRATION,
+) -> Plan:
     """Memory per GPU and step time of `layout` (raises PlanError if it cannot be built)."""
     accum = validate_layout(cfg, layout, shape)
     memory = estimate_memory(cfg, layout, shape, hw, cal, accum)
@@ -489,14 +527,22 @@ def estimate(cfg: Nano3Config, layout: Layout, shape: RunShape = RunShape(),
     tokens = shape.global_batch_size * shape.seq_length
     tps = tokens / step.total / layout.world
     mfu = flops_mod.mfu(tps, cfg, shape.seq_length, 1, hw.peak_flops)
-    return Plan(layout=layout, shape=shape, memory=memory, step=step, grad_accumulation=accum,
-                tokens_per_second_per_gpu=tps, mfu=mfu,
-                warnings=tuple(layout_warnings(cfg, layout, shape, hw, cal)),
-                implemented=layout.pp == 1)
+    return Plan(
+        layout=layout,
+        shape=shape,
+        memory=memory,
+        step=step,
+        grad_accumulation=accum,
+        tokens_per_second_per_gpu=tps,
+        mfu=mfu,
+        warnings=tuple(layout_warnings(cfg, layout, shape, hw, cal)),
+        implemented=layout.pp == 1,
+    )
 
 
-def estimate_step(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware,
-                  cal: Calibration, accum: int) -> StepEstimate:
+def estimate_step(
+    cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware, cal: Calibration, accum: int
+) -> StepEstimate:
     tp, cp, ep, pp = layout.tp, layout.cp, layout.ep, layout.pp
     seq, mb = shape.seq_length, layout.micro_batch
     kinds = cfg.block_kinds
@@ -587,27 +633,31 @@ def estimate_step(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardwar
     )
 
 
-def activation_bytes(cfg: Nano3Config, kinds: list[str], tokens: float, tp: int, recompute: bool,
-                     cal: Calibration) -> float:
+def activation_bytes(
+    cfg: Nano3Config, kinds: list[str], tokens: float, tp: int, recompute: bool, cal: Calibration
+) -> float:
     """Activations saved for backward by these blocks for `tokens` tokens of one rank. Under TP
     + SP a block keeps 1/TP of its activations plus the gathered [tokens, hidden] input of its
     column-parallel projections (MoE: the shared expert's too)."""
     gathered = 0.0 if tp == 1 else tokens * cfg.hidden_size * 2
-    per_block = [ACTIVATION_BYTES_PER_TOKEN[k] * cal.activation_scale * tokens / tp
-                 + gathered * (2 if k == "moe" else 1) for k in kinds]
+    per_block = [
+        ACTIVATION_BYTES_PER_TOKEN[k] * cal.activation_scale * tokens / tp
+        + gathered * (2 if k == "moe" else 1)
+        for k in kinds
+    ]
     if not recompute:
         return float(sum(per_block))
     inputs = len(kinds) * tokens / tp * cfg.hidden_size * 2
     return inputs + max(per_block, default=0.0)  # one block recomputed at a time
 
 
-def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware,
-                    cal: Calibration, accum: int) -> MemoryEstimate:
+def estimate_memory(
+    cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware, cal: Calibration, accum: int
+) -> MemoryEstimate:
     tp, cp, pp = layout.tp, layout.cp, layout.pp
     stage = 0  # the first stage holds the most micro-batches in flight under 1F1B
     units = stage_units(cfg, layout, stage)
-    kinds = [cfg.block_kinds[i] for i in (_stage_blocks(cfg, pp)[stage] if pp > 1
-                                          else range(cfg.num_layers))]
+    kinds = [cfg.block_kinds[i] for i in (_stage_blocks(cfg, pp)[stage] if pp > 1 else range(cfg.num_layers))]
     if pp > 1:  # the LM head's loss buffers live on the last stage: count the larger of both
         last = stage_units(cfg, layout, pp - 1)
         if sum(u.sharded for u in last) > sum(u.sharded for u in units):
@@ -620,8 +670,14 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
     loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp
     if cp > 1:
-        acts += 2 * 2 * layout.micro_batch * shape.seq_length * max(
-            1, cfg.num_key_value_heads // tp) * cfg.head_dim
+        acts += (
+            2
+            * 2
+            * layout.micro_batch
+            * shape.seq_length
+            * max(1, cfg.num_key_value_heads // tp)
+            * cfg.head_dim
+        )
     fp32_single = shape.compute_weights == "fp32" and layout.world == 1
     accumulate = accum > 1 and layout.accumulate_unsharded and not fp32_single
     weights, adam = 4.0 * sharded, 8.0 * sharded
@@ -650,9 +706,16 @@ def estimate_memory(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
     if peak_phase == "optimizer step":
         grads, buffers, acts, loss = 4.0 * sharded, 0.0, 0.0, 0.0
     return MemoryEstimate(
-        weights=weights / GIB, gradients=grads / GIB, optimizer=adam / GIB,
-        fsdp_buffers=buffers / GIB, activations=acts / GIB, loss_buffers=loss / GIB,
-        other=cal.memory_overhead_gib, usable=hw.usable_gib, peak_phase=peak_phase)
+        weights=weights / GIB,
+        gradients=grads / GIB,
+        optimizer=adam / GIB,
+        fsdp_buffers=buffers / GIB,
+        activations=acts / GIB,
+        loss_buffers=loss / GIB,
+        other=cal.memory_overhead_gib,
+        usable=hw.usable_gib,
+        peak_phase=peak_phase,
+    )
 
 
 def _backward_sweep(units: list[Unit], acts: float, loss: float) -> tuple[float, float, float]:
@@ -679,8 +742,10 @@ def _backward_sweep(units: list[Unit], acts: float, loss: float) -> tuple[float,
 
 # -- advice --------------------------------------------------------------------------------------
 
-def layout_warnings(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware = H200,
-                    cal: Calibration = CALIBRATION) -> list[str]:
+
+def layout_warnings(
+    cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware = H200, cal: Calibration = CALIBRATION
+) -> list[str]:
     """Known-slow or unimplemented choices in `layout`, each with what to use instead."""
     out = []
     if layout.tp > 1:
@@ -691,26 +756,34 @@ def layout_warnings(cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardw
             f"(docs/benchmarks.md); TP above 2 is extrapolated from that one run (a fixed cost "
             f"per block and micro-batch). Use FSDP + EP without TP "
             f"(model.tensor_model_parallel_size=1 model.sequence_parallel=false) unless a layer "
-            f"does not fit.")
+            f"does not fit."
+        )
     if layout.pp > 1:
-        out.append(f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
-                   "training splits the stages by FLOPs (docs/parallelism.md \"Pipeline "
-                   "parallel\") and does not compose PP with TP yet")
+        out.append(
+            f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
+            'training splits the stages by FLOPs (docs/parallelism.md "Pipeline '
+            'parallel") and does not compose PP with TP yet'
+        )
     if layout.cp > 1 and shape.seq_length <= 65536:
-        out.append(f"CP{layout.cp} at {shape.seq_length} tokens: measured CP2 at 8192 tokens "
-                   "19,265 tokens/s per GPU vs DP2 31,473; CP pays off only where a sequence's "
-                   "activations do not fit (docs/benchmarks.md)")
+        out.append(
+            f"CP{layout.cp} at {shape.seq_length} tokens: measured CP2 at 8192 tokens "
+            "19,265 tokens/s per GPU vs DP2 31,473; CP pays off only where a sequence's "
+            "activations do not fit (docs/benchmarks.md)"
+        )
     if layout.ep > 1 and shape.ep_dispatcher != "overlap":
         out.append("EP without overlap: the all-to-all is on the critical path")
     if layout.ep > hw.gpus_per_node:
-        out.append(f"EP{layout.ep} spans nodes: the all-to-all crosses the network "
-                   f"({hw.network_busbw / 1e9:.0f} GB/s per GPU assumed vs "
-                   f"{hw.nvlink_a2a_busbw / 1e9:.0f} inside a node)")
+        out.append(
+            f"EP{layout.ep} spans nodes: the all-to-all crosses the network "
+            f"({hw.network_busbw / 1e9:.0f} GB/s per GPU assumed vs "
+            f"{hw.nvlink_a2a_busbw / 1e9:.0f} inside a node)"
+        )
     return out
 
 
-def candidate_layouts(cfg: Nano3Config, world: int, shape: RunShape, *,
-                      include_pp: bool = False, max_micro_batch: int = 4) -> list[Layout]:
+def candidate_layouts(
+    cfg: Nano3Config, world: int, shape: RunShape, *, include_pp: bool = False, max_micro_batch: int = 4
+) -> list[Layout]:
     """Every layout the training code can build for `world` GPUs (TP, EP, CP powers of two,
     micro batch 1..max, with and without recomputation), PP only if `include_pp`."""
     out = []
@@ -719,7 +792,7 @@ def candidate_layouts(cfg: Nano3Config, world: int, shape: RunShape, *,
     cps = [c for c in pows if c <= 8] if shape.seq_length > 16384 else [1]
     for tp in [t for t in pows if t <= 8]:
         for cp in cps:
-            for pp in ([p for p in pows if p <= 8] if include_pp else [1]):
+            for pp in [p for p in pows if p <= 8] if include_pp else [1]:
                 if world % (tp * cp * pp):
                     continue
                 for ep in [e for e in pows if e <= cfg.num_experts]:
@@ -737,8 +810,15 @@ def candidate_layouts(cfg: Nano3Config, world: int, shape: RunShape, *,
     return out
 
 
-def recommend(cfg: Nano3Config, world: int, shape: RunShape, hw: Hardware = H200,
-              cal: Calibration = CALIBRATION, *, include_pp: bool = False) -> list[Plan]:
+def recommend(
+    cfg: Nano3Config,
+    world: int,
+    shape: RunShape,
+    hw: Hardware = H200,
+    cal: Calibration = CALIBRATION,
+    *,
+    include_pp: bool = False,
+) -> list[Plan]:
     """Plans of the layouts that fit, fastest first (tokens/s per GPU)."""
     plans = []
     fitted_plain: set[tuple] = set()  # layouts that fit without recompute or resharding
@@ -758,18 +838,26 @@ def recommend(cfg: Nano3Config, world: int, shape: RunShape, hw: Hardware = H200
 def shape_from_config(cfg, world: int | None = None) -> RunShape:
     """RunShape of a PretrainConfig (its `train` section)."""
     t = cfg.train
-    return RunShape(seq_length=t.seq_length, global_batch_size=t.global_batch_size,
-                    shared_expert_overlap=t.moe_shared_expert_overlap,
-                    compute_weights="fp32" if t.compute_weights == "fp32" else "bf16")
+    return RunShape(
+        seq_length=t.seq_length,
+        global_batch_size=t.global_batch_size,
+        shared_expert_overlap=t.moe_shared_expert_overlap,
+        compute_weights="fp32" if t.compute_weights == "fp32" else "bf16",
+    )
 
 
 def layout_from_config(cfg, world: int) -> Layout:
     p = cfg.model.parallel()
-    return Layout(world=world, tp=p.tensor_model_parallel_size,
-                  ep=p.expert_model_parallel_size, cp=p.context_parallel_size,
-                  pp=p.pipeline_model_parallel_size, micro_batch=cfg.train.micro_batch_size,
-                  recompute=cfg.train.activation_recompute,
-                  accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded)
+    return Layout(
+        world=world,
+        tp=p.tensor_model_parallel_size,
+        ep=p.expert_model_parallel_size,
+        cp=p.context_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        micro_batch=cfg.train.micro_batch_size,
+        recompute=cfg.train.activation_recompute,
+        accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded,
+    )
 
 
 def with_world(layout: Layout, world: int) -> Layout:

@@ -46,8 +46,7 @@ def mean_sample_length(data: DataConfig | None, seq_length: int) -> float | None
     the per-sample weights exactly, up to rounding), None without them."""
     if data is None or not data.mixed_length_blends:
         return None
-    pairs = [(data.blend_weight, seq_length)] + [
-        (m.weight, m.seq_length) for m in data.mixed_length_blends]
+    pairs = [(data.blend_weight, seq_length)] + [(m.weight, m.seq_length) for m in data.mixed_length_blends]
     total = sum(w for w, _ in pairs)
     if total <= 0:
         raise TrainDataError("data.blend_weight and data.mixed_length_blends weights sum to 0")
@@ -69,8 +68,7 @@ def plan_batches(train: TrainConfig, dp_size: int = 1, data: DataConfig | None =
         steps = math.ceil(train.train_tokens / tokens_per_step)
     if steps <= 0:
         raise TrainDataError(f"the run has {steps} steps; train_iters/train_tokens too small")
-    return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size,
-                     train.seq_length, steps, mean)
+    return BatchPlan(train.global_batch_size, train.micro_batch_size, dp_size, train.seq_length, steps, mean)
 
 
 def phase2_start_step(plan: BatchPlan, data: DataConfig) -> int | None:

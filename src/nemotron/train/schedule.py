@@ -35,9 +35,7 @@ def validate_schedule(sched: SchedulerConfig, opt: OptimizerConfig) -> None:
     if sched.style not in STYLES:
         raise ScheduleConfigError(f"scheduler.style {sched.style!r} is not one of {STYLES}")
     if sched.decay_style not in DECAY_STYLES:
-        raise ScheduleConfigError(
-            f"scheduler.decay_style {sched.decay_style!r} is not one of {DECAY_STYLES}"
-        )
+        raise ScheduleConfigError(f"scheduler.decay_style {sched.decay_style!r} is not one of {DECAY_STYLES}")
     if sched.on_resume not in ON_RESUME:
         raise ScheduleConfigError(f"scheduler.on_resume {sched.on_resume!r} is not one of {ON_RESUME}")
     if sched.warmup_tokens < 0:
@@ -46,14 +44,15 @@ def validate_schedule(sched: SchedulerConfig, opt: OptimizerConfig) -> None:
         raise ScheduleConfigError(
             f"scheduler.stable_fraction_end must be in [0, 1], got {sched.stable_fraction_end}"
         )
-    for key, value in (("optimizer.lr", opt.lr), ("optimizer.min_lr", opt.min_lr),
-                       ("scheduler.stable_fraction_end", sched.stable_fraction_end)):
+    for key, value in (
+        ("optimizer.lr", opt.lr),
+        ("optimizer.min_lr", opt.min_lr),
+        ("scheduler.stable_fraction_end", sched.stable_fraction_end),
+    ):
         if not math.isfinite(value):
             raise ScheduleConfigError(f"{key} must be a finite number, got {value}")
     if opt.lr < 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
-        raise ScheduleConfigError(
-            f"need 0 <= optimizer.min_lr ({opt.min_lr}) <= optimizer.lr ({opt.lr})"
-        )
+        raise ScheduleConfigError(f"need 0 <= optimizer.min_lr ({opt.min_lr}) <= optimizer.lr ({opt.lr})")
 
 
 def decay_factor(progress: float, style: str) -> float:
@@ -68,9 +67,7 @@ def decay_factor(progress: float, style: str) -> float:
     raise ScheduleConfigError(f"unknown decay style {style!r}; expected one of {DECAY_STYLES}")
 
 
-def learning_rate(
-    tokens: int, total_tokens: int, sched: SchedulerConfig, opt: OptimizerConfig
-) -> float:
+def learning_rate(tokens: int, total_tokens: int, sched: SchedulerConfig, opt: OptimizerConfig) -> float:
     """LR for a step that starts after `tokens` tokens of a `total_tokens`-token run.
 
     WSD: linear warmup 0 -> lr over warmup_tokens; lr until stable_fraction_end * total_tokens;
@@ -111,8 +108,15 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, sched: SchedulerConfig, opt: OptimizerConfig, total_tokens: int) -> "LRSchedule":
-        return cls(sched.style, opt.lr, opt.min_lr, sched.warmup_tokens, sched.stable_fraction_end,
-                   sched.decay_style, int(total_tokens))
+        return cls(
+            sched.style,
+            opt.lr,
+            opt.min_lr,
+            sched.warmup_tokens,
+            sched.stable_fraction_end,
+            sched.decay_style,
+            int(total_tokens),
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LRSchedule":
@@ -123,10 +127,15 @@ class LRSchedule:
 
     @functools.cached_property
     def _configs(self) -> tuple[SchedulerConfig, OptimizerConfig]:
-        return (SchedulerConfig(style=self.style, warmup_tokens=self.warmup_tokens,
-                                stable_fraction_end=self.stable_fraction_end,
-                                decay_style=self.decay_style),
-                OptimizerConfig(lr=self.lr, min_lr=self.min_lr))
+        return (
+            SchedulerConfig(
+                style=self.style,
+                warmup_tokens=self.warmup_tokens,
+                stable_fraction_end=self.stable_fraction_end,
+                decay_style=self.decay_style,
+            ),
+            OptimizerConfig(lr=self.lr, min_lr=self.min_lr),
+        )
 
     def rate(self, tokens: int) -> float:
         """The learning rate of a step that starts after `tokens` tokens."""
@@ -143,8 +152,9 @@ class LRSchedule:
         return None
 
 
-def resume_schedule(saved: LRSchedule, config: LRSchedule, policy: str, tokens: int,
-                    tokens_per_step: int, where: str) -> tuple[LRSchedule, str | None]:
+def resume_schedule(
+    saved: LRSchedule, config: LRSchedule, policy: str, tokens: int, tokens_per_step: int, where: str
+) -> tuple[LRSchedule, str | None]:
     """The schedule a run resumed after `tokens` tokens continues with, and the announcement of
     a change (None when the two give the same rate to every step still to run, at the planned
     `tokens_per_step`). `where` names the checkpoint in messages."""
@@ -152,17 +162,24 @@ def resume_schedule(saved: LRSchedule, config: LRSchedule, policy: str, tokens: 
     at = saved.first_difference(config, remaining)
     if at is None:
         return config, None
-    changed = ", ".join(f"{key} {a} -> {b}" for key, a, b in (
-        (f.name, getattr(saved, f.name), getattr(config, f.name))
-        for f in dataclasses.fields(LRSchedule)) if a != b)
-    change = (f"the learning-rate schedule differs from the one {where} was trained with "
-              f"({changed}): after {at:,} tokens the rate would be {config.rate(at):.4g} "
-              f"instead of {saved.rate(at):.4g}")
+    changed = ", ".join(
+        f"{key} {a} -> {b}"
+        for key, a, b in (
+            (f.name, getattr(saved, f.name), getattr(config, f.name)) for f in dataclasses.fields(LRSchedule)
+        )
+        if a != b
+    )
+    change = (
+        f"the learning-rate schedule differs from the one {where} was trained with "
+        f"({changed}): after {at:,} tokens the rate would be {config.rate(at):.4g} "
+        f"instead of {saved.rate(at):.4g}"
+    )
     if policy == "strict":
         raise ScheduleChangeError(
             f"{change}; set scheduler.on_resume=checkpoint to keep the checkpoint's schedule or "
             f"scheduler.on_resume=config to take this config's (Megatron's "
-            f"--use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler)")
+            f"--use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler)"
+        )
     if policy == "checkpoint":
         return saved, f"{change}; keeping the checkpoint's schedule (scheduler.on_resume=checkpoint)"
     if policy == "config":

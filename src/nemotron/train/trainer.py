@@ -174,8 +174,7 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
         # weights only: optimizer, step and data position start fresh
         weights = load_checkpoint(ckpt.load, model, None, restore_rng=False, checksums=checksums)
         assert weights is not None  # must_exist: a missing checkpoint raises
-        return Restored(RunState(), LoaderState(), finetuned_from=str(weights.path),
-                        loaded=weights)
+        return Restored(RunState(), LoaderState(), finetuned_from=str(weights.path), loaded=weights)
     if loaded is None:
         return Restored(RunState(), LoaderState())
     saved = dict(loaded.train_state)
@@ -259,10 +258,20 @@ class Trainer:
     Built directly (benchmarks), a Trainer has no metrics, checkpoints or job dir: `step()` and
     `evaluate()` work, `run()` logs nowhere and saves nothing."""
 
-    def __init__(self, cfg, model: torch.nn.Module, parallel: Parallel, data: TrainingData, *,
-                 device: torch.device, optimizer: torch.optim.Optimizer | None = None,
-                 restored: Restored | None = None, metrics: MetricsLogger | None = None,
-                 checkpointer: Checkpointer | None = None, compute_weights: str | None = None):
+    def __init__(
+        self,
+        cfg,
+        model: torch.nn.Module,
+        parallel: Parallel,
+        data: TrainingData,
+        *,
+        device: torch.device,
+        optimizer: torch.optim.Optimizer | None = None,
+        restored: Restored | None = None,
+        metrics: MetricsLogger | None = None,
+        checkpointer: Checkpointer | None = None,
+        compute_weights: str | None = None,
+    ):
         self.cfg = cfg
         self.model = model
         self.parallel = parallel
@@ -299,8 +308,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- set-up
 
     @classmethod
-    def for_run(cls, cfg, job_dir: str | Path, *, compute_weights: str | None = None,
-                on_event: EventHook | None = None, mesh=None) -> "Trainer":
+    def for_run(
+        cls,
+        cfg,
+        job_dir: str | Path,
+        *,
+        compute_weights: str | None = None,
+        on_event: EventHook | None = None,
+        mesh=None,
+    ) -> "Trainer":
         """Everything `pretrain` trains with. Fails before any step for a bad config, an
         unwritable `checkpoint.save`, a damaged checkpoint or a refused schedule change."""
         # The recipe's checks (config/schema.py) ran when the CLI loaded it; a library caller's
@@ -314,25 +330,47 @@ class Trainer:
         plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
         optimizer = build_optimizer(model, cfg.optimizer)
         restored = restore(cfg, model, optimizer)
-        data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, parallel.dp_rank,
-                            restored.loader, cp_rank=parallel.cp_rank, cp_size=parallel.cp_size,
-                            sequence_multiple=parallel.sequence_multiple,
-                            pin_memory=device.type == "cuda")
+        data = TrainingData(
+            cfg.data,
+            cfg.train,
+            plan,
+            cfg.model.vocab_size,
+            parallel.dp_rank,
+            restored.loader,
+            cp_rank=parallel.cp_rank,
+            cp_size=parallel.cp_size,
+            sequence_multiple=parallel.sequence_multiple,
+            pin_memory=device.type == "cuda",
+        )
         rank0 = not parallel.distributed or dist.get_rank() == 0
-        metrics = MetricsLogger(job_dir, cfg.logger, enabled=rank0, on_event=on_event,
-                                run_config=_config_dict(cfg))
+        metrics = MetricsLogger(
+            job_dir, cfg.logger, enabled=rank0, on_event=on_event, run_config=_config_dict(cfg)
+        )
         if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
-            metrics.use_data_artifacts([cfg.data.blend, cfg.data.phase2_blend,
-                                        *(m.blend for m in cfg.data.mixed_length_blends)])
+            metrics.use_data_artifacts(
+                [cfg.data.blend, cfg.data.phase2_blend, *(m.blend for m in cfg.data.mixed_length_blends)]
+            )
         checkpointer = None
         if cfg.checkpoint.save:
             checkpointer = Checkpointer(
-                cfg.checkpoint.save, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                cfg.checkpoint.save,
+                cfg.checkpoint.keep_last,
+                cfg.checkpoint.async_save,
                 checksums=cfg.checkpoint.verify_checksums,
-                on_complete=metrics.checkpoint_saved)
-        trainer = cls(cfg, model, parallel, data, device=device, optimizer=optimizer,
-                      restored=restored, metrics=metrics, checkpointer=checkpointer,
-                      compute_weights=compute_weights)
+                on_complete=metrics.checkpoint_saved,
+            )
+        trainer = cls(
+            cfg,
+            model,
+            parallel,
+            data,
+            device=device,
+            optimizer=optimizer,
+            restored=restored,
+            metrics=metrics,
+            checkpointer=checkpointer,
+            compute_weights=compute_weights,
+        )
         try:
             trainer._resume_schedule()
         except BaseException:
@@ -342,15 +380,20 @@ class Trainer:
 
     def _resume_schedule(self) -> None:
         """Keep or replace the checkpoint's schedule per `scheduler.on_resume`; announce it."""
-        for skipped in (self.restored.loaded.skipped if self.restored.loaded else []):
+        for skipped in self.restored.loaded.skipped if self.restored.loaded else []:
             self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
         if self.restored.schedule is None:  # a fresh run, or a checkpoint from before schedules
             return
         assert self.restored.resumed_from is not None  # a schedule comes from a checkpoint
         saved = LRSchedule.from_dict(self.restored.schedule)
         self.schedule, change = resume_schedule(
-            saved, self.schedule, self.cfg.scheduler.on_resume, self.state.tokens,
-            self.plan.tokens_per_step, self.restored.resumed_from)
+            saved,
+            self.schedule,
+            self.cfg.scheduler.on_resume,
+            self.state.tokens,
+            self.plan.tokens_per_step,
+            self.restored.resumed_from,
+        )
         if change:
             self.warn(change)
 
@@ -377,14 +420,21 @@ class Trainer:
         batches = self.data.next_train_batches()
         data_time = time.perf_counter() - data_start
         train = self.cfg.train
-        result = train_step(self.train_model, self.optimizer, batches, device=self.device,
-                            precision=train.precision, grad_clip=train.grad_clip,
-                            parallel=self.parallel,
-                            fsdp_accumulate_unsharded=train.fsdp_accumulate_unsharded)
+        result = train_step(
+            self.train_model,
+            self.optimizer,
+            batches,
+            device=self.device,
+            precision=train.precision,
+            grad_clip=train.grad_clip,
+            parallel=self.parallel,
+            fsdp_accumulate_unsharded=train.fsdp_accumulate_unsharded,
+        )
         balance = None
         if result.finite:
-            balance = balancing.update_expert_biases(self.moe_layers, train.expert_bias_update_rate,
-                                                     group=self.parallel.balancing_group)
+            balance = balancing.update_expert_biases(
+                self.moe_layers, train.expert_bias_update_rate, group=self.parallel.balancing_group
+            )
             self.last_balance = balance
         else:
             balancing.reset_expert_counts(self.moe_layers)
@@ -402,8 +452,13 @@ class Trainer:
         batches = self.data.next_valid_batches() if kind == "eval" else self.data.test_batches()
         if batches is None:
             return None
-        loss = evaluate(self.model, batches, device=self.device, precision=self.cfg.train.precision,
-                        parallel=self.parallel)
+        loss = evaluate(
+            self.model,
+            batches,
+            device=self.device,
+            precision=self.cfg.train.precision,
+            parallel=self.parallel,
+        )
         self.metrics.log(kind, self.state.step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
         return loss
 
@@ -421,31 +476,39 @@ class Trainer:
             why_not = "the weights are not finite"
         if why_not:
             if not self._save_pending:  # once, not at every step of a streak
-                self.warn(f"no checkpoint at step {self.state.step}: {why_not}; the next good "
-                          f"step saves instead")
+                self.warn(
+                    f"no checkpoint at step {self.state.step}: {why_not}; the next good step saves instead"
+                )
             self._save_pending = True
             return None
         try:
-            path = self.checkpointer.save(self.state.step, self.model, self.optimizer,
-                                          self._train_state(), self._checkpoint_files())
+            path = self.checkpointer.save(
+                self.state.step, self.model, self.optimizer, self._train_state(), self._checkpoint_files()
+            )
         except CheckpointWriteError as e:
-            previous = (f"the previous checkpoint {self.last_checkpoint} is intact"
-                        if self.last_checkpoint else "no earlier checkpoint of this run exists")
+            previous = (
+                f"the previous checkpoint {self.last_checkpoint} is intact"
+                if self.last_checkpoint
+                else "no earlier checkpoint of this run exists"
+            )
             raise CheckpointWriteError(f"{e}; {previous}") from None
         self.last_checkpoint, self._saved_step, self._save_pending = str(path), self.state.step, False
         self._unconfirmed_checkpoint = self.last_checkpoint
         return self.last_checkpoint
 
     def _train_state(self) -> dict[str, Any]:
-        return dict(dataclasses.asdict(self.state), loader=self.data.state_dict(),
-                    schedule=self.schedule.as_dict())
+        return dict(
+            dataclasses.asdict(self.state), loader=self.data.state_dict(), schedule=self.schedule.as_dict()
+        )
 
     def _checkpoint_files(self) -> dict[str, str]:
         cfg = self.cfg
         data_record = data_artifact_record(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
         manifest = build_model_artifact(
-            step=self.state.step, tokens=self.state.tokens,
-            model_config=dataclasses.asdict(cfg.model.arch()), data=data_record,
+            step=self.state.step,
+            tokens=self.state.tokens,
+            model_config=dataclasses.asdict(cfg.model.arch()),
+            data=data_record,
             phase=self.data.state.phase,
             extra={"config": CONFIG_FILE, "phase2_blend": cfg.data.phase2_blend},
         )
@@ -490,14 +553,20 @@ class Trainer:
         cfg = self.cfg
         entropy = unigram_entropy(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
         fp8_summary = getattr(self.model, "fp8_summary", None)  # set by apply_fp8_if_enabled
-        self.metrics.event("start", {
-            "total_steps": self.plan.total_steps, "step": self.state.step,
-            "resumed_from": self.restored.resumed_from,
-            "finetuned_from": self.restored.finetuned_from,
-            "grad_accumulation": self.plan.grad_accumulation,
-            "compute_weights": self.compute_weights, "unigram_entropy": entropy,
-            "fp8": None if fp8_summary is None else fp8_summary.describe(),
-            "ignored_layout": None if self.world > 1 else ignored_layout(cfg)})
+        self.metrics.event(
+            "start",
+            {
+                "total_steps": self.plan.total_steps,
+                "step": self.state.step,
+                "resumed_from": self.restored.resumed_from,
+                "finetuned_from": self.restored.finetuned_from,
+                "grad_accumulation": self.plan.grad_accumulation,
+                "compute_weights": self.compute_weights,
+                "unigram_entropy": entropy,
+                "fp8": None if fp8_summary is None else fp8_summary.describe(),
+                "ignored_layout": None if self.world > 1 else ignored_layout(cfg),
+            },
+        )
         if entropy is not None:
             self.metrics.log("run", self.state.step, {"unigram_entropy": entropy})
         return entropy
@@ -515,13 +584,19 @@ class Trainer:
         step_flops = flops.training_flops(self.cfg.model.arch(), self.data.last_step_lengths)
         result = outcome.result
         values: dict[str, Any] = {
-            "loss": result.loss, "lm_loss": result.lm_loss, "lr": outcome.lr,
-            "grad_norm": result.grad_norm, "tokens": self.state.tokens,
-            "phase": self.data.state.phase, "step_time": elapsed, "data_time": outcome.data_time,
+            "loss": result.loss,
+            "lm_loss": result.lm_loss,
+            "lr": outcome.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": self.state.tokens,
+            "phase": self.data.state.phase,
+            "step_time": elapsed,
+            "data_time": outcome.data_time,
             "tokens_per_second": step_tokens / elapsed,
             "tflops": step_flops / elapsed / 1e12 / self.world,
             "mfu": step_flops / elapsed / (flops.H200_BF16_PEAK_FLOPS * self.world),
-            "memory_gb": _memory_gb(self.device), "skipped": not result.finite,
+            "memory_gb": _memory_gb(self.device),
+            "skipped": not result.finite,
             "skipped_steps": self.state.skipped_steps,
         }
         if outcome.balance is not None:
@@ -537,31 +612,43 @@ class Trainer:
         gradient, or more than `train.max_consecutive_nonfinite` non-finite steps in a row."""
         if self.state.step == 1 and self._first_step == 0 and not self.restored.finetuned_from:
             if not result.finite or result.grad_norm == 0.0:
-                what = ("every gradient is zero (gradient norm 0)" if result.finite else
-                        f"the loss or gradient norm is not finite (loss {result.loss}, gradient "
-                        f"norm {result.grad_norm})")
+                what = (
+                    "every gradient is zero (gradient norm 0)"
+                    if result.finite
+                    else f"the loss or gradient norm is not finite (loss {result.loss}, gradient "
+                    f"norm {result.grad_norm})"
+                )
                 raise InitializationError(
                     f"the first step from freshly initialised weights cannot train: {what}; "
                     f"the initial weights saturate or overflow the model (model.init_std="
-                    f"{self.cfg.model.init_std})")
+                    f"{self.cfg.model.init_std})"
+                )
         if self.state.consecutive_nonfinite > self.cfg.train.max_consecutive_nonfinite:
-            good = (f"the last good checkpoint (a finite step followed it) is "
-                    f"{self.good_checkpoint}" if self.good_checkpoint else
-                    "no checkpoint of this run was followed by a finite step")
+            good = (
+                f"the last good checkpoint (a finite step followed it) is {self.good_checkpoint}"
+                if self.good_checkpoint
+                else "no checkpoint of this run was followed by a finite step"
+            )
             if self._unconfirmed_checkpoint:
-                good += (f"; {self._unconfirmed_checkpoint} directly precedes these steps and may "
-                         f"hold the weights that caused them")
+                good += (
+                    f"; {self._unconfirmed_checkpoint} directly precedes these steps and may "
+                    f"hold the weights that caused them"
+                )
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} consecutive steps (up to step "
                 f"{self.state.step}) had a non-finite loss or gradient norm (loss {result.loss}, "
                 f"grad norm {result.grad_norm}); stopping (train.max_consecutive_nonfinite="
                 f"{self.cfg.train.max_consecutive_nonfinite}). Updates of those steps were "
-                f"skipped; {good}")
+                f"skipped; {good}"
+            )
 
     def _save_due(self) -> bool:
         step = self.state.step
-        return (step % self.cfg.checkpoint.save_interval == 0 or step == self.plan.total_steps
-                or self._save_pending)
+        return (
+            step % self.cfg.checkpoint.save_interval == 0
+            or step == self.plan.total_steps
+            or self._save_pending
+        )
 
     def close(self) -> None:
         """Stop the loader workers, finish an in-flight save, close the metrics."""
@@ -577,22 +664,31 @@ class Trainer:
         allowed = self.cfg.train.max_skipped_steps
         if status == COMPLETED and self.state.skipped_steps > allowed:
             status = SKIPPED_STEPS
-            problem = (f"{self.state.skipped_steps} of {self.state.step} steps were skipped "
-                       f"(non-finite loss or gradient norm); train.max_skipped_steps={allowed} "
-                       f"allows {allowed}")
+            problem = (
+                f"{self.state.skipped_steps} of {self.state.step} steps were skipped "
+                f"(non-finite loss or gradient norm); train.max_skipped_steps={allowed} "
+                f"allows {allowed}"
+            )
         elif status == INTERRUPTED:
             problem = "stopped by a signal after saving a checkpoint"
         balance = self.last_balance
         return TrainSummary(
-            steps=self.state.step, tokens=self.state.tokens,
+            steps=self.state.step,
+            tokens=self.state.tokens,
             final_loss=self.last.lm_loss if self.last is not None else None,
-            checkpoint=self.last_checkpoint, status=status, valid_loss=self.valid_loss,
-            test_loss=self.test_loss, skipped_steps=self.state.skipped_steps,
+            checkpoint=self.last_checkpoint,
+            status=status,
+            valid_loss=self.valid_loss,
+            test_loss=self.test_loss,
+            skipped_steps=self.state.skipped_steps,
             balance_max_over_mean=balance.worst_max_over_mean if balance else None,
             balance_bias_range=balance.bias_range if balance else None,
-            unigram_entropy=entropy, tokens_per_second=tokens_per_second,
-            resumed_from=self.restored.resumed_from, finetuned_from=self.restored.finetuned_from,
-            problem=problem, warnings=list(self.warnings),
+            unigram_entropy=entropy,
+            tokens_per_second=tokens_per_second,
+            resumed_from=self.restored.resumed_from,
+            finetuned_from=self.restored.finetuned_from,
+            problem=problem,
+            warnings=list(self.warnings),
         )
 
 
@@ -621,9 +717,9 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     else:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     # Resolved once: bf16 compute weights in one process need a (one-rank) process group.
-    weights = resolve_compute_weights(cfg.train, torch.device(device_type), world,
-                                      _one_process_accumulation(cfg))
+    weights = resolve_compute_weights(
+        cfg.train, torch.device(device_type), world, _one_process_accumulation(cfg)
+    )
     with launcher_process_group(device_type, one_rank=weights == "bf16"):
-        trainer = Trainer.for_run(cfg, job_dir, compute_weights=weights, on_event=on_event,
-                                  mesh=mesh)
+        trainer = Trainer.for_run(cfg, job_dir, compute_weights=weights, on_event=on_event, mesh=mesh)
         return trainer.run()

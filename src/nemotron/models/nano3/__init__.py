@@ -6,14 +6,25 @@ config schema needs) does not import torch."""
 from nemotron._lazy import lazy_exports
 
 _EXPORTS = {
-    "NANO3_PATTERN": "config", "ModelConfigError": "config", "Nano3Config": "config",
+    "NANO3_PATTERN": "config",
+    "ModelConfigError": "config",
+    "Nano3Config": "config",
     "parse_pattern": "config",
-    "Attention": "attention", "Mamba2Mixer": "mamba2", "MLP": "mlp",
-    "Block": "model", "Nano3Model": "model", "Nano3ForCausalLM": "model", "Nano3Output": "model",
+    "Attention": "attention",
+    "Mamba2Mixer": "mamba2",
+    "MLP": "mlp",
+    "Block": "model",
+    "Nano3Model": "model",
+    "Nano3ForCausalLM": "model",
+    "Nano3Output": "model",
     "cross_entropy": "model",
-    "MoE": "moe", "GroupedExperts": "moe", "LocalDispatcher": "moe", "Router": "moe",
+    "MoE": "moe",
+    "GroupedExperts": "moe",
+    "LocalDispatcher": "moe",
+    "Router": "moe",
     "sequence_balance_loss": "moe",
-    "GatedRMSNorm": "norm", "RMSNorm": "norm",
+    "GatedRMSNorm": "norm",
+    "RMSNorm": "norm",
     "parameter_counts": "params",
 }
 

@@ -51,8 +51,7 @@ class Attention(nn.Module):
         """True when forward computes q, k and v with one GEMM: `fuse_qkv` and fast paths on, and
         the projections plain `nn.Linear`s (a swapped-in subclass, e.g. FP8's, computes itself)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        return (self.fuse_qkv and fast_paths_enabled()
-                and all(type(p) is nn.Linear for p in projections))
+        return self.fuse_qkv and fast_paths_enabled() and all(type(p) is nn.Linear for p in projections)
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_qkv_enabled():
@@ -62,8 +61,9 @@ class Attention(nn.Module):
             # Cast before concatenating (as autocast would cast each weight for its own Linear):
             # the concatenation then moves compute-dtype bytes. Autocast leaves float64 alone.
             dtype = torch.get_autocast_dtype(x.device.type)
-            weights = [w.to(dtype) if w.is_floating_point() and w.dtype != torch.float64 else w
-                       for w in weights]
+            weights = [
+                w.to(dtype) if w.is_floating_point() and w.dtype != torch.float64 else w for w in weights
+            ]
         sizes = [w.shape[0] for w in weights]
         # split's backward concatenates q/k/v's gradients, so the input gradient is one GEMM.
         return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)

@@ -86,7 +86,9 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     return config, model
 
 
-def save_model_checkpoint(model, config: Nano3Config, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_model_checkpoint(
+    model, config: Nano3Config, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed)."""
 
     out = Path(out)

@@ -89,14 +89,23 @@ class Nano3Config:
     def validate(self) -> None:
         kinds = self.block_kinds
         if len(kinds) != self.num_layers:
-            raise ModelConfigError(
-                f"hybrid_pattern has {len(kinds)} blocks but num_layers={self.num_layers}"
-            )
+            raise ModelConfigError(f"hybrid_pattern has {len(kinds)} blocks but num_layers={self.num_layers}")
         positive = [
-            "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_num_groups",
-            "mamba_conv_kernel", "mamba_chunk_size", "num_experts", "moe_top_k",
-            "moe_ffn_hidden_size", "ffn_hidden_size",
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "mamba_state_size",
+            "mamba_num_groups",
+            "mamba_conv_kernel",
+            "mamba_chunk_size",
+            "num_experts",
+            "moe_top_k",
+            "moe_ffn_hidden_size",
+            "ffn_hidden_size",
         ]
         for name in positive:
             if getattr(self, name) <= 0:

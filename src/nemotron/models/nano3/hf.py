@@ -40,7 +40,12 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Our block kinds <-> transformers' `layers_block_type` entries (and their legacy spellings).
 HF_BLOCK_TYPE = {"mamba": "linear_attention", "attention": "full_attention", "moe": "moe", "mlp": "mlp"}
 _FROM_HF_BLOCK_TYPE = {
-    "linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "moe": "E", "mlp": "-",
+    "linear_attention": "M",
+    "mamba": "M",
+    "full_attention": "*",
+    "attention": "*",
+    "moe": "E",
+    "mlp": "-",
 }
 # Tensors transformers keeps in float32 whatever the checkpoint dtype.
 _FP32_SUFFIXES = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
@@ -94,9 +99,14 @@ HF_CONFIG_FIELDS = {
 # NemotronH settings Nano3 fixes: written as these values, and a config with other values is
 # rejected on import (the MoE ones only when the model has MoE blocks).
 HF_FIXED = {
-    "attention_bias": False, "mlp_hidden_act": "relu2", "mlp_bias": False,
-    "mamba_hidden_act": "silu", "use_conv_bias": True, "mamba_proj_bias": False,
-    "use_bias": False, "residual_in_fp32": False,
+    "attention_bias": False,
+    "mlp_hidden_act": "relu2",
+    "mlp_bias": False,
+    "mamba_hidden_act": "silu",
+    "use_conv_bias": True,
+    "mamba_proj_bias": False,
+    "use_bias": False,
+    "residual_in_fp32": False,
 }
 HF_FIXED_MOE = {"norm_topk_prob": True, "n_group": 1, "n_shared_experts": 1, "moe_latent_size": None}
 # Written only (transformers' defaults differ; not a property of the checkpoint we check).
@@ -108,13 +118,17 @@ def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
     NemotronHConfig = _transformers_config_class()
     kinds = config.block_kinds
     if "moe" in kinds and config.moe_shared_expert_hidden_size == 0:
-        raise HFInteropError("NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0")
+        raise HFInteropError(
+            "NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0"
+        )
     fixed = {k: v for k, v in HF_FIXED_MOE.items() if k != "moe_latent_size"}
     hf = NemotronHConfig(
         layers_block_type=[HF_BLOCK_TYPE[k] for k in kinds],
         tie_word_embeddings=config.tie_word_embeddings,
         **{hf_key: getattr(config, ours) for ours, hf_key in HF_CONFIG_FIELDS.items()},
-        **HF_FIXED, **fixed, **_HF_WRITE_ONLY,
+        **HF_FIXED,
+        **fixed,
+        **_HF_WRITE_ONLY,
     )
     hf.architectures = ["NemotronHForCausalLM"]
     if dtype is not None:
@@ -151,7 +165,9 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
     for key, supported in fixed.items():
         value = getattr(hf, key)
         if value != supported:
-            raise HFInteropError(f"{where}: {key}={value!r} is not supported (Nemotron 3 Nano uses {supported!r})")
+            raise HFInteropError(
+                f"{where}: {key}={value!r} is not supported (Nemotron 3 Nano uses {supported!r})"
+            )
     fields = {ours: getattr(hf, hf_key) for ours, hf_key in HF_CONFIG_FIELDS.items()}
     if fields["head_dim"] is None:
         fields["head_dim"] = hf.hidden_size // hf.num_attention_heads
@@ -171,6 +187,7 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def _moe_prefixes(config: Nano3Config) -> list[str]:
     return [f"backbone.layers.{i}.mixer." for i, kind in enumerate(config.block_kinds) if kind == "moe"]
@@ -196,8 +213,9 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: Nano3Config
     return out
 
 
-def from_hf_state_dict(hf_tensors: Mapping[str, torch.Tensor], config: Nano3Config,
-                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_tensors: Mapping[str, torch.Tensor], config: Nano3Config, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """HF on-disk names -> our state dict (fused experts stacked to 3-D). Every parameter and
     persistent buffer of the model must be present with the right shape; `mtp.*` is ignored."""
     with torch.device("meta"):
@@ -308,7 +326,10 @@ def save_hf(
             filename = SAFE_WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             # Fresh, contiguous copies: safetensors refuses tensors that share storage (expert views).
             chunk = {
-                k: hf_tensors[k].detach().to(device="cpu", dtype=dtype_of(k, hf_tensors[k]), copy=True).contiguous()
+                k: hf_tensors[k]
+                .detach()
+                .to(device="cpu", dtype=dtype_of(k, hf_tensors[k]), copy=True)
+                .contiguous()
                 for k in names
             }
             save_file(chunk, str(tmp / filename), metadata={"format": "pt"})
@@ -364,7 +385,9 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str
     return config, from_hf_state_dict(hf_tensors, config, source=str(hf_dir))
 
 
-def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_hf(
+    hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """A `Nano3ForCausalLM` with the weights of a NemotronH directory."""
     config, state = load_hf_state_dict(hf_dir)
     with torch.device("meta"):
@@ -373,4 +396,3 @@ def load_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     model.reset_parameters()  # non-persistent buffers (the token counters)
     model.load_state_dict(state, strict=True)
     return model.to(dtype)
-

@@ -75,7 +75,8 @@ def load_tokenizer_for_export(spec: str | None, record: dict[str, Any] | None):
             return _fast_tokenizer_from_file(path, record)
         raise HFInteropError(
             f"tokenizer {path}: not a transformers tokenizer directory or a tokenizer.json "
-            "(a SentencePiece .model is not converted: pass a transformers tokenizer directory)")
+            "(a SentencePiece .model is not converted: pass a transformers tokenizer directory)"
+        )
 
     try:
         if spec is not None:
@@ -102,7 +103,8 @@ def load_tokenizer_for_export(spec: str | None, record: dict[str, Any] | None):
         raise HFInteropError(f"cannot load tokenizer {what!r}: {err}") from err
     raise HFInteropError(
         f"the tokenizer the model was trained with ({record.get('source') or record.get('path')}) "
-        "is not available here: pass --tokenizer DIR|tokenizer.json|HUB_ID (or --no-tokenizer)")
+        "is not available here: pass --tokenizer DIR|tokenizer.json|HUB_ID (or --no-tokenizer)"
+    )
 
 
 def token_ids(tokenizer, record: dict[str, Any] | None) -> dict[str, int | None]:
@@ -149,11 +151,13 @@ def export_hf(
         if hf_tokenizer is None:
             raise HFInteropError(
                 f"{source}: no tokenizer recorded for this checkpoint (no data-prep lineage); "
-                "pass --tokenizer DIR|tokenizer.json|HUB_ID, or --no-tokenizer for weights only")
+                "pass --tokenizer DIR|tokenizer.json|HUB_ID, or --no-tokenizer for weights only"
+            )
         if len(hf_tokenizer) > config.vocab_size:
             raise HFInteropError(
                 f"tokenizer {origin} has {len(hf_tokenizer)} tokens, more than the model's "
-                f"vocab_size {config.vocab_size}")
+                f"vocab_size {config.vocab_size}"
+            )
         fields = token_ids(hf_tokenizer, record)
         if fields["eos_token_id"] is not None and hf_tokenizer.eos_token_id != fields["eos_token_id"]:
             hf_tokenizer.eos_token = hf_tokenizer.convert_ids_to_tokens(fields["eos_token_id"])
@@ -165,8 +169,13 @@ def export_hf(
         GenerationConfig(**fields).save_pretrained(str(directory))
 
     written = save_hf(
-        model.state_dict(), config, out, dtype=dtype,
+        model.state_dict(),
+        config,
+        out,
+        dtype=dtype,
         max_shard_bytes=DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
-        overwrite=overwrite, config_fields=fields, write_extra=write_extra,
+        overwrite=overwrite,
+        config_fields=fields,
+        write_extra=write_extra,
     )
     return HFExport(checkpoint=source, out=written, tokenizer=origin)

@@ -49,14 +49,20 @@ class Mamba2Mixer(nn.Module):
         self.init_std = config.init_std
         self.output_init_std = config.output_init_std
         self.dt_min, self.dt_max, self.dt_init_floor = (
-            config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor,
+            config.mamba_dt_min,
+            config.mamba_dt_max,
+            config.mamba_dt_init_floor,
         )
 
         self.in_proj = nn.Linear(self.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=False)
         # Depthwise: each of the x, B, C channels is convolved with its own length-4 causal filter.
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, kernel_size=config.mamba_conv_kernel,
-            groups=self.conv_dim, padding=config.mamba_conv_kernel - 1, bias=True,
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.mamba_conv_kernel,
+            groups=self.conv_dim,
+            padding=config.mamba_conv_kernel - 1,
+            bias=True,
         )
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
@@ -94,8 +100,13 @@ class Mamba2Mixer(nn.Module):
     def chain_shape(self) -> mamba_chain.MambaChainShape:
         """The sizes the fused chain needs (it runs on one device or under FSDP only)."""
         return mamba_chain.MambaChainShape(
-            num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
-            state_size=self.state_size, chunk_size=self.chunk_size, eps=self.norm.eps, dt_limit=DT_LIMIT,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            num_groups=self.num_groups,
+            state_size=self.state_size,
+            chunk_size=self.chunk_size,
+            eps=self.norm.eps,
+            dt_limit=DT_LIMIT,
         )
 
     def _rows(self, param: torch.Tensor, segments: list[int]) -> torch.Tensor:
@@ -107,7 +118,7 @@ class Mamba2Mixer(nn.Module):
         parts, start = [], 0
         for size in segments:
             part = size // tp.size
-            parts.append(param[start + tp.rank * part:start + (tp.rank + 1) * part])
+            parts.append(param[start + tp.rank * part : start + (tp.rank + 1) * part])
             start += size
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -131,8 +142,14 @@ class Mamba2Mixer(nn.Module):
         if tp is None and cp is None and mamba_chain.chain_supported(zxbcdt, self.chunk_size):
             # The fused fast path: conv, SSD, D skip and gated norm in one autograd node.
             y = mamba_chain.mamba_chain(
-                zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
-                self.norm.weight, self.chain_shape,
+                zxbcdt,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                self.dt_bias,
+                self.A_log,
+                self.D,
+                self.norm.weight,
+                self.chain_shape,
             )
             return self.out_proj(y.to(zxbcdt.dtype))
         z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gn, heads], dim=-1)
@@ -153,7 +170,9 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, s, heads, self.head_dim)
         scan = ssd if cp is None else cp.ssd
         y, _ = scan(
-            x, dt, A,
+            x,
+            dt,
+            A,
             B.reshape(b, s, groups, self.state_size),
             C.reshape(b, s, groups, self.state_size),
             self.chunk_size,
@@ -164,6 +183,11 @@ class Mamba2Mixer(nn.Module):
         if tp is None:
             y = self.norm(y, z)
         else:
-            y = gated_rmsnorm(y, z, self._rows(self.norm.weight, [self.d_inner]),
-                              self.d_inner // self.num_groups, self.norm.eps)
+            y = gated_rmsnorm(
+                y,
+                z,
+                self._rows(self.norm.weight, [self.d_inner]),
+                self.d_inner // self.num_groups,
+                self.norm.eps,
+            )
         return self.out_proj(y.to(z.dtype))

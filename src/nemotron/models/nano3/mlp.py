@@ -14,7 +14,9 @@ __all__ = ["MLP", "relu2"]
 class MLP(nn.Module):
     """`down_proj(relu2(up_proj(x)))`, no biases."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_init_std: float) -> None:
+    def __init__(
+        self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_init_std: float
+    ) -> None:
         super().__init__()
         self.init_std = init_std
         self.output_init_std = output_init_std

@@ -45,8 +45,13 @@ class Nano3Output:
     logits: torch.Tensor | None  # [batch, seq, vocab]; None when a chunked loss path skips them
 
 
-def cross_entropy(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
-                  loss_mask: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cross_entropy(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LM head + mean token cross-entropy: returns (loss, logits or None).
 
     Labels equal to -100 are ignored; `loss_mask` (0/1 or weights) weights the tokens; the mean
@@ -56,16 +61,20 @@ def cross_entropy(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor
     """
     if fused:
         loss = linear_cross_entropy(
-            hidden.flatten(0, -2), lm_head.weight, labels.reshape(-1),
+            hidden.flatten(0, -2),
+            lm_head.weight,
+            labels.reshape(-1),
             None if loss_mask is None else loss_mask.reshape(-1),
         )
         return loss, None
     logits = lm_head(hidden)
     flat_labels = labels.reshape(-1)
-    token_loss = F.cross_entropy(upcast(logits.flatten(0, -2)), flat_labels, ignore_index=IGNORE_INDEX,
-                                 reduction="none")
-    weights = token_weights(flat_labels, None if loss_mask is None else loss_mask.reshape(-1),
-                            token_loss.dtype)
+    token_loss = F.cross_entropy(
+        upcast(logits.flatten(0, -2)), flat_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    weights = token_weights(
+        flat_labels, None if loss_mask is None else loss_mask.reshape(-1), token_loss.dtype
+    )
     return (token_loss * weights).sum() / weights.sum().clamp(min=1.0), logits
 
 
@@ -102,11 +111,14 @@ class Block(nn.Module):
 def check_blocks(config: Nano3Config, blocks: range) -> range:
     """`blocks` is a non-empty, contiguous range of the model's block indices."""
     if blocks.step != 1 or len(blocks) == 0 or blocks.start < 0 or blocks.stop > config.num_layers:
-        raise ValueError(f"blocks {blocks} is not a non-empty contiguous range of the "
-                         f"{config.num_layers} blocks")
+        raise ValueError(
+            f"blocks {blocks} is not a non-empty contiguous range of the {config.num_layers} blocks"
+        )
     if config.tie_word_embeddings and len(blocks) != config.num_layers:
-        raise ValueError("tied word embeddings cannot be split over pipeline parts (the "
-                         "embedding and the LM head would live on different stages)")
+        raise ValueError(
+            "tied word embeddings cannot be split over pipeline parts (the "
+            "embedding and the LM head would live on different stages)"
+        )
     return blocks
 
 
@@ -121,16 +133,17 @@ class Nano3Model(nn.Module):
         super().__init__()
         self.config = config
         blocks = check_blocks(config, range(config.num_layers) if blocks is None else blocks)
-        self.embeddings = (nn.Embedding(config.vocab_size, config.hidden_size)
-                           if blocks.start == 0 else None)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size) if blocks.start == 0 else None
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in blocks})
-        self.norm_f = (RMSNorm(config.hidden_size, eps=config.norm_eps)
-                       if blocks.stop == config.num_layers else None)
+        self.norm_f = (
+            RMSNorm(config.hidden_size, eps=config.norm_eps) if blocks.stop == config.num_layers else None
+        )
         if self.embeddings is not None:
             nn.init.normal_(self.embeddings.weight, std=config.init_std)
 
-    def forward(self, inputs: torch.Tensor, aux_loss: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, inputs: torch.Tensor, aux_loss: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs: token ids [batch, seq] (with embeddings) or hidden states [batch, seq, hidden];
         `aux_loss`: balance losses of earlier blocks. -> (hidden [batch, seq, hidden] (after
         the final norm if this ends the stack), MoE aux losses summed, or None)."""
@@ -157,8 +170,11 @@ class Nano3ForCausalLM(nn.Module):
         self.fused_loss = fused_loss
         self.blocks = check_blocks(config, range(config.num_layers) if blocks is None else blocks)
         self.backbone = Nano3Model(config, self.blocks)
-        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-                        if self.blocks.stop == config.num_layers else None)
+        self.lm_head = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if self.blocks.stop == config.num_layers
+            else None
+        )
         if config.tie_word_embeddings:  # the whole model (check_blocks)
             assert self.lm_head is not None and self.backbone.embeddings is not None
             self.lm_head.weight = self.backbone.embeddings.weight
@@ -200,9 +216,13 @@ class Nano3ForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mixer for layer in self.backbone.layers.values() if isinstance(layer.mixer, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, aux_loss: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
-                ) -> Nano3Output | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        aux_loss: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> Nano3Output | tuple[torch.Tensor, torch.Tensor]:
         """The whole model: token ids -> `Nano3Output`. A pipeline part: see the module
         docstring (`input_ids` then holds hidden states on every part but the first)."""
         hidden, aux_loss = self.backbone(input_ids, aux_loss)
@@ -211,8 +231,11 @@ class Nano3ForCausalLM(nn.Module):
         assert self.lm_head is not None  # the whole model has one
         vocab_parallel = self.vocab_parallel
         if labels is None:
-            logits = (self.lm_head(hidden) if vocab_parallel is None
-                      else vocab_parallel.logits(hidden, self.lm_head))
+            logits = (
+                self.lm_head(hidden)
+                if vocab_parallel is None
+                else vocab_parallel.logits(hidden, self.lm_head)
+            )
             return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
         if vocab_parallel is None:
             lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
@@ -223,9 +246,13 @@ class Nano3ForCausalLM(nn.Module):
             loss = lm_loss + self.config.moe_seq_aux_loss_coeff * aux_loss
         return Nano3Output(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits)
 
-    def _pipeline_outputs(self, hidden: torch.Tensor, aux_loss: torch.Tensor | None,
-                          labels: torch.Tensor | None, loss_mask: torch.Tensor | None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipeline_outputs(
+        self,
+        hidden: torch.Tensor,
+        aux_loss: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        loss_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a pipeline part hands on: tensors only, the balance-loss sum always present."""
         if aux_loss is None:  # no MoE block so far
             aux_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)

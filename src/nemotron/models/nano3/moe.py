@@ -65,8 +65,9 @@ class Router(nn.Module):
     expert_bias: torch.Tensor  # buffers, registered in __init__
     tokens_per_expert: torch.Tensor
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float,
-                 init_std: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float, init_std: float
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -76,8 +77,9 @@ class Router(nn.Module):
         # Saved in checkpoints (HF: gate.e_score_correction_bias); only used to choose experts.
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last balancing update; not saved.
-        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -100,8 +102,9 @@ class Router(nn.Module):
         """x [tokens, hidden] -> RouterOutput."""
         # The router is always float32, autocast or not (on CUDA: float32-accurate bf16 GEMMs).
         logits = fp32_linear(x, self.weight)
-        scores, topk_idx, weights = route_topk(logits, self.expert_bias, self.top_k,
-                                               self.routed_scaling_factor)
+        scores, topk_idx, weights = route_topk(
+            logits, self.expert_bias, self.top_k, self.routed_scaling_factor
+        )
         # Count only real training forward passes: not eval, not no_grad, not a recompute.
         if self.training and torch.is_grad_enabled() and not _inside_backward():
             with torch.no_grad():
@@ -124,7 +127,9 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: i
     probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
     with torch.no_grad():
         counts = torch.zeros(b, e, dtype=scores.dtype, device=scores.device)
-        counts.scatter_add_(1, topk_idx.reshape(b, -1), torch.ones_like(topk_idx.reshape(b, -1), dtype=scores.dtype))
+        counts.scatter_add_(
+            1, topk_idx.reshape(b, -1), torch.ones_like(topk_idx.reshape(b, -1), dtype=scores.dtype)
+        )
         f = counts * (e / (top_k * s))
     return (f * probs.mean(1)).sum(-1).mean()
 
@@ -218,13 +223,13 @@ class Dispatcher(Protocol):
     # Whether the MoE may run its shared expert on a side CUDA stream beside dispatch/combine.
     shared_expert_side_stream: bool
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """x [tokens, hidden] -> (rows sorted by local expert, rows per local expert, context)."""
         ...
 
-    def combine(self, expert_out: torch.Tensor, ctx: Any, add: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, ctx: Any, add: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs -> [tokens, hidden], weighted over the k choices, plus `add`."""
         ...
 
@@ -238,8 +243,9 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """x [tokens, hidden] -> (rows sorted by expert [tokens*k, hidden], counts [E] int64, ctx)."""
         tokens, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
@@ -250,8 +256,9 @@ class LocalDispatcher:
         rows = gather_token_rows(x, order, position, k)
         return rows, counts, DispatchContext(order, topk_weight, position)
 
-    def combine(self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def combine(
+        self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """expert_out [tokens*k, hidden] (sorted rows) -> [tokens, hidden], weighted sum over k,
         plus `add` [tokens, hidden] (the shared expert's output) in the same pass when given."""
         position = ctx.position if ctx.position is not None else inverse_permutation(ctx.order)
@@ -266,16 +273,25 @@ def _can_use_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
     # PyTorch's grouped GEMM kernels: CUDA, bfloat16, 16-byte aligned rows; off under
     # `nemotron.kernels.fast_paths(False)` (the per-expert loop is the reference path).
     return (
-        x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
-        and all(d % 8 == 0 for d in dims) and fast_paths_enabled()
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and _grouped_mm_fn() is not None
+        and all(d % 8 == 0 for d in dims)
+        and fast_paths_enabled()
     )
 
 
 class GroupedExperts(nn.Module):
     """`num_experts` squared-ReLU MLPs: up_proj [E, ffn, hidden], down_proj [E, hidden, ffn]."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float,
-                 output_init_std: float) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        init_std: float,
+        output_init_std: float,
+    ) -> None:
         super().__init__()
         self.init_std = init_std
         self.output_init_std = output_init_std
@@ -303,8 +319,9 @@ class GroupedExperts(nn.Module):
         return self._forward_loop(x, counts, up, down)
 
     @staticmethod
-    def _forward_loop(x: torch.Tensor, counts: torch.Tensor, up: torch.Tensor, down: torch.Tensor
-                      ) -> torch.Tensor:
+    def _forward_loop(
+        x: torch.Tensor, counts: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    ) -> torch.Tensor:
         outs = [
             F.linear(relu2(F.linear(rows, up[e])), down[e])
             for e, rows in enumerate(torch.split(x, counts.tolist()))
@@ -325,19 +342,40 @@ class MoE(nn.Module):
     """Routed experts plus the always-on shared expert. `router`, `dispatcher` and `experts` are
     the three swappable components (defaults from `config`)."""
 
-    def __init__(self, config: Nano3Config, *, router: Router | None = None,
-                 dispatcher: Dispatcher | None = None, experts: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: Nano3Config,
+        *,
+        router: Router | None = None,
+        dispatcher: Dispatcher | None = None,
+        experts: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.top_k = config.moe_top_k
-        self.router = router or Router(config.hidden_size, config.num_experts, config.moe_top_k,
-                                       config.moe_routed_scaling_factor, config.init_std)
+        self.router = router or Router(
+            config.hidden_size,
+            config.num_experts,
+            config.moe_top_k,
+            config.moe_routed_scaling_factor,
+            config.init_std,
+        )
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(config.num_experts)
         self.experts = experts or GroupedExperts(
-            config.num_experts, config.hidden_size, config.moe_ffn_hidden_size, config.init_std,
-            config.output_init_std)
+            config.num_experts,
+            config.hidden_size,
+            config.moe_ffn_hidden_size,
+            config.init_std,
+            config.output_init_std,
+        )
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_shared_expert_hidden_size, config.init_std, config.output_init_std)
-            if config.moe_shared_expert_hidden_size > 0 else None
+            MLP(
+                config.hidden_size,
+                config.moe_shared_expert_hidden_size,
+                config.init_std,
+                config.output_init_std,
+            )
+            if config.moe_shared_expert_hidden_size > 0
+            else None
         )
         # Off by default; `set_shared_expert_overlap` / train.moe_shared_expert_overlap switch it.
         self.shared_expert_overlap = False
@@ -391,9 +429,15 @@ class MoE(nn.Module):
         (CUDA, fast paths, a dispatcher that allows it, tokens not sharded over ranks (under
         sequence parallelism the shared expert itself is tensor parallel), not while compiling),
         else None."""
-        if not (self.shared_expert_overlap and x.is_cuda and self.shared_experts is not None
-                and fast_paths_enabled() and self.dispatcher.shared_expert_side_stream
-                and self.sequence_gather is None and not torch.compiler.is_compiling()):
+        if not (
+            self.shared_expert_overlap
+            and x.is_cuda
+            and self.shared_experts is not None
+            and fast_paths_enabled()
+            and self.dispatcher.shared_expert_side_stream
+            and self.sequence_gather is None
+            and not torch.compiler.is_compiling()
+        ):
             return None
         return _side_stream(x.device)
 
@@ -403,7 +447,9 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device, shared by every MoE layer (they run one after another)."""
-    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    device = torch.device(
+        device.type, device.index if device.index is not None else torch.cuda.current_device()
+    )
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
     return _SIDE_STREAMS[device]

@@ -37,14 +37,20 @@ class ContextParallelOps(Protocol):
         """Causal attention of the local queries over the whole sequence."""
         ...
 
-    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+    def causal_conv1d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The depthwise causal convolution (no activation) of the local chunks [b, s, c], each
         fed the positions before it in the sequence."""
         ...
 
-    def ssd(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            C: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ssd(
+        self,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`nemotron.kernels.ssd.ssd` of the local chunks, with the state entering each chunk."""
         ...
 
@@ -77,7 +83,8 @@ class VocabParallelOps(Protocol):
         """Full logits [b, s, V] from this rank's sequence shard of `hidden`."""
         ...
 
-    def loss(self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-             loss_mask: torch.Tensor | None) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Mean token cross-entropy (the model's `lm_loss`), never gathering the logits."""
         ...

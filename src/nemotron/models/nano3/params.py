@@ -36,7 +36,9 @@ def parameter_counts(config: Nano3Config) -> dict:
         if isinstance(layer.mixer, MoE):
             routed = _numel(layer.mixer.experts)
             active = params - routed + routed * config.moe_top_k // config.num_experts
-        entry = per_kind.setdefault(str(layer.kind), {"layers": 0, "params_per_layer": params, "active_per_layer": active})
+        entry = per_kind.setdefault(
+            str(layer.kind), {"layers": 0, "params_per_layer": params, "active_per_layer": active}
+        )
         entry["layers"] += 1
         blocks_total += params
         blocks_active += active
