@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ from nemotron.data.mapped import PicklesByReference
 
 # Megatron-Core's `mid_level_dataset_surplus`: each dataset builds 0.5% more than its share.
 DATASET_SURPLUS = 0.005
+
+
+class Samples(Protocol):
+    """What a blend draws from: a GPT dataset, or a blend itself (the mixed-length mix)."""
+
+    description: dict
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]: ...
+
+    def sample_length(self, idx: int) -> int: ...
 
 
 def normalise_weights(weights: list[float]) -> list[float]:
@@ -93,7 +106,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
 
     def __init__(
         self,
-        datasets: list[torch.utils.data.Dataset | None],
+        datasets: list[Samples | None],
         weights: list[float],
         size: int,
         cache_dir: str | Path,
@@ -125,7 +138,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         vocab_size: int | None = None,
     ) -> "BlendedDataset":
         normalised, served, requested = blend_sizes(num_samples, weights)
-        datasets: list[GPTDataset | None] = []
+        datasets: list[Samples | None] = []
         for prefix, wanted in zip(prefixes, requested):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
             datasets.append(
@@ -148,11 +161,13 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         if not 0 <= idx < self.size:
             raise IndexError(f"sample {idx} out of range 0..{self.size - 1} of the blend")
         dataset = self.datasets[int(self.dataset_index[idx])]
+        assert dataset is not None  # a zero-weight dataset is never drawn
         return dataset[int(self.dataset_sample_index[idx])]
 
     def sample_length(self, idx: int) -> int:
         """Tokens of sample `idx`, without reading it (blends may mix sample lengths)."""
         dataset = self.datasets[int(self.dataset_index[idx])]
+        assert dataset is not None  # a zero-weight dataset is never drawn
         return dataset.sample_length(int(self.dataset_sample_index[idx]))
 
 
@@ -183,10 +198,10 @@ def build_mixed_length_dataset(
                 f"weight ({weight}) >= 0"
             )
     normalised, served, requested = blend_sizes(num_samples, [w for _, _, w in parts])
-    datasets = []
+    datasets: list[Samples | None] = []
     for (blend, seq_length, _), wanted in zip(parts, requested):
         datasets.append(
-            build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir, vocab_size)
+            cast(Samples, build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir, vocab_size))
             if wanted
             else None
         )

@@ -258,6 +258,7 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(self._index, dtype="<i8", count=doc_count, offset=offset)
         data_size = data_file.stat().st_size
         self._validate(index_file, data_file, data_size)
+        self._data: np.ndarray
         if data_size:
             self._data = np.memmap(data_file, dtype=self.dtype, mode="r")
         else:
@@ -321,7 +322,7 @@ class IndexedDataset:
         return {"prefix": self.prefix, "vocab_size": self.vocab_size}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"], state.get("vocab_size"))
+        IndexedDataset.__init__(self, state["prefix"], state.get("vocab_size"))
 
     def __len__(self) -> int:
         return int(self.sequence_lengths.size)

@@ -44,10 +44,11 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -415,7 +416,7 @@ def _process_unit(spec: UnitSpec) -> dict:
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     report = _WORKER.get("queue")
     dtype = tokenizer.dtype
-    stats = {
+    stats: dict[str, Any] = {
         "unit_id": spec.unit_id,
         "dataset": spec.dataset,
         "rows": 0,
@@ -468,7 +469,9 @@ def _process_unit(spec: UnitSpec) -> dict:
             last_report = now
 
     try:
-        records = itertools.chain.from_iterable(src.iter_records(p, spec.text_field) for p in spec.pieces)
+        records: Iterator[src.Record] = itertools.chain.from_iterable(
+            src.iter_records(p, spec.text_field) for p in spec.pieces
+        )
         if spec.row_limit is not None:
             records = itertools.islice(records, spec.row_limit)
         for record in records:
@@ -479,6 +482,7 @@ def _process_unit(spec: UnitSpec) -> dict:
                     stats["bad_locations"].append([list(record.location), record.bad_kind])
                 continue
             text = record.text
+            assert text is not None  # only a bad record has no text
             if spec.min_doc_chars is not None and len(text) < spec.min_doc_chars:
                 stats["filtered_short"] += 1
                 continue
@@ -865,7 +869,7 @@ def _source_checks(cfg: DataPrepConfig, plan: _DatasetPlan, stats: list[dict]) -
     name = plan.entry.name
     rows = sum(s["rows"] for s in stats)
     bad = {kind: sum(s["bad"][kind] for s in stats) for kind in src.BAD_KINDS}
-    locations = []
+    locations: list[str] = []
     for s in stats:
         for location, kind in s["bad_locations"]:
             if len(locations) < MAX_LOCATIONS:
@@ -950,7 +954,7 @@ def _run_units(
     ) as pool:
         # Units are claimed and submitted as workers free up (two per worker in flight), so
         # that tasks sharing the work take units at the pace they finish them.
-        running = set()
+        running: set[futures.Future] = set()
         worker_cpu: dict[int, float] = {}
         try:
             while True:
@@ -1237,7 +1241,7 @@ def _lead(
                 "work_units": sum(1 for u in units if u.dataset == plan.entry.name),
             }
         )
-    tasks = (
+    tasks: list[dict[str, Any]] = (
         board.read()
         if task.world > 1
         else [{"rank": 0, "host": task.host, "workers": workers, "units": done_here}]
