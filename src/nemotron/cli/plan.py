@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
 from nemotron.cli import common
 from nemotron.cli.common import ConfigOpt, OverridesArg, console
@@ -192,8 +193,11 @@ def plan(
         f"global batch {shape.global_batch_size} x {shape.seq_length} tokens, "
         f"on {pm.H200.name}[/]"
     )
+    # Piped or logged output has no terminal width: print the 13-column tables 200 columns wide
+    # instead of Rich's 80-column default (which squeezes every cell to a few characters).
+    tables = console if console.is_terminal else Console(width=200, highlight=False, soft_wrap=True)
     if recipe:
-        console.print(_table("recipe layout", recipe))
+        tables.print(_table("recipe layout", recipe))
         seen = set()
         for p in recipe:
             for w in p.warnings:
@@ -201,7 +205,7 @@ def plan(
                     seen.add(w)
                     console.print(f"[yellow]warning:[/] {w}")
     if best:
-        console.print(_table(f"fastest layouts that fit (top {top} per GPU count)", best))
+        tables.print(_table(f"fastest layouts that fit (top {top} per GPU count)", best))
         for world in counts:
             first = next((p for p in best if p.layout.world == world), None)
             if first is not None:
