@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from train.conftest import TINY_MODEL  # the training tests' tiny model (tests/ is on the path)
 
 from nemotron.artifacts.model import MODEL_ARTIFACT_FILE, ArtifactError
 from nemotron.config.schema import ModelConfig, PretrainConfig
@@ -121,26 +122,7 @@ def test_record_data_prep_offline_writes_the_artifact_for_sync(tmp_path, monkeyp
 
 def tiny_pretrain_config(tmp_path, blend) -> PretrainConfig:
     return PretrainConfig(
-        model=ModelConfig(
-            hybrid_pattern="ME*E",
-            num_layers=4,
-            hidden_size=32,
-            vocab_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            mamba_num_heads=4,
-            mamba_head_dim=8,
-            mamba_state_size=8,
-            mamba_num_groups=2,
-            mamba_conv_kernel=4,
-            mamba_chunk_size=4,
-            num_experts=8,
-            moe_top_k=2,
-            moe_ffn_hidden_size=16,
-            moe_shared_expert_hidden_size=16,
-            ffn_hidden_size=32,
-        ),
+        model=ModelConfig(**TINY_MODEL),
         train=TrainConfig(
             train_iters=2,
             global_batch_size=2,
