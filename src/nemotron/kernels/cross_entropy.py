@@ -18,6 +18,14 @@ import torch.nn.functional as F
 
 from nemotron.kernels import use_triton
 from nemotron.kernels.dense import dense_inputs
+from nemotron.kernels.fp8 import (
+    compiled,
+    emulated_mm,
+    fp8_hardware,
+    quantize_columns,
+    quantize_rows,
+    scaled_mm,
+)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
 
@@ -113,13 +121,39 @@ def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.
     dweight += (grad.t() @ h).to(dweight.dtype)
 
 
+def _head_products(w: torch.Tensor, fp8: bool):
+    """(hidden chunk -> logits, logit gradient -> hidden gradient) for the LM head weight w
+    [V, h] in the compute dtype. FP8: both products on float8 operands with one scale per row
+    (hidden and logit-gradient rows; w per vocabulary row for the logits, per hidden column for
+    the input gradient), quantized once per call for w; BF16 results. The weight gradient
+    always stays in the compute dtype (see `linear_cross_entropy`)."""
+    if not fp8:
+        return (lambda h: h @ w.t()), (lambda g: g @ w)
+    dev = w.device
+    mm = scaled_mm if fp8_hardware(dev) else emulated_mm
+    w_q, w_inv = compiled("lm_head_weight", quantize_rows, dev)(w)
+    w_t_q, w_t_inv = compiled("lm_head_weight_t", quantize_columns, dev)(w)
+    quant_hidden = compiled("lm_head_hidden", quantize_rows, dev)
+    quant_grad = compiled("lm_head_logit_grad", quantize_rows, dev)
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        h_q, h_inv = quant_hidden(h)
+        return mm(h_q, h_inv, w_q, w_inv)
+
+    def input_grad_of(g: torch.Tensor) -> torch.Tensor:
+        g_q, g_inv = quant_grad(g)
+        return mm(g_q, g_inv, w_t_q, w_t_inv)
+
+    return logits_of, input_grad_of
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     # Matmuls run in `compute` dtype with autocast off (autocast's choice is made by the caller),
     # so forward and backward agree whether or not the backward runs under autocast.
     @staticmethod
     @dense_inputs
     def forward(
-        ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute
+        ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute, fp8
     ):
         n = hidden.shape[0]
         acc = torch.float64 if compute == torch.float64 else torch.float32
@@ -127,6 +161,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(compute), weight.to(compute)
+            logits_of, input_grad_of = _head_products(w, fp8)
             total = torch.zeros((), dtype=acc, device=hidden.device)
             safe_labels = labels.clamp_min(0)
             token_w = token_w.to(acc)
@@ -138,15 +173,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, n, chunk_size):
                 e = min(n, s + chunk_size)
                 scale = token_w[s:e] * inv_denom if grad_in_forward else None
-                loss, _, grad = rows(h_all[s:e] @ w.t(), safe_labels[s:e], scale)
+                loss, _, grad = rows(logits_of(h_all[s:e]), safe_labels[s:e], scale)
                 total += (loss.to(acc) * token_w[s:e]).sum()
                 if grad_in_forward:
-                    dhidden[s:e] = grad @ w
+                    dhidden[s:e] = input_grad_of(grad)
                     _accumulate_weight_grad(dweight, grad, h_all[s:e])
         ctx.chunk_size = chunk_size
         ctx.grad_in_forward = grad_in_forward
         ctx.use_triton = use_triton
         ctx.compute = compute
+        ctx.fp8 = fp8
         if grad_in_forward:
             ctx.save_for_backward(dhidden, dweight)
         else:
@@ -156,7 +192,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @dense_inputs
     def backward(ctx, grad_out):
-        nones = (None,) * 7
+        nones = (None,) * 8
         if ctx.grad_in_forward:
             dhidden, dweight = ctx.saved_tensors
             g = grad_out.to(dweight.dtype)
@@ -169,13 +205,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = _rows_triton if ctx.use_triton else _rows_torch
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(ctx.compute), weight.to(ctx.compute)
+            logits_of, input_grad_of = _head_products(w, ctx.fp8)
             dhidden = torch.empty_like(h_all)
             dweight = torch.zeros(weight.shape, dtype=token_w.dtype, device=weight.device)
             scale_all = token_w * (inv_denom * grad_out.to(token_w.dtype))
             for s in range(0, hidden.shape[0], ctx.chunk_size):
                 e = min(hidden.shape[0], s + ctx.chunk_size)
-                _, _, grad = rows(h_all[s:e] @ w.t(), labels[s:e], scale_all[s:e])
-                dhidden[s:e] = grad @ w
+                _, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale_all[s:e])
+                dhidden[s:e] = input_grad_of(grad)
                 _accumulate_weight_grad(dweight, grad, h_all[s:e])
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
@@ -188,6 +225,7 @@ def linear_cross_entropy(
     chunk_size: int = 4096,
     grad_in_forward: bool | None = None,
     backend: str = "auto",
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (``-100`` ignored), weighted by
     ``loss_mask`` (0/1 or real weights), normalised by the sum of the weights (at least 1).
@@ -198,6 +236,11 @@ def linear_cross_entropy(
     elsewhere), ``"torch"`` or ``"triton"``. The matmuls run in the autocast dtype when autocast
     is on (as ``hidden @ weight.T`` would), else in the promoted dtype of the two inputs;
     gradients come back in each input's own dtype.
+
+    ``fp8``: the logits and the hidden gradient from float8 e4m3 operands with one scale per row
+    (``nemotron.kernels.fp8``; FP8 tensor cores where the GPU has them, else the same roundings
+    with float32 products), BF16 compute only; the weight gradient stays BF16 (its operands would
+    need a second, column-wise quantization of every chunk's [chunk, V] logit gradient).
     """
     _check(hidden, weight, labels, loss_mask, chunk_size)
     if backend not in ("auto", "torch", "triton"):
@@ -211,10 +254,12 @@ def linear_cross_entropy(
         compute = torch.get_autocast_dtype(device)
     else:
         compute = torch.promote_types(hidden.dtype, weight.dtype)
+    if fp8 and compute != torch.bfloat16:
+        raise ValueError(f"linear_cross_entropy: fp8 needs bf16 compute, got {compute}")
     token_w, denom = _token_weights(labels, loss_mask)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grad_in_forward is None:
         grad_in_forward = needs_grad
     return _LinearCrossEntropy.apply(
-        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute
+        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute, fp8
     )

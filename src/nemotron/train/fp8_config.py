@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Which layers `train.fp8.layers` may name; the router, norms, embeddings and LM head always
-# stay in higher precision.
-FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts")
+# Which layers `train.fp8.layers` may name; the router, norms and embeddings always stay in
+# higher precision. `lm_head`: the chunked LM-head loss's logit and hidden-gradient products
+# (opt-in: the logits' precision is the one place FP8 touches the loss directly).
+FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts", "lm_head")
 # The default: the dense linears. The routed experts' FP8 grouped GEMMs are 1.6x faster than
 # bf16's, but torchao's quantization kernels and the per-expert padding around them cost more
 # than that saves at the proxy's shapes (H200, 2026-12-03: docs/performance.md "FP8"), so they
@@ -47,7 +48,7 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
             (
                 "train.fp8.layers",
                 f"unknown layer kinds {unknown}; choose from {list(FP8_LAYERS)} "
-                "(router, norms, embeddings and LM head stay higher precision)",
+                "(router, norms and embeddings stay higher precision)",
             )
         )
     if len(set(fp8.layers)) != len(fp8.layers):

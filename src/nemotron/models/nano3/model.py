@@ -51,6 +51,7 @@ def cross_entropy(
     labels: torch.Tensor,
     loss_mask: torch.Tensor | None,
     fused: bool,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LM head + mean token cross-entropy: returns (loss, logits or None).
 
@@ -58,6 +59,7 @@ def cross_entropy(
     is over the weights' sum (at least 1). `fused`: the chunked LM-head loss of
     `nemotron.kernels.cross_entropy`, which never holds the full float32 [tokens x vocab] logits
     and returns no logits; otherwise the LM head module is called and the logits are returned.
+    `fp8` (fused only): the chunked loss's FP8 products (`linear_cross_entropy(fp8=True)`).
     """
     if fused:
         loss = linear_cross_entropy(
@@ -65,6 +67,7 @@ def cross_entropy(
             lm_head.weight,
             labels.reshape(-1),
             None if loss_mask is None else loss_mask.reshape(-1),
+            fp8=fp8,
         )
         return loss, None
     logits = lm_head(hidden)
@@ -185,6 +188,9 @@ class Nano3ForCausalLM(nn.Module):
         # parameters to exactly the single-device weights (`reset_parameters` calls it).
         self.vocab_parallel: VocabParallelOps | None = None
         self.parallel_init: Callable[[nn.Module], None] | None = None
+        # The chunked LM-head loss's logit and hidden-gradient products in FP8 (`train.fp8`
+        # with `lm_head` among its layers sets it; the weights stay what they are).
+        self.fp8_lm_head = False
 
     @property
     def is_pipeline_part(self) -> bool:
@@ -238,7 +244,9 @@ class Nano3ForCausalLM(nn.Module):
             )
             return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
         if vocab_parallel is None:
-            lm_loss, logits = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+            lm_loss, logits = cross_entropy(
+                hidden, self.lm_head, labels, loss_mask, self.fused_loss, self.fp8_lm_head
+            )
         else:
             lm_loss, logits = vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
         loss = lm_loss
@@ -260,5 +268,5 @@ class Nano3ForCausalLM(nn.Module):
             return hidden, aux_loss
         if labels is None:
             raise ValueError("the last pipeline part needs labels (it returns the loss)")
-        lm_loss, _ = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss)
+        lm_loss, _ = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss, self.fp8_lm_head)
         return lm_loss, aux_loss

@@ -1,0 +1,249 @@
+"""FP8 vs BF16 at the proxy's exact GEMM shapes, on one GPU: what FP8 can save at most.
+
+Three parts, each in the same process and on the same GPU:
+
+1. every GEMM of one proxy training step (the Nano3 proxy of `train_throughput.py`: micro batch
+   x sequence tokens per micro-batch, 6 Mamba, 2 attention, 6 MoE blocks, the LM head in its
+   loss's 4096-row chunks), forward, input-gradient and weight-gradient shapes: BF16 `torch.mm`
+   against FP8 `torch._scaled_mm` on operands already in FP8 (tensorwise and rowwise scales);
+   summed per layer kind and step, this is the GEMM time FP8 could save if quantization were
+   free;
+2. the routed experts' MLP (up, squared ReLU, down) forward + backward on the proxy's rows:
+   BF16 grouped GEMMs (the model's `GroupedExperts`), torchao's FP8 grouped GEMM
+   (what `Float8GroupedExperts` ran before, with torchao's own padding) and `nemotron.train.fp8_grouped.fp8_expert_mlp`, plus
+   the new path's outputs and gradients against its emulation (same roundings, float32 products)
+   and against BF16, per tensor;
+3. the quantization passes alone (compiled `quantize_rows`) as bandwidth.
+
+    python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import environment, time_ms  # noqa: E402
+
+from nemotron.models.nano3.config import Nano3Config  # noqa: E402
+from nemotron.train.fp8_grouped import fp8_expert_mlp, quantize_rows  # noqa: E402
+
+F8 = torch.float8_e4m3fn
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def proxy_gemms(cfg: Nano3Config, tokens: int, lm_chunk: int) -> list[tuple[str, int, int, int, int]]:
+    """(kind, M, N, K, calls per micro-batch) for every dense GEMM of one micro-batch."""
+    h = cfg.hidden_size
+    d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    in_proj = 2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_size + cfg.mamba_num_heads
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    linears = [
+        ("mamba", in_proj, h, 6),
+        ("mamba", h, d_inner, 6),
+        ("attention", q, h, 2),
+        ("attention", kv, h, 4),  # k and v (FP8 keeps them separate)
+        ("attention", h, q, 2),
+        ("shared_expert", cfg.moe_shared_expert_hidden_size, h, 6),
+        ("shared_expert", h, cfg.moe_shared_expert_hidden_size, 6),
+    ]
+    out = []
+    for kind, n_out, k_in, count in linears:
+        out += [
+            (kind, tokens, n_out, k_in, count),  # forward
+            (kind, tokens, k_in, n_out, count),  # input gradient
+            (kind, n_out, k_in, tokens, count),  # weight gradient
+        ]
+    chunks = tokens // lm_chunk
+    v = cfg.vocab_size
+    out += [
+        ("lm_head", lm_chunk, v, h, chunks),
+        ("lm_head", lm_chunk, h, v, chunks),
+        ("lm_head", v, h, lm_chunk, chunks),
+    ]
+    return out
+
+
+def time_gemm(m: int, n: int, k: int, dev, warmup: int, iters: int) -> dict:
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    bf16 = median(time_ms(lambda: a @ b.t(), dev, warmup, iters))
+    aq, bq = a.to(F8), b.to(F8)
+    one = torch.ones((), device=dev)
+    tensorwise = median(
+        time_ms(lambda: torch._scaled_mm(aq, bq.t(), one, one, out_dtype=torch.bfloat16), dev, warmup, iters)
+    )
+    sa = torch.ones(m, 1, device=dev)
+    sb = torch.ones(1, n, device=dev)
+    rowwise = median(
+        time_ms(lambda: torch._scaled_mm(aq, bq.t(), sa, sb, out_dtype=torch.bfloat16), dev, warmup, iters)
+    )
+    return {"bf16_ms": bf16, "fp8_tensorwise_ms": tensorwise, "fp8_rowwise_ms": rowwise}
+
+
+def routed_rows(tokens: int, cfg: Nano3Config, dev, seed: int = 0) -> torch.Tensor:
+    """Per-expert row counts of one micro-batch's routing: tokens * top_k rows over the
+    experts, uneven (a few experts get 2-3x the mean, one gets none)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(cfg.num_experts, generator=g) + 0.3
+    weights[0] = 0.0  # an empty expert
+    weights[1] *= 3.0
+    rows = tokens * cfg.moe_top_k
+    counts = torch.floor(weights / weights.sum() * rows).long()
+    counts[2] += rows - counts.sum()
+    return counts.to(dev)
+
+
+def expert_mlp_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    from nemotron.models.nano3.moe import GroupedExperts
+
+    counts = routed_rows(tokens, cfg, dev)
+    rows = int(counts.sum())
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    # the same rows with every expert's group a multiple of 16 (what torchao's path needs, and
+    # what the FP8 grouped GEMM's tiles like)
+    aligned = counts // 16 * 16
+    aligned[2] += rows - aligned.sum()
+    aligned_offs = torch.cumsum(aligned, 0, dtype=torch.int32)
+    torch.manual_seed(0)
+    experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size, 0.02, 0.02 / 4)
+    experts = experts.to(dev, torch.bfloat16)
+    x = torch.randn(rows, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    grad = torch.randn(rows, cfg.hidden_size, device=dev, dtype=torch.bfloat16) * 1e-3
+
+    def run(fn):
+        def step():
+            xi = x.detach().requires_grad_()
+            experts.zero_grad(set_to_none=True)
+            out = fn(xi)
+            out.backward(grad)
+            return out, xi.grad, experts.up_proj.grad, experts.down_proj.grad
+
+        return step
+
+    paths = {
+        "bf16": run(lambda xi: experts(xi, counts)),
+        "fp8_nemotron": run(lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, offs)),
+        "bf16_aligned": run(lambda xi: experts(xi, aligned)),
+        "fp8_nemotron_aligned": run(
+            lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, aligned_offs)
+        ),
+    }
+    try:
+        from torchao.prototype.moe_training.fp8_grouped_mm import (
+            _to_fp8_rowwise_then_scaled_grouped_mm as ao_grouped_mm,
+        )
+
+        from nemotron.kernels.relu2 import relu2
+
+        def torchao_mlp(xi):  # groups already multiples of 16: no padding pass
+            up_t, down_t = experts.up_proj.transpose(-2, -1), experts.down_proj.transpose(-2, -1)
+            h = relu2(
+                ao_grouped_mm(xi, up_t, aligned_offs, torch.bfloat16, pad_token_groups_for_grouped_mm=False)
+            )
+            return ao_grouped_mm(
+                h, down_t, aligned_offs, torch.bfloat16, pad_token_groups_for_grouped_mm=False
+            )
+
+        paths["fp8_torchao_aligned"] = run(torchao_mlp)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"torchao path unavailable: {err}")
+    result: dict = {"rows": rows, "counts_min_max": [int(counts.min()), int(counts.max())]}
+    outs = {}
+    for name, step in paths.items():
+        ms = median(time_ms(step, dev, warmup, iters))
+        outs[name] = [t.float().clone() for t in step()]
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        step()
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+        result[f"{name}_fwd_bwd_ms"] = ms
+        result[f"{name}_peak_extra_gib"] = peak
+        print(f"experts {name}: {ms:.3f} ms fwd+bwd, peak +{peak:.2f} GiB")
+    emulated = run(lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, offs, emulate=True))()
+    names = ["out", "grad_x", "grad_up", "grad_down"]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    result["fp8_nemotron_vs_emulation_rel"] = {
+        n: rel(outs["fp8_nemotron"][i], emulated[i].float()) for i, n in enumerate(names)
+    }
+    for name in outs:
+        if name.startswith("fp8") and "aligned" not in name:
+            result[f"{name}_vs_bf16_rel"] = {
+                n: rel(outs[name][i], outs["bf16"][i]) for i, n in enumerate(names)
+            }
+    # the empty expert's weight gradient must be exactly zero
+    result["fp8_nemotron_empty_expert_grad_max"] = float(outs["fp8_nemotron"][2][0].abs().max())
+    return result
+
+
+def quant_part(dev, warmup: int, iters: int) -> dict:
+    compiled = torch.compile(quantize_rows, fullgraph=True, dynamic=False)
+    out = {}
+    for rows, cols in ((147456, 2688), (147456, 1856), (24576, 2688)):
+        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
+        ms = median(time_ms(lambda: compiled(x), dev, warmup, iters))
+        gbytes = rows * cols * 3 / 1e9  # read bf16, write fp8
+        out[f"{rows}x{cols}"] = {"ms": ms, "GB_per_s": gbytes / ms * 1e3}
+        print(f"quantize_rows {rows}x{cols}: {ms:.3f} ms, {gbytes / ms * 1e3:.0f} GB/s")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--micro-batch", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--lm-chunk", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--parts", default="gemms,experts,quant")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = Nano3Config(num_experts=args.experts)
+    tokens = args.seq * args.micro_batch
+    result: dict = {"env": environment(dev), "command": " ".join(sys.argv), "tokens_per_micro_batch": tokens}
+    parts = args.parts.split(",")
+    if "gemms" in parts:
+        rows = []
+        totals: dict[str, dict[str, float]] = {}
+        for kind, m, n, k, calls in proxy_gemms(cfg, tokens, args.lm_chunk):
+            t = time_gemm(m, n, k, dev, args.warmup, args.iters)
+            rows.append({"kind": kind, "m": m, "n": n, "k": k, "calls": calls, **t})
+            tot = totals.setdefault(kind, {"bf16_ms": 0.0, "fp8_tensorwise_ms": 0.0, "fp8_rowwise_ms": 0.0})
+            for key in tot:
+                tot[key] += t[key] * calls
+            print(
+                f"{kind:14s} {m:6d}x{n:6d}x{k:6d} x{calls}: bf16 {t['bf16_ms']:.3f} "
+                f"fp8 tensorwise {t['fp8_tensorwise_ms']:.3f} rowwise {t['fp8_rowwise_ms']:.3f} ms"
+            )
+        result["gemms"] = rows
+        result["per_micro_batch_ms"] = totals
+        for kind, tot in totals.items():
+            print(f"per micro-batch {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in tot.items()))
+    if "experts" in parts:
+        result["experts"] = expert_mlp_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "quant" in parts:
+        result["quant"] = quant_part(dev, args.warmup, args.iters)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "gemms"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The routed experts' squared-ReLU MLP with FP8 grouped GEMMs, written for this model's shapes.
+
+    h_pre = x @ up_e^T          (FP8: x per row, up per output row)
+    h     = relu(h_pre)^2
+    out   = h @ down_e^T        (FP8: h per row, down per output row)
+
+per expert e over its rows of `x` (sorted by expert, `offs` the cumulative row counts).
+
+Why not torchao's FP8 grouped GEMM (`torchao.prototype.moe_training`, measured on an H200 at the
+proxy's shapes, docs/benchmarks.md "FP8"): it also runs the weight-gradient products in FP8, which
+needs every operand quantized a second time per column within each expert's rows and every
+expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs save. Here:
+
+- forward and input-gradient products run in FP8 (`torch._scaled_grouped_mm`, rowwise scales,
+  scales rounded down to powers of two so the descale is exact); they take any group sizes, so
+  no padding;
+- the weight-gradient products stay in BF16 (`torch._grouped_mm`): no column-wise quantization,
+  and the weight gradient keeps BF16's accuracy (torchao's `rowwise_with_gw_hp` makes the same
+  choice for dense linears);
+- each quantization is one fused pass (`torch.compile` of a few PyTorch ops): the squared ReLU
+  and the quantization of its output are one pass, and so are the squared ReLU's backward, the
+  recomputation of `h` for the weight gradient and the quantization of the input gradient.
+
+What is rounded where (the emulated path computes exactly these roundings with float32
+products; `tests/train/test_fp8_grouped.py` checks both against an independent reference):
+
+    forward      x        per row (over hidden)      up    per (e, ffn row) over hidden
+                 h        per row (over ffn)         down  per (e, hidden row) over ffn
+    input grad   dout     per row (over hidden)      down  per (e, ffn column) over hidden
+                 dh_pre   per row (over ffn)         up    per (e, hidden column) over ffn
+    weight grad  BF16 products of the BF16 operands (dout, h; dh_pre, x)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemotron.kernels.fp8 import compiled, quantize_columns, quantize_rows
+
+__all__ = ["fp8_expert_mlp"]
+
+
+def _relu2_quantize(h_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(relu(h_pre)^2), the squared ReLU in float32 and never stored."""
+    return quantize_rows(torch.relu(h_pre.float()).square())
+
+
+def _relu2_backward_quantize(
+    h_pre: torch.Tensor, grad_h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h = relu(h_pre)^2 in h_pre's dtype, dh_pre = grad_h * 2 relu(h_pre) in h_pre's dtype,
+    and quantize_rows(dh_pre)), one pass."""
+    r = torch.relu(h_pre.float())
+    h = r.square().to(h_pre.dtype)
+    dh_pre = (grad_h.float() * 2.0 * r).to(h_pre.dtype)
+    q, inv = quantize_rows(dh_pre)
+    return h, dh_pre, q, inv
+
+
+# ---------------------------------------------------------------------------------------------
+# The grouped products
+
+
+def _scaled_grouped_mm(
+    a_q: torch.Tensor, a_inv: torch.Tensor, b_t_q: torch.Tensor, b_inv: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """out[rows of e] = (a_q * a_inv)[rows of e] @ (b_t_q * b_inv)[e]^T in BF16, on the FP8
+    tensor cores: a_q [R, K] (scales [R]), b_t_q [E, N, K] contiguous (scales [E, N])."""
+    return torch._scaled_grouped_mm(
+        a_q, b_t_q.transpose(-2, -1), a_inv, b_inv, offs=offs, out_dtype=torch.bfloat16
+    )
+
+
+def _emulated_grouped_mm(
+    a_q: torch.Tensor, a_inv: torch.Tensor, b_t_q: torch.Tensor, b_inv: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """`_scaled_grouped_mm` with float32 products (any device), the result rounded to BF16."""
+    a = a_q.float() * a_inv[:, None]
+    b = b_t_q.float() * b_inv[..., None]
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = a[start:end] @ b[e].transpose(0, 1)
+        start = end
+    return out.to(torch.bfloat16)
+
+
+def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[E, N, K]: per expert grad[rows]^T @ inp[rows] in BF16 (float32 accumulation)."""
+    if grad.is_cuda:
+        return torch._grouped_mm(grad.transpose(0, 1), inp, offs=offs)
+    out = torch.zeros(offs.numel(), grad.shape[1], inp.shape[1], dtype=torch.float32)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[e] = grad[start:end].float().transpose(0, 1) @ inp[start:end].float()
+        start = end
+    return out.to(grad.dtype)
+
+
+class _Fp8ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, up, down, offs, emulate: bool):
+        dev = x.device
+        mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
+        quant = compiled("rows", quantize_rows, dev)
+        x_q, x_inv = quant(x)
+        quant_w = compiled("rows_w", quantize_rows, dev)
+        up_q, up_inv = quant_w(up)  # [E, ffn, hidden] per (e, ffn row)
+        h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
+        h_q, h_inv = compiled("relu2", _relu2_quantize, dev)(h_pre)
+        down_q, down_inv = quant_w(down)  # [E, hidden, ffn] per (e, hidden row)
+        out = mm(h_q, h_inv, down_q, down_inv, offs)
+        ctx.save_for_backward(x, up, down, offs, h_pre)
+        ctx.emulate = emulate
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, up, down, offs, h_pre = ctx.saved_tensors
+        dev = x.device
+        mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
+        quant = compiled("rows", quantize_rows, dev)
+        quant_cols = compiled("cols", quantize_columns, dev)
+        grad_out = grad_out.to(torch.bfloat16).contiguous()
+        g_q, g_inv = quant(grad_out)
+        down_t_q, down_t_inv = quant_cols(down)  # [E, ffn, hidden] per (e, ffn) over hidden
+        grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
+        h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
+        grad_down = _grouped_weight_grad(grad_out, h, offs)
+        up_t_q, up_t_inv = quant_cols(up)  # [E, hidden, ffn] per (e, hidden) over ffn
+        grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
+        grad_up = _grouped_weight_grad(dh_pre, x, offs)
+        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None
+
+
+def fp8_expert_mlp(
+    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, emulate: bool = False
+) -> torch.Tensor:
+    """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
+    [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
+    out; `emulate` computes the same roundings with float32 products (CPU, or no FP8 cores)."""
+    x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
+    return _Fp8ExpertMLP.apply(x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate)
