@@ -217,7 +217,9 @@ def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_pat
     assert results["cp2"] == pytest.approx(results["single"], rel=1e-4)
 
 
-def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_path, corpus):
+def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, corpus):
+    """What PP does not run (`train.compile`) stops at start with one line naming both keys;
+    PP with TP + SP is a layout like any other (tests/distributed/test_pipeline.py)."""
     from nemotron.distributed.parallel_dims import ParallelLayoutError
 
     cfg = make_config(tmp_path, blend=corpus[0])
@@ -226,9 +228,11 @@ def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_p
         model=dataclasses.replace(
             cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True
         ),
+        train=dataclasses.replace(cfg.train, compile=True),
     )
     with pytest.raises(
-        ParallelLayoutError, match="pipeline_model_parallel_size=2 with model.tensor_model_parallel_size=2"
+        ParallelLayoutError,
+        match=r"^train.compile=true with model.pipeline_model_parallel_size=2: .* set train.compile=false$",
     ):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()

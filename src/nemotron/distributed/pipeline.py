@@ -124,6 +124,7 @@ class Pipeline:
         self.mesh, self.device = mesh, device
         self.activation_dtype, self.hidden_size = activation_dtype, hidden_size
         self.num_stages = split.num_stages
+        self.tp = mesh.dims.tp  # the stages exchange sequence-parallel shards (`_stage_args`)
         self.group = mesh.pp_mesh.get_group()
         self.has_first = 0 in stage_ids
         self.has_last = self.num_stages - 1 in stage_ids
@@ -134,11 +135,20 @@ class Pipeline:
     # -- building -----------------------------------------------------------------------------
 
     def _stage_args(self, stage_id: int, batch: int, seq: int):
-        """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq]."""
+        """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq] token
+        ids (this rank's context-parallel chunks). Under tensor parallel the hidden states a
+        stage exchanges are this rank's sequence-parallel shard [batch, seq/TP, hidden]: each
+        TP rank sends its own shard to the same TP rank of the next stage (1/TP of the traffic
+        of sending whole sequences, and no gather or scatter at the stage boundary)."""
         meta = torch.device("meta")
+        if seq % self.tp:
+            raise ValueError(
+                f"micro-batch sequence length {seq} is not divisible by "
+                f"model.tensor_model_parallel_size={self.tp} (sequence parallel)"
+            )
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
         hidden = torch.empty(
-            batch, seq, self.hidden_size, dtype=self.activation_dtype, device=meta, requires_grad=True
+            batch, seq // self.tp, self.hidden_size, dtype=self.activation_dtype, device=meta, requires_grad=True
         )
         scalar = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
         inputs = (
