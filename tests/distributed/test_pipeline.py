@@ -3,6 +3,8 @@ schedule, 3 steps of the loop's `train_step` give the single process's loss (wit
 balance term), LM loss, gradient norm, every parameter's gradient (float32) and expert biases.
 Layouts of one world size share a launch (process start-up dominates on CPU)."""
 
+import pytest
+
 from ._spawn import run_distributed
 from .pipeline_harness import compare_pipeline_with_single_process, make_config
 
@@ -54,6 +56,17 @@ LAYOUTS_4_TP = {
     ),
 }
 
+# The long-context recipe's composition (TP8 CP8 EP8 PP4) in miniature: every stage is a CP2 x
+# TP2 group (EP2 over it), sending each rank's CP-chunk, TP-shard of the hidden states.
+# 16 tokens: 2*CP*TP = 8 pieces of 2 (the Mamba mixer gathers TP before its CP chunk of 4).
+LAYOUTS_8 = {
+    "pp2-cp2-tp2-ep2-1f1b": (
+        dict(PP2, **TP2, context_parallel_size=2, expert_model_parallel_size=2, pipeline_schedule="1F1B"),
+        16,
+        BOTH_STAGES,
+    )
+}
+
 
 def _run_layouts(rank, world_size, layouts):
     out = {}
@@ -92,3 +105,8 @@ def test_pipeline_with_data_expert_and_context_parallel_on_4_ranks():
 
 def test_pipeline_with_tensor_and_sequence_parallel_on_4_ranks():
     _check(run_distributed(_run_layouts, 4, LAYOUTS_4_TP), LAYOUTS_4_TP)
+
+
+@pytest.mark.slow  # 8 processes: ~35 s on 2 cores
+def test_pipeline_with_context_tensor_and_expert_parallel_on_8_ranks():
+    _check(run_distributed(_run_layouts, 8, LAYOUTS_8), LAYOUTS_8)
