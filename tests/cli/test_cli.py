@@ -79,7 +79,8 @@ def test_long_context_dry_run_shows_the_spec_layout(cli):
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())  # the plan table may wrap long rows
     assert "TP8 PP4 EP8 CP8 SP on" in out and "pipeline: 1F1B, 4 stages" in out
-    assert "PP with TP > 1 is not supported yet" in out
+    assert "not supported" not in out and "does not compose" not in out  # PP runs with TP
+    assert "predicted 256 GPUs, DP1 TP8 EP8 CP8 PP4" in out  # one replica: the layout's world size
     # every stage's blocks and share of the FLOPs; the LM head on the last stage
     assert "stage 0 (PP rank 0): blocks 0-11 'MEMEM*EMEMEM' + embeddings:" in out
     assert re.search(r"stage 3 \(PP rank 3\): blocks \d+-51 '\S+' \+ LM head \+ loss", out)

@@ -96,8 +96,10 @@ def compare_pipeline_with_single_process(
     seq: int = 8,
     short: int | None = None,
     recompute: bool = False,
+    grad_clip: float = 0.0,
 ) -> tuple[list[float], list[str]]:
-    """Returns the losses and the names of the parameters this rank trained."""
+    """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
+    clips both runs (to a norm below theirs: the recorded gradients are the clipped ones)."""
     cfg = make_config(parallel_kw, model_kw, seq)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
@@ -114,8 +116,9 @@ def compare_pipeline_with_single_process(
     for step in range(steps):
         samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
         ref = train_step(
-            reference, ref_opt, samples, device=torch.device("cpu"), precision="fp32", grad_clip=0.0
+            reference, ref_opt, samples, device=torch.device("cpu"), precision="fp32", grad_clip=grad_clip
         )
+        assert grad_clip == 0.0 or ref.grad_norm > grad_clip, "the clip would not act"
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
         ours = train_step(
             model,
@@ -123,7 +126,7 @@ def compare_pipeline_with_single_process(
             rank_micro_batches(samples, parallel),
             device=torch.device("cpu"),
             precision="fp32",
-            grad_clip=0.0,
+            grad_clip=grad_clip,
             parallel=parallel,
         )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)

@@ -26,11 +26,6 @@ def test_dp_is_derived_and_expert_view():
         (dict(expert_model_parallel_size=3), 6, None),  # 6 % 3 ok: experts checked below
         (dict(expert_model_parallel_size=4), 6, "DP*CP*TP = 6*1*1 = 6"),
         (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
-        (
-            dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True),
-            4,
-            "does not compose with tensor parallelism yet",
-        ),
         (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4, "DP*CP*TP = 2*1*1 = 2"),
         (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
         (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
@@ -43,6 +38,27 @@ def test_impossible_layouts_are_rejected_with_arithmetic(kw, world, needle):
         return
     with pytest.raises(ParallelLayoutError, match=needle.replace("*", r"\*")):
         ParallelDims.from_config(cfg(**kw), world)
+
+
+def test_long_context_layout_with_pipeline_and_tensor_parallel():
+    """The long-context recipe's layout, TP8 CP8 EP8 PP4 (+ SP), resolves at its world size
+    (256 ranks: one replica) with the whole model's checks and the recipe's batch (48 samples of
+    512K tokens mixed with 4K ones); PP with TP needs whole replicas like any other layout."""
+    lc = cfg(
+        tensor_model_parallel_size=8,
+        context_parallel_size=8,
+        expert_model_parallel_size=8,
+        pipeline_model_parallel_size=4,
+        sequence_parallel=True,
+    )
+    dims = ParallelDims.from_config(lc, 256, Nano3Config())
+    assert (dims.pp, dims.dp, dims.cp, dims.tp, dims.ep, dims.edp) == (4, 1, 8, 8, 8, 8)
+    dims.validate_batch(48, 1, {"train.seq_length": 524288, "data.mixed_length_blends[0].seq_length": 4096})
+    assert ParallelDims.from_config(lc, 512, Nano3Config()).dp == 2
+    with pytest.raises(ParallelLayoutError, match=r"TP\*CP\*PP = 8\*8\*4 = 256"):
+        ParallelDims.from_config(lc, 128, Nano3Config())
+    pp_tp = cfg(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True)
+    assert ParallelDims.from_config(pp_tp, 4).describe().startswith("world 4 = PP 2 x DP 1 x CP 1 x TP 2")
 
 
 def test_model_divisibility():

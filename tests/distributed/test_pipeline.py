@@ -3,6 +3,8 @@ schedule, 3 steps of the loop's `train_step` give the single process's loss (wit
 balance term), LM loss, gradient norm, every parameter's gradient (float32) and expert biases.
 Layouts of one world size share a launch (process start-up dominates on CPU)."""
 
+import pytest
+
 from ._spawn import run_distributed
 from .pipeline_harness import compare_pipeline_with_single_process, make_config
 
@@ -35,6 +37,35 @@ LAYOUTS_4 = {
     "pp2-cp2-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="1F1B"), 16),
     "pp2-cp2-interleaved-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="Interleaved1F1B"), 16),
 }
+# PP2 x TP2 + sequence parallel: the stages exchange each TP rank's sequence shard; the first
+# stage's vocab-parallel embeddings and the last stage's vocab-parallel LM head + loss are the
+# TP plans of a whole model. A 7-block pattern puts Mamba, attention and MoE blocks on both
+# stages under 1F1B (M*E- | M*E) and on both ranks under ZBV (rank 0: M* + E, the embeddings
+# and the LM head; rank 1: E- + M*).
+TP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+BOTH_STAGES = dict(model_kw=dict(hybrid_pattern="M*E-M*E", num_layers=7))
+LAYOUTS_4_TP = {
+    # with gradient clipping: the norm over DTensor gradients of both stages scales them
+    "pp2-tp2-1f1b-clipped": (dict(PP2, **TP2, pipeline_schedule="1F1B"), 8, dict(BOTH_STAGES, grad_clip=0.1)),
+    "pp2-tp2-zbv-zero-bubble": (dict(PP2, **TP2, pipeline_schedule="ZBVZeroBubble"), 8, BOTH_STAGES),
+    # EP2 over a stage's two TP ranks (each routes its own sequence shard)
+    "pp2-tp2-ep2-interleaved-zero-bubble": (
+        dict(PP2, **TP2, expert_model_parallel_size=2, pipeline_schedule="InterleavedZeroBubble"),
+        8,
+        BOTH_STAGES,
+    ),
+}
+
+# The long-context recipe's composition (TP8 CP8 EP8 PP4) in miniature: every stage is a CP2 x
+# TP2 group (EP2 over it), sending each rank's CP-chunk, TP-shard of the hidden states.
+# 16 tokens: 2*CP*TP = 8 pieces of 2 (the Mamba mixer gathers TP before its CP chunk of 4).
+LAYOUTS_8 = {
+    "pp2-cp2-tp2-ep2-1f1b": (
+        dict(PP2, **TP2, context_parallel_size=2, expert_model_parallel_size=2, pipeline_schedule="1F1B"),
+        16,
+        BOTH_STAGES,
+    )
+}
 
 
 def _run_layouts(rank, world_size, layouts):
@@ -54,8 +85,9 @@ def _check(results, layouts):
 
     from nemotron.models.nano3 import Nano3ForCausalLM
 
-    names = {n for n, _ in Nano3ForCausalLM(make_config({}).model.arch()).named_parameters()}
-    for layout in layouts:
+    for layout, (_, _, *extra) in layouts.items():
+        model_kw = extra[0].get("model_kw") if extra else None
+        names = {n for n, _ in Nano3ForCausalLM(make_config({}, model_kw).model.arch()).named_parameters()}
         losses = [r[layout][0] for r in results]
         assert all(loss == losses[0] for loss in losses), layout  # every rank logs the same
         trained = set().union(*(r[layout][1] for r in results))
@@ -69,3 +101,12 @@ def test_pipeline_schedules_on_2_ranks():
 
 def test_pipeline_with_data_expert_and_context_parallel_on_4_ranks():
     _check(run_distributed(_run_layouts, 4, LAYOUTS_4), LAYOUTS_4)
+
+
+def test_pipeline_with_tensor_and_sequence_parallel_on_4_ranks():
+    _check(run_distributed(_run_layouts, 4, LAYOUTS_4_TP), LAYOUTS_4_TP)
+
+
+@pytest.mark.slow  # 8 processes: ~35 s on 2 cores
+def test_pipeline_with_context_tensor_and_expert_parallel_on_8_ranks():
+    _check(run_distributed(_run_layouts, 8, LAYOUTS_8), LAYOUTS_8)

@@ -139,15 +139,16 @@ def test_finetune_takes_weights_only(tmp_path, corpus):
             torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
 
 
-def _cli(args: list[str], cwd: Path, torchrun: bool) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, processes: int) -> subprocess.CompletedProcess:
+    """The CLI in one plain process (`processes` 1) or under torchrun with that many."""
     env = dict(
         os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
     )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        if torchrun
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+        if processes > 1
         else [sys.executable]
     )
     return subprocess.run(
@@ -160,10 +161,11 @@ def _cli(args: list[str], cwd: Path, torchrun: bool) -> subprocess.CompletedProc
     )
 
 
-def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_path, corpus):
+def test_tiny_long_context_recipe_trains_with_pp2_tp2_and_cp2_under_torchrun(tmp_path, corpus):
     """`-c long_context_tiny` (PP2 by default) from a tiny pretraining checkpoint, mixed 48- and
-    16-token samples: PP2 and CP2 on two processes give the losses of the same recipe in one
-    process (which has neither)."""
+    16-token samples: PP2 and CP2 on two processes, and PP2 x TP2 + SP (the recipe's PP with
+    TP, in miniature) on four, give the losses of the same recipe in one process (which has
+    none of them)."""
     pre = make_config(
         tmp_path / "pre",
         blend=corpus[0],
@@ -186,18 +188,19 @@ def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_pat
         f"data.mixed_length_blends=[{{blend: {corpus[0]}, seq_length: 16, weight: 1}}]",
         f"checkpoint.load={pre.checkpoint.save}",
     ]
-    layouts = {
-        "pp2": ([], True),
-        "cp2": (["model.pipeline_model_parallel_size=1", "model.context_parallel_size=2"], True),
-        "single": ([], False),
+    layouts = {  # name: (overrides, processes)
+        "pp2": ([], 2),
+        "cp2": (["model.pipeline_model_parallel_size=1", "model.context_parallel_size=2"], 2),
+        "pp2-tp2": (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"], 4),
+        "single": ([], 1),
     }
     results = {}
-    for name, (extra, torchrun) in layouts.items():
+    for name, (extra, processes) in layouts.items():
         job = tmp_path / name
         run = _cli(
             args + extra + [f"checkpoint.save={job / 'ckpt'}", "--job-dir", str(job / "job")],
             tmp_path,
-            torchrun,
+            processes,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         metrics = read_metrics(job / "job")
@@ -210,14 +213,30 @@ def test_tiny_long_context_recipe_trains_with_pp2_and_cp2_under_torchrun(tmp_pat
         )
         config = json.loads((job / "ckpt" / "iter_0000003" / "config.json").read_text())
         assert config["model"]["pipeline_model_parallel_size"] == (2 if name != "cp2" else 1)
-        # two ranks wrote their shards: one distributed run, not two single ones
-        assert (job / "ckpt" / "iter_0000003" / "__1_0.distcp").exists() == torchrun
+        # every rank wrote its shards: one distributed run, not several single ones
+        shards = sorted(p.name for p in (job / "ckpt" / "iter_0000003").glob("*.distcp"))
+        assert shards == [f"__{r}_0.distcp" for r in range(processes)], shards
     assert len(results["single"]) == 8  # 3 steps x (LM loss, loss), one eval, one test
-    assert results["pp2"] == pytest.approx(results["single"], rel=1e-4)
-    assert results["cp2"] == pytest.approx(results["single"], rel=1e-4)
+    for name in ("pp2", "cp2", "pp2-tp2"):
+        assert results[name] == pytest.approx(results["single"], rel=1e-4), name
+
+    # The PP2 x TP2 checkpoint (each rank's TP shards of its stage) holds the whole model under
+    # its global names and shapes: one process loads it, with the one-process run's weights.
+    from nemotron.config.schema import ModelConfig
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        model = Nano3ForCausalLM(ModelConfig(**TINY_MODEL).arch())
+        load_checkpoint(str(tmp_path / name / "ckpt"), model, None, restore_rng=False)
+        return model.state_dict()
+
+    single = weights("single")
+    for key, value in weights("pp2-tp2").items():
+        torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_path, corpus):
+def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, corpus):
+    """What PP does not run (`train.compile`) stops at start with one line naming both keys;
+    PP with TP + SP is a layout like any other (tests/distributed/test_pipeline.py)."""
     from nemotron.distributed.parallel_dims import ParallelLayoutError
 
     cfg = make_config(tmp_path, blend=corpus[0])
@@ -226,9 +245,11 @@ def test_pipeline_with_tensor_parallel_is_refused_before_anything_is_built(tmp_p
         model=dataclasses.replace(
             cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True
         ),
+        train=dataclasses.replace(cfg.train, compile=True),
     )
     with pytest.raises(
-        ParallelLayoutError, match="pipeline_model_parallel_size=2 with model.tensor_model_parallel_size=2"
+        ParallelLayoutError,
+        match=r"^train.compile=true with model.pipeline_model_parallel_size=2: .* set train.compile=false$",
     ):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()

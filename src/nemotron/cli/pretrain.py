@@ -114,8 +114,6 @@ def _plan_rows(
             if split.manual
             else "balanced by FLOPs at the run's sequence lengths"
         )
-        if p.tensor_model_parallel_size > 1:
-            layout_note += "; PP with TP > 1 is not supported yet: training stops with an error"
         pipeline_rows = [
             ("pipeline" if i == 0 else "", line) for i, line in enumerate(split.describe(cfg.model.arch()))
         ]

@@ -66,18 +66,19 @@ def check_sequence_lengths(
             )
 
 
-def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config | None = None) -> None:
-    """What pipeline parallelism cannot do (yet), before anything is built: refuse it with
-    tensor parallelism (the TP loss path is not a pipeline part yet), and layouts whose stage
-    split is impossible (schedule, stages per rank, manual split)."""
+def check_pipeline(
+    parallel: ParallelismConfig, model_config: Nano3Config | None = None, *, compile: bool = False
+) -> None:
+    """What pipeline parallelism cannot do, before anything is built: `train.compile` (the
+    stages are not compiled), and layouts whose stage split is impossible (schedule, stages per
+    rank, manual split). DP, TP + SP, CP and EP all compose with PP."""
     pp = parallel.pipeline_model_parallel_size
     if pp == 1:
         return
-    if parallel.tensor_model_parallel_size > 1:
+    if compile:
         raise ParallelLayoutError(
-            f"model.pipeline_model_parallel_size={pp} with model.tensor_model_parallel_size="
-            f"{parallel.tensor_model_parallel_size}: pipeline parallelism does not compose with "
-            "tensor parallelism yet; use TP 1 (DP, EP and CP compose with PP)"
+            f"train.compile=true with model.pipeline_model_parallel_size={pp}: pipeline stages "
+            "are not compiled; set train.compile=false"
         )
     if model_config is not None:
         from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages

@@ -1,21 +1,28 @@
 """Pipeline parallelism on torch.distributed.pipelining: stages, schedules, one training step.
 
 Each pipeline rank builds its model parts (`Nano3ForCausalLM(config, blocks=...)`, the split
-of `pipeline_split.split_stages`), each part is parallelised on its stage's DP/CP/EP mesh like a
-whole model (`distributed.apply.parallelize`), and wrapped in a `PipelineStage`; a schedule of
+of `pipeline_split.split_stages`), each part is parallelised on its stage's DP/CP/TP/EP mesh like
+a whole model (`distributed.apply.parallelize`: under TP the first part's embeddings and the last
+part's LM head and loss are vocab-parallel, as in a whole model), and wrapped in a
+`PipelineStage`; a schedule of
 torch.distributed.pipelining (1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble,
 ZBVZeroBubble) runs the micro-batches of a step through them.
 
 What crosses stages, and how it stays exact:
 - activations: the hidden states and the running sum of the MoE balance losses (a scalar);
   the last stage therefore holds the whole model's balance loss of every micro-batch, and its
-  gradient reaches every MoE layer through the pipeline's own backward.
+  gradient reaches every MoE layer through the pipeline's own backward. Under TP + sequence
+  parallel the hidden states are this TP rank's sequence shard [b, s/TP, h], sent to the same
+  TP rank of the next stage (the pipeline group links ranks of equal DP/CP/TP coordinates);
+  the balance-loss sum is identical on a stage's TP ranks (each gathers whole sequences).
 - the loss: the last stage scores micro-batch i as `w_i * lm_loss_i + c/n * aux_i` with the
   token weights of `utils.token_loss_weights` (the step's token-mean LM loss over every
   micro-batch and DP x CP rank) and c the balance-loss coefficient (a mean over the n
   micro-batches): the same objective as one process. `scale_grads=False`: nothing rescales it.
 - logged values, gradient norm: summed over the loss group of the last stage, then over the
-  pipeline ranks (every rank logs the same numbers; the norm is the whole model's).
+  pipeline ranks (every rank logs the same numbers; the norm is the whole model's: each
+  stage's norm over its DTensor gradients, complete over the stage's DP/TP/EP shards, then
+  squares summed over the pipeline ranks).
 - expert-bias counts: each stage's MoE layers count their own tokens; the bias update sums
   them over the stage's ranks only (`ParallelMesh.balancing_group`).
 
@@ -124,6 +131,7 @@ class Pipeline:
         self.mesh, self.device = mesh, device
         self.activation_dtype, self.hidden_size = activation_dtype, hidden_size
         self.num_stages = split.num_stages
+        self.tp = mesh.dims.tp  # the stages exchange sequence-parallel shards (`_stage_args`)
         self.group = mesh.pp_mesh.get_group()
         self.has_first = 0 in stage_ids
         self.has_last = self.num_stages - 1 in stage_ids
@@ -134,11 +142,25 @@ class Pipeline:
     # -- building -----------------------------------------------------------------------------
 
     def _stage_args(self, stage_id: int, batch: int, seq: int):
-        """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq]."""
+        """Example (meta) inputs and outputs of a stage for micro-batches of [batch, seq] token
+        ids (this rank's context-parallel chunks). Under tensor parallel the hidden states a
+        stage exchanges are this rank's sequence-parallel shard [batch, seq/TP, hidden]: each
+        TP rank sends its own shard to the same TP rank of the next stage (1/TP of the traffic
+        of sending whole sequences, and no gather or scatter at the stage boundary)."""
         meta = torch.device("meta")
+        if seq % self.tp:
+            raise ValueError(
+                f"micro-batch sequence length {seq} is not divisible by "
+                f"model.tensor_model_parallel_size={self.tp} (sequence parallel)"
+            )
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
         hidden = torch.empty(
-            batch, seq, self.hidden_size, dtype=self.activation_dtype, device=meta, requires_grad=True
+            batch,
+            seq // self.tp,
+            self.hidden_size,
+            dtype=self.activation_dtype,
+            device=meta,
+            requires_grad=True,
         )
         scalar = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
         inputs = (

@@ -195,12 +195,6 @@ def vocab_parallel_cross_entropy(
 LOSS_CHUNK_TOKENS = 8192
 
 
-# Tokens (gathered over TP) whose vocab-shard logits one piece of the loss materialises: at
-# V/TP = 16K, 512 MiB of fp32 logits, whatever the sequence length (the long-context phase has
-# 64K tokens per rank under TP8 CP8).
-LOSS_CHUNK_TOKENS = 8192
-
-
 class VocabParallelLoss:
     """The model's `vocab_parallel` object: the LM head is column-parallel over the vocabulary
     (its plan gathers the sequence shards), the loss is computed from each rank's vocabulary
@@ -260,13 +254,15 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     if model.config.tie_word_embeddings:
         raise NotImplementedError("tensor parallel with tied embeddings is not supported")
-    # the whole model: pipeline parts are refused with TP (parallel_dims.check_pipeline)
-    assert model.backbone.embeddings is not None and model.lm_head is not None
-    parallelize_module(
-        model.backbone.embeddings,
-        tp_mesh,
-        RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-    )
+    # A pipeline part (`Nano3ForCausalLM(config, blocks=...)`) has the embeddings only on the
+    # first stage and the LM head only on the last; every part takes and returns the residual
+    # stream as this rank's sequence shard [b, s/TP, h], which is what the stages exchange.
+    if model.backbone.embeddings is not None:
+        parallelize_module(
+            model.backbone.embeddings,
+            tp_mesh,
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        )
     for block in model.backbone.layers.values():
         mixer = block.mixer
         if isinstance(mixer, Attention):
@@ -286,5 +282,6 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
             parallelize_module(mixer, tp_mesh, _gather_tokens(1))
         else:
             raise NotImplementedError(f"no tensor-parallel plan for {type(mixer).__name__}")
-    parallelize_module(model.lm_head, tp_mesh, ColwiseParallel(input_layouts=Shard(1)))
-    model.vocab_parallel = VocabParallelLoss(tp_mesh, model.config.vocab_size)
+    if model.lm_head is not None:
+        parallelize_module(model.lm_head, tp_mesh, ColwiseParallel(input_layouts=Shard(1)))
+        model.vocab_parallel = VocabParallelLoss(tp_mesh, model.config.vocab_size)

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from nemotron.distributed.apply import parallelize, restore_reshard_after_forward
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.mesh import build_mesh
-from nemotron.distributed.parallel_dims import ParallelDims
+from nemotron.distributed.parallel_dims import ParallelDims, check_pipeline
 from nemotron.distributed.utils import grad_norm, loss_tokens, reduce_token_loss, token_loss_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import set_shared_expert_overlap
@@ -233,11 +233,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
     from nemotron.models.nano3.model import Nano3ForCausalLM
     from nemotron.models.nano3.moe import set_shared_expert_overlap
 
-    if cfg.train.compile:
-        raise ValueError(
-            "train.compile with model.pipeline_model_parallel_size > 1 is not "
-            "supported; set train.compile=false"
-        )
+    check_pipeline(layout, compile=cfg.train.compile)  # `pretrain` checked it already
 
     def make_part(blocks: range) -> Nano3ForCausalLM:
         with torch.device("meta"):

@@ -762,7 +762,7 @@ def layout_warnings(
         out.append(
             f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
             'training splits the stages by FLOPs (docs/parallelism.md "Pipeline '
-            'parallel") and does not compose PP with TP yet'
+            'parallel")'
         )
     if layout.cp > 1 and shape.seq_length <= 65536:
         out.append(

@@ -708,7 +708,8 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     phase / checkpoint / warning / stop / end events (the CLI draws its progress from them).
 
     Under torchrun the processes join one process group here (unless the caller already did)."""
-    check_pipeline(cfg.model.parallel(), cfg.model.arch())  # before any process group or model exists
+    # before any process group or model exists
+    check_pipeline(cfg.model.parallel(), cfg.model.arch(), compile=cfg.train.compile)
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"

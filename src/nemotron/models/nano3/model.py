@@ -12,6 +12,7 @@ the same whatever the split). A part takes what the part before it returned and 
 tensors only, as `torch.distributed.pipelining` sends them between ranks:
   forward(inputs, aux_loss, labels=None, loss_mask=None)
     inputs:   token ids [batch, seq] for the first part, hidden states [batch, seq, hidden] after
+              (under sequence parallel, this rank's shard [batch, seq/TP, hidden])
     aux_loss: sum of the MoE balance losses of the blocks before this part (scalar)
   -> (hidden, aux_loss) for the next part, or (lm_loss, aux_loss) from the last part.
 The sum of the balance losses travels with the hidden states, so the last part holds the
@@ -268,5 +269,7 @@ class Nano3ForCausalLM(nn.Module):
             return hidden, aux_loss
         if labels is None:
             raise ValueError("the last pipeline part needs labels (it returns the loss)")
+        if self.vocab_parallel is not None:  # tensor parallel: the same loss path as the whole model
+            return self.vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), aux_loss
         lm_loss, _ = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss, self.fp8_lm_head)
         return lm_loss, aux_loss
