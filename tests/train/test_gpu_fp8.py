@@ -1,7 +1,7 @@
-"""`train.fp8` on an FP8-capable GPU: torchao's FP8 GEMMs (compiled dense linears, the padded
-FP8 grouped GEMM of the routed experts) against the emulated roundings the CPU tests check
-against independent references, on random data with uneven expert groups (empty ones, groups
-not multiples of 16)."""
+"""`train.fp8` on an FP8-capable GPU: the FP8 GEMMs (torchao's compiled dense linears, this
+project's FP8 grouped GEMMs of the routed experts and FP8 LM head) against the emulated
+roundings the CPU tests check against independent references, on random data with uneven
+expert groups (empty ones, groups not multiples of 16)."""
 
 from __future__ import annotations
 

@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 # higher precision. `lm_head`: the chunked LM-head loss's logit and hidden-gradient products
 # (opt-in: the logits' precision is the one place FP8 touches the loss directly).
 FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts", "lm_head")
-# The default: the dense linears. The routed experts' FP8 grouped GEMMs are 1.6x faster than
-# bf16's, but torchao's quantization kernels and the per-expert padding around them cost more
-# than that saves at the proxy's shapes (H200, 2026-12-03: docs/performance.md "FP8"), so they
-# are opt-in (`train.fp8.layers=[mamba,attention,shared_expert,mlp,experts]`).
+# The default: the dense linears (1.07x BF16's tokens/s on the proxy, one H200, 2026-12-03:
+# docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.11x with it) and `experts`, whose
+# quantization passes still cost more than its FP8 grouped GEMMs save at the proxy's shapes.
 DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
 #   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
 #   rowwise: one scale per row of each operand, scales rounded to powers of two (CUTLASS);
 #   rowwise_with_gw_hp: rowwise, but the weight gradient GEMM in bf16 (most accurate).
-# Routed experts always use rowwise scales (torchao's FP8 grouped GEMM).
+# Routed experts and the LM head always use rowwise scales (train/fp8_grouped.py,
+# kernels/cross_entropy.py).
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
