@@ -256,6 +256,20 @@ def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
     assert 1e-3 < _rel(out, exact) < 0.1  # really rounded to float8, and still close
 
 
+def test_float8_grouped_experts_take_a_rank_with_no_rows():
+    """Under expert parallelism a rank can receive no rows: output [0, hidden], weight
+    gradients zero (the BF16 experts' path, as without FP8)."""
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    x = torch.zeros(0, 32, requires_grad=True)
+    out = f8(x, torch.zeros(4, dtype=torch.long))
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert experts.up_proj.grad is None or experts.up_proj.grad.abs().sum() == 0
+
+
 def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
     from nemotron.kernels.fp8 import quantize_columns, quantize_rows
 

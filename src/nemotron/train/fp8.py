@@ -240,7 +240,9 @@ class Float8GroupedExperts(GroupedExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
         up, down = local_experts(self.up_proj), local_experts(self.down_proj)
-        if not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
+        if x.shape[0] == 0 or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
+            # no rows (an expert-parallel rank can receive none) or dimensions the FP8 GEMMs
+            # cannot take: the BF16 experts' path
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):
