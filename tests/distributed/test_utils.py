@@ -71,3 +71,8 @@ def test_failing_gpu_rank_reports_and_does_not_wait_for_its_peers(monkeypatch, c
         with launcher_process_group("cpu"):
             raise ValueError("bad")
     assert calls == [("init", "gloo"), ("destroy",)]
+    calls.clear()
+    with pytest.raises(ValueError):  # already reported by the caller (the CLI's error line)
+        with launcher_process_group("cuda", reported=(ValueError,)):
+            raise ValueError("bad")
+    assert calls == [("init", "cpu:gloo,cuda:nccl")] and capsys.readouterr().err == ""

@@ -318,3 +318,37 @@ def test_mixed_length_config_errors_name_the_key():
         load_config(path, ["data.mixed_length_blends=[{blend: b.json, seq_length: 0}]"], PretrainConfig)
     with pytest.raises(ConfigError, match=r"data.mixed_length_blends\[0\].weight: must be >= 0"):
         load_config(path, ["data.mixed_length_blends=[{blend: b.json, weight: -1}]"], PretrainConfig)
+
+
+def test_long_context_recipe_under_torchrun_shares_one_default_job_dir(tmp_path):
+    """`torchrun --nproc-per-node 2 ... pretrain -c long_context_tiny` without --job-dir: rank 0
+    names the default job dir and every rank uses it (the checkpoint save checks that the
+    ranks agree); a job dir rank 0 cannot create stops every rank at once with its reason."""
+    args = [
+        "-c",
+        "long_context_tiny",
+        *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
+        "train.train_iters=1",
+        "train.seq_length=16",
+        "train.eval_iters=0",
+        "train.activation_recompute=false",
+        "checkpoint.save_interval=1",
+        "checkpoint.finetune=false",
+        "data.mock=true",
+        "data.mixed_length_blends=[]",
+        "logger.progress_bar=false",
+    ]
+    run = _cli(args, tmp_path, 2)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (job,) = (tmp_path / "runs" / "pretrain").iterdir()  # one complete directory, no leftovers
+    assert f"job dir {job}" in " ".join(run.stdout.split())
+    assert json.loads((job / "result.json").read_text())["status"] == "completed"
+    shards = sorted(p.name for p in (job / "checkpoints" / "iter_0000001").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
+    # a launch never writes into another's directory: the name is new per launch (time and a
+    # random suffix, tests/artifacts/test_jobdir.py), and an existing one is refused by all
+    run = _cli(args + ["--job-dir", str(job)], tmp_path, 2)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("already exists" in line for line in errors), run.stderr[-3000:]
+    assert [p.name for p in job.parent.iterdir()] == [job.name]

@@ -19,7 +19,7 @@ import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional, overload
+from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar, overload
 
 import typer
 from rich.console import Console
@@ -143,6 +143,66 @@ def process_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def launch_world_size() -> int:
+    """Processes in this launch (torchrun's WORLD_SIZE; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+@contextmanager
+def launch_process_group(device: str) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1), join the launch's process group for the whole command;
+    with one process nothing happens.
+
+    A stage needs the group before it names its job dir: each process picking its own default
+    (time + random suffix) would give every rank a different directory, so rank 0 picks the
+    name and the group carries it to the others (`StageRun`). The training library uses a
+    group it finds and leaves it alone. `device`: `train.device` (auto, cuda or cpu)."""
+    if launch_world_size() <= 1:
+        yield
+        return
+    import torch
+
+    from nemotron.distributed.utils import launcher_process_group
+
+    device_type = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    with launcher_process_group(device_type, reported=(typer.Exit,)):
+        yield
+
+
+_Decision = TypeVar("_Decision")
+
+
+def _decided_by_rank0(decide: Callable[[], _Decision]) -> _Decision:
+    """`decide()` on rank 0 alone, its result on every rank of the process group; when rank 0
+    fails, every rank fails with its message (rather than waiting for it in the first
+    collective). Without a process group every process decides for itself."""
+    import torch
+    import torch.distributed as dist
+
+    from nemotron.artifacts.jobdir import JobDirError
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    failure: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as exc:  # noqa: BLE001 - handed to the other ranks, raised below
+            failure = exc
+            box[0] = ("failed", str(exc) or type(exc).__name__)
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    if failure is not None:
+        raise failure
+    status, value = box[0]
+    if status == "failed":
+        raise JobDirError(f"rank 0 failed: {value}")
+    return value
 
 
 @overload
@@ -321,7 +381,10 @@ class StageRun:
     ) -> "StageRun":
         from nemotron.artifacts.jobdir import default_job_dir
 
-        target = (Path(job_dir) if job_dir is not None else default_job_dir(stage)).absolute()
+        if job_dir is not None:
+            target = Path(job_dir).absolute()
+        else:  # one name for every rank of a launch (see `launch_process_group`)
+            target = _decided_by_rank0(lambda: default_job_dir(stage).absolute())
         return cls(
             stage=stage,
             job_dir=target,
@@ -351,13 +414,17 @@ class StageRun:
         )
 
     def open(self, config_yaml: str) -> Path:
-        """Create (or join) the job dir for a local run and say where it is (rank 0)."""
-        self.job_dir = open_job_dir(
-            self.job_dir,
-            stage=self.stage,
-            config_yaml=config_yaml,
-            overrides=self.overrides,
-            config_source=self.config_source,
+        """Create (or join) the job dir for a local run and say where it is (rank 0). Under a
+        process group the other ranks go on only once rank 0 has created it, and fail with
+        rank 0 when it cannot."""
+        self.job_dir = _decided_by_rank0(
+            lambda: open_job_dir(
+                self.job_dir,
+                stage=self.stage,
+                config_yaml=config_yaml,
+                overrides=self.overrides,
+                config_source=self.config_source,
+            )
         )
         if process_rank() == 0:
             console.print(f"[bold]job dir[/] {self.job_dir}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -257,14 +258,30 @@ def pretrain(
     Examples: [bold]nemotron nano3 pretrain -c tiny[/] (CPU, minutes),
     [bold]nemotron nano3 pretrain train.train_iters=5000 checkpoint.save=/ckpt[/].
     """
+    with contextlib.ExitStack() as process_group:
+        _pretrain(process_group, list(overrides or []), config, run, batch, dry_run, job_dir)
+
+
+def _pretrain(
+    process_group: contextlib.ExitStack,
+    overrides: list[str],
+    config: str,
+    run: str | None,
+    batch: str | None,
+    dry_run: bool,
+    job_dir: Path | None,
+) -> None:
     from nemotron.artifacts.jobdir import finish_job_dir
     from nemotron.config import PretrainConfig, dump_config, load_config, resolve_config_path
 
-    overrides = list(overrides or [])
     with common.user_errors():
         common.check_exclusive(run, batch)
         config_path = resolve_config_path(config, PretrainConfig)
         cfg = load_config(config_path, overrides, PretrainConfig)
+        if run is None and batch is None and not dry_run:
+            # torchrun: join the launch's process group now (until the command ends), so that
+            # rank 0 names the default job dir for every rank
+            process_group.enter_context(common.launch_process_group(cfg.train.device))
         stage = common.StageRun.from_options(STAGE, job_dir, run, batch, overrides, config_path)
         target = stage.job_dir
         if stage.local:

@@ -20,7 +20,9 @@ LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextlib.contextmanager
-def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Iterator[bool]:
+def launcher_process_group(
+    device_type: str, *, one_rank: bool = False, reported: tuple[type[BaseException], ...] = ()
+) -> Iterator[bool]:
     """Join the process group that `torchrun` (or `srun ... torchrun`) describes in the
     environment, for the duration of the block; yields whether a process group is in use.
 
@@ -30,6 +32,8 @@ def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Itera
     when the caller already initialised torch.distributed (that group is used and left alone).
     `device_type` "cuda" uses NCCL for tensors on the GPU and gloo for CPU tensors (which
     async checkpointing and small control messages need); anything else uses gloo.
+    `reported`: exceptions the caller has already told the user about (the CLI's exit after
+    its one error line); a rank failing with one of them prints nothing more.
     """
     if dist.is_initialized():
         yield True
@@ -60,10 +64,13 @@ def launcher_process_group(device_type: str, *, one_rank: bool = False) -> Itera
             # them, so the error was never printed and the job hung until the launcher's limit
             # (the 4-GPU whole-model run of docs/benchmarks.md). Say which rank failed at once
             # and leave the communicators to be aborted when the process exits.
-            rank = os.environ.get("RANK", "?")
-            print(
-                f"rank {rank} failed: {type(exc).__name__}: {exc}".split("\n")[0], file=sys.stderr, flush=True
-            )
+            if not isinstance(exc, reported):
+                rank = os.environ.get("RANK", "?")
+                print(
+                    f"rank {rank} failed: {type(exc).__name__}: {exc}".split("\n")[0],
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
         dist.destroy_process_group()
         raise
