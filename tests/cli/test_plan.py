@@ -67,3 +67,20 @@ def test_plan_json(cli):
     assert recipe["layout"]["tp"] == 8 and recipe["memory_fits"] is True
     fastest = next(p for p in plans if p.get("role") == "fastest")
     assert fastest["tokens_per_second_per_gpu"] > recipe["tokens_per_second_per_gpu"]
+
+
+def test_plan_marks_what_training_refuses(cli, monkeypatch):
+    """PP layouts (with TP too) are plain rows; PP with train.compile is marked, with the reason."""
+    monkeypatch.setenv("COLUMNS", "250")
+    pp = ["-c", "long_context", "--gpus", "256", "--top", "1"]
+    result = cli("nano3", "plan", *pp)
+    assert result.exit_code == 0, result.output
+    row = next(l for l in result.output.splitlines() if "PP4" in l and "TP8" in l)
+    assert "refused" not in row and "n/a" not in row
+    result = cli("nano3", "plan", *pp, "train.compile=true")
+    assert result.exit_code == 0, result.output
+    row = next(l for l in result.output.splitlines() if "PP4" in l and "TP8" in l)
+    assert (
+        "(refused)" in row
+        and "warning: train.compile=true with model.pipeline_model_parallel_size=4" in result.output
+    )

@@ -181,12 +181,38 @@ def test_loss_chunk_is_the_tensor_parallel_one():
 
 
 def test_pipeline_stages_pace_and_bubble():
-    """PP (modelled, not implemented): the slowest stage sets the pace, (PP-1) idle slots."""
+    """PP (implemented, with TP too): the slowest stage sets the pace, (PP-1) idle slots."""
     cfg, shape = Nano3Config(), pm.RunShape(global_batch_size=256)
     one = pm.estimate(cfg, pm.Layout(64, ep=8), shape)
     four = pm.estimate(cfg, pm.Layout(256, ep=8, pp=4), shape)
-    assert not four.implemented and any("PP4" in w for w in four.warnings)
+    assert four.implemented and any("PP4" in w for w in four.warnings)
+    assert pm.estimate(cfg, pm.Layout(256, tp=2, ep=8, pp=4), shape).implemented
     assert four.grad_accumulation == one.grad_accumulation
     # a quarter of the blocks per stage (+ the head on the last), plus the bubble
     assert 0.25 * one.step.compute < four.step.compute < 0.4 * one.step.compute
     assert four.step.pipeline_bubble > 0
+
+
+def test_what_training_refuses_is_flagged_and_never_recommended():
+    """`train.compile` with PP stops training at start: the plan marks such a layout (with the
+    training code's reason) and recommends none; without PP compile is fine."""
+    cfg = Nano3Config(num_layers=8, hybrid_pattern="MEM*EMEM")
+    shape = pm.RunShape(seq_length=4096, global_batch_size=64, compile=True)
+    pp = pm.estimate(cfg, pm.Layout(16, ep=8, pp=2), shape)
+    assert not pp.implemented and any("train.compile" in w for w in pp.warnings)
+    assert pm.estimate(cfg, pm.Layout(16, ep=8), shape).implemented
+    runs = pm.estimate(cfg, pm.Layout(16, ep=8, pp=2), pm.RunShape(seq_length=4096, global_batch_size=64))
+    assert runs.implemented and not any("train.compile" in w for w in runs.warnings)
+    best = pm.recommend(cfg, 16, shape, include_pp=True)
+    assert best and all(p.implemented and p.layout.pp == 1 for p in best)
+    assert any(
+        p.layout.pp > 1
+        for p in pm.recommend(cfg, 16, pm.RunShape(seq_length=4096, global_batch_size=64), include_pp=True)
+    )
+
+
+def test_shape_from_config_carries_compile():
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+
+    cfg = load_config(resolve_config_path("tiny", PretrainConfig), ["train.compile=true"], PretrainConfig)
+    assert pm.shape_from_config(cfg).compile is True

@@ -102,7 +102,7 @@ def _table(title: str, plans, *, show_overrides: bool = False):
     for plan in plans:
         m, s = plan.memory, plan.step
         comm = s.fsdp + s.expert_parallel + s.tensor_parallel + s.context_parallel
-        fits = ("yes" if m.fits else "[red]no[/]") + ("" if plan.implemented else " (PP: n/a)")
+        fits = ("yes" if m.fits else "[red]no[/]") + ("" if plan.implemented else " (refused)")
         row = [
             str(plan.layout.world),
             plan.layout.describe(),
@@ -139,7 +139,7 @@ def plan(
     include_pp: Annotated[
         bool,
         typer.Option(
-            "--pp", help="Also consider pipeline parallelism (not composed with TP in training yet)."
+            "--pp", help="Also consider pipeline parallelism (modelled as 1F1B, blocks split evenly)."
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 
 from nemotron.distributed.config import ParallelismConfig
-from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, check_pipeline
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 
@@ -101,6 +101,8 @@ class RunShape:
     # stream beside the all-to-all, async token exchange), "sync" (2d78842: one host sync,
     # nothing overlapped), "legacy" (before 2d78842: two host syncs, unfused permutations)
     ep_dispatcher: str = "overlap"
+    # train.compile (refused with PP: the pipeline stages are not compiled)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -422,7 +424,7 @@ class Plan:
     tokens_per_second_per_gpu: float
     mfu: float
     warnings: tuple[str, ...]
-    implemented: bool  # False: a layout the training code does not run yet (PP > 1)
+    implemented: bool  # False: a layout training refuses (the warnings say why)
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -448,6 +450,24 @@ def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
         return dims.gradient_accumulation_steps(shape.global_batch_size, layout.micro_batch)
     except ParallelLayoutError as exc:
         raise PlanError(str(exc)) from None
+
+
+def refusal(cfg: Nano3Config, layout: Layout, shape: RunShape) -> str | None:
+    """Why training refuses `layout` although it can be built (today: `train.compile` with PP),
+    in the training code's words; None when it runs it. PP composes with DP, TP + SP, CP and
+    EP (docs/parallelism.md "Pipeline parallel")."""
+    parallel = ParallelismConfig(
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        context_parallel_size=layout.cp,
+        pipeline_model_parallel_size=layout.pp,
+        sequence_parallel=layout.tp > 1,
+    )
+    try:
+        check_pipeline(parallel, cfg, compile=shape.compile)
+    except ParallelLayoutError as exc:
+        return str(exc)
+    return None
 
 
 def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overlap: bool) -> float:
@@ -527,6 +547,7 @@ def estimate(
     tokens = shape.global_batch_size * shape.seq_length
     tps = tokens / step.total / layout.world
     mfu = flops_mod.mfu(tps, cfg, shape.seq_length, 1, hw.peak_flops)
+    refused = refusal(cfg, layout, shape)
     return Plan(
         layout=layout,
         shape=shape,
@@ -535,8 +556,8 @@ def estimate(
         grad_accumulation=accum,
         tokens_per_second_per_gpu=tps,
         mfu=mfu,
-        warnings=tuple(layout_warnings(cfg, layout, shape, hw, cal)),
-        implemented=layout.pp == 1,
+        warnings=tuple(layout_warnings(cfg, layout, shape, hw, cal)) + ((refused,) if refused else ()),
+        implemented=refused is None,
     )
 
 
@@ -746,7 +767,7 @@ def _backward_sweep(units: list[Unit], acts: float, loss: float) -> tuple[float,
 def layout_warnings(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware = H200, cal: Calibration = CALIBRATION
 ) -> list[str]:
-    """Known-slow or unimplemented choices in `layout`, each with what to use instead."""
+    """Known-slow choices in `layout`, each with what to use instead."""
     out = []
     if layout.tp > 1:
         out.append(
@@ -819,7 +840,7 @@ def recommend(
     *,
     include_pp: bool = False,
 ) -> list[Plan]:
-    """Plans of the layouts that fit, fastest first (tokens/s per GPU)."""
+    """Plans of the layouts that fit and that training runs, fastest first (tokens/s per GPU)."""
     plans = []
     fitted_plain: set[tuple] = set()  # layouts that fit without recompute or resharding
     for layout in candidate_layouts(cfg, world, shape, include_pp=include_pp):
@@ -827,7 +848,7 @@ def recommend(
         if key in fitted_plain:
             continue  # recomputation or per-micro-batch resharding would only be slower
         plan = estimate(cfg, layout, shape, hw, cal)
-        if plan.memory.fits:
+        if plan.memory.fits and plan.implemented:
             plans.append(plan)
             if not layout.recompute and layout.accumulate_unsharded:
                 fitted_plain.add(key)
@@ -843,6 +864,7 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
         global_batch_size=t.global_batch_size,
         shared_expert_overlap=t.moe_shared_expert_overlap,
         compute_weights="fp32" if t.compute_weights == "fp32" else "bf16",
+        compile=bool(t.compile),
     )
 
 
