@@ -181,13 +181,15 @@ def _decided_by_rank0(decide: Callable[[], _Decision]) -> _Decision:
     """`decide()` on rank 0 alone, its result on every rank of the process group; when rank 0
     fails, every rank fails with its message (rather than waiting for it in the first
     collective). Without a process group every process decides for itself."""
+    # A process group exists only if torch.distributed was imported already; commands that
+    # never need torch (data prep, dry runs) must not import it here.
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
     import torch
-    import torch.distributed as dist
 
     from nemotron.artifacts.jobdir import JobDirError
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return decide()
     box: list[Any] = [None]
     failure: Exception | None = None
     if dist.get_rank() == 0:
