@@ -193,6 +193,21 @@ def test_pipeline_stages_pace_and_bubble():
     assert four.step.pipeline_bubble > 0
 
 
+def test_pipeline_stages_are_trainings_split():
+    """The model's stages are the blocks training puts on each stage (split by cost, the LM
+    head's on the last), not an even count: Nano3 PP4 at 8192 is 14 / 14 / 15 / 9 blocks."""
+    from nemotron.distributed.config import ParallelismConfig
+    from nemotron.distributed.pipeline_split import split_stages
+
+    cfg = Nano3Config()
+    layout = pm.Layout(256, ep=8, pp=4)
+    trained = split_stages(cfg, ParallelismConfig(pipeline_model_parallel_size=4), [(8192, 1.0)]).blocks
+    assert [len(b) for b in trained] == [14, 14, 15, 9]
+    for stage, blocks in enumerate(trained):
+        modelled = {u.block for u in pm.stage_units(cfg, layout, stage, 8192) if u.block is not None}
+        assert modelled == set(blocks), stage
+
+
 def test_what_training_refuses_is_flagged_and_never_recommended():
     """`train.compile` with PP stops training at start: the plan marks such a layout (with the
     training code's reason) and recommends none; without PP compile is fine."""

@@ -329,13 +329,13 @@ def _fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
     return units
 
 
-def stage_units(cfg: Nano3Config, layout: Layout, stage: int) -> list[Unit]:
-    """Units of pipeline stage `stage` (blocks split evenly; embeddings on the first stage,
-    the LM head on the last)."""
+def stage_units(cfg: Nano3Config, layout: Layout, stage: int, seq_length: int) -> list[Unit]:
+    """Units of pipeline stage `stage` (training's split of the blocks; embeddings on the first
+    stage, the LM head on the last)."""
     units = fsdp_units(cfg, layout)
     if layout.pp == 1:
         return units
-    blocks = _stage_blocks(cfg, layout.pp)[stage]
+    blocks = _stage_blocks(cfg, layout.pp, seq_length)[stage]
     keep = []
     for u in units:
         if u.block is not None:
@@ -346,10 +346,13 @@ def stage_units(cfg: Nano3Config, layout: Layout, stage: int) -> list[Unit]:
     return keep
 
 
-def _stage_blocks(cfg: Nano3Config, pp: int) -> list[range]:
-    n = cfg.num_layers
-    bounds = [round(i * n / pp) for i in range(pp + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+def _stage_blocks(cfg: Nano3Config, pp: int, seq_length: int) -> list[range]:
+    """The blocks of each of `pp` stages (one per rank, as 1F1B runs them) as training splits
+    them: balanced by cost (`distributed.pipeline_split`, the one home of that rule)."""
+    from nemotron.distributed.pipeline_split import split_stages
+
+    parallel = ParallelismConfig(pipeline_model_parallel_size=pp)
+    return list(split_stages(cfg, parallel, [(seq_length, 1.0)]).blocks)
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -578,8 +581,8 @@ def estimate_step(
         t = cal.compute_scale * (block_s + (head_s if last else 0.0))
         return t + (cal.compute_scale * block_s / 3 if layout.recompute else 0.0)  # + forward
 
-    # the slowest pipeline stage sets the pace (blocks split evenly; the last has the head)
-    stages = _stage_blocks(cfg, pp)
+    # the slowest pipeline stage sets the pace (training's split; the last has the head)
+    stages = _stage_blocks(cfg, pp, seq)
     slowest = max(range(pp), key=lambda i: stage_compute(stages[i]))
     stage_kinds = [kinds[i] for i in stages[slowest]]
     compute_mb = cal.micro_batch_overhead_s + stage_compute(stages[slowest])
@@ -631,7 +634,7 @@ def estimate_step(
     # FSDP2: per step one all-gather (bf16) and one reduce-scatter (fp32) of every unit when
     # accumulating unsharded over several micro-batches; otherwise every micro-batch gathers in
     # forward, again in backward (not the root unit) and reduce-scatters
-    units = stage_units(cfg, layout, 0 if pp == 1 else pp - 1)
+    units = stage_units(cfg, layout, 0 if pp == 1 else pp - 1, seq)
     fsdp = 0.0
     once = n_micro > 1 and layout.accumulate_unsharded
     for u in units:
@@ -677,10 +680,13 @@ def estimate_memory(
 ) -> MemoryEstimate:
     tp, cp, pp = layout.tp, layout.cp, layout.pp
     stage = 0  # the first stage holds the most micro-batches in flight under 1F1B
-    units = stage_units(cfg, layout, stage)
-    kinds = [cfg.block_kinds[i] for i in (_stage_blocks(cfg, pp)[stage] if pp > 1 else range(cfg.num_layers))]
+    seq = shape.seq_length
+    units = stage_units(cfg, layout, stage, seq)
+    kinds = [
+        cfg.block_kinds[i] for i in (_stage_blocks(cfg, pp, seq)[stage] if pp > 1 else range(cfg.num_layers))
+    ]
     if pp > 1:  # the LM head's loss buffers live on the last stage: count the larger of both
-        last = stage_units(cfg, layout, pp - 1)
+        last = stage_units(cfg, layout, pp - 1, seq)
         if sum(u.sharded for u in last) > sum(u.sharded for u in units):
             units = last
     sharded = sum(u.sharded for u in units)
