@@ -64,6 +64,8 @@ def _compare(rank, world_size, parallel_kw, layers, exact, model_kw=None, **fp8_
         del bypassed
     parallelize(model, mesh)
     if tp > 1:
+        dense = {"out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+        assert {name.rsplit(".", 1)[1] for name in summary.linears} == dense
         for name in summary.linears:  # still FP8, now holding this rank's shard
             linear = model.get_submodule(name)
             assert isinstance(linear, Float8Linear) and isinstance(linear.weight, DTensor), name
@@ -128,8 +130,8 @@ def _run_tp(rank, world_size):
     # its own tokens) and their BF16 weight gradients are rounded per rank before the ranks'
     # parts are summed, as under data parallelism (test above); EP2 checks them exactly.
     layers = ["mamba", "attention", "shared_expert", "mlp", "lm_head"]
-    # dense-MLP and shared-expert widths that are multiples of 16, so they are converted too
-    model_kw = dict(ffn_hidden_size=64, moe_shared_expert_hidden_size=32)
+    # widths whose TP2 shards are multiples of 16, so every dense linear is converted
+    model_kw = dict(head_dim=16, ffn_hidden_size=64, moe_shared_expert_hidden_size=32)
     losses = _compare(
         rank, world_size, dict(tensor_model_parallel_size=2, sequence_parallel=True), layers, True, model_kw
     )

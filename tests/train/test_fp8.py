@@ -339,8 +339,9 @@ def test_apply_fp8_under_tensor_parallelism_lists_what_its_layout_keeps_in_highe
     from torchao.float8.float8_linear import Float8Linear
 
     layers = list(fp8_mod.FP8_LAYERS)
-    plain = apply_fp8(_tiny(), Fp8Config(enabled=True, layers=layers), CPU)
-    model = _tiny()
+    wide = dict(head_dim=16, moe_shared_expert_hidden_size=32)  # TP2 shards: multiples of 16
+    plain = apply_fp8(_tiny(**wide), Fp8Config(enabled=True, layers=layers), CPU)
+    model = _tiny(**wide)
     summary = apply_fp8(model, Fp8Config(enabled=True, layers=layers), CPU, tensor_parallel=2)
     in_proj = "backbone.layers.0.mixer.in_proj"
     assert summary.skipped == {
@@ -348,18 +349,20 @@ def test_apply_fp8_under_tensor_parallelism_lists_what_its_layout_keeps_in_highe
         "lm_head": "the vocabulary-parallel loss of tensor parallelism has no FP8 products",
     }
     assert not model.fp8_lm_head and type(model.get_submodule(in_proj)) is nn.Linear
-    assert (
-        summary.linears == plain.linears and summary.experts == plain.experts
-    )  # 2 KV heads, TP2: k/v sharded
+    assert summary.linears == plain.linears and summary.experts == plain.experts
     assert "rank-local under tensor parallelism): " + in_proj in summary.describe()
     # fewer KV heads than TP ranks: k/v are replicated (`KeepKVHead`) and stay higher precision
-    model = _tiny()
+    model = _tiny(hidden_size=64, head_dim=16)  # q/o shards: multiples of 16 under TP4
     summary = apply_fp8(model, Fp8Config(enabled=True, layers=["attention"]), CPU, tensor_parallel=4)
     kv = [f"backbone.layers.2.mixer.{p}_proj" for p in "kv"]
     assert list(summary.skipped) == kv and all("fewer KV heads" in summary.skipped[n] for n in kv)
     assert summary.linears == [f"backbone.layers.2.mixer.{p}_proj" for p in "qo"]
     assert all(type(model.get_submodule(n)) is nn.Linear for n in kv)
     assert isinstance(model.get_submodule("backbone.layers.2.mixer.q_proj"), Float8Linear)
+    # under TP the FP8 GEMMs take each rank's shard: k/v (2 heads x 8 = 16 outputs) split over
+    # 2 ranks are too narrow
+    summary = apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["attention"]), CPU, tensor_parallel=2)
+    assert summary.skipped == dict.fromkeys(kv, "dims not multiples of 16 x TP=2 (per-rank shards)")
     # only tensorwise scales compose with TP: one error naming the key
     with pytest.raises(ValueError, match=r"train\.fp8\.recipe=tensorwise"):
         apply_fp8(_tiny(), Fp8Config(enabled=True, recipe="rowwise"), CPU, tensor_parallel=2)

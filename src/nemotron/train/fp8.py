@@ -200,8 +200,15 @@ def tp_fp8_exclusions(model: nn.Module, tensor_parallel: int) -> dict[str, str]:
     return out
 
 
-def _aligned(linear: nn.Linear) -> bool:
-    return linear.in_features % FP8_ALIGN == 0 and linear.out_features % FP8_ALIGN == 0
+def _aligned(linear: nn.Linear, tensor_parallel: int = 1) -> bool:
+    """Whether the FP8 GEMMs can take `linear`'s dimensions; under TP, those of each rank's
+    shard (one of the two dimensions is split over the ranks: both are asked to divide)."""
+    align = FP8_ALIGN * tensor_parallel
+    return linear.in_features % align == 0 and linear.out_features % align == 0
+
+
+def _not_aligned(tensor_parallel: int) -> str:
+    return NOT_ALIGNED if tensor_parallel <= 1 else f"{NOT_ALIGNED} x TP={tensor_parallel} (per-rank shards)"
 
 
 def float8_linear_config(fp8: Fp8Config, emulate: bool):
@@ -229,8 +236,8 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     for i, name in sorted(chosen.items(), key=lambda item: item[1]):
         if name in excluded:
             skipped[name] = excluded[name]
-        elif not _aligned(by_id[i]):
-            skipped[name] = NOT_ALIGNED
+        elif not _aligned(by_id[i], tensor_parallel):
+            skipped[name] = _not_aligned(tensor_parallel)
     convert = {i for i, name in chosen.items() if name not in skipped}
     linears: list[str] = []
     if convert:
