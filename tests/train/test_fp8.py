@@ -50,10 +50,16 @@ def test_config_checks_name_the_key(tmp_path):
         problems = check_fp8_config(cfg, "bf16", 1)
         assert [k for k, _ in problems] == [key], (key, problems)
     assert check_fp8_config(Fp8Config(layers=["mamba", "mamba"]), "bf16", 1)[0][0] == "train.fp8.layers"
-    # only when enabled: precision and tensor parallelism
+    # only when enabled: precision, and the recipe under tensor parallelism (tensorwise only)
     assert check_fp8_config(Fp8Config(), "fp32", 2) == []
-    keys = [k for k, _ in check_fp8_config(ok, "fp32", 2)]
-    assert keys == ["train.fp8.enabled", "train.fp8.enabled"]
+    assert check_fp8_config(Fp8Config(recipe="rowwise"), "bf16", 2) == []
+    assert check_fp8_config(ok, "bf16", 2) == []  # tensorwise composes with TP
+    assert [k for k, _ in check_fp8_config(ok, "fp32", 2)] == ["train.fp8.enabled"]
+    for recipe in ("rowwise", "rowwise_with_gw_hp"):
+        problems = check_fp8_config(Fp8Config(enabled=True, recipe=recipe), "bf16", 2)
+        assert [k for k, _ in problems] == ["train.fp8.recipe"], problems
+        assert "tensor_model_parallel_size=2" in problems[0][1] and "tensorwise" in problems[0][1]
+        assert check_fp8_config(Fp8Config(enabled=True, recipe=recipe), "bf16", 1) == []
 
     cfg = make_config(tmp_path, train={"fp8": Fp8Config(enabled=True, recipe="nope"), "precision": "bf16"})
     cfg.data = dataclasses.replace(cfg.data, mock=True)
@@ -112,7 +118,8 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
         | {f"backbone.layers.{i}.mixer.shared_experts.{p}" for i in (1, 3) for p in ("up_proj", "down_proj")}
     )
     assert fp8_names == want and set(summary.linears) == want
-    assert summary.skipped == ["backbone.layers.0.mixer.in_proj"]
+    assert summary.skipped == {"backbone.layers.0.mixer.in_proj": fp8_mod.NOT_ALIGNED}
+    assert f"not converted ({fp8_mod.NOT_ALIGNED}): backbone.layers.0.mixer.in_proj" in summary.describe()
     assert summary.experts == ["backbone.layers.1.mixer.experts", "backbone.layers.3.mixer.experts"]
     for i in (1, 3):
         assert isinstance(model.backbone.layers[str(i)].mixer.experts, fp8_mod.Float8GroupedExperts)
@@ -125,7 +132,7 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     only = _tiny()
     summary = apply_fp8(only, Fp8Config(enabled=True, layers=["attention"]), CPU)
     assert set(summary.linears) == {f"backbone.layers.2.mixer.{p}_proj" for p in "qkvo"}
-    assert summary.experts == [] and summary.skipped == []
+    assert summary.experts == [] and summary.skipped == {}
     assert type(only.backbone.layers["1"].mixer.experts) is GroupedExperts
 
     default = _tiny()  # the default: dense linears only, routed experts stay bf16
@@ -324,6 +331,43 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings():
         linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
 
 
+@needs_torchao
+def test_apply_fp8_under_tensor_parallelism_lists_what_its_layout_keeps_in_higher_precision():
+    """The TP layout's exclusions (`tp_fp8_exclusions`) are reported with their reasons, not
+    converted and then bypassed; the rest converts as without TP (numerics under TP2:
+    tests/distributed/test_fp8_parallel.py)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    layers = list(fp8_mod.FP8_LAYERS)
+    wide = dict(head_dim=16, moe_shared_expert_hidden_size=32)  # TP2 shards: multiples of 16
+    plain = apply_fp8(_tiny(**wide), Fp8Config(enabled=True, layers=layers), CPU)
+    model = _tiny(**wide)
+    summary = apply_fp8(model, Fp8Config(enabled=True, layers=layers), CPU, tensor_parallel=2)
+    in_proj = "backbone.layers.0.mixer.in_proj"
+    assert summary.skipped == {
+        in_proj: "rank-local under tensor parallelism",
+        "lm_head": "the vocabulary-parallel loss of tensor parallelism has no FP8 products",
+    }
+    assert not model.fp8_lm_head and type(model.get_submodule(in_proj)) is nn.Linear
+    assert summary.linears == plain.linears and summary.experts == plain.experts
+    assert "rank-local under tensor parallelism): " + in_proj in summary.describe()
+    # fewer KV heads than TP ranks: k/v are replicated (`KeepKVHead`) and stay higher precision
+    model = _tiny(hidden_size=64, head_dim=16)  # q/o shards: multiples of 16 under TP4
+    summary = apply_fp8(model, Fp8Config(enabled=True, layers=["attention"]), CPU, tensor_parallel=4)
+    kv = [f"backbone.layers.2.mixer.{p}_proj" for p in "kv"]
+    assert list(summary.skipped) == kv and all("fewer KV heads" in summary.skipped[n] for n in kv)
+    assert summary.linears == [f"backbone.layers.2.mixer.{p}_proj" for p in "qo"]
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in kv)
+    assert isinstance(model.get_submodule("backbone.layers.2.mixer.q_proj"), Float8Linear)
+    # under TP the FP8 GEMMs take each rank's shard: k/v (2 heads x 8 = 16 outputs) split over
+    # 2 ranks are too narrow
+    summary = apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["attention"]), CPU, tensor_parallel=2)
+    assert summary.skipped == dict.fromkeys(kv, "dims not multiples of 16 x TP=2 (per-rank shards)")
+    # only tensorwise scales compose with TP: one error naming the key
+    with pytest.raises(ValueError, match=r"train\.fp8\.recipe=tensorwise"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True, recipe="rowwise"), CPU, tensor_parallel=2)
+
+
 def test_apply_fp8_lm_head_is_opt_in_and_keeps_the_weights():
     plain, head = _tiny(), _tiny()
     summary = apply_fp8(head, Fp8Config(enabled=True, layers=["lm_head"]), CPU)
@@ -336,7 +380,7 @@ def test_apply_fp8_lm_head_is_opt_in_and_keeps_the_weights():
         a, b = plain(ids, labels=ids).lm_loss, head(ids, labels=ids).lm_loss
     assert a is not None and b is not None and 0 < abs(float(a.detach()) - float(b.detach())) < 0.05
     unfused = Nano3ForCausalLM(Nano3Config(**TINY_MODEL), fused_loss=False)
-    assert apply_fp8(unfused, Fp8Config(enabled=True, layers=["lm_head"]), CPU).skipped == ["lm_head"]
+    assert list(apply_fp8(unfused, Fp8Config(enabled=True, layers=["lm_head"]), CPU).skipped) == ["lm_head"]
     assert not unfused.fp8_lm_head
 
 

@@ -25,6 +25,8 @@ never gathered).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -112,25 +114,107 @@ class KeepKVHead(ParallelStyle):
         return distribute_module(module, device_mesh, output_fn=self._keep_head)  # type: ignore[arg-type]
 
 
-def _attention_plan(attn: Attention, tp: int, rank: int) -> dict[str, ParallelStyle]:
+def replicates_kv(num_kv_heads: int, tp: int) -> bool:
+    """Whether attention's k/v are replicated (`KeepKVHead`) rather than column-parallel."""
+    return num_kv_heads % tp != 0
+
+
+# FP8 (`train.fp8`, `nemotron.train.fp8`): a linear that `apply_fp8` made a torchao
+# `Float8Linear` keeps its plan's parameter sharding; its forward casts its input, weight and
+# (in backward) output gradient with one dynamic scale per tensor, taken over the whole DTensor
+# (all TP ranks), so every rounding is the single process's. On CUDA the plans use torchao's
+# float8 styles, which also move those tensors in float8 (the sequence gather before a
+# column-parallel linear, the output-gradient gather of a row-parallel one: half the bytes).
+# gloo has no float8 dtypes, so elsewhere the plain styles shard the same modules and the
+# gathers move the tensors in their own precision. Which layers may be FP8 under TP is decided
+# in `nemotron.train.fp8.tp_fp8_exclusions`.
+
+
+def _is_float8(linear: nn.Module) -> bool:
+    if type(linear) is nn.Linear:  # not converted (also: torchao may not be installed)
+        return False
+    from torchao.float8.config import ScalingGranularity
+    from torchao.float8.float8_linear import Float8Linear
+
+    if not isinstance(linear, Float8Linear):
+        return False
+    casts = (
+        linear.config.cast_config_input,
+        linear.config.cast_config_weight,
+        linear.config.cast_config_grad_output,
+    )
+    if any(cast.scaling_granularity is not ScalingGranularity.TENSORWISE for cast in casts):
+        raise ValueError(
+            "train.fp8.recipe: tensor parallelism needs the tensorwise recipe (torchao's float8 "
+            "tensor-parallel styles take one scale per tensor)"
+        )
+    return True
+
+
+def _colwise(linear: nn.Module, float8_collectives: bool, **kw) -> ParallelStyle:
+    if _is_float8(linear) and float8_collectives:
+        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+
+        return Float8ColwiseParallel(**kw)
+    return ColwiseParallel(**kw)
+
+
+def _rowwise(linear: nn.Module, float8_collectives: bool, **kw) -> ParallelStyle:
+    if _is_float8(linear) and float8_collectives:
+        from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
+
+        return Float8RowwiseParallel(**kw)
+    return RowwiseParallel(**kw)
+
+
+def _check_fp8_layout(model: Nano3ForCausalLM, tp: int) -> None:
+    """FP8 layers whose TP layout would bypass them (converted by `apply_fp8` without
+    `tensor_parallel`): an error rather than a silent higher-precision run."""
+    if not any(_is_float8(m) for m in model.modules() if isinstance(m, nn.Linear)) and not model.fp8_lm_head:
+        return
+    from nemotron.train.fp8 import tp_fp8_exclusions
+
+    bypassed = [
+        name
+        for name in tp_fp8_exclusions(model, tp)
+        if (model.fp8_lm_head if name == "lm_head" else _is_float8(model.get_submodule(name)))
+    ]
+    if bypassed:
+        raise ValueError(
+            f"FP8 layers {bypassed} have no FP8 form under tensor parallelism: convert with "
+            f"apply_fp8(..., tensor_parallel={tp}) before sharding"
+        )
+
+
+def _attention_plan(attn: Attention, tp: int, rank: int, float8: bool) -> dict[str, ParallelStyle]:
     plan: dict[str, ParallelStyle] = {
-        "q_proj": ColwiseParallel(),
-        "o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "q_proj": _colwise(attn.q_proj, float8),
+        "o_proj": _rowwise(attn.o_proj, float8, output_layouts=Shard(1)),
     }
-    if attn.num_kv_heads % tp == 0:
-        plan["k_proj"] = plan["v_proj"] = ColwiseParallel()
+    if not replicates_kv(attn.num_kv_heads, tp):
+        plan["k_proj"], plan["v_proj"] = _colwise(attn.k_proj, float8), _colwise(attn.v_proj, float8)
     else:
         # this rank's query heads [rank*Hq/TP, ...) all read KV head rank*KV/TP
         plan["k_proj"] = plan["v_proj"] = KeepKVHead(rank * attn.num_kv_heads // tp, attn.head_dim)
     return plan
 
 
-def _mlp_plan(token_dim: int) -> dict[str, ParallelStyle]:
-    return {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel(output_layouts=Shard(token_dim))}
+def _mlp_plan(mlp: MLP, token_dim: int, float8: bool) -> dict[str, ParallelStyle]:
+    return {
+        "up_proj": _colwise(mlp.up_proj, float8),
+        "down_proj": _rowwise(mlp.down_proj, float8, output_layouts=Shard(token_dim)),
+    }
 
 
-def _gather_tokens(token_dim: int) -> PrepareModuleInput:
-    return PrepareModuleInput(input_layouts=(Shard(token_dim),), desired_input_layouts=(Replicate(),))
+def _gather_tokens(token_dim: int, consumers: Sequence[nn.Module], float8: bool) -> PrepareModuleInput:
+    """The mixer's input gathered from the sequence shards; in float8 (one cast for all its
+    readers) when `float8` collectives are on and every linear that reads it is FP8."""
+    shard, whole = (Shard(token_dim),), (Replicate(),)
+    if float8 and all(_is_float8(m) for m in consumers):
+        from torchao.float8.float8_tensor_parallel import PrepareFloat8ModuleInput
+
+        return PrepareFloat8ModuleInput(input_layouts=shard, desired_input_layouts=whole)
+    return PrepareModuleInput(input_layouts=shard, desired_input_layouts=whole)
 
 
 def tensor_parallel_submodules(model: Nano3ForCausalLM) -> list[nn.Module]:
@@ -252,8 +336,10 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc)."""
     tp_mesh = mesh.tp_mesh
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
+    float8 = tp_mesh.device_type == "cuda"  # float8 collectives (see FP8 above)
     if model.config.tie_word_embeddings:
         raise NotImplementedError("tensor parallel with tied embeddings is not supported")
+    _check_fp8_layout(model, tp)
     # A pipeline part (`Nano3ForCausalLM(config, blocks=...)`) has the embeddings only on the
     # first stage and the LM head only on the last; every part takes and returns the residual
     # stream as this rank's sequence shard [b, s/TP, h], which is what the stages exchange.
@@ -267,19 +353,23 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
         mixer = block.mixer
         if isinstance(mixer, Attention):
             mixer.fuse_qkv = False  # q, k and v are sharded by their own plans
-            parallelize_module(mixer, tp_mesh, _attention_plan(mixer, tp, rank))
-            parallelize_module(mixer, tp_mesh, _gather_tokens(1))
+            parallelize_module(mixer, tp_mesh, _attention_plan(mixer, tp, rank, float8))
+            qkv = [mixer.q_proj, mixer.k_proj, mixer.v_proj]
+            parallelize_module(mixer, tp_mesh, _gather_tokens(1, qkv, float8))
         elif isinstance(mixer, Mamba2Mixer):
             mixer.tensor_parallel = HeadParallel(tp_mesh)
             # the heads' partial outputs summed over TP and scattered back over the sequence
-            parallelize_module(mixer.out_proj, tp_mesh, RowwiseParallel(output_layouts=Shard(1)))
+            parallelize_module(
+                mixer.out_proj, tp_mesh, _rowwise(mixer.out_proj, float8, output_layouts=Shard(1))
+            )
         elif isinstance(mixer, MoE):
-            if mixer.shared_experts is not None:  # on the flattened tokens [b*s/TP, h]
-                parallelize_module(mixer.shared_experts, tp_mesh, _mlp_plan(0))
-                parallelize_module(mixer.shared_experts, tp_mesh, _gather_tokens(0))
+            shared = mixer.shared_experts
+            if shared is not None:  # on the flattened tokens [b*s/TP, h]
+                parallelize_module(shared, tp_mesh, _mlp_plan(shared, 0, float8))
+                parallelize_module(shared, tp_mesh, _gather_tokens(0, [shared.up_proj], float8))
         elif isinstance(mixer, MLP):
-            parallelize_module(mixer, tp_mesh, _mlp_plan(1))
-            parallelize_module(mixer, tp_mesh, _gather_tokens(1))
+            parallelize_module(mixer, tp_mesh, _mlp_plan(mixer, 1, float8))
+            parallelize_module(mixer, tp_mesh, _gather_tokens(1, [mixer.up_proj], float8))
         else:
             raise NotImplementedError(f"no tensor-parallel plan for {type(mixer).__name__}")
     if model.lm_head is not None:

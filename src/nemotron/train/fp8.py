@@ -23,6 +23,14 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   gradient stays BF16.
 
 The router, norms, embeddings, convolution and the SSD scan keep their precision.
+
+Under tensor parallelism (`apply_fp8(..., tensor_parallel=TP)`, tensorwise recipe only) the
+converted linears in the DTensor plans are sharded with torchao's float8 styles
+(`distributed/tensor_parallel.py`); the layers whose TP layout has no FP8 form are left in
+higher precision and listed in `Fp8Summary.skipped` with the reason (`tp_fp8_exclusions`, the
+one home of that rule): the Mamba-2 `in_proj` (rank-local: each rank multiplies by its own rows
+of the packed weight), k/v when there are fewer KV heads than TP ranks (`KeepKVHead` replicates
+them) and the LM head (the vocabulary-parallel loss has no FP8 products).
 Parameter names and values are those of the BF16 model, so checkpoints are interchangeable
 between FP8 and BF16 runs and `export hf` is unchanged. Off CUDA (and on GPUs without FP8
 tensor cores) the same modules compute in emulation: operands rounded to float8 with the same
@@ -44,7 +52,14 @@ from torch import nn
 
 from nemotron.kernels.fp8 import fp8_hardware  # noqa: F401  (re-exported)
 from nemotron.models.nano3.moe import GroupedExperts, local_experts
-from nemotron.train.fp8_config import DEFAULT_FP8_LAYERS, FP8_LAYERS, RECIPES, Fp8Config, check_fp8_config  # noqa: F401  (re-exported: one import for users)
+from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
+    DEFAULT_FP8_LAYERS,
+    FP8_LAYERS,
+    RECIPES,
+    Fp8Config,
+    check_fp8_config,
+    tp_recipe_message,
+)
 from nemotron.train.fp8_grouped import fp8_expert_mlp
 
 MIN_TORCHAO = (0, 18)
@@ -64,7 +79,7 @@ class Fp8Summary:
 
     linears: list[str]
     experts: list[str]
-    skipped: list[str]  # selected but not convertible (a dimension not a multiple of 16)
+    skipped: dict[str, str]  # selected but left in higher precision: name -> why
     emulated: bool
     lm_head: bool = False
 
@@ -72,9 +87,15 @@ class Fp8Summary:
         mode = "emulated (no FP8 tensor cores)" if self.emulated else "FP8 tensor cores"
         head = ", LM head" if self.lm_head else ""
         text = f"fp8: {len(self.linears)} linears, {len(self.experts)} expert groups{head}, {mode}"
-        if self.skipped:
-            text += f"; not converted (dims not multiples of {FP8_ALIGN}): {', '.join(self.skipped)}"
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            text += f"; not converted ({reason}): {', '.join(names)}"
         return text
+
+
+NOT_ALIGNED = f"dims not multiples of {FP8_ALIGN}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +172,43 @@ def _selected_modules(model: nn.Module, layers: list[str]) -> tuple[dict[int, st
     return linears, moes
 
 
-def _aligned(linear: nn.Linear) -> bool:
-    return linear.in_features % FP8_ALIGN == 0 and linear.out_features % FP8_ALIGN == 0
+def tp_fp8_exclusions(model: nn.Module, tensor_parallel: int) -> dict[str, str]:
+    """The layers of `model` that stay in higher precision under tensor parallelism of size
+    `tensor_parallel` (name -> why), whatever `train.fp8.layers` selects: those whose TP layout
+    (`distributed/tensor_parallel.py`) has no FP8 form. Empty without TP."""
+    if tensor_parallel <= 1:
+        return {}
+    from nemotron.distributed.tensor_parallel import replicates_kv
+    from nemotron.models.nano3.attention import Attention
+    from nemotron.models.nano3.model import Block, Nano3ForCausalLM
+
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}.mixer" if name else "mixer"
+        if isinstance(module, Block) and module.kind == "mamba":
+            # the mixer multiplies by this rank's rows of the packed z|x|B|C|dt weight
+            # (`F.linear`), which would bypass a Float8Linear's forward
+            out[f"{prefix}.in_proj"] = "rank-local under tensor parallelism"
+        elif isinstance(module, Block) and module.kind == "attention":
+            mixer = module.mixer
+            assert isinstance(mixer, Attention)
+            if replicates_kv(mixer.num_kv_heads, tensor_parallel):
+                reason = "replicated under tensor parallelism with fewer KV heads than TP ranks"
+                out[f"{prefix}.k_proj"] = out[f"{prefix}.v_proj"] = reason
+    if isinstance(model, Nano3ForCausalLM) and model.lm_head is not None:
+        out["lm_head"] = "the vocabulary-parallel loss of tensor parallelism has no FP8 products"
+    return out
+
+
+def _aligned(linear: nn.Linear, tensor_parallel: int = 1) -> bool:
+    """Whether the FP8 GEMMs can take `linear`'s dimensions; under TP, those of each rank's
+    shard (one of the two dimensions is split over the ranks: both are asked to divide)."""
+    align = FP8_ALIGN * tensor_parallel
+    return linear.in_features % align == 0 and linear.out_features % align == 0
+
+
+def _not_aligned(tensor_parallel: int) -> str:
+    return NOT_ALIGNED if tensor_parallel <= 1 else f"{NOT_ALIGNED} x TP={tensor_parallel} (per-rank shards)"
 
 
 def float8_linear_config(fp8: Fp8Config, emulate: bool):
@@ -164,15 +220,25 @@ def float8_linear_config(fp8: Fp8Config, emulate: bool):
     )
 
 
-def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summary:
+def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_parallel: int = 1) -> Fp8Summary:
     """Swap the layers `fp8.layers` of `model` (a `Nano3ForCausalLM` or a `Block`, on any device
-    including meta, before FSDP2/EP sharding) for their FP8 versions, in place. Emulated unless
-    `device` has FP8 tensor cores; compiled per `fp8.compile` on CUDA."""
+    including meta, before FSDP2/EP/TP sharding) for their FP8 versions, in place. Emulated
+    unless `device` has FP8 tensor cores; compiled per `fp8.compile` on CUDA. `tensor_parallel`:
+    the TP size the model will be sharded over (`tp_fp8_exclusions` stay in higher precision;
+    TP needs the tensorwise recipe)."""
+    if tensor_parallel > 1 and fp8.recipe != "tensorwise":
+        raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
     chosen, moes = _selected_modules(model, fp8.layers)
+    excluded = tp_fp8_exclusions(model, tensor_parallel)
     by_id = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}  # what `chosen` names
-    skipped = sorted(name for i, name in chosen.items() if not _aligned(by_id[i]))
-    convert = {i for i in chosen if _aligned(by_id[i])}
+    skipped: dict[str, str] = {}
+    for i, name in sorted(chosen.items(), key=lambda item: item[1]):
+        if name in excluded:
+            skipped[name] = excluded[name]
+        elif not _aligned(by_id[i], tensor_parallel):
+            skipped[name] = _not_aligned(tensor_parallel)
+    convert = {i for i, name in chosen.items() if name not in skipped}
     linears: list[str] = []
     if convert:
         require_torchao()  # the dense linears are torchao's; the routed experts need only torch
@@ -207,10 +273,14 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device) -> Fp8Summ
 
         if isinstance(model, Nano3ForCausalLM) and model.lm_head is not None:
             head = model.lm_head
-            if model.fused_loss and _aligned(head):
+            if "lm_head" in excluded:
+                skipped["lm_head"] = excluded["lm_head"]
+            elif not model.fused_loss:
+                skipped["lm_head"] = "only the chunked loss (train.fused_kernels) has FP8 products"
+            elif not _aligned(head):
+                skipped["lm_head"] = NOT_ALIGNED
+            else:
                 model.fp8_lm_head = lm_head = True
-            else:  # only the chunked loss has FP8 products
-                skipped.append("lm_head")
         # (a pipeline part without the head has nothing to convert)
     return Fp8Summary(linears=linears, experts=experts, skipped=skipped, emulated=emulate, lm_head=lm_head)
 

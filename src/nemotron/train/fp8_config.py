@@ -36,6 +36,16 @@ class Fp8Config:
     compile: bool = True
 
 
+def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:
+    """Why `recipe` cannot run under tensor parallelism (one text for the config check and
+    `apply_fp8`)."""
+    return (
+        f"{recipe!r} does not compose with tensor parallelism "
+        f"(model.tensor_model_parallel_size={tensor_parallel}): torchao's float8 tensor-parallel "
+        "styles take one scale per tensor; use train.fp8.recipe=tensorwise"
+    )
+
+
 def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> list[tuple[str, str]]:
     """Problems with `train.fp8` as (dotted key, message) pairs; empty when it is valid.
     Checked whether or not it is enabled, except what only matters when it is."""
@@ -70,12 +80,6 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
                     "layers FP8 leaves out compute in bf16)",
                 )
             )
-        if tensor_parallel > 1:
-            problems.append(
-                (
-                    "train.fp8.enabled",
-                    f"is not supported with tensor parallelism yet "
-                    f"(model.tensor_model_parallel_size={tensor_parallel})",
-                )
-            )
+        if tensor_parallel > 1 and fp8.recipe != "tensorwise" and fp8.recipe in RECIPES:
+            problems.append(("train.fp8.recipe", tp_recipe_message(fp8.recipe, tensor_parallel)))
     return problems

@@ -200,7 +200,8 @@ def build_model(
     with torch.device("meta"):
         model = Nano3ForCausalLM(arch, fused_loss=cfg.train.fused_kernels)
     set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
-    apply_fp8_if_enabled(model, cfg, device)  # module swaps, before sharding (as torchao needs)
+    # module swaps, before sharding (as torchao needs)
+    apply_fp8_if_enabled(model, cfg, device, mesh.dims.tp)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.
@@ -213,12 +214,13 @@ def build_model(
     return model, parallel
 
 
-def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device):
-    """`train.fp8`: swap the chosen layers for their FP8 versions (train/fp8.py); the
-    summary is kept on the model as `fp8_summary` (None when FP8 is off)."""
+def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device, tensor_parallel: int = 1):
+    """`train.fp8`: swap the chosen layers for their FP8 versions (train/fp8.py) for a model
+    to be sharded over `tensor_parallel` TP ranks; the summary is kept on the model as
+    `fp8_summary` (None when FP8 is off)."""
     summary = None
     if cfg.train.fp8.enabled:
-        summary = apply_fp8(model, cfg.train.fp8, device)
+        summary = apply_fp8(model, cfg.train.fp8, device, tensor_parallel)
     # nn.Module.__setattr__ is annotated for tensors and modules; other values are kept as-is
     model.fp8_summary = summary  # type: ignore[assignment]
     return summary
@@ -239,7 +241,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
         with torch.device("meta"):
             part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels, blocks=blocks)
         set_shared_expert_overlap(part, cfg.train.moe_shared_expert_overlap)
-        apply_fp8_if_enabled(part, cfg, device)
+        apply_fp8_if_enabled(part, cfg, device, mesh.dims.tp)
         if cfg.train.activation_recompute:
             apply_activation_recompute(part)
         return part
