@@ -103,6 +103,9 @@ def _one_process(root: Path, bpe_dir: Path, out: Path) -> None:
 
 
 def test_two_tasks_share_the_units_and_write_the_same_bytes(corpus, bpe_dir):
+    # Enough units that task 0 cannot finish them all before task 1 (which starts first and
+    # waits for the plan) claims some, however the two processes are scheduled.
+    write_jsonl(corpus / "big.jsonl", make_docs(20000, seed=80))
     out = corpus / "two-tasks"
     tasks = [_start(corpus, out, bpe_dir, rank, 2, "job-1") for rank in (1, 0)]
     follower, leader = (_finish(t) for t in tasks)

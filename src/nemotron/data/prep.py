@@ -1323,19 +1323,27 @@ def _progress_ticker(units: list[UnitSpec], board: _TaskBoard, emit: _Emitter) -
 
 
 def _wait_for_units(units: list[UnitSpec], board: _TaskBoard, emit: _Emitter) -> None:
-    """Task 0: wait until every unit is complete; a failed task's error ends the wait."""
+    """Task 0: wait until every unit is complete and every other task has written its final
+    status (so the counts task 0 records are final, and no task is still starting or writing
+    into the work directory when task 0 assembles and removes it); a failed task's error ends
+    the wait."""
     directory = Path(units[0].out_dir)
     markers = {unit.marker.name for unit in units}
+    others = set(range(1, board.task.world))
     reported = ""
     while True:
         done = len(markers.intersection(os.listdir(directory))) if directory.is_dir() else 0
         rows = board.read()
         emit.state.units_done = done
         emit.state.tasks = {f"task {row['rank']} ({row['host']})": int(row["units"]) for row in rows}
-        message = f"waiting for {len(markers) - done} work units of the other tasks"
+        finished = {int(row["rank"]) for row in rows if row.get("state") == "done"}
+        if done < len(markers):
+            message = f"waiting for {len(markers) - done} work units of the other tasks"
+        else:
+            message = f"waiting for {len(others - finished)} tasks to report their work units"
         emit(message=message if message != reported else "")
         reported = message
-        if done == len(markers):
+        if done == len(markers) and others <= finished:
             return
         for row in rows:
             if row.get("state") == "failed":
@@ -1400,20 +1408,20 @@ def _follow(
     tokenizer_cfg = dataclasses.replace(
         cfg.tokenizer, revision=announced.get("tokenizer_revision") or cfg.tokenizer.revision
     )
-    tokenizer = Tokenizer(resolve_tokenizer(tokenizer_cfg))
-    if tokenizer.identity() != announced.get("tokenizer_identity"):
-        raise DataPrepError(
-            f"task {task.rank} on {task.host}: tokenizer {cfg.tokenizer.model} differs from task 0's "
-            f"(not the same files on every node?)"
-        )
     workers = cfg.num_workers or available_cpus()
     board = _TaskBoard(work_dir, task, workers)
-    emit.state.units_total = len(units)
-    emit(
-        "tokenize",
-        message=f"task {task.rank} of {task.world} on {task.host}: tokenizing with {workers} workers",
-    )
-    try:
+    try:  # task 0 waits for this task's final status: a failure here must reach it too
+        tokenizer = Tokenizer(resolve_tokenizer(tokenizer_cfg))
+        if tokenizer.identity() != announced.get("tokenizer_identity"):
+            raise DataPrepError(
+                f"task {task.rank} on {task.host}: tokenizer {cfg.tokenizer.model} differs from "
+                f"task 0's (not the same files on every node?)"
+            )
+        emit.state.units_total = len(units)
+        emit(
+            "tokenize",
+            message=f"task {task.rank} of {task.world} on {task.host}: tokenizing with {workers} workers",
+        )
         _, done = _run_units(
             units,
             tokenizer,
