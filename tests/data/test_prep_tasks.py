@@ -152,6 +152,31 @@ def test_killed_task_then_rerun_redoes_only_unfinished_units(corpus, bpe_dir):
     assert _comparable(out) == _comparable(corpus / "one")
 
 
+def test_task_0_waits_for_a_task_that_starts_after_every_unit_is_done(corpus, bpe_dir):
+    """Task 1 starts only once task 0 has done every unit itself: task 0 must not assemble and
+    remove the work directory before task 1 has reported (else task 1 would wait for a plan
+    that no longer exists, or write into a removed work directory)."""
+    out = corpus / "late"
+    leader = _start(corpus, out, bpe_dir, 0, 2, "job-1")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        plans = list(out.glob(".work/*/plan.json"))
+        if plans:
+            total = len(json.loads(plans[0].read_text())["units"])
+            if len(list(out.glob(".work/*/units/*.done.json"))) == total:
+                break
+        assert leader.poll() is None, "task 0 finished without task 1"
+        time.sleep(0.05)
+    time.sleep(1.0)  # several of task 0's polls
+    assert leader.poll() is None and not (out / "metadata.json").exists()
+    follower = _start(corpus, out, bpe_dir, 1, 2, "job-1")
+    results = [_finish(leader), _finish(follower)]
+    assert results[0]["here"] == total and results[1]["here"] == 0
+    assert not (out / ".work").exists()
+    _one_process(corpus, bpe_dir, corpus / "one")
+    assert _comparable(out) == _comparable(corpus / "one")
+
+
 def test_a_failing_leader_stops_the_other_tasks(corpus, bpe_dir):
     (corpus / "small.jsonl").write_text("")  # the plan succeeds; the source check fails
     out = corpus / "failing"
