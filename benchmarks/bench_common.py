@@ -17,6 +17,24 @@ import torch
 
 from nemotron.utils.fs import atomic_write_text
 
+# The Nano3 proxy's structure at small widths, for the CPU smoke tests of the benchmarks.
+TINY_SIZES = dict(
+    hidden_size=64,
+    vocab_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    mamba_state_size=16,
+    mamba_num_groups=2,
+    mamba_chunk_size=16,
+    moe_ffn_hidden_size=32,
+    moe_shared_expert_hidden_size=48,
+    num_experts=8,
+    moe_top_k=2,
+)
+
 
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
+    TINY_SIZES,
     append_table_row,
     ceilings,
     environment,
@@ -383,21 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)
     sizes = {"num_experts": args.experts}
     if args.tiny:
-        sizes.update(
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            mamba_num_heads=4,
-            mamba_head_dim=16,
-            mamba_state_size=16,
-            mamba_num_groups=2,
-            mamba_chunk_size=16,
-            moe_ffn_hidden_size=32,
-            moe_shared_expert_hidden_size=48,
-            moe_top_k=2,
-            vocab_size=256,
-        )
+        sizes.update({k: v for k, v in TINY_SIZES.items() if k != "num_experts"}, vocab_size=256)
     caps = ceilings(device)
     env = environment(device)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}; ceilings: {caps}", flush=True)

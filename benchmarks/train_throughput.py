@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import append_table_row, environment, median, peak_memory_gib, synchronize  # noqa: E402
+from bench_common import TINY_SIZES, append_table_row, environment, median, peak_memory_gib, synchronize  # noqa: E402
 
 from nemotron.config.schema import ModelConfig, PretrainConfig  # noqa: E402
 from nemotron.data.config import DataConfig  # noqa: E402
@@ -58,24 +58,6 @@ from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
 from nemotron.train.fp8 import Fp8Config  # noqa: E402
 from nemotron.train.loop import Parallel, build_model  # noqa: E402
 from nemotron.train.trainer import Trainer  # noqa: E402
-
-# Small widths with the proxy's structure, for the CPU smoke test.
-TINY_SIZES = dict(
-    hidden_size=64,
-    vocab_size=512,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    mamba_num_heads=4,
-    mamba_head_dim=16,
-    mamba_state_size=16,
-    mamba_num_groups=2,
-    mamba_chunk_size=16,
-    moe_ffn_hidden_size=32,
-    moe_shared_expert_hidden_size=48,
-    num_experts=8,
-    moe_top_k=2,
-)
 
 
 def proxy_model_config(num_layers: int = 14, num_experts: int = 64, tiny: bool = False) -> ModelConfig:

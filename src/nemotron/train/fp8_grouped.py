@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from nemotron.kernels.fp8 import compiled, quantize_columns, quantize_rows
+from nemotron.kernels.fp8 import compiled, emulated_mm, quantize_columns, quantize_rows
 
 __all__ = ["fp8_expert_mlp"]
 
@@ -74,15 +74,14 @@ def _scaled_grouped_mm(
 def _emulated_grouped_mm(
     a_q: torch.Tensor, a_inv: torch.Tensor, b_t_q: torch.Tensor, b_inv: torch.Tensor, offs: torch.Tensor
 ) -> torch.Tensor:
-    """`_scaled_grouped_mm` with float32 products (any device), the result rounded to BF16."""
-    a = a_q.float() * a_inv[:, None]
-    b = b_t_q.float() * b_inv[..., None]
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    """`_scaled_grouped_mm` with float32 products (any device), each group's result rounded to
+    BF16: `kernels.fp8.emulated_mm` per expert."""
+    out = torch.zeros(a_q.shape[0], b_t_q.shape[1], dtype=torch.bfloat16, device=a_q.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
-        out[start:end] = a[start:end] @ b[e].transpose(0, 1)
+        out[start:end] = emulated_mm(a_q[start:end], a_inv[start:end], b_t_q[e], b_inv[e])
         start = end
-    return out.to(torch.bfloat16)
+    return out
 
 
 def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
