@@ -13,7 +13,11 @@ Three parts, each in the same process and on the same GPU:
    (what `Float8GroupedExperts` ran before, with torchao's own padding) and `nemotron.train.fp8_grouped.fp8_expert_mlp`, plus
    the new path's outputs and gradients against its emulation (same roundings, float32 products)
    and against BF16, per tensor;
-3. the quantization passes alone (compiled `quantize_rows`) as bandwidth.
+   `fp8_nemotron_reused` is the same inside `reuse_quantized_weights` (the weights' FP8 copies
+   made once and reused: a micro-batch's cost when training accumulates several);
+3. the quantization passes alone as bandwidth: the compiled reference (`torch.compile` of
+   `quantize_rows`) against the one-pass Triton kernel (`kernels.fp8.rowwise`), with the
+   kernel's values and scales checked bit for bit against the reference.
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -32,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import environment, time_ms  # noqa: E402
 
+from nemotron.kernels.fp8 import quantize_rows, relu2_rows, reuse_quantized_weights, rowwise  # noqa: E402
 from nemotron.models.nano3.config import Nano3Config  # noqa: E402
-from nemotron.train.fp8_grouped import fp8_expert_mlp, quantize_rows  # noqa: E402
+from nemotron.train.fp8_grouped import fp8_expert_mlp  # noqa: E402
 
 F8 = torch.float8_e4m3fn
 
@@ -135,6 +140,9 @@ def expert_mlp_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int)
     paths = {
         "bf16": run(lambda xi: experts(xi, counts)),
         "fp8_nemotron": run(lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, offs)),
+        "fp8_nemotron_reused": run(
+            lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, offs, owner=experts)
+        ),
         "bf16_aligned": run(lambda xi: experts(xi, aligned)),
         "fp8_nemotron_aligned": run(
             lambda xi: fp8_expert_mlp(xi, experts.up_proj, experts.down_proj, aligned_offs)
@@ -162,8 +170,9 @@ def expert_mlp_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int)
     result: dict = {"rows": rows, "counts_min_max": [int(counts.min()), int(counts.max())]}
     outs = {}
     for name, step in paths.items():
-        ms = median(time_ms(step, dev, warmup, iters))
-        outs[name] = [t.float().clone() for t in step()]
+        with reuse_quantized_weights(name.endswith("_reused")):
+            ms = median(time_ms(step, dev, warmup, iters))
+            outs[name] = [t.float().clone() for t in step()]
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -192,14 +201,33 @@ def expert_mlp_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int)
 
 
 def quant_part(dev, warmup: int, iters: int) -> dict:
-    compiled = torch.compile(quantize_rows, fullgraph=True, dynamic=False)
     out = {}
-    for rows, cols in ((147456, 2688), (147456, 1856), (24576, 2688)):
+    # routed rows x hidden / x expert ffn (relu2), expert weights, LM head weight and hidden
+    for rows, cols, relu2 in (
+        (147456, 2688, False),
+        (147456, 1856, True),
+        (64 * 1856, 2688, False),
+        (131072, 2688, False),
+        (24576, 2688, False),
+    ):
         x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
-        ms = median(time_ms(lambda: compiled(x), dev, warmup, iters))
+        reference = torch.compile(relu2_rows if relu2 else quantize_rows, fullgraph=True, dynamic=False)
         gbytes = rows * cols * 3 / 1e9  # read bf16, write fp8
-        out[f"{rows}x{cols}"] = {"ms": ms, "GB_per_s": gbytes / ms * 1e3}
-        print(f"quantize_rows {rows}x{cols}: {ms:.3f} ms, {gbytes / ms * 1e3:.0f} GB/s")
+        row = {}
+        for name, fn in (("compiled_reference", reference), ("triton", lambda x: rowwise(x, relu2=relu2))):
+            ms = median(time_ms(lambda: fn(x), dev, warmup, iters))
+            row[f"{name}_ms"] = ms
+            row[f"{name}_GB_per_s"] = gbytes / ms * 1e3
+        (q, inv), (rq, rinv) = rowwise(x, relu2=relu2), reference(x)
+        row["bitwise_equal"] = bool(
+            torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(inv, rinv)
+        )
+        out[f"{rows}x{cols}{'_relu2' if relu2 else ''}"] = row
+        print(
+            f"quantize {rows}x{cols}{' relu2' if relu2 else ''}: compiled {row['compiled_reference_ms']:.3f} ms "
+            f"({row['compiled_reference_GB_per_s']:.0f} GB/s), triton {row['triton_ms']:.3f} ms "
+            f"({row['triton_GB_per_s']:.0f} GB/s), bitwise equal {row['bitwise_equal']}"
+        )
     return out
 
 

@@ -101,7 +101,9 @@ def fp8_config(args) -> Fp8Config:
     if args.fp8 == "off":
         return Fp8Config()
     layers = args.fp8_layers.split(",") if args.fp8_layers else Fp8Config().layers
-    return Fp8Config(enabled=True, recipe=args.fp8, layers=layers, compile=not args.fp8_eager)
+    return Fp8Config(
+        enabled=True, recipe=args.fp8, layers=layers, compile=not args.fp8_eager, reuse_weights=args.fp8_reuse
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +236,9 @@ class StepSplit:
             h.remove()
 
 
+PROFILE_TOP = int(os.environ.get("PROFILE_TOP", "25"))  # kernels kept from the profiled step
+
+
 def top_kernels(prof, limit: int = 25) -> list[dict]:
     rows = []
     for evt in prof.key_averages():
@@ -265,6 +270,9 @@ class RunResult:
     mfu: float
     peak_gib: float | None
     losses: list
+    # the caching allocator under pressure: peak reserved GiB and how often a cudaMalloc failed
+    # and was retried after freeing cached blocks (each retry synchronizes the device)
+    allocator: dict | None = None
     split_ms: dict | None = None
     kernels: list | None = None
     error: str | None = None
@@ -319,11 +327,19 @@ def run_training(
 
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 one_step()
-            kernels = top_kernels(prof)
+            kernels = top_kernels(prof, PROFILE_TOP)
     step_ms = median(times)
     tps = plan.tokens_per_step / (step_ms * 1e-3)
     fpt = flops.training_flops_per_token(arch, plan.seq_length)
     peak = peak_memory_gib(device)
+    allocator = None
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        allocator = {
+            "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+            "alloc_retries": stats.get("num_alloc_retries", 0),
+            "device_alloc_calls": stats.get("num_device_alloc", 0),
+        }
     result = RunResult(
         name=name,
         params=params,
@@ -337,6 +353,7 @@ def run_training(
         tflops=tps * fpt / 1e12,
         mfu=flops.mfu(tps, arch, plan.seq_length),
         peak_gib=peak,
+        allocator=allocator,
         losses=losses,
         split_ms=split,
         kernels=kernels,
@@ -542,6 +559,13 @@ def parse_args(argv):
         "(default: train.fp8's, the dense linears)",
     )
     ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
+    ap.add_argument("--fp8-reuse", dest="fp8_reuse", action="store_true", help="train.fp8.reuse_weights=true")
+    ap.add_argument(
+        "--fp8-no-reuse",
+        dest="fp8_reuse",
+        action="store_false",
+        help="train.fp8.reuse_weights=false (the default; the default was true on 2026-12-03 14:00-14:26)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -583,14 +607,24 @@ def main(argv: list[str] | None = None) -> dict:
         }
         main_run = run_training(cfg, device, args.params, args.steps, args.warmup, not args.no_profile)
         if args.fp8 != "off":
-            main_run.name = f"fp8-{args.fp8}" + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
+            main_run.name = (
+                f"fp8-{args.fp8}"
+                + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
+                + (" reuse_weights" if args.fp8_reuse else "")
+            )
         _release(device)
         result["run"] = dataclasses.asdict(main_run)
         print(
             f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
             f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
             f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
-            f"{main_run.peak_gib or 0:.1f} GiB",
+            f"{main_run.peak_gib or 0:.1f} GiB"
+            + (
+                f" (reserved {main_run.allocator['peak_reserved_gib']:.1f} GiB, "
+                f"{main_run.allocator['alloc_retries']} allocator retries)"
+                if main_run.allocator
+                else ""
+            ),
             flush=True,
         )
         if main_run.split_ms:

@@ -178,6 +178,37 @@ def _relu2_check(dtype, shape=(5, 77), block=64):
         torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=lambda m, i=i: f"y/dx {i}: {m}")
 
 
+def _fp8_rows_check(shape, relu2):
+    """The one-pass rowwise FP8 quantization == `quantize_rows` (of relu(x)^2 with `relu2`):
+    the same power-of-two inverse scales and, rounded to float8 by PyTorch (the interpreter's
+    own float8 conversion is not IEEE round-to-nearest; the GPU test compares the kernel's),
+    the same values, bit for bit. Rows of mixed magnitude, an all-zero row, a NaN element
+    (stays NaN, does not set its row's scale), a row count that is not a multiple of the rows
+    per program."""
+    from nemotron.kernels.fp8 import quantize_rows, relu2_rows
+    from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_triton
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(shape, generator=gen)
+    x = (x * torch.logspace(-8, 4, x.shape[-2])[:, None]).bfloat16()
+    flat = x.view(-1, shape[-1])
+    flat[1] = 0.0
+    flat[2, 3] = float("nan")
+    got_q, got_inv = quantize_rows_triton(x, relu2=relu2, out_dtype=torch.float32)
+    want_q, want_inv = (relu2_rows if relu2 else quantize_rows)(x)
+    assert got_q.shape == want_q.shape == x.shape and got_inv.shape == want_inv.shape == x.shape[:-1]
+    assert torch.equal(got_inv, want_inv), (got_inv - want_inv).abs().max()
+    got_bits = got_q.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(got_bits, want_q.view(torch.uint8)), (got_bits != want_q.view(torch.uint8)).sum()
+    assert got_q.view(-1, shape[-1])[2, 3].isnan() and torch.all(got_q.view(-1, shape[-1])[1] == 0)
+    try:
+        quantize_rows_triton(torch.zeros(2, MAX_ROW + 16))
+    except ValueError as err:
+        assert str(MAX_ROW) in str(err)
+    else:
+        raise AssertionError("rows wider than MAX_ROW must be refused")
+
+
 def _add_n_check(three, block=64):
     from nemotron.kernels.add_n import add_n_reference, add_n_triton
     from nemotron.kernels.add_n_triton import ADD_N_TRITON_CONFIG
@@ -650,6 +681,9 @@ CHECKS = {
     "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),
     "add_n_three_mixed_dtypes": lambda: _add_n_check(True),
     "add_n_two": lambda: _add_n_check(False),
+    "fp8_rows_ragged_programs": lambda: _fp8_rows_check((150, 77), relu2=False),
+    "fp8_rows_nano3_width": lambda: _fp8_rows_check((5, 2688), relu2=False),
+    "fp8_rows_relu2_3d": lambda: _fp8_rows_check((3, 5, 300), relu2=True),
     "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
     "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
     "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),

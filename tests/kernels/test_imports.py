@@ -31,6 +31,9 @@ from nemotron.kernels.relu2 import relu2
 relu2(h)
 from nemotron.kernels.add_n import add_n
 add_n([h, h.bfloat16(), h], torch.bfloat16)
+from nemotron.kernels.fp8 import rowwise
+rowwise(h.bfloat16()); rowwise(h.bfloat16(), relu2=True)
+linear_cross_entropy(h.bfloat16(), torch.randn(16, 4).bfloat16(), torch.randint(0, 16, (6,)), fp8=True)
 from nemotron.models.nano3 import Nano3Config
 loaded = [m for m in sys.modules if m == "triton" or m.endswith("_triton")]
 assert not loaded, loaded

@@ -82,6 +82,8 @@ def test_recipe_keys_load_from_overrides(tmp_path):
         PretrainConfig,
     )
     assert cfg.train.fp8 == Fp8Config(enabled=True, recipe="rowwise", layers=["mamba", "experts"])
+    assert not cfg.train.fp8.reuse_weights  # off by default: it holds the copies for the step
+    assert load_config("tiny", ["train.fp8.reuse_weights=true"], PretrainConfig).train.fp8.reuse_weights
     with pytest.raises(ConfigError, match=r"train\.fp8\.recipie"):
         load_config("tiny", ["train.fp8.recipie=rowwise"], PretrainConfig)
 
@@ -329,6 +331,188 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings():
     assert 1e-5 < abs(float(loss.detach()) - float(exact)) < 0.02 * float(exact)  # rounded, and close
     with pytest.raises(ValueError, match="fp8 needs bf16"):
         linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
+
+
+def test_power_of_two_floor_is_exact_next_to_powers_of_two():
+    """The scale rule: the largest power of two <= r, also one float32 step below a power of two
+    (where exp2(floor(log2(r))) can round up) and at the ends of the normal range."""
+    from nemotron.kernels.fp8 import power_of_two_floor
+
+    eight = torch.tensor(8.0)
+    edges = torch.stack(
+        [eight, torch.nextafter(eight, torch.tensor(0.0)), torch.nextafter(eight, torch.tensor(9.0))]
+    )
+    wide = torch.exp(torch.empty(2000).uniform_(-80.0, 80.0, generator=torch.Generator().manual_seed(5)))
+    r = torch.cat([edges, wide, torch.tensor([torch.finfo(torch.float32).tiny, 3.0e38, 448.0 / 3.0])])
+    _, exponent = torch.frexp(r)  # r = m 2^e with m in [0.5, 1): the floor is 2^(e-1)
+    want = torch.ldexp(torch.ones_like(r), exponent - 1)
+    got = power_of_two_floor(r)
+    assert torch.equal(got, want)
+    assert got[:3].tolist() == [8.0, 4.0, 8.0]
+
+
+def test_reused_weight_copies_are_made_once_per_scope():
+    from nemotron.kernels import fp8 as kfp8
+
+    made = []
+
+    def quantize(w):
+        made.append(1)
+        return kfp8.quantize_rows(w)
+
+    w = torch.randn(16, 32)
+    a, b = object(), object()
+    kfp8.quantized_weight(a, "rows", w, quantize)
+    kfp8.quantized_weight(a, "rows", w, quantize)
+    assert len(made) == 2  # outside a scope: on every call
+    with kfp8.reuse_quantized_weights():
+        first = kfp8.quantized_weight(a, "rows", w, quantize)
+        assert kfp8.quantized_weight(a, "rows", w, quantize) is first and len(made) == 3
+        kfp8.quantized_weight(b, "rows", w, quantize)  # another owner
+        kfp8.quantized_weight(a, "columns", w, quantize)  # another form
+        assert len(made) == 5
+        with kfp8.reuse_quantized_weights():  # nested: the outer scope's copies
+            assert kfp8.quantized_weight(a, "rows", w, quantize) is first
+        assert kfp8.quantized_weight(a, "rows", w.double(), quantize) is not first  # not the same weight
+        assert len(made) == 6
+    assert kfp8._REUSE["cache"] is None  # dropped on exit
+    with kfp8.reuse_quantized_weights():
+        kfp8.quantized_weight(a, "rows", w, quantize)
+    with kfp8.reuse_quantized_weights(enabled=False):
+        kfp8.quantized_weight(a, "rows", w, quantize)
+        kfp8.quantized_weight(a, "rows", w, quantize)
+    assert len(made) == 9
+    assert torch.equal(kfp8.rowwise(w)[0].view(torch.uint8), kfp8.quantize_rows(w)[0].view(torch.uint8))
+
+
+def _count_weight_quantizations(monkeypatch, module) -> list[str]:
+    """Wrap `module.quantized_weight` to record which forms are actually quantized."""
+    made: list[str] = []
+    real = module.quantized_weight
+
+    def spy(owner, name, weight, quantize):
+        def counted(w):
+            made.append(name)
+            return quantize(w)
+
+        return real(owner, name, weight, counted)
+
+    monkeypatch.setattr(module, "quantized_weight", spy)
+    return made
+
+
+def test_fp8_experts_and_lm_head_quantize_their_weights_once_per_step(monkeypatch):
+    """Three micro-batches' forward and backward in one reuse scope: each FP8 weight form
+    (experts' up/down per row and per column, the LM head's per row and per column) made once,
+    and every gradient bit for bit what quantizing on every call gives."""
+    from nemotron.kernels import cross_entropy as ce_mod
+    from nemotron.kernels.fp8 import reuse_quantized_weights
+    from nemotron.train import fp8_grouped
+
+    expert_forms = _count_weight_quantizations(monkeypatch, fp8_grouped)
+    head_forms = _count_weight_quantizations(monkeypatch, ce_mod)
+    torch.manual_seed(6)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    head = nn.Parameter((torch.randn(64, 32) * 0.2).bfloat16())
+    counts = [torch.tensor(c) for c in ([5, 0, 9, 2], [1, 7, 3, 3], [0, 0, 16, 0])]
+    xs = [torch.randn(int(c.sum()), 32) for c in counts]
+    labels = [torch.randint(0, 64, (int(c.sum()),)) for c in counts]
+
+    def grads(reuse: bool):
+        for p in (experts.up_proj, experts.down_proj, head):
+            p.grad = None
+        with reuse_quantized_weights(reuse):
+            for c, x, y in zip(counts, xs, labels):
+                out = f8(x, c)
+                loss = ce_mod.linear_cross_entropy(out.bfloat16(), head, y, chunk_size=8, fp8=True)
+                loss.backward()
+        return [p.grad.clone() for p in (experts.up_proj, experts.down_proj, head)]
+
+    every_call = grads(False)
+    forms = ["down_proj.columns", "down_proj.rows", "up_proj.columns", "up_proj.rows"]
+    assert sorted(set(expert_forms)) == forms
+    assert len(expert_forms) == 12 and len(head_forms) == 6  # 3 micro-batches x each form
+    expert_forms.clear()
+    head_forms.clear()
+    reused = grads(True)
+    assert sorted(expert_forms) == forms
+    assert sorted(head_forms) == ["lm_head.columns", "lm_head.rows"]
+    for got, want in zip(reused, every_call):
+        assert torch.equal(got, want)
+
+
+def test_train_step_reuses_fp8_weights_within_a_step_only(monkeypatch):
+    """train_step with reuse (the default) == without, bit for bit, over two steps (each step's
+    copies come from that step's weights: the scope closes before the optimizer step), with the
+    experts' and LM head's weights quantized once per step for 3 micro-batches."""
+    from nemotron.kernels import cross_entropy as ce_mod
+    from nemotron.kernels.fp8 import _REUSE
+    from nemotron.train import fp8_grouped
+    from nemotron.train.loop import train_step
+
+    forms = _count_weight_quantizations(monkeypatch, fp8_grouped)
+    head_forms = _count_weight_quantizations(monkeypatch, ce_mod)
+    vocab = TINY_MODEL["vocab_size"]
+    gen = torch.Generator().manual_seed(11)
+    batches = [
+        {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 16)}
+        for t in torch.randint(0, vocab, (3, 2, 17), generator=gen)
+    ]
+
+    def run(reuse: bool):
+        model = _tiny(hybrid_pattern="E*E", num_layers=3, moe_ffn_hidden_size=32)
+        apply_fp8(model, Fp8Config(enabled=True, layers=["experts", "lm_head"]), CPU)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = [
+            train_step(
+                model, opt, batches, device=CPU, precision="bf16", grad_clip=1.0, reuse_fp8_weights=reuse
+            ).loss
+            for _ in range(2)
+        ]
+        assert _REUSE["cache"] is None
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    every_call = run(False)
+    assert len(forms) == 2 * 3 * 2 * 4 and len(head_forms) == 2 * 3 * 2  # steps x micro x layers x forms
+    forms.clear()
+    head_forms.clear()
+    reused = run(True)
+    assert len(forms) == 2 * 2 * 4 and len(head_forms) == 2 * 2  # once per step
+    assert reused[0] == every_call[0] and every_call[0][0] != every_call[0][1]
+    for got, want in zip(reused[1], every_call[1]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.timeout(300)
+def test_pretrain_passes_reuse_weights_to_every_step(tmp_path, corpus, monkeypatch):
+    """`train.fp8.reuse_weights` reaches the training step; with it the losses are the same as
+    without (experts and LM head in FP8: no torchao needed)."""
+    from nemotron.train import pretrain
+    from nemotron.train import trainer as trainer_mod
+    from nemotron.train.metrics import read_metrics
+
+    seen = []
+    real_step = trainer_mod.train_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["reuse_fp8_weights"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "train_step", spy)
+
+    def losses(reuse: bool):
+        fp8 = Fp8Config(enabled=True, layers=["experts", "lm_head"], reuse_weights=reuse)
+        train = {"train_iters": 2, "eval_iters": 0, "precision": "bf16", "fp8": fp8}
+        name = f"reuse{int(reuse)}"
+        pretrain(make_config(tmp_path / name, blend=corpus[0], train=train), tmp_path / name / "job")
+        return [r["lm_loss"] for r in read_metrics(tmp_path / name / "job") if r["kind"] == "train"]
+
+    reused = losses(True)
+    assert len(reused) == 2 and reused == losses(False)
+    assert seen == [True, True, False, False]
 
 
 @needs_torchao

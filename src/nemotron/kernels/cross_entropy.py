@@ -23,7 +23,8 @@ from nemotron.kernels.fp8 import (
     emulated_mm,
     fp8_hardware,
     quantize_columns,
-    quantize_rows,
+    quantized_weight,
+    rowwise,
     scaled_mm,
 )
 
@@ -121,28 +122,49 @@ def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.
     dweight += (grad.t() @ h).to(dweight.dtype)
 
 
-def _head_products(w: torch.Tensor, fp8: bool):
+class Fp8HeadWeight:
+    """The FP8 copies of one LM head weight: per vocabulary row (the logits' product) and per
+    hidden column (the input gradient's), each made on first use and reused within a
+    `kernels.fp8.reuse_quantized_weights` scope under the identity of the weight parameter
+    `param` (`linear_cross_entropy(fp8=True)` makes one per call)."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = param
+        self._made: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # within one pass
+
+    def rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if "rows" not in self._made:
+            self._made["rows"] = quantized_weight(self.param, "lm_head.rows", w, rowwise)
+        return self._made["rows"]
+
+    def columns(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if "columns" not in self._made:
+            quantize = compiled("lm_head_columns", quantize_columns, w.device)
+            self._made["columns"] = quantized_weight(self.param, "lm_head.columns", w, quantize)
+        return self._made["columns"]
+
+    def release(self) -> None:
+        """Drop this pass's references (a reuse scope keeps its own)."""
+        self._made.clear()
+
+
+def _head_products(w: torch.Tensor, fp8: Fp8HeadWeight | None):
     """(hidden chunk -> logits, logit gradient -> hidden gradient) for the LM head weight w
     [V, h] in the compute dtype. FP8: both products on float8 operands with one scale per row
     (hidden and logit-gradient rows; w per vocabulary row for the logits, per hidden column for
-    the input gradient), quantized once per call for w; BF16 results. The weight gradient
-    always stays in the compute dtype (see `linear_cross_entropy`)."""
-    if not fp8:
+    the input gradient, made once: `Fp8HeadWeight`); BF16 results. The weight gradient always
+    stays in the compute dtype (see `linear_cross_entropy`)."""
+    if fp8 is None:
         return (lambda h: h @ w.t()), (lambda g: g @ w)
-    dev = w.device
-    mm = scaled_mm if fp8_hardware(dev) else emulated_mm
-    w_q, w_inv = compiled("lm_head_weight", quantize_rows, dev)(w)
-    w_t_q, w_t_inv = compiled("lm_head_weight_t", quantize_columns, dev)(w)
-    quant_hidden = compiled("lm_head_hidden", quantize_rows, dev)
-    quant_grad = compiled("lm_head_logit_grad", quantize_rows, dev)
+    mm = scaled_mm if fp8_hardware(w.device) else emulated_mm
 
     def logits_of(h: torch.Tensor) -> torch.Tensor:
-        h_q, h_inv = quant_hidden(h)
-        return mm(h_q, h_inv, w_q, w_inv)
+        h_q, h_inv = rowwise(h)
+        return mm(h_q, h_inv, *fp8.rows(w))
 
     def input_grad_of(g: torch.Tensor) -> torch.Tensor:
-        g_q, g_inv = quant_grad(g)
-        return mm(g_q, g_inv, w_t_q, w_t_inv)
+        g_q, g_inv = rowwise(g)
+        return mm(g_q, g_inv, *fp8.columns(w))
 
     return logits_of, input_grad_of
 
@@ -178,6 +200,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_in_forward:
                     dhidden[s:e] = input_grad_of(grad)
                     _accumulate_weight_grad(dweight, grad, h_all[s:e])
+            if fp8 is not None:
+                fp8.release()  # not held until backward
         ctx.chunk_size = chunk_size
         ctx.grad_in_forward = grad_in_forward
         ctx.use_triton = use_triton
@@ -260,6 +284,9 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grad_in_forward is None:
         grad_in_forward = needs_grad
+    # the Fp8HeadWeight keys the reuse of the weight's FP8 copies on the parameter itself (inside
+    # the autograd function `weight` is a fresh detached view on every call)
+    fp8_weight = Fp8HeadWeight(weight) if fp8 else None
     return _LinearCrossEntropy.apply(
-        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute, fp8
+        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute, fp8_weight
     )

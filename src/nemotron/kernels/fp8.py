@@ -1,25 +1,37 @@
-"""FP8 (e4m3) quantization with one scale per row, and the rowwise-scaled products that use it.
+"""FP8 (e4m3) quantization with one scale per row, the rowwise-scaled products that use it, and
+the reuse of quantized weights within one optimizer step.
 
 Shared by the FP8 paths this project writes itself (`nemotron.train.fp8_grouped`: the routed
-experts; `nemotron.kernels.cross_entropy`: the LM head). The quantization is a few PyTorch ops
-that `torch.compile` fuses into one pass on CUDA (`compiled`); elsewhere they run eagerly, and
-`emulated_mm` computes the FP8 products' roundings with float32 products (CPU tests, GPUs
-without FP8 tensor cores).
+experts; `nemotron.kernels.cross_entropy`: the LM head). `quantize_rows` is the reference (a
+few PyTorch ops); `rowwise` is what those paths call: on CUDA the one-pass Triton kernel
+(`nemotron.kernels.fp8_triton`) for rows up to `MAX_ROW` elements, `torch.compile` of the
+reference (`compiled`) for wider rows and elsewhere the reference eagerly. `emulated_mm`
+computes the FP8 products' roundings with float32 products (CPU tests, GPUs without FP8
+tensor cores).
 
-Scales are `448 / amax(row)` rounded down to a power of two, as torchao's rowwise recipe does:
-the inverse scale the GEMM multiplies by is exact, and the largest element of a row lands in
-[224, 448] (e4m3's largest finite value is 448).
+Scales are `448 / amax(row)` rounded down to a power of two (its float32 mantissa bits cleared,
+exact), as torchao's rowwise recipe does: the inverse scale the GEMM multiplies by is exact, and
+the largest element of a row lands in [224, 448] (e4m3's largest finite value is 448).
+
+Weights change only at the optimizer step, so within one step (every micro-batch's forward and
+backward) their quantized copies are the same: inside `reuse_quantized_weights()` (opened by
+`train.loop.train_step` around one step's passes, closed before the optimizer step)
+`quantized_weight` makes each copy once and hands it back on later calls.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
+from nemotron.kernels import use_triton
+
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448
-_EPS = 1e-12  # the amax of an all-zero row (its values quantize to zero)
+QUANT_EPS = 1e-12  # the amax of an all-zero row (its values quantize to zero)
+_EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent all ones, mantissa 0
 
 __all__ = [
     "FLOAT8",
@@ -28,6 +40,9 @@ __all__ = [
     "fp8_hardware",
     "quantize_columns",
     "quantize_rows",
+    "quantized_weight",
+    "reuse_quantized_weights",
+    "rowwise",
     "scaled_mm",
 ]
 
@@ -39,18 +54,44 @@ def fp8_hardware(device: torch.device) -> bool:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (float8 e4m3 [..., K] contiguous, float32 inverse scales [...]), one scale
-    per row over the last dimension."""
+    per row over the last dimension (the reference; `rowwise` is the fast dispatch)."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS)
-    scale = torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax)))
+    # NaN elements stay NaN (the clamp keeps them) but do not set their row's scale
+    amax = xf.abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    scale = power_of_two_floor(FLOAT8_MAX / amax)
     q = (xf * scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
     return q.contiguous(), (1.0 / scale).squeeze(-1)
+
+
+def power_of_two_floor(r: torch.Tensor) -> torch.Tensor:
+    """The largest power of two <= r, for positive normal float32 r: r with its mantissa bits
+    cleared (exact; `exp2(floor(log2(r)))` can round up just below a power of two)."""
+    return (r.view(torch.int32) & _EXPONENT_BITS).view(torch.float32)
+
+
+def relu2_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows(relu(x)^2), the squared ReLU in float32 and never stored."""
+    return quantize_rows(torch.relu(x.float()).square())
 
 
 def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> `quantize_rows(w^T)`: [..., K, N] materialised, one scale per column of
     w (over N). What the input-gradient product needs of a weight quantized per row forward."""
     return quantize_rows(w.transpose(-2, -1))
+
+
+def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(x)` (`relu2_rows(x)` with `relu2`) the fast way for `x`'s device: the
+    one-pass Triton kernel on CUDA for rows up to `fp8_triton.MAX_ROW` elements, else the
+    reference (compiled on CUDA). Same values either way."""
+    if use_triton(x) and x.dtype != torch.float64:
+        from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_triton
+
+        if x.shape[-1] <= MAX_ROW:
+            return quantize_rows_triton(x, relu2=relu2)
+    if relu2:
+        return compiled("relu2_rows", relu2_rows, x.device)(x)
+    return compiled("rows", quantize_rows, x.device)(x)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -81,3 +122,45 @@ def emulated_mm(
     a = a_q.float() * a_inv[:, None]
     b = b_q.float() * b_inv[:, None]
     return (a @ b.t()).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized weights reused within one optimizer step
+
+# Process-wide, like `kernels.fast_paths`: the backward passes that read it run on autograd's
+# device threads, where neither thread-locals nor context variables of the caller are set.
+_REUSE: dict[str, dict | None] = {"cache": None}
+
+
+@contextlib.contextmanager
+def reuse_quantized_weights(enabled: bool = True) -> Iterator[None]:
+    """Inside, `quantized_weight` quantizes each weight once and returns that copy on later
+    calls (the copies are dropped on exit). The weights must not change inside: a training step
+    opens it around its forward and backward passes and closes it before the optimizer step.
+    Nested scopes share the outermost one's copies."""
+    if not enabled or _REUSE["cache"] is not None:
+        yield
+        return
+    _REUSE["cache"] = {}
+    try:
+        yield
+    finally:
+        _REUSE["cache"] = None
+
+
+def quantized_weight(
+    owner: object, name: str, weight: torch.Tensor, quantize: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(weight)`, made once per `reuse_quantized_weights` scope for (`owner`, `name`)
+    (the module or parameter the weight belongs to, and which quantized form) and reused; made
+    on every call outside a scope."""
+    cache = _REUSE["cache"]
+    if cache is None:
+        return quantize(weight)
+    key = (id(owner), name)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is owner and hit[1] == (weight.shape, weight.dtype, weight.device):
+        return hit[2]
+    value = quantize(weight)
+    cache[key] = (owner, (weight.shape, weight.dtype, weight.device), value)
+    return value

@@ -316,5 +316,5 @@ class Float8GroupedExperts(GroupedExperts):
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = fp8_expert_mlp(x, up, down, offs, emulate=self.emulate or not x.is_cuda)
+            out = fp8_expert_mlp(x, up, down, offs, emulate=self.emulate or not x.is_cuda, owner=self)
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

@@ -34,6 +34,12 @@ class Fp8Config:
     fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True
+    # The routed experts' and the LM head's FP8 weight copies (per row and per column) made once
+    # per optimizer step and reused by every micro-batch, held for the step: one byte per weight
+    # element per form, the size of those weights in BF16 (the torchao dense linears quantize
+    # per call either way). Off by default: it pays only with memory to spare (H200, proxy at
+    # 137 of 139 GiB reserved: the held copies caused allocator retries and a slower step).
+    reuse_weights: bool = False
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:

@@ -17,9 +17,17 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
 - the weight-gradient products stay in BF16 (`torch._grouped_mm`): no column-wise quantization,
   and the weight gradient keeps BF16's accuracy (torchao's `rowwise_with_gw_hp` makes the same
   choice for dense linears);
-- each quantization is one fused pass (`torch.compile` of a few PyTorch ops): the squared ReLU
-  and the quantization of its output are one pass, and so are the squared ReLU's backward, the
-  recomputation of `h` for the weight gradient and the quantization of the input gradient.
+- each quantization is one pass: rows by the Triton kernel of `kernels.fp8_triton` (the
+  squared ReLU and the quantization of its output are one pass of it), the squared ReLU's
+  backward, the recomputation of `h` for the weight gradient and the quantization of the input
+  gradient one `torch.compile`d pass;
+- with an `owner` (the experts module) inside `kernels.fp8.reuse_quantized_weights`
+  (`train.fp8.reuse_weights`, off by default), the weights' quantized copies (per row for the
+  forward, per column for the input gradient) are made once per optimizer step instead of per
+  micro-batch and held for the step: on the H200 the experts' MLP at the proxy's rows went
+  15.17 -> 13.72 ms (BF16 15.55), but holding them (7.7 GB for the one-GPU proxy's 6 MoE
+  layers) pushed the proxy, already at 137 of 139 GiB reserved, into allocator retries and
+  made its step slower (docs/benchmarks.md "FP8 training").
 
 What is rounded where (the emulated path computes exactly these roundings with float32
 products; `tests/train/test_fp8_grouped.py` checks both against an independent reference):
@@ -33,16 +41,20 @@ products; `tests/train/test_fp8_grouped.py` checks both against an independent r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from nemotron.kernels.fp8 import compiled, emulated_mm, quantize_columns, quantize_rows
+from nemotron.kernels.fp8 import (
+    compiled,
+    emulated_mm,
+    quantize_columns,
+    quantize_rows,
+    quantized_weight,
+    rowwise,
+)
 
 __all__ = ["fp8_expert_mlp"]
-
-
-def _relu2_quantize(h_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows(relu(h_pre)^2), the squared ReLU in float32 and never stored."""
-    return quantize_rows(torch.relu(h_pre.float()).square())
 
 
 def _relu2_backward_quantize(
@@ -96,21 +108,26 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
     return out.to(grad.dtype)
 
 
+def _weight(
+    owner: object | None, name: str, w: torch.Tensor, quantize: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize(w), reused within the step when the caller names an `owner`."""
+    return quantize(w) if owner is None else quantized_weight(owner, name, w, quantize)
+
+
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, up, down, offs, emulate: bool):
-        dev = x.device
+    def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None):
         mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
-        quant = compiled("rows", quantize_rows, dev)
-        x_q, x_inv = quant(x)
-        quant_w = compiled("rows_w", quantize_rows, dev)
-        up_q, up_inv = quant_w(up)  # [E, ffn, hidden] per (e, ffn row)
+        x_q, x_inv = rowwise(x)
+        up_q, up_inv = _weight(owner, "up_proj.rows", up, rowwise)  # [E, ffn, hidden] per (e, ffn row)
         h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
-        h_q, h_inv = compiled("relu2", _relu2_quantize, dev)(h_pre)
-        down_q, down_inv = quant_w(down)  # [E, hidden, ffn] per (e, hidden row)
+        h_q, h_inv = rowwise(h_pre, relu2=True)
+        # [E, hidden, ffn] per (e, hidden row)
+        down_q, down_inv = _weight(owner, "down_proj.rows", down, rowwise)
         out = mm(h_q, h_inv, down_q, down_inv, offs)
         ctx.save_for_backward(x, up, down, offs, h_pre)
-        ctx.emulate = emulate
+        ctx.emulate, ctx.owner = emulate, owner
         return out
 
     @staticmethod
@@ -118,25 +135,33 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         x, up, down, offs, h_pre = ctx.saved_tensors
         dev = x.device
         mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
-        quant = compiled("rows", quantize_rows, dev)
         quant_cols = compiled("cols", quantize_columns, dev)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
-        g_q, g_inv = quant(grad_out)
-        down_t_q, down_t_inv = quant_cols(down)  # [E, ffn, hidden] per (e, ffn) over hidden
+        g_q, g_inv = rowwise(grad_out)
+        # [E, ffn, hidden] per (e, ffn) over hidden
+        down_t_q, down_t_inv = _weight(ctx.owner, "down_proj.columns", down, quant_cols)
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
         h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
         grad_down = _grouped_weight_grad(grad_out, h, offs)
-        up_t_q, up_t_inv = quant_cols(up)  # [E, hidden, ffn] per (e, hidden) over ffn
+        # [E, hidden, ffn] per (e, hidden) over ffn
+        up_t_q, up_t_inv = _weight(ctx.owner, "up_proj.columns", up, quant_cols)
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
-        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None
+        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None
 
 
 def fp8_expert_mlp(
-    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, emulate: bool = False
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    offs: torch.Tensor,
+    emulate: bool = False,
+    owner: object | None = None,
 ) -> torch.Tensor:
     """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
     [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
-    out; `emulate` computes the same roundings with float32 products (CPU, or no FP8 cores)."""
+    out; `emulate` computes the same roundings with float32 products (CPU, or no FP8 cores).
+    `owner` (the experts module): the weights' quantized copies are reused under that key
+    within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call)."""
     x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
-    return _Fp8ExpertMLP.apply(x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate)
+    return _Fp8ExpertMLP.apply(x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate, owner)

@@ -28,6 +28,7 @@ from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.mesh import build_mesh
 from nemotron.distributed.parallel_dims import ParallelDims, check_pipeline
 from nemotron.distributed.utils import grad_norm, loss_tokens, reduce_token_loss, token_loss_weights
+from nemotron.kernels.fp8 import reuse_quantized_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
@@ -325,6 +326,7 @@ def train_step(
     grad_clip: float,
     parallel: Parallel | None = None,
     fsdp_accumulate_unsharded: bool = True,
+    reuse_fp8_weights: bool = False,
 ) -> StepResult:
     """Forward/backward over the micro-batches, gradient sync + clip, and the AdamW step unless
     the loss or gradient norm is non-finite (then the parameters are left untouched).
@@ -332,7 +334,9 @@ def train_step(
     The LM loss (gradient and logged value) is the mean over every loss token of the step's
     global batch, all micro-batches and data-parallel ranks together (`token_loss_weights`);
     the sequence balance loss, a mean over sequences, is averaged over micro-batches.
-    `fsdp_accumulate_unsharded`: see `fsdp_micro_batches`."""
+    `fsdp_accumulate_unsharded`: see `fsdp_micro_batches`. `reuse_fp8_weights`
+    (`train.fp8.reuse_weights`): the FP8 layers quantize each weight once for all micro-batches
+    (`kernels.fp8.reuse_quantized_weights`, closed before the optimizer step)."""
     parallel = parallel or Parallel()
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -343,11 +347,15 @@ def train_step(
     n = len(micro_batches)
     pipeline = parallel.pipeline
     if pipeline is not None:
-        lm_sum, balance_sum = pipeline_forward_backward(
-            pipeline, micro_batches, weights, counts, device, precision, training=True
-        )
+        with reuse_quantized_weights(reuse_fp8_weights):
+            lm_sum, balance_sum = pipeline_forward_backward(
+                pipeline, micro_batches, weights, counts, device, precision, training=True
+            )
     else:
-        with fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare:
+        with (
+            reuse_quantized_weights(reuse_fp8_weights),
+            fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare,
+        ):
             for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
                 prepare(index)
                 tokens = batch["tokens"].to(device, non_blocking=True)
@@ -379,10 +387,19 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | None = None) -> float:
+def evaluate(
+    model,
+    micro_batches,
+    *,
+    device,
+    precision,
+    parallel: Parallel | None = None,
+    reuse_fp8_weights: bool = False,
+) -> float:
     """LM loss averaged over every loss token of the batches (of all data-parallel ranks
     together). Grad-free, so routers count nothing; the counters are also restored
-    afterwards, so evaluation can never leak into the balance update."""
+    afterwards, so evaluation can never leak into the balance update. `reuse_fp8_weights`: as
+    in `train_step`."""
     parallel = parallel or Parallel()
     moe = model.moe_layers() if hasattr(model, "moe_layers") else []
     saved = [layer.router.tokens_per_expert.clone() for layer in moe]
@@ -390,23 +407,30 @@ def evaluate(model, micro_batches, *, device, precision, parallel: Parallel | No
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)  # sum of token losses
     tokens = 0.0
-    if parallel.pipeline is not None:
-        counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
-        total, _ = pipeline_forward_backward(
-            parallel.pipeline, micro_batches, [0.0] * len(counts), counts, device, precision, training=False
-        )
-        tokens = float(sum(counts))
-    else:
-        for batch in micro_batches:
-            with autocast_context(precision, device):
-                out = model(
-                    batch["tokens"].to(device),
-                    labels=batch["labels"].to(device),
-                    loss_mask=batch["loss_mask"].to(device),
-                )
-            count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
-            total += out.lm_loss.double() * count
-            tokens += count
+    with reuse_quantized_weights(reuse_fp8_weights):
+        if parallel.pipeline is not None:
+            counts = [loss_tokens(b["labels"], b["loss_mask"]) for b in micro_batches]
+            total, _ = pipeline_forward_backward(
+                parallel.pipeline,
+                micro_batches,
+                [0.0] * len(counts),
+                counts,
+                device,
+                precision,
+                training=False,
+            )
+            tokens = float(sum(counts))
+        else:
+            for batch in micro_batches:
+                with autocast_context(precision, device):
+                    out = model(
+                        batch["tokens"].to(device),
+                        labels=batch["labels"].to(device),
+                        loss_mask=batch["loss_mask"].to(device),
+                    )
+                count = float(loss_tokens(batch["labels"], batch["loss_mask"]))
+                total += out.lm_loss.double() * count
+                tokens += count
     for layer, counts in zip(moe, saved):
         layer.router.tokens_per_expert.copy_(counts)
     model.train(was_training)

@@ -429,6 +429,7 @@ class Trainer:
             grad_clip=train.grad_clip,
             parallel=self.parallel,
             fsdp_accumulate_unsharded=train.fsdp_accumulate_unsharded,
+            reuse_fp8_weights=train.fp8.reuse_weights,
         )
         balance = None
         if result.finite:
@@ -458,6 +459,7 @@ class Trainer:
             device=self.device,
             precision=self.cfg.train.precision,
             parallel=self.parallel,
+            reuse_fp8_weights=self.cfg.train.fp8.reuse_weights,
         )
         self.metrics.log(kind, self.state.step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
         return loss
