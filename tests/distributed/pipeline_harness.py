@@ -14,6 +14,7 @@ from nemotron.distributed.context_parallel import cp_shard
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 from nemotron.train.config import TrainConfig
+from nemotron.train.fp8 import Fp8Config, apply_fp8
 from nemotron.train.loop import Parallel, build_model, train_step
 
 SEED, LR, BIAS_RATE = 5, 0.05, 0.01
@@ -97,16 +98,29 @@ def compare_pipeline_with_single_process(
     short: int | None = None,
     recompute: bool = False,
     grad_clip: float = 0.0,
+    fp8: Fp8Config | None = None,
 ) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
-    clips both runs (to a norm below theirs: the recorded gradients are the clipped ones)."""
+    clips both runs (to a norm below theirs: the recorded gradients are the clipped ones).
+    `fp8`: both runs convert those layers (FP8 emulated on CPU) and train under bf16 autocast
+    when the LM head is among them (its FP8 products need bf16 compute), each reusing the
+    quantized weights within a step per `fp8.reuse_weights`."""
     cfg = make_config(parallel_kw, model_kw, seq)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
     reference = Nano3ForCausalLM(arch)
     torch.manual_seed(SEED)
     reference.reset_parameters()  # what build_model gives one process
+    precision, reuse = "fp32", False
+    if fp8 is not None:
+        cfg.train.fp8 = fp8
+        apply_fp8(reference, fp8, torch.device("cpu"))
+        precision = "bf16" if "lm_head" in fp8.layers else "fp32"
+        cfg.train.precision, reuse = precision, fp8.reuse_weights
     ref_opt = RecordingSGD(reference, LR)
+    # float32 steps match to float32 rounding; bf16 autocast (FP8 LM head) steps to bf16's
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-3, atol=1e-5)
+    grad_tol = dict(rtol=1e-4, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=0.0)
 
     cfg.train.activation_recompute = recompute
     model, parallel = build_model(cfg, torch.device("cpu"))
@@ -116,7 +130,13 @@ def compare_pipeline_with_single_process(
     for step in range(steps):
         samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
         ref = train_step(
-            reference, ref_opt, samples, device=torch.device("cpu"), precision="fp32", grad_clip=grad_clip
+            reference,
+            ref_opt,
+            samples,
+            device=torch.device("cpu"),
+            precision=precision,
+            grad_clip=grad_clip,
+            reuse_fp8_weights=reuse,
         )
         assert grad_clip == 0.0 or ref.grad_norm > grad_clip, "the clip would not act"
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
@@ -125,21 +145,30 @@ def compare_pipeline_with_single_process(
             opt,
             rank_micro_batches(samples, parallel),
             device=torch.device("cpu"),
-            precision="fp32",
+            precision=precision,
             grad_clip=grad_clip,
             parallel=parallel,
+            reuse_fp8_weights=reuse,
         )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)
         where = f"step {step}"
-        torch.testing.assert_close(ours.lm_loss, ref.lm_loss, rtol=1e-5, atol=1e-6, msg=where)
-        torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6, msg=where)
+        torch.testing.assert_close(ours.lm_loss, ref.lm_loss, **tol, msg=where)
+        torch.testing.assert_close(ours.loss, ref.loss, **tol, msg=where)
         assert ours.loss != ours.lm_loss  # the balance term is in the loss
-        torch.testing.assert_close(ours.grad_norm, ref.grad_norm, rtol=1e-5, atol=1e-7, msg=where)
+        torch.testing.assert_close(
+            ours.grad_norm, ref.grad_norm, **tol, msg=f"{where}: {ours.grad_norm} vs {ref.grad_norm}"
+        )
         assert opt.grads, "no gradients on this rank"
         for name, grad in opt.grads.items():
-            torch.testing.assert_close(
-                grad, ref_opt.grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{where}, {name}: {m}"
-            )
+            want = ref_opt.grads[name]
+            if precision == "fp32":
+                torch.testing.assert_close(grad, want, **grad_tol, msg=lambda m: f"{where}, {name}: {m}")
+            elif step == 0:
+                # per tensor, relative to its norm, on the first step: under bf16 autocast the
+                # stages sum the same products in another order, which flips FP8 roundings; the
+                # runs then drift apart (losses and norms still checked every step)
+                rel = float((grad - want).norm() / want.norm().clamp_min(1e-12))
+                assert rel < grad_tol["rtol"], f"{where}, {name}: relative error {rel:.2e}"
         by_name = dict(reference.named_modules())
         for name, module in model.named_modules():
             if hasattr(module, "expert_bias") and hasattr(module, "tokens_per_expert"):

@@ -5,6 +5,8 @@ Layouts of one world size share a launch (process start-up dominates on CPU)."""
 
 import pytest
 
+from nemotron.train.fp8 import Fp8Config
+
 from ._spawn import run_distributed
 from .pipeline_harness import compare_pipeline_with_single_process, make_config
 
@@ -22,6 +24,21 @@ LAYOUTS_2 = {  # (parallel sizes, sequence length)
         dict(PP2, pipeline_schedule="Interleaved1F1B"),
         8,
         dict(recompute=True),
+    ),
+}
+# FP8 (emulated): the routed experts in fp32 steps, then the experts and the LM head (its FP8
+# products need bf16 autocast) with the quantized weights reused within each step across the
+# schedule's micro-batches; every stage converts its own blocks, the last its LM head.
+FP8_LAYOUTS_2 = {
+    "pp2-1f1b-fp8-experts": (
+        dict(PP2, pipeline_schedule="1F1B"),
+        8,
+        dict(fp8=Fp8Config(enabled=True, layers=["experts"])),
+    ),
+    "pp2-interleaved-1f1b-fp8-experts-lm-head-reused": (
+        dict(PP2, pipeline_schedule="Interleaved1F1B"),
+        8,
+        dict(fp8=Fp8Config(enabled=True, layers=["experts", "lm_head"], reuse_weights=True)),
     ),
 }
 LAYOUTS_4 = {
@@ -97,6 +114,10 @@ def _check(results, layouts):
 
 def test_pipeline_schedules_on_2_ranks():
     _check(run_distributed(_run_layouts, 2, LAYOUTS_2), LAYOUTS_2)
+
+
+def test_pipeline_with_fp8_on_2_ranks():
+    _check(run_distributed(_run_layouts, 2, FP8_LAYOUTS_2), FP8_LAYOUTS_2)
 
 
 def test_pipeline_with_data_expert_and_context_parallel_on_4_ranks():

@@ -149,13 +149,13 @@ def reuse_quantized_weights(enabled: bool = True) -> Iterator[None]:
 
 
 def quantized_weight(
-    owner: object, name: str, weight: torch.Tensor, quantize: Callable
+    owner: object | None, name: str, weight: torch.Tensor, quantize: Callable
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize(weight)`, made once per `reuse_quantized_weights` scope for (`owner`, `name`)
     (the module or parameter the weight belongs to, and which quantized form) and reused; made
-    on every call outside a scope."""
+    on every call outside a scope or without an `owner`."""
     cache = _REUSE["cache"]
-    if cache is None:
+    if cache is None or owner is None:
         return quantize(weight)
     key = (id(owner), name)
     hit = cache.get(key)

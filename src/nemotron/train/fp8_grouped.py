@@ -41,8 +41,6 @@ products; `tests/train/test_fp8_grouped.py` checks both against an independent r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from nemotron.kernels.fp8 import (
@@ -108,23 +106,18 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
     return out.to(grad.dtype)
 
 
-def _weight(
-    owner: object | None, name: str, w: torch.Tensor, quantize: Callable
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize(w), reused within the step when the caller names an `owner`."""
-    return quantize(w) if owner is None else quantized_weight(owner, name, w, quantize)
-
-
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None):
         mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
         x_q, x_inv = rowwise(x)
-        up_q, up_inv = _weight(owner, "up_proj.rows", up, rowwise)  # [E, ffn, hidden] per (e, ffn row)
+        up_q, up_inv = quantized_weight(
+            owner, "up_proj.rows", up, rowwise
+        )  # [E, ffn, hidden] per (e, ffn row)
         h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
         h_q, h_inv = rowwise(h_pre, relu2=True)
         # [E, hidden, ffn] per (e, hidden row)
-        down_q, down_inv = _weight(owner, "down_proj.rows", down, rowwise)
+        down_q, down_inv = quantized_weight(owner, "down_proj.rows", down, rowwise)
         out = mm(h_q, h_inv, down_q, down_inv, offs)
         ctx.save_for_backward(x, up, down, offs, h_pre)
         ctx.emulate, ctx.owner = emulate, owner
@@ -139,12 +132,12 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         g_q, g_inv = rowwise(grad_out)
         # [E, ffn, hidden] per (e, ffn) over hidden
-        down_t_q, down_t_inv = _weight(ctx.owner, "down_proj.columns", down, quant_cols)
+        down_t_q, down_t_inv = quantized_weight(ctx.owner, "down_proj.columns", down, quant_cols)
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
         h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
         grad_down = _grouped_weight_grad(grad_out, h, offs)
         # [E, hidden, ffn] per (e, hidden) over ffn
-        up_t_q, up_t_inv = _weight(ctx.owner, "up_proj.columns", up, quant_cols)
+        up_t_q, up_t_inv = quantized_weight(ctx.owner, "up_proj.columns", up, quant_cols)
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
         return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None
