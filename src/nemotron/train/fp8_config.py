@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 # higher precision. `lm_head`: the chunked LM-head loss's logit and hidden-gradient products
 # (opt-in: the logits' precision is the one place FP8 touches the loss directly).
 FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts", "lm_head")
-# The default: the dense linears (1.07x BF16's tokens/s on the proxy, one H200, 2026-12-03:
-# docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.11x with it) and `experts`, whose
-# quantization passes still cost more than its FP8 grouped GEMMs save at the proxy's shapes.
+# The default: the dense linears (1.06x BF16's tokens/s on the proxy, one H200, 2026-12-03:
+# docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.12x with it; the logits go through
+# FP8) and `experts` (about even at the proxy's shapes: 1.123x with every layer, 1.121x without).
 DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
 #   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
