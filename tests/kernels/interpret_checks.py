@@ -201,12 +201,15 @@ def _fp8_rows_check(shape, relu2):
     got_bits = got_q.to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(got_bits, want_q.view(torch.uint8)), (got_bits != want_q.view(torch.uint8)).sum()
     assert got_q.view(-1, shape[-1])[2, 3].isnan() and torch.all(got_q.view(-1, shape[-1])[1] == 0)
-    try:
-        quantize_rows_triton(torch.zeros(2, MAX_ROW + 16))
-    except ValueError as err:
-        assert str(MAX_ROW) in str(err)
-    else:
-        raise AssertionError("rows wider than MAX_ROW must be refused")
+    for cols in (MAX_ROW + 16, 0):  # too wide for registers; no elements to scale
+        try:
+            quantize_rows_triton(torch.zeros(2, cols))
+        except ValueError as err:
+            assert str(MAX_ROW) in str(err)
+        else:
+            raise AssertionError(f"rows of {cols} elements must be refused")
+    empty_q, empty_inv = quantize_rows_triton(torch.zeros(0, 64))
+    assert empty_q.shape == (0, 64) and empty_inv.shape == (0,)
 
 
 def _add_n_check(three, block=64):

@@ -87,7 +87,7 @@ def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.T
     if use_triton(x) and x.dtype != torch.float64:
         from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_triton
 
-        if x.shape[-1] <= MAX_ROW:
+        if 0 < x.shape[-1] <= MAX_ROW:
             return quantize_rows_triton(x, relu2=relu2)
     if relu2:
         return compiled("relu2_rows", relu2_rows, x.device)(x)

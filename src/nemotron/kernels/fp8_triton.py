@@ -63,15 +63,15 @@ def quantize_rows_triton(
 
     x = dense(x)
     k = x.shape[-1]
-    if k > MAX_ROW:
-        raise ValueError(f"quantize_rows_triton: rows of {k} elements exceed {MAX_ROW}")
+    if not 0 < k <= MAX_ROW:
+        raise ValueError(f"quantize_rows_triton: rows of {k} elements (1 to {MAX_ROW} taken)")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n = x2.shape[0]
     q = torch.empty((n, k), dtype=out_dtype, device=x.device)
     inv = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n and k:
+    if n:
         block_k = triton.next_power_of_2(k)
         rows = max(1, _ELEMENTS_PER_PROGRAM // block_k)
         _quantize_rows_kernel[(triton.cdiv(n, rows),)](
