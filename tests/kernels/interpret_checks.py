@@ -2,7 +2,10 @@
 
 Run as a script (``TRITON_INTERPRET=1`` must be set before Triton is imported, so the test
 module starts a fresh interpreter): ``python interpret_checks.py OUT.json [NAME ...]``. Each check
-raises on a mismatch; the script records ``{name: "ok" | error text}`` in OUT.json.
+raises on a mismatch; the script records ``{name: "ok" | error text}`` in OUT.json, and in
+``OUT.launches.json`` every kernel the checks launched with the argument types and constexpr
+values of its first launch (`test_triton_compile.py` compiles each for a GPU: the interpreter
+runs code the GPU compiler refuses).
 """
 
 from __future__ import annotations
@@ -706,11 +709,73 @@ CHECKS = {
 }
 
 
+_TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+    torch.float8_e4m3fn: "fp8e4nv",
+}
+
+
+def _launch_spec(fn, args, kwargs) -> dict:
+    """What compiling `fn` for a GPU needs from one interpreted launch: its module and name, a
+    Triton signature from the arguments' types, the constexpr values and the launch options."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    params = JITFunction(fn).params
+    values = dict(zip((p.name for p in params), args))
+    values.update({k: v for k, v in kwargs.items() if k in values or any(p.name == k for p in params)})
+    signature, constexprs = {}, {}
+    for p in params:
+        v = values.get(p.name, p.default)
+        if p.is_constexpr or v is None:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = {"tl_dtype": str(v)} if isinstance(v, tl.dtype) else v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = "*" + _TRITON_TYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}.{p.name}: no Triton type for {type(v).__name__}")
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return dict(
+        module=fn.__module__, name=fn.__name__, signature=signature, constexprs=constexprs, options=options
+    )
+
+
+def _record_launches(launches: dict) -> None:
+    """Record each interpreted kernel's first launch into `launches` (name -> spec)."""
+    from triton.runtime import interpreter
+
+    run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        key = f"{self.fn.__module__}.{self.fn.__name__}"
+        if key not in launches:
+            launches[key] = _launch_spec(self.fn, args, kwargs)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording_run
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("interpret_checks must run with TRITON_INTERPRET=1")
     out, names = argv[0], argv[1:] or list(CHECKS)
     torch.manual_seed(0)
+    launches: dict[str, dict] = {}
+    _record_launches(launches)
     results = {}
     for name in names:
         try:
@@ -720,6 +785,8 @@ def main(argv: list[str]) -> int:
             results[name] = traceback.format_exc()
     with open(out, "w") as f:
         json.dump(results, f)
+    with open(out.removesuffix(".json") + ".launches.json", "w") as f:
+        json.dump(launches, f)
     return 0
 
 
