@@ -31,7 +31,7 @@ from nemotron.kernels import use_triton
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448
 QUANT_EPS = 1e-12  # the amax of an all-zero row (its values quantize to zero)
-_EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent all ones, mantissa 0
+EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent all ones, mantissa 0
 
 __all__ = [
     "FLOAT8",
@@ -66,7 +66,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def power_of_two_floor(r: torch.Tensor) -> torch.Tensor:
     """The largest power of two <= r, for positive normal float32 r: r with its mantissa bits
     cleared (exact; `exp2(floor(log2(r)))` can round up just below a power of two)."""
-    return (r.view(torch.int32) & _EXPONENT_BITS).view(torch.float32)
+    return (r.view(torch.int32) & EXPONENT_BITS).view(torch.float32)
 
 
 def relu2_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.T
     """`quantize_rows(x)` (`relu2_rows(x)` with `relu2`) the fast way for `x`'s device: the
     one-pass Triton kernel on CUDA for rows up to `fp8_triton.MAX_ROW` elements, else the
     reference (compiled on CUDA). Same values either way."""
-    if use_triton(x) and x.dtype != torch.float64:
+    if use_triton(x):
         from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_triton
 
         if 0 < x.shape[-1] <= MAX_ROW:

@@ -21,12 +21,13 @@ import triton
 import triton.language as tl
 
 from nemotron.kernels.dense import dense
+from nemotron.kernels.fp8 import EXPONENT_BITS, FLOAT8_MAX, QUANT_EPS
 
 __all__ = ["MAX_ROW", "quantize_rows_triton"]
 
 MAX_ROW = 8192  # longest row held in registers at once (wider rows take the reference)
 _ELEMENTS_PER_PROGRAM = 8192
-_EXPONENT_BITS = tl.constexpr(0x7F800000)  # a Triton global must be a constexpr
+_EXPONENT_BITS = tl.constexpr(EXPONENT_BITS)  # a Triton global must be a constexpr
 
 
 @triton.jit
@@ -59,8 +60,6 @@ def quantize_rows_triton(
     x [..., K] with K <= `MAX_ROW` -> (float8 [..., K] contiguous, float32 inverse scales [...]).
     `out_dtype`: the values' dtype (float32 keeps them unrounded: the CPU interpreter's float8
     conversion is not IEEE round-to-nearest, so its tests take the rounding from PyTorch)."""
-    from nemotron.kernels.fp8 import FLOAT8_MAX, QUANT_EPS
-
     x = dense(x)
     k = x.shape[-1]
     if not 0 < k <= MAX_ROW:
