@@ -30,7 +30,7 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
   made its step slower (docs/benchmarks.md "FP8 training").
 
 What is rounded where (the emulated path computes exactly these roundings with float32
-products; `tests/train/test_fp8_grouped.py` checks both against an independent reference):
+products; `tests/train/test_fp8.py` checks both against an independent reference):
 
     forward      x        per row (over hidden)      up    per (e, ffn row) over hidden
                  h        per row (over ffn)         down  per (e, hidden row) over ffn
@@ -111,9 +111,8 @@ class _Fp8ExpertMLP(torch.autograd.Function):
     def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None):
         mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
         x_q, x_inv = rowwise(x)
-        up_q, up_inv = quantized_weight(
-            owner, "up_proj.rows", up, rowwise
-        )  # [E, ffn, hidden] per (e, ffn row)
+        # [E, ffn, hidden] per (e, ffn row)
+        up_q, up_inv = quantized_weight(owner, "up_proj.rows", up, rowwise)
         h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
         h_q, h_inv = rowwise(h_pre, relu2=True)
         # [E, hidden, ffn] per (e, hidden row)
