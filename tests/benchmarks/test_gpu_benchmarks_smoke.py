@@ -179,8 +179,14 @@ def test_grad_audit_reports_every_tensor(tmp_path):
 
 
 def test_train_dynamics_runs_each_path_and_compares(tmp_path):
-    sys.path.insert(0, str(BENCH.parent / "tests" / "train"))
-    from conftest import write_corpus
+    # by path: `import conftest` finds whichever test directory's conftest pytest imported last
+    spec = importlib.util.spec_from_file_location(
+        "train_conftest", BENCH.parent / "tests" / "train" / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    train_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_conftest)
+    write_corpus = train_conftest.write_corpus
 
     bench = load("train_dynamics")
     blend = write_corpus(tmp_path / "data")
