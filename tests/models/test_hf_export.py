@@ -185,8 +185,9 @@ def test_export_loads_alone_and_generates_like_ours(tmp_path, bare_tokenizer, um
 
 
 def test_time_step_min_is_the_exact_choice(tmp_path, bare_tokenizer):
-    """transformers clamps dt below at time_step_min; with its default (1e-3), a model whose
-    dt falls below it gives other logits. The export's value leaves dt alone."""
+    """transformers clamps dt from below (at time_step_min up to 5.24, at time_step_limit[0]
+    from 5.25); at 1e-3, a model whose dt falls below it gives other logits. The export's values
+    (time_step_min the smallest normal float32, time_step_limit [0, inf]) leave dt alone."""
     config = tiny_config(vocab_size=320)
     model = small_dt_model(config)
     code, output = export(
@@ -201,6 +202,11 @@ def test_time_step_min_is_the_exact_choice(tmp_path, bare_tokenizer):
         clamped = AutoModelForCausalLM.from_pretrained(
             str(tmp_path / "hf"), dtype=torch.float32, time_step_min=1e-3
         )
+        limits = {tuple(m.time_step_limit) for m in clamped.modules() if hasattr(m, "time_step_limit")}
+        if limits == {(0.0, float("inf"))}:  # transformers >= 5.25 clamps at time_step_limit[0]
+            clamped = AutoModelForCausalLM.from_pretrained(
+                str(tmp_path / "hf"), dtype=torch.float32, time_step_limit=(1e-3, float("inf"))
+            )
         assert (clamped.eval()(ids).logits - ours).abs().max() > 1e-4  # 10x the tolerance above
 
 

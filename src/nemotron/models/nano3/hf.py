@@ -271,9 +271,10 @@ def _shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, dtype_of)
     return shards
 
 
-# transformers' NemotronH clamps dt from below at `config.time_step_min` (its chunked/prefill
-# path; not its one-token decode path) and ignores `time_step_limit`. Ours, like Megatron, does
-# not clamp (limit [0, inf]). An export writes the smallest normal float32 there, so the clamp
+# transformers' NemotronH up to 5.24 clamps dt from below at `config.time_step_min` (its
+# chunked/prefill path; not its one-token decode path) and ignores `time_step_limit`; from 5.25
+# it clamps to `time_step_limit`, written [0, inf]. Ours, like Megatron, does not clamp (limit
+# [0, inf]). An export writes the smallest normal float32 there, so the clamp
 # changes nothing a float32/bfloat16 model computes, and keeps our dt init minimum (which
 # transformers also reads from `time_step_min`) under its own key, for the import.
 EXPORT_TIME_STEP_MIN = float(torch.finfo(torch.float32).tiny)
