@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import environment, now_utc  # noqa: E402
+from bench_common import TINY_SIZES, environment, now_utc  # noqa: E402
 
 from nemotron.kernels import fast_paths  # noqa: E402
 from nemotron.kernels.mamba_chain import fused_chain  # noqa: E402
@@ -51,25 +51,9 @@ def audit_config(pattern: str = "MEM*E", experts: int = 16, tiny: bool = False) 
     """Nano3's widths (hidden 2688, 64 Mamba heads x 64, state 128, 8 groups, chunk 128, 32/2
     attention heads x 128, vocab 131072) with `experts` routed experts (top-6)."""
     if tiny:  # CPU smoke test of the script itself
-        return Nano3Config(
-            hybrid_pattern=pattern,
-            num_layers=len(pattern),
-            hidden_size=64,
-            vocab_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            mamba_num_heads=4,
-            mamba_head_dim=16,
-            mamba_state_size=16,
-            mamba_num_groups=2,
-            mamba_chunk_size=16,
-            num_experts=4,
-            moe_top_k=2,
-            moe_ffn_hidden_size=32,
-            moe_shared_expert_hidden_size=32,
-            ffn_hidden_size=64,
-        )
+        # the benchmarks' tiny sizes, with a smaller vocabulary and expert count
+        sizes = {**TINY_SIZES, "vocab_size": 128, "num_experts": 4, "moe_shared_expert_hidden_size": 32}
+        return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), ffn_hidden_size=64, **sizes)
     return Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), num_experts=experts)
 
 
