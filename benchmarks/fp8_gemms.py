@@ -17,7 +17,11 @@ Three parts, each in the same process and on the same GPU:
    made once and reused: a micro-batch's cost when training accumulates several);
 3. the quantization passes alone as bandwidth: the compiled reference (`torch.compile` of
    `quantize_rows`) against the one-pass Triton kernel (`kernels.fp8.rowwise`), with the
-   kernel's values and scales checked bit for bit against the reference.
+   kernel's values and scales checked bit for bit against the reference;
+4. (`lm_head`) the LM head's chunked loss (`linear_cross_entropy`, one micro-batch's rows, the
+   proxy's vocabulary) forward + backward in BF16 and in FP8 (`fp8=True`: all three products
+   in FP8), time, peak memory beyond the inputs, and the FP8 gradients against BF16's and
+   against float64, per tensor.
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -231,6 +235,56 @@ def quant_part(dev, warmup: int, iters: int) -> dict:
     return out
 
 
+def lm_head_part(cfg: Nano3Config, tokens: int, chunk: int, dev, warmup: int, iters: int) -> dict:
+    from nemotron.kernels.cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    weight = torch.randn(cfg.vocab_size, cfg.hidden_size, device=dev, dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, cfg.vocab_size, (tokens,), device=dev)
+
+    def run(fp8: bool):
+        def step():
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            loss = linear_cross_entropy(h, w, labels, chunk_size=chunk, fp8=fp8)
+            loss.backward()
+            return loss.detach(), h.grad, w.grad
+
+        return step
+
+    result: dict = {"rows": tokens, "vocab": cfg.vocab_size, "chunk": chunk}
+    outs = {}
+    for name, fp8 in (("bf16", False), ("fp8", True)):
+        step = run(fp8)
+        result[f"{name}_fwd_bwd_ms"] = ms = median(time_ms(step, dev, warmup, iters))
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        outs[name] = [t.double() for t in step()]
+        result[f"{name}_peak_extra_gib"] = peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+        print(f"lm_head {name}: {ms:.2f} ms fwd+bwd, peak +{peak:.2f} GiB")
+    # float64 truth on a slice of rows (all rows in float64 would not fit): loss, dh per row,
+    # dW of that slice's loss
+    rows = min(tokens, 2048)
+    h64 = hidden[:rows].double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    linear_cross_entropy(h64, w64, labels[:rows], chunk_size=512).backward()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    result["fp8_vs_bf16_rel"] = {
+        k: rel(outs["fp8"][i], outs["bf16"][i]) for i, k in enumerate(("loss", "grad_hidden", "grad_weight"))
+    }
+    # the slice's gradients scale with 1/tokens in the full run: compare the hidden rows only
+    scale = rows / tokens
+    result["grad_hidden_rows_vs_float64_rel"] = {
+        name: rel(outs[name][1][:rows] / scale, h64.grad) for name in outs
+    }
+    print(f"lm_head: {json.dumps({k: v for k, v in result.items() if 'rel' in k})}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=8192)
@@ -268,6 +322,8 @@ def main() -> None:
         result["experts"] = expert_mlp_part(cfg, tokens, dev, args.warmup, args.iters)
     if "quant" in parts:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
+    if "lm_head" in parts:
+        result["lm_head"] = lm_head_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "gemms"}, indent=1))

@@ -99,6 +99,75 @@ def _cross_entropy_check(grad_in_forward, masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"loss/dh/dw {i}: {m}")
 
 
+def _ce_grad_fp8_check():
+    """`logit_grad_fp8` (the FP8 LM head's logit gradient, both layouts from one pass) == the
+    PyTorch formula: first with float8 outputs (the launch the GPU compile test builds; the
+    interpreter's float8 rounding is not IEEE, so within one step of the format), then with
+    float32 outputs standing for them: the scaled, clamped values before rounding. Rows and
+    vocabulary not multiples of the tile, an ignored row (scale 0), rows scaled differently, a
+    scale large enough to clamp, the transposed copy written into a column slice of a wider
+    buffer whose other columns stay untouched."""
+    from nemotron.kernels.cross_entropy_triton import logit_grad_fp8
+
+    gen = torch.Generator().manual_seed(11)
+    m, v, off, width = 37, 300, 3, 48
+    logits = (torch.randn(m, v, generator=gen) * 3.0).bfloat16()
+    labels = torch.randint(0, v, (m,), generator=gen)
+    row_scale = torch.rand(m, generator=gen) / m
+    row_scale[4] = 0.0
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    g = torch.exp(logits.float() - lse[:, None]) * row_scale[:, None]
+    g[torch.arange(m), labels] -= row_scale
+    for scale_rows, scale_cols in ((2.0**10, 2.0**17), (2.0**20, 2.0**30)):  # the second clamps
+        sr, sc = torch.tensor(scale_rows), torch.tensor(scale_cols)
+        want_rows = (g * sr).clamp(-448.0, 448.0)
+        want_cols = (g * sc).clamp(-57344.0, 57344.0).t()
+        gq8 = torch.empty(m, v, dtype=torch.float8_e4m3fn)
+        gqt8 = torch.zeros(v, width, dtype=torch.float8_e5m2)
+        logit_grad_fp8(logits, lse, labels, row_scale, sr, sc, gq8, gqt8[:, off:])
+        # (the interpreter's float8 conversion is off by up to half a value in a few elements)
+        torch.testing.assert_close(gq8.float(), want_rows, rtol=0.5, atol=2**-8)
+        torch.testing.assert_close(gqt8[:, off : off + m].float(), want_cols, rtol=0.5, atol=2**-15)
+        gq = torch.empty(m, v)
+        gqt = torch.full((v, width), 7.0)
+        logit_grad_fp8(
+            logits, lse, labels, row_scale, sr, sc, gq, gqt[:, off:], clamp_rows=448.0, clamp_cols=57344.0
+        )
+        torch.testing.assert_close(gq, want_rows, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gqt[:, off : off + m], want_cols, rtol=1e-5, atol=1e-6)
+        assert torch.all(gqt[:, :off] == 7.0) and torch.all(gqt[:, off + m :] == 7.0)
+        assert torch.all(gq[4] == 0.0)
+    assert float(gq.abs().max()) == 448.0 and float(gqt.abs().max()) == 57344.0
+
+
+def _fp8_head_check():
+    """linear_cross_entropy(fp8=True) with the Triton kernels (row pass + FP8 gradient tiles)
+    == with the PyTorch formulation, within the float8 roundings (the interpreter's float8
+    conversion is not IEEE): loss, hidden and weight gradients, two weight-gradient groups."""
+    from nemotron.kernels import cross_entropy as ce
+
+    gen = torch.Generator().manual_seed(12)
+    n, h, v = 45, 32, 160
+    hidden = torch.randn(n, h, generator=gen).bfloat16()
+    weight = (torch.randn(v, h, generator=gen) * 0.3).bfloat16()
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[6] = -100
+    saved = ce.WGRAD_GROUP_ROWS
+    ce.WGRAD_GROUP_ROWS = 32
+    try:
+        outs = []
+        for backend in ("triton", "torch"):
+            hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            loss = ce.linear_cross_entropy(hh, ww, labels, chunk_size=16, backend=backend, fp8=True)
+            loss.backward()
+            outs.append([loss.detach().float(), hh.grad.float(), ww.grad.float()])
+    finally:
+        ce.WGRAD_GROUP_ROWS = saved
+    for i, (a, b) in enumerate(zip(*outs)):
+        rel = float((a - b).norm() / b.norm())
+        assert rel < (1e-5 if i == 0 else 0.1), f"loss/dh/dw {i}: relative difference {rel:.2e}"
+
+
 def _conv1d_check(silu, with_bias, strided, b=2, t=37, c=20, k=4):
     from nemotron.kernels.conv1d import causal_conv1d_reference
     from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG, causal_conv1d_triton
@@ -699,6 +768,8 @@ CHECKS = {
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
+    "cross_entropy_fp8_grad_tiles": _ce_grad_fp8_check,
+    "cross_entropy_fp8_head_triton_vs_torch": _fp8_head_check,
     "gated_rmsnorm": lambda: _rmsnorm_check(gated=True),
     "rmsnorm_plain_one_group": lambda: _rmsnorm_check(gated=False, group_size=48),
     "ssd_decay_grads_model_regime": lambda: _decay_grads_check("ssd"),
@@ -720,6 +791,7 @@ _TRITON_TYPES = {
     torch.uint8: "u8",
     torch.bool: "i1",
     torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5",
 }
 
 

@@ -298,39 +298,69 @@ def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
     assert qt.shape == (1, 40, 6) and qt.is_contiguous() and torch.equal(inv_t[0], quantize_rows(x.T)[1])
 
 
-def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings():
-    """linear_cross_entropy(fp8=True): logits = bf16(q(h) q(W)^T) with h and W per row;
-    dh = bf16(q(G) q(W^T)^T) with the logit gradient G per row and W per column; dW = G^T h
-    from the BF16 operands. Per chunk, written out in float64."""
-    from nemotron.kernels.cross_entropy import linear_cross_entropy
+@pytest.mark.parametrize("group_rows", [None, 64])
+def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(monkeypatch, group_rows):
+    """linear_cross_entropy(fp8=True), one power-of-two scale per tensor, written out in float64:
+    logits = bf16(q(h_group) q(W)^T) (e4m3; h per group of rows, W per call); per chunk the
+    logit gradient G (from those logits, each row times its token weight) gives
+    dh = bf16(q(G_chunk) q(W)) (e4m3, the chunk's own amax); per group dW = sum over groups of
+    e5m2(G_group)^T q(h_group), G's scale bounded by the group's largest token weight. Groups:
+    one (70 rows), or of 64 rows (two weight-gradient products added)."""
+    from nemotron.kernels import cross_entropy as ce_mod
 
+    if group_rows is not None:
+        monkeypatch.setattr(ce_mod, "WGRAD_GROUP_ROWS", group_rows)
     torch.manual_seed(4)
-    n, hdim, vocab = 70, 32, 96
+    n, hdim, vocab, chunk = 70, 32, 96, 32
     h = (torch.randn(n, hdim) * torch.logspace(-1, 1, n)[:, None]).bfloat16().requires_grad_()
     w = (torch.randn(vocab, hdim) * 0.2).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (n,))
     labels[5] = -100
-    loss = linear_cross_entropy(h, w, labels, chunk_size=32, fp8=True, backend="torch")
+    loss_mask = torch.ones(n)
+    loss_mask[7] = 0.25  # a real weight: the rows' gradient scales differ
+    loss = ce_mod.linear_cross_entropy(h, w, labels, loss_mask, chunk_size=chunk, fp8=True, backend="torch")
     loss.backward()
 
     hd, wd = _bf16(h.detach()), _bf16(w.detach())
-    logits = _bf16(_rows(hd, True) @ _rows(wd, True).T)
-    keep = labels != -100
-    lse = torch.logsumexp(logits, dim=-1)
-    per_token = lse - logits.gather(1, labels.clamp_min(0)[:, None])[:, 0]
-    ref_loss = per_token[keep].sum() / keep.sum()
-    probs = torch.softmax(logits, dim=-1)
-    probs[torch.arange(n), labels.clamp_min(0)] -= 1.0
-    grad_logits = _bf16(probs * keep[:, None] / keep.sum())
-    ref_dh = _bf16(_rows(grad_logits, True) @ _rows(wd.T, True).T)
-    ref_dw = grad_logits.T @ hd
-    assert abs(float(loss.detach()) - float(ref_loss)) < 1e-4 * float(ref_loss)
-    assert _rel(h.grad, ref_dh) < 1e-2
-    assert _rel(w.grad, ref_dw) < 1e-2
-    exact = linear_cross_entropy(h.detach().double(), w.detach().double(), labels)
+    tok = (labels != -100).double() * loss_mask.double()
+    s_row = tok / tok.sum()
+    safe = labels.clamp_min(0)
+    group = group_rows or n
+    ref_dh = torch.zeros(n, hdim, dtype=torch.float64)
+    ref_dw = torch.zeros(vocab, hdim, dtype=torch.float64)
+    ref_dw_e4m3 = torch.zeros(vocab, hdim, dtype=torch.float64)  # what e4m3 would give (must differ)
+    per_token = torch.zeros(n, dtype=torch.float64)
+    for g0 in range(0, n, group):
+        g1 = min(n, g0 + group)
+        hq = _tensor(hd[g0:g1], True)
+        logits = _bf16(hq @ _tensor(wd, True).T)
+        lse = torch.logsumexp(logits, dim=-1)
+        per_token[g0:g1] = lse - logits.gather(1, safe[g0:g1, None])[:, 0]
+        G = torch.softmax(logits, dim=-1)
+        G[torch.arange(g1 - g0), safe[g0:g1]] -= 1.0
+        G = G * s_row[g0:g1, None]
+        for c0 in range(0, g1 - g0, chunk):
+            c1 = min(g1 - g0, c0 + chunk)
+            ref_dh[g0 + c0 : g0 + c1] = _bf16(_tensor(G[c0:c1], True) @ _tensor(wd, True))
+        bound = s_row[g0:g1].max()
+        ref_dw += _round_fp8(G, bound, True, torch.float8_e5m2).T @ hq
+        ref_dw_e4m3 += _round_fp8(G, bound, True).T @ hq
+    ref_loss = (per_token * tok).sum() / tok.sum()
+    assert abs(float(loss.detach()) - float(ref_loss)) < 1e-5 * float(ref_loss)
+    assert _rel(h.grad, ref_dh) < 2e-3
+    assert _rel(w.grad, ref_dw) < 2e-3
+    assert _rel(ref_dw_e4m3, ref_dw) > 2e-2  # the format of the weight gradient's operand shows
+    exact = ce_mod.linear_cross_entropy(h.detach().double(), w.detach().double(), labels, loss_mask)
     assert 1e-5 < abs(float(loss.detach()) - float(exact)) < 0.02 * float(exact)  # rounded, and close
+    # recomputing in backward (grad_in_forward=False) gives the same gradients
+    grads = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    ce_mod.linear_cross_entropy(
+        h, w, labels, loss_mask, chunk_size=chunk, fp8=True, backend="torch", grad_in_forward=False
+    ).backward()
+    assert torch.equal(h.grad, grads[0]) and torch.equal(w.grad, grads[1])
     with pytest.raises(ValueError, match="fp8 needs bf16"):
-        linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
+        ce_mod.linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
 
 
 def test_power_of_two_floor_is_exact_next_to_powers_of_two():
@@ -403,7 +433,7 @@ def _count_weight_quantizations(monkeypatch, module) -> list[str]:
 
 def test_fp8_experts_and_lm_head_quantize_their_weights_once_per_step(monkeypatch):
     """Three micro-batches' forward and backward in one reuse scope: each FP8 weight form
-    (experts' up/down per row and per column, the LM head's per row and per column) made once,
+    (experts' up/down per row and per column, the LM head's one tensorwise pair) made once,
     and every gradient bit for bit what quantizing on every call gives."""
     from nemotron.kernels import cross_entropy as ce_mod
     from nemotron.kernels.fp8 import reuse_quantized_weights
@@ -434,12 +464,12 @@ def test_fp8_experts_and_lm_head_quantize_their_weights_once_per_step(monkeypatc
     every_call = grads(False)
     forms = ["down_proj.columns", "down_proj.rows", "up_proj.columns", "up_proj.rows"]
     assert sorted(set(expert_forms)) == forms
-    assert len(expert_forms) == 12 and len(head_forms) == 6  # 3 micro-batches x each form
+    assert len(expert_forms) == 12 and len(head_forms) == 3  # 3 micro-batches x each form
     expert_forms.clear()
     head_forms.clear()
     reused = grads(True)
     assert sorted(expert_forms) == forms
-    assert sorted(head_forms) == ["lm_head.columns", "lm_head.rows"]
+    assert head_forms == ["lm_head.tensorwise"]
     for got, want in zip(reused, every_call):
         assert torch.equal(got, want)
 
@@ -476,11 +506,11 @@ def test_train_step_reuses_fp8_weights_within_a_step_only(monkeypatch):
         return losses, [p.detach().clone() for p in model.parameters()]
 
     every_call = run(False)
-    assert len(forms) == 2 * 3 * 2 * 4 and len(head_forms) == 2 * 3 * 2  # steps x micro x layers x forms
+    assert len(forms) == 2 * 3 * 2 * 4 and len(head_forms) == 2 * 3  # steps x micro x layers x forms
     forms.clear()
     head_forms.clear()
     reused = run(True)
-    assert len(forms) == 2 * 2 * 4 and len(head_forms) == 2 * 2  # once per step
+    assert len(forms) == 2 * 2 * 4 and len(head_forms) == 2  # once per step
     assert reused[0] == every_call[0] and every_call[0][0] != every_call[0][1]
     for got, want in zip(reused[1], every_call[1]):
         assert torch.equal(got, want)

@@ -173,10 +173,17 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
     assert _rel(outs[1][1], outs[0][1]) < 0.1
 
 
-def test_fp8_lm_head_matches_the_emulated_roundings():
-    """linear_cross_entropy(fp8=True) on the FP8 tensor cores (compiled quantization, rowwise
-    `torch._scaled_mm`) against the same roundings emulated on the CPU (float32 products)."""
+@pytest.mark.parametrize("group_rows", [None, 2048])
+def test_fp8_lm_head_matches_the_emulated_roundings(monkeypatch, group_rows):
+    """linear_cross_entropy(fp8=True) on the FP8 tensor cores (tensorwise `torch._scaled_mm`, the
+    Triton kernels writing the logit gradient in e4m3 and transposed e5m2) against the same
+    roundings emulated on the CPU (float32 products); 3,000 rows (not a multiple of 16: the
+    weight gradient's contraction is padded), in one weight-gradient group or two."""
+    from nemotron.kernels import cross_entropy as ce_mod
     from nemotron.kernels.cross_entropy import linear_cross_entropy
+
+    if group_rows is not None:
+        monkeypatch.setattr(ce_mod, "WGRAD_GROUP_ROWS", group_rows)
 
     torch.manual_seed(5)
     n, hdim, vocab = 3000, 256, 4096
@@ -196,3 +203,30 @@ def test_fp8_lm_head_matches_the_emulated_roundings():
     assert _rel(gpu_dw, cpu_dw) < 2e-2, _rel(gpu_dw, cpu_dw)
     exact = linear_cross_entropy(h.double(), w.double(), labels)
     assert abs(float(gpu_loss) - float(exact)) < 0.01 * float(exact)
+
+
+def test_fp8_logit_gradient_kernel_matches_the_pytorch_formula():
+    """The Triton tile kernel's float8 logit gradient (e4m3 rows, e5m2 transposed) against the
+    PyTorch path's on the GPU: the same values except where the kernel's exp and PyTorch's differ
+    in the last bit next to a rounding boundary (one float8 step, in few elements)."""
+    from nemotron.kernels.cross_entropy import _logit_grad_fp8_torch
+    from nemotron.kernels.cross_entropy_triton import logit_grad_fp8
+
+    torch.manual_seed(6)
+    m, v = 1000, 131072
+    logits = (torch.randn(m, v, device=CUDA) * 2.0).bfloat16()
+    labels = torch.randint(0, v, (m,), device=CUDA)
+    row_scale = torch.rand(m, device=CUDA) / 24576
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    sr = torch.tensor(2.0**22, device=CUDA)
+    sc = torch.tensor(2.0**29, device=CUDA)
+    outs = []
+    for fn in (logit_grad_fp8, _logit_grad_fp8_torch):
+        gq = torch.empty(m, v, dtype=torch.float8_e4m3fn, device=CUDA)
+        gqt = torch.zeros(v, m + 8, dtype=torch.float8_e5m2, device=CUDA)
+        fn(logits, lse, labels, row_scale, sr, sc, gq, gqt)
+        outs.append((gq.float(), gqt.float()))
+    for (got, want), step in zip(zip(*outs), (2**-3, 2**-2)):
+        differ = got != want
+        assert differ.float().mean() < 1e-3, differ.float().mean()
+        assert torch.all((got - want).abs() <= step * want.abs() + 2**-9)

@@ -19,13 +19,15 @@ import torch.nn.functional as F
 from nemotron.kernels import use_triton
 from nemotron.kernels.dense import dense_inputs
 from nemotron.kernels.fp8 import (
+    FLOAT8,
+    FLOAT8_MAX,
+    FLOAT8_WIDE,
+    FLOAT8_WIDE_MAX,
     compiled,
-    emulated_mm,
-    fp8_hardware,
-    quantize_columns,
+    quantize_tensor,
     quantized_weight,
-    rowwise,
-    scaled_mm,
+    scale_for,
+    tensorwise_mm,
 )
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
@@ -123,50 +125,151 @@ def _accumulate_weight_grad(dweight: torch.Tensor, grad: torch.Tensor, h: torch.
 
 
 class Fp8HeadWeight:
-    """The FP8 copies of one LM head weight: per vocabulary row (the logits' product) and per
-    hidden column (the input gradient's), each made on first use and reused within a
+    """The FP8 copy of one LM head weight (one scale for the tensor, row-major and transposed:
+    the logits' and the input gradient's operands), made on first use and reused within a
     `kernels.fp8.reuse_quantized_weights` scope under the identity of the weight parameter
     `param` (`linear_cross_entropy(fp8=True)` makes one per call)."""
 
     def __init__(self, param: torch.Tensor) -> None:
         self.param = param
-        self._made: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # within one pass
+        self._made: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # within one pass
 
-    def rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if "rows" not in self._made:
-            self._made["rows"] = quantized_weight(self.param, "lm_head.rows", w, rowwise)
-        return self._made["rows"]
-
-    def columns(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if "columns" not in self._made:
-            quantize = compiled("lm_head_columns", quantize_columns, w.device)
-            self._made["columns"] = quantized_weight(self.param, "lm_head.columns", w, quantize)
-        return self._made["columns"]
+    def tensorwise(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_q [V, h], w_q^T [h, V], inverse scale) for w [V, h]."""
+        if self._made is None:
+            quantize = compiled("lm_head_weight", quantize_tensor, w.device)
+            self._made = quantized_weight(  # type: ignore[assignment]
+                self.param, "lm_head.tensorwise", w, lambda t: quantize(t, FLOAT8, t.shape[0])
+            )
+        assert self._made is not None
+        return self._made
 
     def release(self) -> None:
         """Drop this pass's references (a reuse scope keeps its own)."""
-        self._made.clear()
+        self._made = None
 
 
-def _head_products(w: torch.Tensor, fp8: Fp8HeadWeight | None):
+# Rows of hidden whose FP8 logit gradients (transposed, [V, rows] float8: 1 GiB at V = 131,072)
+# are held for one weight-gradient product. Held for a whole micro-batch (24,576 rows on the
+# one-GPU proxy) they would save two [V, h] accumulation passes (~1 ms each) but their 3 GiB,
+# at the step's peak of memory, sent the H200 proxy into allocator retries (docs/benchmarks.md).
+WGRAD_GROUP_ROWS = 8192
+_ALIGN = 16  # the FP8 GEMM's contraction dimension must be a multiple of 16
+
+_FP32_OUT_SCALED_MM: dict[str, bool | None] = {"ok": None}  # does _scaled_mm return float32?
+
+
+def _weight_grad_fp8(gqt, g_inv, hqt, h_inv, dweight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """dweight (acc dtype [V, h]; None: a new one) += (gqt * g_inv) @ (hqt * h_inv)^T. The first
+    product is written in `acc` directly; later ones in BF16 and added (a BF16 [V, h] temporary
+    instead of a float32 one; their FP8 error is ~50x BF16's rounding)."""
+    if dweight is not None:
+        return dweight.add_(tensorwise_mm(gqt, g_inv, hqt, h_inv))
+    if _FP32_OUT_SCALED_MM["ok"] is not False:
+        try:
+            out = tensorwise_mm(gqt, g_inv, hqt, h_inv, out_dtype=acc)
+            _FP32_OUT_SCALED_MM["ok"] = True
+            return out
+        except (RuntimeError, NotImplementedError):
+            _FP32_OUT_SCALED_MM["ok"] = False
+    return tensorwise_mm(gqt, g_inv, hqt, h_inv).to(acc)
+
+
+def _logit_grad_fp8_torch(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt) -> None:
+    """PyTorch path of `cross_entropy_triton.logit_grad_fp8` (same contract, float8 outputs)."""
+    m = logits.shape[0]
+    g = torch.exp(logits.float() - lse[:, None]) * row_scale[:, None]
+    idx = torch.arange(m, device=logits.device)
+    g[idx, labels] = g[idx, labels] - row_scale
+    gq.copy_((g * scale_rows).clamp(-FLOAT8_MAX, FLOAT8_MAX))
+    gqt[:, :m].copy_((g * scale_cols).clamp(-FLOAT8_WIDE_MAX, FLOAT8_WIDE_MAX).t())
+
+
+def _logit_grad_fp8_triton(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt) -> None:
+    from nemotron.kernels.cross_entropy_triton import logit_grad_fp8
+
+    logit_grad_fp8(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt)
+
+
+def _fp8_loss_and_grads(
+    h_all, w, head: Fp8HeadWeight, labels, token_w, row_scale, chunk_size, use_triton, acc
+):
+    """The chunked loss with every LM-head product on float8 operands (see `linear_cross_entropy`):
+    (sum of token_w * loss, d hidden or None, d weight or None), the gradients those of the loss
+    weighted per row by `row_scale` (None: no gradients).
+
+    Scales, one per tensor, powers of two: W per call; the hidden rows per group of up to
+    `WGRAD_GROUP_ROWS` rows (they are also the weight gradient's operand); the logit gradient
+    twice, from one pass over the logits that writes both: per chunk in e4m3 for the input
+    gradient (the chunk's largest |g| is known before the pass: a row's is |s| (1 - p_label),
+    as every other probability is at most 1 - p_label), and per group in e5m2, transposed, for
+    the weight gradient (bounded by the largest |s|: e5m2's range keeps the softmax tails of
+    rare vocabulary rows, which e4m3 at that scale would flush to zero)."""
+    n = h_all.shape[0]
+    v = w.shape[0]
+    dev = h_all.device
+    rows = _rows_triton if use_triton else _rows_torch
+    logit_grad = _logit_grad_fp8_triton if use_triton else _logit_grad_fp8_torch
+    quantize_hidden = compiled("lm_head_hidden", quantize_tensor, dev)
+    wq, wqt, w_inv = head.tensorwise(w)
+    want_grad = row_scale is not None
+    total = torch.zeros((), dtype=acc, device=dev)
+    dhidden = torch.empty_like(h_all) if want_grad else None
+    dweight = None
+    group = max(chunk_size, WGRAD_GROUP_ROWS // chunk_size * chunk_size)
+    for g0 in range(0, n, group):
+        g1 = min(n, g0 + group)
+        cols = -(-(g1 - g0) // _ALIGN) * _ALIGN
+        hq, hqt, h_inv = quantize_hidden(h_all[g0:g1], FLOAT8, cols if want_grad else None)
+        if want_grad:
+            scale_cols = scale_for(row_scale[g0:g1].abs().amax(), FLOAT8_WIDE)
+            gqt = torch.empty(v, cols, dtype=FLOAT8_WIDE, device=dev)
+            gqt[:, g1 - g0 :].zero_()
+        for s in range(g0, g1, chunk_size):
+            e = min(g1, s + chunk_size)
+            logits = tensorwise_mm(hq[s - g0 : e - g0], h_inv, wq, w_inv)
+            loss, lse, _ = rows(logits, labels[s:e], None)
+            total += (loss.to(acc) * token_w[s:e]).sum()
+            if want_grad:
+                sc = row_scale[s:e]
+                scale_rows = scale_for((sc.abs() * -torch.expm1(-loss.float())).amax(), FLOAT8)
+                gq = torch.empty(e - s, v, dtype=FLOAT8, device=dev)
+                logit_grad(logits, lse, labels[s:e], sc, scale_rows, scale_cols, gq, gqt[:, s - g0 :])
+                del logits
+                assert dhidden is not None
+                dhidden[s:e] = tensorwise_mm(gq, 1.0 / scale_rows, wqt, w_inv)
+        if want_grad:
+            dweight = _weight_grad_fp8(gqt, 1.0 / scale_cols, hqt, h_inv, dweight, acc)
+    if want_grad and dweight is None:  # no rows
+        dweight = torch.zeros(w.shape, dtype=acc, device=dev)
+    return total, dhidden, dweight
+
+
+def _head_products(w: torch.Tensor):
     """(hidden chunk -> logits, logit gradient -> hidden gradient) for the LM head weight w
-    [V, h] in the compute dtype. FP8: both products on float8 operands with one scale per row
-    (hidden and logit-gradient rows; w per vocabulary row for the logits, per hidden column for
-    the input gradient, made once: `Fp8HeadWeight`); BF16 results. The weight gradient always
-    stays in the compute dtype (see `linear_cross_entropy`)."""
-    if fp8 is None:
-        return (lambda h: h @ w.t()), (lambda g: g @ w)
-    mm = scaled_mm if fp8_hardware(w.device) else emulated_mm
+    [V, h] in the compute dtype."""
+    return (lambda h: h @ w.t()), (lambda g: g @ w)
 
-    def logits_of(h: torch.Tensor) -> torch.Tensor:
-        h_q, h_inv = rowwise(h)
-        return mm(h_q, h_inv, *fp8.rows(w))
 
-    def input_grad_of(g: torch.Tensor) -> torch.Tensor:
-        g_q, g_inv = rowwise(g)
-        return mm(g_q, g_inv, *fp8.columns(w))
-
-    return logits_of, input_grad_of
+def _bf16_loss_and_grads(h_all, w, labels, token_w, inv_denom, chunk_size, grad_in_forward, rows, acc):
+    """The chunked loss in the compute dtype: (sum of token_w * loss, d hidden, d weight), the
+    gradients (of the mean loss) only with `grad_in_forward`."""
+    n = h_all.shape[0]
+    logits_of, input_grad_of = _head_products(w)
+    total = torch.zeros((), dtype=acc, device=h_all.device)
+    dhidden = dweight = None
+    if grad_in_forward:
+        dhidden = torch.empty_like(h_all)
+        dweight = torch.zeros(w.shape, dtype=acc, device=w.device)
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        scale = token_w[s:e] * inv_denom if grad_in_forward else None
+        loss, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale)
+        total += (loss.to(acc) * token_w[s:e]).sum()
+        if grad_in_forward:
+            dhidden[s:e] = input_grad_of(grad)
+            _accumulate_weight_grad(dweight, grad, h_all[s:e])
+    return total, dhidden, dweight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -177,31 +280,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute, fp8
     ):
-        n = hidden.shape[0]
         acc = torch.float64 if compute == torch.float64 else torch.float32
         rows = _rows_triton if use_triton else _rows_torch
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(compute), weight.to(compute)
-            logits_of, input_grad_of = _head_products(w, fp8)
-            total = torch.zeros((), dtype=acc, device=hidden.device)
             safe_labels = labels.clamp_min(0)
             token_w = token_w.to(acc)
             inv_denom = 1.0 / denom.to(acc)
-            dhidden = dweight = None
-            if grad_in_forward:
-                dhidden = torch.empty_like(h_all)
-                dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-            for s in range(0, n, chunk_size):
-                e = min(n, s + chunk_size)
-                scale = token_w[s:e] * inv_denom if grad_in_forward else None
-                loss, _, grad = rows(logits_of(h_all[s:e]), safe_labels[s:e], scale)
-                total += (loss.to(acc) * token_w[s:e]).sum()
-                if grad_in_forward:
-                    dhidden[s:e] = input_grad_of(grad)
-                    _accumulate_weight_grad(dweight, grad, h_all[s:e])
             if fp8 is not None:
+                row_scale = token_w * inv_denom if grad_in_forward else None
+                total, dhidden, dweight = _fp8_loss_and_grads(
+                    h_all, w, fp8, safe_labels, token_w, row_scale, chunk_size, use_triton, acc
+                )
                 fp8.release()  # not held until backward
+            else:
+                total, dhidden, dweight = _bf16_loss_and_grads(
+                    h_all, w, safe_labels, token_w, inv_denom, chunk_size, grad_in_forward, rows, acc
+                )
         ctx.chunk_size = chunk_size
         ctx.grad_in_forward = grad_in_forward
         ctx.use_triton = use_triton
@@ -229,15 +325,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = _rows_triton if ctx.use_triton else _rows_torch
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(ctx.compute), weight.to(ctx.compute)
-            logits_of, input_grad_of = _head_products(w, ctx.fp8)
-            dhidden = torch.empty_like(h_all)
-            dweight = torch.zeros(weight.shape, dtype=token_w.dtype, device=weight.device)
             scale_all = token_w * (inv_denom * grad_out.to(token_w.dtype))
-            for s in range(0, hidden.shape[0], ctx.chunk_size):
-                e = min(hidden.shape[0], s + ctx.chunk_size)
-                _, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale_all[s:e])
-                dhidden[s:e] = input_grad_of(grad)
-                _accumulate_weight_grad(dweight, grad, h_all[s:e])
+            if ctx.fp8 is not None:
+                acc = token_w.dtype
+                _, dhidden, dweight = _fp8_loss_and_grads(
+                    h_all, w, ctx.fp8, labels, token_w, scale_all, ctx.chunk_size, ctx.use_triton, acc
+                )
+                ctx.fp8.release()
+            else:
+                dhidden = torch.empty_like(h_all)
+                dweight = torch.zeros(weight.shape, dtype=token_w.dtype, device=weight.device)
+                logits_of, input_grad_of = _head_products(w)
+                for s in range(0, hidden.shape[0], ctx.chunk_size):
+                    e = min(hidden.shape[0], s + ctx.chunk_size)
+                    _, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale_all[s:e])
+                    dhidden[s:e] = input_grad_of(grad)
+                    _accumulate_weight_grad(dweight, grad, h_all[s:e])
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
 
@@ -261,10 +364,11 @@ def linear_cross_entropy(
     is on (as ``hidden @ weight.T`` would), else in the promoted dtype of the two inputs;
     gradients come back in each input's own dtype.
 
-    ``fp8``: the logits and the hidden gradient from float8 e4m3 operands with one scale per row
-    (``nemotron.kernels.fp8``; FP8 tensor cores where the GPU has them, else the same roundings
-    with float32 products), BF16 compute only; the weight gradient stays BF16 (its operands would
-    need a second, column-wise quantization of every chunk's [chunk, V] logit gradient).
+    ``fp8``: all three products (logits, hidden gradient, weight gradient) from float8 operands
+    with one power-of-two scale per tensor (FP8 tensor cores where the GPU has them, else the
+    same roundings with float32 products), BF16 compute only: ``hidden`` and ``weight`` in e4m3,
+    the logit gradient in e4m3 for the hidden gradient and in e5m2 for the weight gradient, both
+    written by the pass that computes it (see `_fp8_loss_and_grads`).
     """
     _check(hidden, weight, labels, loss_mask, chunk_size)
     if backend not in ("auto", "torch", "triton"):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cross_entropy_rows"]
+__all__ = ["cross_entropy_rows", "logit_grad_fp8"]
 
 
 @triton.jit
@@ -65,3 +65,69 @@ def cross_entropy_rows(
     _ce_rows_kernel[(m,)](logits, labels.contiguous(), scale, loss, lse, v, logits.stride(0),
                           WRITE_GRAD=write, BLOCK_V=block, num_warps=8)
     return loss, lse
+
+
+@triton.jit
+def _ce_grad_fp8_kernel(LOGITS, LSE, LABELS, ROW_SCALE, SCALE_ROWS, SCALE_COLS, GQ, GQT,
+                        T, V, stride_l, stride_gq, stride_gqt, max_rows, max_cols,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One [BLOCK_T, BLOCK_V] tile of the logit gradient g = row_scale * (softmax - onehot),
+    # written twice in float8: scaled by SCALE_ROWS into GQ [T, V] and by SCALE_COLS, transposed,
+    # into GQT [V, >= T]. The transposed store walks T, contiguous in GQT: the tile makes both
+    # layouts' writes coalesced, which a row-per-program kernel cannot.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols[None, :] < V)
+    x = tl.load(LOGITS + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    s = tl.load(ROW_SCALE + rows, mask=row_ok, other=0.0)
+    label = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    g = tl.exp(x - lse[:, None]) * s[:, None]
+    g = tl.where(cols[None, :] == label[:, None], g - s[:, None], g)
+    q_rows = g * tl.load(SCALE_ROWS)
+    q_rows = tl.minimum(tl.maximum(q_rows, -max_rows, propagate_nan=tl.PropagateNan.ALL), max_rows,
+                        propagate_nan=tl.PropagateNan.ALL)
+    tl.store(GQ + rows[:, None] * stride_gq + cols[None, :], q_rows.to(GQ.dtype.element_ty), mask=mask)
+    q_cols = g * tl.load(SCALE_COLS)
+    q_cols = tl.minimum(tl.maximum(q_cols, -max_cols, propagate_nan=tl.PropagateNan.ALL), max_cols,
+                        propagate_nan=tl.PropagateNan.ALL)
+    tl.store(GQT + cols[:, None] * stride_gqt + rows[None, :], tl.trans(q_cols).to(GQT.dtype.element_ty),
+             mask=tl.trans(mask))
+
+
+def logit_grad_fp8(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor,
+    row_scale: torch.Tensor,
+    scale_rows: torch.Tensor,
+    scale_cols: torch.Tensor,
+    gq: torch.Tensor,
+    gqt: torch.Tensor,
+    clamp_rows: float | None = None,
+    clamp_cols: float | None = None,
+) -> None:
+    """Writes ``g = row_scale[:, None] * (softmax(logits) - onehot(labels))`` (``lse`` the rows'
+    log-sum-exp) as ``gq = float8(g * scale_rows)`` [M, V] and ``gqt[:, :M] = float8(g *
+    scale_cols)^T``, each clamped to its dtype's largest value (NaN stays NaN); the scales are
+    0-dim float32 tensors (on the device: no synchronisation). ``gq`` and ``gqt`` may be float32
+    (the values before rounding: the CPU interpreter's float8 conversion is not IEEE), with
+    ``clamp_rows`` / ``clamp_cols`` the largest values of the float8 dtypes they stand for."""
+    m, v = logits.shape
+    if logits.stride(1) != 1 or gq.stride(1) != 1 or gqt.stride(1) != 1:
+        raise ValueError("logit_grad_fp8: rows must be contiguous")
+    if gq.shape != (m, v) or gqt.shape[0] != v or gqt.shape[1] < m:
+        raise ValueError(f"logit_grad_fp8: gq {tuple(gq.shape)} / gqt {tuple(gqt.shape)} for logits {(m, v)}")
+    if m == 0:
+        return
+    block_t, block_v = 64, 128
+    _ce_grad_fp8_kernel[(triton.cdiv(m, block_t), triton.cdiv(v, block_v))](
+        logits, lse.contiguous(), labels.contiguous(), row_scale.to(torch.float32).contiguous(),
+        scale_rows, scale_cols, gq, gqt, m, v, logits.stride(0), gq.stride(0), gqt.stride(0),
+        clamp_rows or _dtype_max(gq.dtype), clamp_cols or _dtype_max(gqt.dtype), BLOCK_T=block_t, BLOCK_V=block_v, num_warps=8,
+    )  # fmt: skip
+
+
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)

@@ -30,11 +30,16 @@ from nemotron.kernels import use_triton
 
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448
+# e5m2: 2 mantissa bits but 2^32 of range (largest 57344, smallest subnormal 2^-16), for
+# gradients whose elements span many orders of magnitude (the LM head's softmax tails)
+FLOAT8_WIDE = torch.float8_e5m2
+FLOAT8_WIDE_MAX = float(torch.finfo(FLOAT8_WIDE).max)  # 57344
 QUANT_EPS = 1e-12  # the amax of an all-zero row (its values quantize to zero)
 EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent all ones, mantissa 0
 
 __all__ = [
     "FLOAT8",
+    "FLOAT8_WIDE",
     "compiled",
     "emulated_mm",
     "fp8_hardware",
@@ -43,7 +48,10 @@ __all__ = [
     "quantized_weight",
     "reuse_quantized_weights",
     "rowwise",
+    "scale_for",
     "scaled_mm",
+    "tensorwise_mm",
+    "quantize_tensor",
 ]
 
 
@@ -67,6 +75,30 @@ def power_of_two_floor(r: torch.Tensor) -> torch.Tensor:
     """The largest power of two <= r, for positive normal float32 r: r with its mantissa bits
     cleared (exact; `exp2(floor(log2(r)))` can round up just below a power of two)."""
     return (r.view(torch.int32) & EXPONENT_BITS).view(torch.float32)
+
+
+def scale_for(amax: torch.Tensor, dtype: torch.dtype = FLOAT8) -> torch.Tensor:
+    """The float32 scale that maps `amax` (>= 0, any shape) to at most `dtype`'s largest value:
+    `max / amax` rounded down to a power of two (exact descale), `QUANT_EPS` for amax 0."""
+    return power_of_two_floor(torch.finfo(dtype).max / amax.float().clamp(min=QUANT_EPS))
+
+
+def quantize_tensor(
+    x: torch.Tensor, dtype: torch.dtype = FLOAT8, transposed_cols: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x [M, K] -> (float8 [M, K] contiguous, float8 [K, transposed_cols] contiguous or None,
+    float32 0-dim inverse scale), one scale for the whole tensor (same rule as `quantize_rows`).
+    `transposed_cols` (>= M): also the transposed copy, zero beyond column M (pads the
+    contraction dimension of a product over the rows of x to a multiple of 16)."""
+    xf = x.float()
+    scale = scale_for(xf.abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(), dtype)
+    fmax = torch.finfo(dtype).max
+    q = (xf * scale).clamp(-fmax, fmax).to(dtype)
+    qt = None
+    if transposed_cols is not None:
+        qt = torch.zeros(x.shape[1], transposed_cols, dtype=dtype, device=x.device)
+        qt[:, : x.shape[0]] = q.t()
+    return q, qt, 1.0 / scale
 
 
 def relu2_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +145,22 @@ def scaled_mm(a_q: torch.Tensor, a_inv: torch.Tensor, b_q: torch.Tensor, b_inv: 
     """(a_q * a_inv[:, None]) @ (b_q * b_inv[:, None])^T in BF16 on the FP8 tensor cores:
     a_q [M, K] and b_q [N, K] row-quantized, contiguous."""
     return torch._scaled_mm(a_q, b_q.t(), a_inv[:, None], b_inv[None, :], out_dtype=torch.bfloat16)
+
+
+def tensorwise_mm(
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """(a_q * a_inv) @ (b_q * b_inv)^T with one inverse scale per operand (0-dim float32): a_q
+    [M, K] and b_q [N, K] float8 (e4m3 or e5m2, not both e5m2), row-major. On the FP8 tensor
+    cores where the device has them (float32 accumulation, result rounded to `out_dtype`), else
+    the same with float32 products."""
+    if fp8_hardware(a_q.device):
+        return torch._scaled_mm(a_q, b_q.t(), a_inv, b_inv, out_dtype=out_dtype)
+    return ((a_q.float() @ b_q.float().t()) * (a_inv * b_inv)).to(out_dtype)
 
 
 def emulated_mm(
