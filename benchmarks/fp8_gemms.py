@@ -282,7 +282,49 @@ def lm_head_part(cfg: Nano3Config, tokens: int, chunk: int, dev, warmup: int, it
         name: rel(outs[name][1][:rows] / scale, h64.grad) for name in outs
     }
     print(f"lm_head: {json.dumps({k: v for k, v in result.items() if 'rel' in k})}")
+    result["grad_fp8_tiles"] = grad_fp8_tile_sweep(cfg, chunk, dev, warmup, iters)
     return result
+
+
+def grad_fp8_tile_sweep(cfg: Nano3Config, chunk: int, dev, warmup: int, iters: int) -> dict:
+    """The FP8 logit-gradient kernel (one [chunk, V] chunk: reads the BF16 logits, writes e4m3
+    rows and transposed e5m2) per tile shape: ms and GB/s (4 bytes per element moved)."""
+    from nemotron.kernels.cross_entropy_triton import GRAD_FP8_TILE, logit_grad_fp8
+
+    v = cfg.vocab_size
+    logits = (torch.randn(chunk, v, device=dev) * 2.0).bfloat16()
+    labels = torch.randint(0, v, (chunk,), device=dev)
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    row_scale = torch.full((chunk,), 1.0 / 24576, device=dev)
+    sr, sc = torch.tensor(2.0**22, device=dev), torch.tensor(2.0**29, device=dev)
+    gq = torch.empty(chunk, v, dtype=torch.float8_e4m3fn, device=dev)
+    gqt = torch.empty(v, chunk, dtype=torch.float8_e5m2, device=dev)
+    out = {"default": list(GRAD_FP8_TILE)}
+    for tile in (
+        (64, 128, 8),
+        (128, 64, 8),
+        (128, 128, 8),
+        (128, 128, 4),
+        (64, 256, 8),
+        (32, 256, 4),
+        (256, 64, 8),
+    ):
+        try:
+            ms = median(
+                time_ms(
+                    lambda: logit_grad_fp8(logits, lse, labels, row_scale, sr, sc, gq, gqt, tile=tile),
+                    dev,
+                    warmup,
+                    iters,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - a tile the compiler refuses: report, go on
+            out["x".join(map(str, tile))] = {"error": str(err)[:300]}
+            print(f"logit_grad_fp8 tile {tile}: {err}")
+            continue
+        out["x".join(map(str, tile))] = {"ms": ms, "GB_per_s": chunk * v * 4 / ms / 1e6}
+        print(f"logit_grad_fp8 tile {tile}: {ms:.3f} ms ({chunk * v * 4 / ms / 1e6:.0f} GB/s)")
+    return out
 
 
 def main() -> None:
