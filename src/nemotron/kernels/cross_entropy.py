@@ -9,6 +9,11 @@ gradients chunk by chunk, so the backward pass is a scale: 3 matmuls in total in
 that recompute-in-backward needs. Memory beyond the inputs: one chunk of logits plus gradient
 buffers the size of ``hidden`` and (float32) ``weight``. With ``grad_in_forward=False`` nothing is
 kept between the passes and the backward recomputes each chunk's logits.
+
+``fp8=True``: the same chunks with every product on float8 operands (`_fp8_loss_and_grads`); the
+logit gradient is never written in BF16: one pass (a Triton kernel on CUDA) writes it in float8 twice, row-major
+for the hidden gradient and transposed for the weight gradient, which runs once per group of
+`WGRAD_GROUP_ROWS` rows.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def cross_entropy_rows(
 
 
 # (rows, vocabulary columns, warps) of one program of `_ce_grad_fp8_kernel`
-GRAD_FP8_TILE = (64, 128, 8)
+GRAD_FP8_TILE = (32, 256, 4)
 
 
 @triton.jit

@@ -18,9 +18,10 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   weight gradients, quantization fused into the squared ReLU (see that module for why this and
   not torchao's FP8 grouped GEMM).
 
-- the LM head (opt-in, `lm_head`): the chunked LM-head loss computes the logits and the hidden
-  gradient from FP8 operands (`linear_cross_entropy(fp8=True)`, rowwise scales); its weight
-  gradient stays BF16.
+- the LM head (opt-in, `lm_head`): the chunked LM-head loss runs its three products (logits,
+  hidden gradient, weight gradient) on FP8 operands (`linear_cross_entropy(fp8=True)`, one
+  scale per tensor; the logit gradient in e4m3 and, transposed, e5m2, written by the pass
+  that computes it).
 
 The router, norms, embeddings, convolution and the SSD scan keep their precision.
 

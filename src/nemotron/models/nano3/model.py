@@ -189,8 +189,8 @@ class Nano3ForCausalLM(nn.Module):
         # parameters to exactly the single-device weights (`reset_parameters` calls it).
         self.vocab_parallel: VocabParallelOps | None = None
         self.parallel_init: Callable[[nn.Module], None] | None = None
-        # The chunked LM-head loss's logit and hidden-gradient products in FP8 (`train.fp8`
-        # with `lm_head` among its layers sets it; the weights stay what they are).
+        # The chunked LM-head loss's products in FP8 (`train.fp8` with `lm_head` among its
+        # layers sets it; the weights stay what they are).
         self.fp8_lm_head = False
 
     @property
