@@ -657,3 +657,29 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
     a, b = losses(tmp_path / "x1job"), losses(tmp_path / "x2job")
     assert sorted(a) == sorted(b) == [3, 4]
     assert abs(a[3] - f8[3]) < 0.05 * f8[3] and abs(b[3] - bf16[3]) < 0.05 * bf16[3]
+
+
+def test_quantize_tensor_one_scale_both_layouts_and_padding():
+    """`quantize_tensor`: one power-of-two scale for the whole tensor (the largest element lands in
+    (max/2, max] of the format), the transposed copy the same values, zero in its padding
+    columns; e5m2 keeps elements e4m3 flushes; NaN stays NaN without setting the scale."""
+    from nemotron.kernels.fp8 import FLOAT8_WIDE, quantize_tensor, scale_for
+
+    x = torch.randn(37, 48) * torch.logspace(-6, 2, 48)
+    x[3, 5] = float("nan")
+    for dtype in (torch.float8_e4m3fn, FLOAT8_WIDE):
+        fmax = torch.finfo(dtype).max
+        q, qt, inv = quantize_tensor(x, dtype, transposed_cols=48)
+        amax = x.nan_to_num(0.0).abs().max()
+        assert torch.equal(inv, 1.0 / scale_for(amax, dtype)) and fmax / 2 < float(amax / inv) <= fmax
+        assert q.dtype == dtype and q.float()[3, 5].isnan()
+        want = x / inv
+        ok = ~want.isnan()
+        assert torch.all((q.float()[ok] - want[ok]).abs() <= want[ok].abs() * 2**-3 + 2**-9)
+        assert torch.equal(qt[:, :37].float().nan_to_num(7.0), q.t().float().nan_to_num(7.0))
+        assert torch.all(qt[:, 37:].float() == 0) and qt.is_contiguous()
+    tiny = x[0, 0:8].abs().clone()
+    tiny[0] = 1.0
+    tiny[1:] = 2.0**-20  # below e4m3's range at a scale for 1.0 (2^-12 < 2^-9), inside e5m2's
+    assert float(quantize_tensor(tiny[None], torch.float8_e4m3fn)[0].float()[0, 1]) == 0.0
+    assert float(quantize_tensor(tiny[None], FLOAT8_WIDE)[0].float()[0, 1]) > 0.0

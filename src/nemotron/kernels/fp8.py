@@ -95,7 +95,9 @@ def quantize_tensor(
     fmax = torch.finfo(dtype).max
     q = (xf * scale).clamp(-fmax, fmax).to(dtype)
     qt = None
-    if transposed_cols is not None:
+    if transposed_cols == x.shape[0]:
+        qt = q.t().contiguous()
+    elif transposed_cols is not None:
         qt = torch.zeros(x.shape[1], transposed_cols, dtype=dtype, device=x.device)
         qt[:, : x.shape[0]] = q.t()
     return q, qt, 1.0 / scale
