@@ -164,7 +164,14 @@ _ALIGN = 16  # the FP8 GEMM's contraction dimension must be a multiple of 16
 _FP32_OUT_SCALED_MM: dict[str, bool | None] = {"ok": None}  # does _scaled_mm return float32?
 
 
-def _weight_grad_fp8(gqt, g_inv, hqt, h_inv, dweight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+def _weight_grad_fp8(
+    gqt: torch.Tensor,
+    g_inv: torch.Tensor,
+    hqt: torch.Tensor,
+    h_inv: torch.Tensor,
+    dweight: torch.Tensor | None,
+    acc: torch.dtype,
+) -> torch.Tensor:
     """dweight (acc dtype [V, h]; None: a new one) += (gqt * g_inv) @ (hqt * h_inv)^T. The first
     product is written in `acc` directly; later ones in BF16 and added (a BF16 [V, h] temporary
     instead of a float32 one; their FP8 error is ~50x BF16's rounding)."""
@@ -197,8 +204,16 @@ def _logit_grad_fp8_triton(logits, lse, labels, row_scale, scale_rows, scale_col
 
 
 def _fp8_loss_and_grads(
-    h_all, w, head: Fp8HeadWeight, labels, token_w, row_scale, chunk_size, use_triton, acc
-):
+    h_all: torch.Tensor,
+    w: torch.Tensor,
+    head: Fp8HeadWeight,
+    labels: torch.Tensor,
+    token_w: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    chunk_size: int,
+    use_triton: bool,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunked loss with every LM-head product on float8 operands (see `linear_cross_entropy`):
     (sum of token_w * loss, d hidden or None, d weight or None), the gradients those of the loss
     weighted per row by `row_scale` (None: no gradients).
@@ -226,7 +241,7 @@ def _fp8_loss_and_grads(
         g1 = min(n, g0 + group)
         cols = -(-(g1 - g0) // _ALIGN) * _ALIGN
         hq, hqt, h_inv = quantize_hidden(h_all[g0:g1], FLOAT8, cols if want_grad else None)
-        if want_grad:
+        if row_scale is not None:
             scale_cols = scale_for(row_scale[g0:g1].abs().amax(), FLOAT8_WIDE)
             gqt = torch.empty(v, cols, dtype=FLOAT8_WIDE, device=dev)
             gqt[:, g1 - g0 :].zero_()
@@ -235,7 +250,7 @@ def _fp8_loss_and_grads(
             logits = tensorwise_mm(hq[s - g0 : e - g0], h_inv, wq, w_inv)
             loss, lse, _ = rows(logits, labels[s:e], None)
             total += (loss.to(acc) * token_w[s:e]).sum()
-            if want_grad:
+            if row_scale is not None:
                 sc = row_scale[s:e]
                 scale_rows = scale_for((sc.abs() * -torch.expm1(-loss.float())).amax(), FLOAT8)
                 gq = torch.empty(e - s, v, dtype=FLOAT8, device=dev)
@@ -243,7 +258,7 @@ def _fp8_loss_and_grads(
                 del logits
                 assert dhidden is not None
                 dhidden[s:e] = tensorwise_mm(gq, 1.0 / scale_rows, wqt, w_inv)
-        if want_grad:
+        if row_scale is not None:
             dweight = _weight_grad_fp8(gqt, 1.0 / scale_cols, hqt, h_inv, dweight, acc)
     if want_grad and dweight is None:  # no rows
         dweight = torch.zeros(w.shape, dtype=acc, device=dev)
