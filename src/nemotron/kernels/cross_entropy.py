@@ -28,6 +28,7 @@ from nemotron.kernels.fp8 import (
     FLOAT8_MAX,
     FLOAT8_WIDE,
     FLOAT8_WIDE_MAX,
+    FP8_ALIGN,
     compiled,
     quantize_tensor,
     quantized_weight,
@@ -159,9 +160,6 @@ class Fp8HeadWeight:
 # one-GPU proxy) they would save two [V, h] accumulation passes (~1 ms each) but their 3 GiB,
 # at the step's peak of memory, sent the H200 proxy into allocator retries (docs/benchmarks.md).
 WGRAD_GROUP_ROWS = 8192
-_ALIGN = 16  # the FP8 GEMM's contraction dimension must be a multiple of 16
-
-_FP32_OUT_SCALED_MM: dict[str, bool | None] = {"ok": None}  # does _scaled_mm return float32?
 
 
 def _weight_grad_fp8(
@@ -175,16 +173,9 @@ def _weight_grad_fp8(
     """dweight (acc dtype [V, h]; None: a new one) += (gqt * g_inv) @ (hqt * h_inv)^T. The first
     product is written in `acc` directly; later ones in BF16 and added (a BF16 [V, h] temporary
     instead of a float32 one; their FP8 error is ~50x BF16's rounding)."""
-    if dweight is not None:
-        return dweight.add_(tensorwise_mm(gqt, g_inv, hqt, h_inv))
-    if _FP32_OUT_SCALED_MM["ok"] is not False:
-        try:
-            out = tensorwise_mm(gqt, g_inv, hqt, h_inv, out_dtype=acc)
-            _FP32_OUT_SCALED_MM["ok"] = True
-            return out
-        except (RuntimeError, NotImplementedError):
-            _FP32_OUT_SCALED_MM["ok"] = False
-    return tensorwise_mm(gqt, g_inv, hqt, h_inv).to(acc)
+    if dweight is None:
+        return tensorwise_mm(gqt, g_inv, hqt, h_inv, out_dtype=acc)
+    return dweight.add_(tensorwise_mm(gqt, g_inv, hqt, h_inv))
 
 
 def _logit_grad_fp8_torch(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt) -> None:
@@ -239,7 +230,7 @@ def _fp8_loss_and_grads(
     group = max(chunk_size, WGRAD_GROUP_ROWS // chunk_size * chunk_size)
     for g0 in range(0, n, group):
         g1 = min(n, g0 + group)
-        cols = -(-(g1 - g0) // _ALIGN) * _ALIGN
+        cols = -(-(g1 - g0) // FP8_ALIGN) * FP8_ALIGN  # the contraction of the weight gradient
         hq, hqt, h_inv = quantize_hidden(h_all[g0:g1], FLOAT8, cols if want_grad else None)
         if row_scale is not None:
             scale_cols = scale_for(row_scale[g0:g1].abs().amax(), FLOAT8_WIDE)
@@ -271,22 +262,31 @@ def _head_products(w: torch.Tensor):
     return (lambda h: h @ w.t()), (lambda g: g @ w)
 
 
-def _bf16_loss_and_grads(h_all, w, labels, token_w, inv_denom, chunk_size, grad_in_forward, rows, acc):
-    """The chunked loss in the compute dtype: (sum of token_w * loss, d hidden, d weight), the
-    gradients (of the mean loss) only with `grad_in_forward`."""
+def _bf16_loss_and_grads(
+    h_all: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    token_w: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    chunk_size: int,
+    rows,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunked loss in the compute dtype: (sum of token_w * loss, d hidden or None, d weight
+    or None), the gradients those of the loss weighted per row by `row_scale` (None: none)."""
     n = h_all.shape[0]
     logits_of, input_grad_of = _head_products(w)
     total = torch.zeros((), dtype=acc, device=h_all.device)
     dhidden = dweight = None
-    if grad_in_forward:
+    if row_scale is not None:
         dhidden = torch.empty_like(h_all)
         dweight = torch.zeros(w.shape, dtype=acc, device=w.device)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
-        scale = token_w[s:e] * inv_denom if grad_in_forward else None
+        scale = None if row_scale is None else row_scale[s:e]
         loss, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale)
         total += (loss.to(acc) * token_w[s:e]).sum()
-        if grad_in_forward:
+        if dhidden is not None and dweight is not None:
             dhidden[s:e] = input_grad_of(grad)
             _accumulate_weight_grad(dweight, grad, h_all[s:e])
     return total, dhidden, dweight
@@ -308,15 +308,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             safe_labels = labels.clamp_min(0)
             token_w = token_w.to(acc)
             inv_denom = 1.0 / denom.to(acc)
+            row_scale = token_w * inv_denom if grad_in_forward else None
             if fp8 is not None:
-                row_scale = token_w * inv_denom if grad_in_forward else None
                 total, dhidden, dweight = _fp8_loss_and_grads(
                     h_all, w, fp8, safe_labels, token_w, row_scale, chunk_size, use_triton, acc
                 )
                 fp8.release()  # not held until backward
             else:
                 total, dhidden, dweight = _bf16_loss_and_grads(
-                    h_all, w, safe_labels, token_w, inv_denom, chunk_size, grad_in_forward, rows, acc
+                    h_all, w, safe_labels, token_w, row_scale, chunk_size, rows, acc
                 )
         ctx.chunk_size = chunk_size
         ctx.grad_in_forward = grad_in_forward
@@ -346,21 +346,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(ctx.compute), weight.to(ctx.compute)
             scale_all = token_w * (inv_denom * grad_out.to(token_w.dtype))
+            acc = token_w.dtype
             if ctx.fp8 is not None:
-                acc = token_w.dtype
                 _, dhidden, dweight = _fp8_loss_and_grads(
                     h_all, w, ctx.fp8, labels, token_w, scale_all, ctx.chunk_size, ctx.use_triton, acc
                 )
                 ctx.fp8.release()
             else:
-                dhidden = torch.empty_like(h_all)
-                dweight = torch.zeros(weight.shape, dtype=token_w.dtype, device=weight.device)
-                logits_of, input_grad_of = _head_products(w)
-                for s in range(0, hidden.shape[0], ctx.chunk_size):
-                    e = min(hidden.shape[0], s + ctx.chunk_size)
-                    _, _, grad = rows(logits_of(h_all[s:e]), labels[s:e], scale_all[s:e])
-                    dhidden[s:e] = input_grad_of(grad)
-                    _accumulate_weight_grad(dweight, grad, h_all[s:e])
+                _, dhidden, dweight = _bf16_loss_and_grads(
+                    h_all, w, labels, token_w, scale_all, ctx.chunk_size, rows, acc
+                )
+        assert dhidden is not None and dweight is not None
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
 

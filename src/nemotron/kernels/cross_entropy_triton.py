@@ -17,9 +17,8 @@ __all__ = ["cross_entropy_rows", "logit_grad_fp8"]
 
 
 @triton.jit
-def _ce_rows_kernel(
-    LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr
-):
+def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
+                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     cols = tl.arange(0, BLOCK_V)
@@ -31,9 +30,7 @@ def _ce_rows_kernel(
         # Lanes that have only seen -inf (the masked tail) keep acc = 0: never form -inf - -inf.
         seen = m_new != float("-inf")
         safe_m = tl.where(seen, m_new, 0.0)
-        acc = acc * tl.exp(tl.where(seen, m, 0.0) - safe_m) + tl.exp(
-            tl.where(seen, x, float("-inf")) - safe_m
-        )
+        acc = acc * tl.exp(tl.where(seen, m, 0.0) - safe_m) + tl.exp(tl.where(seen, x, float("-inf")) - safe_m)
         m = m_new
     m_row = tl.max(m, axis=0)
     total = tl.sum(acc * tl.exp(tl.where(m != float("-inf"), m, m_row) - m_row), axis=0)
@@ -65,18 +62,8 @@ def cross_entropy_rows(
     write = row_scale is not None
     scale = loss if row_scale is None else row_scale.to(torch.float32).contiguous()
     block = min(4096, triton.next_power_of_2(v))
-    _ce_rows_kernel[(m,)](
-        logits,
-        labels.contiguous(),
-        scale,
-        loss,
-        lse,
-        v,
-        logits.stride(0),
-        WRITE_GRAD=write,
-        BLOCK_V=block,
-        num_warps=8,
-    )
+    _ce_rows_kernel[(m,)](logits, labels.contiguous(), scale, loss, lse, v, logits.stride(0),
+                          WRITE_GRAD=write, BLOCK_V=block, num_warps=8)
     return loss, lse
 
 
@@ -85,25 +72,9 @@ GRAD_FP8_TILE = (32, 256, 4)
 
 
 @triton.jit
-def _ce_grad_fp8_kernel(
-    LOGITS,
-    LSE,
-    LABELS,
-    ROW_SCALE,
-    SCALE_ROWS,
-    SCALE_COLS,
-    GQ,
-    GQT,
-    T,
-    V,
-    stride_l,
-    stride_gq,
-    stride_gqt,
-    max_rows,
-    max_cols,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+def _ce_grad_fp8_kernel(LOGITS, LSE, LABELS, ROW_SCALE, SCALE_ROWS, SCALE_COLS, GQ, GQT,
+                        T, V, stride_l, stride_gq, stride_gqt, max_rows, max_cols,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
     # One [BLOCK_T, BLOCK_V] tile of the logit gradient g = row_scale * (softmax - onehot),
     # written twice in float8: scaled by SCALE_ROWS into GQ [T, V] and by SCALE_COLS, transposed,
     # into GQT [V, >= T]. The transposed store walks T, contiguous in GQT: the tile makes both
@@ -119,23 +90,14 @@ def _ce_grad_fp8_kernel(
     g = tl.exp(x - lse[:, None]) * s[:, None]
     g = tl.where(cols[None, :] == label[:, None], g - s[:, None], g)
     q_rows = g * tl.load(SCALE_ROWS)
-    q_rows = tl.minimum(
-        tl.maximum(q_rows, -max_rows, propagate_nan=tl.PropagateNan.ALL),
-        max_rows,
-        propagate_nan=tl.PropagateNan.ALL,
-    )
+    q_rows = tl.minimum(tl.maximum(q_rows, -max_rows, propagate_nan=tl.PropagateNan.ALL), max_rows,
+                        propagate_nan=tl.PropagateNan.ALL)
     tl.store(GQ + rows[:, None] * stride_gq + cols[None, :], q_rows.to(GQ.dtype.element_ty), mask=mask)
     q_cols = g * tl.load(SCALE_COLS)
-    q_cols = tl.minimum(
-        tl.maximum(q_cols, -max_cols, propagate_nan=tl.PropagateNan.ALL),
-        max_cols,
-        propagate_nan=tl.PropagateNan.ALL,
-    )
-    tl.store(
-        GQT + cols[:, None] * stride_gqt + rows[None, :],
-        tl.trans(q_cols).to(GQT.dtype.element_ty),
-        mask=tl.trans(mask),
-    )
+    q_cols = tl.minimum(tl.maximum(q_cols, -max_cols, propagate_nan=tl.PropagateNan.ALL), max_cols,
+                        propagate_nan=tl.PropagateNan.ALL)
+    tl.store(GQT + cols[:, None] * stride_gqt + rows[None, :], tl.trans(q_cols).to(GQT.dtype.element_ty),
+             mask=tl.trans(mask))
 
 
 def logit_grad_fp8(
@@ -169,8 +131,9 @@ def logit_grad_fp8(
     _ce_grad_fp8_kernel[(triton.cdiv(m, block_t), triton.cdiv(v, block_v))](
         logits, lse.contiguous(), labels.contiguous(), row_scale.to(torch.float32).contiguous(),
         scale_rows, scale_cols, gq, gqt, m, v, logits.stride(0), gq.stride(0), gqt.stride(0),
-        clamp_rows or _dtype_max(gq.dtype), clamp_cols or _dtype_max(gqt.dtype), BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps,
-    )  # fmt: skip
+        clamp_rows or _dtype_max(gq.dtype), clamp_cols or _dtype_max(gqt.dtype),
+        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps,
+    )
 
 
 def _dtype_max(dtype: torch.dtype) -> float:

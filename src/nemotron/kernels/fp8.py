@@ -36,10 +36,14 @@ FLOAT8_WIDE = torch.float8_e5m2
 FLOAT8_WIDE_MAX = float(torch.finfo(FLOAT8_WIDE).max)  # 57344
 QUANT_EPS = 1e-12  # the amax of an all-zero row (its values quantize to zero)
 EXPONENT_BITS = 0x7F800000  # float32 sign 0, exponent all ones, mantissa 0
+# torch._scaled_mm / _scaled_grouped_mm: both GEMM dimensions of an operand multiples of 16;
+# the grouped GEMM also needs each expert's row group aligned to 16 rows.
+FP8_ALIGN = 16
 
 __all__ = [
     "FLOAT8",
     "FLOAT8_WIDE",
+    "FP8_ALIGN",
     "compiled",
     "emulated_mm",
     "fp8_hardware",

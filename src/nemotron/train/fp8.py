@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nemotron.kernels.fp8 import fp8_hardware  # noqa: F401  (re-exported)
+from nemotron.kernels.fp8 import FLOAT8, FP8_ALIGN, fp8_hardware  # noqa: F401  (re-exported)
 from nemotron.models.nano3.moe import GroupedExperts, local_experts
 from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
     DEFAULT_FP8_LAYERS,
@@ -64,10 +64,6 @@ from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import 
 from nemotron.train.fp8_grouped import fp8_expert_mlp
 
 MIN_TORCHAO = (0, 18)
-# torch._scaled_mm / _scaled_grouped_mm: both GEMM dimensions of an operand multiples of 16;
-# the grouped GEMM also needs each expert's row group aligned to 16 rows.
-FP8_ALIGN = 16
-FLOAT8 = torch.float8_e4m3fn
 
 
 class Fp8Unavailable(RuntimeError):
