@@ -223,15 +223,14 @@ def _fp8_loss_and_grads(
     logit_grad = _logit_grad_fp8_triton if use_triton else _logit_grad_fp8_torch
     quantize_hidden = compiled("lm_head_hidden", quantize_tensor, dev)
     wq, wqt, w_inv = head.tensorwise(w)
-    want_grad = row_scale is not None
     total = torch.zeros((), dtype=acc, device=dev)
-    dhidden = torch.empty_like(h_all) if want_grad else None
+    dhidden = None if row_scale is None else torch.empty_like(h_all)
     dweight = None
     group = max(chunk_size, WGRAD_GROUP_ROWS // chunk_size * chunk_size)
     for g0 in range(0, n, group):
         g1 = min(n, g0 + group)
         cols = -(-(g1 - g0) // FP8_ALIGN) * FP8_ALIGN  # the contraction of the weight gradient
-        hq, hqt, h_inv = quantize_hidden(h_all[g0:g1], FLOAT8, cols if want_grad else None)
+        hq, hqt, h_inv = quantize_hidden(h_all[g0:g1], FLOAT8, None if row_scale is None else cols)
         if row_scale is not None:
             scale_cols = scale_for(row_scale[g0:g1].abs().amax(), FLOAT8_WIDE)
             gqt = torch.empty(v, cols, dtype=FLOAT8_WIDE, device=dev)
@@ -251,7 +250,7 @@ def _fp8_loss_and_grads(
                 dhidden[s:e] = tensorwise_mm(gq, 1.0 / scale_rows, wqt, w_inv)
         if row_scale is not None:
             dweight = _weight_grad_fp8(gqt, 1.0 / scale_cols, hqt, h_inv, dweight, acc)
-    if want_grad and dweight is None:  # no rows
+    if row_scale is not None and dweight is None:  # no rows
         dweight = torch.zeros(w.shape, dtype=acc, device=dev)
     return total, dhidden, dweight
 
