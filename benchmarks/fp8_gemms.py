@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import environment, time_ms  # noqa: E402
 
-from nemotron.kernels.fp8 import quantize_rows, relu2_rows, reuse_quantized_weights, rowwise  # noqa: E402
+from nemotron.kernels.fp8 import quantize_rows, quantize_tensor, relu2_rows, reuse_quantized_weights, rowwise  # noqa: E402
 from nemotron.models.nano3.config import Nano3Config  # noqa: E402
 from nemotron.train.fp8_grouped import fp8_expert_mlp  # noqa: E402
 
@@ -204,6 +204,144 @@ def expert_mlp_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int)
     return result
 
 
+def expert_wgrad_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    """The routed experts' two weight-gradient products at the proxy's rows: BF16
+    `torch._grouped_mm` (what `fp8_expert_mlp` runs) against FP8 `torch._scaled_grouped_mm` with
+    the contraction over each expert's rows (operands transposed, every group padded to 16
+    rows, one scale per (expert, output row)), plus candidate passes that make those operands
+    (compiled; bandwidth estimates) and the per-expert weight transposition."""
+    counts = routed_rows(tokens, cfg, dev)
+    padded = (counts + 15) // 16 * 16
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    offs_pad = torch.cumsum(padded, 0, dtype=torch.int32)
+    rows, rows_pad = int(counts.sum()), int(padded.sum())
+    experts, hidden, ffn = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+    starts = offs - counts
+    starts_pad = offs_pad - padded
+    # padded position of every row
+    row_ids = torch.arange(rows, device=dev)
+    group = torch.repeat_interleave(torch.arange(experts, device=dev), counts, output_size=rows)
+    dest = row_ids - starts[group] + starts_pad[group]
+    result: dict = {"rows": rows, "rows_padded": rows_pad}
+    torch.manual_seed(0)
+    for name, m, n in (("down", hidden, ffn), ("up", ffn, hidden)):
+        grad = torch.randn(rows, m, device=dev, dtype=torch.bfloat16)
+        inp = torch.randn(rows, n, device=dev, dtype=torch.bfloat16).relu()
+        bf16 = median(time_ms(lambda: torch._grouped_mm(grad.t(), inp, offs=offs), dev, warmup, iters))
+
+        def transposed(x):
+            xt = torch.zeros(x.shape[1], rows_pad, dtype=x.dtype, device=dev)
+            xt[:, dest] = x.t()
+            return xt
+
+        g_q, g_inv = quantize_tensor(grad)[0], quantize_tensor(grad)[2]
+        i_q, i_inv = quantize_tensor(inp)[0], quantize_tensor(inp)[2]
+        gt_q, it_q = transposed(g_q), transposed(i_q)
+        sa = g_inv.reshape(1).expand(experts * m).contiguous().float()
+        sb = i_inv.reshape(1).expand(experts * n).contiguous().float()
+        res = {"bf16_ms": bf16}
+        for out_dtype in (torch.bfloat16, torch.float32):
+            try:
+
+                def fn(out_dtype=out_dtype):
+                    return torch._scaled_grouped_mm(
+                        gt_q, it_q.t(), sa, sb, offs=offs_pad, out_dtype=out_dtype
+                    )
+
+                res[f"fp8_{str(out_dtype)[6:]}_ms"] = median(time_ms(fn, dev, warmup, iters))
+                ref = torch._grouped_mm(grad.t(), inp, offs=offs).float()
+                res[f"fp8_{str(out_dtype)[6:]}_vs_bf16_rel"] = float((fn().float() - ref).norm() / ref.norm())
+            except Exception as err:  # noqa: BLE001 - report and go on
+                res[f"fp8_{str(out_dtype)[6:]}_error"] = str(err)[:300]
+        # candidate quantization passes (compiled PyTorch, bandwidth estimates)
+        scale = torch.tensor(1.0, device=dev)
+
+        def from_bf16(x):
+            xt = torch.zeros(x.shape[1], rows_pad, dtype=F8, device=dev)
+            xt[:, dest] = (x.float() * scale).to(F8).t()
+            return xt
+
+        def from_fp8(xq):
+            xt = torch.zeros(xq.shape[1], rows_pad, dtype=F8, device=dev)
+            xt[:, dest] = (xq.float() * scale).to(F8).t()
+            return xt
+
+        for label, fn, arg in (
+            ("transpose_from_bf16", from_bf16, grad),
+            ("transpose_from_fp8", from_fp8, g_q),
+        ):
+            c = torch.compile(fn, fullgraph=True, dynamic=False)
+            res[f"{label}_ms"] = median(time_ms(lambda: c(arg), dev, warmup, iters))
+        result[name] = res
+        print(f"expert wgrad {name}: {res}")
+    # the weights' transposed form for the input gradient: per-column scales (the compiled
+    # `quantize_rows` of the transposed weight, what `fp8_expert_mlp` ran before) against one
+    # known scale per expert matrix (`quantize_transposed`, what it runs now)
+    from nemotron.kernels.fp8 import quantize_transposed
+
+    w = torch.randn(experts, ffn, hidden, device=dev, dtype=torch.bfloat16) * 0.02
+    cols = torch.compile(lambda w: quantize_rows(w.transpose(-2, -1)), fullgraph=True, dynamic=False)
+    inv = quantize_rows(w)[1].amax(-1)
+    per_matrix = torch.compile(quantize_transposed, fullgraph=True, dynamic=False)
+    result["weight_columns_ms"] = median(time_ms(lambda: cols(w), dev, warmup, iters))
+    result["weight_transposed_per_matrix_ms"] = median(
+        time_ms(lambda: per_matrix(w, inv), dev, warmup, iters)
+    )
+    print(
+        f"expert weight transposed: per column {result['weight_columns_ms']:.3f} ms, "
+        f"one scale per matrix {result['weight_transposed_per_matrix_ms']:.3f} ms"
+    )
+    return result
+
+
+def grouped_autotune_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    """The routed experts' forward and input-gradient grouped products at the proxy's rows, eager
+    (CUTLASS, what `torch._grouped_mm` / `torch._scaled_grouped_mm` run) against
+    `torch.compile(mode="max-autotune-no-cudagraphs")` of the same call (Inductor may pick its
+    Triton grouped-GEMM template), BF16 and FP8 (rowwise scales), each checked against eager."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+    counts = routed_rows(tokens, cfg, dev)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows, experts = int(counts.sum()), cfg.num_experts
+    hidden, ffn = cfg.hidden_size, cfg.moe_ffn_hidden_size
+    torch.manual_seed(0)
+    result: dict = {"rows": rows}
+    for name, k, n in (("up_fwd", hidden, ffn), ("down_fwd", ffn, hidden)):
+        a = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(experts, n, k, device=dev, dtype=torch.bfloat16) * 0.02  # [E, N, K]
+        a_q, a_inv = quantize_rows(a)
+        w_q, w_inv = quantize_rows(w)
+
+        def bf16(a, w, offs):
+            return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+
+        def fp8(a_q, w_q, a_inv, w_inv, offs):
+            return torch._scaled_grouped_mm(
+                a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16
+            )
+
+        res = {}
+        for label, fn, args in (("bf16", bf16, (a, w, offs)), ("fp8", fp8, (a_q, w_q, a_inv, w_inv, offs))):
+            eager_out = fn(*args)
+            res[f"{label}_eager_ms"] = median(time_ms(lambda fn=fn, args=args: fn(*args), dev, warmup, iters))
+            try:
+                tuned = torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False)
+                out = tuned(*args)
+                res[f"{label}_autotuned_ms"] = median(
+                    time_ms(lambda t=tuned, args=args: t(*args), dev, warmup, iters)
+                )
+                res[f"{label}_autotuned_vs_eager_rel"] = float(
+                    (out.float() - eager_out.float()).norm() / eager_out.float().norm()
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on
+                res[f"{label}_autotuned_error"] = str(err)[:300]
+        result[name] = res
+        print(f"grouped autotune {name}: {res}")
+    return result
+
+
 def quant_part(dev, warmup: int, iters: int) -> dict:
     out = {}
     # routed rows x hidden / x expert ffn (relu2), expert weights, LM head weight and hidden
@@ -362,6 +500,10 @@ def main() -> None:
             print(f"per micro-batch {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in tot.items()))
     if "experts" in parts:
         result["experts"] = expert_mlp_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "expert_wgrad" in parts:
+        result["expert_wgrad"] = expert_wgrad_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "grouped_autotune" in parts:
+        result["grouped_autotune"] = grouped_autotune_part(cfg, tokens, dev, args.warmup, args.iters)
     if "quant" in parts:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
     if "lm_head" in parts:

@@ -7,6 +7,7 @@ Tests that need torchao skip with the reason when it is not installed."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -224,14 +225,18 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
-    """Forward and input-gradient products from float8 operands (rowwise, power-of-two scales:
-    x and h per row, up and down per output row; dout and dh_pre per row, down and up per
-    input column), each product rounded to BF16; weight gradients from the BF16 operands.
+    """Forward and input-gradient products from float8 operands (power-of-two scales: x and h
+    per row, up and down per output row; dout and dh_pre per row, down and up one scale per
+    expert matrix), each product rounded to BF16; weight gradients from the BF16 operands.
     Written out per expert in float64 (no torchao needed: the experts' path is PyTorch's)."""
     torch.manual_seed(2)
     experts = GroupedExperts(
         num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
     )
+    with torch.no_grad():  # columns 10^4 apart: the smallest land in e4m3's subnormals with one
+        # scale per matrix (per-column scales would keep their 3 mantissa bits)
+        experts.up_proj.mul_(torch.logspace(-4, 0, 32))
+        experts.down_proj.mul_(torch.logspace(-4, 0, 48))
     f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
     assert f8.up_proj is experts.up_proj  # shared, not copied
     counts = torch.tensor([7, 0, 19, 2])
@@ -249,9 +254,9 @@ def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
         pre = _bf16(_rows(xe, True) @ _rows(up[e], True).T)
         h = torch.relu(pre) ** 2
         outs.append(_bf16(_rows(h, True) @ _rows(down[e], True).T))
-        dh = _bf16(_rows(ge, True) @ _rows(down[e].T, True).T)  # down per column over hidden
+        dh = _bf16(_rows(ge, True) @ _tensor(down[e], True))  # down: one scale per expert
         dpre = _bf16(dh * 2 * torch.relu(pre))
-        dxs.append(_bf16(_rows(dpre, True) @ _rows(up[e].T, True).T))  # up per column over ffn
+        dxs.append(_bf16(_rows(dpre, True) @ _tensor(up[e], True)))  # up: one scale per expert
         dups.append(dpre.T @ xe)
         ddowns.append(ge.T @ _bf16(h))
         lo += c
@@ -259,6 +264,10 @@ def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
     assert _rel(x.grad, torch.cat(dxs)) < 1e-3
     assert _rel(experts.up_proj.grad, torch.stack(dups)) < 1e-2  # BF16-rounded products
     assert _rel(experts.down_proj.grad, torch.stack(ddowns)) < 1e-2
+    # the smallest columns alone (a whole-tensor error would not see their roundings): the
+    # input gradient's through up, up's gradient rows through down
+    assert _rel(x.grad[:, :4], torch.cat(dxs)[:, :4]) < 1e-3
+    assert _rel(experts.up_proj.grad[:, :4], torch.stack(dups)[:, :4]) < 1e-2
     assert experts.up_proj.grad[1].abs().sum() == 0  # the expert with no rows
     assert experts.down_proj.grad[1].abs().sum() == 0
     exact = GroupedExperts.forward(experts, x.detach(), counts)
@@ -280,7 +289,7 @@ def test_float8_grouped_experts_take_a_rank_with_no_rows():
 
 
 def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
-    from nemotron.kernels.fp8 import quantize_columns, quantize_rows
+    from nemotron.kernels.fp8 import quantize_rows, quantize_transposed
 
     torch.manual_seed(3)
     x = torch.randn(6, 40) * torch.logspace(-6, 3, 6)[:, None]
@@ -294,8 +303,16 @@ def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
     assert torch.all((top[nonzero] >= 224) & (top[nonzero] <= E4M3_MAX)) and top[2] == 0
     back = q.float() * inv[:, None]
     assert torch.all((back - x).abs() <= x.abs() * 2**-4 + inv[:, None] * 2**-9)  # e4m3: 3 mantissa bits
-    qt, inv_t = quantize_columns(x[None])
-    assert qt.shape == (1, 40, 6) and qt.is_contiguous() and torch.equal(inv_t[0], quantize_rows(x.T)[1])
+    # the transposed copy with one scale per matrix: the largest row inverse scale is the scale
+    # of the matrix's amax, and the values are the per-tensor rounding of x
+    w = torch.stack([x, x * 2.0**-20])
+    _, inv_rows = quantize_rows(w)
+    qt, inv_t = quantize_transposed(w, inv_rows.amax(-1))
+    assert qt.shape == (2, 40, 6) and qt.is_contiguous() and inv_t.shape == (2, 40)
+    for m in range(2):
+        whole = float(w[m].abs().amax())
+        assert torch.all(inv_t[m] == 2.0 ** -math.floor(math.log2(E4M3_MAX / whole)))
+        assert torch.equal((qt[m].double() * inv_t[m, :, None]).T, _tensor(w[m], True))
 
 
 @pytest.mark.parametrize("group_rows", [None, 64])
@@ -433,7 +450,7 @@ def _count_weight_quantizations(monkeypatch, module) -> list[str]:
 
 def test_fp8_experts_and_lm_head_quantize_their_weights_once_per_step(monkeypatch):
     """Three micro-batches' forward and backward in one reuse scope: each FP8 weight form
-    (experts' up/down per row and per column, the LM head's one tensorwise pair) made once,
+    (experts' up/down per row and transposed, the LM head's one tensorwise pair) made once,
     and every gradient bit for bit what quantizing on every call gives."""
     from nemotron.kernels import cross_entropy as ce_mod
     from nemotron.kernels.fp8 import reuse_quantized_weights
@@ -462,7 +479,7 @@ def test_fp8_experts_and_lm_head_quantize_their_weights_once_per_step(monkeypatc
         return [p.grad.clone() for p in (experts.up_proj, experts.down_proj, head)]
 
     every_call = grads(False)
-    forms = ["down_proj.columns", "down_proj.rows", "up_proj.columns", "up_proj.rows"]
+    forms = ["down_proj.rows", "down_proj.transposed", "up_proj.rows", "up_proj.transposed"]
     assert sorted(set(expert_forms)) == forms
     assert len(expert_forms) == 12 and len(head_forms) == 3  # 3 micro-batches x each form
     expert_forms.clear()

@@ -47,7 +47,6 @@ __all__ = [
     "compiled",
     "emulated_mm",
     "fp8_hardware",
-    "quantize_columns",
     "quantize_rows",
     "quantized_weight",
     "reuse_quantized_weights",
@@ -56,6 +55,7 @@ __all__ = [
     "scaled_mm",
     "tensorwise_mm",
     "quantize_tensor",
+    "quantize_transposed",
 ]
 
 
@@ -112,10 +112,18 @@ def relu2_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(torch.relu(x.float()).square())
 
 
-def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] -> `quantize_rows(w^T)`: [..., K, N] materialised, one scale per column of
-    w (over N). What the input-gradient product needs of a weight quantized per row forward."""
-    return quantize_rows(w.transpose(-2, -1))
+def quantize_transposed(w: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] and one power-of-two inverse scale per matrix inv [...] -> (float8 e4m3
+    [..., K, N] contiguous, float32 inverse scales [..., K]: the matrix's, repeated). What the
+    input-gradient product needs of a weight quantized per row for the forward: with `inv` the
+    largest of the matrix's `quantize_rows` inverse scales (`inv_rows.amax(-1)`), which is
+    exactly the scale of the whole matrix's amax, no second reduction over the weight is needed
+    and the pass is one read and one transposed write."""
+    scale = 1.0 / inv.float()  # exact: a power of two
+    q = (w.float() * scale[..., None, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
+    return q.transpose(-2, -1).contiguous(), inv.float()[..., None].expand(
+        *inv.shape, w.shape[-1]
+    ).contiguous()
 
 
 def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

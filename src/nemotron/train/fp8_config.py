@@ -34,7 +34,7 @@ class Fp8Config:
     fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True
-    # The routed experts' and the LM head's FP8 weight copies (per row and per column) made once
+    # The routed experts' and the LM head's FP8 weight copies (per row and transposed) made once
     # per optimizer step and reused by every micro-batch, held for the step: one byte per weight
     # element per form, the size of those weights in BF16 (the torchao dense linears quantize
     # per call either way). Off by default: it pays only with memory to spare (H200, proxy at

@@ -14,16 +14,23 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
 - forward and input-gradient products run in FP8 (`torch._scaled_grouped_mm`, rowwise scales,
   scales rounded down to powers of two so the descale is exact); they take any group sizes, so
   no padding;
+- the weights' transposed copies for the input gradient take one scale per expert matrix, the
+  largest of its forward row scales' inverses (exactly the scale of the matrix's amax): one
+  read and one transposed write, no reduction over the weight (per-column scales took a
+  reduction over each column, 0.53 ms against 0.22 ms per weight on the H200);
 - the weight-gradient products stay in BF16 (`torch._grouped_mm`): no column-wise quantization,
   and the weight gradient keeps BF16's accuracy (torchao's `rowwise_with_gw_hp` makes the same
-  choice for dense linears);
+  choice for dense linears). Measured on the H200 at the proxy's rows (docs/benchmarks.md "FP8
+  training", fifth round), FP8 weight-gradient products (contraction over each expert's rows,
+  groups padded to 16) take 1.87-1.95 ms against BF16's 2.20-2.24: 0.3 ms saved per product,
+  less than the four transposed, padded quantizations they need;
 - each quantization is one pass: rows by the Triton kernel of `kernels.fp8_triton` (the
   squared ReLU and the quantization of its output are one pass of it), the squared ReLU's
   backward, the recomputation of `h` for the weight gradient and the quantization of the input
   gradient one `torch.compile`d pass;
 - with an `owner` (the experts module) inside `kernels.fp8.reuse_quantized_weights`
   (`train.fp8.reuse_weights`, off by default), the weights' quantized copies (per row for the
-  forward, per column for the input gradient) are made once per optimizer step instead of per
+  forward, transposed for the input gradient) are made once per optimizer step instead of per
   micro-batch and held for the step: on the H200 the experts' MLP at the proxy's rows went
   15.17 -> 13.72 ms (BF16 15.55), but holding them (7.7 GB for the one-GPU proxy's 6 MoE
   layers) pushed the proxy, already at 137 of 139 GiB reserved, into allocator retries and
@@ -34,8 +41,8 @@ products; `tests/train/test_fp8.py` checks both against an independent reference
 
     forward      x        per row (over hidden)      up    per (e, ffn row) over hidden
                  h        per row (over ffn)         down  per (e, hidden row) over ffn
-    input grad   dout     per row (over hidden)      down  per (e, ffn column) over hidden
-                 dh_pre   per row (over ffn)         up    per (e, hidden column) over ffn
+    input grad   dout     per row (over hidden)      down  per expert e (its whole matrix)
+                 dh_pre   per row (over ffn)         up    per expert e (its whole matrix)
     weight grad  BF16 products of the BF16 operands (dout, h; dh_pre, x)
 """
 
@@ -46,8 +53,8 @@ import torch
 from nemotron.kernels.fp8 import (
     compiled,
     emulated_mm,
-    quantize_columns,
     quantize_rows,
+    quantize_transposed,
     quantized_weight,
     rowwise,
 )
@@ -118,25 +125,30 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         # [E, hidden, ffn] per (e, hidden row)
         down_q, down_inv = quantized_weight(owner, "down_proj.rows", down, rowwise)
         out = mm(h_q, h_inv, down_q, down_inv, offs)
-        ctx.save_for_backward(x, up, down, offs, h_pre)
+        # one inverse scale per expert matrix for the transposed copies: the largest of its rows'
+        ctx.save_for_backward(x, up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1))
         ctx.emulate, ctx.owner = emulate, owner
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, up, down, offs, h_pre = ctx.saved_tensors
+        x, up, down, offs, h_pre, up_matrix_inv, down_matrix_inv = ctx.saved_tensors
         dev = x.device
         mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
-        quant_cols = compiled("cols", quantize_columns, dev)
+        transposed = compiled("transposed", quantize_transposed, dev)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         g_q, g_inv = rowwise(grad_out)
-        # [E, ffn, hidden] per (e, ffn) over hidden
-        down_t_q, down_t_inv = quantized_weight(ctx.owner, "down_proj.columns", down, quant_cols)
+        # [E, ffn, hidden], one scale per expert
+        down_t_q, down_t_inv = quantized_weight(
+            ctx.owner, "down_proj.transposed", down, lambda w: transposed(w, down_matrix_inv)
+        )
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
         h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
         grad_down = _grouped_weight_grad(grad_out, h, offs)
-        # [E, hidden, ffn] per (e, hidden) over ffn
-        up_t_q, up_t_inv = quantized_weight(ctx.owner, "up_proj.columns", up, quant_cols)
+        # [E, hidden, ffn], one scale per expert
+        up_t_q, up_t_inv = quantized_weight(
+            ctx.owner, "up_proj.transposed", up, lambda w: transposed(w, up_matrix_inv)
+        )
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
         return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None
