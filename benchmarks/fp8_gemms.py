@@ -234,8 +234,8 @@ def expert_wgrad_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: in
             xt[:, dest] = x.t()
             return xt
 
-        g_q, g_inv = quantize_tensor(grad)[0], quantize_tensor(grad)[2]
-        i_q, i_inv = quantize_tensor(inp)[0], quantize_tensor(inp)[2]
+        g_q, _, g_inv = quantize_tensor(grad)
+        i_q, _, i_inv = quantize_tensor(inp)
         gt_q, it_q = transposed(g_q), transposed(i_q)
         sa = g_inv.reshape(1).expand(experts * m).contiguous().float()
         sb = i_inv.reshape(1).expand(experts * n).contiguous().float()

@@ -17,7 +17,7 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
 - the weights' transposed copies for the input gradient take one scale per expert matrix, the
   largest of its forward row scales' inverses (exactly the scale of the matrix's amax): one
   read and one transposed write, no reduction over the weight (per-column scales took a
-  reduction over each column, 0.53 ms against 0.22 ms per weight on the H200);
+  reduction over each column, 0.53 ms against 0.22-0.27 ms per weight on the H200);
 - the weight-gradient products stay in BF16 (`torch._grouped_mm`): no column-wise quantization,
   and the weight gradient keeps BF16's accuracy (torchao's `rowwise_with_gw_hp` makes the same
   choice for dense linears). Measured on the H200 at the proxy's rows (docs/benchmarks.md "FP8
