@@ -102,7 +102,12 @@ def fp8_config(args) -> Fp8Config:
         return Fp8Config()
     layers = args.fp8_layers.split(",") if args.fp8_layers else Fp8Config().layers
     return Fp8Config(
-        enabled=True, recipe=args.fp8, layers=layers, compile=not args.fp8_eager, reuse_weights=args.fp8_reuse
+        enabled=True,
+        recipe=args.fp8,
+        layers=layers,
+        compile=not args.fp8_eager,
+        reuse_weights=args.fp8_reuse,
+        lm_head_group_rows=args.fp8_lm_head_group_rows,
     )
 
 
@@ -566,6 +571,12 @@ def parse_args(argv):
         action="store_false",
         help="train.fp8.reuse_weights=false (the default; the default was true on 2026-12-03 14:00-14:26)",
     )
+    ap.add_argument(
+        "--fp8-lm-head-group-rows",
+        type=int,
+        default=Fp8Config().lm_head_group_rows,
+        help="train.fp8.lm_head_group_rows (the FP8 LM head's rows per scale group and weight-gradient product)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -611,6 +622,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"fp8-{args.fp8}"
                 + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
                 + (" reuse_weights" if args.fp8_reuse else "")
+                + (
+                    f" lm_head_group_rows={args.fp8_lm_head_group_rows}"
+                    if args.fp8_lm_head_group_rows != Fp8Config().lm_head_group_rows
+                    else ""
+                )
             )
         _release(device)
         result["run"] = dataclasses.asdict(main_run)

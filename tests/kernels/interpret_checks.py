@@ -152,17 +152,14 @@ def _fp8_head_check():
     weight = (torch.randn(v, h, generator=gen) * 0.3).bfloat16()
     labels = torch.randint(0, v, (n,), generator=gen)
     labels[6] = -100
-    saved = ce.WGRAD_GROUP_ROWS
-    ce.WGRAD_GROUP_ROWS = 32
-    try:
-        outs = []
-        for backend in ("triton", "torch"):
-            hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-            loss = ce.linear_cross_entropy(hh, ww, labels, chunk_size=16, backend=backend, fp8=True)
-            loss.backward()
-            outs.append([loss.detach().float(), hh.grad.float(), ww.grad.float()])
-    finally:
-        ce.WGRAD_GROUP_ROWS = saved
+    outs = []
+    for backend in ("triton", "torch"):
+        hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = ce.linear_cross_entropy(
+            hh, ww, labels, chunk_size=16, backend=backend, fp8=True, fp8_group_rows=32
+        )
+        loss.backward()
+        outs.append([loss.detach().float(), hh.grad.float(), ww.grad.float()])
     for i, (a, b) in enumerate(zip(*outs)):
         rel = float((a - b).norm() / b.norm())
         assert rel < (1e-5 if i == 0 else 0.1), f"loss/dh/dw {i}: relative difference {rel:.2e}"

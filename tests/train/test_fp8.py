@@ -46,6 +46,7 @@ def test_config_checks_name_the_key(tmp_path):
         "train.fp8.recipe": Fp8Config(recipe="blockwise"),
         "train.fp8.layers": Fp8Config(layers=["mamba", "router"]),
         "train.fp8.fsdp_float8_all_gather": Fp8Config(recipe="rowwise", fsdp_float8_all_gather=True),
+        "train.fp8.lm_head_group_rows": Fp8Config(lm_head_group_rows=0),
     }
     for key, cfg in cases.items():
         problems = check_fp8_config(cfg, "bf16", 1)
@@ -85,6 +86,13 @@ def test_recipe_keys_load_from_overrides(tmp_path):
     assert cfg.train.fp8 == Fp8Config(enabled=True, recipe="rowwise", layers=["mamba", "experts"])
     assert not cfg.train.fp8.reuse_weights  # off by default: it holds the copies for the step
     assert load_config("tiny", ["train.fp8.reuse_weights=true"], PretrainConfig).train.fp8.reuse_weights
+    from nemotron.kernels.cross_entropy import WGRAD_GROUP_ROWS
+
+    assert cfg.train.fp8.lm_head_group_rows == WGRAD_GROUP_ROWS  # one default, the kernel's
+    rows = load_config("tiny", ["train.fp8.lm_head_group_rows=24576"], PretrainConfig).train.fp8
+    assert rows.lm_head_group_rows == 24576
+    with pytest.raises(ConfigError, match=r"train\.fp8\.lm_head_group_rows"):
+        load_config("tiny", ["train.fp8.lm_head_group_rows=many"], PretrainConfig)
     with pytest.raises(ConfigError, match=r"train\.fp8\.recipie"):
         load_config("tiny", ["train.fp8.recipie=rowwise"], PretrainConfig)
 
@@ -316,7 +324,7 @@ def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
 
 
 @pytest.mark.parametrize("group_rows", [None, 64])
-def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(monkeypatch, group_rows):
+def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(group_rows):
     """linear_cross_entropy(fp8=True), one power-of-two scale per tensor, written out in float64:
     logits = bf16(q(h_group) q(W)^T) (e4m3; h per group of rows, W per call); per chunk the
     logit gradient G (from those logits, each row times its token weight) gives
@@ -325,8 +333,7 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(monkeypatc
     one (70 rows), or of 64 rows (two weight-gradient products added)."""
     from nemotron.kernels import cross_entropy as ce_mod
 
-    if group_rows is not None:
-        monkeypatch.setattr(ce_mod, "WGRAD_GROUP_ROWS", group_rows)
+    rows_arg = {} if group_rows is None else {"fp8_group_rows": group_rows}
     torch.manual_seed(4)
     n, hdim, vocab, chunk = 70, 32, 96, 32
     h = (torch.randn(n, hdim) * torch.logspace(-1, 1, n)[:, None]).bfloat16().requires_grad_()
@@ -335,7 +342,9 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(monkeypatc
     labels[5] = -100
     loss_mask = torch.ones(n)
     loss_mask[7] = 0.25  # a real weight: the rows' gradient scales differ
-    loss = ce_mod.linear_cross_entropy(h, w, labels, loss_mask, chunk_size=chunk, fp8=True, backend="torch")
+    loss = ce_mod.linear_cross_entropy(
+        h, w, labels, loss_mask, chunk_size=chunk, fp8=True, backend="torch", **rows_arg
+    )
     loss.backward()
 
     hd, wd = _bf16(h.detach()), _bf16(w.detach())
@@ -373,7 +382,15 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(monkeypatc
     grads = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
     ce_mod.linear_cross_entropy(
-        h, w, labels, loss_mask, chunk_size=chunk, fp8=True, backend="torch", grad_in_forward=False
+        h,
+        w,
+        labels,
+        loss_mask,
+        chunk_size=chunk,
+        fp8=True,
+        backend="torch",
+        grad_in_forward=False,
+        **rows_arg,
     ).backward()
     assert torch.equal(h.grad, grads[0]) and torch.equal(w.grad, grads[1])
     with pytest.raises(ValueError, match="fp8 needs bf16"):
@@ -599,10 +616,25 @@ def test_apply_fp8_under_tensor_parallelism_lists_what_its_layout_keeps_in_highe
         apply_fp8(_tiny(), Fp8Config(enabled=True, recipe="rowwise"), CPU, tensor_parallel=2)
 
 
-def test_apply_fp8_lm_head_is_opt_in_and_keeps_the_weights():
+def test_apply_fp8_lm_head_is_opt_in_and_keeps_the_weights(monkeypatch):
     plain, head = _tiny(), _tiny()
-    summary = apply_fp8(head, Fp8Config(enabled=True, layers=["lm_head"]), CPU)
+    summary = apply_fp8(head, Fp8Config(enabled=True, layers=["lm_head"], lm_head_group_rows=48), CPU)
     assert summary.lm_head and head.fp8_lm_head and not plain.fp8_lm_head
+    # the scale groups' rows reach the loss (`train.fp8.lm_head_group_rows`)
+    from nemotron.kernels import cross_entropy as ce_mod
+    from nemotron.models.nano3 import model as model_mod
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("fp8"), kwargs.get("fp8_group_rows")))
+        return ce_mod.linear_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "linear_cross_entropy", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head(torch.randint(0, head.config.vocab_size, (1, 8)), labels=torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [(True, 48)]
+    monkeypatch.undo()
     assert summary.linears == [] and summary.experts == [] and "LM head" in summary.describe()
     assert type(head.lm_head) is nn.Linear
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), head.state_dict().values()))

@@ -174,16 +174,12 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
 
 
 @pytest.mark.parametrize("group_rows", [None, 2048])
-def test_fp8_lm_head_matches_the_emulated_roundings(monkeypatch, group_rows):
+def test_fp8_lm_head_matches_the_emulated_roundings(group_rows):
     """linear_cross_entropy(fp8=True) on the FP8 tensor cores (tensorwise `torch._scaled_mm`, the
     Triton kernels writing the logit gradient in e4m3 and transposed e5m2) against the same
     roundings emulated on the CPU (float32 products); 3,000 rows (not a multiple of 16: the
     weight gradient's contraction is padded), in one weight-gradient group or two."""
-    from nemotron.kernels import cross_entropy as ce_mod
-    from nemotron.kernels.cross_entropy import linear_cross_entropy
-
-    if group_rows is not None:
-        monkeypatch.setattr(ce_mod, "WGRAD_GROUP_ROWS", group_rows)
+    from nemotron.kernels.cross_entropy import WGRAD_GROUP_ROWS, linear_cross_entropy
 
     torch.manual_seed(5)
     n, hdim, vocab = 3000, 256, 4096
@@ -194,7 +190,9 @@ def test_fp8_lm_head_matches_the_emulated_roundings(monkeypatch, group_rows):
     for dev in (torch.device("cpu"), CUDA):
         hi = h.detach().to(dev).requires_grad_(True)
         wi = w.detach().to(dev).requires_grad_(True)
-        loss = linear_cross_entropy(hi, wi, labels.to(dev), chunk_size=1024, fp8=True)
+        loss = linear_cross_entropy(
+            hi, wi, labels.to(dev), chunk_size=1024, fp8=True, fp8_group_rows=group_rows or WGRAD_GROUP_ROWS
+        )
         loss.backward()
         results.append((loss.detach().float().cpu(), hi.grad.float().cpu(), wi.grad.float().cpu()))
     (cpu_loss, cpu_dh, cpu_dw), (gpu_loss, gpu_dh, gpu_dw) = results

@@ -13,7 +13,7 @@ kept between the passes and the backward recomputes each chunk's logits.
 ``fp8=True``: the same chunks with every product on float8 operands (`_fp8_loss_and_grads`); the
 logit gradient is never written in BF16: one pass (a Triton kernel on CUDA) writes it in float8 twice, row-major
 for the hidden gradient and transposed for the weight gradient, which runs once per group of
-`WGRAD_GROUP_ROWS` rows.
+``fp8_group_rows`` rows (default `WGRAD_GROUP_ROWS`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from nemotron.kernels.fp8 import (
     tensorwise_mm,
 )
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "IGNORE_INDEX", "WGRAD_GROUP_ROWS"]
 
 IGNORE_INDEX = -100
 
@@ -155,10 +155,11 @@ class Fp8HeadWeight:
         self._made = None
 
 
-# Rows of hidden whose FP8 logit gradients (transposed, [V, rows] float8: 1 GiB at V = 131,072)
-# are held for one weight-gradient product. Held for a whole micro-batch (24,576 rows on the
-# one-GPU proxy) they would save two [V, h] accumulation passes (~1 ms each) but their 3 GiB,
-# at the step's peak of memory, sent the H200 proxy into allocator retries (docs/benchmarks.md).
+# The default rows of hidden per FP8 scale group, whose logit gradients (transposed, [V, rows]
+# float8: 1 GiB at V = 131,072) are held for one weight-gradient product. Held for a whole
+# micro-batch (24,576 rows on the one-GPU proxy) they save two [V, h] accumulation passes
+# (~1 ms each) but their 3 GiB, at the step's peak of memory, sent the H200 proxy with BF16
+# experts into allocator retries (docs/benchmarks.md); `train.fp8.lm_head_group_rows` sets it.
 WGRAD_GROUP_ROWS = 8192
 
 
@@ -202,6 +203,7 @@ def _fp8_loss_and_grads(
     token_w: torch.Tensor,
     row_scale: torch.Tensor | None,
     chunk_size: int,
+    group_rows: int,
     use_triton: bool,
     acc: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -209,8 +211,9 @@ def _fp8_loss_and_grads(
     (sum of token_w * loss, d hidden or None, d weight or None), the gradients those of the loss
     weighted per row by `row_scale` (None: no gradients).
 
-    Scales, one per tensor, powers of two: W per call; the hidden rows per group of up to
-    `WGRAD_GROUP_ROWS` rows (they are also the weight gradient's operand); the logit gradient
+    Scales, one per tensor, powers of two: W per call; the hidden rows per group of
+    `group_rows` rows rounded down to whole chunks (at least one chunk; they are also the weight
+    gradient's operand); the logit gradient
     twice, from one pass over the logits that writes both: per chunk in e4m3 for the input
     gradient (the chunk's largest |g| is known before the pass: a row's is |s| (1 - p_label),
     as every other probability is at most 1 - p_label), and per group in e5m2, transposed, for
@@ -226,7 +229,7 @@ def _fp8_loss_and_grads(
     total = torch.zeros((), dtype=acc, device=dev)
     dhidden = None if row_scale is None else torch.empty_like(h_all)
     dweight = None
-    group = max(chunk_size, WGRAD_GROUP_ROWS // chunk_size * chunk_size)
+    group = max(chunk_size, group_rows // chunk_size * chunk_size)
     for g0 in range(0, n, group):
         g1 = min(n, g0 + group)
         cols = -(-(g1 - g0) // FP8_ALIGN) * FP8_ALIGN  # the contraction of the weight gradient
@@ -297,7 +300,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @dense_inputs
     def forward(
-        ctx, hidden, weight, labels, token_w, denom, chunk_size, grad_in_forward, use_triton, compute, fp8
+        ctx,
+        hidden,
+        weight,
+        labels,
+        token_w,
+        denom,
+        chunk_size,
+        grad_in_forward,
+        use_triton,
+        compute,
+        fp8,
+        fp8_group_rows,
     ):
         acc = torch.float64 if compute == torch.float64 else torch.float32
         rows = _rows_triton if use_triton else _rows_torch
@@ -310,7 +324,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_scale = token_w * inv_denom if grad_in_forward else None
             if fp8 is not None:
                 total, dhidden, dweight = _fp8_loss_and_grads(
-                    h_all, w, fp8, safe_labels, token_w, row_scale, chunk_size, use_triton, acc
+                    h_all,
+                    w,
+                    fp8,
+                    safe_labels,
+                    token_w,
+                    row_scale,
+                    chunk_size,
+                    fp8_group_rows,
+                    use_triton,
+                    acc,
                 )
                 fp8.release()  # not held until backward
             else:
@@ -321,7 +344,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grad_in_forward = grad_in_forward
         ctx.use_triton = use_triton
         ctx.compute = compute
-        ctx.fp8 = fp8
+        ctx.fp8, ctx.fp8_group_rows = fp8, fp8_group_rows
         if grad_in_forward:
             ctx.save_for_backward(dhidden, dweight)
         else:
@@ -331,7 +354,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @dense_inputs
     def backward(ctx, grad_out):
-        nones = (None,) * 8
+        nones = (None,) * 9
         if ctx.grad_in_forward:
             dhidden, dweight = ctx.saved_tensors
             g = grad_out.to(dweight.dtype)
@@ -348,7 +371,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             acc = token_w.dtype
             if ctx.fp8 is not None:
                 _, dhidden, dweight = _fp8_loss_and_grads(
-                    h_all, w, ctx.fp8, labels, token_w, scale_all, ctx.chunk_size, ctx.use_triton, acc
+                    h_all,
+                    w,
+                    ctx.fp8,
+                    labels,
+                    token_w,
+                    scale_all,
+                    ctx.chunk_size,
+                    ctx.fp8_group_rows,
+                    ctx.use_triton,
+                    acc,
                 )
                 ctx.fp8.release()
             else:
@@ -368,6 +400,7 @@ def linear_cross_entropy(
     grad_in_forward: bool | None = None,
     backend: str = "auto",
     fp8: bool = False,
+    fp8_group_rows: int = WGRAD_GROUP_ROWS,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (``-100`` ignored), weighted by
     ``loss_mask`` (0/1 or real weights), normalised by the sum of the weights (at least 1).
@@ -383,9 +416,14 @@ def linear_cross_entropy(
     with one power-of-two scale per tensor (FP8 tensor cores where the GPU has them, else the
     same roundings with float32 products), BF16 compute only: ``hidden`` and ``weight`` in e4m3,
     the logit gradient in e4m3 for the hidden gradient and in e5m2 for the weight gradient, both
-    written by the pass that computes it (see `_fp8_loss_and_grads`).
+    written by the pass that computes it (see `_fp8_loss_and_grads`). ``fp8_group_rows``: rows per
+    scale group of the hidden states and per weight-gradient product (rounded down to whole
+    chunks, at least one): larger groups mean fewer [V, h] accumulations and V bytes more memory
+    per row (the group's transposed logit gradient).
     """
     _check(hidden, weight, labels, loss_mask, chunk_size)
+    if fp8_group_rows < 1:
+        raise ValueError(f"linear_cross_entropy: fp8_group_rows must be positive, got {fp8_group_rows}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"linear_cross_entropy: backend must be auto, torch or triton, got {backend!r}")
     if backend == "auto":
@@ -407,5 +445,15 @@ def linear_cross_entropy(
     # the autograd function `weight` is a fresh detached view on every call)
     fp8_weight = Fp8HeadWeight(weight) if fp8 else None
     return _LinearCrossEntropy.apply(
-        hidden, weight, labels, token_w, denom, chunk_size, bool(grad_in_forward), triton, compute, fp8_weight
+        hidden,
+        weight,
+        labels,
+        token_w,
+        denom,
+        chunk_size,
+        bool(grad_in_forward),
+        triton,
+        compute,
+        fp8_weight,
+        fp8_group_rows,
     )

@@ -278,6 +278,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
                 skipped["lm_head"] = NOT_ALIGNED
             else:
                 model.fp8_lm_head = lm_head = True
+                model.fp8_lm_head_group_rows = fp8.lm_head_group_rows
         # (a pipeline part without the head has nothing to convert)
     return Fp8Summary(linears=linears, experts=experts, skipped=skipped, emulated=emulate, lm_head=lm_head)
 

@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 # (opt-in: the logits' precision is the one place FP8 touches the loss directly).
 FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts", "lm_head")
 # The default: the dense linears (1.06x BF16's tokens/s on the proxy, one H200, 2026-12-03:
-# docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.12x with it; the logits go through
-# FP8) and `experts` (about even at the proxy's shapes: 1.123x with every layer, 1.121x without).
+# docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.16x with it; the logits and all of
+# the head's gradients go through FP8) and `experts` (1.19x with every layer).
 DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
 #   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
 #   rowwise: one scale per row of each operand, scales rounded to powers of two (CUTLASS);
 #   rowwise_with_gw_hp: rowwise, but the weight gradient GEMM in bf16 (most accurate).
-# Routed experts and the LM head always use rowwise scales (train/fp8_grouped.py,
-# kernels/cross_entropy.py).
+# The routed experts and the LM head have their own fixed schemes (train/fp8_grouped.py:
+# rowwise activations, weights per row and per expert matrix; kernels/cross_entropy.py: one
+# scale per tensor).
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
 
@@ -40,6 +41,12 @@ class Fp8Config:
     # per call either way). Off by default: it pays only with memory to spare (H200, proxy at
     # 137 of 139 GiB reserved: the held copies caused allocator retries and a slower step).
     reuse_weights: bool = False
+    # `lm_head`: rows of hidden states per FP8 scale group and per weight-gradient product
+    # (rounded down to whole 4,096-row chunks). Larger: fewer [V, h] accumulations, and the
+    # group's transposed logit gradient held (V bytes per row: 1 GiB per 8,192 rows at
+    # V = 131,072). A whole micro-batch (24,576 on the one-GPU proxy) was ~1% faster with every
+    # FP8 layer but sent the proxy with BF16 experts into allocator retries (docs/benchmarks.md).
+    lm_head_group_rows: int = 8192
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:
@@ -69,6 +76,17 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
         )
     if len(set(fp8.layers)) != len(fp8.layers):
         problems.append(("train.fp8.layers", f"names a layer kind twice: {fp8.layers}"))
+    if (
+        isinstance(fp8.lm_head_group_rows, bool)
+        or not isinstance(fp8.lm_head_group_rows, int)
+        or fp8.lm_head_group_rows < 1
+    ):
+        problems.append(
+            (
+                "train.fp8.lm_head_group_rows",
+                f"must be a positive number of rows, got {fp8.lm_head_group_rows!r}",
+            )
+        )
     if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":
         problems.append(
             (

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, token_weights
+from nemotron.kernels.cross_entropy import IGNORE_INDEX, WGRAD_GROUP_ROWS, linear_cross_entropy, token_weights
 from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
@@ -53,6 +53,7 @@ def cross_entropy(
     loss_mask: torch.Tensor | None,
     fused: bool,
     fp8: bool = False,
+    fp8_group_rows: int = WGRAD_GROUP_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LM head + mean token cross-entropy: returns (loss, logits or None).
 
@@ -60,7 +61,8 @@ def cross_entropy(
     is over the weights' sum (at least 1). `fused`: the chunked LM-head loss of
     `nemotron.kernels.cross_entropy`, which never holds the full float32 [tokens x vocab] logits
     and returns no logits; otherwise the LM head module is called and the logits are returned.
-    `fp8` (fused only): the chunked loss's FP8 products (`linear_cross_entropy(fp8=True)`).
+    `fp8` (fused only): the chunked loss's FP8 products (`linear_cross_entropy(fp8=True)`, its
+    scale groups of `fp8_group_rows` rows).
     """
     if fused:
         loss = linear_cross_entropy(
@@ -69,6 +71,7 @@ def cross_entropy(
             labels.reshape(-1),
             None if loss_mask is None else loss_mask.reshape(-1),
             fp8=fp8,
+            fp8_group_rows=fp8_group_rows,
         )
         return loss, None
     logits = lm_head(hidden)
@@ -189,9 +192,10 @@ class Nano3ForCausalLM(nn.Module):
         # parameters to exactly the single-device weights (`reset_parameters` calls it).
         self.vocab_parallel: VocabParallelOps | None = None
         self.parallel_init: Callable[[nn.Module], None] | None = None
-        # The chunked LM-head loss's products in FP8 (`train.fp8` with `lm_head` among its
-        # layers sets it; the weights stay what they are).
+        # The chunked LM-head loss's products in FP8 and their scale groups' rows (`train.fp8`
+        # with `lm_head` among its layers sets them; the weights stay what they are).
         self.fp8_lm_head = False
+        self.fp8_lm_head_group_rows = WGRAD_GROUP_ROWS
 
     @property
     def is_pipeline_part(self) -> bool:
@@ -246,7 +250,13 @@ class Nano3ForCausalLM(nn.Module):
             return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
         if vocab_parallel is None:
             lm_loss, logits = cross_entropy(
-                hidden, self.lm_head, labels, loss_mask, self.fused_loss, self.fp8_lm_head
+                hidden,
+                self.lm_head,
+                labels,
+                loss_mask,
+                self.fused_loss,
+                self.fp8_lm_head,
+                self.fp8_lm_head_group_rows,
             )
         else:
             lm_loss, logits = vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
@@ -271,5 +281,13 @@ class Nano3ForCausalLM(nn.Module):
             raise ValueError("the last pipeline part needs labels (it returns the loss)")
         if self.vocab_parallel is not None:  # tensor parallel: the same loss path as the whole model
             return self.vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), aux_loss
-        lm_loss, _ = cross_entropy(hidden, self.lm_head, labels, loss_mask, self.fused_loss, self.fp8_lm_head)
+        lm_loss, _ = cross_entropy(
+            hidden,
+            self.lm_head,
+            labels,
+            loss_mask,
+            self.fused_loss,
+            self.fp8_lm_head,
+            self.fp8_lm_head_group_rows,
+        )
         return lm_loss, aux_loss
