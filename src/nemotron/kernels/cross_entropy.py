@@ -211,14 +211,14 @@ def _fp8_loss_and_grads(
     (sum of token_w * loss, d hidden or None, d weight or None), the gradients those of the loss
     weighted per row by `row_scale` (None: no gradients).
 
-    Scales, one per tensor, powers of two: W per call; the hidden rows per group of
-    `group_rows` rows rounded down to whole chunks (at least one chunk; they are also the weight
-    gradient's operand); the logit gradient
-    twice, from one pass over the logits that writes both: per chunk in e4m3 for the input
-    gradient (the chunk's largest |g| is known before the pass: a row's is |s| (1 - p_label),
-    as every other probability is at most 1 - p_label), and per group in e5m2, transposed, for
-    the weight gradient (bounded by the largest |s|: e5m2's range keeps the softmax tails of
-    rare vocabulary rows, which e4m3 at that scale would flush to zero)."""
+    Scales, one per tensor, powers of two: W per call; the hidden rows per group of `group_rows`
+    rows rounded down to whole chunks (at least one chunk; they are also the weight gradient's
+    operand); the logit gradient twice, from one pass over the logits that writes both: per
+    chunk in e4m3 for the input gradient (the chunk's largest |g| is known before the pass: a
+    row's is |s| (1 - p_label), as every other probability is at most 1 - p_label), and per
+    group in e5m2, transposed, for the weight gradient (bounded by the largest |s|: e5m2's range
+    keeps the softmax tails of rare vocabulary rows, which e4m3 at that scale would flush to
+    zero)."""
     n = h_all.shape[0]
     v = w.shape[0]
     dev = h_all.device
