@@ -248,18 +248,7 @@ class Nano3ForCausalLM(nn.Module):
                 else vocab_parallel.logits(hidden, self.lm_head)
             )
             return Nano3Output(loss=None, lm_loss=None, aux_loss=aux_loss, logits=logits)
-        if vocab_parallel is None:
-            lm_loss, logits = cross_entropy(
-                hidden,
-                self.lm_head,
-                labels,
-                loss_mask,
-                self.fused_loss,
-                self.fp8_lm_head,
-                self.fp8_lm_head_group_rows,
-            )
-        else:
-            lm_loss, logits = vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
+        lm_loss, logits = self._lm_loss(hidden, labels, loss_mask)
         loss = lm_loss
         if self.training and aux_loss is not None and self.config.moe_seq_aux_loss_coeff > 0:
             loss = lm_loss + self.config.moe_seq_aux_loss_coeff * aux_loss
@@ -279,9 +268,18 @@ class Nano3ForCausalLM(nn.Module):
             return hidden, aux_loss
         if labels is None:
             raise ValueError("the last pipeline part needs labels (it returns the loss)")
-        if self.vocab_parallel is not None:  # tensor parallel: the same loss path as the whole model
-            return self.vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), aux_loss
-        lm_loss, _ = cross_entropy(
+        lm_loss, _ = self._lm_loss(hidden, labels, loss_mask)  # the same loss path as the whole model
+        return lm_loss, aux_loss
+
+    def _lm_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(LM-head loss, logits or None) with this model's loss settings: vocabulary-parallel
+        under tensor parallelism, else `cross_entropy` (chunked and FP8 as set)."""
+        assert self.lm_head is not None
+        if self.vocab_parallel is not None:
+            return self.vocab_parallel.loss(hidden, self.lm_head, labels, loss_mask), None
+        return cross_entropy(
             hidden,
             self.lm_head,
             labels,
@@ -290,4 +288,3 @@ class Nano3ForCausalLM(nn.Module):
             self.fp8_lm_head,
             self.fp8_lm_head_group_rows,
         )
-        return lm_loss, aux_loss
