@@ -1,6 +1,6 @@
 """FP8 vs BF16 at the proxy's exact GEMM shapes, on one GPU: what FP8 can save at most.
 
-Three parts, each in the same process and on the same GPU:
+Its parts, each in the same process and on the same GPU:
 
 1. every GEMM of one proxy training step (the Nano3 proxy of `train_throughput.py`: micro batch
    x sequence tokens per micro-batch, 6 Mamba, 2 attention, 6 MoE blocks, the LM head in its
@@ -21,7 +21,13 @@ Three parts, each in the same process and on the same GPU:
 4. (`lm_head`) the LM head's chunked loss (`linear_cross_entropy`, one micro-batch's rows, the
    proxy's vocabulary) forward + backward in BF16 and in FP8 (`fp8=True`: all three products
    in FP8), time, peak memory beyond the inputs, and the FP8 gradients against BF16's and
-   against float64, per tensor.
+   against float64, per tensor;
+5. (`fast_accum`) every FP8 GEMM of part 1 (tensorwise) and the routed experts' two grouped
+   shapes (rowwise) with and without `use_fast_accum`: time, and each result's error against
+   the float32 product of the same float8 operands (`train.fp8.fast_accum`).
+
+Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
+`grouped_autotune`, `lm_head`, `fast_accum`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -342,6 +348,81 @@ def grouped_autotune_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters
     return result
 
 
+def fast_accum_part(cfg: Nano3Config, tokens: int, lm_chunk: int, dev, warmup: int, iters: int) -> dict:
+    """FP8 products with and without `use_fast_accum` (Hopper's FP8 tensor cores accumulate
+    the whole contraction in their own reduced-precision accumulator instead of the GEMM adding
+    partial sums into float32 registers every few k-blocks): time and each result's error
+    against the float32 product of the same float8 operands, per shape. Dense: every proxy GEMM
+    (tensorwise, cuBLAS); grouped: the routed experts' two shapes (rowwise, CUTLASS; forward
+    and input gradient have the same two)."""
+    torch.manual_seed(0)
+    result: dict = {"dense": [], "grouped": {}}
+
+    def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((out.float() - ref).norm() / ref.norm())
+
+    for kind, m, n, k, calls in proxy_gemms(cfg, tokens, lm_chunk):
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16).to(F8)
+        b = torch.randn(n, k, device=dev, dtype=torch.bfloat16).to(F8)
+        one = torch.ones((), device=dev)
+        ref = a.float() @ b.float().t()
+        row = {"kind": kind, "m": m, "n": n, "k": k, "calls": calls}
+        for fast in (False, True):
+            out = torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=fast)
+            tag = "fast" if fast else "exact"
+            row[f"{tag}_rel_err"] = rel(out, ref)
+            row[f"{tag}_ms"] = median(
+                time_ms(
+                    lambda fast=fast: torch._scaled_mm(
+                        a, b.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=fast
+                    ),
+                    dev,
+                    warmup,
+                    iters,
+                )
+            )
+        del ref
+        result["dense"].append(row)
+        print(
+            f"fast accum {kind:14s} {m:6d}x{n:6d}x{k:6d}: {row['exact_ms']:.3f} -> {row['fast_ms']:.3f} ms, "
+            f"rel err {row['exact_rel_err']:.2e} -> {row['fast_rel_err']:.2e}"
+        )
+    counts = routed_rows(tokens, cfg, dev)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows, experts = int(counts.sum()), cfg.num_experts
+    for name, k, n in (
+        ("up_fwd_and_grad_h", cfg.hidden_size, cfg.moe_ffn_hidden_size),
+        ("down_fwd_and_grad_x", cfg.moe_ffn_hidden_size, cfg.hidden_size),
+    ):
+        a_q, a_inv = quantize_rows(torch.randn(rows, k, device=dev, dtype=torch.bfloat16))
+        w_q, w_inv = quantize_rows(torch.randn(experts, n, k, device=dev, dtype=torch.bfloat16) * 0.02)
+        res: dict = {"rows": rows, "n": n, "k": k}
+        first = int(counts[1])  # a large group: the error check reads one expert's rows
+        start = int(offs[0])
+        ref = (a_q[start : start + first].float() * a_inv[start : start + first, None]) @ (
+            w_q[1].float() * w_inv[1][:, None]
+        ).t()
+        for fast in (False, True):
+
+            def fn(fast=fast):
+                return torch._scaled_grouped_mm(
+                    a_q,
+                    w_q.transpose(-2, -1),
+                    a_inv,
+                    w_inv,
+                    offs=offs,
+                    out_dtype=torch.bfloat16,
+                    use_fast_accum=fast,
+                )
+
+            tag = "fast" if fast else "exact"
+            res[f"{tag}_rel_err"] = rel(fn()[start : start + first], ref)
+            res[f"{tag}_ms"] = median(time_ms(fn, dev, warmup, iters))
+        result["grouped"][name] = res
+        print(f"fast accum grouped {name}: {res}")
+    return result
+
+
 def quant_part(dev, warmup: int, iters: int) -> dict:
     out = {}
     # routed rows x hidden / x expert ffn (relu2), expert weights, LM head weight and hidden
@@ -504,6 +585,8 @@ def main() -> None:
         result["expert_wgrad"] = expert_wgrad_part(cfg, tokens, dev, args.warmup, args.iters)
     if "grouped_autotune" in parts:
         result["grouped_autotune"] = grouped_autotune_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "fast_accum" in parts:
+        result["fast_accum"] = fast_accum_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
     if "quant" in parts:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
     if "lm_head" in parts:

@@ -20,7 +20,10 @@ Parameter modes (`--params`):
 Reported: tokens/s, step time, model TFLOP/s and MFU against 989 TFLOP/s (`train/flops.py`, the
 formula training logs use), peak memory, and a split of one step's GPU time by block type
 (CUDA events at block boundaries in forward and backward, plus the optimizer step) and the
-top kernels from a `torch.profiler` pass. `--check-numerics N` compares the loss of the first N
+top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default 25), with the profiled
+step's GPU busy time against its span (idle: where the step waits on the CPU) and, for the
+kernel-name substrings in `PROFILE_ATTRIBUTE` (comma list), their time by the operators that
+launched them. `--check-numerics N` compares the loss of the first N
 steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
 same data. `--peer hf` also trains the same proxy through transformers' `NemotronHForCausalLM`
 (same tokens per optimizer step, AdamW groups, clipping and bf16 autocast; at sequence 4096
@@ -108,6 +111,8 @@ def fp8_config(args) -> Fp8Config:
         compile=not args.fp8_eager,
         reuse_weights=args.fp8_reuse,
         lm_head_group_rows=args.fp8_lm_head_group_rows,
+        fsdp_float8_all_gather=args.fp8_all_gather,
+        fast_accum=args.fp8_fast_accum,
     )
 
 
@@ -242,6 +247,9 @@ class StepSplit:
 
 
 PROFILE_TOP = int(os.environ.get("PROFILE_TOP", "25"))  # kernels kept from the profiled step
+# comma list of kernel-name substrings: their time in the profiled step by the operators that
+# launched them (what a kernel is for, when its name does not say)
+PROFILE_ATTRIBUTE = [p for p in os.environ.get("PROFILE_ATTRIBUTE", "").split(",") if p]
 
 
 def top_kernels(prof, limit: int = 25) -> list[dict]:
@@ -254,6 +262,61 @@ def top_kernels(prof, limit: int = 25) -> list[dict]:
             rows.append({"name": evt.key[:120], "ms": t / 1e3, "calls": evt.count})
     rows.sort(key=lambda r: -r["ms"])
     return rows[:limit]
+
+
+# the CUDA runtime and driver calls a kernel's launch is recorded under (their parent is the
+# operator that launched it)
+_RUNTIME_CALLS = ("cuda", "cuLaunch")
+
+
+def attribute_kernels(prof, patterns: list[str], limit: int = 12) -> dict:
+    """{pattern: [{ops, shapes, ms, calls}]}: the device time of the kernels whose names contain
+    `pattern`, grouped by the chain of operators that launched them (innermost first, four
+    levels) and the launching operator's input shapes."""
+    out: dict[str, dict] = {p: {} for p in patterns}
+    for evt in prof.events():
+        kernels = getattr(evt, "kernels", None) or []
+        for kernel in kernels:
+            for pattern in patterns:
+                if pattern not in kernel.name:
+                    continue
+                chain, parent = [], evt
+                while parent is not None and len(chain) < 5:
+                    if not parent.name.startswith(_RUNTIME_CALLS):
+                        chain.append(parent.name[:60])
+                    parent = parent.cpu_parent
+                op = evt.cpu_parent if evt.name.startswith(_RUNTIME_CALLS) else evt
+                shapes = str(getattr(op, "input_shapes", "") or "")[:120]
+                key = (" < ".join(chain[:4]), shapes)
+                row = out[pattern].setdefault(key, {"ops": key[0], "shapes": shapes, "ms": 0.0, "calls": 0})
+                row["ms"] += kernel.duration / 1e3
+                row["calls"] += 1
+    return {p: sorted(rows.values(), key=lambda r: -r["ms"])[:limit] for p, rows in out.items()}
+
+
+def device_busy(prof) -> dict:
+    """How much of the profiled step the GPU spent running kernels and copies: the union of
+    their intervals on any stream (overlapping streams count once) against the span from the
+    first to the last. Idle time inside the span is the launch-bound part of the step."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return {}
+    busy, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = spans[-1][1] - spans[0][0]
+    return {"busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +343,9 @@ class RunResult:
     allocator: dict | None = None
     split_ms: dict | None = None
     kernels: list | None = None
+    # the profiled step's GPU time: busy (kernels on any stream), span, idle within the span
+    device_busy: dict | None = None
+    attributed: dict | None = None  # PROFILE_ATTRIBUTE's kernels by launching operators
     error: str | None = None
 
 
@@ -319,7 +385,7 @@ def run_training(
         losses.append(res.lm_loss)
         if i >= warmup:
             times.append(ms)
-    split = kernels = None
+    split = kernels = busy = attributed = None
     if profile and hasattr(model, "backbone"):
         splitter = StepSplit(model, optimizer, device)
         splitter.begin()
@@ -330,9 +396,15 @@ def run_training(
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch_profile(
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                record_shapes=bool(PROFILE_ATTRIBUTE),
+            ) as prof:
                 one_step()
             kernels = top_kernels(prof, PROFILE_TOP)
+            busy = device_busy(prof)
+            if PROFILE_ATTRIBUTE:
+                attributed = attribute_kernels(prof, PROFILE_ATTRIBUTE)
     step_ms = median(times)
     tps = plan.tokens_per_step / (step_ms * 1e-3)
     fpt = flops.training_flops_per_token(arch, plan.seq_length)
@@ -362,6 +434,8 @@ def run_training(
         losses=losses,
         split_ms=split,
         kernels=kernels,
+        device_busy=busy,
+        attributed=attributed,
     )
     trainer.close()
     model = optimizer = data = trainer = None  # free the run's memory before the next one
@@ -577,6 +651,17 @@ def parse_args(argv):
         default=Fp8Config().lm_head_group_rows,
         help="train.fp8.lm_head_group_rows (the FP8 LM head's rows per scale group and weight-gradient product)",
     )
+    ap.add_argument(
+        "--fp8-exact-accum",
+        dest="fp8_fast_accum",
+        action="store_false",
+        help="train.fp8.fast_accum=false (every FP8 product accumulates with float32 promotion)",
+    )
+    ap.add_argument(
+        "--fp8-all-gather",
+        action="store_true",
+        help="train.fp8.fsdp_float8_all_gather=true (FSDP2 gathers the dense linears' weights in float8)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -622,6 +707,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"fp8-{args.fp8}"
                 + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
                 + (" reuse_weights" if args.fp8_reuse else "")
+                + (" fsdp_float8_all_gather" if args.fp8_all_gather else "")
+                + ("" if args.fp8_fast_accum else " fast_accum=false")
                 + (
                     f" lm_head_group_rows={args.fp8_lm_head_group_rows}"
                     if args.fp8_lm_head_group_rows != Fp8Config().lm_head_group_rows
@@ -646,6 +733,13 @@ def main(argv: list[str] | None = None) -> dict:
         if main_run.split_ms:
             print(
                 "split (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in main_run.split_ms.items()), flush=True
+            )
+        if main_run.device_busy:
+            b = main_run.device_busy
+            print(
+                f"profiled step on the GPU: busy {b['busy_ms']:.1f} of {b['span_ms']:.1f} ms "
+                f"(idle {b['idle_ms']:.1f} ms)",
+                flush=True,
             )
         for k in (main_run.kernels or [])[:15]:
             print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}", flush=True)

@@ -450,3 +450,47 @@ def test_multi_gpu_fake_world_records_memory_time_to_first_step_and_prediction(t
     assert result["fake_world"] == 4 and result["grad_accumulation"] == 2
     assert 0 < result["start_s"] < result["first_step_s"]
     assert result["predicted"]["fits"] is True and result["predicted"]["peak_allocated_gib"] > 0
+
+
+def test_profiled_step_accounting_counts_overlapping_streams_once():
+    """`device_busy`: the union of device intervals (two streams overlapping count once; CPU
+    events are not device time); `attribute_kernels`: a kernel's time goes to the operator
+    that launched it, not to the runtime call it is recorded under."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = load("train_throughput")
+
+    def event(name, start, end, device_type=DeviceType.CUDA, parent=None, kernels=()):
+        return SimpleNamespace(
+            name=name,
+            time_range=SimpleNamespace(start=start, end=end),
+            device_type=device_type,
+            cpu_parent=parent,
+            kernels=list(kernels),
+            input_shapes=[[4, 8]],
+        )
+
+    op = event("aten::copy_", 0, 5, DeviceType.CPU)
+    launch = event(
+        "cudaLaunchKernel",
+        1,
+        2,
+        DeviceType.CPU,
+        parent=op,
+        kernels=[SimpleNamespace(name="direct_copy_kernel", duration=3000.0)],
+    )
+    events = [
+        op,
+        launch,
+        event("k1", 1000, 4000),  # stream 1
+        event("k2", 3000, 5000),  # stream 2, overlapping k1
+        event("k3", 9000, 10000),  # after 4 ms idle
+    ]
+    prof = SimpleNamespace(events=lambda: events)
+    busy = bench.device_busy(prof)
+    assert busy == {"busy_ms": 5.0, "span_ms": 9.0, "idle_ms": 4.0}
+    rows = bench.attribute_kernels(prof, ["direct_copy", "absent"])
+    assert rows["absent"] == []
+    assert rows["direct_copy"] == [{"ops": "aten::copy_", "shapes": "[[4, 8]]", "ms": 3.0, "calls": 1}]

@@ -97,6 +97,82 @@ def test_recipe_keys_load_from_overrides(tmp_path):
         load_config("tiny", ["train.fp8.recipie=rowwise"], PretrainConfig)
 
 
+@needs_torchao
+def test_fast_accum_reaches_all_three_torchao_products():
+    """`train.fast_accum` (default on) sets torchao's accumulation for the output, input-gradient
+    and weight-gradient products alike; off, none of them (torchao's recipes alone use it for
+    the output only)."""
+    assert Fp8Config().fast_accum
+    for recipe in ("tensorwise", "rowwise"):
+        for fast in (True, False):
+            cfg = fp8_mod.float8_linear_config(Fp8Config(recipe=recipe, fast_accum=fast), emulate=True)
+            gemms = (cfg.gemm_config_output, cfg.gemm_config_grad_input, cfg.gemm_config_grad_weight)
+            assert [g.use_fast_accum for g in gemms] == [fast] * 3, (recipe, fast)
+
+
+class _RecordedFp8Products:
+    """Stands in for torch._scaled_mm / _scaled_grouped_mm on a machine without FP8 tensor
+    cores: records each call's contraction length and `use_fast_accum`, and computes the
+    product from the float8 operands with float32 products (rowwise or one scale per tensor)."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, bool]] = []
+
+    def mm(self, a, b, scale_a, scale_b, out_dtype=None, use_fast_accum=False, **_):
+        self.calls.append((a.shape[-1], use_fast_accum))
+        return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+    def grouped_mm(self, a, b, scale_a, scale_b, offs=None, out_dtype=None, use_fast_accum=False, **_):
+        self.calls.append((a.shape[-1], use_fast_accum))
+        out, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            out.append(
+                (a[start:end].float() * scale_a[start:end, None]) @ (b[e].float() * scale_b[e][None, :])
+            )
+            start = end
+        return torch.cat(out).to(out_dtype)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_accum_is_asked_of_every_fp8_product_but_the_vocabulary_contraction(monkeypatch, fast):
+    """With `fast_accum` the routed experts' four FP8 products and the LM head's logits and
+    weight gradient ask the FP8 GEMM for fast accumulation; the LM head's hidden gradient,
+    whose contraction is the vocabulary, never does. Without it none do. The values are those
+    of the emulated path (the flag changes only how the hardware accumulates)."""
+    from nemotron.kernels import cross_entropy as ce_mod
+    from nemotron.kernels import fp8 as kfp8
+    from nemotron.train.fp8_grouped import fp8_expert_mlp
+
+    fake = _RecordedFp8Products()
+    monkeypatch.setattr(torch, "_scaled_mm", fake.mm)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", fake.grouped_mm)
+    monkeypatch.setattr(kfp8, "fp8_hardware", lambda device: True)
+    torch.manual_seed(5)
+    hidden, ffn, vocab = 32, 48, 96
+    up = (torch.randn(3, ffn, hidden) * 0.1).bfloat16().requires_grad_()
+    down = (torch.randn(3, hidden, ffn) * 0.1).bfloat16().requires_grad_()
+    offs = torch.tensor([5, 5, 16], dtype=torch.int32)
+    x = torch.randn(16, hidden).bfloat16().requires_grad_()
+    out = fp8_expert_mlp(x, up, down, offs, emulate=False, fast_accum=fast)
+    out.float().square().sum().backward()
+    assert fake.calls == [(hidden, fast), (ffn, fast), (hidden, fast), (ffn, fast)]
+    x2 = x.detach().clone().requires_grad_()
+    ref = fp8_expert_mlp(x2, up.detach(), down.detach(), offs, emulate=True)
+    assert torch.equal(out, ref)
+
+    fake.calls.clear()
+    h = torch.randn(40, hidden).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden) * 0.2).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (40,))
+    loss = ce_mod.linear_cross_entropy(
+        h, w, labels, chunk_size=16, fp8=True, backend="torch", fp8_fast_accum=fast
+    )
+    loss.backward()
+    # logits (contraction: hidden) and hidden gradients (vocabulary) per chunk of 16 rows, then
+    # the weight gradient (the group's rows, padded to 16)
+    assert fake.calls == [(hidden, fast), (vocab, False)] * 3 + [(48, fast)]
+
+
 def test_missing_torchao_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fp8_mod, "torchao_version", lambda: None)
     with pytest.raises(
@@ -627,13 +703,17 @@ def test_apply_fp8_lm_head_is_opt_in_and_keeps_the_weights(monkeypatch):
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append((kwargs.get("fp8"), kwargs.get("fp8_group_rows")))
+        seen.append((kwargs.get("fp8"), kwargs.get("fp8_group_rows"), kwargs.get("fp8_fast_accum")))
         return ce_mod.linear_cross_entropy(*args, **kwargs)
 
     monkeypatch.setattr(model_mod, "linear_cross_entropy", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         head(torch.randint(0, head.config.vocab_size, (1, 8)), labels=torch.zeros(1, 8, dtype=torch.long))
-    assert seen == [(True, 48)]
+    exact = _tiny()
+    apply_fp8(exact, Fp8Config(enabled=True, layers=["lm_head"], fast_accum=False), CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact(torch.randint(0, head.config.vocab_size, (1, 8)), labels=torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [(True, 48, True), (True, ce_mod.WGRAD_GROUP_ROWS, False)]
     monkeypatch.undo()
     assert summary.linears == [] and summary.experts == [] and "LM head" in summary.describe()
     assert type(head.lm_head) is nn.Linear

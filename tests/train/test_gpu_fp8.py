@@ -65,7 +65,10 @@ def test_triton_rowwise_quantization_is_the_reference_bit_for_bit(shape, relu2):
     assert torch.equal(rowwise(wide)[0].view(torch.uint8), quantize_rows(wide)[0].view(torch.uint8))
 
 
-def test_fp8_grouped_experts_match_emulation_with_uneven_groups():
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum):
+    """Exact and fast accumulation (`train.fp8.fast_accum`) alike: within 2% of the emulated
+    roundings per tensor."""
     torch.manual_seed(0)
     experts = GroupedExperts(
         num_experts=16, hidden_size=256, ffn_hidden_size=384, init_std=0.02, output_init_std=0.01
@@ -75,7 +78,7 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups():
     g = torch.randn_like(x)
     results = []
     for emulate in (True, False):
-        layer = Float8GroupedExperts(experts, emulate=emulate)
+        layer = Float8GroupedExperts(experts, emulate=emulate, fast_accum=fast_accum)
         for p in layer.parameters():
             p.grad = None
         xi = x.clone().requires_grad_(True)
@@ -173,8 +176,8 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
     assert _rel(outs[1][1], outs[0][1]) < 0.1
 
 
-@pytest.mark.parametrize("group_rows", [None, 2048])
-def test_fp8_lm_head_matches_the_emulated_roundings(group_rows):
+@pytest.mark.parametrize("group_rows,fast_accum", [(None, False), (2048, False), (2048, True)])
+def test_fp8_lm_head_matches_the_emulated_roundings(group_rows, fast_accum):
     """linear_cross_entropy(fp8=True) on the FP8 tensor cores (tensorwise `torch._scaled_mm`, the
     Triton kernels writing the logit gradient in e4m3 and transposed e5m2) against the same
     roundings emulated on the CPU (float32 products); 3,000 rows (not a multiple of 16: the
@@ -191,7 +194,13 @@ def test_fp8_lm_head_matches_the_emulated_roundings(group_rows):
         hi = h.detach().to(dev).requires_grad_(True)
         wi = w.detach().to(dev).requires_grad_(True)
         loss = linear_cross_entropy(
-            hi, wi, labels.to(dev), chunk_size=1024, fp8=True, fp8_group_rows=group_rows or WGRAD_GROUP_ROWS
+            hi,
+            wi,
+            labels.to(dev),
+            chunk_size=1024,
+            fp8=True,
+            fp8_group_rows=group_rows or WGRAD_GROUP_ROWS,
+            fp8_fast_accum=fast_accum,
         )
         loss.backward()
         results.append((loss.detach().float().cpu(), hi.grad.float().cpu(), wi.grad.float().cpu()))

@@ -170,13 +170,14 @@ def _weight_grad_fp8(
     h_inv: torch.Tensor,
     dweight: torch.Tensor | None,
     acc: torch.dtype,
+    fast_accum: bool,
 ) -> torch.Tensor:
     """dweight (acc dtype [V, h]; None: a new one) += (gqt * g_inv) @ (hqt * h_inv)^T. The first
     product is written in `acc` directly; later ones in BF16 and added (a BF16 [V, h] temporary
     instead of a float32 one; their FP8 error is ~50x BF16's rounding)."""
     if dweight is None:
-        return tensorwise_mm(gqt, g_inv, hqt, h_inv, out_dtype=acc)
-    return dweight.add_(tensorwise_mm(gqt, g_inv, hqt, h_inv))
+        return tensorwise_mm(gqt, g_inv, hqt, h_inv, out_dtype=acc, fast_accum=fast_accum)
+    return dweight.add_(tensorwise_mm(gqt, g_inv, hqt, h_inv, fast_accum=fast_accum))
 
 
 def _logit_grad_fp8_torch(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt) -> None:
@@ -204,6 +205,7 @@ def _fp8_loss_and_grads(
     row_scale: torch.Tensor | None,
     chunk_size: int,
     group_rows: int,
+    fast_accum: bool,
     use_triton: bool,
     acc: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -218,7 +220,9 @@ def _fp8_loss_and_grads(
     row's is |s| (1 - p_label), as every other probability is at most 1 - p_label), and per
     group in e5m2, transposed, for the weight gradient (bounded by the largest |s|: e5m2's range
     keeps the softmax tails of rare vocabulary rows, which e4m3 at that scale would flush to
-    zero)."""
+    zero). `fast_accum`: the logits' and the weight gradient's products accumulate in the
+    tensor cores' own accumulator (`kernels.fp8`); the hidden gradient's, a contraction over the
+    vocabulary, never does."""
     n = h_all.shape[0]
     v = w.shape[0]
     dev = h_all.device
@@ -240,7 +244,7 @@ def _fp8_loss_and_grads(
             gqt[:, g1 - g0 :].zero_()
         for s in range(g0, g1, chunk_size):
             e = min(g1, s + chunk_size)
-            logits = tensorwise_mm(hq[s - g0 : e - g0], h_inv, wq, w_inv)
+            logits = tensorwise_mm(hq[s - g0 : e - g0], h_inv, wq, w_inv, fast_accum=fast_accum)
             loss, lse, _ = rows(logits, labels[s:e], None)
             total += (loss.to(acc) * token_w[s:e]).sum()
             if row_scale is not None:
@@ -252,7 +256,7 @@ def _fp8_loss_and_grads(
                 assert dhidden is not None
                 dhidden[s:e] = tensorwise_mm(gq, 1.0 / scale_rows, wqt, w_inv)
         if row_scale is not None:
-            dweight = _weight_grad_fp8(gqt, 1.0 / scale_cols, hqt, h_inv, dweight, acc)
+            dweight = _weight_grad_fp8(gqt, 1.0 / scale_cols, hqt, h_inv, dweight, acc, fast_accum)
     if row_scale is not None and dweight is None:  # no rows
         dweight = torch.zeros(w.shape, dtype=acc, device=dev)
     return total, dhidden, dweight
@@ -312,6 +316,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute,
         fp8,
         fp8_group_rows,
+        fp8_fast_accum,
     ):
         acc = torch.float64 if compute == torch.float64 else torch.float32
         rows = _rows_triton if use_triton else _rows_torch
@@ -332,6 +337,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     row_scale,
                     chunk_size,
                     fp8_group_rows,
+                    fp8_fast_accum,
                     use_triton,
                     acc,
                 )
@@ -344,7 +350,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grad_in_forward = grad_in_forward
         ctx.use_triton = use_triton
         ctx.compute = compute
-        ctx.fp8, ctx.fp8_group_rows = fp8, fp8_group_rows
+        ctx.fp8, ctx.fp8_group_rows, ctx.fp8_fast_accum = fp8, fp8_group_rows, fp8_fast_accum
         if grad_in_forward:
             ctx.save_for_backward(dhidden, dweight)
         else:
@@ -354,7 +360,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @dense_inputs
     def backward(ctx, grad_out):
-        nones = (None,) * 9
+        nones = (None,) * 10
         if ctx.grad_in_forward:
             dhidden, dweight = ctx.saved_tensors
             g = grad_out.to(dweight.dtype)
@@ -379,6 +385,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     scale_all,
                     ctx.chunk_size,
                     ctx.fp8_group_rows,
+                    ctx.fp8_fast_accum,
                     ctx.use_triton,
                     acc,
                 )
@@ -401,6 +408,7 @@ def linear_cross_entropy(
     backend: str = "auto",
     fp8: bool = False,
     fp8_group_rows: int = WGRAD_GROUP_ROWS,
+    fp8_fast_accum: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (``-100`` ignored), weighted by
     ``loss_mask`` (0/1 or real weights), normalised by the sum of the weights (at least 1).
@@ -419,7 +427,9 @@ def linear_cross_entropy(
     written by the pass that computes it (see `_fp8_loss_and_grads`). ``fp8_group_rows``: rows per
     scale group of the hidden states and per weight-gradient product (rounded down to whole
     chunks, at least one): larger groups mean fewer [V, h] accumulations and V bytes more memory
-    per row (the group's transposed logit gradient).
+    per row (the group's transposed logit gradient). ``fp8_fast_accum``: the logits' and weight
+    gradient's FP8 products accumulate in the tensor cores' own accumulator (faster; the hidden
+    gradient's, over the vocabulary, never does; see `nemotron.kernels.fp8`).
     """
     _check(hidden, weight, labels, loss_mask, chunk_size)
     if fp8_group_rows < 1:
@@ -456,4 +466,5 @@ def linear_cross_entropy(
         compute,
         fp8_weight,
         fp8_group_rows,
+        fp8_fast_accum,
     )

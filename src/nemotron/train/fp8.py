@@ -23,7 +23,9 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   scale per tensor; the logit gradient in e4m3 and, transposed, e5m2, written by the pass
   that computes it).
 
-The router, norms, embeddings, convolution and the SSD scan keep their precision.
+The router, norms, embeddings, convolution and the SSD scan keep their precision. With
+`fast_accum` (the default) every FP8 product except the LM head's hidden gradient accumulates
+in the tensor cores' own accumulator (`nemotron.kernels.fp8`, above `tensorwise_mm`).
 
 Under tensor parallelism (`apply_fp8(..., tensor_parallel=TP)`, tensorwise recipe only) the
 converted linears in the DTensor plans are sharded with torchao's float8 styles
@@ -209,11 +211,21 @@ def _not_aligned(tensor_parallel: int) -> str:
 
 
 def float8_linear_config(fp8: Fp8Config, emulate: bool):
+    """torchao's config for the dense linears: `fp8.recipe`'s casts, and all three products
+    (output, input gradient, weight gradient) with `fp8.fast_accum`'s accumulation (torchao's
+    recipes use the fast one for the output only)."""
     from torchao.float8 import Float8LinearConfig
+    from torchao.float8.config import Float8GemmConfig
 
     config = Float8LinearConfig.from_recipe_name(fp8.recipe)
+    gemm = Float8GemmConfig(use_fast_accum=fp8.fast_accum)
     return dataclasses.replace(
-        config, emulate=emulate, enable_fsdp_float8_all_gather=fp8.fsdp_float8_all_gather
+        config,
+        emulate=emulate,
+        enable_fsdp_float8_all_gather=fp8.fsdp_float8_all_gather,
+        gemm_config_output=gemm,
+        gemm_config_grad_input=gemm,
+        gemm_config_grad_weight=gemm,
     )
 
 
@@ -262,7 +274,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
         if not isinstance(moe.experts, Float8GroupedExperts):
             # before EP sharding, the experts are still the model's own
             assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
-            moe.experts = Float8GroupedExperts(moe.experts, emulate=emulate)
+            moe.experts = Float8GroupedExperts(moe.experts, emulate=emulate, fast_accum=fp8.fast_accum)
         experts.append(f"{name}.experts")
     lm_head = False
     if "lm_head" in fp8.layers:
@@ -279,6 +291,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
             else:
                 model.fp8_lm_head = lm_head = True
                 model.fp8_lm_head_group_rows = fp8.lm_head_group_rows
+                model.fp8_lm_head_fast_accum = fp8.fast_accum
         # (a pipeline part without the head has nothing to convert)
     return Fp8Summary(linears=linears, experts=experts, skipped=skipped, emulated=emulate, lm_head=lm_head)
 
@@ -294,16 +307,20 @@ class Float8GroupedExperts(GroupedExperts):
     [E, ffn, hidden], `down_proj` [E, hidden, ffn]) as the `GroupedExperts` it is made from,
     which it shares (no copy)."""
 
-    def __init__(self, experts: GroupedExperts, emulate: bool = False) -> None:
+    def __init__(self, experts: GroupedExperts, emulate: bool = False, fast_accum: bool = False) -> None:
         nn.Module.__init__(self)
         self.init_std = experts.init_std
         self.output_init_std = experts.output_init_std
         self.up_proj = experts.up_proj
         self.down_proj = experts.down_proj
         self.emulate = emulate
+        self.fast_accum = fast_accum
 
     def extra_repr(self) -> str:
-        return f"fp8 rowwise, bf16 weight gradients{', emulated' if self.emulate else ''}"
+        return (
+            f"fp8 rowwise, bf16 weight gradients{', fast accumulation' if self.fast_accum else ''}"
+            f"{', emulated' if self.emulate else ''}"
+        )
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
@@ -314,5 +331,13 @@ class Float8GroupedExperts(GroupedExperts):
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = fp8_expert_mlp(x, up, down, offs, emulate=self.emulate or not x.is_cuda, owner=self)
+            out = fp8_expert_mlp(
+                x,
+                up,
+                down,
+                offs,
+                emulate=self.emulate or not x.is_cuda,
+                owner=self,
+                fast_accum=self.fast_accum,
+            )
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

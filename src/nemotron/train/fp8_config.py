@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 # higher precision. `lm_head`: the chunked LM-head loss's logit and hidden-gradient products
 # (opt-in: the logits' precision is the one place FP8 touches the loss directly).
 FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp", "experts", "lm_head")
-# The default: the dense linears (1.06x BF16's tokens/s on the proxy, one H200, 2026-12-03:
+# The default: the dense linears (1.07x BF16's tokens/s on the proxy, one H200, 2026-12-03:
 # docs/benchmarks.md "FP8 training"). Opt-in: `lm_head` (1.16x with it; the logits and all of
-# the head's gradients go through FP8) and `experts` (1.19x with every layer).
+# the head's gradients go through FP8) and `experts` (1.23-1.25x with every layer).
 DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # torchao's float8 recipes for the dense linears (`Float8LinearRecipeName`):
 #   tensorwise: one dynamic scale per tensor (cuBLAS FP8 GEMMs, the fastest);
@@ -47,6 +47,12 @@ class Fp8Config:
     # V = 131,072). A whole micro-batch (24,576 on the one-GPU proxy) was ~1% faster with every
     # FP8 layer but sent the proxy with BF16 experts into allocator retries (docs/benchmarks.md).
     lm_head_group_rows: int = 8192
+    # The FP8 products accumulate in the tensor cores' own accumulator (`use_fast_accum`): 4-9%
+    # faster dense products, 15-17% faster grouped ones on an H200, an error well below the FP8
+    # roundings of the operands (`nemotron.kernels.fp8`). Every product but the LM head's hidden
+    # gradient (a contraction over the vocabulary). false: every FP8 product accumulates with
+    # float32 promotion (torchao's recipes alone use fast accumulation for the forward only).
+    fast_accum: bool = True
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:

@@ -79,20 +79,37 @@ def _relu2_backward_quantize(
 
 
 def _scaled_grouped_mm(
-    a_q: torch.Tensor, a_inv: torch.Tensor, b_t_q: torch.Tensor, b_inv: torch.Tensor, offs: torch.Tensor
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_t_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    offs: torch.Tensor,
+    fast_accum: bool,
 ) -> torch.Tensor:
     """out[rows of e] = (a_q * a_inv)[rows of e] @ (b_t_q * b_inv)[e]^T in BF16, on the FP8
-    tensor cores: a_q [R, K] (scales [R]), b_t_q [E, N, K] contiguous (scales [E, N])."""
+    tensor cores: a_q [R, K] (scales [R]), b_t_q [E, N, K] contiguous (scales [E, N]).
+    `fast_accum`: the tensor cores' own accumulation (`kernels.fp8`, above `tensorwise_mm`)."""
     return torch._scaled_grouped_mm(
-        a_q, b_t_q.transpose(-2, -1), a_inv, b_inv, offs=offs, out_dtype=torch.bfloat16
+        a_q,
+        b_t_q.transpose(-2, -1),
+        a_inv,
+        b_inv,
+        offs=offs,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=fast_accum,
     )
 
 
 def _emulated_grouped_mm(
-    a_q: torch.Tensor, a_inv: torch.Tensor, b_t_q: torch.Tensor, b_inv: torch.Tensor, offs: torch.Tensor
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_t_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    offs: torch.Tensor,
+    fast_accum: bool,
 ) -> torch.Tensor:
-    """`_scaled_grouped_mm` with float32 products (any device), each group's result rounded to
-    BF16: `kernels.fp8.emulated_mm` per expert."""
+    """`_scaled_grouped_mm` with float32 products (any device; `fast_accum` has no emulation),
+    each group's result rounded to BF16: `kernels.fp8.emulated_mm` per expert."""
     out = torch.zeros(a_q.shape[0], b_t_q.shape[1], dtype=torch.bfloat16, device=a_q.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -115,8 +132,12 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
 
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None):
-        mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
+    def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool):
+        grouped_mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
+
+        def mm(a_q, a_inv, b_t_q, b_inv, offs):
+            return grouped_mm(a_q, a_inv, b_t_q, b_inv, offs, fast_accum)
+
         x_q, x_inv = rowwise(x)
         # [E, ffn, hidden] per (e, ffn row)
         up_q, up_inv = quantized_weight(owner, "up_proj.rows", up, rowwise)
@@ -127,14 +148,18 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         out = mm(h_q, h_inv, down_q, down_inv, offs)
         # one inverse scale per expert matrix for the transposed copies: the largest of its rows'
         ctx.save_for_backward(x, up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1))
-        ctx.emulate, ctx.owner = emulate, owner
+        ctx.emulate, ctx.owner, ctx.fast_accum = emulate, owner, fast_accum
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, up, down, offs, h_pre, up_matrix_inv, down_matrix_inv = ctx.saved_tensors
         dev = x.device
-        mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
+        grouped_mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
+
+        def mm(a_q, a_inv, b_t_q, b_inv, offs):
+            return grouped_mm(a_q, a_inv, b_t_q, b_inv, offs, ctx.fast_accum)
+
         transposed = compiled("transposed", quantize_transposed, dev)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         g_q, g_inv = rowwise(grad_out)
@@ -151,7 +176,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         )
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
-        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None
+        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None, None
 
 
 def fp8_expert_mlp(
@@ -161,11 +186,16 @@ def fp8_expert_mlp(
     offs: torch.Tensor,
     emulate: bool = False,
     owner: object | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
     [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
     out; `emulate` computes the same roundings with float32 products (CPU, or no FP8 cores).
     `owner` (the experts module): the weights' quantized copies are reused under that key
-    within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call)."""
+    within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call).
+    `fast_accum`: the four FP8 products accumulate in the tensor cores' own accumulator
+    (`train.fp8.fast_accum`; contractions over the hidden and FFN widths)."""
     x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
-    return _Fp8ExpertMLP.apply(x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate, owner)
+    return _Fp8ExpertMLP.apply(
+        x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate, owner, fast_accum
+    )

@@ -54,6 +54,7 @@ def cross_entropy(
     fused: bool,
     fp8: bool = False,
     fp8_group_rows: int = WGRAD_GROUP_ROWS,
+    fp8_fast_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LM head + mean token cross-entropy: returns (loss, logits or None).
 
@@ -62,7 +63,7 @@ def cross_entropy(
     `nemotron.kernels.cross_entropy`, which never holds the full float32 [tokens x vocab] logits
     and returns no logits; otherwise the LM head module is called and the logits are returned.
     `fp8` (fused only): the chunked loss's FP8 products (`linear_cross_entropy(fp8=True)`, its
-    scale groups of `fp8_group_rows` rows).
+    scale groups of `fp8_group_rows` rows, `fp8_fast_accum` its products' accumulation).
     """
     if fused:
         loss = linear_cross_entropy(
@@ -72,6 +73,7 @@ def cross_entropy(
             None if loss_mask is None else loss_mask.reshape(-1),
             fp8=fp8,
             fp8_group_rows=fp8_group_rows,
+            fp8_fast_accum=fp8_fast_accum,
         )
         return loss, None
     logits = lm_head(hidden)
@@ -192,10 +194,11 @@ class Nano3ForCausalLM(nn.Module):
         # parameters to exactly the single-device weights (`reset_parameters` calls it).
         self.vocab_parallel: VocabParallelOps | None = None
         self.parallel_init: Callable[[nn.Module], None] | None = None
-        # The chunked LM-head loss's products in FP8 and their scale groups' rows (`train.fp8`
-        # with `lm_head` among its layers sets them; the weights stay what they are).
+        # The chunked LM-head loss's products in FP8, their scale groups' rows and accumulation
+        # (`train.fp8` with `lm_head` among its layers sets them; the weights stay what they are).
         self.fp8_lm_head = False
         self.fp8_lm_head_group_rows = WGRAD_GROUP_ROWS
+        self.fp8_lm_head_fast_accum = False
 
     @property
     def is_pipeline_part(self) -> bool:
@@ -287,4 +290,5 @@ class Nano3ForCausalLM(nn.Module):
             self.fused_loss,
             self.fp8_lm_head,
             self.fp8_lm_head_group_rows,
+            self.fp8_lm_head_fast_accum,
         )
