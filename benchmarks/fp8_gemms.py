@@ -355,6 +355,8 @@ def fast_accum_part(cfg: Nano3Config, tokens: int, lm_chunk: int, dev, warmup: i
     against the float32 product of the same float8 operands, per shape. Dense: every proxy GEMM
     (tensorwise, cuBLAS); grouped: the routed experts' two shapes (rowwise, CUTLASS; forward
     and input gradient have the same two)."""
+    from nemotron.train.fp8_grouped import _scaled_grouped_mm as scaled_grouped_mm
+
     torch.manual_seed(0)
     result: dict = {"dense": [], "grouped": {}}
 
@@ -404,16 +406,8 @@ def fast_accum_part(cfg: Nano3Config, tokens: int, lm_chunk: int, dev, warmup: i
         ).t()
         for fast in (False, True):
 
-            def fn(fast=fast):
-                return torch._scaled_grouped_mm(
-                    a_q,
-                    w_q.transpose(-2, -1),
-                    a_inv,
-                    w_inv,
-                    offs=offs,
-                    out_dtype=torch.bfloat16,
-                    use_fast_accum=fast,
-                )
+            def fn(fast=fast):  # the routed experts' own call
+                return scaled_grouped_mm(a_q, a_inv, w_q, w_inv, offs, fast)
 
             tag = "fast" if fast else "exact"
             res[f"{tag}_rel_err"] = rel(fn()[start : start + first], ref)
