@@ -48,6 +48,8 @@ products; `tests/train/test_fp8.py` checks both against an independent reference
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from nemotron.kernels.fp8 import (
@@ -133,10 +135,7 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool):
-        grouped_mm = _emulated_grouped_mm if emulate else _scaled_grouped_mm
-
-        def mm(a_q, a_inv, b_t_q, b_inv, offs):
-            return grouped_mm(a_q, a_inv, b_t_q, b_inv, offs, fast_accum)
+        mm = partial(_emulated_grouped_mm if emulate else _scaled_grouped_mm, fast_accum=fast_accum)
 
         x_q, x_inv = rowwise(x)
         # [E, ffn, hidden] per (e, ffn row)
@@ -155,10 +154,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, up, down, offs, h_pre, up_matrix_inv, down_matrix_inv = ctx.saved_tensors
         dev = x.device
-        grouped_mm = _emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm
-
-        def mm(a_q, a_inv, b_t_q, b_inv, offs):
-            return grouped_mm(a_q, a_inv, b_t_q, b_inv, offs, ctx.fast_accum)
+        mm = partial(_emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm, fast_accum=ctx.fast_accum)
 
         transposed = compiled("transposed", quantize_transposed, dev)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
