@@ -165,11 +165,12 @@ def scaled_mm(a_q: torch.Tensor, a_inv: torch.Tensor, b_q: torch.Tensor, b_inv: 
 # FP8 tensor cores accumulate the whole contraction in their own accumulator, which keeps fewer
 # bits than float32, instead of the GEMM adding partial sums into float32 registers every few
 # k-blocks. Measured on an H200 at the proxy's shapes (docs/benchmarks.md "FP8 training", sixth
-# round): 4-9% faster dense products and 15-17% faster grouped ones; the error against the
-# float32 product of the same float8 operands 1.7e-3 (BF16 output rounding) -> 1.8e-3 to 2.8e-3
-# for contractions up to ~10k, 4.3e-3 at 24,576, far below what rounding the
-# operands to FP8 moves a product (4-7% of its norm against BF16 for the experts' products). Not for contractions over the vocabulary (the LM head's
-# hidden gradient, 131,072 terms): 1.0e-2 there, and slower.
+# round): the grouped products 12-22% faster, the dense linears' 4-9% (the LM head's within the
+# run-to-run spread); the error against the float32 product of the same float8 operands 1.7e-3
+# (BF16 output rounding) -> 1.8e-3 to 2.8e-3 for contractions up to ~10k and 4.3e-3 at 24,576,
+# far below what rounding the operands to FP8 moves a product (4-7% of its norm against BF16,
+# the experts' products). Not for contractions over the vocabulary (the LM head's hidden
+# gradient, 131,072 terms): 1.0e-2 there, and slower.
 
 
 def tensorwise_mm(
