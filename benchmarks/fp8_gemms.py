@@ -24,10 +24,14 @@ Its parts, each in the same process and on the same GPU:
    against float64, per tensor;
 5. (`fast_accum`) every FP8 GEMM of part 1 (tensorwise) and the routed experts' two grouped
    shapes (rowwise) with and without `use_fast_accum`: time, and each result's error against
-   the float32 product of the same float8 operands (`train.fp8.fast_accum`).
+   the float32 product of the same float8 operands (`train.fp8.fast_accum`);
+6. (`linears`) each distinct dense linear of the proxy as training runs it (torchao's
+   `Float8Linear` with this project's `float8_linear_config`, compiled as `apply_fp8` does)
+   against a BF16 `nn.Linear`: forward + backward of one micro-batch, and the kernels of one
+   profiled call (which GEMMs cuBLAS picks, what the casts cost). Needs torchao.
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
-`grouped_autotune`, `lm_head`, `fast_accum`).
+`grouped_autotune`, `lm_head`, `fast_accum`, `linears`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -540,6 +544,66 @@ def grad_fp8_tile_sweep(cfg: Nano3Config, chunk: int, dev, warmup: int, iters: i
     return out
 
 
+def dense_linear_shapes(cfg: Nano3Config) -> list[tuple[str, int, int]]:
+    """(kind, in_features, out_features) of each distinct dense linear of the proxy."""
+    h = cfg.hidden_size
+    d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    in_proj = 2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_size + cfg.mamba_num_heads
+    q = cfg.num_attention_heads * cfg.head_dim
+    ffn = cfg.moe_shared_expert_hidden_size
+    return [
+        ("mamba in_proj", h, in_proj),
+        ("mamba out_proj / attention o_proj", d_inner, h),
+        ("attention q_proj", h, q),
+        ("shared_expert up_proj", h, ffn),
+        ("shared_expert down_proj", ffn, h),
+    ]
+
+
+def linears_part(cfg: Nano3Config, seq: int, micro_batch: int, dev, warmup: int, iters: int) -> list[dict]:
+    """Forward + backward of each dense linear at one micro-batch's tokens, BF16 against the
+    FP8 linear training uses (`train.fp8` defaults: tensorwise, fast accumulation, compiled),
+    with the top kernels of one profiled call of each. The calls accumulate into the input's and
+    the weight's `.grad`, as gradient accumulation does: the same two BF16 adds in both modes."""
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile
+    from torchao.float8 import convert_to_float8_training
+
+    from nemotron.train.fp8 import Fp8Config, float8_linear_config
+
+    config = float8_linear_config(Fp8Config(enabled=True), emulate=False)
+    rows = []
+    for kind, k, n in dense_linear_shapes(cfg):
+        row: dict = {"kind": kind, "in": k, "out": n}
+        for mode in ("bf16", "fp8"):
+            model = nn.Sequential(nn.Linear(k, n, bias=False)).to(dev, torch.bfloat16)
+            if mode == "fp8":
+                convert_to_float8_training(model, config=config)
+                model[0].compile(dynamic=False)
+            x = torch.randn(micro_batch, seq, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(micro_batch, seq, n, device=dev, dtype=torch.bfloat16)
+
+            def step() -> None:
+                model(x).backward(dy)
+
+            row[f"{mode}_ms"] = median(time_ms(step, dev, warmup, iters))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize(dev)
+            kernels = [
+                {"name": e.key[:100], "ms": e.self_device_time_total / 1e3, "calls": e.count}
+                for e in prof.key_averages()
+                if e.self_device_time_total > 0
+            ]
+            row[f"{mode}_kernels"] = sorted(kernels, key=lambda r: -r["ms"])[:12]
+        row["bf16_over_fp8"] = row["bf16_ms"] / row["fp8_ms"]
+        print(
+            f"{kind:34s} {k:5d}->{n:5d}: bf16 {row['bf16_ms']:.3f} fp8 {row['fp8_ms']:.3f} ms ({row['bf16_over_fp8']:.2f}x)"
+        )
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=8192)
@@ -585,6 +649,8 @@ def main() -> None:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
     if "lm_head" in parts:
         result["lm_head"] = lm_head_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
+    if "linears" in parts:
+        result["linears"] = linears_part(cfg, args.seq, args.micro_batch, dev, args.warmup, args.iters)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "gemms"}, indent=1))

@@ -19,8 +19,9 @@ Parameter modes (`--params`):
 
 Reported: tokens/s, step time, model TFLOP/s and MFU against 989 TFLOP/s (`train/flops.py`, the
 formula training logs use), peak memory, and a split of one step's GPU time by block type
-(CUDA events at block boundaries in forward and backward, plus the optimizer step) and the
-top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default 25), with the profiled
+(CUDA events at block boundaries in forward and backward, plus the optimizer step) with the
+peak of allocated memory within each of those phases (`peak_gib_by_phase`: where the step's
+peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default 25), with the profiled
 step's GPU busy time against its span (idle: where the step waits on the CPU) and, for the
 kernel-name substrings in `PROFILE_ATTRIBUTE` (comma list), their time by the operators that
 launched them. `--check-numerics N` compares the loss of the first N
@@ -143,12 +144,33 @@ def _block_kind(layer: nn.Module) -> str:
     return inner.kind
 
 
+class CudaPeakMemory:
+    """The caching allocator's peak of allocated memory on `device` since the last restart."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def peak_gib(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def restart(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
 class StepSplit:
     """Records device events at block boundaries (forward: around each block; backward: when
     the gradient of the block's output arrives and when that of its input is complete) and
-    around the optimizer step; `summary()` attributes one step's time to block kinds."""
+    around the optimizer step; `end()` attributes one step's time to block kinds, and `peaks`
+    holds the highest allocated memory within each phase (`memory`: a `CudaPeakMemory` on
+    CUDA, None elsewhere)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        memory: CudaPeakMemory | None = None,
+    ):
         self.device = device
         self.active = False
         self.spans: list[tuple[str, object, object]] = []
@@ -160,6 +182,20 @@ class StepSplit:
         self.handles.append(optimizer.register_step_pre_hook(self._opt_pre))
         self.handles.append(optimizer.register_step_post_hook(self._opt_post))
         self._pending: dict[int, tuple] = {}
+        # the highest allocated GiB within each phase (the intervals between hooks), read from
+        # the caching allocator's host-side counters (no device sync): where the step's peak is
+        self.peaks: dict[str, float] = {}
+        if memory is None and device.type == "cuda":
+            memory = CudaPeakMemory(device)
+        self.memory = memory
+
+    def _peak_since_last(self, label: str) -> None:
+        """Charge the allocator's peak since the previous hook to `label` and restart it."""
+        if self.memory is None:
+            return
+        gib = self.memory.peak_gib()
+        self.peaks[label] = max(self.peaks.get(label, 0.0), gib)
+        self.memory.restart()
 
     def _event(self):
         if self.device.type == "cuda":
@@ -183,6 +219,7 @@ class StepSplit:
         def hook(module, args):
             if not self._recording():
                 return
+            self._peak_since_last("outside blocks (forward)")
             module._split_fwd_start = self._event()
             x = args[0]
             if x.requires_grad:
@@ -191,6 +228,7 @@ class StepSplit:
                 def input_grad_done(grad):
                     start = self._pending.pop(key, None)
                     if start is not None:
+                        self._peak_since_last(f"{kind}/bwd")
                         self.spans.append((f"{kind}/bwd", start, self._event()))
 
                 x.register_hook(input_grad_done)
@@ -201,12 +239,14 @@ class StepSplit:
         def hook(module, args, out):
             if not self._recording():
                 return
+            self._peak_since_last(f"{kind}/fwd")
             self.spans.append((f"{kind}/fwd", module._split_fwd_start, self._event()))
             y = out[0] if isinstance(out, tuple) else out
             if y.requires_grad:
                 key = id(module)
 
                 def output_grad_arrived(grad):
+                    self._peak_since_last("outside blocks (backward)")
                     self._pending[key] = self._event()
 
                 y.register_hook(output_grad_arrived)
@@ -215,20 +255,26 @@ class StepSplit:
 
     def _opt_pre(self, optimizer, args, kwargs):
         if self.active:
+            self._peak_since_last("outside blocks (backward)")
             self._opt_start = self._event()
 
     def _opt_post(self, optimizer, args, kwargs):
         if self.active:
+            self._peak_since_last("optimizer")
             self.spans.append(("optimizer", self._opt_start, self._event()))
 
     def begin(self):
         self.spans.clear()
         self._pending.clear()
+        self.peaks.clear()
+        if self.memory is not None:
+            self.memory.restart()
         self.active = True
         self.step_start = self._event()
 
     def end(self) -> dict:
         self.step_end = self._event()
+        self._peak_since_last("after the optimizer")
         self.active = False
         synchronize(self.device)
         total = self._elapsed_ms(self.step_start, self.step_end)
@@ -342,6 +388,8 @@ class RunResult:
     # and was retried after freeing cached blocks (each retry synchronizes the device)
     allocator: dict | None = None
     split_ms: dict | None = None
+    # the profiled step's highest allocated GiB within each phase (StepSplit.peaks)
+    peak_gib_by_phase: dict | None = None
     kernels: list | None = None
     # the profiled step's GPU time: busy (kernels on any stream), span, idle within the span
     device_busy: dict | None = None
@@ -385,12 +433,23 @@ def run_training(
         losses.append(res.lm_loss)
         if i >= warmup:
             times.append(ms)
-    split = kernels = busy = attributed = None
+    # the timed steps' memory, read before the split pass below restarts the peak counters
+    peak = peak_memory_gib(device)
+    allocator = None
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        allocator = {
+            "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+            "alloc_retries": stats.get("num_alloc_retries", 0),
+            "device_alloc_calls": stats.get("num_device_alloc", 0),
+        }
+    split = kernels = busy = attributed = peaks = None
     if profile and hasattr(model, "backbone"):
         splitter = StepSplit(model, optimizer, device)
         splitter.begin()
         one_step()
         split = splitter.end()
+        peaks = {k: round(v, 2) for k, v in splitter.peaks.items()} or None
         splitter.remove()
         if device.type == "cuda":
             from torch.profiler import ProfilerActivity
@@ -408,15 +467,6 @@ def run_training(
     step_ms = median(times)
     tps = plan.tokens_per_step / (step_ms * 1e-3)
     fpt = flops.training_flops_per_token(arch, plan.seq_length)
-    peak = peak_memory_gib(device)
-    allocator = None
-    if device.type == "cuda":
-        stats = torch.cuda.memory_stats(device)
-        allocator = {
-            "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
-            "alloc_retries": stats.get("num_alloc_retries", 0),
-            "device_alloc_calls": stats.get("num_device_alloc", 0),
-        }
     result = RunResult(
         name=name,
         params=params,
@@ -433,6 +483,7 @@ def run_training(
         allocator=allocator,
         losses=losses,
         split_ms=split,
+        peak_gib_by_phase=peaks,
         kernels=kernels,
         device_busy=busy,
         attributed=attributed,
@@ -733,6 +784,12 @@ def main(argv: list[str] | None = None) -> dict:
         if main_run.split_ms:
             print(
                 "split (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in main_run.split_ms.items()), flush=True
+            )
+        if main_run.peak_gib_by_phase:
+            print(
+                "peak GiB by phase: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in main_run.peak_gib_by_phase.items()),
+                flush=True,
             )
         if main_run.device_busy:
             b = main_run.device_busy

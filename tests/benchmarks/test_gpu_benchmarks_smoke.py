@@ -494,3 +494,54 @@ def test_profiled_step_accounting_counts_overlapping_streams_once():
     rows = bench.attribute_kernels(prof, ["direct_copy", "absent"])
     assert rows["absent"] == []
     assert rows["direct_copy"] == [{"ops": "aten::copy_", "shapes": "[[4, 8]]", "ms": 3.0, "calls": 1}]
+
+
+def test_step_split_charges_each_phase_its_peak_of_memory():
+    """`StepSplit.peaks`: the allocator's peak since the previous hook goes to the phase that
+    just ended (block forward, block backward, between blocks, optimizer), the highest over the
+    step's micro-batches, and the counter restarts at every hook."""
+    bench = load("train_throughput")
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+
+    class CountingMemory:
+        """Each phase's peak is the number of the hook that ends it."""
+
+        def __init__(self):
+            self.calls = 0
+            self.restarts = 0
+
+        def peak_gib(self):
+            self.calls += 1
+            return float(self.calls)
+
+        def restart(self):
+            self.restarts += 1
+
+    torch.manual_seed(0)
+    arch = bench.proxy_model_config(tiny=True).arch()
+    model = Nano3ForCausalLM(arch)
+    model.reset_parameters()
+    device = torch.device("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    memory = CountingMemory()
+    split = bench.StepSplit(model, optimizer, device, memory=memory)
+    split.begin()
+    ids = torch.randint(0, arch.vocab_size, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    split.end()
+    split.remove()
+    kinds = ("mamba", "moe", "attention")
+    expected = {f"{k}/{p}" for k in kinds for p in ("fwd", "bwd")}
+    expected |= {"outside blocks (forward)", "outside blocks (backward)", "optimizer", "after the optimizer"}
+    assert set(split.peaks) == expected
+    # one reading per hook, each followed by a restart (plus the one at begin())
+    assert memory.restarts == memory.calls + 1
+    assert split.peaks["after the optimizer"] == memory.calls  # the last hook
+    assert split.peaks["optimizer"] == memory.calls - 1
+    # backward phases come after every forward phase
+    assert min(split.peaks[f"{k}/bwd"] for k in kinds) > max(split.peaks[f"{k}/fwd"] for k in kinds)
+    # on CPU without a reader, no peaks
+    plain = bench.StepSplit(model, optimizer, device)
+    assert plain.memory is None
+    plain.remove()

@@ -364,11 +364,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grad_in_forward:
             dhidden, dweight = ctx.saved_tensors
             g = grad_out.to(dweight.dtype)
-            return (
-                (dhidden * g.to(dhidden.dtype)).to(ctx.hidden_dtype),
-                (dweight * g).to(ctx.weight_dtype),
-                *nones,
-            )
+            # the weight gradient scaled and cast in one pass (`out=` in the weight's dtype, the
+            # product in the accumulation dtype as before): no temporary of the [V, h]
+            # accumulation-dtype gradient while every activation of the micro-batch is held
+            grad_weight = torch.empty(dweight.shape, dtype=ctx.weight_dtype, device=dweight.device)
+            torch.mul(dweight, g, out=grad_weight)
+            return (dhidden * g.to(dhidden.dtype)).to(ctx.hidden_dtype), grad_weight, *nones
         hidden, weight, labels, token_w, inv_denom = ctx.saved_tensors
         rows = _rows_triton if ctx.use_triton else _rows_torch
         with torch.autocast(hidden.device.type, enabled=False):

@@ -164,13 +164,19 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             ctx.owner, "down_proj.transposed", down, lambda w: transposed(w, down_matrix_inv)
         )
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
+        # each intermediate is dropped once its last product is queued (the caching allocator
+        # reuses its memory for the next), not held to the end of the backward
+        del g_q, g_inv, down_t_q, down_t_inv
         h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
+        del grad_h
         grad_down = _grouped_weight_grad(grad_out, h, offs)
+        del h
         # [E, hidden, ffn], one scale per expert
         up_t_q, up_t_inv = quantized_weight(
             ctx.owner, "up_proj.transposed", up, lambda w: transposed(w, up_matrix_inv)
         )
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
+        del dh_q, dh_inv, up_t_q, up_t_inv
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
         return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None, None
 
