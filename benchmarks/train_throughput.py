@@ -21,10 +21,10 @@ Reported: tokens/s, step time, model TFLOP/s and MFU against 989 TFLOP/s (`train
 formula training logs use), peak memory, and a split of one step's GPU time by block type
 (CUDA events at block boundaries in forward and backward, plus the optimizer step) with the
 peak of allocated memory within each of those phases (`peak_gib_by_phase`: where the step's
-peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default 25), with the profiled
-step's GPU busy time against its span (idle: where the step waits on the CPU) and, for the
-kernel-name substrings in `PROFILE_ATTRIBUTE` (comma list), their time by the operators that
-launched them. `--check-numerics N` compares the loss of the first N
+peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default
+25), with the profiled step's GPU busy time against its span (idle: where the step waits on
+the CPU) and, for the kernel-name substrings in `PROFILE_ATTRIBUTE` (comma list), their time
+by the operators that launched them. `--check-numerics N` compares the loss of the first N
 steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
 same data. `--peer hf` also trains the same proxy through transformers' `NemotronHForCausalLM`
 (same tokens per optimizer step, AdamW groups, clipping and bf16 autocast; at sequence 4096
