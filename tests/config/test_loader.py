@@ -246,6 +246,31 @@ def test_impossible_values(tmp_path, overrides, pattern):
     assert str(path) in str(err.value)
 
 
+def test_value_errors_name_the_override_that_set_the_key(tmp_path):
+    """A value check's error names the override token that set the key it is about (the file
+    too: that is what it was applied on); a problem in the file alone names only the file."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.fp8.layers=[mamba,foo]", "train.seed=3"], PretrainConfig)
+    assert str(err.value).startswith(f"override 'train.fp8.layers=[mamba,foo]' on {path}: train.fp8.layers:")
+    # two overrides behind one cross-field problem: both named
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.train_tokens=100", "train.train_iters=5"], PretrainConfig)
+    assert str(err.value).startswith(
+        f"overrides 'train.train_tokens=100', 'train.train_iters=5' on {path}: train.train_iters / train.train_tokens:"
+    )
+    # the problem is in the file; the override touched something else
+    bad_file = write(tmp_path, MINIMAL.replace("micro_batch_size: 2", "micro_batch_size: 3"), "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad_file, ["train.seed=3"], PretrainConfig)
+    assert str(err.value).startswith(f"{bad_file}: train.global_batch_size:")
+    # a list element's key is blamed on the override that set the list
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.mixed_length_blends=[{blend: x.json, seq_length: 0}]"], PretrainConfig)
+    assert str(err.value).startswith("override 'data.mixed_length_blends=")
+    assert "data.mixed_length_blends[0].seq_length: must be positive" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "overrides, pattern",
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -237,16 +238,37 @@ def _build(cls: type[T], tree: dict, prefix: str, where: str) -> T:
         raise ConfigError(f"{where}: {model_error(exc)}") from None
 
 
-def to_typed(tree: dict, schema: type[T], where: str = "<config>") -> T:
-    """Validate a plain nested dict (already resolved) into `schema`; raises ConfigError."""
+def to_typed(
+    tree: dict, schema: type[T], where: str = "<config>", overrides: list[Override] | None = None
+) -> T:
+    """Validate a plain nested dict (already resolved) into `schema`; raises ConfigError. A
+    value check's error names the `overrides` that set a key it is about (else just `where`)."""
     cfg = _build(schema, tree, "", where)
     validator = VALIDATORS.get(schema)
     if validator is not None:
         try:
             validator(cfg)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{_blame(str(exc), where, overrides or [])}: {exc}") from None
     return cfg
+
+
+# a dotted key as value checks name them (`train.fp8.layers`, `data.mixed_length_blends[0].blend`)
+_DOTTED_KEY = re.compile(r"\b[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)+")
+
+
+def _blame(message: str, where: str, overrides: list[Override]) -> str:
+    """Where a value check's `message` comes from: the overrides that set one of the keys its
+    head (up to the first ': ') names, or a section above one (on `where`), else `where`."""
+    named = _DOTTED_KEY.findall(message.split(": ", 1)[0])
+    tokens = [
+        ov.token
+        for ov in overrides
+        if any(k == ov.key or k.startswith((ov.key + ".", ov.key + "[")) for k in named)
+    ]
+    if not tokens:
+        return where
+    return f"{'override' if len(tokens) == 1 else 'overrides'} {', '.join(map(repr, tokens))} on {where}"
 
 
 def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, schema: type) -> dict:
@@ -298,8 +320,9 @@ def load_config(
     if schema is None:
         schema = PretrainConfig  # type: ignore[assignment]
     path = resolve_config_path(path_or_name, schema)
-    tree = load_tree(path, overrides, schema)
-    return to_typed(tree, schema, str(path))
+    parsed = [ov if isinstance(ov, Override) else parse_override(ov) for ov in overrides or []]
+    tree = load_tree(path, parsed, schema)
+    return to_typed(tree, schema, str(path), parsed)
 
 
 def config_to_dict(cfg: Any) -> dict:
