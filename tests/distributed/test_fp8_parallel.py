@@ -63,6 +63,13 @@ def _compare(rank, world_size, parallel_kw, layers, exact, model_kw=None, **fp8_
             parallelize(bypassed, mesh)
         del bypassed
     parallelize(model, mesh)
+    if fp8_kw.get("experts_fsdp_float8_all_gather"):
+        from nemotron.train.fp8_gather import ExpertMasterWeight
+
+        # the expert weights FSDP2 shards gather as FP8 forms
+        for moe in model.moe_layers():
+            assert isinstance(moe.experts.up_proj.to_local(), ExpertMasterWeight)
+            assert isinstance(moe.experts.down_proj.to_local(), ExpertMasterWeight)
     if tp > 1:
         dense = {"out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
         assert {name.rsplit(".", 1)[1] for name in summary.linears} == dense

@@ -6,6 +6,7 @@ Tests that need torchao skip with the reason when it is not installed."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -812,3 +813,142 @@ def test_quantize_tensor_one_scale_both_layouts_and_padding():
     tiny[1:] = 2.0**-20  # below e4m3's range at a scale for 1.0 (2^-12 < 2^-9), inside e5m2's
     assert float(quantize_tensor(tiny[None], torch.float8_e4m3fn)[0].float()[0, 1]) == 0.0
     assert float(quantize_tensor(tiny[None], FLOAT8_WIDE)[0].float()[0, 1]) > 0.0
+
+
+@pytest.mark.timeout(300)
+def test_experts_fsdp_float8_all_gather_trains_as_quantizing_per_call(tmp_path, corpus, monkeypatch):
+    """`train.fp8.experts_fsdp_float8_all_gather`: FSDP2 (bf16 compute weights, one rank) gathers
+    the routed experts' FP8 forms instead of BF16 weights. The losses are those of quantizing
+    per call, bit for bit; the forms are made once per optimizer step (2 micro-batches); the
+    checkpoint holds plain tensors and resumes into a run without FP8."""
+    from nemotron.train import fp8_gather, fp8_grouped, pretrain
+    from nemotron.train.metrics import read_metrics
+
+    per_call_forms = _count_weight_quantizations(monkeypatch, fp8_grouped)
+    packs = []
+    real_pack = fp8_gather.pack_forms
+    monkeypatch.setattr(fp8_gather, "pack_forms", lambda w: packs.append(w.shape) or real_pack(w))
+
+    def run(name, gather, fp8_on=True, **checkpoint):
+        fp8 = Fp8Config(enabled=fp8_on, layers=["experts"], experts_fsdp_float8_all_gather=gather)
+        train = {
+            "train_iters": 3,
+            "eval_iters": 0,
+            "precision": "bf16",
+            "compute_weights": "bf16",
+            "fp8": fp8,
+        }
+        cfg = make_config(
+            tmp_path / name, blend=corpus[0], train=train, checkpoint={"save_interval": 2, **checkpoint}
+        )
+        result = pretrain(cfg, tmp_path / name / "job")
+        return result, [r["lm_loss"] for r in read_metrics(tmp_path / name / "job") if r["kind"] == "train"]
+
+    _, per_call = run("per_call", False)
+    moe_layers = TINY_MODEL["hybrid_pattern"].count("E")
+    # steps x micro-batches x MoE layers x (up, down) x (per row, transposed)
+    assert packs == [] and len(per_call_forms) == 3 * 2 * moe_layers * 2 * 2
+    per_call_forms.clear()
+    _, gathered = run("gathered", True)
+    assert len(packs) == 3 * moe_layers * 2  # steps x MoE layers x (up, down): once per step
+    assert per_call_forms == []  # every product took the gathered forms
+    assert gathered == per_call and len(gathered) == 3
+    # the checkpoint's expert weights are plain tensors: a run without FP8 resumes from it
+    ckpt = tmp_path / "gathered" / "ckpt" / "iter_0000002"
+    resumed, losses = run("resumed", False, fp8_on=False, load=str(ckpt), save=str(tmp_path / "r"))
+    assert resumed.resumed_from.endswith("iter_0000002") and len(losses) == 1
+
+
+def test_gathered_fp8_forms_are_the_experts_own_quantizations():
+    """`pack_forms` / `unpack_forms`: per expert, the per-row form and its scales are
+    `rowwise(w)`'s and the transposed form `quantize_transposed(w, largest row scale)`'s, bit for
+    bit, in one uint8 row per expert (so gathering whole experts from ranks concatenates them)."""
+    from nemotron.kernels.fp8 import quantize_transposed, rowwise
+    from nemotron.train.fp8_gather import pack_forms, unpack_forms
+
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(4, 32, 48, generator=gen) * torch.logspace(-3, 1, 32)[None, :, None]).bfloat16()
+    packed = pack_forms(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (4, 2 * 32 * 48 + 4 * (32 + 48))
+    rows_q, rows_inv, t_q, t_inv = unpack_forms(packed, 32, 48)
+    want_q, want_inv = rowwise(w)
+    want_t_q, want_t_inv = quantize_transposed(w, want_inv.amax(-1))
+    for got, want in ((rows_q, want_q), (rows_inv, want_inv), (t_q, want_t_q), (t_inv, want_t_inv)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(
+            got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+            want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want,
+        )
+    # the experts' rows of the buffer are independent: two halves packed apart concatenate
+    assert torch.equal(torch.cat([pack_forms(w[:2]), pack_forms(w[2:])]), packed)
+
+
+def test_expert_master_weight_is_the_weight_to_everything_but_the_gather():
+    """`ExpertMasterWeight`: in-place updates (the optimizer's) change the wrapped tensor and
+    return the wrapper; views and copies stay wrapped (FSDP2's sharding, `to_empty`); arithmetic
+    gives plain tensors; `plain_tensors` unwraps it in a state dict. `ExpertFp8Forms` takes no
+    operation but aliasing, with an error naming the key."""
+    from nemotron.train.fp8_gather import (
+        ExpertFp8Forms,
+        ExpertMasterWeight,
+        pack_forms,
+        plain_tensors,
+        unpack_forms,
+    )
+
+    data = torch.randn(2, 16, 32)
+    master = ExpertMasterWeight(data.clone())
+    assert master.mul_(2.0) is master and torch.equal(master.data_, data * 2)
+    assert isinstance(master.detach(), ExpertMasterWeight) and isinstance(master[:1], ExpertMasterWeight)
+    assert isinstance(torch.empty_like(master), ExpertMasterWeight)
+    total = master + 1.0
+    assert type(total) is torch.Tensor and torch.equal(total, data * 2 + 1.0)
+    state = plain_tensors({"w": master, "nested": {"v": master}, "step": 3})
+    assert type(state["w"]) is torch.Tensor and state["w"].data_ptr() == master.data_.data_ptr()
+    assert state["step"] == 3 and type(state["nested"]["v"]) is torch.Tensor
+    forms = ExpertFp8Forms(*unpack_forms(pack_forms(data.bfloat16()), 16, 32), dtype=torch.bfloat16)
+    assert isinstance(forms.detach(), ExpertFp8Forms) and forms.shape == (2, 16, 32)
+    with pytest.raises(NotImplementedError, match="experts_fsdp_float8_all_gather=false"):
+        forms + 1
+
+
+def test_experts_fsdp_float8_all_gather_key_needs_the_experts():
+    fp8 = Fp8Config(enabled=True, layers=["mamba"], experts_fsdp_float8_all_gather=True)
+    problems = dict(check_fp8_config(fp8, "bf16", 1))
+    assert "no 'experts'" in problems["train.fp8.experts_fsdp_float8_all_gather"]
+
+
+@pytest.mark.parametrize("rows", [0, 24])
+def test_float8_grouped_experts_on_gathered_forms(rows):
+    """With weights FSDP2 gathered as FP8 forms (`ExpertFp8Forms`, no BF16 copy), the experts
+    compute what they compute from the BF16 weights (bit for bit, emulated), and a rank with no
+    rows gets output [0, hidden] and zero weight gradients without a BF16 path."""
+    from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    experts.reset_parameters()
+    plain = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    gathered = fp8_mod.Float8GroupedExperts(copy.deepcopy(experts), emulate=True)
+    for name in ("up_proj", "down_proj"):
+        w = getattr(experts, name).detach().bfloat16()
+        forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.bfloat16)
+        setattr(gathered, name, nn.Parameter(forms))
+    assert "FP8 forms gathered by FSDP2" in repr(gathered)
+    counts = torch.tensor([rows // 2, 0, rows - rows // 2, 0])
+    x = torch.randn(rows, 32).bfloat16().float()
+    outs, grads = [], []
+    for module in (plain, gathered):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, counts)
+        out.float().square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad, module.up_proj.grad, module.down_proj.grad])
+    assert outs[1].shape == (rows, 32)
+    assert torch.equal(outs[0], outs[1])
+    for got, want in zip(grads[1], grads[0]):
+        assert got.shape == want.shape and torch.equal(got.float(), want.float())
+    if rows == 0:
+        assert grads[1][1].abs().sum() == 0 and grads[1][2].abs().sum() == 0

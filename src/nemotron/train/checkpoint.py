@@ -363,12 +363,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """FQN-keyed model and optimiser state (DTensor-aware, so it reshards on load)."""
+    """FQN-keyed model and optimiser state (DTensor-aware, so it reshards on load), as plain
+    tensors sharing the parameters' storage (the routed experts' FSDP2 FP8-gather wrappers,
+    `train.fp8.experts_fsdp_float8_all_gather`, unwrapped: checkpoints are the same with and
+    without it)."""
+    from nemotron.train.fp8_gather import plain_tensors
+
     if optimizer is None:
         model_sd, _ = get_state_dict(model, optimizers=[])
-        return {"model": model_sd}
+        return {"model": plain_tensors(model_sd)}
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optimizer": optim_sd}
+    return {"model": plain_tensors(model_sd), "optimizer": plain_tensors(optim_sd)}
 
 
 def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool = False) -> None:

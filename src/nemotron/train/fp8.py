@@ -16,7 +16,9 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   `nemotron.train.fp8_grouped.fp8_expert_mlp`: FP8 grouped GEMMs (`torch._scaled_grouped_mm`,
   rowwise scales) for the forward and input-gradient products, BF16 grouped GEMMs for the
   weight gradients, quantization fused into the squared ReLU (see that module for why this and
-  not torchao's FP8 grouped GEMM).
+  not torchao's FP8 grouped GEMM). With `experts_fsdp_float8_all_gather` their weights become
+  `fp8_gather.ExpertMasterWeight`s, which FSDP2 gathers as the two FP8 forms the products take
+  (made once per unshard instead of once per call).
 
 - the LM head (opt-in, `lm_head`): the chunked LM-head loss runs its three products (logits,
   hidden gradient, weight gradient) on FP8 operands (`linear_cross_entropy(fp8=True)`, one
@@ -63,6 +65,7 @@ from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import 
     check_fp8_config,
     tp_recipe_message,
 )
+from nemotron.train.fp8_gather import ExpertFp8Forms, ExpertMasterWeight
 from nemotron.train.fp8_grouped import fp8_expert_mlp
 
 MIN_TORCHAO = (0, 18)
@@ -275,6 +278,8 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
             # before EP sharding, the experts are still the model's own
             assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
             moe.experts = Float8GroupedExperts(moe.experts, emulate=emulate, fast_accum=fp8.fast_accum)
+        if fp8.experts_fsdp_float8_all_gather and not moe.experts.gather_fp8_forms():
+            skipped[f"{name}.experts"] = f"FP8 all-gather: {NOT_ALIGNED}"
         experts.append(f"{name}.experts")
     lm_head = False
     if "lm_head" in fp8.layers:
@@ -317,17 +322,32 @@ class Float8GroupedExperts(GroupedExperts):
         self.fast_accum = fast_accum
 
     def extra_repr(self) -> str:
+        gathered = isinstance(local_experts(self.up_proj), (ExpertMasterWeight, ExpertFp8Forms))
         return (
             f"fp8 rowwise, bf16 weight gradients{', fast accumulation' if self.fast_accum else ''}"
-            f"{', emulated' if self.emulate else ''}"
+            f"{', FP8 forms gathered by FSDP2' if gathered else ''}{', emulated' if self.emulate else ''}"
         )
+
+    def gather_fp8_forms(self) -> bool:
+        """Make the weights `ExpertMasterWeight`s (before sharding): FSDP2 then gathers their FP8
+        forms instead of BF16 copies (`nemotron.train.fp8_gather`). False (nothing changed)
+        when their dimensions are not ones the FP8 products take."""
+        if not all(d % FP8_ALIGN == 0 for d in self.up_proj.shape[1:]):
+            return False
+        for name in ("up_proj", "down_proj"):
+            param = getattr(self, name)
+            if not isinstance(param, ExpertMasterWeight):
+                wrapped = nn.Parameter(ExpertMasterWeight(param.detach()), requires_grad=param.requires_grad)
+                setattr(self, name, wrapped)
+        return True
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
         up, down = local_experts(self.up_proj), local_experts(self.down_proj)
-        if x.shape[0] == 0 or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
+        gathered = isinstance(up, ExpertFp8Forms)  # FSDP2 gathered FP8 forms: no BF16 weights
+        if (x.shape[0] == 0 and not gathered) or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
             # no rows (an expert-parallel rank can receive none) or dimensions the FP8 GEMMs
-            # cannot take: the BF16 experts' path
+            # cannot take (never gathered as FP8: `gather_fp8_forms`): the BF16 experts' path
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):

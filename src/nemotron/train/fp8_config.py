@@ -33,6 +33,11 @@ class Fp8Config:
     # FSDP2 all-gathers the float8 weights instead of bf16 (half the bytes; tensorwise only).
     # Pays with several data-parallel ranks; on one GPU there is no all-gather to shrink.
     fsdp_float8_all_gather: bool = False
+    # The routed experts' two FP8 weight forms made by FSDP2's all-gather in place of their BF16
+    # unsharded weights (`nemotron.train.fp8_gather`): once per optimizer step with
+    # `train.fsdp_accumulate_unsharded`, no extra memory, FP8 bytes on the wire. Needs FSDP2
+    # (bf16 compute weights) and `experts` in `layers`; without FSDP it changes nothing.
+    experts_fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True
     # The routed experts' and the LM head's FP8 weight copies (per row and transposed) made once
@@ -99,6 +104,13 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
                 "train.fp8.fsdp_float8_all_gather",
                 f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
                 "are gathered with one scale per tensor",
+            )
+        )
+    if fp8.experts_fsdp_float8_all_gather and "experts" not in fp8.layers:
+        problems.append(
+            (
+                "train.fp8.experts_fsdp_float8_all_gather",
+                f"gathers the routed experts' FP8 forms, but train.fp8.layers {fp8.layers} has no 'experts'",
             )
         )
     if fp8.enabled:

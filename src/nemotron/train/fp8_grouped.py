@@ -60,6 +60,7 @@ from nemotron.kernels.fp8 import (
     quantized_weight,
     rowwise,
 )
+from nemotron.train.fp8_gather import ExpertFp8Forms, master_data
 
 __all__ = ["fp8_expert_mlp"]
 
@@ -132,18 +133,44 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
     return out.to(grad.dtype)
 
 
+def _rows_form(weight: torch.Tensor, owner: object | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's per-row FP8 form: gathered by FSDP2 (`ExpertFp8Forms`), else quantized
+    (once per reuse scope under `owner`/`name`, `kernels.fp8.quantized_weight`)."""
+    if isinstance(weight, ExpertFp8Forms):
+        # the values are views into the gathered buffer; the scales, small, are made contiguous
+        return weight.rows_q, weight.rows_inv.contiguous()
+    return quantized_weight(owner, name, master_data(weight), rowwise)
+
+
+def _transposed_form(
+    weight: torch.Tensor, owner: object | None, name: str, matrix_inv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's transposed FP8 form (one scale per expert matrix, `matrix_inv`): gathered by
+    FSDP2, else quantized like `_rows_form`."""
+    if isinstance(weight, ExpertFp8Forms):
+        return weight.t_q, weight.t_inv.contiguous()
+    transposed = compiled("transposed", quantize_transposed, weight.device)
+    return quantized_weight(owner, name, master_data(weight), lambda w: transposed(w, matrix_inv))
+
+
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool):
+        ctx.no_rows = x.shape[0] == 0
+        if ctx.no_rows:
+            # an expert-parallel rank that received no rows: nothing to multiply (and no BF16
+            # weights to fall back on when FSDP2 gathered FP8 forms); zero weight gradients
+            ctx.weights = [(w.shape, w.dtype) for w in (up, down)]
+            return x.new_zeros(0, down.shape[1])
         mm = partial(_emulated_grouped_mm if emulate else _scaled_grouped_mm, fast_accum=fast_accum)
 
         x_q, x_inv = rowwise(x)
         # [E, ffn, hidden] per (e, ffn row)
-        up_q, up_inv = quantized_weight(owner, "up_proj.rows", up, rowwise)
+        up_q, up_inv = _rows_form(up, owner, "up_proj.rows")
         h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
         h_q, h_inv = rowwise(h_pre, relu2=True)
         # [E, hidden, ffn] per (e, hidden row)
-        down_q, down_inv = quantized_weight(owner, "down_proj.rows", down, rowwise)
+        down_q, down_inv = _rows_form(down, owner, "down_proj.rows")
         out = mm(h_q, h_inv, down_q, down_inv, offs)
         # one inverse scale per expert matrix for the transposed copies: the largest of its rows'
         ctx.save_for_backward(x, up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1))
@@ -152,17 +179,17 @@ class _Fp8ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.no_rows:
+            zeros = [grad_out.new_zeros(shape, dtype=dtype) for shape, dtype in ctx.weights]
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None
         x, up, down, offs, h_pre, up_matrix_inv, down_matrix_inv = ctx.saved_tensors
         dev = x.device
         mm = partial(_emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm, fast_accum=ctx.fast_accum)
 
-        transposed = compiled("transposed", quantize_transposed, dev)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         g_q, g_inv = rowwise(grad_out)
         # [E, ffn, hidden], one scale per expert
-        down_t_q, down_t_inv = quantized_weight(
-            ctx.owner, "down_proj.transposed", down, lambda w: transposed(w, down_matrix_inv)
-        )
+        down_t_q, down_t_inv = _transposed_form(down, ctx.owner, "down_proj.transposed", down_matrix_inv)
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
         # each intermediate is dropped once its last product is queued (the caching allocator
         # reuses its memory for the next), not held to the end of the backward
@@ -172,9 +199,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         grad_down = _grouped_weight_grad(grad_out, h, offs)
         del h
         # [E, hidden, ffn], one scale per expert
-        up_t_q, up_t_inv = quantized_weight(
-            ctx.owner, "up_proj.transposed", up, lambda w: transposed(w, up_matrix_inv)
-        )
+        up_t_q, up_t_inv = _transposed_form(up, ctx.owner, "up_proj.transposed", up_matrix_inv)
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         del dh_q, dh_inv, up_t_q, up_t_inv
         grad_up = _grouped_weight_grad(dh_pre, x, offs)
@@ -197,7 +222,6 @@ def fp8_expert_mlp(
     within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call).
     `fast_accum`: the four FP8 products accumulate in the tensor cores' own accumulator
     (`train.fp8.fast_accum`; contractions over the hidden and FFN widths)."""
-    x, up, down = x.to(torch.bfloat16), up.to(torch.bfloat16), down.to(torch.bfloat16)
-    return _Fp8ExpertMLP.apply(
-        x.contiguous(), up.contiguous(), down.contiguous(), offs, emulate, owner, fast_accum
-    )
+    # the weights' FP8 forms come from their BF16 values (gathered forms already are)
+    up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
+    return _Fp8ExpertMLP.apply(x.to(torch.bfloat16).contiguous(), up, down, offs, emulate, owner, fast_accum)

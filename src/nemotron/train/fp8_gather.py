@@ -1,0 +1,242 @@
+"""The routed experts' FP8 weight forms made by FSDP2's all-gather (`train.fp8.experts_fsdp_float8_all_gather`).
+
+`nemotron.train.fp8_grouped` needs each expert weight in two FP8 forms: per row for the forward
+product and transposed (one scale per expert matrix) for the input-gradient product. Made from
+the BF16 weight on every call, they cost two quantization passes per weight and micro-batch
+(~29 ms per step on the one-GPU proxy); held for the step (`train.fp8.reuse_weights`) they
+cost memory the proxy does not have. Here FSDP2 makes them instead of the BF16 copy it would
+otherwise gather: the sharded master weight is an `ExpertMasterWeight`, whose
+`fsdp_pre_all_gather` quantizes the local shard into both forms (whole experts per rank, so
+rows and matrices are whole) and packs them into one buffer, and whose `fsdp_post_all_gather`
+hands the model an `ExpertFp8Forms`: views of the gathered buffer, one byte per element per
+form, the size of the BF16 weight it replaces. With `train.fsdp_accumulate_unsharded` the
+weights are gathered once per optimizer step, so the forms are made once per step at no
+memory cost; under data parallelism the all-gather moves FP8 bytes.
+
+The values are those `fp8_grouped` computes from the BF16 weight (the master weight is first
+rounded to FSDP's parameter dtype, as the BF16 gather would), so training is unchanged. Outside
+FSDP (no all-gather) the experts see the `ExpertMasterWeight` and quantize per call as usual.
+Checkpoints and exports see plain tensors (`plain_tensors`).
+
+The packed layout, per expert (a row of the uint8 buffer, so that gathering whole experts from
+each rank concatenates them): the per-row form [N, K] e4m3, the transposed form [K, N] e4m3, the
+per-row inverse scales [N] float32, the transposed form's [K] float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from nemotron.kernels.fp8 import FLOAT8, compiled, quantize_transposed, rowwise
+
+__all__ = [
+    "ExpertFp8Forms",
+    "ExpertMasterWeight",
+    "master_data",
+    "pack_forms",
+    "plain_tensors",
+    "unpack_forms",
+]
+
+aten = torch.ops.aten
+
+# ops whose results are (views or copies of) the master weight itself: they stay wrapped, so
+# FSDP2's sharding, `to_empty` and state loading keep the all-gather hooks
+_KEEP_WRAPPED = {
+    aten.empty_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.new_zeros.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.as_strided.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.clone.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten._pin_memory.default,
+}
+
+
+def _returns_self(func) -> bool:
+    """An in-place op (its first return aliases and writes its first argument)."""
+    returns = func._schema.returns
+    return bool(returns) and returns[0].alias_info is not None and returns[0].alias_info.is_write
+
+
+class ExpertMasterWeight(torch.Tensor):
+    """A routed expert weight [E, N, K] (the master copy, any dtype) that FSDP2 gathers as its
+    two FP8 forms (`ExpertFp8Forms`). Every operation other than FSDP's all-gather sees the
+    wrapped tensor `data` (optimizer steps, initialisation, state loading)."""
+
+    data_: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor) -> ExpertMasterWeight:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[return-value]
+            cls,
+            data.shape,
+            strides=data.stride(),
+            storage_offset=data.storage_offset(),
+            dtype=data.dtype,
+            device=data.device,
+            layout=data.layout,
+            requires_grad=data.requires_grad,
+        )
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data_ = data
+
+    def __repr__(self) -> str:  # type: ignore[override]  # printing must not read the contents
+        return f"ExpertMasterWeight({self.data_!r})"
+
+    def __tensor_flatten__(self):
+        return ["data_"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: Any, outer_size, outer_stride) -> ExpertMasterWeight:
+        return ExpertMasterWeight(inner["data_"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        args, kwargs_unwrapped = pytree.tree_map_only(cls, lambda t: t.data_, (args, kwargs or {}))
+        out = func(*args, **kwargs_unwrapped)
+        if _returns_self(func) and isinstance(first, cls):
+            return first
+        if func in _KEEP_WRAPPED:
+            return pytree.tree_map_only(torch.Tensor, cls, out)
+        return out
+
+    # -- FSDP2's all-gather extension --------------------------------------------------------
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """This rank's whole experts in both FP8 forms, packed: ([E_local, row bytes] uint8,),
+        metadata (N, K)."""
+        local = self.data_
+        if tuple(outer_size[1:]) != tuple(local.shape[1:]):
+            raise ValueError(
+                "train.fp8.experts_fsdp_float8_all_gather: FSDP must shard the routed experts "
+                f"by whole experts (dim 0); this rank holds {tuple(local.shape)} of {tuple(outer_size)}"
+            )
+        # from the BF16 values, as `fp8_expert_mlp` quantizes a weight it is handed
+        return (pack_forms(local.to(torch.bfloat16)),), (local.shape[1], local.shape[2])
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (packed,) = all_gather_outputs
+        if out is not None:
+            # the views of `out` are into the same (re-allocated) buffer
+            return None
+        n, k = metadata
+        forms = ExpertFp8Forms(*unpack_forms(packed, n, k), dtype=param_dtype)
+        return forms, (packed,)
+
+
+def master_data(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor an `ExpertMasterWeight` wraps (`weight` itself otherwise): what the FP8 path
+    quantizes when no all-gather made the forms (one device, no FSDP)."""
+    return weight.data_ if isinstance(weight, ExpertMasterWeight) else weight
+
+
+def pack_forms(w: torch.Tensor) -> torch.Tensor:
+    """w [E, N, K] (BF16) -> uint8 [E, 2 N K + 4 (N + K)]: per expert its per-row FP8 form, its
+    transposed FP8 form and both forms' inverse scales (`fp8_grouped`'s quantizations)."""
+    e, n, k = w.shape
+    rows_q, rows_inv = rowwise(w)
+    t_q, t_inv = compiled("transposed", quantize_transposed, w.device)(w, rows_inv.amax(-1))
+    packed = torch.empty(e, 2 * n * k + 4 * (n + k), dtype=torch.uint8, device=w.device)
+    rows_q_v, rows_inv_v, t_q_v, t_inv_v = unpack_forms(packed, n, k)
+    rows_q_v.copy_(rows_q)
+    t_q_v.copy_(t_q)
+    rows_inv_v.copy_(rows_inv)
+    t_inv_v.copy_(t_inv)
+    return packed
+
+
+def unpack_forms(
+    packed: torch.Tensor, n: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a `pack_forms` buffer [E, row bytes]: (per-row form [E, N, K] e4m3, its inverse
+    scales [E, N] float32, transposed form [E, K, N] e4m3, its inverse scales [E, K] float32)."""
+    e = packed.shape[0]
+    nk = n * k
+    rows_q = packed[:, :nk].view(FLOAT8).view(e, n, k)
+    t_q = packed[:, nk : 2 * nk].view(FLOAT8).view(e, k, n)
+    rows_inv = packed[:, 2 * nk : 2 * nk + 4 * n].view(torch.float32)
+    t_inv = packed[:, 2 * nk + 4 * n :].view(torch.float32)
+    return rows_q, rows_inv, t_q, t_inv
+
+
+class ExpertFp8Forms(torch.Tensor):
+    """The unsharded routed-expert weight [E, N, K] as FSDP2 gathered it: its per-row FP8 form
+    (`rows_q`, `rows_inv`) and transposed FP8 form (`t_q` [E, K, N], `t_inv` [E, K]). Only
+    `fp8_grouped` reads it; any other operation on it is an error (there is no BF16 copy)."""
+
+    rows_q: torch.Tensor
+    rows_inv: torch.Tensor
+    t_q: torch.Tensor
+    t_inv: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, rows_q, rows_inv, t_q, t_inv, dtype: torch.dtype) -> ExpertFp8Forms:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[return-value]
+            cls, rows_q.shape, dtype=dtype, device=rows_q.device
+        )
+
+    def __init__(self, rows_q, rows_inv, t_q, t_inv, dtype: torch.dtype) -> None:
+        self.rows_q, self.rows_inv, self.t_q, self.t_inv = rows_q, rows_inv, t_q, t_inv
+
+    def __repr__(self) -> str:  # type: ignore[override]  # printing must not read the contents
+        return f"ExpertFp8Forms({tuple(self.shape)}, {self.dtype})"
+
+    def __tensor_flatten__(self):
+        return ["rows_q", "rows_inv", "t_q", "t_inv"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, dtype, outer_size, outer_stride) -> ExpertFp8Forms:
+        return ExpertFp8Forms(inner["rows_q"], inner["rows_inv"], inner["t_q"], inner["t_inv"], dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        forms = args[0]
+        same_shape = func in (aten.detach.default, aten.alias.default) or (
+            func in (aten.as_strided.default, aten.view.default) and list(args[1]) == list(forms.shape)
+        )
+        if same_shape:
+            # FSDP2 and nn.Parameter make aliases of the unsharded parameter: the same forms
+            return cls(forms.rows_q, forms.rows_inv, forms.t_q, forms.t_inv, forms.dtype)
+        raise NotImplementedError(
+            f"ExpertFp8Forms: {func} (the routed experts' weights are gathered as FP8 forms only; "
+            "train.fp8.experts_fsdp_float8_all_gather=false gathers BF16 weights)"
+        )
+
+
+def plain_tensors(tree: Any) -> Any:
+    """`tree` (a state dict, nested) with every `ExpertMasterWeight`, bare or as a DTensor's
+    local tensor, replaced by the tensor it wraps (same storage): checkpoints and exports hold
+    plain tensors whether or not FP8 gathering was on."""
+    from torch.distributed.tensor import DTensor
+
+    def unwrap(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, ExpertMasterWeight):
+            return t.data_
+        if isinstance(t, DTensor) and isinstance(t._local_tensor, ExpertMasterWeight):
+            return DTensor.from_local(
+                t._local_tensor.data_,
+                t.device_mesh,
+                t.placements,
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
+        return t
+
+    return pytree.tree_map_only(torch.Tensor, unwrap, tree)
