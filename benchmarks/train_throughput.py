@@ -113,6 +113,7 @@ def fp8_config(args) -> Fp8Config:
         reuse_weights=args.fp8_reuse,
         lm_head_group_rows=args.fp8_lm_head_group_rows,
         fsdp_float8_all_gather=args.fp8_all_gather,
+        experts_fsdp_float8_all_gather=args.fp8_experts_gather,
         fast_accum=args.fp8_fast_accum,
     )
 
@@ -713,6 +714,11 @@ def parse_args(argv):
         action="store_true",
         help="train.fp8.fsdp_float8_all_gather=true (FSDP2 gathers the dense linears' weights in float8)",
     )
+    ap.add_argument(
+        "--fp8-experts-gather",
+        action="store_true",
+        help="train.fp8.experts_fsdp_float8_all_gather=true (FSDP2 gathers the routed experts' FP8 forms)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -759,6 +765,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + (f"[{args.fp8_layers}]" if args.fp8_layers else "")
                 + (" reuse_weights" if args.fp8_reuse else "")
                 + (" fsdp_float8_all_gather" if args.fp8_all_gather else "")
+                + (" experts_fsdp_float8_all_gather" if args.fp8_experts_gather else "")
                 + ("" if args.fp8_fast_accum else " fast_accum=false")
                 + (
                     f" lm_head_group_rows={args.fp8_lm_head_group_rows}"

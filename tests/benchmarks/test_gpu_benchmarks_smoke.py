@@ -545,3 +545,18 @@ def test_step_split_charges_each_phase_its_peak_of_memory():
     plain = bench.StepSplit(model, optimizer, device)
     assert plain.memory is None
     plain.remove()
+
+
+def test_train_throughput_fp8_experts_gather_trains_as_without(tmp_path):
+    """`--fp8-experts-gather` (train.fp8.experts_fsdp_float8_all_gather) on the bf16 FSDP2 path:
+    named in the run, the same losses as without (the gathered forms are the same values)."""
+    bench = load("train_throughput")
+
+    def run(*extra):
+        argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--warmup", "0"]
+        argv += ["--params", "bf16", "--grad-accum", "2", "--no-profile", "--fp8", "tensorwise"]
+        return bench.main([*argv, "--fp8-layers", "experts", *extra])["run"]
+
+    gathered, plain = run("--fp8-experts-gather"), run()
+    assert gathered["name"] == "fp8-tensorwise[experts] experts_fsdp_float8_all_gather"
+    assert gathered["losses"] == plain["losses"] and len(plain["losses"]) == 2
