@@ -118,6 +118,7 @@ class ExpertMasterWeight(torch.Tensor):
 
     # -- FSDP2's all-gather extension --------------------------------------------------------
 
+    @torch.no_grad()
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """This rank's whole experts in both FP8 forms, packed: ([E_local, row bytes] uint8,),
         metadata (N, K)."""
