@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="comma list of train.fp8.layers (default: every FP8-capable layer, experts included)",
     )
+    ap.add_argument(
+        "--experts-gather",
+        action="store_true",
+        help="train.fp8.experts_fsdp_float8_all_gather=true (FSDP2 gathers the routed experts' FP8 forms)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -146,7 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     layers = args.layers_fp8.split(",") if args.layers_fp8 else list(FP8_LAYERS)
     runs = [("bf16", Fp8Config())] + [
-        (f"fp8-{r}", Fp8Config(enabled=True, recipe=r, layers=layers)) for r in args.recipes.split(",") if r
+        (
+            f"fp8-{r}",
+            Fp8Config(
+                enabled=True,
+                recipe=r,
+                layers=layers,
+                experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
+            ),
+        )
+        for r in args.recipes.split(",")
+        if r
     ]
     with one_rank_group(device, args.params):
         for name, fp8 in runs:

@@ -560,3 +560,23 @@ def test_train_throughput_fp8_experts_gather_trains_as_without(tmp_path):
     gathered, plain = run("--fp8-experts-gather"), run()
     assert gathered["name"] == "fp8-tensorwise[experts] experts_fsdp_float8_all_gather"
     assert gathered["losses"] == plain["losses"] and len(plain["losses"]) == 2
+
+
+def test_fp8_loss_parity_with_experts_gather_is_the_parity_without(monkeypatch):
+    """`fp8_loss_parity.py --experts-gather` on the bf16 FSDP2 path: FSDP2 makes the experts'
+    FP8 forms, and the FP8 losses are those without it (the gathered forms are the same values)."""
+    from nemotron.train import fp8_gather
+
+    packs = []
+    real_pack = fp8_gather.pack_forms
+    monkeypatch.setattr(fp8_gather, "pack_forms", lambda w: packs.append(w.shape) or real_pack(w))
+    parity = load("fp8_loss_parity")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
+    argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0"]
+    gathered = parity.main([*argv, "--experts-gather"])
+    assert gathered["args"]["experts_gather"] and packs
+    packs.clear()
+    plain = parity.main(argv)
+    assert not packs
+    losses = gathered["runs"]["fp8-tensorwise"]["losses"]
+    assert losses == plain["runs"]["fp8-tensorwise"]["losses"] and len(losses) == 2
