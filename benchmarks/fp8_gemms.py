@@ -30,8 +30,14 @@ Its parts, each in the same process and on the same GPU:
    against a BF16 `nn.Linear`: forward + backward of one micro-batch, and the kernels of one
    profiled call (which GEMMs cuBLAS picks, what the casts cost). Needs torchao.
 
+7. (`gathered_forms`) `train.fp8.experts_fsdp_float8_all_gather`'s once-per-step work on one
+   expert weight (`fp8_gather.pack_forms`: both FP8 forms packed as FSDP2's all-gather input)
+   against its parts, and the routed experts' forward and input-gradient grouped GEMMs on the
+   forms the experts quantize themselves against the same values as views of the gathered
+   buffer (and with only the values or only the scales taken from it), timed alternately.
+
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
-`grouped_autotune`, `lm_head`, `fast_accum`, `linears`).
+`grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -604,6 +610,53 @@ def linears_part(cfg: Nano3Config, seq: int, micro_batch: int, dev, warmup: int,
     return rows
 
 
+def gathered_forms_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    from nemotron.kernels.fp8 import compiled, quantize_transposed
+    from nemotron.train.fp8_gather import pack_forms, unpack_forms
+
+    e, n, k = cfg.num_experts, cfg.moe_ffn_hidden_size, cfg.hidden_size
+    gen = torch.Generator(device=dev).manual_seed(0)
+    master = torch.randn(e, n, k, device=dev, generator=gen) * 0.02
+    w = master.to(torch.bfloat16)
+    transposed = compiled("transposed", quantize_transposed, w.device)
+    rows_q, rows_inv = rowwise(w)
+    t_q, t_inv = transposed(w, rows_inv.amax(-1))
+    g_rows_q, g_rows_inv, g_t_q, g_t_inv = unpack_forms(pack_forms(w, 1), n, k)
+    out: dict = {
+        "pack_forms_ms": median(time_ms(lambda: pack_forms(w, 1), dev, warmup, iters)),
+        "rowwise_ms": median(time_ms(lambda: rowwise(w), dev, warmup, iters)),
+        "transposed_ms": median(time_ms(lambda: transposed(w, rows_inv.amax(-1)), dev, warmup, iters)),
+        "master_to_bf16_ms": median(time_ms(lambda: master.to(torch.bfloat16), dev, warmup, iters)),
+    }
+    counts = routed_rows(tokens, cfg, dev)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    rows = int(counts.sum())
+    x_q, x_inv = rowwise(torch.randn(rows, k, device=dev, generator=gen).to(torch.bfloat16))
+    g_q, g_inv = rowwise(torch.randn(rows, n, device=dev, generator=gen).to(torch.bfloat16))
+
+    def mm(a_q, a_inv, b_q, b_inv):
+        return lambda: torch._scaled_grouped_mm(
+            a_q, b_q.transpose(-2, -1), a_inv, b_inv, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    variants = {
+        "forward_own": mm(x_q, x_inv, rows_q, rows_inv),
+        "forward_gathered": mm(x_q, x_inv, g_rows_q, g_rows_inv),
+        "forward_gathered_values": mm(x_q, x_inv, g_rows_q, rows_inv),
+        "forward_gathered_scales": mm(x_q, x_inv, rows_q, g_rows_inv),
+        "input_grad_own": mm(g_q, g_inv, t_q, t_inv),
+        "input_grad_gathered": mm(g_q, g_inv, g_t_q, g_t_inv),
+    }
+    assert torch.equal(variants["forward_own"](), variants["forward_gathered"]())
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(3):  # alternately, so that clock drift does not favour one
+        for name, fn in variants.items():
+            times[name] += time_ms(fn, dev, warmup, iters)
+    out.update({f"{name}_ms": median(t) for name, t in times.items()})
+    print("gathered forms: " + ", ".join(f"{key} {v:.3f}" for key, v in out.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=8192)
@@ -649,6 +702,8 @@ def main() -> None:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
     if "lm_head" in parts:
         result["lm_head"] = lm_head_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
+    if "gathered_forms" in parts:
+        result["gathered_forms"] = gathered_forms_part(cfg, tokens, dev, args.warmup, args.iters)
     if "linears" in parts:
         result["linears"] = linears_part(cfg, args.seq, args.micro_batch, dev, args.warmup, args.iters)
     args.out.parent.mkdir(parents=True, exist_ok=True)

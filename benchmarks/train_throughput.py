@@ -23,8 +23,11 @@ formula training logs use), peak memory, and a split of one step's GPU time by b
 peak of allocated memory within each of those phases (`peak_gib_by_phase`: where the step's
 peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default
 25), with the profiled step's GPU busy time against its span (idle: where the step waits on
-the CPU) and, for the kernel-name substrings in `PROFILE_ATTRIBUTE` (comma list), their time
-by the operators that launched them. `--check-numerics N` compares the loss of the first N
+the CPU; the kernels each idle interval ended before, longest total first), the operators with
+the most host time of their own, and, for the kernel-name substrings in `PROFILE_ATTRIBUTE`
+(comma list), their time by the operators that launched them. `SKIP_GUARD_EVAL=1` (an
+experiment) times the steps after the warm-up with compiled regions skipping their guards
+(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). `--check-numerics N` compares the loss of the first N
 steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
 same data. `--peer hf` also trains the same proxy through transformers' `NemotronHForCausalLM`
 (same tokens per optimizer step, AdamW groups, clipping and bf16 autocast; at sequence 4096
@@ -297,6 +300,22 @@ PROFILE_TOP = int(os.environ.get("PROFILE_TOP", "25"))  # kernels kept from the 
 # comma list of kernel-name substrings: their time in the profiled step by the operators that
 # launched them (what a kernel is for, when its name does not say)
 PROFILE_ATTRIBUTE = [p for p in os.environ.get("PROFILE_ATTRIBUTE", "").split(",") if p]
+# an experiment: after the warm-up steps, compiled regions skip their guards except those that
+# tell their compiled versions apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`)
+SKIP_GUARD_EVAL = os.environ.get("SKIP_GUARD_EVAL", "") == "1"
+GAP_TOP = 20  # the kernels before which the profiled step's GPU waited longest, kept
+
+
+def top_cpu_ops(prof, limit: int = 25) -> list[dict]:
+    """The operators (and Python-level ranges the profiler records) with the most host time of
+    their own in the profiled step: where the CPU spends a launch-bound step."""
+    rows = [
+        {"name": evt.key[:120], "self_cpu_ms": evt.self_cpu_time_total / 1e3, "calls": evt.count}
+        for evt in prof.key_averages()
+        if evt.self_cpu_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r["self_cpu_ms"])
+    return rows[:limit]
 
 
 def top_kernels(prof, limit: int = 25) -> list[dict]:
@@ -348,22 +367,31 @@ def device_busy(prof) -> dict:
     from torch.autograd import DeviceType
 
     spans = sorted(
-        (e.time_range.start, e.time_range.end)
+        (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
     )
     if not spans:
         return {}
+    # idle intervals by the kernel that ended them (what the GPU waited for the CPU to launch)
+    waited: dict[str, list[float]] = {}
     busy, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
-    for start, end in spans[1:]:
+    for start, end, name in spans[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
+            row = waited.setdefault(name[:80], [0.0, 0])
+            row[0] += (start - cur_end) / 1e3
+            row[1] += 1
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
     busy += cur_end - cur_start
     span = spans[-1][1] - spans[0][0]
-    return {"busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3}
+    gaps = [
+        {"before": name, "idle_ms": round(ms, 3), "gaps": count}
+        for name, (ms, count) in sorted(waited.items(), key=lambda kv: -kv[1][0])[:GAP_TOP]
+    ]
+    return {"busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3, "gaps": gaps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +458,9 @@ def run_training(
         return (time.perf_counter() - t0) * 1e3, res
 
     for i in range(warmup + steps):
+        if i == warmup and SKIP_GUARD_EVAL:
+            # every compiled region has been compiled for this run's shapes by now
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         ms, res = one_step()
         losses.append(res.lm_loss)
         if i >= warmup:
@@ -463,8 +494,12 @@ def run_training(
                 one_step()
             kernels = top_kernels(prof, PROFILE_TOP)
             busy = device_busy(prof)
+            busy["cpu_ops"] = top_cpu_ops(prof, PROFILE_TOP)
+            busy["cpu_total_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
             if PROFILE_ATTRIBUTE:
                 attributed = attribute_kernels(prof, PROFILE_ATTRIBUTE)
+    if SKIP_GUARD_EVAL:
+        torch.compiler.set_stance("default")
     step_ms = median(times)
     tps = plan.tokens_per_step / (step_ms * 1e-3)
     fpt = flops.training_flops_per_token(arch, plan.seq_length)
@@ -805,6 +840,17 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(idle {b['idle_ms']:.1f} ms)",
                 flush=True,
             )
+            print(
+                f"profiled step on the host: {b.get('cpu_total_ms', 0):.1f} ms of operators' own time",
+                flush=True,
+            )
+            for op in b.get("cpu_ops", [])[:12]:
+                print(f"    cpu {op['self_cpu_ms']:7.2f} ms {op['calls']:6d}x {op['name'][:90]}", flush=True)
+            for gap in b.get("gaps", [])[:8]:
+                print(
+                    f"    idle {gap['idle_ms']:7.2f} ms in {gap['gaps']:4d} gaps before {gap['before']}",
+                    flush=True,
+                )
         for k in (main_run.kernels or [])[:15]:
             print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name']}", flush=True)
         if args.check_numerics:

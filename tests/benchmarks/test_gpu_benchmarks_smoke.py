@@ -487,13 +487,41 @@ def test_profiled_step_accounting_counts_overlapping_streams_once():
         event("k1", 1000, 4000),  # stream 1
         event("k2", 3000, 5000),  # stream 2, overlapping k1
         event("k3", 9000, 10000),  # after 4 ms idle
+        event("k4", 10500, 11000),  # after 0.5 ms
+        event("k3", 11000, 11500),  # back to back: no gap
+        event("k3", 13000, 13500),  # after 1.5 ms
     ]
     prof = SimpleNamespace(events=lambda: events)
     busy = bench.device_busy(prof)
-    assert busy == {"busy_ms": 5.0, "span_ms": 9.0, "idle_ms": 4.0}
+    # the idle time by the kernel each gap ended before, longest total first
+    assert busy == {
+        "busy_ms": 6.5,
+        "span_ms": 12.5,
+        "idle_ms": 6.0,
+        "gaps": [{"before": "k3", "idle_ms": 5.5, "gaps": 2}, {"before": "k4", "idle_ms": 0.5, "gaps": 1}],
+    }
     rows = bench.attribute_kernels(prof, ["direct_copy", "absent"])
     assert rows["absent"] == []
     assert rows["direct_copy"] == [{"ops": "aten::copy_", "shapes": "[[4, 8]]", "ms": 3.0, "calls": 1}]
+
+
+def test_top_cpu_ops_ranks_operators_by_their_own_host_time():
+    """`top_cpu_ops`: operators by host time of their own (not their children's), from a real
+    CPU profile: an op that only calls a slow child ranks below the child."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    bench = load("train_throughput")
+    x = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("outer_range"):
+            for _ in range(20):
+                x = torch.tanh(x @ x) * 0.01
+    rows = bench.top_cpu_ops(prof, limit=50)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["aten::mm"]["calls"] == 20 and by_name["aten::tanh"]["calls"] == 20
+    assert rows == sorted(rows, key=lambda r: -r["self_cpu_ms"])
+    total = sum(evt.cpu_time_total for evt in prof.key_averages() if evt.key == "outer_range") / 1e3
+    assert by_name.get("outer_range", {"self_cpu_ms": 0.0})["self_cpu_ms"] < total
 
 
 def test_step_split_charges_each_phase_its_peak_of_memory():
@@ -569,7 +597,9 @@ def test_fp8_loss_parity_with_experts_gather_is_the_parity_without(monkeypatch):
 
     packs = []
     real_pack = fp8_gather.pack_forms
-    monkeypatch.setattr(fp8_gather, "pack_forms", lambda w: packs.append(w.shape) or real_pack(w))
+    monkeypatch.setattr(
+        fp8_gather, "pack_forms", lambda w, world=1: packs.append(w.shape) or real_pack(w, world)
+    )
     parity = load("fp8_loss_parity")
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
     argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0"]

@@ -827,7 +827,9 @@ def test_experts_fsdp_float8_all_gather_trains_as_quantizing_per_call(tmp_path, 
     per_call_forms = _count_weight_quantizations(monkeypatch, fp8_grouped)
     packs = []
     real_pack = fp8_gather.pack_forms
-    monkeypatch.setattr(fp8_gather, "pack_forms", lambda w: packs.append(w.shape) or real_pack(w))
+    monkeypatch.setattr(
+        fp8_gather, "pack_forms", lambda w, world=1: packs.append(w.shape) or real_pack(w, world)
+    )
 
     def run(name, gather, fp8_on=True, **checkpoint):
         fp8 = Fp8Config(enabled=fp8_on, layers=["experts"], experts_fsdp_float8_all_gather=gather)
@@ -859,28 +861,44 @@ def test_experts_fsdp_float8_all_gather_trains_as_quantizing_per_call(tmp_path, 
     assert resumed.resumed_from.endswith("iter_0000002") and len(losses) == 1
 
 
-def test_gathered_fp8_forms_are_the_experts_own_quantizations():
-    """`pack_forms` / `unpack_forms`: per expert, the per-row form and its scales are
-    `rowwise(w)`'s and the transposed form `quantize_transposed(w, largest row scale)`'s, bit for
-    bit, in one uint8 row per expert (so gathering whole experts from ranks concatenates them)."""
+@pytest.mark.parametrize("world", [1, 2])
+def test_gathered_fp8_forms_are_the_experts_own_quantizations(world):
+    """`pack_forms` / `unpack_forms`: the per-row form and its scales are `rowwise(w)`'s and the
+    transposed form `quantize_transposed(w, largest row scale)`'s, bit for bit, each contiguous.
+    With one rank a single uint8 buffer; with several, four inputs per rank whose gathered
+    outputs (each rank's whole experts concatenated along dim 0, as FSDP2's all-gather does)
+    give the same forms as packing every expert on one rank."""
     from nemotron.kernels.fp8 import quantize_transposed, rowwise
     from nemotron.train.fp8_gather import pack_forms, unpack_forms
 
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(4, 32, 48, generator=gen) * torch.logspace(-3, 1, 32)[None, :, None]).bfloat16()
-    packed = pack_forms(w)
-    assert packed.dtype == torch.uint8 and packed.shape == (4, 2 * 32 * 48 + 4 * (32 + 48))
-    rows_q, rows_inv, t_q, t_inv = unpack_forms(packed, 32, 48)
+    if world == 1:
+        outputs = pack_forms(w, 1)
+        assert len(outputs) == 1 and outputs[0].dtype == torch.uint8
+        assert outputs[0].shape == (4 * (2 * 32 * 48 + 4 * (32 + 48)),)
+    else:
+        shards = [pack_forms(part, world) for part in w.chunk(world)]
+        assert all(len(inputs) == 4 and inputs[0].shape[0] == 2 for inputs in shards)
+        outputs = tuple(torch.cat(gathered) for gathered in zip(*shards))
+    rows_q, rows_inv, t_q, t_inv = unpack_forms(outputs, 32, 48)
     want_q, want_inv = rowwise(w)
     want_t_q, want_t_inv = quantize_transposed(w, want_inv.amax(-1))
     for got, want in ((rows_q, want_q), (rows_inv, want_inv), (t_q, want_t_q), (t_inv, want_t_inv)):
-        assert got.shape == want.shape and got.dtype == want.dtype
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
         assert torch.equal(
             got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
             want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want,
         )
-    # the experts' rows of the buffer are independent: two halves packed apart concatenate
-    assert torch.equal(torch.cat([pack_forms(w[:2]), pack_forms(w[2:])]), packed)
+
+
+def test_pack_forms_of_a_rank_without_experts():
+    from nemotron.train.fp8_gather import pack_forms, unpack_forms
+
+    empty = torch.empty(0, 32, 48, dtype=torch.bfloat16)
+    for world in (1, 2):
+        forms = unpack_forms(pack_forms(empty, world), 32, 48)
+        assert [f.shape for f in forms] == [(0, 32, 48), (0, 32), (0, 48, 32), (0, 48)]
 
 
 def test_expert_master_weight_is_the_weight_to_everything_but_the_gather():

@@ -35,7 +35,8 @@ class Fp8Config:
     fsdp_float8_all_gather: bool = False
     # The routed experts' two FP8 weight forms made by FSDP2's all-gather in place of their BF16
     # unsharded weights (`nemotron.train.fp8_gather`): once per optimizer step with
-    # `train.fsdp_accumulate_unsharded`, no extra memory, FP8 bytes on the wire. Needs FSDP2
+    # `train.fsdp_accumulate_unsharded`, no extra memory (on one H200 no faster than quantizing
+    # per micro-batch: docs/benchmarks.md, eighth round). Needs FSDP2
     # (bf16 compute weights) and `experts` in `layers`; without FSDP it changes nothing.
     experts_fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
