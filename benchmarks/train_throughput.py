@@ -23,7 +23,8 @@ formula training logs use), peak memory, and a split of one step's GPU time by b
 peak of allocated memory within each of those phases (`peak_gib_by_phase`: where the step's
 peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of them, default
 25), with the profiled step's GPU busy time against its span (idle: where the step waits on
-the CPU; the kernels each idle interval ended before, longest total first), the operators with
+the CPU; the kernels each idle interval ended before, longest total first, and the idle time
+by the phase of `train_step` the host was in when the GPU resumed), the operators with
 the most host time of their own, and, for the kernel-name substrings in `PROFILE_ATTRIBUTE`
 (comma list), their time by the operators that launched them. `SKIP_GUARD_EVAL=1` (an
 experiment) times the steps after the warm-up with compiled regions skipping their guards
@@ -40,6 +41,7 @@ accumulation keeping the tokens per step equal) and prints the tokens/s ratio.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import gc
 import json
@@ -63,7 +65,7 @@ from nemotron.train.config import OptimizerConfig, SchedulerConfig, TrainConfig 
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
 from nemotron.train.fp8 import Fp8Config  # noqa: E402
-from nemotron.train.loop import Parallel, build_model  # noqa: E402
+from nemotron.train.loop import STEP_PHASE_PREFIX, Parallel, build_model  # noqa: E402
 from nemotron.train.trainer import Trainer  # noqa: E402
 
 
@@ -366,15 +368,31 @@ def device_busy(prof) -> dict:
     first to the last. Idle time inside the span is the launch-bound part of the step."""
     from torch.autograd import DeviceType
 
+    events = list(prof.events())
     spans = sorted(
         (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
+        for e in events
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
     )
     if not spans:
         return {}
+    # the step's phases as the host went through them (`train.loop.step_phase` ranges)
+    phases = sorted(
+        (e.time_range.start, e.time_range.end, e.name[len(STEP_PHASE_PREFIX) :])
+        for e in events
+        if e.device_type != DeviceType.CUDA and e.name.startswith(STEP_PHASE_PREFIX)
+    )
+    phase_starts = [start for start, _, _ in phases]
+
+    def phase_at(t: float) -> str:
+        i = bisect.bisect_right(phase_starts, t) - 1
+        return phases[i][2] if i >= 0 and phases[i][1] >= t else "outside the phases"
+
     # idle intervals by the kernel that ended them (what the GPU waited for the CPU to launch)
+    # and by the phase the host was in when it launched that kernel (the gap's end: an idle
+    # GPU starts a kernel as soon as it is launched)
     waited: dict[str, list[float]] = {}
+    by_phase: dict[str, float] = {}
     busy, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
     for start, end, name in spans[1:]:
         if start > cur_end:
@@ -382,6 +400,8 @@ def device_busy(prof) -> dict:
             row = waited.setdefault(name[:80], [0.0, 0])
             row[0] += (start - cur_end) / 1e3
             row[1] += 1
+            phase = phase_at(start)
+            by_phase[phase] = by_phase.get(phase, 0.0) + (start - cur_end) / 1e3
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
@@ -391,7 +411,13 @@ def device_busy(prof) -> dict:
         {"before": name, "idle_ms": round(ms, 3), "gaps": count}
         for name, (ms, count) in sorted(waited.items(), key=lambda kv: -kv[1][0])[:GAP_TOP]
     ]
-    return {"busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3, "gaps": gaps}
+    return {
+        "busy_ms": busy / 1e3,
+        "span_ms": span / 1e3,
+        "idle_ms": (span - busy) / 1e3,
+        "gaps": gaps,
+        "idle_by_phase": {k: round(v, 3) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,6 +872,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for op in b.get("cpu_ops", [])[:12]:
                 print(f"    cpu {op['self_cpu_ms']:7.2f} ms {op['calls']:6d}x {op['name'][:90]}", flush=True)
+            if b.get("idle_by_phase"):
+                print(
+                    "    idle by the step's phase: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in list(b["idle_by_phase"].items())[:10]),
+                    flush=True,
+                )
             for gap in b.get("gaps", [])[:8]:
                 print(
                     f"    idle {gap['idle_ms']:7.2f} ms in {gap['gaps']:4d} gaps before {gap['before']}",

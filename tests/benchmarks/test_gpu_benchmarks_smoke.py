@@ -481,9 +481,11 @@ def test_profiled_step_accounting_counts_overlapping_streams_once():
         parent=op,
         kernels=[SimpleNamespace(name="direct_copy_kernel", duration=3000.0)],
     )
+    phase = "train_step: micro-batch 0 forward"
     events = [
         op,
         launch,
+        event(phase, 8000, 10600, DeviceType.CPU),  # the host's phase when k3 and k4 launched
         event("k1", 1000, 4000),  # stream 1
         event("k2", 3000, 5000),  # stream 2, overlapping k1
         event("k3", 9000, 10000),  # after 4 ms idle
@@ -499,6 +501,8 @@ def test_profiled_step_accounting_counts_overlapping_streams_once():
         "span_ms": 12.5,
         "idle_ms": 6.0,
         "gaps": [{"before": "k3", "idle_ms": 5.5, "gaps": 2}, {"before": "k4", "idle_ms": 0.5, "gaps": 1}],
+        # by the phase the host was in at each gap's end (k3 at 9 and k4 at 10.5 ms inside it)
+        "idle_by_phase": {"micro-batch 0 forward": 4.5, "outside the phases": 1.5},
     }
     rows = bench.attribute_kernels(prof, ["direct_copy", "absent"])
     assert rows["absent"] == []

@@ -94,3 +94,38 @@ def test_micro_batches_of_one_process_are_weighted_by_tokens(tmp_path):
     assert lm == pytest.approx(ref_lm, rel=1e-5) and eval_loss == pytest.approx(ref_eval, rel=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_train_step_marks_its_phases_for_the_profiler(tmp_path):
+    """`train_step` marks each micro-batch's forward and backward, the gradient norm and the
+    optimizer step as profiler ranges (`STEP_PHASE_PREFIX`), in that order: what
+    `benchmarks/train_throughput.py` charges the GPU's idle time to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nemotron.train.loop import STEP_PHASE_PREFIX
+
+    model, parallel = build_model(make_config(tmp_path), torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(
+            model,
+            optimizer,
+            micro_batches([0, 1]),
+            device=torch.device("cpu"),
+            precision="fp32",
+            grad_clip=1.0,
+            parallel=parallel,
+        )
+    phases = sorted(
+        (e.time_range.start, e.name[len(STEP_PHASE_PREFIX) :])
+        for e in prof.events()
+        if e.name.startswith(STEP_PHASE_PREFIX)
+    )
+    assert [name for _, name in phases] == [
+        "micro-batch 0 forward",
+        "micro-batch 0 backward",
+        "micro-batch 1 forward",
+        "micro-batch 1 backward",
+        "gradient norm and clipping",
+        "optimizer step",
+    ]

@@ -279,6 +279,17 @@ def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Ten
     return by_mesh
 
 
+# The name prefix of the ranges `train_step` marks in profiler traces (torch.profiler / Kineto):
+# which phase of the step the host is in (`benchmarks/train_throughput.py` charges the GPU's idle
+# time to them). Outside a profiler a range costs one dispatcher call.
+STEP_PHASE_PREFIX = "train_step: "
+
+
+def step_phase(name: str) -> torch.profiler.record_function:
+    """A profiler range named `STEP_PHASE_PREFIX + name` around one phase of the step."""
+    return torch.profiler.record_function(STEP_PHASE_PREFIX + name)
+
+
 @contextlib.contextmanager
 def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded: bool = True):
     """Yields `prepare(i)`, to call before micro-batch i of a step of `count` micro-batches.
@@ -357,23 +368,26 @@ def train_step(
             fsdp_micro_batches(model, n, fsdp_accumulate_unsharded) as prepare,
         ):
             for index, (batch, weight, count) in enumerate(zip(micro_batches, weights, counts)):
-                prepare(index)
-                tokens = batch["tokens"].to(device, non_blocking=True)
-                labels = batch["labels"].to(device, non_blocking=True)
-                loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-                with autocast_context(precision, device):
-                    out = model(tokens, labels=labels, loss_mask=loss_mask)
-                balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
-                (out.lm_loss * weight + balance / n).backward()
+                with step_phase(f"micro-batch {index} forward"):
+                    prepare(index)
+                    tokens = batch["tokens"].to(device, non_blocking=True)
+                    labels = batch["labels"].to(device, non_blocking=True)
+                    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+                    with autocast_context(precision, device):
+                        out = model(tokens, labels=labels, loss_mask=loss_mask)
+                    balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
+                with step_phase(f"micro-batch {index} backward"):
+                    (out.lm_loss * weight + balance / n).backward()
                 lm_sum += out.lm_loss.detach().double() * float(count)
                 balance_sum += balance.detach().double()
     # Under FSDP2 the gradients arrive already averaged over data-parallel ranks.
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(grad_norm(params)) if pipeline is None else pipeline.grad_norm(params)
-    if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
-        scale = grad_clip / (norm + 1e-6)
-        for group in _grads_by_mesh(params).values():  # one mesh per foreach call
-            torch._foreach_mul_(group, scale)
+    with step_phase("gradient norm and clipping"):
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = float(grad_norm(params)) if pipeline is None else pipeline.grad_norm(params)
+        if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
+            scale = grad_clip / (norm + 1e-6)
+            for group in _grads_by_mesh(params).values():  # one mesh per foreach call
+                torch._foreach_mul_(group, scale)
     lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
     # The balance term is a mean over sequences: average it over all micro-batches of all ranks.
     loss = lm_loss + reduce_token_loss(balance_sum, n, parallel.mesh)
@@ -381,7 +395,8 @@ def train_step(
         lm_loss, loss = pipeline.from_last_stage([lm_loss, loss])
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
-        optimizer.step()
+        with step_phase("optimizer step"):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, lm_loss, norm, finite)
 
