@@ -158,7 +158,8 @@ def pack_forms(w: torch.Tensor, world: int = 1) -> tuple[torch.Tensor, ...]:
     into strided views took 1.89 ms per proxy weight on an H200, this 0.85 ms."""
     e, n, k = w.shape
     if e == 0:  # a rank without experts (nothing to quantize)
-        rows_q = t_q = torch.empty(0, n, k, dtype=FLOAT8, device=w.device)
+        rows_q = torch.empty(0, n, k, dtype=FLOAT8, device=w.device)
+        t_q = torch.empty(0, k, n, dtype=FLOAT8, device=w.device)
         rows_inv = torch.empty(0, n, device=w.device)
         t_inv = torch.empty(0, k, device=w.device)
     else:
