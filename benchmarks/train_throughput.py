@@ -397,11 +397,12 @@ def device_busy(prof) -> dict:
     for start, end, name in spans[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
+            idle_ms = (start - cur_end) / 1e3
             row = waited.setdefault(name[:80], [0.0, 0])
-            row[0] += (start - cur_end) / 1e3
+            row[0] += idle_ms
             row[1] += 1
             phase = phase_at(start)
-            by_phase[phase] = by_phase.get(phase, 0.0) + (start - cur_end) / 1e3
+            by_phase[phase] = by_phase.get(phase, 0.0) + idle_ms
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
