@@ -37,7 +37,7 @@ Its parts, each in the same process and on the same GPU:
    buffer (and with only the values or only the scales taken from it), timed alternately.
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
-`grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`).
+`grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -308,6 +308,119 @@ def expert_wgrad_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: in
         f"one scale per matrix {result['weight_transposed_per_matrix_ms']:.3f} ms"
     )
     return result
+
+
+def fp8_wgrad_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    """The routed experts' weight gradients on FP8 operands made from the row-quantized ones
+    (`kernels.fp8_wgrad`), against what `fp8_expert_mlp` runs now (BF16 `torch._grouped_mm`
+    after the compiled squared-ReLU backward that writes BF16 h and dh_pre), per MoE layer and
+    micro-batch at the proxy's rows: the transposed forms (Triton), the product (Triton,
+    several tile shapes; and `torch._scaled_grouped_mm` on the same forms), the squared-ReLU
+    backward writing per-row FP8 forms instead of BF16, and the whole of each way."""
+    from nemotron.kernels import fp8_wgrad as fw
+    from nemotron.kernels.fp8 import compiled, rowwise
+    from nemotron.kernels.fp8 import relu2_backward_rows as _relu2_backward_rows
+    from nemotron.kernels.fp8_triton import relu2_backward_rows_triton
+    from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton, transposed_groups_triton
+    from nemotron.train.fp8_grouped import _relu2_backward_quantize
+
+    counts = routed_rows(tokens, cfg, dev)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = int(counts.sum())
+    hidden, ffn = cfg.hidden_size, cfg.moe_ffn_hidden_size
+    layout = fw.expert_rows(offs, rows)
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16)
+    grad_out = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16) * 1e-3
+    h_pre = torch.randn(rows, ffn, device=dev, dtype=torch.bfloat16)
+    grad_h = torch.randn(rows, ffn, device=dev, dtype=torch.bfloat16) * 1e-3
+    out: dict = {"rows": rows, "padded": layout.padded}
+    t = lambda fn: median(time_ms(fn, dev, warmup, iters))  # noqa: E731
+    old_relu = compiled("relu2_bwd", _relu2_backward_quantize, dev)
+    new_relu = compiled("relu2_bwd_rows", _relu2_backward_rows, dev)
+    out["relu2_bwd_bf16_ms"] = t(lambda: old_relu(h_pre, grad_h))
+    out["relu2_bwd_rows_ms"] = t(lambda: new_relu(h_pre, grad_h))
+    out["relu2_bwd_rows_triton_ms"] = t(lambda: relu2_backward_rows_triton(h_pre, grad_h))
+    h, dh_pre, dh_q, dh_inv = old_relu(h_pre, grad_h)
+    h_q, h_inv, dh_q2, dh_inv2 = relu2_backward_rows_triton(h_pre, grad_h)
+    # the Triton pass against the eager reference (Inductor may skip the BF16 rounding of dh_pre)
+    eager = _relu2_backward_rows(h_pre, grad_h)
+    out["relu2_rows_triton_equal_eager"] = [
+        bool(
+            torch.equal(
+                a_.view(torch.uint8) if a_.dtype != torch.float32 else a_,
+                b_.view(torch.uint8) if b_.dtype != torch.float32 else b_,
+            )
+        )
+        for a_, b_ in zip(eager, (h_q, h_inv, dh_q2, dh_inv2))
+    ]
+    x_q, x_inv = rowwise(x)
+    g_q, g_inv = rowwise(grad_out)
+    out["layout_ms"] = t(lambda: fw.expert_rows(offs, rows))
+    products = {"down": (grad_out, h, g_q, g_inv, h_q, h_inv), "up": (dh_pre, x, dh_q, dh_inv, x_q, x_inv)}
+    configs = [
+        (128, 128, 128, 4, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 64, 4, 5),
+        (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+    ]  # fmt: skip
+    transpose_configs = [
+        (64, 128, 4),
+        (64, 256, 4),
+        (64, 256, 8),
+        (32, 256, 4),
+        (128, 128, 4),
+        (64, 512, 8),
+        (32, 128, 4),
+    ]
+    best_total = 0.0
+    for name, (a, b, a_q, a_inv, b_q, b_inv) in products.items():
+        res: dict = {}
+        res["bf16_ms"] = t(lambda: torch._grouped_mm(a.t(), b, offs=offs))
+        ref = torch._grouped_mm(a.t(), b, offs=offs).float()
+        ref_t = transposed_groups_triton(a_q, a_inv, layout)[0].view(torch.uint8)
+        for which, q_, inv_ in (("a", a_q, a_inv), ("b", b_q, b_inv)):
+            for tc in transpose_configs:
+                key = f"transposed_{which}_%dx%d_w%d_ms" % tc
+                res[key] = t(lambda: transposed_groups_triton(q_, inv_, layout, config=tc))
+                if which == "a":
+                    same = torch.equal(
+                        transposed_groups_triton(q_, inv_, layout, config=tc)[0].view(torch.uint8), ref_t
+                    )
+                    res[key.replace("_ms", "_same")] = same
+            res[f"transposed_{which}_ms"] = min(
+                v for k, v in res.items() if k.startswith(f"transposed_{which}_") and k.endswith("_ms")
+            )
+        at, ae = transposed_groups_triton(a_q, a_inv, layout)
+        bt, be = transposed_groups_triton(b_q, b_inv, layout)
+        best = None
+        for cfg_ in configs:
+            key = "triton_%dx%dx%d_w%d_s%d" % cfg_
+            try:
+                res[key + "_ms"] = t(lambda: grouped_weight_grad_triton(at, ae, bt, be, layout, config=cfg_))
+                got = grouped_weight_grad_triton(at, ae, bt, be, layout, config=cfg_).float()
+                res[key + "_vs_bf16_rel"] = float((got - ref).norm() / ref.norm())
+                if best is None or res[key + "_ms"] < res[best + "_ms"]:
+                    best = key
+            except Exception as err:  # noqa: BLE001 - report and go on
+                res[key + "_error"] = str(err)[:300]
+        res["best"] = best
+        try:
+            sa = ae.repeat_interleave(at.shape[0]).contiguous()
+            sb = be.repeat_interleave(bt.shape[0]).contiguous()
+            fn = lambda: torch._scaled_grouped_mm(
+                at, bt.t(), sa, sb, offs=layout.offs_padded, out_dtype=torch.bfloat16
+            )  # noqa: E731
+            res["cutlass_ms"] = t(fn)
+            res["cutlass_vs_bf16_rel"] = float((fn().float() - ref).norm() / ref.norm())
+        except Exception as err:  # noqa: BLE001
+            res["cutlass_error"] = str(err)[:300]
+        if best:
+            best_total += res["transposed_a_ms"] + res["transposed_b_ms"] + res[best + "_ms"]
+        out[name] = res
+        print(f"fp8 wgrad {name}: {res}")
+    out["now_ms"] = out["relu2_bwd_bf16_ms"] + out["down"]["bf16_ms"] + out["up"]["bf16_ms"]
+    out["fp8_ms"] = out["relu2_bwd_rows_triton_ms"] + out["layout_ms"] + best_total
+    print(f"fp8 wgrad per layer and micro-batch: now {out['now_ms']:.3f} ms, fp8 {out['fp8_ms']:.3f} ms")
+    return out
 
 
 def grouped_autotune_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
@@ -694,6 +807,8 @@ def main() -> None:
         result["experts"] = expert_mlp_part(cfg, tokens, dev, args.warmup, args.iters)
     if "expert_wgrad" in parts:
         result["expert_wgrad"] = expert_wgrad_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "fp8_wgrad" in parts:
+        result["fp8_wgrad"] = fp8_wgrad_part(cfg, tokens, dev, args.warmup, args.iters)
     if "grouped_autotune" in parts:
         result["grouped_autotune"] = grouped_autotune_part(cfg, tokens, dev, args.warmup, args.iters)
     if "fast_accum" in parts:

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="train.fp8.experts_fsdp_float8_all_gather=true (FSDP2 gathers the routed experts' FP8 forms)",
     )
+    ap.add_argument(
+        "--experts-wgrad",
+        action="store_true",
+        help="train.fp8.experts_weight_grad=fp8 (the routed experts' weight gradients on FP8 operands)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                 recipe=r,
                 layers=layers,
                 experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
+                experts_weight_grad="fp8" if args.experts_wgrad and "experts" in layers else "bf16",
             ),
         )
         for r in args.recipes.split(",")

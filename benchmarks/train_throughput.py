@@ -120,6 +120,7 @@ def fp8_config(args) -> Fp8Config:
         fsdp_float8_all_gather=args.fp8_all_gather,
         experts_fsdp_float8_all_gather=args.fp8_experts_gather,
         fast_accum=args.fp8_fast_accum,
+        experts_weight_grad="fp8" if args.fp8_experts_wgrad else "bf16",
     )
 
 
@@ -781,6 +782,11 @@ def parse_args(argv):
         action="store_true",
         help="train.fp8.experts_fsdp_float8_all_gather=true (FSDP2 gathers the routed experts' FP8 forms)",
     )
+    ap.add_argument(
+        "--fp8-experts-wgrad",
+        action="store_true",
+        help="train.fp8.experts_weight_grad=fp8 (the routed experts' weight gradients on FP8 operands)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -828,6 +834,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + (" reuse_weights" if args.fp8_reuse else "")
                 + (" fsdp_float8_all_gather" if args.fp8_all_gather else "")
                 + (" experts_fsdp_float8_all_gather" if args.fp8_experts_gather else "")
+                + (" experts_weight_grad=fp8" if args.fp8_experts_wgrad else "")
                 + ("" if args.fp8_fast_accum else " fast_accum=false")
                 + (
                     f" lm_head_group_rows={args.fp8_lm_head_group_rows}"

@@ -579,17 +579,17 @@ def test_step_split_charges_each_phase_its_peak_of_memory():
     plain.remove()
 
 
+def _tiny_fp8_experts_run(*extra) -> dict:
+    """train_throughput's run of the tiny model, FP8 routed experts on the bf16 FSDP2 path."""
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--warmup", "0"]
+    argv += ["--params", "bf16", "--grad-accum", "2", "--no-profile", "--fp8", "tensorwise"]
+    return load("train_throughput").main([*argv, "--fp8-layers", "experts", *extra])["run"]
+
+
 def test_train_throughput_fp8_experts_gather_trains_as_without(tmp_path):
     """`--fp8-experts-gather` (train.fp8.experts_fsdp_float8_all_gather) on the bf16 FSDP2 path:
     named in the run, the same losses as without (the gathered forms are the same values)."""
-    bench = load("train_throughput")
-
-    def run(*extra):
-        argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--warmup", "0"]
-        argv += ["--params", "bf16", "--grad-accum", "2", "--no-profile", "--fp8", "tensorwise"]
-        return bench.main([*argv, "--fp8-layers", "experts", *extra])["run"]
-
-    gathered, plain = run("--fp8-experts-gather"), run()
+    gathered, plain = _tiny_fp8_experts_run("--fp8-experts-gather"), _tiny_fp8_experts_run()
     assert gathered["name"] == "fp8-tensorwise[experts] experts_fsdp_float8_all_gather"
     assert gathered["losses"] == plain["losses"] and len(plain["losses"]) == 2
 
@@ -614,3 +614,21 @@ def test_fp8_loss_parity_with_experts_gather_is_the_parity_without(monkeypatch):
     assert not packs
     losses = gathered["runs"]["fp8-tensorwise"]["losses"]
     assert losses == plain["runs"]["fp8-tensorwise"]["losses"] and len(losses) == 2
+
+
+def test_fp8_experts_wgrad_option_reaches_the_experts():
+    """`--fp8-experts-wgrad` (train_throughput) and `--experts-wgrad` (fp8_loss_parity):
+    train.fp8.experts_weight_grad=fp8, named in the run; the first loss is the one without it
+    (the forward is unchanged), the second is not (the weights were updated by FP8 weight
+    gradients)."""
+    fp8_wgrad, plain = _tiny_fp8_experts_run("--fp8-experts-wgrad"), _tiny_fp8_experts_run()
+    assert fp8_wgrad["name"] == "fp8-tensorwise[experts] experts_weight_grad=fp8"
+    assert fp8_wgrad["losses"][0] == plain["losses"][0]
+    assert fp8_wgrad["losses"][1] != plain["losses"][1]
+    parity = load("fp8_loss_parity")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
+    argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0"]
+    with_key, without = parity.main([*argv, "--experts-wgrad"]), parity.main(argv)
+    assert with_key["args"]["experts_wgrad"]
+    a, b = with_key["runs"]["fp8-tensorwise"]["losses"], without["runs"]["fp8-tensorwise"]["losses"]
+    assert a[0] == b[0] and a[1] != b[1]

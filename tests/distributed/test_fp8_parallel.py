@@ -79,6 +79,9 @@ def _compare(rank, world_size, parallel_kw, layers, exact, model_kw=None, **fp8_
     assert all(isinstance(m, Float8GroupedExperts) for m in (moe.experts for moe in model.moe_layers())) == (
         "experts" in layers
     )
+    if "experts" in layers:
+        wgrad = fp8_kw.get("experts_weight_grad", "bf16")
+        assert all(moe.experts.weight_grad == wgrad for moe in model.moe_layers())
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
@@ -114,11 +117,17 @@ def _run(rank, world_size):
     # FSDP2 gathers the dense linears' weights as float8 (tensorwise); the single process casts
     # the same weights itself: the same roundings up to the DP differences above
     gather = _compare(rank, world_size, dict(), ["mamba", "attention"], False, fsdp_float8_all_gather=True)
-    return ep, dp, gather
+    # FP8 weight gradients of the experts: each expert's scales come from its own rows, which
+    # under EP2 are all on its rank: the single process's values
+    ep_wgrad = _compare(
+        rank, world_size, dict(expert_model_parallel_size=2), ["experts"], True, experts_weight_grad="fp8"
+    )
+    return ep, dp, gather, ep_wgrad
 
 
 def test_fp8_experts_under_ep2_match_one_process_and_all_layers_train_under_fsdp2():
-    """Also FSDP2's float8 all-gather of the dense weights (train.fp8.fsdp_float8_all_gather)."""
+    """Also FSDP2's float8 all-gather of the dense weights (train.fp8.fsdp_float8_all_gather) and
+    the experts' FP8 weight gradients under EP2 (train.fp8.experts_weight_grad=fp8)."""
     results = run_distributed(_run, 2)
     assert results[0] == results[1]  # every rank reports the same global loss
 

@@ -281,6 +281,87 @@ def _fp8_rows_check(shape, relu2):
     assert empty_q.shape == (0, 64) and empty_inv.shape == (0,)
 
 
+def _fp8_wgrad_inputs(counts, cols_a=40, cols_b=24):
+    """Row-quantized (values as float32: see `_fp8_rows_check`) operands of an expert-sorted
+    weight gradient: rows of mixed magnitude, `counts` rows per expert."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_wgrad import expert_rows
+
+    gen = torch.Generator().manual_seed(11)
+    rows = sum(counts)
+    offs = torch.cumsum(torch.tensor(counts), 0).int()
+    layout = expert_rows(offs, rows)
+    a = (
+        torch.randn(rows, cols_a, generator=gen)
+        * torch.logspace(-4, 1, rows)[torch.randperm(rows, generator=gen)][:, None]
+    )
+    b = torch.randn(rows, cols_b, generator=gen)
+    (a_q, a_inv), (b_q, b_inv) = quantize_rows(a), quantize_rows(b)
+    return layout, a_q, a_inv, b_q, b_inv
+
+
+def _fp8_transposed_groups_check(counts):
+    """The transposed, expert-scaled forms == the reference, bit for bit (float32 values; the
+    GPU test compares the float8 ones), zeros at every padded position; each expert's
+    inverse scale the largest of its rows'."""
+    from nemotron.kernels.fp8_wgrad import GROUP_ALIGN, transposed_groups_reference
+    from nemotron.kernels.fp8_wgrad_triton import transposed_groups_triton
+
+    layout, a_q, a_inv, _, _ = _fp8_wgrad_inputs(counts)
+    got, got_e = transposed_groups_triton(a_q, a_inv, layout, out_dtype=torch.float32)
+    want, want_e = transposed_groups_reference(a_q, a_inv, layout, out_dtype=torch.float32)
+    assert got.shape == want.shape == (a_q.shape[1], layout.padded) and layout.padded % GROUP_ALIGN == 0
+    assert torch.equal(got_e, want_e) and torch.equal(got, want), (got - want).abs().max()
+    assert torch.all(got[:, layout.source < 0] == 0)
+    lo = 0
+    for e, c in enumerate(counts):
+        if c:
+            assert want_e[e] == a_inv[lo : lo + c].max()
+        lo += c
+
+
+def _fp8_grouped_weight_grad_check(counts, block_k):
+    """The grouped weight-gradient kernel == the float32 reference per expert (operands as
+    float32: the interpreter has no float8 products), an expert with no rows all zeros."""
+    from nemotron.kernels.fp8_wgrad import grouped_weight_grad_reference, transposed_groups_reference
+    from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton
+
+    layout, a_q, a_inv, b_q, b_inv = _fp8_wgrad_inputs(counts)
+    at, a_e = transposed_groups_reference(a_q, a_inv, layout, out_dtype=torch.float32)
+    bt, b_e = transposed_groups_reference(b_q, b_inv, layout, out_dtype=torch.float32)
+    want = grouped_weight_grad_reference(at, a_e, bt, b_e, layout).float()
+    got = grouped_weight_grad_triton(
+        at, a_e, bt, b_e, layout, out_dtype=torch.float32, config=(32, 16, block_k, 4, 2)
+    )
+    assert got.shape == (len(counts), 40, 24)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.all(got[e] == 0)
+
+
+def _fp8_relu2_backward_check():
+    """The one-pass squared-ReLU backward == `relu2_backward_rows`: per-row FP8 forms of h and
+    dh_pre, bit for bit. Values whose products are exact in BF16 (the interpreter's BF16 and
+    float8 roundings are not IEEE), a row with no positive h_pre (all zero), a ragged count of
+    rows per program."""
+    from nemotron.kernels.fp8 import relu2_backward_rows
+    from nemotron.kernels.fp8_triton import relu2_backward_rows_triton
+
+    gen = torch.Generator().manual_seed(12)
+    h_pre = (torch.randint(-16, 16, (37, 200), generator=gen) / 8).bfloat16()
+    grad = (torch.randint(-8, 8, (37, 200), generator=gen) / 1024).bfloat16()
+    h_pre[3] = -1
+    want = relu2_backward_rows(h_pre, grad)
+    got = relu2_backward_rows_triton(h_pre, grad, out_dtype=torch.float32)
+    for name, g, w in zip(("h", "h_inv", "dh_pre", "dh_inv"), got, want):
+        if w.dtype == torch.float32:
+            assert torch.equal(g, w), name
+        else:
+            assert torch.equal(g.to(w.dtype).view(torch.uint8), w.view(torch.uint8)), name
+    assert torch.all(got[0][3] == 0) and torch.all(got[2][3] == 0)
+
+
 def _add_n_check(three, block=64):
     from nemotron.kernels.add_n import add_n_reference, add_n_triton
     from nemotron.kernels.add_n_triton import ADD_N_TRITON_CONFIG
@@ -756,6 +837,12 @@ CHECKS = {
     "fp8_rows_ragged_programs": lambda: _fp8_rows_check((150, 77), relu2=False),
     "fp8_rows_nano3_width": lambda: _fp8_rows_check((5, 2688), relu2=False),
     "fp8_rows_relu2_3d": lambda: _fp8_rows_check((3, 5, 300), relu2=True),
+    "fp8_transposed_groups": lambda: _fp8_transposed_groups_check([5, 0, 130, 17, 1, 300]),
+    "fp8_transposed_groups_one_expert": lambda: _fp8_transposed_groups_check([64]),
+    "fp8_transposed_groups_trailing_empty": lambda: _fp8_transposed_groups_check([3, 250, 0, 0]),
+    "fp8_grouped_weight_grad": lambda: _fp8_grouped_weight_grad_check([5, 0, 130, 17, 1, 300], 32),
+    "fp8_grouped_weight_grad_whole_groups": lambda: _fp8_grouped_weight_grad_check([3, 250, 0], 128),
+    "fp8_relu2_backward_rows": _fp8_relu2_backward_check,
     "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
     "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
     "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),

@@ -64,3 +64,31 @@ def test_every_kernel_compiles_for_sm90(interpreted):
     spec = launches[name]
     spec = {**spec, "signature": {**spec["signature"], "X": "*bf16", "Q": "*fp8e4nv"}}
     assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"]
+
+
+def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
+    """The CPU checks launch the weight-gradient kernels on float32 operands (the interpreter has
+    no float8 products); as training runs them, with float8 operands and outputs, they compile to
+    Hopper's FP8 tensor-core instruction and hardware conversions."""
+    kernels = _launched_kernels()
+    launches = interpreted["launches"]
+    name = "nemotron.kernels.fp8_wgrad_triton._grouped_weight_grad_kernel"
+    spec = launches[name]
+    spec = {
+        **spec,
+        "signature": {**spec["signature"], "A": "*fp8e4nv", "B": "*fp8e4nv", "C": "*bf16"},
+        "constexprs": {**spec["constexprs"], "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128},
+        "options": {"num_warps": 8, "num_stages": 3},
+    }
+    ptx = _compile_for_hopper(kernels[name], spec).asm["ptx"]
+    assert "wgmma" in ptx and "e4m3" in ptx
+    for name, sig in (
+        ("nemotron.kernels.fp8_wgrad_triton._transposed_groups_kernel", {"Q": "*fp8e4nv", "OUT": "*fp8e4nv"}),
+        (
+            "nemotron.kernels.fp8_triton._relu2_backward_rows_kernel",
+            {"HPRE": "*bf16", "GRAD": "*bf16", "HQ": "*fp8e4nv", "DQ": "*fp8e4nv"},
+        ),
+    ):
+        spec = launches[name]
+        spec = {**spec, "signature": {**spec["signature"], **sig}}
+        assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name

@@ -359,6 +359,80 @@ def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
     assert 1e-3 < _rel(out, exact) < 0.1  # really rounded to float8, and still close
 
 
+def _expert_scale(v: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Values already rounded per row, rounded again at one power-of-two scale for the whole
+    expert (that of the expert's amax `amax`), float64: the FP8 weight gradients' operands."""
+    return _round_fp8(v, amax, True)
+
+
+def test_float8_grouped_experts_fp8_weight_grads_match_a_per_expert_reference():
+    """`weight_grad="fp8"`: the weight gradients are products of FP8 operands with one scale per
+    expert (power of two, that of the expert's amax), made from the per-row FP8 forms of dout,
+    h, dh_pre and x; written out per expert in float64. Rows of x a thousand times apart: the
+    small ones land in e4m3's subnormals at the expert's scale. Forward and input gradient are
+    those of the BF16 weight-gradient path, bit for bit."""
+    torch.manual_seed(3)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    counts = torch.tensor([9, 0, 21, 3])
+    rows = int(counts.sum())
+    x0 = (
+        (torch.randn(rows, 32) * torch.logspace(-3, 0, rows)[torch.randperm(rows)][:, None])
+        .bfloat16()
+        .float()
+    )
+    g = torch.randn(rows, 32).bfloat16().float()
+    results = {}
+    for wg in ("bf16", "fp8"):
+        module = fp8_mod.Float8GroupedExperts(copy.deepcopy(experts), emulate=True, weight_grad=wg)
+        assert f"{wg} weight gradients" in repr(module)
+        x = x0.clone().requires_grad_(True)
+        out = module(x, counts)
+        out.backward(g)
+        results[wg] = (out.detach(), x.grad, module.up_proj.grad, module.down_proj.grad)
+    assert torch.equal(results["fp8"][0], results["bf16"][0])
+    assert torch.equal(results["fp8"][1], results["bf16"][1])
+    _, _, dup, ddown = results["fp8"]
+
+    up, down = _bf16(experts.up_proj.detach()), _bf16(experts.down_proj.detach())
+    lo = 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            assert dup[e].abs().sum() == 0 and ddown[e].abs().sum() == 0
+            continue
+        xe, ge = _bf16(x0[lo : lo + c]), _bf16(g[lo : lo + c])
+        pre = _bf16(_rows(xe, True) @ _rows(up[e], True).T)
+        h = torch.relu(pre) ** 2
+        dh = _bf16(_rows(ge, True) @ _tensor(down[e], True))
+        dpre = _bf16(dh * 2 * torch.relu(pre))
+        operands = {}
+        for name, v in (("x", xe), ("g", ge), ("h", h), ("dpre", dpre)):
+            operands[name] = _expert_scale(_rows(v, True), v.abs().amax())
+        ref_up = operands["dpre"].T @ operands["x"]
+        ref_down = operands["g"].T @ operands["h"]
+        assert _rel(dup[e], ref_up) < 1e-2, (e, _rel(dup[e], ref_up))  # BF16-rounded products
+        assert _rel(ddown[e], ref_down) < 1e-2, (e, _rel(ddown[e], ref_down))
+        # really FP8 operands: away from the BF16 products, and still close
+        exact_up, exact_down = dpre.T @ xe, ge.T @ _bf16(h)
+        assert 1e-3 < _rel(dup[e], exact_up) < 0.15, (e, _rel(dup[e], exact_up))
+        assert 1e-3 < _rel(ddown[e], exact_down) < 0.15
+        lo += c
+    # the smallest rows of x alone: their roundings at the expert's scale (subnormals)
+    small = x0.abs().amax(-1) < 0.01
+    assert small.any()
+
+
+def test_experts_weight_grad_key_is_checked():
+    problems = dict(check_fp8_config(Fp8Config(experts_weight_grad="fp4"), "bf16", 1))
+    assert "'fp4' is not one of" in problems["train.fp8.experts_weight_grad"]
+    fp8 = Fp8Config(enabled=True, layers=["mamba"], experts_weight_grad="fp8")
+    assert "no 'experts'" in dict(check_fp8_config(fp8, "bf16", 1))["train.fp8.experts_weight_grad"]
+    assert not check_fp8_config(
+        Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8"), "bf16", 1
+    )
+
+
 def test_float8_grouped_experts_take_a_rank_with_no_rows():
     """Under expert parallelism a rank can receive no rows: output [0, hidden], weight
     gradients zero (the BF16 experts' path, as without FP8)."""

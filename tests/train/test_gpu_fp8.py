@@ -65,10 +65,10 @@ def test_triton_rowwise_quantization_is_the_reference_bit_for_bit(shape, relu2):
     assert torch.equal(rowwise(wide)[0].view(torch.uint8), quantize_rows(wide)[0].view(torch.uint8))
 
 
-@pytest.mark.parametrize("fast_accum", [False, True])
-def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum):
-    """Exact and fast accumulation (`train.fp8.fast_accum`) alike: within 2% of the emulated
-    roundings per tensor."""
+@pytest.mark.parametrize("fast_accum,weight_grad", [(False, "bf16"), (True, "bf16"), (True, "fp8")])
+def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum, weight_grad):
+    """Exact and fast accumulation (`train.fp8.fast_accum`) alike, BF16 or FP8 weight gradients
+    (`train.fp8.experts_weight_grad`): within 2% of the emulated roundings per tensor."""
     torch.manual_seed(0)
     experts = GroupedExperts(
         num_experts=16, hidden_size=256, ffn_hidden_size=384, init_std=0.02, output_init_std=0.01
@@ -78,7 +78,7 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum):
     g = torch.randn_like(x)
     results = []
     for emulate in (True, False):
-        layer = Float8GroupedExperts(experts, emulate=emulate, fast_accum=fast_accum)
+        layer = Float8GroupedExperts(experts, emulate=emulate, fast_accum=fast_accum, weight_grad=weight_grad)
         for p in layer.parameters():
             p.grad = None
         xi = x.clone().requires_grad_(True)
@@ -93,6 +93,54 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum):
     assert results[1][2][[1, 5, 11]].abs().sum() == 0  # experts without rows get no gradient
     exact = GroupedExperts.forward(experts, x, counts)
     assert _rel(results[1][0], exact) < 0.1
+
+
+def test_fp8_weight_grad_kernels_match_their_references():
+    """The FP8 weight gradients' kernels on the GPU (`kernels.fp8_wgrad`): the transposed,
+    expert-scaled forms and the squared ReLU's backward equal their PyTorch references bit for
+    bit (the GPU's float8 conversion); the grouped product is within BF16 rounding of the
+    float32 product of the same float8 operands, experts without rows zero, rows 1000x apart."""
+    from nemotron.kernels.fp8 import quantize_rows, relu2_backward_rows
+    from nemotron.kernels.fp8_triton import relu2_backward_rows_triton
+    from nemotron.kernels.fp8_wgrad import (
+        expert_rows,
+        grouped_weight_grad_reference,
+        transposed_groups_reference,
+    )
+    from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton, transposed_groups_triton
+
+    torch.manual_seed(4)
+    counts = torch.tensor([37, 0, 16, 1, 250, 0, 3, 640, 15, 17, 100, 0, 2, 31, 48, 9], device=CUDA)
+    rows = int(counts.sum())
+    layout = expert_rows(torch.cumsum(counts, 0, dtype=torch.int32), rows)
+    a = (
+        torch.randn(rows, 384, device=CUDA)
+        * torch.logspace(-3, 0, rows, device=CUDA)[torch.randperm(rows, device=CUDA)][:, None]
+    )
+    b = torch.randn(rows, 256, device=CUDA)
+    (a_q, a_inv), (b_q, b_inv) = quantize_rows(a.bfloat16()), quantize_rows(b.bfloat16())
+    forms = []
+    for q, inv in ((a_q, a_inv), (b_q, b_inv)):
+        got, got_e = transposed_groups_triton(q, inv, layout)
+        want, want_e = transposed_groups_reference(q, inv, layout)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(got_e, want_e)
+        forms += [got, got_e]
+    got = grouped_weight_grad_triton(*forms, layout)
+    want = grouped_weight_grad_reference(*forms, layout)
+    for e in range(counts.numel()):
+        if counts[e] == 0:
+            assert torch.all(got[e] == 0)
+        else:
+            assert _rel(got[e], want[e]) < 5e-3, (e, _rel(got[e], want[e]))
+    h_pre = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16)
+    grad = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16) * 1e-3
+    for g_, w_ in zip(relu2_backward_rows_triton(h_pre, grad), relu2_backward_rows(h_pre, grad)):
+        same = (
+            torch.equal(g_, w_)
+            if w_.dtype == torch.float32
+            else torch.equal(g_.view(torch.uint8), w_.view(torch.uint8))
+        )
+        assert same
 
 
 @pytest.mark.parametrize(

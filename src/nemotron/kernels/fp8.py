@@ -56,6 +56,8 @@ __all__ = [
     "tensorwise_mm",
     "quantize_tensor",
     "quantize_transposed",
+    "relu2_backward",
+    "relu2_backward_rows",
 ]
 
 
@@ -110,6 +112,34 @@ def quantize_tensor(
 def relu2_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows(relu(x)^2), the squared ReLU in float32 and never stored."""
     return quantize_rows(torch.relu(x.float()).square())
+
+
+def relu2_backward_rows(
+    h_pre: torch.Tensor, grad_h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The squared ReLU's backward for FP8 weight gradients (reference): (quantize_rows(h) with
+    h = relu(h_pre)^2 in float32, the forward's FP8 form of h again; quantize_rows(dh_pre) with
+    dh_pre = grad_h * 2 relu(h_pre) rounded to h_pre's dtype first), nothing kept in BF16.
+    `relu2_backward` is the fast dispatch."""
+    r = torch.relu(h_pre.float())
+    h_q, h_inv = quantize_rows(r.square())
+    dh_pre = (grad_h.float() * 2.0 * r).to(h_pre.dtype)
+    dh_q, dh_inv = quantize_rows(dh_pre)
+    return h_q, h_inv, dh_q, dh_inv
+
+
+def relu2_backward(
+    h_pre: torch.Tensor, grad_h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`relu2_backward_rows` the fast way for the device: the one-pass Triton kernel on CUDA for
+    rows up to `fp8_triton.MAX_ROW` elements (one read of h_pre and grad_h, one byte written
+    per element and form), else the reference (compiled on CUDA). Same values either way."""
+    if use_triton(h_pre, grad_h):
+        from nemotron.kernels.fp8_triton import MAX_ROW, relu2_backward_rows_triton
+
+        if 0 < h_pre.shape[-1] <= MAX_ROW:
+            return relu2_backward_rows_triton(h_pre, grad_h)
+    return compiled("relu2_backward_rows", relu2_backward_rows, h_pre.device)(h_pre, grad_h)
 
 
 def quantize_transposed(w: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

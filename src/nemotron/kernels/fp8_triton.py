@@ -23,11 +23,25 @@ import triton.language as tl
 from nemotron.kernels.dense import dense
 from nemotron.kernels.fp8 import EXPONENT_BITS, FLOAT8_MAX, QUANT_EPS
 
-__all__ = ["MAX_ROW", "quantize_rows_triton"]
+__all__ = ["MAX_ROW", "quantize_rows_triton", "relu2_backward_rows_triton"]
 
 MAX_ROW = 8192  # longest row held in registers at once (wider rows take the reference)
 _ELEMENTS_PER_PROGRAM = 8192
 _EXPONENT_BITS = tl.constexpr(EXPONENT_BITS)  # a Triton global must be a constexpr
+
+
+@triton.jit
+def _store_rows(x, Q, INV, rows, cols, row_ok, mask, stride_q, fp8_max, eps):
+    """x's rows (float32) quantized: one power-of-two scale per row (448 / amax with its mantissa
+    bits cleared), values to Q, inverse scales to INV. NaN stays NaN (as in the reference's
+    clamp): a NaN activation must reach the loss."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+    ratio = fp8_max / amax
+    scale = (ratio.to(tl.int32, bitcast=True) & _EXPONENT_BITS).to(tl.float32, bitcast=True)
+    q = x * scale[:, None]
+    q = tl.minimum(tl.maximum(q, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(Q + rows[:, None] * stride_q + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(INV + rows, 1.0 / scale, mask=row_ok)
 
 
 @triton.jit
@@ -43,14 +57,7 @@ def _quantize_rows_kernel(
     if RELU2:
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         x = x * x
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
-    ratio = fp8_max / amax
-    scale = (ratio.to(tl.int32, bitcast=True) & _EXPONENT_BITS).to(tl.float32, bitcast=True)
-    # NaN stays NaN (as in the reference's clamp): a NaN activation must reach the loss
-    q = x * scale[:, None]
-    q = tl.minimum(tl.maximum(q, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(Q + rows[:, None] * stride_q + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(INV + rows, 1.0 / scale, mask=row_ok)
+    _store_rows(x, Q, INV, rows, cols, row_ok, mask, stride_q, fp8_max, eps)
 
 
 def quantize_rows_triton(
@@ -78,3 +85,46 @@ def quantize_rows_triton(
             BLOCK_K=block_k, ROWS=rows, RELU2=relu2, num_warps=8,
         )  # fmt: skip
     return q.reshape(x.shape), inv.reshape(x.shape[:-1])
+
+
+@triton.jit
+def _relu2_backward_rows_kernel(
+    HPRE, GRAD, HQ, HINV, DQ, DINV, n_rows, n_cols, stride_h, stride_g, stride_hq, stride_dq, fp8_max, eps,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    h_pre = tl.load(HPRE + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(GRAD + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.maximum(h_pre.to(tl.float32), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    # dh_pre rounded to h_pre's dtype first, as the reference (and the BF16 path) stores it
+    dh = (g * 2.0 * r).to(h_pre.dtype).to(tl.float32)
+    h = r * r
+    _store_rows(h, HQ, HINV, rows, cols, row_ok, mask, stride_hq, fp8_max, eps)
+    _store_rows(dh, DQ, DINV, rows, cols, row_ok, mask, stride_dq, fp8_max, eps)
+
+
+def relu2_backward_rows_triton(
+    h_pre: torch.Tensor, grad_h: torch.Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nemotron.kernels.fp8.relu2_backward_rows` in one pass: h_pre, grad_h [R, K] (K <=
+    `MAX_ROW`) -> (h's per-row FP8 form and inverse scales, dh_pre's), nothing in BF16 written.
+    `out_dtype` as in `quantize_rows_triton`."""
+    h_pre, grad_h = dense(h_pre).contiguous(), dense(grad_h).contiguous()
+    n, k = h_pre.shape
+    if not 0 < k <= MAX_ROW:
+        raise ValueError(f"relu2_backward_rows_triton: rows of {k} elements (1 to {MAX_ROW} taken)")
+    outs = []
+    for _ in range(2):
+        outs += [torch.empty((n, k), dtype=out_dtype, device=h_pre.device), torch.empty(n, dtype=torch.float32, device=h_pre.device)]
+    h_q, h_inv, d_q, d_inv = outs
+    if n:
+        block_k = triton.next_power_of_2(k)
+        rows = max(1, _ELEMENTS_PER_PROGRAM // 2 // block_k)
+        _relu2_backward_rows_kernel[(triton.cdiv(n, rows),)](
+            h_pre, grad_h, h_q, h_inv, d_q, d_inv, n, k, h_pre.stride(0), grad_h.stride(0),
+            h_q.stride(0), d_q.stride(0), FLOAT8_MAX, QUANT_EPS, BLOCK_K=block_k, ROWS=rows, num_warps=8,
+        )  # fmt: skip
+    return h_q, h_inv, d_q, d_inv

@@ -15,7 +15,8 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   holding the same `up_proj` / `down_proj` parameters, whose forward runs
   `nemotron.train.fp8_grouped.fp8_expert_mlp`: FP8 grouped GEMMs (`torch._scaled_grouped_mm`,
   rowwise scales) for the forward and input-gradient products, BF16 grouped GEMMs for the
-  weight gradients, quantization fused into the squared ReLU (see that module for why this and
+  weight gradients (or, `experts_weight_grad=fp8`, FP8 ones: `nemotron.kernels.fp8_wgrad`),
+  quantization fused into the squared ReLU (see that module for why this and
   not torchao's FP8 grouped GEMM). With `experts_fsdp_float8_all_gather` their weights become
   `fp8_gather.ExpertMasterWeight`s, which FSDP2 gathers as the two FP8 forms the products take
   (made once per unshard instead of once per call).
@@ -277,7 +278,9 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
         if not isinstance(moe.experts, Float8GroupedExperts):
             # before EP sharding, the experts are still the model's own
             assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
-            moe.experts = Float8GroupedExperts(moe.experts, emulate=emulate, fast_accum=fp8.fast_accum)
+            moe.experts = Float8GroupedExperts(
+                moe.experts, emulate=emulate, fast_accum=fp8.fast_accum, weight_grad=fp8.experts_weight_grad
+            )
         if fp8.experts_fsdp_float8_all_gather and not moe.experts.gather_fp8_forms():
             skipped[f"{name}.experts"] = f"FP8 all-gather: {NOT_ALIGNED}"
         experts.append(f"{name}.experts")
@@ -308,11 +311,18 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
 class Float8GroupedExperts(GroupedExperts):
     """The routed experts' squared-ReLU MLPs with FP8 grouped GEMMs
     (`nemotron.train.fp8_grouped.fp8_expert_mlp`: forward and input-gradient products in FP8
-    with rowwise scales, weight gradients in BF16); the same parameters (`up_proj`
+    with rowwise scales, weight gradients in BF16 or, `weight_grad="fp8"`, FP8 with one scale per
+    expert); the same parameters (`up_proj`
     [E, ffn, hidden], `down_proj` [E, hidden, ffn]) as the `GroupedExperts` it is made from,
     which it shares (no copy)."""
 
-    def __init__(self, experts: GroupedExperts, emulate: bool = False, fast_accum: bool = False) -> None:
+    def __init__(
+        self,
+        experts: GroupedExperts,
+        emulate: bool = False,
+        fast_accum: bool = False,
+        weight_grad: str = "bf16",
+    ) -> None:
         nn.Module.__init__(self)
         self.init_std = experts.init_std
         self.output_init_std = experts.output_init_std
@@ -320,11 +330,12 @@ class Float8GroupedExperts(GroupedExperts):
         self.down_proj = experts.down_proj
         self.emulate = emulate
         self.fast_accum = fast_accum
+        self.weight_grad = weight_grad
 
     def extra_repr(self) -> str:
         gathered = isinstance(local_experts(self.up_proj), (ExpertMasterWeight, ExpertFp8Forms))
         return (
-            f"fp8 rowwise, bf16 weight gradients{', fast accumulation' if self.fast_accum else ''}"
+            f"fp8 rowwise, {self.weight_grad} weight gradients{', fast accumulation' if self.fast_accum else ''}"
             f"{', FP8 forms gathered by FSDP2' if gathered else ''}{', emulated' if self.emulate else ''}"
         )
 
@@ -359,5 +370,6 @@ class Float8GroupedExperts(GroupedExperts):
                 emulate=self.emulate or not x.is_cuda,
                 owner=self,
                 fast_accum=self.fast_accum,
+                weight_grad=self.weight_grad,
             )
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

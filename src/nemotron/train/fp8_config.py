@@ -21,6 +21,8 @@ DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # rowwise activations, weights per row and per expert matrix; kernels/cross_entropy.py: one
 # scale per tensor).
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+# The routed experts' weight-gradient products (`train.fp8.experts_weight_grad`).
+EXPERT_WEIGHT_GRADS = ("bf16", "fp8")
 
 
 @dataclass
@@ -59,6 +61,10 @@ class Fp8Config:
     # gradient (a contraction over the vocabulary). false: every FP8 product accumulates with
     # float32 promotion (torchao's recipes alone use fast accumulation for the forward only).
     fast_accum: bool = True
+    # The routed experts' weight gradients: "bf16" (BF16 products of BF16 operands) or "fp8"
+    # (FP8 products, the operands made from the per-row FP8 forms the other products take,
+    # one scale per expert: `nemotron.kernels.fp8_wgrad`). Needs `experts` in `layers`.
+    experts_weight_grad: str = "bf16"
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:
@@ -97,6 +103,20 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
             (
                 "train.fp8.lm_head_group_rows",
                 f"must be a positive number of rows, got {fp8.lm_head_group_rows!r}",
+            )
+        )
+    if fp8.experts_weight_grad not in EXPERT_WEIGHT_GRADS:
+        problems.append(
+            (
+                "train.fp8.experts_weight_grad",
+                f"{fp8.experts_weight_grad!r} is not one of {list(EXPERT_WEIGHT_GRADS)}",
+            )
+        )
+    elif fp8.experts_weight_grad != "bf16" and "experts" not in fp8.layers:
+        problems.append(
+            (
+                "train.fp8.experts_weight_grad",
+                f"sets the routed experts' weight gradients, but train.fp8.layers {fp8.layers} has no 'experts'",
             )
         )
     if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":

@@ -18,16 +18,21 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
   largest of its forward row scales' inverses (exactly the scale of the matrix's amax): one
   read and one transposed write, no reduction over the weight (per-column scales took a
   reduction over each column, 0.53 ms against 0.22-0.27 ms per weight on the H200);
-- the weight-gradient products stay in BF16 (`torch._grouped_mm`): no column-wise quantization,
-  and the weight gradient keeps BF16's accuracy (torchao's `rowwise_with_gw_hp` makes the same
-  choice for dense linears). Measured on the H200 at the proxy's rows (docs/benchmarks.md "FP8
-  training", fifth round), FP8 weight-gradient products (contraction over each expert's rows,
-  groups padded to 16) take 1.87-1.95 ms against BF16's 2.20-2.24: 0.3 ms saved per product,
-  less than the four transposed, padded quantizations they need;
+- the weight-gradient products (`weight_grad`, `train.fp8.experts_weight_grad`): "bf16" (the
+  default) runs them in BF16 (`torch._grouped_mm`) on BF16 operands, keeping BF16's accuracy
+  (torchao's `rowwise_with_gw_hp` makes the same choice for dense linears); "fp8" runs them on
+  FP8 operands with one scale per expert (`kernels.fp8_wgrad`): the transposed operands are
+  made from the per-row FP8 forms the other products take (dout's, x's, and h's and dh_pre's
+  from a one-pass squared-ReLU backward that writes no BF16), a pass reading and writing one
+  byte per element, and a Triton grouped product contracts over each expert's rows (1.38-1.46
+  ms against BF16's 2.22-2.31 per product on the H200; PyTorch's CUTLASS `_scaled_grouped_mm`
+  on the same operands 1.68-1.85). On the proxy the step is 2.0-2.4% faster with it and its
+  peak 2.2 GiB lower (docs/benchmarks.md "FP8 training", ninth round);
 - each quantization is one pass: rows by the Triton kernel of `kernels.fp8_triton` (the
-  squared ReLU and the quantization of its output are one pass of it), the squared ReLU's
-  backward, the recomputation of `h` for the weight gradient and the quantization of the input
-  gradient one `torch.compile`d pass;
+  squared ReLU and the quantization of its output are one pass of it); with BF16 weight
+  gradients the squared ReLU's backward, the recomputation of `h` for the weight gradient and
+  the quantization of the input gradient are one `torch.compile`d pass, with FP8 ones one
+  Triton pass (`kernels.fp8.relu2_backward`);
 - with an `owner` (the experts module) inside `kernels.fp8.reuse_quantized_weights`
   (`train.fp8.reuse_weights`, off by default), the weights' quantized copies (per row for the
   forward, transposed for the input gradient) are made once per optimizer step instead of per
@@ -43,7 +48,9 @@ products; `tests/train/test_fp8.py` checks both against an independent reference
                  h        per row (over ffn)         down  per (e, hidden row) over ffn
     input grad   dout     per row (over hidden)      down  per expert e (its whole matrix)
                  dh_pre   per row (over ffn)         up    per expert e (its whole matrix)
-    weight grad  BF16 products of the BF16 operands (dout, h; dh_pre, x)
+    weight grad  "bf16": BF16 products of the BF16 operands (dout, h; dh_pre, x)
+                 "fp8": dout, h, dh_pre, x each per expert (its rows' largest inverse scale),
+                        made from their per-row forms above (exact: power-of-two ratios)
 """
 
 from __future__ import annotations
@@ -58,11 +65,19 @@ from nemotron.kernels.fp8 import (
     quantize_rows,
     quantize_transposed,
     quantized_weight,
+    relu2_backward,
     rowwise,
 )
+from nemotron.kernels.fp8_wgrad import ExpertRows, expert_rows, grouped_weight_grad, transposed_groups
+from nemotron.train.fp8_config import EXPERT_WEIGHT_GRADS
 from nemotron.train.fp8_gather import ExpertFp8Forms, master_data
 
-__all__ = ["fp8_expert_mlp"]
+__all__ = ["WEIGHT_GRADS", "fp8_expert_mlp"]
+
+# `train.fp8.experts_weight_grad`: the weight-gradient products in BF16 (from BF16 operands) or
+# in FP8 (from the per-row FP8 forms the other products take, `kernels.fp8_wgrad`); one home of
+# the names, `train.fp8_config`
+WEIGHT_GRADS = EXPERT_WEIGHT_GRADS
 
 
 def _relu2_backward_quantize(
@@ -133,6 +148,16 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
     return out.to(grad.dtype)
 
 
+def _fp8_weight_grad(
+    a_q: torch.Tensor, a_inv: torch.Tensor, b_q: torch.Tensor, b_inv: torch.Tensor, layout: ExpertRows
+) -> torch.Tensor:
+    """[E, N, K]: per expert a[rows]^T @ b[rows] from the row-quantized a [R, N] and b [R, K]
+    (`kernels.fp8_wgrad`: both made transposed with one scale per expert, then the FP8 product)."""
+    at, a_e = transposed_groups(a_q, a_inv, layout)
+    bt, b_e = transposed_groups(b_q, b_inv, layout)
+    return grouped_weight_grad(at, a_e, bt, b_e, layout)
+
+
 def _rows_form(weight: torch.Tensor, owner: object | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight's per-row FP8 form: gathered by FSDP2 (`ExpertFp8Forms`), else quantized
     (once per reuse scope under `owner`/`name`, `kernels.fp8.quantized_weight`)."""
@@ -155,7 +180,9 @@ def _transposed_form(
 
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool):
+    def forward(
+        ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool, fp8_wgrad: bool
+    ):
         ctx.no_rows = x.shape[0] == 0
         if ctx.no_rows:
             # an expert-parallel rank that received no rows: nothing to multiply (and no BF16
@@ -173,17 +200,20 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         down_q, down_inv = _rows_form(down, owner, "down_proj.rows")
         out = mm(h_q, h_inv, down_q, down_inv, offs)
         # one inverse scale per expert matrix for the transposed copies: the largest of its rows'
-        ctx.save_for_backward(x, up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1))
-        ctx.emulate, ctx.owner, ctx.fast_accum = emulate, owner, fast_accum
+        # FP8 weight gradients take x's per-row form (1 byte per element held, not BF16's 2)
+        saved_x = (x_q, x_inv) if fp8_wgrad else (x,)
+        ctx.save_for_backward(up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1), *saved_x)
+        ctx.emulate, ctx.owner, ctx.fast_accum, ctx.fp8_wgrad = emulate, owner, fast_accum, fp8_wgrad
+        ctx.x_dtype = x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.no_rows:
             zeros = [grad_out.new_zeros(shape, dtype=dtype) for shape, dtype in ctx.weights]
-            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None
-        x, up, down, offs, h_pre, up_matrix_inv, down_matrix_inv = ctx.saved_tensors
-        dev = x.device
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None, None
+        up, down, offs, h_pre, up_matrix_inv, down_matrix_inv, *saved_x = ctx.saved_tensors
+        dev = h_pre.device
         mm = partial(_emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm, fast_accum=ctx.fast_accum)
 
         grad_out = grad_out.to(torch.bfloat16).contiguous()
@@ -193,17 +223,31 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
         # each intermediate is dropped once its last product is queued (the caching allocator
         # reuses its memory for the next), not held to the end of the backward
-        del g_q, g_inv, down_t_q, down_t_inv
-        h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
-        del grad_h
-        grad_down = _grouped_weight_grad(grad_out, h, offs)
-        del h
+        del down_t_q, down_t_inv
+        if ctx.fp8_wgrad:
+            x_q, x_inv = saved_x
+            h_q, h_inv, dh_q, dh_inv = relu2_backward(h_pre, grad_h)
+            del grad_h
+            layout = expert_rows(offs, h_pre.shape[0])
+            grad_down = _fp8_weight_grad(g_q, g_inv, h_q, h_inv, layout)
+            del g_q, g_inv, h_q, h_inv
+        else:
+            (x,) = saved_x
+            h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
+            del grad_h, g_q, g_inv
+            grad_down = _grouped_weight_grad(grad_out, h, offs)
+            del h
         # [E, hidden, ffn], one scale per expert
         up_t_q, up_t_inv = _transposed_form(up, ctx.owner, "up_proj.transposed", up_matrix_inv)
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
-        del dh_q, dh_inv, up_t_q, up_t_inv
-        grad_up = _grouped_weight_grad(dh_pre, x, offs)
-        return grad_x.to(x.dtype), grad_up.to(up.dtype), grad_down.to(down.dtype), None, None, None, None
+        del up_t_q, up_t_inv
+        if ctx.fp8_wgrad:
+            grad_up = _fp8_weight_grad(dh_q, dh_inv, x_q, x_inv, layout)
+        else:
+            grad_up = _grouped_weight_grad(dh_pre, x, offs)
+        del dh_q, dh_inv
+        grads = grad_x.to(ctx.x_dtype), grad_up.to(up.dtype), grad_down.to(down.dtype)
+        return *grads, None, None, None, None, None
 
 
 def fp8_expert_mlp(
@@ -214,6 +258,7 @@ def fp8_expert_mlp(
     emulate: bool = False,
     owner: object | None = None,
     fast_accum: bool = False,
+    weight_grad: str = "bf16",
 ) -> torch.Tensor:
     """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
     [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
@@ -221,7 +266,11 @@ def fp8_expert_mlp(
     `owner` (the experts module): the weights' quantized copies are reused under that key
     within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call).
     `fast_accum`: the four FP8 products accumulate in the tensor cores' own accumulator
-    (`train.fp8.fast_accum`; contractions over the hidden and FFN widths)."""
+    (`train.fp8.fast_accum`; contractions over the hidden and FFN widths). `weight_grad`
+    (`train.fp8.experts_weight_grad`): "bf16" or "fp8" weight-gradient products."""
     # the weights' FP8 forms come from their BF16 values (gathered forms already are)
     up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
-    return _Fp8ExpertMLP.apply(x.to(torch.bfloat16).contiguous(), up, down, offs, emulate, owner, fast_accum)
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(f"fp8_expert_mlp: weight_grad {weight_grad!r} is not one of {list(WEIGHT_GRADS)}")
+    x = x.to(torch.bfloat16).contiguous()
+    return _Fp8ExpertMLP.apply(x, up, down, offs, emulate, owner, fast_accum, weight_grad == "fp8")
