@@ -1004,17 +1004,67 @@ def test_expert_master_weight_is_the_weight_to_everything_but_the_gather():
         forms + 1
 
 
+_GATHER_LAYOUT = """
+import sys, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+from nemotron.distributed import ParallelDims, ParallelismConfig, ParallelLayoutError, build_mesh, parallelize
+from nemotron.models.nano3.model import Nano3ForCausalLM
+from nemotron.train.fp8 import Fp8Config, apply_fp8
+from models.tiny import tiny_config
+arch, parallel = tiny_config(num_experts=int(sys.argv[1]), moe_top_k=2), ParallelismConfig()
+mesh = build_mesh(ParallelDims.from_config(parallel, 2, arch), "cpu")
+model = Nano3ForCausalLM(arch)
+fp8 = Fp8Config(enabled=True, layers=["experts"], experts_fsdp_float8_all_gather=True)
+apply_fp8(model, fp8, torch.device("cpu"))
+try:
+    parallelize(model, mesh, parallel, mixed_precision=True)
+except ParallelLayoutError as err:
+    print("LAYOUT ERROR", err)
+else:
+    print("SHARDED", [p.placements for p in model.moe_layers()[0].experts.parameters()])
+"""
+
+
+@pytest.mark.parametrize("experts", [3, 4])
+def test_experts_fsdp_float8_all_gather_needs_whole_experts_per_rank(experts):
+    """The gathered FP8 forms are packed per whole expert: over 2 data-parallel ranks (a fake
+    2-rank group, one process), 3 experts are refused when the layout is applied, naming the
+    key (not at the first forward); 4 shard by whole experts (dim 0)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _GATHER_LAYOUT, str(experts)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if experts == 3:
+        assert "LAYOUT ERROR train.fp8.experts_fsdp_float8_all_gather" in proc.stdout
+        assert "3 experts per expert-parallel rank do not divide over 2" in proc.stdout
+    else:
+        assert "SHARDED [(Shard(dim=0),), (Shard(dim=0),)]" in proc.stdout, proc.stdout
+
+
 def test_experts_fsdp_float8_all_gather_key_needs_the_experts():
     fp8 = Fp8Config(enabled=True, layers=["mamba"], experts_fsdp_float8_all_gather=True)
     problems = dict(check_fp8_config(fp8, "bf16", 1))
     assert "no 'experts'" in problems["train.fp8.experts_fsdp_float8_all_gather"]
 
 
-@pytest.mark.parametrize("rows", [0, 24])
-def test_float8_grouped_experts_on_gathered_forms(rows):
+@pytest.mark.parametrize("rows,weight_grad", [(0, "bf16"), (24, "bf16"), (24, "fp8")])
+def test_float8_grouped_experts_on_gathered_forms(rows, weight_grad):
     """With weights FSDP2 gathered as FP8 forms (`ExpertFp8Forms`, no BF16 copy), the experts
-    compute what they compute from the BF16 weights (bit for bit, emulated), and a rank with no
-    rows gets output [0, hidden] and zero weight gradients without a BF16 path."""
+    compute what they compute from the BF16 weights (bit for bit, emulated; BF16 or FP8 weight
+    gradients), and a rank with no rows gets output [0, hidden] and zero weight gradients
+    without a BF16 path."""
     from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
 
     torch.manual_seed(0)
@@ -1022,8 +1072,8 @@ def test_float8_grouped_experts_on_gathered_forms(rows):
         num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
     )
     experts.reset_parameters()
-    plain = fp8_mod.Float8GroupedExperts(experts, emulate=True)
-    gathered = fp8_mod.Float8GroupedExperts(copy.deepcopy(experts), emulate=True)
+    plain = fp8_mod.Float8GroupedExperts(experts, emulate=True, weight_grad=weight_grad)
+    gathered = fp8_mod.Float8GroupedExperts(copy.deepcopy(experts), emulate=True, weight_grad=weight_grad)
     for name in ("up_proj", "down_proj"):
         w = getattr(experts, name).detach().bfloat16()
         forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.bfloat16)

@@ -176,10 +176,23 @@ def restore_reshard_after_forward(model: FSDPModule) -> None:
 def _expert_shard_placement(edp: int):
     """FSDP2 shards dim 0 (experts) by default; with fewer local experts than EDP ranks that
     leaves ranks empty, so shard the first dimension that splits evenly (dim 0 if none: FSDP2
-    pads uneven dim-0 shards but rejects uneven shards of other dims)."""
+    pads uneven dim-0 shards but rejects uneven shards of other dims). Weights whose FP8 forms
+    FSDP2 gathers (`gathers_whole_experts`) shard by whole experts only: an uneven split is a
+    `ParallelLayoutError` here, before anything runs."""
 
     def placement(param: torch.Tensor) -> Shard:
-        shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
+        local = param.to_local() if isinstance(param, DTensor) else param
+        shape = local.shape
+        if getattr(local, "gathers_whole_experts", False):
+            # FP8 forms gathered by FSDP2 (train/fp8_gather.py) are made per whole expert
+            if shape[0] % edp:
+                raise ParallelLayoutError(
+                    "train.fp8.experts_fsdp_float8_all_gather: FSDP2 must shard the routed experts "
+                    f"by whole experts, but {shape[0]} experts per expert-parallel rank do not divide "
+                    f"over {edp} expert-data-parallel ranks; set the key to false or choose "
+                    "model.expert_model_parallel_size so that they divide"
+                )
+            return Shard(0)
         for dim, size in enumerate(shape):
             if size % edp == 0:
                 return Shard(dim)

@@ -3,9 +3,10 @@ the reuse of quantized weights within one optimizer step.
 
 Shared by the FP8 paths this project writes itself (`nemotron.train.fp8_grouped`: the routed
 experts; `nemotron.kernels.cross_entropy`: the LM head). `quantize_rows` is the reference (a
-few PyTorch ops); `rowwise` is what those paths call: on CUDA the one-pass Triton kernel
-(`nemotron.kernels.fp8_triton`) for rows up to `MAX_ROW` elements, `torch.compile` of the
-reference (`compiled`) for wider rows and elsewhere the reference eagerly. `emulated_mm`
+few PyTorch ops); `rowwise` is what those paths call: on GPUs with FP8 tensor cores the
+one-pass Triton kernel (`nemotron.kernels.fp8_triton`) for rows up to `MAX_ROW` elements
+(Triton converts to e4m3 only from compute capability 8.9), `torch.compile` of the reference
+(`compiled`) for wider rows and other GPUs, elsewhere the reference eagerly. `emulated_mm`
 computes the FP8 products' roundings with float32 products (CPU tests, GPUs without FP8
 tensor cores).
 
@@ -131,10 +132,10 @@ def relu2_backward_rows(
 def relu2_backward(
     h_pre: torch.Tensor, grad_h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`relu2_backward_rows` the fast way for the device: the one-pass Triton kernel on CUDA for
-    rows up to `fp8_triton.MAX_ROW` elements (one read of h_pre and grad_h, one byte written
+    """`relu2_backward_rows` the fast way for the device: the one-pass Triton kernel on GPUs with
+    FP8 tensor cores for rows up to `fp8_triton.MAX_ROW` elements (one read of h_pre and grad_h, one byte written
     per element and form), else the reference (compiled on CUDA). Same values either way."""
-    if use_triton(h_pre, grad_h):
+    if use_triton(h_pre, grad_h) and fp8_hardware(h_pre.device):
         from nemotron.kernels.fp8_triton import MAX_ROW, relu2_backward_rows_triton
 
         if 0 < h_pre.shape[-1] <= MAX_ROW:
@@ -158,9 +159,9 @@ def quantize_transposed(w: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tenso
 
 def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(x)` (`relu2_rows(x)` with `relu2`) the fast way for `x`'s device: the
-    one-pass Triton kernel on CUDA for rows up to `fp8_triton.MAX_ROW` elements, else the
-    reference (compiled on CUDA). Same values either way."""
-    if use_triton(x):
+    one-pass Triton kernel on GPUs with FP8 tensor cores for rows up to `fp8_triton.MAX_ROW`
+    elements, else the reference (compiled on CUDA). Same values either way."""
+    if use_triton(x) and fp8_hardware(x.device):
         from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_triton
 
         if 0 < x.shape[-1] <= MAX_ROW:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from nemotron.kernels import use_triton
-from nemotron.kernels.fp8 import FLOAT8, FLOAT8_MAX
+from nemotron.kernels.fp8 import FLOAT8, FLOAT8_MAX, fp8_hardware
 
 __all__ = [
     "GROUP_ALIGN",
@@ -127,8 +127,9 @@ def grouped_weight_grad_reference(
 def transposed_groups(
     q: torch.Tensor, inv_rows: torch.Tensor, layout: ExpertRows
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`transposed_groups_reference`, by the Triton kernel on CUDA."""
-    if q.is_cuda and use_triton(inv_rows):
+    """`transposed_groups_reference`, by the Triton kernel on GPUs with FP8 tensor cores (Triton
+    converts to e4m3 only there)."""
+    if q.is_cuda and use_triton(inv_rows) and fp8_hardware(q.device):
         from nemotron.kernels.fp8_wgrad_triton import transposed_groups_triton
 
         return transposed_groups_triton(q, inv_rows, layout)
@@ -139,8 +140,6 @@ def grouped_weight_grad(
     at: torch.Tensor, a_inv: torch.Tensor, bt: torch.Tensor, b_inv: torch.Tensor, layout: ExpertRows
 ) -> torch.Tensor:
     """`grouped_weight_grad_reference`, by the Triton kernel on GPUs with FP8 tensor cores."""
-    from nemotron.kernels.fp8 import fp8_hardware
-
     if at.is_cuda and use_triton(a_inv) and fp8_hardware(at.device):
         from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton
 

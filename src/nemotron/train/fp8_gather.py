@@ -79,6 +79,9 @@ class ExpertMasterWeight(torch.Tensor):
     wrapped tensor `data` (optimizer steps, initialisation, state loading)."""
 
     data_: torch.Tensor
+    # read by the distributed layout (`distributed/apply.py`): FSDP2 must shard these by whole
+    # experts (dim 0), as `fsdp_pre_all_gather` packs each rank's experts whole
+    gathers_whole_experts = True
 
     @staticmethod
     def __new__(cls, data: torch.Tensor) -> ExpertMasterWeight:
