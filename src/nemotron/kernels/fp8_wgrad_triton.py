@@ -77,7 +77,7 @@ def transposed_groups_triton(
     """`fp8_wgrad.transposed_groups_reference` in two launches (the experts' scales, then the
     one pass over the values). `out_dtype`: float32 keeps the values unrounded (the CPU
     interpreter's float8 conversion is not IEEE round-to-nearest)."""
-    rows, cols = q.shape
+    cols = q.shape[1]
     inv_rows = inv_rows.float().contiguous()
     inv_e = torch.empty(layout.experts, dtype=torch.float32, device=q.device)
     if layout.experts:

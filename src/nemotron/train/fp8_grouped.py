@@ -72,12 +72,7 @@ from nemotron.kernels.fp8_wgrad import ExpertRows, expert_rows, grouped_weight_g
 from nemotron.train.fp8_config import EXPERT_WEIGHT_GRADS
 from nemotron.train.fp8_gather import ExpertFp8Forms, master_data
 
-__all__ = ["WEIGHT_GRADS", "fp8_expert_mlp"]
-
-# `train.fp8.experts_weight_grad`: the weight-gradient products in BF16 (from BF16 operands) or
-# in FP8 (from the per-row FP8 forms the other products take, `kernels.fp8_wgrad`); one home of
-# the names, `train.fp8_config`
-WEIGHT_GRADS = EXPERT_WEIGHT_GRADS
+__all__ = ["fp8_expert_mlp"]
 
 
 def _relu2_backward_quantize(
@@ -270,7 +265,9 @@ def fp8_expert_mlp(
     (`train.fp8.experts_weight_grad`): "bf16" or "fp8" weight-gradient products."""
     # the weights' FP8 forms come from their BF16 values (gathered forms already are)
     up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
-    if weight_grad not in WEIGHT_GRADS:
-        raise ValueError(f"fp8_expert_mlp: weight_grad {weight_grad!r} is not one of {list(WEIGHT_GRADS)}")
+    if weight_grad not in EXPERT_WEIGHT_GRADS:
+        raise ValueError(
+            f"fp8_expert_mlp: weight_grad {weight_grad!r} is not one of {list(EXPERT_WEIGHT_GRADS)}"
+        )
     x = x.to(torch.bfloat16).contiguous()
     return _Fp8ExpertMLP.apply(x, up, down, offs, emulate, owner, fast_accum, weight_grad == "fp8")
