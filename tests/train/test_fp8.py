@@ -9,6 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -1031,11 +1035,6 @@ def test_experts_fsdp_float8_all_gather_needs_whole_experts_per_rank(experts):
     """The gathered FP8 forms are packed per whole expert: over 2 data-parallel ranks (a fake
     2-rank group, one process), 3 experts are refused when the layout is applied, naming the
     key (not at the first forward); 4 shard by whole experts (dim 0)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tests_dir = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(

@@ -63,7 +63,10 @@ class ExpertRows:
     offs: torch.Tensor
     offs_padded: torch.Tensor
     block_expert: torch.Tensor
-    experts: int
+
+    @property
+    def experts(self) -> int:
+        return self.offs.numel()
 
     @property
     def padded(self) -> int:
@@ -87,7 +90,7 @@ def expert_rows(offs: torch.Tensor, rows: int) -> ExpertRows:
     source.scatter_(0, dest, torch.arange(rows, dtype=torch.int32, device=dev))
     block_starts = torch.arange(0, bound, GROUP_ALIGN, device=dev)
     block_expert = torch.searchsorted(offs_padded, block_starts, right=True)
-    return ExpertRows(group.int(), source, offs.int(), offs_padded.int(), block_expert, experts)
+    return ExpertRows(group.int(), source, offs.int(), offs_padded.int(), block_expert)
 
 
 def transposed_groups_reference(
