@@ -115,6 +115,7 @@ def fp8_config(args) -> Fp8Config:
         recipe=args.fp8,
         layers=layers,
         compile=not args.fp8_eager,
+        autotune_casts=args.fp8_autotune_casts,
         reuse_weights=args.fp8_reuse,
         lm_head_group_rows=args.fp8_lm_head_group_rows,
         fsdp_float8_all_gather=args.fp8_all_gather,
@@ -753,6 +754,9 @@ def parse_args(argv):
         "(default: train.fp8's, the dense linears)",
     )
     ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
+    ap.add_argument(
+        "--fp8-autotune-casts", action="store_true", help="train.fp8.autotune_casts=true (tuned cast kernels)"
+    )
     ap.add_argument("--fp8-reuse", dest="fp8_reuse", action="store_true", help="train.fp8.reuse_weights=true")
     ap.add_argument(
         "--fp8-no-reuse",
@@ -836,6 +840,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + (" experts_fsdp_float8_all_gather" if args.fp8_experts_gather else "")
                 + (" experts_weight_grad=fp8" if args.fp8_experts_wgrad else "")
                 + ("" if args.fp8_fast_accum else " fast_accum=false")
+                + (" autotune_casts" if args.fp8_autotune_casts else "")
                 + (
                     f" lm_head_group_rows={args.fp8_lm_head_group_rows}"
                     if args.fp8_lm_head_group_rows != Fp8Config().lm_head_group_rows

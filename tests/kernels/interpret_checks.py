@@ -219,6 +219,41 @@ def _moe_combine_check(tokens=7, k=3, hidden=40, with_add=False):
         )
 
 
+def _moe_combine_fp8_rows_check(tokens=9, k=3, hidden=40):
+    """The combine's backward writing the row gradients per-row quantized (`row_grad_fp8`): the
+    values (as float32 before the e4m3 rounding, see `_fp8_rows_check`) and scales of
+    `quantize_rows` of the BF16 row gradients, bit for bit, and the same weight gradients.
+    Weights of both signs and a zero weight, token gradients of mixed magnitude, a zero token."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.moe_combine_triton import MOE_COMBINE_TRITON_CONFIG, combine_backward_triton
+
+    MOE_COMBINE_TRITON_CONFIG["block_h"] = 16  # the amax pass and the writes over several blocks
+    gen = torch.Generator().manual_seed(12)
+    experts = torch.stack([torch.randperm(5, generator=gen)[:k] for _ in range(tokens)])
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    rows = torch.randn(tokens * k, hidden, generator=gen).bfloat16()
+    weight = torch.randn(tokens, k, generator=gen)
+    weight[1, 2] = 0.0
+    dy = (torch.randn(tokens, hidden, generator=gen) * torch.logspace(-6, 3, tokens)[:, None]).bfloat16()
+    dy[4] = 0.0
+    bf16_rows, no_inv, dw_plain = combine_backward_triton(rows, position, weight, dy)
+    got_q, got_inv, dw = combine_backward_triton(rows, position, weight, dy, fp8_rows_dtype=torch.float32)
+    assert no_inv is None and bf16_rows is not None and got_q is not None and got_inv is not None
+    want_q, want_inv = quantize_rows(bf16_rows)
+    assert torch.equal(got_inv, want_inv), (got_inv - want_inv).abs().max()
+    got_bits = got_q.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(got_bits, want_q.view(torch.uint8)), (got_bits != want_q.view(torch.uint8)).sum()
+    assert dw is not None and dw_plain is not None and torch.equal(dw, dw_plain)
+    # the BF16 rows themselves: w * dy at each row's position (within a BF16 rounding: the
+    # interpreter's own conversion to BF16)
+    want_rows = (dy.float()[:, None, :] * weight[:, :, None]).view(tokens * k, -1)[order]
+    torch.testing.assert_close(bf16_rows.float(), want_rows, rtol=8e-3, atol=0)
+    only_rows = combine_backward_triton(rows, position, weight, dy, True, False, torch.float32)
+    assert only_rows[2] is None and torch.equal(only_rows[0], got_q)
+
+
 def _relu2_check(dtype, shape=(5, 77), block=64):
     from nemotron.kernels.relu2 import relu2_reference, relu2_triton
     from nemotron.kernels.relu2_triton import RELU2_TRITON_CONFIG
@@ -279,6 +314,36 @@ def _fp8_rows_check(shape, relu2):
             raise AssertionError(f"rows of {cols} elements must be refused")
     empty_q, empty_inv = quantize_rows_triton(torch.zeros(0, 64))
     assert empty_q.shape == (0, 64) and empty_inv.shape == (0,)
+
+
+def _fp8_rows_to_check(tokens=37, k=3, cols=77):
+    """One pass quantizing each token's row and writing it to its k places (the MoE dispatch of
+    FP8 rows) against `quantize_rows_to` (itself checked against `quantize_rows` of the gathered
+    rows): values bit for bit, scales equal; a zero row, a NaN, a ragged last program."""
+    from nemotron.kernels.fp8 import quantize_rows, quantize_rows_to
+    from nemotron.kernels.fp8_triton import quantize_rows_to_triton
+
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(tokens, cols, generator=gen) * torch.logspace(-6, 3, tokens)[:, None]).bfloat16()
+    x[1] = 0.0
+    x[2, 3] = float("nan")
+    order = torch.randperm(tokens * k, generator=gen)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    want_q, want_inv = quantize_rows_to(x, position, k)
+    gathered_q, gathered_inv = quantize_rows(x[order // k])  # gather, then quantize
+    assert torch.equal(want_q.view(torch.uint8), gathered_q.view(torch.uint8))
+    assert torch.equal(want_inv, gathered_inv)
+    got_q, got_inv = quantize_rows_to_triton(x, position, k, out_dtype=torch.float32)
+    assert torch.equal(got_inv, want_inv), (got_inv - want_inv).abs().max()
+    got_bits = got_q.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(got_bits, want_q.view(torch.uint8)), (got_bits != want_q.view(torch.uint8)).sum()
+    try:
+        quantize_rows_to_triton(x, position[:-1], k)
+    except ValueError as err:
+        assert "positions" in str(err)
+    else:
+        raise AssertionError("a position count that is not tokens x k must be refused")
 
 
 def _fp8_wgrad_inputs(counts, cols_a=40, cols_b=24):
@@ -848,6 +913,8 @@ CHECKS = {
     "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),
     "moe_weighted_combine": _moe_combine_check,
     "moe_weighted_combine_with_add": lambda: _moe_combine_check(with_add=True),
+    "moe_combine_backward_fp8_rows": _moe_combine_fp8_rows_check,
+    "fp8_rows_to_k_places": _fp8_rows_to_check,
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),

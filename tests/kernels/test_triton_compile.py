@@ -84,6 +84,7 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
     assert "wgmma" in ptx and "e4m3" in ptx
     for name, sig in (
         ("nemotron.kernels.fp8_wgrad_triton._transposed_groups_kernel", {"Q": "*fp8e4nv", "OUT": "*fp8e4nv"}),
+        ("nemotron.kernels.fp8_triton._quantize_rows_to_kernel", {"X": "*bf16", "Q": "*fp8e4nv"}),
         (
             "nemotron.kernels.fp8_triton._relu2_backward_rows_kernel",
             {"HPRE": "*bf16", "GRAD": "*bf16", "HQ": "*fp8e4nv", "DQ": "*fp8e4nv"},
@@ -92,3 +93,12 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
         spec = launches[name]
         spec = {**spec, "signature": {**spec["signature"], **sig}}
         assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name
+    # the MoE combine's backward writing FP8 row gradients (`row_grad_fp8`)
+    name = "nemotron.kernels.moe_combine_triton._combine_bwd_kernel"
+    spec = launches[name]
+    spec = {
+        **spec,
+        "signature": {**spec["signature"], "ROWS": "*bf16", "DY": "*bf16", "DROWS": "*fp8e4nv"},
+        "constexprs": {**spec["constexprs"], "NEED_DROWS": True, "NEED_DW": True, "FP8_ROWS": True},
+    }
+    assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name

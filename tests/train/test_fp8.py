@@ -1093,3 +1093,142 @@ def test_float8_grouped_experts_on_gathered_forms(rows, weight_grad):
         assert got.shape == want.shape and torch.equal(got.float(), want.float())
     if rows == 0:
         assert grads[1][1].abs().sum() == 0 and grads[1][2].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 dispatch (train/fp8_dispatch.py)
+
+
+def _fp8_moe(weight_grad: str):
+    """The tiny model's first MoE layer after apply_fp8 (routed experts in FP8), and the summary."""
+    model = _tiny()
+    fp8 = Fp8Config(enabled=True, layers=["experts"], experts_weight_grad=weight_grad)
+    summary = apply_fp8(model, fp8, CPU)
+    return model.backbone.layers["1"].mixer, summary
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp8_dispatch_is_bit_identical_to_quantizing_in_the_experts(autocast):
+    """`Fp8LocalDispatcher` (installed by apply_fp8 with FP8 weight gradients) quantizes each token
+    once before the dispatch gather and has the combine write the experts' output gradient
+    quantized: the MoE's output, its input gradient and every parameter gradient are those of
+    the model's `LocalDispatcher` with the experts quantizing themselves, bit for bit."""
+    from nemotron.models.nano3.moe import LocalDispatcher
+    from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
+
+    moe, summary = _fp8_moe("fp8")
+    assert type(moe.dispatcher) is Fp8LocalDispatcher
+    assert summary.fp8_dispatch == ["backbone.layers.1.mixer", "backbone.layers.3.mixer"]
+    assert "(2 with FP8 dispatch)" in summary.describe()
+    plain = copy.deepcopy(moe)
+    plain.dispatcher = LocalDispatcher(moe.router.num_experts)
+    gen = torch.Generator().manual_seed(7)
+    # tokens of very different magnitudes: every row gets its own scale
+    x0 = torch.randn(2, 24, 32, generator=gen) * torch.logspace(-3, 2, 24)[None, :, None]
+    gy = torch.randn(2, 24, 32, generator=gen)
+    results = []
+    for module in (moe, plain):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, aux = module(x)
+        ((y.float() * gy).sum() + aux).backward()
+        grads = {n: p.grad for n, p in module.named_parameters()}
+        results.append((y, x.grad, grads))
+    (y8, dx8, g8), (y, dx, g) = results
+    assert torch.equal(y8, y) and torch.equal(dx8, dx)
+    assert g8.keys() == g.keys() and len(g) >= 5
+    for name in g:
+        assert g8[name] is not None and torch.equal(g8[name], g[name]), name
+
+
+def test_fp8_dispatch_only_with_fp8_weight_grads():
+    """BF16 weight gradients take the BF16 rows: the model's dispatcher stays; and FP8 experts
+    refuse FP8 rows then (one clear error, not a silent dequantization)."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_rows import Fp8Rows
+    from nemotron.models.nano3.moe import LocalDispatcher
+
+    moe, summary = _fp8_moe("bf16")
+    assert type(moe.dispatcher) is LocalDispatcher and summary.fp8_dispatch == []
+    rows = Fp8Rows(*quantize_rows(torch.randn(6, 32)))
+    with pytest.raises(ValueError, match="need weight_grad='fp8'"):
+        moe.experts(rows, torch.tensor([6] + [0] * 7))
+
+
+def test_fp8_rows_are_their_values_to_any_other_op():
+    """An `Fp8Rows` holds only FP8 values and scales; every op but the FP8 experts' reads sees the
+    dequantized values (so a consumer that does not know the type computes with what it means);
+    malformed parts are refused."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_rows import Fp8Rows, fp8_rows_parts
+
+    x = torch.randn(5, 32) * torch.logspace(-2, 2, 5)[:, None]
+    q, inv = quantize_rows(x)
+    rows = Fp8Rows(q, inv)
+    want = (q.float() * inv[:, None]).bfloat16()
+    assert rows.dtype == torch.bfloat16 and rows.shape == (5, 32) and "Fp8Rows" in repr(rows)
+    assert torch.equal(rows.dequantize(), want)
+    assert type(rows + 0) is torch.Tensor and torch.equal(rows + 0, want)
+    assert torch.equal(rows @ torch.eye(32, dtype=torch.bfloat16), want)
+    assert torch.equal(rows.float(), want.float()) and torch.equal(rows[1:3], want[1:3])
+    parts = fp8_rows_parts(rows)
+    assert parts is not None and parts[0] is q and parts[1] is inv and fp8_rows_parts(x) is None
+    with pytest.raises(ValueError, match="float8 e4m3"):
+        Fp8Rows(x, inv)
+    with pytest.raises(ValueError, match="float32 \\[R\\] inverse scales"):
+        Fp8Rows(q, inv[:3])
+
+
+@pytest.mark.timeout(300)
+def test_fp8_dispatch_trains_under_fsdp2_without_dequantizing(tmp_path, corpus, monkeypatch):
+    """Training under FSDP2 (bf16 compute weights, one rank) with FP8 weight gradients: the rows
+    reach the experts in FP8 form (FSDP2's hook on the experts' inputs makes an alias of them;
+    a dequantization there would cost a BF16 copy and change the values), and the losses are
+    those of the model's own dispatcher, bit for bit."""
+    from nemotron.kernels.fp8_rows import Fp8Rows
+    from nemotron.models.nano3.moe import LocalDispatcher
+    from nemotron.train import pretrain
+    from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
+    from nemotron.train.metrics import read_metrics
+
+    dequantized = []
+    real = Fp8Rows.dequantize
+    monkeypatch.setattr(Fp8Rows, "dequantize", lambda self: dequantized.append(self.shape) or real(self))
+    made = []
+    real_init = Fp8LocalDispatcher.__init__
+    monkeypatch.setattr(Fp8LocalDispatcher, "__init__", lambda self, n: made.append(n) or real_init(self, n))
+
+    def run(name):
+        fp8 = Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8")
+        train = {
+            "train_iters": 2,
+            "eval_iters": 0,
+            "precision": "bf16",
+            "compute_weights": "bf16",
+            "fp8": fp8,
+        }
+        cfg = make_config(tmp_path / name, blend=corpus[0], train=train)
+        pretrain(cfg, tmp_path / name / "job")
+        return [r["lm_loss"] for r in read_metrics(tmp_path / name / "job") if r["kind"] == "train"]
+
+    fp8_rows = run("fp8_rows")
+    assert len(made) == TINY_MODEL["hybrid_pattern"].count("E") and dequantized == []
+    monkeypatch.setattr(fp8_mod, "Fp8LocalDispatcher", lambda n: LocalDispatcher(n))
+    assert run("bf16_rows") == fp8_rows and len(fp8_rows) == 2
+
+
+@needs_torchao
+@pytest.mark.parametrize("tuned", [False, True])
+def test_autotune_casts_reaches_every_compiled_linear(monkeypatch, tuned):
+    """`train.fp8.autotune_casts`: every converted linear is compiled with Inductor's kernel
+    tuning options (on FP8 hardware; here a CPU standing in for one, nothing runs), none without
+    it; the key needs `compile`."""
+    compiled = []
+    monkeypatch.setattr(fp8_mod, "fp8_hardware", lambda device: True)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(kw))
+    summary = apply_fp8(_tiny(), Fp8Config(enabled=True, autotune_casts=tuned), CPU)
+    assert not summary.emulated and len(compiled) == len(summary.linears) > 0
+    want = fp8_mod.CAST_TUNING if tuned else None
+    assert all(kw == {"dynamic": False, "options": want} for kw in compiled)
+    problems = dict(check_fp8_config(Fp8Config(autotune_casts=True, compile=False), "bf16", 1))
+    assert "needs train.fp8.compile=true" in problems["train.fp8.autotune_casts"]

@@ -193,6 +193,34 @@ def test_compiled_float8_linears_match_emulation(recipe):
         assert _rel(real, emulated) < 0.05, (name, _rel(real, emulated))
 
 
+def test_tuned_cast_kernels_give_the_same_values():
+    """`train.fp8.autotune_casts` changes only the launch configurations of the compiled
+    linears' cast (pointwise) and amax (max: exact in any order) kernels: output and gradients
+    bit for bit those of the untuned compile."""
+    from torchao.float8 import convert_to_float8_training
+
+    from nemotron.train.fp8 import CAST_TUNING, float8_linear_config
+
+    torch.manual_seed(2)
+    base = nn.Sequential(nn.Linear(512, 1024, bias=False), nn.Linear(1024, 512, bias=False)).to(CUDA)
+    x = torch.randn(2, 4096, 512, device=CUDA)
+    g = torch.randn(2, 4096, 512, device=CUDA, dtype=torch.bfloat16)
+    outs = []
+    for options in (None, CAST_TUNING):
+        model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False) for m in base]).to(CUDA)
+        model.load_state_dict(base.state_dict())
+        convert_to_float8_training(model, config=float8_linear_config(Fp8Config(), emulate=False))
+        for m in model:
+            m.compile(dynamic=False, options=options)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(xi)
+        y.backward(g)
+        outs.append((y, xi.grad, model[0].weight.grad, model[1].weight.grad))
+    for name, plain, tuned in zip(("out", "dx", "dW0", "dW1"), *outs):
+        assert torch.equal(plain, tuned), name
+
+
 def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
     from nemotron.models.nano3.config import Nano3Config
     from nemotron.models.nano3.model import Block
@@ -222,6 +250,89 @@ def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
         outs.append((y - x, xi.grad))
     assert _rel(outs[1][0], outs[0][0]) < 0.1  # the mixer's output, FP8 vs BF16
     assert _rel(outs[1][1], outs[0][1]) < 0.1
+
+
+def test_combine_writes_fp8_row_gradients_as_quantizing_them_after():
+    """The combine's backward with FP8 row gradients (Triton, e4m3 stores) against `rowwise` of
+    its BF16 row gradients, bit for bit, at the proxy's width (2688)."""
+    from nemotron.kernels.fp8 import FLOAT8, quantize_rows, rowwise
+    from nemotron.kernels.moe_combine_triton import combine_backward_triton
+
+    tokens, k, hidden = 1000, 6, 2688
+    gen = torch.Generator(device=CUDA).manual_seed(4)
+    order = torch.randperm(tokens * k, device=CUDA, generator=gen)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=CUDA)
+    rows = torch.randn(tokens * k, hidden, device=CUDA, generator=gen).bfloat16()
+    weight = torch.randn(tokens, k, device=CUDA, generator=gen)
+    dy = torch.randn(tokens, hidden, device=CUDA, generator=gen)
+    dy = (dy * torch.logspace(-6, 3, tokens, device=CUDA)[:, None]).bfloat16()
+    bf16_rows, _, dw_plain = combine_backward_triton(rows, position, weight, dy)
+    q, inv, dw = combine_backward_triton(rows, position, weight, dy, fp8_rows_dtype=FLOAT8)
+    for want_q, want_inv in (rowwise(bf16_rows), quantize_rows(bf16_rows)):
+        assert torch.equal(inv, want_inv)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(dw, dw_plain)
+
+
+def test_quantizing_rows_to_their_k_places_is_the_reference_bit_for_bit():
+    """The dispatch of FP8 rows (Triton, e4m3 stores): each token quantized once and written to
+    its k sorted places, against quantizing the gathered BF16 rows, at the proxy's width."""
+    from nemotron.kernels.fp8 import quantize_rows, rowwise_to
+
+    tokens, k, hidden = 3000, 6, 2688
+    gen = torch.Generator(device=CUDA).manual_seed(5)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen)
+    x = (x * torch.logspace(-6, 3, tokens, device=CUDA)[:, None]).bfloat16()
+    order = torch.randperm(tokens * k, device=CUDA, generator=gen)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=CUDA)
+    q, inv = rowwise_to(x, position, k)
+    want_q, want_inv = quantize_rows(x[order // k])
+    assert torch.equal(inv, want_inv) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def test_fp8_dispatch_on_cuda_is_bit_identical_to_quantizing_in_the_experts():
+    """A MoE block with FP8 experts and FP8 weight gradients: `Fp8LocalDispatcher` (the dispatch
+    gather of FP8 rows, the combine's FP8 row gradients: Triton kernels) against the model's
+    dispatcher, output and every gradient bit for bit."""
+    import copy
+
+    from nemotron.models.nano3.config import Nano3Config
+    from nemotron.models.nano3.model import Block
+    from nemotron.models.nano3.moe import LocalDispatcher
+    from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
+
+    cfg = Nano3Config(
+        hybrid_pattern="E",
+        num_layers=1,
+        hidden_size=256,
+        num_experts=16,
+        moe_top_k=4,
+        moe_ffn_hidden_size=128,
+        moe_shared_expert_hidden_size=256,
+    )
+    torch.manual_seed(0)
+    block = Block(cfg, 0).to(CUDA, torch.bfloat16)
+    summary = apply_fp8(block, Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8"), CUDA)
+    assert type(block.mixer.dispatcher) is Fp8LocalDispatcher and summary.fp8_dispatch == ["mixer"]
+    plain = copy.deepcopy(block)
+    plain.mixer.dispatcher = LocalDispatcher(cfg.num_experts)
+    x = (
+        torch.randn(2, 512, 256, device=CUDA, dtype=torch.bfloat16)
+        * torch.logspace(-2, 1, 512, device=CUDA)[:, None].bfloat16()
+    )
+    results = []
+    for b in (block, plain):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, aux = b(xi)
+        (y.float().square().mean() + aux).backward()
+        results.append((y, xi.grad, {n: p.grad for n, p in b.named_parameters()}))
+    (y8, dx8, g8), (y, dx, g) = results
+    assert torch.equal(y8, y) and torch.equal(dx8, dx)
+    for name in g:
+        assert g8[name] is not None and torch.equal(g8[name], g[name]), name
 
 
 @pytest.mark.parametrize("group_rows,fast_accum", [(None, False), (2048, False), (2048, True)])

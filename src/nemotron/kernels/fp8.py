@@ -59,6 +59,8 @@ __all__ = [
     "quantize_transposed",
     "relu2_backward",
     "relu2_backward_rows",
+    "quantize_rows_to",
+    "rowwise_to",
 ]
 
 
@@ -169,6 +171,31 @@ def rowwise(x: torch.Tensor, relu2: bool = False) -> tuple[torch.Tensor, torch.T
     if relu2:
         return compiled("relu2_rows", relu2_rows, x.device)(x)
     return compiled("rows", quantize_rows, x.device)(x)
+
+
+def quantize_rows_to(x: torch.Tensor, position: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, K] quantized per row and each row written to k places: (float8 [tokens*k, K],
+    float32 [tokens*k]) with row position[t*k + s] = quantize_rows(x)[t] for every slot s (the
+    reference). The MoE dispatch of FP8 rows (`train.fp8_dispatch`): every copy of a token's
+    row carries the token's own scale. `rowwise_to` is the fast dispatch."""
+    q, inv = quantize_rows(x)
+    rows_q = torch.empty((position.numel(), x.shape[-1]), dtype=q.dtype, device=x.device)
+    rows_inv = torch.empty(position.numel(), dtype=inv.dtype, device=x.device)
+    token = torch.arange(position.numel(), device=x.device) // k  # pair p = t*k + s
+    rows_q.view(torch.uint8)[position] = q.view(torch.uint8)[token]
+    rows_inv[position] = inv[token]
+    return rows_q, rows_inv
+
+
+def rowwise_to(x: torch.Tensor, position: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows_to` the fast way: on GPUs with FP8 tensor cores one Triton pass (each
+    token's row read once, quantized, written to its k places), else the reference. Same values."""
+    if use_triton(x) and fp8_hardware(x.device):
+        from nemotron.kernels.fp8_triton import MAX_ROW, quantize_rows_to_triton
+
+        if 0 < x.shape[-1] <= MAX_ROW:
+            return quantize_rows_to_triton(x, position, k)
+    return quantize_rows_to(x, position, k)
 
 
 _COMPILED: dict[str, Callable] = {}

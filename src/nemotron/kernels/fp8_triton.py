@@ -23,7 +23,7 @@ import triton.language as tl
 from nemotron.kernels.dense import dense
 from nemotron.kernels.fp8 import EXPONENT_BITS, FLOAT8_MAX, QUANT_EPS
 
-__all__ = ["MAX_ROW", "quantize_rows_triton", "relu2_backward_rows_triton"]
+__all__ = ["MAX_ROW", "quantize_rows_triton", "quantize_rows_to_triton", "relu2_backward_rows_triton"]
 
 MAX_ROW = 8192  # longest row held in registers at once (wider rows take the reference)
 _ELEMENTS_PER_PROGRAM = 8192
@@ -85,6 +85,47 @@ def quantize_rows_triton(
             BLOCK_K=block_k, ROWS=rows, RELU2=relu2, num_warps=8,
         )  # fmt: skip
     return q.reshape(x.shape), inv.reshape(x.shape[:-1])
+
+
+@triton.jit
+def _quantize_rows_to_kernel(
+    X, POS, Q, INV, n_rows, n_cols, stride_x, stride_q, fp8_max, eps,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(K):
+        dest = tl.load(POS + rows * K + s, mask=row_ok, other=0).to(tl.int64)
+        _store_rows(x, Q, INV, dest, cols, row_ok, mask, stride_q, fp8_max, eps)
+
+
+def quantize_rows_to_triton(
+    x: torch.Tensor, position: torch.Tensor, k: int, out_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nemotron.kernels.fp8.quantize_rows_to(x, position, k)` in one pass: x [tokens, K] (K <=
+    `MAX_ROW`), position [tokens*k] -> (float8 [tokens*k, K], float32 [tokens*k]); each row read
+    once and written to its k places. `out_dtype` as in `quantize_rows_triton`."""
+    x = dense(x)
+    n, cols = x.shape
+    if not 0 < cols <= MAX_ROW:
+        raise ValueError(f"quantize_rows_to_triton: rows of {cols} elements (1 to {MAX_ROW} taken)")
+    if position.numel() != n * k:
+        raise ValueError(f"quantize_rows_to_triton: {position.numel()} positions for {n} rows x {k}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty((n * k, cols), dtype=out_dtype, device=x.device)
+    inv = torch.empty(n * k, dtype=torch.float32, device=x.device)
+    if n:
+        block_k = triton.next_power_of_2(cols)
+        rows = max(1, _ELEMENTS_PER_PROGRAM // block_k)
+        _quantize_rows_to_kernel[(triton.cdiv(n, rows),)](
+            x, dense(position).contiguous(), q, inv, n, cols, x.stride(0), q.stride(0), FLOAT8_MAX,
+            QUANT_EPS, K=k, BLOCK_K=block_k, ROWS=rows, num_warps=8,
+        )  # fmt: skip
+    return q, inv
 
 
 @triton.jit

@@ -12,6 +12,12 @@ Both are deterministic: every output element is written by exactly one program, 
 The optional ``add`` [tokens, hidden] (the MoE's shared-expert output) is summed in: by the
 Triton kernel in fp32 before the one rounding (no separate add pass over the output), by the
 reference as ``y + add`` in the rows' dtype (the model's unfused numerics).
+
+``row_grad_fp8``: the rows' gradient comes back as an ``Fp8Rows`` (``kernels.fp8_rows``), the
+per-row FP8 form (``kernels.fp8.quantize_rows``) of the gradient the combine would return,
+rounded to BF16 first, for FP8 experts that take their output gradient in that form (they
+compute from BF16 values): the Triton kernel writes it
+directly (no BF16 rows written and read again), the reference quantizes its BF16 result.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from nemotron.kernels import use_triton
+from nemotron.kernels.fp8 import quantize_rows
+from nemotron.kernels.fp8_rows import Fp8Rows
 
 __all__ = ["weighted_combine", "weighted_combine_reference"]
 
@@ -35,6 +43,7 @@ class _WeightedCombine(torch.autograd.Function):
         position: torch.Tensor,
         weight: torch.Tensor,
         add: torch.Tensor | None = None,
+        row_grad_fp8: bool = False,
     ) -> torch.Tensor:
         tokens, k = weight.shape
         if order is None and ctx.needs_input_grad[0]:
@@ -44,6 +53,7 @@ class _WeightedCombine(torch.autograd.Function):
         per_slot = rows.index_select(0, position).view(tokens, k, -1)
         ctx.save_for_backward(rows, order, position, w)
         ctx.weight_dtype = weight.dtype
+        ctx.row_grad_fp8 = row_grad_fp8
         y = (per_slot * w.unsqueeze(-1)).sum(1)
         return y if add is None else y + add
 
@@ -55,10 +65,12 @@ class _WeightedCombine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_slots = grad.unsqueeze(1) * w.unsqueeze(-1)  # [tokens, k, hidden]
             grad_rows = grad_slots.view(tokens * k, -1).index_select(0, order)
+            if ctx.row_grad_fp8:
+                grad_rows = Fp8Rows(*quantize_rows(grad_rows.to(torch.bfloat16)), grad_rows.dtype)
         if ctx.needs_input_grad[3]:
             per_slot = rows.index_select(0, position).view(tokens, k, -1)
             grad_weight = (per_slot * grad.unsqueeze(1)).sum(-1).to(ctx.weight_dtype)
-        return grad_rows, None, None, grad_weight, (grad if ctx.needs_input_grad[4] else None)
+        return grad_rows, None, None, grad_weight, (grad if ctx.needs_input_grad[4] else None), None
 
 
 def weighted_combine_reference(
@@ -67,11 +79,12 @@ def weighted_combine_reference(
     position: torch.Tensor,
     weight: torch.Tensor,
     add: torch.Tensor | None = None,
+    row_grad_fp8: bool = False,
 ) -> torch.Tensor:
     """rows [tokens*k, hidden] (expert order), order/position [tokens*k] int64 (order may be None:
     it is derived when a row gradient is needed), weight [tokens, k], optional add [tokens, hidden]
-    -> [tokens, hidden] in rows' dtype."""
-    return _WeightedCombine.apply(rows, order, position, weight, add)
+    -> [tokens, hidden] in rows' dtype. `row_grad_fp8`: see the module docstring."""
+    return _WeightedCombine.apply(rows, order, position, weight, add, row_grad_fp8)
 
 
 # The package's one dispatch rule (`nemotron.kernels.use_triton`), as a module attribute so a
@@ -85,8 +98,10 @@ def weighted_combine(
     position: torch.Tensor,
     weight: torch.Tensor,
     add: torch.Tensor | None = None,
+    row_grad_fp8: bool = False,
 ) -> torch.Tensor:
-    """The combine the local MoE dispatcher calls: Triton on CUDA, the reference elsewhere."""
+    """The combine the local MoE dispatcher calls: Triton on CUDA, the reference elsewhere.
+    `row_grad_fp8`: the rows' gradient as an `Fp8Rows` (module docstring)."""
     if rows.dim() != 2 or weight.dim() != 2 or rows.shape[0] != weight.numel():
         raise ValueError(
             f"weighted_combine: rows [{weight.numel()}, hidden] expected for weight "
@@ -101,5 +116,5 @@ def weighted_combine(
         # Triton is optional: imported when a kernel first runs (see nemotron.kernels)
         from nemotron.kernels.moe_combine_triton import weighted_combine_triton
 
-        return weighted_combine_triton(rows, order, position, weight, add)
-    return weighted_combine_reference(rows, order, position, weight, add)
+        return weighted_combine_triton(rows, order, position, weight, add, row_grad_fp8)
+    return weighted_combine_reference(rows, order, position, weight, add, row_grad_fp8)

@@ -10,7 +10,8 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   runs the FP8 GEMM (`torch._scaled_mm`), and backward does the same for the output gradient.
   On CUDA each converted linear is compiled (`nn.Module.compile`) so that the amax, scale and
   cast ops fuse into a few kernels (eager, each is its own elementwise pass over the tensor;
-  torchao's documentation recommends compiling).
+  torchao's documentation recommends compiling); `autotune_casts` has Inductor tune those
+  kernels' launch configurations (`CAST_TUNING`).
 - routed experts become `Float8GroupedExperts`, a subclass of the model's `GroupedExperts`
   holding the same `up_proj` / `down_proj` parameters, whose forward runs
   `nemotron.train.fp8_grouped.fp8_expert_mlp`: FP8 grouped GEMMs (`torch._scaled_grouped_mm`,
@@ -19,7 +20,9 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   quantization fused into the squared ReLU (see that module for why this and
   not torchao's FP8 grouped GEMM). With `experts_fsdp_float8_all_gather` their weights become
   `fp8_gather.ExpertMasterWeight`s, which FSDP2 gathers as the two FP8 forms the products take
-  (made once per unshard instead of once per call).
+  (made once per unshard instead of once per call). With FP8 weight gradients the MoE's
+  single-device dispatcher becomes `fp8_dispatch.Fp8LocalDispatcher`, which moves the experts'
+  rows and output gradient in per-row FP8 form (same values; expert parallelism keeps its own).
 
 - the LM head (opt-in, `lm_head`): the chunked LM-head loss runs its three products (logits,
   hidden gradient, weight gradient) on FP8 operands (`linear_cross_entropy(fp8=True)`, one
@@ -57,7 +60,7 @@ import torch
 from torch import nn
 
 from nemotron.kernels.fp8 import FLOAT8, FP8_ALIGN, fp8_hardware  # noqa: F401  (re-exported)
-from nemotron.models.nano3.moe import GroupedExperts, local_experts
+from nemotron.models.nano3.moe import GroupedExperts, LocalDispatcher, local_experts
 from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import for users)
     DEFAULT_FP8_LAYERS,
     FP8_LAYERS,
@@ -66,10 +69,14 @@ from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import 
     check_fp8_config,
     tp_recipe_message,
 )
+from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
 from nemotron.train.fp8_gather import ExpertFp8Forms, ExpertMasterWeight
 from nemotron.train.fp8_grouped import fp8_expert_mlp
 
 MIN_TORCHAO = (0, 18)
+# `train.fp8.autotune_casts`: Inductor options for the compiled linears (their cast and amax
+# kernels are memory-bound Triton kernels whose default block sizes are a heuristic's)
+CAST_TUNING = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 
 
 class Fp8Unavailable(RuntimeError):
@@ -85,11 +92,14 @@ class Fp8Summary:
     skipped: dict[str, str]  # selected but left in higher precision: name -> why
     emulated: bool
     lm_head: bool = False
+    # MoE layers whose dispatcher moves the experts' rows in FP8 (`fp8_dispatch`)
+    fp8_dispatch: list[str] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         mode = "emulated (no FP8 tensor cores)" if self.emulated else "FP8 tensor cores"
         head = ", LM head" if self.lm_head else ""
-        text = f"fp8: {len(self.linears)} linears, {len(self.experts)} expert groups{head}, {mode}"
+        rows = f" ({len(self.fp8_dispatch)} with FP8 dispatch)" if self.fp8_dispatch else ""
+        text = f"fp8: {len(self.linears)} linears, {len(self.experts)} expert groups{rows}{head}, {mode}"
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.skipped.items():
             by_reason.setdefault(reason, []).append(name)
@@ -271,9 +281,11 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
 
         limit = max(64, 2 * len(linears))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        options = CAST_TUNING if fp8.autotune_casts else None
         for name in linears:
-            model.get_submodule(name).compile(dynamic=False)
-    experts = []
+            model.get_submodule(name).compile(dynamic=False, options=options)
+    experts: list[str] = []
+    fp8_dispatch: list[str] = []
     for name, moe in moes.items():
         if not isinstance(moe.experts, Float8GroupedExperts):
             # before EP sharding, the experts are still the model's own
@@ -284,6 +296,14 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
         if fp8.experts_fsdp_float8_all_gather and not moe.experts.gather_fp8_forms():
             skipped[f"{name}.experts"] = f"FP8 all-gather: {NOT_ALIGNED}"
         experts.append(f"{name}.experts")
+        if (
+            fp8.experts_weight_grad == "fp8"
+            and type(moe.dispatcher) is LocalDispatcher
+            and moe.experts.takes_fp8_rows()
+        ):
+            # the experts need their rows only in FP8: moved that way (bit-identical results)
+            moe.dispatcher = Fp8LocalDispatcher(moe.dispatcher.num_experts)
+            fp8_dispatch.append(name)
     lm_head = False
     if "lm_head" in fp8.layers:
         from nemotron.models.nano3.model import Nano3ForCausalLM
@@ -301,7 +321,14 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
                 model.fp8_lm_head_group_rows = fp8.lm_head_group_rows
                 model.fp8_lm_head_fast_accum = fp8.fast_accum
         # (a pipeline part without the head has nothing to convert)
-    return Fp8Summary(linears=linears, experts=experts, skipped=skipped, emulated=emulate, lm_head=lm_head)
+    return Fp8Summary(
+        linears=linears,
+        experts=experts,
+        skipped=skipped,
+        emulated=emulate,
+        lm_head=lm_head,
+        fp8_dispatch=fp8_dispatch,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +379,14 @@ class Float8GroupedExperts(GroupedExperts):
                 setattr(self, name, wrapped)
         return True
 
+    def takes_fp8_rows(self) -> bool:
+        """Whether rows may come in per-row FP8 form (`fp8_dispatch`): FP8 weight gradients
+        and dimensions the FP8 products take (else the BF16 path would need BF16 rows)."""
+        return self.weight_grad == "fp8" and all(d % FP8_ALIGN == 0 for d in self.up_proj.shape[1:])
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
+        """x [rows, hidden] sorted by expert (an `Fp8Rows` from `Fp8LocalDispatcher` when
+        `takes_fp8_rows`), counts [E] rows per expert -> [rows, hidden]."""
         up, down = local_experts(self.up_proj), local_experts(self.down_proj)
         gathered = isinstance(up, ExpertFp8Forms)  # FSDP2 gathered FP8 forms: no BF16 weights
         if (x.shape[0] == 0 and not gathered) or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):

@@ -43,6 +43,10 @@ class Fp8Config:
     experts_fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True
+    # Tune the compiled linears' cast and amax kernels (Inductor's pointwise autotuning and
+    # coordinate-descent tuning of block sizes and warps, `nemotron.train.fp8.CAST_TUNING`): a
+    # longer first step, possibly faster casts. Needs `compile`.
+    autotune_casts: bool = False
     # The routed experts' and the LM head's FP8 weight copies (per row and transposed) made once
     # per optimizer step and reused by every micro-batch, held for the step: one byte per weight
     # element per form, the size of those weights in BF16 (the torchao dense linears quantize
@@ -126,6 +130,10 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
                 f"needs train.fp8.recipe=tensorwise (got {fp8.recipe!r}): float8 weights "
                 "are gathered with one scale per tensor",
             )
+        )
+    if fp8.autotune_casts and not fp8.compile:
+        problems.append(
+            ("train.fp8.autotune_casts", "tunes the compiled linears' kernels: needs train.fp8.compile=true")
         )
     if fp8.experts_fsdp_float8_all_gather and "experts" not in fp8.layers:
         problems.append(

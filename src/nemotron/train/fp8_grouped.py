@@ -28,6 +28,8 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
   ms against BF16's 2.22-2.31 per product on the H200; PyTorch's CUTLASS `_scaled_grouped_mm`
   on the same operands 1.68-1.85). On the proxy the step is 2.0-2.4% faster with it and its
   peak 2.2 GiB lower (docs/benchmarks.md "FP8 training", ninth round);
+- the input rows and the output gradient may arrive already in per-row FP8 form (`Fp8Rows`
+  from `train.fp8_dispatch`, with FP8 weight gradients): the same values, not quantized again;
 - each quantization is one pass: rows by the Triton kernel of `kernels.fp8_triton` (the
   squared ReLU and the quantization of its output are one pass of it); with BF16 weight
   gradients the squared ReLU's backward, the recomputation of `h` for the weight gradient and
@@ -68,6 +70,7 @@ from nemotron.kernels.fp8 import (
     relu2_backward,
     rowwise,
 )
+from nemotron.kernels.fp8_rows import Fp8Rows, fp8_rows_parts
 from nemotron.kernels.fp8_wgrad import ExpertRows, expert_rows, grouped_weight_grad, transposed_groups
 from nemotron.train.fp8_config import EXPERT_WEIGHT_GRADS
 from nemotron.train.fp8_gather import ExpertFp8Forms, master_data
@@ -186,7 +189,8 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             return x.new_zeros(0, down.shape[1])
         mm = partial(_emulated_grouped_mm if emulate else _scaled_grouped_mm, fast_accum=fast_accum)
 
-        x_q, x_inv = rowwise(x)
+        # rows the dispatcher already quantized (`train.fp8_dispatch`), else quantized here
+        x_q, x_inv = fp8_rows_parts(x) or rowwise(x)
         # [E, ffn, hidden] per (e, ffn row)
         up_q, up_inv = _rows_form(up, owner, "up_proj.rows")
         h_pre = mm(x_q, x_inv, up_q, up_inv, offs)
@@ -211,8 +215,12 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         dev = h_pre.device
         mm = partial(_emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm, fast_accum=ctx.fast_accum)
 
-        grad_out = grad_out.to(torch.bfloat16).contiguous()
-        g_q, g_inv = rowwise(grad_out)
+        given = fp8_rows_parts(grad_out)  # the combine wrote it quantized (`train.fp8_dispatch`)
+        if given is not None and not ctx.fp8_wgrad:
+            raise RuntimeError("fp8_expert_mlp: an FP8 output gradient needs FP8 weight gradients")
+        if given is None:
+            grad_out = grad_out.to(torch.bfloat16).contiguous()
+        g_q, g_inv = given or rowwise(grad_out)
         # [E, ffn, hidden], one scale per expert
         down_t_q, down_t_inv = _transposed_form(down, ctx.owner, "down_proj.transposed", down_matrix_inv)
         grad_h = mm(g_q, g_inv, down_t_q, down_t_inv, offs)
@@ -262,12 +270,19 @@ def fp8_expert_mlp(
     within a `kernels.fp8.reuse_quantized_weights` scope (None: quantized on every call).
     `fast_accum`: the four FP8 products accumulate in the tensor cores' own accumulator
     (`train.fp8.fast_accum`; contractions over the hidden and FFN widths). `weight_grad`
-    (`train.fp8.experts_weight_grad`): "bf16" or "fp8" weight-gradient products."""
+    (`train.fp8.experts_weight_grad`): "bf16" or "fp8" weight-gradient products. x may be an
+    `Fp8Rows` (rows the dispatcher quantized, `train.fp8_dispatch`; "fp8" weight gradients only),
+    and the output gradient may arrive as one: the same values either way."""
     # the weights' FP8 forms come from their BF16 values (gathered forms already are)
     up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
     if weight_grad not in EXPERT_WEIGHT_GRADS:
         raise ValueError(
             f"fp8_expert_mlp: weight_grad {weight_grad!r} is not one of {list(EXPERT_WEIGHT_GRADS)}"
         )
-    x = x.to(torch.bfloat16).contiguous()
+    if isinstance(x, Fp8Rows):
+        if weight_grad != "fp8":
+            # BF16 weight gradients take the BF16 rows, which FP8 rows no longer hold
+            raise ValueError("fp8_expert_mlp: rows in FP8 form (Fp8Rows) need weight_grad='fp8'")
+    else:
+        x = x.to(torch.bfloat16).contiguous()
     return _Fp8ExpertMLP.apply(x, up, down, offs, emulate, owner, fast_accum, weight_grad == "fp8")

@@ -165,10 +165,14 @@ class _GatherTokenRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (position,) = ctx.saved_tensors
-        tokens = position.numel() // ctx.k
-        # The sum of each token's k row gradients: the combine with unit weights.
-        ones = torch.ones(tokens, ctx.k, device=grad.device, dtype=torch.float32)
-        return weighted_combine(grad, None, position, ones), None, None, None
+        return sum_token_row_grads(grad, position, ctx.k), None, None, None
+
+
+def sum_token_row_grads(grad: torch.Tensor, position: torch.Tensor, k: int) -> torch.Tensor:
+    """The dispatch gather's backward: each token's gradient, the sum of its k rows' (sorted rows,
+    `position` = inverse of the gather's order): the combine with unit weights, deterministic."""
+    ones = torch.ones(position.numel() // k, k, device=grad.device, dtype=torch.float32)
+    return weighted_combine(grad, None, position, ones)
 
 
 def gather_token_rows(x: torch.Tensor, order: torch.Tensor, position: torch.Tensor, k: int) -> torch.Tensor:
@@ -247,14 +251,17 @@ class LocalDispatcher:
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """x [tokens, hidden] -> (rows sorted by expert [tokens*k, hidden], counts [E] int64, ctx)."""
-        tokens, k = topk_idx.shape
+        order, position, counts = self.sort_by_expert(topk_idx)
+        rows = gather_token_rows(x, order, position, topk_idx.shape[1])
+        return rows, counts, DispatchContext(order, topk_weight, position)
+
+    def sort_by_expert(self, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """topk_idx [tokens, k] -> (order, its inverse `position`, counts [E] int64): sorted row j
+        holds (token, slot) pair order[j] (pair = token * k + slot)."""
         flat = topk_idx.reshape(-1)
         # stable: within an expert, tokens stay in order
         order = torch.argsort(narrow_expert_ids(flat, self.num_experts), stable=True)
-        position = inverse_permutation(order)
-        counts = count_per_expert(flat, self.num_experts)
-        rows = gather_token_rows(x, order, position, k)
-        return rows, counts, DispatchContext(order, topk_weight, position)
+        return order, inverse_permutation(order), count_per_expert(flat, self.num_experts)
 
     def combine(
         self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
