@@ -30,6 +30,21 @@ pytestmark = [
 CUDA = torch.device("cuda")
 
 
+def _moe_block_config():
+    """A one-MoE-block model config with dimensions the FP8 products take."""
+    from nemotron.models.nano3.config import Nano3Config
+
+    return Nano3Config(
+        hybrid_pattern="E",
+        num_layers=1,
+        hidden_size=256,
+        num_experts=16,
+        moe_top_k=4,
+        moe_ffn_hidden_size=128,
+        moe_shared_expert_hidden_size=256,
+    )
+
+
 def _rel(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
@@ -222,18 +237,9 @@ def test_tuned_cast_kernels_give_the_same_values():
 
 
 def test_apply_fp8_on_a_cuda_block_runs_forward_and_backward():
-    from nemotron.models.nano3.config import Nano3Config
     from nemotron.models.nano3.model import Block
 
-    cfg = Nano3Config(
-        hybrid_pattern="E",
-        num_layers=1,
-        hidden_size=256,
-        num_experts=16,
-        moe_top_k=4,
-        moe_ffn_hidden_size=128,
-        moe_shared_expert_hidden_size=256,
-    )
+    cfg = _moe_block_config()
     torch.manual_seed(0)
     ref = Block(cfg, 0).to(CUDA, torch.bfloat16)
     block = Block(cfg, 0).to(CUDA, torch.bfloat16)
@@ -298,20 +304,11 @@ def test_fp8_dispatch_on_cuda_is_bit_identical_to_quantizing_in_the_experts():
     dispatcher, output and every gradient bit for bit."""
     import copy
 
-    from nemotron.models.nano3.config import Nano3Config
     from nemotron.models.nano3.model import Block
     from nemotron.models.nano3.moe import LocalDispatcher
     from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
 
-    cfg = Nano3Config(
-        hybrid_pattern="E",
-        num_layers=1,
-        hidden_size=256,
-        num_experts=16,
-        moe_top_k=4,
-        moe_ffn_hidden_size=128,
-        moe_shared_expert_hidden_size=256,
-    )
+    cfg = _moe_block_config()
     torch.manual_seed(0)
     block = Block(cfg, 0).to(CUDA, torch.bfloat16)
     summary = apply_fp8(block, Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8"), CUDA)

@@ -45,15 +45,23 @@ def _store_rows(x, Q, INV, rows, cols, row_ok, mask, stride_q, fp8_max, eps):
 
 
 @triton.jit
-def _quantize_rows_kernel(
-    X, Q, INV, n_rows, n_cols, stride_x, stride_q, fp8_max, eps,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, RELU2: tl.constexpr,
-):  # fmt: skip
+def _load_rows(X, n_rows, n_cols, stride_x, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS whole rows of X as float32 (zero past the ends), with their indices,
+    the column offsets and the masks."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < n_cols)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, rows, cols, row_ok, mask
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    X, Q, INV, n_rows, n_cols, stride_x, stride_q, fp8_max, eps,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, RELU2: tl.constexpr,
+):  # fmt: skip
+    x, rows, cols, row_ok, mask = _load_rows(X, n_rows, n_cols, stride_x, BLOCK_K, ROWS)
     if RELU2:
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         x = x * x
@@ -92,11 +100,7 @@ def _quantize_rows_to_kernel(
     X, POS, Q, INV, n_rows, n_cols, stride_x, stride_q, fp8_max, eps,
     K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols[None, :] < n_cols)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, rows, cols, row_ok, mask = _load_rows(X, n_rows, n_cols, stride_x, BLOCK_K, ROWS)
     for s in tl.static_range(K):
         dest = tl.load(POS + rows * K + s, mask=row_ok, other=0).to(tl.int64)
         _store_rows(x, Q, INV, dest, cols, row_ok, mask, stride_q, fp8_max, eps)
