@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="train.fp8.experts_weight_grad=fp8 (the routed experts' weight gradients on FP8 operands)",
     )
+    ap.add_argument(
+        "--autotune-casts",
+        action="store_true",
+        help="train.fp8.autotune_casts=true (the compiled linears' cast kernels tuned; same values)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                 layers=layers,
                 experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
                 experts_weight_grad="fp8" if args.experts_wgrad and "experts" in layers else "bf16",
+                autotune_casts=args.autotune_casts,
             ),
         )
         for r in args.recipes.split(",")

@@ -6,7 +6,7 @@
 # shared-expert overlap; fp8t/r/g: train.fp8 with the tensorwise / rowwise / rowwise_with_gw_hp recipe;
 # reuse: train.fp8.reuse_weights=true; ag: train.fp8.fsdp_float8_all_gather=true; xg: train.fp8.experts_fsdp_float8_all_gather=true; xw: train.fp8.experts_weight_grad=fp8; exact: train.fp8.fast_accum=false; at: train.fp8.autotune_casts=true; lmrowsN: train.fp8.lm_head_group_rows=N), numerics-<fp32|bf16>, long,
 # blocks-<kinds>, blocks-fp8, gpu-tests, grad-audit, dynamics (DYN_BLEND=blend.json), fp8-tests, fp8-parity
-# (FP8_BLEND=blend.json, FP8_RECIPES, FP8_EXPERTS_GATHER=1: train.fp8.experts_fsdp_float8_all_gather, FP8_EXPERTS_WGRAD=1: train.fp8.experts_weight_grad=fp8, FP8_LAYERS a comma list of train.fp8.layers for the fp8 stages: train-*
+# (FP8_BLEND=blend.json, FP8_RECIPES, FP8_EXPERTS_GATHER=1: train.fp8.experts_fsdp_float8_all_gather, FP8_EXPERTS_WGRAD=1: train.fp8.experts_weight_grad=fp8, FP8_AUTOTUNE_CASTS=1: train.fp8.autotune_casts=true, FP8_LAYERS a comma list of train.fp8.layers for the fp8 stages: train-*
 # default to train.fp8's (dense), blocks-fp8 and fp8-parity to all));
 # FP8 needs torchao (carried as a wheel like omegaconf); results and logs go to $OUT (default
 # ./bench_out).
@@ -63,7 +63,7 @@ for stage in "$@"; do
       python3 benchmarks/train_dynamics.py --compare $OUT/dyn_*.json --out $OUT/dyn_compare.json ;;
     blocks-fp8) timeout 300 python3 benchmarks/blocks.py --profile --profile-top ${PROFILE_TOP:-15} --paths fast,fast-overlap --fp8 ${FP8_RECIPES:-tensorwise,rowwise} ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} --warmup 2 --iters 5 --out $OUT/blocks-fp8.json --append-row $OUT/rows.md ;;
     fp8-tests)  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu_fp8.py tests/train/test_fp8.py ;;
-    fp8-parity) timeout 400 python3 benchmarks/fp8_loss_parity.py --blend "$FP8_BLEND" --recipes ${FP8_RECIPES:-tensorwise} --steps ${PARITY_STEPS:-300} --seq 2048 ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} ${FP8_EXPERTS_GATHER:+--experts-gather} ${FP8_EXPERTS_WGRAD:+--experts-wgrad} --out $OUT/fp8-parity.json ;;
+    fp8-parity) timeout 400 python3 benchmarks/fp8_loss_parity.py --blend "$FP8_BLEND" --recipes ${FP8_RECIPES:-tensorwise} --steps ${PARITY_STEPS:-300} --seq 2048 ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS} ${FP8_EXPERTS_GATHER:+--experts-gather} ${FP8_EXPERTS_WGRAD:+--experts-wgrad} ${FP8_AUTOTUNE_CASTS:+--autotune-casts} --out $OUT/fp8-parity.json ;;
     numerics-*) timeout 200 $TT --params "${stage#numerics-}" --steps 0 --warmup 0 --no-profile --check-numerics 3 --out $OUT/$stage.json ;;
     long)       timeout 300 python3 benchmarks/long_context.py --seqs "${LONG_SEQS:-32768,65536,131072,262144}" --steps "${LONG_STEPS:-2}" --out $OUT/long.json --append-row $OUT/rows.md ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -629,6 +629,19 @@ def test_fp8_experts_wgrad_option_reaches_the_experts():
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
     argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0"]
     with_key, without = parity.main([*argv, "--experts-wgrad"]), parity.main(argv)
-    assert with_key["args"]["experts_wgrad"]
+    assert with_key["args"]["experts_wgrad"] and not with_key["args"]["autotune_casts"]
     a, b = with_key["runs"]["fp8-tensorwise"]["losses"], without["runs"]["fp8-tensorwise"]["losses"]
     assert a[0] == b[0] and a[1] != b[1]
+
+
+def test_fp8_autotune_casts_option_reaches_the_config():
+    """`--fp8-autotune-casts` (train_throughput) and `--autotune-casts` (fp8_loss_parity):
+    train.fp8.autotune_casts=true, named in the run; on CPU nothing is compiled, so the losses
+    are those without it (and on a GPU only kernel launch configurations change)."""
+    tuned, plain = _tiny_fp8_experts_run("--fp8-autotune-casts"), _tiny_fp8_experts_run()
+    assert tuned["name"] == "fp8-tensorwise[experts] autotune_casts"
+    assert tuned["losses"] == plain["losses"] and len(plain["losses"]) == 2
+    parity = load("fp8_loss_parity")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
+    argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0", "--autotune-casts"]
+    assert parity.main(argv)["args"]["autotune_casts"]
