@@ -1232,3 +1232,25 @@ def test_autotune_casts_reaches_every_compiled_linear(monkeypatch, tuned):
     assert all(kw == {"dynamic": False, "options": want} for kw in compiled)
     problems = dict(check_fp8_config(Fp8Config(autotune_casts=True, compile=False), "bf16", 1))
     assert "needs train.fp8.compile=true" in problems["train.fp8.autotune_casts"]
+
+
+@pytest.mark.timeout(300)
+def test_fp8_dispatch_under_torch_compile_moves_bf16_rows():
+    """Under `torch.compile` (`train.compile`) the FP8 dispatcher hands over BF16 rows, as the
+    model's does (the compiler does not trace the `Fp8Rows` made inside an autograd function):
+    the compiled MoE's output and gradients equal the compiled MoE with the model's dispatcher."""
+    from nemotron.models.nano3.moe import LocalDispatcher
+
+    moe, _ = _fp8_moe("fp8")
+    plain = copy.deepcopy(moe)
+    plain.dispatcher = LocalDispatcher(moe.router.num_experts)
+    x0 = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(8))
+    results = []
+    for module in (moe, plain):
+        x = x0.clone().requires_grad_(True)
+        y, aux = torch.compile(module)(x)
+        (y.square().mean() + aux).backward()
+        results.append((y, x.grad, [p.grad for p in module.parameters()]))
+    (y8, dx8, g8), (y, dx, g) = results
+    assert torch.equal(y8, y) and torch.equal(dx8, dx)
+    assert all(torch.equal(a, b) for a, b in zip(g8, g, strict=True))

@@ -71,7 +71,11 @@ class Fp8LocalDispatcher(LocalDispatcher):
     def dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """x [tokens, hidden] -> (`Fp8Rows` sorted by expert [tokens*k, hidden], counts, ctx)."""
+        """x [tokens, hidden] -> (`Fp8Rows` sorted by expert [tokens*k, hidden], counts, ctx);
+        under `torch.compile` (`train.compile`) the BF16 rows of `LocalDispatcher`: the compiler
+        does not trace the `Fp8Rows` subclass made inside an autograd function (same values)."""
+        if torch.compiler.is_compiling():
+            return super().dispatch(x, topk_idx, topk_weight)
         order, position, counts = self.sort_by_expert(topk_idx)
         rows = gather_fp8_token_rows(x, position, topk_idx.shape[1])
         return rows, counts, DispatchContext(order, topk_weight, position)
@@ -79,6 +83,9 @@ class Fp8LocalDispatcher(LocalDispatcher):
     def combine(
         self, expert_out: torch.Tensor, ctx: DispatchContext, add: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`LocalDispatcher.combine`; the experts' output gradient comes back as an `Fp8Rows`."""
+        """`LocalDispatcher.combine`; the experts' output gradient comes back as an `Fp8Rows`
+        (BF16 under `torch.compile`, as `dispatch`)."""
+        if torch.compiler.is_compiling():
+            return super().combine(expert_out, ctx, add)
         position = ctx.position if ctx.position is not None else inverse_permutation(ctx.order)
         return weighted_combine(expert_out, ctx.order, position, ctx.topk_weight, add, row_grad_fp8=True)
