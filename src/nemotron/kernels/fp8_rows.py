@@ -64,14 +64,6 @@ class Fp8Rows(torch.Tensor):
 
         return func(*tree_map(plain, args), **tree_map(plain, kwargs))
 
-    # torch.compile traces through a subclass by its inner tensors and its metadata
-    def __tensor_flatten__(self) -> tuple[list[str], torch.dtype]:
-        return ["q", "inv"], self.dtype
-
-    @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], dtype: torch.dtype, outer_size, outer_stride):
-        return Fp8Rows(inner["q"], inner["inv"], dtype)
-
 
 _ALIASES = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
 _VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
