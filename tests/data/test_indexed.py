@@ -162,6 +162,9 @@ CORRUPTIONS = {
     "negative length": (lambda p: _patch_index(p, "length", 1, -2), "sequence 1 has negative length -2"),
     "length past the end": (lambda p: _patch_index(p, "length", 2, 400), "ends past the end of"),
     "offset past the end": (lambda p: _patch_index(p, "pointer", 2, 1 << 40), "ends past the end of"),
+    # An offset near 2**63 makes offset + length overflow to a negative end: the sequence
+    # passed as inside the .bin and read back empty.
+    "offset overflows": (lambda p: _patch_index(p, "pointer", 2, (1 << 63) - 2), "ends past the end of"),
     "offsets decrease": (lambda p: _patch_index(p, "pointer", 2, 2), "not a non-decreasing"),
     "odd offset": (lambda p: _patch_index(p, "pointer", 1, 7), "not a non-decreasing multiple"),
     "document indices": (lambda p: _patch_index(p, "document", 3, 2), "document indices"),

@@ -297,8 +297,9 @@ class IndexedDataset:
                     f"{index_file}: sequence {i} starts at byte offset {int(pointers[bad[0]])}, "
                     "not a non-decreasing multiple of the token size"
                 )
-            ends = pointers + lengths * itemsize
-            bad = np.flatnonzero(ends > data_size)
+            # Compared as room left after the offset, never as offset + bytes: an offset near
+            # 2**63 would overflow the sum to a negative "end" and pass for a sequence inside.
+            bad = np.flatnonzero((pointers > data_size) | (lengths * itemsize > data_size - pointers))
             if bad.size:
                 i = start + int(bad[0])
                 raise IndexedDatasetError(
