@@ -9,7 +9,7 @@ import pytest
 
 from nemotron.data.blended import build_blending_indices
 from nemotron.data.gpt_dataset import GPTDataset, GPTDatasetError, build_split_dataset
-from nemotron.data.indexed import IndexedDatasetWriter
+from nemotron.data.indexed import IndexedDatasetError, IndexedDatasetWriter
 
 
 def write_dataset(prefix, docs, dtype=np.uint16):
@@ -148,3 +148,125 @@ def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():
     assert list(zip(dataset_index.tolist(), sample_index.tolist())) == [
         ({0: 1, 1: 3}[d], k) for d, k in without
     ]
+
+
+def megatron_walk(docs, num_samples, seq_length, seed):
+    """(document_index, sample_index, shuffle_index) built the way Megatron-Core 0.16.1's
+    GPTDataset does, step by step (its Python epoch loop, its C++ sample walk with the extra
+    token): a second reference, written apart from `direct_samples`, that also pins the arrays."""
+    sizes = [len(d) for d in docs]
+    tokens = sum(sizes)
+    epochs, total = 1, tokens
+    while total < num_samples * seq_length + 1:
+        epochs, total = epochs + 1, total + tokens
+    separate = False
+    if epochs > 1:
+        sans_final = ((epochs - 1) * tokens - 1) // seq_length
+        per_epoch = (tokens - 1) // seq_length
+        separate = num_samples - sans_final < int(0.80 * per_epoch)
+    rng = np.random.RandomState(seed)
+
+    def doc_index(copies):
+        index = np.mgrid[0:copies, 0 : len(docs)][1].reshape(-1).astype(np.int32)
+        rng.shuffle(index)
+        return index
+
+    document_index = np.concatenate([doc_index(epochs - 1), doc_index(1)]) if separate else doc_index(epochs)
+    count = (epochs * tokens - 1) // seq_length
+    sample_index = [(0, 0)]
+    position, offset = 0, 0
+    for _ in range(count):
+        remaining = seq_length + 1
+        while remaining:
+            length = sizes[document_index[position]] - offset
+            remaining -= length
+            if remaining <= 0:
+                offset += remaining + length - 1
+                remaining = 0
+            else:
+                position, offset = position + 1, 0
+        sample_index.append((position, offset))
+
+    def shuffle(stop, start=0):
+        index = np.arange(start, stop, dtype=np.uint32)
+        rng.shuffle(index)
+        return index
+
+    shuffle_index = (
+        np.concatenate([shuffle(sans_final), shuffle(count, sans_final)]) if separate else shuffle(count)
+    )
+    return document_index, np.asarray(sample_index, dtype=np.int64), shuffle_index, separate
+
+
+def megatron_sample(docs, document_index, sample_index, j):
+    (beg, beg_offset), (end, end_offset) = sample_index[j], sample_index[j + 1]
+    if beg == end:
+        return list(docs[document_index[beg]][beg_offset : end_offset + 1])
+    parts = list(docs[document_index[beg]][beg_offset:])
+    for k in range(beg + 1, end):
+        parts += list(docs[document_index[k]])
+    return parts + list(docs[document_index[end]][: end_offset + 1])
+
+
+CORNERS = {
+    # name: (documents, seq_length, num_samples)
+    "one document, many epochs": ([list(range(1, 11))], 3, 50),
+    "seq_length longer than every document": ([[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]], 6, 9),
+    # Fewer tokens than one sample: Megatron reads the dataset over several epochs (a sample
+    # spans them); this was refused before. E.g. a valid split holding one short document.
+    "dataset shorter than one sample": ([[1, 2, 3]], 5, 2),
+    "documents shorter, some empty": ([[1], [], [2, 3], [4], []], 16, 7),
+    "one token": ([[7]], 2, 3),
+    # 10 x 10 tokens, seq 4: 24 samples per epoch, 24 before the 2nd epoch; the last epoch is
+    # apart when it gives fewer than int(0.8 * 24) = 19 samples: 42 is apart, 43 is not.
+    "final epoch just apart": ([list(range(10 * k, 10 * k + 10)) for k in range(10)], 4, 42),
+    "final epoch just not apart": ([list(range(10 * k, 10 * k + 10)) for k in range(10)], 4, 43),
+    "many epochs, last apart": ([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 2, 100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORNERS))
+def test_gpt_dataset_corners_match_megatrons_walk(tmp_path, name):
+    docs, seq_length, num_samples = CORNERS[name]
+    write_dataset(tmp_path / "shard", docs)
+    ds = GPTDataset(str(tmp_path / "shard"), num_samples, seq_length, 17, tmp_path / "cache")
+    document_index, sample_index, shuffle_index, separate = megatron_walk(docs, num_samples, seq_length, 17)
+    assert ds.separate_final_epoch == separate
+    np.testing.assert_array_equal(ds.document_index, document_index)
+    np.testing.assert_array_equal(ds.sample_index, sample_index)
+    np.testing.assert_array_equal(ds.shuffle_index, shuffle_index)
+    assert len(ds) == len(shuffle_index) >= num_samples
+    for i in range(len(ds)):
+        expected = megatron_sample(docs, document_index, sample_index, int(shuffle_index[i]))
+        assert ds.sample_tokens(i).tolist() == expected, i
+    if name.startswith("final epoch"):
+        assert separate == (name == "final epoch just apart")
+
+
+def test_empty_dataset_is_an_error_naming_it(tmp_path):
+    write_dataset(tmp_path / "shard", [[], []])
+    with pytest.raises(GPTDatasetError, match=r"shard has no tokens"):
+        GPTDataset(str(tmp_path / "shard"), 4, 8, 1, tmp_path / "cache")
+
+
+def test_rewritten_shard_with_the_same_sizes_does_not_reuse_stale_indices(tmp_path):
+    # Same document count, token count and .bin size, other lengths: the cached indices of the
+    # first shard point into the wrong documents of the second (before: an IndexError, or
+    # silently other samples).
+    first, second = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], [[10], [1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    write_dataset(tmp_path / "shard", first)
+    GPTDataset(str(tmp_path / "shard"), 3, 2, 0, tmp_path / "cache")
+    write_dataset(tmp_path / "shard", second)
+    ds = GPTDataset(str(tmp_path / "shard"), 3, 2, 0, tmp_path / "cache")
+    expected = direct_samples(second, 3, 2, 0)
+    assert [ds.sample_tokens(i).tolist() for i in range(len(ds))] == [e.tolist() for e in expected]
+
+
+def test_float_token_file_is_refused_naming_it(tmp_path):
+    # The indexed format has float codes; read as tokens their values would be truncated to ids
+    # (and pass the vocabulary check).
+    write_dataset(tmp_path / "shard", [[1.5, 2.25, 3.0, 4.0]], dtype=np.float32)
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", str(tmp_path / "shard")]}))
+    with pytest.raises(IndexedDatasetError, match=r"shard\.idx: dtype float32 is not a token dtype"):
+        build_split_dataset(blend, "train", 1, 2, 0, tmp_path / "cache", vocab_size=100)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemotron.data.indexed import IndexedDataset
+from nemotron.data.indexed import IndexedDataset, IndexedDatasetError
 from nemotron.data.mapped import PicklesByReference
 from nemotron.utils.fs import atomic_path, atomic_write_text
 
@@ -196,8 +196,16 @@ def cached_arrays(
 
 def open_indexed(prefix: str, vocab_size: int | None = None):
     """The indexed dataset of `prefix`, validated at open; with `vocab_size`, every sequence
-    read is checked to hold ids inside the vocabulary (error naming the file otherwise)."""
-    return IndexedDataset(prefix, vocab_size=vocab_size)
+    read is checked to hold ids inside the vocabulary (error naming the file otherwise).
+
+    Token files hold integers: the indexed format also has float codes (6, 7), whose values
+    would be truncated to token ids without a word (and pass the vocabulary check)."""
+    dataset = IndexedDataset(prefix, vocab_size=vocab_size)
+    if not np.issubdtype(dataset.dtype, np.integer):
+        raise IndexedDatasetError(
+            f"{dataset.prefix}.idx: dtype {dataset.dtype} is not a token dtype (token files hold integers)"
+        )
+    return dataset
 
 
 def sample_dict(tokens: np.ndarray) -> dict[str, torch.Tensor]:
@@ -227,11 +235,10 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         self.seq_length = seq_length
         sequence_lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
         tokens_per_epoch = int(sequence_lengths.sum())
-        if tokens_per_epoch < seq_length + 1:
-            raise GPTDatasetError(
-                f"dataset {self.prefix} has {tokens_per_epoch} tokens, fewer than one sample "
-                f"of seq_length {seq_length} + 1"
-            )
+        # A dataset shorter than one sample is read over several epochs, as Megatron does (a
+        # sample then spans epochs): e.g. a valid split holding one short document.
+        if tokens_per_epoch == 0:
+            raise GPTDatasetError(f"dataset {self.prefix} has no tokens: it cannot make a sample")
         self.num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
         bin_path = Path(self.prefix + ".bin")
         self.description = {
@@ -241,6 +248,9 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             "bin_bytes": bin_path.stat().st_size,
             "num_sequences": len(sequence_lengths),
             "num_tokens": tokens_per_epoch,
+            # The indices depend on every document's length, not only on the totals: a
+            # rewritten shard with the same sizes but other lengths must not reuse them.
+            "lengths_sha256": hashlib.sha256(memoryview(self.indexed.sequence_lengths)).hexdigest(),
             "split": split,
             "num_samples": num_samples,
             "seq_length": seq_length,
