@@ -95,6 +95,34 @@ def test_file_level_errors(tmp_path):
         parse_blend({"datasets": []}, "b.json")
 
 
+def test_unreadable_blend_files_are_one_error_naming_them(tmp_path):
+    # Before: a bare UnicodeDecodeError (no file named) and IsADirectoryError.
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"datasets": [\n {"name": "caf\xe9"}]}')
+    with pytest.raises(BlendError, match=r"latin.json: not UTF-8 text at line 2"):
+        load_blend(latin)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(BlendError, match=r"blend file .*dir cannot be read"):
+        load_blend(tmp_path / "dir")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BlendError, match=r"deep.json: invalid JSON"):
+        load_blend(deep)
+    # A byte-order mark is not content.
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"datasets": [GOOD]}).encode())
+    assert [e.name for e in load_blend(bom)] == [GOOD["name"]]
+
+
+def test_weights_summing_to_infinity_are_refused(tmp_path):
+    # Each weight is finite, their sum is not: every share would normalise to 0, and prep
+    # failed with a ZeroDivisionError after tokenizing the whole input.
+    huge = [dict(GOOD, name="a", weight=1e308), dict(GOOD, name="b", weight=1e308)]
+    with pytest.raises(BlendError, match=r"weights sum to inf: scale them down") as info:
+        load_blend(_write(tmp_path, huge))
+    assert str(tmp_path) in str(info.value)
+
+
 def test_shard_weights_follow_dataset_weight_not_shard_count():
     shards = [ShardWeight("a", f"a_{i}", 100) for i in range(128)] + [ShardWeight("b", "b_0", 50)]
     weighted = shard_weights({"a": 0.5, "b": 0.5}, shards)

@@ -138,6 +138,26 @@ def test_blend_errors_name_file_and_entry(tmp_path):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
 
 
+def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
+    write_dataset(tmp_path / "a", [[1, 2, 3, 4]])
+    blend = tmp_path / "blend.json"
+    cases = [
+        # (file bytes, words of the error); before: a bare UnicodeDecodeError, "weight nan is
+        # negative", and weights summing to infinity gave an empty blend.
+        (b'{"train": ["1", "a"],\n "valid": ["\xff", "a"]}', r"blend.json: not UTF-8 text at line 2"),
+        (b'{"train": ["1", "a",]}', r"blend.json: invalid JSON at line 1 column 21"),
+        (b'{"train": ["nan", "a"]}', r"train\[0\] weight 'nan' is not a finite number >= 0"),
+        (b'{"train": ["-1", "a"]}', r"train\[0\] weight '-1' is not a finite number >= 0"),
+        (b'{"train": [1e308, "a", 1e308, "a"]}', r"the 'train' weights sum to infinity"),
+        (b'{"train": ["1", "a", "2"]}', r"non-empty list of weight, prefix pairs"),
+        (b'{"train": []}', r"non-empty list of weight, prefix pairs"),
+    ]
+    for raw, words in cases:
+        blend.write_bytes(raw)
+        with pytest.raises(GPTDatasetError, match=words):
+            build_split_dataset(blend, "train", 1, 2, 0, tmp_path / "cache")
+
+
 def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():
     # Megatron rejects a zero weight; here its entry is left out of the rule. Before, a leading
     # zero weight won the tie at i = 1 and a sample was read from a dataset never built.

@@ -180,23 +180,40 @@ def parse_blend(data: Any, source: str = "<blend>") -> Blend:
                 raise BlendError(f"{label}: field 'split' leaves no training documents (valid + test >= 1)")
             optional["valid_fraction"], optional["test_fraction"] = float(valid), float(test)
         entries.append(BlendEntry(name=name, path=path, weight=weight, **optional))
+    total = sum(entry.weight for entry in entries)
+    if not math.isfinite(total):
+        # Normalising by an infinite sum would make every share 0 (then a division by zero
+        # after the whole input was tokenized).
+        raise BlendError(f"{source}: the weights sum to {total}: scale them down (only their ratios matter)")
     return Blend(entries=tuple(entries), source=source)
+
+
+def read_json_file(path: Path, error: type[Exception]) -> Any:
+    """The parsed JSON of a blend file (raw or per-split); any failure is one ``error`` naming
+    the file: missing, unreadable (a directory), not UTF-8, or invalid JSON (with its line)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"blend file not found: {path}") from None
+    except OSError as failure:
+        raise error(f"blend file {path} cannot be read: {failure.strerror or failure}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (some editors write one) is not JSON
+    except UnicodeDecodeError as failure:
+        line = raw[: failure.start].count(b"\n") + 1
+        raise error(f"{path}: not UTF-8 text at line {line} (byte {failure.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as failure:
+        raise error(f"{path}: invalid JSON at line {failure.lineno} column {failure.colno}: {failure.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def load_blend(path: str | os.PathLike) -> Blend:
     """Read and validate a ``data_blend_raw.json`` file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BlendError(f"blend file not found: {path}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BlendError(
-            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
-    return parse_blend(data, source=str(path))
+    return parse_blend(read_json_file(path, BlendError), source=str(path))
 
 
 @dataclass

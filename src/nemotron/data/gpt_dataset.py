@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemotron.data.blend import read_json_file
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetError
 from nemotron.data.mapped import PicklesByReference
 from nemotron.utils.fs import atomic_path, atomic_write_text
@@ -324,12 +325,7 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
     path = Path(blend_json_path)
     if split not in SPLITS:
         raise GPTDatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-    try:
-        blend = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GPTDatasetError(f"blend file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise GPTDatasetError(f"blend file {path} is not valid JSON: {e}") from None
+    blend = read_json_file(path, GPTDatasetError)
     if not isinstance(blend, dict) or split not in blend:
         raise GPTDatasetError(f"blend file {path} has no {split!r} split")
     entries = blend[split]
@@ -347,7 +343,9 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
                 f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a number"
             ) from None
         if not math.isfinite(weight) or weight < 0:
-            raise GPTDatasetError(f"blend file {path}: {split}[{k}] weight {weight} is negative")
+            raise GPTDatasetError(
+                f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a finite number >= 0"
+            )
         prefix = Path(str(raw_prefix))
         if not prefix.is_absolute():
             beside = path.parent / prefix
@@ -362,6 +360,9 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
         prefixes.append(str(prefix))
     if sum(weights) <= 0:
         raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to zero")
+    if not math.isfinite(sum(weights)):
+        # Normalised by an infinite sum every weight would be 0: an empty blend.
+        raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to infinity")
     return weights, prefixes
 
 
