@@ -130,6 +130,47 @@ def test_bad_records_are_classified_with_locations(tmp_path):
     assert set(lines) <= {2, 3, 4, 5, 7, 8}
 
 
+def test_hostile_records_are_counted_with_their_line(tmp_path):
+    # A line nested deeper than the JSON parser's recursion limit raised a bare RecursionError
+    # that ended the prep naming neither file nor line; it is a malformed record like any other.
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "one"}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"text": "two"}\n')
+    records = list(src.iter_records(src.plan_source(str(path)).pieces[0], "text"))
+    assert [(r.text, r.bad_kind, r.location) for r in records] == [
+        ("one", None, (str(path), 1)),
+        (None, src.MALFORMED_JSON, (str(path), 2)),
+        ("two", None, (str(path), 3)),
+    ]
+
+
+def test_byte_order_mark_opening_a_file_is_not_part_of_the_first_record(tmp_path):
+    # Before: the first record of a jsonl file saved with a BOM was counted as malformed JSON,
+    # and a .txt document began with U+FEFF.
+    docs = ["first doc", "second doc"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa text file")
+    assert _texts(src.plan_source(str(tmp_path / "bom.jsonl"))) == docs
+    assert _texts(src.plan_source(str(tmp_path / "bom.txt"))) == ["a text file"]
+    # Only at the start of the file: a BOM inside a later line is that line's problem.
+    (tmp_path / "mid.jsonl").write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    kinds = [r.bad_kind for r in src.iter_records(src.plan_source(str(tmp_path / "mid.jsonl")).pieces[0], "text")]
+    assert kinds == [None, src.MALFORMED_JSON]
+
+
+def test_corrupt_parquet_data_is_an_error_naming_the_file(tmp_path):
+    # The footer is intact (the plan reads it), a data page is not: pyarrow's own error
+    # ("OSError: Corrupt snappy compressed data.") named no file.
+    path = tmp_path / "corrupt.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i}" for i in range(4000)]}), path, row_group_size=1000)
+    raw = bytearray(path.read_bytes())
+    raw[2000:6000] = b"A" * 4000
+    path.write_bytes(bytes(raw))
+    pieces = src.plan_source(str(path)).pieces
+    with pytest.raises(src.SourceError, match=r"corrupt.parquet: unreadable at row \d+"):
+        for piece in pieces:
+            list(src.iter_records(piece, "text"))
+
+
 def test_source_errors_name_the_path(tmp_path):
     with pytest.raises(src.SourceError, match="not found"):
         src.plan_source(str(tmp_path / "missing.jsonl"))

@@ -369,9 +369,11 @@ def _iter_jsonl(piece: Piece, text_field: str) -> Iterator[Record]:
                 except UnicodeDecodeError:
                     yield Record(None, location, NON_UTF8)
                     continue
+                if line_start == 0 and decoded.startswith("\ufeff"):
+                    decoded = decoded[1:]  # a byte-order mark opening the file is not the record's
                 try:
                     row = json.loads(decoded)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested too deeply
                     yield Record(None, location, MALFORMED_JSON)
                     continue
                 if not isinstance(row, dict):
@@ -385,8 +387,15 @@ def _iter_jsonl(piece: Piece, text_field: str) -> Iterator[Record]:
 def _iter_parquet(piece: Piece, text_field: str) -> Iterator[Record]:
     import pyarrow.parquet as pq  # ~1 s to import (see the module docstring): parquet only
 
+    import pyarrow as pa
+
     path = piece.files[0]
-    parquet = pq.ParquetFile(path)
+    # pyarrow's errors (corrupt pages: "OSError: Corrupt snappy compressed data.") name no file.
+    unreadable = (OSError, ValueError, pa.ArrowException)
+    try:
+        parquet = pq.ParquetFile(path)
+    except unreadable as error:
+        raise SourceError(f"{path}: not a readable parquet file: {error}") from error
     if text_field not in parquet.schema_arrow.names:
         raise SourceError(
             f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})"
@@ -394,10 +403,13 @@ def _iter_parquet(piece: Piece, text_field: str) -> Iterator[Record]:
     row = sum(parquet.metadata.row_group(g).num_rows for g in range(piece.start))
     assert piece.end is not None  # parquet pieces always carry their row-group range
     groups = list(range(piece.start, piece.end))
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            yield _check_text(text, (path, "row", row))
-            row += 1
+    try:
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                yield _check_text(text, (path, "row", row))
+                row += 1
+    except unreadable as error:
+        raise SourceError(f"{path}: unreadable at row {row}: {error}") from error
 
 
 def _iter_txt(piece: Piece) -> Iterator[Record]:
@@ -407,7 +419,7 @@ def _iter_txt(piece: Piece) -> Iterator[Record]:
         except OSError as error:
             raise SourceError(f"{path}: cannot read: {error}") from error
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark is not text
         except UnicodeDecodeError:
             yield Record(None, (path, 1), NON_UTF8)
             continue
