@@ -241,6 +241,53 @@ def _plan_datasets(cfg: DataPrepConfig, blend: Blend, base_dir: Path) -> list[_D
     return plans
 
 
+def _owned_by_output(path: Path, output_dir: Path) -> bool:
+    """Whether `path` is one of the files a build writes or replaces in `output_dir`."""
+    if path in (output_dir / "blend.json", output_dir / "metadata.json"):
+        return True
+    return any(path.is_relative_to(output_dir / part) for part in (*SPLITS, WORK_DIR))
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataPrepError(f"output_dir {output_dir} is a file, not a directory")
+
+
+def _check_output_apart(
+    output_dir: Path, blend: Blend, blend_path: Path, base_dir: Path, plans: list[_DatasetPlan]
+) -> None:
+    """The output must not overlap the input: a build replaces `blend.json` and
+    `metadata.json` in `output_dir` (a blend definition of that name there was deleted), and a
+    directory source containing `output_dir` reads the previous build's JSON files (and
+    `.work/`) as records on the next run."""
+    if _owned_by_output(blend_path, output_dir):
+        raise DataPrepError(
+            f"the blend definition {blend_path} is a file data prep writes in output_dir "
+            f"{output_dir}: it would be replaced; choose another output_dir"
+        )
+    for plan in plans:
+        where = f"{blend.source}: dataset {plan.entry.name!r}"
+        for info in plan.source.description.get("files", ()):
+            if _owned_by_output(Path(info["path"]).resolve(), output_dir):
+                raise DataPrepError(
+                    f"{where}: source file {info['path']} is part of the output in {output_dir}; "
+                    "choose another output_dir"
+                )
+        spec = plan.entry.path
+        if spec.startswith(src.HUB_SCHEME):
+            directory = Path(spec[len(src.HUB_SCHEME) :]) if spec.startswith(src.HUB_SCHEME + "/") else None
+        else:
+            directory = Path(spec).expanduser()
+            if not directory.is_absolute():
+                directory = base_dir / directory  # as the source resolves it
+        if directory is not None and directory.is_dir() and output_dir.is_relative_to(directory.resolve()):
+            raise DataPrepError(
+                f"{where}: output_dir {output_dir} is inside (or is) its source directory "
+                f"{directory.resolve()}, so the output would be read as input on the next run; "
+                "choose an output_dir outside it"
+            )
+
+
 def _fingerprint(cfg: DataPrepConfig, plans: list[_DatasetPlan], tokenizer_identity: str) -> str:
     payload = {
         "format_version": FORMAT_VERSION,
@@ -1077,6 +1124,7 @@ def run_data_prep(
     started, cpu_started = time.monotonic(), time.process_time()
     _validate_config(cfg)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
+    _check_output_dir(output_dir)
     emit = _Emitter(progress, started)
     if not task.leader:
         return _follow(cfg, output_dir, task, emit, started)
@@ -1101,8 +1149,9 @@ def _lead(
     base_dir = Path(recipe_dir) if recipe_dir is not None else blend_path.parent
 
     emit("plan", message=f"planning {len(blend)} datasets")
-    _finish_pending_swaps(output_dir)
     plans = _plan_datasets(cfg, blend, base_dir)
+    _check_output_apart(output_dir, blend, blend_path, base_dir, plans)
+    _finish_pending_swaps(output_dir)
     resolved = resolve_tokenizer(cfg.tokenizer)
     tokenizer = Tokenizer(resolved)
     fingerprint = _fingerprint(cfg, plans, tokenizer.identity())
