@@ -132,7 +132,9 @@ def test_output_overlapping_the_input_is_refused_before_anything_is_written(proj
     # The blend definition is named blend.json and output_dir is its directory: the swap
     # replaced the user's blend definition by the per-split blend.json (the next run failed on it).
     result = _prep(f"output_dir={project}")
-    _assert_one_line_error(result, f"the blend definition {project / 'blend.json'}", "choose another output_dir")
+    _assert_one_line_error(
+        result, f"the blend definition {project / 'blend.json'}", "choose another output_dir"
+    )
     assert (project / "blend.json").read_bytes() == blend_bytes
     assert not (project / "metadata.json").exists() and not (project / "train").exists()
     # A directory source containing output_dir: the next run read the previous build's
@@ -141,7 +143,9 @@ def test_output_overlapping_the_input_is_refused_before_anything_is_written(proj
     blend["datasets"][0]["path"] = "."
     (project / "dirsource.json").write_text(json.dumps(blend))
     result = _prep("blend_path=dirsource.json")
-    _assert_one_line_error(result, "dataset 'web'", f"output_dir {project / 'out'} is inside (or is) its source")
+    _assert_one_line_error(
+        result, "dataset 'web'", f"output_dir {project / 'out'} is inside (or is) its source"
+    )
     assert not (project / "out").exists()
     # An output_dir that is a file: was a NotADirectoryError on a path under it.
     (project / "afile").write_text("keep me\n")

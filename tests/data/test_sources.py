@@ -147,13 +147,17 @@ def test_byte_order_mark_opening_a_file_is_not_part_of_the_first_record(tmp_path
     # Before: the first record of a jsonl file saved with a BOM was counted as malformed JSON,
     # and a .txt document began with U+FEFF.
     docs = ["first doc", "second doc"]
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    (tmp_path / "bom.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    )
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa text file")
     assert _texts(src.plan_source(str(tmp_path / "bom.jsonl"))) == docs
     assert _texts(src.plan_source(str(tmp_path / "bom.txt"))) == ["a text file"]
     # Only at the start of the file: a BOM inside a later line is that line's problem.
     (tmp_path / "mid.jsonl").write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
-    kinds = [r.bad_kind for r in src.iter_records(src.plan_source(str(tmp_path / "mid.jsonl")).pieces[0], "text")]
+    kinds = [
+        r.bad_kind for r in src.iter_records(src.plan_source(str(tmp_path / "mid.jsonl")).pieces[0], "text")
+    ]
     assert kinds == [None, src.MALFORMED_JSON]
 
 
@@ -161,7 +165,9 @@ def test_corrupt_parquet_data_is_an_error_naming_the_file(tmp_path):
     # The footer is intact (the plan reads it), a data page is not: pyarrow's own error
     # ("OSError: Corrupt snappy compressed data.") named no file.
     path = tmp_path / "corrupt.parquet"
-    pq.write_table(pa.table({"text": [f"document number {i}" for i in range(4000)]}), path, row_group_size=1000)
+    pq.write_table(
+        pa.table({"text": [f"document number {i}" for i in range(4000)]}), path, row_group_size=1000
+    )
     raw = bytearray(path.read_bytes())
     raw[2000:6000] = b"A" * 4000
     path.write_bytes(bytes(raw))

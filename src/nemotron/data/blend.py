@@ -205,7 +205,9 @@ def read_json_file(path: Path, error: type[Exception]) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as failure:
-        raise error(f"{path}: invalid JSON at line {failure.lineno} column {failure.colno}: {failure.msg}") from None
+        raise error(
+            f"{path}: invalid JSON at line {failure.lineno} column {failure.colno}: {failure.msg}"
+        ) from None
     except RecursionError:
         raise error(f"{path}: invalid JSON (nested too deeply)") from None
 

@@ -385,9 +385,8 @@ def _iter_jsonl(piece: Piece, text_field: str) -> Iterator[Record]:
 
 
 def _iter_parquet(piece: Piece, text_field: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq  # ~1 s to import (see the module docstring): parquet only
-
     import pyarrow as pa
+    import pyarrow.parquet as pq  # ~1 s to import (see the module docstring): parquet only
 
     path = piece.files[0]
     # pyarrow's errors (corrupt pages: "OSError: Corrupt snappy compressed data.") name no file.
