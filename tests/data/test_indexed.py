@@ -204,3 +204,41 @@ def test_token_ids_are_checked_against_the_vocabulary(tmp_path):
 
     with pytest.raises(IndexedDatasetError):
         pickle.loads(pickle.dumps(dataset))[2]
+
+
+def test_rewriting_a_prefix_never_pairs_the_new_bin_with_the_old_idx(tmp_path, monkeypatch):
+    # A writer stopped between its two renames (here: the .idx rename fails) over an existing
+    # prefix left the new .bin beside the old .idx: it opened, validated (the new .bin is
+    # longer) and read the new tokens through the old index.
+    import os
+
+    prefix = tmp_path / "p"
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        writer.add_document([1, 2, 3])
+    real_replace = os.replace
+
+    def replace(source, target):
+        if str(target).endswith(".idx"):
+            raise OSError("killed between the renames")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    writer = IndexedDatasetWriter(prefix, np.uint16)
+    writer.add_document([9, 9, 9, 9, 9])
+    with pytest.raises(OSError, match="killed"):
+        writer.finalize()
+    assert not (tmp_path / "p.idx").exists()  # unfinished, not the old index over new data
+    monkeypatch.setattr(os, "replace", real_replace)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        writer.add_document([9, 9, 9, 9, 9])
+    assert IndexedDataset(prefix)[0].tolist() == [9, 9, 9, 9, 9]
+
+
+def test_a_document_longer_than_int32_lengths_is_refused_naming_the_prefix(tmp_path):
+    # The .idx stores int32 lengths; a zero-stride view stands in for 2**31 tokens (no memory).
+    huge = np.broadcast_to(np.uint16(1), ((1 << 31),))
+    with IndexedDatasetWriter(tmp_path / "p", np.uint16) as writer:
+        with pytest.raises(ValueError, match=r"p: a document of 2147483648 tokens is longer"):
+            writer.add_document(huge)
+        writer.add_document([1])
+    assert IndexedDataset(tmp_path / "p")[0].tolist() == [1]

@@ -43,6 +43,9 @@ CODE_DTYPES: dict[int, type] = {code: dtype for dtype, code in DTYPE_CODES.items
 # Largest vocabulary stored as uint16 (Megatron's rule: uint16 when vocab < 65500, else int32).
 UINT16_VOCAB_LIMIT = 65500
 
+# Sequence lengths are int32 in the .idx.
+MAX_SEQUENCE_LENGTH = (1 << 31) - 1
+
 _CHUNK_ELEMENTS = 1 << 20  # elements per chunk when streaming the index arrays
 
 
@@ -110,6 +113,12 @@ class IndexedDatasetWriter:
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"a document must be a 1-D token sequence, got shape {array.shape}")
+        if array.size > MAX_SEQUENCE_LENGTH:
+            # The .idx stores lengths as int32: a longer sequence cannot be indexed.
+            raise ValueError(
+                f"{self.prefix}: a document of {array.size} tokens is longer than the indexed "
+                f"format's limit of {MAX_SEQUENCE_LENGTH} tokens per sequence"
+            )
         if array.size and array.dtype != self.dtype:
             if np.issubdtype(array.dtype, np.integer):
                 info = np.iinfo(self.dtype)
@@ -133,6 +142,10 @@ class IndexedDatasetWriter:
     def add_raw(self, token_bytes: bytes | memoryview, lengths: np.ndarray) -> None:
         """Append pre-encoded sequences (bytes in this writer's dtype) with their lengths."""
         lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.size and (int(lengths.min()) < 0 or int(lengths.max()) > MAX_SEQUENCE_LENGTH):
+            raise ValueError(
+                f"{self.prefix}: add_raw: sequence lengths must be in [0, {MAX_SEQUENCE_LENGTH}]"
+            )
         if int(lengths.sum()) * self.dtype.itemsize != len(token_bytes):
             raise ValueError("add_raw: byte count does not match the sum of lengths")
         self._flush_lengths()
@@ -185,6 +198,11 @@ class IndexedDatasetWriter:
             out.flush()
             os.fsync(out.fileno())
         os.unlink(self._len_tmp)
+        # Over an existing prefix, the old .idx goes first: between the two renames the pair
+        # would otherwise be the new .bin with the old .idx, which looks complete and may even
+        # validate (a longer .bin) while reading the wrong tokens. Without an .idx the prefix
+        # is plainly unfinished; the new files are complete (and synced) at this point.
+        idx_final.unlink(missing_ok=True)
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_final)
         self._closed = True
