@@ -111,6 +111,24 @@ def test_split_dataset_blends_per_split_json(tmp_path):
         np.testing.assert_array_equal(ds[i]["tokens"].numpy(), per_dataset[d][k][:-1])
 
 
+def test_megatrons_other_blend_forms_are_read(tmp_path):
+    # Megatron's --per-split-data-args-path also takes a split as one whitespace-separated
+    # string, and a single prefix without a weight; both were refused.
+    rng = np.random.default_rng(4)
+    docs_a, docs_b = random_docs(rng, 12, 20), random_docs(rng, 8, 20)
+    write_dataset(tmp_path / "a", docs_a)
+    write_dataset(tmp_path / "b", docs_b)
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": f"3 {tmp_path / 'a'} 1 {tmp_path / 'b'}", "valid": ["b"]}))
+    train = build_split_dataset(blend, "train", 20, 4, 5, tmp_path / "cache")
+    per_dataset = {0: direct_samples(docs_a, 16, 4, 5), 1: direct_samples(docs_b, 6, 4, 5)}
+    for i, (d, k) in enumerate(direct_blend([3, 1], len(train))):
+        np.testing.assert_array_equal(train[i]["tokens"].numpy(), per_dataset[d][k][:-1])
+    valid = build_split_dataset(blend, "valid", 5, 4, 5, tmp_path / "cache")
+    expected = direct_samples(docs_b, 5, 4, 5)
+    assert [valid[i]["tokens"].tolist() for i in range(len(valid))] == [e[:-1].tolist() for e in expected]
+
+
 def test_index_cache_is_reused_and_keyed(tmp_path):
     rng = np.random.default_rng(5)
     write_dataset(tmp_path / "a", random_docs(rng, 20, 30))

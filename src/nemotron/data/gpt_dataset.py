@@ -329,9 +329,15 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
     if not isinstance(blend, dict) or split not in blend:
         raise GPTDatasetError(f"blend file {path} has no {split!r} split")
     entries = blend[split]
+    if isinstance(entries, str):
+        entries = entries.split()  # Megatron's other form: "w1 prefix1 w2 prefix2"
+    if isinstance(entries, list) and len(entries) == 1:
+        # One prefix without a weight (Megatron reads it as that dataset alone, as here).
+        entries = [1.0, *entries]
     if not isinstance(entries, list) or not entries or len(entries) % 2:
         raise GPTDatasetError(
-            f"blend file {path}: {split!r} must be a non-empty list of weight, prefix pairs"
+            f"blend file {path}: {split!r} must be a non-empty list of weight, prefix pairs "
+            "(or a single prefix)"
         )
     weights, prefixes = [], []
     for k in range(0, len(entries), 2):
