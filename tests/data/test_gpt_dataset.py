@@ -129,6 +129,21 @@ def test_megatrons_other_blend_forms_are_read(tmp_path):
     assert [valid[i]["tokens"].tolist() for i in range(len(valid))] == [e[:-1].tolist() for e in expected]
 
 
+def test_a_split_prep_left_empty_is_no_split_for_training(tmp_path):
+    # valid_fraction/test_fraction 0 make data prep write "valid": [] and "test": []: training
+    # then failed at its first evaluation ("'valid' must be a non-empty list ...").
+    from nemotron.train.data import blend_has_split
+
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", "a"], "valid": [], "test": ""}))
+    assert blend_has_split(blend, "train")
+    assert not blend_has_split(blend, "valid") and not blend_has_split(blend, "test")
+    blend.write_text(json.dumps({"train": ["1", "a"]}))
+    assert not blend_has_split(blend, "valid")
+    blend.write_text(json.dumps(["1", "a"]))  # malformed: left to build_split_dataset's error
+    assert blend_has_split(blend, "valid")
+
+
 def test_index_cache_is_reused_and_keyed(tmp_path):
     rng = np.random.default_rng(5)
     write_dataset(tmp_path / "a", random_docs(rng, 20, 30))

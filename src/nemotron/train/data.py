@@ -89,10 +89,15 @@ class MixedMockDataset(torch.utils.data.Dataset):
 
 
 def blend_has_split(blend_json: str | Path, split: str) -> bool:
+    """Whether the blend names prefixes for `split`. Data prep writes `"valid": []` when
+    `valid_fraction` is 0: that split is absent (no evaluation), not a malformed blend."""
     try:
-        return split in json.loads(Path(blend_json).read_text())
-    except (OSError, json.JSONDecodeError):
+        blend = json.loads(Path(blend_json).read_text())
+    except (OSError, ValueError):
         return True  # let build_split_dataset raise its precise error
+    if not isinstance(blend, dict) or split not in blend:
+        return not isinstance(blend, dict)  # a non-object: build_split_dataset says what is wrong
+    return blend[split] not in ([], "", None)
 
 
 PAD_VALUES = {"tokens": 0, "labels": IGNORE_INDEX, "loss_mask": 0}
