@@ -80,5 +80,5 @@ def test_cli_errors_are_one_line(tmp_path, config):
 def test_missing_config_is_named(tmp_path, config):
     training_checkpoint(tmp_path, config)
     (tmp_path / "save" / "iter_0000007" / "config.json").unlink()
-    with pytest.raises(ModelCheckpointError, match="config.json: not found"):
+    with pytest.raises(ModelCheckpointError, match="config.json is missing"):
         load_model_checkpoint(tmp_path / "save")

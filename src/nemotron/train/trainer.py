@@ -47,10 +47,13 @@ from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
     CONFIG_FILE,
+    TRAIN_STATE_FILE,
     Checkpointer,
+    CheckpointError,
     CheckpointWriteError,
     LoadedCheckpoint,
     check_writable,
+    failure_reason,
     load_checkpoint,
 )
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -178,9 +181,13 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     if loaded is None:
         return Restored(RunState(), LoaderState())
     saved = dict(loaded.train_state)
-    loader = TrainingData.state_from(saved.pop("loader"))
     fields = {f.name for f in dataclasses.fields(RunState)}
-    state = RunState(**{k: v for k, v in saved.items() if k in fields})
+    try:
+        loader = TrainingData.state_from(saved.pop("loader"))
+        state = RunState(**{k: v for k, v in saved.items() if k in fields})
+    except (KeyError, TypeError) as e:  # e.g. a hand-edited file whose manifest was rewritten
+        where = loaded.path / TRAIN_STATE_FILE
+        raise CheckpointError(f"{where} does not hold a run's state ({failure_reason(e)})") from None
     return Restored(state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded)
 
 
