@@ -159,6 +159,11 @@ def test_resume_with_a_changed_config_continues_bit_for_bit(tmp_path, corpus, ch
         resumed.scheduler = dataclasses.replace(resumed.scheduler, on_resume="config")
     summary = pretrain(resumed, tmp_path / "resumed" / "job")
     assert summary.resumed_from == str(resumed_save / "iter_0000003") and summary.steps == total
+    data_warnings = [w for w in summary.warnings if w.startswith("data settings differ")]
+    if change == "train_iters":  # more samples can mean more epochs, another shuffle: said
+        assert len(data_warnings) == 1 and "train.train_iters 8 -> 12" in data_warnings[0]
+    else:
+        assert data_warnings == []
 
     ref_train, got_train = (
         train_records(tmp_path / "straight" / "job"),
@@ -176,3 +181,21 @@ def test_resume_with_a_changed_config_continues_bit_for_bit(tmp_path, corpus, ch
             for state in (got, ref):
                 del state["train_state"]["loader"]["consumed_valid_samples"]
         assert_same_state(got, ref, f"iter {step}")
+
+
+def test_resume_with_another_data_seed_says_the_order_changed(tmp_path, corpus):
+    """train.seed shuffles the documents and samples: a checkpoint resumed under another seed
+    continues at its sample position of another order (samples read twice or never), which
+    the run announces as a warning naming the setting (before: silently)."""
+    first = make_config(tmp_path / "first", blend=corpus[0], train={"train_iters": 4})
+    pretrain(first, tmp_path / "first" / "job")
+    resumed = make_config(
+        tmp_path / "resumed",
+        blend=corpus[0],
+        train={"train_iters": 4, "seed": 99},
+        checkpoint={"load": str(tmp_path / "first" / "ckpt" / "iter_0000003")},
+    )
+    summary = pretrain(resumed, tmp_path / "resumed" / "job")
+    assert summary.steps == 4
+    (warning,) = [w for w in summary.warnings if w.startswith("data settings differ")]
+    assert "iter_0000003" in warning and "train.seed 1234 -> 99" in warning and "at sample 12 " in warning
