@@ -207,3 +207,44 @@ def test_model_only_checkpoint_starts_a_run_but_is_not_resumed(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match=r"__0_0\.distcp does not match the SHA-256"):
         load_checkpoint(out, other, None, restore_rng=False)
+
+
+class _RunsCode:
+    """A pickle that would run code when unpickled without the weights-only unpickler."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_hostile_rng_file_is_refused_not_run(tmp_path, monkeypatch):
+    import pickle
+
+    from nemotron.train.checkpoint import describe_files, manifest_json
+
+    monkeypatch.chdir(tmp_path)
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    rng_file = path / "rng" / "rank_00000.pt"
+    rng_file.write_bytes(pickle.dumps({"python": _RunsCode()}))
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))  # made to match
+    with pytest.raises(CheckpointCorruptError, match=r"cannot read \S+rank_00000\.pt"):
+        load_checkpoint(path, model, opt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_train_state_without_the_loader_position_is_named(tmp_path):
+    """train_state.json rewritten (with a manifest made to match) without `loader`: one
+    CheckpointError naming the file, not a KeyError."""
+    from nemotron.train.checkpoint import describe_files, manifest_json
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1, "tokens": 64})
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))
+    cfg = make_config(tmp_path, checkpoint={"load": str(path)})
+    with pytest.raises(
+        CheckpointError, match=r"iter_0000001/train_state\.json does not hold a run's state \(KeyError"
+    ):
+        restore(cfg, model, opt)

@@ -364,6 +364,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _load_rng_state(path: Path) -> dict[str, Any]:
+    """An RNG file, unpickled with torch's weights-only unpickler widened to numpy's state
+    arrays only: a hostile file (its manifest rewritten to match) is an error, never code run."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -481,7 +490,7 @@ def load_checkpoint(
     rng_file = checkpoint / RNG_DIR / f"rank_{_rank():05d}.pt"
     if restore_rng and rng_file.is_file():
         try:
-            rng = torch.load(rng_file, weights_only=False)
+            rng = _load_rng_state(rng_file)
         except Exception as e:
             raise CheckpointCorruptError(f"cannot read {rng_file}: {failure_reason(e)}") from None
         set_rng_state(rng)
