@@ -406,13 +406,12 @@ class Trainer:
             self.warn(change)
 
     # The settings that decide which sample sits at each position of the training order
-    # (docs/training.md, "Data": shuffles seeded by train.seed over samples of seq_length, their
-    # number -- hence the epochs -- from train_iters x global_batch_size).
+    # (docs/training.md, "Data": shuffles seeded by train.seed over samples of seq_length).
+    # The number of samples (train_iters x global_batch_size) is left out: a longer run is the
+    # ordinary extension, and it reorders only when it adds an epoch (as in Megatron).
     DATA_ORDER_KEYS = (
         ("train", "seed"),
         ("train", "seq_length"),
-        ("train", "train_iters"),
-        ("train", "global_batch_size"),
         ("data", "blend"),
         ("data", "phase2_blend"),
         ("data", "phase2_start_fraction"),
