@@ -248,3 +248,16 @@ def test_a_train_state_without_the_loader_position_is_named(tmp_path):
         CheckpointError, match=r"iter_0000001/train_state\.json does not hold a run's state \(KeyError"
     ):
         restore(cfg, model, opt)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"files": {"train_state.json": {}}}', '{"files": {"train_state.json": 3}}', "[]", "\xff"],
+    ids=["entry-without-size", "entry-not-a-table", "not-an-object", "not-utf8"],
+)
+def test_a_malformed_manifest_is_named(tmp_path, manifest):
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    (path / "manifest.json").write_bytes(manifest.encode("latin-1"))
+    with pytest.raises(CheckpointCorruptError, match=r"iter_0000001/manifest\.json is unreadable"):
+        load_checkpoint(path, model, opt)

@@ -277,6 +277,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             files = json.loads(manifest_file.read_text())["files"]
             if not isinstance(files, dict):
                 raise ValueError("'files' is not a table")
+            for name, entry in files.items():
+                if not isinstance(entry, dict) or type(entry.get("size")) is not int:
+                    raise ValueError(f"the entry of {name!r} has no integer 'size'")
         except FileNotFoundError:
             problem = (
                 f"{manifest_file} is missing (the save did not finish, or the checkpoint predates manifests)"
@@ -367,8 +370,11 @@ def rng_state() -> dict[str, Any]:
 def _load_rng_state(path: Path) -> dict[str, Any]:
     """An RNG file, unpickled with torch's weights-only unpickler widened to numpy's state
     arrays only: a hostile file (its manifest rewritten to match) is an error, never code run."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    reconstruct = core.multiarray._reconstruct
+    allowed: list[Any] = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # a file pickled under the other numpy major names the function by its other module
+    allowed += [(reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, weights_only=True)
 
