@@ -110,6 +110,14 @@ def test_bf16_export_keeps_router_in_fp32(tmp_path, config):
     assert tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # transformers loads it in the config's dtype (its router in fp32, `_keep_in_fp32_modules`)
+    # and writes back the same names, dtypes and values
+    hf = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto")
+    hf.save_pretrained(str(tmp_path / "resaved"))
+    theirs = hf_files(tmp_path / "resaved")
+    assert sorted(theirs) == sorted(tensors)
+    for name, tensor in theirs.items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
 
 
 def test_reads_hybrid_override_pattern(tmp_path, config):
