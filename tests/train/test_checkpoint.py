@@ -261,3 +261,19 @@ def test_a_malformed_manifest_is_named(tmp_path, manifest):
     (path / "manifest.json").write_bytes(manifest.encode("latin-1"))
     with pytest.raises(CheckpointCorruptError, match=r"iter_0000001/manifest\.json is unreadable"):
         load_checkpoint(path, model, opt)
+
+
+def test_a_file_or_empty_dir_as_checkpoint_path_is_named(tmp_path):
+    model, opt = model_and_optimizer()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"a-file is not a directory"):
+        load_checkpoint(tmp_path / "a-file", model, opt)
+    with pytest.raises(CheckpointError, match=r"a-file is not a directory"):  # even for auto-resume
+        load_checkpoint(tmp_path / "a-file", model, opt, must_exist=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty holds no checkpoint"):
+        load_checkpoint(tmp_path / "empty", model, opt)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match=r"loop is a symlink to nothing \(dangling, or a loop\)"):
+        load_checkpoint(loop, model, opt)

@@ -333,7 +333,11 @@ def find_checkpoint(
             f"{path} holds no intact checkpoint ({listing}); move the damaged checkpoints "
             f"away to start over, or set checkpoint.load to one that is intact"
         )
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory (a checkpoint or a save dir is)")
     if must_exist:
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"checkpoint path {path} is a symlink to nothing (dangling, or a loop)")
         if not path.exists():
             raise CheckpointError(f"checkpoint path {path} does not exist")
         raise CheckpointError(f"{path} holds no checkpoint")
