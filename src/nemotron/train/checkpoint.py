@@ -22,7 +22,10 @@ it. A process killed at any moment leaves the previous checkpoint and `latest` i
 
 Before a checkpoint is loaded its files are checked against its manifest (`verify_checkpoint`).
 A damaged checkpoint given by name is an error naming the file; a save directory resumes from
-its newest intact checkpoint, reporting the damaged ones it skipped (`find_checkpoint`). A save
+its newest intact checkpoint (`latest`'s target first; an unreadable or dangling `latest` is
+ignored), reporting the damaged ones it skipped (`find_checkpoint`). A model-only checkpoint
+(`import hf`: `.metadata`, `*.distcp`, config.json, manifest.json) loads weights only. Pruning
+(`keep_last`) counts the checkpoints up to the one just written, never deleting that one. A save
 that fails (a full disk, an unwritable directory) raises `CheckpointWriteError` naming the file
 and removes its temporary directory; the previous checkpoint is untouched.
 """
