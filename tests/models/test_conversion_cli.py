@@ -157,3 +157,16 @@ def test_export_names_every_parameter_config_json_disagrees_with(tmp_path, confi
         ModelCheckpointError, match=r"expert_bias \(checkpoint \[8\], model \[4\]\).*config\.json"
     ):
         load_model_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"model": [1]}', "[]", '{"train": {}}'], ids=["model-a-list", "a-list", "no-model"]
+)
+def test_a_config_json_without_a_model_section_is_named(tmp_path, config, text):
+    from nemotron.models.nano3.checkpoint import config_from_checkpoint
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(
+        ModelCheckpointError, match=r"config\.json: expected a JSON object with a 'model' section"
+    ):
+        config_from_checkpoint(tmp_path)

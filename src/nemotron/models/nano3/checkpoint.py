@@ -81,8 +81,10 @@ def config_from_checkpoint(checkpoint: str | os.PathLike) -> Nano3Config:
         raise ModelCheckpointError(f"{path}: not found; the model architecture is needed to read the weights")
     try:
         section = json.loads(path.read_text())[MODEL_KEY]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ModelCheckpointError(f"{path}: expected a JSON object with a 'model' section ({err})") from err
+        if not isinstance(section, dict):
+            raise TypeError(f"'model' is a {type(section).__name__}, not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelCheckpointError(f"{path}: expected a JSON object with a 'model' section ({err})") from None
     names = {f.name for f in dataclasses.fields(Nano3Config)}
     try:
         return Nano3Config(**{k: v for k, v in section.items() if k in names})
