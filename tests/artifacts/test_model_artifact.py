@@ -43,3 +43,10 @@ def test_blend_without_metadata_and_bad_manifests(tmp_path):
     (tmp_path / "metadata.json").write_text("{broken")
     with pytest.raises(ArtifactError, match="metadata.json is not valid JSON"):
         data_artifact_record(tmp_path / "blend.json")
+
+
+@pytest.mark.parametrize("text", [b"[1, 2]", b"\xff\xfe", b'"a string"'], ids=["list", "not-utf8", "string"])
+def test_a_manifest_that_is_not_a_json_object_is_named(tmp_path, text):
+    (tmp_path / "ModelArtifact-pretrain.json").write_bytes(text)
+    with pytest.raises(ArtifactError, match=r"ModelArtifact-pretrain\.json"):
+        read_model_artifact(tmp_path)

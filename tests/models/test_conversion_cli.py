@@ -80,5 +80,93 @@ def test_cli_errors_are_one_line(tmp_path, config):
 def test_missing_config_is_named(tmp_path, config):
     training_checkpoint(tmp_path, config)
     (tmp_path / "save" / "iter_0000007" / "config.json").unlink()
-    with pytest.raises(ModelCheckpointError, match="config.json: not found"):
+    with pytest.raises(ModelCheckpointError, match="config.json is missing"):
         load_model_checkpoint(tmp_path / "save")
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "how,pattern",
+    [
+        ("unfinished", r"\.tmp-iter_0000007/manifest\.json is missing"),  # a save killed mid-way
+        ("altered", r"__0_0\.distcp does not match the SHA-256 in its manifest"),
+        ("truncated", r"__0_0\.distcp has [\d,]+ bytes, its manifest says"),
+    ],
+)
+def test_export_refuses_a_damaged_checkpoint_by_name(tmp_path, config, how, pattern):
+    """Export checks the checkpoint against its manifest as resume does: before, an unfinished
+    save was exported as if complete, an altered shard exported silently, and a truncated one
+    escaped as DCP's CheckpointException (a BaseException: a traceback from the CLI)."""
+    training_checkpoint(tmp_path, config)
+    checkpoint = tmp_path / "save" / "iter_0000007"
+    if how == "unfinished":
+        (checkpoint / "manifest.json").unlink()
+        checkpoint = checkpoint.rename(checkpoint.with_name(".tmp-iter_0000007"))
+    elif how == "altered":
+        _flip_a_byte(checkpoint / "__0_0.distcp")
+    else:
+        shard = checkpoint / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ModelCheckpointError, match=pattern):
+        load_model_checkpoint(checkpoint)
+    code, out = run("nano3", "export", "hf", checkpoint, tmp_path / "hf", "--no-tokenizer")
+    assert code == 1 and out.startswith("error:") and len(out.strip().splitlines()) == 1, out
+    assert str(checkpoint) in out and not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_save_dir_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, config):
+    model = training_checkpoint(tmp_path, config)  # iter_0000007
+    newer = Nano3ForCausalLM(config)
+    train_checkpoint.Checkpointer(tmp_path / "save").save(
+        9,
+        newer,
+        None,
+        {"step": 9},
+        files={"config.json": (tmp_path / "save" / "iter_0000007" / "config.json").read_text()},
+    )
+    _flip_a_byte(tmp_path / "save" / "iter_0000009" / "__0_0.distcp")
+    code, out = run(
+        "nano3", "export", "hf", tmp_path / "save", tmp_path / "hf", "--no-tokenizer", "--dtype", "fp32"
+    )
+    assert code == 0, out
+    assert "warning: skipped damaged checkpoint" in out and "iter_0000009" in out and "SHA-256" in out
+    from nemotron.models.nano3.hf import load_hf
+
+    exported = load_hf(tmp_path / "hf")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+
+
+def test_export_names_every_parameter_config_json_disagrees_with(tmp_path, config):
+    """A checkpoint whose config.json (with a manifest that agrees) describes another
+    architecture: one error naming the mismatched parameters, not DCP's traceback."""
+    training_checkpoint(tmp_path, config)
+    checkpoint = tmp_path / "save" / "iter_0000007"
+    path = checkpoint / "config.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["num_experts"] = 4
+    path.write_text(json.dumps(raw))
+    table = train_checkpoint.describe_files(checkpoint)
+    (checkpoint / "manifest.json").write_text(train_checkpoint.manifest_json(table, 7))
+    with pytest.raises(
+        ModelCheckpointError, match=r"expert_bias \(checkpoint \[8\], model \[4\]\).*config\.json"
+    ):
+        load_model_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"model": [1]}', "[]", '{"train": {}}'], ids=["model-a-list", "a-list", "no-model"]
+)
+def test_a_config_json_without_a_model_section_is_named(tmp_path, config, text):
+    from nemotron.models.nano3.checkpoint import config_from_checkpoint
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(
+        ModelCheckpointError, match=r"config\.json: expected a JSON object with a 'model' section"
+    ):
+        config_from_checkpoint(tmp_path)

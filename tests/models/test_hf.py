@@ -110,6 +110,14 @@ def test_bf16_export_keeps_router_in_fp32(tmp_path, config):
     assert tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # transformers loads it in the config's dtype (its router in fp32, `_keep_in_fp32_modules`)
+    # and writes back the same names, dtypes and values
+    hf = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto")
+    hf.save_pretrained(str(tmp_path / "resaved"))
+    theirs = hf_files(tmp_path / "resaved")
+    assert sorted(theirs) == sorted(tensors)
+    for name, tensor in theirs.items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
 
 
 def test_reads_hybrid_override_pattern(tmp_path, config):
@@ -163,3 +171,89 @@ def test_full_nano3_config_round_trips_through_hf_config(tmp_path):
     assert hf_config.hybrid_override_pattern == Nano3Config().hybrid_pattern
     hf_config.save_pretrained(str(tmp_path))
     assert from_hf_config(tmp_path) == Nano3Config()
+
+
+def _edit_shard(directory, shard_index, edit):
+    """Apply `edit(tensors)` to the shard_index-th safetensors file of a sharded export."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(directory.glob("model-*.safetensors"))[shard_index]
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return shard
+
+
+def _set(tensors, key, value):
+    tensors[key] = value
+
+
+HOSTILE_HF = {
+    # name: (damage(dir), expected message pattern)
+    "missing tensor": (
+        lambda d: _edit_shard(d, 0, lambda t: t.pop(sorted(t)[0])),
+        r"model-00001-of-\d+\.safetensors: does not hold \S+, which model\.safetensors\.index\.json lists there",
+    ),
+    "wrong shape": (
+        lambda d: _edit_shard(d, 0, lambda t: _set(t, sorted(t)[0], torch.zeros(3, 3))),
+        r"has shape \(3, 3\), expected",
+    ),
+    "integer tensor": (
+        lambda d: _edit_shard(d, 0, lambda t: _set(t, sorted(t)[0], t[sorted(t)[0]].to(torch.int32))),
+        r"has dtype torch\.int32, expected a floating type",
+    ),
+    "extra tensor": (
+        lambda d: _edit_shard(d, 0, lambda t: _set(t, "backbone.bogus.weight", torch.zeros(2))),
+        r"safetensors: holds backbone\.bogus\.weight, but model\.safetensors\.index\.json does not list it",
+    ),
+    "tensor in two shards": (
+        lambda d: _edit_shard(d, 1, lambda t: _set(t, "backbone.embeddings.weight", torch.zeros(96, 32))),
+        r"backbone\.embeddings\.weight is in both \S+model-00001\S+ and \S+model-00002",
+    ),
+    "index names a missing file": (
+        lambda d: sorted(d.glob("model-*.safetensors"))[-1].unlink(),
+        r"model-\d+-of-\d+\.safetensors: listed in model\.safetensors\.index\.json but missing",
+    ),
+    "index weight_map not a table": (
+        lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+        r"model\.safetensors\.index\.json: weight_map is not a table",
+    ),
+    "truncated shard": (
+        lambda d: sorted(d.glob("model-*.safetensors"))[0].write_bytes(b"\x10\x00"),
+        r"model-00001-of-\d+\.safetensors: cannot read \(SafetensorError",
+    ),
+    "config not an object": (
+        lambda d: (d / "config.json").write_text("[1, 2]"),
+        r"config\.json: expected a JSON object, got list",
+    ),
+    "config field of the wrong type": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "hidden_size": "big"})
+        ),
+        r"config\.json: \w+Error: .*hidden_size",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HF))
+def test_hostile_hf_directory_is_one_error_naming_the_file(tmp_path, config, case):
+    """Every damaged or inconsistent NemotronH directory is one HFInteropError naming the file
+    (and tensor), never a foreign exception or a silent half-import (transformers itself would
+    take one copy of a duplicated tensor, or cast an integer one)."""
+    out = save_hf(
+        random_model(config).state_dict(), config, tmp_path / "hf", dtype=None, max_shard_bytes=20_000
+    )
+    damage, pattern = HOSTILE_HF[case]
+    damage(out)
+    with pytest.raises(HFInteropError, match=pattern):
+        load_hf(out)
+
+
+def test_unknown_config_fields_are_ignored_as_transformers_does(tmp_path, config):
+    model = random_model(config)
+    out = save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
+    path = out / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "some_future_field": [1, 2]}))
+    loaded = load_hf(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -7,11 +7,15 @@ from nemotron.config.schema import ModelConfig
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
     LATEST_FILE,
+    CheckpointCorruptError,
     Checkpointer,
     CheckpointError,
     CheckpointShapeError,
+    CheckpointWriteError,
     complete_checkpoints,
+    find_checkpoint,
     load_checkpoint,
+    read_latest,
     resolve_checkpoint,
 )
 from nemotron.train.config import OptimizerConfig
@@ -100,3 +104,176 @@ def test_async_save_is_visible_only_after_wait(tmp_path):
     load_checkpoint(path, fresh, fresh_opt)
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, reference[name]), name  # the state at save time
+
+
+@pytest.mark.parametrize("where", ["dcp", "manifest"])
+def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    """A save that fails after writing part of its files (here: the shards written, then a full
+    disk; or the manifest write failing) leaves the previous checkpoint intact and `latest`, and
+    nothing that looks like a checkpoint of the failed step."""
+    import errno
+
+    import nemotron.train.checkpoint as ckpt_module
+
+    model, opt = model_and_optimizer()
+    saver = Checkpointer(tmp_path / "save")
+    first = saver.save(1, model, opt, {"step": 1})
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "dcp":
+        real_save = ckpt_module.dcp.save
+
+        def save_then_fail(state, checkpoint_id, **kwargs):
+            real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # shards and .metadata written
+            raise full
+
+        monkeypatch.setattr(ckpt_module.dcp, "save", save_then_fail)
+    else:
+
+        def fail_manifest(path, text, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(ckpt_module, "atomic_write_text", fail_manifest)
+    with pytest.raises(CheckpointWriteError, match="checkpoint iter_0000002 could not be written") as err:
+        saver.save(2, model, opt, {"step": 2})
+    assert "No space left on device" in str(err.value)
+    save = tmp_path / "save"
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", LATEST_FILE]  # no .tmp-* left
+    assert (save / LATEST_FILE).read_text() == "iter_0000001\n"
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
+    assert find_checkpoint(save) == (first, [])
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A run resumed from an older checkpoint of a save dir that holds later ones (an explicit
+    `checkpoint.load`, or a damaged newest checkpoint skipped) saves steps below them: pruning
+    counts only checkpoints up to the new one, so the new one and its predecessor stay, and
+    the later ones (not this run's to judge) are left alone."""
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    first_run = Checkpointer(save, keep_last=2)
+    for step in (3, 6, 8):
+        first_run.save(step, model, opt, {"step": step})
+    assert [s for s, _ in complete_checkpoints(save)] == [6, 8]
+    resumed = Checkpointer(save, keep_last=2)
+    resumed.save(4, model, opt, {"step": 4})  # before: deleted iter 4 itself and kept 6, 8
+    assert [s for s, _ in complete_checkpoints(save)] == [4, 6, 8]
+    assert (save / LATEST_FILE).read_text() == "iter_0000004\n"
+    resumed.save(5, model, opt, {"step": 5})
+    assert [s for s, _ in complete_checkpoints(save)] == [4, 5, 6, 8]
+    resumed.save(6, model, opt, {"step": 6})  # replaces the earlier run's step 6
+    assert [s for s, _ in complete_checkpoints(save)] == [5, 6, 8]
+    assert json.loads((save / "iter_0000006" / "train_state.json").read_text()) == {"step": 6}
+    assert find_checkpoint(save)[0] == save / "iter_0000006"  # latest first
+
+
+@pytest.mark.parametrize(
+    "latest", [b"\xff\xfe\x00garbage", b"../../elsewhere\n", b"", b"iter_0000009\n"], ids=repr
+)
+def test_unreadable_or_dangling_latest_falls_back_to_the_newest_checkpoint(tmp_path, latest):
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    for step in (1, 2):
+        saver.save(step, model, opt, {"step": step})
+    (save / LATEST_FILE).write_bytes(latest)
+    assert read_latest(save) is None or not (save / read_latest(save)).exists()
+    assert resolve_checkpoint(save) == save / "iter_0000002"
+    assert find_checkpoint(save) == (save / "iter_0000002", [])
+
+
+def test_model_only_checkpoint_starts_a_run_but_is_not_resumed(tmp_path):
+    """What `import hf` writes (weights + config.json + manifest, no optimizer or run state):
+    verified like any checkpoint, loadable for weights (checkpoint.finetune), refused by name
+    as a resume source."""
+    from nemotron.models.nano3.checkpoint import save_model_checkpoint
+
+    model, _ = model_and_optimizer()
+    out = save_model_checkpoint(model, model.config, tmp_path / "imported")
+    assert find_checkpoint(out) == (out, [])
+    other, other_opt = model_and_optimizer(seed=1)
+    with pytest.raises(
+        CheckpointError, match=r"imported is a model-only checkpoint.*checkpoint\.finetune=true"
+    ):
+        load_checkpoint(out, other, other_opt)
+    loaded = load_checkpoint(out, other, None, restore_rng=False)
+    assert loaded.path == out and loaded.train_state == {}
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+    # and it is verified: an altered shard is named
+    shard = next(out.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"__0_0\.distcp does not match the SHA-256"):
+        load_checkpoint(out, other, None, restore_rng=False)
+
+
+class _RunsCode:
+    """A pickle that would run code when unpickled without the weights-only unpickler."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_hostile_rng_file_is_refused_not_run(tmp_path, monkeypatch):
+    import pickle
+
+    from nemotron.train.checkpoint import describe_files, manifest_json
+
+    monkeypatch.chdir(tmp_path)
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    rng_file = path / "rng" / "rank_00000.pt"
+    rng_file.write_bytes(pickle.dumps({"python": _RunsCode()}))
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))  # made to match
+    with pytest.raises(CheckpointCorruptError, match=r"cannot read \S+rank_00000\.pt"):
+        load_checkpoint(path, model, opt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_train_state_without_the_loader_position_is_named(tmp_path):
+    """train_state.json rewritten (with a manifest made to match) without `loader`: one
+    CheckpointError naming the file, not a KeyError."""
+    from nemotron.train.checkpoint import describe_files, manifest_json
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1, "tokens": 64})
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))
+    cfg = make_config(tmp_path, checkpoint={"load": str(path)})
+    with pytest.raises(
+        CheckpointError, match=r"iter_0000001/train_state\.json does not hold a run's state \(KeyError"
+    ):
+        restore(cfg, model, opt)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"files": {"train_state.json": {}}}', '{"files": {"train_state.json": 3}}', "[]", "\xff"],
+    ids=["entry-without-size", "entry-not-a-table", "not-an-object", "not-utf8"],
+)
+def test_a_malformed_manifest_is_named(tmp_path, manifest):
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    (path / "manifest.json").write_bytes(manifest.encode("latin-1"))
+    with pytest.raises(CheckpointCorruptError, match=r"iter_0000001/manifest\.json is unreadable"):
+        load_checkpoint(path, model, opt)
+
+
+def test_a_file_or_empty_dir_as_checkpoint_path_is_named(tmp_path):
+    model, opt = model_and_optimizer()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"a-file is not a directory"):
+        load_checkpoint(tmp_path / "a-file", model, opt)
+    with pytest.raises(CheckpointError, match=r"a-file is not a directory"):  # even for auto-resume
+        load_checkpoint(tmp_path / "a-file", model, opt, must_exist=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty holds no checkpoint"):
+        load_checkpoint(tmp_path / "empty", model, opt)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match=r"loop is a symlink to nothing \(dangling, or a loop\)"):
+        load_checkpoint(loop, model, opt)

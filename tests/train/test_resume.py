@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,98 @@ def test_kill9_resume_is_bit_exact(
     assert state["loader"]["phase"] == 2 and state["loader"]["phase2_start_sample"] == 16
     assert losses(job) == ref_losses
     assert_same_state(final_state(save, tmp_path), ref_state)
+
+
+def checkpoint_state(checkpoint: Path, tmp_path: Path) -> dict:
+    """Everything a checkpoint holds, per tensor: model and optimizer (DCP), RNG states, run
+    state (step, tokens, loader position, schedule)."""
+    out = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, out)
+    rng = torch.load(checkpoint / "rng" / "rank_00000.pt", weights_only=False)
+    return {
+        "dcp": torch.load(out, weights_only=False),
+        "rng": {
+            "python": rng["python"],
+            # (name, keys array, pos, has_gauss, cached_gaussian): per entry, the array as a tensor
+            "numpy": {
+                i: torch.as_tensor(x) if hasattr(x, "shape") else x for i, x in enumerate(rng["numpy"])
+            },
+            "torch": rng["torch"],
+        },
+        "train_state": json.loads((checkpoint / "train_state.json").read_text()),
+    }
+
+
+def train_records(job_dir: Path) -> dict:
+    return {
+        r["step"]: (r["loss"], r["lr"], r["grad_norm"], r["tokens"])
+        for r in read_metrics(job_dir)
+        if r["kind"] == "train"
+    }
+
+
+@pytest.mark.parametrize("change", ["intervals", "train_iters"])
+def test_resume_with_a_changed_config_continues_bit_for_bit(tmp_path, corpus, change):
+    """N steps straight == a few steps, resume (in this process), the rest: every parameter,
+    optimizer moment, RNG state, the loader position, the learning rate and the per-step loss
+    and gradient norm identical, bit for bit.
+    - intervals: the resumed run logs and evaluates at other steps (log_interval 2,
+      eval_interval 3 instead of 1 and 4): the evaluations read the valid split only, so the
+      training is untouched (only consumed_valid_samples differs).
+    - train_iters: 8 -> 12 with scheduler.on_resume=config; the straight run has 12 from the
+      start (the rates of steps 1-3 are the same under both schedules: warmup 2 steps, then
+      constant until half way)."""
+    total = 12 if change == "train_iters" else 8
+    straight = make_config(tmp_path / "straight", blend=corpus[0], train={"train_iters": total})
+    pretrain(straight, tmp_path / "straight" / "job")
+
+    first = make_config(tmp_path / "first", blend=corpus[0], train={"train_iters": 8})
+    pretrain(first, tmp_path / "first" / "job")
+    resumed_save = tmp_path / "resumed" / "ckpt"
+    resumed_save.mkdir(parents=True)
+    shutil.copytree(tmp_path / "first" / "ckpt" / "iter_0000003", resumed_save / "iter_0000003")
+    if change == "intervals":
+        resumed = make_config(
+            tmp_path / "resumed", blend=corpus[0], train={"log_interval": 2, "eval_interval": 3}
+        )
+    else:
+        resumed = make_config(tmp_path / "resumed", blend=corpus[0], train={"train_iters": 12})
+        resumed.scheduler = dataclasses.replace(resumed.scheduler, on_resume="config")
+    summary = pretrain(resumed, tmp_path / "resumed" / "job")
+    assert summary.resumed_from == str(resumed_save / "iter_0000003") and summary.steps == total
+    assert [w for w in summary.warnings if w.startswith("data settings differ")] == []
+
+    ref_train, got_train = (
+        train_records(tmp_path / "straight" / "job"),
+        train_records(tmp_path / "resumed" / "job"),
+    )
+    assert set(got_train) == {
+        s for s in range(4, total + 1) if s % resumed.train.log_interval == 0 or s == total
+    }
+    for step, record in got_train.items():
+        assert record == ref_train[step], f"step {step}"
+    for step in sorted({s for s in (6, total) if s > 3}):  # checkpoints after the resume
+        ref = checkpoint_state(tmp_path / "straight" / "ckpt" / f"iter_{step:07d}", tmp_path)
+        got = checkpoint_state(resumed_save / f"iter_{step:07d}", tmp_path)
+        if change == "intervals":  # evaluated at other steps: another count of valid samples read
+            for state in (got, ref):
+                del state["train_state"]["loader"]["consumed_valid_samples"]
+        assert_same_state(got, ref, f"iter {step}")
+
+
+def test_resume_with_another_data_seed_says_the_order_changed(tmp_path, corpus):
+    """train.seed shuffles the documents and samples: a checkpoint resumed under another seed
+    continues at its sample position of another order (samples read twice or never), which
+    the run announces as a warning naming the setting (before: silently)."""
+    first = make_config(tmp_path / "first", blend=corpus[0], train={"train_iters": 4})
+    pretrain(first, tmp_path / "first" / "job")
+    resumed = make_config(
+        tmp_path / "resumed",
+        blend=corpus[0],
+        train={"train_iters": 4, "seed": 99},
+        checkpoint={"load": str(tmp_path / "first" / "ckpt" / "iter_0000003")},
+    )
+    summary = pretrain(resumed, tmp_path / "resumed" / "job")
+    assert summary.steps == 4
+    (warning,) = [w for w in summary.warnings if w.startswith("data settings differ")]
+    assert "iter_0000003" in warning and "train.seed 1234 -> 99" in warning and "at sample 12 " in warning

@@ -92,8 +92,10 @@ def read_model_artifact(checkpoint_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist: not a pretraining checkpoint") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("kind") != MODEL_ARTIFACT_KIND:
         raise ArtifactError(f"{path}: kind {manifest.get('kind')!r} is not {MODEL_ARTIFACT_KIND!r}")
     return manifest

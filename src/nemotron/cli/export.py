@@ -67,6 +67,8 @@ def _export_hf(
             tokenizer=tokenizer,
             with_tokenizer=not no_tokenizer,
         )
+        for skipped in result.skipped:
+            console.print(f"warning: skipped damaged checkpoint {skipped}", markup=False)
         with_what = f"tokenizer {result.tokenizer}" if result.tokenizer else "no tokenizer"
         console.print(
             f"exported {result.checkpoint} -> {result.out} ({dtype}, NemotronHForCausalLM, {with_what})"

@@ -22,7 +22,10 @@ it. A process killed at any moment leaves the previous checkpoint and `latest` i
 
 Before a checkpoint is loaded its files are checked against its manifest (`verify_checkpoint`).
 A damaged checkpoint given by name is an error naming the file; a save directory resumes from
-its newest intact checkpoint, reporting the damaged ones it skipped (`find_checkpoint`). A save
+its newest intact checkpoint (`latest`'s target first; an unreadable or dangling `latest` is
+ignored), reporting the damaged ones it skipped (`find_checkpoint`). A model-only checkpoint
+(`import hf`: `.metadata`, `*.distcp`, config.json, manifest.json) loads weights only. Pruning
+(`keep_last`) counts the checkpoints up to the one just written, never deleting that one. A save
 that fails (a full disk, an unwritable directory) raises `CheckpointWriteError` naming the file
 and removes its temporary directory; the previous checkpoint is untouched.
 """
@@ -167,6 +170,17 @@ def _checkpoint_dirs(save_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def read_latest(save_dir: Path) -> str | None:
+    """The checkpoint name `latest` points at; None when there is no `latest`, or it is
+    unreadable or names no `iter_*` directory (a damaged or hand-edited pointer: resume then
+    takes the newest checkpoint by step, as without one)."""
+    try:
+        name = (Path(save_dir) / LATEST_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if CHECKPOINT_PATTERN.match(name) else None
+
+
 def complete_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint in save_dir, oldest first."""
     return [(step, path) for step, path in _checkpoint_dirs(save_dir) if is_complete(path)]
@@ -183,11 +197,9 @@ def resolve_checkpoint(path: str | Path, must_exist: bool = True) -> Path | None
         return path
     if is_checkpoint_dir(path):
         raise CheckpointError(f"{path} is an incomplete checkpoint (no {MANIFEST_FILE})")
-    marker = path / LATEST_FILE
-    if marker.is_file():
-        target = path / marker.read_text().strip()
-        if is_complete(target):
-            return target
+    latest = read_latest(path)
+    if latest is not None and is_complete(path / latest):
+        return path / latest
     found = complete_checkpoints(path)
     if found:
         return found[-1][1]
@@ -235,6 +247,12 @@ def describe_files(directory: Path, checksums: bool = True, group=None) -> dict[
     return dict(sorted((name, entry) for part in parts for name, entry in part.items()))
 
 
+def manifest_json(table: dict[str, dict], step: int | None) -> str:
+    """The text of `manifest.json` for the files `describe_files` described (written last, with
+    `atomic_write_text`: its presence marks the checkpoint complete)."""
+    return json.dumps({"format": 1, "step": step, "files": table}, indent=1)
+
+
 def _check_file(path: Path, expected: dict[str, Any], checksums: bool) -> str | None:
     try:
         size = path.stat().st_size
@@ -262,6 +280,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             files = json.loads(manifest_file.read_text())["files"]
             if not isinstance(files, dict):
                 raise ValueError("'files' is not a table")
+            for name, entry in files.items():
+                if not isinstance(entry, dict) or type(entry.get("size")) is not int:
+                    raise ValueError(f"the entry of {name!r} has no integer 'size'")
         except FileNotFoundError:
             problem = (
                 f"{manifest_file} is missing (the save did not finish, or the checkpoint predates manifests)"
@@ -300,8 +321,7 @@ def find_checkpoint(
             raise CheckpointCorruptError(f"checkpoint {path} is damaged: {problems[0]}")
         return path, []
     candidates = [p for _, p in reversed(_checkpoint_dirs(path))]
-    marker = path / LATEST_FILE
-    latest = marker.read_text().strip() if marker.is_file() else None
+    latest = read_latest(path)
     candidates.sort(key=lambda p: p.name != latest)  # stable: latest first, then newest first
     candidates = _from_owner(candidates, group)
     skipped: list[Skipped] = []
@@ -316,7 +336,11 @@ def find_checkpoint(
             f"{path} holds no intact checkpoint ({listing}); move the damaged checkpoints "
             f"away to start over, or set checkpoint.load to one that is intact"
         )
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory (a checkpoint or a save dir is)")
     if must_exist:
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"checkpoint path {path} is a symlink to nothing (dangling, or a loop)")
         if not path.exists():
             raise CheckpointError(f"checkpoint path {path} does not exist")
         raise CheckpointError(f"{path} holds no checkpoint")
@@ -348,6 +372,18 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _load_rng_state(path: Path) -> dict[str, Any]:
+    """An RNG file, unpickled with torch's weights-only unpickler widened to numpy's state
+    arrays only: a hostile file (its manifest rewritten to match) is an error, never code run."""
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    reconstruct = core.multiarray._reconstruct
+    allowed: list[Any] = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # a file pickled under the other numpy major names the function by its other module
+    allowed += [(reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -436,6 +472,13 @@ def load_checkpoint(
     checkpoint, skipped = find_checkpoint(path, checksums=checksums, must_exist=must_exist, group=group)
     if checkpoint is None:
         return None
+    train_state_file = checkpoint / TRAIN_STATE_FILE
+    if optimizer is not None and not train_state_file.is_file():
+        raise CheckpointError(
+            f"{checkpoint} is a model-only checkpoint (no {TRAIN_STATE_FILE}, no optimizer state, "
+            f"e.g. written by `import hf`): it cannot be resumed; set checkpoint.finetune=true to "
+            f"start a run from its weights"
+        )
     state = training_state_dict(model, optimizer)
     check_model_shapes(checkpoint, state["model"], part=getattr(model, "is_pipeline_part", False))
     try:
@@ -449,14 +492,18 @@ def load_checkpoint(
         model_state_dict=state["model"],
         optim_state_dict=state.get("optimizer", {}),
     )
-    try:
-        train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{checkpoint / TRAIN_STATE_FILE} is not valid JSON: {e}") from None
+    train_state: dict[str, Any] = {}
+    if train_state_file.is_file():  # absent only from a model-only checkpoint (weights only)
+        try:
+            train_state = json.loads(train_state_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{train_state_file} is unreadable: {failure_reason(e)}") from None
+        if not isinstance(train_state, dict):
+            raise CheckpointError(f"{train_state_file} is not a JSON object")
     rng_file = checkpoint / RNG_DIR / f"rank_{_rank():05d}.pt"
     if restore_rng and rng_file.is_file():
         try:
-            rng = torch.load(rng_file, weights_only=False)
+            rng = _load_rng_state(rng_file)
         except Exception as e:
             raise CheckpointCorruptError(f"cannot read {rng_file}: {failure_reason(e)}") from None
         set_rng_state(rng)
@@ -650,7 +697,7 @@ class Checkpointer:
             table = describe_files(tmp, self.checksums, self.group)
         except CheckpointError as e:
             self._fail(tmp, str(e))
-        manifest = json.dumps({"format": 1, "step": step, "files": table}, indent=1)
+        manifest = manifest_json(table, step)
 
         def publish() -> None:
             atomic_write_text(tmp / MANIFEST_FILE, manifest)  # last: marks the save complete
@@ -667,14 +714,19 @@ class Checkpointer:
 
         self._together(tmp, publish, owner_only=True)
         if self._owner:
-            self._prune()
+            self._prune(step)
             if self.on_complete is not None:
                 self.on_complete(final, step)
         _barrier(self.group)
 
-    def _prune(self) -> None:
+    def _prune(self, step: int) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints up to `step` (the one just
+        written, which is always kept). Checkpoints of later steps are left alone: they are an
+        earlier run's, which this one resumed from before them (`checkpoint.load` of an older
+        checkpoint, or a damaged newest one skipped), and counting them would delete the
+        checkpoint just written."""
         if not self.keep_last:
             return
-        found = complete_checkpoints(self.save_dir)
+        found = [(s, path) for s, path in complete_checkpoints(self.save_dir) if s <= step]
         for _, path in found[: max(0, len(found) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)

@@ -47,10 +47,13 @@ from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
     CONFIG_FILE,
+    TRAIN_STATE_FILE,
     Checkpointer,
+    CheckpointError,
     CheckpointWriteError,
     LoadedCheckpoint,
     check_writable,
+    failure_reason,
     load_checkpoint,
 )
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -178,9 +181,13 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     if loaded is None:
         return Restored(RunState(), LoaderState())
     saved = dict(loaded.train_state)
-    loader = TrainingData.state_from(saved.pop("loader"))
     fields = {f.name for f in dataclasses.fields(RunState)}
-    state = RunState(**{k: v for k, v in saved.items() if k in fields})
+    try:
+        loader = TrainingData.state_from(saved.pop("loader"))
+        state = RunState(**{k: v for k, v in saved.items() if k in fields})
+    except (KeyError, TypeError) as e:  # e.g. a hand-edited file whose manifest was rewritten
+        where = loaded.path / TRAIN_STATE_FILE
+        raise CheckpointError(f"{where} does not hold a run's state ({failure_reason(e)})") from None
     return Restored(state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded)
 
 
@@ -373,6 +380,7 @@ class Trainer:
         )
         try:
             trainer._resume_schedule()
+            trainer._check_data_order()
         except BaseException:
             trainer.close()
             raise
@@ -396,6 +404,48 @@ class Trainer:
         )
         if change:
             self.warn(change)
+
+    # The settings that decide which sample sits at each position of the training order
+    # (docs/training.md, "Data": shuffles seeded by train.seed over samples of seq_length).
+    # The number of samples (train_iters x global_batch_size) is left out: a longer run is the
+    # ordinary extension, and it reorders only when it adds an epoch (as in Megatron).
+    DATA_ORDER_KEYS = (
+        ("train", "seed"),
+        ("train", "seq_length"),
+        ("data", "blend"),
+        ("data", "phase2_blend"),
+        ("data", "phase2_start_fraction"),
+        ("data", "mixed_length_blends"),
+        ("data", "mock"),
+    )
+
+    def _check_data_order(self) -> None:
+        """Warn when a resumed run's data settings differ from those its checkpoint was trained
+        with (its config.json): the run goes on at the checkpoint's position (consumed samples)
+        of the order the new settings give, which may not be the order the samples before it
+        were drawn from, so some may be read twice and others never."""
+        if self.restored.resumed_from is None:
+            return
+        source = Path(self.restored.resumed_from) / CONFIG_FILE
+        try:
+            saved = json.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return  # a checkpoint without a run config: nothing to compare with
+        ours = json.loads(json.dumps(_config_dict(self.cfg), default=str))  # as config.json has it
+        changes = []
+        for section, key in self.DATA_ORDER_KEYS:
+            before = (saved.get(section) or {}).get(key) if isinstance(saved, dict) else None
+            now = ours.get(section, {}).get(key)
+            if isinstance(saved, dict) and key in (saved.get(section) or {}) and before != now:
+                changes.append(f"{section}.{key} {before!r} -> {now!r}")
+        if changes:
+            self.warn(
+                f"data settings differ from those {self.restored.resumed_from} was trained with "
+                f"({'; '.join(changes)}): the run continues at sample "
+                f"{self.data.state.consumed_train_samples} of the order these settings give, "
+                f"which may differ from the order the checkpoint's samples were drawn from "
+                f"(some samples may be read twice, others never)"
+            )
 
     def warn(self, message: str) -> None:
         """Rank 0 tells the caller's event hook (the CLI prints it), else the log; the summary

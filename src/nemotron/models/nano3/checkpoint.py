@@ -2,9 +2,11 @@
 
 Reads the training checkpoints written by `nemotron.train.checkpoint` (a DCP directory whose
 `"model"` entry holds the model state, beside a `config.json` whose `"model"` section is the
-architecture), or a save directory holding them (its latest complete checkpoint). Writes
-model-only DCP checkpoints in the same layout (`"model"` state + `config.json`), which is what
-`nemotron nano3 import hf` produces: no optimiser, loader or step state.
+architecture), or a save directory holding them (its newest intact checkpoint), after checking
+the files against the checkpoint's `manifest.json`. Writes model-only DCP checkpoints in the
+same layout (`"model"` state + `config.json` + `manifest.json`), which is what
+`nemotron nano3 import hf` produces: no optimiser, loader or step state (a run starts from one
+with `checkpoint.finetune=true`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.train.checkpoint import resolve_checkpoint
-from nemotron.utils.fs import apply_default_modes
+from nemotron.train.checkpoint import (
+    MANIFEST_FILE,
+    CheckpointError,
+    check_model_shapes,
+    describe_files,
+    failure_reason,
+    find_checkpoint,
+    manifest_json,
+)
+from nemotron.utils.fs import apply_default_modes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 MODEL_KEY = "model"
@@ -36,20 +47,30 @@ class ModelCheckpointError(ValueError):
     """A checkpoint directory that cannot be read as Nano3 model weights."""
 
 
-def resolve_model_checkpoint(path: str | os.PathLike) -> Path:
-    """A DCP checkpoint directory, or the latest complete checkpoint of a training save dir."""
+def find_model_checkpoint(path: str | os.PathLike) -> tuple[Path, list]:
+    """(the checkpoint, the damaged ones passed over): `path` itself when it is a checkpoint, or
+    the newest intact checkpoint of a training save dir (`latest`'s target first). Either way
+    its files are checked against its `manifest.json` first (`find_checkpoint`), so a
+    half-written (`.tmp-*`, no manifest), truncated or altered checkpoint is an error naming
+    the file, never read."""
     path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
     if not path.exists():
         raise ModelCheckpointError(f"{path}: does not exist")
-    try:  # a training save dir: its latest complete checkpoint
-        found = resolve_checkpoint(path, must_exist=False)
-    except Exception as err:  # the training package's own precise error
-        raise ModelCheckpointError(str(err)) from err
-    if found is not None:
-        return Path(found)
-    raise ModelCheckpointError(f"{path}: no DCP checkpoint (.metadata) found")
+    if not path.is_dir():
+        raise ModelCheckpointError(f"{path}: not a directory (a checkpoint or a save dir is)")
+    try:
+        found, skipped = find_checkpoint(path, must_exist=False)
+    except CheckpointError as err:  # the training package's own precise error
+        raise ModelCheckpointError(str(err)) from None
+    if found is None:
+        raise ModelCheckpointError(f"{path}: no checkpoint (iter_N directory or .metadata) found")
+    return found, skipped
+
+
+def resolve_model_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the newest intact checkpoint of a training save dir, verified
+    against its manifest (`find_model_checkpoint`)."""
+    return find_model_checkpoint(path)[0]
 
 
 def config_from_checkpoint(checkpoint: str | os.PathLike) -> Nano3Config:
@@ -60,8 +81,10 @@ def config_from_checkpoint(checkpoint: str | os.PathLike) -> Nano3Config:
         raise ModelCheckpointError(f"{path}: not found; the model architecture is needed to read the weights")
     try:
         section = json.loads(path.read_text())[MODEL_KEY]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ModelCheckpointError(f"{path}: expected a JSON object with a 'model' section ({err})") from err
+        if not isinstance(section, dict):
+            raise TypeError(f"'model' is a {type(section).__name__}, not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelCheckpointError(f"{path}: expected a JSON object with a 'model' section ({err})") from None
     names = {f.name for f in dataclasses.fields(Nano3Config)}
     try:
         return Nano3Config(**{k: v for k, v in section.items() if k in names})
@@ -79,9 +102,15 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     model.reset_parameters()
     state = {MODEL_KEY: model.state_dict()}
     try:
+        # config.json's architecture against the weights' shapes: every mismatch named
+        check_model_shapes(checkpoint, state[MODEL_KEY])
         dcp.load(state, checkpoint_id=str(checkpoint))
-    except Exception as err:  # DCP raises assorted errors for missing keys or foreign files
-        raise ModelCheckpointError(f"{checkpoint}: cannot read the model weights: {err}") from err
+    except CheckpointError as err:
+        raise ModelCheckpointError(f"{err} (architecture from {checkpoint / CONFIG_FILE})") from None
+    except (Exception, CheckpointException) as err:  # DCP's own is a BaseException
+        raise ModelCheckpointError(
+            f"{checkpoint}: cannot read the model weights: {failure_reason(err)}"
+        ) from None
     model.load_state_dict(state[MODEL_KEY])
     return config, model
 
@@ -99,6 +128,8 @@ def save_model_checkpoint(
     try:
         dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps({MODEL_KEY: dataclasses.asdict(config)}, indent=2) + "\n")
+        # sizes and checksums, as a training checkpoint has: verified before every load
+        atomic_write_text(tmp / MANIFEST_FILE, manifest_json(describe_files(tmp), step=None))
         apply_default_modes(tmp)  # mkdtemp made it 0700
         if out.exists():
             shutil.rmtree(out)

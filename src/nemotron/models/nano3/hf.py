@@ -142,8 +142,10 @@ def _read_config_json(hf_dir: Path) -> dict:
         raise HFInteropError(f"{path}: not found (not a Hugging Face model directory)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HFInteropError(f"{path}: invalid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise HFInteropError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "nemotron_h":
         raise HFInteropError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'nemotron_h'")
     return raw
@@ -156,7 +158,10 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
     where = hf_dir / "config.json"
     raw = _read_config_json(hf_dir)
     # transformers resolves legacy keys and defaults exactly as it would when loading the model.
-    hf = _transformers_config_class().from_pretrained(str(hf_dir))
+    try:
+        hf = _transformers_config_class().from_pretrained(str(hf_dir))
+    except Exception as err:  # transformers' validation errors (e.g. a field of the wrong type)
+        raise HFInteropError(f"{where}: {type(err).__name__}: {' '.join(str(err).split())}") from None
     try:
         pattern = "".join(_FROM_HF_BLOCK_TYPE[t] for t in hf.layers_block_type)
     except KeyError as err:
@@ -237,6 +242,10 @@ def from_hf_state_dict(
         got = tuple(hf_tensors[key].shape)
         if got != tuple(ref.shape):
             raise HFInteropError(f"{source}: {key} has shape {got}, expected {tuple(ref.shape)}")
+        if not hf_tensors[key].is_floating_point():  # an integer tensor would be cast silently
+            raise HFInteropError(
+                f"{source}: {key} has dtype {hf_tensors[key].dtype}, expected a floating type"
+            )
 
     state: dict[str, torch.Tensor] = {}
     for name in expected:
@@ -353,29 +362,56 @@ def save_hf(
     return out_dir
 
 
-def _iter_hf_weight_files(hf_dir: Path) -> list[Path]:
+def _hf_weight_files(hf_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a directory, and the index's tensor -> file map (None without
+    an index)."""
     index = hf_dir / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise HFInteropError(f"{index}: not a safetensors index ({err})") from err
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise HFInteropError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HFInteropError(f"{index}: weight_map is not a table of tensor name -> file name")
         files = sorted({hf_dir / f for f in weight_map.values()})
     elif (hf_dir / SAFE_WEIGHTS_NAME).is_file():
-        files = [hf_dir / SAFE_WEIGHTS_NAME]
+        files, weight_map = [hf_dir / SAFE_WEIGHTS_NAME], None
     else:
         raise HFInteropError(f"{hf_dir}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
     for f in files:
         if not f.is_file():
             raise HFInteropError(f"{f}: listed in {SAFE_WEIGHTS_INDEX_NAME} but missing")
-    return files
+    return files, weight_map
 
 
 def _read_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in _iter_hf_weight_files(hf_dir):
-        with safe_open(str(f), framework="pt") as reader:
-            for key in reader.keys():
-                yield key, reader.get_tensor(key)
+    """Every tensor of the directory's safetensors files, each exactly once and (with an index)
+    from the file the index names for it: a tensor in two files, or elsewhere than its index
+    entry says, is an error naming both (transformers would take one of them silently)."""
+    files, weight_map = _hf_weight_files(hf_dir)
+    seen: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                for key in reader.keys():
+                    if key in seen:
+                        raise HFInteropError(f"{key} is in both {seen[key]} and {f}")
+                    if weight_map is not None and weight_map.get(key) != f.name:
+                        listed = weight_map.get(key)
+                        where = f"lists it in {listed}" if listed else "does not list it"
+                        raise HFInteropError(f"{f}: holds {key}, but {SAFE_WEIGHTS_INDEX_NAME} {where}")
+                    seen[key] = f
+                    yield key, reader.get_tensor(key)
+        except HFInteropError:
+            raise
+        except Exception as err:  # safetensors' own errors (a truncated or foreign file)
+            raise HFInteropError(f"{f}: cannot read ({type(err).__name__}: {err})") from None
+    absent = sorted(k for k in weight_map or {} if k not in seen)
+    if absent:
+        raise HFInteropError(
+            f"{hf_dir / weight_map[absent[0]]}: does not hold {absent[0]}, which "  # type: ignore[index]
+            f"{SAFE_WEIGHTS_INDEX_NAME} lists there ({len(absent)} such tensor(s))"
+        )
 
 
 def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str, torch.Tensor]]:

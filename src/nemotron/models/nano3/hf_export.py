@@ -29,6 +29,7 @@ class HFExport:
     checkpoint: Path
     out: Path
     tokenizer: str | None  # where the tokenizer came from, None when exported without one
+    skipped: tuple[str, ...] = ()  # damaged checkpoints of the save dir passed over, and why
 
 
 def trained_tokenizer_record(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -139,10 +140,10 @@ def export_hf(
     except ImportError as err:  # transformers is the optional `hf` extra
         raise HFInteropError("export hf needs transformers>=5.3 (pip install 'nemotron[hf]')") from err
 
-    from nemotron.models.nano3.checkpoint import load_model_checkpoint, resolve_model_checkpoint
+    from nemotron.models.nano3.checkpoint import find_model_checkpoint, load_model_checkpoint
     from nemotron.models.nano3.hf import DEFAULT_MAX_SHARD_BYTES
 
-    source = resolve_model_checkpoint(checkpoint)
+    source, skipped = find_model_checkpoint(checkpoint)
     config, model = load_model_checkpoint(source)
     hf_tokenizer, origin, fields = None, None, {}
     if with_tokenizer:
@@ -178,4 +179,5 @@ def export_hf(
         config_fields=fields,
         write_extra=write_extra,
     )
-    return HFExport(checkpoint=source, out=written, tokenizer=origin)
+    passed_over = tuple(f"{s.path}: {s.problem}" for s in skipped)
+    return HFExport(checkpoint=source, out=written, tokenizer=origin, skipped=passed_over)
