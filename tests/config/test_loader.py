@@ -309,6 +309,54 @@ def test_malformed_yaml_names_file(tmp_path):
         load_config(path, [], PretrainConfig)
 
 
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (b"train:\n  train_iters: \xff\xfe\n", r"not UTF-8 text \(byte 22"),
+        (b"5\n", "expected a mapping of config sections at the top level"),
+        (b"", r"the file is empty"),
+        (b"# a comment only\n\n", r"the file is empty"),
+    ],
+)
+def test_unreadable_or_empty_file_names_file(tmp_path, content, pattern):
+    """Each is one ConfigError naming the file: not a UnicodeDecodeError / OSError, and an empty
+    file is not read as 'all defaults' (for data prep that would be a silently different run)."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    for schema in (PretrainConfig, DataPrepJobConfig):
+        with pytest.raises(ConfigError, match=rf"^{path}: {pattern}"):
+            load_config(path, [], schema)
+
+
+def test_directory_as_config_is_named(tmp_path):
+    (tmp_path / "recipe.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        resolve_config_path(str(tmp_path / "recipe.yaml"), PretrainConfig)
+
+
+def test_model_and_flat_key_errors_name_the_override(tmp_path):
+    """The override behind an architecture error (checked as the model section is built) and
+    behind a data-prep (flat schema, undotted key) error is named, as for every value check."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.hybrid_pattern=M*"], PretrainConfig)
+    assert str(err.value).startswith(f"override 'model.hybrid_pattern=M*' on {path}: model.hybrid_pattern")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.moe_top_k=9", "model.num_experts=8"], PretrainConfig)
+    assert "1..model.num_experts (8)" in str(err.value)
+    assert str(err.value).startswith("override 'model.moe_top_k=9' on ")
+    prep = write(tmp_path, "num_shards: 4\n", "prep.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(prep, ["num_shards=0", "sample=5"], DataPrepJobConfig)
+    assert str(err.value).startswith(f"override 'num_shards=0' on {prep}: num_shards: must be >= 1")
+    # an interpolation an override wrote: the override is named, with the key
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.seed=${nope}"], PretrainConfig)
+    assert str(err.value).startswith(
+        f"override 'train.seed=${{nope}}' on {path}: train.seed: cannot resolve interpolation"
+    )
+
+
 # ---------------------------------------------------------------- names, schema, dump
 
 

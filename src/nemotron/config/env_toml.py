@@ -201,6 +201,8 @@ def load_env_toml(path: Path | str) -> EnvToml:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EnvTomlError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise EnvTomlError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise EnvTomlError(f"{path}: cannot read: {exc}") from None
     try:

@@ -125,7 +125,8 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
 def _qualify_model_error(message: str) -> str:
     """Prefix the Nano3Config field names in a ModelConfigError message with `model.`."""
     names = sorted((f.name for f in dataclasses.fields(Nano3Config)), key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\b")
+    # not after a word character or `model.` (already qualified); `1..num_experts` is a name
+    pattern = re.compile(r"(?<!\w)(?<!model\.)(" + "|".join(map(re.escape, names)) + r")\b")
     return pattern.sub(lambda m: "model." + m.group(1), message)
 
 
