@@ -30,6 +30,8 @@ TUNNELS = ("local", "ssh")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 # Slurm's --mem: a positive integer with an optional K/M/G/T unit.
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+# A name the shell can export (`export NAME=...` in a Slurm job script; torchrun's environment).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class EnvTomlError(ConfigError):
@@ -298,6 +300,20 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
             raise EnvTomlError(
                 f"{where}: key '{stray[0]}' only applies to tunnel = \"ssh\" "
                 f'(this profile\'s tunnel is "local")'
+            )
+    for var in values.get("env_vars", {}):
+        if not _ENV_NAME.match(var):
+            raise EnvTomlError(
+                f"{where}: key 'env_vars': {var!r} is not an environment variable name "
+                "(letters, digits and _, not starting with a digit)"
+            )
+        if executor == "slurm" and var != var.upper():
+            # NeMo-Run writes a Slurm job's variables as `export {name.upper()}=...`: the job
+            # would see another variable than the one named here
+            raise EnvTomlError(
+                f"{where}: key 'env_vars': {var!r} is not upper-case, and a Slurm job's variables "
+                f"are exported upper-cased (as {var.upper()!r}); export it in 'setup' instead, "
+                f'e.g. setup = ["export {var}=..."]'
             )
     if "time" in values and not _SLURM_TIME.match(values["time"]):
         raise EnvTomlError(
