@@ -102,7 +102,7 @@ def test_data_prep_dry_run_writes_nothing(cli, tmp_path):
 
 def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
     (cli.work / "env.toml").write_text('[here]\nexecutor = "local"\nnproc_per_node = 2\n')
-    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "--run", "here")
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "--run", "here", "train.micro_batch_size=8")
     assert result.exit_code == 0, result.output
     assert "torchrun" in result.output and "--nproc-per-node 2" in result.output
     assert all_files(cli.work) == [cli.work / "env.toml"]

@@ -185,6 +185,28 @@ def _plan_rows(
     ]
 
 
+def check_layout(cfg, world: int, where: str) -> None:
+    """The checks the job runs at its start on `world` processes, done before submitting it:
+    the parallel sizes against the world size and the model, the batch against data parallel,
+    every sample length against 2*CP*TP (`ParallelDims`, the one home of these rules). One
+    process trains the whole model and ignores the configured layout, so it is not checked."""
+    if world <= 1:
+        return
+    from nemotron.config import ConfigError
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+
+    t = cfg.train
+    lengths = {"train.seq_length": t.seq_length} | {
+        f"data.mixed_length_blends[{i}].seq_length": m.seq_length
+        for i, m in enumerate(cfg.data.mixed_length_blends)
+    }
+    try:
+        dims = ParallelDims.from_config(cfg.model.parallel(), world, cfg.model.arch())
+        dims.validate_batch(t.global_batch_size, t.micro_batch_size, lengths)
+    except ParallelLayoutError as exc:
+        raise ConfigError(f"{where}: {world} processes: {exc}") from None
+
+
 def _prediction_rows(cfg, world: int | None = None) -> list[tuple[str, str]]:
     """Memory and speed the performance model predicts for a GPU run (docs/parallelism.md
     "Performance model") at `world` GPUs (a profile's nodes x processes), else torchrun's
@@ -289,7 +311,12 @@ def _pretrain(
         config_yaml = dump_config(cfg)
 
         if not stage.local:
-            stage.submit(config_yaml, dry_run, predict=lambda world: _prediction_rows(cfg, world))
+            stage.submit(
+                config_yaml,
+                dry_run,
+                predict=lambda world: _prediction_rows(cfg, world),
+                check=lambda world, where: check_layout(cfg, world, where),
+            )
             return
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")

@@ -13,7 +13,15 @@ from nemotron.config.env_toml import (
     load_env_toml,
     load_profile,
 )
-from nemotron.launch.plan import STAGES, LaunchError, LaunchPlan, build_launch_plan, select_profile
+from nemotron.launch.plan import (
+    STAGES,
+    LaunchError,
+    LaunchPlan,
+    build_launch_plan,
+    processes,
+    select_profile,
+    world_size,
+)
 from nemotron.launch.submit import JobResult, render, submit
 
 __all__ = [
@@ -29,7 +37,9 @@ __all__ = [
     "find_env_toml",
     "load_env_toml",
     "load_profile",
+    "processes",
     "render",
     "select_profile",
     "submit",
+    "world_size",
 ]
