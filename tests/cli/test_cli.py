@@ -299,6 +299,25 @@ def test_bad_value(cli):
     )
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "-g", "0"], "--gpus must be a GPU count >= 1, got 0"),
+        (["plan", "-g", "8", "-g", "-8"], "--gpus must be a GPU count >= 1, got -8"),
+        (["plan", "--top", "-1"], "--top must be >= 0"),
+        (["export", "hf", "ckpt", "out", "--max-shard-gb", "nan"], "--max-shard-gb must be a positive"),
+        (["export", "hf", "ckpt", "out", "--max-shard-gb", "0"], "--max-shard-gb must be a positive"),
+    ],
+)
+def test_bad_command_arguments_exit_2(cli, args, needle):
+    """Values no run can mean (no GPUs, a negative count, a NaN or empty shard size) are an
+    argument error, not an exit-0 table of notes or a ValueError from deep inside."""
+    result = cli("nano3", *args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result, needle)
+    assert all_files(cli.work) == []
+
+
 def test_run_and_batch_are_exclusive(cli):
     for stage in (["pretrain"], ["data", "prep", "pretrain"]):
         result = cli("nano3", *stage, "-c", "tiny", "--run", "a", "--batch", "b")

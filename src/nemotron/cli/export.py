@@ -3,6 +3,7 @@ from a Hugging Face transformers `NemotronHForCausalLM` directory."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -56,6 +57,8 @@ def _export_hf(
 
         if dtype not in DTYPES:
             raise CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not (math.isfinite(max_shard_gb) and max_shard_gb > 0):
+            raise CliError(f"--max-shard-gb must be a positive number of GiB, got {max_shard_gb}")
         if tokenizer is not None and no_tokenizer:
             raise CliError("--tokenizer and --no-tokenizer are mutually exclusive")
         result = export_hf(
