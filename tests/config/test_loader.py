@@ -309,6 +309,19 @@ def test_malformed_yaml_names_file(tmp_path):
         load_config(path, [], PretrainConfig)
 
 
+def test_mapping_override_sets_the_keys_it_names(tmp_path):
+    """`train={...}` merges into the file's section: replacing it would silently reset the
+    file's other train keys (batch sizes here) to the defaults."""
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train={train_iters: 7, fp8: {enabled: false}}"], PretrainConfig)
+    assert (cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (7, 4, 2)
+    assert cfg.model.hidden_size == 32
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.train_iterz'"):
+        load_config(path, ["train={train_iterz: 7}"], PretrainConfig)
+    with pytest.raises(ConfigError, match="config name is empty"):
+        load_config("", [], PretrainConfig)
+
+
 @pytest.mark.parametrize(
     "content, pattern",
     [

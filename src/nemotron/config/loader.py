@@ -57,7 +57,12 @@ def available_configs(schema: type) -> list[str]:
 def resolve_config_path(name_or_path: str | Path, schema: type) -> Path:
     """`-c NAME`: a shipped recipe name (`default`, `tiny`, ...) if one exists, else a path."""
     text = str(name_or_path)
-    if text and "/" not in text and not text.endswith((".yaml", ".yml")):
+    if not text.strip():
+        raise ConfigError(
+            f"config name is empty: give a recipe name ({', '.join(available_configs(schema))}) "
+            "or a YAML file"
+        )
+    if "/" not in text and not text.endswith((".yaml", ".yml")):
         candidate = recipe_config_dir(schema) / f"{text}.yaml"
         if candidate.is_file():
             return candidate
@@ -323,7 +328,13 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
         leaf_type = _resolve_key(schema, ov.key, where_ov)
         if not _is_interpolation(ov.value):
             _convert(ov.value, leaf_type, ov.key, where_ov)  # a precise error for a bad value
-        _set(tree, ov.key, ov.value)
+        if _is_section(leaf_type) and isinstance(ov.value, dict):
+            # `train={train_iters: 5}` sets the keys it names, like `train.train_iters=5`:
+            # replacing the section would silently reset the file's other keys to defaults
+            for name, value in _flatten(ov.value, leaf_type, ov.key):
+                _set(tree, name, value)
+        else:
+            _set(tree, ov.key, ov.value)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as exc:
@@ -334,6 +345,23 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
             raise ConfigError(f"{_blame(message, where, parsed)}: {message}") from None
         raise ConfigError(f"{where}: cannot resolve interpolation: {message}") from None
     return resolved  # type: ignore[return-value]
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _flatten(value: dict, section: type, prefix: str) -> list[tuple[str, Any]]:
+    """The (dotted key, value) leaves of a mapping given for `section` (nested sections too)."""
+    fields = _fields(section)
+    out: list[tuple[str, Any]] = []
+    for name, item in value.items():
+        key = f"{prefix}.{name}"
+        if _is_section(fields[name]) and isinstance(item, dict) and item:
+            out += _flatten(item, fields[name], key)
+        else:
+            out.append((key, item))
+    return out
 
 
 def _is_interpolation(value: Any) -> bool:
