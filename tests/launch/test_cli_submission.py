@@ -108,3 +108,15 @@ def test_a_layout_the_profile_cannot_run_is_refused_before_submission(workdir, o
     assert result.output.startswith(f"error: --run laptop ({workdir / 'env.toml'}): 2 processes: ")
     assert re.search(message, result.output) and len(result.output.strip().splitlines()) == 1
     assert set(workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("stage", [["pretrain", "train.micro_batch_size=8"], ["data", "prep", "pretrain"]])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_batch_with_a_local_profile_is_refused_before_a_job_dir_exists(workdir, stage, dry_run):
+    """A local job cannot outlive the command: refused before the dry run shows a plan that
+    would not be submitted, and before a job dir (config.yaml + job.json) is left behind."""
+    before = set(workdir.rglob("*"))
+    result = invoke(["nano3", *stage, "-c", "tiny", "--batch", "laptop"] + (["-d"] if dry_run else []))
+    assert result.exit_code == 1, result.output
+    assert "profile 'laptop' runs locally" in result.output and "--batch" in result.output
+    assert set(workdir.rglob("*")) == before

@@ -287,6 +287,7 @@ def submit_remote(
 
     prof, env = launch.load_profile(profile)
     flag = "--run" if attached else "--batch"
+    launch.check_detachable(prof, attached)  # before the dry run shows, or a job dir is made
     if check is not None:
         check(launch.world_size(stage, prof), f"{flag} {prof.name} ({env.path})")
     if dry_run:

@@ -106,6 +106,15 @@ class LaunchPlan:
         return [*self.spec.cli, "-c", self.job_config_path()]
 
 
+def check_detachable(profile: Profile, attached: bool) -> None:
+    """`--batch` (detached) needs a Slurm profile: a local job cannot outlive the command."""
+    if not attached and not profile.is_slurm:
+        raise LaunchError(
+            f"profile '{profile.name}' runs locally; a local job cannot outlive this "
+            f'command, so use --run (attached) or a profile with executor = "slurm" for --batch'
+        )
+
+
 def processes(stage: str, profile: Profile) -> tuple[int, int, int]:
     """(nodes, torchrun processes per node, Slurm tasks per node) of `stage` under `profile`."""
     if stage not in STAGES:
