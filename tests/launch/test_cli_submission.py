@@ -64,7 +64,9 @@ def test_dry_run_with_a_slurm_profile_prints_the_sbatch_script_and_writes_nothin
 
 
 def test_dry_run_with_a_local_profile_prints_the_torchrun_command(workdir):
-    result = invoke(["nano3", "pretrain", "-c", "tiny", "--run", "laptop", "--dry-run", "train.micro_batch_size=8"])
+    result = invoke(
+        ["nano3", "pretrain", "-c", "tiny", "--run", "laptop", "--dry-run", "train.micro_batch_size=8"]
+    )
     assert result.exit_code == 0, result.output
     assert "--nproc-per-node 2" in result.output and "torchrun" in result.output
     assert not (workdir / "runs").exists()

@@ -157,7 +157,7 @@ def test_slurm_env_values_stay_one_word_in_the_job_script(env, job, tmp_path):
     import subprocess
 
     job_dir, config = job
-    values = {"SPACED": "a b; echo INJECTED", "QUOTES": "q\"`x`\\z $", "PLAIN": "/x:$HOME"}
+    values = {"SPACED": "a b; echo INJECTED", "QUOTES": 'q"`x`\\z $', "PLAIN": "/x:$HOME"}
     profile = env.profile("bare").__class__(**{**vars(env.profile("bare")), "env_vars": values})
     script = render(build_launch_plan("pretrain", config, profile, job_dir, None))
     exports = [ln for ln in script.splitlines() if ln.startswith(tuple(f"export {k}=" for k in values))]
@@ -170,7 +170,7 @@ def test_slurm_env_values_stay_one_word_in_the_job_script(env, job, tmp_path):
         check=True,
         env={"HOME": "/home/me", "PATH": os.environ["PATH"]},
     ).stdout.splitlines()
-    assert shown == ["a b; echo INJECTED", "q\"`x`\\z $", "/x:/home/me"]
+    assert shown == ["a b; echo INJECTED", 'q"`x`\\z $', "/x:/home/me"]
 
 
 def test_data_prep_takes_a_whole_node_without_torchrun(env, job):
