@@ -357,7 +357,7 @@ def open_job_dir(
     if from_submission and path.is_dir():
         if process_rank() == 0:
             if not (path / jobdir.CONFIG_FILE).exists():
-                (path / jobdir.CONFIG_FILE).write_text(config_yaml)
+                atomic_write_text(path / jobdir.CONFIG_FILE, config_yaml)
             atomic_write_text(path / "run.json", json.dumps(info, indent=2) + "\n")
         return path
     if process_rank() != 0:
