@@ -318,6 +318,28 @@ def test_bad_command_arguments_exit_2(cli, args, needle):
     assert all_files(cli.work) == []
 
 
+def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):
+    """One process ignores the configured layout (so the run is allowed), but a layout that no
+    number of processes can run (8 experts over EP3) is said in the plan, not left silent."""
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "model.expert_model_parallel_size=3")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.output.splitlines() if line.startswith("warning")]
+    assert "cannot run on any number of processes" in warning
+    assert "model.num_experts=8 is not divisible by model.expert_model_parallel_size=3" in warning
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "model.expert_model_parallel_size=2")
+    assert result.exit_code == 0 and "cannot run" not in result.output
+    assert all_files(cli.work) == []
+
+
+def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch):
+    """Under torchrun (WORLD_SIZE 4) the layout is checked before a job dir is made: tiny's
+    one micro-batch of 16 cannot split over 4 data-parallel ranks."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    err = assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "-d"), "4 processes")
+    assert "train.global_batch_size: 16 is not divisible by train.micro_batch_size * DP = 16*4" in err
+    assert all_files(cli.work) == []
+
+
 def test_run_and_batch_are_exclusive(cli):
     for stage in (["pretrain"], ["data", "prep", "pretrain"]):
         result = cli("nano3", *stage, "-c", "tiny", "--run", "a", "--batch", "b")
