@@ -181,6 +181,7 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         ('executor = "slurm"\nhost = "h"', "host"),
         ('executor = "slurm"\nport = 2222', "port"),
         ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = "22"', "port"),
+        ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = 70000', "port"),
         ('executor = "local"\npartition = "batch"', "partition"),
         ('nproc_per_node = 2\nsetup = ["x"]', "setup"),
         ('executor = "slurm"\nsetup = "module load x"', "setup"),

@@ -315,6 +315,8 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
                 f"are exported upper-cased (as {var.upper()!r}); export it in 'setup' instead, "
                 f'e.g. setup = ["export {var}=..."]'
             )
+    if values.get("port", 1) > 65535:
+        raise EnvTomlError(f"{where}: key 'port' must be a TCP port (1..65535), got {values['port']}")
     if "time" in values and not _SLURM_TIME.match(values["time"]):
         raise EnvTomlError(
             f"{where}: key 'time' must be a Slurm time such as \"04:00:00\" or "
