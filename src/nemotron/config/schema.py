@@ -179,6 +179,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         value = getattr(t, key)
         if value is not None:
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    # numpy's RandomState(train.seed) orders the documents and samples (Megatron's semantics)
+    _require(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}")
     _require(t.max_skipped_steps >= 0, "train.max_skipped_steps", f"must be >= 0, got {t.max_skipped_steps}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
