@@ -340,6 +340,22 @@ def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch)
     assert all_files(cli.work) == []
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--sample", "5", "sample=7"], "--sample 5 contradicts 'sample=7'"),
+        (["--force", "force=false"], "--force contradicts 'force=false'"),
+    ],
+)
+def test_data_prep_flag_contradicting_an_override_exits_2(cli, args, needle):
+    """The flag used to win silently over the key=value token that said otherwise."""
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", *args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result, needle)
+    agreeing = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "--sample", "5", "sample=5")
+    assert agreeing.exit_code == 0, agreeing.output
+
+
 def test_run_and_batch_are_exclusive(cli):
     for stage in (["pretrain"], ["data", "prep", "pretrain"]):
         result = cli("nano3", *stage, "-c", "tiny", "--run", "a", "--batch", "b")
