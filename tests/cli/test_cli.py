@@ -307,6 +307,12 @@ def test_bad_value(cli):
         (["plan", "--top", "-1"], "--top must be >= 0"),
         (["export", "hf", "ckpt", "out", "--max-shard-gb", "nan"], "--max-shard-gb must be a positive"),
         (["export", "hf", "ckpt", "out", "--max-shard-gb", "0"], "--max-shard-gb must be a positive"),
+        # OUT replaced whole with --overwrite: never the source or the run that holds it
+        (["export", "hf", "run/checkpoints/iter_1", "run", "--overwrite"], "OUT run holds CKPT"),
+        (["export", "hf", "run/checkpoints", "run/checkpoints", "--overwrite"], "is CKPT"),
+        (["export", "hf", "run/checkpoints", "run/checkpoints/hf"], "is inside CKPT"),
+        (["import", "hf", "hf", "hf", "--overwrite"], "OUT hf is DIR hf"),
+        (["import", "hf", "hf", "hf/ckpt"], "is inside DIR hf"),
     ],
 )
 def test_bad_command_arguments_exit_2(cli, args, needle):
