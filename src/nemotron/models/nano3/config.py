@@ -129,7 +129,13 @@ class Nano3Config:
         # The floats the initialisation and the forward pass take logs, square roots or signs of:
         # a non-positive one gives NaN weights (log dt), NaN norms (rsqrt(var + eps)), a failed
         # init (normal_ with std < 0) or a balancing loss that rewards imbalance (coeff < 0).
-        for name in ("norm_eps", "init_std", "mamba_dt_min", "mamba_dt_init_floor", "moe_routed_scaling_factor"):
+        for name in (
+            "norm_eps",
+            "init_std",
+            "mamba_dt_min",
+            "mamba_dt_init_floor",
+            "moe_routed_scaling_factor",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ModelConfigError(f"{name} must be a positive number, got {value}")
