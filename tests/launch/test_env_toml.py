@@ -182,6 +182,7 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         ('executor = "slurm"\nport = 2222', "port"),
         ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = "22"', "port"),
         ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = 70000', "port"),
+        ('executor = "slurm"\ngpus_per_node = 8\nnproc_per_node = 16', "nproc_per_node"),
         ('executor = "local"\npartition = "batch"', "partition"),
         ('nproc_per_node = 2\nsetup = ["x"]', "setup"),
         ('executor = "slurm"\nsetup = "module load x"', "setup"),

@@ -315,6 +315,12 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
                 f"are exported upper-cased (as {var.upper()!r}); export it in 'setup' instead, "
                 f'e.g. setup = ["export {var}=..."]'
             )
+    nproc, gpus = values.get("nproc_per_node"), values.get("gpus_per_node")
+    if nproc is not None and gpus is not None and nproc > gpus:
+        raise EnvTomlError(
+            f"{where}: key 'nproc_per_node' ({nproc}) exceeds 'gpus_per_node' ({gpus}): processes "
+            "would share a GPU, which NCCL refuses; leave nproc_per_node out (one per GPU)"
+        )
     if values.get("port", 1) > 65535:
         raise EnvTomlError(f"{where}: key 'port' must be a TCP port (1..65535), got {values['port']}")
     if "time" in values and not _SLURM_TIME.match(values["time"]):
