@@ -372,6 +372,10 @@ def test_model_and_flat_key_errors_name_the_override(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(prep, ["num_shards=0", "sample=5"], DataPrepJobConfig)
     assert str(err.value).startswith(f"override 'num_shards=0' on {prep}: num_shards: must be >= 1")
+    # an unparsable interpolation: the parser's message, without OmegaConf's context lines
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["checkpoint.save=/tmp/${"], PretrainConfig)
+    assert str(err.value).endswith("cannot parse value '/tmp/${': no viable alternative at input '${'")
     # an interpolation an override wrote: the override is named, with the key
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.seed=${nope}"], PretrainConfig)

@@ -95,7 +95,10 @@ def parse_override(token: str) -> Override:
         assert isinstance(container, dict)
         value = container["value"]
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {exc}") from None
+        # without the `full_key: value` / `object_type=dict` context lines OmegaConf appends
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join([ln for ln in lines if not ln.startswith(("full_key:", "object_type="))][:3])
+        raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {detail}") from None
     return Override(key=key, value=value, token=token)
 
 
