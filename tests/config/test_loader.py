@@ -326,6 +326,9 @@ def test_mapping_override_sets_the_keys_it_names(tmp_path):
     cfg = load_config(path, ["train={train_iters: 7, fp8: {enabled: false}}"], PretrainConfig)
     assert (cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (7, 4, 2)
     assert cfg.model.hidden_size == 32
+    # judged with the file's other keys, not the defaults (the default pattern has 52 blocks)
+    cfg = load_config(path, ["model={num_layers: 3, hidden_size: 16}"], PretrainConfig)
+    assert (cfg.model.hybrid_pattern, cfg.model.num_layers, cfg.model.hidden_size) == ("M*E", 3, 16)
     with pytest.raises(ConfigError, match=r"unknown key 'train\.train_iterz'"):
         load_config(path, ["train={train_iterz: 7}"], PretrainConfig)
     with pytest.raises(ConfigError, match="config name is empty"):

@@ -328,16 +328,14 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
     parsed = [ov if isinstance(ov, Override) else parse_override(ov) for ov in overrides or []]
     for ov in parsed:
         where_ov = f"override {ov.token!r}"
-        leaf_type = _resolve_key(schema, ov.key, where_ov)
-        if not _is_interpolation(ov.value):
-            _convert(ov.value, leaf_type, ov.key, where_ov)  # a precise error for a bad value
-        if _is_section(leaf_type) and isinstance(ov.value, dict):
-            # `train={train_iters: 5}` sets the keys it names, like `train.train_iters=5`:
-            # replacing the section would silently reset the file's other keys to defaults
-            for name, value in _flatten(ov.value, leaf_type, ov.key):
-                _set(tree, name, value)
-        else:
-            _set(tree, ov.key, ov.value)
+        # `train={train_iters: 5}` sets the keys it names, like `train.train_iters=5`:
+        # replacing the section would silently reset the file's other keys to defaults (and
+        # checking it whole would judge it against those defaults)
+        for key, value in _leaves(schema, ov.key, ov.value, where_ov):
+            leaf_type = _resolve_key(schema, key, where_ov)
+            if not _is_interpolation(value):
+                _convert(value, leaf_type, key, where_ov)  # a precise error for a bad value
+            _set(tree, key, value)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as exc:
@@ -354,16 +352,14 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _flatten(value: dict, section: type, prefix: str) -> list[tuple[str, Any]]:
-    """The (dotted key, value) leaves of a mapping given for `section` (nested sections too)."""
-    fields = _fields(section)
+def _leaves(schema: type, key: str, value: Any, where: str) -> list[tuple[str, Any]]:
+    """The (dotted key, value) pairs an override sets: itself, or for a mapping given to a
+    section, each key it names (nested sections too)."""
+    if not (isinstance(value, dict) and value and _is_section(_resolve_key(schema, key, where))):
+        return [(key, value)]
     out: list[tuple[str, Any]] = []
     for name, item in value.items():
-        key = f"{prefix}.{name}"
-        if _is_section(fields[name]) and isinstance(item, dict) and item:
-            out += _flatten(item, fields[name], key)
-        else:
-            out.append((key, item))
+        out += _leaves(schema, f"{key}.{name}", item, where)
     return out
 
 
