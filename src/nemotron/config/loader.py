@@ -340,9 +340,9 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
         resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as exc:
         message = str(exc).strip().splitlines()[0]
-        key = getattr(exc, "full_key", None)
-        if key:  # the key holding the interpolation (it may come from an override)
-            message = f"{key}: cannot resolve interpolation: {message}"
+        holder = getattr(exc, "full_key", None)
+        if holder:  # the key holding the interpolation (it may come from an override)
+            message = f"{holder}: cannot resolve interpolation: {message}"
             raise ConfigError(f"{_blame(message, where, parsed)}: {message}") from None
         raise ConfigError(f"{where}: cannot resolve interpolation: {message}") from None
     return resolved  # type: ignore[return-value]
