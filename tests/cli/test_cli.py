@@ -102,7 +102,7 @@ def test_data_prep_dry_run_writes_nothing(cli, tmp_path):
 
 def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
     (cli.work / "env.toml").write_text('[here]\nexecutor = "local"\nnproc_per_node = 2\n')
-    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "--run", "here")
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "--run", "here", "train.micro_batch_size=8")
     assert result.exit_code == 0, result.output
     assert "torchrun" in result.output and "--nproc-per-node 2" in result.output
     assert all_files(cli.work) == [cli.work / "env.toml"]
@@ -297,6 +297,69 @@ def test_bad_value(cli):
         cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "num_shards=zero"),
         "num_shards must be an integer",
     )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "-g", "0"], "--gpus must be a GPU count >= 1, got 0"),
+        (["plan", "-g", "8", "-g", "-8"], "--gpus must be a GPU count >= 1, got -8"),
+        (["plan", "--top", "-1"], "--top must be >= 0"),
+        (["export", "hf", "ckpt", "out", "--max-shard-gb", "nan"], "--max-shard-gb must be a positive"),
+        (["export", "hf", "ckpt", "out", "--max-shard-gb", "0"], "--max-shard-gb must be a positive"),
+        # OUT replaced whole with --overwrite: never the source or the run that holds it
+        (["export", "hf", "run/checkpoints/iter_1", "run", "--overwrite"], "OUT run holds CKPT"),
+        (["export", "hf", "run/checkpoints", "run/checkpoints", "--overwrite"], "is CKPT"),
+        (["export", "hf", "run/checkpoints", "run/checkpoints/hf"], "is inside CKPT"),
+        (["import", "hf", "hf", "hf", "--overwrite"], "OUT hf is DIR hf"),
+        (["import", "hf", "hf", "hf/ckpt"], "is inside DIR hf"),
+    ],
+)
+def test_bad_command_arguments_exit_2(cli, args, needle):
+    """Values no run can mean (no GPUs, a negative count, a NaN or empty shard size) are an
+    argument error, not an exit-0 table of notes or a ValueError from deep inside."""
+    result = cli("nano3", *args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result, needle)
+    assert all_files(cli.work) == []
+
+
+def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):
+    """One process ignores the configured layout (so the run is allowed), but a layout that no
+    number of processes can run (8 experts over EP3) is said in the plan, not left silent."""
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "model.expert_model_parallel_size=3")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.output.splitlines() if line.startswith("warning")]
+    assert "cannot run on any number of processes" in warning
+    assert "model.num_experts=8 is not divisible by model.expert_model_parallel_size=3" in warning
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", "model.expert_model_parallel_size=2")
+    assert result.exit_code == 0 and "cannot run" not in result.output
+    assert all_files(cli.work) == []
+
+
+def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch):
+    """Under torchrun (WORLD_SIZE 4) the layout is checked before a job dir is made: tiny's
+    one micro-batch of 16 cannot split over 4 data-parallel ranks."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    err = assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", "-d"), "4 processes")
+    assert "train.global_batch_size: 16 is not divisible by train.micro_batch_size * DP = 16*4" in err
+    assert all_files(cli.work) == []
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--sample", "5", "sample=7"], "--sample 5 contradicts 'sample=7'"),
+        (["--force", "force=false"], "--force contradicts 'force=false'"),
+    ],
+)
+def test_data_prep_flag_contradicting_an_override_exits_2(cli, args, needle):
+    """The flag used to win silently over the key=value token that said otherwise."""
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", *args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result, needle)
+    agreeing = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "-d", "--sample", "5", "sample=5")
+    assert agreeing.exit_code == 0, agreeing.output
 
 
 def test_run_and_batch_are_exclusive(cli):

@@ -41,7 +41,8 @@ def test_pretrain_dry_run_predicts_memory_and_speed(cli, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "64")
     result = cli("nano3", "pretrain", "-d")
     assert "64 GPUs, DP8 TP8 EP8" in result.output
-    # a CPU recipe gets no GPU prediction
+    # a CPU recipe gets no GPU prediction (one process: tiny's batch of 16 fits no 64-way DP)
+    monkeypatch.delenv("WORLD_SIZE")
     result = cli("nano3", "pretrain", "-c", "tiny", "-d")
     assert result.exit_code == 0 and "predicted" not in result.output
 

@@ -281,6 +281,16 @@ def test_value_errors_name_the_override_that_set_the_key(tmp_path):
         ),
         (["model.hybrid_pattern=MXE"], r"model\.hybrid_pattern has unknown symbol"),
         (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
+        # floats whose sign the init or forward depends on (NaN weights / norms otherwise)
+        (["model.mamba_dt_min=-1e-3"], r"model\.mamba_dt_min must be a positive number"),
+        (["model.mamba_dt_min=0.5"], r"model\.mamba_dt_max \(0\.1\) must be a number >= model\.mamba_dt_min"),
+        (["model.mamba_dt_init_floor=0"], r"model\.mamba_dt_init_floor must be a positive number"),
+        (["model.norm_eps=-1e-5"], r"model\.norm_eps must be a positive number"),
+        (["model.init_std=-0.02"], r"model\.init_std must be a positive number"),
+        (["model.moe_routed_scaling_factor=0"], r"model\.moe_routed_scaling_factor must be a positive"),
+        (["model.moe_seq_aux_loss_coeff=-1e-4"], r"model\.moe_seq_aux_loss_coeff must be >= 0"),
+        (["train.seed=-1"], r"train\.seed: must be in \[0, 2\*\*32\), got -1"),
+        (["train.seed=4294967296"], r"train\.seed: must be in \[0, 2\*\*32\)"),
     ],
 )
 def test_model_errors_name_model_keys(tmp_path, overrides, pattern):
@@ -307,6 +317,74 @@ def test_malformed_yaml_names_file(tmp_path):
     path = write(tmp_path, "- a\n- b\n", "list.yaml")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path, [], PretrainConfig)
+
+
+def test_mapping_override_sets_the_keys_it_names(tmp_path):
+    """`train={...}` merges into the file's section: replacing it would silently reset the
+    file's other train keys (batch sizes here) to the defaults."""
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train={train_iters: 7, fp8: {enabled: false}}"], PretrainConfig)
+    assert (cfg.train.train_iters, cfg.train.global_batch_size, cfg.train.micro_batch_size) == (7, 4, 2)
+    assert cfg.model.hidden_size == 32
+    # judged with the file's other keys, not the defaults (the default pattern has 52 blocks)
+    cfg = load_config(path, ["model={num_layers: 3, hidden_size: 16}"], PretrainConfig)
+    assert (cfg.model.hybrid_pattern, cfg.model.num_layers, cfg.model.hidden_size) == ("M*E", 3, 16)
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.train_iterz'"):
+        load_config(path, ["train={train_iterz: 7}"], PretrainConfig)
+    with pytest.raises(ConfigError, match="config name is empty"):
+        load_config("", [], PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (b"train:\n  train_iters: \xff\xfe\n", r"not UTF-8 text \(byte 22"),
+        (b"5\n", "expected a mapping of config sections at the top level"),
+        (b"", r"the file is empty"),
+        (b"# a comment only\n\n", r"the file is empty"),
+    ],
+)
+def test_unreadable_or_empty_file_names_file(tmp_path, content, pattern):
+    """Each is one ConfigError naming the file: not a UnicodeDecodeError / OSError, and an empty
+    file is not read as 'all defaults' (for data prep that would be a silently different run)."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    for schema in (PretrainConfig, DataPrepJobConfig):
+        with pytest.raises(ConfigError, match=rf"^{path}: {pattern}"):
+            load_config(path, [], schema)
+
+
+def test_directory_as_config_is_named(tmp_path):
+    (tmp_path / "recipe.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        resolve_config_path(str(tmp_path / "recipe.yaml"), PretrainConfig)
+
+
+def test_model_and_flat_key_errors_name_the_override(tmp_path):
+    """The override behind an architecture error (checked as the model section is built) and
+    behind a data-prep (flat schema, undotted key) error is named, as for every value check."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.hybrid_pattern=M*"], PretrainConfig)
+    assert str(err.value).startswith(f"override 'model.hybrid_pattern=M*' on {path}: model.hybrid_pattern")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["model.moe_top_k=9", "model.num_experts=8"], PretrainConfig)
+    assert "1..model.num_experts (8)" in str(err.value)
+    assert str(err.value).startswith("override 'model.moe_top_k=9' on ")
+    prep = write(tmp_path, "num_shards: 4\n", "prep.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(prep, ["num_shards=0", "sample=5"], DataPrepJobConfig)
+    assert str(err.value).startswith(f"override 'num_shards=0' on {prep}: num_shards: must be >= 1")
+    # an unparsable interpolation: the parser's message, without OmegaConf's context lines
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["checkpoint.save=/tmp/${"], PretrainConfig)
+    assert str(err.value).endswith("cannot parse value '/tmp/${': no viable alternative at input '${'")
+    # an interpolation an override wrote: the override is named, with the key
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.seed=${nope}"], PretrainConfig)
+    assert str(err.value).startswith(
+        f"override 'train.seed=${{nope}}' on {path}: train.seed: cannot resolve interpolation"
+    )
 
 
 # ---------------------------------------------------------------- names, schema, dump

@@ -79,7 +79,8 @@ def test_manual_split_and_placement():
         ),
         (
             dict(pipeline_model_parallel_size=4, pipeline_schedule="Interleaved1F1B"),
-            r"8 pipeline stages \(PP 4 x 2 per rank\) need at least one block each",
+            r"8 pipeline stages \(model\.pipeline_model_parallel_size=4 x 2 per rank\) need at "
+            r"least one block each, but model\.num_layers=6",
         ),
     ],
 )

@@ -181,10 +181,16 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         ('executor = "slurm"\nhost = "h"', "host"),
         ('executor = "slurm"\nport = 2222', "port"),
         ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = "22"', "port"),
+        ('executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "/j"\nport = 70000', "port"),
+        ('executor = "slurm"\ngpus_per_node = 8\nnproc_per_node = 16', "nproc_per_node"),
         ('executor = "local"\npartition = "batch"', "partition"),
         ('nproc_per_node = 2\nsetup = ["x"]', "setup"),
         ('executor = "slurm"\nsetup = "module load x"', "setup"),
         ('executor = "slurm"\nenv_vars = ["A=1"]', "env_vars"),
+        ('nproc_per_node = 2\nenv_vars = { "A B" = "1" }', "env_vars"),
+        ('nproc_per_node = 2\nenv_vars = { "1A" = "1" }', "env_vars"),
+        # NeMo-Run would export it upper-cased (HTTP_PROXY) in a Slurm job script
+        ('executor = "slurm"\nenv_vars = { http_proxy = "x" }', "env_vars"),
         ('executor = "slurm"\nextends = 3', "extends"),
     ],
 )
@@ -217,6 +223,10 @@ def test_invalid_toml_and_missing_file_name_the_file(tmp_path):
         load_env_toml(bad)
     with pytest.raises(EnvTomlError, match="file not found"):
         load_env_toml(tmp_path / "nope.toml")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[a]\nexecutor = "\xe9"\n')
+    with pytest.raises(EnvTomlError, match=rf"{latin1}: not UTF-8 text"):
+        load_env_toml(latin1)
     top_level = write(tmp_path / "t.toml", 'executor = "slurm"\n')
     with pytest.raises(EnvTomlError, match="top-level key 'executor' is not a table"):
         load_env_toml(top_level)

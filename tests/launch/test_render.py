@@ -151,6 +151,28 @@ def test_multi_node_gpu_sbatch_script_field_by_field(env, job, tmp_path):
     ]  # fmt: skip
 
 
+def test_slurm_env_values_stay_one_word_in_the_job_script(env, job, tmp_path):
+    """NeMo-Run writes `export NAME=value` unquoted: a value with a space or `;` must reach the
+    job whole (not cut at the space, the rest run as a command); `$VAR` still expands."""
+    import subprocess
+
+    job_dir, config = job
+    values = {"SPACED": "a b; echo INJECTED", "QUOTES": 'q"`x`\\z $', "PLAIN": "/x:$HOME"}
+    profile = env.profile("bare").__class__(**{**vars(env.profile("bare")), "env_vars": values})
+    script = render(build_launch_plan("pretrain", config, profile, job_dir, None))
+    exports = [ln for ln in script.splitlines() if ln.startswith(tuple(f"export {k}=" for k in values))]
+    assert len(exports) == 3
+    assert "export PLAIN=/x:$HOME" in exports  # plain values are written as before
+    shown = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, 'printf "%s\\n" "$SPACED" "$QUOTES" "$PLAIN"'])],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"HOME": "/home/me", "PATH": os.environ["PATH"]},
+    ).stdout.splitlines()
+    assert shown == ["a b; echo INJECTED", 'q"`x`\\z $', "/x:/home/me"]
+
+
 def test_data_prep_takes_a_whole_node_without_torchrun(env, job):
     job_dir, config = job
     plan = build_launch_plan("data_prep", config, env.profile("bare"), job_dir, env.wandb)

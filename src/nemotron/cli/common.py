@@ -265,12 +265,15 @@ def submit_remote(
     config_source: str,
     dry_run: bool,
     predict=None,
+    check=None,
 ) -> None:
     """`--run/--batch PROFILE`: plan the job with `nemotron.launch`, then render or submit it.
 
     The resolved config is written to the job dir (on a dry run: to a temporary file that is
     removed again) and the job runs `nemotron <stage> -c <that config>` with $NEMOTRON_JOB_DIR set.
-    `predict(world_size)`, if given, adds plan rows for the profile's process count (dry run).
+    `predict(world_size)`, if given, adds plan rows for the profile's process count (dry run);
+    `check(world_size, where)`, if given, raises when the config cannot run on that many
+    processes (before anything is written or submitted, dry run or not).
     """
     try:
         from nemotron import launch
@@ -284,6 +287,9 @@ def submit_remote(
 
     prof, env = launch.load_profile(profile)
     flag = "--run" if attached else "--batch"
+    launch.check_detachable(prof, attached)  # before the dry run shows, or a job dir is made
+    if check is not None:
+        check(launch.world_size(stage, prof), f"{flag} {prof.name} ({env.path})")
     if dry_run:
         with tempfile.TemporaryDirectory(prefix="nemotron-dryrun-") as tmp:
             config_path = Path(tmp) / jobdir.CONFIG_FILE
@@ -351,7 +357,7 @@ def open_job_dir(
     if from_submission and path.is_dir():
         if process_rank() == 0:
             if not (path / jobdir.CONFIG_FILE).exists():
-                (path / jobdir.CONFIG_FILE).write_text(config_yaml)
+                atomic_write_text(path / jobdir.CONFIG_FILE, config_yaml)
             atomic_write_text(path / "run.json", json.dumps(info, indent=2) + "\n")
         return path
     if process_rank() != 0:
@@ -400,7 +406,7 @@ class StageRun:
     def local(self) -> bool:
         return self.profile is None
 
-    def submit(self, config_yaml: str, dry_run: bool, predict=None) -> None:
+    def submit(self, config_yaml: str, dry_run: bool, predict=None, check=None) -> None:
         """Hand the job to its profile (see `submit_remote`)."""
         assert self.profile is not None  # only a non-local stage submits
         submit_remote(
@@ -413,6 +419,7 @@ class StageRun:
             config_source=self.config_source,
             dry_run=dry_run,
             predict=predict,
+            check=check,
         )
 
     def open(self, config_yaml: str) -> Path:

@@ -127,17 +127,30 @@ def data_prep_pretrain(
     [bold]nemotron nano3 data prep pretrain --sample 1000[/].
     """
     from nemotron.artifacts.jobdir import finish_job_dir
-    from nemotron.config import DataPrepJobConfig, dump_config, load_config, resolve_config_path
+    from nemotron.config import (
+        DataPrepJobConfig,
+        dump_config,
+        load_config,
+        parse_override,
+        resolve_config_path,
+    )
     from nemotron.data import embedded
 
     overrides = list(overrides or [])
-    # The flags are overrides too (applied after the key=value tokens), recorded as such.
-    if sample is not None:
-        overrides.append(f"sample={sample}")
-    if force:
-        overrides.append("force=true")
     with common.user_errors():
         common.check_exclusive(run, batch)
+        # The flags are overrides too (applied after the key=value tokens), recorded as such;
+        # a key=value token that says otherwise is a contradiction, not silently outvoted.
+        flags = [("--sample", f"sample={sample}")] if sample is not None else []
+        flags += [("--force", "force=true")] if force else []
+        for flag, flag_token in flags:
+            wanted = parse_override(flag_token)
+            for token in overrides:
+                ov = parse_override(token)
+                if ov.key == wanted.key and ov.value != wanted.value:
+                    shown = flag if wanted.value is True else f"{flag} {wanted.value}"
+                    raise common.CliError(f"{shown} contradicts {token!r}")
+            overrides.append(flag_token)
         config_path = resolve_config_path(config, DataPrepJobConfig)
         cfg = load_config(config_path, overrides, DataPrepJobConfig)
         cfg = sample_output_dir(cfg, overrides)

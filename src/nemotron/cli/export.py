@@ -3,6 +3,7 @@ from a Hugging Face transformers `NemotronHForCausalLM` directory."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +12,16 @@ import typer
 from nemotron.cli.common import CliError, console, user_errors
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def _check_apart(source: Path, out: Path, source_name: str) -> None:
+    """OUT must not be, hold or lie inside the source: `--overwrite` replaces OUT whole (the
+    source, or the run holding it, would be deleted), and files written inside a checkpoint
+    become part of it."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        where = "is" if dst == src else ("holds" if dst in src.parents else "is inside")
+        raise CliError(f"OUT {out} {where} {source_name} {source}: write the result somewhere else")
 
 
 def _export_hf(
@@ -56,6 +67,9 @@ def _export_hf(
 
         if dtype not in DTYPES:
             raise CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not (math.isfinite(max_shard_gb) and max_shard_gb > 0):
+            raise CliError(f"--max-shard-gb must be a positive number of GiB, got {max_shard_gb}")
+        _check_apart(checkpoint, out, "CKPT")
         if tokenizer is not None and no_tokenizer:
             raise CliError("--tokenizer and --no-tokenizer are mutually exclusive")
         result = export_hf(
@@ -91,6 +105,7 @@ def _import_hf(
         from nemotron.models.nano3.checkpoint import save_model_checkpoint
         from nemotron.models.nano3.hf import load_hf
 
+        _check_apart(hf_dir, out, "DIR")
         model = load_hf(hf_dir)
         written = save_model_checkpoint(model, model.config, out, overwrite=overwrite)
         console.print(f"imported {hf_dir} -> {written} (model weights, float32)")

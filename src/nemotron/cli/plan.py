@@ -150,6 +150,11 @@ def plan(
     from nemotron.train import perf_model as pm
 
     with common.user_errors():
+        bad_gpus = [n for n in gpus or [] if n < 1]
+        if bad_gpus:
+            raise common.CliError(f"--gpus must be a GPU count >= 1, got {bad_gpus[0]}")
+        if top < 0:
+            raise common.CliError(f"--top must be >= 0 (0: the recipe layout only), got {top}")
         cfg = load_config(resolve_config_path(config, PretrainConfig), list(overrides or []), PretrainConfig)
         model = cfg.model.arch()
         shape = pm.shape_from_config(cfg)

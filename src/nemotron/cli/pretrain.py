@@ -154,6 +154,11 @@ def _plan_rows(
                 for m in cfg.data.mixed_length_blends
             ),
         ),
+        *(
+            [("warning", f"the configured layout cannot run on any number of processes: {problem}")]
+            if (problem := _layout_problem(cfg))
+            else []
+        ),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
         (
@@ -183,6 +188,56 @@ def _plan_rows(
         ("job dir", str(job_dir)),
         *_prediction_rows(cfg),
     ]
+
+
+def check_layout(cfg, world: int, where: str) -> None:
+    """The checks the job runs at its start on `world` processes, done before submitting it:
+    the parallel sizes against the world size and the model, the batch against data parallel,
+    every sample length against 2*CP*TP (`ParallelDims`, the one home of these rules). One
+    process trains the whole model and ignores the configured layout, so it is not checked."""
+    if world <= 1:
+        return
+    from nemotron.config import ConfigError
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+
+    t = cfg.train
+    try:
+        dims = ParallelDims.from_config(cfg.model.parallel(), world, cfg.model.arch())
+        dims.validate_batch(t.global_batch_size, t.micro_batch_size, _sample_lengths(cfg))
+    except ParallelLayoutError as exc:
+        raise ConfigError(f"{where}: {world} processes: {exc}") from None
+
+
+def _sample_lengths(cfg) -> dict[str, int]:
+    """Every sample length of the run, by the key that sets it."""
+    return {"train.seq_length": cfg.train.seq_length} | {
+        f"data.mixed_length_blends[{i}].seq_length": m.seq_length
+        for i, m in enumerate(cfg.data.mixed_length_blends)
+    }
+
+
+def _layout_problem(cfg) -> str | None:
+    """Why the configured model-parallel layout can run on no number of processes (sizes
+    against the model, sample lengths against 2*CP*TP), or None. Checked at the fewest
+    processes the sizes need; the batch is left out (it depends on the data-parallel size)."""
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, check_sequence_lengths
+    from nemotron.train import perf_model as pm
+
+    p = cfg.model.parallel()
+    sizes = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.expert_model_parallel_size,
+        p.context_parallel_size,
+    )
+    if sizes == (1, 1, 1, 1):
+        return None
+    try:
+        dims = ParallelDims.from_config(p, pm.smallest_world(pm.layout_from_config(cfg, 1)), cfg.model.arch())
+        check_sequence_lengths(_sample_lengths(cfg), dims.sequence_shards, error=ParallelLayoutError)
+    except ParallelLayoutError as exc:
+        return str(exc)
+    return None
 
 
 def _prediction_rows(cfg, world: int | None = None) -> list[tuple[str, str]]:
@@ -289,8 +344,16 @@ def _pretrain(
         config_yaml = dump_config(cfg)
 
         if not stage.local:
-            stage.submit(config_yaml, dry_run, predict=lambda world: _prediction_rows(cfg, world))
+            stage.submit(
+                config_yaml,
+                dry_run,
+                predict=lambda world: _prediction_rows(cfg, world),
+                check=lambda world, where: check_layout(cfg, world, where),
+            )
             return
+        if common.launch_world_size() > 1:
+            # under torchrun: what the job checks at its start, before a job dir is made
+            check_layout(cfg, common.launch_world_size(), "this launch (torchrun WORLD_SIZE)")
         if dry_run:
             common.print_config(config_yaml, f"resolved config ({config_path})")
             common.print_plan(

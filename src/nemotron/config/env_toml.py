@@ -30,6 +30,8 @@ TUNNELS = ("local", "ssh")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 # Slurm's --mem: a positive integer with an optional K/M/G/T unit.
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+# A name the shell can export (`export NAME=...` in a Slurm job script; torchrun's environment).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class EnvTomlError(ConfigError):
@@ -201,6 +203,8 @@ def load_env_toml(path: Path | str) -> EnvToml:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EnvTomlError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise EnvTomlError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise EnvTomlError(f"{path}: cannot read: {exc}") from None
     try:
@@ -297,6 +301,28 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
                 f"{where}: key '{stray[0]}' only applies to tunnel = \"ssh\" "
                 f'(this profile\'s tunnel is "local")'
             )
+    for var in values.get("env_vars", {}):
+        if not _ENV_NAME.match(var):
+            raise EnvTomlError(
+                f"{where}: key 'env_vars': {var!r} is not an environment variable name "
+                "(letters, digits and _, not starting with a digit)"
+            )
+        if executor == "slurm" and var != var.upper():
+            # NeMo-Run writes a Slurm job's variables as `export {name.upper()}=...`: the job
+            # would see another variable than the one named here
+            raise EnvTomlError(
+                f"{where}: key 'env_vars': {var!r} is not upper-case, and a Slurm job's variables "
+                f"are exported upper-cased (as {var.upper()!r}); export it in 'setup' instead, "
+                f'e.g. setup = ["export {var}=..."]'
+            )
+    nproc, gpus = values.get("nproc_per_node"), values.get("gpus_per_node")
+    if nproc is not None and gpus is not None and nproc > gpus:
+        raise EnvTomlError(
+            f"{where}: key 'nproc_per_node' ({nproc}) exceeds 'gpus_per_node' ({gpus}): processes "
+            "would share a GPU, which NCCL refuses; leave nproc_per_node out (one per GPU)"
+        )
+    if values.get("port", 1) > 65535:
+        raise EnvTomlError(f"{where}: key 'port' must be a TCP port (1..65535), got {values['port']}")
     if "time" in values and not _SLURM_TIME.match(values["time"]):
         raise EnvTomlError(
             f"{where}: key 'time' must be a Slurm time such as \"04:00:00\" or "

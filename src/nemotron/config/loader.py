@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import re
 import types
 import typing
@@ -56,13 +57,20 @@ def available_configs(schema: type) -> list[str]:
 def resolve_config_path(name_or_path: str | Path, schema: type) -> Path:
     """`-c NAME`: a shipped recipe name (`default`, `tiny`, ...) if one exists, else a path."""
     text = str(name_or_path)
-    if text and "/" not in text and not text.endswith((".yaml", ".yml")):
+    if not text.strip():
+        raise ConfigError(
+            f"config name is empty: give a recipe name ({', '.join(available_configs(schema))}) "
+            "or a YAML file"
+        )
+    if "/" not in text and not text.endswith((".yaml", ".yml")):
         candidate = recipe_config_dir(schema) / f"{text}.yaml"
         if candidate.is_file():
             return candidate
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {text!r} is a directory; give a recipe name or a YAML file")
     known = available_configs(schema)
     hint = difflib.get_close_matches(text, known, n=1)
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -87,7 +95,10 @@ def parse_override(token: str) -> Override:
         assert isinstance(container, dict)
         value = container["value"]
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {exc}") from None
+        # without the `full_key: value` / `object_type=dict` context lines OmegaConf appends
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join([ln for ln in lines if not ln.startswith(("full_key:", "object_type="))][:3])
+        raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {detail}") from None
     return Override(key=key, value=value, token=token)
 
 
@@ -96,17 +107,40 @@ def parse_overrides(tokens: list[str] | tuple[str, ...] | None) -> list[Override
 
 
 def _load_yaml(path: Path) -> dict:
+    # Read here (not by OmegaConf.load) so that an undecodable or unreadable file is an error
+    # naming the file rather than a bare UnicodeDecodeError / OSError.
     try:
-        loaded = OmegaConf.load(path)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
+        detail = " ".join(line.strip() for line in first[:3]).replace('"<file>"', "the file")
         raise ConfigError(f"{path}: malformed YAML: {detail}") from None
+    except OSError:
+        # OmegaConf.load's answer to a top-level scalar (`5`, `text`): nothing else can fail
+        # in reading from memory
+        loaded = None
+    if not _has_yaml_content(text):
+        # an empty (or comments-only) file is almost surely a truncated or wrong one: all
+        # defaults would be a silently different config
+        raise ConfigError(f"{path}: the file is empty (no config sections)")
     if loaded is None or not OmegaConf.is_dict(loaded):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
+
+
+def _has_yaml_content(text: str) -> bool:
+    """Whether `text` holds anything besides comments and blank lines (`{}` does)."""
+    return any(line.split("#", 1)[0].strip() for line in text.splitlines())
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -235,7 +269,16 @@ def _build(cls: type[T], tree: dict, prefix: str, where: str) -> T:
     try:
         return cls(**kwargs)
     except ModelConfigError as exc:
-        raise ConfigError(f"{where}: {model_error(exc)}") from None
+        raise _ValueCheckError(str(model_error(exc)), where) from None
+
+
+class _ValueCheckError(ConfigError):
+    """A value check failed while a section was built (`Nano3Config` checks itself): `to_typed`
+    names the overrides behind it, as for the validators' errors."""
+
+    def __init__(self, bare: str, where: str) -> None:
+        super().__init__(f"{where}: {bare}")
+        self.bare = bare
 
 
 def to_typed(
@@ -243,7 +286,10 @@ def to_typed(
 ) -> T:
     """Validate a plain nested dict (already resolved) into `schema`; raises ConfigError. A
     value check's error names the `overrides` that set a key it is about (else just `where`)."""
-    cfg = _build(schema, tree, "", where)
+    try:
+        cfg = _build(schema, tree, "", where)
+    except _ValueCheckError as exc:
+        raise ConfigError(f"{_blame(exc.bare, where, overrides or [])}: {exc.bare}") from None
     validator = VALIDATORS.get(schema)
     if validator is not None:
         try:
@@ -253,14 +299,15 @@ def to_typed(
     return cfg
 
 
-# a dotted key as value checks name them (`train.fp8.layers`, `data.mixed_length_blends[0].blend`)
-_DOTTED_KEY = re.compile(r"\b[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)+")
+# a key as value checks name them: dotted (`train.fp8.layers`, `data.mixed_length_blends[0].blend`)
+# or, in a flat schema (data prep), bare (`num_shards`)
+_KEY = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*")
 
 
 def _blame(message: str, where: str, overrides: list[Override]) -> str:
     """Where a value check's `message` comes from: the overrides that set one of the keys its
     head (up to the first ': ') names, or a section above one (on `where`), else `where`."""
-    named = _DOTTED_KEY.findall(message.split(": ", 1)[0])
+    named = _KEY.findall(message.split(": ", 1)[0])
     tokens = [
         ov.token
         for ov in overrides
@@ -278,19 +325,42 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
     tree = _load_yaml(path)
     # Catch unknown keys in the file before overrides can mask them.
     _check_tree_keys(tree, schema, "", where)
-    for ov in overrides or []:
-        ov = ov if isinstance(ov, Override) else parse_override(ov)
+    parsed = [ov if isinstance(ov, Override) else parse_override(ov) for ov in overrides or []]
+    for ov in parsed:
         where_ov = f"override {ov.token!r}"
-        leaf_type = _resolve_key(schema, ov.key, where_ov)
-        if not _is_interpolation(ov.value):
-            _convert(ov.value, leaf_type, ov.key, where_ov)  # a precise error for a bad value
-        _set(tree, ov.key, ov.value)
+        # `train={train_iters: 5}` sets the keys it names, like `train.train_iters=5`:
+        # replacing the section would silently reset the file's other keys to defaults (and
+        # checking it whole would judge it against those defaults)
+        for key, value in _leaves(schema, ov.key, ov.value, where_ov):
+            leaf_type = _resolve_key(schema, key, where_ov)
+            if not _is_interpolation(value):
+                _convert(value, leaf_type, key, where_ov)  # a precise error for a bad value
+            _set(tree, key, value)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as exc:
         message = str(exc).strip().splitlines()[0]
+        holder = getattr(exc, "full_key", None)
+        if holder:  # the key holding the interpolation (it may come from an override)
+            message = f"{holder}: cannot resolve interpolation: {message}"
+            raise ConfigError(f"{_blame(message, where, parsed)}: {message}") from None
         raise ConfigError(f"{where}: cannot resolve interpolation: {message}") from None
     return resolved  # type: ignore[return-value]
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _leaves(schema: type, key: str, value: Any, where: str) -> list[tuple[str, Any]]:
+    """The (dotted key, value) pairs an override sets: itself, or for a mapping given to a
+    section, each key it names (nested sections too)."""
+    if not (isinstance(value, dict) and value and _is_section(_resolve_key(schema, key, where))):
+        return [(key, value)]
+    out: list[tuple[str, Any]] = []
+    for name, item in value.items():
+        out += _leaves(schema, f"{key}.{name}", item, where)
+    return out
 
 
 def _is_interpolation(value: Any) -> bool:

@@ -125,7 +125,8 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
 def _qualify_model_error(message: str) -> str:
     """Prefix the Nano3Config field names in a ModelConfigError message with `model.`."""
     names = sorted((f.name for f in dataclasses.fields(Nano3Config)), key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\b")
+    # not after a word character or `model.` (already qualified); `1..num_experts` is a name
+    pattern = re.compile(r"(?<!\w)(?<!model\.)(" + "|".join(map(re.escape, names)) + r")\b")
     return pattern.sub(lambda m: "model." + m.group(1), message)
 
 
@@ -178,6 +179,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         value = getattr(t, key)
         if value is not None:
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
+    # numpy's RandomState(train.seed) orders the documents and samples (Megatron's semantics)
+    _require(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}")
     _require(t.max_skipped_steps >= 0, "train.max_skipped_steps", f"must be >= 0, got {t.max_skipped_steps}")
     _require(t.eval_iters >= 0, "train.eval_iters", f"must be >= 0, got {t.eval_iters}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")

@@ -186,8 +186,8 @@ def split_stages(
     else:
         if stages > n:
             raise PipelineSplitError(
-                f"{stages} pipeline stages (PP {pp} x {virtual} per rank) need at least one "
-                f"block each, but the model has {n} blocks"
+                f"{stages} pipeline stages (model.pipeline_model_parallel_size={pp} x {virtual} "
+                f"per rank) need at least one block each, but model.num_layers={n}"
             )
         sizes = _balanced_partition(costs, stages, 0.0, head)
     blocks, start = [], 0

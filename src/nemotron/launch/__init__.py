@@ -13,7 +13,16 @@ from nemotron.config.env_toml import (
     load_env_toml,
     load_profile,
 )
-from nemotron.launch.plan import STAGES, LaunchError, LaunchPlan, build_launch_plan, select_profile
+from nemotron.launch.plan import (
+    STAGES,
+    LaunchError,
+    LaunchPlan,
+    build_launch_plan,
+    check_detachable,
+    processes,
+    select_profile,
+    world_size,
+)
 from nemotron.launch.submit import JobResult, render, submit
 
 __all__ = [
@@ -26,10 +35,13 @@ __all__ = [
     "Profile",
     "WandbSettings",
     "build_launch_plan",
+    "check_detachable",
     "find_env_toml",
     "load_env_toml",
     "load_profile",
+    "processes",
     "render",
     "select_profile",
     "submit",
+    "world_size",
 ]

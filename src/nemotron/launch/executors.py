@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 
 import nemo_run as run
 
@@ -39,7 +40,7 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
         tunnel = run.LocalTunnel(job_dir=base_dir)
     packager = _config_packager(plan)
 
-    env = dict(plan.env_vars)
+    env = {name: _job_script_value(value) for name, value in plan.env_vars.items()}
     srun_args: list[str] = []
     if plan.workdir is not None:
         flag = "--container-workdir" if profile.container_image else "--chdir"
@@ -78,6 +79,21 @@ def build_executor(plan: LaunchPlan) -> run.LocalExecutor | run.SlurmExecutor:
         launcher=launcher,
         poll_estimated_start_time=False,
     )
+
+
+# Characters that mean the same to the shell unquoted: a value of only these is written as is
+# (`$` kept: `$PATH`, `${HOME}` expand either way).
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./:,=+@%${}-]*")
+
+
+def _job_script_value(value: str) -> str:
+    """`value` as the Slurm job script must spell it: NeMo-Run writes `export NAME=<value>`
+    unquoted, so a space or `;` would end the value (and run the rest as a command). Wrapped in
+    double quotes, everything stays literal except `$` expansions, as in the profile's `setup`."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+    return f'"{escaped}"'
 
 
 def _config_packager(plan: LaunchPlan) -> run.PatternPackager:

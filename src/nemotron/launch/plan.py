@@ -106,6 +106,35 @@ class LaunchPlan:
         return [*self.spec.cli, "-c", self.job_config_path()]
 
 
+def check_detachable(profile: Profile, attached: bool) -> None:
+    """`--batch` (detached) needs a Slurm profile: a local job cannot outlive the command."""
+    if not attached and not profile.is_slurm:
+        raise LaunchError(
+            f"profile '{profile.name}' runs locally; a local job cannot outlive this "
+            f'command, so use --run (attached) or a profile with executor = "slurm" for --batch'
+        )
+
+
+def processes(stage: str, profile: Profile) -> tuple[int, int, int]:
+    """(nodes, torchrun processes per node, Slurm tasks per node) of `stage` under `profile`."""
+    if stage not in STAGES:
+        raise LaunchError(f"unknown stage '{stage}'; stages: {', '.join(sorted(STAGES))}")
+    if STAGES[stage].distributed:
+        nproc = profile.nproc_per_node or profile.gpus_per_node or profile.ntasks_per_node
+        return profile.nodes, nproc, 1
+    if profile.is_slurm:
+        # Data prep: nodes x ntasks_per_node tasks share the work units (claims on the shared
+        # filesystem); task 0 assembles the output.
+        return profile.nodes, 1, profile.ntasks_per_node
+    return 1, 1, 1
+
+
+def world_size(stage: str, profile: Profile) -> int:
+    """Processes of a distributed stage's job under `profile` (its training world size)."""
+    nodes, nproc, _ = processes(stage, profile)
+    return nodes * nproc
+
+
 def build_launch_plan(
     stage: str,
     resolved_config_path: Path | str,
@@ -120,7 +149,6 @@ def build_launch_plan(
     """
     if stage not in STAGES:
         raise LaunchError(f"unknown stage '{stage}'; stages: {', '.join(sorted(STAGES))}")
-    spec = STAGES[stage]
     config_path = Path(resolved_config_path).resolve()
     job_dir = Path(job_dir).resolve()
     if not config_path.is_file():
@@ -131,16 +159,7 @@ def build_launch_plan(
     )
     python = profile.python or (sys.executable if on_this_filesystem else "python")
 
-    tasks_per_node = 1
-    if spec.distributed:
-        nproc = profile.nproc_per_node or profile.gpus_per_node or profile.ntasks_per_node
-        nodes = profile.nodes
-    elif profile.is_slurm:
-        # Data prep: nodes x ntasks_per_node tasks share the work units (claims on the shared
-        # filesystem); task 0 assembles the output.
-        nproc, nodes, tasks_per_node = 1, profile.nodes, profile.ntasks_per_node
-    else:
-        nproc, nodes = 1, 1
+    nodes, nproc, tasks_per_node = processes(stage, profile)
 
     env: dict[str, str] = {}
     if wandb is not None:

@@ -26,7 +26,7 @@ from torchx.specs import AppState
 from torchx.specs.api import is_started, parse_app_handle
 
 from nemotron.launch.executors import build_executor, build_task
-from nemotron.launch.plan import EXPERIMENT_TITLE, LaunchError, LaunchPlan
+from nemotron.launch.plan import EXPERIMENT_TITLE, LaunchError, LaunchPlan, check_detachable
 
 LogSink = Callable[[str], None]
 
@@ -101,11 +101,7 @@ def _experiment(plan: LaunchPlan, executor, base_dir: Path) -> run.Experiment:
 def submit(plan: LaunchPlan, attached: bool, log_sink: LogSink | None = None) -> JobResult:
     """Launch the plan. Attached: stream logs to `log_sink`, wait, return the final state;
     Ctrl-C (KeyboardInterrupt) cancels the job and re-raises. Detached: return once submitted."""
-    if not attached and not plan.profile.is_slurm:
-        raise LaunchError(
-            f"profile '{plan.profile.name}' runs locally; a local job cannot outlive this "
-            f'command, so use --run (attached) or a profile with executor = "slurm" for --batch'
-        )
+    check_detachable(plan.profile, attached)
     if plan.task_dir.exists():
         raise LaunchError(
             f"{plan.task_dir} exists: job dir {plan.job_dir} was already submitted; "
