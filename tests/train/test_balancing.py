@@ -41,6 +41,24 @@ def test_sign_rate_and_reset():
     torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([0.499, -0.499, 0.0, 0.501]))
 
 
+@pytest.mark.parametrize("offset", [1, -1])
+def test_sign_is_exact_at_the_recipe_scale(offset):
+    """128 experts at ~1.18M token-slots each (3072 x 8192 tokens x top-6 per step): one expert
+    off by one token makes the exact mean c + offset/128, so every other expert sits just
+    below (above) it and must move up (down). A float32 mean (the sum, ~151M, is past float32's
+    exact integers) rounds to c and gave them sign 0: no update at all."""
+    experts, c = 128, 1_180_000
+    counts = [float(c)] * experts
+    counts[1] = float(c + offset)
+    layer = FakeMoE(counts)
+    update_expert_biases([layer], rate=1e-3)
+    # independent: sign(sum(counts) / E - count) in exact integer arithmetic
+    total = sum(int(x) for x in counts)
+    expected = [1e-3 * ((total > experts * int(x)) - (total < experts * int(x))) for x in counts]
+    assert layer.router.expert_bias.tolist() == pytest.approx(expected, rel=1e-6)
+    assert layer.router.expert_bias[0].item() == pytest.approx(offset * 1e-3, rel=1e-6)
+
+
 def test_reset_without_update():
     layer = FakeMoE([3.0, 1.0])
     reset_expert_counts([layer])
