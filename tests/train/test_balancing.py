@@ -92,3 +92,41 @@ def test_counts_are_summed_over_data_parallel_ranks():
         assert bias == expected, rank
         assert counts == [0.0, 0.0, 0.0, 0.0]
         assert tokens == [22.0]
+
+
+def test_sequence_balance_loss_counts_the_unbiased_top_k():
+    """DeepSeek-V3's sequence-wise loss (and Megatron-Core's): f_i counts the tokens whose top-k
+    of the UNBIASED sigmoid scores holds expert i; P_i the mean of the scores normalised over all
+    experts. The aux-loss-free bias only picks the experts that compute; it must not enter the
+    loss. Here the bias forces every token onto experts 0 and 1."""
+    from nemotron.config.schema import ModelConfig
+    from nemotron.models.nano3.moe import MoE
+
+    from .conftest import TINY_MODEL
+
+    config = ModelConfig(**TINY_MODEL).arch()
+    torch.manual_seed(0)
+    moe = MoE(config)
+    e, k = config.num_experts, config.moe_top_k
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([10.0, 10.0] + [0.0] * (e - 2)))
+        moe.router.weight.mul_(10.0)  # scores far from uniform, so the two readings differ
+    x = torch.randn(3, 7, config.hidden_size)
+    _, aux = moe(x)
+
+    def reference(chosen):
+        total = 0.0
+        for seq in range(x.shape[0]):
+            scores = torch.sigmoid(x[seq].double() @ moe.router.weight.detach().double().T)  # [S, E]
+            p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+            f = [e / (k * x.shape[1]) * sum(int(i in chosen(s)) for s in scores) for i in range(e)]
+            total += sum(f[i] * p[i].item() for i in range(e))
+        return total / x.shape[0]
+
+    unbiased = reference(lambda s: set(torch.topk(s, k).indices.tolist()))
+    biased = reference(lambda s: {0, 1})
+    assert abs(unbiased - biased) > 0.1  # the two readings differ here
+    assert aux.item() == pytest.approx(unbiased, rel=1e-5)
+    # the experts that computed were still the biased choice (the bias is not ignored)
+    counts = moe.router.tokens_per_expert
+    assert counts[:2].tolist() == [21.0, 21.0] and counts[2:].sum() == 0
