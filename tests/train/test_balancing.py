@@ -130,3 +130,48 @@ def test_sequence_balance_loss_counts_the_unbiased_top_k():
     # the experts that computed were still the biased choice (the bias is not ignored)
     counts = moe.router.tokens_per_expert
     assert counts[:2].tolist() == [21.0, 21.0] and counts[2:].sum() == 0
+
+
+def test_micro_batches_count_and_update_as_one_batch():
+    """Gradient accumulation: a step of 4 sequences in 1, 2 or 4 micro-batches counts the same
+    tokens per expert (every token once, top-k slots each) and moves the biases alike."""
+    import copy
+
+    from nemotron.config.schema import ModelConfig
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+    from nemotron.train.config import OptimizerConfig
+    from nemotron.train.loop import train_step
+    from nemotron.train.optimizer import build_optimizer
+
+    from .conftest import TINY_MODEL, VOCAB
+
+    config = ModelConfig(**TINY_MODEL).arch()
+    torch.manual_seed(0)
+    model = Nano3ForCausalLM(config)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (4, 17), generator=g)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(4, 16)}
+    outcomes = []
+    for pieces in (1, 2, 4):
+        m = copy.deepcopy(model)
+        rows = 4 // pieces
+        micro = [{k: v[i * rows : (i + 1) * rows] for k, v in batch.items()} for i in range(pieces)]
+        train_step(
+            m,
+            build_optimizer(m, OptimizerConfig()),
+            micro,
+            device=torch.device("cpu"),
+            precision="fp32",
+            grad_clip=1.0,
+        )
+        counts = [layer.router.tokens_per_expert.clone() for layer in m.moe_layers()]
+        assert all(c.sum() == 4 * 16 * config.moe_top_k for c in counts)
+        update_expert_biases(m.moe_layers(), rate=1e-3)
+        biases = [layer.router.expert_bias.clone() for layer in m.moe_layers()]
+        # independent: the update is rate * sign(mean - count) from these counts
+        for c, b in zip(counts, biases):
+            torch.testing.assert_close(b, 1e-3 * torch.sign(c.mean() - c), rtol=0, atol=1e-9)
+        outcomes.append((counts, biases))
+    for counts, biases in outcomes[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(counts, outcomes[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(biases, outcomes[0][1]))
