@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from nemotron.config.schema import ModelConfig
@@ -73,3 +76,45 @@ def test_weight_decay_really_is_0_1():
     w = dict(model.named_parameters())["lm_head.weight"]
     ratio = (w.detach() / before["lm_head.weight"]).mean().item()
     assert abs(ratio - 0.999) < 1e-6
+
+
+def test_gradient_clipping_uses_the_total_norm_over_every_parameter():
+    """train_step's gradient norm is the L2 norm of all gradients as one vector (routed experts,
+    router, norms, embeddings alike); above `grad_clip` every gradient is scaled by
+    grad_clip / (norm + 1e-6) (Megatron's clip_grad_norm), below it nothing changes. Seen
+    through an optimizer that records the gradients it is handed."""
+    from nemotron.train.loop import train_step
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            self.seen = {n: p.grad.clone() for n, p in self.named}
+
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 64, (2, 17), generator=g)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 16)}
+
+    def step(clip):
+        model = tiny_model()
+        opt = Recorder(model.parameters(), lr=1.0)
+        opt.named = list(model.named_parameters())
+        result = train_step(
+            model, opt, [batch], device=torch.device("cpu"), precision="fp32", grad_clip=clip
+        )
+        return result, opt.seen
+
+    result, grads = step(0.0)  # no clipping: the raw gradients
+    norm = math.sqrt(sum(float((gr.double() ** 2).sum()) for gr in grads.values()))
+    experts = sum(float((gr.double() ** 2).sum()) for n, gr in grads.items() if ".experts." in n)
+    assert experts > 1e-3 * norm**2  # the routed experts are a real part of the norm
+    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+
+    clip = norm / 4
+    clipped, clipped_grads = step(clip)
+    assert clipped.grad_norm == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+    scale = clip / (clipped.grad_norm + 1e-6)
+    for name, gr in grads.items():
+        torch.testing.assert_close(clipped_grads[name], gr * scale, rtol=1e-5, atol=1e-9, msg=name)
+
+    _, unclipped = step(norm * 2)
+    for name, gr in grads.items():
+        torch.testing.assert_close(unclipped[name], gr, rtol=0, atol=0, msg=name)
