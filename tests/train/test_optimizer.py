@@ -97,9 +97,7 @@ def test_gradient_clipping_uses_the_total_norm_over_every_parameter():
         model = tiny_model()
         opt = Recorder(model.parameters(), lr=1.0)
         opt.named = list(model.named_parameters())
-        result = train_step(
-            model, opt, [batch], device=torch.device("cpu"), precision="fp32", grad_clip=clip
-        )
+        result = train_step(model, opt, [batch], device=torch.device("cpu"), precision="fp32", grad_clip=clip)
         return result, opt.seen
 
     result, grads = step(0.0)  # no clipping: the raw gradients
