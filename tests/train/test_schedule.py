@@ -71,3 +71,31 @@ def test_bad_schedule_is_rejected():
         validate_schedule(SchedulerConfig(style="cosine"), OPT)
     with pytest.raises(ScheduleConfigError, match="min_lr"):
         validate_schedule(SchedulerConfig(), OptimizerConfig(lr=1e-5, min_lr=1e-3))
+
+
+# A 10-step run of 100 tokens per step, lr 1 -> min 0.1, linear decay: the rate of every step,
+# written out by hand from the rule (step k starts after 100k tokens; Megatron's WSD gives
+# the same numbers, its scheduler counting the steps done before the step it sets).
+@pytest.mark.parametrize(
+    "case,warmup,stable_end,expected",
+    [
+        # warmup over 2 steps; decay over the last 20% (steps 8, 9): step 8 is the decay's first,
+        # at factor 1; the last step is half-way down, min_lr would be the rate after the run
+        ("recipe shape", 200, 0.8, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 1, 0.55]),
+        ("no warmup", 0, 0.8, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0.55]),
+        ("no decay", 200, 1.0, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1]),
+        # decay from the start: warmup first, then the decay curve where it stands (0.2 in)
+        ("all decay", 200, 0.0, [0.0, 0.5, 0.82, 0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19]),
+        # a run shorter than its warmup never leaves it
+        ("shorter than warmup", 2000, 0.8, [0.05 * k for k in range(10)]),
+    ],
+)
+def test_every_step_of_a_short_run(case, warmup, stable_end, expected):
+    sched = SchedulerConfig(warmup_tokens=warmup, stable_fraction_end=stable_end, decay_style="linear")
+    opt = OptimizerConfig(lr=1.0, min_lr=0.1)
+    rates = [learning_rate(100 * k, 1000, sched, opt) for k in range(10)]
+    assert rates == pytest.approx(expected, abs=1e-12), case
+    # after the run (a resumed longer run keeping this schedule): min_lr, as Megatron past its
+    # decay steps; still the warmup line while the warmup lasts
+    after = learning_rate(1000, 1000, sched, opt)
+    assert after == pytest.approx(0.5 if warmup > 1000 else 0.1), case

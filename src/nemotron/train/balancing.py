@@ -58,7 +58,11 @@ def update_expert_biases(moe_layers, rate: float, group=None) -> BalanceStats:
     if not layers:
         return stats
     with torch.no_grad():
-        counts = torch.stack([layer.router.tokens_per_expert.float() for layer in layers])
+        # float64: at the recipe's scale a layer routes ~151M token-slots per step, beyond
+        # float32's exact integers (2^24), and a float32 mean can land on an expert's count (or
+        # miss it), turning sign(mean - count) into 0 (or +-1) for an expert at the mean.
+        # float64 holds every sum exactly, so the sign is the exact one.
+        counts = torch.stack([layer.router.tokens_per_expert.double() for layer in layers])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         mean = counts.mean(dim=1, keepdim=True)

@@ -118,10 +118,12 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: i
     """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (coefficient not applied).
 
     Per sequence of length S with E experts: `sum_i f_i * P_i` where `f_i = E / (k S) * #tokens
-    choosing expert i` and `P_i = mean over tokens of scores_i / sum_j scores_j`. It is 1 when
-    routing is perfectly uniform.
+    with expert i among their top k` and `P_i = mean over tokens of scores_i / sum_j scores_j`.
+    It is 1 when routing is perfectly uniform.
 
-    scores [batch, seq, E] float32; topk_idx [batch, seq, k].
+    scores [batch, seq, E] float32, unbiased; topk_idx [batch, seq, k]: each token's top k of
+    those unbiased scores (DeepSeek-V3 eq. 18; `MoE.forward` passes them, not the experts the
+    balancing bias chose, as Megatron-Core's `compute_routing_scores_for_aux_loss` does).
     """
     b, s, e = scores.shape
     probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
@@ -423,7 +425,12 @@ class MoE(nn.Module):
             shared = self.shared_experts(shared_in)
         # the shared expert's output is added inside the combine pass
         y = self.dispatcher.combine(expert_out, ctx, add=shared)
-        scores, topk_idx = route.scores.view(b, s, -1), route.topk_idx.view(b, s, -1)
+        scores = route.scores.view(b, s, -1)
+        # The balance loss counts each token's top-k of the UNBIASED scores (DeepSeek-V3's
+        # f_i, Megatron-Core's routing map for aux losses), not the experts the bias chose: the
+        # loss measures the router's own preference, which the bias is there to correct.
+        with torch.no_grad():
+            topk_idx = torch.topk(scores, self.top_k, dim=-1).indices
         if self.sequence_gather is not None:
             # A whole-sequence statistic: every rank computes it on the gathered sequences.
             scores = self.sequence_gather.gather_sequence(scores)
