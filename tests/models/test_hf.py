@@ -257,3 +257,36 @@ def test_unknown_config_fields_are_ignored_as_transformers_does(tmp_path, config
     loaded = load_hf(out)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("batch,seq", [(2, 9), (1, 3), (2, 1)])
+def test_every_gradient_matches_transformers_per_tensor(tmp_path, config, batch, seq):
+    """Each parameter's gradient (A_log, dt_bias, D, conv bias, norm weights, router weight,
+    experts, ...) against transformers' NemotronH on the same weights, each tensor by its own
+    relative error: sequences across the chunk boundary (chunk 4), within one chunk, of one step.
+    Both routers compute in float32, which bounds the agreement."""
+    model = random_model(config).double()
+    save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
+    hf = NemotronHForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float64, experts_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    weights = torch.randn(batch, seq, config.vocab_size, dtype=torch.float64)
+    (model(ids).logits * weights).sum().backward()
+    (hf(ids).logits.double() * weights).sum().backward()
+    theirs = dict(hf.named_parameters())
+    errors = {}
+    for name, p in model.named_parameters():
+        hf_name = name.replace("backbone.", "model.", 1).replace("mixer.router.", "mixer.gate.")
+        want = theirs[hf_name].grad.double()
+        diff = (p.grad.double() - want).norm().item()
+        # a zero gradient (at one step: A_log, q/k; nothing earlier to attend or decay) must be zero
+        errors[name] = diff / want.norm().item() if want.norm() > 0 else diff
+    assert len(errors) == len(theirs)
+    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < 1e-4}
+    assert not bad, bad
+    assert {n for n in errors if n.endswith(("A_log", "dt_bias", ".D", "conv1d.bias", "router.weight"))}
+    # the expert bias chooses only: a buffer on both sides, no gradient
+    for layer in model.moe_layers():
+        assert "expert_bias" not in dict(layer.router.named_parameters())
+    assert not any("e_score_correction_bias" in n for n in theirs)
