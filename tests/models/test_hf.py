@@ -109,6 +109,13 @@ def test_bf16_export_keeps_router_in_fp32(tmp_path, config):
     assert tensors["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32
     assert tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
+    # read back in bf16: the router weight stays float32, as transformers holds it in memory
+    ours = load_hf(tmp_path / "hf", dtype=torch.bfloat16)
+    peer = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    for i in (1, 3):
+        weight = ours.backbone.layers[str(i)].mixer.router.weight
+        assert weight.dtype == peer.model.layers[i].mixer.gate.weight.dtype == torch.float32
+        assert torch.equal(weight, peer.model.layers[i].mixer.gate.weight)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     # transformers loads it in the config's dtype (its router in fp32, `_keep_in_fp32_modules`)
     # and writes back the same names, dtypes and values
