@@ -266,12 +266,17 @@ def test_unknown_config_fields_are_ignored_as_transformers_does(tmp_path, config
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("batch,seq", [(2, 9), (1, 3), (2, 1)])
-def test_every_gradient_matches_transformers_per_tensor(tmp_path, config, batch, seq):
+@pytest.mark.parametrize(
+    "batch,seq,over",
+    [(2, 9, {}), (1, 3, {}), (2, 1, {}), (2, 6, dict(num_experts=4, moe_top_k=4, mamba_num_groups=1))],
+)
+def test_every_gradient_matches_transformers_per_tensor(tmp_path, batch, seq, over):
     """Each parameter's gradient (A_log, dt_bias, D, conv bias, norm weights, router weight,
     experts, ...) against transformers' NemotronH on the same weights, each tensor by its own
-    relative error: sequences across the chunk boundary (chunk 4), within one chunk, of one step.
-    Both routers compute in float32, which bounds the agreement."""
+    relative error: sequences across the chunk boundary (chunk 4), within one chunk, of one step;
+    2 Mamba groups, and 1 group with top_k = num_experts. Both routers compute in float32, which
+    bounds the agreement."""
+    config = tiny_config(**over)
     model = random_model(config).double()
     save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
     hf = NemotronHForCausalLM.from_pretrained(
