@@ -126,3 +126,19 @@ class Nano3Config:
             )
         if self.moe_shared_expert_hidden_size < 0:
             raise ModelConfigError("moe_shared_expert_hidden_size must be >= 0 (0 = no shared expert)")
+        # Real-valued settings: a bad one would otherwise surface as NaN outputs (norm_eps <= 0,
+        # a NaN scaling factor), a foreign error at initialisation (a negative std, log of a
+        # negative dt) or a silently wrong init (dt_min above dt_max).
+        positive_reals = ["norm_eps", "init_std", "mamba_dt_min", "mamba_dt_max", "moe_routed_scaling_factor"]
+        for name in positive_reals:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ModelConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if self.mamba_dt_min > self.mamba_dt_max:
+            raise ModelConfigError(
+                f"mamba_dt_min ({self.mamba_dt_min}) must not exceed mamba_dt_max ({self.mamba_dt_max})"
+            )
+        for name in ("mamba_dt_init_floor", "moe_seq_aux_loss_coeff"):  # 0: no floor / no loss
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ModelConfigError(f"{name} must be a finite number >= 0, got {value!r}")
