@@ -291,3 +291,34 @@ def test_moe_ties_in_router_scores_choose_the_lower_expert_index():
     with torch.no_grad():
         w.zero_()  # all eight experts tie
     assert m.router(x.view(-1, cfg.hidden_size)).topk_idx.tolist() == [[0, 1, 2]] * 8
+
+
+# --- the whole model: fused loss and fast paths against the reference path ------------------
+
+
+def test_whole_model_fused_loss_and_fast_paths_match_reference_per_tensor():
+    """`train.fused_kernels` (the chunked LM-head loss) and the CPU fast paths (one q|k|v GEMM,
+    the MoE fan-out's one gradient sum, the shared output added in the combine) against the
+    unfused loss on the reference path: the loss and every parameter's gradient, per tensor,
+    in float64 (training mode: the balance loss is in the loss), with a ragged mask."""
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    cfg = tiny_config()
+    model = Nano3ForCausalLM(cfg).double().train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels[0, 6:] = -100
+    mask = (torch.rand(2, 9) > 0.3).double()
+
+    def grads(fused: bool, fast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.fused_loss = fused
+        with fast_paths(fast):
+            out = model(ids, labels=labels, loss_mask=mask)
+            out.loss.backward()
+        return {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+
+    want = grads(fused=False, fast=False)
+    assert all(g is not None for g in want.values())
+    assert_per_tensor(grads(fused=True, fast=True), want, bound=1e-10)
+    assert_per_tensor(grads(fused=True, fast=False), want, bound=1e-10)
