@@ -322,3 +322,54 @@ def test_whole_model_fused_loss_and_fast_paths_match_reference_per_tensor():
     assert all(g is not None for g in want.values())
     assert_per_tensor(grads(fused=True, fast=True), want, bound=1e-10)
     assert_per_tensor(grads(fused=True, fast=False), want, bound=1e-10)
+
+
+def test_dtypes_under_bf16_autocast(monkeypatch):
+    """reference.md §1 under bf16 autocast over float32 weights: the router's logits, scores and
+    weights float32, A = -exp(A_log) and dt float32 into the scan, the state float32; the
+    projections, the scan's x/B/C and the experts bf16."""
+    import nemotron.models.nano3.mamba2 as mamba_module
+    import nemotron.models.nano3.moe as moe_module
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    seen: dict[str, torch.dtype] = {}
+    ssd, route_topk, experts_forward = (
+        mamba_module.ssd,
+        moe_module.route_topk,
+        moe_module.GroupedExperts.forward,
+    )
+
+    def spy_ssd(x, dt, A, B, C, chunk_size):
+        seen.update(ssd_x=x.dtype, ssd_dt=dt.dtype, ssd_A=A.dtype, ssd_B=B.dtype)
+        y, state = ssd(x, dt, A, B, C, chunk_size)
+        seen.update(ssd_state=state.dtype)
+        return y, state
+
+    def spy_route(logits, bias, k, scale):
+        out = route_topk(logits, bias, k, scale)
+        seen.update(router_logits=logits.dtype, router_scores=out[0].dtype, router_weights=out[2].dtype)
+        return out
+
+    def spy_experts(self, x, counts):
+        out = experts_forward(self, x, counts)
+        seen.update(experts_out=out.dtype)
+        return out
+
+    monkeypatch.setattr(mamba_module, "ssd", spy_ssd)
+    monkeypatch.setattr(moe_module, "route_topk", spy_route)
+    monkeypatch.setattr(moe_module.GroupedExperts, "forward", spy_experts)
+    model = Nano3ForCausalLM(tiny_config(), fused_loss=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 96, (2, 6))).logits
+    assert seen == dict(
+        ssd_x=torch.bfloat16,
+        ssd_dt=torch.float32,
+        ssd_A=torch.float32,
+        ssd_B=torch.bfloat16,
+        ssd_state=torch.float32,
+        router_logits=torch.float32,
+        router_scores=torch.float32,
+        router_weights=torch.float32,
+        experts_out=torch.bfloat16,
+    )
+    assert logits.dtype == torch.bfloat16
