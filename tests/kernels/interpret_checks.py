@@ -738,8 +738,10 @@ def _route_topk_check(tokens=37, experts=20, k=6, block_t=8, grads=("scores", "w
 
 def _route_topk_ties_check():
     """Ties in the biased scores (equal router rows, scores saturated at 1.0 in float32, an
-    all-equal row): the Triton kernel and the reference take the same experts in the same order,
-    the lower expert index first among equal scores."""
+    all-equal row) and NaN logits (a diverged step): the Triton kernel and the reference take the
+    same experts in the same order, the lower expert index first among equal scores, NaN scores
+    first with NaN weights (the kernel took expert id 8 of 8 for an all-NaN row, and skipped a
+    NaN expert with finite weights)."""
     from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
     from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
 
@@ -756,6 +758,13 @@ def _route_topk_ties_check():
         assert torch.equal(got[1], want[1]), f"k={k}: {got[1].tolist()} != {want[1].tolist()}"
         assert (want[1][:, 0] == 2).all(), want[1].tolist()
         torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6)
+    logits[3, 6] = float("nan")
+    logits[4] = float("nan")
+    got, want = route_topk_triton(logits, bias, 3, 2.5), route_topk_reference(logits, bias, 3, 2.5)
+    assert torch.equal(got[1], want[1]), f"NaN: {got[1].tolist()} != {want[1].tolist()}"
+    assert want[1][3].tolist() == [6, 2, 5] and want[1][4].tolist() == [0, 1, 2], want[1].tolist()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert got[2][[3, 4]].isnan().all() and not got[2][[0, 1, 2, 5]].isnan().any()
 
 
 def _moe_block_check(num_experts=4, top_k=4, starve=None, seq=5):
