@@ -736,6 +736,106 @@ def _route_topk_check(tokens=37, experts=20, k=6, block_t=8, grads=("scores", "w
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _route_topk_ties_check():
+    """Ties in the biased scores (equal router rows, scores saturated at 1.0 in float32, an
+    all-equal row) and NaN logits (a diverged step): the Triton kernel and the reference take the
+    same experts in the same order, the lower expert index first among equal scores, NaN scores
+    first with NaN weights (the kernel took expert id 8 of 8 for an all-NaN row, and skipped a
+    NaN expert with finite weights)."""
+    from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
+    from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
+
+    ROUTER_TRITON_CONFIG["block_t"] = 4
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(6, 8, generator=gen)
+    logits[:, 5] = logits[:, 2]  # experts 2 and 5 tie on every token
+    logits[1, [1, 4, 6]] = 40.0  # three scores of exactly 1.0
+    logits[2] = 0.0  # all eight tie
+    bias = torch.zeros(8)
+    bias[[2, 5]] = 5.0  # 2 and 5 always lead, tied
+    for k in (1, 3, 8):
+        got, want = route_topk_triton(logits, bias, k, 2.5), route_topk_reference(logits, bias, k, 2.5)
+        assert torch.equal(got[1], want[1]), f"k={k}: {got[1].tolist()} != {want[1].tolist()}"
+        assert (want[1][:, 0] == 2).all(), want[1].tolist()
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6)
+    logits[3, 6] = float("nan")
+    logits[4] = float("nan")
+    got, want = route_topk_triton(logits, bias, 3, 2.5), route_topk_reference(logits, bias, 3, 2.5)
+    assert torch.equal(got[1], want[1]), f"NaN: {got[1].tolist()} != {want[1].tolist()}"
+    assert want[1][3].tolist() == [6, 2, 5] and want[1][4].tolist() == [0, 1, 2], want[1].tolist()
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert got[2][[3, 4]].isnan().all() and not got[2][[0, 1, 2, 5]].isnan().any()
+
+
+def _moe_block_check(num_experts=4, top_k=4, starve=None, seq=5):
+    """The whole MoE block with its Triton kernels forced on CPU tensors (routing, combine with the
+    shared output, squared ReLU, the fan-out's gradient sum) against its reference path
+    (`fast_paths(False)`): output, input gradient and every parameter's gradient, per tensor;
+    `starve`: an expert biased out of every token's choice (its gradients exactly zero)."""
+    import nemotron.kernels.add_n as add_n_module
+    import nemotron.kernels.moe_combine as combine_module
+    import nemotron.kernels.moe_router as router_module
+    import nemotron.kernels.relu2 as relu2_module
+    from nemotron.kernels import fast_paths
+    from nemotron.models.nano3 import MoE, Nano3Config
+
+    cfg = Nano3Config(
+        hybrid_pattern="E",
+        num_layers=1,
+        hidden_size=24,
+        vocab_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=num_experts,
+        moe_top_k=top_k,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_hidden_size=8,
+        ffn_hidden_size=8,
+        init_std=0.3,
+    )
+    torch.manual_seed(14)
+    moe = MoE(cfg)
+    if starve is not None:
+        with torch.no_grad():
+            moe.router.expert_bias[starve] = -10.0
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, seq, cfg.hidden_size, generator=gen)
+    gy = torch.randn(2, seq, cfg.hidden_size, generator=gen)
+    forced = [
+        (router_module, "use_triton"),
+        (combine_module, "_use_triton"),
+        (relu2_module, "_use_triton"),
+        (add_n_module, "_use_triton"),
+    ]
+    originals = [getattr(mod, name) for mod, name in forced]
+
+    def run(fast):
+        moe.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        try:
+            if fast:
+                for mod, name in forced:
+                    setattr(mod, name, lambda *a: True)
+            with fast_paths(fast):
+                y, aux = moe(xx)
+                ((y * gy).sum() + 0.7 * aux).backward()
+        finally:
+            for (mod, name), value in zip(forced, originals):
+                setattr(mod, name, value)
+        return {"out": y, "aux": aux, "dx": xx.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+
+    got, want = run(True), run(False)
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    if starve is not None:
+        assert got["experts.up_proj"][starve].abs().max() == 0
+        assert got["experts.down_proj"][starve].abs().max() == 0
+
+
 def _model_mixer_grads(seq, chunk, heads, head_dim, state, groups, seed=0):
     """A real mixer's chain input and output gradient: a two-Mamba-block model (the released
     initialisation: dt log-uniform in [1e-3, 0.1], A = -U(1, 16)) in float64, next-token loss on
@@ -889,6 +989,9 @@ CHECKS = {
         tokens=9, experts=128, k=6, block_t=16, grads=("weights",)
     ),
     "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
+    "route_topk_ties": _route_topk_ties_check,
+    "moe_block_top_k_all_experts": _moe_block_check,
+    "moe_block_starved_expert_seq1": lambda: _moe_block_check(num_experts=6, top_k=2, starve=3, seq=1),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,
@@ -896,6 +999,8 @@ CHECKS = {
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
     "mamba_chain_one_chunk_batch1": lambda: _mamba_chain_check(seq=16, batch=1),
+    "mamba_chain_shorter_than_a_chunk": lambda: _mamba_chain_check(seq=5),
+    "mamba_chain_seq1": lambda: _mamba_chain_check(seq=1),
     "gated_rmsnorm_strided_gate": lambda: _rmsnorm_check(gated=True, strided_gate=True),
     "add_n_three_mixed_dtypes": lambda: _add_n_check(True),
     "add_n_two": lambda: _add_n_check(False),
@@ -917,6 +1022,7 @@ CHECKS = {
     "fp8_rows_to_k_places": _fp8_rows_to_check,
     "conv1d_silu_bias_strided": lambda: _conv1d_check(True, True, True),
     "conv1d_plain_no_bias": lambda: _conv1d_check(False, False, False, b=1, t=5, k=3),
+    "conv1d_seq_shorter_than_kernel": lambda: _conv1d_check(True, True, True, t=2),
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
     "cross_entropy_fp8_grad_tiles": _ce_grad_fp8_check,
@@ -926,6 +1032,8 @@ CHECKS = {
     "ssd_decay_grads_model_regime": lambda: _decay_grads_check("ssd"),
     "mamba_chain_decay_grads_model_regime": lambda: _decay_grads_check("chain"),
     "ssd_divisible": lambda: _ssd_check(l=64, chunk=32, with_state=False),
+    "ssd_shorter_than_a_chunk": lambda: _ssd_check(l=5, chunk=32, with_state=False),
+    "ssd_seq1_with_state": lambda: _ssd_check(l=1, chunk=16, with_state=True),
     "ssd_ragged_with_state": lambda: _ssd_check(l=45, chunk=32, with_state=True),
     "ssd_one_group_no_final_grad": lambda: _ssd_check(l=20, chunk=16, with_state=True, g=1, final_grad=False),
 }

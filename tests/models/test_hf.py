@@ -109,6 +109,13 @@ def test_bf16_export_keeps_router_in_fp32(tmp_path, config):
     assert tensors["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32
     assert tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"].dtype == torch.float32
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
+    # read back in bf16: the router weight stays float32, as transformers holds it in memory
+    ours = load_hf(tmp_path / "hf", dtype=torch.bfloat16)
+    peer = NemotronHForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    for i in (1, 3):
+        weight = ours.backbone.layers[str(i)].mixer.router.weight
+        assert weight.dtype == peer.model.layers[i].mixer.gate.weight.dtype == torch.float32
+        assert torch.equal(weight, peer.model.layers[i].mixer.gate.weight)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     # transformers loads it in the config's dtype (its router in fp32, `_keep_in_fp32_modules`)
     # and writes back the same names, dtypes and values
@@ -257,3 +264,41 @@ def test_unknown_config_fields_are_ignored_as_transformers_does(tmp_path, config
     loaded = load_hf(out)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "batch,seq,over",
+    [(2, 9, {}), (1, 3, {}), (2, 1, {}), (2, 6, dict(num_experts=4, moe_top_k=4, mamba_num_groups=1))],
+)
+def test_every_gradient_matches_transformers_per_tensor(tmp_path, batch, seq, over):
+    """Each parameter's gradient (A_log, dt_bias, D, conv bias, norm weights, router weight,
+    experts, ...) against transformers' NemotronH on the same weights, each tensor by its own
+    relative error: sequences across the chunk boundary (chunk 4), within one chunk, of one step;
+    2 Mamba groups, and 1 group with top_k = num_experts. Both routers compute in float32, which
+    bounds the agreement."""
+    config = tiny_config(**over)
+    model = random_model(config).double()
+    save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
+    hf = NemotronHForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float64, experts_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    weights = torch.randn(batch, seq, config.vocab_size, dtype=torch.float64)
+    (model(ids).logits * weights).sum().backward()
+    (hf(ids).logits.double() * weights).sum().backward()
+    theirs = dict(hf.named_parameters())
+    errors = {}
+    for name, p in model.named_parameters():
+        hf_name = name.replace("backbone.", "model.", 1).replace("mixer.router.", "mixer.gate.")
+        want = theirs[hf_name].grad.double()
+        diff = (p.grad.double() - want).norm().item()
+        # a zero gradient (at one step: A_log, q/k; nothing earlier to attend or decay) must be zero
+        errors[name] = diff / want.norm().item() if want.norm() > 0 else diff
+    assert len(errors) == len(theirs)
+    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < 1e-4}
+    assert not bad, bad
+    assert {n for n in errors if n.endswith(("A_log", "dt_bias", ".D", "conv1d.bias", "router.weight"))}
+    # the expert bias chooses only: a buffer on both sides, no gradient
+    for layer in model.moe_layers():
+        assert "expert_bias" not in dict(layer.router.named_parameters())
+    assert not any("e_score_correction_bias" in n for n in theirs)

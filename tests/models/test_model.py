@@ -152,3 +152,34 @@ def test_pipeline_parts_chained_give_the_whole_model(config):
         torch.testing.assert_close(grads[name], p.grad, msg=name)
     with pytest.raises(ValueError, match="not a non-empty contiguous range"):
         Nano3ForCausalLM(config, blocks=range(3, 3))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("norm_eps", -1.0),
+        ("norm_eps", float("nan")),
+        ("init_std", -0.1),
+        ("mamba_dt_min", -1.0),
+        ("mamba_dt_init_floor", -1e-4),
+        ("moe_routed_scaling_factor", float("nan")),
+        ("moe_routed_scaling_factor", 0.0),
+        ("moe_seq_aux_loss_coeff", -1.0),
+        ("moe_seq_aux_loss_coeff", float("inf")),
+    ],
+)
+def test_bad_real_valued_setting_is_one_error_naming_it(field, value):
+    """These gave NaN logits (norm_eps -1 or NaN, a NaN scaling factor), a foreign error at
+    initialisation (torch's 'normal expects std >= 0.0', Python's 'math domain error') or were
+    accepted (a negative balance-loss coefficient)."""
+    from nemotron.models.nano3 import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=field):
+        tiny_config(**{field: value})
+
+
+def test_dt_range_must_be_ordered():
+    from nemotron.models.nano3 import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="mamba_dt_min .* must not exceed mamba_dt_max"):
+        tiny_config(mamba_dt_min=0.2, mamba_dt_max=0.1)

@@ -302,3 +302,22 @@ def test_narrow_expert_ids_sort_like_int64(num_experts):
     assert keys.element_size() == (1 if num_experts <= 256 else 2 if num_experts <= 32768 else 8)
     assert torch.equal(keys.long(), ids)  # no id changes value
     assert torch.equal(torch.argsort(keys, stable=True), torch.argsort(ids, stable=True))
+
+
+def test_router_weight_stays_float32_when_the_model_goes_bf16(config):
+    """reference.md §1: the router computes in float32; transformers keeps `gate.weight` float32
+    in a bf16 NemotronH. `.bfloat16()` used to round the router weight to bf16 (a different
+    routing from transformers'); now it keeps the float32 values and the Parameter object."""
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    model = Nano3ForCausalLM(config)
+    router = model.moe_layers()[0].router
+    weight, values = router.weight, router.weight.detach().clone()
+    model.bfloat16()
+    assert router.weight is weight and weight.dtype == torch.float32 and torch.equal(weight, values)
+    assert model.backbone.layers["0"].mixer.A_log.dtype == torch.bfloat16  # the rest does go bf16
+    x = torch.randn(2, 3, config.hidden_size).bfloat16()
+    model.moe_layers()[0](x)[0].float().sum().backward()
+    assert weight.grad.dtype == torch.float32
+    model.double()  # a float64 oracle keeps float64
+    assert weight.dtype == torch.float64

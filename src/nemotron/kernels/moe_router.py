@@ -27,10 +27,17 @@ def route_topk_reference(
     logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [tokens, experts] float32 -> (scores [tokens, experts] float32, topk_idx [tokens, k]
-    int64 in descending biased score, topk_weight [tokens, k] float32)."""
+    int64 in descending biased score, the lower expert index first among equal ones,
+    topk_weight [tokens, k] float32)."""
     scores = torch.sigmoid(logits)
     with torch.no_grad():
-        topk_idx = torch.topk(scores + expert_bias, top_k, dim=-1).indices
+        # A stable descending sort, not torch.topk: among equal biased scores the lower expert
+        # index wins and comes first (the Triton kernel's rule). torch.topk leaves that order
+        # unspecified (on CPU it picks e.g. 4, 7, 5 of four equal values), so with ties (scores
+        # saturated at 1.0, equal router rows, an all-zero router) the two paths, and devices,
+        # would route the same token to different experts.
+        biased = scores + expert_bias
+        topk_idx = torch.sort(biased, dim=-1, descending=True, stable=True).indices[..., :top_k]
     weights = scores.gather(-1, topk_idx)
     weights = weights / (weights.sum(-1, keepdim=True) + WEIGHT_EPS) * scale
     return scores, topk_idx, weights

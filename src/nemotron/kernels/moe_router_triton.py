@@ -3,7 +3,8 @@
 
 One program owns ``BLOCK_T`` tokens x all experts (128 for Nano3: a [BLOCK_T, 128] fp32 tile
 in registers). The top-k is k rounds of "row max of the biased scores, take the first column
-holding it, mask it out", so indices come in descending biased score like ``torch.topk``.
+holding it, mask it out", so indices come in descending biased score, the lower index first
+among equal ones and NaN scores first, as the reference's stable descending sort.
 Backward, per token with chosen scores s_j, S = sum_j s_j, weights w_j = c s_j / S and weight
 gradients g_j: dL/ds_{i_j} += c (g_j - sum_m g_m s_m / S) / S, plus the scores' own gradient;
 dL/dlogits = dL/ds * s (1 - s).
@@ -42,6 +43,10 @@ def _route_fwd_kernel(LOGITS, BIAS, SCORES, IDX, W, T, E, K, scale, eps,
     tl.store(SCORES + rows[:, None] * E + cols[None, :], s, mask=mask)
     bias = tl.load(BIAS + cols, mask=cols < E, other=0.0)
     biased = tl.where(mask, s + bias[None, :], float("-inf"))
+    # A NaN score ranks first, as in the reference's descending sort: it is chosen and its NaN
+    # weight propagates. (Unmapped, NaN equals no row maximum: an all-NaN row took expert id
+    # BLOCK_E, out of range, and a partly-NaN row silently skipped its NaN experts.)
+    biased = tl.where(biased != biased, float("inf"), biased)
     chosen_idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     chosen_s = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j in range(K):

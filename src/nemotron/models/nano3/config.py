@@ -126,25 +126,19 @@ class Nano3Config:
             )
         if self.moe_shared_expert_hidden_size < 0:
             raise ModelConfigError("moe_shared_expert_hidden_size must be >= 0 (0 = no shared expert)")
-        # The floats the initialisation and the forward pass take logs, square roots or signs of:
-        # a non-positive one gives NaN weights (log dt), NaN norms (rsqrt(var + eps)), a failed
-        # init (normal_ with std < 0) or a balancing loss that rewards imbalance (coeff < 0).
-        for name in (
-            "norm_eps",
-            "init_std",
-            "mamba_dt_min",
-            "mamba_dt_init_floor",
-            "moe_routed_scaling_factor",
-        ):
+        # Real-valued settings: a bad one would otherwise surface as NaN outputs (norm_eps <= 0,
+        # a NaN scaling factor), a foreign error at initialisation (a negative std, log of a
+        # negative dt) or a silently wrong init (dt_min above dt_max).
+        positive_reals = ["norm_eps", "init_std", "mamba_dt_min", "mamba_dt_max", "moe_routed_scaling_factor"]
+        for name in positive_reals:
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ModelConfigError(f"{name} must be a positive number, got {value}")
-        if not self.mamba_dt_min <= self.mamba_dt_max < math.inf:
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ModelConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if self.mamba_dt_min > self.mamba_dt_max:
             raise ModelConfigError(
-                f"mamba_dt_max ({self.mamba_dt_max}) must be a number >= mamba_dt_min ({self.mamba_dt_min}): "
-                "dt is initialised log-uniform between them"
+                f"mamba_dt_min ({self.mamba_dt_min}) must not exceed mamba_dt_max ({self.mamba_dt_max})"
             )
-        if not self.moe_seq_aux_loss_coeff >= 0:
-            raise ModelConfigError(
-                f"moe_seq_aux_loss_coeff must be >= 0 (0 = off), got {self.moe_seq_aux_loss_coeff}"
-            )
+        for name in ("mamba_dt_init_floor", "moe_seq_aux_loss_coeff"):  # 0: no floor / no loss
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ModelConfigError(f"{name} must be a finite number >= 0, got {value!r}")

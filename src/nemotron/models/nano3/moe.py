@@ -91,11 +91,24 @@ class Router(nn.Module):
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` / `.half()` / `.double()` must not change the balancing state's precision:
         # bias updates of 1e-3 vanish in bfloat16. Device moves still apply.
+        before = self.weight.data  # the weight's values before `fn` (which may round them)
         super()._apply(fn, recurse)
         for name in ("expert_bias", "tokens_per_expert"):
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
+        # Nor the router weight's, which stays at least float32 (a float64 oracle keeps float64):
+        # its logits are float32 (reference.md §1), and transformers keeps `gate.weight` float32
+        # in a bf16 NemotronH (`_keep_in_fp32_modules_strict`), so a bf16 model (`.bfloat16()`,
+        # `load_hf(dtype=torch.bfloat16)`) routes as transformers' does. The values are taken
+        # from before the cast, moved to the new device; assigning `.data` keeps the Parameter
+        # object (optimizers hold it). Training's bf16 compute weights come from FSDP2's
+        # mixed-precision policy over float32 parameters, not from here.
+        weight = self.weight
+        if weight.is_floating_point() and weight.dtype not in (torch.float32, torch.float64):
+            weight.data = before.to(device=weight.device, dtype=torch.float32)
+            if weight.grad is not None:
+                weight.grad = weight.grad.float()
         return self
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
