@@ -283,12 +283,18 @@ def test_value_errors_name_the_override_that_set_the_key(tmp_path):
         (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
         # floats whose sign the init or forward depends on (NaN weights / norms otherwise)
         (["model.mamba_dt_min=-1e-3"], r"model\.mamba_dt_min must be a positive finite number"),
-        (["model.mamba_dt_min=0.5"], r"model\.mamba_dt_min \(0\.5\) must not exceed model\.mamba_dt_max \(0\.1\)"),
+        (
+            ["model.mamba_dt_min=0.5"],
+            r"model\.mamba_dt_min \(0\.5\) must not exceed model\.mamba_dt_max \(0\.1\)",
+        ),
         (["model.mamba_dt_init_floor=-1e-4"], r"model\.mamba_dt_init_floor must be a finite number >= 0"),
         (["model.norm_eps=-1e-5"], r"model\.norm_eps must be a positive finite number"),
         (["model.init_std=-0.02"], r"model\.init_std must be a positive finite number"),
         (["model.moe_routed_scaling_factor=0"], r"model\.moe_routed_scaling_factor must be a positive"),
-        (["model.moe_seq_aux_loss_coeff=-1e-4"], r"model\.moe_seq_aux_loss_coeff must be a finite number >= 0"),
+        (
+            ["model.moe_seq_aux_loss_coeff=-1e-4"],
+            r"model\.moe_seq_aux_loss_coeff must be a finite number >= 0",
+        ),
         (["train.seed=-1"], r"train\.seed: must be in \[0, 2\*\*32\), got -1"),
         (["train.seed=4294967296"], r"train\.seed: must be in \[0, 2\*\*32\)"),
     ],

@@ -201,7 +201,8 @@ def naive_topk(biased: torch.Tensor, k: int) -> list[int]:
 
 
 def naive_moe(p: dict, x: torch.Tensor, cfg, expert_bias: torch.Tensor, chosen_log: list):
-    """The MoE token by token, and the DeepSeek-V3 sequence balance loss."""
+    """The MoE token by token, and the DeepSeek-V3 sequence balance loss (f_i from the unbiased
+    top k)."""
     b, s, _ = x.shape
     E, k = cfg.num_experts, cfg.moe_top_k
     out = []
@@ -223,7 +224,9 @@ def naive_moe(p: dict, x: torch.Tensor, cfg, expert_bias: torch.Tensor, chosen_l
             shared = torch.relu(p["shared_experts.up_proj.weight"] @ tok) ** 2
             out.append(y + p["shared_experts.down_proj.weight"] @ shared)
             probs.append(scores / scores.sum())
-            counts[chosen] += 1
+            # f_i counts each token's top k of the UNBIASED scores (DeepSeek-V3 eq. 18,
+            # Megatron-Core's routing map for aux losses), not the experts the bias chose
+            counts[naive_topk(scores.float().double(), k)] += 1
         f = counts * E / (k * s)
         seq_losses.append((f * torch.stack(probs).mean(0)).sum())
     return torch.stack(out).view_as(x), torch.stack(seq_losses).mean()

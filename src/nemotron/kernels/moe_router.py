@@ -16,11 +16,22 @@ import torch
 
 from nemotron.kernels import use_triton
 
-__all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "WEIGHT_EPS"]
+__all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "top_k_experts", "WEIGHT_EPS"]
 
 # Added to the sum of the chosen scores before dividing (sigmoid scores are > 0; this only
 # guards a sum that underflows).
 WEIGHT_EPS = 1e-20
+
+
+def top_k_experts(values: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The indices of the `top_k` largest of `values` [..., experts], in descending order, the
+    lower expert index first among equal values (the Triton kernel's rule).
+
+    A stable descending sort, not torch.topk: torch.topk leaves the order among equal values
+    unspecified (on CPU it picks e.g. 4, 7, 5 of four equal values), so with ties (scores
+    saturated at 1.0, equal router rows, an all-zero router) two paths, or two devices, would
+    route the same token to different experts."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :top_k]
 
 
 def route_topk_reference(
@@ -31,13 +42,7 @@ def route_topk_reference(
     topk_weight [tokens, k] float32)."""
     scores = torch.sigmoid(logits)
     with torch.no_grad():
-        # A stable descending sort, not torch.topk: among equal biased scores the lower expert
-        # index wins and comes first (the Triton kernel's rule). torch.topk leaves that order
-        # unspecified (on CPU it picks e.g. 4, 7, 5 of four equal values), so with ties (scores
-        # saturated at 1.0, equal router rows, an all-zero router) the two paths, and devices,
-        # would route the same token to different experts.
-        biased = scores + expert_bias
-        topk_idx = torch.sort(biased, dim=-1, descending=True, stable=True).indices[..., :top_k]
+        topk_idx = top_k_experts(scores + expert_bias, top_k)
     weights = scores.gather(-1, topk_idx)
     weights = weights / (weights.sum(-1, keepdim=True) + WEIGHT_EPS) * scale
     return scores, topk_idx, weights

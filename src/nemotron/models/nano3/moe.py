@@ -27,7 +27,7 @@ from nemotron.kernels import fast_paths_enabled
 from nemotron.kernels.add_n import add_n
 from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
-from nemotron.kernels.moe_router import route_topk
+from nemotron.kernels.moe_router import route_topk, top_k_experts
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
 from nemotron.models.nano3.parallel import SequenceGather
@@ -443,7 +443,7 @@ class MoE(nn.Module):
         # f_i, Megatron-Core's routing map for aux losses), not the experts the bias chose: the
         # loss measures the router's own preference, which the bias is there to correct.
         with torch.no_grad():
-            topk_idx = torch.topk(scores, self.top_k, dim=-1).indices
+            topk_idx = top_k_experts(scores, self.top_k)
         if self.sequence_gather is not None:
             # A whole-sequence statistic: every rank computes it on the gathered sequences.
             scores = self.sequence_gather.gather_sequence(scores)
