@@ -344,7 +344,7 @@ def test_mapping_override_sets_the_keys_it_names(tmp_path):
 @pytest.mark.parametrize(
     "content, pattern",
     [
-        (b"train:\n  train_iters: \xff\xfe\n", r"not UTF-8 text \(byte 22"),
+        (b"train:\n  train_iters: \xff\xfe\n", r"not UTF-8 text at line 2 \(byte 22"),
         (b"5\n", "expected a mapping of config sections at the top level"),
         (b"", r"the file is empty"),
         (b"# a comment only\n\n", r"the file is empty"),

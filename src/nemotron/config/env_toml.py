@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nemotron.config.errors import ConfigError
+from nemotron.utils.fs import read_text
 
 ENV_TOML_NAME = "env.toml"
 WANDB_SECTION = "wandb"
@@ -199,14 +200,7 @@ def load_env_toml(path: Path | str) -> EnvToml:
     """Parse and check the structure of one env.toml (each profile is validated when resolved,
     and `validate_all` resolves every one)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EnvTomlError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise EnvTomlError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise EnvTomlError(f"{path}: cannot read: {exc}") from None
+    text = read_text(path, EnvTomlError, "TOML file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from nemotron.config.errors import ConfigError
 from nemotron.config.schema import RECIPE_SUBDIRS, VALIDATORS, PretrainConfig, model_error
 from nemotron.models.nano3.config import ModelConfigError
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, read_text
 
 T = TypeVar("T")
 
@@ -109,16 +109,7 @@ def parse_overrides(tokens: list[str] | tuple[str, ...] | None) -> list[Override
 def _load_yaml(path: Path) -> dict:
     # Read here (not by OmegaConf.load) so that an undecodable or unreadable file is an error
     # naming the file rather than a bare UnicodeDecodeError / OSError.
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    text = read_text(path, ConfigError, "YAML file")
     try:
         loaded = OmegaConf.load(io.StringIO(text))
     except (yaml.YAMLError, OmegaConfBaseException) as exc:

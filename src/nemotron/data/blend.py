@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, read_json
 
 SPLITS = ("train", "valid", "test")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -188,34 +188,10 @@ def parse_blend(data: Any, source: str = "<blend>") -> Blend:
     return Blend(entries=tuple(entries), source=source)
 
 
-def read_json_file(path: Path, error: type[Exception]) -> Any:
-    """The parsed JSON of a blend file (raw or per-split); any failure is one ``error`` naming
-    the file: missing, unreadable (a directory), not UTF-8, or invalid JSON (with its line)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"blend file not found: {path}") from None
-    except OSError as failure:
-        raise error(f"blend file {path} cannot be read: {failure.strerror or failure}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark (some editors write one) is not JSON
-    except UnicodeDecodeError as failure:
-        line = raw[: failure.start].count(b"\n") + 1
-        raise error(f"{path}: not UTF-8 text at line {line} (byte {failure.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as failure:
-        raise error(
-            f"{path}: invalid JSON at line {failure.lineno} column {failure.colno}: {failure.msg}"
-        ) from None
-    except RecursionError:
-        raise error(f"{path}: invalid JSON (nested too deeply)") from None
-
-
 def load_blend(path: str | os.PathLike) -> Blend:
     """Read and validate a ``data_blend_raw.json`` file."""
     path = Path(path)
-    return parse_blend(read_json_file(path, BlendError), source=str(path))
+    return parse_blend(read_json(path, BlendError, "blend file"), source=str(path))
 
 
 @dataclass

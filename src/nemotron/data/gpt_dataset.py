@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemotron.data.blend import read_json_file
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetError
 from nemotron.data.mapped import PicklesByReference
-from nemotron.utils.fs import atomic_path, atomic_write_text
+from nemotron.utils.fs import atomic_path, atomic_write_text, read_json
 
 # 2: Megatron-Core 0.16's separate final epoch and blend sizes (version 1 caches are not reused).
 INDEX_FORMAT_VERSION = 2
@@ -325,7 +324,7 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
     path = Path(blend_json_path)
     if split not in SPLITS:
         raise GPTDatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-    blend = read_json_file(path, GPTDatasetError)
+    blend = read_json(path, GPTDatasetError, "blend file")
     if not isinstance(blend, dict) or split not in blend:
         raise GPTDatasetError(f"blend file {path} has no {split!r} split")
     entries = blend[split]

@@ -1,4 +1,6 @@
-"""Atomic file writes: the one helper every writer of a file that a reader may see uses.
+"""Atomic file writes: the one helper every writer of a file that a reader may see uses; and
+the one reader of a user's text files (`read_text`, `read_json`), whose every failure is one
+error naming the file.
 
 A file is written under a temporary name in the same directory (unique per process and call),
 flushed to disk, then renamed over the final name with `os.replace`, which is atomic on POSIX
@@ -13,13 +15,23 @@ follow the same rule at their own level: built under a temporary name, renamed w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["apply_default_modes", "atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask"]
+__all__ = [
+    "apply_default_modes",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "current_umask",
+    "read_json",
+    "read_text",
+]
 
 
 def _temporary_name(path: Path) -> Path:
@@ -91,3 +103,37 @@ def apply_default_modes(root: str | os.PathLike[str]) -> None:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~mask)
+
+
+def read_text(path: str | os.PathLike[str], error: Callable[[str], Exception], what: str = "file") -> str:
+    """The UTF-8 text of a user's file (`what`: e.g. "YAML file"; a leading byte-order mark,
+    which some editors write, skipped). Any failure raises one `error(message)` naming the file:
+    not found, a directory, unreadable, or not UTF-8 (with the line of the first bad byte)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(f"{path}: not UTF-8 text at line {line} (byte {exc.start}: {exc.reason})") from None
+
+
+def read_json(
+    path: str | os.PathLike[str], error: Callable[[str], Exception], what: str = "JSON file"
+) -> Any:
+    """The parsed JSON of a user's file (`read_text`'s errors, and invalid JSON with its line and
+    column, or nested too deeply for the parser, as one `error` naming the file)."""
+    text = read_text(path, error, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply)") from None

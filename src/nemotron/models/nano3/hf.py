@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes
+from nemotron.utils.fs import apply_default_modes, read_json
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -140,10 +140,7 @@ def _read_config_json(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise HFInteropError(f"{path}: not found (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HFInteropError(f"{path}: invalid JSON ({err})") from err
+    raw = read_json(path, HFInteropError)
     if not isinstance(raw, dict):
         raise HFInteropError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "nemotron_h":
