@@ -14,6 +14,7 @@ from nemotron.train.checkpoint import (
     CheckpointWriteError,
     complete_checkpoints,
     find_checkpoint,
+    finish_interrupted_saves,
     load_checkpoint,
     read_latest,
     resolve_checkpoint,
@@ -142,6 +143,44 @@ def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert (save / LATEST_FILE).read_text() == "iter_0000001\n"
     assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
     assert find_checkpoint(save) == (first, [])
+
+
+@pytest.mark.parametrize("resave", [False, True])
+def test_a_save_killed_while_publishing_is_finished_not_lost(tmp_path, monkeypatch, resave):
+    """Killed after its manifest (the save is complete) but before `.tmp-iter_N` became `iter_N`
+    (re-saving a step: after the old `iter_N` was moved aside), the new checkpoint is published
+    by `finish_interrupted_saves` (the trainer calls it before resuming), not left hidden for
+    the next save of that step to delete; the set-aside copy goes."""
+    import os
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    saver.save(1, model, opt, {"step": 1})
+    if resave:
+        saver.save(2, model, opt, {"step": 2, "run": "abandoned"})
+    real_replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if os.path.basename(src).startswith(".tmp-iter_"):
+            raise KeyboardInterrupt  # the process dies here: no cleanup of ours runs
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(2, model, opt, {"step": 2, "run": "new"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    hidden = sorted(p.name for p in save.iterdir() if p.name.startswith("."))
+    assert hidden == [".tmp-iter_0000002", *([".tmp-old-iter_0000002"] if resave else [])]
+    assert find_checkpoint(save)[0] == save / "iter_0000001"  # what resume would take, unfinished
+
+    assert finish_interrupted_saves(save) == ["iter_0000002"]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
+    assert read_latest(save) == "iter_0000002"
+    found, skipped = find_checkpoint(save)  # verified against its manifest
+    assert (found, skipped) == (save / "iter_0000002", [])
+    assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
+    assert finish_interrupted_saves(save) == []  # nothing left to finish
 
 
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):

@@ -363,6 +363,40 @@ def check_writable(directory: str | Path, key: str = "checkpoint.save", group=No
         raise CheckpointWriteError(f"{key}={directory} is not writable: {errors[0]}")
 
 
+def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
+    """Finish the publication a run killed at the end of a save left undone; returns the names
+    of the checkpoints it made visible (for the run's warnings). Call before resuming from
+    `save_dir`, on every rank of `group` (the owner rank moves, the others wait).
+
+    `Checkpointer` publishes a save in three moves after its manifest (written last, so a
+    `.tmp-iter_N` holding one is complete on every rank): a checkpoint of the same step moved
+    aside to `.tmp-old-iter_N` (re-saving a step), the new one renamed to `iter_N`, `latest`
+    rewritten. Killed between them, the complete new checkpoint would stay hidden and the next
+    save of that step would delete it, so resume would start from an older one: here it is
+    renamed into place, `latest` names it, and the set-aside copy goes."""
+    save_dir = Path(save_dir)
+    finished: list[str] = []
+    if _group_rank(group) == 0 and save_dir.is_dir():
+        for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*")):
+            final = save_dir / tmp.name[len(TMP_PREFIX) :]
+            if (
+                CHECKPOINT_PATTERN.match(final.name)
+                and (tmp / MANIFEST_FILE).is_file()
+                and not final.exists()
+            ):
+                os.replace(tmp, final)
+                finished.append(final.name)
+        for old in save_dir.glob(f"{TMP_PREFIX}old-iter_*"):
+            final = save_dir / old.name[len(f"{TMP_PREFIX}old-") :]
+            if final.exists():  # replaced: only the removal of the old copy was cut short
+                shutil.rmtree(old)
+            else:  # not replaced (the new copy was incomplete): the old one is still the step's
+                os.replace(old, final)
+        if finished:  # the move the kill cut short: `latest` names the checkpoint just published
+            atomic_write_text(save_dir / LATEST_FILE, finished[-1] + "\n")
+    return _from_owner(finished, group)  # (a broadcast: the other ranks wait for the moves)
+
+
 # ---------------------------------------------------------------------------------------------
 # RNG states
 

@@ -54,6 +54,7 @@ from nemotron.train.checkpoint import (
     LoadedCheckpoint,
     check_writable,
     failure_reason,
+    finish_interrupted_saves,
     load_checkpoint,
 )
 from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
@@ -330,8 +331,10 @@ class Trainer:
         # typed config gets the schedule's own (finite, 0 <= min_lr <= lr: lr 0 freezes weights).
         validate_schedule(cfg.scheduler, cfg.optimizer)
         device = resolve_device(cfg.train.device)
+        published: list[str] = []
         if cfg.checkpoint.save:
             check_writable(cfg.checkpoint.save)
+            published = finish_interrupted_saves(cfg.checkpoint.save)
         seed_everything(cfg.train.seed)
         model, parallel = build_model(cfg, device, mesh, compute_weights=compute_weights)
         plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
@@ -379,6 +382,10 @@ class Trainer:
             compute_weights=compute_weights,
         )
         try:
+            for name in published:
+                trainer.warn(
+                    f"checkpoint {name} was complete but hidden by a run killed while publishing it: published"
+                )
             trainer._resume_schedule()
             trainer._check_data_order()
         except BaseException:
