@@ -83,10 +83,11 @@ def _localize(cfg, job_dir: Path, dry_run: bool = False):
     )
 
 
-# The phase-2 blend may be prepared while phase 1 trains; until then the plan says so.
+# The phase-2 blend may be prepared while phase 1 trains; until then the plan says so (and the
+# run warns at its start: `TrainingData.open_datasets`).
 PHASE2_MISSING = (
     "prepare it before the phase-2 switch, e.g. nemotron nano3 data prep pretrain "
-    "-c phase2; the run stops with an error at the switch otherwise"
+    "-c phase2; otherwise the run saves a checkpoint at the switch and stops there"
 )
 
 
@@ -368,11 +369,6 @@ def _pretrain(
             )
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)
-        phase2 = cfg.data.phase2_blend
-        if not cfg.data.mock and phase2 and not Path(phase2).is_file() and common.process_rank() == 0:
-            console.print(
-                f"[yellow]warning[/]: data.phase2_blend {phase2} does not exist yet: {PHASE2_MISSING}"
-            )
 
     on_event = None
     if common.process_rank() == 0:

@@ -31,12 +31,17 @@ import torch
 
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
-from nemotron.data.gpt_dataset import build_split_dataset, open_indexed, read_blend
+from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset, open_indexed, read_blend
+from nemotron.data.indexed import IndexedDatasetError
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
+
+
+class PhaseSwitchError(TrainDataError):
+    """The phase-2 blend cannot be read at the phase switch (the loader is still in phase 1)."""
 
 
 @dataclass
@@ -216,7 +221,14 @@ class TrainingData:
                         self.vocab_size,
                         seed,
                     )
-            elif blend is None or not blend_has_split(blend, split):
+            elif key.startswith("train") and blend is None:
+                raise TrainDataError(
+                    f"{'data.blend' if key == 'train1' else 'data.phase2_blend'} is not set: "
+                    "training needs a blend.json (or data.mock=true)"
+                )
+            elif blend is None or (not key.startswith("train") and not blend_has_split(blend, split)):
+                # Only valid/test may be absent (no evaluation); a blend without a train split
+                # is an error naming it (read_blend), not a loader that has nothing to serve.
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
                 parts: list[tuple[str | Path, int, float]] = [
@@ -247,8 +259,10 @@ class TrainingData:
         gbs = self.plan.global_batch_size
         if self.switch_step is None:
             return self.plan.total_steps * gbs if phase == 1 else 0
+        # Phase 2 starts at the switch step, or at once when a run resumes past it in phase 1
+        # (a config whose switch comes earlier); once it has started, where it did.
         start = (
-            self.switch_step
+            max(self.switch_step, self.state.consumed_train_samples // gbs)
             if self.state.phase2_start_sample is None
             else (self.state.phase2_start_sample // gbs)
         )
@@ -259,20 +273,62 @@ class TrainingData:
         return self._build(f"train{phase}", blend, "train", self.phase_samples(phase))
 
     def eval_dataset(self, split: str):
-        eval_iters = self.train.eval_iters
+        count = self.train.eval_iters * self.plan.global_batch_size  # samples of one evaluation
         if split == "valid":
-            evals = self.plan.total_steps // self.train.eval_interval + 1
-            num = evals * eval_iters * self.plan.global_batch_size
+            # Megatron's size: (train_iters // eval_interval + 1) evaluations. A run resumed
+            # with a longer eval_interval (or more eval_iters) than the one it began with has
+            # already read further: its valid split covers the evaluations still to come from
+            # there, instead of running out of samples (the same size in every other case).
+            interval, steps = self.train.eval_interval, self.plan.total_steps
+            done = self.state.consumed_train_samples // self.plan.global_batch_size
+            to_come = steps // interval - min(done, steps) // interval + 1
+            num = max((steps // interval + 1) * count, self.state.consumed_valid_samples + to_come * count)
+            num = num if count else 0  # eval_iters 0: no evaluation, no valid split
         else:
-            num = eval_iters * self.plan.global_batch_size
+            num = count
         # Always the phase-1 blend's split, so every evaluation of a run is comparable.
         return self._build(split, self.data.blend, split, num)
 
     # -- batches --------------------------------------------------------------------------
 
+    def open_datasets(self) -> str | None:
+        """Build (and so check) every dataset the run will still read, before its first step:
+        the train split of each phase still to come, valid and test. A bad blend, split, shard
+        or index then stops the run at once with the error naming it, not at the first
+        evaluation, the phase switch or the test at the end. The phase-2 blend may be prepared
+        while phase 1 trains: if its file does not exist yet, the returned warning says so (the
+        switch builds it, `maybe_switch_phase`)."""
+        missing = None
+        if self.state.phase == 1:
+            self.train_dataset(1)
+        if self.phase_samples(2) > 0:
+            phase2 = self.data.phase2_blend
+            assert phase2 is not None  # phase 2 has samples only with a phase-2 blend
+            if self.data.mock or self.state.phase == 2 or Path(phase2).exists():
+                self.train_dataset(2)
+            else:
+                missing = (
+                    f"data.phase2_blend {phase2} does not exist yet: prepare it before the "
+                    f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
+                    "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
+                )
+        self.eval_dataset("valid")
+        self.eval_dataset("test")
+        return missing
+
     def maybe_switch_phase(self, step: int) -> bool:
-        """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched."""
+        """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.
+
+        The phase-2 dataset is built first: if it cannot be (a blend still missing), a
+        `PhaseSwitchError` is raised with the loader still in phase 1, so a checkpoint saved
+        then resumes at the switch."""
         if self.state.phase == 1 and self.switch_step is not None and step >= self.switch_step:
+            try:
+                self.train_dataset(2)
+            except (GPTDatasetError, IndexedDatasetError, TrainDataError) as e:
+                raise PhaseSwitchError(
+                    f"phase 2 cannot start at step {step}: data.phase2_blend {self.data.phase2_blend}: {e}"
+                ) from e
             self.state.phase = 2
             self.state.phase2_start_sample = self.state.consumed_train_samples
             return True

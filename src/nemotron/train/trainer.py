@@ -56,7 +56,7 @@ from nemotron.train.checkpoint import (
     failure_reason,
     load_checkpoint,
 )
-from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
+from nemotron.train.data import LoaderState, PhaseSwitchError, TrainingData, plan_batches, unigram_entropy
 from nemotron.train.loop import (
     Parallel,
     StepResult,
@@ -381,6 +381,10 @@ class Trainer:
         try:
             trainer._resume_schedule()
             trainer._check_data_order()
+            # Every blend, split and index the run will read, checked now (not hours later).
+            missing = data.open_datasets()
+            if missing:
+                trainer.warn(missing)
         except BaseException:
             trainer.close()
             raise
@@ -577,7 +581,10 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.state.step < self.plan.total_steps:
-                    outcome = self._timed_step()
+                    try:
+                        outcome = self._timed_step()
+                    except PhaseSwitchError as e:
+                        raise PhaseSwitchError(f"{e}; {self._save_before_stopping()}") from e
                     self._check_health(outcome.result)
                     if self.checkpointer is not None:
                         self.checkpointer.poll()
@@ -600,6 +607,14 @@ class Trainer:
         summary = self._summary(status, entropy, run_tokens / wall if run_tokens and wall > 0 else None)
         self.metrics.event("end", dataclasses.asdict(summary))
         return summary
+
+    def _save_before_stopping(self) -> str:
+        """Checkpoint the last step before a stop that is no fault of the weights (the phase-2
+        blend missing at the switch), so that nothing trained is lost; says what is kept."""
+        path = self.save() or (self.last_checkpoint if self._saved_step == self.state.step else None)
+        if path is None:
+            return f"no checkpoint could be saved at step {self.state.step}"
+        return f"checkpoint {path} (step {self.state.step}) is saved: prepare the blend and run again to resume there"
 
     def _announce_start(self) -> float | None:
         cfg = self.cfg
