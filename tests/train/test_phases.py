@@ -16,7 +16,7 @@ import torch
 
 from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset
 from nemotron.train import pretrain
-from nemotron.train.data import LoaderState, PhaseSwitchError, TrainingData, plan_batches
+from nemotron.train.data import LoaderState, PhaseSwitchError, TrainDataError, TrainingData, plan_batches
 from nemotron.train.metrics import read_metrics
 
 from .conftest import VOCAB, make_config
@@ -192,3 +192,46 @@ def test_the_valid_split_covers_the_evaluations_of_a_run_resumed_with_a_longer_i
         cfg.data, cfg.train, fresh.plan, VOCAB, state=LoaderState(consumed_train_samples=4 * gbs)
     )
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(same.next_valid_batches(), first))
+
+
+def _with_tokenizer(source, target, **tokenizer):
+    """A copy of a corpus whose metadata.json records the tokenizer data prep used."""
+    shutil.copytree(source.parent, target)
+    meta = json.loads((target / "metadata.json").read_text())
+    (target / "metadata.json").write_text(json.dumps(meta | {"tokenizer": tokenizer}))
+    return target / "blend.json"
+
+
+def test_blends_of_another_tokenizer_are_caught_from_their_metadata(tmp_path, corpus):
+    """Token files are checked against the vocabulary only as they are read (a phase-2 blend:
+    at the switch, hours in); data prep's metadata.json says at once which tokenizer wrote them."""
+    phase1 = _with_tokenizer(corpus[0], tmp_path / "p1", vocab_size=VOCAB, identity="a")
+    larger = _with_tokenizer(corpus[1], tmp_path / "big", vocab_size=2 * VOCAB, identity="a")
+    cfg = make_config(tmp_path / "run1", blend=phase1, phase2_blend=larger)
+    events = []
+    with pytest.raises(
+        TrainDataError, match=r"data.phase2_blend: \S*big/blend.json was tokenized with a vocabulary of 128"
+    ):
+        pretrain(cfg, tmp_path / "run1" / "job", on_event=lambda kind, payload: events.append(kind))
+    assert "train" not in events
+
+    other = _with_tokenizer(corpus[1], tmp_path / "other", vocab_size=VOCAB, identity="b")
+    cfg = make_config(tmp_path / "run2", blend=phase1, phase2_blend=other, checkpoint={"save": None})
+    cfg.train = dataclasses.replace(cfg.train, train_iters=1)
+    summary = pretrain(cfg, tmp_path / "run2" / "job")
+    assert any("data.phase2_blend" in w and "another tokenizer" in w for w in summary.warnings)
+
+    # Prepared while phase 1 trained: checked at the switch, which saves and stops.
+    later = tmp_path / "later" / "blend.json"
+    cfg = make_config(tmp_path / "run3", blend=phase1, phase2_blend=later)
+    seen = []
+
+    def prepare_at_step_3(kind, payload):
+        seen.append(kind)
+        if kind == "train" and payload["step"] == 3:
+            _with_tokenizer(corpus[1], later.parent, vocab_size=2 * VOCAB, identity="a")
+
+    with pytest.raises(
+        PhaseSwitchError, match=r"step 4: .*vocabulary of 128.*iter_0000004 \(step 4\) is saved"
+    ):
+        pretrain(cfg, tmp_path / "run3" / "job", on_event=prepare_at_step_3)

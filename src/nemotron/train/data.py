@@ -105,6 +105,47 @@ def blend_has_split(blend_json: str | Path, split: str) -> bool:
     return blend[split] not in ([], "", None)
 
 
+def _prep_tokenizer(blend_json: str | Path) -> dict | None:
+    """The tokenizer record of the data prep that wrote `blend_json` (its metadata.json beside
+    it), None for a hand-written blend or one without that record."""
+    try:
+        tokenizer = json.loads((Path(blend_json).parent / "metadata.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tokenizer if isinstance(tokenizer, dict) else None
+
+
+def check_tokenizers(blends: list[tuple[str, str | Path]], vocab_size: int) -> list[str]:
+    """Compare the tokenizers data prep recorded for the run's blends ((config key, blend.json)
+    pairs) with the model and with each other, from metadata.json alone (the token files are
+    checked per sequence only when read, possibly hours into the run). A tokenizer larger than
+    `model.vocab_size` is an error; blends of different tokenizers (other files or settings:
+    the same text, other ids) are returned as warnings."""
+    warnings, first = [], None
+    for key, blend in blends:
+        tokenizer = _prep_tokenizer(blend)
+        if tokenizer is None:
+            continue
+        size = tokenizer.get("vocab_size")
+        if isinstance(size, int) and size > vocab_size:
+            raise TrainDataError(
+                f"{key}: {blend} was tokenized with a vocabulary of {size:,} tokens "
+                f"({Path(blend).parent / 'metadata.json'}), more than model.vocab_size {vocab_size:,}"
+            )
+        identity = tokenizer.get("identity")
+        if not identity:
+            continue
+        if first is None:
+            first = (key, blend, identity)
+        elif identity != first[2]:
+            warnings.append(
+                f"{key}: {blend} was tokenized with another tokenizer (or other settings) than "
+                f"{first[0]}: {first[1]} (their metadata.json tokenizer identities differ): the "
+                "same token ids may stand for different text"
+            )
+    return warnings
+
+
 PAD_VALUES = {"tokens": 0, "labels": IGNORE_INDEX, "loss_mask": 0}
 
 
@@ -197,6 +238,7 @@ class TrainingData:
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
         self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
         self.last_step_lengths: list[int] = []  # its samples' lengths (FLOPs depend on them)
+        self.switch_warnings: list[str] = []  # what the phase switch found to warn about
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)
@@ -291,14 +333,24 @@ class TrainingData:
 
     # -- batches --------------------------------------------------------------------------
 
-    def open_datasets(self) -> str | None:
+    def open_datasets(self) -> list[str]:
         """Build (and so check) every dataset the run will still read, before its first step:
         the train split of each phase still to come, valid and test. A bad blend, split, shard
         or index then stops the run at once with the error naming it, not at the first
         evaluation, the phase switch or the test at the end. The phase-2 blend may be prepared
         while phase 1 trains: if its file does not exist yet, the returned warning says so (the
-        switch builds it, `maybe_switch_phase`)."""
-        missing = None
+        switch builds it, `maybe_switch_phase`). Also compares the blends' tokenizers
+        (`check_tokenizers`). Returns the warnings for the run to show."""
+        warnings = []
+        if not self.data.mock:
+            blends = [("data.blend", self.data.blend)]
+            blends += [
+                (f"data.mixed_length_blends[{i}].blend", m.blend)
+                for i, m in enumerate(self.data.mixed_length_blends)
+            ]
+            if self.switch_step is not None:
+                blends.append(("data.phase2_blend", self.data.phase2_blend))
+            warnings += check_tokenizers([(k, b) for k, b in blends if b], self.vocab_size)
         if self.state.phase == 1:
             self.train_dataset(1)
         if self.phase_samples(2) > 0:
@@ -307,14 +359,14 @@ class TrainingData:
             if self.data.mock or self.state.phase == 2 or Path(phase2).exists():
                 self.train_dataset(2)
             else:
-                missing = (
+                warnings.append(
                     f"data.phase2_blend {phase2} does not exist yet: prepare it before the "
                     f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
                     "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
                 )
         self.eval_dataset("valid")
         self.eval_dataset("test")
-        return missing
+        return warnings
 
     def maybe_switch_phase(self, step: int) -> bool:
         """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.
@@ -324,6 +376,9 @@ class TrainingData:
         then resumes at the switch."""
         if self.state.phase == 1 and self.switch_step is not None and step >= self.switch_step:
             try:
+                if not self.data.mock:  # a blend prepared while phase 1 trained: its tokenizer too
+                    pairs = [("data.blend", self.data.blend), ("data.phase2_blend", self.data.phase2_blend)]
+                    self.switch_warnings = check_tokenizers([(k, b) for k, b in pairs if b], self.vocab_size)
                 self.train_dataset(2)
             except (GPTDatasetError, IndexedDatasetError, TrainDataError) as e:
                 raise PhaseSwitchError(

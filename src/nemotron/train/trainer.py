@@ -382,9 +382,8 @@ class Trainer:
             trainer._resume_schedule()
             trainer._check_data_order()
             # Every blend, split and index the run will read, checked now (not hours later).
-            missing = data.open_datasets()
-            if missing:
-                trainer.warn(missing)
+            for warning in data.open_datasets():
+                trainer.warn(warning)
         except BaseException:
             trainer.close()
             raise
@@ -468,6 +467,8 @@ class Trainer:
         """One optimizer step over the next global batch, and the expert-bias update (skipped,
         with the routing counts dropped, when the loss or gradient norm is not finite)."""
         switched = self.data.maybe_switch_phase(self.state.step)
+        for warning in self.data.switch_warnings if switched else []:
+            self.warn(warning)
         lr = self.schedule.rate(self.state.tokens)
         set_learning_rate(self.optimizer, lr)
         data_start = time.perf_counter()
