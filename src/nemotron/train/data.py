@@ -6,6 +6,8 @@ would: nothing re-read, nothing skipped. Batches are cut Megatron-style: a step 
 `global_batch_size` consecutive samples; micro-step m of data-parallel rank r takes samples
 `start + m * micro * dp + r * micro ...` (+ micro). Under context parallelism every CP rank of a
 data-parallel rank loads the same samples and keeps its chunks of each sequence (`cp_shard`).
+With mixed sequence lengths each rank's micro-batches are instead a contiguous share of the
+step's samples (`micro_batch_indices`), so every rank gets the same mix of lengths.
 
 Mixed sequence lengths (`data.mixed_length_blends`, the long-context phase): samples of
 different lengths may share a step; a micro-batch is right-padded to its longest sample with
@@ -165,23 +167,41 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def micro_batch_indices(plan: BatchPlan, dp_rank: int, start: int, stop: int) -> Iterator[list[int]]:
-    """Sample indices of this rank's micro-batches for the global batches in [start, stop)."""
+def micro_batch_indices(
+    plan: BatchPlan, dp_rank: int, start: int, stop: int, by_rank: bool = False
+) -> Iterator[list[int]]:
+    """Sample indices of this rank's micro-batches for the global batches in [start, stop).
+
+    Megatron's order: micro-step m of rank r takes the samples `m * micro * dp + r * micro`
+    (+ micro) of the step. With `by_rank` (mixed sequence lengths) rank r takes instead the
+    contiguous share `r * gbs / dp` (+ gbs / dp) of the step, micro-batch by micro-batch: the
+    blending rule keeps every run of consecutive samples at its weights' mix (within 2 per
+    blend), so every rank gets the same mix of lengths. Megatron's interleaving would hand an
+    even number of ranks every other sample: with the long-context phase's 1:1 mix, all the
+    512K samples to the even ranks and all the 4K ones to the odd ranks, which would wait."""
     micro, dp = plan.micro_batch_size, plan.dp_size
-    for first in range(start, stop, micro * dp):
-        begin = first + dp_rank * micro
-        yield list(range(begin, begin + micro))
+    if not by_rank:
+        for first in range(start, stop, micro * dp):
+            begin = first + dp_rank * micro
+            yield list(range(begin, begin + micro))
+        return
+    share = plan.global_batch_size // dp
+    for step_start in range(start, stop, plan.global_batch_size):
+        for m in range(plan.grad_accumulation):
+            begin = step_start + dp_rank * share + m * micro
+            yield list(range(begin, begin + micro))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """A DataLoader batch sampler over `micro_batch_indices`: the rank's micro-batches of every
     step from sample `start` up to `stop` (whole global batches), in training order."""
 
-    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int) -> None:
+    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int, by_rank: bool = False) -> None:
         self.plan, self.dp_rank, self.start, self.stop = plan, dp_rank, start, stop
+        self.by_rank = by_rank
 
     def __iter__(self) -> Iterator[list[int]]:
-        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop)
+        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop, self.by_rank)
 
     def __len__(self) -> int:
         step = self.plan.micro_batch_size * self.plan.dp_size
@@ -239,6 +259,9 @@ class TrainingData:
         self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
         self.last_step_lengths: list[int] = []  # its samples' lengths (FLOPs depend on them)
         self.switch_warnings: list[str] = []  # what the phase switch found to warn about
+        # Training samples of several lengths: each rank reads a contiguous share of a step
+        # (`micro_batch_indices`), so that all get the same mix of lengths.
+        self.mixed_lengths = bool(data.mixed_length_blends)
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)
@@ -389,10 +412,12 @@ class TrainingData:
             return True
         return False
 
-    def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(
+        self, dataset, start: int, count: int, by_rank: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
         return [
             self._local(collate([dataset[i] for i in indices]))
-            for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)
+            for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count, by_rank)
         ]
 
     def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -410,7 +435,9 @@ class TrainingData:
                 dataset,
                 num_workers=self.data.num_workers,
                 collate_fn=collate,
-                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset, self.phase_samples(phase)),
+                batch_sampler=StepBatchSampler(
+                    self.plan, self.dp_rank, offset, self.phase_samples(phase), self.mixed_lengths
+                ),
                 pin_memory=self.pin_memory,
                 multiprocessing_context=WORKER_START_METHOD,
             )
@@ -428,7 +455,7 @@ class TrainingData:
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
         else:
-            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size, self.mixed_lengths)
         self.last_step_lengths = [
             dataset.sample_length(i) for i in range(offset, offset + self.plan.global_batch_size)
         ]
