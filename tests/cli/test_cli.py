@@ -114,9 +114,10 @@ def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
     result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
+    # The exact switch step: ceil(0.94 x 993,411).
     assert re.search(
-        r"phase 2 \S*p2/blend.json from 94% of tokens \(missing: prepare it before "
-        r"the phase-2 switch",
+        r"phase 2 \S*p2/blend.json from 94% of tokens \(step 933,807 of 993,411\) \(missing: "
+        r"prepare it before the phase-2 switch",
         out,
     ), out
     (tmp_path / "p2").mkdir()
@@ -124,6 +125,8 @@ def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
     result = cli("nano3", "pretrain", "-d", f"data.phase2_blend={tmp_path / 'p2' / 'blend.json'}")
     out = " ".join(result.output.split())
     assert "from 94% of tokens" in out and "missing: prepare" not in out
+    result = cli("nano3", "pretrain", "-d", "train.train_tokens=null", "train.train_iters=10")
+    assert "from 94% of tokens (never reached" in " ".join(result.output.split())
     result = cli("nano3", "pretrain", "-c", "tiny", "-d")
     assert re.search(r"^phase 2\s+none", result.output, re.M)
 

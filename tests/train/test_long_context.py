@@ -72,6 +72,33 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=4, sequence_multiple=8)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_parallel_ranks_get_the_same_mix_of_lengths(tmp_path, corpus, workers):
+    """The LC phase's 1:1 mix interleaves long and short samples; Megatron's per-micro-step
+    interleaving across 2 ranks gave rank 0 every long sample and rank 1 every short one (rank 1
+    idle most of each step). Each rank now reads a contiguous half of the step: 2 long + 2 short,
+    the same samples in all, every sample once."""
+    cfg = mixed(
+        make_config(tmp_path, blend=corpus[0], train={"micro_batch_size": 1, "global_batch_size": 8}),
+        corpus[0],
+    )
+    cfg.data = dataclasses.replace(cfg.data, num_workers=workers)
+    plan = plan_batches(cfg.train, 2, cfg.data)
+    reference = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1, cfg.data), 64)
+    ranks = [TrainingData(cfg.data, cfg.train, plan, 64, dp_rank=r) for r in range(2)]
+    dataset = reference.train_dataset(1)
+    for step in range(3):
+        per_rank = [[b["tokens"][0] for b in d.next_train_batches()] for d in ranks]
+        assert [sorted(len(t) for t in mine) for mine in per_rank] == [[4, 4, 16, 16]] * 2
+        # Rank r's samples, in order: the step's samples r*4 ... r*4 + 3 (independently indexed).
+        for r, mine in enumerate(per_rank):
+            expected = [dataset[step * 8 + r * 4 + k]["tokens"] for k in range(4)]
+            assert all(torch.equal(a, b) for a, b in zip(mine, expected)), (step, r)
+        assert ranks[0].last_step_tokens == ranks[1].last_step_tokens == 2 * (2 * 16 + 2 * 4)
+    for d in ranks:
+        d.close()
+
+
 def test_step_loss_is_the_mean_over_tokens_of_mixed_lengths():
     """Micro-batches of 12 and 4 loss tokens: the gradient is that of the mean over the 16
     tokens (not the mean of the two micro-batch means)."""

@@ -83,17 +83,18 @@ def _localize(cfg, job_dir: Path, dry_run: bool = False):
     )
 
 
-# The phase-2 blend may be prepared while phase 1 trains; until then the plan says so.
+# The phase-2 blend may be prepared while phase 1 trains; until then the plan says so (and the
+# run warns at its start: `TrainingData.open_datasets`).
 PHASE2_MISSING = (
     "prepare it before the phase-2 switch, e.g. nemotron nano3 data prep pretrain "
-    "-c phase2; the run stops with an error at the switch otherwise"
+    "-c phase2; otherwise the run saves a checkpoint at the switch and stops there"
 )
 
 
 def _plan_rows(
     cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str
 ) -> list[tuple[str, str]]:
-    from nemotron.train.plan import mean_sample_length
+    from nemotron.train.plan import mean_sample_length, phase2_start_step, plan_batches
 
     t = cfg.train
     mean_length = mean_sample_length(cfg.data, t.seq_length)
@@ -123,6 +124,8 @@ def _plan_rows(
         "" if cfg.data.mock or (blend and Path(blend).is_file()) else "  (missing: run data prep first)"
     )
     phase2 = cfg.data.phase2_blend
+    run_plan = plan_batches(t, 1, cfg.data)  # the steps do not depend on data parallel
+    steps, switch = run_plan.total_steps, phase2_start_step(run_plan, cfg.data)
     phase2_note = (
         "" if cfg.data.mock or not phase2 or Path(phase2).is_file() else (f"  (missing: {PHASE2_MISSING})")
     )
@@ -163,7 +166,13 @@ def _plan_rows(
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
         (
             "phase 2",
-            f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens{phase2_note}"
+            f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens "
+            + (
+                f"(step {switch:,} of {steps:,})"
+                if switch is not None and switch < steps
+                else f"(never reached: step {switch:,} is past the run's {steps:,} steps)"
+            )
+            + phase2_note
             if phase2
             else "none",
         ),
@@ -368,11 +377,6 @@ def _pretrain(
             )
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)
-        phase2 = cfg.data.phase2_blend
-        if not cfg.data.mock and phase2 and not Path(phase2).is_file() and common.process_rank() == 0:
-            console.print(
-                f"[yellow]warning[/]: data.phase2_blend {phase2} does not exist yet: {PHASE2_MISSING}"
-            )
 
     on_event = None
     if common.process_rank() == 0:

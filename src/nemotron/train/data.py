@@ -6,6 +6,8 @@ would: nothing re-read, nothing skipped. Batches are cut Megatron-style: a step 
 `global_batch_size` consecutive samples; micro-step m of data-parallel rank r takes samples
 `start + m * micro * dp + r * micro ...` (+ micro). Under context parallelism every CP rank of a
 data-parallel rank loads the same samples and keeps its chunks of each sequence (`cp_shard`).
+With mixed sequence lengths each rank's micro-batches are instead a contiguous share of the
+step's samples (`micro_batch_indices`), so every rank gets the same mix of lengths.
 
 Mixed sequence lengths (`data.mixed_length_blends`, the long-context phase): samples of
 different lengths may share a step; a micro-batch is right-padded to its longest sample with
@@ -31,12 +33,17 @@ import torch
 
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
-from nemotron.data.gpt_dataset import build_split_dataset, open_indexed, read_blend
+from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset, open_indexed, read_blend
+from nemotron.data.indexed import IndexedDatasetError
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
+
+
+class PhaseSwitchError(TrainDataError):
+    """The phase-2 blend cannot be read at the phase switch (the loader is still in phase 1)."""
 
 
 @dataclass
@@ -100,6 +107,47 @@ def blend_has_split(blend_json: str | Path, split: str) -> bool:
     return blend[split] not in ([], "", None)
 
 
+def _prep_tokenizer(blend_json: str | Path) -> dict | None:
+    """The tokenizer record of the data prep that wrote `blend_json` (its metadata.json beside
+    it), None for a hand-written blend or one without that record."""
+    try:
+        tokenizer = json.loads((Path(blend_json).parent / "metadata.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tokenizer if isinstance(tokenizer, dict) else None
+
+
+def check_tokenizers(blends: list[tuple[str, str | Path]], vocab_size: int) -> list[str]:
+    """Compare the tokenizers data prep recorded for the run's blends ((config key, blend.json)
+    pairs) with the model and with each other, from metadata.json alone (the token files are
+    checked per sequence only when read, possibly hours into the run). A tokenizer larger than
+    `model.vocab_size` is an error; blends of different tokenizers (other files or settings:
+    the same text, other ids) are returned as warnings."""
+    warnings, first = [], None
+    for key, blend in blends:
+        tokenizer = _prep_tokenizer(blend)
+        if tokenizer is None:
+            continue
+        size = tokenizer.get("vocab_size")
+        if isinstance(size, int) and size > vocab_size:
+            raise TrainDataError(
+                f"{key}: {blend} was tokenized with a vocabulary of {size:,} tokens "
+                f"({Path(blend).parent / 'metadata.json'}), more than model.vocab_size {vocab_size:,}"
+            )
+        identity = tokenizer.get("identity")
+        if not identity:
+            continue
+        if first is None:
+            first = (key, blend, identity)
+        elif identity != first[2]:
+            warnings.append(
+                f"{key}: {blend} was tokenized with another tokenizer (or other settings) than "
+                f"{first[0]}: {first[1]} (their metadata.json tokenizer identities differ): the "
+                "same token ids may stand for different text"
+            )
+    return warnings
+
+
 PAD_VALUES = {"tokens": 0, "labels": IGNORE_INDEX, "loss_mask": 0}
 
 
@@ -119,23 +167,41 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def micro_batch_indices(plan: BatchPlan, dp_rank: int, start: int, stop: int) -> Iterator[list[int]]:
-    """Sample indices of this rank's micro-batches for the global batches in [start, stop)."""
+def micro_batch_indices(
+    plan: BatchPlan, dp_rank: int, start: int, stop: int, by_rank: bool = False
+) -> Iterator[list[int]]:
+    """Sample indices of this rank's micro-batches for the global batches in [start, stop).
+
+    Megatron's order: micro-step m of rank r takes the samples `m * micro * dp + r * micro`
+    (+ micro) of the step. With `by_rank` (mixed sequence lengths) rank r takes instead the
+    contiguous share `r * gbs / dp` (+ gbs / dp) of the step, micro-batch by micro-batch: the
+    blending rule keeps every run of consecutive samples at its weights' mix (within 2 per
+    blend), so every rank gets the same mix of lengths. Megatron's interleaving would hand an
+    even number of ranks every other sample: with the long-context phase's 1:1 mix, all the
+    512K samples to the even ranks and all the 4K ones to the odd ranks, which would wait."""
     micro, dp = plan.micro_batch_size, plan.dp_size
-    for first in range(start, stop, micro * dp):
-        begin = first + dp_rank * micro
-        yield list(range(begin, begin + micro))
+    if not by_rank:
+        for first in range(start, stop, micro * dp):
+            begin = first + dp_rank * micro
+            yield list(range(begin, begin + micro))
+        return
+    share = plan.global_batch_size // dp
+    for step_start in range(start, stop, plan.global_batch_size):
+        for m in range(plan.grad_accumulation):
+            begin = step_start + dp_rank * share + m * micro
+            yield list(range(begin, begin + micro))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
     """A DataLoader batch sampler over `micro_batch_indices`: the rank's micro-batches of every
     step from sample `start` up to `stop` (whole global batches), in training order."""
 
-    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int) -> None:
+    def __init__(self, plan: BatchPlan, dp_rank: int, start: int, stop: int, by_rank: bool = False) -> None:
         self.plan, self.dp_rank, self.start, self.stop = plan, dp_rank, start, stop
+        self.by_rank = by_rank
 
     def __iter__(self) -> Iterator[list[int]]:
-        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop)
+        return micro_batch_indices(self.plan, self.dp_rank, self.start, self.stop, self.by_rank)
 
     def __len__(self) -> int:
         step = self.plan.micro_batch_size * self.plan.dp_size
@@ -192,6 +258,10 @@ class TrainingData:
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}
         self.last_step_tokens = 0  # tokens (labels) of the last global batch served, no padding
         self.last_step_lengths: list[int] = []  # its samples' lengths (FLOPs depend on them)
+        self.switch_warnings: list[str] = []  # what the phase switch found to warn about
+        # Training samples of several lengths: each rank reads a contiguous share of a step
+        # (`micro_batch_indices`), so that all get the same mix of lengths.
+        self.mixed_lengths = bool(data.mixed_length_blends)
         lengths = {"train.seq_length": plan.seq_length} | {
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)
@@ -216,7 +286,14 @@ class TrainingData:
                         self.vocab_size,
                         seed,
                     )
-            elif blend is None or not blend_has_split(blend, split):
+            elif key.startswith("train") and blend is None:
+                raise TrainDataError(
+                    f"{'data.blend' if key == 'train1' else 'data.phase2_blend'} is not set: "
+                    "training needs a blend.json (or data.mock=true)"
+                )
+            elif blend is None or (not key.startswith("train") and not blend_has_split(blend, split)):
+                # Only valid/test may be absent (no evaluation); a blend without a train split
+                # is an error naming it (read_blend), not a loader that has nothing to serve.
                 self._datasets[key] = None
             elif key.startswith("train") and self.data.mixed_length_blends:
                 parts: list[tuple[str | Path, int, float]] = [
@@ -247,8 +324,10 @@ class TrainingData:
         gbs = self.plan.global_batch_size
         if self.switch_step is None:
             return self.plan.total_steps * gbs if phase == 1 else 0
+        # Phase 2 starts at the switch step, or at once when a run resumes past it in phase 1
+        # (a config whose switch comes earlier); once it has started, where it did.
         start = (
-            self.switch_step
+            max(self.switch_step, self.state.consumed_train_samples // gbs)
             if self.state.phase2_start_sample is None
             else (self.state.phase2_start_sample // gbs)
         )
@@ -259,29 +338,86 @@ class TrainingData:
         return self._build(f"train{phase}", blend, "train", self.phase_samples(phase))
 
     def eval_dataset(self, split: str):
-        eval_iters = self.train.eval_iters
+        count = self.train.eval_iters * self.plan.global_batch_size  # samples of one evaluation
         if split == "valid":
-            evals = self.plan.total_steps // self.train.eval_interval + 1
-            num = evals * eval_iters * self.plan.global_batch_size
+            # Megatron's size: (train_iters // eval_interval + 1) evaluations. A run resumed
+            # with a longer eval_interval (or more eval_iters) than the one it began with has
+            # already read further: its valid split covers the evaluations still to come from
+            # there, instead of running out of samples (the same size in every other case).
+            interval, steps = self.train.eval_interval, self.plan.total_steps
+            done = self.state.consumed_train_samples // self.plan.global_batch_size
+            to_come = steps // interval - min(done, steps) // interval + 1
+            num = max((steps // interval + 1) * count, self.state.consumed_valid_samples + to_come * count)
+            num = num if count else 0  # eval_iters 0: no evaluation, no valid split
         else:
-            num = eval_iters * self.plan.global_batch_size
+            num = count
         # Always the phase-1 blend's split, so every evaluation of a run is comparable.
         return self._build(split, self.data.blend, split, num)
 
     # -- batches --------------------------------------------------------------------------
 
+    def open_datasets(self) -> list[str]:
+        """Build (and so check) every dataset the run will still read, before its first step:
+        the train split of each phase still to come, valid and test. A bad blend, split, shard
+        or index then stops the run at once with the error naming it, not at the first
+        evaluation, the phase switch or the test at the end. The phase-2 blend may be prepared
+        while phase 1 trains: if its file does not exist yet, the returned warning says so (the
+        switch builds it, `maybe_switch_phase`). Also compares the blends' tokenizers
+        (`check_tokenizers`). Returns the warnings for the run to show."""
+        warnings = []
+        if not self.data.mock:
+            blends = [("data.blend", self.data.blend)]
+            blends += [
+                (f"data.mixed_length_blends[{i}].blend", m.blend)
+                for i, m in enumerate(self.data.mixed_length_blends)
+            ]
+            if self.switch_step is not None:
+                blends.append(("data.phase2_blend", self.data.phase2_blend))
+            warnings += check_tokenizers([(k, b) for k, b in blends if b], self.vocab_size)
+        if self.state.phase == 1:
+            self.train_dataset(1)
+        if self.phase_samples(2) > 0:
+            phase2 = self.data.phase2_blend
+            assert phase2 is not None  # phase 2 has samples only with a phase-2 blend
+            if self.data.mock or self.state.phase == 2 or Path(phase2).exists():
+                self.train_dataset(2)
+            else:
+                warnings.append(
+                    f"data.phase2_blend {phase2} does not exist yet: prepare it before the "
+                    f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
+                    "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
+                )
+        self.eval_dataset("valid")
+        self.eval_dataset("test")
+        return warnings
+
     def maybe_switch_phase(self, step: int) -> bool:
-        """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched."""
+        """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.
+
+        The phase-2 dataset is built first: if it cannot be (a blend still missing), a
+        `PhaseSwitchError` is raised with the loader still in phase 1, so a checkpoint saved
+        then resumes at the switch."""
         if self.state.phase == 1 and self.switch_step is not None and step >= self.switch_step:
+            try:
+                if not self.data.mock:  # a blend prepared while phase 1 trained: its tokenizer too
+                    pairs = [("data.blend", self.data.blend), ("data.phase2_blend", self.data.phase2_blend)]
+                    self.switch_warnings = check_tokenizers([(k, b) for k, b in pairs if b], self.vocab_size)
+                self.train_dataset(2)
+            except (GPTDatasetError, IndexedDatasetError, TrainDataError) as e:
+                raise PhaseSwitchError(
+                    f"phase 2 cannot start at step {step}: data.phase2_blend {self.data.phase2_blend}: {e}"
+                ) from e
             self.state.phase = 2
             self.state.phase2_start_sample = self.state.consumed_train_samples
             return True
         return False
 
-    def _micro_batches(self, dataset, start: int, count: int) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(
+        self, dataset, start: int, count: int, by_rank: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
         return [
             self._local(collate([dataset[i] for i in indices]))
-            for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count)
+            for indices in micro_batch_indices(self.plan, self.dp_rank, start, start + count, by_rank)
         ]
 
     def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -299,7 +435,9 @@ class TrainingData:
                 dataset,
                 num_workers=self.data.num_workers,
                 collate_fn=collate,
-                batch_sampler=StepBatchSampler(self.plan, self.dp_rank, offset, self.phase_samples(phase)),
+                batch_sampler=StepBatchSampler(
+                    self.plan, self.dp_rank, offset, self.phase_samples(phase), self.mixed_lengths
+                ),
                 pin_memory=self.pin_memory,
                 multiprocessing_context=WORKER_START_METHOD,
             )
@@ -317,7 +455,7 @@ class TrainingData:
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
         else:
-            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size)
+            batches = self._micro_batches(dataset, offset, self.plan.global_batch_size, self.mixed_lengths)
         self.last_step_lengths = [
             dataset.sample_length(i) for i in range(offset, offset + self.plan.global_batch_size)
         ]

@@ -57,7 +57,7 @@ from nemotron.train.checkpoint import (
     finish_interrupted_saves,
     load_checkpoint,
 )
-from nemotron.train.data import LoaderState, TrainingData, plan_batches, unigram_entropy
+from nemotron.train.data import LoaderState, PhaseSwitchError, TrainingData, plan_batches, unigram_entropy
 from nemotron.train.loop import (
     Parallel,
     StepResult,
@@ -388,6 +388,9 @@ class Trainer:
                 )
             trainer._resume_schedule()
             trainer._check_data_order()
+            # Every blend, split and index the run will read, checked now (not hours later).
+            for warning in data.open_datasets():
+                trainer.warn(warning)
         except BaseException:
             trainer.close()
             raise
@@ -471,6 +474,8 @@ class Trainer:
         """One optimizer step over the next global batch, and the expert-bias update (skipped,
         with the routing counts dropped, when the loss or gradient norm is not finite)."""
         switched = self.data.maybe_switch_phase(self.state.step)
+        for warning in self.data.switch_warnings if switched else []:
+            self.warn(warning)
         lr = self.schedule.rate(self.state.tokens)
         set_learning_rate(self.optimizer, lr)
         data_start = time.perf_counter()
@@ -584,7 +589,10 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.state.step < self.plan.total_steps:
-                    outcome = self._timed_step()
+                    try:
+                        outcome = self._timed_step()
+                    except PhaseSwitchError as e:
+                        raise PhaseSwitchError(f"{e}; {self._save_before_stopping()}") from e
                     self._check_health(outcome.result)
                     if self.checkpointer is not None:
                         self.checkpointer.poll()
@@ -607,6 +615,14 @@ class Trainer:
         summary = self._summary(status, entropy, run_tokens / wall if run_tokens and wall > 0 else None)
         self.metrics.event("end", dataclasses.asdict(summary))
         return summary
+
+    def _save_before_stopping(self) -> str:
+        """Checkpoint the last step before a stop that is no fault of the weights (the phase-2
+        blend missing at the switch), so that nothing trained is lost; says what is kept."""
+        path = self.save() or (self.last_checkpoint if self._saved_step == self.state.step else None)
+        if path is None:
+            return f"no checkpoint could be saved at step {self.state.step}"
+        return f"checkpoint {path} (step {self.state.step}) is saved: prepare the blend and run again to resume there"
 
     def _announce_start(self) -> float | None:
         cfg = self.cfg
