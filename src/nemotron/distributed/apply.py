@@ -30,7 +30,7 @@ from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
 from nemotron.distributed.expert_parallel import AllToAllDispatcher
 from nemotron.distributed.mesh import ParallelMesh
-from nemotron.distributed.parallel_dims import ParallelLayoutError
+from nemotron.distributed.parallel_dims import ParallelLayoutError, check_sequence_lengths, sequence_shards
 from nemotron.distributed.tensor_parallel import (
     SequenceGather,
     apply_tensor_parallel,
@@ -74,6 +74,9 @@ def parallelize(
                 f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
                 f"{(dims.tp, dims.ep, dims.pp, dims.cp)}"
             )
+    # the model checks (experts % EP, heads % TP, ...) also when the mesh was resolved without
+    # the model config: an uneven split would otherwise surface as a collective mismatch
+    dims.validate_model(model.config)
     model.parallel_init = functools.partial(init_like_single_device, cls=type(model))
     cp = None
     if dims.cp > 1:
@@ -88,7 +91,26 @@ def parallelize(
             moe.sequence_gather = gather
     apply_expert_parallel(model, mesh)
     apply_fsdp(model, mesh, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward)
+    if model.backbone.embeddings is not None and (dims.tp > 1 or dims.cp > 1):
+        # registered last with prepend: it runs before FSDP2's root all-gather, the first collective
+        model.register_forward_pre_hook(
+            functools.partial(_check_local_sequence, tp=dims.tp, cp=dims.cp), prepend=True, with_kwargs=True
+        )
     return model
+
+
+def _check_local_sequence(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, tp: int, cp: int
+) -> None:
+    """The token ids a rank feeds the model (its context-parallel chunks of every sequence)
+    must split into the layout's shards: sequence parallel cuts them over TP, context parallel
+    holds two equal chunks. Checked on every rank before the first collective, so a bad length
+    is this error rather than mismatched collectives (a gloo abort, an NCCL hang)."""
+    input_ids = args[0] if args else kwargs["input_ids"]
+    local = input_ids.shape[-1]
+    how = f"2*CP*TP = 2*{cp}*{tp}" if cp > 1 else "TP"
+    key = "sequence length" if cp == 1 else f"sequence length (CP {cp} x {local} tokens per rank)"
+    check_sequence_lengths({key: local * cp}, sequence_shards(tp, cp), how)
 
 
 def _moe_layers(model: Nano3ForCausalLM) -> list[MoE]:
