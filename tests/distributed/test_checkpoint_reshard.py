@@ -1,12 +1,14 @@
 """Save under one layout (2 ranks, EP2), resume under others (4 ranks EP1; 1 process; 2 ranks
-TP2 EP2):
-training continues with the same loss, through DCP and DTensor state dicts."""
+TP2 EP2), through DCP and DTensor state dicts: every parameter, expert bias and AdamW state
+tensor loads as saved (gathered, per tensor), and training continues with the same losses and
+the same parameters."""
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from models.tiny import tiny_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.distributed.utils import token_loss_weight
@@ -14,7 +16,7 @@ from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
 from ._spawn import run_distributed
-from .harness import GLOBAL_BATCH, batch
+from .harness import GLOBAL_BATCH, assert_same_tensors, batch, full_params
 
 SAVED_STEPS, RESUMED_STEPS = 2, 2
 
@@ -46,13 +48,31 @@ def _step(model, opt, mesh, step: int) -> float:
     return float(pair[0] / pair[1])
 
 
+def _full_state(model, opt) -> dict:
+    """Parameters, persistent buffers and every AdamW state tensor, gathered, by name (as numpy
+    arrays: tensors would cross to the test process through shared memory that the worker's
+    exit frees)."""
+    state = full_params(model)
+    for name, param in model.named_parameters():
+        for key, value in opt.state[param].items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            state[f"optim.{name}.{key}"] = full.detach().clone()
+    return {name: value.numpy() for name, value in state.items()}
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(value) for name, value in state.items()}
+
+
 def _save_then_continue(rank, world_size, ckpt_dir):
     model, opt, mesh = _build(world_size, ep=2, seed=0)
     for step in range(SAVED_STEPS):
         _step(model, opt, mesh, step)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
-    return [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    saved = _full_state(model, opt)
+    losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    return losses, saved, _full_state(model, opt)
 
 
 def _resume(rank, world_size, ckpt_dir, ep, tp=1):
@@ -61,17 +81,29 @@ def _resume(rank, world_size, ckpt_dir, ep, tp=1):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    loaded = _full_state(model, opt)
+    losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    return losses, loaded, _full_state(model, opt)
 
 
 def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    expected = run_distributed(_save_then_continue, 2, ckpt)[0]
-    resumed = run_distributed(_resume, 4, ckpt, 1)[0]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    # one process holding every expert
-    single = run_distributed(_resume, 1, ckpt, 1)[0]
-    torch.testing.assert_close(torch.tensor(single), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    # tensor parallel: TP2 + SP with EP2 on 2 ranks (DP 1), weights and AdamW state resharded
-    tensor_parallel = run_distributed(_resume, 2, ckpt, 2, 2)[0]
-    torch.testing.assert_close(torch.tensor(tensor_parallel), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    expected, saved, final = run_distributed(_save_then_continue, 2, ckpt)[0]
+    saved, final = _tensors(saved), _tensors(final)
+    assert any(".expert_bias" in name and value.any() for name, value in saved.items())
+    assert any(name.endswith(".exp_avg_sq") for name in saved)
+    for layout, args in {
+        "4 ranks, EP1": (4, ckpt, 1),
+        "one process holding every expert": (1, ckpt, 1),
+        # TP2 + SP with EP2 on 2 ranks (DP 1), weights and AdamW state resharded
+        "2 ranks, TP2 EP2": (2, ckpt, 2, 2),
+    }.items():
+        losses, loaded, resumed_final = run_distributed(_resume, *args)[0]
+        loaded, resumed_final = _tensors(loaded), _tensors(resumed_final)
+        assert_same_tensors(loaded, saved, f"{layout}, loaded", rtol=0, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=layout
+        )
+        assert_same_tensors(
+            resumed_final, final, f"{layout}, after {RESUMED_STEPS} steps", rtol=1e-5, atol=1e-6
+        )
