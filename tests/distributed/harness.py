@@ -18,10 +18,15 @@ from nemotron.train.balancing import update_expert_biases
 GLOBAL_BATCH, SEQ, LR, BIAS_RATE = 4, 8, 0.05, 0.01
 
 
-def batch(step: int, seq: int = SEQ):
+def batch(step: int, seq: int = SEQ, uniform_mask: bool = False):
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(0, 96, (GLOBAL_BATCH, seq + 1), generator=g)
-    loss_mask = torch.ones(GLOBAL_BATCH, seq)
+    # uneven loss-token counts per sample (hence per DP / CP rank): the token mean of the global
+    # batch differs from a mean of per-rank means
+    loss_mask = (torch.rand(GLOBAL_BATCH, seq, generator=g) < 0.6).float()
+    loss_mask[:, 0] = 1.0
+    if uniform_mask:  # every token counts: each rank's token weight is exactly 1
+        loss_mask.fill_(1.0)
     return tokens[:, :-1], tokens[:, 1:], loss_mask
 
 
@@ -51,9 +56,11 @@ def assert_same_tensors(got: dict, want: dict, where: str, **tol) -> None:
 
 
 def train_step(model, opt, ids, labels, mask, weight=1.0):
+    """`weight`: the LM loss's token weight (`token_loss_weight`); the balance term, a mean
+    over sequences, is not token-weighted (as in `train.loop.train_step`)."""
     opt.zero_grad(set_to_none=True)
     out = model(ids, labels=labels, loss_mask=mask)
-    (out.loss * weight).backward()
+    (out.lm_loss * weight + (out.loss - out.lm_loss)).backward()
     return out
 
 
