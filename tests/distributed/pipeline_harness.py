@@ -99,13 +99,14 @@ def compare_pipeline_with_single_process(
     recompute: bool = False,
     grad_clip: float = 0.0,
     fp8: Fp8Config | None = None,
+    global_batch_size: int = 8,
 ) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
     clips both runs (to a norm below theirs: the recorded gradients are the clipped ones).
     `fp8`: both runs convert those layers (FP8 emulated on CPU) and train under bf16 autocast
     when the LM head is among them (its FP8 products need bf16 compute), each reusing the
     quantized weights within a step per `fp8.reuse_weights`."""
-    cfg = make_config(parallel_kw, model_kw, seq)
+    cfg = make_config(parallel_kw, model_kw, seq, global_batch_size)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
     reference = Nano3ForCausalLM(arch)
