@@ -40,12 +40,17 @@ def full_grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _plain_name(name: str) -> str:
+    """The single-device model's name (no compile or activation-checkpoint wrapper level)."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer (expert biases) as a full tensor, by name."""
     out = {}
     for name, value in model.state_dict().items():
         full = value.full_tensor() if isinstance(value, DTensor) else value
-        out[name.replace("_orig_mod.", "")] = full.detach().clone()
+        out[_plain_name(name)] = full.detach().clone()
     return out
 
 
@@ -53,6 +58,22 @@ def assert_same_tensors(got: dict, want: dict, where: str, **tol) -> None:
     assert got.keys() == want.keys(), f"{where}: {sorted(got.keys() ^ want.keys())}"
     for name, value in got.items():
         torch.testing.assert_close(value, want[name], **tol, msg=lambda m: f"{where}, {name}: {m}")
+
+
+def full_state(model, opt) -> dict:
+    """Parameters, persistent buffers and every AdamW state tensor, gathered, by name (as numpy
+    arrays: tensors would cross to the test process through shared memory that the worker's
+    exit frees)."""
+    state = full_params(model)
+    for name, param in model.named_parameters():
+        for key, value in opt.state[param].items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            state[f"optim.{_plain_name(name)}.{key}"] = full.detach().clone()
+    return {name: value.numpy() for name, value in state.items()}
+
+
+def tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(value) for name, value in state.items()}
 
 
 def train_step(model, opt, ids, labels, mask, weight=1.0):

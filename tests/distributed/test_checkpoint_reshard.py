@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from models.tiny import tiny_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.distributed.utils import token_loss_weight
@@ -16,7 +15,7 @@ from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
 from ._spawn import run_distributed
-from .harness import GLOBAL_BATCH, assert_same_tensors, batch, full_params
+from .harness import GLOBAL_BATCH, assert_same_tensors, batch, full_state, tensors, train_step
 
 SAVED_STEPS, RESUMED_STEPS = 2, 2
 
@@ -38,30 +37,12 @@ def _step(model, opt, mesh, step: int) -> float:
     ids, labels, mask = batch(step)
     per_rank = GLOBAL_BATCH // mesh.dp_size
     sl = slice(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank)
-    opt.zero_grad()
-    out = model(ids[sl], labels=labels[sl], loss_mask=mask[sl])
-    (out.loss * token_loss_weight(mask[sl], mesh)).backward()
+    out = train_step(model, opt, ids[sl], labels[sl], mask[sl], token_loss_weight(mask[sl], mesh))
     opt.step()
     update_expert_biases(model.moe_layers(), 1e-2, mesh.balancing_group)
     pair = torch.stack([out.lm_loss.detach() * mask[sl].sum(), mask[sl].sum()])
     dist.all_reduce(pair, group=mesh.loss_group)
     return float(pair[0] / pair[1])
-
-
-def _full_state(model, opt) -> dict:
-    """Parameters, persistent buffers and every AdamW state tensor, gathered, by name (as numpy
-    arrays: tensors would cross to the test process through shared memory that the worker's
-    exit frees)."""
-    state = full_params(model)
-    for name, param in model.named_parameters():
-        for key, value in opt.state[param].items():
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            state[f"optim.{name}.{key}"] = full.detach().clone()
-    return {name: value.numpy() for name, value in state.items()}
-
-
-def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(value) for name, value in state.items()}
 
 
 def _save_then_continue(rank, world_size, ckpt_dir):
@@ -70,9 +51,9 @@ def _save_then_continue(rank, world_size, ckpt_dir):
         _step(model, opt, mesh, step)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
-    saved = _full_state(model, opt)
+    saved = full_state(model, opt)
     losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
-    return losses, saved, _full_state(model, opt)
+    return losses, saved, full_state(model, opt)
 
 
 def _resume(rank, world_size, ckpt_dir, ep, tp=1):
@@ -81,15 +62,15 @@ def _resume(rank, world_size, ckpt_dir, ep, tp=1):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    loaded = _full_state(model, opt)
+    loaded = full_state(model, opt)
     losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
-    return losses, loaded, _full_state(model, opt)
+    return losses, loaded, full_state(model, opt)
 
 
 def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     expected, saved, final = run_distributed(_save_then_continue, 2, ckpt)[0]
-    saved, final = _tensors(saved), _tensors(final)
+    saved, final = tensors(saved), tensors(final)
     assert any(".expert_bias" in name and value.any() for name, value in saved.items())
     assert any(name.endswith(".exp_avg_sq") for name in saved)
     for layout, args in {
@@ -99,7 +80,7 @@ def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
         "2 ranks, TP2 EP2": (2, ckpt, 2, 2),
     }.items():
         losses, loaded, resumed_final = run_distributed(_resume, *args)[0]
-        loaded, resumed_final = _tensors(loaded), _tensors(resumed_final)
+        loaded, resumed_final = tensors(loaded), tensors(resumed_final)
         assert_same_tensors(loaded, saved, f"{layout}, loaded", rtol=0, atol=0)
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=layout
