@@ -12,7 +12,8 @@ context-parallel ranks (DP x CP) of the per-rank gradients (FSDP2's default for 
 parameters, sharded over DP x CP; expert parameters, which are reduced over the
 expert-data-parallel mesh, are given the same divisor DP*CP). Contributions of tensor- and
 expert-parallel peers to one rank's loss are summed. To weight by tokens rather than ranks,
-weight each micro-batch's loss by `distributed.utils.token_loss_weights(...)`.
+weight each micro-batch's LM loss by `distributed.utils.token_loss_weights(...)` (not the
+sequence balance term, a mean over sequences: see `train.loop.train_step`).
 """
 
 from __future__ import annotations
@@ -102,12 +103,17 @@ def parallelize(
 def _check_local_sequence(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, tp: int, cp: int
 ) -> None:
-    """The token ids a rank feeds the model (its context-parallel chunks of every sequence)
-    must split into the layout's shards: sequence parallel cuts them over TP, context parallel
-    holds two equal chunks. Checked on every rank before the first collective, so a bad length
-    is this error rather than mismatched collectives (a gloo abort, an NCCL hang)."""
+    """Forward pre-hook: `check_local_sequence` on the token ids a rank feeds the model."""
     input_ids = args[0] if args else kwargs["input_ids"]
-    local = input_ids.shape[-1]
+    check_local_sequence(input_ids.shape[-1], tp, cp)
+
+
+def check_local_sequence(local: int, tp: int, cp: int) -> None:
+    """The sequence length a rank holds (its context-parallel chunks of every sequence) must
+    split into the layout's shards: sequence parallel cuts it over TP, context parallel holds
+    two equal chunks. Every rank checks before the first collective (the model's forward, a
+    pipeline schedule's first exchange), so a bad length is this error rather than mismatched
+    collectives (a gloo abort, an NCCL hang)."""
     how = f"2*CP*TP = 2*{cp}*{tp}" if cp > 1 else "TP"
     key = "sequence length" if cp == 1 else f"sequence length (CP {cp} x {local} tokens per rank)"
     check_sequence_lengths({key: local * cp}, sequence_shards(tp, cp), how)

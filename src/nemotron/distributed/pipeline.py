@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from nemotron.distributed.apply import parallelize
+from nemotron.distributed.apply import check_local_sequence, parallelize
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm
@@ -149,11 +149,9 @@ class Pipeline:
         TP rank sends its own shard to the same TP rank of the next stage (1/TP of the traffic
         of sending whole sequences, and no gather or scatter at the stage boundary)."""
         meta = torch.device("meta")
-        if seq % self.tp:
-            raise ValueError(
-                f"micro-batch sequence length {seq} is not divisible by "
-                f"model.tensor_model_parallel_size={self.tp} (sequence parallel)"
-            )
+        # on every pipeline rank, before any exchange: the model's own check runs on the first
+        # stage only, and the later stages would then wait for it forever
+        check_local_sequence(seq, self.tp, self.mesh.dims.cp)
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
         hidden = torch.empty(
             batch,
