@@ -18,10 +18,15 @@ from nemotron.train.balancing import update_expert_biases
 GLOBAL_BATCH, SEQ, LR, BIAS_RATE = 4, 8, 0.05, 0.01
 
 
-def batch(step: int, seq: int = SEQ):
+def batch(step: int, seq: int = SEQ, uniform_mask: bool = False):
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(0, 96, (GLOBAL_BATCH, seq + 1), generator=g)
-    loss_mask = torch.ones(GLOBAL_BATCH, seq)
+    # uneven loss-token counts per sample (hence per DP / CP rank): the token mean of the global
+    # batch differs from a mean of per-rank means
+    loss_mask = (torch.rand(GLOBAL_BATCH, seq, generator=g) < 0.6).float()
+    loss_mask[:, 0] = 1.0
+    if uniform_mask:  # every token counts: each rank's token weight is exactly 1
+        loss_mask.fill_(1.0)
     return tokens[:, :-1], tokens[:, 1:], loss_mask
 
 
@@ -35,10 +40,48 @@ def full_grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _plain_name(name: str) -> str:
+    """The single-device model's name (no compile or activation-checkpoint wrapper level)."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer (expert biases) as a full tensor, by name."""
+    out = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        out[_plain_name(name)] = full.detach().clone()
+    return out
+
+
+def assert_same_tensors(got: dict, want: dict, where: str, **tol) -> None:
+    assert got.keys() == want.keys(), f"{where}: {sorted(got.keys() ^ want.keys())}"
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], **tol, msg=lambda m: f"{where}, {name}: {m}")
+
+
+def full_state(model, opt) -> dict:
+    """Parameters, persistent buffers and every AdamW state tensor, gathered, by name (as numpy
+    arrays: tensors would cross to the test process through shared memory that the worker's
+    exit frees)."""
+    state = full_params(model)
+    for name, param in model.named_parameters():
+        for key, value in opt.state[param].items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            state[f"optim.{_plain_name(name)}.{key}"] = full.detach().clone()
+    return {name: value.numpy() for name, value in state.items()}
+
+
+def tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(value) for name, value in state.items()}
+
+
 def train_step(model, opt, ids, labels, mask, weight=1.0):
+    """`weight`: the LM loss's token weight (`token_loss_weight`); the balance term, a mean
+    over sequences, is not token-weighted (as in `train.loop.train_step`)."""
     opt.zero_grad(set_to_none=True)
     out = model(ids, labels=labels, loss_mask=mask)
-    (out.loss * weight).backward()
+    (out.lm_loss * weight + (out.loss - out.lm_loss)).backward()
     return out
 
 
@@ -56,9 +99,17 @@ def compare_with_single_process(
     model_kw: dict | None = None,
     steps: int = 3,
     seq: int = SEQ,
+    expert_bias: list[float] | None = None,
+    final_state: dict | None = None,
 ):
+    """`expert_bias`: every router's initial bias (steers the routing: experts with a lower
+    bias than the highest must then receive no token). `final_state`: filled with the
+    parallel model's gathered parameters and buffers after the last step."""
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
+    if expert_bias is not None:
+        for moe in reference.moe_layers():
+            moe.router.expert_bias.copy_(torch.tensor(expert_bias))
     model = copy.deepcopy(reference)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
 
@@ -71,6 +122,10 @@ def compare_with_single_process(
         ids, labels, mask = batch(step, seq)
         ref_out = train_step(reference, ref_opt, ids, labels, mask)
         ref_grads = full_grads(reference)
+        if expert_bias is not None:
+            idle = torch.tensor(expert_bias) < max(expert_bias)
+            for moe in reference.moe_layers():
+                assert not moe.router.tokens_per_expert[idle].any(), "an idle expert received tokens"
         ref_opt.step()
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
 
@@ -81,6 +136,17 @@ def compare_with_single_process(
         pair = torch.stack([lm, local_mask.sum()])
         dist.all_reduce(pair, group=mesh.loss_group)
         torch.testing.assert_close(pair[0] / pair[1], ref_out.lm_loss.detach(), rtol=1e-5, atol=1e-6)
+        # the sequence balance term, a mean over sequences: each rank's over its own samples
+        # (whole sequences, gathered over TP / CP), averaged over the ranks holding different
+        # samples and chunks (DP x CP; CP peers compute the same value)
+        # the sequence balance loss, a mean over sequences: each rank's over its own samples
+        # (whole sequences, gathered over TP / CP), averaged over the ranks holding different
+        # samples and chunks (DP x CP; CP peers compute the same value)
+        balance = out.aux_loss.detach().clone()
+        dist.all_reduce(balance, group=mesh.loss_group)
+        torch.testing.assert_close(
+            balance / mesh.loss_group_size, ref_out.aux_loss.detach(), rtol=1e-5, atol=1e-7
+        )
         grads = full_grads(model)
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
@@ -92,6 +158,10 @@ def compare_with_single_process(
         update_expert_biases(model.moe_layers(), BIAS_RATE, mesh.balancing_group)
         for ref_moe, moe in zip(reference.moe_layers(), model.moe_layers()):
             torch.testing.assert_close(moe.router.expert_bias, ref_moe.router.expert_bias)
+        # after the step, every parameter (gathered) and expert bias, tensor by tensor
+        assert_same_tensors(full_params(model), full_params(reference), f"step {step}", rtol=1e-5, atol=1e-6)
+    if final_state is not None:
+        final_state.update(full_params(model))
     return float(ref_out.lm_loss)
 
 

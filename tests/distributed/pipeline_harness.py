@@ -99,13 +99,14 @@ def compare_pipeline_with_single_process(
     recompute: bool = False,
     grad_clip: float = 0.0,
     fp8: Fp8Config | None = None,
+    global_batch_size: int = 8,
 ) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
     clips both runs (to a norm below theirs: the recorded gradients are the clipped ones).
     `fp8`: both runs convert those layers (FP8 emulated on CPU) and train under bf16 autocast
     when the LM head is among them (its FP8 products need bf16 compute), each reusing the
     quantized weights within a step per `fp8.reuse_weights`."""
-    cfg = make_config(parallel_kw, model_kw, seq)
+    cfg = make_config(parallel_kw, model_kw, seq, global_batch_size)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
     reference = Nano3ForCausalLM(arch)
@@ -184,6 +185,17 @@ def compare_pipeline_with_single_process(
                 bias_tol = {} if precision == "fp32" else dict(rtol=0.0, atol=2 * BIAS_RATE * step + 1e-7)
                 torch.testing.assert_close(
                     module.expert_bias, ref_router.expert_bias, **bias_tol, msg=f"{where}, {name}"
+                )
+        # after the step, this rank's parameters (gathered over the stage's shards), tensor by
+        # tensor: what the optimizer made of the gradients above
+        ref_params = dict(reference.named_parameters())
+        for name, param in model.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "")
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            if precision == "fp32" or step == 0:
+                param_tol = tol if precision == "fp32" else dict(rtol=2e-3, atol=LR * 2e-2)
+                torch.testing.assert_close(
+                    full, ref_params[name], **param_tol, msg=lambda m: f"{where}, parameter {name}: {m}"
                 )
         losses.append(ours.loss)
     return losses, sorted(opt.grads)

@@ -1,6 +1,7 @@
 """Save under one layout (2 ranks, EP2), resume under others (4 ranks EP1; 1 process; 2 ranks
-TP2 EP2):
-training continues with the same loss, through DCP and DTensor state dicts."""
+TP2 EP2), through DCP and DTensor state dicts: every parameter, expert bias and AdamW state
+tensor loads as saved (gathered, per tensor), and training continues with the same losses and
+the same parameters."""
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
 from ._spawn import run_distributed
-from .harness import GLOBAL_BATCH, batch
+from .harness import GLOBAL_BATCH, assert_same_tensors, batch, full_state, tensors, train_step
 
 SAVED_STEPS, RESUMED_STEPS = 2, 2
 
@@ -36,9 +37,7 @@ def _step(model, opt, mesh, step: int) -> float:
     ids, labels, mask = batch(step)
     per_rank = GLOBAL_BATCH // mesh.dp_size
     sl = slice(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank)
-    opt.zero_grad()
-    out = model(ids[sl], labels=labels[sl], loss_mask=mask[sl])
-    (out.loss * token_loss_weight(mask[sl], mesh)).backward()
+    out = train_step(model, opt, ids[sl], labels[sl], mask[sl], token_loss_weight(mask[sl], mesh))
     opt.step()
     update_expert_biases(model.moe_layers(), 1e-2, mesh.balancing_group)
     pair = torch.stack([out.lm_loss.detach() * mask[sl].sum(), mask[sl].sum()])
@@ -52,7 +51,9 @@ def _save_then_continue(rank, world_size, ckpt_dir):
         _step(model, opt, mesh, step)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
-    return [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    saved = full_state(model, opt)
+    losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    return losses, saved, full_state(model, opt)
 
 
 def _resume(rank, world_size, ckpt_dir, ep, tp=1):
@@ -61,17 +62,29 @@ def _resume(rank, world_size, ckpt_dir, ep, tp=1):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    loaded = full_state(model, opt)
+    losses = [_step(model, opt, mesh, SAVED_STEPS + i) for i in range(RESUMED_STEPS)]
+    return losses, loaded, full_state(model, opt)
 
 
 def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    expected = run_distributed(_save_then_continue, 2, ckpt)[0]
-    resumed = run_distributed(_resume, 4, ckpt, 1)[0]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    # one process holding every expert
-    single = run_distributed(_resume, 1, ckpt, 1)[0]
-    torch.testing.assert_close(torch.tensor(single), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    # tensor parallel: TP2 + SP with EP2 on 2 ranks (DP 1), weights and AdamW state resharded
-    tensor_parallel = run_distributed(_resume, 2, ckpt, 2, 2)[0]
-    torch.testing.assert_close(torch.tensor(tensor_parallel), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    expected, saved, final = run_distributed(_save_then_continue, 2, ckpt)[0]
+    saved, final = tensors(saved), tensors(final)
+    assert any(".expert_bias" in name and value.any() for name, value in saved.items())
+    assert any(name.endswith(".exp_avg_sq") for name in saved)
+    for layout, args in {
+        "4 ranks, EP1": (4, ckpt, 1),
+        "one process holding every expert": (1, ckpt, 1),
+        # TP2 + SP with EP2 on 2 ranks (DP 1), weights and AdamW state resharded
+        "2 ranks, TP2 EP2": (2, ckpt, 2, 2),
+    }.items():
+        losses, loaded, resumed_final = run_distributed(_resume, *args)[0]
+        loaded, resumed_final = tensors(loaded), tensors(resumed_final)
+        assert_same_tensors(loaded, saved, f"{layout}, loaded", rtol=0, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=layout
+        )
+        assert_same_tensors(
+            resumed_final, final, f"{layout}, after {RESUMED_STEPS} steps", rtol=1e-5, atol=1e-6
+        )

@@ -19,7 +19,15 @@ from nemotron.models.nano3.attention import Attention
 from nemotron.models.nano3.mamba2 import Mamba2Mixer
 
 from ._spawn import run_distributed
-from .harness import compare_with_single_process, rank_slice, tiny_config
+from .harness import (
+    assert_same_tensors,
+    compare_with_single_process,
+    full_state,
+    rank_slice,
+    tensors,
+    tiny_config,
+    train_step,
+)
 
 CP_SEQ = 24  # CP 4: 8 chunks of 3 tokens (= the conv halo); Mamba chunk size 4 or 5 below
 
@@ -149,9 +157,7 @@ def _step(model, opt, mesh, step: int) -> float:
     from .harness import batch
 
     ids, labels, mask = rank_slice(mesh, *batch(step, CP_SEQ))
-    opt.zero_grad()
-    out = model(ids, labels=labels, loss_mask=mask)
-    (out.loss * token_loss_weight(mask, mesh)).backward()
+    out = train_step(model, opt, ids, labels, mask, token_loss_weight(mask, mesh))
     opt.step()
     pair = torch.stack([out.lm_loss.detach() * mask.sum(), mask.sum()])
     if mesh.loss_group_size > 1:
@@ -164,7 +170,8 @@ def _save_cp(rank, world_size, ckpt_dir):
     _step(model, opt, mesh, 0)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt_dir)
-    return [_step(model, opt, mesh, 1 + i) for i in range(2)]
+    saved = full_state(model, opt)
+    return [_step(model, opt, mesh, 1 + i) for i in range(2)], saved, full_state(model, opt)
 
 
 def _resume(rank, world_size, ckpt_dir):
@@ -173,11 +180,16 @@ def _resume(rank, world_size, ckpt_dir):
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return [_step(model, opt, mesh, 1 + i) for i in range(2)]
+    loaded = full_state(model, opt)
+    return [_step(model, opt, mesh, 1 + i) for i in range(2)], loaded, full_state(model, opt)
 
 
 def test_cp2_checkpoint_resumes_under_cp1(tmp_path):
+    """Every parameter, expert bias and AdamW state tensor loads as saved; the next losses and
+    the parameters after them are those of the CP2 run."""
     ckpt = str(tmp_path / "ckpt")
-    expected = run_distributed(_save_cp, 2, ckpt)[0]
-    resumed = run_distributed(_resume, 1, ckpt)[0]
+    expected, saved, final = run_distributed(_save_cp, 2, ckpt)[0]
+    resumed, loaded, resumed_final = run_distributed(_resume, 1, ckpt)[0]
+    assert_same_tensors(tensors(loaded), tensors(saved), "loaded", rtol=0, atol=0)
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert_same_tensors(tensors(resumed_final), tensors(final), "after 2 steps", rtol=1e-5, atol=1e-6)

@@ -105,3 +105,25 @@ def test_context_parallel_layout_and_sequence_split():
     dims.validate_batch(4, 1, 8192)
     with pytest.raises(ParallelLayoutError, match=r"not divisible by 2\*CP\*TP = 2\*2\*2 = 8"):
         dims.validate_batch(4, 1, 4100)
+
+
+@pytest.mark.parametrize(
+    "local,tp,cp,message",
+    [
+        (8, 2, 1, None),
+        (7, 2, 1, r"sequence length=7 must be a positive multiple of 2: not divisible by TP "),
+        (8, 2, 2, None),  # 16 tokens: 4 chunks of 4, each split over TP2
+        (6, 2, 2, r"\(CP 2 x 6 tokens per rank\)=12 must be a positive multiple of 8: .*2\*CP\*TP = 2\*2\*2"),
+        (6, 1, 2, None),
+    ],
+)
+def test_local_sequence_check(local, tp, cp, message):
+    """What a rank's model (and every pipeline rank, before a schedule's first exchange)
+    checks of the length it holds: the rule of `validate_batch`, on the local length."""
+    from nemotron.distributed.apply import check_local_sequence
+
+    if message is None:
+        check_local_sequence(local, tp, cp)
+    else:
+        with pytest.raises(ParallelLayoutError, match=message):
+            check_local_sequence(local, tp, cp)

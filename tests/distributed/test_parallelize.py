@@ -11,6 +11,13 @@ LAYOUTS_2 = {
     "dp2": (dict(), None),  # FSDP2 data parallel
     "ep2": (dict(expert_model_parallel_size=2), None),  # EP2 (EDP 1), all-to-all dispatcher
     "tp2": (TP, None),  # TP2 + SP
+    # every token to EP rank 0's experts (0-3): EP rank 1 receives no row, its experts get
+    # zero gradients through the empty exchange, FSDP2 and the optimizer
+    "ep2-rank1-idle": (
+        dict(expert_model_parallel_size=2),
+        dict(moe_top_k=2),
+        dict(expert_bias=[10.0] * 4 + [0.0] * 4),
+    ),
 }
 LAYOUTS_4 = {
     # DP4 x (EDP2 x EP2); 3 local experts over 2 EDP ranks: FSDP shards expert dim 1
@@ -23,9 +30,11 @@ LAYOUTS_4 = {
 
 def _run_layouts(rank, world_size, layouts):
     losses = {}
-    for name, (parallel_kw, model_kw) in layouts.items():
+    for name, (parallel_kw, model_kw, *extra) in layouts.items():
         try:
-            losses[name] = compare_with_single_process(rank, world_size, parallel_kw, model_kw)
+            losses[name] = compare_with_single_process(
+                rank, world_size, parallel_kw, model_kw, **(extra[0] if extra else {})
+            )
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err
     return losses
@@ -109,9 +118,67 @@ def _tp_kernel_launches_get_plain_tensors(rank, world_size):
     assert len(seen) > 3 * model.config.num_layers and set(seen) == {torch.Tensor}, set(seen)
 
 
+def _indivisible_layouts_are_one_clear_error(rank, world_size):
+    """A sequence that does not split over TP fails on every rank before any collective (it
+    used to reach mismatched uneven gathers: gloo aborted the process, NCCL would hang); the
+    same model then trains on a valid batch. Experts that do not divide over EP are rejected
+    by `parallelize` even when the mesh was resolved without the model config."""
+    import pytest
+    import torch
+    from models.tiny import tiny_config
+
+    from nemotron.distributed import (
+        ParallelDims,
+        ParallelismConfig,
+        ParallelLayoutError,
+        build_mesh,
+        parallelize,
+    )
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    from .harness import batch
+
+    torch.manual_seed(0)
+    model = Nano3ForCausalLM(tiny_config())
+    parallelize(model, build_mesh(ParallelDims.from_config(ParallelismConfig(**TP), world_size), "cpu"))
+    ids, labels, mask = batch(0, seq=7)
+    with pytest.raises(
+        ParallelLayoutError, match=r"sequence length=7 must be a positive multiple of 2: not divisible by TP"
+    ):
+        model(ids, labels=labels, loss_mask=mask)
+    ids, labels, mask = batch(0)
+    model(ids, labels=labels, loss_mask=mask).loss.backward()
+
+    model = Nano3ForCausalLM(tiny_config(num_experts=5, moe_top_k=2))
+    mesh = build_mesh(
+        ParallelDims.from_config(ParallelismConfig(expert_model_parallel_size=2), world_size), "cpu"
+    )
+    with pytest.raises(
+        ParallelLayoutError, match=r"num_experts=5 is not divisible by model.expert_model_parallel_size=2"
+    ):
+        parallelize(model, mesh)
+
+
+def _deterministic(rank, world_size):
+    """The same layout (TP2 + SP, EP2) trained twice from the same state ends bit for bit
+    equal: no reduction order depends on timing (gloo, CPU)."""
+    import torch
+
+    states: list[dict] = [{}, {}]
+    for state in states:
+        compare_with_single_process(
+            rank, world_size, dict(TP, expert_model_parallel_size=2), steps=2, final_state=state
+        )
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
 def _run_2(rank, world_size):
     _token_reductions(rank, world_size)
     _tp_kernel_launches_get_plain_tensors(rank, world_size)
+    _indivisible_layouts_are_one_clear_error(rank, world_size)
+    _deterministic(rank, world_size)
     return _run_layouts(rank, world_size, LAYOUTS_2)
 
 

@@ -19,6 +19,17 @@ LAYOUTS_2 = {  # (parallel sizes, sequence length)
     "pp2-zbv-zero-bubble": (dict(PP2, pipeline_schedule="ZBVZeroBubble"), 8),
     # 8- and 4-token samples in one step (the long-context mix): one schedule run per length
     "pp2-1f1b-mixed-lengths": (dict(PP2, pipeline_schedule="1F1B"), 8, dict(short=4)),
+    # a manual split of 1 and 5 blocks: the first stage the embeddings and one Mamba block,
+    # the last every MoE layer and the LM head
+    "pp2-1f1b-manual-1-5": (dict(PP2, pipeline_schedule="1F1B", pipeline_blocks_per_stage=[1, 5]), 8),
+    # micro-batch counts the schedules refuse or that leave stages idle: 5 under Interleaved1F1B
+    # (not a multiple of its 2 rounds: run as 4 + 1), 2 under ZBV (fewer than its 4 stages)
+    "pp2-interleaved-1f1b-5-micro-batches": (
+        dict(PP2, pipeline_schedule="Interleaved1F1B"),
+        8,
+        dict(global_batch_size=5),
+    ),
+    "pp2-zbv-2-micro-batches": (dict(PP2, pipeline_schedule="ZBVZeroBubble"), 8, dict(global_batch_size=2)),
     # per-block activation recomputation inside the stages
     "pp2-interleaved-1f1b-recompute": (
         dict(PP2, pipeline_schedule="Interleaved1F1B"),

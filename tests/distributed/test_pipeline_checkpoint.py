@@ -1,5 +1,6 @@
 """Checkpoints across pipeline sizes: saved by 2 pipeline stages, resumed by one process (and
-the reverse), training continues with the same losses (DCP reshards: parameter names and
+the reverse): every parameter, expert bias and optimizer state tensor loads as saved, and
+training continues with the same losses and parameters (DCP reshards: parameter names and
 global shapes do not depend on the stage split)."""
 
 import torch
@@ -10,6 +11,7 @@ from nemotron.train.loop import build_model, train_step
 from nemotron.train.optimizer import build_optimizer
 
 from ._spawn import run_distributed
+from .harness import assert_same_tensors, full_state, tensors
 from .pipeline_harness import BIAS_RATE, global_batch, make_config, rank_micro_batches
 
 SAVED, RESUMED = 2, 2
@@ -45,7 +47,8 @@ def _save_then_continue(rank, world_size, pp, ckpt_dir):
     opt = build_optimizer(model, cfg.optimizer)
     _steps(model, opt, parallel, cfg, 0, SAVED)
     Checkpointer(ckpt_dir).save(SAVED, model, opt, {"step": SAVED})
-    return _steps(model, opt, parallel, cfg, SAVED, RESUMED)
+    saved = full_state(model, opt)
+    return _steps(model, opt, parallel, cfg, SAVED, RESUMED), saved, full_state(model, opt)
 
 
 def _resume(rank, world_size, pp, ckpt_dir):
@@ -53,17 +56,36 @@ def _resume(rank, world_size, pp, ckpt_dir):
     model, parallel = build_model(cfg, torch.device("cpu"))
     opt = build_optimizer(model, cfg.optimizer)
     assert load_checkpoint(ckpt_dir, model, opt).train_state["step"] == SAVED
-    return _steps(model, opt, parallel, cfg, SAVED, RESUMED)
+    loaded = full_state(model, opt)
+    return _steps(model, opt, parallel, cfg, SAVED, RESUMED), loaded, full_state(model, opt)
+
+
+def _merged(results) -> tuple[list[float], dict, dict]:
+    """The losses (every rank's must be equal) and the states of all pipeline ranks' parts."""
+    losses = results[0][0]
+    assert all(r[0] == losses for r in results)
+    states = [{}, {}]
+    for _, *rank_states in results:
+        for merged, part in zip(states, rank_states):
+            assert not merged.keys() & part.keys()  # each rank holds its own stages
+            merged.update(tensors(part))
+    return losses, states[0], states[1]
+
+
+def _assert_resumed(saved_run, resumed_run, where: str) -> None:
+    expected, saved, final = saved_run
+    losses, loaded, resumed_final = resumed_run
+    assert any(".expert_bias" in name and value.any() for name, value in saved.items())
+    assert any(name.startswith("optim.") for name in saved)
+    assert_same_tensors(loaded, saved, f"{where}, loaded", rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=where)
+    assert_same_tensors(resumed_final, final, f"{where}, after {RESUMED} steps", rtol=1e-5, atol=1e-6)
 
 
 def test_resume_pp2_checkpoint_in_one_process_and_pp1_checkpoint_with_pp2(tmp_path):
     pp2_dir, pp1_dir = str(tmp_path / "pp2"), str(tmp_path / "pp1")
-    expected = run_distributed(_save_then_continue, 2, 2, pp2_dir)
-    assert expected[0] == expected[1]
-    resumed = run_distributed(_resume, 1, 1, pp2_dir)[0]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected[0]), rtol=1e-5, atol=1e-6)
+    saved = _merged(run_distributed(_save_then_continue, 2, 2, pp2_dir))
+    _assert_resumed(saved, _merged(run_distributed(_resume, 1, 1, pp2_dir)), "PP2 -> one process")
 
-    expected = run_distributed(_save_then_continue, 1, 1, pp1_dir)[0]
-    resumed = run_distributed(_resume, 2, 2, pp1_dir)
-    for losses in resumed:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    saved = _merged(run_distributed(_save_then_continue, 1, 1, pp1_dir))
+    _assert_resumed(saved, _merged(run_distributed(_resume, 2, 2, pp1_dir)), "one process -> PP2")

@@ -12,7 +12,8 @@ context-parallel ranks (DP x CP) of the per-rank gradients (FSDP2's default for 
 parameters, sharded over DP x CP; expert parameters, which are reduced over the
 expert-data-parallel mesh, are given the same divisor DP*CP). Contributions of tensor- and
 expert-parallel peers to one rank's loss are summed. To weight by tokens rather than ranks,
-weight each micro-batch's loss by `distributed.utils.token_loss_weights(...)`.
+weight each micro-batch's LM loss by `distributed.utils.token_loss_weights(...)` (not the
+sequence balance term, a mean over sequences: see `train.loop.train_step`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
 from nemotron.distributed.expert_parallel import AllToAllDispatcher
 from nemotron.distributed.mesh import ParallelMesh
-from nemotron.distributed.parallel_dims import ParallelLayoutError
+from nemotron.distributed.parallel_dims import ParallelLayoutError, check_sequence_lengths, sequence_shards
 from nemotron.distributed.tensor_parallel import (
     SequenceGather,
     apply_tensor_parallel,
@@ -74,6 +75,9 @@ def parallelize(
                 f"parallelize: config sizes (TP, EP, PP, CP) = {given} differ from the mesh's "
                 f"{(dims.tp, dims.ep, dims.pp, dims.cp)}"
             )
+    # the model checks (experts % EP, heads % TP, ...) also when the mesh was resolved without
+    # the model config: an uneven split would otherwise surface as a collective mismatch
+    dims.validate_model(model.config)
     model.parallel_init = functools.partial(init_like_single_device, cls=type(model))
     cp = None
     if dims.cp > 1:
@@ -88,7 +92,31 @@ def parallelize(
             moe.sequence_gather = gather
     apply_expert_parallel(model, mesh)
     apply_fsdp(model, mesh, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward)
+    if model.backbone.embeddings is not None and (dims.tp > 1 or dims.cp > 1):
+        # registered last with prepend: it runs before FSDP2's root all-gather, the first collective
+        model.register_forward_pre_hook(
+            functools.partial(_check_local_sequence, tp=dims.tp, cp=dims.cp), prepend=True, with_kwargs=True
+        )
     return model
+
+
+def _check_local_sequence(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, tp: int, cp: int
+) -> None:
+    """Forward pre-hook: `check_local_sequence` on the token ids a rank feeds the model."""
+    input_ids = args[0] if args else kwargs["input_ids"]
+    check_local_sequence(input_ids.shape[-1], tp, cp)
+
+
+def check_local_sequence(local: int, tp: int, cp: int) -> None:
+    """The sequence length a rank holds (its context-parallel chunks of every sequence) must
+    split into the layout's shards: sequence parallel cuts it over TP, context parallel holds
+    two equal chunks. Every rank checks before the first collective (the model's forward, a
+    pipeline schedule's first exchange), so a bad length is this error rather than mismatched
+    collectives (a gloo abort, an NCCL hang)."""
+    how = f"2*CP*TP = 2*{cp}*{tp}" if cp > 1 else "TP"
+    key = "sequence length" if cp == 1 else f"sequence length (CP {cp} x {local} tokens per rank)"
+    check_sequence_lengths({key: local * cp}, sequence_shards(tp, cp), how)
 
 
 def _moe_layers(model: Nano3ForCausalLM) -> list[MoE]:

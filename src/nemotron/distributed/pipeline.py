@@ -29,7 +29,8 @@ What crosses stages, and how it stays exact:
 Data: every stage reads the same micro-batches (their shapes set what the stages exchange);
 only the first stage moves token ids to the device, only the last stage labels and the loss
 mask. Micro-batches of different lengths (the long-context mix) are run as one schedule step
-per length, in the order of their first micro-batch; gradients accumulate across them.
+per length, in the order of their first micro-batch (two for a count an interleaved schedule
+refuses: `Pipeline._accepted_counts`); gradients accumulate across them.
 
 `LocalStages` gathers this rank's parts under the whole model's parameter names: the
 optimizer, checkpoints (DCP reshards across pipeline sizes, since names and global shapes do
@@ -48,7 +49,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from nemotron.distributed.apply import parallelize
+from nemotron.distributed.apply import check_local_sequence, parallelize
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm
@@ -148,11 +149,9 @@ class Pipeline:
         TP rank sends its own shard to the same TP rank of the next stage (1/TP of the traffic
         of sending whole sequences, and no gather or scatter at the stage boundary)."""
         meta = torch.device("meta")
-        if seq % self.tp:
-            raise ValueError(
-                f"micro-batch sequence length {seq} is not divisible by "
-                f"model.tensor_model_parallel_size={self.tp} (sequence parallel)"
-            )
+        # on every pipeline rank, before any exchange: the model's own check runs on the first
+        # stage only, and the later stages would then wait for it forever
+        check_local_sequence(seq, self.tp, self.mesh.dims.cp)
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
         hidden = torch.empty(
             batch,
@@ -205,11 +204,33 @@ class Pipeline:
     # -- running ------------------------------------------------------------------------------
 
     def _groups(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
-        """Micro-batch indices grouped by shape, in order of first appearance."""
+        """Micro-batch indices grouped by shape, in order of first appearance; a group of a
+        count the schedule refuses is run as two that it accepts (`_accepted_counts`)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, b in enumerate(micro_batches):
             groups.setdefault(tuple(b["tokens"].shape), []).append(i)
-        return list(groups.values())
+        out = []
+        for group in groups.values():
+            start = 0
+            for count in self._accepted_counts(len(group)):
+                out.append(group[start : start + count])
+                start += count
+        return out
+
+    def _accepted_counts(self, count: int) -> list[int]:
+        """`count` micro-batches as schedule runs the configured schedule accepts. torch's
+        interleaved schedules (Interleaved1F1B, InterleavedZeroBubble) run rounds of PP
+        micro-batches and refuse a count that is not a multiple of its number of rounds,
+        max(1, count // PP) (5 on PP 2); how many micro-batches of one length a step holds
+        depends on the data under mixed lengths, so such a count is run as a multiple of PP
+        and the rest (fewer than PP: one round). Gradients accumulate across the runs, as
+        across lengths."""
+        if self.schedule_name not in ("Interleaved1F1B", "InterleavedZeroBubble"):
+            return [count]  # 1F1B: fewer than the stages run as GPipe (`_schedule_class`)
+        pp = self.mesh.dims.pp
+        if count % max(1, count // pp) == 0:
+            return [count]
+        return [count - count % pp, count % pp]
 
     def run(
         self,
