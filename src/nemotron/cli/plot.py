@@ -24,7 +24,7 @@ def plot(
     from nemotron.train.plots import plot_run
 
     with common.user_errors():
-        paths = plot_run(run_dir, out)
+        paths = plot_run(run_dir, out, on_warning=lambda message: typer.echo(f"warning: {message}", err=True))
     for path in paths:
         console.print(f"wrote {path}")
 

@@ -54,7 +54,18 @@ class MetricsLogger:
         if not enabled:
             return
         self.job_dir.mkdir(parents=True, exist_ok=True)
+        torn = _drop_torn_tail(self.job_dir / METRICS_FILE)
         self._file = open(self.job_dir / METRICS_FILE, "a", buffering=1)
+        if torn:
+            # Appending after the torn bytes would glue this run's first record to them and
+            # leave a corrupt line in the middle of the file.
+            self.event(
+                "warning",
+                {
+                    "message": f"{self.job_dir / METRICS_FILE}: dropped an incomplete last record "
+                    f"({torn} bytes) that the previous run left when it was stopped mid-write"
+                },
+            )
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -142,22 +153,88 @@ class MetricsLogger:
             self._wandb = None
 
 
-def read_metrics(job_dir: str | Path) -> list[dict[str, Any]]:
-    """Records of metrics.jsonl, one per (kind, step): the last written wins (after a resume)."""
+def _drop_torn_tail(path: Path) -> int:
+    """Cut a half-written last record off `path` (see `_torn_tail_length`); its length in bytes."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        chunk, pos, tail = 1 << 16, size, b""
+        while pos > 0:  # backwards to the last newline; the file itself can be large
+            pos = max(0, pos - chunk)
+            f.seek(pos)
+            tail = f.read(min(chunk, size - pos)) + tail
+            if b"\n" in tail:
+                break
+        torn = _torn_tail_length(tail)
+        if torn:
+            f.truncate(size - torn)
+    return torn
+
+
+def _torn_tail_length(data: bytes) -> int:
+    """Bytes after the last newline of `data`: a record a killed run left half-written (the
+    logger writes whole lines, so a complete file ends with a newline or is empty)."""
+    return len(data) - (data.rfind(b"\n") + 1)
+
+
+def read_metrics(
+    job_dir: str | Path, on_warning: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """The records of a job dir's metrics.jsonl as the run's final history, in step order.
+
+    A resumed run appends from the step it resumed at, so the file can hold an abandoned
+    stretch (steps a crashed attempt ran past its last checkpoint). A `train` record at step t
+    that does not follow the file's last train step (a rewind), and a `run` record (written
+    when a run starts) at step s below it, drop the records of every train/eval/test step from
+    t (after s) on: what is shown is the latest attempt's, never a mix of two. Of records of
+    the same (kind, step) the last wins.
+
+    A last line without its newline (the run was killed mid-write) is skipped, and said so
+    through `on_warning` (default: the `nemotron.train` logger). Anything else that is not a
+    JSON object with an integer `step` raises ValueError naming the file and line.
+    """
     path = Path(job_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a training job dir")
+    data = path.read_bytes()
+    torn = _torn_tail_length(data)
+    lines = data[: len(data) - torn].split(b"\n")[:-1] if torn < len(data) else []
+    if torn:
+        warn = on_warning or log.warning
+        warn(
+            f"{path}:{len(lines) + 1}: skipped an incomplete last record ({torn} bytes without "
+            f"a newline: the run was stopped while writing it)"
+        )
     latest: dict[tuple[str, int], dict[str, Any]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write can leave a torn last line; anything else is corrupt.
-                if f.readline() == "":
-                    break
-                raise ValueError(f"{path}:{lineno} is not valid JSON") from None
-            latest[(record.get("kind", "train"), int(record["step"]))] = record
+    last_train = None
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{lineno} is not UTF-8 text: not a metrics record") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{lineno} is a JSON {type(record).__name__}, not a metrics record (an object)"
+            )
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{path}:{lineno} has no step (a non-negative integer): step={step!r}")
+        kind = record.get("kind", "train")
+        if not isinstance(kind, str):
+            raise ValueError(f"{path}:{lineno} has a kind that is not a string: kind={kind!r}")
+        rewind = None
+        if kind == "train" and last_train is not None and step <= last_train:
+            rewind = step  # this step and later ones are run again
+        elif kind == "run" and last_train is not None and step < last_train:
+            rewind = step + 1  # a run resumed at `step`: later steps are its own
+        if rewind is not None:
+            latest = {k: r for k, r in latest.items() if k[0] == "run" or k[1] < rewind}
+        if kind == "train" or rewind is not None:
+            last_train = step
+        latest[(kind, step)] = record
     return sorted(latest.values(), key=lambda r: (r["step"], r.get("kind", "")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from nemotron.train.metrics import read_metrics
 from nemotron.utils.fs import atomic_path
@@ -18,11 +19,14 @@ def _series(records, kind: str, key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+def plot_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, on_warning: Callable[[str], None] | None = None
+) -> list[Path]:
     """Write loss.png, lr.png and balance.png (when the run logged balance) for a job dir.
 
     Returns the written paths. Raises FileNotFoundError when the dir has no metrics.jsonl and
-    ValueError when it holds no training records yet.
+    ValueError when it holds no training records yet or a record is not readable (see
+    `read_metrics`, which also says what `on_warning` is told).
     """
     # ~2.7 s to import on the 2-core CI machine: only `nemotron nano3 plot` pays for it
     import matplotlib
@@ -31,7 +35,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir, on_warning)
     if not any(r.get("kind") == "train" for r in records):
         raise ValueError(f"{run_dir}/metrics.jsonl has no training records yet")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"

@@ -1,0 +1,77 @@
+"""metrics.jsonl as a resumed, killed or damaged run leaves it: what `read_metrics` (and so
+`nemotron nano3 plot`) shows, and the one error line for a file it cannot read."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from nemotron.cli.main import app
+from nemotron.train.config import LoggerConfig
+from nemotron.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
+
+
+def _write(job, lines: list, tail: bytes = b"") -> None:
+    job.mkdir(parents=True, exist_ok=True)
+    body = b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+    (job / METRICS_FILE).write_bytes(body + tail)
+
+
+def _train(step: int, loss: float) -> dict:
+    return {"kind": "train", "step": step, "lm_loss": loss, "lr": 0.1}
+
+
+def test_a_resumed_run_replaces_what_the_abandoned_attempt_logged_past_its_resume_point(tmp_path):
+    # Attempt 1 logs steps 1-6 (eval at 4) and dies; its checkpoint was step 2. Attempt 2
+    # resumes there (run record at step 2), logs 3-4 and dies too: steps 5-6 and the eval at
+    # 4 are attempt 1's, of weights that no longer exist, and must not be shown.
+    first = [_train(s, 10.0 + s) for s in range(1, 7)] + [{"kind": "eval", "step": 4, "loss": 9.0}]
+    second = [{"kind": "run", "step": 2, "unigram_entropy": 7.0}, _train(3, 3.0), _train(4, 4.0)]
+    _write(tmp_path, first + second)
+    shown = [(r["kind"], r["step"], r.get("lm_loss")) for r in read_metrics(tmp_path)]
+    assert shown == [
+        ("train", 1, 11.0),
+        ("run", 2, None),
+        ("train", 2, 12.0),
+        ("train", 3, 3.0),
+        ("train", 4, 4.0),
+    ]
+    # Without a run record (a mock corpus has no entropy) the first re-run train step rewinds.
+    _write(tmp_path, [_train(s, 10.0 + s) for s in range(1, 7)] + [_train(3, 3.0)])
+    assert [(r["step"], r["lm_loss"]) for r in read_metrics(tmp_path)] == [(1, 11.0), (2, 12.0), (3, 3.0)]
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_and_cut_off_before_the_next_run_appends(tmp_path):
+    _write(tmp_path, [_train(1, 1.0)], tail=b'{"kind": "train", "step": 2, "lm_lo')
+    warnings: list[str] = []
+    assert [r["step"] for r in read_metrics(tmp_path, warnings.append)] == [1]
+    assert len(warnings) == 1 and f"{METRICS_FILE}:2" in warnings[0] and "incomplete" in warnings[0]
+    events: list[tuple[str, dict]] = []
+    logger = MetricsLogger(tmp_path, LoggerConfig(), on_event=lambda kind, p: events.append((kind, p)))
+    logger.log("train", 2, {"lm_loss": 2.0})
+    logger.close()
+    assert [kind for kind, _ in events] == ["warning", "train"] and "incomplete" in events[0][1]["message"]
+    assert [(r["step"], r["lm_loss"]) for r in read_metrics(tmp_path, warnings.append)] == [
+        (1, 1.0),
+        (2, 2.0),
+    ]
+    assert len(warnings) == 1  # the file is whole again
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"\xff\xfe not text", ":2 is not UTF-8 text"),
+        (b"[1, 2]", ":2 is a JSON list, not a metrics record"),
+        (b'{"kind": "train", "step": "x"}', ":2 has no step"),
+        (b'{"kind": "train"}', ":2 has no step"),
+        (b'{"kind": "tra', ":2 is not valid JSON"),  # torn, then appended after: corrupt
+    ],
+)
+def test_plot_of_an_unreadable_record_is_one_error_naming_file_and_line(tmp_path, line, message):
+    _write(tmp_path, [_train(1, 1.0), line, _train(2, 2.0)])
+    result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / METRICS_FILE}{message}" in " ".join(result.output.split()), result.output
