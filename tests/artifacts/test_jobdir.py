@@ -25,6 +25,22 @@ def test_create_is_complete_and_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x"]  # no temporary directory left
 
 
+def test_provenance_records_packages_and_the_launch_environment_but_no_credentials(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("WANDB_PROJECT", "p")
+    monkeypatch.setenv("WANDB_API_KEY", "do-not-record")
+    monkeypatch.setenv("HF_TOKEN", "do-not-record")
+    monkeypatch.setenv("NEMOTRON_AUTH_TOKEN", "do-not-record")
+    info = jobdir.provenance("pretrain", ["nemotron"], [], None)
+    env = info["environment"]
+    assert env["WORLD_SIZE"] == "8" and env["NCCL_DEBUG"] == "INFO" and env["WANDB_PROJECT"] == "p"
+    assert "do-not-record" not in json.dumps(info)
+    import numpy
+
+    assert info["packages"]["numpy"] == numpy.__version__
+
+
 def test_existing_dir_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(jobdir.JobDirError, match="already exists"):

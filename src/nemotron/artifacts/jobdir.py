@@ -3,7 +3,10 @@
 Layout (default `runs/<stage>/<UTC timestamp>-<id>`):
   config.yaml   the fully resolved config (loadable again with `-c <job dir>/config.yaml`)
   job.json      provenance: stage, argv, overrides, config source, package version, git commit
-                (and whether the tree had local changes), start time, host, Python and torch
+                (and whether the tree had local changes), start time, host, Python and torch,
+                the versions of the packages a run's numbers depend on (`packages`) and the
+                launch and library environment variables that change how it runs
+                (`environment`; never credentials)
   result.json   written when the run ends: status, end time, and the stage's summary
 The directory is assembled under a temporary name and renamed into place, so a job dir that
 exists is complete.
@@ -90,6 +93,37 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+# Distributions whose version can change a run's numbers or speed (absent ones are left out).
+RECORDED_PACKAGES = ("numpy", "triton", "transformers", "tokenizers", "datasets", "wandb", "tensorboard")
+# Environment variables that change how a run runs: the launcher's layout, the device and
+# communication libraries, threads, and this package's own. Names that look like credentials
+# are never recorded, whatever their prefix.
+_ENV_PREFIXES = ("NEMOTRON_", "CUDA_", "NCCL_", "TORCH_", "PYTORCH_", "SLURM_JOB_", "WANDB_")
+_ENV_NAMES = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+    "SLURM_NNODES",
+    "SLURM_NTASKS",
+)
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def recorded_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables job.json keeps (see `_ENV_PREFIXES`), sorted by name."""
+    environ = dict(os.environ) if environ is None else environ
+    return {
+        name: value
+        for name, value in sorted(environ.items())
+        if (name in _ENV_NAMES or name.startswith(_ENV_PREFIXES))
+        and not any(word in name.upper() for word in _SECRET_WORDS)
+    }
+
+
 def provenance(
     stage: str,
     argv: list[str],
@@ -112,6 +146,8 @@ def provenance(
         "cwd": os.getcwd(),
         "python": sys.version.split()[0],
         "torch": _dist_version("torch"),
+        "packages": {name: v for name in RECORDED_PACKAGES if (v := _dist_version(name)) is not None},
+        "environment": recorded_environment(),
     }
     if extra:
         info.update(extra)

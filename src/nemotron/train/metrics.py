@@ -88,9 +88,14 @@ class MetricsLogger:
                 raise MetricsConfigError(str(e)) from e
 
     def event(self, kind: str, payload: dict[str, Any]) -> None:
-        """A non-metric event (start, checkpoint, end, warning) for the CLI hook."""
-        if self.enabled and self.on_event is not None:
+        """A non-metric event (start, checkpoint, end, warning) for the CLI hook; without a hook
+        a warning goes to the log rather than nowhere."""
+        if not self.enabled:
+            return
+        if self.on_event is not None:
             self.on_event(kind, payload)
+        elif kind == "warning":
+            log.warning(payload["message"])
 
     def use_data_artifacts(self, blends: list[str | None]) -> None:
         """W&B: declare each data-prep output this run reads (`DataBlendsArtifact-pretrain`) as
