@@ -50,3 +50,17 @@ def test_a_manifest_that_is_not_a_json_object_is_named(tmp_path, text):
     (tmp_path / "ModelArtifact-pretrain.json").write_bytes(text)
     with pytest.raises(ArtifactError, match=r"ModelArtifact-pretrain\.json"):
         read_model_artifact(tmp_path)
+
+
+def test_recorded_hashes_are_those_of_the_files_and_a_non_utf8_metadata_is_named(tmp_path):
+    import hashlib
+
+    (tmp_path / "blend.json").write_bytes(b'{"train": ["1", "shard"]}')
+    (tmp_path / "metadata.json").write_bytes(b'{"fingerprint": "ab", "note": "caf\xc3\xa9"}')
+    record = data_artifact_record(tmp_path / "blend.json")
+    for key, name in (("blend_sha256", "blend.json"), ("metadata_sha256", "metadata.json")):
+        assert record[key] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert record["content"]["note"] == "café"
+    (tmp_path / "metadata.json").write_bytes(b'{"fingerprint": "\xff"}')
+    with pytest.raises(ArtifactError, match="metadata.json is not valid JSON"):
+        data_artifact_record(tmp_path / "blend.json")

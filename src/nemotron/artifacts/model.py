@@ -37,12 +37,13 @@ def data_artifact_record(blend_json: str | Path | None) -> dict[str, Any] | None
     record: dict[str, Any] = {"blend": str(blend), "blend_sha256": _sha256(blend)}
     meta = blend.parent / DATA_METADATA_FILE
     if meta.exists():
-        text = meta.read_text()
+        # One read: the hash recorded is that of the very bytes whose content is copied.
+        raw = meta.read_bytes()
         try:
-            content = json.loads(text)
-        except json.JSONDecodeError as e:
+            content = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"data artifact {meta} is not valid JSON: {e}") from None
-        record.update(metadata=str(meta), metadata_sha256=_sha256(meta), content=content)
+        record.update(metadata=str(meta), metadata_sha256=hashlib.sha256(raw).hexdigest(), content=content)
     else:
         record.update(metadata=None)
     return record
