@@ -75,3 +75,32 @@ def test_plot_of_an_unreadable_record_is_one_error_naming_file_and_line(tmp_path
     result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{tmp_path / METRICS_FILE}{message}" in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    "module, logger, needs",
+    [
+        ("wandb", {"wandb": True, "wandb_mode": "offline"}, "needs wandb"),
+        ("tensorboard", {"tensorboard": True}, "needs tensorboard"),
+    ],
+)
+def test_a_logger_that_is_not_installed_fails_before_anything_is_built(
+    tmp_path, monkeypatch, module, logger, needs
+):
+    # Every rank checks (only rank 0 logs: rank 0 failing alone after the model is built would
+    # leave the others waiting in a collective), and nothing is built or written first.
+    import sys
+
+    from nemotron.train import trainer
+    from nemotron.train.metrics import MetricsConfigError
+
+    from .conftest import make_config
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    built = []
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: built.append(1))
+    cfg = make_config(tmp_path, checkpoint={"save": None}, data={"mock": True}, logger=logger)
+    with pytest.raises(MetricsConfigError, match=needs):
+        trainer.Trainer.for_run(cfg, tmp_path / "job")
+    assert not built and not (tmp_path / "job").exists()

@@ -35,6 +35,24 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def check_logger(cfg: LoggerConfig) -> None:
+    """Raise MetricsConfigError when a logger the config asks for cannot be imported. Every rank
+    calls it before the model is built: only rank 0 logs, and rank 0 failing alone later would
+    leave the other ranks waiting in their first collective."""
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise MetricsConfigError(
+                "logger.tensorboard=true needs tensorboard: pip install 'nemotron[tensorboard]'"
+            ) from e
+    if cfg.wandb and cfg.wandb_mode != "disabled":
+        try:
+            wandb_lineage.require_wandb()
+        except wandb_lineage.WandbUnavailable as e:
+            raise MetricsConfigError(str(e)) from e
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -66,13 +84,10 @@ class MetricsLogger:
                     f"({torn} bytes) that the previous run left when it was stopped mid-write"
                 },
             )
+        check_logger(cfg)
         if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise MetricsConfigError(
-                    "logger.tensorboard=true needs tensorboard: pip install 'nemotron[tensorboard]'"
-                ) from e
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
         if cfg.wandb and cfg.wandb_mode != "disabled":
             try:

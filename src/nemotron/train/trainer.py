@@ -68,7 +68,7 @@ from nemotron.train.loop import (
     resolve_device,
     train_step,
 )
-from nemotron.train.metrics import EventHook, MetricsLogger
+from nemotron.train.metrics import EventHook, MetricsLogger, check_logger
 from nemotron.train.optimizer import build_optimizer, set_learning_rate
 from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule
 
@@ -330,6 +330,7 @@ class Trainer:
         # The recipe's checks (config/schema.py) ran when the CLI loaded it; a library caller's
         # typed config gets the schedule's own (finite, 0 <= min_lr <= lr: lr 0 freezes weights).
         validate_schedule(cfg.scheduler, cfg.optimizer)
+        check_logger(cfg.logger)  # every rank, before anything is built or loaded
         device = resolve_device(cfg.train.device)
         published: list[str] = []
         if cfg.checkpoint.save:
