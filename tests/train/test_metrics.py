@@ -104,3 +104,64 @@ def test_a_logger_that_is_not_installed_fails_before_anything_is_built(
     with pytest.raises(MetricsConfigError, match=needs):
         trainer.Trainer.for_run(cfg, tmp_path / "job")
     assert not built and not (tmp_path / "job").exists()
+
+
+def test_tensorboard_and_wandb_get_one_scalar_per_layer_of_a_per_layer_figure(tmp_path):
+    from nemotron.train.metrics import _scalars
+
+    values = {"lr": 0.1, "skipped": False, "balance/per_layer_max_over_mean": [1.5, 2.0], "note": "x"}
+    assert _scalars(values) == {
+        "lr": 0.1,
+        "skipped": False,
+        "balance/per_layer_max_over_mean/0": 1.5,
+        "balance/per_layer_max_over_mean/1": 2.0,
+    }
+
+
+def test_each_train_record_holds_the_values_of_its_own_step(tmp_path, monkeypatch):
+    # Independent of the trainer's bookkeeping: the optimizer's lr and the loss as the step
+    # function returned them, and each MoE layer's routing counts (before the bias update) and
+    # biases (after it), taken around the calls the loop makes.
+    import torch
+
+    from nemotron.train import balancing, pretrain, trainer
+
+    from .conftest import make_config
+
+    seen: list[dict] = []
+    real_step, real_update = trainer.train_step, balancing.update_expert_biases
+
+    def train_step(model, optimizer, *args, **kwargs):
+        result = real_step(model, optimizer, *args, **kwargs)
+        seen.append({"lr": optimizer.param_groups[0]["lr"], "lm_loss": result.lm_loss, "loss": result.loss})
+        return result
+
+    def update(layers, *args, **kwargs):
+        layers = list(layers)
+        counts = [layer.router.tokens_per_expert.double().clone() for layer in layers]
+        stats = real_update(layers, *args, **kwargs)
+        biases = [layer.router.expert_bias.float() for layer in layers]
+        seen[-1]["max_over_mean"] = [float(c.max() / c.mean()) for c in counts]
+        seen[-1]["bias_ranges"] = [float(b.max() - b.min()) for b in biases]
+        seen[-1]["bias_range"] = float(torch.cat(biases).max() - torch.cat(biases).min())
+        return stats
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(balancing, "update_expert_biases", update)
+    cfg = make_config(
+        tmp_path, checkpoint={"save": None}, data={"mock": True}, train={"train_iters": 4, "eval_iters": 0}
+    )
+    pretrain(cfg, tmp_path / "job")
+    train = [r for r in read_metrics(tmp_path / "job") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and len(seen) == 4
+    for record, step in zip(train, seen):
+        assert (record["lr"], record["lm_loss"], record["loss"]) == (
+            step["lr"],
+            step["lm_loss"],
+            step["loss"],
+        )
+        assert record["balance/per_layer_max_over_mean"] == pytest.approx(step["max_over_mean"], rel=1e-12)
+        assert record["balance/max_over_mean"] == pytest.approx(max(step["max_over_mean"]), rel=1e-12)
+        assert record["balance/per_layer_bias_range"] == pytest.approx(step["bias_ranges"], abs=1e-7)
+        assert record["balance/bias_range"] == pytest.approx(step["bias_range"], abs=1e-7)
+    assert train[-1]["lr"] > 0 and train[-1]["balance/bias_range"] > 0

@@ -53,6 +53,19 @@ def check_logger(cfg: LoggerConfig) -> None:
             raise MetricsConfigError(str(e)) from e
 
 
+def _scalars(values: dict[str, Any]) -> dict[str, float | int]:
+    """The numbers TensorBoard and W&B chart: numeric values, and a list of numbers (a
+    per-layer figure, e.g. `balance/per_layer_max_over_mean`) as one scalar per entry
+    (`<key>/<index>`), so that each layer's load has its own curve there too."""
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{key}/{i}": v for i, v in enumerate(value)})
+    return out
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -139,7 +152,7 @@ class MetricsLogger:
         record.update({k: _clean(v) for k, v in values.items()})
         assert self._file is not None  # enabled
         self._file.write(json.dumps(record) + "\n")
-        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        numeric = _scalars(values)
         if self._tb is not None:
             for key, value in numeric.items():
                 self._tb.add_scalar(f"{kind}/{key}", value, step)

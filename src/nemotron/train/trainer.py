@@ -678,6 +678,9 @@ class Trainer:
         if outcome.balance is not None:
             values.update(outcome.balance.summary())
             values["balance/per_layer_max_over_mean"] = outcome.balance.max_over_mean
+            values["balance/per_layer_bias_range"] = [
+                hi - lo for lo, hi in zip(outcome.balance.bias_min, outcome.balance.bias_max)
+            ]
         step = self.state.step
         if step % self.cfg.train.log_interval == 0 or step == self.plan.total_steps:
             self.metrics.log("train", step, values)
