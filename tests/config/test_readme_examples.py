@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nemotron.config import PretrainConfig, load_config, resolve_config_path
+from nemotron.config.errors import ConfigError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -67,3 +68,12 @@ def test_the_steps_example_replaces_the_token_length():
     (command,) = [c for c in _examples() if "train.train_iters=" in c]
     cfg = _load(shlex.split(command)[3:])
     assert cfg.train.train_iters == 5000 and cfg.train.train_tokens is None
+
+
+def test_steps_on_the_token_recipe_alone_says_how_to_unset_the_tokens():
+    with pytest.raises(ConfigError, match=r"both are set: unset one, e\.g\. train\.train_tokens=null"):
+        _load(["train.train_iters=5000"])
+    with pytest.raises(
+        ConfigError, match=r"set exactly one of them \(got train_iters=None, train_tokens=None\)$"
+    ):
+        _load(["train.train_tokens=null"])
