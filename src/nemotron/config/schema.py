@@ -165,6 +165,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise ConfigError(
             "train.train_iters / train.train_tokens: set exactly one of them "
             f"(got train_iters={t.train_iters}, train_tokens={t.train_tokens})"
+            # Both set is what `train.train_iters=N` on a token-length recipe gives: say how.
+            + ("; both are set: unset one, e.g. train.train_tokens=null" if t.train_iters is not None else "")
         )
     for key in (
         "train_iters",
