@@ -174,6 +174,9 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         ('executor = "slurm"\nmounts = ["/a:/a"]', "mounts"),
         ('executor = "slurm"\ntime = "four hours"', "time"),
         ('executor = "slurm"\nmem = "64 GB"', "mem"),
+        # a trailing newline would end the #SBATCH / export line ("$" in a regex allows one)
+        ('executor = "slurm"\nmem = "64G\\n"', "mem"),
+        ('nproc_per_node = 2\nenv_vars = { "A\\n" = "1" }', "env_vars"),
         ('executor = "kubernetes"', "executor"),
         ('executor = "slurm"\ntunnel = "telnet"', "tunnel"),
         ('executor = "slurm"\ntunnel = "ssh"\nremote_job_dir = "/j"', "host"),
@@ -200,6 +203,66 @@ def test_invalid_values_name_profile_and_key(tmp_path, body, key):
         load_env_toml(path).profile("bad")
     msg = str(e.value)
     assert str(path) in msg and "profile 'bad'" in msg and f"'{key}'" in msg
+
+
+SLURM_TIME_FORMS = [
+    "0",  # no limit
+    "90",  # minutes
+    "90:30",  # minutes:seconds
+    "04:00:00",
+    "48:59:59",  # hours:minutes:seconds (the first field is unbounded)
+    "1-0",
+    "2-23",  # days-hours
+    "1-23:59",  # days-hours:minutes
+    "1-23:59:59",  # days-hours:minutes:seconds
+]
+
+
+@pytest.mark.parametrize("value", SLURM_TIME_FORMS)
+def test_every_slurm_time_form_is_accepted(tmp_path, value):
+    path = write(tmp_path / "env.toml", f'[c]\nexecutor = "slurm"\ntime = "{value}"\n')
+    assert load_env_toml(path).profile("c").time == value
+
+
+@pytest.mark.parametrize(
+    "value, detail",
+    [
+        ("04:75:00", "minutes 75 is not below 60"),
+        ("04:00:60", "seconds 60 is not below 60"),
+        ("10:60", "seconds 60 is not below 60"),
+        ("1-24", "hours 24 is not below 24"),
+        ("1-25:00:00", "hours 25 is not below 24"),
+        ("1-00:60", "minutes 60 is not below 60"),
+        ("1-00:00:99", "seconds 99 is not below 60"),
+        ("1:2:3:4", None),
+        ("1-", None),
+        ("-1", None),
+        ("1-2-3", None),
+        ("04:00:00\\n", None),  # a newline would end the #SBATCH line
+        ("\u0664:00:00", None),  # a non-ASCII digit
+        ("4h", None),
+    ],
+)
+def test_slurm_time_out_of_range_or_malformed_is_one_error(tmp_path, value, detail):
+    path = write(tmp_path / "env.toml", f'[c]\nexecutor = "slurm"\ntime = "{value}"\n')
+    with pytest.raises(EnvTomlError) as e:
+        load_env_toml(path).profile("c")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: profile 'c': key 'time' must be a Slurm time")
+    assert "days-hours:minutes:seconds" in msg and "\n" not in msg  # one line
+    if detail is not None:
+        assert msg.endswith(f"({detail})")
+
+
+@pytest.mark.parametrize("value", ["jobs", "./jobs", "~/jobs", "lustre/me/jobs", "$HOME/jobs"])
+def test_ssh_remote_job_dir_must_be_absolute(tmp_path, value):
+    body = f'executor = "slurm"\ntunnel = "ssh"\nhost = "h"\nremote_job_dir = "{value}"'
+    path = write(tmp_path / "env.toml", f"[r]\n{body}\n")
+    with pytest.raises(EnvTomlError) as e:
+        load_env_toml(path).profile("r")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: profile 'r': key 'remote_job_dir' must be an absolute path")
+    assert repr(value) in msg
 
 
 def test_unknown_profile_lists_profiles(tmp_path):

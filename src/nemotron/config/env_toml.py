@@ -27,12 +27,13 @@ WANDB_SECTION = "wandb"
 EXECUTORS = ("local", "slurm")
 TUNNELS = ("local", "ssh")
 
-# Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+# Slurm's --time forms (sbatch(1)): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds. ASCII digits only (`\d` would take any script's).
+_SLURM_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
 # Slurm's --mem: a positive integer with an optional K/M/G/T unit.
-_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+_SLURM_MEM = re.compile(r"[0-9]+[KMGT]?")
 # A name the shell can export (`export NAME=...` in a Slurm job script; torchrun's environment).
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class EnvTomlError(ConfigError):
@@ -288,6 +289,15 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
         for key in ("host", "remote_job_dir"):
             if key not in values:
                 raise EnvTomlError(f"{where}: key '{key}' is required when tunnel = \"ssh\"")
+        if not values["remote_job_dir"].startswith("/"):
+            # NeMo-Run writes it into the job script (log paths, the container mount of the job's
+            # directory, its code dir) unexpanded: a relative path (or `~`) would resolve against
+            # whatever directory each of sbatch, srun and the SSH session starts in, and Pyxis
+            # refuses a relative mount
+            raise EnvTomlError(
+                f"{where}: key 'remote_job_dir' must be an absolute path on the cluster "
+                f'(starting with "/", `~` is not expanded), got {values["remote_job_dir"]!r}'
+            )
     else:
         stray = [k for k in SSH_KEYS if k in table]
         if stray:
@@ -296,7 +306,7 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
                 f'(this profile\'s tunnel is "local")'
             )
     for var in values.get("env_vars", {}):
-        if not _ENV_NAME.match(var):
+        if not _ENV_NAME.fullmatch(var):
             raise EnvTomlError(
                 f"{where}: key 'env_vars': {var!r} is not an environment variable name "
                 "(letters, digits and _, not starting with a digit)"
@@ -317,12 +327,16 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
         )
     if values.get("port", 1) > 65535:
         raise EnvTomlError(f"{where}: key 'port' must be a TCP port (1..65535), got {values['port']}")
-    if "time" in values and not _SLURM_TIME.match(values["time"]):
-        raise EnvTomlError(
-            f"{where}: key 'time' must be a Slurm time such as \"04:00:00\" or "
-            f'"1-00:00:00", got {values["time"]!r}'
-        )
-    if "mem" in values and not _SLURM_MEM.match(values["mem"]):
+    if "time" in values:
+        problem = _slurm_time_problem(values["time"])
+        if problem is not None:
+            raise EnvTomlError(
+                f'{where}: key \'time\' must be a Slurm time ("minutes", "minutes:seconds", '
+                '"hours:minutes:seconds", "days-hours", "days-hours:minutes" or '
+                f'"days-hours:minutes:seconds", e.g. "04:00:00" or "1-00:00:00"), '
+                f"got {values['time']!r}{problem}"
+            )
+    if "mem" in values and not _SLURM_MEM.fullmatch(values["mem"]):
         raise EnvTomlError(
             f'{where}: key \'mem\' must be a Slurm memory size such as "0", "64G" or '
             f'"512000M", got {values["mem"]!r}'
@@ -336,6 +350,28 @@ def _build_profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
     if "mounts" in values and "container_image" not in values:
         raise EnvTomlError(f"{where}: key 'mounts' needs 'container_image' (mounts are into it)")
     return Profile(name=name, **values)
+
+
+def _slurm_time_problem(text: str) -> str | None:
+    """None if `text` is a Slurm time limit, else what is wrong ("" for not one of the forms).
+    sbatch itself reads "04:75:00" as 5h15m and "1-25" as 2 days 1 hour (it only adds the
+    fields up), but such a value is almost surely a typo for another limit, so every field
+    after the first must be within its clock range."""
+    match = _SLURM_TIME.fullmatch(text)
+    if match is None:
+        return ""
+    days, *fields = match.groups()
+    clock = [int(f) for f in fields if f is not None]
+    if days is not None:  # days-hours[:minutes[:seconds]]: every clock field is bounded
+        checked = list(zip(("hours", "minutes", "seconds"), clock))
+    else:  # minutes[:seconds] or hours:minutes:seconds: the first field is unbounded
+        names = ("hours", "minutes", "seconds") if len(clock) == 3 else ("minutes", "seconds")
+        checked = list(zip(names, clock))[1:]
+    for name, value in checked:
+        limit = 24 if name == "hours" else 60
+        if value >= limit:
+            return f" ({name} {value} is not below {limit})"
+    return None
 
 
 def _toml_scalar_str(v: Any) -> str:
