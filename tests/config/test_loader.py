@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -206,6 +207,100 @@ def test_wrong_types(tmp_path, override, pattern):
     with pytest.raises(ConfigError, match=pattern) as err:
         load_config(path, [override], PretrainConfig)
     assert override in str(err.value)  # names the override token that caused it
+
+
+# YAML 1.1 scalars that are not strings unquoted, and what the loader reads them as.
+YAML_NON_STRINGS = [
+    ("no", False),
+    ("off", False),
+    ("Yes", True),
+    ("on", True),
+    ("017", 15),  # octal
+    ("0x1f", 31),
+    ("1_000", 1000),
+    ("1:30", 90),  # sexagesimal
+    ("1e3", 1000.0),
+    ("12e4567", float("inf")),  # an all-hex commit hash
+]
+# String keys of either schema: plain, nullable, a list item, in data prep.
+STRING_KEYS = [
+    (PretrainConfig, "logger.wandb_project"),
+    (PretrainConfig, "checkpoint.save"),
+    (PretrainConfig, "train.fp8.layers[0]"),
+    (DataPrepJobConfig, "tokenizer.revision"),
+    (DataPrepJobConfig, "text_field"),
+]
+
+
+def _with_key(base: str, key: str, text: str) -> str:
+    """YAML `base` with dotted `key` (maybe ending in `[0]`) set to `text` as written, under
+    its top-level section when `base` has it."""
+    *sections, leaf = key.split(".")
+    if leaf.endswith("[0]"):
+        leaf, text = leaf[:-3], f"[{text}]"
+    lines = [f"{'  ' * i}{section}:" for i, section in enumerate(sections)]
+    block = "\n".join([*lines, f"{'  ' * len(sections)}{leaf}: {text}"]) + "\n"
+    head = f"\n{sections[0]}:\n" if sections else None
+    if head and head in "\n" + base:
+        return ("\n" + base).replace(head, "\n" + block, 1)[1:]
+    return base + block
+
+
+def _override(key: str, text: str) -> str:
+    return f"{key[:-3]}=[{text}]" if key.endswith("[0]") else f"{key}={text}"
+
+
+@pytest.mark.parametrize("schema, key", STRING_KEYS)
+@pytest.mark.parametrize("typed, read_as", YAML_NON_STRINGS)
+def test_unquoted_bool_or_number_for_a_string_key_is_an_error(tmp_path, schema, key, typed, read_as):
+    """Not str() of what YAML read (`017` would be the name "15", `no` "False"): one error
+    naming the key and saying to quote it, from the file and from an override alike."""
+    base = MINIMAL if schema is PretrainConfig else "num_shards: 1\n"
+    path = write(tmp_path, _with_key(base, key, typed), "bad.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [], schema)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: {key} must be a string, got {read_as!r}: YAML reads an unquoted")
+    assert "quote the value as typed" in msg and "\n" not in msg
+
+    ok = write(tmp_path, base, "ok.yaml")
+    token = _override(key, typed)
+    with pytest.raises(ConfigError) as err:
+        load_config(ok, [token], schema)
+    assert str(err.value).startswith(f"override {token!r}: {key} must be a string, got {read_as!r}:")
+
+
+# (fp8 layer names are a closed set, checked after the type)
+@pytest.mark.parametrize("schema, key", [k for k in STRING_KEYS if k[1] != "train.fp8.layers[0]"])
+@pytest.mark.parametrize("typed", [t for t, _ in YAML_NON_STRINGS])
+def test_quoted_value_for_a_string_key_is_the_text_typed(tmp_path, schema, key, typed):
+    base = MINIMAL if schema is PretrainConfig else "num_shards: 1\n"
+
+    def value(cfg):
+        leaf = key.removesuffix("[0]")
+        for part in leaf.split("."):
+            cfg = getattr(cfg, part)
+        return cfg[0] if key.endswith("[0]") else cfg
+
+    path = write(tmp_path, _with_key(base, key, f'"{typed}"'), "quoted.yaml")
+    cfg = load_config(path, [], schema)
+    assert value(cfg) == typed
+    assert (
+        value(load_config(write(tmp_path, base, "ok.yaml"), [_override(key, f"'{typed}'")], schema)) == typed
+    )
+    dumped = write(tmp_path, dump_config(cfg), "dumped.yaml")  # the job's config.yaml
+    assert value(load_config(dumped, [], schema)) == typed
+
+
+@pytest.mark.parametrize("key", ["train.seed", "train.eval_iters", "optimizer.lr", "model.sequence_parallel"])
+def test_quoted_number_or_bool_for_a_typed_key_is_an_error(tmp_path, key):
+    """The other way round: a string is not read as a number or a bool (`seed: "5"`)."""
+    path = write(tmp_path, _with_key(MINIMAL, key, '"5"'))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [], PretrainConfig)
+    assert re.fullmatch(
+        rf"{path}: {key} must be (an integer|a number|true or false), got '5'", str(err.value)
+    )
 
 
 def test_wrong_type_in_file(tmp_path):

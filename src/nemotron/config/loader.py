@@ -241,8 +241,19 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, (bool, int, float)):
+            # YAML 1.1 (OmegaConf, PyYAML) reads an unquoted no/off/yes/on as a bool and 017,
+            # 0x1f, 1_000, 1:30 or 1e3 as a number, whose text is no longer the one typed (`017`
+            # is 15, `1e3` 1000.0): taking str() of it would silently be another name or path,
+            # so the value must be quoted, as a number must be unquoted for a number key
+            if isinstance(value, bool):
+                read, example = "no, off, yes or on as a boolean", '"no"'
+            else:
+                read, example = "017, 0x1f, 1_000, 1:30 or 1e3 as a number", '"017"'
+            raise ConfigError(
+                f"{where}: {key} must be a string, got {value!r}: YAML reads an unquoted {read}; "
+                f"quote the value as typed ({example}; in an override key='{example}')"
+            )
         raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
