@@ -278,6 +278,15 @@ extends = "ci"
 ntasks_per_node = 2   # data prep: 2 tasks share the node (and its work units)
 cpus_per_task = 1
 """
+# The same with the work-unit gate of prep_gate/sitecustomize.py: task 0 stops before its third
+# unit, task 1 before its first (each holding the claim of the unit it stopped at).
+GATED_PROFILE = """
+[ci-tasks-gated]
+extends = "ci-tasks"
+python = "{python}"
+env_vars = {{ PREP_GATE_DIR = "{gate}", PREP_GATE_ALLOW = "0:2,1:0" }}
+"""
+PREP_GATE = Path(__file__).resolve().parent / "prep_gate"
 # Small work units, so that both tasks get several.
 PREP_ARGS = ["nano3", "data", "prep", "pretrain", "-c", "tiny", "work_unit_mb=0.1"]
 
@@ -295,7 +304,18 @@ def comparable(root: Path) -> dict[str, bytes]:
 def prep_workdir(tmp_path_factory, slurm_cluster):
     """A working directory with the 2-task profile and a local (one-process) tiny data prep."""
     work = tmp_path_factory.mktemp("slurm-prep-tasks")
-    write_env(work / "env.toml", slurm_cluster, PREP_TASKS_PROFILE)
+    # the gated profile's interpreter: this one, with the gate importable (NeMo-Run runs a
+    # module only through an interpreter named `python`)
+    python = work / "gated-bin" / "python"
+    python.parent.mkdir()
+    python.write_text(
+        f'#!/bin/bash\nexport PYTHONPATH="{PREP_GATE}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    python.chmod(0o755)
+    (work / "gate").mkdir()
+    gated = GATED_PROFILE.format(python=python, gate=work / "gate")
+    write_env(work / "env.toml", slurm_cluster, PREP_TASKS_PROFILE + gated)
     nemotron([*PREP_ARGS, f"output_dir={work / 'local'}", "num_workers=1"], work)
     return work
 
@@ -322,56 +342,53 @@ def test_data_prep_on_two_tasks_matches_a_local_run(prep_workdir):
     assert comparable(out) == comparable(prep_workdir / "local")
 
 
-def _task_pids(job_id: str, rank: int) -> list[int]:
-    """Processes of one task of a job (the one-node CI cluster runs them on this machine)."""
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            env = dict(
-                item.split("=", 1)
-                for item in environ.read_bytes().decode(errors="replace").split("\0")
-                if "=" in item
-            )
-        except OSError:
-            continue
-        if (
-            env.get("SLURM_JOB_ID") == job_id
-            and env.get("SLURM_PROCID") == str(rank)
-            and env.get("NEMOTRON_PREP_TASKS") == "slurm"
-        ):
-            pids.append(int(environ.parent.name))
-    return pids
+def _wait_for_gate(gate: Path, job_id: str, ranks: tuple[int, ...]) -> dict[int, dict]:
+    """The pause records of the tasks `ranks` once each has stopped at the gate (they will:
+    the gate holds them whatever the timing); an error if the job ends first."""
+    records = {rank: gate / f"paused-{rank}.json" for rank in ranks}
+    deadline = time.monotonic() + 300
+    while not all(path.is_file() for path in records.values()):
+        state = sacct_state(job_id)
+        assert state not in TERMINAL, f"job {job_id} ended ({state}) before its tasks reached the gate"
+        assert time.monotonic() < deadline, f"job {job_id}: tasks not at the gate after 300 s"
+        time.sleep(0.2)
+    return {rank: json.loads(path.read_text()) for rank, path in records.items()}
 
 
 def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
     out = prep_workdir / "killed"
-    args = [*PREP_ARGS, f"output_dir={out}"]
+    # one process per task (no worker pool): the gated process is the task itself
+    args = [*PREP_ARGS, f"output_dir={out}", "num_workers=1"]
+    local = json.loads((prep_workdir / "local" / "metadata.json").read_text())
+    total = sum(s["work_units"] for s in local["sources"])
+    assert total >= 4, "the gate needs 4 units: 2 done and 1 held by task 0, 1 held by task 1"
     proc = nemotron(
-        [*args, "--batch", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-1")],
+        [*args, "--batch", "ci-tasks-gated", "--job-dir", str(prep_workdir / "runs" / "kill-1")],
         prep_workdir,
         timeout=120,
     )
     job_id = re.search(r"job id\s+(\d+)", proc.stdout).group(1)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        done = list(out.glob(".work/*/units/*.done.json"))
-        pids = _task_pids(job_id, 1)
-        if len(done) >= 2 and pids:
-            break
-        assert sacct_state(job_id) not in TERMINAL, "the job ended before a task could be killed"
-        time.sleep(0.1)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)  # task 1 dies; srun ends the step (--kill-on-bad-exit)
-    assert wait_for_job(job_id, 300) in ("FAILED", "CANCELLED")
+    try:
+        paused = _wait_for_gate(prep_workdir / "gate", job_id, (0, 1))
+        (work,) = [p for p in out.glob(".work/*") if (p / "plan.json").is_file()]
+        finished = {p.name for p in (work / "units").glob("*.done.json")}
+        assert len(finished) == 2  # task 0's first two units; the held ones are not done
+        held = paused[1]["unit"]
+        assert list(work.glob(f"claims/slurm-{job_id}.*/{held}"))  # claimed by task 1
+        os.kill(paused[1]["pid"], signal.SIGKILL)  # task 1 dies; srun ends the step (--kill-on-bad-exit)
+        assert wait_for_job(job_id, 300) in ("FAILED", "CANCELLED")
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)  # never leave it held
     assert not (out / "metadata.json").exists()
-    finished = len(list(out.glob(".work/*/units/*.done.json")))
+    assert {p.name for p in (work / "units").glob("*.done.json")} == finished
+    assert f"{held}.done.json" not in finished
 
     rerun = nemotron(
         [*args, "--run", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-2")], prep_workdir
     )
     assert "SUCCEEDED" in rerun.stdout
-    assert re.search(rf"units reused\s+{finished}\b", rerun.stdout), rerun.stdout[-3000:]
+    assert re.search(r"units reused\s+2\b", rerun.stdout), rerun.stdout[-3000:]
     metadata = json.loads((out / "metadata.json").read_text())
     redone = sum(t["units"] for t in metadata["producer"]["tasks"])
-    assert redone == sum(s["work_units"] for s in metadata["sources"]) - finished
+    assert redone == total - 2  # every unit but the two finished, the held ones included
     assert comparable(out) == comparable(prep_workdir / "local")
