@@ -103,6 +103,25 @@ def test_a_final_validation_pass_follows_the_loop_and_resumes_exactly(tmp_path, 
     assert tests == [raw_records(tmp_path / "ref" / "job", "test")[0][1]["loss"]] * 2
 
 
+def test_a_run_that_evaluated_nothing_resumes_valid_where_megatron_does(tmp_path, corpus):
+    """Stopped at step 5 with train.eval_iters=0, resumed with eval_iters=1: Megatron's loader
+    finds consumed_valid_samples 0 past step 0 and starts valid at (5 // 4) x 1 x 4 = 4, where
+    a run that had evaluated all along stands: its passes at step 8 read samples 4-7 and 8-11,
+    as the uninterrupted run's do (not 0-3 and 4-7)."""
+    ref = make_config(tmp_path / "ref", blend=corpus[0])
+    pretrain(ref, tmp_path / "ref" / "job")
+    want = [(step, r["loss"]) for step, r in raw_records(tmp_path / "ref" / "job", "eval")][1:]
+
+    def preempt(kind, payload):
+        if kind == "train" and payload["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    quiet = make_config(tmp_path, blend=corpus[0], train={"eval_iters": 0})
+    assert pretrain(quiet, tmp_path / "job", on_event=preempt).status == "interrupted"
+    pretrain(make_config(tmp_path, blend=corpus[0]), tmp_path / "job")
+    assert [(step, r["loss"]) for step, r in raw_records(tmp_path / "job", "eval")] == want
+
+
 def _nan_at(monkeypatch, bad_steps, micro_batches_per_step=2):
     """A NaN training loss at the given steps of each run; returns the micro-batch counter
     (reset it to 0 before a run that starts at step 1)."""
