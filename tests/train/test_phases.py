@@ -187,9 +187,10 @@ def test_the_valid_split_covers_the_evaluations_of_a_run_resumed_with_a_longer_i
     batches = resumed.next_valid_batches()
     assert batches is not None and resumed.state.consumed_valid_samples == 5 * iters * gbs
     assert len(resumed.eval_dataset("valid")) >= 5 * iters * gbs
-    # The unchanged interval keeps Megatron's size, so the samples are the uninterrupted run's.
+    # The unchanged interval keeps Megatron's size, so the samples are the uninterrupted run's
+    # (at step 3, before the first evaluation: nothing of valid read yet).
     same = TrainingData(
-        cfg.data, cfg.train, fresh.plan, VOCAB, state=LoaderState(consumed_train_samples=4 * gbs)
+        cfg.data, cfg.train, fresh.plan, VOCAB, state=LoaderState(consumed_train_samples=3 * gbs)
     )
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(same.next_valid_batches(), first))
 

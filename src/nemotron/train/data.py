@@ -253,6 +253,14 @@ class TrainingData:
         self.dp_rank = dp_rank
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.state = state or LoaderState()
+        done = self.state.consumed_train_samples // plan.global_batch_size
+        if done and not self.state.consumed_valid_samples and train.eval_interval > 0:
+            # Resumed with no valid samples read (the run evaluated nothing so far, e.g. it had
+            # train.eval_iters=0): as Megatron, start valid where a run that had evaluated
+            # every eval_interval steps would stand, so the evaluations from here on read what
+            # they would have in such an uninterrupted run.
+            evaluations = done // train.eval_interval
+            self.state.consumed_valid_samples = evaluations * train.eval_iters * plan.global_batch_size
         self.pin_memory = pin_memory
         self.switch_step = phase2_start_step(plan, data)
         self._datasets: dict[str, torch.utils.data.Dataset | None] = {}

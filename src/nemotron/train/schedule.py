@@ -1,10 +1,11 @@
 """Learning-rate schedule: warmup-stable-decay (WSD) in tokens, or constant.
 
-The learning rate is a pure function of the tokens consumed before the step and of the run's
-length in tokens. A checkpoint records the schedule it was trained with (`LRSchedule.as_dict`),
-so that a resumed run whose config would give different rates (e.g. a longer
-`train.train_iters` moves the decay) is noticed: `scheduler.on_resume` decides what happens
-(`resume_schedule`), with Megatron's three choices.
+The learning rate is a pure function of the tokens consumed before the step (by the steps whose
+update was applied: the trainer's `RunState.schedule_tokens`, as Megatron's scheduler steps only
+after a successful update) and of the run's length in tokens. A checkpoint records the schedule
+it was trained with (`LRSchedule.as_dict`), so that a resumed run whose config would give
+different rates (e.g. a longer `train.train_iters` moves the decay) is noticed:
+`scheduler.on_resume` decides what happens (`resume_schedule`), with Megatron's three choices.
 """
 
 from __future__ import annotations

@@ -118,17 +118,33 @@ class RunState:
     tokens: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    # The learning-rate schedule's position: the tokens of the steps whose update was applied.
+    # Megatron's scheduler steps only after a successful update, so a skipped step leaves the
+    # next step's rate where it was (while `step` and `tokens` still advance).
+    schedule_tokens: int = 0
 
     def advance(self, finite: bool, tokens: int) -> None:
         """A step consumed its data and tokens, whether or not its update was applied (as in
-        Megatron, a skipped step still counts)."""
+        Megatron, a skipped step still counts); only an applied one moves the schedule."""
         self.step += 1
         self.tokens += tokens
         if finite:
             self.consecutive_nonfinite = 0
+            self.schedule_tokens += tokens
         else:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "RunState":
+        """The counters of a train_state.json (unknown keys ignored). A checkpoint written
+        before `schedule_tokens` was recorded had its schedule follow every step's tokens:
+        it continues from there."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in saved.items() if k in fields})
+        if "schedule_tokens" not in saved:
+            state.schedule_tokens = state.tokens
+        return state
 
 
 @dataclass
@@ -182,10 +198,9 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     if loaded is None:
         return Restored(RunState(), LoaderState())
     saved = dict(loaded.train_state)
-    fields = {f.name for f in dataclasses.fields(RunState)}
     try:
         loader = TrainingData.state_from(saved.pop("loader"))
-        state = RunState(**{k: v for k, v in saved.items() if k in fields})
+        state = RunState.from_saved(saved)
     except (KeyError, TypeError) as e:  # e.g. a hand-edited file whose manifest was rewritten
         where = loaded.path / TRAIN_STATE_FILE
         raise CheckpointError(f"{where} does not hold a run's state ({failure_reason(e)})") from None
@@ -409,7 +424,7 @@ class Trainer:
             saved,
             self.schedule,
             self.cfg.scheduler.on_resume,
-            self.state.tokens,
+            self.state.schedule_tokens,
             self.plan.tokens_per_step,
             self.restored.resumed_from,
         )
@@ -477,7 +492,7 @@ class Trainer:
         switched = self.data.maybe_switch_phase(self.state.step)
         for warning in self.data.switch_warnings if switched else []:
             self.warn(warning)
-        lr = self.schedule.rate(self.state.tokens)
+        lr = self.schedule.rate(self.state.schedule_tokens)  # not advanced by skipped steps
         set_learning_rate(self.optimizer, lr)
         data_start = time.perf_counter()
         batches = self.data.next_train_batches()
@@ -608,6 +623,12 @@ class Trainer:
                         self.metrics.event("stop", {"step": self.state.step, "signal": stop.signum})
                         break
             if status == COMPLETED and self.cfg.train.eval_iters:
+                # As Megatron's pretrain() after its loop: a last validation pass, even when the
+                # last step has just evaluated (the valid split is sized for it: the "+ 1" of
+                # `eval_dataset`), then the test pass. Both come after the last checkpoint, so
+                # a resumed or re-run job reads the same valid samples; a stopped run has neither.
+                loss = self.evaluate("eval")
+                self.valid_loss = loss if loss is not None else self.valid_loss
                 self.test_loss = self.evaluate("test")
         finally:
             self.close()
