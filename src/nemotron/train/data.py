@@ -504,6 +504,9 @@ def unigram_entropy(
     sizes = [int(np.asarray(d.sequence_lengths, dtype=np.int64).sum()) for d in datasets]
     if sum(sizes) > max_tokens or sum(sizes) == 0:
         return None
+    if weights is None:
+        # Prefixes without weights are each read once: in proportion to their sizes.
+        weights = [float(n) for n in sizes]
     mixture = None
     total_weight = sum(w for w, n in zip(weights, sizes) if n)
     for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):
