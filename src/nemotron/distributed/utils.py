@@ -19,6 +19,25 @@ from nemotron.kernels.cross_entropy import token_weights
 LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def flag_device(group=None) -> torch.device:
+    """Where a small control tensor must live for a collective on `group` (CUDA under NCCL)."""
+    backend = dist.get_backend(group)
+    if "gloo" in backend or "cpu" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_ranks_true(value: bool, group=None) -> bool:
+    """True on every rank of `group` (default: all) when `value` is True on every one of them:
+    one decision the ranks share, where each sees a file system or a clock of its own. Without
+    a process group, `value` itself. Every rank of `group` must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    flag = torch.tensor([1 if value else 0], device=flag_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 @contextlib.contextmanager
 def launcher_process_group(
     device_type: str, *, one_rank: bool = False, reported: tuple[type[BaseException], ...] = ()
