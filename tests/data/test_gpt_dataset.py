@@ -343,3 +343,14 @@ def test_unigram_entropy_of_prefixes_without_weights_weighs_them_by_size(tmp_pat
     blend.write_text(json.dumps({"train": ["a", "b"]}))
     p = np.array([2, 1, 6]) / 9.0  # token 1: 2 of 9, token 2: 1 of 9, token 3: 6 of 9
     assert unigram_entropy(blend) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_a_prefix_without_weight_too_short_for_one_sample_is_named(tmp_path):
+    # Read once (a blend without weights), a prefix shorter than one sample holds none;
+    # Megatron fails on an assertion, here one error names the prefix.
+    write_dataset(tmp_path / "a", [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    write_dataset(tmp_path / "tiny", [[1, 2, 3]])
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": f"{tmp_path / 'a'} {tmp_path / 'tiny'}"}))
+    with pytest.raises(GPTDatasetError, match=r"dataset \S*tiny has 3 tokens: read once .* seq_length 4"):
+        build_split_dataset(blend, "train", 2, 4, 0, tmp_path / "cache")
