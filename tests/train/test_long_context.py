@@ -72,18 +72,6 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=4, sequence_multiple=8)
 
 
-def test_padding_routed_by_the_moe_is_said_at_the_start(tmp_path, corpus):
-    # Padding of a mixed-length micro-batch is counted by expert balancing (docs/training.md);
-    # the docs said to keep micro-batch 1, the run said nothing.
-    for micro, said in ((2, True), (1, False)):
-        train = {"micro_batch_size": micro, "global_batch_size": 4}
-        cfg = mixed(make_config(tmp_path / str(micro), blend=corpus[0], train=train), corpus[0])
-        data = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1, cfg.data), 64)
-        warnings = [w for w in data.open_datasets() if "padding positions" in w]
-        assert bool(warnings) == said
-        assert not said or warnings[0].startswith("train.micro_batch_size 2 with data.mixed_length_blends")
-
-
 @pytest.mark.parametrize("workers", [0, 1])
 def test_data_parallel_ranks_get_the_same_mix_of_lengths(tmp_path, corpus, workers):
     """The LC phase's 1:1 mix interleaves long and short samples; Megatron's per-micro-step
@@ -143,6 +131,35 @@ def test_step_loss_is_the_mean_over_tokens_of_mixed_lengths():
         torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None])
     )
     assert result.grad_norm == pytest.approx(float(expected_norm), rel=1e-5)
+
+
+def test_a_padded_micro_batch_trains_as_its_samples_one_by_one():
+    """A micro-batch of a 12- and a 4-token sample (padded to 12) against the two as
+    micro-batches of 1: the same losses, gradient and expert counts. The padding was routed
+    and counted by expert balancing (counts and balance loss) before."""
+    from nemotron.config.schema import ModelConfig
+
+    arch = ModelConfig(**TINY_MODEL, moe_seq_aux_loss_coeff=0.1).arch()
+    torch.manual_seed(0)
+    models = [Nano3ForCausalLM(arch) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.randint(0, 64, (n + 1,), generator=g) for n in (12, 4)]
+    samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(len(t) - 1)} for t in samples]
+    results, counts = [], []
+    for model, batches in zip(models, ([collate(samples)], [collate([s]) for s in samples])):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        results.append(
+            train_step(model, opt, batches, device=torch.device("cpu"), precision="fp32", grad_clip=0.0)
+        )
+        counts.append([moe.router.tokens_per_expert.clone() for moe in model.moe_layers()])
+    padded, alone = results
+    assert padded.lm_loss == pytest.approx(alone.lm_loss, rel=1e-6)
+    assert padded.loss == pytest.approx(alone.loss, rel=1e-6)  # the balance term included
+    assert padded.grad_norm == pytest.approx(alone.grad_norm, rel=1e-5)
+    for layer, (got, want) in enumerate(zip(*counts)):
+        assert torch.equal(got, want), layer
+        assert float(got.sum()) == 16 * arch.moe_top_k  # 12 + 4 tokens, no padding
 
 
 def test_finetune_takes_weights_only(tmp_path, corpus):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nemotron.kernels.cross_entropy import token_weights
+from nemotron.kernels.cross_entropy import IGNORE_INDEX, token_weights
 
 LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -154,6 +154,15 @@ def clip_grad_norm_(
 # The training loss of a step is the mean over every loss token of the global batch (all
 # micro-batches, all data-parallel ranks), as Megatron's calculate_per_token_loss makes it; not
 # a mean of per-rank or per-micro-batch means, which overweights tokens of sparse batches.
+
+
+def padding_mask(labels: torch.Tensor) -> torch.Tensor | None:
+    """[batch, seq] True at the padding of a mixed-length micro-batch, None without padding.
+    The loader pads shorter samples with labels IGNORE_INDEX (`train.data.collate`), which no
+    sample's own labels hold. Read from the labels on the host, before they move to the device:
+    no device sync."""
+    pad = labels == IGNORE_INDEX
+    return pad if bool(pad.any()) else None
 
 
 def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

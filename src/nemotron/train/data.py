@@ -390,14 +390,6 @@ class TrainingData:
                 )
         self.eval_dataset("valid")
         self.eval_dataset("test")
-        if self.mixed_lengths and self.plan.micro_batch_size > 1:
-            # Said, not refused: the LM loss is exact; only the balancing statistics are off.
-            warnings.append(
-                f"train.micro_batch_size {self.plan.micro_batch_size} with data.mixed_length_blends: "
-                "a micro-batch mixing lengths is right-padded, and the padding positions pass "
-                "through the MoE routers, so they are counted by the expert-bias update and enter "
-                "the sequence balance loss; micro_batch_size 1 has no padding"
-            )
         return warnings
 
     def maybe_switch_phase(self, step: int) -> bool:
