@@ -9,7 +9,10 @@ for each case, the train split of a per-split blend (what `--per-split-data-args
 one prefix (a `GPTDataset`) asked for 1, 2, 5 and 7 epochs with the separate final epoch on
 both sides of its threshold, and three-prefix blends whose datasets run several epochs, where
 Megatron's inner ceil (`ceil(ceil(N * w) * 1.005)`) asks a dataset for one sample more than
-`ceil(N * w * 1.005)` would. The fixtures keep the documents, every index array Megatron built
+`ceil(N * w * 1.005)` would; and blends of prefixes without weights (one whitespace-separated
+string, read by Megatron's `get_blend_from_list`), where each dataset is built for one epoch
+and the blend is weighted by their sample counts, with N below and above their sum (Megatron
+then caps the blend at the sum). The fixtures keep the documents, every index array Megatron built
 and the tokens of every sample a run reads, so tests/data/test_megatron_order.py needs neither
 Megatron nor this script.
 """
@@ -123,6 +126,31 @@ def blend_cases(tokens: dict[str, int]) -> list[dict]:
     return cases
 
 
+def unweighted_cases(tokens: dict[str, int]) -> list[dict]:
+    """Prefixes without weights: each dataset is read once, so N is set from their samples."""
+    cases = []
+    for name, prefixes, s, seed, below in (
+        ("unweighted_bca", ["b", "c", "a"], 16, 11, 5),
+        ("unweighted_abc_capped", ["a", "b", "c"], 9, 3, -4),
+    ):
+        samples = [(tokens[p] - 1) // s for p in prefixes]
+        cases.append(
+            {
+                "name": name,
+                "kind": "unweighted",
+                "prefixes": prefixes,
+                "weights": None,
+                "seq_length": s,
+                "seed": seed,
+                "num_samples": sum(samples) - below,
+                "samples_per_dataset": samples,
+                "epochs": [1] * len(prefixes),
+                "separate_final_epoch": [False] * len(prefixes),
+            }
+        )
+    return cases
+
+
 class FixtureTokenizer:
     """What Megatron's dataset config asks of a tokenizer (ids come pre-tokenized)."""
 
@@ -134,13 +162,19 @@ class FixtureTokenizer:
 def build_with_megatron(work: Path, case: dict):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
 
     prefixes = [str(work / p) for p in case["prefixes"]]
     weights = case["weights"] if case["kind"] == "blend" else None
+    blend = (prefixes, weights)
+    if case["kind"] == "unweighted":
+        # The string form of --per-split-data-args-path, read as Megatron's training reads it.
+        blend = get_blend_from_list(" ".join(prefixes).split())
+        assert blend == (prefixes, None), blend
     config = GPTDatasetConfig(
         random_seed=case["seed"],
         sequence_length=case["seq_length"],
-        blend_per_split=[(prefixes, weights), None, None],
+        blend_per_split=[blend, None, None],
         split=None,
         path_to_cache=str(work / "cache" / case["name"]),
         tokenizer=FixtureTokenizer(),
@@ -182,7 +216,7 @@ def main() -> int:
         print(f"warning: megatron-core {version}, the fixtures describe 0.16.1", file=sys.stderr)
     documents = make_documents()
     tokens = {name: int(sum(len(d) for d in docs)) for name, docs in documents.items()}
-    cases = single_cases(tokens) + blend_cases(tokens)
+    cases = single_cases(tokens) + blend_cases(tokens) + unweighted_cases(tokens)
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -207,7 +241,7 @@ def main() -> int:
                     arrays |= gpt_arrays(dataset, f"dataset{k}_")
                 case["blend_length"] = len(train)
             case["length"] = len(train)
-            arrays["tokens"] = served_tokens(train, case["num_samples"])
+            arrays["tokens"] = served_tokens(train, min(case["num_samples"], len(train)))
             np.savez_compressed(OUT / f"{case['name']}.npz", **arrays)
             print(
                 f"{case['name']}: N={case['num_samples']} length={len(train)} "

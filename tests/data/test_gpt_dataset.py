@@ -166,8 +166,13 @@ def test_blend_errors_name_file_and_entry(tmp_path):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
     with pytest.raises(GPTDatasetError, match="no 'valid' split"):
         build_split_dataset(blend, "valid", 4, 8, 1, tmp_path / "cache")
+    # Weights for some prefixes only: Megatron's rule reads neither form; named here.
+    blend.write_text(json.dumps({"train": ["1", str(tmp_path / "x"), "heavy", str(tmp_path / "y")]}))
+    with pytest.raises(GPTDatasetError, match=r"train\[2\] weight 'heavy' is not a number, but train\[0\]"):
+        build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
+    # No entry is a number: prefixes without weights (Megatron's rule), the first one missing.
     blend.write_text(json.dumps({"train": ["heavy", str(tmp_path / "x")]}))
-    with pytest.raises(GPTDatasetError, match="'heavy' is not a number"):
+    with pytest.raises(GPTDatasetError, match=r"train\[0\] names 'heavy' but .*heavy.bin does not exist$"):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache")
 
 
@@ -182,8 +187,10 @@ def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
         (b'{"train": ["nan", "a"]}', r"train\[0\] weight 'nan' is not a finite number >= 0"),
         (b'{"train": ["-1", "a"]}', r"train\[0\] weight '-1' is not a finite number >= 0"),
         (b'{"train": [1e308, "a", 1e308, "a"]}', r"the 'train' weights sum to infinity"),
-        (b'{"train": ["1", "a", "2"]}', r"non-empty list of weight, prefix pairs"),
+        # Odd length: prefixes only (Megatron's rule); "1" is no prefix, likely a lost weight.
+        (b'{"train": ["1", "a", "2"]}', r"train\[0\] names '1' but .* a weight without its prefix"),
         (b'{"train": []}', r"non-empty list of weight, prefix pairs"),
+        (b'{"train": {"a": 1}}', r"non-empty list of weight, prefix pairs"),
     ]
     for raw, words in cases:
         blend.write_bytes(raw)
@@ -323,3 +330,27 @@ def test_float_token_file_is_refused_naming_it(tmp_path):
     blend.write_text(json.dumps({"train": ["1", str(tmp_path / "shard")]}))
     with pytest.raises(IndexedDatasetError, match=r"shard\.idx: dtype float32 is not a token dtype"):
         build_split_dataset(blend, "train", 1, 2, 0, tmp_path / "cache", vocab_size=100)
+
+
+def test_unigram_entropy_of_prefixes_without_weights_weighs_them_by_size(tmp_path):
+    # Prefixes without weights are each read once (Megatron): the unigram mixture weighs them
+    # by their tokens. Before, the unweighted form was refused before any entropy was taken.
+    from nemotron.train.data import unigram_entropy
+
+    write_dataset(tmp_path / "a", [[1, 1, 2]])  # 3 tokens
+    write_dataset(tmp_path / "b", [[3]] * 6)  # 6 tokens
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["a", "b"]}))
+    p = np.array([2, 1, 6]) / 9.0  # token 1: 2 of 9, token 2: 1 of 9, token 3: 6 of 9
+    assert unigram_entropy(blend) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_a_prefix_without_weight_too_short_for_one_sample_is_named(tmp_path):
+    # Read once (a blend without weights), a prefix shorter than one sample holds none;
+    # Megatron fails on an assertion, here one error names the prefix.
+    write_dataset(tmp_path / "a", [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    write_dataset(tmp_path / "tiny", [[1, 2, 3]])
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": f"{tmp_path / 'a'} {tmp_path / 'tiny'}"}))
+    with pytest.raises(GPTDatasetError, match=r"dataset \S*tiny has 3 tokens: read once .* seq_length 4"):
+        build_split_dataset(blend, "train", 2, 4, 0, tmp_path / "cache")

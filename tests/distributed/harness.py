@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.utils import clip_grad_norm_, token_loss_weight
+from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 
@@ -76,11 +77,26 @@ def tensors(state: dict) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in state.items()}
 
 
-def train_step(model, opt, ids, labels, mask, weight=1.0):
+def pad_rows(ids, labels, mask):
+    """Rows 1 and 3 as shorter samples right-padded to the batch's length, as the loader pads a
+    mixed-length micro-batch (token 0, labels ignored, loss mask 0); -> (..., padding mask)."""
+    padding = torch.zeros_like(labels, dtype=torch.bool)
+    seq = labels.shape[1]
+    padding[1, seq // 2 :] = True
+    padding[3, seq - 3 :] = True
+    ids, labels, mask = (
+        ids.masked_fill(padding, 0),
+        labels.masked_fill(padding, IGNORE_INDEX),
+        mask.masked_fill(padding, 0),
+    )
+    return ids, labels, mask, padding
+
+
+def train_step(model, opt, ids, labels, mask, weight=1.0, padding=None):
     """`weight`: the LM loss's token weight (`token_loss_weight`); the balance term, a mean
     over sequences, is not token-weighted (as in `train.loop.train_step`)."""
     opt.zero_grad(set_to_none=True)
-    out = model(ids, labels=labels, loss_mask=mask)
+    out = model(ids, labels=labels, loss_mask=mask, padding_mask=padding)
     (out.lm_loss * weight + (out.loss - out.lm_loss)).backward()
     return out
 
@@ -101,10 +117,13 @@ def compare_with_single_process(
     seq: int = SEQ,
     expert_bias: list[float] | None = None,
     final_state: dict | None = None,
+    padded: bool = False,
 ):
     """`expert_bias`: every router's initial bias (steers the routing: experts with a lower
     bias than the highest must then receive no token). `final_state`: filled with the
-    parallel model's gathered parameters and buffers after the last step."""
+    parallel model's gathered parameters and buffers after the last step. `padded`: two rows
+    are padded shorter samples (`pad_rows`), their padding masked out of expert balancing;
+    the expert counts (summed over the ranks) are compared too."""
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
     if expert_bias is not None:
@@ -120,8 +139,12 @@ def compare_with_single_process(
 
     for step in range(steps):
         ids, labels, mask = batch(step, seq)
-        ref_out = train_step(reference, ref_opt, ids, labels, mask)
+        padding = None
+        if padded:
+            ids, labels, mask, padding = pad_rows(ids, labels, mask)
+        ref_out = train_step(reference, ref_opt, ids, labels, mask, padding=padding)
         ref_grads = full_grads(reference)
+        ref_counts = [moe.router.tokens_per_expert.clone() for moe in reference.moe_layers()]
         if expert_bias is not None:
             idle = torch.tensor(expert_bias) < max(expert_bias)
             for moe in reference.moe_layers():
@@ -130,8 +153,14 @@ def compare_with_single_process(
         update_expert_biases(reference.moe_layers(), BIAS_RATE)
 
         local_ids, local_labels, local_mask = rank_slice(mesh, ids, labels, mask)
+        local_padding = rank_slice(mesh, padding)[0] if padded else None
         weight = token_loss_weight(local_mask, mesh)
-        out = train_step(model, opt, local_ids, local_labels, local_mask, weight)
+        out = train_step(model, opt, local_ids, local_labels, local_mask, weight, local_padding)
+        if padded:  # every rank routed different tokens: their counts add up to one process's
+            for layer, (ref_count, moe) in enumerate(zip(ref_counts, model.moe_layers())):
+                count = moe.router.tokens_per_expert.clone()
+                dist.all_reduce(count, group=mesh.balancing_group)
+                torch.testing.assert_close(count, ref_count, msg=lambda m: f"expert counts, MoE {layer}: {m}")
         lm = out.lm_loss.detach() * local_mask.sum()
         pair = torch.stack([lm, local_mask.sum()])
         dist.all_reduce(pair, group=mesh.loss_group)

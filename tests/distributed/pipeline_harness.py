@@ -14,6 +14,7 @@ from nemotron.distributed.context_parallel import cp_shard
 from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
 from nemotron.train.config import TrainConfig
+from nemotron.train.data import collate
 from nemotron.train.fp8 import Fp8Config, apply_fp8
 from nemotron.train.loop import Parallel, build_model, train_step
 
@@ -100,12 +101,15 @@ def compare_pipeline_with_single_process(
     grad_clip: float = 0.0,
     fp8: Fp8Config | None = None,
     global_batch_size: int = 8,
+    pairs: bool = False,
 ) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
     clips both runs (to a norm below theirs: the recorded gradients are the clipped ones).
     `fp8`: both runs convert those layers (FP8 emulated on CPU) and train under bf16 autocast
     when the LM head is among them (its FP8 products need bf16 compute), each reusing the
-    quantized weights within a step per `fp8.reuse_weights`."""
+    quantized weights within a step per `fp8.reuse_weights`. `pairs`: micro-batches of two
+    samples as the loader collates them (with `short`, some right-padded: every stage's MoE
+    blocks then leave the padding out of their balancing)."""
     cfg = make_config(parallel_kw, model_kw, seq, global_batch_size)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
@@ -134,6 +138,9 @@ def compare_pipeline_with_single_process(
     losses = []
     for step in range(steps):
         samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
+        if pairs:
+            rows = [{k: v[0] for k, v in b.items()} for b in samples]
+            samples = [collate(rows[i : i + 2]) for i in range(0, len(rows), 2)]
         ref = train_step(
             reference,
             ref_opt,

@@ -103,6 +103,8 @@ CP = dict(context_parallel_size=2)
 LAYOUTS_2 = {
     "cp2": (CP, dict(moe_seq_aux_loss_coeff=0.1)),  # a large balance loss: gathered over CP
     "cp2-ep2": (dict(CP, expert_model_parallel_size=2), None),
+    # padded rows: the padding mask's CP chunks, gathered with the scores for the balance loss
+    "cp2-padded": (CP, dict(moe_seq_aux_loss_coeff=0.1), dict(padded=True)),
 }
 LAYOUTS_4 = {
     "cp4": (dict(context_parallel_size=4), dict(moe_seq_aux_loss_coeff=0.1)),
@@ -124,10 +126,10 @@ def _modules_then_model_layouts(rank, world_size, layouts):
     # the vocab-parallel loss in several recomputed pieces (6 here under TP2 x CP2)
     tensor_parallel.LOSS_CHUNK_TOKENS = 8
     losses = {}
-    for name, (parallel_kw, model_kw) in layouts.items():
+    for name, (parallel_kw, model_kw, *extra) in layouts.items():
         try:
             losses[name] = compare_with_single_process(
-                rank, world_size, parallel_kw, model_kw, steps=2, seq=CP_SEQ
+                rank, world_size, parallel_kw, model_kw, steps=2, seq=CP_SEQ, **(extra[0] if extra else {})
             )
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err

@@ -11,6 +11,8 @@ LAYOUTS_2 = {
     "dp2": (dict(), None),  # FSDP2 data parallel
     "ep2": (dict(expert_model_parallel_size=2), None),  # EP2 (EDP 1), all-to-all dispatcher
     "tp2": (TP, None),  # TP2 + SP
+    # padded rows: each TP rank's MoE keeps its sequence shard of the padding mask
+    "tp2-padded": (TP, None, dict(padded=True)),
     # every token to EP rank 0's experts (0-3): EP rank 1 receives no row, its experts get
     # zero gradients through the empty exchange, FSDP2 and the optimizer
     "ep2-rank1-idle": (

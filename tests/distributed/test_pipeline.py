@@ -19,6 +19,9 @@ LAYOUTS_2 = {  # (parallel sizes, sequence length)
     "pp2-zbv-zero-bubble": (dict(PP2, pipeline_schedule="ZBVZeroBubble"), 8),
     # 8- and 4-token samples in one step (the long-context mix): one schedule run per length
     "pp2-1f1b-mixed-lengths": (dict(PP2, pipeline_schedule="1F1B"), 8, dict(short=4)),
+    # micro-batches of 2 mixing 8 and 4 tokens, right-padded: each stage's MoE blocks get the
+    # padding mask (kept out of their balancing, as one process does)
+    "pp2-1f1b-padded-micro-batches": (dict(PP2, pipeline_schedule="1F1B"), 8, dict(short=4, pairs=True)),
     # a manual split of 1 and 5 blocks: the first stage the embeddings and one Mamba block,
     # the last every MoE layer and the LM head
     "pp2-1f1b-manual-1-5": (dict(PP2, pipeline_schedule="1F1B", pipeline_blocks_per_stage=[1, 5]), 8),

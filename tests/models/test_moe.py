@@ -321,3 +321,61 @@ def test_router_weight_stays_float32_when_the_model_goes_bf16(config):
     assert weight.grad.dtype == torch.float32
     model.double()  # a float64 oracle keeps float64
     assert weight.dtype == torch.float64
+
+
+def direct_balance_loss(scores: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """One sequence's balance loss straight from the definition (scores [s, E], idx [s, k])."""
+    s, e = scores.shape
+    probs = scores / scores.sum(-1, keepdim=True)
+    return sum((idx == j).sum() * e / (k * s) * probs[:, j].mean() for j in range(e))
+
+
+def test_padding_is_left_out_of_the_balance_loss():
+    # A mixed-length micro-batch's padding entered both f and P of its sequence (S the padded
+    # length): now each sequence is its own tokens only, as it would be alone.
+    torch.manual_seed(3)
+    b, s, e, k = 3, 7, 5, 2
+    lengths = [7, 4, 1]
+    scores = torch.rand(b, s, e, dtype=torch.float64)
+    idx = torch.topk(scores, k).indices
+    padding = torch.arange(s)[None, :] >= torch.tensor(lengths)[:, None]
+    loss = sequence_balance_loss(scores, idx, k, padding)
+    for row, n in enumerate(lengths):  # per sequence, against the definition on its tokens
+        alone = sequence_balance_loss(scores[row : row + 1], idx[row : row + 1], k, padding[row : row + 1])
+        torch.testing.assert_close(alone, direct_balance_loss(scores[row, :n], idx[row, :n], k))
+    expected = sum(direct_balance_loss(scores[r, :n], idx[r, :n], k) for r, n in enumerate(lengths)) / b
+    torch.testing.assert_close(loss, expected)
+    # What the padding holds does not matter; no padding at all is the unmasked loss.
+    noisy = torch.where(padding[..., None], torch.rand_like(scores), scores)
+    noisy_idx = torch.where(padding[..., None], torch.zeros_like(idx), idx)
+    torch.testing.assert_close(sequence_balance_loss(noisy, noisy_idx, k, padding), loss)
+    none = torch.zeros(b, s, dtype=torch.bool)
+    torch.testing.assert_close(
+        sequence_balance_loss(scores, idx, k, none), sequence_balance_loss(scores, idx, k)
+    )
+
+
+def test_router_does_not_count_padding():
+    idx = torch.tensor([[0, 2], [1, 2], [3, 0], [2, 1]])
+    padding = torch.tensor([False, True, False, True])
+    assert moe_module.count_per_expert(idx, 4, padding).tolist() == [2, 0, 1, 1]
+    assert moe_module.count_per_expert(idx, 4).tolist() == [2, 2, 3, 1]
+
+
+def test_a_padded_sequence_counts_and_scores_as_it_would_alone(moe, config):
+    # Row 1 holds 3 tokens and 4 of padding: the MoE's outputs on real tokens, its expert
+    # counts and its balance loss equal those of the two sequences run one at a time.
+    x = torch.randn(2, 7, config.hidden_size, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 3:] = True
+    moe.train()
+    y, aux = moe(x, padding)
+    padded_counts = moe.router.tokens_per_expert.clone()
+    moe.router.tokens_per_expert.zero_()
+    y0, aux0 = moe(x[:1])
+    y1, aux1 = moe(x[1:, :3])
+    torch.testing.assert_close(moe.router.tokens_per_expert, padded_counts)
+    assert padded_counts.sum() == 10 * config.moe_top_k  # 7 + 3 tokens, k experts each
+    torch.testing.assert_close(aux, (aux0 + aux1) / 2)
+    torch.testing.assert_close(y[:1], y0)
+    torch.testing.assert_close(y[1:, :3], y1)

@@ -133,6 +133,35 @@ def test_step_loss_is_the_mean_over_tokens_of_mixed_lengths():
     assert result.grad_norm == pytest.approx(float(expected_norm), rel=1e-5)
 
 
+def test_a_padded_micro_batch_trains_as_its_samples_one_by_one():
+    """A micro-batch of a 12- and a 4-token sample (padded to 12) against the two as
+    micro-batches of 1: the same losses, gradient and expert counts. The padding was routed
+    and counted by expert balancing (counts and balance loss) before."""
+    from nemotron.config.schema import ModelConfig
+
+    arch = ModelConfig(**TINY_MODEL, moe_seq_aux_loss_coeff=0.1).arch()
+    torch.manual_seed(0)
+    models = [Nano3ForCausalLM(arch) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    samples = [torch.randint(0, 64, (n + 1,), generator=g) for n in (12, 4)]
+    samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(len(t) - 1)} for t in samples]
+    results, counts = [], []
+    for model, batches in zip(models, ([collate(samples)], [collate([s]) for s in samples])):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        results.append(
+            train_step(model, opt, batches, device=torch.device("cpu"), precision="fp32", grad_clip=0.0)
+        )
+        counts.append([moe.router.tokens_per_expert.clone() for moe in model.moe_layers()])
+    padded, alone = results
+    assert padded.lm_loss == pytest.approx(alone.lm_loss, rel=1e-6)
+    assert padded.loss == pytest.approx(alone.loss, rel=1e-6)  # the balance term included
+    assert padded.grad_norm == pytest.approx(alone.grad_norm, rel=1e-5)
+    for layer, (got, want) in enumerate(zip(*counts)):
+        assert torch.equal(got, want), layer
+        assert float(got.sum()) == 16 * arch.moe_top_k  # 12 + 4 tokens, no padding
+
+
 def test_finetune_takes_weights_only(tmp_path, corpus):
     source = make_config(
         tmp_path / "pre",

@@ -10,9 +10,11 @@ import json
 import math
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
+from distributed._spawn import run_distributed
 
 from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset
 from nemotron.train import pretrain
@@ -236,3 +238,63 @@ def test_blends_of_another_tokenizer_are_caught_from_their_metadata(tmp_path, co
         PhaseSwitchError, match=r"step 4: .*vocabulary of 128.*iter_0000004 \(step 4\) is saved"
     ):
         pretrain(cfg, tmp_path / "run3" / "job", on_event=prepare_at_step_3)
+
+
+def _switch_where_ranks_see_different_files(rank, world, cfg, scenarios):
+    """Per scenario, rank r reads data.phase2_blend = blends[r] (what a file system shows each
+    rank in the instant data prep moves the blend in), and by the switch sees a metadata.json
+    naming a vocabulary of vocab[r] (None: none); returns (open_datasets warnings, switch
+    outcome, phase after) per scenario."""
+    results = []
+    for blends, vocab in scenarios:
+        data_cfg = dataclasses.replace(cfg.data, phase2_blend=blends[rank])
+        data = TrainingData(data_cfg, cfg.train, plan_batches(cfg.train, dp_size=1), VOCAB)
+        warnings = data.open_datasets()
+        if vocab[rank] is not None:
+            meta = Path(blends[rank]).parent / "metadata.json"
+            meta.write_text(json.dumps({"tokenizer": {"vocab_size": vocab[rank]}}))
+        torch.distributed.barrier()
+        outcome = "switched"
+        try:
+            data.maybe_switch_phase(data.switch_step)
+        except PhaseSwitchError as e:
+            outcome = str(e)
+        results.append((warnings, outcome, data.state.phase))
+        torch.distributed.barrier()
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_ranks_decide_together_whether_the_phase2_blend_is_there(tmp_path, corpus):
+    # Each rank checked for the phase-2 blend on its own: where one saw the file and another
+    # not yet, one switched to phase 2 while the other stopped to save a checkpoint, and both
+    # waited on each other's collectives forever. Now they take one branch: switch only when
+    # every rank sees the blend (and its tokenizer check passes on every rank).
+    dirs = {}
+    for name in ("seen", "seen_without_metadata", "whole"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(corpus[1].parent, dirs[name])
+    (dirs["seen_without_metadata"] / "metadata.json").unlink()
+    # The copies name the same (absolute) prefixes: one index cache serves every rank.
+    cfg = make_config(tmp_path, blend=corpus[0], phase2_blend=None)
+    cfg.data = dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache"))
+    scenarios = [
+        # Rank 0 sees the blend, rank 1 not yet.
+        ([str(dirs["seen"] / "blend.json"), str(tmp_path / "missing" / "blend.json")], [None, None]),
+        # Both see the blend, only rank 0 the metadata.json moved in just after it, naming a
+        # vocabulary larger than the model's.
+        (
+            [str(dirs["seen"] / "blend.json"), str(dirs["seen_without_metadata"] / "blend.json")],
+            [VOCAB + 1, None],
+        ),
+        # Every rank sees it whole.
+        ([str(dirs["whole"] / "blend.json")] * 2, [None, None]),
+    ]
+    ranks = run_distributed(_switch_where_ranks_see_different_files, 2, cfg, scenarios)
+    missing, metadata, whole = zip(*ranks)
+    for warnings, outcome, phase in missing:
+        assert any("does not exist yet" in w for w in warnings)  # neither built it at the start
+        assert "does not exist (on every rank)" in outcome and phase == 1
+    assert "vocabulary of 65" in metadata[0][1] and "failed on another rank" in metadata[1][1]
+    assert [phase for _, _, phase in metadata] == [1, 1]
+    assert [(outcome, phase) for _, outcome, phase in whole] == [("switched", 2)] * 2

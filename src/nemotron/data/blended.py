@@ -13,6 +13,10 @@ For a blend of datasets with weights w (normalised to sum 1) asked for N samples
 Weights are normalised the way Megatron does (float64 numpy division by the numpy sum: once
 for the per-dataset sizes, once more inside the blend), so the blend indices match bit for bit.
 A zero-weight entry is left out (Megatron rejects one); the others blend as if it were absent.
+
+Prefixes without weights (`BlendedDataset.build_unweighted`) blend as Megatron's builder does:
+each dataset is built for one epoch, the weights are their sample counts, and the blend has
+min(N, their sum) samples, by the same rule.
 """
 
 from __future__ import annotations
@@ -153,6 +157,36 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
             "split": split,
         }
         return cls(datasets, normalised, sum(served), cache_dir, description)
+
+    @classmethod
+    def build_unweighted(
+        cls,
+        prefixes: list[str],
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: str | Path,
+        split: str,
+        vocab_size: int | None = None,
+    ) -> "BlendedDataset":
+        """Prefixes without weights, as Megatron-Core blends them: each dataset is built for one
+        epoch (all its samples, none asked for beyond), the weights are the datasets' sample
+        counts (normalised once, by the blend), and the blend has min(num_samples, their sum)
+        samples."""
+        datasets = [
+            GPTDataset(prefix, None, seq_length, seed, cache_dir, split, vocab_size) for prefix in prefixes
+        ]
+        lengths = [len(d) for d in datasets]
+        size = min(num_samples, sum(lengths))
+        description = {
+            "class": "BlendedDataset",
+            "format": INDEX_FORMAT_VERSION,
+            "datasets": [d.description for d in datasets],
+            "weights": lengths,
+            "size": size,
+            "split": split,
+        }
+        return cls(list(datasets), [float(n) for n in lengths], size, cache_dir, description)
 
     def __len__(self) -> int:
         return self.size

@@ -219,14 +219,16 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
     def __init__(
         self,
         prefix: str,
-        num_samples: int,
+        num_samples: int | None,
         seq_length: int,
         seed: int,
         cache_dir: str | Path,
         split: str = "train",
         vocab_size: int | None = None,
     ) -> None:
-        if num_samples <= 0 or seq_length <= 0:
+        """`num_samples` None: one epoch, every sample it holds (Megatron's mid-level dataset
+        of a blend without weights)."""
+        if (num_samples is not None and num_samples <= 0) or seq_length <= 0:
             raise GPTDatasetError(
                 f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive"
             )
@@ -239,7 +241,15 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         # sample then spans epochs): e.g. a valid split holding one short document.
         if tokens_per_epoch == 0:
             raise GPTDatasetError(f"dataset {self.prefix} has no tokens: it cannot make a sample")
-        self.num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
+        if num_samples is None:
+            if tokens_per_epoch - 1 < seq_length:
+                raise GPTDatasetError(
+                    f"dataset {self.prefix} has {tokens_per_epoch} tokens: read once (a blend "
+                    f"without weights) it cannot make one sample of seq_length {seq_length} + 1"
+                )
+            self.num_epochs = 1
+        else:
+            self.num_epochs = num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
         bin_path = Path(self.prefix + ".bin")
         self.description = {
             "class": "GPTDataset",
@@ -257,8 +267,10 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             "seed": seed,
         }
 
-        separate, before_last = separate_final_epoch(
-            tokens_per_epoch, num_samples, seq_length, self.num_epochs
+        separate, before_last = (
+            separate_final_epoch(tokens_per_epoch, num_samples, seq_length, self.num_epochs)
+            if num_samples is not None
+            else (False, 0)
         )
         self.separate_final_epoch = separate
 
@@ -314,12 +326,23 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
 # Blend files
 
 
-def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], list[str]]:
+def _is_number(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | None, list[str]]:
     """(weights, prefixes) of one split of a per-split blend.json, checked.
 
-    Weights are returned as written (the blend normalises them). Relative prefixes resolve
-    against the blend file's directory when that exists, else against the working directory
-    (what Megatron does).
+    Megatron's forms (`get_blend_from_list`): a list (or one whitespace-separated string) of
+    weight, prefix pairs, or of prefixes alone. A list of odd length is prefixes; one of even
+    length is pairs when every even-position entry is a number, prefixes when none is (a mix
+    is an error here). Weights are returned as written (the blend normalises them), None for
+    prefixes without weights. Relative prefixes resolve against the blend file's directory
+    when that exists, else against the working directory (what Megatron does).
     """
     path = Path(blend_json_path)
     if split not in SPLITS:
@@ -329,40 +352,55 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float], li
         raise GPTDatasetError(f"blend file {path} has no {split!r} split")
     entries = blend[split]
     if isinstance(entries, str):
-        entries = entries.split()  # Megatron's other form: "w1 prefix1 w2 prefix2"
-    if isinstance(entries, list) and len(entries) == 1:
-        # One prefix without a weight (Megatron reads it as that dataset alone, as here).
-        entries = [1.0, *entries]
-    if not isinstance(entries, list) or not entries or len(entries) % 2:
+        entries = entries.split()  # Megatron's other form: "w1 prefix1 w2 prefix2" or "p1 p2"
+    if not isinstance(entries, list) or not entries:
         raise GPTDatasetError(
             f"blend file {path}: {split!r} must be a non-empty list of weight, prefix pairs "
-            "(or a single prefix)"
+            "(or of prefixes without weights)"
         )
-    weights, prefixes = [], []
-    for k in range(0, len(entries), 2):
-        raw_weight, raw_prefix = entries[k], entries[k + 1]
-        try:
-            weight = float(raw_weight)
-        except (TypeError, ValueError):
+    raw_weights: list[tuple[int, Any]] = []
+    raw_prefixes = list(enumerate(entries))
+    if len(entries) % 2 == 0:
+        numbers = [_is_number(entries[k]) for k in range(0, len(entries), 2)]
+        if all(numbers):
+            raw_weights = [(k, entries[k]) for k in range(0, len(entries), 2)]
+            raw_prefixes = [(k + 1, entries[k + 1]) for k in range(0, len(entries), 2)]
+        elif any(numbers):
+            k = 2 * numbers.index(False)
             raise GPTDatasetError(
-                f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a number"
-            ) from None
+                f"blend file {path}: {split}[{k}] weight {entries[k]!r} is not a number, but "
+                f"{split}[{2 * numbers.index(True)}] is a weight: give every prefix a weight, "
+                "or none"
+            )
+    weights: list[float] = []
+    for k, raw_weight in raw_weights:
+        weight = float(raw_weight)
         if not math.isfinite(weight) or weight < 0:
             raise GPTDatasetError(
                 f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a finite number >= 0"
             )
-        prefix = Path(str(raw_prefix))
+        weights.append(weight)
+    prefixes = []
+    for k, raw_prefix in raw_prefixes:
+        prefix = Path(str(raw_prefix).strip())  # Megatron strips each prefix
         if not prefix.is_absolute():
             beside = path.parent / prefix
             prefix = beside if Path(str(beside) + ".idx").exists() else prefix
         for suffix in (".bin", ".idx"):
             if not Path(str(prefix) + suffix).exists():
-                raise GPTDatasetError(
-                    f"blend file {path}: {split}[{k + 1}] names {raw_prefix!r} but "
-                    f"{prefix}{suffix} does not exist"
+                hint = (
+                    " (a list of odd length holds prefixes only, as in Megatron: a weight "
+                    "without its prefix?)"
+                    if not raw_weights and _is_number(raw_prefix)
+                    else ""
                 )
-        weights.append(weight)
+                raise GPTDatasetError(
+                    f"blend file {path}: {split}[{k}] names {raw_prefix!r} but "
+                    f"{prefix}{suffix} does not exist{hint}"
+                )
         prefixes.append(str(prefix))
+    if not raw_weights:
+        return None, prefixes
     if sum(weights) <= 0:
         raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to zero")
     if not math.isfinite(sum(weights)):
@@ -383,7 +421,8 @@ def build_split_dataset(
     """The `num_samples`-sample dataset of one split of a blend.json (Megatron semantics).
 
     One prefix gives its GPTDataset directly (as Megatron does); several are blended
-    deterministically (see `blended.py`). Items are {"tokens", "labels", "loss_mask"}.
+    deterministically (see `blended.py`), by their weights or, without weights, by their sizes
+    (each read once). Items are {"tokens", "labels", "loss_mask"}.
     """
     # blended.py builds on this module (GPTDataset, the cache): imported here, not at the top
     from nemotron.data.blended import BlendedDataset
@@ -394,4 +433,18 @@ def build_split_dataset(
     cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
     if len(prefixes) == 1:
         return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split, vocab_size)
+    if weights is None:
+        blend = BlendedDataset.build_unweighted(
+            prefixes, num_samples, seq_length, seed, cache, split, vocab_size
+        )
+        if len(blend) < num_samples:
+            # Megatron caps the blend at the samples of one epoch of every prefix and the run
+            # stops when they are used up; here the run does not start.
+            raise GPTDatasetError(
+                f"blend file {blend_json_path}: the {split!r} prefixes have no weights, so each "
+                f"is read once (as Megatron does): {len(blend)} samples of seq_length "
+                f"{seq_length}, fewer than the {num_samples} needed. Give them weights (then "
+                "each is read over as many epochs as its share needs)"
+            )
+        return blend
     return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split, vocab_size)

@@ -52,7 +52,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from nemotron.distributed.apply import check_local_sequence, parallelize
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
-from nemotron.distributed.utils import grad_norm
+from nemotron.distributed.utils import grad_norm, padding_mask
 from nemotron.models.nano3.model import Nano3ForCausalLM
 
 
@@ -263,6 +263,12 @@ class Pipeline:
                     for key in ("labels", "loss_mask")
                 }
                 target = torch.tensor(group)  # chunked with the micro-batches: each its index
+            labels = torch.cat([micro_batches[i]["labels"] for i in group])
+            padding = padding_mask(labels)
+            if padding is not None:
+                # Every stage's MoE blocks leave padding out of their balancing statistics; every
+                # rank holds the batch, so all take this branch alike.
+                kwargs["padding_mask"] = padding.to(self.device)
             run = schedule.step if training else schedule.eval
             run(*args, target=target, return_outputs=False, **kwargs)
             self._add_gradients(kept)

@@ -90,6 +90,13 @@ class SequenceGather:
             x = self.cp.gather_sequence(x, dim)
         return x
 
+    def local_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        # The model's inputs arrive as this rank's context-parallel chunks (the loader cuts
+        # them); between blocks a TP rank holds the contiguous 1/TP of that (`Shard(1)`).
+        if self.tp_mesh is None:
+            return x
+        return x.chunk(self.tp_mesh.size(), dim)[self.tp_mesh.get_local_rank()]
+
 
 # -- plans ----------------------------------------------------------------------------------------
 

@@ -14,9 +14,28 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nemotron.kernels.cross_entropy import token_weights
+from nemotron.kernels.cross_entropy import IGNORE_INDEX, token_weights
 
 LAUNCHER_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def flag_device(group=None) -> torch.device:
+    """Where a small control tensor must live for a collective on `group` (CUDA under NCCL)."""
+    backend = dist.get_backend(group)
+    if "gloo" in backend or "cpu" in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_ranks_true(value: bool, group=None) -> bool:
+    """True on every rank of `group` (default: all) when `value` is True on every one of them:
+    one decision the ranks share, where each sees a file system or a clock of its own. Without
+    a process group, `value` itself. Every rank of `group` must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    flag = torch.tensor([1 if value else 0], device=flag_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
@@ -135,6 +154,15 @@ def clip_grad_norm_(
 # The training loss of a step is the mean over every loss token of the global batch (all
 # micro-batches, all data-parallel ranks), as Megatron's calculate_per_token_loss makes it; not
 # a mean of per-rank or per-micro-batch means, which overweights tokens of sparse batches.
+
+
+def padding_mask(labels: torch.Tensor) -> torch.Tensor | None:
+    """[batch, seq] True at the padding of a mixed-length micro-batch, None without padding.
+    The loader pads shorter samples with labels IGNORE_INDEX (`train.data.collate`), which no
+    sample's own labels hold. Read from the labels on the host, before they move to the device:
+    no device sync."""
+    pad = labels == IGNORE_INDEX
+    return pad if bool(pad.any()) else None
 
 
 def loss_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from nemotron.distributed.utils import all_ranks_true
 from nemotron.utils.fs import atomic_write_text
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
@@ -560,22 +561,6 @@ def _group_rank(group) -> int:
     return dist.get_rank(group) if _distributed() else 0
 
 
-def _flag_device(group) -> torch.device:
-    """Where a small control tensor must live for a collective on `group` (CUDA under NCCL)."""
-    backend = dist.get_backend(group)
-    if "gloo" in backend or "cpu" in backend:
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _all_ranks_true(value: bool, group) -> bool:
-    if not _distributed():
-        return value
-    flag = torch.tensor([1 if value else 0], device=_flag_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
-
-
 class Checkpointer:
     """Writes checkpoints into one save directory; at most one async save in flight.
 
@@ -683,7 +668,7 @@ class Checkpointer:
     def poll(self) -> None:
         """Finish an async save once its writes are done on every rank (call once per step on
         every rank: ranks must agree, or one would finalize while another trains on)."""
-        if self._pending is not None and _all_ranks_true(self._pending.future.done(), self.group):
+        if self._pending is not None and all_ranks_true(self._pending.future.done(), self.group):
             self.wait()
 
     def wait(self) -> None:

@@ -37,6 +37,7 @@ from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset, open
 from nemotron.data.indexed import IndexedDatasetError
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
+from nemotron.distributed.utils import all_ranks_true
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
@@ -387,7 +388,7 @@ class TrainingData:
         if self.phase_samples(2) > 0:
             phase2 = self.data.phase2_blend
             assert phase2 is not None  # phase 2 has samples only with a phase-2 blend
-            if self.data.mock or self.state.phase == 2 or Path(phase2).exists():
+            if self.data.mock or self.state.phase == 2 or self._phase2_blend_exists():
                 self.train_dataset(2)
             else:
                 warnings.append(
@@ -406,19 +407,38 @@ class TrainingData:
         `PhaseSwitchError` is raised with the loader still in phase 1, so a checkpoint saved
         then resumes at the switch."""
         if self.state.phase == 1 and self.switch_step is not None and step >= self.switch_step:
-            try:
-                if not self.data.mock:  # a blend prepared while phase 1 trained: its tokenizer too
-                    pairs = [("data.blend", self.data.blend), ("data.phase2_blend", self.data.phase2_blend)]
+            where = f"phase 2 cannot start at step {step}: data.phase2_blend {self.data.phase2_blend}"
+            if not self.data.mock:
+                # Data prep may finish in this very instant: every rank must take the same
+                # branch (one switching while another stops would wait on each other forever).
+                if not self._phase2_blend_exists():
+                    raise PhaseSwitchError(f"{where}: the file does not exist (on every rank)")
+                # A blend prepared while phase 1 trained: its tokenizer too. Its metadata.json
+                # lands just after blend.json, so this is agreed on as well.
+                pairs = [("data.blend", self.data.blend), ("data.phase2_blend", self.data.phase2_blend)]
+                error: TrainDataError | None = None
+                try:
                     self.switch_warnings = check_tokenizers([(k, b) for k, b in pairs if b], self.vocab_size)
+                except TrainDataError as e:
+                    error = e
+                if not all_ranks_true(error is None):
+                    raise PhaseSwitchError(
+                        f"{where}: {error or 'its tokenizer check failed on another rank'}"
+                    )
+            try:
                 self.train_dataset(2)
             except (GPTDatasetError, IndexedDatasetError, TrainDataError) as e:
-                raise PhaseSwitchError(
-                    f"phase 2 cannot start at step {step}: data.phase2_blend {self.data.phase2_blend}: {e}"
-                ) from e
+                raise PhaseSwitchError(f"{where}: {e}") from e
             self.state.phase = 2
             self.state.phase2_start_sample = self.state.consumed_train_samples
             return True
         return False
+
+    def _phase2_blend_exists(self) -> bool:
+        """Whether data.phase2_blend exists, decided once for all ranks (true only when every
+        rank sees it): each rank looking for itself, they could disagree in the instant data
+        prep moves the file in. Every rank calls this at the same point."""
+        return all_ranks_true(self.data.phase2_blend is not None and Path(self.data.phase2_blend).exists())
 
     def _micro_batches(
         self, dataset, start: int, count: int, by_rank: bool = False
@@ -512,6 +532,9 @@ def unigram_entropy(
     sizes = [int(np.asarray(d.sequence_lengths, dtype=np.int64).sum()) for d in datasets]
     if sum(sizes) > max_tokens or sum(sizes) == 0:
         return None
+    if weights is None:
+        # Prefixes without weights are each read once: in proportion to their sizes.
+        weights = [float(n) for n in sizes]
     mixture = None
     total_weight = sum(w for w, n in zip(weights, sizes) if n)
     for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):

@@ -27,7 +27,13 @@ from nemotron.distributed.apply import parallelize, restore_reshard_after_forwar
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.mesh import build_mesh
 from nemotron.distributed.parallel_dims import ParallelDims, check_pipeline
-from nemotron.distributed.utils import grad_norm, loss_tokens, reduce_token_loss, token_loss_weights
+from nemotron.distributed.utils import (
+    grad_norm,
+    loss_tokens,
+    padding_mask,
+    reduce_token_loss,
+    token_loss_weights,
+)
 from nemotron.kernels.fp8 import reuse_quantized_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import set_shared_expert_overlap
@@ -373,8 +379,11 @@ def train_step(
                     tokens = batch["tokens"].to(device, non_blocking=True)
                     labels = batch["labels"].to(device, non_blocking=True)
                     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+                    padding = padding_mask(batch["labels"])
+                    if padding is not None:
+                        padding = padding.to(device, non_blocking=True)
                     with autocast_context(precision, device):
-                        out = model(tokens, labels=labels, loss_mask=loss_mask)
+                        out = model(tokens, labels=labels, loss_mask=loss_mask, padding_mask=padding)
                     balance = out.loss - out.lm_loss  # coefficient x sequence balance loss (0 without MoE)
                 with step_phase(f"micro-batch {index} backward"):
                     (out.lm_loss * weight + balance / n).backward()

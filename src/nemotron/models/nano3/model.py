@@ -10,7 +10,7 @@ the stack, the embeddings only if a == 0, the final norm and LM head only if b =
 (one pipeline stage's part; parameter names are those of the whole model, so checkpoints are
 the same whatever the split). A part takes what the part before it returned and speaks in
 tensors only, as `torch.distributed.pipelining` sends them between ranks:
-  forward(inputs, aux_loss, labels=None, loss_mask=None)
+  forward(inputs, aux_loss, labels=None, loss_mask=None, padding_mask=None)
     inputs:   token ids [batch, seq] for the first part, hidden states [batch, seq, hidden] after
               (under sequence parallel, this rank's shard [batch, seq/TP, hidden])
     aux_loss: sum of the MoE balance losses of the blocks before this part (scalar)
@@ -109,8 +109,15 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mixer = build_mixer(config, self.kind)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.mixer(self.norm(x))
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Only the MoE's statistics tell padding from tokens; every other mixer is causal or
+        # per token, so padding at the end of a sequence changes nothing before it.
+        if isinstance(self.mixer, MoE):
+            out = self.mixer(self.norm(x), padding_mask)
+        else:
+            out = self.mixer(self.norm(x))
         aux = None
         if isinstance(out, tuple):
             out, aux = out
@@ -151,15 +158,20 @@ class Nano3Model(nn.Module):
             nn.init.normal_(self.embeddings.weight, std=config.init_std)
 
     def forward(
-        self, inputs: torch.Tensor, aux_loss: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        aux_loss: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs: token ids [batch, seq] (with embeddings) or hidden states [batch, seq, hidden];
-        `aux_loss`: balance losses of earlier blocks. -> (hidden [batch, seq, hidden] (after
-        the final norm if this ends the stack), MoE aux losses summed, or None)."""
+        `aux_loss`: balance losses of earlier blocks; `padding_mask` [batch, seq]: True at the
+        padding of a mixed-length micro-batch (kept out of the MoE balancing statistics).
+        -> (hidden [batch, seq, hidden] (after the final norm if this ends the stack), MoE aux
+        losses summed, or None)."""
         x = self.embeddings(inputs) if self.embeddings is not None else inputs
         aux_total = aux_loss
         for layer in self.layers.values():
-            x, aux = layer(x)
+            x, aux = layer(x, padding_mask) if padding_mask is not None else layer(x)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if self.norm_f is not None:
@@ -236,10 +248,14 @@ class Nano3ForCausalLM(nn.Module):
         aux_loss: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> Nano3Output | tuple[torch.Tensor, torch.Tensor]:
         """The whole model: token ids -> `Nano3Output`. A pipeline part: see the module
-        docstring (`input_ids` then holds hidden states on every part but the first)."""
-        hidden, aux_loss = self.backbone(input_ids, aux_loss)
+        docstring (`input_ids` then holds hidden states on every part but the first).
+        `padding_mask` [batch, seq], True at the padding of a mixed-length micro-batch: not
+        counted by the MoE balancing (expert counts, balance loss); the LM loss is the
+        `loss_mask`'s."""
+        hidden, aux_loss = self.backbone(input_ids, aux_loss, padding_mask)
         if self.is_pipeline_part:
             return self._pipeline_outputs(hidden, aux_loss, labels, loss_mask)
         assert self.lm_head is not None  # the whole model has one

@@ -46,13 +46,17 @@ def _inside_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def count_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 [num_experts]: how many (token, slot) pairs chose each expert. Static-shape (unlike
-    `bincount`, so `torch.compile` keeps it in the graph); integer adds are deterministic."""
+def count_per_expert(
+    topk_idx: torch.Tensor, num_experts: int, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 [num_experts]: how many (token, slot) pairs chose each expert, padding tokens
+    (`padding_mask` [tokens] True) not counted. Static-shape (unlike `bincount`, so
+    `torch.compile` keeps it in the graph); integer adds are deterministic."""
     flat = topk_idx.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat)
-    )
+    ones = torch.ones_like(flat)
+    if padding_mask is not None:
+        ones = (~padding_mask).to(flat.dtype).unsqueeze(-1).expand_as(topk_idx).reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)
 
 
 class RouterOutput(NamedTuple):
@@ -111,8 +115,10 @@ class Router(nn.Module):
                 weight.grad = weight.grad.float()
         return self
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x [tokens, hidden] -> RouterOutput."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> RouterOutput:
+        """x [tokens, hidden] -> RouterOutput. `padding_mask` [tokens], True at padding (a
+        mixed-length micro-batch's): those tokens are routed like any other (their outputs
+        are never read) but not counted for the balancing bias."""
         # The router is always float32, autocast or not (on CUDA: float32-accurate bf16 GEMMs).
         logits = fp32_linear(x, self.weight)
         scores, topk_idx, weights = route_topk(
@@ -121,13 +127,15 @@ class Router(nn.Module):
         # Count only real training forward passes: not eval, not no_grad, not a recompute.
         if self.training and torch.is_grad_enabled() and not _inside_backward():
             with torch.no_grad():
-                self.tokens_per_expert += count_per_expert(topk_idx, self.num_experts).to(
+                self.tokens_per_expert += count_per_expert(topk_idx, self.num_experts, padding_mask).to(
                     self.tokens_per_expert.dtype
                 )
         return RouterOutput(topk_idx, weights, scores)
 
 
-def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: int) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, topk_idx: torch.Tensor, top_k: int, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (coefficient not applied).
 
     Per sequence of length S with E experts: `sum_i f_i * P_i` where `f_i = E / (k S) * #tokens
@@ -137,9 +145,23 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, top_k: i
     scores [batch, seq, E] float32, unbiased; topk_idx [batch, seq, k]: each token's top k of
     those unbiased scores (DeepSeek-V3 eq. 18; `MoE.forward` passes them, not the experts the
     balancing bias chose, as Megatron-Core's `compute_routing_scores_for_aux_loss` does).
+    `padding_mask` [batch, seq], True at a mixed-length micro-batch's padding: each sequence is
+    then its own tokens only (S its length, padding in neither f nor P), so a padded sequence
+    scores as it would alone in a micro-batch of 1. (Megatron-Core's padding mask also drops
+    padding from both, but divides every sequence by the micro-batch's mean length.)
     """
     b, s, e = scores.shape
     probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    if padding_mask is not None:
+        real = (~padding_mask).to(scores.dtype)  # [b, s]
+        lengths = real.sum(1, keepdim=True).clamp_min(1.0)  # [b, 1]; a row is never all padding
+        with torch.no_grad():
+            counts = torch.zeros(b, e, dtype=scores.dtype, device=scores.device)
+            counts.scatter_add_(
+                1, topk_idx.reshape(b, -1), real.unsqueeze(-1).expand(b, s, top_k).reshape(b, -1)
+            )
+            f = counts * (e / top_k) / lengths
+        return (f * (probs * real.unsqueeze(-1)).sum(1) / lengths).sum(-1).mean()
     with torch.no_grad():
         counts = torch.zeros(b, e, dtype=scores.dtype, device=scores.device)
         counts.scatter_add_(
@@ -405,11 +427,17 @@ class MoE(nn.Module):
         # sequence (sequence / context parallel); the balance loss then sees whole sequences.
         self.sequence_gather: SequenceGather | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [batch, seq, hidden] -> (y [batch, seq, hidden], sequence balance loss, a scalar).
         Under sequence / context parallelism x is this rank's part of the sequences; it routes
-        its own tokens."""
+        its own tokens. `padding_mask` [batch, seq] (as the model was fed it: under sequence
+        parallelism this takes its own shard), True at the padding of a mixed-length
+        micro-batch: left out of the expert counts and of the balance loss."""
         b, s, h = x.shape
+        if padding_mask is not None and self.sequence_gather is not None:
+            padding_mask = self.sequence_gather.local_sequence(padding_mask)
         flat = x.reshape(-1, h)
         side = self._overlap_stream(flat)
         if fast_paths_enabled():
@@ -427,7 +455,7 @@ class MoE(nn.Module):
             with torch.cuda.stream(side):
                 shared = self.shared_experts(shared_in)
             flat.record_stream(side)  # read on the side stream: keep its memory until then
-        route = self.router(router_in)
+        route = self.router(router_in, None if padding_mask is None else padding_mask.reshape(-1))
         rows, counts, ctx = self.dispatcher.dispatch(dispatch_in, route.topk_idx, route.topk_weight)
         expert_out = self.experts(rows, counts)
         if side is not None:
@@ -449,7 +477,9 @@ class MoE(nn.Module):
             scores = self.sequence_gather.gather_sequence(scores)
             with torch.no_grad():
                 topk_idx = self.sequence_gather.gather_sequence(topk_idx)
-        return y.view(b, s, h), sequence_balance_loss(scores, topk_idx, self.top_k)
+                if padding_mask is not None:  # as bytes: not every backend gathers bool
+                    padding_mask = self.sequence_gather.gather_sequence(padding_mask.to(torch.uint8)).bool()
+        return y.view(b, s, h), sequence_balance_loss(scores, topk_idx, self.top_k, padding_mask)
 
     def _overlap_stream(self, x: torch.Tensor):
         """The side stream for the shared expert when `shared_expert_overlap` is on and applies

@@ -14,7 +14,7 @@ router and experts as a component (`MoE(config, dispatcher=...)`).
 | `Attention.fuse_qkv` (a bool)      | tensor parallel      | (False: one GEMM per projection) |
 | `Mamba2Mixer.context_parallel`     | context parallel     | `causal_conv1d(...)`, `ssd(...)` |
 | `Mamba2Mixer.tensor_parallel`      | tensor parallel      | `gather_sequence(u)`, rank/size  |
-| `MoE.sequence_gather`              | sequence / context p.| `gather_sequence(x)`             |
+| `MoE.sequence_gather`              | sequence / context p.| `gather_sequence(x)`, `local_sequence(mask)` |
 | `Nano3ForCausalLM.vocab_parallel`  | tensor parallel      | `logits(...)`, `loss(...)`       |
 | `Nano3ForCausalLM.parallel_init`   | any sharding         | `parallel_init(model)`           |
 
@@ -73,6 +73,11 @@ class SequenceGather(Protocol):
 
     def gather_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The whole sequences from every rank's part, in sequence order."""
+        ...
+
+    def local_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's part of a per-token input the model was fed ([b, s] as the token ids
+        are: its context-parallel chunks already), in the layout of its hidden states."""
         ...
 
 
