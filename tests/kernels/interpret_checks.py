@@ -767,6 +767,34 @@ def _route_topk_ties_check():
     assert got[2][[3, 4]].isnan().all() and not got[2][[0, 1, 2, 5]].isnan().any()
 
 
+def _route_topk_switched_off_check():
+    """Experts switched off by a -inf bias, fewer left than k on some rows: the Triton kernel
+    takes the reference's experts (the finite ones by score, then the -inf ones by index),
+    each once (it took expert 0 k times: a chosen column marked -inf tied with the switched-off
+    ones), with the same weights and logit gradients."""
+    from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
+    from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
+
+    ROUTER_TRITON_CONFIG["block_t"] = 4
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(5, 6, generator=gen)
+    g_weights = torch.randn(5, 3, generator=gen)
+    for off in ([1, 2, 3, 4, 5], [0, 2, 3, 5], [4]):
+        bias = torch.zeros(6)
+        bias[off] = float("-inf")
+        outs = []
+        for fn in (route_topk_triton, route_topk_reference):
+            leaf = logits.clone().requires_grad_(True)
+            _, idx, weights = fn(leaf, bias, 3, 2.5)
+            (weights * g_weights).sum().backward()
+            outs.append((idx, weights, leaf.grad))
+        (idx, w, g), (want_idx, want_w, want_g) = outs
+        assert torch.equal(idx, want_idx), f"off {off}: {idx.tolist()} != {want_idx.tolist()}"
+        assert all(len(set(row)) == 3 for row in idx.tolist()), idx.tolist()
+        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6)
+
+
 def _moe_block_check(num_experts=4, top_k=4, starve=None, seq=5):
     """The whole MoE block with its Triton kernels forced on CPU tensors (routing, combine with the
     shared output, squared ReLU, the fan-out's gradient sum) against its reference path
@@ -990,6 +1018,7 @@ CHECKS = {
     ),
     "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
     "route_topk_ties": _route_topk_ties_check,
+    "route_topk_experts_switched_off": _route_topk_switched_off_check,
     "moe_block_top_k_all_experts": _moe_block_check,
     "moe_block_starved_expert_seq1": lambda: _moe_block_check(num_experts=6, top_k=2, starve=3, seq=1),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
