@@ -99,6 +99,39 @@ def _cross_entropy_check(grad_in_forward, masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"loss/dh/dw {i}: {m}")
 
 
+def _cross_entropy_bad_label_check():
+    """A label outside [0, V) (-1, V, far past it) in the Triton row kernel: NaN loss and
+    gradient row, no read past the row (the kernel loaded logits[row, label] unmasked: another
+    row's logit, here the next row's first ones, as a finite wrong loss); the other rows equal
+    the PyTorch path's. The FP8 gradient tiles: the row NaN, the others as before."""
+    from nemotron.kernels.cross_entropy import _rows_torch
+    from nemotron.kernels.cross_entropy_triton import cross_entropy_rows, logit_grad_fp8
+
+    gen = torch.Generator().manual_seed(15)
+    m, v = 6, 40
+    logits = torch.randn(m, v, generator=gen) * 3.0
+    labels = torch.tensor([3, -1, 40, 7, 10**6, 39])
+    good = torch.tensor([True, False, False, True, False, True])
+    scale = torch.rand(m, generator=gen)
+    for row_scale in (None, scale):
+        got_buf, want_buf = logits.clone(), logits.clone()
+        loss, lse = cross_entropy_rows(got_buf, labels, row_scale)
+        want_loss, want_lse, want_grad = _rows_torch(want_buf, labels, row_scale)
+        assert loss[~good].isnan().all() and not loss[good].isnan().any(), loss
+        torch.testing.assert_close(loss, want_loss, equal_nan=True)
+        torch.testing.assert_close(lse, want_lse)
+        if row_scale is not None:
+            assert got_buf[~good].isnan().all() and got_buf[good].isfinite().all()
+            torch.testing.assert_close(got_buf, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    gq, gqt = torch.empty(m, v), torch.empty(v, m)
+    one = torch.tensor(1.0)
+    logit_grad_fp8(logits, lse, labels, scale, one, one, gq, gqt, clamp_rows=448.0, clamp_cols=57344.0)
+    want_g = _rows_torch(logits.clone(), labels, scale)[2]
+    assert gq[~good].isnan().all() and gqt[:, ~good].isnan().all()
+    torch.testing.assert_close(gq[good], want_g[good], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gqt.t()[good], want_g[good], rtol=1e-5, atol=1e-6)
+
+
 def _ce_grad_fp8_check():
     """`logit_grad_fp8` (the FP8 LM head's logit gradient, both layouts from one pass) == the
     PyTorch formula: first with float8 outputs (the launch the GPU compile test builds; the
@@ -1055,6 +1088,7 @@ CHECKS = {
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
     "cross_entropy_fp8_grad_tiles": _ce_grad_fp8_check,
+    "cross_entropy_label_outside_vocabulary": _cross_entropy_bad_label_check,
     "cross_entropy_fp8_head_triton_vs_torch": _fp8_head_check,
     "gated_rmsnorm": lambda: _rmsnorm_check(gated=True),
     "rmsnorm_plain_one_group": lambda: _rmsnorm_check(gated=False, group_size=48),
