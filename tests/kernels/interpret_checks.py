@@ -596,6 +596,36 @@ def _mamba_chain_direct_check(dt_limit, seq=40):
         )
 
 
+def _mamba_chain_dt_check():
+    """The chain's dt kernel, dt = softplus(raw + dt_bias) and cumsum(dt * A) per chunk, against
+    float64 per value, relative error at float32 rounding over the whole softplus range (its
+    log(1 + e) was 14% off at raw + bias = -14, 0.7% at -10, 1e-4 at -6: Megatron's initial
+    dt of 1e-3..0.1 is softplus of -6.9..-2.25); two rows of a batch with different values, a
+    ragged last chunk."""
+    from nemotron.kernels.mamba_chain import MambaChainShape
+    from nemotron.kernels.mamba_chain_triton import _dt_forward
+
+    pre = torch.cat([torch.linspace(-15.0, 20.0, 700), torch.tensor([-2.7726, -2.7725, 20.0001, 25.0])])
+    heads, seq = 5, pre.numel() // 5 + 1
+    raw = torch.zeros(2, seq, heads)
+    raw.view(2, -1)[0, : pre.numel()] = pre
+    raw.view(2, -1)[1, : pre.numel()] = pre.flip(0)
+    bias = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0])
+    raw = raw - bias  # raw + bias is `pre` (to float32 rounding)
+    a_log = torch.tensor([0.0, 1.0, 2.0, 2.7, 0.5])
+    shape = MambaChainShape(num_heads=heads, head_dim=1, num_groups=1, state_size=1, chunk_size=16, eps=1e-5)
+    dt, acs = _dt_forward(raw, bias, a_log, shape)
+    want = torch.nn.functional.softplus(raw.double() + bias.double()).transpose(1, 2)  # [b, h, seq]
+    got = dt[:, :, :seq].double()
+    rel = ((got - want).abs() / want).max()
+    assert rel < 1e-6, f"dt: relative error {float(rel):.2e}"
+    assert torch.all(dt[:, :, seq:] == 0)
+    a = -torch.exp(a_log.double())
+    steps = torch.nn.functional.pad(want * a[None, :, None], (0, dt.shape[-1] - seq))
+    want_acs = steps.view(2, heads, -1, 16).cumsum(-1).view(2, heads, -1)
+    torch.testing.assert_close(acs.double(), want_acs, rtol=1e-5, atol=1e-5)
+
+
 def _mamba_chain_half_check():
     """The chain in float16 (the interpreter has no bfloat16; float16 exercises the same
     low-precision loads, stores and gradient dtypes) against a float64 reference run."""
@@ -1057,6 +1087,7 @@ CHECKS = {
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,
+    "mamba_chain_dt_softplus": _mamba_chain_dt_check,
     "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
