@@ -116,3 +116,11 @@ def test_label_outside_vocabulary_gives_nan_not_another_token(grad_in_forward, b
     # token in the denominator
     n_ok = float((labels != -100).sum())
     torch.testing.assert_close(gh[good], want_h[good] * (n_ok - 1) / n_ok, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
+    # the explicit Triton backend on CPU tensors failed inside Triton ("0 active drivers")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, labels = make()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        linear_cross_entropy(hidden, weight, labels, backend="triton")

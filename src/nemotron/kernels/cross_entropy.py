@@ -18,6 +18,8 @@ for the hidden gradient and transposed for the weight gradient, which runs once 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -462,6 +464,12 @@ def linear_cross_entropy(
         triton = use_triton(hidden)
     else:
         triton = backend == "triton"
+        if triton and not (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            # (Triton's own answer, "0 active drivers", names neither the tensor nor the flag)
+            raise ValueError(
+                "linear_cross_entropy: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                f"on CPU), got hidden on {hidden.device}; backend='auto' picks the PyTorch path there"
+            )
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
