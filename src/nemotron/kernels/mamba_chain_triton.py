@@ -65,7 +65,7 @@ def _softplus(pre):
 def _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q: tl.constexpr):
     """This program's (chunk, batch x head): its rows' validity, raw + bias in fp32, A = -exp(A_log)
     and the offsets of its Q entries in the [b, h, NC * Q] dt / decay buffers."""
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
