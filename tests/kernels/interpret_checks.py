@@ -626,6 +626,49 @@ def _mamba_chain_dt_check():
     torch.testing.assert_close(acs.double(), want_acs, rtol=1e-5, atol=1e-5)
 
 
+def _mamba_chain_nan_dt_check():
+    """A NaN dt_raw (a diverged in-projection) in one (batch row, step, head): the chain's output
+    and every gradient have NaN exactly where the reference's have, the rest equal at fp32
+    tolerance, per tensor (the dt kernel's clamp and softplus dropped the NaN: dt became 20,
+    and the output and every parameter gradient came out finite)."""
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    shape = MambaChainShape(num_heads=4, head_dim=8, num_groups=2, state_size=6, chunk_size=16, eps=1e-5)
+    gen = torch.Generator().manual_seed(16)
+    leaves = dict(
+        zxbcdt=torch.randn(2, 20, shape.in_proj_dim, generator=gen),
+        conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
+        dt_bias=torch.randn(4, generator=gen) - 2.0,
+        A_log=torch.log(torch.empty(4).uniform_(1, 16, generator=gen)),
+        D=torch.rand(4, generator=gen) + 0.5,
+        norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    leaves["zxbcdt"][1, 7, shape.d_inner + shape.conv_dim + 2] = float("nan")  # row 1, step 7, head 2
+    gy = torch.randn(2, 20, shape.d_inner, generator=gen)
+
+    def run(fn):
+        ls = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton), run(mamba_chain_reference)
+    assert want["out"][1, 7:].isnan().any() and not want["out"][0].isnan().any()
+    for name in want:
+        assert torch.equal(got[name].isnan(), want[name].isnan()), (
+            f"{name}: {int(got[name].isnan().sum())} NaN, the reference {int(want[name].isnan().sum())}"
+        )
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-4, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 def _mamba_chain_half_check():
     """The chain in float16 (the interpreter has no bfloat16; float16 exercises the same
     low-precision loads, stores and gradient dtypes) against a float64 reference run."""
@@ -1088,6 +1131,7 @@ CHECKS = {
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,
     "mamba_chain_dt_softplus": _mamba_chain_dt_check,
+    "mamba_chain_nan_dt_raw": _mamba_chain_nan_dt_check,
     "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),

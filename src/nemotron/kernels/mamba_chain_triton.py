@@ -54,7 +54,7 @@ def _softplus(pre):
     torch.softplus is exact to float32 rounding. Small e (pre < -2.77) takes log1p's series to
     e^6 (relative error below e^6 / 7 < 1e-8); larger e the log of the rounded 1 + e, corrected
     by e / ((1 + e) - 1), the ratio that rounding changed (Goldberg's log1p)."""
-    e = tl.exp(tl.minimum(pre, 20.0))
+    e = tl.exp(tl.minimum(pre, 20.0, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN, as in torch
     series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * (0.25 - e * (0.2 - e * (1.0 / 6.0))))))
     u = 1.0 + e
     corrected = tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0))
@@ -83,7 +83,10 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
     """One chunk of one (batch, head): dt = clamp(softplus(raw + bias)) (0 past the end) and the
     within-chunk cumulative log decays cumsum(dt * A), A = -exp(A_log), both [b, h, NC * Q]."""
     c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
-    dt = tl.minimum(tl.maximum(_softplus(pre), lo), hi)
+    # NaN propagates (torch's softplus and clamp keep it): a NaN dt_raw was clamped to lo or hi,
+    # or became dt = 20, so a diverged in-projection gave finite outputs here only
+    nan = tl.PropagateNan.ALL
+    dt = tl.minimum(tl.maximum(_softplus(pre), lo, propagate_nan=nan), hi, propagate_nan=nan)
     dt = tl.where(valid, dt, 0.0)
     tl.store(DT + base, dt)
     tl.store(ACS + base, tl.cumsum(dt * a, axis=0))
@@ -102,6 +105,8 @@ def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DDA, DRAW, DA_PART, DBIAS_PART, L, 
     ddt = tl.load(DDT + base) + dda * a
     keep = valid & (sp >= lo) & (sp <= hi)  # clamp passes the gradient inside [lo, hi], as torch's
     dpre = tl.where(keep, ddt * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre)), 0.0)
+    # torch: the clamp passes 0 for a NaN input, softplus' backward makes it 0 * NaN = NaN
+    dpre = tl.where(valid & (pre != pre), float("nan"), dpre)
     tl.store(DRAW + b * sdb + t * sdl + h, dpre.to(DRAW.dtype.element_ty), mask=valid)
     tl.store(DA_PART + bh * NC + c, tl.sum(tl.where(valid, dda * dt, 0.0), axis=0))
     tl.store(DBIAS_PART + bh * NC + c, tl.sum(dpre, axis=0))
