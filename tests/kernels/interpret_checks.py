@@ -418,6 +418,25 @@ def _fp8_transposed_groups_check(counts):
         lo += c
 
 
+def _fp8_transposed_groups_nan_check():
+    """A NaN among the row-quantized values (`quantize_rows` keeps NaN): the transposed form has
+    NaN at its place, as the reference (the kernel's clamp turned it into a finite +-448, so a
+    diverged step's expert weight gradient came out finite); the other values bit for bit."""
+    from nemotron.kernels.fp8_wgrad import transposed_groups_reference
+    from nemotron.kernels.fp8_wgrad_triton import transposed_groups_triton
+
+    layout, a_q, a_inv, _, _ = _fp8_wgrad_inputs([5, 0, 17])
+    a_q = a_q.float()
+    a_q[3, 7] = float("nan")
+    a_q[20, 0] = float("nan")
+    got, _ = transposed_groups_triton(a_q, a_inv, layout, out_dtype=torch.float32)
+    want, _ = transposed_groups_reference(a_q, a_inv, layout, out_dtype=torch.float32)
+    assert int(want.isnan().sum()) == 2 and torch.equal(got.isnan(), want.isnan()), (
+        f"{int(got.isnan().sum())} NaN, the reference {int(want.isnan().sum())}"
+    )
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def _fp8_grouped_weight_grad_check(counts, block_k):
     """The grouped weight-gradient kernel == the float32 reference per expert (operands as
     float32: the interpreter has no float8 products), an expert with no rows all zeros."""
@@ -1147,6 +1166,7 @@ CHECKS = {
     "fp8_transposed_groups": lambda: _fp8_transposed_groups_check([5, 0, 130, 17, 1, 300]),
     "fp8_transposed_groups_one_expert": lambda: _fp8_transposed_groups_check([64]),
     "fp8_transposed_groups_trailing_empty": lambda: _fp8_transposed_groups_check([3, 250, 0, 0]),
+    "fp8_transposed_groups_nan": _fp8_transposed_groups_nan_check,
     "fp8_grouped_weight_grad": lambda: _fp8_grouped_weight_grad_check([5, 0, 130, 17, 1, 300], 32),
     "fp8_grouped_weight_grad_whole_groups": lambda: _fp8_grouped_weight_grad_check([3, 250, 0], 128),
     "fp8_relu2_backward_rows": _fp8_relu2_backward_check,
