@@ -132,6 +132,31 @@ def _cross_entropy_bad_label_check():
     torch.testing.assert_close(gqt.t()[good], want_g[good], rtol=1e-5, atol=1e-6)
 
 
+def _cross_entropy_nan_logit_check():
+    """A NaN logit anywhere in a row makes the Triton row kernel's loss and lse NaN, as the PyTorch
+    path's (the online max ignored NaN, so one in the first vocabulary block, not the label,
+    dropped out of the sum: a finite loss with a NaN gradient); other rows unchanged. One block
+    (V = 300) and two (V = 4100, NaN in each block)."""
+    from nemotron.kernels.cross_entropy import _rows_torch
+    from nemotron.kernels.cross_entropy_triton import cross_entropy_rows
+
+    gen = torch.Generator().manual_seed(17)
+    for v, nan_cols in ((300, (5, 299)), (4100, (5, 4097))):
+        logits = torch.randn(4, v, generator=gen)
+        for row, col in enumerate(nan_cols):
+            logits[row, col] = float("nan")
+        labels = torch.tensor([7, 7, 7, 7])
+        for row_scale in (None, torch.rand(4, generator=gen)):
+            got_buf, want_buf = logits.clone(), logits.clone()
+            loss, lse = cross_entropy_rows(got_buf, labels, row_scale)
+            want_loss, want_lse, want_grad = _rows_torch(want_buf, labels, row_scale)
+            assert loss[:2].isnan().all() and lse[:2].isnan().all(), (v, loss.tolist())
+            torch.testing.assert_close(loss, want_loss, equal_nan=True)
+            torch.testing.assert_close(lse, want_lse, equal_nan=True)
+            if row_scale is not None:
+                torch.testing.assert_close(got_buf, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def _ce_grad_fp8_check():
     """`logit_grad_fp8` (the FP8 LM head's logit gradient, both layouts from one pass) == the
     PyTorch formula: first with float8 outputs (the launch the GPU compile test builds; the
@@ -1184,6 +1209,7 @@ CHECKS = {
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
     "cross_entropy_fp8_grad_tiles": _ce_grad_fp8_check,
     "cross_entropy_label_outside_vocabulary": _cross_entropy_bad_label_check,
+    "cross_entropy_nan_logit": _cross_entropy_nan_logit_check,
     "cross_entropy_fp8_head_triton_vs_torch": _fp8_head_check,
     "gated_rmsnorm": lambda: _rmsnorm_check(gated=True),
     "rmsnorm_plain_one_group": lambda: _rmsnorm_check(gated=False, group_size=48),

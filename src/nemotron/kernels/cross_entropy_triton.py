@@ -26,7 +26,10 @@ def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
+        # NaN propagates into the running max: ignored there, a NaN logit in a lane still at -inf
+        # (the first block: the first 4096 tokens of the vocabulary) dropped out of the sum, a
+        # finite loss where F.cross_entropy's is NaN
+        m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
         # Lanes that have only seen -inf (the masked tail) keep acc = 0: never form -inf - -inf.
         seen = m_new != float("-inf")
         safe_m = tl.where(seen, m_new, 0.0)
