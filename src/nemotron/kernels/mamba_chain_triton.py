@@ -85,8 +85,8 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
     c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
     # NaN propagates (torch's softplus and clamp keep it): a NaN dt_raw was clamped to lo or hi,
     # or became dt = 20, so a diverged in-projection gave finite outputs here only
-    nan = tl.PropagateNan.ALL
-    dt = tl.minimum(tl.maximum(_softplus(pre), lo, propagate_nan=nan), hi, propagate_nan=nan)
+    dt = tl.minimum(tl.maximum(_softplus(pre), lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                    propagate_nan=tl.PropagateNan.ALL)
     dt = tl.where(valid, dt, 0.0)
     tl.store(DT + base, dt)
     tl.store(ACS + base, tl.cumsum(dt * a, axis=0))
