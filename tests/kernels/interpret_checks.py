@@ -99,6 +99,64 @@ def _cross_entropy_check(grad_in_forward, masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"loss/dh/dw {i}: {m}")
 
 
+def _cross_entropy_bad_label_check():
+    """A label outside [0, V) (-1, V, far past it) in the Triton row kernel: NaN loss and
+    gradient row, no read past the row (the kernel loaded logits[row, label] unmasked: another
+    row's logit, here the next row's first ones, as a finite wrong loss); the other rows equal
+    the PyTorch path's. The FP8 gradient tiles: the row NaN, the others as before."""
+    from nemotron.kernels.cross_entropy import _rows_torch
+    from nemotron.kernels.cross_entropy_triton import cross_entropy_rows, logit_grad_fp8
+
+    gen = torch.Generator().manual_seed(15)
+    m, v = 6, 40
+    logits = torch.randn(m, v, generator=gen) * 3.0
+    labels = torch.tensor([3, -1, 40, 7, 10**6, 39])
+    good = torch.tensor([True, False, False, True, False, True])
+    scale = torch.rand(m, generator=gen)
+    for row_scale in (None, scale):
+        got_buf, want_buf = logits.clone(), logits.clone()
+        loss, lse = cross_entropy_rows(got_buf, labels, row_scale)
+        want_loss, want_lse, want_grad = _rows_torch(want_buf, labels, row_scale)
+        assert loss[~good].isnan().all() and not loss[good].isnan().any(), loss
+        torch.testing.assert_close(loss, want_loss, equal_nan=True)
+        torch.testing.assert_close(lse, want_lse)
+        if row_scale is not None:
+            assert got_buf[~good].isnan().all() and got_buf[good].isfinite().all()
+            torch.testing.assert_close(got_buf, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    gq, gqt = torch.empty(m, v), torch.empty(v, m)
+    one = torch.tensor(1.0)
+    logit_grad_fp8(logits, lse, labels, scale, one, one, gq, gqt, clamp_rows=448.0, clamp_cols=57344.0)
+    want_g = _rows_torch(logits.clone(), labels, scale)[2]
+    assert gq[~good].isnan().all() and gqt[:, ~good].isnan().all()
+    torch.testing.assert_close(gq[good], want_g[good], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gqt.t()[good], want_g[good], rtol=1e-5, atol=1e-6)
+
+
+def _cross_entropy_nan_logit_check():
+    """A NaN logit anywhere in a row makes the Triton row kernel's loss and lse NaN, as the PyTorch
+    path's (the online max ignored NaN, so one in the first vocabulary block, not the label,
+    dropped out of the sum: a finite loss with a NaN gradient); other rows unchanged. One block
+    (V = 300) and two (V = 4100, NaN in each block)."""
+    from nemotron.kernels.cross_entropy import _rows_torch
+    from nemotron.kernels.cross_entropy_triton import cross_entropy_rows
+
+    gen = torch.Generator().manual_seed(17)
+    for v, nan_cols in ((300, (5, 299)), (4100, (5, 4097))):
+        logits = torch.randn(4, v, generator=gen)
+        for row, col in enumerate(nan_cols):
+            logits[row, col] = float("nan")
+        labels = torch.tensor([7, 7, 7, 7])
+        for row_scale in (None, torch.rand(4, generator=gen)):
+            got_buf, want_buf = logits.clone(), logits.clone()
+            loss, lse = cross_entropy_rows(got_buf, labels, row_scale)
+            want_loss, want_lse, want_grad = _rows_torch(want_buf, labels, row_scale)
+            assert loss[:2].isnan().all() and lse[:2].isnan().all(), (v, loss.tolist())
+            torch.testing.assert_close(loss, want_loss, equal_nan=True)
+            torch.testing.assert_close(lse, want_lse, equal_nan=True)
+            if row_scale is not None:
+                torch.testing.assert_close(got_buf, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def _ce_grad_fp8_check():
     """`logit_grad_fp8` (the FP8 LM head's logit gradient, both layouts from one pass) == the
     PyTorch formula: first with float8 outputs (the launch the GPU compile test builds; the
@@ -385,6 +443,25 @@ def _fp8_transposed_groups_check(counts):
         lo += c
 
 
+def _fp8_transposed_groups_nan_check():
+    """A NaN among the row-quantized values (`quantize_rows` keeps NaN): the transposed form has
+    NaN at its place, as the reference (the kernel's clamp turned it into a finite +-448, so a
+    diverged step's expert weight gradient came out finite); the other values bit for bit."""
+    from nemotron.kernels.fp8_wgrad import transposed_groups_reference
+    from nemotron.kernels.fp8_wgrad_triton import transposed_groups_triton
+
+    layout, a_q, a_inv, _, _ = _fp8_wgrad_inputs([5, 0, 17])
+    a_q = a_q.float()
+    a_q[3, 7] = float("nan")
+    a_q[20, 0] = float("nan")
+    got, _ = transposed_groups_triton(a_q, a_inv, layout, out_dtype=torch.float32)
+    want, _ = transposed_groups_reference(a_q, a_inv, layout, out_dtype=torch.float32)
+    assert int(want.isnan().sum()) == 2 and torch.equal(got.isnan(), want.isnan()), (
+        f"{int(got.isnan().sum())} NaN, the reference {int(want.isnan().sum())}"
+    )
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def _fp8_grouped_weight_grad_check(counts, block_k):
     """The grouped weight-gradient kernel == the float32 reference per expert (operands as
     float32: the interpreter has no float8 products), an expert with no rows all zeros."""
@@ -560,6 +637,79 @@ def _mamba_chain_direct_check(dt_limit, seq=40):
     for name in want:
         torch.testing.assert_close(
             got[name], want[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _mamba_chain_dt_check():
+    """The chain's dt kernel, dt = softplus(raw + dt_bias) and cumsum(dt * A) per chunk, against
+    float64 per value, relative error at float32 rounding over the whole softplus range (its
+    log(1 + e) was 14% off at raw + bias = -14, 0.7% at -10, 1e-4 at -6: Megatron's initial
+    dt of 1e-3..0.1 is softplus of -6.9..-2.25); two rows of a batch with different values, a
+    ragged last chunk."""
+    from nemotron.kernels.mamba_chain import MambaChainShape
+    from nemotron.kernels.mamba_chain_triton import _dt_forward
+
+    pre = torch.cat([torch.linspace(-15.0, 20.0, 700), torch.tensor([-2.7726, -2.7725, 20.0001, 25.0])])
+    heads, seq = 5, pre.numel() // 5 + 1
+    raw = torch.zeros(2, seq, heads)
+    raw.view(2, -1)[0, : pre.numel()] = pre
+    raw.view(2, -1)[1, : pre.numel()] = pre.flip(0)
+    bias = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0])
+    raw = raw - bias  # raw + bias is `pre` (to float32 rounding)
+    a_log = torch.tensor([0.0, 1.0, 2.0, 2.7, 0.5])
+    shape = MambaChainShape(num_heads=heads, head_dim=1, num_groups=1, state_size=1, chunk_size=16, eps=1e-5)
+    dt, acs = _dt_forward(raw, bias, a_log, shape)
+    want = torch.nn.functional.softplus(raw.double() + bias.double()).transpose(1, 2)  # [b, h, seq]
+    got = dt[:, :, :seq].double()
+    rel = ((got - want).abs() / want).max()
+    assert rel < 1e-6, f"dt: relative error {float(rel):.2e}"
+    assert torch.all(dt[:, :, seq:] == 0)
+    a = -torch.exp(a_log.double())
+    steps = torch.nn.functional.pad(want * a[None, :, None], (0, dt.shape[-1] - seq))
+    want_acs = steps.view(2, heads, -1, 16).cumsum(-1).view(2, heads, -1)
+    torch.testing.assert_close(acs.double(), want_acs, rtol=1e-5, atol=1e-5)
+
+
+def _mamba_chain_nan_dt_check():
+    """A NaN dt_raw (a diverged in-projection) in one (batch row, step, head): the chain's output
+    and every gradient have NaN exactly where the reference's have, the rest equal at fp32
+    tolerance, per tensor (the dt kernel's clamp and softplus dropped the NaN: dt became 20,
+    and the output and every parameter gradient came out finite)."""
+    from nemotron.kernels.conv1d_triton import CONV1D_TRITON_CONFIG
+    from nemotron.kernels.mamba_chain import MambaChainShape, mamba_chain_reference
+    from nemotron.kernels.mamba_chain_triton import mamba_chain_triton
+    from nemotron.kernels.ssd_triton import SSD_TRITON_CONFIG
+
+    SSD_TRITON_CONFIG["block_rows"] = 16
+    CONV1D_TRITON_CONFIG.update(block_t=16, block_c=32)
+    shape = MambaChainShape(num_heads=4, head_dim=8, num_groups=2, state_size=6, chunk_size=16, eps=1e-5)
+    gen = torch.Generator().manual_seed(16)
+    leaves = dict(
+        zxbcdt=torch.randn(2, 20, shape.in_proj_dim, generator=gen),
+        conv_weight=torch.randn(shape.conv_dim, 1, 4, generator=gen) * 0.5,
+        conv_bias=torch.randn(shape.conv_dim, generator=gen) * 0.3,
+        dt_bias=torch.randn(4, generator=gen) - 2.0,
+        A_log=torch.log(torch.empty(4).uniform_(1, 16, generator=gen)),
+        D=torch.rand(4, generator=gen) + 0.5,
+        norm_weight=torch.rand(shape.d_inner, generator=gen) + 0.5,
+    )
+    leaves["zxbcdt"][1, 7, shape.d_inner + shape.conv_dim + 2] = float("nan")  # row 1, step 7, head 2
+    gy = torch.randn(2, 20, shape.d_inner, generator=gen)
+
+    def run(fn):
+        ls = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        out = fn(**ls, shape=shape)
+        (out * gy).sum().backward()
+        return {"out": out, **{k: v.grad for k, v in ls.items()}}
+
+    got, want = run(mamba_chain_triton), run(mamba_chain_reference)
+    assert want["out"][1, 7:].isnan().any() and not want["out"][0].isnan().any()
+    for name in want:
+        assert torch.equal(got[name].isnan(), want[name].isnan()), (
+            f"{name}: {int(got[name].isnan().sum())} NaN, the reference {int(want[name].isnan().sum())}"
+        )
+        torch.testing.assert_close(
+            got[name], want[name], rtol=1e-4, atol=1e-4, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}"
         )
 
 
@@ -765,6 +915,34 @@ def _route_topk_ties_check():
     assert want[1][3].tolist() == [6, 2, 5] and want[1][4].tolist() == [0, 1, 2], want[1].tolist()
     torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
     assert got[2][[3, 4]].isnan().all() and not got[2][[0, 1, 2, 5]].isnan().any()
+
+
+def _route_topk_switched_off_check():
+    """Experts switched off by a -inf bias, fewer left than k on some rows: the Triton kernel
+    takes the reference's experts (the finite ones by score, then the -inf ones by index),
+    each once (it took expert 0 k times: a chosen column marked -inf tied with the switched-off
+    ones), with the same weights and logit gradients."""
+    from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
+    from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
+
+    ROUTER_TRITON_CONFIG["block_t"] = 4
+    gen = torch.Generator().manual_seed(14)
+    logits = torch.randn(5, 6, generator=gen)
+    g_weights = torch.randn(5, 3, generator=gen)
+    for off in ([1, 2, 3, 4, 5], [0, 2, 3, 5], [4]):
+        bias = torch.zeros(6)
+        bias[off] = float("-inf")
+        outs = []
+        for fn in (route_topk_triton, route_topk_reference):
+            leaf = logits.clone().requires_grad_(True)
+            _, idx, weights = fn(leaf, bias, 3, 2.5)
+            (weights * g_weights).sum().backward()
+            outs.append((idx, weights, leaf.grad))
+        (idx, w, g), (want_idx, want_w, want_g) = outs
+        assert torch.equal(idx, want_idx), f"off {off}: {idx.tolist()} != {want_idx.tolist()}"
+        assert all(len(set(row)) == 3 for row in idx.tolist()), idx.tolist()
+        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6)
 
 
 def _moe_block_check(num_experts=4, top_k=4, starve=None, seq=5):
@@ -990,11 +1168,14 @@ CHECKS = {
     ),
     "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
     "route_topk_ties": _route_topk_ties_check,
+    "route_topk_experts_switched_off": _route_topk_switched_off_check,
     "moe_block_top_k_all_experts": _moe_block_check,
     "moe_block_starved_expert_seq1": lambda: _moe_block_check(num_experts=6, top_k=2, starve=3, seq=1),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
     "mamba_stepwise_glue_is_seen": lambda: _mamba_chain_no_glue_check(fused=False),
     "mamba_chain_float16": _mamba_chain_half_check,
+    "mamba_chain_dt_softplus": _mamba_chain_dt_check,
+    "mamba_chain_nan_dt_raw": _mamba_chain_nan_dt_check,
     "mamba_chain_direct_clamped": lambda: _mamba_chain_direct_check((0.05, 2.0)),
     "mamba_chain_direct_unclamped": lambda: _mamba_chain_direct_check((0.0, float("inf")), seq=16),
     "mamba_chain_ragged": lambda: _mamba_chain_check(seq=37),
@@ -1010,6 +1191,7 @@ CHECKS = {
     "fp8_transposed_groups": lambda: _fp8_transposed_groups_check([5, 0, 130, 17, 1, 300]),
     "fp8_transposed_groups_one_expert": lambda: _fp8_transposed_groups_check([64]),
     "fp8_transposed_groups_trailing_empty": lambda: _fp8_transposed_groups_check([3, 250, 0, 0]),
+    "fp8_transposed_groups_nan": _fp8_transposed_groups_nan_check,
     "fp8_grouped_weight_grad": lambda: _fp8_grouped_weight_grad_check([5, 0, 130, 17, 1, 300], 32),
     "fp8_grouped_weight_grad_whole_groups": lambda: _fp8_grouped_weight_grad_check([3, 250, 0], 128),
     "fp8_relu2_backward_rows": _fp8_relu2_backward_check,
@@ -1026,6 +1208,8 @@ CHECKS = {
     "cross_entropy_grad_in_forward": lambda: _cross_entropy_check(True, masked=False),
     "cross_entropy_recompute_masked": lambda: _cross_entropy_check(False, masked=True),
     "cross_entropy_fp8_grad_tiles": _ce_grad_fp8_check,
+    "cross_entropy_label_outside_vocabulary": _cross_entropy_bad_label_check,
+    "cross_entropy_nan_logit": _cross_entropy_nan_logit_check,
     "cross_entropy_fp8_head_triton_vs_torch": _fp8_head_check,
     "gated_rmsnorm": lambda: _rmsnorm_check(gated=True),
     "rmsnorm_plain_one_group": lambda: _rmsnorm_check(gated=False, group_size=48),

@@ -93,3 +93,34 @@ def test_autocast_and_mixed_dtypes(grad_in_forward):
     linear_cross_entropy_reference(ref_h, ref_w, labels).backward()
     torch.testing.assert_close(w2.grad, ref_w.grad, rtol=0.05, atol=0.02)
     torch.testing.assert_close(h2.grad, ref_h.grad, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("bad", [-1, -7, 50, 1000])
+def test_label_outside_vocabulary_gives_nan_not_another_token(grad_in_forward, bad):
+    # -1 was clamped to token 0 (a finite loss of the wrong token; F.cross_entropy raises); a
+    # label >= V raised an index error here and read past the row in the Triton kernel. Now the
+    # loss and that row's gradients are NaN (no host synchronisation), the other rows untouched.
+    hidden, weight, labels = make()
+    labels[3], labels[5] = bad, -100
+    loss, gh, gw = grads(
+        linear_cross_entropy, hidden, weight, labels, chunk_size=8, grad_in_forward=grad_in_forward
+    )
+    assert loss.isnan() and gh[3].isnan().all() and gw.isnan().any()
+    good = torch.ones(labels.shape, dtype=torch.bool)
+    good[3] = False
+    ok_labels = labels.clone()
+    ok_labels[3] = -100
+    _, want_h, _ = grads(linear_cross_entropy_reference, hidden, weight, ok_labels)
+    # the other rows' gradients: those of the loss with row 3 ignored, scaled by the one more
+    # token in the denominator
+    n_ok = float((labels != -100).sum())
+    torch.testing.assert_close(gh[good], want_h[good] * (n_ok - 1) / n_ok, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
+    # the explicit Triton backend on CPU tensors failed inside Triton ("0 active drivers")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, labels = make()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        linear_cross_entropy(hidden, weight, labels, backend="triton")

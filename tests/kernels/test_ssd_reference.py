@@ -115,3 +115,31 @@ def test_triton_path_only_for_chunks_it_supports():
     assert not triton_supports(SimpleNamespace(is_cuda=True, dtype=torch.float64), 128)
     for chunk, ok in [(8, False), (16, True), (24, False), (64, True), (128, True), (0, False)]:
         assert triton_supports(cuda_bf16, chunk) == ok, chunk
+
+
+def test_dispatch_chunk_none_is_the_default_chunk():
+    # ssd(..., None) raised a TypeError in the dispatch (`None > 0`), where the references take
+    # None as DEFAULT_CHUNK_SIZE
+    from nemotron.kernels.ssd import DEFAULT_CHUNK_SIZE
+
+    inputs = make_inputs(l=7)
+    y, s = ssd(*inputs[:5], None)
+    y_c, s_c = ssd_chunked_reference(*inputs[:5], chunk_size=DEFAULT_CHUNK_SIZE)
+    torch.testing.assert_close(y, y_c, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_c, rtol=0, atol=0)
+
+
+def test_dispatch_mixed_dtypes_take_the_reference(monkeypatch):
+    # B and C in another dtype than x: the kernel refuses them (TypeError), so a CUDA call that
+    # the reference answers must not reach it; a CUDA tensor is stood in for by forcing the
+    # dispatch's checks on CPU tensors
+    import nemotron.kernels.ssd as ssd_mod
+
+    monkeypatch.setattr(ssd_mod, "triton_supports", lambda x, chunk: True)
+    monkeypatch.setattr(ssd_mod, "_triton_available", lambda: True)
+    x, dt, A, B, C, _ = make_inputs(l=7)
+    x32, B64, C64 = x.float(), B.double(), C.double()
+    y, s = ssd(x32, dt, A, B64, C64, chunk_size=4)
+    y_c, s_c = ssd_chunked_reference(x32, dt, A, B64, C64, chunk_size=4)
+    torch.testing.assert_close(y, y_c, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_c, rtol=0, atol=0)

@@ -18,6 +18,8 @@ for the hidden gradient and transposed for the weight gradient, which runs once 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -90,15 +92,30 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Ten
     """PyTorch path: (per-row loss, lse, gradient w.r.t. the logits or None)."""
     lowp = logits.dtype
     logits = logits if logits.dtype == torch.float64 else logits.float()
+    # A label outside the vocabulary gives its row a NaN loss and gradient (`_labels_or_nan`).
+    in_vocab, labels = _in_vocab(labels, logits.shape[1])
     lse = torch.logsumexp(logits, dim=-1)
-    loss = lse - logits.gather(1, labels[:, None])[:, 0]
+    loss = _labels_or_nan(in_vocab, lse - logits.gather(1, labels[:, None])[:, 0])
     grad = None
     if row_scale is not None:
         # In place: logits -> row_scale * (softmax(logits) - onehot(labels)).
         probs = logits.sub_(lse[:, None]).exp_()
         probs.scatter_add_(1, labels[:, None], -torch.ones_like(lse[:, None]))
-        grad = probs.mul_(row_scale.to(probs.dtype)[:, None]).to(lowp)
+        grad = probs.mul_(_labels_or_nan(in_vocab, row_scale.to(probs.dtype))[:, None]).to(lowp)
     return loss, lse, grad
+
+
+def _in_vocab(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels in [0, vocab), the labels clamped into it: safe to index with)."""
+    return (labels >= 0) & (labels < vocab), labels.clamp(0, vocab - 1)
+
+
+def _labels_or_nan(in_vocab: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` per row, NaN where the row's label is outside the vocabulary: such a label
+    (a tokenizer/vocabulary mismatch) must not pass as some other token's loss, and checking
+    labels on the host would synchronise with the device every chunk; the NaN reaches the loss,
+    which the trainer's non-finite check stops on. The Triton row kernel does the same."""
+    return torch.where(in_vocab, values, torch.full_like(values, float("nan")))
 
 
 def _rows_triton(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None):
@@ -183,6 +200,8 @@ def _weight_grad_fp8(
 def _logit_grad_fp8_torch(logits, lse, labels, row_scale, scale_rows, scale_cols, gq, gqt) -> None:
     """PyTorch path of `cross_entropy_triton.logit_grad_fp8` (same contract, float8 outputs)."""
     m = logits.shape[0]
+    in_vocab, labels = _in_vocab(labels, logits.shape[1])
+    row_scale = _labels_or_nan(in_vocab, row_scale)
     g = torch.exp(logits.float() - lse[:, None]) * row_scale[:, None]
     idx = torch.arange(m, device=logits.device)
     g[idx, labels] = g[idx, labels] - row_scale
@@ -323,7 +342,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(compute), weight.to(compute)
-            safe_labels = labels.clamp_min(0)
+            # ignored rows (weight 0) read label 0; any other label outside the vocabulary,
+            # -1 included, gives a NaN loss (`_labels_or_nan`), never another token's
+            safe_labels = labels.masked_fill(labels == IGNORE_INDEX, 0)
             token_w = token_w.to(acc)
             inv_denom = 1.0 / denom.to(acc)
             row_scale = token_w * inv_denom if grad_in_forward else None
@@ -412,7 +433,9 @@ def linear_cross_entropy(
     fp8_fast_accum: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (``-100`` ignored), weighted by
-    ``loss_mask`` (0/1 or real weights), normalised by the sum of the weights (at least 1).
+    ``loss_mask`` (0/1 or real weights), normalised by the sum of the weights (at least 1). Any
+    other label outside ``[0, V)`` makes the loss and its row's gradients NaN (checked on the
+    device, without a synchronisation; ``F.cross_entropy`` raises instead).
 
     Never builds more than ``[chunk_size, V]`` logits at a time (in the matmul dtype on the Triton
     path, float32 on the PyTorch path). ``grad_in_forward`` defaults to "a gradient will be
@@ -441,6 +464,12 @@ def linear_cross_entropy(
         triton = use_triton(hidden)
     else:
         triton = backend == "triton"
+        if triton and not (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            # (Triton's own answer, "0 active drivers", names neither the tensor nor the flag)
+            raise ValueError(
+                "linear_cross_entropy: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                f"on CPU), got hidden on {hidden.device}; backend='auto' picks the PyTorch path there"
+            )
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)

@@ -26,7 +26,10 @@ def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
+        # NaN propagates into the running max: ignored there, a NaN logit in a lane still at -inf
+        # (the first block: the first 4096 tokens of the vocabulary) dropped out of the sum, a
+        # finite loss where F.cross_entropy's is NaN
+        m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
         # Lanes that have only seen -inf (the masked tail) keep acc = 0: never form -inf - -inf.
         seen = m_new != float("-inf")
         safe_m = tl.where(seen, m_new, 0.0)
@@ -36,11 +39,14 @@ def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
     total = tl.sum(acc * tl.exp(tl.where(m != float("-inf"), m, m_row) - m_row), axis=0)
     lse = m_row + tl.log(total)
     label = tl.load(LABELS + row)
-    target = tl.load(base + label).to(tl.float32)
+    # A label outside [0, V) is not read (it was an out-of-bounds load): its row's loss and
+    # gradient are NaN, as on the PyTorch path (`cross_entropy._labels_or_nan`).
+    in_vocab = (label >= 0) & (label < V)
+    target = tl.load(base + label, mask=in_vocab, other=float("nan")).to(tl.float32)
     tl.store(LOSS + row, lse - target)
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
-        row_scale = tl.load(ROW_SCALE + row)
+        row_scale = tl.where(in_vocab, tl.load(ROW_SCALE + row), float("nan"))
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             x = tl.load(base + v0 + cols, mask=mask, other=0.0).to(tl.float32)
@@ -52,7 +58,8 @@ def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
 def cross_entropy_rows(
     logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(loss, lse)`` in float32 for ``logits[M, V]`` (labels in [0, V)); if ``row_scale``
+    """Per-row ``(loss, lse)`` in float32 for ``logits[M, V]`` (a label outside [0, V): NaN loss
+    and gradient row); if ``row_scale``
     is given, ``logits`` is overwritten with ``row_scale[:, None] * (softmax - onehot)``."""
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows: logits rows must be contiguous")
@@ -87,6 +94,7 @@ def _ce_grad_fp8_kernel(LOGITS, LSE, LABELS, ROW_SCALE, SCALE_ROWS, SCALE_COLS, 
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     s = tl.load(ROW_SCALE + rows, mask=row_ok, other=0.0)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    s = tl.where((label >= 0) & (label < V), s, float("nan"))  # as `cross_entropy._labels_or_nan`
     g = tl.exp(x - lse[:, None]) * s[:, None]
     g = tl.where(cols[None, :] == label[:, None], g - s[:, None], g)
     q_rows = g * tl.load(SCALE_ROWS)

@@ -58,7 +58,9 @@ def _transposed_groups_kernel(
     ratio = tl.load(INV_ROWS + row, mask=real, other=0.0) / tl.load(INV_E + expert, mask=real, other=1.0)
     x = tl.load(Q + row[:, None] * stride_q + cols[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
     y = x.to(tl.float32) * ratio[:, None]
-    y = tl.minimum(tl.maximum(y, -fp8_max), fp8_max)
+    # NaN stays NaN (the reference's clamp keeps it; a NaN row value was written as +-448)
+    y = tl.minimum(tl.maximum(y, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
+                   propagate_nan=tl.PropagateNan.ALL)
     out = OUT + cols[:, None].to(tl.int64) * stride_out + pos[None, :]
     tl.store(out, tl.trans(y).to(OUT.dtype.element_ty), mask=col_ok[:, None] & pos_ok[None, :])
 

@@ -47,16 +47,25 @@ def _split_xbc(xbc: torch.Tensor, shape: MambaChainShape):
 
 @triton.jit
 def _softplus(pre):
-    """torch's softplus (threshold 20), with log1p(e) ~ e for tiny e."""
-    e = tl.exp(tl.minimum(pre, 20.0))
-    return tl.where(pre > 20.0, pre, tl.where(pre < -15.0, e, tl.log(1.0 + e)))
+    """torch's softplus (threshold 20): log1p(e), e = exp(pre), to float32 rounding.
+
+    ``log(1 + e)`` lost e's low bits when 1 + e was rounded: 14% too large or small at pre = -14,
+    0.7% at -10, 1e-4 at -6 (dt ~ 2.5e-3, Megatron's initial range is 1e-3..0.1), where
+    torch.softplus is exact to float32 rounding. Small e (pre < -2.77) takes log1p's series to
+    e^6 (relative error below e^6 / 7 < 1e-8); larger e the log of the rounded 1 + e, corrected
+    by e / ((1 + e) - 1), the ratio that rounding changed (Goldberg's log1p)."""
+    e = tl.exp(tl.minimum(pre, 20.0, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN, as in torch
+    series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * (0.25 - e * (0.2 - e * (1.0 / 6.0))))))
+    u = 1.0 + e
+    corrected = tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0))
+    return tl.where(pre > 20.0, pre, tl.where(e < 0.0625, series, corrected))
 
 
 @triton.jit
 def _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q: tl.constexpr):
     """This program's (chunk, batch x head): its rows' validity, raw + bias in fp32, A = -exp(A_log)
     and the offsets of its Q entries in the [b, h, NC * Q] dt / decay buffers."""
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -74,7 +83,10 @@ def _dt_fwd_kernel(RAW, BIAS, ALOG, DT, ACS, L, H, NC, srb, srl, lo, hi, Q: tl.c
     """One chunk of one (batch, head): dt = clamp(softplus(raw + bias)) (0 past the end) and the
     within-chunk cumulative log decays cumsum(dt * A), A = -exp(A_log), both [b, h, NC * Q]."""
     c, bh, b, h, offs, t, valid, pre, a, base = _dt_chunk(RAW, BIAS, ALOG, L, H, NC, srb, srl, Q)
-    dt = tl.minimum(tl.maximum(_softplus(pre), lo), hi)
+    # NaN propagates (torch's softplus and clamp keep it): a NaN dt_raw was clamped to lo or hi,
+    # or became dt = 20, so a diverged in-projection gave finite outputs here only
+    dt = tl.minimum(tl.maximum(_softplus(pre), lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                    propagate_nan=tl.PropagateNan.ALL)
     dt = tl.where(valid, dt, 0.0)
     tl.store(DT + base, dt)
     tl.store(ACS + base, tl.cumsum(dt * a, axis=0))
@@ -93,6 +105,8 @@ def _dt_bwd_kernel(RAW, BIAS, ALOG, DT, DDT, DDA, DRAW, DA_PART, DBIAS_PART, L, 
     ddt = tl.load(DDT + base) + dda * a
     keep = valid & (sp >= lo) & (sp <= hi)  # clamp passes the gradient inside [lo, hi], as torch's
     dpre = tl.where(keep, ddt * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre)), 0.0)
+    # torch: the clamp passes 0 for a NaN input, softplus' backward makes it 0 * NaN = NaN
+    dpre = tl.where(valid & (pre != pre), float("nan"), dpre)
     tl.store(DRAW + b * sdb + t * sdl + h, dpre.to(DRAW.dtype.element_ty), mask=valid)
     tl.store(DA_PART + bh * NC + c, tl.sum(tl.where(valid, dda * dt, 0.0), axis=0))
     tl.store(DBIAS_PART + bh * NC + c, tl.sum(dpre, axis=0))

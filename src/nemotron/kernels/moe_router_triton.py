@@ -47,16 +47,20 @@ def _route_fwd_kernel(LOGITS, BIAS, SCORES, IDX, W, T, E, K, scale, eps,
     # weight propagates. (Unmapped, NaN equals no row maximum: an all-NaN row took expert id
     # BLOCK_E, out of range, and a partly-NaN row silently skipped its NaN experts.)
     biased = tl.where(biased != biased, float("inf"), biased)
+    # The columns still to choose from, kept apart from the values: marking a chosen column
+    # -inf made it tie with a -inf biased score (an expert switched off by a -inf bias), so an
+    # expert already taken could be taken again (the top-k [0, 0, 0] instead of [0, 1, 2]).
+    avail = mask
     chosen_idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     chosen_s = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j in range(K):
-        best = tl.max(biased, axis=1)
-        # the first column holding the row maximum
-        hit = biased == best[:, None]
+        best = tl.max(tl.where(avail, biased, float("-inf")), axis=1)
+        # the first available column holding the row maximum
+        hit = avail & (biased == best[:, None])
         first = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
         take = cols[None, :] == first[:, None]
         s_j = tl.sum(tl.where(take, s, 0.0), axis=1)
-        biased = tl.where(take, float("-inf"), biased)
+        avail = avail & (cols[None, :] != first[:, None])
         chosen_idx = tl.where(kcols[None, :] == j, first.to(tl.int64)[:, None], chosen_idx)
         chosen_s = tl.where(kcols[None, :] == j, s_j[:, None], chosen_s)
     total = tl.sum(chosen_s, axis=1) + eps

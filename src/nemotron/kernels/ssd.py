@@ -192,11 +192,17 @@ def ssd(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SSD scan the Mamba-2 mixer calls: Triton on CUDA (if available), chunked reference elsewhere."""
-    if triton_supports(x, chunk_size) and _triton_available():
+    """The SSD scan the Mamba-2 mixer calls: Triton on CUDA (if available), chunked reference
+    elsewhere, and for what the kernel does not take (another chunk size, B or C in a dtype
+    other than x's). ``chunk_size=None`` means `DEFAULT_CHUNK_SIZE`, as for the references."""
+    if chunk_size is None:  # (the comparison in `triton_supports` raised a TypeError)
+        chunk_size = DEFAULT_CHUNK_SIZE
+    # the kernel's dots take B and C in x's dtype (`ssd_triton` raises a TypeError otherwise)
+    same_dtype = B.dtype == x.dtype and C.dtype == x.dtype
+    if triton_supports(x, chunk_size) and same_dtype and _triton_available():
         from nemotron.kernels.ssd_triton import ssd_triton
 
         return ssd_triton(x, dt, A, B, C, chunk_size, initial_state)

@@ -74,7 +74,7 @@ def _chunk_state_kernel(
     forward:  X = x, Y = B, w_j = dt_j exp(a_Q - a_j)   (the chunk's own state)
     backward: X = dy, Y = C, w_j = exp(a_j)              (dL/dS_c from this chunk's outputs)
     """
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -177,7 +177,7 @@ def _chunk_scan_fwd_kernel(
     """y rows of one chunk and head; with HAS_D the skip D[h] * x_i is added in fp32 before
     the single rounding to y's dtype (the mixer's D skip, fused)."""
     mb = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(1).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bh = tl.program_id(2).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -236,7 +236,7 @@ def _bwd_dx_db_kernel(
     (the fused D skip y += D x): dx_j += D dy_j and DD_PART[b, c, row block, h] = sum over the
     block's rows of dy_j . x_j (summed by the caller)."""
     jb = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(1).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bg = tl.program_id(2).to(tl.int64)
     b = bg // G
     grp = bg % G
@@ -319,7 +319,7 @@ def _bwd_dc_kernel(
     dy_i . y_i^inter (the part of y_i from the entering state, = C_i . that part's share of dC_i)
     for the decay gradient."""
     ib = tl.program_id(0)
-    c = tl.program_id(1)
+    c = tl.program_id(1).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bg = tl.program_id(2).to(tl.int64)
     b = bg // G
     grp = bg % G
@@ -368,7 +368,7 @@ def _decay_grad_kernel(COLS, SOURCE, DYY_INTER, DA_STATE, DDA, NC, NSB,
     """ddA for one chunk of one (batch, head) from its per-position sums (module docstring):
     ddA_k = sum_{t<k} (source_t - target_t) + sum_{i>=k} dy_i.y_i^inter + exp(a_Q) <G, S_c>,
     source_t = sum_i M_ti + e_t and target_t = sum_j M_jt (summed over the NRB row blocks)."""
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)  # int64 rows: t * stride passes 2^31 past ~200K tokens
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, Q)
     base = bh * NC * Q + c * Q + offs
