@@ -248,7 +248,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     does the same but needs the backward inside its context, which the training loop is not.)"""
 
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group):
+    def forward(ctx, logits, labels, vocab_start, vocab_size, group):
         logits = logits.float()
         vocab_local = logits.shape[-1]
         maximum = logits.max(-1).values
@@ -262,22 +262,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         safe = torch.where(here, local_label, torch.zeros_like(local_label))
         target = shifted.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * here
         dist.all_reduce(target, group=group)
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), safe, here)
-        return sum_exp.log() - target
+        # The rule of the one-device loss (`kernels.cross_entropy._labels_or_nan`): an ignored
+        # row (IGNORE_INDEX, weighted 0 by the caller) reads no label; any other label outside
+        # the vocabulary makes its row's loss and gradient NaN rather than pass as a loss of lse.
+        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
+        row_scale = torch.where(valid, 1.0, float("nan")).to(logits.dtype)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), safe, here, row_scale)
+        return (sum_exp.log() - target) * row_scale
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, safe, here = ctx.saved_tensors
+        softmax, safe, here, row_scale = ctx.saved_tensors
+        grad = grad * row_scale
         grad_logits = softmax * grad.unsqueeze(-1)
         grad_logits.scatter_add_(-1, safe.unsqueeze(-1), -(grad * here).unsqueeze(-1))
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
-    logits_local: torch.Tensor, labels: torch.Tensor, vocab_start: int, group
+    logits_local: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int, group
 ) -> torch.Tensor:
-    """Per-token loss [N] (identical on every TP rank) from local logits [N, V/TP]."""
-    return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_start, group)
+    """Per-token loss [N] (identical on every TP rank) from local logits [N, V/TP] of a
+    vocabulary of `vocab_size`; NaN at a label outside it other than IGNORE_INDEX."""
+    return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_start, vocab_size, group)
 
 
 # Tokens (gathered over TP) whose vocab-shard logits one piece of the loss materialises: at
@@ -295,6 +302,7 @@ class VocabParallelLoss:
         self.mesh = tp_mesh
         self.group = tp_mesh.get_group()
         self.size = tp_mesh.size()
+        self.vocab_size = vocab_size
         self.vocab_start = tp_mesh.get_local_rank() * (vocab_size // self.size)
 
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
@@ -306,7 +314,11 @@ class VocabParallelLoss:
     ) -> torch.Tensor:
         logits_local = lm_head(hidden_piece)  # gathers the piece over TP: [b, TP*c, V/TP]
         return vocab_parallel_cross_entropy(
-            logits_local.flatten(0, -2), piece_labels.reshape(-1), self.vocab_start, self.group
+            logits_local.flatten(0, -2),
+            piece_labels.reshape(-1),
+            self.vocab_start,
+            self.vocab_size,
+            self.group,
         )
 
     def loss(
