@@ -72,7 +72,9 @@ def wait_for_job(job_id: str, timeout_s: float = 600) -> str:
     raise AssertionError(f"job {job_id} not finished after {timeout_s}s (state {state!r})")
 
 
-def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int = 0):
+def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int = 0, release: str = ""):
+    """A plan running `fake_python`: it exits `rc` after `sleep` seconds and, with `release` (a
+    path), once that file exists."""
     write_env(
         tmp_path / "env.toml",
         cluster,
@@ -80,7 +82,7 @@ def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int
         [fake]
         extends = "ci"
         python = "{fake_python}"
-        env_vars = {{ FAKE_RC = "{rc}", FAKE_SLEEP = "{sleep}" }}
+        env_vars = {{ FAKE_RC = "{rc}", FAKE_SLEEP = "{sleep}", FAKE_RELEASE = "{release}" }}
         """,
     )
     env = load_env_toml(tmp_path / "env.toml")
@@ -150,11 +152,17 @@ def test_interrupt_cancels_the_attached_job(tmp_path, slurm_cluster, fake_python
 
 def test_detached_job_returns_at_once(tmp_path, slurm_cluster, fake_python, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = fake_plan(tmp_path, slurm_cluster, fake_python, "detached", sleep=5)
+    # The job runs until the test releases it, so it is still pending or running when `submit`
+    # returns, however long that takes.
+    release = tmp_path / "release"
+    plan = fake_plan(tmp_path, slurm_cluster, fake_python, "detached", release=str(release))
     start = time.monotonic()
-    result = submit(plan, attached=False)
-    assert time.monotonic() - start < 60
-    assert result.state in ("SUBMITTED", "PENDING", "RUNNING")
+    try:
+        result = submit(plan, attached=False)
+        assert time.monotonic() - start < 60
+        assert result.state in ("SUBMITTED", "PENDING", "RUNNING")
+    finally:
+        release.touch()
     assert wait_for_job(result.job_id, 300) == "COMPLETED"
     log = next(Path(result.log_dir).glob(f"log-*_{result.job_id}_*.out")).read_text()
     assert "CONFIG name: detached" in log
