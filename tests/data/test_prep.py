@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import json
 import os
@@ -5,13 +6,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prep_gate import finished, gated_env, wait_for_holds
 
 from nemotron.data import prep as prep_module
 from nemotron.data.config import DataPrepConfig, TokenizerConfig
@@ -388,20 +389,36 @@ def test_kill_minus_nine_then_rerun_gives_identical_bytes(tmp_path, bpe_dir):
     script.write_text(KILL_SCRIPT)
     killed_out = tmp_path / "killed"
     command = [sys.executable, str(script), str(tmp_path), str(killed_out), str(bpe_dir)]
-    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
-    units_dir_glob = ".work/*/units/*.done.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(killed_out.glob(units_dir_glob)):
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the job and its worker processes, mid-way
-    process.wait()
-    assert not (killed_out / "metadata.json").exists()
-    total_units = len(list((killed_out / ".work").glob("*/units/*.done.json")))
-    assert total_units >= 1
+    # The job's 2 workers finish one unit between them, then each holds the next unit it starts
+    # (the gate stops it there): the kill comes mid-way whatever the timing, with units in flight.
+    gate = tmp_path / "gate-1"
+    process = subprocess.Popen(
+        command, start_new_session=True, stderr=subprocess.PIPE, env=gated_env(gate, 0, allow="0:1")
+    )
 
-    rerun = subprocess.run(command, capture_output=True, text=True)
+    def running() -> None:
+        if process.poll() is not None:
+            pytest.fail(f"the job ended before the gate: {process.stderr.read().decode()[-3000:]}")
+
+    try:
+        holds = wait_for_holds(gate, {0: 2}, running, timeout_s=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (gone if it ended before the gate)
+            os.killpg(process.pid, signal.SIGKILL)  # the job and its worker processes
+        process.communicate()
+    assert len({record["pid"] for record in holds[0]}) == 2  # one unit held by each worker
+    assert not (killed_out / "metadata.json").exists()
+    (work,) = [p for p in (killed_out / ".work").iterdir() if (p / "plan.json").is_file()]
+    units = [unit["unit_id"] for unit in json.loads((work / "plan.json").read_text())["units"]]
+    markers = {p.name.removesuffix(".done.json") for p in (work / "units").glob("*.done.json")}
+    assert [markers] == [set(ids) for ids in finished(gate).values()] and len(markers) == 1
+    assert not markers & {record["unit"] for record in holds[0]}
+
+    # The rerun does every other unit once (the held ones included) and reuses the finished one.
+    rerun_gate = tmp_path / "gate-2"
+    rerun = subprocess.run(command, capture_output=True, text=True, env=gated_env(rerun_gate, 0))
     assert rerun.returncode == 0, rerun.stderr
+    assert sorted(finished(rerun_gate)[0]) == sorted(set(units) - markers)
     cfg = DataPrepConfig(
         blend_path=str(tmp_path / "data_blend_raw.json"),
         output_dir=str(tmp_path / "clean"),

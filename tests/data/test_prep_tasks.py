@@ -3,11 +3,15 @@
 The tasks here are local processes given their rank as Slurm would (`PrepTask`); the Slurm
 stage (`tests/launch/test_slurm.py`) runs the same through `srun`. Checked: the output is
 byte-identical to a one-process run, every task takes units, and after a task is killed
-(with the step, as srun does) the rerun redoes only the unfinished units.
+(with the step, as srun does) the rerun redoes only the unfinished units. Where the timing of
+the tasks matters, the work-unit gate (tests/prep_gate) fixes it: a task finishes a chosen
+number of units, then holds the next one (or waits for another task), so that every run of a
+test reaches the same point whatever the load of the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prep_gate import finished, gated_env, wait_for_holds
 
 from nemotron.data.config import DataPrepConfig, TokenizerConfig
 from nemotron.data.prep import DataPrepError, PrepTask, run_data_prep
@@ -68,7 +73,9 @@ def corpus(tmp_path):
     return tmp_path
 
 
-def _start(root: Path, out: Path, bpe_dir: Path, rank: int, world: int, attempt: str) -> subprocess.Popen:
+def _start(
+    root: Path, out: Path, bpe_dir: Path, rank: int, world: int, attempt: str, env: dict | None = None
+) -> subprocess.Popen:
     command = [
         sys.executable,
         str(root / "task.py"),
@@ -80,7 +87,7 @@ def _start(root: Path, out: Path, bpe_dir: Path, rank: int, world: int, attempt:
         attempt,
     ]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
     )
 
 
@@ -102,18 +109,38 @@ def _one_process(root: Path, bpe_dir: Path, out: Path) -> None:
     )
 
 
+def _plan_units(out: Path) -> tuple[Path, list[str]]:
+    """The work directory of the prep writing `out` and the ids of its units, in plan order."""
+    (work,) = [p for p in (out / ".work").iterdir() if (p / "plan.json").is_file()]
+    return work, [unit["unit_id"] for unit in json.loads((work / "plan.json").read_text())["units"]]
+
+
+def _kill(*processes: subprocess.Popen) -> None:
+    """kill -9 each task with its processes, in this order (one that already ended is skipped)."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    for process in processes:
+        process.communicate()
+
+
 def test_two_tasks_share_the_units_and_write_the_same_bytes(corpus, bpe_dir):
-    # Enough units that task 0 cannot finish them all before task 1 (which starts first and
-    # waits for the plan) claims some, however the two processes are scheduled.
-    write_jsonl(corpus / "big.jsonl", make_docs(20000, seed=80))
-    out = corpus / "two-tasks"
-    tasks = [_start(corpus, out, bpe_dir, rank, 2, "job-1") for rank in (1, 0)]
+    out, gate = corpus / "two-tasks", corpus / "gate"
+    # Task 0 finishes one unit, then starts no other before task 1 has finished one: both take
+    # units however the processes are scheduled (task 1 starts first and waits for the plan).
+    tasks = [
+        _start(corpus, out, bpe_dir, rank, 2, "job-1", gated_env(gate, rank, await_="0:1:1"))
+        for rank in (1, 0)
+    ]
     follower, leader = (_finish(t) for t in tasks)
     metadata = json.loads((out / "metadata.json").read_text())
     units = sum(s["work_units"] for s in metadata["sources"])
     by_task = {t["rank"]: t["units"] for t in metadata["producer"]["tasks"]}
     assert by_task == {0: leader["here"], 1: follower["here"]}
+    done = finished(gate)
+    assert by_task == {rank: len(ids) for rank, ids in done.items()}
     assert by_task[0] > 0 and by_task[1] > 0 and by_task[0] + by_task[1] == units
+    assert len(set(done[0]) | set(done[1])) == units  # no unit done twice
     assert {t["host"] for t in metadata["producer"]["tasks"]} == {"node0", "node1"}
     assert not (out / ".work").exists()
 
@@ -122,32 +149,45 @@ def test_two_tasks_share_the_units_and_write_the_same_bytes(corpus, bpe_dir):
 
 
 def test_killed_task_then_rerun_redoes_only_unfinished_units(corpus, bpe_dir):
-    out = corpus / "killed"
-    leader = _start(corpus, out, bpe_dir, 0, 2, "job-1")
-    follower = _start(corpus, out, bpe_dir, 1, 2, "job-1")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if len(list(out.glob(".work/*/units/*.done.json"))) >= 4:
-            break
-        assert leader.poll() is None and follower.poll() is None
-        time.sleep(0.05)
-    # Task 1 dies (kill -9); srun then ends the step's other tasks (--kill-on-bad-exit).
-    os.killpg(follower.pid, signal.SIGKILL)
-    os.killpg(leader.pid, signal.SIGKILL)
-    for process in (leader, follower):
-        process.communicate()
-    assert not (out / "metadata.json").exists()
-    (work,) = [p for p in (out / ".work").iterdir() if p.name not in ("CURRENT", "attempts")]
-    finished = {p.name for p in (work / "units").glob("*.done.json")}
-    claimed = {p.name for p in (work / "claims" / "job-1").iterdir()}
-    assert finished and len(claimed) > len(finished)  # units were in flight when it died
-    total = len(json.loads((work / "plan.json").read_text())["units"])
+    out, gate = corpus / "killed", corpus / "gate-1"
+    # Task 0 finishes 2 units and task 1 one; each then holds the next unit it claimed (the gate
+    # stops it there), so the kill comes at a known point with units in flight.
+    allow = "0:2,1:1"
+    leader = _start(corpus, out, bpe_dir, 0, 2, "job-1", gated_env(gate, 0, allow=allow))
+    follower = _start(corpus, out, bpe_dir, 1, 2, "job-1", gated_env(gate, 1, allow=allow))
 
-    # The rerun (a new attempt, here with one task more) reuses the finished units.
-    reruns = [_start(corpus, out, bpe_dir, rank, 3, "job-2") for rank in (0, 1, 2)]
+    def running() -> None:
+        for process in (leader, follower):
+            if process.poll() is not None:
+                _kill(leader, follower)
+                pytest.fail(f"a task ended before the gate: {process.communicate()[1][-3000:]}")
+
+    try:
+        holds = wait_for_holds(gate, {0: 1, 1: 1}, running, timeout_s=120)
+    finally:
+        _kill(follower, leader)  # task 1 dies (kill -9); srun then ends the step (--kill-on-bad-exit)
+    assert holds[1][0]["pid"] == follower.pid  # the task itself (one worker: no pool)
+    held = {holds[0][0]["unit"], holds[1][0]["unit"]}
+    done = finished(gate)
+    assert len(done[0]) == 2 and len(done[1]) == 1
+    assert not (out / "metadata.json").exists()
+    work, units = _plan_units(out)
+    markers = {p.name.removesuffix(".done.json") for p in (work / "units").glob("*.done.json")}
+    assert markers == set(done[0]) | set(done[1])  # exactly the units the tasks finished
+    assert not held & markers and held <= set(units)
+    assert {p.name for p in (work / "claims" / "job-1").iterdir()} == markers | held
+    assert len(units) >= 6, "the gate needs 5 units, and the rerun one more to share"
+
+    # The rerun (a new attempt, here with one task more) reuses exactly the finished units and
+    # does the others, the held ones included, each once.
+    rerun_gate = corpus / "gate-2"
+    reruns = [_start(corpus, out, bpe_dir, r, 3, "job-2", gated_env(rerun_gate, r)) for r in (0, 1, 2)]
     results = [_finish(r) for r in reruns]
-    assert results[0]["reused"] == len(finished)
-    assert sum(r["here"] for r in results) == total - len(finished)
+    assert results[0]["reused"] == len(markers) == 3
+    redone = finished(rerun_gate)
+    assert [r["here"] for r in results] == [len(redone.get(rank, [])) for rank in (0, 1, 2)]
+    redone_ids = [unit for ids in redone.values() for unit in ids]
+    assert sorted(redone_ids) == sorted(set(units) - markers)
     _one_process(corpus, bpe_dir, corpus / "one")
     assert _comparable(out) == _comparable(corpus / "one")
 
@@ -159,13 +199,14 @@ def test_task_0_waits_for_a_task_that_starts_after_every_unit_is_done(corpus, bp
     out = corpus / "late"
     leader = _start(corpus, out, bpe_dir, 0, 2, "job-1")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while True:
         plans = list(out.glob(".work/*/plan.json"))
         if plans:
             total = len(json.loads(plans[0].read_text())["units"])
             if len(list(out.glob(".work/*/units/*.done.json"))) == total:
                 break
         assert leader.poll() is None, "task 0 finished without task 1"
+        assert time.monotonic() < deadline, "task 0 did not finish the units in 120 s"
         time.sleep(0.05)
     time.sleep(1.0)  # several of task 0's polls
     assert leader.poll() is None and not (out / "metadata.json").exists()

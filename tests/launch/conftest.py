@@ -94,7 +94,8 @@ def ci_ssh_key() -> Path:
 
 @pytest.fixture
 def fake_python(tmp_path) -> Path:
-    """An interpreter stand-in: prints its arguments, cwd, env and the config, exits $FAKE_RC.
+    """An interpreter stand-in: prints its arguments, cwd, env and the config, sleeps $FAKE_SLEEP
+    seconds, waits (up to 300 s) for the file $FAKE_RELEASE when it is set, and exits $FAKE_RC.
 
     Named *python* because NeMo-Run only runs `-m` modules through an interpreter called so.
     """
@@ -112,6 +113,7 @@ def fake_python(tmp_path) -> Path:
             echo "CPUS $(nproc)"
             echo "CONFIG $(cat "${@: -1}")"
             sleep "${FAKE_SLEEP:-0}"
+            for _ in $(seq 3000); do [ -z "${FAKE_RELEASE:-}" ] || [ -e "$FAKE_RELEASE" ] && break; sleep 0.1; done
             exit "${FAKE_RC:-0}"
             """
         )

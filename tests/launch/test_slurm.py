@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prep_gate import GATE_PATH, finished, wait_for_holds
 
 from nemotron.config.env_toml import load_env_toml
 from nemotron.launch import build_launch_plan, render, submit
@@ -71,7 +72,9 @@ def wait_for_job(job_id: str, timeout_s: float = 600) -> str:
     raise AssertionError(f"job {job_id} not finished after {timeout_s}s (state {state!r})")
 
 
-def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int = 0):
+def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int = 0, release: str = ""):
+    """A plan running `fake_python`: it exits `rc` after `sleep` seconds and, with `release` (a
+    path), once that file exists."""
     write_env(
         tmp_path / "env.toml",
         cluster,
@@ -79,7 +82,7 @@ def fake_plan(tmp_path, cluster, fake_python, name: str, rc: int = 0, sleep: int
         [fake]
         extends = "ci"
         python = "{fake_python}"
-        env_vars = {{ FAKE_RC = "{rc}", FAKE_SLEEP = "{sleep}" }}
+        env_vars = {{ FAKE_RC = "{rc}", FAKE_SLEEP = "{sleep}", FAKE_RELEASE = "{release}" }}
         """,
     )
     env = load_env_toml(tmp_path / "env.toml")
@@ -149,11 +152,17 @@ def test_interrupt_cancels_the_attached_job(tmp_path, slurm_cluster, fake_python
 
 def test_detached_job_returns_at_once(tmp_path, slurm_cluster, fake_python, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = fake_plan(tmp_path, slurm_cluster, fake_python, "detached", sleep=5)
+    # The job runs until the test releases it, so it is still pending or running when `submit`
+    # returns, however long that takes.
+    release = tmp_path / "release"
+    plan = fake_plan(tmp_path, slurm_cluster, fake_python, "detached", release=str(release))
     start = time.monotonic()
-    result = submit(plan, attached=False)
-    assert time.monotonic() - start < 60
-    assert result.state in ("SUBMITTED", "PENDING", "RUNNING")
+    try:
+        result = submit(plan, attached=False)
+        assert time.monotonic() - start < 60
+        assert result.state in ("SUBMITTED", "PENDING", "RUNNING")
+    finally:
+        release.touch()
     assert wait_for_job(result.job_id, 300) == "COMPLETED"
     log = next(Path(result.log_dir).glob(f"log-*_{result.job_id}_*.out")).read_text()
     assert "CONFIG name: detached" in log
@@ -278,15 +287,21 @@ extends = "ci"
 ntasks_per_node = 2   # data prep: 2 tasks share the node (and its work units)
 cpus_per_task = 1
 """
-# The same with the work-unit gate of prep_gate/sitecustomize.py: task 0 stops before its third
-# unit, task 1 before its first (each holding the claim of the unit it stopped at).
-GATED_PROFILE = """
+# The same with the work-unit gate of tests/prep_gate: in `ci-tasks-shared`, task 0 starts no
+# unit after its first before task 1 has finished one (so both take units); in `ci-tasks-gated`,
+# task 0 stops before its third unit, task 1 before its first (each holding the claim of the
+# unit it stopped at).
+GATED_PROFILES = """
+[ci-tasks-shared]
+extends = "ci-tasks"
+python = "{python}"
+env_vars = {{ PREP_GATE_DIR = "{gate}/shared", PREP_GATE_AWAIT = "0:1:1" }}
+
 [ci-tasks-gated]
 extends = "ci-tasks"
 python = "{python}"
-env_vars = {{ PREP_GATE_DIR = "{gate}", PREP_GATE_ALLOW = "0:2,1:0" }}
+env_vars = {{ PREP_GATE_DIR = "{gate}/killed", PREP_GATE_ALLOW = "0:2,1:0" }}
 """
-PREP_GATE = Path(__file__).resolve().parent / "prep_gate"
 # Small work units, so that both tasks get several.
 PREP_ARGS = ["nano3", "data", "prep", "pretrain", "-c", "tiny", "work_unit_mb=0.1"]
 
@@ -309,12 +324,13 @@ def prep_workdir(tmp_path_factory, slurm_cluster):
     python = work / "gated-bin" / "python"
     python.parent.mkdir()
     python.write_text(
-        f'#!/bin/bash\nexport PYTHONPATH="{PREP_GATE}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        f'#!/bin/bash\nexport PYTHONPATH="{GATE_PATH}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     python.chmod(0o755)
-    (work / "gate").mkdir()
-    gated = GATED_PROFILE.format(python=python, gate=work / "gate")
+    for name in ("shared", "killed"):
+        (work / "gate" / name).mkdir(parents=True)
+    gated = GATED_PROFILES.format(python=python, gate=work / "gate")
     write_env(work / "env.toml", slurm_cluster, PREP_TASKS_PROFILE + gated)
     nemotron([*PREP_ARGS, f"output_dir={work / 'local'}", "num_workers=1"], work)
     return work
@@ -326,10 +342,11 @@ def test_data_prep_on_two_tasks_matches_a_local_run(prep_workdir):
         [
             *PREP_ARGS,
             "--run",
-            "ci-tasks",
+            "ci-tasks-shared",
             f"output_dir={out}",
             "--job-dir",
             str(prep_workdir / "runs" / "two-tasks"),
+            "num_workers=1",  # one process per task: the gated process is the task itself
         ],
         prep_workdir,
     )
@@ -337,22 +354,11 @@ def test_data_prep_on_two_tasks_matches_a_local_run(prep_workdir):
     metadata = json.loads((out / "metadata.json").read_text())
     tasks = metadata["producer"]["tasks"]
     assert sorted(t["rank"] for t in tasks) == [0, 1] and all(t["units"] > 0 for t in tasks), tasks
+    done = finished(prep_workdir / "gate" / "shared")
+    assert {t["rank"]: t["units"] for t in tasks} == {rank: len(ids) for rank, ids in done.items()}
     assert sum(t["units"] for t in tasks) == sum(s["work_units"] for s in metadata["sources"])
     assert "units done per task" in proc.stdout  # progress per task in the job's log
     assert comparable(out) == comparable(prep_workdir / "local")
-
-
-def _wait_for_gate(gate: Path, job_id: str, ranks: tuple[int, ...]) -> dict[int, dict]:
-    """The pause records of the tasks `ranks` once each has stopped at the gate (they will:
-    the gate holds them whatever the timing); an error if the job ends first."""
-    records = {rank: gate / f"paused-{rank}.json" for rank in ranks}
-    deadline = time.monotonic() + 300
-    while not all(path.is_file() for path in records.values()):
-        state = sacct_state(job_id)
-        assert state not in TERMINAL, f"job {job_id} ended ({state}) before its tasks reached the gate"
-        assert time.monotonic() < deadline, f"job {job_id}: tasks not at the gate after 300 s"
-        time.sleep(0.2)
-    return {rank: json.loads(path.read_text()) for rank, path in records.items()}
 
 
 def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
@@ -368,20 +374,28 @@ def test_data_prep_task_killed_then_rerun_redoes_only_its_units(prep_workdir):
         timeout=120,
     )
     job_id = re.search(r"job id\s+(\d+)", proc.stdout).group(1)
+    gate = prep_workdir / "gate" / "killed"
+
+    def job_runs() -> None:
+        state = sacct_state(job_id)
+        assert state not in TERMINAL, f"job {job_id} ended ({state}) before its tasks reached the gate"
+
     try:
-        paused = _wait_for_gate(prep_workdir / "gate", job_id, (0, 1))
+        holds = wait_for_holds(gate, {0: 1, 1: 1}, job_runs, poll_s=0.2)
         (work,) = [p for p in out.glob(".work/*") if (p / "plan.json").is_file()]
-        finished = {p.name for p in (work / "units").glob("*.done.json")}
-        assert len(finished) == 2  # task 0's first two units; the held ones are not done
-        held = paused[1]["unit"]
+        markers = {p.name.removesuffix(".done.json") for p in (work / "units").glob("*.done.json")}
+        # exactly task 0's first two units; the held ones are not done
+        assert {rank: set(ids) for rank, ids in finished(gate).items()} == {0: markers}
+        assert len(markers) == 2
+        held = holds[1][0]["unit"]
+        assert held not in markers and holds[0][0]["unit"] not in markers
         assert list(work.glob(f"claims/slurm-{job_id}.*/{held}"))  # claimed by task 1
-        os.kill(paused[1]["pid"], signal.SIGKILL)  # task 1 dies; srun ends the step (--kill-on-bad-exit)
+        os.kill(holds[1][0]["pid"], signal.SIGKILL)  # task 1 dies; srun ends the step (--kill-on-bad-exit)
         assert wait_for_job(job_id, 300) in ("FAILED", "CANCELLED")
     finally:
         subprocess.run(["scancel", job_id], capture_output=True, timeout=60)  # never leave it held
     assert not (out / "metadata.json").exists()
-    assert {p.name for p in (work / "units").glob("*.done.json")} == finished
-    assert f"{held}.done.json" not in finished
+    assert {p.name.removesuffix(".done.json") for p in (work / "units").glob("*.done.json")} == markers
 
     rerun = nemotron(
         [*args, "--run", "ci-tasks", "--job-dir", str(prep_workdir / "runs" / "kill-2")], prep_workdir
