@@ -867,6 +867,92 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
     assert abs(a[3] - f8[3]) < 0.05 * f8[3] and abs(b[3] - bf16[3]) < 0.05 * bf16[3]
 
 
+def _saved_tensors(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, FQN-keyed ("model.<param>", "optimizer.state.<param>.
+    exp_avg", ...), read back through DCP's own converter and a weights-only load: what a
+    reader without this project's (or torchao's) classes gets."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, into)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}{key}.", sub)
+        elif torch.is_tensor(value):
+            flat[prefix[:-1]] = value
+
+    walk("", torch.load(into, weights_only=True))
+    return flat
+
+
+@needs_torchao
+@pytest.mark.timeout(300)
+def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactly(tmp_path, corpus):
+    """`train.fp8.fsdp_float8_all_gather`: torchao wraps the dense linears' weights (its
+    `WeightWithDynamicFloat8CastTensor`, with or without FSDP2). A checkpoint must hold plain
+    tensors: saved wrapped, every file pickled torchao's class, so a BF16 run and `export hf`
+    (where torchao is not imported) could not read it. Here an FP8 run under FSDP2 (both
+    all-gathers, FP8 expert weight gradients) saves; no file names torchao; a BF16 run on one
+    process (no FSDP) loads every saved weight and optimizer tensor exactly; the FP8 run resumed
+    from its step-2 checkpoint trains steps 3-4 with the uninterrupted run's losses."""
+    from nemotron.train import pretrain
+    from nemotron.train.checkpoint import training_state_dict
+    from nemotron.train.metrics import read_metrics
+    from nemotron.train.trainer import Trainer
+
+    fp8 = Fp8Config(
+        enabled=True,
+        layers=list(fp8_mod.FP8_LAYERS),
+        fsdp_float8_all_gather=True,
+        experts_fsdp_float8_all_gather=True,
+        experts_weight_grad="fp8",
+    )
+
+    def config(name, fp8_config, compute_weights, **checkpoint):
+        train = {
+            "train_iters": 4,
+            "eval_iters": 0,
+            "precision": "bf16",
+            "compute_weights": compute_weights,
+            "fp8": fp8_config,
+        }
+        return make_config(
+            tmp_path / name, blend=corpus[0], train=train, checkpoint={"save_interval": 2, **checkpoint}
+        )
+
+    def losses(job: Path) -> dict[int, float]:
+        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+    pretrain(config("fp8", fp8, "bf16"), tmp_path / "fp8" / "job")
+    ckpt = tmp_path / "fp8" / "ckpt" / "iter_0000002"
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if b"torchao" in p.read_bytes()]
+    saved = _saved_tensors(ckpt, tmp_path / "saved.pt")
+    assert any(k.startswith("optimizer.state.") for k in saved)
+
+    bf16 = config("bf16", Fp8Config(), "fp32", load=str(ckpt))
+    trainer = Trainer.for_run(bf16, tmp_path / "bf16" / "job", compute_weights="fp32")
+    try:
+        loaded = training_state_dict(trainer.model, trainer.optimizer)
+    finally:
+        trainer.close()
+    loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
+    for name, state in loaded["optimizer"]["state"].items():
+        for key, value in state.items():
+            loaded_flat[f"optimizer.state.{name}.{key}"] = value
+    assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
+    for key, value in loaded_flat.items():
+        assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))
+        assert value.dtype == saved[key].dtype and torch.equal(value.detach(), saved[key]), key
+
+    resumed = config("fp8", fp8, "bf16", load=str(ckpt), save=str(tmp_path / "resumed"))
+    assert pretrain(resumed, tmp_path / "resumed_job").resumed_from.endswith("iter_0000002")
+    whole, again = losses(tmp_path / "fp8" / "job"), losses(tmp_path / "resumed_job")
+    assert sorted(again) == [3, 4] and all(again[s] == whole[s] for s in again), (again, whole)
+
+
 def test_quantize_tensor_one_scale_both_layouts_and_padding():
     """`quantize_tensor`: one power-of-two scale for the whole tensor (the largest element lands in
     (max/2, max] of the format), the transposed copy the same values, zero in its padding
