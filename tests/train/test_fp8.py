@@ -57,6 +57,10 @@ def test_config_checks_name_the_key(tmp_path):
         problems = check_fp8_config(cfg, "bf16", 1)
         assert [k for k, _ in problems] == [key], (key, problems)
     assert check_fp8_config(Fp8Config(layers=["mamba", "mamba"]), "bf16", 1)[0][0] == "train.fp8.layers"
+    # on with no layers would convert nothing (off, an empty list is harmless)
+    empty = check_fp8_config(Fp8Config(enabled=True, layers=[]), "bf16", 1)
+    assert [k for k, _ in empty] == ["train.fp8.layers"] and "convert nothing" in empty[0][1], empty
+    assert check_fp8_config(Fp8Config(layers=[]), "bf16", 1) == []
     # only when enabled: precision, and the recipe under tensor parallelism (tensorwise only)
     assert check_fp8_config(Fp8Config(), "fp32", 2) == []
     assert check_fp8_config(Fp8Config(recipe="rowwise"), "bf16", 2) == []
