@@ -237,6 +237,30 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     assert type(default.backbone.layers["1"].mixer.experts) is GroupedExperts
 
 
+def test_apply_fp8_leaves_experts_whose_widths_fp8_cannot_take():
+    """Routed experts whose FFN width is not a multiple of 16 would compute in BF16 (their FP8
+    grouped products cannot take it): they are left unconverted and listed as such, not counted
+    as FP8 expert groups (no FP8 dispatch, no FP8 all-gather forms). torchao is not needed."""
+    from nemotron.models.nano3.moe import LocalDispatcher
+    from nemotron.train.fp8_gather import ExpertMasterWeight
+
+    fp8 = Fp8Config(
+        enabled=True, layers=["experts"], experts_weight_grad="fp8", experts_fsdp_float8_all_gather=True
+    )
+    model = _tiny(moe_ffn_hidden_size=24)
+    summary = apply_fp8(model, fp8, CPU)
+    names = [f"backbone.layers.{i}.mixer.experts" for i in (1, 3)]
+    assert summary.experts == [] and summary.fp8_dispatch == []
+    assert summary.skipped == dict.fromkeys(names, fp8_mod.NOT_ALIGNED)
+    assert f"not converted ({fp8_mod.NOT_ALIGNED}): {', '.join(names)}" in summary.describe()
+    for i in (1, 3):
+        moe = model.backbone.layers[str(i)].mixer
+        assert type(moe.experts) is GroupedExperts and type(moe.dispatcher) is LocalDispatcher
+        assert not isinstance(moe.experts.up_proj, ExpertMasterWeight)
+    aligned = apply_fp8(_tiny(), fp8, CPU)  # 16 wide: converted
+    assert aligned.experts == names and aligned.skipped == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerics: independent references
 

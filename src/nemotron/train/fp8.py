@@ -220,6 +220,12 @@ def _aligned(linear: nn.Linear, tensor_parallel: int = 1) -> bool:
     return linear.in_features % align == 0 and linear.out_features % align == 0
 
 
+def _experts_aligned(experts: nn.Module) -> bool:
+    """Whether the routed experts' FP8 grouped products can take their dimensions (hidden and
+    FFN widths; the expert dimension, which expert parallelism splits, does not matter)."""
+    return all(d % FP8_ALIGN == 0 for d in local_experts(experts.up_proj).shape[1:])
+
+
 def _not_aligned(tensor_parallel: int) -> str:
     return NOT_ALIGNED if tensor_parallel <= 1 else f"{NOT_ALIGNED} x TP={tensor_parallel} (per-rank shards)"
 
@@ -287,14 +293,20 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     experts: list[str] = []
     fp8_dispatch: list[str] = []
     for name, moe in moes.items():
+        if not _experts_aligned(moe.experts):
+            # their FP8 products could not take these dimensions: they would compute in BF16
+            # while counted as FP8 experts; left as they are and listed, like such linears
+            skipped[f"{name}.experts"] = NOT_ALIGNED
+            continue
         if not isinstance(moe.experts, Float8GroupedExperts):
             # before EP sharding, the experts are still the model's own
             assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
             moe.experts = Float8GroupedExperts(
                 moe.experts, emulate=emulate, fast_accum=fp8.fast_accum, weight_grad=fp8.experts_weight_grad
             )
-        if fp8.experts_fsdp_float8_all_gather and not moe.experts.gather_fp8_forms():
-            skipped[f"{name}.experts"] = f"FP8 all-gather: {NOT_ALIGNED}"
+        if fp8.experts_fsdp_float8_all_gather:
+            gathered = moe.experts.gather_fp8_forms()
+            assert gathered, name  # aligned: checked above
         experts.append(f"{name}.experts")
         if (
             fp8.experts_weight_grad == "fp8"
@@ -391,7 +403,8 @@ class Float8GroupedExperts(GroupedExperts):
         gathered = isinstance(up, ExpertFp8Forms)  # FSDP2 gathered FP8 forms: no BF16 weights
         if (x.shape[0] == 0 and not gathered) or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
             # no rows (an expert-parallel rank can receive none) or dimensions the FP8 GEMMs
-            # cannot take (never gathered as FP8: `gather_fp8_forms`): the BF16 experts' path
+            # cannot take (`apply_fp8` leaves such experts unconverted; a module built directly
+            # never gathers FP8 forms, `gather_fp8_forms`): the BF16 experts' path
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):
