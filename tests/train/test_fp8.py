@@ -191,6 +191,15 @@ def test_missing_torchao_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 15))
     with pytest.raises(Fp8Unavailable, match=r"which is 0\.15"):
         apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+    # installed at a good version, but its import fails (e.g. built for another torch)
+    monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 18))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(
+        Fp8Unavailable, match=r"torchao 0\.18 is installed and cannot be imported \(ModuleNotFoundError"
+    ):
+        apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+    # the routed experts alone need only PyTorch
+    assert apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["experts"]), CPU).experts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,15 @@ def require_torchao() -> None:
             f"train.fp8.enabled=true needs torchao >= {'.'.join(map(str, MIN_TORCHAO))}, which "
             f"{have}: pip install 'nemotron[fp8]' (or set train.fp8.enabled=false)"
         )
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:  # e.g. built for another torch: its import fails, not its version
+        raise Fp8Unavailable(
+            f"train.fp8.enabled=true needs torchao's float8 training, but torchao "
+            f"{'.'.join(map(str, found))} is installed and cannot be imported "
+            f"({type(e).__name__}: {e}): reinstall it for this torch (pip install "
+            "'nemotron[fp8]') or set train.fp8.enabled=false"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
