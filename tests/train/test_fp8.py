@@ -496,6 +496,21 @@ def test_experts_weight_grad_key_is_checked():
     )
 
 
+def test_apply_fp8_refuses_what_the_config_check_refuses():
+    """Library callers (the benchmarks) skip the recipe's load-time checks; `apply_fp8` runs the
+    same check, so a misspelt layer kind is one error naming the key, not a model quietly
+    converted without that layer. No torchao needed: nothing is converted."""
+    model = _tiny()
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"train\.fp8\.layers: unknown layer kinds \['expert'\]"):
+        apply_fp8(model, Fp8Config(enabled=True, layers=["mamba", "expert"]), CPU)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    with pytest.raises(ValueError, match=r"train\.fp8\.experts_weight_grad: .* has no 'experts'"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["mlp"], experts_weight_grad="fp8"), CPU)
+    with pytest.raises(ValueError, match=r"train\.fp8\.layers: is empty"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True, layers=[]), CPU)
+
+
 def test_float8_grouped_experts_take_a_rank_with_no_rows():
     """Under expert parallelism a rank can receive no rows: output [0, hidden], weight
     gradients zero (the BF16 experts' path, as without FP8)."""

@@ -263,7 +263,13 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     including meta, before FSDP2/EP/TP sharding) for their FP8 versions, in place. Emulated
     unless `device` has FP8 tensor cores; compiled per `fp8.compile` on CUDA. `tensor_parallel`:
     the TP size the model will be sharded over (`tp_fp8_exclusions` stay in higher precision;
-    TP needs the tensorwise recipe)."""
+    TP needs the tensorwise recipe). A `fp8` that `check_fp8_config` refuses raises ValueError
+    naming the keys (library callers, e.g. the benchmarks, skip the recipe's load-time checks:
+    a misspelt layer kind would otherwise convert nothing, silently)."""
+    # precision is the caller's (the layers left out compute in it); everything else is checked
+    problems = check_fp8_config(dataclasses.replace(fp8, enabled=True), "bf16", tensor_parallel)
+    if problems:
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
     if tensor_parallel > 1 and fp8.recipe != "tensorwise":
         raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
