@@ -229,10 +229,10 @@ def _aligned(linear: nn.Linear, tensor_parallel: int = 1) -> bool:
     return linear.in_features % align == 0 and linear.out_features % align == 0
 
 
-def _experts_aligned(experts: nn.Module) -> bool:
+def _experts_aligned(experts: GroupedExperts) -> bool:
     """Whether the routed experts' FP8 grouped products can take their dimensions (hidden and
     FFN widths; the expert dimension, which expert parallelism splits, does not matter)."""
-    return all(d % FP8_ALIGN == 0 for d in local_experts(experts.up_proj).shape[1:])
+    return all(d % FP8_ALIGN == 0 for d in experts.up_proj.shape[1:])
 
 
 def _not_aligned(tensor_parallel: int) -> str:
@@ -308,14 +308,14 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     experts: list[str] = []
     fp8_dispatch: list[str] = []
     for name, moe in moes.items():
+        # before EP sharding, the experts are still the model's own (or already converted)
+        assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
         if not _experts_aligned(moe.experts):
             # their FP8 products could not take these dimensions: they would compute in BF16
             # while counted as FP8 experts; left as they are and listed, like such linears
             skipped[f"{name}.experts"] = NOT_ALIGNED
             continue
         if not isinstance(moe.experts, Float8GroupedExperts):
-            # before EP sharding, the experts are still the model's own
-            assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
             moe.experts = Float8GroupedExperts(
                 moe.experts, emulate=emulate, fast_accum=fp8.fast_accum, weight_grad=fp8.experts_weight_grad
             )
