@@ -95,6 +95,18 @@ class Fp8Summary:
     # MoE layers whose dispatcher moves the experts' rows in FP8 (`fp8_dispatch`)
     fp8_dispatch: list[str] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def merge(cls, parts: list[Fp8Summary]) -> Fp8Summary:
+        """One summary of a model converted in parts (pipeline stages, in stage order)."""
+        return cls(
+            linears=[name for part in parts for name in part.linears],
+            experts=[name for part in parts for name in part.experts],
+            skipped={name: why for part in parts for name, why in part.skipped.items()},
+            emulated=any(part.emulated for part in parts),
+            lm_head=any(part.lm_head for part in parts),
+            fp8_dispatch=[name for part in parts for name in part.fp8_dispatch],
+        )
+
     def describe(self) -> str:
         mode = "emulated (no FP8 tensor cores)" if self.emulated else "FP8 tensor cores"
         head = ", LM head" if self.lm_head else ""
