@@ -552,6 +552,53 @@ def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
         assert torch.equal((qt[m].double() * inv_t[m, :, None]).T, _tensor(w[m], True))
 
 
+def test_fp8_quantization_keeps_non_finite_values_non_finite():
+    """amax of NaN / inf: a NaN element stays NaN and leaves its row's (tensor's) scale to the
+    finite elements; an infinite one gives its row (tensor) scale 0, so every value of it is
+    non-finite once dequantized, never finite garbage that would hide the overflow from the
+    step's non-finite check; an all-zero row gets a finite scale. In the routed experts an
+    infinite input row makes its own output row non-finite and leaves every other row as it was
+    (the quantizations are per row)."""
+    from nemotron.kernels.fp8 import quantize_rows, quantize_tensor
+
+    nan, inf = float("nan"), float("inf")
+    torch.manual_seed(5)
+    clean = torch.randn(4, 32)
+    x = clean.clone()
+    x[0, 3], x[1, 5], x[2] = nan, -inf, 0.0
+    q, inv = quantize_rows(x)
+    back = q.float() * inv[:, None]
+    q_clean, inv_clean = quantize_rows(torch.where(x.isnan(), 0.0, x))
+    assert inv[0] == inv_clean[0] and back[0].isnan().tolist() == [i == 3 for i in range(32)]
+    assert torch.equal(q[0].float()[x[0].isfinite()], q_clean[0].float()[x[0].isfinite()])
+    assert not back[1].isfinite().any()
+    assert 0 < float(inv[2]) < inf and torch.all(back[2] == 0)
+    assert torch.equal(q[3].float(), quantize_rows(clean[3:])[0][0].float())
+    for bad in (nan, inf):
+        t, finite = clean.clone(), clean.clone()
+        t[1, 2], finite[1, 2] = bad, 0.0
+        tq, _, t_inv = quantize_tensor(t)
+        t_back = tq.float() * t_inv
+        if bad == inf:  # the whole tensor
+            assert not t_back.isfinite().any()
+        else:  # that element only, at the finite elements' scale
+            assert t_back.isnan().sum() == 1 and t_inv == quantize_tensor(finite)[2]
+
+    experts = GroupedExperts(
+        num_experts=2, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    counts = torch.tensor([3, 3])
+    rows = torch.randn(6, 32)
+    with torch.no_grad():
+        want = f8(rows, counts)
+        rows[4, 0] = inf
+        got = f8(rows, counts)
+    assert not got[4].isfinite().all() and torch.isfinite(want).all()
+    others = torch.arange(6) != 4
+    assert torch.equal(got[others], want[others])
+
+
 @pytest.mark.parametrize("group_rows", [None, 64])
 def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(group_rows):
     """linear_cross_entropy(fp8=True), one power-of-two scale per tensor, written out in float64:
