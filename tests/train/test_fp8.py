@@ -673,6 +673,37 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(group_rows
         ce_mod.linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
 
 
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_fp8_lm_head_under_torch_compile_is_the_eager_loss(grad_in_forward):
+    """`train.compile` with the FP8 LM head: Dynamo could not trace the FP8 loss's autograd
+    function (InternalTorchDynamoError: "intermediate tensor 'dweight' ... aliases an input or
+    output"), so a compiled model with `lm_head` in `train.fp8.layers` failed at its first step.
+    The FP8 loss now runs behind a graph break: loss and gradients are the eager ones, bit for
+    bit. (backend="eager": Dynamo's tracing, which is what failed, without Inductor's cost.)"""
+    from nemotron.kernels import cross_entropy as ce_mod
+
+    torch.manual_seed(6)
+    h0, w0 = torch.randn(24, 32), torch.randn(96, 32) * 0.2
+    labels = torch.randint(0, 96, (24,))
+    labels[3] = -100
+
+    def loss_of(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ce_mod.linear_cross_entropy(
+                h * 1.0, w, labels, fp8=True, backend="torch", chunk_size=16, grad_in_forward=grad_in_forward
+            )
+
+    results = []
+    for fn in (loss_of, torch.compile(loss_of, backend="eager", fullgraph=False)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (eager, *eager_grads), (compiled, *compiled_grads) = results
+    assert torch.equal(eager, compiled)
+    assert all(torch.equal(a, b) for a, b in zip(eager_grads, compiled_grads))
+
+
 def test_power_of_two_floor_is_exact_next_to_powers_of_two():
     """The scale rule: the largest power of two <= r, also one float32 step below a power of two
     (where exp2(floor(log2(r))) can round up) and at the ends of the normal range."""

@@ -399,6 +399,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
 
+@torch.compiler.disable
+def _apply_eagerly(*args):
+    """`_LinearCrossEntropy.apply`, never traced by Dynamo (the FP8 loss: `linear_cross_entropy`)."""
+    return _LinearCrossEntropy.apply(*args)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -455,7 +461,13 @@ def linear_cross_entropy(
     # the Fp8HeadWeight keys the reuse of the weight's FP8 copies on the parameter itself (inside
     # the autograd function `weight` is a fresh detached view on every call)
     fp8_weight = Fp8HeadWeight(weight) if fp8 else None
-    return _LinearCrossEntropy.apply(
+    # Under torch.compile (`train.compile`) the FP8 loss runs eagerly, behind a graph break:
+    # Dynamo refused to trace it ("An intermediate tensor 'dweight' created inside a
+    # higher-order op subgraph aliases an input or output"), and it keeps per-pass state on
+    # Python objects (`Fp8HeadWeight`, the step's weight-reuse cache) that a graph must not
+    # capture. Its work is GEMMs and custom kernels either way; the BF16 loss stays traced.
+    apply = _apply_eagerly if fp8 else _LinearCrossEntropy.apply
+    return apply(
         hidden,
         weight,
         labels,
