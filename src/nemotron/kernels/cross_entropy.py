@@ -399,9 +399,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
 
-@torch.compiler.disable
 def _apply_eagerly(*args):
-    """`_LinearCrossEntropy.apply`, never traced by Dynamo (the FP8 loss: `linear_cross_entropy`)."""
+    """`_LinearCrossEntropy.apply`, never traced by Dynamo (the FP8 loss: `linear_cross_entropy`).
+    The disabled wrapper is made only while compiling: `torch.compiler.disable` imports Dynamo
+    (and with it Triton), which the CPU paths must not (tests/kernels/test_imports.py)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_LinearCrossEntropy.apply)(*args)
     return _LinearCrossEntropy.apply(*args)
 
 
