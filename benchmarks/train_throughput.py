@@ -750,8 +750,8 @@ def parse_args(argv):
     ap.add_argument(
         "--fp8-layers",
         default=None,
-        help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts "
-        "(default: train.fp8's, the dense linears)",
+        help="comma list of train.fp8.layers, from mamba,attention,shared_expert,mlp,experts,lm_head "
+        "(default: train.fp8's, the dense linears; checked like the recipe's key)",
     )
     ap.add_argument("--fp8-eager", action="store_true", help="train.fp8.compile=false")
     ap.add_argument(

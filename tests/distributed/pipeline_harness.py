@@ -119,7 +119,7 @@ def compare_pipeline_with_single_process(
     precision, reuse = "fp32", False
     if fp8 is not None:
         cfg.train.fp8 = fp8
-        apply_fp8(reference, fp8, torch.device("cpu"))
+        ref_summary = apply_fp8(reference, fp8, torch.device("cpu"))
         precision = "bf16" if "lm_head" in fp8.layers else "fp32"
         cfg.train.precision, reuse = precision, fp8.reuse_weights
     ref_opt = RecordingSGD(reference, LR)
@@ -134,6 +134,12 @@ def compare_pipeline_with_single_process(
     cfg.train.activation_recompute = recompute
     model, parallel = build_model(cfg, torch.device("cpu"))
     assert parallel.pipeline is not None
+    if fp8 is not None:
+        # what the run announces: every stage's conversions (gathered over the pipeline ranks),
+        # the whole model's
+        summary = getattr(model, "fp8_summary")
+        assert summary is not None and summary.describe() == ref_summary.describe(), summary
+        assert (summary.experts, summary.lm_head) == (ref_summary.experts, ref_summary.lm_head)
     opt = RecordingSGD(model, LR)
     losses = []
     for step in range(steps):

@@ -57,6 +57,10 @@ def test_config_checks_name_the_key(tmp_path):
         problems = check_fp8_config(cfg, "bf16", 1)
         assert [k for k, _ in problems] == [key], (key, problems)
     assert check_fp8_config(Fp8Config(layers=["mamba", "mamba"]), "bf16", 1)[0][0] == "train.fp8.layers"
+    # on with no layers would convert nothing (off, an empty list is harmless)
+    empty = check_fp8_config(Fp8Config(enabled=True, layers=[]), "bf16", 1)
+    assert [k for k, _ in empty] == ["train.fp8.layers"] and "convert nothing" in empty[0][1], empty
+    assert check_fp8_config(Fp8Config(layers=[]), "bf16", 1) == []
     # only when enabled: precision, and the recipe under tensor parallelism (tensorwise only)
     assert check_fp8_config(Fp8Config(), "fp32", 2) == []
     assert check_fp8_config(Fp8Config(recipe="rowwise"), "bf16", 2) == []
@@ -187,6 +191,15 @@ def test_missing_torchao_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 15))
     with pytest.raises(Fp8Unavailable, match=r"which is 0\.15"):
         apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+    # installed at a good version, but its import fails (e.g. built for another torch)
+    monkeypatch.setattr(fp8_mod, "torchao_version", lambda: (0, 18))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(
+        Fp8Unavailable, match=r"torchao 0\.18 is installed and cannot be imported \(ModuleNotFoundError"
+    ):
+        apply_fp8(_tiny(), Fp8Config(enabled=True), CPU)
+    # the routed experts alone need only PyTorch
+    assert apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["experts"]), CPU).experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +244,30 @@ def test_apply_fp8_swaps_the_chosen_layers_only():
     summary = apply_fp8(default, Fp8Config(enabled=True), CPU)
     assert set(summary.linears) == want and summary.experts == []
     assert type(default.backbone.layers["1"].mixer.experts) is GroupedExperts
+
+
+def test_apply_fp8_leaves_experts_whose_widths_fp8_cannot_take():
+    """Routed experts whose FFN width is not a multiple of 16 would compute in BF16 (their FP8
+    grouped products cannot take it): they are left unconverted and listed as such, not counted
+    as FP8 expert groups (no FP8 dispatch, no FP8 all-gather forms). torchao is not needed."""
+    from nemotron.models.nano3.moe import LocalDispatcher
+    from nemotron.train.fp8_gather import ExpertMasterWeight
+
+    fp8 = Fp8Config(
+        enabled=True, layers=["experts"], experts_weight_grad="fp8", experts_fsdp_float8_all_gather=True
+    )
+    model = _tiny(moe_ffn_hidden_size=24)
+    summary = apply_fp8(model, fp8, CPU)
+    names = [f"backbone.layers.{i}.mixer.experts" for i in (1, 3)]
+    assert summary.experts == [] and summary.fp8_dispatch == []
+    assert summary.skipped == dict.fromkeys(names, fp8_mod.NOT_ALIGNED)
+    assert f"not converted ({fp8_mod.NOT_ALIGNED}): {', '.join(names)}" in summary.describe()
+    for i in (1, 3):
+        moe = model.backbone.layers[str(i)].mixer
+        assert type(moe.experts) is GroupedExperts and type(moe.dispatcher) is LocalDispatcher
+        assert not isinstance(moe.experts.up_proj, ExpertMasterWeight)
+    aligned = apply_fp8(_tiny(), fp8, CPU)  # 16 wide: converted
+    assert aligned.experts == names and aligned.skipped == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +459,31 @@ def test_float8_grouped_experts_fp8_weight_grads_match_a_per_expert_reference():
         assert 1e-3 < _rel(dup[e], exact_up) < 0.15, (e, _rel(dup[e], exact_up))
         assert 1e-3 < _rel(ddown[e], exact_down) < 0.15
         lo += c
-    # the smallest rows of x alone: their roundings at the expert's scale (subnormals)
+    # the smallest rows of x alone (the products above sum them away): x's operand of up's
+    # weight gradient, per element, is the reference's rounding at the expert's scale, where
+    # they land in e4m3's subnormals
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_wgrad import expert_rows, transposed_groups_reference
+
     small = x0.abs().amax(-1) < 0.01
-    assert small.any()
+    assert small.sum() >= 3
+    layout = expert_rows(torch.cumsum(counts, 0).int(), rows)
+    xt, x_inv = transposed_groups_reference(*quantize_rows(x0.bfloat16()), layout)
+    starts = (
+        layout.offs_padded - torch.diff(layout.offs_padded, prepend=layout.offs_padded.new_zeros(1))
+    ).tolist()
+    lo = rounded_small = 0
+    for e, c in enumerate(counts.tolist()):
+        xe = _bf16(x0[lo : lo + c])
+        got = xt[:, starts[e] : starts[e] + c].double().T * float(x_inv[e])
+        want = _expert_scale(_rows(xe, True), xe.abs().amax()) if c else got
+        assert torch.equal(got, want), e
+        tiny = small[lo : lo + c]
+        if tiny.any():  # really rounded below e4m3's normal range, not just scaled
+            assert not torch.equal(got[tiny], _rows(xe, True)[tiny]), e
+            rounded_small += 1
+        lo += c
+    assert rounded_small >= 1
 
 
 def test_experts_weight_grad_key_is_checked():
@@ -435,6 +494,21 @@ def test_experts_weight_grad_key_is_checked():
     assert not check_fp8_config(
         Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8"), "bf16", 1
     )
+
+
+def test_apply_fp8_refuses_what_the_config_check_refuses():
+    """Library callers (the benchmarks) skip the recipe's load-time checks; `apply_fp8` runs the
+    same check, so a misspelt layer kind is one error naming the key, not a model quietly
+    converted without that layer. No torchao needed: nothing is converted."""
+    model = _tiny()
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"train\.fp8\.layers: unknown layer kinds \['expert'\]"):
+        apply_fp8(model, Fp8Config(enabled=True, layers=["mamba", "expert"]), CPU)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    with pytest.raises(ValueError, match=r"train\.fp8\.experts_weight_grad: .* has no 'experts'"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["mlp"], experts_weight_grad="fp8"), CPU)
+    with pytest.raises(ValueError, match=r"train\.fp8\.layers: is empty"):
+        apply_fp8(_tiny(), Fp8Config(enabled=True, layers=[]), CPU)
 
 
 def test_float8_grouped_experts_take_a_rank_with_no_rows():
@@ -476,6 +550,53 @@ def test_quantize_rows_scales_are_powers_of_two_and_fill_the_range():
         whole = float(w[m].abs().amax())
         assert torch.all(inv_t[m] == 2.0 ** -math.floor(math.log2(E4M3_MAX / whole)))
         assert torch.equal((qt[m].double() * inv_t[m, :, None]).T, _tensor(w[m], True))
+
+
+def test_fp8_quantization_keeps_non_finite_values_non_finite():
+    """amax of NaN / inf: a NaN element stays NaN and leaves its row's (tensor's) scale to the
+    finite elements; an infinite one gives its row (tensor) scale 0, so every value of it is
+    non-finite once dequantized, never finite garbage that would hide the overflow from the
+    step's non-finite check; an all-zero row gets a finite scale. In the routed experts an
+    infinite input row makes its own output row non-finite and leaves every other row as it was
+    (the quantizations are per row)."""
+    from nemotron.kernels.fp8 import quantize_rows, quantize_tensor
+
+    nan, inf = float("nan"), float("inf")
+    torch.manual_seed(5)
+    clean = torch.randn(4, 32)
+    x = clean.clone()
+    x[0, 3], x[1, 5], x[2] = nan, -inf, 0.0
+    q, inv = quantize_rows(x)
+    back = q.float() * inv[:, None]
+    q_clean, inv_clean = quantize_rows(torch.where(x.isnan(), 0.0, x))
+    assert inv[0] == inv_clean[0] and back[0].isnan().tolist() == [i == 3 for i in range(32)]
+    assert torch.equal(q[0].float()[x[0].isfinite()], q_clean[0].float()[x[0].isfinite()])
+    assert not back[1].isfinite().any()
+    assert 0 < float(inv[2]) < inf and torch.all(back[2] == 0)
+    assert torch.equal(q[3].float(), quantize_rows(clean[3:])[0][0].float())
+    for bad in (nan, inf):
+        t, finite = clean.clone(), clean.clone()
+        t[1, 2], finite[1, 2] = bad, 0.0
+        tq, _, t_inv = quantize_tensor(t)
+        t_back = tq.float() * t_inv
+        if bad == inf:  # the whole tensor
+            assert not t_back.isfinite().any()
+        else:  # that element only, at the finite elements' scale
+            assert t_back.isnan().sum() == 1 and t_inv == quantize_tensor(finite)[2]
+
+    experts = GroupedExperts(
+        num_experts=2, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True)
+    counts = torch.tensor([3, 3])
+    rows = torch.randn(6, 32)
+    with torch.no_grad():
+        want = f8(rows, counts)
+        rows[4, 0] = inf
+        got = f8(rows, counts)
+    assert not got[4].isfinite().all() and torch.isfinite(want).all()
+    others = torch.arange(6) != 4
+    assert torch.equal(got[others], want[others])
 
 
 @pytest.mark.parametrize("group_rows", [None, 64])
@@ -550,6 +671,37 @@ def test_fp8_lm_head_loss_and_gradients_match_the_reference_roundings(group_rows
     assert torch.equal(h.grad, grads[0]) and torch.equal(w.grad, grads[1])
     with pytest.raises(ValueError, match="fp8 needs bf16"):
         ce_mod.linear_cross_entropy(h.float(), w.float(), labels, fp8=True)
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_fp8_lm_head_under_torch_compile_is_the_eager_loss(grad_in_forward):
+    """`train.compile` with the FP8 LM head: Dynamo could not trace the FP8 loss's autograd
+    function (InternalTorchDynamoError: "intermediate tensor 'dweight' ... aliases an input or
+    output"), so a compiled model with `lm_head` in `train.fp8.layers` failed at its first step.
+    The FP8 loss now runs behind a graph break: loss and gradients are the eager ones, bit for
+    bit. (backend="eager": Dynamo's tracing, which is what failed, without Inductor's cost.)"""
+    from nemotron.kernels import cross_entropy as ce_mod
+
+    torch.manual_seed(6)
+    h0, w0 = torch.randn(24, 32), torch.randn(96, 32) * 0.2
+    labels = torch.randint(0, 96, (24,))
+    labels[3] = -100
+
+    def loss_of(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ce_mod.linear_cross_entropy(
+                h * 1.0, w, labels, fp8=True, backend="torch", chunk_size=16, grad_in_forward=grad_in_forward
+            )
+
+    results = []
+    for fn in (loss_of, torch.compile(loss_of, backend="eager", fullgraph=False)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (eager, *eager_grads), (compiled, *compiled_grads) = results
+    assert torch.equal(eager, compiled)
+    assert all(torch.equal(a, b) for a, b in zip(eager_grads, compiled_grads))
 
 
 def test_power_of_two_floor_is_exact_next_to_powers_of_two():
@@ -865,6 +1017,92 @@ def test_fp8_training_resumes_from_and_into_bf16_checkpoints(tmp_path, corpus):
     a, b = losses(tmp_path / "x1job"), losses(tmp_path / "x2job")
     assert sorted(a) == sorted(b) == [3, 4]
     assert abs(a[3] - f8[3]) < 0.05 * f8[3] and abs(b[3] - bf16[3]) < 0.05 * bf16[3]
+
+
+def _saved_tensors(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, FQN-keyed ("model.<param>", "optimizer.state.<param>.
+    exp_avg", ...), read back through DCP's own converter and a weights-only load: what a
+    reader without this project's (or torchao's) classes gets."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, into)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}{key}.", sub)
+        elif torch.is_tensor(value):
+            flat[prefix[:-1]] = value
+
+    walk("", torch.load(into, weights_only=True))
+    return flat
+
+
+@needs_torchao
+@pytest.mark.timeout(300)
+def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactly(tmp_path, corpus):
+    """`train.fp8.fsdp_float8_all_gather`: torchao wraps the dense linears' weights (its
+    `WeightWithDynamicFloat8CastTensor`, with or without FSDP2). A checkpoint must hold plain
+    tensors: saved wrapped, every file pickled torchao's class, so a BF16 run and `export hf`
+    (where torchao is not imported) could not read it. Here an FP8 run under FSDP2 (both
+    all-gathers, FP8 expert weight gradients) saves; no file names torchao; a BF16 run on one
+    process (no FSDP) loads every saved weight and optimizer tensor exactly; the FP8 run resumed
+    from its step-2 checkpoint trains steps 3-4 with the uninterrupted run's losses."""
+    from nemotron.train import pretrain
+    from nemotron.train.checkpoint import training_state_dict
+    from nemotron.train.metrics import read_metrics
+    from nemotron.train.trainer import Trainer
+
+    fp8 = Fp8Config(
+        enabled=True,
+        layers=list(fp8_mod.FP8_LAYERS),
+        fsdp_float8_all_gather=True,
+        experts_fsdp_float8_all_gather=True,
+        experts_weight_grad="fp8",
+    )
+
+    def config(name, fp8_config, compute_weights, **checkpoint):
+        train = {
+            "train_iters": 4,
+            "eval_iters": 0,
+            "precision": "bf16",
+            "compute_weights": compute_weights,
+            "fp8": fp8_config,
+        }
+        return make_config(
+            tmp_path / name, blend=corpus[0], train=train, checkpoint={"save_interval": 2, **checkpoint}
+        )
+
+    def losses(job: Path) -> dict[int, float]:
+        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+    pretrain(config("fp8", fp8, "bf16"), tmp_path / "fp8" / "job")
+    ckpt = tmp_path / "fp8" / "ckpt" / "iter_0000002"
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if b"torchao" in p.read_bytes()]
+    saved = _saved_tensors(ckpt, tmp_path / "saved.pt")
+    assert any(k.startswith("optimizer.state.") for k in saved)
+
+    bf16 = config("bf16", Fp8Config(), "fp32", load=str(ckpt))
+    trainer = Trainer.for_run(bf16, tmp_path / "bf16" / "job", compute_weights="fp32")
+    try:
+        loaded = training_state_dict(trainer.model, trainer.optimizer)
+    finally:
+        trainer.close()
+    loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
+    for name, state in loaded["optimizer"]["state"].items():
+        for key, value in state.items():
+            loaded_flat[f"optimizer.state.{name}.{key}"] = value
+    assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
+    for key, value in loaded_flat.items():
+        assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))
+        assert value.dtype == saved[key].dtype and torch.equal(value.detach(), saved[key]), key
+
+    resumed = config("fp8", fp8, "bf16", load=str(ckpt), save=str(tmp_path / "resumed"))
+    assert pretrain(resumed, tmp_path / "resumed_job").resumed_from.endswith("iter_0000002")
+    whole, again = losses(tmp_path / "fp8" / "job"), losses(tmp_path / "resumed_job")
+    assert sorted(again) == [3, 4] and all(again[s] == whole[s] for s in again), (again, whole)
 
 
 def test_quantize_tensor_one_scale_both_layouts_and_padding():

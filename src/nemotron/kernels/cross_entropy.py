@@ -420,6 +420,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dhidden.to(ctx.hidden_dtype), dweight.to(ctx.weight_dtype), *nones
 
 
+def _apply_eagerly(*args):
+    """`_LinearCrossEntropy.apply`, never traced by Dynamo (the FP8 loss: `linear_cross_entropy`).
+    The disabled wrapper is made only while compiling: `torch.compiler.disable` imports Dynamo
+    (and with it Triton), which the CPU paths must not (tests/kernels/test_imports.py)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_LinearCrossEntropy.apply)(*args)
+    return _LinearCrossEntropy.apply(*args)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -484,7 +493,13 @@ def linear_cross_entropy(
     # the Fp8HeadWeight keys the reuse of the weight's FP8 copies on the parameter itself (inside
     # the autograd function `weight` is a fresh detached view on every call)
     fp8_weight = Fp8HeadWeight(weight) if fp8 else None
-    return _LinearCrossEntropy.apply(
+    # Under torch.compile (`train.compile`) the FP8 loss runs eagerly, behind a graph break:
+    # Dynamo refused to trace it ("An intermediate tensor 'dweight' created inside a
+    # higher-order op subgraph aliases an input or output"), and it keeps per-pass state on
+    # Python objects (`Fp8HeadWeight`, the step's weight-reuse cache) that a graph must not
+    # capture. Its work is GEMMs and custom kernels either way; the BF16 loss stays traced.
+    apply = _apply_eagerly if fp8 else _LinearCrossEntropy.apply
+    return apply(
         hidden,
         weight,
         labels,

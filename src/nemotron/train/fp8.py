@@ -95,6 +95,18 @@ class Fp8Summary:
     # MoE layers whose dispatcher moves the experts' rows in FP8 (`fp8_dispatch`)
     fp8_dispatch: list[str] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def merge(cls, parts: list[Fp8Summary]) -> Fp8Summary:
+        """One summary of a model converted in parts (pipeline stages, in stage order)."""
+        return cls(
+            linears=[name for part in parts for name in part.linears],
+            experts=[name for part in parts for name in part.experts],
+            skipped={name: why for part in parts for name, why in part.skipped.items()},
+            emulated=any(part.emulated for part in parts),
+            lm_head=any(part.lm_head for part in parts),
+            fp8_dispatch=[name for part in parts for name in part.fp8_dispatch],
+        )
+
     def describe(self) -> str:
         mode = "emulated (no FP8 tensor cores)" if self.emulated else "FP8 tensor cores"
         head = ", LM head" if self.lm_head else ""
@@ -145,6 +157,15 @@ def require_torchao() -> None:
             f"train.fp8.enabled=true needs torchao >= {'.'.join(map(str, MIN_TORCHAO))}, which "
             f"{have}: pip install 'nemotron[fp8]' (or set train.fp8.enabled=false)"
         )
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:  # e.g. built for another torch: its import fails, not its version
+        raise Fp8Unavailable(
+            f"train.fp8.enabled=true needs torchao's float8 training, but torchao "
+            f"{'.'.join(map(str, found))} is installed and cannot be imported "
+            f"({type(e).__name__}: {e}): reinstall it for this torch (pip install "
+            "'nemotron[fp8]') or set train.fp8.enabled=false"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +241,12 @@ def _aligned(linear: nn.Linear, tensor_parallel: int = 1) -> bool:
     return linear.in_features % align == 0 and linear.out_features % align == 0
 
 
+def _experts_aligned(experts: GroupedExperts) -> bool:
+    """Whether the routed experts' FP8 grouped products can take their dimensions (hidden and
+    FFN widths; the expert dimension, which expert parallelism splits, does not matter)."""
+    return all(d % FP8_ALIGN == 0 for d in experts.up_proj.shape[1:])
+
+
 def _not_aligned(tensor_parallel: int) -> str:
     return NOT_ALIGNED if tensor_parallel <= 1 else f"{NOT_ALIGNED} x TP={tensor_parallel} (per-rank shards)"
 
@@ -248,7 +275,13 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     including meta, before FSDP2/EP/TP sharding) for their FP8 versions, in place. Emulated
     unless `device` has FP8 tensor cores; compiled per `fp8.compile` on CUDA. `tensor_parallel`:
     the TP size the model will be sharded over (`tp_fp8_exclusions` stay in higher precision;
-    TP needs the tensorwise recipe)."""
+    TP needs the tensorwise recipe). A `fp8` that `check_fp8_config` refuses raises ValueError
+    naming the keys (library callers, e.g. the benchmarks, skip the recipe's load-time checks:
+    a misspelt layer kind would otherwise convert nothing, silently)."""
+    # precision is the caller's (the layers left out compute in it); everything else is checked
+    problems = check_fp8_config(dataclasses.replace(fp8, enabled=True), "bf16", tensor_parallel)
+    if problems:
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
     if tensor_parallel > 1 and fp8.recipe != "tensorwise":
         raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
@@ -287,14 +320,20 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     experts: list[str] = []
     fp8_dispatch: list[str] = []
     for name, moe in moes.items():
+        # before EP sharding, the experts are still the model's own (or already converted)
+        assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
+        if not _experts_aligned(moe.experts):
+            # their FP8 products could not take these dimensions: they would compute in BF16
+            # while counted as FP8 experts; left as they are and listed, like such linears
+            skipped[f"{name}.experts"] = NOT_ALIGNED
+            continue
         if not isinstance(moe.experts, Float8GroupedExperts):
-            # before EP sharding, the experts are still the model's own
-            assert isinstance(moe.experts, GroupedExperts), f"{name}.experts: {type(moe.experts)}"
             moe.experts = Float8GroupedExperts(
                 moe.experts, emulate=emulate, fast_accum=fp8.fast_accum, weight_grad=fp8.experts_weight_grad
             )
-        if fp8.experts_fsdp_float8_all_gather and not moe.experts.gather_fp8_forms():
-            skipped[f"{name}.experts"] = f"FP8 all-gather: {NOT_ALIGNED}"
+        if fp8.experts_fsdp_float8_all_gather:
+            gathered = moe.experts.gather_fp8_forms()
+            assert gathered, name  # aligned: checked above
         experts.append(f"{name}.experts")
         if (
             fp8.experts_weight_grad == "fp8"
@@ -391,7 +430,8 @@ class Float8GroupedExperts(GroupedExperts):
         gathered = isinstance(up, ExpertFp8Forms)  # FSDP2 gathered FP8 forms: no BF16 weights
         if (x.shape[0] == 0 and not gathered) or not all(d % FP8_ALIGN == 0 for d in up.shape[1:]):
             # no rows (an expert-parallel rank can receive none) or dimensions the FP8 GEMMs
-            # cannot take (never gathered as FP8: `gather_fp8_forms`): the BF16 experts' path
+            # cannot take (`apply_fp8` leaves such experts unconverted; a module built directly
+            # never gathers FP8 forms, `gather_fp8_forms`): the BF16 experts' path
             return super().forward(x, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -143,6 +143,15 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
             )
         )
     if fp8.enabled:
+        if not fp8.layers:
+            # on, yet nothing would be converted: a run that only looks like an FP8 run
+            problems.append(
+                (
+                    "train.fp8.layers",
+                    f"is empty, so train.fp8.enabled=true would convert nothing; name layer kinds "
+                    f"from {list(FP8_LAYERS)} (or set train.fp8.enabled=false)",
+                )
+            )
         if precision != "bf16":
             problems.append(
                 (

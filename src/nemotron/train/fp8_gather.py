@@ -26,6 +26,7 @@ holding the four one after another.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -245,23 +246,35 @@ class ExpertFp8Forms(torch.Tensor):
         )
 
 
+def _wrapped(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor an FP8 all-gather wrapper holds (same storage), None for any other tensor:
+    ours (`ExpertMasterWeight`) and torchao's (`WeightWithDynamicFloat8CastTensor`, the dense
+    linears' weights with `train.fp8.fsdp_float8_all_gather`, and the optimizer state made
+    from them with `zeros_like`). torchao's is looked up only if torchao is already imported:
+    nothing else can have made one."""
+    if isinstance(t, ExpertMasterWeight):
+        return t.data_
+    fsdp_utils = sys.modules.get("torchao.float8.fsdp_utils")
+    if fsdp_utils is not None and isinstance(t, fsdp_utils.WeightWithDynamicFloat8CastTensor):
+        return t._tensor
+    return None
+
+
 def plain_tensors(tree: Any) -> Any:
-    """`tree` (a state dict, nested) with every `ExpertMasterWeight`, bare or as a DTensor's
-    local tensor, replaced by the tensor it wraps (same storage): checkpoints and exports hold
-    plain tensors whether or not FP8 gathering was on."""
+    """`tree` (a state dict, nested) with every FP8 all-gather wrapper (`_wrapped`), bare or as
+    a DTensor's local tensor, replaced by the tensor it wraps (same storage): checkpoints and
+    exports hold plain tensors whether or not FP8 gathering was on. (Saved wrapped, torchao's
+    would be pickled with its class: such a checkpoint would load only where torchao is
+    imported, not in a BF16 run or `export hf`.)"""
     from torch.distributed.tensor import DTensor
 
     def unwrap(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, ExpertMasterWeight):
-            return t.data_
-        if isinstance(t, DTensor) and isinstance(t._local_tensor, ExpertMasterWeight):
+        inner = _wrapped(t)
+        if inner is not None:
+            return inner
+        if isinstance(t, DTensor) and (inner := _wrapped(t._local_tensor)) is not None:
             return DTensor.from_local(
-                t._local_tensor.data_,
-                t.device_mesh,
-                t.placements,
-                run_check=False,
-                shape=t.shape,
-                stride=t.stride(),
+                inner, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
             )
         return t
 

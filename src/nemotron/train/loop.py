@@ -38,7 +38,7 @@ from nemotron.kernels.fp8 import reuse_quantized_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
-from nemotron.train.fp8 import apply_fp8
+from nemotron.train.fp8 import Fp8Summary, apply_fp8
 
 
 @dataclass
@@ -253,7 +253,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
             apply_activation_recompute(part)
         return part
 
-    return build_pipeline(
+    pipeline = build_pipeline(
         cfg.model.arch(),
         layout,
         mesh,
@@ -263,6 +263,16 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
         mixed_precision=mixed_precision,
         seed=cfg.train.seed,
     )
+    summary = None
+    if cfg.train.fp8.enabled:
+        # the run announces what FP8 converted (`Trainer._announce_start`, rank 0: its own
+        # stages only): every stage's summary, gathered over the pipeline ranks
+        mine = [(stage, part.fp8_summary) for stage, part in zip(pipeline.stage_ids, pipeline.parts)]
+        every: list[Any] = [None] * mesh.dims.pp
+        dist.all_gather_object(every, mine, group=mesh.pp_mesh.get_group())
+        summary = Fp8Summary.merge([s for _, s in sorted((p for r in every for p in r), key=lambda p: p[0])])
+    pipeline.local.fp8_summary = summary  # type: ignore[assignment]  # as `apply_fp8_if_enabled`
+    return pipeline
 
 
 def autocast_context(precision: str, device: torch.device):
