@@ -9,10 +9,11 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tests.distributed._spawn import run_distributed
 
 from nemotron.distributed.tensor_parallel import vocab_parallel_cross_entropy
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
+
+from ._spawn import run_distributed
 
 VOCAB = 10
 LABELS = [3, 0, 9, 5, IGNORE_INDEX, -1, VOCAB, 7]  # two out of the vocabulary: -1 and VOCAB
