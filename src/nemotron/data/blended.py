@@ -22,6 +22,7 @@ min(N, their sum) samples, by the same rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -105,6 +106,20 @@ def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray,
     return dataset_index, sample_index
 
 
+def _blend_description(
+    datasets: Sequence[Samples | None], weights: Sequence[float], size: int, split: str
+) -> dict:
+    """What keys a blend's cached indices: its datasets' own descriptions, weights, size, split."""
+    return {
+        "class": "BlendedDataset",
+        "format": INDEX_FORMAT_VERSION,
+        "datasets": [d.description if d is not None else None for d in datasets],
+        "weights": list(weights),
+        "size": size,
+        "split": split,
+    }
+
+
 class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
     """Serves sample i from datasets[dataset_index[i]][dataset_sample_index[i]]."""
 
@@ -148,14 +163,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
             datasets.append(
                 GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size) if wanted else None
             )
-        description = {
-            "class": "BlendedDataset",
-            "format": INDEX_FORMAT_VERSION,
-            "datasets": [d.description if d is not None else None for d in datasets],
-            "weights": normalised,
-            "size": sum(served),
-            "split": split,
-        }
+        description = _blend_description(datasets, normalised, sum(served), split)
         return cls(datasets, normalised, sum(served), cache_dir, description)
 
     @classmethod
@@ -178,14 +186,7 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         ]
         lengths = [len(d) for d in datasets]
         size = min(num_samples, sum(lengths))
-        description = {
-            "class": "BlendedDataset",
-            "format": INDEX_FORMAT_VERSION,
-            "datasets": [d.description for d in datasets],
-            "weights": lengths,
-            "size": size,
-            "split": split,
-        }
+        description = _blend_description(datasets, lengths, size, split)
         return cls(list(datasets), [float(n) for n in lengths], size, cache_dir, description)
 
     def __len__(self) -> int:
