@@ -452,6 +452,9 @@ class RunResult:
     # the profiled step's GPU time: busy (kernels on any stream), span, idle within the span
     device_busy: dict | None = None
     attributed: dict | None = None  # PROFILE_ATTRIBUTE's kernels by launching operators
+    # what train.fp8 converted (`Fp8Summary`: linears, expert groups, LM head, FP8 dispatch,
+    # what was left in higher precision and why, emulated or not): the evidence behind the name
+    fp8: dict | None = None
     error: str | None = None
 
 
@@ -477,6 +480,7 @@ def run_training(
     data = TrainingData(cfg.data, cfg.train, plan, cfg.model.vocab_size, 0)
     trainer = Trainer(cfg, model, parallel, data, device=device)
     optimizer = trainer.optimizer
+    fp8_summary = getattr(model, "fp8_summary", None)  # set by apply_fp8_if_enabled
     times, losses = [], []
     import time
 
@@ -552,6 +556,7 @@ def run_training(
         kernels=kernels,
         device_busy=busy,
         attributed=attributed,
+        fp8=None if fp8_summary is None else dataclasses.asdict(fp8_summary),
     )
     trainer.close()
     model = optimizer = data = trainer = None  # free the run's memory before the next one

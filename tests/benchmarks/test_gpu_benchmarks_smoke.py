@@ -374,6 +374,16 @@ def test_fp8_options_of_the_benchmarks(tmp_path):
         ]
     )
     assert result["run"]["name"] == "fp8-rowwise[attention,experts]"
+    converted = result["run"]["fp8"]  # what was converted, not only what was asked for
+    assert converted["emulated"] and not converted["lm_head"] and not converted["skipped"]
+    # the attention layers' four projections, nothing of the Mamba layers or shared experts
+    assert converted["linears"] and {n.rsplit(".", 1)[1] for n in converted["linears"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
+    assert converted["experts"] and all(name.endswith("experts") for name in converted["experts"])
     blocks = load("blocks")
     rows = blocks.main(
         [
