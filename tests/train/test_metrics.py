@@ -2,13 +2,14 @@
 `nemotron nano3 plot`) shows, and the one error line for a file it cannot read."""
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
 
 from nemotron.cli.main import app
 from nemotron.train.config import LoggerConfig
-from nemotron.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from nemotron.train.metrics import METRICS_FILE, MetricsLogger, perplexity, read_metrics
 
 
 def _write(job, lines: list, tail: bytes = b"") -> None:
@@ -165,3 +166,11 @@ def test_each_train_record_holds_the_values_of_its_own_step(tmp_path, monkeypatc
         assert record["balance/per_layer_bias_range"] == pytest.approx(step["bias_ranges"], abs=1e-7)
         assert record["balance/bias_range"] == pytest.approx(step["bias_range"], abs=1e-7)
     assert train[-1]["lr"] > 0 and train[-1]["balance/bias_range"] > 0
+
+
+def test_perplexity_is_capped_as_megatron_caps_it():
+    """Megatron logs exp(min(20, loss)); a diverged run's eval ppl must read the same."""
+    assert perplexity(2.5) == math.exp(2.5)
+    assert perplexity(20.0) == math.exp(20.0)
+    assert perplexity(37.0) == math.exp(20.0)  # was exp(37): not what Megatron's log shows
+    assert math.isnan(perplexity(float("nan")))

@@ -20,6 +20,16 @@ from nemotron.artifacts import wandb_lineage
 from nemotron.train.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
+# Megatron logs an evaluation's perplexity as exp(min(20, loss)) (`evaluate_and_print_results`):
+# the same cap keeps the two logs comparable.
+PERPLEXITY_LOSS_CAP = 20.0
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the loss capped at `PERPLEXITY_LOSS_CAP` as Megatron caps it."""
+    return math.exp(min(loss, PERPLEXITY_LOSS_CAP))
+
+
 log = logging.getLogger("nemotron.train")
 
 EventHook = Callable[[str, dict[str, Any]], None]

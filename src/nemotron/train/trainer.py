@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import resource
@@ -68,7 +67,7 @@ from nemotron.train.loop import (
     resolve_device,
     train_step,
 )
-from nemotron.train.metrics import EventHook, MetricsLogger, check_logger
+from nemotron.train.metrics import EventHook, MetricsLogger, check_logger, perplexity
 from nemotron.train.optimizer import build_optimizer, set_learning_rate
 from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule
 
@@ -539,7 +538,7 @@ class Trainer:
             parallel=self.parallel,
             reuse_fp8_weights=self.cfg.train.fp8.reuse_weights,
         )
-        self.metrics.log(kind, self.state.step, {"loss": loss, "ppl": math.exp(min(loss, 50.0))})
+        self.metrics.log(kind, self.state.step, {"loss": loss, "ppl": perplexity(loss)})
         return loss
 
     # ----------------------------------------------------------------------------- saving
