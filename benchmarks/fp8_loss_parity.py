@@ -36,7 +36,7 @@ from nemotron.train import balancing  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
-from nemotron.train.loop import build_model, train_step  # noqa: E402
+from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
 
@@ -50,7 +50,8 @@ def config(args, fp8: Fp8Config) -> PretrainConfig:
         micro_batch_size=args.micro_batch,
         seq_length=args.seq,
         seed=1234,
-        eval_iters=0,
+        # the test split's first `--eval-batches` global batches: one held-out set for every run
+        eval_iters=args.eval_batches,
         precision="bf16",
         device=args.device,
         grad_clip=1.0,
@@ -97,8 +98,17 @@ def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
             )
     summary = getattr(model, "fp8_summary", None)
     timed = times[2:] or times  # the first steps compile and warm up
+    held_out = data.test_batches() if args.eval_batches else None
+    test_loss = (
+        None
+        if held_out is None
+        else evaluate(model, held_out, device=device, precision="bf16", parallel=parallel)
+    )
+    if test_loss is not None:
+        print(f"  held-out loss of the final weights ({args.eval_batches} test batches): {test_loss:.4f}")
     out = {
         "losses": losses,
+        "test_loss": test_loss,
         "step_ms_median": sorted(timed)[len(timed) // 2],
         "peak_gib": peak_memory_gib(device),
         "fp8": None if summary is None else summary.describe(),
@@ -145,6 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--tolerance", type=float, default=0.02, help="allowed |final loss FP8 - BF16| (absolute, nats)"
     )
+    ap.add_argument(
+        "--eval-batches",
+        type=int,
+        default=16,
+        help="the final weights' loss on the test split's first N global batches, per run (0: none)",
+    )
+    ap.add_argument(
+        "--bf16-control",
+        action="store_true",
+        help="train BF16 a second time (same seed, batches and code): how far two BF16 runs end apart "
+        "on this GPU, the scale an FP8 difference is read against",
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -160,21 +182,25 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {},
     }
     layers = args.layers_fp8.split(",") if args.layers_fp8 else list(FP8_LAYERS)
-    runs = [("bf16", Fp8Config())] + [
-        (
-            f"fp8-{r}",
-            Fp8Config(
-                enabled=True,
-                recipe=r,
-                layers=layers,
-                experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
-                experts_weight_grad="fp8" if args.experts_wgrad and "experts" in layers else "bf16",
-                autotune_casts=args.autotune_casts,
-            ),
-        )
-        for r in args.recipes.split(",")
-        if r
-    ]
+    runs = (
+        [("bf16", Fp8Config())]
+        + ([("bf16-control", Fp8Config())] if args.bf16_control else [])
+        + [
+            (
+                f"fp8-{r}",
+                Fp8Config(
+                    enabled=True,
+                    recipe=r,
+                    layers=layers,
+                    experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
+                    experts_weight_grad="fp8" if args.experts_wgrad and "experts" in layers else "bf16",
+                    autotune_casts=args.autotune_casts,
+                ),
+            )
+            for r in args.recipes.split(",")
+            if r
+        ]
+    )
     with one_rank_group(device, args.params):
         for name, fp8 in runs:
             print(f"{name}:", flush=True)
@@ -187,17 +213,22 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         diffs = [a - b for a, b in zip(run["losses"], base)]
         final = sum(run["losses"][-w:]) / w - sum(base[-w:]) / w
+        base_test = result["runs"]["bf16"]["test_loss"]
         run.update(
             final_loss_diff=final,
             max_step_diff=max(abs(d) for d in diffs),
             final_loss=sum(run["losses"][-w:]) / w,
-            ok=abs(final) <= args.tolerance,
+            test_loss_diff=None if base_test is None else run["test_loss"] - base_test,
+            # the control is a measurement of the spread, not a check
+            ok=None if name == "bf16-control" else abs(final) <= args.tolerance,
         )
         print(
             f"{name}: final loss (mean of last {w}) {run['final_loss']:.4f} vs bf16 "
             f"{sum(base[-w:]) / w:.4f}: diff {final:+.4f} (tolerance {args.tolerance}) "
-            f"{'OK' if run['ok'] else 'FAILED'}; max per-step |diff| {run['max_step_diff']:.4f}; "
-            f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
+            f"{ {True: 'OK', False: 'FAILED', None: '(control)'}[run['ok']] }; "
+            f"max per-step |diff| {run['max_step_diff']:.4f}; "
+            + ("" if run["test_loss_diff"] is None else f"held-out loss diff {run['test_loss_diff']:+.4f}; ")
+            + f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
             flush=True,
         )
     if args.out:

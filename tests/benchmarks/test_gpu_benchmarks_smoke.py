@@ -422,10 +422,21 @@ def test_fp8_options_of_the_benchmarks(tmp_path):
             "fp32",
             "--tolerance",
             "1.0",
+            "--eval-batches",
+            "2",
+            "--bf16-control",
         ]
     )
     run = out["runs"]["fp8-tensorwise"]
     assert len(run["losses"]) == 2 and run["losses"] != out["runs"]["bf16"]["losses"] and run["ok"]
+    # the held-out loss of each run's final weights, and the BF16 control: on CPU (deterministic)
+    # it is the BF16 run again, to the bit, and is reported, not checked
+    control = out["runs"]["bf16-control"]
+    assert control["losses"] == out["runs"]["bf16"]["losses"] and control["ok"] is None
+    assert control["final_loss_diff"] == 0.0 and control["test_loss_diff"] == 0.0
+    assert (
+        run["test_loss"] > 0 and run["test_loss_diff"] == run["test_loss"] - out["runs"]["bf16"]["test_loss"]
+    )
     assert "6 expert groups" in run["fp8"]  # the parity run converts every FP8-capable layer
 
 
