@@ -4,6 +4,7 @@ multi-GPU run, the block times against the benchmark JSON, and the advice it giv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -231,3 +232,110 @@ def test_shape_from_config_carries_compile():
 
     cfg = load_config(resolve_config_path("tiny", PretrainConfig), ["train.compile=true"], PretrainConfig)
     assert pm.shape_from_config(cfg).compile is True
+
+
+def test_plan_checks_every_sample_length_as_pretrain_does():
+    """A mixed-length sample that 2*CP*TP does not divide: `pretrain` refuses the run at start,
+    so the plan must not call the layout one that fits (both name the key)."""
+    from nemotron.cli.pretrain import check_layout
+    from nemotron.config import ConfigError, PretrainConfig, load_config, resolve_config_path
+
+    cfg = load_config(resolve_config_path("long_context", PretrainConfig), [], PretrainConfig)
+    mixed = cfg.data.mixed_length_blends
+    cfg.data.mixed_length_blends = [dataclasses.replace(mixed[0], seq_length=4000)]
+    key = "data.mixed_length_blends[0].seq_length=4000 must be a positive multiple of 128"
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        check_layout(cfg, 256, "test")
+    shape = pm.shape_from_config(cfg)
+    assert shape.sample_lengths() == {
+        "train.seq_length": 524288,
+        "data.mixed_length_blends[0].seq_length": 4000,
+    }
+    with pytest.raises(pm.PlanError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        pm.estimate(cfg.model.arch(), pm.layout_from_config(cfg, 256), shape)
+    # a layout that cuts sequences into 2*CP*TP = 32 pieces runs it
+    assert pm.estimate(cfg.model.arch(), pm.Layout(256, tp=8, ep=8, cp=2, recompute=True), shape)
+
+
+SMALL_BLOCKS = {k: v for k, v in SMALL.items() if k not in ("hybrid_pattern", "num_layers")}
+
+
+def _block_params(cfg: Nano3Config, blocks) -> int:
+    import torch
+
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    return sum(p.numel() for i in blocks for p in model.backbone.layers[str(i)].parameters())
+
+
+def test_pipeline_memory_is_the_fullest_rank_even_a_middle_one():
+    """Training's cost-balanced split of MMMEEEEEEMMM over 3 ranks puts the six MoE blocks (the
+    parameters) on the middle rank: the plan's weights are that rank's, counted on the real
+    model (one GPU per stage: nothing sharded), not the first or last stage's."""
+    pattern = "MMMEEEEEEMMM"
+    cfg = Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), **SMALL_BLOCKS)
+    shape = pm.RunShape(seq_length=64, global_batch_size=1)
+    layout = pm.Layout(3, pp=3)
+    ranks = pm.rank_blocks(cfg, layout, shape)
+    assert [r.blocks for r in ranks] == [(0, 1, 2, 3), (4, 5, 6, 7, 8, 9), (10, 11)]
+    middle = _block_params(cfg, range(4, 10))
+    assert middle == 3_238_168
+    plan = pm.estimate(cfg, layout, shape)
+    assert plan.memory.weights * pm.GIB == 4 * middle
+    assert plan.memory.optimizer * pm.GIB == 8 * middle
+    assert plan.memory.loss_buffers == 0  # the LM head's loss lives on the last rank
+
+
+def test_pipeline_follows_the_recipes_manual_split_and_schedule():
+    """model.pipeline_blocks_per_stage and the schedule are training's stages: the plan uses
+    them (GPipe keeps every micro-batch's activations; 1F1B at most PP - rank)."""
+    pattern = "MEEEM"
+    cfg = Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), **SMALL_BLOCKS)
+    shape = pm.RunShape(seq_length=4096, global_batch_size=8)
+    manual = pm.Layout(3, pp=3, blocks_per_stage=(1, 3, 1))
+    assert [r.blocks for r in pm.rank_blocks(cfg, manual, shape)] == [(0,), (1, 2, 3), (4,)]
+    assert pm.estimate(cfg, manual, shape).memory.weights * pm.GIB == 4 * _block_params(cfg, range(1, 4))
+    with pytest.raises(pm.PlanError, match="pipeline_blocks_per_stage"):
+        pm.estimate(cfg, pm.Layout(3, pp=3, blocks_per_stage=(1, 1, 1)), shape)
+    one_f_one_b = pm.estimate(cfg, pm.Layout(2, pp=2, recompute=False), shape)
+    gpipe = pm.estimate(cfg, pm.Layout(2, pp=2, pipeline_schedule="GPipe"), shape)
+    assert gpipe.grad_accumulation == 8
+    assert gpipe.memory.activations > 3 * one_f_one_b.memory.activations
+
+
+def test_mixed_lengths_count_each_micro_batch_and_token_at_its_own_length():
+    """Half 512K-token, half 4K-token samples at micro-batch 1: the step computes each micro-batch
+    at its own length (the mean of the two pure runs' compute), counts the real tokens (not
+    48 x 512K) and the MFU from each sample's own FLOPs."""
+    from nemotron.train import flops
+
+    cfg = Nano3Config()
+    long, short = 524288, 4096
+    layout = pm.Layout(256, tp=8, ep=8, cp=8, recompute=True)
+    mixed = pm.RunShape(seq_length=long, global_batch_size=48, mixed_lengths=((short, 1.0),))
+    plan = pm.estimate(cfg, layout, mixed)
+    pure = [pm.estimate(cfg, layout, pm.RunShape(seq_length=n, global_batch_size=48)) for n in (long, short)]
+    assert plan.step.compute == pytest.approx((pure[0].step.compute + pure[1].step.compute) / 2)
+    tokens = 24 * (long + short)
+    assert plan.tokens_per_second_per_gpu == pytest.approx(tokens / plan.step.total / 256)
+    model_flops = 24 * (
+        long * flops.training_flops_per_token(cfg, long) + short * flops.training_flops_per_token(cfg, short)
+    )
+    assert plan.mfu == pytest.approx(model_flops / plan.step.total / 256 / flops.H200_BF16_PEAK_FLOPS)
+    # memory: a micro-batch of the longest sample, as in the pure 512K run
+    assert plan.memory.activations == pytest.approx(pure[0].memory.activations)
+    # several samples per micro-batch are padded to the longest
+    # pipeline stages: training's split at the mix of lengths
+    from nemotron.distributed.config import ParallelismConfig
+    from nemotron.distributed.pipeline_split import split_stages
+
+    pp = pm.Layout(256, tp=8, ep=8, cp=2, pp=4)
+    trained = split_stages(
+        cfg, ParallelismConfig(pipeline_model_parallel_size=4), [(long, 0.5), (short, 0.5)]
+    )
+    assert [r.blocks for r in pm.rank_blocks(cfg, pp, mixed)] == [tuple(b) for b in trained.blocks]
+    layout = dataclasses.replace(layout, micro_batch=2)
+    padded = pm.estimate(cfg, layout, pm.RunShape(seq_length=long, global_batch_size=48))
+    assert pm.estimate(cfg, layout, mixed).step.compute == pytest.approx(padded.step.compute)

@@ -44,8 +44,19 @@ def plan_rows(cfg, world: int) -> list[tuple[str, str]]:
             ("faster", f"{b.layout.describe()}: {_memory_text(b)}; {_speed_text(b)} ({_overrides(b.layout)})")
         )
     elif not best:
-        rows.append(("faster", f"no layout fits {world} GPUs"))
+        rows.append(("faster", _nothing_text(model, world, shape, include_pp=False)))
     return rows
+
+
+def _nothing_text(model, world: int, shape, *, include_pp: bool) -> str:
+    """Why `recommend` found nothing on `world` GPUs: no layout can be built there at all (the
+    batch or the model's sizes), or none fits in memory."""
+    from nemotron.train import perf_model as pm
+
+    reason = pm.no_layout_reason(model, world, shape, include_pp=include_pp)
+    if reason is None:
+        return f"no layout fits in the memory of {world} GPUs"
+    return f"no layout can be built on {world} GPUs ({reason})"
 
 
 def _memory_text(plan) -> str:
@@ -72,8 +83,17 @@ def _overrides(layout) -> str:
     ]
     if not layout.accumulate_unsharded:
         parts.append("train.fsdp_accumulate_unsharded=false")
+    # always: applied to a recipe with pipeline stages, a layout without must turn them off
+    parts.append(f"model.pipeline_model_parallel_size={layout.pp}")
     if layout.pp > 1:
-        parts.append(f"model.pipeline_model_parallel_size={layout.pp}")
+        parts.append(f"model.pipeline_schedule={layout.pipeline_schedule}")
+        vpp = layout.virtual_stages
+        parts.append(f"model.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}")
+        split = layout.blocks_per_stage
+        parts.append(
+            "model.pipeline_blocks_per_stage="
+            + ("null" if split is None else "[" + ",".join(map(str, split)) + "]")
+        )
     return " ".join(parts)
 
 
@@ -168,7 +188,11 @@ def plan(
                 notes.append(f"{world} GPUs, recipe layout {layout.describe()}: {exc}")
             found = pm.recommend(model, world, shape, include_pp=include_pp)
             if not found:
-                notes.append(f"{world} GPUs: no layout fits")
+                nothing = _nothing_text(model, world, shape, include_pp=include_pp)
+                if "can be built" in nothing and not any(p.layout.world == world for p in recipe):
+                    # not a plan but a GPU count nothing runs on: a bad --gpus value
+                    raise common.CliError(f"--gpus {world}: {nothing}")
+                notes.append(f"{world} GPUs: {nothing}")
             best.extend(found[:top])
     if as_json:
         import dataclasses
