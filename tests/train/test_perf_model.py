@@ -339,3 +339,29 @@ def test_mixed_lengths_count_each_micro_batch_and_token_at_its_own_length():
     layout = dataclasses.replace(layout, micro_batch=2)
     padded = pm.estimate(cfg, layout, pm.RunShape(seq_length=long, global_batch_size=48))
     assert pm.estimate(cfg, layout, mixed).step.compute == pytest.approx(padded.step.compute)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: (pm.Layout(8, micro_batch=0), pm.RunShape()), "train.micro_batch_size must be >= 1, got 0"),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(global_batch_size=-8)),
+            "train.global_batch_size must be >= 1, got -8",
+        ),
+        (lambda: (pm.Layout(0), pm.RunShape()), "world size must be >= 1, got 0"),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(mixed_lengths=((4096, -1.0),))),
+            r"data.mixed_length_blends\[0\].weight must be a finite number >= 0, got -1.0",
+        ),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(mixed_lengths=((4096, 0.0),), blend_weight=0.0)),
+            "weights sum to 0",
+        ),
+    ],
+)
+def test_hostile_library_inputs_are_plan_errors(make, message):
+    """What the recipe schema rejects, given to the library directly: one PlanError naming the
+    key (before: ZeroDivisionError, or negative tokens/s for a negative micro batch)."""
+    with pytest.raises(pm.PlanError, match=message):
+        pm.estimate(Nano3Config(), *make())

@@ -40,6 +40,12 @@ def check_global_batch(
     global_batch_size: int, micro_batch_size: int, dp: int = 1, error: type[Exception] = ParallelLayoutError
 ) -> None:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
+    for key, value in (
+        ("train.global_batch_size", global_batch_size),
+        ("train.micro_batch_size", micro_batch_size),
+    ):
+        if value < 1:
+            raise error(f"{key} must be >= 1, got {value}")
     per_step = micro_batch_size * dp
     if global_batch_size % per_step:
         by = (

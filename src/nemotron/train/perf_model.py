@@ -123,6 +123,18 @@ class RunShape:
     mixed_lengths: tuple[tuple[int, float], ...] = ()
     blend_weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        # what the config schema rejects in a recipe, for callers building a RunShape directly:
+        # a share of samples is a weight over their sum
+        weights = {"data.blend_weight": self.blend_weight} | {
+            f"data.mixed_length_blends[{i}].weight": w for i, (_, w) in enumerate(self.mixed_lengths)
+        }
+        for key, w in weights.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise PlanError(f"{key} must be a finite number >= 0, got {w!r}")
+        if self.mixed_lengths and sum(weights.values()) <= 0:
+            raise PlanError("data.blend_weight and the data.mixed_length_blends weights sum to 0")
+
     def sample_lengths(self) -> dict[str, int]:
         """Every sample length by the key that sets it (what training checks against 2*CP*TP)."""
         return sample_lengths(self.seq_length, [n for n, _ in self.mixed_lengths])
