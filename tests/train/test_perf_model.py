@@ -365,3 +365,19 @@ def test_hostile_library_inputs_are_plan_errors(make, message):
     key (before: ZeroDivisionError, or negative tokens/s for a negative micro batch)."""
     with pytest.raises(pm.PlanError, match=message):
         pm.estimate(Nano3Config(), *make())
+
+
+def test_what_the_model_does_not_calibrate_is_said():
+    """fp32 precision and FP8 are not modelled: the plan says the numbers are bf16's."""
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+
+    path = resolve_config_path("default", PretrainConfig)
+    cfg = load_config(path, ["train.precision=fp32"], PretrainConfig)
+    shape = pm.shape_from_config(cfg)
+    assert shape.precision == "fp32"
+    warnings = pm.estimate(Nano3Config(), pm.Layout(8, ep=8), shape).warnings
+    assert any(w.startswith("train.precision=fp32 is not modelled") for w in warnings)
+    cfg = load_config(path, ["train.fp8.enabled=true"], PretrainConfig)
+    warnings = pm.estimate(Nano3Config(), pm.Layout(8, ep=8), pm.shape_from_config(cfg)).warnings
+    assert any(w.startswith("train.fp8 is not modelled") for w in warnings)
+    assert not any("not modelled" in w for w in pm.estimate(Nano3Config(), pm.Layout(8, ep=8)).warnings)

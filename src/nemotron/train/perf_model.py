@@ -122,6 +122,10 @@ class RunShape:
     # the seq_length samples: training validates every length and splits pipeline stages by them
     mixed_lengths: tuple[tuple[int, float], ...] = ()
     blend_weight: float = 1.0
+    # train.precision and train.fp8.enabled: the model is calibrated on bf16 runs only, and
+    # says so (layout_warnings) for anything else
+    precision: str = "bf16"
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         # what the config schema rejects in a recipe, for callers building a RunShape directly:
@@ -919,8 +923,21 @@ def _backward_sweep(units: list[Unit], acts: float, loss: float) -> tuple[float,
 def layout_warnings(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware = H200, cal: Calibration = CALIBRATION
 ) -> list[str]:
-    """Known-slow choices in `layout`, each with what to use instead."""
+    """Known-slow choices in `layout`, each with what to use instead, and what the prediction
+    does not model."""
     out = []
+    if shape.precision != "bf16":
+        out.append(
+            f"train.precision={shape.precision} is not modelled: the prediction is of bf16 "
+            "(calibrated on bf16 runs); fp32 activations and gathered weights take about twice "
+            "the memory and the matmuls run without bf16 tensor cores"
+        )
+    if shape.fp8:
+        out.append(
+            "train.fp8 is not modelled: the prediction is of bf16 (measured on the proxy model, "
+            "one H200: 1.07x bf16's tokens/s with the default layers, up to 1.31x with every "
+            'FP8 layer; docs/benchmarks.md "FP8 training")'
+        )
     if layout.tp > 1:
         out.append(
             f"TP{layout.tp} + SP has no communication overlap here (no async TP): every block "
@@ -1038,6 +1055,8 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
         compile=bool(t.compile),
         mixed_lengths=tuple((m.seq_length, float(m.weight)) for m in cfg.data.mixed_length_blends),
         blend_weight=float(cfg.data.blend_weight),
+        precision=t.precision,
+        fp8=bool(t.fp8.enabled),
     )
 
 
