@@ -380,4 +380,27 @@ def test_what_the_model_does_not_calibrate_is_said():
     cfg = load_config(path, ["train.fp8.enabled=true"], PretrainConfig)
     warnings = pm.estimate(Nano3Config(), pm.Layout(8, ep=8), pm.shape_from_config(cfg)).warnings
     assert any(w.startswith("train.fp8 is not modelled") for w in warnings)
+
+
+def test_fp8_recipes_training_refuses_under_tp_are_never_recommended():
+    """train.fp8.recipe=rowwise does not compose with TP (the config check refuses it): with it,
+    a TP layout is marked refused with that reason and never recommended."""
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+
+    overrides = ["train.fp8.enabled=true", "train.fp8.recipe=rowwise", "model.tensor_model_parallel_size=1"]
+    overrides += ["model.sequence_parallel=false"]
+    cfg = load_config(resolve_config_path("default", PretrainConfig), overrides, PretrainConfig)
+    shape = pm.shape_from_config(cfg)
+    tp = pm.estimate(Nano3Config(), pm.Layout(64, tp=2, ep=8), shape)
+    assert not tp.implemented
+    assert any(w.startswith("train.fp8.recipe: 'rowwise' does not compose with tensor") for w in tp.warnings)
+    assert pm.estimate(Nano3Config(), pm.Layout(64, ep=8), shape).implemented
+    # on 4096 GPUs only TP > 1 splits the 3072-sequence batch: nothing runs (bf16 would: TP4)
+    assert pm.recommend(Nano3Config(), 4096, shape) == []
+    reason = pm.no_layout_reason(Nano3Config(), 4096, shape)
+    assert (
+        reason.startswith("the layouts that fit on 4096 GPUs are ones training refuses")
+        and "rowwise" in reason
+    )
+    assert pm.recommend(Nano3Config(), 4096, pm.RunShape())[0].layout.tp > 1
     assert not any("not modelled" in w for w in pm.estimate(Nano3Config(), pm.Layout(8, ep=8)).warnings)

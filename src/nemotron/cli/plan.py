@@ -44,19 +44,8 @@ def plan_rows(cfg, world: int) -> list[tuple[str, str]]:
             ("faster", f"{b.layout.describe()}: {_memory_text(b)}; {_speed_text(b)} ({_overrides(b.layout)})")
         )
     elif not best:
-        rows.append(("faster", _nothing_text(model, world, shape, include_pp=False)))
+        rows.append(("faster", pm.no_layout_reason(model, world, shape)))
     return rows
-
-
-def _nothing_text(model, world: int, shape, *, include_pp: bool) -> str:
-    """Why `recommend` found nothing on `world` GPUs: no layout can be built there at all (the
-    batch or the model's sizes), or none fits in memory."""
-    from nemotron.train import perf_model as pm
-
-    reason = pm.no_layout_reason(model, world, shape, include_pp=include_pp)
-    if reason is None:
-        return f"no layout fits in the memory of {world} GPUs"
-    return f"no layout can be built on {world} GPUs ({reason})"
 
 
 def _memory_text(plan) -> str:
@@ -188,8 +177,8 @@ def plan(
                 notes.append(f"{world} GPUs, recipe layout {layout.describe()}: {exc}")
             found = pm.recommend(model, world, shape, include_pp=include_pp)
             if not found:
-                nothing = _nothing_text(model, world, shape, include_pp=include_pp)
-                if "can be built" in nothing and not any(p.layout.world == world for p in recipe):
+                nothing = pm.no_layout_reason(model, world, shape, include_pp=include_pp)
+                if nothing.startswith(pm.NOTHING_BUILDS) and not any(p.layout.world == world for p in recipe):
                     # not a plan but a GPU count nothing runs on: a bad --gpus value
                     raise common.CliError(f"--gpus {world}: {nothing}")
                 notes.append(f"{world} GPUs: {nothing}")

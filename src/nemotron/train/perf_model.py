@@ -43,6 +43,7 @@ from nemotron.distributed.parallel_dims import (
 from nemotron.distributed.pipeline_split import length_shares
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
+from nemotron.train.fp8_config import Fp8Config, check_fp8_config
 
 GIB = 1024**3
 # tokens per piece of the vocab-parallel LM-head loss (distributed/tensor_parallel.py, which
@@ -122,10 +123,10 @@ class RunShape:
     # the seq_length samples: training validates every length and splits pipeline stages by them
     mixed_lengths: tuple[tuple[int, float], ...] = ()
     blend_weight: float = 1.0
-    # train.precision and train.fp8.enabled: the model is calibrated on bf16 runs only, and
-    # says so (layout_warnings) for anything else
+    # train.precision and train.fp8: the model is calibrated on bf16 runs only, and says so
+    # (layout_warnings) for anything else; training refuses some FP8 settings under TP (refusal)
     precision: str = "bf16"
-    fp8: bool = False
+    fp8: Fp8Config | None = None
 
     def __post_init__(self) -> None:
         # what the config schema rejects in a recipe, for callers building a RunShape directly:
@@ -557,13 +558,17 @@ def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
 
 
 def refusal(cfg: Nano3Config, layout: Layout, shape: RunShape) -> str | None:
-    """Why training refuses `layout` although it can be built (today: `train.compile` with PP),
-    in the training code's words; None when it runs it. PP composes with DP, TP + SP, CP and
-    EP (docs/parallelism.md "Pipeline parallel")."""
+    """Why training refuses `layout` although it can be built (`train.compile` with PP; a
+    `train.fp8` recipe that does not compose with the layout's TP), in the training code's
+    words; None when it runs it. PP composes with DP, TP + SP, CP and EP (docs/parallelism.md
+    "Pipeline parallel")."""
     try:
         check_pipeline(layout_parallelism(layout), cfg, compile=shape.compile)
     except ParallelLayoutError as exc:
         return str(exc)
+    if shape.fp8 is not None:
+        for key, message in check_fp8_config(shape.fp8, shape.precision, layout.tp):
+            return f"{key}: {message}"
     return None
 
 
@@ -932,7 +937,7 @@ def layout_warnings(
             "(calibrated on bf16 runs); fp32 activations and gathered weights take about twice "
             "the memory and the matmuls run without bf16 tensor cores"
         )
-    if shape.fp8:
+    if shape.fp8 is not None and shape.fp8.enabled:
         out.append(
             "train.fp8 is not modelled: the prediction is of bf16 (measured on the proxy model, "
             "one H200: 1.07x bf16's tokens/s with the default layers, up to 1.31x with every "
@@ -1005,18 +1010,26 @@ def candidate_layouts(
     return out
 
 
-def no_layout_reason(
-    cfg: Nano3Config, world: int, shape: RunShape, *, include_pp: bool = False
-) -> str | None:
-    """Why no layout of `candidate_layouts` can be built on `world` GPUs (None if one can): the
-    reason of the plainest one, data parallel over all of them at micro batch 1."""
-    if candidate_layouts(cfg, world, shape, include_pp=include_pp):
-        return None
-    try:
-        validate_layout(cfg, Layout(world), shape)
-    except PlanError as exc:
-        return f"e.g. DP{world} mb1: {exc}"
-    return "no TP, EP, CP or PP size (powers of two up to 8) divides it"  # pragma: no cover
+def no_layout_reason(cfg: Nano3Config, world: int, shape: RunShape, *, include_pp: bool = False) -> str:
+    """Why `recommend` finds nothing on `world` GPUs: no layout of `candidate_layouts` can be
+    built there (the reason of the plainest one, data parallel over all of them at micro batch
+    1), the ones that fit are refused by training (`refusal`), or none fits in memory."""
+    layouts = candidate_layouts(cfg, world, shape, include_pp=include_pp)
+    if not layouts:
+        try:
+            validate_layout(cfg, Layout(world), shape)
+        except PlanError as exc:
+            return f"{NOTHING_BUILDS} on {world} GPUs (e.g. DP{world} mb1: {exc})"
+        return f"{NOTHING_BUILDS} on {world} GPUs"  # pragma: no cover (DP-only builds: a candidate)
+    for layout in layouts:
+        if estimate_memory(cfg, layout, shape, H200, CALIBRATION, validate_layout(cfg, layout, shape)).fits:
+            reason = refusal(cfg, layout, shape)
+            if reason is not None:
+                return f"the layouts that fit on {world} GPUs are ones training refuses (e.g. {layout.describe()}: {reason})"
+    return f"no layout fits in the memory of {world} GPUs"
+
+
+NOTHING_BUILDS = "no layout can be built"
 
 
 def recommend(
@@ -1056,7 +1069,7 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
         mixed_lengths=tuple((m.seq_length, float(m.weight)) for m in cfg.data.mixed_length_blends),
         blend_weight=float(cfg.data.blend_weight),
         precision=t.precision,
-        fp8=bool(t.fp8.enabled),
+        fp8=t.fp8,
     )
 
 
