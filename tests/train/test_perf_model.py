@@ -404,3 +404,23 @@ def test_fp8_recipes_training_refuses_under_tp_are_never_recommended():
     )
     assert pm.recommend(Nano3Config(), 4096, pm.RunShape())[0].layout.tp > 1
     assert not any("not modelled" in w for w in pm.estimate(Nano3Config(), pm.Layout(8, ep=8)).warnings)
+
+
+def test_under_pp_the_weights_stay_gathered_whatever_fsdp_accumulate_unsharded_says():
+    """torch.distributed.pipelining runs every stage backward without gradient sync or
+    resharding and reduces once at the end (and training builds the stages with
+    reshard_after_forward=False): train.fsdp_accumulate_unsharded=false changes nothing under
+    PP, so the plan predicts the same memory and time, says so, and never offers it."""
+    cfg, shape = Nano3Config(), pm.RunShape(global_batch_size=256)
+    kept = pm.estimate(cfg, pm.Layout(128, ep=8, pp=2), shape)
+    reshard = pm.estimate(cfg, pm.Layout(128, ep=8, pp=2, accumulate_unsharded=False), shape)
+    assert reshard.memory == kept.memory and reshard.step == kept.step
+    assert kept.memory.fsdp_buffers * pm.GIB == 6 * max(
+        sum(u.unsharded for u in pm.stage_units(cfg, kept.layout, r, shape)) for r in range(2)
+    )
+    assert any("fsdp_accumulate_unsharded=false has no effect under PP" in w for w in reshard.warnings)
+    assert all(
+        p.layout.accumulate_unsharded
+        for p in pm.recommend(cfg, 128, shape, include_pp=True)
+        if p.layout.pp > 1
+    )

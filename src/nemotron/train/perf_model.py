@@ -99,7 +99,15 @@ class Layout:
             parts.append(f"({self.pipeline_schedule}{split})")
         text = " ".join(parts) + f" mb{self.micro_batch}"
         text += " +recompute" if self.recompute else ""
-        return text + ("" if self.accumulate_unsharded else " +reshard")
+        return text + ("" if self.keeps_weights_gathered(2) else " +reshard")
+
+    def keeps_weights_gathered(self, accum: int) -> bool:
+        """Whether FSDP2 keeps every unit's weights gathered and accumulates unsharded gradients
+        for the whole step: with several micro-batches and `accumulate_unsharded`, and always
+        under PP (torch.distributed.pipelining's stages run every backward without gradient
+        sync or resharding and reduce once at the end; training builds the stages with
+        reshard_after_forward=False), whatever train.fsdp_accumulate_unsharded says."""
+        return self.pp > 1 or (accum > 1 and self.accumulate_unsharded)
 
 
 @dataclass(frozen=True)
@@ -774,7 +782,7 @@ def estimate_step(
     last = next(i for i, r in enumerate(ranks) if r.last)
     units = stage_units(cfg, layout, last, shape)
     fsdp = 0.0
-    once = n_micro > 1 and layout.accumulate_unsharded
+    once = layout.keeps_weights_gathered(n_micro)
     for u in units:
         gathers = 1 if (once or u.kind == "root") else 2
         rounds = 1 if once else n_micro
@@ -861,7 +869,7 @@ def _rank_memory(
     if cp > 1:
         acts += 2 * 2 * layout.micro_batch * seq * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
     fp32_single = shape.compute_weights == "fp32" and layout.world == 1
-    accumulate = accum > 1 and layout.accumulate_unsharded and not fp32_single
+    accumulate = layout.keeps_weights_gathered(accum) and not fp32_single
     weights, adam = 4.0 * sharded, 8.0 * sharded
     largest = max(u.unsharded for u in units)
     if accumulate:
@@ -964,6 +972,12 @@ def layout_warnings(
                 else ""
             )
         )
+        if not layout.accumulate_unsharded:
+            out.append(
+                "train.fsdp_accumulate_unsharded=false has no effect under PP: the pipeline "
+                "stages keep their weights gathered and accumulate unsharded gradients for the "
+                "whole step (torch.distributed.pipelining reduces them once, at the end)"
+            )
     if layout.cp > 1 and shape.longest <= 65536:
         out.append(
             f"CP{layout.cp} at {shape.longest} tokens: measured CP2 at 8192 tokens "
@@ -1004,7 +1018,7 @@ def candidate_layouts(
                                     accum = validate_layout(cfg, layout, shape)
                                 except PlanError:
                                     continue
-                                if accum == 1 and not unsharded:
+                                if not unsharded and (accum == 1 or pp > 1):
                                     continue  # the same run as accumulate_unsharded
                                 out.append(layout)
     return out
