@@ -424,3 +424,53 @@ def test_under_pp_the_weights_stay_gathered_whatever_fsdp_accumulate_unsharded_s
         for p in pm.recommend(cfg, 128, shape, include_pp=True)
         if p.layout.pp > 1
     )
+
+
+def test_nano3_parameter_counts_per_tensor_from_the_architecture_facts():
+    """Every count written out per tensor from the architecture (docs/reference.md §1: h 2688,
+    Mamba in_proj 2688 -> 10304, conv over 6144 channels, 64 heads; GQA q 4096 / kv 256; 128
+    experts 2688 -> 1856 -> 2688 + shared 3712; vocab 131072 untied), exact integers, against
+    the model built on the meta device, `parameter_counts` and the plan's units."""
+    import torch
+
+    from nemotron.models.nano3 import Nano3ForCausalLM, parameter_counts
+
+    h, vocab = 2688, 131072
+    mamba = h + h * 10304 + 6144 * 4 + 6144 + 3 * 64 + 4096 + 4096 * h  # norm in_proj conv A D dt norm out
+    attention = h + h * 4096 + 2 * h * 256 + 4096 * h  # norm q k v o
+    routed = 128 * 2 * h * 1856
+    moe = h + 128 * h + routed + 2 * h * 3712  # norm router experts shared
+    assert (mamba, attention, moe) == (38_744_896, 23_399_040, 1_297_468_032)
+    moe_active = moe - routed + 6 * 2 * h * 1856
+    assert moe_active == 80_169_600
+    total = 23 * mamba + 23 * moe + 6 * attention + 2 * vocab * h + h
+    active = 23 * mamba + 23 * moe_active + 6 * attention + vocab * h + h  # without the input embedding
+    assert (total, active) == (31_577_937_344, 3_227_751_872)
+
+    cfg = Nano3Config()
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == total
+    expected = {"mamba": mamba, "attention": attention, "moe": moe}
+    for i, kind in enumerate(cfg.block_kinds):
+        assert sum(p.numel() for p in model.backbone.layers[str(i)].parameters()) == expected[kind], i
+    counts = parameter_counts(cfg)
+    assert (counts["total"], counts["active"], counts["active_with_embeddings"]) == (
+        total,
+        active,
+        active + vocab * h,
+    )
+    by_block: dict = {}
+    for u in pm.fsdp_units(cfg, pm.Layout(1)):
+        by_block[u.block] = by_block.get(u.block, 0) + u.unsharded
+    assert all(by_block[i] == expected[k] for i, k in enumerate(cfg.block_kinds))
+    assert by_block[None] == 2 * vocab * h + h  # embeddings, final norm, LM head
+    # TP8 EP8 on 8 GPUs, rank 0, written out: q/o and the shared expert split 8 ways, k/v whole
+    # (2 KV heads < TP 8), the rank-local parts (norms, Mamba in_proj/conv/A/D/dt, router)
+    # sharded 8 ways on dim 0, 16 of the 128 experts, the vocab split 8 ways
+    mamba_rank = h * 512 + (336 + 1288 * h + 768 * 4 + 768 + 3 * 8 + 512)
+    attention_rank = 512 * h + 2 * 256 * h + h * 512 + 336
+    moe_rank = 2 * 464 * h + (336 + 16 * h) + 16 * 2 * h * 1856
+    rank = 2 * (vocab // 8) * h + 336 + 23 * mamba_rank + 6 * attention_rank + 23 * moe_rank
+    assert rank == 3_954_467_512
+    assert sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8))) == rank
