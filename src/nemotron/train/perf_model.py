@@ -40,7 +40,7 @@ from nemotron.distributed.parallel_dims import (
     check_pipeline,
     sample_lengths,
 )
-from nemotron.distributed.pipeline_split import length_shares
+from nemotron.distributed.pipeline_split import PipelineSplitError, length_shares, split_stages
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 from nemotron.train.fp8_config import Fp8Config, check_fp8_config
@@ -440,16 +440,8 @@ _RANKS: dict[tuple, list[RankBlocks]] = {}
 
 
 def _rank_blocks(cfg: Nano3Config, layout: Layout, shape: RunShape) -> list[RankBlocks]:
-    from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
-
-    parallel = ParallelismConfig(
-        pipeline_model_parallel_size=layout.pp,
-        pipeline_schedule=layout.pipeline_schedule,
-        virtual_pipeline_model_parallel_size=layout.virtual_stages,
-        pipeline_blocks_per_stage=None if layout.blocks_per_stage is None else list(layout.blocks_per_stage),
-    )
     try:
-        split = split_stages(cfg, parallel, shape.length_shares())
+        split = split_stages(cfg, layout_parallelism(layout), shape.length_shares())
     except PipelineSplitError as exc:
         raise PlanError(str(exc)) from None
     last = len(split.blocks) - 1
