@@ -694,7 +694,7 @@ def estimate_step(
 
     def micro(seq: int) -> tuple[float, float, float, float, float, float]:
         """One micro-batch of `seq`-token sequences on the slowest pipeline rank: (compute, exposed
-        EP, hidden EP, TP, CP seconds, pipeline send bytes)."""
+        EP, hidden EP, TP, CP, pipeline send seconds)."""
         tokens_rank = mb * seq / cp  # tokens of this rank's part of the micro-batch's sequences
         scale = tokens_rank / 8192 / tp
         head_s = _head_seconds(cfg, cal) * scale
