@@ -85,3 +85,35 @@ def test_plan_marks_what_training_refuses(cli, monkeypatch):
         "(refused)" in row
         and "warning: train.compile=true with model.pipeline_model_parallel_size=4" in result.output
     )
+
+
+def test_plan_gpu_count_no_layout_can_be_built_on_is_a_flag_error(cli):
+    """7 GPUs: 3072 sequences split over no data-parallel size that 7 allows, and no model-parallel
+    size divides 7: one error naming --gpus and why (exit 2), not "no layout fits" (which says
+    the memory is the problem: it is for 2 GPUs)."""
+    result = cli("nano3", "plan", "--gpus", "7")
+    assert result.exit_code == 2, result.output
+    assert "--gpus 7: no layout can be built on 7 GPUs" in result.output
+    assert "train.global_batch_size: 3072 is not divisible" in result.output
+    assert "Traceback" not in result.output and "fits" not in result.output
+    result = cli("nano3", "plan", "--gpus", "2", "--top", "1")
+    assert result.exit_code == 0, result.output
+    assert "2 GPUs: no layout fits in the memory of 2 GPUs" in result.output
+
+
+def test_recommended_overrides_select_the_recommended_layout():
+    """Applied to the recipe, a recommendation's overrides give exactly its layout: a layout
+    without PP on the PP4 long-context recipe sets the pipeline size back to 1, one with PP sets
+    the schedule and split it was planned with."""
+    from nemotron.cli.plan import _overrides
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+    from nemotron.train import perf_model as pm
+
+    path = resolve_config_path("long_context", PretrainConfig)
+    cfg = load_config(path, [], PretrainConfig)
+    plans = pm.recommend(cfg.model.arch(), 256, pm.shape_from_config(cfg), include_pp=True)
+    assert {p.layout.pp for p in plans} >= {1, 2}
+    for pp in (1, 2):
+        plan = next(p for p in plans if p.layout.pp == pp)
+        applied = load_config(path, _overrides(plan.layout).split(), PretrainConfig)
+        assert pm.layout_from_config(applied, 256) == plan.layout, pp

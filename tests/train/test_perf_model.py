@@ -4,6 +4,7 @@ multi-GPU run, the block times against the benchmark JSON, and the advice it giv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -231,3 +232,245 @@ def test_shape_from_config_carries_compile():
 
     cfg = load_config(resolve_config_path("tiny", PretrainConfig), ["train.compile=true"], PretrainConfig)
     assert pm.shape_from_config(cfg).compile is True
+
+
+def test_plan_checks_every_sample_length_as_pretrain_does():
+    """A mixed-length sample that 2*CP*TP does not divide: `pretrain` refuses the run at start,
+    so the plan must not call the layout one that fits (both name the key)."""
+    from nemotron.cli.pretrain import check_layout
+    from nemotron.config import ConfigError, PretrainConfig, load_config, resolve_config_path
+
+    cfg = load_config(resolve_config_path("long_context", PretrainConfig), [], PretrainConfig)
+    mixed = cfg.data.mixed_length_blends
+    cfg.data.mixed_length_blends = [dataclasses.replace(mixed[0], seq_length=4000)]
+    key = "data.mixed_length_blends[0].seq_length=4000 must be a positive multiple of 128"
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        check_layout(cfg, 256, "test")
+    shape = pm.shape_from_config(cfg)
+    assert shape.sample_lengths() == {
+        "train.seq_length": 524288,
+        "data.mixed_length_blends[0].seq_length": 4000,
+    }
+    with pytest.raises(pm.PlanError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        pm.estimate(cfg.model.arch(), pm.layout_from_config(cfg, 256), shape)
+    # a layout that cuts sequences into 2*CP*TP = 32 pieces runs it
+    assert pm.estimate(cfg.model.arch(), pm.Layout(256, tp=8, ep=8, cp=2, recompute=True), shape)
+
+
+SMALL_BLOCKS = {k: v for k, v in SMALL.items() if k not in ("hybrid_pattern", "num_layers")}
+
+
+def _block_params(cfg: Nano3Config, blocks) -> int:
+    import torch
+
+    from nemotron.models.nano3 import Nano3ForCausalLM
+
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    return sum(p.numel() for i in blocks for p in model.backbone.layers[str(i)].parameters())
+
+
+def test_pipeline_memory_is_the_fullest_rank_even_a_middle_one():
+    """Training's cost-balanced split of MMMEEEEEEMMM over 3 ranks puts the six MoE blocks (the
+    parameters) on the middle rank: the plan's weights are that rank's, counted on the real
+    model (one GPU per stage: nothing sharded), not the first or last stage's."""
+    pattern = "MMMEEEEEEMMM"
+    cfg = Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), **SMALL_BLOCKS)
+    shape = pm.RunShape(seq_length=64, global_batch_size=1)
+    layout = pm.Layout(3, pp=3)
+    ranks = pm.rank_blocks(cfg, layout, shape)
+    assert [r.blocks for r in ranks] == [(0, 1, 2, 3), (4, 5, 6, 7, 8, 9), (10, 11)]
+    middle = _block_params(cfg, range(4, 10))
+    assert middle == 3_238_168
+    plan = pm.estimate(cfg, layout, shape)
+    assert plan.memory.weights * pm.GIB == 4 * middle
+    assert plan.memory.optimizer * pm.GIB == 8 * middle
+    assert plan.memory.loss_buffers == 0  # the LM head's loss lives on the last rank
+
+
+def test_pipeline_follows_the_recipes_manual_split_and_schedule():
+    """model.pipeline_blocks_per_stage and the schedule are training's stages: the plan uses
+    them (GPipe keeps every micro-batch's activations; 1F1B at most PP - rank)."""
+    pattern = "MEEEM"
+    cfg = Nano3Config(hybrid_pattern=pattern, num_layers=len(pattern), **SMALL_BLOCKS)
+    shape = pm.RunShape(seq_length=4096, global_batch_size=8)
+    manual = pm.Layout(3, pp=3, blocks_per_stage=(1, 3, 1))
+    assert [r.blocks for r in pm.rank_blocks(cfg, manual, shape)] == [(0,), (1, 2, 3), (4,)]
+    assert pm.estimate(cfg, manual, shape).memory.weights * pm.GIB == 4 * _block_params(cfg, range(1, 4))
+    with pytest.raises(pm.PlanError, match="pipeline_blocks_per_stage"):
+        pm.estimate(cfg, pm.Layout(3, pp=3, blocks_per_stage=(1, 1, 1)), shape)
+    one_f_one_b = pm.estimate(cfg, pm.Layout(2, pp=2, recompute=False), shape)
+    gpipe = pm.estimate(cfg, pm.Layout(2, pp=2, pipeline_schedule="GPipe"), shape)
+    assert gpipe.grad_accumulation == 8
+    assert gpipe.memory.activations > 3 * one_f_one_b.memory.activations
+
+
+def test_mixed_lengths_count_each_micro_batch_and_token_at_its_own_length():
+    """Half 512K-token, half 4K-token samples at micro-batch 1: the step computes each micro-batch
+    at its own length (the mean of the two pure runs' compute), counts the real tokens (not
+    48 x 512K) and the MFU from each sample's own FLOPs."""
+    from nemotron.train import flops
+
+    cfg = Nano3Config()
+    long, short = 524288, 4096
+    layout = pm.Layout(256, tp=8, ep=8, cp=8, recompute=True)
+    mixed = pm.RunShape(seq_length=long, global_batch_size=48, mixed_lengths=((short, 1.0),))
+    plan = pm.estimate(cfg, layout, mixed)
+    pure = [pm.estimate(cfg, layout, pm.RunShape(seq_length=n, global_batch_size=48)) for n in (long, short)]
+    assert plan.step.compute == pytest.approx((pure[0].step.compute + pure[1].step.compute) / 2)
+    tokens = 24 * (long + short)
+    assert plan.tokens_per_second_per_gpu == pytest.approx(tokens / plan.step.total / 256)
+    model_flops = 24 * (
+        long * flops.training_flops_per_token(cfg, long) + short * flops.training_flops_per_token(cfg, short)
+    )
+    assert plan.mfu == pytest.approx(model_flops / plan.step.total / 256 / flops.H200_BF16_PEAK_FLOPS)
+    # memory: a micro-batch of the longest sample, as in the pure 512K run
+    assert plan.memory.activations == pytest.approx(pure[0].memory.activations)
+    # several samples per micro-batch are padded to the longest
+    # pipeline stages: training's split at the mix of lengths
+    from nemotron.distributed.config import ParallelismConfig
+    from nemotron.distributed.pipeline_split import split_stages
+
+    pp = pm.Layout(256, tp=8, ep=8, cp=2, pp=4)
+    trained = split_stages(
+        cfg, ParallelismConfig(pipeline_model_parallel_size=4), [(long, 0.5), (short, 0.5)]
+    )
+    assert [r.blocks for r in pm.rank_blocks(cfg, pp, mixed)] == [tuple(b) for b in trained.blocks]
+    layout = dataclasses.replace(layout, micro_batch=2)
+    padded = pm.estimate(cfg, layout, pm.RunShape(seq_length=long, global_batch_size=48))
+    assert pm.estimate(cfg, layout, mixed).step.compute == pytest.approx(padded.step.compute)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: (pm.Layout(8, micro_batch=0), pm.RunShape()), "train.micro_batch_size must be >= 1, got 0"),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(global_batch_size=-8)),
+            "train.global_batch_size must be >= 1, got -8",
+        ),
+        (lambda: (pm.Layout(0), pm.RunShape()), "world size must be >= 1, got 0"),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(mixed_lengths=((4096, -1.0),))),
+            r"data.mixed_length_blends\[0\].weight must be a finite number >= 0, got -1.0",
+        ),
+        (
+            lambda: (pm.Layout(8), pm.RunShape(mixed_lengths=((4096, 0.0),), blend_weight=0.0)),
+            "weights sum to 0",
+        ),
+    ],
+)
+def test_hostile_library_inputs_are_plan_errors(make, message):
+    """What the recipe schema rejects, given to the library directly: one PlanError naming the
+    key (before: ZeroDivisionError, or negative tokens/s for a negative micro batch)."""
+    with pytest.raises(pm.PlanError, match=message):
+        pm.estimate(Nano3Config(), *make())
+
+
+def test_what_the_model_does_not_calibrate_is_said():
+    """fp32 precision and FP8 are not modelled: the plan says the numbers are bf16's."""
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+
+    path = resolve_config_path("default", PretrainConfig)
+    cfg = load_config(path, ["train.precision=fp32"], PretrainConfig)
+    shape = pm.shape_from_config(cfg)
+    assert shape.precision == "fp32"
+    warnings = pm.estimate(Nano3Config(), pm.Layout(8, ep=8), shape).warnings
+    assert any(w.startswith("train.precision=fp32 is not modelled") for w in warnings)
+    cfg = load_config(path, ["train.fp8.enabled=true"], PretrainConfig)
+    warnings = pm.estimate(Nano3Config(), pm.Layout(8, ep=8), pm.shape_from_config(cfg)).warnings
+    assert any(w.startswith("train.fp8 is not modelled") for w in warnings)
+
+
+def test_fp8_recipes_training_refuses_under_tp_are_never_recommended():
+    """train.fp8.recipe=rowwise does not compose with TP (the config check refuses it): with it,
+    a TP layout is marked refused with that reason and never recommended."""
+    from nemotron.config import PretrainConfig, load_config, resolve_config_path
+
+    overrides = ["train.fp8.enabled=true", "train.fp8.recipe=rowwise", "model.tensor_model_parallel_size=1"]
+    overrides += ["model.sequence_parallel=false"]
+    cfg = load_config(resolve_config_path("default", PretrainConfig), overrides, PretrainConfig)
+    shape = pm.shape_from_config(cfg)
+    tp = pm.estimate(Nano3Config(), pm.Layout(64, tp=2, ep=8), shape)
+    assert not tp.implemented
+    assert any(w.startswith("train.fp8.recipe: 'rowwise' does not compose with tensor") for w in tp.warnings)
+    assert pm.estimate(Nano3Config(), pm.Layout(64, ep=8), shape).implemented
+    # on 4096 GPUs only TP > 1 splits the 3072-sequence batch: nothing runs (bf16 would: TP4)
+    assert pm.recommend(Nano3Config(), 4096, shape) == []
+    reason = pm.no_layout_reason(Nano3Config(), 4096, shape)
+    assert (
+        reason.startswith("the layouts that fit on 4096 GPUs are ones training refuses")
+        and "rowwise" in reason
+    )
+    assert pm.recommend(Nano3Config(), 4096, pm.RunShape())[0].layout.tp > 1
+    assert not any("not modelled" in w for w in pm.estimate(Nano3Config(), pm.Layout(8, ep=8)).warnings)
+
+
+def test_under_pp_the_weights_stay_gathered_whatever_fsdp_accumulate_unsharded_says():
+    """torch.distributed.pipelining runs every stage backward without gradient sync or
+    resharding and reduces once at the end (and training builds the stages with
+    reshard_after_forward=False): train.fsdp_accumulate_unsharded=false changes nothing under
+    PP, so the plan predicts the same memory and time, says so, and never offers it."""
+    cfg, shape = Nano3Config(), pm.RunShape(global_batch_size=256)
+    kept = pm.estimate(cfg, pm.Layout(128, ep=8, pp=2), shape)
+    reshard = pm.estimate(cfg, pm.Layout(128, ep=8, pp=2, accumulate_unsharded=False), shape)
+    assert reshard.memory == kept.memory and reshard.step == kept.step
+    assert kept.memory.fsdp_buffers * pm.GIB == 6 * max(
+        sum(u.unsharded for u in pm.stage_units(cfg, kept.layout, r, shape)) for r in range(2)
+    )
+    assert any("fsdp_accumulate_unsharded=false has no effect under PP" in w for w in reshard.warnings)
+    assert all(
+        p.layout.accumulate_unsharded
+        for p in pm.recommend(cfg, 128, shape, include_pp=True)
+        if p.layout.pp > 1
+    )
+
+
+def test_nano3_parameter_counts_per_tensor_from_the_architecture_facts():
+    """Every count written out per tensor from the architecture (docs/reference.md §1: h 2688,
+    Mamba in_proj 2688 -> 10304, conv over 6144 channels, 64 heads; GQA q 4096 / kv 256; 128
+    experts 2688 -> 1856 -> 2688 + shared 3712; vocab 131072 untied), exact integers, against
+    the model built on the meta device, `parameter_counts` and the plan's units."""
+    import torch
+
+    from nemotron.models.nano3 import Nano3ForCausalLM, parameter_counts
+
+    h, vocab = 2688, 131072
+    mamba = h + h * 10304 + 6144 * 4 + 6144 + 3 * 64 + 4096 + 4096 * h  # norm in_proj conv A D dt norm out
+    attention = h + h * 4096 + 2 * h * 256 + 4096 * h  # norm q k v o
+    routed = 128 * 2 * h * 1856
+    moe = h + 128 * h + routed + 2 * h * 3712  # norm router experts shared
+    assert (mamba, attention, moe) == (38_744_896, 23_399_040, 1_297_468_032)
+    moe_active = moe - routed + 6 * 2 * h * 1856
+    assert moe_active == 80_169_600
+    total = 23 * mamba + 23 * moe + 6 * attention + 2 * vocab * h + h
+    active = 23 * mamba + 23 * moe_active + 6 * attention + vocab * h + h  # without the input embedding
+    assert (total, active) == (31_577_937_344, 3_227_751_872)
+
+    cfg = Nano3Config()
+    with torch.device("meta"):
+        model = Nano3ForCausalLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == total
+    expected = {"mamba": mamba, "attention": attention, "moe": moe}
+    for i, kind in enumerate(cfg.block_kinds):
+        assert sum(p.numel() for p in model.backbone.layers[str(i)].parameters()) == expected[kind], i
+    counts = parameter_counts(cfg)
+    assert (counts["total"], counts["active"], counts["active_with_embeddings"]) == (
+        total,
+        active,
+        active + vocab * h,
+    )
+    by_block: dict = {}
+    for u in pm.fsdp_units(cfg, pm.Layout(1)):
+        by_block[u.block] = by_block.get(u.block, 0) + u.unsharded
+    assert all(by_block[i] == expected[k] for i, k in enumerate(cfg.block_kinds))
+    assert by_block[None] == 2 * vocab * h + h  # embeddings, final norm, LM head
+    # TP8 EP8 on 8 GPUs, rank 0, written out: q/o and the shared expert split 8 ways, k/v whole
+    # (2 KV heads < TP 8), the rank-local parts (norms, Mamba in_proj/conv/A/D/dt, router)
+    # sharded 8 ways on dim 0, 16 of the 128 experts, the vocab split 8 ways
+    mamba_rank = h * 512 + (336 + 1288 * h + 768 * 4 + 768 + 3 * 8 + 512)
+    attention_rank = 512 * h + 2 * 256 * h + h * 512 + 336
+    moe_rank = 2 * 464 * h + (336 + 16 * h) + 16 * 2 * h * 1856
+    rank = 2 * (vocab // 8) * h + 336 + 23 * mamba_rank + 6 * attention_rank + 23 * moe_rank
+    assert rank == 3_954_467_512
+    assert sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8))) == rank

@@ -44,7 +44,7 @@ def plan_rows(cfg, world: int) -> list[tuple[str, str]]:
             ("faster", f"{b.layout.describe()}: {_memory_text(b)}; {_speed_text(b)} ({_overrides(b.layout)})")
         )
     elif not best:
-        rows.append(("faster", f"no layout fits {world} GPUs"))
+        rows.append(("faster", pm.no_layout_reason(model, world, shape)))
     return rows
 
 
@@ -72,8 +72,17 @@ def _overrides(layout) -> str:
     ]
     if not layout.accumulate_unsharded:
         parts.append("train.fsdp_accumulate_unsharded=false")
+    # always: applied to a recipe with pipeline stages, a layout without must turn them off
+    parts.append(f"model.pipeline_model_parallel_size={layout.pp}")
     if layout.pp > 1:
-        parts.append(f"model.pipeline_model_parallel_size={layout.pp}")
+        parts.append(f"model.pipeline_schedule={layout.pipeline_schedule}")
+        vpp = layout.virtual_stages
+        parts.append(f"model.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}")
+        split = layout.blocks_per_stage
+        parts.append(
+            "model.pipeline_blocks_per_stage="
+            + ("null" if split is None else "[" + ",".join(map(str, split)) + "]")
+        )
     return " ".join(parts)
 
 
@@ -168,7 +177,11 @@ def plan(
                 notes.append(f"{world} GPUs, recipe layout {layout.describe()}: {exc}")
             found = pm.recommend(model, world, shape, include_pp=include_pp)
             if not found:
-                notes.append(f"{world} GPUs: no layout fits")
+                nothing = pm.no_layout_reason(model, world, shape, include_pp=include_pp)
+                if nothing.startswith(pm.NOTHING_BUILDS) and not any(p.layout.world == world for p in recipe):
+                    # not a plan but a GPU count nothing runs on: a bad --gpus value
+                    raise common.CliError(f"--gpus {world}: {nothing}")
+                notes.append(f"{world} GPUs: {nothing}")
             best.extend(found[:top])
     if as_json:
         import dataclasses

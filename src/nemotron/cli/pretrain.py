@@ -219,10 +219,9 @@ def check_layout(cfg, world: int, where: str) -> None:
 
 def _sample_lengths(cfg) -> dict[str, int]:
     """Every sample length of the run, by the key that sets it."""
-    return {"train.seq_length": cfg.train.seq_length} | {
-        f"data.mixed_length_blends[{i}].seq_length": m.seq_length
-        for i, m in enumerate(cfg.data.mixed_length_blends)
-    }
+    from nemotron.distributed.parallel_dims import sample_lengths
+
+    return sample_lengths(cfg.train.seq_length, [m.seq_length for m in cfg.data.mixed_length_blends])
 
 
 def _layout_problem(cfg) -> str | None:

@@ -13,7 +13,7 @@ the tensor-parallel ranks first (as in Megatron with expert tensor parallel size
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nemotron.distributed.config import ParallelismConfig
@@ -40,6 +40,12 @@ def check_global_batch(
     global_batch_size: int, micro_batch_size: int, dp: int = 1, error: type[Exception] = ParallelLayoutError
 ) -> None:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
+    for key, value in (
+        ("train.global_batch_size", global_batch_size),
+        ("train.micro_batch_size", micro_batch_size),
+    ):
+        if value < 1:
+            raise error(f"{key} must be >= 1, got {value}")
     per_step = micro_batch_size * dp
     if global_batch_size % per_step:
         by = (
@@ -48,6 +54,14 @@ def check_global_batch(
             else f"train.micro_batch_size * DP = {micro_batch_size}*{dp} = {per_step}"
         )
         raise error(f"train.global_batch_size: {global_batch_size} is not divisible by {by}")
+
+
+def sample_lengths(seq_length: int, mixed_lengths: Sequence[int] = ()) -> dict[str, int]:
+    """Every sample length of a run by the config key that sets it: `train.seq_length` and each
+    of `data.mixed_length_blends` (what `check_sequence_lengths` names in its errors)."""
+    return {"train.seq_length": seq_length} | {
+        f"data.mixed_length_blends[{i}].seq_length": n for i, n in enumerate(mixed_lengths)
+    }
 
 
 def check_sequence_lengths(

@@ -19,6 +19,7 @@ Torch-free, so that a dry run can print the split.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from nemotron.distributed.config import ParallelismConfig
@@ -167,7 +168,31 @@ def split_stages(
     config: Nano3Config, parallel: ParallelismConfig, lengths: list[tuple[int, float]]
 ) -> StageSplit:
     """The stage split of a run: `lengths` are its (sequence length, share of samples) pairs
-    (`[(train.seq_length, 1.0)]` unless lengths are mixed)."""
+    (`[(train.seq_length, 1.0)]` unless lengths are mixed). Memoised: a pure function of its
+    arguments, which the layout validation and the performance model (thousands of candidate
+    layouts per `nemotron nano3 plan`) ask again and again."""
+    manual = parallel.pipeline_blocks_per_stage
+    key = (
+        dataclasses.astuple(config),
+        parallel.pipeline_model_parallel_size,
+        parallel.pipeline_schedule,
+        parallel.virtual_pipeline_model_parallel_size,
+        None if manual is None else tuple(manual),
+        tuple(lengths),
+    )
+    if key not in _SPLITS:
+        if len(_SPLITS) > 4096:
+            _SPLITS.clear()
+        _SPLITS[key] = _split_stages(config, parallel, lengths)
+    return _SPLITS[key]
+
+
+_SPLITS: dict[tuple, StageSplit] = {}
+
+
+def _split_stages(
+    config: Nano3Config, parallel: ParallelismConfig, lengths: list[tuple[int, float]]
+) -> StageSplit:
     pp = parallel.pipeline_model_parallel_size
     virtual = stages_per_rank(parallel)
     stages = pp * virtual
@@ -209,6 +234,18 @@ def run_lengths(seq_length: int, data) -> list[tuple[int, float]]:
     and `data.mixed_length_blends` by weight."""
     if data is None or not data.mixed_length_blends:
         return [(seq_length, 1.0)]
-    pairs = [(seq_length, data.blend_weight)] + [(m.seq_length, m.weight) for m in data.mixed_length_blends]
+    return length_shares(
+        seq_length, data.blend_weight, [(m.seq_length, m.weight) for m in data.mixed_length_blends]
+    )
+
+
+def length_shares(
+    seq_length: int, blend_weight: float, mixed: list[tuple[int, float]]
+) -> list[tuple[int, float]]:
+    """`run_lengths` from the numbers: the main blend's weight and each mixed blend's (length,
+    weight) (the performance model carries these, not the data config)."""
+    if not mixed:
+        return [(seq_length, 1.0)]
+    pairs = [(seq_length, blend_weight), *mixed]
     total = sum(w for _, w in pairs)
     return [(length, w / total) for length, w in pairs if w > 0]

@@ -87,13 +87,30 @@ def training_flops(cfg: Nano3Config, sample_lengths: Iterable[int]) -> float:
     )
 
 
+def mixed_training_flops_per_token(cfg: Nano3Config, length_shares: Iterable[tuple[int, float]]) -> float:
+    """Model FLOPs per trained token of a mix of sample lengths, (length, share of the samples)
+    pairs: each sample's tokens at its own length (`training_flops` of a mixed batch over its
+    token count)."""
+    pairs = list(length_shares)
+    tokens = sum(share * n for n, share in pairs)
+    return sum(share * n * training_flops_per_token(cfg, n) for n, share in pairs) / tokens
+
+
 def mfu(
     tokens_per_second: float,
     cfg: Nano3Config,
     seq_length: int,
     num_gpus: int = 1,
     peak_flops_per_gpu: float = H200_BF16_PEAK_FLOPS,
+    *,
+    length_shares: Iterable[tuple[int, float]] | None = None,
 ) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of `num_gpus` GPUs."""
-    achieved = tokens_per_second * training_flops_per_token(cfg, seq_length)
-    return achieved / (peak_flops_per_gpu * num_gpus)
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of `num_gpus` GPUs. With
+    `length_shares` (mixed sample lengths: (length, share of samples)) the tokens are counted
+    at their own samples' lengths instead of `seq_length`."""
+    per_token = (
+        training_flops_per_token(cfg, seq_length)
+        if length_shares is None
+        else mixed_training_flops_per_token(cfg, length_shares)
+    )
+    return tokens_per_second * per_token / (peak_flops_per_gpu * num_gpus)

@@ -34,9 +34,16 @@ import math
 from dataclasses import dataclass, field
 
 from nemotron.distributed.config import ParallelismConfig
-from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, check_pipeline
+from nemotron.distributed.parallel_dims import (
+    ParallelDims,
+    ParallelLayoutError,
+    check_pipeline,
+    sample_lengths,
+)
+from nemotron.distributed.pipeline_split import PipelineSplitError, length_shares, split_stages
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
+from nemotron.train.fp8_config import Fp8Config, check_fp8_config
 
 GIB = 1024**3
 # tokens per piece of the vocab-parallel LM-head loss (distributed/tensor_parallel.py, which
@@ -66,6 +73,12 @@ class Layout:
     # once and accumulate unsharded gradients (fast, memory for the unsharded copies) or
     # gather / reduce-scatter every micro-batch (slow, sharded memory)
     accumulate_unsharded: bool = True
+    # the recipe's pipeline split (model.pipeline_schedule, model.virtual_pipeline_model_parallel_size,
+    # model.pipeline_blocks_per_stage): the stages are training's own (`_rank_blocks`); a
+    # candidate layout of `recommend` has the defaults (1F1B, the split balanced by cost)
+    pipeline_schedule: str = "1F1B"
+    virtual_stages: int | None = None
+    blocks_per_stage: tuple[int, ...] | None = None
 
     @property
     def dp(self) -> int:
@@ -81,9 +94,20 @@ class Layout:
         for name, value in (("TP", self.tp), ("EP", self.ep), ("CP", self.cp), ("PP", self.pp)):
             if value > 1:
                 parts.append(f"{name}{value}")
+        if self.pp > 1 and (self.pipeline_schedule != "1F1B" or self.blocks_per_stage is not None):
+            split = "" if self.blocks_per_stage is None else " " + "/".join(map(str, self.blocks_per_stage))
+            parts.append(f"({self.pipeline_schedule}{split})")
         text = " ".join(parts) + f" mb{self.micro_batch}"
         text += " +recompute" if self.recompute else ""
-        return text + ("" if self.accumulate_unsharded else " +reshard")
+        return text + ("" if self.keeps_weights_gathered(2) else " +reshard")
+
+    def keeps_weights_gathered(self, accum: int) -> bool:
+        """Whether FSDP2 keeps every unit's weights gathered and accumulates unsharded gradients
+        for the whole step: with several micro-batches and `accumulate_unsharded`, and always
+        under PP (torch.distributed.pipelining's stages run every backward without gradient
+        sync or resharding and reduce once at the end; training builds the stages with
+        reshard_after_forward=False), whatever train.fsdp_accumulate_unsharded says."""
+        return self.pp > 1 or (accum > 1 and self.accumulate_unsharded)
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,40 @@ class RunShape:
     ep_dispatcher: str = "overlap"
     # train.compile (refused with PP: the pipeline stages are not compiled)
     compile: bool = False
+    # data.mixed_length_blends as (seq_length, weight) pairs, with data.blend_weight the weight of
+    # the seq_length samples: training validates every length and splits pipeline stages by them
+    mixed_lengths: tuple[tuple[int, float], ...] = ()
+    blend_weight: float = 1.0
+    # train.precision and train.fp8: the model is calibrated on bf16 runs only, and says so
+    # (layout_warnings) for anything else; training refuses some FP8 settings under TP (refusal)
+    precision: str = "bf16"
+    fp8: Fp8Config | None = None
+
+    def __post_init__(self) -> None:
+        # what the config schema rejects in a recipe, for callers building a RunShape directly:
+        # a share of samples is a weight over their sum
+        weights = {"data.blend_weight": self.blend_weight} | {
+            f"data.mixed_length_blends[{i}].weight": w for i, (_, w) in enumerate(self.mixed_lengths)
+        }
+        for key, w in weights.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise PlanError(f"{key} must be a finite number >= 0, got {w!r}")
+        if self.mixed_lengths and sum(weights.values()) <= 0:
+            raise PlanError("data.blend_weight and the data.mixed_length_blends weights sum to 0")
+
+    def sample_lengths(self) -> dict[str, int]:
+        """Every sample length by the key that sets it (what training checks against 2*CP*TP)."""
+        return sample_lengths(self.seq_length, [n for n, _ in self.mixed_lengths])
+
+    def length_shares(self) -> list[tuple[int, float]]:
+        """(length, share of samples) of the run's samples (training's `run_lengths`)."""
+        return length_shares(self.seq_length, self.blend_weight, list(self.mixed_lengths))
+
+    @property
+    def longest(self) -> int:
+        """The longest sample: a micro-batch is padded to its longest sample, so this sets the
+        activations at the memory peak."""
+        return max(self.sample_lengths().values())
 
 
 @dataclass(frozen=True)
@@ -329,30 +387,70 @@ def _fsdp_units(cfg: Nano3Config, layout: Layout) -> list[Unit]:
     return units
 
 
-def stage_units(cfg: Nano3Config, layout: Layout, stage: int, seq_length: int) -> list[Unit]:
-    """Units of pipeline stage `stage` (training's split of the blocks; embeddings on the first
-    stage, the LM head on the last)."""
+def stage_units(cfg: Nano3Config, layout: Layout, stage: int, shape: RunShape | int) -> list[Unit]:
+    """Units of pipeline rank `stage` (its stages' blocks in training's split; the embeddings on
+    the rank of the first stage, the LM head on the rank of the last). `shape`: the run (its
+    sample lengths set the split), or just its sequence length."""
     units = fsdp_units(cfg, layout)
     if layout.pp == 1:
         return units
-    blocks = _stage_blocks(cfg, layout.pp, seq_length)[stage]
+    rank = rank_blocks(cfg, layout, shape)[stage]
     keep = []
     for u in units:
         if u.block is not None:
-            if u.block in blocks:
+            if u.block in rank.blocks:
                 keep.append(u)
-        elif (u.kind == "embed" and stage == 0) or (u.name in ("root", "norm_f") and stage == layout.pp - 1):
+        elif (u.kind == "embed" and rank.first) or (u.name in ("root", "norm_f") and rank.last):
             keep.append(u)
     return keep
 
 
-def _stage_blocks(cfg: Nano3Config, pp: int, seq_length: int) -> list[range]:
-    """The blocks of each of `pp` stages (one per rank, as 1F1B runs them) as training splits
-    them: balanced by cost (`distributed.pipeline_split`, the one home of that rule)."""
-    from nemotron.distributed.pipeline_split import split_stages
+@dataclass(frozen=True)
+class RankBlocks:
+    """What one pipeline rank holds: the blocks of its stages, and whether it has the first
+    stage (the embeddings) and the last (the final norm, the LM head and its loss)."""
 
-    parallel = ParallelismConfig(pipeline_model_parallel_size=pp)
-    return list(split_stages(cfg, parallel, [(seq_length, 1.0)]).blocks)
+    blocks: tuple[int, ...]
+    first: bool
+    last: bool
+
+
+def rank_blocks(cfg: Nano3Config, layout: Layout, shape: RunShape | int) -> list[RankBlocks]:
+    """The blocks of each of the `layout.pp` pipeline ranks as training splits and places them:
+    `distributed.pipeline_split.split_stages` (the one home of that rule) with the layout's
+    schedule, stages per rank and manual split, balanced by cost at the run's sample lengths."""
+    if isinstance(shape, int):
+        shape = RunShape(seq_length=shape)
+    key = (
+        dataclasses.astuple(cfg),
+        layout.pp,
+        layout.pipeline_schedule,
+        layout.virtual_stages,
+        layout.blocks_per_stage,
+        tuple(shape.length_shares()),
+    )
+    if key not in _RANKS:
+        if len(_RANKS) > 4096:
+            _RANKS.clear()
+        _RANKS[key] = _rank_blocks(cfg, layout, shape)
+    return _RANKS[key]
+
+
+_RANKS: dict[tuple, list[RankBlocks]] = {}
+
+
+def _rank_blocks(cfg: Nano3Config, layout: Layout, shape: RunShape) -> list[RankBlocks]:
+    try:
+        split = split_stages(cfg, layout_parallelism(layout), shape.length_shares())
+    except PipelineSplitError as exc:
+        raise PlanError(str(exc)) from None
+    last = len(split.blocks) - 1
+    out = []
+    for rank in range(layout.pp):
+        stages = [s for s, r in enumerate(split.ranks) if r == rank]
+        blocks = tuple(i for s in stages for i in split.blocks[s])
+        out.append(RankBlocks(blocks, 0 in stages, last in stages))
+    return out
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -433,50 +531,54 @@ class Plan:
 # -- the model -----------------------------------------------------------------------------------
 
 
-def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
-    """Check divisibility (the rules of `ParallelDims`, plus PP); returns gradient accumulation."""
-    parallel = ParallelismConfig(
+def layout_parallelism(layout: Layout) -> ParallelismConfig:
+    """The recipe settings (`model.*`) that select `layout`."""
+    return ParallelismConfig(
         tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.tp > 1,
+        pipeline_schedule=layout.pipeline_schedule,
+        virtual_pipeline_model_parallel_size=layout.virtual_stages,
+        pipeline_blocks_per_stage=None if layout.blocks_per_stage is None else list(layout.blocks_per_stage),
     )
-    if layout.world % (layout.tp * layout.cp * layout.pp):
-        raise PlanError(
-            f"{layout.world} GPUs are not divisible by TP*CP*PP = {layout.tp}*{layout.cp}*{layout.pp}"
-        )
-    if layout.pp > cfg.num_layers:
-        raise PlanError(f"PP{layout.pp} is more stages than the {cfg.num_layers} blocks")
+
+
+def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
+    """The checks training runs at its start (`ParallelDims`, their one home: sizes against the
+    world and the model, the pipeline split, the batch against DP, every sample length against
+    2*CP*TP); returns gradient accumulation."""
     try:
-        dims = ParallelDims.from_config(parallel, layout.world // layout.pp, cfg)
-        dims.validate_batch(shape.global_batch_size, layout.micro_batch, shape.seq_length)
+        dims = ParallelDims.from_config(layout_parallelism(layout), layout.world, cfg)
+        dims.validate_batch(shape.global_batch_size, layout.micro_batch, shape.sample_lengths())
         return dims.gradient_accumulation_steps(shape.global_batch_size, layout.micro_batch)
     except ParallelLayoutError as exc:
         raise PlanError(str(exc)) from None
 
 
 def refusal(cfg: Nano3Config, layout: Layout, shape: RunShape) -> str | None:
-    """Why training refuses `layout` although it can be built (today: `train.compile` with PP),
-    in the training code's words; None when it runs it. PP composes with DP, TP + SP, CP and
-    EP (docs/parallelism.md "Pipeline parallel")."""
-    parallel = ParallelismConfig(
-        tensor_model_parallel_size=layout.tp,
-        expert_model_parallel_size=layout.ep,
-        context_parallel_size=layout.cp,
-        pipeline_model_parallel_size=layout.pp,
-        sequence_parallel=layout.tp > 1,
-    )
+    """Why training refuses `layout` although it can be built (`train.compile` with PP; a
+    `train.fp8` recipe that does not compose with the layout's TP), in the training code's
+    words; None when it runs it. PP composes with DP, TP + SP, CP and EP (docs/parallelism.md
+    "Pipeline parallel")."""
     try:
-        check_pipeline(parallel, cfg, compile=shape.compile)
+        check_pipeline(layout_parallelism(layout), cfg, compile=shape.compile)
     except ParallelLayoutError as exc:
         return str(exc)
+    if shape.fp8 is not None:
+        for key, message in check_fp8_config(shape.fp8, shape.precision, layout.tp):
+            return f"{key}: {message}"
     return None
+
+
+_NANO3 = Nano3Config()
 
 
 def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overlap: bool) -> float:
     """Forward+backward seconds of one block of `kind` for 8192 tokens of a `seq`-token sequence:
     the measured Nano3 time scaled by the FLOP ratio (one FLOP formula)."""
-    ref = Nano3Config()
+    ref = _NANO3  # the measured block times are of the full-size model
     per_kind = {
         "attention": (
             flops_mod.attention_forward_flops(cfg, seq),
@@ -497,7 +599,7 @@ def _kind_seconds(cfg: Nano3Config, kind: str, seq: int, cal: Calibration, overl
 
 
 def _head_seconds(cfg: Nano3Config, cal: Calibration) -> float:
-    ref = Nano3Config()
+    ref = _NANO3  # the measured block times are of the full-size model
     return (
         cal.block_ms["lm_head_loss"]
         * 1e-3
@@ -547,9 +649,12 @@ def estimate(
     step = estimate_step(cfg, layout, shape, hw, cal, accum)
     if memory.total > hw.pressure_fraction * hw.memory_gib:
         step = dataclasses.replace(step, allocator=cal.allocator_pressure_slowdown * step.total)
-    tokens = shape.global_batch_size * shape.seq_length
+    # tokens and model FLOPs of a step: every sample at its own length (mixed lengths: a
+    # 512K-token sample costs more per token than a 4K one), padding not counted
+    shares = shape.length_shares()
+    tokens = shape.global_batch_size * sum(share * n for n, share in shares)
     tps = tokens / step.total / layout.world
-    mfu = flops_mod.mfu(tps, cfg, shape.seq_length, 1, hw.peak_flops)
+    mfu = flops_mod.mfu(tps, cfg, shape.seq_length, 1, hw.peak_flops, length_shares=shares)
     refused = refusal(cfg, layout, shape)
     return Plan(
         layout=layout,
@@ -564,79 +669,112 @@ def estimate(
     )
 
 
+def micro_batch_lengths(shape: RunShape, micro_batch: int) -> list[tuple[int, float]]:
+    """(length a micro-batch is computed at, share of the micro-batches). One sample per
+    micro-batch: each at its own length, in the mix's shares. Several: a micro-batch is padded
+    to its longest sample, and the blending rule interleaves the lengths sample by sample, so
+    (nearly) every micro-batch holds a longest one: all at the longest length."""
+    shares = shape.length_shares()
+    if micro_batch == 1 or len(shares) == 1:
+        return shares
+    return [(shape.longest, 1.0)]
+
+
 def estimate_step(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware, cal: Calibration, accum: int
 ) -> StepEstimate:
     tp, cp, ep, pp = layout.tp, layout.cp, layout.ep, layout.pp
-    seq, mb = shape.seq_length, layout.micro_batch
+    mb = layout.micro_batch
     kinds = cfg.block_kinds
-    tokens_rank = mb * seq / cp  # tokens of this rank's part of the micro-batch's sequences
-    scale = tokens_rank / 8192 / tp
-    overlap = shape.shared_expert_overlap and (ep == 1 or shape.ep_dispatcher == "overlap")
-    head_s = _head_seconds(cfg, cal) * scale
-
-    def stage_compute(blocks: range) -> float:
-        block_s = sum(_kind_seconds(cfg, kinds[i], seq, cal, overlap) for i in blocks) * scale
-        last = blocks.stop == cfg.num_layers  # the LM head and its loss
-        t = cal.compute_scale * (block_s + (head_s if last else 0.0))
-        return t + (cal.compute_scale * block_s / 3 if layout.recompute else 0.0)  # + forward
-
-    # the slowest pipeline stage sets the pace (training's split; the last has the head)
-    stages = _stage_blocks(cfg, pp, seq)
-    slowest = max(range(pp), key=lambda i: stage_compute(stages[i]))
-    stage_kinds = [kinds[i] for i in stages[slowest]]
-    compute_mb = cal.micro_batch_overhead_s + stage_compute(stages[slowest])
     h = cfg.hidden_size
-    n_moe = sum(k == "moe" for k in stage_kinds)
-    n_seq_layers = sum(k in ("mamba", "attention") for k in stage_kinds)
+    overlap = shape.shared_expert_overlap and (ep == 1 or shape.ep_dispatcher == "overlap")
+    ranks = (
+        rank_blocks(cfg, layout, shape) if pp > 1 else [RankBlocks(tuple(range(cfg.num_layers)), True, True)]
+    )
 
-    # expert parallel: 4 all-to-alls of the routed rows per MoE layer (dispatch and combine,
-    # forward and backward; +2 when the forward is recomputed), one host sync per dispatch
-    ep_mb, ep_hidden = 0.0, 0.0
-    if ep > 1:
-        routed_bytes = tokens_rank / tp * cfg.moe_top_k * h * 2
-        passes = 4 + (2 if layout.recompute else 0)
-        a2a = passes * _all_to_all_s(hw, routed_bytes, ep, 1)
-        syncs = (1 + int(layout.recompute)) * cal.ep_dispatch_s[shape.ep_dispatcher]
-        exposed = cal.a2a_exposed * a2a
-        if shape.ep_dispatcher == "overlap" and shape.shared_expert_overlap:
-            # the shared expert runs on the side stream while the tokens are exchanged
-            shared_share = (2 * h * cfg.moe_shared_expert_hidden_size * 2) / flops_mod.moe_forward_flops(cfg)
-            shared_s = cal.compute_scale * _kind_seconds(cfg, "moe", seq, cal, True) * scale * shared_share
-            ep_hidden = min(exposed, shared_s)
-            exposed -= ep_hidden
-        ep_mb = n_moe * (exposed + syncs)
-        ep_hidden *= n_moe
+    def micro(seq: int) -> tuple[float, float, float, float, float, float]:
+        """One micro-batch of `seq`-token sequences on the slowest pipeline rank: (compute, exposed
+        EP, hidden EP, TP, CP, pipeline send seconds)."""
+        tokens_rank = mb * seq / cp  # tokens of this rank's part of the micro-batch's sequences
+        scale = tokens_rank / 8192 / tp
+        head_s = _head_seconds(cfg, cal) * scale
 
-    # tensor + sequence parallel: per block, gather the input and reduce-scatter the output,
-    # forward and backward (MoE: the shared expert's pair as well); the loss's gathers
-    tp_mb = 0.0
-    if tp > 1:
-        act_bytes = tokens_rank * h * 2  # the gathered [tokens, hidden] bf16 activations
-        per_block = 4 * _collective_s(hw, act_bytes, tp, 1)
-        collectives = len(stage_kinds) * per_block + n_moe * per_block
-        tp_mb = collectives + len(stage_kinds) * cal.tp_block_s
+        def rank_compute(rank: RankBlocks) -> float:
+            block_s = sum(_kind_seconds(cfg, kinds[i], seq, cal, overlap) for i in rank.blocks) * scale
+            t = cal.compute_scale * (block_s + (head_s if rank.last else 0.0))  # the LM head, its loss
+            return t + (cal.compute_scale * block_s / 3 if layout.recompute else 0.0)  # + forward
 
-    # context parallel: K/V gather per attention layer, halos and states per Mamba layer
-    cp_mb = 0.0
-    if cp > 1:
-        kv = max(1, cfg.num_key_value_heads // tp) * cfg.head_dim * 2 * 2  # k and v, bf16
-        n_attn = sum(k == "attention" for k in stage_kinds)
-        cp_mb = n_attn * 2 * _collective_s(hw, mb * seq * kv, cp, tp)
-        cp_mb += n_seq_layers * cal.cp_layer_s
+        # the slowest pipeline rank sets the pace (training's split; the last stage has the head)
+        slowest = max(ranks, key=rank_compute)
+        stage_kinds = [kinds[i] for i in slowest.blocks]
+        compute_mb = cal.micro_batch_overhead_s + rank_compute(slowest)
+        n_moe = sum(k == "moe" for k in stage_kinds)
+        n_seq_layers = sum(k in ("mamba", "attention") for k in stage_kinds)
+
+        # expert parallel: 4 all-to-alls of the routed rows per MoE layer (dispatch and combine,
+        # forward and backward; +2 when the forward is recomputed), one host sync per dispatch
+        ep_mb, ep_hidden = 0.0, 0.0
+        if ep > 1:
+            routed_bytes = tokens_rank / tp * cfg.moe_top_k * h * 2
+            passes = 4 + (2 if layout.recompute else 0)
+            a2a = passes * _all_to_all_s(hw, routed_bytes, ep, 1)
+            syncs = (1 + int(layout.recompute)) * cal.ep_dispatch_s[shape.ep_dispatcher]
+            exposed = cal.a2a_exposed * a2a
+            if shape.ep_dispatcher == "overlap" and shape.shared_expert_overlap:
+                # the shared expert runs on the side stream while the tokens are exchanged
+                shared_share = (2 * h * cfg.moe_shared_expert_hidden_size * 2) / flops_mod.moe_forward_flops(
+                    cfg
+                )
+                shared_s = (
+                    cal.compute_scale * _kind_seconds(cfg, "moe", seq, cal, True) * scale * shared_share
+                )
+                ep_hidden = min(exposed, shared_s)
+                exposed -= ep_hidden
+            ep_mb = n_moe * (exposed + syncs)
+            ep_hidden *= n_moe
+
+        # tensor + sequence parallel: per block, gather the input and reduce-scatter the output,
+        # forward and backward (MoE: the shared expert's pair as well); the loss's gathers
+        tp_mb = 0.0
+        if tp > 1:
+            act_bytes = tokens_rank * h * 2  # the gathered [tokens, hidden] bf16 activations
+            per_block = 4 * _collective_s(hw, act_bytes, tp, 1)
+            collectives = len(stage_kinds) * per_block + n_moe * per_block
+            tp_mb = collectives + len(stage_kinds) * cal.tp_block_s
+
+        # context parallel: K/V gather per attention layer, halos and states per Mamba layer
+        cp_mb = 0.0
+        if cp > 1:
+            kv = max(1, cfg.num_key_value_heads // tp) * cfg.head_dim * 2 * 2  # k and v, bf16
+            n_attn = sum(k == "attention" for k in stage_kinds)
+            cp_mb = n_attn * 2 * _collective_s(hw, mb * seq * kv, cp, tp)
+            cp_mb += n_seq_layers * cal.cp_layer_s
+        # 1F1B sends each TP rank's activations to the next stage and the gradients back
+        send = 2 * _collective_s(hw, tokens_rank / tp * h * 2 * 2, 2, hw.gpus_per_node) if pp > 1 else 0.0
+        return compute_mb, ep_mb, ep_hidden, tp_mb, cp_mb, send
 
     n_micro = accum
+    compute_mb = ep_mb = ep_hidden = tp_mb = cp_mb = send = 0.0
+    for seq, share in micro_batch_lengths(shape, mb):  # the mean micro-batch of the step
+        parts = micro(seq)
+        compute_mb += share * parts[0]
+        ep_mb += share * parts[1]
+        ep_hidden += share * parts[2]
+        tp_mb += share * parts[3]
+        cp_mb += share * parts[4]
+        send += share * parts[5]
     per_micro = compute_mb + ep_mb + tp_mb + cp_mb
     bubble = (pp - 1) * per_micro  # 1F1B: (PP-1) micro-batch slots idle per step
     if pp > 1:
-        bubble += n_micro * 2 * _collective_s(hw, tokens_rank / tp * h * 2 * 2, 2, hw.gpus_per_node)
+        bubble += n_micro * send
 
     # FSDP2: per step one all-gather (bf16) and one reduce-scatter (fp32) of every unit when
     # accumulating unsharded over several micro-batches; otherwise every micro-batch gathers in
     # forward, again in backward (not the root unit) and reduce-scatters
-    units = stage_units(cfg, layout, 0 if pp == 1 else pp - 1, seq)
+    last = next(i for i, r in enumerate(ranks) if r.last)
+    units = stage_units(cfg, layout, last, shape)
     fsdp = 0.0
-    once = n_micro > 1 and layout.accumulate_unsharded
+    once = layout.keeps_weights_gathered(n_micro)
     for u in units:
         gathers = 1 if (once or u.kind == "root") else 2
         rounds = 1 if once else n_micro
@@ -678,35 +816,52 @@ def activation_bytes(
 def estimate_memory(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware, cal: Calibration, accum: int
 ) -> MemoryEstimate:
+    """The peak of the fullest GPU: under PP every pipeline rank is estimated with its own
+    blocks, parameters, micro-batches in flight and (the last stage's) loss buffers, and the
+    largest is returned (a middle stage of many MoE blocks can hold more than the first or last)."""
+    if layout.pp == 1:
+        return _rank_memory(cfg, layout, shape, hw, cal, accum, None, 0)
+    ranks = rank_blocks(cfg, layout, shape)
+    return max(
+        (_rank_memory(cfg, layout, shape, hw, cal, accum, rank, r) for r, rank in enumerate(ranks)),
+        key=lambda m: m.total,
+    )
+
+
+def _rank_memory(
+    cfg: Nano3Config,
+    layout: Layout,
+    shape: RunShape,
+    hw: Hardware,
+    cal: Calibration,
+    accum: int,
+    rank: RankBlocks | None,
+    index: int,
+) -> MemoryEstimate:
     tp, cp, pp = layout.tp, layout.cp, layout.pp
-    stage = 0  # the first stage holds the most micro-batches in flight under 1F1B
-    seq = shape.seq_length
-    units = stage_units(cfg, layout, stage, seq)
-    kinds = [
-        cfg.block_kinds[i] for i in (_stage_blocks(cfg, pp, seq)[stage] if pp > 1 else range(cfg.num_layers))
-    ]
-    if pp > 1:  # the LM head's loss buffers live on the last stage: count the larger of both
-        last = stage_units(cfg, layout, pp - 1, seq)
-        if sum(u.sharded for u in last) > sum(u.sharded for u in units):
-            units = last
+    units = stage_units(cfg, layout, index, shape)
+    kinds = [cfg.block_kinds[i] for i in (rank.blocks if rank is not None else range(cfg.num_layers))]
     sharded = sum(u.sharded for u in units)
     unsharded = sum(u.unsharded for u in units)
-    tokens = layout.micro_batch * shape.seq_length / cp
-    in_flight = min(pp, accum) if pp > 1 else 1
+    # a micro-batch is as long as its longest sample (padded; one sample: the longest one)
+    seq = shape.longest
+    tokens = layout.micro_batch * seq / cp
+    # micro-batches whose activations a rank holds at once: 1F1B's warm-up leaves PP - r in
+    # flight on pipeline rank r; GPipe runs every forward before any backward
+    if pp == 1:
+        in_flight = 1
+    elif layout.pipeline_schedule == "GPipe":
+        in_flight = accum
+    else:
+        in_flight = min(pp - index, accum)
     acts: float = in_flight * activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
-    loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp
+    on_last = rank is None or rank.last  # the LM head's loss buffers live on the last stage
+    loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp if on_last else 0.0
     if cp > 1:
-        acts += (
-            2
-            * 2
-            * layout.micro_batch
-            * shape.seq_length
-            * max(1, cfg.num_key_value_heads // tp)
-            * cfg.head_dim
-        )
+        acts += 2 * 2 * layout.micro_batch * seq * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
     fp32_single = shape.compute_weights == "fp32" and layout.world == 1
-    accumulate = accum > 1 and layout.accumulate_unsharded and not fp32_single
+    accumulate = layout.keeps_weights_gathered(accum) and not fp32_single
     weights, adam = 4.0 * sharded, 8.0 * sharded
     largest = max(u.unsharded for u in units)
     if accumulate:
@@ -773,8 +928,21 @@ def _backward_sweep(units: list[Unit], acts: float, loss: float) -> tuple[float,
 def layout_warnings(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware = H200, cal: Calibration = CALIBRATION
 ) -> list[str]:
-    """Known-slow choices in `layout`, each with what to use instead."""
+    """Known-slow choices in `layout`, each with what to use instead, and what the prediction
+    does not model."""
     out = []
+    if shape.precision != "bf16":
+        out.append(
+            f"train.precision={shape.precision} is not modelled: the prediction is of bf16 "
+            "(calibrated on bf16 runs); fp32 activations and gathered weights take about twice "
+            "the memory and the matmuls run without bf16 tensor cores"
+        )
+    if shape.fp8 is not None and shape.fp8.enabled:
+        out.append(
+            "train.fp8 is not modelled: the prediction is of bf16 (measured on the proxy model, "
+            "one H200: 1.07x bf16's tokens/s with the default layers, up to 1.31x with every "
+            'FP8 layer; docs/benchmarks.md "FP8 training")'
+        )
     if layout.tp > 1:
         out.append(
             f"TP{layout.tp} + SP has no communication overlap here (no async TP): every block "
@@ -787,13 +955,24 @@ def layout_warnings(
         )
     if layout.pp > 1:
         out.append(
-            f"PP{layout.pp}: the plan models a 1F1B schedule with an even split; "
-            'training splits the stages by FLOPs (docs/parallelism.md "Pipeline '
-            'parallel")'
+            f"PP{layout.pp}: uncalibrated (no pipeline run measured): the plan takes training's "
+            'stages and models a 1F1B bubble (docs/parallelism.md "Pipeline parallel")'
+            + (
+                f"; {layout.pipeline_schedule}'s own bubble and micro-batches in flight are "
+                "not modelled (its ranks' blocks are)"
+                if layout.pipeline_schedule not in ("1F1B", "GPipe")
+                else ""
+            )
         )
-    if layout.cp > 1 and shape.seq_length <= 65536:
+        if not layout.accumulate_unsharded:
+            out.append(
+                "train.fsdp_accumulate_unsharded=false has no effect under PP: the pipeline "
+                "stages keep their weights gathered and accumulate unsharded gradients for the "
+                "whole step (torch.distributed.pipelining reduces them once, at the end)"
+            )
+    if layout.cp > 1 and shape.longest <= 65536:
         out.append(
-            f"CP{layout.cp} at {shape.seq_length} tokens: measured CP2 at 8192 tokens "
+            f"CP{layout.cp} at {shape.longest} tokens: measured CP2 at 8192 tokens "
             "19,265 tokens/s per GPU vs DP2 31,473; CP pays off only where a sequence's "
             "activations do not fit (docs/benchmarks.md)"
         )
@@ -816,7 +995,7 @@ def candidate_layouts(
     out = []
     pows = [2**i for i in range(0, 12) if 2**i <= world]
     # CP only for long sequences (measured: CP2 at 8192 tokens costs 39% per GPU)
-    cps = [c for c in pows if c <= 8] if shape.seq_length > 16384 else [1]
+    cps = [c for c in pows if c <= 8] if shape.longest > 16384 else [1]
     for tp in [t for t in pows if t <= 8]:
         for cp in cps:
             for pp in [p for p in pows if p <= 8] if include_pp else [1]:
@@ -831,10 +1010,32 @@ def candidate_layouts(
                                     accum = validate_layout(cfg, layout, shape)
                                 except PlanError:
                                     continue
-                                if accum == 1 and not unsharded:
+                                if not unsharded and (accum == 1 or pp > 1):
                                     continue  # the same run as accumulate_unsharded
                                 out.append(layout)
     return out
+
+
+def no_layout_reason(cfg: Nano3Config, world: int, shape: RunShape, *, include_pp: bool = False) -> str:
+    """Why `recommend` finds nothing on `world` GPUs: no layout of `candidate_layouts` can be
+    built there (the reason of the plainest one, data parallel over all of them at micro batch
+    1), the ones that fit are refused by training (`refusal`), or none fits in memory."""
+    layouts = candidate_layouts(cfg, world, shape, include_pp=include_pp)
+    if not layouts:
+        try:
+            validate_layout(cfg, Layout(world), shape)
+        except PlanError as exc:
+            return f"{NOTHING_BUILDS} on {world} GPUs (e.g. DP{world} mb1: {exc})"
+        return f"{NOTHING_BUILDS} on {world} GPUs"  # pragma: no cover (DP-only builds: a candidate)
+    for layout in layouts:
+        if estimate_memory(cfg, layout, shape, H200, CALIBRATION, validate_layout(cfg, layout, shape)).fits:
+            reason = refusal(cfg, layout, shape)
+            if reason is not None:
+                return f"the layouts that fit on {world} GPUs are ones training refuses (e.g. {layout.describe()}: {reason})"
+    return f"no layout fits in the memory of {world} GPUs"
+
+
+NOTHING_BUILDS = "no layout can be built"
 
 
 def recommend(
@@ -871,6 +1072,10 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
         shared_expert_overlap=t.moe_shared_expert_overlap,
         compute_weights="fp32" if t.compute_weights == "fp32" else "bf16",
         compile=bool(t.compile),
+        mixed_lengths=tuple((m.seq_length, float(m.weight)) for m in cfg.data.mixed_length_blends),
+        blend_weight=float(cfg.data.blend_weight),
+        precision=t.precision,
+        fp8=t.fp8,
     )
 
 
@@ -885,6 +1090,9 @@ def layout_from_config(cfg, world: int) -> Layout:
         micro_batch=cfg.train.micro_batch_size,
         recompute=cfg.train.activation_recompute,
         accumulate_unsharded=cfg.train.fsdp_accumulate_unsharded,
+        pipeline_schedule=p.pipeline_schedule,
+        virtual_stages=p.virtual_pipeline_model_parallel_size,
+        blocks_per_stage=None if p.pipeline_blocks_per_stage is None else tuple(p.pipeline_blocks_per_stage),
     )
 
 
