@@ -612,7 +612,9 @@ class HFPeer(nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, input_ids, labels=None, loss_mask=None):
+    def forward(self, input_ids, labels=None, loss_mask=None, padding_mask=None):
+        # `padding_mask` (mixed-length micro-batches) keeps padding out of our MoE balancing
+        # statistics; transformers' model keeps none, and padding's labels are -100 here too.
         from nemotron.models.nano3.model import Nano3Output
 
         logits = self.hf(input_ids=input_ids).logits
