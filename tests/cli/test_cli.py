@@ -218,6 +218,27 @@ def test_pretrain_missing_blend_is_one_line(cli, monkeypatch):
     assert all_files(cli.work) == []
 
 
+@pytest.mark.parametrize(
+    ("load", "why"),
+    [("missing", "does not exist"), ("a_file", "is not a directory"), ("empty_dir", "holds no checkpoint")],
+)
+def test_pretrain_checkpoint_load_without_a_checkpoint_is_one_line_before_a_job_dir(
+    cli, tmp_path, monkeypatch, load, why
+):
+    """A mistyped `checkpoint.load` is refused naming the key, and no (failed) job dir is left."""
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty_dir").mkdir()
+    monkeypatch.setattr(
+        nemotron.train, "pretrain", lambda *a, **k: pytest.fail("must not run"), raising=False
+    )
+    path = tmp_path / load
+    result = cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}", f"checkpoint.load={path}")
+    assert_one_line_error(result, "checkpoint.load: ", str(path), why)
+    assert result.exit_code == 1 and all_files(cli.work) == []
+
+
 def test_existing_job_dir_is_refused(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")

@@ -31,7 +31,9 @@ CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
 JOB_DIR_ENV = "NEMOTRON_JOB_DIR"  # set by `--run/--batch` submissions for the job-side CLI
 
-console = Console(highlight=False, soft_wrap=True)
+# log_path=False: `console.log` would name its caller (always cli/progress.py), which tells a
+# user nothing and takes a column from the message.
+console = Console(highlight=False, soft_wrap=True, log_path=False)
 
 ConfigOpt = Annotated[
     str,

@@ -25,6 +25,7 @@ class TrainProgress:
             transient=False,
         )
         self.task: TaskID | None = None
+        self.final_pass = False  # set by the loop's "final_pass" event (after its last step)
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "start":
@@ -45,9 +46,14 @@ class TrainProgress:
             if payload.get("tokens_per_second"):
                 desc += f"  {payload['tokens_per_second']:,.0f} tok/s (last step)"
             self.progress.update(self.task, completed=payload["step"], description=desc)
+        elif kind == "final_pass":
+            self.final_pass = True
         elif kind in ("eval", "valid", "test"):  # the loop logs validation as "eval"
             split = "test" if kind == "test" else "valid"
-            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}")
+            # The final validation pass reads the next valid batches, so at a step that has
+            # just evaluated it shows a second, different valid loss: say which one it is.
+            note = " (final pass)" if self.final_pass and split == "valid" else ""
+            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}{note}")
         elif kind == "checkpoint":
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
@@ -56,8 +62,6 @@ class TrainProgress:
             self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "stop":
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
-        elif kind == "warning":
-            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "end":
             self.progress.stop()
 
