@@ -211,6 +211,23 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     assert "Traceback" in (job_dir / "error.txt").read_text()
 
 
+def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+
+    def ctrl_c(cfg, job_dir, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nemotron.train, "pretrain", ctrl_c, raising=False)
+    job_dir = tmp_path / "job"
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert result.exit_code == 130
+    assert_one_line_error(
+        result, f"interrupted; job dir {job_dir}", f"-c {job_dir / 'config.yaml'} reruns it"
+    )
+    assert json.loads((job_dir / "result.json").read_text())["status"] == "interrupted"
+
+
 def test_pretrain_missing_blend_is_one_line(cli, monkeypatch):
     monkeypatch.setattr(nemotron.train, "pretrain", lambda *a: pytest.fail("must not run"), raising=False)
     result = cli("nano3", "pretrain", "-c", "tiny")

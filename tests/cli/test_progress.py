@@ -100,3 +100,21 @@ def test_pretrain_summary_leaves_out_unset_values():
         "valid loss": "4.41",
         "finetuned from": "/ckpt/iter_0000300",
     }
+
+
+def test_start_says_where_the_run_resumed_or_which_weights_it_took():
+    console = Console(record=True, width=160, force_terminal=False, log_path=False)
+    hook = TrainProgress(console, show_bar=False)
+    hook(
+        "start", {"total_steps": 60, "step": 20, "resumed_from": "/ckpt/iter_0000020", "finetuned_from": None}
+    )
+    hook("end", {})
+    hook = TrainProgress(console, show_bar=False)
+    hook("start", {"total_steps": 9, "step": 0, "resumed_from": None, "finetuned_from": "/main/iter_0000300"})
+    hook("start", {"total_steps": 9, "step": 0, "resumed_from": None, "finetuned_from": None})
+    hook("end", {})
+    lines = [line.strip() for line in console.export_text().splitlines()]
+    assert [line.split("] ", 1)[-1] for line in lines if line] == [
+        "resumed from /ckpt/iter_0000020 at step 20",
+        "started from the weights of /main/iter_0000300 (finetune)",
+    ]

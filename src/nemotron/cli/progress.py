@@ -36,6 +36,12 @@ class TrainProgress:
                 )
             if payload.get("fp8"):
                 self.console.log(payload["fp8"])
+            # Say where the run starts, so a rerun that resumed (auto_resume) is not mistaken
+            # for one that started over.
+            if payload.get("resumed_from"):
+                self.console.log(f"resumed from {payload['resumed_from']} at step {payload['step']}")
+            elif payload.get("finetuned_from"):
+                self.console.log(f"started from the weights of {payload['finetuned_from']} (finetune)")
             self.progress.start()
             self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
         elif kind == "train" and self.task is not None:
