@@ -463,6 +463,23 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(None, "file not found"), ('{"datasets": [', "invalid JSON at line 1"), ('{"datasets": 3}', "datasets")],
+)
+def test_data_prep_bad_blend_is_one_line_before_a_job_dir(cli, tmp_path, fake_module, content, why):
+    """A missing, truncated or malformed blend definition is refused naming `blend_path` and the
+    file, with no blank line before it and no (failed) job dir left behind."""
+    blend = tmp_path / "blend_raw.json"
+    if content is not None:
+        blend.write_text(content)
+    fake_module("nemotron.data.prep", run_data_prep=lambda *a, **k: pytest.fail("must not run"))
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", f"blend_path={blend}")
+    assert result.exit_code == 1
+    assert_one_line_error(result, f"blend_path: {blend}: ", why)
+    assert result.output == result.stderr and all_files(cli.work) == []
+
+
 def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_module):
     """The CLI passes a progress callback to the library and renders its reports, then the
     per-dataset summary (the library itself prints nothing)."""
@@ -548,6 +565,10 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
     )
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
+    # read before a job dir is made (the stand-in prep does not read it)
+    (tmp_path / "raw.json").write_text(
+        json.dumps({"datasets": [{"name": "d", "path": "org/d", "weight": 1}]})
+    )
     job_dir = tmp_path / "prep-job"
     result = cli(
         "nano3",

@@ -118,4 +118,7 @@ class PrepProgressView:
             self.stop()
 
     def stop(self) -> None:
-        self.progress.stop()
+        # A bar never started (the prep failed before planning) would still print an empty
+        # line, ahead of the error line.
+        if self.task is not None:
+            self.progress.stop()
