@@ -258,7 +258,7 @@ class Nano3ForCausalLM(nn.Module):
         received = aux_loss
         hidden, aux_loss = self.backbone(input_ids, aux_loss, padding_mask)
         if self.is_pipeline_part:
-            if aux_loss is not None and aux_loss is received:
+            if aux_loss is received and aux_loss is not None:
                 # A part without MoE blocks hands its input on; under FSDP2 that input is a
                 # view (its pre-forward hook's), and FSDP2 warns at every forward about a
                 # module returning a view. A fresh 0-d tensor: same value and gradient.
