@@ -68,6 +68,7 @@ def test_pretrain_dry_run_prints_config_and_plan_and_writes_nothing(cli, tmp_pat
     out = result.output
     assert "train_iters: 3" in out and "lr: 0.0005" in out
     assert "hybrid_pattern: MEM*EM" in out
+    assert "; 1 rank (GPUs) per model replica" in out  # not "1 ranks"
     for label in ("stage", "where", "command", "checkpoints", "job dir", "data"):
         assert re.search(rf"^{label}\s", out, re.M), label
     assert "train.train_iters=3" in out  # the command line that reproduces the run

@@ -129,7 +129,7 @@ def _plan_rows(
         length = f"{t.train_tokens:,} tokens (~{-(-t.train_tokens // tokens_per_step):,} steps)"
     p = cfg.model.parallel()
     per_replica = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
-    layout_note = f"; {per_replica} ranks (GPUs) per model replica (TP*CP*PP)"
+    layout_note = f"; {per_replica} rank{'s' * (per_replica != 1)} (GPUs) per model replica (TP*CP*PP)"
     pipeline_rows = []
     if p.pipeline_model_parallel_size > 1:
         from nemotron.distributed.pipeline_split import run_lengths, split_stages
