@@ -366,6 +366,28 @@ def test_bad_command_arguments_exit_2(cli, args, needle):
     assert all_files(cli.work) == []
 
 
+@pytest.mark.parametrize("command", [["export", "hf", "ckpt"], ["import", "hf", "hf"]])
+def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, monkeypatch, command):
+    """OUT not empty (or a file) without --overwrite: exit 2 and the way out, before the
+    conversion (which reads the whole checkpoint first, minutes for a full model) starts."""
+    import nemotron.models.nano3.hf as hf
+    import nemotron.models.nano3.hf_export as hf_export
+
+    monkeypatch.setattr(hf_export, "export_hf", lambda *a, **k: pytest.fail("must not read"))
+    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("must not read"))
+    (cli.work / "out").mkdir()
+    (cli.work / "out" / "old.txt").write_text("an earlier export")
+    (cli.work / "a_file").write_text("x")
+    result = cli("nano3", *command, "out")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "OUT out: exists and is not empty: pass --overwrite to replace it")
+    result = cli("nano3", *command, "a_file", "--overwrite")
+    assert result.exit_code == 2
+    err = assert_one_line_error(result, "OUT a_file: exists and is not a directory: write somewhere else")
+    assert "--overwrite" not in err
+    assert (cli.work / "out" / "old.txt").read_text() == "an earlier export"
+
+
 def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):
     """One process ignores the configured layout (so the run is allowed), but a layout that no
     number of processes can run (8 experts over EP3) is said in the plan, not left silent."""
