@@ -68,6 +68,7 @@ def test_pretrain_dry_run_prints_config_and_plan_and_writes_nothing(cli, tmp_pat
     out = result.output
     assert "train_iters: 3" in out and "lr: 0.0005" in out
     assert "hybrid_pattern: MEM*EM" in out
+    assert "; 1 rank (GPUs) per model replica" in out  # not "1 ranks"
     for label in ("stage", "where", "command", "checkpoints", "job dir", "data"):
         assert re.search(rf"^{label}\s", out, re.M), label
     assert "train.train_iters=3" in out  # the command line that reproduces the run
@@ -211,11 +212,49 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     assert "Traceback" in (job_dir / "error.txt").read_text()
 
 
+def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+
+    def ctrl_c(cfg, job_dir, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nemotron.train, "pretrain", ctrl_c, raising=False)
+    job_dir = tmp_path / "job"
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert result.exit_code == 130
+    assert_one_line_error(
+        result, f"interrupted; job dir {job_dir}", f"-c {job_dir / 'config.yaml'} reruns it"
+    )
+    assert json.loads((job_dir / "result.json").read_text())["status"] == "interrupted"
+
+
 def test_pretrain_missing_blend_is_one_line(cli, monkeypatch):
     monkeypatch.setattr(nemotron.train, "pretrain", lambda *a: pytest.fail("must not run"), raising=False)
     result = cli("nano3", "pretrain", "-c", "tiny")
     assert_one_line_error(result, "data.blend", "data prep")
     assert all_files(cli.work) == []
+
+
+@pytest.mark.parametrize(
+    ("load", "why"),
+    [("missing", "does not exist"), ("a_file", "is not a directory"), ("empty_dir", "holds no checkpoint")],
+)
+def test_pretrain_checkpoint_load_without_a_checkpoint_is_one_line_before_a_job_dir(
+    cli, tmp_path, monkeypatch, load, why
+):
+    """A mistyped `checkpoint.load` is refused naming the key, and no (failed) job dir is left."""
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty_dir").mkdir()
+    monkeypatch.setattr(
+        nemotron.train, "pretrain", lambda *a, **k: pytest.fail("must not run"), raising=False
+    )
+    path = tmp_path / load
+    result = cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}", f"checkpoint.load={path}")
+    assert_one_line_error(result, "checkpoint.load: ", str(path), why)
+    assert result.exit_code == 1 and all_files(cli.work) == []
 
 
 def test_existing_job_dir_is_refused(cli, tmp_path, monkeypatch):
@@ -327,6 +366,28 @@ def test_bad_command_arguments_exit_2(cli, args, needle):
     assert all_files(cli.work) == []
 
 
+@pytest.mark.parametrize("command", [["export", "hf", "ckpt"], ["import", "hf", "hf"]])
+def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, monkeypatch, command):
+    """OUT not empty (or a file) without --overwrite: exit 2 and the way out, before the
+    conversion (which reads the whole checkpoint first, minutes for a full model) starts."""
+    import nemotron.models.nano3.hf as hf
+    import nemotron.models.nano3.hf_export as hf_export
+
+    monkeypatch.setattr(hf_export, "export_hf", lambda *a, **k: pytest.fail("must not read"))
+    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("must not read"))
+    (cli.work / "out").mkdir()
+    (cli.work / "out" / "old.txt").write_text("an earlier export")
+    (cli.work / "a_file").write_text("x")
+    result = cli("nano3", *command, "out")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "OUT out: exists and is not empty: pass --overwrite to replace it")
+    result = cli("nano3", *command, "a_file", "--overwrite")
+    assert result.exit_code == 2
+    err = assert_one_line_error(result, "OUT a_file: exists and is not a directory: write somewhere else")
+    assert "--overwrite" not in err
+    assert (cli.work / "out" / "old.txt").read_text() == "an earlier export"
+
+
 def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):
     """One process ignores the configured layout (so the run is allowed), but a layout that no
     number of processes can run (8 experts over EP3) is said in the plan, not left silent."""
@@ -425,6 +486,23 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     assert seen == [recipe_config_dir(DataPrepJobConfig)]
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(None, "file not found"), ('{"datasets": [', "invalid JSON at line 1"), ('{"datasets": 3}', "datasets")],
+)
+def test_data_prep_bad_blend_is_one_line_before_a_job_dir(cli, tmp_path, fake_module, content, why):
+    """A missing, truncated or malformed blend definition is refused naming `blend_path` and the
+    file, with no blank line before it and no (failed) job dir left behind."""
+    blend = tmp_path / "blend_raw.json"
+    if content is not None:
+        blend.write_text(content)
+    fake_module("nemotron.data.prep", run_data_prep=lambda *a, **k: pytest.fail("must not run"))
+    result = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", f"blend_path={blend}")
+    assert result.exit_code == 1
+    assert_one_line_error(result, f"blend_path: {blend}: ", why)
+    assert result.output == result.stderr and all_files(cli.work) == []
+
+
 def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_module):
     """The CLI passes a progress callback to the library and renders its reports, then the
     per-dataset summary (the library itself prints nothing)."""
@@ -510,6 +588,10 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
     )
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")
+    # read before a job dir is made (the stand-in prep does not read it)
+    (tmp_path / "raw.json").write_text(
+        json.dumps({"datasets": [{"name": "d", "path": "org/d", "weight": 1}]})
+    )
     job_dir = tmp_path / "prep-job"
     result = cli(
         "nano3",

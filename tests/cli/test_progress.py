@@ -4,7 +4,7 @@ from nemotron.cli.progress import TrainProgress
 
 
 def test_train_progress_renders_bar_and_milestones():
-    console = Console(record=True, width=140, force_terminal=False)
+    console = Console(record=True, width=140, force_terminal=False, log_path=False)  # as the CLI's
     hook = TrainProgress(console)
     hook("start", {"total_steps": 4, "step": 0})
     for step in (1, 2, 3, 4):
@@ -20,12 +20,19 @@ def test_train_progress_renders_bar_and_milestones():
         )
     hook("eval", {"step": 4, "loss": 1.5, "ppl": 4.48})  # what pretrain's metrics emit
     hook("checkpoint", {"step": 4, "path": "/ckpt/iter_0000004"})
+    hook("final_pass", {"step": 4})
+    hook("eval", {"step": 4, "loss": 1.25, "ppl": 3.49})
+    hook("test", {"step": 4, "loss": 1.75, "ppl": 5.75})
     hook("end", {})
     text = console.export_text()
     # The LM loss (as the summary's final LM loss), not the loss with the balance term.
     assert "4/4" in text and "LM loss 1.0000" in text and "1,234 tok/s (last step)" in text
     assert "loss 1.5000  lr" not in text
-    assert "valid loss 1.5000 at step 4" in text
+    lines = [line.rstrip() for line in text.splitlines()]
+    assert any(line.endswith("valid loss 1.5000 at step 4") for line in lines)  # periodic: unlabelled
+    # the second valid loss of the last step says it is the final pass's
+    assert any(line.endswith("valid loss 1.2500 at step 4 (final pass)") for line in lines)
+    assert any(line.endswith("test loss 1.7500 at step 4") for line in lines)
     assert "checkpoint saved: /ckpt/iter_0000004" in text
 
 
@@ -58,3 +65,56 @@ def test_prep_progress_shows_warnings_and_units_done_per_task():
     assert "warning: num_workers=1 leaves 3 of the 4 CPUs" in text
     assert text.count("units done per task: task 0 (a) 2, task 1 (b) 1") == 1  # only when it changes
     assert "units done per task: task 0 (a) 3, task 1 (b) 2" in text
+
+
+def test_cli_console_lines_do_not_name_the_source_line():
+    """`console.log` would append its caller (always cli/progress.py:NN), noise to a user."""
+    from nemotron.cli.common import console
+
+    with console.capture() as captured:
+        TrainProgress(console, show_bar=False)("checkpoint", {"step": 1, "path": "/ckpt/iter_0000001"})
+    text = captured.get()
+    assert "checkpoint saved: /ckpt/iter_0000001" in text and "progress.py" not in text
+
+
+def test_pretrain_summary_leaves_out_unset_values():
+    """A fresh run has no `resumed_from`, `finetuned_from` or `problem`: no row prints 'None'."""
+    from nemotron.cli.pretrain import _summary_rows
+
+    rows = dict(
+        _summary_rows(
+            {
+                "status": "completed",
+                "steps": 300,
+                "final_loss": 4.79,
+                "valid_loss": 4.41,
+                "resumed_from": None,
+                "finetuned_from": "/ckpt/iter_0000300",
+                "problem": None,
+            }
+        )
+    )
+    assert rows == {
+        "steps": "300",
+        "final LM loss (last step)": "4.7900",
+        "valid loss": "4.41",
+        "finetuned from": "/ckpt/iter_0000300",
+    }
+
+
+def test_start_says_where_the_run_resumed_or_which_weights_it_took():
+    console = Console(record=True, width=160, force_terminal=False, log_path=False)
+    hook = TrainProgress(console, show_bar=False)
+    hook(
+        "start", {"total_steps": 60, "step": 20, "resumed_from": "/ckpt/iter_0000020", "finetuned_from": None}
+    )
+    hook("end", {})
+    hook = TrainProgress(console, show_bar=False)
+    hook("start", {"total_steps": 9, "step": 0, "resumed_from": None, "finetuned_from": "/main/iter_0000300"})
+    hook("start", {"total_steps": 9, "step": 0, "resumed_from": None, "finetuned_from": None})
+    hook("end", {})
+    lines = [line.strip() for line in console.export_text().splitlines()]
+    assert [line.split("] ", 1)[-1] for line in lines if line] == [
+        "resumed from /ckpt/iter_0000020 at step 20",
+        "started from the weights of /main/iter_0000300 (finetune)",
+    ]

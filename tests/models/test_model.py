@@ -183,3 +183,20 @@ def test_dt_range_must_be_ordered():
 
     with pytest.raises(ModelConfigError, match="mamba_dt_min .* must not exceed mamba_dt_max"):
         tiny_config(mamba_dt_min=0.2, mamba_dt_max=0.1)
+
+
+def test_pipeline_part_without_moe_hands_on_a_fresh_balance_loss(config):
+    """A part with no MoE block (blocks 4-5, 'M-' here) passes the balance-loss sum it received
+    on. Under FSDP2 that input is a view (its pre-forward hook's), and FSDP2 warns at every
+    forward about a module that returns a view: the part returns a fresh tensor, same value,
+    and the gradient still reaches the input."""
+    assert config.hybrid_pattern[4:6] == "M-"
+    part = Nano3ForCausalLM(config, blocks=range(4, 6))
+    hidden = torch.randn(2, 8, config.hidden_size)
+    received = torch.tensor([0.25], requires_grad=True)
+    aux_in = received.view(())  # a view, as FSDP2's pre-forward hook hands it
+    lm_loss, aux_out = part(hidden, aux_in, labels=torch.zeros(2, 8, dtype=torch.long))
+    assert aux_out._base is None and aux_out is not aux_in
+    assert aux_out.item() == 0.25
+    (lm_loss + 2.0 * aux_out).backward()
+    assert received.grad is not None and received.grad.item() == 2.0

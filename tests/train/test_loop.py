@@ -29,6 +29,10 @@ def test_run_writes_metrics_checkpoints_and_lineage(tmp_path, corpus):
     assert summary.checkpoint.endswith("iter_0000008") and summary.test_loss is not None
     assert summary.unigram_entropy > 3 and summary.balance_max_over_mean >= 1.0
     assert events[0] == "start" and events[-1] == "end" and "checkpoint" in events and "phase" in events
+    # the final validation pass (then test) is announced once, after the last step
+    final = events.index("final_pass")
+    assert events.count("final_pass") == 1 and "train" not in events[final:]
+    assert events[final + 1 : final + 3] == ["eval", "test"]
 
     records = read_metrics(tmp_path / "job")
     train = [r for r in records if r["kind"] == "train"]

@@ -31,7 +31,9 @@ CONFIG_PANEL = "Configuration"
 EXEC_PANEL = "Execution"
 JOB_DIR_ENV = "NEMOTRON_JOB_DIR"  # set by `--run/--batch` submissions for the job-side CLI
 
-console = Console(highlight=False, soft_wrap=True)
+# log_path=False: `console.log` would name its caller (always cli/progress.py), which tells a
+# user nothing and takes a column from the message.
+console = Console(highlight=False, soft_wrap=True, log_path=False)
 
 ConfigOpt = Annotated[
     str,
@@ -460,7 +462,12 @@ def run_stage(fn, job_dir: Path):
         return fn()
     except KeyboardInterrupt as exc:
         record_failure(job_dir, exc)
-        raise fail(f"interrupted; job dir {job_dir}", 130) from None
+        # Ctrl-C stops at once (SIGTERM/SIGUSR1 checkpoint first): say how to pick the run up.
+        raise fail(
+            f"interrupted; job dir {job_dir}; -c {job_dir / 'config.yaml'} reruns it, "
+            "resuming from what was saved",
+            130,
+        ) from None
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - also torch's BaseException-derived errors

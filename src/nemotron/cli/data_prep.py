@@ -58,11 +58,28 @@ def _recipe_dir(cfg, config_path: Path) -> Path:
     return shipped if (shipped / blend).exists() else own
 
 
+def _blend_file(cfg, recipe_dir: Path) -> Path:
+    """`blend_path`, a relative one against the recipe's directory."""
+    blend = Path(cfg.blend_path).expanduser()
+    return blend if blend.is_absolute() else recipe_dir / blend
+
+
+def _check_blend(cfg, recipe_dir: Path) -> None:
+    """A missing or invalid blend definition is refused naming the key, before a job dir is
+    made (`load_blend` is the one validator; the prep reads the file again)."""
+    from nemotron.config import ConfigError
+    from nemotron.data.blend import BlendError, load_blend
+
+    try:
+        load_blend(_blend_file(cfg, recipe_dir))
+    except BlendError as exc:
+        raise ConfigError(f"blend_path: {exc}") from None
+
+
 def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
     from nemotron.data import embedded
 
-    blend = Path(cfg.blend_path).expanduser()
-    blend = blend if blend.is_absolute() else recipe_dir / blend
+    blend = _blend_file(cfg, recipe_dir)
     rows = [("blend", str(blend))]
     try:
         datasets = json.loads(blend.read_text()).get("datasets", [])
@@ -198,6 +215,7 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
+        _check_blend(cfg, recipe_dir)
         task = slurm_task()
         use_wandb = cfg.wandb and cfg.wandb_mode != "disabled"
         if use_wandb:

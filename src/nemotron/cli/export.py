@@ -24,6 +24,22 @@ def _check_apart(source: Path, out: Path, source_name: str) -> None:
         raise CliError(f"OUT {out} {where} {source_name} {source}: write the result somewhere else")
 
 
+def _check_out_free(out: Path, overwrite: bool) -> None:
+    """OUT already holding something is refused before the checkpoint is read and converted
+    (minutes for a full model), saying how to replace it."""
+    from nemotron.utils.fs import refuse_non_empty
+
+    try:
+        refuse_non_empty(out, overwrite)
+    except FileExistsError as exc:
+        hint = (
+            "pass --overwrite to replace it, or write somewhere else"
+            if out.is_dir()
+            else "write somewhere else"
+        )
+        raise CliError(f"OUT {exc}: {hint}") from None
+
+
 def _export_hf(
     checkpoint: Annotated[
         Path,
@@ -70,6 +86,7 @@ def _export_hf(
         if not (math.isfinite(max_shard_gb) and max_shard_gb > 0):
             raise CliError(f"--max-shard-gb must be a positive number of GiB, got {max_shard_gb}")
         _check_apart(checkpoint, out, "CKPT")
+        _check_out_free(out, overwrite)
         if tokenizer is not None and no_tokenizer:
             raise CliError("--tokenizer and --no-tokenizer are mutually exclusive")
         result = export_hf(
@@ -106,6 +123,7 @@ def _import_hf(
         from nemotron.models.nano3.hf import load_hf
 
         _check_apart(hf_dir, out, "DIR")
+        _check_out_free(out, overwrite)
         model = load_hf(hf_dir)
         written = save_model_checkpoint(model, model.config, out, overwrite=overwrite)
         console.print(f"imported {hf_dir} -> {written} (model weights, float32)")

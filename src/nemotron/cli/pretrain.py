@@ -91,6 +91,30 @@ PHASE2_MISSING = (
 )
 
 
+def _check_checkpoint_load(cfg) -> None:
+    """A `checkpoint.load` the run will read that holds no checkpoint (a typo in the path, a
+    file, an empty dir) is refused here, naming the key, before a job dir is made; the library's
+    `find_checkpoint` is the one home of the rule (sizes only here: the run verifies checksums).
+    One process only: under torchrun `find_checkpoint` shares the work among the ranks, which
+    the run's own check does."""
+    ckpt = cfg.checkpoint
+    if ckpt.load is None or common.launch_world_size() > 1:
+        return
+    from nemotron.config import ConfigError
+    from nemotron.train.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        if (
+            ckpt.finetune
+            and ckpt.auto_resume
+            and find_checkpoint(ckpt.save, checksums=False, must_exist=False)[0]
+        ):
+            return  # resumes its own save dir: `load` (the weights it started from) is not read
+        find_checkpoint(ckpt.load, checksums=False)
+    except CheckpointError as exc:
+        raise ConfigError(f"checkpoint.load: {exc}") from None
+
+
 def _plan_rows(
     cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str
 ) -> list[tuple[str, str]]:
@@ -105,7 +129,7 @@ def _plan_rows(
         length = f"{t.train_tokens:,} tokens (~{-(-t.train_tokens // tokens_per_step):,} steps)"
     p = cfg.model.parallel()
     per_replica = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
-    layout_note = f"; {per_replica} ranks (GPUs) per model replica (TP*CP*PP)"
+    layout_note = f"; {per_replica} rank{'s' * (per_replica != 1)} (GPUs) per model replica (TP*CP*PP)"
     pipeline_rows = []
     if p.pipeline_model_parallel_size > 1:
         from nemotron.distributed.pipeline_split import run_lengths, split_stages
@@ -292,7 +316,7 @@ def _summary_rows(summary) -> list[tuple[str, str]]:
     for key, value in values.items():
         if isinstance(value, float):
             rows.append((key.replace("_", " "), f"{value:.4g}"))
-        elif isinstance(value, (str, int, bool)) or value is None:
+        elif isinstance(value, (str, int, bool)):  # None (not resumed, no problem, ...): no row
             rows.append((key.replace("_", " "), str(value)))
     return rows
 
@@ -374,6 +398,7 @@ def _pretrain(
                 f"data.blend: {cfg.data.blend} does not exist; prepare it first "
                 f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"
             )
+        _check_checkpoint_load(cfg)
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)
 

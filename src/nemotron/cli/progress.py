@@ -25,6 +25,7 @@ class TrainProgress:
             transient=False,
         )
         self.task: TaskID | None = None
+        self.final_pass = False  # set by the loop's "final_pass" event (after its last step)
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "start":
@@ -35,6 +36,12 @@ class TrainProgress:
                 )
             if payload.get("fp8"):
                 self.console.log(payload["fp8"])
+            # Say where the run starts, so a rerun that resumed (auto_resume) is not mistaken
+            # for one that started over.
+            if payload.get("resumed_from"):
+                self.console.log(f"resumed from {payload['resumed_from']} at step {payload['step']}")
+            elif payload.get("finetuned_from"):
+                self.console.log(f"started from the weights of {payload['finetuned_from']} (finetune)")
             self.progress.start()
             self.task = self.progress.add_task("", total=payload["total_steps"], completed=payload["step"])
         elif kind == "train" and self.task is not None:
@@ -45,9 +52,14 @@ class TrainProgress:
             if payload.get("tokens_per_second"):
                 desc += f"  {payload['tokens_per_second']:,.0f} tok/s (last step)"
             self.progress.update(self.task, completed=payload["step"], description=desc)
+        elif kind == "final_pass":
+            self.final_pass = True
         elif kind in ("eval", "valid", "test"):  # the loop logs validation as "eval"
             split = "test" if kind == "test" else "valid"
-            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}")
+            # The final validation pass reads the next valid batches, so at a step that has
+            # just evaluated it shows a second, different valid loss: say which one it is.
+            note = " (final pass)" if self.final_pass and split == "valid" else ""
+            self.console.log(f"{split} loss {payload['loss']:.4f} at step {payload['step']}{note}")
         elif kind == "checkpoint":
             self.console.log(f"checkpoint saved: {payload['path']}")
         elif kind == "phase":
@@ -56,8 +68,6 @@ class TrainProgress:
             self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "stop":
             self.console.log(f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
-        elif kind == "warning":
-            self.console.log(f"[yellow]warning[/]: {payload['message']}")
         elif kind == "end":
             self.progress.stop()
 
@@ -108,4 +118,7 @@ class PrepProgressView:
             self.stop()
 
     def stop(self) -> None:
-        self.progress.stop()
+        # A bar never started (the prep failed before planning) would still print an empty
+        # line, ahead of the error line.
+        if self.task is not None:
+            self.progress.stop()

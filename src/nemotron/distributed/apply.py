@@ -308,7 +308,8 @@ def _unwrapped_name(name: str) -> str:
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     if isinstance(param, DTensor):
         mesh = param.device_mesh
-        replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        # detached: a copy of values (a grad-requiring local tensor makes torch warn, to no use)
+        replicated = DTensor.from_local(full.detach(), mesh, [Replicate()] * mesh.ndim, run_check=False)
         param.to_local().copy_(replicated.redistribute(mesh, param.placements).to_local())
     else:
         param.copy_(full)

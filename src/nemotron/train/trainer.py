@@ -626,6 +626,7 @@ class Trainer:
                 # last step has just evaluated (the valid split is sized for it: the "+ 1" of
                 # `eval_dataset`), then the test pass. Both come after the last checkpoint, so
                 # a resumed or re-run job reads the same valid samples; a stopped run has neither.
+                self.metrics.event("final_pass", {"step": self.state.step})
                 loss = self.evaluate("eval")
                 self.valid_loss = loss if loss is not None else self.valid_loss
                 self.test_loss = self.evaluate("test")

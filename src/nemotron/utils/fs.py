@@ -79,6 +79,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = 
 _umask_lock = threading.Lock()
 
 
+def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
+    """An output directory that already holds something is replaced only when asked
+    (`overwrite`): FileExistsError otherwise. Checked by the writers, and by the CLI before
+    the long read and conversion that come before the write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # never replaced: a file is no earlier output
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty")
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it, under a lock)."""
     with _umask_lock:

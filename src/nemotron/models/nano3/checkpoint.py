@@ -34,7 +34,7 @@ from nemotron.train.checkpoint import (
     find_checkpoint,
     manifest_json,
 )
-from nemotron.utils.fs import apply_default_modes, atomic_write_text
+from nemotron.utils.fs import apply_default_modes, atomic_write_text, refuse_non_empty
 
 CONFIG_FILE = "config.json"
 MODEL_KEY = "model"
@@ -121,8 +121,7 @@ def save_model_checkpoint(
     """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed)."""
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty")
+    refuse_non_empty(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

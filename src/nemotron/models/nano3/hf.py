@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes, read_json
+from nemotron.utils.fs import apply_default_modes, read_json, refuse_non_empty
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -307,8 +307,7 @@ def save_hf(
     0755 under umask 022) and renamed, so a partial export never looks complete.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    refuse_non_empty(out_dir, overwrite)
     hf_tensors = to_hf_state_dict(state_dict, config)
 
     def dtype_of(name: str, t: torch.Tensor) -> torch.dtype:

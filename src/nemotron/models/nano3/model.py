@@ -255,8 +255,14 @@ class Nano3ForCausalLM(nn.Module):
         `padding_mask` [batch, seq], True at the padding of a mixed-length micro-batch: not
         counted by the MoE balancing (expert counts, balance loss); the LM loss is the
         `loss_mask`'s."""
+        received = aux_loss
         hidden, aux_loss = self.backbone(input_ids, aux_loss, padding_mask)
         if self.is_pipeline_part:
+            if aux_loss is received and aux_loss is not None:
+                # A part without MoE blocks hands its input on; under FSDP2 that input is a
+                # view (its pre-forward hook's), and FSDP2 warns at every forward about a
+                # module returning a view. A fresh 0-d tensor: same value and gradient.
+                aux_loss = aux_loss.clone()
             return self._pipeline_outputs(hidden, aux_loss, labels, loss_mask)
         assert self.lm_head is not None  # the whole model has one
         vocab_parallel = self.vocab_parallel
