@@ -618,3 +618,22 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
     }
     bad = cli("nano3", "data", "prep", "pretrain", "-c", str(config), "wandb_mode=sometimes")
     assert_one_line_error(bad, "wandb_mode='sometimes'")
+
+
+def test_project_errors_print_their_message_foreign_ones_their_class_too(capsys):
+    """The project's exceptions are written for the user (naming the file, key or line): the
+    error line is that message, no class name in front; a foreign one keeps its class."""
+    import typer
+
+    from nemotron.cli.common import user_errors
+    from nemotron.data.gpt_dataset import GPTDatasetError
+
+    with pytest.raises(typer.Exit) as exit_info:
+        with user_errors():
+            raise GPTDatasetError("data/train_00000.idx: 12 documents but 13 offsets")
+    assert exit_info.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == "error: data/train_00000.idx: 12 documents but 13 offsets"
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            raise RuntimeError("CUDA error: out of memory")
+    assert capsys.readouterr().err.strip() == "error: RuntimeError: CUDA error: out of memory"

@@ -127,12 +127,10 @@ def user_errors() -> Iterator[None]:
 
 
 def _self_explaining(exc: BaseException) -> bool:
-    """Errors whose message needs no exception class in front of it."""
-    # Imported here: `nemotron.config` pulls in every section's config (and torch with them),
-    # which `nemotron --help` must not pay for.
-    from nemotron.config import ConfigError
-
-    return isinstance(exc, (ConfigError, FileNotFoundError))
+    """Errors whose message needs no exception class in front of it: this project's own (each
+    written for the user, naming the file, key or line) and a missing file. A foreign error
+    (torch's RuntimeError, ...) keeps its class, which is part of what it says."""
+    return type(exc).__module__.startswith("nemotron.") or isinstance(exc, FileNotFoundError)
 
 
 def check_exclusive(run: str | None, batch: str | None) -> None:
