@@ -94,6 +94,8 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus):
 
 
 def _nan_after(monkeypatch, first_bad_step, micro_batches_per_step=2):
+    """A NaN training loss at the steps in `first_bad_step` (a set) of each run; returns the
+    micro-batch counter (reset it to 0 before a run that starts at step 1)."""
     calls = {"n": 0}
     original = Nano3ForCausalLM.forward
 
@@ -107,6 +109,7 @@ def _nan_after(monkeypatch, first_bad_step, micro_batches_per_step=2):
         return out
 
     monkeypatch.setattr(Nano3ForCausalLM, "forward", forward)
+    return calls
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, monkeypatch):

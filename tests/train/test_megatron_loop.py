@@ -23,6 +23,7 @@ from nemotron.train.schedule import learning_rate
 from nemotron.train.trainer import RunState
 
 from .conftest import make_config
+from .test_loop import _nan_after
 
 
 def raw_records(job_dir, kind):
@@ -122,30 +123,12 @@ def test_a_run_that_evaluated_nothing_resumes_valid_where_megatron_does(tmp_path
     assert [(step, r["loss"]) for step, r in raw_records(tmp_path / "job", "eval")] == want
 
 
-def _nan_at(monkeypatch, bad_steps, micro_batches_per_step=2):
-    """A NaN training loss at the given steps of each run; returns the micro-batch counter
-    (reset it to 0 before a run that starts at step 1)."""
-    calls = {"n": 0}
-    original = Nano3ForCausalLM.forward
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls["n"] += 1
-            if (calls["n"] - 1) // micro_batches_per_step + 1 in bad_steps:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(Nano3ForCausalLM, "forward", forward)
-    return calls
-
-
 def test_a_skipped_step_does_not_move_the_schedule(tmp_path, corpus, monkeypatch):
     """Megatron steps its scheduler only after a successful update: with step 2 skipped (64
     tokens a step), steps 1-8 take the rates at 0, 64, 64, 128, ... 384 tokens, not 0, 64,
     128, ... 448. The counter is checkpointed: a run stopped at step 5 and resumed gets the
     same rates and losses."""
-    calls = _nan_at(monkeypatch, {2})
+    calls = _nan_after(monkeypatch, {2})
     extra = {"train": {"max_skipped_steps": 1}}
     ref = make_config(tmp_path / "ref", blend=corpus[0], **extra)
     pretrain(ref, tmp_path / "ref" / "job")
