@@ -12,6 +12,14 @@ the last `--window` steps from BF16's (the final-loss difference; a mean over a 
 a single step's loss varies with its batch by more than the precisions differ), the largest
 per-step difference, and the step time. Checked against `--tolerance`.
 
+`--cross-eval` tells a difference in what FP8 *computes* from one in what FP8 training *learns*:
+every run's final weights (the same parameter names and values in both precisions) are loaded
+into a model of every precision and their held-out loss taken there, a matrix of weights x
+forward. FP8-trained weights evaluated in BF16 against BF16-trained weights in BF16 is the
+training effect alone; BF16-trained weights in the FP8 forward against the BF16 forward is the
+forward's own effect on the loss. The diagonal repeats each run's own held-out loss through a
+fresh model (a check of the loading).
+
     PYTHONPATH=src python3 benchmarks/fp8_loss_parity.py --blend BLEND.json --out parity.json
 """
 
@@ -36,6 +44,7 @@ from nemotron.train import balancing  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
+from nemotron.train.checkpoint import training_state_dict  # noqa: E402
 from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -64,6 +73,41 @@ def config(args, fp8: Fp8Config) -> PretrainConfig:
         data=DataConfig(blend=args.blend, mock=args.blend is None),
         optimizer=OptimizerConfig(lr=args.lr, min_lr=args.lr),
     )
+
+
+def final_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name, whole, copied to the host (float32 masters as
+    they are): the state a checkpoint of the run would hold."""
+    from torch.distributed.tensor import DTensor
+
+    state = training_state_dict(model, None)["model"]
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)
+        for name, t in state.items()
+        if torch.is_tensor(t)
+    }
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (from `final_weights`) into `model`, in place, and read them back: one
+    process's FSDP2 shard is the whole tensor, so a copy into its local tensor is the load."""
+    from torch.distributed.tensor import DTensor
+
+    state = {k: t for k, t in training_state_dict(model, None)["model"].items() if torch.is_tensor(t)}
+    if set(state) != set(weights):
+        raise RuntimeError(f"weights do not fit the model: {sorted(set(state) ^ set(weights))[:8]}")
+    for name, target in state.items():
+        local = target.to_local() if isinstance(target, DTensor) else target
+        if local.shape != weights[name].shape:
+            raise RuntimeError(f"{name}: local {tuple(local.shape)} is not the whole {tuple(weights[name].shape)}")
+        local.copy_(weights[name])
+    # the state dict's tensors share the parameters' storage; make sure the copy reached them
+    for name, param in model.named_parameters():
+        whole = param.full_tensor() if isinstance(param, DTensor) else param
+        key = name if name in weights else name.replace("_checkpoint_wrapped_module.", "")
+        if key in weights and not torch.equal(whole.detach().float().cpu(), weights[key].float()):
+            raise RuntimeError(f"loading did not reach parameter {name}")
 
 
 def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
@@ -113,8 +157,31 @@ def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
         "peak_gib": peak_memory_gib(device),
         "fp8": None if summary is None else summary.describe(),
     }
+    if args.cross_eval and held_out is not None:
+        out["weights"] = final_weights(model)
     del model, optimizer, data
     return out
+
+
+def cross_evaluate(args, runs, weights: dict[str, dict], device: torch.device) -> dict[str, dict[str, float]]:
+    """Held-out loss of every run's final weights in every run's forward (`--cross-eval`):
+    {weights of run: {forward of run: loss}}."""
+    table: dict[str, dict[str, float]] = {name: {} for name in weights}
+    for forward, fp8 in runs:
+        if forward == "bf16-control":  # the same forward as bf16's
+            continue
+        cfg = config(args, fp8)
+        model, parallel = build_model(cfg, device)
+        data = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1), cfg.model.vocab_size, 0)
+        held_out = data.test_batches()
+        for name, w in weights.items():
+            load_weights(model, w)
+            loss = evaluate(model, held_out, device=device, precision="bf16", parallel=parallel)
+            table[name][forward] = loss
+            print(f"  held-out loss: weights of {name} in the {forward} forward: {loss:.4f}", flush=True)
+        del model, data
+        _release(device)
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,6 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="train BF16 a second time (same seed, batches and code): how far two BF16 runs end apart "
         "on this GPU, the scale an FP8 difference is read against",
     )
+    ap.add_argument(
+        "--cross-eval",
+        action="store_true",
+        help="also evaluate every run's final weights in every run's forward (needs --eval-batches): "
+        "FP8's effect on training apart from its effect on the computed loss",
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -213,6 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}:", flush=True)
             result["runs"][name] = train(config(args, fp8), device, args)
             _release(device)
+        weights = {n: r.pop("weights") for n, r in result["runs"].items() if "weights" in r}
+        if weights:
+            print("cross evaluation:", flush=True)
+            result["cross_eval"] = cross_evaluate(args, runs, weights, device)
+            del weights
     base = result["runs"]["bf16"]["losses"]
     w = args.window
     for name, run in result["runs"].items():
@@ -238,6 +316,18 @@ def main(argv: list[str] | None = None) -> dict:
             + f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
             flush=True,
         )
+    table = result.get("cross_eval", {})
+    for name in table:
+        if name.startswith("fp8-") and "bf16" in table:
+            trained = table[name]["bf16"] - table["bf16"]["bf16"]
+            computed = table["bf16"][name] - table["bf16"]["bf16"]
+            result["runs"][name].update(training_effect=trained, forward_effect=computed)
+            print(
+                f"{name}: held-out, BF16 forward: FP8-trained weights {trained:+.4f} vs BF16-trained "
+                f"(what FP8 training learnt); BF16-trained weights, FP8 forward {computed:+.4f} vs BF16 "
+                "forward (what the FP8 forward computes)",
+                flush=True,
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     return result

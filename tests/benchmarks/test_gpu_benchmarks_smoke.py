@@ -425,9 +425,19 @@ def test_fp8_options_of_the_benchmarks(tmp_path):
             "--eval-batches",
             "2",
             "--bf16-control",
+            "--cross-eval",
         ]
     )
     run = out["runs"]["fp8-tensorwise"]
+    # the cross evaluation: each run's weights reloaded into a fresh model of its own precision
+    # give its own held-out loss again; BF16 weights in the FP8 forward compute another loss
+    table = out["cross_eval"]
+    assert table["bf16"]["bf16"] == out["runs"]["bf16"]["test_loss"]
+    assert table["fp8-tensorwise"]["fp8-tensorwise"] == run["test_loss"]
+    assert table["bf16-control"]["bf16"] == table["bf16"]["bf16"] and "bf16-control" not in table["bf16"]
+    assert run["forward_effect"] == table["bf16"]["fp8-tensorwise"] - table["bf16"]["bf16"] != 0
+    assert run["training_effect"] == table["fp8-tensorwise"]["bf16"] - table["bf16"]["bf16"]
+    assert all("weights" not in r for r in out["runs"].values())  # kept out of the JSON
     assert len(run["losses"]) == 2 and run["losses"] != out["runs"]["bf16"]["losses"] and run["ok"]
     # the held-out loss of each run's final weights, and the BF16 control: on CPU (deterministic)
     # it is the BF16 run again, to the bit, and is reported, not checked
