@@ -41,10 +41,10 @@ from train_throughput import _release, one_rank_group, proxy_model_config  # noq
 from nemotron.config.schema import PretrainConfig  # noqa: E402
 from nemotron.data.config import DataConfig  # noqa: E402
 from nemotron.train import balancing  # noqa: E402
+from nemotron.train.checkpoint import training_state_dict  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
-from nemotron.train.checkpoint import training_state_dict  # noqa: E402
 from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -100,7 +100,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
     for name, target in state.items():
         local = target.to_local() if isinstance(target, DTensor) else target
         if local.shape != weights[name].shape:
-            raise RuntimeError(f"{name}: local {tuple(local.shape)} is not the whole {tuple(weights[name].shape)}")
+            raise RuntimeError(
+                f"{name}: local {tuple(local.shape)} is not the whole {tuple(weights[name].shape)}"
+            )
         local.copy_(weights[name])
     # the state dict's tensors share the parameters' storage; make sure the copy reached them
     for name, param in model.named_parameters():
