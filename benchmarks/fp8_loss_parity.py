@@ -5,7 +5,16 @@ The Nano3 proxy of `train_throughput.py` (first `--layers` Nano3 blocks at full 
 a prepared blend (`nemotron nano3 data prep pretrain -c tiny` builds one from the embedded
 corpus): once in BF16 (bf16 compute weights, fp32 master weights and AdamW state, FSDP2 on a
 one-GPU mesh, as the benchmarks run it) and once per `--recipes` entry with FP8 GEMMs on top.
-Learning rate: linear warmup over `--lr-warmup` steps to `--lr`, then constant.
+Learning rate: linear warmup over `--lr-warmup` steps to `--lr`, then constant. The default,
+100 steps to 3e-4, raises the rate by 3e-6 per step, as the recipe's warmup does (0 -> 1e-3 over
+~333 steps), so the first steps, where Adam's updates are largest relative to the gradients, see
+the recipe's rates. (With 30 steps, the default before 2026-12-05, every run's loss spiked at
+step 4, FP8's roundings damped the spike, and the difference stayed in the final loss:
+docs/benchmarks.md, "Twelfth round".)
+
+One seed's difference is one trajectory's: GPU reductions are not bitwise repeatable, and two
+BF16 runs of one seed ended with held-out losses 0.035 apart on this short, small-batch run. `--seeds` trains
+every run once per seed and checks the mean difference over them (with its standard error).
 
 Reported: every step's LM loss per run, and per FP8 run the difference of its mean loss over
 the last `--window` steps from BF16's (the final-loss difference; a mean over a window because
@@ -49,7 +58,7 @@ from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
 
-def config(args, fp8: Fp8Config) -> PretrainConfig:
+def config(args, fp8: Fp8Config, seed: int | None = None) -> PretrainConfig:
     model = proxy_model_config(args.layers, args.experts, args.tiny)
     if args.tiny:  # the tiny widths' vocabulary is smaller than the embedded corpus's 4096 tokens
         model = dataclasses.replace(model, vocab_size=4096)
@@ -58,7 +67,7 @@ def config(args, fp8: Fp8Config) -> PretrainConfig:
         global_batch_size=args.micro_batch * args.grad_accum,
         micro_batch_size=args.micro_batch,
         seq_length=args.seq,
-        seed=args.seed,
+        seed=args.seed if seed is None else seed,
         # the test split's first `--eval-batches` global batches: one held-out set for every run
         eval_iters=args.eval_batches,
         precision="bf16",
@@ -165,14 +174,16 @@ def train(cfg: PretrainConfig, device: torch.device, args) -> dict:
     return out
 
 
-def cross_evaluate(args, runs, weights: dict[str, dict], device: torch.device) -> dict[str, dict[str, float]]:
-    """Held-out loss of every run's final weights in every run's forward (`--cross-eval`):
-    {weights of run: {forward of run: loss}}."""
+def cross_evaluate(
+    args, runs, weights: dict[str, dict], device: torch.device, seed: int
+) -> dict[str, dict[str, float]]:
+    """Held-out loss of every run's final weights in every run's forward (`--cross-eval`), on the
+    held-out batches of `seed` (the runs' own): {weights of run: {forward of run: loss}}."""
     table: dict[str, dict[str, float]] = {name: {} for name in weights}
     for forward, fp8 in runs:
         if forward == "bf16-control":  # the same forward as bf16's
             continue
-        cfg = config(args, fp8)
+        cfg = config(args, fp8, seed)
         model, parallel = build_model(cfg, device)
         data = TrainingData(cfg.data, cfg.train, plan_batches(cfg.train, 1), cfg.model.vocab_size, 0)
         held_out = data.test_batches()
@@ -218,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="train.seed of every run (initialisation and data order); several seeds tell a systematic "
         "FP8 difference from one trajectory's",
     )
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma list of seeds: every run once per seed, each compared with the BF16 run of its "
+        "seed, and the check made on the mean difference over the seeds (with its standard error)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--params", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--lr-warmup", type=int, default=30)
+    ap.add_argument("--lr-warmup", type=int, default=100, help="steps of linear warmup (see above)")
     ap.add_argument("--window", type=int, default=20, help="final loss = mean over the last N steps")
     ap.add_argument(
         "--tolerance", type=float, default=0.02, help="allowed |final loss FP8 - BF16| (absolute, nats)"
@@ -283,24 +300,60 @@ def main(argv: list[str] | None = None) -> dict:
             if r
         ]
     )
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    if len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds {args.seeds}: a seed is given twice")
+
+    def save(partial: bool) -> None:
+        # written after every run, so a run cut short by a time limit keeps what it finished
+        if args.out:
+            result["partial"] = partial
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+
+    def key(name: str, seed: int) -> str:
+        return name if len(seeds) == 1 else f"{name}@{seed}"
+
     with one_rank_group(device, args.params):
-        for name, fp8 in runs:
-            print(f"{name}:", flush=True)
-            result["runs"][name] = train(config(args, fp8), device, args)
-            _release(device)
-        weights = {n: r.pop("weights") for n, r in result["runs"].items() if "weights" in r}
-        if weights:
-            print("cross evaluation:", flush=True)
-            result["cross_eval"] = cross_evaluate(args, runs, weights, device)
-            del weights
-    base = result["runs"]["bf16"]["losses"]
+        for seed in seeds:
+            weights = {}
+            for name, fp8 in runs:
+                print(f"{key(name, seed)}:", flush=True)
+                run = train(config(args, fp8, seed), device, args)
+                if "weights" in run:
+                    weights[name] = run.pop("weights")
+                result["runs"][key(name, seed)] = run
+                _release(device)
+                save(partial=True)
+            compare(args, result["runs"], [(key(n, seed), n) for n, _ in runs], key("bf16", seed))
+            if weights:
+                print("cross evaluation:", flush=True)
+                table = cross_evaluate(args, runs, weights, device, seed)
+                del weights
+                result.setdefault("cross_eval", {}).update(
+                    {key(n, seed): {key(f, seed): v for f, v in row.items()} for n, row in table.items()}
+                )
+                effects(result, [key(n, seed) for n, _ in runs], key("bf16", seed))
+            save(partial=True)
+    if len(seeds) > 1:
+        result["summary"] = summarize(args, result["runs"], [n for n, _ in runs], seeds)
+    save(partial=False)
+    return result
+
+
+def compare(args, runs: dict[str, dict], names: list[tuple[str, str]], base_key: str) -> None:
+    """Each run's difference from the BF16 run of its seed (`base_key`), recorded in the run and
+    printed: the final-loss difference (checked against --tolerance), the largest per-step one,
+    the held-out one."""
+    base_run = runs[base_key]
+    base = base_run["losses"]
     w = args.window
-    for name, run in result["runs"].items():
-        if name == "bf16":
+    for run_key, name in names:
+        if run_key == base_key:
             continue
+        run = runs[run_key]
         diffs = [a - b for a, b in zip(run["losses"], base)]
         final = sum(run["losses"][-w:]) / w - sum(base[-w:]) / w
-        base_test = result["runs"]["bf16"]["test_loss"]
+        base_test = base_run["test_loss"]
         run.update(
             final_loss_diff=final,
             max_step_diff=max(abs(d) for d in diffs),
@@ -310,29 +363,71 @@ def main(argv: list[str] | None = None) -> dict:
             ok=None if name == "bf16-control" else abs(final) <= args.tolerance,
         )
         print(
-            f"{name}: final loss (mean of last {w}) {run['final_loss']:.4f} vs bf16 "
+            f"{run_key}: final loss (mean of last {w}) {run['final_loss']:.4f} vs bf16 "
             f"{sum(base[-w:]) / w:.4f}: diff {final:+.4f} (tolerance {args.tolerance}) "
             f"{ {True: 'OK', False: 'FAILED', None: '(control)'}[run['ok']] }; "
             f"max per-step |diff| {run['max_step_diff']:.4f}; "
             + ("" if run["test_loss_diff"] is None else f"held-out loss diff {run['test_loss_diff']:+.4f}; ")
-            + f"step {run['step_ms_median']:.0f} vs {result['runs']['bf16']['step_ms_median']:.0f} ms",
+            + f"step {run['step_ms_median']:.0f} vs {base_run['step_ms_median']:.0f} ms",
             flush=True,
         )
-    table = result.get("cross_eval", {})
-    for name in table:
-        if name.startswith("fp8-") and "bf16" in table:
-            trained = table[name]["bf16"] - table["bf16"]["bf16"]
-            computed = table["bf16"][name] - table["bf16"]["bf16"]
-            result["runs"][name].update(training_effect=trained, forward_effect=computed)
-            print(
-                f"{name}: held-out, BF16 forward: FP8-trained weights {trained:+.4f} vs BF16-trained "
-                f"(what FP8 training learnt); BF16-trained weights, FP8 forward {computed:+.4f} vs BF16 "
-                "forward (what the FP8 forward computes)",
-                flush=True,
-            )
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    return result
+
+
+def effects(result: dict, keys: list[str], base_key: str) -> None:
+    """From the cross evaluation: per FP8 run, what its training learnt (its weights against
+    BF16's, both in the BF16 forward) and what the FP8 forward computes (BF16's weights in the
+    FP8 forward against the BF16 forward)."""
+    table = result["cross_eval"]
+    base = table[base_key][base_key]
+    for run_key in keys:
+        if run_key == base_key or not run_key.startswith("fp8-"):
+            continue
+        trained = table[run_key][base_key] - base
+        computed = table[base_key][run_key] - base
+        result["runs"][run_key].update(training_effect=trained, forward_effect=computed)
+        print(
+            f"{run_key}: held-out, BF16 forward: FP8-trained weights {trained:+.4f} vs BF16-trained "
+            f"(what FP8 training learnt); BF16-trained weights, FP8 forward {computed:+.4f} vs BF16 "
+            "forward (what the FP8 forward computes)",
+            flush=True,
+        )
+
+
+def summarize(args, runs: dict[str, dict], names: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Over the seeds, per run name: the final-loss and held-out differences from BF16 of each
+    seed, their mean and its standard error. Checked: |mean final-loss difference| <=
+    --tolerance (one seed's difference is one trajectory's; the mean over seeds is FP8's)."""
+    out: dict[str, dict] = {}
+    for name in names:
+        if name == "bf16":
+            continue
+        finals = [runs[f"{name}@{s}"]["final_loss_diff"] for s in seeds]
+        tests = [runs[f"{name}@{s}"]["test_loss_diff"] for s in seeds]
+        row = {"seeds": seeds, "final_loss_diffs": finals, **_mean_and_stderr("final_loss_diff", finals)}
+        if all(t is not None for t in tests):
+            row.update(test_loss_diffs=tests, **_mean_and_stderr("test_loss_diff", tests))
+        row["ok"] = None if name == "bf16-control" else abs(row["final_loss_diff_mean"]) <= args.tolerance
+        out[name] = row
+        held = (
+            ""
+            if "test_loss_diff_mean" not in row
+            else f"; held-out {row['test_loss_diff_mean']:+.4f} +- {row['test_loss_diff_stderr']:.4f}"
+        )
+        verdict = {True: "OK", False: "FAILED", None: "(control)"}[row["ok"]]
+        print(
+            f"{name} over seeds {seeds}: final-loss difference {row['final_loss_diff_mean']:+.4f} "
+            f"+- {row['final_loss_diff_stderr']:.4f} (mean +- standard error; tolerance "
+            f"{args.tolerance}) {verdict}{held}",
+            flush=True,
+        )
+    return out
+
+
+def _mean_and_stderr(label: str, values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {f"{label}_mean": mean, f"{label}_stderr": (var / n) ** 0.5}
 
 
 if __name__ == "__main__":

@@ -676,3 +676,55 @@ def test_fp8_autotune_casts_option_reaches_the_config():
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1"]
     argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "1.0", "--autotune-casts"]
     assert parity.main(argv)["args"]["autotune_casts"]
+
+
+def test_fp8_loss_parity_over_seeds_checks_the_mean_difference(tmp_path):
+    """`--seeds`: every run once per seed, each compared with the BF16 run of its own seed, and
+    the check made on the mean of the per-seed final-loss differences (standard error beside)."""
+    parity = load("fp8_loss_parity")
+    out_path = tmp_path / "parity.json"
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
+    out = parity.main(
+        [*argv, "--tolerance", "1.0", "--eval-batches", "1", "--seeds", "3,4", "--out", str(out_path)]
+    )
+    assert list(out["runs"]) == ["bf16@3", "fp8-tensorwise@3", "bf16@4", "fp8-tensorwise@4"]
+    assert out["runs"]["bf16@3"]["losses"] != out["runs"]["bf16@4"]["losses"]  # another seed, another run
+    row = out["summary"]["fp8-tensorwise"]
+    diffs = [out["runs"][f"fp8-tensorwise@{s}"]["final_loss_diff"] for s in (3, 4)]
+    assert row["final_loss_diffs"] == diffs and row["final_loss_diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert row["final_loss_diff_stderr"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+    assert row["ok"] is True and len(row["test_loss_diffs"]) == 2
+    saved = json.loads(out_path.read_text())
+    assert saved["partial"] is False and saved["summary"]["fp8-tensorwise"]["final_loss_diffs"] == diffs
+    # one seed's own result decides nothing when the tolerance is below the mean difference
+    strict = parity.main(
+        [*argv, "--tolerance", str(abs(sum(diffs) / 2) / 2), "--seeds", "3,4", "--eval-batches", "0"]
+    )
+    assert strict["summary"]["fp8-tensorwise"]["ok"] is False
+    with pytest.raises(SystemExit):
+        parity.main([*argv, "--seeds", "3,3"])
+
+
+def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, monkeypatch):
+    """The JSON is written after every run and marked partial until the end: a run cut short (a
+    time limit, an out-of-memory) leaves the finished runs readable and not taken for complete."""
+    parity = load("fp8_loss_parity")
+    real_train, calls = parity.train, []
+
+    def train_then_fail(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(parity, "train", train_then_fail)
+    out_path = tmp_path / "parity.json"
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
+    with pytest.raises(RuntimeError, match="killed"):
+        parity.main([*argv, "--eval-batches", "0", "--out", str(out_path)])
+    saved = json.loads(out_path.read_text())
+    assert (
+        saved["partial"] is True
+        and list(saved["runs"]) == ["bf16"]
+        and len(saved["runs"]["bf16"]["losses"]) == 2
+    )
