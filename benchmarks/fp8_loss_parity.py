@@ -266,10 +266,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="also evaluate every run's final weights in every run's forward (needs --eval-batches): "
         "FP8's effect on training apart from its effect on the computed loss",
     )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="train nothing: merge finished results of this script made with the same settings but "
+        "other seeds (calls of a time-limited machine) and check the mean over all their seeds",
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args, ap)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -421,6 +431,78 @@ def summarize(args, runs: dict[str, dict], names: list[str], seeds: list[int]) -
             flush=True,
         )
     return out
+
+
+# the settings that make two results comparable run for run (not: seeds, output, device)
+_SAME = (
+    "blend",
+    "recipes",
+    "layers_fp8",
+    "experts_gather",
+    "experts_wgrad",
+    "steps",
+    "seq",
+    "micro_batch",
+    "grad_accum",
+    "layers",
+    "experts",
+    "params",
+    "lr",
+    "lr_warmup",
+    "window",
+    "eval_batches",
+    "tiny",
+)
+
+
+def combine(args, ap: argparse.ArgumentParser) -> dict:
+    """`--combine`: the runs of several finished results, keyed `name@seed`, and the check over
+    all their seeds (the tolerance and window of this command line)."""
+    results = []
+    for path in args.combine:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--combine {path}: not a readable result ({e})")
+        if r.get("partial", True) or "runs" not in r:
+            ap.error(f"--combine {path}: not a finished result (cut short, or not this script's)")
+        results.append((path, r))
+    first_path, first = results[0]
+    for path, r in results[1:]:
+        differ = [k for k in _SAME if r["args"].get(k) != first["args"].get(k)]
+        if differ:
+            ap.error(f"--combine {path}: made with other settings than {first_path}: {', '.join(differ)}")
+    runs: dict[str, dict] = {}
+    names: list[str] = []
+    seeds: list[int] = []
+    for path, r in results:
+        multi = "summary" in r or any("@" in k for k in r["runs"])
+        for k, run in r["runs"].items():
+            name, seed = (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])) if multi else (k, r["args"]["seed"])
+            if f"{name}@{seed}" in runs:
+                ap.error(f"--combine {path}: run {name} of seed {seed} is in two results")
+            runs[f"{name}@{seed}"] = run
+            names += [name] if name not in names else []
+            seeds += [seed] if seed not in seeds else []
+    for name in names:
+        missing = [s for s in seeds if f"{name}@{s}" not in runs]
+        if missing:
+            ap.error(f"--combine: run {name} has no seed {missing[0]} (every result needs the same runs)")
+    # the differences are recomputed with this command line's window and tolerance
+    for seed in seeds:
+        compare(args, runs, [(f"{n}@{seed}", n) for n in names], f"bf16@{seed}")
+    result = {
+        "command": "python3 benchmarks/fp8_loss_parity.py --combine " + " ".join(args.combine),
+        "combined": [p for p, _ in results],
+        "args": first["args"] | {"window": args.window, "tolerance": args.tolerance},
+        "env": first.get("env"),
+        "runs": runs,
+        "summary": summarize(args, runs, names, seeds),
+        "partial": False,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def _mean_and_stderr(label: str, values: list[float]) -> dict[str, float]:

@@ -728,3 +728,39 @@ def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, mo
         and list(saved["runs"]) == ["bf16"]
         and len(saved["runs"]["bf16"]["losses"]) == 2
     )
+
+
+def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
+    """`--combine`: results of one and of several seeds (made in separate calls) merge into the
+    check over all seeds, equal to one call over the same seeds; unfinished results, other
+    settings and a seed given twice are refused."""
+    parity = load("fp8_loss_parity")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
+    argv += ["--eval-batches", "1", "--tolerance", "1.0"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    parity.main([*argv, "--seed", "5", "--out", str(a)])
+    parity.main([*argv, "--seeds", "6,7", "--out", str(b)])
+    merged = parity.main([*argv, "--combine", str(a), str(b)])
+    whole = parity.main([*argv, "--seeds", "5,6,7"])
+    assert list(merged["runs"]) == [
+        "bf16@5",
+        "fp8-tensorwise@5",
+        "bf16@6",
+        "fp8-tensorwise@6",
+        "bf16@7",
+        "fp8-tensorwise@7",
+    ]
+    got, want = merged["summary"]["fp8-tensorwise"], whole["summary"]["fp8-tensorwise"]
+    assert got["seeds"] == [5, 6, 7] and got["final_loss_diffs"] == want["final_loss_diffs"]
+    assert got["final_loss_diff_mean"] == want["final_loss_diff_mean"] and got["ok"] is True
+    other = tmp_path / "other.json"
+    parity.main([*argv, "--seed", "8", "--lr", "1e-3", "--out", str(other)])
+    with pytest.raises(SystemExit):  # another learning rate
+        parity.main([*argv, "--combine", str(a), str(other)])
+    with pytest.raises(SystemExit):  # seed 5 twice
+        parity.main([*argv, "--combine", str(a), str(a)])
+    unfinished = json.loads(a.read_text()) | {"partial": True}
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(unfinished))
+    with pytest.raises(SystemExit):
+        parity.main([*argv, "--combine", str(cut), str(b)])
