@@ -320,8 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
             result["partial"] = partial
             Path(args.out).write_text(json.dumps(result, indent=2, default=str))
 
-    def key(name: str, seed: int) -> str:
-        return name if len(seeds) == 1 else f"{name}@{seed}"
+    result["seeds"] = seeds
+
+    def key(name: str, seed: int) -> str:  # runs of `--seeds` are named by their seed, even one
+        return name if args.seeds is None else f"{name}@{seed}"
 
     with one_rank_group(device, args.params):
         for seed in seeds:
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 effects(result, [key(n, seed) for n, _ in runs], key("bf16", seed))
             save(partial=True)
-    if len(seeds) > 1:
+    if args.seeds is not None:
         result["summary"] = summarize(args, result["runs"], [n for n, _ in runs], seeds)
     save(partial=False)
     return result
@@ -476,9 +478,12 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     names: list[str] = []
     seeds: list[int] = []
     for path, r in results:
-        multi = "summary" in r or any("@" in k for k in r["runs"])
+        named_by_seed = any("@" in k for k in r["runs"])
         for k, run in r["runs"].items():
-            name, seed = (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])) if multi else (k, r["args"]["seed"])
+            if named_by_seed:
+                name, seed = k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])
+            else:
+                name, seed = k, r["args"]["seed"]
             if f"{name}@{seed}" in runs:
                 ap.error(f"--combine {path}: run {name} of seed {seed} is in two results")
             runs[f"{name}@{seed}"] = run

@@ -740,18 +740,16 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     parity.main([*argv, "--seed", "5", "--out", str(a)])
     parity.main([*argv, "--seeds", "6,7", "--out", str(b)])
-    merged = parity.main([*argv, "--combine", str(a), str(b)])
-    whole = parity.main([*argv, "--seeds", "5,6,7"])
-    assert list(merged["runs"]) == [
-        "bf16@5",
-        "fp8-tensorwise@5",
-        "bf16@6",
-        "fp8-tensorwise@6",
-        "bf16@7",
-        "fp8-tensorwise@7",
+    c = tmp_path / "c.json"  # one seed through --seeds: named by it (not by --seed's default)
+    assert list(parity.main([*argv, "--seeds", "9", "--out", str(c)])["runs"]) == [
+        "bf16@9",
+        "fp8-tensorwise@9",
     ]
+    merged = parity.main([*argv, "--combine", str(a), str(b), str(c)])
+    whole = parity.main([*argv, "--seeds", "5,6,7,9"])
+    assert list(merged["runs"]) == [f"{n}@{s}" for s in (5, 6, 7, 9) for n in ("bf16", "fp8-tensorwise")]
     got, want = merged["summary"]["fp8-tensorwise"], whole["summary"]["fp8-tensorwise"]
-    assert got["seeds"] == [5, 6, 7] and got["final_loss_diffs"] == want["final_loss_diffs"]
+    assert got["seeds"] == [5, 6, 7, 9] and got["final_loss_diffs"] == want["final_loss_diffs"]
     assert got["final_loss_diff_mean"] == want["final_loss_diff_mean"] and got["ok"] is True
     other = tmp_path / "other.json"
     parity.main([*argv, "--seed", "8", "--lr", "1e-3", "--out", str(other)])
