@@ -37,7 +37,8 @@ Its parts, each in the same process and on the same GPU:
    buffer (and with only the values or only the scales taken from it), timed alternately.
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
-`grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`).
+`grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`,
+`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -471,6 +472,91 @@ def grouped_autotune_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters
     return result
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma) of `kernels.fp8_grouped_triton`, swept
+GROUPED_TRITON_CONFIGS = [
+    (128, 128, 128, 4, 8, True),
+    (128, 128, 128, 3, 8, True),
+    (128, 256, 128, 3, 8, True),
+    (256, 128, 128, 3, 8, True),
+    (128, 128, 64, 5, 8, True),
+    (64, 128, 128, 4, 4, True),
+    (128, 64, 128, 4, 4, True),
+    (128, 128, 128, 4, 8, False),
+]
+
+
+def grouped_triton_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
+    """The routed experts' forward / input-gradient grouped FP8 product at the proxy's rows:
+    PyTorch's CUTLASS kernel (`torch._scaled_grouped_mm`, fast accumulation, what training
+    runs) against `kernels.fp8_grouped_triton` at each of GROUPED_TRITON_CONFIGS, and one dense
+    `torch._scaled_mm` over all the rows (the rate the same work reaches as one GEMM). The two
+    shapes (up: K hidden, N ffn; down: K ffn, N hidden) are also the input gradients' (down's
+    and up's); uneven routing (`routed_rows`) and balanced groups. Each Triton result checked
+    against CUTLASS's (relative norm of the difference)."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_grouped_triton import grouped_mm_triton
+
+    hidden, ffn, experts = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.num_experts
+    uneven = routed_rows(tokens, cfg, dev)
+    rows = int(uneven.sum())
+    balanced = torch.full((experts,), rows // experts, device=dev, dtype=torch.long)
+    balanced[: rows - int(balanced.sum())] += 1
+    torch.manual_seed(0)
+    result: dict = {"rows": rows, "configs": [list(c) for c in GROUPED_TRITON_CONFIGS]}
+    for name, k, n in (("up", hidden, ffn), ("down", ffn, hidden)):
+        a_q, a_inv = quantize_rows(torch.randn(rows, k, device=dev, dtype=torch.bfloat16))
+        w_q, w_inv = quantize_rows(torch.randn(experts, n, k, device=dev, dtype=torch.bfloat16) * 0.02)
+        tflop = 2 * rows * n * k / 1e12
+        one = torch.ones(rows, 1, device=dev), torch.ones(1, n, device=dev)
+        dense = median(
+            time_ms(
+                lambda: torch._scaled_mm(
+                    a_q, w_q[0].t(), one[0], one[1], out_dtype=torch.bfloat16, use_fast_accum=True
+                ),
+                dev,
+                warmup,
+                iters,
+            )
+        )
+        for groups, counts in (("uneven", uneven), ("balanced", balanced)):
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+            def cutlass(offs=offs):
+                return torch._scaled_grouped_mm(
+                    a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                )  # fmt: skip
+
+            ref = cutlass().float()
+            res: dict = {"cutlass_ms": median(time_ms(cutlass, dev, warmup, iters)), "dense_ms": dense}
+            for c in GROUPED_TRITON_CONFIGS:
+                label = "x".join(str(v) for v in c[:5]) + ("-tma" if c[5] else "-ptr")
+                try:
+                    out = grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=c).float()
+                    rel = float((out - ref).norm() / ref.norm())
+                    ms = median(
+                        time_ms(
+                            lambda c=c, offs=offs: grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=c),
+                            dev,
+                            warmup,
+                            iters,
+                        )
+                    )
+                    res[label] = {"ms": ms, "tflops": tflop / ms * 1e3, "rel_vs_cutlass": rel}
+                except Exception as err:  # noqa: BLE001 - a config that does not compile or fit
+                    res[label] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            res["cutlass_tflops"] = tflop / res["cutlass_ms"] * 1e3
+            res["dense_tflops"] = tflop / dense * 1e3
+            best = min((v["ms"], lbl) for lbl, v in res.items() if isinstance(v, dict) and "ms" in v)
+            print(
+                f"grouped {name} {groups}: CUTLASS {res['cutlass_ms']:.3f} ms ({res['cutlass_tflops']:.0f} TFLOP/s), "
+                f"dense {dense:.3f} ms ({res['dense_tflops']:.0f}); best Triton {best[1]} {best[0]:.3f} ms "
+                f"({tflop / best[0] * 1e3:.0f}, rel {res[best[1]]['rel_vs_cutlass']:.1e})"
+            )
+            result[f"{name}_{groups}"] = res
+    return result
+
+
 def fast_accum_part(cfg: Nano3Config, tokens: int, lm_chunk: int, dev, warmup: int, iters: int) -> dict:
     """FP8 products with and without `use_fast_accum` (Hopper's FP8 tensor cores accumulate
     the whole contraction in their own reduced-precision accumulator instead of the GEMM adding
@@ -811,6 +897,8 @@ def main() -> None:
         result["fp8_wgrad"] = fp8_wgrad_part(cfg, tokens, dev, args.warmup, args.iters)
     if "grouped_autotune" in parts:
         result["grouped_autotune"] = grouped_autotune_part(cfg, tokens, dev, args.warmup, args.iters)
+    if "grouped_triton" in parts:
+        result["grouped_triton"] = grouped_triton_part(cfg, tokens, dev, args.warmup, args.iters)
     if "fast_accum" in parts:
         result["fast_accum"] = fast_accum_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
     if "quant" in parts:

@@ -482,6 +482,50 @@ def _fp8_grouped_weight_grad_check(counts, block_k):
             assert torch.all(got[e] == 0)
 
 
+def _fp8_grouped_mm_check(counts, use_tma, k=40, n=24):
+    """The Triton grouped product == a float64 product per group (operands as float32 values
+    of float8 numbers: the interpreter has no float8 products; float32 out), for groups of 0,
+    1 and many rows, a contraction (40) and a width (24) that are not multiples of the tiles,
+    through TMA descriptors and through pointers. Rows of no group are never written."""
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_grouped_triton import grouped_mm_triton
+
+    gen = torch.Generator().manual_seed(23)
+    rows, experts = sum(counts), len(counts)
+    offs = torch.cumsum(torch.tensor(counts), 0).int()
+    a_q, a_inv = quantize_rows(torch.randn(rows, k, generator=gen) * torch.logspace(-3, 2, rows)[:, None])
+    b_q, b_inv = quantize_rows(torch.randn(experts * n, k, generator=gen))
+    a_q, b_q = a_q.float(), b_q.float().view(experts, n, k)
+    b_inv = b_inv.view(experts, n)
+    got = grouped_mm_triton(
+        a_q, a_inv, b_q, b_inv, offs, config=(32, 16, 32, 2, 4, use_tma), out_dtype=torch.float32
+    )
+    lo = 0
+    for e, c in enumerate(counts):
+        want = (a_q[lo : lo + c].double() * a_inv[lo : lo + c, None].double()) @ (
+            b_q[e].double() * b_inv[e, :, None].double()
+        ).t()
+        torch.testing.assert_close(
+            got[lo : lo + c].double(), want, rtol=1e-5, atol=1e-6 * (float(want.abs().max()) if c else 1.0)
+        )
+        lo += c
+
+
+def _fp8_grouped_mm_tiles_check():
+    """The row-tile list: every group's rows covered once, in order, by tiles of at most
+    BLOCK_M rows that never start in another group; unused slots marked -1."""
+    from nemotron.kernels.fp8_grouped_triton import row_tiles
+
+    counts = [5, 0, 64, 65, 0, 1, 128]
+    offs = torch.cumsum(torch.tensor(counts), 0).int()
+    group, first, end, used = row_tiles(offs, 64, 12)
+    # (group, first row, the group's end)
+    want = [(0, 0, 5), (2, 5, 69), (3, 69, 134), (3, 133, 134), (5, 134, 135), (6, 135, 263), (6, 199, 263)]
+    got = [(int(g), int(f), int(e)) for g, f, e in zip(group, first, end) if g >= 0]
+    assert got == want and int(used) == len(want), got
+    assert torch.all(group[len(want) :] == -1)
+
+
 def _fp8_relu2_backward_check():
     """The one-pass squared-ReLU backward == `relu2_backward_rows`: per-row FP8 forms of h and
     dh_pre, bit for bit. Values whose products are exact in BF16 (the interpreter's BF16 and
@@ -1195,6 +1239,10 @@ CHECKS = {
     "fp8_grouped_weight_grad": lambda: _fp8_grouped_weight_grad_check([5, 0, 130, 17, 1, 300], 32),
     "fp8_grouped_weight_grad_whole_groups": lambda: _fp8_grouped_weight_grad_check([3, 250, 0], 128),
     "fp8_relu2_backward_rows": _fp8_relu2_backward_check,
+    "fp8_grouped_mm_tma": lambda: _fp8_grouped_mm_check([5, 0, 130, 17, 1, 300], use_tma=True),
+    "fp8_grouped_mm_pointers": lambda: _fp8_grouped_mm_check([5, 0, 130, 17, 1, 300], use_tma=False),
+    "fp8_grouped_mm_trailing_empty": lambda: _fp8_grouped_mm_check([3, 64, 0, 0], use_tma=True),
+    "fp8_grouped_mm_tiles": _fp8_grouped_mm_tiles_check,
     "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
     "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
     "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),
@@ -1261,6 +1309,10 @@ def _launch_spec(fn, args, kwargs) -> dict:
             signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
         elif isinstance(v, float):
             signature[p.name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # host-side TMA descriptor: Triton's own name
+            from triton.runtime.jit import mangle_type
+
+            signature[p.name] = mangle_type(v)
         else:
             raise TypeError(f"{fn.__name__}.{p.name}: no Triton type for {type(v).__name__}")
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}

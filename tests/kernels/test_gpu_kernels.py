@@ -349,3 +349,28 @@ def test_route_topk_triton_matches_reference_at_nano3_width():
     assert torch.equal(got[1], want[1])
     for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
         assert rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma):
+    """`kernels.fp8_grouped_triton` == PyTorch's `_scaled_grouped_mm` (the training path's
+    product) on float8 operands at Nano3's expert widths, uneven groups with an empty one, to
+    the BF16 output's rounding and the accumulation order."""
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 tensor cores (and TMA) need sm_90")
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_grouped_triton import grouped_mm_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    counts = torch.tensor([700, 0, 1, 2305, 129, 4000, 64, 1], device="cuda")
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = int(counts.sum())
+    for k, n in ((2688, 1856), (1856, 2688)):
+        a_q, a_inv = quantize_rows(torch.randn(rows, k, device="cuda", generator=gen).bfloat16())
+        w_q, w_inv = quantize_rows(torch.randn(len(counts), n, k, device="cuda", generator=gen).bfloat16())
+        want = torch._scaled_grouped_mm(
+            a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16
+        )
+        got = grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=(128, 128, 128, 4, 8, use_tma))
+        assert rel(got, want) < 5e-3, (k, n, rel(got, want))

@@ -102,3 +102,32 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
         "constexprs": {**spec["constexprs"], "NEED_DROWS": True, "NEED_DW": True, "FP8_ROWS": True},
     }
     assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tma):
+    """The grouped FP8 product (`kernels.fp8_grouped_triton`), launched on float32 operands by
+    the CPU checks, compiles for Hopper as the benchmark runs it: float8 operands at 128-wide
+    tiles to the FP8 tensor-core instruction, through TMA descriptors (bulk tensor copies) or
+    pointers."""
+    kernels = _launched_kernels()
+    name = "nemotron.kernels.fp8_grouped_triton._grouped_fp8_kernel"
+    spec = interpreted["launches"][name]
+    sig = {"A": "*fp8e4nv", "B": "*fp8e4nv", "OUT": "*bf16"}
+    sig |= (
+        {"A_DESC": "tensordesc<fp8e4nv[128, 128]>", "B_DESC": "tensordesc<fp8e4nv[128, 128]>"}
+        if use_tma
+        else {"A_DESC": "constexpr", "B_DESC": "constexpr"}
+    )
+    constexprs = {**spec["constexprs"], "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "USE_TMA": use_tma}
+    if not use_tma:
+        constexprs |= {"A_DESC": None, "B_DESC": None}
+    spec = {
+        **spec,
+        "signature": {**spec["signature"], **sig},
+        "constexprs": constexprs,
+        "options": {"num_warps": 8, "num_stages": 4},
+    }
+    ptx = _compile_for_hopper(kernels[name], spec).asm["ptx"]
+    assert "wgmma" in ptx and "e4m3" in ptx
+    assert ("cp.async.bulk.tensor" in ptx) == use_tma

@@ -1,0 +1,144 @@
+"""A Triton grouped FP8 product over row groups (the routed experts' forward and input-gradient
+products), the contract of `train.fp8_grouped._scaled_grouped_mm`:
+
+    out[rows of e] = (a_q * a_inv)[rows of e] @ (b_t_q * b_inv)[e]^T      (BF16 out)
+
+a_q [R, K] float8 rows sorted by group, a_inv [R] one inverse scale per row, b_t_q [E, N, K]
+float8 (K contiguous: what the FP8 tensor cores take for both operands), b_inv [E, N], offs [E]
+the groups' cumulative row counts (int32).
+
+Why it exists: PyTorch's CUTLASS kernel for this product chooses its tile from the groups'
+*mean* row count; at the one-GPU proxy's shapes (64 groups of ~2,300 rows, K and N 1,856 / 2,688)
+it takes 256 x 128 cooperative tiles and runs at ~1.05 PFLOP/s, where the dense FP8 products of
+the same step run at ~1.44 (docs/benchmarks.md, "FP8 training", twelfth round). This kernel lets
+the tile, the pipeline depth and the use of the Tensor Memory Accelerator be measured at those
+shapes (`benchmarks/fp8_gemms.py --parts grouped_triton`); the training path uses it only once
+a measurement shows it faster.
+
+Layout of the work: the row tiles of every group are listed once (`row_tiles`: per tile its
+group, first row and the group's end; computed on the device from `offs`, no host sync), and
+one program computes one [BLOCK_M x BLOCK_N] output tile of one row tile. A row tile's last
+rows may belong to the next group (loaded, multiplied by this group's weights, never stored);
+columns past N likewise. The contraction's tail beyond K reads zeros (TMA's out-of-bounds
+fill, or the pointer path's mask).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["GroupedConfig", "grouped_mm_triton", "row_tiles"]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma)
+GroupedConfig = tuple[int, int, int, int, int, bool]
+DEFAULT_CONFIG: GroupedConfig = (128, 128, 128, 4, 8, True)
+
+
+def row_tiles(offs: torch.Tensor, block_m: int, max_tiles: int) -> tuple[torch.Tensor, ...]:
+    """For each of `max_tiles` row-tile slots: (group, first row, end of the group's rows) as
+    int32, and the number of slots in use (a one-element tensor). Slots past it hold group -1.
+    Computed with device ops from the cumulative counts `offs`, so the host never waits."""
+    offs = offs.to(torch.int64)
+    ends = offs
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    tiles = (ends - starts + block_m - 1) // block_m
+    cum = torch.cumsum(tiles, 0)
+    slot = torch.arange(max_tiles, device=offs.device)
+    group = torch.searchsorted(cum, slot, right=True)
+    used = slot < cum[-1]
+    g = group.clamp(max=offs.numel() - 1)
+    first = starts[g] + (slot - (cum[g] - tiles[g])) * block_m
+    group = torch.where(used, g, -1)
+    return (
+        group.to(torch.int32),
+        torch.where(used, first, 0).to(torch.int32),
+        torch.where(used, ends[g], 0).to(torch.int32),
+        cum[-1:].to(torch.int32),
+    )
+
+
+@triton.jit
+def _grouped_fp8_kernel(
+    A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, N, K,
+    stride_a, stride_b, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    tn = tl.program_id(1)
+    group = tl.load(GROUP + tile)
+    if group < 0:
+        return
+    first = tl.load(FIRST + tile)
+    end = tl.load(END + tile)
+    rows = first + tl.arange(0, BLOCK_M)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        # B's rows of this group and column tile within the [E * N, K] view; rows past N read
+        # the next group's (or zeros past the end) and are never stored
+        b_row = group * N + tn * BLOCK_N
+        for k in range(0, K, BLOCK_K):
+            a = A_DESC.load([first, k])
+            b = B_DESC.load([b_row, k])
+            acc = tl.dot(a, b.T, acc)
+    else:
+        a_rows = tl.minimum(rows, end - 1).to(tl.int64)  # rows past the group read its last one
+        b_rows = (group.to(tl.int64) * N + tl.minimum(cols, N - 1)).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        for k in range(0, K, BLOCK_K):
+            k_ok = (k + ks) < K
+            a = tl.load(A + a_rows[:, None] * stride_a + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+            b = tl.load(B + b_rows[:, None] * stride_b + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
+            acc = tl.dot(a, b.T, acc)
+    row_ok = rows < end
+    col_ok = cols < N
+    a_inv = tl.load(A_INV + rows, mask=row_ok, other=0.0)
+    b_inv = tl.load(B_INV + group.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
+    out = acc * a_inv[:, None] * b_inv[None, :]
+    ptrs = OUT + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def grouped_mm_triton(
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_t_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    offs: torch.Tensor,
+    config: GroupedConfig | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The module docstring's product. `config`: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps,
+    use_tma); TMA needs a GPU with it (sm_90+) or the interpreter. `out_dtype`: float32 keeps
+    the products unrounded (the CPU tests compare them with a float64 reference)."""
+    block_m, block_n, block_k, stages, warps, use_tma = config or DEFAULT_CONFIG
+    rows, k = a_q.shape
+    experts, n, k_b = b_t_q.shape
+    if k_b != k or a_inv.shape != (rows,) or b_inv.shape != (experts, n) or offs.shape != (experts,):
+        raise ValueError(
+            f"grouped_mm_triton: a {tuple(a_q.shape)}, a_inv {tuple(a_inv.shape)}, b {tuple(b_t_q.shape)}, "
+            f"b_inv {tuple(b_inv.shape)}, offs {tuple(offs.shape)} do not fit together"
+        )
+    out = torch.empty(rows, n, dtype=out_dtype, device=a_q.device)
+    if rows == 0 or n == 0 or experts == 0:
+        return out
+    a_q, b_t_q = a_q.contiguous(), b_t_q.contiguous()
+    b_flat = b_t_q.view(experts * n, k)
+    max_tiles = triton.cdiv(rows, block_m) + experts  # each group wastes at most one partial tile
+    group, first, end, _ = row_tiles(offs, block_m, max_tiles)
+    a_desc = b_desc = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a_q, [block_m, block_k])
+        b_desc = TensorDescriptor.from_tensor(b_flat, [block_n, block_k])
+    grid = (max_tiles, triton.cdiv(n, block_n))
+    _grouped_fp8_kernel[grid](
+        a_q, b_flat, a_desc, b_desc, out, a_inv.float().contiguous(), b_inv.float().contiguous(),
+        group, first, end, n, k, a_q.stride(0), b_flat.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=use_tma,
+        num_stages=stages, num_warps=warps,
+    )  # fmt: skip
+    return out
