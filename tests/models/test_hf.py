@@ -139,16 +139,73 @@ def test_reads_hybrid_override_pattern(tmp_path, config):
     assert from_hf_config(tmp_path / "hf") == config
 
 
-def test_tied_embeddings_round_trip(tmp_path):
+def test_tied_embeddings_export_is_transformers_model_and_round_trips(tmp_path):
+    """transformers' NemotronH never ties lm_head to the embedding (its `_tied_weights_keys` is
+    empty): a tied export without `lm_head.weight` loaded in it with a random head (logits 150%
+    off). The export writes the head; transformers computes our logits (and, head and embedding
+    gradients summed, our embedding's gradient); import ties it again, and reads an older export
+    without the head as tied."""
     config = tiny_config(tie_word_embeddings=True)
-    model = random_model(config)
+    model = random_model(config).double()
     save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
-    assert "lm_head.weight" not in hf_files(tmp_path / "hf")
-    loaded = load_hf(tmp_path / "hf")
+    files = hf_files(tmp_path / "hf")
+    assert torch.equal(files["lm_head.weight"], files["backbone.embeddings.weight"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+
+    hf = NemotronHForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float64, experts_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    weights = torch.randn(2, 7, config.vocab_size, dtype=torch.float64)
+    ours, theirs = model(ids).logits, hf(ids).logits.double()  # transformers returns float32 logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    embedding = model.backbone.embeddings.weight.grad
+    their_embedding = hf.model.embeddings.weight.grad + hf.lm_head.weight.grad
+    assert (embedding - their_embedding).norm() / their_embedding.norm() < 1e-5
+
+    loaded_config, state = load_hf_state_dict(tmp_path / "hf")
+    assert loaded_config == config
+    loaded = load_hf(tmp_path / "hf", dtype=torch.float64)
     assert loaded.lm_head.weight is loaded.backbone.embeddings.weight
-    ids = torch.randint(0, config.vocab_size, (1, 5))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(loaded(ids).logits, ours.detach(), rtol=0, atol=0)
+
+    # an export from before the head was written: the embedding serves as the head
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v for k, v in files.items() if k != "lm_head.weight"}, str(tmp_path / "hf" / "model.safetensors")
+    )
+    old = load_hf(tmp_path / "hf", dtype=torch.float64)
+    assert old.config == config and old.lm_head.weight is old.backbone.embeddings.weight
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids).logits, ours.detach(), rtol=0, atol=0)
+
+
+def test_tied_config_with_a_different_head_imports_as_transformers_computes(tmp_path):
+    """transformers fine-tunes a tied export's head apart from its embedding (and keeps
+    tie_word_embeddings true): import gives the untied model transformers computes, not the
+    embedding as the head; converting such tensors under the tied config is one error."""
+    from nemotron.models.nano3.hf import from_hf_state_dict
+
+    config = tiny_config(tie_word_embeddings=True)
+    save_hf(random_model(config).state_dict(), config, tmp_path / "seed", dtype=None)
+    hf = NemotronHForCausalLM.from_pretrained(str(tmp_path / "seed"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(1.5)
+    hf.save_pretrained(str(tmp_path / "tuned"))
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["tie_word_embeddings"] is True
+
+    model = load_hf(tmp_path / "tuned").eval()
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight is not model.backbone.embeddings.weight
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(HFInteropError, match="lm_head.weight differs from backbone.embeddings.weight"):
+        from_hf_state_dict(hf_files(tmp_path / "tuned"), config, source="tuned")
 
 
 def test_errors_name_the_problem(tmp_path, config):
@@ -168,6 +225,44 @@ def test_errors_name_the_problem(tmp_path, config):
         from_hf_config(tmp_path / "hf")
     with pytest.raises(HFInteropError, match="config.json: not found"):
         from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("time_step_limit", [0.001, 0.1]),  # transformers >= 5.25 clamps dt to it; ours cannot
+        ("time_step_limit", [0.0, 10.0]),
+        ("mamba_dt_limit", [0.001, float("inf")]),  # the older spelling of the same key
+        ("time_step_limit", [0.0, 1.0, 2.0]),
+        ("attention_dropout", 0.1),  # transformers drops attention weights in training; ours never
+        ("topk_group", 2),  # of one expert group: transformers' routing cannot run it
+        ("mlp_hidden_act", "silu"),
+        ("moe_latent_size", 8),
+        ("n_group", 2),
+    ],
+)
+def test_config_values_we_cannot_compute_are_refused_by_name(tmp_path, config, key, value):
+    """A NemotronH config.json whose value changes what transformers computes, and which Nano3
+    cannot represent, is one HFInteropError naming the key (time_step_limit, attention_dropout
+    and topk_group were dropped silently)."""
+    save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    path = tmp_path / "hf" / "config.json"
+    raw = json.loads(path.read_text())
+    if key == "mamba_dt_limit":
+        del raw["time_step_limit"]
+    path.write_text(json.dumps({**raw, key: value}))
+    name = "time_step_limit" if key == "mamba_dt_limit" else key
+    with pytest.raises(HFInteropError, match=rf"config\.json: {name}=.*(not supported|not a pair)"):
+        from_hf_config(tmp_path / "hf")
+
+
+def test_time_step_limits_that_clamp_nothing_are_accepted(tmp_path, config):
+    """softplus is never negative: a low end <= 0 with no high end is our no-clamp."""
+    save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    path = tmp_path / "hf" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "time_step_limit": [-1.0, float("inf")]}))  # JSON Infinity
+    assert from_hf_config(tmp_path / "hf") == config
 
 
 def test_full_nano3_config_round_trips_through_hf_config(tmp_path):
