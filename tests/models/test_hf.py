@@ -361,16 +361,48 @@ def test_unknown_config_fields_are_ignored_as_transformers_does(tmp_path, config
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize(
-    "batch,seq,over",
-    [(2, 9, {}), (1, 3, {}), (2, 1, {}), (2, 6, dict(num_experts=4, moe_top_k=4, mamba_num_groups=1))],
-)
-def test_every_gradient_matches_transformers_per_tensor(tmp_path, batch, seq, over):
+# (batch, seq, config overrides): block kinds in unusual orders, Mamba and attention geometries,
+# routing settings; tiny_config's chunk is 4, so 7 and 9 cross chunk boundaries unevenly.
+GRADIENT_CASES = {
+    "base": (2, 9, {}),
+    "within one chunk": (1, 3, {}),
+    "one step": (2, 1, {}),
+    "1 group, top_k = E": (2, 6, dict(num_experts=4, moe_top_k=4, mamba_num_groups=1)),
+    "attention first, twice": (2, 7, dict(hybrid_pattern="**EM", num_layers=4)),
+    "MoE first and last, no attention": (3, 7, dict(hybrid_pattern="EM-E", num_layers=4)),
+    "one Mamba block, 2 steps": (2, 2, dict(hybrid_pattern="M", num_layers=1)),
+    "6x4 heads, 3 groups, conv 2, chunk 3": (
+        2,
+        7,
+        dict(
+            mamba_num_heads=6, mamba_head_dim=4, mamba_num_groups=3, mamba_conv_kernel=2, mamba_chunk_size=3
+        ),
+    ),
+    "group per head, conv 5, state 16": (
+        2,
+        9,
+        dict(mamba_num_groups=4, mamba_conv_kernel=5, mamba_state_size=16),
+    ),
+    "MQA, head_dim 12": (2, 9, dict(num_key_value_heads=1, head_dim=12)),
+    "MHA, eps 0.1": (2, 9, dict(num_key_value_heads=4, norm_eps=0.1)),
+    "top_k 1, scaling 2.5, shared 4": (
+        2,
+        9,
+        dict(moe_top_k=1, moe_routed_scaling_factor=2.5, moe_shared_expert_hidden_size=4),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_every_gradient_matches_transformers_per_tensor(tmp_path, case):
     """Each parameter's gradient (A_log, dt_bias, D, conv bias, norm weights, router weight,
     experts, ...) against transformers' NemotronH on the same weights, each tensor by its own
-    relative error: sequences across the chunk boundary (chunk 4), within one chunk, of one step;
-    2 Mamba groups, and 1 group with top_k = num_experts. Both routers compute in float32, which
-    bounds the agreement."""
+    relative error, and the logits. Both models in float64, but transformers computes its
+    norms, SSD scan, router and logits in float32 (largest per-tensor error seen over these
+    cases: 6e-6, for A_log of 2-head layers), so the bound is 3e-5. A gradient that is zero
+    but for rounding (the router weight's at top_k 1: each token's one weight is normalised to
+    1) must be that on both sides."""
+    batch, seq, over = GRADIENT_CASES[case]
     config = tiny_config(**over)
     model = random_model(config).double()
     save_hf(model.state_dict(), config, tmp_path / "hf", dtype=None)
@@ -379,21 +411,71 @@ def test_every_gradient_matches_transformers_per_tensor(tmp_path, batch, seq, ov
     ).eval()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     weights = torch.randn(batch, seq, config.vocab_size, dtype=torch.float64)
-    (model(ids).logits * weights).sum().backward()
-    (hf(ids).logits.double() * weights).sum().backward()
-    theirs = dict(hf.named_parameters())
+    ours = model(ids).logits
+    # no cache: transformers' own cache fails on a model whose first block is not attention/Mamba
+    theirs = hf(ids, use_cache=False).logits.double()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6  # float32 logits
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    theirs_by_name = dict(hf.named_parameters())
+    scale = max(p.grad.norm().item() for p in theirs_by_name.values())
     errors = {}
     for name, p in model.named_parameters():
         hf_name = name.replace("backbone.", "model.", 1).replace("mixer.router.", "mixer.gate.")
-        want = theirs[hf_name].grad.double()
+        want = theirs_by_name[hf_name].grad.double()
+        if config.moe_top_k == 1 and name.endswith("router.weight"):
+            # zero but for rounding on both sides (1e-7 against a largest gradient of ~500)
+            assert max(p.grad.norm().item(), want.norm().item()) < 1e-8 * scale, name
+            errors[name] = 0.0
+            continue
         diff = (p.grad.double() - want).norm().item()
         # a zero gradient (at one step: A_log, q/k; nothing earlier to attend or decay) must be zero
         errors[name] = diff / want.norm().item() if want.norm() > 0 else diff
-    assert len(errors) == len(theirs)
-    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < 1e-4}
+    assert len(errors) == len(theirs_by_name)
+    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < 3e-5}
     assert not bad, bad
     assert {n for n in errors if n.endswith(("A_log", "dt_bias", ".D", "conv1d.bias", "router.weight"))}
     # the expert bias chooses only: a buffer on both sides, no gradient
     for layer in model.moe_layers():
         assert "expert_bias" not in dict(layer.router.named_parameters())
-    assert not any("e_score_correction_bias" in n for n in theirs)
+    assert not any("e_score_correction_bias" in n for n in theirs_by_name)
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_transformers_random_model_imports_with_same_logits(tmp_path, case):
+    """The other direction, per configuration: a model transformers initialises itself (its own
+    A_log, dt_bias and router init), its norms, D, conv biases and expert biases then drawn at
+    random, saved by transformers: import gives every tensor bit for bit and the same logits."""
+    from nemotron.models.nano3.hf import to_hf_config
+
+    batch, seq, over = GRADIENT_CASES[case]
+    config = tiny_config(**over)
+    hf = NemotronHForCausalLM(to_hf_config(config)).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("A_log", "conv1d.bias")):
+                p.normal_()
+        for layer in hf.model.layers:
+            if layer.block_type == "moe":
+                layer.mixer.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    hf.save_pretrained(str(tmp_path / "theirs"))
+    # the peer is the directory as transformers reads it back (it may save in the config's dtype)
+    hf = NemotronHForCausalLM.from_pretrained(
+        str(tmp_path / "theirs"), dtype=torch.float64, experts_implementation="eager"
+    ).eval()
+    model = load_hf(tmp_path / "theirs", dtype=torch.float64).eval()
+    assert model.config == config
+    theirs = dict(hf.state_dict())
+    for name, tensor in model.state_dict().items():
+        hf_name = (
+            name.replace("backbone.", "model.", 1)
+            .replace("mixer.router.weight", "mixer.gate.weight")
+            .replace("mixer.router.expert_bias", "mixer.gate.e_score_correction_bias")
+        )
+        assert torch.equal(tensor, theirs[hf_name].to(tensor.dtype)), name
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    with torch.no_grad():
+        ours, peer = model(ids).logits, hf(ids, use_cache=False).logits.double()
+    assert ((ours - peer).norm() / peer.norm()).item() < 1e-6  # transformers' float32 parts

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -203,16 +204,16 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
         raise HFInteropError(f"{where}: {err}") from err
 
 
-def _check_time_step_limit(limit: object, where: Path) -> None:
+def _check_time_step_limit(limit: Any, where: Path) -> None:
     """Refuse a `time_step_limit` (legacy `mamba_dt_limit`) that would clamp dt: transformers
-    applies it, our mixer cannot."""
+    applies it, our mixer cannot. (`limit` as transformers' config holds it: a list or tuple.)"""
     try:
-        low, high = (float(v) for v in limit)  # type: ignore[attr-defined]
+        low, high = (float(v) for v in limit)
     except (TypeError, ValueError):
         raise HFInteropError(f"{where}: time_step_limit={limit!r} is not a pair of numbers") from None
     if not (low <= 0.0 and high == float("inf")):
         raise HFInteropError(
-            f"{where}: time_step_limit={list(limit)!r} clamps dt, which is not supported "  # type: ignore[call-overload]
+            f"{where}: time_step_limit={[low, high]!r} clamps dt, which is not supported "
             f"(Nemotron 3 Nano does not clamp: {list(_HF_TIME_STEP_LIMIT)!r})"
         )
 
@@ -490,6 +491,8 @@ def load_hf(
     with torch.device("meta"):
         model = Nano3ForCausalLM(config)
     model.to_empty(device=device)
+    # In `dtype` before loading: loading into float32 first rounded a float64 checkpoint.
+    model.to(dtype)
     model.reset_parameters()  # non-persistent buffers (the token counters)
     model.load_state_dict(state, strict=True)
-    return model.to(dtype)
+    return model
