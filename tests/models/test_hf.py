@@ -256,6 +256,31 @@ def test_config_values_we_cannot_compute_are_refused_by_name(tmp_path, config, k
         from_hf_config(tmp_path / "hf")
 
 
+def test_invalid_values_name_the_config_json_key(tmp_path, config):
+    save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    path = tmp_path / "hf" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "n_routed_experts": 0}))
+    with pytest.raises(
+        HFInteropError, match=r"num_experts must be positive.*num_experts <- n_routed_experts"
+    ):
+        from_hf_config(tmp_path / "hf")
+    path.write_text(json.dumps({**raw, "time_step_max": 1e-5}))  # below our export's init minimum
+    with pytest.raises(
+        HFInteropError, match=r"mamba_dt_min <- nemotron_init_time_step_min, mamba_dt_max <- time"
+    ):
+        from_hf_config(tmp_path / "hf")
+
+
+def test_export_refuses_a_router_transformers_cannot_run(tmp_path):
+    """transformers' router takes each expert group's top 2 scores: one expert fails at its
+    first forward ("selected index k out of range"); the export says so and writes nothing."""
+    config = tiny_config(num_experts=1, moe_top_k=1)
+    with pytest.raises(HFInteropError, match="at least 2 experts: num_experts is 1"):
+        save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_time_step_limits_that_clamp_nothing_are_accepted(tmp_path, config):
     """softplus is never negative: a low end <= 0 with no high end is our no-clamp."""
     save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)

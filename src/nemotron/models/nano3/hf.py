@@ -136,6 +136,11 @@ def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
         raise HFInteropError(
             "NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0"
         )
+    if "moe" in kinds and config.num_experts < 2:
+        # its router scores each expert group by the sum of its top 2 experts
+        raise HFInteropError(
+            f"NemotronH's router needs at least 2 experts: num_experts is {config.num_experts}"
+        )
     fixed = {k: v for k, v in HF_FIXED_MOE.items() if k != "moe_latent_size"}
     hf = NemotronHConfig(
         layers_block_type=[HF_BLOCK_TYPE[k] for k in kinds],
@@ -201,7 +206,13 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
             **fields,
         )
     except ModelConfigError as err:
-        raise HFInteropError(f"{where}: {err}") from err
+        # the message names our fields: say which config.json keys they are read from
+        keys = {"hybrid_pattern": "layers_block_type", **HF_CONFIG_FIELDS}
+        if INIT_TIME_STEP_MIN_KEY in raw:
+            keys["mamba_dt_min"] = INIT_TIME_STEP_MIN_KEY
+        named = [f"{ours} <- {key}" for ours, key in keys.items() if ours != key and ours in str(err).split()]
+        hint = f" (config.json keys: {', '.join(named)})" if named else ""
+        raise HFInteropError(f"{where}: {err}{hint}") from err
 
 
 def _check_time_step_limit(limit: Any, where: Path) -> None:
