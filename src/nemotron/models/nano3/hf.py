@@ -14,16 +14,22 @@ Name mapping (all other names are identical on both sides):
 | `...mixer.router.expert_bias`                | `...mixer.gate.e_score_correction_bias`                    |
 | `...mixer.experts.up_proj` [E, ffn, hidden]  | `...mixer.experts.{k}.up_proj.weight` [ffn, hidden], k<E   |
 | `...mixer.experts.down_proj` [E, hidden, ffn]| `...mixer.experts.{k}.down_proj.weight` [hidden, ffn], k<E |
+
+transformers' NemotronH never ties `lm_head` to the embedding (its `_tied_weights_keys` is
+empty, whatever `tie_word_embeddings` says): a tied model is written with `lm_head.weight` (a
+copy of the embedding), and an import computes with the `lm_head.weight` a directory holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -100,6 +106,7 @@ HF_CONFIG_FIELDS = {
 # rejected on import (the MoE ones only when the model has MoE blocks).
 HF_FIXED = {
     "attention_bias": False,
+    "attention_dropout": 0.0,  # transformers drops attention weights in train mode; we never do
     "mlp_hidden_act": "relu2",
     "mlp_bias": False,
     "mamba_hidden_act": "silu",
@@ -108,9 +115,17 @@ HF_FIXED = {
     "use_bias": False,
     "residual_in_fp32": False,
 }
-HF_FIXED_MOE = {"norm_topk_prob": True, "n_group": 1, "n_shared_experts": 1, "moe_latent_size": None}
-# Written only (transformers' defaults differ; not a property of the checkpoint we check).
-_HF_WRITE_ONLY = {"topk_group": 1, "time_step_limit": (0.0, float("inf"))}
+HF_FIXED_MOE = {
+    "norm_topk_prob": True,
+    "n_group": 1,
+    "topk_group": 1,  # of n_group = 1 group; transformers' group top-k fails on any other value
+    "n_shared_experts": 1,
+    "moe_latent_size": None,
+}
+# The dt clamp transformers (>= 5.25) applies after softplus; ours has none (mamba2.DT_LIMIT).
+# Written as is; on import, a limit whose low end is <= 0 (softplus is never negative) and
+# whose high end is +inf clamps nothing, any other is refused.
+_HF_TIME_STEP_LIMIT = (0.0, float("inf"))
 
 
 def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
@@ -121,6 +136,11 @@ def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
         raise HFInteropError(
             "NemotronH always has a shared expert: moe_shared_expert_hidden_size must be > 0"
         )
+    if "moe" in kinds and config.num_experts < 2:
+        # its router scores each expert group by the sum of its top 2 experts
+        raise HFInteropError(
+            f"NemotronH's router needs at least 2 experts: num_experts is {config.num_experts}"
+        )
     fixed = {k: v for k, v in HF_FIXED_MOE.items() if k != "moe_latent_size"}
     hf = NemotronHConfig(
         layers_block_type=[HF_BLOCK_TYPE[k] for k in kinds],
@@ -128,7 +148,7 @@ def to_hf_config(config: Nano3Config, dtype: torch.dtype | None = None):
         **{hf_key: getattr(config, ours) for ours, hf_key in HF_CONFIG_FIELDS.items()},
         **HF_FIXED,
         **fixed,
-        **_HF_WRITE_ONLY,
+        time_step_limit=_HF_TIME_STEP_LIMIT,
     )
     hf.architectures = ["NemotronHForCausalLM"]
     if dtype is not None:
@@ -170,6 +190,7 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
             raise HFInteropError(
                 f"{where}: {key}={value!r} is not supported (Nemotron 3 Nano uses {supported!r})"
             )
+    _check_time_step_limit(hf.time_step_limit, where)
     fields = {ours: getattr(hf, hf_key) for ours, hf_key in HF_CONFIG_FIELDS.items()}
     if fields["head_dim"] is None:
         fields["head_dim"] = hf.hidden_size // hf.num_attention_heads
@@ -185,7 +206,27 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
             **fields,
         )
     except ModelConfigError as err:
-        raise HFInteropError(f"{where}: {err}") from err
+        # the message names our fields: say which config.json keys they are read from
+        keys = {"hybrid_pattern": "layers_block_type", **HF_CONFIG_FIELDS}
+        if INIT_TIME_STEP_MIN_KEY in raw:
+            keys["mamba_dt_min"] = INIT_TIME_STEP_MIN_KEY
+        named = [f"{ours} <- {key}" for ours, key in keys.items() if ours != key and ours in str(err).split()]
+        hint = f" (config.json keys: {', '.join(named)})" if named else ""
+        raise HFInteropError(f"{where}: {err}{hint}") from err
+
+
+def _check_time_step_limit(limit: Any, where: Path) -> None:
+    """Refuse a `time_step_limit` (legacy `mamba_dt_limit`) that would clamp dt: transformers
+    applies it, our mixer cannot. (`limit` as transformers' config holds it: a list or tuple.)"""
+    try:
+        low, high = (float(v) for v in limit)
+    except (TypeError, ValueError):
+        raise HFInteropError(f"{where}: time_step_limit={limit!r} is not a pair of numbers") from None
+    if not (low <= 0.0 and high == float("inf")):
+        raise HFInteropError(
+            f"{where}: time_step_limit={[low, high]!r} clamps dt, which is not supported "
+            f"(Nemotron 3 Nano does not clamp: {list(_HF_TIME_STEP_LIMIT)!r})"
+        )
 
 
 # ----------------------------------------------------------------------------- weights
@@ -199,8 +240,7 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: Nano3Config
     """Our state dict -> HF on-disk names. Per-expert tensors are views of the fused ones."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # transformers writes a tied head once, as the embedding
+        # a tied head is written too: transformers' NemotronH does not tie (see the module doc)
         prefix, _, leaf = name.rpartition("mixer.")
         if leaf in ("experts.up_proj", "experts.down_proj"):
             which = leaf.split(".")[1]
@@ -219,14 +259,21 @@ def from_hf_state_dict(
     hf_tensors: Mapping[str, torch.Tensor], config: Nano3Config, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
     """HF on-disk names -> our state dict (fused experts stacked to 3-D). Every parameter and
-    persistent buffer of the model must be present with the right shape; `mtp.*` is ignored."""
+    persistent buffer of the model must be present with the right shape; `mtp.*` is ignored.
+    A tied config's `lm_head.weight` may be absent (the embedding serves) or equal to the
+    embedding; `load_hf_state_dict` unties the config of a directory whose head differs."""
     with torch.device("meta"):
         expected = Nano3ForCausalLM(config).state_dict()
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
     wanted = to_hf_state_dict(expected, config)  # hf name -> meta tensor of the expected shape
-
-    unexpected = sorted(k for k in hf_tensors if k not in wanted and not k.startswith(_IGNORED_PREFIXES))
+    if config.tie_word_embeddings:
+        wanted.pop(_HEAD)  # optional: checked below, against the embedding
+    unexpected = sorted(
+        k
+        for k in hf_tensors
+        if k not in wanted
+        and not k.startswith(_IGNORED_PREFIXES)
+        and not (config.tie_word_embeddings and k == _HEAD)
+    )
     missing = sorted(k for k in wanted if k not in hf_tensors)
     if missing or unexpected:
         parts = []
@@ -244,8 +291,16 @@ def from_hf_state_dict(
                 f"{source}: {key} has dtype {hf_tensors[key].dtype}, expected a floating type"
             )
 
+    if config.tie_word_embeddings and not _head_is_embedding(hf_tensors):
+        raise HFInteropError(
+            f"{source}: {_HEAD} differs from {_EMBEDDING}, but config.json ties them "
+            "(tie_word_embeddings); transformers computes with the head"
+        )
+
     state: dict[str, torch.Tensor] = {}
     for name in expected:
+        if config.tie_word_embeddings and name == _HEAD:
+            continue  # the embedding, below
         prefix, _, leaf = name.rpartition("mixer.")
         if leaf in ("experts.up_proj", "experts.down_proj"):
             which = leaf.split(".")[1]
@@ -259,8 +314,25 @@ def from_hf_state_dict(
         else:
             state[name] = hf_tensors[name]
     if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+        state[_HEAD] = state[_EMBEDDING]
     return state
+
+
+_HEAD, _EMBEDDING = "lm_head.weight", "backbone.embeddings.weight"
+
+
+def _head_is_embedding(hf_tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True when a directory's LM head is its embedding: absent (an export that relied on
+    tying), or present with the embedding's shape, dtype and values."""
+    head, embedding = hf_tensors.get(_HEAD), hf_tensors.get(_EMBEDDING)
+    if head is None:
+        return True
+    return (
+        embedding is not None
+        and head.shape == embedding.shape
+        and head.dtype == embedding.dtype
+        and torch.equal(head, embedding)
+    )
 
 
 def _shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, dtype_of) -> list[list[str]]:
@@ -415,6 +487,10 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[Nano3Config, dict[str
     hf_dir = Path(hf_dir)
     config = from_hf_config(hf_dir)
     hf_tensors = {k: v for k, v in _read_hf_tensors(hf_dir) if not k.startswith(_IGNORED_PREFIXES)}
+    if config.tie_word_embeddings and not _head_is_embedding(hf_tensors):
+        # transformers computes with this head whatever tie_word_embeddings says (module doc),
+        # e.g. after fine-tuning a tied export: the same model here is an untied one
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     return config, from_hf_state_dict(hf_tensors, config, source=str(hf_dir))
 
 
@@ -426,6 +502,8 @@ def load_hf(
     with torch.device("meta"):
         model = Nano3ForCausalLM(config)
     model.to_empty(device=device)
+    # In `dtype` before loading: loading into float32 first rounded a float64 checkpoint.
+    model.to(dtype)
     model.reset_parameters()  # non-persistent buffers (the token counters)
     model.load_state_dict(state, strict=True)
-    return model.to(dtype)
+    return model
