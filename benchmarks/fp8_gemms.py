@@ -472,7 +472,7 @@ def grouped_autotune_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters
     return result
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma) of `kernels.fp8_grouped_triton`, swept
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma[, persistent]) of `kernels.fp8_grouped_triton`
 GROUPED_TRITON_CONFIGS = [
     (128, 128, 128, 4, 8, True),
     (128, 128, 128, 3, 8, True),
@@ -482,6 +482,9 @@ GROUPED_TRITON_CONFIGS = [
     (64, 128, 128, 4, 4, True),
     (128, 64, 128, 4, 4, True),
     (128, 128, 128, 4, 8, False),
+    (128, 128, 128, 4, 8, True, True),
+    (128, 256, 128, 3, 8, True, True),
+    (256, 128, 128, 3, 8, True, True),
 ]
 
 
@@ -530,7 +533,11 @@ def grouped_triton_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: 
             ref = cutlass().float()
             res: dict = {"cutlass_ms": median(time_ms(cutlass, dev, warmup, iters)), "dense_ms": dense}
             for c in GROUPED_TRITON_CONFIGS:
-                label = "x".join(str(v) for v in c[:5]) + ("-tma" if c[5] else "-ptr")
+                label = (
+                    "x".join(str(v) for v in c[:5])
+                    + ("-tma" if c[5] else "-ptr")
+                    + ("-persistent" if c[6:] and c[6] else "")
+                )
                 try:
                     out = grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=c).float()
                     rel = float((out - ref).norm() / ref.norm())

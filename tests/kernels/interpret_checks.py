@@ -482,11 +482,11 @@ def _fp8_grouped_weight_grad_check(counts, block_k):
             assert torch.all(got[e] == 0)
 
 
-def _fp8_grouped_mm_check(counts, use_tma, k=40, n=24):
+def _fp8_grouped_mm_check(counts, use_tma, persistent=False, k=40, n=24):
     """The Triton grouped product == a float64 product per group (operands as float32 values
     of float8 numbers: the interpreter has no float8 products; float32 out), for groups of 0,
     1 and many rows, a contraction (40) and a width (24) that are not multiples of the tiles,
-    through TMA descriptors and through pointers. Rows of no group are never written."""
+    through TMA descriptors and through pointers, a program per tile and persistent programs."""
     from nemotron.kernels.fp8 import quantize_rows
     from nemotron.kernels.fp8_grouped_triton import grouped_mm_triton
 
@@ -498,7 +498,7 @@ def _fp8_grouped_mm_check(counts, use_tma, k=40, n=24):
     a_q, b_q = a_q.float(), b_q.float().view(experts, n, k)
     b_inv = b_inv.view(experts, n)
     got = grouped_mm_triton(
-        a_q, a_inv, b_q, b_inv, offs, config=(32, 16, 32, 2, 4, use_tma), out_dtype=torch.float32
+        a_q, a_inv, b_q, b_inv, offs, config=(32, 16, 32, 2, 4, use_tma, persistent), out_dtype=torch.float32
     )
     lo = 0
     for e, c in enumerate(counts):
@@ -1242,6 +1242,12 @@ CHECKS = {
     "fp8_grouped_mm_tma": lambda: _fp8_grouped_mm_check([5, 0, 130, 17, 1, 300], use_tma=True),
     "fp8_grouped_mm_pointers": lambda: _fp8_grouped_mm_check([5, 0, 130, 17, 1, 300], use_tma=False),
     "fp8_grouped_mm_trailing_empty": lambda: _fp8_grouped_mm_check([3, 64, 0, 0], use_tma=True),
+    "fp8_grouped_mm_persistent": lambda: _fp8_grouped_mm_check(
+        [5, 0, 130, 17, 1, 300], use_tma=True, persistent=True
+    ),
+    "fp8_grouped_mm_persistent_pointers": lambda: _fp8_grouped_mm_check(
+        [3, 64, 0, 0], use_tma=False, persistent=True
+    ),
     "fp8_grouped_mm_tiles": _fp8_grouped_mm_tiles_check,
     "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
     "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),

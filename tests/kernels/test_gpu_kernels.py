@@ -351,8 +351,9 @@ def test_route_topk_triton_matches_reference_at_nano3_width():
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("use_tma", [True, False])
-def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma):
+def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma, persistent):
     """`kernels.fp8_grouped_triton` == PyTorch's `_scaled_grouped_mm` (the training path's
     product) on float8 operands at Nano3's expert widths, uneven groups with an empty one, to
     the BF16 output's rounding and the accumulation order."""
@@ -372,5 +373,7 @@ def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma):
         want = torch._scaled_grouped_mm(
             a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16
         )
-        got = grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=(128, 128, 128, 4, 8, use_tma))
+        got = grouped_mm_triton(
+            a_q, a_inv, w_q, w_inv, offs, config=(128, 128, 128, 4, 8, use_tma, persistent)
+        )
         assert rel(got, want) < 5e-3, (k, n, rel(got, want))

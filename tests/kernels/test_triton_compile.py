@@ -104,14 +104,15 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
     assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name
 
 
+@pytest.mark.parametrize("kernel", ["_grouped_fp8_kernel", "_grouped_fp8_persistent_kernel"])
 @pytest.mark.parametrize("use_tma", [True, False])
-def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tma):
+def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tma, kernel):
     """The grouped FP8 product (`kernels.fp8_grouped_triton`), launched on float32 operands by
     the CPU checks, compiles for Hopper as the benchmark runs it: float8 operands at 128-wide
     tiles to the FP8 tensor-core instruction, through TMA descriptors (bulk tensor copies) or
     pointers."""
     kernels = _launched_kernels()
-    name = "nemotron.kernels.fp8_grouped_triton._grouped_fp8_kernel"
+    name = f"nemotron.kernels.fp8_grouped_triton.{kernel}"
     spec = interpreted["launches"][name]
     sig = {"A": "*fp8e4nv", "B": "*fp8e4nv", "OUT": "*bf16"}
     sig |= (

@@ -31,9 +31,9 @@ import triton.language as tl
 
 __all__ = ["GroupedConfig", "grouped_mm_triton", "row_tiles"]
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma)
-GroupedConfig = tuple[int, int, int, int, int, bool]
-DEFAULT_CONFIG: GroupedConfig = (128, 128, 128, 4, 8, True)
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma[, persistent])
+GroupedConfig = tuple[int, ...]
+DEFAULT_CONFIG: GroupedConfig = (128, 128, 128, 4, 8, True, False)
 
 
 def row_tiles(offs: torch.Tensor, block_m: int, max_tiles: int) -> tuple[torch.Tensor, ...]:
@@ -60,18 +60,13 @@ def row_tiles(offs: torch.Tensor, block_m: int, max_tiles: int) -> tuple[torch.T
 
 
 @triton.jit
-def _grouped_fp8_kernel(
-    A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, N, K,
+def _grouped_fp8_tile(
+    A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, group, first, end, tn, N, K,
     stride_a, stride_b, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    tn = tl.program_id(1)
-    group = tl.load(GROUP + tile)
-    if group < 0:
-        return
-    first = tl.load(FIRST + tile)
-    end = tl.load(END + tile)
+    """One [BLOCK_M x BLOCK_N] output tile: rows first.. of `group` (stored up to `end`),
+    columns tn * BLOCK_N.. (stored up to N)."""
     rows = first + tl.arange(0, BLOCK_M)
     cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -101,6 +96,44 @@ def _grouped_fp8_kernel(
     tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _grouped_fp8_kernel(
+    A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, N, K,
+    stride_a, stride_b, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """One program per output tile. The column tile is the grid's fastest dimension: programs
+    launched together share their row tile of A (read once from memory, then from L2) and walk
+    one group's weights, which stay in L2 across its row tiles."""
+    tn = tl.program_id(0)
+    tile = tl.program_id(1)
+    group = tl.load(GROUP + tile)
+    if group >= 0:
+        _grouped_fp8_tile(
+            A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, group, tl.load(FIRST + tile), tl.load(END + tile), tn,
+            N, K, stride_a, stride_b, stride_out, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+        )  # fmt: skip
+
+
+@triton.jit
+def _grouped_fp8_persistent_kernel(
+    A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, USED, N, K,
+    stride_a, stride_b, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """One program per multiprocessor, stepping through the output tiles in the order above
+    (the number in use read from the device: no host sync)."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    total = tl.load(USED) * tiles_n
+    for t in range(tl.program_id(0), total, tl.num_programs(0)):
+        tile = t // tiles_n
+        _grouped_fp8_tile(
+            A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, tl.load(GROUP + tile), tl.load(FIRST + tile),
+            tl.load(END + tile), t % tiles_n, N, K, stride_a, stride_b, stride_out,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+        )  # fmt: skip
+
+
 def grouped_mm_triton(
     a_q: torch.Tensor,
     a_inv: torch.Tensor,
@@ -111,9 +144,11 @@ def grouped_mm_triton(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """The module docstring's product. `config`: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps,
-    use_tma); TMA needs a GPU with it (sm_90+) or the interpreter. `out_dtype`: float32 keeps
-    the products unrounded (the CPU tests compare them with a float64 reference)."""
-    block_m, block_n, block_k, stages, warps, use_tma = config or DEFAULT_CONFIG
+    use_tma[, persistent]); TMA needs a GPU with it (sm_90+) or the interpreter; persistent: one
+    program per multiprocessor looping over the tiles. `out_dtype`: float32 keeps the products
+    unrounded (the CPU tests compare them with a float64 reference)."""
+    block_m, block_n, block_k, stages, warps, use_tma, *rest = config or DEFAULT_CONFIG
+    persistent = bool(rest[0]) if rest else False
     rows, k = a_q.shape
     experts, n, k_b = b_t_q.shape
     if k_b != k or a_inv.shape != (rows,) or b_inv.shape != (experts, n) or offs.shape != (experts,):
@@ -127,18 +162,22 @@ def grouped_mm_triton(
     a_q, b_t_q = a_q.contiguous(), b_t_q.contiguous()
     b_flat = b_t_q.view(experts * n, k)
     max_tiles = triton.cdiv(rows, block_m) + experts  # each group wastes at most one partial tile
-    group, first, end, _ = row_tiles(offs, block_m, max_tiles)
     a_desc = b_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a_q, [block_m, block_k])
         b_desc = TensorDescriptor.from_tensor(b_flat, [block_n, block_k])
-    grid = (max_tiles, triton.cdiv(n, block_n))
-    _grouped_fp8_kernel[grid](
-        a_q, b_flat, a_desc, b_desc, out, a_inv.float().contiguous(), b_inv.float().contiguous(),
-        group, first, end, n, k, a_q.stride(0), b_flat.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=use_tma,
-        num_stages=stages, num_warps=warps,
-    )  # fmt: skip
+    group, first, end, used = row_tiles(offs, block_m, max_tiles)
+    a_inv, b_inv = a_inv.float().contiguous(), b_inv.float().contiguous()
+    strides = (a_q.stride(0), b_flat.stride(0), out.stride(0))
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=use_tma, num_stages=stages, num_warps=warps)
+    if persistent:
+        programs = torch.cuda.get_device_properties(a_q.device).multi_processor_count if a_q.is_cuda else 4
+        _grouped_fp8_persistent_kernel[(programs,)](
+            a_q, b_flat, a_desc, b_desc, out, a_inv, b_inv, group, first, end, used, n, k, *strides, **meta
+        )
+    else:
+        grid = (triton.cdiv(n, block_n), max_tiles)
+        _grouped_fp8_kernel[grid](a_q, b_flat, a_desc, b_desc, out, a_inv, b_inv, group, first, end, n, k, *strides, **meta)
     return out
