@@ -265,3 +265,33 @@ def test_training_data_asks_each_split_for_megatrons_sizes(prefixes, tmp_path, n
             continue
         assert len(built[split]) == case["splits"][split]["length"], split
         np.testing.assert_array_equal(served(built[split], size), expected[f"{split}_tokens"], err_msg=split)
+
+
+def test_a_share_of_empty_documents_is_one_error(tmp_path):
+    # 99 documents of 3 tokens and an empty last one: "99,1,0" gives valid document [99, 100),
+    # which holds no token.
+    with IndexedDatasetWriter(tmp_path / "p", np.uint16) as writer:
+        for k in range(99):
+            writer.add_document(np.array([k, k + 1, k + 2], dtype=np.uint16))
+        writer.add_document(np.array([], dtype=np.uint16))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps([str(tmp_path / "p")]))
+    train = build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache", split_string="99,1,0")
+    assert isinstance(train, GPTDataset) and train.documents == (0, 99)
+    with pytest.raises(GPTDatasetError, match=r"documents \[99, 100\) of 100, has no tokens"):
+        build_split_dataset(blend, "valid", 4, 8, 1, tmp_path / "cache", split_string="99,1,0")
+
+
+def test_split_strings_share_one_cache_without_mixing_their_indices(prefixes, tmp_path):
+    # Same prefix, split name, N and seed, other split strings: other documents, so other
+    # cached indices (the document range is part of the cache key).
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps([str(prefixes / "d")]))
+    built = {
+        split: build_split_dataset(blend, "valid", 16, 8, 3, tmp_path / "cache", split_string=split)
+        for split in ("99,1,0", "98,2,0")
+    }
+    assert built["99,1,0"].documents == (594, 600) and built["98,2,0"].documents == (588, 600)
+    for ds in built.values():
+        assert isinstance(ds, GPTDataset)
+        assert set(np.asarray(ds.document_index).tolist()) == set(range(*ds.documents))
