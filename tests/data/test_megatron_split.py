@@ -295,3 +295,22 @@ def test_split_strings_share_one_cache_without_mixing_their_indices(prefixes, tm
     for ds in built.values():
         assert isinstance(ds, GPTDataset)
         assert set(np.asarray(ds.document_index).tolist()) == set(range(*ds.documents))
+
+
+def test_one_blend_as_one_string_reads_as_the_list(prefixes, tmp_path):
+    # Megatron's --data-args-path form: one whitespace-separated string of weight, prefix pairs.
+    case = CASES["cab_98_2_0_unnormalised"]
+    paths = [str(prefixes / p) for p in case["prefixes"]]
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps(" ".join(f"{w} {p}" for w, p in zip(case["weights"], paths))))
+    expected = np.load(FIXTURES / "cab_98_2_0_unnormalised.npz")
+    ds = build_split_dataset(
+        blend,
+        "valid",
+        case["sizes"][1],
+        case["seq_length"],
+        case["seed"],
+        tmp_path / "c",
+        split_string="98,2,0",
+    )
+    np.testing.assert_array_equal(served(ds, case["sizes"][1]), expected["valid_tokens"])
