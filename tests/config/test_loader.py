@@ -331,6 +331,8 @@ def test_wrong_type_in_file(tmp_path):
             r"train\.compute_weights: bf16 needs train\.precision=bf16",
         ),
         (["data.blend=null"], r"data\.blend: is null"),
+        (["data.split=99,-1"], r"data\.split: split '99,-1': expected up to three numbers"),
+        (["data.split=0,50,50"], r"data\.split: '0,50,50' gives the train split no share"),
         (["checkpoint.save_interval=0"], r"checkpoint\.save_interval: must be positive"),
     ],
 )

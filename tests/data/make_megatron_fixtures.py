@@ -15,6 +15,14 @@ and the blend is weighted by their sample counts, with N below and above their s
 then caps the blend at the sum). The fixtures keep the documents, every index array Megatron built
 and the tokens of every sample a run reads, so tests/data/test_megatron_order.py needs neither
 Megatron nor this script.
+
+    python tests/data/make_megatron_fixtures.py --split
+
+writes tests/data/fixtures/megatron_split/ instead (tests/data/test_megatron_split.py): one
+blend for every split cut by a split string (Megatron's `--data-path` with `--split`), each
+split built with the sample count Megatron's training loop asks of it, every index array of
+each split and the tokens it serves; and what Megatron does when a prefix's share of a split
+holds no document (run in a child with a timeout: it does not return).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "fixtures" / "megatron_order"
+SPLIT_OUT = Path(__file__).resolve().parent / "fixtures" / "megatron_split"
 THRESHOLD = 0.80  # Megatron's separate-final-epoch threshold
 
 
@@ -151,6 +160,199 @@ def unweighted_cases(tokens: dict[str, int]) -> list[dict]:
     return cases
 
 
+def make_split_documents() -> dict[str, list[np.ndarray]]:
+    """Datasets for one blend cut by a split string: enough documents that "969,30,1" leaves
+    each split some (Megatron cuts documents, not tokens), short ones so the fixtures stay
+    small; "e" has empty documents, "g" documents that span many samples, "t" is tiny (its
+    valid and test ranges of "99,1,0" and "969,30,1" hold no document)."""
+    rng = np.random.default_rng(20261205)
+
+    def docs(count, low, high, vocab=60000):
+        return [
+            rng.integers(0, vocab, size=int(rng.integers(low, high + 1))).astype(np.uint16)
+            for _ in range(count)
+        ]
+
+    with_empty = docs(700, 0, 9)
+    with_empty[0] = with_empty[0][:0]
+    return {
+        "d": docs(600, 1, 12),
+        "e": with_empty,
+        "f": docs(520, 2, 10),
+        "g": docs(40, 30, 130),
+        "t": docs(5, 3, 9),
+    }
+
+
+def split_cases() -> list[dict]:
+    """One blend (`--data-path`, `--split`): each case names the training loop's sizes, from
+    which Megatron's `get_train_valid_test_num_samples` asks train_iters * gbs training
+    samples, (train_iters // eval_interval + 1) * eval_iters * gbs valid and eval_iters * gbs
+    test samples."""
+    cases = []
+    for name, prefixes, weights, split, s, seed, loop in (
+        ("one_99_1_0", ["d"], None, "99,1,0", 8, 1234, (20, 4, 5, 2)),
+        ("one_weighted_1_1_1", ["d"], [1.0], "1,1,1", 8, 5, (12, 4, 4, 1)),
+        ("abc_969_30_1", ["d", "e", "f"], [0.5, 0.3, 0.2], "969,30,1", 8, 42, (25, 4, 5, 2)),
+        ("cab_98_2_0_unnormalised", ["f", "d", "e"], [3.0, 1.0, 2.0], "98,2,0", 7, 7, (16, 6, 4, 1)),
+        ("unweighted_100_0_0", ["e", "f", "d"], None, "100,0,0", 9, 11, (30, 8, 10, 1)),
+        ("unweighted_7_2_1", ["d", "e"], None, "7,2,1", 8, 3, (10, 8, 5, 2)),
+        ("long_docs_9_0.5_0.5", ["g", "d"], [2.0, 1.0], "9 0.5 0.5", 16, 99, (14, 4, 7, 2)),
+        ("long_doc_one_98_2", ["g"], None, "98,2", 16, 17, (10, 4, 2, 3)),
+    ):
+        train_iters, gbs, eval_interval, eval_iters = loop
+        sizes = [train_iters * gbs, (train_iters // eval_interval + 1) * eval_iters * gbs, eval_iters * gbs]
+        cases.append(
+            {
+                "name": name,
+                "kind": "split",
+                "prefixes": prefixes,
+                "weights": weights,
+                "split": split,
+                "seq_length": s,
+                "seed": seed,
+                "train_iters": train_iters,
+                "global_batch_size": gbs,
+                "eval_interval": eval_interval,
+                "eval_iters": eval_iters,
+                "sizes": sizes,
+            }
+        )
+    return cases
+
+
+def build_split_with_megatron(work: Path, case: dict):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = [str(work / p) for p in case["prefixes"]]
+    config = GPTDatasetConfig(
+        random_seed=case["seed"],
+        sequence_length=case["seq_length"],
+        blend=(prefixes, case["weights"]),
+        split=case["split"],
+        path_to_cache=str(work / "cache" / case["name"]),
+        tokenizer=FixtureTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, case["sizes"], lambda: True, config).build()
+    return config, datasets
+
+
+def split_arrays(case: dict, config, datasets) -> dict[str, np.ndarray]:
+    """Every index array of each split, its GPT datasets' document ranges, and its served tokens."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    arrays: dict[str, np.ndarray] = {}
+    case["split_matrix"] = config.split_matrix
+    case["splits"] = {}
+    for split, dataset, size in zip(("train", "valid", "test"), datasets, case["sizes"]):
+        if dataset is None:
+            case["splits"][split] = None
+            continue
+        gpts = dataset.datasets if isinstance(dataset, BlendedDataset) else [dataset]
+        record = {
+            "class": type(dataset).__name__,
+            "length": len(dataset),
+            "ranges": [[int(g.indices[0]), int(g.indices[-1]) + 1] for g in gpts],
+            "num_samples": [g.num_samples for g in gpts],
+            "epochs": [len(g.document_index) // len(g.indices) for g in gpts],
+        }
+        for k, g in enumerate(gpts):
+            arrays |= gpt_arrays(g, f"{split}_dataset{k}_")
+            assert np.array_equal(g.indices, np.arange(*record["ranges"][k])), (case["name"], split)
+        if isinstance(dataset, BlendedDataset):
+            arrays[f"{split}_dataset_index"] = np.asarray(dataset.dataset_index, dtype=np.int64)
+            arrays[f"{split}_dataset_sample_index"] = np.asarray(dataset.dataset_sample_index, dtype=np.int64)
+        arrays[f"{split}_tokens"] = served_tokens(dataset, min(size, len(dataset)))
+        case["splits"][split] = record
+    return arrays
+
+
+def empty_range_behaviour(work: Path) -> dict:
+    """What Megatron does when a prefix's share of a split holds no document ("t" has 5
+    documents: "99,1,0" gives valid round(0.99 * 5) = 5 .. 5). Weighted, its GPTDataset asks
+    for samples from zero tokens: `_get_num_epochs` never returns (run in a child with a
+    timeout). Without weights: the empty split has length 0, which `BlendedDataset` rejects."""
+    import subprocess
+
+    outcome = {}
+    for label, weights in (("weighted", [1.0, 1.0]), ("unweighted", None)):
+        script = (
+            "import sys, numpy as np, torch; sys.path[:0] = " + repr(sys.path) + "\n"
+            "from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder\n"
+            "from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig\n"
+            "import make_megatron_fixtures as m\n"
+            f"torch.distributed.init_process_group('gloo', init_method='file://{work / ('pg-' + label)}', "
+            "rank=0, world_size=1)\n"
+            f"cfg = GPTDatasetConfig(random_seed=1, sequence_length=4, blend=([{str(work / 't')!r}, "
+            f"{str(work / 'd')!r}], {weights!r}), split='99,1,0', path_to_cache={str(work / 'cache' / label)!r}, "
+            "tokenizer=m.FixtureTokenizer(), reset_position_ids=False, reset_attention_mask=False, "
+            "eod_mask_loss=False, create_attention_mask=False)\n"
+            "try:\n"
+            "    BlendedMegatronDatasetBuilder(GPTDataset, [8, 8, 0], lambda: True, cfg).build()\n"
+            "    print('BUILT')\n"
+            "except BaseException as e:\n"
+            "    print('ERROR', type(e).__name__, e)\n"
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", script],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith(("BUILT", "ERROR"))]
+            outcome[label] = lines[-1] if lines else done.stderr[-500:]
+        except subprocess.TimeoutExpired:
+            outcome[label] = "no result within 60 s (_get_num_epochs loops on zero tokens)"
+    return outcome
+
+
+def write_split_fixtures(work: Path) -> None:
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    documents = make_split_documents()
+    for name, docs in documents.items():
+        builder = IndexedDatasetBuilder(str(work / f"{name}.bin"), dtype=np.uint16)
+        for doc in docs:
+            builder.add_item(torch.from_numpy(doc.astype(np.int64)))
+            builder.end_document()
+        builder.finalize(str(work / f"{name}.idx"))
+    SPLIT_OUT.mkdir(parents=True, exist_ok=True)
+    cases = split_cases()
+    for case in cases:
+        config, datasets = build_split_with_megatron(work, case)
+        arrays = split_arrays(case, config, datasets)
+        np.savez_compressed(SPLIT_OUT / f"{case['name']}.npz", **arrays)
+        print(f"{case['name']}: {case['splits']}")
+    np.savez_compressed(
+        SPLIT_OUT / "documents.npz",
+        **{
+            f"{name}_lengths": np.array([len(d) for d in docs], dtype=np.int32)
+            for name, docs in documents.items()
+        },
+        **{f"{name}_tokens": np.concatenate(docs) for name, docs in documents.items()},
+    )
+    import megatron.core
+
+    manifest = {
+        "megatron_core": megatron.core.__version__,
+        "generator": "tests/data/make_megatron_fixtures.py --split",
+        "cases": cases,
+        "empty_range": empty_range_behaviour(work),
+    }
+    tmp_manifest = SPLIT_OUT / f".cases.json.{os.getpid()}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp_manifest, SPLIT_OUT / "cases.json")
+
+
 class FixtureTokenizer:
     """What Megatron's dataset config asks of a tokenizer (ids come pre-tokenized)."""
 
@@ -214,6 +416,15 @@ def main() -> int:
     version = megatron.core.__version__
     if version != "0.16.1":
         print(f"warning: megatron-core {version}, the fixtures describe 0.16.1", file=sys.stderr)
+    if "--split" in sys.argv[1:]:
+        # Only the one-blend split-string fixtures (fixtures/megatron_split), the others untouched.
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"file://{Path(tmp) / 'pg'}", rank=0, world_size=1
+            )
+            write_split_fixtures(Path(tmp))
+            torch.distributed.destroy_process_group()
+        return 0
     documents = make_documents()
     tokens = {name: int(sum(len(d) for d in docs)) for name, docs in documents.items()}
     cases = single_cases(tokens) + blend_cases(tokens) + unweighted_cases(tokens)

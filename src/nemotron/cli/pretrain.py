@@ -187,7 +187,14 @@ def _plan_rows(
             else []
         ),
         ("device", f"{t.device}, {t.precision}"),
-        ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}"),
+        (
+            "data",
+            "mock (synthetic tokens)"
+            if cfg.data.mock
+            # The split string cuts a blend file of one blend for every split (Megatron's --split).
+            else f"{blend}{blend_note}"
+            + (f", split {cfg.data.split!r}" if cfg.data.split is not None else ""),
+        ),
         (
             "phase 2",
             f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens "

@@ -239,6 +239,16 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         "is null: point it at the blend.json written by data prep (or set data.mock=true)",
     )
     _require(d.blend_weight >= 0, "data.blend_weight", f"must be >= 0, got {d.blend_weight}")
+    if d.split is not None:
+        # The data package reads split strings (one rule, one home); torch comes with it, so
+        # only for a config that sets one.
+        from nemotron.data.gpt_dataset import GPTDatasetError, split_bounds
+
+        try:
+            bounds = split_bounds(d.split)
+        except GPTDatasetError as exc:
+            raise ConfigError(f"data.split: {exc}") from None
+        _require(bounds[0] is not None, "data.split", f"{d.split!r} gives the train split no share")
     for i, m in enumerate(d.mixed_length_blends):
         key = f"data.mixed_length_blends[{i}]"
         _require(d.mock or bool(m.blend), f"{key}.blend", "must name a blend.json")

@@ -155,13 +155,20 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         cache_dir: str | Path,
         split: str,
         vocab_size: int | None = None,
+        documents: Sequence[tuple[int, int] | None] | None = None,
+        split_string: str | None = None,
     ) -> "BlendedDataset":
+        """`documents`: each prefix's document range (a split of one blend cut by
+        `split_string`), None for all its documents."""
         normalised, served, requested = blend_sizes(num_samples, weights)
+        ranges = list(documents) if documents is not None else [None] * len(prefixes)
         datasets: list[Samples | None] = []
-        for prefix, wanted in zip(prefixes, requested):
+        for prefix, wanted, docs in zip(prefixes, requested, ranges):
             # A zero-weight dataset is never drawn; don't build (or require) its indices.
             datasets.append(
-                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size) if wanted else None
+                GPTDataset(prefix, wanted, seq_length, seed, cache_dir, split, vocab_size, docs, split_string)
+                if wanted
+                else None
             )
         description = _blend_description(datasets, normalised, sum(served), split)
         return cls(datasets, normalised, sum(served), cache_dir, description)
@@ -176,13 +183,17 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         cache_dir: str | Path,
         split: str,
         vocab_size: int | None = None,
+        documents: Sequence[tuple[int, int] | None] | None = None,
+        split_string: str | None = None,
     ) -> "BlendedDataset":
         """Prefixes without weights, as Megatron-Core blends them: each dataset is built for one
         epoch (all its samples, none asked for beyond), the weights are the datasets' sample
         counts (normalised once, by the blend), and the blend has min(num_samples, their sum)
-        samples."""
+        samples. `documents` as in `build`."""
+        ranges = list(documents) if documents is not None else [None] * len(prefixes)
         datasets = [
-            GPTDataset(prefix, None, seq_length, seed, cache_dir, split, vocab_size) for prefix in prefixes
+            GPTDataset(prefix, None, seq_length, seed, cache_dir, split, vocab_size, docs, split_string)
+            for prefix, docs in zip(prefixes, ranges)
         ]
         lengths = [len(d) for d in datasets]
         size = min(num_samples, sum(lengths))
@@ -213,13 +224,15 @@ def build_mixed_length_dataset(
     seed: int,
     cache_dir: str | Path | None = None,
     vocab_size: int | None = None,
+    split_string: str | None = None,
 ) -> BlendedDataset:
     """Samples of several per-split blends, each at its own sequence length: `parts` are
     (blend.json, seq_length, weight). Within a part, samples keep Megatron's semantics (each
     is seq_length + 1 consecutive tokens of its blend); across parts, sample i comes from the
     part chosen by the blending rule above on the weights (samples, not tokens, are weighted).
     Each part is asked for `ceil(ceil(num_samples * w) * 1.005)` samples and the mix has
-    sum(ceil(num_samples * w)) samples, as a blend of datasets. Items may differ in length: `sample_length(i)` tells without reading."""
+    sum(ceil(num_samples * w)) samples, as a blend of datasets. Items may differ in length: `sample_length(i)` tells without reading.
+    `split_string` cuts each blend file of one blend for every split (`build_split_dataset`)."""
     from nemotron.data.gpt_dataset import build_split_dataset
 
     if num_samples <= 0:
@@ -236,7 +249,12 @@ def build_mixed_length_dataset(
     datasets: list[Samples | None] = []
     for (blend, seq_length, _), wanted in zip(parts, requested):
         datasets.append(
-            cast(Samples, build_split_dataset(blend, split, wanted, seq_length, seed, cache_dir, vocab_size))
+            cast(
+                Samples,
+                build_split_dataset(
+                    blend, split, wanted, seq_length, seed, cache_dir, vocab_size, split_string
+                ),
+            )
             if wanted
             else None
         )

@@ -78,6 +78,11 @@ class DataConfig:
     # reads the main blend only.
     blend_weight: float = 1.0
     mixed_length_blends: list[SequenceLengthBlend] = field(default_factory=list)
+    # Megatron's --split ("99,1,0": train, valid, test shares of each prefix's documents) for a
+    # blend.json that holds one blend for every split (a list of weight, prefix pairs, as
+    # Megatron's --data-path); null means Megatron's default "969, 30, 1". A per-split
+    # blend.json (what data prep writes) must leave it null.
+    split: str | None = None
     phase2_blend: str | None = None  # optional blend.json for phase 2
     phase2_start_fraction: float = 0.94  # switch point, as a fraction of total tokens
     cache_dir: str | None = None  # index cache; default: <blend dir>/cache

@@ -21,7 +21,17 @@ itself built):
 The three index arrays are built once (by rank 0 when torch.distributed is initialised) and
 cached as .npy files under a key hashing everything that shapes them; every rank memory-maps
 them. Blending of several datasets lives in `blended.py`; `build_split_dataset` is the entry
-point that reads a per-split `blend.json` and returns the dataset of one split.
+point that reads a `blend.json` and returns the dataset of one split.
+
+A blend file is either per-split (`{"train": ..., "valid": ..., "test": ...}`, Megatron's
+`--per-split-data-args-path`) or one blend for every split (a list or string of weights and
+prefixes, Megatron's `--data-path`), cut by a split string such as "99,1,0" (Megatron's
+`--split`, default "969, 30, 1"): the numbers are normalised to fractions f_train, f_valid,
+f_test, and split k of each prefix is its documents [round(b_k * D), round(e_k * D)), D its
+document count, b_k and e_k the cumulative fractions before and after k (Python's round, half
+to even; a zero fraction: no such split). Each split then reads its own documents only, with
+the rules above (its own epochs, same seed), and blends as a per-split blend does, except
+that one weighted prefix is a blend of one dataset (asked ceil(ceil(N) * 1.005), as Megatron).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +53,9 @@ from nemotron.utils.fs import atomic_path, atomic_write_text, read_json
 # 2: Megatron-Core 0.16's separate final epoch and blend sizes (version 1 caches are not reused).
 INDEX_FORMAT_VERSION = 2
 SPLITS = ("train", "valid", "test")
+# Megatron's `--split` when `--data-path` (one blend for every split) comes without one.
+DEFAULT_SPLIT = "969, 30, 1"
+_SPLIT_NUMBER = re.compile(r"[.0-9]+")  # what Megatron's `parse_and_normalize_split` reads
 
 
 class GPTDatasetError(ValueError):
@@ -139,6 +153,52 @@ def build_shuffle_index(
     return np.concatenate([first, last])
 
 
+def parse_split(split: str) -> list[float]:
+    """The normalised train/valid/test fractions of a split string such as "99,1,0".
+
+    Megatron's reading (`parse_and_normalize_split`): up to three numbers, missing ones 0,
+    divided by their float64 sum. Where Megatron would read something else than the numbers
+    written (a minus sign it drops, letters it skips) or divide by zero, an error instead.
+    """
+    if not isinstance(split, str):
+        raise GPTDatasetError(f"split {split!r} must be a string such as '99,1,0'")
+    numbers = _SPLIT_NUMBER.findall(split)
+    leftover = _SPLIT_NUMBER.sub(" ", split).replace(",", " ").strip()
+    if leftover or not numbers:
+        raise GPTDatasetError(
+            f"split {split!r}: expected up to three numbers >= 0 separated by commas, such as '99,1,0'"
+        )
+    if len(numbers) > len(SPLITS):
+        raise GPTDatasetError(f"split {split!r} has {len(numbers)} numbers: at most 3 (train, valid, test)")
+    try:
+        values = [float(n) for n in numbers]
+    except ValueError:
+        raise GPTDatasetError(f"split {split!r}: {numbers} are not all numbers") from None
+    values += [0.0] * (len(SPLITS) - len(values))
+    total = np.sum(np.asarray(values, dtype=np.float64))
+    if not (math.isfinite(total) and total > 0):
+        raise GPTDatasetError(f"split {split!r}: the numbers must sum to a finite value > 0")
+    return (np.asarray(values, dtype=np.float64) / total).tolist()
+
+
+def split_bounds(split: str) -> list[tuple[float, float] | None]:
+    """(begin, end) fraction of each split, None for a split with no share: the cumulative
+    sums in Megatron's order (`convert_split_vector_to_split_matrix`), so the float bounds
+    and hence the rounded document ranges are Megatron's exactly."""
+    fractions = parse_split(split)
+    edges = [0.0]
+    for f in fractions:
+        edges.append(edges[-1] + f)
+    return [(b, e) if e > b else None for b, e in zip(edges[:-1], edges[1:])]
+
+
+def split_documents(num_documents: int, bounds: tuple[float, float]) -> tuple[int, int]:
+    """Documents [begin, end) of a split of a prefix holding `num_documents` (Megatron's
+    `int(round(fraction * float(num_documents)))` at each end)."""
+    begin, end = bounds
+    return int(round(begin * float(num_documents))), int(round(end * float(num_documents)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache helpers
 
@@ -225,9 +285,12 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         cache_dir: str | Path,
         split: str = "train",
         vocab_size: int | None = None,
+        documents: tuple[int, int] | None = None,
+        split_string: str | None = None,
     ) -> None:
         """`num_samples` None: one epoch, every sample it holds (Megatron's mid-level dataset
-        of a blend without weights)."""
+        of a blend without weights). `documents`: read only documents [begin, end) (a split
+        of one blend cut by `split_string`, which names it in errors); None: all of them."""
         if (num_samples is not None and num_samples <= 0) or seq_length <= 0:
             raise GPTDatasetError(
                 f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive"
@@ -236,15 +299,34 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         self.indexed = open_indexed(self.prefix, vocab_size)
         self.seq_length = seq_length
         sequence_lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
-        tokens_per_epoch = int(sequence_lengths.sum())
+        first, stop = (0, len(sequence_lengths)) if documents is None else documents
+        if not 0 <= first <= stop <= len(sequence_lengths):
+            raise GPTDatasetError(
+                f"dataset {self.prefix}: documents [{first}, {stop}) outside its {len(sequence_lengths)}"
+            )
+        # What an error calls the samples' source: the dataset, or its share of a split.
+        source = (
+            f"dataset {self.prefix}"
+            if documents is None
+            else f"the {split!r} split (split {split_string!r}) of dataset {self.prefix}, its "
+            f"documents [{first}, {stop}) of {len(sequence_lengths)},"
+        )
+        if documents is not None and stop == first:
+            # Megatron would ask samples of zero tokens (its epoch count never ends) or reject
+            # the blend (an assert): a prefix too small for the split string's shares.
+            raise GPTDatasetError(
+                f"{source} holds no document: give the prefix more documents or the split a "
+                "larger share, or use a per-split blend"
+            )
+        tokens_per_epoch = int(sequence_lengths[first:stop].sum())
         # A dataset shorter than one sample is read over several epochs, as Megatron does (a
         # sample then spans epochs): e.g. a valid split holding one short document.
         if tokens_per_epoch == 0:
-            raise GPTDatasetError(f"dataset {self.prefix} has no tokens: it cannot make a sample")
+            raise GPTDatasetError(f"{source} has no tokens: it cannot make a sample")
         if num_samples is None:
             if tokens_per_epoch - 1 < seq_length:
                 raise GPTDatasetError(
-                    f"dataset {self.prefix} has {tokens_per_epoch} tokens: read once (a blend "
+                    f"{source} has {tokens_per_epoch} tokens: read once (a blend "
                     f"without weights) it cannot make one sample of seq_length {seq_length} + 1"
                 )
             self.num_epochs = 1
@@ -266,6 +348,9 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             "seq_length": seq_length,
             "seed": seed,
         }
+        if documents is not None:
+            self.description["documents"] = [first, stop]  # absent: every document (older keys)
+        self.documents = (first, stop)
 
         separate, before_last = (
             separate_final_epoch(tokens_per_epoch, num_samples, seq_length, self.num_epochs)
@@ -276,9 +361,7 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
 
         def build() -> dict[str, np.ndarray]:
             rng = np.random.RandomState(seed)
-            document_index = build_document_index(
-                np.arange(len(sequence_lengths)), self.num_epochs, rng, separate
-            )
+            document_index = build_document_index(np.arange(first, stop), self.num_epochs, rng, separate)
             sample_index = build_sample_index(sequence_lengths, document_index, seq_length)
             shuffle_index = build_shuffle_index(len(sample_index) - 1, rng, before_last if separate else None)
             return {
@@ -334,9 +417,29 @@ def _is_number(value: object) -> bool:
     return True
 
 
-def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | None, list[str]]:
-    """(weights, prefixes) of one split of a per-split blend.json, checked.
+def load_blend(blend_json_path: str | Path) -> Any:
+    """The parsed blend file: a dict (per-split) or a list / string (one blend for every split)."""
+    path = Path(blend_json_path)
+    blend = read_json(path, GPTDatasetError, "blend file")
+    if not isinstance(blend, (dict, list, str)):
+        raise GPTDatasetError(
+            f'blend file {path}: expected an object of splits ({{"train": [...], ...}}) or one '
+            "blend for every split (a list of weight, prefix pairs, cut by data.split)"
+        )
+    return blend
 
+
+def is_single_blend(blend: Any) -> bool:
+    """Whether a loaded blend file is one blend for every split (Megatron's `--data-path`)."""
+    return isinstance(blend, (list, str))
+
+
+def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | None, list[str]]:
+    """(weights, prefixes) of one split of a blend.json, checked.
+
+    A per-split file gives that split's entry; a file of one blend (a list or string at the
+    top, Megatron's `--data-path`) gives that blend for every split (which documents each split
+    reads is the split string's business, `build_split_dataset`).
     Megatron's forms (`get_blend_from_list`): a list (or one whitespace-separated string) of
     weight, prefix pairs, or of prefixes alone. A list of odd length is prefixes; one of even
     length is pairs when every even-position entry is a number, prefixes when none is (a mix
@@ -347,15 +450,18 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
     path = Path(blend_json_path)
     if split not in SPLITS:
         raise GPTDatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-    blend = read_json(path, GPTDatasetError, "blend file")
-    if not isinstance(blend, dict) or split not in blend:
+    blend = load_blend(path)
+    if is_single_blend(blend):
+        entries, label = blend, "blend"  # errors name entries blend[k]
+    elif split not in blend:
         raise GPTDatasetError(f"blend file {path} has no {split!r} split")
-    entries = blend[split]
+    else:
+        entries, label = blend[split], split
     if isinstance(entries, str):
         entries = entries.split()  # Megatron's other form: "w1 prefix1 w2 prefix2" or "p1 p2"
     if not isinstance(entries, list) or not entries:
         raise GPTDatasetError(
-            f"blend file {path}: {split!r} must be a non-empty list of weight, prefix pairs "
+            f"blend file {path}: {label!r} must be a non-empty list of weight, prefix pairs "
             "(or of prefixes without weights)"
         )
     raw_weights: list[tuple[int, Any]] = []
@@ -368,8 +474,8 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
         elif any(numbers):
             k = 2 * numbers.index(False)
             raise GPTDatasetError(
-                f"blend file {path}: {split}[{k}] weight {entries[k]!r} is not a number, but "
-                f"{split}[{2 * numbers.index(True)}] is a weight: give every prefix a weight, "
+                f"blend file {path}: {label}[{k}] weight {entries[k]!r} is not a number, but "
+                f"{label}[{2 * numbers.index(True)}] is a weight: give every prefix a weight, "
                 "or none"
             )
     weights: list[float] = []
@@ -377,7 +483,7 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
         weight = float(raw_weight)
         if not math.isfinite(weight) or weight < 0:
             raise GPTDatasetError(
-                f"blend file {path}: {split}[{k}] weight {raw_weight!r} is not a finite number >= 0"
+                f"blend file {path}: {label}[{k}] weight {raw_weight!r} is not a finite number >= 0"
             )
         weights.append(weight)
     prefixes = []
@@ -395,17 +501,17 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
                     else ""
                 )
                 raise GPTDatasetError(
-                    f"blend file {path}: {split}[{k}] names {raw_prefix!r} but "
+                    f"blend file {path}: {label}[{k}] names {raw_prefix!r} but "
                     f"{prefix}{suffix} does not exist{hint}"
                 )
         prefixes.append(str(prefix))
     if not raw_weights:
         return None, prefixes
     if sum(weights) <= 0:
-        raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to zero")
+        raise GPTDatasetError(f"blend file {path}: the {label!r} weights sum to zero")
     if not math.isfinite(sum(weights)):
         # Normalised by an infinite sum every weight would be 0: an empty blend.
-        raise GPTDatasetError(f"blend file {path}: the {split!r} weights sum to infinity")
+        raise GPTDatasetError(f"blend file {path}: the {label!r} weights sum to infinity")
     return weights, prefixes
 
 
@@ -417,12 +523,17 @@ def build_split_dataset(
     seed: int,
     cache_dir: str | Path | None = None,
     vocab_size: int | None = None,
+    split_string: str | None = None,
 ) -> torch.utils.data.Dataset:
     """The `num_samples`-sample dataset of one split of a blend.json (Megatron semantics).
 
-    One prefix gives its GPTDataset directly (as Megatron does); several are blended
+    One prefix gives its GPTDataset directly (as Megatron does, except for one weighted prefix
+    of a blend cut by a split string, which Megatron blends alone); several are blended
     deterministically (see `blended.py`), by their weights or, without weights, by their sizes
-    (each read once). Items are {"tokens", "labels", "loss_mask"}.
+    (each read once). A file of one blend for every split is cut by `split_string` (None:
+    Megatron's default "969, 30, 1"), which a per-split file must not have; a split to which
+    it gives no share is an error (`split_has_share` tells beforehand). Items are
+    {"tokens", "labels", "loss_mask"}.
     """
     # blended.py builds on this module (GPTDataset, the cache): imported here, not at the top
     from nemotron.data.blended import BlendedDataset
@@ -431,11 +542,41 @@ def build_split_dataset(
         raise GPTDatasetError(f"num_samples must be positive, got {num_samples}")
     weights, prefixes = read_blend(blend_json_path, split)
     cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
-    if len(prefixes) == 1:
-        return GPTDataset(prefixes[0], num_samples, seq_length, seed, cache, split, vocab_size)
+    ranges: list[tuple[int, int] | None] = [None] * len(prefixes)
+    if is_single_blend(load_blend(blend_json_path)):
+        split_string = DEFAULT_SPLIT if split_string is None else split_string
+        try:
+            bounds = split_bounds(split_string)[SPLITS.index(split)]
+        except GPTDatasetError as exc:
+            raise GPTDatasetError(f"blend file {blend_json_path}: {exc}") from None
+        if bounds is None:
+            raise GPTDatasetError(
+                f"blend file {blend_json_path}: split {split_string!r} gives the {split!r} split no share"
+            )
+        ranges = [split_documents(len(open_indexed(p).sequence_lengths), bounds) for p in prefixes]
+    elif split_string is not None:
+        raise GPTDatasetError(
+            f"blend file {blend_json_path} gives each split its own blend: a split string "
+            f"({split_string!r}) applies to one blend for every split (Megatron's --data-path "
+            "with --split); leave it unset"
+        )
+    if len(prefixes) == 1 and (weights is None or ranges[0] is None):
+        # One prefix: the dataset itself; Megatron blends one weighted prefix of one blend cut
+        # by a split string (a blend of one dataset, with its surplus), below.
+        return GPTDataset(
+            prefixes[0], num_samples, seq_length, seed, cache, split, vocab_size, ranges[0], split_string
+        )
     if weights is None:
         blend = BlendedDataset.build_unweighted(
-            prefixes, num_samples, seq_length, seed, cache, split, vocab_size
+            prefixes,
+            num_samples,
+            seq_length,
+            seed,
+            cache,
+            split,
+            vocab_size,
+            documents=ranges,
+            split_string=split_string,
         )
         if len(blend) < num_samples:
             # Megatron caps the blend at the samples of one epoch of every prefix and the run
@@ -447,4 +588,32 @@ def build_split_dataset(
                 "each is read over as many epochs as its share needs)"
             )
         return blend
-    return BlendedDataset.build(prefixes, weights, num_samples, seq_length, seed, cache, split, vocab_size)
+    return BlendedDataset.build(
+        prefixes,
+        weights,
+        num_samples,
+        seq_length,
+        seed,
+        cache,
+        split,
+        vocab_size,
+        documents=ranges,
+        split_string=split_string,
+    )
+
+
+def split_has_share(blend_json_path: str | Path, split: str, split_string: str | None = None) -> bool:
+    """Whether `split` of a blend file has prefixes to read: a per-split file's entry is not
+    empty (data prep writes `"valid": []` when valid_fraction is 0), or the split string gives
+    a file of one blend a share of it ("99,1,0": no test split). An unreadable file or split
+    string counts as having one, so that `build_split_dataset` says what is wrong."""
+    try:
+        blend = load_blend(blend_json_path)
+        if is_single_blend(blend):
+            return (
+                split_bounds(DEFAULT_SPLIT if split_string is None else split_string)[SPLITS.index(split)]
+                is not None
+            )
+    except (GPTDatasetError, ValueError):
+        return True
+    return split in blend and blend[split] not in ([], "", None)

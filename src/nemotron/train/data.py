@@ -33,7 +33,13 @@ import torch
 
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
-from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset, open_indexed, read_blend
+from nemotron.data.gpt_dataset import (
+    GPTDatasetError,
+    build_split_dataset,
+    open_indexed,
+    read_blend,
+    split_has_share,
+)
 from nemotron.data.indexed import IndexedDatasetError
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths
@@ -96,16 +102,11 @@ class MixedMockDataset(torch.utils.data.Dataset):
         return self.parts[int(self.dataset_index[idx])][int(self.sample_index[idx])]
 
 
-def blend_has_split(blend_json: str | Path, split: str) -> bool:
-    """Whether the blend names prefixes for `split`. Data prep writes `"valid": []` when
-    `valid_fraction` is 0: that split is absent (no evaluation), not a malformed blend."""
-    try:
-        blend = json.loads(Path(blend_json).read_text())
-    except (OSError, ValueError):
-        return True  # let build_split_dataset raise its precise error
-    if not isinstance(blend, dict) or split not in blend:
-        return not isinstance(blend, dict)  # a non-object: build_split_dataset says what is wrong
-    return blend[split] not in ([], "", None)
+def blend_has_split(blend_json: str | Path, split: str, split_string: str | None = None) -> bool:
+    """Whether the blend names prefixes for `split` (`split_has_share`). Data prep writes
+    `"valid": []` when `valid_fraction` is 0, and a split string may give a split no share
+    ("99,1,0"): that split is absent (no evaluation), not a malformed blend."""
+    return split_has_share(blend_json, split, split_string)
 
 
 def _prep_tokenizer(blend_json: str | Path) -> dict | None:
@@ -300,7 +301,9 @@ class TrainingData:
                     f"{'data.blend' if key == 'train1' else 'data.phase2_blend'} is not set: "
                     "training needs a blend.json (or data.mock=true)"
                 )
-            elif blend is None or (not key.startswith("train") and not blend_has_split(blend, split)):
+            elif blend is None or (
+                not key.startswith("train") and not blend_has_split(blend, split, self.data.split)
+            ):
                 # Only valid/test may be absent (no evaluation); a blend without a train split
                 # is an error naming it (read_blend), not a loader that has nothing to serve.
                 self._datasets[key] = None
@@ -316,6 +319,7 @@ class TrainingData:
                     self.train.seed,
                     self.data.cache_dir,
                     vocab_size=self.vocab_size,
+                    split_string=self.data.split,
                 )
             else:
                 self._datasets[key] = build_split_dataset(
@@ -326,6 +330,7 @@ class TrainingData:
                     self.train.seed,
                     self.data.cache_dir,
                     vocab_size=self.vocab_size,
+                    split_string=self.data.split,
                 )
         return self._datasets[key]
 

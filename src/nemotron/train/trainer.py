@@ -438,6 +438,7 @@ class Trainer:
         ("train", "seed"),
         ("train", "seq_length"),
         ("data", "blend"),
+        ("data", "split"),  # which documents a blend of one for every split trains on
         ("data", "phase2_blend"),
         ("data", "phase2_start_fraction"),
         ("data", "mixed_length_blends"),
