@@ -26,12 +26,17 @@ def prefixes(tmp_path_factory) -> Path:
     """The fixture documents written with this project's writer."""
     root = tmp_path_factory.mktemp("megatron_order")
     documents = np.load(FIXTURES / "documents.npz")
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d", "e"):
         lengths, tokens = documents[f"{name}_lengths"], documents[f"{name}_tokens"]
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         with IndexedDatasetWriter(root / name, np.uint16) as writer:
             for begin, end in zip(bounds[:-1], bounds[1:]):
                 writer.add_document(tokens[begin:end])
+    with IndexedDatasetWriter(root / "z", np.uint16):
+        pass  # no documents
+    with IndexedDatasetWriter(root / "zt", np.uint16) as writer:
+        writer.add_document(np.zeros(0, np.uint16))  # only empty documents
+        writer.add_document(np.zeros(0, np.uint16))
     return root
 
 
@@ -135,3 +140,111 @@ def test_prefixes_without_weights_match_megatron(prefixes, tmp_path, name, form)
         assert dataset.num_epochs == 1
         assert_same_indices(dataset, expected, f"dataset{k}_")
     np.testing.assert_array_equal(served(ds, len(ds)), expected["tokens"])
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def write_split_blend(path: Path, prefixes: Path, blend: dict) -> Path:
+    """The case's per-split blend.json: weight, prefix pairs (weights as strings, as prep
+    writes them) or prefixes alone."""
+    out = {}
+    for split, entries in blend.items():
+        if isinstance(entries[0], list):
+            out[split] = [x for w, p in entries for x in (str(w), str(prefixes / p))]
+        else:
+            out[split] = [str(prefixes / p) for p in entries]
+    path.write_text(json.dumps(out))
+    return path
+
+
+def assert_split_matches(ours, expected, split: str, case: dict) -> None:
+    """One split against Megatron's: every index array of it (and of each blended dataset),
+    and the tokens of every sample the loop reads."""
+    prefix = f"{split}_"
+    assert len(ours) == case["length"][split], split
+    if prefix + "dataset_index" in expected.files:
+        assert isinstance(ours, BlendedDataset), split
+        np.testing.assert_array_equal(
+            np.asarray(ours.dataset_index, dtype=np.int64), expected[prefix + "dataset_index"], err_msg=split
+        )
+        np.testing.assert_array_equal(
+            ours.dataset_sample_index, expected[prefix + "dataset_sample_index"], err_msg=split
+        )
+        for k, dataset in enumerate(ours.datasets):
+            assert dataset.num_epochs == case["epochs"][split][k], (split, k)
+            assert dataset.separate_final_epoch == case["separate_final_epoch"][split][k], (split, k)
+            assert_same_indices(dataset, expected, f"{prefix}dataset{k}_")
+    else:
+        assert isinstance(ours, GPTDataset), split
+        assert ours.description["num_samples"] == case["num_samples"][split], split
+        assert ours.num_epochs == case["epochs"][split][0], split
+        assert ours.separate_final_epoch == case["separate_final_epoch"][split][0], split
+        assert_same_indices(ours, expected, prefix)
+    tokens = expected[prefix + "tokens"]
+    assert len(tokens) == min(case["num_samples"][split], case["length"][split])
+    for i, row in enumerate(served(ours, len(tokens))):
+        np.testing.assert_array_equal(row, tokens[i], err_msg=f"{split} sample {i}")
+
+
+def test_split_fixtures_cover_the_valid_threshold_and_long_documents():
+    splits = {n: c for n, c in CASES.items() if c["kind"] == "splits"}
+    # The valid split's final epoch one sample either side of the threshold, at 2 and 5 epochs.
+    for epochs in (2, 5):
+        separate = splits[f"splits_valid_{epochs}epochs_separate"]
+        at = splits[f"splits_valid_{epochs}epochs_at_threshold"]
+        assert separate["epochs"]["valid"] == at["epochs"]["valid"] == [epochs]
+        assert separate["separate_final_epoch"]["valid"] == [True]
+        assert at["separate_final_epoch"]["valid"] == [False]
+        assert at["num_samples"]["valid"] == separate["num_samples"]["valid"] + 1
+    # d's documents span dozens of samples each; e holds fewer tokens than one sample.
+    documents = np.load(FIXTURES / "documents.npz")
+    assert documents["d_lengths"].min() > 20 * splits["splits_valid_2epochs_separate"]["seq_length"]
+    assert documents["e_lengths"].sum() < splits["splits_tiny_and_unweighted"]["seq_length"] + 1
+    assert 0 in documents["e_lengths"]
+    # Among d's samples, some start at a document's last token (the previous sample ended on
+    # it: the shared token) and some at a document's first.
+    expected = np.load(FIXTURES / "splits_valid_5epochs_at_threshold.npz")
+    rows = expected["valid_sample_index"][1:-1]
+    lengths = documents["d_lengths"][expected["valid_document_index"][rows[:, 0]]]
+    assert (rows[:, 1] == lengths - 1).any() and (rows[:, 1] == 0).any()
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c["kind"] == "splits"])
+def test_every_split_of_a_training_loop_matches_megatron(prefixes, tmp_path, name):
+    """Train, valid and test as a run opens them (`TrainingData`), asked for what Megatron's
+    training loop asks each split for (`get_train_valid_test_num_samples`)."""
+    from nemotron.data.config import DataConfig
+    from nemotron.train.config import TrainConfig
+    from nemotron.train.data import TrainingData, plan_batches
+
+    case = CASES[name]
+    expected = np.load(FIXTURES / f"{name}.npz")
+    blend = write_split_blend(tmp_path / "blend.json", prefixes, case["blend"])
+    train = TrainConfig(**case["loop"], micro_batch_size=1, seq_length=case["seq_length"], seed=case["seed"])
+    data = TrainingData(
+        DataConfig(blend=str(blend), cache_dir=str(tmp_path / "cache")), train, plan_batches(train), 65536
+    )
+    assert data.phase_samples(1) == case["num_samples"]["train"]
+    for split in SPLITS:
+        ours = data.train_dataset(1) if split == "train" else data.eval_dataset(split)
+        assert_split_matches(ours, expected, split, case)
+
+
+PROBES = MANIFEST["empty_prefix_probes"]
+
+
+@pytest.mark.parametrize("name", sorted(PROBES["blends"]))
+def test_a_prefix_without_tokens_is_refused_as_megatron_refuses_it(prefixes, tmp_path, name):
+    # A valid split one of whose prefixes has no tokens (no documents, or only empty ones), or,
+    # read once without weights, fewer than one sample: Megatron builds none of these (a
+    # ValueError from mmap on the empty .bin, an AssertionError on the zero weight, each a
+    # traceback); here one error naming the prefix.
+    assert not PROBES["megatron"][name].startswith("built"), PROBES["megatron"][name]
+    words = PROBES["blends"][name]
+    entries = [w if w[0].isdigit() else str(prefixes / w) for w in words]
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": [str(prefixes / "a")], "valid": entries}))
+    culprit = next(w for w in words if w in ("z", "zt", "e"))
+    with pytest.raises(GPTDatasetError, match=rf"dataset {prefixes / culprit} has"):
+        build_split_dataset(blend, "valid", PROBES["valid_samples"], PROBES["seq_length"], 1, tmp_path / "c")
