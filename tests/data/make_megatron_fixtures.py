@@ -3,16 +3,19 @@
     pip install megatron-core==0.16.1     # CPU is enough: the wheel ships its compiled helpers
     python tests/data/make_megatron_fixtures.py
 
-Three small token datasets (one with empty documents, the first among them) are written with
-Megatron's own `IndexedDatasetBuilder`; Megatron's `BlendedMegatronDatasetBuilder` then builds,
-for each case, the train split of a per-split blend (what `--per-split-data-args-path` gives):
+Five small token datasets (b with empty documents, the first among them; d of long documents;
+e of fewer tokens than one sample) are written with Megatron's own `IndexedDatasetBuilder`;
+Megatron's `BlendedMegatronDatasetBuilder` then builds, for each case, the train split of a
+per-split blend (what `--per-split-data-args-path` gives):
 one prefix (a `GPTDataset`) asked for 1, 2, 5 and 7 epochs with the separate final epoch on
 both sides of its threshold, and three-prefix blends whose datasets run several epochs, where
 Megatron's inner ceil (`ceil(ceil(N * w) * 1.005)`) asks a dataset for one sample more than
 `ceil(N * w * 1.005)` would; and blends of prefixes without weights (one whitespace-separated
 string, read by Megatron's `get_blend_from_list`), where each dataset is built for one epoch
 and the blend is weighted by their sample counts, with N below and above their sum (Megatron
-then caps the blend at the sum). The fixtures keep the documents, every index array Megatron built
+then caps the blend at the sum). The "splits" cases build all three splits, each asked for
+what Megatron's training loop asks (`loop_sizes`), and record each split. Blends with a prefix
+without tokens are probed too (Megatron builds none: its outcome is in cases.json). The fixtures keep the documents, every index array Megatron built
 and the tokens of every sample a run reads, so tests/data/test_megatron_order.py needs neither
 Megatron nor this script.
 """
