@@ -3,16 +3,19 @@
     pip install megatron-core==0.16.1     # CPU is enough: the wheel ships its compiled helpers
     python tests/data/make_megatron_fixtures.py
 
-Three small token datasets (one with empty documents, the first among them) are written with
-Megatron's own `IndexedDatasetBuilder`; Megatron's `BlendedMegatronDatasetBuilder` then builds,
-for each case, the train split of a per-split blend (what `--per-split-data-args-path` gives):
+Five small token datasets (b with empty documents, the first among them; d of long documents;
+e of fewer tokens than one sample) are written with Megatron's own `IndexedDatasetBuilder`;
+Megatron's `BlendedMegatronDatasetBuilder` then builds, for each case, the train split of a
+per-split blend (what `--per-split-data-args-path` gives):
 one prefix (a `GPTDataset`) asked for 1, 2, 5 and 7 epochs with the separate final epoch on
 both sides of its threshold, and three-prefix blends whose datasets run several epochs, where
 Megatron's inner ceil (`ceil(ceil(N * w) * 1.005)`) asks a dataset for one sample more than
 `ceil(N * w * 1.005)` would; and blends of prefixes without weights (one whitespace-separated
 string, read by Megatron's `get_blend_from_list`), where each dataset is built for one epoch
 and the blend is weighted by their sample counts, with N below and above their sum (Megatron
-then caps the blend at the sum). The fixtures keep the documents, every index array Megatron built
+then caps the blend at the sum). The "splits" cases build all three splits, each asked for
+what Megatron's training loop asks (`loop_sizes`), and record each split. Blends with a prefix
+without tokens are probed too (Megatron builds none: its outcome is in cases.json). The fixtures keep the documents, every index array Megatron built
 and the tokens of every sample a run reads, so tests/data/test_megatron_order.py needs neither
 Megatron nor this script.
 
@@ -53,7 +56,13 @@ def make_documents() -> dict[str, list[np.ndarray]]:
     with_empty = docs(17, 0, 90)
     with_empty[0] = with_empty[0][:0]  # an empty first document (sample 0 still starts at it)
     with_empty[5] = with_empty[5][:0]
-    return {"a": docs(41, 1, 60), "b": with_empty, "c": docs(29, 3, 45)}
+    a, c = docs(41, 1, 60), docs(29, 3, 45)  # drawn after b, as before d and e were added
+    # d: a few long documents, each spanning dozens of samples of seq_length 5 (drawn after
+    # a, b and c, so theirs are unchanged); e: shorter than one sample, with an empty document.
+    long = docs(7, 120, 400)
+    tiny = docs(3, 2, 4)
+    tiny[1] = tiny[1][:0]
+    return {"a": a, "b": with_empty, "c": c, "d": long, "e": tiny}
 
 
 def epoch_counts(tokens: int, num_samples: int, seq_length: int) -> tuple[int, bool]:
@@ -353,6 +362,114 @@ def write_split_fixtures(work: Path) -> None:
     os.replace(tmp_manifest, SPLIT_OUT / "cases.json")
 
 
+def loop_sizes(train_iters: int, eval_interval: int, eval_iters: int, global_batch_size: int) -> dict:
+    """The samples Megatron's training loop asks each split for (megatron/training/training.py
+    `get_train_valid_test_num_samples`, no --full-validation, no --skip-train), transcribed."""
+    return {
+        "train": train_iters * global_batch_size,
+        "valid": (train_iters // eval_interval + 1) * eval_iters * global_batch_size,
+        "test": eval_iters * global_batch_size,
+    }
+
+
+def loop_for_valid(valid: int) -> dict:
+    """A training loop (eval_interval 2, at least two evaluations) whose valid split is asked
+    for exactly `valid` samples, with the fewest training samples (small fixtures)."""
+    loops = []
+    for gbs in (4, 2, 1):
+        for eval_iters in range(1, valid // 2 + 1):
+            if valid % (gbs * eval_iters) == 0 and valid // (gbs * eval_iters) >= 2:
+                evaluations = valid // (gbs * eval_iters)
+                loops.append(
+                    {
+                        "train_iters": 2 * (evaluations - 1),
+                        "eval_interval": 2,
+                        "eval_iters": eval_iters,
+                        "global_batch_size": gbs,
+                    }
+                )
+    loop = min(loops, key=lambda x: (x["train_iters"] * x["global_batch_size"], -x["global_batch_size"]))
+    assert loop_sizes(**loop)["valid"] == valid
+    return loop
+
+
+def split_cases(tokens: dict[str, int]) -> list[dict]:
+    """Per-split blends read by a whole training loop: the valid and test splits (single
+    prefixes and weighted blends) asked for what Megatron's loop asks, the separate final
+    epoch of the valid split on both sides of its threshold at 2 and 5 epochs, documents
+    spanning dozens of samples (d) and a split shorter than one sample (e)."""
+    cases = []
+    s = 5
+    t = tokens["d"]
+    per_epoch = (t - 1) // s
+    at = int(THRESHOLD * per_epoch)
+
+    def before(e):
+        return ((e - 1) * t - 1) // s
+
+    def add(name, blend, loop, seq_length, seed):
+        sizes = loop_sizes(**loop)
+        epochs, separate = {}, {}
+        for split, entries in blend.items():
+            weights = [w for w, _ in entries] if isinstance(entries[0], list) else None
+            prefixes = [p for _, p in entries] if weights is not None else entries
+            if weights is None and len(prefixes) > 1:
+                epochs[split] = [1] * len(prefixes)
+                separate[split] = [False] * len(prefixes)
+                continue
+            w = np.asarray(weights if weights is not None else [1.0], dtype=np.float64)
+            w = (w / w.sum()).tolist()
+            n = sizes[split]
+            asked = [n] if len(prefixes) == 1 else [math.ceil(math.ceil(n * x) * 1.005) for x in w]
+            counts = [epoch_counts(tokens[p], r, seq_length) for p, r in zip(prefixes, asked)]
+            epochs[split] = [e for e, _ in counts]
+            separate[split] = [sep for _, sep in counts]
+        cases.append(
+            {
+                "name": name,
+                "kind": "splits",
+                "blend": blend,
+                "loop": loop,
+                "num_samples": sizes,
+                "seq_length": seq_length,
+                "seed": seed,
+                "epochs": epochs,
+                "separate_final_epoch": separate,
+            }
+        )
+        return cases[-1]
+
+    for name, valid, epochs, separate in (
+        ("splits_valid_2epochs_separate", before(2) + at - 1, 2, True),
+        ("splits_valid_2epochs_at_threshold", before(2) + at, 2, False),
+        ("splits_valid_5epochs_separate", before(5) + at - 1, 5, True),
+        ("splits_valid_5epochs_at_threshold", before(5) + at, 5, False),
+    ):
+        case = add(name, {"train": ["c"], "valid": ["d"], "test": ["b"]}, loop_for_valid(valid), s, 97)
+        assert case["epochs"]["valid"] == [epochs], name
+        assert case["separate_final_epoch"]["valid"] == [separate], name
+    weighted = add(
+        "splits_weighted",
+        {
+            "train": [[3.0, "a"], [1.0, "c"]],
+            "valid": [[0.6, "d"], [0.3, "b"], [0.3, "e"]],  # weights summing to 1.2
+            "test": [[1.0, "c"], [2.0, "e"], [1.0, "b"]],
+        },
+        {"train_iters": 23, "eval_interval": 5, "eval_iters": 4, "global_batch_size": 6},
+        9,
+        2024,
+    )
+    assert any(e > 1 for e in weighted["epochs"]["valid"])
+    add(
+        "splits_tiny_and_unweighted",
+        {"train": ["a"], "valid": ["e"], "test": ["b", "c"]},  # test: prefixes without weights
+        {"train_iters": 7, "eval_interval": 2, "eval_iters": 2, "global_batch_size": 3},
+        6,  # more than e's tokens: each of its samples spans several epochs
+        8,
+    )
+    return cases
+
+
 class FixtureTokenizer:
     """What Megatron's dataset config asks of a tokenizer (ids come pre-tokenized)."""
 
@@ -366,17 +483,32 @@ def build_with_megatron(work: Path, case: dict):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
-    prefixes = [str(work / p) for p in case["prefixes"]]
-    weights = case["weights"] if case["kind"] == "blend" else None
-    blend = (prefixes, weights)
-    if case["kind"] == "unweighted":
-        # The string form of --per-split-data-args-path, read as Megatron's training reads it.
-        blend = get_blend_from_list(" ".join(prefixes).split())
-        assert blend == (prefixes, None), blend
+    if case["kind"] == "splits":
+        # Every split of a per-split blend, each read as Megatron's training reads it
+        # (get_blend_from_list on the split's list of strings).
+        blends = []
+        for split in ("train", "valid", "test"):
+            entries = case["blend"][split]
+            if isinstance(entries[0], list):
+                words = [x for w, prefix in entries for x in (str(w), str(work / prefix))]
+            else:
+                words = [str(work / prefix) for prefix in entries]
+            blends.append(get_blend_from_list(words))
+        sizes = [case["num_samples"][split] for split in ("train", "valid", "test")]
+    else:
+        prefixes = [str(work / p) for p in case["prefixes"]]
+        weights = case["weights"] if case["kind"] == "blend" else None
+        blend = (prefixes, weights)
+        if case["kind"] == "unweighted":
+            # The string form of --per-split-data-args-path, read as Megatron's training reads it.
+            blend = get_blend_from_list(" ".join(prefixes).split())
+            assert blend == (prefixes, None), blend
+        blends = [blend, None, None]
+        sizes = [case["num_samples"], None, None]
     config = GPTDatasetConfig(
         random_seed=case["seed"],
         sequence_length=case["seq_length"],
-        blend_per_split=[blend, None, None],
+        blend_per_split=blends,
         split=None,
         path_to_cache=str(work / "cache" / case["name"]),
         tokenizer=FixtureTokenizer(),
@@ -386,9 +518,54 @@ def build_with_megatron(work: Path, case: dict):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [case["num_samples"], None, None]
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    return train
+    built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return built if case["kind"] == "splits" else built[0]
+
+
+# Valid splits whose prefix has no tokens (no documents, or only empty ones) or, read once
+# (no weights), too few for one sample: what Megatron does with each (it builds none of them).
+EMPTY_PREFIX_PROBES = {
+    "weighted_no_documents": ["1", "z", "1", "a"],
+    "weighted_only_empty_documents": ["1", "zt", "1", "a"],
+    "unweighted_no_documents": ["z", "a"],
+    "unweighted_only_empty_documents": ["zt", "a"],
+    "single_no_documents": ["z"],
+    "single_only_empty_documents": ["zt"],
+    "unweighted_shorter_than_a_sample": ["e", "a"],
+}
+PROBE_SEQ_LENGTH, PROBE_SAMPLES = 8, 20
+
+
+def probe_empty_prefixes(work: Path) -> dict[str, str]:
+    """Megatron's outcome (the exception it raises, or the blend's length) for each probe."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    outcomes = {}
+    for name, words in EMPTY_PREFIX_PROBES.items():
+        blend = get_blend_from_list([w if w[0].isdigit() else str(work / w) for w in words])
+        config = GPTDatasetConfig(
+            random_seed=1,
+            sequence_length=PROBE_SEQ_LENGTH,
+            blend_per_split=[None, blend, None],
+            split=None,
+            path_to_cache=str(work / "cache" / name),
+            tokenizer=FixtureTokenizer(),
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            mmap_bin_files=True,
+        )
+        try:
+            sizes = [None, PROBE_SAMPLES, None]
+            valid = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[1]
+            outcomes[name] = f"built: {len(valid)} samples"
+        except Exception as error:  # what Megatron raises is the finding
+            outcomes[name] = f"{type(error).__name__}: {error}"
+        print(f"{name}: {outcomes[name]}")
+    return outcomes
 
 
 def gpt_arrays(dataset, prefix: str = "") -> dict[str, np.ndarray]:
@@ -397,6 +574,19 @@ def gpt_arrays(dataset, prefix: str = "") -> dict[str, np.ndarray]:
         prefix + "sample_index": np.asarray(dataset.sample_index, dtype=np.int64),
         prefix + "shuffle_index": np.asarray(dataset.shuffle_index, dtype=np.int64),
     }
+
+
+def dataset_arrays(dataset, prefix: str) -> dict[str, np.ndarray]:
+    """The index arrays of one split: its GPTDataset's, or its blend's and each dataset's."""
+    if not hasattr(dataset, "dataset_index"):
+        return gpt_arrays(dataset, prefix)
+    arrays = {
+        prefix + "dataset_index": np.asarray(dataset.dataset_index, dtype=np.int64),
+        prefix + "dataset_sample_index": np.asarray(dataset.dataset_sample_index, dtype=np.int64),
+    }
+    for k, member in enumerate(dataset.datasets):
+        arrays |= gpt_arrays(member, f"{prefix}dataset{k}_")
+    return arrays
 
 
 def served_tokens(dataset, count: int) -> np.ndarray:
@@ -427,20 +617,32 @@ def main() -> int:
         return 0
     documents = make_documents()
     tokens = {name: int(sum(len(d) for d in docs)) for name, docs in documents.items()}
-    cases = single_cases(tokens) + blend_cases(tokens) + unweighted_cases(tokens)
+    cases = single_cases(tokens) + blend_cases(tokens) + unweighted_cases(tokens) + split_cases(tokens)
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1
         )
-        for name, docs in documents.items():
+        for name, docs in (documents | {"z": [], "zt": [documents["b"][0], documents["b"][0]]}).items():
             builder = IndexedDatasetBuilder(str(work / f"{name}.bin"), dtype=np.uint16)
             for doc in docs:
                 builder.add_item(torch.from_numpy(doc.astype(np.int64)))
                 builder.end_document()
             builder.finalize(str(work / f"{name}.idx"))
         for case in cases:
+            if case["kind"] == "splits":
+                arrays, case["length"] = {}, {}
+                for split, dataset in zip(("train", "valid", "test"), build_with_megatron(work, case)):
+                    arrays |= dataset_arrays(dataset, f"{split}_")
+                    case["length"][split] = len(dataset)
+                    count = min(case["num_samples"][split], len(dataset))
+                    arrays[f"{split}_tokens"] = served_tokens(dataset, count)
+                np.savez_compressed(OUT / f"{case['name']}.npz", **arrays)
+                print(
+                    f"{case['name']}: N={case['num_samples']} length={case['length']} epochs={case['epochs']}"
+                )
+                continue
             train = build_with_megatron(work, case)
             arrays = {}
             if case["kind"] == "dataset":
@@ -458,6 +660,7 @@ def main() -> int:
                 f"{case['name']}: N={case['num_samples']} length={len(train)} "
                 f"epochs={case['epochs']} separate={case['separate_final_epoch']}"
             )
+        probes = probe_empty_prefixes(work)
         torch.distributed.destroy_process_group()
     np.savez_compressed(
         OUT / "documents.npz",
@@ -467,7 +670,17 @@ def main() -> int:
         },
         **{f"{name}_tokens": np.concatenate(docs) for name, docs in documents.items()},
     )
-    manifest = {"megatron_core": version, "generator": "tests/data/make_megatron_fixtures.py", "cases": cases}
+    manifest = {
+        "megatron_core": version,
+        "generator": "tests/data/make_megatron_fixtures.py",
+        "cases": cases,
+        "empty_prefix_probes": {
+            "seq_length": PROBE_SEQ_LENGTH,
+            "valid_samples": PROBE_SAMPLES,
+            "blends": EMPTY_PREFIX_PROBES,
+            "megatron": probes,
+        },
+    }
     tmp_manifest = OUT / f".cases.json.{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp_manifest, OUT / "cases.json")
