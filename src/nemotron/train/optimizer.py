@@ -1,7 +1,9 @@
 """AdamW with the Nano3 recipe's parameter groups.
 
-Weight decay applies to matrices (and other >= 2-D weights) only: never to norms, biases or any
-1-D parameter (Mamba's A_log, D, dt_bias, conv bias, norm weights). The MoE expert bias is a
+Weight decay follows Megatron-Core's standard rule (`get_standard_config_overrides`: weight-decay
+multiplier 0 for every 1-D parameter and every `*.bias`): so never on norms, biases or Mamba's
+A_log, D, dt_bias and conv1d bias, and on every other parameter (the matrices, the experts,
+the router, the embedding, the LM head and Mamba's 3-D conv1d weight). The MoE expert bias is a
 buffer, not a parameter, so the optimiser never sees it.
 """
 
@@ -14,9 +16,10 @@ from nemotron.train.config import OptimizerConfig
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-    return param.ndim < 2 or leaf == "bias" or "norm" in owner.lower()
+    """Megatron's rule exactly (by shape and name, not by module type), so that a checkpoint's
+    groups and its decay are the ones a Megatron run of the same model would have: a 2-D
+    weight decays even inside a norm, a 0-D scalar decays, a bias of any shape does not."""
+    return param.ndim == 1 or name == "bias" or name.endswith(".bias")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
