@@ -117,6 +117,19 @@ def test_gradient_clipping_uses_the_total_norm_over_every_parameter():
     for name, gr in grads.items():
         torch.testing.assert_close(unclipped[name], gr, rtol=0, atol=0, msg=name)
 
+    # At the threshold, Megatron's test is the coefficient's (clip / (norm + 1e-6) < 1), not
+    # norm > clip: a norm equal to grad_clip is still scaled, by clip / (clip + 1e-6); one
+    # 1e-6 below the coefficient's 1 is not.
+    at, at_grads = step(result.grad_norm)
+    scale = result.grad_norm / (at.grad_norm + 1e-6)
+    assert scale < 1.0
+    assert any(not torch.equal(at_grads[n], gr) for n, gr in grads.items())
+    for name, gr in grads.items():
+        torch.testing.assert_close(at_grads[name], gr * scale, rtol=0, atol=0, msg=name)
+    _, above = step(result.grad_norm + 2e-6)
+    for name, gr in grads.items():
+        torch.testing.assert_close(above[name], gr, rtol=0, atol=0, msg=name)
+
 
 def test_the_production_recipe_builds_the_reported_optimizer():
     """default.yaml, loaded as the CLI loads it, gives the tech report's numbers where they act:

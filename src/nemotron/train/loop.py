@@ -403,8 +403,11 @@ def train_step(
     with step_phase("gradient norm and clipping"):
         params = [p for p in model.parameters() if p.requires_grad]
         norm = float(grad_norm(params)) if pipeline is None else pipeline.grad_norm(params)
-        if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
-            scale = grad_clip / (norm + 1e-6)
+        # Megatron's clip_grad_by_total_norm_fp32: coefficient max_norm / (norm + 1e-6), applied
+        # whenever it is below 1, so also to a norm within 1e-6 below max_norm. A non-finite
+        # norm clips nothing: the step is skipped below.
+        scale = grad_clip / (norm + 1e-6) if grad_clip > 0 and math.isfinite(norm) else 1.0
+        if scale < 1.0:
             for group in _grads_by_mesh(params).values():  # one mesh per foreach call
                 torch._foreach_mul_(group, scale)
     lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
