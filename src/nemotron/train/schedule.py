@@ -94,6 +94,22 @@ def learning_rate(tokens: int, total_tokens: int, sched: SchedulerConfig, opt: O
     return opt.min_lr + (opt.lr - opt.min_lr) * decay_factor(progress, sched.decay_style)
 
 
+def warmup_warning(schedule: "LRSchedule") -> str | None:
+    """A WSD schedule whose warmup lasts the whole run (e.g. a short trial of the recipe with
+    its 8.4B warmup tokens left in place): the rate never reaches optimizer.lr and never
+    decays. Megatron refuses it (it asserts warmup < decay samples); a short trial run is
+    legitimate, so this only says so."""
+    if schedule.style != "wsd" or schedule.warmup_tokens < schedule.total_tokens:
+        return None
+    peak = schedule.rate(schedule.total_tokens)
+    return (
+        f"scheduler.warmup_tokens ({schedule.warmup_tokens:,}) is not below the run's "
+        f"{schedule.total_tokens:,} tokens: the learning rate is still warming up when the run "
+        f"ends ({peak:.4g} there, of optimizer.lr {schedule.lr:.4g}) and never decays "
+        f"(Megatron refuses such a schedule)"
+    )
+
+
 class ScheduleChangeError(ValueError):
     """A resumed run whose config changes the learning rate of steps still to run, under
     `scheduler.on_resume=strict`."""

@@ -74,7 +74,7 @@ from nemotron.train.optimizer import (
     resume_hyperparameters,
     set_learning_rate,
 )
-from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule
+from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule, warmup_warning
 
 log = logging.getLogger("nemotron.train")
 
@@ -414,6 +414,9 @@ class Trainer:
                     f"checkpoint {name} was complete but hidden by a run killed while publishing it: published"
                 )
             trainer._resume_schedule()
+            warning = warmup_warning(trainer.schedule)
+            if warning:
+                trainer.warn(warning)
             trainer._check_data_order()
             # Every blend, split and index the run will read, checked now (not hours later).
             for warning in data.open_datasets():
