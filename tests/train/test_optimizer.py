@@ -204,3 +204,36 @@ def test_resumed_optimizer_settings_follow_the_resume_policy():
     before = w.detach().clone()
     opt.step()
     torch.testing.assert_close(w.detach(), before * (1 - 0.5 * 0.05), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "max_norm,norm,scaled",
+    [
+        (1.0, 4.0, True),  # coefficient 1 / (4 + 1e-6)
+        (1.0, 1.0, True),  # at the threshold: 1 / (1 + 1e-6) < 1
+        (1.0 + 1e-6, 1.0, False),  # coefficient exactly 1
+        (1.0, 0.5, False),
+        (0.0, 4.0, False),  # clipping off
+        (float("inf"), 4.0, False),
+        (1.0, float("inf"), False),  # non-finite: untouched (the step is skipped)
+        (1.0, float("nan"), False),
+    ],
+)
+def test_clip_coefficient_is_megatrons(max_norm, norm, scaled):
+    """Megatron's clip_grad_by_total_norm_fp32: grads *= max_norm / (norm + 1e-6) when that is
+    below 1; torch's clip_grads_with_norm_ would multiply by NaN at a NaN norm."""
+    from nemotron.distributed.utils import scale_grads_to_norm_
+
+    params = [
+        torch.nn.Parameter(torch.ones(3)),
+        torch.nn.Parameter(torch.ones(2, 2)),
+        torch.nn.Parameter(torch.ones(1)),
+    ]
+    params[0].grad = torch.tensor([1.0, -2.0, 3.0])
+    params[1].grad = torch.full((2, 2), 0.5)  # params[2] has no gradient
+    before = [p.grad.clone() for p in params[:2]]
+    scale_grads_to_norm_(params, max_norm, norm)
+    coefficient = max_norm / (norm + 1e-6) if scaled else 1.0
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * coefficient, rtol=0, atol=0)
+    assert params[2].grad is None
