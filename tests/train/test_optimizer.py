@@ -166,6 +166,8 @@ def _resumed(saved_cfg: OptimizerConfig, config_cfg: OptimizerConfig, policy: st
         p.grad = torch.ones_like(p)
     saved.step()
     model_sd, optim_sd = get_state_dict(model, saved)
+    for group in optim_sd["param_groups"]:
+        group["fused"] = True  # as a checkpoint written on CUDA says
     optimizer = build_optimizer(model, config_cfg)
     configured = group_settings(optimizer)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -182,6 +184,7 @@ def test_resumed_optimizer_settings_follow_the_resume_policy():
     # unchanged: nothing to say, the checkpoint's (= the config's) settings
     opt, change = _resumed(old, old, "strict")
     assert change is None and settings(opt) == [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+    assert all(g["fused"] is None for g in opt.param_groups)  # this (CPU) process's choice
     with pytest.raises(ScheduleChangeError) as err:
         _resumed(old, new, "strict")
     for needle in ("iter_0000008", "weight_decay 0.1 -> 0.05", "beta1 0.9 -> 0.8", "eps 1e-08 -> 1e-06"):
