@@ -355,6 +355,48 @@ def test_unchanged_rates_resume_without_a_word(corpus, saved_run, tmp_path):
     assert summary.steps == 10 and summary.warnings == []
 
 
+def test_a_warmup_as_long_as_the_run_is_said(corpus, tmp_path):
+    """Megatron refuses warmup >= the run (it asserts warmup < decay samples); a short trial of
+    a recipe keeping its long warmup is allowed here, but said: the rate never peaks or decays."""
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 2}, scheduler={"warmup_tokens": 256})
+    summary = pretrain(cfg, tmp_path / "job")  # 2 steps x 64 tokens, half the warmup
+    (warning,) = summary.warnings
+    assert "scheduler.warmup_tokens (256) is not below the run's 128 tokens" in warning
+    assert "still warming up when the run ends (0.0015 there, of optimizer.lr 0.003)" in warning
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 3}, scheduler={"warmup_tokens": 128})
+    cfg.checkpoint.save = str(tmp_path / "ckpt3")
+    assert pretrain(cfg, tmp_path / "job3").warnings == []
+
+
+def test_changed_optimizer_settings_on_resume_are_refused_by_default(cli, corpus, saved_run, tmp_path):
+    """torch's optimizer load_state_dict takes weight decay, betas and eps from the checkpoint:
+    a resumed run whose config changes them would silently keep the old ones. Refused (one
+    line naming each value) unless scheduler.on_resume says which to keep."""
+    save = copy_save(saved_run, tmp_path)
+    before = tree_hashes(save)
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        checkpoint={"save": str(save)},
+        optimizer={"weight_decay": 0.05, "beta2": 0.99},
+    )
+    assert_one_line_failure(
+        cli(cfg, tmp_path / "job"),
+        tmp_path / "job",
+        str(save / "iter_0000008"),
+        "optimizer.weight_decay 0.1 -> 0.05",
+        "optimizer.beta2 0.95 -> 0.99",
+        "scheduler.on_resume=checkpoint",
+        "scheduler.on_resume=config",
+    )
+    assert tree_hashes(save) == before
+    for policy in ("checkpoint", "config"):
+        cfg.scheduler.on_resume = policy
+        summary = pretrain(cfg, tmp_path / f"job-{policy}")
+        (warning,) = summary.warnings
+        assert f"scheduler.on_resume={policy}" in warning and "optimizer.weight_decay 0.1 -> 0.05" in warning
+
+
 # ---------------------------------------------------------------------------------------------
 # RNG
 

@@ -117,6 +117,19 @@ def test_gradient_clipping_uses_the_total_norm_over_every_parameter():
     for name, gr in grads.items():
         torch.testing.assert_close(unclipped[name], gr, rtol=0, atol=0, msg=name)
 
+    # At the threshold, Megatron's test is the coefficient's (clip / (norm + 1e-6) < 1), not
+    # norm > clip: a norm equal to grad_clip is still scaled, by clip / (clip + 1e-6); one
+    # 1e-6 below the coefficient's 1 is not.
+    at, at_grads = step(result.grad_norm)
+    scale = result.grad_norm / (at.grad_norm + 1e-6)
+    assert scale < 1.0
+    assert any(not torch.equal(at_grads[n], gr) for n, gr in grads.items())
+    for name, gr in grads.items():
+        torch.testing.assert_close(at_grads[name], gr * scale, rtol=0, atol=0, msg=name)
+    _, above = step(result.grad_norm + 2e-6)
+    for name, gr in grads.items():
+        torch.testing.assert_close(above[name], gr, rtol=0, atol=0, msg=name)
+
 
 def test_the_production_recipe_builds_the_reported_optimizer():
     """default.yaml, loaded as the CLI loads it, gives the tech report's numbers where they act:
@@ -137,3 +150,93 @@ def test_the_production_recipe_builds_the_reported_optimizer():
     assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (1e-3, 1e-5)
     assert cfg.train.expert_bias_update_rate == 1e-3 and cfg.model.moe_seq_aux_loss_coeff == 1e-4
     assert cfg.model.moe_routed_scaling_factor == 2.5
+
+
+def _resumed(saved_cfg: OptimizerConfig, config_cfg: OptimizerConfig, policy: str):
+    """An optimizer built from `config_cfg` into which a checkpoint of one built from
+    `saved_cfg` (after one step) is loaded, as `train.checkpoint` loads it (DCP state dicts),
+    then `resume_hyperparameters`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from nemotron.train.optimizer import group_settings, resume_hyperparameters
+
+    model = tiny_model()
+    saved = build_optimizer(model, saved_cfg)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    saved.step()
+    model_sd, optim_sd = get_state_dict(model, saved)
+    for group in optim_sd["param_groups"]:
+        group["fused"] = True  # as a checkpoint written on CUDA says
+    optimizer = build_optimizer(model, config_cfg)
+    configured = group_settings(optimizer)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    change = resume_hyperparameters(optimizer, configured, policy, "iter_0000008")
+    return optimizer, change
+
+
+def test_resumed_optimizer_settings_follow_the_resume_policy():
+    from nemotron.train.schedule import ScheduleChangeError
+
+    old = OptimizerConfig()
+    new = OptimizerConfig(weight_decay=0.05, beta1=0.8, eps=1e-6)
+    settings = lambda opt: [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups]  # noqa: E731
+    # unchanged: nothing to say, the checkpoint's (= the config's) settings
+    opt, change = _resumed(old, old, "strict")
+    assert change is None and settings(opt) == [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+    assert all(g["fused"] is None for g in opt.param_groups)  # this (CPU) process's choice
+    with pytest.raises(ScheduleChangeError) as err:
+        _resumed(old, new, "strict")
+    for needle in ("iter_0000008", "weight_decay 0.1 -> 0.05", "beta1 0.9 -> 0.8", "eps 1e-08 -> 1e-06"):
+        assert needle in str(err.value)
+    assert "beta2" not in str(err.value)  # only what changed
+    opt, change = _resumed(old, new, "checkpoint")
+    assert "on_resume=checkpoint" in change
+    assert settings(opt) == [(0.1, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
+    opt, change = _resumed(old, new, "config")
+    assert "on_resume=config" in change
+    assert settings(opt) == [(0.05, (0.8, 0.95), 1e-6), (0.0, (0.8, 0.95), 1e-6)]
+    # and the update really uses them: with zero gradients and zero moments AdamW only decays
+    set_learning_rate(opt, 0.5)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p]["exp_avg"].zero_()
+            opt.state[p]["exp_avg_sq"].zero_()
+            p.grad = torch.zeros_like(p)
+    w = opt.param_groups[0]["params"][0]
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), before * (1 - 0.5 * 0.05), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "max_norm,norm,scaled",
+    [
+        (1.0, 4.0, True),  # coefficient 1 / (4 + 1e-6)
+        (1.0, 1.0, True),  # at the threshold: 1 / (1 + 1e-6) < 1
+        (1.0 + 1e-6, 1.0, False),  # coefficient exactly 1
+        (1.0, 0.5, False),
+        (0.0, 4.0, False),  # clipping off
+        (float("inf"), 4.0, False),
+        (1.0, float("inf"), False),  # non-finite: untouched (the step is skipped)
+        (1.0, float("nan"), False),
+    ],
+)
+def test_clip_coefficient_is_megatrons(max_norm, norm, scaled):
+    """Megatron's clip_grad_by_total_norm_fp32: grads *= max_norm / (norm + 1e-6) when that is
+    below 1; torch's clip_grads_with_norm_ would multiply by NaN at a NaN norm."""
+    from nemotron.distributed.utils import scale_grads_to_norm_
+
+    params = [
+        torch.nn.Parameter(torch.ones(3)),
+        torch.nn.Parameter(torch.ones(2, 2)),
+        torch.nn.Parameter(torch.ones(1)),
+    ]
+    params[0].grad = torch.tensor([1.0, -2.0, 3.0])
+    params[1].grad = torch.full((2, 2), 0.5)  # params[2] has no gradient
+    before = [p.grad.clone() for p in params[:2]]
+    scale_grads_to_norm_(params, max_norm, norm)
+    coefficient = max_norm / (norm + 1e-6) if scaled else 1.0
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * coefficient, rtol=0, atol=0)
+    assert params[2].grad is None

@@ -84,8 +84,10 @@ def test_bad_schedule_is_rejected():
         ("recipe shape", 200, 0.8, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 1, 0.55]),
         ("no warmup", 0, 0.8, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0.55]),
         ("no decay", 200, 1.0, [0.0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1]),
-        # decay from the start: warmup first, then the decay curve where it stands (0.2 in)
-        ("all decay", 200, 0.0, [0.0, 0.5, 0.82, 0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19]),
+        # decay from the start: warmup first, up to and including its last token (step 2 at
+        # lr, as Megatron's warmup test is num_steps <= warmup), then the decay curve where it
+        # stands (0.3 in)
+        ("all decay", 200, 0.0, [0.0, 0.5, 1.0, 0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19]),
         # a run shorter than its warmup never leaves it
         ("shorter than warmup", 2000, 0.8, [0.05 * k for k in range(10)]),
     ],
@@ -96,6 +98,9 @@ def test_every_step_of_a_short_run(case, warmup, stable_end, expected):
     rates = [learning_rate(100 * k, 1000, sched, opt) for k in range(10)]
     assert rates == pytest.approx(expected, abs=1e-12), case
     # after the run (a resumed longer run keeping this schedule): min_lr, as Megatron past its
-    # decay steps; still the warmup line while the warmup lasts
+    # decay steps; still the warmup line while the warmup lasts. At exactly the run's end a
+    # schedule without decay is still in its stable phase (Megatron's `<= anneal start`).
     after = learning_rate(1000, 1000, sched, opt)
-    assert after == pytest.approx(0.5 if warmup > 1000 else 0.1), case
+    assert after == pytest.approx(0.5 if warmup > 1000 else 1.0 if stable_end == 1.0 else 0.1), case
+    past = learning_rate(1100, 1000, sched, opt)
+    assert past == pytest.approx(0.55 if warmup > 1000 else 0.1), case

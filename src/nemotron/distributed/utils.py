@@ -133,20 +133,34 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
 
 
 @torch.no_grad()
+def scale_grads_to_norm_(parameters: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
+    """Megatron's `clip_grad_by_total_norm_fp32`: multiply every gradient by
+    `max_norm / (total_norm + 1e-6)` when that coefficient is below 1 (so also at a norm equal
+    to `max_norm`). A non-finite norm, or `max_norm` 0 (off) or infinite, scales nothing: a
+    NaN coefficient would poison every gradient, and the caller skips such a step anyway."""
+    if not (max_norm > 0 and math.isfinite(total_norm)):
+        return
+    coefficient = max_norm / (total_norm + 1e-6)
+    if coefficient >= 1.0:
+        return
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:  # one foreach call per mesh: foreach cannot mix meshes
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    for grads in by_mesh.values():
+        torch._foreach_mul_(grads, coefficient)
+
+
+@torch.no_grad()
 def clip_grad_norm_(
     parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
-    """Drop-in for `torch.nn.utils.clip_grad_norm_` on a parallelised model; returns the
-    total norm (a plain tensor, identical on every rank)."""
+    """Drop-in for `torch.nn.utils.clip_grad_norm_` on a parallelised model, clipping as
+    Megatron does (`scale_grads_to_norm_`); returns the total norm (a plain tensor, identical
+    on every rank)."""
     params = [p for p in parameters if p.grad is not None]
     total = grad_norm(params, norm_type)
-    if math.isfinite(max_norm):
-        by_mesh: dict[object, list[torch.Tensor]] = {}
-        for p in params:
-            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            by_mesh.setdefault(key, []).append(p)
-        for group in by_mesh.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    scale_grads_to_norm_(params, max_norm, float(total))
     return total
 
 

@@ -32,6 +32,7 @@ from nemotron.distributed.utils import (
     loss_tokens,
     padding_mask,
     reduce_token_loss,
+    scale_grads_to_norm_,
     token_loss_weights,
 )
 from nemotron.kernels.fp8 import reuse_quantized_weights
@@ -287,14 +288,6 @@ def autocast_context(precision: str, device: torch.device):
 # One step
 
 
-def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[Any, list[torch.Tensor]]:
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-    return by_mesh
-
-
 # The name prefix of the ranges `train_step` marks in profiler traces (torch.profiler / Kineto):
 # which phase of the step the host is in (`benchmarks/train_throughput.py` charges the GPU's idle
 # time to them). Outside a profiler a range costs one dispatcher call.
@@ -403,10 +396,8 @@ def train_step(
     with step_phase("gradient norm and clipping"):
         params = [p for p in model.parameters() if p.requires_grad]
         norm = float(grad_norm(params)) if pipeline is None else pipeline.grad_norm(params)
-        if grad_clip > 0 and math.isfinite(norm) and norm > grad_clip:
-            scale = grad_clip / (norm + 1e-6)
-            for group in _grads_by_mesh(params).values():  # one mesh per foreach call
-                torch._foreach_mul_(group, scale)
+        # A non-finite norm clips nothing: the step is skipped below.
+        scale_grads_to_norm_(params, grad_clip, norm)
     lm_loss = reduce_token_loss(lm_sum, sum(counts), parallel.mesh)
     # The balance term is a mean over sequences: average it over all micro-batches of all ranks.
     loss = lm_loss + reduce_token_loss(balance_sum, n, parallel.mesh)

@@ -73,21 +73,41 @@ def learning_rate(tokens: int, total_tokens: int, sched: SchedulerConfig, opt: O
 
     WSD: linear warmup 0 -> lr over warmup_tokens; lr until stable_fraction_end * total_tokens;
     then decay to min_lr by the end of training (min_lr afterwards). Constant: lr throughout.
+    The comparisons are Megatron's (`OptimizerParamScheduler.get_lr`, in samples where these
+    are tokens): the warmup line holds up to and including its last token, even where the
+    decay has already begun (so a warmup reaching past the decay's start ends at lr, and the
+    next step joins the decay curve); the stable phase holds up to and including the decay's
+    start; past the end of the run, min_lr.
     """
     if sched.style == "constant":
         return opt.lr
     if sched.style != "wsd":
         raise ScheduleConfigError(f"scheduler.style {sched.style!r} is not one of {STYLES}")
-    if tokens < sched.warmup_tokens:
+    if sched.warmup_tokens > 0 and tokens <= sched.warmup_tokens:
         return opt.lr * tokens / sched.warmup_tokens
-    decay_start = sched.stable_fraction_end * total_tokens
-    if tokens < decay_start:
-        return opt.lr
-    decay_tokens = total_tokens - decay_start
-    if decay_tokens <= 0:
+    if tokens > total_tokens:
         return opt.min_lr
-    progress = (tokens - decay_start) / decay_tokens
+    decay_start = sched.stable_fraction_end * total_tokens
+    if tokens <= decay_start:
+        return opt.lr
+    progress = (tokens - decay_start) / (total_tokens - decay_start)
     return opt.min_lr + (opt.lr - opt.min_lr) * decay_factor(progress, sched.decay_style)
+
+
+def warmup_warning(schedule: "LRSchedule") -> str | None:
+    """A WSD schedule whose warmup lasts the whole run (e.g. a short trial of the recipe with
+    its 8.4B warmup tokens left in place): the rate never reaches optimizer.lr and never
+    decays. Megatron refuses it (it asserts warmup < decay samples); a short trial run is
+    legitimate, so this only says so."""
+    if schedule.style != "wsd" or schedule.warmup_tokens < schedule.total_tokens:
+        return None
+    peak = schedule.rate(schedule.total_tokens)
+    return (
+        f"scheduler.warmup_tokens ({schedule.warmup_tokens:,}) is not below the run's "
+        f"{schedule.total_tokens:,} tokens: the learning rate is still warming up when the run "
+        f"ends ({peak:.4g} there, of optimizer.lr {schedule.lr:.4g}) and never decays "
+        f"(Megatron refuses such a schedule)"
+    )
 
 
 class ScheduleChangeError(ValueError):

@@ -68,8 +68,13 @@ from nemotron.train.loop import (
     train_step,
 )
 from nemotron.train.metrics import EventHook, MetricsLogger, check_logger, perplexity
-from nemotron.train.optimizer import build_optimizer, set_learning_rate
-from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule
+from nemotron.train.optimizer import (
+    build_optimizer,
+    group_settings,
+    resume_hyperparameters,
+    set_learning_rate,
+)
+from nemotron.train.schedule import LRSchedule, resume_schedule, validate_schedule, warmup_warning
 
 log = logging.getLogger("nemotron.train")
 
@@ -165,6 +170,10 @@ class Restored:
     resumed_from: str | None = None
     finetuned_from: str | None = None
     loaded: LoadedCheckpoint | None = None
+    # The optimizer's group settings from the config, taken before the checkpoint's replaced
+    # them (`optimizer.resume_hyperparameters` compares the two); None when nothing was loaded
+    # into the optimizer.
+    configured_optimizer: list[dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +193,7 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     (`auto_resume`); or, with `checkpoint.finetune`, take only the weights of `load`."""
     ckpt = cfg.checkpoint
     checksums = ckpt.verify_checksums
+    configured = group_settings(optimizer)
     loaded = None
     if ckpt.load is not None and not ckpt.finetune:
         loaded = load_checkpoint(ckpt.load, model, optimizer, checksums=checksums)
@@ -203,7 +213,9 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     except (KeyError, TypeError) as e:  # e.g. a hand-edited file whose manifest was rewritten
         where = loaded.path / TRAIN_STATE_FILE
         raise CheckpointError(f"{where} does not hold a run's state ({failure_reason(e)})") from None
-    return Restored(state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded)
+    return Restored(
+        state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded, configured_optimizer=configured
+    )
 
 
 def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
@@ -402,6 +414,9 @@ class Trainer:
                     f"checkpoint {name} was complete but hidden by a run killed while publishing it: published"
                 )
             trainer._resume_schedule()
+            warning = warmup_warning(trainer.schedule)
+            if warning:
+                trainer.warn(warning)
             trainer._check_data_order()
             # Every blend, split and index the run will read, checked now (not hours later).
             for warning in data.open_datasets():
@@ -412,9 +427,20 @@ class Trainer:
         return trainer
 
     def _resume_schedule(self) -> None:
-        """Keep or replace the checkpoint's schedule per `scheduler.on_resume`; announce it."""
+        """Keep or replace the checkpoint's schedule and optimizer settings per
+        `scheduler.on_resume`; announce it."""
         for skipped in self.restored.loaded.skipped if self.restored.loaded else []:
             self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
+        if self.restored.configured_optimizer is not None:
+            assert self.restored.resumed_from is not None  # set only when a checkpoint was loaded
+            change = resume_hyperparameters(
+                self.optimizer,
+                self.restored.configured_optimizer,
+                self.cfg.scheduler.on_resume,
+                self.restored.resumed_from,
+            )
+            if change:
+                self.warn(change)
         if self.restored.schedule is None:  # a fresh run, or a checkpoint from before schedules
             return
         assert self.restored.resumed_from is not None  # a schedule comes from a checkpoint
