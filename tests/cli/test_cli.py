@@ -109,6 +109,27 @@ def test_dry_run_with_local_profile_renders_and_writes_nothing(cli):
     assert all_files(cli.work) == [cli.work / "env.toml"]
 
 
+def test_dry_run_says_what_data_split_does_with_the_blend(cli, tmp_path):
+    """data.split cuts a blend file of one blend for every split: the plan names the split
+    string the run uses (Megatron's default where none is set) and says when the file gives
+    each split its own blend, which the run refuses with a split string."""
+    single, per_split = tmp_path / "one.json", tmp_path / "blend.json"
+    single.write_text(json.dumps(["1", "/p/a", "1", "/p/b"]))
+    per_split.write_text(json.dumps({"train": ["1", "/p/a"]}))
+
+    def data_row(*overrides: str) -> str:
+        result = cli("nano3", "pretrain", "-c", "tiny", "-d", *overrides)
+        assert result.exit_code == 0, result.output
+        out = " ".join(result.output.split())
+        return out[out.index(" data ") : out.index(" phase 2 ")]
+
+    assert "split '969, 30, 1' (Megatron's default" in data_row(f"data.blend={single}")
+    assert data_row(f"data.blend={single}", "data.split=98,2").endswith("one.json, split '98,2'")
+    row = data_row(f"data.blend={per_split}", "data.split=98,2")
+    assert "split '98,2' (refused: the blend gives each split its own; leave data.split unset)" in row
+    assert "split" not in data_row(f"data.blend={per_split}")
+
+
 def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):
     """The default recipe switches to a phase-2 blend at 94%: a plan that reads one that does
     not exist yet says so (it may still be prepared while phase 1 trains)."""

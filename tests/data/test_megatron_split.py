@@ -195,6 +195,7 @@ def test_a_prefix_with_no_documents_in_a_split_is_one_error(prefixes, tmp_path, 
     ("split", "fractions"),
     [
         ("99,1,0", [0.99, 0.01, 0.0]),
+        ("99,1,0,", [0.99, 0.01, 0.0]),  # a trailing comma moves no number
         ("969, 30, 1", [0.969, 0.03, 0.001]),
         ("98,2", [0.98, 0.02, 0.0]),
         ("9 0.5 0.5", [0.9, 0.05, 0.05]),
@@ -214,6 +215,11 @@ def test_parse_split(split, fractions):
         ("", "expected up to three numbers"),
         ("99,1.0.0", "not all numbers"),
         ("train=99", "expected up to three numbers"),
+        # Megatron reads the numbers alone: valid would get the 2 written for test, train the 99
+        # written for valid.
+        ("98,,2", "empty field"),
+        (",99,1", "empty field"),
+        ("98, ,2", "empty field"),
     ],
 )
 def test_bad_split_strings_are_one_error(split, match):
@@ -224,7 +230,7 @@ def test_bad_split_strings_are_one_error(split, match):
 def test_split_string_with_a_per_split_blend_is_an_error(prefixes, tmp_path):
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": [str(prefixes / "d")]}))
-    with pytest.raises(GPTDatasetError, match="gives each split its own blend"):
+    with pytest.raises(GPTDatasetError, match="gives each split its own blend.*leave data.split unset"):
         build_split_dataset(blend, "train", 4, 8, 1, tmp_path / "cache", split_string="99,1,0")
 
 

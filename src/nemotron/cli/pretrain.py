@@ -187,14 +187,7 @@ def _plan_rows(
             else []
         ),
         ("device", f"{t.device}, {t.precision}"),
-        (
-            "data",
-            "mock (synthetic tokens)"
-            if cfg.data.mock
-            # The split string cuts a blend file of one blend for every split (Megatron's --split).
-            else f"{blend}{blend_note}"
-            + (f", split {cfg.data.split!r}" if cfg.data.split is not None else ""),
-        ),
+        ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}{_split_note(cfg)}"),
         (
             "phase 2",
             f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens "
@@ -228,6 +221,26 @@ def _plan_rows(
         ("job dir", str(job_dir)),
         *_prediction_rows(cfg),
     ]
+
+
+def _split_note(cfg) -> str:
+    """The plan's word on data.split (Megatron's --split, which cuts a blend file of one blend
+    for every split): the split string, Megatron's default where such a file comes without one,
+    and the run's refusal where the file gives each split its own blend."""
+    split, blend = cfg.data.split, cfg.data.blend
+    single = None
+    if blend and Path(blend).is_file():
+        from nemotron.data.gpt_dataset import DEFAULT_SPLIT, GPTDatasetError, is_single_blend, load_blend
+
+        with contextlib.suppress(GPTDatasetError):  # an unreadable file: the run says what is wrong
+            single = is_single_blend(load_blend(blend))
+        if single and split is None:
+            return f", split {DEFAULT_SPLIT!r} (Megatron's default; data.split sets it)"
+    if split is None:
+        return ""
+    if single is False:
+        return f", split {split!r} (refused: the blend gives each split its own; leave data.split unset)"
+    return f", split {split!r}"
 
 
 def check_layout(cfg, world: int, where: str) -> None:

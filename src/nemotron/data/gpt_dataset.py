@@ -158,7 +158,8 @@ def parse_split(split: str) -> list[float]:
 
     Megatron's reading (`parse_and_normalize_split`): up to three numbers, missing ones 0,
     divided by their float64 sum. Where Megatron would read something else than the numbers
-    written (a minus sign it drops, letters it skips) or divide by zero, an error instead.
+    written (a minus sign it drops, letters it skips, an empty field it closes up: "98,,2"
+    would give valid 2) or divide by zero, an error instead.
     """
     if not isinstance(split, str):
         raise GPTDatasetError(f"split {split!r} must be a string such as '99,1,0'")
@@ -170,6 +171,15 @@ def parse_split(split: str) -> list[float]:
         )
     if len(numbers) > len(SPLITS):
         raise GPTDatasetError(f"split {split!r} has {len(numbers)} numbers: at most 3 (train, valid, test)")
+    fields = split.split(",")
+    while fields and not fields[-1].strip():
+        fields.pop()  # a trailing comma shifts nothing
+    if any(not f.strip() for f in fields):
+        # Megatron reads the numbers only: "98,,2" would give valid the 2 meant for test.
+        raise GPTDatasetError(
+            f"split {split!r} has an empty field: Megatron would move the numbers after it to "
+            "the splits before; write every share up to the last, e.g. '98,0,2'"
+        )
     try:
         values = [float(n) for n in numbers]
     except ValueError:
@@ -557,8 +567,8 @@ def build_split_dataset(
     elif split_string is not None:
         raise GPTDatasetError(
             f"blend file {blend_json_path} gives each split its own blend: a split string "
-            f"({split_string!r}) applies to one blend for every split (Megatron's --data-path "
-            "with --split); leave it unset"
+            f"(data.split {split_string!r}) applies to one blend for every split (Megatron's "
+            "--data-path with --split); leave data.split unset"
         )
     if len(prefixes) == 1 and (weights is None or ranges[0] is None):
         # One prefix: the dataset itself; Megatron blends one weighted prefix of one blend cut
