@@ -195,3 +195,28 @@ def test_resume_with_another_data_seed_says_the_order_changed(tmp_path, corpus):
     assert summary.steps == 4
     (warning,) = [w for w in summary.warnings if w.startswith("data settings differ")]
     assert "iter_0000003" in warning and "train.seed 1234 -> 99" in warning and "at sample 12 " in warning
+
+
+def test_resume_warns_of_a_changed_split_string_but_not_of_the_same_cut(tmp_path, corpus):
+    """data.split decides which documents of a blend of one for every split each split reads:
+    a resume under another cut warns as another seed does; "98,2" and "98,2,0" cut alike (the
+    same split bounds), so no warning there."""
+    train_prefixes = json.loads(corpus[0].read_text())["train"]
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(train_prefixes))  # Megatron's --data-path form
+    first = make_config(tmp_path / "first", blend=single, train={"train_iters": 4})
+    first.data = dataclasses.replace(first.data, split="98,2")
+    pretrain(first, tmp_path / "first" / "job")
+    for split, warned in (("98,2,0", False), ("90,10", True)):
+        resumed = make_config(
+            tmp_path / split,
+            blend=single,
+            train={"train_iters": 4},
+            checkpoint={"load": str(tmp_path / "first" / "ckpt" / "iter_0000003")},
+        )
+        resumed.data = dataclasses.replace(resumed.data, split=split)
+        summary = pretrain(resumed, tmp_path / split / "job")
+        warnings = [w for w in summary.warnings if w.startswith("data settings differ")]
+        assert len(warnings) == warned, (split, warnings)
+        if warned:
+            assert "data.split '98,2' -> '90,10'" in warnings[0]

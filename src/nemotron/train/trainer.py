@@ -218,6 +218,19 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     )
 
 
+def _same_split(before: Any, now: Any) -> bool:
+    """Whether two data.split values cut every blend alike (null reads as Megatron's default):
+    their split bounds (`split_bounds`, which decide the document ranges) are equal."""
+    from nemotron.data.gpt_dataset import DEFAULT_SPLIT, split_bounds
+
+    try:
+        return split_bounds(DEFAULT_SPLIT if before is None else before) == split_bounds(
+            DEFAULT_SPLIT if now is None else now
+        )
+    except ValueError:  # GPTDatasetError: a value that is no split string is a change
+        return False
+
+
 def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
     """Every parameter and buffer (expert biases included) finite on every rank."""
     checks = []
@@ -489,6 +502,8 @@ class Trainer:
             before = (saved.get(section) or {}).get(key) if isinstance(saved, dict) else None
             now = ours.get(section, {}).get(key)
             if isinstance(saved, dict) and key in (saved.get(section) or {}) and before != now:
+                if (section, key) == ("data", "split") and _same_split(before, now):
+                    continue  # "98,2" and "98,2,0", or null and Megatron's default: one cut
                 changes.append(f"{section}.{key} {before!r} -> {now!r}")
         if changes:
             self.warn(
