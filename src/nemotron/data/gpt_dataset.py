@@ -326,7 +326,7 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             # the blend (an assert): a prefix too small for the split string's shares.
             raise GPTDatasetError(
                 f"{source} holds no document: give the prefix more documents or the split a "
-                "larger share, or use a per-split blend"
+                "larger share (data.split), or use a per-split blend"
             )
         tokens_per_epoch = int(sequence_lengths[first:stop].sum())
         # A dataset shorter than one sample is read over several epochs, as Megatron does (a
