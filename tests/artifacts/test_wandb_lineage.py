@@ -83,10 +83,32 @@ def test_data_artifact_references_every_shard_and_the_blend(tmp_path):
     assert wandb_lineage.data_blends_artifact(blend).digest != artifact.digest
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        # One blend for every split (Megatron's --data-path, cut by data.split), as a list and
+        # as one string; and a per-split file of prefixes without weights, whose even length
+        # once read as weight, prefix pairs (only every second shard referenced).
+        ["0.6", "train/data_00000", "0.4", "train/data_00001", "1", "valid/data_00000"],
+        "train/data_00000 train/data_00001 valid/data_00000",
+        {"train": ["train/data_00000", "train/data_00001"], "valid": ["valid/data_00000"], "test": []},
+    ],
+)
+def test_data_artifact_references_the_shards_of_every_blend_form(tmp_path, form):
+    blend = write_output(tmp_path / "out")
+    blend.write_text(json.dumps(form))
+    found = entries(wandb_lineage.data_blends_artifact(blend))
+    assert {p for p, (ref, _) in found.items() if ref} == {
+        f"{s}/data_0000{k}.{x}" for s, k in (("train", 0), ("train", 1), ("valid", 0)) for x in ("bin", "idx")
+    } | {"blend.json"}
+
+
 def test_data_artifact_errors_name_the_file(tmp_path):
     blend = write_output(tmp_path / "out")
     (tmp_path / "out" / "valid" / "data_00000.idx").unlink()
-    with pytest.raises(ArtifactError, match=r"blend.json names .*valid/data_00000.*\.idx does not"):
+    with pytest.raises(
+        ArtifactError, match=r"blend.json: valid\[1\] names .*valid/data_00000.*\.idx does not"
+    ):
         wandb_lineage.data_blends_artifact(blend)
     (tmp_path / "out" / "metadata.json").unlink()
     with pytest.raises(ArtifactError, match=r"data-prep metadata .*metadata.json does not exist"):

@@ -99,20 +99,28 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _blend_prefixes(blend_path: Path, blend: Any) -> list[Path]:
-    """Every prefix a per-split blend names, in split then entry order, resolved as training
-    resolves them (beside the blend file first)."""
-    if not isinstance(blend, dict):
-        raise ArtifactError(f"blend file {blend_path} is not a JSON object of splits")
+    """Every prefix a blend file names, as training reads and resolves them (`read_blend`, the
+    one reader: weighted or not, a list or one string, beside the blend file first): a per-split
+    file's in split then entry order, a file of one blend for every split (Megatron's
+    `--data-path`, cut by data.split) its entries."""
+    from nemotron.data.gpt_dataset import SPLITS, GPTDatasetError, is_single_blend, read_blend
+
+    if is_single_blend(blend):
+        splits: list[str] = ["train"]  # read_blend gives the one blend for every split
+    elif isinstance(blend, dict):
+        splits = [s for s in SPLITS if blend.get(s) not in (None, [], "")]  # `"valid": []`: none
+    else:
+        raise ArtifactError(f"blend file {blend_path} is neither an object of splits nor one blend")
     prefixes: list[Path] = []
-    for split, entries in blend.items():
-        if not isinstance(entries, list) or len(entries) % 2:
-            raise ArtifactError(f"blend file {blend_path}: {split!r} is not a weight, prefix list")
-        for raw in entries[1::2]:
-            prefix = Path(str(raw))
-            if not prefix.is_absolute() and Path(str(blend_path.parent / prefix) + ".idx").exists():
-                prefix = blend_path.parent / prefix
-            if prefix.absolute() not in prefixes:
-                prefixes.append(prefix.absolute())
+    for split in splits:
+        try:
+            _, names = read_blend(blend_path, split)
+        except GPTDatasetError as e:
+            raise ArtifactError(str(e)) from None
+        for name in names:
+            prefix = Path(name).absolute()
+            if prefix not in prefixes:
+                prefixes.append(prefix)
     return prefixes
 
 
