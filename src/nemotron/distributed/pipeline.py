@@ -112,6 +112,25 @@ class _StepLoss:
         return lm_loss * self.weights[index] + aux_loss * self.aux_weight
 
 
+class _Stage(PipelineStage):
+    """A `PipelineStage` whose same-rank hand-over of input gradients is empty without a
+    backward. torch's multi-stage runtime runs a schedule's backward actions in `eval()` too
+    (each a no-op on the stage), but after the backward of a stage whose predecessor is on the
+    same rank (ZBVZeroBubble's V: stages PP-1 and PP on rank PP-1) it hands the input gradient
+    over locally, and the stock stage raises there without a backward ("can't steal_bwd_input"):
+    every evaluation through ZBV failed. With a backward these are the stock methods."""
+
+    def get_local_bwd_output(self, mb_index):
+        if not self.has_backward:
+            return ()  # no input gradient: nothing to hand over
+        return super().get_local_bwd_output(mb_index)
+
+    def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index: int) -> None:
+        if not self.has_backward:
+            return
+        super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
+
+
 class Pipeline:
     """This rank's stages and the schedules that run them (one per micro-batch shape, made on
     first use: a `PipelineStage` fixes the shapes it exchanges)."""
@@ -175,7 +194,7 @@ class Pipeline:
             for part, stage_id in zip(self.parts, self.stage_ids):
                 inputs, outputs = self._stage_args(stage_id, batch, seq)
                 stages.append(
-                    PipelineStage(
+                    _Stage(
                         part,
                         stage_id,
                         self.num_stages,
