@@ -89,3 +89,40 @@ def test_impossible_layouts_name_the_key(kw, message):
     parallel = ParallelismConfig(**{"pipeline_model_parallel_size": 2, **kw})
     with pytest.raises(PipelineSplitError, match=message):
         split_stages(cfg, parallel, [(64, 1.0)])
+
+
+def test_tied_embeddings_across_stages_are_one_config_error():
+    """Tied embeddings under PP passed validation and the run's start, then every rank died
+    building its part (a ValueError from the model, a traceback per rank). Now the recipe's
+    validation names both keys; one stage (PP 1) keeps them tied."""
+    import dataclasses
+
+    from models.tiny import tiny_config
+
+    from nemotron.config.schema import ConfigError, validate_pretrain
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+
+    from .pipeline_harness import make_config
+
+    tied = dict(tie_word_embeddings=True)
+    message = r"model\.tie_word_embeddings=true cannot be split over 2 pipeline stages"
+    with pytest.raises(ConfigError, match=message):
+        validate_pretrain(make_config(dict(pipeline_model_parallel_size=2), tied))
+    with pytest.raises(ConfigError, match="over 4 pipeline stages"):
+        validate_pretrain(
+            make_config(dict(pipeline_model_parallel_size=2, pipeline_schedule="ZBVZeroBubble"), tied)
+        )
+    arch = tiny_config(**tied)
+    with pytest.raises(ParallelLayoutError, match=message):
+        ParallelDims.from_config(ParallelismConfig(pipeline_model_parallel_size=2), 2, arch)
+    one = split_stages(arch, ParallelismConfig(), [(64, 1.0)])
+    assert one.blocks == (range(0, 6),)
+    validate_pretrain(make_config({}, tied))
+    assert (
+        split_stages(
+            dataclasses.replace(arch, tie_word_embeddings=False),
+            ParallelismConfig(pipeline_model_parallel_size=2),
+            [(64, 1.0)],
+        ).num_stages
+        == 2
+    )

@@ -200,6 +200,15 @@ def _split_stages(
     head = flops.lm_head_forward_flops(config)
     n = config.num_layers
     manual = parallel.pipeline_blocks_per_stage
+    if stages > 1 and config.tie_word_embeddings:
+        # the embedding is the first stage's and the LM head the last's: one weight cannot be
+        # both (the model refuses such a part, `model.check_blocks`; said here, before a run)
+        raise PipelineSplitError(
+            f"model.tie_word_embeddings=true cannot be split over {stages} pipeline stages "
+            f"(model.pipeline_model_parallel_size={pp} x {virtual} per rank): the embeddings "
+            "live on the first stage and the LM head on the last; set "
+            "model.tie_word_embeddings=false or model.pipeline_model_parallel_size=1"
+        )
     if manual is not None:
         sizes = list(manual)
         if len(sizes) != stages or any(not isinstance(s, int) or s < 1 for s in sizes) or sum(sizes) != n:
