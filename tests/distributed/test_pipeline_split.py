@@ -7,6 +7,7 @@ import pytest
 
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.pipeline_split import PipelineSplitError, block_costs, split_stages, stage_ranks
+from nemotron.distributed.pipeline_split import stages_per_rank as stages_per_rank_of
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops
 
@@ -126,3 +127,50 @@ def test_tied_embeddings_across_stages_are_one_config_error():
         ).num_stages
         == 2
     )
+
+
+def test_recipe_with_a_manual_split_validates():
+    """The recipe's `model` section (architecture and parallel keys, the manual split a list)
+    is what validation hands the split: it raised `TypeError: unhashable type: 'list'` for
+    every `model.pipeline_blocks_per_stage`, valid or not."""
+    from nemotron.config.schema import validate_pretrain
+
+    from .pipeline_harness import make_config
+
+    cfg = make_config(dict(pipeline_model_parallel_size=2, pipeline_blocks_per_stage=[1, 5]))
+    validate_pretrain(cfg)
+    split = split_stages(cfg.model, cfg.model.parallel(), [(64, 1.0)])
+    assert [(b.start, b.stop) for b in split.blocks] == [(0, 1), (1, 6)] and split.manual
+    # the same split as the plain architecture's (one memo entry per architecture and layout)
+    assert split == split_stages(cfg.model.arch(), cfg.model.parallel(), [(64, 1.0)])
+
+
+@pytest.mark.parametrize(
+    "kw,shown",
+    [
+        (dict(pipeline_blocks_per_stage=[True, 5]), "[True, 5]"),
+        (dict(pipeline_blocks_per_stage=[3.0, 3]), "[3.0, 3]"),
+        (dict(pipeline_blocks_per_stage="3,3"), "'3,3'"),
+        (dict(pipeline_blocks_per_stage=6), "got 6"),
+        (dict(pipeline_blocks_per_stage=[[3], [3]]), "[[3], [3]]"),
+    ],
+)
+def test_manual_split_of_another_type_is_one_config_error(kw, shown):
+    from nemotron.config.schema import ConfigError, validate_pretrain
+
+    from .pipeline_harness import make_config
+
+    cfg = make_config(dict(pipeline_model_parallel_size=2, **kw))
+    with pytest.raises(
+        ConfigError, match="model.pipeline_blocks_per_stage must be a list of block counts"
+    ) as err:
+        validate_pretrain(cfg)
+    assert shown in str(err.value)
+
+
+def test_virtual_stages_of_true_are_refused():
+    # a YAML `true` is an int to Python: it was taken as one stage per rank
+    with pytest.raises(PipelineSplitError, match="virtual_pipeline_model_parallel_size must be an integer"):
+        stages_per_rank_of(
+            ParallelismConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=True)
+        )
