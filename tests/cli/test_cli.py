@@ -75,6 +75,22 @@ def test_pretrain_dry_run_prints_config_and_plan_and_writes_nothing(cli, tmp_pat
     assert all_files(cli.work) == [] and not (tmp_path / "cache").exists()
 
 
+def test_dry_run_with_a_manual_pipeline_split_prints_it(cli):
+    # the recipe's `model` section carries the split as a list: validation's memoised split
+    # once hashed it ("error: TypeError: unhashable type: 'list'")
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "long_context",
+        "--dry-run",
+        "model.pipeline_blocks_per_stage=[10,14,14,14]",
+    )
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "stage 0 (PP rank 0): blocks 0-9 " in out and "stage 3 (PP rank 3): blocks 38-51 " in out
+
+
 def test_long_context_dry_run_shows_the_spec_layout(cli):
     result = cli("nano3", "pretrain", "-c", "long_context", "--dry-run")
     assert result.exit_code == 0, result.output

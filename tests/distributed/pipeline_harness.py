@@ -16,7 +16,7 @@ from nemotron.train.balancing import update_expert_biases
 from nemotron.train.config import TrainConfig
 from nemotron.train.data import collate
 from nemotron.train.fp8 import Fp8Config, apply_fp8
-from nemotron.train.loop import Parallel, build_model, train_step
+from nemotron.train.loop import Parallel, build_model, evaluate, train_step
 
 SEED, LR, BIAS_RATE = 5, 0.05, 0.01
 
@@ -141,12 +141,36 @@ def compare_pipeline_with_single_process(
         assert summary is not None and summary.describe() == ref_summary.describe(), summary
         assert (summary.experts, summary.lm_head) == (ref_summary.experts, ref_summary.lm_head)
     opt = RecordingSGD(model, LR)
-    losses = []
-    for step in range(steps):
-        samples = global_batch(step, cfg.train.global_batch_size, seq, arch.vocab_size, short)
+
+    def batch(step: int, size: int) -> list[dict[str, torch.Tensor]]:
+        samples = global_batch(step, size, seq, arch.vocab_size, short)
         if pairs:
             rows = [{k: v[0] for k, v in b.items()} for b in samples]
             samples = [collate(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+        return samples
+
+    losses = []
+    for step in range(steps):
+        where = f"step {step}"
+        step_tol = tol if step == 0 else drift_tol
+        # evaluation through the pipeline (forward-only schedules) on held-out batches of 3
+        # and 1 micro-batch(es) per DP rank (not a multiple of the stages; fewer than them):
+        # the single process's loss, with the routers' counters left as they were
+        dp = parallel.dp_size
+        held_out = batch(100 + step, (3 if step % 2 == 0 else 1) * dp * (2 if pairs else 1))
+        counters = [m.router.tokens_per_expert.clone() for m in model.moe_layers()]
+        want = evaluate(reference, held_out, device=torch.device("cpu"), precision=precision)
+        got = evaluate(
+            model,
+            rank_micro_batches(held_out, parallel),
+            device=torch.device("cpu"),
+            precision=precision,
+            parallel=parallel,
+        )
+        torch.testing.assert_close(got, want, **step_tol, msg=f"{where}: evaluation {got} vs {want}")
+        for layer, before in zip(model.moe_layers(), counters):
+            assert torch.equal(layer.router.tokens_per_expert, before), f"{where}: evaluation counted tokens"
+        samples = batch(step, cfg.train.global_batch_size)
         ref = train_step(
             reference,
             ref_opt,
@@ -169,8 +193,6 @@ def compare_pipeline_with_single_process(
             reuse_fp8_weights=reuse,
         )
         update_expert_biases(model.moe_layers(), BIAS_RATE, parallel.balancing_group)
-        where = f"step {step}"
-        step_tol = tol if step == 0 else drift_tol
         torch.testing.assert_close(ours.lm_loss, ref.lm_loss, **step_tol, msg=where)
         torch.testing.assert_close(ours.loss, ref.loss, **step_tol, msg=where)
         assert ours.loss != ours.lm_loss  # the balance term is in the loss

@@ -64,6 +64,26 @@ LAYOUTS_4 = {
         dict(PP2, expert_model_parallel_size=2, pipeline_schedule="InterleavedZeroBubble"),
         8,
     ),
+    # mixed lengths that differ between the DP ranks (rank 0: 8, 8 tokens; rank 1: 4, 8): the
+    # runs are cut where either rank's length changes (1 + 1 micro-batches on both), so their
+    # FSDP reductions and EP all-to-alls meet (runs by each rank's own lengths hung)
+    "pp2-dp2-1f1b-mixed-lengths-differ-by-rank": (
+        dict(PP2, pipeline_schedule="1F1B"),
+        8,
+        dict(short=4, global_batch_size=4),
+    ),
+    "pp2-dp2-ep2-interleaved-1f1b-mixed-lengths-differ-by-rank": (
+        dict(PP2, expert_model_parallel_size=2, pipeline_schedule="Interleaved1F1B"),
+        8,
+        dict(short=4, global_batch_size=4),
+    ),
+    # PP4 with two stages per rank in a V (8 stages of one block each: 8-block pattern), 3
+    # micro-batches (fewer than the ranks), clipping active: the norm over all 4 ranks' stages
+    "pp4-zbv-zero-bubble-3-micro-batches-clipped": (
+        dict(pipeline_model_parallel_size=4, pipeline_schedule="ZBVZeroBubble"),
+        8,
+        dict(model_kw=dict(hybrid_pattern="ME*EM-ME", num_layers=8), global_batch_size=3, grad_clip=0.1),
+    ),
     # CP2: 16 tokens = 4 chunks of 4 (a chunk must hold the conv1d's 3-token context)
     "pp2-cp2-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="1F1B"), 16),
     "pp2-cp2-interleaved-1f1b": (dict(PP2, context_parallel_size=2, pipeline_schedule="Interleaved1F1B"), 16),

@@ -7,6 +7,7 @@ import pytest
 
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.pipeline_split import PipelineSplitError, block_costs, split_stages, stage_ranks
+from nemotron.distributed.pipeline_split import stages_per_rank as stages_per_rank_of
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops
 
@@ -89,3 +90,87 @@ def test_impossible_layouts_name_the_key(kw, message):
     parallel = ParallelismConfig(**{"pipeline_model_parallel_size": 2, **kw})
     with pytest.raises(PipelineSplitError, match=message):
         split_stages(cfg, parallel, [(64, 1.0)])
+
+
+def test_tied_embeddings_across_stages_are_one_config_error():
+    """Tied embeddings under PP passed validation and the run's start, then every rank died
+    building its part (a ValueError from the model, a traceback per rank). Now the recipe's
+    validation names both keys; one stage (PP 1) keeps them tied."""
+    import dataclasses
+
+    from models.tiny import tiny_config
+
+    from nemotron.config.schema import ConfigError, validate_pretrain
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
+
+    from .pipeline_harness import make_config
+
+    tied = dict(tie_word_embeddings=True)
+    message = r"model\.tie_word_embeddings=true cannot be split over 2 pipeline stages"
+    with pytest.raises(ConfigError, match=message):
+        validate_pretrain(make_config(dict(pipeline_model_parallel_size=2), tied))
+    with pytest.raises(ConfigError, match="over 4 pipeline stages"):
+        validate_pretrain(
+            make_config(dict(pipeline_model_parallel_size=2, pipeline_schedule="ZBVZeroBubble"), tied)
+        )
+    arch = tiny_config(**tied)
+    with pytest.raises(ParallelLayoutError, match=message):
+        ParallelDims.from_config(ParallelismConfig(pipeline_model_parallel_size=2), 2, arch)
+    one = split_stages(arch, ParallelismConfig(), [(64, 1.0)])
+    assert one.blocks == (range(0, 6),)
+    validate_pretrain(make_config({}, tied))
+    assert (
+        split_stages(
+            dataclasses.replace(arch, tie_word_embeddings=False),
+            ParallelismConfig(pipeline_model_parallel_size=2),
+            [(64, 1.0)],
+        ).num_stages
+        == 2
+    )
+
+
+def test_recipe_with_a_manual_split_validates():
+    """The recipe's `model` section (architecture and parallel keys, the manual split a list)
+    is what validation hands the split: it raised `TypeError: unhashable type: 'list'` for
+    every `model.pipeline_blocks_per_stage`, valid or not."""
+    from nemotron.config.schema import validate_pretrain
+
+    from .pipeline_harness import make_config
+
+    cfg = make_config(dict(pipeline_model_parallel_size=2, pipeline_blocks_per_stage=[1, 5]))
+    validate_pretrain(cfg)
+    split = split_stages(cfg.model, cfg.model.parallel(), [(64, 1.0)])
+    assert [(b.start, b.stop) for b in split.blocks] == [(0, 1), (1, 6)] and split.manual
+    # the same split as the plain architecture's (one memo entry per architecture and layout)
+    assert split == split_stages(cfg.model.arch(), cfg.model.parallel(), [(64, 1.0)])
+
+
+@pytest.mark.parametrize(
+    "kw,shown",
+    [
+        (dict(pipeline_blocks_per_stage=[True, 5]), "[True, 5]"),
+        (dict(pipeline_blocks_per_stage=[3.0, 3]), "[3.0, 3]"),
+        (dict(pipeline_blocks_per_stage="3,3"), "'3,3'"),
+        (dict(pipeline_blocks_per_stage=6), "got 6"),
+        (dict(pipeline_blocks_per_stage=[[3], [3]]), "[[3], [3]]"),
+    ],
+)
+def test_manual_split_of_another_type_is_one_config_error(kw, shown):
+    from nemotron.config.schema import ConfigError, validate_pretrain
+
+    from .pipeline_harness import make_config
+
+    cfg = make_config(dict(pipeline_model_parallel_size=2, **kw))
+    with pytest.raises(
+        ConfigError, match="model.pipeline_blocks_per_stage must be a list of block counts"
+    ) as err:
+        validate_pretrain(cfg)
+    assert shown in str(err.value)
+
+
+def test_virtual_stages_of_true_are_refused():
+    # a YAML `true` is an int to Python: it was taken as one stage per rank
+    with pytest.raises(PipelineSplitError, match="virtual_pipeline_model_parallel_size must be an integer"):
+        stages_per_rank_of(
+            ParallelismConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=True)
+        )

@@ -29,8 +29,9 @@ What crosses stages, and how it stays exact:
 Data: every stage reads the same micro-batches (their shapes set what the stages exchange);
 only the first stage moves token ids to the device, only the last stage labels and the loss
 mask. Micro-batches of different lengths (the long-context mix) are run as one schedule step
-per length, in the order of their first micro-batch (two for a count an interleaved schedule
-refuses: `Pipeline._accepted_counts`); gradients accumulate across them.
+per length, in the order of their first micro-batch, cut where another DP rank's lengths change
+(every rank runs the same counts: `Pipeline._common_starts`), and a count an interleaved
+schedule refuses as two (`Pipeline._accepted_counts`); gradients accumulate across them.
 
 `LocalStages` gathers this rank's parts under the whole model's parameter names: the
 optimizer, checkpoints (DCP reshards across pipeline sizes, since names and global shapes do
@@ -112,6 +113,25 @@ class _StepLoss:
         return lm_loss * self.weights[index] + aux_loss * self.aux_weight
 
 
+class _Stage(PipelineStage):
+    """A `PipelineStage` whose same-rank hand-over of input gradients is empty without a
+    backward. torch's multi-stage runtime runs a schedule's backward actions in `eval()` too
+    (each a no-op on the stage), but after the backward of a stage whose predecessor is on the
+    same rank (ZBVZeroBubble's V: stages PP-1 and PP on rank PP-1) it hands the input gradient
+    over locally, and the stock stage raises there without a backward ("can't steal_bwd_input"):
+    every evaluation through ZBV failed. With a backward these are the stock methods."""
+
+    def get_local_bwd_output(self, mb_index):
+        if not self.has_backward:
+            return ()  # no input gradient: nothing to hand over
+        return super().get_local_bwd_output(mb_index)
+
+    def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index: int) -> None:
+        if not self.has_backward:
+            return
+        super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
+
+
 class Pipeline:
     """This rank's stages and the schedules that run them (one per micro-batch shape, made on
     first use: a `PipelineStage` fixes the shapes it exchanges)."""
@@ -175,7 +195,7 @@ class Pipeline:
             for part, stage_id in zip(self.parts, self.stage_ids):
                 inputs, outputs = self._stage_args(stage_id, batch, seq)
                 stages.append(
-                    PipelineStage(
+                    _Stage(
                         part,
                         stage_id,
                         self.num_stages,
@@ -204,18 +224,59 @@ class Pipeline:
     # -- running ------------------------------------------------------------------------------
 
     def _groups(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
-        """Micro-batch indices grouped by shape, in order of first appearance; a group of a
-        count the schedule refuses is run as two that it accepts (`_accepted_counts`)."""
+        """The step's schedule runs: micro-batch indices grouped by shape, in order of first
+        appearance, each group cut where any rank of the loss group (DP x CP) starts a group
+        (`_common_starts`); a run of a count the schedule refuses is run as two that it
+        accepts (`_accepted_counts`)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, b in enumerate(micro_batches):
             groups.setdefault(tuple(b["tokens"].shape), []).append(i)
-        out = []
+        order = [i for group in groups.values() for i in group]
+        starts = [False] * len(order)
+        position = 0
         for group in groups.values():
-            start = 0
-            for count in self._accepted_counts(len(group)):
-                out.append(group[start : start + count])
-                start += count
+            starts[position] = True
+            position += len(group)
+        starts = self._common_starts(starts)
+        out = []
+        bounds = [p for p, start in enumerate(starts) if start] + [len(order)]
+        for first, stop in zip(bounds, bounds[1:]):
+            for count in self._accepted_counts(stop - first):
+                out.append(order[first : first + count])
+                first += count
         return out
+
+    def _common_starts(self, starts: list[bool]) -> list[bool]:
+        """Where a schedule run starts, agreed over the loss group (DP x CP): a run starts
+        where any of its ranks starts a group of another shape. The stages of different DP
+        ranks meet in collectives once per run (FSDP's gradient reduce-scatter after a run's
+        last backward) or per micro-batch in the schedule's order (EP's all-to-all): with
+        mixed lengths the ranks' micro-batches differ in shape (the loader evens out the mix
+        of a step's lengths over the ranks only to within 2 per blend), and runs grouped by
+        each rank's own shapes differ in number and size, which left the ranks waiting on
+        each other forever. Cut at every rank's group starts, every run holds one shape on
+        every rank, and all ranks run the same counts in the same order."""
+        if self.mesh.loss_group_size == 1:
+            return starts
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.mesh.world.device_type == "cuda"
+            else torch.device("cpu")
+        )
+        group = self.mesh.loss_group
+        # one all-reduce (max) of [count, -count, starts...]: the same length on every rank
+        # only if the counts agree, so those are compared first
+        count = torch.tensor([len(starts), -len(starts)], dtype=torch.int64, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+        if int(count[0]) != -int(count[1]):
+            raise RuntimeError(
+                f"the data-parallel ranks of a pipeline stage hold {-int(count[1])} to "
+                f"{int(count[0])} micro-batches this step (this rank {len(starts)}): their "
+                "schedules would not meet"
+            )
+        flags = torch.tensor(starts, dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        return [bool(f) for f in flags.cpu().tolist()]
 
     def _accepted_counts(self, count: int) -> list[int]:
         """`count` micro-batches as schedule runs the configured schedule accepts. torch's

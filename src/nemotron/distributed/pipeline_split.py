@@ -50,7 +50,7 @@ def stages_per_rank(parallel: ParallelismConfig) -> int:
     virtual = parallel.virtual_pipeline_model_parallel_size
     if virtual is None:
         return default
-    if not isinstance(virtual, int) or virtual < 1:
+    if isinstance(virtual, bool) or not isinstance(virtual, int) or virtual < 1:
         raise PipelineSplitError(
             f"model.virtual_pipeline_model_parallel_size must be an integer >= 1, got {virtual!r}"
         )
@@ -172,8 +172,17 @@ def split_stages(
     arguments, which the layout validation and the performance model (thousands of candidate
     layouts per `nemotron nano3 plan`) ask again and again."""
     manual = parallel.pipeline_blocks_per_stage
+    if manual is not None and (
+        not isinstance(manual, (list, tuple))
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in manual)
+    ):
+        raise PipelineSplitError(
+            f"model.pipeline_blocks_per_stage must be a list of block counts (integers), got {manual!r}"
+        )
     key = (
-        dataclasses.astuple(config),
+        # the architecture's fields only: `config` may be the recipe's `model` section, whose
+        # parallel fields (a list among them) are not hashable and are keyed below
+        tuple(getattr(config, f.name) for f in dataclasses.fields(Nano3Config)),
         parallel.pipeline_model_parallel_size,
         parallel.pipeline_schedule,
         parallel.virtual_pipeline_model_parallel_size,
@@ -200,6 +209,15 @@ def _split_stages(
     head = flops.lm_head_forward_flops(config)
     n = config.num_layers
     manual = parallel.pipeline_blocks_per_stage
+    if stages > 1 and config.tie_word_embeddings:
+        # the embedding is the first stage's and the LM head the last's: one weight cannot be
+        # both (the model refuses such a part, `model.check_blocks`; said here, before a run)
+        raise PipelineSplitError(
+            f"model.tie_word_embeddings=true cannot be split over {stages} pipeline stages "
+            f"(model.pipeline_model_parallel_size={pp} x {virtual} per rank): the embeddings "
+            "live on the first stage and the LM head on the last; set "
+            "model.tie_word_embeddings=false or model.pipeline_model_parallel_size=1"
+        )
     if manual is not None:
         sizes = list(manual)
         if len(sizes) != stages or any(not isinstance(s, int) or s < 1 for s in sizes) or sum(sizes) != n:
