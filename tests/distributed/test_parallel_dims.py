@@ -127,3 +127,15 @@ def test_local_sequence_check(local, tp, cp, message):
     else:
         with pytest.raises(ParallelLayoutError, match=message):
             check_local_sequence(local, tp, cp)
+
+
+def test_tied_embeddings_with_tensor_parallel_are_a_layout_error():
+    """Tied embeddings cannot be sharded by TP (the embedding by vocabulary, the LM head by its
+    rows): refused where the layout is known, naming both keys, instead of a NotImplementedError
+    on every rank when it builds its part; one process (TP 1) trains them."""
+    tied = Nano3Config(tie_word_embeddings=True)
+    with pytest.raises(
+        ParallelLayoutError, match=r"model.tie_word_embeddings=true .*tensor_model_parallel_size=2"
+    ):
+        ParallelDims.from_config(cfg(tensor_model_parallel_size=2, sequence_parallel=True), 2, tied)
+    assert ParallelDims.from_config(cfg(), 2, tied).dp == 2

@@ -190,6 +190,14 @@ class ParallelDims:
         if "mamba" in kinds:
             checks.append(("mamba_num_heads", cfg.mamba_num_heads, "tensor_model_parallel_size", self.tp))
             checks.append(("mamba_num_groups", cfg.mamba_num_groups, "tensor_model_parallel_size", self.tp))
+        if self.tp > 1 and cfg.tie_word_embeddings:
+            # the embedding is sharded over the vocabulary and the LM head over its rows by
+            # different plans: one tensor cannot be both (checked here, where the layout is
+            # known, not when a rank builds its part)
+            raise ParallelLayoutError(
+                f"model.tie_word_embeddings=true cannot be sharded over model.tensor_model_parallel_size="
+                f"{self.tp}: set model.tie_word_embeddings=false or model.tensor_model_parallel_size=1"
+            )
         if self.tp > 1:
             checks.append(("vocab_size", cfg.vocab_size, "tensor_model_parallel_size", self.tp))
             if "moe" in kinds and cfg.moe_shared_expert_hidden_size:
