@@ -19,6 +19,8 @@ from nemotron.data.blended import BlendedDataset
 from nemotron.data.gpt_dataset import GPTDataset, GPTDatasetError, build_split_dataset
 from nemotron.data.indexed import IndexedDatasetWriter
 
+from .megatron_fixtures import write_fixture_prefixes
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_order"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
 CASES = {case["name"]: case for case in MANIFEST["cases"]}
@@ -28,13 +30,7 @@ CASES = {case["name"]: case for case in MANIFEST["cases"]}
 def prefixes(tmp_path_factory) -> Path:
     """The fixture documents written with this project's writer."""
     root = tmp_path_factory.mktemp("megatron_order")
-    documents = np.load(FIXTURES / "documents.npz")
-    for name in ("a", "b", "c", "d", "e"):
-        lengths, tokens = documents[f"{name}_lengths"], documents[f"{name}_tokens"]
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        with IndexedDatasetWriter(root / name, np.uint16) as writer:
-            for begin, end in zip(bounds[:-1], bounds[1:]):
-                writer.add_document(tokens[begin:end])
+    write_fixture_prefixes(FIXTURES / "documents.npz", root, ("a", "b", "c", "d", "e"))
     with IndexedDatasetWriter(root / "z", np.uint16):
         pass  # no documents
     with IndexedDatasetWriter(root / "zt", np.uint16) as writer:

@@ -25,6 +25,8 @@ from nemotron.data.gpt_dataset import (
 )
 from nemotron.data.indexed import IndexedDatasetWriter
 
+from .megatron_fixtures import write_fixture_prefixes
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_split"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
 CASES = {case["name"]: case for case in MANIFEST["cases"]}
@@ -35,13 +37,7 @@ SPLITS = ("train", "valid", "test")
 def prefixes(tmp_path_factory) -> Path:
     """The fixture documents written with this project's writer."""
     root = tmp_path_factory.mktemp("megatron_split")
-    documents = np.load(FIXTURES / "documents.npz")
-    for name in ("d", "e", "f", "g", "t"):
-        lengths, tokens = documents[f"{name}_lengths"], documents[f"{name}_tokens"]
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        with IndexedDatasetWriter(root / name, np.uint16) as writer:
-            for begin, end in zip(bounds[:-1], bounds[1:]):
-                writer.add_document(tokens[begin:end])
+    write_fixture_prefixes(FIXTURES / "documents.npz", root, ("d", "e", "f", "g", "t"))
     return root
 
 
