@@ -447,6 +447,18 @@ def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch)
     assert all_files(cli.work) == []
 
 
+def test_compile_with_pipeline_stages_is_refused_before_a_job_dir(cli, monkeypatch):
+    """`train.compile` with PP was refused by `pretrain` only once the job dir existed (and a
+    `--run` profile of several processes submitted the job that then failed at its start)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ("nano3", "pretrain", "-c", "long_context_tiny", "-d", "train.compile=true")
+    err = assert_one_line_error(cli(*args), "2 processes")
+    assert "train.compile=true with model.pipeline_model_parallel_size=2" in err
+    assert all_files(cli.work) == []
+    # the same layout without compile passes the check (the dry run prints the plan)
+    assert cli(*args[:-1], "-d").exit_code == 0
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
