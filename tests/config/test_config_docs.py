@@ -7,6 +7,8 @@ A pretraining key counts as documented when any docs/*.md names it in full; the 
 recipe's keys are flat (`force`, `sample`), words too common to find in prose, so they must
 have a row in docs/configuration.md's data-prep table. The defaults of docs/configuration.md's
 tables are read as a command-line override would read them and compared with the dataclasses'.
+The same for env.toml: every profile key has a row in docs/execution.md, which lists the keys
+that only a Slurm profile may set.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from nemotron.config import PretrainConfig
+from nemotron.config import PretrainConfig, env_toml
 from nemotron.config.loader import parse_override
 from nemotron.config.schema import DataPrepJobConfig
 
@@ -145,6 +147,24 @@ def test_documented_defaults_are_the_schemas(table, schema):
         ):
             wrong[key] = (text, schema[key])
     assert not wrong, f"documented default vs the dataclass's: {wrong}"
+
+
+def _execution_section(heading: str) -> str:
+    return (ROOT / "docs" / "execution.md").read_text().split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_env_toml_key_has_a_row_and_every_row_is_a_key():
+    # first column of execution.md's table; a row may name several keys (`host`, `user`, ...)
+    rows = re.findall(r"^\| (`[^|]+`) \|", _execution_section("Sections and keys"), re.M)
+    documented = {k for row in rows for k in re.findall(r"`(\w+)`", row)}
+    assert documented == set(env_toml.PROFILE_KEYS)
+
+
+def test_the_slurm_only_keys_are_listed():
+    text = _execution_section("Sections and keys").split("Slurm-only keys (", 1)[1].split(")", 1)[0]
+    listed = set(re.findall(r"`(\w+)`", text))
+    # "the SSH keys" stands for the tunnel's own keys
+    assert listed | set(env_toml.SSH_KEYS) == set(env_toml.SLURM_ONLY_KEYS)
 
 
 def test_the_defaults_check_can_fail():
