@@ -290,10 +290,13 @@ def test_tiny_long_context_recipe_trains_with_pp2_tp2_and_cp2_under_torchrun(tmp
         torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, corpus):
+def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, corpus, monkeypatch):
     """What PP does not run (`train.compile`) stops at start with one line naming both keys;
-    PP with TP + SP is a layout like any other (tests/distributed/test_pipeline.py)."""
+    PP with TP + SP is a layout like any other (tests/distributed/test_pipeline.py). The launch
+    has the layout's 4 processes (one process ignores the layout: test_build_options.py)."""
     from nemotron.distributed.parallel_dims import ParallelLayoutError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
 
     cfg = make_config(tmp_path, blend=corpus[0])
     cfg = dataclasses.replace(

@@ -850,8 +850,6 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     phase / checkpoint / warning / stop / end events (the CLI draws its progress from them).
 
     Under torchrun the processes join one process group here (unless the caller already did)."""
-    # before any process group or model exists
-    check_pipeline(cfg.model.parallel(), cfg.model.arch(), compile=cfg.train.compile)
     device_type = cfg.train.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -859,6 +857,10 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
         world = dist.get_world_size()
     else:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # before any process group or model exists; one process trains the whole model and
+        # ignores the configured layout (so `train.compile` compiles it, pipeline sizes or not)
+        check_pipeline(cfg.model.parallel(), cfg.model.arch(), compile=cfg.train.compile)
     # Resolved once: bf16 compute weights in one process need a (one-rank) process group.
     weights = resolve_compute_weights(
         cfg.train, torch.device(device_type), world, _one_process_accumulation(cfg)
