@@ -690,7 +690,11 @@ class Trainer:
 
     def _announce_start(self) -> float | None:
         cfg = self.cfg
-        entropy = unigram_entropy(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
+        entropy = (
+            unigram_entropy(cfg.data.blend, split_string=cfg.data.split)
+            if self.rank0 and not cfg.data.mock
+            else None
+        )
         fp8_summary = getattr(self.model, "fp8_summary", None)  # set by apply_fp8_if_enabled
         self.metrics.event(
             "start",
