@@ -11,7 +11,8 @@ import numpy as np
 from nemotron.data.config import DataConfig
 from nemotron.data.indexed import IndexedDatasetWriter
 from nemotron.train.config import TrainConfig
-from nemotron.train.data import TrainingData, evaluation_warnings, plan_batches
+from nemotron.train.data import TrainingData, plan_batches
+from nemotron.train.plan import evaluation_warnings
 
 
 def _prefix(root, name="p", docs=40):

@@ -247,7 +247,7 @@ def _split_note(cfg) -> str:
 def _evaluation_warnings(cfg) -> list[str]:
     """The evaluation the blend leaves out though `train.eval_iters` asks for it (the run says
     the same at its start: `evaluation_warnings`, the one home of the rule)."""
-    from nemotron.train.data import evaluation_warnings
+    from nemotron.train.plan import evaluation_warnings
 
     return evaluation_warnings(cfg.data, cfg.train)
 

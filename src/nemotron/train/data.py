@@ -52,7 +52,14 @@ from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
-from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
+from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
+    BatchPlan,
+    TrainDataError,
+    evaluation_warnings,
+    mean_sample_length,
+    phase2_start_step,
+    plan_batches,
+)
 
 
 class PhaseSwitchError(TrainDataError):
@@ -113,45 +120,6 @@ def blend_has_split(blend_json: str | Path, split: str, split_string: str | None
     `"valid": []` when `valid_fraction` is 0, and a split string may give a split no share
     ("99,1,0"): that split is absent (no evaluation), not a malformed blend."""
     return split_has_share(blend_json, split, split_string)
-
-
-def evaluation_warnings(data: DataConfig, train: TrainConfig) -> list[str]:
-    """What a run with evaluation on (`train.eval_iters` > 0) will not evaluate because its
-    blend has no such split (`blend_has_split`: a split string giving it no share, or a
-    per-split file's empty entry): no valid split, no periodic or final validation; no test
-    split, no test pass. Megatron-LM refuses nothing up front (a split without share builds no
-    dataset; its loader is None); here the run start and the dry run say so, naming the keys:
-    a warning, since `eval_iters` 0 is how a run says it evaluates nothing. Evaluation is
-    always of the phase-1 blend (`eval_dataset`)."""
-    blend = data.blend
-    if data.mock or not train.eval_iters or blend is None or not Path(blend).is_file():
-        return []
-    try:
-        single = is_single_blend(load_blend(blend))
-    except GPTDatasetError:
-        return []  # an unreadable blend: the run's build says what is wrong
-    split = (DEFAULT_SPLIT if data.split is None else data.split) if single else None
-    warnings = []
-    for name, skipped in (
-        (
-            "valid",
-            f"no validation runs, neither every train.eval_interval={train.eval_interval} steps "
-            "nor after the last step",
-        ),
-        ("test", "the test pass after the last step is skipped"),
-    ):
-        if blend_has_split(blend, name, data.split):
-            continue
-        why = (
-            f"data.split {split!r} gives data.blend {blend} no {name} share"
-            if single
-            else f'data.blend {blend} has an empty "{name}" split'
-        )
-        warnings.append(
-            f"{why}: with train.eval_iters={train.eval_iters}, {skipped}. Set "
-            f"train.eval_iters=0 to train without evaluation, or give the {name} split data"
-        )
-    return warnings
 
 
 def _prep_tokenizer(blend_json: str | Path) -> dict | None:
