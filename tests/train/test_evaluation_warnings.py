@@ -65,3 +65,25 @@ def test_the_run_start_says_it(tmp_path):
     assert data.eval_dataset("valid") is None and data.eval_dataset("test") is None
     assert said == evaluation_warnings(data_cfg, train) and len(said) == 2
     data.close()
+
+
+def test_a_run_of_a_one_blend_file_without_valid_share_warns_and_counts_its_train_share(tmp_path):
+    """Through `pretrain`: the warnings reach the summary, and the summary's unigram entropy is
+    that of the documents data.split gives train (the whole files' before)."""
+    from nemotron.train import pretrain
+    from nemotron.train.data import unigram_entropy
+
+    from .conftest import make_config, markov_docs, write_prefix
+
+    rng = np.random.default_rng(0)
+    # The first half of the documents shift by 3, the second by 5: other token statistics.
+    write_prefix(tmp_path / "p", markov_docs(rng, 30, 3) + markov_docs(rng, 30, 5))
+    blend = tmp_path / "one.json"
+    blend.write_text(json.dumps([str(tmp_path / "p")]))
+    cfg = make_config(tmp_path, blend=blend, train={"train_iters": 1}, data={"split": "50,0,50"})
+    summary = pretrain(cfg, tmp_path / "job")
+    assert summary.valid_loss is None and summary.test_loss is not None
+    (said,) = [w for w in summary.warnings if "train.eval_iters=1" in w]
+    assert said.startswith(f"data.split '50,0,50' gives data.blend {blend} no valid share")
+    assert summary.unigram_entropy == unigram_entropy(blend, split_string="50,0,50")
+    assert summary.unigram_entropy != unigram_entropy(blend, split_string="100,0,0")
