@@ -166,3 +166,27 @@ def test_without_the_bar_no_step_lines_either():
     console = Console(record=True, width=80, force_terminal=False, log_path=False)
     _events(TrainProgress(console, show_bar=False))
     assert "LM loss" not in console.export_text()
+
+
+def test_prep_off_a_terminal_writes_whole_lines_at_every_tenth_of_the_units():
+    from nemotron.cli.progress import PrepProgressView
+    from nemotron.data.prep import PrepProgress
+
+    console = Console(record=True, width=80, force_terminal=False, log_path=False)
+    view = PrepProgressView(console)
+    for done in range(0, 21):
+        view(
+            PrepProgress(
+                phase="tokenize",
+                units_done=done,
+                units_total=20,
+                documents=1_000_000 * done,
+                tokens=987_654_321 * done,
+                elapsed_s=1.0,
+            )
+        )
+    view(PrepProgress(phase="done", units_done=20, units_total=20))
+    lines = [line.split("] ", 1)[1] for line in console.export_text().splitlines() if "units" in line]
+    assert len(lines) == 11 and lines[0].startswith("tokenize 0/20 units  0 docs")
+    assert lines[-1] == "tokenize 20/20 units  20,000,000 docs  19,753,086,420 tokens  19,753,086,420 tok/s"
+    assert "…" not in console.export_text()

@@ -103,6 +103,9 @@ class PrepProgressView:
 
     def __init__(self, console: Console, show_bar: bool = True):
         self.console = console
+        # Off a terminal the bar would be drawn once, at the end, in 80 columns (as
+        # TrainProgress's): instead a whole line at every tenth of the units, and the last.
+        self.step_lines = show_bar and not console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.fields[phase]}[/]"),
             BarColumn(),
@@ -110,12 +113,13 @@ class PrepProgressView:
             TimeRemainingColumn(),
             TextColumn("{task.description}"),
             console=console,
-            disable=not show_bar,
+            disable=not show_bar or self.step_lines,
             transient=False,
         )
         self.task: TaskID | None = None
         self._message = ""
         self._tasks: dict[str, int] = {}
+        self._tenth = -1  # the last tenth of the units a line was written for
 
     def __call__(self, report: Any) -> None:
         if report.message and report.message != self._message:
@@ -132,12 +136,18 @@ class PrepProgressView:
             self.progress.start()
             self.task = self.progress.add_task("", total=report.units_total, phase=report.phase)
         if self.task is not None:
+            description = (
+                f"{report.documents:,} docs  {report.tokens:,} tokens  {report.tokens_per_s:,.0f} tok/s"
+            )
+            tenth = 10 * report.units_done // max(report.units_total, 1)
+            if self.step_lines and tenth > self._tenth:
+                self._tenth = tenth
+                say(
+                    self.console,
+                    f"{report.phase} {report.units_done}/{report.units_total} units  {description}",
+                )
             self.progress.update(
-                self.task,
-                completed=report.units_done,
-                phase=report.phase,
-                description=f"{report.documents:,} docs  {report.tokens:,} tokens  "
-                f"{report.tokens_per_s:,.0f} tok/s",
+                self.task, completed=report.units_done, phase=report.phase, description=description
             )
         if report.phase == "done":
             self.stop()
