@@ -190,3 +190,20 @@ def test_prep_off_a_terminal_writes_whole_lines_at_every_tenth_of_the_units():
     assert len(lines) == 11 and lines[0].startswith("tokenize 0/20 units  0 docs")
     assert lines[-1] == "tokenize 20/20 units  20,000,000 docs  19,753,086,420 tokens  19,753,086,420 tok/s"
     assert "…" not in console.export_text()
+
+
+def test_stop_line_says_whether_the_step_was_checkpointed():
+    """A stop at a skipped step saves nothing (`Trainer.save`): the line must not say "saved"."""
+    console = Console(record=True, width=200, force_terminal=False, log_path=False)
+    hook = TrainProgress(console, show_bar=False)
+    hook(
+        "stop",
+        {"step": 5, "signal": 15, "checkpoint": "/ckpt/iter_0000005", "resume_from": "/ckpt/iter_0000005"},
+    )
+    hook("stop", {"step": 7, "signal": 15, "checkpoint": None, "resume_from": "/ckpt/iter_0000003"})
+    hook("stop", {"step": 2, "signal": 10, "checkpoint": None, "resume_from": None})
+    lines = console.export_text().splitlines()
+    assert lines[0].endswith("signal 15 at step 5: checkpoint /ckpt/iter_0000005 saved, stopping")
+    assert "warning: signal 15 at step 7: stopping without a checkpoint of this step" in lines[1]
+    assert lines[1].endswith("a rerun resumes from /ckpt/iter_0000003") and "saved" not in lines[1]
+    assert lines[2].endswith("a rerun starts from the beginning (no checkpoint yet)")

@@ -92,7 +92,19 @@ class TrainProgress:
         elif kind == "warning":
             say(self.console, payload["message"], warning=True)
         elif kind == "stop":
-            say(self.console, f"signal {payload.get('signal')} at step {payload['step']}: saved, stopping")
+            where = f"signal {payload.get('signal')} at step {payload['step']}"
+            if payload.get("checkpoint"):
+                say(self.console, f"{where}: checkpoint {payload['checkpoint']} saved, stopping")
+            else:
+                resume = payload.get("resume_from")
+                since = (
+                    f"resumes from {resume}" if resume else "starts from the beginning (no checkpoint yet)"
+                )
+                say(
+                    self.console,
+                    f"{where}: stopping without a checkpoint of this step; a rerun {since}",
+                    warning=True,
+                )
         elif kind == "end":
             self.progress.stop()
 

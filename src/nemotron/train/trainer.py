@@ -661,7 +661,18 @@ class Trainer:
                         self.save()
                     if stopping:
                         status = INTERRUPTED
-                        self.metrics.event("stop", {"step": self.state.step, "signal": stop.signum})
+                        # whether this step was checkpointed (save() keeps none of a skipped step
+                        # or non-finite weights), and where a rerun resumes
+                        saved = self.last_checkpoint if self._saved_step == self.state.step else None
+                        self.metrics.event(
+                            "stop",
+                            {
+                                "step": self.state.step,
+                                "signal": stop.signum,
+                                "checkpoint": saved,
+                                "resume_from": self.last_checkpoint,
+                            },
+                        )
                         break
             if status == COMPLETED and self.cfg.train.eval_iters:
                 # As Megatron's pretrain() after its loop: a last validation pass, even when the
