@@ -248,9 +248,12 @@ def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
 
 
 def _memory_gb(device: torch.device) -> float:
+    """This process's peak memory in GB (10^9 bytes, as the `memory_gb` key says; the
+    benchmarks' GiB are 2^30): the CUDA caching allocator's peak of allocated tensor bytes
+    (`max_memory_allocated`, not the larger reserved pool), or on CPU the peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 def _config_dict(cfg) -> dict[str, Any]:
@@ -555,6 +558,8 @@ class Trainer:
             balance = balancing.update_expert_biases(
                 self.moe_layers, train.expert_bias_update_rate, group=self.parallel.balancing_group
             )
+            if self.parallel.pipeline is not None:  # every stage's layers, not this rank's only
+                balance = self.parallel.pipeline.whole_model_balance(balance)
             self.last_balance = balance
         else:
             balancing.reset_expert_counts(self.moe_layers)
@@ -641,8 +646,10 @@ class Trainer:
     def run(self) -> TrainSummary:
         """Train to `plan.total_steps` (or a stop signal); evaluate, checkpoint, log."""
         status = COMPLETED
-        run_start, start_tokens = time.perf_counter(), self.state.tokens
         entropy = self._announce_start()
+        # The run's average tokens/s is timed from here: the corpus statistic above (a pass over
+        # the train split) is set-up, like building the model and opening the data.
+        run_start, start_tokens = time.perf_counter(), self.state.tokens
         try:
             with StopRequest() as stop:
                 while self.state.step < self.plan.total_steps:
