@@ -130,7 +130,7 @@ def test_run_average_is_timed_from_the_first_step(tmp_path, corpus, monkeypatch)
 
     delay = 0.5
 
-    def slow_entropy(blend):
+    def slow_entropy(blend, **kwargs):
         time.sleep(delay)
         return 3.0
 
