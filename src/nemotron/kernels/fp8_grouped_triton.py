@@ -12,8 +12,14 @@ Why it exists: PyTorch's CUTLASS kernel for this product chooses its tile from t
 it takes 256 x 128 cooperative tiles and runs at ~1.05 PFLOP/s, where the dense FP8 products of
 the same step run at ~1.44 (docs/benchmarks.md, "FP8 training", twelfth round). This kernel lets
 the tile, the pipeline depth and the use of the Tensor Memory Accelerator be measured at those
-shapes (`benchmarks/fp8_gemms.py --parts grouped_triton`); the training path uses it only once
-a measurement shows it faster.
+shapes (`benchmarks/fp8_gemms.py --parts grouped_triton`); training uses it with
+`train.fp8.experts_grouped_gemm=triton` (`train.fp8_grouped`; CUTLASS stays the default until the
+proxy step is measured with it).
+
+Accumulation: on sm_90 Triton's FP8 `tl.dot` keeps the whole contraction in the tensor cores'
+accumulator by default (`max_num_imprecise_acc` 2**30, Triton 3.6 and 3.9), which is CUTLASS's
+`use_fast_accum=True`; `fast_accum=False` promotes into float32 every `promotion_interval`
+products (the `MAX_IMPRECISE` constexpr).
 
 Layout of the work: the row tiles of every group are listed once (`row_tiles`: per tile its
 group, first row and the group's end; computed on the device from `offs`, no host sync), and
