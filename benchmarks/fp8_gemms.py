@@ -38,7 +38,10 @@ Its parts, each in the same process and on the same GPU:
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
 `grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`,
-`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product).
+`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product; it
+ends with the fastest tiles in the form `train.fp8.experts_grouped_tiles` takes, as the last
+line `GROUPED_TRITON_BEST_TILES=M,N,K,stages,warps,tma,persistent` and in the JSON's
+`grouped_triton.best`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """

@@ -792,6 +792,11 @@ def test_grouped_triton_sweep_picks_tiles_the_config_key_takes():
         # balanced routing is reported, not used for the choice
         "up_balanced": shape([0.1] * 5, [1e-3] * 5),
     }
+    # the sweep measures only tiles training can take
+    from nemotron.train.fp8_config import grouped_tiles_problem
+
+    for c in fg.GROUPED_TRITON_CONFIGS:
+        assert grouped_tiles_problem([int(v) for v in c] + [0] * (7 - len(c))) is None, c
     best = fg.best_grouped_tiles(result)
     assert best == {"tiles": [128, 256, 128, 3, 8, 1, 1], "ms": 2.5, "cutlass_ms": 4.0}
     assert fg.best_grouped_tiles({**result, "configs": [list(configs[3])]}) is None  # only a wrong one
