@@ -569,7 +569,8 @@ def _fp8_expert_mlp_triton_check(weight_grad, tiles, fp8_rows=False, fast_accum=
     computes), per tensor and per expert: output, input gradient, both weight gradients; groups
     of 0, 1 and many rows (one not a multiple of the tile), a trailing empty group, widths that
     are not multiples of BLOCK_K; `fp8_rows`: the rows arrive as `Fp8Rows`; `gathered`: the
-    weights as the FP8 forms FSDP2 gathers (`ExpertFp8Forms`, through the experts module)."""
+    weights as the FP8 forms FSDP2 gathers (`ExpertFp8Forms`, through the experts module), which
+    each product reads where the gather put them (no copy per call)."""
     from torch import nn
 
     from nemotron.kernels.fp8 import quantize_rows
@@ -591,6 +592,7 @@ def _fp8_expert_mlp_triton_check(weight_grad, tiles, fp8_rows=False, fast_accum=
     x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-2, 2, rows)[:, None]).bfloat16()
     g = torch.randn(rows, hidden, generator=gen).bfloat16()
     counts_t = torch.tensor(counts)
+    got_layer: list = []
 
     def run(triton: bool):
         layer = Float8GroupedExperts(
@@ -617,11 +619,31 @@ def _fp8_expert_mlp_triton_check(weight_grad, tiles, fp8_rows=False, fast_accum=
         out = layer(inp, counts_t)
         out.backward(g)
         grad_x = inp.grad
+        got_layer[:] = [layer]
         return out, grad_x, layer.up_proj.grad, layer.down_proj.grad
 
     want = run(False)
-    with _bf16_rounded_to_nearest():
-        got = run(True)
+    from nemotron.kernels import fp8_grouped_triton
+
+    kernel, seen = fp8_grouped_triton.grouped_mm_triton, []
+
+    def recording(a_q, a_inv, b_t_q, b_inv, offs, **kwargs):
+        # what reaches the kernel: contiguous operands and float32 scales are used in place
+        seen.append((b_t_q.data_ptr(), a_q.is_contiguous() and b_t_q.is_contiguous()))
+        seen[-1] += (a_inv.dtype == b_inv.dtype == torch.float32 and b_inv.is_contiguous(),)
+        return kernel(a_q, a_inv, b_t_q, b_inv, offs, **kwargs)
+
+    fp8_grouped_triton.grouped_mm_triton = recording
+    try:
+        with _bf16_rounded_to_nearest():
+            got = run(True)
+    finally:
+        fp8_grouped_triton.grouped_mm_triton = kernel
+    assert len(seen) == 4 and all(ok and scales for _, ok, scales in seen), seen
+    if gathered:  # each product read its weight form where FSDP2's gather put it: no copy
+        forms = [getattr(got_layer[0], name) for name in ("up_proj", "down_proj")]
+        where = {f.rows_q.data_ptr() for f in forms} | {f.t_q.data_ptr() for f in forms}
+        assert {ptr for ptr, _, _ in seen} == where, (seen, where)
     groups = []
     lo = 0
     for c in counts:
