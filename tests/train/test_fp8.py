@@ -592,6 +592,31 @@ def test_experts_grouped_keys_load_from_overrides_and_reach_the_experts(monkeypa
     assert cutlass.backbone.layers["1"].mixer.experts.emulate  # no CPU CUTLASS: emulated
 
 
+def test_apply_fp8_refuses_the_triton_product_a_gpu_cannot_run(monkeypatch):
+    """On an FP8 GPU without TMA (sm_89) the Triton product's tiles must not use it (the default
+    ones do): one error naming the key at `apply_fp8`, not a compile failure in the first step;
+    without Triton installed, one naming `experts_grouped_gemm`. (No GPU needed: the capability
+    is what the check reads; nothing touches the device.)"""
+    import nemotron.kernels as kernels
+
+    monkeypatch.setattr(fp8_mod, "fp8_hardware", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    cuda = torch.device("cuda")
+    fp8 = Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm="triton")
+    with pytest.raises(ValueError, match=r"experts_grouped_tiles: use_tma=1 \(the default tiles'\) .* sm_89"):
+        apply_fp8(_tiny(), fp8, cuda)
+    with pytest.raises(ValueError, match=r"experts_grouped_tiles: use_tma=1 needs"):
+        apply_fp8(_tiny(), dataclasses.replace(fp8, experts_grouped_tiles=[128, 128, 128, 4, 8, 1, 0]), cuda)
+    model = _tiny()
+    apply_fp8(model, dataclasses.replace(fp8, experts_grouped_tiles=[128, 128, 128, 4, 8, 0, 0]), cuda)
+    assert not model.backbone.layers["1"].mixer.experts.emulate  # the GPU's own FP8 path
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    apply_fp8(_tiny(), fp8, cuda)  # Hopper: the default tiles
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"experts_grouped_gemm: 'triton' .* Triton is not installed"):
+        apply_fp8(_tiny(), fp8, cuda)
+
+
 def test_fp8_expert_mlp_refuses_an_unknown_product_or_bad_tiles():
     """Library callers get the config check's words (one validator) as a ValueError."""
     from nemotron.train.fp8_grouped import fp8_expert_mlp

@@ -286,6 +286,8 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     if tensor_parallel > 1 and fp8.recipe != "tensorwise":
         raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
+    if fp8.experts_grouped_gemm == "triton" and not emulate:
+        _check_triton_product(fp8, device)
     chosen, moes = _selected_modules(model, fp8.layers)
     excluded = tp_fp8_exclusions(model, tensor_parallel)
     by_id = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}  # what `chosen` names
@@ -376,6 +378,29 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
         lm_head=lm_head,
         fp8_dispatch=fp8_dispatch,
     )
+
+
+def _check_triton_product(fp8: Fp8Config, device: torch.device) -> None:
+    """What `experts_grouped_gemm=triton` needs of the GPU, which the config check cannot see:
+    Triton, and with `use_tma` (the kernel's default tiles have it) the Tensor Memory
+    Accelerator of sm_90+ (an sm_89 GPU has FP8 tensor cores but no TMA)."""
+    from nemotron.kernels import triton_available
+
+    if not triton_available():
+        raise ValueError(
+            "train.fp8.experts_grouped_gemm: 'triton' runs a Triton kernel, and Triton is not "
+            "installed (pip install triton), or use 'cutlass'"
+        )
+    from nemotron.kernels.fp8_grouped_triton import DEFAULT_CONFIG
+
+    tiles = fp8.experts_grouped_tiles if fp8.experts_grouped_tiles is not None else list(DEFAULT_CONFIG)
+    capability = torch.cuda.get_device_capability(device)
+    if tiles[5] and capability < (9, 0):
+        given = "" if fp8.experts_grouped_tiles is not None else " (the default tiles')"
+        raise ValueError(
+            f"train.fp8.experts_grouped_tiles: use_tma=1{given} needs the Tensor Memory Accelerator "
+            f"of sm_90 or newer, and {device} is sm_{capability[0]}{capability[1]}: give tiles with use_tma 0"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
