@@ -38,7 +38,10 @@ Its parts, each in the same process and on the same GPU:
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
 `grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`,
-`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product).
+`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product; it
+ends with the fastest tiles in the form `train.fp8.experts_grouped_tiles` takes, as the last
+line `GROUPED_TRITON_BEST_TILES=M,N,K,stages,warps,tma,persistent` and in the JSON's
+`grouped_triton.best`).
 
     python3 benchmarks/fp8_gemms.py --out $OUT/fp8_gemms.json
 """
@@ -485,7 +488,43 @@ GROUPED_TRITON_CONFIGS = [
     (128, 128, 128, 4, 8, True, True),
     (128, 256, 128, 3, 8, True, True),
     (256, 128, 128, 3, 8, True, True),
+    (128, 256, 64, 4, 8, True),
+    (256, 128, 64, 4, 8, True),
+    (128, 128, 128, 3, 8, True, True),
 ]
+
+
+def best_grouped_tiles(result: dict, max_rel: float = 1e-2) -> dict | None:
+    """The one `train.fp8.experts_grouped_tiles` value for training from a `grouped_triton_part`
+    result: the configuration with the least time summed over the two shapes under uneven
+    routing (each is also an input-gradient product's shape, so the step runs each twice), among
+    those that ran at both, agree with CUTLASS (relative difference < `max_rel`) and pass the
+    config key's check. {"tiles": [7 ints], "ms", "cutlass_ms"} or None."""
+    from nemotron.train.fp8_config import grouped_tiles_problem
+
+    up, down = result.get("up_uneven", {}), result.get("down_uneven", {})
+    best = None
+    for config in result.get("configs", []):
+        tiles = [int(v) for v in config] + [0] * (7 - len(config))
+        label = _grouped_label(config)
+        parts = [up.get(label, {}), down.get(label, {})]
+        if grouped_tiles_problem(tiles) or not all(
+            "ms" in p and p["rel_vs_cutlass"] < max_rel for p in parts
+        ):
+            continue
+        ms = parts[0]["ms"] + parts[1]["ms"]
+        if best is None or ms < best["ms"]:
+            best = {"tiles": tiles, "ms": ms, "cutlass_ms": up["cutlass_ms"] + down["cutlass_ms"]}
+    return best
+
+
+def _grouped_label(c) -> str:
+    """A configuration's name in the results: "MxNxKxSTAGESxWARPS-tma|ptr[-persistent]"."""
+    return (
+        "x".join(str(v) for v in c[:5])
+        + ("-tma" if c[5] else "-ptr")
+        + ("-persistent" if c[6:] and c[6] else "")
+    )
 
 
 def grouped_triton_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: int) -> dict:
@@ -533,11 +572,7 @@ def grouped_triton_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: 
             ref = cutlass().float()
             res: dict = {"cutlass_ms": median(time_ms(cutlass, dev, warmup, iters)), "dense_ms": dense}
             for c in GROUPED_TRITON_CONFIGS:
-                label = (
-                    "x".join(str(v) for v in c[:5])
-                    + ("-tma" if c[5] else "-ptr")
-                    + ("-persistent" if c[6:] and c[6] else "")
-                )
+                label = _grouped_label(c)
                 try:
                     out = grouped_mm_triton(a_q, a_inv, w_q, w_inv, offs, config=c).float()
                     rel = float((out - ref).norm() / ref.norm())
@@ -561,6 +596,16 @@ def grouped_triton_part(cfg: Nano3Config, tokens: int, dev, warmup: int, iters: 
                 f"({tflop / best[0] * 1e3:.0f}, rel {res[best[1]]['rel_vs_cutlass']:.1e})"
             )
             result[f"{name}_{groups}"] = res
+    best = best_grouped_tiles(result)
+    result["best"] = best
+    if best is None:
+        print("grouped best: no configuration ran at both shapes and agreed with CUTLASS")
+    else:
+        # the form train.fp8.experts_grouped_tiles / XT_TILES / --fp8-experts-tiles take
+        print(
+            f"grouped best (up + down, uneven routing): {best['ms']:.3f} ms against CUTLASS "
+            f"{best['cutlass_ms']:.3f} ms\nGROUPED_TRITON_BEST_TILES={','.join(map(str, best['tiles']))}"
+        )
     return result
 
 
@@ -919,6 +964,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "gemms"}, indent=1))
+    best = result.get("grouped_triton", {}).get("best")
+    if best:  # last, for a script: the value train.fp8.experts_grouped_tiles takes
+        print(f"GROUPED_TRITON_BEST_TILES={','.join(map(str, best['tiles']))}")
 
 
 if __name__ == "__main__":

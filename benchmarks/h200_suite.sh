@@ -2,9 +2,9 @@
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
-# [-accumN][-prof][-rec][-ovl][-fp8t|-fp8r|-fp8g][-reuse][-ag][-xg][-xw][-exact][-at][-lmrowsN] (peer: also the transformers peer; ovl: MoE
+# [-accumN][-prof][-rec][-ovl][-fp8t|-fp8r|-fp8g][-reuse][-ag][-xg][-xw][-xt][-exact][-at][-lmrowsN] (peer: also the transformers peer; ovl: MoE
 # shared-expert overlap; fp8t/r/g: train.fp8 with the tensorwise / rowwise / rowwise_with_gw_hp recipe;
-# reuse: train.fp8.reuse_weights=true; ag: train.fp8.fsdp_float8_all_gather=true; xg: train.fp8.experts_fsdp_float8_all_gather=true; xw: train.fp8.experts_weight_grad=fp8; exact: train.fp8.fast_accum=false; at: train.fp8.autotune_casts=true; lmrowsN: train.fp8.lm_head_group_rows=N), numerics-<fp32|bf16>, long,
+# reuse: train.fp8.reuse_weights=true; ag: train.fp8.fsdp_float8_all_gather=true; xg: train.fp8.experts_fsdp_float8_all_gather=true; xw: train.fp8.experts_weight_grad=fp8; xt: train.fp8.experts_grouped_gemm=triton, with XT_TILES="M,N,K,stages,warps,tma,persistent" its train.fp8.experts_grouped_tiles (default: the kernel's); exact: train.fp8.fast_accum=false; at: train.fp8.autotune_casts=true; lmrowsN: train.fp8.lm_head_group_rows=N), numerics-<fp32|bf16>, long,
 # blocks-<kinds>, blocks-fp8, gpu-tests, grad-audit, dynamics (DYN_BLEND=blend.json), fp8-tests, fp8-parity
 # (FP8_BLEND=blend.json, FP8_RECIPES, FP8_EXPERTS_GATHER=1: train.fp8.experts_fsdp_float8_all_gather, FP8_EXPERTS_WGRAD=1: train.fp8.experts_weight_grad=fp8, FP8_AUTOTUNE_CASTS=1: train.fp8.autotune_casts=true, FP8_LAYERS a comma list of train.fp8.layers for the fp8 stages: train-*
 # default to train.fp8's (dense), blocks-fp8 and fp8-parity to all));
@@ -42,6 +42,7 @@ for stage in "$@"; do
           ag) extra+=(--fp8-all-gather) ;;
           xg) extra+=(--fp8-experts-gather) ;;
           xw) extra+=(--fp8-experts-wgrad) ;;
+          xt) extra+=(--fp8-experts-gemm triton ${XT_TILES:+--fp8-experts-tiles $XT_TILES}) ;;
           exact) extra+=(--fp8-exact-accum) ;;
           at) extra+=(--fp8-autotune-casts) ;;
           lmrows*) extra+=(--fp8-lm-head-group-rows "${opt#lmrows}") ;;

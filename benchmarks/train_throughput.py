@@ -65,6 +65,7 @@ from nemotron.train.config import OptimizerConfig, SchedulerConfig, TrainConfig 
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
 from nemotron.train.fp8 import Fp8Config  # noqa: E402
+from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS, grouped_tiles_problem  # noqa: E402
 from nemotron.train.loop import STEP_PHASE_PREFIX, Parallel, build_model  # noqa: E402
 from nemotron.train.trainer import Trainer  # noqa: E402
 
@@ -122,7 +123,23 @@ def fp8_config(args) -> Fp8Config:
         experts_fsdp_float8_all_gather=args.fp8_experts_gather,
         fast_accum=args.fp8_fast_accum,
         experts_weight_grad="fp8" if args.fp8_experts_wgrad else "bf16",
+        experts_grouped_gemm=args.fp8_experts_gemm,
+        experts_grouped_tiles=args.fp8_experts_tiles,
     )
+
+
+def grouped_tiles_arg(text: str) -> list[int]:
+    """`--fp8-experts-tiles`: "BLOCK_M,BLOCK_N,BLOCK_K,stages,warps,use_tma,persistent" (the form
+    `benchmarks/fp8_gemms.py --parts grouped_triton` prints as its best), checked by the one
+    validator of `train.fp8.experts_grouped_tiles`."""
+    try:
+        tiles = [int(v) for v in text.replace("[", "").replace("]", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"integers separated by commas expected, got {text!r}") from None
+    problem = grouped_tiles_problem(tiles)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return tiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,6 +815,19 @@ def parse_args(argv):
         action="store_true",
         help="train.fp8.experts_weight_grad=fp8 (the routed experts' weight gradients on FP8 operands)",
     )
+    ap.add_argument(
+        "--fp8-experts-gemm",
+        choices=EXPERT_GROUPED_GEMMS,
+        default="cutlass",
+        help="train.fp8.experts_grouped_gemm (the routed experts' forward and input-gradient FP8 products)",
+    )
+    ap.add_argument(
+        "--fp8-experts-tiles",
+        type=grouped_tiles_arg,
+        default=None,
+        metavar="M,N,K,STAGES,WARPS,TMA,PERSISTENT",
+        help="train.fp8.experts_grouped_tiles (with --fp8-experts-gemm triton; default: the kernel's)",
+    )
     ap.add_argument("--blend", default=None, help="a blend.json to read tokens from (default: synthetic)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -847,6 +877,16 @@ def main(argv: list[str] | None = None) -> dict:
                 + (" experts_fsdp_float8_all_gather" if args.fp8_experts_gather else "")
                 + (" experts_weight_grad=fp8" if args.fp8_experts_wgrad else "")
                 + ("" if args.fp8_fast_accum else " fast_accum=false")
+                + (
+                    f" experts_grouped_gemm={args.fp8_experts_gemm}"
+                    if args.fp8_experts_gemm != "cutlass"
+                    else ""
+                )
+                + (
+                    f" experts_grouped_tiles={','.join(map(str, args.fp8_experts_tiles))}"
+                    if args.fp8_experts_tiles is not None
+                    else ""
+                )
                 + (" autotune_casts" if args.fp8_autotune_casts else "")
                 + (
                     f" lm_head_group_rows={args.fp8_lm_head_group_rows}"

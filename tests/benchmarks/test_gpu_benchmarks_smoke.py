@@ -762,3 +762,57 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     cut.write_text(json.dumps(unfinished))
     with pytest.raises(SystemExit):
         parity.main([*argv, "--combine", str(cut), str(b)])
+
+
+def test_grouped_triton_sweep_picks_tiles_the_config_key_takes():
+    """`fp8_gemms.best_grouped_tiles`: the least summed time over both shapes under uneven routing,
+    skipping a configuration that failed at one shape, one whose result disagrees with CUTLASS,
+    and one the config key refuses; the tiles in the key's form (7 integers)."""
+    fg = load("fp8_gemms")
+    configs = [
+        (128, 128, 128, 4, 8, True),  # valid, slower
+        (128, 256, 128, 3, 8, True, True),  # valid, fastest
+        (64, 128, 128, 4, 4, True),  # fastest of all at up, failed at down
+        (128, 128, 64, 5, 8, True),  # fast but wrong
+        (32, 128, 128, 4, 4, True),  # fast, but BLOCK_M 32 is not a tile the key takes
+    ]
+
+    def shape(ms: list, rel: list) -> dict:
+        res: dict = {"cutlass_ms": 2.0}
+        for c, t, r in zip(configs, ms, rel):
+            res[fg._grouped_label(c)] = (
+                {"error": "OutOfResources"} if t is None else {"ms": t, "rel_vs_cutlass": r}
+            )
+        return res
+
+    result = {
+        "configs": [list(c) for c in configs],
+        "up_uneven": shape([1.5, 1.2, 0.5, 0.9, 0.5], [1e-3, 1e-3, 1e-3, 0.5, 1e-3]),
+        "down_uneven": shape([1.6, 1.3, None, 0.9, 0.5], [1e-3, 1e-3, 0, 0.5, 1e-3]),
+        # balanced routing is reported, not used for the choice
+        "up_balanced": shape([0.1] * 5, [1e-3] * 5),
+    }
+    # the sweep measures only tiles training can take
+    from nemotron.train.fp8_config import grouped_tiles_problem
+
+    for c in fg.GROUPED_TRITON_CONFIGS:
+        assert grouped_tiles_problem([int(v) for v in c] + [0] * (7 - len(c))) is None, c
+    best = fg.best_grouped_tiles(result)
+    assert best == {"tiles": [128, 256, 128, 3, 8, 1, 1], "ms": 2.5, "cutlass_ms": 4.0}
+    assert fg.best_grouped_tiles({**result, "configs": [list(configs[3])]}) is None  # only a wrong one
+
+
+def test_train_throughput_takes_the_experts_grouped_gemm(tmp_path, monkeypatch):
+    """`--fp8-experts-gemm triton --fp8-experts-tiles ...` reach `train.fp8` (emulated on CPU
+    without the interpreter: no torchao needed for the experts alone); bad tiles are refused at
+    the command line with the config key's words."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tt = load("train_throughput")
+    args = ["--tiny", "--device", "cpu", "--seq", "32", "--micro-batch", "1", "--steps", "1", "--warmup", "0"]
+    args += ["--params", "bf16", "--no-profile", "--fp8", "tensorwise", "--fp8-layers", "experts"]
+    result = tt.main([*args, "--fp8-experts-gemm", "triton", "--fp8-experts-tiles", "128,256,128,3,8,1,0"])
+    name = result["run"]["name"]
+    assert "experts_grouped_gemm=triton experts_grouped_tiles=128,256,128,3,8,1,0" in name, name
+    assert result["run"]["fp8"]["experts"] and result["run"]["fp8"]["emulated"]
+    with pytest.raises(SystemExit):
+        tt.parse_args([*args, "--fp8-experts-tiles", "128,256,128,3,6,1,0"])

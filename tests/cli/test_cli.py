@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 
@@ -15,6 +16,7 @@ import nemotron
 import nemotron.train
 from nemotron.cli.main import register_commands
 from nemotron.config import DataPrepJobConfig, PretrainConfig, load_config, recipe_config_dir
+from nemotron.data.indexed import IndexedDatasetWriter
 
 
 @dataclasses.dataclass
@@ -137,13 +139,42 @@ def test_dry_run_says_what_data_split_does_with_the_blend(cli, tmp_path):
         result = cli("nano3", "pretrain", "-c", "tiny", "-d", *overrides)
         assert result.exit_code == 0, result.output
         out = " ".join(result.output.split())
-        return out[out.index(" data ") : out.index(" phase 2 ")]
+        row = out[out.index(" data ") : out.index(" phase 2 ")]
+        return row.split(" warning ")[0]  # "98,2" leaves no test split: a warning row follows
 
     assert "split '969, 30, 1' (Megatron's default" in data_row(f"data.blend={single}")
     assert data_row(f"data.blend={single}", "data.split=98,2").endswith("one.json, split '98,2'")
     row = data_row(f"data.blend={per_split}", "data.split=98,2")
     assert "split '98,2' (refused: the blend gives each split its own; leave data.split unset)" in row
     assert "split" not in data_row(f"data.blend={per_split}")
+
+
+def test_dry_run_warns_when_eval_iters_asks_for_a_split_the_blend_lacks(cli, tmp_path):
+    """data.split "100,0,0" with train.eval_iters > 0: nothing would be evaluated; the plan
+    says so naming both keys (the run start says the same: `evaluation_warnings`)."""
+    with IndexedDatasetWriter(tmp_path / "p", np.uint16) as writer:
+        writer.add_document(np.arange(40, dtype=np.uint16))
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps([str(tmp_path / "p")]))
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", f"data.blend={single}", "data.split=100,0,0")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert (
+        f"warning data.split '100,0,0' gives data.blend {single} no valid share: with train.eval_iters="
+        in out
+    )
+    assert "no test share" in out and "train.eval_interval=" in out
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "-d",
+        f"data.blend={single}",
+        "data.split=100,0,0",
+        "train.eval_iters=0",
+    )
+    assert result.exit_code == 0 and "no valid share" not in result.output
 
 
 def test_dry_run_says_when_the_phase2_blend_is_missing(cli, tmp_path):

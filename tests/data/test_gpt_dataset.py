@@ -354,3 +354,55 @@ def test_a_prefix_without_weight_too_short_for_one_sample_is_named(tmp_path):
     blend.write_text(json.dumps({"train": f"{tmp_path / 'a'} {tmp_path / 'tiny'}"}))
     with pytest.raises(GPTDatasetError, match=r"dataset \S*tiny has 3 tokens: read once .* seq_length 4"):
         build_split_dataset(blend, "train", 2, 4, 0, tmp_path / "cache")
+
+
+def test_unigram_entropy_counts_only_the_train_share_of_a_one_blend_file(tmp_path):
+    # A file of one blend for every split is cut by data.split: training reads documents
+    # [0, round(0.5 * 4)) of each prefix under "50,50,0". The entropy counted every document.
+    from nemotron.train.data import unigram_entropy
+
+    write_dataset(tmp_path / "a", [[1, 1], [2, 1], [7, 7, 7], [7, 8]])  # train: 1 1 2 1
+    write_dataset(tmp_path / "b", [[3, 3], [3, 4], [9], [9, 9]])  # train: 3 3 3 4
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps(["3", "a", "1", "b"]))
+
+    def entropy(*counts_and_weights):
+        mixture = np.zeros(10)
+        for counts, weight in counts_and_weights:
+            counts = np.pad(np.asarray(counts, dtype=np.float64), (0, 10 - len(counts)))
+            mixture += np.asarray(counts, dtype=np.float64) / sum(counts) * weight
+        nz = mixture[mixture > 0]
+        return float(-(nz * np.log(nz)).sum())
+
+    train = entropy(([0, 3, 1, 0, 0], 0.75), ([0, 0, 0, 3, 1], 0.25))
+    assert unigram_entropy(blend, split_string="50,50,0") == pytest.approx(train, rel=1e-12)
+    # valid reads the other halves: tokens 7, 8 and 9 only
+    valid = -(0.75 * (4 / 5) * np.log(0.75 * 4 / 5) + 0.75 / 5 * np.log(0.75 / 5) + 0.25 * np.log(0.25))
+    assert unigram_entropy(blend, "valid", split_string="50,50,0") == pytest.approx(valid, rel=1e-12)
+    assert unigram_entropy(blend, "test", split_string="50,50,0") is None  # no share: nothing read
+    # A per-split file: every document of the split's prefixes, as before.
+    blend.write_text(json.dumps({"train": ["1", "a"]}))
+    assert unigram_entropy(blend) == pytest.approx(entropy(([0, 3, 1, 0, 0, 0, 0, 4, 1], 1.0)), rel=1e-12)
+
+
+def test_unigram_entropy_reads_sequences_where_the_index_places_them(tmp_path):
+    # The index may place sequences anywhere in the .bin (not back to back): only the tokens
+    # of the sequences count, not the bytes between them.
+    from nemotron.data.indexed import IndexedDataset
+    from nemotron.train.data import unigram_entropy
+
+    write_dataset(tmp_path / "a", [[1, 2], [3, 3]])
+    ds = IndexedDataset(tmp_path / "a")
+    index = bytearray((tmp_path / "a.idx").read_bytes())
+    pointers_at = index.find(np.asarray(ds.sequence_pointers, dtype="<i8").tobytes())
+    del ds
+    # sequence 1 now starts one token later: reads [3] plus a 99 appended at the end
+    (tmp_path / "a.bin").write_bytes(
+        (tmp_path / "a.bin").read_bytes() + np.asarray([99], np.uint16).tobytes()
+    )
+    index[pointers_at + 8 : pointers_at + 16] = np.asarray([6], dtype="<i8").tobytes()
+    (tmp_path / "a.idx").write_bytes(bytes(index))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["a"]}))
+    p = np.array([1, 1, 1, 1]) / 4.0  # tokens 1, 2, 3 and 99 once each; the first 3 skipped
+    assert unigram_entropy(blend) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)

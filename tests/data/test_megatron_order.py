@@ -247,3 +247,54 @@ def test_a_prefix_without_tokens_is_refused_as_megatron_refuses_it(prefixes, tmp
     culprit = next(w for w in words if w in ("z", "zt", "e"))
     with pytest.raises(GPTDatasetError, match=rf"dataset {prefixes / culprit} has"):
         build_split_dataset(blend, "valid", PROBES["valid_samples"], PROBES["seq_length"], 1, tmp_path / "c")
+
+
+def test_the_samples_a_run_reads_never_overdraw_a_dataset():
+    """Megatron's BlendedDataset counts, over its whole length sum_d ceil(N * w_d) (>= N), the
+    samples each dataset serves and refuses at build (IndexError "oversamples") where one
+    exceeds that dataset's length. A run reads only the first N. Here those N never take more
+    than ceil(N * w_d) from dataset d, which is below the ceil(ceil(N * w_d) * 1.005) samples
+    it is built for (and so its length): no read goes past a dataset. Only the blend's tail
+    (its last sum_d ceil(N * w_d) - N samples, never read) can."""
+    from nemotron.data.blended import blend_sizes, build_blending_indices
+
+    rng = np.random.default_rng(0)
+    tails_past = 0
+    for _ in range(300):
+        k, n = int(rng.integers(1, 7)), int(rng.integers(1, 400))
+        weights = [float(rng.choice([rng.random(), rng.integers(1, 50), 1e-4])) for _ in range(k)]
+        normalised, served, requested = blend_sizes(n, weights)
+        index, _ = build_blending_indices(normalised, sum(served))
+        read = np.bincount(index[:n], minlength=k)
+        assert (read <= np.asarray(served)).all() and (np.asarray(served) < np.asarray(requested)).all()
+        tails_past += int((np.bincount(index, minlength=k) > np.asarray(requested)).any())
+    assert tails_past  # the tail does go past some datasets' requests: what Megatron's check sees
+
+
+def test_a_blend_megatron_refuses_for_its_tail_serves_its_first_n_samples(tmp_path):
+    """N = 97, weights 4 : 0.001 x 3: dataset 0 serves at most ceil(97 * w) = 97 of the first 97 and is
+    built for 98 (one epoch of exactly 98 samples here), but the blend's 100 samples would take
+    99 from it: Megatron refuses the blend at build. Here it builds, the 97 samples a run reads
+    are the rule's, and only a read of the never-read tail fails, naming the dataset."""
+    seq = 2
+    with IndexedDatasetWriter(tmp_path / "big", np.uint16) as writer:
+        writer.add_document(np.arange(98 * seq + 1, dtype=np.uint16))  # one epoch: 98 samples
+    for name in ("s1", "s2", "s3"):
+        with IndexedDatasetWriter(tmp_path / name, np.uint16) as writer:
+            writer.add_document(np.arange(1000, 1005, dtype=np.uint16))
+    prefixes = [str(tmp_path / n) for n in ("big", "s1", "s2", "s3")]
+    blend = BlendedDataset.build(prefixes, [4, 0.001, 0.001, 0.001], 97, seq, 1, tmp_path / "cache", "train")
+    big = blend.datasets[0]
+    assert big is not None and len(big) == 98 and len(blend) == 100
+    drawn = np.bincount(blend.dataset_index, minlength=4)
+    assert drawn[0] == 99 > len(big)  # Megatron: "The train blend oversamples the contributing datasets"
+    assert np.bincount(blend.dataset_index[:97], minlength=4)[0] <= 97
+    for i in range(97):  # what a run reads: dataset d's sample k, in range
+        d, k = int(blend.dataset_index[i]), int(blend.dataset_sample_index[i])
+        source = blend.datasets[d]
+        assert source is not None and k < len(source)
+        np.testing.assert_array_equal(blend[i]["tokens"].numpy(), source[k]["tokens"].numpy())
+    past = [i for i in range(97, 100) if int(blend.dataset_sample_index[i]) >= len(big)]
+    assert past
+    with pytest.raises(IndexError, match=r"sample 98 out of range 0\.\.97 of .*big"):
+        blend[past[0]]

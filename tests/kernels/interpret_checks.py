@@ -10,6 +10,7 @@ runs code the GPU compiler refuses).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -524,6 +525,199 @@ def _fp8_grouped_mm_tiles_check():
     got = [(int(g), int(f), int(e)) for g, f, e in zip(group, first, end) if g >= 0]
     assert got == want and int(used) == len(want), got
     assert torch.all(group[len(want) :] == -1)
+
+
+@contextlib.contextmanager
+def _bf16_rounded_to_nearest():
+    """The interpreter converts float32 to BF16 by dropping the low bits (its `_convert_float`
+    with no rounding mode: 1 BF16 ulp toward zero in ~half the values); the GPU rounds to
+    nearest even (`cvt.rn.bf16.f32`), as PyTorch does. Within this scope the interpreter rounds
+    as the GPU does, so a kernel writing BF16 can be compared with PyTorch's BF16 results."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter._convert_float
+
+    def nearest(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return truncating(data, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = nearest
+    try:
+        yield
+    finally:
+        interpreter._convert_float = truncating
+
+
+def _close_per_part(name, got, want, bounds, rtol=2e-3):
+    """got == want (BF16 results of the same roundings, sums in another order) within `rtol` of
+    each part's norm: the rows of each group (`bounds`: row ranges) or each expert's matrix."""
+    for i, part in enumerate(bounds):
+        g, w = got[part].detach().double(), want[part].detach().double()
+        if w.numel() == 0:
+            continue
+        err = float((g - w).norm() / max(float(w.norm()), 1e-30))
+        assert err < rtol, f"{name} part {i}: relative difference {err:.2e}"
+
+
+def _fp8_expert_mlp_triton_check(weight_grad, tiles, fp8_rows=False, fast_accum=True, gathered=False):
+    """`fp8_expert_mlp` with `grouped_gemm="triton"` (the forward and input-gradient products by
+    `kernels.fp8_grouped_triton` in the interpreter) == the emulated roundings (what "cutlass"
+    computes), per tensor and per expert: output, input gradient, both weight gradients; groups
+    of 0, 1 and many rows (one not a multiple of the tile), a trailing empty group, widths that
+    are not multiples of BLOCK_K; `fp8_rows`: the rows arrive as `Fp8Rows`; `gathered`: the
+    weights as the FP8 forms FSDP2 gathers (`ExpertFp8Forms`, through the experts module), which
+    each product reads where the gather put them (no copy per call)."""
+    from torch import nn
+
+    from nemotron.kernels.fp8 import quantize_rows
+    from nemotron.kernels.fp8_rows import Fp8Rows
+    from nemotron.models.nano3.moe import GroupedExperts
+    from nemotron.train.fp8 import Float8GroupedExperts
+    from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
+    from nemotron.train.fp8_grouped import grouped_product_runs
+
+    counts = [7, 0, 1, 70, 13, 0]
+    experts, hidden, ffn = len(counts), 64, 48
+    gen = torch.Generator().manual_seed(31)
+    base = GroupedExperts(
+        num_experts=experts, hidden_size=hidden, ffn_hidden_size=ffn, init_std=0.1, output_init_std=0.05
+    )
+    base.reset_parameters()
+    rows = sum(counts)
+    # rows of very different magnitudes: every row its own scale
+    x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-2, 2, rows)[:, None]).bfloat16()
+    g = torch.randn(rows, hidden, generator=gen).bfloat16()
+    counts_t = torch.tensor(counts)
+    got_layer: list = []
+
+    def run(triton: bool):
+        layer = Float8GroupedExperts(
+            base if not triton else _copy_experts(base),
+            emulate=not triton,
+            fast_accum=fast_accum,
+            weight_grad=weight_grad,
+            grouped_gemm="triton" if triton else "cutlass",
+            grouped_tiles=tiles,
+        )
+        # the kernel itself runs (in the interpreter), not the emulation
+        assert (
+            triton == grouped_product_runs(layer.grouped_gemm, x.device) and not layer.emulate or not triton
+        )
+        if gathered and triton:
+            for name in ("up_proj", "down_proj"):
+                w = getattr(layer, name).detach().bfloat16()
+                forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.bfloat16)
+                setattr(layer, name, nn.Parameter(forms))
+        for p in layer.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        inp = Fp8Rows(*quantize_rows(xi.detach())).requires_grad_(True) if fp8_rows else xi
+        out = layer(inp, counts_t)
+        out.backward(g)
+        grad_x = inp.grad
+        got_layer[:] = [layer]
+        return out, grad_x, layer.up_proj.grad, layer.down_proj.grad
+
+    want = run(False)
+    from nemotron.kernels import fp8_grouped_triton
+
+    kernel, seen = fp8_grouped_triton.grouped_mm_triton, []
+
+    def recording(a_q, a_inv, b_t_q, b_inv, offs, **kwargs):
+        # what reaches the kernel: contiguous operands and float32 scales are used in place
+        seen.append((b_t_q.data_ptr(), a_q.is_contiguous() and b_t_q.is_contiguous()))
+        seen[-1] += (a_inv.dtype == b_inv.dtype == torch.float32 and b_inv.is_contiguous(),)
+        return kernel(a_q, a_inv, b_t_q, b_inv, offs, **kwargs)
+
+    fp8_grouped_triton.grouped_mm_triton = recording
+    try:
+        with _bf16_rounded_to_nearest():
+            got = run(True)
+    finally:
+        fp8_grouped_triton.grouped_mm_triton = kernel
+    assert len(seen) == 4 and all(ok and scales for _, ok, scales in seen), seen
+    if gathered:  # each product read its weight form where FSDP2's gather put it: no copy
+        forms = [getattr(got_layer[0], name) for name in ("up_proj", "down_proj")]
+        where = {f.rows_q.data_ptr() for f in forms} | {f.t_q.data_ptr() for f in forms}
+        assert {ptr for ptr, _, _ in seen} == where, (seen, where)
+    groups = []
+    lo = 0
+    for c in counts:
+        groups.append(slice(lo, lo + c))
+        lo += c
+    for name, a, b in zip(("out", "grad_x", "grad_up", "grad_down"), got, want):
+        assert a is not None and b is not None and a.shape == b.shape, name
+        assert torch.isfinite(a.float()).all(), name
+        _close_per_part(name, a.float(), b.float(), groups if name in ("out", "grad_x") else range(experts))
+    for e, c in enumerate(counts):
+        if c == 0:  # an expert without rows: no gradient
+            assert got[2][e].abs().sum() == 0 and got[3][e].abs().sum() == 0
+
+
+def _copy_experts(experts):
+    import copy
+
+    return copy.deepcopy(experts)
+
+
+def _fp8_training_triton_check():
+    """Two optimizer steps of a small model (two MoE layers around attention) with its
+    routed experts in FP8 (FP8 weight gradients and FP8 dispatch, so the rows and the output
+    gradient arrive as `Fp8Rows`, and the LM head) through `apply_fp8` and `train_step`, with
+    `experts_grouped_gemm="triton"` (the kernel in the interpreter) == "cutlass" (emulated on
+    CPU): each step's loss, and every parameter after the steps, per tensor."""
+    from nemotron.models.nano3 import Nano3Config
+    from nemotron.models.nano3.model import Nano3ForCausalLM
+    from nemotron.train.fp8 import Fp8Config, apply_fp8
+    from nemotron.train.loop import train_step
+
+    cfg = Nano3Config(
+        hybrid_pattern="E*E", num_layers=3, hidden_size=32, vocab_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, mamba_state_size=8,
+        mamba_num_groups=2, mamba_conv_kernel=4, mamba_chunk_size=4, num_experts=8, moe_top_k=2,
+        moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=16, ffn_hidden_size=16,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    batches = [
+        {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 16)}
+        for t in torch.randint(0, 64, (2, 2, 17), generator=gen)
+    ]
+    cpu = torch.device("cpu")
+
+    def run(gemm: str):
+        torch.manual_seed(0)
+        model = Nano3ForCausalLM(cfg)
+        fp8 = Fp8Config(
+            enabled=True,
+            layers=["experts"],
+            experts_weight_grad="fp8",
+            experts_grouped_gemm=gemm,
+            experts_grouped_tiles=[64, 16, 32, 2, 4, 1, 0] if gemm == "triton" else None,
+        )
+        summary = apply_fp8(model, fp8, cpu)
+        assert len(summary.experts) == 2 and len(summary.fp8_dispatch) == 2, summary
+        layer = model.backbone.layers["0"].mixer.experts
+        assert layer.emulate == (gemm == "cutlass") and f"{gemm} products" in repr(layer), repr(layer)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = [
+            train_step(model, opt, batches, device=cpu, precision="bf16", grad_clip=1.0).loss
+            for _ in range(2)
+        ]
+        return losses, dict(model.named_parameters())
+
+    want_losses, want = run("cutlass")
+    with _bf16_rounded_to_nearest():
+        got_losses, got = run("triton")
+    assert want_losses[0] != want_losses[1]
+    for a, b in zip(got_losses, want_losses):
+        assert abs(a - b) < 1e-3 * abs(b), (got_losses, want_losses)
+    for name, p in want.items():
+        diff = float((got[name].detach().double() - p.detach().double()).norm() / p.detach().double().norm())
+        assert diff < 1e-3, f"{name}: relative difference {diff:.2e}"
 
 
 def _fp8_relu2_backward_check():
@@ -1249,6 +1443,22 @@ CHECKS = {
         [3, 64, 0, 0], use_tma=False, persistent=True
     ),
     "fp8_grouped_mm_tiles": _fp8_grouped_mm_tiles_check,
+    "fp8_expert_mlp_triton_bf16_wgrad": lambda: _fp8_expert_mlp_triton_check(
+        "bf16", [64, 16, 32, 2, 4, 1, 0]
+    ),
+    "fp8_expert_mlp_triton_fp8_wgrad_exact_accum": lambda: _fp8_expert_mlp_triton_check(
+        "fp8", [64, 32, 32, 3, 4, 1, 0], fast_accum=False
+    ),
+    "fp8_expert_mlp_triton_fp8_rows_persistent_pointers": lambda: _fp8_expert_mlp_triton_check(
+        "fp8", [64, 16, 64, 2, 4, 0, 1], fp8_rows=True
+    ),
+    "fp8_expert_mlp_triton_gathered_default_tiles": lambda: _fp8_expert_mlp_triton_check(
+        "fp8", None, gathered=True
+    ),
+    "fp8_expert_mlp_triton_gathered_bf16_wgrad": lambda: _fp8_expert_mlp_triton_check(
+        "bf16", [64, 16, 32, 2, 4, 1, 1], gathered=True
+    ),
+    "fp8_training_triton_grouped_gemm": _fp8_training_triton_check,
     "relu2_fp32_ragged_blocks": lambda: _relu2_check(torch.float32),
     "relu2_fp64_gradcheck": lambda: _relu2_check(torch.float64, shape=(3, 7, 11)),
     "relu2_bf16_one_block": lambda: _relu2_check(torch.bfloat16, shape=(2, 16), block=4096),

@@ -351,12 +351,15 @@ def test_route_topk_triton_matches_reference_at_nano3_width():
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("fast_accum", [True, False])
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("use_tma", [True, False])
-def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma, persistent):
+def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma, persistent, fast_accum):
     """`kernels.fp8_grouped_triton` == PyTorch's `_scaled_grouped_mm` (the training path's
     product) on float8 operands at Nano3's expert widths, uneven groups with an empty one, to
-    the BF16 output's rounding and the accumulation order."""
+    the BF16 output's rounding and the accumulation order; fast accumulation against CUTLASS's,
+    float32 promotion (`promotion_interval`) against CUTLASS's, and both against a float64
+    product of the same operands (promotion no further from it than CUTLASS's)."""
     pytest.importorskip("triton")
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("FP8 tensor cores (and TMA) need sm_90")
@@ -371,9 +374,39 @@ def test_fp8_grouped_mm_triton_matches_pytorch_grouped_product(use_tma, persiste
         a_q, a_inv = quantize_rows(torch.randn(rows, k, device="cuda", generator=gen).bfloat16())
         w_q, w_inv = quantize_rows(torch.randn(len(counts), n, k, device="cuda", generator=gen).bfloat16())
         want = torch._scaled_grouped_mm(
-            a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16
-        )
+            a_q, w_q.transpose(-2, -1), a_inv, w_inv, offs=offs, out_dtype=torch.bfloat16,
+            use_fast_accum=fast_accum,
+        )  # fmt: skip
         got = grouped_mm_triton(
-            a_q, a_inv, w_q, w_inv, offs, config=(128, 128, 128, 4, 8, use_tma, persistent)
+            a_q,
+            a_inv,
+            w_q,
+            w_inv,
+            offs,
+            config=(128, 128, 128, 4, 8, use_tma, persistent),
+            fast_accum=fast_accum,
         )
         assert rel(got, want) < 5e-3, (k, n, rel(got, want))
+        if not fast_accum:
+            # float32 results (no BF16 rounding to hide the sums' error) against a float64 product
+            # of the same operands: promoted every 128 products, nearer to it than the tensor
+            # cores' own accumulator over the whole contraction (fewer mantissa bits than float32)
+            exact = torch.empty(rows, n, dtype=torch.float64, device="cuda")
+            lo = 0
+            for e, hi in enumerate(offs.tolist()):
+                a = a_q[lo:hi].double() * a_inv[lo:hi, None].double()
+                exact[lo:hi] = a @ (w_q[e].double() * w_inv[e, :, None].double()).t()
+                lo = hi
+            config = (128, 128, 128, 4, 8, use_tma, persistent)
+            promoted, fast = (
+                grouped_mm_triton(
+                    a_q, a_inv, w_q, w_inv, offs, config=config, out_dtype=torch.float32, fast_accum=f
+                )
+                for f in (False, True)
+            )
+            assert rel(promoted, exact) < 0.8 * rel(fast, exact), (
+                k,
+                n,
+                rel(promoted, exact),
+                rel(fast, exact),
+            )

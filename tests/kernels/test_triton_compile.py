@@ -120,7 +120,10 @@ def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tm
         if use_tma
         else {"A_DESC": "constexpr", "B_DESC": "constexpr"}
     )
-    constexprs = {**spec["constexprs"], "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "USE_TMA": use_tma}
+    constexprs = {
+        **spec["constexprs"], "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "USE_TMA": use_tma,
+        "MAX_IMPRECISE": None,
+    }  # fmt: skip
     if not use_tma:
         constexprs |= {"A_DESC": None, "B_DESC": None}
     spec = {
@@ -132,3 +135,46 @@ def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tm
     ptx = _compile_for_hopper(kernels[name], spec).asm["ptx"]
     assert "wgmma" in ptx and "e4m3" in ptx
     assert ("cp.async.bulk.tensor" in ptx) == use_tma
+
+
+@pytest.mark.parametrize("block_k", [64, 128, 256])
+def test_fp8_grouped_mm_exact_accumulation_promotes_to_float32(interpreted, block_k):
+    """`fast_accum=False` (`fp8_grouped_triton.promotion_interval`): each run of FP8 `wgmma`
+    instructions over min(BLOCK_K, 128) products goes into a zeroed accumulator that is then added
+    to the float32 one: one float32 add per accumulator register and promotion (128 x 128 tile,
+    8 warps: 64 registers per thread). Fast accumulation (Triton's sm_90 default) has none: the
+    tensor cores' accumulator sums the whole contraction."""
+    import re
+
+    from nemotron.kernels.fp8_grouped_triton import promotion_interval
+
+    kernels = _launched_kernels()
+    name = "nemotron.kernels.fp8_grouped_triton._grouped_fp8_kernel"
+    spec = interpreted["launches"][name]
+    sig = {
+        "A": "*fp8e4nv",
+        "B": "*fp8e4nv",
+        "OUT": "*bf16",
+        "A_DESC": f"tensordesc<fp8e4nv[128, {block_k}]>",
+        "B_DESC": f"tensordesc<fp8e4nv[128, {block_k}]>",
+    }
+    adds = {}
+    for fast in (True, False):
+        constexprs = {
+            **spec["constexprs"], "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "USE_TMA": True,
+            "MAX_IMPRECISE": promotion_interval(block_k, fast),
+        }  # fmt: skip
+        compiled = _compile_for_hopper(
+            kernels[name],
+            {
+                **spec,
+                "signature": {**spec["signature"], **sig},
+                "constexprs": constexprs,
+                "options": {"num_warps": 8, "num_stages": 3},
+            },
+        )
+        ptx = compiled.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "e4m3" in ptx
+        adds[fast] = len(re.findall(r"\badd(?:\.rn)?\.f32\b", ptx))
+    promotions = max(1, block_k // 128)
+    assert adds[True] == 0 and adds[False] == 64 * promotions, adds

@@ -496,6 +496,141 @@ def test_experts_weight_grad_key_is_checked():
     )
 
 
+@pytest.mark.parametrize(
+    "tiles,says",
+    [
+        ([128, 128, 128, 4, 8, 1], "a list of 7 integers"),
+        ("128,128,128,4,8,1,0", "a list of 7 integers"),
+        ([128, 128, 128.0, 4, 8, 1, 0], "must be integers"),
+        ([128, 128, 128, 4, 8, True, 0], "must be integers"),
+        ([32, 128, 128, 4, 8, 1, 0], "BLOCK_M 32 is not 64, 128 or 256"),
+        ([96, 128, 128, 4, 8, 1, 0], "BLOCK_M 96"),
+        ([128, 8, 128, 4, 8, 1, 0], "BLOCK_N 8 is not a power of two from 16 to 256"),
+        ([128, 96, 128, 4, 8, 1, 0], "BLOCK_N 96"),
+        ([128, 512, 128, 1, 8, 1, 0], "BLOCK_N 512"),
+        ([128, 128, 16, 4, 8, 1, 0], "BLOCK_K 16 is not a power of two from 32 to 256"),
+        ([128, 128, 128, 0, 8, 1, 0], "stages 0 is not at least 1"),
+        ([128, 128, 128, 4, 2, 1, 0], "warps 2 is not 4 or 8"),
+        ([128, 128, 128, 4, 16, 1, 0], "warps 16"),
+        ([128, 128, 128, 4, 8, 2, 0], "use_tma 2 is not 0 or 1"),
+        ([128, 128, 128, 4, 8, 1, -1], "persistent -1 is not 0 or 1"),
+        ([256, 128, 128, 5, 8, 1, 0], "245760 bytes of pipeline buffers exceed"),
+    ],
+)
+def test_experts_grouped_tiles_are_checked_per_element(tiles, says):
+    """Each bad `train.fp8.experts_grouped_tiles` value is one problem naming the key and what is
+    wrong with which element (the bounds: Triton's FP8 tensor-core path on sm_90)."""
+    fp8 = Fp8Config(layers=["experts"], experts_grouped_gemm="triton", experts_grouped_tiles=tiles)
+    problems = check_fp8_config(fp8, "bf16", 1)
+    assert [k for k, _ in problems] == ["train.fp8.experts_grouped_tiles"], problems
+    assert says in problems[0][1], problems
+
+
+def test_experts_grouped_gemm_keys_are_checked():
+    ok = Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm="triton")
+    assert check_fp8_config(ok, "bf16", 1) == []
+    for tiles in ([128, 128, 128, 4, 8, 1, 0], [64, 16, 32, 1, 4, 0, 1], [128, 256, 128, 3, 8, 1, 1]):
+        assert check_fp8_config(dataclasses.replace(ok, experts_grouped_tiles=tiles), "bf16", 1) == []
+    problems = dict(check_fp8_config(Fp8Config(experts_grouped_gemm="cublas"), "bf16", 1))
+    assert "'cublas' is not one of ['cutlass', 'triton']" in problems["train.fp8.experts_grouped_gemm"]
+    # the experts' products, so it needs the experts (checked enabled or not, as experts_weight_grad)
+    problems = dict(check_fp8_config(Fp8Config(layers=["mamba"], experts_grouped_gemm="triton"), "bf16", 1))
+    assert list(problems) == ["train.fp8.experts_grouped_gemm"]
+    assert "no 'experts'" in problems["train.fp8.experts_grouped_gemm"]
+    # tiles without the Triton product would be ignored: refused instead
+    cutlass = Fp8Config(layers=["experts"], experts_grouped_tiles=[128, 128, 128, 4, 8, 1, 0])
+    problems = dict(check_fp8_config(cutlass, "bf16", 1))
+    assert (
+        list(problems) == ["train.fp8.experts_grouped_tiles"]
+        and "'cutlass'" in problems["train.fp8.experts_grouped_tiles"]
+    )
+
+
+def test_experts_grouped_keys_load_from_overrides_and_reach_the_experts(monkeypatch):
+    """The keys load from command-line overrides (a list as for `layers`); a bad element is one
+    config error naming the key; `apply_fp8` hands them to the routed experts, which on CPU
+    emulate the products unless the Triton interpreter is on (then the kernel runs there)."""
+    from nemotron.config.loader import load_config
+    from nemotron.config.schema import PretrainConfig
+
+    overrides = [
+        "train.fp8.enabled=true",
+        "train.fp8.layers=[experts]",
+        "train.precision=bf16",
+        "train.fp8.experts_grouped_gemm=triton",
+    ]
+    cfg = load_config(
+        "tiny", [*overrides, "train.fp8.experts_grouped_tiles=[128,256,128,3,8,1,0]"], PretrainConfig
+    )
+    assert cfg.train.fp8.experts_grouped_gemm == "triton"
+    assert cfg.train.fp8.experts_grouped_tiles == [128, 256, 128, 3, 8, 1, 0]
+    assert load_config("tiny", overrides, PretrainConfig).train.fp8.experts_grouped_tiles is None
+    assert load_config("tiny", [], PretrainConfig).train.fp8.experts_grouped_gemm == "cutlass"
+    with pytest.raises(ConfigError, match=r"train\.fp8\.experts_grouped_tiles: .*BLOCK_K 8 is not"):
+        load_config(
+            "tiny", [*overrides, "train.fp8.experts_grouped_tiles=[128,256,8,3,8,1,0]"], PretrainConfig
+        )
+    with pytest.raises(ConfigError, match=r"train\.fp8\.experts_grouped_tiles\[1\] must be an integer"):
+        load_config(
+            "tiny", [*overrides, "train.fp8.experts_grouped_tiles=[128,x,128,3,8,1,0]"], PretrainConfig
+        )
+    fp8 = cfg.train.fp8
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = _tiny()
+    apply_fp8(model, fp8, CPU)
+    experts = model.backbone.layers["1"].mixer.experts
+    assert experts.grouped_gemm == "triton" and experts.grouped_tiles == [128, 256, 128, 3, 8, 1, 0]
+    assert experts.emulate and "triton products [128, 256, 128, 3, 8, 1, 0]" in repr(experts)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = _tiny()
+    apply_fp8(model, fp8, CPU)
+    assert not model.backbone.layers["1"].mixer.experts.emulate  # the kernel runs, interpreted
+    cutlass = _tiny()
+    apply_fp8(
+        cutlass, dataclasses.replace(fp8, experts_grouped_gemm="cutlass", experts_grouped_tiles=None), CPU
+    )
+    assert cutlass.backbone.layers["1"].mixer.experts.emulate  # no CPU CUTLASS: emulated
+
+
+def test_apply_fp8_refuses_the_triton_product_a_gpu_cannot_run(monkeypatch):
+    """On an FP8 GPU without TMA (sm_89) the Triton product's tiles must not use it (the default
+    ones do): one error naming the key at `apply_fp8`, not a compile failure in the first step;
+    without Triton installed, one naming `experts_grouped_gemm`. (No GPU needed: the capability
+    is what the check reads; nothing touches the device.)"""
+    import nemotron.kernels as kernels
+
+    monkeypatch.setattr(fp8_mod, "fp8_hardware", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    cuda = torch.device("cuda")
+    fp8 = Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm="triton")
+    with pytest.raises(ValueError, match=r"experts_grouped_tiles: use_tma=1 \(the default tiles'\) .* sm_89"):
+        apply_fp8(_tiny(), fp8, cuda)
+    with pytest.raises(ValueError, match=r"experts_grouped_tiles: use_tma=1 needs"):
+        apply_fp8(_tiny(), dataclasses.replace(fp8, experts_grouped_tiles=[128, 128, 128, 4, 8, 1, 0]), cuda)
+    model = _tiny()
+    apply_fp8(model, dataclasses.replace(fp8, experts_grouped_tiles=[128, 128, 128, 4, 8, 0, 0]), cuda)
+    assert not model.backbone.layers["1"].mixer.experts.emulate  # the GPU's own FP8 path
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    apply_fp8(_tiny(), fp8, cuda)  # Hopper: the default tiles
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"experts_grouped_gemm: 'triton' .* Triton is not installed"):
+        apply_fp8(_tiny(), fp8, cuda)
+
+
+def test_fp8_expert_mlp_refuses_an_unknown_product_or_bad_tiles():
+    """Library callers get the config check's words (one validator) as a ValueError."""
+    from nemotron.train.fp8_grouped import fp8_expert_mlp
+
+    x, up, down = torch.randn(4, 32), torch.randn(2, 16, 32), torch.randn(2, 32, 16)
+    offs = torch.tensor([1, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"grouped_gemm 'cublas' is not one of \['cutlass', 'triton'\]"):
+        fp8_expert_mlp(x, up, down, offs, grouped_gemm="cublas")
+    with pytest.raises(
+        ValueError, match=r"grouped_tiles \[128, 128, 128, 4, 3, 1, 0\]: warps 3 is not 4 or 8"
+    ):
+        fp8_expert_mlp(x, up, down, offs, grouped_gemm="triton", grouped_tiles=[128, 128, 128, 4, 3, 1, 0])
+
+
 def test_apply_fp8_refuses_what_the_config_check_refuses():
     """Library callers (the benchmarks) skip the recipe's load-time checks; `apply_fp8` runs the
     same check, so a misspelt layer kind is one error naming the key, not a model quietly
@@ -509,6 +644,9 @@ def test_apply_fp8_refuses_what_the_config_check_refuses():
         apply_fp8(_tiny(), Fp8Config(enabled=True, layers=["mlp"], experts_weight_grad="fp8"), CPU)
     with pytest.raises(ValueError, match=r"train\.fp8\.layers: is empty"):
         apply_fp8(_tiny(), Fp8Config(enabled=True, layers=[]), CPU)
+    with pytest.raises(ValueError, match=r"train\.fp8\.experts_grouped_tiles: .*stages 0"):
+        bad = Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm="triton")
+        apply_fp8(_tiny(), dataclasses.replace(bad, experts_grouped_tiles=[128, 128, 128, 0, 8, 1, 0]), CPU)
 
 
 def test_float8_grouped_experts_take_a_rank_with_no_rows():

@@ -110,6 +110,66 @@ def test_fp8_grouped_experts_match_emulation_with_uneven_groups(fast_accum, weig
     assert _rel(results[1][0], exact) < 0.1
 
 
+@pytest.mark.parametrize(
+    "fast_accum,weight_grad,tiles,widths",
+    [
+        (True, "fp8", None, (256, 384)),
+        (False, "bf16", [128, 128, 64, 4, 8, 1, 0], (256, 384)),
+        (True, "fp8", [128, 256, 128, 3, 8, 1, 1], (256, 384)),
+        (True, "bf16", [64, 128, 128, 4, 4, 0, 0], (256, 384)),
+        # Nano3's widths: contractions of 2,688 and 1,856 (not a multiple of 128: the TMA tail)
+        (True, "fp8", [128, 128, 128, 4, 8, 1, 0], (2688, 1856)),
+        (False, "fp8", [128, 128, 128, 4, 8, 1, 0], (2688, 1856)),
+    ],
+)
+def test_fp8_grouped_experts_triton_products_match_cutlass(fast_accum, weight_grad, tiles, widths):
+    """`train.fp8.experts_grouped_gemm=triton` (the forward and input-gradient products by
+    `kernels.fp8_grouped_triton` at the given tiles) against "cutlass" (`torch._scaled_grouped_mm`)
+    on the same FP8 operands, per tensor (output, input gradient, both weight gradients) and per
+    expert group, groups of 0, 1 and uneven rows; both within the emulation's 2% too."""
+    hidden, ffn = widths
+    torch.manual_seed(0)
+    experts = GroupedExperts(
+        num_experts=16, hidden_size=hidden, ffn_hidden_size=ffn, init_std=0.02, output_init_std=0.01
+    ).to(CUDA, torch.bfloat16)
+    counts = torch.tensor([37, 0, 16, 1, 250, 0, 3, 640, 15, 17, 100, 0, 2, 31, 48, 9], device=CUDA)
+    x = torch.randn(int(counts.sum()), hidden, device=CUDA, dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    results = {}
+    for gemm, emulate in (("cutlass", False), ("triton", False), ("cutlass", True)):
+        layer = Float8GroupedExperts(
+            experts,
+            emulate=emulate,
+            fast_accum=fast_accum,
+            weight_grad=weight_grad,
+            grouped_gemm=gemm,
+            grouped_tiles=tiles if gemm == "triton" else None,
+        )
+        for p in layer.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, counts)
+        out.backward(g)
+        results[gemm, emulate] = (out, xi.grad, layer.up_proj.grad.clone(), layer.down_proj.grad.clone())
+    bounds = torch.cumsum(counts, 0).tolist()
+    groups = [slice(lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)]
+    names = ("out", "dx", "d_up", "d_down")
+    for name, triton, cutlass, emulated in zip(
+        names, results["triton", False], results["cutlass", False], results["cutlass", True]
+    ):
+        assert torch.isfinite(triton).all(), name
+        # the same FP8 operands; sums in another order (a BF16 rounding of h_pre that goes the other
+        # way can move h's FP8 rounding by one step): well under the FP8 roundings' 2%
+        assert _rel(triton, cutlass) < 1e-2, (name, _rel(triton, cutlass))
+        assert _rel(triton, emulated) < 2e-2, (name, _rel(triton, emulated))
+        parts = groups if name in ("out", "dx") else range(len(counts))
+        for i, part in enumerate(parts):
+            if cutlass[part].abs().sum() > 0:
+                assert _rel(triton[part], cutlass[part]) < 3e-2, (name, i, _rel(triton[part], cutlass[part]))
+            else:
+                assert triton[part].abs().sum() == 0, (name, i)
+
+
 def test_fp8_weight_grad_kernels_match_their_references():
     """The FP8 weight gradients' kernels on the GPU (`kernels.fp8_wgrad`): the transposed,
     expert-scaled forms and the squared ReLU's backward equal their PyTorch references bit for

@@ -112,6 +112,26 @@ def _nan_after(monkeypatch, first_bad_step, micro_batches_per_step=2):
     return calls
 
 
+def test_sigterm_at_a_skipped_step_says_no_checkpoint_was_saved(tmp_path, corpus, monkeypatch):
+    """save() keeps nothing of a skipped (non-finite) step: the stop event must not claim a
+    checkpoint, and names the one a rerun resumes from."""
+    _nan_after(monkeypatch, {5})
+    cfg = make_config(tmp_path, blend=corpus[0])
+    events = []
+
+    def preempt(kind, payload):
+        events.append((kind, payload))
+        if kind == "train" and payload["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = pretrain(cfg, tmp_path / "job", on_event=preempt)
+    assert summary.status == "interrupted" and summary.steps == 5
+    (stop,) = [payload for kind, payload in events if kind == "stop"]
+    assert stop["step"] == 5 and stop["signal"] == signal.SIGTERM
+    assert stop["checkpoint"] is None and stop["resume_from"].endswith("iter_0000003")
+    assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"
+
+
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, monkeypatch):
     _nan_after(monkeypatch, {3})
     cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": None})

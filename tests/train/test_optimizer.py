@@ -240,3 +240,43 @@ def test_clip_coefficient_is_megatrons(max_norm, norm, scaled):
     for p, g in zip(params, before):
         torch.testing.assert_close(p.grad, g * coefficient, rtol=0, atol=0)
     assert params[2].grad is None
+
+
+def test_library_clip_grad_norm_turns_off_at_zero_where_torch_zeroes_every_gradient():
+    """`distributed.utils.clip_grad_norm_` follows the project's (and Megatron's `--clip-grad
+    0`) rule, not torch's: max_norm 0 leaves the gradients as they are, where
+    torch.nn.utils.clip_grad_norm_ multiplies them by 0. Above 0 both clip alike (the same
+    coefficient, max_norm / (norm + 1e-6)); both return the norm before clipping."""
+    from nemotron.distributed.utils import clip_grad_norm_
+
+    def params():
+        p = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+        p[0].grad, p[1].grad = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 4.0])
+        return p
+
+    ours, theirs = params(), params()
+    norm = clip_grad_norm_(ours, 0.0)
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, 0.0)
+    torch.testing.assert_close(norm, torch_norm)
+    assert [p.grad.tolist() for p in ours] == [[1.0, -2.0, 3.0], [0.5, 4.0]]  # off
+    assert all(float(p.grad.abs().max()) == 0.0 for p in theirs)  # torch: zeroed
+    ours, theirs = params(), params()
+    clip_grad_norm_(ours, 1.5)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, float("nan")])
+def test_negative_or_nan_max_norm_is_refused(max_norm):
+    """Off is spelt 0: a negative max_norm (which torch would turn into a coefficient that
+    flips every gradient) or NaN was silently taken for off."""
+    from nemotron.distributed.utils import clip_grad_norm_, scale_grads_to_norm_
+
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        clip_grad_norm_([p], max_norm)
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        scale_grads_to_norm_([p], max_norm, 5.0)
+    assert p.grad.tolist() == [3.0, 4.0]

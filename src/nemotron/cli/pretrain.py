@@ -188,6 +188,7 @@ def _plan_rows(
         ),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}{_split_note(cfg)}"),
+        *[("warning", w) for w in _evaluation_warnings(cfg)],
         (
             "phase 2",
             f"{phase2} from {cfg.data.phase2_start_fraction:.0%} of tokens "
@@ -241,6 +242,14 @@ def _split_note(cfg) -> str:
     if single is False:
         return f", split {split!r} (refused: the blend gives each split its own; leave data.split unset)"
     return f", split {split!r}"
+
+
+def _evaluation_warnings(cfg) -> list[str]:
+    """The evaluation the blend leaves out though `train.eval_iters` asks for it (the run says
+    the same at its start: `evaluation_warnings`, the one home of the rule)."""
+    from nemotron.train.plan import evaluation_warnings
+
+    return evaluation_warnings(cfg.data, cfg.train)
 
 
 def check_layout(cfg, world: int, where: str) -> None:

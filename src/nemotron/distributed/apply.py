@@ -159,7 +159,10 @@ def apply_fsdp(
             # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
             experts.set_force_sum_reduction_for_comms(True)
     backbone = model.backbone
-    if backbone.embeddings is not None:  # a pipeline part past the first has none
+    # A pipeline part past the first has no embeddings. Tied to the LM head, the embedding
+    # weight is the LM head's parameter and stays with it in the root unit: FSDP2 refuses a
+    # parameter managed by two units (its first forward raised ValueError).
+    if backbone.embeddings is not None and not model.config.tie_word_embeddings:
         fully_shard(backbone.embeddings, mesh=mesh.dp_mesh, **common)
     if dims.tp == 1:
         for block in backbone.layers.values():

@@ -24,7 +24,8 @@ What crosses stages, and how it stays exact:
   stage's norm over its DTensor gradients, complete over the stage's DP/TP/EP shards, then
   squares summed over the pipeline ranks).
 - expert-bias counts: each stage's MoE layers count their own tokens; the bias update sums
-  them over the stage's ranks only (`ParallelMesh.balancing_group`).
+  them over the stage's ranks only (`ParallelMesh.balancing_group`); the logged load figures
+  are every stage's, gathered over the pipeline ranks (`Pipeline.whole_model_balance`).
 
 Data: every stage reads the same micro-batches (their shapes set what the stages exchange);
 only the first stage moves token ids to the device, only the last stage labels and the loss
@@ -43,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,9 @@ from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm, padding_mask
 from nemotron.models.nano3.model import Nano3ForCausalLM
+
+if TYPE_CHECKING:
+    from nemotron.train.balancing import BalanceStats
 
 
 class LocalStages(nn.Module):
@@ -362,6 +367,27 @@ class Pipeline:
         """`values` as the ranks holding the last stage have them, on every pipeline rank."""
         mine = torch.tensor(values if self.has_last else [0.0] * len(values), dtype=torch.float64)
         return self._sum_over_pipeline(mine).tolist()
+
+    def whole_model_balance(self, stats: BalanceStats) -> BalanceStats:
+        """The expert-load figures of every stage's MoE layers, in the whole model's layer
+        order, on every pipeline rank: `stats` (a `train.balancing.BalanceStats`) is this
+        rank's layers' only (each rank updates the biases of its own stages), and a log written
+        by rank 0 alone would otherwise show the first stage's layers as the model's."""
+        from nemotron.models.nano3.moe import MoE
+        from nemotron.train.balancing import BalanceStats
+
+        kinds = self.local.config.block_kinds
+        position = {block: n for n, block in enumerate(i for i, kind in enumerate(kinds) if kind == "moe")}
+        layers = self.local.backbone.layers
+        assert isinstance(layers, nn.ModuleDict)  # set in LocalStages.__init__
+        # the order of `LocalStages.moe_layers`, which `stats` follows
+        mine = [position[int(name)] for name, block in layers.items() if isinstance(block.mixer, MoE)]
+        rows = (stats.max_over_mean, stats.bias_min, stats.bias_max, stats.tokens)
+        table = torch.zeros(len(rows), len(position), dtype=torch.float64)
+        for row, values in enumerate(rows):
+            table[row, mine] = torch.tensor(values, dtype=torch.float64)
+        table = self._sum_over_pipeline(table)  # each layer is held by one rank: exact
+        return BalanceStats(*(row.tolist() for row in table))
 
     def grad_norm(self, params: list[torch.nn.Parameter]) -> float:
         """The whole model's gradient norm (every stage's parameters)."""

@@ -136,8 +136,14 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
 def scale_grads_to_norm_(parameters: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
     """Megatron's `clip_grad_by_total_norm_fp32`: multiply every gradient by
     `max_norm / (total_norm + 1e-6)` when that coefficient is below 1 (so also at a norm equal
-    to `max_norm`). A non-finite norm, or `max_norm` 0 (off) or infinite, scales nothing: a
-    NaN coefficient would poison every gradient, and the caller skips such a step anyway."""
+    to `max_norm`). A non-finite norm, or `max_norm` 0 (off, as `train.grad_clip` 0 and
+    Megatron's `--clip-grad 0`) or infinite, scales nothing: a NaN coefficient would poison
+    every gradient, and the caller skips such a step anyway. The one home of the rule.
+
+    A negative or NaN `max_norm` is a ValueError: torch would flip (or poison) every gradient
+    with it, and "off" is spelt 0."""
+    if not max_norm >= 0:  # also NaN
+        raise ValueError(f"max_norm must be >= 0 (0 = no clipping), got {max_norm}")
     if not (max_norm > 0 and math.isfinite(total_norm)):
         return
     coefficient = max_norm / (total_norm + 1e-6)
@@ -155,9 +161,12 @@ def scale_grads_to_norm_(parameters: Iterable[torch.Tensor], max_norm: float, to
 def clip_grad_norm_(
     parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
-    """Drop-in for `torch.nn.utils.clip_grad_norm_` on a parallelised model, clipping as
-    Megatron does (`scale_grads_to_norm_`); returns the total norm (a plain tensor, identical
-    on every rank)."""
+    """`torch.nn.utils.clip_grad_norm_` for a parallelised model (gradients on several
+    meshes), with Megatron's clipping rule (`scale_grads_to_norm_`) rather than torch's:
+    `max_norm` 0 turns clipping off, as `train.grad_clip` 0 and Megatron's `--clip-grad 0` do
+    (torch would zero every gradient), and a non-finite norm scales nothing (torch would
+    multiply every gradient by NaN). Returns the total norm before clipping (a plain tensor,
+    identical on every rank)."""
     params = [p for p in parameters if p.grad is not None]
     total = grad_norm(params, norm_type)
     scale_grads_to_norm_(params, max_norm, float(total))

@@ -12,8 +12,14 @@ Why it exists: PyTorch's CUTLASS kernel for this product chooses its tile from t
 it takes 256 x 128 cooperative tiles and runs at ~1.05 PFLOP/s, where the dense FP8 products of
 the same step run at ~1.44 (docs/benchmarks.md, "FP8 training", twelfth round). This kernel lets
 the tile, the pipeline depth and the use of the Tensor Memory Accelerator be measured at those
-shapes (`benchmarks/fp8_gemms.py --parts grouped_triton`); the training path uses it only once
-a measurement shows it faster.
+shapes (`benchmarks/fp8_gemms.py --parts grouped_triton`); training uses it with
+`train.fp8.experts_grouped_gemm=triton` (`train.fp8_grouped`; CUTLASS stays the default until the
+proxy step is measured with it).
+
+Accumulation: on sm_90 Triton's FP8 `tl.dot` keeps the whole contraction in the tensor cores'
+accumulator by default (`max_num_imprecise_acc` 2**30, Triton 3.6 and 3.9), which is CUTLASS's
+`use_fast_accum=True`; `fast_accum=False` promotes into float32 every `promotion_interval`
+products (the `MAX_IMPRECISE` constexpr).
 
 Layout of the work: the row tiles of every group are listed once (`row_tiles`: per tile its
 group, first row and the group's end; computed on the device from `offs`, no host sync), and
@@ -29,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GroupedConfig", "grouped_mm_triton", "row_tiles"]
+__all__ = ["GroupedConfig", "grouped_mm_triton", "promotion_interval", "row_tile_slots", "row_tiles"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma[, persistent])
 GroupedConfig = tuple[int, ...]
@@ -64,6 +70,7 @@ def _grouped_fp8_tile(
     A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, group, first, end, tn, N, K,
     stride_a, stride_b, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M x BLOCK_N] output tile: rows first.. of `group` (stored up to `end`),
     columns tn * BLOCK_N.. (stored up to N)."""
@@ -77,7 +84,7 @@ def _grouped_fp8_tile(
         for k in range(0, K, BLOCK_K):
             a = A_DESC.load([first, k])
             b = B_DESC.load([b_row, k])
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
     else:
         a_rows = tl.minimum(rows, end - 1).to(tl.int64)  # rows past the group read its last one
         b_rows = (group.to(tl.int64) * N + tl.minimum(cols, N - 1)).to(tl.int64)
@@ -86,7 +93,7 @@ def _grouped_fp8_tile(
             k_ok = (k + ks) < K
             a = tl.load(A + a_rows[:, None] * stride_a + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
             b = tl.load(B + b_rows[:, None] * stride_b + (k + ks)[None, :], mask=k_ok[None, :], other=0.0)
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
     row_ok = rows < end
     col_ok = cols < N
     a_inv = tl.load(A_INV + rows, mask=row_ok, other=0.0)
@@ -101,6 +108,7 @@ def _grouped_fp8_kernel(
     A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, N, K,
     stride_a, stride_b, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr,
 ):  # fmt: skip
     """One program per output tile. The column tile is the grid's fastest dimension: programs
     launched together share their row tile of A (read once from memory, then from L2) and walk
@@ -111,7 +119,7 @@ def _grouped_fp8_kernel(
     if group >= 0:
         _grouped_fp8_tile(
             A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, group, tl.load(FIRST + tile), tl.load(END + tile), tn,
-            N, K, stride_a, stride_b, stride_out, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+            N, K, stride_a, stride_b, stride_out, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, MAX_IMPRECISE,
         )  # fmt: skip
 
 
@@ -120,6 +128,7 @@ def _grouped_fp8_persistent_kernel(
     A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, GROUP, FIRST, END, USED, N, K,
     stride_a, stride_b, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr,
 ):  # fmt: skip
     """One program per multiprocessor, stepping through the output tiles in the order above
     (the number in use read from the device: no host sync)."""
@@ -130,8 +139,25 @@ def _grouped_fp8_persistent_kernel(
         _grouped_fp8_tile(
             A, B, A_DESC, B_DESC, OUT, A_INV, B_INV, tl.load(GROUP + tile), tl.load(FIRST + tile),
             tl.load(END + tile), t % tiles_n, N, K, stride_a, stride_b, stride_out,
-            BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, MAX_IMPRECISE,
         )  # fmt: skip
+
+
+def promotion_interval(block_k: int, fast_accum: bool) -> int | None:
+    """`tl.dot`'s `max_num_imprecise_acc` for FP8 operands on sm_90: how many products the
+    tensor cores' own accumulator (fewer mantissa bits than float32) sums before the result is
+    added to a float32 accumulator. Triton's default there is 2**30 (never promoted: CUTLASS's
+    `use_fast_accum=True`), returned as None (the default kept). Otherwise every
+    min(BLOCK_K, 128) products: CUTLASS's promotion interval without fast accumulation (4 FP8
+    `wgmma` instructions of 32 products), and a value Triton accepts (at most the dot's K, at
+    least one instruction's 32, below which it gives up the Hopper `wgmma` path)."""
+    return None if fast_accum else min(block_k, 128)
+
+
+def row_tile_slots(rows: int, experts: int, block_m: int) -> int:
+    """How many row-tile slots `row_tiles` needs for `rows` rows in `experts` groups: each
+    group wastes at most one partial tile."""
+    return triton.cdiv(rows, block_m) + experts
 
 
 def grouped_mm_triton(
@@ -142,11 +168,22 @@ def grouped_mm_triton(
     offs: torch.Tensor,
     config: GroupedConfig | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = True,
+    tiles: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """The module docstring's product. `config`: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps,
     use_tma[, persistent]); TMA needs a GPU with it (sm_90+) or the interpreter; persistent: one
     program per multiprocessor looping over the tiles. `out_dtype`: float32 keeps the products
-    unrounded (the CPU tests compare them with a float64 reference)."""
+    unrounded (the CPU tests compare them with a float64 reference). `fast_accum`: the FP8
+    products sum in the tensor cores' accumulator over the whole contraction (Triton's default
+    on sm_90, as CUTLASS's `use_fast_accum=True`); False: promoted to float32 every
+    `promotion_interval` products (the interpreter computes in float32 either way).
+    `tiles`: `row_tiles(offs, BLOCK_M, row_tile_slots(...))` made once for several products
+    over the same groups (the experts' four products of one call), else made here.
+
+    The operands are used in place when contiguous (the experts' own quantizations and the FP8
+    forms FSDP2 gathers are: views of contiguous buffers); the inverse scales likewise when
+    float32 and contiguous."""
     block_m, block_n, block_k, stages, warps, use_tma, *rest = config or DEFAULT_CONFIG
     persistent = bool(rest[0]) if rest else False
     rows, k = a_q.shape
@@ -161,17 +198,27 @@ def grouped_mm_triton(
         return out
     a_q, b_t_q = a_q.contiguous(), b_t_q.contiguous()
     b_flat = b_t_q.view(experts * n, k)
-    max_tiles = triton.cdiv(rows, block_m) + experts  # each group wastes at most one partial tile
+    max_tiles = row_tile_slots(rows, experts, block_m)
     a_desc = b_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a_q, [block_m, block_k])
         b_desc = TensorDescriptor.from_tensor(b_flat, [block_n, block_k])
-    group, first, end, used = row_tiles(offs, block_m, max_tiles)
+    if tiles is None:
+        tiles = row_tiles(offs, block_m, max_tiles)
+    elif tiles[0].shape != (max_tiles,):
+        raise ValueError(
+            f"grouped_mm_triton: {tiles[0].shape[0]} row-tile slots given, {max_tiles} needed "
+            f"({rows} rows, {experts} groups, BLOCK_M {block_m})"
+        )
+    group, first, end, used = tiles
     a_inv, b_inv = a_inv.float().contiguous(), b_inv.float().contiguous()
     strides = (a_q.stride(0), b_flat.stride(0), out.stride(0))
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=use_tma, num_stages=stages, num_warps=warps)
+    meta = dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_TMA=bool(use_tma),
+        MAX_IMPRECISE=promotion_interval(block_k, fast_accum), num_stages=stages, num_warps=warps,
+    )  # fmt: skip
     if persistent:
         programs = torch.cuda.get_device_properties(a_q.device).multi_processor_count if a_q.is_cuda else 4
         _grouped_fp8_persistent_kernel[(programs,)](

@@ -34,10 +34,16 @@ import torch
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
 from nemotron.data.config import DataConfig
 from nemotron.data.gpt_dataset import (
+    DEFAULT_SPLIT,
+    SPLITS,
     GPTDatasetError,
     build_split_dataset,
+    is_single_blend,
+    load_blend,
     open_indexed,
     read_blend,
+    split_bounds,
+    split_documents,
     split_has_share,
 )
 from nemotron.data.indexed import IndexedDatasetError
@@ -46,7 +52,14 @@ from nemotron.distributed.parallel_dims import check_sequence_lengths
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
-from nemotron.train.plan import BatchPlan, TrainDataError, mean_sample_length, phase2_start_step, plan_batches  # noqa: F401 - re-exported with the loader
+from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
+    BatchPlan,
+    TrainDataError,
+    evaluation_warnings,
+    mean_sample_length,
+    phase2_start_step,
+    plan_batches,
+)
 
 
 class PhaseSwitchError(TrainDataError):
@@ -377,7 +390,8 @@ class TrainingData:
         evaluation, the phase switch or the test at the end. The phase-2 blend may be prepared
         while phase 1 trains: if its file does not exist yet, the returned warning says so (the
         switch builds it, `maybe_switch_phase`). Also compares the blends' tokenizers
-        (`check_tokenizers`). Returns the warnings for the run to show."""
+        (`check_tokenizers`) and says which evaluation the blend leaves out
+        (`evaluation_warnings`). Returns the warnings for the run to show."""
         warnings = []
         if not self.data.mock:
             blends = [("data.blend", self.data.blend)]
@@ -403,7 +417,7 @@ class TrainingData:
                 )
         self.eval_dataset("valid")
         self.eval_dataset("test")
-        return warnings
+        return warnings + evaluation_warnings(self.data, self.train)
 
     def maybe_switch_phase(self, step: int) -> bool:
         """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.
@@ -524,17 +538,59 @@ class TrainingData:
         return LoaderState(**d)
 
 
+def _token_counts(dataset, first: int, stop: int) -> np.ndarray:
+    """How often each token id occurs in sequences [first, stop) of an indexed dataset (the
+    documents a split reads). Sequences written back to back (Megatron's writer, data prep)
+    are one slice of the .bin; any other layout is read sequence by sequence."""
+    lengths = np.asarray(dataset.sequence_lengths[first:stop], dtype=np.int64)
+    if not lengths.size:
+        return np.zeros(0, dtype=np.float64)
+    pointers = np.asarray(dataset.sequence_pointers[first:stop], dtype=np.int64)
+    itemsize = dataset.dtype.itemsize
+    data = np.memmap(str(dataset.prefix) + ".bin", dtype=dataset.dtype, mode="r")
+    if np.array_equal(pointers[1:], pointers[:-1] + lengths[:-1] * itemsize):
+        begin = int(pointers[0]) // itemsize
+        parts = [data[begin : begin + int(lengths.sum())]]
+    else:
+        parts = [data[int(p) // itemsize : int(p) // itemsize + int(n)] for p, n in zip(pointers, lengths)]
+    counts = np.zeros(0, dtype=np.float64)
+    for part in parts:
+        if part.size and int(part.min()) < 0:
+            raise IndexedDatasetError(
+                f"{dataset.prefix}.bin holds token id {int(part.min())}, outside any vocabulary"
+            )
+        found = np.bincount(part.astype(np.int64)).astype(np.float64)
+        size = max(len(counts), len(found))
+        counts = np.pad(counts, (0, size - len(counts))) + np.pad(found, (0, size - len(found)))
+    return counts
+
+
 def unigram_entropy(
-    blend_json: str | Path | None, split: str = "train", max_tokens: int = 200_000_000
+    blend_json: str | Path | None,
+    split: str = "train",
+    max_tokens: int = 200_000_000,
+    split_string: str | None = None,
 ) -> float | None:
-    """Entropy (nats/token) of the blend's unigram token distribution (weights applied), the
-    loss of a model that ignores context: training loss should fall well below it.
-    None when there is no blend or it holds more than `max_tokens` tokens (too costly)."""
+    """Entropy (nats/token) of the unigram token distribution of what `split` of the blend
+    reads (weights applied), the loss of a model that ignores context: training loss should
+    fall well below it. Of a file of one blend for every split, only the documents that
+    `split_string` (`data.split`; None: Megatron's default) gives `split` are counted, as
+    `build_split_dataset` reads them. None when there is no blend, the split has no share,
+    or it holds more than `max_tokens` tokens (too costly)."""
     if blend_json is None:
         return None
     weights, prefixes = read_blend(blend_json, split)
     datasets = [open_indexed(p) for p in prefixes]
-    sizes = [int(np.asarray(d.sequence_lengths, dtype=np.int64).sum()) for d in datasets]
+    ranges = [(0, len(d)) for d in datasets]
+    if is_single_blend(load_blend(blend_json)):
+        bounds = split_bounds(DEFAULT_SPLIT if split_string is None else split_string)[SPLITS.index(split)]
+        if bounds is None:
+            return None
+        ranges = [split_documents(len(d), bounds) for d in datasets]
+    sizes = [
+        int(np.asarray(d.sequence_lengths[first:stop], dtype=np.int64).sum())
+        for d, (first, stop) in zip(datasets, ranges)
+    ]
     if sum(sizes) > max_tokens or sum(sizes) == 0:
         return None
     if weights is None:
@@ -542,12 +598,10 @@ def unigram_entropy(
         weights = [float(n) for n in sizes]
     mixture = None
     total_weight = sum(w for w, n in zip(weights, sizes) if n)
-    for weight, prefix, dataset, n in zip(weights, prefixes, datasets, sizes):
+    for weight, dataset, (first, stop), n in zip(weights, datasets, ranges, sizes):
         if not n:
             continue
-        # The .bin file is every sequence's tokens back to back (docs/reference.md §4).
-        tokens = np.memmap(str(prefix) + ".bin", dtype=dataset.dtype, mode="r")
-        counts = np.bincount(tokens.astype(np.int64)).astype(np.float64)
+        counts = _token_counts(dataset, first, stop)
         p = counts / counts.sum() * (weight / total_weight)
         if mixture is None:
             mixture = p

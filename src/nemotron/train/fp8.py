@@ -15,6 +15,7 @@ Applied from outside the model, before sharding, by swapping modules (no method 
 - routed experts become `Float8GroupedExperts`, a subclass of the model's `GroupedExperts`
   holding the same `up_proj` / `down_proj` parameters, whose forward runs
   `nemotron.train.fp8_grouped.fp8_expert_mlp`: FP8 grouped GEMMs (`torch._scaled_grouped_mm`,
+  or with `experts_grouped_gemm=triton` `kernels.fp8_grouped_triton` at `experts_grouped_tiles`;
   rowwise scales) for the forward and input-gradient products, BF16 grouped GEMMs for the
   weight gradients (or, `experts_weight_grad=fp8`, FP8 ones: `nemotron.kernels.fp8_wgrad`),
   quantization fused into the squared ReLU (see that module for why this and
@@ -71,7 +72,7 @@ from nemotron.train.fp8_config import (  # noqa: F401  (re-exported: one import 
 )
 from nemotron.train.fp8_dispatch import Fp8LocalDispatcher
 from nemotron.train.fp8_gather import ExpertFp8Forms, ExpertMasterWeight
-from nemotron.train.fp8_grouped import fp8_expert_mlp
+from nemotron.train.fp8_grouped import fp8_expert_mlp, grouped_product_runs
 
 MIN_TORCHAO = (0, 18)
 # `train.fp8.autotune_casts`: Inductor options for the compiled linears (their cast and amax
@@ -285,6 +286,8 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     if tensor_parallel > 1 and fp8.recipe != "tensorwise":
         raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
+    if fp8.experts_grouped_gemm == "triton" and not emulate:
+        _check_triton_product(fp8, device)
     chosen, moes = _selected_modules(model, fp8.layers)
     excluded = tp_fp8_exclusions(model, tensor_parallel)
     by_id = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}  # what `chosen` names
@@ -329,7 +332,14 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
             continue
         if not isinstance(moe.experts, Float8GroupedExperts):
             moe.experts = Float8GroupedExperts(
-                moe.experts, emulate=emulate, fast_accum=fp8.fast_accum, weight_grad=fp8.experts_weight_grad
+                moe.experts,
+                # without FP8 tensor cores emulated, unless the chosen product runs anyway
+                # (the Triton one in the interpreter, on CPU: how the CPU tests run it)
+                emulate=emulate and not grouped_product_runs(fp8.experts_grouped_gemm, device),
+                fast_accum=fp8.fast_accum,
+                weight_grad=fp8.experts_weight_grad,
+                grouped_gemm=fp8.experts_grouped_gemm,
+                grouped_tiles=fp8.experts_grouped_tiles,
             )
         if fp8.experts_fsdp_float8_all_gather:
             gathered = moe.experts.gather_fp8_forms()
@@ -370,6 +380,29 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     )
 
 
+def _check_triton_product(fp8: Fp8Config, device: torch.device) -> None:
+    """What `experts_grouped_gemm=triton` needs of the GPU, which the config check cannot see:
+    Triton, and with `use_tma` (the kernel's default tiles have it) the Tensor Memory
+    Accelerator of sm_90+ (an sm_89 GPU has FP8 tensor cores but no TMA)."""
+    from nemotron.kernels import triton_available
+
+    if not triton_available():
+        raise ValueError(
+            "train.fp8.experts_grouped_gemm: 'triton' runs a Triton kernel, and Triton is not "
+            "installed (pip install triton), or use 'cutlass'"
+        )
+    from nemotron.kernels.fp8_grouped_triton import DEFAULT_CONFIG
+
+    tiles = fp8.experts_grouped_tiles if fp8.experts_grouped_tiles is not None else list(DEFAULT_CONFIG)
+    capability = torch.cuda.get_device_capability(device)
+    if tiles[5] and capability < (9, 0):
+        given = "" if fp8.experts_grouped_tiles is not None else " (the default tiles')"
+        raise ValueError(
+            f"train.fp8.experts_grouped_tiles: use_tma=1{given} needs the Tensor Memory Accelerator "
+            f"of sm_90 or newer, and {device} is sm_{capability[0]}{capability[1]}: give tiles with use_tma 0"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Routed experts
 
@@ -388,6 +421,8 @@ class Float8GroupedExperts(GroupedExperts):
         emulate: bool = False,
         fast_accum: bool = False,
         weight_grad: str = "bf16",
+        grouped_gemm: str = "cutlass",
+        grouped_tiles: list[int] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.init_std = experts.init_std
@@ -397,11 +432,15 @@ class Float8GroupedExperts(GroupedExperts):
         self.emulate = emulate
         self.fast_accum = fast_accum
         self.weight_grad = weight_grad
+        self.grouped_gemm = grouped_gemm
+        self.grouped_tiles = None if grouped_tiles is None else list(grouped_tiles)
 
     def extra_repr(self) -> str:
         gathered = isinstance(local_experts(self.up_proj), (ExpertMasterWeight, ExpertFp8Forms))
         return (
-            f"fp8 rowwise, {self.weight_grad} weight gradients{', fast accumulation' if self.fast_accum else ''}"
+            f"fp8 rowwise, {self.grouped_gemm} products"
+            f"{f' {self.grouped_tiles}' if self.grouped_tiles is not None else ''}, {self.weight_grad} weight "
+            f"gradients{', fast accumulation' if self.fast_accum else ''}"
             f"{', FP8 forms gathered by FSDP2' if gathered else ''}{', emulated' if self.emulate else ''}"
         )
 
@@ -440,9 +479,11 @@ class Float8GroupedExperts(GroupedExperts):
                 up,
                 down,
                 offs,
-                emulate=self.emulate or not x.is_cuda,
+                emulate=self.emulate or not grouped_product_runs(self.grouped_gemm, x.device),
                 owner=self,
                 fast_accum=self.fast_accum,
                 weight_grad=self.weight_grad,
+                grouped_gemm=self.grouped_gemm,
+                grouped_tiles=self.grouped_tiles,
             )
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

@@ -23,6 +23,14 @@ DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 # The routed experts' weight-gradient products (`train.fp8.experts_weight_grad`).
 EXPERT_WEIGHT_GRADS = ("bf16", "fp8")
+# The routed experts' forward and input-gradient products (`train.fp8.experts_grouped_gemm`):
+# PyTorch's CUTLASS kernel (`torch._scaled_grouped_mm`) or `kernels.fp8_grouped_triton`.
+EXPERT_GROUPED_GEMMS = ("cutlass", "triton")
+# `train.fp8.experts_grouped_tiles`, in order: the Triton product's (BLOCK_M, BLOCK_N, BLOCK_K,
+# stages, warps, use_tma, persistent) (`kernels.fp8_grouped_triton.GroupedConfig`).
+GROUPED_TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "stages", "warps", "use_tma", "persistent")
+# Shared memory one program may take on sm_90 (H100/H200: 227 KiB per block, opted in).
+SM90_SHARED_BYTES = 232448
 
 
 @dataclass
@@ -69,6 +77,17 @@ class Fp8Config:
     # (FP8 products, the operands made from the per-row FP8 forms the other products take,
     # one scale per expert: `nemotron.kernels.fp8_wgrad`). Needs `experts` in `layers`.
     experts_weight_grad: str = "bf16"
+    # The routed experts' forward and input-gradient FP8 products (`nemotron.train.fp8_grouped`):
+    # "cutlass" (PyTorch's `torch._scaled_grouped_mm`, whose tile PyTorch picks from the groups'
+    # mean row count) or "triton" (`nemotron.kernels.fp8_grouped_triton`, the tiles below; the
+    # same roundings of the operands, another order of the sums). Needs `experts` in `layers`.
+    # Emulated without FP8 tensor cores either way (on CPU under TRITON_INTERPRET=1, "triton"
+    # runs the kernel in Triton's interpreter: slow, for tests).
+    experts_grouped_gemm: str = "cutlass"
+    # "triton"'s tiles as [BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, use_tma (0/1), persistent
+    # (0/1)] (`benchmarks/fp8_gemms.py --parts grouped_triton` prints the fastest it measured in
+    # this form); null: the kernel's `DEFAULT_CONFIG`.
+    experts_grouped_tiles: list[int] | None = None
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:
@@ -79,6 +98,48 @@ def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:
         f"(model.tensor_model_parallel_size={tensor_parallel}): torchao's float8 tensor-parallel "
         "styles take one scale per tensor; use train.fp8.recipe=tensorwise"
     )
+
+
+def grouped_tiles_problem(tiles: object) -> str | None:
+    """Why `tiles` is not a `train.fp8.experts_grouped_tiles` value the Triton grouped FP8
+    product compiles to Hopper's FP8 tensor-core path (`wgmma`) with, or None. The bounds are
+    Triton's (3.6-3.9): `wgmma` needs a tile of a multiple of 64 rows (smaller ones fall back to
+    the pre-Hopper `mma`) and 4 or 8 warps; an FP8 `wgmma` contracts 32 values, so BLOCK_K >= 32;
+    `tl.dot` takes no dimension under 16; TMA boxes are at most 256 wide; the pipeline's
+    buffers, stages x (BLOCK_M + BLOCK_N) x BLOCK_K bytes, must fit an sm_90 program's shared
+    memory."""
+    if not isinstance(tiles, (list, tuple)) or len(tiles) != len(GROUPED_TILE_FIELDS):
+        return f"must be a list of {len(GROUPED_TILE_FIELDS)} integers {list(GROUPED_TILE_FIELDS)}, got {tiles!r}"
+    bad = [v for v in tiles if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        return f"must be integers {list(GROUPED_TILE_FIELDS)}, got {tiles!r}"
+    m, n, k, stages, warps, tma, persistent = tiles
+    pow2 = (16, 32, 64, 128, 256)
+    wrong = []
+    if m not in (64, 128, 256):
+        wrong.append(
+            f"BLOCK_M {m} is not 64, 128 or 256 (Hopper's FP8 tensor-core path takes 64-row multiples)"
+        )
+    if n not in pow2:
+        wrong.append(f"BLOCK_N {n} is not a power of two from 16 to 256")
+    if k not in pow2[1:]:
+        wrong.append(f"BLOCK_K {k} is not a power of two from 32 to 256 (an FP8 wgmma contracts 32)")
+    if stages < 1:
+        wrong.append(f"stages {stages} is not at least 1")
+    if warps not in (4, 8):
+        wrong.append(f"warps {warps} is not 4 or 8")
+    if tma not in (0, 1):
+        wrong.append(f"use_tma {tma} is not 0 or 1")
+    if persistent not in (0, 1):
+        wrong.append(f"persistent {persistent} is not 0 or 1")
+    if not wrong and stages * (m + n) * k > SM90_SHARED_BYTES:
+        wrong.append(
+            f"stages x (BLOCK_M + BLOCK_N) x BLOCK_K = {stages * (m + n) * k} bytes of pipeline buffers "
+            f"exceed an sm_90 program's {SM90_SHARED_BYTES} bytes of shared memory"
+        )
+    if wrong:
+        return f"{tiles!r}: " + "; ".join(wrong)
+    return None
 
 
 def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> list[tuple[str, str]]:
@@ -123,6 +184,32 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
                 f"sets the routed experts' weight gradients, but train.fp8.layers {fp8.layers} has no 'experts'",
             )
         )
+    if fp8.experts_grouped_gemm not in EXPERT_GROUPED_GEMMS:
+        problems.append(
+            (
+                "train.fp8.experts_grouped_gemm",
+                f"{fp8.experts_grouped_gemm!r} is not one of {list(EXPERT_GROUPED_GEMMS)}",
+            )
+        )
+    elif fp8.experts_grouped_gemm != "cutlass" and "experts" not in fp8.layers:
+        problems.append(
+            (
+                "train.fp8.experts_grouped_gemm",
+                f"chooses the routed experts' FP8 products, but train.fp8.layers {fp8.layers} has no 'experts'",
+            )
+        )
+    if fp8.experts_grouped_tiles is not None:
+        tiles_problem = grouped_tiles_problem(fp8.experts_grouped_tiles)
+        if tiles_problem:
+            problems.append(("train.fp8.experts_grouped_tiles", tiles_problem))
+        elif fp8.experts_grouped_gemm != "triton":
+            problems.append(
+                (
+                    "train.fp8.experts_grouped_tiles",
+                    f"are the Triton product's tiles, but train.fp8.experts_grouped_gemm is "
+                    f"{fp8.experts_grouped_gemm!r} (set it to 'triton')",
+                )
+            )
     if fp8.fsdp_float8_all_gather and fp8.recipe != "tensorwise":
         problems.append(
             (

@@ -13,7 +13,15 @@ expert's row group padded to 16 rows; those passes cost more than the FP8 GEMMs 
 
 - forward and input-gradient products run in FP8 (`torch._scaled_grouped_mm`, rowwise scales,
   scales rounded down to powers of two so the descale is exact); they take any group sizes, so
-  no padding;
+  no padding. `grouped_gemm="triton"` (`train.fp8.experts_grouped_gemm`) runs them with
+  `kernels.fp8_grouped_triton` instead, at the configured tiles: the same operands and scales,
+  the sums in another order. Fast accumulation maps one to one: on sm_90 Triton's FP8 `tl.dot`
+  by default sums a whole contraction in the tensor cores' own accumulator
+  (`max_num_imprecise_acc` 2**30 in Triton 3.6 and 3.9), which is CUTLASS's `use_fast_accum`;
+  `fast_accum=False` passes a promotion interval (`fp8_grouped_triton.promotion_interval`: into
+  a float32 sum every min(BLOCK_K, 128) products, CUTLASS's 128 without fast accumulation).
+  The row-tile list is made once per call and shared by its four products; the weights' FP8
+  forms, gathered or quantized here, are contiguous and reach the kernel without a copy;
 - the weights' transposed copies for the input gradient take one scale per expert matrix, the
   largest of its forward row scales' inverses (exactly the scale of the matrix's amax): one
   read and one transposed write, no reduction over the weight (per-column scales took a
@@ -57,6 +65,8 @@ products; `tests/train/test_fp8.py` checks both against an independent reference
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -72,10 +82,10 @@ from nemotron.kernels.fp8 import (
 )
 from nemotron.kernels.fp8_rows import Fp8Rows, fp8_rows_parts
 from nemotron.kernels.fp8_wgrad import ExpertRows, expert_rows, grouped_weight_grad, transposed_groups
-from nemotron.train.fp8_config import EXPERT_WEIGHT_GRADS
+from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS, EXPERT_WEIGHT_GRADS, grouped_tiles_problem
 from nemotron.train.fp8_gather import ExpertFp8Forms, master_data
 
-__all__ = ["fp8_expert_mlp"]
+__all__ = ["fp8_expert_mlp", "grouped_product_runs"]
 
 
 def _relu2_backward_quantize(
@@ -134,6 +144,52 @@ def _emulated_grouped_mm(
     return out
 
 
+def _triton_grouped_mm(
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_t_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    offs: torch.Tensor,
+    fast_accum: bool,
+    tiles: tuple[int, ...] | None,
+    row_tiles: dict,
+) -> torch.Tensor:
+    """`_scaled_grouped_mm` by `kernels.fp8_grouped_triton` at `tiles` (None: its default).
+    `row_tiles`: one `fp8_expert_mlp` call's row-tile list, made by its first product (the
+    forward's two and the backward's two take the same rows and groups, `offs`)."""
+    from nemotron.kernels.fp8_grouped_triton import DEFAULT_CONFIG, grouped_mm_triton, row_tile_slots
+    from nemotron.kernels.fp8_grouped_triton import row_tiles as make_row_tiles
+
+    config = tuple(tiles) if tiles is not None else DEFAULT_CONFIG
+    key = a_q.shape[0]
+    if key not in row_tiles:
+        slots = row_tile_slots(a_q.shape[0], offs.numel(), config[0])
+        row_tiles[key] = make_row_tiles(offs, config[0], slots)
+    return grouped_mm_triton(
+        a_q, a_inv, b_t_q, b_inv, offs, config=config, fast_accum=fast_accum, tiles=row_tiles[key]
+    )
+
+
+def grouped_product_runs(grouped_gemm: str, device: torch.device) -> bool:
+    """Whether `grouped_gemm`'s FP8 product can run on `device` (else the experts emulate it):
+    on CUDA both can (given FP8 tensor cores, `kernels.fp8.fp8_hardware`); on CPU only
+    "triton", in Triton's interpreter (TRITON_INTERPRET=1: slow, how the CPU tests run it)."""
+    if device.type == "cuda":
+        return True
+    return grouped_gemm == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _grouped_product(
+    emulate: bool, grouped_gemm: str, tiles: tuple[int, ...] | None, fast_accum: bool
+) -> Callable[..., torch.Tensor]:
+    """The forward and input-gradient product of one call (the same for its four products)."""
+    if emulate:
+        return partial(_emulated_grouped_mm, fast_accum=fast_accum)
+    if grouped_gemm == "triton":
+        return partial(_triton_grouped_mm, fast_accum=fast_accum, tiles=tiles, row_tiles={})
+    return partial(_scaled_grouped_mm, fast_accum=fast_accum)
+
+
 def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """[E, N, K]: per expert grad[rows]^T @ inp[rows] in BF16 (float32 accumulation)."""
     if grad.is_cuda:
@@ -179,7 +235,7 @@ def _transposed_form(
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, up, down, offs, emulate: bool, owner: object | None, fast_accum: bool, fp8_wgrad: bool
+        ctx, x, up, down, offs, owner: object | None, fp8_wgrad: bool, mm: Callable[..., torch.Tensor]
     ):
         ctx.no_rows = x.shape[0] == 0
         if ctx.no_rows:
@@ -187,7 +243,6 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             # weights to fall back on when FSDP2 gathered FP8 forms); zero weight gradients
             ctx.weights = [(w.shape, w.dtype) for w in (up, down)]
             return x.new_zeros(0, down.shape[1])
-        mm = partial(_emulated_grouped_mm if emulate else _scaled_grouped_mm, fast_accum=fast_accum)
 
         # rows the dispatcher already quantized (`train.fp8_dispatch`), else quantized here
         x_q, x_inv = fp8_rows_parts(x) or rowwise(x)
@@ -202,7 +257,8 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         # FP8 weight gradients take x's per-row form (1 byte per element held, not BF16's 2)
         saved_x = (x_q, x_inv) if fp8_wgrad else (x,)
         ctx.save_for_backward(up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1), *saved_x)
-        ctx.emulate, ctx.owner, ctx.fast_accum, ctx.fp8_wgrad = emulate, owner, fast_accum, fp8_wgrad
+        # the product (with a "triton" call's row tiles, made by the first product) for the backward
+        ctx.mm, ctx.owner, ctx.fp8_wgrad = mm, owner, fp8_wgrad
         ctx.x_dtype = x.dtype
         return out
 
@@ -210,10 +266,10 @@ class _Fp8ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.no_rows:
             zeros = [grad_out.new_zeros(shape, dtype=dtype) for shape, dtype in ctx.weights]
-            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None, None
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None
         up, down, offs, h_pre, up_matrix_inv, down_matrix_inv, *saved_x = ctx.saved_tensors
         dev = h_pre.device
-        mm = partial(_emulated_grouped_mm if ctx.emulate else _scaled_grouped_mm, fast_accum=ctx.fast_accum)
+        mm = ctx.mm
 
         given = fp8_rows_parts(grad_out)  # the combine wrote it quantized (`train.fp8_dispatch`)
         if given is not None and not ctx.fp8_wgrad:
@@ -250,7 +306,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             grad_up = _grouped_weight_grad(dh_pre, x, offs)
         del dh_q, dh_inv
         grads = grad_x.to(ctx.x_dtype), grad_up.to(up.dtype), grad_down.to(down.dtype)
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None, None
 
 
 def fp8_expert_mlp(
@@ -262,6 +318,8 @@ def fp8_expert_mlp(
     owner: object | None = None,
     fast_accum: bool = False,
     weight_grad: str = "bf16",
+    grouped_gemm: str = "cutlass",
+    grouped_tiles: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
     [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
@@ -272,17 +330,31 @@ def fp8_expert_mlp(
     (`train.fp8.fast_accum`; contractions over the hidden and FFN widths). `weight_grad`
     (`train.fp8.experts_weight_grad`): "bf16" or "fp8" weight-gradient products. x may be an
     `Fp8Rows` (rows the dispatcher quantized, `train.fp8_dispatch`; "fp8" weight gradients only),
-    and the output gradient may arrive as one: the same values either way."""
+    and the output gradient may arrive as one: the same values either way. `grouped_gemm`
+    (`train.fp8.experts_grouped_gemm`): the forward and input-gradient products by "cutlass"
+    (`torch._scaled_grouped_mm`, CUDA) or "triton" (`kernels.fp8_grouped_triton` at
+    `grouped_tiles`, `train.fp8.experts_grouped_tiles`; CUDA, or CPU under TRITON_INTERPRET=1);
+    `emulate` overrides both."""
     # the weights' FP8 forms come from their BF16 values (gathered forms already are)
     up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
     if weight_grad not in EXPERT_WEIGHT_GRADS:
         raise ValueError(
             f"fp8_expert_mlp: weight_grad {weight_grad!r} is not one of {list(EXPERT_WEIGHT_GRADS)}"
         )
+    if grouped_gemm not in EXPERT_GROUPED_GEMMS:
+        raise ValueError(
+            f"fp8_expert_mlp: grouped_gemm {grouped_gemm!r} is not one of {list(EXPERT_GROUPED_GEMMS)}"
+        )
+    if grouped_tiles is not None:
+        problem = grouped_tiles_problem(list(grouped_tiles))
+        if problem:
+            raise ValueError(f"fp8_expert_mlp: grouped_tiles {problem}")
     if isinstance(x, Fp8Rows):
         if weight_grad != "fp8":
             # BF16 weight gradients take the BF16 rows, which FP8 rows no longer hold
             raise ValueError("fp8_expert_mlp: rows in FP8 form (Fp8Rows) need weight_grad='fp8'")
     else:
         x = x.to(torch.bfloat16).contiguous()
-    return _Fp8ExpertMLP.apply(x, up, down, offs, emulate, owner, fast_accum, weight_grad == "fp8")
+    tiles = tuple(grouped_tiles) if grouped_tiles is not None else None
+    mm = _grouped_product(emulate, grouped_gemm, tiles, fast_accum)
+    return _Fp8ExpertMLP.apply(x, up, down, offs, owner, weight_grad == "fp8", mm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from nemotron.data.config import DataConfig
 from nemotron.distributed.parallel_dims import check_global_batch
@@ -77,3 +78,51 @@ def phase2_start_step(plan: BatchPlan, data: DataConfig) -> int | None:
     if not data.phase2_blend:
         return None
     return min(plan.total_steps, math.ceil(data.phase2_start_fraction * plan.total_steps - 1e-9))
+
+
+def evaluation_warnings(data: DataConfig, train: TrainConfig) -> list[str]:
+    """What a run with evaluation on (`train.eval_iters` > 0) will not evaluate because its
+    blend has no such split (`split_has_share`: a split string giving it no share, or a
+    per-split file's empty entry): no valid split, no periodic or final validation; no test
+    split, no test pass. Megatron-LM refuses nothing up front (a split without share builds no
+    dataset; its loader is None); here the run start and the dry run say so, naming the keys:
+    a warning, since `eval_iters` 0 is how a run says it evaluates nothing. Evaluation is
+    always of the phase-1 blend (`eval_dataset`)."""
+    blend = data.blend
+    if data.mock or not train.eval_iters or blend is None or not Path(blend).is_file():
+        return []
+    # Here, not at the top: the module stays free of torch for dry runs without a blend.
+    from nemotron.data.gpt_dataset import (
+        DEFAULT_SPLIT,
+        GPTDatasetError,
+        is_single_blend,
+        load_blend,
+        split_has_share,
+    )
+
+    try:
+        single = is_single_blend(load_blend(blend))
+    except GPTDatasetError:
+        return []  # an unreadable blend: the run's build says what is wrong
+    split = (DEFAULT_SPLIT if data.split is None else data.split) if single else None
+    warnings = []
+    for name, skipped in (
+        (
+            "valid",
+            f"no validation runs, neither every train.eval_interval={train.eval_interval} steps "
+            "nor after the last step",
+        ),
+        ("test", "the test pass after the last step is skipped"),
+    ):
+        if split_has_share(blend, name, data.split):
+            continue
+        why = (
+            f"data.split {split!r} gives data.blend {blend} no {name} share"
+            if single
+            else f'data.blend {blend} has an empty "{name}" split'
+        )
+        warnings.append(
+            f"{why}: with train.eval_iters={train.eval_iters}, {skipped}. Set "
+            f"train.eval_iters=0 to train without evaluation, or give the {name} split data"
+        )
+    return warnings

@@ -248,9 +248,12 @@ def weights_finite(model: torch.nn.Module, parallel: Parallel) -> bool:
 
 
 def _memory_gb(device: torch.device) -> float:
+    """This process's peak memory in GB (10^9 bytes, as the `memory_gb` key says; the
+    benchmarks' GiB are 2^30): the CUDA caching allocator's peak of allocated tensor bytes
+    (`max_memory_allocated`, not the larger reserved pool), or on CPU the peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 def _config_dict(cfg) -> dict[str, Any]:
@@ -555,6 +558,8 @@ class Trainer:
             balance = balancing.update_expert_biases(
                 self.moe_layers, train.expert_bias_update_rate, group=self.parallel.balancing_group
             )
+            if self.parallel.pipeline is not None:  # every stage's layers, not this rank's only
+                balance = self.parallel.pipeline.whole_model_balance(balance)
             self.last_balance = balance
         else:
             balancing.reset_expert_counts(self.moe_layers)
@@ -641,8 +646,10 @@ class Trainer:
     def run(self) -> TrainSummary:
         """Train to `plan.total_steps` (or a stop signal); evaluate, checkpoint, log."""
         status = COMPLETED
-        run_start, start_tokens = time.perf_counter(), self.state.tokens
         entropy = self._announce_start()
+        # The run's average tokens/s is timed from here: the corpus statistic above (a pass over
+        # the train split) is set-up, like building the model and opening the data.
+        run_start, start_tokens = time.perf_counter(), self.state.tokens
         try:
             with StopRequest() as stop:
                 while self.state.step < self.plan.total_steps:
@@ -661,7 +668,18 @@ class Trainer:
                         self.save()
                     if stopping:
                         status = INTERRUPTED
-                        self.metrics.event("stop", {"step": self.state.step, "signal": stop.signum})
+                        # whether this step was checkpointed (save() keeps none of a skipped step
+                        # or non-finite weights), and where a rerun resumes
+                        saved = self.last_checkpoint if self._saved_step == self.state.step else None
+                        self.metrics.event(
+                            "stop",
+                            {
+                                "step": self.state.step,
+                                "signal": stop.signum,
+                                "checkpoint": saved,
+                                "resume_from": self.last_checkpoint,
+                            },
+                        )
                         break
             if status == COMPLETED and self.cfg.train.eval_iters:
                 # As Megatron's pretrain() after its loop: a last validation pass, even when the
@@ -690,7 +708,11 @@ class Trainer:
 
     def _announce_start(self) -> float | None:
         cfg = self.cfg
-        entropy = unigram_entropy(cfg.data.blend) if self.rank0 and not cfg.data.mock else None
+        entropy = (
+            unigram_entropy(cfg.data.blend, split_string=cfg.data.split)
+            if self.rank0 and not cfg.data.mock
+            else None
+        )
         fp8_summary = getattr(self.model, "fp8_summary", None)  # set by apply_fp8_if_enabled
         self.metrics.event(
             "start",
