@@ -148,7 +148,9 @@ def plan(
     include_pp: Annotated[
         bool,
         typer.Option(
-            "--pp", help="Also consider pipeline parallelism (modelled as 1F1B, blocks split evenly)."
+            "--pp",
+            help="Also consider pipeline parallelism (1F1B, stages split as training splits them: "
+            "balanced by cost).",
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
@@ -239,4 +241,9 @@ def plan(
 
 
 def register(nano3_app: typer.Typer) -> None:
-    nano3_app.command("plan", rich_help_panel="Stages")(plan)
+    # the docstring's two lines would be listed with their line break in `nemotron nano3 -h`
+    nano3_app.command(
+        "plan",
+        rich_help_panel="Stages",
+        short_help="Predict memory per GPU and step time of the recipe's layout; recommend the fastest that fits.",
+    )(plan)
