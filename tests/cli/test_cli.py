@@ -478,6 +478,28 @@ def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch)
     assert all_files(cli.work) == []
 
 
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        # a per-split file with a split string: the run refused it only after making a job dir
+        (
+            {"train": ["1", "/data/a"], "valid": [], "test": []},
+            ["data.blend: blend file", "gives each split its own blend", "leave data.split unset"],
+        ),
+        ("not json", ["data.blend: ", "invalid JSON at line 1"]),
+    ],
+    ids=["per_split_with_split", "malformed"],
+)
+def test_a_blend_file_the_run_cannot_read_is_refused_before_a_job_dir(cli, content, needles):
+    blend = cli.work.parent / "blend.json"
+    blend.write_text(content if isinstance(content, str) else json.dumps(content))
+    err = assert_one_line_error(
+        cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}", "data.split=99,1,0"), *needles
+    )
+    assert str(blend) in err
+    assert all_files(cli.work) == []
+
+
 def test_compile_with_pipeline_stages_is_refused_before_a_job_dir(cli, monkeypatch):
     """`train.compile` with PP was refused by `pretrain` only once the job dir existed (and a
     `--run` profile of several processes submitted the job that then failed at its start)."""

@@ -252,6 +252,29 @@ def _evaluation_warnings(cfg) -> list[str]:
     return evaluation_warnings(cfg.data, cfg.train)
 
 
+def _check_blend_files(cfg) -> None:
+    """Each blend file of the run that exists: readable, and of the form `data.split` needs,
+    before a job dir is made (the run reads them again; a phase-2 blend may still be missing at
+    the start, docs/training.md "Phase curriculum")."""
+    if cfg.data.mock:
+        return
+    blends = [("data.blend", cfg.data.blend), ("data.phase2_blend", cfg.data.phase2_blend)]
+    blends += [
+        (f"data.mixed_length_blends[{i}].blend", m.blend) for i, m in enumerate(cfg.data.mixed_length_blends)
+    ]
+    present = [(key, path) for key, path in blends if path and Path(path).is_file()]
+    if not present:
+        return
+    from nemotron.config import ConfigError
+    from nemotron.data.gpt_dataset import GPTDatasetError, check_split_string
+
+    for key, path in present:
+        try:
+            check_split_string(path, cfg.data.split)
+        except GPTDatasetError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
 def check_layout(cfg, world: int, where: str) -> None:
     """The checks the job runs at its start on `world` processes, done before submitting it:
     the parallel sizes against the world size and the model, the batch against data parallel,
@@ -430,6 +453,7 @@ def _pretrain(
                 f"data.blend: {cfg.data.blend} does not exist; prepare it first "
                 f"(nemotron nano3 data prep pretrain -c {config}) or set data.blend=PATH"
             )
+        _check_blend_files(cfg)
         _check_checkpoint_load(cfg)
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)

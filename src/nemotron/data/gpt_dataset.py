@@ -444,6 +444,21 @@ def is_single_blend(blend: Any) -> bool:
     return isinstance(blend, (list, str))
 
 
+def check_split_string(blend_json_path: str | Path, split_string: str | None) -> bool:
+    """Whether the blend file is one blend for every split; a split string with a per-split
+    file is an error (Megatron: "split and blend_per_split are incompatible"). The one home of
+    that rule: the dataset build and the CLI's check before a job dir is made call it."""
+    if is_single_blend(load_blend(blend_json_path)):
+        return True
+    if split_string is not None:
+        raise GPTDatasetError(
+            f"blend file {blend_json_path} gives each split its own blend: a split string "
+            f"(data.split {split_string!r}) applies to one blend for every split (Megatron's "
+            "--data-path with --split); leave data.split unset"
+        )
+    return False
+
+
 def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | None, list[str]]:
     """(weights, prefixes) of one split of a blend.json, checked.
 
@@ -553,7 +568,7 @@ def build_split_dataset(
     weights, prefixes = read_blend(blend_json_path, split)
     cache = Path(cache_dir) if cache_dir is not None else Path(blend_json_path).parent / "cache"
     ranges: list[tuple[int, int] | None] = [None] * len(prefixes)
-    if is_single_blend(load_blend(blend_json_path)):
+    if check_split_string(blend_json_path, split_string):
         split_string = DEFAULT_SPLIT if split_string is None else split_string
         try:
             bounds = split_bounds(split_string)[SPLITS.index(split)]
@@ -564,12 +579,6 @@ def build_split_dataset(
                 f"blend file {blend_json_path}: split {split_string!r} gives the {split!r} split no share"
             )
         ranges = [split_documents(len(open_indexed(p).sequence_lengths), bounds) for p in prefixes]
-    elif split_string is not None:
-        raise GPTDatasetError(
-            f"blend file {blend_json_path} gives each split its own blend: a split string "
-            f"(data.split {split_string!r}) applies to one blend for every split (Megatron's "
-            "--data-path with --split); leave data.split unset"
-        )
     if len(prefixes) == 1 and (weights is None or ranges[0] is None):
         # One prefix: the dataset itself; Megatron blends one weighted prefix of one blend cut
         # by a split string (a blend of one dataset, with its surplus), below.
