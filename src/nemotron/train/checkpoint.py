@@ -147,6 +147,20 @@ def _gathered(value: Any, group=None) -> list[Any]:
     return out
 
 
+def _agreed(check: Callable[[], Any], group=None) -> Any:
+    """`check()`'s value; if it raised a CheckpointError on any rank of `group`, every rank
+    raises that rank's error (the first), so that none goes on to a collective alone."""
+    value, problem = None, None
+    try:
+        value = check()
+    except CheckpointError as e:
+        problem = e
+    raised = [e for e in _gathered(problem, group) if e is not None]
+    if raised:
+        raise raised[0]
+    return value
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     """A directory that is (or claims to be) one checkpoint, complete or not."""
     path = Path(path)
@@ -449,10 +463,13 @@ def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return {"model": plain_tensors(model_sd), "optimizer": plain_tensors(optim_sd)}
 
 
-def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool = False) -> None:
+def check_model_shapes(
+    checkpoint: Path, model_state: dict[str, Any], part: bool = False, all_parts: set[str] | None = None
+) -> None:
     """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped.
     `part`: the model is one pipeline rank's part, so the checkpoint's other entries belong to
-    other stages."""
+    other stages; `all_parts`: the names of every rank's part, so that an entry no stage holds
+    is still named (None: not known, not checked)."""
     try:
         metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     except Exception as e:  # a damaged .metadata of a checkpoint without manifest
@@ -464,7 +481,8 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool
     }
     ours = {key: tuple(value.shape) for key, value in model_state.items() if torch.is_tensor(value)}
     missing = sorted(set(ours) - set(saved))
-    unexpected = [] if part else sorted(set(saved) - set(ours))
+    held = set(ours) if not part else all_parts if all_parts is not None else set(saved)
+    unexpected = sorted(set(saved) - held)
     reshaped = sorted(k for k in set(ours) & set(saved) if ours[k] != saved[k])
     if not (missing or unexpected or reshaped):
         return
@@ -603,9 +621,15 @@ def load_checkpoint(
             f"e.g. written by `import hf`): it cannot be resumed; set checkpoint.finetune=true to "
             f"start a run from its weights"
         )
-    model_changes = check_architecture(checkpoint, model_config) if model_config is not None else []
+    model_changes = _agreed(lambda: check_architecture(checkpoint, model_config) if model_config else [], group)
     state = training_state_dict(model, optimizer)
-    check_model_shapes(checkpoint, state["model"], part=getattr(model, "is_pipeline_part", False))
+    part = getattr(model, "is_pipeline_part", False)
+    # A pipeline rank sees its own stages' entries only: the checkpoint's entries are checked
+    # against every rank's, and a rank missing some stops every rank (not only itself, while
+    # the others wait in DCP's collective load).
+    names = [k for k, v in state["model"].items() if torch.is_tensor(v)]
+    all_parts = set().union(*_gathered(names, group)) if part and _distributed() else None
+    _agreed(lambda: check_model_shapes(checkpoint, state["model"], part=part, all_parts=all_parts), group)
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
