@@ -621,7 +621,9 @@ def load_checkpoint(
             f"e.g. written by `import hf`): it cannot be resumed; set checkpoint.finetune=true to "
             f"start a run from its weights"
         )
-    model_changes = _agreed(lambda: check_architecture(checkpoint, model_config) if model_config else [], group)
+    model_changes = _agreed(
+        lambda: check_architecture(checkpoint, model_config) if model_config else [], group
+    )
     state = training_state_dict(model, optimizer)
     part = getattr(model, "is_pipeline_part", False)
     # A pipeline rank sees its own stages' entries only: the checkpoint's entries are checked
