@@ -3,10 +3,14 @@ the reverse): every parameter, expert bias and optimizer state tensor loads as s
 training continues with the same losses and parameters (DCP reshards: parameter names and
 global shapes do not depend on the stage split)."""
 
+import dataclasses
+
+import pytest
 import torch
 
+from nemotron.models.nano3 import Nano3ForCausalLM
 from nemotron.train.balancing import update_expert_biases
-from nemotron.train.checkpoint import Checkpointer, load_checkpoint
+from nemotron.train.checkpoint import Checkpointer, CheckpointShapeError, load_checkpoint
 from nemotron.train.loop import build_model, train_step
 from nemotron.train.optimizer import build_optimizer
 
@@ -89,3 +93,35 @@ def test_resume_pp2_checkpoint_in_one_process_and_pp1_checkpoint_with_pp2(tmp_pa
 
     saved = _merged(run_distributed(_save_then_continue, 1, 1, pp1_dir))
     _assert_resumed(saved, _merged(run_distributed(_resume, 2, 2, pp1_dir)), "one process -> PP2")
+
+
+def _load_refused(rank, world_size, paths):
+    cfg = _config(2)
+    model, _ = build_model(cfg, torch.device("cpu"))
+    messages = []
+    for path in paths:
+        try:
+            load_checkpoint(path, model, None, restore_rng=False)
+        except CheckpointShapeError as e:
+            messages.append(str(e))
+        else:
+            messages.append(None)
+    return messages
+
+
+@pytest.mark.timeout(120)  # before: the rank missing entries raised, the other waited in DCP's load
+def test_a_checkpoint_of_another_depth_is_refused_on_every_pipeline_rank(tmp_path):
+    """Checkpoints without config.json (nothing to compare the architecture with) of a model
+    one layer short (the last stage's rank misses it) and one layer longer (an entry no stage
+    holds, which went unnoticed): both are refused on both pipeline ranks."""
+    arch = _config(2).model.arch()
+    paths = []
+    for pattern in (arch.hybrid_pattern[:-1], arch.hybrid_pattern + "M"):
+        config = dataclasses.replace(arch, hybrid_pattern=pattern, num_layers=len(pattern))
+        path = Checkpointer(tmp_path / pattern.replace("*", "A")).save(1, Nano3ForCausalLM(config), None, {})
+        paths.append(str(path))
+    last, extra = f"backbone.layers.{arch.num_layers - 1}.", f"backbone.layers.{arch.num_layers}."
+    for messages in run_distributed(_load_refused, 2, paths):
+        short, longer = messages
+        assert short is not None and f"missing from checkpoint: {last}" in short
+        assert longer is not None and f"not in model: {extra}" in longer

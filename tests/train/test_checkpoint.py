@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -70,6 +71,98 @@ def test_wrong_shape_names_the_mismatched_parameters(tmp_path):
     deeper, deeper_opt = model_and_optimizer(hybrid_pattern="ME*EM", num_layers=5)
     with pytest.raises(CheckpointShapeError, match=r"missing from checkpoint: backbone\.layers\.4\."):
         load_checkpoint(tmp_path / "save", deeper, deeper_opt)
+
+
+def _architecture_json(**overrides) -> str:
+    """A run's config.json as the trainer writes it: the flat model section, layout included."""
+    return json.dumps({"model": dataclasses.asdict(ModelConfig(**{**TINY_MODEL, **overrides}))})
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        # every weight keeps its shape, so the shape check alone let these load
+        (
+            dict(num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+            "model.num_attention_heads 4 in the checkpoint, 2 in this run; model.num_key_value_heads 2 "
+            "in the checkpoint, 1 in this run; model.head_dim 8 in the checkpoint, 16 in this run",
+        ),
+        (dict(num_experts=16), "model.num_experts 8 in the checkpoint, 16 in this run"),
+        (dict(vocab_size=128), "model.vocab_size 64 in the checkpoint, 128 in this run"),
+        (dict(hybrid_pattern="M*EE"), "model.hybrid_pattern 'ME*E' in the checkpoint, 'M*EE' in this run"),
+        # the checkpoint has a head of its own: loading it failed in torch's set_state_dict
+        (
+            dict(tie_word_embeddings=True),
+            "model.tie_word_embeddings False in the checkpoint, True in this run",
+        ),
+    ],
+    ids=["heads-same-shapes", "experts", "vocab", "pattern", "tied-head"],
+)
+def test_a_changed_architecture_is_refused_naming_each_key_and_both_values(tmp_path, change, named):
+    model, opt = model_and_optimizer()
+    layout = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2)  # a layout may change
+    path = Checkpointer(tmp_path / "save").save(
+        1, model, opt, {"step": 1}, {"config.json": _architecture_json(**layout)}
+    )
+    before = _files(tmp_path / "save")
+    other, other_opt = model_and_optimizer(seed=1, **change)
+    with pytest.raises(CheckpointShapeError) as err:
+        load_checkpoint(path, other, other_opt, model_config=other.config)
+    assert f"{path} was trained with another model ({path / 'config.json'}): {named}: " in str(err.value)
+    with pytest.raises(CheckpointShapeError, match="model.") as err:  # weights only, the same
+        load_checkpoint(path, other, None, restore_rng=False, model_config=other.config)
+    assert _files(tmp_path / "save") == before
+
+
+def test_architecture_keys_that_leave_the_weights_alone_load(tmp_path):
+    """Initialisation, the SSD chunk and unused blocks' sizes change nothing of the weights;
+    a forward-only change (top-k) loads and is reported, for the run to warn about it."""
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(
+        1, model, opt, {"step": 1}, {"config.json": _architecture_json()}
+    )
+    free = dict(init_std=0.2, mamba_chunk_size=8, mamba_dt_min=1e-2, ffn_hidden_size=8)  # no '-' block
+    other, other_opt = model_and_optimizer(seed=1, **free)
+    assert load_checkpoint(path, other, other_opt, model_config=other.config).model_changes == []
+    other, other_opt = model_and_optimizer(seed=1, moe_top_k=3)
+    assert load_checkpoint(path, other, other_opt, model_config=other.config).model_changes == [
+        "model.moe_top_k 2 in the checkpoint, 3 in this run: the checkpoint's weights are loaded into "
+        "a model that computes differently"
+    ]
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_resumed_run_checks_the_architecture_before_loading(tmp_path):
+    """`restore` (the trainer's resume) passes the run's architecture to the check."""
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(
+        1, model, opt, {"step": 1}, {"config.json": _architecture_json()}
+    )
+    cfg = make_config(tmp_path, checkpoint={"load": str(path)})
+    cfg.model = ModelConfig(
+        **{**TINY_MODEL, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    )
+    other, other_opt = model_and_optimizer(seed=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(CheckpointShapeError, match=r"model\.num_attention_heads 4 in the checkpoint, 2"):
+        restore(cfg, other, other_opt)
+
+
+def test_a_checkpoint_without_optimizer_state_for_a_parameter_is_named(tmp_path):
+    """No config.json to compare with: torch's own refusal becomes a CheckpointShapeError."""
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    tied, tied_opt = model_and_optimizer(seed=1, tie_word_embeddings=True)
+    with pytest.raises(CheckpointShapeError, match=r"iter_0000001 does not fit this model and optimizer: "):
+        load_checkpoint(path, tied, tied_opt)
 
 
 def test_incomplete_saves_are_invisible_and_keep_last(tmp_path):

@@ -114,3 +114,56 @@ def test_processes_started_by_torchrun_train_as_one_job(tmp_path, corpus):
         assert sorted(p.name for p in rng.iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     train = [r for r in read_metrics(tmp_path / "job") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer, not two runs interleaved
+
+
+def test_a_two_rank_ep2_checkpoint_resumes_in_one_process_where_it_stood(tmp_path, corpus):
+    """Save at step 2 under DP2 x EP2 (FSDP2, experts split over the ranks), resume in one
+    process: the run goes on at the same sample (consumed samples, Megatron's order: a step
+    is the same global batch whatever the DP size), schedule and step, and steps 3-4 give the
+    two-rank run's losses, weights, expert biases and AdamW state, tensor by tensor."""
+    train = {"train_iters": 4, "eval_iters": 0, "micro_batch_size": 1}
+    cfg = make_config(
+        tmp_path / "ep2",
+        blend=corpus[0],
+        train=train,
+        checkpoint={"save_interval": 2},
+        model={"expert_model_parallel_size": 2},
+    )
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.spawn(
+        _worker, args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "ep2" / "job"), queue), nprocs=2
+    )
+    saved = tmp_path / "ep2" / "ckpt"
+    resumed = make_config(
+        tmp_path / "one",
+        blend=corpus[0],
+        train=train,
+        checkpoint={"save_interval": 2, "load": str(saved / "iter_0000002")},
+    )
+    assert pretrain(resumed, tmp_path / "one" / "job").resumed_from.endswith("iter_0000002")
+
+    def losses(job):
+        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+    two_ranks, one = losses(tmp_path / "ep2" / "job"), losses(tmp_path / "one" / "job")
+    assert sorted(one) == [3, 4]
+    assert [one[3], one[4]] == pytest.approx([two_ranks[3], two_ranks[4]], rel=1e-5)
+
+    def final(save_dir):
+        torch.manual_seed(7)
+        model = Nano3ForCausalLM(cfg.model.arch())
+        opt = build_optimizer(model, cfg.optimizer)
+        train_state = load_checkpoint(save_dir / "iter_0000004", model, opt, restore_rng=False).train_state
+        tensors = dict(model.state_dict())
+        for name, param in model.named_parameters():
+            tensors.update({f"optim.{name}.{k}": v for k, v in opt.state[param].items()})
+        return train_state, tensors
+
+    (state, want), (resumed_state, got) = final(saved), final(tmp_path / "one" / "ckpt")
+    for key in ("step", "tokens", "schedule_tokens", "loader", "schedule"):
+        assert resumed_state[key] == state[key], key
+    assert any(name.endswith("expert_bias") and value.any() for name, value in want.items())
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -33,6 +33,7 @@ and removes its temporary directory; the previous checkpoint is untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nemotron.distributed.utils import all_ranks_true
+from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
 from nemotron.utils.fs import atomic_write_text
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
@@ -143,6 +145,20 @@ def _gathered(value: Any, group=None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def _agreed(check: Callable[[], Any], group=None) -> Any:
+    """`check()`'s value; if it raised a CheckpointError on any rank of `group`, every rank
+    raises that rank's error (the first), so that none goes on to a collective alone."""
+    value, problem = None, None
+    try:
+        value = check()
+    except CheckpointError as e:
+        problem = e
+    raised = [e for e in _gathered(problem, group) if e is not None]
+    if raised:
+        raise raised[0]
+    return value
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -447,10 +463,13 @@ def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return {"model": plain_tensors(model_sd), "optimizer": plain_tensors(optim_sd)}
 
 
-def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool = False) -> None:
+def check_model_shapes(
+    checkpoint: Path, model_state: dict[str, Any], part: bool = False, all_parts: set[str] | None = None
+) -> None:
     """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped.
     `part`: the model is one pipeline rank's part, so the checkpoint's other entries belong to
-    other stages."""
+    other stages; `all_parts`: the names of every rank's part, so that an entry no stage holds
+    is still named (None: not known, not checked)."""
     try:
         metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     except Exception as e:  # a damaged .metadata of a checkpoint without manifest
@@ -462,7 +481,8 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool
     }
     ours = {key: tuple(value.shape) for key, value in model_state.items() if torch.is_tensor(value)}
     missing = sorted(set(ours) - set(saved))
-    unexpected = [] if part else sorted(set(saved) - set(ours))
+    held = set(ours) if not part else all_parts if all_parts is not None else set(saved)
+    unexpected = sorted(set(saved) - held)
     reshaped = sorted(k for k in set(ours) & set(saved) if ours[k] != saved[k])
     if not (missing or unexpected or reshaped):
         return
@@ -484,11 +504,96 @@ def check_model_shapes(checkpoint: Path, model_state: dict[str, Any], part: bool
     raise CheckpointShapeError(f"checkpoint {checkpoint} does not fit this model; " + "; ".join(problems))
 
 
+# What each architecture key of the `model` section (`Nano3Config`) means to a checkpoint's
+# weights. Keys of a block kind matter only where the pattern has such blocks (Nano3 has no
+# dense MLP, so its `ffn_hidden_size` is free). Unlisted keys decide the weights' shapes or
+# meaning: a change of one is refused on load (a head-count change may keep every shape: the
+# weights would load and mean something else).
+BLOCK_KEYS: dict[str, tuple[str, ...]] = {
+    "attention": ("num_attention_heads", "num_key_value_heads", "head_dim"),
+    "mamba": (
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "mamba_state_size",
+        "mamba_num_groups",
+        "mamba_conv_kernel",
+        "mamba_chunk_size",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
+    ),
+    "moe": (
+        "num_experts",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_hidden_size",
+        "moe_top_k",
+        "moe_routed_scaling_factor",
+        "moe_seq_aux_loss_coeff",
+    ),
+    "mlp": ("ffn_hidden_size",),
+}
+assert set(BLOCK_KEYS) == set(BLOCK_SYMBOLS.values())  # every block kind the pattern parser knows
+# Free to change: the initialisation (a loaded model is not initialised), the balance loss's
+# coefficient (a training setting) and the SSD chunk size (how the scan is computed, not what).
+FREE_KEYS = frozenset({"init_std", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"})
+FREE_KEYS |= {"moe_seq_aux_loss_coeff", "mamba_chunk_size"}
+# The weights fit, the model computes something else: deliberate changes of the forward pass
+# (Megatron lets a run resume with another top-k), so they are announced, not refused.
+FORWARD_KEYS = frozenset({"norm_eps", "moe_top_k", "moe_routed_scaling_factor"})
+
+
+def saved_architecture(checkpoint: Path) -> dict[str, Any] | None:
+    """The `model` section of the checkpoint's config.json (what it was trained with); None
+    when it has none (config.json is checked against the manifest before this is read)."""
+    try:
+        section = json.loads((checkpoint / CONFIG_FILE).read_text()).get("model")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return section if isinstance(section, dict) else None
+
+
+def check_architecture(checkpoint: Path, config: Nano3Config) -> list[str]:
+    """Compare the architecture the checkpoint was trained with (its config.json) with
+    `config`: raise CheckpointShapeError naming every changed key that decides the weights'
+    shapes or meaning, with both values; return one line per changed forward-only key
+    (`FORWARD_KEYS`) for the run to warn about."""
+    saved = saved_architecture(checkpoint)
+    if saved is None:
+        return []
+    ours = dataclasses.asdict(config)
+    kinds = set(config.block_kinds)
+    unused = {key for kind, keys in BLOCK_KEYS.items() if kind not in kinds for key in keys}
+    if saved.get("hybrid_pattern") != config.hybrid_pattern:
+        unused = set()  # the blocks themselves changed: every difference is reported
+    changed = [
+        key
+        for key in ours
+        if key in saved and saved[key] != ours[key] and key not in FREE_KEYS and key not in unused
+    ]
+
+    def describe(key: str) -> str:
+        return f"model.{key} {saved[key]!r} in the checkpoint, {ours[key]!r} in this run"
+
+    refused = [key for key in changed if key not in FORWARD_KEYS]
+    if refused:
+        raise CheckpointShapeError(
+            f"checkpoint {checkpoint} was trained with another model ({checkpoint / CONFIG_FILE}): "
+            + "; ".join(describe(key) for key in refused)
+            + ": its weights do not fit this one; load it with the model it was trained with"
+        )
+    return [
+        f"{describe(key)}: the checkpoint's weights are loaded into a model that computes differently"
+        for key in changed
+    ]
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path
     train_state: dict[str, Any]
     skipped: list[Skipped] = field(default_factory=list)  # damaged checkpoints passed over
+    # forward-only architecture keys that differ from the checkpoint's (`check_architecture`)
+    model_changes: list[str] = field(default_factory=list)
 
 
 def load_checkpoint(
@@ -500,10 +605,12 @@ def load_checkpoint(
     group=None,
     checksums: bool = True,
     must_exist: bool = True,
+    model_config: Nano3Config | None = None,
 ) -> LoadedCheckpoint | None:
     """Load `path` (a checkpoint, or a save dir: its newest intact one, `find_checkpoint`) into
-    model/optimizer, after checking its files against its manifest. None only when `path` holds
-    no checkpoint and `must_exist` is False."""
+    model/optimizer, after checking its files against its manifest and, given the run's
+    `model_config`, the architecture the checkpoint was trained with against it
+    (`check_architecture`). None only when `path` holds no checkpoint and `must_exist` is False."""
     checkpoint, skipped = find_checkpoint(path, checksums=checksums, must_exist=must_exist, group=group)
     if checkpoint is None:
         return None
@@ -514,19 +621,33 @@ def load_checkpoint(
             f"e.g. written by `import hf`): it cannot be resumed; set checkpoint.finetune=true to "
             f"start a run from its weights"
         )
+    model_changes = _agreed(
+        lambda: check_architecture(checkpoint, model_config) if model_config else [], group
+    )
     state = training_state_dict(model, optimizer)
-    check_model_shapes(checkpoint, state["model"], part=getattr(model, "is_pipeline_part", False))
+    part = getattr(model, "is_pipeline_part", False)
+    # A pipeline rank sees its own stages' entries only: the checkpoint's entries are checked
+    # against every rank's, and a rank missing some stops every rank (not only itself, while
+    # the others wait in DCP's collective load).
+    names = [k for k, v in state["model"].items() if torch.is_tensor(v)]
+    all_parts = set().union(*_gathered(names, group)) if part and _distributed() else None
+    _agreed(lambda: check_model_shapes(checkpoint, state["model"], part=part, all_parts=all_parts), group)
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
     except (Exception, CheckpointException) as e:  # DCP's own is a BaseException
         raise CheckpointCorruptError(f"cannot read checkpoint {checkpoint}: {failure_reason(e)}") from None
-    set_state_dict(
-        model,
-        optimizer if optimizer is not None else [],
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optimizer", {}),
-    )
+    try:
+        set_state_dict(
+            model,
+            optimizer if optimizer is not None else [],
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optimizer", {}),
+        )
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. no optimizer state for a parameter
+        raise CheckpointShapeError(
+            f"checkpoint {checkpoint} does not fit this model and optimizer: {failure_reason(e)}"
+        ) from None
     train_state: dict[str, Any] = {}
     if train_state_file.is_file():  # absent only from a model-only checkpoint (weights only)
         try:
@@ -542,7 +663,7 @@ def load_checkpoint(
         except Exception as e:
             raise CheckpointCorruptError(f"cannot read {rng_file}: {failure_reason(e)}") from None
         set_rng_state(rng)
-    return LoadedCheckpoint(checkpoint, train_state, skipped)
+    return LoadedCheckpoint(checkpoint, train_state, skipped, model_changes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,14 +194,19 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     ckpt = cfg.checkpoint
     checksums = ckpt.verify_checksums
     configured = group_settings(optimizer)
+    arch = cfg.model.arch()  # checked against the checkpoint's before its weights are read
     loaded = None
     if ckpt.load is not None and not ckpt.finetune:
-        loaded = load_checkpoint(ckpt.load, model, optimizer, checksums=checksums)
+        loaded = load_checkpoint(ckpt.load, model, optimizer, checksums=checksums, model_config=arch)
     elif ckpt.save and ckpt.auto_resume:
-        loaded = load_checkpoint(ckpt.save, model, optimizer, checksums=checksums, must_exist=False)
+        loaded = load_checkpoint(
+            ckpt.save, model, optimizer, checksums=checksums, must_exist=False, model_config=arch
+        )
     if loaded is None and ckpt.finetune and ckpt.load is not None:
         # weights only: optimizer, step and data position start fresh
-        weights = load_checkpoint(ckpt.load, model, None, restore_rng=False, checksums=checksums)
+        weights = load_checkpoint(
+            ckpt.load, model, None, restore_rng=False, checksums=checksums, model_config=arch
+        )
         assert weights is not None  # must_exist: a missing checkpoint raises
         return Restored(RunState(), LoaderState(), finetuned_from=str(weights.path), loaded=weights)
     if loaded is None:
@@ -447,6 +452,8 @@ class Trainer:
         `scheduler.on_resume`; announce it."""
         for skipped in self.restored.loaded.skipped if self.restored.loaded else []:
             self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
+        for model_change in self.restored.loaded.model_changes if self.restored.loaded else []:
+            self.warn(model_change)
         if self.restored.configured_optimizer is not None:
             assert self.restored.resumed_from is not None  # set only when a checkpoint was loaded
             change = resume_hyperparameters(
