@@ -474,7 +474,7 @@ def _pretrain(
     if common.process_rank() == 0:
         common.print_plan(f"pretrain {status}", rows)
     if status != "completed":
-        # stopped by a signal after saving a checkpoint (resumable, but not finished), or
+        # stopped by a signal (resumable from the last checkpoint, but not finished), or
         # finished with more skipped steps than train.max_skipped_steps allows
         ckpt = getattr(summary, "checkpoint", None)
         problem = getattr(summary, "problem", None)
