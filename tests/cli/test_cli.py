@@ -145,8 +145,39 @@ def test_dry_run_says_what_data_split_does_with_the_blend(cli, tmp_path):
     assert "split '969, 30, 1' (Megatron's default" in data_row(f"data.blend={single}")
     assert data_row(f"data.blend={single}", "data.split=98,2").endswith("one.json, split '98,2'")
     row = data_row(f"data.blend={per_split}", "data.split=98,2")
-    assert "split '98,2' (refused: the blend gives each split its own; leave data.split unset)" in row
+    assert row.endswith("blend.json, split '98,2'")
     assert "split" not in data_row(f"data.blend={per_split}")
+    # the refusal is a warning row of the plan, in the run's words (`_blend_file_problems`)
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", f"data.blend={per_split}", "data.split=98,2")
+    out = " ".join(result.output.split())
+    assert f"warning the run refuses data.blend: blend file {per_split} gives each split its own blend" in out
+    assert "leave data.split unset" in out
+
+
+def test_dry_run_names_each_blend_file_the_run_refuses(cli, tmp_path):
+    """The dry run printed a plan (exit 0) for a blend file the run refuses before its job dir:
+    not JSON of a blend, or per-split under data.split, as data.blend, data.phase2_blend or a
+    mixed-length blend. Now a warning row names each key, in the run's own words."""
+    single, per_split, broken = tmp_path / "one.json", tmp_path / "per.json", tmp_path / "bad.json"
+    single.write_text(json.dumps(["1", "/p/a"]))
+    per_split.write_text(json.dumps({"train": ["1", "/p/a"]}))
+    broken.write_text("not json")
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "-d",
+        f"data.blend={broken}",
+        f"data.phase2_blend={per_split}",
+        "data.split=99,1,0",
+    )
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"warning the run refuses data.blend: {broken}: invalid JSON at line 1" in out
+    assert f"warning the run refuses data.phase2_blend: blend file {per_split} gives each split" in out
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", f"data.blend={single}", "data.split=99,1,0")
+    assert result.exit_code == 0 and "refuses" not in result.output
 
 
 def test_dry_run_warns_when_eval_iters_asks_for_a_split_the_blend_lacks(cli, tmp_path):
