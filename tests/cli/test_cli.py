@@ -311,6 +311,25 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     assert "Traceback" in (job_dir / "error.txt").read_text()
 
 
+def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch):
+    """The job dir line is the path a user copies: "[exp]" in it was read as Rich markup and
+    printed "/jobs//one" (`cli.progress.say` fixed the run's own lines, not this one)."""
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    job_dir = tmp_path / "jobs" / "[exp]" / "one"
+
+    def fake_pretrain(cfg, job_dir, **kwargs):
+        return FakeSummary(steps=3, tokens=6144, final_loss=2.5, checkpoint=f"{job_dir}/checkpoints/step_3")
+
+    monkeypatch.setattr(nemotron.train, "pretrain", fake_pretrain, raising=False)
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    assert "//" not in result.output
+    assert lines.count(f"job dir {job_dir}") == 2  # when made, and in the summary
+    assert f"checkpoint {job_dir}/checkpoints/step_3" in lines
+
+
 def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):
     blend = tmp_path / "blend.json"
     blend.write_text("{}")
