@@ -328,6 +328,14 @@ def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch)
     assert "//" not in result.output
     assert lines.count(f"job dir {job_dir}") == 2  # when made, and in the summary
     assert f"checkpoint {job_dir}/checkpoints/step_3" in lines
+    # the dry run's config rule names the config file: a recipe under such a directory too
+    recipe = tmp_path / "[exp]" / "tiny.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text((recipe_config_dir(PretrainConfig) / "tiny.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # a short title: the rule is cut at the console's width
+    result = cli("nano3", "pretrain", "-c", "[exp]/tiny.yaml", "-d", f"data.blend={blend}")
+    assert result.exit_code == 0, result.output
+    assert "resolved config ([exp]/tiny.yaml)" in result.output and "//" not in result.output
 
 
 def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):

@@ -224,7 +224,9 @@ def reproduce_command(stage_words: list[str], config: str, overrides: list[str])
 
 
 def print_config(yaml_text: str, title: str) -> None:
-    console.rule(f"[bold]{title}")
+    from rich.text import Text
+
+    console.rule(Text(title, style="bold"))  # the title names the config's path: no markup
     console.print(Syntax(yaml_text, "yaml", theme="ansi_dark", background_color="default"))
 
 
