@@ -145,8 +145,39 @@ def test_dry_run_says_what_data_split_does_with_the_blend(cli, tmp_path):
     assert "split '969, 30, 1' (Megatron's default" in data_row(f"data.blend={single}")
     assert data_row(f"data.blend={single}", "data.split=98,2").endswith("one.json, split '98,2'")
     row = data_row(f"data.blend={per_split}", "data.split=98,2")
-    assert "split '98,2' (refused: the blend gives each split its own; leave data.split unset)" in row
+    assert row.endswith("blend.json, split '98,2'")
     assert "split" not in data_row(f"data.blend={per_split}")
+    # the refusal is a warning row of the plan, in the run's words (`_blend_file_problems`)
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", f"data.blend={per_split}", "data.split=98,2")
+    out = " ".join(result.output.split())
+    assert f"warning the run refuses data.blend: blend file {per_split} gives each split its own blend" in out
+    assert "leave data.split unset" in out
+
+
+def test_dry_run_names_each_blend_file_the_run_refuses(cli, tmp_path):
+    """The dry run printed a plan (exit 0) for a blend file the run refuses before its job dir:
+    not JSON of a blend, or per-split under data.split, as data.blend, data.phase2_blend or a
+    mixed-length blend. Now a warning row names each key, in the run's own words."""
+    single, per_split, broken = tmp_path / "one.json", tmp_path / "per.json", tmp_path / "bad.json"
+    single.write_text(json.dumps(["1", "/p/a"]))
+    per_split.write_text(json.dumps({"train": ["1", "/p/a"]}))
+    broken.write_text("not json")
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "-d",
+        f"data.blend={broken}",
+        f"data.phase2_blend={per_split}",
+        "data.split=99,1,0",
+    )
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"warning the run refuses data.blend: {broken}: invalid JSON at line 1" in out
+    assert f"warning the run refuses data.phase2_blend: blend file {per_split} gives each split" in out
+    result = cli("nano3", "pretrain", "-c", "tiny", "-d", f"data.blend={single}", "data.split=99,1,0")
+    assert result.exit_code == 0 and "refuses" not in result.output
 
 
 def test_dry_run_warns_when_eval_iters_asks_for_a_split_the_blend_lacks(cli, tmp_path):
@@ -278,6 +309,33 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     assert_one_line_error(result, "RuntimeError: loss is nan at step 4", "error.txt")
     assert json.loads((job_dir / "result.json").read_text())["status"] == "failed"
     assert "Traceback" in (job_dir / "error.txt").read_text()
+
+
+def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch):
+    """The job dir line is the path a user copies: "[exp]" in it was read as Rich markup and
+    printed "/jobs//one" (`cli.progress.say` fixed the run's own lines, not this one)."""
+    blend = tmp_path / "blend.json"
+    blend.write_text("{}")
+    job_dir = tmp_path / "jobs" / "[exp]" / "one"
+
+    def fake_pretrain(cfg, job_dir, **kwargs):
+        return FakeSummary(steps=3, tokens=6144, final_loss=2.5, checkpoint=f"{job_dir}/checkpoints/step_3")
+
+    monkeypatch.setattr(nemotron.train, "pretrain", fake_pretrain, raising=False)
+    result = cli("nano3", "pretrain", "-c", "tiny", "--job-dir", str(job_dir), f"data.blend={blend}")
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    assert "//" not in result.output
+    assert lines.count(f"job dir {job_dir}") == 2  # when made, and in the summary
+    assert f"checkpoint {job_dir}/checkpoints/step_3" in lines
+    # the dry run's config rule names the config file: a recipe under such a directory too
+    recipe = tmp_path / "[exp]" / "tiny.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text((recipe_config_dir(PretrainConfig) / "tiny.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # a short title: the rule is cut at the console's width
+    result = cli("nano3", "pretrain", "-c", "[exp]/tiny.yaml", "-d", f"data.blend={blend}")
+    assert result.exit_code == 0, result.output
+    assert "resolved config ([exp]/tiny.yaml)" in result.output and "//" not in result.output
 
 
 def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):

@@ -406,3 +406,42 @@ def test_unigram_entropy_reads_sequences_where_the_index_places_them(tmp_path):
     blend.write_text(json.dumps({"train": ["a"]}))
     p = np.array([1, 1, 1, 1]) / 4.0  # tokens 1, 2, 3 and 99 once each; the first 3 skipped
     assert unigram_entropy(blend) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_unigram_counts_of_sequences_placed_apart_are_gathered_not_read_one_by_one(tmp_path, monkeypatch):
+    # Sequences with junk tokens between them (the index allows gaps): every sequence's tokens count,
+    # the junk does not (reference: each sequence read by its own pointer); the reads are
+    # gathered into parts of at most _GATHER_TOKENS tokens, one count each (one count per
+    # sequence took minutes for a million short documents), a longer sequence a part alone.
+    from nemotron.data.indexed import IndexedDataset
+    from nemotron.train import data as train_data
+
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 50, size=int(n)).tolist() for n in rng.integers(1, 6, size=40)] + [[7] * 30]
+    write_dataset(tmp_path / "a", docs)
+    ds = IndexedDataset(tmp_path / "a")
+    index = bytearray((tmp_path / "a.idx").read_bytes())
+    pointers_at = index.find(np.asarray(ds.sequence_pointers, dtype="<i8").tobytes())
+    del ds
+    body, pointers = [], [0] * len(docs)
+    for i in range(len(docs)):
+        body += [999] * (i % 3 + 1)  # junk the index does not point at
+        pointers[i] = 2 * len(body)
+        body += docs[i]
+    (tmp_path / "a.bin").write_bytes(np.asarray(body, np.uint16).tobytes())
+    index[pointers_at : pointers_at + 8 * len(docs)] = np.asarray(pointers, dtype="<i8").tobytes()
+    (tmp_path / "a.idx").write_bytes(bytes(index))
+
+    monkeypatch.setattr(train_data, "_GATHER_TOKENS", 16)
+    calls = []
+    bincount = np.bincount
+    monkeypatch.setattr(np, "bincount", lambda x, *a, **k: calls.append(len(x)) or bincount(x, *a, **k))
+    ds = IndexedDataset(tmp_path / "a")
+    for first, stop in ((0, len(docs)), (3, 17), (40, 41)):
+        calls.clear()
+        counts = train_data._token_counts(ds, first, stop)
+        expected = bincount(np.concatenate([np.asarray(d, dtype=np.int64) for d in docs[first:stop]]))
+        np.testing.assert_array_equal(counts, expected.astype(np.float64), err_msg=f"{first}:{stop}")
+        tokens = sum(len(d) for d in docs[first:stop])
+        assert len(calls) <= -(-tokens // 16), (first, stop, calls)  # parts, not sequences
+    assert calls == [30]  # the long sequence alone

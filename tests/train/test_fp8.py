@@ -617,6 +617,27 @@ def test_apply_fp8_refuses_the_triton_product_a_gpu_cannot_run(monkeypatch):
         apply_fp8(_tiny(), fp8, cuda)
 
 
+def test_experts_on_a_gpu_without_fp8_tensor_cores_emulate_either_product(monkeypatch):
+    """On a CUDA GPU without FP8 tensor cores (sm_80: A100) the run is reported emulated, and
+    the routed experts must emulate their products too, whichever `experts_grouped_gemm`:
+    neither `torch._scaled_grouped_mm` nor the Triton FP8 kernel runs there (they were handed
+    the GPU's FP8 path since the Triton product was wired in). No GPU needed: the capability
+    is what is read."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    cuda = torch.device("cuda")
+    for product in ("cutlass", "triton"):
+        model = _tiny()
+        fp8 = Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm=product)
+        summary = apply_fp8(model, fp8, cuda)
+        experts = model.backbone.layers["1"].mixer.experts
+        assert summary.emulated and experts.emulate, product
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    for product in ("cutlass", "triton"):
+        model = _tiny()
+        apply_fp8(model, Fp8Config(enabled=True, layers=["experts"], experts_grouped_gemm=product), cuda)
+        assert not model.backbone.layers["1"].mixer.experts.emulate, product
+
+
 def test_fp8_expert_mlp_refuses_an_unknown_product_or_bad_tiles():
     """Library callers get the config check's words (one validator) as a ValueError."""
     from nemotron.train.fp8_grouped import fp8_expert_mlp

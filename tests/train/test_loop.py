@@ -85,7 +85,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus):
     first = pretrain(cfg, tmp_path / "job", on_event=preempt)
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
     assert first.status == "interrupted" and first.steps == 5
-    assert first.checkpoint.endswith("iter_0000005")
+    assert first.checkpoint.endswith("iter_0000005") and "checkpoint of step 5" in first.problem
     assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000005"
 
     second = pretrain(cfg, tmp_path / "job")
@@ -130,6 +130,9 @@ def test_sigterm_at_a_skipped_step_says_no_checkpoint_was_saved(tmp_path, corpus
     assert stop["step"] == 5 and stop["signal"] == signal.SIGTERM
     assert stop["checkpoint"] is None and stop["resume_from"].endswith("iter_0000003")
     assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"
+    # the summary (result.json, the CLI's last line) says the same, not "after saving"
+    assert "saving" not in summary.problem and "without a checkpoint of step 5" in summary.problem
+    assert summary.checkpoint.endswith("iter_0000003")
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, monkeypatch):

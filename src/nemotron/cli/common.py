@@ -224,8 +224,17 @@ def reproduce_command(stage_words: list[str], config: str, overrides: list[str])
 
 
 def print_config(yaml_text: str, title: str) -> None:
-    console.rule(f"[bold]{title}")
+    from rich.text import Text
+
+    console.rule(Text(title, style="bold"))  # the title names the config's path: no markup
     console.print(Syntax(yaml_text, "yaml", theme="ansi_dark", background_color="default"))
+
+
+def print_job_dir(job_dir: Path) -> None:
+    """The job dir's line: the path as it is ("[exp]" in it is no Rich markup)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("job dir", "bold"), f" {job_dir}"))
 
 
 def print_plan(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -320,8 +329,8 @@ def submit_remote(
     )
     job_dir = jobdir.create_job_dir(job_dir, config_yaml=config_yaml, info=info)
     plan = launch.build_launch_plan(stage, job_dir / jobdir.CONFIG_FILE, prof, job_dir, env.wandb)
-    console.print(f"[bold]job dir[/] {job_dir}")
-    console.print(f"submitting {stage} with profile '{prof.name}' ({flag})")
+    print_job_dir(job_dir)
+    console.print(f"submitting {stage} with profile '{prof.name}' ({flag})", markup=False)
     result = launch.submit(plan, attached, lambda line: print(line, flush=True))
     values = as_dict(result)
     print_plan(
@@ -436,7 +445,7 @@ class StageRun:
             )
         )
         if process_rank() == 0:
-            console.print(f"[bold]job dir[/] {self.job_dir}")
+            print_job_dir(self.job_dir)
         return self.job_dir
 
 

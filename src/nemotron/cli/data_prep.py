@@ -252,7 +252,7 @@ def data_prep_pretrain(
                 if cfg.wandb_mode == "offline" and logged["run_dir"]
                 else ""
             )
-            console.print(f"W&B ({cfg.wandb_mode}): logged {logged['artifact']}{note}")
+            console.print(f"W&B ({cfg.wandb_mode}): logged {logged['artifact']}{note}", markup=False)
         return result
 
     result = common.run_stage(prepare, target)

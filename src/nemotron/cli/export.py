@@ -102,7 +102,8 @@ def _export_hf(
             console.print(f"warning: skipped damaged checkpoint {skipped}", markup=False)
         with_what = f"tokenizer {result.tokenizer}" if result.tokenizer else "no tokenizer"
         console.print(
-            f"exported {result.checkpoint} -> {result.out} ({dtype}, NemotronHForCausalLM, {with_what})"
+            f"exported {result.checkpoint} -> {result.out} ({dtype}, NemotronHForCausalLM, {with_what})",
+            markup=False,
         )
 
 
@@ -126,7 +127,7 @@ def _import_hf(
         _check_out_free(out, overwrite)
         model = load_hf(hf_dir)
         written = save_model_checkpoint(model, model.config, out, overwrite=overwrite)
-        console.print(f"imported {hf_dir} -> {written} (model weights, float32)")
+        console.print(f"imported {hf_dir} -> {written} (model weights, float32)", markup=False)
 
 
 def register(nano3_app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from nemotron.cli import common
 from nemotron.cli.common import ConfigOpt, OverridesArg, console
@@ -223,7 +224,7 @@ def plan(
             for w in p.warnings:
                 if w not in seen:
                     seen.add(w)
-                    console.print(f"[yellow]warning:[/] {w}")
+                    console.print(f"[yellow]warning:[/] {escape(w)}")
     if best:
         tables.print(_table(f"fastest layouts that fit (top {top} per GPU count)", best))
         for world in counts:
@@ -233,7 +234,7 @@ def plan(
                     f"recommended for {world} GPUs: {first.layout.describe()}: {_overrides(first.layout)}"
                 )
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(
         "Calibrated on 2x/4x H200 runs within one node (docs/parallelism.md, "
         "'Performance model'); inter-node bandwidths are assumptions, not measurements."

@@ -26,7 +26,7 @@ def plot(
     with common.user_errors():
         paths = plot_run(run_dir, out, on_warning=lambda message: typer.echo(f"warning: {message}", err=True))
     for path in paths:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
 
 
 def register(nano3_app: typer.Typer) -> None:

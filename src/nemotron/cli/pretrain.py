@@ -188,6 +188,8 @@ def _plan_rows(
         ),
         ("device", f"{t.device}, {t.precision}"),
         ("data", "mock (synthetic tokens)" if cfg.data.mock else f"{blend}{blend_note}{_split_note(cfg)}"),
+        # what the run refuses before its job dir (`_check_blend_files`)
+        *[("warning", f"the run refuses {problem}") for problem in _blend_file_problems(cfg)],
         *[("warning", w) for w in _evaluation_warnings(cfg)],
         (
             "phase 2",
@@ -226,22 +228,16 @@ def _plan_rows(
 
 def _split_note(cfg) -> str:
     """The plan's word on data.split (Megatron's --split, which cuts a blend file of one blend
-    for every split): the split string, Megatron's default where such a file comes without one,
-    and the run's refusal where the file gives each split its own blend."""
+    for every split): the split string, or Megatron's default where such a file comes without
+    one. (A split string with a per-split file is a warning row: `_blend_file_problems`.)"""
     split, blend = cfg.data.split, cfg.data.blend
-    single = None
-    if blend and Path(blend).is_file():
+    if split is None and blend and Path(blend).is_file():
         from nemotron.data.gpt_dataset import DEFAULT_SPLIT, GPTDatasetError, is_single_blend, load_blend
 
-        with contextlib.suppress(GPTDatasetError):  # an unreadable file: the run says what is wrong
-            single = is_single_blend(load_blend(blend))
-        if single and split is None:
-            return f", split {DEFAULT_SPLIT!r} (Megatron's default; data.split sets it)"
-    if split is None:
-        return ""
-    if single is False:
-        return f", split {split!r} (refused: the blend gives each split its own; leave data.split unset)"
-    return f", split {split!r}"
+        with contextlib.suppress(GPTDatasetError):  # an unreadable file: a warning row says so
+            if is_single_blend(load_blend(blend)):
+                return f", split {DEFAULT_SPLIT!r} (Megatron's default; data.split sets it)"
+    return "" if split is None else f", split {split!r}"
 
 
 def _evaluation_warnings(cfg) -> list[str]:
@@ -252,27 +248,37 @@ def _evaluation_warnings(cfg) -> list[str]:
     return evaluation_warnings(cfg.data, cfg.train)
 
 
-def _check_blend_files(cfg) -> None:
-    """Each blend file of the run that exists: readable, and of the form `data.split` needs,
-    before a job dir is made (the run reads them again; a phase-2 blend may still be missing at
-    the start, docs/training.md "Phase curriculum")."""
+def _blend_file_problems(cfg) -> list[str]:
+    """What the run would refuse in each blend file of it that exists, "key: why": unreadable,
+    or not of the form `data.split` needs (`check_split_string`, the one home of that rule). A
+    phase-2 blend may still be missing at the start (docs/training.md "Phase curriculum")."""
     if cfg.data.mock:
-        return
+        return []
     blends = [("data.blend", cfg.data.blend), ("data.phase2_blend", cfg.data.phase2_blend)]
     blends += [
         (f"data.mixed_length_blends[{i}].blend", m.blend) for i, m in enumerate(cfg.data.mixed_length_blends)
     ]
     present = [(key, path) for key, path in blends if path and Path(path).is_file()]
     if not present:
-        return
-    from nemotron.config import ConfigError
+        return []
     from nemotron.data.gpt_dataset import GPTDatasetError, check_split_string
 
+    problems = []
     for key, path in present:
         try:
             check_split_string(path, cfg.data.split)
         except GPTDatasetError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            problems.append(f"{key}: {exc}")
+    return problems
+
+
+def _check_blend_files(cfg) -> None:
+    """`_blend_file_problems` before a job dir is made (the run reads the files again)."""
+    problems = _blend_file_problems(cfg)
+    if problems:
+        from nemotron.config import ConfigError
+
+        raise ConfigError(problems[0])
 
 
 def check_layout(cfg, world: int, where: str) -> None:
@@ -474,7 +480,7 @@ def _pretrain(
     if common.process_rank() == 0:
         common.print_plan(f"pretrain {status}", rows)
     if status != "completed":
-        # stopped by a signal after saving a checkpoint (resumable, but not finished), or
+        # stopped by a signal (resumable from the last checkpoint, but not finished), or
         # finished with more skipped steps than train.max_skipped_steps allows
         ckpt = getattr(summary, "checkpoint", None)
         problem = getattr(summary, "problem", None)

@@ -335,7 +335,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
                 moe.experts,
                 # without FP8 tensor cores emulated, unless the chosen product runs anyway
                 # (the Triton one in the interpreter, on CPU: how the CPU tests run it)
-                emulate=emulate and not grouped_product_runs(fp8.experts_grouped_gemm, device),
+                emulate=not grouped_product_runs(fp8.experts_grouped_gemm, device),
                 fast_accum=fp8.fast_accum,
                 weight_grad=fp8.experts_weight_grad,
                 grouped_gemm=fp8.experts_grouped_gemm,
@@ -479,7 +479,9 @@ class Float8GroupedExperts(GroupedExperts):
                 up,
                 down,
                 offs,
-                emulate=self.emulate or not grouped_product_runs(self.grouped_gemm, x.device),
+                # `emulate` was decided for the GPU at `apply_fp8`; off CUDA (a module built
+                # directly, run on CPU) only the interpreted Triton product runs
+                emulate=self.emulate or not (x.is_cuda or grouped_product_runs(self.grouped_gemm, x.device)),
                 owner=self,
                 fast_accum=self.fast_accum,
                 weight_grad=self.weight_grad,

@@ -21,10 +21,10 @@ DEFAULT_FP8_LAYERS = ("mamba", "attention", "shared_expert", "mlp")
 # rowwise activations, weights per row and per expert matrix; kernels/cross_entropy.py: one
 # scale per tensor).
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-# The routed experts' weight-gradient products (`train.fp8.experts_weight_grad`).
+# The routed experts' weight-gradient products (`train.fp8.experts_weight_grad`), the default first.
 EXPERT_WEIGHT_GRADS = ("bf16", "fp8")
 # The routed experts' forward and input-gradient products (`train.fp8.experts_grouped_gemm`):
-# PyTorch's CUTLASS kernel (`torch._scaled_grouped_mm`) or `kernels.fp8_grouped_triton`.
+# PyTorch's CUTLASS kernel (`torch._scaled_grouped_mm`, the default) or `kernels.fp8_grouped_triton`.
 EXPERT_GROUPED_GEMMS = ("cutlass", "triton")
 # `train.fp8.experts_grouped_tiles`, in order: the Triton product's (BLOCK_M, BLOCK_N, BLOCK_K,
 # stages, warps, use_tma, persistent) (`kernels.fp8_grouped_triton.GroupedConfig`).
@@ -170,34 +170,27 @@ def check_fp8_config(fp8: Fp8Config, precision: str, tensor_parallel: int) -> li
                 f"must be a positive number of rows, got {fp8.lm_head_group_rows!r}",
             )
         )
-    if fp8.experts_weight_grad not in EXPERT_WEIGHT_GRADS:
-        problems.append(
-            (
-                "train.fp8.experts_weight_grad",
-                f"{fp8.experts_weight_grad!r} is not one of {list(EXPERT_WEIGHT_GRADS)}",
+    # the routed experts' choices: one of their values; other than the default (first) only with experts
+    for name, value, choices, what in (
+        (
+            "experts_weight_grad",
+            fp8.experts_weight_grad,
+            EXPERT_WEIGHT_GRADS,
+            "sets the routed experts' weight gradients",
+        ),
+        (
+            "experts_grouped_gemm",
+            fp8.experts_grouped_gemm,
+            EXPERT_GROUPED_GEMMS,
+            "chooses the routed experts' FP8 products",
+        ),
+    ):
+        if value not in choices:
+            problems.append((f"train.fp8.{name}", f"{value!r} is not one of {list(choices)}"))
+        elif value != choices[0] and "experts" not in fp8.layers:
+            problems.append(
+                (f"train.fp8.{name}", f"{what}, but train.fp8.layers {fp8.layers} has no 'experts'")
             )
-        )
-    elif fp8.experts_weight_grad != "bf16" and "experts" not in fp8.layers:
-        problems.append(
-            (
-                "train.fp8.experts_weight_grad",
-                f"sets the routed experts' weight gradients, but train.fp8.layers {fp8.layers} has no 'experts'",
-            )
-        )
-    if fp8.experts_grouped_gemm not in EXPERT_GROUPED_GEMMS:
-        problems.append(
-            (
-                "train.fp8.experts_grouped_gemm",
-                f"{fp8.experts_grouped_gemm!r} is not one of {list(EXPERT_GROUPED_GEMMS)}",
-            )
-        )
-    elif fp8.experts_grouped_gemm != "cutlass" and "experts" not in fp8.layers:
-        problems.append(
-            (
-                "train.fp8.experts_grouped_gemm",
-                f"chooses the routed experts' FP8 products, but train.fp8.layers {fp8.layers} has no 'experts'",
-            )
-        )
     if fp8.experts_grouped_tiles is not None:
         tiles_problem = grouped_tiles_problem(fp8.experts_grouped_tiles)
         if tiles_problem:

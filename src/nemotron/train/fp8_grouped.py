@@ -74,6 +74,7 @@ import torch
 from nemotron.kernels.fp8 import (
     compiled,
     emulated_mm,
+    fp8_hardware,
     quantize_rows,
     quantize_transposed,
     quantized_weight,
@@ -172,10 +173,11 @@ def _triton_grouped_mm(
 
 def grouped_product_runs(grouped_gemm: str, device: torch.device) -> bool:
     """Whether `grouped_gemm`'s FP8 product can run on `device` (else the experts emulate it):
-    on CUDA both can (given FP8 tensor cores, `kernels.fp8.fp8_hardware`); on CPU only
-    "triton", in Triton's interpreter (TRITON_INTERPRET=1: slow, how the CPU tests run it)."""
+    on CUDA both can given FP8 tensor cores (`kernels.fp8.fp8_hardware`; an sm_80 GPU has
+    none), neither without; on CPU only "triton", in Triton's interpreter (TRITON_INTERPRET=1:
+    slow, how the CPU tests run it)."""
     if device.type == "cuda":
-        return True
+        return fp8_hardware(device)
     return grouped_gemm == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 

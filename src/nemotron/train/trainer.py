@@ -90,7 +90,7 @@ class InitializationError(RuntimeError):
 
 # TrainSummary.status values; anything but "completed" makes the CLI exit non-zero.
 COMPLETED = "completed"
-INTERRUPTED = "interrupted"  # stopped by a signal after saving: resumable
+INTERRUPTED = "interrupted"  # stopped by a signal (after saving, unless the step was skipped)
 SKIPPED_STEPS = "completed_with_skipped_steps"  # more than train.max_skipped_steps were skipped
 
 
@@ -841,7 +841,13 @@ class Trainer:
                 f"allows {allowed}"
             )
         elif status == INTERRUPTED:
-            problem = "stopped by a signal after saving a checkpoint"
+            # as the stop event: save() keeps nothing of a skipped step or non-finite weights
+            step = self.state.step
+            if self._saved_step == step:
+                problem = f"stopped by a signal after saving a checkpoint of step {step}"
+            else:
+                since = f"resumes from {self.last_checkpoint}" if self.last_checkpoint else "starts over"
+                problem = f"stopped by a signal without a checkpoint of step {step}; a rerun {since}"
         balance = self.last_balance
         return TrainSummary(
             steps=self.state.step,
