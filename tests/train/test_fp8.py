@@ -617,6 +617,34 @@ def test_apply_fp8_refuses_the_triton_product_a_gpu_cannot_run(monkeypatch):
         apply_fp8(_tiny(), fp8, cuda)
 
 
+def test_apply_fp8_refuses_cutlass_experts_where_pytorch_has_no_scaled_grouped_mm(monkeypatch):
+    """`torch._scaled_grouped_mm` exists for compute capability 9.0 and 10.0 only (PyTorch's own
+    check): on an FP8 GPU outside that set (sm_89, sm_120) the default "cutlass" experts are one
+    error naming the key at `apply_fp8`, not a failure in the first step; the dense layers and
+    the Triton product (with pointer tiles) are still allowed there."""
+    monkeypatch.setattr(fp8_mod, "fp8_hardware", lambda device: True)
+    cuda = torch.device("cuda")
+    fp8 = Fp8Config(enabled=True, layers=["experts"])
+    for capability in ((8, 9), (12, 0), (9, 1)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        name = f"sm_{capability[0]}{capability[1]}"
+        with pytest.raises(
+            ValueError, match=rf"experts_grouped_gemm: 'cutlass' runs torch._scaled_grouped_mm.*{name}"
+        ):
+            apply_fp8(_tiny(), fp8, cuda)
+    triton = dataclasses.replace(
+        fp8, experts_grouped_gemm="triton", experts_grouped_tiles=[128, 128, 128, 4, 8, 0, 0]
+    )
+    model = _tiny()
+    apply_fp8(model, triton, cuda)  # sm_120 (the last one set): the Triton product with pointer tiles
+    assert not model.backbone.layers["1"].mixer.experts.emulate
+    for capability in ((9, 0), (10, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        model = _tiny()
+        apply_fp8(model, fp8, cuda)
+        assert not model.backbone.layers["1"].mixer.experts.emulate
+
+
 def test_experts_on_a_gpu_without_fp8_tensor_cores_emulate_either_product(monkeypatch):
     """On a CUDA GPU without FP8 tensor cores (sm_80: A100) the run is reported emulated, and
     the routed experts must emulate their products too, whichever `experts_grouped_gemm`:

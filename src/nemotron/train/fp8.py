@@ -286,9 +286,9 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     if tensor_parallel > 1 and fp8.recipe != "tensorwise":
         raise ValueError(tp_recipe_message(fp8.recipe, tensor_parallel))
     emulate = not fp8_hardware(device)
-    if fp8.experts_grouped_gemm == "triton" and not emulate:
-        _check_triton_product(fp8, device)
     chosen, moes = _selected_modules(model, fp8.layers)
+    if moes and not emulate:
+        _check_grouped_product(fp8, device)
     excluded = tp_fp8_exclusions(model, tensor_parallel)
     by_id = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}  # what `chosen` names
     skipped: dict[str, str] = {}
@@ -380,10 +380,28 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
     )
 
 
-def _check_triton_product(fp8: Fp8Config, device: torch.device) -> None:
-    """What `experts_grouped_gemm=triton` needs of the GPU, which the config check cannot see:
-    Triton, and with `use_tma` (the kernel's default tiles have it) the Tensor Memory
+# Compute capabilities on which PyTorch offers `torch._scaled_grouped_mm` (its own check: "only
+# supported on CUDA devices with compute capability = [9.0, 10.0]"): a set, not a floor (sm_89
+# and sm_120 have FP8 tensor cores but not this kernel).
+SCALED_GROUPED_MM_CAPABILITIES = ((9, 0), (10, 0))
+
+
+def _check_grouped_product(fp8: Fp8Config, device: torch.device) -> None:
+    """What the routed experts' FP8 product (`experts_grouped_gemm`) needs of the GPU, which
+    the config check cannot see, so that a run is refused here, naming the key, instead of
+    failing in its first step: "cutlass" a GPU PyTorch's `_scaled_grouped_mm` runs on;
+    "triton" Triton, and with `use_tma` (the kernel's default tiles have it) the Tensor Memory
     Accelerator of sm_90+ (an sm_89 GPU has FP8 tensor cores but no TMA)."""
+    capability = torch.cuda.get_device_capability(device)
+    if fp8.experts_grouped_gemm == "cutlass":
+        if capability not in SCALED_GROUPED_MM_CAPABILITIES:
+            raise ValueError(
+                f"train.fp8.experts_grouped_gemm: 'cutlass' runs torch._scaled_grouped_mm, which PyTorch "
+                f"offers on compute capability 9.0 and 10.0 only, and {device} is sm_{capability[0]}"
+                f"{capability[1]}: use 'triton' (with use_tma 0 tiles below sm_90) or leave 'experts' "
+                "out of train.fp8.layers"
+            )
+        return
     from nemotron.kernels import triton_available
 
     if not triton_available():
@@ -394,7 +412,6 @@ def _check_triton_product(fp8: Fp8Config, device: torch.device) -> None:
     from nemotron.kernels.fp8_grouped_triton import DEFAULT_CONFIG
 
     tiles = fp8.experts_grouped_tiles if fp8.experts_grouped_tiles is not None else list(DEFAULT_CONFIG)
-    capability = torch.cuda.get_device_capability(device)
     if tiles[5] and capability < (9, 0):
         given = "" if fp8.experts_grouped_tiles is not None else " (the default tiles')"
         raise ValueError(
