@@ -70,6 +70,13 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         r"positive multiple of 8",
     ):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=4, sequence_multiple=8)
+    # samples of 4 tokens split over CP 2 are chunks of 1: too short for a Mamba conv's 3
+    # positions of context (`pretrain` passes its model's); said before any step, naming the key
+    with pytest.raises(
+        TrainDataError,
+        match=r"^data.mixed_length_blends\[0\].seq_length=4 is too short for model.context_parallel_size=2",
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64, cp_size=2, sequence_multiple=4, context_halo=3)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
