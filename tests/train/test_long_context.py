@@ -77,6 +77,11 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         match=r"^data.mixed_length_blends\[0\].seq_length=4 is too short for model.context_parallel_size=2",
     ):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=2, sequence_multiple=4, context_halo=3)
+    # without context parallel the pieces are TP's alone (the message said "2*CP*TP = 8")
+    with pytest.raises(
+        TrainDataError, match=r"seq_length=4 must be a positive multiple of 8: not divisible by TP = 8 "
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64, sequence_multiple=8)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
