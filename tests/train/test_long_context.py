@@ -321,6 +321,15 @@ def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, cor
     ):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
+    # Nor does TP (torch.compile failed to trace the vocabulary-parallel embedding on every rank
+    # at the first step): refused at the start in the same way, naming both keys
+    cfg.model.pipeline_model_parallel_size = 1
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"^train.compile=true with model.tensor_model_parallel_size=2: .* set train.compile=false$",
+    ):
+        pretrain(cfg, tmp_path / "job")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
 
 
 def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch):
