@@ -28,7 +28,11 @@ def test_dp_is_derived_and_expert_view():
         (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
         (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4, "DP*CP*TP = 2*1*1 = 2"),
         (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
-        (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
+        (
+            dict(tensor_model_parallel_size=2),
+            4,
+            "^model.tensor_model_parallel_size=2 needs model.sequence_parallel",
+        ),
         (dict(tensor_model_parallel_size=0), 4, ">= 1"),
     ],
 )

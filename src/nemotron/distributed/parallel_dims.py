@@ -185,12 +185,12 @@ class ParallelDims:
         stage_size = dp * cp * tp
         if stage_size % ep:
             raise ParallelLayoutError(
-                f"expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, "
+                f"model.expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, "
                 f"DP*CP*TP = {dp}*{cp}*{tp} = {stage_size} (world {world_size} / PP {pp})"
             )
         if tp > 1 and not parallel.sequence_parallel:
             raise ParallelLayoutError(
-                f"tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
+                f"model.tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
                 "route each rank's own sequence shard (Megatron requires the same for MoE with TP)"
             )
         dims = cls(
