@@ -28,7 +28,11 @@ def test_dp_is_derived_and_expert_view():
         (dict(pipeline_model_parallel_size=3), 4, "TP*CP*PP = 1*1*3 = 3"),
         (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=4), 4, "DP*CP*TP = 2*1*1 = 2"),
         (dict(context_parallel_size=3), 4, "TP*CP*PP = 1*3*1 = 3"),
-        (dict(tensor_model_parallel_size=2), 4, "sequence_parallel"),
+        (
+            dict(tensor_model_parallel_size=2),
+            4,
+            "^model.tensor_model_parallel_size=2 needs model.sequence_parallel",
+        ),
         (dict(tensor_model_parallel_size=0), 4, ">= 1"),
     ],
 )
@@ -127,6 +131,69 @@ def test_local_sequence_check(local, tp, cp, message):
     else:
         with pytest.raises(ParallelLayoutError, match=message):
             check_local_sequence(local, tp, cp)
+
+
+@pytest.mark.parametrize(
+    "local,tp,cp,halo,message",
+    [
+        (6, 1, 2, 3, None),  # 12 tokens: 4 chunks of 3, each the conv's 3 positions of context
+        (4, 1, 2, 3, r"\(CP 2 x 4 tokens per rank\)=8 is too short for model.context_parallel_size=2: "),
+        (
+            4,
+            2,
+            2,
+            3,
+            r"chunks of 2 tokens .* model.mamba_conv_kernel-1 = 3 tokens \(sequences of at least 12",
+        ),
+        (4, 1, 2, 0, None),  # no Mamba block: no context to hand on
+        (2, 1, 1, 3, None),  # no context parallel: the conv pads the start of the sequence
+    ],
+)
+def test_local_sequence_check_of_context_chunks(local, tp, cp, halo, message):
+    """A context-parallel chunk shorter than the Mamba conv's context is refused by the check
+    every rank runs before its first collective; it used to fail inside the first Mamba mixer's
+    forward (a traceback at the first step; a pipeline's earlier stages then waited on it)."""
+    from nemotron.distributed.apply import check_local_sequence
+
+    if message is None:
+        check_local_sequence(local, tp, cp, halo)
+    else:
+        with pytest.raises(ParallelLayoutError, match=message):
+            check_local_sequence(local, tp, cp, halo)
+
+
+def test_batch_validation_of_context_chunks_against_the_model():
+    """`validate_batch` with the model config: every sample length's 2*CP chunks hold the Mamba
+    conv's context (kernel - 1 tokens); a pattern without Mamba blocks has no such minimum."""
+    dims = ParallelDims.from_config(cfg(context_parallel_size=2), 2)
+    lengths = {"train.seq_length": 16, "data.mixed_length_blends[0].seq_length": 8}
+    dims.validate_batch(4, 1, lengths)  # no model: the divisibility rule only
+    nano = Nano3Config()  # mamba_conv_kernel 4: chunks of at least 3 tokens, samples of 12
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"^data.mixed_length_blends\[0\].seq_length=8 is too short for model.context_parallel_size=2: "
+        r"its 2\*CP = 4 chunks of 2 tokens must each hold the Mamba-2 conv's left context, "
+        r"model.mamba_conv_kernel-1 = 3 tokens \(sequences of at least 12 tokens",
+    ):
+        dims.validate_batch(4, 1, lengths, nano)
+    dims.validate_batch(4, 1, {"train.seq_length": 12}, nano)
+    dims.validate_batch(4, 1, lengths, Nano3Config(hybrid_pattern="*E", num_layers=2))
+    dims.validate_batch(4, 1, lengths, Nano3Config(mamba_conv_kernel=3))  # chunks of 2 suffice
+
+
+def test_compile_with_tensor_parallel_is_a_layout_error():
+    """`train.compile` under TP failed on every rank at the first step (torch.compile cannot
+    trace the vocabulary-parallel embedding): the start-of-run check refuses it, naming both
+    keys; DP, EP and CP compile."""
+    from nemotron.distributed.parallel_dims import check_pipeline
+
+    tp = cfg(tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(
+        ParallelLayoutError, match=r"^train.compile=true with model.tensor_model_parallel_size=2: "
+    ):
+        check_pipeline(tp, Nano3Config(), compile=True)
+    check_pipeline(tp, Nano3Config(), compile=False)
+    check_pipeline(cfg(expert_model_parallel_size=2, context_parallel_size=2), Nano3Config(), compile=True)
 
 
 def test_tied_embeddings_with_tensor_parallel_are_a_layout_error():

@@ -162,12 +162,14 @@ LAYOUTS = {
 }
 
 
-def layout_config(root, layout: dict):
+def layout_config(root, layout: dict, train: dict | None = None, data: dict | None = None):
+    """The tiny run of 3 steps (evaluating at step 2 and at the end) with `layout` (and model
+    options) in the model section, `train` and `data` overriding those sections' fields."""
     cfg = make_config(
         root,
         checkpoint={"save": None},
-        data={"mock": True},
-        train={"train_iters": 3, "eval_iters": 1, "eval_interval": 2},
+        data={"mock": True, **(data or {})},
+        train={"train_iters": 3, "eval_iters": 1, "eval_interval": 2, **(train or {})},
     )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **layout))
 
@@ -175,6 +177,24 @@ def layout_config(root, layout: dict):
 def _run_layouts(rank, world, jobs):
     for cfg_bytes, job_dir in jobs:
         pretrain(pickle.loads(cfg_bytes), job_dir)
+
+
+def assert_same_records(name: str, ours: list[dict], ref: list[dict]) -> None:
+    """Every value of every record but the timings equal: losses and gradient norm within float
+    rounding, counts, the learning rate and the expert-load figures exactly."""
+    assert [(r["kind"], r["step"]) for r in ours] == [(r["kind"], r["step"]) for r in ref], name
+    for mine, theirs in zip(ours, ref):
+        where = f"{name} {mine['kind']} step {mine['step']}"
+        assert set(mine) == set(theirs), where
+        for key, value in theirs.items():
+            if key in TIMINGS:
+                continue
+            if key.startswith("balance/") or key in ("tokens", "phase", "skipped", "skipped_steps", "lr"):
+                assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-12), f"{where}: {key}"
+            elif isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-5), f"{where}: {key}"
+            else:
+                assert mine[key] == value, f"{where}: {key}"
 
 
 def test_two_rank_layouts_log_what_one_process_logs(tmp_path):
@@ -189,21 +209,60 @@ def test_two_rank_layouts_log_what_one_process_logs(tmp_path):
     run_distributed(_run_layouts, 2, jobs)
     for name in LAYOUTS:
         ours = read_metrics(tmp_path / name / "job")
-        ref = read_metrics(tmp_path / name / "single" / "job")
-        assert [(r["kind"], r["step"]) for r in ours] == [(r["kind"], r["step"]) for r in ref], name
-        for mine, theirs in zip(ours, ref):
-            where = f"{name} {mine['kind']} step {mine['step']}"
-            assert set(mine) == set(theirs), where
-            for key, value in theirs.items():
-                if key in TIMINGS:
-                    continue
-                if key.startswith("balance/") or key in ("tokens", "phase", "skipped", "skipped_steps", "lr"):
-                    assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-12), f"{where}: {key}"
-                elif isinstance(value, float):
-                    assert mine[key] == pytest.approx(value, rel=1e-5), f"{where}: {key}"
-                else:
-                    assert mine[key] == value, f"{where}: {key}"
+        assert_same_records(name, ours, read_metrics(tmp_path / name / "single" / "job"))
         train = [r for r in ours if r["kind"] == "train"]
         assert len(train[-1]["balance/per_layer_max_over_mean"]) == 2, name  # both MoE layers
         seq = 16
         check_throughput(train, 4 * seq, lambda tokens: 3 * tokens * forward_flops_per_token(seq), world=2)
+
+
+TP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+# Model options under the 2-rank layouts, a representative few of the sweep of options x
+# layouts (docs/parallelism.md "Model options and layouts"): (model section, train, data).
+OPTION_LAYOUTS: dict[str, tuple[dict, dict, dict]] = {
+    # 1 KV head for 2 TP ranks (k/v replicated, each rank keeps the head its queries read), no
+    # shared expert, every block recomputed in backward
+    "tp2-kv1-noshared-recompute": (
+        dict(TP2, num_key_value_heads=1, moe_shared_expert_hidden_size=0),
+        {"activation_recompute": True},
+        {},
+    ),
+    # every token to every expert (top-k = experts), 2 per EP rank
+    "ep2-topk-all": (dict(expert_model_parallel_size=2, num_experts=4, moe_top_k=4), {}, {}),
+    # EP configured for a model without MoE blocks, ending in a dense MLP
+    "ep2-no-moe": (dict(expert_model_parallel_size=2, hybrid_pattern="M*M-", num_layers=4), {}, {}),
+    # tied embeddings under CP with mixed-length micro-batches of one sample: the 12-token
+    # samples' chunks hold exactly the Mamba conv's 3 positions of context; SSD chunks of 3
+    # straddle the CP chunks of 4 of the 16-token samples
+    "cp2-tied-short-chunks": (
+        dict(context_parallel_size=2, tie_word_embeddings=True, mamba_chunk_size=3),
+        {"micro_batch_size": 1},
+        {
+            "blend_weight": 1.0,
+            "mixed_length_blends": [SequenceLengthBlend(blend="", seq_length=12, weight=1.0)],
+        },
+    ),
+    # the V-shaped zero-bubble schedule: rank 0 holds the first and the last block
+    "pp2-zbv-noaux": (
+        dict(pipeline_model_parallel_size=2, pipeline_schedule="ZBVZeroBubble", moe_seq_aux_loss_coeff=0.0),
+        {},
+        {},
+    ),
+}
+
+
+def test_model_options_under_two_rank_layouts_log_what_one_process_logs(tmp_path):
+    """Model options (attention, expert and pattern sizes, tied embeddings, recompute, mixed
+    lengths) under TP, EP, CP and PP: every logged value equals one process's."""
+    jobs = []
+    for name, (layout, train, data) in OPTION_LAYOUTS.items():
+        single = layout_config(tmp_path / name / "single", layout, train, data)
+        pretrain(single, tmp_path / name / "single" / "job")
+        jobs.append(
+            (pickle.dumps(layout_config(tmp_path / name, layout, train, data)), str(tmp_path / name / "job"))
+        )
+    run_distributed(_run_layouts, 2, jobs)
+    for name in OPTION_LAYOUTS:
+        assert_same_records(
+            name, read_metrics(tmp_path / name / "job"), read_metrics(tmp_path / name / "single" / "job")
+        )

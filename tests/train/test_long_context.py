@@ -70,6 +70,18 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         r"positive multiple of 8",
     ):
         TrainingData(cfg.data, cfg.train, plan, 64, cp_size=4, sequence_multiple=8)
+    # samples of 4 tokens split over CP 2 are chunks of 1: too short for a Mamba conv's 3
+    # positions of context (`pretrain` passes its model's); said before any step, naming the key
+    with pytest.raises(
+        TrainDataError,
+        match=r"^data.mixed_length_blends\[0\].seq_length=4 is too short for model.context_parallel_size=2",
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64, cp_size=2, sequence_multiple=4, context_halo=3)
+    # without context parallel the pieces are TP's alone (the message said "2*CP*TP = 8")
+    with pytest.raises(
+        TrainDataError, match=r"seq_length=4 must be a positive multiple of 8: not divisible by TP = 8 "
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64, sequence_multiple=8)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -309,6 +321,15 @@ def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, cor
     with pytest.raises(
         ParallelLayoutError,
         match=r"^train.compile=true with model.pipeline_model_parallel_size=2: .* set train.compile=false$",
+    ):
+        pretrain(cfg, tmp_path / "job")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
+    # Nor does TP (torch.compile failed to trace the vocabulary-parallel embedding on every rank
+    # at the first step): refused at the start in the same way, naming both keys
+    cfg.model.pipeline_model_parallel_size = 1
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"^train.compile=true with model.tensor_model_parallel_size=2: .* set train.compile=false$",
     ):
         pretrain(cfg, tmp_path / "job")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()

@@ -257,6 +257,31 @@ def test_plan_checks_every_sample_length_as_pretrain_does():
     assert pm.estimate(cfg.model.arch(), pm.Layout(256, tp=8, ep=8, cp=2, recompute=True), shape)
 
 
+def test_layout_check_refuses_context_chunks_shorter_than_the_conv_context():
+    """Sequences whose 2*CP chunks cannot hold the Mamba conv's context (kernel - 1 tokens) are
+    refused before the job is submitted, naming the keys, as `pretrain` refuses them at its start
+    (they used to pass every check and fail inside the first Mamba mixer at the first step)."""
+    from nemotron.cli.pretrain import check_layout
+    from nemotron.config import ConfigError, PretrainConfig, load_config, resolve_config_path
+
+    overrides = ["model.context_parallel_size=4", "train.seq_length=16"]
+    cfg = load_config(resolve_config_path("tiny", PretrainConfig), overrides, PretrainConfig)
+    with pytest.raises(
+        ConfigError,
+        match=r"^test: 4 processes: train.seq_length=16 is too short for model.context_parallel_size=4: "
+        r"its 2\*CP = 8 chunks of 2 tokens .* model.mamba_conv_kernel-1 = 3 tokens",
+    ):
+        check_layout(cfg, 4, "test")
+    cfg.train.seq_length = 24  # chunks of 3
+    check_layout(cfg, 4, "test")
+    with pytest.raises(pm.PlanError, match=r"train.seq_length=16 is too short"):
+        pm.validate_layout(
+            cfg.model.arch(),
+            pm.Layout(4, cp=4),
+            dataclasses.replace(pm.shape_from_config(cfg), seq_length=16),
+        )
+
+
 SMALL_BLOCKS = {k: v for k, v in SMALL.items() if k not in ("hybrid_pattern", "num_layers")}
 
 

@@ -296,8 +296,9 @@ def check_layout(cfg, world: int, where: str) -> None:
     t = cfg.train
     try:
         check_pipeline(cfg.model.parallel(), compile=t.compile)
-        dims = ParallelDims.from_config(cfg.model.parallel(), world, cfg.model.arch())
-        dims.validate_batch(t.global_batch_size, t.micro_batch_size, _sample_lengths(cfg))
+        arch = cfg.model.arch()
+        dims = ParallelDims.from_config(cfg.model.parallel(), world, arch)
+        dims.validate_batch(t.global_batch_size, t.micro_batch_size, _sample_lengths(cfg), arch)
     except ParallelLayoutError as exc:
         raise ConfigError(f"{where}: {world} processes: {exc}") from None
 
@@ -313,7 +314,13 @@ def _layout_problem(cfg) -> str | None:
     """Why the configured model-parallel layout can run on no number of processes (sizes
     against the model, sample lengths against 2*CP*TP), or None. Checked at the fewest
     processes the sizes need; the batch is left out (it depends on the data-parallel size)."""
-    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, check_sequence_lengths
+    from nemotron.distributed.parallel_dims import (
+        ParallelDims,
+        ParallelLayoutError,
+        check_sequence_lengths,
+        context_halo,
+        sequence_shards_how,
+    )
     from nemotron.train import perf_model as pm
 
     p = cfg.model.parallel()
@@ -326,8 +333,15 @@ def _layout_problem(cfg) -> str | None:
     if sizes == (1, 1, 1, 1):
         return None
     try:
-        dims = ParallelDims.from_config(p, pm.smallest_world(pm.layout_from_config(cfg, 1)), cfg.model.arch())
-        check_sequence_lengths(_sample_lengths(cfg), dims.sequence_shards, error=ParallelLayoutError)
+        arch = cfg.model.arch()
+        dims = ParallelDims.from_config(p, pm.smallest_world(pm.layout_from_config(cfg, 1)), arch)
+        check_sequence_lengths(
+            _sample_lengths(cfg),
+            dims.sequence_shards,
+            sequence_shards_how(dims.tp, dims.cp),
+            cp=dims.cp,
+            halo=context_halo(arch),
+        )
     except ParallelLayoutError as exc:
         return str(exc)
     return None

@@ -31,7 +31,13 @@ from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.context_parallel import ContextParallel, apply_context_parallel
 from nemotron.distributed.expert_parallel import AllToAllDispatcher
 from nemotron.distributed.mesh import ParallelMesh
-from nemotron.distributed.parallel_dims import ParallelLayoutError, check_sequence_lengths, sequence_shards
+from nemotron.distributed.parallel_dims import (
+    ParallelLayoutError,
+    check_sequence_lengths,
+    context_halo,
+    sequence_shards,
+    sequence_shards_how,
+)
 from nemotron.distributed.tensor_parallel import (
     SequenceGather,
     apply_tensor_parallel,
@@ -94,29 +100,33 @@ def parallelize(
     apply_fsdp(model, mesh, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward)
     if model.backbone.embeddings is not None and (dims.tp > 1 or dims.cp > 1):
         # registered last with prepend: it runs before FSDP2's root all-gather, the first collective
-        model.register_forward_pre_hook(
-            functools.partial(_check_local_sequence, tp=dims.tp, cp=dims.cp), prepend=True, with_kwargs=True
+        check = functools.partial(
+            _check_local_sequence, tp=dims.tp, cp=dims.cp, halo=context_halo(model.config)
         )
+        model.register_forward_pre_hook(check, prepend=True, with_kwargs=True)
     return model
 
 
 def _check_local_sequence(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, tp: int, cp: int
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, tp: int, cp: int, halo: int
 ) -> None:
     """Forward pre-hook: `check_local_sequence` on the token ids a rank feeds the model."""
     input_ids = args[0] if args else kwargs["input_ids"]
-    check_local_sequence(input_ids.shape[-1], tp, cp)
+    check_local_sequence(input_ids.shape[-1], tp, cp, halo)
 
 
-def check_local_sequence(local: int, tp: int, cp: int) -> None:
+def check_local_sequence(local: int, tp: int, cp: int, halo: int = 0) -> None:
     """The sequence length a rank holds (its context-parallel chunks of every sequence) must
     split into the layout's shards: sequence parallel cuts it over TP, context parallel holds
-    two equal chunks. Every rank checks before the first collective (the model's forward, a
-    pipeline schedule's first exchange), so a bad length is this error rather than mismatched
-    collectives (a gloo abort, an NCCL hang)."""
-    how = f"2*CP*TP = 2*{cp}*{tp}" if cp > 1 else "TP"
+    two equal chunks, each at least `halo` tokens (`parallel_dims.context_halo`). Every rank
+    checks before the first collective (the model's forward, a pipeline schedule's first
+    exchange), so a bad length is this error rather than mismatched collectives (a gloo abort,
+    an NCCL hang) or, for a short chunk, a failure inside a Mamba mixer of a later stage while
+    the earlier stages wait on it."""
     key = "sequence length" if cp == 1 else f"sequence length (CP {cp} x {local} tokens per rank)"
-    check_sequence_lengths({key: local * cp}, sequence_shards(tp, cp), how)
+    check_sequence_lengths(
+        {key: local * cp}, sequence_shards(tp, cp), sequence_shards_how(tp, cp), cp=cp, halo=halo
+    )
 
 
 def _moe_layers(model: Nano3ForCausalLM) -> list[MoE]:

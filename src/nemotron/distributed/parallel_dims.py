@@ -64,36 +64,78 @@ def sample_lengths(seq_length: int, mixed_lengths: Sequence[int] = ()) -> dict[s
     }
 
 
+def sequence_shards_how(tp: int, cp: int) -> str:
+    """`sequence_shards(tp, cp)` spelt out for messages: "TP", or "2*CP*TP = 2*cp*tp"."""
+    return f"2*CP*TP = 2*{cp}*{tp}" if cp > 1 else "TP"
+
+
+def context_halo(model_config: Nano3Config | None) -> int:
+    """Tokens every context-parallel chunk of a sequence must hold: the Mamba-2 conv's left
+    context (`mamba_conv_kernel` - 1 positions, which each chunk receives from the one before
+    it in the sequence); 0 without a Mamba block (or without a model config)."""
+    if model_config is None or "mamba" not in model_config.block_kinds:
+        return 0
+    return model_config.mamba_conv_kernel - 1
+
+
 def check_sequence_lengths(
     lengths: Mapping[str, int],
     shards: int,
     how: str = "2*CP*TP",
     error: type[Exception] = ParallelLayoutError,
+    *,
+    cp: int = 1,
+    halo: int = 0,
 ) -> None:
     """Every sample length (`lengths`: config key -> length) must split into `shards` pieces
-    (`sequence_shards`; `how` spells out the product for the message)."""
+    (`sequence_shards`; `how` spells out the product for the message, `sequence_shards_how`),
+    and under context parallel (`cp` > 1) each of its 2*CP chunks must hold at least `halo`
+    tokens (`context_halo`): a shorter chunk cannot hand the next one the conv's context, which
+    the Mamba mixer found only in the first step's forward."""
     for key, length in lengths.items():
         if length <= 0 or length % shards:
             raise error(
                 f"{key}={length} must be a positive multiple of {shards}: not divisible by "
                 f"{how} = {shards} (every sequence is split across those ranks)"
             )
+        if cp > 1 and length // (2 * cp) < halo:
+            raise error(
+                f"{key}={length} is too short for model.context_parallel_size={cp}: its 2*CP = "
+                f"{2 * cp} chunks of {length // (2 * cp)} tokens must each hold the Mamba-2 conv's "
+                f"left context, model.mamba_conv_kernel-1 = {halo} tokens (sequences of at least "
+                f"{2 * cp * halo} tokens, or a smaller model.context_parallel_size)"
+            )
+
+
+def check_compile(parallel: ParallelismConfig, compile: bool) -> None:
+    """`train.compile` with a layout it cannot run. Tensor parallel: torch.compile (torch 2.13)
+    of the whole model cannot trace the vocabulary-parallel embedding (its masked partial
+    output holds a real mask tensor inside the fake-tensor trace), so every rank failed with a
+    TorchRuntimeError at the first step; refused here, before anything is built. (Pipeline
+    parallel: `check_pipeline`.) DP (FSDP2), EP and CP compile."""
+    tp = parallel.tensor_model_parallel_size
+    if compile and tp > 1:
+        raise ParallelLayoutError(
+            f"train.compile=true with model.tensor_model_parallel_size={tp}: torch.compile cannot "
+            "trace the vocabulary-parallel embedding; set train.compile=false"
+        )
 
 
 def check_pipeline(
     parallel: ParallelismConfig, model_config: Nano3Config | None = None, *, compile: bool = False
 ) -> None:
-    """What pipeline parallelism cannot do, before anything is built: `train.compile` (the
-    stages are not compiled), and layouts whose stage split is impossible (schedule, stages per
-    rank, manual split). DP, TP + SP, CP and EP all compose with PP."""
+    """What pipeline and tensor parallelism cannot do, before anything is built: `train.compile`
+    (the stages are not compiled; `check_compile`), and layouts whose stage split is impossible
+    (schedule, stages per rank, manual split). DP, TP + SP, CP and EP all compose with PP."""
     pp = parallel.pipeline_model_parallel_size
-    if pp == 1:
-        return
-    if compile:
+    if pp > 1 and compile:
         raise ParallelLayoutError(
             f"train.compile=true with model.pipeline_model_parallel_size={pp}: pipeline stages "
             "are not compiled; set train.compile=false"
         )
+    check_compile(parallel, compile)
+    if pp == 1:
+        return
     if model_config is not None:
         from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
 
@@ -143,12 +185,12 @@ class ParallelDims:
         stage_size = dp * cp * tp
         if stage_size % ep:
             raise ParallelLayoutError(
-                f"expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, "
+                f"model.expert_model_parallel_size={ep} must divide the ranks of a pipeline stage, "
                 f"DP*CP*TP = {dp}*{cp}*{tp} = {stage_size} (world {world_size} / PP {pp})"
             )
         if tp > 1 and not parallel.sequence_parallel:
             raise ParallelLayoutError(
-                f"tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
+                f"model.tensor_model_parallel_size={tp} needs model.sequence_parallel=true: MoE layers "
                 "route each rank's own sequence shard (Megatron requires the same for MoE with TP)"
             )
         dims = cls(
@@ -219,16 +261,26 @@ class ParallelDims:
                 )
 
     def validate_batch(
-        self, global_batch_size: int, micro_batch_size: int, seq_lengths: int | Mapping[str, int]
+        self,
+        global_batch_size: int,
+        micro_batch_size: int,
+        seq_lengths: int | Mapping[str, int],
+        model_config: Nano3Config | None = None,
     ) -> None:
         """The global batch must split into whole micro-batches per data-parallel rank, and
         every sequence length (`train.seq_length`, or key -> length) into whole shards per
-        context- and tensor-parallel rank."""
+        context- and tensor-parallel rank; with `model_config`, every context-parallel chunk
+        must hold the Mamba conv's context (`context_halo`)."""
         check_global_batch(global_batch_size, micro_batch_size, self.dp)
         if isinstance(seq_lengths, int):
             seq_lengths = {"train.seq_length": seq_lengths}
-        how = f"2*CP*TP = 2*{self.cp}*{self.tp}" if self.cp > 1 else "TP"
-        check_sequence_lengths(seq_lengths, self.sequence_shards, how)
+        check_sequence_lengths(
+            seq_lengths,
+            self.sequence_shards,
+            sequence_shards_how(self.tp, self.cp),
+            cp=self.cp,
+            halo=context_halo(model_config),
+        )
 
     @property
     def sequence_shards(self) -> int:

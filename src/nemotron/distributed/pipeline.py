@@ -54,6 +54,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from nemotron.distributed.apply import check_local_sequence, parallelize
 from nemotron.distributed.mesh import ParallelMesh
+from nemotron.distributed.parallel_dims import context_halo
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm, padding_mask
 from nemotron.models.nano3.model import Nano3ForCausalLM
@@ -158,6 +159,8 @@ class Pipeline:
         self.activation_dtype, self.hidden_size = activation_dtype, hidden_size
         self.num_stages = split.num_stages
         self.tp = mesh.dims.tp  # the stages exchange sequence-parallel shards (`_stage_args`)
+        # every context-parallel chunk holds the Mamba conv's context (of any stage's blocks)
+        self.context_halo = context_halo(parts[0].config)
         self.group = mesh.pp_mesh.get_group()
         self.has_first = 0 in stage_ids
         self.has_last = self.num_stages - 1 in stage_ids
@@ -176,7 +179,7 @@ class Pipeline:
         meta = torch.device("meta")
         # on every pipeline rank, before any exchange: the model's own check runs on the first
         # stage only, and the later stages would then wait for it forever
-        check_local_sequence(seq, self.tp, self.mesh.dims.cp)
+        check_local_sequence(seq, self.tp, self.mesh.dims.cp, self.context_halo)
         # requires_grad marks what carries a gradient back (torch >= 2.13 reads it)
         hidden = torch.empty(
             batch,

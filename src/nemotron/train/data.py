@@ -48,7 +48,7 @@ from nemotron.data.gpt_dataset import (
 )
 from nemotron.data.indexed import IndexedDatasetError
 from nemotron.distributed.context_parallel import cp_shard
-from nemotron.distributed.parallel_dims import check_sequence_lengths
+from nemotron.distributed.parallel_dims import check_sequence_lengths, sequence_shards_how
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
 from nemotron.train.config import TrainConfig
@@ -256,10 +256,13 @@ class TrainingData:
         cp_rank: int = 0,
         cp_size: int = 1,
         sequence_multiple: int = 1,
+        context_halo: int = 0,
         pin_memory: bool = False,
     ) -> None:
         """`cp_rank`/`cp_size`: keep only this context-parallel rank's chunks of each sequence;
         `sequence_multiple`: every sample length must divide into this many pieces (2*CP*TP);
+        `context_halo`: tokens each of a sample's 2*CP chunks must hold at least (the Mamba
+        conv's context, `distributed.parallel_dims.context_halo`);
         `pin_memory`: page-locked batches from the loader workers (CUDA)."""
         if data.num_workers < 0:
             raise TrainDataError(f"data.num_workers must be >= 0, got {data.num_workers}")
@@ -289,7 +292,15 @@ class TrainingData:
             f"data.mixed_length_blends[{i}].seq_length": m.seq_length
             for i, m in enumerate(data.mixed_length_blends)
         }
-        check_sequence_lengths(lengths, sequence_multiple, error=TrainDataError)
+        tp = sequence_multiple // (2 * cp_size) if cp_size > 1 else sequence_multiple
+        check_sequence_lengths(
+            lengths,
+            sequence_multiple,
+            sequence_shards_how(tp, cp_size),
+            error=TrainDataError,
+            cp=cp_size,
+            halo=context_halo,
+        )
         self._stream: _Stream | None = None
 
     # -- datasets -------------------------------------------------------------------------

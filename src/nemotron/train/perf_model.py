@@ -551,7 +551,7 @@ def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
     2*CP*TP); returns gradient accumulation."""
     try:
         dims = ParallelDims.from_config(layout_parallelism(layout), layout.world, cfg)
-        dims.validate_batch(shape.global_batch_size, layout.micro_batch, shape.sample_lengths())
+        dims.validate_batch(shape.global_batch_size, layout.micro_batch, shape.sample_lengths(), cfg)
         return dims.gradient_accumulation_steps(shape.global_batch_size, layout.micro_batch)
     except ParallelLayoutError as exc:
         raise PlanError(str(exc)) from None

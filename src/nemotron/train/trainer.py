@@ -41,7 +41,7 @@ from nemotron.artifacts.model import (
     data_artifact_record,
     manifest_json,
 )
-from nemotron.distributed.parallel_dims import check_pipeline
+from nemotron.distributed.parallel_dims import check_pipeline, context_halo
 from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
@@ -398,6 +398,7 @@ class Trainer:
             cp_rank=parallel.cp_rank,
             cp_size=parallel.cp_size,
             sequence_multiple=parallel.sequence_multiple,
+            context_halo=context_halo(cfg.model),
             pin_memory=device.type == "cuda",
         )
         rank0 = not parallel.distributed or dist.get_rank() == 0
