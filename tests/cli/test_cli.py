@@ -27,6 +27,16 @@ class FakeSummary:
     checkpoint: str
 
 
+def readable_blend(tmp_path: Path) -> Path:
+    """A blend file `pretrain` reads before making a job dir (one tiny prefix as the train
+    split), for tests whose training is a stand-in."""
+    with IndexedDatasetWriter(tmp_path / "shard", np.uint16) as writer:
+        writer.add_document(np.arange(40, dtype=np.uint16))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", str(tmp_path / "shard")]}))
+    return blend
+
+
 def all_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*"))
 
@@ -159,7 +169,9 @@ def test_dry_run_names_each_blend_file_the_run_refuses(cli, tmp_path):
     not JSON of a blend, or per-split under data.split, as data.blend, data.phase2_blend or a
     mixed-length blend. Now a warning row names each key, in the run's own words."""
     single, per_split, broken = tmp_path / "one.json", tmp_path / "per.json", tmp_path / "bad.json"
-    single.write_text(json.dumps(["1", "/p/a"]))
+    with IndexedDatasetWriter(tmp_path / "a", np.uint16) as writer:  # a blend the run reads
+        writer.add_document(np.arange(40, dtype=np.uint16))
+    single.write_text(json.dumps(["1", str(tmp_path / "a")]))
     per_split.write_text(json.dumps({"train": ["1", "/p/a"]}))
     broken.write_text("not json")
     result = cli(
@@ -242,8 +254,7 @@ def test_data_prep_help_shows_data_prep_keys(cli):
 
 
 def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     calls = []
 
     def fake_pretrain(cfg, job_dir, **kwargs):
@@ -282,8 +293,7 @@ def test_pretrain_job_dir_provenance(cli, tmp_path, monkeypatch):
 
 
 def test_pretrain_default_job_dir_under_runs(cli, tmp_path, monkeypatch):
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     seen = []
     monkeypatch.setattr(
         nemotron.train, "pretrain", lambda cfg, job_dir, **kwargs: seen.append(job_dir), raising=False
@@ -296,8 +306,7 @@ def test_pretrain_default_job_dir_under_runs(cli, tmp_path, monkeypatch):
 
 
 def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
 
     def boom(cfg, job_dir, **kwargs):
         raise RuntimeError("loss is nan at step 4")
@@ -314,8 +323,7 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
 def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch):
     """The job dir line is the path a user copies: "[exp]" in it was read as Rich markup and
     printed "/jobs//one" (`cli.progress.say` fixed the run's own lines, not this one)."""
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     job_dir = tmp_path / "jobs" / "[exp]" / "one"
 
     def fake_pretrain(cfg, job_dir, **kwargs):
@@ -339,8 +347,7 @@ def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch)
 
 
 def test_pretrain_ctrl_c_is_one_line_that_says_how_to_resume(cli, tmp_path, monkeypatch):
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
 
     def ctrl_c(cfg, job_dir, **kwargs):
         raise KeyboardInterrupt
@@ -370,8 +377,7 @@ def test_pretrain_checkpoint_load_without_a_checkpoint_is_one_line_before_a_job_
     cli, tmp_path, monkeypatch, load, why
 ):
     """A mistyped `checkpoint.load` is refused naming the key, and no (failed) job dir is left."""
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty_dir").mkdir()
     monkeypatch.setattr(
@@ -384,8 +390,7 @@ def test_pretrain_checkpoint_load_without_a_checkpoint_is_one_line_before_a_job_
 
 
 def test_existing_job_dir_is_refused(cli, tmp_path, monkeypatch):
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     monkeypatch.setattr(nemotron.train, "pretrain", lambda *a: pytest.fail("must not run"), raising=False)
     job_dir = tmp_path / "taken"
     job_dir.mkdir()
@@ -545,8 +550,11 @@ def test_a_layout_this_torchrun_launch_cannot_run_is_one_error(cli, monkeypatch)
             ["data.blend: blend file", "gives each split its own blend", "leave data.split unset"],
         ),
         ("not json", ["data.blend: ", "invalid JSON at line 1"]),
+        # what `read_blend` refuses (the run read it only after making a job dir)
+        (["1", "/data/missing"], ["data.blend: blend file", "blend[1] names '/data/missing'", "missing.bin"]),
+        (["1", "/data/a", "x", "/data/b"], ["data.blend: blend file", "blend[2] weight 'x' is not a number"]),
     ],
-    ids=["per_split_with_split", "malformed"],
+    ids=["per_split_with_split", "malformed", "missing_prefix", "weight_not_a_number"],
 )
 def test_a_blend_file_the_run_cannot_read_is_refused_before_a_job_dir(cli, content, needles):
     blend = cli.work.parent / "blend.json"
@@ -554,6 +562,28 @@ def test_a_blend_file_the_run_cannot_read_is_refused_before_a_job_dir(cli, conte
     err = assert_one_line_error(
         cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}", "data.split=99,1,0"), *needles
     )
+    assert str(blend) in err
+    assert all_files(cli.work) == []
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ({"train": 5}, "'train' must be a non-empty list"),
+        ({"valid": ["1", "/data/a"]}, "has no 'train' split"),
+        # the valid split is read when the run evaluates (tiny: train.eval_iters > 0)
+        ({"train": ["1", "PREFIX"], "valid": ["1", "/data/missing"]}, "valid[1] names '/data/missing'"),
+    ],
+    ids=["train_not_a_list", "no_train", "valid_prefix_missing"],
+)
+def test_a_per_split_blend_with_an_unreadable_split_is_refused_before_a_job_dir(cli, content, needle):
+    """Well-formed JSON whose splits the run cannot read (an entry that is not a list, no train
+    split, a prefix without its .bin/.idx): one line before a job dir, as for unreadable JSON."""
+    with IndexedDatasetWriter(cli.work.parent / "p", np.uint16) as writer:
+        writer.add_document(np.arange(40, dtype=np.uint16))
+    blend = cli.work.parent / "blend.json"
+    blend.write_text(json.dumps(content).replace("PREFIX", str(cli.work.parent / "p")))
+    err = assert_one_line_error(cli("nano3", "pretrain", "-c", "tiny", f"data.blend={blend}"), needle)
     assert str(blend) in err
     assert all_files(cli.work) == []
 
@@ -611,8 +641,7 @@ def test_job_side_joins_the_submission_job_dir(cli, tmp_path, monkeypatch):
     from nemotron.artifacts import jobdir
     from nemotron.config import dump_config
 
-    blend = tmp_path / "blend.json"
-    blend.write_text("{}")
+    blend = readable_blend(tmp_path)
     cfg = load_config("tiny", [f"data.blend={blend}"], PretrainConfig)
     job_dir = jobdir.create_job_dir(
         tmp_path / "submitted", config_yaml=dump_config(cfg), info={"stage": "pretrain", "profile": "cluster"}

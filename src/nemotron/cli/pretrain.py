@@ -250,8 +250,11 @@ def _evaluation_warnings(cfg) -> list[str]:
 
 def _blend_file_problems(cfg) -> list[str]:
     """What the run would refuse in each blend file of it that exists, "key: why": unreadable,
-    or not of the form `data.split` needs (`check_split_string`, the one home of that rule). A
-    phase-2 blend may still be missing at the start (docs/training.md "Phase curriculum")."""
+    not of the form `data.split` needs (`check_split_string`, the one home of that rule), or a
+    split the run reads that `read_blend` refuses (its entry malformed, a prefix without its
+    .bin/.idx): the train split of every file, and the main blend's valid and test splits when
+    the run evaluates and the file gives them a share. A phase-2 blend may still be missing at
+    the start (docs/training.md "Phase curriculum")."""
     if cfg.data.mock:
         return []
     blends = [("data.blend", cfg.data.blend), ("data.phase2_blend", cfg.data.phase2_blend)]
@@ -261,12 +264,17 @@ def _blend_file_problems(cfg) -> list[str]:
     present = [(key, path) for key, path in blends if path and Path(path).is_file()]
     if not present:
         return []
-    from nemotron.data.gpt_dataset import GPTDatasetError, check_split_string
+    from nemotron.data.gpt_dataset import GPTDatasetError, check_split_string, read_blend, split_has_share
 
     problems = []
     for key, path in present:
+        splits = ["train"]
+        if key == "data.blend" and cfg.train.eval_iters:
+            splits += [s for s in ("valid", "test") if split_has_share(path, s, cfg.data.split)]
         try:
             check_split_string(path, cfg.data.split)
+            for split in splits:
+                read_blend(path, split)
         except GPTDatasetError as exc:
             problems.append(f"{key}: {exc}")
     return problems
