@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -1183,6 +1184,43 @@ def _route_topk_switched_off_check():
         torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6)
 
 
+def _route_topk_megatron_check():
+    """The Triton routing on Megatron-Core's cases (tests/models/fixtures/megatron_router.json:
+    recipe width, a bias that flips the top k, one expert taking every token, top k = E, top 1,
+    ties): the reference's experts in the reference's order, and Megatron's own chosen experts,
+    combine weights and their logit gradient where those are defined the same way (float32, no
+    ties, top k > 1), per case."""
+    from nemotron.kernels.moe_router import route_topk_reference, route_topk_triton
+    from nemotron.kernels.moe_router_triton import ROUTER_TRITON_CONFIG
+
+    ROUTER_TRITON_CONFIG["block_t"] = 4  # several token tiles and a ragged last one
+    path = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "megatron_router.json"
+    for case in json.loads(path.read_text())["cases"]:
+        if case["dtype"] != "float32":
+            continue  # the kernel takes float32 logits only
+        name, e, k, scale = case["name"], case["experts"], case["top_k"], case["scale"]
+        logits = torch.tensor(case["logits"]).view(-1, e)
+        bias = torch.tensor(case["bias"])
+        upstream = torch.tensor(case["upstream"]).view(-1, e)
+        outs = []
+        for fn in (route_topk_triton, route_topk_reference):
+            leaf = logits.clone().requires_grad_(True)
+            scores, idx, weights = fn(leaf, bias, k, scale)
+            (weights * upstream.gather(1, idx)).sum().backward()
+            outs.append((scores.detach(), idx, weights.detach(), leaf.grad))
+        (s, idx, w, g), (want_s, want_idx, want_w, want_g) = outs
+        assert torch.equal(idx, want_idx), f"{name}: {idx.tolist()} != {want_idx.tolist()}"
+        for got, want, what in ((s, want_s, "scores"), (w, want_w, "weights"), (g, want_g, "dlogits")):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, x=what: f"{n}: {x}: {m}")
+        if name in ("ties in the scores", "top 1"):
+            continue  # Megatron's tie order and its unnormalised top 1 (tests/models/test_megatron_router.py)
+        theirs = case["megatron"]
+        dense = torch.zeros(idx.shape[0], e).scatter(1, idx, w)
+        assert torch.equal(dense != 0, torch.tensor(theirs["map"]).bool()), f"{name}: chosen experts"
+        torch.testing.assert_close(dense, torch.tensor(theirs["probs"]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g, torch.tensor(theirs["grad_probs"]), rtol=1e-5, atol=1e-7)
+
+
 def _moe_block_check(num_experts=4, top_k=4, starve=None, seq=5):
     """The whole MoE block with its Triton kernels forced on CPU tensors (routing, combine with the
     shared output, squared ReLU, the fan-out's gradient sum) against its reference path
@@ -1407,6 +1445,7 @@ CHECKS = {
     "route_topk_scores_grad_only_k1": lambda: _route_topk_check(experts=5, k=1, grads=("scores",)),
     "route_topk_ties": _route_topk_ties_check,
     "route_topk_experts_switched_off": _route_topk_switched_off_check,
+    "route_topk_megatron_cases": _route_topk_megatron_check,
     "moe_block_top_k_all_experts": _moe_block_check,
     "moe_block_starved_expert_seq1": lambda: _moe_block_check(num_experts=6, top_k=2, starve=3, seq=1),
     "mamba_chain_no_activation_glue": _mamba_chain_no_glue_check,
