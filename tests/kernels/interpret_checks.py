@@ -1211,7 +1211,9 @@ def _route_topk_megatron_check():
         (s, idx, w, g), (want_s, want_idx, want_w, want_g) = outs
         assert torch.equal(idx, want_idx), f"{name}: {idx.tolist()} != {want_idx.tolist()}"
         for got, want, what in ((s, want_s, "scores"), (w, want_w, "weights"), (g, want_g, "dlogits")):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, x=what: f"{n}: {x}: {m}")
+            torch.testing.assert_close(
+                got, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, x=what: f"{n}: {x}: {m}"
+            )
         if name in ("ties in the scores", "top 1"):
             continue  # Megatron's tie order and its unnormalised top 1 (tests/models/test_megatron_router.py)
         theirs = case["megatron"]

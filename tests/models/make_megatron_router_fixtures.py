@@ -166,8 +166,15 @@ def _ties(logits, bias):
 CASES = [
     _inputs("recipe width: 128 experts, top 6, scale 2.5", batch=2, seq=3, experts=128, top_k=6, seed=1),
     _inputs("bias flips the top k", batch=2, seq=4, experts=16, top_k=4, seed=2, edit=_flip),
-    _inputs("all tokens on one expert, experts with no token", batch=2, seq=4, experts=8, top_k=2, seed=3,
-            edit=_one_expert),
+    _inputs(
+        "all tokens on one expert, experts with no token",
+        batch=2,
+        seq=4,
+        experts=8,
+        top_k=2,
+        seed=3,
+        edit=_one_expert,
+    ),
     _inputs("top k = number of experts", batch=2, seq=3, experts=6, top_k=6, seed=4),
     _inputs("top 1", batch=2, seq=4, experts=8, top_k=1, seed=5),
     _inputs("bf16 logits", batch=2, seq=4, experts=16, top_k=4, dtype="bfloat16", seed=6),
@@ -182,7 +189,9 @@ def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT  # another path: the live test's check
     cases = [dict(case, megatron=megatron_case(case)) for case in CASES]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"megatron_core": megatron.core.__version__, "rate": RATE, "cases": cases}) + "\n")
+    out.write_text(
+        json.dumps({"megatron_core": megatron.core.__version__, "rate": RATE, "cases": cases}) + "\n"
+    )
     print(f"wrote {out} ({len(cases)} cases)", file=sys.stderr)
 
 

@@ -149,8 +149,10 @@ def test_the_hostile_cases_are_what_they_claim():
     assert one[3] == 8 and one.count(0.0) >= 4
     flip = CASES["bias flips the top k"]
     unbiased = torch.topk(logits_of(flip).view(-1, flip["experts"]), flip["top_k"]).indices
-    assert not torch.equal(dense(unbiased, torch.ones_like(unbiased), flip["experts"]).bool(),
-                           torch.tensor(flip["megatron"]["map"]).bool())
+    assert not torch.equal(
+        dense(unbiased, torch.ones_like(unbiased), flip["experts"]).bool(),
+        torch.tensor(flip["megatron"]["map"]).bool(),
+    )
     assert CASES["top k = number of experts"]["top_k"] == CASES["top k = number of experts"]["experts"]
     assert len(CASES["recipe width: 128 experts, top 6, scale 2.5"]["megatron"]["probs"][0]) == 128
 
@@ -162,11 +164,15 @@ def test_top1_weights_are_normalised_unlike_megatron():
     case = CASES[TOP1]
     theirs = case["megatron"]
     idx, weights, _, _ = routed(case)
-    assert torch.equal(dense(idx, torch.ones_like(idx, dtype=torch.int32), case["experts"]),
-                       torch.tensor(theirs["map"], dtype=torch.int32))
+    assert torch.equal(
+        dense(idx, torch.ones_like(idx, dtype=torch.int32), case["experts"]),
+        torch.tensor(theirs["map"], dtype=torch.int32),
+    )
     torch.testing.assert_close(weights, torch.full_like(weights, case["scale"]))
     scores = torch.sigmoid(logits_of(case).view(-1, case["experts"])).gather(1, idx)
-    torch.testing.assert_close(dense(idx, scores * case["scale"], case["experts"]), torch.tensor(theirs["probs"]))
+    torch.testing.assert_close(
+        dense(idx, scores * case["scale"], case["experts"]), torch.tensor(theirs["probs"])
+    )
 
 
 def test_ties_choose_equal_scores():
@@ -187,10 +193,16 @@ def test_ties_choose_equal_scores():
         their_scores = biased[t, their_map[t]].sort().values
         assert torch.equal(ours_scores, their_scores), t
         torch.testing.assert_close(weights[t].sort().values, their_probs[t][their_map[t]].sort().values)
-        differ += not torch.equal(dense(idx[t : t + 1], torch.ones(1, case["top_k"]), e)[0].bool(), their_map[t])
+        differ += not torch.equal(
+            dense(idx[t : t + 1], torch.ones(1, case["top_k"]), e)[0].bool(), their_map[t]
+        )
         # ours: among equal scores the lower expert index
-        assert idx[t].tolist() == route_topk_reference(logits[t : t + 1], torch.tensor(case["bias"]),
-                                                        case["top_k"], case["scale"])[1][0].tolist()
+        assert (
+            idx[t].tolist()
+            == route_topk_reference(
+                logits[t : t + 1], torch.tensor(case["bias"]), case["top_k"], case["scale"]
+            )[1][0].tolist()
+        )
     assert differ, "the tie case should make the two tie rules pick differently"
     all_equal = logits_of(case)[1, 0]
     assert (all_equal == 0).all() and idx[case["seq"]].tolist() == [0, 1, 2]
@@ -205,8 +217,9 @@ def test_bf16_logits_choose_megatrons_experts():
     _, idx, weights = route_topk_reference(logits, torch.tensor(case["bias"]), case["top_k"], case["scale"])
     assert weights.dtype == torch.bfloat16
     assert torch.equal(dense(idx, torch.ones_like(idx), e), torch.tensor(case["megatron"]["map"]))
-    torch.testing.assert_close(dense(idx, weights.float(), e), torch.tensor(case["megatron"]["probs"]),
-                               rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        dense(idx, weights.float(), e), torch.tensor(case["megatron"]["probs"]), rtol=1e-2, atol=0
+    )
 
 
 @pytest.mark.skipif(
@@ -220,11 +233,19 @@ def test_fixture_is_megatron_cores_own(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent.parent / "src"), *sys.path]))
     proc = subprocess.run(
         [sys.executable, str(HERE / "make_megatron_router_fixtures.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(out.read_text())
     for stored, new in zip(FIXTURE["cases"], fresh["cases"], strict=True):
         for key, value in stored["megatron"].items():
-            torch.testing.assert_close(torch.tensor(new["megatron"][key]), torch.tensor(value),
-                                       rtol=1e-6, atol=0, msg=lambda m, k=key, n=stored["name"]: f"{n}: {k}: {m}")
+            torch.testing.assert_close(
+                torch.tensor(new["megatron"][key]),
+                torch.tensor(value),
+                rtol=1e-6,
+                atol=0,
+                msg=lambda m, k=key, n=stored["name"]: f"{n}: {k}: {m}",
+            )
