@@ -36,3 +36,20 @@ def test_router_calls_the_routing_dispatcher(monkeypatch):
     out = router(torch.randn(4, 16))
     assert calls == [((4, 8), 2, 2.5)]
     assert out.topk_idx.shape == (4, 2) and out.scores.shape == (4, 8)
+
+
+def test_top_k_outside_one_to_the_number_of_experts_is_refused():
+    """A top k above the number of experts (or below 1) is one ValueError, as Megatron-Core's
+    `torch.topk` refuses it; the reference's sort slice routed each token to all 4 experts for
+    top 6, and to none for top 0 (weights summing to 0), silently."""
+    import pytest
+
+    from nemotron.models.nano3.moe import Router
+
+    logits, bias = torch.randn(3, 4), torch.zeros(4)
+    for k in (0, 5, -1):
+        with pytest.raises(ValueError, match=rf"top_k={k} must be an integer in \[1, 4\]"):
+            route_topk_reference(logits, bias, k, 2.5)
+        with pytest.raises(ValueError, match=rf"top_k={k} must be an integer in \[1, 4\]"):
+            Router(8, 4, k, 2.5, 0.02)
+    assert route_topk_reference(logits, bias, 4, 2.5)[1].shape == (3, 4)  # k = E is fine

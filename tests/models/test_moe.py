@@ -379,3 +379,19 @@ def test_a_padded_sequence_counts_and_scores_as_it_would_alone(moe, config):
     torch.testing.assert_close(aux, (aux0 + aux1) / 2)
     torch.testing.assert_close(y[:1], y0)
     torch.testing.assert_close(y[1:, :3], y1)
+
+
+def test_a_given_router_must_choose_the_configs_top_k(config):
+    """`MoE(config, router=...)`: the balance loss counts the config's top k, so a router that
+    chooses another k (or over another number of experts) is refused, naming both; it was
+    routed with its own k and scored with the config's."""
+    from nemotron.models.nano3.moe import Router
+
+    other = Router(config.hidden_size, config.num_experts, config.moe_top_k + 1, 2.5, 0.02)
+    with pytest.raises(
+        ValueError,
+        match=rf"top {config.moe_top_k + 1} of {config.num_experts} .*config top {config.moe_top_k}",
+    ):
+        MoE(config, router=other)
+    same = Router(config.hidden_size, config.num_experts, config.moe_top_k, 2.5, 0.02)
+    assert MoE(config, router=same).router is same

@@ -16,11 +16,27 @@ import torch
 
 from nemotron.kernels import use_triton
 
-__all__ = ["route_topk", "route_topk_reference", "route_topk_triton", "top_k_experts", "WEIGHT_EPS"]
+__all__ = [
+    "check_top_k",
+    "route_topk",
+    "route_topk_reference",
+    "route_topk_triton",
+    "top_k_experts",
+    "WEIGHT_EPS",
+]
 
 # Added to the sum of the chosen scores before dividing (sigmoid scores are > 0; this only
 # guards a sum that underflows).
 WEIGHT_EPS = 1e-20
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    """Every token takes `top_k` distinct experts: 1 <= top_k <= num_experts, else ValueError.
+    (A sort's slice would silently give fewer columns, or none: a token routed nowhere.)"""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"route_topk: top_k={top_k!r} must be an integer in [1, {num_experts}] (the number of experts)"
+        )
 
 
 def top_k_experts(values: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -40,6 +56,7 @@ def route_topk_reference(
     """logits [tokens, experts] float32 -> (scores [tokens, experts] float32, topk_idx [tokens, k]
     int64 in descending biased score, the lower expert index first among equal ones,
     topk_weight [tokens, k] float32)."""
+    check_top_k(top_k, logits.shape[-1])
     scores = torch.sigmoid(logits)
     with torch.no_grad():
         topk_idx = top_k_experts(scores + expert_bias, top_k)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from nemotron.kernels.dense import dense_inputs
-from nemotron.kernels.moe_router import WEIGHT_EPS
+from nemotron.kernels.moe_router import WEIGHT_EPS, check_top_k
 
 __all__ = ["RouteTopKFunction", "ROUTER_TRITON_CONFIG"]
 
@@ -111,8 +111,7 @@ class RouteTopKFunction(torch.autograd.Function):
     def forward(ctx, logits, expert_bias, top_k: int, scale: float):
         logits = logits.contiguous()
         t, e = logits.shape
-        if not 1 <= top_k <= e:
-            raise ValueError(f"route_topk: top_k={top_k} must be in [1, {e}]")
+        check_top_k(top_k, e)
         scores = torch.empty_like(logits)
         idx = torch.empty((t, top_k), device=logits.device, dtype=torch.int64)
         weights = torch.empty((t, top_k), device=logits.device, dtype=torch.float32)

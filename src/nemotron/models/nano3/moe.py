@@ -27,7 +27,7 @@ from nemotron.kernels import fast_paths_enabled
 from nemotron.kernels.add_n import add_n
 from nemotron.kernels.fp32_linear import fp32_linear
 from nemotron.kernels.moe_combine import weighted_combine
-from nemotron.kernels.moe_router import route_topk, top_k_experts
+from nemotron.kernels.moe_router import check_top_k, route_topk, top_k_experts
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.models.nano3.mlp import MLP, relu2
 from nemotron.models.nano3.parallel import SequenceGather
@@ -73,6 +73,7 @@ class Router(nn.Module):
         self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float, init_std: float
     ) -> None:
         super().__init__()
+        check_top_k(top_k, num_experts)
         self.num_experts = num_experts
         self.top_k = top_k
         self.routed_scaling_factor = routed_scaling_factor
@@ -403,6 +404,13 @@ class MoE(nn.Module):
             config.moe_routed_scaling_factor,
             config.init_std,
         )
+        if (self.router.top_k, self.router.num_experts) != (config.moe_top_k, config.num_experts):
+            # The balance loss (and the FLOP count, the checkpoint's architecture) take k and E
+            # from the config: a router choosing another k would be scored as a different model.
+            raise ValueError(
+                f"MoE: the given router takes top {self.router.top_k} of {self.router.num_experts} "
+                f"experts, the config top {config.moe_top_k} of {config.num_experts}"
+            )
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(config.num_experts)
         self.experts = experts or GroupedExperts(
             config.num_experts,
