@@ -409,3 +409,30 @@ def test_a_file_or_empty_dir_as_checkpoint_path_is_named(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(CheckpointError, match=r"loop is a symlink to nothing \(dangling, or a loop\)"):
         load_checkpoint(loop, model, opt)
+
+
+def test_model_only_checkpoint_overwrite_whose_removal_of_the_old_fails_keeps_the_new(tmp_path, monkeypatch):
+    """`import hf --overwrite` removed the earlier checkpoint in place before renaming the new
+    one there: a removal that failed part-way lost both (half the old one, and the new one
+    discarded). Now the new one is in place and intact."""
+    import shutil
+    from pathlib import Path
+
+    from nemotron.models.nano3.checkpoint import save_model_checkpoint
+
+    def remove_one_file_then_fail(path, ignore_errors=False, **kwargs):
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    first, _ = model_and_optimizer()
+    out = save_model_checkpoint(first, first.config, tmp_path / "imported")
+    model, _ = model_and_optimizer(seed=1)
+    monkeypatch.setattr(shutil, "rmtree", remove_one_file_then_fail)
+    save_model_checkpoint(model, model.config, out, overwrite=True)
+    monkeypatch.undo()
+    assert find_checkpoint(out) == (out, [])
+    other, _ = model_and_optimizer()
+    load_checkpoint(out, other, None, restore_rng=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name

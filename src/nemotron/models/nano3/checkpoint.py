@@ -34,7 +34,7 @@ from nemotron.train.checkpoint import (
     find_checkpoint,
     manifest_json,
 )
-from nemotron.utils.fs import apply_default_modes, atomic_write_text, refuse_non_empty
+from nemotron.utils.fs import apply_default_modes, atomic_write_text, publish_dir, refuse_non_empty
 
 CONFIG_FILE = "config.json"
 MODEL_KEY = "model"
@@ -130,9 +130,7 @@ def save_model_checkpoint(
         # sizes and checksums, as a training checkpoint has: verified before every load
         atomic_write_text(tmp / MANIFEST_FILE, manifest_json(describe_files(tmp), step=None))
         apply_default_modes(tmp)  # mkdtemp made it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # an earlier out goes only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

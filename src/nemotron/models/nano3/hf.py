@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes, read_json, refuse_non_empty
+from nemotron.utils.fs import apply_default_modes, publish_dir, read_json, refuse_non_empty
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -421,9 +421,7 @@ def save_hf(
         if write_extra is not None:
             write_extra(tmp)
         apply_default_modes(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)  # an earlier out_dir goes only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
