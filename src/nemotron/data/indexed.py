@@ -104,6 +104,7 @@ class IndexedDatasetWriter:
         self._len_tmp = _temp_name(self.prefix.with_name(self.prefix.name + ".lengths"))
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = open(self._len_tmp, "wb")
+        self._idx_tmp: Path | None = None  # named when finalize writes it
         self._pending_lengths: list[int] = []
         self.num_sequences = 0
         self.num_tokens = 0
@@ -160,16 +161,26 @@ class IndexedDatasetWriter:
             self._pending_lengths.clear()
 
     def finalize(self) -> Path:
-        """Write the ``.idx``, rename both files into place; returns the prefix."""
+        """Write the ``.idx``, rename both files into place; returns the prefix. If that fails
+        (a full disk), the temporary files are removed and the error raised."""
         if self._closed:
             raise RuntimeError(f"writer for {self.prefix} is already closed")
+        try:
+            return self._finalize()
+        except BaseException:
+            # Also when called by __exit__ (which only discards on an error in the block): the
+            # .bin temporary is a whole shard, and on a full disk it is what a rerun needs.
+            self.discard()
+            raise
+
+    def _finalize(self) -> Path:
         self._flush_lengths()
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
         self._lengths.close()
         idx_final = idx_path(self.prefix)
-        idx_tmp = _temp_name(idx_final)
+        idx_tmp = self._idx_tmp = _temp_name(idx_final)
         count = self.num_sequences
         with open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
             out.write(INDEX_MAGIC)
@@ -215,8 +226,9 @@ class IndexedDatasetWriter:
         self._closed = True
         for handle in (self._bin, self._lengths):
             handle.close()
-        for path in (self._bin_tmp, self._len_tmp):
-            path.unlink(missing_ok=True)
+        for path in (self._bin_tmp, self._len_tmp, self._idx_tmp):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
