@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from nemotron.config.schema import ModelConfig
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
     LATEST_FILE,
+    MANIFEST_FILE,
     CheckpointCorruptError,
     Checkpointer,
     CheckpointError,
@@ -180,6 +183,39 @@ def test_incomplete_saves_are_invisible_and_keep_last(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nowhere")
     assert resolve_checkpoint(tmp_path / "empty", must_exist=False) is None
+
+
+def test_a_prune_cut_short_leaves_no_half_checkpoint_and_is_finished_on_resume(tmp_path, monkeypatch):
+    """A kill while `keep_last` deletes an old checkpoint (large: it takes a while): the
+    checkpoint was deleted in place, so a part of it stayed as `iter_N`, without its manifest
+    never complete again, so never pruned: its space stayed taken for good."""
+    import nemotron.train.checkpoint as checkpoint_module
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    ckpt = Checkpointer(save, keep_last=2)
+    for step in (1, 2):
+        ckpt.save(step, model, opt, {"step": step})
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False, **kwargs):
+        if (Path(path) / MANIFEST_FILE).is_file() and not Path(path).name.startswith(".tmp-iter_"):
+            (Path(path) / MANIFEST_FILE).unlink()  # the first file to go, then the kill
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(3, model, opt, {"step": 3})
+    monkeypatch.undo()
+    assert sorted(p.name for p in save.iterdir() if not p.name.startswith(".")) == [
+        "iter_0000002",
+        "iter_0000003",
+        "latest",
+    ]
+    assert find_checkpoint(save) == (save / "iter_0000003", [])
+    finish_interrupted_saves(save)  # what a resumed run does first
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
 
 
 def test_async_save_is_visible_only_after_wait(tmp_path):
@@ -415,9 +451,6 @@ def test_model_only_checkpoint_overwrite_whose_removal_of_the_old_fails_keeps_th
     """`import hf --overwrite` removed the earlier checkpoint in place before renaming the new
     one there: a removal that failed part-way lost both (half the old one, and the new one
     discarded). Now the new one is in place and intact."""
-    import shutil
-    from pathlib import Path
-
     from nemotron.models.nano3.checkpoint import save_model_checkpoint
 
     def remove_one_file_then_fail(path, ignore_errors=False, **kwargs):

@@ -64,6 +64,7 @@ CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
+PRUNED_PREFIX = f"{TMP_PREFIX}pruned-"  # a checkpoint being deleted (`_remove_checkpoint`)
 
 
 @contextlib.contextmanager
@@ -380,6 +381,21 @@ def check_writable(directory: str | Path, key: str = "checkpoint.save", group=No
         raise CheckpointWriteError(f"{key}={directory} is not writable: {errors[0]}")
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint that is no longer kept: renamed to a hidden name first, so that a
+    removal cut short (a kill; a large checkpoint takes a while) leaves no `iter_N` that is
+    half there: without its manifest it would never count as complete again, so no later
+    prune would take it, and its space would stay taken. `finish_interrupted_saves` finishes
+    such a removal."""
+    doomed = path.with_name(f"{PRUNED_PREFIX}{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier removal of this step, cut short
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return  # (gone already, or not ours to move: left as it is, complete)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     """Finish the publication a run killed at the end of a save left undone; returns the names
     of the checkpoints it made visible (for the run's warnings). Call before resuming from
@@ -390,7 +406,8 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     aside to `.tmp-old-iter_N` (re-saving a step), the new one renamed to `iter_N`, `latest`
     rewritten. Killed between them, the complete new checkpoint would stay hidden and the next
     save of that step would delete it, so resume would start from an older one: here it is
-    renamed into place, `latest` names it, and the set-aside copy goes."""
+    renamed into place, `latest` names it, and the set-aside copy goes. A removal of a
+    checkpoint no longer kept (`keep_last`) that a kill cut short is finished too."""
     save_dir = Path(save_dir)
     finished: list[str] = []
     if _group_rank(group) == 0 and save_dir.is_dir():
@@ -409,6 +426,8 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
                 shutil.rmtree(old)
             else:  # not replaced (the new copy was incomplete): the old one is still the step's
                 os.replace(old, final)
+        for doomed in save_dir.glob(f"{PRUNED_PREFIX}iter_*"):
+            shutil.rmtree(doomed, ignore_errors=True)
         if finished:  # the move the kill cut short: `latest` names the checkpoint just published
             atomic_write_text(save_dir / LATEST_FILE, finished[-1] + "\n")
     return _from_owner(finished, group)  # (a broadcast: the other ranks wait for the moves)
@@ -869,4 +888,4 @@ class Checkpointer:
             return
         found = [(s, path) for s, path in complete_checkpoints(self.save_dir) if s <= step]
         for _, path in found[: max(0, len(found) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_checkpoint(path)
