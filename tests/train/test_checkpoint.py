@@ -312,6 +312,36 @@ def test_a_save_killed_while_publishing_is_finished_not_lost(tmp_path, monkeypat
     assert finish_interrupted_saves(save) == []  # nothing left to finish
 
 
+def test_resaving_a_step_whose_old_copy_will_not_go_still_points_latest_at_the_new(tmp_path, monkeypatch):
+    """Re-saving step 2 after resuming from step 1 (an abandoned run saved 2 and 3): the old
+    copy of iter_2 was moved aside and could not be removed (a file held open on NFS): the
+    save failed after the new iter_2 was in place, with `latest` still naming the abandoned
+    iter_3, which the next resume took."""
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    for step in (1, 2, 3):
+        saver.save(step, model, opt, {"step": step, "run": "abandoned"})
+    real_rmtree = shutil.rmtree
+
+    def busy(path, ignore_errors=False, **kwargs):
+        if Path(path).name.startswith(".tmp-old-"):
+            if not ignore_errors:
+                raise OSError(16, "Device or resource busy", str(path))
+            return
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    saver.save(2, model, opt, {"step": 2, "run": "new"})
+    assert read_latest(save) == "iter_0000002"
+    assert finish_interrupted_saves(save) == []  # a start while the copy still will not go
+    monkeypatch.undo()
+    found, _ = find_checkpoint(save)
+    assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
+    assert finish_interrupted_saves(save) == []
+    assert ".tmp-old-iter_0000002" not in [p.name for p in save.iterdir()]
+
+
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
     """A run resumed from an older checkpoint of a save dir that holds later ones (an explicit
     `checkpoint.load`, or a damaged newest checkpoint skipped) saves steps below them: pruning

@@ -423,7 +423,7 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
         for old in save_dir.glob(f"{TMP_PREFIX}old-iter_*"):
             final = save_dir / old.name[len(f"{TMP_PREFIX}old-") :]
             if final.exists():  # replaced: only the removal of the old copy was cut short
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)
             else:  # not replaced (the new copy was incomplete): the old one is still the step's
                 os.replace(old, final)
         for doomed in save_dir.glob(f"{PRUNED_PREFIX}iter_*"):
@@ -866,7 +866,9 @@ class Checkpointer:
                     shutil.rmtree(old)
                 os.replace(final, old)
                 os.replace(tmp, final)
-                shutil.rmtree(old)
+                # The new checkpoint is in place: a copy that will not go (yet) must not stop
+                # `latest` from naming it (the next start tries again).
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
             atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
