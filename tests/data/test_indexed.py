@@ -139,6 +139,25 @@ def test_a_full_disk_while_writing_the_index_leaves_nothing_and_keeps_the_old_pr
     assert IndexedDataset(tmp_path / "part")[0].tolist() == [7, 8]
 
 
+def test_a_writer_that_cannot_create_its_second_file_leaves_nothing(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from nemotron.data import indexed
+
+    real_open = builtins.open
+
+    def opening(path, mode="r", *args, **kwargs):
+        if ".lengths." in str(path):  # out of inodes after the first file
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(indexed, "open", opening, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        IndexedDatasetWriter(tmp_path / "part", np.int32)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_range_tokens_rejected(tmp_path):
     with IndexedDatasetWriter(tmp_path / "p", np.uint16) as writer:
         with pytest.raises(ValueError, match="out of range"):

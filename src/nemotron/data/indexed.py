@@ -103,7 +103,12 @@ class IndexedDatasetWriter:
         self._bin_tmp = _temp_name(bin_path(self.prefix))
         self._len_tmp = _temp_name(self.prefix.with_name(self.prefix.name + ".lengths"))
         self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._len_tmp, "wb")
+        try:
+            self._lengths = open(self._len_tmp, "wb")
+        except BaseException:  # (no writer comes back to discard the first)
+            self._bin.close()
+            self._bin_tmp.unlink(missing_ok=True)
+            raise
         self._idx_tmp: Path | None = None  # named when finalize writes it
         self._pending_lengths: list[int] = []
         self.num_sequences = 0
