@@ -131,9 +131,10 @@ def test_a_full_disk_while_writing_the_index_leaves_nothing_and_keeps_the_old_pr
         return FillsUp(f) if str(path).endswith(".tmp") and ".idx." in str(path) and "w" in mode else f
 
     monkeypatch.setattr(indexed, "open", opening, raising=False)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space") as failure:
         with IndexedDatasetWriter(tmp_path / "part", np.int32) as writer:
             writer.add_document([1, 2, 3])
+    assert failure.value.filename == str(tmp_path / "part.idx")  # says where the disk is full
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.bin", "part.idx"]
     assert IndexedDataset(tmp_path / "part")[0].tolist() == [7, 8]

@@ -102,3 +102,29 @@ def test_publish_dir_replaces_a_link_not_its_target(tmp_path: Path):
     publish_dir(_built(tmp_path, {"a": b"new"}), out)
     assert not out.is_symlink() and _tree(out) == {"a": b"new"}
     assert _tree(target) == {"keep": b"1"}
+
+
+def test_a_write_that_fails_names_the_file(tmp_path: Path, monkeypatch):
+    """A failed write() names no file: a full disk was the bare "[Errno 28] No space left on
+    device" (data prep's one-line error said nothing of where). Same errno, same subclass."""
+    target = tmp_path / "plan.json"
+    atomic_write_text(target, "old")
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError) as failure:
+        atomic_write_text(target, "new")
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(target)
+    assert str(target) in str(failure.value)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    with pytest.raises(PermissionError) as denied:  # the subclass of the errno, as before
+        with fs.naming(target):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert denied.value.filename == str(target)
+    with pytest.raises(FileNotFoundError) as named:  # a file already named stays as it is
+        with fs.naming(target):
+            open(tmp_path / "missing")
+    assert named.value.filename == str(tmp_path / "missing")

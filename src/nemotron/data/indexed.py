@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nemotron.utils.fs import naming
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -134,7 +136,8 @@ class IndexedDatasetWriter:
                         f"[{array.min()}, {array.max()}]"
                     )
             array = array.astype(self.dtype)
-        self._bin.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        with naming(bin_path(self.prefix)):  # a full disk says where
+            self._bin.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
         self._pending_lengths.append(int(array.size))
         self.num_sequences += 1
         self.num_tokens += int(array.size)
@@ -155,14 +158,16 @@ class IndexedDatasetWriter:
         if int(lengths.sum()) * self.dtype.itemsize != len(token_bytes):
             raise ValueError("add_raw: byte count does not match the sum of lengths")
         self._flush_lengths()
-        self._bin.write(token_bytes)
-        self._lengths.write(lengths.astype("<i4").tobytes())
+        with naming(bin_path(self.prefix)):
+            self._bin.write(token_bytes)
+            self._lengths.write(lengths.astype("<i4").tobytes())
         self.num_sequences += int(lengths.size)
         self.num_tokens += int(lengths.sum())
 
     def _flush_lengths(self) -> None:
         if self._pending_lengths:
-            self._lengths.write(np.asarray(self._pending_lengths, dtype="<i4").tobytes())
+            with naming(bin_path(self.prefix)):
+                self._lengths.write(np.asarray(self._pending_lengths, dtype="<i4").tobytes())
             self._pending_lengths.clear()
 
     def finalize(self) -> Path:
@@ -180,14 +185,15 @@ class IndexedDatasetWriter:
 
     def _finalize(self) -> Path:
         self._flush_lengths()
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        self._lengths.close()
+        with naming(bin_path(self.prefix)):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            self._lengths.close()
         idx_final = idx_path(self.prefix)
         idx_tmp = self._idx_tmp = _temp_name(idx_final)
         count = self.num_sequences
-        with open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
+        with naming(idx_final), open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
             out.write(INDEX_MAGIC)
             out.write(struct.pack("<Q", INDEX_VERSION))
             out.write(struct.pack("<B", self._code))

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "current_umask",
+    "naming",
     "publish_dir",
     "read_json",
     "read_text",
@@ -50,6 +51,19 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError raised in the block that names no file gets `path` as its file (same errno,
+    so the same subclass). A failed write() names none: a full disk would otherwise be the
+    bare "[Errno 28] No space left on device", with nothing saying where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block exits normally, the file written
     there (by any writer: `np.save`, `savefig`, ...) is flushed and renamed to `path`. On an
@@ -59,10 +73,11 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
-        yield tmp
-        if fsync:
-            _fsync(tmp)
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            if fsync:
+                _fsync(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
