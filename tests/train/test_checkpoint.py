@@ -342,6 +342,35 @@ def test_resaving_a_step_whose_old_copy_will_not_go_still_points_latest_at_the_n
     assert ".tmp-old-iter_0000002" not in [p.name for p in save.iterdir()]
 
 
+def test_a_resave_killed_before_the_old_copy_moved_aside_is_finished_not_lost(tmp_path, monkeypatch):
+    """Re-saving step 2, killed after the manifest but before the old iter_2 was moved aside:
+    the complete new save stayed hidden (the old iter_2 was there), resume took the old iter_2
+    and the next save of the step deleted the new one."""
+    import os
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    saver.save(1, model, opt, {"step": 1})
+    saver.save(2, model, opt, {"step": 2, "run": "abandoned"})
+    real_replace = os.replace
+
+    def killed_at_the_move_aside(src, dst):
+        if os.path.basename(src) == "iter_0000002":
+            raise KeyboardInterrupt  # the process dies here: no cleanup of ours runs
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_move_aside)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(2, model, opt, {"step": 2, "run": "new"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert finish_interrupted_saves(save) == ["iter_0000002"]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
+    found, skipped = find_checkpoint(save)
+    assert (found, skipped) == (save / "iter_0000002", [])
+    assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
+
+
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
     """A run resumed from an older checkpoint of a save dir that holds later ones (an explicit
     `checkpoint.load`, or a damaged newest checkpoint skipped) saves steps below them: pruning

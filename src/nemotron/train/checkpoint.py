@@ -404,7 +404,8 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     `Checkpointer` publishes a save in three moves after its manifest (written last, so a
     `.tmp-iter_N` holding one is complete on every rank): a checkpoint of the same step moved
     aside to `.tmp-old-iter_N` (re-saving a step), the new one renamed to `iter_N`, `latest`
-    rewritten. Killed between them, the complete new checkpoint would stay hidden and the next
+    rewritten. Killed between them (or after the manifest, before the first move), the
+    complete new checkpoint would stay hidden and the next
     save of that step would delete it, so resume would start from an older one: here it is
     renamed into place, `latest` names it, and the set-aside copy goes. A removal of a
     checkpoint no longer kept (`keep_last`) that a kill cut short is finished too."""
@@ -413,11 +414,13 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     if _group_rank(group) == 0 and save_dir.is_dir():
         for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*")):
             final = save_dir / tmp.name[len(TMP_PREFIX) :]
-            if (
-                CHECKPOINT_PATTERN.match(final.name)
-                and (tmp / MANIFEST_FILE).is_file()
-                and not final.exists()
-            ):
+            if CHECKPOINT_PATTERN.match(final.name) and (tmp / MANIFEST_FILE).is_file():
+                if final.exists():
+                    # Killed before the old copy was moved aside: the save (`prepare` clears a
+                    # `.tmp-` of the step first) is newer than the `iter_N` it re-saves.
+                    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+                    shutil.rmtree(old, ignore_errors=True)  # older still (a removal that failed)
+                    os.replace(final, old)
                 os.replace(tmp, final)
                 finished.append(final.name)
         for old in save_dir.glob(f"{TMP_PREFIX}old-iter_*"):
