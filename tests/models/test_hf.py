@@ -530,3 +530,26 @@ def test_overwrite_whose_removal_of_the_old_export_fails_keeps_the_new_one(tmp_p
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".hf.old-")) == ["hf"]
+
+
+def test_an_export_on_a_full_disk_is_one_error_naming_out_and_keeps_the_earlier(
+    tmp_path, config, monkeypatch
+):
+    """safetensors reports a full disk as its own SafetensorError ("I/O error: ..."), which the
+    CLI printed without saying where; now one error naming OUT, the earlier export untouched."""
+    from safetensors import SafetensorError
+
+    from nemotron.models.nano3 import hf
+
+    out = save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_fills(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", disk_fills)
+    with pytest.raises(hf.HFWriteError, match=r"hf: the export could not be written: .*No space left"):
+        save_hf(random_model(config).state_dict(), config, out, dtype=None, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # nothing half-written beside it

@@ -506,6 +506,28 @@ def test_a_file_or_empty_dir_as_checkpoint_path_is_named(tmp_path):
         load_checkpoint(loop, model, opt)
 
 
+def test_model_only_checkpoint_on_a_full_disk_is_one_error_naming_out(tmp_path, monkeypatch):
+    """DCP reports a failed write as a CheckpointException, a BaseException: `import hf` on a
+    full disk ended in a traceback. Now one CheckpointWriteError naming OUT and the cause."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from nemotron.models.nano3 import checkpoint as model_checkpoint
+
+    def disk_full(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\0" * 100)
+        raise CheckpointException("write", {0: (OSError(errno.ENOSPC, "No space left on device"), "tb")})
+
+    model, _ = model_and_optimizer()
+    monkeypatch.setattr(model_checkpoint.dcp, "save", disk_full)
+    with pytest.raises(
+        CheckpointWriteError, match=r"imported: the checkpoint could not be written: No space"
+    ):
+        model_checkpoint.save_model_checkpoint(model, model.config, tmp_path / "imported")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 def test_model_only_checkpoint_overwrite_whose_removal_of_the_old_fails_keeps_the_new(tmp_path, monkeypatch):
     """`import hf --overwrite` removed the earlier checkpoint in place before renaming the new
     one there: a removal that failed part-way lost both (half the old one, and the new one

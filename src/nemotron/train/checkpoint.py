@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, free_space_note
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
@@ -842,14 +842,11 @@ class Checkpointer:
         """Remove the unfinished save (its space may be what is missing) and raise. The free
         space is part of the message: a full disk does not always surface as ENOSPC (torch's
         zip writer reports a short write as "unexpected pos")."""
-        try:
-            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:,.1f} MiB were free there"
-        except OSError:
-            free = ""
         if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(
-            f"checkpoint {tmp.name[len(TMP_PREFIX) :]} could not be written to {tmp.parent}: {reason}{free}"
+            f"checkpoint {tmp.name[len(TMP_PREFIX) :]} could not be written to {tmp.parent}: "
+            f"{reason}{free_space_note(tmp.parent)}"
         )
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "current_umask",
+    "free_space_note",
     "naming",
     "publish_dir",
     "read_json",
@@ -120,6 +121,16 @@ def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
     else:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def free_space_note(directory: str | os.PathLike[str]) -> str:
+    """ "; N MiB were free there", for the message of a write that failed (empty when unknown):
+    a full disk does not always surface as ENOSPC (torch's zip writer reports a short write
+    as "unexpected pos", safetensors as an I/O error)."""
+    try:
+        return f"; {shutil.disk_usage(directory).free / 2**20:,.1f} MiB were free there"
+    except OSError:
+        return ""
 
 
 _umask_lock = threading.Lock()
