@@ -236,10 +236,12 @@ def test_async_save_is_visible_only_after_wait(tmp_path):
         assert torch.equal(value, reference[name]), name  # the state at save time
 
 
-@pytest.mark.parametrize("where", ["dcp", "manifest"])
+@pytest.mark.parametrize("where", ["dcp", "manifest", "rng"])
 def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     """A save that fails after writing part of its files (here: the shards written, then a full
-    disk; or the manifest write failing) leaves the previous checkpoint intact and `latest`, and
+    disk; or the manifest write failing; or the RNG file, whose writer, torch's zip writer,
+    reports a full disk as a RuntimeError "unexpected pos": that escaped as torch's own error,
+    the half-written save left behind) leaves the previous checkpoint intact and `latest`, and
     nothing that looks like a checkpoint of the failed step."""
     import errno
 
@@ -258,6 +260,13 @@ def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
             raise full
 
         monkeypatch.setattr(ckpt_module.dcp, "save", save_then_fail)
+    elif where == "rng":
+
+        def torch_save_on_a_full_disk(obj, path):
+            Path(path).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8512 vs 8406")
+
+        monkeypatch.setattr(ckpt_module.torch, "save", torch_save_on_a_full_disk)
     else:
 
         def fail_manifest(path, text, **kwargs):
@@ -266,7 +275,8 @@ def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         monkeypatch.setattr(ckpt_module, "atomic_write_text", fail_manifest)
     with pytest.raises(CheckpointWriteError, match="checkpoint iter_0000002 could not be written") as err:
         saver.save(2, model, opt, {"step": 2})
-    assert "No space left on device" in str(err.value)
+    assert ("unexpected pos" if where == "rng" else "No space left on device") in str(err.value)
+    assert "MiB were free there" in str(err.value)
     save = tmp_path / "save"
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", LATEST_FILE]  # no .tmp-* left
     assert (save / LATEST_FILE).read_text() == "iter_0000001\n"

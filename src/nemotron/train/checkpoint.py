@@ -832,7 +832,7 @@ class Checkpointer:
         if self._owner or not owner_only:
             try:
                 write()
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save's zip writer: RuntimeError
                 error = failure_reason(e)
         errors = [e for e in _gathered(error, self.group) if e]
         if errors:
