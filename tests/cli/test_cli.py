@@ -320,6 +320,41 @@ def test_pretrain_failure_is_recorded_and_one_line(cli, tmp_path, monkeypatch):
     assert "Traceback" in (job_dir / "error.txt").read_text()
 
 
+def test_failure_on_a_full_disk_records_the_status_and_no_half_traceback(tmp_path, monkeypatch):
+    """The disk is full when a failure is recorded: error.txt (the long traceback) was written
+    in place first, so it stayed half-written, and its error skipped result.json, leaving a
+    job dir that looked still running. Now result.json comes first and error.txt is written
+    whole or not at all."""
+    import errno
+
+    from nemotron.cli.common import record_failure
+
+    def disk_fills(self, data, *args, **kwargs):  # a short record fits, a traceback does not
+        data = data.encode() if isinstance(data, str) else data
+        with open(self, "wb") as f:
+            f.write(data[:512])
+        if len(data) > 512:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return len(data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_fills)
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+
+    def deep(n: int) -> None:  # a traceback of many frames, a one-line message
+        if n == 0:
+            raise RuntimeError("loss is nan at step 4")
+        deep(n - 1)
+
+    with pytest.raises(RuntimeError) as failure:
+        deep(20)
+    record_failure(job_dir, failure.value)
+    monkeypatch.undo()
+    assert json.loads((job_dir / "result.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in job_dir.iterdir()) == ["result.json"]  # no torn error.txt, no temp
+
+
 def test_a_job_dir_with_brackets_is_printed_as_it_is(cli, tmp_path, monkeypatch):
     """The job dir line is the path a user copies: "[exp]" in it was read as Rich markup and
     printed "/jobs//one" (`cli.progress.say` fixed the run's own lines, not this one)."""

@@ -54,6 +54,18 @@ def test_deterministic_and_cached(assets, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".build-")]
 
 
+def test_the_cached_build_has_the_modes_of_a_plain_mkdir(assets):
+    """The build directory came from mkdtemp (0700) and kept that mode when renamed into
+    place: a cache shared through NEMOTRON_CACHE_DIR was unreadable to anyone else, whose
+    run then rebuilt it and failed at the rename ("Directory not empty")."""
+    from nemotron.utils.fs import current_umask
+
+    mask = current_umask()
+    assert assets.root.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (assets.root / "tokenizer").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert assets.tokenizer.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_tokenizer_name_parsing():
     assert embedded.parse_tokenizer_name("embedded://bpe-4096") == 4096
     for bad in ("embedded://bpe", "embedded://wordpiece-4096", "embedded://bpe-12"):

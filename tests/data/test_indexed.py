@@ -96,6 +96,69 @@ def test_error_discards_temporaries(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_the_index_leaves_nothing_and_keeps_the_old_prefix(tmp_path, monkeypatch):
+    """ENOSPC part-way through the .idx, in `finalize` called by the `with` block's end: every
+    temporary was left behind, the .bin one a whole shard (in the work dir a rerun keeps, on
+    the disk that is full). The earlier prefix stays readable."""
+    import builtins
+    import errno
+
+    from nemotron.data import indexed
+
+    with IndexedDatasetWriter(tmp_path / "part", np.int32) as writer:
+        writer.add_document([7, 8])
+    real_open = builtins.open
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opening(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FillsUp(f) if str(path).endswith(".tmp") and ".idx." in str(path) and "w" in mode else f
+
+    monkeypatch.setattr(indexed, "open", opening, raising=False)
+    with pytest.raises(OSError, match="No space") as failure:
+        with IndexedDatasetWriter(tmp_path / "part", np.int32) as writer:
+            writer.add_document([1, 2, 3])
+    assert failure.value.filename == str(tmp_path / "part.idx")  # says where the disk is full
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.bin", "part.idx"]
+    assert IndexedDataset(tmp_path / "part")[0].tolist() == [7, 8]
+
+
+def test_a_writer_that_cannot_create_its_second_file_leaves_nothing(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from nemotron.data import indexed
+
+    real_open = builtins.open
+
+    def opening(path, mode="r", *args, **kwargs):
+        if ".lengths." in str(path):  # out of inodes after the first file
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(indexed, "open", opening, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        IndexedDatasetWriter(tmp_path / "part", np.int32)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_range_tokens_rejected(tmp_path):
     with IndexedDatasetWriter(tmp_path / "p", np.uint16) as writer:
         with pytest.raises(ValueError, match="out of range"):

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -504,3 +506,50 @@ def test_transformers_random_model_imports_with_same_logits(tmp_path, case):
     with torch.no_grad():
         ours, peer = model(ids).logits, hf(ids, use_cache=False).logits.double()
     assert ((ours - peer).norm() / peer.norm()).item() < 1e-6  # transformers' float32 parts
+
+
+def _remove_one_file_then_fail(path, ignore_errors=False, **kwargs):
+    """`shutil.rmtree` on a file system where removing the directory stops part-way (a file
+    the user may not delete; a kill): one file goes, then the error (unless ignored)."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    if files:
+        files[0].unlink()
+    if not ignore_errors:
+        raise PermissionError(13, "Permission denied", str(files[-1] if files else path))
+
+
+def test_overwrite_whose_removal_of_the_old_export_fails_keeps_the_new_one(tmp_path, config, monkeypatch):
+    """The earlier export was removed in place before the new one was renamed there: a removal
+    that failed part-way left half of the old export and discarded the new one."""
+    out = save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    model = random_model(config)
+    monkeypatch.setattr(shutil, "rmtree", _remove_one_file_then_fail)
+    save_hf(model.state_dict(), config, out, dtype=None, overwrite=True)
+    monkeypatch.undo()
+    _, state = load_hf_state_dict(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".hf.old-")) == ["hf"]
+
+
+def test_an_export_on_a_full_disk_is_one_error_naming_out_and_keeps_the_earlier(
+    tmp_path, config, monkeypatch
+):
+    """safetensors reports a full disk as its own SafetensorError ("I/O error: ..."), which the
+    CLI printed without saying where; now one error naming OUT, the earlier export untouched."""
+    from safetensors import SafetensorError
+
+    from nemotron.models.nano3 import hf
+
+    out = save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_fills(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", disk_fills)
+    with pytest.raises(hf.HFWriteError, match=r"hf: the export could not be written: .*No space left"):
+        save_hf(random_model(config).state_dict(), config, out, dtype=None, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # nothing half-written beside it

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from nemotron.config.schema import ModelConfig
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
     LATEST_FILE,
+    MANIFEST_FILE,
     CheckpointCorruptError,
     Checkpointer,
     CheckpointError,
@@ -182,6 +185,39 @@ def test_incomplete_saves_are_invisible_and_keep_last(tmp_path):
     assert resolve_checkpoint(tmp_path / "empty", must_exist=False) is None
 
 
+def test_a_prune_cut_short_leaves_no_half_checkpoint_and_is_finished_on_resume(tmp_path, monkeypatch):
+    """A kill while `keep_last` deletes an old checkpoint (large: it takes a while): the
+    checkpoint was deleted in place, so a part of it stayed as `iter_N`, without its manifest
+    never complete again, so never pruned: its space stayed taken for good."""
+    import nemotron.train.checkpoint as checkpoint_module
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    ckpt = Checkpointer(save, keep_last=2)
+    for step in (1, 2):
+        ckpt.save(step, model, opt, {"step": step})
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False, **kwargs):
+        if (Path(path) / MANIFEST_FILE).is_file() and not Path(path).name.startswith(".tmp-iter_"):
+            (Path(path) / MANIFEST_FILE).unlink()  # the first file to go, then the kill
+            raise KeyboardInterrupt
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(3, model, opt, {"step": 3})
+    monkeypatch.undo()
+    assert sorted(p.name for p in save.iterdir() if not p.name.startswith(".")) == [
+        "iter_0000002",
+        "iter_0000003",
+        "latest",
+    ]
+    assert find_checkpoint(save) == (save / "iter_0000003", [])
+    finish_interrupted_saves(save)  # what a resumed run does first
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+
+
 def test_async_save_is_visible_only_after_wait(tmp_path):
     model, opt = model_and_optimizer()
     ckpt = Checkpointer(tmp_path / "save", async_save=True)
@@ -200,10 +236,12 @@ def test_async_save_is_visible_only_after_wait(tmp_path):
         assert torch.equal(value, reference[name]), name  # the state at save time
 
 
-@pytest.mark.parametrize("where", ["dcp", "manifest"])
+@pytest.mark.parametrize("where", ["dcp", "manifest", "rng"])
 def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     """A save that fails after writing part of its files (here: the shards written, then a full
-    disk; or the manifest write failing) leaves the previous checkpoint intact and `latest`, and
+    disk; or the manifest write failing; or the RNG file, whose writer, torch's zip writer,
+    reports a full disk as a RuntimeError "unexpected pos": that escaped as torch's own error,
+    the half-written save left behind) leaves the previous checkpoint intact and `latest`, and
     nothing that looks like a checkpoint of the failed step."""
     import errno
 
@@ -222,6 +260,13 @@ def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
             raise full
 
         monkeypatch.setattr(ckpt_module.dcp, "save", save_then_fail)
+    elif where == "rng":
+
+        def torch_save_on_a_full_disk(obj, path):
+            Path(path).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8512 vs 8406")
+
+        monkeypatch.setattr(ckpt_module.torch, "save", torch_save_on_a_full_disk)
     else:
 
         def fail_manifest(path, text, **kwargs):
@@ -230,7 +275,8 @@ def test_save_failing_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         monkeypatch.setattr(ckpt_module, "atomic_write_text", fail_manifest)
     with pytest.raises(CheckpointWriteError, match="checkpoint iter_0000002 could not be written") as err:
         saver.save(2, model, opt, {"step": 2})
-    assert "No space left on device" in str(err.value)
+    assert ("unexpected pos" if where == "rng" else "No space left on device") in str(err.value)
+    assert "MiB were free there" in str(err.value)
     save = tmp_path / "save"
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", LATEST_FILE]  # no .tmp-* left
     assert (save / LATEST_FILE).read_text() == "iter_0000001\n"
@@ -274,6 +320,65 @@ def test_a_save_killed_while_publishing_is_finished_not_lost(tmp_path, monkeypat
     assert (found, skipped) == (save / "iter_0000002", [])
     assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
     assert finish_interrupted_saves(save) == []  # nothing left to finish
+
+
+def test_resaving_a_step_whose_old_copy_will_not_go_still_points_latest_at_the_new(tmp_path, monkeypatch):
+    """Re-saving step 2 after resuming from step 1 (an abandoned run saved 2 and 3): the old
+    copy of iter_2 was moved aside and could not be removed (a file held open on NFS): the
+    save failed after the new iter_2 was in place, with `latest` still naming the abandoned
+    iter_3, which the next resume took."""
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    for step in (1, 2, 3):
+        saver.save(step, model, opt, {"step": step, "run": "abandoned"})
+    real_rmtree = shutil.rmtree
+
+    def busy(path, ignore_errors=False, **kwargs):
+        if Path(path).name.startswith(".tmp-old-"):
+            if not ignore_errors:
+                raise OSError(16, "Device or resource busy", str(path))
+            return
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    saver.save(2, model, opt, {"step": 2, "run": "new"})
+    assert read_latest(save) == "iter_0000002"
+    assert finish_interrupted_saves(save) == []  # a start while the copy still will not go
+    monkeypatch.undo()
+    found, _ = find_checkpoint(save)
+    assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
+    assert finish_interrupted_saves(save) == []
+    assert ".tmp-old-iter_0000002" not in [p.name for p in save.iterdir()]
+
+
+def test_a_resave_killed_before_the_old_copy_moved_aside_is_finished_not_lost(tmp_path, monkeypatch):
+    """Re-saving step 2, killed after the manifest but before the old iter_2 was moved aside:
+    the complete new save stayed hidden (the old iter_2 was there), resume took the old iter_2
+    and the next save of the step deleted the new one."""
+    import os
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    saver.save(1, model, opt, {"step": 1})
+    saver.save(2, model, opt, {"step": 2, "run": "abandoned"})
+    real_replace = os.replace
+
+    def killed_at_the_move_aside(src, dst):
+        if os.path.basename(src) == "iter_0000002":
+            raise KeyboardInterrupt  # the process dies here: no cleanup of ours runs
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_move_aside)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(2, model, opt, {"step": 2, "run": "new"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert finish_interrupted_saves(save) == ["iter_0000002"]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
+    found, skipped = find_checkpoint(save)
+    assert (found, skipped) == (save / "iter_0000002", [])
+    assert json.loads((found / "train_state.json").read_text()) == {"step": 2, "run": "new"}
 
 
 def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -409,3 +514,49 @@ def test_a_file_or_empty_dir_as_checkpoint_path_is_named(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(CheckpointError, match=r"loop is a symlink to nothing \(dangling, or a loop\)"):
         load_checkpoint(loop, model, opt)
+
+
+def test_model_only_checkpoint_on_a_full_disk_is_one_error_naming_out(tmp_path, monkeypatch):
+    """DCP reports a failed write as a CheckpointException, a BaseException: `import hf` on a
+    full disk ended in a traceback. Now one CheckpointWriteError naming OUT and the cause."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from nemotron.models.nano3 import checkpoint as model_checkpoint
+
+    def disk_full(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\0" * 100)
+        raise CheckpointException("write", {0: (OSError(errno.ENOSPC, "No space left on device"), "tb")})
+
+    model, _ = model_and_optimizer()
+    monkeypatch.setattr(model_checkpoint.dcp, "save", disk_full)
+    with pytest.raises(
+        CheckpointWriteError, match=r"imported: the checkpoint could not be written: No space"
+    ):
+        model_checkpoint.save_model_checkpoint(model, model.config, tmp_path / "imported")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_model_only_checkpoint_overwrite_whose_removal_of_the_old_fails_keeps_the_new(tmp_path, monkeypatch):
+    """`import hf --overwrite` removed the earlier checkpoint in place before renaming the new
+    one there: a removal that failed part-way lost both (half the old one, and the new one
+    discarded). Now the new one is in place and intact."""
+    from nemotron.models.nano3.checkpoint import save_model_checkpoint
+
+    def remove_one_file_then_fail(path, ignore_errors=False, **kwargs):
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    first, _ = model_and_optimizer()
+    out = save_model_checkpoint(first, first.config, tmp_path / "imported")
+    model, _ = model_and_optimizer(seed=1)
+    monkeypatch.setattr(shutil, "rmtree", remove_one_file_then_fail)
+    save_model_checkpoint(model, model.config, out, overwrite=True)
+    monkeypatch.undo()
+    assert find_checkpoint(out) == (out, [])
+    other, _ = model_and_optimizer()
+    load_checkpoint(out, other, None, restore_rng=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -61,6 +61,32 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_cut_off_before_the_next_
     assert len(warnings) == 1  # the file is whole again
 
 
+def test_a_full_disk_while_logging_names_the_metrics_file_and_a_resume_recovers(tmp_path):
+    """A failed write() names no file: the run ended with the bare "[Errno 28] No space left
+    on device". The torn record it leaves is cut off by the next logger."""
+    import errno
+
+    logger = MetricsLogger(tmp_path, LoggerConfig())
+    logger.log("train", 1, {"lm_loss": 1.0})
+    real = logger._file
+
+    class Full:
+        def write(self, text):
+            real.write(text[:9])
+            real.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger._file = Full()  # type: ignore[assignment]
+    with pytest.raises(OSError) as failure:
+        logger.log("train", 2, {"lm_loss": 2.0})
+    assert failure.value.filename == str(tmp_path / METRICS_FILE)
+    real.close()
+    logger = MetricsLogger(tmp_path, LoggerConfig(), on_event=lambda kind, p: None)
+    logger.log("train", 2, {"lm_loss": 2.0})
+    logger.close()
+    assert [(r["step"], r["lm_loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0)]
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

@@ -1,11 +1,14 @@
 """The atomic-write helper: complete files only, the old file kept on failure, no debris."""
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nemotron.utils.fs import atomic_path, atomic_write_bytes, atomic_write_text
+from nemotron.utils import fs
+from nemotron.utils.fs import atomic_path, atomic_write_bytes, atomic_write_text, publish_dir
 
 
 def test_writes_text_and_bytes_and_creates_parents(tmp_path: Path):
@@ -35,3 +38,93 @@ def test_any_writer_through_the_temporary_path(tmp_path: Path):
         with open(tmp, "wb") as f:
             np.save(f, np.arange(3))
     assert np.load(target).tolist() == [0, 1, 2]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _built(parent: Path, files: dict[str, bytes]) -> Path:
+    built = parent / ".out.tmp-new"
+    for name, data in files.items():
+        (built / name).parent.mkdir(parents=True, exist_ok=True)
+        (built / name).write_bytes(data)
+    return built
+
+
+def test_publish_dir_puts_the_new_directory_in_place_of_the_old(tmp_path: Path):
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"1", "d/b": b"2"}), out)
+    assert _tree(out) == {"a": b"1", "d/b": b"2"}
+    publish_dir(_built(tmp_path, {"c": b"3"}), out)
+    assert _tree(out) == {"c": b"3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the earlier one is gone, no debris
+
+
+def test_publish_dir_a_failed_removal_of_the_old_costs_only_the_old(tmp_path: Path, monkeypatch):
+    """Removing the earlier directory fails part-way (a file it may not delete; a kill): the
+    new directory is in place, complete (it used to be lost with half of the old one)."""
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"old", "b": b"old"}), out)
+
+    def remove_half(path, ignore_errors=False, **kwargs):
+        sorted(Path(path).iterdir())[0].unlink()
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fs.shutil, "rmtree", remove_half)
+    publish_dir(_built(tmp_path, {"a": b"new", "b": b"new"}), out)
+    assert _tree(out) == {"a": b"new", "b": b"new"}
+
+
+def test_publish_dir_a_failed_rename_keeps_the_old(tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"old"}), out)
+    built = _built(tmp_path, {"a": b"new"})
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == built:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(fs.os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        publish_dir(built, out)
+    assert _tree(out) == {"a": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-new", "out"]  # the caller's to remove
+
+
+def test_publish_dir_replaces_a_link_not_its_target(tmp_path: Path):
+    target = _built(tmp_path, {"keep": b"1"}).rename(tmp_path / "target")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    publish_dir(_built(tmp_path, {"a": b"new"}), out)
+    assert not out.is_symlink() and _tree(out) == {"a": b"new"}
+    assert _tree(target) == {"keep": b"1"}
+
+
+def test_a_write_that_fails_names_the_file(tmp_path: Path, monkeypatch):
+    """A failed write() names no file: a full disk was the bare "[Errno 28] No space left on
+    device" (data prep's one-line error said nothing of where). Same errno, same subclass."""
+    target = tmp_path / "plan.json"
+    atomic_write_text(target, "old")
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError) as failure:
+        atomic_write_text(target, "new")
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(target)
+    assert str(target) in str(failure.value)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    with pytest.raises(PermissionError) as denied:  # the subclass of the errno, as before
+        with fs.naming(target):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert denied.value.filename == str(target)
+    with pytest.raises(FileNotFoundError) as named:  # a file already named stays as it is
+        with fs.naming(target):
+            open(tmp_path / "missing")
+    assert named.value.filename == str(tmp_path / "missing")

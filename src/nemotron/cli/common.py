@@ -10,6 +10,7 @@ Heavy modules (torch, the configs, the library) are imported inside the commands
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -456,11 +457,12 @@ def record_failure(job_dir: Path, exc: BaseException) -> None:
     if process_rank() != 0 or not job_dir.is_dir():
         return
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    try:
-        (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    # result.json first and on its own: it is what says the run ended, and it is short (on a
+    # full disk the long traceback is the write that fails). Both whole or not at all.
+    with contextlib.suppress(OSError):
         jobdir.finish_job_dir(job_dir, status, {"error": f"{type(exc).__name__}: {exc}"})
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic_write_text(job_dir / "error.txt", "".join(traceback.format_exception(exc)))
 
 
 def run_stage(fn, job_dir: Path):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemotron.data.config import DataPrepConfig
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import apply_default_modes, atomic_write_text
 
 SCHEME = "embedded://"
 CORPORA = ("stdlib-docstrings", "stdlib-code")
@@ -256,6 +256,7 @@ def materialize(
                 },
             }
             (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            apply_default_modes(tmp)  # mkdtemp made it 0700: a shared cache would be private
             try:
                 tmp.rename(final)
             except OSError:

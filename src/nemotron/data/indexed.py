@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nemotron.utils.fs import naming
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -103,7 +105,13 @@ class IndexedDatasetWriter:
         self._bin_tmp = _temp_name(bin_path(self.prefix))
         self._len_tmp = _temp_name(self.prefix.with_name(self.prefix.name + ".lengths"))
         self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._len_tmp, "wb")
+        try:
+            self._lengths = open(self._len_tmp, "wb")
+        except BaseException:  # (no writer comes back to discard the first)
+            self._bin.close()
+            self._bin_tmp.unlink(missing_ok=True)
+            raise
+        self._idx_tmp: Path | None = None  # named when finalize writes it
         self._pending_lengths: list[int] = []
         self.num_sequences = 0
         self.num_tokens = 0
@@ -128,7 +136,8 @@ class IndexedDatasetWriter:
                         f"[{array.min()}, {array.max()}]"
                     )
             array = array.astype(self.dtype)
-        self._bin.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        with naming(bin_path(self.prefix)):  # a full disk says where
+            self._bin.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
         self._pending_lengths.append(int(array.size))
         self.num_sequences += 1
         self.num_tokens += int(array.size)
@@ -149,29 +158,42 @@ class IndexedDatasetWriter:
         if int(lengths.sum()) * self.dtype.itemsize != len(token_bytes):
             raise ValueError("add_raw: byte count does not match the sum of lengths")
         self._flush_lengths()
-        self._bin.write(token_bytes)
-        self._lengths.write(lengths.astype("<i4").tobytes())
+        with naming(bin_path(self.prefix)):
+            self._bin.write(token_bytes)
+            self._lengths.write(lengths.astype("<i4").tobytes())
         self.num_sequences += int(lengths.size)
         self.num_tokens += int(lengths.sum())
 
     def _flush_lengths(self) -> None:
         if self._pending_lengths:
-            self._lengths.write(np.asarray(self._pending_lengths, dtype="<i4").tobytes())
+            with naming(bin_path(self.prefix)):
+                self._lengths.write(np.asarray(self._pending_lengths, dtype="<i4").tobytes())
             self._pending_lengths.clear()
 
     def finalize(self) -> Path:
-        """Write the ``.idx``, rename both files into place; returns the prefix."""
+        """Write the ``.idx``, rename both files into place; returns the prefix. If that fails
+        (a full disk), the temporary files are removed and the error raised."""
         if self._closed:
             raise RuntimeError(f"writer for {self.prefix} is already closed")
+        try:
+            return self._finalize()
+        except BaseException:
+            # Also when called by __exit__ (which only discards on an error in the block): the
+            # .bin temporary is a whole shard, and on a full disk it is what a rerun needs.
+            self.discard()
+            raise
+
+    def _finalize(self) -> Path:
         self._flush_lengths()
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        self._lengths.close()
+        with naming(bin_path(self.prefix)):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            self._lengths.close()
         idx_final = idx_path(self.prefix)
-        idx_tmp = _temp_name(idx_final)
+        idx_tmp = self._idx_tmp = _temp_name(idx_final)
         count = self.num_sequences
-        with open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
+        with naming(idx_final), open(idx_tmp, "wb") as out, open(self._len_tmp, "rb") as lengths_in:
             out.write(INDEX_MAGIC)
             out.write(struct.pack("<Q", INDEX_VERSION))
             out.write(struct.pack("<B", self._code))
@@ -215,8 +237,9 @@ class IndexedDatasetWriter:
         self._closed = True
         for handle in (self._bin, self._lengths):
             handle.close()
-        for path in (self._bin_tmp, self._len_tmp):
-            path.unlink(missing_ok=True)
+        for path in (self._bin_tmp, self._len_tmp, self._idx_tmp):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self

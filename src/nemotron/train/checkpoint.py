@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, free_space_note
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
@@ -64,6 +64,7 @@ CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
+PRUNED_PREFIX = f"{TMP_PREFIX}pruned-"  # a checkpoint being deleted (`_remove_checkpoint`)
 
 
 @contextlib.contextmanager
@@ -380,6 +381,21 @@ def check_writable(directory: str | Path, key: str = "checkpoint.save", group=No
         raise CheckpointWriteError(f"{key}={directory} is not writable: {errors[0]}")
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint that is no longer kept: renamed to a hidden name first, so that a
+    removal cut short (a kill; a large checkpoint takes a while) leaves no `iter_N` that is
+    half there: without its manifest it would never count as complete again, so no later
+    prune would take it, and its space would stay taken. `finish_interrupted_saves` finishes
+    such a removal."""
+    doomed = path.with_name(f"{PRUNED_PREFIX}{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier removal of this step, cut short
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return  # (gone already, or not ours to move: left as it is, complete)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     """Finish the publication a run killed at the end of a save left undone; returns the names
     of the checkpoints it made visible (for the run's warnings). Call before resuming from
@@ -388,27 +404,33 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     `Checkpointer` publishes a save in three moves after its manifest (written last, so a
     `.tmp-iter_N` holding one is complete on every rank): a checkpoint of the same step moved
     aside to `.tmp-old-iter_N` (re-saving a step), the new one renamed to `iter_N`, `latest`
-    rewritten. Killed between them, the complete new checkpoint would stay hidden and the next
+    rewritten. Killed between them (or after the manifest, before the first move), the
+    complete new checkpoint would stay hidden and the next
     save of that step would delete it, so resume would start from an older one: here it is
-    renamed into place, `latest` names it, and the set-aside copy goes."""
+    renamed into place, `latest` names it, and the set-aside copy goes. A removal of a
+    checkpoint no longer kept (`keep_last`) that a kill cut short is finished too."""
     save_dir = Path(save_dir)
     finished: list[str] = []
     if _group_rank(group) == 0 and save_dir.is_dir():
         for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*")):
             final = save_dir / tmp.name[len(TMP_PREFIX) :]
-            if (
-                CHECKPOINT_PATTERN.match(final.name)
-                and (tmp / MANIFEST_FILE).is_file()
-                and not final.exists()
-            ):
+            if CHECKPOINT_PATTERN.match(final.name) and (tmp / MANIFEST_FILE).is_file():
+                if final.exists():
+                    # Killed before the old copy was moved aside: the save (`prepare` clears a
+                    # `.tmp-` of the step first) is newer than the `iter_N` it re-saves.
+                    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+                    shutil.rmtree(old, ignore_errors=True)  # older still (a removal that failed)
+                    os.replace(final, old)
                 os.replace(tmp, final)
                 finished.append(final.name)
         for old in save_dir.glob(f"{TMP_PREFIX}old-iter_*"):
             final = save_dir / old.name[len(f"{TMP_PREFIX}old-") :]
             if final.exists():  # replaced: only the removal of the old copy was cut short
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)
             else:  # not replaced (the new copy was incomplete): the old one is still the step's
                 os.replace(old, final)
+        for doomed in save_dir.glob(f"{PRUNED_PREFIX}iter_*"):
+            shutil.rmtree(doomed, ignore_errors=True)
         if finished:  # the move the kill cut short: `latest` names the checkpoint just published
             atomic_write_text(save_dir / LATEST_FILE, finished[-1] + "\n")
     return _from_owner(finished, group)  # (a broadcast: the other ranks wait for the moves)
@@ -810,7 +832,7 @@ class Checkpointer:
         if self._owner or not owner_only:
             try:
                 write()
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save's zip writer: RuntimeError
                 error = failure_reason(e)
         errors = [e for e in _gathered(error, self.group) if e]
         if errors:
@@ -820,14 +842,11 @@ class Checkpointer:
         """Remove the unfinished save (its space may be what is missing) and raise. The free
         space is part of the message: a full disk does not always surface as ENOSPC (torch's
         zip writer reports a short write as "unexpected pos")."""
-        try:
-            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:,.1f} MiB were free there"
-        except OSError:
-            free = ""
         if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(
-            f"checkpoint {tmp.name[len(TMP_PREFIX) :]} could not be written to {tmp.parent}: {reason}{free}"
+            f"checkpoint {tmp.name[len(TMP_PREFIX) :]} could not be written to {tmp.parent}: "
+            f"{reason}{free_space_note(tmp.parent)}"
         )
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
@@ -847,7 +866,9 @@ class Checkpointer:
                     shutil.rmtree(old)
                 os.replace(final, old)
                 os.replace(tmp, final)
-                shutil.rmtree(old)
+                # The new checkpoint is in place: a copy that will not go (yet) must not stop
+                # `latest` from naming it (the next start tries again).
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
             atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
@@ -869,4 +890,4 @@ class Checkpointer:
             return
         found = [(s, path) for s, path in complete_checkpoints(self.save_dir) if s <= step]
         for _, path in found[: max(0, len(found) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_checkpoint(path)

@@ -18,6 +18,7 @@ from typing import Any, Callable, TextIO
 
 from nemotron.artifacts import wandb_lineage
 from nemotron.train.config import LoggerConfig
+from nemotron.utils.fs import naming
 
 METRICS_FILE = "metrics.jsonl"
 # Megatron logs an evaluation's perplexity as exp(min(20, loss)) (`evaluate_and_print_results`):
@@ -161,7 +162,8 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in values.items()})
         assert self._file is not None  # enabled
-        self._file.write(json.dumps(record) + "\n")
+        with naming(self.job_dir / METRICS_FILE):  # a full disk says where
+            self._file.write(json.dumps(record) + "\n")
         numeric = _scalars(values)
         if self._tb is not None:
             for key, value in numeric.items():

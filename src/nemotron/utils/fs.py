@@ -8,8 +8,9 @@ file systems: a reader sees the previous complete file or the new complete file,
 half-written one, and a writer killed mid-write leaves only a hidden `.NAME.*.tmp` file behind.
 
 Directories that are built up file by file (checkpoints, exported models, job directories)
-follow the same rule at their own level: built under a temporary name, renamed when complete;
-`apply_default_modes` gives such a directory the modes a plain mkdir/open would have.
+follow the same rule at their own level: built under a temporary name, renamed when complete
+(`publish_dir` when an earlier one may be there); `apply_default_modes` gives such a directory
+the modes a plain mkdir/open would have.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +31,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "current_umask",
+    "free_space_note",
+    "naming",
+    "publish_dir",
     "read_json",
     "read_text",
 ]
@@ -47,6 +52,19 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError raised in the block that names no file gets `path` as its file (same errno,
+    so the same subclass). A failed write() names none: a full disk would otherwise be the
+    bare "[Errno 28] No space left on device", with nothing saying where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block exits normally, the file written
     there (by any writer: `np.save`, `savefig`, ...) is flushed and renamed to `path`. On an
@@ -56,10 +74,11 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
-        yield tmp
-        if fsync:
-            _fsync(tmp)
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            if fsync:
+                _fsync(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -74,6 +93,44 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = True) -> Path:
     """Write `text` (UTF-8) to `path` atomically (see the module docstring); returns `path`."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Put the complete directory `built` (a sibling of `out`) at `out`, replacing what is there;
+    returns `out`.
+
+    An earlier `out` is renamed aside to a hidden sibling first and removed only once `built`
+    is in place (its removal failing or being cut short costs only that hidden copy). Removing
+    it in place first would lose both when the removal failed part-way (a file it may not
+    delete, a kill): the earlier output half-deleted, and the caller discarding the new one.
+    A rename that fails puts the earlier `out` back. A kill between the two renames leaves no
+    `out`, with the earlier and the new directory both kept under their hidden names."""
+    built, out = Path(built), Path(out)
+    if not (out.exists() or out.is_symlink()):
+        os.replace(built, out)
+        return out
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(out, aside)
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    if aside.is_symlink() or not aside.is_dir():  # a link (its target is not ours) or a file
+        aside.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
+
+
+def free_space_note(directory: str | os.PathLike[str]) -> str:
+    """ "; N MiB were free there", for the message of a write that failed (empty when unknown):
+    a full disk does not always surface as ENOSPC (torch's zip writer reports a short write
+    as "unexpected pos", safetensors as an I/O error)."""
+    try:
+        return f"; {shutil.disk_usage(directory).free / 2**20:,.1f} MiB were free there"
+    except OSError:
+        return ""
 
 
 _umask_lock = threading.Lock()

@@ -28,13 +28,20 @@ from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
     MANIFEST_FILE,
     CheckpointError,
+    CheckpointWriteError,
     check_model_shapes,
     describe_files,
     failure_reason,
     find_checkpoint,
     manifest_json,
 )
-from nemotron.utils.fs import apply_default_modes, atomic_write_text, refuse_non_empty
+from nemotron.utils.fs import (
+    apply_default_modes,
+    atomic_write_text,
+    free_space_note,
+    publish_dir,
+    refuse_non_empty,
+)
 
 CONFIG_FILE = "config.json"
 MODEL_KEY = "model"
@@ -125,14 +132,19 @@ def save_model_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
-        (tmp / CONFIG_FILE).write_text(json.dumps({MODEL_KEY: dataclasses.asdict(config)}, indent=2) + "\n")
-        # sizes and checksums, as a training checkpoint has: verified before every load
-        atomic_write_text(tmp / MANIFEST_FILE, manifest_json(describe_files(tmp), step=None))
+        try:
+            dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
+            text = json.dumps({MODEL_KEY: dataclasses.asdict(config)}, indent=2) + "\n"
+            (tmp / CONFIG_FILE).write_text(text)
+            # sizes and checksums, as a training checkpoint has: verified before every load
+            atomic_write_text(tmp / MANIFEST_FILE, manifest_json(describe_files(tmp), step=None))
+        except (Exception, CheckpointException) as err:  # DCP's own is a BaseException
+            raise CheckpointWriteError(
+                f"{out}: the checkpoint could not be written: {failure_reason(err)}"
+                f"{free_space_note(out.parent)}"
+            ) from None
         apply_default_modes(tmp)  # mkdtemp made it 0700
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # an earlier out goes only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes, read_json, refuse_non_empty
+from nemotron.utils.fs import apply_default_modes, free_space_note, publish_dir, read_json, refuse_non_empty
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -61,6 +61,11 @@ _IGNORED_PREFIXES = ("mtp.",)
 
 class HFInteropError(ValueError):
     """A Hugging Face directory or config that cannot be converted, with the file and key."""
+
+
+class HFWriteError(HFInteropError):
+    """An export that could not be written (a full disk, an unwritable directory), naming the
+    directory and the cause; an earlier directory there is untouched, nothing half-written."""
 
 
 def _transformers_config_class():
@@ -421,9 +426,16 @@ def save_hf(
         if write_extra is not None:
             write_extra(tmp)
         apply_default_modes(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)  # an earlier out_dir goes only once this one is in place
+    except (OSError, SafetensorError) as err:  # a full disk, an unwritable directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.strerror:
+            reason = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+        else:
+            reason = " ".join(str(err).split())
+        raise HFWriteError(
+            f"{out_dir}: the export could not be written: {reason}{free_space_note(out_dir.parent)}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
