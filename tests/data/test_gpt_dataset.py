@@ -159,6 +159,34 @@ def test_index_cache_is_reused_and_keyed(tmp_path):
     assert len(list(cache.iterdir())) == 8
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "not npy"])
+def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
+    # The description marks an entry complete; an array deleted or truncated beside it later
+    # (by hand, a full disk) failed every later start with a bare FileNotFoundError/ValueError.
+    # It is built again, to the same arrays as a cold cache: the run reads the same samples.
+    rng = np.random.default_rng(6)
+    write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
+    write_dataset(tmp_path / "b", random_docs(rng, 20, 30))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", "a", "2", "b"]}))
+    cache = tmp_path / "cache"
+    cold = build_split_dataset(blend, "train", 10, 8, 1, cache)
+    expected = [cold[i]["tokens"].tolist() for i in range(len(cold))]
+    files = sorted(p.name for p in cache.iterdir())
+    # an array of a prefix's entry and one of the blend's
+    for array in (sorted(cache.glob("*-shuffle_index.npy"))[0], *cache.glob("*-dataset_index.npy")):
+        if damage == "deleted":
+            array.unlink()
+        elif damage == "truncated":
+            with open(array, "r+b") as f:
+                f.truncate(array.stat().st_size - 8)
+        else:
+            array.write_bytes(b"not an array")
+    warm = build_split_dataset(blend, "train", 10, 8, 1, cache)
+    assert [warm[i]["tokens"].tolist() for i in range(len(warm))] == expected
+    assert sorted(p.name for p in cache.iterdir()) == files  # no stray temporary files
+
+
 def test_blend_errors_name_file_and_entry(tmp_path):
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": ["1.0", str(tmp_path / "missing")]}))

@@ -245,7 +245,11 @@ def cached_arrays(
     key = cache_key(description)
     paths = {name: cache_dir / f"{key}-{name}.npy" for name in names}
     marker = cache_dir / f"{key}-description.json"
-    if _is_rank_zero() and not marker.exists():
+    # An entry whose marker is there but an array is missing or unreadable (a file deleted or
+    # truncated by hand, a disk that filled after the entry was complete) is built again, as a
+    # cold cache would: the arrays are a pure function of the description, so the run reads the
+    # same samples instead of failing at every start until someone finds the damaged file.
+    if _is_rank_zero() and not (marker.exists() and _load_arrays(paths) is not None):
         cache_dir.mkdir(parents=True, exist_ok=True)
         arrays = build()
         for name in names:
@@ -257,7 +261,21 @@ def cached_arrays(
             f"index cache {marker} is missing after rank 0 built it: is {cache_dir} on a "
             "filesystem every rank shares?"
         )
-    return {name: np.load(paths[name], mmap_mode="r") for name in names}
+    arrays = _load_arrays(paths)
+    if arrays is None:
+        raise GPTDatasetError(
+            f"index cache entry {marker}: an array beside it is missing or unreadable after "
+            f"rank 0 checked it: is {cache_dir} on a filesystem every rank shares?"
+        )
+    return arrays
+
+
+def _load_arrays(paths: dict[str, Path]) -> dict[str, np.ndarray] | None:
+    """The memory-mapped arrays of a cache entry, or None if one is missing or unreadable."""
+    try:
+        return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    except (OSError, ValueError):  # absent, a truncated header or data, not an .npy file
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
