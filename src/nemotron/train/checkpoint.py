@@ -557,8 +557,16 @@ BLOCK_KEYS: dict[str, tuple[str, ...]] = {
 assert set(BLOCK_KEYS) == set(BLOCK_SYMBOLS.values())  # every block kind the pattern parser knows
 # Free to change: the initialisation (a loaded model is not initialised), the balance loss's
 # coefficient (a training setting) and the SSD chunk size (how the scan is computed, not what).
-FREE_KEYS = frozenset({"init_std", "mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"})
-FREE_KEYS |= {"moe_seq_aux_loss_coeff", "mamba_chunk_size"}
+FREE_KEYS = frozenset(
+    {
+        "init_std",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
+        "moe_seq_aux_loss_coeff",
+        "mamba_chunk_size",
+    }
+)
 # The weights fit, the model computes something else: deliberate changes of the forward pass
 # (Megatron lets a run resume with another top-k), so they are announced, not refused.
 FORWARD_KEYS = frozenset({"norm_eps", "moe_top_k", "moe_routed_scaling_factor"})
