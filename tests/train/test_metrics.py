@@ -200,3 +200,55 @@ def test_perplexity_is_capped_as_megatron_caps_it():
     assert perplexity(20.0) == math.exp(20.0)
     assert perplexity(37.0) == math.exp(20.0)  # was exp(37): not what Megatron's log shows
     assert math.isnan(perplexity(float("nan")))
+
+
+def _tensorboard_points(job) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar's (step, value) points as TensorBoard's own reader shows them (it applies a
+    writer's purge_step)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_hides_what_an_abandoned_attempt_logged_past_the_resume_point(tmp_path):
+    # Attempt 1 logs steps 1-6 and dies after its checkpoint of step 3; attempt 2 resumes at 3.
+    pytest.importorskip("torch.utils.tensorboard")
+    cfg = LoggerConfig(tensorboard=True)
+    first = MetricsLogger(tmp_path, cfg)
+    for step in range(1, 7):
+        first.log("train", step, {"lm_loss": 10.0 + step})
+    first.close()
+    second = MetricsLogger(tmp_path, cfg, start_step=3)
+    for step in (4, 5):
+        second.log("train", step, {"lm_loss": float(step)})
+    second.close()
+    assert _tensorboard_points(tmp_path)["train/lm_loss"] == [
+        (1, 11.0),
+        (2, 12.0),
+        (3, 13.0),
+        (4, 4.0),
+        (5, 5.0),
+    ]
+
+
+def test_a_resumed_run_logs_each_step_once_to_tensorboard(tmp_path, corpus):
+    """The trainer passes the step it resumes at: a run resumed from an earlier checkpoint of
+    the same job dir re-logs steps 4-8 and TensorBoard shows one point per step, not two."""
+    import dataclasses
+
+    pytest.importorskip("torch.utils.tensorboard")
+    from nemotron.train import pretrain
+
+    from .conftest import make_config
+
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 5, "eval_iters": 0})
+    cfg.logger = dataclasses.replace(cfg.logger, tensorboard=True)
+    pretrain(cfg, tmp_path / "job")
+    rerun = dataclasses.replace(
+        cfg.checkpoint, save=str(tmp_path / "ckpt2"), load=str(tmp_path / "ckpt" / "iter_0000003")
+    )
+    summary = pretrain(dataclasses.replace(cfg, checkpoint=rerun), tmp_path / "job")
+    assert summary.resumed_from.endswith("iter_0000003")
+    steps = [step for step, _ in _tensorboard_points(tmp_path / "job")["train/lm_loss"]]
+    assert steps == [1, 2, 3, 4, 5]

@@ -86,6 +86,7 @@ class MetricsLogger:
         enabled: bool = True,
         on_event: EventHook | None = None,
         run_config: dict[str, Any] | None = None,
+        start_step: int = 0,
     ) -> None:
         self.enabled = enabled
         self.on_event = on_event
@@ -112,7 +113,10 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"))
+            # A run that starts (or resumes) at step s re-logs steps s+1 on: TensorBoard hides
+            # what an earlier attempt on this job dir logged from there (it ran past its last
+            # checkpoint, or the job dir was restarted from scratch), as `read_metrics` does.
+            self._tb = SummaryWriter(log_dir=str(self.job_dir / "tensorboard"), purge_step=start_step + 1)
         if cfg.wandb and cfg.wandb_mode != "disabled":
             try:
                 self._wandb = wandb_lineage.start_run(

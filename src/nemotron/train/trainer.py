@@ -403,7 +403,12 @@ class Trainer:
         )
         rank0 = not parallel.distributed or dist.get_rank() == 0
         metrics = MetricsLogger(
-            job_dir, cfg.logger, enabled=rank0, on_event=on_event, run_config=_config_dict(cfg)
+            job_dir,
+            cfg.logger,
+            enabled=rank0,
+            on_event=on_event,
+            run_config=_config_dict(cfg),
+            start_step=restored.state.step,
         )
         if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
             metrics.use_data_artifacts(
