@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment, peak_memory_gib, synchronize  # noqa: E402
-from train_throughput import _release, one_rank_group, proxy_model_config  # noqa: E402
+from train_throughput import _release, grouped_tiles_arg, one_rank_group, proxy_model_config  # noqa: E402
 
 from nemotron.config.schema import PretrainConfig  # noqa: E402
 from nemotron.data.config import DataConfig  # noqa: E402
@@ -54,6 +54,7 @@ from nemotron.train.checkpoint import training_state_dict  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
+from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS  # noqa: E402
 from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -218,6 +219,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="train.fp8.experts_weight_grad=fp8 (the routed experts' weight gradients on FP8 operands)",
     )
     ap.add_argument(
+        "--experts-gemm",
+        choices=EXPERT_GROUPED_GEMMS,
+        default="cutlass",
+        help="train.fp8.experts_grouped_gemm (the routed experts' forward and input-gradient FP8 products)",
+    )
+    ap.add_argument(
+        "--experts-tiles",
+        type=grouped_tiles_arg,
+        default=None,
+        metavar="M,N,K,STAGES,WARPS,TMA,PERSISTENT",
+        help="train.fp8.experts_grouped_tiles (with --experts-gemm triton; default: the kernel's)",
+    )
+    ap.add_argument(
         "--autotune-casts",
         action="store_true",
         help="train.fp8.autotune_casts=true (the compiled linears' cast kernels tuned; same values)",
@@ -304,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
                     experts_fsdp_float8_all_gather=args.experts_gather and "experts" in layers,
                     experts_weight_grad="fp8" if args.experts_wgrad and "experts" in layers else "bf16",
                     autotune_casts=args.autotune_casts,
+                    experts_grouped_gemm=args.experts_gemm,
+                    experts_grouped_tiles=args.experts_tiles,
                 ),
             )
             for r in args.recipes.split(",")
@@ -442,6 +458,8 @@ _SAME = (
     "layers_fp8",
     "experts_gather",
     "experts_wgrad",
+    "experts_gemm",
+    "experts_tiles",
     "steps",
     "seq",
     "micro_batch",

@@ -816,3 +816,49 @@ def test_train_throughput_takes_the_experts_grouped_gemm(tmp_path, monkeypatch):
     assert result["run"]["fp8"]["experts"] and result["run"]["fp8"]["emulated"]
     with pytest.raises(SystemExit):
         tt.parse_args([*args, "--fp8-experts-tiles", "128,256,128,3,6,1,0"])
+
+
+def test_fp8_loss_parity_takes_the_experts_grouped_gemm(monkeypatch):
+    """`fp8_loss_parity.py --experts-gemm triton --experts-tiles ...` reach the FP8 runs' config
+    (the product that a parity check of a faster layout must train with); bad tiles are refused
+    at the command line."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    parity = load("fp8_loss_parity")
+    seen: list = []
+    real = parity.Fp8Config
+
+    def config(**kwargs):
+        made = real(**kwargs)
+        seen.append(made)
+        return made
+
+    monkeypatch.setattr(parity, "Fp8Config", config)
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--seq",
+        "32",
+        "--steps",
+        "1",
+        "--window",
+        "1",
+        "--eval-batches",
+        "0",
+    ]
+    argv += ["--params", "bf16", "--fp8-layers", "experts", "--tolerance", "100"]
+    result = parity.main([*argv, "--experts-gemm", "triton", "--experts-tiles", "128,256,128,3,8,1,0"])
+    assert result["args"]["experts_gemm"] == "triton" and result["args"]["experts_tiles"] == [
+        128,
+        256,
+        128,
+        3,
+        8,
+        1,
+        0,
+    ]
+    (fp8,) = [c for c in seen if c.enabled]
+    assert fp8.experts_grouped_gemm == "triton" and fp8.experts_grouped_tiles == [128, 256, 128, 3, 8, 1, 0]
+    assert "experts_gemm" in parity._SAME and "experts_tiles" in parity._SAME
+    with pytest.raises(SystemExit):
+        parity.main([*argv, "--experts-tiles", "128,256,128,3,6,1,0"])
