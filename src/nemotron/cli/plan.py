@@ -91,6 +91,8 @@ def _table(title: str, plans, *, show_overrides: bool = False):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_lines=False)
+    # the pipeline's idle time and sends, a column of its own only where a plan has stages
+    pipelined = any(p.layout.pp > 1 for p in plans)
     for name, justify in (
         ("GPUs", "right"),
         ("layout", "left"),
@@ -103,6 +105,7 @@ def _table(title: str, plans, *, show_overrides: bool = False):
         ("step s", "right"),
         ("compute", "right"),
         ("comm exposed", "right"),
+        *((("PP bubble", "right"),) if pipelined else ()),
         ("tokens/s/GPU", "right"),
         ("MFU", "right"),
     ):
@@ -125,6 +128,7 @@ def _table(title: str, plans, *, show_overrides: bool = False):
             f"{s.total:.2f}",
             f"{s.compute:.2f}",
             f"{comm:.2f}",
+            *((f"{s.pipeline_bubble:.2f}",) if pipelined else ()),
             f"{plan.tokens_per_second_per_gpu:,.0f}",
             f"{plan.mfu:.3f}",
         ]

@@ -55,6 +55,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from nemotron.distributed.apply import check_local_sequence, parallelize
 from nemotron.distributed.mesh import ParallelMesh
 from nemotron.distributed.parallel_dims import context_halo
+from nemotron.distributed.pipeline_schedules import schedule_runs
 from nemotron.distributed.pipeline_split import StageSplit, split_stages
 from nemotron.distributed.utils import grad_norm, padding_mask
 from nemotron.models.nano3.model import Nano3ForCausalLM
@@ -213,7 +214,7 @@ class Pipeline:
                         group=self.group,
                     )
                 )
-            cls = self._schedule_class(count)
+            cls = get_schedule_class(self._schedule_name(count))
             if issubclass(cls, PipelineScheduleSingle):
                 self._schedules[key] = cls(
                     stages[0], n_microbatches=count, loss_fn=self.loss, scale_grads=False
@@ -222,12 +223,11 @@ class Pipeline:
                 self._schedules[key] = cls(stages, n_microbatches=count, loss_fn=self.loss, scale_grads=False)
         return self._schedules[key]
 
-    def _schedule_class(self, count: int):
-        """The configured schedule; GPipe for a group of fewer micro-batches than stages,
-        which 1F1B refuses (with so few micro-batches the two run the same order)."""
-        if self.schedule_name == "1F1B" and count < self.num_stages:
-            return get_schedule_class("GPipe")
-        return get_schedule_class(self.schedule_name)
+    def _schedule_name(self, count: int) -> str:
+        """The torch schedule that runs a group of `count` micro-batches: the configured one,
+        or GPipe for fewer micro-batches than 1F1B's stages (`schedule_runs`)."""
+        ((name, _),) = schedule_runs(self.schedule_name, self.mesh.dims.pp, count)
+        return name
 
     # -- running ------------------------------------------------------------------------------
 
@@ -287,19 +287,13 @@ class Pipeline:
         return [bool(f) for f in flags.cpu().tolist()]
 
     def _accepted_counts(self, count: int) -> list[int]:
-        """`count` micro-batches as schedule runs the configured schedule accepts. torch's
-        interleaved schedules (Interleaved1F1B, InterleavedZeroBubble) run rounds of PP
-        micro-batches and refuse a count that is not a multiple of its number of rounds,
-        max(1, count // PP) (5 on PP 2); how many micro-batches of one length a step holds
-        depends on the data under mixed lengths, so such a count is run as a multiple of PP
-        and the rest (fewer than PP: one round). Gradients accumulate across the runs, as
+        """`count` micro-batches as schedule runs the configured schedule accepts
+        (`pipeline_schedules.schedule_runs`, the one home of the rule: torch's interleaved
+        schedules refuse a count that is not a multiple of their rounds, such a count runs as
+        a multiple of PP and the rest). How many micro-batches of one length a step holds
+        depends on the data under mixed lengths; gradients accumulate across the runs, as
         across lengths."""
-        if self.schedule_name not in ("Interleaved1F1B", "InterleavedZeroBubble"):
-            return [count]  # 1F1B: fewer than the stages run as GPipe (`_schedule_class`)
-        pp = self.mesh.dims.pp
-        if count % max(1, count // pp) == 0:
-            return [count]
-        return [count - count % pp, count % pp]
+        return [n for _, n in schedule_runs(self.schedule_name, self.mesh.dims.pp, count)]
 
     def run(
         self,

@@ -30,6 +30,7 @@ Library only: returns values; `nemotron nano3 plan` and `pretrain --dry-run` pri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -40,7 +41,13 @@ from nemotron.distributed.parallel_dims import (
     check_pipeline,
     sample_lengths,
 )
-from nemotron.distributed.pipeline_split import PipelineSplitError, length_shares, split_stages
+from nemotron.distributed.pipeline_schedules import peak_in_flight, rank_orders, schedule_runs, simulate
+from nemotron.distributed.pipeline_split import (
+    PipelineSplitError,
+    length_shares,
+    split_stages,
+    stages_per_rank,
+)
 from nemotron.models.nano3.config import Nano3Config
 from nemotron.train import flops as flops_mod
 from nemotron.train.fp8_config import Fp8Config, check_fp8_config
@@ -408,11 +415,13 @@ def stage_units(cfg: Nano3Config, layout: Layout, stage: int, shape: RunShape | 
 @dataclass(frozen=True)
 class RankBlocks:
     """What one pipeline rank holds: the blocks of its stages, and whether it has the first
-    stage (the embeddings) and the last (the final norm, the LM head and its loss)."""
+    stage (the embeddings) and the last (the final norm, the LM head and its loss); `stages`:
+    the ids of its stages and the blocks of each (one stage without PP)."""
 
     blocks: tuple[int, ...]
     first: bool
     last: bool
+    stages: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 def rank_blocks(cfg: Nano3Config, layout: Layout, shape: RunShape | int) -> list[RankBlocks]:
@@ -449,7 +458,8 @@ def _rank_blocks(cfg: Nano3Config, layout: Layout, shape: RunShape) -> list[Rank
     for rank in range(layout.pp):
         stages = [s for s, r in enumerate(split.ranks) if r == rank]
         blocks = tuple(i for s in stages for i in split.blocks[s])
-        out.append(RankBlocks(blocks, 0 in stages, last in stages))
+        held = tuple((s, tuple(split.blocks[s])) for s in stages)
+        out.append(RankBlocks(blocks, 0 in stages, last in stages, held))
     return out
 
 
@@ -680,6 +690,59 @@ def micro_batch_lengths(shape: RunShape, micro_batch: int) -> list[tuple[int, fl
     return [(shape.longest, 1.0)]
 
 
+def action_shares(recompute: bool) -> dict[str, float]:
+    """A pipeline rank's time of one micro-batch (forward and backward) split over the kinds
+    of schedule action (`distributed.pipeline_schedules`): the backward runs two matmuls per
+    forward one (input and weight gradients), so B = 2F and, split, I = W = F; with
+    recomputation the forward runs again inside the backward (in B, or in I when split):
+    F = W = 1/4, I = 1/2. The per-micro-batch costs beside the blocks' (EP exchanges, TP/CP
+    collectives, launch overhead) are split in the same shares."""
+    forward = 1 / 4 if recompute else 1 / 3
+    return {"F": forward, "B": 1 - forward, "I": 1 - 2 * forward, "W": forward}
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_orders(schedule: str, pp: int, virtual: int, count: int) -> list[list[tuple[int, str, int]]]:
+    return rank_orders(schedule, pp, virtual, count)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule_idle(schedule: str, pp: int, virtual: int, n_micro: int, recompute: bool) -> float:
+    shares = action_shares(recompute)
+    total = 0.0
+    for name, count in schedule_runs(schedule, pp, n_micro):
+        timeline = simulate(
+            _schedule_orders(name, pp, virtual, count), pp * virtual, lambda a: shares[a[1]] / virtual
+        )
+        total += timeline.makespan
+    return total - n_micro
+
+
+def pipeline_idle(layout: Layout, n_micro: int) -> float:
+    """Idle time per step of a pipeline rank under the layout's schedule, in units of one
+    micro-batch's forward and backward on a rank: torch's order of each schedule step that
+    training runs for `n_micro` micro-batches (`pipeline_schedules.schedule_runs`), timed with
+    `action_shares` and each of a rank's stages taking 1/V of its time (the stages run at the
+    pace of the slowest rank, as the model's compute does). 1F1B and GPipe: PP - 1;
+    Interleaved1F1B: (PP - 1) / V; the zero-bubble schedules fill most of the rest with
+    weight gradients."""
+    virtual = stages_per_rank(layout_parallelism(layout))
+    return _schedule_idle(layout.pipeline_schedule, layout.pp, virtual, n_micro, layout.recompute)
+
+
+def pipeline_in_flight(layout: Layout, n_micro: int, rank: int, stage_bytes: dict[int, float]) -> float:
+    """The most activation bytes pipeline rank `rank` holds at once over a step of `n_micro`
+    micro-batches: its order in each schedule step (`pipeline_schedules.peak_in_flight`: a
+    forward stores a micro-batch of that stage, B or, with the backward split, W frees it),
+    a micro-batch of stage s weighing `stage_bytes[s]`."""
+    virtual = stages_per_rank(layout_parallelism(layout))
+    peak = 0.0
+    for name, count in schedule_runs(layout.pipeline_schedule, layout.pp, n_micro):
+        orders = _schedule_orders(name, layout.pp, virtual, count)
+        peak = max(peak, peak_in_flight([orders[rank]], stage_bytes.__getitem__)[0])
+    return peak
+
+
 def estimate_step(
     cfg: Nano3Config, layout: Layout, shape: RunShape, hw: Hardware, cal: Calibration, accum: int
 ) -> StepEstimate:
@@ -749,7 +812,7 @@ def estimate_step(
             n_attn = sum(k == "attention" for k in stage_kinds)
             cp_mb = n_attn * 2 * _collective_s(hw, mb * seq * kv, cp, tp)
             cp_mb += n_seq_layers * cal.cp_layer_s
-        # 1F1B sends each TP rank's activations to the next stage and the gradients back
+        # a rank sends each TP rank's activations to the next stage and the gradients back
         send = 2 * _collective_s(hw, tokens_rank / tp * h * 2 * 2, 2, hw.gpus_per_node) if pp > 1 else 0.0
         return compute_mb, ep_mb, ep_hidden, tp_mb, cp_mb, send
 
@@ -764,9 +827,14 @@ def estimate_step(
         cp_mb += share * parts[4]
         send += share * parts[5]
     per_micro = compute_mb + ep_mb + tp_mb + cp_mb
-    bubble = (pp - 1) * per_micro  # 1F1B: (PP-1) micro-batch slots idle per step
+    bubble = 0.0
     if pp > 1:
-        bubble += n_micro * send
+        # the schedule's own idle time (`pipeline_idle`), in units of a rank's micro-batch,
+        # and one send each way per micro-batch on the critical path. The interleaved and V
+        # schedules cross ranks V times per micro-batch; torch's multi-stage runtime posts
+        # their receives ahead of the compute that needs them, so the extra crossings are
+        # taken as hidden behind the other stages' compute (an assumption: nothing measured)
+        bubble = pipeline_idle(layout, n_micro) * per_micro + n_micro * send
 
     # FSDP2: per step one all-gather (bf16) and one reduce-scatter (fp32) of every unit when
     # accumulating unsharded over several micro-batches; otherwise every micro-batch gathers in
@@ -838,7 +906,7 @@ def _rank_memory(
     rank: RankBlocks | None,
     index: int,
 ) -> MemoryEstimate:
-    tp, cp, pp = layout.tp, layout.cp, layout.pp
+    tp, cp = layout.tp, layout.cp
     units = stage_units(cfg, layout, index, shape)
     kinds = [cfg.block_kinds[i] for i in (rank.blocks if rank is not None else range(cfg.num_layers))]
     sharded = sum(u.sharded for u in units)
@@ -846,15 +914,17 @@ def _rank_memory(
     # a micro-batch is as long as its longest sample (padded; one sample: the longest one)
     seq = shape.longest
     tokens = layout.micro_batch * seq / cp
-    # micro-batches whose activations a rank holds at once: 1F1B's warm-up leaves PP - r in
-    # flight on pipeline rank r; GPipe runs every forward before any backward
-    if pp == 1:
-        in_flight = 1
-    elif layout.pipeline_schedule == "GPipe":
-        in_flight = accum
+    # the activations of the micro-batches a rank holds at once, as its schedule runs them
+    # (`pipeline_in_flight`: 1F1B PP - r on rank r, GPipe all of the step's, ...), each of its
+    # stages' micro-batches counted with that stage's blocks
+    if rank is None:
+        acts: float = activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
     else:
-        in_flight = min(pp - index, accum)
-    acts: float = in_flight * activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
+        stage_bytes = {
+            s: activation_bytes(cfg, [cfg.block_kinds[i] for i in blocks], tokens, tp, layout.recompute, cal)
+            for s, blocks in rank.stages
+        }
+        acts = pipeline_in_flight(layout, accum, index, stage_bytes)
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
     on_last = rank is None or rank.last  # the LM head's loss buffers live on the last stage
     loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp if on_last else 0.0
@@ -956,13 +1026,9 @@ def layout_warnings(
     if layout.pp > 1:
         out.append(
             f"PP{layout.pp}: uncalibrated (no pipeline run measured): the plan takes training's "
-            'stages and models a 1F1B bubble (docs/parallelism.md "Pipeline parallel")'
-            + (
-                f"; {layout.pipeline_schedule}'s own bubble and micro-batches in flight are "
-                "not modelled (its ranks' blocks are)"
-                if layout.pipeline_schedule not in ("1F1B", "GPipe")
-                else ""
-            )
+            f"stages and times {layout.pipeline_schedule}'s own order of forwards and backwards "
+            "(its bubble and micro-batches in flight, with a backward of twice the forward; "
+            'docs/parallelism.md "Performance model")'
         )
         if not layout.accumulate_unsharded:
             out.append(
