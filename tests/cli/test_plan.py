@@ -117,3 +117,26 @@ def test_recommended_overrides_select_the_recommended_layout():
         plan = next(p for p in plans if p.layout.pp == pp)
         applied = load_config(path, _overrides(plan.layout).split(), PretrainConfig)
         assert pm.layout_from_config(applied, 256) == plan.layout, pp
+
+
+def test_plan_shows_each_pipeline_schedules_own_bubble(cli, monkeypatch):
+    """The same PP4 layout under 1F1B and Interleaved1F1B: the table gains a PP bubble column,
+    and the interleaved schedule's bubble is the smaller (half the idle time at V=2, the same
+    sends), with no "not modelled" note left."""
+    import json
+
+    monkeypatch.setenv("COLUMNS", "250")
+    layout = ["--gpus", "64", "--top", "0", "model.pipeline_model_parallel_size=4"]
+    layout += ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false"]
+    bubbles = {}
+    for schedule in ("1F1B", "Interleaved1F1B"):
+        result = cli("nano3", "plan", *layout, f"model.pipeline_schedule={schedule}")
+        assert result.exit_code == 0, result.output
+        assert "PP bubble" in result.output and "not modelled" not in result.output
+        result = cli("nano3", "plan", *layout, f"model.pipeline_schedule={schedule}", "--json")
+        (recipe,) = [p for p in json.loads(result.output) if p.get("role") == "recipe"]
+        assert recipe["layout"]["pipeline_schedule"] == schedule
+        bubbles[schedule] = recipe["step"]["pipeline_bubble"]
+    assert 0 < bubbles["Interleaved1F1B"] < bubbles["1F1B"]
+    result = cli("nano3", "plan", "--gpus", "8", "--top", "0")
+    assert "PP bubble" not in result.output  # no pipelined layout: the table as before
