@@ -499,3 +499,19 @@ def test_nano3_parameter_counts_per_tensor_from_the_architecture_facts():
     rank = 2 * (vocab // 8) * h + 336 + 23 * mamba_rank + 6 * attention_rank + 23 * moe_rank
     assert rank == 3_954_467_512
     assert sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8))) == rank
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
+def test_mixed_lengths_pay_a_pipeline_fill_and_drain_per_length(schedule):
+    """One sample per micro-batch, two lengths: training runs a schedule step per length
+    (`Pipeline._groups`), each with its own bubble, so the step's bubble is the sum of the two
+    pure runs' (same stages: a manual split; each pure run of the same micro-batch count)."""
+    cfg = Nano3Config()
+    split = (13,) * 4 if schedule == "1F1B" else (7,) * 4 + (6,) * 4
+    layout = pm.Layout(32, ep=8, pp=4, pipeline_schedule=schedule, blocks_per_stage=split)
+    mix = pm.RunShape(seq_length=8192, global_batch_size=64, mixed_lengths=((4096, 1.0),))
+    mixed = pm.estimate(cfg, layout, mix)
+    pure = [pm.estimate(cfg, layout, pm.RunShape(seq_length=n, global_batch_size=32)) for n in (8192, 4096)]
+    assert mixed.grad_accumulation == 8 and pure[0].grad_accumulation == 4
+    both = pure[0].step.pipeline_bubble + pure[1].step.pipeline_bubble
+    assert mixed.step.pipeline_bubble == pytest.approx(both)

@@ -817,8 +817,9 @@ def estimate_step(
         return compute_mb, ep_mb, ep_hidden, tp_mb, cp_mb, send
 
     n_micro = accum
-    compute_mb = ep_mb = ep_hidden = tp_mb = cp_mb = send = 0.0
-    for seq, share in micro_batch_lengths(shape, mb):  # the mean micro-batch of the step
+    compute_mb = ep_mb = ep_hidden = tp_mb = cp_mb = send = idle = 0.0
+    lengths = micro_batch_lengths(shape, mb)
+    for seq, share in lengths:  # the mean micro-batch of the step
         parts = micro(seq)
         compute_mb += share * parts[0]
         ep_mb += share * parts[1]
@@ -826,6 +827,13 @@ def estimate_step(
         tp_mb += share * parts[3]
         cp_mb += share * parts[4]
         send += share * parts[5]
+        if pp > 1 and len(lengths) > 1:
+            # training runs a schedule step per length (`Pipeline._groups`), each with its own
+            # fill and drain: about n x share micro-batches, in n x share of the steps when
+            # fewer than one (the cuts where DP ranks' lengths differ are not modelled)
+            count = n_micro * share
+            runs = pipeline_idle(layout, max(1, round(count)))
+            idle += min(1.0, count) * runs * (parts[0] + parts[1] + parts[3] + parts[4])
     per_micro = compute_mb + ep_mb + tp_mb + cp_mb
     bubble = 0.0
     if pp > 1:
@@ -834,7 +842,9 @@ def estimate_step(
         # schedules cross ranks V times per micro-batch; torch's multi-stage runtime posts
         # their receives ahead of the compute that needs them, so the extra crossings are
         # taken as hidden behind the other stages' compute (an assumption: nothing measured)
-        bubble = pipeline_idle(layout, n_micro) * per_micro + n_micro * send
+        if len(lengths) == 1:
+            idle = pipeline_idle(layout, n_micro) * per_micro
+        bubble = idle + n_micro * send
 
     # FSDP2: per step one all-gather (bf16) and one reduce-scatter (fp32) of every unit when
     # accumulating unsharded over several micro-batches; otherwise every micro-batch gathers in
