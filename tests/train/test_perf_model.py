@@ -501,13 +501,14 @@ def test_nano3_parameter_counts_per_tensor_from_the_architecture_facts():
     assert sum(u.sharded for u in pm.fsdp_units(cfg, pm.Layout(8, tp=8, ep=8))) == rank
 
 
-@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble"])
 def test_mixed_lengths_pay_a_pipeline_fill_and_drain_per_length(schedule):
     """One sample per micro-batch, two lengths: training runs a schedule step per length
     (`Pipeline._groups`), each with its own bubble, so the step's bubble is the sum of the two
-    pure runs' (same stages: a manual split; each pure run of the same micro-batch count)."""
+    pure runs' (same stages: a manual split; each pure run of the same micro-batch count), and
+    the most activations held are the long run's (GPipe: its 4 micro-batches, not all 8)."""
     cfg = Nano3Config()
-    split = (13,) * 4 if schedule == "1F1B" else (7,) * 4 + (6,) * 4
+    split = (13,) * 4 if schedule in ("1F1B", "GPipe") else (7,) * 4 + (6,) * 4
     layout = pm.Layout(32, ep=8, pp=4, pipeline_schedule=schedule, blocks_per_stage=split)
     mix = pm.RunShape(seq_length=8192, global_batch_size=64, mixed_lengths=((4096, 1.0),))
     mixed = pm.estimate(cfg, layout, mix)
@@ -515,3 +516,4 @@ def test_mixed_lengths_pay_a_pipeline_fill_and_drain_per_length(schedule):
     assert mixed.grad_accumulation == 8 and pure[0].grad_accumulation == 4
     both = pure[0].step.pipeline_bubble + pure[1].step.pipeline_bubble
     assert mixed.step.pipeline_bubble == pytest.approx(both)
+    assert mixed.memory.activations == pytest.approx(pure[0].memory.activations)

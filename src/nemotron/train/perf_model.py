@@ -690,6 +690,18 @@ def micro_batch_lengths(shape: RunShape, micro_batch: int) -> list[tuple[int, fl
     return [(shape.longest, 1.0)]
 
 
+def pipeline_length_runs(shape: RunShape, micro_batch: int, n_micro: int) -> list[tuple[int, int, float]]:
+    """(length, micro-batches, share of the steps) of each schedule step training runs in an
+    optimizer step under PP: one of all `n_micro` micro-batches; with one sample per
+    micro-batch of mixed lengths one per length (`Pipeline._groups`), of about n x share
+    micro-batches, in n x share of the steps when fewer than one (the further cuts where the
+    DP ranks' lengths differ are not modelled)."""
+    lengths = micro_batch_lengths(shape, micro_batch)
+    if len(lengths) == 1:
+        return [(lengths[0][0], n_micro, 1.0)]
+    return [(seq, max(1, round(n_micro * share)), min(1.0, n_micro * share)) for seq, share in lengths]
+
+
 def action_shares(recompute: bool) -> dict[str, float]:
     """A pipeline rank's time of one micro-batch (forward and backward) split over the kinds
     of schedule action (`distributed.pipeline_schedules`): the backward runs two matmuls per
@@ -817,34 +829,28 @@ def estimate_step(
         return compute_mb, ep_mb, ep_hidden, tp_mb, cp_mb, send
 
     n_micro = accum
-    compute_mb = ep_mb = ep_hidden = tp_mb = cp_mb = send = idle = 0.0
-    lengths = micro_batch_lengths(shape, mb)
-    for seq, share in lengths:  # the mean micro-batch of the step
-        parts = micro(seq)
+    compute_mb = ep_mb = ep_hidden = tp_mb = cp_mb = send = 0.0
+    by_length = {}
+    for seq, share in micro_batch_lengths(shape, mb):  # the mean micro-batch of the step
+        parts = by_length[seq] = micro(seq)
         compute_mb += share * parts[0]
         ep_mb += share * parts[1]
         ep_hidden += share * parts[2]
         tp_mb += share * parts[3]
         cp_mb += share * parts[4]
         send += share * parts[5]
-        if pp > 1 and len(lengths) > 1:
-            # training runs a schedule step per length (`Pipeline._groups`), each with its own
-            # fill and drain: about n x share micro-batches, in n x share of the steps when
-            # fewer than one (the cuts where DP ranks' lengths differ are not modelled)
-            count = n_micro * share
-            runs = pipeline_idle(layout, max(1, round(count)))
-            idle += min(1.0, count) * runs * (parts[0] + parts[1] + parts[3] + parts[4])
-    per_micro = compute_mb + ep_mb + tp_mb + cp_mb
     bubble = 0.0
     if pp > 1:
-        # the schedule's own idle time (`pipeline_idle`), in units of a rank's micro-batch,
-        # and one send each way per micro-batch on the critical path. The interleaved and V
-        # schedules cross ranks V times per micro-batch; torch's multi-stage runtime posts
-        # their receives ahead of the compute that needs them, so the extra crossings are
-        # taken as hidden behind the other stages' compute (an assumption: nothing measured)
-        if len(lengths) == 1:
-            idle = pipeline_idle(layout, n_micro) * per_micro
-        bubble = idle + n_micro * send
+        # each schedule step's own idle time (`pipeline_idle`, in units of a rank's
+        # micro-batch at the step's length) and one send each way per micro-batch on the
+        # critical path. The interleaved and V schedules cross ranks V times per micro-batch;
+        # torch's multi-stage runtime posts their receives ahead of the compute that needs
+        # them, so the extra crossings are taken as hidden behind the other stages' compute
+        # (an assumption: nothing measured)
+        for seq, count, steps in pipeline_length_runs(shape, mb, n_micro):
+            parts = by_length[seq]
+            bubble += steps * pipeline_idle(layout, count) * (parts[0] + parts[1] + parts[3] + parts[4])
+        bubble += n_micro * send
 
     # FSDP2: per step one all-gather (bf16) and one reduce-scatter (fp32) of every unit when
     # accumulating unsharded over several micro-batches; otherwise every micro-batch gathers in
@@ -926,15 +932,20 @@ def _rank_memory(
     tokens = layout.micro_batch * seq / cp
     # the activations of the micro-batches a rank holds at once, as its schedule runs them
     # (`pipeline_in_flight`: 1F1B PP - r on rank r, GPipe all of the step's, ...), each of its
-    # stages' micro-batches counted with that stage's blocks
-    if rank is None:
-        acts: float = activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
-    else:
-        stage_bytes = {
-            s: activation_bytes(cfg, [cfg.block_kinds[i] for i in blocks], tokens, tp, layout.recompute, cal)
-            for s, blocks in rank.stages
-        }
-        acts = pipeline_in_flight(layout, accum, index, stage_bytes)
+    # stages' micro-batches counted with that stage's blocks; the most of any schedule step
+    # (with mixed lengths one per length: fewer micro-batches, each shorter than the longest)
+    acts: float = activation_bytes(cfg, kinds, tokens, tp, layout.recompute, cal)
+    if rank is not None:
+        acts = 0.0
+        for length, count, _ in pipeline_length_runs(shape, layout.micro_batch, accum):
+            length_tokens = layout.micro_batch * length / cp
+            stage_bytes = {
+                s: activation_bytes(
+                    cfg, [cfg.block_kinds[i] for i in blocks], length_tokens, tp, layout.recompute, cal
+                )
+                for s, blocks in rank.stages
+            }
+            acts = max(acts, pipeline_in_flight(layout, count, index, stage_bytes))
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
     on_last = rank is None or rank.last  # the LM head's loss buffers live on the last stage
     loss: float = cal.loss_buffer_factor * 4 * chunk * cfg.vocab_size / tp if on_last else 0.0
