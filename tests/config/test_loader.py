@@ -392,7 +392,7 @@ def test_value_errors_name_the_override_that_set_the_key(tmp_path):
             r"model\.num_attention_heads \(3\) must be divisible by model\.num_key_value_heads",
         ),
         (["model.hybrid_pattern=MXE"], r"model\.hybrid_pattern has unknown symbol"),
-        (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
+        (["model.hidden_size=0"], r"model\.hidden_size must be a positive 64-bit integer, got 0"),
         # floats whose sign the init or forward depends on (NaN weights / norms otherwise)
         (["model.mamba_dt_min=-1e-3"], r"model\.mamba_dt_min must be a positive finite number"),
         (
