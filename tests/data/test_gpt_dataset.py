@@ -219,6 +219,13 @@ def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
         (b'{"train": ["1", "a", "2"]}', r"train\[0\] names '1' but .* a weight without its prefix"),
         (b'{"train": []}', r"non-empty list of weight, prefix pairs"),
         (b'{"train": {"a": 1}}', r"non-empty list of weight, prefix pairs"),
+        # before: read as weights 1 and 0, silently
+        (b'{"train": [true, "a", 1, "a"]}', r"train\[0\] weight True is not a number, but train\[2\]"),
+        # before: ignored, so the valid split was missing (a warning at most)
+        (
+            b'{"train": ["1", "a"], "vaild": ["1", "a"]}',
+            r"blend.json: unknown split 'vaild' \(did you mean 'valid'\?\)",
+        ),
     ]
     for raw, words in cases:
         blend.write_bytes(raw)

@@ -36,6 +36,7 @@ that one weighted prefix is a blend of one dataset (asked ceil(ceil(N) * 1.005),
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -438,6 +439,8 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
 
 
 def _is_number(value: object) -> bool:
+    if isinstance(value, bool):  # JSON true/false: float() would read them as weights 1 and 0
+        return False
     try:
         float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -454,6 +457,16 @@ def load_blend(blend_json_path: str | Path) -> Any:
             f'blend file {path}: expected an object of splits ({{"train": [...], ...}}) or one '
             "blend for every split (a list of weight, prefix pairs, cut by data.split)"
         )
+    if isinstance(blend, dict):
+        # A misspelt split ("vaild") would otherwise be a split the file lacks: skipped with
+        # at most a warning, its data never read.
+        for key in blend:
+            if key not in SPLITS:
+                hint = difflib.get_close_matches(str(key), SPLITS, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise GPTDatasetError(
+                    f"blend file {path}: unknown split {key!r}{suggestion}; the splits are {', '.join(SPLITS)}"
+                )
     return blend
 
 
