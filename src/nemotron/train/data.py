@@ -511,6 +511,17 @@ class TrainingData:
         dataset = self.train_dataset(phase)
         phase_start = (self.state.phase2_start_sample or 0) if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
+        if offset + self.plan.global_batch_size > len(dataset):
+            # A run resumed with fewer samples than its checkpoint has read (a smaller
+            # global_batch_size, the same train_iters): Megatron refuses it too (its sampler
+            # asserts consumed < total samples); named here, not a bare IndexError of the blend.
+            raise TrainDataError(
+                f"the phase-{phase} training order holds {len(dataset)} samples, but the next step "
+                f"would read {offset}..{offset + self.plan.global_batch_size - 1}: the checkpoint "
+                f"has read loader.consumed_train_samples={self.state.consumed_train_samples}, more "
+                f"than train.train_iters x train.global_batch_size leave room for; resume with the "
+                f"global_batch_size it was trained with, or a larger train.train_iters"
+            )
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
         else:
