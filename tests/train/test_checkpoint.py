@@ -587,6 +587,29 @@ def test_the_saved_train_state_of_a_run_is_taken(tmp_path):
     assert restored.schedule is not None and restored.schedule.as_dict() == _SAVED_STATE["schedule"]
 
 
+@pytest.mark.parametrize(
+    "content", [b"\0", b"[1, 2]", b'{"model": 3}'], ids=["zeroed", "a-list", "model-not-a-table"]
+)
+def test_a_damaged_run_config_is_named_even_with_sizes_only_checked(tmp_path, content):
+    """checkpoint.verify_checksums=false checks sizes only: config.json overwritten in place
+    (same size) was read as absent, so the architecture check was skipped and the run resumed
+    silently."""
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    cfg = make_config(tmp_path, checkpoint={"verify_checksums": False})
+    saved = Checkpointer(tmp_path / "save", checksums=False).save(
+        2, model, opt, _SAVED_STATE, files={"config.json": json.dumps({"model": {"num_layers": 4}})}
+    )
+    size = (saved / "config.json").stat().st_size
+    (saved / "config.json").write_bytes(content.ljust(size, b" " if content != b"\0" else b"\0"))
+    cfg.checkpoint.load = str(saved)
+    with pytest.raises(CheckpointCorruptError, match=r"iter_0000002/config\.json"):
+        restore(cfg, model, opt)
+
+
 def test_a_file_the_manifest_does_not_list_is_damage(tmp_path):
     """A manifest cut short (an entry lost, or a file put in after the save) would leave that
     file unchecked: a flipped byte in it resumed silently."""

@@ -602,14 +602,32 @@ FREE_KEYS = frozenset(
 FORWARD_KEYS = frozenset({"norm_eps", "moe_top_k", "moe_routed_scaling_factor"})
 
 
+def saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The run config a checkpoint was saved with (its config.json); None when it has none (a
+    checkpoint from before run configs were saved). One that is there but unreadable, not
+    JSON or not an object is damage (CheckpointCorruptError naming it): with
+    `verify_checksums=false` only its size was checked, and reading it as absent would skip
+    the architecture and data-order checks silently."""
+    path = Path(checkpoint) / CONFIG_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"cannot read {path}: {failure_reason(e)}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{path} is not a JSON object (a run config)")
+    return saved
+
+
 def saved_architecture(checkpoint: Path) -> dict[str, Any] | None:
     """The `model` section of the checkpoint's config.json (what it was trained with); None
     when it has none (config.json is checked against the manifest before this is read)."""
-    try:
-        section = json.loads((checkpoint / CONFIG_FILE).read_text()).get("model")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-    return section if isinstance(section, dict) else None
+    saved = saved_config(checkpoint)
+    section = saved.get("model") if saved is not None else None
+    if section is not None and not isinstance(section, dict):
+        raise CheckpointCorruptError(f"{Path(checkpoint) / CONFIG_FILE}: 'model' is not an object")
+    return section
 
 
 def check_architecture(checkpoint: Path, config: Nano3Config) -> list[str]:

@@ -55,6 +55,7 @@ from nemotron.train.checkpoint import (
     failure_reason,
     finish_interrupted_saves,
     load_checkpoint,
+    saved_config,
     saved_count,
 )
 from nemotron.train.data import LoaderState, PhaseSwitchError, TrainingData, plan_batches, unigram_entropy
@@ -520,15 +521,13 @@ class Trainer:
         were drawn from, so some may be read twice and others never."""
         if self.restored.resumed_from is None:
             return
-        source = Path(self.restored.resumed_from) / CONFIG_FILE
-        try:
-            saved = json.loads(source.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = saved_config(Path(self.restored.resumed_from))
+        if saved is None:
             return  # a checkpoint without a run config: nothing to compare with
         ours = json.loads(json.dumps(_config_dict(self.cfg), default=str))  # as config.json has it
         changes = []
         for section, key in self.DATA_ORDER_KEYS:
-            recorded = saved.get(section) if isinstance(saved, dict) else None
+            recorded = saved.get(section)
             if not isinstance(recorded, dict) or key not in recorded:
                 continue  # an older (or damaged) config.json without it: nothing to compare
             before, now = recorded[key], ours.get(section, {}).get(key)
