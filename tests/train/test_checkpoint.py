@@ -487,6 +487,7 @@ def test_a_train_state_without_the_loader_position_is_named(tmp_path):
         restore(cfg, model, opt)
 
 
+_DELETE = object()  # a key taken out of the saved state
 _SAVED_STATE = {
     "step": 2,
     "tokens": 128,
@@ -534,6 +535,9 @@ _SAVED_STATE = {
         (("loader",), [1], r"loader must be a JSON object, got \[1\]"),
         (("step",), "2", r"step must be a non-negative 64-bit integer, got \"2\""),
         (("tokens",), float("nan"), r"tokens must be a non-negative 64-bit integer, got NaN"),
+        # 0 would restart the schedule's warmup, silently
+        (("tokens",), _DELETE, r"it has no tokens"),
+        (("loader", "consumed_train_samples"), _DELETE, r"loader has no consumed_train_samples"),
         (("skipped_steps",), True, r"skipped_steps must be a non-negative 64-bit integer, got true"),
         (("skipped_steps",), 3, r"its counters contradict each other"),
         (("schedule_tokens",), [], r"schedule_tokens must be a non-negative 64-bit integer"),
@@ -542,7 +546,12 @@ _SAVED_STATE = {
         (("schedule", "lr"), 10**400, r"schedule\.lr must be a finite number"),
         (("schedule", "style"), 1, r"schedule\.style must be a string, got 1"),
         (("schedule", "style"), "x", r"schedule: scheduler\.style 'x' is not one of"),
-        (("schedule", "total_tokens"), None, r"schedule\.total_tokens must be a non-negative integer"),
+        (("schedule", "total_tokens"), None, r"schedule\.total_tokens must be a non-negative 64-bit integer"),
+        (
+            ("schedule", "warmup_tokens"),
+            10**30,
+            r"schedule\.warmup_tokens must be a non-negative 64-bit integer",
+        ),
         (("schedule", "stable_fraction_end"), 2.0, r"schedule: scheduler\.stable_fraction_end must be in"),
         (("schedule",), "wsd", r"schedule must be a JSON object, got \"wsd\""),
     ],
@@ -561,7 +570,10 @@ def test_a_train_state_with_a_value_of_the_wrong_kind_is_named(tmp_path, path, v
     target = state
     for key in path[:-1]:
         target = target[key]
-    target[path[-1]] = value
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
     model, opt = model_and_optimizer()
     saved = Checkpointer(tmp_path / "save").save(2, model, opt, state)
     (saved / "manifest.json").write_text(manifest_json(describe_files(saved), 2))

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from nemotron.train.checkpoint import saved_count
 from nemotron.train.config import OptimizerConfig, SchedulerConfig
 
 DECAY_STYLES = ("cosine", "linear", "1-sqrt")
@@ -165,10 +166,7 @@ class LRSchedule:
                     f"schedule.{key} must be a finite number, got {json.dumps(values[key])}"
                 )
         for key in ("warmup_tokens", "total_tokens"):
-            if type(values[key]) is not int or values[key] < 0:
-                raise ScheduleConfigError(
-                    f"schedule.{key} must be a non-negative integer, got {json.dumps(values[key])}"
-                )
+            saved_count(values, key, "schedule.")
         schedule = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
         try:
             validate_schedule(*schedule._configs)

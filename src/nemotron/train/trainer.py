@@ -147,8 +147,9 @@ class RunState:
         before `schedule_tokens` was recorded had its schedule follow every step's tokens:
         it continues from there."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        if "step" not in saved:  # the position itself: never defaulted
-            raise ValueError("it has no step")
+        for name in ("step", "tokens"):  # the position itself: never defaulted (0 would restart
+            if name not in saved:  # the schedule's warmup, silently)
+                raise ValueError(f"it has no {name}")
         state = cls(**{k: v for k, v in saved.items() if k in fields})
         if "schedule_tokens" not in saved:
             state.schedule_tokens = state.tokens
