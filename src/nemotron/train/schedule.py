@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from nemotron.train.checkpoint import saved_count
 from nemotron.train.config import OptimizerConfig, SchedulerConfig
 
 DECAY_STYLES = ("cosine", "linear", "1-sqrt")
@@ -165,6 +164,10 @@ class LRSchedule:
                 raise ScheduleConfigError(
                     f"schedule.{key} must be a finite number, got {json.dumps(values[key])}"
                 )
+        # Here, not at the top: the checkpoint module imports torch, which config loading
+        # (it validates schedules through this module) must not (tests/config/test_imports.py).
+        from nemotron.train.checkpoint import saved_count
+
         for key in ("warmup_tokens", "total_tokens"):
             saved_count(values, key, "schedule.")
         schedule = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
