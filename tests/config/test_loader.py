@@ -148,6 +148,13 @@ def test_empty_section_keeps_defaults(tmp_path):
     assert cfg.logger == PretrainConfig().logger
 
 
+def test_the_largest_64_bit_integer_is_accepted(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL), ["checkpoint.save_interval=9223372036854775807"], PretrainConfig
+    )
+    assert cfg.checkpoint.save_interval == 2**63 - 1
+
+
 def test_integer_valued_float_accepted_for_int(tmp_path):
     path = write(tmp_path, MINIMAL.replace("train_iters: 10", "train_tokens: 25e12"))
     assert load_config(path, [], PretrainConfig).train.train_tokens == 25_000_000_000_000
@@ -200,6 +207,14 @@ def test_override_below_a_value_is_an_error(tmp_path):
         ("train.global_batch_size=null", r"train\.global_batch_size must not be null"),
         ("model.hybrid_pattern=[1,2]", r"model\.hybrid_pattern must be a string"),
         ("train=5", r"train must be a section"),
+        # past 64 bits: before, a bare OverflowError (or torch's TypeError) from deep in the
+        # run, after its job dir was made, naming no key
+        ("model.hidden_size=1000000000000000000000000000000", r"model\.hidden_size must be a 64-bit integer"),
+        ("train.train_iters=1e30", r"train\.train_iters must be a 64-bit integer"),
+        (
+            "train.global_batch_size=-9223372036854775809",
+            r"train\.global_batch_size must be a 64-bit integer",
+        ),
     ],
 )
 def test_wrong_types(tmp_path, override, pattern):
@@ -377,7 +392,7 @@ def test_value_errors_name_the_override_that_set_the_key(tmp_path):
             r"model\.num_attention_heads \(3\) must be divisible by model\.num_key_value_heads",
         ),
         (["model.hybrid_pattern=MXE"], r"model\.hybrid_pattern has unknown symbol"),
-        (["model.hidden_size=0"], r"model\.hidden_size must be positive"),
+        (["model.hidden_size=0"], r"model\.hidden_size must be a positive 64-bit integer, got 0"),
         # floats whose sign the init or forward depends on (NaN weights / norms otherwise)
         (["model.mamba_dt_min=-1e-3"], r"model\.mamba_dt_min must be a positive finite number"),
         (

@@ -73,6 +73,16 @@ def test_valid_blend_parses(tmp_path):
             r"'max_doc_tokens' must be an integer",
         ),
         ("not an object", r"datasets\[1\]: each entry must be an object"),
+        # a local file has no subset, revision or split: before, ignored (all of it prepared)
+        (
+            {"name": "x", "path": "p.jsonl", "weight": 1, "subset": "High-Quality"},
+            r"datasets\[1\] \('x'\): field 'subset' applies to hf:// datasets only, not to 'p.jsonl'",
+        ),
+        ({"name": "x", "path": "p", "weight": 1, "revision": "v1"}, r"field 'revision' applies to hf://"),
+        (
+            {"name": "x", "path": "embedded://stdlib-code", "weight": 1, "hf_split": "test"},
+            r"'hf_split' applies",
+        ),
     ],
 )
 def test_validation_errors_name_file_entry_and_field(tmp_path, entry, pattern):

@@ -159,7 +159,7 @@ def test_index_cache_is_reused_and_keyed(tmp_path):
     assert len(list(cache.iterdir())) == 8
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated", "not npy"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "not npy", "empty"])
 def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
     # The description marks an entry complete; an array deleted or truncated beside it later
     # (by hand, a full disk) failed every later start with a bare FileNotFoundError/ValueError.
@@ -180,6 +180,8 @@ def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
         elif damage == "truncated":
             with open(array, "r+b") as f:
                 f.truncate(array.stat().st_size - 8)
+        elif damage == "empty":  # before: a bare "EOFError: No data left in file"
+            array.write_bytes(b"")
         else:
             array.write_bytes(b"not an array")
     warm = build_split_dataset(blend, "train", 10, 8, 1, cache)
@@ -219,6 +221,13 @@ def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
         (b'{"train": ["1", "a", "2"]}', r"train\[0\] names '1' but .* a weight without its prefix"),
         (b'{"train": []}', r"non-empty list of weight, prefix pairs"),
         (b'{"train": {"a": 1}}', r"non-empty list of weight, prefix pairs"),
+        # before: read as weights 1 and 0, silently
+        (b'{"train": [true, "a", 1, "a"]}', r"train\[0\] weight True is not a number, but train\[2\]"),
+        # before: ignored, so the valid split was missing (a warning at most)
+        (
+            b'{"train": ["1", "a"], "vaild": ["1", "a"]}',
+            r"blend.json: unknown split 'vaild' \(did you mean 'valid'\?\)",
+        ),
     ]
     for raw, words in cases:
         blend.write_bytes(raw)
@@ -473,3 +482,37 @@ def test_unigram_counts_of_sequences_placed_apart_are_gathered_not_read_one_by_o
         tokens = sum(len(d) for d in docs[first:stop])
         assert len(calls) <= -(-tokens // 16), (first, stop, calls)  # parts, not sequences
     assert calls == [30]  # the long sequence alone
+
+
+@pytest.mark.parametrize(
+    "array, index, value",
+    [
+        ("shuffle_index", 0, 10**6),
+        ("sample_index", 2, -3),  # numpy would take a document from the end, silently
+        ("sample_index", 1, -3),
+        ("document_index", 0, 30000),
+        ("dataset_index", 0, 7),
+    ],
+)
+def test_an_index_cache_entry_pointing_outside_the_data_is_named(tmp_path, array, index, value):
+    """A cached array overwritten in place with a value outside the data (valid .npy, so it is
+    loaded): the sample read is one error naming the cache entry and how to rebuild it, not a
+    bare IndexError (or another sample, silently)."""
+    rng = np.random.default_rng(7)
+    write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
+    write_dataset(tmp_path / "b", random_docs(rng, 20, 30))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", "a", "2", "b"]}))
+    cache = tmp_path / "cache"
+    build_split_dataset(blend, "train", 10, 8, 1, cache)
+    for path in cache.glob(f"*-{array}.npy"):
+        values = np.load(path).copy()
+        values.flat[index] = value
+        np.save(path, values)
+    warm = build_split_dataset(blend, "train", 10, 8, 1, cache)
+    with pytest.raises(
+        GPTDatasetError, match=r"index cache entry .*-description\.json is damaged: .*delete it"
+    ):
+        for dataset in (warm, *warm.datasets):  # every sample of each, not only those the blend draws
+            for i in range(len(dataset)):
+                dataset[i]

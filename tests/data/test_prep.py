@@ -458,6 +458,15 @@ def test_config_and_source_errors_name_the_problem(tmp_path, bpe_dir, corpus):
         run_data_prep(_cfg(tmp_path, bpe_dir), recipe_dir=tmp_path)
 
 
+def test_a_shard_count_whose_arithmetic_would_wrap_around_is_refused(tmp_path, bpe_dir, corpus):
+    """A document's shard is tokens_before * num_shards // tokens in int64: a count that makes
+    the product pass 2**63 would wrap around and put documents in the wrong shards silently
+    (a count past 64 bits failed as a bare OverflowError)."""
+    with pytest.raises(DataPrepError, match=r"data prep config: num_shards 4611686018427387904 is too many"):
+        run_data_prep(_cfg(tmp_path, bpe_dir, num_shards=2**62), recipe_dir=tmp_path)
+    assert not (tmp_path / "out" / "blend.json").exists()
+
+
 def test_lone_surrogate_counts_as_non_utf8(tmp_path, bpe_dir):
     docs = make_docs(30, seed=60)
     path = write_jsonl(tmp_path / "s.jsonl", docs)

@@ -177,6 +177,14 @@ def test_unknown_key_in_parent_is_reported_for_the_child(tmp_path):
         # a trailing newline would end the #SBATCH / export line ("$" in a regex allows one)
         ('executor = "slurm"\nmem = "64G\\n"', "mem"),
         ('nproc_per_node = 2\nenv_vars = { "A\\n" = "1" }', "env_vars"),
+        # any one-line value: a newline ended its #SBATCH directive and started a line of the
+        # job script (an injected directive, a stray command), silently
+        ('executor = "slurm"\npartition = "batch\\n#SBATCH --exclusive\\necho hi"', "partition"),
+        ('executor = "slurm"\naccount = "a\\rb"', "account"),
+        ('executor = "slurm"\ntime = "04:00:00\\n"', "time"),
+        ('executor = "slurm"\ncontainer_image = "i\\u0000"', "container_image"),
+        ('executor = "slurm"\ncontainer_image = "i"\nmounts = ["/a:/a\\n/b:/b"]', "mounts"),
+        ('executor = "slurm"\nsetup = ["module load x\\nrm -rf /"]', "setup"),
         ('executor = "kubernetes"', "executor"),
         ('executor = "slurm"\ntunnel = "telnet"', "tunnel"),
         ('executor = "slurm"\ntunnel = "ssh"\nremote_job_dir = "/j"', "host"),
@@ -238,7 +246,6 @@ def test_every_slurm_time_form_is_accepted(tmp_path, value):
         ("1-", None),
         ("-1", None),
         ("1-2-3", None),
-        ("04:00:00\\n", None),  # a newline would end the #SBATCH line
         ("\u0664:00:00", None),  # a non-ASCII digit
         ("4h", None),
     ],
@@ -277,6 +284,11 @@ def test_unknown_profile_lists_profiles(tmp_path):
 def test_wandb_section_is_checked(tmp_path):
     path = write(tmp_path / "env.toml", '[wandb]\nprojet = "x"\n')
     with pytest.raises(EnvTomlError, match=r"\[wandb\]: unknown key 'projet'.*'project'"):
+        load_env_toml(path)
+    path = write(tmp_path / "env.toml", '[wandb]\nproject = "a\\nb"\n')
+    with pytest.raises(
+        EnvTomlError, match=r"\[wandb\]: key 'project' must be a non-empty string on one line"
+    ):
         load_env_toml(path)
 
 

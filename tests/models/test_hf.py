@@ -258,13 +258,42 @@ def test_config_values_we_cannot_compute_are_refused_by_name(tmp_path, config, k
         from_hf_config(tmp_path / "hf")
 
 
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("nemotron_init_time_step_min", "x", r"mamba_dt_min must be a positive finite number, got 'x'"),
+        ("nemotron_init_time_step_min", None, r"mamba_dt_min must be a positive finite number, got None"),
+        ("hidden_size", 10**30, r"hidden_size must be a positive 64-bit integer"),
+        (
+            "n_routed_experts",
+            10**30,
+            r"num_experts must be a positive 64-bit integer.*num_experts <- n_routed_experts",
+        ),
+        (
+            "moe_shared_expert_intermediate_size",
+            10**30,
+            r"moe_shared_expert_hidden_size must be a 64-bit integer",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_kind_names_the_config_json_key(tmp_path, config, key, value, needle):
+    """Before: float('x') raised a bare "ValueError: could not convert string to float", and a
+    size past 64 bits torch's TypeError from torch.empty, neither naming the file or key."""
+    save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(HFInteropError, match=r"config\.json: " + needle):
+        from_hf_config(tmp_path / "hf")
+
+
 def test_invalid_values_name_the_config_json_key(tmp_path, config):
     save_hf(random_model(config).state_dict(), config, tmp_path / "hf", dtype=None)
     path = tmp_path / "hf" / "config.json"
     raw = json.loads(path.read_text())
     path.write_text(json.dumps({**raw, "n_routed_experts": 0}))
     with pytest.raises(
-        HFInteropError, match=r"num_experts must be positive.*num_experts <- n_routed_experts"
+        HFInteropError,
+        match=r"num_experts must be a positive 64-bit integer.*num_experts <- n_routed_experts",
     ):
         from_hf_config(tmp_path / "hf")
     path.write_text(json.dumps({**raw, "time_step_max": 1e-5}))  # below our export's init minimum

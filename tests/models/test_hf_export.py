@@ -261,3 +261,25 @@ def test_tokenizer_choices_and_errors(tmp_path, bare_tokenizer):
     save_small = training_checkpoint(tmp_path / "small", bare_tokenizer, small_dt_model(small))
     code, output = export(save_small, tmp_path / "too-big")
     assert code == 1 and "more than the model's vocab_size 128" in output
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ("blend.json", r"ModelArtifact-pretrain\.json: data is not an object"),
+        ({"content": [1]}, r"ModelArtifact-pretrain\.json: data\.content is not an object"),
+        ({"content": {"tokenizer": {"eos_id": "x"}}}, r"data\.content\.tokenizer\.eos_id must be a token id"),
+    ],
+    ids=["data-a-string", "content-a-list", "eos-id-a-string"],
+)
+def test_a_damaged_lineage_record_is_named(tmp_path, data, needle):
+    """The tokenizer record is looked up in the checkpoint's lineage manifest: a section of the
+    wrong kind was a bare "AttributeError: 'str' object has no attribute 'get'" (and an eos_id
+    that is no id a bare ValueError from int())."""
+    from nemotron.models.nano3.hf import HFInteropError
+    from nemotron.models.nano3.hf_export import trained_tokenizer_record
+
+    path = tmp_path / MODEL_ARTIFACT_FILE
+    path.write_text(json.dumps({"kind": "ModelArtifact-pretrain", "data": data}))
+    with pytest.raises(HFInteropError, match=needle):
+        trained_tokenizer_record(tmp_path)

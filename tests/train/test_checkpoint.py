@@ -482,15 +482,195 @@ def test_a_train_state_without_the_loader_position_is_named(tmp_path):
     (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))
     cfg = make_config(tmp_path, checkpoint={"load": str(path)})
     with pytest.raises(
-        CheckpointError, match=r"iter_0000001/train_state\.json does not hold a run's state \(KeyError"
+        CheckpointError, match=r"iter_0000001/train_state\.json does not hold a run's state: it has no loader"
     ):
         restore(cfg, model, opt)
 
 
+_DELETE = object()  # a key taken out of the saved state
+_SAVED_STATE = {
+    "step": 2,
+    "tokens": 128,
+    "skipped_steps": 0,
+    "consecutive_nonfinite": 0,
+    "schedule_tokens": 128,
+    "loader": {
+        "consumed_train_samples": 8,
+        "consumed_valid_samples": 0,
+        "phase": 1,
+        "phase2_start_sample": None,
+    },
+    "schedule": {
+        "style": "wsd",
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_tokens": 128,
+        "stable_fraction_end": 0.5,
+        "decay_style": "cosine",
+        "total_tokens": 512,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        (("loader", "consumed_train_samples"), "8", r"loader\.consumed_train_samples must be a non-negative"),
+        (("loader", "consumed_train_samples"), -1, r"loader\.consumed_train_samples must be a non-negative"),
+        (
+            ("loader", "consumed_valid_samples"),
+            10**30,
+            r"loader\.consumed_valid_samples must be a non-negative",
+        ),
+        (("loader", "consumed_valid_samples"), 2.5, r"loader\.consumed_valid_samples must be a non-negative"),
+        (
+            ("loader", "consumed_valid_samples"),
+            None,
+            r"loader\.consumed_valid_samples must be a non-negative",
+        ),
+        (("loader", "phase"), 3, r"loader\.phase must be 1 or 2, got 3"),
+        (("loader", "phase"), True, r"loader\.phase must be 1 or 2, got true"),
+        (("loader", "phase2_start_sample"), 9, r"loader\.phase2_start_sample 9 is past"),
+        (("loader", "extra"), 1, r"loader has unknown keys \['extra'\]"),
+        (("loader",), [1], r"loader must be a JSON object, got \[1\]"),
+        (("step",), "2", r"step must be a non-negative 64-bit integer, got \"2\""),
+        (("tokens",), float("nan"), r"tokens must be a non-negative 64-bit integer, got NaN"),
+        # 0 would restart the schedule's warmup, silently
+        (("tokens",), _DELETE, r"it has no tokens"),
+        (("loader", "consumed_train_samples"), _DELETE, r"loader has no consumed_train_samples"),
+        (("skipped_steps",), True, r"skipped_steps must be a non-negative 64-bit integer, got true"),
+        (("skipped_steps",), 3, r"its counters contradict each other"),
+        (("schedule_tokens",), [], r"schedule_tokens must be a non-negative 64-bit integer"),
+        (("schedule", "lr"), "x", r"schedule\.lr must be a finite number, got \"x\""),
+        (("schedule", "min_lr"), float("inf"), r"schedule\.min_lr must be a finite number, got Infinity"),
+        (("schedule", "lr"), 10**400, r"schedule\.lr must be a finite number"),
+        (("schedule", "style"), 1, r"schedule\.style must be a string, got 1"),
+        (("schedule", "style"), "x", r"schedule: scheduler\.style 'x' is not one of"),
+        (("schedule", "total_tokens"), None, r"schedule\.total_tokens must be a non-negative 64-bit integer"),
+        (
+            ("schedule", "warmup_tokens"),
+            10**30,
+            r"schedule\.warmup_tokens must be a non-negative 64-bit integer",
+        ),
+        (("schedule", "stable_fraction_end"), 2.0, r"schedule: scheduler\.stable_fraction_end must be in"),
+        (("schedule",), "wsd", r"schedule must be a JSON object, got \"wsd\""),
+    ],
+    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else None,
+)
+def test_a_train_state_with_a_value_of_the_wrong_kind_is_named(tmp_path, path, value, needle):
+    """train_state.json rewritten (its manifest made to match) with a value no run writes: one
+    CheckpointError naming the file and the key, not a TypeError or IndexError at the first
+    use of the value, nor a run carrying it on (skipped_steps 2.5, ...)."""
+    from nemotron.train.checkpoint import describe_files, manifest_json
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    state = json.loads(json.dumps(_SAVED_STATE))
+    target = state
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    model, opt = model_and_optimizer()
+    saved = Checkpointer(tmp_path / "save").save(2, model, opt, state)
+    (saved / "manifest.json").write_text(manifest_json(describe_files(saved), 2))
+    cfg = make_config(tmp_path, checkpoint={"load": str(saved)})
+    with pytest.raises(
+        CheckpointError, match=r"iter_0000002/train_state\.json does not hold a run's state: " + needle
+    ):
+        restore(cfg, model, opt)
+
+
+def test_the_saved_train_state_of_a_run_is_taken(tmp_path):
+    """The counterpart of the cases above: the state a run writes is restored as it is."""
+    from nemotron.train.checkpoint import describe_files, manifest_json
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    saved = Checkpointer(tmp_path / "save").save(2, model, opt, _SAVED_STATE)
+    (saved / "manifest.json").write_text(manifest_json(describe_files(saved), 2))
+    restored = restore(make_config(tmp_path, checkpoint={"load": str(saved)}), model, opt)
+    assert (restored.state.step, restored.state.tokens, restored.loader.consumed_train_samples) == (2, 128, 8)
+    assert restored.schedule is not None and restored.schedule.as_dict() == _SAVED_STATE["schedule"]
+
+
+@pytest.mark.parametrize(
+    "content", [b"\0", b"[1, 2]", b'{"model": 3}'], ids=["zeroed", "a-list", "model-not-a-table"]
+)
+def test_a_damaged_run_config_is_named_even_with_sizes_only_checked(tmp_path, content):
+    """checkpoint.verify_checksums=false checks sizes only: config.json overwritten in place
+    (same size) was read as absent, so the architecture check was skipped and the run resumed
+    silently."""
+    from nemotron.train.trainer import restore
+
+    from .conftest import make_config
+
+    model, opt = model_and_optimizer()
+    cfg = make_config(tmp_path, checkpoint={"verify_checksums": False})
+    saved = Checkpointer(tmp_path / "save", checksums=False).save(
+        2, model, opt, _SAVED_STATE, files={"config.json": json.dumps({"model": {"num_layers": 4}})}
+    )
+    size = (saved / "config.json").stat().st_size
+    (saved / "config.json").write_bytes(content.ljust(size, b" " if content != b"\0" else b"\0"))
+    cfg.checkpoint.load = str(saved)
+    with pytest.raises(CheckpointCorruptError, match=r"iter_0000002/config\.json"):
+        restore(cfg, model, opt)
+
+
+def test_a_file_the_manifest_does_not_list_is_damage(tmp_path):
+    """A manifest cut short (an entry lost, or a file put in after the save) would leave that
+    file unchecked: a flipped byte in it resumed silently."""
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"][".metadata"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointCorruptError, match=r"manifest\.json is unreadable .*does not list \.metadata"
+    ):
+        load_checkpoint(path, model, opt)
+
+
+@pytest.mark.parametrize("kind", ["symlink-loop", "directory"])
+def test_a_checkpoint_file_that_cannot_be_read_is_named(tmp_path, kind):
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    (path / "train_state.json").unlink()
+    if kind == "symlink-loop":
+        (path / "train_state.json").symlink_to("train_state.json")
+    else:
+        (path / "train_state.json").mkdir()
+    with pytest.raises(
+        CheckpointCorruptError, match=r"iter_0000001/train_state\.json (cannot be read|is not a file)"
+    ):
+        load_checkpoint(path, model, opt)
+
+
 @pytest.mark.parametrize(
     "manifest",
-    ['{"files": {"train_state.json": {}}}', '{"files": {"train_state.json": 3}}', "[]", "\xff"],
-    ids=["entry-without-size", "entry-not-a-table", "not-an-object", "not-utf8"],
+    [
+        '{"format": 1, "files": {"train_state.json": {}}}',
+        '{"format": 1, "files": {"train_state.json": 3}}',
+        "[]",
+        "\xff",
+        '{"files": {}}',
+        '{"format": 2, "files": {}}',
+        '{"format": true, "files": {}}',
+    ],
+    ids=[
+        "entry-without-size",
+        "entry-not-a-table",
+        "not-an-object",
+        "not-utf8",
+        "no-format",
+        "a-later-format",
+        "format-true",
+    ],
 )
 def test_a_malformed_manifest_is_named(tmp_path, manifest):
     model, opt = model_and_optimizer()

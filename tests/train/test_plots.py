@@ -31,3 +31,38 @@ def test_cli_plot_command(run_dir):
 def test_cli_plot_of_a_dir_without_metrics_fails_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path)])
     assert result.exit_code == 1 and "metrics.jsonl does not exist" in result.output
+
+
+_TRAIN = '{"kind": "train", "step": 1, "lm_loss": 5.0, "lr": 0.001}\n'
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"kind": "run", "step": 0}\n', "metrics.jsonl has no training records yet"),
+        (_TRAIN + "[1, 2]\n", "metrics.jsonl:2 is a JSON list, not a metrics record"),
+        (_TRAIN + '{"kind": "train", "step": "2"}\n', "metrics.jsonl:2 has no step"),
+        (
+            '{"kind": "train", "step": 1, "lm_loss": 5.0, "lr": 1e308}\n',
+            "metrics.jsonl: its values cannot be drawn",
+        ),
+    ],
+    ids=["no-train-records", "not-an-object", "step-a-string", "a-value-near-float-max"],
+)
+def test_cli_plot_of_an_unreadable_record_is_one_line_naming_the_file(tmp_path, content, needle):
+    """The error line is the message naming the file and line, without a Python class in front
+    ("error: ValueError: ..." before); a value matplotlib cannot place on an axis (lr 1e308)
+    is named too (before: "error: ValueError: arange: cannot compute length", no file)."""
+    (tmp_path / "metrics.jsonl").write_text(content)
+    result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path), "-o", str(tmp_path / "plots")])
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path}/metrics.jsonl") and needle in line, line
+
+
+def test_a_byte_order_mark_before_the_first_record_is_skipped(tmp_path):
+    """An editor that saved metrics.jsonl may put a UTF-8 byte-order mark first, as the other
+    text files the CLI reads allow (`utils.fs.read_text`)."""
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xef\xbb\xbf" + _TRAIN.encode())
+    paths = plot_run(tmp_path, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["loss.png", "lr.png"]

@@ -220,3 +220,50 @@ def test_resume_warns_of_a_changed_split_string_but_not_of_the_same_cut(tmp_path
         assert len(warnings) == warned, (split, warnings)
         if warned:
             assert "data.split '98,2' -> '90,10'" in warnings[0]
+
+
+def test_resume_from_a_checkpoint_whose_config_sections_are_not_tables(tmp_path, corpus):
+    """config.json rewritten (its manifest made to match) with a `train` section that is a
+    list and a `data` section that is a string: the data-order comparison has nothing to
+    compare there and the run resumes (before: AttributeError: 'list' object has no attribute
+    'get'; a string section was even searched for the key as a substring)."""
+    from nemotron.train.checkpoint import describe_files, manifest_json
+
+    first = make_config(tmp_path / "first", blend=corpus[0], train={"train_iters": 4})
+    pretrain(first, tmp_path / "first" / "job")
+    checkpoint = tmp_path / "first" / "ckpt" / "iter_0000003"
+    saved = json.loads((checkpoint / "config.json").read_text())
+    saved["train"], saved["data"] = [1], "seed blend split"
+    (checkpoint / "config.json").write_text(json.dumps(saved))
+    (checkpoint / "manifest.json").write_text(manifest_json(describe_files(checkpoint), 3))
+    resumed = make_config(
+        tmp_path / "resumed",
+        blend=corpus[0],
+        train={"train_iters": 4, "seed": 99},
+        checkpoint={"load": str(checkpoint)},
+    )
+    summary = pretrain(resumed, tmp_path / "resumed" / "job")
+    assert summary.steps == 4 and summary.resumed_from == str(checkpoint)
+    assert [w for w in summary.warnings if w.startswith("data settings differ")] == []
+
+
+def test_resume_with_fewer_samples_than_the_checkpoint_read_is_one_error(tmp_path, corpus):
+    """A checkpoint of global batch 4 at step 3 has read 12 samples; resumed under global batch
+    2 with the same train_iters, the training order holds 8, and the next
+    step would read past it. Megatron refuses it too; before, a bare "IndexError: sample 12 out
+    of range 0..7 of the blend", naming no setting."""
+    from nemotron.train.plan import TrainDataError
+
+    first = make_config(tmp_path / "first", blend=corpus[0], train={"train_iters": 4})
+    pretrain(first, tmp_path / "first" / "job")
+    resumed = make_config(
+        tmp_path / "resumed",
+        blend=corpus[0],
+        train={"train_iters": 4, "global_batch_size": 2, "micro_batch_size": 2},
+        scheduler={"on_resume": "config"},
+        checkpoint={"load": str(tmp_path / "first" / "ckpt" / "iter_0000003")},
+    )
+    with pytest.raises(
+        TrainDataError, match=r"loader\.consumed_train_samples=12, more than train\.train_iters"
+    ):
+        pretrain(resumed, tmp_path / "resumed" / "job")

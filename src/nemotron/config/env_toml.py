@@ -239,8 +239,8 @@ def _build_wandb(path: Path, table: dict[str, Any]) -> WandbSettings:
                 f"{path}: [wandb]: unknown key '{key}'{_suggest(key, WANDB_KEYS)}; "
                 f"allowed: {_listing(WANDB_KEYS)}"
             )
-        if not isinstance(value, str) or not value:
-            raise EnvTomlError(f"{path}: [wandb]: key '{key}' must be a non-empty string")
+        if not _is_str(value):
+            raise EnvTomlError(f"{path}: [wandb]: key '{key}' must be {_CHECKS['str'][1]}, got {value!r}")
     return WandbSettings(project=table.get("project"), entity=table.get("entity"))
 
 
@@ -385,7 +385,11 @@ def _is_pos_int(v: Any) -> bool:
 
 
 def _is_str(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
+    # One line: each string lands on one line of a job script (an `#SBATCH` directive, a
+    # mount, a setup line), where a newline would end the directive and start another line
+    # of the script (a stray command, an injected directive) and a NUL or other control
+    # character has no meaning.
+    return isinstance(v, str) and v != "" and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in v)
 
 
 def _is_str_list(v: Any) -> bool:
@@ -400,9 +404,12 @@ def _is_str_map(v: Any) -> bool:
 
 _CHECKS = {
     "pos_int": (_is_pos_int, "a positive integer"),
-    "str": (_is_str, "a non-empty string"),
+    "str": (_is_str, "a non-empty string on one line (no newline or control character)"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str_list": (_is_str_list, "a list of non-empty strings"),
+    "str_list": (
+        _is_str_list,
+        "a list of non-empty strings, each on one line (no newline or control character)",
+    ),
     "str_map": (_is_str_map, "a table of NAME = value"),
 }
 _KEY_KINDS = {

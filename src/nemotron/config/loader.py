@@ -229,10 +229,14 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)  # e.g. train_tokens: 25e12
+            value = int(value)  # e.g. train_tokens: 25e12
+        if isinstance(value, int) and not isinstance(value, bool):
+            # Every integer setting ends up in a tensor shape, a numpy array or a C long: one
+            # past 64 bits would fail there as a bare OverflowError, naming no key.
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(f"{where}: {key} must be a 64-bit integer, got {value!r}")
+            return value
         raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

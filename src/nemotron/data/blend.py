@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nemotron.data.sources import HUB_SCHEME
 from nemotron.utils.fs import atomic_write_text, read_json
 
 SPLITS = ("train", "valid", "test")
@@ -160,6 +161,12 @@ def parse_blend(data: Any, source: str = "<blend>") -> Blend:
         for key in ("subset", "revision", "hf_split", "text_field"):
             if raw.get(key) is not None:
                 optional[key] = _check_string(label, key, raw[key])
+                if key != "text_field" and not path.startswith(HUB_SCHEME):
+                    # a local file has no subsets, revisions or splits: ignoring the field
+                    # would prepare all of it, silently, where a part was asked for
+                    raise BlendError(
+                        f"{label}: field {key!r} applies to {HUB_SCHEME} datasets only, not to {path!r}"
+                    )
         for key in ("min_doc_chars", "max_doc_tokens"):
             if raw.get(key) is not None:
                 optional[key] = int(_check_number(label, key, raw[key], integer=True))

@@ -29,7 +29,14 @@ from typing import Protocol, cast
 import numpy as np
 import torch
 
-from nemotron.data.gpt_dataset import INDEX_FORMAT_VERSION, GPTDataset, GPTDatasetError, cached_arrays
+from nemotron.data.gpt_dataset import (
+    INDEX_FORMAT_VERSION,
+    GPTDataset,
+    GPTDatasetError,
+    cache_marker,
+    cached_arrays,
+    damaged_cache,
+)
 from nemotron.data.mapped import PicklesByReference
 
 # Megatron-Core's `mid_level_dataset_surplus`: each dataset builds 0.5% more than its share.
@@ -143,6 +150,18 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         arrays = cached_arrays(Path(cache_dir), description, ("dataset_index", "dataset_sample_index"), build)
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
+        self.cache_marker = cache_marker(Path(cache_dir), description)
+
+    def _source(self, idx: int) -> tuple[Samples, int]:
+        """(dataset, its sample) that blend sample `idx` is; a cached index naming no dataset,
+        or a zero-weight one (never drawn), is a damaged cache entry. (A sample past a
+        dataset's end is the dataset's own IndexError: the tail of a blend Megatron refuses
+        asks for one, legitimately, `test_megatron_order.py`.)"""
+        k, j = int(self.dataset_index[idx]), int(self.dataset_sample_index[idx])
+        dataset = self.datasets[k] if 0 <= k < len(self.datasets) else None
+        if dataset is None:
+            raise damaged_cache(self.cache_marker, f"sample {idx} of the blend is of dataset {k}")
+        return dataset, j
 
     @classmethod
     def build(
@@ -206,15 +225,13 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         if not 0 <= idx < self.size:
             raise IndexError(f"sample {idx} out of range 0..{self.size - 1} of the blend")
-        dataset = self.datasets[int(self.dataset_index[idx])]
-        assert dataset is not None  # a zero-weight dataset is never drawn
-        return dataset[int(self.dataset_sample_index[idx])]
+        dataset, j = self._source(idx)
+        return dataset[j]
 
     def sample_length(self, idx: int) -> int:
         """Tokens of sample `idx`, without reading it (blends may mix sample lengths)."""
-        dataset = self.datasets[int(self.dataset_index[idx])]
-        assert dataset is not None  # a zero-weight dataset is never drawn
-        return dataset.sample_length(int(self.dataset_sample_index[idx]))
+        dataset, j = self._source(idx)
+        return dataset.sample_length(j)
 
 
 def build_mixed_length_dataset(

@@ -36,6 +36,7 @@ that one weighted prefix is a blend of one dataset (asked ceil(ceil(N) * 1.005),
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -229,6 +230,21 @@ def cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def cache_marker(cache_dir: Path, description: dict[str, Any]) -> Path:
+    """The file whose presence marks a complete index cache entry (`cached_arrays`)."""
+    return Path(cache_dir) / f"{cache_key(description)}-description.json"
+
+
+def damaged_cache(marker: Path, what: str) -> GPTDatasetError:
+    """The error for an index cache entry whose arrays point outside the data: damaged after it
+    was written (the arrays are not checksummed; reading them whole at every start would cost
+    minutes for a large run), found when a sample is read."""
+    return GPTDatasetError(
+        f"index cache entry {marker} is damaged: {what}; delete it and the .npy files beside it "
+        f"with the same key to have them built again"
+    )
+
+
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
@@ -244,7 +260,7 @@ def cached_arrays(
     cache_dir = Path(cache_dir)
     key = cache_key(description)
     paths = {name: cache_dir / f"{key}-{name}.npy" for name in names}
-    marker = cache_dir / f"{key}-description.json"
+    marker = cache_marker(cache_dir, description)
     # An entry whose marker is there but an array is missing or unreadable (a file deleted or
     # truncated by hand, a disk that filled after the entry was complete) is built again, as a
     # cold cache would: the arrays are a pure function of the description, so the run reads the
@@ -274,7 +290,7 @@ def _load_arrays(paths: dict[str, Path]) -> dict[str, np.ndarray] | None:
     """The memory-mapped arrays of a cache entry, or None if one is missing or unreadable."""
     try:
         return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
-    except (OSError, ValueError):  # absent, a truncated header or data, not an .npy file
+    except (OSError, ValueError, EOFError):  # absent, empty, a truncated header or data, not an .npy file
         return None
 
 
@@ -404,6 +420,7 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
+        self.cache_marker = cache_marker(Path(cache_dir), self.description)
 
     def __len__(self) -> int:
         return len(self.shuffle_index)
@@ -416,9 +433,19 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
         """The seq_length + 1 tokens of served sample `idx` (after the shuffle)."""
         if not 0 <= idx < len(self):
             raise IndexError(f"sample {idx} out of range 0..{len(self) - 1} of {self.prefix}")
+        try:
+            return self._sample_tokens(idx)
+        except IndexError as e:  # idx is in range: an index array points outside the data
+            raise damaged_cache(self.cache_marker, f"sample {idx} of {self.prefix}: {e}") from None
+
+    def _sample_tokens(self, idx: int) -> np.ndarray:
         j = int(self.shuffle_index[idx])
+        if not 0 <= j < len(self.sample_index) - 1:  # numpy would take a negative j from the end
+            raise IndexError(f"shuffle_index[{idx}] = {j} is outside 0..{len(self.sample_index) - 2}")
         doc_beg, off_beg = (int(v) for v in self.sample_index[j])
         doc_end, off_end = (int(v) for v in self.sample_index[j + 1])
+        if not 0 <= doc_beg <= doc_end < len(self.document_index):
+            raise IndexError(f"sample_index[{j}:{j + 2}] spans documents {doc_beg}..{doc_end}")
         if doc_beg == doc_end:
             return np.asarray(
                 self.indexed.get(int(self.document_index[doc_beg]), off_beg, off_end - off_beg + 1)
@@ -438,6 +465,8 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
 
 
 def _is_number(value: object) -> bool:
+    if isinstance(value, bool):  # JSON true/false: float() would read them as weights 1 and 0
+        return False
     try:
         float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -454,6 +483,16 @@ def load_blend(blend_json_path: str | Path) -> Any:
             f'blend file {path}: expected an object of splits ({{"train": [...], ...}}) or one '
             "blend for every split (a list of weight, prefix pairs, cut by data.split)"
         )
+    if isinstance(blend, dict):
+        # A misspelt split ("vaild") would otherwise be a split the file lacks: skipped with
+        # at most a warning, its data never read.
+        for key in blend:
+            if key not in SPLITS:
+                hint = difflib.get_close_matches(str(key), SPLITS, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise GPTDatasetError(
+                    f"blend file {path}: unknown split {key!r}{suggestion}; the splits are {', '.join(SPLITS)}"
+                )
     return blend
 
 

@@ -627,6 +627,12 @@ def _cut_into_shards(
     total = sum(int(lengths_of(segment).sum()) for segment in segments)
     if total == 0:
         return []
+    if total * num_shards >= 2**63:  # tokens_before * n in int64 below would wrap around silently
+        key = {"train": "num_shards", "valid": "valid_shards", "test": "test_shards"}[split]
+        raise DataPrepError(
+            f"data prep config: {key} {num_shards} is too many for the {total:,} {split} tokens of "
+            f"{dataset} (their product must stay below 2**63)"
+        )
     shards: dict[int, _ShardPlan] = {}
     before = 0
     for segment in segments:

@@ -63,6 +63,7 @@ TRAIN_STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 RNG_DIR = "rng"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1  # manifest.json's "format": a reader refuses any other
 TMP_PREFIX = ".tmp-"
 PRUNED_PREFIX = f"{TMP_PREFIX}pruned-"  # a checkpoint being deleted (`_remove_checkpoint`)
 
@@ -106,6 +107,17 @@ def failure_reason(exc: BaseException) -> str:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
+
+
+def saved_count(values: dict[str, Any], key: str, prefix: str = "") -> int:
+    """`values[key]`, a counter of a train_state.json (a step, tokens, samples): a non-negative
+    JSON integer below 2**63. Anything else (a string, 2.5, NaN, true, null, a negative number) is a
+    ValueError naming `prefix + key`: such a value would otherwise fail far from the file, as
+    an arithmetic TypeError or an index out of range, or be carried on silently."""
+    value = values[key]
+    if type(value) is not int or not 0 <= value < 2**63:  # counters index int64 arrays
+        raise ValueError(f"{prefix}{key} must be a non-negative 64-bit integer, got {json.dumps(value)}")
+    return value
 
 
 def checkpoint_name(step: int) -> str:
@@ -268,7 +280,7 @@ def describe_files(directory: Path, checksums: bool = True, group=None) -> dict[
 def manifest_json(table: dict[str, dict], step: int | None) -> str:
     """The text of `manifest.json` for the files `describe_files` described (written last, with
     `atomic_write_text`: its presence marks the checkpoint complete)."""
-    return json.dumps({"format": 1, "step": step, "files": table}, indent=1)
+    return json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": table}, indent=1)
 
 
 def _check_file(path: Path, expected: dict[str, Any], checksums: bool) -> str | None:
@@ -276,11 +288,18 @@ def _check_file(path: Path, expected: dict[str, Any], checksums: bool) -> str | 
         size = path.stat().st_size
     except FileNotFoundError:
         return f"{path} is missing"
+    except OSError as e:  # a symlink loop, a permission: the file cannot be checked
+        return f"{path} cannot be read ({e.strerror or e})"
+    if not path.is_file():  # a directory where the manifest lists a file
+        return f"{path} is not a file"
     if size != expected.get("size"):
         return f"{path} has {size:,} bytes, its manifest says {expected.get('size'):,}"
     if checksums and "sha256" in expected:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            return f"{path} cannot be read ({e.strerror or e})"
         if digest != expected["sha256"]:
             return f"{path} does not match the SHA-256 in its manifest (its content changed)"
     return None
@@ -295,12 +314,23 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
     problem = None
     if _group_rank(group) == 0:
         try:
-            files = json.loads(manifest_file.read_text())["files"]
+            manifest = json.loads(manifest_file.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("it is not a JSON object")
+            fmt = manifest.get("format")
+            if type(fmt) is not int or fmt != MANIFEST_FORMAT:  # true == 1 in Python
+                raise ValueError(f"'format' is {json.dumps(fmt)}, not {MANIFEST_FORMAT}")
+            files = manifest["files"]
             if not isinstance(files, dict):
                 raise ValueError("'files' is not a table")
             for name, entry in files.items():
                 if not isinstance(entry, dict) or type(entry.get("size")) is not int:
                     raise ValueError(f"the entry of {name!r} has no integer 'size'")
+            # Every file is listed at save: one that is not would be read unchecked (a
+            # manifest cut short, or a file put there after the save).
+            unlisted = sorted(set(_checkpoint_files(path)) - set(files))
+            if unlisted:
+                raise ValueError(f"it does not list {', '.join(unlisted)}, which the checkpoint holds")
         except FileNotFoundError:
             problem = (
                 f"{manifest_file} is missing (the save did not finish, or the checkpoint predates manifests)"
@@ -572,14 +602,32 @@ FREE_KEYS = frozenset(
 FORWARD_KEYS = frozenset({"norm_eps", "moe_top_k", "moe_routed_scaling_factor"})
 
 
+def saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The run config a checkpoint was saved with (its config.json); None when it has none (a
+    checkpoint from before run configs were saved). One that is there but unreadable, not
+    JSON or not an object is damage (CheckpointCorruptError naming it): with
+    `verify_checksums=false` only its size was checked, and reading it as absent would skip
+    the architecture and data-order checks silently."""
+    path = Path(checkpoint) / CONFIG_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"cannot read {path}: {failure_reason(e)}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{path} is not a JSON object (a run config)")
+    return saved
+
+
 def saved_architecture(checkpoint: Path) -> dict[str, Any] | None:
     """The `model` section of the checkpoint's config.json (what it was trained with); None
     when it has none (config.json is checked against the manifest before this is read)."""
-    try:
-        section = json.loads((checkpoint / CONFIG_FILE).read_text()).get("model")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-    return section if isinstance(section, dict) else None
+    saved = saved_config(checkpoint)
+    section = saved.get("model") if saved is not None else None
+    if section is not None and not isinstance(section, dict):
+        raise CheckpointCorruptError(f"{Path(checkpoint) / CONFIG_FILE}: 'model' is not an object")
+    return section
 
 
 def check_architecture(checkpoint: Path, config: Nano3Config) -> list[str]:

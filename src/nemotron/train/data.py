@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths, sequence_shards_how
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.kernels.cross_entropy import IGNORE_INDEX
+from nemotron.train.checkpoint import saved_count
 from nemotron.train.config import TrainConfig
 from nemotron.train.plan import (  # noqa: F401 - re-exported with the loader
     BatchPlan,
@@ -510,6 +511,17 @@ class TrainingData:
         dataset = self.train_dataset(phase)
         phase_start = (self.state.phase2_start_sample or 0) if phase == 2 else 0
         offset = self.state.consumed_train_samples - phase_start
+        if offset + self.plan.global_batch_size > len(dataset):
+            # A run resumed with fewer samples than its checkpoint has read (a smaller
+            # global_batch_size, the same train_iters): Megatron refuses it too (its sampler
+            # asserts consumed < total samples); named here, not a bare IndexError of the blend.
+            raise TrainDataError(
+                f"the phase-{phase} training order holds {len(dataset)} samples, but the next step "
+                f"would read {offset}..{offset + self.plan.global_batch_size - 1}: the checkpoint "
+                f"has read loader.consumed_train_samples={self.state.consumed_train_samples}, more "
+                f"than train.train_iters x train.global_batch_size leave room for; resume with the "
+                f"global_batch_size it was trained with, or a larger train.train_iters"
+            )
         if self.data.num_workers > 0:
             batches = self._prefetched(phase, dataset, offset)
         else:
@@ -546,7 +558,29 @@ class TrainingData:
 
     @staticmethod
     def state_from(d: dict) -> LoaderState:
-        return LoaderState(**d)
+        """The loader's position saved in a train_state.json ("loader"); ValueError naming the
+        key of a value that is not one (`saved_count`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"loader must be a JSON object, got {json.dumps(d)}")
+        unknown = sorted(set(d) - {f.name for f in fields(LoaderState)})
+        if unknown:
+            raise ValueError(f"loader has unknown keys {unknown}")
+        if "consumed_train_samples" not in d:  # the data position itself: never defaulted
+            raise ValueError("loader has no consumed_train_samples")
+        state = LoaderState(**d)
+        given = asdict(state)  # an older checkpoint may lack the later keys: their defaults
+        saved_count(given, "consumed_train_samples", "loader.")
+        saved_count(given, "consumed_valid_samples", "loader.")
+        if type(state.phase) is not int or state.phase not in (1, 2):
+            raise ValueError(f"loader.phase must be 1 or 2, got {json.dumps(state.phase)}")
+        if state.phase2_start_sample is not None:
+            start = saved_count(given, "phase2_start_sample", "loader.")
+            if start > state.consumed_train_samples:
+                raise ValueError(
+                    f"loader.phase2_start_sample {start} is past loader.consumed_train_samples "
+                    f"{state.consumed_train_samples}"
+                )
+        return state
 
 
 # Tokens gathered per bincount when the index places sequences apart: bounds the gather's

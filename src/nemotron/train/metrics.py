@@ -40,6 +40,11 @@ class MetricsConfigError(ValueError):
     """A logger section that cannot be honoured (e.g. W&B asked for but not installed)."""
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl that cannot be read as a run's history (the message names the file and
+    line)."""
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them readable
@@ -241,7 +246,8 @@ def read_metrics(
 
     A last line without its newline (the run was killed mid-write) is skipped, and said so
     through `on_warning` (default: the `nemotron.train` logger). Anything else that is not a
-    JSON object with an integer `step` raises ValueError naming the file and line.
+    JSON object with an integer `step` raises MetricsFileError naming the file and line
+    (a byte-order mark an editor put before the first record is skipped).
     """
     path = Path(job_dir) / METRICS_FILE
     if not path.is_file():
@@ -261,21 +267,21 @@ def read_metrics(
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
         except UnicodeDecodeError:
-            raise ValueError(f"{path}:{lineno} is not UTF-8 text: not a metrics record") from None
+            raise MetricsFileError(f"{path}:{lineno} is not UTF-8 text: not a metrics record") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+            raise MetricsFileError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(
+            raise MetricsFileError(
                 f"{path}:{lineno} is a JSON {type(record).__name__}, not a metrics record (an object)"
             )
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"{path}:{lineno} has no step (a non-negative integer): step={step!r}")
+            raise MetricsFileError(f"{path}:{lineno} has no step (a non-negative integer): step={step!r}")
         kind = record.get("kind", "train")
         if not isinstance(kind, str):
-            raise ValueError(f"{path}:{lineno} has a kind that is not a string: kind={kind!r}")
+            raise MetricsFileError(f"{path}:{lineno} has a kind that is not a string: kind={kind!r}")
         rewind = None
         if kind == "train" and last_train is not None and step <= last_train:
             rewind = step  # this step and later ones are run again

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from nemotron.train.metrics import read_metrics
+from nemotron.train.metrics import METRICS_FILE, MetricsFileError, read_metrics
 from nemotron.utils.fs import atomic_path
 
 
@@ -25,8 +25,8 @@ def plot_run(
     """Write loss.png, lr.png and balance.png (when the run logged balance) for a job dir.
 
     Returns the written paths. Raises FileNotFoundError when the dir has no metrics.jsonl and
-    ValueError when it holds no training records yet or a record is not readable (see
-    `read_metrics`, which also says what `on_warning` is told).
+    MetricsFileError when it holds no training records yet, a record is not readable (see
+    `read_metrics`, which also says what `on_warning` is told) or a value cannot be drawn.
     """
     # ~2.7 s to import on the 2-core CI machine: only `nemotron nano3 plot` pays for it
     import matplotlib
@@ -37,16 +37,23 @@ def plot_run(
     run_dir = Path(run_dir)
     records = read_metrics(run_dir, on_warning)
     if not any(r.get("kind") == "train" for r in records):
-        raise ValueError(f"{run_dir}/metrics.jsonl has no training records yet")
+        raise MetricsFileError(f"{run_dir / METRICS_FILE} has no training records yet")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name: str) -> None:
         path = out / name
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        except (ValueError, OverflowError) as e:  # matplotlib's axis on a value near float's limit
+            raise MetricsFileError(
+                f"{run_dir / METRICS_FILE}: its values cannot be drawn as {name} ({e}); a record holds "
+                f"a number no run logs"
+            ) from None
+        finally:
+            plt.close(fig)
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

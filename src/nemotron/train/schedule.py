@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -54,6 +55,13 @@ def validate_schedule(sched: SchedulerConfig, opt: OptimizerConfig) -> None:
             raise ScheduleConfigError(f"{key} must be a finite number, got {value}")
     if opt.lr < 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
         raise ScheduleConfigError(f"need 0 <= optimizer.min_lr ({opt.min_lr}) <= optimizer.lr ({opt.lr})")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
 
 
 def decay_factor(progress: float, style: str) -> float:
@@ -141,7 +149,33 @@ class LRSchedule:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LRSchedule":
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        """The schedule a checkpoint saved (`as_dict`); ValueError naming the first key that is
+        missing or holds no such value (checked as a config's schedule is, `validate_schedule`)."""
+        if not isinstance(values, dict):
+            raise ScheduleConfigError(f"schedule must be a JSON object, got {json.dumps(values)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        if missing:
+            raise ScheduleConfigError(f"schedule has no {', '.join(missing)}")
+        for key in ("style", "decay_style"):
+            if not isinstance(values[key], str):
+                raise ScheduleConfigError(f"schedule.{key} must be a string, got {json.dumps(values[key])}")
+        for key in ("lr", "min_lr", "stable_fraction_end"):
+            if type(values[key]) not in (int, float) or not _finite(values[key]):
+                raise ScheduleConfigError(
+                    f"schedule.{key} must be a finite number, got {json.dumps(values[key])}"
+                )
+        # Here, not at the top: the checkpoint module imports torch, which config loading
+        # (it validates schedules through this module) must not (tests/config/test_imports.py).
+        from nemotron.train.checkpoint import saved_count
+
+        for key in ("warmup_tokens", "total_tokens"):
+            saved_count(values, key, "schedule.")
+        schedule = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        try:
+            validate_schedule(*schedule._configs)
+        except ScheduleConfigError as e:  # its messages name the config's keys: say whose
+            raise ScheduleConfigError(f"schedule: {e} (as saved)") from None
+        return schedule
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,6 +55,8 @@ from nemotron.train.checkpoint import (
     failure_reason,
     finish_interrupted_saves,
     load_checkpoint,
+    saved_config,
+    saved_count,
 )
 from nemotron.train.data import LoaderState, PhaseSwitchError, TrainingData, plan_batches, unigram_entropy
 from nemotron.train.loop import (
@@ -145,9 +147,21 @@ class RunState:
         before `schedule_tokens` was recorded had its schedule follow every step's tokens:
         it continues from there."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        for name in ("step", "tokens"):  # the position itself: never defaulted (0 would restart
+            if name not in saved:  # the schedule's warmup, silently)
+                raise ValueError(f"it has no {name}")
         state = cls(**{k: v for k, v in saved.items() if k in fields})
         if "schedule_tokens" not in saved:
             state.schedule_tokens = state.tokens
+        counts = dataclasses.asdict(state)
+        for name in fields:
+            saved_count(counts, name)
+        if state.skipped_steps > state.step or state.consecutive_nonfinite > state.skipped_steps:
+            raise ValueError(
+                f"its counters contradict each other: consecutive_nonfinite "
+                f"{state.consecutive_nonfinite} <= skipped_steps {state.skipped_steps} <= step "
+                f"{state.step} does not hold"
+            )
         return state
 
 
@@ -166,7 +180,7 @@ class Restored:
 
     state: RunState
     loader: LoaderState
-    schedule: dict[str, Any] | None = None  # the schedule the checkpoint was trained with
+    schedule: LRSchedule | None = None  # the schedule the checkpoint was trained with
     resumed_from: str | None = None
     finetuned_from: str | None = None
     loaded: LoadedCheckpoint | None = None
@@ -213,14 +227,16 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
         return Restored(RunState(), LoaderState())
     saved = dict(loaded.train_state)
     try:
+        if "loader" not in saved:
+            raise ValueError("it has no loader")
         loader = TrainingData.state_from(saved.pop("loader"))
         state = RunState.from_saved(saved)
-    except (KeyError, TypeError) as e:  # e.g. a hand-edited file whose manifest was rewritten
+        schedule = None if saved.get("schedule") is None else LRSchedule.from_dict(saved["schedule"])
+    except (KeyError, TypeError, ValueError) as e:  # e.g. a hand-edited file whose manifest was rewritten
         where = loaded.path / TRAIN_STATE_FILE
-        raise CheckpointError(f"{where} does not hold a run's state ({failure_reason(e)})") from None
-    return Restored(
-        state, loader, saved.get("schedule"), str(loaded.path), loaded=loaded, configured_optimizer=configured
-    )
+        reason = str(e) if isinstance(e, ValueError) else failure_reason(e)
+        raise CheckpointError(f"{where} does not hold a run's state: {reason}") from None
+    return Restored(state, loader, schedule, str(loaded.path), loaded=loaded, configured_optimizer=configured)
 
 
 def _same_split(before: Any, now: Any) -> bool:
@@ -473,9 +489,8 @@ class Trainer:
         if self.restored.schedule is None:  # a fresh run, or a checkpoint from before schedules
             return
         assert self.restored.resumed_from is not None  # a schedule comes from a checkpoint
-        saved = LRSchedule.from_dict(self.restored.schedule)
         self.schedule, change = resume_schedule(
-            saved,
+            self.restored.schedule,
             self.schedule,
             self.cfg.scheduler.on_resume,
             self.state.schedule_tokens,
@@ -507,17 +522,17 @@ class Trainer:
         were drawn from, so some may be read twice and others never."""
         if self.restored.resumed_from is None:
             return
-        source = Path(self.restored.resumed_from) / CONFIG_FILE
-        try:
-            saved = json.loads(source.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = saved_config(Path(self.restored.resumed_from))
+        if saved is None:
             return  # a checkpoint without a run config: nothing to compare with
         ours = json.loads(json.dumps(_config_dict(self.cfg), default=str))  # as config.json has it
         changes = []
         for section, key in self.DATA_ORDER_KEYS:
-            before = (saved.get(section) or {}).get(key) if isinstance(saved, dict) else None
-            now = ours.get(section, {}).get(key)
-            if isinstance(saved, dict) and key in (saved.get(section) or {}) and before != now:
+            recorded = saved.get(section)
+            if not isinstance(recorded, dict) or key not in recorded:
+                continue  # an older (or damaged) config.json without it: nothing to compare
+            before, now = recorded[key], ours.get(section, {}).get(key)
+            if before != now:
                 if (section, key) == ("data", "split") and _same_split(before, now):
                     continue  # "98,2" and "98,2,0", or null and Megatron's default: one cut
                 changes.append(f"{section}.{key} {before!r} -> {now!r}")

@@ -108,8 +108,10 @@ class Nano3Config:
             "ffn_hidden_size",
         ]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ModelConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            # a size is a tensor dimension: past 64 bits torch fails with a bare TypeError
+            if type(value) is not int or not 0 < value < 2**63:
+                raise ModelConfigError(f"{name} must be a positive 64-bit integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -124,8 +126,11 @@ class Nano3Config:
             raise ModelConfigError(
                 f"moe_top_k ({self.moe_top_k}) must be in 1..num_experts ({self.num_experts})"
             )
-        if self.moe_shared_expert_hidden_size < 0:
-            raise ModelConfigError("moe_shared_expert_hidden_size must be >= 0 (0 = no shared expert)")
+        shared = self.moe_shared_expert_hidden_size
+        if type(shared) is not int or not 0 <= shared < 2**63:
+            raise ModelConfigError(
+                f"moe_shared_expert_hidden_size must be a 64-bit integer >= 0 (0 = no shared expert), got {shared!r}"
+            )
         # Real-valued settings: a bad one would otherwise surface as NaN outputs (norm_eps <= 0,
         # a NaN scaling factor), a foreign error at initialisation (a negative std, log of a
         # negative dt) or a silently wrong init (dt_min above dt_max).

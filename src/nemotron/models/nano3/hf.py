@@ -199,10 +199,10 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
     fields = {ours: getattr(hf, hf_key) for ours, hf_key in HF_CONFIG_FIELDS.items()}
     if fields["head_dim"] is None:
         fields["head_dim"] = hf.hidden_size // hf.num_attention_heads
-    fields["moe_routed_scaling_factor"] = float(fields["moe_routed_scaling_factor"])
+    fields["moe_routed_scaling_factor"] = _as_float(fields["moe_routed_scaling_factor"])
     # our export writes transformers' dt clamp into time_step_min and keeps the init minimum
     # under its own key (see INIT_TIME_STEP_MIN_KEY below)
-    fields["mamba_dt_min"] = float(raw.get(INIT_TIME_STEP_MIN_KEY, fields["mamba_dt_min"]))
+    fields["mamba_dt_min"] = _as_float(raw.get(INIT_TIME_STEP_MIN_KEY, fields["mamba_dt_min"]))
     try:
         return Nano3Config(
             hybrid_pattern=pattern,
@@ -218,6 +218,13 @@ def from_hf_config(hf_dir: str | os.PathLike) -> Nano3Config:
         named = [f"{ours} <- {key}" for ours, key in keys.items() if ours != key and ours in str(err).split()]
         hint = f" (config.json keys: {', '.join(named)})" if named else ""
         raise HFInteropError(f"{where}: {err}{hint}") from err
+
+
+def _as_float(value: Any) -> Any:
+    """A JSON number as a float; anything else (a string, null, a list) as it is, for
+    `Nano3Config.validate` to name with its config.json key (float() would raise a bare
+    ValueError or TypeError naming neither)."""
+    return float(value) if type(value) in (int, float) else value
 
 
 def _check_time_step_limit(limit: Any, where: Path) -> None:

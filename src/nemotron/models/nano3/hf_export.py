@@ -42,9 +42,23 @@ def trained_tokenizer_record(checkpoint_dir: str | os.PathLike) -> dict[str, Any
         manifest = read_model_artifact(Path(checkpoint_dir))
     except ArtifactError as err:
         raise HFInteropError(str(err)) from err
-    content = (manifest.get("data") or {}).get("content") or {}
-    record = content.get("tokenizer")
-    return record if isinstance(record, dict) else None
+    where = Path(checkpoint_dir) / MODEL_ARTIFACT_FILE
+    record: Any = manifest
+    keys: list[str] = []
+    for key in ("data", "content", "tokenizer"):  # absent at any level: no record
+        keys.append(key)
+        record = record.get(key)
+        if record is None:
+            return None
+        if not isinstance(record, dict):  # damaged lineage: named, not an AttributeError
+            raise HFInteropError(f"{where}: {'.'.join(keys)} is not an object, got {record!r}")
+    for name in ("bos_id", "eos_id"):
+        token_id = record.get(name)
+        if token_id is not None and (type(token_id) is not int or token_id < 0):
+            raise HFInteropError(
+                f"{where}: data.content.tokenizer.{name} must be a token id, got {token_id!r}"
+            )
+    return record
 
 
 def _fast_tokenizer_from_file(path: Path, record: dict[str, Any] | None):
