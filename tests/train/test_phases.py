@@ -298,3 +298,24 @@ def test_ranks_decide_together_whether_the_phase2_blend_is_there(tmp_path, corpu
     assert "vocabulary of 65" in metadata[0][1] and "failed on another rank" in metadata[1][1]
     assert [phase for _, _, phase in metadata] == [1, 1]
     assert [(outcome, phase) for _, outcome, phase in whole] == [("switched", 2)] * 2
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (b'{"tokenizer": {"vocab_size": 99', "is not JSON"),
+        (b"[1, 2]", "is not a JSON object"),
+        (b"\xff\xfe", "cannot be read"),
+    ],
+)
+def test_a_damaged_metadata_json_is_named_not_read_as_absent(tmp_path, corpus, damage, why):
+    """Read as absent, a damaged record would skip the vocabulary check without a word; a
+    blend without metadata.json (hand-written) is still checked by its token files only."""
+    from nemotron.train.data import check_tokenizers
+
+    blend = _with_tokenizer(corpus[0], tmp_path / "p1", vocab_size=2 * VOCAB, identity="a")
+    (blend.parent / "metadata.json").write_bytes(damage)
+    with pytest.raises(TrainDataError, match=rf"{blend.parent / 'metadata.json'} .* {why}"):
+        check_tokenizers([("data.blend", blend)], VOCAB)
+    (blend.parent / "metadata.json").unlink()
+    assert check_tokenizers([("data.blend", blend)], VOCAB) == []

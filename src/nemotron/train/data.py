@@ -125,11 +125,25 @@ def blend_has_split(blend_json: str | Path, split: str, split_string: str | None
 
 def _prep_tokenizer(blend_json: str | Path) -> dict | None:
     """The tokenizer record of the data prep that wrote `blend_json` (its metadata.json beside
-    it), None for a hand-written blend or one without that record."""
+    it), None for a hand-written blend or one without that record. A metadata.json that is
+    there but unreadable is an error: read as absent, it would skip the vocabulary check."""
+    path = Path(blend_json).parent / "metadata.json"
     try:
-        tokenizer = json.loads((Path(blend_json).parent / "metadata.json").read_text()).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainDataError(f"{path} (data prep's record beside {blend_json}) cannot be read: {e}") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise TrainDataError(f"{path} (data prep's record beside {blend_json}) is not JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise TrainDataError(
+            f"{path} (data prep's record beside {blend_json}) is not a JSON object; "
+            "remove it for a hand-written blend, or prepare the data again"
+        )
+    tokenizer = record.get("tokenizer")
     return tokenizer if isinstance(tokenizer, dict) else None
 
 
