@@ -33,6 +33,16 @@ def test_cli_plot_of_a_dir_without_metrics_fails_cleanly(tmp_path):
     assert result.exit_code == 1 and "metrics.jsonl does not exist" in result.output
 
 
+def test_cli_plot_of_a_metrics_path_that_is_a_directory_says_so(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()
+    result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path), "-o", str(tmp_path / "plots")])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert (
+        line == f"error: {tmp_path}/metrics.jsonl is not a file (a training run writes its metrics there)"
+    ), line
+
+
 _TRAIN = '{"kind": "train", "step": 1, "lm_loss": 5.0, "lr": 0.001}\n'
 
 

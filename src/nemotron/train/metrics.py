@@ -250,9 +250,14 @@ def read_metrics(
     (a byte-order mark an editor put before the first record is skipped).
     """
     path = Path(job_dir) / METRICS_FILE
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: not a training job dir")
-    data = path.read_bytes()
+    if not path.is_file():
+        raise MetricsFileError(f"{path} is not a file (a training run writes its metrics there)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MetricsFileError(f"{path} cannot be read: {e.strerror or e}") from None
     torn = _torn_tail_length(data)
     lines = data[: len(data) - torn].split(b"\n")[:-1] if torn < len(data) else []
     if torn:
