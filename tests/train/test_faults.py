@@ -355,6 +355,23 @@ def test_unchanged_rates_resume_without_a_word(corpus, saved_run, tmp_path):
     assert summary.steps == 10 and summary.warnings == []
 
 
+def test_a_checkpoint_past_a_shorter_train_iters_is_said(corpus, saved_run, tmp_path):
+    """Resuming the 8-step run's checkpoint with train.train_iters 5 trains nothing (Megatron's
+    loop also just ends): said, not silently reported as a completed run."""
+    save = copy_save(saved_run, tmp_path)
+    cfg = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)}, train={"train_iters": 5})
+    summary = pretrain(cfg, tmp_path / "job")
+    assert summary.status == "completed" and summary.steps == 8
+    (warning,) = summary.warnings
+    assert (
+        "iter_0000008 is at step 8, past this run's 5 steps (train.train_iters): nothing is trained"
+        in warning
+    )
+    assert "only the final evaluation runs" in warning
+    same = make_config(tmp_path, blend=corpus[0], checkpoint={"save": str(save)})
+    assert pretrain(same, tmp_path / "job2").warnings == []  # a finished run run again: nothing to say
+
+
 def test_a_warmup_as_long_as_the_run_is_said(corpus, tmp_path):
     """Megatron refuses warmup >= the run (it asserts warmup < decay samples); a short trial of
     a recipe keeping its long warmup is allowed here, but said: the rate never peaks or decays."""

@@ -457,6 +457,14 @@ class Trainer:
                     f"checkpoint {name} was complete but hidden by a run killed while publishing it: published"
                 )
             trainer._resume_schedule()
+            if restored.resumed_from and restored.state.step > trainer.plan.total_steps:
+                # Megatron's loop also just ends; a shorter train.train_iters than the
+                # checkpoint's step is more likely a mistake than a request to train nothing
+                trainer.warn(
+                    f"{restored.resumed_from} is at step {restored.state.step:,}, past this run's "
+                    f"{trainer.plan.total_steps:,} steps (train.train_iters): nothing is trained"
+                    + (", only the final evaluation runs" if cfg.train.eval_iters else "")
+                )
             warning = warmup_warning(trainer.schedule)
             if warning:
                 trainer.warn(warning)
