@@ -2,6 +2,10 @@
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +93,7 @@ def test_publish_dir_a_failed_rename_keeps_the_old(tmp_path: Path, monkeypatch):
         real(src, dst)
 
     monkeypatch.setattr(fs.os, "replace", failing)
+    monkeypatch.setattr(fs, "_exchange", lambda a, b: False)  # the two-rename path
     with pytest.raises(OSError, match="No space"):
         publish_dir(built, out)
     assert _tree(out) == {"a": b"old"}
@@ -128,3 +133,72 @@ def test_a_write_that_fails_names_the_file(tmp_path: Path, monkeypatch):
         with fs.naming(target):
             open(tmp_path / "missing")
     assert named.value.filename == str(tmp_path / "missing")
+
+
+# A child process that publishes `new` over `out` and is killed (SIGKILL, by itself) at the
+# N-th os.replace of the publish: the kill -9 of a real run, at a chosen point.
+_KILLED_PUBLISH = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from nemotron.utils import fs
+    built, out, nth, exchange = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if exchange == "no":
+        fs._exchange = lambda a, b: False
+    real, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+    fs.os.replace = replace
+    fs.publish_dir(built, out)
+    """
+)
+
+
+def _publish_killed(tmp_path: Path, built: Path, out: Path, nth: int, exchange: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    args = [sys.executable, "-c", _KILLED_PUBLISH, str(built), str(out), str(nth), exchange]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _can_exchange(tmp_path: Path) -> bool:
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return fs._exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+def test_publish_dir_killed_after_the_swap_leaves_the_new_directory(tmp_path: Path):
+    """kill -9 right after the earlier `out` and `built` were swapped (before the earlier copy
+    is removed): `out` is the new directory, complete; the earlier copy is hidden debris under
+    the caller's temporary name (as a writer killed mid-write leaves). With two renames, `out`
+    was missing after a kill at this point."""
+    if not _can_exchange(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"old"}), out)
+    _publish_killed(tmp_path, _built(tmp_path, {"a": b"new", "b": b"new"}), out, 1, "yes")
+    assert _tree(out) == {"a": b"new", "b": b"new"}
+    assert _tree(tmp_path / ".out.tmp-new") == {"a": b"old"}
+
+
+def test_publish_dir_killed_between_its_renames_gets_the_earlier_back(tmp_path: Path):
+    """Where the swap is not available (two renames), kill -9 between them leaves no `out`:
+    the earlier directory, moved aside, was never put back (an earlier export lost to the
+    user, and its disk space with it). The next writer's refuse_non_empty restores it, so a
+    rerun without --overwrite is refused as before the kill, and one with it replaces it."""
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"old"}), out)
+    _publish_killed(tmp_path, _built(tmp_path, {"a": b"new"}), out, 2, "no")
+    assert not out.exists()
+    with pytest.raises(FileExistsError, match="not empty"):
+        fs.refuse_non_empty(out, overwrite=False)
+    assert _tree(out) == {"a": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-new", "out"]  # the new one: the caller's

@@ -16,6 +16,9 @@ the modes a plain mkdir/open would have.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
@@ -95,31 +98,86 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = 
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+# errnos of a renameat2 that this kernel or file system does not do (nothing was changed)
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library without it (glibc < 2.28)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`): True
+    when done; False, with nothing changed, where the system or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _aside_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _asides(out: Path) -> list[Path]:
+    """The earlier copies of `out` that a publish moved aside (`_aside_name`) and that are
+    still there: a publish killed before it removed them."""
+    if not out.parent.is_dir():
+        return []
+    prefix = f".{out.name}.old-"
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():  # a link (its target is not ours) or a file
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Put the complete directory `built` (a sibling of `out`) at `out`, replacing what is there;
     returns `out`.
 
-    An earlier `out` is renamed aside to a hidden sibling first and removed only once `built`
-    is in place (its removal failing or being cut short costs only that hidden copy). Removing
-    it in place first would lose both when the removal failed part-way (a file it may not
-    delete, a kill): the earlier output half-deleted, and the caller discarding the new one.
-    A rename that fails puts the earlier `out` back. A kill between the two renames leaves no
-    `out`, with the earlier and the new directory both kept under their hidden names."""
+    An earlier `out` is swapped with `built` in one atomic step where the system can (Linux
+    `renameat2(RENAME_EXCHANGE)`), so a process killed at any moment leaves `out` the earlier
+    or the new directory, complete. Elsewhere it is renamed aside to a hidden sibling first;
+    a kill between that rename and the next leaves no `out`, and the next `refuse_non_empty`
+    of `out` (every writer's first step) puts the earlier one back. The earlier copy is removed
+    only once `built` is in place (its removal failing or being cut short costs only that
+    hidden copy, which the next `refuse_non_empty` removes). Removing it in place first would
+    lose both when the removal failed part-way (a file it may not delete, a kill): the earlier
+    output half-deleted, and the caller discarding the new one. A rename that fails puts the
+    earlier `out` back."""
     built, out = Path(built), Path(out)
     if not (out.exists() or out.is_symlink()):
         os.replace(built, out)
         return out
-    aside = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(out, aside)
-    try:
-        os.replace(built, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    if aside.is_symlink() or not aside.is_dir():  # a link (its target is not ours) or a file
-        aside.unlink(missing_ok=True)
+    aside = _aside_name(out)
+    if _exchange(built, out):
+        os.replace(built, aside)  # the earlier out, under the name a cut-short removal leaves
     else:
-        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+        try:
+            os.replace(built, out)
+        except BaseException:
+            os.replace(aside, out)
+            raise
+    _remove(aside)
     return out
 
 
@@ -139,8 +197,17 @@ _umask_lock = threading.Lock()
 def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
     """An output directory that already holds something is replaced only when asked
     (`overwrite`): FileExistsError otherwise. Checked by the writers, and by the CLI before
-    the long read and conversion that come before the write."""
+    the long read and conversion that come before the write.
+
+    First, what a `publish_dir` of `out` killed part-way left is settled: with no `out`, the
+    earlier copy it had moved aside is put back (then refused or replaced as any other);
+    with an `out`, such copies are removed (the publish had completed)."""
     out = Path(out)
+    asides = _asides(out)
+    if asides and not (out.exists() or out.is_symlink()):
+        os.replace(asides.pop(), out)
+    for aside in asides:
+        _remove(aside)
     if out.exists() and not out.is_dir():  # never replaced: a file is no earlier output
         raise FileExistsError(f"{out}: exists and is not a directory")
     if not overwrite and out.is_dir() and any(out.iterdir()):
