@@ -431,6 +431,47 @@ def test_kill_minus_nine_then_rerun_gives_identical_bytes(tmp_path, bpe_dir):
     assert strip(_output_bytes(killed_out), "killed") == strip(_output_bytes(tmp_path / "clean"), "clean")
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie no one reaps counts: it runs nothing, holds no file)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_end_when_the_prep_is_killed_alone(tmp_path, bpe_dir):
+    """kill -9 of the prep process only (not its process group: what `kill -9 PID`, or a
+    launcher killing its child, does) while its 2 workers are each in a unit: the workers end
+    too. They waited for ever on their task queue, keeping the forkserver and the prep's
+    stderr pipe alive: the caller's read of that pipe (here `communicate`) never returned."""
+    write_jsonl(tmp_path / "big.jsonl", make_docs(3000, seed=52))
+    _blend(tmp_path, [{"name": "big", "path": "big.jsonl", "weight": 1}])
+    script = tmp_path / "prep_job.py"
+    script.write_text(KILL_SCRIPT)
+    command = [sys.executable, str(script), str(tmp_path), str(tmp_path / "out"), str(bpe_dir)]
+    gate = tmp_path / "gate"
+    process = subprocess.Popen(
+        command, start_new_session=True, stderr=subprocess.PIPE, env=gated_env(gate, 0, allow="0:0")
+    )
+
+    def running() -> None:
+        if process.poll() is not None:
+            pytest.fail(f"the job ended before the gate: {process.stderr.read().decode()[-3000:]}")
+
+    try:
+        holds = wait_for_holds(gate, {0: 2}, running, timeout_s=120)
+        os.kill(process.pid, signal.SIGKILL)  # the prep alone; its workers hold a unit each
+        process.communicate(timeout=30)  # returns once every holder of its stderr has exited
+        workers = {record["pid"] for record in holds[0]}
+        assert len(workers) == 2 and all(_gone(pid) for pid in workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_progress_reports_phases_and_counts(tmp_path, bpe_dir, corpus):
     events = []
     result = run_data_prep(_cfg(tmp_path, bpe_dir), recipe_dir=tmp_path, progress=events.append)

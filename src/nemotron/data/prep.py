@@ -41,8 +41,10 @@ import os
 import platform
 import queue
 import re
+import select
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -416,12 +418,55 @@ SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"
 
 
 def _init_worker(
-    resolved: ResolvedTokenizer | Tokenizer, progress_queue, single_threaded: bool = True
+    resolved: ResolvedTokenizer | Tokenizer,
+    progress_queue,
+    single_threaded: bool = True,
+    caller_pid: int | None = None,
 ) -> None:
+    if caller_pid is not None:
+        _exit_with(caller_pid)
     if single_threaded:
         os.environ.update(SINGLE_THREAD_ENV)
     _WORKER["tokenizer"] = resolved if isinstance(resolved, Tokenizer) else Tokenizer(resolved)
     _WORKER["queue"] = progress_queue
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker process as soon as process `pid` (the prep that started it) is gone.
+
+    A pool's workers are ended by the pool's shutdown; when the prep is killed (kill -9, or a
+    SIGTERM it does not handle) nothing shuts the pool down, and each worker would wait on its
+    task queue for ever (it holds that queue's write end itself), keeping the forkserver, the
+    resource tracker and the prep's stdout/stderr alive with it: a caller reading the prep's
+    output until it closes (`subprocess.run(..., capture_output=True)`) would never return.
+    A daemon thread waits for `pid` to exit (a pidfd on Linux, else a poll once a second);
+    a unit cut short here leaves only temporary files, as any kill does."""
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # (a process of another user: ours is not that)
+            return True
+        return True
+
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while alive():
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="nemotron-prep-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -1003,7 +1048,7 @@ def _run_units(
         max_workers=workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(tokenizer.resolved, progress_queue),
+        initargs=(tokenizer.resolved, progress_queue, True, os.getpid()),
     ) as pool:
         # Units are claimed and submitted as workers free up (two per worker in flight), so
         # that tasks sharing the work take units at the pace they finish them.
