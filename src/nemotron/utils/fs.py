@@ -136,10 +136,11 @@ def _aside_name(out: Path) -> Path:
 def _asides(out: Path) -> list[Path]:
     """The earlier copies of `out` that a publish moved aside (`_aside_name`) and that are
     still there: a publish killed before it removed them."""
-    if not out.parent.is_dir():
-        return []
     prefix = f".{out.name}.old-"
-    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    try:
+        return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:  # no parent (nothing was published there), or one that cannot be listed
+        return []
 
 
 def _remove(path: Path) -> None:
