@@ -322,6 +322,84 @@ def test_a_save_killed_while_publishing_is_finished_not_lost(tmp_path, monkeypat
     assert finish_interrupted_saves(save) == []  # nothing left to finish
 
 
+@pytest.mark.parametrize("resave", [False, True])
+def test_a_save_killed_at_any_move_of_its_publication_resumes_from_the_newest(tmp_path, monkeypatch, resave):
+    """Killed at each move of the publication in turn (the manifest, `latest`, the renames;
+    the process dies there, no cleanup of ours runs), and then also at each move of the next
+    start's `finish_interrupted_saves`, the start after resumes from the new checkpoint once
+    its manifest was written, else from the one before. `latest` was written after the
+    rename: killed between the two, `iter_2` was complete and in place, `latest` still named
+    `iter_1`, and resume (`latest`'s target first) took `iter_1`."""
+    import os
+
+    from nemotron.train import checkpoint as ckpt_module
+
+    real_replace, real_write = os.replace, ckpt_module.atomic_write_text
+    model, opt = model_and_optimizer()
+    template = tmp_path / "template"
+    Checkpointer(template).save(1, model, opt, {"step": 1})
+    if resave:  # an abandoned run's step 2, saved again after a resume from step 1
+        Checkpointer(template).save(2, model, opt, {"step": 2, "run": "abandoned"})
+        (template / LATEST_FILE).write_text("iter_0000001\n")
+    kill, kill_finish, finish_kills = 0, 0, 0
+    while True:
+        if kill_finish == 0:
+            kill += 1
+        save = tmp_path / f"save-{kill}-{kill_finish}"
+        shutil.copytree(template, save)
+        saver = Checkpointer(save)
+        moves: list[str] = []
+        kill_at = kill
+
+        def move(what: str) -> None:
+            moves.append(what)
+            if len(moves) == kill_at:
+                raise KeyboardInterrupt  # the process dies here
+
+        def replace(src, dst):
+            if Path(src).name.startswith((".tmp-", "iter_")):  # (not atomic_write_text's own)
+                move(f"rename {Path(src).name}")
+            return real_replace(src, dst)
+
+        def write(path, text, **kwargs):
+            move(f"write {Path(path).name}")
+            return real_write(path, text, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(ckpt_module, "atomic_write_text", write)
+        try:
+            saver.save(2, model, opt, {"step": 2, "run": "new"})
+            done = True
+        except KeyboardInterrupt:
+            done = False
+        if kill_finish:  # the next start killed too, at its kill_finish-th move
+            moves, kill_at = [], kill_finish
+            try:
+                finish_interrupted_saves(save)
+                kill_finish = 0  # its every move was a kill point: the next kill of the save
+            except KeyboardInterrupt:
+                kill_finish += 1
+                finish_kills += 1
+        elif not done:
+            kill_finish = 1
+        monkeypatch.undo()
+        finish_interrupted_saves(save)  # the next start
+        found, skipped = find_checkpoint(save)
+        assert skipped == []
+        if kill == 1:  # killed writing the manifest: the save never completed
+            assert found == save / "iter_0000001"
+        else:
+            assert found == save / "iter_0000002", moves
+            assert json.loads((found / "train_state.json").read_text())["run"] == "new", moves
+        assert read_latest(save) == found.name
+        hidden = [p.name for p in save.iterdir() if p.name.startswith(".")]
+        assert hidden == ([".tmp-iter_0000002"] if kill == 1 else []), moves  # (the next save's)
+        if done:
+            break
+    assert kill == (5 if resave else 4)  # every move of the publication was a kill point
+    assert finish_kills == (8 if resave else 4)  # and of the finishing after each
+
+
 def test_resaving_a_step_whose_old_copy_will_not_go_still_points_latest_at_the_new(tmp_path, monkeypatch):
     """Re-saving step 2 after resuming from step 1 (an abandoned run saved 2 and 3): the old
     copy of iter_2 was moved aside and could not be removed (a file held open on NFS): the

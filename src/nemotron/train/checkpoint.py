@@ -16,9 +16,11 @@ Layout of a save directory:
     SAVE/.tmp-iter_0000200/     a save in progress: never looked at by resume
 
 A checkpoint is written under `.tmp-<name>`; once every file is written their sizes and
-checksums go into `manifest.json` (the work spread over the ranks), the directory is renamed to
-`<name>`, and only then does `latest` (itself written to a temporary name and renamed) point at
-it. A process killed at any moment leaves the previous checkpoint and `latest` intact.
+checksums go into `manifest.json` (the work spread over the ranks), `latest` (itself written to
+a temporary name and renamed) is pointed at `<name>`, and the directory is renamed to `<name>`.
+A process killed at any moment leaves the previous checkpoint intact; killed after the
+manifest, its complete checkpoint is renamed into place, `latest` naming it, at the next start
+(`finish_interrupted_saves`), so resume never passes over a complete newer checkpoint.
 
 Before a checkpoint is loaded its files are checked against its manifest (`verify_checkpoint`).
 A damaged checkpoint given by name is an error naming the file; a save directory resumes from
@@ -432,27 +434,33 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     `save_dir`, on every rank of `group` (the owner rank moves, the others wait).
 
     `Checkpointer` publishes a save in three moves after its manifest (written last, so a
-    `.tmp-iter_N` holding one is complete on every rank): a checkpoint of the same step moved
-    aside to `.tmp-old-iter_N` (re-saving a step), the new one renamed to `iter_N`, `latest`
-    rewritten. Killed between them (or after the manifest, before the first move), the
-    complete new checkpoint would stay hidden and the next
+    `.tmp-iter_N` holding one is complete on every rank): `latest` rewritten to name `iter_N`,
+    a checkpoint of the same step moved aside to `.tmp-old-iter_N` (re-saving a step), the new
+    one renamed to `iter_N`. Killed between them (or after the manifest, before the first
+    move), the complete new checkpoint would stay hidden and the next
     save of that step would delete it, so resume would start from an older one: here it is
     renamed into place, `latest` names it, and the set-aside copy goes. A removal of a
     checkpoint no longer kept (`keep_last`) that a kill cut short is finished too."""
     save_dir = Path(save_dir)
     finished: list[str] = []
     if _group_rank(group) == 0 and save_dir.is_dir():
-        for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*")):
+        complete = [
+            tmp
+            for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*"))
+            if CHECKPOINT_PATTERN.match(tmp.name[len(TMP_PREFIX) :]) and (tmp / MANIFEST_FILE).is_file()
+        ]
+        if complete:  # `latest` first, as a save does: a kill during the moves leaves them to the next start
+            atomic_write_text(save_dir / LATEST_FILE, complete[-1].name[len(TMP_PREFIX) :] + "\n")
+        for tmp in complete:
             final = save_dir / tmp.name[len(TMP_PREFIX) :]
-            if CHECKPOINT_PATTERN.match(final.name) and (tmp / MANIFEST_FILE).is_file():
-                if final.exists():
-                    # Killed before the old copy was moved aside: the save (`prepare` clears a
-                    # `.tmp-` of the step first) is newer than the `iter_N` it re-saves.
-                    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-                    shutil.rmtree(old, ignore_errors=True)  # older still (a removal that failed)
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                finished.append(final.name)
+            if final.exists():
+                # Killed before the old copy was moved aside: the save (`prepare` clears a
+                # `.tmp-` of the step first) is newer than the `iter_N` it re-saves.
+                old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+                shutil.rmtree(old, ignore_errors=True)  # older still (a removal that failed)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            finished.append(final.name)
         for old in save_dir.glob(f"{TMP_PREFIX}old-iter_*"):
             final = save_dir / old.name[len(f"{TMP_PREFIX}old-") :]
             if final.exists():  # replaced: only the removal of the old copy was cut short
@@ -461,8 +469,6 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
                 os.replace(old, final)
         for doomed in save_dir.glob(f"{PRUNED_PREFIX}iter_*"):
             shutil.rmtree(doomed, ignore_errors=True)
-        if finished:  # the move the kill cut short: `latest` names the checkpoint just published
-            atomic_write_text(save_dir / LATEST_FILE, finished[-1] + "\n")
     return _from_owner(finished, group)  # (a broadcast: the other ranks wait for the moves)
 
 
@@ -916,18 +922,32 @@ class Checkpointer:
 
         def publish() -> None:
             atomic_write_text(tmp / MANIFEST_FILE, manifest)  # last: marks the save complete
-            if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
-                old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                # The new checkpoint is in place: a copy that will not go (yet) must not stop
-                # `latest` from naming it (the next start tries again).
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            atomic_write_text(self.save_dir / LATEST_FILE, final.name + "\n")
+            # `latest` names the checkpoint before its rename, not after: killed between the
+            # two, the next start finishes the move (`finish_interrupted_saves`) and `latest`
+            # is right. Written after, a kill between left the complete new `iter_N` with
+            # `latest` naming the previous checkpoint, which resume takes first: the steps
+            # since were trained again, and the newer checkpoint overwritten.
+            latest = self.save_dir / LATEST_FILE
+            before = latest.read_text() if latest.is_file() else None
+            atomic_write_text(latest, final.name + "\n")
+            try:
+                if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
+                    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+                    if old.exists():
+                        shutil.rmtree(old)
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    # The new checkpoint is in place: a copy that will not go (yet) is removed
+                    # by the next start.
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+            except OSError:  # (the save fails and is removed: `latest` names what it named)
+                if before is None:
+                    latest.unlink(missing_ok=True)
+                else:
+                    atomic_write_text(latest, before)
+                raise
 
         self._together(tmp, publish, owner_only=True)
         if self._owner:
