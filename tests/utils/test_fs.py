@@ -145,6 +145,11 @@ _KILLED_PUBLISH = textwrap.dedent(
     built, out, nth, exchange = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if exchange == "no":
         fs._exchange = lambda a, b: False
+    def rmtree_killed(path, ignore_errors=False):  # (nth 0) killed removing the earlier copy
+        sorted(Path(path).iterdir())[0].unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if nth == 0:
+        fs.shutil.rmtree = rmtree_killed
     real, calls = os.replace, []
     def replace(src, dst):
         calls.append(src)
@@ -202,3 +207,15 @@ def test_publish_dir_killed_between_its_renames_gets_the_earlier_back(tmp_path: 
         fs.refuse_non_empty(out, overwrite=False)
     assert _tree(out) == {"a": b"old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-new", "out"]  # the new one: the caller's
+
+
+def test_an_earlier_copy_whose_removal_was_cut_short_is_never_put_back(tmp_path: Path):
+    """Killed while removing the earlier `out` (the new one in place), then `out` deleted by
+    hand: the next writer does not put the half-removed copy back as `out` (it goes)."""
+    out = tmp_path / "out"
+    publish_dir(_built(tmp_path, {"a": b"old", "b": b"old"}), out)
+    _publish_killed(tmp_path, _built(tmp_path, {"a": b"new"}), out, 0, "no")
+    assert _tree(out) == {"a": b"new"}
+    fs.shutil.rmtree(out)
+    fs.refuse_non_empty(out, overwrite=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

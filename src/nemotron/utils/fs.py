@@ -129,14 +129,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(b))
 
 
-def _aside_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _hidden(out: Path, kind: str) -> Path:
+    """A hidden sibling of `out` for an earlier copy of it: `old` (set aside whole, put back
+    if the publish does not complete) or `del` (being deleted)."""
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _asides(out: Path) -> list[Path]:
-    """The earlier copies of `out` that a publish moved aside (`_aside_name`) and that are
-    still there: a publish killed before it removed them."""
-    prefix = f".{out.name}.old-"
+def _hidden_copies(out: Path, kind: str) -> list[Path]:
+    """The `_hidden(out, kind)` copies still there: a publish, or a removal, killed part-way."""
+    prefix = f".{out.name}.{kind}-"
     try:
         return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
     except OSError:  # no parent (nothing was published there), or one that cannot be listed
@@ -148,6 +149,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(copy: Path, out: Path) -> None:
+    """Delete an earlier copy of `out`: renamed to a `del` name first, so that a removal cut
+    short never leaves half a copy under a name that `refuse_non_empty` would put back."""
+    doomed = _hidden(out, "del")
+    try:
+        os.replace(copy, doomed)
+    except OSError:
+        doomed = copy
+    _remove(doomed)
 
 
 def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -168,17 +180,17 @@ def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
     if not (out.exists() or out.is_symlink()):
         os.replace(built, out)
         return out
-    aside = _aside_name(out)
     if _exchange(built, out):
-        os.replace(built, aside)  # the earlier out, under the name a cut-short removal leaves
-    else:
-        os.replace(out, aside)
-        try:
-            os.replace(built, out)
-        except BaseException:
-            os.replace(aside, out)
-            raise
-    _remove(aside)
+        _discard(built, out)  # `built` names the earlier out now
+        return out
+    aside = _hidden(out, "old")
+    os.replace(out, aside)
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    _discard(aside, out)
     return out
 
 
@@ -201,14 +213,17 @@ def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
     the long read and conversion that come before the write.
 
     First, what a `publish_dir` of `out` killed part-way left is settled: with no `out`, the
-    earlier copy it had moved aside is put back (then refused or replaced as any other);
-    with an `out`, such copies are removed (the publish had completed)."""
+    earlier copy it had moved aside whole is put back (then refused or replaced as any
+    other); with an `out`, such copies are removed (the publish had completed), as are those
+    whose removal was cut short (never put back: they may be half deleted)."""
     out = Path(out)
-    asides = _asides(out)
+    asides = _hidden_copies(out, "old")
     if asides and not (out.exists() or out.is_symlink()):
         os.replace(asides.pop(), out)
-    for aside in asides:
-        _remove(aside)
+    for copy in asides:
+        _discard(copy, out)
+    for copy in _hidden_copies(out, "del"):
+        _remove(copy)
     if out.exists() and not out.is_dir():  # never replaced: a file is no earlier output
         raise FileExistsError(f"{out}: exists and is not a directory")
     if not overwrite and out.is_dir() and any(out.iterdir()):
