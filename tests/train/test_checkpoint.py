@@ -400,6 +400,35 @@ def test_a_save_killed_at_any_move_of_its_publication_resumes_from_the_newest(tm
     assert finish_kills == (8 if resave else 4)  # and of the finishing after each
 
 
+def test_a_save_whose_rename_fails_leaves_latest_as_it_was(tmp_path, monkeypatch):
+    """`latest` is pointed at a checkpoint before its rename: a rename that fails (the save
+    fails and is removed) puts `latest` back, bytes and all (here not UTF-8: read as absent,
+    and not what stops a save)."""
+    import errno
+    import os
+
+    model, opt = model_and_optimizer()
+    save = tmp_path / "save"
+    saver = Checkpointer(save)
+    saver.save(1, model, opt, {"step": 1})
+    (save / LATEST_FILE).write_bytes(b"\xff iter_0000001")
+    real_replace = os.replace
+
+    def rename_fails(src, dst):
+        if Path(src).name == ".tmp-iter_0000002":
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(CheckpointWriteError, match="Input/output error"):
+        saver.save(2, model, opt, {"step": 2})
+    monkeypatch.undo()
+    assert (save / LATEST_FILE).read_bytes() == b"\xff iter_0000001"
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", LATEST_FILE]
+    saver.save(2, model, opt, {"step": 2})
+    assert read_latest(save) == "iter_0000002"
+
+
 def test_resaving_a_step_whose_old_copy_will_not_go_still_points_latest_at_the_new(tmp_path, monkeypatch):
     """Re-saving step 2 after resuming from step 1 (an abandoned run saved 2 and 3): the old
     copy of iter_2 was moved aside and could not be removed (a file held open on NFS): the

@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
-from nemotron.utils.fs import atomic_write_text, free_space_note
+from nemotron.utils.fs import atomic_write_bytes, atomic_write_text, free_space_note
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
@@ -928,7 +928,10 @@ class Checkpointer:
             # `latest` naming the previous checkpoint, which resume takes first: the steps
             # since were trained again, and the newer checkpoint overwritten.
             latest = self.save_dir / LATEST_FILE
-            before = latest.read_text() if latest.is_file() else None
+            try:
+                before: bytes | None = latest.read_bytes()
+            except OSError:  # none (or unreadable: as if none, `read_latest`)
+                before = None
             atomic_write_text(latest, final.name + "\n")
             try:
                 if final.exists():  # re-saving a step (e.g. after resuming at it): replace it
@@ -946,7 +949,7 @@ class Checkpointer:
                 if before is None:
                     latest.unlink(missing_ok=True)
                 else:
-                    atomic_write_text(latest, before)
+                    atomic_write_bytes(latest, before)
                 raise
 
         self._together(tmp, publish, owner_only=True)
