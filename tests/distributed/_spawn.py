@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import queue as queue_module
-import socket
+import signal
+import tempfile
 import time
 import traceback
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_HOST = "127.0.0.1"
+# How long a worker's store client keeps trying to reach the parent's store (it listens before
+# any worker starts) and waits for a key.
+_STORE_TIMEOUT = timedelta(seconds=120)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, stacks_dir: str, fn, args, queue) -> None:
+    # Where this rank writes the stacks of all its threads when the parent, about to stop it
+    # for giving no result, asks with SIGUSR1: which collective or wait it was blocked in.
+    stacks = open(Path(stacks_dir) / f"rank{rank}.txt", "w")  # noqa: SIM115 - open until exit
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=_HOST,
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -29,7 +36,8 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - report any failure to the parent test
@@ -40,56 +48,98 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
 
 
 # How long the other ranks get to report once one has failed or died: they are then most
-# likely blocked in a collective (or in the store's rendezvous) that will never complete.
+# likely blocked in a collective that will never complete.
 _GRACE_S = 20.0
+# How long a launch may run before its ranks that gave no result are stopped (with their
+# stacks in the error): below pytest's 600 s timeout, which would stop the test with the stack
+# of this process only (waiting for results), saying nothing about where the ranks were stuck.
+# The longest launch of the suite takes ~35 s on 2 cores (~70 s with the cores also busy).
+_DEADLINE_S = 300.0
+# How long a rank asked for its stacks gets to write them before it is terminated.
+_STACKS_WAIT_S = 2.0
+
+
+def _stop(procs, pending: list[int], stacks_dir: str, reason: str) -> dict[int, str]:
+    """Stop the ranks in `pending` (no result yet): each is asked for its stacks first.
+    Returns each one's error text."""
+    for r in pending:
+        if procs[r].is_alive():
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(_STACKS_WAIT_S)
+    errors = {}
+    for r in pending:
+        if procs[r].is_alive():
+            procs[r].terminate()
+        path = Path(stacks_dir) / f"rank{r}.txt"
+        stacks = path.read_text() if path.exists() else ""
+        errors[r] = f"{reason} (stopped); its stacks:\n{stacks or '(none written)'}"
+    return errors
 
 
 def _launch(fn, world_size: int, args) -> tuple[dict[int, object], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, object] = {}
-    errors: dict[int, str] = {}
-    failed_at = None
-    try:
-        while len(results) + len(errors) < world_size:
-            try:
-                rank, status, value = queue.get(timeout=1.0)
-            except queue_module.Empty:
-                # a rank that died without reporting (killed, segfault) would otherwise leave
-                # the test waiting for its result until pytest's timeout; one that exited has
-                # flushed what it put, so a last look at the queue comes first
-                gone = [r for r, p in enumerate(procs) if p.exitcode is not None]
-                if gone:
-                    while True:
-                        try:
-                            rank, status, value = queue.get(timeout=2.0)
-                        except queue_module.Empty:
-                            break
-                        (results if status == "ok" else errors)[rank] = value
-                    for r in gone:
-                        if r not in results and r not in errors:
-                            errors[r] = f"exited with code {procs[r].exitcode} without a result"
-            else:
-                (results if status == "ok" else errors)[rank] = value
-            if errors and failed_at is None:
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > _GRACE_S:
-                for r in range(world_size):
-                    if r not in results and r not in errors:
-                        errors[r] = f"no result {_GRACE_S:.0f} s after another rank failed (stopped)"
-                break
-    finally:
+    # The rendezvous store is this process's, listening (on a port the kernel picks as it binds)
+    # before any rank starts. A port picked free here and bound later by rank 0 could be taken
+    # meanwhile by another process (rank 0 then fails; the others, connecting to whatever holds
+    # that port, wait until the store's timeout); and a store held by rank 0 goes away when it
+    # exits, while the other ranks may still use it.
+    store = dist.TCPStore(
+        _HOST, 0, world_size, is_master=True, wait_for_workers=False, timeout=_STORE_TIMEOUT
+    )
+    with tempfile.TemporaryDirectory(prefix="spawn-stacks-") as stacks_dir:
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, store.port, stacks_dir, fn, args, queue))
+            for r in range(world_size)
+        ]
         for p in procs:
-            p.join(timeout=60 if not errors else 1)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
+            p.start()
+        results: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        started = time.monotonic()
+        failed_at = None
+        try:
+            while len(results) + len(errors) < world_size:
+                try:
+                    rank, status, value = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    # a rank that died without reporting (killed, segfault) would otherwise leave
+                    # the test waiting for its result until pytest's timeout; one that exited has
+                    # flushed what it put, so a last look at the queue comes first
+                    gone = [r for r, p in enumerate(procs) if p.exitcode is not None]
+                    if gone:
+                        while True:
+                            try:
+                                rank, status, value = queue.get(timeout=2.0)
+                            except queue_module.Empty:
+                                break
+                            (results if status == "ok" else errors)[rank] = value
+                        for r in gone:
+                            if r not in results and r not in errors:
+                                errors[r] = f"exited with code {procs[r].exitcode} without a result"
+                else:
+                    (results if status == "ok" else errors)[rank] = value
+                now = time.monotonic()
+                if errors and failed_at is None:
+                    failed_at = now
+                pending = [r for r in range(world_size) if r not in results and r not in errors]
+                if failed_at is not None and now - failed_at > _GRACE_S:
+                    errors |= _stop(
+                        procs, pending, stacks_dir, f"no result {_GRACE_S:.0f} s after another rank failed"
+                    )
+                    break
+                if now - started > _DEADLINE_S:
+                    errors |= _stop(
+                        procs, pending, stacks_dir, f"no result {_DEADLINE_S:.0f} s after the start"
+                    )
+                    break
+        finally:
+            for p in procs:
+                p.join(timeout=60 if not errors else 1)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=10)
+            del store  # only now: the ranks have exited
     return results, [f"rank {r}:\n{errors[r]}" for r in sorted(errors)]
 
 
@@ -97,10 +147,8 @@ def run_distributed(fn, world_size: int, *args) -> list:
     """fn(rank, world_size, *args) on `world_size` processes; returns results by rank and
     raises with the worker traceback if any rank failed (the other ranks, blocked in a
     collective that cannot complete, are stopped after a grace period instead of hanging the
-    test). A rendezvous port taken between `_free_port` and the store's bind is retried once."""
+    test), or with the stacks of the ranks that gave no result within `_DEADLINE_S`."""
     results, errors = _launch(fn, world_size, args)
-    if errors and any("Address already in use" in e or "EADDRINUSE" in e for e in errors):
-        results, errors = _launch(fn, world_size, args)
     if errors:
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
