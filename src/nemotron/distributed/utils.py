@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -63,7 +62,10 @@ def launcher_process_group(
         if not one_rank:
             yield False
             return
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        # The store listens on a port the kernel picks as it binds: a port picked free first and
+        # bound afterwards could be taken in between by another process (EADDRINUSE).
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
     else:
         missing = [name for name in LAUNCHER_ENV if not os.environ.get(name)]
         if missing:
@@ -95,12 +97,6 @@ def launcher_process_group(
         raise
     else:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @torch.no_grad()
