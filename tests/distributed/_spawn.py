@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 _HOST = "127.0.0.1"
-# How long a worker's store client keeps trying to reach the parent's store (it listens before
-# any worker starts) and waits for a key.
-_STORE_TIMEOUT = timedelta(seconds=120)
+# How long a store operation waits (a key another rank has yet to set: gloo's rendezvous of a
+# new group waits there for ranks still busy before it): init_process_group's own store's
+# timeout. A launch stuck anywhere is stopped by `_DEADLINE_S` first.
+_STORE_TIMEOUT = timedelta(minutes=30)
 
 
 def _worker(rank: int, world_size: int, port: int, stacks_dir: str, fn, args, queue) -> None:
