@@ -49,7 +49,7 @@ import torch
 
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetError
 from nemotron.data.mapped import PicklesByReference
-from nemotron.utils.fs import atomic_path, atomic_write_text, read_json
+from nemotron.utils.fs import atomic_path, atomic_write_text, read_json, remove_stale_temporaries
 
 # 2: Megatron-Core 0.16's separate final epoch and blend sizes (version 1 caches are not reused).
 INDEX_FORMAT_VERSION = 2
@@ -267,6 +267,9 @@ def cached_arrays(
     # same samples instead of failing at every start until someone finds the damaged file.
     if _is_rank_zero() and not (marker.exists() and _load_arrays(paths) is not None):
         cache_dir.mkdir(parents=True, exist_ok=True)
+        # Arrays of entries whose writer was killed mid-save (GBs for a large run); only those
+        # of writers provably gone: another run's rank 0 may be saving into a shared cache now.
+        remove_stale_temporaries(cache_dir)
         arrays = build()
         for name in names:
             _save_npy_atomic(paths[name], arrays[name])

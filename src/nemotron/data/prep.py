@@ -68,7 +68,7 @@ from nemotron.data.blend import (
 from nemotron.data.config import DataPrepConfig
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, remove_stale_temporaries
 
 ARTIFACT_TYPE = "DataBlendsArtifact-pretrain"
 FORMAT_VERSION = 1
@@ -1230,6 +1230,10 @@ def _lead(
                 shutil.rmtree(child, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(current, fingerprint + "\n")
+    # Partial unit and shard files of killed processes of this build (a rerun writes its own):
+    # only those of writers provably gone; another task's, live or on another host, are left.
+    for directory in (work_root, work_dir, work_dir / "units", *(work_dir / "staging" / s for s in SPLITS)):
+        remove_stale_temporaries(directory)
 
     workers_here = cfg.num_workers or available_cpus()
     plan_file = work_dir / "plan.json"

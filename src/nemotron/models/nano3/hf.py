@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,14 @@ from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes, free_space_note, publish_dir, read_json, refuse_non_empty
+from nemotron.utils.fs import (
+    apply_default_modes,
+    free_space_note,
+    publish_dir,
+    read_json,
+    refuse_non_empty,
+    temporary_dir,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -400,8 +406,7 @@ def save_hf(
         return t.dtype if dtype is None else dtype
 
     model_dtype = dtype or next(iter(state_dict.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temporary_dir(out_dir)  # (what killed writers of `out_dir` left there goes first)
     try:
         hf_config = to_hf_config(config, dtype=model_dtype)
         hf_config.time_step_min = EXPORT_TIME_STEP_MIN
