@@ -82,7 +82,7 @@ def check_index_memory(what: str, nbytes: int) -> None:
     train_iters meant for another blend) would otherwise end in a MemoryError, or, where memory
     is overcommitted, in the kernel killing the process hours into the build. `nbytes` is a
     lower bound (the arrays kept, not the build's temporaries), so no build that could fit is
-    refused; the real recipe's largest (about 3e9 samples: some 60 GB) fits a training node."""
+    refused; the real recipe's blend (about 3e9 samples: some 30 GB) fits a training node."""
     limit = physical_memory()
     if limit is not None and nbytes > limit:
         raise IndexTooLargeError(
