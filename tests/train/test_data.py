@@ -64,3 +64,18 @@ def test_negative_workers_are_refused(tmp_path, corpus):
     cfg.data = dataclasses.replace(cfg.data, num_workers=-1)
     with pytest.raises(TrainDataError, match="data.num_workers must be >= 0"):
         TrainingData(cfg.data, cfg.train, plan_batches(cfg.train), 64)
+
+
+def test_more_loader_workers_than_the_cpus_can_run_is_one_error(tmp_path, monkeypatch):
+    """data.num_workers 1000000 would fork loader processes until the machine gave out; it is
+    refused when the loader is made, naming the key (16 per CPU still allowed)."""
+    from nemotron.train import data as data_module
+
+    monkeypatch.setattr(data_module, "available_cpus", lambda: 2)
+    cfg = make_config(tmp_path, data={"mock": True, "num_workers": 33})
+    plan = plan_batches(cfg.train, 1, cfg.data)
+    with pytest.raises(
+        TrainDataError, match=r"data\.num_workers 33 is more than 16 worker processes per CPU for the 2 CPUs"
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64)
+    TrainingData(dataclasses.replace(cfg.data, num_workers=32), cfg.train, plan, 64)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
-from nemotron.data.config import DataConfig
+from nemotron.data.config import DataConfig, available_cpus, too_many_workers
 from nemotron.data.gpt_dataset import (
     DEFAULT_SPLIT,
     SPLITS,
@@ -287,6 +287,9 @@ class TrainingData:
         `pin_memory`: page-locked batches from the loader workers (CUDA)."""
         if data.num_workers < 0:
             raise TrainDataError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        problem = too_many_workers("data.num_workers", data.num_workers, available_cpus())
+        if problem:
+            raise TrainDataError(problem)
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
