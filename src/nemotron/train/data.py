@@ -340,6 +340,7 @@ class TrainingData:
         """Where the sample count of dataset `key` comes from (the settings and the saved
         loader position that make it), for an error about its size."""
         gbs, state = self.plan.global_batch_size, self.state
+        saved: tuple[str, int] | None
         if key.startswith("train"):
             what = f"train.train_iters x global_batch_size ({self.plan.total_steps} x {gbs})"
             saved = ("consumed_train_samples", state.consumed_train_samples)
