@@ -43,6 +43,7 @@ from nemotron.data.gpt_dataset import (
     is_single_blend,
     load_blend,
     open_indexed,
+    physical_memory,
     read_blend,
     split_bounds,
     split_documents,
@@ -290,6 +291,17 @@ class TrainingData:
         problem = too_many_workers("data.num_workers", data.num_workers, available_cpus())
         if problem:
             raise TrainDataError(problem)
+        # An evaluation holds all its micro-batches of this rank at once (the pipeline schedule
+        # takes them as one list): tokens and labels int64, the loss mask float32.
+        eval_samples = train.eval_iters * plan.micro_batch_size * plan.grad_accumulation
+        eval_bytes = eval_samples * plan.seq_length * (8 + 8 + 4)
+        memory = physical_memory()
+        if memory is not None and eval_bytes > memory:
+            raise TrainDataError(
+                f"train.eval_iters {train.eval_iters}: an evaluation holds its {eval_samples} samples "
+                f"of {plan.seq_length} tokens of each rank at once, {eval_bytes / 2**30:,.1f} GiB, "
+                f"more than the {memory / 2**30:,.1f} GiB of memory this machine has"
+            )
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
