@@ -83,9 +83,10 @@ def test_more_loader_workers_than_the_cpus_can_run_is_one_error(tmp_path, monkey
 
 def test_an_evaluation_larger_than_the_memory_is_one_error(tmp_path, monkeypatch):
     """An evaluation's micro-batches are held at once: train.eval_iters 10**9 ran out of memory
-    at the first evaluation, hours in; now refused when the loader is made. The bound is what
+    at the first evaluation, hours in; now refused before the first step. The bound is what
     the evaluation holds on this rank: eval_iters x micro x accumulation samples of
-    seq_length tokens (20 bytes a token: int64 tokens and labels, float32 mask)."""
+    seq_length tokens (20 bytes a token: int64 tokens and labels, float32 mask), checked with
+    the datasets before the first step."""
     from nemotron.train import data as data_module
 
     cfg = make_config(tmp_path, data={"mock": True}, train={"eval_iters": 3})
@@ -99,6 +100,6 @@ def test_an_evaluation_larger_than_the_memory_is_one_error(tmp_path, monkeypatch
     with pytest.raises(
         TrainDataError, match=r"train\.eval_iters 3: an evaluation holds its 12 samples of 16 tokens"
     ):
-        TrainingData(cfg.data, cfg.train, plan, 64)
+        TrainingData(cfg.data, cfg.train, plan, 64).open_datasets()
     monkeypatch.setattr(data_module, "physical_memory", lambda: held)
-    TrainingData(cfg.data, cfg.train, plan, 64)
+    TrainingData(cfg.data, cfg.train, plan, 64).open_datasets()

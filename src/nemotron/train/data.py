@@ -291,17 +291,6 @@ class TrainingData:
         problem = too_many_workers("data.num_workers", data.num_workers, available_cpus())
         if problem:
             raise TrainDataError(problem)
-        # An evaluation holds all its micro-batches of this rank at once (the pipeline schedule
-        # takes them as one list): tokens and labels int64, the loss mask float32.
-        eval_samples = train.eval_iters * plan.micro_batch_size * plan.grad_accumulation
-        eval_bytes = eval_samples * plan.seq_length * (8 + 8 + 4)
-        memory = physical_memory()
-        if memory is not None and eval_bytes > memory:
-            raise TrainDataError(
-                f"train.eval_iters {train.eval_iters}: an evaluation holds its {eval_samples} samples "
-                f"of {plan.seq_length} tokens of each rank at once, {eval_bytes / 2**30:,.1f} GiB, "
-                f"more than the {memory / 2**30:,.1f} GiB of memory this machine has"
-            )
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
@@ -489,9 +478,24 @@ class TrainingData:
                     f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
                     "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
                 )
-        self.eval_dataset("valid")
-        self.eval_dataset("test")
+        if self.eval_dataset("valid") is not None or self.eval_dataset("test") is not None:
+            self._check_evaluation_memory()
         return warnings + evaluation_warnings(self.data, self.train)
+
+    def _check_evaluation_memory(self) -> None:
+        """An evaluation holds all its micro-batches of this rank at once (the pipeline schedule
+        takes them as one list; tokens and labels int64, the loss mask float32): an eval_iters
+        for which they exceed the machine's memory is refused now, not at the first evaluation."""
+        plan = self.plan
+        samples = self.train.eval_iters * plan.micro_batch_size * plan.grad_accumulation
+        held = samples * plan.seq_length * (8 + 8 + 4)
+        memory = physical_memory()
+        if memory is not None and held > memory:
+            raise TrainDataError(
+                f"train.eval_iters {self.train.eval_iters}: an evaluation holds its {samples} samples "
+                f"of {plan.seq_length} tokens of each rank at once, {held / 2**30:,.1f} GiB, more "
+                f"than the {memory / 2**30:,.1f} GiB of memory this machine has"
+            )
 
     def maybe_switch_phase(self, step: int) -> bool:
         """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.
