@@ -1232,7 +1232,8 @@ def _lead(
     atomic_write_text(current, fingerprint + "\n")
     # Partial unit and shard files of killed processes of this build (a rerun writes its own):
     # only those of writers provably gone; another task's, live or on another host, are left.
-    for directory in (work_root, work_dir, work_dir / "units", *(work_dir / "staging" / s for s in SPLITS)):
+    work_dirs = (work_root, work_root / "attempts", work_dir, work_dir / "units")
+    for directory in (*work_dirs, *(work_dir / "staging" / split for split in SPLITS)):
         remove_stale_temporaries(directory)
 
     workers_here = cfg.num_workers or available_cpus()

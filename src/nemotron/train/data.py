@@ -478,7 +478,8 @@ class TrainingData:
                     f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
                     "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
                 )
-        if self.eval_dataset("valid") is not None or self.eval_dataset("test") is not None:
+        evaluated = [self.eval_dataset(split) for split in ("valid", "test")]  # (both built: checked)
+        if any(dataset is not None for dataset in evaluated):
             self._check_evaluation_memory()
         return warnings + evaluation_warnings(self.data, self.train)
 
