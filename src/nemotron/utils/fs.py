@@ -122,7 +122,9 @@ def _writer_gone(host: str, start: int, pid: int) -> bool:
     if stat is None:
         return os.path.isdir("/proc/self")  # no such process (/proc readable: not a doubt)
     state, started = stat
-    return state == "Z" or started != start  # a zombie writes nothing; another process reuses the pid
+    if state in ("Z", "X"):
+        return True  # killed, not yet reaped: it writes nothing any more
+    return start != 0 and started != start  # another process has the pid now (0: start unknown)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
