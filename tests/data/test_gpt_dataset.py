@@ -516,3 +516,58 @@ def test_an_index_cache_entry_pointing_outside_the_data_is_named(tmp_path, array
         for dataset in (warm, *warm.datasets):  # every sample of each, not only those the blend draws
             for i in range(len(dataset)):
                 dataset[i]
+
+
+@pytest.mark.parametrize(
+    "num_samples, seq_length",
+    [(5, 16), (40, 16), (70, 16), (3, 200)],  # one epoch; several; a separate last; a sample > epoch
+)
+def test_the_index_memory_bound_is_the_arrays_built(tmp_path, monkeypatch, num_samples, seq_length):
+    """The bytes checked before a build are exactly those of the arrays it keeps, array by
+    array: a machine with that much memory builds it, one with a byte less is refused first
+    (nothing allocated, no cache entry written)."""
+    from nemotron.data import gpt_dataset
+
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, random_docs(np.random.default_rng(1), 12, 30))
+    built = GPTDataset(prefix, num_samples, seq_length, 3, tmp_path / "cache")
+    arrays = (built.document_index, built.sample_index, built.shuffle_index)
+    needed = sum(a.nbytes for a in arrays)
+    assert built.sample_index.shape == (len(built.shuffle_index) + 1, 2)
+    monkeypatch.setattr(gpt_dataset, "physical_memory", lambda: needed - 1)
+    with pytest.raises(gpt_dataset.IndexTooLargeError, match=rf"asked for {num_samples} samples"):
+        GPTDataset(prefix, num_samples, seq_length, 3, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    GPTDataset(prefix, num_samples, seq_length, 3, tmp_path / "cache")  # cached: nothing to build
+    monkeypatch.setattr(gpt_dataset, "physical_memory", lambda: needed)
+    GPTDataset(prefix, num_samples, seq_length, 3, tmp_path / "third")
+
+
+def test_the_blend_index_memory_bound_is_the_arrays_built(tmp_path, monkeypatch):
+    from nemotron.data import gpt_dataset
+    from nemotron.data.blended import BlendedDataset
+
+    prefixes = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for k, prefix in enumerate(prefixes):
+        write_dataset(prefix, random_docs(np.random.default_rng(k), 30, 40))
+    blend = BlendedDataset.build(prefixes, [0.3, 0.7], 50, 8, 1, tmp_path / "cache", "train")
+    needed = blend.dataset_index.nbytes + blend.dataset_sample_index.nbytes
+    assert len(blend.dataset_index) == len(blend) == 50
+    blend.cache_marker.unlink()  # the blend's entry to build again; its datasets' stay cached
+    monkeypatch.setattr(gpt_dataset, "physical_memory", lambda: needed - 1)
+    with pytest.raises(gpt_dataset.IndexTooLargeError, match="a blend of 2 datasets asked for 50 samples"):
+        BlendedDataset.build(prefixes, [0.3, 0.7], 50, 8, 1, tmp_path / "cache", "train")
+    monkeypatch.setattr(gpt_dataset, "physical_memory", lambda: needed)
+    assert len(BlendedDataset.build(prefixes, [0.3, 0.7], 50, 8, 1, tmp_path / "cache", "train")) == 50
+
+
+def test_a_sample_count_absurd_for_the_data_is_refused_at_once(tmp_path):
+    """10**15 samples of a 12-document dataset: a MemoryError (or the kernel's OOM killer
+    hours later) before; one error naming the dataset and the count now, in milliseconds."""
+    prefix = str(tmp_path / "d")
+    write_dataset(prefix, random_docs(np.random.default_rng(1), 12, 30))
+    with pytest.raises(
+        GPTDatasetError, match=rf"dataset {prefix} asked for 10+ samples of seq_length 16 .*GiB"
+    ):
+        GPTDataset(prefix, 10**15, 16, 3, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

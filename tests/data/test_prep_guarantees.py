@@ -272,3 +272,41 @@ def test_stray_temporary_files_of_an_older_version_are_removed(project):
         path.write_text("partial")
     assert _prep("--force").exit_code == 0
     assert not any(path.exists() for path in strays)
+
+
+def test_a_rerun_removes_the_partial_files_of_killed_writers_first(project, bpe_dir, monkeypatch):
+    """A prep killed while writing a shard leaves its partial file in the work directory,
+    which a rerun of the same build keeps; the rerun removes it before any work (so failed
+    reruns do not pile them up), never a live writer's (here: one of this process)."""
+    from nemotron.data import prep as prep_module
+    from nemotron.data.config import DataPrepConfig, TokenizerConfig
+    from nemotron.utils.fs import temporary_name
+
+    script = project / "killed_prep.py"
+    script.write_text(KILLED_PREP)
+    out = project / "killed"
+    command = [sys.executable, str(script), str(project), str(out), str(bpe_dir), "shard", "3"]
+    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == -9
+    partial = sorted((out / ".work").rglob("*.tmp"))
+    assert partial and all(p.parent.parent.name == "staging" for p in partial)
+    live = temporary_name(partial[0].parent.parent.parent / "units" / "0000-live.train.bin")
+    live.write_bytes(b"being written")
+
+    seen: dict[str, list[Path]] = {}
+    real = prep_module._run_units
+
+    def run_units(*args, **kwargs):
+        seen["at_start"] = [p for p in [*partial, live] if p.exists()]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep_module, "_run_units", run_units)
+    cfg = DataPrepConfig(
+        blend_path=str(project / "blend.json"),
+        output_dir=str(out),
+        tokenizer=TokenizerConfig(model=str(bpe_dir)),
+        num_shards=3,
+        num_workers=1,
+        work_unit_mb=0.004,
+    )
+    prep_module.run_data_prep(cfg)
+    assert seen["at_start"] == [live]

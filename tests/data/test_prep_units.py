@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -132,3 +133,40 @@ def test_a_plan_that_leaves_cores_idle_is_warned_about(small_corpus, bpe_dir, mo
     # Enough units for every worker, every CPU used: no warning.
     result = run_data_prep(_cfg(small_corpus, bpe_dir, force=True, num_workers=4, work_unit_mb=0.001))
     assert result.warnings == []
+
+
+def test_more_workers_than_the_cpus_can_run_is_one_error_before_any_starts(
+    small_corpus, bpe_dir, monkeypatch
+):
+    """num_workers: 1000000 (a typo) started a process per work unit, tens of thousands on a
+    large input; now refused, naming the key, before anything is read or written. Up to 16
+    per CPU stays allowed (a config written for a larger node runs, slower)."""
+    monkeypatch.setattr(prep_module, "available_cpus", lambda: 2)
+    with pytest.raises(
+        prep_module.DataPrepError,
+        match=r"num_workers 33 is more than 16 worker processes per CPU for the 2 CPUs",
+    ):
+        run_data_prep(_cfg(small_corpus, bpe_dir, num_workers=33))
+    assert not (small_corpus / "out").exists()
+    from nemotron.data.config import too_many_workers
+
+    assert too_many_workers("num_workers", 32, 2) is None
+    assert too_many_workers("num_workers", 10**6, 64) is not None
+
+
+def test_a_work_unit_size_absurd_for_the_input_is_one_error(small_corpus, bpe_dir, monkeypatch):
+    """work_unit_mb 1e-6 (one unit per byte) planned a unit per byte of input: hours, then out
+    of memory on a large one. Checked on a small input with a small bound: a unit per byte,
+    one more unit than the bound, is refused; larger units under the bound are planned."""
+    cfg = _cfg(small_corpus, bpe_dir, work_unit_mb=1e-6)  # 1 byte a unit
+    size = (small_corpus / "a.jsonl").stat().st_size
+    monkeypatch.setattr(prep_module, "MAX_UNITS", size - 1)
+    with pytest.raises(
+        prep_module.DataPrepError,
+        match=rf"work_unit_mb 1e-06 cuts the {size:,} bytes of input into at least {size:,} work units, more than {size - 1:,}",
+    ):
+        run_data_prep(cfg)
+    assert not (small_corpus / "out" / "metadata.json").exists()
+    monkeypatch.setattr(prep_module, "MAX_UNITS", size)
+    result = run_data_prep(dataclasses.replace(cfg, work_unit_mb=1e-4, num_workers=1))  # ~100 bytes a unit
+    assert result.totals("train")[0] > 0

@@ -384,6 +384,15 @@ HOSTILE_HF = {
         lambda d: (d / "config.json").write_text("[1, 2]"),
         r"config\.json: expected a JSON object, got list",
     ),
+    # 10**9 experts: their tensors' names were listed one by one before the comparison found
+    # them missing (minutes, then std::bad_alloc); now refused before
+    "config asking for more experts than the files hold": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "n_routed_experts": 10**9})
+        ),
+        r"hf: does not match the architecture in config\.json: n_routed_experts=1000000000, but the "
+        r"files hold experts 0\.\.\d+ only",
+    ),
     "config field of the wrong type": (
         lambda d: (d / "config.json").write_text(
             json.dumps({**json.loads((d / "config.json").read_text()), "hidden_size": "big"})

@@ -64,3 +64,42 @@ def test_negative_workers_are_refused(tmp_path, corpus):
     cfg.data = dataclasses.replace(cfg.data, num_workers=-1)
     with pytest.raises(TrainDataError, match="data.num_workers must be >= 0"):
         TrainingData(cfg.data, cfg.train, plan_batches(cfg.train), 64)
+
+
+def test_more_loader_workers_than_the_cpus_can_run_is_one_error(tmp_path, monkeypatch):
+    """data.num_workers 1000000 would fork loader processes until the machine gave out; it is
+    refused when the loader is made, naming the key (16 per CPU still allowed)."""
+    from nemotron.train import data as data_module
+
+    monkeypatch.setattr(data_module, "available_cpus", lambda: 2)
+    cfg = make_config(tmp_path, data={"mock": True, "num_workers": 33})
+    plan = plan_batches(cfg.train, 1, cfg.data)
+    with pytest.raises(
+        TrainDataError, match=r"data\.num_workers 33 is more than 16 worker processes per CPU for the 2 CPUs"
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64)
+    TrainingData(dataclasses.replace(cfg.data, num_workers=32), cfg.train, plan, 64)
+
+
+def test_an_evaluation_larger_than_the_memory_is_one_error(tmp_path, monkeypatch):
+    """An evaluation's micro-batches are held at once: train.eval_iters 10**9 ran out of memory
+    at the first evaluation, hours in; now refused before the first step. The bound is what
+    the evaluation holds on this rank: eval_iters x micro x accumulation samples of
+    seq_length tokens (20 bytes a token: int64 tokens and labels, float32 mask), checked with
+    the datasets before the first step."""
+    from nemotron.train import data as data_module
+
+    cfg = make_config(tmp_path, data={"mock": True}, train={"eval_iters": 3})
+    plan = plan_batches(cfg.train, 1, cfg.data)
+    held = 3 * plan.micro_batch_size * plan.grad_accumulation * plan.seq_length * 20
+    data = TrainingData(cfg.data, cfg.train, plan, 64)
+    batches = data.next_valid_batches()
+    assert batches is not None
+    assert sum(t.nbytes for b in batches for t in b.values()) == held  # the bound, tensor by tensor
+    monkeypatch.setattr(data_module, "physical_memory", lambda: held - 1)
+    with pytest.raises(
+        TrainDataError, match=r"train\.eval_iters 3: an evaluation holds its 12 samples of 16 tokens"
+    ):
+        TrainingData(cfg.data, cfg.train, plan, 64).open_datasets()
+    monkeypatch.setattr(data_module, "physical_memory", lambda: held)
+    TrainingData(cfg.data, cfg.train, plan, 64).open_datasets()

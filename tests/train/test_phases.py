@@ -319,3 +319,40 @@ def test_a_damaged_metadata_json_is_named_not_read_as_absent(tmp_path, corpus, d
         check_tokenizers([("data.blend", blend)], VOCAB)
     (blend.parent / "metadata.json").unlink()
     assert check_tokenizers([("data.blend", blend)], VOCAB) == []
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        (
+            {"consumed_valid_samples": 10**15},
+            r"the valid data of this run needs 10+\d* samples, from train\.eval_iters x "
+            r"global_batch_size \(1 x 4\) per evaluation, one every train\.eval_interval=4 steps, "
+            r"resumed at loader\.consumed_valid_samples=10+ \(/ckpt/iter_0000008/train_state\.json\): "
+            r".* asked for 10+\d* samples",
+        ),
+        (
+            # no valid position saved: valid starts where the evaluations of 10**15 steps
+            # would stand (as Megatron), 10**15 x 4 samples in
+            {"consumed_train_samples": 4 * 10**15},
+            r"the valid data of this run needs \d+ samples.*resumed at loader\.consumed_valid_samples=",
+        ),
+    ],
+)
+def test_a_saved_position_absurd_for_the_data_is_one_error_naming_it(tmp_path, corpus, saved, message):
+    """A train_state.json whose consumed counts are absurd for the run (hand-edited, its
+    manifest rewritten) made the valid index be built up to them: a MemoryError. Now one
+    error naming the settings and the saved key, before anything is allocated."""
+    cfg = make_config(tmp_path, blend=corpus[0])
+    assert cfg.train.eval_iters == 1 and cfg.train.global_batch_size == 4
+    state = LoaderState(**{"consumed_train_samples": 0, **saved})
+    data = TrainingData(
+        cfg.data,
+        cfg.train,
+        plan_batches(cfg.train, 1, cfg.data),
+        VOCAB,
+        state=state,
+        state_file="/ckpt/iter_0000008/train_state.json",
+    )
+    with pytest.raises(TrainDataError, match=message):
+        data.open_datasets()

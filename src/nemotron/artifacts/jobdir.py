@@ -22,14 +22,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import nemotron
-from nemotron.utils.fs import apply_default_modes, atomic_write_text
+from nemotron.utils.fs import apply_default_modes, atomic_write_text, temporary_dir
 
 CONFIG_FILE = "config.yaml"
 JOB_FILE = "job.json"
@@ -163,14 +162,13 @@ def create_job_dir(path: str | Path, *, config_yaml: str, info: dict[str, Any]) 
     if path.exists():
         raise JobDirError(f"job directory {path} already exists; choose another --job-dir")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = temporary_dir(path, sweep=True)  # (what killed writers left there goes first)
     except OSError as exc:
         raise JobDirError(f"cannot create job directory {path}: {exc}") from None
     try:
         (tmp / CONFIG_FILE).write_text(config_yaml)
         (tmp / JOB_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        apply_default_modes(tmp)  # mkdtemp made it 0700
+        apply_default_modes(tmp)  # made 0700
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ from nemotron.data.gpt_dataset import (
     GPTDatasetError,
     cache_marker,
     cached_arrays,
+    check_index_memory,
     damaged_cache,
 )
 from nemotron.data.mapped import PicklesByReference
@@ -84,6 +85,10 @@ def blend_sizes(num_samples: int, weights: list[float]) -> tuple[list[float], li
     return normalised, served, requested
 
 
+def _dataset_index_dtype(num_datasets: int) -> type[np.signedinteger]:
+    return np.int16 if num_datasets < 2**15 else np.int64
+
+
 def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index[size], dataset_sample_index[size]) by the largest-deficit rule.
 
@@ -98,7 +103,7 @@ def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray,
     normalised = normalise_weights([weights[d] for d in positive])
     num = len(normalised)
     drawn = [0] * num
-    dataset_index = np.empty(size, dtype=np.int16 if len(weights) < 2**15 else np.int64)
+    dataset_index = np.empty(size, dtype=_dataset_index_dtype(len(weights)))
     sample_index = np.empty(size, dtype=np.int64)
     for i in range(size):
         scale = float(max(i, 1))
@@ -142,6 +147,11 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
         self.weights = list(weights)
         self.size = size
         self.description = description
+        if not cache_marker(Path(cache_dir), description).exists():  # to be built (rank 0)
+            check_index_memory(
+                f"a blend of {len(datasets)} datasets asked for {size} samples",
+                size * (np.dtype(_dataset_index_dtype(len(weights))).itemsize + 8),
+            )
 
         def build() -> dict[str, np.ndarray]:
             dataset_index, sample_index = build_blending_indices(self.weights, size)

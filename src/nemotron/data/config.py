@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+# Worker processes (data prep's, the training loader's) per CPU this process may use: beyond,
+# num_workers is a mistake, refused before any starts (a typo'd 1000000 forked a process per
+# work unit of a large input, or until the machine gave out).
+MAX_WORKERS_PER_CPU = 16
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a Slurm or taskset allocation, not the whole machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def too_many_workers(key: str, workers: int, cpus: int) -> str | None:
+    """Why `workers` processes (config key `key`) are refused on `cpus` CPUs; None if they are not."""
+    if workers <= MAX_WORKERS_PER_CPU * cpus:
+        return None
+    return (
+        f"{key} {workers} is more than {MAX_WORKERS_PER_CPU} worker processes per CPU for the "
+        f"{cpus} CPUs this process may use"
+    )
+
 
 # Set to "slurm" by the launcher when several Slurm tasks share one data prep (each then takes
 # its rank from SLURM_PROCID). Here, not in nemotron.launch: the job reads it without importing

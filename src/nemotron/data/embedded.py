@@ -25,12 +25,11 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from nemotron.data.config import DataPrepConfig
-from nemotron.utils.fs import apply_default_modes, atomic_write_text
+from nemotron.utils.fs import apply_default_modes, atomic_write_text, temporary_dir
 
 SCHEME = "embedded://"
 CORPORA = ("stdlib-docstrings", "stdlib-code")
@@ -238,8 +237,7 @@ def materialize(
     final = _assets_dir(vocab_size, base, corpus_chars)
     manifest = final / "manifest.json"
     if not manifest.is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=base))
+        tmp = temporary_dir(final, sweep=True)  # (what killed builds left there goes first)
         try:
             corpora = _write_corpora(tmp, root, corpus_chars)
             train_tokenizer([corpora[n] for n in CORPORA], vocab_size, tmp / "tokenizer")
@@ -256,7 +254,7 @@ def materialize(
                 },
             }
             (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            apply_default_modes(tmp)  # mkdtemp made it 0700: a shared cache would be private
+            apply_default_modes(tmp)  # made 0700: a shared cache would be private
             try:
                 tmp.rename(final)
             except OSError:

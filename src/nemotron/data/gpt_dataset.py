@@ -40,6 +40,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ import torch
 
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetError
 from nemotron.data.mapped import PicklesByReference
-from nemotron.utils.fs import atomic_path, atomic_write_text, read_json
+from nemotron.utils.fs import atomic_path, atomic_write_text, read_json, remove_stale_temporaries
 
 # 2: Megatron-Core 0.16's separate final epoch and blend sizes (version 1 caches are not reused).
 INDEX_FORMAT_VERSION = 2
@@ -61,6 +62,33 @@ _SPLIT_NUMBER = re.compile(r"[.0-9]+")  # what Megatron's `parse_and_normalize_s
 
 class GPTDatasetError(ValueError):
     """A blend file, split or dataset that cannot produce the requested samples."""
+
+
+class IndexTooLargeError(GPTDatasetError):
+    """Indices that would need more memory than this machine has (`check_index_memory`)."""
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory this machine has (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_index_memory(what: str, nbytes: int) -> None:
+    """Refuse, before anything is allocated, indices whose arrays alone take more bytes than
+    this machine's memory: a sample count absurd for the data (a hand-edited consumed count, a
+    train_iters meant for another blend) would otherwise end in a MemoryError, or, where memory
+    is overcommitted, in the kernel killing the process hours into the build. `nbytes` is a
+    lower bound (the arrays kept, not the build's temporaries), so no build that could fit is
+    refused; the real recipe's blend (about 3e9 samples: some 30 GB) fits a training node."""
+    limit = physical_memory()
+    if limit is not None and nbytes > limit:
+        raise IndexTooLargeError(
+            f"{what}: its index arrays would take at least {nbytes / 2**30:,.1f} GiB, more than "
+            f"the {limit / 2**30:,.1f} GiB of memory this machine has"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +295,9 @@ def cached_arrays(
     # same samples instead of failing at every start until someone finds the damaged file.
     if _is_rank_zero() and not (marker.exists() and _load_arrays(paths) is not None):
         cache_dir.mkdir(parents=True, exist_ok=True)
+        # Arrays of entries whose writer was killed mid-save (GBs for a large run); only those
+        # of writers provably gone: another run's rank 0 may be saving into a shared cache now.
+        remove_stale_temporaries(cache_dir)
         arrays = build()
         for name in names:
             _save_npy_atomic(paths[name], arrays[name])
@@ -402,6 +433,16 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
             else (False, 0)
         )
         self.separate_final_epoch = separate
+        if not cache_marker(Path(cache_dir), self.description).exists():  # to be built (rank 0)
+            built = (self.num_epochs * tokens_per_epoch - 1) // seq_length
+            check_index_memory(
+                f"{source} asked for {num_samples if num_samples is not None else 'all its'} "
+                f"samples of seq_length {seq_length} "
+                f"({self.num_epochs:,} epochs of its {tokens_per_epoch:,} tokens)",
+                8 * self.num_epochs * (stop - first)  # document_index
+                + 16 * (built + 1)  # sample_index
+                + (4 if built < np.iinfo(np.uint32).max - 1 else 8) * built,  # shuffle_index
+            )
 
         def build() -> dict[str, np.ndarray]:
             rng = np.random.RandomState(seed)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from nemotron.utils.fs import naming
+from nemotron.utils.fs import naming, temporary_name
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -85,8 +84,9 @@ def prefix_exists(prefix: str | os.PathLike) -> bool:
 
 def _temp_name(path: Path) -> Path:
     # Unique per writer, so two writers of the same prefix (a resumed run racing an orphaned
-    # worker of a killed one) never interleave bytes in one file.
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # worker of a killed one) never interleave bytes in one file; named with its writer, so
+    # that what a killed one left can be told from a live one's (`remove_stale_temporaries`).
+    return temporary_name(path)
 
 
 class IndexedDatasetWriter:

@@ -65,10 +65,10 @@ from nemotron.data.blend import (
     shard_weights,
     write_split_blend,
 )
-from nemotron.data.config import DataPrepConfig
+from nemotron.data.config import DataPrepConfig, available_cpus, too_many_workers
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
-from nemotron.utils.fs import atomic_write_text
+from nemotron.utils.fs import atomic_write_text, remove_stale_temporaries
 
 ARTIFACT_TYPE = "DataBlendsArtifact-pretrain"
 FORMAT_VERSION = 1
@@ -82,6 +82,11 @@ SHARD_NAME = re.compile(r"^.+_\d{5}\.(bin|idx)$")
 TEMP_NAME = re.compile(r"^\..+\.\d+([.-][0-9a-f]+)?\.tmp$")
 UNITS_PER_WORKER = 8
 MIN_UNIT_BYTES = 1 << 20
+# Work units one prep may plan: each is several files and a task (~1 KiB in memory, a row of
+# plan.json). The real recipe's inputs (tens of TB at the default 64 MB) make about a million;
+# a work_unit_mb absurd for the input (1e-6: one unit per byte) would plan for hours, then
+# fail for memory.
+MAX_UNITS = 10_000_000
 
 
 class DataPrepError(ValueError):
@@ -1080,14 +1085,6 @@ def _run_units(
     return sum(worker_cpu.values()), done
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (a Slurm or taskset allocation, not the whole machine)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # platforms without sched_getaffinity
-        return os.cpu_count() or 1
-
-
 def _worker_context():
     """A fresh single-threaded server process forks the workers (never fork the caller: it may
     hold threads, e.g. a progress bar's). The caller's main module is imported once, in the
@@ -1174,6 +1171,9 @@ def run_data_prep(
     task = task or PrepTask()
     started, cpu_started = time.monotonic(), time.process_time()
     _validate_config(cfg)
+    problem = too_many_workers("num_workers", cfg.num_workers or 0, available_cpus())  # (each task)
+    if problem:
+        raise DataPrepError(f"data prep config: {problem} (null = one per CPU)")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     _check_output_dir(output_dir)
     emit = _Emitter(progress, started)
@@ -1230,6 +1230,11 @@ def _lead(
                 shutil.rmtree(child, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(current, fingerprint + "\n")
+    # Partial unit and shard files of killed processes of this build (a rerun writes its own):
+    # only those of writers provably gone; another task's, live or on another host, are left.
+    work_dirs = (work_root, work_root / "attempts", work_dir, work_dir / "units")
+    for directory in (*work_dirs, *(work_dir / "staging" / split for split in SPLITS)):
+        remove_stale_temporaries(directory)
 
     workers_here = cfg.num_workers or available_cpus()
     plan_file = work_dir / "plan.json"
@@ -1239,6 +1244,12 @@ def _lead(
     else:
         total_bytes = sum(max(0, piece.size) for plan in plans for piece in plan.source.pieces)
         unit_bytes = unit_bytes_for(total_bytes, workers_here * task.world, cfg.work_unit_mb)
+        if cfg.sample is None and total_bytes // unit_bytes > MAX_UNITS:  # (at least that many)
+            raise DataPrepError(
+                f"data prep config: work_unit_mb {cfg.work_unit_mb:g} cuts the {total_bytes:,} bytes "
+                f"of input into at least {total_bytes // unit_bytes:,} work units, more than "
+                f"{MAX_UNITS:,}: give a larger work_unit_mb (the default 64 suits any input)"
+            )
         units = _units(plans, cfg.sample, work_dir / "units", unit_bytes)
         _save_units(plan_file, units)
     _announce(

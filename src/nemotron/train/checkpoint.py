@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
-from nemotron.utils.fs import atomic_write_bytes, atomic_write_text, free_space_note
+from nemotron.utils.fs import atomic_write_bytes, atomic_write_text, free_space_note, remove_stale_temporaries
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
@@ -444,6 +444,7 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     save_dir = Path(save_dir)
     finished: list[str] = []
     if _group_rank(group) == 0 and save_dir.is_dir():
+        remove_stale_temporaries(save_dir, LATEST_FILE)  # a rewrite of `latest` killed mid-way
         complete = [
             tmp
             for tmp in sorted(save_dir.glob(f"{TMP_PREFIX}iter_*"))

@@ -32,15 +32,18 @@ import numpy as np
 import torch
 
 from nemotron.data.blended import build_blending_indices, build_mixed_length_dataset
-from nemotron.data.config import DataConfig
+from nemotron.data.config import DataConfig, available_cpus, too_many_workers
 from nemotron.data.gpt_dataset import (
     DEFAULT_SPLIT,
     SPLITS,
     GPTDatasetError,
+    IndexTooLargeError,
     build_split_dataset,
+    check_index_memory,
     is_single_blend,
     load_blend,
     open_indexed,
+    physical_memory,
     read_blend,
     split_bounds,
     split_documents,
@@ -104,6 +107,7 @@ class MixedMockDataset(torch.utils.data.Dataset):
         self.parts = [
             MockDataset(num_samples, n, vocab_size, seed + 7919 * k) for k, n in enumerate(seq_lengths)
         ]
+        check_index_memory(f"mock data of {num_samples} samples", num_samples * (2 + 8))
         self.dataset_index, self.sample_index = build_blending_indices(weights, num_samples)
 
     def __len__(self) -> int:
@@ -273,19 +277,26 @@ class TrainingData:
         sequence_multiple: int = 1,
         context_halo: int = 0,
         pin_memory: bool = False,
+        state_file: str | Path | None = None,
     ) -> None:
-        """`cp_rank`/`cp_size`: keep only this context-parallel rank's chunks of each sequence;
+        """`state`: the loader position a checkpoint saved, read from `state_file` (named in
+        errors about it);
+        `cp_rank`/`cp_size`: keep only this context-parallel rank's chunks of each sequence;
         `sequence_multiple`: every sample length must divide into this many pieces (2*CP*TP);
         `context_halo`: tokens each of a sample's 2*CP chunks must hold at least (the Mamba
         conv's context, `distributed.parallel_dims.context_halo`);
         `pin_memory`: page-locked batches from the loader workers (CUDA)."""
         if data.num_workers < 0:
             raise TrainDataError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        problem = too_many_workers("data.num_workers", data.num_workers, available_cpus())
+        if problem:
+            raise TrainDataError(problem)
         self.data, self.train, self.plan = data, train, plan
         self.vocab_size = vocab_size
         self.dp_rank = dp_rank
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.state = state or LoaderState()
+        self.state_file = state_file
         done = self.state.consumed_train_samples // plan.global_batch_size
         if done and not self.state.consumed_valid_samples and train.eval_interval > 0:
             # Resumed with no valid samples read (the run evaluated nothing so far, e.g. it had
@@ -321,6 +332,32 @@ class TrainingData:
     # -- datasets -------------------------------------------------------------------------
 
     def _build(self, key: str, blend: str | None, split: str, num_samples: int):
+        try:
+            return self._build_dataset(key, blend, split, num_samples)
+        except IndexTooLargeError as e:
+            raise TrainDataError(f"{self._size_origin(key, num_samples)}: {e}") from None
+
+    def _size_origin(self, key: str, num_samples: int) -> str:
+        """Where the sample count of dataset `key` comes from (the settings and the saved
+        loader position that make it), for an error about its size."""
+        gbs, state = self.plan.global_batch_size, self.state
+        saved: tuple[str, int] | None
+        if key.startswith("train"):
+            what = f"train.train_iters x global_batch_size ({self.plan.total_steps} x {gbs})"
+            saved = ("consumed_train_samples", state.consumed_train_samples)
+        else:
+            what = f"train.eval_iters x global_batch_size ({self.train.eval_iters} x {gbs}) per evaluation"
+            saved = ("consumed_valid_samples", state.consumed_valid_samples) if key == "valid" else None
+            if key == "valid" and self.train.eval_interval > 0:
+                what += f", one every train.eval_interval={self.train.eval_interval} steps"
+        origin = f"the {key} data of this run needs {num_samples} samples, from {what}"
+        if saved is not None and saved[1] and self.state_file is not None:
+            origin += f", resumed at loader.{saved[0]}={saved[1]} ({self.state_file})"
+        elif saved is not None and saved[1]:
+            origin += f", resumed at loader.{saved[0]}={saved[1]}"
+        return origin
+
+    def _build_dataset(self, key: str, blend: str | None, split: str, num_samples: int):
         if key not in self._datasets:
             if num_samples <= 0:
                 self._datasets[key] = None
@@ -441,9 +478,25 @@ class TrainingData:
                     f"phase-2 switch at step {self.switch_step} (nemotron nano3 data prep "
                     "pretrain -c phase2); the run saves a checkpoint and stops there otherwise"
                 )
-        self.eval_dataset("valid")
-        self.eval_dataset("test")
+        evaluated = [self.eval_dataset(split) for split in ("valid", "test")]  # (both built: checked)
+        if any(dataset is not None for dataset in evaluated):
+            self._check_evaluation_memory()
         return warnings + evaluation_warnings(self.data, self.train)
+
+    def _check_evaluation_memory(self) -> None:
+        """An evaluation holds all its micro-batches of this rank at once (the pipeline schedule
+        takes them as one list; tokens and labels int64, the loss mask float32): an eval_iters
+        for which they exceed the machine's memory is refused now, not at the first evaluation."""
+        plan = self.plan
+        samples = self.train.eval_iters * plan.micro_batch_size * plan.grad_accumulation
+        held = samples * plan.seq_length * (8 + 8 + 4)
+        memory = physical_memory()
+        if memory is not None and held > memory:
+            raise TrainDataError(
+                f"train.eval_iters {self.train.eval_iters}: an evaluation holds its {samples} samples "
+                f"of {plan.seq_length} tokens of each rank at once, {held / 2**30:,.1f} GiB, more "
+                f"than the {memory / 2**30:,.1f} GiB of memory this machine has"
+            )
 
     def maybe_switch_phase(self, step: int) -> bool:
         """Enter phase 2 if `step` (0-based, about to run) is the switch step. True if switched.

@@ -416,6 +416,7 @@ class Trainer:
             sequence_multiple=parallel.sequence_multiple,
             context_halo=context_halo(cfg.model),
             pin_memory=device.type == "cuda",
+            state_file=Path(restored.resumed_from) / TRAIN_STATE_FILE if restored.resumed_from else None,
         )
         rank0 = not parallel.distributed or dist.get_rank() == 0
         metrics = MetricsLogger(

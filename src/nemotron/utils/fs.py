@@ -7,6 +7,15 @@ flushed to disk, then renamed over the final name with `os.replace`, which is at
 file systems: a reader sees the previous complete file or the new complete file, never a
 half-written one, and a writer killed mid-write leaves only a hidden `.NAME.*.tmp` file behind.
 
+Temporaries (files, and the directories of `temporary_dir`) are named
+`.NAME.<host>.<start>.<pid>-<random>.tmp`: <host> a hash of the host name, boot and pid
+namespace of the writer, <start> its process start time, <pid> its process id. So the name
+alone (created in one step with the file, no marker to write after it) says whose it is, and
+`remove_stale_temporaries` removes those whose writer is provably gone: a writer of this host
+(same boot, same pid namespace) whose process no longer exists, or is another process now (its
+start time differs), or a zombie. A temporary of another host (a shared file system: its pid
+cannot be checked there), of a live process, of unknown origin, or named otherwise is left.
+
 Directories that are built up file by file (checkpoints, exported models, job directories)
 follow the same rule at their own level: built under a temporary name, renamed when complete
 (`publish_dir` when an earlier one may be there); `apply_default_modes` gives such a directory
@@ -19,9 +28,12 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,11 +51,127 @@ __all__ = [
     "publish_dir",
     "read_json",
     "read_text",
+    "remove_stale_temporaries",
+    "temporary_dir",
+    "temporary_name",
 ]
 
 
-def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+_UNKNOWN_HOST = "0" * 12  # a system without a boot id: its temporaries are never removed
+_TEMPORARY = re.compile(
+    r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{12})\.(?P<start>\d+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$"
+)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process, from /proc; None when there
+    is no such process (or no /proc)."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+@functools.cache
+def _host_token() -> str:
+    """This host, boot and pid namespace, hashed: pids are comparable only between processes
+    sharing all three (a container has its own pid namespace on the same host and boot)."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    if not boot or not namespace:
+        return _UNKNOWN_HOST
+    digest = hashlib.sha256(f"{socket.gethostname()}\0{boot}\0{namespace}".encode()).hexdigest()[:12]
+    return digest if digest != _UNKNOWN_HOST else "1" + digest[1:]
+
+
+def _owner_token() -> str:
+    """`<host>.<start>.<pid>` of this process (the start read each time: a fork is another
+    process, with its own pid and start)."""
+    stat = _process_stat("self")
+    return f"{_host_token()}.{stat[1] if stat else 0}.{os.getpid()}"
+
+
+def temporary_name(path: Path) -> Path:
+    """A new hidden name beside `path` for a temporary of it (unique per process and call)."""
+    return path.with_name(f".{path.name}.{_owner_token()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _writer_gone(host: str, start: int, pid: int) -> bool:
+    """Whether the writer of a temporary named with (`host`, `start`, `pid`) is provably no
+    longer running. Only on its own host can that be known; anything uncertain is "running"."""
+    if host == _UNKNOWN_HOST or host != _host_token():
+        return False  # another host (a shared file system), or a system without /proc
+    if pid == os.getpid():
+        return False  # this process: a temporary it may be writing now (another thread)
+    stat = _process_stat(pid)
+    if stat is None:
+        return os.path.isdir("/proc/self")  # no such process (/proc readable: not a doubt)
+    state, started = stat
+    if state in ("Z", "X"):
+        return True  # killed, not yet reaped: it writes nothing any more
+    return start != 0 and started != start  # another process has the pid now (0: start unknown)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Remove the temporaries (`atomic_path` files, `temporary_dir` directories) in `directory`
+    whose writer is provably gone (see the module docstring): those of `name` only, or all when
+    None. Returns what was removed. Entries named otherwise, a link, those of a live or
+    unknowable writer are left; an entry that cannot be removed is left too (it is only space)."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # none, or one that cannot be listed: nothing to remove
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if not _writer_gone(match["host"], int(match["start"]), int(match["pid"])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:  # a file (or a link a writer never makes: the name is ours, its target is not)
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def temporary_dir(out: str | os.PathLike[str], *, sweep: bool = False) -> Path:
+    """Create (mode 0700, as `tempfile.mkdtemp`) and return a new hidden directory beside `out`,
+    named as a temporary of `out` (see the module docstring), for a directory to be built and
+    then renamed to `out` (`publish_dir`). The temporaries of `out` that earlier writers killed
+    part-way left there are removed first (`remove_stale_temporaries`); with `sweep`, those of
+    any name (for outputs named anew by each run: job directories, cache entries). Parent
+    directories are created."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, None if sweep else out.name)
+    while True:
+        path = temporary_name(out)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # (a random suffix seen before: draw another)
+            continue
+        return path
 
 
 def _fsync(path: Path) -> None:
@@ -75,7 +203,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
+    tmp = temporary_name(path)
     try:
         with naming(path):
             yield tmp

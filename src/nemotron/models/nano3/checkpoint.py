@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from nemotron.utils.fs import (
     free_space_note,
     publish_dir,
     refuse_non_empty,
+    temporary_dir,
 )
 
 CONFIG_FILE = "config.json"
@@ -129,8 +129,7 @@ def save_model_checkpoint(
 
     out = Path(out)
     refuse_non_empty(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_dir(out)  # (what killed writers of `out` left there goes first)
     try:
         try:
             dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
@@ -143,7 +142,7 @@ def save_model_checkpoint(
                 f"{out}: the checkpoint could not be written: {failure_reason(err)}"
                 f"{free_space_note(out.parent)}"
             ) from None
-        apply_default_modes(tmp)  # mkdtemp made it 0700
+        apply_default_modes(tmp)  # made 0700
         publish_dir(tmp, out)  # an earlier out goes only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

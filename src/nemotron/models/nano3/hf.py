@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,14 @@ from safetensors.torch import save_file
 
 from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
-from nemotron.utils.fs import apply_default_modes, free_space_note, publish_dir, read_json, refuse_non_empty
+from nemotron.utils.fs import (
+    apply_default_modes,
+    free_space_note,
+    publish_dir,
+    read_json,
+    refuse_non_empty,
+    temporary_dir,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -274,6 +281,15 @@ def from_hf_state_dict(
     persistent buffer of the model must be present with the right shape; `mtp.*` is ignored.
     A tied config's `lm_head.weight` may be absent (the embedding serves) or equal to the
     embedding; `load_hf_state_dict` unties the config of a directory whose head differs."""
+    # The expected names list every expert's tensors one by one: a config asking for experts
+    # the files do not hold (n_routed_experts=10**9) is refused before they are listed (hours,
+    # then out of memory), as the "missing tensors" the comparison below would report.
+    held = [int(m[1]) for k in hf_tensors if (m := _EXPERT_TENSOR.match(k))]
+    if _moe_prefixes(config) and config.num_experts > max(held, default=-1) + 1:
+        raise HFInteropError(
+            f"{source}: does not match the architecture in config.json: n_routed_experts="
+            f"{config.num_experts}, but the files hold experts 0..{max(held, default=-1)} only"
+        )
     with torch.device("meta"):
         expected = Nano3ForCausalLM(config).state_dict()
     wanted = to_hf_state_dict(expected, config)  # hf name -> meta tensor of the expected shape
@@ -331,6 +347,7 @@ def from_hf_state_dict(
 
 
 _HEAD, _EMBEDDING = "lm_head.weight", "backbone.embeddings.weight"
+_EXPERT_TENSOR = re.compile(r"^backbone\.layers\.\d+\.mixer\.experts\.(\d+)\.(up|down)_proj\.weight$")
 
 
 def _head_is_embedding(hf_tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -400,8 +417,7 @@ def save_hf(
         return t.dtype if dtype is None else dtype
 
     model_dtype = dtype or next(iter(state_dict.values())).dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temporary_dir(out_dir)  # (what killed writers of `out_dir` left there goes first)
     try:
         hf_config = to_hf_config(config, dtype=model_dtype)
         hf_config.time_step_min = EXPORT_TIME_STEP_MIN
