@@ -357,7 +357,7 @@ def _plain_residual(module: nn.Module, args: tuple, output: torch.Tensor) -> tor
     `AsyncCollectiveTensor` (waited on at first use), and a compiled block (`train.compile`,
     `train.loop.compile_blocks`) fed one dropped the gradient of its input: the embedding's
     gradient was zero under TP2 (torch 2.13, silently). The copy is one [b, s/TP, h] tensor
-    per micro-batch; eager runs wait at the same point (the first block's norm)."""
+    per micro-batch; the wait moves from the first block's norm to just before it."""
     return output.clone()
 
 

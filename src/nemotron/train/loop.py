@@ -138,7 +138,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
     is its checkpoint wrapper (compiled around the checkpoint, as the whole-model compile sees
     it). Static shapes (`dynamic=False`): under tensor parallelism a recompile with symbolic
     sizes recursed without end in DTensor's sharding propagation (RecursionError in every rank's
-    first backward, torch 2.13; pytorch/pytorch#152954); a new shape is a new graph instead."""
+    first backward, torch 2.13; as in pytorch/pytorch#152954); a new shape is a new graph instead."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
