@@ -118,12 +118,15 @@ def compare_with_single_process(
     expert_bias: list[float] | None = None,
     final_state: dict | None = None,
     padded: bool = False,
+    compile: bool = False,
 ):
     """`expert_bias`: every router's initial bias (steers the routing: experts with a lower
     bias than the highest must then receive no token). `final_state`: filled with the
     parallel model's gathered parameters and buffers after the last step. `padded`: two rows
     are padded shorter samples (`pad_rows`), their padding masked out of expert balancing;
-    the expert counts (summed over the ranks) are compared too."""
+    the expert counts (summed over the ranks) are compared too. `compile`: the parallel model
+    is compiled as `train.compile` compiles it (`train.loop.compile_model`); the reference
+    stays eager."""
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
     if expert_bias is not None:
@@ -136,6 +139,11 @@ def compare_with_single_process(
     mesh = build_mesh(dims, "cpu")
     parallelize(model, mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    run = model
+    if compile:
+        from nemotron.train.loop import Parallel, compile_model
+
+        run = compile_model(model, Parallel(mesh=mesh))
 
     for step in range(steps):
         ids, labels, mask = batch(step, seq)
@@ -155,7 +163,7 @@ def compare_with_single_process(
         local_ids, local_labels, local_mask = rank_slice(mesh, ids, labels, mask)
         local_padding = rank_slice(mesh, padding)[0] if padded else None
         weight = token_loss_weight(local_mask, mesh)
-        out = train_step(model, opt, local_ids, local_labels, local_mask, weight, local_padding)
+        out = train_step(run, opt, local_ids, local_labels, local_mask, weight, local_padding)
         if padded:  # every rank routed different tokens: their counts add up to one process's
             for layer, (ref_count, moe) in enumerate(zip(ref_counts, model.moe_layers())):
                 count = moe.router.tokens_per_expert.clone()

@@ -16,7 +16,7 @@ from nemotron.train.balancing import update_expert_biases
 from nemotron.train.config import TrainConfig
 from nemotron.train.data import collate
 from nemotron.train.fp8 import Fp8Config, apply_fp8
-from nemotron.train.loop import Parallel, build_model, evaluate, train_step
+from nemotron.train.loop import Parallel, build_model, compile_model, evaluate, train_step
 
 SEED, LR, BIAS_RATE = 5, 0.05, 0.01
 
@@ -102,6 +102,7 @@ def compare_pipeline_with_single_process(
     fp8: Fp8Config | None = None,
     global_batch_size: int = 8,
     pairs: bool = False,
+    compile: bool = False,
 ) -> tuple[list[float], list[str]]:
     """Returns the losses and the names of the parameters this rank trained. `grad_clip` > 0
     clips both runs (to a norm below theirs: the recorded gradients are the clipped ones).
@@ -109,7 +110,9 @@ def compare_pipeline_with_single_process(
     when the LM head is among them (its FP8 products need bf16 compute), each reusing the
     quantized weights within a step per `fp8.reuse_weights`. `pairs`: micro-batches of two
     samples as the loader collates them (with `short`, some right-padded: every stage's MoE
-    blocks then leave the padding out of their balancing)."""
+    blocks then leave the padding out of their balancing). `compile`: the stages' blocks are
+    compiled as `train.compile` compiles them (`train.loop.compile_model`); the reference stays
+    eager."""
     cfg = make_config(parallel_kw, model_kw, seq, global_batch_size)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
@@ -134,6 +137,8 @@ def compare_pipeline_with_single_process(
     cfg.train.activation_recompute = recompute
     model, parallel = build_model(cfg, torch.device("cpu"))
     assert parallel.pipeline is not None
+    if compile:
+        assert compile_model(model, parallel) is model  # compiled in place: the same names
     if fp8 is not None:
         # what the run announces: every stage's conversions (gathered over the pipeline ranks),
         # the whole model's

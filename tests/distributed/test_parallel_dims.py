@@ -181,21 +181,6 @@ def test_batch_validation_of_context_chunks_against_the_model():
     dims.validate_batch(4, 1, lengths, Nano3Config(mamba_conv_kernel=3))  # chunks of 2 suffice
 
 
-def test_compile_with_tensor_parallel_is_a_layout_error():
-    """`train.compile` under TP failed on every rank at the first step (torch.compile cannot
-    trace the vocabulary-parallel embedding): the start-of-run check refuses it, naming both
-    keys; DP, EP and CP compile."""
-    from nemotron.distributed.parallel_dims import check_pipeline
-
-    tp = cfg(tensor_model_parallel_size=2, sequence_parallel=True)
-    with pytest.raises(
-        ParallelLayoutError, match=r"^train.compile=true with model.tensor_model_parallel_size=2: "
-    ):
-        check_pipeline(tp, Nano3Config(), compile=True)
-    check_pipeline(tp, Nano3Config(), compile=False)
-    check_pipeline(cfg(expert_model_parallel_size=2, context_parallel_size=2), Nano3Config(), compile=True)
-
-
 def test_tied_embeddings_with_tensor_parallel_are_a_layout_error():
     """Tied embeddings cannot be sharded by TP (the embedding by vocabulary, the LM head by its
     rows): refused where the layout is known, naming both keys, instead of a NotImplementedError

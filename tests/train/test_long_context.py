@@ -302,39 +302,6 @@ def test_tiny_long_context_recipe_trains_with_pp2_tp2_and_cp2_under_torchrun(tmp
         torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_pipeline_with_compile_is_refused_before_anything_is_built(tmp_path, corpus, monkeypatch):
-    """What PP does not run (`train.compile`) stops at start with one line naming both keys;
-    PP with TP + SP is a layout like any other (tests/distributed/test_pipeline.py). The launch
-    has the layout's 4 processes (one process ignores the layout: test_build_options.py)."""
-    from nemotron.distributed.parallel_dims import ParallelLayoutError
-
-    monkeypatch.setenv("WORLD_SIZE", "4")
-
-    cfg = make_config(tmp_path, blend=corpus[0])
-    cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(
-            cfg.model, pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True
-        ),
-        train=dataclasses.replace(cfg.train, compile=True),
-    )
-    with pytest.raises(
-        ParallelLayoutError,
-        match=r"^train.compile=true with model.pipeline_model_parallel_size=2: .* set train.compile=false$",
-    ):
-        pretrain(cfg, tmp_path / "job")
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
-    # Nor does TP (torch.compile failed to trace the vocabulary-parallel embedding on every rank
-    # at the first step): refused at the start in the same way, naming both keys
-    cfg.model.pipeline_model_parallel_size = 1
-    with pytest.raises(
-        ParallelLayoutError,
-        match=r"^train.compile=true with model.tensor_model_parallel_size=2: .* set train.compile=false$",
-    ):
-        pretrain(cfg, tmp_path / "job")
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "job").exists()
-
-
 def test_long_context_phase_finds_the_main_runs_checkpoint(tmp_path, monkeypatch):
     """`checkpoint.load: null` with finetune: the newest job under runs/pretrain/ that trained
     from scratch and has a complete checkpoint; none: one error line naming the key."""

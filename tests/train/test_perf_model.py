@@ -209,31 +209,6 @@ def test_pipeline_stages_are_trainings_split():
         assert modelled == set(blocks), stage
 
 
-def test_what_training_refuses_is_flagged_and_never_recommended():
-    """`train.compile` with PP stops training at start: the plan marks such a layout (with the
-    training code's reason) and recommends none; without PP compile is fine."""
-    cfg = Nano3Config(num_layers=8, hybrid_pattern="MEM*EMEM")
-    shape = pm.RunShape(seq_length=4096, global_batch_size=64, compile=True)
-    pp = pm.estimate(cfg, pm.Layout(16, ep=8, pp=2), shape)
-    assert not pp.implemented and any("train.compile" in w for w in pp.warnings)
-    assert pm.estimate(cfg, pm.Layout(16, ep=8), shape).implemented
-    runs = pm.estimate(cfg, pm.Layout(16, ep=8, pp=2), pm.RunShape(seq_length=4096, global_batch_size=64))
-    assert runs.implemented and not any("train.compile" in w for w in runs.warnings)
-    best = pm.recommend(cfg, 16, shape, include_pp=True)
-    assert best and all(p.implemented and p.layout.pp == 1 for p in best)
-    assert any(
-        p.layout.pp > 1
-        for p in pm.recommend(cfg, 16, pm.RunShape(seq_length=4096, global_batch_size=64), include_pp=True)
-    )
-
-
-def test_shape_from_config_carries_compile():
-    from nemotron.config import PretrainConfig, load_config, resolve_config_path
-
-    cfg = load_config(resolve_config_path("tiny", PretrainConfig), ["train.compile=true"], PretrainConfig)
-    assert pm.shape_from_config(cfg).compile is True
-
-
 def test_plan_checks_every_sample_length_as_pretrain_does():
     """A mixed-length sample that 2*CP*TP does not divide: `pretrain` refuses the run at start,
     so the plan must not call the layout one that fits (both name the key)."""

@@ -292,18 +292,17 @@ def _check_blend_files(cfg) -> None:
 def check_layout(cfg, world: int, where: str) -> None:
     """The checks the job runs at its start on `world` processes, done before submitting it:
     the parallel sizes against the world size and the model, the batch against data parallel,
-    every sample length against 2*CP*TP (`ParallelDims`, the one home of these rules), and what
-    pipeline stages cannot do (`check_pipeline`: `train.compile`), which `pretrain` otherwise
-    refused only after the job dir was made (under `--run`, after the submission). One process
-    trains the whole model and ignores the configured layout, so it is not checked."""
+    every sample length against 2*CP*TP (`ParallelDims`, the one home of these rules, with the
+    pipeline split), which `pretrain` otherwise refused only after the job dir was made (under
+    `--run`, after the submission). One process trains the whole model and ignores the
+    configured layout, so it is not checked."""
     if world <= 1:
         return
     from nemotron.config import ConfigError
-    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, check_pipeline
+    from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError
 
     t = cfg.train
     try:
-        check_pipeline(cfg.model.parallel(), compile=t.compile)
         arch = cfg.model.arch()
         dims = ParallelDims.from_config(cfg.model.parallel(), world, arch)
         dims.validate_batch(t.global_batch_size, t.micro_batch_size, _sample_lengths(cfg), arch)

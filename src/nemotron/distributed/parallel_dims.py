@@ -107,42 +107,18 @@ def check_sequence_lengths(
             )
 
 
-def check_compile(parallel: ParallelismConfig, compile: bool) -> None:
-    """`train.compile` with a layout it cannot run. Tensor parallel: torch.compile (torch 2.13)
-    of the whole model cannot trace the vocabulary-parallel embedding (its masked partial
-    output holds a real mask tensor inside the fake-tensor trace), so every rank failed with a
-    TorchRuntimeError at the first step; refused here, before anything is built. (Pipeline
-    parallel: `check_pipeline`.) DP (FSDP2), EP and CP compile."""
-    tp = parallel.tensor_model_parallel_size
-    if compile and tp > 1:
-        raise ParallelLayoutError(
-            f"train.compile=true with model.tensor_model_parallel_size={tp}: torch.compile cannot "
-            "trace the vocabulary-parallel embedding; set train.compile=false"
-        )
-
-
-def check_pipeline(
-    parallel: ParallelismConfig, model_config: Nano3Config | None = None, *, compile: bool = False
-) -> None:
-    """What pipeline and tensor parallelism cannot do, before anything is built: `train.compile`
-    (the stages are not compiled; `check_compile`), and layouts whose stage split is impossible
-    (schedule, stages per rank, manual split). DP, TP + SP, CP and EP all compose with PP."""
-    pp = parallel.pipeline_model_parallel_size
-    if pp > 1 and compile:
-        raise ParallelLayoutError(
-            f"train.compile=true with model.pipeline_model_parallel_size={pp}: pipeline stages "
-            "are not compiled; set train.compile=false"
-        )
-    check_compile(parallel, compile)
-    if pp == 1:
+def check_pipeline(parallel: ParallelismConfig, model_config: Nano3Config) -> None:
+    """Pipeline layouts whose stage split of `model_config` is impossible (schedule, stages per
+    rank, manual split), before anything is built. DP, TP + SP, CP and EP all compose with PP,
+    and so does `train.compile` (each block compiled: `train.loop.compile_model`)."""
+    if parallel.pipeline_model_parallel_size == 1:
         return
-    if model_config is not None:
-        from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
+    from nemotron.distributed.pipeline_split import PipelineSplitError, split_stages
 
-        try:
-            split_stages(model_config, parallel, [(8192, 1.0)])
-        except PipelineSplitError as err:
-            raise ParallelLayoutError(str(err)) from None
+    try:
+        split_stages(model_config, parallel, [(8192, 1.0)])
+    except PipelineSplitError as err:
+        raise ParallelLayoutError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -175,7 +151,8 @@ class ParallelDims:
                 raise ParallelLayoutError(f"model.{key} must be an integer >= 1, got {value!r}")
         if world_size < 1:
             raise ParallelLayoutError(f"world size must be >= 1, got {world_size}")
-        check_pipeline(parallel, model_config)
+        if model_config is not None:
+            check_pipeline(parallel, model_config)
         model_parallel = tp * cp * pp
         if world_size % model_parallel:
             raise ParallelLayoutError(

@@ -351,6 +351,16 @@ class VocabParallelLoss:
         return loss_sum / weights.sum().clamp(min=1.0)
 
 
+def _plain_residual(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the vocab-parallel embedding: its reduce-scattered output leaves as a
+    plain tensor, as the residual stream is everywhere else. torch hands it over as an
+    `AsyncCollectiveTensor` (waited on at first use), and a compiled block (`train.compile`,
+    `train.loop.compile_blocks`) fed one dropped the gradient of its input: the embedding's
+    gradient was zero under TP2 (torch 2.13, silently). The copy is one [b, s/TP, h] tensor
+    per micro-batch; the wait moves from the first block's norm to just before it."""
+    return output.clone()
+
+
 def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
     """Shard a `Nano3ForCausalLM` over the TP mesh with sequence parallel (see module doc)."""
     tp_mesh = mesh.tp_mesh
@@ -368,6 +378,7 @@ def apply_tensor_parallel(model: Nano3ForCausalLM, mesh: ParallelMesh) -> None:
             tp_mesh,
             RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         )
+        model.backbone.embeddings.register_forward_hook(_plain_residual)
     for block in model.backbone.layers.values():
         mixer = block.mixer
         if isinstance(mixer, Attention):

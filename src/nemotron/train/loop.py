@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from nemotron.distributed.apply import parallelize, restore_reshard_after_forward
 from nemotron.distributed.config import ParallelismConfig
 from nemotron.distributed.mesh import build_mesh
-from nemotron.distributed.parallel_dims import ParallelDims, check_pipeline
+from nemotron.distributed.parallel_dims import ParallelDims
 from nemotron.distributed.utils import (
     grad_norm,
     loss_tokens,
@@ -120,6 +120,48 @@ def apply_activation_recompute(model: torch.nn.Module) -> None:
         ),
         check_fn=lambda module: isinstance(module, Block),
     )
+
+
+# -- train.compile --------------------------------------------------------------------------------
+# Graphs the blocks' shared code may hold (`compile_blocks`): one per block kind (Mamba,
+# attention, MoE, MLP), sequence length (the long-context mix) and mode (training, evaluation),
+# and under expert parallelism per count of rows an expert receives; Dynamo's default of 8 per
+# code object would send the rest back to eager without an error. As `apply_fp8` for its linears.
+BLOCK_RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile every residual block of `model` in place: `nn.Module.compile`, so each block
+    keeps its own forward and its parameter names (no `_orig_mod.` in checkpoints). `model` is
+    a `Nano3ForCausalLM` (or a pipeline part) or a pipeline rank's `LocalStages`, whose
+    `backbone.layers` are the very modules its stages run. A block under activation recompute
+    is its checkpoint wrapper (compiled around the checkpoint, as the whole-model compile sees
+    it). Static shapes (`dynamic=False`): under tensor parallelism a recompile with symbolic
+    sizes recursed without end in DTensor's sharding propagation (RecursionError in every rank's
+    first backward, torch 2.13; as in pytorch/pytorch#152954); a new shape is a new graph instead."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    layers = model.get_submodule("backbone.layers")
+    assert isinstance(layers, torch.nn.ModuleDict)  # keyed by block index (models/nano3/model.py)
+    for block in layers.values():
+        block.compile(dynamic=False)
+
+
+def compile_model(model: torch.nn.Module, parallel: Parallel) -> torch.nn.Module:
+    """`train.compile`: the module the loop trains. Tensor or pipeline parallel: each block
+    compiled in place (`compile_blocks`), `model` itself returned; the embeddings, final norm
+    and loss run eagerly (the vocabulary-parallel embedding cannot be traced: the masked
+    partial output of torch's `RowwiseParallel` holds a real tensor inside the fake-tensor
+    trace, which failed every rank). One process, DP, EP, CP: the whole model
+    (`torch.compile(model)`, a wrapper whose names carry `_orig_mod.`: the trainer saves and
+    steps `model`), as the measured single-GPU runs compile it (docs/performance.md)."""
+    tp = parallel.mesh.dims.tp if parallel.mesh is not None else 1
+    if tp > 1 or parallel.pipeline is not None:
+        compile_blocks(model)
+        return model
+    # torch.compile of a module is a module (OptimizedModule); its stub says only Callable
+    return cast(torch.nn.Module, torch.compile(model))
 
 
 def check_compute_weights(train) -> None:
@@ -242,8 +284,6 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
     from nemotron.distributed.pipeline_split import run_lengths
     from nemotron.models.nano3.model import Nano3ForCausalLM
     from nemotron.models.nano3.moe import set_shared_expert_overlap
-
-    check_pipeline(layout, compile=cfg.train.compile)  # `pretrain` checked it already
 
     def make_part(blocks: range) -> Nano3ForCausalLM:
         with torch.device("meta"):

@@ -35,12 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from nemotron.distributed.config import ParallelismConfig
-from nemotron.distributed.parallel_dims import (
-    ParallelDims,
-    ParallelLayoutError,
-    check_pipeline,
-    sample_lengths,
-)
+from nemotron.distributed.parallel_dims import ParallelDims, ParallelLayoutError, sample_lengths
 from nemotron.distributed.pipeline_schedules import peak_in_flight, rank_orders, schedule_runs, simulate
 from nemotron.distributed.pipeline_split import (
     PipelineSplitError,
@@ -132,8 +127,6 @@ class RunShape:
     # stream beside the all-to-all, async token exchange), "sync" (2d78842: one host sync,
     # nothing overlapped), "legacy" (before 2d78842: two host syncs, unfused permutations)
     ep_dispatcher: str = "overlap"
-    # train.compile (refused with PP: the pipeline stages are not compiled)
-    compile: bool = False
     # data.mixed_length_blends as (seq_length, weight) pairs, with data.blend_weight the weight of
     # the seq_length samples: training validates every length and splits pipeline stages by them
     mixed_lengths: tuple[tuple[int, float], ...] = ()
@@ -568,14 +561,10 @@ def validate_layout(cfg: Nano3Config, layout: Layout, shape: RunShape) -> int:
 
 
 def refusal(cfg: Nano3Config, layout: Layout, shape: RunShape) -> str | None:
-    """Why training refuses `layout` although it can be built (`train.compile` with PP; a
-    `train.fp8` recipe that does not compose with the layout's TP), in the training code's
-    words; None when it runs it. PP composes with DP, TP + SP, CP and EP (docs/parallelism.md
-    "Pipeline parallel")."""
-    try:
-        check_pipeline(layout_parallelism(layout), cfg, compile=shape.compile)
-    except ParallelLayoutError as exc:
-        return str(exc)
+    """Why training refuses `layout` although it can be built (a `train.fp8` recipe that does
+    not compose with the layout's TP), in the training code's words; None when it runs it. PP
+    composes with DP, TP + SP, CP and EP, and `train.compile` with every layout
+    (docs/parallelism.md "Pipeline parallel")."""
     if shape.fp8 is not None:
         for key, message in check_fp8_config(shape.fp8, shape.precision, layout.tp):
             return f"{key}: {message}"
@@ -1158,7 +1147,6 @@ def shape_from_config(cfg, world: int | None = None) -> RunShape:
         global_batch_size=t.global_batch_size,
         shared_expert_overlap=t.moe_shared_expert_overlap,
         compute_weights="fp32" if t.compute_weights == "fp32" else "bf16",
-        compile=bool(t.compile),
         mixed_lengths=tuple((m.seq_length, float(m.weight)) for m in cfg.data.mixed_length_blends),
         blend_weight=float(cfg.data.blend_weight),
         precision=t.precision,

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from nemotron.train.loop import (
     Parallel,
     StepResult,
     build_model,
+    compile_model,
     evaluate,
     ignored_layout,
     resolve_compute_weights,
@@ -350,8 +351,7 @@ class Trainer:
         self.plan = data.plan
         self.device = device
         self.optimizer = optimizer or build_optimizer(model, cfg.optimizer)
-        # torch.compile of a module is a module (OptimizedModule); its stub says only Callable
-        self.train_model = cast(torch.nn.Module, torch.compile(model)) if cfg.train.compile else model
+        self.train_model = compile_model(model, parallel) if cfg.train.compile else model
         moe_layers = getattr(model, "moe_layers", None)  # a Nano3ForCausalLM's or LocalStages'
         self.moe_layers = moe_layers() if moe_layers is not None else []
         self.restored = restored or Restored(RunState(), LoaderState())
@@ -923,9 +923,9 @@ def pretrain(cfg, job_dir: str | Path, *, on_event: EventHook | None = None, mes
     else:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
-        # before any process group or model exists; one process trains the whole model and
-        # ignores the configured layout (so `train.compile` compiles it, pipeline sizes or not)
-        check_pipeline(cfg.model.parallel(), cfg.model.arch(), compile=cfg.train.compile)
+        # before any process group or model exists (one process trains the whole model and
+        # ignores the configured layout)
+        check_pipeline(cfg.model.parallel(), cfg.model.arch())
     # Resolved once: bf16 compute weights in one process need a (one-rank) process group.
     weights = resolve_compute_weights(
         cfg.train, torch.device(device_type), world, _one_process_accumulation(cfg)

@@ -19,7 +19,10 @@ router and experts as a component (`MoE(config, dispatcher=...)`).
 | `Nano3ForCausalLM.parallel_init`   | any sharding         | `parallel_init(model)`           |
 
 No method of a module is replaced at run time, and the model never asks whether it was
-sharded: it asks these objects.
+sharded: it asks these objects. The residual blocks, `Nano3Model.layers` (keyed by block index,
+also a pipeline part's and `LocalStages`'), are the repeated unit that layouts wrap one by one:
+FSDP2 units, activation checkpoints, and under TP or PP `train.compile`'s compiled regions
+(`nn.Module.compile` in place: the block's own forward, its parameter names unchanged).
 """
 
 from __future__ import annotations
