@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,15 @@ def test_without_a_compiler_the_python_loop_is_used_with_a_warning(monkeypatch, 
             build_blending_indices([1.0, 3.0], 50, compiled=True)
     finally:
         blend_index.available.cache_clear()
+
+
+def test_the_ninja_package_is_found_off_path(monkeypatch):
+    """Where no ninja is on PATH (an environment not activated), the build gets the `ninja`
+    package's, and PATH is left as it was."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(blend_index.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    with blend_index._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep) == ["/nowhere", ninja.BIN_DIR]
+        assert Path(ninja.BIN_DIR, "ninja").exists()
+    assert os.environ["PATH"] == "/nowhere"

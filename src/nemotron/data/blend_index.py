@@ -7,15 +7,19 @@ costs about 1.75 us per sample in Python with 25 datasets: some 1.5 hours for th
 compiles its helper: at first use, with the machine's C++ compiler, through
 `torch.utils.cpp_extension` (which finds the compiler, builds with ninja and caches the library
 under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, locking it against concurrent
-builds). The source includes neither torch nor Python headers, so the build takes about a second;
+builds; `ninja`, a dependency of this package, runs the build). The source includes neither torch nor Python headers, so the build takes about a second;
 the library is called through ctypes and writes straight into the caller's numpy arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,31 @@ class BlendIndexCompileError(RuntimeError):
     """The compiled blend index cannot be built or loaded here (no C++ compiler, no ninja...)."""
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs `ninja` from PATH; the `ninja` package this project depends on installs it
+    beside the interpreter (the environment's bin/), on PATH only where the environment is
+    activated. For the build, that directory is put at the end of PATH (a ninja already on PATH
+    comes first), and PATH restored after."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:  # the build then says that ninja is missing
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(p for p in (before, ninja.BIN_DIR) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL:
     """The compiled blend-index library, built at the first call of a process (then cached on
@@ -40,15 +69,19 @@ def load_library() -> ctypes.CDLL:
     try:
         from torch.utils import cpp_extension
 
-        path = cpp_extension.load(
-            "nemotron_blend_index", [str(_SOURCE)], extra_cflags=_CFLAGS, is_python_module=False
-        )
+        with _ninja_on_path():
+            path = cpp_extension.load(
+                "nemotron_blend_index", [str(_SOURCE)], extra_cflags=_CFLAGS, is_python_module=False
+            )
         library = ctypes.CDLL(str(path))
     except Exception as exc:  # noqa: BLE001 - compiler, ninja, linker, loader: all mean "not here"
-        text = str(exc).strip().splitlines()
+        # The compiler's or the shell's own line ("fatal error: ...", "c++: not found"), not
+        # ninja's closing one.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+        cause = next((line for line in lines if "error:" in line.lower() or "not found" in line), lines[-1])
         raise BlendIndexCompileError(
-            f"cannot build the compiled blend index ({type(exc).__name__}: "
-            f"{text[-1] if text else ''}); it needs a C++ compiler (c++, or $CXX) and ninja"
+            f"cannot build the compiled blend index ({type(exc).__name__}: {cause}); "
+            f"it needs a C++ compiler (c++, or $CXX) and ninja"
         ) from exc
     pointer = ctypes.c_void_p
     for name in ("nemotron_blend_int16", "nemotron_blend_int64"):
