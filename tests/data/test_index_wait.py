@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 
 import numpy as np
-from tests.distributed._spawn import _launch
+from distributed._spawn import _launch
 
 PG_TIMEOUT = timedelta(seconds=2)
 SLOW_BUILD_S = 5.0  # over twice the process group's timeout
