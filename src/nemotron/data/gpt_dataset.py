@@ -36,12 +36,14 @@ that one weighted prefix is a blend of one dataset (asked ceil(ceil(N) * 1.005),
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import math
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -243,14 +245,54 @@ def split_documents(num_documents: int, bounds: tuple[float, float]) -> tuple[in
 
 
 def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    return not _distributed() or torch.distributed.get_rank() == 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+# How long the other ranks wait for rank 0 to build an index cache entry. Not the process
+# group's timeout (NCCL's default is 10 minutes): a cold cache at the recipe's scale takes
+# minutes with the compiled blend index and about 1.5 hours without a C++ compiler (the Python
+# loop, `blended.build_blending_indices`), plus the datasets' own shuffles. A rank 0 that fails
+# tells the others at once (`_share_outcome`), one that dies closes its connections (the
+# others fail then, and torchrun stops the job), so only a rank 0 stuck (a hung filesystem)
+# makes them wait this long.
+INDEX_BUILD_TIMEOUT = timedelta(hours=3)
+
+# (the default process group it was made for, a gloo group of all ranks whose collectives wait
+# INDEX_BUILD_TIMEOUT): made once per process group, by every rank at its first cache entry.
+_index_group: tuple[Any, Any] | None = None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _wait_group() -> Any:
+    global _index_group
+    world = torch.distributed.group.WORLD
+    if _index_group is None or _index_group[0] is not world:
+        _index_group = (world, torch.distributed.new_group(backend="gloo", timeout=INDEX_BUILD_TIMEOUT))
+    return _index_group[1]
+
+
+def _share_outcome(marker: Path, failure: str | None) -> None:
+    """Every rank waits here (up to INDEX_BUILD_TIMEOUT) for rank 0 to finish with cache entry
+    `marker`; rank 0 passes `failure` (None: built or already there; else its error), which
+    the other ranks raise as theirs, naming rank 0's error instead of a collective's timeout."""
+    if not _distributed():
+        return
+    outcome = [failure]
+    try:
+        torch.distributed.broadcast_object_list(outcome, src=0, group=_wait_group())
+    except RuntimeError as exc:  # a timeout, or rank 0 gone (its connections closed)
+        if _is_rank_zero():
+            raise
+        cause = (str(exc).strip().splitlines() or [repr(exc)])[0]
+        raise GPTDatasetError(
+            f"rank 0 did not finish building index cache entry {marker} (it stopped, or took "
+            f"longer than {INDEX_BUILD_TIMEOUT}): {cause}"
+        ) from exc
+    if outcome[0] is not None and not _is_rank_zero():
+        raise GPTDatasetError(f"rank 0 failed to build index cache entry {marker}: {outcome[0]}")
 
 
 def cache_key(description: dict[str, Any]) -> str:
@@ -289,20 +331,30 @@ def cached_arrays(
     key = cache_key(description)
     paths = {name: cache_dir / f"{key}-{name}.npy" for name in names}
     marker = cache_marker(cache_dir, description)
+    if _distributed():
+        # Made now, while every rank is here, so that making it never waits on rank 0's build.
+        _wait_group()
     # An entry whose marker is there but an array is missing or unreadable (a file deleted or
     # truncated by hand, a disk that filled after the entry was complete) is built again, as a
     # cold cache would: the arrays are a pure function of the description, so the run reads the
     # same samples instead of failing at every start until someone finds the damaged file.
     if _is_rank_zero() and not (marker.exists() and _load_arrays(paths) is not None):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Arrays of entries whose writer was killed mid-save (GBs for a large run); only those
-        # of writers provably gone: another run's rank 0 may be saving into a shared cache now.
-        remove_stale_temporaries(cache_dir)
-        arrays = build()
-        for name in names:
-            _save_npy_atomic(paths[name], arrays[name])
-        atomic_write_text(marker, json.dumps(description, indent=2, sort_keys=True))
-    _barrier()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            # Arrays of entries whose writer was killed mid-save (GBs for a large run); only those
+            # of writers provably gone: another run's rank 0 may be saving into a shared cache now.
+            remove_stale_temporaries(cache_dir)
+            arrays = build()
+            for name in names:
+                _save_npy_atomic(paths[name], arrays[name])
+            atomic_write_text(marker, json.dumps(description, indent=2, sort_keys=True))
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # rank 0's own error is the one to raise
+                _share_outcome(marker, f"{type(exc).__name__}: {exc}")
+            raise
+    # The other ranks wait for rank 0 here, however long the build takes (not at a barrier of
+    # the process group, whose timeout is for collectives that take seconds).
+    _share_outcome(marker, None)
     if not marker.exists():
         raise GPTDatasetError(
             f"index cache {marker} is missing after rank 0 built it: is {cache_dir} on a "
