@@ -2,8 +2,9 @@
 (`train.loop.compile_model`), 2 steps against the eager single process on the same global
 batch: losses, gradient norm, every parameter's gradient (float32: within the eager layouts'
 tolerances, rtol 1e-4 / atol 1e-6 per gradient element; Inductor's fused float32 kernels differ
-from eager by rounding only), expert biases and parameters after each step. The checkpoint
-names are the single-device model's: nothing of the compile appears in them."""
+from eager by rounding only), expert biases and parameters after each step; no graph compiled
+in the second step, whose tokens take other experts (the harnesses count Dynamo's graphs). The
+checkpoint names are the single-device model's: nothing of the compile appears in them."""
 
 import pytest
 
@@ -21,6 +22,7 @@ def _state_dict_names(rank, world_size):
 
     from nemotron.distributed import ParallelDims, ParallelismConfig, build_mesh, parallelize
     from nemotron.models.nano3 import Nano3ForCausalLM
+    from nemotron.models.nano3.moe import MoE
     from nemotron.train.loop import Parallel, compile_model
 
     torch.manual_seed(0)
@@ -29,7 +31,14 @@ def _state_dict_names(rank, world_size):
     mesh = build_mesh(ParallelDims.from_config(ParallelismConfig(**TP), world_size, model.config), "cpu")
     parallelize(model, mesh)
     assert compile_model(model, Parallel(mesh=mesh)) is model
-    assert all(block._compiled_call_impl is not None for block in model.backbone.layers.values())
+    for block in model.backbone.layers.values():
+        if isinstance(block.mixer, MoE):  # its parts of fixed shape; the routed path eager
+            parts = [block.norm, block.mixer.shared_experts]
+            eager = [block, block.mixer, block.mixer.router, block.mixer.experts]
+        else:
+            parts, eager = [block], []
+        assert all(part._compiled_call_impl is not None for part in parts), block.kind
+        assert all(module._compiled_call_impl is None for module in eager), block.kind
     assert list(model.state_dict()) == want
 
 
