@@ -309,7 +309,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
     from nemotron.distributed.pipeline import build_pipeline
     from nemotron.distributed.pipeline_split import run_lengths
     from nemotron.models.nano3.model import Nano3ForCausalLM
-    from nemotron.models.nano3.moe import MoE, set_shared_expert_overlap
+    from nemotron.models.nano3.moe import set_shared_expert_overlap
 
     def make_part(blocks: range) -> Nano3ForCausalLM:
         with torch.device("meta"):
