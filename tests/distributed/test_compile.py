@@ -1,10 +1,11 @@
-"""`train.compile` under tensor and pipeline parallelism: each block compiled in place
-(`train.loop.compile_model`), 2 steps against the eager single process on the same global
-batch: losses, gradient norm, every parameter's gradient (float32: within the eager layouts'
-tolerances, rtol 1e-4 / atol 1e-6 per gradient element; Inductor's fused float32 kernels differ
-from eager by rounding only), expert biases and parameters after each step; no graph compiled
-in the second step, whose tokens take other experts (the harnesses count Dynamo's graphs). The
-checkpoint names are the single-device model's: nothing of the compile appears in them."""
+"""`train.compile` under tensor and pipeline parallelism: each block compiled in place, a MoE
+block by its parts of fixed shape (`train.loop.compile_model`), 2 steps against the eager single
+process on the same global batch: losses, gradient norm, every parameter's gradient (float32:
+within the eager layouts' tolerances, rtol 1e-4 / atol 1e-6 per gradient element; Inductor's
+fused float32 kernels differ from eager by rounding only), expert biases and parameters after
+each step; no graph compiled in the second step, whose tokens take other experts (the harnesses
+count Dynamo's graphs). The checkpoint names are the single-device model's: nothing of the
+compile appears in them."""
 
 import pytest
 
@@ -58,8 +59,9 @@ def _tp2(rank, world_size):
 
 
 def _pp2_recompute(rank, world_size):
-    """The stages' blocks compiled around their activation checkpoints (the routers count
-    each token once: the expert biases are compared), evaluation through the schedule too."""
+    """The stages' blocks compiled around their activation checkpoints, a MoE block's norm and
+    shared expert inside its (the routers count each token once: the expert biases are
+    compared), evaluation through the schedule too."""
     pp = dict(pipeline_model_parallel_size=2, pipeline_schedule="1F1B")
     return compare_pipeline_with_single_process(rank, world_size, pp, steps=2, recompute=True, compile=True)[
         0

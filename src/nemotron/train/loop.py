@@ -138,10 +138,10 @@ def compiled_parts(block: torch.nn.Module) -> list[torch.nn.Module]:
     parts of fixed shape, its norm and its shared expert. The MoE's routed path (router,
     dispatch, experts, combine, balance loss) runs eagerly: its sizes follow the routing (the
     rows an expert-parallel rank receives, the per-expert split of the CPU loop), so compiled
-    with static shapes every new routing was a new graph (10 to 20 per step of TP2 + EP2, until
-    the recompile limit sent it back to eager), and symbolic sizes recursed in DTensor's sharding
-    propagation (`compile_blocks`). On CUDA its work is already in fused kernels (grouped GEMM,
-    Triton top-k, gathers and combine). The router stays eager too: it counts the tokens for
+    with static shapes every new routing was a new graph (5 to 12 per step of the tiny model
+    under TP2 + EP2, until the recompile limit sent it back to eager), and symbolic sizes
+    recursed in DTensor's sharding propagation (`compile_blocks`). On CUDA its work is already
+    in fused kernels (grouped GEMM; Triton top-k, squared ReLU and combine). The router stays eager too: it counts the tokens for
     the balancing bias only outside a backward pass (`moe._inside_backward`), which a compiled
     graph cannot tell, so a compiled router would count them again in an activation recompute."""
     inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
@@ -176,7 +176,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 def compile_model(model: torch.nn.Module, parallel: Parallel) -> torch.nn.Module:
     """`train.compile`: the module the loop trains. Tensor or pipeline parallel: each block
-    compiled in place (`compile_blocks`), `model` itself returned; the embeddings, final norm
+    compiled in place (`compile_blocks`; a MoE block by its parts), `model` itself returned; the embeddings, final norm
     and loss run eagerly (the vocabulary-parallel embedding cannot be traced: the masked
     partial output of torch's `RowwiseParallel` holds a real tensor inside the fake-tensor
     trace, which failed every rank). One process, DP, EP, CP: the whole model
