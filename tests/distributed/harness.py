@@ -92,6 +92,21 @@ def pad_rows(ids, labels, mask):
     return ids, labels, mask, padding
 
 
+def compiled_graphs() -> int:
+    """How many graphs Dynamo has compiled in this process: each frame's first and every
+    recompile (a guard that failed on a new size, say)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def assert_no_new_graphs(since: int, where: str) -> None:
+    """No graph compiled after the first step: the later steps route their tokens otherwise
+    (every expert's row count changes), and the compiled code must not depend on that."""
+    new = compiled_graphs() - since
+    assert new == 0, f"{where}: {new} graphs compiled after the first step (a size that follows the routing?)"
+
+
 def train_step(model, opt, ids, labels, mask, weight=1.0, padding=None):
     """`weight`: the LM loss's token weight (`token_loss_weight`); the balance term, a mean
     over sequences, is not token-weighted (as in `train.loop.train_step`)."""
@@ -125,8 +140,8 @@ def compare_with_single_process(
     parallel model's gathered parameters and buffers after the last step. `padded`: two rows
     are padded shorter samples (`pad_rows`), their padding masked out of expert balancing;
     the expert counts (summed over the ranks) are compared too. `compile`: the parallel model
-    is compiled as `train.compile` compiles it (`train.loop.compile_model`); the reference
-    stays eager."""
+    is compiled as `train.compile` compiles it (`train.loop.compile_model`), and after the
+    first step no graph is compiled again; the reference stays eager."""
     torch.manual_seed(0)
     reference = Nano3ForCausalLM(tiny_config(**(model_kw or {})))
     if expert_bias is not None:
@@ -197,6 +212,10 @@ def compare_with_single_process(
             torch.testing.assert_close(moe.router.expert_bias, ref_moe.router.expert_bias)
         # after the step, every parameter (gathered) and expert bias, tensor by tensor
         assert_same_tensors(full_params(model), full_params(reference), f"step {step}", rtol=1e-5, atol=1e-6)
+        if compile and step == 0:
+            warm = compiled_graphs()
+        elif compile:
+            assert_no_new_graphs(warm, f"step {step}")
     if final_state is not None:
         final_state.update(full_params(model))
     return float(ref_out.lm_loss)

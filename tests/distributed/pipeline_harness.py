@@ -18,6 +18,8 @@ from nemotron.train.data import collate
 from nemotron.train.fp8 import Fp8Config, apply_fp8
 from nemotron.train.loop import Parallel, build_model, compile_model, evaluate, train_step
 
+from .harness import assert_no_new_graphs, compiled_graphs
+
 SEED, LR, BIAS_RATE = 5, 0.05, 0.01
 
 
@@ -111,8 +113,8 @@ def compare_pipeline_with_single_process(
     quantized weights within a step per `fp8.reuse_weights`. `pairs`: micro-batches of two
     samples as the loader collates them (with `short`, some right-padded: every stage's MoE
     blocks then leave the padding out of their balancing). `compile`: the stages' blocks are
-    compiled as `train.compile` compiles them (`train.loop.compile_model`); the reference stays
-    eager."""
+    compiled as `train.compile` compiles them (`train.loop.compile_model`), and after the first
+    step (evaluation and training) no graph is compiled again; the reference stays eager."""
     cfg = make_config(parallel_kw, model_kw, seq, global_batch_size)
     arch = cfg.model.arch()
     torch.manual_seed(SEED)
@@ -238,4 +240,8 @@ def compare_pipeline_with_single_process(
                     full, ref_params[name], **param_tol, msg=lambda m: f"{where}, parameter {name}: {m}"
                 )
         losses.append(ours.loss)
+        if compile and step == 0:
+            warm = compiled_graphs()
+        elif compile:
+            assert_no_new_graphs(warm, where)
     return losses, sorted(opt.grads)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
+    CheckpointWrapper,
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
@@ -37,7 +38,7 @@ from nemotron.distributed.utils import (
 )
 from nemotron.kernels.fp8 import reuse_quantized_weights
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
-from nemotron.models.nano3.moe import set_shared_expert_overlap
+from nemotron.models.nano3.moe import MoE, set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
 from nemotron.train.fp8 import Fp8Summary, apply_fp8
 
@@ -124,33 +125,58 @@ def apply_activation_recompute(model: torch.nn.Module) -> None:
 
 # -- train.compile --------------------------------------------------------------------------------
 # Graphs the blocks' shared code may hold (`compile_blocks`): one per block kind (Mamba,
-# attention, MoE, MLP), sequence length (the long-context mix) and mode (training, evaluation),
-# and under expert parallelism per count of rows an expert receives; Dynamo's default of 8 per
-# code object would send the rest back to eager without an error. As `apply_fp8` for its linears.
+# attention, MLP; a MoE block's norm and shared expert), sequence length (the long-context mix),
+# micro-batch size (a last partial one) and mode (training, evaluation); Dynamo's default of 8
+# per code object would send the rest back to eager without an error. As `apply_fp8` for its
+# linears.
 BLOCK_RECOMPILE_LIMIT = 64
 
 
+def compiled_parts(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """What `compile_blocks` compiles of one entry of `backbone.layers` (a `Block`, or its
+    checkpoint wrapper under activation recompute): the entry itself, or of a MoE block only its
+    parts of fixed shape, its norm and its shared expert. The MoE's routed path (router,
+    dispatch, experts, combine, balance loss) runs eagerly: its sizes follow the routing (the
+    rows an expert-parallel rank receives, the per-expert split of the CPU loop), so compiled
+    with static shapes every new routing was a new graph (5 to 12 per step of the tiny model
+    under TP2 + EP2, until the recompile limit sent it back to eager), and symbolic sizes
+    recursed in DTensor's sharding propagation (`compile_blocks`). On CUDA its work is already
+    in fused kernels (grouped GEMM; Triton top-k, squared ReLU and combine). The router stays eager too: it counts the tokens for
+    the balancing bias only outside a backward pass (`moe._inside_backward`), which a compiled
+    graph cannot tell, so a compiled router would count them again in an activation recompute."""
+    inner = block._checkpoint_wrapped_module if isinstance(block, CheckpointWrapper) else block
+    if not isinstance(inner, Block):
+        raise TypeError(f"backbone.layers holds a {type(inner).__name__}, not a Block")
+    if not isinstance(inner.mixer, MoE):
+        return [block]
+    shared = inner.mixer.shared_experts
+    return [inner.norm] + ([shared] if shared is not None else [])
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
-    """Compile every residual block of `model` in place: `nn.Module.compile`, so each block
-    keeps its own forward and its parameter names (no `_orig_mod.` in checkpoints). `model` is
-    a `Nano3ForCausalLM` (or a pipeline part) or a pipeline rank's `LocalStages`, whose
-    `backbone.layers` are the very modules its stages run. A block under activation recompute
-    is its checkpoint wrapper (compiled around the checkpoint, as the whole-model compile sees
-    it). Static shapes (`dynamic=False`): under tensor parallelism a recompile with symbolic
-    sizes recursed without end in DTensor's sharding propagation (RecursionError in every rank's
-    first backward, torch 2.13; as in pytorch/pytorch#152954); a new shape is a new graph instead."""
+    """Compile every residual block of `model` in place (`compiled_parts`: a MoE block's parts
+    of fixed shape): `nn.Module.compile`, so each module keeps its own forward and its
+    parameter names (no `_orig_mod.` in checkpoints). `model` is a `Nano3ForCausalLM` (or a
+    pipeline part) or a pipeline rank's `LocalStages`, whose `backbone.layers` are the very
+    modules its stages run. A block under activation recompute is its checkpoint wrapper
+    (compiled around the checkpoint, as the whole-model compile sees it; a MoE block's parts
+    inside it). Static shapes (`dynamic=False`): under tensor parallelism a recompile with
+    symbolic sizes recursed without end in DTensor's sharding propagation (RecursionError in
+    every rank's first backward, torch 2.13; as in pytorch/pytorch#152954); a new shape is a
+    new graph instead, which only the routed experts' varying sizes made unbounded."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     layers = model.get_submodule("backbone.layers")
     assert isinstance(layers, torch.nn.ModuleDict)  # keyed by block index (models/nano3/model.py)
     for block in layers.values():
-        block.compile(dynamic=False)
+        for part in compiled_parts(block):
+            part.compile(dynamic=False)
 
 
 def compile_model(model: torch.nn.Module, parallel: Parallel) -> torch.nn.Module:
     """`train.compile`: the module the loop trains. Tensor or pipeline parallel: each block
-    compiled in place (`compile_blocks`), `model` itself returned; the embeddings, final norm
+    compiled in place (`compile_blocks`; a MoE block by its parts), `model` itself returned; the embeddings, final norm
     and loss run eagerly (the vocabulary-parallel embedding cannot be traced: the masked
     partial output of torch's `RowwiseParallel` holds a real tensor inside the fake-tensor
     trace, which failed every rank). One process, DP, EP, CP: the whole model

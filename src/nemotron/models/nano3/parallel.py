@@ -22,7 +22,8 @@ No method of a module is replaced at run time, and the model never asks whether 
 sharded: it asks these objects. The residual blocks, `Nano3Model.layers` (keyed by block index,
 also a pipeline part's and `LocalStages`'), are the repeated unit that layouts wrap one by one:
 FSDP2 units, activation checkpoints, and under TP or PP `train.compile`'s compiled regions
-(`nn.Module.compile` in place: the block's own forward, its parameter names unchanged).
+(`nn.Module.compile` in place: the block's own forward, its parameter names unchanged; of a MoE
+block its norm and shared expert, `train.loop.compiled_parts`).
 """
 
 from __future__ import annotations
