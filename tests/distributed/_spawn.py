@@ -23,7 +23,9 @@ _HOST = "127.0.0.1"
 _STORE_TIMEOUT = timedelta(minutes=30)
 
 
-def _worker(rank: int, world_size: int, port: int, stacks_dir: str, fn, args, queue) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, stacks_dir: str, fn, args, queue, env_only: bool = False
+) -> None:
     # Where this rank writes the stacks of all its threads when the parent, about to stop it
     # for giving no result, asks with SIGUSR1: which collective or wait it was blocked in.
     stacks = open(Path(stacks_dir) / f"rank{rank}.txt", "w")  # noqa: SIM115 - open until exit
@@ -35,10 +37,16 @@ def _worker(rank: int, world_size: int, port: int, stacks_dir: str, fn, args, qu
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
+    if env_only:
+        # What torchrun's agent tells its workers: the store at MASTER_PORT is the agent's (here
+        # the test process's), so an env:// init_process_group connects to it as a client on
+        # every rank instead of rank 0 binding that port.
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
     torch.set_num_threads(1)
     try:
-        store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        if not env_only:
+            store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - report any failure to the parent test
@@ -77,7 +85,7 @@ def _stop(procs, pending: list[int], stacks_dir: str, reason: str) -> dict[int, 
     return errors
 
 
-def _launch(fn, world_size: int, args) -> tuple[dict[int, object], list[str]]:
+def _launch(fn, world_size: int, args, env_only: bool = False) -> tuple[dict[int, object], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     # The rendezvous store is this process's, listening (on a port the kernel picks as it binds)
@@ -90,7 +98,9 @@ def _launch(fn, world_size: int, args) -> tuple[dict[int, object], list[str]]:
     )
     with tempfile.TemporaryDirectory(prefix="spawn-stacks-") as stacks_dir:
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, store.port, stacks_dir, fn, args, queue))
+            ctx.Process(
+                target=_worker, args=(r, world_size, store.port, stacks_dir, fn, args, queue, env_only)
+            )
             for r in range(world_size)
         ]
         for p in procs:
@@ -144,12 +154,17 @@ def _launch(fn, world_size: int, args) -> tuple[dict[int, object], list[str]]:
     return results, [f"rank {r}:\n{errors[r]}" for r in sorted(errors)]
 
 
-def run_distributed(fn, world_size: int, *args) -> list:
+def run_distributed(fn, world_size: int, *args, env_only: bool = False) -> list:
     """fn(rank, world_size, *args) on `world_size` processes; returns results by rank and
     raises with the worker traceback if any rank failed (the other ranks, blocked in a
     collective that cannot complete, are stopped after a grace period instead of hanging the
-    test), or with the stacks of the ranks that gave no result within `_DEADLINE_S`."""
-    results, errors = _launch(fn, world_size, args)
+    test), or with the stacks of the ranks that gave no result within `_DEADLINE_S`.
+
+    Each rank runs fn in a gloo process group on this process's store; with `env_only`, in
+    none: it has only the environment torchrun gives a process (MASTER_ADDR/MASTER_PORT of the
+    store, TORCHELASTIC_USE_AGENT_STORE, RANK, WORLD_SIZE, LOCAL_RANK), for code that joins
+    the group itself (`init_process_group` from the environment)."""
+    results, errors = _launch(fn, world_size, args, env_only)
     if errors:
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

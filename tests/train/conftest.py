@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +124,3 @@ def make_config(
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     return write_corpus(root / "phase1", seed=0, shift=3), write_corpus(root / "phase2", seed=1, shift=4)
-
-
-def free_port() -> int:
-    """A TCP port free right now, for a test's own gloo rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,14 +1,9 @@
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed._spawn import run_distributed
 from torch import nn
 
 from nemotron.train.balancing import reset_expert_counts, update_expert_biases
-
-from .conftest import free_port
 
 
 class FakeRouter(nn.Module):
@@ -65,30 +60,18 @@ def test_reset_without_update():
     assert layer.router.tokens_per_expert.sum() == 0 and layer.router.expert_bias.sum() == 0
 
 
-def _dp_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # Rank 0 alone would push expert 0 up; summed over ranks expert 0 is overloaded.
-        local = [[1.0, 5.0, 2.0, 0.0], [11.0, 1.0, 2.0, 0.0]][rank]
-        layer = FakeMoE(local)
-        stats = update_expert_biases([layer], rate=1e-3)
-        queue.put(
-            (rank, layer.router.expert_bias.tolist(), layer.router.tokens_per_expert.tolist(), stats.tokens)
-        )
-    finally:
-        dist.destroy_process_group()
+def _dp_worker(rank: int, world: int) -> tuple:
+    # Rank 0 alone would push expert 0 up; summed over ranks expert 0 is overloaded.
+    local = [[1.0, 5.0, 2.0, 0.0], [11.0, 1.0, 2.0, 0.0]][rank]
+    layer = FakeMoE(local)
+    stats = update_expert_biases([layer], rate=1e-3)
+    return layer.router.expert_bias.tolist(), layer.router.tokens_per_expert.tolist(), stats.tokens
 
 
 def test_counts_are_summed_over_data_parallel_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    mp.spawn(_dp_worker, args=(2, port, queue), nprocs=2, join=True)
-    results = sorted(queue.get() for _ in range(2))
     # summed counts [12, 6, 4, 0], mean 5.5
     expected = pytest.approx([-1e-3, -1e-3, 1e-3, 1e-3])
-    for rank, bias, counts, tokens in results:
+    for rank, (bias, counts, tokens) in enumerate(run_distributed(_dp_worker, 2)):
         assert bias == expected, rank
         assert counts == [0.0, 0.0, 0.0, 0.0]
         assert tokens == [22.0]

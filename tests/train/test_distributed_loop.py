@@ -1,13 +1,12 @@
 """The loop on two gloo processes (data parallel, FSDP2 via nemotron.distributed): both ranks
 agree, rank 0 writes metrics and checkpoints, and the losses match a single-process run."""
 
-import os
 import pickle
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed._spawn import run_distributed
 
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train import pretrain
@@ -15,24 +14,13 @@ from nemotron.train.checkpoint import load_checkpoint
 from nemotron.train.metrics import read_metrics
 from nemotron.train.optimizer import build_optimizer
 
-from .conftest import free_port, make_config
+from .conftest import make_config
 
 
-def _worker(rank, world, port, cfg_bytes, job_dir, queue):
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        summary = pretrain(pickle.loads(cfg_bytes), job_dir)
-        queue.put((rank, summary.final_loss, summary.steps, summary.checkpoint))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, cfg_bytes, job_dir):
+    """pretrain in the process group the harness made (as a caller that made its own)."""
+    summary = pretrain(pickle.loads(cfg_bytes), job_dir)
+    return summary.final_loss, summary.steps, summary.checkpoint
 
 
 def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
@@ -47,13 +35,9 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
     )
     pretrain(single, tmp_path / "single" / "job")
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    mp.spawn(_worker, args=(2, port, pickle.dumps(cfg), str(tmp_path / "job"), queue), nprocs=2)
-    results = sorted(queue.get() for _ in range(2))
-    assert results[0][1:] == results[1][1:]  # every rank reports the same step, loss, checkpoint
-    assert results[0][2] == 4 and results[0][3].endswith("iter_0000004")
+    results = run_distributed(_worker, 2, pickle.dumps(cfg), str(tmp_path / "job"))
+    assert results[0] == results[1]  # every rank reports the same step, loss, checkpoint
+    assert results[0][1] == 4 and results[0][2].endswith("iter_0000004")
     assert (tmp_path / "ckpt" / "iter_0000004" / ".metadata").exists()
 
     ours = [r["lm_loss"] for r in read_metrics(tmp_path / "job") if r["kind"] == "train"]
@@ -75,18 +59,10 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path, corpus):
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _torchrun_like_worker(rank, world, port, cfg_bytes, job_dir, queue):
+def _torchrun_like_worker(rank, world, cfg_bytes, job_dir):
     """What torchrun gives a process: the environment only; nobody calls init_process_group."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
     summary = pretrain(pickle.loads(cfg_bytes), job_dir)
-    queue.put((rank, summary.final_loss, summary.checkpoint, dist.is_initialized()))
+    return summary.final_loss, summary.checkpoint, dist.is_initialized()
 
 
 def test_processes_started_by_torchrun_train_as_one_job(tmp_path, corpus):
@@ -99,16 +75,11 @@ def test_processes_started_by_torchrun_train_as_one_job(tmp_path, corpus):
         train={"train_iters": 4, "eval_iters": 0},
         checkpoint={"save_interval": 2, "async_save": True},
     )
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(
-        _torchrun_like_worker,
-        nprocs=2,
-        args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "job"), queue),
+    results = run_distributed(
+        _torchrun_like_worker, 2, pickle.dumps(cfg), str(tmp_path / "job"), env_only=True
     )
-    results = sorted(queue.get() for _ in range(2))
-    assert results[0][1:] == results[1][1:]
-    assert results[0][3] is False  # the group it created is gone again
+    assert results[0] == results[1]
+    assert results[0][2] is False  # the group it created is gone again
     for step in (2, 4):
         rng = tmp_path / "ckpt" / f"iter_{step:07d}" / "rng"
         assert sorted(p.name for p in rng.iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
@@ -129,11 +100,7 @@ def test_a_two_rank_ep2_checkpoint_resumes_in_one_process_where_it_stood(tmp_pat
         checkpoint={"save_interval": 2},
         model={"expert_model_parallel_size": 2},
     )
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(
-        _worker, args=(2, free_port(), pickle.dumps(cfg), str(tmp_path / "ep2" / "job"), queue), nprocs=2
-    )
+    run_distributed(_worker, 2, pickle.dumps(cfg), str(tmp_path / "ep2" / "job"))
     saved = tmp_path / "ep2" / "ckpt"
     resumed = make_config(
         tmp_path / "one",

@@ -219,3 +219,58 @@ def test_an_earlier_copy_whose_removal_was_cut_short_is_never_put_back(tmp_path:
     fs.shutil.rmtree(out)
     fs.refuse_non_empty(out, overwrite=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time
+    from nemotron.utils.fs import exclusive_lock
+
+    with exclusive_lock(sys.argv[1], "holder 1") as locked:
+        print("locked" if locked else "no locks", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_exclusive_lock_refuses_while_held_and_frees_when_its_holder_dies(tmp_path: Path):
+    path = tmp_path / "work" / "lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(fs.LockBusy) as busy:
+            with fs.exclusive_lock(path, "holder 2"):
+                pytest.fail("locked a lock held by another process")
+        assert busy.value.holder == "holder 1" and busy.value.path == path
+        assert path.read_text() == "holder 1"  # the refused one wrote nothing
+    finally:
+        holder.kill()  # (SIGKILL: nothing of its own releases the lock)
+        holder.wait()
+    with fs.exclusive_lock(path, "holder 2") as locked:
+        assert locked and path.read_text() == "holder 2"
+        with pytest.raises(fs.LockBusy):  # another open file of this process: excluded too
+            with fs.exclusive_lock(path, "holder 3"):
+                pass
+
+
+def test_exclusive_lock_follows_a_lock_file_replaced_while_taking_it(tmp_path: Path, monkeypatch):
+    """A holder ending removes the lock file (with its directory) while holding it; a process
+    that opened the removed file just before locks it once freed, and must then see that it
+    excludes nobody and take the file now at the path."""
+    path = tmp_path / "work" / "lock"
+    flock, calls = fs.fcntl.flock, []
+
+    def replaced_first(fd, operation):
+        if not calls:  # between this process's open and its flock, the holder ended
+            path.unlink()
+            path.parent.rmdir()
+        calls.append(fd)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fs.fcntl, "flock", replaced_first)
+    with fs.exclusive_lock(path, "me") as locked:
+        assert locked and len(calls) == 2 and path.read_text() == "me"
+        monkeypatch.setattr(fs.fcntl, "flock", flock)
+        with pytest.raises(fs.LockBusy):  # the file at the path is the one held
+            with fs.exclusive_lock(path, "other"):
+                pass

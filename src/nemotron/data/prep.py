@@ -68,7 +68,7 @@ from nemotron.data.blend import (
 from nemotron.data.config import DataPrepConfig, available_cpus, too_many_workers
 from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
-from nemotron.utils.fs import atomic_write_text, remove_stale_temporaries
+from nemotron.utils.fs import LockBusy, atomic_write_text, exclusive_lock, remove_stale_temporaries
 
 ARTIFACT_TYPE = "DataBlendsArtifact-pretrain"
 FORMAT_VERSION = 1
@@ -1202,10 +1202,131 @@ def _lead(
     emit("plan", message=f"planning {len(blend)} datasets")
     plans = _plan_datasets(cfg, blend, base_dir)
     _check_output_apart(output_dir, blend, blend_path, base_dir, plans)
-    _finish_pending_swaps(output_dir)
     resolved = resolve_tokenizer(cfg.tokenizer)
     tokenizer = Tokenizer(resolved)
     fingerprint = _fingerprint(cfg, plans, tokenizer.identity())
+    # Up to here nothing was written; from here on, this prep is the only one in output_dir.
+    with _output_lock(output_dir, fingerprint, blend_path) as lock_warnings:
+        for warning in lock_warnings:
+            emit(warning=warning)
+        result = _build(
+            cfg,
+            output_dir,
+            task,
+            emit,
+            started,
+            cpu_started,
+            blend,
+            blend_path,
+            plans,
+            resolved,
+            tokenizer,
+            fingerprint,
+        )
+        result.warnings[:0] = lock_warnings
+        return result
+
+
+LOCK_NAME = "lock"
+
+
+@contextlib.contextmanager
+def _output_lock(output_dir: Path, fingerprint: str, blend_path: Path) -> Iterator[list[str]]:
+    """Held by task 0 from its first write under ``output_dir`` to its end, so that a prep
+    never deletes or replaces the work of another that is still running (any
+    config: another config's build would delete this one's work directory at its start and
+    the whole ``.work/`` at its end; the same config's would tokenize every unit again and
+    swap the same build in twice, moving the first one's complete output aside and deleting
+    it). Another prep holding it ends this one before it writes anything, with one error
+    naming both. A dead prep holds nothing (the kernel releases the lock of a process however
+    it ends), so its work directory is still reused or cleaned by the next.
+
+    An flock rather than the writer-named temporaries of `remove_stale_temporaries`: a prep
+    on another host (a Slurm task 0 on a compute node) can never be proved dead by its name,
+    so its leftovers could never be cleaned; an flock is released there too. The lock file
+    lives in ``.work/``, removed last with it. Yields the warnings to give (a file system
+    without locks: the prep goes on, unguarded)."""
+    holder = json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "blend": str(blend_path),
+            "fingerprint": fingerprint,
+        }
+    )
+    work_root = output_dir / WORK_DIR
+    with contextlib.ExitStack() as stack:
+        try:
+            locked = stack.enter_context(exclusive_lock(work_root / LOCK_NAME, holder))
+        except LockBusy as busy:
+            raise DataPrepError(_busy_message(output_dir, busy, fingerprint)) from None
+        except OSError as error:
+            raise DataPrepError(
+                f"output_dir {output_dir}: cannot lock {error.filename}: {error.strerror}"
+            ) from None
+        warnings: list[str] = []
+        if not locked:
+            warnings.append(
+                f"{work_root / LOCK_NAME}: this file system cannot lock files, so another "
+                f"data prep into {output_dir} at the same time would not be noticed; run one at a time"
+            )
+        try:
+            yield warnings
+        finally:
+            # Still locked: .work/ with nothing but the lock file (a prep done, up to date, or
+            # failed before it wrote any work) goes. One kept for a resume keeps its lock file.
+            with contextlib.suppress(OSError):
+                if os.listdir(work_root) == [LOCK_NAME]:
+                    (work_root / LOCK_NAME).unlink()
+                    work_root.rmdir()  # (not empty: another prep's new lock file; it keeps it)
+
+
+def _busy_message(output_dir: Path, busy: LockBusy, fingerprint: str) -> str:
+    try:
+        other = json.loads(busy.holder)
+        who = f"pid {other['pid']} on {other['host']}, started {other['started']}, blend {other['blend']}"
+        same = other["fingerprint"] == fingerprint
+    except (ValueError, TypeError, KeyError):
+        who, same = f"which has not said who it is yet ({busy.path})", False
+    if same:
+        then = "wait for it to finish (a rerun then finds the output up to date)"
+    else:
+        then = "wait for it to finish or stop it, or give this prep another output_dir"
+    what = "the same build" if same else "another build"
+    return f"output_dir {output_dir} is in use by another data prep ({what}; {who}): {then}"
+
+
+def _clear_work_root(work_root: Path) -> None:
+    """Delete what ``.work/`` holds but the lock file (which `_output_lock` removes last, with
+    the directory, as it ends: until then another prep is refused, so it never starts work in a
+    directory being deleted)."""
+    for child in work_root.iterdir() if work_root.is_dir() else []:
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _build(
+    cfg: DataPrepConfig,
+    output_dir: Path,
+    task: PrepTask,
+    emit: _Emitter,
+    started: float,
+    cpu_started: float,
+    blend: Blend,
+    blend_path: Path,
+    plans: list[_DatasetPlan],
+    resolved: ResolvedTokenizer,
+    tokenizer: Tokenizer,
+    fingerprint: str,
+) -> DataPrepResult:
+    """`_lead` once it holds the output lock: finish a dead prep's swap, return the cached
+    output or build and swap in a new one."""
+    _finish_pending_swaps(output_dir)
     work_root = output_dir / WORK_DIR
 
     if not cfg.force:
@@ -1213,7 +1334,7 @@ def _lead(
         if cached is not None:
             _announce(output_dir, task, status="cached")
             if task.world == 1:
-                shutil.rmtree(work_root, ignore_errors=True)  # left by a kill after the last write
+                _clear_work_root(work_root)  # left by a kill after the last write
             emit("done", message="output is up to date; nothing to do")
             return cached
     _refuse_sample_over_full_build(cfg, output_dir)
@@ -1224,7 +1345,8 @@ def _lead(
     current = work_root / "CURRENT"
     previous = current.read_text().strip() if current.is_file() else None
     if cfg.force or previous != fingerprint:
-        # Another (or a forced) build: units of an older unfinished build are not reused.
+        # Another (or a forced) build: units of an older unfinished build are not reused (its
+        # prep is dead: a live one would hold the output lock).
         for child in work_root.iterdir() if work_root.is_dir() else []:
             if child.is_dir() and child.name != "attempts":
                 shutil.rmtree(child, ignore_errors=True)
@@ -1403,7 +1525,7 @@ def _lead(
     atomic_write_text(staging / "metadata.json", json.dumps(metadata, indent=2, default=str) + "\n")
     _swap_in(output_dir, work_dir)
     _announce(output_dir, task, status="done")  # the other tasks wait for this to exit
-    shutil.rmtree(work_root, ignore_errors=True)
+    _clear_work_root(work_root)
     emit("done", message="data prep complete")
     result = _result_from_metadata(output_dir, metadata, cached=False, elapsed=elapsed, reused=len(completed))
     result.cpu_s = cpu_seconds

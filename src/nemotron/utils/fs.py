@@ -20,6 +20,12 @@ Directories that are built up file by file (checkpoints, exported models, job di
 follow the same rule at their own level: built under a temporary name, renamed when complete
 (`publish_dir` when an earlier one may be there); `apply_default_modes` gives such a directory
 the modes a plain mkdir/open would have.
+
+A process that must be the only one at work in a directory for a while (a data prep in its
+output directory) holds `exclusive_lock` on a file there: an flock, which the kernel releases
+when the holder exits however it ends (kill -9 included), also across the hosts of a shared
+file system that supports locks. A name alone cannot say that: a temporary's writer on another
+host can never be proved gone, so its work could be neither taken over nor cleaned.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -45,7 +52,9 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "LockBusy",
     "current_umask",
+    "exclusive_lock",
     "free_space_note",
     "naming",
     "publish_dir",
@@ -320,6 +329,88 @@ def publish_dir(built: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
         raise
     _discard(aside, out)
     return out
+
+
+class LockBusy(Exception):
+    """`exclusive_lock(path)` is held by another process, which wrote `holder` into the lock
+    file (empty if it had not yet, or it cannot be read)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path}: locked by another process: {holder or 'unknown'}")
+        self.path, self.holder = path, holder
+
+
+# errnos of an flock that this file system does not do (some network file system mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
+def _lock_once(path: Path, holder: str) -> int | None:
+    """One try of `exclusive_lock`: the locked fd; None when the file at `path` changed under
+    us (removed, or removed and created anew, by a holder ending); -1 where the file system has
+    no locks."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:  # its directory was being removed by a holder ending: look again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:  # (its own description:
+                    text = f.read().strip()  # closing it does not release an flock of ours)
+            except OSError:
+                text = ""
+            raise LockBusy(path, text) from None
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                os.close(fd)
+                return -1
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+        # A holder ending may remove the file (with its directory) while holding it: the file
+        # locked here is then no longer the one at `path`, and a lock on it excludes nobody.
+        try:
+            here, there = os.fstat(fd), os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8"), 0)
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], holder: str) -> Iterator[bool]:
+    """Hold an exclusive lock (flock) on the file `path` (created, parents too) for the block,
+    with `holder` (who holds it, for the message of another process refused) written into it.
+    Another process holding it: `LockBusy`, at once (no wait). Yields True; False where the
+    file system has no locks (nothing is held then: the caller says so).
+
+    The holder may remove the file, or its directory, before the block ends (a directory that
+    must not outlive the work); one that locked the removed file then looks again."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        fd = _lock_once(path, holder)
+        if fd is not None:
+            break
+    else:  # (removed and created anew 100 times in a row: not a holder ending)
+        raise OSError(errno.EAGAIN, "lock file keeps being replaced", os.fspath(path))
+    if fd == -1:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def free_space_note(directory: str | os.PathLike[str]) -> str:
