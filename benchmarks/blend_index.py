@@ -58,13 +58,17 @@ def main() -> None:
     check = build_blending_indices(weights, args.python_samples, compiled=True)
     want = build_blending_indices(weights, args.python_samples, compiled=False)
     same = all(np.array_equal(a, b) for a, b in zip(check, want))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}"
+    )
     print(f"datasets {args.datasets}; identical on {args.python_samples:,} samples: {same}")
     print(f"compiled library: import cpp_extension {imported:.2f} s, build {built:.2f} s (first use)")
     for name, us in (("python", python_us), ("compiled", compiled_us)):
         projected = us * RECIPE_SAMPLES / 1e6
         print(f"{name:9s} {us:8.4f} us/sample -> {projected / 60:8.1f} min at {RECIPE_SAMPLES:.3g} samples")
-    print(f"speed-up {python_us / compiled_us:.0f}x; index arrays at recipe scale: {RECIPE_SAMPLES * 10 / 1e9:.1f} GB")
+    print(
+        f"speed-up {python_us / compiled_us:.0f}x; index arrays at recipe scale: {RECIPE_SAMPLES * 10 / 1e9:.1f} GB"
+    )
 
 
 if __name__ == "__main__":
