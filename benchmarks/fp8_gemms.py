@@ -38,7 +38,8 @@ Its parts, each in the same process and on the same GPU:
 
 Parts run with `--parts` (default `gemms,experts,quant`; also `expert_wgrad`,
 `grouped_autotune`, `lm_head`, `fast_accum`, `linears`, `gathered_forms`, `fp8_wgrad`,
-`grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product; it
+`lm_head_kernels`: the LM-head loss's logit-gradient kernel per tile, alone and at the training
+layout, and its row kernel per configuration; `grouped_triton`: `kernels.fp8_grouped_triton` against PyTorch's CUTLASS grouped product; it
 ends with the fastest tiles in the form `train.fp8.experts_grouped_tiles` takes, as the last
 line `GROUPED_TRITON_BEST_TILES=M,N,K,stages,warps,tma,persistent` and in the JSON's
 `grouped_triton.best`).
@@ -760,10 +761,15 @@ def lm_head_part(cfg: Nano3Config, tokens: int, chunk: int, dev, warmup: int, it
     return result
 
 
-def grad_fp8_tile_sweep(cfg: Nano3Config, chunk: int, dev, warmup: int, iters: int) -> dict:
+def grad_fp8_tile_sweep(
+    cfg: Nano3Config, chunk: int, dev, warmup: int, iters: int, group: int = 24576
+) -> dict:
     """The FP8 logit-gradient kernel (one [chunk, V] chunk: reads the BF16 logits, writes e4m3
-    rows and transposed e5m2) per tile shape: ms and GB/s (4 bytes per element moved)."""
-    from nemotron.kernels.cross_entropy_triton import GRAD_FP8_TILE, logit_grad_fp8
+    rows and transposed e5m2) per tile shape: ms and GB/s (4 bytes per element moved), with the
+    transposed output a [V, chunk] matrix ("alone") and, as training writes it, a column slice
+    of a [V, group] one at the third chunk ("training"); "tuned": the tile `logit_grad_fp8`
+    picks itself (`GRAD_FP8_TILES`)."""
+    from nemotron.kernels.cross_entropy_triton import GRAD_FP8_TILE, GRAD_FP8_TILES, logit_grad_fp8
 
     v = cfg.vocab_size
     logits = (torch.randn(chunk, v, device=dev) * 2.0).bfloat16()
@@ -772,32 +778,51 @@ def grad_fp8_tile_sweep(cfg: Nano3Config, chunk: int, dev, warmup: int, iters: i
     row_scale = torch.full((chunk,), 1.0 / 24576, device=dev)
     sr, sc = torch.tensor(2.0**22, device=dev), torch.tensor(2.0**29, device=dev)
     gq = torch.empty(chunk, v, dtype=torch.float8_e4m3fn, device=dev)
-    gqt = torch.empty(v, chunk, dtype=torch.float8_e5m2, device=dev)
-    out = {"default": list(GRAD_FP8_TILE)}
-    for tile in (
-        (64, 128, 8),
-        (128, 64, 8),
-        (128, 128, 8),
-        (128, 128, 4),
-        (64, 256, 8),
-        (32, 256, 4),
-        (256, 64, 8),
-    ):
-        try:
-            ms = median(
-                time_ms(
-                    lambda: logit_grad_fp8(logits, lse, labels, row_scale, sr, sc, gq, gqt, tile=tile),
-                    dev,
-                    warmup,
-                    iters,
+    layouts = {
+        "alone": torch.empty(v, chunk, dtype=torch.float8_e5m2, device=dev),
+        "training": torch.empty(v, max(group, 3 * chunk), dtype=torch.float8_e5m2, device=dev)[
+            :, 2 * chunk :
+        ],
+    }
+    out: dict = {"default": list(GRAD_FP8_TILE)}
+    for layout, gqt in layouts.items():
+        rows = out.setdefault(layout, {})
+        for tile in (*GRAD_FP8_TILES, None):
+            name = "tuned" if tile is None else "x".join(map(str, tile))
+            try:
+                ms = median(
+                    time_ms(
+                        lambda: logit_grad_fp8(logits, lse, labels, row_scale, sr, sc, gq, gqt, tile=tile),
+                        dev,
+                        warmup,
+                        iters,
+                    )
                 )
-            )
-        except Exception as err:  # noqa: BLE001 - a tile the compiler refuses: report, go on
-            out["x".join(map(str, tile))] = {"error": str(err)[:300]}
-            print(f"logit_grad_fp8 tile {tile}: {err}")
-            continue
-        out["x".join(map(str, tile))] = {"ms": ms, "GB_per_s": chunk * v * 4 / ms / 1e6}
-        print(f"logit_grad_fp8 tile {tile}: {ms:.3f} ms ({chunk * v * 4 / ms / 1e6:.0f} GB/s)")
+            except Exception as err:  # noqa: BLE001 - a tile the compiler refuses: report, go on
+                rows[name] = {"error": str(err)[:300]}
+                print(f"logit_grad_fp8 {layout} tile {name}: {err}")
+                continue
+            rows[name] = {"ms": ms, "GB_per_s": chunk * v * 4 / ms / 1e6}
+            print(f"logit_grad_fp8 {layout} tile {name}: {ms:.3f} ms ({chunk * v * 4 / ms / 1e6:.0f} GB/s)")
+    return out
+
+
+def rows_config_sweep(cfg: Nano3Config, chunk: int, dev, warmup: int, iters: int) -> dict:
+    """The LM-head loss's row kernel (one [chunk, V] chunk, loss and log-sum-exp only: one read
+    of the BF16 logits) per (columns per iteration, warps): ms and GB/s (2 bytes per element)."""
+    from nemotron.kernels.cross_entropy_triton import ROWS_CONFIG, cross_entropy_rows
+
+    v = cfg.vocab_size
+    logits = (torch.randn(chunk, v, device=dev) * 2.0).bfloat16()
+    labels = torch.randint(0, v, (chunk,), device=dev)
+    out: dict = {"default": list(ROWS_CONFIG)}
+    for config in ((4096, 8), (4096, 16), (8192, 8), (8192, 16), (2048, 8), (2048, 4), (16384, 16)):
+        name = "x".join(map(str, config))
+        ms = median(
+            time_ms(lambda: cross_entropy_rows(logits, labels, None, config=config), dev, warmup, iters)
+        )
+        out[name] = {"ms": ms, "GB_per_s": chunk * v * 2 / ms / 1e6}
+        print(f"cross_entropy_rows {name}: {ms:.3f} ms ({chunk * v * 2 / ms / 1e6:.0f} GB/s)")
     return out
 
 
@@ -957,6 +982,9 @@ def main() -> None:
         result["quant"] = quant_part(dev, args.warmup, args.iters)
     if "lm_head" in parts:
         result["lm_head"] = lm_head_part(cfg, tokens, args.lm_chunk, dev, args.warmup, args.iters)
+    if "lm_head_kernels" in parts:
+        result["grad_fp8_tiles"] = grad_fp8_tile_sweep(cfg, args.lm_chunk, dev, args.warmup, args.iters)
+        result["rows_configs"] = rows_config_sweep(cfg, args.lm_chunk, dev, args.warmup, args.iters)
     if "gathered_forms" in parts:
         result["gathered_forms"] = gathered_forms_part(cfg, tokens, dev, args.warmup, args.iters)
     if "linears" in parts:

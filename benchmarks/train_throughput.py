@@ -26,7 +26,8 @@ peak is), and the top kernels from a `torch.profiler` pass (`PROFILE_TOP` of the
 the CPU; the kernels each idle interval ended before, longest total first, and the idle time
 by the phase of `train_step` the host was in when the GPU resumed), the operators with
 the most host time of their own, and, for the kernel-name substrings in `PROFILE_ATTRIBUTE`
-(comma list), their time by the operators that launched them. `SKIP_GUARD_EVAL=1` (an
+(comma list), their time by the operators that launched them; `PROFILE_TRACE=FILE[.gz]` writes
+the profiled step's whole trace (Chrome trace format). `SKIP_GUARD_EVAL=1` (an
 experiment) times the steps after the warm-up with compiled regions skipping their guards
 (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). `--check-numerics N` compares the loss of the first N
 steps with the reference path (fp32 weights, PyTorch reference kernels, full-logits loss) on the
@@ -324,6 +325,9 @@ PROFILE_ATTRIBUTE = [p for p in os.environ.get("PROFILE_ATTRIBUTE", "").split(",
 # an experiment: after the warm-up steps, compiled regions skip their guards except those that
 # tell their compiled versions apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`)
 SKIP_GUARD_EVAL = os.environ.get("SKIP_GUARD_EVAL", "") == "1"
+# a file to write the profiled step's trace to (Chrome trace format, gzip-compressed when the
+# name ends in .gz): every kernel with its stream, for what the summaries above leave out
+PROFILE_TRACE = os.environ.get("PROFILE_TRACE", "")
 GAP_TOP = 20  # the kernels before which the profiled step's GPU waited longest, kept
 
 
@@ -548,6 +552,8 @@ def run_training(
             busy["cpu_total_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
             if PROFILE_ATTRIBUTE:
                 attributed = attribute_kernels(prof, PROFILE_ATTRIBUTE)
+            if PROFILE_TRACE:
+                prof.export_chrome_trace(PROFILE_TRACE)
     if SKIP_GUARD_EVAL:
         torch.compiler.set_stance("default")
     step_ms = median(times)

@@ -197,6 +197,13 @@ def _ce_grad_fp8_check():
         torch.testing.assert_close(gqt[:, off : off + m], want_cols, rtol=1e-5, atol=1e-6)
         assert torch.all(gqt[:, :off] == 7.0) and torch.all(gqt[:, off + m :] == 7.0)
         assert torch.all(gq[4] == 0.0)
+        # another tile (`GRAD_FP8_TILES`): the same values
+        gq_c, gqt_c = torch.empty(m, v), torch.full((v, width), 7.0)
+        logit_grad_fp8(
+            logits, lse, labels, row_scale, sr, sc, gq_c, gqt_c[:, off:], clamp_rows=448.0,
+            clamp_cols=57344.0, tile=(16, 64, 4),
+        )  # fmt: skip
+        assert torch.equal(gq_c, gq) and torch.equal(gqt_c, gqt)
     assert float(gq.abs().max()) == 448.0 and float(gqt.abs().max()) == 57344.0
 
 
@@ -374,6 +381,60 @@ def _fp8_rows_check(shape, relu2):
             raise AssertionError(f"rows of {cols} elements must be refused")
     empty_q, empty_inv = quantize_rows_triton(torch.zeros(0, 64))
     assert empty_q.shape == (0, 64) and empty_inv.shape == (0,)
+
+
+def _fp8_transposed_check(shape=(3, 37, 77), tile=None):
+    """The FP8 experts' gathered forms from float32 master weights (`train.fp8_gather`): the
+    transposed pass == `quantize_transposed` of the BF16 weight with the matrix's scale, and the
+    per-row pass with BF16 rounding written into given buffers == `quantize_rows` of the BF16
+    weight, bit for bit (values rounded to float8 by PyTorch, see `_fp8_rows_check`). Rows of
+    mixed magnitude, a NaN element, an all-zero matrix, ragged tiles, strided outputs.
+    `tests/train/test_gpu_fp8.py` checks the BF16 rounding of arbitrary float32 on a GPU."""
+    from nemotron.kernels.fp8 import quantize_rows, quantize_transposed
+    from nemotron.kernels.fp8_triton import quantize_rows_triton, quantize_transposed_triton
+
+    gen = torch.Generator().manual_seed(41)
+    e, n, k = shape
+    w = torch.randn(shape, generator=gen) * torch.logspace(-6, 3, n)[None, :, None]
+    # float32 values BF16 holds exactly: the interpreter's float32 -> BF16 conversion is not
+    # round-to-nearest-even (the GPU test rounds arbitrary float32 on the device)
+    w = w.bfloat16().float()
+    w[0, 2, 5] = float("nan")
+    w[-1] = 0.0
+    want_q, want_inv = quantize_rows(w.bfloat16())
+    matrix_inv = want_inv.amax(-1)
+    want_t, _ = quantize_transposed(w.bfloat16(), matrix_inv)
+    # strided outputs: row slices of wider buffers, as `pack_forms` writes into views
+    rows_buf = torch.empty(e * n, k + 3)
+    inv_buf = torch.empty(e * n)
+    got_q, got_inv = quantize_rows_triton(
+        w, out_dtype=torch.float32, round_bf16=True, out=(rows_buf[:, :k], inv_buf)
+    )
+    assert got_q.data_ptr() == rows_buf.data_ptr() and got_inv is inv_buf
+    assert torch.equal(got_inv.view(e, n), want_inv), (got_inv.view(e, n) - want_inv).abs().max()
+    # NaN compared as NaN (the interpreter's conversion may set its sign bit), the rest by bits
+    assert got_q.view(e, n, k)[0, 2, 5].isnan() and want_q[0, 2, 5].float().isnan()
+    got_q.view(e, n, k)[0, 2, 5] = 0.0
+    want_q[0, 2, 5] = 0.0
+    bits = got_q.to(torch.float8_e4m3fn).view(torch.uint8).view(e, n, k)
+    assert torch.equal(bits, want_q.view(torch.uint8)), (bits != want_q.view(torch.uint8)).sum()
+    t_buf = torch.empty(e, k, n + 5)
+    got_t = quantize_transposed_triton(
+        w, matrix_inv, out_dtype=torch.float32, round_bf16=True, out=t_buf[:, :, :n], tile=tile
+    )
+    assert got_t.shape == want_t.shape
+    assert got_t[0, 5, 2].isnan() and want_t[0, 5, 2].float().isnan()
+    got_t[0, 5, 2] = 0.0
+    want_t[0, 5, 2] = 0.0
+    t_bits = got_t.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(t_bits, want_t.view(torch.uint8)), (t_bits != want_t.view(torch.uint8)).sum()
+    for bad in (torch.empty(e, k, n + 1), torch.empty(e, n, k)):
+        try:
+            quantize_transposed_triton(w, matrix_inv, out=bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"an out of shape {tuple(bad.shape)} must be refused")
 
 
 def _fp8_rows_to_check(tokens=37, k=3, cols=77):
@@ -1467,6 +1528,8 @@ CHECKS = {
     "fp8_rows_ragged_programs": lambda: _fp8_rows_check((150, 77), relu2=False),
     "fp8_rows_nano3_width": lambda: _fp8_rows_check((5, 2688), relu2=False),
     "fp8_rows_relu2_3d": lambda: _fp8_rows_check((3, 5, 300), relu2=True),
+    "fp8_transposed_forms": _fp8_transposed_check,
+    "fp8_transposed_forms_small_tiles": lambda: _fp8_transposed_check((2, 70, 50), tile=(16, 32, 4)),
     "fp8_transposed_groups": lambda: _fp8_transposed_groups_check([5, 0, 130, 17, 1, 300]),
     "fp8_transposed_groups_one_expert": lambda: _fp8_transposed_groups_check([64]),
     "fp8_transposed_groups_trailing_empty": lambda: _fp8_transposed_groups_check([3, 250, 0, 0]),

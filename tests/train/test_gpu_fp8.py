@@ -453,3 +453,47 @@ def test_fp8_logit_gradient_kernel_matches_the_pytorch_formula():
         differ = got != want
         assert differ.float().mean() < 1e-3, differ.float().mean()
         assert torch.all((got - want).abs() <= step * want.abs() + 2**-9)
+
+
+def test_fp8_logit_gradient_tiles_write_the_same_bytes():
+    """`logit_grad_fp8` tunes its tile on a GPU (`GRAD_FP8_TILES`); every tile writes the same
+    bytes as the default one, at the training layout (a column slice of the group's transposed
+    gradient)."""
+    from nemotron.kernels.cross_entropy_triton import GRAD_FP8_TILES, logit_grad_fp8
+
+    torch.manual_seed(7)
+    m, v = 1000, 131072
+    logits = (torch.randn(m, v, device=CUDA) * 2.0).bfloat16()
+    labels = torch.randint(0, v, (m,), device=CUDA)
+    row_scale = torch.rand(m, device=CUDA) / 24576
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    sr = torch.tensor(2.0**22, device=CUDA)
+    sc = torch.tensor(2.0**29, device=CUDA)
+    outs = []
+    for tile in (None, *GRAD_FP8_TILES):
+        gq = torch.empty(m, v, dtype=torch.float8_e4m3fn, device=CUDA)
+        gqt = torch.zeros(v, 3 * m, dtype=torch.float8_e5m2, device=CUDA)
+        logit_grad_fp8(logits, lse, labels, row_scale, sr, sc, gq, gqt[:, m:], tile=tile)
+        outs.append((gq.view(torch.uint8), gqt.view(torch.uint8)))
+    for tile, (gq, gqt) in zip(GRAD_FP8_TILES, outs[1:]):
+        assert torch.equal(gq, outs[0][0]) and torch.equal(gqt, outs[0][1]), tile
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_gathered_forms_from_float32_master_weights_on_the_gpu(world):
+    """`pack_forms` on the GPU (two Triton passes from the float32 master weight, BF16 rounding
+    in registers, written into the all-gather inputs) == the reference path on the CPU (a BF16
+    copy, `quantize_rows` and `quantize_transposed`), bit for bit: arbitrary float32 values
+    (not BF16-exact: the rounding to BF16 is the device's), rows of very different magnitudes,
+    at the proxy's expert shape and a ragged one."""
+    from nemotron.train.fp8_gather import pack_forms
+
+    torch.manual_seed(8)
+    for shape in ((8, 1856, 2688), (3, 70, 50)):
+        e, n, k = shape
+        w = torch.randn(shape, device=CUDA) * torch.logspace(-5, 2, n, device=CUDA)[None, :, None]
+        got = pack_forms(w, world)
+        want = pack_forms(w.cpu(), world)
+        assert len(got) == len(want)
+        for g, x in zip(got, want):
+            assert g.shape == x.shape and torch.equal(g.cpu(), x), shape

@@ -56,11 +56,15 @@ def _ce_rows_kernel(LOGITS, LABELS, ROW_SCALE, LOSS, LSE, V, stride,
 
 
 def cross_entropy_rows(
-    logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor | None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse)`` in float32 for ``logits[M, V]`` (a label outside [0, V): NaN loss
     and gradient row); if ``row_scale``
-    is given, ``logits`` is overwritten with ``row_scale[:, None] * (softmax - onehot)``."""
+    is given, ``logits`` is overwritten with ``row_scale[:, None] * (softmax - onehot)``.
+    ``config``: (vocabulary columns per iteration, warps), default `ROWS_CONFIG`."""
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows: logits rows must be contiguous")
     m, v = logits.shape
@@ -68,14 +72,40 @@ def cross_entropy_rows(
     lse = torch.empty(m, device=logits.device, dtype=torch.float32)
     write = row_scale is not None
     scale = loss if row_scale is None else row_scale.to(torch.float32).contiguous()
-    block = min(4096, triton.next_power_of_2(v))
+    block_v, warps = config or ROWS_CONFIG
+    block = min(block_v, triton.next_power_of_2(v))
     _ce_rows_kernel[(m,)](logits, labels.contiguous(), scale, loss, lse, v, logits.stride(0),
-                          WRITE_GRAD=write, BLOCK_V=block, num_warps=8)
+                          WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
     return loss, lse
 
 
-# (rows, vocabulary columns, warps) of one program of `_ce_grad_fp8_kernel`
+# (vocabulary columns per iteration, warps) of `_ce_rows_kernel`'s one program per row. Fixed,
+# not tuned per run: the block sets the order of the row's sums, so a tuned choice could change
+# the loss's last bits from run to run. The fastest measured (H100, `fp8_gemms.py --parts
+# lm_head_kernels`: 0.43 ms per [4,096, 131,072] chunk; 2,048-16,384 columns, 4-16 warps slower).
+ROWS_CONFIG = (4096, 8)
+
+
+# (rows, vocabulary columns, warps) of one program of `_ce_grad_fp8_kernel`: the default, and
+# the tiles it is tuned over on a GPU (`logit_grad_fp8`). Every tile computes each element the
+# same way (no sum crosses a tile), so the choice changes the time, never a value. At the
+# training layout (the transposed gradient a column slice of the group's [V, group rows]) the
+# best tile differs from the best for a [V, chunk] matrix alone: on an H100, 32 x 128 (1.10 ms
+# per 4,096-row chunk) against the default's 1.24 ms there, and 16 x 512 (1.01 ms) alone
+# (docs/benchmarks.md, "Fourteenth round").
 GRAD_FP8_TILE = (32, 256, 4)
+GRAD_FP8_TILES = (
+    (32, 256, 4),
+    (32, 256, 8),
+    (64, 128, 4),
+    (64, 128, 8),
+    (64, 256, 8),
+    (128, 64, 4),
+    (128, 128, 8),
+    (128, 64, 8),
+    (32, 128, 4),
+    (16, 512, 4),
+)
 
 
 @triton.jit
@@ -127,7 +157,8 @@ def logit_grad_fp8(
     0-dim float32 tensors (on the device: no synchronisation). ``gq`` and ``gqt`` may be float32
     (the values before rounding: the CPU interpreter's float8 conversion is not IEEE), with
     ``clamp_rows`` / ``clamp_cols`` the largest values of the float8 dtypes they stand for.
-    ``tile``: (rows, vocabulary columns, warps) per program, default `GRAD_FP8_TILE`."""
+    ``tile``: (rows, vocabulary columns, warps) per program; None: on a GPU the fastest of
+    `GRAD_FP8_TILES` for this shape (tuned on first use), elsewhere `GRAD_FP8_TILE`."""
     m, v = logits.shape
     if logits.stride(1) != 1 or gq.stride(1) != 1 or gqt.stride(1) != 1:
         raise ValueError("logit_grad_fp8: rows must be contiguous")
@@ -135,13 +166,35 @@ def logit_grad_fp8(
         raise ValueError(f"logit_grad_fp8: gq {tuple(gq.shape)} / gqt {tuple(gqt.shape)} for logits {(m, v)}")
     if m == 0:
         return
-    block_t, block_v, warps = tile or GRAD_FP8_TILE
-    _ce_grad_fp8_kernel[(triton.cdiv(m, block_t), triton.cdiv(v, block_v))](
+    args = (
         logits, lse.contiguous(), labels.contiguous(), row_scale.to(torch.float32).contiguous(),
         scale_rows, scale_cols, gq, gqt, m, v, logits.stride(0), gq.stride(0), gqt.stride(0),
         clamp_rows or _dtype_max(gq.dtype), clamp_cols or _dtype_max(gqt.dtype),
-        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps,
     )
+    if tile is None and logits.is_cuda:
+        # the tile measured fastest for this shape and layout, once per process (`_grad_tuned`)
+        _grad_tuned()[lambda meta: (triton.cdiv(m, meta["BLOCK_T"]), triton.cdiv(v, meta["BLOCK_V"]))](*args)
+        return
+    block_t, block_v, warps = tile or GRAD_FP8_TILE
+    _ce_grad_fp8_kernel[(triton.cdiv(m, block_t), triton.cdiv(v, block_v))](
+        *args, BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps
+    )
+
+
+_GRAD_TUNED: list = []
+
+
+def _grad_tuned():
+    """`_ce_grad_fp8_kernel` under `triton.autotune` over `GRAD_FP8_TILES`, keyed on the chunk's
+    rows, the vocabulary and the three row strides (the transposed output's is the group's
+    rows). The kernel only writes its outputs, so timing a tile repeats the same stores."""
+    if not _GRAD_TUNED:
+        configs = [
+            triton.Config({"BLOCK_T": t, "BLOCK_V": c}, num_warps=w) for t, c, w in GRAD_FP8_TILES
+        ]
+        key = ["T", "V", "stride_l", "stride_gq", "stride_gqt"]
+        _GRAD_TUNED.append(triton.autotune(configs=configs, key=key)(_ce_grad_fp8_kernel))
+    return _GRAD_TUNED[0]
 
 
 def _dtype_max(dtype: torch.dtype) -> float:

@@ -10,6 +10,11 @@ quantization cost (~0.9 ms per call for [147456, 2688]).
 ``RELU2``: quantize ``relu(x)^2`` (fp32) instead of ``x``: the squared ReLU of the routed experts
 fused with the quantization of its output, which is never stored in BF16.
 
+``quantize_transposed_triton``: a weight [E, N, K] scaled by one power of two per matrix and
+written transposed [E, K, N] in float8, one tile per program (coalesced read along K and write
+along N); with the row kernel's ``round_bf16`` it makes the experts' gathered FP8 forms from
+the float32 master weights (`train.fp8_gather.pack_forms`) in two passes.
+
 The scale is computed exactly as the reference does: ``448 / amax`` in fp32 with its mantissa
 bits cleared (the largest power of two not above it).
 """
@@ -23,7 +28,13 @@ import triton.language as tl
 from nemotron.kernels.dense import dense
 from nemotron.kernels.fp8 import EXPONENT_BITS, FLOAT8_MAX, QUANT_EPS
 
-__all__ = ["MAX_ROW", "quantize_rows_triton", "quantize_rows_to_triton", "relu2_backward_rows_triton"]
+__all__ = [
+    "MAX_ROW",
+    "quantize_rows_triton",
+    "quantize_rows_to_triton",
+    "quantize_transposed_triton",
+    "relu2_backward_rows_triton",
+]
 
 MAX_ROW = 8192  # longest row held in registers at once (wider rows take the reference)
 _ELEMENTS_PER_PROGRAM = 8192
@@ -59,9 +70,11 @@ def _load_rows(X, n_rows, n_cols, stride_x, BLOCK_K: tl.constexpr, ROWS: tl.cons
 @triton.jit
 def _quantize_rows_kernel(
     X, Q, INV, n_rows, n_cols, stride_x, stride_q, fp8_max, eps,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, RELU2: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, RELU2: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     x, rows, cols, row_ok, mask = _load_rows(X, n_rows, n_cols, stride_x, BLOCK_K, ROWS)
+    if ROUND_BF16:  # float32 master weights quantized from their BF16 values
+        x = x.to(tl.bfloat16).to(tl.float32)
     if RELU2:
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         x = x * x
@@ -69,12 +82,19 @@ def _quantize_rows_kernel(
 
 
 def quantize_rows_triton(
-    x: torch.Tensor, relu2: bool = False, out_dtype: torch.dtype = torch.float8_e4m3fn
+    x: torch.Tensor,
+    relu2: bool = False,
+    out_dtype: torch.dtype = torch.float8_e4m3fn,
+    round_bf16: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nemotron.kernels.fp8.quantize_rows(x)` (of ``relu(x)^2`` with `relu2`) in one pass:
     x [..., K] with K <= `MAX_ROW` -> (float8 [..., K] contiguous, float32 inverse scales [...]).
     `out_dtype`: the values' dtype (float32 keeps them unrounded: the CPU interpreter's float8
-    conversion is not IEEE round-to-nearest, so its tests take the rounding from PyTorch)."""
+    conversion is not IEEE round-to-nearest, so its tests take the rounding from PyTorch).
+    `round_bf16`: quantize x rounded to BF16 first (`quantize_rows(x.bfloat16())` of float32
+    master weights without a BF16 copy). `out`: (values [rows, K] with contiguous rows, inverse
+    scales [rows] contiguous) to write into, returned as they are."""
     x = dense(x)
     k = x.shape[-1]
     if not 0 < k <= MAX_ROW:
@@ -83,16 +103,97 @@ def quantize_rows_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n = x2.shape[0]
-    q = torch.empty((n, k), dtype=out_dtype, device=x.device)
-    inv = torch.empty(n, dtype=torch.float32, device=x.device)
+    if out is None:
+        q = torch.empty((n, k), dtype=out_dtype, device=x.device)
+        inv = torch.empty(n, dtype=torch.float32, device=x.device)
+    else:
+        q, inv = out
+        if q.shape != (n, k) or q.stride(-1) != 1 or inv.shape != (n,) or not inv.is_contiguous():
+            raise ValueError(f"quantize_rows_triton: out {tuple(q.shape)}, {tuple(inv.shape)} for {n} rows of {k}")
     if n:
         block_k = triton.next_power_of_2(k)
         rows = max(1, _ELEMENTS_PER_PROGRAM // block_k)
         _quantize_rows_kernel[(triton.cdiv(n, rows),)](
             x2, q, inv, n, k, x2.stride(0), q.stride(0), FLOAT8_MAX, QUANT_EPS,
-            BLOCK_K=block_k, ROWS=rows, RELU2=relu2, num_warps=8,
+            BLOCK_K=block_k, ROWS=rows, RELU2=relu2, ROUND_BF16=round_bf16, num_warps=8,
         )  # fmt: skip
+    if out is not None:
+        return out
     return q.reshape(x.shape), inv.reshape(x.shape[:-1])
+
+
+@triton.jit
+def _quantize_transposed_kernel(
+    W, INV, QT, n, k, stride_we, stride_wn, stride_qe, stride_qk, fp8_max,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    # One [BLOCK_N, BLOCK_K] tile of matrix e of W [E, N, K], scaled by 1 / INV[e] (a power of
+    # two: exact), clamped, written transposed into QT [E, K, N]: the tile makes both the read
+    # along K and the write along N coalesced.
+    e = tl.program_id(2).to(tl.int64)
+    ns = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (ns[:, None] < n) & (ks[None, :] < k)
+    w = tl.load(W + e * stride_we + ns[:, None] * stride_wn + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROUND_BF16:
+        w = w.to(tl.bfloat16).to(tl.float32)
+    y = w * (1.0 / tl.load(INV + e))
+    # NaN stays NaN, as the reference's clamp keeps it
+    y = tl.minimum(tl.maximum(y, -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
+                   propagate_nan=tl.PropagateNan.ALL)
+    tl.store(QT + e * stride_qe + ks[:, None] * stride_qk + ns[None, :], tl.trans(y).to(QT.dtype.element_ty),
+             mask=tl.trans(mask))
+
+
+# (BLOCK_N, BLOCK_K, warps) of `_quantize_transposed_kernel`: the default and, on a GPU, the
+# tiles it is tuned over (the tile changes the time, never a value: no sum crosses a tile)
+TRANSPOSED_TILE = (64, 128, 4)
+TRANSPOSED_TILES = ((64, 128, 4), (128, 64, 4), (128, 64, 8), (64, 64, 4), (128, 128, 8), (32, 128, 4))
+_TRANSPOSED_TUNED: list = []
+
+
+def _transposed_tuned():
+    if not _TRANSPOSED_TUNED:
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in TRANSPOSED_TILES]
+        key = ["n", "k", "stride_we", "stride_wn", "stride_qe", "stride_qk"]
+        _TRANSPOSED_TUNED.append(triton.autotune(configs=configs, key=key)(_quantize_transposed_kernel))
+    return _TRANSPOSED_TUNED[0]
+
+
+def quantize_transposed_triton(
+    w: torch.Tensor,
+    inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.float8_e4m3fn,
+    round_bf16: bool = False,
+    out: torch.Tensor | None = None,
+    tile: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """The values of `nemotron.kernels.fp8.quantize_transposed(w, inv)` in one pass: w [E, N, K]
+    (rows contiguous), one power-of-two inverse scale per matrix inv [E] -> float8 [E, K, N]
+    contiguous (or written into `out`, [E, K, N] with contiguous rows). `round_bf16` and
+    `out_dtype` as in `quantize_rows_triton`. `tile`: (BLOCK_N, BLOCK_K, warps); None: on a GPU
+    the fastest of `TRANSPOSED_TILES` for these shapes (tuned on first use), else
+    `TRANSPOSED_TILE`."""
+    w = dense(w)
+    if w.dim() != 3 or w.stride(-1) != 1:
+        raise ValueError(f"quantize_transposed_triton: w must be [E, N, K] with contiguous rows, got {tuple(w.shape)}")
+    e, n, k = w.shape
+    if out is None:
+        out = torch.empty((e, k, n), dtype=out_dtype, device=w.device)
+    elif out.shape != (e, k, n) or out.stride(-1) != 1:
+        raise ValueError(f"quantize_transposed_triton: out {tuple(out.shape)} for w {tuple(w.shape)}")
+    if not out.numel():
+        return out
+    args = (w, inv.float().contiguous(), out, n, k, w.stride(0), w.stride(1), out.stride(0), out.stride(1), FLOAT8_MAX)
+    if tile is None and w.is_cuda:
+        grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]), e)  # noqa: E731
+        _transposed_tuned()[grid](*args, ROUND_BF16=round_bf16)
+        return out
+    bn, bk, warps = tile or TRANSPOSED_TILE
+    _quantize_transposed_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn), e)](
+        *args, BLOCK_N=bn, BLOCK_K=bk, ROUND_BF16=round_bf16, num_warps=warps
+    )
+    return out
 
 
 @triton.jit

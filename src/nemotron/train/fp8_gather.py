@@ -14,7 +14,8 @@ are gathered once per optimizer step, so the forms are made once per step at no 
 under data parallelism the all-gather moves the two FP8 forms (as many bytes as BF16).
 
 The values are those `fp8_grouped` computes from the BF16 weight (the master weight is first
-rounded to FSDP's parameter dtype, as the BF16 gather would), so training is unchanged. Outside
+rounded to BF16, as the BF16 gather would; on GPUs inside the quantization kernels, without a
+BF16 copy), so training is unchanged. Outside
 FSDP (no all-gather) the experts see the `ExpertMasterWeight` and quantize per call as usual.
 Checkpoints and exports see plain tensors (`plain_tensors`).
 
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from nemotron.kernels.fp8 import FLOAT8, compiled, quantize_transposed, rowwise
+from nemotron.kernels import use_triton
+from nemotron.kernels.fp8 import FLOAT8, compiled, fp8_hardware, quantize_transposed, rowwise
 
 __all__ = [
     "ExpertFp8Forms",
@@ -132,8 +134,7 @@ class ExpertMasterWeight(torch.Tensor):
                 "train.fp8.experts_fsdp_float8_all_gather: FSDP must shard the routed experts "
                 f"by whole experts (dim 0); this rank holds {tuple(local.shape)} of {tuple(outer_size)}"
             )
-        # from the BF16 values, as `fp8_expert_mlp` quantizes a weight it is handed
-        return pack_forms(local.to(torch.bfloat16), mesh.size()), (local.shape[1], local.shape[2])
+        return pack_forms(local, mesh.size()), (local.shape[1], local.shape[2])
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         if out is not None:
@@ -151,33 +152,59 @@ def master_data(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_forms(w: torch.Tensor, world: int = 1) -> tuple[torch.Tensor, ...]:
-    """w [E, N, K] (BF16, this rank's whole experts) -> the all-gather inputs of its two FP8
-    forms (`fp8_grouped`'s quantizations), uint8: with one rank (`world` 1) a single buffer,
-    form after form (FSDP2's one-rank path copies only the first input); with more, four inputs
-    whose gathered outputs are each form for all experts: [E, N, K] per-row form, [E, K, N]
-    transposed form, [E, 4 N] and [E, 4 K] their float32 inverse scales. Either way each form is
-    contiguous, as the experts' own quantizations are, so the grouped products read the same
-    layout gathered or not (timed alternately on an H200: the same 1.53 ms per product). The
-    inputs are written by one concatenation of byte views: packing by copying the FP8 forms
-    into strided views took 1.89 ms per proxy weight on an H200, this 0.85 ms."""
+    """w [E, N, K] (this rank's whole experts; float32 master weights are quantized from their
+    BF16 values, as `fp8_expert_mlp` quantizes the BF16 weight it is handed) -> the all-gather
+    inputs of its two FP8 forms (`fp8_grouped`'s quantizations), uint8: with one rank (`world`
+    1) a single buffer, form after form (FSDP2's one-rank path copies only the first input);
+    with more, four inputs whose gathered outputs are each form for all experts: [E, N, K]
+    per-row form, [E, K, N] transposed form, [E, 4 N] and [E, 4 K] their float32 inverse
+    scales. Either way each form is contiguous, as the experts' own quantizations are, so the
+    grouped products read the same layout gathered or not (timed alternately on an H200: the
+    same 1.53 ms per product). On GPUs with FP8 tensor cores two Triton passes write the forms
+    straight into the inputs from the float32 weight (`fp8_triton`: the per-row one, then the
+    transposed one with the matrix's scale, the largest of its rows'); elsewhere the references
+    are copied in. On an H200 the one-pass route replaced a BF16 copy, a compiled transposed
+    quantization and a concatenation: 1.7 -> ~0.9 ms per proxy weight (docs/benchmarks.md)."""
     e, n, k = w.shape
-    if e == 0:  # a rank without experts (nothing to quantize)
-        rows_q = torch.empty(0, n, k, dtype=FLOAT8, device=w.device)
-        t_q = torch.empty(0, k, n, dtype=FLOAT8, device=w.device)
-        rows_inv = torch.empty(0, n, device=w.device)
-        t_inv = torch.empty(0, k, device=w.device)
-    else:
-        rows_q, rows_inv = rowwise(w)
-        t_q, t_inv = compiled("transposed", quantize_transposed, w.device)(w, rows_inv.amax(-1))
-    parts = [
-        rows_q.view(torch.uint8).reshape(e, n * k),
-        t_q.view(torch.uint8).reshape(e, k * n),
-        rows_inv.float().contiguous().view(torch.uint8).reshape(e, 4 * n),
-        t_inv.float().contiguous().view(torch.uint8).reshape(e, 4 * k),
-    ]
+    per_expert = (n * k, k * n, 4 * n, 4 * k)  # bytes of each input per expert
     if world == 1:
-        return (torch.cat([part.reshape(-1) for part in parts]),)
-    return tuple(parts)
+        flat = torch.empty(e * sum(per_expert), dtype=torch.uint8, device=w.device)
+        buffers = list(torch.split(flat, [e * size for size in per_expert]))
+        inputs: tuple[torch.Tensor, ...] = (flat,)
+    else:
+        buffers = [torch.empty(e, size, dtype=torch.uint8, device=w.device) for size in per_expert]
+        inputs = tuple(buffers)
+    rows_q = buffers[0].view(FLOAT8).view(e, n, k)
+    t_q = buffers[1].view(FLOAT8).view(e, k, n)
+    rows_inv = buffers[2].view(torch.float32).view(e, n)
+    t_inv = buffers[3].view(torch.float32).view(e, k)
+    if e == 0:  # a rank without experts (nothing to quantize)
+        return inputs
+    if _one_pass(w):
+        from nemotron.kernels.fp8_triton import quantize_rows_triton, quantize_transposed_triton
+
+        round_bf16 = w.dtype != torch.bfloat16
+        quantize_rows_triton(w, round_bf16=round_bf16, out=(rows_q.view(e * n, k), rows_inv.view(e * n)))
+        matrix_inv = rows_inv.amax(-1)
+        quantize_transposed_triton(w, matrix_inv, round_bf16=round_bf16, out=t_q)
+        t_inv.copy_(matrix_inv[:, None].expand(e, k))
+        return inputs
+    w = w.to(torch.bfloat16)
+    q, inv = rowwise(w)
+    qt, inv_t = compiled("transposed", quantize_transposed, w.device)(w, inv.amax(-1))
+    for buffer, value in ((rows_q, q), (t_q, qt), (rows_inv, inv), (t_inv, inv_t)):
+        buffer.copy_(value)
+    return inputs
+
+
+def _one_pass(w: torch.Tensor) -> bool:
+    """Whether `pack_forms` writes the forms with `fp8_triton`'s kernels (a GPU with FP8 tensor
+    cores, rows the row kernel holds in registers)."""
+    if not (use_triton(w) and fp8_hardware(w.device)):
+        return False
+    from nemotron.kernels.fp8_triton import MAX_ROW
+
+    return w.shape[-1] <= MAX_ROW
 
 
 def unpack_forms(
