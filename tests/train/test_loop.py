@@ -93,6 +93,57 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus):
     assert losses(tmp_path / "job") == losses(tmp_path / "ref" / "job")
 
 
+def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(tmp_path, corpus):
+    """Ctrl-C (SIGINT): the first asks for a checkpoint after the current step, as SIGTERM
+    does (the rerun resumes there); one after it raises KeyboardInterrupt at once, saving
+    nothing more. The previous SIGINT handler is back either way."""
+    cfg = make_config(tmp_path, blend=corpus[0])
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(times, step):
+        def on_event(kind, payload):
+            if kind == "train" and payload["step"] == step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return on_event
+
+    first = pretrain(cfg, tmp_path / "job", on_event=interrupt(1, step=3))
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert first.status == "interrupted" and first.steps == 3
+    assert first.checkpoint.endswith("iter_0000003")
+    assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"
+
+    with pytest.raises(KeyboardInterrupt):  # resumed at step 3; two Ctrl-C at step 5
+        pretrain(cfg, tmp_path / "job2", on_event=interrupt(2, step=5))
+    assert signal.getsignal(signal.SIGINT) is previous
+    # stopped at once: step 5 not checkpointed (the next save was due at step 6)
+    assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"
+    assert not (tmp_path / "ckpt" / "iter_0000005").exists()
+
+
+def test_loader_workers_survive_ctrl_c(tmp_path, corpus):
+    """With `data.num_workers` > 0, a Ctrl-C reaching the loader's workers (a terminal sends it
+    to every process of the foreground group) leaves them running: the run trains on to its end
+    with the same losses as a run without it (a worker it killed failed the next step's fetch)."""
+    import multiprocessing
+
+    cfg = make_config(tmp_path / "ref", blend=corpus[0], data={"num_workers": 1})
+    pretrain(cfg, tmp_path / "ref" / "job")
+    signalled = []
+
+    def interrupt_workers(kind, payload):
+        if kind == "train" and payload["step"] == 2:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGINT)
+                signalled.append(child.pid)
+
+    cfg = make_config(tmp_path, blend=corpus[0], data={"num_workers": 1})
+    summary = pretrain(cfg, tmp_path / "job", on_event=interrupt_workers)
+    assert signalled and summary.status == "completed" and summary.steps == 8
+    assert losses(tmp_path / "job") == losses(tmp_path / "ref" / "job")
+
+
 def _nan_after(monkeypatch, first_bad_step, micro_batches_per_step=2):
     """A NaN training loss at the steps in `first_bad_step` (a set) of each run; returns the
     micro-batch counter (reset it to 0 before a run that starts at step 1)."""

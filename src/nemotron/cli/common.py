@@ -471,7 +471,8 @@ def run_stage(fn, job_dir: Path):
         return fn()
     except KeyboardInterrupt as exc:
         record_failure(job_dir, exc)
-        # Ctrl-C stops at once (SIGTERM/SIGUSR1 checkpoint first): say how to pick the run up.
+        # A Ctrl-C that stops at once (in training the second: the first, like SIGTERM/SIGUSR1,
+        # checkpoints after the step and returns): say how to pick the run up.
         raise fail(
             f"interrupted; job dir {job_dir}; -c {job_dir / 'config.yaml'} reruns it, "
             "resuming from what was saved",

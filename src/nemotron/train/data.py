@@ -24,6 +24,7 @@ new stream at the consumed-samples position and reads the same samples.
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -240,6 +241,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         step = self.plan.micro_batch_size * self.plan.dp_size
         return max(0, -(-(self.stop - self.start) // step))
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A loader worker's start (`worker_init_fn`): Ctrl-C in a terminal reaches every process of
+    the foreground group, and the training process turns the first one into "checkpoint after
+    this step" (`trainer.StopRequest`); a worker killed by it would fail that step's remaining
+    fetches. The training process shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -566,6 +575,7 @@ class TrainingData:
                 ),
                 pin_memory=self.pin_memory,
                 multiprocessing_context=WORKER_START_METHOD,
+                worker_init_fn=ignore_interrupts,
             )
             stream = self._stream = _Stream(phase, offset, iter(loader))
         batches = [self._local(next(stream.batches)) for _ in range(self.plan.grad_accumulation)]

@@ -289,9 +289,11 @@ def _config_dict(cfg) -> dict[str, Any]:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and return."""
+    """SIGTERM / SIGUSR1 (Slurm preemption) and a first Ctrl-C (SIGINT) ask the loop to
+    checkpoint after the current step and return; a Ctrl-C after any of them stops at once
+    (KeyboardInterrupt, as without this: what the last checkpoint holds is kept)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -304,6 +306,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
