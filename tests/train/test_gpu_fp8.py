@@ -428,6 +428,24 @@ def test_fp8_lm_head_matches_the_emulated_roundings(group_rows, fast_accum):
     assert abs(float(gpu_loss) - float(exact)) < 0.01 * float(exact)
 
 
+def _logit_grad_inputs(m: int, v: int, seed: int):
+    """A chunk's BF16 logits [m, v], their log-sum-exp, labels, per-row loss scales and the two
+    power-of-two float8 scales `logit_grad_fp8` takes."""
+    torch.manual_seed(seed)
+    logits = (torch.randn(m, v, device=CUDA) * 2.0).bfloat16()
+    labels = torch.randint(0, v, (m,), device=CUDA)
+    row_scale = torch.rand(m, device=CUDA) / 24576
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    return (
+        logits,
+        lse,
+        labels,
+        row_scale,
+        torch.tensor(2.0**22, device=CUDA),
+        torch.tensor(2.0**29, device=CUDA),
+    )
+
+
 def test_fp8_logit_gradient_kernel_matches_the_pytorch_formula():
     """The Triton tile kernel's float8 logit gradient (e4m3 rows, e5m2 transposed) against the
     PyTorch path's on the GPU: the same values except where the kernel's exp and PyTorch's differ
@@ -435,14 +453,8 @@ def test_fp8_logit_gradient_kernel_matches_the_pytorch_formula():
     from nemotron.kernels.cross_entropy import _logit_grad_fp8_torch
     from nemotron.kernels.cross_entropy_triton import logit_grad_fp8
 
-    torch.manual_seed(6)
     m, v = 1000, 131072
-    logits = (torch.randn(m, v, device=CUDA) * 2.0).bfloat16()
-    labels = torch.randint(0, v, (m,), device=CUDA)
-    row_scale = torch.rand(m, device=CUDA) / 24576
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    sr = torch.tensor(2.0**22, device=CUDA)
-    sc = torch.tensor(2.0**29, device=CUDA)
+    logits, lse, labels, row_scale, sr, sc = _logit_grad_inputs(m, v, seed=6)
     outs = []
     for fn in (logit_grad_fp8, _logit_grad_fp8_torch):
         gq = torch.empty(m, v, dtype=torch.float8_e4m3fn, device=CUDA)
@@ -461,14 +473,8 @@ def test_fp8_logit_gradient_tiles_write_the_same_bytes():
     gradient)."""
     from nemotron.kernels.cross_entropy_triton import GRAD_FP8_TILES, logit_grad_fp8
 
-    torch.manual_seed(7)
     m, v = 1000, 131072
-    logits = (torch.randn(m, v, device=CUDA) * 2.0).bfloat16()
-    labels = torch.randint(0, v, (m,), device=CUDA)
-    row_scale = torch.rand(m, device=CUDA) / 24576
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    sr = torch.tensor(2.0**22, device=CUDA)
-    sc = torch.tensor(2.0**29, device=CUDA)
+    logits, lse, labels, row_scale, sr, sc = _logit_grad_inputs(m, v, seed=7)
     outs = []
     for tile in (None, *GRAD_FP8_TILES):
         gq = torch.empty(m, v, dtype=torch.float8_e4m3fn, device=CUDA)
