@@ -163,8 +163,9 @@ def pack_forms(w: torch.Tensor, world: int = 1) -> tuple[torch.Tensor, ...]:
     same 1.53 ms per product). On GPUs with FP8 tensor cores two Triton passes write the forms
     straight into the inputs from the float32 weight (`fp8_triton`: the per-row one, then the
     transposed one with the matrix's scale, the largest of its rows'); elsewhere the references
-    are copied in. On an H200 the one-pass route replaced a BF16 copy, a compiled transposed
-    quantization and a concatenation: 1.7 -> ~0.9 ms per proxy weight (docs/benchmarks.md)."""
+    are copied in. The two passes replace a BF16 copy, a compiled transposed quantization and a
+    concatenation, 1.7 ms per proxy weight on an H200 (docs/benchmarks.md, fourteenth round's
+    trace; the two passes not yet timed alone)."""
     e, n, k = w.shape
     per_expert = (n * k, k * n, 4 * n, 4 * k)  # bytes of each input per expert
     if world == 1:
