@@ -543,6 +543,25 @@ def _fp8_grouped_weight_grad_check(counts, block_k):
     for e, c in enumerate(counts):
         if c == 0:
             assert torch.all(got[e] == 0)
+    # summed into a float32 buffer in the epilogue (`accumulate_into`): the buffer's values plus
+    # the same product, exactly the float32 additions of the two (an expert with no rows: the
+    # buffer unchanged); the reference sums the same way
+    before = torch.randn(got.shape, generator=torch.Generator().manual_seed(5))
+    into = before.clone()
+    summed = grouped_weight_grad_triton(
+        at, a_e, bt, b_e, layout, config=(32, 16, block_k, 4, 2), accumulate_into=into
+    )
+    assert summed is into and torch.equal(summed, before + got)
+    ref_into = before.clone()
+    grouped_weight_grad_reference(at, a_e, bt, b_e, layout, accumulate_into=ref_into)
+    torch.testing.assert_close(ref_into, before + want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    for bad in (torch.zeros(got.shape, dtype=torch.bfloat16), torch.zeros(1, 40, 24)):
+        try:
+            grouped_weight_grad_triton(at, a_e, bt, b_e, layout, accumulate_into=bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"accumulate_into {bad.dtype} {tuple(bad.shape)} must be refused")
 
 
 def _fp8_grouped_mm_check(counts, use_tma, persistent=False, k=40, n=24):

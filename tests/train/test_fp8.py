@@ -1520,6 +1520,57 @@ def test_float8_grouped_experts_on_gathered_forms(rows, weight_grad):
         assert grads[1][1].abs().sum() == 0 and grads[1][2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("rows_per_micro_batch", [(24, 0, 17), (24, 17, 0), (0, 0, 0)])
+def test_gathered_experts_sum_fp8_weight_gradients_over_micro_batches(rows_per_micro_batch):
+    """Gathered FP8 forms of float32 master weights (FSDP2 without a BF16 copy) with FP8 weight
+    gradients, inside `kernels.fp8.summed_weight_grads` (a step FSDP2 reduces after its last
+    micro-batch): no gradient reaches autograd before the last micro-batch, and then the float32
+    sum of each micro-batch's own float32 gradient (outside the scope), bit for bit; a
+    micro-batch without rows (an expert-parallel rank nobody routed to) adds nothing and, when
+    last, hands over the sum (zeros if no micro-batch had rows)."""
+    from nemotron.kernels.fp8 import summed_weight_grads
+    from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    experts.reset_parameters()
+    module = fp8_mod.Float8GroupedExperts(experts, emulate=True, weight_grad="fp8")
+    for name in ("up_proj", "down_proj"):
+        w = getattr(experts, name).detach()  # float32 master weights
+        forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.float32)
+        setattr(module, name, nn.Parameter(forms))
+    batches = []
+    for rows in rows_per_micro_batch:
+        counts = torch.tensor([rows // 2, 0, rows - rows // 2, 0])
+        batches.append((torch.randn(rows, 32).bfloat16().float(), counts))
+
+    def backward(x, counts):
+        out = module(x.clone().requires_grad_(True), counts)
+        out.float().square().sum().backward()
+
+    want = {name: torch.zeros(getattr(experts, name).shape) for name in ("up_proj", "down_proj")}
+    for x, counts in batches:  # each micro-batch's own gradient, summed here in float32
+        module.up_proj.grad = module.down_proj.grad = None
+        backward(x, counts)
+        for name in want:
+            grad = getattr(module, name).grad
+            assert grad.dtype == torch.float32
+            want[name] += grad
+    module.up_proj.grad = module.down_proj.grad = None
+    with summed_weight_grads() as sums:
+        for index, (x, counts) in enumerate(batches):
+            sums.last = index == len(batches) - 1
+            backward(x, counts)
+            if not sums.last:
+                assert module.up_proj.grad is None and module.down_proj.grad is None
+        assert sums.buffers == {}  # handed over, none held
+    for name, total in want.items():
+        got = getattr(module, name).grad
+        assert got.dtype == torch.float32 and torch.equal(got, total), name
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 dispatch (train/fp8_dispatch.py)
 

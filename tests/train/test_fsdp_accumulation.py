@@ -206,6 +206,53 @@ def test_one_rank_bf16_compute_weights_accumulate_in_fp32(tmp_path):
         assert all(g.dtype == "float32" for g in grads.values())  # fp32 master gradients
 
 
+@pytest.mark.timeout(300)
+def test_gathered_fp8_experts_sum_their_weight_gradients_in_the_product(tmp_path, monkeypatch):
+    """FP8 routed experts whose forms FSDP2 gathers (`train.fp8.experts_fsdp_float8_all_gather`)
+    with FP8 weight gradients, one rank, bf16 compute weights: accumulating unsharded, each
+    expert weight's gradient is summed in float32 by the weight-gradient product itself
+    (`kernels.fp8.summed_weight_grads`: micro-batches after the first add into the sum) and
+    handed to FSDP2 at the last micro-batch; reducing every micro-batch instead, FSDP2 adds each
+    micro-batch's float32 gradient to its sharded sum. The same float32 products summed in the
+    same order: every gradient equal, bit for bit for the experts'."""
+    from nemotron.train import fp8_grouped
+    from nemotron.train.fp8_config import Fp8Config
+
+    summed_into = []
+    real = fp8_grouped.grouped_weight_grad
+
+    def recording(*args, accumulate_into=None, **kwargs):
+        summed_into.append(accumulate_into is not None)
+        return real(*args, accumulate_into=accumulate_into, **kwargs)
+
+    monkeypatch.setattr(fp8_grouped, "grouped_weight_grad", recording)
+    cfg = _config(tmp_path)
+    fp8 = Fp8Config(
+        enabled=True, layers=["experts"], experts_fsdp_float8_all_gather=True, experts_weight_grad="fp8"
+    )
+    cfg.train = dataclasses.replace(cfg.train, precision="bf16", compute_weights="bf16", fp8=fp8)
+    from nemotron.distributed.utils import launcher_process_group
+
+    runs = {}
+    with launcher_process_group("cpu", one_rank=True):
+        for accumulate in (True, False):
+            summed_into.clear()
+            runs[accumulate] = run_steps(cfg, 0, 1, accumulate)
+            moe_layers = sum(1 for k in cfg.model.hybrid_pattern if k == "E")
+            # one rank takes both ranks' rows: 2 n micro-batches per step; (up, down) each
+            products = moe_layers * 2 * sum(2 * n for n in STEPS)
+            assert len(summed_into) == products
+            # accumulating: every micro-batch after a step's first adds into the sum
+            assert sum(summed_into) == (products - 2 * moe_layers * len(STEPS) if accumulate else 0)
+    on, off = runs[True], runs[False]
+    assert_steps_close(on["steps"], off["steps"], grad_rtol=1e-4, grad_atol=1e-6)
+    for (_, _, _, grads), (_, _, _, r_grads) in zip(on["steps"], off["steps"]):
+        experts = [name for name in grads if ".experts." in name]
+        assert experts and all(grads[n].dtype == "float32" for n in experts)
+        for name in experts:
+            assert (grads[name] == r_grads[name]).all(), name
+
+
 def _resume_worker(rank, world, cfg_bytes, job):
     cfg = pickle.loads(cfg_bytes)
     pretrain(cfg, f"{job}/full")  # 4 steps, checkpoints at 2 and 4

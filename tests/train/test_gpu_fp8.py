@@ -207,6 +207,12 @@ def test_fp8_weight_grad_kernels_match_their_references():
             assert torch.all(got[e] == 0)
         else:
             assert _rel(got[e], want[e]) < 5e-3, (e, _rel(got[e], want[e]))
+    # float32 out, and summed into a float32 buffer in the epilogue: the buffer plus that product
+    product = grouped_weight_grad_triton(*forms, layout, out_dtype=torch.float32)
+    assert _rel(product, want.float()) < 5e-3
+    before = torch.randn(product.shape, device=CUDA)
+    summed = grouped_weight_grad_triton(*forms, layout, accumulate_into=before.clone())
+    assert torch.equal(summed, before + product)
     h_pre = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16)
     grad = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16) * 1e-3
     for g_, w_ in zip(relu2_backward_rows_triton(h_pre, grad), relu2_backward_rows(h_pre, grad)):

@@ -158,8 +158,18 @@ def apply_fsdp(
     dims = mesh.dims
     common: dict[str, Any] = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for moe in _moe_layers(model):
+        experts_common = common
+        if _gathers_fp8_forms(moe.experts):
+            # FSDP2 gathers the experts' FP8 forms, never a BF16 copy: their nominal dtype is
+            # the master weights' (float32), so the FP8 weight gradients arrive in float32,
+            # summed over the step's micro-batches where they are computed
+            # (`kernels.fp8.summed_weight_grads`), not as BF16 gradients to convert and add
+            experts_common = dict(common, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         experts = fully_shard(
-            moe.experts, mesh=mesh.edp_mesh, shard_placement_fn=_expert_shard_placement(dims.edp), **common
+            moe.experts,
+            mesh=mesh.edp_mesh,
+            shard_placement_fn=_expert_shard_placement(dims.edp),
+            **experts_common,
         )
         # Mean over data- (and context-) parallel ranks, like the dense parameters (EDP also
         # spans EP/TP peers, whose contributions belong to the same loss and are summed).
@@ -196,6 +206,15 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh.dp_mesh, **dict(common, reshard_after_forward=False))
     # FSDP2 has no getter for it; `restore_reshard_after_forward` (and the loop) read it
     setattr(model, "fsdp_reshard_after_forward", reshard_after_forward)
+
+
+def _gathers_fp8_forms(experts: nn.Module) -> bool:
+    """Whether FSDP2 gathers these routed experts' FP8 forms (`train.fp8.experts_fsdp_float8_all_gather`:
+    their parameters wrap `train.fp8_gather.ExpertMasterWeight`)."""
+    params = list(experts.parameters(recurse=False))
+    return bool(params) and all(
+        getattr(p.to_local() if isinstance(p, DTensor) else p, "gathers_whole_experts", False) for p in params
+    )
 
 
 def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict[str, Any]) -> None:

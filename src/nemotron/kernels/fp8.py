@@ -258,6 +258,47 @@ def emulated_mm(
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight gradients summed over a step's micro-batches where they are computed
+
+
+class SummedWeightGrads:
+    """An open `summed_weight_grads` scope: `buffers` the float32 sums by (owner id, name);
+    `last` whether the running micro-batch is the step's last (set by the training loop)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self.last = True
+
+
+# Process-wide for the same reason as `_REUSE` below (read by backward passes on autograd's
+# device threads).
+_SUMS: dict[str, SummedWeightGrads | None] = {"scope": None}
+
+
+@contextlib.contextmanager
+def summed_weight_grads() -> Iterator[SummedWeightGrads]:
+    """Inside (a training step whose gradients FSDP2 reduces after the last micro-batch only,
+    `train.loop.fsdp_micro_batches`), a weight-gradient product that can add into its output
+    (the routed experts' FP8 one, `train.fp8_grouped`) sums each micro-batch's product into one
+    float32 buffer per weight, in the product's own pass, and hands autograd the sum at the last
+    micro-batch (None before): no per-micro-batch BF16 gradient for FSDP2 to convert and add
+    into its float32 sum. Nested scopes share the outermost one."""
+    if _SUMS["scope"] is not None:
+        yield _SUMS["scope"]
+        return
+    scope = _SUMS["scope"] = SummedWeightGrads()
+    try:
+        yield scope
+    finally:
+        _SUMS["scope"] = None
+
+
+def summed_weight_grads_scope() -> SummedWeightGrads | None:
+    """The open `summed_weight_grads` scope, or None."""
+    return _SUMS["scope"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Quantized weights reused within one optimizer step
 
 # Process-wide, like `kernels.fast_paths`: the backward passes that read it run on autograd's

@@ -112,17 +112,40 @@ def transposed_groups_reference(
 
 
 def grouped_weight_grad_reference(
-    at: torch.Tensor, a_inv: torch.Tensor, bt: torch.Tensor, b_inv: torch.Tensor, layout: ExpertRows
+    at: torch.Tensor,
+    a_inv: torch.Tensor,
+    bt: torch.Tensor,
+    b_inv: torch.Tensor,
+    layout: ExpertRows,
+    out_dtype: torch.dtype = torch.bfloat16,
+    accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[E, M, N] BF16: per expert e, (at * a_inv[e]) @ (bt * b_inv[e])^T over its padded rows
-    (at [M, P], bt [N, P] from `transposed_groups`), float32 products."""
+    """[E, M, N] in `out_dtype`: per expert e, (at * a_inv[e]) @ (bt * b_inv[e])^T over its
+    padded rows (at [M, P], bt [N, P] from `transposed_groups`), float32 products;
+    `accumulate_into` (float32 [E, M, N]): the products added to it, which is returned."""
     ends = layout.offs_padded.tolist()
-    out = torch.empty(layout.experts, at.shape[0], bt.shape[0], dtype=torch.bfloat16, device=at.device)
+    shape = (layout.experts, at.shape[0], bt.shape[0])
+    if accumulate_into is not None and (
+        accumulate_into.shape != shape or accumulate_into.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"grouped_weight_grad: accumulate_into must be float32 {shape}, got "
+            f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}"
+        )
+    out = (
+        accumulate_into
+        if accumulate_into is not None
+        else torch.empty(shape, dtype=out_dtype, device=at.device)
+    )
     start = 0
     for e, end in enumerate(ends):
         a = at[:, start:end].float() * a_inv[e]
         b = bt[:, start:end].float() * b_inv[e]
-        out[e] = (a @ b.t()).to(torch.bfloat16)
+        product = a @ b.t()
+        if accumulate_into is not None:
+            out[e] += product
+        else:
+            out[e] = product.to(out_dtype)
         start = end
     return out
 
@@ -140,11 +163,22 @@ def transposed_groups(
 
 
 def grouped_weight_grad(
-    at: torch.Tensor, a_inv: torch.Tensor, bt: torch.Tensor, b_inv: torch.Tensor, layout: ExpertRows
+    at: torch.Tensor,
+    a_inv: torch.Tensor,
+    bt: torch.Tensor,
+    b_inv: torch.Tensor,
+    layout: ExpertRows,
+    out_dtype: torch.dtype = torch.bfloat16,
+    accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`grouped_weight_grad_reference`, by the Triton kernel on GPUs with FP8 tensor cores."""
+    """`grouped_weight_grad_reference`, by the Triton kernel on GPUs with FP8 tensor cores (the
+    sum into `accumulate_into` in the kernel's epilogue)."""
     if at.is_cuda and use_triton(a_inv) and fp8_hardware(at.device):
         from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton
 
-        return grouped_weight_grad_triton(at, a_inv, bt, b_inv, layout)
-    return grouped_weight_grad_reference(at, a_inv, bt, b_inv, layout)
+        return grouped_weight_grad_triton(
+            at, a_inv, bt, b_inv, layout, out_dtype=out_dtype, accumulate_into=accumulate_into
+        )
+    return grouped_weight_grad_reference(
+        at, a_inv, bt, b_inv, layout, out_dtype=out_dtype, accumulate_into=accumulate_into
+    )

@@ -99,7 +99,7 @@ def transposed_groups_triton(
 @triton.jit
 def _grouped_weight_grad_kernel(
     A, B, C, OFFS, A_INV, B_INV, M, N, stride_a, stride_b, stride_ce, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -128,7 +128,11 @@ def _grouped_weight_grad_kernel(
         b_ptr += BLOCK_K
     scale = tl.load(A_INV + expert) * tl.load(B_INV + expert)
     out = C + expert.to(tl.int64) * stride_ce + om[:, None].to(tl.int64) * stride_cm + on[None, :]
-    tl.store(out, (acc * scale).to(C.dtype.element_ty), mask=(om < M)[:, None] & (on < N)[None, :])
+    keep = (om < M)[:, None] & (on < N)[None, :]
+    value = acc * scale
+    if ACCUMULATE:  # C += the product: a gradient summed over micro-batches where it is written
+        value += tl.load(out, mask=keep, other=0.0)
+    tl.store(out, value.to(C.dtype.element_ty), mask=keep)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K divides GROUP_ALIGN. Measured on an H200
@@ -144,13 +148,24 @@ def grouped_weight_grad_triton(
     layout: ExpertRows,
     out_dtype: torch.dtype = torch.bfloat16,
     config: tuple[int, int, int, int, int] | None = None,
+    accumulate_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`fp8_wgrad.grouped_weight_grad_reference`: at [M, P], bt [N, P] (float8 from
-    `transposed_groups`, or float32 in the CPU interpreter), a_inv / b_inv [E] -> [E, M, N]."""
+    `transposed_groups`, or float32 in the CPU interpreter), a_inv / b_inv [E] -> [E, M, N].
+    `accumulate_into` (float32 [E, M, N] contiguous): the product is added to it in the
+    kernel's epilogue (no separate pass) and it is returned."""
     m, n = at.shape[0], bt.shape[0]
     if at.stride(1) != 1 or bt.stride(1) != 1 or at.stride(0) % GROUP_ALIGN or bt.stride(0) % GROUP_ALIGN:
         raise ValueError("grouped_weight_grad_triton: operands must be row-major with aligned rows")
-    out = torch.empty(layout.experts, m, n, dtype=out_dtype, device=at.device)
+    if accumulate_into is None:
+        out = torch.empty(layout.experts, m, n, dtype=out_dtype, device=at.device)
+    else:
+        out = accumulate_into
+        if out.shape != (layout.experts, m, n) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(
+                f"grouped_weight_grad_triton: accumulate_into must be float32 {(layout.experts, m, n)} "
+                f"contiguous, got {out.dtype} {tuple(out.shape)}"
+            )
     block_m, block_n, block_k, warps, stages = config or WGRAD_CONFIG
     if GROUP_ALIGN % block_k:
         raise ValueError(f"grouped_weight_grad_triton: BLOCK_K {block_k} does not divide {GROUP_ALIGN}")
@@ -159,6 +174,7 @@ def grouped_weight_grad_triton(
         _grouped_weight_grad_kernel[grid](
             at, bt, out, layout.offs_padded, a_inv.float().contiguous(), b_inv.float().contiguous(),
             m, n, at.stride(0), bt.stride(0), out.stride(0), out.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate_into is not None,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out

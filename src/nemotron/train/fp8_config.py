@@ -47,7 +47,10 @@ class Fp8Config:
     # unsharded weights (`nemotron.train.fp8_gather`): once per optimizer step with
     # `train.fsdp_accumulate_unsharded`, no extra memory (on one H200 no faster than quantizing
     # per micro-batch: docs/benchmarks.md, eighth round). Needs FSDP2
-    # (bf16 compute weights) and `experts` in `layers`; without FSDP it changes nothing.
+    # (bf16 compute weights) and `experts` in `layers`; without FSDP it changes nothing. The
+    # experts' weight gradients are then float32 (there is no BF16 copy to match); with
+    # `experts_weight_grad=fp8` the FP8 product sums them over the step's micro-batches itself
+    # (`kernels.fp8.summed_weight_grads`) instead of FSDP2 converting and adding BF16 ones.
     experts_fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True

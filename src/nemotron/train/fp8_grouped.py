@@ -80,6 +80,7 @@ from nemotron.kernels.fp8 import (
     quantized_weight,
     relu2_backward,
     rowwise,
+    summed_weight_grads_scope,
 )
 from nemotron.kernels.fp8_rows import Fp8Rows, fp8_rows_parts
 from nemotron.kernels.fp8_wgrad import ExpertRows, expert_rows, grouped_weight_grad, transposed_groups
@@ -205,13 +206,33 @@ def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tens
 
 
 def _fp8_weight_grad(
-    a_q: torch.Tensor, a_inv: torch.Tensor, b_q: torch.Tensor, b_inv: torch.Tensor, layout: ExpertRows
-) -> torch.Tensor:
-    """[E, N, K]: per expert a[rows]^T @ b[rows] from the row-quantized a [R, N] and b [R, K]
-    (`kernels.fp8_wgrad`: both made transposed with one scale per expert, then the FP8 product)."""
+    a_q: torch.Tensor,
+    a_inv: torch.Tensor,
+    b_q: torch.Tensor,
+    b_inv: torch.Tensor,
+    layout: ExpertRows,
+    weight: torch.Tensor,
+    key: tuple[int, str] | None,
+) -> torch.Tensor | None:
+    """The gradient autograd gets for `weight` [E, N, K]: per expert a[rows]^T @ b[rows] from the
+    row-quantized a [R, N] and b [R, K] (`kernels.fp8_wgrad`: both made transposed with one
+    scale per expert, then the FP8 product), in the weight's dtype. Under an open
+    `kernels.fp8.summed_weight_grads` scope with a `key` (gathered forms: float32, FSDP2 reduces
+    after the last micro-batch) the product is summed into the scope's float32 buffer for
+    `key` instead, which is the gradient at the last micro-batch (None before)."""
     at, a_e = transposed_groups(a_q, a_inv, layout)
     bt, b_e = transposed_groups(b_q, b_inv, layout)
-    return grouped_weight_grad(at, a_e, bt, b_e, layout)
+    sums = _open_sums(key)
+    if sums is None:
+        return grouped_weight_grad(at, a_e, bt, b_e, layout, out_dtype=weight.dtype)
+    into = sums.buffers.get(key)
+    if into is None:
+        sums.buffers[key] = grouped_weight_grad(at, a_e, bt, b_e, layout, out_dtype=torch.float32)
+    else:
+        grouped_weight_grad(at, a_e, bt, b_e, layout, accumulate_into=into)
+    # the last micro-batch hands the sum over (the scope keeps no reference: autograd takes it
+    # as the gradient without a copy)
+    return sums.buffers.pop(key) if sums.last else None
 
 
 def _rows_form(weight: torch.Tensor, owner: object | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +255,36 @@ def _transposed_form(
     return quantized_weight(owner, name, master_data(weight), lambda w: transposed(w, matrix_inv))
 
 
+def _open_sums(key: tuple[int, str] | None):
+    """The open `kernels.fp8.summed_weight_grads` scope for a weight with a `_sum_key`, else None
+    (also while a compiler traces the backward: a traced graph would keep one micro-batch's
+    decision for all; then FSDP2 sums the float32 gradients itself)."""
+    if key is None or torch.compiler.is_compiling():
+        return None
+    return summed_weight_grads_scope()
+
+
+def _sum_key(owner: object | None, weight: torch.Tensor, name: str) -> tuple[int, str] | None:
+    """Where `kernels.fp8.summed_weight_grads` sums this weight's gradient: only weights FSDP2
+    gathered as FP8 forms of float32 master weights (float32 gradients, `distributed.apply`) of
+    an experts module (`owner`)."""
+    gathered = isinstance(weight, ExpertFp8Forms) and weight.dtype == torch.float32
+    return (id(owner), name) if owner is not None and gathered else None
+
+
+def _no_rows_grad(like: torch.Tensor, shape, dtype, key: tuple[int, str] | None) -> torch.Tensor | None:
+    """A weight's gradient from a micro-batch without rows: zeros, or under an open
+    `kernels.fp8.summed_weight_grads` scope what `_fp8_weight_grad` would hand over (the sum of
+    the earlier micro-batches at the last one, None before)."""
+    sums = _open_sums(key)
+    if sums is None:
+        return like.new_zeros(shape, dtype=dtype)
+    if not sums.last:
+        return None
+    summed = sums.buffers.pop(key, None)
+    return summed if summed is not None else like.new_zeros(shape, dtype=torch.float32)
+
+
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -243,7 +294,11 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         if ctx.no_rows:
             # an expert-parallel rank that received no rows: nothing to multiply (and no BF16
             # weights to fall back on when FSDP2 gathered FP8 forms); zero weight gradients
-            ctx.weights = [(w.shape, w.dtype) for w in (up, down)]
+            # (or, summing over micro-batches, the sum of the earlier ones)
+            ctx.weights = [
+                (w.shape, w.dtype, _sum_key(owner, w, name))
+                for w, name in ((up, "up_proj"), (down, "down_proj"))
+            ]
             return x.new_zeros(0, down.shape[1])
 
         # rows the dispatcher already quantized (`train.fp8_dispatch`), else quantized here
@@ -267,8 +322,8 @@ class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.no_rows:
-            zeros = [grad_out.new_zeros(shape, dtype=dtype) for shape, dtype in ctx.weights]
-            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *zeros, None, None, None, None
+            grads = [_no_rows_grad(grad_out, shape, dtype, key) for shape, dtype, key in ctx.weights]
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *grads, None, None, None, None
         up, down, offs, h_pre, up_matrix_inv, down_matrix_inv, *saved_x = ctx.saved_tensors
         dev = h_pre.device
         mm = ctx.mm
@@ -290,7 +345,9 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             h_q, h_inv, dh_q, dh_inv = relu2_backward(h_pre, grad_h)
             del grad_h
             layout = expert_rows(offs, h_pre.shape[0])
-            grad_down = _fp8_weight_grad(g_q, g_inv, h_q, h_inv, layout)
+            grad_down = _fp8_weight_grad(
+                g_q, g_inv, h_q, h_inv, layout, down, _sum_key(ctx.owner, down, "down_proj")
+            )
             del g_q, g_inv, h_q, h_inv
         else:
             (x,) = saved_x
@@ -303,11 +360,16 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         grad_x = mm(dh_q, dh_inv, up_t_q, up_t_inv, offs)
         del up_t_q, up_t_inv
         if ctx.fp8_wgrad:
-            grad_up = _fp8_weight_grad(dh_q, dh_inv, x_q, x_inv, layout)
+            grad_up = _fp8_weight_grad(
+                dh_q, dh_inv, x_q, x_inv, layout, up, _sum_key(ctx.owner, up, "up_proj")
+            )
         else:
             grad_up = _grouped_weight_grad(dh_pre, x, offs)
         del dh_q, dh_inv
-        grads = grad_x.to(ctx.x_dtype), grad_up.to(up.dtype), grad_down.to(down.dtype)
+        grads = (
+            grad_x.to(ctx.x_dtype),
+            *(g if g is None else g.to(w.dtype) for g, w in ((grad_up, up), (grad_down, down))),
+        )
         return *grads, None, None, None, None
 
 

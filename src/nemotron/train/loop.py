@@ -36,7 +36,7 @@ from nemotron.distributed.utils import (
     scale_grads_to_norm_,
     token_loss_weights,
 )
-from nemotron.kernels.fp8 import reuse_quantized_weights
+from nemotron.kernels.fp8 import reuse_quantized_weights, summed_weight_grads
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import MoE, set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
@@ -376,30 +376,35 @@ def fsdp_micro_batches(model: torch.nn.Module, count: int, accumulate_unsharded:
     without this (sharded parameters, reduced sharded gradients), having gathered the weights
     and reduced the gradients once instead of once per micro-batch. The last micro-batch's
     forward keeps the (already gathered) weights too, so its backward gathers nothing; the
-    configured reshard-after-forward is back after the step. Otherwise `prepare` does nothing."""
+    configured reshard-after-forward is back after the step. Weight-gradient products that can
+    sum into their output (the routed experts' FP8 ones) do so meanwhile, handing FSDP2 the
+    float32 sum with the last micro-batch (`kernels.fp8.summed_weight_grads`). Otherwise
+    `prepare` does nothing."""
     root = getattr(model, "_orig_mod", model)  # under torch.compile
     if not (accumulate_unsharded and count > 1 and isinstance(root, FSDPModule)):
         yield lambda index: None
         return
-
-    def prepare(index: int) -> None:
-        last = index == count - 1
-        root.set_requires_gradient_sync(last)
-        root.set_reshard_after_backward(last)
-
     # Only for a model built by `distributed.apply.parallelize`, which records what to restore.
     keep_after_forward = hasattr(root, "fsdp_reshard_after_forward") and hasattr(
         root, "set_reshard_after_forward"
     )
     if keep_after_forward:
         root.set_reshard_after_forward(False)
-    try:
-        yield prepare
-    finally:
-        root.set_requires_gradient_sync(True)
-        root.set_reshard_after_backward(True)
-        if keep_after_forward:
-            restore_reshard_after_forward(root)
+    with summed_weight_grads() as sums:
+
+        def prepare(index: int) -> None:
+            last = index == count - 1
+            root.set_requires_gradient_sync(last)
+            root.set_reshard_after_backward(last)
+            sums.last = last
+
+        try:
+            yield prepare
+        finally:
+            root.set_requires_gradient_sync(True)
+            root.set_reshard_after_backward(True)
+            if keep_after_forward:
+                restore_reshard_after_forward(root)
 
 
 def train_step(
