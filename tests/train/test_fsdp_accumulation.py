@@ -206,6 +206,38 @@ def test_one_rank_bf16_compute_weights_accumulate_in_fp32(tmp_path):
         assert all(g.dtype == "float32" for g in grads.values())  # fp32 master gradients
 
 
+def _fp8_experts_config(tmp_path, **layout):
+    """bf16 compute weights, the routed experts in FP8 with gathered forms and FP8 weight
+    gradients (emulated on CPU)."""
+    from nemotron.train.fp8_config import Fp8Config
+
+    cfg = _config(tmp_path, **layout)
+    fp8 = Fp8Config(
+        enabled=True, layers=["experts"], experts_fsdp_float8_all_gather=True, experts_weight_grad="fp8"
+    )
+    cfg.train = dataclasses.replace(cfg.train, precision="bf16", compute_weights="bf16", fp8=fp8)
+    return cfg
+
+
+def _assert_expert_grads_equal(on, off):
+    for (_, _, _, grads), (_, _, _, r_grads) in zip(on["steps"], off["steps"], strict=True):
+        experts = [name for name in grads if ".experts." in name]
+        assert experts and all(grads[n].dtype == "float32" for n in experts)
+        for name in experts:
+            assert (grads[name] == r_grads[name]).all(), name
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_with_ep2_sum_gathered_fp8_expert_gradients_as_fsdp_does(tmp_path):
+    """The summed FP8 expert gradients of `test_gathered_fp8_experts_sum_...` on two ranks under
+    EP2 (each rank its experts): accumulating unsharded equals reducing every micro-batch."""
+    cfg = _fp8_experts_config(tmp_path, expert_model_parallel_size=2)
+    for ranks in run_distributed(_rank_run, 2, cfg):
+        on, off = ranks[True], ranks[False]
+        assert_steps_close(on["steps"], off["steps"], grad_rtol=1e-4, grad_atol=1e-6)
+        _assert_expert_grads_equal(on, off)
+
+
 @pytest.mark.timeout(300)
 def test_gathered_fp8_experts_sum_their_weight_gradients_in_the_product(tmp_path, monkeypatch):
     """FP8 routed experts whose forms FSDP2 gathers (`train.fp8.experts_fsdp_float8_all_gather`)
@@ -216,7 +248,6 @@ def test_gathered_fp8_experts_sum_their_weight_gradients_in_the_product(tmp_path
     micro-batch's float32 gradient to its sharded sum. The same float32 products summed in the
     same order: every gradient equal, bit for bit for the experts'."""
     from nemotron.train import fp8_grouped
-    from nemotron.train.fp8_config import Fp8Config
 
     summed_into = []
     real = fp8_grouped.grouped_weight_grad
@@ -226,11 +257,7 @@ def test_gathered_fp8_experts_sum_their_weight_gradients_in_the_product(tmp_path
         return real(*args, accumulate_into=accumulate_into, **kwargs)
 
     monkeypatch.setattr(fp8_grouped, "grouped_weight_grad", recording)
-    cfg = _config(tmp_path)
-    fp8 = Fp8Config(
-        enabled=True, layers=["experts"], experts_fsdp_float8_all_gather=True, experts_weight_grad="fp8"
-    )
-    cfg.train = dataclasses.replace(cfg.train, precision="bf16", compute_weights="bf16", fp8=fp8)
+    cfg = _fp8_experts_config(tmp_path)
     from nemotron.distributed.utils import launcher_process_group
 
     runs = {}
@@ -246,11 +273,7 @@ def test_gathered_fp8_experts_sum_their_weight_gradients_in_the_product(tmp_path
             assert sum(summed_into) == (products - 2 * moe_layers * len(STEPS) if accumulate else 0)
     on, off = runs[True], runs[False]
     assert_steps_close(on["steps"], off["steps"], grad_rtol=1e-4, grad_atol=1e-6)
-    for (_, _, _, grads), (_, _, _, r_grads) in zip(on["steps"], off["steps"]):
-        experts = [name for name in grads if ".experts." in name]
-        assert experts and all(grads[n].dtype == "float32" for n in experts)
-        for name in experts:
-            assert (grads[name] == r_grads[name]).all(), name
+    _assert_expert_grads_equal(on, off)
 
 
 def _resume_worker(rank, world, cfg_bytes, job):
