@@ -134,3 +134,68 @@ def test_a_two_rank_ep2_checkpoint_resumes_in_one_process_where_it_stood(tmp_pat
     assert got.keys() == want.keys()
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+_TORCHRUN_WORKER = """
+import pickle, sys
+from nemotron.train import pretrain
+summary = pretrain(pickle.loads(open(sys.argv[1], "rb").read()), sys.argv[2])
+open(sys.argv[3] + f".{summary.status}", "w").write(str(summary.checkpoint))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_under_torchrun_checkpoints_the_step_on_every_rank(tmp_path, corpus):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group: torchrun's agent, which
+    starts each worker in a session of its own) is forwarded by the agent to every worker once,
+    and the agent waits for them (`--shutdown-timeout`): the workers finish the step, save it
+    together and return "interrupted" (`trainer.StopRequest`; before, SIGINT stopped them at
+    once, saving nothing)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nemotron.train.checkpoint import LATEST_FILE
+
+    cfg = make_config(
+        tmp_path,
+        blend=corpus[0],
+        train={"train_iters": 100000, "eval_iters": 0},
+        checkpoint={"save_interval": 100000},
+    )
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    (tmp_path / "worker.py").write_text(_TORCHRUN_WORKER)
+    job = tmp_path / "job"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "worker.py"), str(tmp_path / "cfg.pkl"), str(job), str(tmp_path / "done")],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["kind"] == "train" and r["step"] >= 2 for r in _metrics(job)):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no training step within 240 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = sorted(p.name for p in tmp_path.glob("done.*"))
+    assert done == ["done.interrupted"], out[-3000:]
+    saved = (tmp_path / "ckpt" / LATEST_FILE).read_text().strip()
+    step = int(saved.removeprefix("iter_"))
+    assert step >= 2 and (tmp_path / "done.interrupted").read_text().endswith(saved), out[-3000:]
+    rng = tmp_path / "ckpt" / saved / "rng"
+    assert sorted(p.name for p in rng.iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def _metrics(job):
+    try:
+        return read_metrics(job)
+    except (FileNotFoundError, ValueError):
+        return []

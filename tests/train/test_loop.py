@@ -95,36 +95,27 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, corpus):
 
 def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(tmp_path, corpus):
     """Ctrl-C (SIGINT): the first asks for a checkpoint after the current step, as SIGTERM
-    does (the rerun resumes there), also when a launcher forwards it again at once (torchrun's
-    agent: a second SIGINT within `StopRequest.SAME_CTRL_C_S`); a later one raises
-    KeyboardInterrupt at once, saving nothing more. The previous SIGINT handler is back."""
-    import time
-
-    from nemotron.train.trainer import StopRequest
-
+    does (the rerun resumes there); one after it raises KeyboardInterrupt at once, saving
+    nothing more. The previous SIGINT handler is back either way."""
     cfg = make_config(tmp_path, blend=corpus[0])
     previous = signal.getsignal(signal.SIGINT)
 
-    def interrupt(pauses, step):
+    def interrupt(times, step):
         def on_event(kind, payload):
             if kind == "train" and payload["step"] == step:
-                os.kill(os.getpid(), signal.SIGINT)
-                for pause in pauses:  # a further Ctrl-C after `pause` seconds
-                    time.sleep(pause)
+                for _ in range(times):
                     os.kill(os.getpid(), signal.SIGINT)
 
         return on_event
 
-    forwarded = [StopRequest.SAME_CTRL_C_S / 10]  # the launcher's copy of the same Ctrl-C
-    first = pretrain(cfg, tmp_path / "job", on_event=interrupt(forwarded, step=3))
+    first = pretrain(cfg, tmp_path / "job", on_event=interrupt(1, step=3))
     assert signal.getsignal(signal.SIGINT) is previous
     assert first.status == "interrupted" and first.steps == 3
     assert first.checkpoint.endswith("iter_0000003")
     assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"
 
-    again = [StopRequest.SAME_CTRL_C_S * 2]  # a second Ctrl-C
     with pytest.raises(KeyboardInterrupt):  # resumed at step 3; two Ctrl-C at step 5
-        pretrain(cfg, tmp_path / "job2", on_event=interrupt(again, step=5))
+        pretrain(cfg, tmp_path / "job2", on_event=interrupt(2, step=5))
     assert signal.getsignal(signal.SIGINT) is previous
     # stopped at once: step 5 not checkpointed (the next save was due at step 6)
     assert (tmp_path / "ckpt" / LATEST_FILE).read_text().strip() == "iter_0000003"

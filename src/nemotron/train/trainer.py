@@ -291,16 +291,12 @@ def _config_dict(cfg) -> dict[str, Any]:
 class StopRequest:
     """SIGTERM / SIGUSR1 (Slurm preemption) and a first Ctrl-C (SIGINT) ask the loop to
     checkpoint after the current step and return; a Ctrl-C after any of them stops at once
-    (KeyboardInterrupt, as without this: what the last checkpoint holds is kept). A SIGINT
-    within `SAME_CTRL_C_S` of the first is the same Ctrl-C: torchrun's agent, which gets the
-    terminal's SIGINT too, forwards it to its workers at once (then waits for them to exit)."""
+    (KeyboardInterrupt, as without this: what the last checkpoint holds is kept)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    SAME_CTRL_C_S = 0.5
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._first_sigint: float | None = None  # time.monotonic() of the first SIGINT
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -310,13 +306,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._first_sigint is not None and now - self._first_sigint < self.SAME_CTRL_C_S:
-                return  # the same Ctrl-C, forwarded by a launcher
-            if self.signum is not None:
-                raise KeyboardInterrupt
-            self._first_sigint = now
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
