@@ -111,6 +111,16 @@ def transposed_groups_reference(
     return out.t().contiguous().to(out_dtype), inv_e
 
 
+def check_accumulate_into(buffer: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """The weight-gradient products add into `buffer` only as float32 [E, M, N] contiguous
+    (`kernels.fp8.summed_weight_grads`'s sums)."""
+    if buffer.shape != shape or buffer.dtype != torch.float32 or not buffer.is_contiguous():
+        raise ValueError(
+            f"grouped_weight_grad: accumulate_into must be float32 {shape} contiguous, got "
+            f"{buffer.dtype} {tuple(buffer.shape)}"
+        )
+
+
 def grouped_weight_grad_reference(
     at: torch.Tensor,
     a_inv: torch.Tensor,
@@ -125,13 +135,8 @@ def grouped_weight_grad_reference(
     `accumulate_into` (float32 [E, M, N]): the products added to it, which is returned."""
     ends = layout.offs_padded.tolist()
     shape = (layout.experts, at.shape[0], bt.shape[0])
-    if accumulate_into is not None and (
-        accumulate_into.shape != shape or accumulate_into.dtype != torch.float32
-    ):
-        raise ValueError(
-            f"grouped_weight_grad: accumulate_into must be float32 {shape}, got "
-            f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}"
-        )
+    if accumulate_into is not None:
+        check_accumulate_into(accumulate_into, shape)
     out = (
         accumulate_into
         if accumulate_into is not None

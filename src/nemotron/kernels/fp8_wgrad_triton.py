@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nemotron.kernels.fp8 import FLOAT8, FLOAT8_MAX
-from nemotron.kernels.fp8_wgrad import GROUP_ALIGN, ExpertRows
+from nemotron.kernels.fp8_wgrad import GROUP_ALIGN, ExpertRows, check_accumulate_into
 
 __all__ = ["grouped_weight_grad_triton", "transposed_groups_triton"]
 
@@ -160,12 +160,8 @@ def grouped_weight_grad_triton(
     if accumulate_into is None:
         out = torch.empty(layout.experts, m, n, dtype=out_dtype, device=at.device)
     else:
+        check_accumulate_into(accumulate_into, (layout.experts, m, n))
         out = accumulate_into
-        if out.shape != (layout.experts, m, n) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(
-                f"grouped_weight_grad_triton: accumulate_into must be float32 {(layout.experts, m, n)} "
-                f"contiguous, got {out.dtype} {tuple(out.shape)}"
-            )
     block_m, block_n, block_k, warps, stages = config or WGRAD_CONFIG
     if GROUP_ALIGN % block_k:
         raise ValueError(f"grouped_weight_grad_triton: BLOCK_K {block_k} does not divide {GROUP_ALIGN}")
