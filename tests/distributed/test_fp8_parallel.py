@@ -1,8 +1,9 @@
 """`train.fp8` under FSDP2 and expert parallelism (gloo, FP8 emulated on CPU) against one
 process with the same FP8 layers, on the same global batch.
 
-FP8 experts alone under EP2 must match one process to float tolerance: every scale is taken
-over the same values (a row, or one expert's rows, which EP gathers on the expert's rank).
+FP8 experts alone under EP2 must match one process to float tolerance (each gradient tensor
+within a few BF16 roundings): every scale is taken over the same values (a row, or one expert's
+rows, which EP gathers on the expert's rank).
 Dense FP8 linears under data parallelism cannot match exactly (a tensorwise scale, or a
 per-column scale of the weight-gradient GEMM, is taken over a rank's tokens only), so there
 the loss must agree to FP8 tolerance."""
