@@ -14,6 +14,7 @@ Layout of a save directory:
         manifest.json             size and SHA-256 of every other file; written last
     SAVE/latest                 name of the newest complete checkpoint
     SAVE/.tmp-iter_0000200/     a save in progress: never looked at by resume
+    SAVE/.lock                  held (flock) by the run saving here, removed when it ends
 
 A checkpoint is written under `.tmp-<name>`; once every file is written their sizes and
 checksums go into `manifest.json` (the work spread over the ranks), `latest` (itself written to
@@ -30,6 +31,14 @@ ignored), reporting the damaged ones it skipped (`find_checkpoint`). A model-onl
 (`keep_last`) counts the checkpoints up to the one just written, never deleting that one. A save
 that fails (a full disk, an unwritable directory) raises `CheckpointWriteError` naming the file
 and removes its temporary directory; the previous checkpoint is untouched.
+
+One run saves into a save directory at a time (`claim_save_dir`): a second run given the same
+`checkpoint.save` while the first trains is refused, naming the holder, since each would prune
+the other's checkpoints and re-save over its steps. Holding the directory is also what lets a
+start remove what a killed run's unfinished save left (a `.tmp-iter_N` without its manifest),
+which otherwise stays when no later save reaches step N. The lock is an flock, released by
+the kernel however the holder ends (kill -9 included); on a file system without locks the run
+goes on unguarded, with a warning, and leaves such leftovers alone.
 """
 
 from __future__ import annotations
@@ -42,9 +51,12 @@ import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +69,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
-from nemotron.utils.fs import atomic_write_bytes, atomic_write_text, free_space_note, remove_stale_temporaries
+from nemotron.utils.fs import (
+    LockBusy,
+    atomic_write_bytes,
+    atomic_write_text,
+    exclusive_lock,
+    free_space_note,
+    remove_stale_temporaries,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d+)$")
 LATEST_FILE = "latest"
@@ -68,6 +87,11 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1  # manifest.json's "format": a reader refuses any other
 TMP_PREFIX = ".tmp-"
 PRUNED_PREFIX = f"{TMP_PREFIX}pruned-"  # a checkpoint being deleted (`_remove_checkpoint`)
+SAVE_LOCK_FILE = ".lock"  # held by the one run saving into the directory (`claim_save_dir`)
+# How long a starting run waits for the save directory's lock before it is refused: a requeued
+# job can start while its predecessor's lock is still held (an NFSv4 server keeps a crashed
+# client's locks until its lease expires, 90 s by default); a second run is refused after it.
+SAVE_DIR_WAIT_S = 120.0
 
 
 @contextlib.contextmanager
@@ -428,7 +452,86 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
+class SaveDirClaim:
+    """A run's hold on its save directory (`claim_save_dir`); `release()` when the run ends.
+    `locked`: whether this rank holds the lock (rank 0 of the group, on a file system that
+    locks; elsewhere nothing is held, and on rank 0 the run is unguarded)."""
+
+    def __init__(self, save_dir: Path, owner: bool, locked: bool, stack: contextlib.ExitStack) -> None:
+        self.save_dir, self.owner, self.locked, self._stack = save_dir, owner, locked, stack
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it: a run starting now locks a new one)
+        and let go. Idempotent."""
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        with stack:
+            if self.owner:
+                with contextlib.suppress(OSError):
+                    (self.save_dir / SAVE_LOCK_FILE).unlink()
+                self.owner = self.locked = False
+
+
+def claim_save_dir(
+    save_dir: str | Path, job: str | Path | None = None, group=None, wait_s: float = 0.0
+) -> SaveDirClaim:
+    """Hold `save_dir` for this run (rank 0 of `group` locks, every rank gets the outcome):
+    another run holding it for `wait_s` seconds more is a `CheckpointError` naming that run
+    (pid, host, start, job), on every rank. Call on every rank of `group` after
+    `check_writable`."""
+    save_dir = Path(save_dir)
+    stack = contextlib.ExitStack()
+
+    def claim() -> bool:
+        if _group_rank(group) != 0:
+            return True
+        holder = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "job": str(Path(job).absolute()) if job is not None else None,
+            }
+        )
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                try:
+                    return stack.enter_context(exclusive_lock(save_dir / SAVE_LOCK_FILE, holder))
+                except LockBusy as busy:
+                    if time.monotonic() >= deadline:
+                        raise CheckpointError(_busy_message(save_dir, busy, wait_s)) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"checkpoint.save={save_dir}: cannot lock {failure_reason(e)}"
+            ) from None
+
+    try:
+        locked = _agreed(claim, group)
+    except BaseException:
+        stack.close()
+        raise
+    owner = _group_rank(group) == 0
+    return SaveDirClaim(save_dir, owner, bool(locked) and owner, stack)
+
+
+def _busy_message(save_dir: Path, busy: LockBusy, wait_s: float) -> str:
+    try:
+        other = json.loads(busy.holder)
+        who = f"pid {other['pid']} on {other['host']}, started {other['started']}"
+        if other.get("job"):
+            who += f", job {other['job']}"
+    except (ValueError, TypeError, KeyError):
+        who = f"which has not said who it is yet ({busy.path})"
+    waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
+    return (
+        f"checkpoint.save={save_dir} is in use by another training run ({who}){waited}: two runs saving "
+        f"into one directory would prune and overwrite each other's checkpoints; wait for it "
+        f"to end or stop it, or give this run another checkpoint.save"
+    )
+
+
+def finish_interrupted_saves(save_dir: str | Path, group=None, claimed: bool = False) -> list[str]:
     """Finish the publication a run killed at the end of a save left undone; returns the names
     of the checkpoints it made visible (for the run's warnings). Call before resuming from
     `save_dir`, on every rank of `group` (the owner rank moves, the others wait).
@@ -440,7 +543,11 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
     move), the complete new checkpoint would stay hidden and the next
     save of that step would delete it, so resume would start from an older one: here it is
     renamed into place, `latest` names it, and the set-aside copy goes. A removal of a
-    checkpoint no longer kept (`keep_last`) that a kill cut short is finished too."""
+    checkpoint no longer kept (`keep_last`) that a kill cut short is finished too.
+
+    `claimed`: this run holds the directory (`claim_save_dir`), so no other process is saving
+    there: a `.tmp-iter_N` without a manifest is an unfinished save of a run that is gone, and
+    is removed (else it stays until a save of step N, which may never come)."""
     save_dir = Path(save_dir)
     finished: list[str] = []
     if _group_rank(group) == 0 and save_dir.is_dir():
@@ -470,6 +577,10 @@ def finish_interrupted_saves(save_dir: str | Path, group=None) -> list[str]:
                 os.replace(old, final)
         for doomed in save_dir.glob(f"{PRUNED_PREFIX}iter_*"):
             shutil.rmtree(doomed, ignore_errors=True)
+        if claimed:
+            for tmp in save_dir.glob(f"{TMP_PREFIX}iter_*"):
+                if CHECKPOINT_PATTERN.match(tmp.name[len(TMP_PREFIX) :]) and tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)  # (the complete ones were moved above)
     return _from_owner(finished, group)  # (a broadcast: the other ranks wait for the moves)
 
 

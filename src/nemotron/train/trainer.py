@@ -46,12 +46,16 @@ from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
     CONFIG_FILE,
+    SAVE_DIR_WAIT_S,
+    SAVE_LOCK_FILE,
     TRAIN_STATE_FILE,
     Checkpointer,
     CheckpointError,
     CheckpointWriteError,
     LoadedCheckpoint,
+    SaveDirClaim,
     check_writable,
+    claim_save_dir,
     failure_reason,
     finish_interrupted_saves,
     load_checkpoint,
@@ -347,6 +351,7 @@ class Trainer:
         metrics: MetricsLogger | None = None,
         checkpointer: Checkpointer | None = None,
         compute_weights: str | None = None,
+        save_dir_claim: SaveDirClaim | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -362,6 +367,7 @@ class Trainer:
         self.state = self.restored.state
         self.metrics = metrics or MetricsLogger(Path("."), cfg.logger, enabled=False)
         self.checkpointer = checkpointer
+        self.save_dir_claim = save_dir_claim  # this run's hold on checkpoint.save, until `close`
         self.compute_weights = compute_weights
         self.rank0 = not parallel.distributed or dist.get_rank() == 0
         self.world = dist.get_world_size() if parallel.distributed else 1
@@ -400,63 +406,78 @@ class Trainer:
         check_logger(cfg.logger)  # every rank, before anything is built or loaded
         device = resolve_device(cfg.train.device)
         published: list[str] = []
+        claim = None
         if cfg.checkpoint.save:
             check_writable(cfg.checkpoint.save)
-            published = finish_interrupted_saves(cfg.checkpoint.save)
-        seed_everything(cfg.train.seed)
-        model, parallel = build_model(cfg, device, mesh, compute_weights=compute_weights)
-        plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
-        optimizer = build_optimizer(model, cfg.optimizer)
-        restored = restore(cfg, model, optimizer)
-        data = TrainingData(
-            cfg.data,
-            cfg.train,
-            plan,
-            cfg.model.vocab_size,
-            parallel.dp_rank,
-            restored.loader,
-            cp_rank=parallel.cp_rank,
-            cp_size=parallel.cp_size,
-            sequence_multiple=parallel.sequence_multiple,
-            context_halo=context_halo(cfg.model),
-            pin_memory=device.type == "cuda",
-            state_file=Path(restored.resumed_from) / TRAIN_STATE_FILE if restored.resumed_from else None,
-        )
-        rank0 = not parallel.distributed or dist.get_rank() == 0
-        metrics = MetricsLogger(
-            job_dir,
-            cfg.logger,
-            enabled=rank0,
-            on_event=on_event,
-            run_config=_config_dict(cfg),
-            start_step=restored.state.step,
-        )
-        if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
-            metrics.use_data_artifacts(
-                [cfg.data.blend, cfg.data.phase2_blend, *(m.blend for m in cfg.data.mixed_length_blends)]
-            )
-        checkpointer = None
-        if cfg.checkpoint.save:
-            checkpointer = Checkpointer(
-                cfg.checkpoint.save,
-                cfg.checkpoint.keep_last,
-                cfg.checkpoint.async_save,
-                checksums=cfg.checkpoint.verify_checksums,
-                on_complete=metrics.checkpoint_saved,
-            )
-        trainer = cls(
-            cfg,
-            model,
-            parallel,
-            data,
-            device=device,
-            optimizer=optimizer,
-            restored=restored,
-            metrics=metrics,
-            checkpointer=checkpointer,
-            compute_weights=compute_weights,
-        )
+            claim = claim_save_dir(cfg.checkpoint.save, job=job_dir, wait_s=SAVE_DIR_WAIT_S)
         try:
+            if claim is not None:
+                published = finish_interrupted_saves(cfg.checkpoint.save, claimed=claim.locked)
+            seed_everything(cfg.train.seed)
+            model, parallel = build_model(cfg, device, mesh, compute_weights=compute_weights)
+            plan = plan_batches(cfg.train, parallel.dp_size, cfg.data)
+            optimizer = build_optimizer(model, cfg.optimizer)
+            restored = restore(cfg, model, optimizer)
+            data = TrainingData(
+                cfg.data,
+                cfg.train,
+                plan,
+                cfg.model.vocab_size,
+                parallel.dp_rank,
+                restored.loader,
+                cp_rank=parallel.cp_rank,
+                cp_size=parallel.cp_size,
+                sequence_multiple=parallel.sequence_multiple,
+                context_halo=context_halo(cfg.model),
+                pin_memory=device.type == "cuda",
+                state_file=Path(restored.resumed_from) / TRAIN_STATE_FILE if restored.resumed_from else None,
+            )
+            rank0 = not parallel.distributed or dist.get_rank() == 0
+            metrics = MetricsLogger(
+                job_dir,
+                cfg.logger,
+                enabled=rank0,
+                on_event=on_event,
+                run_config=_config_dict(cfg),
+                start_step=restored.state.step,
+            )
+            if not cfg.data.mock:  # W&B lineage: the data-prep outputs this run reads
+                metrics.use_data_artifacts(
+                    [cfg.data.blend, cfg.data.phase2_blend, *(m.blend for m in cfg.data.mixed_length_blends)]
+                )
+            checkpointer = None
+            if cfg.checkpoint.save:
+                checkpointer = Checkpointer(
+                    cfg.checkpoint.save,
+                    cfg.checkpoint.keep_last,
+                    cfg.checkpoint.async_save,
+                    checksums=cfg.checkpoint.verify_checksums,
+                    on_complete=metrics.checkpoint_saved,
+                )
+            trainer = cls(
+                cfg,
+                model,
+                parallel,
+                data,
+                device=device,
+                optimizer=optimizer,
+                restored=restored,
+                metrics=metrics,
+                checkpointer=checkpointer,
+                compute_weights=compute_weights,
+                save_dir_claim=claim,
+            )
+        except BaseException:
+            if claim is not None:  # (once built, the trainer releases it: `close`)
+                claim.release()
+            raise
+        try:
+            if claim is not None and claim.owner and not claim.locked:
+                trainer.warn(
+                    f"{Path(cfg.checkpoint.save) / SAVE_LOCK_FILE}: this file system cannot lock files, so "
+                    f"another run saving into checkpoint.save={cfg.checkpoint.save} at the same time "
+                    f"would not be noticed (each would prune the other's checkpoints)"
+                )
             for name in published:
                 trainer.warn(
                     f"checkpoint {name} was complete but hidden by a run killed while publishing it: published"
@@ -856,12 +877,15 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Stop the loader workers, finish an in-flight save, close the metrics."""
+        """Stop the loader workers, finish an in-flight save, let go of the save directory,
+        close the metrics."""
         try:
             self.data.close()
             if self.checkpointer is not None:
                 self.checkpointer.wait()
         finally:
+            if self.save_dir_claim is not None:
+                self.save_dir_claim.release()
             self.metrics.close()
 
     def _summary(self, status: str, entropy: float | None, tokens_per_second: float | None) -> TrainSummary:
