@@ -22,9 +22,9 @@ follow the same rule at their own level: built under a temporary name, renamed w
 the modes a plain mkdir/open would have.
 
 A process that must be the only one at work in a directory for a while (a data prep in its
-output directory, a training run in its checkpoint directory) holds `exclusive_lock` on a file there: an flock, which the kernel releases
-when the holder exits however it ends (kill -9 included), also across the hosts of a shared
-file system that supports locks. A name alone cannot say that: a temporary's writer on another
+output directory, a training run in its checkpoint directory) holds `exclusive_lock` on a file
+there: an flock, which the kernel releases when the holder exits however it ends (kill -9
+included), also across the hosts of a shared file system that supports locks. A name alone cannot say that: a temporary's writer on another
 host can never be proved gone, so its work could be neither taken over nor cleaned.
 """
 
