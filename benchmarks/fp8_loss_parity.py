@@ -75,6 +75,7 @@ def config(args, fp8: Fp8Config, seed: int | None = None) -> PretrainConfig:
         device=args.device,
         grad_clip=1.0,
         compute_weights=args.params,
+        experts_float32_grads=args.experts_float32_grads,
         fp8=fp8,
     )
     return PretrainConfig(
@@ -256,6 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--params", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument(
+        "--experts-float32-grads",
+        action="store_true",
+        help="train.experts_float32_grads for every run: the BF16 routed experts' weight gradients in "
+        "float32, as the FP8 experts' are with --experts-gather (like for like)",
+    )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup", type=int, default=100, help="steps of linear warmup (see above)")
     ap.add_argument("--window", type=int, default=20, help="final loss = mean over the last N steps")
@@ -458,6 +465,7 @@ _SAME = (
     "layers_fp8",
     "experts_gather",
     "experts_wgrad",
+    "experts_float32_grads",
     "experts_gemm",
     "experts_tiles",
     "steps",

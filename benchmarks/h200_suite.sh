@@ -2,7 +2,7 @@
 # The GPU benchmarks of docs/benchmarks.md in one go, on one H200 (the session device tool's
 # image: torch/triton/transformers preinstalled; omegaconf carried as wheels in .whl/).
 # Usage: bash benchmarks/h200_suite.sh STAGE... (stages: blocks, <train|peer>-<fp32|bf16>[-mbN]
-# [-accumN][-prof][-rec][-ovl][-fp8t|-fp8r|-fp8g][-reuse][-ag][-xg][-xw][-xt][-exact][-at][-lmrowsN] (peer: also the transformers peer; ovl: MoE
+# [-accumN][-prof][-rec][-ovl][-f32g][-fp8t|-fp8r|-fp8g][-reuse][-ag][-xg][-xw][-xt][-exact][-at][-lmrowsN] (peer: also the transformers peer; ovl: MoE
 # shared-expert overlap; fp8t/r/g: train.fp8 with the tensorwise / rowwise / rowwise_with_gw_hp recipe;
 # reuse: train.fp8.reuse_weights=true; ag: train.fp8.fsdp_float8_all_gather=true; xg: train.fp8.experts_fsdp_float8_all_gather=true; xw: train.fp8.experts_weight_grad=fp8; xt: train.fp8.experts_grouped_gemm=triton, with XT_TILES="M,N,K,stages,warps,tma,persistent" its train.fp8.experts_grouped_tiles (default: the kernel's); exact: train.fp8.fast_accum=false; at: train.fp8.autotune_casts=true; lmrowsN: train.fp8.lm_head_group_rows=N), numerics-<fp32|bf16>, long,
 # blocks-<kinds>, blocks-fp8, gpu-tests, grad-audit, dynamics (DYN_BLEND=blend.json), fp8-tests, fp8-parity
@@ -35,6 +35,7 @@ for stage in "$@"; do
           prof) prof=() ;;
           rec) extra+=(--recompute) ;;
           ovl) extra+=(--shared-expert-overlap) ;;
+          f32g) extra+=(--experts-float32-grads) ;;
           fp8t) extra+=(--fp8 tensorwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
           fp8r) extra+=(--fp8 rowwise ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;
           fp8g) extra+=(--fp8 rowwise_with_gw_hp ${FP8_LAYERS:+--fp8-layers $FP8_LAYERS}) ;;

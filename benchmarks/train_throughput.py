@@ -93,6 +93,7 @@ def pretrain_config(args, seq: int, micro_batch: int, grad_accum: int | None = N
         fused_kernels=True,
         activation_recompute=args.recompute,
         moe_shared_expert_overlap=args.shared_expert_overlap,
+        experts_float32_grads=args.experts_float32_grads,
         fp8=fp8_config(args),
     )
     data = DataConfig(blend=args.blend, mock=args.blend is None)
@@ -767,6 +768,11 @@ def parse_args(argv):
     )
     ap.add_argument("--recompute", action="store_true", help="per-block activation recomputation")
     ap.add_argument(
+        "--experts-float32-grads",
+        action="store_true",
+        help="train.experts_float32_grads: the BF16 routed experts' weight gradients in float32",
+    )
+    ap.add_argument(
         "--shared-expert-overlap",
         action="store_true",
         help="train.moe_shared_expert_overlap: MoE shared experts on a side CUDA stream",
@@ -903,7 +909,8 @@ def main(argv: list[str] | None = None) -> dict:
         _release(device)
         result["run"] = dataclasses.asdict(main_run)
         print(
-            f"proxy {args.params}{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
+            f"proxy {args.params}{' experts-f32-grads' if args.experts_float32_grads else ''}"
+            f"{'' if args.fp8 == 'off' else ' ' + main_run.name} seq {args.seq} mb {args.micro_batch} accum {args.grad_accum}: "
             f"{main_run.tokens_per_s:,.0f} tokens/s, step {main_run.step_ms:.1f} ms, "
             f"{main_run.tflops:.0f} TFLOP/s, MFU {main_run.mfu:.3f}, peak "
             f"{main_run.peak_gib or 0:.1f} GiB"

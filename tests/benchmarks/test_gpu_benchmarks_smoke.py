@@ -96,6 +96,23 @@ def test_train_throughput_bf16_fsdp_path_with_accumulation(tmp_path):
     assert not torch.distributed.is_initialized()  # the benchmark's one-rank group is gone
 
 
+def test_experts_float32_grads_option_of_the_benchmarks(tmp_path):
+    """`--experts-float32-grads` (train.experts_float32_grads) of train_throughput on the bf16
+    FSDP2 path: the same loss as without it at the first step (the same forward), then other
+    losses (other expert gradients; Adam's first update is the gradient's sign, which BF16
+    rounding keeps, so from the third step); the parity script records it."""
+    bench = load("train_throughput")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "3", "--warmup", "0", "--params", "bf16"]
+    argv += ["--no-profile"]
+    plain = bench.main(argv)["run"]["losses"]
+    f32 = bench.main([*argv, "--experts-float32-grads"])["run"]["losses"]
+    assert f32[0] == plain[0] and f32[2] != plain[2]
+    parity = load("fp8_loss_parity")
+    args = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--eval-batches", "1"]
+    out = parity.main([*args, "--tolerance", "1.0", "--experts-float32-grads"])
+    assert out["args"]["experts_float32_grads"] is True
+
+
 def test_train_throughput_hf_peer_ratio(tmp_path):
     pytest.importorskip("transformers")
     bench = load("train_throughput")

@@ -564,6 +564,45 @@ def _fp8_grouped_weight_grad_check(counts, block_k):
             raise AssertionError(f"accumulate_into {bad.dtype} {tuple(bad.shape)} must be refused")
 
 
+def _expert_weight_grad_check(counts, tiles, m=40, n=24):
+    """The BF16 experts' float32 weight-gradient kernel (`expert_wgrad_triton`) == a float64
+    product per expert of the same values (operands BF16-exact, held as float32: the
+    interpreter's BF16 products are not IEEE), experts without rows all zeros; rows not
+    multiples of BLOCK_K and widths not multiples of the tiles; summed into a float32 buffer in
+    the epilogue exactly as the float32 addition of buffer and product."""
+    from nemotron.kernels.expert_wgrad import expert_weight_grad_reference
+    from nemotron.kernels.expert_wgrad_triton import expert_weight_grad_triton
+
+    g = torch.Generator().manual_seed(11)
+    rows = sum(counts)
+    grad = torch.randn(rows, m, generator=g).bfloat16().float()
+    inp = torch.randn(rows, n, generator=g).bfloat16().float()
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    got = expert_weight_grad_triton(grad, inp, offs, config=tiles)
+    assert got.dtype == torch.float32 and got.shape == (len(counts), m, n)
+    start = 0
+    for e, c in enumerate(counts):
+        exact = grad[start : start + c].double().t() @ inp[start : start + c].double()
+        if c == 0:
+            assert torch.all(got[e] == 0), e
+        else:
+            err = float((got[e].double() - exact).norm() / exact.norm())
+            assert err < 1e-6, (e, err)
+        start += c
+    torch.testing.assert_close(got, expert_weight_grad_reference(grad, inp, offs), rtol=1e-5, atol=1e-5)
+    before = torch.randn(got.shape, generator=g)
+    into = before.clone()
+    summed = expert_weight_grad_triton(grad, inp, offs, accumulate_into=into, config=tiles)
+    assert summed is into and torch.equal(summed, before + got)
+    for bad in (torch.zeros(got.shape, dtype=torch.bfloat16), torch.zeros(1, m, n)):
+        try:
+            expert_weight_grad_triton(grad, inp, offs, accumulate_into=bad, config=tiles)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"accumulate_into {bad.dtype} {tuple(bad.shape)} must be refused")
+
+
 def _fp8_grouped_mm_check(counts, use_tma, persistent=False, k=40, n=24):
     """The Triton grouped product == a float64 product per group (operands as float32 values
     of float8 numbers: the interpreter has no float8 products; float32 out), for groups of 0,
@@ -1553,6 +1592,12 @@ CHECKS = {
     "fp8_transposed_groups_one_expert": lambda: _fp8_transposed_groups_check([64]),
     "fp8_transposed_groups_trailing_empty": lambda: _fp8_transposed_groups_check([3, 250, 0, 0]),
     "fp8_transposed_groups_nan": _fp8_transposed_groups_nan_check,
+    "expert_weight_grad_float32": lambda: _expert_weight_grad_check(
+        [5, 0, 130, 17, 1, 300], (32, 16, 16, 4, 2)
+    ),
+    "expert_weight_grad_float32_whole_tiles": lambda: _expert_weight_grad_check(
+        [64, 0, 32], (16, 8, 32, 4, 1), 32, 16
+    ),
     "fp8_grouped_weight_grad": lambda: _fp8_grouped_weight_grad_check([5, 0, 130, 17, 1, 300], 32),
     "fp8_grouped_weight_grad_whole_groups": lambda: _fp8_grouped_weight_grad_check([3, 250, 0], 128),
     "fp8_relu2_backward_rows": _fp8_relu2_backward_check,

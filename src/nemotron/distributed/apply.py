@@ -159,11 +159,12 @@ def apply_fsdp(
     common: dict[str, Any] = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for moe in _moe_layers(model):
         experts_common = common
-        if _gathers_fp8_forms(moe.experts):
-            # FSDP2 gathers the experts' FP8 forms, never a BF16 copy: their nominal dtype is
-            # the master weights' (float32), so the FP8 weight gradients arrive in float32,
-            # summed over the step's micro-batches where they are computed
-            # (`kernels.fp8.summed_weight_grads`), not as BF16 gradients to convert and add
+        if _gathers_expert_forms(moe.experts):
+            # FSDP2 gathers a form the experts' weights make themselves (FP8 forms,
+            # train/fp8_gather.py; or BF16, train/expert_grads.py), not a BF16 copy by the
+            # policy: their nominal dtype is the master weights' (float32), so their weight
+            # gradients arrive in float32, summed over the step's micro-batches where they are
+            # computed (`kernels.fp8.summed_weight_grads`), never rounded to BF16
             experts_common = dict(common, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         experts = fully_shard(
             moe.experts,
@@ -208,9 +209,10 @@ def apply_fsdp(
     setattr(model, "fsdp_reshard_after_forward", reshard_after_forward)
 
 
-def _gathers_fp8_forms(experts: nn.Module) -> bool:
-    """Whether FSDP2 gathers these routed experts' FP8 forms (`train.fp8.experts_fsdp_float8_all_gather`:
-    their parameters wrap `train.fp8_gather.ExpertMasterWeight`)."""
+def _gathers_expert_forms(experts: nn.Module) -> bool:
+    """Whether FSDP2 gathers forms these routed experts' weights make themselves (their
+    parameters wrap a `train.fp8_gather.ExpertMasterWeight`: `train.fp8.experts_fsdp_float8_all_gather`,
+    or `train.experts_float32_grads`)."""
     params = list(experts.parameters(recurse=False))
     return bool(params) and all(
         getattr(p.to_local() if isinstance(p, DTensor) else p, "gathers_whole_experts", False) for p in params
@@ -236,18 +238,18 @@ def restore_reshard_after_forward(model: FSDPModule) -> None:
 def _expert_shard_placement(edp: int):
     """FSDP2 shards dim 0 (experts) by default; with fewer local experts than EDP ranks that
     leaves ranks empty, so shard the first dimension that splits evenly (dim 0 if none: FSDP2
-    pads uneven dim-0 shards but rejects uneven shards of other dims). Weights whose FP8 forms
+    pads uneven dim-0 shards but rejects uneven shards of other dims). Weights whose own forms
     FSDP2 gathers (`gathers_whole_experts`) shard by whole experts only: an uneven split is a
-    `ParallelLayoutError` here, before anything runs."""
+    `ParallelLayoutError` here, naming the key that turned the gathering on, before anything runs."""
 
     def placement(param: torch.Tensor) -> Shard:
         local = param.to_local() if isinstance(param, DTensor) else param
         shape = local.shape
         if getattr(local, "gathers_whole_experts", False):
-            # FP8 forms gathered by FSDP2 (train/fp8_gather.py) are made per whole expert
+            # forms gathered by FSDP2 (train/fp8_gather.py) are made per whole expert
             if shape[0] % edp:
                 raise ParallelLayoutError(
-                    "train.fp8.experts_fsdp_float8_all_gather: FSDP2 must shard the routed experts "
+                    f"{getattr(local, 'config_key')}: FSDP2 must shard the routed experts "
                     f"by whole experts, but {shape[0]} experts per expert-parallel rank do not divide "
                     f"over {edp} expert-data-parallel ranks; set the key to false or choose "
                     "model.expert_model_parallel_size so that they divide"

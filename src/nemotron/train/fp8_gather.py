@@ -87,8 +87,12 @@ class ExpertMasterWeight(torch.Tensor):
 
     data_: torch.Tensor
     # read by the distributed layout (`distributed/apply.py`): FSDP2 must shard these by whole
-    # experts (dim 0), as `fsdp_pre_all_gather` packs each rank's experts whole
+    # experts (dim 0), as `fsdp_pre_all_gather` packs each rank's experts whole, and keeps
+    # their unit in the master weights' dtype (their gradients are float32)
     gathers_whole_experts = True
+    # the key that turned this gathering on, named by errors (a subclass gathers another form:
+    # `train.expert_grads.ExpertBf16MasterWeight`)
+    config_key = "train.fp8.experts_fsdp_float8_all_gather"
 
     @staticmethod
     def __new__(cls, data: torch.Tensor) -> ExpertMasterWeight:
@@ -132,13 +136,18 @@ class ExpertMasterWeight(torch.Tensor):
     @torch.no_grad()
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """This rank's whole experts in both FP8 forms (`pack_forms`), metadata (N, K)."""
+        local = self.whole_experts(outer_size)
+        return pack_forms(local, mesh.size()), (local.shape[1], local.shape[2])
+
+    def whole_experts(self, outer_size) -> torch.Tensor:
+        """The wrapped local shard, checked to hold whole experts of the unsharded `outer_size`."""
         local = self.data_
         if tuple(outer_size[1:]) != tuple(local.shape[1:]):
             raise ValueError(
-                "train.fp8.experts_fsdp_float8_all_gather: FSDP must shard the routed experts "
-                f"by whole experts (dim 0); this rank holds {tuple(local.shape)} of {tuple(outer_size)}"
+                f"{self.config_key}: FSDP must shard the routed experts by whole experts (dim 0); "
+                f"this rank holds {tuple(local.shape)} of {tuple(outer_size)}"
             )
-        return pack_forms(local, mesh.size()), (local.shape[1], local.shape[2])
+        return local
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         if out is not None:

@@ -40,6 +40,7 @@ from nemotron.kernels.fp8 import reuse_quantized_weights, summed_weight_grads
 from nemotron.models.nano3.model import Block, Nano3ForCausalLM
 from nemotron.models.nano3.moe import MoE, set_shared_expert_overlap
 from nemotron.train.config import COMPUTE_WEIGHTS
+from nemotron.train.expert_grads import apply_float32_expert_grads
 from nemotron.train.fp8 import Fp8Summary, apply_fp8
 
 
@@ -278,6 +279,7 @@ def build_model(
     set_shared_expert_overlap(model, cfg.train.moe_shared_expert_overlap)
     # module swaps, before sharding (as torchao needs)
     apply_fp8_if_enabled(model, cfg, device, mesh.dims.tp)
+    apply_expert_grads_if_enabled(model, cfg, weights)
     if cfg.train.activation_recompute:  # before sharding, as torchtitan does
         apply_activation_recompute(model)
     # One rank: resharding after forward would only re-gather (copy) the weights in backward.
@@ -302,6 +304,15 @@ def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device, tens
     return summary
 
 
+def apply_expert_grads_if_enabled(model: torch.nn.Module, cfg, compute_weights: str) -> int:
+    """`train.experts_float32_grads` with BF16 compute weights (FSDP2): the BF16 routed experts
+    swapped for ones with float32 weight gradients (train/expert_grads.py), before sharding.
+    Returns how many MoE layers were swapped."""
+    if not (cfg.train.experts_float32_grads and compute_weights == "bf16"):
+        return 0
+    return apply_float32_expert_grads(model)
+
+
 def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bool):
     """This rank's pipeline stages (`distributed.pipeline`): each part is built like the whole
     model below (meta device, recompute, shared-expert overlap), parallelised on the stage's
@@ -316,6 +327,7 @@ def _build_pipeline(cfg, device: torch.device, mesh, layout, mixed_precision: bo
             part = Nano3ForCausalLM(cfg.model.arch(), fused_loss=cfg.train.fused_kernels, blocks=blocks)
         set_shared_expert_overlap(part, cfg.train.moe_shared_expert_overlap)
         apply_fp8_if_enabled(part, cfg, device, mesh.dims.tp)
+        apply_expert_grads_if_enabled(part, cfg, "bf16" if mixed_precision else "fp32")
         if cfg.train.activation_recompute:
             apply_activation_recompute(part)
         return part

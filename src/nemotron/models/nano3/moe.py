@@ -350,7 +350,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [rows, hidden] sorted by expert, counts [E] rows per expert -> [rows, hidden]."""
-        up, down = local_experts(self.up_proj), local_experts(self.down_proj)
+        return self.mlp(x, counts, local_experts(self.up_proj), local_experts(self.down_proj))
+
+    @staticmethod
+    def mlp(x: torch.Tensor, counts: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """The experts' MLPs on this rank's weights `up` [E, ffn, hidden], `down` [E, hidden, ffn]
+        (what `forward` runs; experts modules that hold their weights in another form call it
+        with plain tensors)."""
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
@@ -361,7 +367,7 @@ class GroupedExperts(nn.Module):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 h = relu2(grouped_mm(x, up.transpose(-2, -1), offs=offs))
                 return grouped_mm(h, down.transpose(-2, -1), offs=offs)
-        return self._forward_loop(x, counts, up, down)
+        return GroupedExperts._forward_loop(x, counts, up, down)
 
     @staticmethod
     def _forward_loop(
