@@ -108,7 +108,19 @@ def test_experts_float32_grads_option_of_the_benchmarks(tmp_path):
     f32 = bench.main([*argv, "--experts-float32-grads"])["run"]["losses"]
     assert f32[0] == plain[0] and f32[2] != plain[2]
     parity = load("fp8_loss_parity")
-    args = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--eval-batches", "1"]
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--seq",
+        "32",
+        "--steps",
+        "2",
+        "--window",
+        "1",
+        "--eval-batches",
+        "1",
+    ]
     out = parity.main([*args, "--tolerance", "1.0", "--experts-float32-grads"])
     assert out["args"]["experts_float32_grads"] is True
 
