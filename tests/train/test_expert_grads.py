@@ -306,3 +306,63 @@ def test_two_ranks_keep_float32_expert_gradients_of_one_process(tmp_path, layout
                 else:
                     assert _rel(ours, torch.from_numpy(o_grads[name])) < 1e-6, name
                 assert _rel(ours, torch.from_numpy(r_grads[name])) < 1e-5, name
+
+
+def _pipeline_expert_grads(rank, world_size, knob: bool):
+    """PP2 (1F1B, 4 micro-batches) with BF16 compute weights: the stages' swapped experts, one
+    step's loss, this rank's expert gradients and, per float32 weight-gradient product, the
+    share of its values that are BF16 values."""
+    from distributed.pipeline_harness import RecordingSGD, global_batch, make_config, rank_micro_batches
+
+    from nemotron.train import expert_grads
+    from nemotron.train.loop import build_model, train_step
+
+    bf16_shares = []
+    real = expert_grads.expert_weight_grad
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        bf16_shares.append(float((out == out.bfloat16().float()).float().mean()))
+        return out
+
+    expert_grads.expert_weight_grad = recording  # this spawned process's own module
+    cfg = make_config(dict(pipeline_model_parallel_size=2, pipeline_schedule="1F1B"), seq=8, global_batch=4)
+    cfg.train = dataclasses.replace(
+        cfg.train, precision="bf16", compute_weights="bf16", experts_float32_grads=knob
+    )
+    model, parallel = build_model(cfg, torch.device("cpu"))
+    swapped = sum(
+        isinstance(m, Float32GradExperts) for part in parallel.pipeline.parts for m in part.modules()
+    )
+    opt = RecordingSGD(model, 0.0)
+    samples = global_batch(0, 4, 8, cfg.model.vocab_size)
+    result = train_step(
+        model, opt, rank_micro_batches(samples, parallel), device=torch.device("cpu"), precision="bf16",
+        grad_clip=0.0, parallel=parallel,
+    )  # fmt: skip
+    grads = {n: g.numpy() for n, g in opt.grads.items() if ".experts." in n}
+    return swapped, result.lm_loss, grads, bf16_shares
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_stages_write_float32_expert_gradients():
+    """PP2 with BF16 compute weights: every stage swaps its own MoE layers' experts; their
+    weight-gradient products are float32 sums (at most about a third of their values BF16 ones
+    at these few rows per expert, zeros from the squared ReLU among them) although a pipeline schedule runs the backward inside the step's BF16
+    autocast (where a float32 matmul would be a BF16 one: every value a BF16 value); the
+    gradients differ from the run without the key by BF16's rounding, the loss does not."""
+    from distributed._spawn import run_distributed
+
+    on = run_distributed(_pipeline_expert_grads, 2, True)
+    off = run_distributed(_pipeline_expert_grads, 2, False)
+    assert [r[0] for r in on] == [1, 1] and [r[0] for r in off] == [0, 0]  # one MoE layer per stage
+    for rank in range(2):
+        assert on[rank][1] == off[rank][1]
+        shares = on[rank][3]
+        assert len(shares) == 2 * 4 and max(shares) < 0.6, shares  # (up, down) x micro-batches
+        assert off[rank][3] == []
+        assert set(on[rank][2]) == set(off[rank][2]) and len(on[rank][2]) == 2
+        for name, grad in on[rank][2].items():
+            assert grad.dtype == "float32"
+            rel = _rel(torch.from_numpy(grad), torch.from_numpy(off[rank][2][name]))
+            assert 1e-4 < rel < 4e-3, (name, rel)

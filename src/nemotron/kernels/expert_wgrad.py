@@ -64,10 +64,13 @@ def expert_weight_grad_reference(
     else:
         out = torch.zeros(shape, dtype=torch.float32, device=grad.device)
     start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            out[e] += grad[start:end].float().t() @ inp[start:end].float()
-        start = end
+    # float32 products even where the caller's backward runs under autocast (a pipeline
+    # schedule runs its stages' backward inside the step's autocast: BF16 products there)
+    with torch.autocast(device_type=grad.device.type, enabled=False):
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                out[e] += grad[start:end].float().t() @ inp[start:end].float()
+            start = end
     return out
 
 

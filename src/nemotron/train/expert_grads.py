@@ -195,14 +195,21 @@ class _Bf16ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (up_shape, up_dtype), (down_shape, down_dtype) = ctx.weights
         if ctx.no_rows:
             grads = [
                 _no_rows_grad(grad_out, shape, dtype, key)
                 for (shape, dtype), key in zip(ctx.weights, ctx.keys, strict=True)
             ]
-            return grad_out.new_zeros(0, up_shape[-1]), *grads, None, None, None, None
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *grads, None, None, None, None
         x, h_pre, up_bf16, down_bf16, offs = ctx.saved_tensors
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # a pipeline schedule runs the backward inside the step's autocast; these products
+            # are in the dtypes given here
+            return _Bf16ExpertMLP._backward(ctx, grad_out, x, h_pre, up_bf16, down_bf16, offs)
+
+    @staticmethod
+    def _backward(ctx, grad_out, x, h_pre, up_bf16, down_bf16, offs):
+        (_, up_dtype), (_, down_dtype) = ctx.weights
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         grad_h = _grouped_mm(grad_out, down_bf16, offs)
         h, dh_pre = compiled("relu2_and_grad", _relu2_and_grad, h_pre.device)(h_pre, grad_h)
