@@ -104,6 +104,30 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
     assert "cvt.rn.satfinite.e4m3x2.f32" in _compile_for_hopper(kernels[name], spec).asm["ptx"], name
 
 
+@pytest.mark.parametrize("config", [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)])
+def test_expert_weight_grad_kernel_compiles_with_bf16_operands(interpreted, config):
+    """The BF16 experts' float32 weight-gradient product (`kernels.expert_wgrad_triton`),
+    launched on float32 operands by the CPU checks (the interpreter's BF16 products are not
+    IEEE), compiles for Hopper as training runs it: BF16 operands, both read with the rows as
+    the contraction (one transposed in registers), at its tiles, to the BF16 tensor-core
+    instruction with float32 output."""
+    from nemotron.kernels.expert_wgrad_triton import WGRAD_CONFIG
+
+    assert WGRAD_CONFIG in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]  # the tiles checked here
+    block_m, block_n, block_k, warps, stages = config
+    kernels = _launched_kernels()
+    name = "nemotron.kernels.expert_wgrad_triton._expert_weight_grad_kernel"
+    spec = interpreted["launches"][name]
+    spec = {
+        **spec,
+        "signature": {**spec["signature"], "G": "*bf16", "X": "*bf16", "C": "*fp32"},
+        "constexprs": {**spec["constexprs"], "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        "options": {"num_warps": warps, "num_stages": stages},
+    }
+    ptx = _compile_for_hopper(kernels[name], spec).asm["ptx"]
+    assert "wgmma" in ptx and ".bf16" in ptx
+
+
 @pytest.mark.parametrize("kernel", ["_grouped_fp8_kernel", "_grouped_fp8_persistent_kernel"])
 @pytest.mark.parametrize("use_tma", [True, False])
 def test_fp8_grouped_mm_kernel_compiles_with_float8_operands(interpreted, use_tma, kernel):
