@@ -298,6 +298,20 @@ def summed_weight_grads_scope() -> SummedWeightGrads | None:
     return _SUMS["scope"]
 
 
+def grad_without_rows(
+    like: torch.Tensor, shape, dtype: torch.dtype, sums: SummedWeightGrads | None, key
+) -> torch.Tensor | None:
+    """A weight's gradient from a micro-batch without rows: zeros in `dtype`; under an open
+    scope (`sums`, summing under `key`) what the weight-gradient product would hand over: the
+    float32 sum of the earlier micro-batches at the last one, None before."""
+    if sums is None:
+        return like.new_zeros(shape, dtype=dtype)
+    if not sums.last:
+        return None
+    summed = sums.buffers.pop(key, None)
+    return summed if summed is not None else like.new_zeros(shape, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantized weights reused within one optimizer step
 

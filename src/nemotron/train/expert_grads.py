@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from nemotron.kernels.expert_wgrad import expert_weight_grad
-from nemotron.kernels.fp8 import compiled, summed_weight_grads_scope
+from nemotron.kernels.fp8 import compiled, grad_without_rows, summed_weight_grads_scope
 from nemotron.kernels.relu2 import relu2
 from nemotron.models.nano3.moe import GroupedExperts, local_experts
 from nemotron.train.fp8_gather import ExpertMasterWeight, master_data
@@ -167,13 +167,9 @@ def _no_rows_grad(like: torch.Tensor, shape, dtype: torch.dtype, key) -> torch.T
     """A weight's gradient from a micro-batch without rows: zeros; under an open
     `summed_weight_grads` scope what `_weight_grad` would hand over (the sum of the earlier
     micro-batches at the last one, None before)."""
-    sums = summed_weight_grads_scope() if key is not None else None
-    if sums is None:
-        return like.new_zeros(shape, dtype=dtype)
-    if not sums.last:
-        return None
-    summed = sums.buffers.pop(key, None)
-    return summed if summed is not None else like.new_zeros(shape, dtype=torch.float32)
+    return grad_without_rows(
+        like, shape, dtype, summed_weight_grads_scope() if key is not None else None, key
+    )
 
 
 class _Bf16ExpertMLP(torch.autograd.Function):

@@ -75,6 +75,7 @@ from nemotron.kernels.fp8 import (
     compiled,
     emulated_mm,
     fp8_hardware,
+    grad_without_rows,
     quantize_rows,
     quantize_transposed,
     quantized_weight,
@@ -276,13 +277,7 @@ def _no_rows_grad(like: torch.Tensor, shape, dtype, key: tuple[int, str] | None)
     """A weight's gradient from a micro-batch without rows: zeros, or under an open
     `kernels.fp8.summed_weight_grads` scope what `_fp8_weight_grad` would hand over (the sum of
     the earlier micro-batches at the last one, None before)."""
-    sums = _open_sums(key)
-    if sums is None:
-        return like.new_zeros(shape, dtype=dtype)
-    if not sums.last:
-        return None
-    summed = sums.buffers.pop(key, None)
-    return summed if summed is not None else like.new_zeros(shape, dtype=torch.float32)
+    return grad_without_rows(like, shape, dtype, _open_sums(key), key)
 
 
 class _Fp8ExpertMLP(torch.autograd.Function):
