@@ -400,6 +400,40 @@ def test_float8_grouped_experts_match_a_per_expert_reference(autocast):
     assert 1e-3 < _rel(out, exact) < 0.1  # really rounded to float8, and still close
 
 
+@pytest.mark.parametrize("weight_grad,gathered", [("bf16", False), ("fp8", False), ("fp8", True)])
+def test_float8_grouped_experts_backward_ignores_an_open_autocast(weight_grad, gathered):
+    """A pipeline schedule runs its stages' backward inside the step's BF16 autocast: the
+    experts' gradients must be those of a backward run outside it, bit for bit (the emulated
+    weight-gradient products are float32 products, not autocast's BF16 ones; with gathered forms
+    of float32 master weights they are float32 gradients, where a BF16 product would show)."""
+    from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
+
+    torch.manual_seed(3)
+    experts = GroupedExperts(
+        num_experts=3, hidden_size=32, ffn_hidden_size=64, init_std=0.1, output_init_std=0.05
+    )
+    f8 = fp8_mod.Float8GroupedExperts(experts, emulate=True, weight_grad=weight_grad)
+    if gathered:
+        for name in ("up_proj", "down_proj"):
+            w = getattr(experts, name).detach()
+            forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.float32)
+            setattr(f8, name, nn.Parameter(forms))
+    counts = torch.tensor([21, 5, 38])
+    x = torch.randn(int(counts.sum()), 32).bfloat16().float()
+    g = torch.randn(int(counts.sum()), 32)
+    grads = []
+    for backward_autocast in (False, True):
+        f8.up_proj.grad = f8.down_proj.grad = None
+        xi = x.clone().requires_grad_(True)
+        out = f8(xi, counts)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_autocast):
+            out.backward(g)
+        grads.append((xi.grad, f8.up_proj.grad, f8.down_proj.grad))
+    assert grads[0][1].dtype == torch.float32
+    for name, outside, inside in zip(("x", "up_proj", "down_proj"), *grads, strict=True):
+        assert torch.equal(outside, inside), name
+
+
 def _expert_scale(v: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """Values already rounded per row, rounded again at one power-of-two scale for the whole
     expert (that of the expert's amax `amax`), float64: the FP8 weight gradients' operands."""

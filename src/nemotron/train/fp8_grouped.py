@@ -319,6 +319,13 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         if ctx.no_rows:
             grads = [_no_rows_grad(grad_out, shape, dtype, key) for shape, dtype, key in ctx.weights]
             return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *grads, None, None, None, None
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            # the forward ran with autocast off; a pipeline schedule runs the backward inside the
+            # step's autocast, where the float32 reference products would be BF16 products
+            return _Fp8ExpertMLP._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         up, down, offs, h_pre, up_matrix_inv, down_matrix_inv, *saved_x = ctx.saved_tensors
         dev = h_pre.device
         mm = ctx.mm
