@@ -295,10 +295,22 @@ def main(argv: list[str] | None = None) -> dict:
         help="train nothing: merge finished results of this script made with the same settings but "
         "other seeds (calls of a time-limited machine) and check the mean over all their seeds",
     )
+    ap.add_argument(
+        "--bf16-from",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="with --combine: the BF16 run of each seed taken from these finished results instead "
+        "(made with the same settings but --recipes and --experts-float32-grads, which changes only "
+        "the BF16 runs: the FP8 experts keep their own float32 weight gradients), so FP8 runs made "
+        "before compare with a BF16 baseline made since",
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.bf16_from and not args.combine:
+        ap.error("--bf16-from: only with --combine")
     if args.combine:
         return combine(args, ap)
     device = torch.device(args.device)
@@ -483,18 +495,33 @@ _SAME = (
 )
 
 
-def combine(args, ap: argparse.ArgumentParser) -> dict:
-    """`--combine`: the runs of several finished results, keyed `name@seed`, and the check over
-    all their seeds (the tolerance and window of this command line)."""
+def _finished_results(paths: list[str], ap: argparse.ArgumentParser, option: str) -> list[tuple[str, dict]]:
     results = []
-    for path in args.combine:
+    for path in paths:
         try:
             r = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            ap.error(f"--combine {path}: not a readable result ({e})")
+            ap.error(f"{option} {path}: not a readable result ({e})")
         if r.get("partial", True) or "runs" not in r:
-            ap.error(f"--combine {path}: not a finished result (cut short, or not this script's)")
+            ap.error(f"{option} {path}: not a finished result (cut short, or not this script's)")
         results.append((path, r))
+    return results
+
+
+def _runs_by_seed(path: str, r: dict) -> list[tuple[str, int, dict]]:
+    """(name, seed, run) of one result (a one-seed result names its runs without the seed)."""
+    named_by_seed = any("@" in k for k in r["runs"])
+    return [
+        (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1]), run) if named_by_seed else (k, r["args"]["seed"], run)
+        for k, run in r["runs"].items()
+    ]
+
+
+def combine(args, ap: argparse.ArgumentParser) -> dict:
+    """`--combine`: the runs of several finished results, keyed `name@seed`, and the check over
+    all their seeds (the tolerance and window of this command line). `--bf16-from`: each seed's
+    BF16 run from those results instead (their other runs are not used)."""
+    results = _finished_results(args.combine, ap, "--combine")
     first_path, first = results[0]
     for path, r in results[1:]:
         differ = [k for k in _SAME if r["args"].get(k) != first["args"].get(k)]
@@ -504,17 +531,37 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     names: list[str] = []
     seeds: list[int] = []
     for path, r in results:
-        named_by_seed = any("@" in k for k in r["runs"])
-        for k, run in r["runs"].items():
-            if named_by_seed:
-                name, seed = k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])
-            else:
-                name, seed = k, r["args"]["seed"]
+        for name, seed, run in _runs_by_seed(path, r):
             if f"{name}@{seed}" in runs:
                 ap.error(f"--combine {path}: run {name} of seed {seed} is in two results")
             runs[f"{name}@{seed}"] = run
             names += [name] if name not in names else []
             seeds += [seed] if seed not in seeds else []
+    baseline_args = None
+    if args.bf16_from:
+        baselines = _finished_results(args.bf16_from, ap, "--bf16-from")
+        free = ("recipes", "experts_float32_grads")  # what changes nothing in the FP8 runs
+        bf16 = {}
+        for path, r in baselines:
+            differ = [k for k in _SAME if k not in free and r["args"].get(k) != first["args"].get(k)]
+            if differ:
+                ap.error(
+                    f"--bf16-from {path}: made with other settings than {first_path}: {', '.join(differ)}"
+                )
+            if baseline_args is not None and r["args"].get("experts_float32_grads") != baseline_args:
+                ap.error(f"--bf16-from {path}: experts_float32_grads differs from the other baselines'")
+            baseline_args = r["args"].get("experts_float32_grads")
+            for name, seed, run in _runs_by_seed(path, r):
+                if name != "bf16":
+                    continue
+                if seed in bf16:
+                    ap.error(f"--bf16-from {path}: the BF16 run of seed {seed} is in two results")
+                bf16[seed] = run
+        missing = [s for s in seeds if s not in bf16]
+        if missing:
+            ap.error(f"--bf16-from: no BF16 run of seed {missing[0]}")
+        for seed in seeds:
+            runs[f"bf16@{seed}"] = bf16[seed]
     for name in names:
         missing = [s for s in seeds if f"{name}@{s}" not in runs]
         if missing:
@@ -522,10 +569,14 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     # the differences are recomputed with this command line's window and tolerance
     for seed in seeds:
         compare(args, runs, [(f"{n}@{seed}", n) for n in names], f"bf16@{seed}")
+    command = "python3 benchmarks/fp8_loss_parity.py --combine " + " ".join(args.combine)
     result = {
-        "command": "python3 benchmarks/fp8_loss_parity.py --combine " + " ".join(args.combine),
+        "command": command + ("" if not args.bf16_from else " --bf16-from " + " ".join(args.bf16_from)),
         "combined": [p for p, _ in results],
-        "args": first["args"] | {"window": args.window, "tolerance": args.tolerance},
+        "bf16_from": args.bf16_from,
+        "args": first["args"]
+        | {"window": args.window, "tolerance": args.tolerance}
+        | ({} if baseline_args is None else {"bf16_experts_float32_grads": baseline_args}),
         "env": first.get("env"),
         "runs": runs,
         "summary": summarize(args, runs, names, seeds),

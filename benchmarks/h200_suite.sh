@@ -52,7 +52,7 @@ for stage in "$@"; do
       if [ "$kind" = peer ]; then
         [[ " ${extra[*]} " == *" --grad-accum "* ]] || extra+=(--grad-accum 4 --steps 5)
         extra+=(--peer hf --peer-steps "${PEER_STEPS:-2}"); limit=420
-      else limit=240; fi
+      else limit=${TRAIN_LIMIT:-240}; fi
       timeout $limit $TT "${extra[@]}" "${prof[@]}" --out $OUT/$stage.json --append-row $OUT/rows.md ;;
     grad-audit) timeout 300 python3 benchmarks/grad_audit.py --seqs "${AUDIT_SEQS:-4096,8192}" --batches "${AUDIT_BATCHES:-1,2}" --out $OUT/grad_audit.json ;;
     dynamics)

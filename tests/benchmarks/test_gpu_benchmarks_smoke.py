@@ -121,8 +121,8 @@ def test_experts_float32_grads_option_of_the_benchmarks(tmp_path):
         "--eval-batches",
         "1",
     ]
-    out = parity.main([*args, "--tolerance", "1.0", "--experts-float32-grads"])
-    assert out["args"]["experts_float32_grads"] is True
+    out = parity.main([*args, "--recipes", "", "--experts-float32-grads"])  # BF16 only: no torchao
+    assert out["args"]["experts_float32_grads"] is True and list(out["runs"]) == ["bf16"]
 
 
 def test_train_throughput_hf_peer_ratio(tmp_path):
@@ -707,6 +707,7 @@ def test_fp8_autotune_casts_option_reaches_the_config():
     assert parity.main(argv)["args"]["autotune_casts"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 def test_fp8_loss_parity_over_seeds_checks_the_mean_difference(tmp_path):
     """`--seeds`: every run once per seed, each compared with the BF16 run of its own seed, and
     the check made on the mean of the per-seed final-loss differences (standard error beside)."""
@@ -759,6 +760,7 @@ def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, mo
     )
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     """`--combine`: results of one and of several seeds (made in separate calls) merge into the
     check over all seeds, equal to one call over the same seeds; unfinished results, other
@@ -791,6 +793,46 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     cut.write_text(json.dumps(unfinished))
     with pytest.raises(SystemExit):
         parity.main([*argv, "--combine", str(cut), str(b)])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
+    """`--combine ... --bf16-from ...`: each seed's FP8 run compared with the BF16 run of another
+    result (BF16 only, `--experts-float32-grads`: a baseline made after the FP8 runs), the
+    differences those of the two runs; other settings or a missing seed are refused."""
+    parity = load("fp8_loss_parity")
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "3", "--window", "1", "--params", "bf16"]
+    # a rate at which the key's other expert gradients move the BF16 loss within three steps
+    argv += ["--eval-batches", "1", "--tolerance", "1.0", "--lr", "1e-2", "--lr-warmup", "1"]
+    fp8, base = tmp_path / "fp8.json", tmp_path / "base.json"
+    fp8_out = parity.main([*argv, "--seeds", "5,6", "--out", str(fp8)])
+    base_out = parity.main(
+        [*argv, "--recipes", "", "--experts-float32-grads", "--seeds", "5,6", "--out", str(base)]
+    )
+    for seed in (5, 6):
+        assert base_out["runs"][f"bf16@{seed}"]["losses"] != fp8_out["runs"][f"bf16@{seed}"]["losses"]
+    merged = parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(base)])
+    assert merged["args"]["bf16_experts_float32_grads"] is True and merged["bf16_from"] == [str(base)]
+    for seed in (5, 6):
+        got = merged["runs"][f"fp8-tensorwise@{seed}"]
+        bf16 = base_out["runs"][f"bf16@{seed}"]
+        assert merged["runs"][f"bf16@{seed}"]["losses"] == bf16["losses"]
+        assert got["final_loss_diff"] == pytest.approx(got["losses"][-1] - bf16["losses"][-1])
+        assert got["test_loss_diff"] == pytest.approx(got["test_loss"] - bf16["test_loss"])
+    row = merged["summary"]["fp8-tensorwise"]
+    assert row["seeds"] == [5, 6] and row["final_loss_diffs"] == [
+        merged["runs"][f"fp8-tensorwise@{s}"]["final_loss_diff"] for s in (5, 6)
+    ]
+    other = tmp_path / "other.json"
+    parity.main([*argv, "--recipes", "", "--seeds", "5,6", "--lr", "1e-3", "--out", str(other)])
+    with pytest.raises(SystemExit):  # another learning rate
+        parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(other)])
+    one = tmp_path / "one.json"
+    parity.main([*argv, "--recipes", "", "--seeds", "5", "--out", str(one)])
+    with pytest.raises(SystemExit):  # no BF16 run of seed 6
+        parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(one)])
+    with pytest.raises(SystemExit):  # only with --combine
+        parity.main([*argv, "--bf16-from", str(base)])
 
 
 def test_grouped_triton_sweep_picks_tiles_the_config_key_takes():

@@ -42,7 +42,8 @@ def test_triton_weight_grad_matches_a_float64_product_per_expert(config):
             assert not out[e].any(), e
             continue
         err = float((out[e].double() - exact).norm() / exact.norm())
-        assert err < 1e-6, (e, err)  # float32 sums; BF16 output rounding alone is ~2e-3
+        # float32 sums (1.3e-6 at 1,300 rows on an H200); BF16 output rounding alone is ~2e-3
+        assert err < 1e-5, (e, err)
     twice = out.clone()
     expert_weight_grad_triton(g, x, _offs(counts), accumulate_into=twice, config=config)
     torch.testing.assert_close(twice, 2 * out, rtol=1e-6, atol=0)

@@ -17,35 +17,7 @@ import triton.language as tl
 
 from nemotron.kernels.expert_wgrad import _check_operands, check_accumulate_into
 
-__all__ = ["WGRAD_CONFIG", "expert_output_tile", "expert_weight_grad_triton", "store_expert_tile"]
-
-
-@triton.jit
-def expert_output_tile(OFFS, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's (expert, first row, end row, output rows om, output columns on): one
-    program per (expert, BLOCK_M x BLOCK_N tile of its [M, N] output), an expert's adjacent;
-    OFFS [E] int32 cumulative row counts. Shared with `fp8_wgrad_triton`."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    expert = pid // (tiles_m * tiles_n)
-    tile = pid % (tiles_m * tiles_n)
-    start = tl.load(OFFS + expert - 1, mask=expert > 0, other=0).to(tl.int64)
-    end = tl.load(OFFS + expert).to(tl.int64)
-    om = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return expert, start, end, om, on
-
-
-@triton.jit
-def store_expert_tile(C, value, expert, om, on, M, N, stride_ce, stride_cm, ACCUMULATE: tl.constexpr):
-    """C[expert, om, on] = value (``ACCUMULATE``: += value, a gradient summed over micro-batches
-    where it is written), in C's dtype, within [M, N]."""
-    out = C + expert.to(tl.int64) * stride_ce + om[:, None].to(tl.int64) * stride_cm + on[None, :]
-    keep = (om < M)[:, None] & (on < N)[None, :]
-    if ACCUMULATE:
-        value += tl.load(out, mask=keep, other=0.0)
-    tl.store(out, value.to(C.dtype.element_ty), mask=keep)
+__all__ = ["WGRAD_CONFIG", "expert_weight_grad_triton"]
 
 
 @triton.jit
@@ -53,7 +25,17 @@ def _expert_weight_grad_kernel(
     G, X, C, OFFS, M, N, stride_g, stride_x, stride_ce, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, om, on = expert_output_tile(OFFS, M, N, BLOCK_M, BLOCK_N)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // (tiles_m * tiles_n)
+    tile = pid % (tiles_m * tiles_n)
+    tm = tile // tiles_n
+    tn = tile % tiles_n
+    start = tl.load(OFFS + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    end = tl.load(OFFS + expert).to(tl.int64)
+    om = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = om < M
     n_ok = on < N
     ok = tl.arange(0, BLOCK_K)
@@ -64,7 +46,11 @@ def _expert_weight_grad_kernel(
         g = tl.load(G + rows[:, None] * stride_g + om[None, :], mask=row_ok[:, None] & m_ok[None, :], other=0.0)
         x = tl.load(X + rows[:, None] * stride_x + on[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(g), x, acc)
-    store_expert_tile(C, acc, expert, om, on, M, N, stride_ce, stride_cm, ACCUMULATE)
+    out = C + expert.to(tl.int64) * stride_ce + om[:, None].to(tl.int64) * stride_cm + on[None, :]
+    keep = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:  # C += the product: a gradient summed over micro-batches where it is written
+        acc += tl.load(out, mask=keep, other=0.0)
+    tl.store(out, acc, mask=keep)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): docs/benchmarks.md, "Seventeenth round" (timed on

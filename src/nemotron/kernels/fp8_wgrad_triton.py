@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nemotron.kernels.expert_wgrad_triton import expert_output_tile, store_expert_tile
 from nemotron.kernels.fp8 import FLOAT8, FLOAT8_MAX
 from nemotron.kernels.fp8_wgrad import GROUP_ALIGN, ExpertRows, check_accumulate_into
 
@@ -97,13 +96,27 @@ def transposed_groups_triton(
     return out, inv_e
 
 
+# The program's tile and row range are written out here, not taken from a `@triton.jit` helper
+# shared with `expert_wgrad_triton`: such a helper (returning the expert's first row, hinted a
+# multiple of BLOCK_K here) made the FP8 proxy's step 1.19 s -> 5.8 s on an H200
+# (docs/benchmarks.md, "Seventeenth round").
 @triton.jit
 def _grouped_weight_grad_kernel(
     A, B, C, OFFS, A_INV, B_INV, M, N, stride_a, stride_b, stride_ce, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, om, on = expert_output_tile(OFFS, M, N, BLOCK_M, BLOCK_N)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // (tiles_m * tiles_n)
+    tile = pid % (tiles_m * tiles_n)
+    tm = tile // tiles_n
+    tn = tile % tiles_n
+    start = tl.load(OFFS + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    end = tl.load(OFFS + expert).to(tl.int64)
     start = tl.multiple_of(start, BLOCK_K)
+    om = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tl.arange(0, BLOCK_K)
     # rows beyond M / N read row 0 again (always in bounds), their results are not stored
     am = tl.where(om < M, om, 0).to(tl.int64)
@@ -118,7 +131,12 @@ def _grouped_weight_grad_kernel(
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
     scale = tl.load(A_INV + expert) * tl.load(B_INV + expert)
-    store_expert_tile(C, acc * scale, expert, om, on, M, N, stride_ce, stride_cm, ACCUMULATE)
+    out = C + expert.to(tl.int64) * stride_ce + om[:, None].to(tl.int64) * stride_cm + on[None, :]
+    keep = (om < M)[:, None] & (on < N)[None, :]
+    value = acc * scale
+    if ACCUMULATE:  # C += the product: a gradient summed over micro-batches where it is written
+        value += tl.load(out, mask=keep, other=0.0)
+    tl.store(out, value.to(C.dtype.element_ty), mask=keep)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_K divides GROUP_ALIGN. Measured on an H200
