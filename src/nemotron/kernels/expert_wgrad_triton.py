@@ -53,9 +53,10 @@ def _expert_weight_grad_kernel(
     tl.store(out, acc, mask=keep)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): docs/benchmarks.md, "Seventeenth round" (timed on
-# an H200 at the proxy's rows against PyTorch's BF16 grouped GEMM)
-WGRAD_CONFIG = (128, 128, 64, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): timed on an H200 at the proxy's rows (docs/benchmarks.md,
+# "Seventeenth round"): 2.38 / 2.51 ms for the two products, (128, 128, 64, 8, 3) 2.86 / 3.09,
+# PyTorch's BF16 grouped GEMM 2.26 / 2.25
+WGRAD_CONFIG = (128, 256, 64, 8, 3)
 
 
 def expert_weight_grad_triton(
