@@ -16,7 +16,6 @@ weight gradients in float32.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -223,12 +222,9 @@ def test_fsdp2_one_rank_float32_expert_gradients_summed_in_the_product(tmp_path,
 @pytest.mark.timeout(300)
 def test_checkpoints_hold_plain_tensors_and_resume_exactly(tmp_path, corpus):
     from nemotron.train import pretrain
-    from nemotron.train.checkpoint import training_state_dict
-    from nemotron.train.metrics import read_metrics
-    from nemotron.train.trainer import Trainer
 
     from .conftest import make_config
-    from .test_fp8 import _saved_tensors
+    from .test_fp8 import _fp32_trainer_loads_exactly, _saved_tensors, _train_losses
 
     def config(name, knob, compute_weights, **checkpoint):
         train = {
@@ -242,33 +238,19 @@ def test_checkpoints_hold_plain_tensors_and_resume_exactly(tmp_path, corpus):
             tmp_path / name, blend=corpus[0], train=train, checkpoint={"save_interval": 2, **checkpoint}
         )
 
-    def losses(job: Path) -> dict[int, float]:
-        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
-
     pretrain(config("f32", True, "bf16"), tmp_path / "f32" / "job")
     ckpt = tmp_path / "f32" / "ckpt" / "iter_0000002"
     files = [p for p in ckpt.rglob("*") if p.is_file()]
     assert files and not [p.name for p in files if b"ExpertBf16" in p.read_bytes()]
     saved = _saved_tensors(ckpt, tmp_path / "saved.pt")
 
-    plain = config("plain", False, "fp32", load=str(ckpt))
-    trainer = Trainer.for_run(plain, tmp_path / "plain" / "job", compute_weights="fp32")
-    try:
-        loaded = training_state_dict(trainer.model, trainer.optimizer)
-    finally:
-        trainer.close()
-    loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
-    for name, state in loaded["optimizer"]["state"].items():
-        for key, value in state.items():
-            loaded_flat[f"optimizer.state.{name}.{key}"] = value
-    assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
-    for key, value in loaded_flat.items():
-        assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))
-        assert value.dtype == saved[key].dtype and torch.equal(value.detach(), saved[key]), key
+    _fp32_trainer_loads_exactly(
+        config("plain", False, "fp32", load=str(ckpt)), tmp_path / "plain" / "job", saved
+    )
 
     resumed = config("f32", True, "bf16", load=str(ckpt), save=str(tmp_path / "resumed"))
     assert pretrain(resumed, tmp_path / "resumed_job").resumed_from.endswith("iter_0000002")
-    whole, again = losses(tmp_path / "f32" / "job"), losses(tmp_path / "resumed_job")
+    whole, again = _train_losses(tmp_path / "f32" / "job"), _train_losses(tmp_path / "resumed_job")
     assert sorted(again) == [3, 4] and all(again[s] == whole[s] for s in again), (again, whole)
 
 

@@ -1260,6 +1260,33 @@ def _saved_tensors(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
+def _fp32_trainer_loads_exactly(cfg, job: Path, saved: dict[str, torch.Tensor]) -> None:
+    """A one-process run with FP32 weights (`cfg` loading the checkpoint `saved` was read from)
+    holds every saved weight and optimizer tensor as a plain tensor, equal in dtype and value."""
+    from nemotron.train.checkpoint import training_state_dict
+    from nemotron.train.trainer import Trainer
+
+    trainer = Trainer.for_run(cfg, job, compute_weights="fp32")
+    try:
+        loaded = training_state_dict(trainer.model, trainer.optimizer)
+    finally:
+        trainer.close()
+    loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
+    for name, state in loaded["optimizer"]["state"].items():
+        for key, value in state.items():
+            loaded_flat[f"optimizer.state.{name}.{key}"] = value
+    assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
+    for key, value in loaded_flat.items():
+        assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))
+        assert value.dtype == saved[key].dtype and torch.equal(value.detach(), saved[key]), key
+
+
+def _train_losses(job: Path) -> dict[int, float]:
+    from nemotron.train.metrics import read_metrics
+
+    return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
+
+
 @needs_torchao
 @pytest.mark.timeout(300)
 def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactly(tmp_path, corpus):
@@ -1271,9 +1298,6 @@ def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactl
     process (no FSDP) loads every saved weight and optimizer tensor exactly; the FP8 run resumed
     from its step-2 checkpoint trains steps 3-4 with the uninterrupted run's losses."""
     from nemotron.train import pretrain
-    from nemotron.train.checkpoint import training_state_dict
-    from nemotron.train.metrics import read_metrics
-    from nemotron.train.trainer import Trainer
 
     fp8 = Fp8Config(
         enabled=True,
@@ -1295,9 +1319,6 @@ def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactl
             tmp_path / name, blend=corpus[0], train=train, checkpoint={"save_interval": 2, **checkpoint}
         )
 
-    def losses(job: Path) -> dict[int, float]:
-        return {r["step"]: r["lm_loss"] for r in read_metrics(job) if r["kind"] == "train"}
-
     pretrain(config("fp8", fp8, "bf16"), tmp_path / "fp8" / "job")
     ckpt = tmp_path / "fp8" / "ckpt" / "iter_0000002"
     files = [p for p in ckpt.rglob("*") if p.is_file()]
@@ -1305,24 +1326,13 @@ def test_fp8_all_gather_checkpoints_hold_plain_tensors_and_resume_in_bf16_exactl
     saved = _saved_tensors(ckpt, tmp_path / "saved.pt")
     assert any(k.startswith("optimizer.state.") for k in saved)
 
-    bf16 = config("bf16", Fp8Config(), "fp32", load=str(ckpt))
-    trainer = Trainer.for_run(bf16, tmp_path / "bf16" / "job", compute_weights="fp32")
-    try:
-        loaded = training_state_dict(trainer.model, trainer.optimizer)
-    finally:
-        trainer.close()
-    loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
-    for name, state in loaded["optimizer"]["state"].items():
-        for key, value in state.items():
-            loaded_flat[f"optimizer.state.{name}.{key}"] = value
-    assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
-    for key, value in loaded_flat.items():
-        assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))
-        assert value.dtype == saved[key].dtype and torch.equal(value.detach(), saved[key]), key
+    _fp32_trainer_loads_exactly(
+        config("bf16", Fp8Config(), "fp32", load=str(ckpt)), tmp_path / "bf16" / "job", saved
+    )
 
     resumed = config("fp8", fp8, "bf16", load=str(ckpt), save=str(tmp_path / "resumed"))
     assert pretrain(resumed, tmp_path / "resumed_job").resumed_from.endswith("iter_0000002")
-    whole, again = losses(tmp_path / "fp8" / "job"), losses(tmp_path / "resumed_job")
+    whole, again = _train_losses(tmp_path / "fp8" / "job"), _train_losses(tmp_path / "resumed_job")
     assert sorted(again) == [3, 4] and all(again[s] == whole[s] for s in again), (again, whole)
 
 
