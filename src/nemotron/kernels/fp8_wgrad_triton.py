@@ -97,9 +97,10 @@ def transposed_groups_triton(
 
 
 # The program's tile and row range are written out here, not taken from a `@triton.jit` helper
-# shared with `expert_wgrad_triton`: such a helper (returning the expert's first row, hinted a
-# multiple of BLOCK_K here) made the FP8 proxy's step 1.19 s -> 5.8 s on an H200
-# (docs/benchmarks.md, "Seventeenth round").
+# shared with `expert_wgrad_triton`: with such a helper (returning the expert's first row, hinted
+# a multiple of BLOCK_K here) Triton 3.6 loaded the rows one byte at a time without the cp.async
+# pipeline, and the FP8 proxy's step went 1.19 s -> 5.8 s on an H200 (docs/benchmarks.md,
+# "Seventeenth round"; tests/kernels/test_triton_compile.py checks the loads).
 @triton.jit
 def _grouped_weight_grad_kernel(
     A, B, C, OFFS, A_INV, B_INV, M, N, stride_a, stride_b, stride_ce, stride_cm,
