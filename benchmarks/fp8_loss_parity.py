@@ -508,7 +508,7 @@ def _finished_results(paths: list[str], ap: argparse.ArgumentParser, option: str
     return results
 
 
-def _runs_by_seed(path: str, r: dict) -> list[tuple[str, int, dict]]:
+def _runs_by_seed(r: dict) -> list[tuple[str, int, dict]]:
     """(name, seed, run) of one result (a one-seed result names its runs without the seed)."""
     named_by_seed = any("@" in k for k in r["runs"])
     return [
@@ -531,7 +531,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     names: list[str] = []
     seeds: list[int] = []
     for path, r in results:
-        for name, seed, run in _runs_by_seed(path, r):
+        for name, seed, run in _runs_by_seed(r):
             if f"{name}@{seed}" in runs:
                 ap.error(f"--combine {path}: run {name} of seed {seed} is in two results")
             runs[f"{name}@{seed}"] = run
@@ -551,7 +551,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
             if baseline_args is not None and r["args"].get("experts_float32_grads") != baseline_args:
                 ap.error(f"--bf16-from {path}: experts_float32_grads differs from the other baselines'")
             baseline_args = r["args"].get("experts_float32_grads")
-            for name, seed, run in _runs_by_seed(path, r):
+            for name, seed, run in _runs_by_seed(r):
                 if name != "bf16":
                     continue
                 if seed in bf16:
