@@ -54,7 +54,7 @@ from nemotron.train.checkpoint import training_state_dict  # noqa: E402
 from nemotron.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import FP8_LAYERS, Fp8Config  # noqa: E402
-from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS  # noqa: E402
+from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS, experts_float32_grads_problem  # noqa: E402
 from nemotron.train.loop import build_model, evaluate, train_step  # noqa: E402
 from nemotron.train.optimizer import build_optimizer, set_learning_rate  # noqa: E402
 
@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--experts-float32-grads",
         action="store_true",
-        help="train.experts_float32_grads for every run: the BF16 routed experts' weight gradients in "
-        "float32, as the FP8 experts' are with --experts-gather (like for like)",
+        help="train.experts_float32_grads for every run: the routed experts' weight gradients in "
+        "float32 in both precisions (FP8 experts need --experts-gather); without it each is rounded "
+        "to BF16 in both",
     )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup", type=int, default=100, help="steps of linear warmup (see above)")
@@ -301,9 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="JSON",
         default=None,
         help="with --combine: the BF16 run of each seed taken from these finished results instead "
-        "(made with the same settings but --recipes and --experts-float32-grads, which changes only "
-        "the BF16 runs: the FP8 experts keep their own float32 weight gradients), so FP8 runs made "
-        "before compare with a BF16 baseline made since",
+        "(made with the same settings but --recipes, which the BF16 runs do not use), so FP8 runs "
+        "made before compare with a BF16 baseline made since",
     )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--bf16-from: only with --combine")
     if args.combine:
         return combine(args, ap)
+    # recorded: the FP8 experts' weight gradients follow --experts-float32-grads (rounded to BF16
+    # without it), as they do since 2026-12-06; results without this were made when gathered FP8
+    # experts kept float32 gradients whatever the key said, and are not combined with these
+    args.fp8_experts_grads_keyed = True
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -345,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
             if r
         ]
     )
+    for _, fp8 in runs:
+        problem = experts_float32_grads_problem(args.experts_float32_grads, fp8)
+        if problem:
+            ap.error(f"--experts-float32-grads (train.experts_float32_grads) {problem} (--experts-gather)")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     if len(set(seeds)) != len(seeds):
         ap.error(f"--seeds {args.seeds}: a seed is given twice")
@@ -492,6 +500,7 @@ _SAME = (
     "window",
     "eval_batches",
     "tiny",
+    "fp8_experts_grads_keyed",
 )
 
 
@@ -537,10 +546,15 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
             runs[f"{name}@{seed}"] = run
             names += [name] if name not in names else []
             seeds += [seed] if seed not in seeds else []
-    baseline_args = None
     if args.bf16_from:
+        if not first["args"].get("fp8_experts_grads_keyed"):
+            ap.error(
+                f"--bf16-from: {first_path} was made before the FP8 experts' weight gradients followed "
+                "--experts-float32-grads (gathered ones were float32 either way): no BF16 baseline "
+                "is known to match it"
+            )
         baselines = _finished_results(args.bf16_from, ap, "--bf16-from")
-        free = ("recipes", "experts_float32_grads")  # what changes nothing in the FP8 runs
+        free = ("recipes", "fp8_experts_grads_keyed")  # what the BF16 runs do not use
         bf16 = {}
         for path, r in baselines:
             differ = [k for k in _SAME if k not in free and r["args"].get(k) != first["args"].get(k)]
@@ -548,9 +562,6 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
                 ap.error(
                     f"--bf16-from {path}: made with other settings than {first_path}: {', '.join(differ)}"
                 )
-            if baseline_args is not None and r["args"].get("experts_float32_grads") != baseline_args:
-                ap.error(f"--bf16-from {path}: experts_float32_grads differs from the other baselines'")
-            baseline_args = r["args"].get("experts_float32_grads")
             for name, seed, run in _runs_by_seed(r):
                 if name != "bf16":
                     continue
@@ -574,9 +585,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
         "command": command + ("" if not args.bf16_from else " --bf16-from " + " ".join(args.bf16_from)),
         "combined": [p for p, _ in results],
         "bf16_from": args.bf16_from,
-        "args": first["args"]
-        | {"window": args.window, "tolerance": args.tolerance}
-        | ({} if baseline_args is None else {"bf16_experts_float32_grads": baseline_args}),
+        "args": first["args"] | {"window": args.window, "tolerance": args.tolerance},
         "env": first.get("env"),
         "runs": runs,
         "summary": summarize(args, runs, names, seeds),

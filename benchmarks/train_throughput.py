@@ -66,7 +66,11 @@ from nemotron.train.config import OptimizerConfig, SchedulerConfig, TrainConfig 
 from nemotron.train.data import TrainingData, plan_batches  # noqa: E402
 from nemotron.train.fp8 import RECIPES as FP8_RECIPES  # noqa: E402
 from nemotron.train.fp8 import Fp8Config  # noqa: E402
-from nemotron.train.fp8_config import EXPERT_GROUPED_GEMMS, grouped_tiles_problem  # noqa: E402
+from nemotron.train.fp8_config import (  # noqa: E402
+    EXPERT_GROUPED_GEMMS,
+    experts_float32_grads_problem,
+    grouped_tiles_problem,
+)
 from nemotron.train.loop import STEP_PHASE_PREFIX, Parallel, build_model  # noqa: E402
 from nemotron.train.trainer import Trainer  # noqa: E402
 
@@ -770,7 +774,8 @@ def parse_args(argv):
     ap.add_argument(
         "--experts-float32-grads",
         action="store_true",
-        help="train.experts_float32_grads: the BF16 routed experts' weight gradients in float32",
+        help="train.experts_float32_grads: the routed experts' weight gradients in float32 (BF16 "
+        "experts; FP8 ones with --fp8-experts-gather), not rounded to BF16",
     )
     ap.add_argument(
         "--shared-expert-overlap",
@@ -859,7 +864,11 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--append-row", default=None, help="append a result row to this Markdown file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    problem = experts_float32_grads_problem(args.experts_float32_grads, fp8_config(args))
+    if problem:
+        ap.error(f"--experts-float32-grads (train.experts_float32_grads) {problem}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -795,29 +795,37 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
         parity.main([*argv, "--combine", str(cut), str(b)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     """`--combine ... --bf16-from ...`: each seed's FP8 run compared with the BF16 run of another
-    result (BF16 only, `--experts-float32-grads`: a baseline made after the FP8 runs), the
-    differences those of the two runs; other settings or a missing seed are refused."""
+    result (BF16 only: a baseline made after the FP8 runs), the differences those of the two
+    runs; refused: other settings (--experts-float32-grads among them: the FP8 experts follow it
+    too), a missing seed, FP8 results made before they did, and the key with FP8 experts whose
+    forms FSDP2 does not gather (their gradients could not be float32)."""
     parity = load("fp8_loss_parity")
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "3", "--window", "1", "--params", "bf16"]
-    # a rate at which the key's other expert gradients move the BF16 loss within three steps
-    argv += ["--eval-batches", "1", "--tolerance", "1.0", "--lr", "1e-2", "--lr-warmup", "1"]
+    argv += ["--eval-batches", "1", "--tolerance", "1.0", "--fp8-layers", "experts", "--experts-wgrad"]
+    with pytest.raises(SystemExit):  # float32 gradients asked of experts FSDP2 gathers in BF16
+        parity.main([*argv, "--experts-float32-grads", "--seeds", "5"])
+    argv += ["--experts-gather"]
     fp8, base = tmp_path / "fp8.json", tmp_path / "base.json"
     fp8_out = parity.main([*argv, "--seeds", "5,6", "--out", str(fp8)])
-    base_out = parity.main(
-        [*argv, "--recipes", "", "--experts-float32-grads", "--seeds", "5,6", "--out", str(base)]
-    )
-    for seed in (5, 6):
-        assert base_out["runs"][f"bf16@{seed}"]["losses"] != fp8_out["runs"][f"bf16@{seed}"]["losses"]
+    assert fp8_out["args"]["fp8_experts_grads_keyed"] is True
+    parity.main([*argv, "--recipes", "", "--seeds", "5,6", "--out", str(base)])
+    # the same settings on the CPU train the same BF16 runs: shifted here, so the merge shows
+    # whose runs it compares with
+    shifted = json.loads(base.read_text())
+    for run in shifted["runs"].values():
+        run["losses"] = [v + 0.25 for v in run["losses"]]
+        run["test_loss"] += 0.25
+    base.write_text(json.dumps(shifted))
     merged = parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(base)])
-    assert merged["args"]["bf16_experts_float32_grads"] is True and merged["bf16_from"] == [str(base)]
+    assert merged["bf16_from"] == [str(base)]
     for seed in (5, 6):
-        got = merged["runs"][f"fp8-tensorwise@{seed}"]
-        bf16 = base_out["runs"][f"bf16@{seed}"]
+        got, own = merged["runs"][f"fp8-tensorwise@{seed}"], fp8_out["runs"][f"fp8-tensorwise@{seed}"]
+        bf16 = shifted["runs"][f"bf16@{seed}"]
         assert merged["runs"][f"bf16@{seed}"]["losses"] == bf16["losses"]
         assert got["final_loss_diff"] == pytest.approx(got["losses"][-1] - bf16["losses"][-1])
+        assert got["final_loss_diff"] == pytest.approx(own["final_loss_diff"] - 0.25)
         assert got["test_loss_diff"] == pytest.approx(got["test_loss"] - bf16["test_loss"])
     row = merged["summary"]["fp8-tensorwise"]
     assert row["seeds"] == [5, 6] and row["final_loss_diffs"] == [
@@ -827,6 +835,25 @@ def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     parity.main([*argv, "--recipes", "", "--seeds", "5,6", "--lr", "1e-3", "--out", str(other)])
     with pytest.raises(SystemExit):  # another learning rate
         parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(other)])
+    f32 = tmp_path / "f32.json"
+    parity.main([*argv, "--recipes", "", "--experts-float32-grads", "--seeds", "5,6", "--out", str(f32)])
+    with pytest.raises(SystemExit):  # float32 expert gradients in the baseline only
+        parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(f32)])
+    before = json.loads(fp8.read_text())
+    del before["args"]["fp8_experts_grads_keyed"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(before))
+    with pytest.raises(SystemExit):  # FP8 results of the code before the key reached them
+        parity.main([*argv, "--combine", str(old), "--bf16-from", str(base)])
+    seven = tmp_path / "seven.json"
+    parity.main([*argv, "--seeds", "7", "--out", str(seven)])
+    assert parity.main([*argv, "--combine", str(fp8), str(seven)])["summary"]["fp8-tensorwise"]["seeds"] == [
+        5,
+        6,
+        7,
+    ]
+    with pytest.raises(SystemExit):  # ... nor merged with newer ones
+        parity.main([*argv, "--combine", str(old), str(seven)])
     one = tmp_path / "one.json"
     parity.main([*argv, "--recipes", "", "--seeds", "5", "--out", str(one)])
     with pytest.raises(SystemExit):  # no BF16 run of seed 6

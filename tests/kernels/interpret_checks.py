@@ -555,6 +555,24 @@ def _fp8_grouped_weight_grad_check(counts, block_k):
     ref_into = before.clone()
     grouped_weight_grad_reference(at, a_e, bt, b_e, layout, accumulate_into=ref_into)
     torch.testing.assert_close(ref_into, before + want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    # `round_bf16` (what a BF16 weight gradient holds, `train.experts_float32_grads` off): the
+    # epilogue rounds the same float32 product to BF16 (to nearest even), then stores it, or adds
+    # it to the buffer in float32; the reference rounds its own product the same way
+    rounded = grouped_weight_grad_triton(
+        at, a_e, bt, b_e, layout, out_dtype=torch.float32, config=(32, 16, block_k, 4, 2), round_bf16=True
+    )
+    assert torch.equal(rounded, got.bfloat16().float())
+    assert not torch.equal(rounded, got)  # the rounding did something at these values
+    into = before.clone()
+    grouped_weight_grad_triton(
+        at, a_e, bt, b_e, layout, config=(32, 16, block_k, 4, 2), accumulate_into=into, round_bf16=True
+    )
+    assert torch.equal(into, before + got.bfloat16().float())
+    ref_rounded = grouped_weight_grad_reference(
+        at, a_e, bt, b_e, layout, out_dtype=torch.float32, round_bf16=True
+    )
+    assert torch.equal(ref_rounded, ref_rounded.bfloat16().float())
+    torch.testing.assert_close(ref_rounded, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
     for bad in (torch.zeros(got.shape, dtype=torch.bfloat16), torch.zeros(1, 40, 24)):
         try:
             grouped_weight_grad_triton(at, a_e, bt, b_e, layout, accumulate_into=bad)

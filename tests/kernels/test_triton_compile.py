@@ -92,10 +92,15 @@ def test_fp8_weight_grad_kernels_compile_with_float8_operands(interpreted):
     # `@triton.jit` helper compiled, with Triton 3.6, to 256 byte loads per tile and no pipeline:
     # the FP8 proxy's step 1.19 s -> 5.8 s on an H200, docs/benchmarks.md "Seventeenth round".)
     aligned = ("A", "B", "C", "OFFS", "M", "N", "stride_a", "stride_b", "stride_ce", "stride_cm")
-    for c_type in ("*bf16", "*fp32"):  # one micro-batch's gradient / summed into float32
-        fast = {**spec, "signature": {**spec["signature"], "C": c_type}}
+    # one micro-batch's gradient; summed into float32 as it is, or rounded to BF16 first
+    for c_type, round_bf16 in (("*bf16", False), ("*fp32", False), ("*fp32", True)):
+        fast = {
+            **spec,
+            "signature": {**spec["signature"], "C": c_type},
+            "constexprs": {**spec["constexprs"], "ACCUMULATE": c_type == "*fp32", "ROUND_BF16": round_bf16},
+        }
         ptx = _compile_for_hopper(kernels[name], fast, aligned).asm["ptx"]
-        assert "cp.async.cg.shared.global" in ptx and "ld.global.b8" not in ptx, c_type
+        assert "cp.async.cg.shared.global" in ptx and "ld.global.b8" not in ptx, (c_type, round_bf16)
     for name, sig in (
         ("nemotron.kernels.fp8_wgrad_triton._transposed_groups_kernel", {"Q": "*fp8e4nv", "OUT": "*fp8e4nv"}),
         ("nemotron.kernels.fp8_triton._quantize_rows_to_kernel", {"X": "*bf16", "Q": "*fp8e4nv"}),

@@ -470,29 +470,17 @@ def test_float8_grouped_experts_fp8_weight_grads_match_a_per_expert_reference():
     assert torch.equal(results["fp8"][1], results["bf16"][1])
     _, _, dup, ddown = results["fp8"]
 
-    up, down = _bf16(experts.up_proj.detach()), _bf16(experts.down_proj.detach())
-    lo = 0
-    for e, c in enumerate(counts.tolist()):
-        if c == 0:
+    for e, ref in enumerate(_expert_weight_grad_references(experts, x0, g, counts)):
+        if ref is None:
             assert dup[e].abs().sum() == 0 and ddown[e].abs().sum() == 0
             continue
-        xe, ge = _bf16(x0[lo : lo + c]), _bf16(g[lo : lo + c])
-        pre = _bf16(_rows(xe, True) @ _rows(up[e], True).T)
-        h = torch.relu(pre) ** 2
-        dh = _bf16(_rows(ge, True) @ _tensor(down[e], True))
-        dpre = _bf16(dh * 2 * torch.relu(pre))
-        operands = {}
-        for name, v in (("x", xe), ("g", ge), ("h", h), ("dpre", dpre)):
-            operands[name] = _expert_scale(_rows(v, True), v.abs().amax())
-        ref_up = operands["dpre"].T @ operands["x"]
-        ref_down = operands["g"].T @ operands["h"]
+        ref_up, ref_down = ref["fp8"]
         assert _rel(dup[e], ref_up) < 1e-2, (e, _rel(dup[e], ref_up))  # BF16-rounded products
         assert _rel(ddown[e], ref_down) < 1e-2, (e, _rel(ddown[e], ref_down))
         # really FP8 operands: away from the BF16 products, and still close
-        exact_up, exact_down = dpre.T @ xe, ge.T @ _bf16(h)
+        exact_up, exact_down = ref["bf16"]
         assert 1e-3 < _rel(dup[e], exact_up) < 0.15, (e, _rel(dup[e], exact_up))
         assert 1e-3 < _rel(ddown[e], exact_down) < 0.15
-        lo += c
     # the smallest rows of x alone (the products above sum them away): x's operand of up's
     # weight gradient, per element, is the reference's rounding at the expert's scale, where
     # they land in e4m3's subnormals
@@ -518,6 +506,80 @@ def test_float8_grouped_experts_fp8_weight_grads_match_a_per_expert_reference():
             rounded_small += 1
         lo += c
     assert rounded_small >= 1
+
+
+def _expert_weight_grad_references(experts, x0, g, counts) -> list[dict | None]:
+    """Per expert (None without rows), float64 from the operands written out: its up and down
+    weight gradients as products of the FP8 operands of `weight_grad="fp8"` ("fp8": each
+    operand per row, then at the expert's scale) and of the BF16 operands of "bf16"."""
+    up, down = _bf16(experts.up_proj.detach()), _bf16(experts.down_proj.detach())
+    refs: list[dict | None] = []
+    lo = 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            refs.append(None)
+            continue
+        xe, ge = _bf16(x0[lo : lo + c]), _bf16(g[lo : lo + c])
+        pre = _bf16(_rows(xe, True) @ _rows(up[e], True).T)
+        h = torch.relu(pre) ** 2
+        dh = _bf16(_rows(ge, True) @ _tensor(down[e], True))
+        dpre = _bf16(dh * 2 * torch.relu(pre))
+        operands = {}
+        for name, v in (("x", xe), ("g", ge), ("h", h), ("dpre", dpre)):
+            operands[name] = _expert_scale(_rows(v, True), v.abs().amax())
+        refs.append(
+            {
+                "fp8": (operands["dpre"].T @ operands["x"], operands["g"].T @ operands["h"]),
+                "bf16": (dpre.T @ xe, ge.T @ _bf16(h)),
+            }
+        )
+        lo += c
+    return refs
+
+
+@pytest.mark.parametrize("weight_grad", ["bf16", "fp8"])
+def test_gathered_fp8_experts_round_weight_grads_to_bf16_unless_float32_is_asked(weight_grad):
+    """FP8 experts on gathered forms of float32 master weights (FSDP2 holds no BF16 copy, so
+    their gradients are float32 tensors): by default each weight gradient holds the product
+    rounded to BF16, what the BF16 experts' gradients hold; with `float32_weight_grads`
+    (`train.experts_float32_grads`) the float32 product. Per expert and per weight against a
+    float64 product of the operands written out (`_expert_weight_grad_references`)."""
+    from nemotron.train.fp8_gather import ExpertFp8Forms, pack_forms, unpack_forms
+
+    torch.manual_seed(3)
+    experts = GroupedExperts(
+        num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
+    )
+    counts = torch.tensor([9, 0, 21, 3])
+    rows = int(counts.sum())
+    x0 = (torch.randn(rows, 32) * torch.logspace(-2, 0, rows)[:, None]).bfloat16().float()
+    g = torch.randn(rows, 32).bfloat16().float()
+    grads = {}
+    for float32 in (False, True):
+        module = fp8_mod.Float8GroupedExperts(
+            copy.deepcopy(experts), emulate=True, weight_grad=weight_grad, float32_weight_grads=float32
+        )
+        assert ("gradients in float32" in repr(module)) == float32
+        for name in ("up_proj", "down_proj"):
+            w = getattr(experts, name).detach()
+            forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.float32)
+            setattr(module, name, nn.Parameter(forms))
+        module(x0.clone().requires_grad_(True), counts).backward(g)
+        grads[float32] = (module.up_proj.grad, module.down_proj.grad)
+    refs = _expert_weight_grad_references(experts, x0, g, counts)
+    for w, name in enumerate(("up_proj", "down_proj")):
+        rounded, full = grads[False][w], grads[True][w]
+        assert rounded.dtype == full.dtype == torch.float32
+        assert torch.equal(rounded, full.bfloat16().float()), name  # the same product, rounded
+        assert not torch.equal(rounded, full), name
+        for e, ref in enumerate(refs):
+            if ref is None:
+                assert full[e].abs().sum() == 0 and rounded[e].abs().sum() == 0
+                continue
+            want = ref[weight_grad][w]
+            # float32 sums of the same operands; BF16's half-unit rounding (2**-9) on top
+            assert _rel(full[e], want) < 1e-6, (name, e, _rel(full[e], want))
+            assert 1e-4 < _rel(rounded[e], want) < 2**-8, (name, e, _rel(rounded[e], want))
 
 
 def test_experts_weight_grad_key_is_checked():
@@ -1521,6 +1583,36 @@ def test_experts_fsdp_float8_all_gather_needs_whole_experts_per_rank(experts):
         assert "SHARDED [(Shard(dim=0),), (Shard(dim=0),)]" in proc.stdout, proc.stdout
 
 
+def test_experts_float32_grads_reaches_the_fp8_experts_and_needs_their_gathered_forms(tmp_path):
+    """`train.experts_float32_grads` means float32 expert weight gradients in both precisions:
+    the FP8 experts get it from `apply_fp8_if_enabled`; with FP8 experts whose weights FSDP2
+    gathers as BF16 copies (gradients BF16 whatever the product writes) it is refused by name."""
+    from nemotron.train.loop import apply_fp8_if_enabled
+
+    fp8 = Fp8Config(enabled=True, layers=["experts"], experts_weight_grad="fp8")
+    cfg = make_config(tmp_path, train={"fp8": fp8, "precision": "bf16", "experts_float32_grads": True})
+    cfg.data = dataclasses.replace(cfg.data, mock=True)
+    with pytest.raises(
+        ConfigError, match=r"^train\.experts_float32_grads: .*experts_fsdp_float8_all_gather=true"
+    ):
+        validate_pretrain(cfg)
+    for key in (True, False):
+        train = dataclasses.replace(
+            cfg.train,
+            fp8=dataclasses.replace(fp8, experts_fsdp_float8_all_gather=True),
+            experts_float32_grads=key,
+        )
+        ok = dataclasses.replace(cfg, train=train)
+        validate_pretrain(ok)
+        model = _tiny()
+        apply_fp8_if_enabled(model, ok, CPU)
+        converted = [m for m in model.modules() if isinstance(m, fp8_mod.Float8GroupedExperts)]
+        assert len(converted) == 2 and all(m.float32_weight_grads == key for m in converted)
+    # BF16 experts (FP8 elsewhere) take the key as before
+    train = dataclasses.replace(cfg.train, fp8=Fp8Config(enabled=True, layers=["mamba"]))
+    validate_pretrain(dataclasses.replace(cfg, train=train))
+
+
 def test_experts_fsdp_float8_all_gather_key_needs_the_experts():
     fp8 = Fp8Config(enabled=True, layers=["mamba"], experts_fsdp_float8_all_gather=True)
     problems = dict(check_fp8_config(fp8, "bf16", 1))
@@ -1564,12 +1656,14 @@ def test_float8_grouped_experts_on_gathered_forms(rows, weight_grad):
         assert grads[1][1].abs().sum() == 0 and grads[1][2].abs().sum() == 0
 
 
+@pytest.mark.parametrize("float32", [False, True])
 @pytest.mark.parametrize("rows_per_micro_batch", [(24, 0, 17), (24, 17, 0), (0, 0, 0)])
-def test_gathered_experts_sum_fp8_weight_gradients_over_micro_batches(rows_per_micro_batch):
+def test_gathered_experts_sum_fp8_weight_gradients_over_micro_batches(rows_per_micro_batch, float32):
     """Gathered FP8 forms of float32 master weights (FSDP2 without a BF16 copy) with FP8 weight
     gradients, inside `kernels.fp8.summed_weight_grads` (a step FSDP2 reduces after its last
     micro-batch): no gradient reaches autograd before the last micro-batch, and then the float32
-    sum of each micro-batch's own float32 gradient (outside the scope), bit for bit; a
+    sum of each micro-batch's own gradient (outside the scope: rounded to BF16, or with
+    `float32_weight_grads` float32), bit for bit, as FSDP2 sums BF16 experts' micro-batches; a
     micro-batch without rows (an expert-parallel rank nobody routed to) adds nothing and, when
     last, hands over the sum (zeros if no micro-batch had rows)."""
     from nemotron.kernels.fp8 import summed_weight_grads
@@ -1580,7 +1674,9 @@ def test_gathered_experts_sum_fp8_weight_gradients_over_micro_batches(rows_per_m
         num_experts=4, hidden_size=32, ffn_hidden_size=48, init_std=0.1, output_init_std=0.05
     )
     experts.reset_parameters()
-    module = fp8_mod.Float8GroupedExperts(experts, emulate=True, weight_grad="fp8")
+    module = fp8_mod.Float8GroupedExperts(
+        experts, emulate=True, weight_grad="fp8", float32_weight_grads=float32
+    )
     for name in ("up_proj", "down_proj"):
         w = getattr(experts, name).detach()  # float32 master weights
         forms = ExpertFp8Forms(*unpack_forms(pack_forms(w), *w.shape[1:]), dtype=torch.float32)
@@ -1601,6 +1697,8 @@ def test_gathered_experts_sum_fp8_weight_gradients_over_micro_batches(rows_per_m
         for name in want:
             grad = getattr(module, name).grad
             assert grad.dtype == torch.float32
+            # a BF16 weight gradient's values unless float32 ones are asked for
+            assert torch.equal(grad, grad.bfloat16().float()) == (not float32 or not grad.any())
             want[name] += grad
     module.up_proj.grad = module.down_proj.grad = None
     with summed_weight_grads() as sums:

@@ -213,6 +213,12 @@ def test_fp8_weight_grad_kernels_match_their_references():
     before = torch.randn(product.shape, device=CUDA)
     summed = grouped_weight_grad_triton(*forms, layout, accumulate_into=before.clone())
     assert torch.equal(summed, before + product)
+    # rounded to BF16 in the epilogue (`round_bf16`): the GPU's own BF16 rounding of that product
+    rounded = grouped_weight_grad_triton(*forms, layout, out_dtype=torch.float32, round_bf16=True)
+    assert torch.equal(rounded, product.bfloat16().float())
+    assert torch.equal(rounded.bfloat16(), grouped_weight_grad_triton(*forms, layout))
+    summed = grouped_weight_grad_triton(*forms, layout, accumulate_into=before.clone(), round_bf16=True)
+    assert torch.equal(summed, before + rounded)
     h_pre = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16)
     grad = torch.randn(rows, 1856, device=CUDA, dtype=torch.bfloat16) * 1e-3
     for g_, w_ in zip(relu2_backward_rows_triton(h_pre, grad), relu2_backward_rows(h_pre, grad)):

@@ -30,7 +30,7 @@ from nemotron.train.config import (
     SchedulerConfig,
     TrainConfig,
 )
-from nemotron.train.fp8_config import check_fp8_config
+from nemotron.train.fp8_config import check_fp8_config, experts_float32_grads_problem
 from nemotron.train.schedule import DECAY_STYLES, ON_RESUME
 from nemotron.train.schedule import STYLES as SCHEDULE_STYLES
 
@@ -202,6 +202,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     )
     for key, message in check_fp8_config(t.fp8, t.precision, cfg.model.tensor_model_parallel_size):
         raise ConfigError(f"{key}: {message}")
+    grads_problem = experts_float32_grads_problem(t.experts_float32_grads, t.fp8)
+    _require(grads_problem is None, "train.experts_float32_grads", str(grads_problem))
 
     o = cfg.optimizer
     _require(o.lr > 0, "optimizer.lr", f"must be positive, got {o.lr}")

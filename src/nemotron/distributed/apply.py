@@ -163,8 +163,9 @@ def apply_fsdp(
             # FSDP2 gathers a form the experts' weights make themselves (FP8 forms,
             # train/fp8_gather.py; or BF16, train/expert_grads.py), not a BF16 copy by the
             # policy: their nominal dtype is the master weights' (float32), so their weight
-            # gradients arrive in float32, summed over the step's micro-batches where they are
-            # computed (`kernels.fp8.summed_weight_grads`), never rounded to BF16
+            # gradients arrive as float32 tensors, summed over the step's micro-batches where they
+            # are computed (`kernels.fp8.summed_weight_grads`); whether each micro-batch's
+            # product is rounded to BF16 first is `train.experts_float32_grads`
             experts_common = dict(common, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         experts = fully_shard(
             moe.experts,

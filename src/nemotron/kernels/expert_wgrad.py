@@ -8,9 +8,9 @@ float32 and stored in float32, never rounded to BF16.
 Why: PyTorch's BF16 grouped GEMM (`torch._grouped_mm`) writes BF16 only (asked for float32 it
 runs a per-expert loop of `mm` with a host synchronisation), so under FSDP2's BF16 parameter
 dtype each micro-batch's expert weight gradient is rounded to BF16 before FSDP2 converts it to
-float32. Megatron-LM writes its weight gradients into float32 (gradient-accumulation fusion);
-the FP8 experts here do too (`train.fp8_grouped`, gathered forms). `train.experts_float32_grads`
-(`nemotron.train.expert_grads`) gives the BF16 experts the same, through this product.
+float32. Megatron-LM writes its weight gradients into float32 (gradient-accumulation fusion).
+`train.experts_float32_grads` (`nemotron.train.expert_grads`) gives the BF16 experts the same,
+through this product (and the FP8 experts, `train.fp8_grouped`, through theirs).
 
 `expert_weight_grad_reference` is the reference (a float32 product per expert, any device);
 `expert_weight_grad` dispatches to the Triton kernel (`nemotron.kernels.expert_wgrad_triton`:

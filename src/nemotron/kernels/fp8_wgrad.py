@@ -129,10 +129,13 @@ def grouped_weight_grad_reference(
     layout: ExpertRows,
     out_dtype: torch.dtype = torch.bfloat16,
     accumulate_into: torch.Tensor | None = None,
+    round_bf16: bool = False,
 ) -> torch.Tensor:
     """[E, M, N] in `out_dtype`: per expert e, (at * a_inv[e]) @ (bt * b_inv[e])^T over its
     padded rows (at [M, P], bt [N, P] from `transposed_groups`), float32 products;
-    `accumulate_into` (float32 [E, M, N]): the products added to it, which is returned."""
+    `accumulate_into` (float32 [E, M, N]): the products added to it, which is returned.
+    `round_bf16`: each product rounded to BF16 first (what a BF16 weight gradient holds; then
+    stored in `out_dtype` or added in float32, as FSDP2 sums BF16 micro-batch gradients)."""
     ends = layout.offs_padded.tolist()
     shape = (layout.experts, at.shape[0], bt.shape[0])
     if accumulate_into is not None:
@@ -147,6 +150,8 @@ def grouped_weight_grad_reference(
         a = at[:, start:end].float() * a_inv[e]
         b = bt[:, start:end].float() * b_inv[e]
         product = a @ b.t()
+        if round_bf16:
+            product = product.bfloat16().float()
         if accumulate_into is not None:
             out[e] += product
         else:
@@ -175,15 +180,17 @@ def grouped_weight_grad(
     layout: ExpertRows,
     out_dtype: torch.dtype = torch.bfloat16,
     accumulate_into: torch.Tensor | None = None,
+    round_bf16: bool = False,
 ) -> torch.Tensor:
     """`grouped_weight_grad_reference`, by the Triton kernel on GPUs with FP8 tensor cores (the
-    sum into `accumulate_into` in the kernel's epilogue)."""
+    rounding and the sum into `accumulate_into` in the kernel's epilogue)."""
+    operands = (at, a_inv, bt, b_inv, layout)
     if at.is_cuda and use_triton(a_inv) and fp8_hardware(at.device):
         from nemotron.kernels.fp8_wgrad_triton import grouped_weight_grad_triton
 
         return grouped_weight_grad_triton(
-            at, a_inv, bt, b_inv, layout, out_dtype=out_dtype, accumulate_into=accumulate_into
+            *operands, out_dtype=out_dtype, accumulate_into=accumulate_into, round_bf16=round_bf16
         )
     return grouped_weight_grad_reference(
-        at, a_inv, bt, b_inv, layout, out_dtype=out_dtype, accumulate_into=accumulate_into
+        *operands, out_dtype=out_dtype, accumulate_into=accumulate_into, round_bf16=round_bf16
     )

@@ -105,6 +105,7 @@ def transposed_groups_triton(
 def _grouped_weight_grad_kernel(
     A, B, C, OFFS, A_INV, B_INV, M, N, stride_a, stride_b, stride_ce, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -135,6 +136,12 @@ def _grouped_weight_grad_kernel(
     out = C + expert.to(tl.int64) * stride_ce + om[:, None].to(tl.int64) * stride_cm + on[None, :]
     keep = (om < M)[:, None] & (on < N)[None, :]
     value = acc * scale
+    if ROUND_BF16:
+        # what a BF16 weight gradient holds: rounded to nearest even on the bits (what
+        # `.to(tl.bfloat16)` does on the GPU, but the CPU interpreter truncates), NaN kept
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(value == value, bits.to(tl.float32, bitcast=True), value)
     if ACCUMULATE:  # C += the product: a gradient summed over micro-batches where it is written
         value += tl.load(out, mask=keep, other=0.0)
     tl.store(out, value.to(C.dtype.element_ty), mask=keep)
@@ -154,11 +161,13 @@ def grouped_weight_grad_triton(
     out_dtype: torch.dtype = torch.bfloat16,
     config: tuple[int, int, int, int, int] | None = None,
     accumulate_into: torch.Tensor | None = None,
+    round_bf16: bool = False,
 ) -> torch.Tensor:
     """`fp8_wgrad.grouped_weight_grad_reference`: at [M, P], bt [N, P] (float8 from
     `transposed_groups`, or float32 in the CPU interpreter), a_inv / b_inv [E] -> [E, M, N].
     `accumulate_into` (float32 [E, M, N] contiguous): the product is added to it in the
-    kernel's epilogue (no separate pass) and it is returned."""
+    kernel's epilogue (no separate pass) and it is returned. `round_bf16`: the product rounded
+    to BF16 in the epilogue before it is stored or added."""
     m, n = at.shape[0], bt.shape[0]
     if at.stride(1) != 1 or bt.stride(1) != 1 or at.stride(0) % GROUP_ALIGN or bt.stride(0) % GROUP_ALIGN:
         raise ValueError("grouped_weight_grad_triton: operands must be row-major with aligned rows")
@@ -176,6 +185,6 @@ def grouped_weight_grad_triton(
             at, bt, out, layout.offs_padded, a_inv.float().contiguous(), b_inv.float().contiguous(),
             m, n, at.stride(0), bt.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate_into is not None,
-            num_warps=warps, num_stages=stages,
+            ROUND_BF16=round_bf16, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out

@@ -56,9 +56,11 @@ class TrainConfig:
     # kernels and the expert-parallel all-to-all (models/nano3/moe.py
     # `set_shared_expert_overlap`); CUDA only.
     moe_shared_expert_overlap: bool = True
-    # The BF16 routed experts' weight gradients written in float32, not rounded to BF16 (FSDP2
-    # gathers their weights in BF16 as before; train/expert_grads.py). Only where FSDP2 gives
-    # BF16 compute weights; FP8 experts are governed by train.fp8.
+    # The routed experts' weight gradients written in float32, not rounded to BF16, in both
+    # precisions: BF16 experts (FSDP2 gathers their weights in BF16 as before;
+    # train/expert_grads.py) and FP8 experts whose FP8 forms FSDP2 gathers
+    # (train.fp8.experts_fsdp_float8_all_gather; train/fp8_grouped.py). Only where FSDP2 gives
+    # BF16 compute weights.
     experts_float32_grads: bool = False
     # FP8 GEMMs on Hopper for the chosen layers (train/fp8.py; off by default).
     fp8: Fp8Config = field(default_factory=Fp8Config)

@@ -4,10 +4,11 @@ Under FSDP2's BF16 parameter dtype every weight the model reads is a BF16 copy, 
 hands each weight gradient back in BF16: the routed experts' grouped GEMM (`torch._grouped_mm`)
 writes its float32 sums rounded to BF16, and FSDP2 converts them to float32 for the reduction
 and the optimizer. Megatron-LM writes weight gradients into float32 (gradient-accumulation
-fusion), and this project's FP8 experts do (`train.fp8_gather`: FSDP2 gathers their FP8 forms,
-their unit keeps the float32 master dtype). Measured on one H200 (docs/benchmarks.md, sixteenth
-round), that rounding alone moved the FP8-vs-BF16 loss after 300 steps by ~0.018: it is not
-noise to leave in a baseline or a recipe.
+fusion). The key means the same for the FP8 experts (`train.fp8_grouped`: whose FP8 forms FSDP2
+gathers, `train.fp8_gather`, their unit keeps the float32 master dtype; without the key their
+products are rounded to BF16 as these are). Measured on one H200 (docs/benchmarks.md,
+sixteenth and seventeenth rounds): float32 gradients in the FP8 experts alone moved the
+FP8-vs-BF16 loss after 300 steps by ~0.018; in the BF16 experts they did not move BF16's.
 
 With the key on, every BF16 `GroupedExperts` becomes a `Float32GradExperts` (module swap before
 sharding; the same `up_proj` / `down_proj` parameters, no copy) whose weights are
@@ -23,7 +24,8 @@ experts keeps the float32 dtype (`distributed/apply.py`), so nothing rounds them
 
 Outside FSDP2 (one process with float32 compute weights: `train.compute_weights`) there is no
 BF16 copy and nothing changes. FP8 experts (`train.fp8` with `experts` in its layers) are not
-swapped: with `train.fp8.experts_fsdp_float8_all_gather` their gradients are float32 already.
+swapped: they take the key themselves (`apply_fp8`), and need
+`train.fp8.experts_fsdp_float8_all_gather` for it (the config check says so).
 Checkpoints hold plain tensors (`train.fp8_gather.plain_tensors`): interchangeable with runs
 without the key, and `export hf` is unchanged.
 """

@@ -18,7 +18,8 @@ Applied from outside the model, before sharding, by swapping modules (no method 
   or with `experts_grouped_gemm=triton` `kernels.fp8_grouped_triton` at `experts_grouped_tiles`;
   rowwise scales) for the forward and input-gradient products, BF16 grouped GEMMs for the
   weight gradients (or, `experts_weight_grad=fp8`, FP8 ones: `nemotron.kernels.fp8_wgrad`),
-  quantization fused into the squared ReLU (see that module for why this and
+  each rounded to BF16 as the BF16 experts' are, or kept in float32 with
+  `train.experts_float32_grads` as theirs are then (one key for both precisions), quantization fused into the squared ReLU (see that module for why this and
   not torchao's FP8 grouped GEMM). With `experts_fsdp_float8_all_gather` their weights become
   `fp8_gather.ExpertMasterWeight`s, which FSDP2 gathers as the two FP8 forms the products take
   (made once per unshard instead of once per call). With FP8 weight gradients the MoE's
@@ -271,12 +272,20 @@ def float8_linear_config(fp8: Fp8Config, emulate: bool):
     )
 
 
-def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_parallel: int = 1) -> Fp8Summary:
+def apply_fp8(
+    model: nn.Module,
+    fp8: Fp8Config,
+    device: torch.device,
+    tensor_parallel: int = 1,
+    experts_float32_grads: bool = False,
+) -> Fp8Summary:
     """Swap the layers `fp8.layers` of `model` (a `Nano3ForCausalLM` or a `Block`, on any device
     including meta, before FSDP2/EP/TP sharding) for their FP8 versions, in place. Emulated
     unless `device` has FP8 tensor cores; compiled per `fp8.compile` on CUDA. `tensor_parallel`:
     the TP size the model will be sharded over (`tp_fp8_exclusions` stay in higher precision;
-    TP needs the tensorwise recipe). A `fp8` that `check_fp8_config` refuses raises ValueError
+    TP needs the tensorwise recipe). `experts_float32_grads` (`train.experts_float32_grads`): the
+    FP8 routed experts' weight-gradient products kept in float32 instead of rounded to BF16 (as
+    the BF16 experts' are with the key; `Float8GroupedExperts`). A `fp8` that `check_fp8_config` refuses raises ValueError
     naming the keys (library callers, e.g. the benchmarks, skip the recipe's load-time checks:
     a misspelt layer kind would otherwise convert nothing, silently)."""
     # precision is the caller's (the layers left out compute in it); everything else is checked
@@ -340,6 +349,7 @@ def apply_fp8(model: nn.Module, fp8: Fp8Config, device: torch.device, tensor_par
                 weight_grad=fp8.experts_weight_grad,
                 grouped_gemm=fp8.experts_grouped_gemm,
                 grouped_tiles=fp8.experts_grouped_tiles,
+                float32_weight_grads=experts_float32_grads,
             )
         if fp8.experts_fsdp_float8_all_gather:
             gathered = moe.experts.gather_fp8_forms()
@@ -428,7 +438,8 @@ class Float8GroupedExperts(GroupedExperts):
     """The routed experts' squared-ReLU MLPs with FP8 grouped GEMMs
     (`nemotron.train.fp8_grouped.fp8_expert_mlp`: forward and input-gradient products in FP8
     with rowwise scales, weight gradients in BF16 or, `weight_grad="fp8"`, FP8 with one scale per
-    expert); the same parameters (`up_proj`
+    expert; each weight-gradient product rounded to BF16 unless `float32_weight_grads`,
+    `train.experts_float32_grads`); the same parameters (`up_proj`
     [E, ffn, hidden], `down_proj` [E, hidden, ffn]) as the `GroupedExperts` it is made from,
     which it shares (no copy)."""
 
@@ -440,6 +451,7 @@ class Float8GroupedExperts(GroupedExperts):
         weight_grad: str = "bf16",
         grouped_gemm: str = "cutlass",
         grouped_tiles: list[int] | None = None,
+        float32_weight_grads: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         self.init_std = experts.init_std
@@ -451,13 +463,15 @@ class Float8GroupedExperts(GroupedExperts):
         self.weight_grad = weight_grad
         self.grouped_gemm = grouped_gemm
         self.grouped_tiles = None if grouped_tiles is None else list(grouped_tiles)
+        self.float32_weight_grads = float32_weight_grads
 
     def extra_repr(self) -> str:
         gathered = isinstance(local_experts(self.up_proj), (ExpertMasterWeight, ExpertFp8Forms))
         return (
             f"fp8 rowwise, {self.grouped_gemm} products"
             f"{f' {self.grouped_tiles}' if self.grouped_tiles is not None else ''}, {self.weight_grad} weight "
-            f"gradients{', fast accumulation' if self.fast_accum else ''}"
+            f"gradients{' in float32' if self.float32_weight_grads else ''}"
+            f"{', fast accumulation' if self.fast_accum else ''}"
             f"{', FP8 forms gathered by FSDP2' if gathered else ''}{', emulated' if self.emulate else ''}"
         )
 
@@ -504,5 +518,6 @@ class Float8GroupedExperts(GroupedExperts):
                 weight_grad=self.weight_grad,
                 grouped_gemm=self.grouped_gemm,
                 grouped_tiles=self.grouped_tiles,
+                float32_weight_grads=self.float32_weight_grads,
             )
         return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)

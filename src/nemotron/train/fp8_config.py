@@ -48,9 +48,10 @@ class Fp8Config:
     # `train.fsdp_accumulate_unsharded`, no extra memory (on one H200 no faster than quantizing
     # per micro-batch: docs/benchmarks.md, eighth round). Needs FSDP2
     # (bf16 compute weights) and `experts` in `layers`; without FSDP it changes nothing. The
-    # experts' weight gradients are then float32 (there is no BF16 copy to match); with
-    # `experts_weight_grad=fp8` the FP8 product sums them over the step's micro-batches itself
-    # (`kernels.fp8.summed_weight_grads`) instead of FSDP2 converting and adding BF16 ones.
+    # experts' weight gradients are then float32 tensors (FSDP2 holds no BF16 copy) holding each
+    # micro-batch's product rounded to BF16, as the BF16 experts' do, or unrounded with
+    # `train.experts_float32_grads`; with `experts_weight_grad=fp8` the FP8 product sums them over
+    # the step's micro-batches itself (`kernels.fp8.summed_weight_grads`) instead of FSDP2.
     experts_fsdp_float8_all_gather: bool = False
     # Compile each converted linear on CUDA (fuses torchao's scale and cast ops).
     compile: bool = True
@@ -93,6 +94,25 @@ class Fp8Config:
     # (0/1)] (`benchmarks/fp8_gemms.py --parts grouped_triton` prints the fastest it measured in
     # this form); null: the kernel's `DEFAULT_CONFIG`.
     experts_grouped_tiles: list[int] | None = None
+
+
+def experts_float32_grads_problem(experts_float32_grads: bool, fp8: Fp8Config) -> str | None:
+    """Why `train.experts_float32_grads` cannot hold with this `train.fp8`, or None: FP8 routed
+    experts keep float32 weight gradients only when FSDP2 gathers their FP8 forms (their unit
+    then keeps the float32 master dtype); gathering BF16 copies, FSDP2 hands back BF16
+    gradients whatever the product writes."""
+    if (
+        experts_float32_grads
+        and fp8.enabled
+        and "experts" in fp8.layers
+        and not fp8.experts_fsdp_float8_all_gather
+    ):
+        return (
+            "with FP8 routed experts (train.fp8.layers has 'experts') needs "
+            "train.fp8.experts_fsdp_float8_all_gather=true: FSDP2 otherwise gathers BF16 copies of "
+            "their weights, whose gradients are BF16 whatever the product writes"
+        )
+    return None
 
 
 def tp_recipe_message(recipe: str, tensor_parallel: int) -> str:

@@ -16,10 +16,11 @@ under data parallelism the all-gather moves the two FP8 forms (as many bytes as 
 The values are those `fp8_grouped` computes from the BF16 weight (the master weight is first
 rounded to BF16, as the BF16 gather would; on GPUs inside the quantization kernels, without a
 BF16 copy), so the forward is unchanged. The experts' FSDP2 unit keeps the master weights'
-dtype (`distributed.apply`: no BF16 parameter dtype), so their gradients are float32: BF16
-weight-gradient products are converted once (as FSDP2 would convert them), FP8 ones are
+dtype (`distributed.apply`: no BF16 parameter dtype), so their gradients are float32 tensors:
+BF16 weight-gradient products are converted once (as FSDP2 would convert them), FP8 ones are
 written in float32 and, over a step's micro-batches, summed in the product itself
-(`kernels.fp8.summed_weight_grads`), never rounded to BF16. Outside
+(`kernels.fp8.summed_weight_grads`). Each micro-batch's product is rounded to BF16 first, what
+the BF16 experts' gradients hold, unless `train.experts_float32_grads` (`fp8_grouped`). Outside
 FSDP (no all-gather) the experts see the `ExpertMasterWeight` and quantize per call as usual.
 Checkpoints and exports see plain tensors (`plain_tensors`).
 

@@ -61,6 +61,9 @@ products; `tests/train/test_fp8.py` checks both against an independent reference
     weight grad  "bf16": BF16 products of the BF16 operands (dout, h; dh_pre, x)
                  "fp8": dout, h, dh_pre, x each per expert (its rows' largest inverse scale),
                         made from their per-row forms above (exact: power-of-two ratios)
+                 either: the float32 product rounded to BF16 (what the BF16 experts' weight
+                        gradients hold) unless `train.experts_float32_grads`; a step's
+                        micro-batches summed in float32 (as FSDP2 sums the BF16 experts')
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from functools import partial
 
 import torch
 
+from nemotron.kernels.expert_wgrad import expert_weight_grad
 from nemotron.kernels.fp8 import (
     compiled,
     emulated_mm,
@@ -194,8 +198,13 @@ def _grouped_product(
     return partial(_scaled_grouped_mm, fast_accum=fast_accum)
 
 
-def _grouped_weight_grad(grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """[E, N, K]: per expert grad[rows]^T @ inp[rows] in BF16 (float32 accumulation)."""
+def _grouped_weight_grad(
+    grad: torch.Tensor, inp: torch.Tensor, offs: torch.Tensor, float32: bool
+) -> torch.Tensor:
+    """[E, N, K]: per expert grad[rows]^T @ inp[rows] of the BF16 operands, float32 sums, in BF16;
+    `float32`: stored in float32 (`kernels.expert_wgrad`, the BF16 experts' float32 product)."""
+    if float32:
+        return expert_weight_grad(grad, inp, offs)
     if grad.is_cuda:
         return torch._grouped_mm(grad.transpose(0, 1), inp, offs=offs)
     out = torch.zeros(offs.numel(), grad.shape[1], inp.shape[1], dtype=torch.float32)
@@ -214,23 +223,27 @@ def _fp8_weight_grad(
     layout: ExpertRows,
     weight: torch.Tensor,
     key: tuple[int, str] | None,
+    float32: bool,
 ) -> torch.Tensor | None:
     """The gradient autograd gets for `weight` [E, N, K]: per expert a[rows]^T @ b[rows] from the
     row-quantized a [R, N] and b [R, K] (`kernels.fp8_wgrad`: both made transposed with one
-    scale per expert, then the FP8 product), in the weight's dtype. Under an open
+    scale per expert, then the FP8 product), in the weight's dtype; unless `float32`, each
+    product rounded to BF16 first (what the BF16 experts' gradient holds). Under an open
     `kernels.fp8.summed_weight_grads` scope with a `key` (gathered forms: float32, FSDP2 reduces
     after the last micro-batch) the product is summed into the scope's float32 buffer for
-    `key` instead, which is the gradient at the last micro-batch (None before)."""
+    `key` instead, which is the gradient at the last micro-batch (None before): the sum FSDP2
+    would make of the micro-batches' gradients."""
     at, a_e = transposed_groups(a_q, a_inv, layout)
     bt, b_e = transposed_groups(b_q, b_inv, layout)
+    product = partial(grouped_weight_grad, at, a_e, bt, b_e, layout, round_bf16=not float32)
     sums = _open_sums(key)
     if sums is None:
-        return grouped_weight_grad(at, a_e, bt, b_e, layout, out_dtype=weight.dtype)
+        return product(out_dtype=weight.dtype)
     into = sums.buffers.get(key)
     if into is None:
-        sums.buffers[key] = grouped_weight_grad(at, a_e, bt, b_e, layout, out_dtype=torch.float32)
+        sums.buffers[key] = product(out_dtype=torch.float32)
     else:
-        grouped_weight_grad(at, a_e, bt, b_e, layout, accumulate_into=into)
+        product(accumulate_into=into)
     # the last micro-batch hands the sum over (the scope keeps no reference: autograd takes it
     # as the gradient without a copy)
     return sums.buffers.pop(key) if sums.last else None
@@ -283,7 +296,15 @@ def _no_rows_grad(like: torch.Tensor, shape, dtype, key: tuple[int, str] | None)
 class _Fp8ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, up, down, offs, owner: object | None, fp8_wgrad: bool, mm: Callable[..., torch.Tensor]
+        ctx,
+        x,
+        up,
+        down,
+        offs,
+        owner: object | None,
+        fp8_wgrad: bool,
+        mm: Callable[..., torch.Tensor],
+        float32_wgrads: bool,
     ):
         ctx.no_rows = x.shape[0] == 0
         if ctx.no_rows:
@@ -310,7 +331,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         saved_x = (x_q, x_inv) if fp8_wgrad else (x,)
         ctx.save_for_backward(up, down, offs, h_pre, up_inv.amax(-1), down_inv.amax(-1), *saved_x)
         # the product (with a "triton" call's row tiles, made by the first product) for the backward
-        ctx.mm, ctx.owner, ctx.fp8_wgrad = mm, owner, fp8_wgrad
+        ctx.mm, ctx.owner, ctx.fp8_wgrad, ctx.float32_wgrads = mm, owner, fp8_wgrad, float32_wgrads
         ctx.x_dtype = x.dtype
         return out
 
@@ -318,7 +339,7 @@ class _Fp8ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.no_rows:
             grads = [_no_rows_grad(grad_out, shape, dtype, key) for shape, dtype, key in ctx.weights]
-            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *grads, None, None, None, None
+            return grad_out.new_zeros(0, ctx.weights[0][0][-1]), *grads, None, None, None, None, None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             # the forward ran with autocast off; a pipeline schedule runs the backward inside the
             # step's autocast, where the float32 reference products would be BF16 products
@@ -348,14 +369,21 @@ class _Fp8ExpertMLP(torch.autograd.Function):
             del grad_h
             layout = expert_rows(offs, h_pre.shape[0])
             grad_down = _fp8_weight_grad(
-                g_q, g_inv, h_q, h_inv, layout, down, _sum_key(ctx.owner, down, "down_proj")
+                g_q,
+                g_inv,
+                h_q,
+                h_inv,
+                layout,
+                down,
+                _sum_key(ctx.owner, down, "down_proj"),
+                ctx.float32_wgrads,
             )
             del g_q, g_inv, h_q, h_inv
         else:
             (x,) = saved_x
             h, dh_pre, dh_q, dh_inv = compiled("relu2_bwd", _relu2_backward_quantize, dev)(h_pre, grad_h)
             del grad_h, g_q, g_inv
-            grad_down = _grouped_weight_grad(grad_out, h, offs)
+            grad_down = _grouped_weight_grad(grad_out, h, offs, ctx.float32_wgrads)
             del h
         # [E, hidden, ffn], one scale per expert
         up_t_q, up_t_inv = _transposed_form(up, ctx.owner, "up_proj.transposed", up_matrix_inv)
@@ -363,16 +391,16 @@ class _Fp8ExpertMLP(torch.autograd.Function):
         del up_t_q, up_t_inv
         if ctx.fp8_wgrad:
             grad_up = _fp8_weight_grad(
-                dh_q, dh_inv, x_q, x_inv, layout, up, _sum_key(ctx.owner, up, "up_proj")
+                dh_q, dh_inv, x_q, x_inv, layout, up, _sum_key(ctx.owner, up, "up_proj"), ctx.float32_wgrads
             )
         else:
-            grad_up = _grouped_weight_grad(dh_pre, x, offs)
+            grad_up = _grouped_weight_grad(dh_pre, x, offs, ctx.float32_wgrads)
         del dh_q, dh_inv
         grads = (
             grad_x.to(ctx.x_dtype),
             *(g if g is None else g.to(w.dtype) for g, w in ((grad_up, up), (grad_down, down))),
         )
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
 def fp8_expert_mlp(
@@ -386,6 +414,7 @@ def fp8_expert_mlp(
     weight_grad: str = "bf16",
     grouped_gemm: str = "cutlass",
     grouped_tiles: Sequence[int] | None = None,
+    float32_weight_grads: bool = False,
 ) -> torch.Tensor:
     """The experts' MLP (see the module docstring) on x [rows, hidden] sorted by expert, up
     [E, ffn, hidden], down [E, hidden, ffn], offs [E] int32 cumulative row counts. BF16 in and
@@ -400,7 +429,11 @@ def fp8_expert_mlp(
     (`train.fp8.experts_grouped_gemm`): the forward and input-gradient products by "cutlass"
     (`torch._scaled_grouped_mm`, CUDA) or "triton" (`kernels.fp8_grouped_triton` at
     `grouped_tiles`, `train.fp8.experts_grouped_tiles`; CUDA, or CPU under TRITON_INTERPRET=1);
-    `emulate` overrides both."""
+    `emulate` overrides both. `float32_weight_grads` (`train.experts_float32_grads`): the
+    weight-gradient products stored in float32 as they are summed; off, each rounded to BF16,
+    what the BF16 experts' gradients hold (either way FSDP2 sums a step's micro-batches in
+    float32). They reach the optimizer in float32 only where the weights are (FSDP2 gathered
+    their FP8 forms, `train.fp8_gather`); a BF16 weight's gradient is BF16 whatever this says."""
     # the weights' FP8 forms come from their BF16 values (gathered forms already are)
     up, down = (w if isinstance(w, ExpertFp8Forms) else w.to(torch.bfloat16).contiguous() for w in (up, down))
     if weight_grad not in EXPERT_WEIGHT_GRADS:
@@ -423,4 +456,4 @@ def fp8_expert_mlp(
         x = x.to(torch.bfloat16).contiguous()
     tiles = tuple(grouped_tiles) if grouped_tiles is not None else None
     mm = _grouped_product(emulate, grouped_gemm, tiles, fast_accum)
-    return _Fp8ExpertMLP.apply(x, up, down, offs, owner, weight_grad == "fp8", mm)
+    return _Fp8ExpertMLP.apply(x, up, down, offs, owner, weight_grad == "fp8", mm, float32_weight_grads)

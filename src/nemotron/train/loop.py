@@ -298,7 +298,7 @@ def apply_fp8_if_enabled(model: torch.nn.Module, cfg, device: torch.device, tens
     `fp8_summary` (None when FP8 is off)."""
     summary = None
     if cfg.train.fp8.enabled:
-        summary = apply_fp8(model, cfg.train.fp8, device, tensor_parallel)
+        summary = apply_fp8(model, cfg.train.fp8, device, tensor_parallel, cfg.train.experts_float32_grads)
     # nn.Module.__setattr__ is annotated for tensors and modules; other values are kept as-is
     model.fp8_summary = summary  # type: ignore[assignment]
     return summary
