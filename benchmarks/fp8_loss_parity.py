@@ -305,12 +305,21 @@ def main(argv: list[str] | None = None) -> dict:
         "(made with the same settings but --recipes, which the BF16 runs do not use), so FP8 runs "
         "made before compare with a BF16 baseline made since",
     )
+    ap.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="train the FP8 runs only (nothing is checked): their comparison is made later by --combine "
+        "with --bf16-from BF16 runs of the same settings (a time-limited machine spends its time on "
+        "the runs that changed)",
+    )
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.bf16_from and not args.combine:
         ap.error("--bf16-from: only with --combine")
+    if args.no_bf16 and (args.combine or args.bf16_control or args.cross_eval or not args.recipes):
+        ap.error("--no-bf16: FP8 runs only (--recipes), without --combine, --bf16-control or --cross-eval")
     if args.combine:
         return combine(args, ap)
     # recorded: the FP8 experts' weight gradients follow --experts-float32-grads (rounded to BF16
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     layers = args.layers_fp8.split(",") if args.layers_fp8 else list(FP8_LAYERS)
     runs = (
-        [("bf16", Fp8Config())]
+        ([] if args.no_bf16 else [("bf16", Fp8Config())])
         + ([("bf16-control", Fp8Config())] if args.bf16_control else [])
         + [
             (
@@ -379,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
                 result["runs"][key(name, seed)] = run
                 _release(device)
                 save(partial=True)
+            if args.no_bf16:
+                save(partial=True)
+                continue
             compare(args, result["runs"], [(key(n, seed), n) for n, _ in runs], key("bf16", seed))
             if weights:
                 print("cross evaluation:", flush=True)
@@ -389,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 effects(result, [key(n, seed) for n, _ in runs], key("bf16", seed))
             save(partial=True)
-    if args.seeds is not None:
+    if args.seeds is not None and not args.no_bf16:
         result["summary"] = summarize(args, result["runs"], [n for n, _ in runs], seeds)
     save(partial=False)
     return result
@@ -504,6 +516,14 @@ _SAME = (
 )
 
 
+# settings added after results were first recorded: a result without one was made with this value
+_ADDED_LATER = {"experts_float32_grads": False}
+
+
+def _setting(result: dict, key: str):
+    return result["args"].get(key, _ADDED_LATER.get(key))
+
+
 def _finished_results(paths: list[str], ap: argparse.ArgumentParser, option: str) -> list[tuple[str, dict]]:
     results = []
     for path in paths:
@@ -533,7 +553,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     results = _finished_results(args.combine, ap, "--combine")
     first_path, first = results[0]
     for path, r in results[1:]:
-        differ = [k for k in _SAME if r["args"].get(k) != first["args"].get(k)]
+        differ = [k for k in _SAME if _setting(r, k) != _setting(first, k)]
         if differ:
             ap.error(f"--combine {path}: made with other settings than {first_path}: {', '.join(differ)}")
     runs: dict[str, dict] = {}
@@ -557,7 +577,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
         free = ("recipes", "fp8_experts_grads_keyed")  # what the BF16 runs do not use
         bf16 = {}
         for path, r in baselines:
-            differ = [k for k in _SAME if k not in free and r["args"].get(k) != first["args"].get(k)]
+            differ = [k for k in _SAME if k not in free and _setting(r, k) != _setting(first, k)]
             if differ:
                 ap.error(
                     f"--bf16-from {path}: made with other settings than {first_path}: {', '.join(differ)}"
@@ -577,6 +597,11 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
         missing = [s for s in seeds if f"{name}@{s}" not in runs]
         if missing:
             ap.error(f"--combine: run {name} has no seed {missing[0]} (every result needs the same runs)")
+    missing = [s for s in seeds if f"bf16@{s}" not in runs]
+    if missing:
+        ap.error(
+            f"--combine: no BF16 run of seed {missing[0]} (results made with --no-bf16 need --bf16-from)"
+        )
     # the differences are recomputed with this command line's window and tolerance
     for seed in seeds:
         compare(args, runs, [(f"{n}@{seed}", n) for n in names], f"bf16@{seed}")

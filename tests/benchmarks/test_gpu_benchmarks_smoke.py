@@ -798,11 +798,12 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
 def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     """`--combine ... --bf16-from ...`: each seed's FP8 run compared with the BF16 run of another
     result (BF16 only: a baseline made after the FP8 runs), the differences those of the two
-    runs; refused: other settings (--experts-float32-grads among them: the FP8 experts follow it
-    too), a missing seed, FP8 results made before they did, and the key with FP8 experts whose
-    forms FSDP2 does not gather (their gradients could not be float32)."""
+    runs (also FP8 runs trained alone, `--no-bf16`); refused: other settings
+    (--experts-float32-grads among them: the FP8 experts follow it too), a missing seed, FP8
+    results made before they did, and the key with FP8 experts whose forms FSDP2 does not gather
+    (their gradients could not be float32)."""
     parity = load("fp8_loss_parity")
-    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "3", "--window", "1", "--params", "bf16"]
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "bf16"]
     argv += ["--eval-batches", "1", "--tolerance", "1.0", "--fp8-layers", "experts", "--experts-wgrad"]
     with pytest.raises(SystemExit):  # float32 gradients asked of experts FSDP2 gathers in BF16
         parity.main([*argv, "--experts-float32-grads", "--seeds", "5"])
@@ -820,8 +821,10 @@ def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     base.write_text(json.dumps(shifted))
     merged = parity.main([*argv, "--combine", str(fp8), "--bf16-from", str(base)])
     assert merged["bf16_from"] == [str(base)]
+    own_losses = {}
     for seed in (5, 6):
         got, own = merged["runs"][f"fp8-tensorwise@{seed}"], fp8_out["runs"][f"fp8-tensorwise@{seed}"]
+        own_losses[seed] = own["losses"]
         bf16 = shifted["runs"][f"bf16@{seed}"]
         assert merged["runs"][f"bf16@{seed}"]["losses"] == bf16["losses"]
         assert got["final_loss_diff"] == pytest.approx(got["losses"][-1] - bf16["losses"][-1])
@@ -845,15 +848,18 @@ def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     old.write_text(json.dumps(before))
     with pytest.raises(SystemExit):  # FP8 results of the code before the key reached them
         parity.main([*argv, "--combine", str(old), "--bf16-from", str(base)])
-    seven = tmp_path / "seven.json"
-    parity.main([*argv, "--seeds", "7", "--out", str(seven)])
-    assert parity.main([*argv, "--combine", str(fp8), str(seven)])["summary"]["fp8-tensorwise"]["seeds"] == [
-        5,
-        6,
-        7,
-    ]
+    # `--no-bf16`: the FP8 runs alone, compared through --bf16-from (as if trained with them)
+    alone = tmp_path / "alone.json"
+    alone_out = parity.main([*argv, "--no-bf16", "--seeds", "5,6", "--out", str(alone)])
+    assert list(alone_out["runs"]) == ["fp8-tensorwise@5", "fp8-tensorwise@6"] and "summary" not in alone_out
+    for seed in (5, 6):  # the same runs as trained beside BF16 (CPU: deterministic)
+        assert alone_out["runs"][f"fp8-tensorwise@{seed}"]["losses"] == own_losses[seed]
+    later = parity.main([*argv, "--combine", str(alone), "--bf16-from", str(base)])
+    assert later["summary"]["fp8-tensorwise"]["final_loss_diffs"] == row["final_loss_diffs"]
+    with pytest.raises(SystemExit):  # no BF16 runs to compare with
+        parity.main([*argv, "--combine", str(alone)])
     with pytest.raises(SystemExit):  # ... nor merged with newer ones
-        parity.main([*argv, "--combine", str(old), str(seven)])
+        parity.main([*argv, "--combine", str(old), str(alone)])
     one = tmp_path / "one.json"
     parity.main([*argv, "--recipes", "", "--seeds", "5", "--out", str(one)])
     with pytest.raises(SystemExit):  # no BF16 run of seed 6
