@@ -23,6 +23,8 @@ P)  # four-seed parity of the default (no key): BF16 and FP8 both round the expe
   ;;
 F)  # FP8 runs alone for seeds with BF16 runs of earlier rounds (--no-bf16; compared by --combine --bf16-from), then BF16 + FP8 for $PAIR
   tar -C / -xzf output/fp8/data.tgz
+  echo "=== gpu tests $(date -u +%H:%M:%S)" | tee -a $OUT/suite.log
+  PYTHONPATH=$NEW timeout 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu_fp8.py -k "weight_grad_kernels" 2>&1 | tail -3 | tee -a $OUT/suite.log
   echo "=== parity fp8 only $(date -u +%H:%M:%S)" | tee -a $OUT/suite.log
   PYTHONPATH=$NEW timeout ${PT:-340} python3 benchmarks/fp8_loss_parity.py --blend /tmp/fp8prep/output/nano3/stage0_pretrain_tiny/blend.json --recipes tensorwise --steps 300 --seq 2048 --experts-gather --experts-wgrad --experts-gemm cutlass --eval-batches 16 --no-bf16 --seeds ${SEEDS:-1,2,3} --out $OUT/fp8only_seeds_$(echo ${SEEDS:-1,2,3} | tr , _)_$(date -u +%H%M).json 2>&1 | grep -v "SyntaxWarning\|Configuration class for" | tee $OUT/parity_fp8only.log | grep -v "step [0-9]*:" | tail -20
   if [ -n "$PAIR" ]; then
