@@ -297,6 +297,12 @@ def main(argv: list[str] | None = None) -> dict:
         "other seeds (calls of a time-limited machine) and check the mean over all their seeds",
     )
     ap.add_argument(
+        "--finished-runs",
+        action="store_true",
+        help="with --combine: also take results cut short (a time limit), using the runs they "
+        "finished (a run is written only once it has finished; the one cut short is not in them)",
+    )
+    ap.add_argument(
         "--bf16-from",
         nargs="+",
         metavar="JSON",
@@ -318,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.bf16_from and not args.combine:
         ap.error("--bf16-from: only with --combine")
+    if args.finished_runs and not args.combine:
+        ap.error("--finished-runs: only with --combine")
     if args.no_bf16 and (args.combine or args.bf16_control or args.cross_eval or not args.recipes):
         ap.error("--no-bf16: FP8 runs only (--recipes), without --combine, --bf16-control or --cross-eval")
     if args.combine:
@@ -524,14 +532,16 @@ def _setting(result: dict, key: str):
     return result["args"].get(key, _ADDED_LATER.get(key))
 
 
-def _finished_results(paths: list[str], ap: argparse.ArgumentParser, option: str) -> list[tuple[str, dict]]:
+def _finished_results(
+    paths: list[str], ap: argparse.ArgumentParser, option: str, cut_short_ok: bool = False
+) -> list[tuple[str, dict]]:
     results = []
     for path in paths:
         try:
             r = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             ap.error(f"{option} {path}: not a readable result ({e})")
-        if r.get("partial", True) or "runs" not in r:
+        if "runs" not in r or (r.get("partial", True) and not (cut_short_ok and "partial" in r)):
             ap.error(f"{option} {path}: not a finished result (cut short, or not this script's)")
         results.append((path, r))
     return results
@@ -550,7 +560,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     """`--combine`: the runs of several finished results, keyed `name@seed`, and the check over
     all their seeds (the tolerance and window of this command line). `--bf16-from`: each seed's
     BF16 run from those results instead (their other runs are not used)."""
-    results = _finished_results(args.combine, ap, "--combine")
+    results = _finished_results(args.combine, ap, "--combine", cut_short_ok=args.finished_runs)
     first_path, first = results[0]
     for path, r in results[1:]:
         differ = [k for k in _SAME if _setting(r, k) != _setting(first, k)]
@@ -609,6 +619,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     result = {
         "command": command + ("" if not args.bf16_from else " --bf16-from " + " ".join(args.bf16_from)),
         "combined": [p for p, _ in results],
+        "cut_short": [p for p, r in results if r["partial"]],
         "bf16_from": args.bf16_from,
         "args": first["args"] | {"window": args.window, "tolerance": args.tolerance},
         "env": first.get("env"),

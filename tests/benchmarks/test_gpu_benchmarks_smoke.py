@@ -761,6 +761,42 @@ def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, mo
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_fp8_loss_parity_combines_the_finished_runs_of_a_result_cut_short(tmp_path, monkeypatch):
+    """`--combine --finished-runs`: the runs a result cut short had finished (FP8 runs alone, the
+    later seed killed) compare with their BF16 runs as the same runs trained beside them do; the
+    result names what was cut short; without the option a cut-short result is refused."""
+    parity = load("fp8_loss_parity")
+    real_train, calls = parity.train, []
+
+    def train_then_fail(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train(*a, **k)
+
+    argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
+    argv += ["--eval-batches", "0", "--tolerance", "1.0"]
+    whole = tmp_path / "whole.json"
+    both = parity.main([*argv, "--seeds", "4", "--out", str(whole)])
+    monkeypatch.setattr(parity, "train", train_then_fail)
+    cut = tmp_path / "cut.json"
+    with pytest.raises(RuntimeError, match="killed"):  # seed 4's FP8 run finished, seed 5's cut short
+        parity.main([*argv, "--no-bf16", "--seeds", "4,5", "--out", str(cut)])
+    monkeypatch.setattr(parity, "train", real_train)
+    assert list(json.loads(cut.read_text())["runs"]) == ["fp8-tensorwise@4"]
+    with pytest.raises(SystemExit):  # not finished
+        parity.main([*argv, "--combine", str(cut), "--bf16-from", str(whole)])
+    with pytest.raises(SystemExit):  # --finished-runs only with --combine
+        parity.main([*argv, "--finished-runs"])
+    merged = parity.main([*argv, "--combine", str(cut), "--finished-runs", "--bf16-from", str(whole)])
+    assert merged["cut_short"] == [str(cut)] and merged["summary"]["fp8-tensorwise"]["seeds"] == [4]
+    assert (
+        merged["summary"]["fp8-tensorwise"]["final_loss_diffs"]
+        == both["summary"]["fp8-tensorwise"]["final_loss_diffs"]
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     """`--combine`: results of one and of several seeds (made in separate calls) merge into the
     check over all seeds, equal to one call over the same seeds; unfinished results, other
