@@ -735,19 +735,24 @@ def test_fp8_loss_parity_over_seeds_checks_the_mean_difference(tmp_path):
         parity.main([*argv, "--seeds", "3,3"])
 
 
-def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, monkeypatch):
-    """The JSON is written after every run and marked partial until the end: a run cut short (a
-    time limit, an out-of-memory) leaves the finished runs readable and not taken for complete."""
-    parity = load("fp8_loss_parity")
-    real_train, calls = parity.train, []
+def _killed_in_the_second_run(train):
+    """`train` whose second call raises, as a run killed by a time limit does."""
+    calls = []
 
     def train_then_fail(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("killed")
-        return real_train(*a, **k)
+        return train(*a, **k)
 
-    monkeypatch.setattr(parity, "train", train_then_fail)
+    return train_then_fail
+
+
+def test_fp8_loss_parity_keeps_finished_runs_when_a_later_one_fails(tmp_path, monkeypatch):
+    """The JSON is written after every run and marked partial until the end: a run cut short (a
+    time limit, an out-of-memory) leaves the finished runs readable and not taken for complete."""
+    parity = load("fp8_loss_parity")
+    monkeypatch.setattr(parity, "train", _killed_in_the_second_run(parity.train))
     out_path = tmp_path / "parity.json"
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
     with pytest.raises(RuntimeError, match="killed"):
@@ -766,14 +771,7 @@ def test_fp8_loss_parity_combines_the_finished_runs_of_a_result_cut_short(tmp_pa
     later seed killed) compare with their BF16 runs as the same runs trained beside them do; the
     result names what was cut short; without the option a cut-short result is refused."""
     parity = load("fp8_loss_parity")
-    real_train, calls = parity.train, []
-
-    def train_then_fail(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_train(*a, **k)
-
+    real_train, train_then_fail = parity.train, _killed_in_the_second_run(parity.train)
     argv = ["--tiny", "--device", "cpu", "--seq", "32", "--steps", "2", "--window", "1", "--params", "fp32"]
     argv += ["--eval-batches", "0", "--tolerance", "1.0"]
     whole = tmp_path / "whole.json"
