@@ -616,6 +616,7 @@ def combine(args, ap: argparse.ArgumentParser) -> dict:
     for seed in seeds:
         compare(args, runs, [(f"{n}@{seed}", n) for n in names], f"bf16@{seed}")
     command = "python3 benchmarks/fp8_loss_parity.py --combine " + " ".join(args.combine)
+    command += " --finished-runs" if args.finished_runs else ""
     result = {
         "command": command + ("" if not args.bf16_from else " --bf16-from " + " ".join(args.bf16_from)),
         "combined": [p for p, _ in results],
