@@ -118,7 +118,9 @@ def test_only_what_is_provably_a_dead_writers_goes(tmp_path: Path):
     foreign = [tmp_path / n for n in (".out.tmp-x1y2z3", f".out.{pid_max + 1}-0123abcd.tmp", "out.tmp")]
     foreign.append(tmp_path / f"out.{host}.5.{pid_max + 1}-0123abcd.tmp")  # not hidden
     foreign.append(tmp_path / f".out.{host}.5.{pid_max + 1}-0123abcd.tmp.bak")
-    foreign.append(tmp_path / f".out.{host.upper()}.5.{pid_max + 1}-0123abcd.tmp")
+    # this host's token in capitals (a token of digits only has none: one letter made capital)
+    shouted = host.upper() if host.upper() != host else "A" + host[1:]
+    foreign.append(tmp_path / f".out.{shouted}.5.{pid_max + 1}-0123abcd.tmp")
     for path in foreign:
         path.write_bytes(b"not ours")
     # A link named as ours: the link goes, never what it points to.
