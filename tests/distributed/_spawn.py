@@ -1,4 +1,4 @@
-"""Run a function on N gloo processes (torch.multiprocessing spawn) and collect results."""
+"""Run a function on N gloo processes (forked from a forkserver, `_context`) and collect results."""
 
 from __future__ import annotations
 
