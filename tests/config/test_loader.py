@@ -427,6 +427,25 @@ def test_data_prep_values(tmp_path):
         load_config(path, ["tokenizer.add_eoss=false"], DataPrepJobConfig)
 
 
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("work_unit_mb=0", r"work_unit_mb: must be positive, got 0\.0"),
+        ("work_unit_mb=-1", r"work_unit_mb: must be positive, got -1\.0"),
+        # an infinite unit size became int(inf) in the prep's planning: a bare OverflowError
+        ("work_unit_mb=.inf", r"work_unit_mb: must be a finite number, got inf"),
+        ("work_unit_mb=.nan", r"work_unit_mb: must be a finite number, got nan"),
+    ],
+)
+def test_data_prep_work_unit_size_is_checked_at_load(tmp_path, override, pattern):
+    """Refused with the other values, naming the override (a dry run shows it; a real run
+    stops before its job dir), not by the prep after the job dir was made."""
+    path = write(tmp_path, "num_shards: 4\n", "prep.yaml")
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path, [override], DataPrepJobConfig)
+    assert str(err.value).startswith(f"override {override!r} on {path}: ")
+
+
 def test_malformed_yaml_names_file(tmp_path):
     path = write(tmp_path, "train: [1,\n")
     with pytest.raises(ConfigError, match=rf"{path}: malformed YAML") as err:

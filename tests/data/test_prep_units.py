@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def test_more_workers_than_the_cpus_can_run_is_one_error_before_any_starts(
 
     assert too_many_workers("num_workers", 32, 2) is None
     assert too_many_workers("num_workers", 10**6, 64) is not None
+
+
+@pytest.mark.parametrize("size", [0.0, -1.0, math.inf, math.nan])
+def test_a_work_unit_size_that_is_no_size_is_one_error(small_corpus, bpe_dir, size):
+    """The library's own check (the recipe loader refuses these too): an infinite size became
+    int(inf) bytes in the planning, a bare OverflowError naming no setting."""
+    with pytest.raises(prep_module.DataPrepError, match=r"work_unit_mb must be a finite number > 0"):
+        run_data_prep(_cfg(small_corpus, bpe_dir, work_unit_mb=size))
+    assert not (small_corpus / "out").exists()
 
 
 def test_a_work_unit_size_absurd_for_the_input_is_one_error(small_corpus, bpe_dir, monkeypatch):

@@ -267,6 +267,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 
 def validate_data_prep(cfg: DataPrepConfig) -> None:
     """Value checks of a data-prep recipe; raises ConfigError naming the dotted key."""
+    _check_finite(cfg)
     for key in ("num_shards", "valid_shards", "test_shards"):
         value = getattr(cfg, key)
         _require(value >= 1, key, f"must be >= 1, got {value}")
@@ -282,6 +283,8 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
         value = getattr(cfg, key)
         if value is not None:
             _require(value > 0, key, f"must be positive or null, got {value}")
+    # MiB of text per work unit: it becomes a byte count (an int) when the prep plans its units
+    _require(cfg.work_unit_mb > 0, "work_unit_mb", f"must be positive, got {cfg.work_unit_mb}")
     _require(bool(cfg.tokenizer.model), "tokenizer.model", "must not be empty")
     _check_choices(cfg)
 

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -213,8 +214,8 @@ def _validate_config(cfg: DataPrepConfig) -> None:
             fail(key, f"must be a positive integer or null, got {value!r}")
     if not 0.0 <= cfg.max_bad_record_fraction <= 1.0:
         fail("max_bad_record_fraction", f"must be in [0, 1], got {cfg.max_bad_record_fraction!r}")
-    if not cfg.work_unit_mb > 0:
-        fail("work_unit_mb", f"must be > 0, got {cfg.work_unit_mb!r}")
+    if not (math.isfinite(cfg.work_unit_mb) and cfg.work_unit_mb > 0):  # int(inf) bytes: OverflowError
+        fail("work_unit_mb", f"must be a finite number > 0, got {cfg.work_unit_mb!r}")
 
 
 def _plan_datasets(cfg: DataPrepConfig, blend: Blend, base_dir: Path) -> list[_DatasetPlan]:
