@@ -472,6 +472,19 @@ def test_mapping_override_sets_the_keys_it_names(tmp_path):
         load_config("", [], PretrainConfig)
 
 
+@pytest.mark.parametrize("token", ["model=null", "model={}", "train.fp8=null", "optimizer=", "logger={}"])
+def test_null_or_empty_section_override_is_an_error(tmp_path, token):
+    """`model=null` names no key: taken as written it replaced the file's section with all
+    the defaults (the 52-block full-size model instead of the recipe's 3 blocks), silently."""
+    path = write(tmp_path, MINIMAL)
+    key = token.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^override '{re.escape(token)}': {re.escape(key)} is a section"):
+        load_config(path, [token], PretrainConfig)
+    prep = write(tmp_path, "num_shards: 4\n", "prep.yaml")
+    with pytest.raises(ConfigError, match=r"^override 'tokenizer=null': tokenizer is a section"):
+        load_config(prep, ["tokenizer=null"], DataPrepJobConfig)
+
+
 @pytest.mark.parametrize(
     "content, pattern",
     [

@@ -334,6 +334,13 @@ def load_tree(path: str | Path, overrides: list[str] | list[Override] | None, sc
     parsed = [ov if isinstance(ov, Override) else parse_override(ov) for ov in overrides or []]
     for ov in parsed:
         where_ov = f"override {ov.token!r}"
+        if _is_section(_resolve_key(schema, ov.key, where_ov)) and (ov.value is None or ov.value == {}):
+            # it names no key to set: taken as written, the file's whole section would silently
+            # become the defaults (`model=null`: the full-size model instead of the recipe's)
+            raise ConfigError(
+                f"{where_ov}: {ov.key} is a section; a null or empty value sets none of its keys "
+                f"and would reset them all to their defaults: set keys ({ov.key}.KEY=VALUE)"
+            )
         # `train={train_iters: 5}` sets the keys it names, like `train.train_iters=5`:
         # replacing the section would silently reset the file's other keys to defaults (and
         # checking it whole would judge it against those defaults)
