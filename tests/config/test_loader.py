@@ -358,6 +358,36 @@ def test_impossible_values(tmp_path, overrides, pattern):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "schema, token, pattern",
+    [
+        (
+            PretrainConfig,
+            'checkpoint.save=""',
+            r"checkpoint\.save: is an empty path .*, or null for <job dir>/checkpoints",
+        ),
+        (PretrainConfig, "checkpoint.load=' '", r"checkpoint\.load: is an empty path"),
+        (
+            PretrainConfig,
+            'data.blend=""',
+            r"data\.blend: is an empty path \(the working directory\); give a path$",
+        ),
+        (PretrainConfig, 'data.phase2_blend=""', r"data\.phase2_blend: is an empty path"),
+        (PretrainConfig, 'data.cache_dir=""', r"data\.cache_dir: is an empty path"),
+        (DataPrepJobConfig, 'output_dir=""', r"output_dir: is an empty path"),
+        (DataPrepJobConfig, 'blend_path=""', r"blend_path: is an empty path"),
+    ],
+)
+def test_an_empty_path_is_an_error(tmp_path, schema, token, pattern):
+    """An empty path is the working directory: `checkpoint.save=""` saved checkpoints (and
+    pruned iter_* dirs) there, `output_dir=""` put a prep's shards, blend.json and
+    metadata.json beside whatever the directory held, both silently."""
+    path = write(tmp_path, MINIMAL if schema is PretrainConfig else "num_shards: 4\n", "r.yaml")
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path, [token], schema)
+    assert str(err.value).startswith(f"override {token!r} on {path}: ")
+
+
 def test_value_errors_name_the_override_that_set_the_key(tmp_path):
     """A value check's error names the override token that set the key it is about (the file
     too: that is what it was applied on); a problem in the file alone names only the file."""

@@ -106,6 +106,32 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+# Path keys and what null means for each ('' where it must be set). An empty (or blank) string is no path: it resolves to
+# the working directory, which would then be saved into (checkpoints, a prep's shards,
+# blend.json and metadata.json beside whatever is there) or read as a missing file.
+PATH_KEYS: dict[str, str] = {
+    "checkpoint.save": "<job dir>/checkpoints",
+    "checkpoint.load": "no checkpoint to load",
+    "data.blend": "",
+    "data.phase2_blend": "no phase 2",
+    "data.cache_dir": "<blend dir>/cache",
+    "output_dir": "",  # data prep's
+    "blend_path": "",  # data prep's
+}
+
+
+def _check_paths(cfg: object) -> None:
+    """Path keys (PATH_KEYS) that are set name a path; keys of other schemas are skipped."""
+    for key, null_means in PATH_KEYS.items():
+        try:
+            value = _get(cfg, key)
+        except AttributeError:
+            continue
+        if isinstance(value, str) and not value.strip():
+            hint = f", or null for {null_means}" if null_means else ""
+            raise ConfigError(f"{key}: is an empty path (the working directory); give a path{hint}")
+
+
 def _check_finite(cfg: Any, prefix: str = "") -> None:
     """Every float of the config is a number: an `.inf` or `.nan` (YAML) learning rate, clip or
     fraction would otherwise pass the range checks below (inf > 0) and train to NaN weights."""
@@ -256,6 +282,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         _require(d.mock or bool(m.blend), f"{key}.blend", "must name a blend.json")
         _require(m.seq_length > 0, f"{key}.seq_length", f"must be positive, got {m.seq_length}")
         _require(m.weight >= 0, f"{key}.weight", f"must be >= 0, got {m.weight}")
+    _check_paths(cfg)
     if d.mixed_length_blends:
         _require(
             d.blend_weight + sum(m.weight for m in d.mixed_length_blends) > 0,
@@ -285,6 +312,7 @@ def validate_data_prep(cfg: DataPrepConfig) -> None:
             _require(value > 0, key, f"must be positive or null, got {value}")
     # MiB of text per work unit: it becomes a byte count (an int) when the prep plans its units
     _require(cfg.work_unit_mb > 0, "work_unit_mb", f"must be positive, got {cfg.work_unit_mb}")
+    _check_paths(cfg)
     _require(bool(cfg.tokenizer.model), "tokenizer.model", "must not be empty")
     _check_choices(cfg)
 
