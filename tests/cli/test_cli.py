@@ -552,6 +552,14 @@ def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, m
     err = assert_one_line_error(result, "OUT a_file: exists and is not a directory: write somewhere else")
     assert "--overwrite" not in err
     assert (cli.work / "out" / "old.txt").read_text() == "an earlier export"
+    # a file on OUT's path: mkdir failed only after the conversion, "FileExistsError: [Errno
+    # 17] File exists: 'a_file'", naming neither OUT nor what is wrong with it
+    result = cli("nano3", *command, "a_file/out")
+    assert result.exit_code == 2
+    err = assert_one_line_error(
+        result, "OUT a_file/out: a_file is a file, not a directory: write somewhere else"
+    )
+    assert "--overwrite" not in err
 
 
 def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):

@@ -46,6 +46,19 @@ def test_cli_plot_of_a_metrics_path_that_is_a_directory_says_so(tmp_path):
 _TRAIN = '{"kind": "train", "step": 1, "lm_loss": 5.0, "lr": 0.001}\n'
 
 
+def test_cli_plot_into_a_path_through_a_file_names_it(tmp_path):
+    """`-o` under a file (or onto one): one line naming the output and the file, not "error:
+    FileExistsError: [Errno 17] File exists: '...'" naming only the file."""
+    (tmp_path / "metrics.jsonl").write_text(_TRAIN)
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file" / "plots", tmp_path / "a_file"):
+        result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path), "-o", str(out)])
+        assert result.exit_code == 1, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert f"{out}: {tmp_path / 'a_file'} is a file, not a directory" in line, line
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 @pytest.mark.parametrize(
     "content, needle",
     [

@@ -274,3 +274,19 @@ def test_exclusive_lock_follows_a_lock_file_replaced_while_taking_it(tmp_path: P
         with pytest.raises(fs.LockBusy):  # the file at the path is the one held
             with fs.exclusive_lock(path, "other"):
                 pass
+
+
+def test_refuse_non_empty_names_a_file_on_the_path(tmp_path: Path):
+    """A file where OUT's directory (or a parent) would be: refused by the check the writers and
+    the CLI make before their work, naming OUT and the file (mkdir said only "File exists")."""
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "deeper" / "out"
+    assert fs.blocking_file(out) == tmp_path / "a_file"
+    assert fs.blocking_file(tmp_path / "new" / "out") is None and fs.blocking_file(tmp_path) is None
+    with pytest.raises(
+        NotADirectoryError, match=rf"^{out}: {tmp_path / 'a_file'} is a file, not a directory$"
+    ):
+        fs.refuse_non_empty(out, overwrite=True)
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        fs.refuse_non_empty(tmp_path / "a_file", overwrite=True)
+    assert (tmp_path / "a_file").read_text() == "x"

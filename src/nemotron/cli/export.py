@@ -25,13 +25,13 @@ def _check_apart(source: Path, out: Path, source_name: str) -> None:
 
 
 def _check_out_free(out: Path, overwrite: bool) -> None:
-    """OUT already holding something is refused before the checkpoint is read and converted
-    (minutes for a full model), saying how to replace it."""
+    """OUT already holding something, or with a file on its path, is refused before the
+    checkpoint is read and converted (minutes for a full model), saying how to replace it."""
     from nemotron.utils.fs import refuse_non_empty
 
     try:
         refuse_non_empty(out, overwrite)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         hint = (
             "pass --overwrite to replace it, or write somewhere else"
             if out.is_dir()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from nemotron.train.metrics import METRICS_FILE, MetricsFileError, read_metrics
-from nemotron.utils.fs import atomic_path
+from nemotron.utils.fs import atomic_path, blocking_file
 
 
 def _series(records, kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -39,6 +39,11 @@ def plot_run(
     if not any(r.get("kind") == "train" for r in records):
         raise MetricsFileError(f"{run_dir / METRICS_FILE} has no training records yet")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    blocker = blocking_file(out)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"{out}: {blocker} is a file, not a directory: the plots cannot be written there"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = []
 

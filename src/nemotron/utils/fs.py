@@ -426,6 +426,16 @@ def free_space_note(directory: str | os.PathLike[str]) -> str:
 _umask_lock = threading.Lock()
 
 
+def blocking_file(path: str | os.PathLike[str]) -> Path | None:
+    """What keeps `path` from being (made) a directory: `path` itself or its nearest existing
+    parent when that is not a directory (a file; mkdir then fails with a bare "File exists"
+    naming the file, not `path`). None when the directory exists or can be made."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
     """An output directory that already holds something is replaced only when asked
     (`overwrite`): FileExistsError otherwise. Checked by the writers, and by the CLI before
@@ -443,8 +453,11 @@ def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
         _discard(copy, out)
     for copy in _hidden_copies(out, "del"):
         _remove(copy)
-    if out.exists() and not out.is_dir():  # never replaced: a file is no earlier output
+    blocker = blocking_file(out)
+    if blocker == out:  # never replaced: a file is no earlier output
         raise FileExistsError(f"{out}: exists and is not a directory")
+    if blocker is not None:  # found before the work whose result could then not be written
+        raise NotADirectoryError(f"{out}: {blocker} is a file, not a directory")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty")
 
