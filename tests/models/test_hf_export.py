@@ -263,6 +263,28 @@ def test_tokenizer_choices_and_errors(tmp_path, bare_tokenizer):
     assert code == 1 and "more than the model's vocab_size 128" in output
 
 
+def test_a_tokenizer_path_that_is_no_tokenizer_is_named(tmp_path):
+    """--tokenizer naming a path that is not there was sent to the hub ("Repo id must be in the
+    form 'repo_name' or 'namespace/repo_name'"); an empty directory got transformers' "Couldn't
+    instantiate the backend tokenizer ... install sentencepiece or tiktoken"."""
+    from nemotron.models.nano3.hf import HFInteropError
+    from nemotron.models.nano3.hf_export import load_tokenizer_for_export
+
+    missing = tmp_path / "no" / "tokenizer"
+    with pytest.raises(HFInteropError, match=rf"^tokenizer {missing}: no such file or directory"):
+        load_tokenizer_for_export(str(missing), None)
+    with pytest.raises(HFInteropError, match=r"^tokenizer \./tok: no such file or directory"):
+        load_tokenizer_for_export("./tok", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        HFInteropError, match=r"a directory without tokenizer\.json or tokenizer_config\.json"
+    ):
+        load_tokenizer_for_export(str(tmp_path / "empty"), None)
+    from nemotron.models.nano3.hf_export import HUB_ID  # still sent to the hub
+
+    assert all(HUB_ID.fullmatch(s) for s in ("gpt2", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"))
+
+
 @pytest.mark.parametrize(
     "data, needle",
     [

@@ -15,6 +15,7 @@ commit). A tokenizer with more tokens than the model's vocabulary is refused.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,22 @@ def _fast_tokenizer_from_file(path: Path, record: dict[str, Any] | None):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), **special)
 
 
+# What can name a hub repository (`name` or `org/name`); anything else given to --tokenizer is a path.
+HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
 def load_tokenizer_for_export(spec: str | None, record: dict[str, Any] | None):
     """(transformers tokenizer, where it came from) for `spec` or the training record."""
     from transformers import AutoTokenizer
 
     def from_path(path: Path):
         if path.is_dir():
+            if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+                # transformers' own answer names neither the directory nor what it lacks
+                raise HFInteropError(
+                    f"tokenizer {path}: a directory without tokenizer.json or tokenizer_config.json, "
+                    "not a transformers tokenizer directory"
+                )
             return AutoTokenizer.from_pretrained(str(path))
         if path.is_file() and path.suffix == ".json":
             beside = path.parent / "tokenizer_config.json"
@@ -98,6 +109,9 @@ def load_tokenizer_for_export(spec: str | None, record: dict[str, Any] | None):
             path = Path(spec).expanduser()
             if path.exists():
                 return from_path(path), str(path)
+            if not HUB_ID.fullmatch(spec):
+                # a path that is not there (the hub would say only "Repo id must be in the form...")
+                raise HFInteropError(f"tokenizer {spec}: no such file or directory (nor a hub id: org/name)")
             return AutoTokenizer.from_pretrained(spec), spec  # a hub id
         if record is None:
             return None, None
