@@ -1,11 +1,13 @@
 """Triton kernels vs their PyTorch references on CPU under the Triton interpreter.
 
 Run as a script (``TRITON_INTERPRET=1`` must be set before Triton is imported, so the test
-module starts a fresh interpreter): ``python interpret_checks.py OUT.json [NAME ...]``. Each check
-raises on a mismatch; the script records ``{name: "ok" | error text}`` in OUT.json, and in
-``OUT.launches.json`` every kernel the checks launched with the argument types and constexpr
-values of its first launch (`test_triton_compile.py` compiles each for a GPU: the interpreter
-runs code the GPU compiler refuses).
+module starts a fresh interpreter): ``python interpret_checks.py OUT.json [--claim-in DIR] [NAME
+...]``. Each check raises on a mismatch; the script records ``{name: "ok" | error text}`` in
+OUT.json, and in ``OUT.launches.json``, per check, every kernel it launched with the argument
+types and constexpr values of its first launch (`test_triton_compile.py` compiles each for a GPU:
+the interpreter runs code the GPU compiler refuses). With ``--claim-in DIR`` several processes
+share the checks: each runs those it claims first (a file named after the check, created in DIR
+only if absent), so none waits idle while another has a long check left.
 """
 
 from __future__ import annotations
@@ -1723,30 +1725,51 @@ def _launch_spec(fn, args, kwargs) -> dict:
     )
 
 
-def _record_launches(launches: dict) -> None:
-    """Record each interpreted kernel's first launch into `launches` (name -> spec)."""
+def _record_launches(launches: dict[str, dict], check: list[str]) -> None:
+    """Record each interpreted kernel's first launch in the running check (`check[0]`) into
+    `launches[check[0]]` (kernel name -> spec)."""
     from triton.runtime import interpreter
 
     run = interpreter.InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         key = f"{self.fn.__module__}.{self.fn.__name__}"
-        if key not in launches:
-            launches[key] = _launch_spec(self.fn, args, kwargs)
+        seen = launches.setdefault(check[0], {})
+        if key not in seen:
+            seen[key] = _launch_spec(self.fn, args, kwargs)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recording_run
 
 
+def _claimed(claims: Path | None, name: str) -> bool:
+    """Whether this process runs `name`: always alone, else if it created the claim first."""
+    if claims is None:
+        return True
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("interpret_checks must run with TRITON_INTERPRET=1")
-    out, names = argv[0], argv[1:] or list(CHECKS)
+    out, rest = argv[0], argv[1:]
+    claims = None
+    if rest[:1] == ["--claim-in"]:
+        claims, rest = Path(rest[1]), rest[2:]
+    names = rest or list(CHECKS)
     torch.manual_seed(0)
     launches: dict[str, dict] = {}
-    _record_launches(launches)
+    running = [""]
+    _record_launches(launches, running)
     results = {}
     for name in names:
+        if not _claimed(claims, name):
+            continue
+        running[0] = name
         try:
             CHECKS[name]()
             results[name] = "ok"
