@@ -89,3 +89,39 @@ def test_a_byte_order_mark_before_the_first_record_is_skipped(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(b"\xef\xbb\xbf" + _TRAIN.encode())
     paths = plot_run(tmp_path, tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["loss.png", "lr.png"]
+
+
+def test_a_non_finite_loss_is_a_gap_and_a_warning_not_left_out(tmp_path):
+    """The logger writes a diverged step's loss as "nan" (JSON has no NaN): the plot draws it as
+    a gap (left out, its neighbours would be joined across it) and says at which steps."""
+    lines = [
+        '{"kind": "train", "step": %d, "lm_loss": %s, "lr": 0.001}' % (step, loss)
+        for step, loss in ((1, "5.0"), (2, '"nan"'), (3, '"inf"'), (4, "4.0"))
+    ]
+    lines.append('{"kind": "eval", "step": 4, "loss": "nan"}')
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    warnings: list[str] = []
+    plot_run(tmp_path, tmp_path / "plots", on_warning=warnings.append)
+    metrics = tmp_path / "metrics.jsonl"
+    assert warnings == [
+        f"{metrics}: train lm_loss is not a finite number at step(s) 2, 3; drawn as gaps",
+        f"{metrics}: eval loss is not a finite number at step(s) 4; drawn as gaps",
+    ]
+    result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path), "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr and "step(s) 2, 3; drawn as gaps" in result.stderr
+
+
+def test_series_keeps_a_non_finite_value_in_its_place():
+    from nemotron.train.plots import _series
+
+    records = [
+        {"kind": "train", "step": 1, "lm_loss": 5.0},
+        {"kind": "train", "step": 2, "lm_loss": "nan"},
+        {"kind": "train", "step": 3, "lm_loss": "-inf"},
+        {"kind": "train", "step": 4, "lm_loss": "some text"},
+        {"kind": "eval", "step": 4, "lm_loss": 1.0},
+    ]
+    steps, values = _series(records, "train", "lm_loss")
+    assert steps == [1, 2, 3] and values[0] == 5.0
+    assert all(v != v for v in values[1:])  # NaN: a gap where the value was

@@ -8,15 +8,32 @@ from typing import Callable
 from nemotron.train.metrics import METRICS_FILE, MetricsFileError, read_metrics
 from nemotron.utils.fs import atomic_path, blocking_file
 
+# how the metrics logger writes a non-finite float (JSON has none): `metrics._clean`
+_NON_FINITE = {"nan", "inf", "-inf"}
 
-def _series(records, kind: str, key: str) -> tuple[list[int], list[float]]:
+
+def _series(records, kind: str, key: str, non_finite: dict | None = None) -> tuple[list[int], list[float]]:
+    """The (step, value) pairs of `key` in the records of `kind`. A non-finite value (a diverged
+    step's loss) is drawn as a gap, NaN, rather than left out (its neighbours would be joined
+    across it, hiding it); its steps are added to `non_finite[(kind, key)]` for a warning."""
     steps, values = [], []
     for r in records:
         value = r.get(key)
-        if r.get("kind") == kind and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if r.get("kind") != kind:
+            continue
+        if isinstance(value, str) and value in _NON_FINITE:
+            value = float("nan")
+            if non_finite is not None:
+                non_finite.setdefault((kind, key), []).append(r["step"])
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             steps.append(r["step"])
             values.append(float(value))
     return steps, values
+
+
+def _steps_text(steps: list[int], shown: int = 5) -> str:
+    text = ", ".join(str(s) for s in steps[:shown])
+    return text + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
 
 
 def plot_run(
@@ -61,10 +78,11 @@ def plot_run(
             plt.close(fig)
         written.append(path)
 
+    non_finite: dict[tuple[str, str], list[int]] = {}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(*_series(records, "train", "lm_loss"), label="train (cross-entropy)", lw=1)
+    ax.plot(*_series(records, "train", "lm_loss", non_finite), label="train (cross-entropy)", lw=1)
     for kind, marker in (("eval", "o"), ("test", "s")):
-        steps, values = _series(records, kind, "loss")
+        steps, values = _series(records, kind, "loss", non_finite)
         if steps:
             ax.plot(steps, values, marker=marker, ls="-" if kind == "eval" else "", label=kind)
     entropy = _series(records, "run", "unigram_entropy")[1]
@@ -76,7 +94,7 @@ def plot_run(
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(*_series(records, "train", "lr"), lw=1)
+    ax.plot(*_series(records, "train", "lr", non_finite), lw=1)
     ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
@@ -95,4 +113,10 @@ def plot_run(
         bottom.set(xlabel="step", ylabel="expert bias range")
         bottom.grid(alpha=0.3)
         save(fig, "balance.png")
+    if on_warning is not None:
+        for (kind, key), steps in non_finite.items():
+            on_warning(
+                f"{run_dir / METRICS_FILE}: {kind} {key} is not a finite number at step(s) "
+                f"{_steps_text(steps)}; drawn as gaps"
+            )
     return written
