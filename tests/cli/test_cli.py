@@ -743,6 +743,7 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
         output_dir: str
         summary: list
         bad_records: dict
+        bad_locations: dict
 
     def run_data_prep(cfg, recipe_dir, progress=None, task=None):
         assert progress is not None
@@ -776,7 +777,8 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
                 DatasetSplitSummary("code", "train", 2, 200, 0.25, 1),
                 DatasetSplitSummary("wiki", "valid", 1, 34, 1.0, 1),
             ],
-            {"code": {"non_utf8": 3}},
+            {"code": {"non_utf8": 3, "not_json": 0}, "wiki": {"non_utf8": 0}},
+            {"code": ["/d/code.jsonl:7 (non_utf8)", "/d/code.jsonl:9 (non_utf8)"], "wiki": []},
         )
 
     fake_module("nemotron.data.prep", run_data_prep=run_data_prep)
@@ -787,7 +789,11 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
     assert re.search(r"train\s*│\s*wiki\s*│\s*6\s*│\s*1,000\s*│\s*75\.0%\s*│\s*2", out), out
     assert re.search(r"train\s*│\s*all\s*│\s*8\s*│\s*1,200", out)
     assert re.search(r"valid\s*│\s*all\s*│\s*1\s*│\s*34", out)
-    assert "bad records skipped: code: 3 non_utf8" in out
+    caption = " ".join(out[out.index("bad records skipped") :].split())
+    assert caption.startswith(
+        "bad records skipped: code: 3 non_utf8, the first at /d/code.jsonl:7 (non_utf8)"
+    )
+    assert "wiki:" not in caption and "not_json" not in caption
 
 
 def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_module, monkeypatch):

@@ -273,14 +273,15 @@ def data_prep_pretrain(
     rows.append(("job dir", str(target)))
     if common.process_rank() == 0:
         common.print_plan("data prep finished", rows)
-        table = summary_table(values.get("summary"), values.get("bad_records"))
+        table = summary_table(values.get("summary"), values.get("bad_records"), values.get("bad_locations"))
         if table is not None:
             console.print(table)
 
 
-def summary_table(summary, bad_records=None):
+def summary_table(summary, bad_records=None, bad_locations=None):
     """A Rich table of DataPrepResult.summary: one row per dataset and split (documents,
-    tokens, share of the split's blend weight, shard files), split totals, bad records."""
+    tokens, share of the split's blend weight, shard files), split totals, bad records with
+    where the first of each dataset's is (metadata.json lists the first few)."""
     from rich.table import Table
 
     rows = [
@@ -300,11 +301,14 @@ def summary_table(summary, bad_records=None):
         ("files", "right"),
     ):
         table.add_column(header, justify=justify)
-    bad = [
-        f"{name}: " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
-        for name, kinds in sorted((bad_records or {}).items())
-        if any(kinds.values())
-    ]
+    bad = []
+    for name, kinds in sorted((bad_records or {}).items()):
+        if any(kinds.values()):
+            text = f"{name}: " + ", ".join(
+                f"{count:,} {kind}" for kind, count in sorted(kinds.items()) if count
+            )
+            first = (bad_locations or {}).get(name)
+            bad.append(text + (f", the first at {first[0]}" if first else ""))
     if bad:
         table.caption = "bad records skipped: " + "; ".join(bad)
     totals: dict[str, list[int]] = {}
