@@ -55,7 +55,7 @@ def test_cli_plot_into_a_path_through_a_file_names_it(tmp_path):
         result = CliRunner().invoke(app, ["nano3", "plot", str(tmp_path), "-o", str(out)])
         assert result.exit_code == 1, result.output
         (line,) = result.stderr.strip().splitlines()
-        assert f"{out}: {tmp_path / 'a_file'} is a file, not a directory" in line, line
+        assert line.startswith(f"error: {out}: {tmp_path / 'a_file'} is a file, not a directory"), line
     assert (tmp_path / "a_file").read_text() == "x"
 
 

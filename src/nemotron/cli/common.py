@@ -129,9 +129,12 @@ def user_errors() -> Iterator[None]:
 
 def _self_explaining(exc: BaseException) -> bool:
     """Errors whose message needs no exception class in front of it: this project's own (each
-    written for the user, naming the file, key or line) and a missing file. A foreign error
-    (torch's RuntimeError, ...) keeps its class, which is part of what it says."""
-    return type(exc).__module__.startswith("nemotron.") or isinstance(exc, FileNotFoundError)
+    written for the user, naming the file, key or line) and a path that is missing or of the
+    other kind (the OS's own text says which: "[Errno 20] Not a directory: 'x'"). A foreign
+    error (torch's RuntimeError, ...) keeps its class, which is part of what it says."""
+    return type(exc).__module__.startswith("nemotron.") or isinstance(
+        exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    )
 
 
 def check_exclusive(run: str | None, batch: str | None) -> None:
