@@ -27,7 +27,8 @@ stage fp8 $FP8
 stage bf16 train-bf16-mb3-accum4-ovl
 left=$(( ${BUDGET:-585} - SECONDS ))
 echo "=== parity fp8 only $(date -u +%H:%M:%S), ${left} s left" | tee -a $OUT/suite.log
-PYTHONPATH=$NEW timeout $left python3 benchmarks/fp8_loss_parity.py --blend /tmp/fp8prep/output/nano3/stage0_pretrain_tiny/blend.json --recipes tensorwise --steps 300 --seq 2048 --experts-gather --experts-wgrad --experts-gemm cutlass --eval-batches 16 --no-bf16 --seeds 3 --out $OUT/fp8only_seeds_3_$(date -u +%H%M).json 2>&1 | grep -v "SyntaxWarning\|Configuration class for" | tee $OUT/parity_fp8only.log | grep -v "step [0-9]*:" | tail -20
+# (`timeout 0` would mean no limit: under a minute left, no run)
+[ $left -ge 60 ] && PYTHONPATH=$NEW timeout $left python3 benchmarks/fp8_loss_parity.py --blend /tmp/fp8prep/output/nano3/stage0_pretrain_tiny/blend.json --recipes tensorwise --steps 300 --seq 2048 --experts-gather --experts-wgrad --experts-gemm cutlass --eval-batches 16 --no-bf16 --seeds 3 --out $OUT/fp8only_seeds_3_$(date -u +%H%M).json 2>&1 | grep -v "SyntaxWarning\|Configuration class for" | tee $OUT/parity_fp8only.log | grep -v "step [0-9]*:" | tail -20
 left=$(( ${BUDGET:-585} - SECONDS ))
 if [ $left -ge 70 ]; then TRAIN_LIMIT=$left stage fp8b $FP8; fi
 echo "=== done $(date -u +%H:%M:%S), ${SECONDS} s" | tee -a $OUT/suite.log
