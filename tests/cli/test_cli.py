@@ -532,6 +532,10 @@ def test_bad_command_arguments_exit_2(cli, args, needle):
     assert all_files(cli.work) == []
 
 
+# what each command writes into OUT's config.json: an earlier output it may replace
+EARLIER_OUTPUT = {"export": '{"model_type": "nemotron_h"}', "import": '{"model": {}}'}
+
+
 @pytest.mark.parametrize("command", [["export", "hf", "ckpt"], ["import", "hf", "hf"]])
 def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, monkeypatch, command):
     """OUT not empty (or a file) without --overwrite: exit 2 and the way out, before the
@@ -542,6 +546,7 @@ def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, m
     monkeypatch.setattr(hf_export, "export_hf", lambda *a, **k: pytest.fail("must not read"))
     monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("must not read"))
     (cli.work / "out").mkdir()
+    (cli.work / "out" / "config.json").write_text(EARLIER_OUTPUT[command[0]])
     (cli.work / "out" / "old.txt").write_text("an earlier export")
     (cli.work / "a_file").write_text("x")
     result = cli("nano3", *command, "out")
@@ -560,6 +565,59 @@ def test_an_out_that_holds_something_is_refused_before_the_source_is_read(cli, m
         result, "OUT a_file/out: a_file is a file, not a directory: write somewhere else"
     )
     assert "--overwrite" not in err
+
+
+@pytest.mark.parametrize(
+    "command, config, why",
+    [
+        (["export", "hf", "ckpt"], None, "is not an earlier export (holds no config.json)"),
+        (
+            ["export", "hf", "ckpt"],
+            '{"model_type": "llama"}',
+            "is not an earlier export (config.json's model_type is 'llama', not 'nemotron_h')",
+        ),
+        (
+            ["export", "hf", "ckpt"],
+            "[1, 2]",
+            "is not an earlier export (its config.json is not a model config)",
+        ),
+        (["import", "hf", "hf"], None, "is not an earlier model checkpoint (holds no config.json)"),
+        (
+            ["import", "hf", "hf"],
+            '{"model": {}, "train": {}}',
+            "is not an earlier model checkpoint (its config.json is not one's)",
+        ),
+    ],
+)
+def test_overwrite_replaces_only_an_earlier_output(cli, monkeypatch, command, config, why):
+    """`--overwrite` replaced OUT whole, whatever it was: a mistyped OUT (prepared data, a run,
+    a home directory) was deleted for an export. It replaces only what the command writes (a
+    NemotronH directory; a model-only checkpoint); anything else is refused, exit 2, untouched,
+    before the source is read, with or without --overwrite."""
+    import nemotron.models.nano3.hf as hf
+    import nemotron.models.nano3.hf_export as hf_export
+
+    monkeypatch.setattr(hf_export, "export_hf", lambda *a, **k: pytest.fail("must not read"))
+    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("must not read"))
+    data = cli.work / "data"
+    data.mkdir()
+    (data / "shard_0.bin").write_bytes(b"prepared tokens")
+    if config is not None:
+        (data / "config.json").write_text(config)
+    before = all_files(cli.work)
+    result = cli("nano3", *command, "data", "--overwrite")
+    assert result.exit_code == 2, result.output
+    err = assert_one_line_error(
+        result, f"OUT data: {why}: not replaced; write somewhere else, or empty it first"
+    )
+    result = cli("nano3", *command, "data")
+    assert result.exit_code == 2, result.output
+    err = assert_one_line_error(
+        result, f"OUT data: exists and is not empty: it {why}; write somewhere else, or empty it first"
+    )
+    assert "--overwrite" not in err
+    assert all_files(cli.work) == before
+    assert (data / "shard_0.bin").read_bytes() == b"prepared tokens"
 
 
 def test_dry_run_warns_of_a_layout_no_world_size_can_run(cli):

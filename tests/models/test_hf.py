@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -575,6 +576,33 @@ def test_overwrite_whose_removal_of_the_old_export_fails_keeps_the_new_one(tmp_p
         assert torch.equal(state[name], tensor), name
     # (the half-removed old copy, hidden, goes at the next write to OUT)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".hf.del-")) == ["hf"]
+
+
+@pytest.mark.parametrize(
+    "config_json, why",
+    [
+        (None, "holds no config.json"),
+        ('{"model_type": "llama"}', "config.json's model_type is 'llama', not 'nemotron_h'"),
+        ("not json", "its config.json is not a model config"),
+        ('["model_type"]', "its config.json is not a model config"),
+    ],
+)
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, config, config_json, why):
+    """`overwrite` replaced any directory whole: prepared data, a run or another model given
+    as OUT by mistake was deleted for an export. Only a NemotronH directory is replaced now;
+    anything else is refused, untouched, before a byte is written."""
+    from nemotron.utils.fs import NotEarlierOutput
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "shard_0.bin").write_bytes(b"tokens")
+    if config_json is not None:
+        (out / "config.json").write_text(config_json)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(NotEarlierOutput, match=rf"^{out}: is not an earlier export \({re.escape(why)}\)$"):
+        save_hf(random_model(config).state_dict(), config, out, dtype=None, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
 
 
 def test_an_export_on_a_full_disk_is_one_error_naming_out_and_keeps_the_earlier(

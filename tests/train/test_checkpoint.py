@@ -847,3 +847,34 @@ def test_model_only_checkpoint_overwrite_whose_removal_of_the_old_fails_keeps_th
     load_checkpoint(out, other, None, restore_rng=False)
     for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_model_only_checkpoint_overwrite_replaces_only_an_earlier_one(tmp_path):
+    """`overwrite` replaced any directory whole: a training checkpoint (its optimiser, loader
+    and RNG state) or prepared data given as OUT by mistake was deleted for an import. Only an
+    earlier model-only checkpoint is replaced now; the others are refused, untouched."""
+    from nemotron.models.nano3.checkpoint import save_model_checkpoint
+    from nemotron.utils.fs import NotEarlierOutput
+
+    model, opt = model_and_optimizer()
+    trained = Checkpointer(tmp_path / "save").save(
+        1, model, opt, {"step": 1}, {"config.json": '{"model": {}}'}
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shard_0.bin").write_bytes(b"tokens")
+    for out, why in [
+        (trained, "is a training checkpoint \\(holds train_state.json\\)"),
+        (data, "is not an earlier model checkpoint \\(holds no config.json\\)"),
+    ]:
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        with pytest.raises(NotEarlierOutput, match=f"^{out}: {why}"):
+            save_model_checkpoint(model, model.config, out, overwrite=True)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    out = save_model_checkpoint(model, model.config, tmp_path / "imported")
+    other, _ = model_and_optimizer(seed=1)
+    save_model_checkpoint(other, other.config, out, overwrite=True)
+    loaded, _ = model_and_optimizer()
+    load_checkpoint(out, loaded, None, restore_rng=False)
+    for (name, a), (_, b) in zip(other.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

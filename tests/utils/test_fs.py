@@ -290,3 +290,29 @@ def test_refuse_non_empty_names_a_file_on_the_path(tmp_path: Path):
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         fs.refuse_non_empty(tmp_path / "a_file", overwrite=True)
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_overwrite_is_narrowed_to_the_writers_earlier_output(tmp_path: Path):
+    """`earlier_output` says whether a non-empty `out` is the writer's own earlier output:
+    only then does `overwrite` let it be replaced. An empty or absent `out` is never asked
+    about, and without `overwrite` the refusal is the plain "not empty" one."""
+    asked: list[Path] = []
+
+    def only_marked(out: Path) -> str | None:
+        asked.append(out)
+        return None if (out / "marker").exists() else "is not an earlier output (no marker)"
+
+    out = tmp_path / "out"
+    fs.refuse_non_empty(out, overwrite=True, earlier_output=only_marked)
+    out.mkdir()
+    fs.refuse_non_empty(out, overwrite=True, earlier_output=only_marked)
+    assert asked == []
+    (out / "data.bin").write_bytes(b"x")
+    with pytest.raises(fs.NotEarlierOutput, match=rf"^{out}: is not an earlier output \(no marker\)$"):
+        fs.refuse_non_empty(out, overwrite=True, earlier_output=only_marked)
+    with pytest.raises(FileExistsError, match="exists and is not empty$") as refused:
+        fs.refuse_non_empty(out, overwrite=False, earlier_output=only_marked)
+    assert not isinstance(refused.value, fs.NotEarlierOutput)
+    (out / "marker").write_text("")
+    fs.refuse_non_empty(out, overwrite=True, earlier_output=only_marked)
+    assert asked == [out, out] and (out / "data.bin").exists()

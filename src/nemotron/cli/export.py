@@ -4,6 +4,7 @@ from a Hugging Face transformers `NemotronHForCausalLM` directory."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,19 +25,23 @@ def _check_apart(source: Path, out: Path, source_name: str) -> None:
         raise CliError(f"OUT {out} {where} {source_name} {source}: write the result somewhere else")
 
 
-def _check_out_free(out: Path, overwrite: bool) -> None:
+def _check_out_free(out: Path, overwrite: bool, earlier_output: Callable[[Path], str | None]) -> None:
     """OUT already holding something, or with a file on its path, is refused before the
-    checkpoint is read and converted (minutes for a full model), saying how to replace it."""
-    from nemotron.utils.fs import refuse_non_empty
+    checkpoint is read and converted (minutes for a full model), saying how to replace it:
+    `--overwrite` where OUT is an earlier output (`earlier_output`), by hand otherwise."""
+    from nemotron.utils.fs import NotEarlierOutput, refuse_non_empty
 
     try:
-        refuse_non_empty(out, overwrite)
+        refuse_non_empty(out, overwrite, earlier_output)
+    except NotEarlierOutput as exc:
+        raise CliError(f"OUT {exc}: not replaced; write somewhere else, or empty it first") from None
     except (FileExistsError, NotADirectoryError) as exc:
-        hint = (
-            "pass --overwrite to replace it, or write somewhere else"
-            if out.is_dir()
-            else "write somewhere else"
-        )
+        if not out.is_dir():
+            hint = "write somewhere else"
+        elif (instead := earlier_output(out)) is not None:
+            hint = f"it {instead}; write somewhere else, or empty it first"
+        else:
+            hint = "pass --overwrite to replace it, or write somewhere else"
         raise CliError(f"OUT {exc}: {hint}") from None
 
 
@@ -58,7 +63,10 @@ def _export_hf(
     max_shard_gb: Annotated[
         float, typer.Option("--max-shard-gb", help="Largest safetensors file, in GiB.")
     ] = 5.0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace OUT if it is an earlier export (a NemotronH config.json)."),
+    ] = False,
     tokenizer: Annotated[
         Optional[str],
         typer.Option(
@@ -85,8 +93,10 @@ def _export_hf(
             raise CliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not (math.isfinite(max_shard_gb) and max_shard_gb > 0):
             raise CliError(f"--max-shard-gb must be a positive number of GiB, got {max_shard_gb}")
+        from nemotron.models.nano3.hf import not_an_export
+
         _check_apart(checkpoint, out, "CKPT")
-        _check_out_free(out, overwrite)
+        _check_out_free(out, overwrite, not_an_export)
         if tokenizer is not None and no_tokenizer:
             raise CliError("--tokenizer and --no-tokenizer are mutually exclusive")
         result = export_hf(
@@ -116,15 +126,18 @@ def _import_hf(
         Path,
         typer.Argument(metavar="OUT", help="Model-only checkpoint directory to write (DCP + config.json)."),
     ],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace OUT if it is an earlier model checkpoint (import hf's)."),
+    ] = False,
 ) -> None:
     """Read a transformers NemotronH directory into a nemotron model checkpoint (float32)."""
     with user_errors():
-        from nemotron.models.nano3.checkpoint import save_model_checkpoint
+        from nemotron.models.nano3.checkpoint import not_a_model_checkpoint, save_model_checkpoint
         from nemotron.models.nano3.hf import load_hf
 
         _check_apart(hf_dir, out, "DIR")
-        _check_out_free(out, overwrite)
+        _check_out_free(out, overwrite, not_a_model_checkpoint)
         model = load_hf(hf_dir)
         written = save_model_checkpoint(model, model.config, out, overwrite=overwrite)
         console.print(f"imported {hf_dir} -> {written} (model weights, float32)", markup=False)

@@ -436,10 +436,22 @@ def blocking_file(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
+class NotEarlierOutput(FileExistsError):
+    """`refuse_non_empty(out, overwrite=True, earlier_output=...)`: `out` holds something other
+    than an earlier output of the same writer, so it is not replaced."""
+
+
+def refuse_non_empty(
+    out: str | os.PathLike[str], overwrite: bool, earlier_output: Callable[[Path], str | None] | None = None
+) -> None:
     """An output directory that already holds something is replaced only when asked
     (`overwrite`): FileExistsError otherwise. Checked by the writers, and by the CLI before
     the long read and conversion that come before the write.
+
+    `earlier_output(out)` (None when `out` is an earlier output of the writer; otherwise why
+    not, e.g. "is not an earlier export (holds no config.json)") narrows `overwrite` to
+    directories the writer made: a mistyped OUT (a data or run directory) is refused,
+    `NotEarlierOutput`, instead of being replaced whole.
 
     First, what a `publish_dir` of `out` killed part-way left is settled: with no `out`, the
     earlier copy it had moved aside whole is put back (then refused or replaced as any
@@ -458,8 +470,11 @@ def refuse_non_empty(out: str | os.PathLike[str], overwrite: bool) -> None:
         raise FileExistsError(f"{out}: exists and is not a directory")
     if blocker is not None:  # found before the work whose result could then not be written
         raise NotADirectoryError(f"{out}: {blocker} is a file, not a directory")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty")
+        if earlier_output is not None and (instead := earlier_output(out)) is not None:
+            raise NotEarlierOutput(f"{out}: {instead}")
 
 
 def current_umask() -> int:

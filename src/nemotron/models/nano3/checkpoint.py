@@ -26,6 +26,7 @@ from nemotron.models.nano3.config import ModelConfigError, Nano3Config
 from nemotron.models.nano3.model import Nano3ForCausalLM
 from nemotron.train.checkpoint import (
     MANIFEST_FILE,
+    TRAIN_STATE_FILE,
     CheckpointError,
     CheckpointWriteError,
     check_model_shapes,
@@ -122,13 +123,33 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     return config, model
 
 
+def not_a_model_checkpoint(out: Path) -> str | None:
+    """None when the directory `out` is a model-only checkpoint (a config.json holding only
+    "model", as `save_model_checkpoint` writes), which `overwrite` may replace; otherwise why
+    not. A training checkpoint (its optimiser and loader state), a run or a data directory
+    given as OUT by mistake is never deleted."""
+    if (out / TRAIN_STATE_FILE).exists():
+        return f"is a training checkpoint (holds {TRAIN_STATE_FILE}), not an earlier model checkpoint"
+    path = out / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return f"is not an earlier model checkpoint (holds no {CONFIG_FILE})"
+    except (OSError, ValueError):  # unreadable, not JSON
+        raw = None
+    if not isinstance(raw, dict) or set(raw) != {MODEL_KEY}:
+        return f"is not an earlier model checkpoint (its {CONFIG_FILE} is not one's)"
+    return None
+
+
 def save_model_checkpoint(
     model, config: Nano3Config, out: str | os.PathLike, overwrite: bool = False
 ) -> Path:
-    """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed)."""
+    """Write a model-only DCP checkpoint (written to a temporary sibling, then renamed).
+    `overwrite` replaces only an earlier model-only checkpoint (`not_a_model_checkpoint`)."""
 
     out = Path(out)
-    refuse_non_empty(out, overwrite)
+    refuse_non_empty(out, overwrite, not_a_model_checkpoint)
     tmp = temporary_dir(out)  # (what killed writers of `out` left there goes first)
     try:
         try:

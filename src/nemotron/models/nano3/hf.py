@@ -388,6 +388,23 @@ EXPORT_TIME_STEP_MIN = float(torch.finfo(torch.float32).tiny)
 INIT_TIME_STEP_MIN_KEY = "nemotron_init_time_step_min"
 
 
+def not_an_export(out_dir: Path) -> str | None:
+    """None when the directory `out_dir` is a NemotronH directory (a config.json whose
+    model_type is nemotron_h: an earlier export, or one from the Hub), which `save_hf`'s
+    `overwrite` may replace; otherwise why not. A mistyped OUT (a run, prepared data, a home
+    directory) is never deleted for an export."""
+    path = out_dir / "config.json"
+    try:
+        model_type = json.loads(path.read_bytes()).get("model_type")
+    except FileNotFoundError:
+        return "is not an earlier export (holds no config.json)"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return "is not an earlier export (its config.json is not a model config)"
+    if model_type != "nemotron_h":
+        return f"is not an earlier export (config.json's model_type is {model_type!r}, not 'nemotron_h')"
+    return None
+
+
 def save_hf(
     state_dict: Mapping[str, torch.Tensor],
     config: Nano3Config,
@@ -405,10 +422,11 @@ def save_hf(
     bias stay float32, as transformers keeps them. `config_fields` are set on the config
     (e.g. the tokenizer's bos/eos/pad ids); `write_extra(dir)` adds files (tokenizer,
     generation config). Written to a temporary sibling directory, given ordinary modes (0644 /
-    0755 under umask 022) and renamed, so a partial export never looks complete.
+    0755 under umask 022) and renamed, so a partial export never looks complete. `overwrite`
+    replaces only a NemotronH directory (`not_an_export`).
     """
     out_dir = Path(out_dir)
-    refuse_non_empty(out_dir, overwrite)
+    refuse_non_empty(out_dir, overwrite, not_an_export)
     hf_tensors = to_hf_state_dict(state_dict, config)
 
     def dtype_of(name: str, t: torch.Tensor) -> torch.dtype:
