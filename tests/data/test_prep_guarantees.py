@@ -186,6 +186,37 @@ def test_sample_into_the_full_builds_directory_is_refused_unless_forced(project)
     assert json.loads((out / "metadata.json").read_text())["config"]["sample"] is None
 
 
+def test_an_output_dir_holding_another_tools_data_is_refused_unless_forced(project):
+    """A build replaces blend.json and every shard-named file under train/valid/test: an
+    output_dir with no prep metadata.json (Megatron shards someone put there, a blend.json of
+    another tool) lost them to the next prep without a word. Refused now, naming one, unless
+    --force; files a build never touches (a README) do not stop it, and survive it."""
+    out = project / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "wiki_00000.bin").write_bytes(b"megatron tokens")
+    (out / "train" / "wiki_00000.idx").write_bytes(b"megatron index")
+    (out / "blend.json").write_text('{"train": ["1.0", "wiki_00000"]}')
+    before = _tree_hashes(out)
+    result = _prep()
+    _assert_one_line_error(
+        result, f"{out} holds {out / 'blend.json'} (and 2 more) but no prep metadata.json", "--force"
+    )
+    assert _tree_hashes(out) == before
+    (out / "metadata.json").write_text('{"written_by": "another tool"}')
+    _assert_one_line_error(_prep(), "but no prep metadata.json")
+    assert (out / "train" / "wiki_00000.bin").read_bytes() == b"megatron tokens"
+
+    forced = _prep("--force")
+    assert forced.exit_code == 0, forced.output
+    assert not (out / "train" / "wiki_00000.bin").exists()
+    # a prep output is replaced without --force (another build, same directory)
+    (out / "README").write_text("notes\n")
+    (project / "web.jsonl").write_text((project / "code.jsonl").read_text())
+    rebuilt = _prep()
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (out / "README").read_text() == "notes\n"
+
+
 KILLED_PREP = textwrap.dedent(
     """
     import os, signal, sys

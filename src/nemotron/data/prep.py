@@ -952,6 +952,34 @@ def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> Non
         )
 
 
+def _refuse_foreign_output(cfg: DataPrepConfig, output_dir: Path) -> None:
+    """A build replaces blend.json and every shard-named file of the split directories: an
+    output_dir with no prep metadata.json (another tool's data, e.g. Megatron shards put
+    under train/, or a directory named by mistake) is refused unless forced."""
+    if cfg.force:
+        return
+    try:
+        ours = "fingerprint" in json.loads((output_dir / "metadata.json").read_text())
+    except FileNotFoundError:
+        ours = False
+    except (OSError, ValueError, TypeError):  # damaged: prep's own name, rebuilt as before
+        ours = True
+    if ours:
+        return
+    replaced = [output_dir / "blend.json"] if (output_dir / "blend.json").exists() else []
+    for split in SPLITS:
+        directory = output_dir / split
+        files = sorted(directory.iterdir()) if directory.is_dir() else []
+        replaced += [p for p in files if p.is_file() and SHARD_NAME.match(p.name)]
+    if replaced:
+        more = f" (and {len(replaced) - 1} more)" if len(replaced) > 1 else ""
+        raise DataPrepError(
+            f"{output_dir} holds {replaced[0]}{more} but no prep metadata.json: not an earlier "
+            f"prep output, and a build would replace it: give prep another output_dir, or add "
+            f"--force (force=true) to replace it"
+        )
+
+
 def _result_from_metadata(
     output_dir: Path, metadata: dict, cached: bool, elapsed: float, reused: int
 ) -> DataPrepResult:
@@ -1339,6 +1367,7 @@ def _build(
             emit("done", message="output is up to date; nothing to do")
             return cached
     _refuse_sample_over_full_build(cfg, output_dir)
+    _refuse_foreign_output(cfg, output_dir)
 
     # The new build is made beside the current output (under .work/<fingerprint>/) and swapped
     # in only when complete: a failure leaves the current output as it was.
