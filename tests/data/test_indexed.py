@@ -231,6 +231,13 @@ CORRUPTIONS = {
     "offsets decrease": (lambda p: _patch_index(p, "pointer", 2, 2), "not a non-decreasing"),
     "odd offset": (lambda p: _patch_index(p, "pointer", 1, 7), "not a non-decreasing multiple"),
     "document indices": (lambda p: _patch_index(p, "document", 3, 2), "document indices"),
+    # An index whose sequences fit inside the .bin but do not fill it: another shard's index
+    # (swapped) or a shortened last length read wrong tokens without a word.
+    "last length shortened": (lambda p: _patch_index(p, "length", 2, 3), "not this .bin's index"),
+    "bytes past the last sequence": (
+        lambda p: p.with_name("shard.bin").write_bytes(p.with_name("shard.bin").read_bytes() + b"\0\0"),
+        "its sequences end at byte 18 but",
+    ),
     "truncated bin": (
         lambda p: p.with_name("shard.bin").write_bytes(p.with_name("shard.bin").read_bytes()[:-1]),
         "whole number",
@@ -246,6 +253,30 @@ def test_corrupt_index_is_rejected_at_open_naming_the_file(tmp_path, name):
     with pytest.raises(IndexedDatasetError, match=r"shard\.(idx|bin)") as info:
         IndexedDataset(prefix)
     assert words in str(info.value)
+
+
+def test_an_index_swapped_between_two_shards_is_refused(tmp_path):
+    """Two shards of one build, their .idx files swapped: the shorter shard's index fits inside
+    the longer shard's .bin (every offset in bounds), so it was accepted and read the other
+    shard's first tokens. The index must describe its .bin whole."""
+    with IndexedDatasetWriter(tmp_path / "a", np.uint16) as writer:
+        for doc in ([5, 6, 7], [8, 9], [10, 11, 12, 13]):
+            writer.add_document(doc)
+    with IndexedDatasetWriter(tmp_path / "b", np.uint16) as writer:
+        writer.add_document([20, 21, 22, 23, 24])
+    a_idx, b_idx = (tmp_path / "a.idx").read_bytes(), (tmp_path / "b.idx").read_bytes()
+    (tmp_path / "a.idx").write_bytes(b_idx)
+    (tmp_path / "b.idx").write_bytes(a_idx)
+    with pytest.raises(
+        IndexedDatasetError,
+        match=r"a\.idx: its sequences end at byte 10 but .*a\.bin has 18 bytes: not this \.bin's index",
+    ):
+        IndexedDataset(tmp_path / "a")
+    with pytest.raises(IndexedDatasetError, match=r"b\.idx: sequence 2 .* ends past the end of"):
+        IndexedDataset(tmp_path / "b")
+    with IndexedDatasetWriter(tmp_path / "empty", np.uint16):
+        pass
+    assert len(IndexedDataset(tmp_path / "empty")) == 0
 
 
 def test_token_ids_are_checked_against_the_vocabulary(tmp_path):

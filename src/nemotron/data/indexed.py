@@ -309,9 +309,10 @@ class IndexedDataset:
         """Structure of the index against itself and the ``.bin`` size, in bounded memory.
 
         Lengths are non-negative; byte offsets are multiples of the item size, non-decreasing,
-        and each sequence ends inside the ``.bin``; document indices start at 0, never
-        decrease and end at the sequence count. (Megatron writes sequences back to back, but
-        only these properties are needed to read every sequence correctly.)
+        and each sequence ends inside the ``.bin``, the last end being the ``.bin``'s size;
+        document indices start at 0, never decrease and end at the sequence count. (Megatron
+        writes sequences back to back; of that, only these properties are needed to read every
+        sequence correctly, and the .bin's size to tell its index from another shard's.)
         """
         itemsize = self.dtype.itemsize
         if data_size % itemsize:
@@ -319,7 +320,7 @@ class IndexedDataset:
                 f"{data_file}: {data_size} bytes is not a whole number of {self.dtype} tokens"
             )
         count = self.sequence_lengths.size
-        previous = 0
+        previous = end = 0
         for start in range(0, count, _CHUNK_ELEMENTS):
             stop = min(count, start + _CHUNK_ELEMENTS)
             lengths = self.sequence_lengths[start:stop].astype(np.int64)
@@ -349,6 +350,15 @@ class IndexedDataset:
                     f"({data_size} bytes)"
                 )
             previous = int(pointers[-1])
+            end = max(end, int((pointers + lengths * itemsize).max()))
+        if end != data_size:
+            # Megatron writes the sequences back to back, filling the .bin exactly: bytes no
+            # sequence covers mean an index of another shard (swapped, or copied over from an
+            # earlier build) whose offsets happen to fit, which would read wrong tokens.
+            raise IndexedDatasetError(
+                f"{index_file}: its sequences end at byte {end} but {data_file} has {data_size} "
+                f"bytes: not this .bin's index (a .idx and .bin of different shards or builds)"
+            )
         documents = self.document_indices
         if documents.size == 0 or int(documents[0]) != 0 or int(documents[-1]) != count:
             raise IndexedDatasetError(
