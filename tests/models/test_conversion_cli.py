@@ -65,6 +65,23 @@ def test_export_then_import_round_trip(tmp_path, config):
     # and the imported checkpoint exports again
     code, out = run("nano3", "export", "hf", tmp_path / "imported", tmp_path / "hf2", "--no-tokenizer")
     assert code == 0, out
+    # --overwrite replaces the command's own earlier output (an export, an import) ...
+    code, out = run(
+        "nano3", "export", "hf", tmp_path / "imported", tmp_path / "hf", "--overwrite", "--no-tokenizer"
+    )
+    assert code == 0, out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    code, out = run("nano3", "import", "hf", tmp_path / "hf2", tmp_path / "imported", "--overwrite")
+    assert code == 0, out
+    # ... never another's: the training run's checkpoint as the import's OUT, an export's as
+    # the export's (exit 2, untouched)
+    trained = next((tmp_path / "save").glob("iter_*"))
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    code, out = run("nano3", "import", "hf", tmp_path / "hf", trained, "--overwrite")
+    assert code == 2 and "is a training checkpoint (holds train_state.json)" in out, out
+    code, out = run("nano3", "export", "hf", tmp_path / "imported", tmp_path / "save", "--overwrite")
+    assert code == 2 and "is not an earlier export (holds no config.json)" in out, out
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
 
 
 def test_cli_errors_are_one_line(tmp_path, config):
