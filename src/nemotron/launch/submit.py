@@ -160,10 +160,16 @@ def _follow(exp: run.Experiment, handle: str, plan: LaunchPlan, sink: LogSink) -
     stop = threading.Event()
     streamer = threading.Thread(target=_stream_logs, args=(exp, handle, plan, sink, stop), daemon=True)
     streamer.start()
+    interrupted = threading.Event()
     try:
-        with _sigterm_as_interrupt():
+        with _interrupts_noted(interrupted):
             while True:
                 status = exp._runner.status(handle)
+                if interrupted.is_set():
+                    # The signal came while sacct ran: invoke, which runs it, catches the
+                    # KeyboardInterrupt (it forwards ^C to the command and waits on), so the
+                    # interrupt would be lost and the job followed to its end.
+                    raise KeyboardInterrupt("interrupted while the job's state was read")
                 if status is not None and status.is_terminal():
                     state = status.state.name
                     break
@@ -180,21 +186,24 @@ def _follow(exp: run.Experiment, handle: str, plan: LaunchPlan, sink: LogSink) -
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While attached, a SIGTERM (e.g. from `timeout` or a CI runner) cancels the job like Ctrl-C
-    instead of leaving it running unwatched. Only possible from the main thread."""
+def _interrupts_noted(interrupted: threading.Event):
+    """While attached, Ctrl-C and SIGTERM (e.g. from `timeout` or a CI runner) set `interrupted`
+    and raise KeyboardInterrupt, so the job is cancelled instead of left running unwatched,
+    even when a library swallowed the exception. Only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame):
+        interrupted.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stream_logs(exp, handle: str, plan: LaunchPlan, sink: LogSink, stop: threading.Event) -> None:
