@@ -99,3 +99,43 @@ def test_build_model_one_rank_mesh_shards_in_bf16_compute(tmp_path):
         model(batch[:, :-1], labels=batch[:, 1:])
         hook.remove()
         assert seen == [torch.bfloat16]
+
+
+def test_one_rank_mesh_reduces_expert_gradients_without_a_division_temporary(tmp_path):
+    """On one rank FSDP2 copies each unit's gradients into their shard; given a divide factor
+    (as units whose mesh holds other ranks' summed parts need) it divides them by it into a
+    temporary the size of the unit's gradients, which for the routed experts of a large MoE
+    layer was the step's memory peak on one GPU (2.4 GiB over an H100's memory for the proxy).
+    With nothing to divide by, no unit's reduction divides."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nemotron.distributed.utils import launcher_process_group
+
+    class Divisions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.div_) and isinstance(
+                out, torch.Tensor
+            ):
+                self.numels.append(out.numel())
+            return out
+
+    cfg = make_config(tmp_path, train={"compute_weights": "bf16", "precision": "bf16"})
+    with launcher_process_group("cpu", one_rank=True):
+        model, _ = build_model(cfg, torch.device("cpu"))
+        experts = next(iter(model.moe_layers())).experts
+        expert_numel = sum(p.numel() for p in experts.parameters(recurse=False))
+        batch = torch.randint(0, 64, (1, 9))
+        loss = model(batch[:, :-1], labels=batch[:, 1:]).loss
+        with Divisions() as divisions:
+            loss.backward()
+        assert all(p.grad is not None for p in experts.parameters(recurse=False))
+        unit_numels = {
+            expert_numel,
+            *(sum(p.numel() for p in b.parameters()) for b in model.backbone.layers.values()),
+        }
+        assert not unit_numels & set(divisions.numels), divisions.numels

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -175,7 +176,7 @@ def apply_fsdp(
         )
         # Mean over data- (and context-) parallel ranks, like the dense parameters (EDP also
         # spans EP/TP peers, whose contributions belong to the same loss and are summed).
-        experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
+        _average_gradients_over(experts, mesh.edp_mesh, dims.dp * dims.cp)
         if dims.edp > 1 and dist.get_backend(mesh.edp_mesh.get_group()) == "gloo":
             # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2's own fallback; not
             # on a 1-rank mesh, where torch 2.13's FSDP2 would then divide twice)
@@ -220,11 +221,23 @@ def _gathers_expert_forms(experts: nn.Module) -> bool:
     )
 
 
+def _average_gradients_over(unit: FSDPModule, unit_mesh: DeviceMesh, ranks: int) -> None:
+    """Have FSDP2 divide `unit`'s gradients by `ranks` (the data- and context-parallel ranks whose
+    mean the loss is), not by the size of the unit's own mesh, which may hold other ranks whose
+    parts are summed. A one-rank unit mesh with nothing to divide by keeps FSDP2's default: with a
+    factor set, its one-rank path divides by 1 into a temporary the size of the unit's gradients
+    (2.4 GiB for one of the proxy's MoE layers, the step's memory peak on one GPU), without one it
+    copies them (the same values: dividing by 1 is exact)."""
+    if ranks == 1 and unit_mesh.size() == 1:
+        return
+    unit.set_gradient_divide_factor(float(ranks))
+
+
 def _rank_local_unit(module: nn.Module, mesh: ParallelMesh, common: dict[str, Any]) -> None:
     """FSDP2 over DP x TP for parameters of which every TP rank computes a partial gradient:
     summed over TP, averaged over DP x CP."""
     unit = fully_shard(module, mesh=mesh.dp_tp_mesh, **common)
-    unit.set_gradient_divide_factor(float(mesh.dims.dp * mesh.dims.cp))
+    _average_gradients_over(unit, mesh.dp_tp_mesh, mesh.dims.dp * mesh.dims.cp)
     if dist.get_backend(mesh.dp_tp_mesh.get_group()) == "gloo":
         unit.set_force_sum_reduction_for_comms(True)
 
