@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import pickle
 import queue as queue_module
 import signal
 import tempfile
@@ -62,12 +63,22 @@ def _worker(
             store = dist.TCPStore(_HOST, port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # by value: torch's queue would pass tensors' storage as file descriptors this process
+        # serves, which the parent could not fetch once this process had exited (seen in CI:
+        # ConnectionResetError in the parent's queue.get)
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _record(results: dict, errors: dict, rank: int, status: str, value) -> None:
+    if status == "ok":
+        results[rank] = pickle.loads(value)
+    else:
+        errors[rank] = value
 
 
 # How long the other ranks get to report once one has failed or died: they are then most
@@ -167,12 +178,12 @@ def _launch(fn, world_size: int, args, env_only: bool = False) -> tuple[dict[int
                                 rank, status, value = queue.get(timeout=2.0)
                             except queue_module.Empty:
                                 break
-                            (results if status == "ok" else errors)[rank] = value
+                            _record(results, errors, rank, status, value)
                         for r in gone:
                             if r not in results and r not in errors:
                                 errors[r] = f"exited with code {procs[r].exitcode} without a result"
                 else:
-                    (results if status == "ok" else errors)[rank] = value
+                    _record(results, errors, rank, status, value)
                 now = time.monotonic()
                 if errors and failed_at is None:
                     failed_at = now
