@@ -654,6 +654,7 @@ def test_train_throughput_fp8_experts_gather_trains_as_without(tmp_path):
     assert gathered["losses"] == plain["losses"] and len(plain["losses"]) == 2
 
 
+@pytest.mark.slow  # ~10 s
 def test_fp8_loss_parity_with_experts_gather_is_the_parity_without(monkeypatch):
     """`fp8_loss_parity.py --experts-gather` on the bf16 FSDP2 path: FSDP2 makes the experts'
     FP8 forms, and the FP8 losses are those without it (the gathered forms are the same values)."""
@@ -676,6 +677,7 @@ def test_fp8_loss_parity_with_experts_gather_is_the_parity_without(monkeypatch):
     assert losses == plain["runs"]["fp8-tensorwise"]["losses"] and len(losses) == 2
 
 
+@pytest.mark.slow  # ~14 s
 def test_fp8_experts_wgrad_option_reaches_the_experts():
     """`--fp8-experts-wgrad` (train_throughput) and `--experts-wgrad` (fp8_loss_parity):
     train.fp8.experts_weight_grad=fp8, named in the run; the first loss is the one without it
@@ -794,6 +796,7 @@ def test_fp8_loss_parity_combines_the_finished_runs_of_a_result_cut_short(tmp_pa
     )
 
 
+@pytest.mark.slow  # ~11 s
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
     """`--combine`: results of one and of several seeds (made in separate calls) merge into the
@@ -829,6 +832,7 @@ def test_fp8_loss_parity_combines_results_of_several_calls(tmp_path):
         parity.main([*argv, "--combine", str(cut), str(b)])
 
 
+@pytest.mark.slow  # trains several FP8 and BF16 runs: ~15 s
 def test_fp8_loss_parity_takes_the_bf16_runs_of_other_results(tmp_path):
     """`--combine ... --bf16-from ...`: each seed's FP8 run compared with the BF16 run of another
     result (BF16 only: a baseline made after the FP8 runs), the differences those of the two

@@ -3,6 +3,7 @@ TP2 EP2), through DCP and DTensor state dicts: every parameter, expert bias and 
 tensor loads as saved (gathered, per tensor), and training continues with the same losses and
 the same parameters."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -67,6 +68,7 @@ def _resume(rank, world_size, ckpt_dir, ep, tp=1):
     return losses, loaded, full_state(model, opt)
 
 
+@pytest.mark.slow  # 6 ranks in turn: ~15 s
 def test_save_ep2_on_2_ranks_resume_ep1_on_4_ranks(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     expected, saved, final = run_distributed(_save_then_continue, 2, ckpt)[0]

@@ -2,6 +2,8 @@
 single process on the same global batch, step after step. Layouts of one world size share a
 launch (process start-up dominates on CPU)."""
 
+import pytest
+
 from ._spawn import run_distributed
 from .harness import compare_with_single_process, meta_init_matches_single_device
 
@@ -195,6 +197,7 @@ def test_layouts_and_token_reductions_on_2_ranks():
     assert set(results[0]) == set(LAYOUTS_2) and results[0] == results[1]
 
 
+@pytest.mark.slow  # ~22 s on 2 cores; the 2-rank layouts stay in the default run
 def test_layouts_on_4_ranks_and_meta_init_mixed_precision():
     results = run_distributed(_run_4, 4)
     assert set(results[0]) == set(LAYOUTS_4) and all(r == results[0] for r in results)

@@ -154,10 +154,12 @@ def test_pipeline_with_fp8_on_2_ranks():
     _check(run_distributed(_run_layouts, 2, FP8_LAYOUTS_2), FP8_LAYOUTS_2)
 
 
+@pytest.mark.slow  # ~55 s on 2 cores; 2-rank schedules stay in the default run
 def test_pipeline_with_data_expert_and_context_parallel_on_4_ranks():
     _check(run_distributed(_run_layouts, 4, LAYOUTS_4), LAYOUTS_4)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores
 def test_pipeline_with_tensor_and_sequence_parallel_on_4_ranks():
     _check(run_distributed(_run_layouts, 4, LAYOUTS_4_TP), LAYOUTS_4_TP)
 

@@ -39,7 +39,7 @@ def assert_same(a, b):
                 assert torch.equal(micro_a[key], micro_b[key]), key
 
 
-@pytest.mark.parametrize("dp_rank", [0, 1])
+@pytest.mark.parametrize("dp_rank", [0, pytest.param(1, marks=pytest.mark.slow)])  # ~25 s each
 def test_workers_give_the_same_batches_and_state_across_phase_switch_and_resume(tmp_path, corpus, dp_rank):
     cfg = make_config(
         tmp_path,

@@ -1852,6 +1852,7 @@ def test_autotune_casts_reaches_every_compiled_linear(monkeypatch, tuned):
     assert "needs train.fp8.compile=true" in problems["train.fp8.autotune_casts"]
 
 
+@pytest.mark.slow  # Inductor compiles the dispatch: ~16 s
 @pytest.mark.timeout(300)
 def test_fp8_dispatch_under_torch_compile_moves_bf16_rows():
     """Under `torch.compile` (`train.compile`) the FP8 dispatcher hands over BF16 rows, as the

@@ -84,7 +84,7 @@ def test_loader_mixes_lengths_and_slices_for_context_parallel(tmp_path, corpus):
         TrainingData(cfg.data, cfg.train, plan, 64, sequence_multiple=8)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # workers: ~17 s
 def test_data_parallel_ranks_get_the_same_mix_of_lengths(tmp_path, corpus, workers):
     """The LC phase's 1:1 mix interleaves long and short samples; Megatron's per-micro-step
     interleaving across 2 ranks gave rank 0 every long sample and rank 1 every short one (rank 1
@@ -229,6 +229,7 @@ def _cli(args: list[str], cwd: Path, processes: int) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow  # 8 ranks under torchrun: ~75 s on 2 cores
 def test_tiny_long_context_recipe_trains_with_pp2_tp2_and_cp2_under_torchrun(tmp_path, corpus):
     """`-c long_context_tiny` (PP2 by default) from a tiny pretraining checkpoint, mixed 48- and
     16-token samples: PP2 and CP2 on two processes, and PP2 x TP2 + SP (the recipe's PP with
@@ -367,6 +368,7 @@ def test_mixed_length_config_errors_name_the_key():
         load_config(path, ["data.mixed_length_blends=[{blend: b.json, weight: -1}]"], PretrainConfig)
 
 
+@pytest.mark.slow  # torchrun with several ranks: ~23 s
 def test_long_context_recipe_under_torchrun_shares_one_default_job_dir(tmp_path):
     """`torchrun --nproc-per-node 2 ... pretrain -c long_context_tiny` without --job-dir: rank 0
     names the default job dir and every rank uses it (the checkpoint save checks that the

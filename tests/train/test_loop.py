@@ -122,6 +122,7 @@ def test_first_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(tmp_path, co
     assert not (tmp_path / "ckpt" / "iter_0000005").exists()
 
 
+@pytest.mark.slow  # spawns loader workers twice: ~16 s
 def test_loader_workers_survive_ctrl_c(tmp_path, corpus):
     """With `data.num_workers` > 0, a Ctrl-C reaching the loader's workers (a terminal sends it
     to every process of the foreground group) leaves them running: the run trains on to its end

@@ -78,7 +78,7 @@ def reference(corpus, tmp_path_factory):
         (True, "checkpoint:6", 6, 0),
         # background loader workers had read ahead past step 7 when killed: the resumed run (and
         # the whole run) still reads what the synchronous reference read
-        (True, "train:7", 3, 2),
+        pytest.param(True, "train:7", 3, 2, marks=pytest.mark.slow),  # spawns workers 4 times: ~55 s
     ],
 )
 def test_kill9_resume_is_bit_exact(
