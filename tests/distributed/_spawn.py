@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing.forkserver
 import os
 import pickle
 import queue as queue_module
@@ -126,6 +127,17 @@ def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
     return ctx
+
+
+def start_forkserver() -> None:
+    """Start the forkserver the ranks are forked from, preloading `_PRELOAD`, unless one runs.
+    There is one forkserver per process and the preload of whoever starts it holds: data prep run
+    in-process starts it with its own (no torch), after which every rank imports torch and
+    nemotron itself, ~3x the time of a multi-rank test. The session starts it before its first
+    test when it will launch ranks (tests/conftest.py)."""
+    if "forkserver" in mp.get_all_start_methods():
+        _context()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _launch(fn, world_size: int, args, env_only: bool = False) -> tuple[dict[int, object], list[str]]:

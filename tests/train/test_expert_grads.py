@@ -19,6 +19,7 @@ import dataclasses
 
 import pytest
 import torch
+from distributed._spawn import run_distributed
 from torch import nn
 
 from nemotron.kernels.expert_wgrad import expert_weight_grad_reference
@@ -262,8 +263,6 @@ def test_two_ranks_keep_float32_expert_gradients_of_one_process(tmp_path, layout
     BF16 experts' would differ by their BF16 rounding, ~1e-3), and accumulating unsharded equals
     reducing every micro-batch: bit for bit under EP2 (each rank sums its own experts' products),
     within float32 rounding under DP2 (the two ranks' sums are added in another order)."""
-    from distributed._spawn import run_distributed
-
     from nemotron.distributed.utils import launcher_process_group
 
     from .test_fsdp_accumulation import _rank_run, run_steps
@@ -333,8 +332,6 @@ def test_pipeline_stages_write_float32_expert_gradients():
     at these few rows per expert, zeros from the squared ReLU among them) although a pipeline schedule runs the backward inside the step's BF16
     autocast (where a float32 matmul would be a BF16 one: every value a BF16 value); the
     gradients differ from the run without the key by BF16's rounding, the loss does not."""
-    from distributed._spawn import run_distributed
-
     on = run_distributed(_pipeline_expert_grads, 2, True)
     off = run_distributed(_pipeline_expert_grads, 2, False)
     assert [r[0] for r in on] == [1, 1] and [r[0] for r in off] == [0, 0]  # one MoE layer per stage
