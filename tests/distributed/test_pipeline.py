@@ -146,6 +146,7 @@ def _check(results, layouts):
         assert torch.tensor(losses[0]).isfinite().all()
 
 
+@pytest.mark.slow  # every schedule against one process: ~30 s on 2 cores
 def test_pipeline_schedules_on_2_ranks():
     _check(run_distributed(_run_layouts, 2, LAYOUTS_2), LAYOUTS_2)
 
