@@ -83,3 +83,36 @@ def test_pretrain_on_a_corrupt_shard_fails_with_one_line_naming_it(cli, tmp_path
     assert result.exit_code == 1
     assert_one_line_error(result, expected)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()} == before
+
+
+def test_pretrain_on_prepared_shards_exchanged_after_prep_fails_naming_the_shard(cli, tmp_path):
+    """Two shards of a prepared build exchanged (both files renamed): each `.idx` is a valid
+    index of its `.bin`, so only data prep's record (metadata.json: each shard's seal) shows
+    that they are not what the blend's weights and the run's data order were made for."""
+    prep = cli("nano3", "data", "prep", "pretrain", "-c", "tiny", "--sample", "120", "num_shards=2")
+    assert prep.exit_code == 0, prep.output
+    out = cli.work / "output/nano3/stage0_pretrain_tiny-sample120"
+    first, second = (out / "train" / f"stdlib-code_0000{i}" for i in (0, 1))
+    for suffix in (".bin", ".idx"):
+        Path(f"{first}{suffix}").rename(tmp_path / "x")
+        Path(f"{second}{suffix}").rename(f"{first}{suffix}")
+        (tmp_path / "x").rename(f"{second}{suffix}")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    result = cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "--job-dir",
+        str(tmp_path / "job"),
+        f"data.blend={out / 'blend.json'}",
+        "train.train_iters=2",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=2",
+        "train.seq_length=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
+    assert_one_line_error(
+        result, f"{first} (train split of {out / 'blend.json'}) is not the shard data prep wrote"
+    )
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 
 from nemotron.data.indexed import (
+    SEAL_END_BYTES,
     IndexedDataset,
     IndexedDatasetError,
     IndexedDatasetWriter,
+    seal_difference,
+    shard_seal,
     token_dtype_for_vocab,
 )
 
@@ -336,3 +339,55 @@ def test_a_document_longer_than_int32_lengths_is_refused_naming_the_prefix(tmp_p
             writer.add_document(huge)
         writer.add_document([1])
     assert IndexedDataset(tmp_path / "p")[0].tolist() == [1]
+
+
+def _shard(prefix, documents):
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for document in documents:
+            writer.add_document(document)
+    return prefix
+
+
+def test_equal_size_shards_with_exchanged_idx_pass_the_index_checks_but_not_the_seal(tmp_path):
+    # Same sequence count, same tokens in all, so the same .bin and .idx sizes; other lengths.
+    a = _shard(tmp_path / "a", [list(range(1, 11)), list(range(11, 31))])
+    b = _shard(tmp_path / "b", [list(range(101, 121)), list(range(121, 131))])
+    seals = {"a": shard_seal(a), "b": shard_seal(b)}
+    assert seals["a"]["idx_bytes"] == seals["b"]["idx_bytes"]
+    assert seals["a"]["bin_bytes"] == seals["b"]["bin_bytes"] == 60
+    assert seals["a"]["ends_sha256"] != seals["b"]["ends_sha256"]
+    assert seal_difference(a, seals["a"]) is None and seal_difference(b, seals["b"]) is None
+
+    idx_a, idx_b = (tmp_path / "a.idx").read_bytes(), (tmp_path / "b.idx").read_bytes()
+    (tmp_path / "a.idx").write_bytes(idx_b)
+    (tmp_path / "b.idx").write_bytes(idx_a)
+    swapped = IndexedDataset(a)  # every check of the index alone passes...
+    assert swapped[0].tolist() == list(range(1, 21))  # ...and reads the wrong document bounds
+    assert "differ from what was recorded" in seal_difference(a, seals["a"])
+    assert "differ from what was recorded" in seal_difference(b, seals["b"])
+
+
+def test_seal_reads_the_first_and_last_64_kib_and_names_a_size_change(tmp_path):
+    tokens = 3 * SEAL_END_BYTES // 2 + 1000  # a .bin of 3 x 64 KiB and more: head, middle, tail
+    prefix = _shard(tmp_path / "p", [np.arange(tokens, dtype=np.uint16) % 5000])
+    seal = shard_seal(prefix)
+    assert seal["bin_bytes"] == 2 * tokens
+    path = tmp_path / "p.bin"
+    original = bytearray(path.read_bytes())
+
+    def flipped(position):
+        data = bytearray(original)
+        data[position] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return seal_difference(prefix, seal)
+
+    assert "differ from what was recorded" in flipped(10)  # first 64 KiB
+    assert "differ from what was recorded" in flipped(len(original) - 10)  # last 64 KiB
+    assert flipped(len(original) // 2) is None  # the middle is not read (by design: no data pass)
+    path.write_bytes(bytes(original[:-2]))
+    assert (
+        seal_difference(prefix, seal) == f"p.bin is {len(original) - 2:,} bytes, recorded {len(original):,}"
+    )
+    path.unlink()
+    assert seal_difference(prefix, seal).startswith("cannot be read (")
+    assert str(path) in seal_difference(prefix, seal)

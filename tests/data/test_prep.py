@@ -16,6 +16,7 @@ from prep_gate import finished, gated_env, wait_for_holds
 
 from nemotron.data import prep as prep_module
 from nemotron.data.config import DataPrepConfig, TokenizerConfig
+from nemotron.data.indexed import shard_seal
 from nemotron.data.prep import DataPrepError, run_data_prep
 
 from .conftest import make_docs, write_jsonl
@@ -209,6 +210,36 @@ def test_cache_noop_change_detection_and_force(tmp_path, bpe_dir, corpus):
     assert not bos.cached and bos.fingerprint != changed.fingerprint
     run_data_prep(dataclasses.replace(cfg, num_shards=2), recipe_dir=tmp_path)
     assert len(_prefixes(out, "train", "a")) == 2  # no stale shards of the older build remain
+
+
+def test_each_shard_is_sealed_and_a_changed_build_is_rebuilt_not_up_to_date(tmp_path, bpe_dir, corpus):
+    cfg = _cfg(tmp_path, bpe_dir)
+    first = run_data_prep(cfg, recipe_dir=tmp_path)
+    out = tmp_path / "out"
+    metadata = json.loads((out / "metadata.json").read_text())
+    entries = [entry for split in ("train", "valid", "test") for entry in metadata["splits"][split]]
+    assert len(entries) == len(list(out.rglob("*.idx")))
+    for entry in entries:
+        assert entry["seal"] == shard_seal(entry["prefix"]), entry["prefix"]
+    built = _output_bytes(out)
+
+    # Two shards exchanged whole (both files renamed): each pair is a valid index of its .bin.
+    a, b = _prefixes(out, "train", "a")[:2]
+    for suffix in (".bin", ".idx"):
+        os.replace(f"{a}{suffix}", tmp_path / "x")
+        os.replace(f"{b}{suffix}", f"{a}{suffix}")
+        os.replace(tmp_path / "x", f"{b}{suffix}")
+    events = []
+    again = run_data_prep(cfg, recipe_dir=tmp_path, progress=events.append)
+    assert not again.cached and again.fingerprint == first.fingerprint
+    assert "nothing to do" not in events[-1].message
+    assert _output_bytes(out) == built
+
+    # A truncated .bin (same names, a shorter file) is rebuilt too.
+    Path(f"{a}.bin").write_bytes(Path(f"{a}.bin").read_bytes()[:-2])
+    assert not run_data_prep(cfg, recipe_dir=tmp_path).cached
+    assert _output_bytes(out) == built
+    assert run_data_prep(cfg, recipe_dir=tmp_path).cached
 
 
 def test_sample_and_filters(tmp_path, bpe_dir, corpus):

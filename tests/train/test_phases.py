@@ -17,6 +17,7 @@ import torch
 from distributed._spawn import run_distributed
 
 from nemotron.data.gpt_dataset import GPTDatasetError, build_split_dataset
+from nemotron.data.indexed import shard_seal
 from nemotron.train import pretrain
 from nemotron.train.data import LoaderState, PhaseSwitchError, TrainDataError, TrainingData, plan_batches
 from nemotron.train.metrics import read_metrics
@@ -356,3 +357,41 @@ def test_a_saved_position_absurd_for_the_data_is_one_error_naming_it(tmp_path, c
     )
     with pytest.raises(TrainDataError, match=message):
         data.open_datasets()
+
+
+def _sealed(source, target):
+    """A copy of a corpus whose metadata.json records each train shard's seal, as data prep's."""
+    shutil.copytree(source.parent, target)
+    blend = json.loads((target / "blend.json").read_text())
+    prefixes = [str(target / Path(p).name) for p in blend["train"][1::2]]
+    blend["train"][1::2] = prefixes
+    (target / "blend.json").write_text(json.dumps(blend))
+    splits = {"train": [{"prefix": p, "seal": shard_seal(p)} for p in prefixes]}
+    (target / "metadata.json").write_text(json.dumps({"splits": splits}))
+    return target / "blend.json", prefixes
+
+
+def test_a_phase2_shard_exchanged_before_the_switch_stops_there_naming_it(tmp_path, corpus):
+    """The phase-2 blend's shards are compared with data prep's seals at the start and again at
+    the switch, hours later: two exchanged in between (each still a valid index of its .bin)
+    stop the run there, with a checkpoint, naming the shard; left alone, the run switches."""
+    blend, (first, second) = _sealed(corpus[1], tmp_path / "p2")
+    cfg = make_config(tmp_path / "run", blend=corpus[0], phase2_blend=blend)
+
+    def exchange_at_step_3(kind, payload):
+        if kind == "train" and payload["step"] == 3:
+            for suffix in (".bin", ".idx"):
+                Path(f"{first}{suffix}").rename(tmp_path / "x")
+                Path(f"{second}{suffix}").rename(f"{first}{suffix}")
+                (tmp_path / "x").rename(f"{second}{suffix}")
+
+    with pytest.raises(
+        PhaseSwitchError,
+        match=rf"step 4: .*{first} \(train split of {blend}\) is not the shard data prep wrote.*"
+        r"iter_0000004 \(step 4\) is saved",
+    ):
+        pretrain(cfg, tmp_path / "run" / "job", on_event=exchange_at_step_3)
+
+    blend, _ = _sealed(corpus[1], tmp_path / "p2b")
+    cfg = make_config(tmp_path / "run2", blend=corpus[0], phase2_blend=blend, checkpoint={"save": None})
+    assert pretrain(cfg, tmp_path / "run2" / "job").steps == cfg.train.train_iters

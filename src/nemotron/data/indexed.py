@@ -16,6 +16,7 @@ half-written shard never looks finished: a prefix is complete exactly when its `
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -80,6 +81,47 @@ def idx_path(prefix: str | os.PathLike) -> Path:
 def prefix_exists(prefix: str | os.PathLike) -> bool:
     """True when both files of a finished prefix are present."""
     return bin_path(prefix).is_file() and idx_path(prefix).is_file()
+
+
+SEAL_END_BYTES = 1 << 16  # 64 KiB: every rank reads 256 KiB per shard at open
+
+
+def shard_seal(prefix: str | os.PathLike) -> dict[str, int | str]:
+    """What data prep records of a finished shard to know it again without reading it: both
+    files' sizes and one sha256 over the first and last 64 KiB of each (`.idx`, then `.bin`).
+
+    Megatron's format does not tie an `.idx` to its `.bin`: two shards of the same byte size
+    with their `.idx` (or `.bin`) exchanged pass every check of the index, and read other
+    tokens. Their heads differ (the first documents' lengths, the first tokens), so the seal
+    tells them apart, at the cost of reading 256 KiB, not a pass over the data."""
+    digest = hashlib.sha256()
+    seal: dict[str, int | str] = {}
+    for suffix, path in (("idx", idx_path(prefix)), ("bin", bin_path(prefix))):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f.read(SEAL_END_BYTES))
+            if size > SEAL_END_BYTES:
+                f.seek(max(SEAL_END_BYTES, size - SEAL_END_BYTES))
+                digest.update(f.read())
+        seal[f"{suffix}_bytes"] = size
+    seal["ends_sha256"] = digest.hexdigest()
+    return seal
+
+
+def seal_difference(prefix: str | os.PathLike, recorded: dict) -> str | None:
+    """How the shard at `prefix` differs from the seal recorded of it (`shard_seal`), or None
+    when it matches. A file that cannot be read is a difference, named."""
+    try:
+        now = shard_seal(prefix)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e}: {e.filename})"
+    for suffix, path in (("idx", idx_path(prefix)), ("bin", bin_path(prefix))):
+        key = f"{suffix}_bytes"
+        if key in recorded and recorded[key] != now[key]:
+            return f"{path.name} is {now[key]:,} bytes, recorded {recorded[key]:,}"
+    if "ends_sha256" in recorded and recorded["ends_sha256"] != now["ends_sha256"]:
+        return "the first or last 64 KiB of its .idx or .bin differ from what was recorded"
+    return None
 
 
 def _temp_name(path: Path) -> Path:

@@ -67,7 +67,14 @@ from nemotron.data.blend import (
     write_split_blend,
 )
 from nemotron.data.config import DataPrepConfig, available_cpus, too_many_workers
-from nemotron.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, prefix_exists
+from nemotron.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    bin_path,
+    prefix_exists,
+    seal_difference,
+    shard_seal,
+)
 from nemotron.data.tokenizers import ResolvedTokenizer, Tokenizer, resolve_tokenizer
 from nemotron.utils.fs import LockBusy, atomic_write_text, exclusive_lock, remove_stale_temporaries
 
@@ -932,6 +939,12 @@ def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
     for shards in metadata.get("splits", {}).values():
         if not all(prefix_exists(shard["prefix"]) for shard in shards):
             return None
+        # A shard changed since (truncated, swapped, rewritten) is not this build: built again.
+        if any(
+            isinstance(shard.get("seal"), dict) and seal_difference(shard["prefix"], shard["seal"])
+            for shard in shards
+        ):
+            return None
     return _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
 
 
@@ -1543,6 +1556,8 @@ def _build(
                     "tokens": w.tokens,
                     "weight": w.weight,
                     "documents": s.documents,
+                    # Training and a rerun know the shard again by this (`shard_seal`).
+                    "seal": shard_seal(s.staged),
                 }
                 for w, s in zip(weighted[split], [s for s in split_shards[split] if s.tokens > 0])
             ]

@@ -50,7 +50,7 @@ from nemotron.data.gpt_dataset import (
     split_documents,
     split_has_share,
 )
-from nemotron.data.indexed import IndexedDatasetError
+from nemotron.data.indexed import IndexedDatasetError, seal_difference
 from nemotron.distributed.context_parallel import cp_shard
 from nemotron.distributed.parallel_dims import check_sequence_lengths, sequence_shards_how
 from nemotron.distributed.utils import all_ranks_true
@@ -128,10 +128,10 @@ def blend_has_split(blend_json: str | Path, split: str, split_string: str | None
     return split_has_share(blend_json, split, split_string)
 
 
-def _prep_tokenizer(blend_json: str | Path) -> dict | None:
-    """The tokenizer record of the data prep that wrote `blend_json` (its metadata.json beside
-    it), None for a hand-written blend or one without that record. A metadata.json that is
-    there but unreadable is an error: read as absent, it would skip the vocabulary check."""
+def _prep_record(blend_json: str | Path) -> dict | None:
+    """The record of the data prep that wrote `blend_json` (its metadata.json beside it), None
+    for a hand-written blend or one without that record. A metadata.json that is there but
+    unreadable is an error: read as absent, it would skip the checks made from it."""
     path = Path(blend_json).parent / "metadata.json"
     try:
         text = path.read_text()
@@ -148,8 +148,47 @@ def _prep_tokenizer(blend_json: str | Path) -> dict | None:
             f"{path} (data prep's record beside {blend_json}) is not a JSON object; "
             "remove it for a hand-written blend, or prepare the data again"
         )
-    tokenizer = record.get("tokenizer")
+    return record
+
+
+def _prep_tokenizer(blend_json: str | Path) -> dict | None:
+    """The tokenizer data prep recorded for `blend_json` (`_prep_record`), None without one."""
+    record = _prep_record(blend_json)
+    tokenizer = record.get("tokenizer") if record is not None else None
     return tokenizer if isinstance(tokenizer, dict) else None
+
+
+def check_prepared_shards(blend_json: str | Path, split: str) -> None:
+    """Compare the shards that `split` of `blend_json` reads with the seals data prep recorded
+    of them (metadata.json beside it: sizes and the ends' sha256, `shard_seal`). A shard
+    truncated, rewritten, or exchanged with another of the same size after prep (an `.idx`
+    moved between two shards passes every check of the index alone, and reads other tokens)
+    is an error naming it. Prefixes the record does not name (a hand-written or edited blend),
+    and records older than the seals, are not checked."""
+    record = _prep_record(blend_json)
+    splits = record.get("splits") if record is not None else None
+    entries = splits.get(split) if isinstance(splits, dict) else None
+    if not isinstance(entries, list):
+        return
+    try:
+        _, prefixes = read_blend(blend_json, split)
+    except GPTDatasetError:
+        return  # the dataset build names what is wrong with the blend
+    named = {str(Path(p).resolve()) for p in prefixes}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("seal"), dict):
+            continue
+        prefix = str(entry.get("prefix"))
+        if str(Path(prefix).resolve()) not in named:
+            continue
+        difference = seal_difference(prefix, entry["seal"])
+        if difference is not None:
+            raise TrainDataError(
+                f"{prefix} ({split} split of {blend_json}) is not the shard data prep wrote: "
+                f"{difference} ({Path(blend_json).parent / 'metadata.json'}); it was changed, "
+                "truncated or exchanged with another shard since: run its data prep again "
+                "(the same config rebuilds a changed build)"
+            )
 
 
 def check_tokenizers(blends: list[tuple[str, str | Path]], vocab_size: int) -> list[str]:
@@ -397,6 +436,8 @@ class TrainingData:
                     (blend, self.plan.seq_length, self.data.blend_weight)
                 ]
                 parts += [(m.blend, m.seq_length, m.weight) for m in self.data.mixed_length_blends]
+                for part in parts:
+                    check_prepared_shards(part[0], split)
                 self._datasets[key] = build_mixed_length_dataset(
                     parts,
                     split,
@@ -407,6 +448,7 @@ class TrainingData:
                     split_string=self.data.split,
                 )
             else:
+                check_prepared_shards(blend, split)
                 self._datasets[key] = build_split_dataset(
                     blend,
                     split,
@@ -520,12 +562,14 @@ class TrainingData:
                 # branch (one switching while another stops would wait on each other forever).
                 if not self._phase2_blend_exists():
                     raise PhaseSwitchError(f"{where}: the file does not exist (on every rank)")
-                # A blend prepared while phase 1 trained: its tokenizer too. Its metadata.json
-                # lands just after blend.json, so this is agreed on as well.
+                # A blend prepared while phase 1 trained: its tokenizer and shard seals too. Its
+                # metadata.json lands just after blend.json, so these are agreed on as well.
                 pairs = [("data.blend", self.data.blend), ("data.phase2_blend", self.data.phase2_blend)]
                 error: TrainDataError | None = None
                 try:
                     self.switch_warnings = check_tokenizers([(k, b) for k, b in pairs if b], self.vocab_size)
+                    if self.data.phase2_blend:  # (it exists: checked above)
+                        check_prepared_shards(self.data.phase2_blend, "train")
                 except TrainDataError as e:
                     error = e
                 if not all_ranks_true(error is None):
