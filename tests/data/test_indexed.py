@@ -391,3 +391,19 @@ def test_seal_reads_the_first_and_last_64_kib_and_names_a_size_change(tmp_path):
     path.unlink()
     assert seal_difference(prefix, seal).startswith("cannot be read (")
     assert str(path) in seal_difference(prefix, seal)
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ({"idx_bytes": "82"}, "'idx_bytes' ('82')"),
+        ({"bin_bytes": True}, "'bin_bytes' (True)"),
+        ({"ends_sha256": None}, "'ends_sha256' (None)"),
+        ({"bin_bytes": None, "idx_bytes": None, "ends_sha256": None}, "'idx_bytes' (None)"),
+    ],
+)
+def test_a_damaged_seal_is_a_difference_named_not_a_match_or_a_crash(tmp_path, damage, named):
+    prefix = _shard(tmp_path / "p", [[1, 2, 3]])
+    seal = shard_seal(prefix) | damage
+    seal = {k: v for k, v in seal.items() if v is not None}
+    assert seal_difference(prefix, seal) == f"its recorded seal has no valid {named}"

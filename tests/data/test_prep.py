@@ -241,6 +241,17 @@ def test_each_shard_is_sealed_and_a_changed_build_is_rebuilt_not_up_to_date(tmp_
     assert _output_bytes(out) == built
     assert run_data_prep(cfg, recipe_dir=tmp_path).cached
 
+    # A record that is not one (a damaged seal, splits of another shape) is rebuilt, not trusted.
+    for damage in ({"seal": "x"}, {"seal": {"idx_bytes": "1"}}):
+        metadata = json.loads((out / "metadata.json").read_text())
+        metadata["splits"]["train"][0].update(damage)
+        (out / "metadata.json").write_text(json.dumps(metadata))
+        assert not run_data_prep(cfg, recipe_dir=tmp_path).cached, damage
+    metadata = json.loads((out / "metadata.json").read_text())
+    (out / "metadata.json").write_text(json.dumps(metadata | {"splits": [1, 2]}))
+    assert not run_data_prep(cfg, recipe_dir=tmp_path).cached
+    assert _output_bytes(out) == built and run_data_prep(cfg, recipe_dir=tmp_path).cached
+
 
 def test_sample_and_filters(tmp_path, bpe_dir, corpus):
     sampled = run_data_prep(_cfg(tmp_path, bpe_dir, sample=10), recipe_dir=tmp_path)

@@ -110,16 +110,21 @@ def shard_seal(prefix: str | os.PathLike) -> dict[str, int | str]:
 
 def seal_difference(prefix: str | os.PathLike, recorded: dict) -> str | None:
     """How the shard at `prefix` differs from the seal recorded of it (`shard_seal`), or None
-    when it matches. A file that cannot be read is a difference, named."""
+    when it matches. A file that cannot be read, and a seal that is not one (a key missing or
+    of another type), are differences, named."""
+    for key, kind in (("idx_bytes", int), ("bin_bytes", int), ("ends_sha256", str)):
+        value = recorded.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"its recorded seal has no valid {key!r} ({value!r})"
     try:
         now = shard_seal(prefix)
     except OSError as e:
         return f"cannot be read ({e.strerror or e}: {e.filename})"
     for suffix, path in (("idx", idx_path(prefix)), ("bin", bin_path(prefix))):
         key = f"{suffix}_bytes"
-        if key in recorded and recorded[key] != now[key]:
+        if recorded[key] != now[key]:
             return f"{path.name} is {now[key]:,} bytes, recorded {recorded[key]:,}"
-    if "ends_sha256" in recorded and recorded["ends_sha256"] != now["ends_sha256"]:
+    if recorded["ends_sha256"] != now["ends_sha256"]:
         return "the first or last 64 KiB of its .idx or .bin differ from what was recorded"
     return None
 

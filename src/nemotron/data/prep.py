@@ -929,23 +929,30 @@ def _finish_pending_swaps(output_dir: Path) -> None:
 
 
 def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
+    """The result of the complete build in `output_dir` when it is this fingerprint's, every
+    shard there and matching its seal; None otherwise (a record that is not one included:
+    rebuilt, not trusted)."""
     metadata_path = output_dir / "metadata.json"
     try:
         metadata = json.loads(metadata_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    if metadata.get("fingerprint") != fingerprint or not (output_dir / "blend.json").is_file():
+    try:
+        if metadata.get("fingerprint") != fingerprint or not (output_dir / "blend.json").is_file():
+            return None
+        for shards in metadata.get("splits", {}).values():
+            if not all(prefix_exists(shard["prefix"]) for shard in shards):
+                return None
+            # A shard changed since (truncated, swapped, rewritten) is not this build: built again.
+            if any(
+                "seal" in shard
+                and seal_difference(shard["prefix"], shard["seal"] if isinstance(shard["seal"], dict) else {})
+                for shard in shards
+            ):
+                return None
+        return _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    for shards in metadata.get("splits", {}).values():
-        if not all(prefix_exists(shard["prefix"]) for shard in shards):
-            return None
-        # A shard changed since (truncated, swapped, rewritten) is not this build: built again.
-        if any(
-            isinstance(shard.get("seal"), dict) and seal_difference(shard["prefix"], shard["seal"])
-            for shard in shards
-        ):
-            return None
-    return _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
 
 
 def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> None:

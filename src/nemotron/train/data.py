@@ -176,12 +176,13 @@ def check_prepared_shards(blend_json: str | Path, split: str) -> None:
         return  # the dataset build names what is wrong with the blend
     named = {str(Path(p).resolve()) for p in prefixes}
     for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("seal"), dict):
+        if not isinstance(entry, dict) or "seal" not in entry or not isinstance(entry.get("prefix"), str):
             continue
-        prefix = str(entry.get("prefix"))
+        prefix = entry["prefix"]
         if str(Path(prefix).resolve()) not in named:
             continue
-        difference = seal_difference(prefix, entry["seal"])
+        seal = entry["seal"] if isinstance(entry["seal"], dict) else {}  # damaged: named as such
+        difference = seal_difference(prefix, seal)
         if difference is not None:
             raise TrainDataError(
                 f"{prefix} ({split} split of {blend_json}) is not the shard data prep wrote: "
