@@ -52,6 +52,25 @@ def _token_beyond_the_vocabulary(prefix: Path) -> str:
     return f"{prefix}.bin: sequence"
 
 
+def _pretrain(cli, tmp_path: Path, blend: Path, *overrides: str):
+    """Two steps of the tiny recipe on `blend`, short samples."""
+    return cli(
+        "nano3",
+        "pretrain",
+        "-c",
+        "tiny",
+        "--job-dir",
+        str(tmp_path / "job"),
+        f"data.blend={blend}",
+        "train.train_iters=2",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=2",
+        "train.seq_length=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    )
+
+
 @pytest.mark.parametrize("corrupt", [_negative_length, _length_past_the_end, _token_beyond_the_vocabulary])
 def test_pretrain_on_a_corrupt_shard_fails_with_one_line_naming_it(cli, tmp_path, corrupt):
     data = tmp_path / "data"
@@ -64,22 +83,7 @@ def test_pretrain_on_a_corrupt_shard_fails_with_one_line_naming_it(cli, tmp_path
     (data / "blend.json").write_text(json.dumps(blend))
     expected = corrupt(data / "train_00000")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
-    result = cli(
-        "nano3",
-        "pretrain",
-        "-c",
-        "tiny",
-        "--job-dir",
-        str(tmp_path / "job"),
-        f"data.blend={data / 'blend.json'}",
-        "train.train_iters=2",
-        "train.eval_iters=1",
-        "train.eval_interval=1",
-        "train.global_batch_size=2",
-        "train.micro_batch_size=2",
-        "train.seq_length=32",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    )
+    result = _pretrain(cli, tmp_path, data / "blend.json", "train.eval_iters=1", "train.eval_interval=1")
     assert result.exit_code == 1
     assert_one_line_error(result, expected)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()} == before
@@ -98,20 +102,7 @@ def test_pretrain_on_prepared_shards_exchanged_after_prep_fails_naming_the_shard
         Path(f"{second}{suffix}").rename(f"{first}{suffix}")
         (tmp_path / "x").rename(f"{second}{suffix}")
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
-    result = cli(
-        "nano3",
-        "pretrain",
-        "-c",
-        "tiny",
-        "--job-dir",
-        str(tmp_path / "job"),
-        f"data.blend={out / 'blend.json'}",
-        "train.train_iters=2",
-        "train.global_batch_size=2",
-        "train.micro_batch_size=2",
-        "train.seq_length=32",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    )
+    result = _pretrain(cli, tmp_path, out / "blend.json")
     assert_one_line_error(
         result, f"{first} (train split of {out / 'blend.json'}) is not the shard data prep wrote"
     )
