@@ -441,7 +441,7 @@ def test_data_prep_materializes_embedded_and_records_job(cli, tmp_path, fake_mod
         output_dir: str
         documents: int
 
-    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None, job_dir=None):
         calls.append((cfg, Path(recipe_dir)))
         return FakeResult(output_dir=cfg.output_dir, documents=12)
 
@@ -767,7 +767,9 @@ def test_job_dir_config_finds_the_shipped_blend(cli, tmp_path, fake_module):
     seen = []
     fake_module(
         "nemotron.data.prep",
-        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: seen.append(Path(recipe_dir)),
+        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None, job_dir=None: seen.append(
+            Path(recipe_dir)
+        ),
     )
     result = cli("nano3", "data", "prep", "pretrain", "-c", str(copied), "--job-dir", str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
@@ -803,7 +805,7 @@ def test_data_prep_shows_progress_and_the_per_dataset_table(cli, tmp_path, fake_
         bad_records: dict
         bad_locations: dict
 
-    def run_data_prep(cfg, recipe_dir, progress=None, task=None):
+    def run_data_prep(cfg, recipe_dir, progress=None, task=None, job_dir=None):
         assert progress is not None
         progress(PrepProgress(phase="plan", message="planning 2 datasets"))
         progress(
@@ -878,7 +880,9 @@ def test_data_prep_logs_the_data_artifact_to_wandb_offline(cli, tmp_path, fake_m
 
     fake_module(
         "nemotron.data.prep",
-        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None: FakeResult(out / "blend.json", True),
+        run_data_prep=lambda cfg, recipe_dir, progress=None, task=None, job_dir=None: FakeResult(
+            out / "blend.json", True
+        ),
     )
     config = tmp_path / "prep.yaml"
     config.write_text(f"blend_path: raw.json\noutput_dir: {out}\nwandb: true\n")

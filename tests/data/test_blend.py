@@ -63,6 +63,7 @@ def test_valid_blend_parses(tmp_path):
         ),
         ({"name": "a b", "path": "p", "weight": 1}, r"field 'name' must use only"),
         ({"name": "x", "path": "", "weight": 1}, r"field 'path' must be a non-empty string"),
+        ({"name": "x", "path": "a\0b", "weight": 1}, r"field 'path' must not contain a NUL character"),
         (
             {"name": "x", "path": "p", "weight": 1, "split": {"valid": 0.6, "test": 0.5}},
             r"leaves no training",
@@ -182,3 +183,37 @@ def test_shipped_nano3_blends_are_valid():
     # Phase 2 upweights the specialised STEM data relative to phase 1.
     share = lambda blend: sum(w for n, w in blend.normalised_weights.items() if "pretraining" in n)  # noqa: E731
     assert share(phase2) > share(phase1)
+
+
+def test_numbers_past_a_floats_range_or_the_parsers_limit_are_named(tmp_path):
+    # A weight of 401 digits raised a bare OverflowError (math.isfinite), one of 5,000 digits
+    # a ValueError from Python's integer-parsing limit: neither named the file or the field.
+    path = tmp_path / "big.json"
+    path.write_text('{"datasets": [{"name": "a", "path": "p", "weight": 1' + "0" * 400 + "}]}")
+    with pytest.raises(
+        BlendError,
+        match=r"big.json: datasets\[0\] \('a'\): field 'weight' must be finite, got an integer of 401 digits",
+    ):
+        load_blend(path)
+    path.write_text('{"datasets": [{"name": "a", "path": "p", "weight": 1' + "0" * 5000 + "}]}")
+    with pytest.raises(BlendError, match=r"big.json: invalid JSON \(Exceeds the limit"):
+        load_blend(path)
+
+
+def test_a_share_that_underflows_to_zero_is_refused(tmp_path):
+    # 1e-320 of 1e300 is 0.0 as a float: the dataset was tokenized, then never drawn.
+    tiny = [dict(GOOD, name="a", weight=1e-320), dict(GOOD, name="b", weight=1e300)]
+    with pytest.raises(BlendError, match=r"dataset 'a': weight 1e-320 is a share of 0.0"):
+        load_blend(_write(tmp_path, tiny))
+    close = [dict(GOOD, name="a", weight=1e-300), dict(GOOD, name="b", weight=1e-10)]
+    assert load_blend(_write(tmp_path, close)).normalised_weights["a"] > 0
+
+
+def test_a_key_given_twice_is_refused_not_last_one_wins(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{"datasets": [{"name": "a", "path": "p", "weight": 1, "weight": 2}]}')
+    with pytest.raises(BlendError, match=r"dup.json: invalid JSON: key 'weight' appears twice"):
+        load_blend(path)
+    path.write_text('{"datasets": [], "datasets": [{"name": "a", "path": "p", "weight": 1}]}')
+    with pytest.raises(BlendError, match=r"key 'datasets' appears twice"):
+        load_blend(path)

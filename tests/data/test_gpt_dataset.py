@@ -189,6 +189,38 @@ def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
     assert sorted(p.name for p in cache.iterdir()) == files  # no stray temporary files
 
 
+@pytest.mark.parametrize(
+    "name", ["document_index", "sample_index", "shuffle_index", "dataset_index", "dataset_sample_index"]
+)
+@pytest.mark.parametrize("damage", ["empty array", "shorter", "another rank", "floats"])
+def test_a_cache_array_of_another_shape_is_built_again(tmp_path, name, damage):
+    # A valid .npy of another shape written over an array loaded fine, then failed every start
+    # with a bare IndexError/TypeError when a sample was read. It is built again, as a
+    # damaged entry is.
+    rng = np.random.default_rng(16)
+    write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
+    write_dataset(tmp_path / "b", random_docs(rng, 20, 30))
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": ["1", "a", "2", "b"]}))
+    cache = tmp_path / "cache"
+    cold = build_split_dataset(blend, "train", 10, 8, 1, cache)
+    expected = [cold[i]["tokens"].tolist() for i in range(len(cold))]
+    (path,) = sorted(cache.glob(f"*-{name}.npy"))[:1]
+    array = np.load(path)
+    np.save(
+        path,
+        {
+            "empty array": array[:0],
+            "shorter": array[:-1],
+            "another rank": array.reshape(-1, 1) if array.ndim == 1 else array[:, 0],
+            "floats": array.astype(np.float64),
+        }[damage],
+    )
+    warm = build_split_dataset(blend, "train", 10, 8, 1, cache)
+    assert [warm[i]["tokens"].tolist() for i in range(len(warm))] == expected
+    assert np.array_equal(np.load(path), array)
+
+
 def test_blend_errors_name_file_and_entry(tmp_path):
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": ["1.0", str(tmp_path / "missing")]}))
@@ -217,6 +249,13 @@ def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
         (b'{"train": ["nan", "a"]}', r"train\[0\] weight 'nan' is not a finite number >= 0"),
         (b'{"train": ["-1", "a"]}', r"train\[0\] weight '-1' is not a finite number >= 0"),
         (b'{"train": [1e308, "a", 1e308, "a"]}', r"the 'train' weights sum to infinity"),
+        # before: a bare OverflowError (float() of an integer past a float's range)
+        (b'{"train": [1' + b"0" * 400 + b', "a"]}', r"train\[0\] weight 10+ is not a finite number >= 0"),
+        (b'{"train": [1' + b"0" * 5000 + b', "a"]}', r"blend.json: invalid JSON \(Exceeds the limit"),
+        (
+            b'{"train": ["1", "a"], "train": ["1", "a"]}',
+            r"blend.json: invalid JSON: key 'train' appears twice",
+        ),
         # Odd length: prefixes only (Megatron's rule); "1" is no prefix, likely a lost weight.
         (b'{"train": ["1", "a", "2"]}', r"train\[0\] names '1' but .* a weight without its prefix"),
         (b'{"train": []}', r"non-empty list of weight, prefix pairs"),
@@ -233,6 +272,12 @@ def test_hostile_blend_files_are_one_error_naming_file_and_entry(tmp_path):
         blend.write_bytes(raw)
         with pytest.raises(GPTDatasetError, match=words):
             build_split_dataset(blend, "train", 1, 2, 0, tmp_path / "cache")
+    # A prefix whose .idx is a directory: before, "does not exist" after the job dir was made.
+    (tmp_path / "d.bin").write_bytes(b"")
+    (tmp_path / "d.idx").mkdir()
+    blend.write_text(json.dumps({"train": ["1", "d"]}))
+    with pytest.raises(GPTDatasetError, match=r"train\[1\] names 'd' but .*d.idx is not a regular file"):
+        build_split_dataset(blend, "train", 1, 2, 0, tmp_path / "cache")
 
 
 def test_zero_weight_is_never_drawn_and_the_rest_blend_as_without_it():

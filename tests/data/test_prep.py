@@ -253,6 +253,35 @@ def test_each_shard_is_sealed_and_a_changed_build_is_rebuilt_not_up_to_date(tmp_
     assert _output_bytes(out) == built and run_data_prep(cfg, recipe_dir=tmp_path).cached
 
 
+def test_a_record_of_wrong_types_is_rebuilt_not_reported(tmp_path, bpe_dir, corpus):
+    # A cached run reports the recorded summary: a record edited by hand ("many" documents, a
+    # share of None, bad_records not a mapping) drew a traceback from the summary table after
+    # the job was marked completed; one nested too deeply raised RecursionError.
+    cfg = _cfg(tmp_path, bpe_dir)
+    run_data_prep(cfg, recipe_dir=tmp_path)
+    out = tmp_path / "out"
+    built = _output_bytes(out)
+    good = json.loads((out / "metadata.json").read_text())
+    damages = {
+        "documents": lambda m: m["summary"][0].update(documents="many"),
+        "share": lambda m: m["summary"][0].update(share=None),
+        "split": lambda m: m["summary"][0].update(split=3),
+        "bad_records": lambda m: m["sources"][0].update(bad_records="lots"),
+        "bad_count": lambda m: m["sources"][0]["bad_records"].update(malformed_json=-1),
+        "bad_locations": lambda m: m["sources"][0].update(bad_locations=[1]),
+    }
+    for name, damage in damages.items():
+        metadata = json.loads(json.dumps(good))
+        damage(metadata)
+        (out / "metadata.json").write_text(json.dumps(metadata))
+        rebuilt = run_data_prep(cfg, recipe_dir=tmp_path)
+        assert not rebuilt.cached, name
+        assert json.loads((out / "metadata.json").read_text())["summary"] == good["summary"], name
+    (out / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert not run_data_prep(cfg, recipe_dir=tmp_path).cached
+    assert _output_bytes(out) == built and run_data_prep(cfg, recipe_dir=tmp_path).cached
+
+
 def test_sample_and_filters(tmp_path, bpe_dir, corpus):
     sampled = run_data_prep(_cfg(tmp_path, bpe_dir, sample=10), recipe_dir=tmp_path)
     metadata = json.loads(sampled.metadata_path.read_text())

@@ -142,7 +142,7 @@ def test_output_overlapping_the_input_is_refused_before_anything_is_written(proj
     blend = json.loads(blend_bytes)
     blend["datasets"][0]["path"] = "."
     (project / "dirsource.json").write_text(json.dumps(blend))
-    result = _prep("blend_path=dirsource.json")
+    result = _prep("blend_path=dirsource.json", "--job-dir", str(project.parent / f"{project.name}-jobs"))
     _assert_one_line_error(
         result, "dataset 'web'", f"output_dir {project / 'out'} is inside (or is) its source"
     )
@@ -152,6 +152,31 @@ def test_output_overlapping_the_input_is_refused_before_anything_is_written(proj
     result = _prep(f"output_dir={project / 'afile'}")
     _assert_one_line_error(result, f"output_dir {project / 'afile'} is a file")
     assert (project / "afile").read_text() == "keep me\n"
+
+
+def test_a_source_directory_holding_the_job_directory_is_refused(project, monkeypatch):
+    # Run from inside a directory source, the default job directory (runs/ here) is part of
+    # the source: the run read its own job.json as malformed records, and each run added
+    # files to the source, so no build was ever up to date.
+    source = project / "corpus"
+    source.mkdir()
+    (source / "web.jsonl").write_bytes((project / "web.jsonl").read_bytes())
+    (project / "dirsource.json").write_text(
+        json.dumps({"datasets": [{"name": "web", "path": str(source), "weight": 1}]})
+    )
+    monkeypatch.chdir(source)
+    prep = [*PREP, "-c", str(project / "prep.yaml"), f"blend_path={project / 'dirsource.json'}"]
+    result = CliRunner().invoke(app, prep)
+    _assert_one_line_error(result, "('web')", f"the job directory {source / 'runs'}", "--job-dir")
+    assert not (project / "out").exists()
+    assert sorted(p.name for p in source.iterdir()) == ["web.jsonl"]  # refused before writing
+    # With the job directory outside the source, the same run builds, and the next is cached.
+    for cached in (False, True):
+        result = CliRunner().invoke(app, [*prep, "--job-dir", str(project / f"jobs-{cached}")])
+        assert result.exit_code == 0, result.output
+        metadata = json.loads((project / "out" / "metadata.json").read_text())
+        assert [f["path"] for f in metadata["sources"][0]["source"]["files"]] == [str(source / "web.jsonl")]
+        assert ("nothing to do" in result.output) == cached, result.output
 
 
 def test_sample_goes_to_its_own_directory(project):
@@ -184,6 +209,32 @@ def test_sample_into_the_full_builds_directory_is_refused_unless_forced(project)
     # A full build may replace a sample build (it is what the sample stood in for).
     assert _prep().exit_code == 0
     assert json.loads((out / "metadata.json").read_text())["config"]["sample"] is None
+
+
+def test_sample_over_a_damaged_record_is_one_line_or_a_rebuild_never_a_traceback(project):
+    # The sample guard read the record's fields as mappings: `[]`, a config or counts of
+    # another type, undecodable bytes ended in "error: AttributeError: ..." naming no file.
+    assert _prep().exit_code == 0
+    out = project / "out"
+    good = json.loads((out / "metadata.json").read_text())
+    refused = {
+        "counts": (good | {"counts": {"train": 5}}, "complete full build"),
+        "a list": ([], "no prep metadata.json"),
+    }
+    for name, (record, needle) in refused.items():
+        (out / "metadata.json").write_text(json.dumps(record))
+        before = _tree_hashes(out)
+        _assert_one_line_error(_prep("--sample", "5", f"output_dir={out}"), str(out), needle)
+        assert _tree_hashes(out) == before, name
+    # A record that says nothing of a full build (config not a mapping, not UTF-8) is not one:
+    # the sample rebuilds the directory as any run over a damaged record does.
+    for record in (json.dumps(good | {"config": "x"}).encode(), b"\xff"):
+        (out / "metadata.json").write_text(json.dumps(good))
+        assert _prep().exit_code == 0
+        (out / "metadata.json").write_bytes(record)
+        result = _prep("--sample", "5", f"output_dir={out}")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "metadata.json").read_text())["config"]["sample"] == 5
 
 
 def test_an_output_dir_holding_another_tools_data_is_refused_unless_forced(project):

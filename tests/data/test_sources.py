@@ -177,6 +177,35 @@ def test_corrupt_parquet_data_is_an_error_naming_the_file(tmp_path):
             list(src.iter_records(piece, "text"))
 
 
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+@pytest.mark.parametrize("cut", ["half", "last byte", "not compressed"])
+def test_a_cut_or_foreign_compressed_file_is_an_error_naming_it(tmp_path, compression, cut):
+    # zstandard's stream_reader ends quietly where a file is cut inside a frame: a .zst cut in
+    # half read as a file of half the records, and the prep exited 0 with the tail lost.
+    payload = "".join(json.dumps({"text": d}) + "\n" for d in make_docs(2000, seed=7)).encode()
+    packed = gzip.compress(payload) if compression == "gz" else zstandard.ZstdCompressor().compress(payload)
+    raw = {"half": packed[: len(packed) // 2], "last byte": packed[:-1], "not compressed": payload}[cut]
+    path = tmp_path / f"c.jsonl.{compression}"
+    path.write_bytes(raw)
+    (piece,) = src.plan_source(str(path)).pieces
+    with pytest.raises(src.SourceError, match=rf"c.jsonl.{compression}: unreadable after line \d+"):
+        list(src.iter_records(piece, "text"))
+
+
+def test_concatenated_zstd_frames_read_as_one_stream(tmp_path):
+    # `cat a.zst b.zst > c.zst` is a valid zstd file: every frame's records, in order.
+    first, second = make_docs(50, seed=8), make_docs(40, seed=9)
+    frames = [
+        zstandard.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+        for docs in (first, second)
+    ]
+    (tmp_path / "c.jsonl.zst").write_bytes(b"".join(frames))
+    assert _texts(src.plan_source(str(tmp_path / "c.jsonl.zst"))) == first + second
+    (tmp_path / "empty.jsonl.zst").write_bytes(b"")
+    (piece,) = src.plan_source(str(tmp_path / "empty.jsonl.zst")).pieces
+    assert list(src.iter_records(piece, "text")) == []
+
+
 def test_source_errors_name_the_path(tmp_path):
     with pytest.raises(src.SourceError, match="not found"):
         src.plan_source(str(tmp_path / "missing.jsonl"))

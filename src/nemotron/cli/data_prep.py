@@ -64,16 +64,18 @@ def _blend_file(cfg, recipe_dir: Path) -> Path:
     return blend if blend.is_absolute() else recipe_dir / blend
 
 
-def _check_blend(cfg, recipe_dir: Path) -> None:
-    """A missing or invalid blend definition is refused naming the key, before a job dir is
-    made (`load_blend` is the one validator; the prep reads the file again)."""
+def _check_blend(cfg, recipe_dir: Path, job_dir: Path) -> None:
+    """A missing or invalid blend definition, or one whose directory source would hold the job
+    directory, is refused naming the key, before the job dir is made (`load_blend` is the one
+    validator; the prep reads the file again)."""
     from nemotron.config import ConfigError
-    from nemotron.data.blend import BlendError, load_blend
+    from nemotron.data.blend import BlendError, check_job_dir_apart, load_blend
 
     try:
-        load_blend(_blend_file(cfg, recipe_dir))
+        blend = load_blend(_blend_file(cfg, recipe_dir))
     except BlendError as exc:
         raise ConfigError(f"blend_path: {exc}") from None
+    check_job_dir_apart(blend, recipe_dir, job_dir)
 
 
 def _blend_rows(cfg, recipe_dir: Path) -> list[tuple[str, str]]:
@@ -215,7 +217,7 @@ def data_prep_pretrain(
             from nemotron.data.prep import run_data_prep
         except ImportError as exc:
             raise RuntimeError(f"data preparation is not available in this install: {exc}") from None
-        _check_blend(cfg, recipe_dir)
+        _check_blend(cfg, recipe_dir, target)
         task = slurm_task()
         use_wandb = cfg.wandb and cfg.wandb_mode != "disabled"
         if use_wandb:
@@ -235,7 +237,7 @@ def data_prep_pretrain(
                 console.print("building the embedded corpus and tokenizer (cached after the first run)...")
             local = embedded.materialize_for_prep(cfg, recipe_dir, target)
         try:
-            result = run_data_prep(local, recipe_dir, progress=view, task=task)
+            result = run_data_prep(local, recipe_dir, progress=view, task=task, job_dir=target)
         finally:
             view.stop()
         if use_wandb and common.process_rank() == 0:

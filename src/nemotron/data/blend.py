@@ -103,8 +103,13 @@ def _check_number(
     if wrong_type:
         kind = "an integer" if integer else "a number"
         raise BlendError(f"{where}: field {key!r} must be {kind}, got {value!r}")
-    if not math.isfinite(value):
-        raise BlendError(f"{where}: field {key!r} must be finite, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer past a float's range (~1.8e308)
+        finite = False
+    if not finite:
+        shown = repr(value) if len(repr(value)) <= 40 else f"an integer of {len(str(abs(value)))} digits"
+        raise BlendError(f"{where}: field {key!r} must be finite, got {shown}")
     if positive and value <= 0:
         raise BlendError(f"{where}: field {key!r} must be > 0, got {value!r}")
     if not positive and value < 0:
@@ -117,6 +122,8 @@ def _check_number(
 def _check_string(where: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BlendError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    if "\0" in value:
+        raise BlendError(f"{where}: field {key!r} must not contain a NUL character, got {value!r}")
     return value
 
 
@@ -192,7 +199,44 @@ def parse_blend(data: Any, source: str = "<blend>") -> Blend:
         # Normalising by an infinite sum would make every share 0 (then a division by zero
         # after the whole input was tokenized).
         raise BlendError(f"{source}: the weights sum to {total}: scale them down (only their ratios matter)")
+    for entry in entries:
+        if entry.weight / total == 0.0:
+            # Its share underflows a float: tokenized, then never drawn, with no word.
+            raise BlendError(
+                f"{source}: dataset {entry.name!r}: weight {entry.weight!r} is a share of 0.0 of the "
+                f"total {total!r}, so it would never be drawn: bring the weights closer together "
+                "(only their ratios matter)"
+            )
     return Blend(entries=tuple(entries), source=source)
+
+
+def source_directory(spec: str, base_dir: Path) -> Path | None:
+    """The local directory a blend entry's `path` names, resolved as the source resolves it
+    (relative to `base_dir`); None for a file, a glob or a dataset on the hub."""
+    if spec.startswith(HUB_SCHEME):
+        directory = Path(spec[len(HUB_SCHEME) :]) if spec.startswith(HUB_SCHEME + "/") else None
+    else:
+        directory = Path(spec).expanduser()
+        if not directory.is_absolute():
+            directory = base_dir / directory
+    return directory.resolve() if directory is not None and directory.is_dir() else None
+
+
+def check_job_dir_apart(blend: Blend, base_dir: Path, job_dir: Path) -> None:
+    """No directory source may contain the run's job directory (`runs/` under the working
+    directory by default): its job.json and logs, written as the run goes, were read as
+    records, and every run changed the source, so none was up to date. The CLI asks before it
+    makes the job directory, so a refused run leaves nothing in the source."""
+    job = Path(job_dir).expanduser().resolve()
+    for index, entry in enumerate(blend):
+        directory = source_directory(entry.path, base_dir)
+        if directory is not None and job.is_relative_to(directory):
+            raise BlendError(
+                f"{blend.source}: datasets[{index}] ({entry.name!r}): the job directory {job} is "
+                f"inside its source directory {directory}, so the job's own files (job.json, "
+                "logs) would be read as records; run from another directory or give --job-dir "
+                "outside it"
+            )
 
 
 def load_blend(path: str | os.PathLike) -> Blend:

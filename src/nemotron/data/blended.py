@@ -193,7 +193,13 @@ class BlendedDataset(PicklesByReference, torch.utils.data.Dataset):
             dataset_index, sample_index = build_blending_indices(self.weights, size)
             return {"dataset_index": dataset_index, "dataset_sample_index": sample_index}
 
-        arrays = cached_arrays(Path(cache_dir), description, ("dataset_index", "dataset_sample_index"), build)
+        arrays = cached_arrays(
+            Path(cache_dir),
+            description,
+            ("dataset_index", "dataset_sample_index"),
+            build,
+            lambda arrays: all(a.shape == (size,) for a in arrays.values()),
+        )
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         self.cache_marker = cache_marker(Path(cache_dir), description)

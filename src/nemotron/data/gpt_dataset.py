@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -321,11 +322,17 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def cached_arrays(
-    cache_dir: Path, description: dict[str, Any], names: tuple[str, ...], build
+    cache_dir: Path,
+    description: dict[str, Any],
+    names: tuple[str, ...],
+    build,
+    shapes_fit: Callable[[dict[str, np.ndarray]], bool] = lambda arrays: True,
 ) -> dict[str, np.ndarray]:
     """Load arrays `names` cached under the hash of `description`, building them (rank 0) if absent.
 
     The description JSON is written last, so its presence marks a complete cache entry.
+    `shapes_fit`: whether loaded arrays have the shapes the description implies; an entry whose
+    arrays do not (a valid .npy of another length written over one) is built again.
     """
     cache_dir = Path(cache_dir)
     key = cache_key(description)
@@ -338,7 +345,7 @@ def cached_arrays(
     # truncated by hand, a disk that filled after the entry was complete) is built again, as a
     # cold cache would: the arrays are a pure function of the description, so the run reads the
     # same samples instead of failing at every start until someone finds the damaged file.
-    if _is_rank_zero() and not (marker.exists() and _load_arrays(paths) is not None):
+    if _is_rank_zero() and not (marker.exists() and _load_arrays(paths, shapes_fit) is not None):
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             # Arrays of entries whose writer was killed mid-save (GBs for a large run); only those
@@ -360,21 +367,27 @@ def cached_arrays(
             f"index cache {marker} is missing after rank 0 built it: is {cache_dir} on a "
             "filesystem every rank shares?"
         )
-    arrays = _load_arrays(paths)
+    arrays = _load_arrays(paths, shapes_fit)
     if arrays is None:
         raise GPTDatasetError(
-            f"index cache entry {marker}: an array beside it is missing or unreadable after "
+            f"index cache entry {marker}: an array beside it is missing, unreadable or of another shape after "
             f"rank 0 checked it: is {cache_dir} on a filesystem every rank shares?"
         )
     return arrays
 
 
-def _load_arrays(paths: dict[str, Path]) -> dict[str, np.ndarray] | None:
-    """The memory-mapped arrays of a cache entry, or None if one is missing or unreadable."""
+def _load_arrays(
+    paths: dict[str, Path], shapes_fit: Callable[[dict[str, np.ndarray]], bool]
+) -> dict[str, np.ndarray] | None:
+    """The memory-mapped arrays of a cache entry, or None if one is missing, unreadable, not of
+    integers or not of the shapes its description implies."""
     try:
-        return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     except (OSError, ValueError, EOFError):  # absent, empty, a truncated header or data, not an .npy file
         return None
+    if not all(np.issubdtype(a.dtype, np.integer) for a in arrays.values()) or not shapes_fit(arrays):
+        return None
+    return arrays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,8 +520,23 @@ class GPTDataset(PicklesByReference, torch.utils.data.Dataset):
                 "shuffle_index": shuffle_index,
             }
 
+        def shapes_fit(arrays: dict[str, np.ndarray]) -> bool:
+            document_index, sample_index = arrays["document_index"], arrays["sample_index"]
+            shuffle_index = arrays["shuffle_index"]
+            return (
+                document_index.shape == (self.num_epochs * (stop - first),)
+                and sample_index.ndim == 2
+                and sample_index.shape[0] >= 1
+                and sample_index.shape[1] == 2
+                and shuffle_index.shape == (sample_index.shape[0] - 1,)
+            )
+
         arrays = cached_arrays(
-            Path(cache_dir), self.description, ("document_index", "sample_index", "shuffle_index"), build
+            Path(cache_dir),
+            self.description,
+            ("document_index", "sample_index", "shuffle_index"),
+            build,
+            shapes_fit,
         )
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
@@ -562,9 +590,19 @@ def _is_number(value: object) -> bool:
         return False
     try:
         float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer past a float's range: a number, refused as not finite
+        return True
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _as_weight(value: object) -> float:
+    """`value` (a number, `_is_number`) as a float; an integer past a float's range is inf."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return math.inf
 
 
 def load_blend(blend_json_path: str | Path) -> Any:
@@ -655,7 +693,7 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
             )
     weights: list[float] = []
     for k, raw_weight in raw_weights:
-        weight = float(raw_weight)
+        weight = _as_weight(raw_weight)
         if not math.isfinite(weight) or weight < 0:
             raise GPTDatasetError(
                 f"blend file {path}: {label}[{k}] weight {raw_weight!r} is not a finite number >= 0"
@@ -668,7 +706,12 @@ def read_blend(blend_json_path: str | Path, split: str) -> tuple[list[float] | N
             beside = path.parent / prefix
             prefix = beside if Path(str(beside) + ".idx").exists() else prefix
         for suffix in (".bin", ".idx"):
-            if not Path(str(prefix) + suffix).exists():
+            file = Path(str(prefix) + suffix)
+            if file.exists() and not file.is_file():  # a directory, a FIFO: "not found" misled
+                raise GPTDatasetError(
+                    f"blend file {path}: {label}[{k}] names {raw_prefix!r} but {file} is not a regular file"
+                )
+            if not file.exists():
                 hint = (
                     " (a list of odd length holds prefixes only, as in Megatron: a weight "
                     "without its prefix?)"

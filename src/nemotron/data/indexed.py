@@ -314,6 +314,8 @@ class IndexedDataset:
         self.vocab_size = vocab_size
         index_file, data_file = idx_path(self.prefix), bin_path(self.prefix)
         for path in (index_file, data_file):
+            if path.exists() and not path.is_file():
+                raise IndexedDatasetError(f"{path}: not a regular file (a directory, a device or a pipe)")
             if not path.is_file():
                 raise FileNotFoundError(f"indexed dataset file not found: {path}")
         size = index_file.stat().st_size

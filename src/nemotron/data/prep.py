@@ -62,8 +62,10 @@ from nemotron.data.blend import (
     Blend,
     BlendEntry,
     ShardWeight,
+    check_job_dir_apart,
     load_blend,
     shard_weights,
+    source_directory,
     write_split_blend,
 )
 from nemotron.data.config import DataPrepConfig, available_cpus, too_many_workers
@@ -269,12 +271,18 @@ def _check_output_dir(output_dir: Path) -> None:
 
 
 def _check_output_apart(
-    output_dir: Path, blend: Blend, blend_path: Path, base_dir: Path, plans: list[_DatasetPlan]
+    output_dir: Path,
+    blend: Blend,
+    blend_path: Path,
+    base_dir: Path,
+    plans: list[_DatasetPlan],
+    job_dir: Path | None = None,
 ) -> None:
     """The output must not overlap the input: a build replaces `blend.json` and
     `metadata.json` in `output_dir` (a blend definition of that name there was deleted), and a
     directory source containing `output_dir` reads the previous build's JSON files (and
-    `.work/`) as records on the next run."""
+    `.work/`) as records on the next run. Nor may a source hold the job directory
+    (`check_job_dir_apart`)."""
     if _owned_by_output(blend_path, output_dir):
         raise DataPrepError(
             f"the blend definition {blend_path} is a file data prep writes in output_dir "
@@ -288,19 +296,20 @@ def _check_output_apart(
                     f"{where}: source file {info['path']} is part of the output in {output_dir}; "
                     "choose another output_dir"
                 )
-        spec = plan.entry.path
-        if spec.startswith(src.HUB_SCHEME):
-            directory = Path(spec[len(src.HUB_SCHEME) :]) if spec.startswith(src.HUB_SCHEME + "/") else None
-        else:
-            directory = Path(spec).expanduser()
-            if not directory.is_absolute():
-                directory = base_dir / directory  # as the source resolves it
-        if directory is not None and directory.is_dir() and output_dir.is_relative_to(directory.resolve()):
+            if job_dir is not None and Path(info["path"]).resolve().is_relative_to(job_dir.resolve()):
+                raise DataPrepError(
+                    f"{where}: source file {info['path']} is in the job directory {job_dir}; "
+                    "give --job-dir elsewhere"
+                )
+        directory = source_directory(plan.entry.path, base_dir)
+        if directory is not None and output_dir.is_relative_to(directory):
             raise DataPrepError(
                 f"{where}: output_dir {output_dir} is inside (or is) its source directory "
-                f"{directory.resolve()}, so the output would be read as input on the next run; "
+                f"{directory}, so the output would be read as input on the next run; "
                 "choose an output_dir outside it"
             )
+    if job_dir is not None:
+        check_job_dir_apart(blend, base_dir, job_dir)
 
 
 def _fingerprint(cfg: DataPrepConfig, plans: list[_DatasetPlan], tokenizer_identity: str) -> str:
@@ -935,7 +944,7 @@ def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
     metadata_path = output_dir / "metadata.json"
     try:
         metadata = json.loads(metadata_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     try:
         if metadata.get("fingerprint") != fingerprint or not (output_dir / "blend.json").is_file():
@@ -950,9 +959,43 @@ def _cached_result(output_dir: Path, fingerprint: str) -> DataPrepResult | None:
                 for shard in shards
             ):
                 return None
-        return _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
+        return _checked_recorded_result(
+            _result_from_metadata(output_dir, metadata, cached=True, elapsed=0.0, reused=0)
+        )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
+
+
+def _checked_recorded_result(result: DataPrepResult) -> DataPrepResult:
+    """`result` as read from a metadata.json, or TypeError where a field is not of the type a
+    build writes (a record edited or damaged by hand: the cached run would report it, or fail
+    drawing its summary, instead of rebuilding)."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def share(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+    if not isinstance(result.fingerprint, str):
+        raise TypeError("fingerprint")
+    for row in result.summary:
+        if not (
+            isinstance(row.dataset, str)
+            and row.split in SPLITS
+            and count(row.documents)
+            and count(row.tokens)
+            and share(row.share)
+            and count(row.files)
+        ):
+            raise TypeError(f"summary row {row}")
+    for name, kinds in result.bad_records.items():
+        if not (isinstance(kinds, dict) and all(isinstance(k, str) and count(v) for k, v in kinds.items())):
+            raise TypeError(f"bad_records of {name!r}")
+    for name, locations in result.bad_locations.items():
+        if not (isinstance(locations, list) and all(isinstance(x, str) for x in locations)):
+            raise TypeError(f"bad_locations of {name!r}")
+    return result
 
 
 def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> None:
@@ -961,10 +1004,13 @@ def _refuse_sample_over_full_build(cfg: DataPrepConfig, output_dir: Path) -> Non
         return
     try:
         metadata = json.loads((output_dir / "metadata.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # no record, or one that is not: not a full build
         return
-    if (metadata.get("config") or {}).get("sample") is None:
-        documents = (metadata.get("counts") or {}).get("train", {}).get("documents", "?")
+    config = metadata.get("config") if isinstance(metadata, dict) else None
+    if isinstance(config, dict) and config.get("sample") is None and "fingerprint" in metadata:
+        counts = metadata.get("counts")
+        train = counts.get("train") if isinstance(counts, dict) else None
+        documents = train.get("documents", "?") if isinstance(train, dict) else "?"
         raise DataPrepError(
             f"{output_dir} holds a complete full build ({output_dir / 'metadata.json'}: "
             f"{documents} train documents); a sample run (sample={cfg.sample}) would replace it: "
@@ -982,7 +1028,7 @@ def _refuse_foreign_output(cfg: DataPrepConfig, output_dir: Path) -> None:
         ours = "fingerprint" in json.loads((output_dir / "metadata.json").read_text())
     except FileNotFoundError:
         ours = False
-    except (OSError, ValueError, TypeError):  # damaged: prep's own name, rebuilt as before
+    except (OSError, ValueError, TypeError, RecursionError):  # damaged: prep's own name, rebuilt as before
         ours = True
     if ours:
         return
@@ -1211,11 +1257,14 @@ def run_data_prep(
     recipe_dir: Path | str | None = None,
     progress: ProgressCallback | None = None,
     task: PrepTask | None = None,
+    job_dir: Path | None = None,
 ) -> DataPrepResult:
     """Prepare the blend described by ``cfg``; see the module docstring for the pipeline.
 
     ``task``: this process's share when several processes (Slurm tasks) run the same prep
     into the same ``output_dir`` on a shared filesystem; None = the only one.
+    ``job_dir``: where the caller writes this run's own files (none: not checked), which no
+    source may contain.
     """
     task = task or PrepTask()
     started, cpu_started = time.monotonic(), time.process_time()
@@ -1229,7 +1278,7 @@ def run_data_prep(
     if not task.leader:
         return _follow(cfg, output_dir, task, emit, started)
     try:
-        return _lead(cfg, recipe_dir, output_dir, task, emit, started, cpu_started)
+        return _lead(cfg, recipe_dir, output_dir, task, emit, started, cpu_started, job_dir)
     except BaseException as error:
         _announce(output_dir, task, status="failed", error=str(error) or type(error).__name__)
         raise
@@ -1243,6 +1292,7 @@ def _lead(
     emit: _Emitter,
     started: float,
     cpu_started: float,
+    job_dir: Path | None = None,
 ) -> DataPrepResult:
     blend_path = _resolve_blend_path(cfg, Path(recipe_dir) if recipe_dir is not None else None)
     blend = load_blend(blend_path)
@@ -1250,7 +1300,7 @@ def _lead(
 
     emit("plan", message=f"planning {len(blend)} datasets")
     plans = _plan_datasets(cfg, blend, base_dir)
-    _check_output_apart(output_dir, blend, blend_path, base_dir, plans)
+    _check_output_apart(output_dir, blend, blend_path, base_dir, plans, job_dir)
     resolved = resolve_tokenizer(cfg.tokenizer)
     tokenizer = Tokenizer(resolved)
     fingerprint = _fingerprint(cfg, plans, tokenizer.identity())

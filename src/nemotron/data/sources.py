@@ -321,14 +321,66 @@ def plan_source(
 # Reading
 
 
+class _ZstdFrames(io.RawIOBase):
+    """A `.zst` file's decompressed bytes, frame after frame (`cat a.zst b.zst` is one stream).
+
+    zstandard's own `stream_reader` ends quietly where a file is cut inside a frame, so a
+    truncated file would read as a shorter one and lose its tail unseen; this reader raises
+    EOFError there, as `gzip` does, and ValueError for bytes that are not zstd at all."""
+
+    _READ_BYTES = 1 << 17  # compressed bytes fed at a time: bounds one step's decompressed output
+
+    def __init__(self, path: str):
+        import zstandard  # .zst files only
+
+        self._zstd = zstandard
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False  # bytes of the current frame were fed, its end not yet reached
+        self._pending = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstd.ZstdError as error:
+                raise ValueError(f"not a valid zstd stream ({error})") from error
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                break
+            data = self._frame.unused_data  # the next frame's first bytes, if any
+            self._frame = self._decompressor.decompressobj()
+        return b"".join(out)
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._file.read(self._READ_BYTES)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._pending = memoryview(self._feed(chunk))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 def _open_binary(path: str, compression: str | None):
     if compression == "gz":
         return gzip.open(path, "rb")
     if compression == "zst":
-        import zstandard  # .zst files only
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 

@@ -143,6 +143,10 @@ def _prep_record(blend_json: str | Path) -> dict | None:
         record = json.loads(text)
     except ValueError as e:
         raise TrainDataError(f"{path} (data prep's record beside {blend_json}) is not JSON: {e}") from None
+    except RecursionError:
+        raise TrainDataError(
+            f"{path} (data prep's record beside {blend_json}) is not JSON: nested too deeply"
+        ) from None
     if not isinstance(record, dict):
         raise TrainDataError(
             f"{path} (data prep's record beside {blend_json}) is not a JSON object; "
