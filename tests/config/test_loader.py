@@ -486,6 +486,47 @@ def test_malformed_yaml_names_file(tmp_path):
         load_config(path, [], PretrainConfig)
 
 
+def test_an_integer_past_the_parsers_limit_names_the_file_or_override(tmp_path):
+    # Python refuses to parse an integer of more than 4,300 digits: a bare ValueError before.
+    huge = "1" + "0" * 5000
+    path = write(tmp_path, f"train:\n  train_iters: {huge}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: malformed YAML: Exceeds the limit"):
+        load_config(path, [], PretrainConfig)
+    path = write(tmp_path, "train:\n  train_iters: 5\n", "ok.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [f"train.train_iters={huge}"], PretrainConfig)
+    assert str(err.value).startswith("override 'train.train_iters=1000") and "Exceeds the limit" in str(
+        err.value
+    )
+
+
+def test_a_nul_character_in_a_string_setting_names_the_key(tmp_path):
+    # No path can hold one: "ValueError: embedded null byte" when the path was first used.
+    path = write(tmp_path, "train:\n  train_iters: 5\n")
+    with pytest.raises(ConfigError, match=r"checkpoint.save must not contain a NUL character") as err:
+        load_config(path, ['checkpoint.save="/tmp/x\\0y"'], PretrainConfig)
+    assert str(err.value).startswith("override 'checkpoint.save=")
+    prep = write(tmp_path, 'output_dir: "out\\0put"\n', "prep.yaml")
+    with pytest.raises(ConfigError, match=rf"{prep}: output_dir must not contain a NUL character"):
+        load_config(prep, [], DataPrepJobConfig)
+
+
+def test_a_check_across_keys_blames_the_override_it_quotes(tmp_path):
+    # "train.global_batch_size: 16 is not divisible by train.micro_batch_size=5" was blamed on
+    # the file alone, though the override had set the key it quotes.
+    path = write(tmp_path, "train:\n  train_iters: 4\n  global_batch_size: 16\n  micro_batch_size: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.micro_batch_size=5"], PretrainConfig)
+    assert str(err.value).startswith(f"override 'train.micro_batch_size=5' on {path}: ")
+    assert "not divisible by train.micro_batch_size=5" in str(err.value)
+    bad = write(
+        tmp_path, "train:\n  train_iters: 4\n  global_batch_size: 16\n  micro_batch_size: 5\n", "bad.yaml"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, ["train.seed=3"], PretrainConfig)
+    assert str(err.value).startswith(f"{bad}: ")  # the file's own values: no override blamed
+
+
 def test_mapping_override_sets_the_keys_it_names(tmp_path):
     """`train={...}` merges into the file's section: replacing it would silently reset the
     file's other train keys (batch sizes here) to the defaults."""

@@ -139,6 +139,18 @@ def test_extends_cycle_is_reported_with_the_chain(tmp_path):
         load_env_toml(path).profile("a")
 
 
+def test_a_long_extends_chain_resolves_and_deep_nesting_is_named(tmp_path):
+    # Both ended in a RecursionError naming nothing: the chain was resolved by recursion.
+    links = [f'[p{i}]\nextends = "p{i + 1}"\nenv_vars = {{ K{i} = "{i}" }}\n' for i in range(3000)]
+    path = tmp_path / "env.toml"
+    path.write_text("".join(links) + '[p3000]\nexecutor = "local"\nenv_vars = { K0 = "root" }\n')
+    profile = load_env_toml(path).profile("p0")
+    assert profile.executor == "local" and profile.env_vars["K0"] == "0" and len(profile.env_vars) == 3000
+    path.write_text("[p]\nx = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(EnvTomlError, match=r"env.toml: invalid TOML: nested too deeply"):
+        load_env_toml(path)
+
+
 def test_extends_unknown_profile(tmp_path):
     path = write(tmp_path / "env.toml", '[a]\nextends = "clustr"\n[cluster]\nexecutor = "slurm"\n')
     with pytest.raises(EnvTomlError) as e:

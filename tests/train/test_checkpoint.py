@@ -768,6 +768,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_named(tmp_path, kind):
         '{"files": {}}',
         '{"format": 2, "files": {}}',
         '{"format": true, "files": {}}',
+        "[" * 100_000 + "]" * 100_000,
     ],
     ids=[
         "entry-without-size",
@@ -777,6 +778,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_named(tmp_path, kind):
         "no-format",
         "a-later-format",
         "format-true",
+        "nested-too-deeply",  # before: a bare RecursionError, and no fallback on resume
     ],
 )
 def test_a_malformed_manifest_is_named(tmp_path, manifest):
@@ -784,6 +786,52 @@ def test_a_malformed_manifest_is_named(tmp_path, manifest):
     path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
     (path / "manifest.json").write_bytes(manifest.encode("latin-1"))
     with pytest.raises(CheckpointCorruptError, match=r"iter_0000001/manifest\.json is unreadable"):
+        load_checkpoint(path, model, opt)
+
+
+def test_a_checkpoint_under_another_steps_name_is_damage_and_resume_falls_back(tmp_path):
+    # iter_0000002 copied to iter_0000010: resumed "at step 2" from the newest name, the run
+    # then saved its steps 4, 6, ... over the checkpoints it had already written.
+    model, opt = model_and_optimizer()
+    saver = Checkpointer(tmp_path / "save")
+    for step in (2, 4):
+        saver.save(step, model, opt, {"step": step})
+    shutil.copytree(tmp_path / "save" / "iter_0000002", tmp_path / "save" / "iter_0000010")
+    (tmp_path / "save" / LATEST_FILE).unlink()
+    checkpoint, skipped = find_checkpoint(tmp_path / "save")
+    assert checkpoint == tmp_path / "save" / "iter_0000004"
+    assert [s.path.name for s in skipped] == ["iter_0000010"]
+    assert "it is of step 2, but the directory is named iter_0000010" in skipped[0].problem
+    with pytest.raises(CheckpointCorruptError, match=r"of step 2, but the directory is named iter_0000010"):
+        load_checkpoint(tmp_path / "save" / "iter_0000010", model, opt)
+
+
+@pytest.mark.parametrize(
+    "train_state, words",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"step": 1' + "0" * 5000 + "}", "Exceeds the limit"),
+    ],
+)
+def test_a_train_state_past_the_parsers_limits_is_named(tmp_path, train_state, words):
+    from nemotron.train.checkpoint import describe_files, manifest_json
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    (path / "train_state.json").write_text(train_state)
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))  # made to match
+    with pytest.raises(CheckpointError, match=rf"train_state\.json is unreadable: .*{words}"):
+        load_checkpoint(path, model, opt)
+
+
+def test_an_rng_file_of_another_shape_is_named(tmp_path):
+    from nemotron.train.checkpoint import describe_files, manifest_json
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "save").save(1, model, opt, {"step": 1})
+    torch.save({"python": 1}, path / "rng" / "rank_00000.pt")  # before: a bare TypeError
+    (path / "manifest.json").write_text(manifest_json(describe_files(path), 1))
+    with pytest.raises(CheckpointCorruptError, match=r"cannot read \S+rank_00000\.pt"):
         load_checkpoint(path, model, opt)
 
 

@@ -95,6 +95,8 @@ def test_a_full_disk_while_logging_names_the_metrics_file_and_a_resume_recovers(
         (b'{"kind": "train", "step": "x"}', ":2 has no step"),
         (b'{"kind": "train"}', ":2 has no step"),
         (b'{"kind": "tra', ":2 is not valid JSON"),  # torn, then appended after: corrupt
+        (b"[" * 100_000 + b"]" * 100_000, ":2 is not valid JSON (nested too deeply)"),
+        (b'{"step": 1' + b"0" * 5000 + b"}", ":2 is not valid JSON (Exceeds the limit"),
     ],
 )
 def test_plot_of_an_unreadable_record_is_one_error_naming_file_and_line(tmp_path, line, message):
@@ -252,3 +254,45 @@ def test_a_resumed_run_logs_each_step_once_to_tensorboard(tmp_path, corpus):
     assert summary.resumed_from.endswith("iter_0000003")
     steps = [step for step, _ in _tensorboard_points(tmp_path / "job")["train/lm_loss"]]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_run_failing_reports_its_own_error_not_a_second_one_from_closing(corpus, tmp_path, monkeypatch):
+    """A full disk failed a metrics write (an error naming metrics.jsonl); closing after it
+    flushed onto the same disk and raised a bare ENOSPC in its place, naming nothing."""
+    import errno
+
+    import nemotron.train.trainer as trainer_module
+    from nemotron.train import pretrain
+
+    from .conftest import make_config
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "job" / METRICS_FILE))
+
+    def close_on_a_full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "train_step", full_disk)
+    monkeypatch.setattr(MetricsLogger, "close", close_on_a_full_disk)
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 2})
+    with pytest.raises(OSError) as failure:
+        pretrain(cfg, tmp_path / "job")
+    assert failure.value.filename == str(tmp_path / "job" / METRICS_FILE)
+
+
+def test_closing_names_the_metrics_file_when_its_last_flush_fails(tmp_path):
+    import errno
+
+    logger = MetricsLogger(tmp_path, LoggerConfig())
+    real = logger._file
+
+    class Full:
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger._file = Full()  # type: ignore[assignment]
+    with pytest.raises(OSError) as failure:
+        logger.close()
+    assert failure.value.filename == str(tmp_path / METRICS_FILE) and failure.value.errno == errno.ENOSPC
+    logger.close()  # closed once: a second close does nothing

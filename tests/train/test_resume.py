@@ -267,3 +267,35 @@ def test_resume_with_fewer_samples_than_the_checkpoint_read_is_one_error(tmp_pat
         TrainDataError, match=r"loader\.consumed_train_samples=12, more than train\.train_iters"
     ):
         pretrain(resumed, tmp_path / "resumed" / "job")
+
+
+def test_which_checkpoint_a_start_takes_is_said_when_save_holds_a_newer_one(tmp_path, corpus):
+    """`checkpoint.load` is where a run starts, every time (as Megatron's --load): a requeued
+    command naming one checkpoint restarted there at each requeue with no word, and finetune
+    passed over its `load` for a checkpoint of `save` silently. Both are said now."""
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 6}, checkpoint={"save_interval": 2})
+    pretrain(cfg, tmp_path / "first")
+    save = Path(cfg.checkpoint.save)
+    assert [p.name for p in sorted(save.glob("iter_*"))] == ["iter_0000002", "iter_0000004", "iter_0000006"]
+
+    rollback = dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(save / "iter_0000002"))
+    )
+    summary = pretrain(rollback, tmp_path / "second")
+    assert summary.resumed_from == str(save / "iter_0000002")
+    (note,) = [w for w in summary.warnings if w.startswith("started from checkpoint.load=")]
+    assert f"holds the newer {save / 'iter_0000006'}" in note and f"give checkpoint.load={save}" in note
+    # Named as the save dir (its newest checkpoint), nothing newer: no note.
+    resume = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(save)))
+    summary = pretrain(resume, tmp_path / "third")
+    assert not [w for w in summary.warnings if "checkpoint.load" in w]
+
+    finetune = dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(save / "iter_0000002"), finetune=True)
+    )
+    summary = pretrain(finetune, tmp_path / "fourth")
+    assert summary.resumed_from == str(save / "iter_0000006") and summary.finetuned_from is None
+    (note,) = [w for w in summary.warnings if "is not read" in w]
+    assert note.startswith(
+        f"checkpoint.load={save / 'iter_0000002'} is not read: checkpoint.save already holds"
+    )

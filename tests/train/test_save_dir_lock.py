@@ -226,3 +226,95 @@ def test_the_holder_record_says_who_holds_it(tmp_path):
         assert time.strftime("%Y-%m-%d", time.gmtime()) in record["started"] and record["host"]
     finally:
         claim.release()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_lock_path_that_is_not_a_lock_file_is_refused_and_nothing_is_written_through_it(tmp_path, kind):
+    # A symbolic link at SAVE/.lock was followed: the holder record was written over the file
+    # it pointed at (any file the user could write).
+    save = tmp_path / "save"
+    save.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    if kind == "symlink":
+        (save / SAVE_LOCK_FILE).symlink_to(victim)
+    else:
+        os.mkfifo(save / SAVE_LOCK_FILE)
+    reason = "a symbolic link" if kind == "symlink" else "not a regular file"
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint.save={save}: cannot lock {save / SAVE_LOCK_FILE}: {reason}"
+    ):
+        claim_save_dir(save, job=tmp_path / "job")
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_job_dir_inside_a_checkpoint_or_under_a_checkpoint_name_is_refused(corpus, tmp_path):
+    # A job dir named like a checkpoint of the save dir was replaced (deleted) by the run's own
+    # save, which then read as damaged; one inside a checkpoint made that checkpoint damaged.
+    from nemotron.train.checkpoint import job_dir_problem
+
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 2})
+    save = tmp_path / "ckpt"
+    (save / "iter_0000002").mkdir(parents=True)
+    (save / "iter_0000002" / MANIFEST_FILE).write_text("{}")
+    for job, words in (
+        (save / "iter_0000008", f"{save / 'iter_0000008'} is a name the checkpoints of checkpoint.save"),
+        (save / ".tmp-iter_0000004" / "job", "is a name the checkpoints"),
+        (save / LATEST_FILE, "is a name the checkpoints"),
+        (save / "iter_0000002" / "myjob", f"inside the checkpoint {save / 'iter_0000002'}"),
+    ):
+        assert words in (job_dir_problem(job, save) or ""), job
+        with pytest.raises(CheckpointError, match="give the run another job dir"):
+            pretrain(cfg, job)
+        assert not job.exists()
+    # Beside the checkpoints, and the save dir itself, are apart.
+    assert job_dir_problem(save / "job", save) is None and job_dir_problem(save, save) is None
+    assert job_dir_problem(tmp_path / "job", save) is None and job_dir_problem(tmp_path / "job", None) is None
+
+
+def test_the_cli_refuses_a_job_dir_under_a_checkpoint_name_before_making_it(corpus, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from nemotron.cli.main import app
+
+    save = tmp_path / "ckpt"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
+    job = save / "iter_0000008"
+    result = CliRunner().invoke(
+        app,
+        [
+            "nano3",
+            "pretrain",
+            "-c",
+            "tiny",
+            f"data.blend={corpus[0]}",
+            f"checkpoint.save={save}",
+            "--job-dir",
+            str(job),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --job-dir {job}: {job} is a name the checkpoints of checkpoint.save")
+    assert not save.exists()
+
+
+def test_a_save_dir_that_is_a_checkpoint_is_refused_naming_its_parent(corpus, tmp_path):
+    # Given a checkpoint as checkpoint.save, the run's own .lock made that checkpoint read as
+    # damaged ("it does not list .lock"), and a kill left it so for good.
+    cfg = make_config(tmp_path, blend=corpus[0], train={"train_iters": 2})
+    summary = pretrain(cfg, tmp_path / "first")
+    checkpoint = tmp_path / "ckpt" / "iter_0000002"
+    assert summary.checkpoint == str(checkpoint)
+    for save in (checkpoint, checkpoint / "sub"):
+        again = make_config(
+            tmp_path, blend=corpus[0], train={"train_iters": 2}, checkpoint={"save": str(save)}
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=rf"checkpoint.save={save} is (inside )?the checkpoint {checkpoint}, not a directory of checkpoints: give the directory that holds them \({checkpoint.parent}\)",
+        ):
+            pretrain(again, tmp_path / f"job-{save.name}")
+    assert not (checkpoint / SAVE_LOCK_FILE).exists() and not (checkpoint / "sub").exists()

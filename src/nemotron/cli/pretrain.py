@@ -115,6 +115,22 @@ def _check_checkpoint_load(cfg) -> None:
         raise ConfigError(f"checkpoint.load: {exc}") from None
 
 
+def _check_job_dir(cfg, job_dir: Path) -> None:
+    """A job dir inside a checkpoint, or under a name the save dir's checkpoints take, and a
+    `checkpoint.save` that is a checkpoint, are refused before the job dir is made
+    (`job_dir_problem`, `save_dir_problem`: a save replaced the job dir; the checkpoint read as
+    damaged)."""
+    from nemotron.config import ConfigError
+    from nemotron.train.checkpoint import job_dir_problem, save_dir_problem
+
+    problem = job_dir_problem(job_dir, cfg.checkpoint.save)
+    if problem:
+        raise common.CliError(f"--job-dir {job_dir}: {problem}; give the run another job dir")
+    problem = save_dir_problem(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    if problem:
+        raise ConfigError(problem)
+
+
 def _plan_rows(
     cfg, job_dir: Path, config_arg: str, config_path: Path, overrides: list[str], where: str
 ) -> list[tuple[str, str]]:
@@ -482,6 +498,7 @@ def _pretrain(
             )
         _check_blend_files(cfg)
         _check_checkpoint_load(cfg)
+        _check_job_dir(cfg, target)
         run_pretrain = _entry_point()
         target = stage.open(config_yaml)
 

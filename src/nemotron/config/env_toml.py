@@ -149,33 +149,38 @@ class EnvToml:
         return _build_profile(self.path, name, merged)
 
     def _merged(self, name: str, chain: tuple[str, ...]) -> dict[str, Any]:
-        if name in chain:
-            cycle = " -> ".join((*chain, name))
-            raise EnvTomlError(f"{self.path}: profile '{chain[0]}': 'extends' cycle {cycle}")
-        table = self.raw_profiles[name]
-        parent = table.get("extends")
-        if parent is None:
-            return dict(table)
-        if not isinstance(parent, str):
-            raise EnvTomlError(
-                f"{self.path}: profile '{name}': key 'extends' must be a profile name (string), "
-                f"got {parent!r}"
-            )
-        if parent not in self.raw_profiles:
-            raise EnvTomlError(
-                f"{self.path}: profile '{name}': key 'extends' names unknown profile '{parent}'"
-                f"{_suggest(parent, self.raw_profiles)}; profiles defined: "
-                f"{_listing(self.profile_names)}"
-            )
-        base = self._merged(parent, chain=(*chain, name))
-        out = {k: v for k, v in base.items() if k != "extends"}
-        for key, value in table.items():
-            if key == "extends":
-                continue
-            if key == "env_vars" and isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = {**out[key], **value}
-            else:
-                out[key] = value
+        # The chain is walked in a loop, not by recursion: a chain of thousands of profiles
+        # is odd but valid TOML, and recursion ended it in a RecursionError naming nothing.
+        chain = (*chain, name)
+        while True:
+            table = self.raw_profiles[chain[-1]]
+            parent = table.get("extends")
+            if parent is None:
+                break
+            if not isinstance(parent, str):
+                raise EnvTomlError(
+                    f"{self.path}: profile '{chain[-1]}': key 'extends' must be a profile name (string), "
+                    f"got {parent!r}"
+                )
+            if parent not in self.raw_profiles:
+                raise EnvTomlError(
+                    f"{self.path}: profile '{chain[-1]}': key 'extends' names unknown profile '{parent}'"
+                    f"{_suggest(parent, self.raw_profiles)}; profiles defined: "
+                    f"{_listing(self.profile_names)}"
+                )
+            if parent in chain:
+                cycle = " -> ".join((*chain, parent))
+                raise EnvTomlError(f"{self.path}: profile '{chain[0]}': 'extends' cycle {cycle}")
+            chain = (*chain, parent)
+        out: dict[str, Any] = {}
+        for profile in reversed(chain):  # the root first; each child's keys over its parent's
+            for key, value in self.raw_profiles[profile].items():
+                if key == "extends":
+                    continue
+                if key == "env_vars" and isinstance(value, dict) and isinstance(out.get(key), dict):
+                    out[key] = {**out[key], **value}
+                else:
+                    out[key] = value
         return out
 
 
@@ -206,6 +211,8 @@ def load_env_toml(path: Path | str) -> EnvToml:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise EnvTomlError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise EnvTomlError(f"{path}: invalid TOML: nested too deeply") from None
 
     wandb = WandbSettings()
     profiles: dict[str, dict[str, Any]] = {}

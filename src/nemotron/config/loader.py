@@ -94,8 +94,9 @@ def parse_override(token: str) -> Override:
         container = OmegaConf.to_container(parsed, resolve=False)
         assert isinstance(container, dict)
         value = container["value"]
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        # without the `full_key: value` / `object_type=dict` context lines OmegaConf appends
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+        # ValueError: an integer past Python's parsing limit (4,300 digits).
+        # Without the `full_key: value` / `object_type=dict` context lines OmegaConf appends
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = " ".join([ln for ln in lines if not ln.startswith(("full_key:", "object_type="))][:3])
         raise ConfigError(f"override {token!r}: cannot parse value {raw!r}: {detail}") from None
@@ -112,7 +113,7 @@ def _load_yaml(path: Path) -> dict:
     text = read_text(path, ConfigError, "YAML file")
     try:
         loaded = OmegaConf.load(io.StringIO(text))
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as exc:  # ValueError: a 4,300+ digit integer
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3]).replace('"<file>"', "the file")
         raise ConfigError(f"{path}: malformed YAML: {detail}") from None
@@ -244,6 +245,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
+            if "\0" in value:  # no path or name can hold one: a bare "embedded null byte" later
+                raise ConfigError(f"{where}: {key} must not contain a NUL character, got {value!r}")
             return value
         if isinstance(value, (bool, int, float)):
             # YAML 1.1 (OmegaConf, PyYAML) reads an unquoted no/off/yes/on as a bool and 017,
@@ -308,12 +311,16 @@ def to_typed(
 # a key as value checks name them: dotted (`train.fp8.layers`, `data.mixed_length_blends[0].blend`)
 # or, in a flat schema (data prep), bare (`num_shards`)
 _KEY = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*")
+_KEY_WITH_VALUE = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*)=")
 
 
 def _blame(message: str, where: str, overrides: list[Override]) -> str:
     """Where a value check's `message` comes from: the overrides that set one of the keys its
-    head (up to the first ': ') names, or a section above one (on `where`), else `where`."""
-    named = _KEY.findall(message.split(": ", 1)[0])
+    head (up to the first ': ') names, or one it quotes with its value (`key=value`, as a check
+    across keys names the other: "train.global_batch_size: 16 is not divisible by
+    train.micro_batch_size=5"), or a section above one (on `where`), else `where`."""
+    head, _, rest = message.partition(": ")
+    named = _KEY.findall(head) + _KEY_WITH_VALUE.findall(rest)
     tokens = [
         ov.token
         for ov in overrides

@@ -208,6 +208,46 @@ def is_checkpoint_dir(path: Path) -> bool:
     )
 
 
+def save_dir_problem(save_dir: str | Path) -> str | None:
+    """Why `save_dir` cannot be a save directory, or None: it is (or is inside) one checkpoint,
+    whose manifest would not list the run's lock and checkpoints (the checkpoint read as
+    damaged, by the run's own lock file)."""
+    save = Path(save_dir).expanduser().resolve()
+    for directory in (save, *save.parents):
+        if is_checkpoint_dir(directory):
+            what = "is the checkpoint" if directory == save else "is inside the checkpoint"
+            return (
+                f"checkpoint.save={save_dir} {what} {directory}, not a directory of checkpoints: "
+                f"give the directory that holds them ({directory.parent}) or a new one"
+            )
+    return None
+
+
+def job_dir_problem(job_dir: str | Path, save_dir: str | Path | None) -> str | None:
+    """Why a run's job directory may not be at `job_dir`, or None: inside a checkpoint, its
+    files are ones the manifest does not list (the checkpoint reads as damaged); under a name
+    the checkpoints of `save_dir` take (`iter_N`, `.tmp-*`, `latest`, `.lock`), a save or a
+    prune replaces or removes it with the job's config, logs and metrics. Elsewhere, the save
+    dir itself and any other directory in it included, it is apart."""
+    job = Path(job_dir).expanduser().resolve()
+    for directory in (job, *job.parents):
+        if is_checkpoint_dir(directory):
+            return f"it is inside the checkpoint {directory}, whose manifest does not list its files"
+    if save_dir is None:
+        return None
+    save = Path(save_dir).expanduser().resolve()
+    if job == save or not job.is_relative_to(save):
+        return None
+    first = job.relative_to(save).parts[0]
+    if (
+        CHECKPOINT_PATTERN.match(first)
+        or first.startswith(TMP_PREFIX)
+        or first in (LATEST_FILE, SAVE_LOCK_FILE)
+    ):
+        return f"{save / first} is a name the checkpoints of checkpoint.save {save} take: a save replaces it"
+    return None
+
+
 def is_complete(path: Path) -> bool:
     """Finished saving: its manifest, written last, exists (whether the files still match it is
     `verify_checkpoint`'s question)."""
@@ -349,6 +389,12 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             files = manifest["files"]
             if not isinstance(files, dict):
                 raise ValueError("'files' is not a table")
+            named = CHECKPOINT_PATTERN.match(path.name)
+            step = manifest.get("step")
+            if named and type(step) is int and step != int(named.group(1)):
+                # A checkpoint copied or renamed to another step's name: resumed, it restarted at
+                # its own step and saved over the later checkpoints of the run.
+                raise ValueError(f"it is of step {step}, but the directory is named {path.name}")
             for name, entry in files.items():
                 if not isinstance(entry, dict) or type(entry.get("size")) is not int:
                     raise ValueError(f"the entry of {name!r} has no integer 'size'")
@@ -363,6 +409,8 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"{manifest_file} is unreadable ({failure_reason(e)})"
+        except RecursionError:
+            problem = f"{manifest_file} is unreadable (nested too deeply)"
     files, problem = _from_owner((files, problem), group)
     if problem is not None:
         return [problem]
@@ -848,17 +896,19 @@ def load_checkpoint(
     if train_state_file.is_file():  # absent only from a model-only checkpoint (weights only)
         try:
             train_state = json.loads(train_state_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, a 4,300+ digit number
             raise CheckpointError(f"{train_state_file} is unreadable: {failure_reason(e)}") from None
+        except RecursionError:
+            raise CheckpointError(f"{train_state_file} is unreadable: nested too deeply") from None
         if not isinstance(train_state, dict):
             raise CheckpointError(f"{train_state_file} is not a JSON object")
     rng_file = checkpoint / RNG_DIR / f"rank_{_rank():05d}.pt"
     if restore_rng and rng_file.is_file():
         try:
             rng = _load_rng_state(rng_file)
-        except Exception as e:
+            set_rng_state(rng)
+        except Exception as e:  # unreadable, or not an RNG state ({'python': 1}: a TypeError)
             raise CheckpointCorruptError(f"cannot read {rng_file}: {failure_reason(e)}") from None
-        set_rng_state(rng)
     return LoadedCheckpoint(checkpoint, train_state, skipped, model_changes)
 
 

@@ -197,8 +197,9 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with naming(self.job_dir / METRICS_FILE):  # its last flush can meet a full disk
+                file.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -277,6 +278,10 @@ def read_metrics(
             raise MetricsFileError(f"{path}:{lineno} is not UTF-8 text: not a metrics record") from None
         except json.JSONDecodeError as e:
             raise MetricsFileError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise MetricsFileError(f"{path}:{lineno} is not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # a number past Python's integer-parsing limit (4,300 digits)
+            raise MetricsFileError(f"{path}:{lineno} is not valid JSON ({e})") from None
         if not isinstance(record, dict):
             raise MetricsFileError(
                 f"{path}:{lineno} is a JSON {type(record).__name__}, not a metrics record (an object)"

@@ -17,6 +17,7 @@ resumed run needs is in the checkpoint, so a run killed at any point continues b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,6 +46,7 @@ from nemotron.distributed.parallel_dims import check_pipeline, context_halo
 from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
 from nemotron.train.checkpoint import (
+    CHECKPOINT_PATTERN,
     CONFIG_FILE,
     SAVE_DIR_WAIT_S,
     SAVE_LOCK_FILE,
@@ -56,9 +58,12 @@ from nemotron.train.checkpoint import (
     SaveDirClaim,
     check_writable,
     claim_save_dir,
+    complete_checkpoints,
     failure_reason,
     finish_interrupted_saves,
+    job_dir_problem,
     load_checkpoint,
+    save_dir_problem,
     saved_config,
     saved_count,
 )
@@ -193,6 +198,7 @@ class Restored:
     # them (`optimizer.resume_hyperparameters` compares the two); None when nothing was loaded
     # into the optimizer.
     configured_optimizer: list[dict[str, Any]] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # warnings of which source was taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,12 +221,30 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
     configured = group_settings(optimizer)
     arch = cfg.model.arch()  # checked against the checkpoint's before its weights are read
     loaded = None
+    notes: list[str] = []
     if ckpt.load is not None and not ckpt.finetune:
         loaded = load_checkpoint(ckpt.load, model, optimizer, checksums=checksums, model_config=arch)
+        assert loaded is not None  # must_exist: a missing checkpoint raises
+        newer = _newer_in_save(ckpt.save, loaded)
+        if newer is not None and ckpt.auto_resume:
+            # As Megatron's --load: `load` is where the run starts, every time (a roll-back to
+            # an earlier checkpoint works so). A requeued job whose command names one
+            # checkpoint restarts there at each requeue: say so while the newer one is there.
+            notes.append(
+                f"started from checkpoint.load={ckpt.load} (step {loaded.train_state.get('step')}) as "
+                f"configured, although checkpoint.save holds the newer {newer}: its steps will be "
+                f"saved again; to resume the newest instead, give checkpoint.load={ckpt.save}"
+            )
     elif ckpt.save and ckpt.auto_resume:
         loaded = load_checkpoint(
             ckpt.save, model, optimizer, checksums=checksums, must_exist=False, model_config=arch
         )
+        if loaded is not None and ckpt.finetune and ckpt.load is not None:
+            notes.append(
+                f"checkpoint.load={ckpt.load} is not read: checkpoint.save already holds "
+                f"{loaded.path}, which is resumed (checkpoint.finetune takes load's weights at a "
+                "run's first start only); give a new checkpoint.save to finetune from load again"
+            )
     if loaded is None and ckpt.finetune and ckpt.load is not None:
         # weights only: optimizer, step and data position start fresh
         weights = load_checkpoint(
@@ -241,7 +265,25 @@ def restore(cfg, model, optimizer, group=None) -> Restored:
         where = loaded.path / TRAIN_STATE_FILE
         reason = str(e) if isinstance(e, ValueError) else failure_reason(e)
         raise CheckpointError(f"{where} does not hold a run's state: {reason}") from None
-    return Restored(state, loader, schedule, str(loaded.path), loaded=loaded, configured_optimizer=configured)
+    return Restored(
+        state, loader, schedule, str(loaded.path), loaded=loaded, configured_optimizer=configured, notes=notes
+    )
+
+
+def _newer_in_save(save: str | None, loaded: LoadedCheckpoint) -> Path | None:
+    """The newest complete checkpoint of `save` when it is of a later step than `loaded` (the
+    step its directory is named by), else None."""
+    if not save:
+        return None
+    match = CHECKPOINT_PATTERN.match(Path(loaded.path).name)
+    step = loaded.train_state.get("step")
+    if not isinstance(step, int) and match:
+        step = int(match.group(1))
+    checkpoints = complete_checkpoints(Path(save))
+    if not checkpoints or not isinstance(step, int):
+        return None
+    newest_step, newest = checkpoints[-1]
+    return newest if newest_step > step and Path(newest).resolve() != Path(loaded.path).resolve() else None
 
 
 def _same_split(before: Any, now: Any) -> bool:
@@ -407,6 +449,12 @@ class Trainer:
         device = resolve_device(cfg.train.device)
         published: list[str] = []
         claim = None
+        problem = job_dir_problem(job_dir, cfg.checkpoint.save)
+        if problem:
+            raise CheckpointError(f"job dir {job_dir}: {problem}; give the run another job dir")
+        problem = save_dir_problem(cfg.checkpoint.save) if cfg.checkpoint.save else None
+        if problem:
+            raise CheckpointError(problem)
         if cfg.checkpoint.save:
             check_writable(cfg.checkpoint.save)
             claim = claim_save_dir(cfg.checkpoint.save, job=job_dir, wait_s=SAVE_DIR_WAIT_S)
@@ -506,6 +554,8 @@ class Trainer:
     def _resume_schedule(self) -> None:
         """Keep or replace the checkpoint's schedule and optimizer settings per
         `scheduler.on_resume`; announce it."""
+        for note in self.restored.notes:
+            self.warn(note)
         for skipped in self.restored.loaded.skipped if self.restored.loaded else []:
             self.warn(f"skipped damaged checkpoint {skipped.path}: {skipped.problem}")
         for model_change in self.restored.loaded.model_changes if self.restored.loaded else []:
@@ -752,8 +802,13 @@ class Trainer:
                 loss = self.evaluate("eval")
                 self.valid_loss = loss if loss is not None else self.valid_loss
                 self.test_loss = self.evaluate("test")
-        finally:
-            self.close()
+        except BaseException:
+            # The run's own error is the one to report: closing after it (flushing the metrics
+            # file onto the disk that just filled) raised a second, naming nothing, in its place.
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+        self.close()
         run_tokens = self.state.tokens - start_tokens
         wall = time.perf_counter() - run_start
         summary = self._summary(status, entropy, run_tokens / wall if run_tokens and wall > 0 else None)

@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -349,11 +350,23 @@ def _lock_once(path: Path, holder: str) -> int | None:
     us (removed, or removed and created anew, by a holder ending); -1 where the file system has
     no locks."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # O_NOFOLLOW: a symbolic link put where the lock file belongs is not followed (the
+        # holder's record was written over whatever file it pointed at).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except FileNotFoundError:  # its directory was being removed by a holder ending: look again
         path.parent.mkdir(parents=True, exist_ok=True)
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(
+                e.errno, "a symbolic link where the lock file belongs; remove it", os.fspath(path)
+            ) from None
+        raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device put there
+            raise OSError(
+                errno.EINVAL, "not a regular file where the lock file belongs; remove it", os.fspath(path)
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -523,15 +536,34 @@ def read_text(path: str | os.PathLike[str], error: Callable[[str], Exception], w
         raise error(f"{path}: not UTF-8 text at line {line} (byte {exc.start}: {exc.reason})") from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of a repeated key: {"weight": 1, "weight": 2} read as 2 unseen.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def read_json(
     path: str | os.PathLike[str], error: Callable[[str], Exception], what: str = "JSON file"
 ) -> Any:
     """The parsed JSON of a user's file (`read_text`'s errors, and invalid JSON with its line and
-    column, or nested too deeply for the parser, as one `error` naming the file)."""
+    column, nested too deeply for the parser, a number past Python's integer-parsing limit or a
+    key given twice in one object, as one `error` naming the file)."""
     text = read_text(path, error, what)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise error(f"{path}: invalid JSON: key {exc.args[0]!r} appears twice in one object") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise error(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # a number past Python's integer-parsing limit (4,300 digits)
+        raise error(f"{path}: invalid JSON ({exc})") from None
