@@ -588,3 +588,16 @@ def test_lone_surrogate_counts_as_non_utf8(tmp_path, bpe_dir):
     result = run_data_prep(_cfg(tmp_path, bpe_dir, max_bad_record_fraction=0.5), recipe_dir=tmp_path)
     assert result.bad_records["s"]["non_utf8"] == 1
     assert result.bad_locations["s"] == [f"{path}:31 (non_utf8)"]
+
+
+def test_recorded_chars_are_characters_as_min_doc_chars_counts_them(tmp_path, bpe_dir):
+    # `chars` summed UTF-8 bytes (len(text.encode())), while the filter beside it counts
+    # characters: a non-ASCII corpus read as longer than it is.
+    docs = ["café au lait " * 3, "naïve résumé", "plain ascii text here", "日本語のテキスト"]
+    write_jsonl(tmp_path / "u.jsonl", docs)
+    _blend(tmp_path, [{"name": "u", "path": "u.jsonl", "weight": 1.0}])
+    result = run_data_prep(_cfg(tmp_path, bpe_dir, num_shards=1, min_doc_chars=10), recipe_dir=tmp_path)
+    (source,) = json.loads(result.metadata_path.read_text())["sources"]
+    kept = [d for d in docs if len(d) >= 10]
+    assert source["filtered"]["min_doc_chars"] == len(docs) - len(kept) == 1
+    assert source["chars"] == sum(len(d) for d in kept) < sum(len(d.encode()) for d in kept)

@@ -610,7 +610,7 @@ def _process_unit(spec: UnitSpec) -> dict:
             texts.append(text)
             routes.append(_split_of(data, spec.valid_fraction, spec.test_fraction))
             batch_chars += len(data)
-            stats["chars"] += len(data)
+            stats["chars"] += len(text)  # characters, as min_doc_chars counts them (not UTF-8 bytes)
             if len(texts) >= BATCH_DOCS or batch_chars >= BATCH_CHARS:
                 flush()
         flush()
