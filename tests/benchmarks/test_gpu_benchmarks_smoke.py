@@ -368,12 +368,18 @@ def test_multi_gpu_report_compares_each_layout_with_the_one_gpu_run(tmp_path, ca
         run("tp2", 2, [12.0, 11.0, 10.01], ["model.tensor_model_parallel_size=2"]),
         run("big", 2, [1.0], ["model.num_layers=27"]),
     ]  # no one-GPU run of that model
+    # Each memory column is its own peak over the GPUs: the GPU with most allocated is not the
+    # one with most reserved here (the report printed 2.0 reserved, the GPU with 3.5 unseen).
+    runs[-1]["peak_memory_per_gpu"] = [
+        {"allocated_gib": 1.5, "reserved_gib": 2.0},
+        {"allocated_gib": 1.0, "reserved_gib": 3.5},
+    ]
     path = tmp_path / "results.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in runs) + "\n")
     assert report.main([str(path)]) == 1  # tp2 is 1e-2 off
     table = capsys.readouterr().out
     assert "1.0e-03 vs `g1` (pass)" in table and "1.0e-02 vs `g1` (FAIL)" in table
-    assert "| `big` | 2 | 1,000 | 0.400 | 1.0 / 2.0 | - |" in table
+    assert "| `big` | 2 | 1,000 | 0.400 | 1.5 / 3.5 | - |" in table
     assert report.main([str(path), "--tol", "0.02"]) == 0
 
 
