@@ -935,3 +935,27 @@ def test_project_errors_print_their_message_foreign_ones_their_class_too(capsys)
         with user_errors():
             raise RuntimeError("CUDA error: out of memory")
     assert capsys.readouterr().err.strip() == "error: RuntimeError: CUDA error: out of memory"
+
+
+def test_the_interrupted_line_says_what_resumes_the_run(tmp_path):
+    # It always said "resume with checkpoint.load=<that checkpoint>": a rerun of a command
+    # that names one checkpoint starts there again, so the advice is the save dir, or the
+    # same command where that resumes on its own.
+    from nemotron.cli.pretrain import _how_to_resume
+    from nemotron.config import PretrainConfig
+
+    ckpt = str(tmp_path / "save" / "iter_0000004")
+    for load, finetune, words in (
+        (None, False, f"rerun the same command to resume from {ckpt}"),
+        (str(tmp_path / "save"), False, "rerun the same command"),
+        (str(tmp_path / "other" / "iter_0000002"), True, "rerun the same command"),
+        (str(tmp_path / "save" / "iter_0000002"), False, f"resume with checkpoint.load={tmp_path / 'save'}"),
+    ):
+        cfg = PretrainConfig()
+        cfg.checkpoint = dataclasses.replace(
+            cfg.checkpoint, save=str(tmp_path / "save"), load=load, finetune=finetune
+        )
+        assert _how_to_resume(cfg, ckpt) == words or _how_to_resume(cfg, ckpt).startswith(words), (
+            load,
+            finetune,
+        )

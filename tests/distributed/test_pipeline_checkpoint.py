@@ -95,6 +95,16 @@ def test_resume_pp2_checkpoint_in_one_process_and_pp1_checkpoint_with_pp2(tmp_pa
     _assert_resumed(saved, _merged(run_distributed(_resume, 2, 2, pp1_dir)), "one process -> PP2")
 
 
+def test_resume_pp2_checkpoint_with_pp2(tmp_path):
+    # Each stage's optimizer groups were saved under the group's index: both ranks wrote
+    # "optimizer.param_groups.0.*" with their own stage's parameters, DCP kept one, and the other
+    # stage's groups came back without their settings (KeyError: 'weight_decay'). A pipeline
+    # run could be resumed only by another layout.
+    pp2_dir = str(tmp_path / "pp2")
+    saved = _merged(run_distributed(_save_then_continue, 2, 2, pp2_dir))
+    _assert_resumed(saved, _merged(run_distributed(_resume, 2, 2, pp2_dir)), "PP2 -> PP2")
+
+
 def _load_refused(rank, world_size, paths):
     cfg = _config(2)
     model, _ = build_model(cfg, torch.device("cpu"))

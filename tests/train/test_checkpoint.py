@@ -926,3 +926,37 @@ def test_model_only_checkpoint_overwrite_replaces_only_an_earlier_one(tmp_path):
     load_checkpoint(out, loaded, None, restore_rng=False)
     for (name, a), (_, b) in zip(other.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_optimizer_groups_are_keyed_by_parameter_and_the_indexed_form_still_loads(tmp_path, monkeypatch):
+    """Saved keyed by group index, each pipeline stage wrote "optimizer.param_groups.0.*" with
+    its own parameters (tests/distributed/test_pipeline_checkpoint.py); keyed by parameter name
+    now. A checkpoint of the earlier form loads as saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    import nemotron.train.checkpoint as checkpoint_module
+
+    model, opt = model_and_optimizer()
+    path = Checkpointer(tmp_path / "flat").save(1, model, opt, {"step": 1})
+    keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    name = next(n for n, _ in model.named_parameters())
+    assert f"optimizer.param_groups.{name}.lr" in keys
+    assert not any(k.startswith("optimizer.param_groups.0.") for k in keys)
+
+    monkeypatch.setattr(checkpoint_module, "_optimizer_options", lambda flat: StateDictOptions())
+    legacy = Checkpointer(tmp_path / "indexed").save(1, model, opt, {"step": 1})
+    monkeypatch.undo()
+    keys = set(dcp.FileSystemReader(str(legacy)).read_metadata().state_dict_metadata)
+    assert "optimizer.param_groups.0.lr" in keys
+    for saved in (path, legacy):
+        other, other_opt = model_and_optimizer(seed=5)
+        for group in other_opt.param_groups:
+            group["weight_decay"] = 0.5  # must come back from the file
+        load_checkpoint(saved, other, other_opt)
+        for a, b in zip(opt.param_groups, other_opt.param_groups):
+            assert {k: v for k, v in a.items() if k != "params"} == {
+                k: v for k, v in b.items() if k != "params"
+            }
+        for p, q in zip(model.parameters(), other.parameters()):
+            torch.testing.assert_close(opt.state[p]["exp_avg"], other_opt.state[q]["exp_avg"], rtol=0, atol=0)

@@ -525,8 +525,21 @@ def _pretrain(
         text = f"pretrain {status} after {getattr(summary, 'steps', '?')} steps"
         text += f": {problem}" if problem else ""
         if status == "interrupted" and ckpt:
-            text += f"; resume with checkpoint.load={ckpt}"
+            text += f"; {_how_to_resume(cfg, ckpt)}"
+        if common.process_rank() != 0:  # every rank has this summary: rank 0 says it, once
+            raise typer.Exit(1)
         raise common.fail(text, 1)
+
+
+def _how_to_resume(cfg, checkpoint: str) -> str:
+    """What resumes an interrupted run from `checkpoint`: the same command when it resumes its
+    save dir (no `checkpoint.load`, finetune, or a load naming the save dir), else a load of
+    the save dir (a load naming one checkpoint starts there again at every rerun)."""
+    ckpt = cfg.checkpoint
+    save = Path(ckpt.save).resolve() if ckpt.save else None
+    if ckpt.auto_resume and (ckpt.load is None or ckpt.finetune or Path(ckpt.load).resolve() == save):
+        return f"rerun the same command to resume from {checkpoint}"
+    return f"resume with checkpoint.load={ckpt.save if save is not None else checkpoint}"
 
 
 def register(nano3_app: typer.Typer) -> None:

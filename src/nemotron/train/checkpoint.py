@@ -3,9 +3,10 @@
 Layout of a save directory:
 
     SAVE/iter_0000100/          one complete checkpoint
-        .metadata, *.distcp       DCP: "model" (incl. expert biases) and "optimizer" state,
-                                  resharded on load, so a checkpoint saved with one parallel
-                                  layout loads into another
+        .metadata, *.distcp       DCP: "model" (incl. expert biases) and "optimizer" state
+                                  (keyed by parameter name, group settings too), resharded on
+                                  load, so a checkpoint saved with one parallel layout loads
+                                  into another
         train_state.json          step, tokens, loader position (consumed samples per split),
                                   blend phase, fault counters
         rng/rank_00000.pt         python, numpy, torch (and CUDA) RNG states of each rank
@@ -65,7 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nemotron.distributed.utils import all_ranks_true
 from nemotron.models.nano3.config import BLOCK_SYMBOLS, Nano3Config
@@ -667,18 +668,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Model / optimiser state
 
 
-def training_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+# Checkpoints before 2026-12-08 keyed the optimizer's group settings by group index
+# ("optimizer.param_groups.0.lr"); since, by each parameter's name (`_FLAT_OPTIMIZER`).
+_INDEXED_GROUP_KEY = re.compile(r"^optimizer\.param_groups\.\d+\.")
+
+
+def _optimizer_options(flat: bool) -> StateDictOptions:
+    """The optimizer state's form: `flat` keys each parameter's group settings by its name
+    ("param_groups.<fqn>.lr"), so that pipeline ranks, each holding other parameters, write
+    entries of their own. Keyed by group index, every stage wrote "param_groups.0.*" with its
+    own parameters, DCP kept one stage's, and the other stages' groups came back without their
+    settings: a pipeline checkpoint could not be resumed by a pipeline run."""
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def training_state_dict(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, flat_optimizer: bool = True
+) -> dict:
     """FQN-keyed model and optimiser state (DTensor-aware, so it reshards on load), as plain
     tensors sharing the parameters' storage (the routed experts' FSDP2 FP8-gather wrappers,
     `train.fp8.experts_fsdp_float8_all_gather`, unwrapped: checkpoints are the same with and
-    without it)."""
+    without it). `flat_optimizer`: the form every save writes (`_optimizer_options`); False
+    reads a checkpoint of the earlier, group-indexed form."""
     from nemotron.train.fp8_gather import plain_tensors
 
     if optimizer is None:
         model_sd, _ = get_state_dict(model, optimizers=[])
         return {"model": plain_tensors(model_sd)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_optimizer_options(flat_optimizer))
     return {"model": plain_tensors(model_sd), "optimizer": plain_tensors(optim_sd)}
+
+
+def _saved_keys(checkpoint: Path) -> set[str]:
+    try:
+        return set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    except Exception as e:  # a damaged .metadata of a checkpoint without manifest
+        raise CheckpointCorruptError(f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
 
 
 def check_model_shapes(
@@ -868,7 +893,11 @@ def load_checkpoint(
     model_changes = _agreed(
         lambda: check_architecture(checkpoint, model_config) if model_config else [], group
     )
-    state = training_state_dict(model, optimizer)
+    # An earlier checkpoint's optimizer groups are keyed by index: read in that form.
+    flat = optimizer is None or not _agreed(
+        lambda: any(_INDEXED_GROUP_KEY.match(key) for key in _saved_keys(checkpoint)), group
+    )
+    state = training_state_dict(model, optimizer, flat_optimizer=flat)
     part = getattr(model, "is_pipeline_part", False)
     # A pipeline rank sees its own stages' entries only: the checkpoint's entries are checked
     # against every rank's, and a rank missing some stops every rank (not only itself, while
@@ -887,6 +916,7 @@ def load_checkpoint(
             optimizer if optimizer is not None else [],
             model_state_dict=state["model"],
             optim_state_dict=state.get("optimizer", {}),
+            options=_optimizer_options(flat),
         )
     except (RuntimeError, KeyError, ValueError) as e:  # e.g. no optimizer state for a parameter
         raise CheckpointShapeError(

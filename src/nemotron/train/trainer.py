@@ -42,6 +42,7 @@ from nemotron.artifacts.model import (
     data_artifact_record,
     manifest_json,
 )
+from nemotron.config.errors import ConfigError
 from nemotron.distributed.parallel_dims import check_pipeline, context_halo
 from nemotron.distributed.utils import launcher_process_group
 from nemotron.train import balancing, flops
@@ -286,6 +287,40 @@ def _newer_in_save(save: str | None, loaded: LoadedCheckpoint) -> Path | None:
     return newest if newest_step > step and Path(newest).resolve() != Path(loaded.path).resolve() else None
 
 
+def check_ranks_agree(cfg) -> None:
+    """Every rank of the launch has the same config, or every rank raises one error naming a
+    key that differs and its values. A value resolved per process (`${oc.env:LOCAL_RANK}` in a
+    path, a mount that differs between nodes) made ranks load different checkpoints and train
+    on mixed weights, read different blends (reported as an index cache "missing after rank 0
+    built it"), or save into different directories (found at the first save)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = _flat_config(json.loads(json.dumps(_config_dict(cfg), default=str)))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        differing = sorted(
+            k for k in everyone[0].keys() | theirs.keys() if everyone[0].get(k) != theirs.get(k)
+        )
+        if differing:
+            key = differing[0]
+            more = f" (and {len(differing) - 1} more keys)" if len(differing) > 1 else ""
+            raise ConfigError(
+                f"the ranks' configs differ: {key} is {everyone[0].get(key)!r} on rank 0 and "
+                f"{theirs.get(key)!r} on rank {rank}{more}; every rank must be given the same "
+                "config (a value resolved per process, e.g. from LOCAL_RANK or a per-node path?)"
+            )
+
+
+def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat_config(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
 def _same_split(before: Any, now: Any) -> bool:
     """Whether two data.split values cut every blend alike (null reads as Megatron's default):
     their split bounds (`split_bounds`, which decide the document ranges) are equal."""
@@ -342,7 +377,8 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process got
+        self.agreed: int | None = None  # the signal any rank got (`requested`): what the stop says
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -361,13 +397,16 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def requested(self, parallel: Parallel) -> bool:
-        """True on every rank once any rank got a signal (so all save together)."""
-        flag = torch.tensor(1 if self.signum is not None else 0)
+        """True on every rank once any rank got a signal (so all save together); `agreed` is
+        then that signal (the highest number, if ranks got different ones) on every rank: a
+        signal to one rank only was reported by rank 0 as "signal None"."""
+        flag = torch.tensor(self.signum or 0)
         if parallel.distributed:
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.agreed = int(flag.item()) or None
+        return self.agreed is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +486,7 @@ class Trainer:
         validate_schedule(cfg.scheduler, cfg.optimizer)
         check_logger(cfg.logger)  # every rank, before anything is built or loaded
         device = resolve_device(cfg.train.device)
+        check_ranks_agree(cfg)
         published: list[str] = []
         claim = None
         problem = job_dir_problem(job_dir, cfg.checkpoint.save)
@@ -787,7 +827,7 @@ class Trainer:
                             "stop",
                             {
                                 "step": self.state.step,
-                                "signal": stop.signum,
+                                "signal": stop.agreed,
                                 "checkpoint": saved,
                                 "resume_from": self.last_checkpoint,
                             },
