@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -959,3 +960,35 @@ def test_the_interrupted_line_says_what_resumes_the_run(tmp_path):
             load,
             finetune,
         )
+
+
+def test_a_sigterm_arriving_while_a_failure_is_recorded_waits_for_the_record(tmp_path):
+    # Under torchrun a peer's failure makes the agent SIGTERM every worker: one arriving as this
+    # rank recorded its own failure killed it before result.json was written.
+    import signal
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from nemotron.cli import common
+        job = Path(sys.argv[1]); job.mkdir()
+        real = common.record_failure
+        def record(job_dir, exc):
+            os.kill(os.getpid(), signal.SIGTERM)  # the agent's, arriving now
+            real(job_dir, exc)
+        common.record_failure = record
+        def fn():
+            raise RuntimeError("rank failed")
+        common.run_stage(fn, job)
+        """
+    )
+    job = tmp_path / "job"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr  # still ended by the signal, after
+    assert json.loads((job / "result.json").read_text())["status"] == "failed"
+    assert "error: RuntimeError: rank failed" in proc.stderr

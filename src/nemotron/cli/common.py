@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import traceback
@@ -468,30 +469,47 @@ def record_failure(job_dir: Path, exc: BaseException) -> None:
         atomic_write_text(job_dir / "error.txt", "".join(traceback.format_exception(exc)))
 
 
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 held back (delivered when the block ends) while a failure is recorded
+    and said: under torchrun, a rank failing makes the agent SIGTERM every other worker, which
+    killed a rank between its own error and its result.json (nothing recorded in the job dir)."""
+    held = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_stage(fn, job_dir: Path):
     """Run the library entry point; on failure record it in the job dir and exit with one line."""
     try:
         return fn()
     except KeyboardInterrupt as exc:
-        record_failure(job_dir, exc)
-        # A Ctrl-C that stops at once (in training the second: the first, like SIGTERM/SIGUSR1,
-        # checkpoints after the step and returns): say how to pick the run up.
-        raise fail(
-            f"interrupted; job dir {job_dir}; -c {job_dir / 'config.yaml'} reruns it, "
-            "resuming from what was saved",
-            130,
-        ) from None
+        with stop_signals_held():
+            record_failure(job_dir, exc)
+            # A Ctrl-C that stops at once (in training the second: the first, like SIGTERM/SIGUSR1,
+            # checkpoints after the step and returns): say how to pick the run up.
+            exit_ = fail(
+                f"interrupted; job dir {job_dir}; -c {job_dir / 'config.yaml'} reruns it, "
+                "resuming from what was saved",
+                130,
+            )
+        raise exit_ from None
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - also torch's BaseException-derived errors
-        record_failure(job_dir, exc)
-        if os.environ.get("NEMOTRON_DEBUG"):
-            traceback.print_exc()
-        where = job_dir / "error.txt"
-        note = f" (traceback: {where})" if where.exists() else ""
-        text = str(exc) or type(exc).__name__
-        if not isinstance(exc, Exception):  # e.g. DCP's CheckpointException: a traceback dump
-            text = text.strip().splitlines()[0]
-        if not _self_explaining(exc):
-            text = f"{type(exc).__name__}: {text}"
-        raise fail(f"{text}{note}", 1) from None
+        with stop_signals_held():
+            record_failure(job_dir, exc)
+            if os.environ.get("NEMOTRON_DEBUG"):
+                traceback.print_exc()
+            where = job_dir / "error.txt"
+            note = f" (traceback: {where})" if where.exists() else ""
+            text = str(exc) or type(exc).__name__
+            if not isinstance(exc, Exception):  # e.g. DCP's CheckpointException: a traceback dump
+                text = text.strip().splitlines()[0]
+            if not _self_explaining(exc):
+                text = f"{type(exc).__name__}: {text}"
+            exit_ = fail(f"{text}{note}", 1)
+        raise exit_ from None
