@@ -1334,9 +1334,10 @@ def _fp32_trainer_loads_exactly(cfg, job: Path, saved: dict[str, torch.Tensor]) 
     finally:
         trainer.close()
     loaded_flat = {f"model.{k}": v for k, v in loaded["model"].items()}
-    for name, state in loaded["optimizer"]["state"].items():
-        for key, value in state.items():
-            loaded_flat[f"optimizer.state.{name}.{key}"] = value
+    # keyed by parameter name ("state.<fqn>.exp_avg"), as checkpoints are written
+    loaded_flat.update(
+        {f"optimizer.{k}": v for k, v in loaded["optimizer"].items() if k.startswith("state.")}
+    )
     assert set(loaded_flat) == {k for k in saved if k.startswith(("model.", "optimizer.state."))}
     for key, value in loaded_flat.items():
         assert type(value) in (torch.Tensor, nn.Parameter), (key, type(value))

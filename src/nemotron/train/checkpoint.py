@@ -706,6 +706,31 @@ def _saved_keys(checkpoint: Path) -> set[str]:
         raise CheckpointCorruptError(f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
 
 
+def _optimizer_state_params(keys, prefix: str) -> set[str]:
+    """The parameter names the optimizer-state keys under `prefix` ("state.<fqn>.<name>") hold."""
+    return {key[len(prefix) :].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
+
+
+def _check_optimizer_params(checkpoint: Path, ours: set[str], every_rank: set[str]) -> None:
+    """Raise CheckpointShapeError when the checkpoint holds optimizer state for parameters no
+    rank's optimizer has, or lacks state for one of this rank's (`every_rank`: the names of all
+    ranks' parts under pipeline parallelism). An untied checkpoint loaded into a model with tied
+    embeddings has state for `lm_head.weight`, whose parameter is the embeddings': keyed by
+    name, it would load without a word (both tensors into one)."""
+    saved = _optimizer_state_params(_saved_keys(checkpoint), "optimizer.state.")
+    missing, unexpected = sorted(ours - saved), sorted(saved - every_rank)
+    if not (missing or unexpected):
+        return
+    parts = []
+    if missing:
+        parts.append(f"no optimizer state for {', '.join(missing[:12])}")
+    if unexpected:
+        parts.append(f"optimizer state for parameters this model does not have: {', '.join(unexpected[:12])}")
+    raise CheckpointShapeError(
+        f"checkpoint {checkpoint} does not fit this model and optimizer: {'; '.join(parts)}"
+    )
+
+
 def check_model_shapes(
     checkpoint: Path, model_state: dict[str, Any], part: bool = False, all_parts: set[str] | None = None
 ) -> None:
@@ -905,6 +930,11 @@ def load_checkpoint(
     names = [k for k, v in state["model"].items() if torch.is_tensor(v)]
     all_parts = set().union(*_gathered(names, group)) if part and _distributed() else None
     _agreed(lambda: check_model_shapes(checkpoint, state["model"], part=part, all_parts=all_parts), group)
+    if optimizer is not None:
+        optim = state["optimizer"]
+        ours = _optimizer_state_params(optim, "state.") if flat else set(optim.get("state", {}))
+        all_ours = set().union(*_gathered(sorted(ours), group)) if part and _distributed() else ours
+        _agreed(lambda: _check_optimizer_params(checkpoint, ours, all_ours), group)
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
