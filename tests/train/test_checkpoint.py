@@ -769,6 +769,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_named(tmp_path, kind):
         '{"format": 2, "files": {}}',
         '{"format": true, "files": {}}',
         "[" * 100_000 + "]" * 100_000,
+        '{"format": 1, "files": {"train_state.json": {"size": 1, "sha256": null}}}',
     ],
     ids=[
         "entry-without-size",
@@ -779,6 +780,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_named(tmp_path, kind):
         "a-later-format",
         "format-true",
         "nested-too-deeply",  # before: a bare RecursionError, and no fallback on resume
+        "sha256-null",  # before: "its content changed"
     ],
 )
 def test_a_malformed_manifest_is_named(tmp_path, manifest):

@@ -399,6 +399,9 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, group=None) -> l
             for name, entry in files.items():
                 if not isinstance(entry, dict) or type(entry.get("size")) is not int:
                     raise ValueError(f"the entry of {name!r} has no integer 'size'")
+                digest = entry.get("sha256", "0" * 64)  # absent: written with sizes only
+                if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
+                    raise ValueError(f"the entry of {name!r} has a 'sha256' that is not one ({digest!r})")
             # Every file is listed at save: one that is not would be read unchecked (a
             # manifest cut short, or a file put there after the save).
             unlisted = sorted(set(_checkpoint_files(path)) - set(files))
@@ -670,6 +673,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # Checkpoints before 2026-12-08 keyed the optimizer's group settings by group index
 # ("optimizer.param_groups.0.lr"); since, by each parameter's name (`_FLAT_OPTIMIZER`).
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _INDEXED_GROUP_KEY = re.compile(r"^optimizer\.param_groups\.\d+\.")
 
 
