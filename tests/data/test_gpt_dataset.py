@@ -159,19 +159,24 @@ def test_index_cache_is_reused_and_keyed(tmp_path):
     assert len(list(cache.iterdir())) == 8
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated", "not npy", "empty"])
-def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
-    # The description marks an entry complete; an array deleted or truncated beside it later
-    # (by hand, a full disk) failed every later start with a bare FileNotFoundError/ValueError.
-    # It is built again, to the same arrays as a cold cache: the run reads the same samples.
-    rng = np.random.default_rng(6)
+def _blend_with_a_cold_cache(tmp_path, seed: int):
+    """A two-prefix blend, its index cache built cold, and the train samples' tokens read then."""
+    rng = np.random.default_rng(seed)
     write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
     write_dataset(tmp_path / "b", random_docs(rng, 20, 30))
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"train": ["1", "a", "2", "b"]}))
     cache = tmp_path / "cache"
     cold = build_split_dataset(blend, "train", 10, 8, 1, cache)
-    expected = [cold[i]["tokens"].tolist() for i in range(len(cold))]
+    return blend, cache, [cold[i]["tokens"].tolist() for i in range(len(cold))]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "not npy", "empty"])
+def test_a_damaged_index_cache_entry_is_built_again(tmp_path, damage):
+    # The description marks an entry complete; an array deleted or truncated beside it later
+    # (by hand, a full disk) failed every later start with a bare FileNotFoundError/ValueError.
+    # It is built again, to the same arrays as a cold cache: the run reads the same samples.
+    blend, cache, expected = _blend_with_a_cold_cache(tmp_path, seed=6)
     files = sorted(p.name for p in cache.iterdir())
     # an array of a prefix's entry and one of the blend's
     for array in (sorted(cache.glob("*-shuffle_index.npy"))[0], *cache.glob("*-dataset_index.npy")):
@@ -197,14 +202,7 @@ def test_a_cache_array_of_another_shape_is_built_again(tmp_path, name, damage):
     # A valid .npy of another shape written over an array loaded fine, then failed every start
     # with a bare IndexError/TypeError when a sample was read. It is built again, as a
     # damaged entry is.
-    rng = np.random.default_rng(16)
-    write_dataset(tmp_path / "a", random_docs(rng, 20, 30))
-    write_dataset(tmp_path / "b", random_docs(rng, 20, 30))
-    blend = tmp_path / "blend.json"
-    blend.write_text(json.dumps({"train": ["1", "a", "2", "b"]}))
-    cache = tmp_path / "cache"
-    cold = build_split_dataset(blend, "train", 10, 8, 1, cache)
-    expected = [cold[i]["tokens"].tolist() for i in range(len(cold))]
+    blend, cache, expected = _blend_with_a_cold_cache(tmp_path, seed=16)
     (path,) = sorted(cache.glob(f"*-{name}.npy"))[:1]
     array = np.load(path)
     np.save(

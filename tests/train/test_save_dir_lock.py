@@ -181,31 +181,25 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(corpus, tmp
     assert sorted(p.name for p in save.iterdir()) == [".tmp-iter_0000009", "iter_0000003", LATEST_FILE]
 
 
-def test_the_cli_refuses_a_held_save_dir_in_one_line(corpus, tmp_path, monkeypatch):
-    """Through the CLI: one error line naming the key and the holder, exit code 1."""
-    monkeypatch.setattr(trainer_module, "SAVE_DIR_WAIT_S", 0.0)
+def _cli_pretrain(corpus, tmp_path, monkeypatch, save, job):
+    """`nemotron nano3 pretrain -c tiny` on the test corpus into `save`, job dir `job`."""
     from typer.testing import CliRunner
 
     from nemotron.cli.main import app
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["nano3", "pretrain", "-c", "tiny", f"data.blend={corpus[0]}", f"checkpoint.save={save}"]
+    return CliRunner().invoke(app, [*args, "--job-dir", str(job)])
+
+
+def test_the_cli_refuses_a_held_save_dir_in_one_line(corpus, tmp_path, monkeypatch):
+    """Through the CLI: one error line naming the key and the holder, exit code 1."""
+    monkeypatch.setattr(trainer_module, "SAVE_DIR_WAIT_S", 0.0)
     save = tmp_path / "ckpt"
     holder = hold_in_another_process(save, tmp_path / "first-job")
     try:
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
-        result = CliRunner().invoke(
-            app,
-            [
-                "nano3",
-                "pretrain",
-                "-c",
-                "tiny",
-                f"data.blend={corpus[0]}",
-                f"checkpoint.save={save}",
-                "--job-dir",
-                str(tmp_path / "job"),
-            ],
-        )
+        result = _cli_pretrain(corpus, tmp_path, monkeypatch, save, tmp_path / "job")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -273,27 +267,9 @@ def test_a_job_dir_inside_a_checkpoint_or_under_a_checkpoint_name_is_refused(cor
 
 
 def test_the_cli_refuses_a_job_dir_under_a_checkpoint_name_before_making_it(corpus, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from nemotron.cli.main import app
-
     save = tmp_path / "ckpt"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NEMOTRON_CACHE_DIR", str(tmp_path / "cache"))
     job = save / "iter_0000008"
-    result = CliRunner().invoke(
-        app,
-        [
-            "nano3",
-            "pretrain",
-            "-c",
-            "tiny",
-            f"data.blend={corpus[0]}",
-            f"checkpoint.save={save}",
-            "--job-dir",
-            str(job),
-        ],
-    )
+    result = _cli_pretrain(corpus, tmp_path, monkeypatch, save, job)
     assert result.exit_code == 2, result.output
     err = result.stderr.strip()
     assert "Traceback" not in result.output and len(err.splitlines()) == 1, err
