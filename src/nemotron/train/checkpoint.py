@@ -703,9 +703,10 @@ def training_state_dict(
     return {"model": plain_tensors(model_sd), "optimizer": plain_tensors(optim_sd)}
 
 
-def _saved_keys(checkpoint: Path) -> set[str]:
+def saved_metadata(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's DCP entries (key -> tensor or bytes metadata), read from `.metadata`."""
     try:
-        return set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+        return dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     except Exception as e:  # a damaged .metadata of a checkpoint without manifest
         raise CheckpointCorruptError(f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
 
@@ -715,13 +716,15 @@ def _optimizer_state_params(keys, prefix: str) -> set[str]:
     return {key[len(prefix) :].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
 
 
-def _check_optimizer_params(checkpoint: Path, ours: set[str], every_rank: set[str]) -> None:
+def _check_optimizer_params(
+    checkpoint: Path, metadata: dict[str, Any], ours: set[str], every_rank: set[str]
+) -> None:
     """Raise CheckpointShapeError when the checkpoint holds optimizer state for parameters no
     rank's optimizer has, or lacks state for one of this rank's (`every_rank`: the names of all
     ranks' parts under pipeline parallelism). An untied checkpoint loaded into a model with tied
     embeddings has state for `lm_head.weight`, whose parameter is the embeddings': keyed by
     name, it would load without a word (both tensors into one)."""
-    saved = _optimizer_state_params(_saved_keys(checkpoint), "optimizer.state.")
+    saved = _optimizer_state_params(metadata, "optimizer.state.")
     missing, unexpected = sorted(ours - saved), sorted(saved - every_rank)
     if not (missing or unexpected):
         return
@@ -736,16 +739,19 @@ def _check_optimizer_params(checkpoint: Path, ours: set[str], every_rank: set[st
 
 
 def check_model_shapes(
-    checkpoint: Path, model_state: dict[str, Any], part: bool = False, all_parts: set[str] | None = None
+    checkpoint: Path,
+    model_state: dict[str, Any],
+    part: bool = False,
+    all_parts: set[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     """Raise CheckpointShapeError naming every parameter that is missing, extra or reshaped.
     `part`: the model is one pipeline rank's part, so the checkpoint's other entries belong to
     other stages; `all_parts`: the names of every rank's part, so that an entry no stage holds
-    is still named (None: not known, not checked)."""
-    try:
-        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    except Exception as e:  # a damaged .metadata of a checkpoint without manifest
-        raise CheckpointCorruptError(f"cannot read {checkpoint / '.metadata'}: {failure_reason(e)}") from None
+    is still named (None: not known, not checked). `metadata`: `saved_metadata(checkpoint)`,
+    when the caller has read it."""
+    if metadata is None:
+        metadata = saved_metadata(checkpoint)
     saved = {
         key[len("model.") :]: tuple(value.size)
         for key, value in metadata.items()
@@ -922,10 +928,9 @@ def load_checkpoint(
     model_changes = _agreed(
         lambda: check_architecture(checkpoint, model_config) if model_config else [], group
     )
+    metadata = _agreed(lambda: saved_metadata(checkpoint), group)
     # An earlier checkpoint's optimizer groups are keyed by index: read in that form.
-    flat = optimizer is None or not _agreed(
-        lambda: any(_INDEXED_GROUP_KEY.match(key) for key in _saved_keys(checkpoint)), group
-    )
+    flat = optimizer is None or not any(_INDEXED_GROUP_KEY.match(key) for key in metadata)
     state = training_state_dict(model, optimizer, flat_optimizer=flat)
     part = getattr(model, "is_pipeline_part", False)
     # A pipeline rank sees its own stages' entries only: the checkpoint's entries are checked
@@ -933,12 +938,12 @@ def load_checkpoint(
     # the others wait in DCP's collective load).
     names = [k for k, v in state["model"].items() if torch.is_tensor(v)]
     all_parts = set().union(*_gathered(names, group)) if part and _distributed() else None
-    _agreed(lambda: check_model_shapes(checkpoint, state["model"], part=part, all_parts=all_parts), group)
+    _agreed(lambda: check_model_shapes(checkpoint, state["model"], part, all_parts, metadata), group)
     if optimizer is not None:
         optim = state["optimizer"]
         ours = _optimizer_state_params(optim, "state.") if flat else set(optim.get("state", {}))
         all_ours = set().union(*_gathered(sorted(ours), group)) if part and _distributed() else ours
-        _agreed(lambda: _check_optimizer_params(checkpoint, ours, all_ours), group)
+        _agreed(lambda: _check_optimizer_params(checkpoint, metadata, ours, all_ours), group)
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
