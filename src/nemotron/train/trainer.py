@@ -299,8 +299,10 @@ def check_ranks_agree(cfg) -> None:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
-        differing = sorted(
-            k for k in everyone[0].keys() | theirs.keys() if everyone[0].get(k) != theirs.get(k)
+        differing = sorted(  # compared as JSON text: a NaN equals itself there
+            k
+            for k in everyone[0].keys() | theirs.keys()
+            if json.dumps(everyone[0].get(k)) != json.dumps(theirs.get(k))
         )
         if differing:
             key = differing[0]
