@@ -209,18 +209,23 @@ def is_checkpoint_dir(path: Path) -> bool:
     )
 
 
+def _enclosing_checkpoint(path: Path) -> Path | None:
+    """The checkpoint directory `path` is or lies inside, if any."""
+    return next((d for d in (path, *path.parents) if is_checkpoint_dir(d)), None)
+
+
 def save_dir_problem(save_dir: str | Path) -> str | None:
     """Why `save_dir` cannot be a save directory, or None: it is (or is inside) one checkpoint,
     whose manifest would not list the run's lock and checkpoints (the checkpoint read as
     damaged, by the run's own lock file)."""
     save = Path(save_dir).expanduser().resolve()
-    for directory in (save, *save.parents):
-        if is_checkpoint_dir(directory):
-            what = "is the checkpoint" if directory == save else "is inside the checkpoint"
-            return (
-                f"checkpoint.save={save_dir} {what} {directory}, not a directory of checkpoints: "
-                f"give the directory that holds them ({directory.parent}) or a new one"
-            )
+    directory = _enclosing_checkpoint(save)
+    if directory is not None:
+        what = "is the checkpoint" if directory == save else "is inside the checkpoint"
+        return (
+            f"checkpoint.save={save_dir} {what} {directory}, not a directory of checkpoints: "
+            f"give the directory that holds them ({directory.parent}) or a new one"
+        )
     return None
 
 
@@ -231,9 +236,9 @@ def job_dir_problem(job_dir: str | Path, save_dir: str | Path | None) -> str | N
     prune replaces or removes it with the job's config, logs and metrics. Elsewhere, the save
     dir itself and any other directory in it included, it is apart."""
     job = Path(job_dir).expanduser().resolve()
-    for directory in (job, *job.parents):
-        if is_checkpoint_dir(directory):
-            return f"it is inside the checkpoint {directory}, whose manifest does not list its files"
+    directory = _enclosing_checkpoint(job)
+    if directory is not None:
+        return f"it is inside the checkpoint {directory}, whose manifest does not list its files"
     if save_dir is None:
         return None
     save = Path(save_dir).expanduser().resolve()

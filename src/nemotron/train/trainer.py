@@ -276,15 +276,15 @@ def _newer_in_save(save: str | None, loaded: LoadedCheckpoint) -> Path | None:
     step its directory is named by), else None."""
     if not save:
         return None
-    match = CHECKPOINT_PATTERN.match(Path(loaded.path).name)
     step = loaded.train_state.get("step")
-    if not isinstance(step, int) and match:
-        step = int(match.group(1))
+    if not isinstance(step, int):  # a model-only checkpoint: the step its name says, if any
+        match = CHECKPOINT_PATTERN.match(Path(loaded.path).name)
+        step = int(match.group(1)) if match else None
     checkpoints = complete_checkpoints(Path(save))
-    if not checkpoints or not isinstance(step, int):
+    if step is None or not checkpoints:
         return None
     newest_step, newest = checkpoints[-1]
-    return newest if newest_step > step and Path(newest).resolve() != Path(loaded.path).resolve() else None
+    return newest if newest_step > step else None
 
 
 def check_ranks_agree(cfg) -> None:
@@ -295,7 +295,7 @@ def check_ranks_agree(cfg) -> None:
     built it"), or save into different directories (found at the first save)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    mine = _flat_config(json.loads(json.dumps(_config_dict(cfg), default=str)))
+    mine = _flat_config(_config_json(cfg))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
@@ -314,13 +314,15 @@ def check_ranks_agree(cfg) -> None:
             )
 
 
-def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
+def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested config dict."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flat_config(value, f"{prefix}{key}."))
-    return {k.rstrip("."): v for k, v in out.items()}
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _same_split(before: Any, now: Any) -> bool:
@@ -359,6 +361,11 @@ def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def _config_json(cfg) -> dict[str, Any]:
+    """The config as config.json holds it (JSON values: paths and enums as strings)."""
+    return json.loads(json.dumps(_config_dict(cfg), default=str))
 
 
 def _config_dict(cfg) -> dict[str, Any]:
@@ -651,7 +658,7 @@ class Trainer:
         saved = saved_config(Path(self.restored.resumed_from))
         if saved is None:
             return  # a checkpoint without a run config: nothing to compare with
-        ours = json.loads(json.dumps(_config_dict(self.cfg), default=str))  # as config.json has it
+        ours = _config_json(self.cfg)
         changes = []
         for section, key in self.DATA_ORDER_KEYS:
             recorded = saved.get(section)
